@@ -1,0 +1,203 @@
+"""One forward and one backward pass that record the rank-1 gradient factors.
+
+For a linear map ``u = W a + b`` applied to datapoint ``i``, the gradient of that
+datapoint's loss ``L_i`` is ``dL_i/dW = g_i a_iᵀ`` with ``g_i = dL_i/du_i``. Because the
+datapoints of a batch do not interact (no batch norm, no cross-batch ops), one backward
+pass of ``sum_i L_i`` yields every ``g_i`` at once: ``d(sum_j L_j)/du_i = dL_i/du_i``.
+So we record ``a`` in the forward pass, ask autograd for the gradient of the summed
+objective with respect to the recorded ``u`` tensors, and never form a per-sample
+gradient of a weight matrix.
+
+Two objectives, chosen by ``loss_fn``:
+
+* **loss mode** (``loss_fn`` given): ``loss_fn(output, targets)`` must return the
+  unreduced loss of every datapoint, shape ``[b]`` (e.g. ``nn.MSELoss(reduction="none")``
+  followed by a sum over features, or ``nn.CrossEntropyLoss(reduction="none")``). The
+  recorded signal is ``g_i = dL_i/du``, the gradient of datapoint ``i``'s own loss, not
+  scaled by ``1/b``.
+* **output mode** (``loss_fn=None``): the model must return one scalar per datapoint,
+  shape ``[b]`` or ``[b, 1]``; the recorded signal is ``g_i = df(x_i)/du``, the gradient
+  of the network output itself. This is what the Fisher information of a regression
+  model is built from: ``F = E_x[∇f(x) ∇f(x)ᵀ]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradgraph.errors import GradGraphError, NonFiniteFactorError
+
+__all__ = ["Capture", "Recorder", "capture", "per_datapoint_objective"]
+
+LossFn = Callable[[Tensor, Any], Tensor]
+
+
+@dataclass
+class Capture:
+    """What one forward + backward pass recorded.
+
+    Attributes:
+        values: ``{name: Tensor}`` recorded tensors (detached), shapes as recorded.
+        grads: ``{name: Tensor}`` gradient of the summed objective with respect to each
+            recorded tensor that asked for one; same shape as ``values[name]``.
+        output: the model output, detached.
+        objective: ``[b]`` per-datapoint loss (loss mode) or output (output mode).
+    """
+
+    values: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    output: Tensor | None = None
+    objective: Tensor | None = None
+
+
+class Recorder:
+    """Collects named tensors during a forward pass; the backward pass differentiates them.
+
+    A converter calls :meth:`record` on every tensor whose value (activation) or
+    gradient (backpropagated signal) it needs, from module hooks or from a functional
+    re-implementation of a block.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[str, Tensor] = {}
+        self._want_grad: list[str] = []
+
+    def record(self, name: str, tensor: Tensor, *, grad: bool = False) -> Tensor:
+        """Record ``tensor`` under ``name``; with ``grad=True`` also its gradient.
+
+        Returns ``tensor`` unchanged so that it can be used inline.
+
+        Raises:
+            GradGraphError: if ``name`` was recorded already in this pass (a module
+                called twice, i.e. shared weights, which a converter must reject).
+        """
+        if name in self._live:
+            raise GradGraphError(
+                f"'{name}' was recorded twice in one forward pass; modules that are called "
+                "more than once (shared weights) are not supported"
+            )
+        if grad and not tensor.requires_grad:
+            raise GradGraphError(f"'{name}' does not depend on the input; cannot take its gradient")
+        self._live[name] = tensor
+        if grad:
+            self._want_grad.append(name)
+        return tensor
+
+    def hook_modules(self, model: nn.Module, names: Sequence[str]) -> list[Any]:
+        """Forward hooks that record ``'<name>:input'`` and ``'<name>:output'`` (with grad).
+
+        Returns the hook handles; call ``.remove()`` on each when done.
+        """
+        modules = dict(model.named_modules())
+        handles = []
+        for name in names:
+
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Any, name: str = name) -> None:
+                if not isinstance(output, Tensor):
+                    raise GradGraphError(f"module '{name}' returned {type(output).__name__}, expected a Tensor")
+                self.record(f"{name}:input", args[0])
+                self.record(f"{name}:output", output, grad=True)
+
+            handles.append(modules[name].register_forward_hook(hook))
+        return handles
+
+    def finish(self, objective_total: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Run the single backward pass; returns ``(values, grads)``, both detached."""
+        grads = {}
+        if self._want_grad:
+            tensors = [self._live[name] for name in self._want_grad]
+            results = torch.autograd.grad(objective_total, tensors, allow_unused=True)
+            for name, tensor, result in zip(self._want_grad, tensors, results):
+                grads[name] = torch.zeros_like(tensor) if result is None else result.detach()
+        values = {name: tensor.detach() for name, tensor in self._live.items()}
+        return values, grads
+
+
+def per_datapoint_objective(output: Tensor, targets: Any, loss_fn: LossFn | None, num_datapoints: int) -> Tensor:
+    """The ``[b]`` per-datapoint objective whose sum is differentiated (see module doc)."""
+    if loss_fn is None:
+        if targets is not None:
+            raise GradGraphError("targets were given but no loss_fn; pass loss_fn or drop targets")
+        if output.dim() == 2 and output.shape[1] == 1:
+            output = output[:, 0]
+        if output.shape != (num_datapoints,):
+            raise GradGraphError(
+                "output mode (loss_fn=None) needs one scalar output per datapoint, shape "
+                f"[{num_datapoints}] or [{num_datapoints}, 1]; the model returned {list(output.shape)}. "
+                "Pass a per-datapoint loss_fn instead."
+            )
+        return output
+    losses = loss_fn(output, targets)
+    if not isinstance(losses, Tensor) or losses.shape != (num_datapoints,):
+        shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise GradGraphError(
+            f"loss_fn must return one unreduced loss per datapoint, shape [{num_datapoints}]; got {shape}. "
+            "Use reduction='none' and reduce any feature dimensions yourself."
+        )
+    return losses
+
+
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raise :class:`NonFiniteFactorError` naming ``name`` if ``tensor`` has NaN or Inf."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteFactorError(
+            f"{name} has {bad} non-finite value(s) (shape {list(tensor.shape)}); "
+            "check the inputs, the loss and the model's weights"
+        )
+
+
+def capture(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    modules: Sequence[str] = (),
+    targets: Any = None,
+    loss_fn: LossFn | None = None,
+    forward: Callable[[Tensor, Recorder], Tensor] | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> Capture:
+    """Record activations and backpropagated signals in one forward + backward pass.
+
+    Args:
+        model: the network. Its parameters are not modified and their ``.grad`` is
+            left untouched (autograd is asked only for gradients of recorded tensors).
+        inputs: ``[b, ...]`` a batch of ``b`` datapoints.
+        modules: names (from ``model.named_modules()``) of modules whose input and output
+            to record with forward hooks, as ``'<name>:input'`` / ``'<name>:output'``;
+            the output's gradient is recorded too.
+        targets: passed to ``loss_fn``.
+        loss_fn: per-datapoint loss (see the module docstring); ``None`` for output mode.
+        forward: optional ``forward(inputs, recorder) -> output`` that replaces
+            ``model(inputs)``, for converters that re-implement a block functionally to
+            reach tensors no hook can see. It must compute the same function.
+        forward_kwargs: extra keyword arguments for ``model.forward`` (e.g. masks).
+
+    Returns:
+        A :class:`Capture`; ``values['input']`` is the input and ``grads['input']`` its
+        gradient ``dL/dx``.
+    """
+    recorder = Recorder()
+    x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
+    if x.requires_grad:
+        recorder.record("input", x, grad=True)
+    handles = recorder.hook_modules(model, modules)
+    try:
+        with torch.enable_grad():
+            if forward is not None:
+                output = forward(x, recorder)
+            else:
+                output = model(x, **dict(forward_kwargs or {}))
+            if not isinstance(output, Tensor):
+                raise GradGraphError(f"the model returned {type(output).__name__}; expected a Tensor")
+            objective = per_datapoint_objective(output, targets, loss_fn, inputs.shape[0])
+            values, grads = recorder.finish(objective.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Capture(values=values, grads=grads, output=output.detach(), objective=objective.detach())

@@ -1,0 +1,135 @@
+"""The converter registry behind :func:`gradgraph.to_graph`.
+
+A converter is a callable ``converter(model, inputs, *, targets, loss_fn, forward_kwargs)
+-> GradGraph``. Each is registered with a *matcher*: a module type (matches through
+``isinstance``) or a predicate ``model -> bool``. :func:`to_graph` asks the matchers from
+the most recently registered to the oldest, so a user's converter takes precedence over
+the built-in ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+from gradgraph.capture import LossFn
+from gradgraph.errors import UnsupportedModuleError
+from gradgraph.graph import GradGraph
+
+__all__ = ["Converter", "register_converter", "to_graph", "registered_converters"]
+
+
+class Converter(Protocol):
+    """Signature every converter implements."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        *,
+        targets: Any,
+        loss_fn: LossFn | None,
+        forward_kwargs: Mapping[str, Any],
+    ) -> GradGraph: ...
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    matches: Callable[[nn.Module], bool]
+    converter: Converter
+
+
+_REGISTRY: list[_Entry] = []
+
+
+def register_converter(
+    match: type[nn.Module] | Callable[[nn.Module], bool],
+    converter: Converter | None = None,
+    *,
+    name: str | None = None,
+) -> Any:
+    """Register ``converter`` for models that ``match``; usable as a decorator.
+
+    Args:
+        match: a module class (any instance of it, subclasses included, matches) or a
+            predicate ``model -> bool``.
+        converter: the converter; omit it to use ``register_converter`` as a decorator.
+        name: shown by :func:`registered_converters`; defaults to the converter's name.
+
+    Example::
+
+        @gradgraph.register_converter(MyBlock)
+        def convert_my_block(model, inputs, *, targets, loss_fn, forward_kwargs):
+            ...
+            return graph
+    """
+    if isinstance(match, type):
+        module_type = match
+        if not issubclass(module_type, nn.Module):
+            raise TypeError(f"register_converter: {module_type.__name__} is not an nn.Module subclass")
+
+        def matches(model: nn.Module) -> bool:
+            return isinstance(model, module_type)
+
+    elif callable(match):
+        matches = match
+    else:
+        raise TypeError(f"register_converter: match must be a module type or a predicate, got {match!r}")
+
+    def add(fn: Converter) -> Converter:
+        _REGISTRY.append(_Entry(name or getattr(fn, "__name__", repr(fn)), matches, fn))
+        return fn
+
+    return add if converter is None else add(converter)
+
+
+def registered_converters() -> list[str]:
+    """Names of the registered converters, in the order :func:`to_graph` tries them."""
+    return [entry.name for entry in reversed(_REGISTRY)]
+
+
+def to_graph(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Any = None,
+    loss_fn: LossFn | None = None,
+    *,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> GradGraph:
+    """Convert a network and a batch into a :class:`~gradgraph.GradGraph`.
+
+    One forward and one backward pass record, for every neuron and every component,
+    the activation ``act`` and backpropagated signal ``grad`` (see
+    :mod:`gradgraph.capture` for the two objectives).
+
+    Args:
+        model: the network, e.g. an MLP chain or a transformer encoder.
+        inputs: ``[b, d_in]`` for MLPs; ``[b, T, d]`` (or ``[T, b, d]`` when the module is
+            not ``batch_first``) for attention models.
+        targets: passed to ``loss_fn``.
+        loss_fn: ``loss_fn(output, targets) -> [b]`` unreduced per-datapoint loss; ``None``
+            for output mode (the model returns one scalar per datapoint).
+        forward_kwargs: extra keyword arguments for ``model.forward`` (e.g. ``mask``).
+
+    Returns:
+        The :class:`~gradgraph.GradGraph` with ``B`` components (``B = b`` for MLPs,
+        ``b * T`` for attention models).
+
+    Raises:
+        UnsupportedModuleError: no converter handles the model, or part of it.
+        GradGraphError: bad shapes, a bad loss, or non-finite factors.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"to_graph: inputs must be a Tensor, got {type(inputs).__name__}")
+    for entry in reversed(_REGISTRY):
+        if entry.matches(model):
+            return entry.converter(
+                model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=dict(forward_kwargs or {})
+            )
+    raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")

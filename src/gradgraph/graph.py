@@ -1,0 +1,323 @@
+"""`GradGraph`: a network plus the rank-1 factors of its gradients, as a PyG graph.
+
+Neurons are nodes, weights are edges (source neuron -> destination neuron). For every
+component ``i`` (a datapoint, or a datapoint x token pair) each node ``n`` holds the
+activation ``act[n, i]`` it emits and the backpropagated signal ``grad[n, i] = dL_i/du_n``
+at its pre-activation. The gradient of the weight on edge ``j -> k`` for component ``i``
+is exactly ``act[j, i] * grad[k, i]``, and the gradient of neuron ``k``'s bias is
+``grad[k, i]``.
+
+Fields of one graph (``N`` nodes, ``E`` edges, ``B`` components, ``b`` datapoints):
+
+====================  =============  ==========================================================
+field                 shape          meaning
+====================  =============  ==========================================================
+``edge_index``        ``[2, E]``     forward edges, row 0 = source, row 1 = destination
+``edge_attr``         ``[E, 1+K_e]`` weight value, then one-hot :class:`EdgeKind`
+``x``                 ``[N, 1+K_n]`` bias value (0 where none), then one-hot :class:`NodeKind`
+``act``, ``grad``     ``[N, B]``     rank-1 factors of every component
+``layer``             ``[N]``        depth of the neuron in the computation (inputs are 0)
+``node_kind``         ``[N]``        :class:`NodeKind`
+``edge_kind``         ``[E]``        :class:`EdgeKind`
+``activation``        ``[N]``        :class:`ActivationKind` applied after the neuron
+``perm_group``        ``[N]``        nodes sharing a value >= 0 may be permuted among
+                                     themselves; -1 = fixed (inputs, outputs)
+``position``          ``[N]``        index of the neuron inside its layer/tensor
+``node_param``        ``[N]``        index into ``param_names`` of the node's bias, -1 if none
+``node_param_pos``    ``[N]``        flat index of the bias entry inside that parameter
+``edge_param``        ``[E]``        index into ``param_names`` of the edge's weight, -1 if the
+                                     edge is structural (e.g. a residual connection)
+``edge_param_pos``    ``[E]``        flat index of the weight entry inside that parameter
+``component_sample``  ``[B]``        datapoint each component belongs to
+``num_datapoints``    int            ``b``
+``param_names``       list[str]      names from ``model.named_parameters()``
+``param_shapes``      list[tuple]    their shapes
+====================  =============  ==========================================================
+
+The ``*_param*`` and ``position`` fields describe *slots* of the architecture; the
+symmetry actions move values (``x``, ``act``, ``grad``, ``edge_attr``) between slots and
+leave the slot description alone, so a permuted graph equals the graph of the permuted
+model tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch_geometric.data import Batch, Data
+
+from gradgraph.errors import GradGraphError
+
+__all__ = [
+    "ActivationKind",
+    "EdgeKind",
+    "GradGraph",
+    "NodeKind",
+    "NUM_EDGE_KINDS",
+    "NUM_NODE_KINDS",
+]
+
+
+class NodeKind(enum.IntEnum):
+    """What a node stands for. The one-hot of this sits in ``x[:, 1:]``."""
+
+    INPUT = 0  #: a network input feature
+    HIDDEN = 1  #: a hidden neuron of an MLP
+    OUTPUT = 2  #: a network output
+    RESIDUAL = 3  #: a residual-stream neuron of a transformer block
+    NORM = 4  #: a LayerNorm output neuron
+    QUERY = 5  #: one query dimension of one attention head
+    KEY = 6  #: one key dimension of one attention head
+    VALUE = 7  #: one value dimension of one attention head
+    ATTENTION = 8  #: one dimension of the merged-head attention output (input of out_proj)
+    FFN_HIDDEN = 9  #: a hidden neuron of a transformer feed-forward block
+
+
+class EdgeKind(enum.IntEnum):
+    """What an edge stands for. The one-hot of this sits in ``edge_attr[:, 1:]``."""
+
+    LINEAR = 0  #: a weight of an MLP layer
+    QUERY = 1  #: residual -> query weight (in_proj, q part)
+    KEY = 2  #: residual -> key weight (in_proj, k part)
+    VALUE = 3  #: residual -> value weight (in_proj, v part)
+    ATTENTION_OUT = 4  #: merged-head output -> residual weight (out_proj)
+    FFN_IN = 5  #: residual -> FFN hidden weight
+    FFN_OUT = 6  #: FFN hidden -> residual weight
+    RESIDUAL = 7  #: identity skip connection (no parameter)
+    NORM_SCALE = 8  #: LayerNorm scale gamma_j on the edge x_hat_j -> y_j
+    QUERY_KEY = 9  #: query dim i <-> key dim i of the same head (no parameter)
+    VALUE_ATTENTION = 10  #: value dim i -> attention output dim i of the same head (no parameter)
+
+
+class ActivationKind(enum.IntEnum):
+    """The elementwise nonlinearity applied after a neuron."""
+
+    IDENTITY = 0
+    RELU = 1
+    LEAKY_RELU = 2
+    GELU = 3
+    SILU = 4
+    TANH = 5
+    SIGMOID = 6
+    SINE = 7
+
+    @property
+    def positively_homogeneous(self) -> bool:
+        """``act(l * u) == l * act(u)`` for every ``l > 0``."""
+        return self in (ActivationKind.IDENTITY, ActivationKind.RELU, ActivationKind.LEAKY_RELU)
+
+    @property
+    def odd(self) -> bool:
+        """``act(-u) == -act(u)``."""
+        return self in (ActivationKind.IDENTITY, ActivationKind.TANH, ActivationKind.SINE)
+
+
+NUM_NODE_KINDS = len(NodeKind)
+NUM_EDGE_KINDS = len(EdgeKind)
+
+# Keys whose values are integer labels or slot descriptions that PyG must not shift when
+# batching (PyG would add num_nodes to any key containing "index").
+_NO_INCREMENT = frozenset(
+    {"node_param", "node_param_pos", "edge_param", "edge_param_pos", "position", "perm_group"}
+)
+_STACKED = frozenset({"component_sample"})
+
+
+class GradGraph(Data):
+    r"""A network and the rank-1 factors of its per-component gradients, as a graph.
+
+    Built by :func:`gradgraph.to_graph`; see the module docstring for every field and
+    its shape. For an edge :math:`j \to k` and a component :math:`i`,
+
+    .. math::
+        \frac{\partial L_i}{\partial W_{kj}} = \mathrm{act}_{j,i}\,\mathrm{grad}_{k,i},
+        \qquad \frac{\partial L_i}{\partial b_k} = \mathrm{grad}_{k,i}.
+
+    Graphs with the same number of components ``B`` batch with
+    :class:`torch_geometric.data.Batch` and :class:`torch_geometric.loader.DataLoader`,
+    whatever their architectures.
+    """
+
+    def __inc__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if key in _NO_INCREMENT:
+            return 0
+        return super().__inc__(key, value, *args, **kwargs)
+
+    def __cat_dim__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if key in _STACKED:
+            return None
+        return super().__cat_dim__(key, value, *args, **kwargs)
+
+    # ------------------------------------------------------------------ basic views
+    @property
+    def num_components(self) -> int:
+        """``B``, the number of rank-1 components (datapoints, or datapoint x token)."""
+        return int(self.act.shape[1])
+
+    @property
+    def weight(self) -> Tensor:
+        """``[E]`` the weight value on every edge (1 on structural edges)."""
+        return self.edge_attr[:, 0]
+
+    @property
+    def bias(self) -> Tensor:
+        """``[N]`` the bias value of every node (0 where the node has none)."""
+        return self.x[:, 0]
+
+    def edge_components(self) -> Tensor:
+        """``[E, B, 2]``: ``(act[src], grad[dst])`` for every edge and component.
+
+        Gathered on demand; the graph itself stores only the ``[N, B]`` factors.
+        """
+        src, dst = self.edge_index
+        return torch.stack((self.act[src], self.grad[dst]), dim=-1)
+
+    # ------------------------------------------------------------ weight-space maps
+    def _require_single(self, what: str) -> None:
+        if isinstance(self, Batch):
+            raise GradGraphError(
+                f"GradGraph.{what}() needs one graph, got a Batch of {self.num_graphs}; "
+                "call batch.to_data_list() first"
+            )
+
+    def _scatter_to_parameters(self, edge_values: Tensor, node_values: Tensor | None) -> dict[str, Tensor]:
+        """Write ``[E, *k]`` / ``[N, *k]`` values into flat parameter slots."""
+        trailing = tuple(edge_values.shape[1:])
+        flats = {
+            index: edge_values.new_zeros((_numel(shape), *trailing))
+            for index, shape in enumerate(self.param_shapes)
+        }
+        filled = torch.zeros(len(self.param_names), dtype=torch.bool)
+        tables = [(self.edge_param, self.edge_param_pos, edge_values)]
+        if node_values is not None:
+            tables.append((self.node_param, self.node_param_pos, node_values))
+        for param, pos, values in tables:
+            for index in torch.unique(param[param >= 0]).tolist():
+                mask = param == index
+                flats[index][pos[mask]] = values[mask].to(flats[index].dtype)
+                filled[index] = True
+        result = {}
+        for index, (name, shape) in enumerate(zip(self.param_names, self.param_shapes)):
+            if filled[index]:
+                result[name] = flats[index].reshape(*shape, *trailing)
+        return result
+
+    def to_parameters(self, edge_values: Tensor, node_values: Tensor | None = None) -> dict[str, Tensor]:
+        """Write per-edge and per-node values back into the model's weight space.
+
+        The exact inverse of the conversion: ``to_parameters(graph.weight, graph.bias)``
+        returns the model's own parameters.
+
+        Args:
+            edge_values: ``[E]`` or ``[E, k]``, one value (or ``k``) per edge. Structural
+                edges (no parameter) are ignored.
+            node_values: ``[N]`` or ``[N, k]``, one value (or ``k``) per node; written
+                into bias-like parameters. If ``None``, those parameters are left out.
+
+        Returns:
+            ``{name: Tensor[*param.shape]}`` (or ``[*param.shape, k]``) for every
+            parameter that the given values cover, keyed as in ``named_parameters()``.
+        """
+        self._require_single("to_parameters")
+        num_edges = self.edge_index.shape[1]
+        if edge_values.dim() not in (1, 2) or edge_values.shape[0] != num_edges:
+            raise GradGraphError(
+                f"to_parameters: edge_values must have shape [E] or [E, k] with E={num_edges}, "
+                f"got {list(edge_values.shape)}"
+            )
+        if node_values is not None:
+            if node_values.dim() != edge_values.dim() or node_values.shape[0] != self.num_nodes:
+                raise GradGraphError(
+                    f"to_parameters: node_values must have shape [N]{'' if edge_values.dim() == 1 else ', k'} "
+                    f"with N={self.num_nodes}, got {list(node_values.shape)}"
+                )
+            if node_values.shape[1:] != edge_values.shape[1:]:
+                raise GradGraphError(
+                    "to_parameters: edge_values and node_values must share the trailing dim, "
+                    f"got {list(edge_values.shape)} and {list(node_values.shape)}"
+                )
+        return self._scatter_to_parameters(edge_values, node_values)
+
+    def _component_param_grads(self) -> tuple[Tensor, Tensor]:
+        """Per-datapoint gradients of every edge and node slot: ``[E, b]``, ``[N, b]``."""
+        src, dst = self.edge_index
+        edge_grads = self.act[src] * self.grad[dst]
+        node_grads = self.grad
+        num_datapoints = int(self.num_datapoints)
+        sample = self.component_sample.reshape(-1)
+        if sample.numel() == num_datapoints and torch.equal(
+            sample, torch.arange(num_datapoints, device=sample.device)
+        ):
+            return edge_grads, node_grads
+        # Tokens of one datapoint are separate components: sum them back up.
+        edge_sum = edge_grads.new_zeros(edge_grads.shape[0], num_datapoints)
+        node_sum = node_grads.new_zeros(node_grads.shape[0], num_datapoints)
+        edge_sum.index_add_(1, sample, edge_grads)
+        node_sum.index_add_(1, sample, node_grads)
+        return edge_sum, node_sum
+
+    def per_sample_grads(self) -> dict[str, Tensor]:
+        """The gradient of every datapoint's loss, for every parameter.
+
+        Returns:
+            ``{name: Tensor[b, *param.shape]}`` keyed as in ``model.named_parameters()``.
+            Components of one datapoint (its tokens) are summed.
+        """
+        self._require_single("per_sample_grads")
+        edge_grads, node_grads = self._component_param_grads()
+        params = self._scatter_to_parameters(edge_grads, node_grads)
+        return {name: value.movedim(-1, 0) for name, value in params.items()}
+
+    def mean_grad(self) -> dict[str, Tensor]:
+        """The gradient of the mean loss over datapoints: ``{name: Tensor[*param.shape]}``."""
+        self._require_single("mean_grad")
+        edge_grads, node_grads = self._component_param_grads()
+        params = self._scatter_to_parameters(edge_grads.mean(dim=1), node_grads.mean(dim=1))
+        return params
+
+    def to_networkx(self):  # noqa: ANN201 - networkx is imported lazily
+        """A :class:`networkx.DiGraph` with one node per neuron and one edge per weight.
+
+        Node attributes: ``bias``, ``kind``, ``layer``; edge attributes: ``weight``,
+        ``kind`` (the integer :class:`NodeKind` / :class:`EdgeKind`), and ``mean_grad``
+        (the mean over datapoints of the edge's gradient).
+        """
+        from torch_geometric.utils import to_networkx
+
+        self._require_single("to_networkx")
+        edge_grads, _ = self._component_param_grads()
+        plain = Data(
+            edge_index=self.edge_index,
+            num_nodes=self.num_nodes,
+            bias=self.x[:, 0],
+            kind=self.node_kind,
+            layer=self.layer,
+            weight=self.edge_attr[:, 0],
+            edge_kind=self.edge_kind,
+            mean_grad=edge_grads.mean(dim=1),
+        )
+        graph = to_networkx(
+            plain, node_attrs=["bias", "kind", "layer"], edge_attrs=["weight", "edge_kind", "mean_grad"]
+        )
+        for _, _, attrs in graph.edges(data=True):
+            attrs["kind"] = attrs.pop("edge_kind")
+        return graph
+
+    def __repr__(self) -> str:
+        if isinstance(self, Batch):
+            return super().__repr__()
+        return (
+            f"{self.__class__.__name__}(nodes={self.num_nodes}, edges={self.edge_index.shape[1]}, "
+            f"components={self.num_components}, datapoints={int(self.num_datapoints)}, "
+            f"parameters={sum(_numel(s) for s in self.param_shapes)})"
+        )
+
+
+def _numel(shape: Any) -> int:
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel

@@ -1,0 +1,19 @@
+"""Group actions on networks and on their GradGraphs (tests prove equivariance with them)."""
+
+from gradgraph.symmetry.permutation import (
+    hidden_perms_to_node_permutation,
+    permute_components,
+    permute_hidden,
+    permute_nodes,
+    random_hidden_perms,
+    random_node_permutation,
+)
+
+__all__ = [
+    "hidden_perms_to_node_permutation",
+    "permute_components",
+    "permute_hidden",
+    "permute_nodes",
+    "random_hidden_perms",
+    "random_node_permutation",
+]

@@ -1,0 +1,175 @@
+"""Permutation symmetries: hidden neurons of a network, nodes of a graph, components.
+
+Conventions: a *layer permutation* ``perm`` (a ``LongTensor [d]``) uses gather order,
+as ``x[perm]`` does: new neuron ``i`` is old neuron ``perm[i]``. A *node permutation*
+``node_perm [N]`` of a graph maps old node ``n`` to new node ``node_perm[n]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gradgraph.convert.mlp import mlp_layers
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import GradGraph
+
+__all__ = [
+    "hidden_perms_to_node_permutation",
+    "permute_components",
+    "permute_hidden",
+    "permute_nodes",
+    "random_hidden_perms",
+    "random_node_permutation",
+]
+
+# Values that move with their node / edge; every other field describes the architecture.
+NODE_VALUE_KEYS = ("x", "act", "grad")
+EDGE_VALUE_KEYS = ("edge_attr",)
+# Labels a symmetry must preserve: a node may only move to a slot with the same labels.
+NODE_LABEL_KEYS = ("layer", "node_kind", "activation", "perm_group")
+
+
+def _check_layer_perms(sizes: Sequence[int], perms: Sequence[Tensor], what: str) -> list[Tensor]:
+    if len(perms) != len(sizes):
+        raise GradGraphError(f"{what}: expected {len(sizes)} permutations (one per hidden layer), got {len(perms)}")
+    checked = []
+    for index, (size, perm) in enumerate(zip(sizes, perms)):
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if perm.shape != (size,) or not torch.equal(torch.sort(perm).values, torch.arange(size)):
+            raise GradGraphError(
+                f"{what}: permutation {index} must be a permutation of range({size}), got shape {list(perm.shape)}"
+            )
+        checked.append(perm)
+    return checked
+
+
+def random_hidden_perms(model: nn.Module, generator: torch.Generator | None = None) -> list[Tensor]:
+    """One random permutation ``[d_l]`` per hidden layer of an MLP chain."""
+    layers = mlp_layers(model)
+    return [torch.randperm(layer.linear.out_features, generator=generator) for layer in layers[:-1]]
+
+
+def permute_hidden(target: nn.Module | GradGraph, perms: Sequence[Tensor]) -> nn.Module | GradGraph:
+    """Permute the hidden neurons of an MLP chain, or the same action on its graph.
+
+    For a model, returns a permuted deep copy that computes the same function: rows of
+    ``W_l`` and ``b_l`` and columns of ``W_{l+1}`` are permuted by ``perms[l]``. For a
+    GradGraph, returns the graph of that permuted model (see :func:`permute_nodes`).
+
+    Args:
+        target: an MLP chain, or the GradGraph of one.
+        perms: one ``LongTensor [d_l]`` per hidden layer, gather order.
+    """
+    if isinstance(target, GradGraph):
+        return permute_nodes(target, hidden_perms_to_node_permutation(target, perms))
+    model = copy.deepcopy(target)
+    layers = mlp_layers(model)
+    perms = _check_layer_perms([layer.linear.out_features for layer in layers[:-1]], perms, "permute_hidden")
+    with torch.no_grad():
+        for layer, following, perm in zip(layers, layers[1:], perms):
+            layer.linear.weight.copy_(layer.linear.weight[perm])
+            if layer.linear.bias is not None:
+                layer.linear.bias.copy_(layer.linear.bias[perm])
+            following.linear.weight.copy_(following.linear.weight[:, perm])
+    return model
+
+
+def hidden_perms_to_node_permutation(graph: GradGraph, perms: Sequence[Tensor]) -> Tensor:
+    """The node permutation ``[N]`` of an MLP graph that matches per-layer ``perms``."""
+    groups = sorted(int(g) for g in torch.unique(graph.perm_group[graph.perm_group >= 0]))
+    sizes = [int((graph.perm_group == group).sum()) for group in groups]
+    perms = _check_layer_perms(sizes, perms, "permute_hidden")
+    node_perm = torch.arange(graph.num_nodes)
+    for group, perm in zip(groups, perms):
+        nodes = torch.nonzero(graph.perm_group == group).flatten()
+        nodes = nodes[torch.argsort(graph.position[nodes])]
+        # old neuron perm[i] becomes new neuron i
+        node_perm[nodes[perm]] = nodes
+    return node_perm
+
+
+def permute_nodes(graph: GradGraph, node_perm: Tensor) -> GradGraph:
+    """Move node and edge values between slots: old node ``n`` becomes node ``node_perm[n]``.
+
+    Values (``x``, ``act``, ``grad``, ``edge_attr``) move; the architecture's slot
+    description (``edge_index``, ``*_param*``, ``position``, labels) stays. The edge
+    ``s -> d`` moves to the slot ``node_perm[s] -> node_perm[d]`` of the same kind.
+    Works on a single graph and on a ``Batch``.
+
+    Raises:
+        GradGraphError: if ``node_perm`` is not a permutation, moves a node to a slot with
+            another layer, kind, activation or permutation group, or maps an edge to a
+            pair of nodes that no edge of the same kind joins (not a symmetry).
+    """
+    num_nodes = graph.num_nodes
+    node_perm = torch.as_tensor(node_perm, dtype=torch.long, device=graph.edge_index.device)
+    if node_perm.shape != (num_nodes,) or not torch.equal(
+        torch.sort(node_perm).values, torch.arange(num_nodes, device=node_perm.device)
+    ):
+        raise GradGraphError(f"permute_nodes: node_perm must be a permutation of range({num_nodes})")
+    for key in NODE_LABEL_KEYS + ("batch",):
+        labels = getattr(graph, key, None)
+        if isinstance(labels, Tensor) and not torch.equal(labels[node_perm], labels):
+            raise GradGraphError(f"permute_nodes: the permutation moves nodes across different '{key}' values")
+    result = graph.clone()
+    for key in NODE_VALUE_KEYS:
+        value = getattr(graph, key)
+        moved = torch.empty_like(value)
+        moved[node_perm] = value
+        setattr(result, key, moved)
+
+    src, dst = graph.edge_index
+    kind = graph.edge_kind
+    slot_key = (kind * num_nodes + dst) * num_nodes + src
+    moved_key = (kind * num_nodes + node_perm[dst]) * num_nodes + node_perm[src]
+    order = torch.argsort(slot_key)
+    sorted_keys = slot_key[order]
+    if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+        raise GradGraphError("permute_nodes: the graph has parallel edges of one kind; slots are ambiguous")
+    found = torch.searchsorted(sorted_keys, moved_key).clamp_(max=max(len(order) - 1, 0))
+    if len(order) and not torch.equal(sorted_keys[found], moved_key):
+        raise GradGraphError("permute_nodes: the permutation maps an edge onto no edge; it is not a symmetry")
+    destination = order[found]
+    for key in EDGE_VALUE_KEYS:
+        value = getattr(graph, key)
+        moved = torch.empty_like(value)
+        moved[destination] = value
+        setattr(result, key, moved)
+    return result
+
+
+def random_node_permutation(graph: GradGraph, generator: torch.Generator | None = None) -> Tensor:
+    """A random node permutation ``[N]`` that shuffles every permutation group.
+
+    Nodes with ``perm_group == -1`` stay; in a ``Batch`` each graph's groups are shuffled
+    independently.
+    """
+    group = graph.perm_group
+    batch = getattr(graph, "batch", None)
+    key = group if batch is None else batch * (int(group.max()) + 2) + group + 1
+    key = torch.where(group >= 0, key, torch.full_like(key, -1))
+    node_perm = torch.arange(graph.num_nodes)
+    for value in torch.unique(key[key >= 0]).tolist():
+        nodes = torch.nonzero(key == value).flatten()
+        node_perm[nodes] = nodes[torch.randperm(len(nodes), generator=generator)]
+    return node_perm
+
+
+def permute_components(graph: GradGraph, perm: Tensor) -> GradGraph:
+    """Reorder the components: new component ``i`` is old component ``perm[i]``.
+
+    Works on a graph and on a ``Batch`` (the same order for every graph).
+    """
+    perm = torch.as_tensor(perm, dtype=torch.long)
+    size = graph.act.shape[1]
+    if perm.shape != (size,) or not torch.equal(torch.sort(perm).values, torch.arange(size)):
+        raise GradGraphError(f"permute_components: perm must be a permutation of range({size})")
+    result = graph.clone()
+    result.act = graph.act[:, perm]
+    result.grad = graph.grad[:, perm]
+    result.component_sample = graph.component_sample[..., perm]
+    return result
