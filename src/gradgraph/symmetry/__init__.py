@@ -1,6 +1,8 @@
 """Group actions on networks and on their GradGraphs (tests prove equivariance with them)."""
 
 from gradgraph.symmetry.permutation import (
+    edge_permutation,
+    move_values,
     hidden_perms_to_node_permutation,
     permute_components,
     permute_hidden,
@@ -10,6 +12,8 @@ from gradgraph.symmetry.permutation import (
 )
 
 __all__ = [
+    "edge_permutation",
+    "move_values",
     "hidden_perms_to_node_permutation",
     "permute_components",
     "permute_hidden",

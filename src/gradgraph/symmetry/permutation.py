@@ -18,7 +18,9 @@ from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 
 __all__ = [
+    "edge_permutation",
     "hidden_perms_to_node_permutation",
+    "move_values",
     "permute_components",
     "permute_hidden",
     "permute_nodes",
@@ -117,11 +119,38 @@ def permute_nodes(graph: GradGraph, node_perm: Tensor) -> GradGraph:
             raise GradGraphError(f"permute_nodes: the permutation moves nodes across different '{key}' values")
     result = graph.clone()
     for key in NODE_VALUE_KEYS:
-        value = getattr(graph, key)
-        moved = torch.empty_like(value)
-        moved[node_perm] = value
-        setattr(result, key, moved)
+        setattr(result, key, move_values(getattr(graph, key), node_perm))
 
+    destination = edge_permutation(graph, node_perm)
+    for key in EDGE_VALUE_KEYS:
+        setattr(result, key, move_values(getattr(graph, key), destination))
+    return result
+
+
+def move_values(values: Tensor, destination: Tensor) -> Tensor:
+    """Scatter rows to new places: row ``r`` of ``values`` goes to row ``destination[r]``.
+
+    Use it with a node permutation for ``[N, ...]`` node values and with
+    :func:`edge_permutation` for ``[E, ...]`` edge values, e.g. to say how a model's
+    per-edge output must move when its input graph is permuted.
+    """
+    moved = torch.empty_like(values)
+    moved[destination] = values
+    return moved
+
+
+def edge_permutation(graph: GradGraph, node_perm: Tensor) -> Tensor:
+    """Where every edge goes under a node permutation: ``[E]``, old edge -> new edge slot.
+
+    The edge ``s -> d`` of kind ``k`` goes to the slot ``node_perm[s] -> node_perm[d]`` of
+    kind ``k``.
+
+    Raises:
+        GradGraphError: if some edge has no such slot (``node_perm`` is not a symmetry of
+            the architecture) or the graph has parallel edges of one kind.
+    """
+    num_nodes = graph.num_nodes
+    node_perm = torch.as_tensor(node_perm, dtype=torch.long, device=graph.edge_index.device)
     src, dst = graph.edge_index
     kind = graph.edge_kind
     slot_key = (kind * num_nodes + dst) * num_nodes + src
@@ -129,17 +158,11 @@ def permute_nodes(graph: GradGraph, node_perm: Tensor) -> GradGraph:
     order = torch.argsort(slot_key)
     sorted_keys = slot_key[order]
     if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
-        raise GradGraphError("permute_nodes: the graph has parallel edges of one kind; slots are ambiguous")
+        raise GradGraphError("edge_permutation: the graph has parallel edges of one kind; slots are ambiguous")
     found = torch.searchsorted(sorted_keys, moved_key).clamp_(max=max(len(order) - 1, 0))
     if len(order) and not torch.equal(sorted_keys[found], moved_key):
-        raise GradGraphError("permute_nodes: the permutation maps an edge onto no edge; it is not a symmetry")
-    destination = order[found]
-    for key in EDGE_VALUE_KEYS:
-        value = getattr(graph, key)
-        moved = torch.empty_like(value)
-        moved[destination] = value
-        setattr(result, key, moved)
-    return result
+        raise GradGraphError("edge_permutation: the permutation maps an edge onto no edge; it is not a symmetry")
+    return order[found]
 
 
 def random_node_permutation(graph: GradGraph, generator: torch.Generator | None = None) -> Tensor:
