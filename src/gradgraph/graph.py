@@ -31,7 +31,7 @@ field                 shape          meaning
 ``component_sample``  ``[B]``        datapoint each component belongs to
 ``num_datapoints``    int            ``b``
 ``param_names``       list[str]      names from ``model.named_parameters()``
-``param_shapes``      list[tuple]    their shapes
+``param_shapes``      list[list]     their shapes (lists, as PyG keeps them)
 ====================  =============  ==========================================================
 
 The ``*_param*`` and ``position`` fields describe *slots* of the architecture; the

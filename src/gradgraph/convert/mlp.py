@@ -248,11 +248,11 @@ def build_mlp_graph(model: nn.Module, layers: list[DenseLayer], act: Tensor, gra
     dtype = act.dtype
     param_of = {id(p): name for name, p in model.named_parameters()}
     param_names: list[str] = []
-    param_shapes: list[tuple[int, ...]] = []
+    param_shapes: list[list[int]] = []
 
     def add_param(param: nn.Parameter) -> int:
         param_names.append(param_of[id(param)])
-        param_shapes.append(tuple(param.shape))
+        param_shapes.append(list(param.shape))
         return len(param_names) - 1
 
     layer_index = torch.cat([torch.full((size,), index, dtype=torch.long) for index, size in enumerate(sizes)])
