@@ -1,0 +1,26 @@
+"""What every gradgraph model returns: per-edge, per-node and per-graph outputs."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+__all__ = ["GradMetaNetOutput"]
+
+
+class GradMetaNetOutput(NamedTuple):
+    """Outputs of a model on a :class:`~gradgraph.GradGraph` or a batch of them.
+
+    Any of the three may be ``None`` when the model has no such head.
+
+    Attributes:
+        edge: ``[E, k_edge]`` one row per edge (weight), in the graph's edge order; write
+            it into weight space with ``graph.to_parameters(edge, node)``.
+        node: ``[N, k_node]`` one row per node (neuron / bias slot).
+        graph: ``[num_graphs, k_graph]`` one row per graph; invariant outputs.
+    """
+
+    edge: Tensor | None
+    node: Tensor | None
+    graph: Tensor | None
