@@ -1,5 +1,42 @@
-"""GradMetaNet and its layers: equivariant networks on GradGraphs."""
+"""GradMetaNet and its layers: equivariant networks on GradGraphs.
+
+One concept a file, as in ``torch_geometric.nn.conv``:
+
+- :class:`GraphContext` — connectivity and grouping shared by every layer of a forward.
+- :class:`GradGraphConv` — base class of message layers (subclass it for your own).
+- :class:`ComponentConv` — layer over per-neuron, per-component states ``[N, B, C]``.
+- :class:`ComponentPool` — symmetric pooling over components ``[N, B, C] -> [N, kC]``.
+- :class:`NodeConv` — layer over per-neuron states ``[N, C]``.
+- :class:`PositionalEncoding` — layer / kind / fixed-neuron index embeddings.
+- :class:`EdgeProductDecoder` — one output per weight and per bias.
+- :class:`InvariantReadout` — one output per graph.
+- :class:`GradMetaNet` — the model built from them; :func:`outputs_to_parameters`.
+"""
 
 from gradgraph.nn.output import GradMetaNetOutput
+from gradgraph.nn.context import GraphContext
+from gradgraph.nn.conv import GradGraphConv
+from gradgraph.nn.component_conv import ComponentConv
+from gradgraph.nn.node_conv import NodeConv
+from gradgraph.nn.pool import ComponentPool
+from gradgraph.nn.encoding import PositionalEncoding
+from gradgraph.nn.decoder import EdgeProductDecoder
+from gradgraph.nn.readout import InvariantReadout
+from gradgraph.nn.gradmetanet import GradMetaNet, LayerFactory, outputs_to_parameters
+from gradgraph.nn.canonical import ScaleEquivariant
 
-__all__ = ["GradMetaNetOutput"]
+__all__ = [
+    "ComponentConv",
+    "ComponentPool",
+    "EdgeProductDecoder",
+    "GradGraphConv",
+    "GradMetaNet",
+    "GradMetaNetOutput",
+    "GraphContext",
+    "InvariantReadout",
+    "LayerFactory",
+    "NodeConv",
+    "PositionalEncoding",
+    "ScaleEquivariant",
+    "outputs_to_parameters",
+]

@@ -1,0 +1,77 @@
+"""The structure a message layer needs from a (batch of) GradGraph(s), computed once per forward."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradgraph.errors import GradGraphError
+
+__all__ = ["GraphContext"]
+
+
+class GraphContext(NamedTuple):
+    """Connectivity and grouping of a graph or a batch, shared by every layer of a model.
+
+    Attributes:
+        edge_index: ``[2, E]`` forward edges, source -> destination.
+        edge_features: ``[E, D]`` edge features every layer gates its messages with
+            (GradMetaNet passes its encoded ``edge_attr``).
+        node_batch: ``[N]`` graph of every node (zeros for a single graph).
+        num_graphs: ``G``.
+        layer_group: ``[N]`` index of the node's ``(graph, layer)`` group, in
+            ``range(num_layer_groups)``; used for per-layer means.
+        num_layer_groups: number of distinct ``(graph, layer)`` pairs.
+    """
+
+    edge_index: Tensor
+    edge_features: Tensor
+    node_batch: Tensor
+    num_graphs: int
+    layer_group: Tensor
+    num_layer_groups: int
+
+    @property
+    def num_nodes(self) -> int:
+        """``N``."""
+        return int(self.node_batch.shape[0])
+
+    @classmethod
+    def from_graph(cls, graph, edge_features: Tensor | None = None) -> GraphContext:
+        """Build the context of a :class:`~gradgraph.GradGraph` or a PyG ``Batch`` of them.
+
+        Args:
+            graph: a GradGraph or a Batch (needs ``edge_index``, ``layer``).
+            edge_features: ``[E, D]``; defaults to ``graph.edge_attr``.
+        """
+        edge_index = graph.edge_index
+        num_nodes = int(graph.num_nodes)
+        if edge_features is None:
+            edge_features = graph.edge_attr
+        if edge_features.shape[0] != edge_index.shape[1]:
+            raise GradGraphError(
+                f"GraphContext: edge_features has {edge_features.shape[0]} rows but the graph has "
+                f"{edge_index.shape[1]} edges (edge_index {list(edge_index.shape)})"
+            )
+        batch = getattr(graph, "batch", None)
+        if batch is None:
+            batch = torch.zeros(num_nodes, dtype=torch.long, device=edge_index.device)
+            num_graphs = 1
+        else:
+            num_graphs = int(graph.num_graphs)
+        layer = graph.layer
+        if layer.shape != (num_nodes,):
+            raise GradGraphError(f"GraphContext: graph.layer must have shape [{num_nodes}], got {list(layer.shape)}")
+        # Group key (graph, layer), made dense so that scatter outputs stay small.
+        key = batch * (int(layer.max()) + 1) + layer
+        _, layer_group = torch.unique(key, return_inverse=True)
+        return cls(
+            edge_index=edge_index,
+            edge_features=edge_features,
+            node_batch=batch,
+            num_graphs=num_graphs,
+            layer_group=layer_group,
+            num_layer_groups=int(layer_group.max()) + 1 if num_nodes else 0,
+        )

@@ -1,0 +1,144 @@
+"""`GradGraphConv`: the base class of gradgraph's message layers (and of yours)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch_geometric.nn import Linear, MessagePassing
+from torch_geometric.utils import scatter
+
+from gradgraph.errors import GradGraphError
+from gradgraph.nn.context import GraphContext
+
+__all__ = ["GradGraphConv", "FLOWS"]
+
+FLOWS = ("forward", "both")
+
+
+class GradGraphConv(MessagePassing):
+    r"""Equivariant message passing on node states of GradGraphs; subclass it for your own layer.
+
+    Node states are ``h [N, C]`` (one vector per neuron) or ``h [N, B, C]`` (one vector per
+    neuron and component); every operation here acts on the last axis and treats the
+    component axis pointwise, so a layer is automatically equivariant to reordering the
+    components. The base layer computes
+
+    .. math::
+        h'_n = \Theta_{\text{self}} h_n
+             + \bigoplus_{j \to n} \gamma_{\rightarrow}(e_{jn}) \odot \Theta_{\rightarrow} h_j
+             + \bigoplus_{n \to k} \gamma_{\leftarrow}(e_{nk}) \odot \Theta_{\leftarrow} h_k
+             + \Theta_{\text{layer}} \operatorname{mean}_{m \in \ell(n)} h_m
+             + \Theta_{\text{graph}} \operatorname{mean}_{m \in G(n)} h_m
+
+    where :math:`\bigoplus` is the aggregation (``aggr``), :math:`\gamma(e)` a learned linear
+    gate of the edge features (so the weight value and edge kind modulate messages),
+    :math:`\ell(n)` the nodes of ``n``'s layer in its graph and :math:`G(n)` its graph.
+    Means over nodes are taken per component when ``h`` has a component axis. With
+    ``flow="forward"`` the backward term (messages from ``k`` back to ``n``) is left out.
+
+    Nothing in it depends on node identity, so it is equivariant to every permutation of
+    nodes that preserves edges, edge features, layers and graphs — in particular to
+    permutations of hidden neurons.
+
+    **Writing your own layer.** Subclass and override :meth:`message` (what one edge sends;
+    ``x_j`` is ``[E, C]`` or ``[E, B, C]``, ``gate`` ``[E, C]``), or override
+    :meth:`forward` entirely and call :meth:`propagate_both` for the gather/scatter. Never
+    use absolute node indices or positions of hidden neurons: that breaks the symmetry, and
+    :func:`gradgraph.testing.assert_equivariant` will tell you so.
+
+    Args:
+        in_channels: ``C`` of the input states.
+        out_channels: ``C'`` of the output states.
+        edge_dim: ``D`` of ``context.edge_features``.
+        flow: ``"both"`` (messages along and against every edge) or ``"forward"``.
+        aggr: aggregation over neighbours (``"mean"``, ``"sum"``, ``"max"``, ...).
+
+    Shapes:
+        - **input:** ``h [N, C]`` or ``[N, B, C]``, a :class:`GraphContext`
+        - **output:** ``[N, C']`` or ``[N, B, C']``
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        edge_dim: int,
+        *,
+        flow: str = "both",
+        aggr: str = "mean",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(aggr=aggr, node_dim=0, **kwargs)
+        if flow not in FLOWS:
+            raise GradGraphError(f"{type(self).__name__}: flow must be one of {FLOWS}, got {flow!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.edge_dim = edge_dim
+        self.direction = flow
+        self.lin_self = Linear(in_channels, out_channels)
+        self.lin_forward = Linear(in_channels, out_channels, bias=False)
+        self.gate_forward = Linear(edge_dim, out_channels)
+        if flow == "both":
+            self.lin_backward = Linear(in_channels, out_channels, bias=False)
+            self.gate_backward = Linear(edge_dim, out_channels)
+        self.lin_layer = Linear(in_channels, out_channels, bias=False)
+        self.lin_graph = Linear(in_channels, out_channels, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every learnable parameter."""
+        super().reset_parameters()
+        for module in self.children():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def _check(self, h: Tensor, context: GraphContext) -> None:
+        if h.dim() not in (2, 3) or h.shape[0] != context.num_nodes or h.shape[-1] != self.in_channels:
+            raise GradGraphError(
+                f"{type(self).__name__}: node states must have shape [N, C] or [N, B, C] with "
+                f"N={context.num_nodes}, C={self.in_channels}; got {list(h.shape)}"
+            )
+        if context.edge_features.shape[-1] != self.edge_dim:
+            raise GradGraphError(
+                f"{type(self).__name__}: edge features have {context.edge_features.shape[-1]} channels, "
+                f"the layer was built for edge_dim={self.edge_dim}"
+            )
+
+    def propagate_both(self, h: Tensor, context: GraphContext) -> Tensor:
+        """The two edge terms of the equation: forward messages plus (with ``flow="both"``) backward ones."""
+        out = self.propagate(
+            context.edge_index,
+            x=self.lin_forward(h),
+            gate=self.gate_forward(context.edge_features),
+            size=(context.num_nodes, context.num_nodes),
+        )
+        if self.direction == "both":
+            out = out + self.propagate(
+                context.edge_index.flip(0),
+                x=self.lin_backward(h),
+                gate=self.gate_backward(context.edge_features),
+                size=(context.num_nodes, context.num_nodes),
+            )
+        return out
+
+    def message(self, x_j: Tensor, gate: Tensor) -> Tensor:
+        """What edge ``j -> n`` sends: ``x_j [E, (B,) C']`` gated by ``gate [E, C']``."""
+        return x_j * gate.view(gate.shape[0], *([1] * (x_j.dim() - 2)), gate.shape[-1])
+
+    def group_means(self, h: Tensor, context: GraphContext) -> Tensor:
+        """The per-layer and per-graph mean terms, broadcast back to ``[N, (B,) C']``."""
+        layer_mean = scatter(h, context.layer_group, dim=0, dim_size=context.num_layer_groups, reduce="mean")
+        graph_mean = scatter(h, context.node_batch, dim=0, dim_size=context.num_graphs, reduce="mean")
+        return self.lin_layer(layer_mean)[context.layer_group] + self.lin_graph(graph_mean)[context.node_batch]
+
+    def forward(self, h: Tensor, context: GraphContext) -> Tensor:
+        """Apply the layer's equation (see the class docstring) to ``h [N, (B,) C]``."""
+        self._check(h, context)
+        return self.lin_self(h) + self.propagate_both(h, context) + self.group_means(h, context)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}, "
+            f"flow={self.direction!r}, aggr={self.aggr!r})"
+        )
