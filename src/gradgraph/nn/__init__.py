@@ -14,7 +14,6 @@ One concept a file, as in ``torch_geometric.nn.conv``:
 """
 
 from gradgraph.nn.output import GradMetaNetOutput
-from gradgraph.nn.canonical import ScaleEquivariant
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import GradGraphConv
 from gradgraph.nn.component_conv import ComponentConv
