@@ -21,7 +21,15 @@ field                 shape          meaning
 ``edge_kind``         ``[E]``        :class:`EdgeKind`
 ``activation``        ``[N]``        :class:`ActivationKind` applied after the neuron
 ``perm_group``        ``[N]``        nodes sharing a value >= 0 may be permuted among
-                                     themselves; -1 = fixed (inputs, outputs)
+                                     themselves (a node only ever moves to a node of the
+                                     same kind); -1 = fixed (inputs, outputs)
+``perm_block``        ``[N]``        block of the node inside its group (attention head);
+                                     a symmetry may permute the blocks of a group as
+                                     wholes. 0 for groups without blocks, -1 if fixed
+``perm_tie``          ``[N]``        inside a block, the node of each kind at rank ``i``
+                                     (by ``position``) of tie ``t`` moves together with
+                                     the other kinds' rank-``i`` nodes of tie ``t``
+                                     (query dim i with key dim i). 0 if untied, -1 if fixed
 ``position``          ``[N]``        index of the neuron inside its layer/tensor
 ``node_param``        ``[N]``        index into ``param_names`` of the node's bias, -1 if none
 ``node_param_pos``    ``[N]``        flat index of the bias entry inside that parameter
@@ -90,6 +98,10 @@ class EdgeKind(enum.IntEnum):
     NORM_SCALE = 8  #: LayerNorm scale gamma_j on the edge x_hat_j -> y_j
     QUERY_KEY = 9  #: query dim i <-> key dim i of the same head (no parameter)
     VALUE_ATTENTION = 10  #: value dim i -> attention output dim i of the same head (no parameter)
+    #: query dim i -> attention output dim j of the same head, every i, j (no parameter): the
+    #: attention pattern softmax(q k^T) mixing the values; ties a head's query/key dims to
+    #: its value/output dims, so heads are encoded by relations alone
+    QUERY_ATTENTION = 11
 
 
 class ActivationKind(enum.IntEnum):
@@ -121,7 +133,8 @@ NUM_EDGE_KINDS = len(EdgeKind)
 # Keys whose values are integer labels or slot descriptions that PyG must not shift when
 # batching (PyG would add num_nodes to any key containing "index").
 _NO_INCREMENT = frozenset(
-    {"node_param", "node_param_pos", "edge_param", "edge_param_pos", "position", "perm_group"}
+    {"node_param", "node_param_pos", "edge_param", "edge_param_pos", "position", "perm_group", "perm_block",
+     "perm_tie"}
 )
 _STACKED = frozenset({"component_sample"})
 

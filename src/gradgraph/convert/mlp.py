@@ -296,6 +296,9 @@ def build_mlp_graph(model: nn.Module, layers: list[DenseLayer], act: Tensor, gra
         edge_kind=edge_kind,
         activation=activation,
         perm_group=perm_group,
+        # every hidden layer is one block with one tie (see gradgraph.symmetry.permutation)
+        perm_block=torch.where(perm_group >= 0, 0, -1),
+        perm_tie=torch.where(perm_group >= 0, 0, -1),
         position=position,
         node_param=node_param,
         node_param_pos=torch.where(node_param >= 0, position, torch.full_like(position, -1)),

@@ -3,6 +3,15 @@
 Conventions: a *layer permutation* ``perm`` (a ``LongTensor [d]``) uses gather order,
 as ``x[perm]`` does: new neuron ``i`` is old neuron ``perm[i]``. A *node permutation*
 ``node_perm [N]`` of a graph maps old node ``n`` to new node ``node_perm[n]``.
+
+The symmetry group of a graph is described by three node fields. Nodes of one
+``perm_group`` may be exchanged; a group is made of ``perm_block`` blocks that a symmetry
+may permute as wholes (the heads of an attention block; an MLP layer is one block), and
+inside a block the nodes of every kind at the same rank of one ``perm_tie`` move
+together (query dim ``i`` with key dim ``i``, value dim ``i`` with output dim ``i``). A
+group element is therefore a permutation of blocks plus, per block and tie, a
+permutation of ranks. Graphs without ``perm_block``/``perm_tie`` (built by older
+converters) are read as one block and one tie per group.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ __all__ = [
     "edge_permutation",
     "hidden_perms_to_node_permutation",
     "move_values",
+    "perm_structure",
     "permute_components",
     "permute_hidden",
     "permute_nodes",
@@ -32,7 +42,7 @@ __all__ = [
 NODE_VALUE_KEYS = ("x", "act", "grad")
 EDGE_VALUE_KEYS = ("edge_attr",)
 # Labels a symmetry must preserve: a node may only move to a slot with the same labels.
-NODE_LABEL_KEYS = ("layer", "node_kind", "activation", "perm_group")
+NODE_LABEL_KEYS = ("layer", "node_kind", "activation", "perm_group", "perm_tie")
 
 
 def _check_layer_perms(sizes: Sequence[int], perms: Sequence[Tensor], what: str) -> list[Tensor]:
@@ -165,20 +175,79 @@ def edge_permutation(graph: GradGraph, node_perm: Tensor) -> Tensor:
     return order[found]
 
 
-def random_node_permutation(graph: GradGraph, generator: torch.Generator | None = None) -> Tensor:
-    """A random node permutation ``[N]`` that shuffles every permutation group.
+def perm_structure(graph: GradGraph) -> tuple[Tensor, Tensor, Tensor]:
+    """``(perm_group, perm_block, perm_tie)``, each ``[N]``; defaults where a graph lacks the last two.
 
-    Nodes with ``perm_group == -1`` stay; in a ``Batch`` each graph's groups are shuffled
-    independently.
+    Without ``perm_block``/``perm_tie`` every group is one block with one tie (MLP layers).
     """
     group = graph.perm_group
+    default = torch.where(group >= 0, torch.zeros_like(group), torch.full_like(group, -1))
+    block = getattr(graph, "perm_block", None)
+    tie = getattr(graph, "perm_tie", None)
+    return group, default if block is None else block, default if tie is None else tie
+
+
+def _tied_table(nodes: Tensor, kinds: Tensor, position: Tensor, where: str) -> Tensor:
+    """``[K, n]``: the nodes of one (block, tie), one row per kind, each row sorted by position."""
+    rows = []
+    for kind in torch.unique(kinds).tolist():
+        members = nodes[kinds == kind]
+        rows.append(members[torch.argsort(position[members])])
+    if len({len(row) for row in rows}) != 1:
+        raise GradGraphError(f"random_node_permutation: {where} ties kinds with different numbers of nodes")
+    return torch.stack(rows)
+
+
+def random_node_permutation(graph: GradGraph, generator: torch.Generator | None = None) -> Tensor:
+    """A random node permutation ``[N]``: a uniform element of the graph's symmetry group.
+
+    In every permutation group the blocks are shuffled, then inside every block and tie
+    the ranks are shuffled, moving the tied nodes of all kinds together (see the module
+    docstring). Nodes with ``perm_group == -1`` stay; in a ``Batch`` each graph's groups
+    are shuffled independently.
+
+    Raises:
+        GradGraphError: if the blocks of a group differ in structure, or a tie joins kinds
+            with different numbers of nodes.
+    """
+    group, block, tie = perm_structure(graph)
     batch = getattr(graph, "batch", None)
     key = group if batch is None else batch * (int(group.max()) + 2) + group + 1
     key = torch.where(group >= 0, key, torch.full_like(key, -1))
+    kinds = graph.node_kind
     node_perm = torch.arange(graph.num_nodes)
     for value in torch.unique(key[key >= 0]).tolist():
         nodes = torch.nonzero(key == value).flatten()
-        node_perm[nodes] = nodes[torch.randperm(len(nodes), generator=generator)]
+        blocks = torch.unique(block[nodes]).tolist()
+        if len(blocks) == 1 and len(torch.unique(tie[nodes])) == 1 and len(torch.unique(kinds[nodes])) == 1:
+            # One flat set of interchangeable neurons (an MLP layer, FFN hidden neurons).
+            node_perm[nodes] = nodes[torch.randperm(len(nodes), generator=generator)]
+            continue
+        # tables[b][t] = [K, n] nodes of block b, tie t; all blocks must look alike.
+        tables = []
+        for value_block in blocks:
+            in_block = nodes[block[nodes] == value_block]
+            ties = torch.unique(tie[in_block]).tolist()
+            tables.append(
+                {
+                    value_tie: _tied_table(
+                        in_block[tie[in_block] == value_tie], kinds[in_block[tie[in_block] == value_tie]],
+                        graph.position, f"group {value}, block {value_block}, tie {value_tie}",
+                    )
+                    for value_tie in ties
+                }
+            )
+        shapes = [{t: (tuple(kinds[table[:, 0]].tolist()), table.shape[1]) for t, table in by_tie.items()}
+                  for by_tie in tables]
+        if any(shape != shapes[0] for shape in shapes):
+            raise GradGraphError(f"random_node_permutation: the blocks of permutation group {value} differ")
+        block_perm = torch.randperm(len(blocks), generator=generator)
+        for new_block, old_block in enumerate(block_perm.tolist()):
+            for value_tie, old_table in tables[old_block].items():
+                new_table = tables[new_block][value_tie]
+                ranks = torch.randperm(old_table.shape[1], generator=generator)
+                # old rank ranks[i] of the old block becomes rank i of the new block
+                node_perm[old_table[:, ranks]] = new_table
     return node_perm
 
 
