@@ -2,13 +2,24 @@
 
 from gradgraph.convert.registry import Converter, register_converter, registered_converters, to_graph
 from gradgraph.convert.mlp import DenseLayer, convert_mlp, mlp_layers  # registers the MLP converter
+# registered after the MLP converter, so it is asked first
+from gradgraph.convert.attention import (
+    TransformerStructure,
+    convert_attention,
+    self_attention,
+    transformer_structure,
+)
 
 __all__ = [
     "Converter",
     "DenseLayer",
+    "TransformerStructure",
+    "convert_attention",
     "convert_mlp",
     "mlp_layers",
     "register_converter",
     "registered_converters",
+    "self_attention",
     "to_graph",
+    "transformer_structure",
 ]
