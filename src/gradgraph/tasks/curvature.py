@@ -1,0 +1,683 @@
+"""Curvature estimation (GradMetaNet, Gelberg et al. 2025, §7.1): from 128 gradients of a
+SIREN, predict its Fisher-information diagonal better than averaging their squares.
+
+Setup (see :mod:`gradgraph.data.curvature`): every network ``f_θ`` is a SIREN
+``1 -> 32 -> 32 -> 1`` with ``N(0, 1)`` weights; the model sees
+``to_graph(f_θ, x_1..x_128, loss_fn=None)`` (``∇θ f(x_i)`` in rank-1 factors) for
+``x_i ~ X_p``; the target is ``E_x[(∂f/∂θ)²]`` over 1024 independent points of ``X_p``, one
+value per weight (edge) and per bias (node): ``P = 1153`` values per network.
+
+Models, all trained and tested on the same splits:
+
+==================  =====================================================================
+``standard``        ``mean_i (∂f(x_i)/∂θ)²`` — the standard estimator; no learning
+``gradmetanet``     GradMetaNet on the factors (component layers, pooling, node layers,
+                    component-wise product decoder)
+``gmn_average``     GradMetaNet without component layers, fed only the *mean* gradient
+                    (per weight and per bias) appended to ``edge_attr`` / ``x``
+``mlp_concat``      one MLP shared by all parameters, applied to that parameter's 128
+                    per-sample gradients concatenated in datapoint order
+``gmn_collapsed``   GradMetaNet without component layers whose nodes get their 128
+                    ``act`` and 128 ``grad`` values as *ordered* channels (the component
+                    set collapsed: not invariant to datapoint order)
+==================  =====================================================================
+
+Parameterisation (allowed by the task and stated in the results): models that see the
+per-sample gradients predict a multiplicative correction of the standard estimator,
+``pred = standard · exp(γ · r)``, with ``r`` the model's per-parameter output and ``γ`` a
+learned scalar initialised at 0, so training starts exactly at the standard estimator.
+``gmn_average`` cannot form the standard estimator from a mean gradient, so it predicts
+``pred = exp(r)`` directly. Every model is trained on the per-network relative squared error
+``‖pred − F‖² / ‖F‖²`` and evaluated on the **raw** target with
+
+    error(net) = ‖pred − F‖₂ / ‖F‖₂     (normalised ℓ2 over the P = 1153 entries),
+
+averaged over the test networks, then mean ± std over training seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import Batch
+
+from gradgraph.data.curvature import CurvatureData, GraphBatcher, SirenZooConfig, load_curvature_data
+from gradgraph.data.siren_zoo import standard_estimate
+from gradgraph.errors import GradGraphError
+from gradgraph.nn import ComponentConv, GradMetaNet, GraphContext
+from gradgraph.tasks.training import FitResult, TrainConfig, evaluate, fit
+
+__all__ = [
+    "MODEL_NAMES",
+    "CurvatureBatch",
+    "CurvatureConfig",
+    "CurvatureSource",
+    "ModelConfig",
+    "build_model",
+    "normalised_l2",
+    "preset",
+    "relative_squared_error",
+    "results_table",
+    "run_curvature",
+]
+
+MODEL_NAMES = ("standard", "gradmetanet", "gmn_average", "mlp_concat", "gmn_collapsed")
+MODEL_LABELS = {
+    "standard": "standard estimator (mean of squares)",
+    "gradmetanet": "GradMetaNet",
+    "gmn_average": "GMN + average gradient",
+    "mlp_concat": "MLP on concatenated gradients",
+    "gmn_collapsed": "GMN, components as ordered channels",
+}
+_TINY = 1e-30
+
+
+# ----------------------------------------------------------------------------- batches
+@dataclass
+class CurvatureBatch:
+    """``G`` networks of the zoo, stacked (``N`` nodes, ``E`` edges, ``B`` inputs, ``P = E + K``).
+
+    Attributes:
+        act, grad: ``[G, N, B]`` factors at the 128 seen points.
+        weight: ``[G, E]``; bias: ``[G, N]``.
+        standard: ``[G, P]`` the standard estimate ``mean_i g_i²`` (edges, then bias nodes).
+        target: ``[G, P]`` the exact Fisher diagonal over 1024 independent points.
+        source: the :class:`CurvatureSource` (architecture slots, graph batcher).
+    """
+
+    act: Tensor
+    grad: Tensor
+    weight: Tensor
+    bias: Tensor
+    standard: Tensor
+    target: Tensor
+    source: "CurvatureSource"
+
+    @property
+    def num_graphs(self) -> int:
+        """``G``."""
+        return int(self.act.shape[0])
+
+    def per_sample_grads(self) -> Tensor:
+        """``[G, P, B]`` ``∂f(x_i)/∂θ`` for every weight (``act[src]·grad[dst]``) then every bias."""
+        src, dst = self.source.edge_index
+        edge = self.act[:, src] * self.grad[:, dst]
+        return torch.cat([edge, self.grad[:, self.source.bias_nodes]], dim=1)
+
+    def graphs(
+        self,
+        act: Tensor | None = None,
+        grad: Tensor | None = None,
+        *,
+        extra_x: Tensor | None = None,
+        extra_edge_attr: Tensor | None = None,
+    ) -> Batch:
+        """A PyG batch of the ``G`` GradGraphs, optionally with replaced factors and extra features."""
+        return self.source.batcher(
+            self.act if act is None else act,
+            self.grad if grad is None else grad,
+            self.weight,
+            self.bias,
+            extra_x=extra_x,
+            extra_edge_attr=extra_edge_attr,
+        )
+
+
+class CurvatureSource:
+    """Networks of the zoo served as precollated :class:`CurvatureBatch` es (a
+    :class:`~gradgraph.tasks.training.BatchSource`). Standard estimates and flattened targets
+    are computed once.
+
+    Args:
+        data: the networks.
+        batcher: shared PyG batch builder (one per template).
+    """
+
+    def __init__(self, data: CurvatureData, batcher: GraphBatcher | None = None) -> None:
+        self.data = data
+        self.batcher = batcher or GraphBatcher(data.template)
+        self.edge_index = data.template.edge_index
+        self.bias_nodes = data.bias_nodes
+        self.num_edges = int(self.edge_index.shape[1])
+        src, dst = self.edge_index
+        layer = data.template.layer
+        # Parameter kind (layer of the weight/bias, weight or bias): lets shared per-parameter
+        # models tell the six tensors of the SIREN apart without breaking permutation symmetry.
+        self.param_kind = torch.cat([2 * (layer[dst] - 1), 2 * (layer[self.bias_nodes] - 1) + 1])
+        self.num_param_kinds = int(self.param_kind.max()) + 1
+        standard_chunks = []
+        for start in range(0, len(data), 256):
+            edge, node = standard_estimate(data.act[start : start + 256], data.grad[start : start + 256], self.edge_index)
+            standard_chunks.append(torch.cat([edge, node[:, self.bias_nodes]], dim=1))
+        self.standard = torch.cat(standard_chunks)
+        self.target = data.targets()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, index: Tensor) -> CurvatureBatch:
+        """The networks at ``index`` (``[G]`` long) as one batch."""
+        data = self.data
+        return CurvatureBatch(
+            act=data.act[index],
+            grad=data.grad[index],
+            weight=data.weight[index],
+            bias=data.bias[index],
+            standard=self.standard[index],
+            target=self.target[index],
+            source=self,
+        )
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+    ) -> Iterator[CurvatureBatch]:
+        """Mini-batches over every network once."""
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            yield self.batch(order[start : start + batch_size])
+
+
+# ----------------------------------------------------------------------------- metric
+def relative_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """``[G]`` ``‖pred − target‖² / ‖target‖²`` per network (the training loss, per item)."""
+    return (prediction - target).square().sum(dim=-1) / target.square().sum(dim=-1).clamp_min(_TINY)
+
+
+def normalised_l2(prediction: Tensor, target: Tensor) -> Tensor:
+    """``[G]`` ``‖pred − target‖₂ / ‖target‖₂`` per network: the reported test error."""
+    return relative_squared_error(prediction, target).sqrt()
+
+
+def _loss(model: nn.Module, batch: CurvatureBatch) -> Tensor:
+    return relative_squared_error(model(batch), batch.target).mean()
+
+
+def _error(model: nn.Module, batch: CurvatureBatch) -> Tensor:
+    return normalised_l2(model(batch), batch.target)
+
+
+# ----------------------------------------------------------------------------- features
+def _row_rms(values: Tensor) -> Tensor:
+    """``[..., N]`` root-mean-square over the last (component) axis of ``[..., N, B]``."""
+    return values.square().mean(dim=-1).sqrt().clamp_min(1e-12)
+
+
+def normalised_factors(batch: CurvatureBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-neuron normalised factors and their scales.
+
+    Every neuron's ``act`` and ``grad`` rows are divided by their root mean square over the
+    components — a per-neuron map, so it commutes with permuting neurons and components.
+    The log-scales go to the node features so nothing is lost.
+
+    Returns:
+        ``(act [G, N, B], grad [G, N, B], log_scales [G, N, 2])``.
+    """
+    act_rms, grad_rms = _row_rms(batch.act), _row_rms(batch.grad)
+    log_scales = torch.stack([act_rms.log(), grad_rms.log()], dim=-1)
+    return batch.act / act_rms[..., None], batch.grad / grad_rms[..., None], log_scales
+
+
+def log_standard_ratio(batch: CurvatureBatch) -> Tensor:
+    """``[G, P]`` ``log(standard / (ms(act_src) · ms(grad_dst)))`` (biases: ``log 1 = 0``).
+
+    The standard estimate of a weight divided by the product of its endpoints' mean squares:
+    a dimensionless number that is 1 when ``act_j²`` and ``grad_k²`` are uncorrelated over
+    the inputs. Available to every model that sees per-sample gradients.
+    """
+    source = batch.source
+    src, dst = source.edge_index
+    act_ms, grad_ms = batch.act.square().mean(-1), batch.grad.square().mean(-1)
+    edge = batch.standard[:, : source.num_edges] / (act_ms[:, src] * grad_ms[:, dst]).clamp_min(_TINY)
+    node = torch.ones_like(batch.standard[:, source.num_edges :])
+    return torch.cat([edge.clamp_min(_TINY).log(), node.log()], dim=1)
+
+
+def _symlog(values: Tensor) -> Tensor:
+    return values.sign() * values.abs().log1p()
+
+
+def _split(values: Tensor, num_edges: int) -> tuple[Tensor, Tensor]:
+    return values[:, :num_edges], values[:, num_edges:]
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class ModelConfig:
+    """Sizes of the learned models.
+
+    Attributes:
+        hidden_channels: node-state width ``C`` of the GradMetaNet variants.
+        component_channels: per-component width ``C_z`` of GradMetaNet.
+        num_component_layers: component layers of GradMetaNet.
+        num_node_layers: node layers of every GradMetaNet variant.
+        product_channels: channels of GradMetaNet's component-wise product decoder.
+        mlp_hidden: width of the per-parameter MLP on concatenated gradients.
+        mlp_layers: hidden layers of that MLP.
+        component_edge_messages: whether GradMetaNet's component layers also pass
+            per-component messages along the weights (``ComponentConv``'s edge terms, cost
+            ``O(E·B·C)``). Off by default: the paper's ``L_Γb`` has only the set/neuron
+            interactions (cost ``O(N·B·C)``), and on a 2-core CPU the edge terms make a
+            step ~15x slower (see :class:`SetComponentConv`).
+        max_log_correction: ``|γ·r|`` is clipped to this (keeps ``exp`` finite early on).
+    """
+
+    hidden_channels: int = 32
+    component_channels: int = 8
+    num_component_layers: int = 1
+    num_node_layers: int = 2
+    product_channels: int = 8
+    mlp_hidden: int = 32
+    mlp_layers: int = 2
+    component_edge_messages: bool = False
+    max_log_correction: float = 5.0
+
+
+class SetComponentConv(ComponentConv):
+    r"""GradMetaNet's "interactions across sets" layer :math:`L_{\Gamma_b}` exactly as in the
+    paper: :class:`~gradgraph.nn.ComponentConv` without its two per-component edge terms,
+
+    .. math::
+        h'_{n,i} = \Theta_{\text{self}} h_{n,i} + \Theta_{\text{set}} \operatorname{mean}_{i'} h_{n,i'}
+                 + \Theta_{\text{layer}} \operatorname{mean}_{m \in \ell(n)} h_{m,i}
+                 + \Theta_{\text{graph}} \operatorname{mean}_{m \in G(n)} h_{m,i}
+                 + \Theta_{\text{all}} \operatorname{mean}_{m, i'} h_{m,i'}
+
+    Cost ``O(N·B·C)`` instead of ``O((N + E)·B·C)``; connectivity still enters through the
+    node layers and the edge-product decoder. Built through GradMetaNet's documented
+    ``component_layer`` factory; the unused edge-gate parameters of the base class stay
+    untouched (they get no gradient).
+
+    Shapes: ``h [N, B, C] -> [N, B, C']``.
+    """
+
+    def forward(self, h: Tensor, context: GraphContext) -> Tensor:
+        if h.dim() != 3:
+            raise GradGraphError(f"SetComponentConv: states must have shape [N, B, C]; got {list(h.shape)}")
+        self._check(h, context)
+        set_mean = h.mean(dim=1, keepdim=True)
+        return self.lin_self(h) + self.lin_set(set_mean) + self.group_means(h, context) + self.group_means_of_set(
+            set_mean, context
+        )
+
+
+class StandardEstimator(nn.Module):
+    """``mean_i (∂f(x_i)/∂θ)²``: the empirical Fisher diagonal of the 128 seen gradients."""
+
+    def forward(self, batch: CurvatureBatch) -> Tensor:
+        """``[G, P]``."""
+        return batch.standard
+
+
+class _Correction(nn.Module):
+    """``standard · exp(clip(γ · r))`` with a learned scalar ``γ`` starting at 0."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(()))
+        self.limit = limit
+
+    def forward(self, standard: Tensor, residual: Tensor) -> Tensor:
+        return standard * (self.gain * residual).clamp(-self.limit, self.limit).exp()
+
+
+class GradMetaNetEstimator(nn.Module):
+    """GradMetaNet on the normalised factors, as a correction of the standard estimator.
+
+    Graph input: ``act``/``grad`` rows normalised per neuron (:func:`normalised_factors`);
+    extra node features: the two log-scales; extra edge features: :func:`log_standard_ratio`.
+    Output: the per-edge and per-node channel 0 is ``r``.
+
+    Shapes: ``batch -> [G, P]``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.net = GradMetaNet(
+            config.hidden_channels,
+            component_channels=config.component_channels,
+            num_component_layers=config.num_component_layers,
+            num_node_layers=config.num_node_layers,
+            product_channels=config.product_channels,
+            component_layer=ComponentConv if config.component_edge_messages else SetComponentConv,
+        )
+        self.correction = _Correction(config.max_log_correction)
+
+    def forward(self, batch: CurvatureBatch) -> Tensor:
+        act, grad, log_scales = normalised_factors(batch)
+        edge_ratio, _ = _split(log_standard_ratio(batch), batch.source.num_edges)
+        graphs = batch.graphs(act, grad, extra_x=log_scales, extra_edge_attr=edge_ratio[..., None])
+        return self.correction(batch.standard, _per_parameter(self.net(graphs), batch))
+
+
+class AverageGradientGMN(nn.Module):
+    """A graph metanetwork that sees the weights and only the *mean* gradient.
+
+    GradMetaNet with ``num_component_layers=0`` (it never reads ``act``/``grad``); extra edge
+    features ``symlog(mean_i ∂f(x_i)/∂W)``, extra node features ``symlog(mean_i ∂f(x_i)/∂b)``
+    (0 for input nodes). It cannot compute the standard estimator, so it predicts
+    ``exp(r)`` directly.
+
+    Shapes: ``batch -> [G, P]``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.net = GradMetaNet(config.hidden_channels, num_component_layers=0, num_node_layers=config.num_node_layers)
+        self.limit = 30.0
+
+    def forward(self, batch: CurvatureBatch) -> Tensor:
+        source = batch.source
+        src, dst = source.edge_index
+        mean_edge = (batch.act[:, src] * batch.grad[:, dst]).mean(-1)
+        mean_node = batch.grad.mean(-1)
+        graphs = batch.graphs(extra_x=_symlog(mean_node)[..., None], extra_edge_attr=_symlog(mean_edge)[..., None])
+        return _per_parameter(self.net(graphs), batch).clamp(-self.limit, self.limit).exp()
+
+
+class CollapsedGMN(nn.Module):
+    """GradMetaNet with the component set collapsed into ordered channels (ablation).
+
+    ``num_component_layers=0``; every node gets its normalised ``act`` and ``grad`` rows
+    (``2B`` values, in datapoint order) and the two log-scales as features; edges get
+    :func:`log_standard_ratio`. Not invariant to the order of the datapoints.
+
+    Shapes: ``batch -> [G, P]``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.net = GradMetaNet(config.hidden_channels, num_component_layers=0, num_node_layers=config.num_node_layers)
+        self.correction = _Correction(config.max_log_correction)
+
+    def forward(self, batch: CurvatureBatch) -> Tensor:
+        act, grad, log_scales = normalised_factors(batch)
+        edge_ratio, _ = _split(log_standard_ratio(batch), batch.source.num_edges)
+        extra_x = torch.cat([act, grad, log_scales], dim=-1)
+        graphs = batch.graphs(extra_x=extra_x, extra_edge_attr=edge_ratio[..., None])
+        return self.correction(batch.standard, _per_parameter(self.net(graphs), batch))
+
+
+class ConcatenatedGradientMLP(nn.Module):
+    """One MLP shared by every parameter, on that parameter's ``B`` per-sample gradients.
+
+    Input per parameter: its gradient vector ``[B]`` in datapoint order divided by its root
+    mean square (so the standard estimate is 1), the log of that root mean square, the
+    :func:`log_standard_ratio`, and a learned embedding of the parameter's tensor (which
+    layer, weight or bias). Output ``r``; ``pred = standard · exp(γ r)``.
+
+    Shapes: ``batch -> [G, P]``.
+    """
+
+    def __init__(self, num_components: int, num_param_kinds: int, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_hidden
+        self.input = nn.Linear(num_components + 2, hidden)
+        self.kind = nn.Embedding(num_param_kinds, hidden)
+        layers: list[nn.Module] = []
+        for _ in range(config.mlp_layers - 1):
+            layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
+        self.body = nn.Sequential(*layers, nn.SiLU(), nn.Linear(hidden, 1))
+        self.correction = _Correction(config.max_log_correction)
+
+    def forward(self, batch: CurvatureBatch) -> Tensor:
+        per_sample = batch.per_sample_grads()
+        rms = batch.standard.sqrt().clamp_min(1e-15)
+        features = torch.cat(
+            [per_sample / rms[..., None], rms.log()[..., None] / 5.0, log_standard_ratio(batch)[..., None]], dim=-1
+        )
+        hidden = self.input(features) + self.kind(batch.source.param_kind)
+        return self.correction(batch.standard, self.body(hidden)[..., 0])
+
+
+def _per_parameter(output: Any, batch: CurvatureBatch) -> Tensor:
+    """``[G, P]`` channel 0 of a GradMetaNetOutput's edge outputs, then its bias-node outputs."""
+    num_graphs = batch.num_graphs
+    edge = output.edge[:, 0].reshape(num_graphs, -1)
+    node = output.node[:, 0].reshape(num_graphs, -1)[:, batch.source.bias_nodes]
+    return torch.cat([edge, node], dim=1)
+
+
+def build_model(name: str, source: CurvatureSource, config: ModelConfig) -> nn.Module:
+    """The model called ``name`` (one of :data:`MODEL_NAMES`), freshly initialised."""
+    if name == "standard":
+        return StandardEstimator()
+    if name == "gradmetanet":
+        return GradMetaNetEstimator(config)
+    if name == "gmn_average":
+        return AverageGradientGMN(config)
+    if name == "gmn_collapsed":
+        return CollapsedGMN(config)
+    if name == "mlp_concat":
+        return ConcatenatedGradientMLP(int(source.data.act.shape[-1]), source.num_param_kinds, config)
+    raise GradGraphError(f"unknown curvature model {name!r}; choose from {MODEL_NAMES}")
+
+
+# ----------------------------------------------------------------------------- experiment
+@dataclass
+class CurvatureConfig:
+    """One curvature experiment.
+
+    Attributes:
+        zoo: the SIREN zoo (its size must cover train + val + test).
+        num_train, num_val, num_test: split sizes (networks ``[0, train)`` train, then val,
+            then test; networks are i.i.d., so a fixed split is a random one).
+        train: optimiser settings (the seed field is overridden per run).
+        seeds: training seeds; every learned model is trained once per seed.
+        models: which of :data:`MODEL_NAMES` to run (``standard`` is always included).
+        model: model sizes.
+        output_dir: where ``results.json`` and ``curvature.png`` go.
+        cache_root: dataset cache (``None``: ``$GRADGRAPH_CACHE`` or ``.gradgraph-cache``).
+        progress: tqdm bars.
+    """
+
+    zoo: SirenZooConfig = field(default_factory=lambda: SirenZooConfig(num_nets=400))
+    num_train: int = 250
+    num_val: int = 50
+    num_test: int = 100
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, batch_size=32, lr=3e-3))
+    seeds: tuple[int, ...] = (0, 1)
+    models: tuple[str, ...] = MODEL_NAMES
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output_dir: Path = Path("runs/curvature")
+    cache_root: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.models if name not in MODEL_NAMES]
+        if unknown:
+            raise GradGraphError(f"unknown curvature model(s) {unknown}; choose from {MODEL_NAMES}")
+        if min(self.num_train, self.num_val, self.num_test) < 1:
+            raise GradGraphError(
+                f"every split needs >= 1 network, got train={self.num_train}, val={self.num_val}, test={self.num_test}"
+            )
+        needed = self.num_train + self.num_val + self.num_test
+        if needed > self.zoo.num_nets:
+            raise GradGraphError(
+                f"splits need {needed} networks but the zoo has {self.zoo.num_nets}; raise --nets or shrink the splits"
+            )
+        if not self.seeds:
+            raise GradGraphError("CurvatureConfig.seeds must hold at least one seed")
+        self.output_dir = Path(self.output_dir)
+
+
+def preset(name: str) -> CurvatureConfig:
+    """Named configurations.
+
+    * ``default`` — the README's main-job run, about 5 minutes on a 2-core CPU: 400
+      networks (250 / 50 / 100), 15 epochs, 2 seeds.
+    * ``paper`` — GradMetaNet's scale: 3000 networks (2000 / 500 / 500), Adam 1e-3,
+      batch 32, 100 epochs, 5 seeds.
+    * ``tiny`` — a seconds-long smoke run for tests.
+    """
+    if name == "default":
+        return CurvatureConfig()
+    if name == "paper":
+        return CurvatureConfig(
+            zoo=SirenZooConfig(num_nets=3000),
+            num_train=2000,
+            num_val=500,
+            num_test=500,
+            train=TrainConfig(epochs=100, batch_size=32, lr=1e-3),
+            seeds=(0, 1, 2, 3, 4),
+        )
+    if name == "tiny":
+        return CurvatureConfig(
+            zoo=SirenZooConfig(num_nets=12, hidden=(4, 4), num_inputs=8, num_target_points=16, shard_size=5),
+            num_train=6,
+            num_val=3,
+            num_test=3,
+            train=TrainConfig(epochs=1, batch_size=4, lr=1e-3),
+            seeds=(0,),
+            model=ModelConfig(hidden_channels=8, component_channels=4, product_channels=4, mlp_hidden=8),
+            progress=False,
+        )
+    raise GradGraphError(f"unknown curvature preset {name!r}; choose default, paper or tiny")
+
+
+def _splits(config: CurvatureConfig, data: CurvatureData) -> dict[str, CurvatureSource]:
+    batcher = GraphBatcher(data.template)
+    bounds = {
+        "train": (0, config.num_train),
+        "val": (config.num_train, config.num_train + config.num_val),
+        "test": (config.num_train + config.num_val, config.num_train + config.num_val + config.num_test),
+    }
+    return {name: CurvatureSource(data.subset(torch.arange(*span)), batcher) for name, span in bounds.items()}
+
+
+def _summary(errors: Sequence[float]) -> tuple[float, float]:
+    values = torch.tensor(list(errors), dtype=torch.float64)
+    return float(values.mean()), float(values.std(unbiased=False)) if len(values) > 1 else 0.0
+
+
+def run_curvature(config: CurvatureConfig) -> dict[str, Any]:
+    """Generate (or load) the zoo, train every model for every seed, write results and a plot.
+
+    Returns:
+        The results dictionary written to ``output_dir/results.json``: per model the test
+        error of every seed, their mean and std, the improvement over the standard
+        estimator in % of its error, training seconds, best epochs and learning curves.
+    """
+    start = time.perf_counter()
+    data = load_curvature_data(config.zoo, cache_root=config.cache_root, progress=config.progress)
+    data_seconds = time.perf_counter() - start
+    splits = _splits(config, data)
+    models = ["standard", *[name for name in config.models if name != "standard"]]
+    results: dict[str, Any] = {
+        "metric": "normalised l2 per network, ||pred - F|| / ||F|| over all weights and biases, "
+        "averaged over test networks; mean ± std over training seeds",
+        "config": _jsonable(asdict(config)),
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "data_seconds": data_seconds,
+        "models": {},
+    }
+    for name in models:
+        runs = []
+        for seed in config.seeds if name != "standard" else (0,):
+            torch.manual_seed(seed)
+            model = build_model(name, splits["train"], config.model)
+            if not any(p.requires_grad for p in model.parameters()):
+                val_error = float(evaluate(model, splits["val"], _error).mean())
+                fit_result = FitResult(history=[{"epoch": 0, "train_loss": math.nan, "val_error": val_error,
+                                                 "seconds": 0.0}], best_val_error=val_error)
+            else:
+                train = replace(config.train, seed=seed, progress=config.progress, description=f"{name} seed {seed}")
+                fit_result = fit(model, splits["train"], splits["val"], _loss, _error, train)
+            test_errors = evaluate(model, splits["test"], _error)
+            runs.append({"seed": seed, "test_error": float(test_errors.mean()), "fit": asdict(fit_result)})
+            if config.progress:
+                print(f"  {name:<14} seed {seed}: test error {runs[-1]['test_error']:.4f} "
+                      f"(best epoch {fit_result.best_epoch}, {fit_result.seconds:.0f}s)", flush=True)
+        mean, std = _summary([run["test_error"] for run in runs])
+        results["models"][name] = {
+            "label": MODEL_LABELS[name],
+            "test_error_mean": mean,
+            "test_error_std": std,
+            "test_errors": [run["test_error"] for run in runs],
+            "train_seconds": [run["fit"]["seconds"] for run in runs],
+            "best_epochs": [run["fit"]["best_epoch"] for run in runs],
+            "histories": [run["fit"]["history"] for run in runs],
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+    reference = results["models"]["standard"]["test_error_mean"]
+    for entry in results["models"].values():
+        entry["improvement_pct"] = 100.0 * (reference - entry["test_error_mean"]) / reference
+    results["wall_seconds"] = time.perf_counter() - start
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    (config.output_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
+    plot_learning_curves(results, config.output_dir / "curvature.png")
+    return results
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """A plain-text table: model, test error mean ± std, improvement over the standard estimator."""
+    rows = [("model", "test error (norm. l2)", "vs standard", "train s/seed")]
+    for name, entry in results["models"].items():
+        seconds = entry["train_seconds"]
+        rows.append(
+            (
+                entry["label"],
+                f"{entry['test_error_mean']:.4f} ± {entry['test_error_std']:.4f}",
+                "—" if name == "standard" else f"{entry['improvement_pct']:+.1f}%",
+                "—" if name == "standard" else f"{sum(seconds) / len(seconds):.0f}",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def plot_learning_curves(results: dict[str, Any], path: Path) -> None:
+    """Validation error per epoch (mean over seeds) of every learned model, with the standard
+    estimator's validation error as a dashed line; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    standard = None
+    for name, entry in results["models"].items():
+        histories = entry["histories"]
+        if name == "standard" or not histories or len(histories[0]) <= 1:
+            if histories and histories[0]:
+                standard = histories[0][0]["val_error"]
+            continue
+        epochs = [row["epoch"] for row in histories[0]]
+        curves = torch.tensor([[row["val_error"] for row in history] for history in histories])
+        mean = curves.mean(0)
+        axis.plot(epochs, mean, label=entry["label"])
+        if len(histories) > 1:
+            spread = curves.std(0, unbiased=False)
+            axis.fill_between(epochs, mean - spread, mean + spread, alpha=0.2)
+    if standard is not None:
+        axis.axhline(standard, color="black", linestyle="--", label=MODEL_LABELS["standard"])
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation error  ‖pred − F‖ / ‖F‖")
+    axis.set_title("Fisher-diagonal estimation from 128 SIREN gradients")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/Inf
+    return value
