@@ -261,8 +261,8 @@ def transformer_structure(model: nn.Module) -> TransformerStructure:
             raise UnsupportedModuleError(
                 "", type(model).__name__, f"the wrapper holds parameters or buffers of its own; {_SUPPORTED_CHAIN}"
             )
-    for path, module in model.named_modules():
-        if path == "" or path == core_path or (core_path and path.startswith(core_path + ".")):
+    for path, module in model.named_modules() if core_path else ():
+        if path == "" or path == core_path or path.startswith(core_path + "."):
             continue
         if isinstance(module, nn.Linear):
             linears.append((path, module))
@@ -880,9 +880,10 @@ def convert_attention(
         )
     widths = {structure.embed_dim} | {linear.in_features for _, linear in structure.linears}
     if inputs.shape[-1] not in widths:
+        expected = " or ".join(str(width) for width in sorted(widths))
         raise GradGraphError(
-            f"inputs have {inputs.shape[-1]} features but the model takes one of {sorted(widths)} "
-            f"(embed_dim of '{where}' or an input projection's in_features); got shape {list(inputs.shape)}"
+            f"inputs must have {expected} features (embed_dim of '{where}' or an input projection's "
+            f"in_features), got shape {list(inputs.shape)}"
         )
     dtype = structure.attentions[0][1].in_proj_weight.dtype
     if inputs.dtype != dtype:

@@ -10,6 +10,18 @@ from gradgraph.symmetry.permutation import (
     random_hidden_perms,
     random_node_permutation,
 )
+from gradgraph.symmetry.attention import (
+    HeadPermutation,
+    TransformerPermutation,
+    identity_transformer_permutation,
+    permute_ffn_hidden,
+    permute_heads,
+    permute_query_key,
+    permute_transformer,
+    permute_value_output,
+    random_transformer_permutation,
+    transformer_node_permutation,
+)
 from gradgraph.symmetry.scaling import (
     Canonicalization,
     admissible_transformations,
@@ -24,6 +36,16 @@ from gradgraph.symmetry.scaling import (
 )
 
 __all__ = [
+    "HeadPermutation",
+    "TransformerPermutation",
+    "identity_transformer_permutation",
+    "permute_ffn_hidden",
+    "permute_heads",
+    "permute_query_key",
+    "permute_transformer",
+    "permute_value_output",
+    "random_transformer_permutation",
+    "transformer_node_permutation",
     "Canonicalization",
     "admissible_transformations",
     "canonicalize",
