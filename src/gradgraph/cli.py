@@ -87,7 +87,76 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_demo_command)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo_parser]
+def _curvature_command(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from gradgraph.tasks.curvature import preset, results_table, run_curvature
+
+    config = preset(args.preset)
+    zoo, train = config.zoo, config.train
+    if args.nets is not None:
+        # Keep the preset's split proportions for the new zoo size.
+        total = config.num_train + config.num_val + config.num_test
+        num_val = max(1, round(args.nets * config.num_val / total))
+        num_test = max(1, round(args.nets * config.num_test / total))
+        config = replace(config, num_train=args.nets - num_val - num_test, num_val=num_val, num_test=num_test)
+        zoo = replace(zoo, num_nets=args.nets)
+    if args.epochs is not None:
+        train = replace(train, epochs=args.epochs)
+    if args.lr is not None:
+        train = replace(train, lr=args.lr)
+    if args.batch_size is not None:
+        train = replace(train, batch_size=args.batch_size)
+    config = replace(
+        config,
+        zoo=zoo,
+        train=train,
+        seeds=tuple(range(args.seeds)) if args.seeds is not None else config.seeds,
+        models=tuple(args.models) if args.models else config.models,
+        output_dir=args.output_dir,
+        cache_root=args.cache_dir,
+        progress=not args.quiet,
+    )
+    print(
+        f"gradgraph curvature ({args.preset}): {config.zoo.num_nets} SIRENs "
+        f"(train {config.num_train} / val {config.num_val} / test {config.num_test}), "
+        f"{config.train.epochs} epochs, seeds {list(config.seeds)}",
+        flush=True,
+    )
+    results = run_curvature(config)
+    print()
+    print(results_table(results))
+    print(f"\nmetric: {results['metric']}")
+    print(f"wall time {results['wall_seconds']:.0f}s; wrote {config.output_dir / 'results.json'} and "
+          f"{config.output_dir / 'curvature.png'}")
+    return 0
+
+
+def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    from gradgraph.tasks.curvature import MODEL_NAMES
+
+    parser = subparsers.add_parser(
+        "curvature",
+        help="the main job: learn to estimate SIREN Fisher diagonals from 128 gradients (GradMetaNet §7.1)",
+    )
+    parser.add_argument("--preset", choices=["default", "paper", "tiny"], default="default",
+                        help="default: ~5 min on 2 CPU cores; paper: 3000 nets, 100 epochs, 5 seeds")
+    parser.add_argument("--nets", type=int, default=None, help="zoo size (splits keep the preset's proportions)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs per model and seed")
+    parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=None, help="networks per step")
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None, help="models to run")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/curvature"), help="results.json and plot go here")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="dataset cache root (default $GRADGRAPH_CACHE or .gradgraph-cache)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_curvature_command)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo_parser, add_curvature_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,182 @@
+"""The curvature experiment: exact targets, the on-disk cache, and the pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import gradgraph.data.curvature as curvature_data
+from gradgraph.cli import main
+from gradgraph.data import InputFamily, SirenZooConfig, fisher_diagonal, load_curvature_data, make_siren, sample_inputs
+from gradgraph.data.curvature import net_generator
+from gradgraph.data.siren_zoo import siren_graph, standard_estimate
+from gradgraph.errors import GradGraphError
+from gradgraph.tasks.curvature import CurvatureConfig, CurvatureSource, normalised_l2, preset, run_curvature
+
+TINY_ZOO = SirenZooConfig(num_nets=7, hidden=(3, 2), num_inputs=5, num_target_points=9, shard_size=3)
+
+
+def fisher_by_double_loop(model: torch.nn.Module, points: torch.Tensor) -> dict[str, torch.Tensor]:
+    """E_x[(df/dθ)²] with one autograd call per point, summed over points by hand."""
+    params = dict(model.named_parameters())
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for point in points:
+        output = model(point[None])[0, 0]
+        grads = torch.autograd.grad(output, list(params.values()))
+        for name, grad in zip(params, grads):
+            total[name] += grad.square()
+    return {name: value / len(points) for name, value in total.items()}
+
+
+def test_fisher_diagonal_from_factors_equals_a_double_loop():
+    generator = torch.Generator().manual_seed(3)
+    model = make_siren((3, 4), generator=generator)
+    points = sample_inputs(InputFamily(), 0.7, 11, generator=generator)
+    graph = siren_graph(model, points)
+    edge, node = fisher_diagonal(graph)
+    from_factors = graph.to_parameters(edge, node)
+    reference = fisher_by_double_loop(model, points)
+    assert from_factors.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(from_factors[name], reference[name], rtol=1e-12, atol=1e-12)
+    # The batched standard estimator is the same formula on a stack of graphs.
+    batched_edge, batched_node = standard_estimate(graph.act[None], graph.grad[None], graph.edge_index)
+    torch.testing.assert_close(batched_edge[0], edge, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(batched_node[0], node, rtol=1e-12, atol=0.0)
+
+
+def test_cached_targets_are_the_fisher_of_independent_points(tmp_path):
+    data = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    index = 4
+    # Replay network 4's random draws in the documented order: weights, p, 5 seen points, 9 target points.
+    generator = net_generator(TINY_ZOO.seed, index)
+    model = make_siren(TINY_ZOO.hidden, generator=generator)
+    p = float(torch.rand((), generator=generator, dtype=torch.float64))
+    seen = sample_inputs(TINY_ZOO.family, p, TINY_ZOO.num_inputs, generator=generator)
+    target_points = sample_inputs(TINY_ZOO.family, p, TINY_ZOO.num_target_points, generator=generator)
+    assert abs(float(data.p[index]) - p) < 1e-6
+    graph = data.graph(index)
+    reference = fisher_by_double_loop(model, target_points)
+    cached = graph.to_parameters(graph.target_edge, graph.target_node)
+    for name in reference:
+        torch.testing.assert_close(cached[name], reference[name].float(), rtol=1e-5, atol=1e-6)
+    # The model input holds the gradients at the *other* points.
+    seen_grads = graph.per_sample_grads()
+    params = dict(model.named_parameters())
+    for row, point in enumerate(seen):
+        grads = torch.autograd.grad(model(point[None])[0, 0], list(params.values()))
+        for name, grad in zip(params, grads):
+            torch.testing.assert_close(seen_grads[name][row], grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_second_load_reads_the_cache_without_generating(tmp_path, monkeypatch):
+    first = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a complete cache must not be regenerated")
+
+    monkeypatch.setattr(curvature_data, "generate_network", fail)
+    second = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    assert torch.equal(first.act, second.act) and torch.equal(first.target_edge, second.target_edge)
+    # A different configuration is a different cache directory.
+    with pytest.raises(AssertionError, match="must not be regenerated"):
+        load_curvature_data(replace(TINY_ZOO, seed=1), cache_root=tmp_path, progress=False)
+
+
+def test_a_killed_run_is_resumed_not_read_as_complete(tmp_path, monkeypatch):
+    reference = load_curvature_data(TINY_ZOO, cache_root=tmp_path / "fresh", progress=False)
+    root = tmp_path / "killed"
+    load_curvature_data(TINY_ZOO, cache_root=root, progress=False)
+    (directory,) = root.iterdir()
+    # Simulate a kill during shard 1: no completion marker, a half-written temp file, and a
+    # truncated shard under its final name (e.g. copied by a tool that is not atomic).
+    (directory / "COMPLETE").unlink()
+    shard = directory / "shard-00001.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    (directory / ".shard-00002.pt.abc.tmp").write_bytes(b"partial")
+
+    generated = []
+    original = curvature_data.generate_network
+
+    def counting(config, index):
+        generated.append(index)
+        return original(config, index)
+
+    monkeypatch.setattr(curvature_data, "generate_network", counting)
+    resumed = load_curvature_data(TINY_ZOO, cache_root=root, progress=False)
+    assert generated == [3, 4, 5]  # only the broken shard is rebuilt
+    assert (directory / "COMPLETE").exists()
+    assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*.tmp"))
+    for name in ("act", "grad", "weight", "bias", "target_edge", "target_node", "p"):
+        assert torch.equal(getattr(resumed, name), getattr(reference, name)), name
+
+
+def test_valid_shards_without_marker_are_reused(tmp_path, monkeypatch):
+    load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    (directory,) = tmp_path.iterdir()
+    (directory / "COMPLETE").unlink()
+    (directory / "shard-00002.pt").unlink()
+    generated = []
+    original = curvature_data.generate_network
+    monkeypatch.setattr(
+        curvature_data, "generate_network", lambda config, index: generated.append(index) or original(config, index)
+    )
+    load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    assert generated == [6]
+
+
+def test_standard_estimator_error_is_the_metric_of_mean_squares(tmp_path):
+    data = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    source = CurvatureSource(data)
+    batch = source.batch(torch.arange(len(data)))
+    per_sample = batch.per_sample_grads()
+    torch.testing.assert_close(per_sample.square().mean(-1), batch.standard, rtol=1e-5, atol=1e-7)
+    error = normalised_l2(batch.standard, batch.target)
+    manual = (batch.standard - batch.target).norm(dim=1) / batch.target.norm(dim=1)
+    torch.testing.assert_close(error, manual)
+
+
+def test_pipeline_smoke_writes_results_and_reuses_the_cache(tmp_path, monkeypatch):
+    config = replace(preset("tiny"), output_dir=tmp_path / "out", cache_root=tmp_path / "cache")
+    results = run_curvature(config)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (tmp_path / "out" / "curvature.png").stat().st_size > 0
+    assert set(written["models"]) == {"standard", "gradmetanet", "gmn_average", "mlp_concat", "gmn_collapsed"}
+    for name, entry in written["models"].items():
+        assert len(entry["test_errors"]) == 1 and entry["test_error_mean"] >= 0
+        if name != "standard":
+            assert len(entry["histories"][0]) == config.train.epochs + 1
+    assert written["models"]["standard"]["improvement_pct"] == 0.0
+    assert results["models"]["gradmetanet"]["test_error_mean"] == written["models"]["gradmetanet"]["test_error_mean"]
+
+    monkeypatch.setattr(curvature_data, "generate_network", lambda *a: pytest.fail("cache was not reused"))
+    run_curvature(replace(config, models=("standard",)))
+
+
+def test_cli_runs_the_tiny_preset(tmp_path, capsys):
+    code = main(
+        ["curvature", "--preset", "tiny", "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"),
+         "--models", "standard", "mlp_concat", "--quiet"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "standard estimator" in out and "MLP on concatenated gradients" in out and "vs standard" in out
+    assert (tmp_path / "o" / "results.json").exists()
+
+
+def test_bad_configurations_raise_clear_errors():
+    with pytest.raises(GradGraphError, match="splits need"):
+        CurvatureConfig(zoo=SirenZooConfig(num_nets=10), num_train=8, num_val=2, num_test=2)
+    with pytest.raises(GradGraphError, match="unknown curvature model"):
+        CurvatureConfig(models=("gradmetanet", "nope"))
+    with pytest.raises(GradGraphError, match="num_nets"):
+        SirenZooConfig(num_nets=0)
+    with pytest.raises(GradGraphError, match="min_width"):
+        InputFamily(min_width=0.0)
+    with pytest.raises(GradGraphError, match="p must lie"):
+        sample_inputs(InputFamily(), 1.5, 3)
+    with pytest.raises(GradGraphError, match="unknown curvature preset"):
+        preset("huge")
