@@ -1,0 +1,197 @@
+"""GradMetaNet: exact equivariance, sensitivity of the check, extension API, error paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import build_mlp, mlp_specs
+from torch_geometric.data import Batch
+
+import gradgraph
+from gradgraph import GradGraphError
+from gradgraph.nn import (
+    ComponentConv,
+    ComponentPool,
+    EdgeProductDecoder,
+    GradGraphConv,
+    GradMetaNet,
+    GraphContext,
+    NodeConv,
+    PositionalEncoding,
+    outputs_to_parameters,
+)
+from gradgraph.symmetry import (
+    edge_permutation,
+    hidden_perms_to_node_permutation,
+    move_values,
+    permute_hidden,
+    random_hidden_perms,
+)
+from gradgraph.testing import assert_equivariant
+
+
+def squared_error(output, target):
+    return ((output - target) ** 2).sum(dim=1)
+
+
+def random_graph(widths, activations, biases, seed, batch=5):
+    model = build_mlp(widths, activations, biases, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch, widths[0], generator=generator, dtype=torch.float64)
+    targets = torch.randn(batch, widths[-1], generator=generator, dtype=torch.float64)
+    return model, inputs, targets, gradgraph.to_graph(model, inputs, targets, loss_fn=squared_error)
+
+
+def hidden_widths():
+    """MLP specs with at least one hidden layer of width >= 2, so a permutation can move something."""
+    return mlp_specs(max_depth=4, max_width=7).filter(lambda spec: len(spec[0]) > 2 and max(spec[0][1:-1]) >= 2)
+
+
+@settings(max_examples=12, deadline=None)
+@given(spec_a=hidden_widths(), spec_b=hidden_widths(), flow=st.sampled_from(["both", "forward"]))
+def test_gradmetanet_is_equivariant_on_mixed_batches(spec_a, spec_b, flow):
+    graphs = [random_graph(*spec_a)[3], random_graph(*spec_b)[3]]
+    model = GradMetaNet(8, num_component_layers=2, num_node_layers=1, graph_out_channels=2, flow=flow)
+    errors = assert_equivariant(model, graphs, num_trials=2, atol=1e-9, rtol=1e-9)
+    assert set(errors) == {"node permutation", "component permutation"}
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=hidden_widths())
+def test_permuting_the_source_network_permutes_the_outputs(spec):
+    """Convert a permuted network (not a permuted graph): outputs move with its neurons."""
+    widths, activations, biases, seed = spec
+    model, inputs, targets, graph = random_graph(widths, activations, biases, seed)
+    perms = random_hidden_perms(model, torch.Generator().manual_seed(seed))
+    permuted_model = permute_hidden(model, perms)
+    permuted_graph = gradgraph.to_graph(permuted_model, inputs, targets, loss_fn=squared_error)
+    node_perm = hidden_perms_to_node_permutation(graph, perms)
+
+    net = GradMetaNet(8, graph_out_channels=1).double()
+    with torch.no_grad():
+        out, out_permuted = net(graph), net(permuted_graph)
+    torch.testing.assert_close(out_permuted.edge, move_values(out.edge, edge_permutation(graph, node_perm)), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out_permuted.node, move_values(out.node, node_perm), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out_permuted.graph, out.graph, atol=1e-9, rtol=1e-9)
+    # and in weight space: the per-weight output is the permuted parameter dict
+    params, params_permuted = outputs_to_parameters(graph, out)[0], outputs_to_parameters(permuted_graph, out_permuted)[0]
+    expected = dict(permute_hidden_outputs(model, params, perms))
+    for name, value in params_permuted.items():
+        torch.testing.assert_close(value, expected[name], atol=1e-9, rtol=1e-9)
+
+
+def permute_hidden_outputs(model, params, perms):
+    """Apply hidden permutations to a parameter-shaped dict by loading it into a copy of the model."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in clone.named_parameters():
+            parameter.copy_(params[name])
+    permuted = permute_hidden(clone, perms)
+    return {name: parameter.detach() for name, parameter in permuted.named_parameters()}
+
+
+class IndexLeakingConv(NodeConv):
+    """Deliberately broken: adds each node's absolute index, which hidden neurons must not see."""
+
+    def forward(self, h, context):
+        index = torch.arange(h.shape[0], dtype=h.dtype)[:, None]
+        return super().forward(h, context) + index
+
+
+class ComponentOrderConv(ComponentConv):
+    """Deliberately broken: weights components by their position in the set."""
+
+    def forward(self, h, context):
+        order = torch.linspace(0, 1, h.shape[1], dtype=h.dtype)[None, :, None]
+        return super().forward(h, context) * (1 + order)
+
+
+def test_assert_equivariant_fails_for_a_layer_that_sees_neuron_indices():
+    graph = random_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=1)[3]
+    broken = GradMetaNet(8, node_layer=IndexLeakingConv)
+    with pytest.raises(AssertionError, match="node permutation"):
+        assert_equivariant(broken, [graph])
+
+
+def test_assert_equivariant_fails_for_a_layer_that_sees_component_order():
+    graph = random_graph([3, 6, 2], ["relu", "none"], [True, True], seed=2)[3]
+    broken = GradMetaNet(8, component_layer=ComponentOrderConv)
+    with pytest.raises(AssertionError, match="component permutation"):
+        assert_equivariant(broken, [graph])
+
+
+class GatedMLPConv(GradGraphConv):
+    """A user-style custom layer: messages from an MLP of source state and edge gate."""
+
+    def message(self, x_j, gate):
+        return torch.tanh(x_j) * gate.view(gate.shape[0], *([1] * (x_j.dim() - 2)), -1)
+
+
+def test_custom_layer_builds_a_gradmetanet_and_passes_the_check():
+    graphs = [random_graph([2, 5, 4, 3], ["sine", "relu", "none"], [True, False, True], seed=s)[3] for s in (3, 4)]
+    model = GradMetaNet(8, component_layer=GatedMLPConv, node_layer=GatedMLPConv, graph_out_channels=1)
+    assert all(isinstance(layer, GatedMLPConv) for layer in model.component_layers)
+    assert_equivariant(model, graphs)
+
+
+def test_outputs_have_documented_shapes_and_write_back_per_graph():
+    graphs = [random_graph([3, 4, 2], ["relu", "none"], [True, True], seed=5)[3], random_graph([3, 6, 6, 2], ["tanh", "relu", "none"], [True, False, True], seed=6)[3]]
+    batch = Batch.from_data_list(graphs)
+    model = GradMetaNet(8, edge_out_channels=2, node_out_channels=2, graph_out_channels=3).double()
+    out = model(batch)
+    assert out.edge.shape == (batch.edge_index.shape[1], 2)
+    assert out.node.shape == (batch.num_nodes, 2)
+    assert out.graph.shape == (2, 3)
+    params = outputs_to_parameters(batch, out)
+    assert set(params[1]) == {"0.weight", "0.bias", "2.weight", "4.weight", "4.bias"}
+    assert params[1]["2.weight"].shape == (6, 6, 2)
+    # graph by graph gives the same numbers as the batch
+    single = model(graphs[0])
+    torch.testing.assert_close(single.edge, out.edge[: graphs[0].edge_index.shape[1]])
+    no_heads = GradMetaNet(8, edge_out_channels=0, node_out_channels=0, graph_out_channels=1).double()(batch)
+    assert no_heads.edge is None and no_heads.node is None and no_heads.graph.shape == (2, 1)
+
+
+def test_without_component_layers_the_model_never_reads_the_factors():
+    graph = random_graph([3, 5, 2], ["relu", "none"], [True, True], seed=7)[3]
+    model = GradMetaNet(8, num_component_layers=0).double()
+    out = model(graph)
+    scrambled = graph.clone()
+    scrambled.act = torch.randn_like(graph.act)
+    scrambled.grad = torch.randn_like(graph.grad)
+    torch.testing.assert_close(model(scrambled).edge, out.edge, atol=0, rtol=0)
+
+
+def test_layers_reject_bad_shapes_and_options():
+    graph = random_graph([3, 5, 2], ["relu", "none"], [True, True], seed=8)[3]
+    context = GraphContext.from_graph(graph, torch.zeros(graph.edge_index.shape[1], 4, dtype=torch.float64))
+    with pytest.raises(GradGraphError, match=r"\[N, B, C\]"):
+        ComponentConv(3, 3, 4).double()(torch.zeros(graph.num_nodes, 3, dtype=torch.float64), context)
+    with pytest.raises(GradGraphError, match="NodeConv"):
+        NodeConv(3, 3, 4).double()(torch.zeros(graph.num_nodes, 2, 3, dtype=torch.float64), context)
+    with pytest.raises(GradGraphError, match="N=10, C=3"):
+        NodeConv(3, 3, 4).double()(torch.zeros(7, 3, dtype=torch.float64), context)
+    with pytest.raises(GradGraphError, match="edge_dim=5"):
+        NodeConv(3, 3, 5).double()(torch.zeros(graph.num_nodes, 3, dtype=torch.float64), context)
+    with pytest.raises(GradGraphError, match="flow"):
+        GradMetaNet(8, flow="sideways")
+    with pytest.raises(GradGraphError, match="aggregations"):
+        ComponentPool(["median"])
+    with pytest.raises(GradGraphError, match="component states"):
+        EdgeProductDecoder(3, 4, 1, component_channels=2).double()(torch.zeros(graph.num_nodes, 3, dtype=torch.float64), context)
+    with pytest.raises(GradGraphError, match="max_positions"):
+        PositionalEncoding(4, max_positions=2)(graph)
+    with pytest.raises(GradGraphError, match="max_layers"):
+        PositionalEncoding(4, max_layers=2)(graph)
+    with pytest.raises(GradGraphError, match="edge_features has"):
+        GraphContext.from_graph(graph, torch.zeros(3, 4))
+
+
+def test_repr_names_the_configuration():
+    assert "flow='forward'" in repr(NodeConv(3, 4, 5, flow="forward"))
+    assert "component_layers=2" in repr(GradMetaNet(8))
+    assert "aggregations=['mean', 'max']" in repr(ComponentPool(["mean", "max"]))
