@@ -9,6 +9,8 @@ every row, whatever the factor (1e-3 ... 1e3).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -508,3 +510,47 @@ def test_wrapped_gradmetanet_is_scale_equivariant(flow, activation):
 @pytest.mark.parametrize("flow", ["forward", "both"])
 def test_plain_gradmetanet_is_not_scale_equivariant(flow):
     assert equivariance_error(gradmetanet(flow), graphs_for("relu"), seed=0) > 1e-3
+
+
+# ------------------------------------------------- transformer feed-forward neurons
+def test_transformer_ffn_neurons_rescale_like_mlp_neurons():
+    """ReLU FFN hidden neurons of an attention block admit the same action (and only they do)."""
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True).double().eval()
+    inputs = torch.randn(3, 5, 4, dtype=torch.float64)
+    targets = torch.randn(3, 5, 4, dtype=torch.float64)
+
+    def loss(output: Tensor, target: Tensor) -> Tensor:
+        return ((output - target) ** 2).sum((1, 2))
+
+    try:
+        graph = gradgraph.to_graph(block, inputs, targets, loss_fn=loss)
+    except gradgraph.UnsupportedModuleError:
+        pytest.skip("no attention converter registered")
+    can_scale, can_flip = admissible_transformations(graph)
+    ffn = graph.node_kind == int(gradgraph.NodeKind.FFN_HIDDEN)
+    assert torch.equal(can_scale, ffn) and not bool(can_flip.any())
+    nodes = torch.nonzero(ffn).flatten()
+    nodes = nodes[torch.argsort(graph.position[nodes])]
+    scales = log_uniform_scales([len(nodes)], seed=3)[0]
+    node_factors = torch.ones(graph.num_nodes, dtype=torch.float64)
+    node_factors[nodes] = scales
+    rescaled = copy.deepcopy(block)
+    with torch.no_grad():
+        rescaled.linear1.weight.mul_(scales[:, None])
+        rescaled.linear1.bias.mul_(scales)
+        rescaled.linear2.weight.div_(scales[None, :])
+    torch.testing.assert_close(rescaled(inputs), block(inputs), atol=1e-10, rtol=1e-10)
+    converted = gradgraph.to_graph(rescaled, inputs, targets, loss_fn=loss)
+    acted = transform_nodes(graph, node_factors)
+    torch.testing.assert_close(converted.edge_attr, acted.edge_attr, atol=0, rtol=1e-12)
+    torch.testing.assert_close(converted.x, acted.x, atol=0, rtol=1e-12)
+    close_in_units(converted.act, acted.act, node_factors[:, None])
+    close_in_units(converted.grad, acted.grad, 1 / node_factors[:, None])
+    assert_same_canonical(canonicalize(graph), canonicalize(acted))
+    # attention neurons (e.g. queries) are not transformed by this module
+    query = int(torch.nonzero(graph.node_kind == int(gradgraph.NodeKind.QUERY))[0])
+    node_factors = torch.ones(graph.num_nodes, dtype=torch.float64)
+    node_factors[query] = 2.0
+    with pytest.raises(GradGraphError, match=f"node {query} .*kind QUERY"):
+        transform_nodes(graph, node_factors)
