@@ -272,7 +272,9 @@ def test_canonicalize_is_invariant_on_the_orbit(spec, seed):
 def test_canonicalize_on_a_batch_and_under_permutations():
     inputs = torch.randn(5, 3, dtype=torch.float64)
     graphs = [
-        gradgraph.to_graph(build_mlp([3, 4, 4, 1], ["relu", "leaky_relu", "none"], [True, False, True], seed=3), inputs),
+        gradgraph.to_graph(
+            build_mlp([3, 4, 4, 1], ["relu", "leaky_relu", "none"], [True, False, True], seed=3), inputs
+        ),
         gradgraph.to_graph(build_mlp([3, 5, 2, 1], ["sine", "identity", "none"], [True, True, True], seed=4), inputs),
         gradgraph.to_graph(build_mlp([3, 3, 1], ["gelu", "none"], [True, True], seed=5), inputs),
     ]
@@ -357,7 +359,8 @@ class TinyModel(nn.Module):
 
     def forward(self, graph) -> GradMetaNetOutput:
         act, grad_ = graph.act, graph.grad
-        stats = torch.stack([act.mean(1), grad_.mean(1), (act * grad_).mean(1), (act**2).mean(1), (grad_**2).mean(1)], 1)
+        moments = [act.mean(1), grad_.mean(1), (act * grad_).mean(1), (act**2).mean(1), (grad_**2).mean(1)]
+        stats = torch.stack(moments, dim=1)
         h = torch.tanh(self.encode(torch.cat([graph.x, stats], dim=1)))
         src, dst = graph.edge_index
         edge_feat = torch.cat([graph.edge_attr, (act[src] * grad_[dst]).mean(1, keepdim=True)], dim=1)

@@ -82,6 +82,14 @@ def _require_fields(graph: GradGraph, what: str) -> None:
         raise GradGraphError(f"{what}: the graph has no field(s) {missing}; build it with gradgraph.to_graph")
 
 
+def _hidden_kind(graph: GradGraph) -> Tensor:
+    """``[N]`` bool: the node is of a kind that may be transformed at all."""
+    hidden = torch.zeros(graph.num_nodes, dtype=torch.bool, device=graph.node_kind.device)
+    for kind in SCALABLE_NODE_KINDS:
+        hidden |= graph.node_kind == int(kind)
+    return hidden
+
+
 def admissible_transformations(graph: GradGraph) -> tuple[Tensor, Tensor]:
     """Which nodes may be rescaled and which may be sign-flipped.
 
@@ -98,9 +106,7 @@ def admissible_transformations(graph: GradGraph) -> tuple[Tensor, Tensor]:
         ``can_flip[n]`` (odd activation).
     """
     _require_fields(graph, "admissible_transformations")
-    hidden = torch.zeros(graph.num_nodes, dtype=torch.bool, device=graph.node_kind.device)
-    for kind in SCALABLE_NODE_KINDS:
-        hidden |= graph.node_kind == int(kind)
+    hidden = _hidden_kind(graph)
     edge_param = getattr(graph, "edge_param", None)
     if edge_param is not None:
         structural = edge_param < 0
@@ -168,9 +174,7 @@ def _check_node_factors(graph: GradGraph, node_factors: Tensor, what: str) -> Te
         )
     can_scale, can_flip = admissible_transformations(graph)
     moved = node_factors != 1
-    hidden = torch.zeros_like(moved)
-    for kind in SCALABLE_NODE_KINDS:
-        hidden |= graph.node_kind == int(kind)
+    hidden = _hidden_kind(graph)
     checks = [
         (moved & ~(can_scale | can_flip) & ~hidden,
          "only hidden neurons are transformed; inputs, outputs and other node kinds keep factor 1"),
@@ -306,7 +310,9 @@ def _check_layer_factors(
 ) -> list[Tensor]:
     hidden = layers[:-1]
     if len(factors) != len(hidden):
-        raise GradGraphError(f"{what}: expected {len(hidden)} factor tensors (one per hidden layer), got {len(factors)}")
+        raise GradGraphError(
+            f"{what}: expected {len(hidden)} factor tensors (one per hidden layer), got {len(factors)}"
+        )
     checked = []
     for layer, factor in zip(hidden, factors):
         size = layer.linear.out_features
