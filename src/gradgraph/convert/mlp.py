@@ -86,6 +86,91 @@ def _node_where(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
+class _ChainReader:
+    """Walks the operations of an MLP chain in order and collects its :class:`DenseLayer` s."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers: list[DenseLayer] = []
+        self.pending: dict[str, Any] | None = None  # layer whose activation is still open
+        self.seen_linears: set[str] = set()
+
+    def module(self, name: str, module: nn.Module) -> None:
+        """The next operation is ``module`` (at path ``name``) applied to the chain's tensor."""
+        if isinstance(module, nn.Linear):
+            if name in self.seen_linears:
+                raise UnsupportedModuleError(name, "Linear", "called more than once (shared weights)")
+            self.seen_linears.add(name)
+            if self.pending is not None:
+                self.layers.append(DenseLayer(**self.pending))
+            self.pending = {"name": name, "linear": module, "activation": ActivationKind.IDENTITY}
+            return
+        if isinstance(module, nn.Dropout):
+            if module.training and module.p > 0:
+                raise UnsupportedModuleError(
+                    name, type(module).__name__, "active dropout changes the function; call model.eval()"
+                )
+            return
+        kind = next((k for cls, k in ACTIVATION_MODULES.items() if type(module) is cls), None)
+        if kind is None:
+            raise UnsupportedModuleError(name, type(module).__name__, "no MLP converter rule for it")
+        self.activation(name, kind)
+
+    def activation(self, where: str, kind: ActivationKind) -> None:
+        """The next operation is the elementwise activation ``kind``."""
+        if self.pending is None:
+            raise UnsupportedModuleError(where, kind.name, "an activation before the first Linear")
+        if kind is not ActivationKind.IDENTITY:
+            if self.pending["activation"] is not ActivationKind.IDENTITY:
+                raise UnsupportedModuleError(where, kind.name, f"a second activation after '{self.pending['name']}'")
+            self.pending["activation"] = kind
+
+    def finish(self) -> list[DenseLayer]:
+        """The layers read so far; checks that consecutive widths match."""
+        layers = self.layers + ([DenseLayer(**self.pending)] if self.pending is not None else [])
+        if not layers:
+            raise UnsupportedModuleError("", type(self.model).__name__, "contains no nn.Linear")
+        for previous, layer in zip(layers, layers[1:]):
+            if layer.linear.in_features != previous.linear.out_features:
+                raise GradGraphError(
+                    f"'{layer.name}' expects {layer.linear.in_features} inputs but '{previous.name}' "
+                    f"produces {previous.linear.out_features}"
+                )
+        return layers
+
+
+def _sequential_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """``(path, module)`` of every leaf a plain (nested) ``nn.Sequential`` applies, in order.
+
+    ``None`` unless every container is an ``nn.Sequential`` with its own forward, every leaf
+    is a ``Linear``, ``Dropout`` or known activation module, and no module appears twice:
+    such a model computes exactly this chain, so tracing it with torch.fx (milliseconds per
+    call, most of a small model's conversion) would find the same operations. Anything
+    else returns ``None`` and is traced, which also produces the precise error messages.
+    """
+    leaves = (nn.Linear, nn.Dropout, *ACTIVATION_MODULES)
+    chain: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> bool:
+        if type(module).forward is not nn.Sequential.forward:
+            return False
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                return False
+            seen.add(id(child))
+            if isinstance(child, nn.Sequential):
+                if not walk(child, f"{prefix}{name}."):
+                    return False
+            elif type(child) in leaves:
+                chain.append((f"{prefix}{name}", child))
+            else:
+                return False
+        return True
+
+    return chain if walk(model, "") else None
+
+
 def mlp_layers(model: nn.Module) -> list[DenseLayer]:
     """Read the chain of ``Linear`` layers and activations that ``model.forward`` computes.
 
@@ -93,6 +178,12 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
         UnsupportedModuleError: if the forward is not such a chain; the error names the
             module path (or fx node) and type of the first offending operation.
     """
+    reader = _ChainReader(model)
+    chain = _sequential_chain(model)
+    if chain is not None:
+        for name, module in chain:
+            reader.module(name, module)
+        return reader.finish()
     try:
         graph = _Tracer().trace(model)
     except Exception as error:  # fx raises many types for untraceable code
@@ -104,9 +195,6 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
     if not placeholders:
         raise UnsupportedModuleError("", type(model).__name__, "forward takes no input")
     current = placeholders[0]
-    layers: list[DenseLayer] = []
-    pending: dict[str, Any] | None = None  # layer whose activation is still open
-    seen_linears: set[str] = set()
     for node in graph.nodes:
         if node.op in ("placeholder",):
             continue
@@ -123,28 +211,8 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
                 "not an MLP chain: this operation combines several tensors or does not follow the "
                 "previous layer (skip connections, concatenation and parameter access are unsupported)",
             )
-        kind: ActivationKind | None = None
         if node.op == "call_module":
-            module = modules[node.target]
-            if isinstance(module, nn.Linear):
-                if node.target in seen_linears:
-                    raise UnsupportedModuleError(node.target, "Linear", "called more than once (shared weights)")
-                seen_linears.add(node.target)
-                if pending is not None:
-                    layers.append(DenseLayer(**pending))
-                pending = {"name": node.target, "linear": module, "activation": ActivationKind.IDENTITY}
-                current = node
-                continue
-            if isinstance(module, nn.Dropout):
-                if module.training and module.p > 0:
-                    raise UnsupportedModuleError(
-                        node.target, type(module).__name__, "active dropout changes the function; call model.eval()"
-                    )
-                current = node
-                continue
-            kind = next((k for cls, k in ACTIVATION_MODULES.items() if type(module) is cls), None)
-            if kind is None:
-                raise UnsupportedModuleError(node.target, type(module).__name__, "no MLP converter rule for it")
+            reader.module(str(node.target), modules[node.target])
         elif node.op == "call_function":
             kind = _ACTIVATION_FUNCTIONS.get(node.target)
             if kind is None and node.target in (F.dropout,):
@@ -154,32 +222,16 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
                 if node.target in (operator.getitem,):
                     name = "getitem (indexing)"
                 raise UnsupportedModuleError(node.name, name, "no MLP converter rule for this function")
+            reader.activation(node.name, kind)
         elif node.op == "call_method":
             kind = _ACTIVATION_METHODS.get(str(node.target))
             if kind is None:
                 raise UnsupportedModuleError(node.name, f"Tensor.{node.target}", "no MLP converter rule for this method")
+            reader.activation(node.name, kind)
         else:
             raise UnsupportedModuleError(node.name, node.op, "no MLP converter rule for this operation")
-        if pending is None:
-            raise UnsupportedModuleError(_node_where(node), kind.name, "an activation before the first Linear")
-        if kind is not ActivationKind.IDENTITY:
-            if pending["activation"] is not ActivationKind.IDENTITY:
-                raise UnsupportedModuleError(
-                    _node_where(node), kind.name, f"a second activation after '{pending['name']}'"
-                )
-            pending["activation"] = kind
         current = node
-    if pending is not None:
-        layers.append(DenseLayer(**pending))
-    if not layers:
-        raise UnsupportedModuleError("", type(model).__name__, "contains no nn.Linear")
-    for previous, layer in zip(layers, layers[1:]):
-        if layer.linear.in_features != previous.linear.out_features:
-            raise GradGraphError(
-                f"'{layer.name}' expects {layer.linear.in_features} inputs but '{previous.name}' "
-                f"produces {previous.linear.out_features}"
-            )
-    return layers
+    return reader.finish()
 
 
 def _one_hot(kind: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -265,30 +317,38 @@ def build_mlp_graph(model: nn.Module, layers: list[DenseLayer], act: Tensor, gra
     bias = torch.zeros(num_nodes, dtype=dtype)
     node_param = torch.full((num_nodes,), -1, dtype=torch.long)
 
-    sources, targets, weights, edge_param, edge_param_pos = [], [], [], [], []
+    # The edge tensors are O(P) and dominate the conversion of large models, so they are
+    # preallocated and written layer by layer, without temporaries of their own size.
+    num_edges = sum(d_in * d_out for d_in, d_out in zip(sizes, sizes[1:]))
+    edge_index = torch.empty((2, num_edges), dtype=torch.long)
+    edge_attr = torch.zeros((num_edges, 1 + NUM_EDGE_KINDS), dtype=dtype)
+    edge_attr[:, 1 + int(EdgeKind.LINEAR)] = 1
+    edge_param = torch.empty(num_edges, dtype=torch.long)
+    edge_param_pos = torch.empty(num_edges, dtype=torch.long)
+    start = 0
     for index, layer in enumerate(layers, start=1):
         d_in, d_out = sizes[index - 1], sizes[index]
         nodes = slice(offsets[index], offsets[index + 1])
         activation[nodes] = int(layer.activation)
         if index < depth:
             perm_group[nodes] = index - 1
-        row = torch.arange(d_out).repeat_interleave(d_in)
-        col = torch.arange(d_in).repeat(d_out)
-        sources.append(offsets[index - 1] + col)
-        targets.append(offsets[index] + row)
-        weight = layer.linear.weight.detach()
-        weights.append(weight.reshape(-1).to(dtype))
-        edge_param.append(torch.full((d_in * d_out,), add_param(layer.linear.weight), dtype=torch.long))
-        edge_param_pos.append(row * d_in + col)
+        edges = slice(start, start + d_in * d_out)
+        start += d_in * d_out
+        # edge j -> k holds W[k, j]; edges follow the weight's row-major order k * d_in + j
+        edge_index[0, edges].view(d_out, d_in).copy_(offsets[index - 1] + torch.arange(d_in))
+        edge_index[1, edges].view(d_out, d_in).copy_((offsets[index] + torch.arange(d_out))[:, None])
+        edge_attr[edges, 0] = layer.linear.weight.detach().reshape(-1).to(dtype)
+        edge_param[edges] = add_param(layer.linear.weight)
+        edge_param_pos[edges] = torch.arange(d_in * d_out)
         if layer.linear.bias is not None:
             bias[nodes] = layer.linear.bias.detach().to(dtype)
             node_param[nodes] = add_param(layer.linear.bias)
 
-    edge_kind = torch.full((len(torch.cat(sources)),), int(EdgeKind.LINEAR), dtype=torch.long)
+    edge_kind = torch.full((num_edges,), int(EdgeKind.LINEAR), dtype=torch.long)
     return GradGraph(
         x=torch.cat([bias[:, None], _one_hot(node_kind, NUM_NODE_KINDS, dtype)], dim=1),
-        edge_index=torch.stack([torch.cat(sources), torch.cat(targets)]),
-        edge_attr=torch.cat([torch.cat(weights)[:, None], _one_hot(edge_kind, NUM_EDGE_KINDS, dtype)], dim=1),
+        edge_index=edge_index,
+        edge_attr=edge_attr,
         act=act,
         grad=grad,
         layer=layer_index,
@@ -302,8 +362,8 @@ def build_mlp_graph(model: nn.Module, layers: list[DenseLayer], act: Tensor, gra
         position=position,
         node_param=node_param,
         node_param_pos=torch.where(node_param >= 0, position, torch.full_like(position, -1)),
-        edge_param=torch.cat(edge_param),
-        edge_param_pos=torch.cat(edge_param_pos),
+        edge_param=edge_param,
+        edge_param_pos=edge_param_pos,
         component_sample=torch.arange(act.shape[1]),
         num_datapoints=act.shape[1],
         param_names=param_names,
