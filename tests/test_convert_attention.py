@@ -542,3 +542,72 @@ def test_dropout_in_eval_mode_is_accepted_and_bad_inputs_raise():
         gradgraph.to_graph(model, inputs.float(), None, loss)
     with pytest.raises(GradGraphError, match="one scalar output per datapoint"):
         gradgraph.to_graph(model, inputs)
+
+
+# ------------------------------------------------ GradMetaNet on transformer graphs
+def transformer_graphs() -> list[gradgraph.GradGraph]:
+    """Two architectures (3 heads + FFN; wrapped 2-layer pre-norm stack), same B = 2 x 3."""
+    graphs = []
+    for kind, seed in (("layer", 0), ("encoder", 3)):
+        model, batch_first = symmetry_model(kind, seed)
+        d_in = 3 if kind == "encoder" else _width(model)
+        d_out = 2 if kind == "encoder" else _width(model)
+        inputs, targets = batch_for(model, d_in, d_out, 2, 3, batch_first, seed)
+        graphs.append(convert(model, inputs, targets, batch_first, {}))
+    return graphs
+
+
+def action_on_batch(**flags):
+    """``(batch, generator) -> [N]``: one random head/dim/FFN action per graph of a batch."""
+
+    def node_permutation(batch, generator):
+        parts = []
+        for graph, offset in zip(batch.to_data_list(), batch.ptr[:-1].tolist()):
+            permutation = random_transformer_permutation(graph, generator, **flags)
+            parts.append(transformer_node_permutation(graph, permutation) + offset)
+        return torch.cat(parts)
+
+    return node_permutation
+
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_gradmetanet_is_equivariant_on_transformer_graphs(action):
+    from gradgraph.nn import GradMetaNet
+    from gradgraph.testing import assert_equivariant
+
+    torch.manual_seed(0)
+    model = GradMetaNet(8, num_component_layers=1, num_node_layers=1, graph_out_channels=2)
+    errors = assert_equivariant(model, transformer_graphs(), num_trials=2, node_permutation=action_on_batch(
+        **ACTIONS[action]), check_components=action == "all", atol=1e-9, rtol=1e-9)
+    assert "node permutation" in errors
+
+
+def test_gradmetanet_is_equivariant_under_random_node_permutation_of_transformer_graphs():
+    """The default action of assert_equivariant samples the whole head/dim/FFN group (perm_block/perm_tie)."""
+    from gradgraph.nn import GradMetaNet
+    from gradgraph.testing import assert_equivariant
+
+    torch.manual_seed(1)
+    assert_equivariant(GradMetaNet(8, num_component_layers=1, num_node_layers=1), transformer_graphs(), num_trials=2,
+                       atol=1e-9, rtol=1e-9)
+
+
+def test_equivariance_check_catches_a_model_that_reads_head_indices():
+    """Sensitivity: a head id used as an absolute feature breaks equivariance under head permutations."""
+    from gradgraph.nn import GradMetaNet, GradMetaNetOutput
+    from gradgraph.testing import assert_equivariant
+
+    class HeadIndexLeak(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = GradMetaNet(8, num_component_layers=1, num_node_layers=1)
+
+        def forward(self, batch):
+            out = self.inner(batch)
+            head = batch.perm_block.clamp(min=0).to(out.node.dtype)
+            return GradMetaNetOutput(out.edge, out.node + head[:, None], out.graph)
+
+    torch.manual_seed(2)
+    with pytest.raises(AssertionError, match="node"):
+        assert_equivariant(HeadIndexLeak(), transformer_graphs(), num_trials=3,
+                           node_permutation=action_on_batch(**ACTIONS["heads"]), check_components=False)
