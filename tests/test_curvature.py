@@ -180,3 +180,14 @@ def test_bad_configurations_raise_clear_errors():
         sample_inputs(InputFamily(), 1.5, 3)
     with pytest.raises(GradGraphError, match="unknown curvature preset"):
         preset("huge")
+
+
+def test_cli_nets_flag_resizes_zoo_and_splits(tmp_path):
+    code = main(
+        ["curvature", "--preset", "tiny", "--nets", "10", "--epochs", "1", "--output-dir", str(tmp_path / "o"),
+         "--cache-dir", str(tmp_path / "c"), "--models", "standard", "--quiet"]
+    )
+    assert code == 0
+    config = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
+    assert config["zoo"]["num_nets"] == 10
+    assert config["num_train"] + config["num_val"] + config["num_test"] == 10

@@ -99,8 +99,10 @@ def _curvature_command(args: argparse.Namespace) -> int:
         total = config.num_train + config.num_val + config.num_test
         num_val = max(1, round(args.nets * config.num_val / total))
         num_test = max(1, round(args.nets * config.num_test / total))
-        config = replace(config, num_train=args.nets - num_val - num_test, num_val=num_val, num_test=num_test)
         zoo = replace(zoo, num_nets=args.nets)
+        config = replace(
+            config, zoo=zoo, num_train=args.nets - num_val - num_test, num_val=num_val, num_test=num_test
+        )
     if args.epochs is not None:
         train = replace(train, epochs=args.epochs)
     if args.lr is not None:
