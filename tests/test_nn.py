@@ -195,3 +195,44 @@ def test_repr_names_the_configuration():
     assert "flow='forward'" in repr(NodeConv(3, 4, 5, flow="forward"))
     assert "component_layers=2" in repr(GradMetaNet(8))
     assert "aggregations=['mean', 'max']" in repr(ComponentPool(["mean", "max"]))
+
+
+class PlainGatedConv(ComponentConv):
+    """The same message as the base class, but overriding message() forces propagate()."""
+
+    def message(self, x_j, gate):
+        return x_j * gate[:, None, :]
+
+
+@pytest.mark.parametrize("aggr", ["mean", "sum"])
+@pytest.mark.parametrize("flow", ["both", "forward"])
+def test_fused_sparse_messages_equal_propagate(aggr, flow):
+    graphs = [random_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=s)[3] for s in (9, 10)]
+    batch = Batch.from_data_list(graphs)
+    context = GraphContext.from_graph(batch, torch.randn(batch.edge_index.shape[1], 4, dtype=torch.float64))
+    fused = ComponentConv(3, 5, 4, flow=flow, aggr=aggr).double()
+    plain = PlainGatedConv(3, 5, 4, flow=flow, aggr=aggr).double()
+    plain.load_state_dict(fused.state_dict())
+    h = torch.randn(batch.num_nodes, batch.act.shape[1], 3, dtype=torch.float64, requires_grad=True)
+    assert fused.uses_fused_aggregation(h) and not plain.uses_fused_aggregation(h)
+    out_fused, out_plain = fused(h, context), plain(h, context)
+    torch.testing.assert_close(out_fused, out_plain, atol=1e-12, rtol=1e-12)
+    weights = torch.randn_like(out_fused)
+    grads_fused = torch.autograd.grad((out_fused * weights).sum(), [h, *fused.parameters()])
+    grads_plain = torch.autograd.grad((out_plain * weights).sum(), [h, *plain.parameters()])
+    for got, expected in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(got, expected, atol=1e-11, rtol=1e-11)
+
+
+def test_decoder_product_moments_equal_the_dense_formula():
+    graph = random_graph([3, 6, 2], ["relu", "none"], [True, True], seed=11)[3]
+    context = GraphContext.from_graph(graph, torch.randn(graph.edge_index.shape[1], 4, dtype=torch.float64))
+    decoder = EdgeProductDecoder(5, 4, 2, component_channels=3, product_channels=4).double()
+    h = torch.randn(graph.num_nodes, 5, dtype=torch.float64)
+    z = torch.randn(graph.num_nodes, graph.num_components, 3, dtype=torch.float64)
+    edge, _ = decoder(h, context, z)
+    src, dst = graph.edge_index
+    product = decoder.edge_left(z)[src] * decoder.edge_right(z)[dst]
+    moments = torch.cat([product.mean(1), product.square().mean(1)], dim=-1)
+    expected = decoder.edge_mlp(torch.cat([h[src], h[dst], context.edge_features], dim=-1)) + decoder.edge_moments(moments)
+    torch.testing.assert_close(edge, expected, atol=1e-12, rtol=1e-12)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from gradgraph.errors import GradGraphError
+from gradgraph.nn.sparse import ChannelBlockPattern
 
 __all__ = ["GraphContext"]
 
@@ -24,6 +25,7 @@ class GraphContext(NamedTuple):
         layer_group: ``[N]`` index of the node's ``(graph, layer)`` group, in
             ``range(num_layer_groups)``; used for per-layer means.
         num_layer_groups: number of distinct ``(graph, layer)`` pairs.
+        cache: per-forward memo of sparse patterns (see :meth:`pattern`), shared by all layers.
     """
 
     edge_index: Tensor
@@ -32,6 +34,21 @@ class GraphContext(NamedTuple):
     num_graphs: int
     layer_group: Tensor
     num_layer_groups: int
+    cache: dict[Any, Any] = {}
+
+    def pattern(self, direction: str, channels: int) -> ChannelBlockPattern:
+        """The channel-block sparse pattern for messages along (``"forward"``: rows are
+        destinations) or against (``"backward"``: rows are sources) the edges; built once
+        per forward and shared by every layer of that width."""
+        if direction not in ("forward", "backward"):
+            raise GradGraphError(f"GraphContext.pattern: direction must be 'forward' or 'backward', got {direction!r}")
+        key = (direction, channels)
+        if key not in self.cache:
+            src, dst = self.edge_index
+            forward, backward = ChannelBlockPattern.build_pair(dst, src, self.num_nodes, channels)
+            self.cache[("forward", channels)] = forward
+            self.cache[("backward", channels)] = backward
+        return self.cache[key]
 
     @property
     def num_nodes(self) -> int:
@@ -74,4 +91,5 @@ class GraphContext(NamedTuple):
             num_graphs=num_graphs,
             layer_group=layer_group,
             num_layer_groups=int(layer_group.max()) + 1 if num_nodes else 0,
+            cache={},
         )

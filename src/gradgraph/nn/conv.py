@@ -10,6 +10,7 @@ from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
+from gradgraph.nn.sparse import channel_spmm
 
 __all__ = ["GradGraphConv", "FLOWS"]
 
@@ -107,20 +108,31 @@ class GradGraphConv(MessagePassing):
 
     def propagate_both(self, h: Tensor, context: GraphContext) -> Tensor:
         """The two edge terms of the equation: forward messages plus (with ``flow="both"``) backward ones."""
-        out = self.propagate(
-            context.edge_index,
-            x=self.lin_forward(h),
-            gate=self.gate_forward(context.edge_features),
-            size=(context.num_nodes, context.num_nodes),
-        )
+        out = self._propagate_direction("forward", self.lin_forward(h), self.gate_forward(context.edge_features), context)
         if self.direction == "both":
-            out = out + self.propagate(
-                context.edge_index.flip(0),
-                x=self.lin_backward(h),
-                gate=self.gate_backward(context.edge_features),
-                size=(context.num_nodes, context.num_nodes),
+            out = out + self._propagate_direction(
+                "backward", self.lin_backward(h), self.gate_backward(context.edge_features), context
             )
         return out
+
+    def uses_fused_aggregation(self, x: Tensor) -> bool:
+        """Whether messages go through the fused sparse path instead of ``propagate``.
+
+        Only for the base gated message (a subclass that overrides :meth:`message` always
+        gets ``propagate``), sum/mean aggregation and per-component states ``[N, B, C]``,
+        where gathering would materialise an ``[E, B, C]`` tensor.
+        """
+        return type(self).message is GradGraphConv.message and self.aggr in ("sum", "mean") and x.dim() == 3
+
+    def _propagate_direction(self, direction: str, x: Tensor, gate: Tensor, context: GraphContext) -> Tensor:
+        if self.uses_fused_aggregation(x):
+            pattern = context.pattern(direction, x.shape[-1])
+            out = channel_spmm(pattern, gate, x)
+            if self.aggr == "mean":
+                out = out / pattern.row_count.clamp(min=1).to(out.dtype)[:, None, None]
+            return out
+        edge_index = context.edge_index if direction == "forward" else context.edge_index.flip(0)
+        return self.propagate(edge_index, x=x, gate=gate, size=(context.num_nodes, context.num_nodes))
 
     def message(self, x_j: Tensor, gate: Tensor) -> Tensor:
         """What edge ``j -> n`` sends: ``x_j [E, (B,) C']`` gated by ``gate [E, C']``."""

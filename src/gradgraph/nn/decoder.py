@@ -8,6 +8,7 @@ from torch_geometric.nn import MLP, Linear
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
+from gradgraph.nn.sparse import channel_sddmm
 
 __all__ = ["EdgeProductDecoder"]
 
@@ -100,7 +101,13 @@ class EdgeProductDecoder(nn.Module):
                     f"EdgeProductDecoder: component states must have shape [{context.num_nodes}, B, "
                     f"{self.component_channels}]; got {shape}"
                 )
-            edge = edge + self.edge_moments(self._moments(self.edge_left(z)[src] * self.edge_right(z)[dst]))
+            # Moments of p_{jk,i} = left_j,i * right_k,i as sampled products: no [E, B, P] tensor.
+            left, right = self.edge_left(z), self.edge_right(z)
+            pattern = context.pattern("backward", self.product_channels)  # rows = sources
+            num_components = z.shape[1]
+            first = channel_sddmm(pattern, left, right) / num_components
+            second = channel_sddmm(pattern, left.square(), right.square()) / num_components
+            edge = edge + self.edge_moments(torch.cat([first, second], dim=-1))
             node = node + self.node_moments(self._moments(self.node_left(z) * self.node_right(z)))
         return edge, node
 
