@@ -519,9 +519,8 @@ class Positional(nn.Module):
 )
 def test_unsupported_models_name_path_and_type(model, path, type_name, message):
     model = model.double().train()
-    first = next(model.modules().__iter__().__next__().modules().__iter__().__next__().children(), None)
-    d_in = 3 if type(model) in (WithPositions, nn.Sequential) and isinstance(getattr(model, "embed", first),
-                                                                              nn.Linear) else 4
+    first = model.embed if isinstance(model, WithPositions) else next(iter(model.children()), None)
+    d_in = first.in_features if isinstance(first, nn.Linear) else 4
     inputs = torch.randn(2, 3, d_in, dtype=torch.float64)
     with pytest.raises(UnsupportedModuleError, match=message) as info:
         gradgraph.to_graph(model, inputs, torch.zeros(2, dtype=torch.float64), lambda out, _: out.sum((1, 2)))
@@ -611,3 +610,23 @@ def test_equivariance_check_catches_a_model_that_reads_head_indices():
     with pytest.raises(AssertionError, match="node"):
         assert_equivariant(HeadIndexLeak(), transformer_graphs(), num_trials=3,
                            node_permutation=action_on_batch(**ACTIONS["heads"]), check_components=False)
+
+
+def test_is_causal_hint_and_batching_with_mlp_graphs():
+    from torch_geometric.data import Batch
+
+    torch.manual_seed(7)
+    model = encoder(depth=1, batch_first=False).double().eval()
+    inputs, targets = batch_for(model, 8, 8, 2, 3, False)
+    kwargs = {"mask": causal_mask(3), "is_causal": True}
+    graph = convert(model, inputs, targets, False, kwargs)
+    reference = reference_per_sample_grads(model, inputs, targets, False, kwargs)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-9, rtol=0)
+    # an MLP graph with the same number of components batches with a transformer graph
+    mlp = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    mlp_graph = gradgraph.to_graph(mlp, torch.randn(6, 2, dtype=torch.float64))
+    batch = Batch.from_data_list([mlp_graph, graph])
+    permuted = permute_nodes(batch, random_node_permutation(batch, torch.Generator().manual_seed(0)))
+    first, second = permuted.to_data_list()
+    assert torch.equal(first.perm_block, mlp_graph.perm_block) and second.num_nodes == graph.num_nodes

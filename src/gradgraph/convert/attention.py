@@ -137,7 +137,9 @@ def _check_stock(path: str, module: nn.Module, base: type[nn.Module], methods: t
     for method in methods:
         if getattr(type(module), method) is not getattr(base, method):
             raise UnsupportedModuleError(
-                path, type(module).__name__, f"overrides {base.__name__}.{method}; only the stock computation is modelled"
+                path,
+                type(module).__name__,
+                f"overrides {base.__name__}.{method}; only the stock computation is modelled",
             )
 
 
@@ -267,7 +269,9 @@ def transformer_structure(model: nn.Module) -> TransformerStructure:
         if isinstance(module, nn.Linear):
             linears.append((path, module))
         elif list(module.parameters(recurse=False)) or list(module.buffers(recurse=False)):
-            raise UnsupportedModuleError(path, type(module).__name__, f"a wrapper module with parameters; {_SUPPORTED_CHAIN}")
+            raise UnsupportedModuleError(
+                path, type(module).__name__, f"a wrapper module with parameters; {_SUPPORTED_CHAIN}"
+            )
     if len(linears) > 2:
         raise UnsupportedModuleError(
             linears[2][0], "Linear", f"a third nn.Linear around '{core_path}'; {_SUPPORTED_CHAIN}"
@@ -549,7 +553,8 @@ class _GraphBuilder:
                 "node_param", "node_param_pos",
             )
         }
-        self.edge_fields: dict[str, list[Tensor]] = {key: [] for key in ("src", "dst", "kind", "weight", "param", "pos")}
+        edge_keys = ("src", "dst", "kind", "weight", "param", "pos")
+        self.edge_fields: dict[str, list[Tensor]] = {key: [] for key in edge_keys}
         self.num_nodes = 0
         self.num_groups = 0
 

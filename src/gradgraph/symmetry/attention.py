@@ -86,8 +86,8 @@ class HeadPermutation:
             table = torch.as_tensor(getattr(self, name))
             if table.shape != (num_heads, head_dim) or not all(_is_permutation(row, head_dim) for row in table):
                 raise GradGraphError(
-                    f"{where}: {name} must be [{num_heads}, {head_dim}], one permutation of range({head_dim}) per head; "
-                    f"got shape {list(table.shape)}"
+                    f"{where}: {name} must be [{num_heads}, {head_dim}], one permutation of range({head_dim}) "
+                    f"per head; got shape {list(table.shape)}"
                 )
 
     def gather_index(self, which: str) -> Tensor:
