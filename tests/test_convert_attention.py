@@ -630,3 +630,20 @@ def test_is_causal_hint_and_batching_with_mlp_graphs():
     permuted = permute_nodes(batch, random_node_permutation(batch, torch.Generator().manual_seed(0)))
     first, second = permuted.to_data_list()
     assert torch.equal(first.perm_block, mlp_graph.perm_block) and second.num_nodes == graph.num_nodes
+
+
+def test_layernorms_without_affine_or_bias_and_training_mode_without_dropout():
+    torch.manual_seed(8)
+    final = nn.LayerNorm(8, elementwise_affine=False)
+    model = nn.TransformerEncoder(encoder_layer(norm_first=True), 2, norm=final, enable_nested_tensor=False)
+    model.layers[0].norm1 = nn.LayerNorm(8, bias=False)
+    model = model.double().train()  # dropout=0, so training mode is the same function
+    inputs, targets = batch_for(model, 8, 8, 2, 3, True)
+    graph = convert(model, inputs, targets, True)
+    reference = reference_per_sample_grads(model, inputs, targets, True, {})
+    assert set(graph.per_sample_grads()) == set(reference)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-9, rtol=0)
+    # the final norm has no gamma: its NORM_SCALE edges are structural
+    scale = graph.edge_kind == EdgeKind.NORM_SCALE
+    assert int((graph.edge_param[scale] < 0).sum()) == 8

@@ -753,6 +753,7 @@ def _lay_out_encoder_layer(builder: _GraphBuilder, stream: _NodeSet, part: Encod
     attention = module.self_attn
     width = attention.embed_dim
     norm1, norm2, linear1, linear2 = (part.sub(name) for name in ("norm1", "norm2", "linear1", "linear2"))
+    linear1_module, linear2_module = module.linear1, module.linear2
 
     def feed_forward(source: _NodeSet, depth: int) -> _NodeSet:
         hidden = builder.add_nodes(
@@ -764,7 +765,6 @@ def _lay_out_encoder_layer(builder: _GraphBuilder, stream: _NodeSet, part: Encod
         builder.dense(source, hidden, linear1_module.weight, EdgeKind.FFN_IN)
         return hidden
 
-    linear1_module, linear2_module = module.linear1, module.linear2
     if module.norm_first:
         normed = builder.add_nodes(width, NodeKind.NORM, layer + 1, name=f"'{norm1}' output",
                                    value_key=f"{norm1}:output", bias=module.norm1.bias)
