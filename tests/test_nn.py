@@ -53,7 +53,7 @@ def hidden_widths():
 @given(spec_a=hidden_widths(), spec_b=hidden_widths(), flow=st.sampled_from(["both", "forward"]))
 def test_gradmetanet_is_equivariant_on_mixed_batches(spec_a, spec_b, flow):
     graphs = [random_graph(*spec_a)[3], random_graph(*spec_b)[3]]
-    model = GradMetaNet(8, num_component_layers=2, num_node_layers=1, graph_out_channels=2, flow=flow)
+    model = GradMetaNet(8, num_component_layers=2, num_node_layers=1, graph_out_channels=2, component_out_channels=2, flow=flow)
     errors = assert_equivariant(model, graphs, num_trials=2, atol=1e-9, rtol=1e-9)
     assert set(errors) == {"node permutation", "component permutation"}
 
@@ -117,6 +117,35 @@ def test_assert_equivariant_fails_for_a_layer_that_sees_neuron_indices():
         assert_equivariant(broken, [graph])
 
 
+class ComponentOrderReadout(torch.nn.Module):
+    """Deliberately broken: component outputs that do not move with the components."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = GradMetaNet(8, component_out_channels=1)
+
+    def forward(self, graph):
+        out = self.net(graph)
+        return out._replace(component=out.component.mean(dim=1, keepdim=True) + torch.linspace(0, 1, out.component.shape[1], dtype=out.component.dtype)[None, :, None])
+
+
+def test_assert_equivariant_fails_for_component_outputs_that_ignore_the_order():
+    graph = random_graph([3, 6, 2], ["relu", "none"], [True, True], seed=2)[3]
+    with pytest.raises(AssertionError, match="component permutation.*'component'"):
+        assert_equivariant(ComponentOrderReadout(), [graph])
+
+
+def test_set_only_component_layers_have_no_edge_parameters_and_ignore_weights():
+    graph = random_graph([3, 6, 2], ["relu", "none"], [True, True], seed=12)[3]
+    layer = ComponentConv(3, 4, 5, edge_messages=False).double()
+    assert not any("forward" in name or "backward" in name for name, _ in layer.named_parameters())
+    context = GraphContext.from_graph(graph, torch.randn(graph.edge_index.shape[1], 5, dtype=torch.float64))
+    rewired = context._replace(edge_index=context.edge_index.flip(0))
+    h = torch.randn(graph.num_nodes, graph.num_components, 3, dtype=torch.float64)
+    torch.testing.assert_close(layer(h, context), layer(h, rewired), atol=0, rtol=0)
+    assert "edge_messages=False" in repr(layer)
+
+
 def test_assert_equivariant_fails_for_a_layer_that_sees_component_order():
     graph = random_graph([3, 6, 2], ["relu", "none"], [True, True], seed=2)[3]
     broken = GradMetaNet(8, component_layer=ComponentOrderConv)
@@ -141,8 +170,9 @@ def test_custom_layer_builds_a_gradmetanet_and_passes_the_check():
 def test_outputs_have_documented_shapes_and_write_back_per_graph():
     graphs = [random_graph([3, 4, 2], ["relu", "none"], [True, True], seed=5)[3], random_graph([3, 6, 6, 2], ["tanh", "relu", "none"], [True, False, True], seed=6)[3]]
     batch = Batch.from_data_list(graphs)
-    model = GradMetaNet(8, edge_out_channels=2, node_out_channels=2, graph_out_channels=3).double()
+    model = GradMetaNet(8, edge_out_channels=2, node_out_channels=2, graph_out_channels=3, component_out_channels=4).double()
     out = model(batch)
+    assert out.component.shape == (2, batch.act.shape[1], 4)
     assert out.edge.shape == (batch.edge_index.shape[1], 2)
     assert out.node.shape == (batch.num_nodes, 2)
     assert out.graph.shape == (2, 3)
@@ -179,6 +209,8 @@ def test_layers_reject_bad_shapes_and_options():
         NodeConv(3, 3, 5).double()(torch.zeros(graph.num_nodes, 3, dtype=torch.float64), context)
     with pytest.raises(GradGraphError, match="flow"):
         GradMetaNet(8, flow="sideways")
+    with pytest.raises(GradGraphError, match="component outputs need"):
+        GradMetaNet(8, num_component_layers=0, component_out_channels=1)
     with pytest.raises(GradGraphError, match="aggregations"):
         ComponentPool(["median"])
     with pytest.raises(GradGraphError, match="component states"):

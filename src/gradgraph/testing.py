@@ -80,7 +80,11 @@ def assert_equivariant(
     .. math::
         f(\pi \cdot G)_{\text{edge}} = \pi \cdot f(G)_{\text{edge}},\quad
         f(\pi \cdot G)_{\text{node}} = \pi \cdot f(G)_{\text{node}},\quad
-        f(\pi \cdot G)_{\text{graph}} = f(G)_{\text{graph}},\qquad f(\tau \cdot G) = f(G).
+        f(\pi \cdot G)_{\text{graph}} = f(G)_{\text{graph}},\quad
+        f(\pi \cdot G)_{\text{component}} = f(G)_{\text{component}},
+
+    and :math:`f(\tau \cdot G) = f(G)` for edge, node and graph outputs while component
+    outputs move with the components, :math:`f(\tau \cdot G)_{\text{component}} = \tau \cdot f(G)_{\text{component}}`.
 
     The model and the graphs are copied and cast to ``dtype`` (float64 by default) so
     that the tolerances can be tight; the model is put in eval mode.
@@ -128,6 +132,7 @@ def assert_equivariant(
                 ("edge", moved.edge, expected_edge),
                 ("node", moved.node, expected_node),
                 ("graph", moved.graph, reference.graph),
+                ("component", moved.component, reference.component),
             ):
                 errors["node permutation"] = max(errors["node permutation"], _compare(name, got, expected, atol, rtol, what))
             if check_components:
@@ -139,8 +144,14 @@ def assert_equivariant(
                     perm = torch.randperm(num_components, generator=generator)
                 shuffled = model(permute_components(batch, perm))
                 what = f"component permutation, trial {trial}"
-                for name in ("edge", "node", "graph"):
-                    error = _compare(name, getattr(shuffled, name), getattr(reference, name), atol, rtol, what)
+                expected_component = None if reference.component is None else reference.component[:, perm]
+                for name, got, expected in (
+                    ("edge", shuffled.edge, reference.edge),
+                    ("node", shuffled.node, reference.node),
+                    ("graph", shuffled.graph, reference.graph),
+                    ("component", shuffled.component, expected_component),
+                ):
+                    error = _compare(name, got, expected, atol, rtol, what)
                     errors["component permutation"] = max(errors["component permutation"], error)
     if not check_components:
         del errors["component permutation"]

@@ -10,6 +10,7 @@ One concept a file, as in ``torch_geometric.nn.conv``:
 - :class:`PositionalEncoding` — layer / kind / fixed-neuron index embeddings.
 - :class:`EdgeProductDecoder` — one output per weight and per bias.
 - :class:`InvariantReadout` — one output per graph.
+- :class:`ComponentReadout` — one output per graph and component.
 - :class:`GradMetaNet` — the model built from them; :func:`outputs_to_parameters`.
 """
 
@@ -17,6 +18,7 @@ from gradgraph.nn.output import GradMetaNetOutput
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import GradGraphConv
 from gradgraph.nn.component_conv import ComponentConv
+from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.node_conv import NodeConv
 from gradgraph.nn.pool import ComponentPool
 from gradgraph.nn.encoding import PositionalEncoding
@@ -28,6 +30,7 @@ from gradgraph.nn.canonical import ScaleEquivariant
 __all__ = [
     "ComponentConv",
     "ComponentPool",
+    "ComponentReadout",
     "EdgeProductDecoder",
     "GradGraphConv",
     "GradMetaNet",

@@ -149,7 +149,7 @@ class ScaleEquivariant(nn.Module):
             raise GradGraphError(
                 "ScaleEquivariant: the wrapped model returned a graph output but no graph rule was declared"
             )
-        return GradMetaNetOutput(edge=edge, node=node, graph=output.graph)
+        return GradMetaNetOutput(edge=edge, node=node, graph=output.graph, component=output.component)
 
     def _map_back(
         self,

@@ -36,8 +36,14 @@ class ComponentConv(GradGraphConv):
     features (weight value, edge kind). Every term is equivariant to permutations of
     hidden neurons and of components; the cost is :math:`O((N + E) \cdot B \cdot C')`.
 
+    With ``edge_messages=False`` the two edge terms are dropped: exactly the paper's
+    :math:`L_{\Gamma_b}`, cost :math:`O(N \cdot B \cdot C')` — useful when ``E \gg N`` and
+    connectivity can enter later through node layers and the decoder.
+
     Args:
         in_channels, out_channels, edge_dim, flow, aggr: see :class:`GradGraphConv`.
+        edge_messages: keep the per-component messages along the edges (see
+            :class:`GradGraphConv`).
 
     Shapes:
         - **input:** ``h [N, B, C]``, a :class:`GraphContext`
@@ -59,15 +65,11 @@ class ComponentConv(GradGraphConv):
         set_mean = h.mean(dim=1, keepdim=True)
         # The all-mean term is the graph mean of the set means (no second scatter over B).
         all_mean = self.group_means_of_set(set_mean, context)
-        return (
-            self.lin_self(h)
-            + self.lin_set(set_mean)
-            + self.propagate_both(h, context)
-            + self.group_means(h, context)
-            + all_mean
-        )
+        out = self.lin_self(h) + self.lin_set(set_mean) + self.group_means(h, context) + all_mean
+        return out + self.propagate_both(h, context) if self.edge_messages else out
 
     def group_means_of_set(self, set_mean: Tensor, context: GraphContext) -> Tensor:
         """:math:`\\Theta_{\\text{all}}` times the per-graph mean of ``set_mean [N, 1, C]``."""
         graph_mean = scatter(set_mean, context.node_batch, dim=0, dim_size=context.num_graphs, reduce="mean")
         return self.lin_all(graph_mean)[context.node_batch]
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch_geometric.nn import Linear, MessagePassing
 from torch_geometric.utils import scatter
@@ -54,6 +55,8 @@ class GradGraphConv(MessagePassing):
         edge_dim: ``D`` of ``context.edge_features``.
         flow: ``"both"`` (messages along and against every edge) or ``"forward"``.
         aggr: aggregation over neighbours (``"mean"``, ``"sum"``, ``"max"``, ...).
+        edge_messages: ``False`` drops both edge terms (and their parameters), leaving a
+            DeepSets-style layer over each graph's neurons.
 
     Shapes:
         - **input:** ``h [N, C]`` or ``[N, B, C]``, a :class:`GraphContext`
@@ -68,6 +71,7 @@ class GradGraphConv(MessagePassing):
         *,
         flow: str = "both",
         aggr: str = "mean",
+        edge_messages: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(aggr=aggr, node_dim=0, **kwargs)
@@ -77,10 +81,12 @@ class GradGraphConv(MessagePassing):
         self.out_channels = out_channels
         self.edge_dim = edge_dim
         self.direction = flow
+        self.edge_messages = edge_messages
         self.lin_self = Linear(in_channels, out_channels)
-        self.lin_forward = Linear(in_channels, out_channels, bias=False)
-        self.gate_forward = Linear(edge_dim, out_channels)
-        if flow == "both":
+        if edge_messages:
+            self.lin_forward = Linear(in_channels, out_channels, bias=False)
+            self.gate_forward = Linear(edge_dim, out_channels)
+        if edge_messages and flow == "both":
             self.lin_backward = Linear(in_channels, out_channels, bias=False)
             self.gate_backward = Linear(edge_dim, out_channels)
         self.lin_layer = Linear(in_channels, out_channels, bias=False)
@@ -108,6 +114,8 @@ class GradGraphConv(MessagePassing):
 
     def propagate_both(self, h: Tensor, context: GraphContext) -> Tensor:
         """The two edge terms of the equation: forward messages plus (with ``flow="both"``) backward ones."""
+        if not self.edge_messages:
+            return torch.zeros((*h.shape[:-1], self.out_channels), dtype=h.dtype, device=h.device)
         out = self._propagate_direction("forward", self.lin_forward(h), self.gate_forward(context.edge_features), context)
         if self.direction == "both":
             out = out + self._propagate_direction(
@@ -147,10 +155,11 @@ class GradGraphConv(MessagePassing):
     def forward(self, h: Tensor, context: GraphContext) -> Tensor:
         """Apply the layer's equation (see the class docstring) to ``h [N, (B,) C]``."""
         self._check(h, context)
-        return self.lin_self(h) + self.propagate_both(h, context) + self.group_means(h, context)
+        out = self.lin_self(h) + self.group_means(h, context)
+        return out + self.propagate_both(h, context) if self.edge_messages else out
 
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}, "
-            f"flow={self.direction!r}, aggr={self.aggr!r})"
+            f"flow={self.direction!r}, aggr={self.aggr!r}, edge_messages={self.edge_messages})"
         )

@@ -12,6 +12,7 @@ from torch_geometric.nn import Linear
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.nn.component_conv import ComponentConv
+from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import FLOWS, GradGraphConv
 from gradgraph.nn.decoder import EdgeProductDecoder
@@ -44,7 +45,8 @@ class GradMetaNet(nn.Module):
        embedding: ``h [N, C]``.
     4. ``num_node_layers`` residual :class:`NodeConv` layers on ``h``.
     5. :class:`EdgeProductDecoder` (one output per weight and per bias, using ``h`` and
-       the last ``z``) and :class:`InvariantReadout` (one output per graph).
+       the last ``z``), :class:`InvariantReadout` (one output per graph) and
+       :class:`ComponentReadout` (one output per graph and component, from the last ``z``).
 
     Every stage is equivariant to hidden-neuron permutations and invariant to the order of
     the components, so per-edge/per-node outputs move with the neurons and graph outputs do
@@ -59,8 +61,9 @@ class GradMetaNet(nn.Module):
             grows as :math:`(N+E) \cdot B \cdot C_z`, so keep it modest for large ``B``.
         num_component_layers: ``K`` (0 skips the component stage).
         num_node_layers: ``M``.
-        edge_out_channels, node_out_channels, graph_out_channels: output widths; 0 drops
-            that output (it is returned as ``None``).
+        edge_out_channels, node_out_channels, graph_out_channels, component_out_channels:
+            output widths; 0 drops that output (it is returned as ``None``). Component
+            outputs need ``num_component_layers >= 1``.
         flow: ``"both"`` (messages along and against each edge) or ``"forward"``.
         aggr: neighbour aggregation of the message layers.
         pool_aggregations: aggregations of :class:`ComponentPool`.
@@ -72,7 +75,7 @@ class GradMetaNet(nn.Module):
     Shapes:
         - **input:** a :class:`~gradgraph.GradGraph` or a ``Batch`` of them (shared ``B``)
         - **output:** :class:`GradMetaNetOutput` with ``edge [E, k_e]``, ``node [N, k_n]``,
-          ``graph [G, k_g]``
+          ``graph [G, k_g]``, ``component [G, B, k_c]``
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class GradMetaNet(nn.Module):
         edge_out_channels: int = 1,
         node_out_channels: int = 1,
         graph_out_channels: int = 0,
+        component_out_channels: int = 0,
         flow: str = "both",
         aggr: str = "mean",
         pool_aggregations: Sequence[str] = ("mean", "std"),
@@ -97,8 +101,11 @@ class GradMetaNet(nn.Module):
         super().__init__()
         if flow not in FLOWS:
             raise GradGraphError(f"GradMetaNet: flow must be one of {FLOWS}, got {flow!r}")
-        if min(num_component_layers, num_node_layers, edge_out_channels, node_out_channels, graph_out_channels) < 0:
+        sizes = (num_component_layers, num_node_layers, edge_out_channels, node_out_channels)
+        if min(*sizes, graph_out_channels, component_out_channels) < 0:
             raise GradGraphError("GradMetaNet: layer counts and output widths must be >= 0")
+        if component_out_channels and not num_component_layers:
+            raise GradGraphError("GradMetaNet: component outputs need num_component_layers >= 1")
         self.hidden_channels = hidden_channels
         self.component_channels = component_channels or hidden_channels
         self.num_component_layers = num_component_layers
@@ -134,6 +141,9 @@ class GradMetaNet(nn.Module):
         self.edge_out_channels = edge_out_channels
         self.node_out_channels = node_out_channels
         self.readout = InvariantReadout(channels, graph_out_channels) if graph_out_channels else None
+        self.component_readout = (
+            ComponentReadout(component_channels, component_out_channels) if component_out_channels else None
+        )
 
     def reset_parameters(self) -> None:
         """Re-initialise every learnable parameter."""
@@ -169,14 +179,18 @@ class GradMetaNet(nn.Module):
             edge = edge[:, : self.edge_out_channels] if self.edge_out_channels else None
             node = node[:, : self.node_out_channels] if self.node_out_channels else None
         graph_out = self.readout(h, context.node_batch, context.num_graphs) if self.readout is not None else None
-        return GradMetaNetOutput(edge=edge, node=node, graph=graph_out)
+        component_out = None
+        if self.component_readout is not None:
+            component_out = self.component_readout(z, context.node_batch, context.num_graphs)
+        return GradMetaNetOutput(edge=edge, node=node, graph=graph_out, component=component_out)
 
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(hidden={self.hidden_channels}, component={self.component_channels}, "
             f"component_layers={self.num_component_layers}, node_layers={self.num_node_layers}, "
             f"flow={self.flow!r}, out=(edge={self.edge_out_channels}, node={self.node_out_channels}, "
-            f"graph={self.readout.out_channels if self.readout is not None else 0}))"
+            f"graph={self.readout.out_channels if self.readout is not None else 0}, "
+            f"component={self.component_readout.out_channels if self.component_readout is not None else 0}))"
         )
 
 

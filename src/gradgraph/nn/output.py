@@ -12,15 +12,19 @@ __all__ = ["GradMetaNetOutput"]
 class GradMetaNetOutput(NamedTuple):
     """Outputs of a model on a :class:`~gradgraph.GradGraph` or a batch of them.
 
-    Any of the three may be ``None`` when the model has no such head.
+    Any of them may be ``None`` when the model has no such head.
 
     Attributes:
         edge: ``[E, k_edge]`` one row per edge (weight), in the graph's edge order; write
             it into weight space with ``graph.to_parameters(edge, node)``.
         node: ``[N, k_node]`` one row per node (neuron / bias slot).
         graph: ``[num_graphs, k_graph]`` one row per graph; invariant outputs.
+        component: ``[num_graphs, B, k_component]`` one row per graph and component
+            (datapoint or token), e.g. weights of the datapoints; invariant to neuron
+            permutations, permuted with the components.
     """
 
     edge: Tensor | None
     node: Tensor | None
     graph: Tensor | None
+    component: Tensor | None = None
