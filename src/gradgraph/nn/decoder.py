@@ -92,7 +92,9 @@ class EdgeProductDecoder(nn.Module):
                 f"got {list(h.shape)}"
             )
         src, dst = context.edge_index
-        edge = self.edge_mlp(torch.cat([h[src], h[dst], context.edge_features], dim=-1))
+        # index_select rather than h[src]: its backward is an index_add, not a slower index_put.
+        endpoints = [h.index_select(0, src), h.index_select(0, dst)]
+        edge = self.edge_mlp(torch.cat([*endpoints, context.edge_features], dim=-1))
         node = self.node_mlp(h)
         if self.component_channels is not None:
             if z is None or z.dim() != 3 or z.shape[0] != context.num_nodes or z.shape[2] != self.component_channels:

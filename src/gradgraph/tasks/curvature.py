@@ -43,6 +43,7 @@ import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from torch_geometric.data import Batch
 from gradgraph.data.curvature import CurvatureData, GraphBatcher, SirenZooConfig, load_curvature_data
 from gradgraph.data.siren_zoo import standard_estimate
 from gradgraph.errors import GradGraphError
-from gradgraph.nn import ComponentConv, GradMetaNet, GraphContext
+from gradgraph.nn import ComponentConv, GradMetaNet
 from gradgraph.tasks.training import FitResult, TrainConfig, evaluate, fit
 
 __all__ = [
@@ -262,11 +263,14 @@ class ModelConfig:
         product_channels: channels of GradMetaNet's component-wise product decoder.
         mlp_hidden: width of the per-parameter MLP on concatenated gradients.
         mlp_layers: hidden layers of that MLP.
+        reweight_datapoints: GradMetaNet also outputs one weight per datapoint (a softmax
+            over its component outputs, one column per parameter tensor) and the prediction
+            starts from the reweighted estimator ``sum_i w_i g_i²`` instead of ``mean_i g_i²``.
         component_edge_messages: whether GradMetaNet's component layers also pass
             per-component messages along the weights (``ComponentConv``'s edge terms, cost
             ``O(E·B·C)``). Off by default: the paper's ``L_Γb`` has only the set/neuron
             interactions (cost ``O(N·B·C)``), and on a 2-core CPU the edge terms make a
-            step ~15x slower (see :class:`SetComponentConv`).
+            step several times slower.
         max_log_correction: ``|γ·r|`` is clipped to this (keeps ``exp`` finite early on).
     """
 
@@ -277,36 +281,9 @@ class ModelConfig:
     product_channels: int = 4
     mlp_hidden: int = 32
     mlp_layers: int = 2
+    reweight_datapoints: bool = True
     component_edge_messages: bool = False
     max_log_correction: float = 5.0
-
-
-class SetComponentConv(ComponentConv):
-    r"""GradMetaNet's "interactions across sets" layer :math:`L_{\Gamma_b}` exactly as in the
-    paper: :class:`~gradgraph.nn.ComponentConv` without its two per-component edge terms,
-
-    .. math::
-        h'_{n,i} = \Theta_{\text{self}} h_{n,i} + \Theta_{\text{set}} \operatorname{mean}_{i'} h_{n,i'}
-                 + \Theta_{\text{layer}} \operatorname{mean}_{m \in \ell(n)} h_{m,i}
-                 + \Theta_{\text{graph}} \operatorname{mean}_{m \in G(n)} h_{m,i}
-                 + \Theta_{\text{all}} \operatorname{mean}_{m, i'} h_{m,i'}
-
-    Cost ``O(N·B·C)`` instead of ``O((N + E)·B·C)``; connectivity still enters through the
-    node layers and the edge-product decoder. Built through GradMetaNet's documented
-    ``component_layer`` factory; the unused edge-gate parameters of the base class stay
-    untouched (they get no gradient).
-
-    Shapes: ``h [N, B, C] -> [N, B, C']``.
-    """
-
-    def forward(self, h: Tensor, context: GraphContext) -> Tensor:
-        if h.dim() != 3:
-            raise GradGraphError(f"SetComponentConv: states must have shape [N, B, C]; got {list(h.shape)}")
-        self._check(h, context)
-        set_mean = h.mean(dim=1, keepdim=True)
-        return self.lin_self(h) + self.lin_set(set_mean) + self.group_means(h, context) + self.group_means_of_set(
-            set_mean, context
-        )
 
 
 class StandardEstimator(nn.Module):
@@ -339,7 +316,7 @@ class GradMetaNetEstimator(nn.Module):
     Shapes: ``batch -> [G, P]``.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, num_param_kinds: int) -> None:
         super().__init__()
         self.net = GradMetaNet(
             config.hidden_channels,
@@ -347,15 +324,37 @@ class GradMetaNetEstimator(nn.Module):
             num_component_layers=config.num_component_layers,
             num_node_layers=config.num_node_layers,
             product_channels=config.product_channels,
-            component_layer=ComponentConv if config.component_edge_messages else SetComponentConv,
+            component_layer=partial(ComponentConv, edge_messages=config.component_edge_messages),
+            component_out_channels=num_param_kinds if config.reweight_datapoints else 0,
         )
+        if config.reweight_datapoints:
+            # Zero scores give uniform weights: training starts at the standard estimator.
+            last = self.net.component_readout.mlp.lins[-1]
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
         self.correction = _Correction(config.max_log_correction)
 
     def forward(self, batch: CurvatureBatch) -> Tensor:
         act, grad, log_scales = normalised_factors(batch)
         edge_ratio, _ = _split(log_standard_ratio(batch), batch.source.num_edges)
         graphs = batch.graphs(act, grad, extra_x=log_scales, extra_edge_attr=edge_ratio[..., None])
-        return self.correction(batch.standard, _per_parameter(self.net(graphs), batch))
+        output = self.net(graphs)
+        base = batch.standard
+        if output.component is not None:
+            base = reweighted_estimate(batch, output.component.softmax(dim=1))
+        return self.correction(base, _per_parameter(output, batch))
+
+
+def reweighted_estimate(batch: CurvatureBatch, weights: Tensor) -> Tensor:
+    """``[G, P]`` ``sum_i w[g, i, kind(θ)] (∂f(x_i)/∂θ)²``: the standard estimator with learned datapoint weights.
+
+    Args:
+        batch: the networks.
+        weights: ``[G, B, K]`` datapoint weights for each of the ``K`` parameter tensors
+            (weights and biases of each layer); each column sums to 1 over ``B``.
+    """
+    per_sample = batch.per_sample_grads().square()  # [G, P, B]
+    return (per_sample * weights[:, :, batch.source.param_kind].transpose(1, 2)).sum(dim=-1)
 
 
 class AverageGradientGMN(nn.Module):
@@ -451,7 +450,7 @@ def build_model(name: str, source: CurvatureSource, config: ModelConfig) -> nn.M
     if name == "standard":
         return StandardEstimator()
     if name == "gradmetanet":
-        return GradMetaNetEstimator(config)
+        return GradMetaNetEstimator(config, source.num_param_kinds)
     if name == "gmn_average":
         return AverageGradientGMN(config)
     if name == "gmn_collapsed":
