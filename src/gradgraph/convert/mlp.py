@@ -282,11 +282,14 @@ def convert_mlp(
             acts.append(recorded.values[f"{layers[index + 1].name}:input"])
         else:
             acts.append(recorded.output.reshape(num_datapoints, -1))
-    for index, (act, grad) in enumerate(zip(acts, grads)):
-        where = "input" if index == 0 else f"'{layers[index - 1].name}' output"
-        check_finite(f"activation of the {where} neurons", act)
-        check_finite(f"backpropagated signal of the {where} neurons", grad)
-    return build_mlp_graph(model, layers, torch.cat(acts, 1).T.contiguous(), torch.cat(grads, 1).T.contiguous())
+    act, grad = torch.cat(acts, 1).T.contiguous(), torch.cat(grads, 1).T.contiguous()
+    # One check over all factors; only on failure look layer by layer to name the culprit.
+    if not (torch.isfinite(act).all() and torch.isfinite(grad).all()):
+        for index, (layer_act, layer_grad) in enumerate(zip(acts, grads)):
+            where = "input" if index == 0 else f"'{layers[index - 1].name}' output"
+            check_finite(f"activation of the {where} neurons", layer_act)
+            check_finite(f"backpropagated signal of the {where} neurons", layer_grad)
+    return build_mlp_graph(model, layers, act, grad)
 
 
 def build_mlp_graph(model: nn.Module, layers: list[DenseLayer], act: Tensor, grad: Tensor) -> GradGraph:

@@ -1,0 +1,25 @@
+"""Each benchmark script runs end to end on tiny sizes and prints its table (no timing checks)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script", ["capture.py", "metanet.py", "scatter.py"])
+def test_benchmark_script_runs_quick(script: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCHMARKS.parent,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table_lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert len(table_lines) >= 3, result.stdout  # header, separator, at least one row
