@@ -181,7 +181,8 @@ class GradMetaNet(nn.Module):
         graph_out = self.readout(h, context.node_batch, context.num_graphs) if self.readout is not None else None
         component_out = None
         if self.component_readout is not None:
-            component_out = self.component_readout(z, context.node_batch, context.num_graphs)
+            fixed = graph.perm_group < 0
+            component_out = self.component_readout(z, context.node_batch, context.num_graphs, fixed)
         return GradMetaNetOutput(edge=edge, node=node, graph=graph_out, component=component_out)
 
     def __repr__(self) -> str:
