@@ -1,4 +1,4 @@
-"""Shared hypothesis strategies and model builders for the test suite."""
+"""Shared hypothesis strategies, model builders and graph comparisons for the test suite."""
 
 from __future__ import annotations
 
@@ -56,3 +56,21 @@ def mlp_specs(draw, max_depth: int = 5, max_width: int = 40, output_width: int |
     biases = [draw(st.booleans()) for _ in range(depth)]
     seed = draw(st.integers(0, 2**16))
     return widths, activations, biases, seed
+
+
+GRAPH_TENSORS = (
+    "x", "edge_index", "edge_attr", "act", "grad", "layer", "node_kind", "edge_kind", "activation", "perm_group",
+    "perm_block", "perm_tie", "position", "node_param", "node_param_pos", "edge_param", "edge_param_pos",
+    "component_sample",
+)
+
+
+def assert_same_graph(first, second, atol: float = 1e-12) -> None:
+    """Every tensor field of two GradGraphs agrees (floats to ``atol``, integers exactly)."""
+    for key in GRAPH_TENSORS:
+        a, b = first[key], second[key]
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            assert torch.equal(a, b), key
+    assert first.param_names == second.param_names and first.param_shapes == second.param_shapes

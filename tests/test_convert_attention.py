@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from strategies import assert_same_graph
 from torch.func import functional_call, grad, vmap
 
 import gradgraph
@@ -27,13 +28,6 @@ from gradgraph.symmetry import (
     random_transformer_permutation,
     transformer_node_permutation,
 )
-
-GRAPH_TENSORS = (
-    "x", "edge_index", "edge_attr", "act", "grad", "layer", "node_kind", "edge_kind", "activation", "perm_group",
-    "perm_block", "perm_tie", "position", "node_param", "node_param_pos", "edge_param", "edge_param_pos",
-    "component_sample",
-)
-
 
 # ---------------------------------------------------------------------- helpers
 class Wrapped(nn.Module):
@@ -128,16 +122,6 @@ def reference_per_sample_grads(model, inputs, targets, batch_first, kwargs, per_
 
 def causal_mask(tokens: int) -> torch.Tensor:
     return nn.Transformer.generate_square_subsequent_mask(tokens, dtype=torch.float64)
-
-
-def assert_same_graph(first, second, atol=1e-12):
-    for key in GRAPH_TENSORS:
-        a, b = first[key], second[key]
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
-        else:
-            assert torch.equal(a, b), key
-    assert first.param_names == second.param_names and first.param_shapes == second.param_shapes
 
 
 def convert(model, inputs, targets, batch_first, kwargs=None):

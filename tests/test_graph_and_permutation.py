@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import build_mlp, mlp_specs
+from strategies import assert_same_graph, build_mlp, mlp_specs
 from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
@@ -23,12 +23,6 @@ from gradgraph.symmetry import (
     random_node_permutation,
 )
 
-GRAPH_TENSORS = (
-    "x", "edge_index", "edge_attr", "act", "grad", "layer", "node_kind", "edge_kind", "activation", "perm_group",
-    "position", "node_param", "node_param_pos", "edge_param", "edge_param_pos", "component_sample",
-)
-
-
 def output_graph(model: nn.Module, inputs: torch.Tensor) -> gradgraph.GradGraph:
     return gradgraph.to_graph(model, inputs)
 
@@ -38,16 +32,6 @@ def random_graph(widths, activations, biases, seed, batch=5):
     model = build_mlp(widths, activations, biases, seed=seed)
     inputs = torch.randn(batch, widths[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return model, inputs, gradgraph.to_graph(model, inputs)
-
-
-def assert_same_graph(first: gradgraph.GradGraph, second: gradgraph.GradGraph, atol: float = 1e-12) -> None:
-    for key in GRAPH_TENSORS:
-        a, b = first[key], second[key]
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
-        else:
-            assert torch.equal(a, b), key
-    assert first.param_names == second.param_names and first.param_shapes == second.param_shapes
 
 
 @settings(max_examples=30, deadline=None)
