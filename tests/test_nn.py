@@ -186,6 +186,26 @@ def test_outputs_have_documented_shapes_and_write_back_per_graph():
     assert no_heads.edge is None and no_heads.node is None and no_heads.graph.shape == (2, 1)
 
 
+def test_component_features_are_read_moved_and_checked():
+    graphs = [random_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=s)[3] for s in (13, 14)]
+    for graph in graphs:
+        graph.component_x = torch.randn(graph.num_nodes, graph.num_components, 3, dtype=torch.float64)
+    model = GradMetaNet(8, graph_out_channels=1, component_out_channels=1)
+    assert_equivariant(model, graphs)
+    out = model.double()(graphs[0])
+    changed = graphs[0].clone()
+    changed.component_x = torch.randn_like(changed.component_x)
+    assert not torch.allclose(model(changed).edge, out.edge)
+    changed.component_x = changed.component_x[:, :, :2]
+    with pytest.raises(RuntimeError):  # the lazy encoder was built for 2 + 3 input channels
+        model(changed)
+    changed.component_x = torch.zeros(3, 3, 3, dtype=torch.float64)
+    with pytest.raises(GradGraphError, match="component_x must have shape"):
+        model(changed)
+    with pytest.raises(GradGraphError, match="component_x"):
+        gradgraph.symmetry.rescale_nodes(graphs[0], torch.ones(graphs[0].num_nodes, dtype=torch.float64))
+
+
 def test_without_component_layers_the_model_never_reads_the_factors():
     graph = random_graph([3, 5, 2], ["relu", "none"], [True, True], seed=7)[3]
     model = GradMetaNet(8, num_component_layers=0).double()

@@ -16,6 +16,8 @@ field                 shape          meaning
 ``edge_attr``         ``[E, 1+K_e]`` weight value, then one-hot :class:`EdgeKind`
 ``x``                 ``[N, 1+K_n]`` bias value (0 where none), then one-hot :class:`NodeKind`
 ``act``, ``grad``     ``[N, B]``     rank-1 factors of every component
+``component_x``       ``[N, B, F]``  optional extra features per neuron and component (e.g.
+                                     normalised or averaged factors); moved like ``act``
 ``layer``             ``[N]``        depth of the neuron in the computation (inputs are 0)
 ``node_kind``         ``[N]``        :class:`NodeKind`
 ``edge_kind``         ``[E]``        :class:`EdgeKind`

@@ -37,8 +37,9 @@ def as_float64_batch(graphs: GradGraph | Batch | Sequence[GradGraph], dtype: tor
         if not graphs:
             raise GradGraphError("assert_equivariant: no graphs given")
         batch = Batch.from_data_list(graphs)
-    for key in FLOAT_KEYS:
-        setattr(batch, key, getattr(batch, key).to(dtype))
+    for key in FLOAT_KEYS + ("component_x",):
+        if getattr(batch, key, None) is not None:
+            setattr(batch, key, getattr(batch, key).to(dtype))
     return batch
 
 

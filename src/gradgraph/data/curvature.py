@@ -215,6 +215,7 @@ class GraphBatcher:
         *,
         extra_x: Tensor | None = None,
         extra_edge_attr: Tensor | None = None,
+        component_x: Tensor | None = None,
     ) -> Batch:
         """A batch of ``G`` graphs.
 
@@ -223,6 +224,7 @@ class GraphBatcher:
             weight: ``[G, E]``; bias: ``[G, N]``.
             extra_x: optional ``[G, N, F]`` features appended to ``x``.
             extra_edge_attr: optional ``[G, E, F]`` features appended to ``edge_attr``.
+            component_x: optional ``[G, N, B', F]`` per-component features (``component_x``).
 
         Returns:
             A PyG ``Batch`` with ``act``/``grad`` ``[G·N, B']``, ``x`` ``[G·N, F_n (+F)]``,
@@ -245,6 +247,8 @@ class GraphBatcher:
         batch.edge_attr = edge_attr.reshape(-1, edge_attr.shape[-1])
         batch.act = act.reshape(num_graphs * num_nodes, -1)
         batch.grad = grad.reshape(num_graphs * num_nodes, -1)
+        if component_x is not None:
+            batch.component_x = component_x.reshape(num_graphs * num_nodes, *component_x.shape[2:])
         return batch
 
 

@@ -37,8 +37,9 @@ class GradMetaNet(nn.Module):
                \circ L_{\text{Pool}} \circ (\sigma \circ L_{\text{comp}})^{\times K} \circ \text{encode}
 
     1. **encode**: per neuron :math:`n` and component :math:`i`,
-       :math:`z_{n,i} = \Theta_a [\mathrm{act}_{n,i}, \mathrm{grad}_{n,i}] + \Theta_x [x_n \Vert p_n]`
-       with :math:`p_n` the :class:`PositionalEncoding`; edge features
+       :math:`z_{n,i} = \Theta_a [\mathrm{act}_{n,i}, \mathrm{grad}_{n,i} \Vert c_{n,i}] + \Theta_x [x_n \Vert p_n]`
+       with :math:`p_n` the :class:`PositionalEncoding` and :math:`c` the graph's optional
+       ``component_x [N, B, F]`` (extra per-component features); edge features
        :math:`e = \Theta_e\, \mathrm{edge\_attr}`.
     2. ``num_component_layers`` residual :class:`ComponentConv` layers on ``z [N, B, C_z]``.
     3. :class:`ComponentPool` over components, projected to ``C`` and added to the node
@@ -118,7 +119,7 @@ class GradMetaNet(nn.Module):
         self.activation = nn.SiLU()
         self.component_layers = nn.ModuleList()
         if num_component_layers:
-            self.factor_encoder = Linear(2, component_channels)
+            self.factor_encoder = Linear(-1, component_channels)
             self.node_to_component = Linear(channels, component_channels, bias=False)
             self.component_layers.extend(
                 component_layer(component_channels, component_channels, channels, flow=flow, aggr=aggr)
@@ -152,12 +153,20 @@ class GradMetaNet(nn.Module):
                 module.reset_parameters()
 
     def encode_components(self, graph: GradGraph, node_embedding: Tensor) -> Tensor:
-        """``z [N, B, C_z]`` from the rank-1 factors and the node embedding."""
+        """``z [N, B, C_z]`` from the rank-1 factors (and ``component_x``) and the node embedding."""
         if graph.act.shape != graph.grad.shape or graph.act.dim() != 2:
             raise GradGraphError(
                 f"GradMetaNet: act and grad must both be [N, B]; got {list(graph.act.shape)} and {list(graph.grad.shape)}"
             )
         factors = torch.stack([graph.act, graph.grad], dim=-1)
+        extra = getattr(graph, "component_x", None)
+        if extra is not None:
+            if extra.dim() != 3 or extra.shape[:2] != graph.act.shape:
+                raise GradGraphError(
+                    f"GradMetaNet: component_x must have shape [N, B, F] = [{graph.act.shape[0]}, "
+                    f"{graph.act.shape[1]}, F]; got {list(extra.shape)}"
+                )
+            factors = torch.cat([factors, extra.to(factors.dtype)], dim=-1)
         return self.factor_encoder(factors) + self.node_to_component(node_embedding)[:, None, :]
 
     def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # Values that move with their node / edge; every other field describes the architecture.
-NODE_VALUE_KEYS = ("x", "act", "grad")
+NODE_VALUE_KEYS = ("x", "act", "grad", "component_x")
 EDGE_VALUE_KEYS = ("edge_attr",)
 # Labels a symmetry must preserve: a node may only move to a slot with the same labels.
 NODE_LABEL_KEYS = ("layer", "node_kind", "activation", "perm_group", "perm_tie")
@@ -129,7 +129,8 @@ def permute_nodes(graph: GradGraph, node_perm: Tensor) -> GradGraph:
             raise GradGraphError(f"permute_nodes: the permutation moves nodes across different '{key}' values")
     result = graph.clone()
     for key in NODE_VALUE_KEYS:
-        setattr(result, key, move_values(getattr(graph, key), node_perm))
+        if getattr(graph, key, None) is not None:  # component_x is optional
+            setattr(result, key, move_values(getattr(graph, key), node_perm))
 
     destination = edge_permutation(graph, node_perm)
     for key in EDGE_VALUE_KEYS:
@@ -263,5 +264,7 @@ def permute_components(graph: GradGraph, perm: Tensor) -> GradGraph:
     result = graph.clone()
     result.act = graph.act[:, perm]
     result.grad = graph.grad[:, perm]
+    if getattr(graph, "component_x", None) is not None:
+        result.component_x = graph.component_x[:, perm]
     result.component_sample = graph.component_sample[..., perm]
     return result

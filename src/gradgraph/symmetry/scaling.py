@@ -227,6 +227,12 @@ def transform_nodes(graph: GradGraph, node_factors: Tensor) -> GradGraph:
 
 
 def _apply_factors(graph: GradGraph, node_factors: Tensor) -> GradGraph:
+    if getattr(graph, "component_x", None) is not None:
+        # Arbitrary extra features have no known scale action; moving them wrongly would be silent.
+        raise GradGraphError(
+            "cannot rescale or flip a graph with component_x: its features have no defined scale/sign "
+            "action; drop component_x (or transform it yourself) first"
+        )
     src, dst = graph.edge_index
     result = graph.clone()
     x = graph.x.clone()
