@@ -229,18 +229,6 @@ def normalised_factors(batch: CurvatureBatch) -> tuple[Tensor, Tensor, Tensor]:
     return batch.act / act_rms[..., None], batch.grad / grad_rms[..., None], log_scales
 
 
-def standardised_factors(batch: CurvatureBatch) -> Tensor:
-    """``[G, N, B, 2]`` every neuron's ``act`` and ``grad`` rows standardised over the components.
-
-    ``(v - mean_i v) / std_i v`` per neuron: where a datapoint sits in its set (for the
-    input neuron, the standardised input itself), which RMS-normalised factors do not say
-    linearly. A per-neuron, set-symmetric map, so it commutes with both permutations.
-    """
-    factors = torch.stack([batch.act, batch.grad], dim=-1)
-    centred = factors - factors.mean(dim=2, keepdim=True)
-    return centred / centred.square().mean(dim=2, keepdim=True).sqrt().clamp_min(1e-12)
-
-
 def log_standard_ratio(batch: CurvatureBatch) -> Tensor:
     """``[G, P]`` ``log(standard / (ms(act_src) · ms(grad_dst)))`` (biases: ``log 1 = 0``).
 
@@ -323,8 +311,7 @@ class _Correction(nn.Module):
 class GradMetaNetEstimator(nn.Module):
     """GradMetaNet on the normalised factors, as a correction of the standard estimator.
 
-    Graph input: ``act``/``grad`` rows normalised per neuron (:func:`normalised_factors`),
-    plus the rows standardised per neuron as ``component_x`` (:func:`standardised_factors`);
+    Graph input: ``act``/``grad`` rows normalised per neuron (:func:`normalised_factors`);
     extra node features: the two log-scales; extra edge features: :func:`log_standard_ratio`.
     Output: the per-edge and per-node channel 0 is ``r``.
 
@@ -352,9 +339,7 @@ class GradMetaNetEstimator(nn.Module):
     def forward(self, batch: CurvatureBatch) -> Tensor:
         act, grad, log_scales = normalised_factors(batch)
         edge_ratio, _ = _split(log_standard_ratio(batch), batch.source.num_edges)
-        graphs = batch.graphs(
-            act, grad, extra_x=log_scales, extra_edge_attr=edge_ratio[..., None], component_x=standardised_factors(batch)
-        )
+        graphs = batch.graphs(act, grad, extra_x=log_scales, extra_edge_attr=edge_ratio[..., None])
         output = self.net(graphs)
         base = batch.standard
         if output.component is not None:
