@@ -11,6 +11,7 @@ One concept a file, as in ``torch_geometric.nn.conv``:
 - :class:`EdgeProductDecoder` — one output per weight and per bias.
 - :class:`InvariantReadout` — one output per graph.
 - :class:`ComponentReadout` — one output per graph and component.
+- :class:`ComponentDensity` — a learned kernel density over each graph's components.
 - :class:`GradMetaNet` — the model built from them; :func:`outputs_to_parameters`.
 """
 
@@ -18,6 +19,7 @@ from gradgraph.nn.output import GradMetaNetOutput
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import GradGraphConv
 from gradgraph.nn.component_conv import ComponentConv
+from gradgraph.nn.density import ComponentDensity
 from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.node_conv import NodeConv
 from gradgraph.nn.pool import ComponentPool
@@ -29,6 +31,7 @@ from gradgraph.nn.canonical import ScaleEquivariant
 
 __all__ = [
     "ComponentConv",
+    "ComponentDensity",
     "ComponentPool",
     "ComponentReadout",
     "EdgeProductDecoder",

@@ -8,6 +8,7 @@ from torch_geometric.nn import MLP
 from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
+from gradgraph.nn.density import ComponentDensity
 
 __all__ = ["ComponentReadout"]
 
@@ -27,25 +28,46 @@ class ComponentReadout(nn.Module):
     states ``z`` already mix information across the set). A softmax of ``y`` over ``i``
     gives datapoint weights, e.g. to reweight per-sample statistics.
 
+    With ``density_heads > 0`` the pooled vector :math:`u_{G,i}` (the bracket above) is
+    extended by :class:`ComponentDensity` of the set :math:`\{u_{G,j}\}_j` before the MLP,
+    so the output can depend on how crowded component :math:`i` is among its graph's
+    components — which a mean over the set cannot express.
+
     Args:
         in_channels: ``C_z`` of the per-component states.
         out_channels: ``k``.
         hidden_channels: MLP width (defaults to ``in_channels``).
+        density_heads: heads of the optional :class:`ComponentDensity` (0: none).
+        density_head_channels: its embedding dimension per head.
 
     Shapes:
         - **input:** ``z [N, B, C_z]``, ``batch [N]``, ``num_graphs``, ``fixed [N]`` bool
         - **output:** ``[num_graphs, B, k]``
     """
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int | None = None,
+        *,
+        density_heads: int = 0,
+        density_head_channels: int = 2,
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.mlp = MLP([3 * in_channels, hidden_channels or in_channels, out_channels], norm=None)
+        self.density = (
+            ComponentDensity(3 * in_channels, density_heads, density_head_channels) if density_heads > 0 else None
+        )
+        mlp_in = 3 * in_channels + (self.density.out_channels if self.density is not None else 0)
+        self.mlp = MLP([mlp_in, hidden_channels or in_channels, out_channels], norm=None)
 
     def reset_parameters(self) -> None:
-        """Re-initialise the MLP."""
+        """Re-initialise the MLP (and the density estimator)."""
         self.mlp.reset_parameters()
+        if self.density is not None:
+            self.density.reset_parameters()
 
     def forward(self, z: Tensor, batch: Tensor, num_graphs: int, fixed: Tensor) -> Tensor:
         if z.dim() != 3 or z.shape[-1] != self.in_channels or batch.shape != z.shape[:1] or fixed.shape != z.shape[:1]:
@@ -57,7 +79,11 @@ class ComponentReadout(nn.Module):
         maximum = scatter(z, batch, dim=0, dim_size=num_graphs, reduce="max")
         # Graphs without fixed neurons get zeros here (scatter of nothing).
         fixed_mean = scatter(z[fixed], batch[fixed], dim=0, dim_size=num_graphs, reduce="mean")
-        return self.mlp(torch.cat([mean, maximum, fixed_mean], dim=-1))
+        pooled = torch.cat([mean, maximum, fixed_mean], dim=-1)
+        if self.density is not None:
+            pooled = torch.cat([pooled, self.density(pooled)], dim=-1)
+        return self.mlp(pooled)
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels})"
+        density = f", density_heads={self.density.heads}" if self.density is not None else ""
+        return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}{density})"

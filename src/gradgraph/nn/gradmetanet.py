@@ -65,6 +65,9 @@ class GradMetaNet(nn.Module):
         edge_out_channels, node_out_channels, graph_out_channels, component_out_channels:
             output widths; 0 drops that output (it is returned as ``None``). Component
             outputs need ``num_component_layers >= 1``.
+        component_density_heads: heads of the :class:`ComponentDensity` inside the
+            component readout (0: none): lets component outputs depend on how crowded each
+            component is among its graph's components, not only on set means.
         flow: ``"both"`` (messages along and against each edge) or ``"forward"``.
         aggr: neighbour aggregation of the message layers.
         pool_aggregations: aggregations of :class:`ComponentPool`.
@@ -90,6 +93,7 @@ class GradMetaNet(nn.Module):
         node_out_channels: int = 1,
         graph_out_channels: int = 0,
         component_out_channels: int = 0,
+        component_density_heads: int = 0,
         flow: str = "both",
         aggr: str = "mean",
         pool_aggregations: Sequence[str] = ("mean", "std"),
@@ -143,7 +147,14 @@ class GradMetaNet(nn.Module):
         self.node_out_channels = node_out_channels
         self.readout = InvariantReadout(channels, graph_out_channels) if graph_out_channels else None
         self.component_readout = (
-            ComponentReadout(component_channels, component_out_channels) if component_out_channels else None
+            ComponentReadout(
+                component_channels,
+                component_out_channels,
+                hidden_channels if component_density_heads else None,
+                density_heads=component_density_heads,
+            )
+            if component_out_channels
+            else None
         )
 
     def reset_parameters(self) -> None:

@@ -1,0 +1,98 @@
+"""`ComponentDensity`: how crowded each component is among the components of its graph."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import Linear
+
+from gradgraph.errors import GradGraphError
+
+__all__ = ["ComponentDensity"]
+
+
+class ComponentDensity(nn.Module):
+    r"""A learned kernel density estimate over the set of components of each graph.
+
+    .. math::
+        e_{G,i} = \operatorname{standardise}_{j \in G}\big(\Theta\, u_{G,j}\big)_i
+                  \in \mathbb{R}^{H \times d}, \qquad
+        \rho_{G,i,h} = \log \frac{1}{B} \sum_{j=1}^{B}
+                  \exp\Big(-\frac{\lVert e_{G,i,h} - e_{G,j,h} \rVert^2}{2 \beta_h^2}\Big)
+
+    output :math:`[e_{G,i} \Vert \rho_{G,i}]`. ``standardise`` subtracts the mean and divides
+    by the standard deviation over the ``B`` components of the graph, channel by channel, so
+    the learned bandwidths :math:`\beta_h` are relative to the spread of the set (as in
+    Silverman's rule) and one bandwidth serves narrow and wide sets alike.
+
+    Why: a mean over the set (all that :class:`ComponentConv` exchanges between components)
+    tells a component where the set is, not how many of its neighbours are close to it. The
+    pairwise term does: with datapoint weights :math:`\propto p(x_i) / \hat q(x_i)` — a target
+    density over a kernel estimate :math:`\hat q` of where the samples fell — a weighted mean
+    of per-sample statistics corrects for the sample's own clumping, which plain averaging
+    cannot (the curvature task of :mod:`gradgraph.tasks.curvature` measures the effect).
+
+    Equivariant to permutations of the components (every term is a symmetric function of the
+    set plus the component's own value) and, fed neuron-pooled states as
+    :class:`ComponentReadout` does, invariant to neuron permutations. Cost
+    :math:`O(G \cdot B^2 \cdot H d)`.
+
+    Args:
+        in_channels: ``F`` of the per-component input (``-1``: inferred on the first call).
+        heads: ``H``, independent embeddings and bandwidths.
+        head_channels: ``d``, dimension of each embedding.
+        bandwidth: initial :math:`\beta_h` (in standard deviations of the set).
+
+    Shapes:
+        - **input:** ``u [G, B, F]``
+        - **output:** ``[G, B, H·(d+1)]``
+    """
+
+    def __init__(self, in_channels: int, heads: int = 4, head_channels: int = 2, bandwidth: float = 0.3) -> None:
+        super().__init__()
+        if heads < 1 or head_channels < 1 or not bandwidth > 0:
+            raise GradGraphError(
+                f"ComponentDensity: heads and head_channels must be >= 1 and bandwidth > 0, "
+                f"got {heads}, {head_channels}, {bandwidth}"
+            )
+        self.in_channels = in_channels
+        self.heads = heads
+        self.head_channels = head_channels
+        self.initial_bandwidth = bandwidth
+        self.embed = Linear(in_channels, heads * head_channels)
+        self.log_bandwidth = nn.Parameter(torch.empty(heads))
+        self.reset_parameters()
+
+    @property
+    def out_channels(self) -> int:
+        """``H·(d+1)``."""
+        return self.heads * (self.head_channels + 1)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the embedding; bandwidths back to their initial value."""
+        self.embed.reset_parameters()
+        nn.init.constant_(self.log_bandwidth, math.log(self.initial_bandwidth))
+
+    def forward(self, u: Tensor) -> Tensor:
+        if u.dim() != 3 or (self.in_channels > 0 and u.shape[-1] != self.in_channels):
+            raise GradGraphError(
+                f"ComponentDensity: expected u [G, B, {self.in_channels if self.in_channels > 0 else 'F'}], "
+                f"got {list(u.shape)}"
+            )
+        num_graphs, num_components, _ = u.shape
+        embedded = self.embed(u)
+        mean = embedded.mean(dim=1, keepdim=True)
+        # The epsilon keeps a set of identical components (std 0) finite; it is tiny next to
+        # the spread of any real set.
+        std = (embedded - mean).square().mean(dim=1, keepdim=True).add(1e-6).sqrt()
+        standardised = (embedded - mean) / std
+        heads = standardised.view(num_graphs, num_components, self.heads, self.head_channels).transpose(1, 2)
+        squared_distance = (heads[:, :, :, None, :] - heads[:, :, None, :, :]).square().sum(dim=-1)  # [G, H, B, B]
+        scale = (2.0 * self.log_bandwidth).exp()[None, :, None, None]
+        log_density = torch.logsumexp(-squared_distance / (2.0 * scale), dim=-1) - math.log(num_components)
+        return torch.cat([standardised, log_density.transpose(1, 2)], dim=-1)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.in_channels}, heads={self.heads}, head_channels={self.head_channels})"
