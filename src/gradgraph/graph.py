@@ -48,6 +48,13 @@ The ``*_param*`` and ``position`` fields describe *slots* of the architecture; t
 symmetry actions move values (``x``, ``act``, ``grad``, ``edge_attr``) between slots and
 leave the slot description alone, so a permuted graph equals the graph of the permuted
 model tensor for tensor.
+
+Sharing: a converter may hand the *same* architecture-only tensors (``edge_index``,
+``edge_kind``, the ``*_param*`` fields, ``position``, ``layer``, ``node_kind``,
+``activation``, ``perm_*``) to every graph of one architecture; the MLP converter does,
+from a cache. Treat them as read-only (``clone()`` before writing into one in place). The
+values ``x``, ``edge_attr``, ``act``, ``grad`` (and ``component_x``) are never shared: every
+conversion returns fresh ones.
 """
 
 from __future__ import annotations

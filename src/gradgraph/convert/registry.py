@@ -122,6 +122,10 @@ def to_graph(
     Raises:
         UnsupportedModuleError: no converter handles the model, or part of it.
         GradGraphError: bad shapes, a bad loss, or non-finite factors.
+
+    Graphs of models with the same architecture may share their architecture-only tensors
+    (``edge_index``, slot maps, node labels; see :mod:`gradgraph.graph`), which are
+    read-only; values and factors are fresh for every call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
