@@ -30,6 +30,7 @@ def direct_density(module: ComponentDensity, u: torch.Tensor) -> torch.Tensor:
         standardised = (embedded - mean) / std
         out[graph, :, : heads * dim] = standardised
         for head in range(heads):
+            out[graph, :, heads * dim + head] = -0.5 * (standardised[:, head * dim : (head + 1) * dim] ** 2).sum(-1)
             bandwidth = math.exp(float(module.log_bandwidth[head]))
             columns = slice(head * dim, (head + 1) * dim)
             for i in range(num_components):
@@ -37,7 +38,7 @@ def direct_density(module: ComponentDensity, u: torch.Tensor) -> torch.Tensor:
                 for j in range(num_components):
                     distance = float(((standardised[i, columns] - standardised[j, columns]) ** 2).sum())
                     total += math.exp(-distance / (2 * bandwidth**2))
-                out[graph, i, heads * dim + head] = math.log(total / num_components)
+                out[graph, i, heads * (dim + 1) + head] = math.log(total / num_components)
     return out
 
 
@@ -118,6 +119,8 @@ def test_bad_configurations_and_shapes_raise_clear_errors():
         ComponentDensity(4, heads=0)
     with pytest.raises(GradGraphError, match="bandwidth"):
         ComponentDensity(4, bandwidth=0.0)
+    spread = ComponentDensity(4, heads=4).log_bandwidth.exp()
+    torch.testing.assert_close(spread, torch.tensor([0.1, 0.2, 0.4, 0.8]), rtol=1e-5, atol=0)
     with pytest.raises(GradGraphError, match=r"expected u \[G, B, 4\], got \[3, 4\]"):
         ComponentDensity(4)(torch.randn(3, 4))
     readout = ComponentReadout(4, 2, density_heads=2)

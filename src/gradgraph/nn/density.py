@@ -19,18 +19,23 @@ class ComponentDensity(nn.Module):
     .. math::
         e_{G,i} = \operatorname{standardise}_{j \in G}\big(\Theta\, u_{G,j}\big)_i
                   \in \mathbb{R}^{H \times d}, \qquad
+        \gamma_{G,i,h} = -\tfrac{1}{2} \lVert e_{G,i,h} \rVert^2, \qquad
         \rho_{G,i,h} = \log \frac{1}{B} \sum_{j=1}^{B}
                   \exp\Big(-\frac{\lVert e_{G,i,h} - e_{G,j,h} \rVert^2}{2 \beta_h^2}\Big)
 
-    output :math:`[e_{G,i} \Vert \rho_{G,i}]`. ``standardise`` subtracts the mean and divides
+    output :math:`[e_{G,i} \Vert \gamma_{G,i} \Vert \rho_{G,i}]`: per head the embedding,
+    its log-density under a Gaussian fit of the set (:math:`\gamma`, up to a constant) and
+    under a kernel estimate (:math:`\rho`). ``standardise`` subtracts the mean and divides
     by the standard deviation over the ``B`` components of the graph, channel by channel, so
     the learned bandwidths :math:`\beta_h` are relative to the spread of the set (as in
-    Silverman's rule) and one bandwidth serves narrow and wide sets alike.
+    Silverman's rule) and one bandwidth serves narrow and wide sets alike. The initial
+    bandwidths are spread over scales (``0.1 … 0.8`` by default).
 
     Why: a mean over the set (all that :class:`ComponentConv` exchanges between components)
     tells a component where the set is, not how many of its neighbours are close to it. The
     pairwise term does: with datapoint weights :math:`\propto p(x_i) / \hat q(x_i)` — a target
-    density over a kernel estimate :math:`\hat q` of where the samples fell — a weighted mean
+    density over a kernel estimate :math:`\hat q` of where the samples fell, i.e.
+    :math:`\exp(\gamma - \rho)` for a Gaussian target — a weighted mean
     of per-sample statistics corrects for the sample's own clumping, which plain averaging
     cannot (the curvature task of :mod:`gradgraph.tasks.curvature` measures the effect).
 
@@ -43,16 +48,19 @@ class ComponentDensity(nn.Module):
         in_channels: ``F`` of the per-component input (``-1``: inferred on the first call).
         heads: ``H``, independent embeddings and bandwidths.
         head_channels: ``d``, dimension of each embedding.
-        bandwidth: initial :math:`\beta_h` (in standard deviations of the set).
+        bandwidth: initial :math:`\beta_h` (in standard deviations of the set): one value
+            for every head, or ``None`` for a geometric spread from 0.1 to 0.8.
 
     Shapes:
         - **input:** ``u [G, B, F]``
-        - **output:** ``[G, B, H·(d+1)]``
+        - **output:** ``[G, B, H·(d+2)]``
     """
 
-    def __init__(self, in_channels: int, heads: int = 4, head_channels: int = 2, bandwidth: float = 0.3) -> None:
+    def __init__(
+        self, in_channels: int, heads: int = 4, head_channels: int = 2, bandwidth: float | None = None
+    ) -> None:
         super().__init__()
-        if heads < 1 or head_channels < 1 or not bandwidth > 0:
+        if heads < 1 or head_channels < 1 or (bandwidth is not None and not bandwidth > 0):
             raise GradGraphError(
                 f"ComponentDensity: heads and head_channels must be >= 1 and bandwidth > 0, "
                 f"got {heads}, {head_channels}, {bandwidth}"
@@ -67,13 +75,18 @@ class ComponentDensity(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        """``H·(d+1)``."""
-        return self.heads * (self.head_channels + 1)
+        """``H·(d+2)``."""
+        return self.heads * (self.head_channels + 2)
 
     def reset_parameters(self) -> None:
         """Re-initialise the embedding; bandwidths back to their initial value."""
         self.embed.reset_parameters()
-        nn.init.constant_(self.log_bandwidth, math.log(self.initial_bandwidth))
+        with torch.no_grad():
+            if self.initial_bandwidth is None:
+                self.log_bandwidth.copy_(torch.linspace(math.log(0.1), math.log(0.8), self.heads)
+                                         if self.heads > 1 else torch.full((1,), math.log(0.3)))
+            else:
+                self.log_bandwidth.fill_(math.log(self.initial_bandwidth))
 
     def forward(self, u: Tensor) -> Tensor:
         if u.dim() != 3 or (self.in_channels > 0 and u.shape[-1] != self.in_channels):
@@ -92,7 +105,8 @@ class ComponentDensity(nn.Module):
         squared_distance = (heads[:, :, :, None, :] - heads[:, :, None, :, :]).square().sum(dim=-1)  # [G, H, B, B]
         scale = (2.0 * self.log_bandwidth).exp()[None, :, None, None]
         log_density = torch.logsumexp(-squared_distance / (2.0 * scale), dim=-1) - math.log(num_components)
-        return torch.cat([standardised, log_density.transpose(1, 2)], dim=-1)
+        log_gaussian = -0.5 * heads.square().sum(dim=-1)  # [G, H, B]
+        return torch.cat([standardised, log_gaussian.transpose(1, 2), log_density.transpose(1, 2)], dim=-1)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.in_channels}, heads={self.heads}, head_channels={self.head_channels})"
