@@ -14,7 +14,17 @@ from gradgraph.data import InputFamily, SirenZooConfig, fisher_diagonal, load_cu
 from gradgraph.data.curvature import net_generator
 from gradgraph.data.siren_zoo import siren_graph, standard_estimate
 from gradgraph.errors import GradGraphError
-from gradgraph.tasks.curvature import CurvatureConfig, CurvatureSource, normalised_l2, preset, run_curvature
+from gradgraph.tasks.curvature import (
+    DETERMINISTIC_MODELS,
+    MODEL_NAMES,
+    CurvatureConfig,
+    CurvatureSource,
+    KernelImportanceEstimator,
+    normalised_l2,
+    preset,
+    reweighted_estimate,
+    run_curvature,
+)
 
 TINY_ZOO = SirenZooConfig(num_nets=7, hidden=(3, 2), num_inputs=5, num_target_points=9, shard_size=3)
 
@@ -139,15 +149,64 @@ def test_standard_estimator_error_is_the_metric_of_mean_squares(tmp_path):
     torch.testing.assert_close(error, manual)
 
 
+def test_reweighted_estimate_equals_weighting_every_per_sample_gradient(tmp_path):
+    """The sparse (no [G, P, B] tensor) path against the definition, values and gradients."""
+    data = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    source = CurvatureSource(data)
+    batch = source.batch(torch.tensor([4, 0, 2]))
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, TINY_ZOO.num_inputs, source.num_param_kinds, generator=generator, requires_grad=True)
+    weights = scores.softmax(dim=1)
+    per_sample = batch.per_sample_grads().square()  # [G, P, B]
+    direct = torch.stack(
+        [
+            torch.stack([(per_sample[g, p] * weights[g, :, source.param_kind[p]]).sum() for p in range(per_sample.shape[1])])
+            for g in range(3)
+        ]
+    )
+    fast = reweighted_estimate(batch, weights)
+    torch.testing.assert_close(fast, direct, rtol=1e-5, atol=1e-7)
+    cotangent = torch.randn(fast.shape, generator=generator)
+    (grad_fast,) = torch.autograd.grad(fast, scores, cotangent, retain_graph=True)
+    (grad_direct,) = torch.autograd.grad(direct, scores, cotangent)
+    torch.testing.assert_close(grad_fast, grad_direct, rtol=1e-5, atol=1e-7)
+    # Uniform weights give back the standard estimator.
+    uniform = torch.full_like(weights, 1.0 / TINY_ZOO.num_inputs)
+    torch.testing.assert_close(reweighted_estimate(batch, uniform), batch.standard, rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_importance_weights_follow_their_formula_and_ignore_datapoint_order(tmp_path):
+    data = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    source = CurvatureSource(data)
+    batch = source.batch(torch.arange(len(data)))
+    estimator = KernelImportanceEstimator(0.3)
+    weights = estimator.weights(batch)
+    x = data.act[:, 0, :].double()  # the single input neuron's act row is x
+    z = (x - x.mean(1, keepdim=True)) / x.std(1, unbiased=False, keepdim=True)
+    sample_density = torch.exp(-((z[:, :, None] - z[:, None, :]) ** 2) / (2 * 0.3**2)).mean(-1)
+    expected = torch.exp(-0.5 * z**2) / sample_density
+    torch.testing.assert_close(weights.double(), expected / expected.sum(1, keepdim=True), rtol=1e-5, atol=1e-7)
+    per_sample = batch.per_sample_grads().square()
+    torch.testing.assert_close(estimator(batch), (per_sample * weights[:, None, :]).sum(-1), rtol=1e-5, atol=1e-7)
+    order = torch.randperm(TINY_ZOO.num_inputs, generator=torch.Generator().manual_seed(1))
+    shuffled = source.batch(torch.arange(len(data)))
+    shuffled.act, shuffled.grad = batch.act[..., order], batch.grad[..., order]
+    torch.testing.assert_close(estimator(shuffled), estimator(batch), rtol=1e-5, atol=1e-7)
+    fitted = KernelImportanceEstimator.fitted(source)
+    errors = {h: float(normalised_l2(KernelImportanceEstimator(h)(batch), batch.target).mean())
+              for h in KernelImportanceEstimator.BANDWIDTHS}
+    assert errors[fitted.bandwidth] == min(errors.values())
+
+
 def test_pipeline_smoke_writes_results_and_reuses_the_cache(tmp_path, monkeypatch):
     config = replace(preset("tiny"), output_dir=tmp_path / "out", cache_root=tmp_path / "cache")
     results = run_curvature(config)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert (tmp_path / "out" / "curvature.png").stat().st_size > 0
-    assert set(written["models"]) == {"standard", "gradmetanet", "gmn_average", "mlp_concat", "gmn_collapsed"}
+    assert set(written["models"]) == set(MODEL_NAMES)
     for name, entry in written["models"].items():
         assert len(entry["test_errors"]) == 1 and entry["test_error_mean"] >= 0
-        if name != "standard":
+        if name not in DETERMINISTIC_MODELS:
             assert len(entry["histories"][0]) == config.train.epochs + 1
     assert written["models"]["standard"]["improvement_pct"] == 0.0
     assert results["models"]["gradmetanet"]["test_error_mean"] == written["models"]["gradmetanet"]["test_error_mean"]

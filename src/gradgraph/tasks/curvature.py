@@ -11,6 +11,9 @@ Models, all trained and tested on the same splits:
 
 ==================  =====================================================================
 ``standard``        ``mean_i (∂f(x_i)/∂θ)²`` — the standard estimator; no learning
+``kernel_importance`` hand-built reference, no learning: ``sum_i w_i (∂f(x_i)/∂θ)²`` with
+                    ``w_i ∝ N(x_i; x̄, s²) / q̂(x_i)``, ``q̂`` a Gaussian kernel density
+                    of the 128 inputs (bandwidth picked on the training networks)
 ``gradmetanet``     GradMetaNet on the factors (component layers, pooling, node layers,
                     component-wise product decoder)
 ``gmn_average``     GradMetaNet without component layers, fed only the *mean* gradient
@@ -55,30 +58,37 @@ from gradgraph.data.curvature import CurvatureData, GraphBatcher, SirenZooConfig
 from gradgraph.data.siren_zoo import standard_estimate
 from gradgraph.errors import GradGraphError
 from gradgraph.nn import ComponentConv, GradMetaNet
+from gradgraph.nn.sparse import ChannelBlockPattern, channel_sddmm
 from gradgraph.tasks.training import FitResult, TrainConfig, evaluate, fit
 
 __all__ = [
+    "DETERMINISTIC_MODELS",
     "MODEL_NAMES",
     "CurvatureBatch",
     "CurvatureConfig",
     "CurvatureSource",
+    "KernelImportanceEstimator",
     "ModelConfig",
     "build_model",
     "normalised_l2",
     "preset",
     "relative_squared_error",
     "results_table",
+    "reweighted_estimate",
     "run_curvature",
 ]
 
-MODEL_NAMES = ("standard", "gradmetanet", "gmn_average", "mlp_concat", "gmn_collapsed")
+MODEL_NAMES = ("standard", "kernel_importance", "gradmetanet", "gmn_average", "mlp_concat", "gmn_collapsed")
 MODEL_LABELS = {
     "standard": "standard estimator (mean of squares)",
+    "kernel_importance": "hand-built: Gaussian fit / kernel density weights",
     "gradmetanet": "GradMetaNet",
     "gmn_average": "GMN + average gradient",
     "mlp_concat": "MLP on concatenated gradients",
     "gmn_collapsed": "GMN, components as ordered channels",
 }
+#: Models without training randomness: run once, not once per seed.
+DETERMINISTIC_MODELS = ("standard", "kernel_importance")
 _TINY = 1e-30
 
 
@@ -157,6 +167,10 @@ class CurvatureSource:
         # models tell the six tensors of the SIREN apart without breaking permutation symmetry.
         self.param_kind = torch.cat([2 * (layer[dst] - 1), 2 * (layer[self.bias_nodes] - 1) + 1])
         self.num_param_kinds = int(self.param_kind.max()) + 1
+        self.input_nodes = torch.nonzero(layer == 0).reshape(-1)
+        # The kind of the weights *into* each node (input nodes: 0, never read).
+        self.node_edge_kind = (2 * (layer - 1)).clamp_min(0)
+        self._patterns: dict[int, ChannelBlockPattern] = {}
         standard_chunks = []
         for start in range(0, len(data), 256):
             edge, node = standard_estimate(data.act[start : start + 256], data.grad[start : start + 256], self.edge_index)
@@ -166,6 +180,13 @@ class CurvatureSource:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def sddmm_pattern(self, num_graphs: int) -> ChannelBlockPattern:
+        """The ``(src, dst)`` edge pattern with the ``num_graphs`` networks of a batch as channels (cached)."""
+        if num_graphs not in self._patterns:
+            src, dst = self.edge_index
+            self._patterns[num_graphs] = ChannelBlockPattern.build(src, dst, int(self.data.act.shape[1]), num_graphs)
+        return self._patterns[num_graphs]
 
     def batch(self, index: Tensor) -> CurvatureBatch:
         """The networks at ``index`` (``[G]`` long) as one batch."""
@@ -268,6 +289,9 @@ class ModelConfig:
         reweight_datapoints: GradMetaNet also outputs one weight per datapoint (a softmax
             over its component outputs, one column per parameter tensor) and the prediction
             starts from the reweighted estimator ``sum_i w_i g_i²`` instead of ``mean_i g_i²``.
+        density_heads: heads of the :class:`~gradgraph.nn.ComponentDensity` in GradMetaNet's
+            datapoint-weight readout (0: none). Lets a datapoint's weight depend on how
+            crowded its neighbourhood in the sample is, not only on set means.
         component_edge_messages: whether GradMetaNet's component layers also pass
             per-component messages along the weights (``ComponentConv``'s edge terms, cost
             ``O(E·B·C)``). Off by default: the paper's ``L_Γb`` has only the set/neuron
@@ -284,6 +308,7 @@ class ModelConfig:
     mlp_hidden: int = 32
     mlp_layers: int = 2
     reweight_datapoints: bool = True
+    density_heads: int = 4
     component_edge_messages: bool = False
     max_log_correction: float = 5.0
 
@@ -328,6 +353,7 @@ class GradMetaNetEstimator(nn.Module):
             product_channels=config.product_channels,
             component_layer=partial(ComponentConv, edge_messages=config.component_edge_messages),
             component_out_channels=num_param_kinds if config.reweight_datapoints else 0,
+            component_density_heads=config.density_heads if config.reweight_datapoints else 0,
         )
         if config.reweight_datapoints:
             # Zero scores give uniform weights: training starts at the standard estimator.
@@ -350,13 +376,77 @@ class GradMetaNetEstimator(nn.Module):
 def reweighted_estimate(batch: CurvatureBatch, weights: Tensor) -> Tensor:
     """``[G, P]`` ``sum_i w[g, i, kind(θ)] (∂f(x_i)/∂θ)²``: the standard estimator with learned datapoint weights.
 
+    A weight's kind is set by its target neuron's layer, so the datapoint weight multiplies
+    ``grad[dst]²`` row-wise and the per-edge sum over datapoints is a sampled product of two
+    ``[N, B]`` node tensors (:func:`~gradgraph.nn.sparse.channel_sddmm`, the ``G`` networks as
+    channels): no ``[G, P, B]`` per-sample tensor is formed, forward or backward.
+
     Args:
         batch: the networks.
         weights: ``[G, B, K]`` datapoint weights for each of the ``K`` parameter tensors
             (weights and biases of each layer); each column sums to 1 over ``B``.
     """
-    per_sample = batch.per_sample_grads().square()  # [G, P, B]
-    return (per_sample * weights[:, :, batch.source.param_kind].transpose(1, 2)).sum(dim=-1)
+    source = batch.source
+    node_weights = weights[:, :, source.node_edge_kind].transpose(1, 2)  # [G, N, B]
+    weighted_grad_sq = batch.grad.square() * node_weights
+    pattern = source.sddmm_pattern(batch.num_graphs)
+    edge = channel_sddmm(pattern, batch.act.square().permute(1, 2, 0), weighted_grad_sq.permute(1, 2, 0)).t()
+    bias_nodes = source.bias_nodes
+    bias_weights = weights[:, :, source.param_kind[source.num_edges :]].transpose(1, 2)  # [G, K_b, B]
+    bias = (batch.grad[:, bias_nodes].square() * bias_weights).sum(dim=-1)
+    return torch.cat([edge, bias], dim=1)
+
+
+class KernelImportanceEstimator(nn.Module):
+    """Hand-built reference: the seen gradients reweighted from the sample's clumping to a Gaussian fit.
+
+    With ``x`` the inputs (the input neurons' ``act`` rows) standardised over the ``B``
+    points of each network, ``w_i ∝ exp(−‖z_i‖²/2) / q̂(z_i)`` with
+    ``q̂(z_i) = mean_j exp(−‖z_i − z_j‖² / 2h²)`` and the prediction
+    ``sum_i w_i (∂f(x_i)/∂θ)²`` — an importance-sampling correction that treats the sample as
+    drawn from its kernel density and the truth as the fitted Gaussian. It knows the inputs
+    are roughly Gaussian, nothing else about ``X_p``. It shows what reweighting by
+    *pairwise* structure of the sample is worth, which is what
+    :class:`~gradgraph.nn.ComponentDensity` lets GradMetaNet learn.
+
+    Shapes: ``batch -> [G, P]``.
+
+    Args:
+        bandwidth: ``h`` in standard deviations of the sample.
+    """
+
+    #: Bandwidths :meth:`fitted` chooses from.
+    BANDWIDTHS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0)
+
+    def __init__(self, bandwidth: float) -> None:
+        super().__init__()
+        self.bandwidth = bandwidth
+
+    def weights(self, batch: CurvatureBatch) -> Tensor:
+        """``[G, B]`` datapoint weights (each row sums to 1)."""
+        inputs = batch.act[:, batch.source.input_nodes].double()  # [G, D, B]
+        mean = inputs.mean(dim=-1, keepdim=True)
+        std = inputs.std(dim=-1, unbiased=False, keepdim=True).clamp_min(1e-12)
+        z = ((inputs - mean) / std).transpose(1, 2)  # [G, B, D]
+        log_target = -0.5 * z.square().sum(dim=-1)
+        log_kernel = -torch.cdist(z, z).square() / (2.0 * self.bandwidth**2)
+        log_sample = torch.logsumexp(log_kernel, dim=-1)
+        return (log_target - log_sample).softmax(dim=-1).to(batch.act.dtype)
+
+    def forward(self, batch: CurvatureBatch) -> Tensor:
+        weights = self.weights(batch)[..., None].expand(-1, -1, batch.source.num_param_kinds)
+        return reweighted_estimate(batch, weights)
+
+    @classmethod
+    def fitted(cls, source: CurvatureSource, max_networks: int = 500) -> "KernelImportanceEstimator":
+        """The bandwidth of :attr:`BANDWIDTHS` with the lowest mean error on (up to
+        ``max_networks`` of) the training networks ``source``."""
+        batch = source.batch(torch.arange(min(len(source), max_networks)))
+        errors = {h: float(normalised_l2(cls(h)(batch), batch.target).mean()) for h in cls.BANDWIDTHS}
+        return cls(min(errors, key=errors.__getitem__))
+
+    def extra_repr(self) -> str:
+        return f"bandwidth={self.bandwidth}"
 
 
 class AverageGradientGMN(nn.Module):
@@ -451,6 +541,8 @@ def build_model(name: str, source: CurvatureSource, config: ModelConfig) -> nn.M
     """The model called ``name`` (one of :data:`MODEL_NAMES`), freshly initialised."""
     if name == "standard":
         return StandardEstimator()
+    if name == "kernel_importance":
+        return KernelImportanceEstimator.fitted(source)
     if name == "gradmetanet":
         return GradMetaNetEstimator(config, source.num_param_kinds)
     if name == "gmn_average":
@@ -583,7 +675,7 @@ def run_curvature(config: CurvatureConfig) -> dict[str, Any]:
     }
     for name in models:
         runs = []
-        for seed in config.seeds if name != "standard" else (0,):
+        for seed in config.seeds if name not in DETERMINISTIC_MODELS else (0,):
             torch.manual_seed(seed)
             model = build_model(name, splits["train"], config.model)
             if not any(p.requires_grad for p in model.parameters()):
@@ -596,7 +688,7 @@ def run_curvature(config: CurvatureConfig) -> dict[str, Any]:
             test_errors = evaluate(model, splits["test"], _error)
             runs.append({"seed": seed, "test_error": float(test_errors.mean()), "fit": asdict(fit_result)})
             if config.progress:
-                print(f"  {name:<14} seed {seed}: test error {runs[-1]['test_error']:.4f} "
+                print(f"  {name:<17} seed {seed}: test error {runs[-1]['test_error']:.4f} "
                       f"(best epoch {fit_result.best_epoch}, {fit_result.seconds:.0f}s)", flush=True)
         mean, std = _summary([run["test_error"] for run in runs])
         results["models"][name] = {
@@ -608,6 +700,7 @@ def run_curvature(config: CurvatureConfig) -> dict[str, Any]:
             "best_epochs": [run["fit"]["best_epoch"] for run in runs],
             "histories": [run["fit"]["history"] for run in runs],
             "parameters": sum(p.numel() for p in model.parameters()),
+            "description": repr(model) if name in DETERMINISTIC_MODELS else None,
         }
     reference = results["models"]["standard"]["test_error_mean"]
     for entry in results["models"].values():
@@ -629,7 +722,7 @@ def results_table(results: dict[str, Any]) -> str:
                 entry["label"],
                 f"{entry['test_error_mean']:.4f} ± {entry['test_error_std']:.4f}",
                 "—" if name == "standard" else f"{entry['improvement_pct']:+.1f}%",
-                "—" if name == "standard" else f"{sum(seconds) / len(seconds):.0f}",
+                "—" if name in DETERMINISTIC_MODELS else f"{sum(seconds) / len(seconds):.0f}",
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
