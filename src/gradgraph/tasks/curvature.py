@@ -734,7 +734,8 @@ def results_table(results: dict[str, Any]) -> str:
 def plot_learning_curves(results: dict[str, Any], path: Path) -> None:
     """Learning curves as a PNG: left, validation error per epoch (mean over seeds, log
     scale) of every learned model with the standard estimator dashed; right, the same
-    relative to the standard estimator (1.0 = no improvement), for the models within 50% of it."""
+    relative to the standard estimator (1.0 = no improvement), for the models within 50% of it.
+    Fixed estimators other than the standard one are dotted horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -744,6 +745,11 @@ def plot_learning_curves(results: dict[str, Any], path: Path) -> None:
     standard = results["models"]["standard"]["histories"][0][0]["val_error"]
     for index, (name, entry) in enumerate(results["models"].items()):
         histories = entry["histories"]
+        if name in DETERMINISTIC_MODELS and name != "standard" and histories:
+            value = histories[0][0]["val_error"]  # a fixed estimator: one horizontal line
+            left.axhline(value, color=f"C{index}", linestyle=":", label=entry["label"])
+            right.axhline(value / standard, color=f"C{index}", linestyle=":", label=entry["label"])
+            continue
         if name == "standard" or not histories or len(histories[0]) <= 1:
             continue
         color = f"C{index}"  # the same colour for a model in both panels
