@@ -15,7 +15,8 @@ Models, all trained and tested on the same splits:
                     ``w_i ∝ N(x_i; x̄, s²) / q̂(x_i)``, ``q̂`` a Gaussian kernel density
                     of the 128 inputs (bandwidth picked on the training networks)
 ``gradmetanet``     GradMetaNet on the factors (component layers, pooling, node layers,
-                    component-wise product decoder)
+                    component-wise product decoder; datapoint weights from its
+                    per-datapoint states and a :class:`~gradgraph.nn.ComponentDensity`)
 ``gmn_average``     GradMetaNet without component layers, fed only the *mean* gradient
                     (per weight and per bias) appended to ``edge_attr`` / ``x``
 ``mlp_concat``      one MLP shared by all parameters, applied to that parameter's 128
