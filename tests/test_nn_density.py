@@ -126,3 +126,41 @@ def test_bad_configurations_and_shapes_raise_clear_errors():
     readout = ComponentReadout(4, 2, density_heads=2)
     assert "density_heads=2" in repr(readout)
     assert "ComponentDensity(12, heads=2, head_channels=2)" in repr(readout.density)
+
+
+def test_component_readout_fast_path_for_equal_graphs_equals_scatter():
+    """One architecture in a batch takes a reshape path; it must equal the scatter path
+    (values and gradients), which mixed batches use."""
+    from torch_geometric.utils import scatter
+
+    torch.manual_seed(0)
+    readout = ComponentReadout(3, 2).double()
+    z = torch.randn(12, 5, 3, dtype=torch.float64, requires_grad=True)
+    batch = torch.arange(3).repeat_interleave(4)
+    fixed = torch.tensor([True, False, False, True] * 3)
+    fast = readout(z, batch, 3, fixed)
+    pooled = torch.cat(
+        [
+            scatter(z, batch, dim=0, dim_size=3, reduce="mean"),
+            scatter(z, batch, dim=0, dim_size=3, reduce="max"),
+            scatter(z[fixed], batch[fixed], dim=0, dim_size=3, reduce="mean"),
+        ],
+        dim=-1,
+    )
+    reference = readout.mlp(pooled)
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+    cotangent = torch.randn_like(fast)
+    (grad_fast,) = torch.autograd.grad(fast, z, cotangent)
+    (grad_reference,) = torch.autograd.grad(reference, z, cotangent)
+    torch.testing.assert_close(grad_fast, grad_reference, rtol=1e-12, atol=1e-12)
+    # Unequal or unsorted graph blocks fall back to scatter and still agree with it.
+    shuffled = batch[torch.tensor([0, 4, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11])]
+    pooled = torch.cat(
+        [
+            scatter(z, shuffled, dim=0, dim_size=3, reduce="mean"),
+            scatter(z, shuffled, dim=0, dim_size=3, reduce="max"),
+            scatter(z[fixed], shuffled[fixed], dim=0, dim_size=3, reduce="mean"),
+        ],
+        dim=-1,
+    )
+    torch.testing.assert_close(readout(z, shuffled, 3, fixed), readout.mlp(pooled), rtol=1e-12, atol=1e-12)

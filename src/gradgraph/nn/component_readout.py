@@ -13,6 +13,16 @@ from gradgraph.nn.density import ComponentDensity
 __all__ = ["ComponentReadout"]
 
 
+def _equal_blocks(batch: Tensor, num_graphs: int) -> int:
+    """``n`` if ``batch`` is ``[0]*n + [1]*n + ... + [G-1]*n`` (``[N]`` node→graph), else 0."""
+    num_nodes = batch.numel()
+    if num_graphs < 1 or num_nodes % num_graphs:
+        return 0
+    per_graph = num_nodes // num_graphs
+    expected = torch.arange(num_graphs, device=batch.device).repeat_interleave(per_graph)
+    return per_graph if torch.equal(batch, expected) else 0
+
+
 class ComponentReadout(nn.Module):
     r"""Pool per-component states over each graph's neurons, then an MLP per component.
 
@@ -75,8 +85,16 @@ class ComponentReadout(nn.Module):
                 f"ComponentReadout: expected z [N, B, {self.in_channels}], batch [N] and fixed [N]; "
                 f"got {list(z.shape)}, {list(batch.shape)} and {list(fixed.shape)}"
             )
-        mean = scatter(z, batch, dim=0, dim_size=num_graphs, reduce="mean")
-        maximum = scatter(z, batch, dim=0, dim_size=num_graphs, reduce="max")
+        per_graph = _equal_blocks(batch, num_graphs)
+        if per_graph:
+            # Every graph has the same number of nodes, in order (a batch of one architecture):
+            # a reshape turns the pools into plain reductions, whose max backward is about
+            # half the cost of scatter's.
+            blocks = z.view(num_graphs, per_graph, *z.shape[1:])
+            mean, maximum = blocks.mean(dim=1), blocks.amax(dim=1)
+        else:
+            mean = scatter(z, batch, dim=0, dim_size=num_graphs, reduce="mean")
+            maximum = scatter(z, batch, dim=0, dim_size=num_graphs, reduce="max")
         # Graphs without fixed neurons get zeros here (scatter of nothing).
         fixed_mean = scatter(z[fixed], batch[fixed], dim=0, dim_size=num_graphs, reduce="mean")
         pooled = torch.cat([mean, maximum, fixed_mean], dim=-1)
