@@ -126,7 +126,7 @@ def capture_method(setup: Setup) -> Callable[[], Any]:
     """:func:`gradgraph.capture` alone: the factors ``(act, grad)`` of every neuron, no graph.
 
     The part of ``to_graph`` that the floor bounds; ``to_graph`` adds the O(P) edge values
-    (``edge_attr``: weight and edge kind) on top, and on an architecture it has not seen the
+    (``edge_attr``: the weights) on top, and on an architecture it has not seen the
     O(P) structure (edge index, parameter maps) once.
     """
     model, inputs, targets = setup.model, setup.inputs, setup.targets

@@ -260,7 +260,8 @@ def test_layout_of_a_post_norm_layer():
     # heads only as relations: query dims of one head connect to output dims of the same head
     src, dst = graph.edge_index[:, graph.edge_kind == EdgeKind.QUERY_ATTENTION]
     assert torch.equal(graph.perm_block[src], graph.perm_block[dst])
-    assert graph.x.shape[1] == 1 + len(NodeKind) and graph.edge_attr.shape[1] == 1 + len(EdgeKind)
+    # values only: kinds are the integer node_kind / edge_kind, never columns of x / edge_attr
+    assert graph.x.shape == (graph.num_nodes, 1) and graph.edge_attr.shape == (graph.edge_index.shape[1], 1)
     # structural edges carry weight 1 and no parameter
     structural = graph.edge_param < 0
     assert torch.equal(structural, torch.isin(graph.edge_kind, torch.tensor(

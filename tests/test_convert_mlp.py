@@ -116,10 +116,13 @@ def test_graph_fields_of_a_known_architecture():
     ] * 2
     assert graph.perm_group.tolist() == [-1] * 3 + [0] * 4 + [-1] * 2
     assert torch.all(graph.edge_kind == EdgeKind.LINEAR)
-    # x = [bias, one-hot kind]; the bias-free last layer has zeros and no parameter slot.
+    # x = [bias], edge_attr = [weight]; the bias-free last layer has zeros and no parameter slot.
+    assert graph.x.shape == (9, 1) and graph.edge_attr.shape == (20, 1)
     assert torch.equal(graph.x[3:7, 0], model[0].bias.detach())
+    assert torch.all(graph.x[:3, 0] == 0) and torch.all(graph.node_param[:3] == -1)
     assert torch.all(graph.x[7:, 0] == 0) and torch.all(graph.node_param[7:] == -1)
-    assert torch.equal(graph.x[:, 1:].argmax(1), graph.node_kind)
+    assert torch.equal(graph.edge_attr[:12, 0], model[0].weight.detach().reshape(-1))
+    assert torch.equal(graph.edge_attr[12:, 0], model[2].weight.detach().reshape(-1))
     # edge order follows the row-major weight layout: edge e of layer 0 is W[e // 3, e % 3]
     src, dst = graph.edge_index[:, :12]
     assert torch.equal(dst - 3, torch.arange(12) // 3) and torch.equal(src, torch.arange(12) % 3)

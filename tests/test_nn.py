@@ -14,6 +14,7 @@ from gradgraph import GradGraphError
 from gradgraph.nn import (
     ComponentConv,
     ComponentPool,
+    EdgeKindEncoding,
     EdgeProductDecoder,
     GradGraphConv,
     GradMetaNet,
@@ -288,3 +289,58 @@ def test_decoder_product_moments_equal_the_dense_formula():
     moments = torch.cat([product.mean(1), product.square().mean(1)], dim=-1)
     expected = decoder.edge_mlp(torch.cat([h[src], h[dst], context.edge_features], dim=-1)) + decoder.edge_moments(moments)
     torch.testing.assert_close(edge, expected, atol=1e-12, rtol=1e-12)
+
+
+def small_transformer_graph(seed: int = 0) -> gradgraph.GradGraph:
+    """A TransformerEncoderLayer's graph: every EdgeKind but LINEAR occurs in it."""
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True).double()
+    inputs = torch.randn(3, 4, 8, dtype=torch.float64)
+    return gradgraph.to_graph(layer, inputs, loss_fn=lambda out, _: out.pow(2).sum((1, 2)))
+
+
+def test_edge_kind_encoding_equals_a_linear_map_of_the_one_hot_kind():
+    """Graphs carry kinds as integers; the embedding must be exactly what a Linear on
+    ``[edge_attr, one-hot(edge_kind)]`` computed when the one-hot sat in edge_attr."""
+    graph = small_transformer_graph()
+    assert graph.edge_attr.shape == (graph.edge_index.shape[1], 1)
+    channels = 6
+    joint = torch.nn.Linear(1 + len(gradgraph.EdgeKind), channels).double()
+    model = GradMetaNet(channels, num_component_layers=0, num_node_layers=0).double()
+    model(graph)  # materialise the lazy encoder
+    with torch.no_grad():
+        model.edge_encoder.weight.copy_(joint.weight[:, :1])
+        model.edge_encoder.bias.copy_(joint.bias)
+        model.edge_kind_encoding.kind.weight.copy_(joint.weight[:, 1:].T)
+    one_hot = torch.nn.functional.one_hot(graph.edge_kind, len(gradgraph.EdgeKind)).double()
+    expected = joint(torch.cat([graph.edge_attr, one_hot], dim=1))
+    encoded = model.edge_encoder(graph.edge_attr) + model.edge_kind_encoding(graph)
+    torch.testing.assert_close(encoded, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_gradmetanet_tells_edge_kinds_apart():
+    graph = small_transformer_graph()
+    torch.manual_seed(0)
+    model = GradMetaNet(8, num_component_layers=1, num_node_layers=1, graph_out_channels=2).double()
+    before = model(graph)
+    relabelled = graph.clone()
+    residual = relabelled.edge_kind == gradgraph.EdgeKind.RESIDUAL
+    assert residual.any()
+    relabelled.edge_kind = torch.where(residual, int(gradgraph.EdgeKind.FFN_IN), relabelled.edge_kind)
+    after = model(relabelled)
+    # same weights, same factors: only the kind label moved, and the outputs must notice
+    assert not torch.allclose(before.graph, after.graph, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(before.edge[residual], after.edge[residual], rtol=1e-6, atol=1e-6)
+    errors = assert_equivariant(model, graph, num_trials=2, atol=1e-9, rtol=1e-9)
+    assert set(errors) == {"node permutation", "component permutation"}
+
+
+def test_edge_kind_encoding_rejects_unknown_kinds():
+    graph = small_transformer_graph()
+    encoding = EdgeKindEncoding(4)
+    assert repr(encoding) == f"EdgeKindEncoding(4, kinds={len(gradgraph.EdgeKind)})"
+    assert encoding(graph).shape == (graph.edge_index.shape[1], 4)
+    graph.edge_kind = graph.edge_kind.clone()
+    graph.edge_kind[5] = len(gradgraph.EdgeKind)
+    with pytest.raises(GradGraphError, match=r"EdgeKindEncoding: edge_kind must lie in \[0, 12\)"):
+        encoding(graph)

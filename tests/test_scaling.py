@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import build_mlp, mlp_specs
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch_geometric.data import Batch
@@ -361,9 +362,12 @@ class TinyModel(nn.Module):
         act, grad_ = graph.act, graph.grad
         moments = [act.mean(1), grad_.mean(1), (act * grad_).mean(1), (act**2).mean(1), (grad_**2).mean(1)]
         stats = torch.stack(moments, dim=1)
-        h = torch.tanh(self.encode(torch.cat([graph.x, stats], dim=1)))
+        node_kind = F.one_hot(graph.node_kind, NUM_NODE_KINDS).to(stats.dtype)
+        h = torch.tanh(self.encode(torch.cat([graph.x, node_kind, stats], dim=1)))
         src, dst = graph.edge_index
-        edge_feat = torch.cat([graph.edge_attr, (act[src] * grad_[dst]).mean(1, keepdim=True)], dim=1)
+        edge_kind = F.one_hot(graph.edge_kind, NUM_EDGE_KINDS).to(stats.dtype)
+        mean_grad = (act[src] * grad_[dst]).mean(1, keepdim=True)
+        edge_feat = torch.cat([graph.edge_attr, edge_kind, mean_grad], dim=1)
         for conv in self.convs:
             h = conv(h, graph.edge_index, edge_feat)
         batch = getattr(graph, "batch", None)

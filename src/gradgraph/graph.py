@@ -13,8 +13,9 @@ Fields of one graph (``N`` nodes, ``E`` edges, ``B`` components, ``b`` datapoint
 field                 shape          meaning
 ====================  =============  ==========================================================
 ``edge_index``        ``[2, E]``     forward edges, row 0 = source, row 1 = destination
-``edge_attr``         ``[E, 1+K_e]`` weight value, then one-hot :class:`EdgeKind`
-``x``                 ``[N, 1+K_n]`` bias value (0 where none), then one-hot :class:`NodeKind`
+``edge_attr``         ``[E, 1]``     weight value (1 on structural edges); tasks may append
+                                     columns after it
+``x``                 ``[N, 1]``     bias value (0 where none); tasks may append columns
 ``act``, ``grad``     ``[N, B]``     rank-1 factors of every component
 ``component_x``       ``[N, B, F]``  optional extra features per neuron and component (e.g.
                                      normalised or averaged factors); moved like ``act``
@@ -55,6 +56,13 @@ Sharing: a converter may hand the *same* architecture-only tensors (``edge_index
 from a cache. Treat them as read-only (``clone()`` before writing into one in place). The
 values ``x``, ``edge_attr``, ``act``, ``grad`` (and ``component_x``) are never shared: every
 conversion returns fresh ones.
+
+Kinds are integer labels (``node_kind``, ``edge_kind``), not one-hot columns of ``x`` /
+``edge_attr``: a model embeds them (:class:`~gradgraph.nn.PositionalEncoding` and
+GradMetaNet's edge encoder do), as PyG models embed categorical atom and bond features.
+This keeps the per-weight cost of a graph at one value: ``edge_attr`` is the only field
+besides ``edge_index`` that grows with the number of weights, and a one-hot there made it
+13 times larger than the weights it carries.
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ __all__ = [
 
 
 class NodeKind(enum.IntEnum):
-    """What a node stands for. The one-hot of this sits in ``x[:, 1:]``."""
+    """What a node stands for; ``GradGraph.node_kind`` holds it for every node."""
 
     INPUT = 0  #: a network input feature
     HIDDEN = 1  #: a hidden neuron of an MLP
@@ -94,7 +102,7 @@ class NodeKind(enum.IntEnum):
 
 
 class EdgeKind(enum.IntEnum):
-    """What an edge stands for. The one-hot of this sits in ``edge_attr[:, 1:]``."""
+    """What an edge stands for; ``GradGraph.edge_kind`` holds it for every edge."""
 
     LINEAR = 0  #: a weight of an MLP layer
     QUERY = 1  #: residual -> query weight (in_proj, q part)

@@ -51,7 +51,7 @@ from gradgraph.capture import LossFn, Recorder, capture, check_finite
 from gradgraph.convert.mlp import ACTIVATION_MODULES
 from gradgraph.convert.registry import register_converter
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
-from gradgraph.graph import NUM_EDGE_KINDS, NUM_NODE_KINDS, ActivationKind, EdgeKind, GradGraph, NodeKind
+from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 
 __all__ = [
     "ATTENTION_MODULES",
@@ -690,9 +690,9 @@ class _GraphBuilder:
         node = {key: torch.cat(value) for key, value in self.node_fields.items()}
         edge = {key: torch.cat(value) for key, value in self.edge_fields.items()}
         return GradGraph(
-            x=torch.cat([node["bias"][:, None], F.one_hot(node["kind"], NUM_NODE_KINDS).to(self.dtype)], dim=1),
+            x=node["bias"][:, None].to(self.dtype),
             edge_index=torch.stack([edge["src"], edge["dst"]]),
-            edge_attr=torch.cat([edge["weight"][:, None], F.one_hot(edge["kind"], NUM_EDGE_KINDS).to(self.dtype)], 1),
+            edge_attr=edge["weight"][:, None].to(self.dtype),
             act=torch.cat(acts).contiguous(),
             grad=torch.cat(signals).contiguous(),
             layer=node["layer"],

@@ -8,6 +8,7 @@ One concept a file, as in ``torch_geometric.nn.conv``:
 - :class:`ComponentPool` — symmetric pooling over components ``[N, B, C] -> [N, kC]``.
 - :class:`NodeConv` — layer over per-neuron states ``[N, C]``.
 - :class:`PositionalEncoding` — layer / kind / fixed-neuron index embeddings.
+- :class:`EdgeKindEncoding` — embedding of every edge's kind.
 - :class:`EdgeProductDecoder` — one output per weight and per bias.
 - :class:`InvariantReadout` — one output per graph.
 - :class:`ComponentReadout` — one output per graph and component.
@@ -24,6 +25,7 @@ from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.node_conv import NodeConv
 from gradgraph.nn.pool import ComponentPool
 from gradgraph.nn.encoding import PositionalEncoding
+from gradgraph.nn.edge_encoding import EdgeKindEncoding
 from gradgraph.nn.decoder import EdgeProductDecoder
 from gradgraph.nn.readout import InvariantReadout
 from gradgraph.nn.gradmetanet import GradMetaNet, LayerFactory, outputs_to_parameters
@@ -34,6 +36,7 @@ __all__ = [
     "ComponentDensity",
     "ComponentPool",
     "ComponentReadout",
+    "EdgeKindEncoding",
     "EdgeProductDecoder",
     "GradGraphConv",
     "GradMetaNet",

@@ -16,6 +16,7 @@ from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import FLOWS, GradGraphConv
 from gradgraph.nn.decoder import EdgeProductDecoder
+from gradgraph.nn.edge_encoding import EdgeKindEncoding
 from gradgraph.nn.encoding import PositionalEncoding
 from gradgraph.nn.node_conv import NodeConv
 from gradgraph.nn.output import GradMetaNetOutput
@@ -40,7 +41,9 @@ class GradMetaNet(nn.Module):
        :math:`z_{n,i} = \Theta_a [\mathrm{act}_{n,i}, \mathrm{grad}_{n,i} \Vert c_{n,i}] + \Theta_x [x_n \Vert p_n]`
        with :math:`p_n` the :class:`PositionalEncoding` and :math:`c` the graph's optional
        ``component_x [N, B, F]`` (extra per-component features); edge features
-       :math:`e = \Theta_e\, \mathrm{edge\_attr}`.
+       :math:`e = \Theta_e\, \mathrm{edge\_attr} + q_e` with :math:`q_e` the
+       :class:`EdgeKindEncoding`. (Kinds enter through :math:`p` and :math:`q`; ``x`` and
+       ``edge_attr`` carry values: bias and weight, plus whatever a task appends.)
     2. ``num_component_layers`` residual :class:`ComponentConv` layers on ``z [N, B, C_z]``.
     3. :class:`ComponentPool` over components, projected to ``C`` and added to the node
        embedding: ``h [N, C]``.
@@ -118,6 +121,7 @@ class GradMetaNet(nn.Module):
         self.flow = flow
         channels, component_channels = hidden_channels, self.component_channels
         self.edge_encoder = Linear(-1, channels)
+        self.edge_kind_encoding = EdgeKindEncoding(channels)
         self.node_encoder = Linear(-1, channels)
         self.positional_encoding = PositionalEncoding(channels, max_layers=max_layers, max_positions=max_positions)
         self.activation = nn.SiLU()
@@ -182,7 +186,8 @@ class GradMetaNet(nn.Module):
 
     def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:
         """Run the model on a graph or a batch; see the class docstring for the stages."""
-        context = GraphContext.from_graph(graph, self.edge_encoder(graph.edge_attr))
+        edge_features = self.edge_encoder(graph.edge_attr) + self.edge_kind_encoding(graph)
+        context = GraphContext.from_graph(graph, edge_features)
         node_embedding = self.node_encoder(graph.x) + self.positional_encoding(graph)
         h = node_embedding
         z = None

@@ -1,0 +1,53 @@
+"""`EdgeKindEncoding`: what an edge is (an MLP weight, a query weight, a residual link...)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import NUM_EDGE_KINDS
+
+__all__ = ["EdgeKindEncoding"]
+
+
+class EdgeKindEncoding(nn.Module):
+    r"""A learned embedding of every edge's :class:`~gradgraph.EdgeKind`.
+
+    .. math::
+        q_e = E_{\text{kind}}[k_e]
+
+    GradGraphs keep the kind as the integer ``edge_kind`` rather than as one-hot columns of
+    ``edge_attr`` (one value per weight is the graph's whole per-weight cost); adding
+    :math:`q_e` to a linear map of ``edge_attr`` is the same function as a linear map of
+    ``[edge_attr, one-hot(k_e)]``. The kind is the same for all edges that a hidden-neuron
+    permutation exchanges, so the encoding is permutation-equivariant.
+
+    Args:
+        channels: embedding width ``C``.
+
+    Shapes:
+        - **input:** a GradGraph or Batch with ``edge_kind`` ``[E]``
+        - **output:** ``[E, C]``
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.kind = nn.Embedding(NUM_EDGE_KINDS, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the table (small normal init, as :class:`PositionalEncoding`)."""
+        nn.init.normal_(self.kind.weight, std=0.1)
+
+    def forward(self, graph) -> Tensor:
+        kind = graph.edge_kind
+        if kind.numel() and (int(kind.min()) < 0 or int(kind.max()) >= NUM_EDGE_KINDS):
+            raise GradGraphError(
+                f"EdgeKindEncoding: edge_kind must lie in [0, {NUM_EDGE_KINDS}) (gradgraph.EdgeKind), "
+                f"got values in [{int(kind.min())}, {int(kind.max())}]"
+            )
+        return self.kind(kind)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.channels}, kinds={NUM_EDGE_KINDS})"
