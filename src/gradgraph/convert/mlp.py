@@ -363,8 +363,7 @@ class MlpStructure:
         nbytes: bytes held by the tensors above (the cache's size budget counts these).
     """
 
-    def __init__(self, signature: MlpSignature) -> None:
-        layer_specs = signature
+    def __init__(self, layer_specs: MlpSignature) -> None:
         sizes = [layer_specs[0][0]] + [d_out for _, d_out, _, _ in layer_specs]
         depth = len(layer_specs)
         self.node_offsets = _running_offsets(sizes)
