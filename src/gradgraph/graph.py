@@ -99,6 +99,9 @@ class NodeKind(enum.IntEnum):
     VALUE = 7  #: one value dimension of one attention head
     ATTENTION = 8  #: one dimension of the merged-head attention output (input of out_proj)
     FFN_HIDDEN = 9  #: a hidden neuron of a transformer feed-forward block
+    #: one row of an embedding table (a vocabulary entry, a position): an input neuron whose
+    #: activation is one-hot, so the table's gradient is rank-1 like any weight's
+    TOKEN = 10
 
 
 class EdgeKind(enum.IntEnum):
@@ -119,6 +122,11 @@ class EdgeKind(enum.IntEnum):
     #: attention pattern softmax(q k^T) mixing the values; ties a head's query/key dims to
     #: its value/output dims, so heads are encoded by relations alone
     QUERY_ATTENTION = 11
+    EMBEDDING = 12  #: table row -> embedding dim weight (``nn.Embedding``, position tables)
+    GATE = 13  #: the two factors of an elementwise product (gated units: ``silu(a) * b``), no parameter
+    #: a neuron whose value is copied or pooled from another's (concatenation with a class
+    #: token, pooling over positions, a second version of a neuron's value), no parameter
+    MERGE = 14
 
 
 class ActivationKind(enum.IntEnum):
@@ -132,6 +140,8 @@ class ActivationKind(enum.IntEnum):
     TANH = 5
     SIGMOID = 6
     SINE = 7
+    #: an elementwise function gradgraph has no name for (a composite written with torch ops)
+    OTHER = 8
 
     @property
     def positively_homogeneous(self) -> bool:
@@ -289,24 +299,110 @@ class GradGraph(Data):
         node_sum.index_add_(1, sample, node_grads)
         return edge_sum, node_sum
 
+    def _parameter_blocks(self) -> list[tuple[int, str, Tensor, Tensor, Tensor]]:
+        """Edges and bias nodes grouped by parameter: ``(param, how, rows, cols, positions)``.
+
+        ``how`` is ``"dense"`` for a full weight block (``rows`` = destination nodes,
+        ``cols`` = source nodes, ``positions [rows, cols]``), ``"edges"`` for any other set
+        of edges (``rows`` = dst, ``cols`` = src, ``positions`` per edge) and ``"nodes"`` for
+        biases (``rows`` = nodes). Cached per graph: it depends only on the slots.
+        """
+        cached = self.__dict__.get("_blocks_cache")
+        if cached is not None:
+            return cached
+        blocks = []
+        src, dst = self.edge_index
+        for param in torch.unique(self.edge_param[self.edge_param >= 0]).tolist():
+            mask = self.edge_param == param
+            e_src, e_dst, e_pos = src[mask], dst[mask], self.edge_param_pos[mask]
+            # one call site of a weight is one dense block; a tied weight has several
+            for kind in torch.unique(self.edge_kind[mask]).tolist():
+                of_kind = self.edge_kind[mask] == kind
+                k_src, k_dst, k_pos = e_src[of_kind], e_dst[of_kind], e_pos[of_kind]
+                cols, col_index = torch.unique(k_src, return_inverse=True)
+                rows, row_index = torch.unique(k_dst, return_inverse=True)
+                if len(cols) * len(rows) == len(k_src) and len(cols) > 1 and len(rows) > 1:
+                    positions = torch.full((len(rows), len(cols)), -1, dtype=torch.long, device=k_pos.device)
+                    positions[row_index, col_index] = k_pos
+                    if bool((positions >= 0).all()):
+                        blocks.append((param, "dense", rows, cols, positions))
+                        continue
+                blocks.append((param, "edges", k_dst, k_src, k_pos))
+        for param in torch.unique(self.node_param[self.node_param >= 0]).tolist():
+            mask = self.node_param == param
+            nodes = torch.nonzero(mask).flatten()
+            blocks.append((param, "nodes", nodes, nodes, self.node_param_pos[mask]))
+        self.__dict__["_blocks_cache"] = blocks
+        return blocks
+
+    def _grads_by_parameter(self, reduce_mean: bool) -> dict[str, Tensor]:
+        """Per-datapoint (``[b, numel]``) or mean (``[numel]``) gradients, summing tied uses."""
+        self._require_single("per_sample_grads" if not reduce_mean else "mean_grad")
+        num_datapoints = int(self.num_datapoints)
+        num_components = self.act.shape[1]
+        tokens = num_components // num_datapoints
+        sample = self.component_sample.reshape(-1)
+        regular = num_components == num_datapoints * tokens and torch.equal(
+            sample, torch.arange(num_datapoints, device=sample.device).repeat_interleave(tokens)
+        )
+        flats: dict[int, Tensor] = {}
+        for param, how, rows, cols, positions in self._parameter_blocks():
+            numel = _numel(self.param_shapes[param])
+            if param not in flats:
+                shape = (numel,) if reduce_mean else (num_datapoints, numel)
+                flats[param] = self.act.new_zeros(shape)
+            target = flats[param]
+            if how == "dense":
+                grad_rows, act_cols = self.grad[rows], self.act[cols]
+                if reduce_mean:
+                    values = (grad_rows @ act_cols.T) / num_datapoints  # [rows, cols]
+                    target.index_add_(0, positions.reshape(-1), values.reshape(-1))
+                    continue
+                if regular:
+                    values = torch.einsum(
+                        "obk,ibk->boi",
+                        grad_rows.reshape(len(rows), num_datapoints, tokens),
+                        act_cols.reshape(len(cols), num_datapoints, tokens),
+                    )
+                else:
+                    per_component = torch.einsum("ob,ib->boi", grad_rows, act_cols)
+                    values = per_component.new_zeros(num_datapoints, *per_component.shape[1:])
+                    values.index_add_(0, sample, per_component)
+                target.index_add_(1, positions.reshape(-1), values.reshape(num_datapoints, -1))
+                continue
+            per_edge = self.grad[rows] if how == "nodes" else self.act[cols] * self.grad[rows]  # [k, B]
+            if regular:
+                per_datapoint = per_edge.reshape(len(rows), num_datapoints, tokens).sum(-1)
+            else:
+                per_datapoint = per_edge.new_zeros(len(rows), num_datapoints)
+                per_datapoint.index_add_(1, sample, per_edge)
+            if reduce_mean:
+                target.index_add_(0, positions, per_datapoint.mean(dim=1))
+            else:
+                target.index_add_(1, positions, per_datapoint.T.contiguous())
+        result = {}
+        for param, flat in flats.items():
+            shape = self.param_shapes[param]
+            name = self.param_names[param]
+            result[name] = flat.reshape(*shape) if reduce_mean else flat.reshape(num_datapoints, *shape)
+        return result
+
     def per_sample_grads(self) -> dict[str, Tensor]:
         """The gradient of every datapoint's loss, for every parameter.
 
+        Computed per weight block as ``einsum(grad[dst], act[src])`` over each datapoint's
+        components, written straight into the parameter's layout (no ``[E, B]``
+        intermediate). Components of one datapoint (its tokens) are summed, and so are the
+        uses of a parameter that appears in several places (tied weights).
+
         Returns:
             ``{name: Tensor[b, *param.shape]}`` keyed as in ``model.named_parameters()``.
-            Components of one datapoint (its tokens) are summed.
         """
-        self._require_single("per_sample_grads")
-        edge_grads, node_grads = self._component_param_grads()
-        params = self._scatter_to_parameters(edge_grads, node_grads)
-        return {name: value.movedim(-1, 0) for name, value in params.items()}
+        return self._grads_by_parameter(reduce_mean=False)
 
     def mean_grad(self) -> dict[str, Tensor]:
         """The gradient of the mean loss over datapoints: ``{name: Tensor[*param.shape]}``."""
-        self._require_single("mean_grad")
-        edge_grads, node_grads = self._component_param_grads()
-        params = self._scatter_to_parameters(edge_grads.mean(dim=1), node_grads.mean(dim=1))
-        return params
+        return self._grads_by_parameter(reduce_mean=True)
 
     def to_networkx(self):  # noqa: ANN201 - networkx is imported lazily
         """A :class:`networkx.DiGraph` with one node per neuron and one edge per weight.

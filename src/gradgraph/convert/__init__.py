@@ -1,6 +1,8 @@
 """Model -> GradGraph converters and the registry that dispatches between them."""
 
-from gradgraph.convert.registry import Converter, register_converter, registered_converters, to_graph
+from gradgraph.convert.registry import Converter, _set_fallback, register_converter, registered_converters, to_graph
+from gradgraph.convert.trace import UnsupportedOperationError, register_elementwise
+from gradgraph.convert.traced import convert_traced
 from gradgraph.convert.mlp import (  # registers the MLP converter
     DenseLayer,
     clear_structure_cache,
@@ -15,15 +17,21 @@ from gradgraph.convert.attention import (
     transformer_structure,
 )
 
+# asked last: reads any forward the fast paths above do not handle
+_set_fallback(convert_traced)
+
 __all__ = [
     "Converter",
     "DenseLayer",
     "TransformerStructure",
+    "UnsupportedOperationError",
     "clear_structure_cache",
     "convert_attention",
+    "convert_traced",
     "convert_mlp",
     "mlp_layers",
     "register_converter",
+    "register_elementwise",
     "registered_converters",
     "self_attention",
     "to_graph",

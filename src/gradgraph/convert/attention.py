@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from gradgraph.capture import LossFn, Recorder, capture, check_finite
 from gradgraph.convert.mlp import ACTIVATION_MODULES
-from gradgraph.convert.registry import register_converter
+from gradgraph.convert.registry import _register_builtin, register_converter
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 
@@ -904,4 +904,4 @@ def convert_attention(
     return builder.build(recorded.values, recorded.grads, structure.batch_first)
 
 
-register_converter(_contains_attention, convert_attention, name="attention")
+_register_builtin(_contains_attention, convert_attention, name="attention")

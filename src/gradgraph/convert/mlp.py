@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from gradgraph.capture import LossFn, capture, check_finite
-from gradgraph.convert.registry import register_converter
+from gradgraph.convert.registry import _register_builtin, register_converter
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 from gradgraph.modules import Sine
@@ -568,4 +568,4 @@ def _is_anything(model: nn.Module) -> bool:
     return True
 
 
-register_converter(_is_anything, convert_mlp, name="mlp_chain")
+_register_builtin(_is_anything, convert_mlp, name="mlp_chain")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from gradgraph.capture import LossFn
-from gradgraph.errors import UnsupportedModuleError
+from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import GradGraph
 
 __all__ = ["Converter", "register_converter", "to_graph", "registered_converters"]
@@ -41,9 +41,22 @@ class _Entry:
     name: str
     matches: Callable[[nn.Module], bool]
     converter: Converter
+    builtin: bool = False
 
 
 _REGISTRY: list[_Entry] = []
+#: The traced converter, asked when no registered converter handled the model.
+_FALLBACK: list[Converter] = []
+
+
+def _register_builtin(match: Callable[[nn.Module], bool], converter: Converter, name: str) -> None:
+    """A converter of gradgraph's own: a fast path that hands over to the traced converter
+    (instead of failing) when the model is not its special case."""
+    _REGISTRY.append(_Entry(name, match, converter, builtin=True))
+
+
+def _set_fallback(converter: Converter) -> None:
+    _FALLBACK[:] = [converter]
 
 
 def register_converter(
@@ -88,8 +101,9 @@ def register_converter(
 
 
 def registered_converters() -> list[str]:
-    """Names of the registered converters, in the order :func:`to_graph` tries them."""
-    return [entry.name for entry in reversed(_REGISTRY)]
+    """Names of the registered converters, in the order :func:`to_graph` tries them
+    (the traced converter, which reads any forward, last)."""
+    return [entry.name for entry in reversed(_REGISTRY)] + [getattr(fn, "__name__", repr(fn)) for fn in _FALLBACK]
 
 
 def to_graph(
@@ -131,9 +145,20 @@ def to_graph(
         raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, Tensor):
         raise TypeError(f"to_graph: inputs must be a Tensor, got {type(inputs).__name__}")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise GradGraphError(
+            f"to_graph: {type(model).__name__} has parameters on the 'meta' device (shapes without values); "
+            "materialise and load its weights first (model.to_empty(device=...) + load_state_dict)"
+        )
+    kwargs = dict(forward_kwargs or {})
     for entry in reversed(_REGISTRY):
         if entry.matches(model):
-            return entry.converter(
-                model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=dict(forward_kwargs or {})
-            )
-    raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")
+            if not entry.builtin:
+                return entry.converter(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
+            try:
+                return entry.converter(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
+            except UnsupportedModuleError:
+                continue  # not this fast path's special case: the traced converter reads it
+    if not _FALLBACK:
+        raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")
+    return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)

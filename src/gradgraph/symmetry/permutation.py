@@ -33,6 +33,7 @@ __all__ = [
     "perm_structure",
     "permute_components",
     "permute_hidden",
+    "permute_model",
     "permute_nodes",
     "random_hidden_perms",
     "random_node_permutation",
@@ -189,7 +190,8 @@ def perm_structure(graph: GradGraph) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _tied_table(nodes: Tensor, kinds: Tensor, position: Tensor, where: str) -> Tensor:
-    """``[K, n]``: the nodes of one (block, tie), one row per kind, each row sorted by position."""
+    """``[K, n]``: the nodes of one (block, tie), one row per kind (per neuron set: kind and
+    layer), each row sorted by position."""
     rows = []
     for kind in torch.unique(kinds).tolist():
         members = nodes[kinds == kind]
@@ -215,7 +217,9 @@ def random_node_permutation(graph: GradGraph, generator: torch.Generator | None 
     batch = getattr(graph, "batch", None)
     key = group if batch is None else batch * (int(group.max()) + 2) + group + 1
     key = torch.where(group >= 0, key, torch.full_like(key, -1))
-    kinds = graph.node_kind
+    # a row of a tie is one neuron set: nodes of one kind and one layer (a traced residual
+    # stream ties several sets of one kind)
+    kinds = graph.node_kind * (int(graph.layer.max()) + 1 if graph.num_nodes else 1) + graph.layer
     node_perm = torch.arange(graph.num_nodes)
     for value in torch.unique(key[key >= 0]).tolist():
         nodes = torch.nonzero(key == value).flatten()
@@ -238,7 +242,7 @@ def random_node_permutation(graph: GradGraph, generator: torch.Generator | None 
                     for value_tie in ties
                 }
             )
-        shapes = [{t: (tuple(kinds[table[:, 0]].tolist()), table.shape[1]) for t, table in by_tie.items()}
+        shapes = [{t: (tuple(graph.node_kind[table[:, 0]].tolist()), table.shape[1]) for t, table in by_tie.items()}
                   for by_tie in tables]
         if any(shape != shapes[0] for shape in shapes):
             raise GradGraphError(f"random_node_permutation: the blocks of permutation group {value} differ")
@@ -250,6 +254,37 @@ def random_node_permutation(graph: GradGraph, generator: torch.Generator | None 
                 # old rank ranks[i] of the old block becomes rank i of the new block
                 node_perm[old_table[:, ranks]] = new_table
     return node_perm
+
+
+def permute_model(model: nn.Module, graph: GradGraph, node_perm: Tensor) -> nn.Module:
+    """Apply a node permutation of ``graph`` to the model it was converted from.
+
+    Works for any converted model, through the parameter slots: the permuted graph's weights
+    and biases are written back with :meth:`GradGraph.to_parameters` into a deep copy of
+    ``model``. Parameters the graph does not cover (and buffers) are left as they are. For
+    ``node_perm`` from :func:`random_node_permutation` the result computes the same function
+    and converts to ``permute_nodes(graph, node_perm)`` (tested on MLPs, residual MLPs,
+    GPT-, BERT- and ViT-style models).
+
+    Args:
+        model: the model ``graph`` was converted from.
+        graph: its GradGraph (one graph, not a Batch).
+        node_perm: ``[N]``, old node ``n`` becomes node ``node_perm[n]``; must be a symmetry
+            of the graph (:func:`permute_nodes` checks it).
+
+    Returns:
+        The permuted copy of ``model``.
+    """
+    permuted = permute_nodes(graph, node_perm)
+    values = permuted.to_parameters(permuted.weight, permuted.bias)
+    result = copy.deepcopy(model)
+    named = dict(result.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            if name not in named:
+                raise GradGraphError(f"permute_model: the graph has parameter '{name}', which the model lacks")
+            named[name].copy_(value.to(named[name].dtype))
+    return result
 
 
 def permute_components(graph: GradGraph, perm: Tensor) -> GradGraph:
