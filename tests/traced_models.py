@@ -164,3 +164,32 @@ class GatedMLP(nn.Module):
         h = self.inp(x)
         h = h + self.w2(F.silu(self.w1(self.rms(h))) * self.w3(self.rms(h)))
         return self.out(h)
+
+
+def reference_per_sample_grads(model, inputs, targets, loss_fn, forward_kwargs=None):
+    """Per-datapoint gradients from torch.func (vmap over datapoints), the reference for our factors."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {name: value.detach() for name, value in model.named_parameters()}
+    kwargs = forward_kwargs or {}
+
+    def one(parameters, x, y):
+        output = functional_call(model, parameters, (x[None],), kwargs)
+        if loss_fn is None:
+            return output.reshape(())
+        return loss_fn(output, None if y is None else y[None]).sum()
+
+    return vmap(grad(one), in_dims=(None, 0, None if targets is None else 0))(params, inputs, targets)
+
+
+def assert_exact_per_sample_grads(model, inputs, targets, loss_fn, tolerance=1e-10, **kwargs):
+    """Convert and check every parameter's per-sample gradient against torch.func; returns the graph."""
+    import gradgraph
+
+    graph = gradgraph.to_graph(model, inputs, targets, loss_fn, **kwargs)
+    ours = graph.per_sample_grads()
+    reference = reference_per_sample_grads(model, inputs, targets, loss_fn, kwargs.get("forward_kwargs"))
+    assert set(ours) == set(reference), (set(ours) ^ set(reference))
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, atol=tolerance, rtol=0, msg=name)
+    return graph

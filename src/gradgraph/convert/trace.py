@@ -96,11 +96,12 @@ class UnsupportedOperationError(UnsupportedModuleError):
         op: the op's name (``torch.fft.rfft``).
     """
 
-    def __init__(self, path: str, op: str, location: str, reason: str) -> None:
+    def __init__(self, path: str, op: str, location: str, reason: str, module_type: str | None = None) -> None:
         self.location = location
         self.op = op
-        UnsupportedModuleError.__init__(self, path, op, reason)
-        where = f" (module '{path}')" if path else ""
+        UnsupportedModuleError.__init__(self, path, module_type or op, reason)
+        where = f" (module '{path}' of type {module_type})" if path and module_type else (
+            f" (module '{path}')" if path else "")
         self.args = (f"{location}{where}: {op}: {reason}",)
 
 
@@ -369,6 +370,7 @@ class _Tracer(TorchFunctionMode):
         self._param_name = {id(p): name for name, p in model.named_parameters()}
         self._param_objects = {id(p): p for p in model.parameters()}
         self.module_stack: list[str] = []
+        self.module_types: list[str] = []
         self._module_paths = {id(module): name for name, module in model.named_modules()}
         self.input_nodes: Tensor | None = None  # per flat input element
         self.input_comps: Tensor | None = None
@@ -413,7 +415,8 @@ class _Tracer(TorchFunctionMode):
         return "<unknown location>"
 
     def unsupported(self, op: str, reason: str) -> UnsupportedOperationError:
-        return UnsupportedOperationError(self.path(), op, self.location(), reason)
+        return UnsupportedOperationError(self.path(), op, self.location(), reason,
+                                         self.module_types[-1] if self.module_types else None)
 
     def new_set(self, size: int, kind: NodeKind, origin: str, created_by: str) -> NeuronSet:
         neuron_set = NeuronSet(len(self.sets), self.num_nodes, size, kind, origin, created_by=created_by)
@@ -581,6 +584,13 @@ class _Tracer(TorchFunctionMode):
             return self.reduction(name, args, kwargs, output)
         if name in _MASK_FILL or name in _WHERE:
             return self.mask_op(name, args, kwargs, output)
+        used = [meta for meta in metas if isinstance(meta, _Param)]
+        if used:
+            kind = "a convolution" if "conv" in name else "this op"
+            raise self.unsupported(
+                name, f"{kind} uses the parameter '{self.param_names[used[0].index]}', and gradgraph has no rule "
+                "for it, so its gradient cannot be written as rank-1 terms on the graph; register a converter for "
+                "the module (gradgraph.register_converter) or write it with linear maps")
         return self.mark_opaque(output, name, "gradgraph has no rule for this op", metas)
 
     # -------------------------------------------------------------- opaque values
@@ -1410,10 +1420,12 @@ class _ModuleTracker:
 
         def pre(module: nn.Module, args: Any) -> None:
             self.tracer.module_stack.append(paths.get(id(module), type(module).__name__))
+            self.tracer.module_types.append(type(module).__name__)
 
         def post(module: nn.Module, args: Any, output: Any) -> None:
             if self.tracer.module_stack:
                 self.tracer.module_stack.pop()
+                self.tracer.module_types.pop()
 
         self.handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
         for module in self.tracer.model.modules():
@@ -1438,26 +1450,34 @@ class _ModuleTracker:
         self.patched.append(module)
 
     def _patch_attention(self, module: nn.MultiheadAttention) -> None:
-        from gradgraph.convert.attention import self_attention
+        from gradgraph.convert.attention import _check_attention, self_attention
 
         original = module.forward
         path = self.tracer._module_paths.get(id(module), "")
+        tracer = self.tracer
 
-        def forward(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                    need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+        def forward(query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
+                    key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                    attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                     is_causal: bool = False) -> tuple[Tensor, None]:
+            # the stock module runs one fused kernel on its packed in_proj_weight; gradgraph's
+            # functional form computes the same with F.linear on row slices, which the trace follows
+            _check_attention(path, module)
+            key = query if key is None else key
+            value = key if value is None else value
             if not (query is key and key is value):
-                raise UnsupportedOperationError(path, "nn.MultiheadAttention", self.tracer.location(),
-                                                "cross-attention (query, key and value differ) is unsupported")
-            if module.training and module.dropout > 0:
-                raise UnsupportedOperationError(path, "nn.MultiheadAttention", self.tracer.location(),
-                                                "active dropout changes the function; call model.eval()")
+                raise UnsupportedOperationError(
+                    path, "nn.MultiheadAttention", tracer.location(),
+                    "cross-attention (query, key and value differ) is not supported; self-attention takes "
+                    "one tensor (for a bare module pass nothing for key/value in forward_kwargs)",
+                    "MultiheadAttention")
             if is_causal and attn_mask is None:
                 length = query.shape[1] if module.batch_first else query.shape[0]
                 attn_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
             return self_attention(module, query, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                   path=path), None
 
+        del original
         module.forward = forward  # type: ignore[method-assign]
         self.patched.append(module)
 
@@ -1467,6 +1487,7 @@ class _ModuleTracker:
         for module in self.patched:
             del module.forward
         self.tracer.module_stack.clear()
+        self.tracer.module_types.clear()
 
 
 def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any]) -> tuple[_Tracer, Any, Tensor]:

@@ -65,7 +65,24 @@ def convert_traced(
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise GradGraphError(f"inputs must be a batch [b, ...] with b > 0, got shape {list(inputs.shape)}")
     kwargs = dict(forward_kwargs or {})
-    tracer, output, _ = trace_model(model, inputs, lambda x: model(x, **kwargs))
+    if isinstance(model, nn.MultiheadAttention):
+        for name in ("key", "value"):
+            if name in kwargs:
+                raise GradGraphError(f"to_graph: '{name}' was passed through forward_kwargs to a self-attention "
+                                     "module; gradgraph converts self-attention, where the inputs are the query, key "
+                                     "and value at once")
+
+    def forward(x: Tensor) -> Any:
+        try:
+            return model(x, **kwargs)
+        except TypeError as error:
+            if "argument" not in str(error):
+                raise
+            raise GradGraphError(
+                f"to_graph: calling {type(model).__name__}(inputs, **forward_kwargs) failed: {error}. Pass the "
+                "model's other arguments through forward_kwargs") from error
+
+    tracer, output, _ = trace_model(model, inputs, forward)
     if not tracer.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
     num_datapoints = inputs.shape[0]
