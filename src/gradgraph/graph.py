@@ -68,6 +68,7 @@ besides ``edge_index`` that grows with the number of weights, and a one-hot ther
 from __future__ import annotations
 
 import enum
+import threading
 from typing import Any
 
 import torch
@@ -164,6 +165,27 @@ _NO_INCREMENT = frozenset(
      "perm_tie"}
 )
 _STACKED = frozenset({"component_sample"})
+#: Fields with a component axis (dim 1, or dim 0 for component_sample): graphs batch only if
+#: they agree on it.
+_COMPONENT_AXIS = frozenset({"act", "grad", "component_x", "component_sample"})
+_BATCHING = threading.local()
+
+
+def _component_count(key: str, value: Tensor) -> int:
+    return int(value.shape[-1] if key == "component_sample" else value.shape[1])
+
+
+def _check_component_count(key: str, value: Any) -> None:
+    expected = getattr(_BATCHING, "expected", None)
+    if expected is None or expected[0] != key or not isinstance(value, Tensor):
+        return
+    count = _component_count(key, value)
+    if count != expected[1]:
+        raise GradGraphError(
+            f"cannot batch GradGraphs with different numbers of components: '{key}' has {expected[1]} components "
+            f"in the first graph and {count} in another ({list(value.shape)}); convert every graph with the same "
+            "number of datapoints (and tokens), or pad/subsample the components first"
+        )
 
 
 class GradGraph(Data):
@@ -182,11 +204,17 @@ class GradGraph(Data):
     """
 
     def __inc__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if key in _COMPONENT_AXIS:
+            _check_component_count(key, value)
         if key in _NO_INCREMENT:
             return 0
         return super().__inc__(key, value, *args, **kwargs)
 
     def __cat_dim__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if key in _COMPONENT_AXIS and isinstance(value, Tensor):
+            # PyG asks the first graph for the cat dim, then every graph for its increment
+            # (before concatenating): the first graph's B is what every other must match
+            _BATCHING.expected = (key, _component_count(key, value))
         if key in _STACKED:
             return None
         return super().__cat_dim__(key, value, *args, **kwargs)

@@ -151,6 +151,12 @@ def to_graph(
             "materialise and load its weights first (model.to_empty(device=...) + load_state_dict)"
         )
     kwargs = dict(forward_kwargs or {})
+    if isinstance(model, nn.MultiheadAttention) and {"key", "value"} & set(kwargs):
+        raise GradGraphError(
+            f"to_graph: {sorted({'key', 'value'} & set(kwargs))} passed through forward_kwargs to an "
+            "nn.MultiheadAttention; gradgraph converts self-attention, where `inputs` is the query, key and value "
+            "at once (cross-attention is not supported)"
+        )
     for entry in reversed(_REGISTRY):
         if entry.matches(model):
             if not entry.builtin:

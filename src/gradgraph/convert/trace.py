@@ -118,9 +118,9 @@ def _op_name(func: Any) -> str:
     if module.startswith("torch._C._nn") or module == "torch.nn.functional":
         return f"torch.nn.functional.{name}"
     if module.startswith("torch._C._special") or module == "torch.special":
-        return f"torch.special.{name}"
+        return f"torch.special.{name.removeprefix('special_')}"
     if module.startswith("torch._C._fft") or module == "torch.fft":
-        return f"torch.fft.{name}"
+        return f"torch.fft.{name.removeprefix('fft_')}"
     return f"torch.{name}" if module.startswith("torch") or not module else f"{module}.{name}"
 
 
@@ -184,6 +184,11 @@ _LAYER_NORM = _names(F.layer_norm)
 _RMS_NORM = {"torch.nn.functional.rms_norm", "torch.rms_norm"}
 _BATCH_NORM = _names(F.batch_norm)
 _SDPA = _names(F.scaled_dot_product_attention)
+_LOST_TRACK = (
+    "its input is not computed from the model input by ops gradgraph follows (a custom autograd.Function, a "
+    "tensor made inside forward, or .detach()); register the module that computes it with "
+    "gradgraph.convert.register_elementwise if it is elementwise, or register a converter for it"
+)
 _IN_PLACE_HINT = "in-place ops on tensors gradgraph follows are unsupported; use the out-of-place form (inplace=False)"
 # Queries that return no tensor (size, dim, dtype ...) pass through without a rule.
 
@@ -540,6 +545,10 @@ class _Tracer(TorchFunctionMode):
         if name in _ELEMENTWISE_FUNCTIONS:
             return self.unary(args[0], output, name, _ELEMENTWISE_FUNCTIONS[name])
         if any(isinstance(meta, _Opaque) for meta in metas):
+            if any(isinstance(meta, _Param) for meta in metas):
+                value = next(value for value, meta in tracked if isinstance(meta, _Opaque))
+                self.need_neurons(value, f"{name} with the parameter "
+                                  f"'{self.param_names[next(m for m in metas if isinstance(m, _Param)).index]}'")
             opaque = next(meta for meta in metas if isinstance(meta, _Opaque))
             return self.mark_opaque(output, opaque.op, opaque.reason, metas, location=opaque.location,
                                     path=opaque.path)
@@ -817,7 +826,7 @@ class _Tracer(TorchFunctionMode):
                transposed: bool) -> None:
         meta = self.need_neurons(x, f"the affine map {name}")
         if meta is None:
-            return None  # a constant times a parameter: not a neuron computation
+            raise self.unsupported(name, _LOST_TRACK)
         weight_view = self.param_view(weight, name, "weight")
         if weight_view.pos.dim() != 2:
             raise self.unsupported(name, f"a weight of shape {list(weight.shape)}; expected a matrix")
@@ -1221,7 +1230,9 @@ class _Tracer(TorchFunctionMode):
         eps = args[4 if layer_norm else 3] if len(args) > (4 if layer_norm else 3) else kwargs.get("eps")
         meta = self.need_neurons(x, name)
         if meta is None:
-            return None
+            if weight is None and bias is None:
+                return None
+            raise self.unsupported(name, _LOST_TRACK)
         if len(tuple(normalized_shape)) != 1:
             raise self.unsupported(name, f"normalized_shape {tuple(normalized_shape)}; gradgraph supports norms over "
                                    "the last axis")
@@ -1271,7 +1282,7 @@ class _Tracer(TorchFunctionMode):
         eps = args[7] if len(args) > 7 else kwargs.get("eps", 1e-5)
         meta = self.need_neurons(x, name)
         if meta is None:
-            return None
+            raise self.unsupported(name, _LOST_TRACK)
         if x.dim() != 2:
             raise self.unsupported(name, f"batch norm on a [{', '.join(map(str, x.shape))}] tensor; gradgraph "
                                    "supports BatchNorm1d on [b, features]")

@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from gradgraph.capture import LossFn, check_finite, per_datapoint_objective
-from gradgraph.convert.trace import KEY_STRIDE, NeuronSet, _Tracer, output_sets, trace_model
+from gradgraph.convert.trace import (
+    KEY_STRIDE,
+    NeuronSet,
+    UnsupportedOperationError,
+    _Tracer,
+    output_sets,
+    trace_model,
+)
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 
@@ -65,13 +72,6 @@ def convert_traced(
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise GradGraphError(f"inputs must be a batch [b, ...] with b > 0, got shape {list(inputs.shape)}")
     kwargs = dict(forward_kwargs or {})
-    if isinstance(model, nn.MultiheadAttention):
-        for name in ("key", "value"):
-            if name in kwargs:
-                raise GradGraphError(f"to_graph: '{name}' was passed through forward_kwargs to a self-attention "
-                                     "module; gradgraph converts self-attention, where the inputs are the query, key "
-                                     "and value at once")
-
     def forward(x: Tensor) -> Any:
         try:
             return model(x, **kwargs)
@@ -111,7 +111,19 @@ def _factors(tracer: _Tracer, objective: Tensor, num_datapoints: int, dtype: tor
             if tensor.requires_grad:
                 wanted[id(tensor)] = tensor
     tensors = list(wanted.values())
-    results = torch.autograd.grad(objective.sum(), tensors, allow_unused=True) if tensors else []
+    # the parameters ride along in the same backward pass, so a parameter that reaches the loss
+    # through ops the trace did not follow is caught instead of silently missing
+    known = {id(param) for param in tracer.params}
+    others = [(name, param) for name, param in tracer.model.named_parameters()
+              if param.requires_grad and id(param) not in known]
+    results = torch.autograd.grad(objective.sum(), tensors + [param for _, param in others], allow_unused=True)
+    for (name, _), result in zip(others, results[len(tensors):]):
+        if result is not None:
+            raise UnsupportedOperationError(
+                name.rsplit(".", 1)[0] if "." in name else "", "parameter use", "in the forward",
+                f"the parameter '{name}' affects the loss through ops gradgraph did not follow (a custom "
+                "autograd.Function, a tensor made inside forward, or an op without a rule); register the module "
+                "with gradgraph.convert.register_elementwise or gradgraph.register_converter")
     gradient_of = {id(t): r for t, r in zip(tensors, results)}
 
     def scatter(target: Tensor, values: Tensor, nodes: Tensor, comps: Tensor) -> None:
