@@ -362,10 +362,15 @@ class ExpLinear(nn.Module):
     """x + expm1(x) through an autograd Function and an op the tracer has no rule for."""
 
     class _Function(torch.autograd.Function):
+        generate_vmap_rule = True  # so that torch.func can compute the reference
+
         @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
+        def forward(x):
             return x + torch.special.expm1(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
 
         @staticmethod
         def backward(ctx, grad):
