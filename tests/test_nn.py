@@ -342,5 +342,5 @@ def test_edge_kind_encoding_rejects_unknown_kinds():
     assert encoding(graph).shape == (graph.edge_index.shape[1], 4)
     graph.edge_kind = graph.edge_kind.clone()
     graph.edge_kind[5] = len(gradgraph.EdgeKind)
-    with pytest.raises(GradGraphError, match=r"EdgeKindEncoding: edge_kind must lie in \[0, 12\)"):
+    with pytest.raises(GradGraphError, match=rf"EdgeKindEncoding: edge_kind must lie in \[0, {len(gradgraph.EdgeKind)}\)"):
         encoding(graph)

@@ -1,0 +1,97 @@
+"""Cost of the traced converter on a GPT-style model, and of reading gradients back.
+
+Side by side in one run (interleaved rounds, medians), for a nanoGPT-style model (token and
+position embeddings, pre-norm blocks with fused qkv and SDPA, tied head):
+
+* ``floor``            — one forward + backward of the summed per-sequence loss;
+* ``to_graph``         — :func:`gradgraph.to_graph` through the traced converter;
+* ``torch.func``       — per-sample gradients with ``vmap(grad(functional_call))``;
+* ``per_sample_grads`` / ``mean_grad`` / ``edge_components`` — reading a graph back.
+
+Ratios are to ``floor`` (conversion) and to ``torch.func`` (reading back); peak memory as in
+``capture.py``.
+
+Usage::
+
+    python benchmarks/traced.py                  # 4 blocks, d=128, 4 heads, T=64, b=32
+    python benchmarks/traced.py --quick          # tiny, a few seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from _common import format_bytes, format_table, interleaved_median_times, peak_memory_bytes, set_threads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from traced_models import GPT  # noqa: E402  (the same nanoGPT the tests check)
+
+import gradgraph  # noqa: E402
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.blocks, args.width, args.heads, args.context, args.batch, args.rounds = 1, 16, 2, 8, 4, 2
+    threads = set_threads(args.threads)
+    torch.manual_seed(0)
+    model = GPT(vocab=args.vocab, context=args.context, d=args.width, heads=args.heads, layers=args.blocks).eval()
+    ids = torch.randint(0, args.vocab, (args.batch, args.context))
+    targets = torch.randint(0, args.vocab, (args.batch, args.context))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def floor() -> None:
+        model.zero_grad(set_to_none=True)
+        sequence_loss(model(ids), targets).sum().backward()
+
+    def convert() -> gradgraph.GradGraph:
+        return gradgraph.to_graph(model, ids, targets, sequence_loss)
+
+    def one(p, x, y):
+        return sequence_loss(functional_call(model, p, (x[None],)), y[None]).sum()
+
+    def func() -> dict:
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, ids, targets)
+
+    graph = convert()
+    methods = {"floor": floor, "to_graph": convert, "torch.func": func,
+               "per_sample_grads": graph.per_sample_grads, "mean_grad": graph.mean_grad,
+               "edge_components": graph.edge_components}
+    times = interleaved_median_times(methods, rounds=args.rounds, min_seconds=0.0, warmup=1)
+    memory = {name: peak_memory_bytes(method) for name, method in methods.items()}
+    reference = {"floor": "floor", "to_graph": "floor", "torch.func": "floor", "per_sample_grads": "torch.func",
+                 "mean_grad": "torch.func", "edge_components": "torch.func"}
+    rows = []
+    for name in methods:
+        base = reference[name]
+        rows.append([name, f"{times[name] * 1e3:.1f} ms", f"{times[name] / times[base]:.2f}x {base}",
+                     format_bytes(memory[name]), f"{memory[name] / max(memory[base], 1):.2f}x {base}"])
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"GPT: {args.blocks} blocks, d={args.width}, {args.heads} heads, T={args.context}, b={args.batch}, "
+          f"{parameters} parameters; graph {graph}; {threads} thread(s)")
+    print(format_table(["method", "median time", "time ratio", "peak memory", "memory ratio"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
