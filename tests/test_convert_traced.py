@@ -396,3 +396,57 @@ def test_register_elementwise_makes_a_custom_module_one_op():
     finally:
         _ELEMENTWISE_MODULES.pop(ExpLinear)
     assert int((graph.perm_group >= 0).sum()) == 5  # the 5 hidden neurons may still be permuted
+
+
+# ------------------------------------------------------------------ the plan cache
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_cached_plan_replays_to_the_graph_a_fresh_trace_gives(name):
+    from gradgraph.convert.traced import PLAN_CACHE
+
+    model, inputs, targets, loss_fn, *rest = CASES[name]()
+    kwargs = {"forward_kwargs": rest[0]} if rest else {}
+    PLAN_CACHE.clear()
+    gradgraph.to_graph(model, inputs, targets, loss_fn, **kwargs)  # traces, stores the plan
+    other_inputs = torch.randint(0, 11, inputs.shape) if not inputs.is_floating_point() else torch.randn_like(inputs)
+    hits = PLAN_CACHE.hits
+    replayed = gradgraph.to_graph(model, other_inputs, targets, loss_fn, **kwargs)
+    assert PLAN_CACHE.hits == hits + 1
+    PLAN_CACHE.clear()
+    traced = gradgraph.to_graph(model, other_inputs, targets, loss_fn, **kwargs)
+    assert_same_graph(replayed, traced, atol=0)
+
+
+class Branchy(nn.Module):
+    """Takes another path when its input is large: a replay must notice and trace again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if float(x.abs().max()) > 10:
+            h = h + self.b(h)
+        return self.out(h)
+
+
+def test_a_forward_that_takes_another_path_is_traced_again():
+    from gradgraph.convert.traced import PLAN_CACHE
+
+    PLAN_CACHE.clear()
+    model = Branchy().to(DTYPE)
+
+    def check(inputs):  # a per-datapoint autograd loop: torch.func cannot follow data-dependent branches
+        graph = gradgraph.to_graph(model, inputs)
+        per_sample = graph.per_sample_grads()
+        for i in range(inputs.shape[0]):
+            model.zero_grad()
+            model(inputs[i:i + 1]).sum().backward()
+            for name, param in model.named_parameters():
+                if param.grad is not None and bool(param.grad.abs().sum() > 0):
+                    torch.testing.assert_close(per_sample[name][i], param.grad, atol=1e-10, rtol=0)
+        return graph
+
+    assert "b.weight" not in check(torch.randn(4, 3, dtype=DTYPE)).param_names
+    graph = check(20 * torch.randn(4, 3, dtype=DTYPE))  # a replay of the first plan would miss b
+    assert "b.weight" in graph.param_names

@@ -354,6 +354,51 @@ def _rows_along_last(ids: Tensor) -> Tensor:
     return ids.reshape(-1, ids.shape[-1]) if ids.dim() else ids.reshape(1, 1)
 
 
+def _describe(value: Any) -> Any:
+    """A hashable description of a non-tensor argument (ints, slices, dtypes ...)."""
+    if value is None or isinstance(value, bool | int | float | str | torch.dtype | torch.device):
+        return value
+    if isinstance(value, slice):
+        return ("slice", value.start, value.stop, value.step)
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, torch.Size | tuple | list):
+        return tuple(_describe(item) for item in value)
+    return type(value).__name__
+
+
+class _OpLog:
+    """Numbers every op of a forward and fingerprints it: name, arguments (tensors by the op
+    that produced them), output shapes. Two runs with equal fingerprints performed the same
+    computation on tensors of the same shapes, so a trace's layout can be reused."""
+
+    def __init__(self, inputs: Tensor, param_names: dict[int, str]) -> None:
+        self.count = 0
+        self.fingerprints: list[tuple] = []
+        self._producer: dict[int, tuple[Tensor, int, int]] = {id(inputs): (inputs, -1, 0)}
+        self._param_names = param_names
+
+    def source(self, tensor: Tensor) -> Any:
+        entry = self._producer.get(id(tensor))
+        if entry is not None and entry[0] is tensor:
+            return entry[1], entry[2]
+        name = self._param_names.get(id(tensor))
+        return ("param", name) if name is not None else "external"
+
+    def step(self, name: str, args: tuple, kwargs: dict, output: Any) -> int:
+        flat = tree_flatten((args, kwargs))[0]
+        arguments = tuple(self.source(v) if isinstance(v, Tensor) else _describe(v) for v in flat)
+        outputs = tree_flatten(output)[0]
+        shapes = tuple(tuple(v.shape) if isinstance(v, Tensor) else _describe(v) for v in outputs)
+        index = self.count
+        self.count += 1
+        for position, value in enumerate(outputs):
+            if isinstance(value, Tensor):
+                self._producer[id(value)] = (value, index, position)
+        self.fingerprints.append((name, arguments, shapes))
+        return index
+
+
 class _Tracer(TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
@@ -381,6 +426,12 @@ class _Tracer(TorchFunctionMode):
         self.input_comps: Tensor | None = None
         self.input_tensor: Tensor | None = None
         self.input_set: NeuronSet | None = None
+        self.log: _OpLog | None = None
+        self.op_index = -1
+        self.captured: dict[int, tuple[tuple, dict, Any]] = {}  # op index -> (args, kwargs, output)
+        #: id(tensor) -> (tensor, op index, recipe): values computed by the tracer itself from
+        #: an op's arguments (a norm's normalised input), so a replay can recompute them
+        self.derived: dict[int, tuple[Tensor, int, tuple]] = {}
 
     # -------------------------------------------------------------- bookkeeping
     def meta(self, value: Any) -> Any:
@@ -473,6 +524,7 @@ class _Tracer(TorchFunctionMode):
     # -------------------------------------------------------------- input
     def bind_input(self, tensor: Tensor) -> None:
         self.input_tensor = tensor
+        self.log = _OpLog(tensor, self._param_name)
         self.set_meta(tensor, _Raw(torch.arange(tensor.numel()).reshape(tensor.shape)))
 
     def neurons_from_raw(self, tensor: Tensor, meta: _Raw, what: str) -> _Neurons:
@@ -523,11 +575,13 @@ class _Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         name = _op_name(func)
         output = func(*args, **kwargs)
+        self.op_index = self.log.step(name, args, kwargs, output)
         flat, _ = tree_flatten((args, kwargs))
         tracked = [(value, self.meta(value)) for value in flat if isinstance(value, Tensor)]
         tracked = [(value, meta) for value, meta in tracked if meta is not None]
         if not tracked:
             return output
+        self.captured[self.op_index] = (args, kwargs, output)
         out_flat, _ = tree_flatten(output)
         if not any(isinstance(value, Tensor) for value in out_flat):
             return output
@@ -773,7 +827,7 @@ class _Tracer(TorchFunctionMode):
         for neuron_set in self.sets:
             if getattr(neuron_set, "pending_part", None) is not None:
                 neuron_set.grad_records[-1] = (output, token_nodes, comps)
-                neuron_set.act_records.append((output.detach(), token_nodes, comps))
+                neuron_set.act_records.append((output, token_nodes, comps))
                 neuron_set.act_version = 0
                 neuron_set.pending_part = None  # type: ignore[attr-defined]
         meta = _Neurons(_broadcast(merged_nodes, output.shape).clone(), comps, {merged.index: 0})
@@ -804,7 +858,7 @@ class _Tracer(TorchFunctionMode):
 
     def record_act(self, value: Tensor, meta: _Neurons) -> None:
         for index in meta.versions:
-            self.sets[index].act_records.append((value.detach(), meta.nodes, meta.comps))
+            self.sets[index].act_records.append((value, meta.nodes, meta.comps))
 
     def materialize(self, value: Tensor, meta: _Neurons, origin: str, kind: NodeKind = NodeKind.RESIDUAL) -> _Neurons:
         """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis)."""
@@ -903,7 +957,7 @@ class _Tracer(TorchFunctionMode):
             comps = _broadcast(index_meta.comps.unsqueeze(-1), output.shape).clone()
             new = _Neurons(out_nodes, comps, {created.index: 0})
             created.grad_records.append((output, out_nodes, comps))
-            tokens.onehot_records.append((row_index, out_nodes, comps))
+            tokens.onehot_records.append((row_index, out_nodes, comps, self.op_index))
         self.set_meta(output, new)
         self.observe(output, new)
 
@@ -915,7 +969,7 @@ class _Tracer(TorchFunctionMode):
             neuron_set.grad_records.append((result, nodes, comps))
             token_set = getattr(neuron_set, "token_set", None)
             if token_set is not None and meta.unbound_index is not None:
-                token_set.onehot_records.append((_broadcast(meta.unbound_index, shape).clone(), nodes, comps))
+                token_set.onehot_records.append((_broadcast(meta.unbound_index, shape).clone(), nodes, comps, None))
         return _Neurons(nodes, comps, meta.versions)
 
     def position_parameter(self, name: str, param: _Param, shape: torch.Size, result: Tensor) -> _Neurons:
@@ -1248,6 +1302,9 @@ class _Tracer(TorchFunctionMode):
                 epsilon = torch.finfo(x.dtype).eps if eps is None else eps
                 normalised = x.detach() * torch.rsqrt(squares + epsilon)
         # the input's act is its normalised value: then NORM_SCALE edges carry gamma's gradient
+        recipe = ("layer_norm", tuple(normalized_shape), 1e-5 if eps is None else eps) if layer_norm else (
+            "rms_norm", None if eps is None else eps)
+        self.derived[id(normalised)] = (normalised, self.op_index, recipe)
         versions = self.next_version(meta.versions)
         normalised_meta = _Neurons(meta.nodes, meta.comps, versions)
         self.set_meta(normalised, normalised_meta)
@@ -1288,6 +1345,7 @@ class _Tracer(TorchFunctionMode):
                                    "supports BatchNorm1d on [b, features]")
         with torch.no_grad():
             normalised = (x.detach() - running_mean) / torch.sqrt(running_var + eps)
+        self.derived[id(normalised)] = (normalised, self.op_index, ("batch_norm", eps))
         for index in meta.versions:  # running statistics are buffers: no permutation moves them
             self.sets[index].pinned = True
         normalised_meta = _Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
@@ -1419,8 +1477,9 @@ class _Tracer(TorchFunctionMode):
 class _ModuleTracker:
     """Global module hooks: the module path stack for messages, and registered elementwise modules."""
 
-    def __init__(self, tracer: _Tracer) -> None:
+    def __init__(self, tracer: Any, replay: bool = False) -> None:
         self.tracer = tracer
+        self.replay = replay
         self.handles: list[Any] = []
         self.patched: list[nn.Module] = []
 
@@ -1454,7 +1513,10 @@ class _ModuleTracker:
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             with torch._C.DisableTorchFunction():
                 output = original(x, *args, **kwargs)
-            tracer.unary(x, output, type(module).__name__, activation)
+            tracer.op_index = tracer.log.step(f"module {type(module).__name__}", (x, *args), kwargs, output)
+            tracer.captured[tracer.op_index] = ((x, *args), kwargs, output)
+            if not self.replay:
+                tracer.unary(x, output, type(module).__name__, activation)
             return output
 
         module.forward = forward  # type: ignore[method-assign]
@@ -1515,6 +1577,56 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     with torch.enable_grad(), _ModuleTracker(tracer), tracer:
         output = forward(x)
     return tracer, output, x
+
+
+class PlanMismatch(Exception):
+    """A replay performed other ops than the trace it reuses (raised to fall back to a trace)."""
+
+
+class _Replayer(TorchFunctionMode):
+    """Runs a forward, checks each op against a trace's fingerprints and keeps the wanted ones.
+
+    The cheap path of a converter that has seen the architecture: no id tensors, no rules,
+    only the tensors the graph's factors come from.
+    """
+
+    def __init__(self, model: nn.Module, fingerprints: list[tuple], wanted: set[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.fingerprints = fingerprints
+        self.wanted = wanted
+        self.captured: dict[int, tuple[tuple, dict, Any]] = {}
+        self.module_stack: list[str] = []
+        self.module_types: list[str] = []
+        self._module_paths = {id(module): name for name, module in model.named_modules()}
+        self.log: _OpLog | None = None
+        self.op_index = -1
+
+    def location(self) -> str:
+        return "<replay>"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        index = self.log.step(_op_name(func), args, kwargs, output)
+        if index >= len(self.fingerprints) or self.log.fingerprints[-1] != self.fingerprints[index]:
+            raise PlanMismatch(index)
+        if index in self.wanted:
+            self.captured[index] = (args, kwargs, output)
+        return output
+
+
+def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], fingerprints: list[tuple],
+                 wanted: set[int]) -> tuple[_Replayer, Any, Tensor]:
+    """Run ``forward(x)`` checking it against ``fingerprints``; raises :class:`PlanMismatch` if it differs."""
+    replayer = _Replayer(model, fingerprints, wanted)
+    x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
+    replayer.log = _OpLog(x, {id(p): name for name, p in model.named_parameters()})
+    with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer:
+        output = forward(x)
+    if replayer.log.count != len(fingerprints):
+        raise PlanMismatch(replayer.log.count)
+    return replayer, output, x
 
 
 def output_sets(tracer: _Tracer, output: Any) -> set[int]:

@@ -26,25 +26,32 @@ pass, and then lays the graph out:
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import LossFn, check_finite, per_datapoint_objective
 from gradgraph.convert.trace import (
     KEY_STRIDE,
     NeuronSet,
+    PlanMismatch,
     UnsupportedOperationError,
     _Tracer,
     output_sets,
+    replay_model,
     trace_model,
 )
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 
-__all__ = ["convert_traced"]
+__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_traced"]
 
 
 def convert_traced(
@@ -82,16 +89,102 @@ def convert_traced(
                 f"to_graph: calling {type(model).__name__}(inputs, **forward_kwargs) failed: {error}. Pass the "
                 "model's other arguments through forward_kwargs") from error
 
-    tracer, output, _ = trace_model(model, inputs, forward)
+    num_datapoints = inputs.shape[0]
+    dtype = inputs.dtype if inputs.is_floating_point() else next(model.parameters()).dtype
+    key = _plan_key(model, inputs, kwargs)
+    plan = PLAN_CACHE.get(key)
+    if plan is not None:
+        try:
+            replayer, output, x = replay_model(model, inputs, forward, plan.fingerprints, plan.wanted)
+        except PlanMismatch:
+            plan = None  # the forward took another path this time: trace it again
+        else:
+            objective = _objective(output, targets, loss_fn, num_datapoints)
+            act, grad = _fill(plan, x, replayer.captured, objective, model, num_datapoints, dtype, x.device)
+            return _assemble(plan, model, act, grad, num_datapoints)
+    tracer, output, x = trace_model(model, inputs, forward)
     if not tracer.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
-    num_datapoints = inputs.shape[0]
+    objective = _objective(output, targets, loss_fn, num_datapoints)
+    plan = _make_plan(tracer, output, num_datapoints)
+    act, grad = _fill(plan, x, tracer.captured, objective, model, num_datapoints, dtype,
+                      tracer.params[0].device)
+    PLAN_CACHE.put(key, plan)
+    return _assemble(plan, model, act, grad, num_datapoints)
+
+
+def _objective(output: Any, targets: Any, loss_fn: LossFn | None, num_datapoints: int) -> Tensor:
     if loss_fn is None and not isinstance(output, Tensor):
         raise GradGraphError(f"output mode (loss_fn=None) needs a tensor output; the model returned "
                              f"{type(output).__name__}. Pass a loss_fn that reads it")
-    objective = per_datapoint_objective(output, targets, loss_fn, num_datapoints)
-    return _build(tracer, output, objective, num_datapoints, inputs.dtype if inputs.is_floating_point()
-                  else tracer.params[0].dtype)
+    return per_datapoint_objective(output, targets, loss_fn, num_datapoints)
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, dict):
+        return tuple(sorted((key, _signature(item)) for key, item in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_signature(item) for item in value)
+    return repr(value)
+
+
+def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any]) -> tuple:
+    """What a plan depends on besides the op fingerprints a replay checks."""
+    from gradgraph.convert.trace import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES
+
+    return (
+        type(model),
+        tuple((name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad) for name, p in model.named_parameters()),
+        tuple(type(module).__name__ for module in model.modules()),
+        _signature(inputs),
+        _signature(kwargs),
+        model.training,
+        tuple(_ELEMENTWISE_MODULES),
+        tuple(_ELEMENTWISE_FUNCTIONS),
+    )
+
+
+class PlanCache:
+    """A small LRU of :class:`TracePlan` s: later conversions of an architecture replay, not trace.
+
+    A replay checks every op of the forward against the plan's fingerprints (name, arguments
+    by producer, output shapes) and traces afresh if anything differs, so a cached plan is
+    only ever used for the computation it describes.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, TracePlan] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> TracePlan | None:
+        with self._lock:
+            plan = self._entries.get(key)
+            if plan is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return plan
+
+    def put(self, key: tuple, plan: TracePlan) -> None:
+        with self._lock:
+            self._entries[key] = plan
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+#: The traced converter's plans, keyed by architecture, input shape and call arguments.
+PLAN_CACHE = PlanCache()
 
 
 # --------------------------------------------------------------------- factors
@@ -99,23 +192,130 @@ def _component_index(comps: Tensor, num_keys: int) -> Tensor:
     return (comps // KEY_STRIDE) * num_keys + comps % KEY_STRIDE
 
 
-def _factors(tracer: _Tracer, objective: Tensor, num_datapoints: int, dtype: torch.dtype,
-             device: torch.device) -> tuple[Tensor, Tensor, int]:
+@dataclass
+class _Record:
+    """Where one recorded tensor's elements go in ``act`` / ``grad`` (flat ``row * B + column``)."""
+
+    source: tuple  # ("input",) | ("out", op, position) | ("derived", op, recipe)
+    shape: tuple[int, ...]
+    keep: Tensor | None  # flat mask of the elements that are some neuron's value at some component
+    linear: Tensor
+
+
+@dataclass
+class _OnehotRecord:
+    """One-hot activations of table rows: rows from an embedding's indices (``op``) or constant."""
+
+    op: int | None
+    rows: Tensor | None
+    shape: tuple[int, ...]
+    keep: Tensor | None
+    columns: Tensor
+    first: int
+
+
+@dataclass
+class TracePlan:
+    """Everything a trace found that does not depend on values: reused for later calls.
+
+    A later call of the same architecture on inputs of the same shape replays the forward with
+    a light mode that only checks each op's fingerprint and keeps the tensors the factors come
+    from (:func:`gradgraph.convert.trace.replay_model`); the graph's structure is shared.
+    """
+
+    fingerprints: list[tuple]
+    act: list[_Record]
+    grad: list[_Record]
+    onehot: list[_OnehotRecord]
+    structure: dict[str, Any]
+    weights: list[tuple[str, Tensor, Tensor]]  # (param name, edge rows, flat positions)
+    biases: list[tuple[str, Tensor, Tensor]]  # (param name, node rows, flat positions)
+    param_names: list[str]
+    param_shapes: list[list[int]]
+    num_nodes: int
+    num_edges: int
+    num_keys: int
+    set_names: list[tuple[int, int, str]]  # (first node, size, origin) for messages
+
+    @property
+    def wanted(self) -> set[int]:
+        ops = {record.source[1] for record in self.act + self.grad if record.source[0] != "input"}
+        return ops | {record.op for record in self.onehot if record.op is not None}
+
+
+def _source(tracer: _Tracer, tensor: Tensor) -> tuple:
+    derived = tracer.derived.get(id(tensor))
+    if derived is not None and derived[0] is tensor:
+        return ("derived", derived[1], derived[2])
+    found = tracer.log.source(tensor)
+    if found == (-1, 0):
+        return ("input",)
+    if not isinstance(found, tuple) or found[0] == "param":
+        raise GradGraphError("internal: a recorded tensor was produced by no op of the trace")
+    return ("out", found[0], found[1])
+
+
+def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_keys: int,
+            num_components: int) -> _Record:
+    keep = (nodes >= 0) & (comps >= 0)
+    all_kept = bool(keep.all())
+    linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
+    return _Record(_source(tracer, tensor), tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
+
+
+def _plan_records(tracer: _Tracer, num_datapoints: int) -> tuple[list[_Record], list[_Record], list[_OnehotRecord],
+                                                                   int]:
     num_keys = max(len(tracer.keys), 1)
     num_components = num_datapoints * num_keys
-    act = torch.zeros(tracer.num_nodes, num_components, dtype=dtype, device=device)
-    grad = torch.zeros_like(act)
-    wanted: dict[int, Tensor] = {}
+    acts, grads, onehots = [], [], []
     for neuron_set in tracer.sets:
-        for tensor, _, _ in neuron_set.grad_records:
-            if tensor.requires_grad:
-                wanted[id(tensor)] = tensor
-    tensors = list(wanted.values())
+        records = neuron_set.act_records or ([neuron_set.last] if neuron_set.last is not None else [])
+        for value, nodes, comps in records:
+            if comps is not None:
+                acts.append(_record(tracer, value, nodes, comps, num_keys, num_components))
+        for index, nodes, comps, op in neuron_set.onehot_records:
+            keep = (nodes >= 0) & (comps >= 0)
+            onehots.append(_OnehotRecord(
+                op, None if op is not None else index[keep], tuple(nodes.shape),
+                None if bool(keep.all()) else keep.reshape(-1), _component_index(comps[keep], num_keys),
+                neuron_set.first))
+        for tensor, nodes, comps in neuron_set.grad_records:
+            if nodes is not None and tensor.requires_grad:
+                grads.append(_record(tracer, tensor, nodes, comps, num_keys, num_components))
+    return acts, grads, onehots, num_keys
+
+
+def _resolve(source: tuple, x: Tensor, captured: dict[int, tuple[tuple, dict, Any]]) -> Tensor:
+    if source[0] == "input":
+        return x
+    args, kwargs, output = captured[source[1]]
+    if source[0] == "out":
+        return tree_flatten(output)[0][source[2]]
+    recipe = source[2]
+    with torch.no_grad():
+        value = args[0].detach()
+        if recipe[0] == "layer_norm":
+            return F.layer_norm(value, recipe[1], None, None, recipe[2])
+        if recipe[0] == "rms_norm":
+            epsilon = torch.finfo(value.dtype).eps if recipe[1] is None else recipe[1]
+            return value * torch.rsqrt(value.pow(2).mean(-1, keepdim=True) + epsilon)
+        return (value - args[1]) / torch.sqrt(args[2] + recipe[1])
+
+
+def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: nn.Module, num_datapoints: int,
+          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass."""
+    num_components = num_datapoints * plan.num_keys
+    act = torch.zeros(plan.num_nodes * num_components, dtype=dtype, device=device)
+    grad = torch.zeros_like(act)
+    grad_tensors: dict[tuple, Tensor] = {}
+    for record in plan.grad:
+        grad_tensors.setdefault(record.source, _resolve(record.source, x, captured))
+    tensors = list(grad_tensors.values())
     # the parameters ride along in the same backward pass, so a parameter that reaches the loss
     # through ops the trace did not follow is caught instead of silently missing
-    known = {id(param) for param in tracer.params}
-    others = [(name, param) for name, param in tracer.model.named_parameters()
-              if param.requires_grad and id(param) not in known]
+    known = set(plan.param_names)
+    others = [(name, param) for name, param in model.named_parameters() if param.requires_grad and name not in known]
     results = torch.autograd.grad(objective.sum(), tensors + [param for _, param in others], allow_unused=True)
     for (name, _), result in zip(others, results[len(tensors):]):
         if result is not None:
@@ -124,34 +324,38 @@ def _factors(tracer: _Tracer, objective: Tensor, num_datapoints: int, dtype: tor
                 f"the parameter '{name}' affects the loss through ops gradgraph did not follow (a custom "
                 "autograd.Function, a tensor made inside forward, or an op without a rule); register the module "
                 "with gradgraph.convert.register_elementwise or gradgraph.register_converter")
-    gradient_of = {id(t): r for t, r in zip(tensors, results)}
+    gradient_of = dict(zip(grad_tensors, results))
 
-    def scatter(target: Tensor, values: Tensor, nodes: Tensor, comps: Tensor) -> None:
-        values = values.expand(nodes.shape) if tuple(values.shape) != tuple(nodes.shape) else values
-        keep = (nodes >= 0) & (comps >= 0)
-        rows = nodes[keep].to(device)
-        columns = _component_index(comps[keep], num_keys).to(device)
-        target[rows, columns] = values[keep.to(values.device)].to(dtype)
+    def scatter(target: Tensor, values: Tensor, record: _Record) -> None:
+        values = values.detach()
+        if tuple(values.shape) != record.shape:
+            values = values.expand(record.shape)
+        values = values.reshape(-1)
+        if record.keep is not None:
+            values = values[record.keep.to(values.device)]
+        target[record.linear.to(device)] = values.to(dtype)
 
-    for neuron_set in tracer.sets:
-        records = neuron_set.act_records or ([neuron_set.last] if neuron_set.last is not None else [])
-        for value, nodes, comps in records:
-            if comps is not None:
-                scatter(act, value.detach(), nodes, comps)
-        for index, nodes, comps in neuron_set.onehot_records:
-            keep = (nodes >= 0) & (comps >= 0)
-            rows = (neuron_set.first + index[keep]).to(device)
-            act[rows, _component_index(comps[keep], num_keys).to(device)] = 1
-        for tensor, nodes, comps in neuron_set.grad_records:
-            result = gradient_of.get(id(tensor))
-            if result is not None and nodes is not None:
-                scatter(grad, result.detach(), nodes, comps)
+    for record in plan.act:
+        scatter(act, _resolve(record.source, x, captured), record)
+    for record in plan.grad:
+        result = gradient_of.get(record.source)
+        if result is not None:
+            scatter(grad, result, record)
+    act = act.view(plan.num_nodes, num_components)
+    grad = grad.view(plan.num_nodes, num_components)
+    for record in plan.onehot:
+        if record.op is None:
+            rows = record.rows
+        else:
+            indices = captured[record.op][0][0]
+            rows = indices.detach().unsqueeze(-1).expand(record.shape).reshape(-1)
+            rows = rows if record.keep is None else rows[record.keep.to(rows.device)]
+        act[(record.first + rows).to(device), record.columns.to(device)] = 1
     if not bool(torch.isfinite(act.sum() + grad.sum())):
-        for neuron_set in tracer.sets:
-            rows = slice(neuron_set.first, neuron_set.first + neuron_set.size)
-            check_finite(f"activation of the neurons of '{neuron_set.origin}'", act[rows])
-            check_finite(f"backpropagated signal of the neurons of '{neuron_set.origin}'", grad[rows])
-    return act, grad, num_keys
+        for first, size, origin in plan.set_names:
+            check_finite(f"activation of the neurons of '{origin}'", act[first:first + size])
+            check_finite(f"backpropagated signal of the neurons of '{origin}'", grad[first:first + size])
+    return act, grad
 
 
 # --------------------------------------------------------------------- layout
@@ -196,17 +400,18 @@ def _final_sets(tracer: _Tracer, roles: Tensor) -> tuple[Tensor, list[tuple[Neur
     return set_of_node, pieces
 
 
-def _build(tracer: _Tracer, output: Any, objective: Tensor, num_datapoints: int, dtype: torch.dtype) -> GradGraph:
-    device = tracer.params[0].device
-    act, grad, num_keys = _factors(tracer, objective, num_datapoints, dtype, device)
+def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
+    """The value-free part of the graph: layout, labels, group, slots, where factors come from."""
     num_nodes = tracer.num_nodes
     roles = _roles(tracer)
     set_of_node, pieces = _final_sets(tracer, roles)
     reaching_output = output_sets(tracer, output)
+    acts, grads, onehots, num_keys = _plan_records(tracer, num_datapoints)
 
     # ---- edges
-    sources, targets, kinds, params, positions, weights = [], [], [], [], [], []
-    flat_params = [param.detach().reshape(-1) for param in tracer.params]
+    sources, targets, kinds, params, positions = [], [], [], [], []
+    weights: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+    edge_count = 0
     for src, dst, kind, param, pos, _ in tracer.edges:
         sources.append(src)
         targets.append(dst)
@@ -214,9 +419,10 @@ def _build(tracer: _Tracer, output: Any, objective: Tensor, num_datapoints: int,
         params.append(torch.full((len(src),), param, dtype=torch.long))
         positions.append(pos if pos is not None else torch.full((len(src),), -1, dtype=torch.long))
         if param >= 0:
-            weights.append(flat_params[param][pos.to(device)].to(dtype))
-        else:
-            weights.append(torch.ones(len(src), dtype=dtype, device=device))
+            rows, places = weights.setdefault(param, ([], []))
+            rows.append(torch.arange(edge_count, edge_count + len(src)))
+            places.append(pos)
+        edge_count += len(src)
     edge_index = torch.stack((torch.cat(sources), torch.cat(targets))) if sources else torch.empty(2, 0,
                                                                                                    dtype=torch.long)
     edge_kind = torch.cat(kinds) if kinds else torch.empty(0, dtype=torch.long)
@@ -224,14 +430,15 @@ def _build(tracer: _Tracer, output: Any, objective: Tensor, num_datapoints: int,
     # ---- node labels
     node_param = torch.full((num_nodes,), -1, dtype=torch.long)
     node_param_pos = torch.full((num_nodes,), -1, dtype=torch.long)
-    bias = torch.zeros(num_nodes, dtype=dtype, device=device)
+    biases: list[tuple[str, Tensor, Tensor]] = []
     activation = torch.full((num_nodes,), int(ActivationKind.IDENTITY), dtype=torch.long)
     for neuron_set in tracer.sets:
         rows = slice(neuron_set.first, neuron_set.first + neuron_set.size)
         if neuron_set.bias_param >= 0:
             node_param[rows] = neuron_set.bias_param
             node_param_pos[rows] = neuron_set.bias_pos
-            bias[rows] = flat_params[neuron_set.bias_param][neuron_set.bias_pos.to(device)].to(dtype)
+            biases.append((tracer.param_names[neuron_set.bias_param], torch.arange(rows.start, rows.stop),
+                           neuron_set.bias_pos.clone()))
         label = neuron_set.activation
         if getattr(neuron_set, "elementwise_ops", 0) and label is not ActivationKind.IDENTITY:
             label = ActivationKind.OTHER
@@ -307,32 +514,62 @@ def _build(tracer: _Tracer, output: Any, objective: Tensor, num_datapoints: int,
         perm_group[nodes] = group
         group += 1
 
-    layer = set_of_node.clone()
-    sample = torch.arange(num_datapoints).repeat_interleave(num_keys)
-    return GradGraph(
-        x=bias[:, None],
-        edge_index=edge_index.to(device),
-        edge_attr=(torch.cat(weights) if weights else torch.empty(0, dtype=dtype, device=device))[:, None],
-        act=act,
-        grad=grad,
-        layer=layer.to(device),
-        node_kind=node_kind.to(device),
-        edge_kind=edge_kind.to(device),
-        activation=activation.to(device),
-        perm_group=perm_group.to(device),
-        perm_block=perm_block.to(device),
-        perm_tie=perm_tie.to(device),
-        position=position.to(device),
-        node_param=node_param.to(device),
-        node_param_pos=node_param_pos.to(device),
-        edge_param=torch.cat(params).to(device) if params else torch.empty(0, dtype=torch.long, device=device),
-        edge_param_pos=torch.cat(positions).to(device) if positions else torch.empty(0, dtype=torch.long,
-                                                                                      device=device),
-        component_sample=sample.to(device),
-        num_datapoints=num_datapoints,
+    structure = {
+        "edge_index": edge_index,
+        "layer": set_of_node.clone(),
+        "node_kind": node_kind,
+        "edge_kind": edge_kind,
+        "activation": activation,
+        "perm_group": perm_group,
+        "perm_block": perm_block,
+        "perm_tie": perm_tie,
+        "position": position,
+        "node_param": node_param,
+        "node_param_pos": node_param_pos,
+        "edge_param": torch.cat(params) if params else torch.empty(0, dtype=torch.long),
+        "edge_param_pos": torch.cat(positions) if positions else torch.empty(0, dtype=torch.long),
+    }
+    return TracePlan(
+        fingerprints=list(tracer.log.fingerprints),
+        act=acts,
+        grad=grads,
+        onehot=onehots,
+        structure=structure,
+        weights=[(tracer.param_names[param], torch.cat(rows), torch.cat(places))
+                 for param, (rows, places) in weights.items()],
+        biases=biases,
         param_names=list(tracer.param_names),
         param_shapes=[list(shape) for shape in tracer.param_shapes],
         num_nodes=num_nodes,
+        num_edges=int(edge_index.shape[1]),
+        num_keys=num_keys,
+        set_names=[(neuron_set.first, neuron_set.size, neuron_set.origin) for neuron_set in tracer.sets],
+    )
+
+
+def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_datapoints: int) -> GradGraph:
+    """A GradGraph from a plan's shared structure, the model's values and fresh factors."""
+    device, dtype = act.device, act.dtype
+    named = dict(model.named_parameters())
+    flat = {name: named[name].detach().reshape(-1) for name in plan.param_names}
+    edge_attr = torch.ones(plan.num_edges, dtype=dtype, device=device)
+    for name, rows, places in plan.weights:
+        edge_attr[rows.to(device)] = flat[name][places.to(device)].to(dtype)
+    bias = torch.zeros(plan.num_nodes, dtype=dtype, device=device)
+    for name, rows, places in plan.biases:
+        bias[rows.to(device)] = flat[name][places.to(device)].to(dtype)
+    structure = {key: value.to(device) for key, value in plan.structure.items()}
+    return GradGraph(
+        x=bias[:, None],
+        edge_attr=edge_attr[:, None],
+        act=act,
+        grad=grad,
+        **structure,
+        component_sample=torch.arange(num_datapoints, device=device).repeat_interleave(plan.num_keys),
+        num_datapoints=num_datapoints,
+        param_names=list(plan.param_names),
+        param_shapes=[list(shape) for shape in plan.param_shapes],
+        num_nodes=plan.num_nodes,
     )
 
 
