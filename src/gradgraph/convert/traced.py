@@ -471,7 +471,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         kind = neuron_set.kind
         if role >= 0:
             kind = NodeKind(role)
-        elif neuron_set.created_by == "affine" and neuron_set.index in reaching_output and not neuron_set.absorbed:
+        elif neuron_set.index in reaching_output and neuron_set.created_by not in ("input", "token"):
             kind = NodeKind.OUTPUT
         elif neuron_set.created_by == "affine" and (not neuron_set.absorbed or getattr(neuron_set, "gated", False)):
             members = classes[union.find(index)]
@@ -484,6 +484,17 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         elif neuron_set.created_by == "affine":
             kind = NodeKind.RESIDUAL
         node_kind[low:high] = int(kind)
+
+    # affine edges named by what they feed, as the stock attention layout names them
+    if len(edge_kind):
+        src_kind, dst_kind = node_kind[edge_index[0]], node_kind[edge_index[1]]
+        affine = edge_kind == int(EdgeKind.LINEAR)
+        for kinds, side, label in (
+            (NodeKind.QUERY, dst_kind, EdgeKind.QUERY), (NodeKind.KEY, dst_kind, EdgeKind.KEY),
+            (NodeKind.VALUE, dst_kind, EdgeKind.VALUE), (NodeKind.ATTENTION, src_kind, EdgeKind.ATTENTION_OUT),
+            (NodeKind.FFN_HIDDEN, dst_kind, EdgeKind.FFN_IN), (NodeKind.FFN_HIDDEN, src_kind, EdgeKind.FFN_OUT),
+        ):
+            edge_kind[affine & (side == int(kinds))] = int(label)
 
     perm_group = torch.full((num_nodes,), -1, dtype=torch.long)
     perm_block = torch.full((num_nodes,), -1, dtype=torch.long)
