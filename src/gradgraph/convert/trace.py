@@ -728,7 +728,9 @@ class _Tracer(TorchFunctionMode):
         for meta in metas:
             for index, version in meta.versions.items():
                 if versions.get(index, version) != version:
-                    raise self.unsupported(name, "joins two versions of the same neurons")
+                    raise self.unsupported(name, "joins two versions of the same neurons along their features (as "
+                                           "rotary position embeddings' rotate_half does); rotary embeddings are not "
+                                           "supported")
                 versions[index] = version
         index_meta = None
         if any(meta.unbound_index is not None for meta in metas):
