@@ -453,3 +453,24 @@ def test_a_forward_that_takes_another_path_is_traced_again():
     model.deep = True
     graph = check(torch.randn(4, 3, dtype=DTYPE))  # a replay of the first plan would miss b
     assert "b.weight" in graph.param_names
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_the_trace_reproduces_the_stock_encoder_layout(norm_first):
+    from gradgraph.convert import convert_attention
+
+    torch.manual_seed(10)
+    layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True, norm_first=norm_first).to(DTYPE)
+    inputs = torch.randn(2, 3, 4, dtype=DTYPE)
+    loss_fn = lambda out, _: out.pow(2).sum((1, 2))  # noqa: E731
+    stock = convert_attention(layer.eval(), inputs, targets=None, loss_fn=loss_fn, forward_kwargs={})
+    traced = convert_traced(layer, inputs, targets=None, loss_fn=loss_fn, forward_kwargs={})
+
+    def edges(graph):
+        names = [graph.param_names[p] if p >= 0 else None for p in graph.edge_param.tolist()]
+        return sorted(zip(graph.edge_index[0].tolist(), graph.edge_index[1].tolist(), graph.edge_kind.tolist(), names,
+                          graph.edge_param_pos.tolist()))
+
+    assert edges(traced) == edges(stock)
+    for key in ("node_kind", "perm_group", "perm_block", "perm_tie", "position", "x", "act", "grad"):
+        torch.testing.assert_close(traced[key], stock[key], atol=1e-12, rtol=0, msg=key)
