@@ -604,7 +604,8 @@ class _GraphBuilder:
             fields["node_param"].append(full(-1))
             fields["node_param_pos"].append(full(-1))
         else:
-            fields["bias"].append(bias.detach()[bias_offset : bias_offset + size].to(self.dtype))
+            # structure is assembled on the CPU and the finished graph moved to the factors' device
+            fields["bias"].append(bias.detach()[bias_offset : bias_offset + size].to("cpu", self.dtype))
             fields["node_param"].append(full(self.param_index(bias)))
             fields["node_param_pos"].append(bias_offset + torch.arange(size))
         node_set = _NodeSet(self.num_nodes, size, name, value_key, grad_key or value_key)
@@ -617,7 +618,7 @@ class _GraphBuilder:
         fields["src"].append(src)
         fields["dst"].append(dst)
         fields["kind"].append(torch.full((len(src),), int(kind), dtype=torch.long))
-        fields["weight"].append(weight.detach().reshape(-1).to(self.dtype))
+        fields["weight"].append(weight.detach().reshape(-1).to("cpu", self.dtype))
         fields["param"].append(torch.full((len(src),), param, dtype=torch.long))
         fields["pos"].append(pos)
 
@@ -711,7 +712,7 @@ class _GraphBuilder:
             num_datapoints=num_datapoints,
             param_names=self.param_names,
             param_shapes=self.param_shapes,
-        )
+        ).to(acts[0].device)
 
 
 def _lay_out_attention(

@@ -436,6 +436,16 @@ class MlpStructure:
     def num_edges(self) -> int:
         return self.edge_offsets[-1]
 
+    def template_on(self, device: torch.device) -> GradGraph:
+        """The template with its shared tensors on ``device`` (copied once per device, then reused)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.template
+        copies = self.__dict__.setdefault("_device_templates", {})
+        if device not in copies:
+            copies[device] = GradGraph(**{key: value.to(device) for key, value in self.shared.items()})
+        return copies[device]
+
     def intact(self) -> bool:
         """``False`` if any tensor of this structure was written in place since it was built."""
         return all(tensor._version == version for tensor, version in zip(self._tensors, self._versions))
@@ -528,9 +538,10 @@ def build_mlp_graph(
 
     # Every entry is written below, so no zero fill; each layer's weights land in one
     # contiguous slice.
-    edge_attr = torch.empty((num_edges, 1), dtype=dtype)
+    device = act.device
+    edge_attr = torch.empty((num_edges, 1), dtype=dtype, device=device)
     weight = edge_attr[:, 0]
-    x = torch.empty((num_nodes, 1), dtype=dtype)
+    x = torch.empty((num_nodes, 1), dtype=dtype, device=device)
     bias = x[:, 0]
     bias[: structure.node_offsets[1]] = 0  # input nodes have no bias
     param_of = {id(p): name for name, p in model.named_parameters()}
@@ -552,12 +563,12 @@ def build_mlp_graph(
 
     # copy.copy of a PyG Data copies its key -> value mapping, not the tensors: the new
     # graph shares the read-only structure and setting its own fields leaves the template.
-    graph = copy.copy(structure.template)
+    graph = copy.copy(structure.template_on(device))
     graph.x = x
     graph.edge_attr = edge_attr
     graph.act = act
     graph.grad = grad
-    graph.component_sample = torch.arange(act.shape[1])
+    graph.component_sample = torch.arange(act.shape[1], device=device)
     graph.num_datapoints = act.shape[1]
     graph.param_names = param_names
     graph.param_shapes = param_shapes
