@@ -238,10 +238,15 @@ class GradGraph(Data):
     def edge_components(self) -> Tensor:
         """``[E, B, 2]``: ``(act[src], grad[dst])`` for every edge and component.
 
-        Gathered on demand; the graph itself stores only the ``[N, B]`` factors.
+        Gathered on demand; the graph itself stores only the ``[N, B]`` factors. Both halves
+        are gathered straight into one ``[E, 2, B]`` buffer (no intermediate), returned as its
+        ``[E, B, 2]`` view.
         """
         src, dst = self.edge_index
-        return torch.stack((self.act[src], self.grad[dst]), dim=-1)
+        out = self.act.new_empty((src.shape[0], 2, self.act.shape[1]))
+        torch.index_select(self.act, 0, src, out=out[:, 0])
+        torch.index_select(self.grad, 0, dst, out=out[:, 1])
+        return out.transpose(1, 2)
 
     # ------------------------------------------------------------ weight-space maps
     def _require_single(self, what: str) -> None:

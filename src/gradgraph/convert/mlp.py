@@ -575,8 +575,11 @@ def build_mlp_graph(
     return graph
 
 
-def _is_anything(model: nn.Module) -> bool:
-    return True
+def _is_plain_chain(model: nn.Module) -> bool:
+    # Only plain (nested) nn.Sequential chains take this fast path: recognising them is a walk
+    # over the modules. Any other forward, chain or not, is read by the traced converter,
+    # which gives a chain the same layout (tested) without torch.fx's cost on non-chains.
+    return _sequential_chain(model) is not None
 
 
-_register_builtin(_is_anything, convert_mlp, name="mlp_chain")
+_register_builtin(_is_plain_chain, convert_mlp, name="mlp_chain")

@@ -1499,7 +1499,9 @@ class _ModuleTracker:
                 self.tracer.module_stack.pop()
                 self.tracer.module_types.pop()
 
-        self.handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
+        # a replay raises nothing that names a module, so it skips the per-call hooks
+        self.handles = [] if self.replay else [register_module_forward_pre_hook(pre),
+                                               register_module_forward_hook(post)]
         for module in self.tracer.model.modules():
             activation = next((kind for cls, kind in _ELEMENTWISE_MODULES.items() if isinstance(module, cls)), None)
             if activation is not None:

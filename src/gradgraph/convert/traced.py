@@ -194,12 +194,18 @@ def _component_index(comps: Tensor, num_keys: int) -> Tensor:
 
 @dataclass
 class _Record:
-    """Where one recorded tensor's elements go in ``act`` / ``grad`` (flat ``row * B + column``)."""
+    """Where one recorded tensor's elements go in ``act`` / ``grad`` (flat ``row * B + column``).
+
+    ``block = (first, width)`` when the tensor, read as ``[B, width]``, is exactly rows
+    ``first .. first + width`` of the factor matrix (a ``[b, T, d]`` tensor of one neuron set
+    when the tokens are the only keys): then it is one strided copy, not a scatter.
+    """
 
     source: tuple  # ("input",) | ("out", op, position) | ("derived", op, recipe)
     shape: tuple[int, ...]
     keep: Tensor | None  # flat mask of the elements that are some neuron's value at some component
-    linear: Tensor
+    linear: Tensor | None
+    block: tuple[int, int] | None = None
 
 
 @dataclass
@@ -260,7 +266,14 @@ def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_k
     keep = (nodes >= 0) & (comps >= 0)
     all_kept = bool(keep.all())
     linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
-    return _Record(_source(tracer, tensor), tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
+    source = _source(tracer, tensor)
+    width = int(nodes.shape[-1]) if nodes.dim() else 1
+    if all_kept and nodes.numel() == num_components * width and width > 0:
+        first = int(nodes.reshape(-1)[0])
+        block = (first + torch.arange(width))[None, :] * num_components + torch.arange(num_components)[:, None]
+        if torch.equal(linear, block.reshape(-1)):
+            return _Record(source, tuple(nodes.shape), None, None, (first, width))
+    return _Record(source, tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
 
 
 def _plan_records(tracer: _Tracer, num_datapoints: int) -> tuple[list[_Record], list[_Record], list[_OnehotRecord],
@@ -330,6 +343,11 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: 
         values = values.detach()
         if tuple(values.shape) != record.shape:
             values = values.expand(record.shape)
+        if record.block is not None:
+            first, width = record.block
+            rows = target.view(plan.num_nodes, num_components)[first:first + width]
+            rows.copy_(values.reshape(num_components, width).T)
+            return
         values = values.reshape(-1)
         if record.keep is not None:
             values = values[record.keep.to(values.device)]
