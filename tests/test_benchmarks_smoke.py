@@ -12,7 +12,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["capture.py", "metanet.py", "scatter.py", "curvature_headroom.py"])
+@pytest.mark.parametrize("script", ["capture.py", "metanet.py", "scatter.py", "curvature_headroom.py", "traced.py"])
 def test_benchmark_script_runs_quick(script: str, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick"],
