@@ -118,14 +118,25 @@ def _curvature_command(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         cache_root=args.cache_dir,
         progress=not args.quiet,
+        device=args.device,
     )
-    print(
-        f"gradgraph curvature ({args.preset}): {config.zoo.num_nets} SIRENs "
-        f"(train {config.num_train} / val {config.num_val} / test {config.num_test}), "
-        f"{config.train.epochs} epochs, seeds {list(config.seeds)}",
-        flush=True,
-    )
-    results = run_curvature(config)
+    from gradgraph.distributed import init_distributed
+
+    context = init_distributed(args.device, timeout_s=args.dist_timeout)
+    if context.is_main_process:
+        print(
+            f"gradgraph curvature ({args.preset}): {config.zoo.num_nets} SIRENs "
+            f"(train {config.num_train} / val {config.num_val} / test {config.num_test}), "
+            f"{config.train.epochs} epochs, seeds {list(config.seeds)}, device {context.device}"
+            + (f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""),
+            flush=True,
+        )
+    try:
+        results = run_curvature(config, context)
+    finally:
+        context.teardown()
+    if not context.is_main_process:
+        return 0  # rank 0 prints and writes for the whole job
     print()
     print(results_table(results))
     print(f"\nmetric: {results['metric']}")
@@ -155,6 +166,12 @@ def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="dataset cache root (default $GRADGRAPH_CACHE or .gradgraph-cache)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="cpu (default), cuda, or auto (cuda when available); under torchrun rank r of a machine "
+                             "uses cuda:LOCAL_RANK")
+    parser.add_argument("--dist-timeout", type=float, default=None,
+                        help="seconds a rank waits for the others under torchrun before the job fails "
+                             "(default $GRADGRAPH_DIST_TIMEOUT or 300)")
     parser.set_defaults(func=_curvature_command)
 
 
