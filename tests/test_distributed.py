@@ -57,16 +57,24 @@ def _train(data: curvature_data.CurvatureData, context: DistributedContext | Non
     return model.state_dict(), result.history
 
 
-def _worker(rank: int, world_size: int, port: int, scenario: str, out: str) -> None:
-    """One rank of a spawned job; writes what it saw to ``out`` (never raises to the parent)."""
+def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """One rank of the spawned job: build the zoo, train, then train again while rank 1 dies.
+
+    One job for all three checks, because starting two Python processes with torch costs
+    more than everything they do here. Writes what it saw to ``out/report-<rank>.json``
+    after every phase; never raises to the parent.
+    """
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     directory = Path(out)
     report: dict = {"rank": rank}
-    context = None
+
+    def save() -> None:
+        (directory / f"report-{rank}.json").write_text(json.dumps(report))
+
     try:
-        context = init_distributed("cpu", timeout_s=20.0 if scenario == "train" else 5.0)
+        context = init_distributed("cpu", timeout_s=10.0)
         generated: list[int] = []
         original = curvature_data.generate_network
 
@@ -77,44 +85,42 @@ def _worker(rank: int, world_size: int, port: int, scenario: str, out: str) -> N
         curvature_data.generate_network = counting
         data = load_curvature_data(ZOO, cache_root=directory / "cache", progress=False, context=context)
         report["generated"] = generated
-        if scenario == "train":
-            state, history = _train(data, context)
-            torch.save(state, directory / f"params-{rank}.pt")
-            report["history"] = history
-        elif scenario == "kill":
-            train, val = _splits(data)
-            torch.manual_seed(0)
-            model = build_model("gradmetanet", train, MODEL)
-            steps = []
+        state, report["history"] = _train(data, context)
+        torch.save(state, directory / f"params-{rank}.pt")
+        save()
 
-            def dying_loss(wrapped, batch):
-                steps.append(1)
-                if rank == 1 and len(steps) == 2:
-                    os._exit(17)  # a crash: no exception, no cleanup, the socket just closes
-                return _loss(wrapped, batch)
+        train, val = _splits(data)
+        torch.manual_seed(0)
+        model = build_model("gradmetanet", train, MODEL)
+        steps = []
 
-            start = time.perf_counter()
-            try:
-                fit(model, train, val, dying_loss, _error, TRAIN, context=context)
-                report["error"] = None
-            except DistributedError as error:
-                report["error"] = str(error)
-            report["seconds_to_error"] = time.perf_counter() - start
+        def dying_loss(wrapped, batch):
+            steps.append(1)
+            if rank == 1 and len(steps) == 2:
+                os._exit(17)  # a crash: no exception, no cleanup, the sockets just close
+            return _loss(wrapped, batch)
+
+        start = time.perf_counter()
+        try:
+            fit(model, train, val, dying_loss, _error, TRAIN, context=context)
+            report["error"] = None
+        except DistributedError as error:
+            report["error"] = str(error)
+        report["seconds_to_error"] = time.perf_counter() - start
     except BaseException as error:  # report everything: the parent asserts on it
         report["unexpected"] = f"{type(error).__name__}: {error}"
     finally:
-        (directory / f"report-{rank}.json").write_text(json.dumps(report))
-        if context is not None and scenario != "kill":
-            context.teardown()
-        os._exit(0)  # skip a teardown that could wait on a dead peer
+        save()
+        os._exit(0)  # skip a teardown that could wait on the dead peer
 
 
-def _spawn(scenario: str, directory: Path, world_size: int = 2) -> list[dict]:
-    """Run ``world_size`` ranks of ``scenario`` and return their reports."""
+@pytest.fixture(scope="module")
+def two_rank_job(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Run the 2-rank job once; its directory and the ranks' reports."""
+    directory = tmp_path_factory.mktemp("two-ranks")
     ctx = mp.get_context("spawn")
     port = _free_port()
-    processes = [ctx.Process(target=_worker, args=(rank, world_size, port, scenario, str(directory)))
-                 for rank in range(world_size)]
+    processes = [ctx.Process(target=_worker, args=(rank, 2, port, str(directory))) for rank in range(2)]
     for process in processes:
         process.start()
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
@@ -124,12 +130,10 @@ def _spawn(scenario: str, directory: Path, world_size: int = 2) -> list[dict]:
     for rank in hung:
         processes[rank].kill()
         processes[rank].join()
-    assert not hung, f"ranks {hung} of {scenario!r} still ran after {SPAWN_TIMEOUT_S}s"
-    reports = []
-    for rank in range(world_size):
-        path = directory / f"report-{rank}.json"
-        reports.append(json.loads(path.read_text()) if path.exists() else {"rank": rank, "missing": True})
-    return reports
+    assert not hung, f"ranks {hung} still ran after {SPAWN_TIMEOUT_S}s"
+    reports = [json.loads((directory / f"report-{rank}.json").read_text()) for rank in range(2)]
+    assert "unexpected" not in reports[0], reports[0]
+    return directory, reports
 
 
 def test_shard_indices_split_every_item_once_in_order():
@@ -165,17 +169,16 @@ def test_loader_source_batch_matches_its_loader(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_build_the_same_cache_and_reach_the_same_parameters(tmp_path):
-    reports = _spawn("train", tmp_path)
-    for report in reports:
-        assert "unexpected" not in report and "missing" not in report, report
+def test_two_ranks_build_the_same_cache_and_reach_the_same_parameters(two_rank_job, tmp_path):
+    job, reports = two_rank_job
+    assert "history" in reports[1], reports[1]
     # Sharded zoo build: every network generated exactly once over both ranks ...
     built = sorted(i for report in reports for i in report["generated"])
     assert built == list(range(ZOO.num_nets))
     assert set(reports[0]["generated"]).isdisjoint(reports[1]["generated"])
     # ... and the cache files equal a one-process build, shard for shard.
     single = load_curvature_data(ZOO, cache_root=tmp_path / "single", progress=False)
-    (sharded_dir,) = (tmp_path / "cache").iterdir()
+    (sharded_dir,) = (job / "cache").iterdir()
     (single_dir,) = (tmp_path / "single").iterdir()
     assert sorted(p.name for p in sharded_dir.iterdir()) == sorted(p.name for p in single_dir.iterdir())
     assert json.loads((sharded_dir / "COMPLETE").read_text()) == json.loads((single_dir / "COMPLETE").read_text())
@@ -188,7 +191,7 @@ def test_two_ranks_build_the_same_cache_and_reach_the_same_parameters(tmp_path):
 
     # Training: both ranks hold the same weights, equal to one rank's with the same global batch.
     reference_state, reference_history = _train(single, None)
-    states = [torch.load(tmp_path / f"params-{rank}.pt", weights_only=True) for rank in range(2)]
+    states = [torch.load(job / f"params-{rank}.pt", weights_only=True) for rank in range(2)]
     for name, expected in reference_state.items():
         assert torch.equal(states[0][name], states[1][name]), name
         # Relative, with an absolute floor for tensors that stay at ~0 in exact arithmetic
@@ -209,15 +212,14 @@ def test_two_ranks_build_the_same_cache_and_reach_the_same_parameters(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_job_with_a_clear_error_and_a_rerun_resumes(tmp_path, monkeypatch):
-    reports = _spawn("kill", tmp_path)
+def test_a_killed_rank_ends_the_job_with_a_clear_error_and_a_rerun_resumes(two_rank_job, monkeypatch):
+    job, reports = two_rank_job
     survivor = reports[0]
-    assert "unexpected" not in survivor, survivor
     assert survivor["error"] is not None, "rank 0 finished training although rank 1 died"
     assert "rank 0/2" in survivor["error"] and "another rank died" in survivor["error"]
     assert survivor["seconds_to_error"] < 30.0
     # The zoo both ranks built before the crash is complete: a rerun generates nothing.
     monkeypatch.setattr(curvature_data, "generate_network", lambda *a: pytest.fail("the cache was not reused"))
-    data = load_curvature_data(ZOO, cache_root=tmp_path / "cache", progress=False)
+    data = load_curvature_data(ZOO, cache_root=job / "cache", progress=False)
     assert len(data) == ZOO.num_nets
     assert float(evaluate(build_model("standard", _splits(data)[0], MODEL), _splits(data)[1], _error).mean()) > 0

@@ -120,9 +120,13 @@ def _curvature_command(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=args.device,
     )
-    from gradgraph.distributed import init_distributed
+    from gradgraph.distributed import DistributedError, init_distributed
 
-    context = init_distributed(args.device, timeout_s=args.dist_timeout)
+    try:
+        context = init_distributed(args.device, timeout_s=args.dist_timeout)
+    except DistributedError as error:
+        print(f"gradgraph curvature: {error}", file=sys.stderr, flush=True)
+        return 1
     if context.is_main_process:
         print(
             f"gradgraph curvature ({args.preset}): {config.zoo.num_nets} SIRENs "
@@ -133,6 +137,10 @@ def _curvature_command(args: argparse.Namespace) -> int:
         )
     try:
         results = run_curvature(config, context)
+    except DistributedError as error:
+        # One clear line instead of a traceback per rank; torchrun then stops the other ranks.
+        print(f"gradgraph curvature: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
         context.teardown()
     if not context.is_main_process:

@@ -240,7 +240,10 @@ class DistributedContext:
     def teardown(self) -> None:
         """Close the process group if :func:`init_distributed` opened it."""
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except RuntimeError:
+                pass  # a peer already gone: nothing left to close cleanly, and the job is ending
         self.owns_group = False
 
 

@@ -713,6 +713,7 @@ def run_curvature(config: CurvatureConfig, context: DistributedContext | None = 
                 partial(_run_one, name, splits=splits, config=config, context=context),
                 seeds,
                 label=MODEL_LABELS[name],
+                name=name,
                 context=context,
                 log=config.progress,
             )

@@ -89,6 +89,7 @@ def run_seeds(
     seeds: Sequence[int],
     *,
     label: str,
+    name: str | None = None,
     context: DistributedContext | None = None,
     log: bool = True,
 ) -> dict[str, Any]:
@@ -98,6 +99,7 @@ def run_seeds(
         run_one: trains and tests one model for one seed (seeding is its job).
         seeds: the seeds, in order.
         label: the model's name in tables and plots.
+        name: its short name in the per-seed log lines (default: ``label``).
         context: the processes; only rank 0 logs.
         log: print one line per seed.
 
@@ -112,7 +114,7 @@ def run_seeds(
         run = run_one(seed)
         runs.append(run)
         if log and context.is_main_process:
-            print(f"  {label[:40]:<40} seed {seed}: test error {run.test_error:.4f} "
+            print(f"  {name or label:<17} seed {seed}: test error {run.test_error:.4f} "
                   f"(best epoch {run.fit.best_epoch}, {run.fit.seconds:.0f}s)", flush=True)
     errors = [run.test_error for run in runs]
     mean, std = summarize(errors)
