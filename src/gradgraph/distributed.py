@@ -218,12 +218,16 @@ class DistributedContext:
         return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)])
 
     # ------------------------------------------------------------------ models
-    def wrap(self, model: nn.Module, *, find_unused_parameters: bool = True) -> nn.Module:
+    def wrap(self, model: nn.Module, *, static_graph: bool = True) -> nn.Module:
         """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` across the
         ranks (it must already be on :attr:`device`); the model itself when alone.
 
         DDP averages gradients over ranks in ``backward`` and broadcasts rank 0's initial
         parameters, so every rank holds the same weights after every step.
+        ``static_graph=True`` (every step uses the same parameters, as gradgraph's models
+        do) lets DDP find parameters a model never uses on its first step, without a
+        search of the autograd graph at every step; pass ``False`` for models whose used
+        parameters change from step to step (DDP then searches every step).
         """
         if not self.is_distributed:
             return model
@@ -233,7 +237,8 @@ class DistributedContext:
             return DistributedDataParallel(
                 model,
                 device_ids=None,  # batches are moved by the task; DDP must not try to move them
-                find_unused_parameters=find_unused_parameters,
+                static_graph=static_graph,
+                find_unused_parameters=not static_graph,
             )
 
     # ----------------------------------------------------------------- teardown

@@ -160,7 +160,8 @@ def evaluate(
                                            context.device)).detach().reshape(-1)
                 for start in range(block.start, block.stop, batch_size)
             ]
-            mine = torch.cat(local) if local else torch.zeros(0, device=context.device)
+            # float64 on every rank: a rank with no items has no dtype to offer, and the gather needs one
+            mine = torch.cat(local).double() if local else torch.zeros(0, dtype=torch.float64)
             errors = context.all_gather_cat(mine.to(context.device), "gathering evaluation errors")
             if errors.numel() != len(source):
                 raise GradGraphError(f"evaluate: gathered {errors.numel()} errors for {len(source)} items")
