@@ -15,11 +15,8 @@ from gradgraph.errors import GradGraphError
 from gradgraph.tasks.curvature import CurvatureConfig, preset, run_curvature
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-# The MLP converter builds the graph's structure and x / edge_attr with torch.empty / full /
-# arange on the CPU whatever the model's device (src/gradgraph/convert/mlp.py), so a CUDA
-# model gives a graph with CPU and CUDA fields. The converter is being rewritten (issue 14);
-# these tests say what it must do and pass (xpass) once it does.
-converter_on_cpu = pytest.mark.xfail(reason="convert/mlp.py creates graph fields on the CPU", strict=False)
+# The converters put every graph field on the device of the model's factors (issue 14).
+
 
 
 def test_resolve_device_names(monkeypatch):
@@ -58,7 +55,6 @@ def test_results_record_device_and_world_size(tmp_path):
 
 
 @requires_cuda
-@converter_on_cpu
 def test_demo_on_cuda_is_exact_and_equals_cpu():
     on_cpu = run_demo(hidden=(8,), num_datapoints=16, device="cpu")
     on_cuda = run_demo(hidden=(8,), num_datapoints=16, device="cuda")
@@ -69,7 +65,6 @@ def test_demo_on_cuda_is_exact_and_equals_cpu():
 
 
 @requires_cuda
-@converter_on_cpu
 def test_to_graph_on_cuda_equals_cpu():
     import gradgraph
 
