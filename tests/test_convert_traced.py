@@ -474,3 +474,15 @@ def test_the_trace_reproduces_the_stock_encoder_layout(norm_first):
     assert edges(traced) == edges(stock)
     for key in ("node_kind", "perm_group", "perm_block", "perm_tie", "position", "x", "act", "grad"):
         torch.testing.assert_close(traced[key], stock[key], atol=1e-12, rtol=0, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_traced_conversion_on_cuda_equals_cpu():
+    model, inputs, targets, loss_fn = gpt_case()
+    on_cpu = gradgraph.to_graph(model, inputs, targets, loss_fn)
+    on_cuda = gradgraph.to_graph(model.cuda(), inputs.cuda(), targets.cuda(), loss_fn)
+    for key in on_cpu.keys():
+        value = on_cuda[key]
+        if isinstance(value, torch.Tensor):
+            assert value.device.type == "cuda", key
+            torch.testing.assert_close(value.cpu(), on_cpu[key], atol=1e-10, rtol=0, msg=key)
