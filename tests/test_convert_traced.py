@@ -486,3 +486,28 @@ def test_traced_conversion_on_cuda_equals_cpu():
         if isinstance(value, torch.Tensor):
             assert value.device.type == "cuda", key
             torch.testing.assert_close(value.cpu(), on_cpu[key], atol=1e-10, rtol=0, msg=key)
+
+
+def test_transformers_bert_model_with_a_padding_row_converts_exactly():
+    # word, position and token-type tables (the padding row gets no gradient), a pooler on [CLS]
+    config = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     max_position_embeddings=16)
+    config._attn_implementation = "eager"
+    torch.manual_seed(11)
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = transformers.BertModel(config)
+
+        def forward(self, ids):
+            return self.bert(input_ids=ids).pooler_output
+
+    model = Pooled().to(DTYPE).eval()
+    ids = torch.randint(1, 20, (3, 5))
+    ids[0, 3:] = config.pad_token_id
+    loss_fn = lambda out, _: out.pow(2).sum(1)  # noqa: E731
+    graph = assert_exact_per_sample_grads(model, ids, None, loss_fn)
+    assert int((graph.node_kind == NodeKind.TOKEN).sum()) == 20 + 16 + 2
+    check_group(model, ids, None, loss_fn)

@@ -621,7 +621,14 @@ class _Tracer(TorchFunctionMode):
         if name in _EMBEDDING:
             indices = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
-            return self.embedding(name, indices, weight, output)
+            options = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args[2:]))
+            options.update({key: value for key, value in kwargs.items() if key not in ("input", "weight")})
+            if options.get("max_norm") is not None:
+                raise self.unsupported(name, "max_norm renormalises the table in place during the forward")
+            if options.get("scale_grad_by_freq"):
+                raise self.unsupported(name, "scale_grad_by_freq scales a row's gradient by its count in the whole "
+                                       "batch, so datapoints' gradients are not separate")
+            return self.embedding(name, indices, weight, output, options.get("padding_idx"))
         if name in _SDPA:
             return self.sdpa(name, args, kwargs, output)
         if name in _LAYER_NORM or name in _RMS_NORM:
@@ -936,8 +943,11 @@ class _Tracer(TorchFunctionMode):
         self.set_meta(output, _Scores(query, key, tuple(output.shape[:-2])))
 
     # -------------------------------------------------------------- embeddings
-    def embedding(self, name: str, indices: Tensor, weight: Tensor, output: Tensor) -> None:
+    def embedding(self, name: str, indices: Tensor, weight: Tensor, output: Tensor,
+                  padding_idx: int | None = None) -> None:
         table = self.param_view(weight, name, "table")
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += table.pos.shape[0]
         index_meta = self.meta(indices)
         if isinstance(index_meta, _Raw):
             index_meta = self.neurons_from_raw(indices, index_meta, name)
@@ -955,11 +965,12 @@ class _Tracer(TorchFunctionMode):
         if index_meta is None:  # constant indices (positions): bound when added to token values
             new = _Neurons(out_nodes, None, {created.index: 0}, unbound_index=row_index)
             created.token_set = tokens  # type: ignore[attr-defined]
+            tokens.padding_idx = padding_idx  # type: ignore[attr-defined]
         else:
             comps = _broadcast(index_meta.comps.unsqueeze(-1), output.shape).clone()
             new = _Neurons(out_nodes, comps, {created.index: 0})
             created.grad_records.append((output, out_nodes, comps))
-            tokens.onehot_records.append((row_index, out_nodes, comps, self.op_index))
+            tokens.onehot_records.append((row_index, out_nodes, comps, self.op_index, padding_idx))
         self.set_meta(output, new)
         self.observe(output, new)
 
@@ -971,7 +982,8 @@ class _Tracer(TorchFunctionMode):
             neuron_set.grad_records.append((result, nodes, comps))
             token_set = getattr(neuron_set, "token_set", None)
             if token_set is not None and meta.unbound_index is not None:
-                token_set.onehot_records.append((_broadcast(meta.unbound_index, shape).clone(), nodes, comps, None))
+                token_set.onehot_records.append((_broadcast(meta.unbound_index, shape).clone(), nodes, comps, None,
+                                                 getattr(token_set, "padding_idx", None)))
         return _Neurons(nodes, comps, meta.versions)
 
     def position_parameter(self, name: str, param: _Param, shape: torch.Size, result: Tensor) -> _Neurons:

@@ -218,6 +218,7 @@ class _OnehotRecord:
     keep: Tensor | None
     columns: Tensor
     first: int
+    padding: int | None = None  # a padding_idx row gets no gradient: its one-hot stays 0
 
 
 @dataclass
@@ -286,12 +287,14 @@ def _plan_records(tracer: _Tracer, num_datapoints: int) -> tuple[list[_Record], 
         for value, nodes, comps in records:
             if comps is not None:
                 acts.append(_record(tracer, value, nodes, comps, num_keys, num_components))
-        for index, nodes, comps, op in neuron_set.onehot_records:
+        for index, nodes, comps, op, padding in neuron_set.onehot_records:
             keep = (nodes >= 0) & (comps >= 0)
+            if op is None and padding is not None:
+                keep &= index != padding
             onehots.append(_OnehotRecord(
                 op, None if op is not None else index[keep], tuple(nodes.shape),
                 None if bool(keep.all()) else keep.reshape(-1), _component_index(comps[keep], num_keys),
-                neuron_set.first))
+                neuron_set.first, padding))
         for tensor, nodes, comps in neuron_set.grad_records:
             if nodes is not None and tensor.requires_grad:
                 grads.append(_record(tracer, tensor, nodes, comps, num_keys, num_components))
@@ -368,7 +371,11 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: 
             indices = captured[record.op][0][0]
             rows = indices.detach().unsqueeze(-1).expand(record.shape).reshape(-1)
             rows = rows if record.keep is None else rows[record.keep.to(rows.device)]
-        act[(record.first + rows).to(device), record.columns.to(device)] = 1
+        columns = record.columns.to(device)
+        if record.op is not None and record.padding is not None:
+            columns = columns[(rows != record.padding).to(device)]
+            rows = rows[rows != record.padding]
+        act[(record.first + rows).to(device), columns] = 1
     if not bool(torch.isfinite(act.sum() + grad.sum())):
         for first, size, origin in plan.set_names:
             check_finite(f"activation of the neurons of '{origin}'", act[first:first + size])
