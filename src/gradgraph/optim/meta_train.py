@@ -237,8 +237,8 @@ class MetaTrainer:
             meta_loss, norm = self._pes_truncation()
         self.outer_steps += 1
         line = {"outer_step": self.outer_steps, "meta_loss": meta_loss, "grad_norm": norm,
-                "alpha": float(self.meta_model.alpha), "beta": float(self.meta_model.beta),
-                "mu": float(self.meta_model.mu), "seconds": time.perf_counter() - start}
+                "alpha": float(self.meta_model.alpha.detach()), "beta": float(self.meta_model.beta.detach()),
+                "mu": float(self.meta_model.mu.detach()), "seconds": time.perf_counter() - start}
         self.history.append(line)
         return line
 
