@@ -251,3 +251,27 @@ def test_pretrained_checkpoint_lowers_a_small_mlp_loss():
     assert float(F.cross_entropy(model(x), y)) < 0.7 * first
     with pytest.raises(GradGraphError, match="available"):
         load_pretrained("no-such-optimizer")
+
+
+def test_transformer_step_equals_documented_update():
+    """The stock attention path: a one-hot-input Linear, an encoder with a causal mask, a head."""
+    from gradgraph.tasks.learned_optimizer.tasks import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(vocab=7, d_model=8, heads=2, blocks=1)
+    meta = _constant_f(LearnedUpdate(MetaModelConfig(alpha=0.5, beta=0.1, mu=0.8)), -0.7)
+    opt = LearnedOptimizer(model, meta)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 7, (3, 5), generator=g)
+    x, y = F.one_hot(tokens[:, :-1], 7).float(), tokens[:, 1:]
+    mask = nn.Transformer.generate_square_subsequent_mask(4)
+
+    def losses():
+        return F.cross_entropy(model(x, mask=mask).transpose(1, 2), y, reduction="none").mean(1)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = torch.autograd.grad(losses().mean(), list(model.parameters()))
+    opt.step(losses)
+    for (name, p), grad in zip(model.named_parameters(), grads):
+        expected = before[name] - 0.5 * (0.1 * -0.7 + 0.2 * grad)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)

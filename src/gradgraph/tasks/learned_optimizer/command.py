@@ -19,7 +19,7 @@ __all__ = ["META_PRESETS", "add_learned_optimizer_parser"]
 #: meta-training presets: budget (minutes), particles, truncation, horizon.
 META_PRESETS = {
     "tiny": {"minutes": 1.0, "num_particles": 2, "truncation": 5, "horizon": 50},
-    "default": {"minutes": 30.0, "num_particles": 8, "truncation": 10, "horizon": 400},
+    "default": {"minutes": 30.0, "num_particles": 4, "truncation": 10, "horizon": 300},
     "long": {"minutes": 240.0, "num_particles": 16, "truncation": 20, "horizon": 1000},
 }
 
