@@ -52,14 +52,19 @@ def _constant_f(meta: LearnedUpdate, value: float) -> LearnedUpdate:
     return meta
 
 
+@pytest.mark.parametrize("residual_adam", [False, True])
 @pytest.mark.parametrize("use_gradmetanet", [False, True])
-def test_step_equals_documented_update(use_gradmetanet):
+def test_step_equals_documented_update(use_gradmetanet, residual_adam):
+    """θ ← θ − α(β·F + m), m ← μm + (1−μ)∇; with residual_adam F = m̂/(√v̂ + 1e-8) + MLP (Adam's formulas)."""
     torch.manual_seed(0)
-    meta = _constant_f(LearnedUpdate(MetaModelConfig(use_gradmetanet=use_gradmetanet, alpha=0.2, beta=0.05, mu=0.7)), 1.5)
+    config = MetaModelConfig(use_gradmetanet=use_gradmetanet, alpha=0.2, beta=0.05, mu=0.7, residual_adam=residual_adam)
+    meta = _constant_f(LearnedUpdate(config), 1.5)
     model = _mlp()
     opt = LearnedOptimizer(model, meta)
     momentum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for step in range(3):
+    first = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    second = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for step in range(1, 4):
         x, y = _batch(seed=step)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
@@ -67,7 +72,12 @@ def test_step_equals_documented_update(use_gradmetanet):
         assert loss.dim() == 0
         for (name, p), g in zip(model.named_parameters(), grads):
             momentum[name] = 0.7 * momentum[name] + 0.3 * g
-            expected = before[name] - 0.2 * (0.05 * 1.5 + momentum[name])
+            first[name] = 0.9 * first[name] + 0.1 * g
+            second[name] = 0.999 * second[name] + 0.001 * g * g
+            learned = torch.full_like(g, 1.5)
+            if residual_adam:
+                learned = learned + (first[name] / (1 - 0.9**step)) / ((second[name] / (1 - 0.999**step)).sqrt() + 1e-8)
+            expected = before[name] - 0.2 * (0.05 * learned + momentum[name])
             torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
 
 

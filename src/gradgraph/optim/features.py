@@ -26,6 +26,7 @@ __all__ = [
     "FACTOR_DECAYS",
     "MOMENTUM_DECAYS",
     "NUM_PARAMETER_FEATURES",
+    "SECOND_MOMENT_DECAY",
     "TIME_SCALES",
     "normalize_factors",
     "parameter_features",
@@ -39,6 +40,8 @@ MOMENTUM_DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 TIME_SCALES: tuple[float, ...] = tuple(float(10 ** (k / 2)) for k in range(11))
 #: decays of the EMAs of the per-component factors GradMetaNet reads (6, as the paper).
 FACTOR_DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+#: decay of the squared-gradient EMA behind the optional Adam direction (not a feature).
+SECOND_MOMENT_DECAY = 0.999
 #: θ, ∇, 6 momenta, 11 time features.
 NUM_PARAMETER_FEATURES = 2 + len(MOMENTUM_DECAYS) + len(TIME_SCALES)
 

@@ -155,7 +155,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             slot = self.state[p]
             if not slot:
                 slot["momentum"] = torch.zeros_like(p)
-                slot["momenta"] = p.new_zeros(*p.shape, len(self.meta_model.momentum_decays))
+                slot["momenta"] = p.new_zeros(*p.shape, len(self.meta_model.momentum_decays) + 1)
             momentum[name], momenta[name] = slot["momentum"][None], slot["momenta"][None]
         return OptimizerState(step=self._step, momentum=momentum, momenta=momenta, factor_emas=self._factor_emas)
 
