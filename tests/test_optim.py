@@ -285,3 +285,21 @@ def test_transformer_step_equals_documented_update():
     for (name, p), grad in zip(model.named_parameters(), grads):
         expected = before[name] - 0.5 * (0.1 * -0.7 + 0.2 * grad)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_meta_gradient_passes_through_all_reduce():
+    """The hook for splitting particles over ranks: the flat meta-gradient goes through all_reduce."""
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False))
+    before = [p.detach().clone() for p in meta.parameters()]
+    seen = []
+
+    def all_reduce(flat):
+        seen.append(flat.shape)
+        return torch.zeros_like(flat)  # as if the other ranks cancelled this one's gradient
+
+    trainer = MetaTrainer(meta, _tiny_task(), MetaTrainConfig(num_particles=2, truncation=2, horizon=4),
+                          all_reduce=all_reduce)
+    trainer.step()
+    assert seen == [torch.Size([sum(p.numel() for p in meta.parameters())])]
+    assert all(torch.equal(a, b) for a, b in zip(before, meta.parameters()))

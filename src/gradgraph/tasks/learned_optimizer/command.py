@@ -19,7 +19,7 @@ __all__ = ["META_PRESETS", "add_learned_optimizer_parser"]
 #: meta-training presets: budget (minutes), particles, truncation, horizon.
 META_PRESETS = {
     "tiny": {"minutes": 1.0, "num_particles": 2, "truncation": 5, "horizon": 50},
-    "default": {"minutes": 30.0, "num_particles": 4, "truncation": 10, "horizon": 300},
+    "default": {"minutes": 22.0, "num_particles": 4, "truncation": 10, "horizon": 300},
     "long": {"minutes": 240.0, "num_particles": 16, "truncation": 20, "horizon": 1000},
 }
 
@@ -35,7 +35,15 @@ def _command(args: argparse.Namespace) -> int:
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
                                out_dir=str(args.out_dir / f"meta-{args.variant}"), progress=not args.quiet,
                                max_outer_steps=args.max_outer_steps, **preset)
-        trainer = run_meta_training(config, export=args.export)
+        from gradgraph.distributed import init_distributed
+
+        context = init_distributed("cpu")  # one process unless started by torchrun
+        try:
+            trainer = run_meta_training(config, export=args.export, context=context)
+        finally:
+            context.teardown()
+        if not context.is_main_process:
+            return 0
         last = trainer.history[-1] if trainer.history else {}
         print(f"meta-trained {config.variant} on {config.task} ({config.estimator}): {trainer.outer_steps} outer steps, "
               f"alpha={last.get('alpha', float('nan')):.4g} beta={last.get('beta', float('nan')):.4g} "

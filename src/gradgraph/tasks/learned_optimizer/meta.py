@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gradgraph.data.cache import atomic_torch_save
+from gradgraph.distributed import SINGLE_PROCESS, DistributedContext
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer
 from gradgraph.tasks.learned_optimizer.tasks import get_task
@@ -61,7 +62,7 @@ class MetaRunConfig:
     truncation: int = 10
     horizon: int = 300
     outer_lr: float = 1e-3
-    scalar_lr: float = 3e-2
+    scalar_lr: float = 1e-3
     sigma: float = 0.01
     alpha: float = 0.1
     beta: float = 0.3
@@ -84,11 +85,20 @@ class MetaRunConfig:
                                sigma=self.sigma, seed=self.seed)
 
 
-def _build(config: MetaRunConfig) -> MetaTrainer:
+def _build(config: MetaRunConfig, context: DistributedContext) -> MetaTrainer:
+    # Same meta-model initialisation on every rank; each rank its own particles, data and
+    # perturbations (seed offset by rank); meta-gradients are averaged across ranks.
     torch.manual_seed(config.seed)
+    if config.num_particles % context.world_size:
+        raise GradGraphError(
+            f"meta-training: {config.num_particles} particles cannot be split evenly over {context.world_size} ranks"
+        )
+    trainer_config = replace(config.trainer_config(), num_particles=config.num_particles // context.world_size,
+                             seed=config.seed + 1000 * context.rank)
     meta_model = LearnedUpdate(MetaModelConfig(use_gradmetanet=config.variant == "gradmetanet", alpha=config.alpha,
                                                beta=config.beta, residual_adam=config.residual_adam))
-    return MetaTrainer(meta_model, get_task(config.task).task, config.trainer_config())
+    all_reduce = context.all_reduce_mean if context.is_distributed else None
+    return MetaTrainer(meta_model, get_task(config.task).task, trainer_config, all_reduce=all_reduce)
 
 
 def export_meta_model(trainer: MetaTrainer, path: Path | str, provenance: dict[str, Any]) -> None:
@@ -100,8 +110,14 @@ def export_meta_model(trainer: MetaTrainer, path: Path | str, provenance: dict[s
     })
 
 
-def run_meta_training(config: MetaRunConfig, export: Path | str | None = None) -> MetaTrainer:
+def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
+                      context: DistributedContext | None = None) -> MetaTrainer:
     """Meta-train under ``config``'s budget, resuming from ``<out_dir>/checkpoint.pt`` if present.
+
+    Under ``torchrun`` (``context`` from :func:`gradgraph.distributed.init_distributed`) every
+    rank steps ``num_particles / world_size`` particles, the meta-gradients are averaged with
+    an all-reduce, every rank keeps its own checkpoint (``checkpoint-rank<r>.pt``), rank 0
+    writes the log and the export, and all ranks stop together when the budget is spent.
 
     Returns:
         The trainer (its ``meta_model`` is the result; ``history`` the log).
@@ -110,8 +126,9 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None) -
 
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    trainer = _build(config)
+    context = context or SINGLE_PROCESS
+    checkpoint_path = out_dir / ("checkpoint.pt" if not context.is_distributed else f"checkpoint-rank{context.rank}.pt")
+    trainer = _build(config, context)
     elapsed = 0.0
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -130,8 +147,8 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None) -
 
     start = time.perf_counter() - elapsed
     with tqdm(desc=f"meta-train {config.variant} on {config.task} ({config.estimator})", unit="outer",
-              disable=not config.progress, initial=trainer.outer_steps) as bar:
-        while trainer.outer_steps < config.max_outer_steps and elapsed < budget:
+              disable=not (config.progress and context.is_main_process), initial=trainer.outer_steps) as bar:
+        while trainer.outer_steps < config.max_outer_steps and not context.any(elapsed >= budget, "meta-train budget"):
             line = trainer.step()
             elapsed = time.perf_counter() - start
             bar.update(1)
@@ -140,12 +157,14 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None) -
             if trainer.outer_steps % config.checkpoint_every == 0:
                 save()
     save()
+    if not context.is_main_process:
+        return trainer
     with open(out_dir / "history.json", "w") as file:
         json.dump(trainer.history, file)
     if export is not None:
         export_meta_model(trainer, export, {
             "command": "gradgraph learned-optimizer --meta-train", "run_config": _comparable(config),
-            "outer_steps": trainer.outer_steps, "minutes": elapsed / 60,
+            "outer_steps": trainer.outer_steps, "minutes": elapsed / 60, "world_size": context.world_size,
         })
     return trainer
 
