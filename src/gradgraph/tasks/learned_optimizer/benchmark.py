@@ -15,6 +15,11 @@ the same for every optimizer):
 
 Baselines: SGD with momentum 0.9 (learning rate tuned on a grid too), the learned
 optimizer without GradMetaNet ("DeepSets"), and ours.
+
+The inner loop here is not :func:`gradgraph.tasks.training.fit`: that loop trains a
+metanetwork with Adam by epochs and keeps the best-on-validation weights, while this one is
+the *object* of the measurement — any optimizer, one step per batch of a stream, the test
+loss after every step — and must not select weights.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ def train_curve(bench: BenchmarkTask, optimizer: OptimizerFactory | LearnedUpdat
             loss.backward()
             opt.step()
         train_seconds += time.perf_counter() - start
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             diverged = True
             break
         if step % eval_every == 0 or step == steps:
