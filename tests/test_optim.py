@@ -184,7 +184,7 @@ def test_pes_is_unbiased_on_a_quadratic_toy(persistent):
         assert error > 0.2, (estimate, true_grad)  # truncation bias: the test can tell
 
 
-def _tiny_task() -> Task:
+def _tiny_task(validation: bool = False) -> Task:
     def make(seed):
         return _mlp((5, 4, 3), seed=seed)
 
@@ -192,7 +192,8 @@ def _tiny_task() -> Task:
         x = torch.randn(8, 5, generator=generator)
         return x, (x[:, 0] > 0).long()
 
-    return Task("tiny", make, sample, lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    return Task("tiny", make, sample, lambda out, y: F.cross_entropy(out, y, reduction="none"),
+                sample_validation=sample if validation else None)
 
 
 @pytest.mark.parametrize("estimator", ["tbptt", "pes"])
@@ -201,7 +202,7 @@ def test_meta_training_moves_meta_parameters(estimator, use_gradmetanet):
     torch.manual_seed(0)
     meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=use_gradmetanet))
     before = [p.detach().clone() for p in meta.parameters()]
-    trainer = MetaTrainer(meta, _tiny_task(), MetaTrainConfig(estimator=estimator, num_particles=2, truncation=2,
+    trainer = MetaTrainer(meta, _tiny_task(validation=use_gradmetanet), MetaTrainConfig(estimator=estimator, num_particles=2, truncation=2,
                                                               horizon=3, outer_lr=1e-2))
     for _ in range(3):  # crosses a restart (horizon 3) of both particles
         line = trainer.step()

@@ -12,7 +12,7 @@ Two estimators of the meta-gradient, chosen by :attr:`MetaTrainConfig.estimator`
 
 * ``"tbptt"`` — truncated backpropagation through the unroll. The meta-loss of a
   truncation of ``K`` steps is the mean over steps and particles of ``log L(θ_{t+1})`` on
-  the next training batch, differentiated through the updates ``θ_{t+1} = θ_t − Δ(θ_t, …)``
+  a held-out batch (:attr:`Task.sample_validation`) or else the next training batch, differentiated through the updates ``θ_{t+1} = θ_t − Δ(θ_t, …)``
   with respect to every meta-parameter. The batch's gradients and factors enter as data
   (no second-order terms: autograd does not see how ``∇L(θ_t)`` depends on ``θ_t``), the
   usual first-order truncated estimator. One meta-model for all particles, so one batched
@@ -65,6 +65,10 @@ class Task:
         sample_batch: ``generator -> (inputs [b, ...], targets)``, one training batch.
         loss_fn: ``(output, targets) -> [b]`` the per-datapoint loss.
         forward_kwargs: extra keyword arguments of the model's forward (e.g. a mask).
+        sample_validation: ``generator -> (inputs, targets)``, a batch of held-out data the
+            inner runs never train on. If given, the meta-loss is the loss on it (so
+            meta-training rewards generalisation, not memorising a small training set);
+            otherwise the loss on the next training batch (the paper's choice).
     """
 
     name: str
@@ -72,6 +76,7 @@ class Task:
     sample_batch: Callable[[torch.Generator], tuple[Tensor, Any]]
     loss_fn: LossFn
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    sample_validation: Callable[[torch.Generator], tuple[Tensor, Any]] | None = None
 
 
 @dataclass
@@ -174,9 +179,13 @@ class MetaTrainer:
         return graphs, {name: torch.stack([mean[name] for mean in means]) for name in self.names}
 
     def _losses(self, params: dict[str, Tensor]) -> Tensor:
-        """``[P]`` mean loss of every particle's ``params`` on its current batch (differentiable)."""
+        """``[P]`` meta-loss of every particle's ``params`` (differentiable): on a fresh held-out
+        batch if the task has ``sample_validation``, else on the particle's next training batch."""
+        batches = self.batches
+        if self.task.sample_validation is not None:
+            batches = [self.task.sample_validation(self.data_generator) for _ in self.models]
         losses = []
-        for index, (model, (inputs, targets)) in enumerate(zip(self.models, self.batches)):
+        for index, (model, (inputs, targets)) in enumerate(zip(self.models, batches)):
             own = {name: params[name][index] for name in self.names}
             output = functional_call(model, own, (inputs,), self.task.forward_kwargs)
             losses.append(self.task.loss_fn(output, targets).mean())

@@ -98,7 +98,9 @@ def _build(config: MetaRunConfig, context: DistributedContext) -> MetaTrainer:
     meta_model = LearnedUpdate(MetaModelConfig(use_gradmetanet=config.variant == "gradmetanet", alpha=config.alpha,
                                                beta=config.beta, residual_adam=config.residual_adam))
     all_reduce = context.all_reduce_mean if context.is_distributed else None
-    return MetaTrainer(meta_model, get_task(config.task).task, trainer_config, all_reduce=all_reduce)
+    bench = get_task(config.task)
+    task = bench.meta_task or bench.task
+    return MetaTrainer(meta_model, task, trainer_config, all_reduce=all_reduce)
 
 
 def export_meta_model(trainer: MetaTrainer, path: Path | str, provenance: dict[str, Any]) -> None:

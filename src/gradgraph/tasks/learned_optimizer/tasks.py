@@ -118,12 +118,16 @@ class BenchmarkTask:
         task: the :class:`~gradgraph.optim.Task` (model factory, training stream, loss).
         test_loss: ``model -> float`` mean loss over the whole test set.
         batch_size: training batch size.
+        meta_task: the task meta-training uses: inner runs train on 80% of the training set
+            and the meta-loss is measured on the other 20% (never the test set); ``None``:
+            ``task`` itself.
     """
 
     task: Task
     test_loss: Callable[[nn.Module], float]
     batch_size: int
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    meta_task: Task | None = None
 
 
 def _digits_task(name: str, widths: tuple[int, ...], batch_size: int = 128) -> BenchmarkTask:
@@ -141,7 +145,18 @@ def _digits_task(name: str, widths: tuple[int, ...], batch_size: int = 128) -> B
         return float(F.cross_entropy(model(x_test), y_test))
 
     task = Task(name, lambda seed: make_mlp(widths, seed), sample, loss_fn)
-    return BenchmarkTask(task, test_loss, batch_size)
+    num_inner = len(y_train) * 4 // 5
+
+    def sample_inner(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        index = torch.randperm(num_inner, generator=generator)[:batch_size]
+        return x_train[index], y_train[index]
+
+    def sample_validation(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        index = num_inner + torch.randperm(len(y_train) - num_inner, generator=generator)[:batch_size]
+        return x_train[index], y_train[index]
+
+    meta_task = Task(name, task.make_model, sample_inner, loss_fn, sample_validation=sample_validation)
+    return BenchmarkTask(task, test_loss, batch_size, meta_task=meta_task)
 
 
 def _charlm_task(batch_size: int = 8, context: int = 16, test_windows: int = 512) -> BenchmarkTask:
