@@ -304,3 +304,18 @@ def test_meta_gradient_passes_through_all_reduce():
     trainer.step()
     assert seen == [torch.Size([sum(p.numel() for p in meta.parameters())])]
     assert all(torch.equal(a, b) for a, b in zip(before, meta.parameters()))
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_diverged_inner_runs_restart_instead_of_crashing(estimator):
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=1e20, beta=1e20))  # every run explodes
+    trainer = MetaTrainer(meta, _tiny_task(), MetaTrainConfig(estimator=estimator, num_particles=2, truncation=3,
+                                                              horizon=6))
+    before = [p.detach().clone() for p in meta.parameters()]
+    line = trainer.step()
+    assert line["meta_loss"] != line["meta_loss"]  # NaN: the truncation was skipped
+    assert trainer.diverged_truncations == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, meta.parameters()))
+    trainer.step()  # particles restarted from fresh initialisations
+    assert all(torch.isfinite(v).all() for v in trainer.params.values()) or trainer.diverged_truncations == 2

@@ -43,7 +43,7 @@ from torch_geometric.data import Batch
 
 from gradgraph.capture import LossFn
 from gradgraph.convert import to_graph
-from gradgraph.errors import GradGraphError
+from gradgraph.errors import GradGraphError, NonFiniteFactorError
 from gradgraph.graph import GradGraph
 from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
 from gradgraph.optim.pes import PES
@@ -51,6 +51,13 @@ from gradgraph.optim.pes import PES
 __all__ = ["MetaTrainConfig", "MetaTrainer", "Task"]
 
 ESTIMATORS = ("tbptt", "pes")
+
+
+class _NonFiniteMetaLoss(GradGraphError):
+    """A truncation's meta-loss is not finite (an inner run diverged)."""
+
+
+NonFiniteError = (NonFiniteFactorError, _NonFiniteMetaLoss)
 
 
 @dataclass
@@ -159,6 +166,8 @@ class MetaTrainer:
             self.pes = PES(config.num_particles // 2, self.flat_meta_parameters().numel(), config.sigma,
                            torch.Generator().manual_seed(config.seed + 7))
         self.history: list[dict[str, float]] = []
+        #: truncations skipped because an inner run diverged (non-finite loss or factors).
+        self.diverged_truncations = 0
 
     # ---------------------------------------------------------------- inner runs
     def _fresh_model(self) -> nn.Module:
@@ -237,13 +246,25 @@ class MetaTrainer:
         """One truncation of every particle and one outer Adam step; returns its log line."""
         start = time.perf_counter()
         restarted = self._restart_finished()
-        if self.config.estimator == "tbptt":
-            meta_loss, norm = self._tbptt_truncation()
-        else:
+        saved = (self.params, self.state, self.inner_step)
+        try:
+            if self.config.estimator == "tbptt":
+                meta_loss, norm = self._tbptt_truncation()
+            else:
+                if self.pes is not None:
+                    half = self.config.num_particles // 2
+                    self.pes.reset(restarted[:half] | restarted[half:])
+                meta_loss, norm = self._pes_truncation()
+        except NonFiniteError:
+            # An inner run diverged inside this truncation: no meta-update from it; every
+            # particle restarts from a fresh initialisation at the next step.
+            self.outer.zero_grad(set_to_none=True)
+            self.params, self.state, self.inner_step = saved
+            self.restart_at = self.inner_step.clone()
             if self.pes is not None:
-                half = self.config.num_particles // 2
-                self.pes.reset(restarted[:half] | restarted[half:])
-            meta_loss, norm = self._pes_truncation()
+                self.pes.reset(torch.ones(self.pes.num_pairs, dtype=torch.bool))
+            meta_loss, norm = math.nan, math.nan
+            self.diverged_truncations += 1
         self.outer_steps += 1
         line = {"outer_step": self.outer_steps, "meta_loss": meta_loss, "grad_norm": norm,
                 "alpha": float(self.meta_model.alpha.detach()), "beta": float(self.meta_model.beta.detach()),
@@ -267,7 +288,7 @@ class MetaTrainer:
             terms.append(_log_loss(self._losses(params)))
         meta_loss = torch.stack(terms).mean()
         if not torch.isfinite(meta_loss):
-            raise GradGraphError(f"meta-training ({self.task.name}): non-finite meta-loss at outer step {self.outer_steps}")
+            raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): non-finite meta-loss at outer step {self.outer_steps}")
         self.outer.zero_grad(set_to_none=True)
         meta_loss.backward()
         flat_grad = torch.cat([
@@ -303,6 +324,8 @@ class MetaTrainer:
             state = _cat_states(new_states)
             self._advance(params)
             totals += _log_loss(self._losses(params))
+        if not torch.isfinite(totals).all():
+            raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): an inner run diverged (PES)")
         means = totals / self.config.truncation
         self.params, self.state = params, state
         estimate = self.pes.estimate(means)
@@ -328,6 +351,7 @@ class MetaTrainer:
             "pes": None if self.pes is None else {**self.pes.state_dict(),
                                                    "generator": self.pes.generator.get_state()},
             "outer_steps": self.outer_steps,
+            "diverged_truncations": self.diverged_truncations,
             "history": self.history,
         }
 
@@ -352,6 +376,7 @@ class MetaTrainer:
             self.pes.load_state_dict(checkpoint["pes"])
             self.pes.generator.set_state(checkpoint["pes"]["generator"])
         self.outer_steps = checkpoint["outer_steps"]
+        self.diverged_truncations = checkpoint.get("diverged_truncations", 0)
         self.history = list(checkpoint["history"])
 
 
