@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch
 
+from gradgraph.convert import to_graph
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.nn import GradMetaNet
@@ -257,8 +258,6 @@ class LearnedUpdate(nn.Module):
         work before the first real step. The dummy data uses a private generator, so the
         global random stream is consumed only by the layers' own initialisation.
         """
-        from gradgraph.convert import to_graph
-
         generator = torch.Generator().manual_seed(0)
         tiny = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
         with torch.no_grad():

@@ -51,8 +51,7 @@ def _command(args: argparse.Namespace) -> int:
               + (f"; exported {args.export}" if args.export else ""))
         print(f"wall time {time.perf_counter() - start:.0f}s")
         return 0
-    from gradgraph.tasks.learned_optimizer.run import BenchmarkConfig, run_benchmark, format_table
-    from gradgraph.tasks.learned_optimizer.benchmark import TaskResult  # noqa: F401  (documentation)
+    from gradgraph.tasks.learned_optimizer.run import BenchmarkConfig, run_benchmark
 
     config = BenchmarkConfig(tasks=tuple(args.tasks), optimizers=tuple(args.optimizers), gradmetanet=args.gradmetanet,
                              deepsets=args.deepsets, steps=args.steps, seeds=args.seeds,
