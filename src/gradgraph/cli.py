@@ -191,6 +191,11 @@ def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo_parser, add_curvature_parser]
 
+# learned optimizer (issue 15): its parser lives with the experiment; heavy imports stay lazy.
+from gradgraph.tasks.learned_optimizer.command import add_learned_optimizer_parser  # noqa: E402
+
+SUBCOMMANDS.append(add_learned_optimizer_parser)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradgraph`` command; returns the exit code."""

@@ -1,0 +1,36 @@
+"""The GradMetaNet learned optimizer (paper §7.2) and its meta-training.
+
+- :class:`LearnedOptimizer` — a ``torch.optim.Optimizer``: ``loss = opt.step(closure)``
+  with a closure that returns per-datapoint losses ``[b]``.
+- :class:`LearnedUpdate` / :class:`MetaModelConfig` — the update rule
+  ``θ ← θ − α(β·F + m)`` with GradMetaNet's per-parameter embedding (or without: "DeepSets").
+- :class:`MetaTrainer` / :class:`MetaTrainConfig` / :class:`Task` — meta-training by truncated
+  backpropagation or antithetic PES (:class:`PES`), all particles in one batched forward.
+- :func:`load_pretrained` / :func:`pretrained_names` — meta-models shipped in the package.
+"""
+
+from gradgraph.optim.features import NUM_PARAMETER_FEATURES, parameter_features, time_features
+from gradgraph.optim.meta_model import LearnedUpdate, MetaModelConfig, OptimizerState, ParameterLayout
+from gradgraph.optim.optimizer import LearnedOptimizer, graph_from_closure
+from gradgraph.optim.pes import PES
+from gradgraph.optim.meta_train import MetaTrainConfig, MetaTrainer, Task
+from gradgraph.optim.hub import load_pretrained, meta_model_from_checkpoint, pretrained_names
+
+__all__ = [
+    "LearnedOptimizer",
+    "LearnedUpdate",
+    "MetaModelConfig",
+    "MetaTrainConfig",
+    "MetaTrainer",
+    "NUM_PARAMETER_FEATURES",
+    "OptimizerState",
+    "PES",
+    "ParameterLayout",
+    "Task",
+    "graph_from_closure",
+    "load_pretrained",
+    "meta_model_from_checkpoint",
+    "parameter_features",
+    "pretrained_names",
+    "time_features",
+]

@@ -1,0 +1,436 @@
+"""The meta-model of the learned optimizer: the paper's update rule with meta-learned parts.
+
+.. math::
+    m_t = \\mu\\, m_{t-1} + (1 - \\mu)\\, \\nabla_t, \\qquad
+    \\theta_{t+1} = \\theta_t - \\alpha \\bigl(\\beta\\, F(\\phi_t \\Vert e_t) + m_t\\bigr)
+
+with ``φ_t`` the 19 per-parameter features of :mod:`gradgraph.optim.features`, ``e_t`` the
+per-parameter embedding GradMetaNet computes from the batch's rank-1 factors and their
+EMAs (absent in the "DeepSets" variant), ``F`` a per-parameter MLP and ``α, β, μ``
+meta-learned scalars (initialised at 0.1, 0.001, 0.9 as the paper). With ``β = 0`` the rule
+is SGD with momentum. ``m`` is an EMA of the gradient, so ``α`` is the learning rate of
+that SGD-with-momentum part.
+
+With ``residual_adam=True`` (the default of meta-training runs, off in the paper's rule),
+``F = d_t + MLP(φ_t ‖ e_t)`` with ``d_t = m̂_t / (\sqrt{v̂_t} + 10^{-8})`` Adam's direction
+(bias-corrected EMAs of ∇ and ∇², decays 0.9 and 0.999): the rule then starts as Adam with
+learning rate ``αβ`` plus a little SGD momentum, and meta-training learns a correction to it.
+A budget of a few hundred outer steps on CPU cannot discover per-parameter adaptivity from
+scratch (measured: without it the learned rule did not reach tuned Adam's loss); the paper's
+50,000 steps can.
+
+All state and all inputs carry a leading particle axis ``P``, so the inner runs of
+meta-training are stepped together and their graphs go through ONE batched GradMetaNet
+forward; :class:`~gradgraph.optim.LearnedOptimizer` uses ``P = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import Batch
+
+from gradgraph.convert import to_graph
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import GradGraph
+from gradgraph.nn import GradMetaNet
+from gradgraph.optim.features import (
+    FACTOR_DECAYS,
+    MOMENTUM_DECAYS,
+    NUM_PARAMETER_FEATURES,
+    SECOND_MOMENT_DECAY,
+    normalize_factors,
+    parameter_features,
+    time_features,
+    update_emas,
+)
+
+__all__ = ["LearnedUpdate", "MetaModelConfig", "OptimizerState", "ParameterLayout"]
+
+
+@dataclass
+class MetaModelConfig:
+    """Architecture and initial scalars of :class:`LearnedUpdate`.
+
+    Attributes:
+        use_gradmetanet: ``False`` gives the per-parameter-MLP-only ("DeepSets") variant.
+        embedding_dim: width of GradMetaNet's per-parameter embedding (paper: 14).
+        mlp_hidden: width of ``F``'s hidden layers; ``mlp_layers`` of them (paper: 3 × 32).
+        gmn_hidden, gmn_component, gmn_component_layers, gmn_node_layers,
+            gmn_product_channels: GradMetaNet's size (small by default, for CPU speed).
+        max_components: GradMetaNet reads the factors of at most this many datapoints of
+            the batch (the first ones; batches are drawn at random, so they are a random
+            subset). Its cost grows linearly with them; ``None`` reads all (the paper: 128).
+        residual_adam: ``F = Adam's direction + MLP`` (module docstring); ``False``: ``F = MLP``.
+        alpha, beta, mu: initial values of the meta-learned scalars.
+    """
+
+    use_gradmetanet: bool = True
+    embedding_dim: int = 14
+    mlp_hidden: int = 32
+    mlp_layers: int = 3
+    gmn_hidden: int = 16
+    gmn_component: int = 8
+    gmn_component_layers: int = 1
+    gmn_node_layers: int = 1
+    gmn_product_channels: int = 8
+    max_components: int | None = 32
+    residual_adam: bool = False
+    alpha: float = 0.1
+    beta: float = 0.001
+    mu: float = 0.9
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (stored in checkpoints)."""
+        return asdict(self)
+
+
+@dataclass
+class OptimizerState:
+    """What the update rule carries between steps, for ``P`` particles.
+
+    Attributes:
+        step: ``[P]`` steps taken (int64).
+        momentum: ``{name: [P, *shape]}`` the ``μ``-momentum ``m``.
+        momenta: ``{name: [P, *shape, 7]}`` the six fixed-decay gradient momenta (features)
+            and, last, the EMA of the squared gradient (decay 0.999).
+        factor_emas: ``[P·N, B, 2·6]`` EMAs of the normalised ``(act, grad)`` of every
+            node and batch slot; ``None`` before the first step or without GradMetaNet.
+    """
+
+    step: Tensor
+    momentum: dict[str, Tensor]
+    momenta: dict[str, Tensor]
+    factor_emas: Tensor | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat ``{key: tensor}`` view (for ``state_dict``)."""
+        flat = {"step": self.step}
+        flat.update({f"momentum.{k}": v for k, v in self.momentum.items()})
+        flat.update({f"momenta.{k}": v for k, v in self.momenta.items()})
+        if self.factor_emas is not None:
+            flat["factor_emas"] = self.factor_emas
+        return flat
+
+    @classmethod
+    def from_tensors(cls, flat: dict[str, Tensor]) -> "OptimizerState":
+        """Inverse of :meth:`tensors`."""
+        momentum = {k[len("momentum."):]: v for k, v in flat.items() if k.startswith("momentum.")}
+        momenta = {k[len("momenta."):]: v for k, v in flat.items() if k.startswith("momenta.")}
+        return cls(step=flat["step"], momentum=momentum, momenta=momenta, factor_emas=flat.get("factor_emas"))
+
+    def detach(self) -> "OptimizerState":
+        """The same state cut from the autograd graph (truncation boundary)."""
+        return OptimizerState(
+            step=self.step,
+            momentum={k: v.detach() for k, v in self.momentum.items()},
+            momenta={k: v.detach() for k, v in self.momenta.items()},
+            factor_emas=None if self.factor_emas is None else self.factor_emas.detach(),
+        )
+
+    def select(self, keep: Tensor, fresh: "OptimizerState") -> "OptimizerState":
+        """Per particle, this state where ``keep [P]`` is true and ``fresh`` elsewhere."""
+
+        def pick(old: Tensor, new: Tensor) -> Tensor:
+            return torch.where(keep.reshape(-1, *([1] * (old.dim() - 1))), old, new)
+
+        emas = None
+        if self.factor_emas is not None:
+            # A restarted run's EMAs restart at zero (the fresh state has none yet).
+            per_particle = self.factor_emas.reshape(keep.shape[0], -1, *self.factor_emas.shape[1:])
+            fresh_emas = (torch.zeros_like(per_particle) if fresh.factor_emas is None
+                          else fresh.factor_emas.reshape(per_particle.shape))
+            emas = pick(per_particle, fresh_emas).reshape(self.factor_emas.shape)
+        return OptimizerState(
+            step=torch.where(keep, self.step, fresh.step),
+            momentum={k: pick(v, fresh.momentum[k]) for k, v in self.momentum.items()},
+            momenta={k: pick(v, fresh.momenta[k]) for k, v in self.momenta.items()},
+            factor_emas=emas,
+        )
+
+
+@dataclass
+class ParameterLayout:
+    """Where every parameter entry sits in a graph's ``[E + N]`` edge-then-node slots.
+
+    Attributes:
+        names: parameter names, as in ``named_parameters()``.
+        shapes: their shapes.
+        index: ``{name: [numel]}`` slot of every entry; ``E + N`` (one past the end, a row
+            of zeros) for entries no edge or node carries.
+        num_edges, num_nodes: ``E``, ``N`` of one graph.
+    """
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    index: dict[str, Tensor] = field(default_factory=dict)
+    num_edges: int = 0
+    num_nodes: int = 0
+
+    @classmethod
+    def from_graph(cls, graph: GradGraph) -> "ParameterLayout":
+        """Read the slot maps (``edge_param``/``edge_param_pos``, ``node_param``/…) of one graph."""
+        num_edges, num_nodes = int(graph.edge_index.shape[1]), int(graph.num_nodes)
+        shapes = [tuple(int(s) for s in shape) for shape in graph.param_shapes]
+        layout = cls(list(graph.param_names), shapes, num_edges=num_edges, num_nodes=num_nodes)
+        for param_index, (name, shape) in enumerate(zip(layout.names, shapes)):
+            slots = torch.full((math.prod(shape),), num_edges + num_nodes, dtype=torch.long)
+            edges = (graph.edge_param == param_index).nonzero().reshape(-1)
+            slots[graph.edge_param_pos[edges]] = edges
+            nodes = (graph.node_param == param_index).nonzero().reshape(-1)
+            slots[graph.node_param_pos[nodes]] = nodes + num_edges
+            layout.index[name] = slots
+        return layout
+
+    def scatter(self, edge_values: Tensor, node_values: Tensor, num_graphs: int) -> dict[str, Tensor]:
+        """``[G·E, k]``, ``[G·N, k]`` (graph-major) -> ``{name: [G, *shape, k]}``."""
+        k = edge_values.shape[-1]
+        slots = torch.cat(
+            [
+                edge_values.reshape(num_graphs, self.num_edges, k),
+                node_values.reshape(num_graphs, self.num_nodes, k),
+                edge_values.new_zeros(num_graphs, 1, k),
+            ],
+            dim=1,
+        )
+        return {
+            name: slots[:, self.index[name]].reshape(num_graphs, *shape, k)
+            for name, shape in zip(self.names, self.shapes)
+        }
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class LearnedUpdate(nn.Module):
+    """The learned update rule (see the module docstring for the equation).
+
+    Args:
+        config: a :class:`MetaModelConfig`.
+
+    Shapes (``P`` particles):
+        - ``params``, ``grads``: ``{name: [P, *shape]}``
+        - ``graphs``: a ``Batch`` of ``P`` GradGraphs of one architecture (ignored without GradMetaNet)
+        - output: new ``params`` ``{name: [P, *shape]}`` and the new :class:`OptimizerState`
+    """
+
+    def __init__(self, config: MetaModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or MetaModelConfig()
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(config.alpha)))
+        self.log_beta = nn.Parameter(torch.tensor(math.log(config.beta)))
+        self.logit_mu = nn.Parameter(torch.tensor(_logit(config.mu)))
+        self.gradmetanet: GradMetaNet | None = None
+        embedding = 0
+        if config.use_gradmetanet:
+            embedding = config.embedding_dim
+            self.gradmetanet = GradMetaNet(
+                config.gmn_hidden,
+                component_channels=config.gmn_component,
+                num_component_layers=config.gmn_component_layers,
+                num_node_layers=config.gmn_node_layers,
+                edge_out_channels=embedding,
+                node_out_channels=embedding,
+                product_channels=config.gmn_product_channels,
+            )
+        layers: list[nn.Module] = []
+        width = NUM_PARAMETER_FEATURES + embedding
+        for _ in range(config.mlp_layers):
+            layers += [nn.Linear(width, config.mlp_hidden), nn.ReLU()]
+            width = config.mlp_hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+        self._zero_residual()
+        self.register_buffer("momentum_decays", torch.tensor(MOMENTUM_DECAYS), persistent=False)
+        self.register_buffer("factor_decays", torch.tensor(FACTOR_DECAYS), persistent=False)
+        self._layouts: dict[tuple, ParameterLayout] = {}
+        if self.gradmetanet is not None:
+            self._materialize()
+
+    def _materialize(self) -> None:
+        """Run GradMetaNet once on a tiny graph so its lazily sized layers get parameters.
+
+        Then ``parameters()``, ``state_dict()`` loading and flat parameter vectors (PES)
+        work before the first real step. The dummy data uses a private generator, so the
+        global random stream is consumed only by the layers' own initialisation.
+        """
+        generator = torch.Generator().manual_seed(0)
+        tiny = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+        with torch.no_grad():
+            for p in tiny.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+        inputs = torch.randn(3, 2, generator=generator)
+        targets = torch.zeros(3, dtype=torch.long)
+        graph = to_graph(tiny, inputs, targets, lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"))
+        graph.component_x = graph.act.new_zeros(*graph.act.shape, 2 * len(FACTOR_DECAYS))
+        with torch.no_grad():
+            self.gradmetanet(Batch.from_data_list([graph]))
+
+    # ------------------------------------------------------------------ scalars
+    @property
+    def alpha(self) -> Tensor:
+        """``α``, the step size (scalar tensor)."""
+        return self.log_alpha.exp()
+
+    @property
+    def beta(self) -> Tensor:
+        """``β``, the weight of the learned term."""
+        return self.log_beta.exp()
+
+    @property
+    def mu(self) -> Tensor:
+        """``μ``, the decay of the momentum term."""
+        return torch.sigmoid(self.logit_mu)
+
+    def _zero_residual(self) -> None:
+        """With ``residual_adam`` the correction starts at zero, so the rule starts as Adam (+ momentum)."""
+        if self.config.residual_adam:
+            with torch.no_grad():
+                self.mlp[-1].weight.zero_()
+                self.mlp[-1].bias.zero_()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise ``F``, GradMetaNet and the scalars."""
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        self._zero_residual()
+        if self.gradmetanet is not None:
+            self.gradmetanet.reset_parameters()
+        with torch.no_grad():
+            self.log_alpha.fill_(math.log(self.config.alpha))
+            self.log_beta.fill_(math.log(self.config.beta))
+            self.logit_mu.fill_(_logit(self.config.mu))
+
+    @property
+    def needs_graph(self) -> bool:
+        """Whether :meth:`forward` reads the factors (the GradMetaNet variant)."""
+        return self.gradmetanet is not None
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, params: dict[str, Tensor]) -> OptimizerState:
+        """Zero state for ``params {name: [P, *shape]}``."""
+        first = next(iter(params.values()))
+        decays = len(MOMENTUM_DECAYS)
+        return OptimizerState(
+            step=torch.zeros(first.shape[0], dtype=torch.long, device=first.device),
+            momentum={k: torch.zeros_like(v) for k, v in params.items()},
+            momenta={k: v.new_zeros(*v.shape, decays + 1) for k, v in params.items()},
+            factor_emas=None,
+        )
+
+    def layout(self, graph: GradGraph) -> ParameterLayout:
+        """The :class:`ParameterLayout` of ``graph``'s architecture (cached)."""
+        key = (tuple(graph.param_names), tuple(tuple(s) for s in graph.param_shapes), int(graph.num_nodes),
+               int(graph.edge_index.shape[1]))
+        if key not in self._layouts:
+            self._layouts[key] = ParameterLayout.from_graph(graph)
+        return self._layouts[key]
+
+    def embed(self, graphs: Batch, first: GradGraph, state: OptimizerState, num_particles: int
+              ) -> tuple[dict[str, Tensor], Tensor]:
+        """GradMetaNet's per-parameter embedding ``{name: [P, *shape, k]}`` and the new factor EMAs."""
+        assert self.gradmetanet is not None
+        factors = torch.stack([graphs.act, graphs.grad], dim=-1)  # [P·N, B, 2]
+        if self.config.max_components is not None:
+            factors = factors[:, : self.config.max_components]
+        factors = factors.to(self.log_alpha.dtype)
+        factors = normalize_factors(factors, first.layer, num_particles)
+        emas = state.factor_emas
+        if emas is None or emas.shape[:2] != factors.shape[:2]:
+            # First step, or a batch of another size: EMAs indexed by batch slot restart.
+            emas = factors.new_zeros(*factors.shape, len(FACTOR_DECAYS))
+        else:
+            emas = emas.reshape(*factors.shape, len(FACTOR_DECAYS))
+        emas = update_emas(emas, factors, self.factor_decays.to(factors.dtype))
+        flat_emas = emas.flatten(-2)
+        graphs.act, graphs.grad = factors[..., 0], factors[..., 1]
+        graphs.component_x = flat_emas
+        graphs.x = graphs.x.to(factors.dtype)
+        graphs.edge_attr = graphs.edge_attr.to(factors.dtype)
+        output = self.gradmetanet(graphs)
+        layout = self.layout(first)
+        return layout.scatter(output.edge, output.node, num_particles), flat_emas
+
+    # ------------------------------------------------------------------ the update
+    def forward(
+        self,
+        params: dict[str, Tensor],
+        grads: dict[str, Tensor],
+        state: OptimizerState,
+        graphs: Batch | None = None,
+        first_graph: GradGraph | None = None,
+    ) -> tuple[dict[str, Tensor], OptimizerState]:
+        """One step of the update rule for ``P`` particles.
+
+        Args:
+            params: ``{name: [P, *shape]}`` current parameters (may carry autograd history).
+            grads: ``{name: [P, *shape]}`` mean gradients of the batch's loss.
+            state: the :class:`OptimizerState` of the ``P`` runs.
+            graphs: a ``Batch`` of the ``P`` runs' GradGraphs on this batch (GradMetaNet variant).
+            first_graph: one of those graphs (its architecture is read; ``graphs[0]`` if omitted).
+
+        Returns:
+            ``(new_params, new_state)``.
+        """
+        if set(params) != set(grads):
+            raise GradGraphError(f"LearnedUpdate: params and grads name different tensors: {sorted(set(params) ^ set(grads))}")
+        num_particles = next(iter(params.values())).shape[0]
+        dtype = next(iter(params.values())).dtype
+        mu = self.mu.to(dtype)
+        momentum_decays = self.momentum_decays.to(dtype)
+        step = state.step + 1
+        new_momentum = {k: mu * state.momentum[k] + (1 - mu) * g for k, g in grads.items()}
+        new_momenta = {
+            k: torch.cat([update_emas(state.momenta[k][..., :-1], g, momentum_decays),
+                          (SECOND_MOMENT_DECAY * state.momenta[k][..., -1] + (1 - SECOND_MOMENT_DECAY) * g.square())[..., None]],
+                         dim=-1)
+            for k, g in grads.items()
+        }
+        times = time_features(step, dtype)  # [P, 11]
+        embeddings: dict[str, Tensor] = {}
+        emas = None
+        if self.gradmetanet is not None:
+            if graphs is None:
+                raise GradGraphError("LearnedUpdate: the GradMetaNet variant needs the batch's graphs")
+            first = first_graph if first_graph is not None else graphs.get_example(0)
+            embeddings, emas = self.embed(graphs, first, state, num_particles)
+        inputs = []
+        for name, param in params.items():
+            feats = parameter_features(param, grads[name], new_momenta[name][..., :-1])
+            flat = feats.reshape(num_particles, -1, feats.shape[-1])
+            parts = [flat, times[:, None, :].expand(-1, flat.shape[1], -1)]
+            if embeddings:
+                parts.append(embeddings[name].reshape(num_particles, flat.shape[1], -1).to(dtype))
+            inputs.append(torch.cat(parts, dim=-1))
+        learned = self.mlp(torch.cat(inputs, dim=1).to(self.mlp[0].weight.dtype)).squeeze(-1).to(dtype)
+        if self.config.residual_adam:
+            learned = learned + torch.cat(
+                [self.adam_direction(new_momenta[name], step).reshape(num_particles, -1) for name in params], dim=1
+            )
+        alpha, beta = self.alpha.to(dtype), self.beta.to(dtype)
+        new_params = {}
+        offset = 0
+        for name, param in params.items():
+            numel = param[0].numel()
+            correction = learned[:, offset:offset + numel].reshape(param.shape)
+            offset += numel
+            new_params[name] = param - alpha * (beta * correction + new_momentum[name])
+        new_state = OptimizerState(step=step, momentum=new_momentum, momenta=new_momenta, factor_emas=emas)
+        return new_params, new_state
+
+    @staticmethod
+    def adam_direction(momenta: Tensor, step: Tensor) -> Tensor:
+        """``m̂ / (√v̂ + 1e-8)`` from ``momenta [P, *shape, 7]`` (channel 2: decay 0.9; last: ∇² EMA) at ``step [P]``."""
+        shape = (-1,) + (1,) * (momenta.dim() - 2)
+        t = step.to(momenta.dtype).reshape(shape)
+        first = momenta[..., 2] / (1 - MOMENTUM_DECAYS[2] ** t)
+        second = momenta[..., -1] / (1 - SECOND_MOMENT_DECAY ** t)
+        return first / (second.sqrt() + 1e-8)
+
+    def extra_repr(self) -> str:
+        return f"gradmetanet={self.gradmetanet is not None}, embedding={self.config.embedding_dim if self.gradmetanet is not None else 0}"

@@ -1,0 +1,405 @@
+"""Meta-training of a :class:`LearnedUpdate` over a family of inner training tasks.
+
+A :class:`Task` describes the family: a model factory (seed -> fresh network), a stream of
+training batches and a per-datapoint loss. :class:`MetaTrainer` keeps ``P`` inner runs
+("particles") of the task in flight, their parameters stacked as ``{name: [P, *shape]}``;
+every inner step converts each particle's network on its own batch (:func:`to_graph`),
+stacks the graphs into ONE PyG ``Batch`` and runs the meta-model once on all of them.
+Particles restart from a fresh initialisation after ``horizon`` steps, staggered so that
+the particles are spread over the phases of training.
+
+Two estimators of the meta-gradient, chosen by :attr:`MetaTrainConfig.estimator`:
+
+* ``"tbptt"`` — truncated backpropagation through the unroll. The meta-loss of a
+  truncation of ``K`` steps is the mean over steps and particles of ``log L(θ_{t+1})`` on
+  a held-out batch (:attr:`Task.sample_validation`) or else the next training batch, differentiated through the updates ``θ_{t+1} = θ_t − Δ(θ_t, …)``
+  with respect to every meta-parameter. The batch's gradients and factors enter as data
+  (no second-order terms: autograd does not see how ``∇L(θ_t)`` depends on ``θ_t``), the
+  usual first-order truncated estimator. One meta-model for all particles, so one batched
+  GradMetaNet forward per inner step.
+* ``"pes"`` — antithetic persistent evolution strategies (:class:`~gradgraph.optim.PES`),
+  as the paper: particles come in pairs with meta-parameters ``θ ± ξ``; the estimate is
+  unbiased for the smoothed loss of the whole unroll, but each particle has its own
+  meta-parameters, so the meta-model runs once per particle.
+
+Outer optimiser: Adam. The meta-gradient passes through ``all_reduce`` (identity by default)
+before Adam, so running a share of the particles on each process and averaging the
+meta-gradients across processes needs only that callable (and a different ``seed`` per
+rank).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch_geometric.data import Batch
+
+from gradgraph.capture import LossFn
+from gradgraph.convert import to_graph
+from gradgraph.errors import GradGraphError, NonFiniteFactorError
+from gradgraph.graph import GradGraph
+from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
+from gradgraph.optim.pes import PES
+
+__all__ = ["MetaTrainConfig", "MetaTrainer", "Task"]
+
+ESTIMATORS = ("tbptt", "pes")
+
+
+class _NonFiniteMetaLoss(GradGraphError):
+    """A truncation's meta-loss is not finite (an inner run diverged)."""
+
+
+NonFiniteError = (NonFiniteFactorError, _NonFiniteMetaLoss)
+
+
+@dataclass
+class Task:
+    """A family of inner training problems for meta-training and benchmarks.
+
+    Attributes:
+        name: a label.
+        make_model: ``seed -> nn.Module``, a freshly initialised network (each seed its own
+            initialisation; meta-training draws seeds from ``1_000_000`` on, so benchmarks
+            that use small seeds start from initialisations never seen in meta-training).
+        sample_batch: ``generator -> (inputs [b, ...], targets)``, one training batch.
+        loss_fn: ``(output, targets) -> [b]`` the per-datapoint loss.
+        forward_kwargs: extra keyword arguments of the model's forward (e.g. a mask).
+        sample_validation: ``generator -> (inputs, targets)``, a batch of held-out data the
+            inner runs never train on. If given, the meta-loss is the loss on it (so
+            meta-training rewards generalisation, not memorising a small training set);
+            otherwise the loss on the next training batch (the paper's choice).
+    """
+
+    name: str
+    make_model: Callable[[int], nn.Module]
+    sample_batch: Callable[[torch.Generator], tuple[Tensor, Any]]
+    loss_fn: LossFn
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    sample_validation: Callable[[torch.Generator], tuple[Tensor, Any]] | None = None
+
+
+@dataclass
+class MetaTrainConfig:
+    """How to meta-train.
+
+    Attributes:
+        estimator: ``"tbptt"`` or ``"pes"`` (module docstring).
+        num_particles: inner runs in flight (even for PES: pairs).
+        truncation: inner steps per meta-update.
+        horizon: inner steps before a particle restarts from a fresh initialisation.
+        outer_lr: Adam learning rate of the meta-parameters.
+        scalar_lr: Adam learning rate of ``log α``, ``log β``, ``logit μ``.
+        sigma: PES perturbation scale.
+        grad_clip: clip of the meta-gradient's norm (``None``: none).
+        seed: seeds data, initialisations and perturbations.
+    """
+
+    estimator: str = "tbptt"
+    num_particles: int = 8
+    truncation: int = 10
+    horizon: int = 400
+    outer_lr: float = 1e-3
+    scalar_lr: float = 1e-2
+    sigma: float = 0.01
+    grad_clip: float | None = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise GradGraphError(f"MetaTrainConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.num_particles < 1 or self.truncation < 1 or self.horizon < self.truncation:
+            raise GradGraphError(
+                "MetaTrainConfig needs num_particles >= 1, truncation >= 1, horizon >= truncation; got "
+                f"{self.num_particles}, {self.truncation}, {self.horizon}"
+            )
+        if self.estimator == "pes" and self.num_particles % 2:
+            raise GradGraphError(f"PES needs an even number of particles (antithetic pairs), got {self.num_particles}")
+
+
+def _log_loss(losses: Tensor) -> Tensor:
+    return torch.log(losses.clamp_min(1e-8))
+
+
+class MetaTrainer:
+    """Meta-trains ``meta_model`` on ``task`` (see the module docstring).
+
+    Args:
+        meta_model: the :class:`LearnedUpdate` to train (in place).
+        task: the inner task family.
+        config: a :class:`MetaTrainConfig`.
+        all_reduce: ``flat meta-gradient [D] -> averaged [D]`` across processes; identity if ``None``.
+    """
+
+    def __init__(self, meta_model: LearnedUpdate, task: Task, config: MetaTrainConfig | None = None,
+                 all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.meta_model, self.task = meta_model, task
+        self.config = config = config or MetaTrainConfig()
+        self.all_reduce = all_reduce
+        scalars = [meta_model.log_alpha, meta_model.log_beta, meta_model.logit_mu]
+        scalar_ids = {id(p) for p in scalars}
+        others = [p for p in meta_model.parameters() if id(p) not in scalar_ids]
+        self.outer = torch.optim.Adam([{"params": others, "lr": config.outer_lr},
+                                       {"params": scalars, "lr": config.scalar_lr}])
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.next_model_seed = 1_000_000 + 10_000 * config.seed
+        self.models = [self._fresh_model() for _ in range(config.num_particles)]
+        self.names = [name for name, p in self.models[0].named_parameters() if p.requires_grad]
+        self.params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in self.models])
+                       for name in self.names}
+        self.state = meta_model.init_state(self.params)
+        # Particle p first restarts after (p + 1) * horizon / P steps: spread over training phases.
+        self.restart_at = torch.tensor([(p + 1) * config.horizon // config.num_particles
+                                        for p in range(config.num_particles)])
+        self.inner_step = torch.zeros(config.num_particles, dtype=torch.long)
+        self.batches = [task.sample_batch(self.data_generator) for _ in range(config.num_particles)]
+        self.outer_steps = 0
+        self.pes: PES | None = None
+        if config.estimator == "pes":
+            self.pes = PES(config.num_particles // 2, self.flat_meta_parameters().numel(), config.sigma,
+                           torch.Generator().manual_seed(config.seed + 7))
+        self.history: list[dict[str, float]] = []
+        #: truncations skipped because an inner run diverged (non-finite loss or factors).
+        self.diverged_truncations = 0
+
+    # ---------------------------------------------------------------- inner runs
+    def _fresh_model(self) -> nn.Module:
+        model = self.task.make_model(self.next_model_seed)
+        self.next_model_seed += 1
+        return model
+
+    def _graphs(self, params: dict[str, Tensor]) -> tuple[list[GradGraph], dict[str, Tensor]]:
+        """Convert every particle's network on its current batch; mean gradients ``{name: [P, *shape]}``."""
+        graphs = []
+        for index, (model, (inputs, targets)) in enumerate(zip(self.models, self.batches)):
+            with torch.no_grad():
+                own = dict(model.named_parameters())
+                for name in self.names:
+                    own[name].copy_(params[name][index])
+            graphs.append(to_graph(model, inputs, targets, self.task.loss_fn, forward_kwargs=self.task.forward_kwargs))
+        means = [graph.mean_grad() for graph in graphs]
+        return graphs, {name: torch.stack([mean[name] for mean in means]) for name in self.names}
+
+    def _losses(self, params: dict[str, Tensor]) -> Tensor:
+        """``[P]`` meta-loss of every particle's ``params`` (differentiable): on a fresh held-out
+        batch if the task has ``sample_validation``, else on the particle's next training batch."""
+        batches = self.batches
+        if self.task.sample_validation is not None:
+            batches = [self.task.sample_validation(self.data_generator) for _ in self.models]
+        losses = []
+        for index, (model, (inputs, targets)) in enumerate(zip(self.models, batches)):
+            own = {name: params[name][index] for name in self.names}
+            output = functional_call(model, own, (inputs,), self.task.forward_kwargs)
+            losses.append(self.task.loss_fn(output, targets).mean())
+        return torch.stack(losses)
+
+    def _restart_finished(self) -> Tensor:
+        """Restart particles that reached their horizon; returns the ``[P]`` restart mask."""
+        done = self.inner_step >= self.restart_at
+        if done.any():
+            fresh_params = dict(self.params)
+            for index in done.nonzero().reshape(-1).tolist():
+                self.models[index] = self._fresh_model()
+                own = dict(self.models[index].named_parameters())
+                for name in self.names:
+                    fresh_params[name] = fresh_params[name].clone()
+                    fresh_params[name][index] = own[name].detach()
+            self.params = fresh_params
+            self.state = self.state.select(~done, self.meta_model.init_state(self.params))
+            self.inner_step = torch.where(done, torch.zeros_like(self.inner_step), self.inner_step)
+            self.restart_at = torch.where(done, torch.full_like(self.restart_at, self.config.horizon), self.restart_at)
+        return done
+
+    # ---------------------------------------------------------------- meta-parameters
+    def flat_meta_parameters(self) -> Tensor:
+        """``[D]`` all meta-parameters in one vector (detached)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.meta_model.parameters()])
+
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        result, offset = {}, 0
+        for name, p in self.meta_model.named_parameters():
+            result[name] = flat[offset:offset + p.numel()].reshape(p.shape)
+            offset += p.numel()
+        return result
+
+    def _apply_gradient(self, flat_grad: Tensor) -> float:
+        if self.all_reduce is not None:
+            flat_grad = self.all_reduce(flat_grad)
+        norm = float(flat_grad.norm())
+        if self.config.grad_clip is not None and norm > self.config.grad_clip:
+            flat_grad = flat_grad * (self.config.grad_clip / norm)
+        for p, g in zip(self.meta_model.parameters(), self._unflatten(flat_grad).values()):
+            p.grad = g.clone()
+        self.outer.step()
+        self.outer.zero_grad(set_to_none=True)
+        return norm
+
+    # ---------------------------------------------------------------- one meta-step
+    def step(self) -> dict[str, float]:
+        """One truncation of every particle and one outer Adam step; returns its log line."""
+        start = time.perf_counter()
+        restarted = self._restart_finished()
+        saved = (self.params, self.state, self.inner_step)
+        try:
+            if self.config.estimator == "tbptt":
+                meta_loss, norm = self._tbptt_truncation()
+            else:
+                if self.pes is not None:
+                    half = self.config.num_particles // 2
+                    self.pes.reset(restarted[:half] | restarted[half:])
+                meta_loss, norm = self._pes_truncation()
+        except NonFiniteError:
+            # An inner run diverged inside this truncation: no meta-update from it; every
+            # particle restarts from a fresh initialisation at the next step.
+            self.outer.zero_grad(set_to_none=True)
+            self.params, self.state, self.inner_step = saved
+            self.restart_at = self.inner_step.clone()
+            if self.pes is not None:
+                self.pes.reset(torch.ones(self.pes.num_pairs, dtype=torch.bool))
+            meta_loss, norm = math.nan, math.nan
+            self.diverged_truncations += 1
+        self.outer_steps += 1
+        line = {"outer_step": self.outer_steps, "meta_loss": meta_loss, "grad_norm": norm,
+                "alpha": float(self.meta_model.alpha.detach()), "beta": float(self.meta_model.beta.detach()),
+                "mu": float(self.meta_model.mu.detach()), "seconds": time.perf_counter() - start}
+        self.history.append(line)
+        return line
+
+    def _advance(self, new_params: dict[str, Tensor]) -> None:
+        self.params = new_params
+        self.inner_step = self.inner_step + 1
+        self.batches = [self.task.sample_batch(self.data_generator) for _ in range(self.config.num_particles)]
+
+    def _tbptt_truncation(self) -> tuple[float, float]:
+        params, state = self.params, self.state
+        terms = []
+        for _ in range(self.config.truncation):
+            graphs, grads = self._graphs({k: v.detach() for k, v in params.items()})
+            batch = Batch.from_data_list(graphs) if self.meta_model.needs_graph else None
+            params, state = self.meta_model(params, grads, state, batch, graphs[0])
+            self._advance(params)
+            terms.append(_log_loss(self._losses(params)))
+        meta_loss = torch.stack(terms).mean()
+        if not torch.isfinite(meta_loss):
+            raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): non-finite meta-loss at outer step {self.outer_steps}")
+        self.outer.zero_grad(set_to_none=True)
+        meta_loss.backward()
+        flat_grad = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.meta_model.parameters()
+        ])
+        norm = self._apply_gradient(flat_grad)
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.state = state.detach()
+        return float(meta_loss.detach()), norm
+
+    @torch.no_grad()
+    def _pes_truncation(self) -> tuple[float, float]:
+        assert self.pes is not None
+        thetas = self.pes.perturb(self.flat_meta_parameters())
+        per_particle = [self._unflatten(theta) for theta in thetas]
+        params, state = self.params, self.state
+        totals = torch.zeros(self.config.num_particles)
+        for _ in range(self.config.truncation):
+            graphs, grads = self._graphs(params)
+            new_params: dict[str, list[Tensor]] = {name: [] for name in self.names}
+            new_states = []
+            for index, graph in enumerate(graphs):
+                one = {name: params[name][index:index + 1] for name in self.names}
+                one_grads = {name: grads[name][index:index + 1] for name in self.names}
+                one_state = _slice_state(state, index, self.config.num_particles)
+                batch = Batch.from_data_list([graph]) if self.meta_model.needs_graph else None
+                out_params, out_state = functional_call(self.meta_model, per_particle[index],
+                                                        (one, one_grads, one_state, batch, graph))
+                for name in self.names:
+                    new_params[name].append(out_params[name])
+                new_states.append(out_state)
+            params = {name: torch.cat(values) for name, values in new_params.items()}
+            state = _cat_states(new_states)
+            self._advance(params)
+            totals += _log_loss(self._losses(params))
+        if not torch.isfinite(totals).all():
+            raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): an inner run diverged (PES)")
+        means = totals / self.config.truncation
+        self.params, self.state = params, state
+        estimate = self.pes.estimate(means)
+        norm = self._apply_gradient(estimate.to(self.flat_meta_parameters().dtype))
+        return float(means.mean()), norm
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: meta-model, outer Adam, inner runs, random streams."""
+        return {
+            "config": asdict(self.config),
+            "meta_config": self.meta_model.config.to_dict(),
+            "meta_model": self.meta_model.state_dict(),
+            "outer": self.outer.state_dict(),
+            "params": self.params,
+            "state": self.state.tensors(),
+            "inner_step": self.inner_step,
+            "restart_at": self.restart_at,
+            "batches": self.batches,
+            "models": [m.state_dict() for m in self.models],
+            "next_model_seed": self.next_model_seed,
+            "data_generator": self.data_generator.get_state(),
+            "pes": None if self.pes is None else {**self.pes.state_dict(),
+                                                   "generator": self.pes.generator.get_state()},
+            "outer_steps": self.outer_steps,
+            "diverged_truncations": self.diverged_truncations,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (the trainer must be built with the same task and config)."""
+        if checkpoint["config"] != asdict(self.config):
+            raise GradGraphError(
+                f"MetaTrainer.load_state_dict: checkpoint config {checkpoint['config']} differs from {asdict(self.config)}"
+            )
+        self.meta_model.load_state_dict(checkpoint["meta_model"])
+        self.outer.load_state_dict(checkpoint["outer"])
+        self.params = {k: v.clone() for k, v in checkpoint["params"].items()}
+        self.state = OptimizerState.from_tensors(checkpoint["state"])
+        self.inner_step = checkpoint["inner_step"].clone()
+        self.restart_at = checkpoint["restart_at"].clone()
+        self.batches = checkpoint["batches"]
+        for model, state in zip(self.models, checkpoint["models"]):
+            model.load_state_dict(state)
+        self.next_model_seed = checkpoint["next_model_seed"]
+        self.data_generator.set_state(checkpoint["data_generator"])
+        if self.pes is not None and checkpoint["pes"] is not None:
+            self.pes.load_state_dict(checkpoint["pes"])
+            self.pes.generator.set_state(checkpoint["pes"]["generator"])
+        self.outer_steps = checkpoint["outer_steps"]
+        self.diverged_truncations = checkpoint.get("diverged_truncations", 0)
+        self.history = list(checkpoint["history"])
+
+
+def _slice_state(state: OptimizerState, index: int, num_particles: int) -> OptimizerState:
+    emas = None
+    if state.factor_emas is not None:
+        per = state.factor_emas.reshape(num_particles, -1, *state.factor_emas.shape[1:])
+        emas = per[index]
+    return OptimizerState(
+        step=state.step[index:index + 1],
+        momentum={k: v[index:index + 1] for k, v in state.momentum.items()},
+        momenta={k: v[index:index + 1] for k, v in state.momenta.items()},
+        factor_emas=emas,
+    )
+
+
+def _cat_states(states: list[OptimizerState]) -> OptimizerState:
+    emas = None
+    if states[0].factor_emas is not None:
+        emas = torch.cat([s.factor_emas for s in states])
+    return OptimizerState(
+        step=torch.cat([s.step for s in states]),
+        momentum={k: torch.cat([s.momentum[k] for s in states]) for k in states[0].momentum},
+        momenta={k: torch.cat([s.momenta[k] for s in states]) for k in states[0].momenta},
+        factor_emas=emas,
+    )

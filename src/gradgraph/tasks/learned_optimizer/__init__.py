@@ -1,0 +1,1 @@
+"""The learned-optimizer experiments: tasks, baselines, the step-reduction benchmark, runs."""

@@ -1,0 +1,202 @@
+"""The inner tasks of the learned-optimizer experiments, on data that ships with the install.
+
+* ``digits`` — scikit-learn's 8×8 digits (1,797 images, 10 classes), MLP 64→32→10 (ReLU),
+  batch 128: the paper's 8×8 F-MNIST analogue; meta-training runs on it.
+* ``digits-wide`` — held out from meta-training: the same data, MLP 64→64→64→10.
+* ``charlm`` — a character-level language model on the standard library's own source
+  files: one-hot input ``Linear(V→32)`` (an embedding), ``nn.TransformerEncoder`` with 2
+  blocks, d = 32, 4 heads, causal mask, context 16, batch 8, head ``Linear(32→V)``.
+
+Every task has a fixed train/test split (test = 20% of the digits; the last 10% of the
+text), a :class:`~gradgraph.optim.Task` for meta-training, and full-test-set evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradgraph.errors import GradGraphError
+from gradgraph.optim import Task
+
+__all__ = ["TASK_NAMES", "BenchmarkTask", "char_corpus", "digits_split", "get_task", "make_mlp"]
+
+TASK_NAMES = ("digits", "digits-wide", "charlm")
+
+
+def make_mlp(widths: tuple[int, ...], seed: int) -> nn.Sequential:
+    """``Linear → ReLU → … → Linear`` with ``widths`` (in, hidden…, out), initialised from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        linear = nn.Linear(fan_in, fan_out)
+        bound = fan_in ** -0.5
+        with torch.no_grad():
+            # PyTorch's default (Kaiming-uniform with a=√5) bound, drawn from our own stream.
+            linear.weight.uniform_(-bound, bound, generator=generator)
+            linear.bias.uniform_(-bound, bound, generator=generator)
+        layers.append(linear)
+        if index + 2 < len(widths):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+@lru_cache(maxsize=1)
+def digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train [1437, 64], y_train, x_test [360, 64], y_test)``, pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    num_test = len(y) // 5
+    test, train = order[:num_test], order[num_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+_STDLIB_FILES = ("argparse.py", "functools.py", "collections/__init__.py", "dataclasses.py", "inspect.py",
+                 "typing.py", "pathlib.py", "random.py", "textwrap.py", "string.py")
+
+
+@lru_cache(maxsize=1)
+def char_corpus() -> tuple[Tensor, Tensor, int]:
+    """``(train_ids, test_ids, vocab_size)`` from standard-library source files.
+
+    Characters are mapped to printable ASCII (32..126) plus newline; anything else becomes
+    ``?``. The files are those of :data:`_STDLIB_FILES` that exist in this Python's ``Lib``.
+    """
+    lib = os.path.dirname(os.__file__)
+    texts = []
+    for name in _STDLIB_FILES:
+        path = os.path.join(lib, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as file:
+                texts.append(file.read())
+    if not texts:
+        raise GradGraphError(f"char_corpus: none of {_STDLIB_FILES} found under {lib}")
+    text = "\n".join(texts)
+    vocab = ["\n"] + [chr(c) for c in range(32, 127)]
+    lookup = {ch: i for i, ch in enumerate(vocab)}
+    unknown = lookup["?"]
+    ids = torch.tensor([lookup.get(ch, unknown) for ch in text], dtype=torch.long)
+    split = int(len(ids) * 0.9)
+    return ids[:split], ids[split:], len(vocab)
+
+
+class CharTransformer(nn.Module):
+    """``Linear(V→d)`` (one-hot input: an embedding) → ``nn.TransformerEncoder`` → ``Linear(d→V)``.
+
+    Shapes: ``[b, T, V]`` one-hot → ``[b, T, V]`` logits. A learned positional encoding
+    would be computed between the chain's modules, which the stock attention converter
+    rejects; the causal mask alone breaks the permutation symmetry of positions.
+    """
+
+    def __init__(self, vocab: int, d_model: int = 32, heads: int = 4, blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.head(self.encoder(self.embed(x), mask=mask))
+
+
+@dataclass
+class BenchmarkTask:
+    """A task of the benchmark: meta-training interface plus test evaluation.
+
+    Attributes:
+        task: the :class:`~gradgraph.optim.Task` (model factory, training stream, loss).
+        test_loss: ``model -> float`` mean loss over the whole test set.
+        batch_size: training batch size.
+        meta_task: the task meta-training uses: inner runs train on 80% of the training set
+            and the meta-loss is measured on the other 20% (never the test set); ``None``:
+            ``task`` itself.
+    """
+
+    task: Task
+    test_loss: Callable[[nn.Module], float]
+    batch_size: int
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    meta_task: Task | None = None
+
+
+def _digits_task(name: str, widths: tuple[int, ...], batch_size: int = 128) -> BenchmarkTask:
+    x_train, y_train, x_test, y_test = digits_split()
+
+    def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        index = torch.randperm(len(y_train), generator=generator)[:batch_size]
+        return x_train[index], y_train[index]
+
+    def loss_fn(output: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(output, targets, reduction="none")
+
+    @torch.no_grad()
+    def test_loss(model: nn.Module) -> float:
+        return float(F.cross_entropy(model(x_test), y_test))
+
+    task = Task(name, lambda seed: make_mlp(widths, seed), sample, loss_fn)
+    num_inner = len(y_train) * 4 // 5
+
+    def sample_inner(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        index = torch.randperm(num_inner, generator=generator)[:batch_size]
+        return x_train[index], y_train[index]
+
+    def sample_validation(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        index = num_inner + torch.randperm(len(y_train) - num_inner, generator=generator)[:batch_size]
+        return x_train[index], y_train[index]
+
+    meta_task = Task(name, task.make_model, sample_inner, loss_fn, sample_validation=sample_validation)
+    return BenchmarkTask(task, test_loss, batch_size, meta_task=meta_task)
+
+
+def _charlm_task(batch_size: int = 8, context: int = 16, test_windows: int = 512) -> BenchmarkTask:
+    train_ids, test_ids, vocab = char_corpus()
+    mask = nn.Transformer.generate_square_subsequent_mask(context)
+    starts = torch.linspace(0, len(test_ids) - context - 2, test_windows).long()
+
+    def windows(ids: Tensor, begin: Tensor) -> tuple[Tensor, Tensor]:
+        offsets = begin[:, None] + torch.arange(context + 1)
+        chunk = ids[offsets]
+        return F.one_hot(chunk[:, :-1], vocab).float(), chunk[:, 1:]
+
+    def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        begin = torch.randint(0, len(train_ids) - context - 1, (batch_size,), generator=generator)
+        return windows(train_ids, begin)
+
+    def loss_fn(output: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(output.transpose(1, 2), targets, reduction="none").mean(dim=1)
+
+    test_x, test_y = windows(test_ids, starts)
+
+    @torch.no_grad()
+    def test_loss(model: nn.Module) -> float:
+        return float(loss_fn(model(test_x, mask=mask), test_y).mean())
+
+    def make(seed: int) -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return CharTransformer(vocab)
+
+    task = Task("charlm", make, sample, loss_fn, forward_kwargs={"mask": mask})
+    return BenchmarkTask(task, test_loss, batch_size, forward_kwargs={"mask": mask})
+
+
+def get_task(name: str) -> BenchmarkTask:
+    """The benchmark task ``name`` (one of :data:`TASK_NAMES`)."""
+    if name == "digits":
+        return _digits_task("digits", (64, 32, 10))
+    if name == "digits-wide":
+        return _digits_task("digits-wide", (64, 64, 64, 10))
+    if name == "charlm":
+        return _charlm_task()
+    raise GradGraphError(f"unknown learned-optimizer task {name!r}; choose from {TASK_NAMES}")

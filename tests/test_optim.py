@@ -1,0 +1,321 @@
+"""The learned optimizer: update rule, capture inside step, state, PES, symmetry, meta-training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradgraph import GradGraphError, UnsupportedModuleError, to_graph
+from gradgraph.optim import (
+    PES,
+    LearnedOptimizer,
+    LearnedUpdate,
+    MetaModelConfig,
+    MetaTrainConfig,
+    MetaTrainer,
+    Task,
+    graph_from_closure,
+    load_pretrained,
+    pretrained_names,
+)
+from gradgraph.symmetry import permute_hidden, random_hidden_perms
+
+
+def _mlp(widths=(5, 4, 3), seed=0, dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i + 2 < len(widths):
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _batch(b=6, d=5, classes=3, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g, dtype=dtype), torch.randint(0, classes, (b,), generator=g)
+
+
+def _losses(model, x, y):
+    return lambda: F.cross_entropy(model(x), y, reduction="none")
+
+
+def _constant_f(meta: LearnedUpdate, value: float) -> LearnedUpdate:
+    """Make F output ``value`` everywhere (last layer: zero weights, bias = value)."""
+    with torch.no_grad():
+        meta.mlp[-1].weight.zero_()
+        meta.mlp[-1].bias.fill_(value)
+    return meta
+
+
+@pytest.mark.parametrize("residual_adam", [False, True])
+@pytest.mark.parametrize("use_gradmetanet", [False, True])
+def test_step_equals_documented_update(use_gradmetanet, residual_adam):
+    """θ ← θ − α(β·F + m), m ← μm + (1−μ)∇; with residual_adam F = m̂/(√v̂ + 1e-8) + MLP (Adam's formulas)."""
+    torch.manual_seed(0)
+    config = MetaModelConfig(use_gradmetanet=use_gradmetanet, alpha=0.2, beta=0.05, mu=0.7, residual_adam=residual_adam)
+    meta = _constant_f(LearnedUpdate(config), 1.5)
+    model = _mlp()
+    opt = LearnedOptimizer(model, meta)
+    momentum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    first = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    second = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for step in range(1, 4):
+        x, y = _batch(seed=step)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        loss = opt.step(_losses(model, x, y))
+        assert loss.dim() == 0
+        for (name, p), g in zip(model.named_parameters(), grads):
+            momentum[name] = 0.7 * momentum[name] + 0.3 * g
+            first[name] = 0.9 * first[name] + 0.1 * g
+            second[name] = 0.999 * second[name] + 0.001 * g * g
+            learned = torch.full_like(g, 1.5)
+            if residual_adam:
+                learned = learned + (first[name] / (1 - 0.9**step)) / ((second[name] / (1 - 0.999**step)).sqrt() + 1e-8)
+            expected = before[name] - 0.2 * (0.05 * learned + momentum[name])
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_step_returns_mean_loss_before_update():
+    model = _mlp()
+    x, y = _batch()
+    expected = F.cross_entropy(model(x), y).detach()
+    loss = LearnedOptimizer(model, LearnedUpdate(MetaModelConfig(use_gradmetanet=False))).step(_losses(model, x, y))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_factors_captured_in_step_equal_to_graph():
+    model = _mlp(dtype=torch.float64)
+    x, y = _batch(dtype=torch.float64)
+    graph, losses = graph_from_closure(model, _losses(model, x, y))
+    reference = to_graph(model, x, y, lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    assert torch.equal(graph.act, reference.act) and torch.equal(graph.grad, reference.grad)
+    assert torch.equal(graph.edge_index, reference.edge_index)
+    torch.testing.assert_close(losses, F.cross_entropy(model(x), y, reduction="none").detach())
+    assert "forward" not in vars(model)  # the probe is removed again
+
+
+def test_state_dict_round_trip_resumes_bit_identically():
+    torch.manual_seed(0)
+    meta = LearnedUpdate()
+    model = _mlp()
+    opt = LearnedOptimizer(model, meta)
+    batches = [_batch(seed=s) for s in range(5)]
+    for x, y in batches[:3]:
+        opt.step(_losses(model, x, y))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for x, y in batches[3:]:
+        opt.step(_losses(model, x, y))
+    resumed = _mlp(seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = LearnedOptimizer(resumed, meta)
+    opt2.load_state_dict(saved_opt)
+    for x, y in batches[3:]:
+        opt2.step(_losses(resumed, x, y))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["learned"]["factor_emas"], opt2.state_dict()["learned"]["factor_emas"])
+
+
+def test_permuting_hidden_neurons_permutes_the_update():
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(beta=1.0)).double()  # large β: the learned term dominates
+    model = _mlp((5, 6, 4, 3), dtype=torch.float64)
+    perms = random_hidden_perms(model, torch.Generator().manual_seed(3))
+    permuted = permute_hidden(model, perms)
+    x, y = _batch(dtype=torch.float64)
+
+    def update(net):
+        before = copy.deepcopy(net)
+        LearnedOptimizer(net, meta).step(_losses(net, x, y))
+        delta = copy.deepcopy(net)
+        with torch.no_grad():
+            for d, b in zip(delta.parameters(), before.parameters()):
+                d.sub_(b)
+        return delta
+
+    expected = permute_hidden(update(copy.deepcopy(model)), perms)
+    got = update(permuted)
+    for (name, a), b in zip(expected.named_parameters(), got.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    # Sensitivity: without the permutation the updates differ.
+    plain = update(copy.deepcopy(model))
+    assert any(not torch.allclose(a, b) for a, b in zip(plain.parameters(), got.parameters()))
+
+
+def _quadratic_unroll(thetas, x, target, steps):
+    """x_{t+1} = 0.9 x_t + θ; loss Σ_t ||x_{t+1} − target||². Batched over rows of thetas/x."""
+    total = torch.zeros(thetas.shape[0], dtype=thetas.dtype)
+    for _ in range(steps):
+        x = 0.9 * x + thetas
+        total = total + (x - target).square().sum(-1)
+    return total, x
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_pes_is_unbiased_on_a_quadratic_toy(persistent):
+    dtype = torch.float64
+    theta = torch.tensor([0.3, -0.2, 0.1], dtype=dtype)
+    target = torch.tensor([1.0, 0.5, -1.0], dtype=dtype)
+    truncations, steps = 4, 3
+    # True gradient of the whole unroll's loss.
+    t = theta.clone().requires_grad_(True)
+    loss, _ = _quadratic_unroll(t[None], torch.zeros(1, 3, dtype=dtype), target, truncations * steps)
+    (true_grad,) = torch.autograd.grad(loss.sum(), t)
+    pairs = 20000
+    pes = PES(pairs, 3, sigma=0.05, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    x = torch.zeros(2 * pairs, 3, dtype=dtype)
+    estimate = torch.zeros(3, dtype=dtype)
+    for _ in range(truncations):
+        if not persistent:
+            pes.reset(torch.ones(pairs, dtype=torch.bool))  # plain truncated ES: forgets earlier perturbations
+        thetas = pes.perturb(theta)
+        losses, x = _quadratic_unroll(thetas, x, target, steps)
+        estimate = estimate + pes.estimate(losses)
+    error = (estimate - true_grad).norm() / true_grad.norm()
+    if persistent:
+        assert error < 0.05, (estimate, true_grad)
+    else:
+        assert error > 0.2, (estimate, true_grad)  # truncation bias: the test can tell
+
+
+def _tiny_task(validation: bool = False) -> Task:
+    def make(seed):
+        return _mlp((5, 4, 3), seed=seed)
+
+    def sample(generator):
+        x = torch.randn(8, 5, generator=generator)
+        return x, (x[:, 0] > 0).long()
+
+    return Task("tiny", make, sample, lambda out, y: F.cross_entropy(out, y, reduction="none"),
+                sample_validation=sample if validation else None)
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+@pytest.mark.parametrize("use_gradmetanet", [False, True])
+def test_meta_training_moves_meta_parameters(estimator, use_gradmetanet):
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=use_gradmetanet))
+    before = [p.detach().clone() for p in meta.parameters()]
+    trainer = MetaTrainer(meta, _tiny_task(validation=use_gradmetanet), MetaTrainConfig(estimator=estimator, num_particles=2, truncation=2,
+                                                              horizon=3, outer_lr=1e-2))
+    for _ in range(3):  # crosses a restart (horizon 3) of both particles
+        line = trainer.step()
+    assert torch.isfinite(torch.tensor(line["meta_loss"]))
+    moved = [not torch.equal(a, b.detach()) for a, b in zip(before, meta.parameters())]
+    assert all(moved[:3]) and sum(moved) == len(moved)  # α, β, μ and every layer
+
+
+def test_meta_trainer_checkpoint_resumes_exactly():
+    torch.manual_seed(0)
+    config = MetaTrainConfig(num_particles=2, truncation=2, horizon=4)
+    meta = LearnedUpdate()
+    trainer = MetaTrainer(meta, _tiny_task(), config)
+    trainer.step()
+    checkpoint = copy.deepcopy(trainer.state_dict())
+    trainer.step()
+    trainer.step()
+    torch.manual_seed(123)
+    other = MetaTrainer(LearnedUpdate(), _tiny_task(), config)
+    other.load_state_dict(checkpoint)
+    other.step()
+    other.step()
+    for a, b in zip(meta.parameters(), other.meta_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_input_gets_a_clear_error():
+    model = _mlp()
+    x, y = _batch()
+    opt = LearnedOptimizer(model, LearnedUpdate(MetaModelConfig(use_gradmetanet=False)))
+    with pytest.raises(GradGraphError, match="per-datapoint losses"):
+        opt.step(lambda: F.cross_entropy(model(x), y))  # a scalar
+    with pytest.raises(GradGraphError, match="needs a closure"):
+        opt.step()
+    with pytest.raises(GradGraphError, match="never called the model"):
+        opt.step(lambda: torch.zeros(6))
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 3))
+    opt = LearnedOptimizer(conv, LearnedUpdate(MetaModelConfig(use_gradmetanet=False)))
+    with pytest.raises(UnsupportedModuleError):
+        opt.step(lambda: F.cross_entropy(conv(torch.randn(4, 1, 5)), torch.zeros(4, dtype=torch.long), reduction="none"))
+    assert all(torch.isfinite(p).all() for p in conv.parameters())
+
+
+def test_pretrained_checkpoint_lowers_a_small_mlp_loss():
+    assert "digits-mlp" in pretrained_names()
+    load_pretrained("digits-mlp")  # loads on its own
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 4))  # not a meta-training architecture
+    opt = LearnedOptimizer.from_pretrained("digits-mlp", model)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 4, generator=g)
+    x = torch.randn(256, 10, generator=g)
+    y = (x @ w).argmax(1)
+    first = float(F.cross_entropy(model(x), y))
+    for _ in range(60):
+        opt.step(_losses(model, x, y))
+    assert float(F.cross_entropy(model(x), y)) < 0.7 * first
+    with pytest.raises(GradGraphError, match="available"):
+        load_pretrained("no-such-optimizer")
+
+
+def test_transformer_step_equals_documented_update():
+    """The stock attention path: a one-hot-input Linear, an encoder with a causal mask, a head."""
+    from gradgraph.tasks.learned_optimizer.tasks import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(vocab=7, d_model=8, heads=2, blocks=1)
+    meta = _constant_f(LearnedUpdate(MetaModelConfig(alpha=0.5, beta=0.1, mu=0.8)), -0.7)
+    opt = LearnedOptimizer(model, meta)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 7, (3, 5), generator=g)
+    x, y = F.one_hot(tokens[:, :-1], 7).float(), tokens[:, 1:]
+    mask = nn.Transformer.generate_square_subsequent_mask(4)
+
+    def losses():
+        return F.cross_entropy(model(x, mask=mask).transpose(1, 2), y, reduction="none").mean(1)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = torch.autograd.grad(losses().mean(), list(model.parameters()))
+    opt.step(losses)
+    for (name, p), grad in zip(model.named_parameters(), grads):
+        expected = before[name] - 0.5 * (0.1 * -0.7 + 0.2 * grad)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_meta_gradient_passes_through_all_reduce():
+    """The hook for splitting particles over ranks: the flat meta-gradient goes through all_reduce."""
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False))
+    before = [p.detach().clone() for p in meta.parameters()]
+    seen = []
+
+    def all_reduce(flat):
+        seen.append(flat.shape)
+        return torch.zeros_like(flat)  # as if the other ranks cancelled this one's gradient
+
+    trainer = MetaTrainer(meta, _tiny_task(), MetaTrainConfig(num_particles=2, truncation=2, horizon=4),
+                          all_reduce=all_reduce)
+    trainer.step()
+    assert seen == [torch.Size([sum(p.numel() for p in meta.parameters())])]
+    assert all(torch.equal(a, b) for a, b in zip(before, meta.parameters()))
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_diverged_inner_runs_restart_instead_of_crashing(estimator):
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=1e20, beta=1e20))  # every run explodes
+    trainer = MetaTrainer(meta, _tiny_task(), MetaTrainConfig(estimator=estimator, num_particles=2, truncation=3,
+                                                              horizon=6))
+    before = [p.detach().clone() for p in meta.parameters()]
+    line = trainer.step()
+    assert line["meta_loss"] != line["meta_loss"]  # NaN: the truncation was skipped
+    assert trainer.diverged_truncations == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, meta.parameters()))
+    trainer.step()  # particles restarted from fresh initialisations
+    assert all(torch.isfinite(v).all() for v in trainer.params.values()) or trainer.diverged_truncations == 2
