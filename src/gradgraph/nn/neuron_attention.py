@@ -68,8 +68,8 @@ class NeuronAttention(GradGraphConv):
         head_channels: int | None = None,
         **kwargs: Any,
     ) -> None:
+        check_heads(type(self).__name__, heads, 1 if head_channels is None else head_channels)
         head_channels = head_channels or max(1, in_channels // heads)
-        check_heads(type(self).__name__, heads, head_channels)
         super().__init__(in_channels, out_channels, edge_dim, **kwargs)
         self.heads = heads
         self.head_channels = head_channels
