@@ -84,8 +84,12 @@ class OneLayer(nn.Module):
 def layers(channels: int = 6) -> dict[str, nn.Module]:
     return {
         "component attention": ComponentAttention(channels, channels, channels, heads=2, head_channels=3),
-        "component attention + edge messages": ComponentAttention(channels, channels, channels, heads=3, flow="forward"),
-        "neuron attention": NeuronAttention(channels, channels, channels, heads=2, head_channels=2, edge_messages=False),
+        "component attention + edge messages": ComponentAttention(
+            channels, channels, channels, heads=3, flow="forward"
+        ),
+        "neuron attention": NeuronAttention(
+            channels, channels, channels, heads=2, head_channels=2, edge_messages=False
+        ),
         "neuron attention + edge messages": NeuronAttention(channels, channels, channels, heads=1),
     }
 
@@ -226,7 +230,8 @@ def test_neuron_attention_equals_a_direct_reference_per_graph_and_component():
     batch = Batch.from_data_list(graphs)
     context = GraphContext.from_graph(batch, torch.randn(batch.edge_index.shape[1], 2, dtype=torch.float64))
     layer = NeuronAttention(4, 5, 2, heads=2, head_channels=2).double()
-    for h in (torch.randn(batch.num_nodes, 3, 4, dtype=torch.float64), torch.randn(batch.num_nodes, 4, dtype=torch.float64)):
+    per_component = torch.randn(batch.num_nodes, 3, 4, dtype=torch.float64)
+    for h in (per_component, torch.randn(batch.num_nodes, 4, dtype=torch.float64)):
         expected = torch.zeros(*h.shape[:-1], 4, dtype=torch.float64)
         for g in range(2):
             nodes = torch.nonzero(batch.batch == g).flatten()
@@ -259,7 +264,8 @@ def test_component_product_decoder_equals_a_per_edge_per_component_loop():
                 left, right = decoder.edge_source(z[j, i]), decoder.edge_target(z[k, i])
                 pre = left[:P] * right[:P] + left[P:] + right[P:] + decoder.edge_features(edge_features[e])
                 per_component.append(silu(pre))
-            torch.testing.assert_close(edge[e], decoder.edge_out(rho(torch.stack(per_component))), atol=1e-12, rtol=1e-12)
+            expected = decoder.edge_out(rho(torch.stack(per_component)))
+            torch.testing.assert_close(edge[e], expected, atol=1e-12, rtol=1e-12)
         for n in range(graph.num_nodes):
             pre = decoder.node_in(z[n])
             value = rho(silu(pre[:, :P] * pre[:, P : 2 * P] + pre[:, 2 * P :]))
@@ -300,7 +306,8 @@ def test_bad_inputs_raise_clear_errors():
         NeuronAttention(4, 4, 3).double().attend(torch.randn(graph.num_nodes, 4, dtype=torch.float64), unsorted)
     with pytest.raises(GradGraphError, match="flow"):
         GradMetaNetPlusPlus(4, flow="sideways")
-    text = repr(GradMetaNetPlusPlus(4, heads=2)) + repr(NeuronAttention(4, 4, 3)) + repr(ComponentProductDecoder(4, 3, 1))
+    modules = (GradMetaNetPlusPlus(4, heads=2), NeuronAttention(4, 4, 3), ComponentProductDecoder(4, 3, 1))
+    text = "".join(repr(module) for module in modules)
     assert "heads=2" in text and "reduce='mean'" in text
 
 

@@ -18,7 +18,9 @@ __all__ = ["ComponentAttention", "check_heads"]
 def check_heads(layer: str, heads: int, head_channels: int) -> None:
     """Raise a :class:`GradGraphError` naming ``layer`` unless ``heads`` and ``head_channels`` are >= 1."""
     if heads < 1 or head_channels < 1:
-        raise GradGraphError(f"{layer}: heads and head_channels must be >= 1, got heads={heads}, head_channels={head_channels}")
+        raise GradGraphError(
+            f"{layer}: heads and head_channels must be >= 1, got heads={heads}, head_channels={head_channels}"
+        )
 
 
 class ComponentAttention(GradGraphConv):
@@ -95,7 +97,8 @@ class ComponentAttention(GradGraphConv):
         """Apply the layer's equation to ``h [N, B, C]``."""
         if h.dim() != 3:
             raise GradGraphError(
-                f"{type(self).__name__}: states must have shape [N, B, C] (neuron, component, channel); got {list(h.shape)}"
+                f"{type(self).__name__}: states must have shape [N, B, C] (neuron, component, channel); "
+                f"got {list(h.shape)}"
             )
         self._check(h, context)
         out = self.lin_self(h) + self.group_means(h, context) + self.attend(h)

@@ -22,7 +22,8 @@ class ComponentProductDecoder(nn.Module):
     per-component states :math:`z_{n,i}`:
 
     .. math::
-        y_{jk} &= \Theta_E\, \rho_i\, \sigma\big((A z_{j,i}) \odot (B z_{k,i}) + U z_{j,i} + V z_{k,i} + W e_{jk} + b\big) \\
+        y_{jk} &= \Theta_E\, \rho_i\, \sigma\big((A z_{j,i}) \odot (B z_{k,i})
+                  + U z_{j,i} + V z_{k,i} + W e_{jk} + b\big) \\
         y_{n}  &= \Theta_N\, \rho_i\, \sigma\big((A' z_{n,i}) \odot (B' z_{n,i}) + U' z_{n,i} + b'\big)
 
     with :math:`\rho_i` the mean (or, ``reduce="sum"``, the sum: the paper's form) over the

@@ -103,7 +103,9 @@ class GradMetaNetPlusPlus(nn.Module):
             raise GradGraphError(f"GradMetaNetPlusPlus: flow must be one of {FLOWS}, got {flow!r}")
         widths = (edge_out_channels, node_out_channels, graph_out_channels, component_out_channels)
         if num_layers < 0 or min(widths) < 0 or hidden_channels < 1:
-            raise GradGraphError("GradMetaNetPlusPlus: hidden_channels must be >= 1, layer counts and output widths >= 0")
+            raise GradGraphError(
+                "GradMetaNetPlusPlus: hidden_channels must be >= 1, layer counts and output widths >= 0"
+            )
         channels = hidden_channels
         self.hidden_channels = channels
         self.num_layers = num_layers
@@ -116,8 +118,12 @@ class GradMetaNetPlusPlus(nn.Module):
         self.positional_encoding = PositionalEncoding(channels, max_layers=max_layers, max_positions=max_positions)
         self.activation = nn.SiLU()
         options = dict(flow=flow, aggr=aggr, heads=heads, edge_messages=edge_messages)
-        self.component_layers = nn.ModuleList(component_layer(channels, channels, channels, **options) for _ in range(num_layers))
-        self.neuron_layers = nn.ModuleList(neuron_layer(channels, channels, channels, **options) for _ in range(num_layers))
+        self.component_layers = nn.ModuleList(
+            component_layer(channels, channels, channels, **options) for _ in range(num_layers)
+        )
+        self.neuron_layers = nn.ModuleList(
+            neuron_layer(channels, channels, channels, **options) for _ in range(num_layers)
+        )
         self.edge_out_channels = edge_out_channels
         self.node_out_channels = node_out_channels
         self.decoder = (
@@ -149,7 +155,8 @@ class GradMetaNetPlusPlus(nn.Module):
         """``z [N, B, C]`` from the factors, ``component_x``, node features and positions; and the context."""
         if graph.act.dim() != 2 or graph.act.shape != graph.grad.shape:
             raise GradGraphError(
-                f"GradMetaNetPlusPlus: act and grad must both be [N, B]; got {list(graph.act.shape)} and {list(graph.grad.shape)}"
+                f"GradMetaNetPlusPlus: act and grad must both be [N, B]; got {list(graph.act.shape)} and "
+                f"{list(graph.grad.shape)}"
             )
         edge_features = self.edge_encoder(graph.edge_attr) + self.edge_kind_encoding(graph)
         context = GraphContext.from_graph(graph, edge_features)

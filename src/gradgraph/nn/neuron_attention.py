@@ -54,7 +54,8 @@ class NeuronAttention(GradGraphConv):
         edge_messages: keep the messages along the edges of :class:`GradGraphConv`.
 
     Shapes:
-        - **input:** ``h [N, C]`` or ``[N, B, C]``, a :class:`GraphContext` (nodes sorted by graph, as in a PyG ``Batch``)
+        - **input:** ``h [N, C]`` or ``[N, B, C]``, a :class:`GraphContext` (nodes sorted by graph, as
+          in a PyG ``Batch``)
         - **output:** ``[N, C']`` or ``[N, B, C']``
     """
 
@@ -83,7 +84,9 @@ class NeuronAttention(GradGraphConv):
         r"""The attention term alone: ``h [N, (B,) C] -> [N, (B,) C']``."""
         batch = context.node_batch
         if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
-            raise GradGraphError(f"{type(self).__name__}: nodes must be sorted by graph (context.node_batch), as in a PyG Batch")
+            raise GradGraphError(
+                f"{type(self).__name__}: nodes must be sorted by graph (context.node_batch), as in a PyG Batch"
+            )
         # dense [G, N_max, (B,) C]; mask [G, N_max] marks real neurons.
         dense, mask = to_dense_batch(h, batch, batch_size=context.num_graphs)
         per_component = h.dim() == 3

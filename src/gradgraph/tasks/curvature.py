@@ -324,7 +324,7 @@ class ModelConfig:
     max_log_correction: float = 5.0
     pp_channels: int = 8
     pp_layers: int = 1
-    pp_heads: int = 2
+    pp_heads: int = 1
     pp_product_channels: int = 4
 
 
