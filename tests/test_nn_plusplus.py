@@ -319,3 +319,13 @@ def test_curvature_cli_accepts_gradmetanet_pp(tmp_path, capsys):
     assert code == 0
     assert "GradMetaNet++" in capsys.readouterr().out
     assert (tmp_path / "o" / "results.json").exists()
+
+
+def test_default_curvature_preset_runs_the_headline_models_and_every_model_is_one_flag_away():
+    from gradgraph.tasks.curvature import DEFAULT_MODELS, MODEL_NAMES, CurvatureConfig, preset
+
+    config = preset("default")
+    assert config.models == DEFAULT_MODELS == ("standard", "kernel_importance", "gradmetanet")
+    assert config.num_train + config.num_val + config.num_test == config.zoo.num_nets
+    assert "gradmetanet_pp" in MODEL_NAMES
+    assert CurvatureConfig(models=MODEL_NAMES).models == MODEL_NAMES
