@@ -37,9 +37,9 @@ class ComponentProductDecoder(nn.Module):
     order of the components.
 
     **Cost:** time :math:`O((E + N) \cdot B \cdot P)`. The per-component pre-activations
-    ``[E, B, P]`` are never kept: edges are processed in chunks of ``chunk_edges`` under
-    activation checkpointing, so the memory held for backward is the ``[N, B, 4P]``
-    projections plus one chunk while it is recomputed.
+    ``[E, B, P]`` are never kept: edges are processed in chunks under activation
+    checkpointing, so the memory held for backward is the ``[N, B, 4P]`` projections, and the
+    transient memory one chunk (by default about :attr:`CHUNK_ELEMENTS` values per tensor).
 
     Args:
         component_channels: ``C_z`` of the per-component states.
@@ -47,12 +47,16 @@ class ComponentProductDecoder(nn.Module):
         out_channels: ``k``, outputs per edge and per node.
         product_channels: ``P``, width of the per-component MLP.
         reduce: ``"mean"`` (default; keeps the scale independent of ``B``) or ``"sum"``.
-        chunk_edges: edges per checkpointed chunk.
+        chunk_edges: edges per checkpointed chunk (default: as many as keep one chunk's
+            ``[e, B, 2P]`` tensors at about :attr:`CHUNK_ELEMENTS` values).
 
     Shapes:
         - **input:** ``z [N, B, C_z]``, a :class:`GraphContext`
         - **output:** ``(edge [E, k], node [N, k])``
     """
+
+    #: Values per ``[e, B, 2P]`` tensor of one edge chunk when ``chunk_edges`` is not given (16 MiB in float32).
+    CHUNK_ELEMENTS = 1 << 22
 
     def __init__(
         self,
@@ -62,12 +66,12 @@ class ComponentProductDecoder(nn.Module):
         product_channels: int = 16,
         *,
         reduce: str = "mean",
-        chunk_edges: int = 4096,
+        chunk_edges: int | None = None,
     ) -> None:
         super().__init__()
         if reduce not in REDUCTIONS:
             raise GradGraphError(f"ComponentProductDecoder: reduce must be one of {REDUCTIONS}, got {reduce!r}")
-        if min(component_channels, edge_dim, out_channels, product_channels, chunk_edges) < 1:
+        if min(component_channels, edge_dim, out_channels, product_channels, chunk_edges or 1) < 1:
             raise GradGraphError("ComponentProductDecoder: channel counts and chunk_edges must be >= 1")
         self.component_channels = component_channels
         self.edge_dim = edge_dim
@@ -116,9 +120,10 @@ class ComponentProductDecoder(nn.Module):
         source, target = self.edge_source(z), self.edge_target(z)
         edge_term = self.edge_features(context.edge_features)
         src, dst = context.edge_index
+        chunk_edges = self.chunk_edges or max(1, self.CHUNK_ELEMENTS // (z.shape[1] * 2 * self.product_channels))
         chunks = []
-        for start in range(0, src.numel(), self.chunk_edges):
-            span = slice(start, start + self.chunk_edges)
+        for start in range(0, src.numel(), chunk_edges):
+            span = slice(start, start + chunk_edges)
             arguments = (source, target, edge_term[span], src[span], dst[span])
             if torch.is_grad_enabled():
                 chunks.append(checkpoint(self._edge_chunk, *arguments, use_reentrant=False))
