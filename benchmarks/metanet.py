@@ -6,6 +6,10 @@ work of one step is ``G·B·(N+E)``: every component of every neuron and every w
 touched by each component layer. A least-squares line through ``(log work, log time)``
 over all points gives the scaling exponent (1 = linear).
 
+Then GradMetaNet++ (attention across components and neurons, per-component product
+decoder) against GradMetaNet at the same width as ``B`` grows: the attention across
+components makes it quadratic in ``B``.
+
 Then, at equal hidden width, GradMetaNet against the ``nfn`` library's ``NPLinear`` stack
 (Zhou et al., NFN) fed the mean gradient of the same source networks (optional: skipped
 with a message when nfn is not installed).
@@ -33,7 +37,7 @@ from torch_geometric.data import Batch
 from _common import format_bytes, format_table, interleaved_median_times, peak_memory_bytes, set_threads
 
 import gradgraph
-from gradgraph.nn import GradMetaNet
+from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
 
 INPUT_DIM, OUTPUT_DIM = 16, 4
 
@@ -67,7 +71,7 @@ def graph_size(batch: Batch) -> tuple[int, int]:
     return int(batch.num_nodes), int(batch.edge_index.shape[1])
 
 
-def gradmetanet_step(model: GradMetaNet, batch: Batch) -> Callable[[], None]:
+def gradmetanet_step(model: nn.Module, batch: Batch) -> Callable[[], None]:
     """One forward + backward of ``model`` on ``batch`` (loss: mean square of every output)."""
 
     def run() -> None:
@@ -117,6 +121,23 @@ def fit_exponent(work: list[float], seconds: list[float]) -> float:
     xs, ys = [math.log(w) for w in work], [math.log(s) for s in seconds]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+
+
+def plusplus_comparison(model: GradMetaNet, args: argparse.Namespace) -> None:
+    """GradMetaNet++ (2 blocks, 2 heads) against ``model`` at the same width, over the ``B`` sweep."""
+    plusplus = GradMetaNetPlusPlus(args.hidden, num_layers=2, heads=2, product_channels=args.hidden)
+    _, base_w, base_g = args.base
+    rows = []
+    for components in args.components:
+        batch = source_batch(Config(components, base_w, base_g))
+        methods = {"gradmetanet": gradmetanet_step(model, batch), "gradmetanet++": gradmetanet_step(plusplus, batch)}
+        elapsed = interleaved_median_times(methods, rounds=args.rounds, min_seconds=args.min_seconds)
+        for name, method in methods.items():
+            rows.append([components, name, f"{elapsed[name] * 1e3:.2f}",
+                         f"{elapsed[name] / elapsed['gradmetanet']:.2f}", format_bytes(peak_memory_bytes(method))])
+        print(f"  done B={components}", file=sys.stderr, flush=True)
+    print(f"\nGradMetaNet++ (2 blocks, 2 heads, hidden {args.hidden}) vs GradMetaNet, width={base_w}, G={base_g}")
+    print(format_table(["B", "model", "time (ms)", "x GradMetaNet", "peak mem"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(large) >= 2:
         print(f"fitted exponent, time, upper half of the work range ({len(large)} points): "
               f"a = {fit_exponent([work[i] for i in large], [seconds[i] for i in large]):.3f}")
+
+    plusplus_comparison(model, args)
 
     depth = model.num_component_layers + model.num_node_layers
     print(f"\nGradMetaNet vs nfn NPLinear x{depth} (fed the mean gradient), hidden width {args.hidden}, "

@@ -344,3 +344,18 @@ def test_edge_kind_encoding_rejects_unknown_kinds():
     graph.edge_kind[5] = len(gradgraph.EdgeKind)
     with pytest.raises(GradGraphError, match=rf"EdgeKindEncoding: edge_kind must lie in \[0, {len(gradgraph.EdgeKind)}\)"):
         encoding(graph)
+
+
+def test_kind_tables_load_checkpoints_from_before_kinds_were_appended():
+    from gradgraph.nn import PositionalEncoding
+
+    for module, key in ((EdgeKindEncoding(4), "kind.weight"), (PositionalEncoding(4), "kind.weight")):
+        state = {name: value.clone() for name, value in module.state_dict().items()}
+        old_rows = state[key][:-3] + 1.0  # a checkpoint saved with three kinds fewer
+        state[key] = old_rows
+        before = module.kind.weight.detach().clone()
+        module.load_state_dict(state)
+        torch.testing.assert_close(module.kind.weight[:-3], old_rows)
+        torch.testing.assert_close(module.kind.weight[-3:], before[-3:])
+        with pytest.raises(RuntimeError):  # a table of another width is still an error
+            module.load_state_dict({**state, key: torch.zeros(2, 5)})

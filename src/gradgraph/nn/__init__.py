@@ -14,6 +14,9 @@ One concept a file, as in ``torch_geometric.nn.conv``:
 - :class:`ComponentReadout` — one output per graph and component.
 - :class:`ComponentDensity` — a learned kernel density over each graph's components.
 - :class:`GradMetaNet` — the model built from them; :func:`outputs_to_parameters`.
+- :class:`ComponentAttention`, :class:`NeuronAttention` — attention across a neuron's components / a graph's neurons.
+- :class:`ComponentProductDecoder` — GradMetaNet++'s per-component product decoder.
+- :class:`GradMetaNetPlusPlus` — GradMetaNet++ built from them.
 """
 
 from gradgraph.nn.output import GradMetaNetOutput
@@ -30,6 +33,10 @@ from gradgraph.nn.decoder import EdgeProductDecoder
 from gradgraph.nn.readout import InvariantReadout
 from gradgraph.nn.gradmetanet import GradMetaNet, LayerFactory, outputs_to_parameters
 from gradgraph.nn.canonical import ScaleEquivariant
+from gradgraph.nn.component_attention import ComponentAttention
+from gradgraph.nn.neuron_attention import NeuronAttention
+from gradgraph.nn.component_decoder import ComponentProductDecoder
+from gradgraph.nn.gradmetanet_pp import GradMetaNetPlusPlus
 
 __all__ = [
     "ComponentConv",
@@ -48,4 +55,8 @@ __all__ = [
     "PositionalEncoding",
     "ScaleEquivariant",
     "outputs_to_parameters",
+    "ComponentAttention",
+    "NeuronAttention",
+    "ComponentProductDecoder",
+    "GradMetaNetPlusPlus",
 ]

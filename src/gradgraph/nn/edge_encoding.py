@@ -49,5 +49,21 @@ class EdgeKindEncoding(nn.Module):
             )
         return self.kind(kind)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN202
+        load_kind_table(self.kind, state_dict, prefix + "kind.weight")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.channels}, kinds={NUM_EDGE_KINDS})"
+
+
+def load_kind_table(table: nn.Embedding, state_dict: dict, key: str) -> None:
+    """Let a checkpoint with fewer kinds load: gradgraph only ever *appends* kinds
+    (:class:`~gradgraph.NodeKind`, :class:`~gradgraph.EdgeKind`), so the saved rows are the
+    first rows of the current table; rows of kinds added since keep their initial values."""
+    saved = state_dict.get(key)
+    if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[1] == table.weight.shape[1] \
+            and saved.shape[0] < table.weight.shape[0]:
+        padded = table.weight.detach().clone()
+        padded[: saved.shape[0]] = saved
+        state_dict[key] = padded

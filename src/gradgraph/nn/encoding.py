@@ -46,6 +46,12 @@ class PositionalEncoding(nn.Module):
         self.position = nn.Embedding(max_positions, channels)
         self.reset_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN202
+        from gradgraph.nn.edge_encoding import load_kind_table
+
+        load_kind_table(self.kind, state_dict, prefix + "kind.weight")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_parameters(self) -> None:
         """Re-initialise the embedding tables (small normal init)."""
         for table in (self.layer, self.depth, self.kind, self.position):

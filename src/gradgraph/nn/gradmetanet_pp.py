@@ -1,0 +1,201 @@
+"""`GradMetaNetPlusPlus`: attention across components and neurons, no pooling, a per-component product decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import Batch
+from torch_geometric.nn import Linear
+
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import GradGraph
+from gradgraph.nn.component_attention import ComponentAttention
+from gradgraph.nn.component_decoder import ComponentProductDecoder
+from gradgraph.nn.component_readout import ComponentReadout
+from gradgraph.nn.context import GraphContext
+from gradgraph.nn.conv import FLOWS
+from gradgraph.nn.edge_encoding import EdgeKindEncoding
+from gradgraph.nn.encoding import PositionalEncoding
+from gradgraph.nn.gradmetanet import LayerFactory
+from gradgraph.nn.neuron_attention import NeuronAttention
+from gradgraph.nn.output import GradMetaNetOutput
+from gradgraph.nn.readout import InvariantReadout
+
+__all__ = ["GradMetaNetPlusPlus"]
+
+
+class GradMetaNetPlusPlus(nn.Module):
+    r"""GradMetaNet++ (Gelberg et al., NeurIPS 2025) on GradGraphs.
+
+    .. math::
+        \Phi = (\text{decoder}, \text{readouts}) \circ
+               \big(\sigma \circ L_{\text{neurons}} \circ \sigma \circ L_{\text{components}}\big)^{\times K}
+               \circ \text{encode}
+
+    1. **encode** (as in :class:`GradMetaNet`): per neuron :math:`n` and component :math:`i`,
+       :math:`z_{n,i} = \Theta_a [\mathrm{act}_{n,i}, \mathrm{grad}_{n,i} \Vert c_{n,i}]
+       + \Theta_x [x_n \Vert p_n]`, :math:`p` the :class:`PositionalEncoding`; edge features
+       :math:`\Theta_e\,\mathrm{edge\_attr} + q_e`, :math:`q` the :class:`EdgeKindEncoding`.
+    2. ``num_layers`` blocks, each a residual :class:`ComponentAttention` (every neuron's
+       components attend to each other) then a residual :class:`NeuronAttention` (per
+       component, every graph's neurons attend to each other): ``z [N, B, C]`` throughout —
+       unlike :class:`GradMetaNet` the component axis is never pooled away.
+    3. :class:`ComponentProductDecoder` (one output per weight and bias, an MLP per
+       component summed over components), :class:`InvariantReadout` on the component mean
+       of ``z`` (one output per graph) and :class:`ComponentReadout` (one per graph and
+       component).
+
+    Equivariant to hidden-neuron permutations (and to attention-head permutations of a
+    transformer source network) and invariant to the order of the components; component
+    outputs move with the components (:func:`gradgraph.testing.assert_equivariant`).
+
+    **Cost** per block: :math:`O(N B^2 C)` for the component attention and
+    :math:`O(G B N_{\max}^2 C)` for the neuron attention (see the layers), against
+    :math:`O(N B C^2)` of a :class:`ComponentConv`; the decoder is :math:`O((E+N) B P)`.
+    Keep ``C`` modest when ``B`` or the networks are large.
+
+    Args:
+        hidden_channels: ``C``, width of the per-component states.
+        num_layers: ``K`` blocks (component attention + neuron attention).
+        heads: attention heads of both layers.
+        edge_messages: the attention layers also pass per-component messages along the
+            network's weights (:class:`GradGraphConv`'s edge terms, cost :math:`O(E B C)`).
+        flow, aggr: of those messages; see :class:`GradGraphConv`.
+        edge_out_channels, node_out_channels, graph_out_channels, component_out_channels:
+            output widths; 0 drops that output (returned as ``None``).
+        component_density_heads: heads of the :class:`ComponentDensity` inside the
+            component readout (0: none).
+        product_channels: ``P`` of the decoder's per-component MLP.
+        decoder_reduce: ``"mean"`` or ``"sum"`` over components in the decoder.
+        component_layer, neuron_layer: layer factories
+            ``(in_channels, out_channels, edge_dim, flow=..., aggr=..., heads=..., edge_messages=...)``.
+        max_layers, max_positions: sizes of the positional-encoding tables.
+
+    Shapes:
+        - **input:** a :class:`~gradgraph.GradGraph` or a ``Batch`` of them (shared ``B``)
+        - **output:** :class:`GradMetaNetOutput` with ``edge [E, k_e]``, ``node [N, k_n]``,
+          ``graph [G, k_g]``, ``component [G, B, k_c]``
+    """
+
+    def __init__(
+        self,
+        hidden_channels: int = 16,
+        *,
+        num_layers: int = 2,
+        heads: int = 2,
+        edge_messages: bool = False,
+        flow: str = "both",
+        aggr: str = "mean",
+        edge_out_channels: int = 1,
+        node_out_channels: int = 1,
+        graph_out_channels: int = 0,
+        component_out_channels: int = 0,
+        component_density_heads: int = 0,
+        product_channels: int = 16,
+        decoder_reduce: str = "mean",
+        component_layer: LayerFactory = ComponentAttention,
+        neuron_layer: LayerFactory = NeuronAttention,
+        max_layers: int = 64,
+        max_positions: int = 256,
+    ) -> None:
+        super().__init__()
+        if flow not in FLOWS:
+            raise GradGraphError(f"GradMetaNetPlusPlus: flow must be one of {FLOWS}, got {flow!r}")
+        widths = (edge_out_channels, node_out_channels, graph_out_channels, component_out_channels)
+        if num_layers < 0 or min(widths) < 0 or hidden_channels < 1:
+            raise GradGraphError(
+                "GradMetaNetPlusPlus: hidden_channels must be >= 1, layer counts and output widths >= 0"
+            )
+        channels = hidden_channels
+        self.hidden_channels = channels
+        self.num_layers = num_layers
+        self.heads = heads
+        self.flow = flow
+        self.edge_encoder = Linear(-1, channels)
+        self.edge_kind_encoding = EdgeKindEncoding(channels)
+        self.node_encoder = Linear(-1, channels)
+        self.factor_encoder = Linear(-1, channels)
+        self.positional_encoding = PositionalEncoding(channels, max_layers=max_layers, max_positions=max_positions)
+        self.activation = nn.SiLU()
+        options = dict(flow=flow, aggr=aggr, heads=heads, edge_messages=edge_messages)
+        self.component_layers = nn.ModuleList(
+            component_layer(channels, channels, channels, **options) for _ in range(num_layers)
+        )
+        self.neuron_layers = nn.ModuleList(
+            neuron_layer(channels, channels, channels, **options) for _ in range(num_layers)
+        )
+        self.edge_out_channels = edge_out_channels
+        self.node_out_channels = node_out_channels
+        self.decoder = (
+            ComponentProductDecoder(
+                channels, channels, max(edge_out_channels, node_out_channels), product_channels, reduce=decoder_reduce
+            )
+            if edge_out_channels or node_out_channels
+            else None
+        )
+        self.readout = InvariantReadout(channels, graph_out_channels) if graph_out_channels else None
+        self.component_readout = (
+            ComponentReadout(
+                channels,
+                component_out_channels,
+                channels if component_density_heads else None,
+                density_heads=component_density_heads,
+            )
+            if component_out_channels
+            else None
+        )
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every learnable parameter."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def encode(self, graph: GradGraph | Batch) -> tuple[Tensor, GraphContext]:
+        """``z [N, B, C]`` from the factors, ``component_x``, node features and positions; and the context."""
+        if graph.act.dim() != 2 or graph.act.shape != graph.grad.shape:
+            raise GradGraphError(
+                f"GradMetaNetPlusPlus: act and grad must both be [N, B]; got {list(graph.act.shape)} and "
+                f"{list(graph.grad.shape)}"
+            )
+        edge_features = self.edge_encoder(graph.edge_attr) + self.edge_kind_encoding(graph)
+        context = GraphContext.from_graph(graph, edge_features)
+        node_embedding = self.node_encoder(graph.x) + self.positional_encoding(graph)
+        factors = torch.stack([graph.act, graph.grad], dim=-1)
+        extra = getattr(graph, "component_x", None)
+        if extra is not None:
+            if extra.dim() != 3 or extra.shape[:2] != graph.act.shape:
+                raise GradGraphError(
+                    f"GradMetaNetPlusPlus: component_x must have shape [N, B, F] = [{graph.act.shape[0]}, "
+                    f"{graph.act.shape[1]}, F]; got {list(extra.shape)}"
+                )
+            factors = torch.cat([factors, extra.to(factors.dtype)], dim=-1)
+        return self.factor_encoder(factors) + node_embedding[:, None, :], context
+
+    def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:
+        """Run the model on a graph or a batch; see the class docstring for the stages."""
+        z, context = self.encode(graph)
+        for component_layer, neuron_layer in zip(self.component_layers, self.neuron_layers):
+            z = z + self.activation(component_layer(z, context))
+            z = z + self.activation(neuron_layer(z, context))
+        edge = node = None
+        if self.decoder is not None:
+            edge, node = self.decoder(z, context)
+            edge = edge[:, : self.edge_out_channels] if self.edge_out_channels else None
+            node = node[:, : self.node_out_channels] if self.node_out_channels else None
+        graph_out = None
+        if self.readout is not None:
+            graph_out = self.readout(z.mean(dim=1), context.node_batch, context.num_graphs)
+        component_out = None
+        if self.component_readout is not None:
+            fixed = graph.perm_group < 0
+            component_out = self.component_readout(z, context.node_batch, context.num_graphs, fixed)
+        return GradMetaNetOutput(edge=edge, node=node, graph=graph_out, component=component_out)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(hidden={self.hidden_channels}, layers={self.num_layers}, heads={self.heads}, "
+            f"flow={self.flow!r}, out=(edge={self.edge_out_channels}, node={self.node_out_channels}, "
+            f"graph={self.readout.out_channels if self.readout is not None else 0}, "
+            f"component={self.component_readout.out_channels if self.component_readout is not None else 0}))"
+        )
