@@ -66,10 +66,11 @@ class InrEditConfig:
     num_val: int = 297
     num_test: int = 300
     split_seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=32, lr=3e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=32, lr=3e-3))
     seeds: tuple[int, ...] = (0, 1, 2)
     models: tuple[str, ...] = MODEL_NAMES
-    model: EditModelConfig = field(default_factory=EditModelConfig)
+    model: EditModelConfig = field(default_factory=lambda: EditModelConfig(
+        hidden_channels=16, component_channels=8, num_node_layers=2, product_channels=4))
     device: str = "cpu"
     num_pictures: int = 6
     output_dir: Path = Path("runs/inr-edit")
@@ -97,17 +98,19 @@ class InrEditConfig:
 def preset(name: str) -> InrEditConfig:
     """Named configurations.
 
-    * ``default`` — every digit (1200 / 297 / 300), 16×16 grid, 10 epochs, Adam 3e-3,
-      batch 32, 3 seeds, all seven models: the README's run, ≤ 10 minutes on 2 CPU cores
-      once the zoo is cached.
-    * ``paper`` — the same data, 100 epochs at Adam 1e-3 (the paper trains 150K steps with
-      AdamW; the zoo here is ~20× smaller than MNIST's), 5 seeds.
+    * ``default`` — every digit (1200 / 297 / 300), 16×16 grid, small models (``C = 16``,
+      ``C_z = 8``, 2 node layers), 4 epochs, Adam 3e-3, batch 32, 3 seeds, all seven
+      models: the README's run, sized for ≤ 10 minutes on 2 CPU cores once the zoo is cached.
+    * ``paper`` — the same data, the full-size models (``C = 32``, ``C_z = 16``, 3 node
+      layers), 100 epochs at Adam 1e-3 (the paper trains 150K steps with AdamW on a zoo
+      ~30× larger), 5 seeds.
     * ``tiny`` — a seconds-long smoke run for tests.
     """
     if name == "default":
         return InrEditConfig()
     if name == "paper":
-        return InrEditConfig(train=TrainConfig(epochs=100, batch_size=32, lr=1e-3), seeds=(0, 1, 2, 3, 4))
+        return InrEditConfig(train=TrainConfig(epochs=100, batch_size=32, lr=1e-3), seeds=(0, 1, 2, 3, 4),
+                             model=EditModelConfig())
     if name == "tiny":
         return InrEditConfig(
             zoo=InrZooConfig(num_images=12, resolution=8, hidden=(8, 8), fit_steps=30, num_probe_points=16,
