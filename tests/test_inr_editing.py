@@ -77,9 +77,18 @@ def edited_render(model: torch.nn.Module, source: InrSource) -> torch.Tensor:
         return batch.render(*model(batch))
 
 
+def randomise_steps(model: torch.nn.Module) -> None:
+    """Give the learned gradient-step sizes (0 at initialisation) random values, so the checks cover them."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_step"):
+                parameter.uniform_(0.5, 1.5)
+
+
 def fresh_model(name: str, scales: FeatureScales, source: InrSource, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model(name, scales, SMALL_MODEL, int(source.act.shape[-1])).double()
+    randomise_steps(model)
     edited_render(model, source)  # materialise lazy input widths
     return model.eval()
 
@@ -197,6 +206,7 @@ def test_edit_net_is_permutation_equivariant(small_problem, kind):
     net = EditNet(kind, scales, SMALL_MODEL, int(source.act.shape[-1]))
     graphs = source.batch(torch.arange(3)).graphs()
     net.double()(graphs)
+    randomise_steps(net)
     assert_equivariant(net, graphs, check_components=kind == "gradmetanet")
 
 

@@ -74,6 +74,9 @@ class EditModelConfig:
             CPU the edge terms made an epoch about 5× slower.
         output_gain: initial per-layer gain of ``Δθ`` in units of the layer's weight RMS
             (small: training starts near the unedited INR).
+        gradient_step: the gradient model also adds a learned per-layer multiple of the
+            mean probe gradient (a learned gradient step, initialised at 0), so it need not
+            first learn to form that mean through its decoder.
     """
 
     hidden_channels: int = 32
@@ -83,6 +86,7 @@ class EditModelConfig:
     product_channels: int = 8
     component_edge_messages: bool = False
     output_gain: float = 0.01
+    gradient_step: bool = True
 
 
 @dataclass
@@ -149,6 +153,10 @@ class EditNet(nn.Module):
         self.weight_gain = nn.Parameter(torch.full((num_layers,), config.output_gain))
         self.bias_gain = nn.Parameter(torch.full((num_layers,), config.output_gain))
         uses_gradients = kind == "gradmetanet"
+        self.gradient_step = uses_gradients and config.gradient_step
+        if self.gradient_step:
+            self.weight_step = nn.Parameter(torch.zeros(num_layers))
+            self.bias_step = nn.Parameter(torch.zeros(num_layers))
         self.net = GradMetaNet(
             config.hidden_channels,
             component_channels=config.component_channels if uses_gradients else None,
@@ -166,6 +174,9 @@ class EditNet(nn.Module):
         self.net.reset_parameters()
         nn.init.constant_(self.weight_gain, self.config.output_gain)
         nn.init.constant_(self.bias_gain, self.config.output_gain)
+        if self.gradient_step:
+            nn.init.zeros_(self.weight_step)
+            nn.init.zeros_(self.bias_step)
 
     def normalised(self, graph: GradGraph | Batch) -> GradGraph | Batch:
         """The graph with weights, biases and factors divided by their layer's RMS (a shallow copy)."""
@@ -188,7 +199,23 @@ class EditNet(nn.Module):
         edge_layer = node_layer[graph.edge_index[1]]
         edge = output.edge * (self.weight_gain * self.weight_scale)[edge_layer][:, None]
         node = output.node * (self.bias_gain * self.bias_scale)[node_layer][:, None]
+        if self.gradient_step:
+            edge_step, node_step = self.mean_gradient_step(graph, node_layer, edge_layer)
+            edge, node = edge + edge_step, node + node_step
         return GradMetaNetOutput(edge=edge, node=node, graph=None)
+
+    def mean_gradient_step(self, graph: GradGraph | Batch, node_layer: Tensor, edge_layer: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(−η_{l(k)} s^w_{l(k)} ḡ_{j→k} / (s^a_{l(j)} s^g_{l(k)}) [E, 1],  −η'_{l(k)} s^b_{l(k)} ḡ_k / s^g_{l(k)} [N, 1])``
+        with ``ḡ_{j→k} = mean_i act[j, i] grad[k, i]`` and ``ḡ_k = mean_i grad[k, i]`` the mean
+        probe gradient, in units of the layer's weight RMS per unit of normalised gradient."""
+        src, dst = graph.edge_index
+        mean_edge = (graph.act[src] * graph.grad[dst]).mean(dim=1)
+        mean_node = graph.grad.mean(dim=1)
+        edge_units = self.weight_scale[edge_layer] / (self.act_scale[node_layer[src]] * self.grad_scale[edge_layer])
+        node_units = self.bias_scale[node_layer] / self.grad_scale[node_layer]
+        edge = -(self.weight_step[edge_layer] * edge_units * mean_edge)[:, None]
+        node = -(self.bias_step[node_layer] * node_units * mean_node)[:, None]
+        return edge, node
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(kind={self.kind!r}, {self.net})"
