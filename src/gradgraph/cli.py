@@ -15,12 +15,14 @@ from collections.abc import Callable, Sequence
 __all__ = ["main", "run_demo"]
 
 
-def run_demo(hidden: Sequence[int] = (32, 16), num_datapoints: int = 64, seed: int = 0) -> dict[str, float]:
+def run_demo(
+    hidden: Sequence[int] = (32, 16), num_datapoints: int = 64, seed: int = 0, device: str = "cpu"
+) -> dict[str, float]:
     """Convert a small MLP on scikit-learn's bundled digits and check its gradients.
 
     The MLP (64 -> hidden -> 10, ReLU) is evaluated in float64 with a cross-entropy loss
     on ``num_datapoints`` digits. Per-sample gradients rebuilt from the graph are compared
-    with ``torch.func.vmap(grad(...))``.
+    with ``torch.func.vmap(grad(...))``. Everything runs on ``device`` (cpu, cuda, auto).
 
     Returns:
         ``{"nodes", "edges", "components", "parameters", "max_abs_error", "seconds"}``.
@@ -31,7 +33,9 @@ def run_demo(hidden: Sequence[int] = (32, 16), num_datapoints: int = 64, seed: i
     from torch.func import functional_call, grad, vmap
 
     import gradgraph
+    from gradgraph.distributed import resolve_device
 
+    target_device = resolve_device(device)
     torch.manual_seed(seed)
     digits = load_digits()
     inputs = torch.tensor(digits.data[:num_datapoints] / 16.0, dtype=torch.float64)
@@ -42,7 +46,8 @@ def run_demo(hidden: Sequence[int] = (32, 16), num_datapoints: int = 64, seed: i
         layers.append(nn.Linear(d_in, d_out))
         if index < len(widths) - 2:
             layers.append(nn.ReLU())
-    model = nn.Sequential(*layers).double()
+    model = nn.Sequential(*layers).double().to(target_device)
+    inputs, targets = inputs.to(target_device), targets.to(target_device)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
 
     start = time.perf_counter()
@@ -68,7 +73,7 @@ def run_demo(hidden: Sequence[int] = (32, 16), num_datapoints: int = 64, seed: i
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    summary = run_demo(hidden=args.hidden, num_datapoints=args.datapoints, seed=args.seed)
+    summary = run_demo(hidden=args.hidden, num_datapoints=args.datapoints, seed=args.seed, device=args.device)
     print("gradgraph demo: MLP on scikit-learn digits -> GradGraph")
     width = max(len(key) for key in summary)
     for key, value in summary.items():
@@ -84,6 +89,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[32, 16], help="hidden widths")
     parser.add_argument("--datapoints", type=int, default=64, help="number of datapoints (components)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
     parser.set_defaults(func=_demo_command)
 
 
@@ -118,14 +124,33 @@ def _curvature_command(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         cache_root=args.cache_dir,
         progress=not args.quiet,
+        device=args.device,
     )
-    print(
-        f"gradgraph curvature ({args.preset}): {config.zoo.num_nets} SIRENs "
-        f"(train {config.num_train} / val {config.num_val} / test {config.num_test}), "
-        f"{config.train.epochs} epochs, seeds {list(config.seeds)}",
-        flush=True,
-    )
-    results = run_curvature(config)
+    from gradgraph.distributed import DistributedError, init_distributed
+
+    try:
+        context = init_distributed(args.device, timeout_s=args.dist_timeout)
+    except DistributedError as error:
+        print(f"gradgraph curvature: {error}", file=sys.stderr, flush=True)
+        return 1
+    if context.is_main_process:
+        print(
+            f"gradgraph curvature ({args.preset}): {config.zoo.num_nets} SIRENs "
+            f"(train {config.num_train} / val {config.num_val} / test {config.num_test}), "
+            f"{config.train.epochs} epochs, seeds {list(config.seeds)}, device {context.device}"
+            + (f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""),
+            flush=True,
+        )
+    try:
+        results = run_curvature(config, context)
+    except DistributedError as error:
+        # One clear line instead of a traceback per rank; torchrun then stops the other ranks.
+        print(f"gradgraph curvature: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        context.teardown()
+    if not context.is_main_process:
+        return 0  # rank 0 prints and writes for the whole job
     print()
     print(results_table(results))
     print(f"\nmetric: {results['metric']}")
@@ -155,6 +180,12 @@ def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="dataset cache root (default $GRADGRAPH_CACHE or .gradgraph-cache)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="cpu (default), cuda, or auto (cuda when available); under torchrun rank r of a machine "
+                             "uses cuda:LOCAL_RANK")
+    parser.add_argument("--dist-timeout", type=float, default=None,
+                        help="seconds a rank waits for the others under torchrun before the job fails "
+                             "(default $GRADGRAPH_DIST_TIMEOUT or 300)")
     parser.set_defaults(func=_curvature_command)
 
 

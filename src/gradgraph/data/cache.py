@@ -14,6 +14,11 @@ which is ignored and removed. A shard that still fails to load or carries the wr
 metadata (a different config, a truncated copy from elsewhere) is regenerated, never
 trusted. The completion marker is written after every shard, so a directory without it
 is resumed shard by shard instead of being read as complete.
+
+Several processes (``torchrun``) share one cache directory: shard ``s`` belongs to rank
+``s % world_size``, so every missing shard is built by exactly one rank; rank 0 waits for
+all of them (a barrier bounded by the process group's timeout), checks them, writes the
+completion marker, and then every rank reads the whole dataset.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import torch
 
+from gradgraph.distributed import SINGLE_PROCESS, DistributedContext
 from gradgraph.errors import GradGraphError
 
 __all__ = ["ShardedCache", "config_hash", "default_cache_root", "atomic_write_bytes", "atomic_torch_save"]
@@ -165,6 +171,7 @@ class ShardedCache:
         *,
         progress: bool = True,
         description: str = "generating",
+        context: DistributedContext | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every item, concatenated along dim 0; builds whatever is missing first.
 
@@ -174,26 +181,41 @@ class ShardedCache:
                 one); calls ``advance(k)`` after finishing ``k`` items, for the progress bar.
             progress: show a tqdm bar over items while generating.
             description: the bar's label.
+            context: the processes sharing this cache (default: one). Every rank must call
+                this; missing shard ``s`` is built by rank ``s % world_size``; all ranks
+                return the same items.
 
         Returns:
             ``{field: Tensor[num_items, ...]}``.
+
+        Raises:
+            DistributedError: another rank died or hung while the shards were being built.
         """
         from tqdm.auto import tqdm
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        complete = self.is_complete()
+        context = context or SINGLE_PROCESS
+        if context.is_main_process:
+            self.directory.mkdir(parents=True, exist_ok=True)
         shards: list[dict[str, torch.Tensor] | None] = [self._load_shard(s) for s in range(self.num_shards)]
-        if complete and all(shard is not None for shard in shards):
+        intact = self.is_complete() and all(shard is not None for shard in shards)
+        # One decision for all ranks, so that all of them take the same barriers below.
+        if not context.any(not intact, "checking the cache"):
             return _concat(shards)  # type: ignore[arg-type]
-        # Not complete (or a shard went bad since): resume.
-        if self.marker_path.exists():
-            self.marker_path.unlink()
-        self._clean_temp_files()
-        if not (self.directory / "config.json").exists():
-            atomic_write_bytes(self.directory / "config.json", json.dumps(self.config, indent=2, sort_keys=True).encode())
-        missing = [s for s, shard in enumerate(shards) if shard is None]
-        done_items = self.num_items - sum(len(self.shard_range(s)) for s in missing)
-        with tqdm(total=self.num_items, initial=done_items, desc=description, unit="net", disable=not progress) as bar:
+        # Not complete (or a shard went bad since): resume. Only rank 0 touches shared files
+        # before the barrier, so no rank's half-written temp file is swept away.
+        if context.is_main_process:
+            if self.marker_path.exists():
+                self.marker_path.unlink()
+            self._clean_temp_files()
+            if not (self.directory / "config.json").exists():
+                atomic_write_bytes(
+                    self.directory / "config.json", json.dumps(self.config, indent=2, sort_keys=True).encode()
+                )
+        context.barrier("preparing the cache directory")
+        mine = [s for s in range(self.num_shards) if s % context.world_size == context.rank]
+        missing = [s for s in mine if shards[s] is None]
+        to_build = sum(len(self.shard_range(s)) for s in missing)
+        with tqdm(total=to_build, desc=description, unit="net", disable=not progress or not to_build) as bar:
             for shard in missing:
                 indices = self.shard_range(shard)
                 tensors = make_shard(indices, bar.update)
@@ -201,8 +223,18 @@ class ShardedCache:
                 payload = dict(tensors, __key__=self.key, __start__=indices.start, __stop__=indices.stop)
                 atomic_torch_save(self.shard_path(shard), payload)
                 shards[shard] = tensors
-        marker = {"key": self.key, "num_shards": self.num_shards, "num_items": self.num_items}
-        atomic_write_bytes(self.marker_path, json.dumps(marker).encode())
+        if context.is_distributed:
+            context.barrier(f"waiting for every rank's cache shards in {self.directory}")
+            shards = [shard if shard is not None else self._load_shard(s) for s, shard in enumerate(shards)]
+        broken = [s for s, shard in enumerate(shards) if shard is None]
+        if context.is_main_process and not broken:
+            marker = {"key": self.key, "num_shards": self.num_shards, "num_items": self.num_items}
+            atomic_write_bytes(self.marker_path, json.dumps(marker).encode())
+        if context.any(bool(broken), "checking the built shards"):
+            raise GradGraphError(
+                f"ShardedCache {self.directory}: shard(s) {broken} were not readable after every rank finished "
+                "building; is the directory shared by all ranks (same filesystem)? Rerun to rebuild them."
+            )
         return _concat(shards)  # type: ignore[arg-type]
 
 

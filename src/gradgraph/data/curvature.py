@@ -28,6 +28,7 @@ from torch_geometric.data import Batch
 
 from gradgraph.data.cache import ShardedCache, default_cache_root
 from gradgraph.data.siren_zoo import InputFamily, fisher_diagonal, make_siren, sample_inputs, siren_graph
+from gradgraph.distributed import DistributedContext
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 
@@ -161,6 +162,19 @@ class CurvatureData:
             **{name: getattr(self, name)[index] for name in _STACKED_FIELDS},
         )
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CurvatureData":
+        """The same networks with every tensor (and the template) on ``device``; floating
+        tensors also cast to ``dtype`` if given (integer slots keep theirs)."""
+
+        def move(tensor: Tensor) -> Tensor:
+            cast = dtype if dtype is not None and tensor.is_floating_point() else None
+            return tensor.to(device=device, dtype=cast)
+
+        return CurvatureData(
+            template=copy.copy(self.template).apply(move),
+            **{name: move(getattr(self, name)) for name in _STACKED_FIELDS},
+        )
+
     def graph(self, index: int) -> GradGraph:
         """Item ``index`` as a :class:`~gradgraph.GradGraph` (targets as ``target_edge`` /
         ``target_node`` attributes)."""
@@ -257,6 +271,7 @@ def load_curvature_data(
     *,
     cache_root: Path | str | None = None,
     progress: bool = True,
+    context: DistributedContext | None = None,
 ) -> CurvatureData:
     """The zoo of ``config``, from the cache if it is complete, else generated (resuming).
 
@@ -264,9 +279,11 @@ def load_curvature_data(
         config: the zoo configuration (its hash keys the cache directory).
         cache_root: where caches live; default ``$GRADGRAPH_CACHE`` or ``.gradgraph-cache``.
         progress: tqdm bar while generating.
+        context: with several ranks, missing shards are split across them (each built
+            once) and every rank returns the whole zoo; see :meth:`ShardedCache.load_or_build`.
 
     Returns:
-        A :class:`CurvatureData` with ``config.num_nets`` items, float32.
+        A :class:`CurvatureData` with ``config.num_nets`` items, float32, on the CPU.
     """
     cache = ShardedCache(
         default_cache_root() if cache_root is None else cache_root,
@@ -291,5 +308,5 @@ def load_curvature_data(
         return {key: torch.stack([item[key] for item in items]).to(torch.float32) for key in items[0]}
 
     with torch.inference_mode(False):
-        stacked = cache.load_or_build(make_shard, progress=progress, description="curvature zoo")
+        stacked = cache.load_or_build(make_shard, progress=progress, description="curvature zoo", context=context)
     return CurvatureData(template=template_graph(config), **{name: stacked[name] for name in _STACKED_FIELDS})

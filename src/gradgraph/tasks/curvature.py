@@ -41,12 +41,10 @@ averaged over the test networks, then mean ± std over training seeds.
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,9 +55,12 @@ from torch_geometric.data import Batch
 
 from gradgraph.data.curvature import CurvatureData, GraphBatcher, SirenZooConfig, load_curvature_data
 from gradgraph.data.siren_zoo import standard_estimate
+from gradgraph.distributed import DistributedContext
 from gradgraph.errors import GradGraphError
 from gradgraph.nn import ComponentConv, GradMetaNet
 from gradgraph.nn.sparse import ChannelBlockPattern, channel_sddmm
+from gradgraph.tasks import experiment
+from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun
 from gradgraph.tasks.training import FitResult, TrainConfig, evaluate, fit
 
 __all__ = [
@@ -571,6 +572,8 @@ class CurvatureConfig:
         output_dir: where ``results.json`` and ``curvature.png`` go.
         cache_root: dataset cache (``None``: ``$GRADGRAPH_CACHE`` or ``.gradgraph-cache``).
         progress: tqdm bars.
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available); with ``torchrun``
+            each rank takes ``cuda:LOCAL_RANK``.
     """
 
     zoo: SirenZooConfig = field(default_factory=lambda: SirenZooConfig(num_nets=1000))
@@ -584,8 +587,11 @@ class CurvatureConfig:
     output_dir: Path = Path("runs/curvature")
     cache_root: Path | None = None
     progress: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICE_CHOICES and not str(self.device).startswith("cuda:"):
+            raise GradGraphError(f"CurvatureConfig.device must be one of {DEVICE_CHOICES} or cuda:K, got {self.device!r}")
         unknown = [name for name in self.models if name not in MODEL_NAMES]
         if unknown:
             raise GradGraphError(f"unknown curvature model(s) {unknown}; choose from {MODEL_NAMES}")
@@ -649,143 +655,96 @@ def _splits(config: CurvatureConfig, data: CurvatureData) -> dict[str, Curvature
     return {name: CurvatureSource(data.subset(torch.arange(*span)), batcher) for name, span in bounds.items()}
 
 
-def _summary(errors: Sequence[float]) -> tuple[float, float]:
-    values = torch.tensor(list(errors), dtype=torch.float64)
-    return float(values.mean()), float(values.std(unbiased=False)) if len(values) > 1 else 0.0
+METRIC = (
+    "normalised l2 per network, ||pred - F|| / ||F|| over all weights and biases, "
+    "averaged over test networks; mean ± std over training seeds"
+)
 
 
-def run_curvature(config: CurvatureConfig) -> dict[str, Any]:
+def _run_one(name: str, seed: int, splits: dict[str, CurvatureSource], config: CurvatureConfig,
+             context: DistributedContext) -> SeedRun:
+    """Build model ``name`` with ``seed``, train it (if it learns), and test it."""
+    torch.manual_seed(seed)
+    model = build_model(name, splits["train"], config.model).to(context.device)
+    if not any(p.requires_grad for p in model.parameters()):
+        val_error = float(evaluate(model, splits["val"], _error, context=context).mean())
+        fit_result = FitResult(history=[{"epoch": 0, "train_loss": math.nan, "val_error": val_error, "seconds": 0.0}],
+                               best_val_error=val_error)
+    else:
+        train = replace(config.train, seed=seed, progress=config.progress, description=f"{name} seed {seed}")
+        fit_result = fit(model, splits["train"], splits["val"], _loss, _error, train, context=context)
+    test_errors = evaluate(model, splits["test"], _error, context=context)
+    return SeedRun(
+        seed=seed,
+        test_error=float(test_errors.mean()),
+        fit=fit_result,
+        parameters=sum(p.numel() for p in model.parameters()),
+        description=repr(model) if name in DETERMINISTIC_MODELS else None,
+    )
+
+
+def run_curvature(config: CurvatureConfig, context: DistributedContext | None = None) -> dict[str, Any]:
     """Generate (or load) the zoo, train every model for every seed, write results and a plot.
 
+    Args:
+        config: the experiment.
+        context: the processes and device; by default opened from the environment
+            (``torchrun`` sets it; alone: one process on ``config.device``) and closed at the end.
+
     Returns:
-        The results dictionary written to ``output_dir/results.json``: per model the test
-        error of every seed, their mean and std, the improvement over the standard
-        estimator in % of its error, training seconds, best epochs and learning curves.
+        The results dictionary written to ``output_dir/results.json`` (by rank 0): per model
+        the test error of every seed, their mean and std, the improvement over the standard
+        estimator in % of its error, training seconds, best epochs and learning curves;
+        ``world_size`` and the machine.
     """
-    start = time.perf_counter()
-    data = load_curvature_data(config.zoo, cache_root=config.cache_root, progress=config.progress)
-    data_seconds = time.perf_counter() - start
-    splits = _splits(config, data)
-    models = ["standard", *[name for name in config.models if name != "standard"]]
-    results: dict[str, Any] = {
-        "metric": "normalised l2 per network, ||pred - F|| / ||F|| over all weights and biases, "
-        "averaged over test networks; mean ± std over training seeds",
-        "config": _jsonable(asdict(config)),
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-        "data_seconds": data_seconds,
-        "models": {},
-    }
-    for name in models:
-        runs = []
-        for seed in config.seeds if name not in DETERMINISTIC_MODELS else (0,):
-            torch.manual_seed(seed)
-            model = build_model(name, splits["train"], config.model)
-            if not any(p.requires_grad for p in model.parameters()):
-                val_error = float(evaluate(model, splits["val"], _error).mean())
-                fit_result = FitResult(history=[{"epoch": 0, "train_loss": math.nan, "val_error": val_error,
-                                                 "seconds": 0.0}], best_val_error=val_error)
-            else:
-                train = replace(config.train, seed=seed, progress=config.progress, description=f"{name} seed {seed}")
-                fit_result = fit(model, splits["train"], splits["val"], _loss, _error, train)
-            test_errors = evaluate(model, splits["test"], _error)
-            runs.append({"seed": seed, "test_error": float(test_errors.mean()), "fit": asdict(fit_result)})
-            if config.progress:
-                print(f"  {name:<17} seed {seed}: test error {runs[-1]['test_error']:.4f} "
-                      f"(best epoch {fit_result.best_epoch}, {fit_result.seconds:.0f}s)", flush=True)
-        mean, std = _summary([run["test_error"] for run in runs])
-        results["models"][name] = {
-            "label": MODEL_LABELS[name],
-            "test_error_mean": mean,
-            "test_error_std": std,
-            "test_errors": [run["test_error"] for run in runs],
-            "train_seconds": [run["fit"]["seconds"] for run in runs],
-            "best_epochs": [run["fit"]["best_epoch"] for run in runs],
-            "histories": [run["fit"]["history"] for run in runs],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "description": repr(model) if name in DETERMINISTIC_MODELS else None,
-        }
-    reference = results["models"]["standard"]["test_error_mean"]
-    for entry in results["models"].values():
-        entry["improvement_pct"] = 100.0 * (reference - entry["test_error_mean"]) / reference
-    results["wall_seconds"] = time.perf_counter() - start
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    (config.output_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
-    plot_learning_curves(results, config.output_dir / "curvature.png")
-    return results
+    owns_context = context is None
+    context = experiment.init_distributed(config.device) if context is None else context
+    try:
+        start = time.perf_counter()
+        data = load_curvature_data(config.zoo, cache_root=config.cache_root,
+                                   progress=config.progress and context.is_main_process, context=context)
+        data_seconds = time.perf_counter() - start
+        splits = _splits(config, data.to(context.device))
+        models = ["standard", *[name for name in config.models if name != "standard"]]
+        results = experiment.new_results(METRIC, config, context, data_seconds=data_seconds)
+        for name in models:
+            seeds = config.seeds if name not in DETERMINISTIC_MODELS else (0,)
+            results["models"][name] = experiment.run_seeds(
+                partial(_run_one, name, splits=splits, config=config, context=context),
+                seeds,
+                label=MODEL_LABELS[name],
+                name=name,
+                context=context,
+                log=config.progress,
+            )
+        experiment.add_improvement(results, reference="standard")
+        results["wall_seconds"] = time.perf_counter() - start
+        experiment.write_results(results, config.output_dir, context)
+        plot_learning_curves(results, config.output_dir / "curvature.png", context=context)
+        return results
+    finally:
+        if owns_context:
+            context.teardown()
 
 
 def results_table(results: dict[str, Any]) -> str:
     """A plain-text table: model, test error mean ± std, improvement over the standard estimator."""
-    rows = [("model", "test error (norm. l2)", "vs standard", "train s/seed")]
-    for name, entry in results["models"].items():
-        seconds = entry["train_seconds"]
-        rows.append(
-            (
-                entry["label"],
-                f"{entry['test_error_mean']:.4f} ± {entry['test_error_std']:.4f}",
-                "—" if name == "standard" else f"{entry['improvement_pct']:+.1f}%",
-                "—" if name in DETERMINISTIC_MODELS else f"{sum(seconds) / len(seconds):.0f}",
-            )
-        )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return experiment.results_table(
+        results, metric_header="test error (norm. l2)", reference="standard", fixed=DETERMINISTIC_MODELS
+    )
 
 
-def plot_learning_curves(results: dict[str, Any], path: Path) -> None:
+def plot_learning_curves(results: dict[str, Any], path: Path, context: DistributedContext | None = None) -> None:
     """Learning curves as a PNG: left, validation error per epoch (mean over seeds, log
     scale) of every learned model with the standard estimator dashed; right, the same
     relative to the standard estimator (1.0 = no improvement), for the models within 50% of it.
     Fixed estimators other than the standard one are dotted horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    standard = results["models"]["standard"]["histories"][0][0]["val_error"]
-    for index, (name, entry) in enumerate(results["models"].items()):
-        histories = entry["histories"]
-        if name in DETERMINISTIC_MODELS and name != "standard" and histories:
-            value = histories[0][0]["val_error"]  # a fixed estimator: one horizontal line
-            left.axhline(value, color=f"C{index}", linestyle=":", label=entry["label"])
-            right.axhline(value / standard, color=f"C{index}", linestyle=":", label=entry["label"])
-            continue
-        if name == "standard" or not histories or len(histories[0]) <= 1:
-            continue
-        color = f"C{index}"  # the same colour for a model in both panels
-        epochs = [row["epoch"] for row in histories[0]]
-        curves = torch.tensor([[row["val_error"] for row in history] for history in histories])
-        mean, spread = curves.mean(0), curves.std(0, unbiased=False)
-        for axis, scale in ((left, 1.0), (right, 1.0 / standard)):
-            if axis is right and float(mean.min()) > 1.5 * standard:
-                continue
-            axis.plot(epochs, mean * scale, label=entry["label"], color=color)
-            if len(histories) > 1:
-                axis.fill_between(epochs, (mean - spread) * scale, (mean + spread) * scale, alpha=0.2, color=color)
-    left.axhline(standard, color="black", linestyle="--", label=MODEL_LABELS["standard"])
-    right.axhline(1.0, color="black", linestyle="--", label=MODEL_LABELS["standard"])
-    left.set_yscale("log")
-    left.set_ylabel("validation error  ||pred - F|| / ||F||")
-    right.set_ylabel("validation error / standard estimator's")
-    for axis in (left, right):
-        axis.set_xlabel("epoch")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle("Fisher-diagonal estimation from 128 SIREN gradients (mean over seeds)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/Inf
-    return value
+    experiment.plot_learning_curves(
+        results,
+        path,
+        reference="standard",
+        fixed=DETERMINISTIC_MODELS,
+        title="Fisher-diagonal estimation from 128 SIREN gradients (mean over seeds)",
+        ylabel="validation error  ||pred - F|| / ||F||",
+        context=context,
+    )

@@ -9,6 +9,16 @@ A task supplies *what* to train on through two small pieces:
   one architecture provide precollated sources instead (much faster, no per-graph loop);
 * ``loss_fn(model, batch) -> scalar`` for training and ``error_fn(model, batch) -> [G]``,
   the per-item evaluation error (the validation error selects the epoch kept).
+
+Several processes (``torchrun``; see :mod:`gradgraph.distributed`): pass ``context=``.
+The model is wrapped in DistributedDataParallel; every rank draws the same permutation of
+the training items, cuts it into the same global batches of ``batch_size`` items and
+trains on its own slice of each (``batch[rank::world_size]``), with its loss scaled so the
+gradient DDP averages is exactly the gradient of the global batch's mean loss — two
+ranks take the steps one rank takes. Evaluation is split into one block of items per
+rank and gathered; only rank 0 shows progress. This needs an *indexable* source: one with
+``batch(index)`` (:class:`IndexableSource`), as :class:`LoaderSource` and the curvature
+source have.
 """
 
 from __future__ import annotations
@@ -23,9 +33,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from gradgraph.distributed import SINGLE_PROCESS, DistributedContext
 from gradgraph.errors import GradGraphError
 
-__all__ = ["BatchSource", "FitResult", "LoaderSource", "TrainConfig", "evaluate", "fit"]
+__all__ = ["BatchSource", "FitResult", "IndexableSource", "LoaderSource", "TrainConfig", "evaluate", "fit"]
 
 
 class BatchSource(Protocol):
@@ -35,6 +46,14 @@ class BatchSource(Protocol):
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Any]:
         """Mini-batches covering every item once (the last one may be smaller)."""
+        ...
+
+
+class IndexableSource(BatchSource, Protocol):
+    """A source that also serves any subset of its items, which splitting across ranks needs."""
+
+    def batch(self, index: Tensor) -> Any:
+        """The items at ``index`` (``[G]`` long, on the CPU) as one batch."""
         ...
 
 
@@ -55,6 +74,12 @@ class LoaderSource:
         from torch_geometric.loader import DataLoader
 
         return iter(DataLoader(self.items, batch_size=batch_size, shuffle=shuffle, generator=generator))
+
+    def batch(self, index: Tensor) -> Any:
+        """The graphs at ``index`` (``[G]`` long) as one PyG ``Batch``."""
+        from torch_geometric.data import Batch
+
+        return Batch.from_data_list([self.items[int(i)] for i in index])
 
 
 @dataclass
@@ -115,17 +140,79 @@ def evaluate(
     error_fn: Callable[[nn.Module, Any], Tensor],
     *,
     batch_size: int = 64,
+    context: DistributedContext | None = None,
 ) -> Tensor:
-    """Per-item errors of ``model`` on every item of ``source``, in order: ``[len(source)]``."""
+    """Per-item errors of ``model`` on every item of ``source``, in order: ``[len(source)]``.
+
+    With several ranks, each evaluates its block of items (:meth:`DistributedContext.shard`)
+    and every rank returns all ``len(source)`` errors; a source without ``batch(index)``
+    is evaluated whole on every rank instead.
+    """
+    context = context or SINGLE_PROCESS
+    model = _unwrap(model)  # no DDP hooks: ranks evaluate different numbers of batches
     was_training = model.training
     model.eval()
     try:
-        errors = [error_fn(model, batch).detach().reshape(-1) for batch in source.batches(batch_size, shuffle=False)]
+        if context.is_distributed and hasattr(source, "batch"):
+            block = context.shard(len(source))
+            local = [
+                error_fn(model, _to_device(source.batch(torch.arange(start, min(start + batch_size, block.stop))),
+                                           context.device)).detach().reshape(-1)
+                for start in range(block.start, block.stop, batch_size)
+            ]
+            # float64 on every rank: a rank with no items has no dtype to offer, and the gather needs one
+            mine = torch.cat(local).double() if local else torch.zeros(0, dtype=torch.float64)
+            errors = context.all_gather_cat(mine.to(context.device), "gathering evaluation errors")
+            if errors.numel() != len(source):
+                raise GradGraphError(f"evaluate: gathered {errors.numel()} errors for {len(source)} items")
+            return errors
+        errors = [error_fn(model, _to_device(batch, context.device)).detach().reshape(-1)
+                  for batch in source.batches(batch_size, shuffle=False)]
     finally:
         model.train(was_training)
     if not errors:
         raise GradGraphError("evaluate: the source produced no batch")
     return torch.cat(errors)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """PyG batches (anything with ``.to``) go to ``device``; other batches are the source's job."""
+    if device.type != "cpu" and callable(getattr(batch, "to", None)):
+        return batch.to(device)
+    return batch
+
+
+def _rank_batches(
+    source: BatchSource, batch_size: int, generator: torch.Generator, context: DistributedContext
+) -> Iterator[tuple[Any, float]]:
+    """``(batch, loss_scale)`` per training step, this rank's slice of each global batch.
+
+    The scale ``n_rank · world_size / n_global`` makes DDP's average of the ranks'
+    gradients of ``scale · mean-loss-over-own-slice`` equal the gradient of the global
+    batch's mean loss, even when the last batch does not split evenly. A rank whose slice
+    is empty still steps (DDP needs every rank in every backward) on one item with scale 0.
+    """
+    if not context.is_distributed:
+        for batch in source.batches(batch_size, shuffle=True, generator=generator):
+            yield batch, 1.0
+        return
+    if not hasattr(source, "batch"):
+        raise GradGraphError(
+            f"fit on {context.world_size} processes needs a source with batch(index) to split batches across "
+            f"ranks; {type(source).__name__} has none (see gradgraph.tasks.training.IndexableSource)"
+        )
+    order = torch.randperm(len(source), generator=generator)  # the same on every rank: same seed
+    for start in range(0, len(source), batch_size):
+        chunk = order[start : start + batch_size]
+        mine = chunk[context.rank :: context.world_size]
+        if len(mine) == 0:
+            yield source.batch(chunk[:1]), 0.0
+        else:
+            yield source.batch(mine), len(mine) * context.world_size / len(chunk)
 
 
 def fit(
@@ -135,6 +222,8 @@ def fit(
     loss_fn: Callable[[nn.Module, Any], Tensor],
     error_fn: Callable[[nn.Module, Any], Tensor],
     config: TrainConfig,
+    *,
+    context: DistributedContext | None = None,
 ) -> FitResult:
     """Train ``model`` with Adam; keep the weights of the epoch with the lowest validation error.
 
@@ -145,12 +234,20 @@ def fit(
         error_fn: ``error_fn(model, batch) -> [G]`` per-item errors, averaged on ``val``
             after every epoch.
         config: epochs, batch size, learning rate, clipping, seed, progress bar.
+        context: the processes and the device (default: one CPU process). The model
+            must already be on ``context.device``; PyG batches are moved there. With
+            several ranks ``loss_fn`` receives the DDP-wrapped model: call it, do not
+            reach into its attributes; ``train`` must be an :class:`IndexableSource`.
 
     Returns:
-        A :class:`FitResult` with the learning curve.
+        A :class:`FitResult` with the learning curve (identical on every rank).
+
+    Raises:
+        DistributedError: another rank died or hung past the context's timeout.
     """
     from tqdm.auto import tqdm
 
+    context = context or SINGLE_PROCESS
     if len(train) == 0 or len(val) == 0:
         raise GradGraphError(f"fit needs non-empty train and val sets, got {len(train)} and {len(val)} items")
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -158,44 +255,46 @@ def fit(
         raise GradGraphError(f"fit: {type(model).__name__} has no trainable parameter")
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     shuffle_generator = torch.Generator().manual_seed(config.seed)
+    eval_batch = max(config.batch_size, 64)
     start = time.perf_counter()
     result = FitResult()
-    initial = float(evaluate(model, val, error_fn, batch_size=max(config.batch_size, 64)).mean())
+    initial = float(evaluate(model, val, error_fn, batch_size=eval_batch, context=context).mean())
     result.history.append({"epoch": 0, "train_loss": math.nan, "val_error": initial, "seconds": 0.0})
+    # Wrapped only now: the first forward pass (above) materialises lazy layers, which DDP refuses.
+    wrapped = context.wrap(model)
     best_state = copy.deepcopy(model.state_dict())
-    with tqdm(range(1, config.epochs + 1), desc=config.description, unit="ep", disable=not config.progress,
-              leave=False) as bar:
+    show = config.progress and context.is_main_process
+    with tqdm(range(1, config.epochs + 1), desc=config.description, unit="ep", disable=not show, leave=False) as bar:
         for epoch in bar:
             model.train()
-            total, steps = 0.0, 0
-            for batch in train.batches(config.batch_size, shuffle=True, generator=shuffle_generator):
-                loss = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise GradGraphError(
-                        f"fit: non-finite training loss at epoch {epoch} step {steps} ({config.description}); "
-                        "lower the learning rate or check the inputs"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                optimizer.step()
-                total += float(loss.detach())
-                steps += 1
-            val_error = float(evaluate(model, val, error_fn, batch_size=max(config.batch_size, 64)).mean())
+            total, steps = torch.zeros((), dtype=torch.float64), 0
+            with context.collective(f"training epoch {epoch} ({config.description})"):
+                for batch, scale in _rank_batches(train, config.batch_size, shuffle_generator, context):
+                    loss = loss_fn(wrapped, _to_device(batch, context.device))
+                    if not torch.isfinite(loss):
+                        raise GradGraphError(
+                            f"fit: non-finite training loss at epoch {epoch} step {steps} ({config.description}); "
+                            "lower the learning rate or check the inputs"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    (loss * scale if scale != 1.0 else loss).backward()
+                    if config.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+                    optimizer.step()
+                    # scale / world_size is this rank's share of the global batch's mean loss
+                    total += float(loss.detach()) * scale / context.world_size
+                    steps += 1
+            train_loss = float(context.all_reduce_sum(total, f"reducing the training loss of epoch {epoch}")) / max(
+                steps, 1
+            )
+            val_error = float(evaluate(model, val, error_fn, batch_size=eval_batch, context=context).mean())
             result.history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": total / max(steps, 1),
-                    "val_error": val_error,
-                    "seconds": time.perf_counter() - start,
-                }
+                {"epoch": epoch, "train_loss": train_loss, "val_error": val_error, "seconds": time.perf_counter() - start}
             )
             if val_error < result.best_val_error:
                 result.best_val_error, result.best_epoch = val_error, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            bar.set_postfix(loss=f"{total / max(steps, 1):.4f}", val=f"{val_error:.4f}",
-                            best=f"{result.best_val_error:.4f}")
+            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_error:.4f}", best=f"{result.best_val_error:.4f}")
     model.load_state_dict(best_state)
     if config.epochs == 0:
         result.best_val_error = initial

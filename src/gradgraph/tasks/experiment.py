@@ -1,0 +1,291 @@
+"""What every experiment shares: the loop over models and seeds, mean ± std summaries,
+the results table, ``results.json`` written atomically with the machine it ran on, a
+learning-curve plot, and the process/device set-up.
+
+A task (curvature, INR editing, the learned optimizer) supplies only how to build and
+train one model for one seed; the rest is here, so all tasks report the same way::
+
+    context = init_distributed(config.device)
+    results = new_results(metric="...", config=config, context=context)
+    for name in models:
+        results["models"][name] = run_seeds(
+            lambda seed: train_and_test(name, seed), seeds, label=LABELS[name], context=context
+        )
+    add_improvement(results, reference="standard")
+    write_results(results, output_dir, context)            # rank 0 only, atomically
+    print(results_table(results, metric_header="test error", reference="standard"))
+
+Layout of ``results`` (JSON): ``metric``, ``config``, ``machine`` (platform, CPU, torch,
+threads, device, ``world_size``), ``models`` (``{name: entry}``, see :func:`run_seeds`),
+plus whatever the task adds (``wall_seconds``, ``data_seconds``...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradgraph.data.cache import atomic_write_bytes
+from gradgraph.distributed import SINGLE_PROCESS, DistributedContext, init_distributed, resolve_device
+from gradgraph.tasks.training import FitResult
+
+__all__ = [
+    "DEVICE_CHOICES",
+    "SeedRun",
+    "add_improvement",
+    "init_distributed",
+    "jsonable",
+    "machine_info",
+    "new_results",
+    "plot_learning_curves",
+    "resolve_device",
+    "results_table",
+    "run_seeds",
+    "summarize",
+    "write_results",
+]
+
+#: Values of every task's ``--device`` flag.
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+
+
+@dataclass
+class SeedRun:
+    """One model trained (or fitted) with one seed and tested.
+
+    Attributes:
+        seed: the training seed.
+        test_error: mean per-item test error.
+        fit: the training curve (a one-row history for models without training).
+        parameters: number of the model's parameters.
+        description: ``repr`` of a model worth recording (fixed estimators), else ``None``.
+    """
+
+    seed: int
+    test_error: float
+    fit: FitResult
+    parameters: int = 0
+    description: str | None = None
+
+
+def summarize(values: Sequence[float]) -> tuple[float, float]:
+    """``(mean, std)`` of ``values`` (population std; 0 for a single value), in float64."""
+    if len(values) == 0:
+        raise ValueError("summarize: no values")
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    return float(tensor.mean()), float(tensor.std(unbiased=False)) if len(values) > 1 else 0.0
+
+
+def run_seeds(
+    run_one: Callable[[int], SeedRun],
+    seeds: Sequence[int],
+    *,
+    label: str,
+    name: str | None = None,
+    context: DistributedContext | None = None,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Run ``run_one(seed)`` for every seed and summarise.
+
+    Args:
+        run_one: trains and tests one model for one seed (seeding is its job).
+        seeds: the seeds, in order.
+        label: the model's name in tables and plots.
+        name: its short name in the per-seed log lines (default: ``label``).
+        context: the processes; only rank 0 logs.
+        log: print one line per seed.
+
+    Returns:
+        The model's ``results["models"]`` entry: ``label``, ``test_errors`` (one per seed),
+        ``test_error_mean``, ``test_error_std``, ``train_seconds``, ``best_epochs``,
+        ``histories``, ``parameters``, ``description``, ``seeds``.
+    """
+    context = context or SINGLE_PROCESS
+    runs: list[SeedRun] = []
+    for seed in seeds:
+        run = run_one(seed)
+        runs.append(run)
+        if log and context.is_main_process:
+            print(f"  {name or label:<17} seed {seed}: test error {run.test_error:.4f} "
+                  f"(best epoch {run.fit.best_epoch}, {run.fit.seconds:.0f}s)", flush=True)
+    errors = [run.test_error for run in runs]
+    mean, std = summarize(errors)
+    return {
+        "label": label,
+        "seeds": [run.seed for run in runs],
+        "test_error_mean": mean,
+        "test_error_std": std,
+        "test_errors": errors,
+        "train_seconds": [run.fit.seconds for run in runs],
+        "best_epochs": [run.fit.best_epoch for run in runs],
+        "histories": [run.fit.history for run in runs],
+        "parameters": runs[-1].parameters,
+        "description": runs[-1].description,
+    }
+
+
+def add_improvement(results: dict[str, Any], reference: str) -> None:
+    """Set every model's ``improvement_pct``: how much lower its mean error is than
+    ``reference``'s, in % of the reference's (positive = better)."""
+    base = results["models"][reference]["test_error_mean"]
+    for entry in results["models"].values():
+        entry["improvement_pct"] = 100.0 * (base - entry["test_error_mean"]) / base if base else math.nan
+
+
+def machine_info(context: DistributedContext | None = None) -> dict[str, Any]:
+    """Where a run happened: platform, CPU, core count, torch version and threads, the
+    device, and the processes (``world_size``, backend)."""
+    context = context or SINGLE_PROCESS
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        **context.describe(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def new_results(metric: str, config: Any, context: DistributedContext | None = None, **extra: Any) -> dict[str, Any]:
+    """The skeleton of a ``results.json``: the metric's description, the configuration (a
+    dataclass or dict), machine info with ``world_size``, an empty ``models`` dict, ``extra``."""
+    context = context or SINGLE_PROCESS
+    return {
+        "metric": metric,
+        "config": jsonable(asdict(config) if is_dataclass(config) else config),
+        "machine": machine_info(context),
+        "world_size": context.world_size,
+        **extra,
+        "models": {},
+    }
+
+
+def write_results(results: dict[str, Any], output_dir: Path | str, context: DistributedContext | None = None,
+                  *, name: str = "results.json") -> Path:
+    """Write ``results`` as JSON to ``output_dir/name`` atomically (temp file + rename), on
+    rank 0 only; returns the path (on every rank). NaN/Inf become ``null``."""
+    context = context or SINGLE_PROCESS
+    path = Path(output_dir) / name
+    if context.is_main_process:
+        atomic_write_bytes(path, json.dumps(jsonable(results), indent=2).encode())
+    return path
+
+
+def results_table(
+    results: dict[str, Any],
+    *,
+    metric_header: str = "test error",
+    reference: str | None = None,
+    fixed: Sequence[str] = (),
+) -> str:
+    """A plain-text table: model, mean ± std of the test error, change against
+    ``reference`` (needs :func:`add_improvement`), training seconds per seed (``—`` for the
+    ``fixed`` models, which are not trained)."""
+    header = ["model", metric_header] + (["vs " + reference] if reference else []) + ["train s/seed"]
+    rows = [tuple(header)]
+    for name, entry in results["models"].items():
+        seconds = entry["train_seconds"]
+        row = [entry["label"], f"{entry['test_error_mean']:.4f} ± {entry['test_error_std']:.4f}"]
+        if reference:
+            row.append("—" if name == reference else f"{entry['improvement_pct']:+.1f}%")
+        row.append("—" if name in fixed or not seconds else f"{sum(seconds) / len(seconds):.0f}")
+        rows.append(tuple(row))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def plot_learning_curves(
+    results: dict[str, Any],
+    path: Path | str,
+    *,
+    reference: str,
+    fixed: Sequence[str] = (),
+    title: str = "",
+    ylabel: str = "validation error",
+    context: DistributedContext | None = None,
+) -> None:
+    """Learning curves as a PNG (rank 0 only).
+
+    Left: validation error per epoch (mean over seeds, log scale; a band of ± std) of every
+    trained model, ``reference`` dashed. Right: the same divided by the reference's error
+    (1.0 = no better), for the models whose best mean is within 50% of it. The ``fixed``
+    models (no training) other than the reference are dotted horizontal lines.
+    """
+    if not (context or SINGLE_PROCESS).is_main_process:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    models = results["models"]
+    base = models[reference]["histories"][0][0]["val_error"]
+    for index, (name, entry) in enumerate(models.items()):
+        histories = entry["histories"]
+        color = f"C{index}"  # the same colour for a model in both panels
+        if name in fixed and name != reference and histories:
+            value = histories[0][0]["val_error"]  # a fixed estimator: one horizontal line
+            left.axhline(value, color=color, linestyle=":", label=entry["label"])
+            right.axhline(value / base, color=color, linestyle=":", label=entry["label"])
+            continue
+        if name == reference or not histories or len(histories[0]) <= 1:
+            continue
+        epochs = [row["epoch"] for row in histories[0]]
+        curves = torch.tensor([[row["val_error"] for row in history] for history in histories])
+        mean, spread = curves.mean(0), curves.std(0, unbiased=False)
+        for axis, scale in ((left, 1.0), (right, 1.0 / base)):
+            if axis is right and float(mean.min()) > 1.5 * base:
+                continue
+            axis.plot(epochs, mean * scale, label=entry["label"], color=color)
+            if len(histories) > 1:
+                axis.fill_between(epochs, (mean - spread) * scale, (mean + spread) * scale, alpha=0.2, color=color)
+    left.axhline(base, color="black", linestyle="--", label=models[reference]["label"])
+    right.axhline(1.0, color="black", linestyle="--", label=models[reference]["label"])
+    left.set_yscale("log")
+    left.set_ylabel(ylabel)
+    right.set_ylabel(f"validation error / {models[reference]['label'].split(' (')[0]}'s")
+    for axis in (left, right):
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists, paths and devices as strings, NaN/Inf as ``None``."""
+    if isinstance(value, dict):
+        return {key: jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/Inf
+    return value
