@@ -265,12 +265,15 @@ def test_tiny_cli_run_writes_results_and_picture(tmp_path, capsys):
     assert list(results["models"]) == list(MODEL_NAMES)
     for name, entry in results["models"].items():
         expected_runs = 1 if name == "no_edit" else 2
-        assert len(entry["test_mse"]) == expected_runs
-        assert entry["test_mse_mean"] == pytest.approx(float(np.mean(entry["test_mse"])))
-        assert entry["test_mse_std"] == pytest.approx(float(np.std(entry["test_mse"])))
+        assert len(entry["test_errors"]) == expected_runs
+        assert entry["test_error_mean"] == pytest.approx(float(np.mean(entry["test_errors"])))
+        assert entry["test_error_std"] == pytest.approx(float(np.std(entry["test_errors"])))
+    assert "MSE" in results["metric"] and results["zoo"]["num_inrs"] == 12
+    assert set(results["targets"]) >= {"gradmetanet_vs_weight_space_pct", "gradmetanet_beats_probing"}
     assert (tmp_path / "out" / "inr_edits.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "inr_learning_curves.png").exists()
     out = capsys.readouterr().out
-    assert "gradmetanet_sign" in out and "test MSE" in out
+    assert "gradmetanet_sign" in out and "test MSE" in out and "vs weight_space" in out
     # The no_edit floor is the unedited INRs' MSE against the dilated images of the test split.
     config = replace(preset("tiny"), cache_root=tmp_path / "cache")
     zoo = load_inr_zoo(config.zoo, cache_root=config.cache_root, progress=False)
@@ -278,4 +281,4 @@ def test_tiny_cli_run_writes_results_and_picture(tmp_path, capsys):
     test = order[config.num_train + config.num_val :]
     rendered = zoo.layout().render(zoo.weight[test], zoo.bias[test], zoo.coords)
     floor = float((rendered - zoo.target[test]).square().mean())
-    assert results["models"]["no_edit"]["test_mse_mean"] == pytest.approx(floor, rel=1e-5)
+    assert results["models"]["no_edit"]["test_error_mean"] == pytest.approx(floor, rel=1e-5)

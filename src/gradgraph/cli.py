@@ -227,8 +227,8 @@ def _inr_edit_command(args: argparse.Namespace) -> int:
     print(f"\nmetric: {results['metric']}")
     print(f"zoo fit: PSNR mean {results['zoo']['psnr_mean']:.1f} dB, min {results['zoo']['psnr_min']:.1f} dB")
     print(f"targets: {results['targets']}")
-    print(f"wall time {results['wall_seconds']:.0f}s; wrote {config.output_dir / 'results.json'} and "
-          f"{config.output_dir / 'inr_edits.png'}")
+    print(f"wall time {results['wall_seconds']:.0f}s; wrote {config.output_dir / 'results.json'}, "
+          f"{config.output_dir / 'inr_edits.png'} and {config.output_dir / 'inr_learning_curves.png'}")
     return 0
 
 
@@ -249,9 +249,10 @@ def add_inr_edit_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=None, help="INRs per step")
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None, help="models to run")
-    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where to train (default cpu; auto = CUDA when available; torchrun: one GPU per rank)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/inr-edit"),
-                        help="results.json and inr_edits.png go here")
+                        help="results.json, inr_edits.png and inr_learning_curves.png go here")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="INR zoo cache root (default $GRADGRAPH_CACHE or .gradgraph-cache)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

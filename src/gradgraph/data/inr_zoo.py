@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from gradgraph.convert import to_graph
 from gradgraph.data.cache import ShardedCache, default_cache_root
+from gradgraph.distributed import DistributedContext
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.modules import Sine
@@ -404,13 +405,16 @@ def build_shard(config: InrZooConfig, indices: range, advance: Callable[[int], A
     return shard
 
 
-def load_inr_zoo(config: InrZooConfig, *, cache_root: Path | str | None = None, progress: bool = True) -> InrZoo:
+def load_inr_zoo(config: InrZooConfig, *, cache_root: Path | str | None = None, progress: bool = True,
+                 context: DistributedContext | None = None) -> InrZoo:
     """The INR zoo of ``config``, from the cache if it is complete, else built (resuming).
 
     Args:
         config: the zoo configuration (its hash keys the cache directory).
         cache_root: where caches live; default ``$GRADGRAPH_CACHE`` or ``.gradgraph-cache``.
         progress: tqdm bar over INRs while building.
+        context: the processes sharing the cache (missing shards are split across ranks);
+            default one process.
 
     Returns:
         An :class:`InrZoo` with ``config.num_images`` INRs, float32, on the CPU.
@@ -427,5 +431,6 @@ def load_inr_zoo(config: InrZooConfig, *, cache_root: Path | str | None = None, 
         return build_shard(config, indices, advance)
 
     with torch.inference_mode(False):
-        stacked = cache.load_or_build(make_shard, progress=progress, description="INR zoo (fit + gradients)")
+        stacked = cache.load_or_build(make_shard, progress=progress, description="INR zoo (fit + gradients)",
+                                     context=context)
     return InrZoo(config=config, template=template_graph(config), **{name: stacked[name] for name in _STACKED})

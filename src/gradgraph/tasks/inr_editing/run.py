@@ -9,21 +9,22 @@ lowest validation MSE, report the test MSE (mean over test INRs; then mean ± st
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradgraph.data.cache import atomic_write_bytes
 from gradgraph.data.curvature import GraphBatcher
 from gradgraph.data.inr_zoo import InrZoo, InrZooConfig, load_inr_zoo
+from gradgraph.distributed import DistributedContext
 from gradgraph.errors import GradGraphError
+from gradgraph.tasks import experiment
+from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun
 from gradgraph.tasks.inr_editing.data import InrBatch, InrSource, mse_per_inr
 from gradgraph.tasks.inr_editing.models import (
     MODEL_LABELS,
@@ -35,7 +36,8 @@ from gradgraph.tasks.inr_editing.models import (
 )
 from gradgraph.tasks.training import FitResult, TrainConfig, evaluate, fit
 
-__all__ = ["InrEditConfig", "edit_loss", "edit_error", "plot_edits", "preset", "results_table", "run_inr_editing"]
+__all__ = ["METRIC", "InrEditConfig", "edit_error", "edit_loss", "make_splits", "plot_edits", "preset", "results_table",
+           "run_inr_editing", "run_one"]
 
 #: Models without learned parameters: evaluated once, not once per seed.
 DETERMINISTIC_MODELS = ("no_edit",)
@@ -54,9 +56,10 @@ class InrEditConfig:
         seeds: training seeds; every learned model is trained once per seed.
         models: which of :data:`MODEL_NAMES` to run (``no_edit`` is always included).
         model: model sizes.
-        device: where training runs (``"cpu"``, ``"cuda"``, ...).
+        device: ``cpu``, ``cuda``, ``cuda:K`` or ``auto`` (CUDA when available); with
+            ``torchrun`` each rank uses its local GPU.
         num_pictures: test digits shown in the picture.
-        output_dir: where ``results.json`` and ``inr_edits.png`` go.
+        output_dir: where ``results.json``, ``inr_edits.png`` and ``inr_learning_curves.png`` go.
         cache_root: zoo cache (``None``: ``$GRADGRAPH_CACHE`` or ``.gradgraph-cache``).
         progress: progress bars and per-run lines.
     """
@@ -92,6 +95,8 @@ class InrEditConfig:
             )
         if not self.seeds:
             raise GradGraphError("InrEditConfig.seeds must hold at least one seed")
+        if self.device not in DEVICE_CHOICES and not str(self.device).startswith("cuda:"):
+            raise GradGraphError(f"InrEditConfig.device must be one of {DEVICE_CHOICES} or cuda:K, got {self.device!r}")
         self.output_dir = Path(self.output_dir)
 
 
@@ -141,8 +146,8 @@ def edit_loss(model: nn.Module, batch: InrBatch) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- pieces
-def make_splits(config: InrEditConfig, zoo: InrZoo) -> dict[str, InrSource]:
-    """Train / val / test sources on ``config.device`` (one shared graph batcher)."""
+def make_splits(config: InrEditConfig, zoo: InrZoo, device: torch.device | str = "cpu") -> dict[str, InrSource]:
+    """Train / val / test sources on ``device`` (one shared graph batcher)."""
     order = torch.randperm(len(zoo), generator=torch.Generator().manual_seed(config.split_seed))
     bounds = {
         "train": (0, config.num_train),
@@ -152,75 +157,40 @@ def make_splits(config: InrEditConfig, zoo: InrZoo) -> dict[str, InrSource]:
     splits: dict[str, InrSource] = {}
     batcher: GraphBatcher | None = None
     for name, (start, stop) in bounds.items():
-        splits[name] = InrSource.from_zoo(zoo, order[start:stop], device=config.device, batcher=batcher)
+        splits[name] = InrSource.from_zoo(zoo, order[start:stop], device=device, batcher=batcher)
         batcher = splits[name].batcher
     return splits
 
 
-def train_one(name: str, seed: int, config: InrEditConfig, splits: dict[str, InrSource],
-              scales: FeatureScales) -> tuple[nn.Module, dict[str, Any]]:
-    """Build and train model ``name`` with seed ``seed``; return it (best-validation weights) and its record."""
+def run_one(name: str, seed: int, config: InrEditConfig, splits: dict[str, InrSource], scales: FeatureScales,
+            context: DistributedContext, trained: dict[str, nn.Module]) -> SeedRun:
+    """Build model ``name`` with ``seed``, train it (if it learns) and test it; the model
+    (best-validation weights) is left in ``trained[name]``."""
     torch.manual_seed(seed)
-    model = build_model(name, scales, config.model, int(splits["train"].act.shape[-1])).to(config.device)
+    model = build_model(name, scales, config.model, int(splits["train"].act.shape[-1])).to(context.device)
     if not any(p.requires_grad for p in model.parameters()):
-        val_error = float(evaluate(model, splits["val"], edit_error).mean())
+        val_error = float(evaluate(model, splits["val"], edit_error, context=context).mean())
         fit_result = FitResult(history=[{"epoch": 0, "train_loss": math.nan, "val_error": val_error, "seconds": 0.0}],
                                best_val_error=val_error)
     else:
-        train = replace(config.train, seed=seed, progress=config.progress, description=f"{name} seed {seed}")
-        fit_result = fit(model, splits["train"], splits["val"], edit_loss, edit_error, train)
-    test_error = float(evaluate(model, splits["test"], edit_error).mean())
-    record = {"seed": seed, "test_mse": test_error, "fit": asdict(fit_result)}
-    if config.progress:
-        print(f"  {name:<18} seed {seed}: test MSE {test_error:.5f} "
-              f"(best epoch {fit_result.best_epoch}, {fit_result.seconds:.0f}s)", flush=True)
-    return model, record
-
-
-def summarise(runs: list[dict[str, Any]], name: str, model: nn.Module) -> dict[str, Any]:
-    """One model's entry of results.json: test MSE per seed, mean and (population) std."""
-    values = torch.tensor([run["test_mse"] for run in runs], dtype=torch.float64)
-    return {
-        "label": MODEL_LABELS[name],
-        "test_mse_mean": float(values.mean()),
-        "test_mse_std": float(values.std(unbiased=False)) if len(values) > 1 else 0.0,
-        "test_mse": values.tolist(),
-        "seeds": [run["seed"] for run in runs],
-        "train_seconds": [run["fit"]["seconds"] for run in runs],
-        "best_epochs": [run["fit"]["best_epoch"] for run in runs],
-        "histories": [run["fit"]["history"] for run in runs],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "description": describe(model),
-    }
-
-
-def write_results(results: dict[str, Any], path: Path) -> None:
-    """``results.json``, written atomically (never half-written after an interrupt)."""
-    atomic_write_bytes(path, json.dumps(_jsonable(results), indent=2).encode())
+        train = replace(config.train, seed=seed, progress=config.progress and context.is_main_process,
+                        description=f"{name} seed {seed}")
+        fit_result = fit(model, splits["train"], splits["val"], edit_loss, edit_error, train, context=context)
+    test_errors = evaluate(model, splits["test"], edit_error, context=context)
+    trained[name] = model
+    return SeedRun(seed=seed, test_error=float(test_errors.mean()), fit=fit_result,
+                   parameters=sum(p.numel() for p in model.parameters()), description=describe(model))
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """A plain-text table: model, test MSE (×1e-2) mean ± std, change against ``no_edit`` and ``weight_space``."""
-    models = results["models"]
-    floor = models["no_edit"]["test_mse_mean"]
-    reference = models.get("weight_space", {}).get("test_mse_mean")
-    rows = [("model", "name", "test MSE ×1e-2", "vs no_edit", "vs weight_space", "train s/seed")]
-    for name, entry in models.items():
-        seconds = entry["train_seconds"]
-        mean = entry["test_mse_mean"]
-        rows.append((
-            entry["label"],
-            name,
-            f"{100 * mean:.3f} ± {100 * entry['test_mse_std']:.3f}",
-            "—" if name == "no_edit" else f"{100 * (floor - mean) / floor:+.1f}%",
-            "—" if reference is None or name in ("no_edit", "weight_space") else
-            f"{100 * (reference - mean) / reference:+.1f}%",
-            "—" if name in DETERMINISTIC_MODELS else f"{sum(seconds) / len(seconds):.0f}",
-        ))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    """A plain-text table: model, test MSE mean ± std over seeds, change against ``weight_space``
+    (when it ran; else against ``no_edit``), training seconds per seed."""
+    return experiment.results_table(results, metric_header="test MSE", reference=_reference(results),
+                                    fixed=DETERMINISTIC_MODELS)
+
+
+def _reference(results: dict[str, Any]) -> str:
+    return "weight_space" if "weight_space" in results["models"] else "no_edit"
 
 
 @torch.no_grad()
@@ -262,55 +232,78 @@ def plot_edits(zoo_source: InrSource, images: Tensor, edited: dict[str, Tensor],
 
 
 # ----------------------------------------------------------------------------- run
-def run_inr_editing(config: InrEditConfig) -> dict[str, Any]:
-    """Build (or load) the zoo, train every model for every seed, write results.json and the picture.
+METRIC = "MSE between the edited INR's rendering and the dilated image on the full grid (pixels in [0, 1]), " \
+         "mean over test INRs; mean ± std over training seeds"
+
+
+def run_inr_editing(config: InrEditConfig, context: DistributedContext | None = None) -> dict[str, Any]:
+    """Build (or load) the zoo, train every model for every seed, write results.json and the pictures.
+
+    Args:
+        config: the experiment.
+        context: the processes and device; by default opened from the environment
+            (``torchrun`` sets it; alone: one process on ``config.device``) and closed at the end.
 
     Returns:
-        The results dictionary written to ``output_dir/results.json``: per model the test
-        MSE of every seed, their mean and std, training seconds, best epochs and learning
-        curves; the zoo's fit quality (PSNR) and the wall time.
+        The results dictionary written to ``output_dir/results.json`` (by rank 0): per model
+        the test MSE of every seed (``test_errors``), their mean and std
+        (``test_error_mean``, ``test_error_std``), the change against ``weight_space`` in %
+        (``improvement_pct``), training seconds, best epochs and learning curves; the zoo's
+        fit quality (PSNR), the issue's targets checked, and the wall time.
     """
-    start = time.perf_counter()
-    zoo = load_inr_zoo(config.zoo, cache_root=config.cache_root, progress=config.progress)
-    data_seconds = time.perf_counter() - start
-    splits = make_splits(config, zoo)
-    scales = FeatureScales.measure(splits["train"])
-    models = ["no_edit", *[name for name in config.models if name != "no_edit"]]
-    results: dict[str, Any] = {
-        "metric": "MSE between the edited INR's rendering and the dilated image on the full "
-        f"{config.zoo.resolution}x{config.zoo.resolution} grid (pixels in [0, 1]), mean over test INRs; "
-        "mean ± std over training seeds",
-        "config": _jsonable(asdict(config)),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": config.device},
-        "zoo": {"num_inrs": len(zoo), "psnr_mean": float(zoo.psnr.mean()), "psnr_min": float(zoo.psnr.min()),
-                "seconds": data_seconds},
-        "models": {},
-    }
-    test = splits["test"]
+    owns_context = context is None
+    context = experiment.init_distributed(config.device) if context is None else context
+    try:
+        start = time.perf_counter()
+        zoo = load_inr_zoo(config.zoo, cache_root=config.cache_root,
+                           progress=config.progress and context.is_main_process, context=context)
+        data_seconds = time.perf_counter() - start
+        splits = make_splits(config, zoo, context.device)
+        scales = FeatureScales.measure(splits["train"])
+        zoo_quality = {"num_inrs": len(zoo), "resolution": config.zoo.resolution,
+                       "psnr_mean": float(zoo.psnr.mean()), "psnr_min": float(zoo.psnr.min())}
+        results = experiment.new_results(METRIC, config, context, data_seconds=data_seconds, zoo=zoo_quality)
+        models = ["no_edit", *[name for name in config.models if name != "no_edit"]]
+        trained: dict[str, nn.Module] = {}
+        for name in models:
+            results["models"][name] = experiment.run_seeds(
+                partial(run_one, name, config=config, splits=splits, scales=scales, context=context, trained=trained),
+                config.seeds if name not in DETERMINISTIC_MODELS else (0,),
+                label=MODEL_LABELS[name],
+                name=name,
+                context=context,
+                log=config.progress,
+            )
+            results["wall_seconds"] = time.perf_counter() - start
+            experiment.write_results(results, config.output_dir, context)  # partial results survive an interrupt
+        experiment.add_improvement(results, reference=_reference(results))
+        results["targets"] = _targets(results["models"])
+        results["wall_seconds"] = time.perf_counter() - start
+        experiment.write_results(results, config.output_dir, context)
+        if context.is_main_process:
+            _pictures(config, splits["test"], trained, results)
+        return results
+    finally:
+        if owns_context:
+            context.teardown()
+
+
+def _pictures(config: InrEditConfig, test: InrSource, trained: dict[str, nn.Module], results: dict[str, Any]) -> None:
+    """``inr_edits.png`` (the last seed's model of each kind on a few test digits) and ``inr_learning_curves.png``."""
     shown = test.batch(torch.arange(min(config.num_pictures, len(test)), device=test.device))
     edited: dict[str, Tensor] = {}
     shown_mse: dict[str, Tensor] = {}
-    for name in models:
-        runs, model = [], None
-        for seed in config.seeds if name not in DETERMINISTIC_MODELS else (0,):
-            model, record = train_one(name, seed, config, splits, scales)
-            runs.append(record)
-        results["models"][name] = summarise(runs, name, model)
-        with torch.no_grad():  # the picture shows the last seed's model
+    with torch.no_grad():
+        for name, model in trained.items():
             model.eval()
             rendering = shown.render(*model(shown))
             edited[name] = rendering.cpu()
             shown_mse[name] = mse_per_inr(rendering, shown.target).cpu()
-        results["wall_seconds"] = time.perf_counter() - start
-        config.output_dir.mkdir(parents=True, exist_ok=True)
-        write_results(results, config.output_dir / "results.json")  # after every model: partial results survive
-    results["targets"] = _targets(results["models"])
-    results["wall_seconds"] = time.perf_counter() - start
-    write_results(results, config.output_dir / "results.json")
     plot_edits(test, shown.render().cpu(), edited, config.zoo.resolution, config.output_dir / "inr_edits.png",
                shown_mse)
-    return results
+    experiment.plot_learning_curves(results, config.output_dir / "inr_learning_curves.png", reference="no_edit",
+                                    fixed=DETERMINISTIC_MODELS, title="INR editing (3x3 dilation): validation MSE",
+                                    ylabel="validation MSE")
 
 
 def _targets(models: dict[str, Any]) -> dict[str, Any]:
@@ -320,21 +313,9 @@ def _targets(models: dict[str, Any]) -> dict[str, Any]:
         grad, weights, probe = (models.get(f"{base}{suffix}") for base in ("gradmetanet", "weight_space", "probing"))
         if grad is None or weights is None:
             continue
-        reduction = 100 * (weights["test_mse_mean"] - grad["test_mse_mean"]) / weights["test_mse_mean"]
+        reduction = 100 * (weights["test_error_mean"] - grad["test_error_mean"]) / weights["test_error_mean"]
         checks[f"gradmetanet{suffix}_vs_weight_space{suffix}_pct"] = reduction
         checks[f"gradmetanet{suffix}_20pct_met"] = reduction >= 20.0
         if probe is not None:
-            checks[f"gradmetanet{suffix}_beats_probing{suffix}"] = grad["test_mse_mean"] < probe["test_mse_mean"]
+            checks[f"gradmetanet{suffix}_beats_probing{suffix}"] = grad["test_error_mean"] < probe["test_error_mean"]
     return checks
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
