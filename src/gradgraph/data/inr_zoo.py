@@ -51,12 +51,15 @@ __all__ = [
     "coordinate_grid",
     "dilate",
     "digit_images",
+    "editing_graph",
     "editing_loss",
     "fit_sirens",
     "load_inr_zoo",
     "make_inr",
     "probe_indices",
     "psnr",
+    "render",
+    "siren_init",
 ]
 
 NUM_DIGITS = 1797

@@ -42,7 +42,7 @@ from gradgraph.nn import ComponentConv, GradMetaNet, GradMetaNetOutput, ScaleEqu
 from gradgraph.tasks.inr_editing.data import InrBatch, InrSource
 
 __all__ = ["BASE_MODELS", "MODEL_LABELS", "MODEL_NAMES", "EditModelConfig", "EditNet", "FeatureScales", "InrEditor",
-           "NoEdit", "build_model"]
+           "NoEdit", "build_model", "describe"]
 
 BASE_MODELS = ("weight_space", "probing", "gradmetanet")
 MODEL_NAMES = ("no_edit", *BASE_MODELS, *(f"{name}_sign" for name in BASE_MODELS))
