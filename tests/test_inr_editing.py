@@ -282,3 +282,18 @@ def test_tiny_cli_run_writes_results_and_picture(tmp_path, capsys):
     rendered = zoo.layout().render(zoo.weight[test], zoo.bias[test], zoo.coords)
     floor = float((rendered - zoo.target[test]).square().mean())
     assert results["models"]["no_edit"]["test_error_mean"] == pytest.approx(floor, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inr_editing_on_cuda_matches_cpu(tmp_path):
+    from gradgraph.tasks.inr_editing import run_inr_editing
+
+    base = replace(preset("tiny"), models=("no_edit", "weight_space", "gradmetanet_sign"), cache_root=tmp_path / "c")
+    cpu = run_inr_editing(replace(base, output_dir=tmp_path / "cpu", device="cpu"))
+    cuda = run_inr_editing(replace(base, output_dir=tmp_path / "cuda", device="cuda"))
+    assert cuda["machine"]["device"].startswith("cuda")
+    assert cuda["models"]["no_edit"]["test_error_mean"] == pytest.approx(cpu["models"]["no_edit"]["test_error_mean"],
+                                                                         rel=1e-4)
+    for name in ("weight_space", "gradmetanet_sign"):  # same start; kernels differ in rounding only
+        start = [run["models"][name]["histories"][0][0]["val_error"] for run in (cpu, cuda)]
+        assert start[1] == pytest.approx(start[0], rel=1e-4)
