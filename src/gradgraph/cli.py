@@ -242,8 +242,8 @@ def add_inr_edit_parser(subparsers: argparse._SubParsersAction) -> None:
         help="edit SIRENs of the digits so they draw the dilated digit, with and without gradients (GradMetaNet §7.3)",
     )
     parser.add_argument("--preset", choices=["default", "paper", "tiny"], default="default",
-                        help="default: 1797 INRs, small models, 4 epochs, 3 seeds, <= 10 min on 2 CPU cores once the zoo is "
-                        "cached; paper: 100 epochs, 5 seeds")
+                        help="default: 1797 INRs, small models, 4 epochs, 3 seeds (about 8.5 CPU-minutes on one thread once "
+                        "the zoo is cached); paper: full-size models, 100 epochs, 5 seeds")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model and seed")
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")

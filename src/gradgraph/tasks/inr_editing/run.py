@@ -105,10 +105,11 @@ def preset(name: str) -> InrEditConfig:
 
     * ``default`` — every digit (1200 / 297 / 300), 16×16 grid, small models (``C = 16``,
       ``C_z = 8``, 2 node layers), 4 epochs, Adam 3e-3, batch 32, 3 seeds, all seven
-      models: the README's run, sized for ≤ 10 minutes on 2 CPU cores once the zoo is cached.
+      models: the README's run; 514 s of CPU on one thread once the zoo is cached (12 min wall
+      measured on the shared 2-core machine, see the README).
     * ``paper`` — the same data, the full-size models (``C = 32``, ``C_z = 16``, 3 node
-      layers), 100 epochs at Adam 1e-3 (the paper trains 150K steps with AdamW on a zoo
-      ~30× larger), 5 seeds.
+      layers), 100 epochs at Adam 1e-3 (the paper trains 150K steps with AdamW on MNIST's
+      far larger zoo of 70k INRs), 5 seeds.
     * ``tiny`` — a seconds-long smoke run for tests.
     """
     if name == "default":
