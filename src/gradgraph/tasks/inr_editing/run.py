@@ -1,0 +1,322 @@
+"""The INR-editing experiment (GradMetaNet, Gelberg et al. 2025, §7.3): configuration, runs,
+results table, ``results.json`` and a picture of the edits.
+
+For each model of :data:`~gradgraph.tasks.inr_editing.models.MODEL_NAMES` and each training
+seed: train on the training INRs with :func:`gradgraph.tasks.training.fit` (loss: MSE between
+the edited INR's rendering and the dilated image on the full grid), keep the epoch with the
+lowest validation MSE, report the test MSE (mean over test INRs; then mean ± std over seeds).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradgraph.data.curvature import GraphBatcher
+from gradgraph.data.inr_zoo import InrZoo, InrZooConfig, load_inr_zoo
+from gradgraph.distributed import DistributedContext
+from gradgraph.errors import GradGraphError
+from gradgraph.tasks import experiment
+from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun
+from gradgraph.tasks.inr_editing.data import InrBatch, InrSource, mse_per_inr
+from gradgraph.tasks.inr_editing.models import (
+    MODEL_LABELS,
+    MODEL_NAMES,
+    EditModelConfig,
+    FeatureScales,
+    build_model,
+    describe,
+)
+from gradgraph.tasks.training import FitResult, TrainConfig, evaluate, fit
+
+__all__ = ["METRIC", "InrEditConfig", "edit_error", "edit_loss", "make_splits", "plot_edits", "preset", "results_table",
+           "run_inr_editing", "run_one"]
+
+#: Models without learned parameters: evaluated once, not once per seed.
+DETERMINISTIC_MODELS = ("no_edit",)
+
+
+@dataclass
+class InrEditConfig:
+    """One INR-editing experiment.
+
+    Attributes:
+        zoo: the INR zoo (its size must cover train + val + test).
+        num_train, num_val, num_test: split sizes (INRs ``[0, train)`` train, then val, then
+            test, after a fixed shuffle of the zoo by ``split_seed``).
+        split_seed: seed of that shuffle.
+        train: optimiser settings (seed and description are set per run).
+        seeds: training seeds; every learned model is trained once per seed.
+        models: which of :data:`MODEL_NAMES` to run (``no_edit`` is always included).
+        model: model sizes.
+        device: ``cpu``, ``cuda``, ``cuda:K`` or ``auto`` (CUDA when available); with
+            ``torchrun`` each rank uses its local GPU.
+        num_pictures: test digits shown in the picture.
+        output_dir: where ``results.json``, ``inr_edits.png`` and ``inr_learning_curves.png`` go.
+        cache_root: zoo cache (``None``: ``$GRADGRAPH_CACHE`` or ``.gradgraph-cache``).
+        progress: progress bars and per-run lines.
+    """
+
+    zoo: InrZooConfig = field(default_factory=InrZooConfig)
+    num_train: int = 1200
+    num_val: int = 297
+    num_test: int = 300
+    split_seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=32, lr=3e-3))
+    seeds: tuple[int, ...] = (0, 1, 2)
+    models: tuple[str, ...] = MODEL_NAMES
+    model: EditModelConfig = field(default_factory=lambda: EditModelConfig(
+        hidden_channels=16, component_channels=8, num_node_layers=2, product_channels=4))
+    device: str = "cpu"
+    num_pictures: int = 6
+    output_dir: Path = Path("runs/inr-edit")
+    cache_root: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.models if name not in MODEL_NAMES]
+        if unknown:
+            raise GradGraphError(f"unknown INR-editing model(s) {unknown}; choose from {MODEL_NAMES}")
+        if min(self.num_train, self.num_val, self.num_test) < 1:
+            raise GradGraphError(
+                f"every split needs >= 1 INR, got train={self.num_train}, val={self.num_val}, test={self.num_test}"
+            )
+        needed = self.num_train + self.num_val + self.num_test
+        if needed > self.zoo.num_images:
+            raise GradGraphError(
+                f"splits need {needed} INRs but the zoo has {self.zoo.num_images}; shrink the splits"
+            )
+        if not self.seeds:
+            raise GradGraphError("InrEditConfig.seeds must hold at least one seed")
+        if self.device not in DEVICE_CHOICES and not str(self.device).startswith("cuda:"):
+            raise GradGraphError(f"InrEditConfig.device must be one of {DEVICE_CHOICES} or cuda:K, got {self.device!r}")
+        self.output_dir = Path(self.output_dir)
+
+
+def preset(name: str) -> InrEditConfig:
+    """Named configurations.
+
+    * ``default`` — every digit (1200 / 297 / 300), 16×16 grid, small models (``C = 16``,
+      ``C_z = 8``, 2 node layers), 4 epochs, Adam 3e-3, batch 32, 3 seeds, all seven
+      models: the README's run; 514 s of CPU on one thread once the zoo is cached (12 min wall
+      measured on the shared 2-core machine, see the README).
+    * ``paper`` — the same data, the full-size models (``C = 32``, ``C_z = 16``, 3 node
+      layers), 100 epochs at Adam 1e-3 (the paper trains 150K steps with AdamW on MNIST's
+      far larger zoo of 70k INRs), 5 seeds.
+    * ``tiny`` — a seconds-long smoke run for tests.
+    """
+    if name == "default":
+        return InrEditConfig()
+    if name == "paper":
+        return InrEditConfig(train=TrainConfig(epochs=100, batch_size=32, lr=1e-3), seeds=(0, 1, 2, 3, 4),
+                             model=EditModelConfig())
+    if name == "tiny":
+        return InrEditConfig(
+            zoo=InrZooConfig(num_images=12, resolution=8, hidden=(8, 8), fit_steps=30, num_probe_points=16,
+                             shard_size=5),
+            num_train=6,
+            num_val=3,
+            num_test=3,
+            train=TrainConfig(epochs=1, batch_size=4, lr=1e-3),
+            seeds=(0,),
+            model=EditModelConfig(hidden_channels=8, component_channels=4, num_component_layers=1,
+                                  num_node_layers=1, product_channels=2),
+            num_pictures=2,
+            progress=False,
+        )
+    raise GradGraphError(f"unknown inr-edit preset {name!r}; choose default, paper or tiny")
+
+
+# ----------------------------------------------------------------------------- loss
+def edit_error(model: nn.Module, batch: InrBatch) -> Tensor:
+    """``[G]`` MSE between the edited INR's rendering and the edited image, per INR."""
+    weight, bias = model(batch)
+    return mse_per_inr(batch.render(weight, bias), batch.target)
+
+
+def edit_loss(model: nn.Module, batch: InrBatch) -> Tensor:
+    """The training loss: :func:`edit_error` averaged over the batch."""
+    return edit_error(model, batch).mean()
+
+
+# ----------------------------------------------------------------------------- pieces
+def make_splits(config: InrEditConfig, zoo: InrZoo, device: torch.device | str = "cpu") -> dict[str, InrSource]:
+    """Train / val / test sources on ``device`` (one shared graph batcher)."""
+    order = torch.randperm(len(zoo), generator=torch.Generator().manual_seed(config.split_seed))
+    bounds = {
+        "train": (0, config.num_train),
+        "val": (config.num_train, config.num_train + config.num_val),
+        "test": (config.num_train + config.num_val, config.num_train + config.num_val + config.num_test),
+    }
+    splits: dict[str, InrSource] = {}
+    batcher: GraphBatcher | None = None
+    for name, (start, stop) in bounds.items():
+        splits[name] = InrSource.from_zoo(zoo, order[start:stop], device=device, batcher=batcher)
+        batcher = splits[name].batcher
+    return splits
+
+
+def run_one(name: str, seed: int, config: InrEditConfig, splits: dict[str, InrSource], scales: FeatureScales,
+            context: DistributedContext, trained: dict[str, nn.Module]) -> SeedRun:
+    """Build model ``name`` with ``seed``, train it (if it learns) and test it; the model
+    (best-validation weights) is left in ``trained[name]``."""
+    torch.manual_seed(seed)
+    model = build_model(name, scales, config.model, int(splits["train"].act.shape[-1])).to(context.device)
+    if not any(p.requires_grad for p in model.parameters()):
+        val_error = float(evaluate(model, splits["val"], edit_error, context=context).mean())
+        fit_result = FitResult(history=[{"epoch": 0, "train_loss": math.nan, "val_error": val_error, "seconds": 0.0}],
+                               best_val_error=val_error)
+    else:
+        train = replace(config.train, seed=seed, progress=config.progress and context.is_main_process,
+                        description=f"{name} seed {seed}")
+        fit_result = fit(model, splits["train"], splits["val"], edit_loss, edit_error, train, context=context)
+    test_errors = evaluate(model, splits["test"], edit_error, context=context)
+    trained[name] = model
+    return SeedRun(seed=seed, test_error=float(test_errors.mean()), fit=fit_result,
+                   parameters=sum(p.numel() for p in model.parameters()), description=describe(model))
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """A plain-text table: model, test MSE mean ± std over seeds, change against ``weight_space``
+    (when it ran; else against ``no_edit``), training seconds per seed."""
+    return experiment.results_table(results, metric_header="test MSE", reference=_reference(results),
+                                    fixed=DETERMINISTIC_MODELS)
+
+
+def _reference(results: dict[str, Any]) -> str:
+    return "weight_space" if "weight_space" in results["models"] else "no_edit"
+
+
+@torch.no_grad()
+def plot_edits(zoo_source: InrSource, images: Tensor, edited: dict[str, Tensor], resolution: int, path: Path,
+               mse: dict[str, Tensor] | None = None) -> None:
+    """A PNG grid: one row per test digit; columns: the INR as fit, the dilated target, each model's edit.
+
+    Args:
+        zoo_source: the test INRs shown (first ``K``), for the original rendering and targets.
+        images: ``[K, R²]`` renderings of the unedited INRs.
+        edited: ``{model name: [K, R²]}`` renderings of each model's edited INRs.
+        resolution: ``R``.
+        path: where the PNG goes.
+        mse: optional ``{model name: [K]}`` per-digit MSE, printed over each picture.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = images.shape[0]
+    columns = [("INR (original)", images), ("target: dilated", zoo_source.target[:count])]
+    columns += [(name, values) for name, values in edited.items()]
+    figure, axes = plt.subplots(count, len(columns), figsize=(1.6 * len(columns), 1.7 * count), squeeze=False)
+    for column, (title, values) in enumerate(columns):
+        for row in range(count):
+            axis = axes[row, column]
+            axis.imshow(values[row].reshape(resolution, resolution).float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if mse is not None and title in mse:
+                axis.set_xlabel(f"{100 * float(mse[title][row]):.2f}", fontsize=7)
+            if row == 0:
+                axis.set_title(title, fontsize=7)
+    figure.suptitle("INR editing (3×3 dilation), test digits; numbers: MSE ×1e-2", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- run
+METRIC = "MSE between the edited INR's rendering and the dilated image on the full grid (pixels in [0, 1]), " \
+         "mean over test INRs; mean ± std over training seeds"
+
+
+def run_inr_editing(config: InrEditConfig, context: DistributedContext | None = None) -> dict[str, Any]:
+    """Build (or load) the zoo, train every model for every seed, write results.json and the pictures.
+
+    Args:
+        config: the experiment.
+        context: the processes and device; by default opened from the environment
+            (``torchrun`` sets it; alone: one process on ``config.device``) and closed at the end.
+
+    Returns:
+        The results dictionary written to ``output_dir/results.json`` (by rank 0): per model
+        the test MSE of every seed (``test_errors``), their mean and std
+        (``test_error_mean``, ``test_error_std``), the change against ``weight_space`` in %
+        (``improvement_pct``), training seconds, best epochs and learning curves; the zoo's
+        fit quality (PSNR), the issue's targets checked, and the wall time.
+    """
+    owns_context = context is None
+    context = experiment.init_distributed(config.device) if context is None else context
+    try:
+        start = time.perf_counter()
+        zoo = load_inr_zoo(config.zoo, cache_root=config.cache_root,
+                           progress=config.progress and context.is_main_process, context=context)
+        data_seconds = time.perf_counter() - start
+        splits = make_splits(config, zoo, context.device)
+        scales = FeatureScales.measure(splits["train"])
+        zoo_quality = {"num_inrs": len(zoo), "resolution": config.zoo.resolution,
+                       "psnr_mean": float(zoo.psnr.mean()), "psnr_min": float(zoo.psnr.min())}
+        results = experiment.new_results(METRIC, config, context, data_seconds=data_seconds, zoo=zoo_quality)
+        models = ["no_edit", *[name for name in config.models if name != "no_edit"]]
+        trained: dict[str, nn.Module] = {}
+        for name in models:
+            results["models"][name] = experiment.run_seeds(
+                partial(run_one, name, config=config, splits=splits, scales=scales, context=context, trained=trained),
+                config.seeds if name not in DETERMINISTIC_MODELS else (0,),
+                label=MODEL_LABELS[name],
+                name=name,
+                context=context,
+                log=config.progress,
+            )
+            results["wall_seconds"] = time.perf_counter() - start
+            experiment.write_results(results, config.output_dir, context)  # partial results survive an interrupt
+        experiment.add_improvement(results, reference=_reference(results))
+        results["targets"] = _targets(results["models"])
+        results["wall_seconds"] = time.perf_counter() - start
+        experiment.write_results(results, config.output_dir, context)
+        if context.is_main_process:
+            _pictures(config, splits["test"], trained, results)
+        return results
+    finally:
+        if owns_context:
+            context.teardown()
+
+
+def _pictures(config: InrEditConfig, test: InrSource, trained: dict[str, nn.Module], results: dict[str, Any]) -> None:
+    """``inr_edits.png`` (the last seed's model of each kind on a few test digits) and ``inr_learning_curves.png``."""
+    shown = test.batch(torch.arange(min(config.num_pictures, len(test)), device=test.device))
+    edited: dict[str, Tensor] = {}
+    shown_mse: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, model in trained.items():
+            model.eval()
+            rendering = shown.render(*model(shown))
+            edited[name] = rendering.cpu()
+            shown_mse[name] = mse_per_inr(rendering, shown.target).cpu()
+    plot_edits(test, shown.render().cpu(), edited, config.zoo.resolution, config.output_dir / "inr_edits.png",
+               shown_mse)
+    experiment.plot_learning_curves(results, config.output_dir / "inr_learning_curves.png", reference="no_edit",
+                                    fixed=DETERMINISTIC_MODELS, title="INR editing (3x3 dilation): validation MSE",
+                                    ylabel="validation MSE")
+
+
+def _targets(models: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, checked: gradmetanet ≥ 20% below weight_space, and below probing."""
+    checks: dict[str, Any] = {}
+    for suffix in ("", "_sign"):
+        grad, weights, probe = (models.get(f"{base}{suffix}") for base in ("gradmetanet", "weight_space", "probing"))
+        if grad is None or weights is None:
+            continue
+        reduction = 100 * (weights["test_error_mean"] - grad["test_error_mean"]) / weights["test_error_mean"]
+        checks[f"gradmetanet{suffix}_vs_weight_space{suffix}_pct"] = reduction
+        checks[f"gradmetanet{suffix}_20pct_met"] = reduction >= 20.0
+        if probe is not None:
+            checks[f"gradmetanet{suffix}_beats_probing{suffix}"] = grad["test_error_mean"] < probe["test_error_mean"]
+    return checks
