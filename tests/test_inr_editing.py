@@ -199,7 +199,7 @@ def test_layout_is_outputs_to_parameters_batched_and_renders_like_the_module(sma
 
 
 # ----------------------------------------------------------------------------- symmetries
-@pytest.mark.parametrize("kind", ["weight_space", "gradmetanet"])
+@pytest.mark.parametrize("kind", ["weight_space", "gradmetanet", "gradmetanet_pp"])
 def test_edit_net_is_permutation_equivariant(small_problem, kind):
     _, _, _, source, scales = small_problem
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def test_edit_net_is_permutation_equivariant(small_problem, kind):
     graphs = source.batch(torch.arange(3)).graphs()
     net.double()(graphs)
     randomise_steps(net)
-    assert_equivariant(net, graphs, check_components=kind == "gradmetanet")
+    assert_equivariant(net, graphs, check_components=kind != "weight_space")
 
 
 @pytest.mark.parametrize("name", ["weight_space", "probing", "gradmetanet", "gradmetanet_sign", "probing_sign"])
@@ -227,7 +227,7 @@ def random_signs(inr: torch.nn.Module, generator: torch.Generator) -> list[torch
     return [torch.randint(0, 2, (width,), generator=generator).double() * 2 - 1 for width in widths]
 
 
-@pytest.mark.parametrize("name", ["weight_space_sign", "probing_sign", "gradmetanet_sign"])
+@pytest.mark.parametrize("name", ["weight_space_sign", "probing_sign", "gradmetanet_sign", "gradmetanet_pp_sign"])
 def test_sign_wrapped_edits_render_the_same_image_after_sign_flips(small_problem, name):
     inrs, targets, probes, source, scales = small_problem
     model = fresh_model(name, scales, source)
@@ -249,8 +249,12 @@ def test_unwrapped_edits_are_not_sign_equivariant(small_problem):
 
 
 def test_no_edit_and_registry():
-    assert set(MODEL_NAMES) == {"no_edit", "weight_space", "probing", "gradmetanet", "weight_space_sign",
-                                "probing_sign", "gradmetanet_sign"}
+    assert set(MODEL_NAMES) == {"no_edit", "weight_space", "probing", "gradmetanet", "gradmetanet_pp",
+                                "weight_space_sign", "probing_sign", "gradmetanet_sign", "gradmetanet_pp_sign"}
+    from gradgraph.tasks.inr_editing.models import DEFAULT_MODELS
+    from gradgraph.tasks.inr_editing.run import InrEditConfig
+
+    assert "gradmetanet_pp" not in DEFAULT_MODELS and InrEditConfig().models == DEFAULT_MODELS
     with pytest.raises(GradGraphError, match="unknown INR-editing model"):
         build_model("dws", None, SMALL_MODEL, 4)  # type: ignore[arg-type]
 

@@ -12,6 +12,10 @@
                     ``∇θ (f_θ(x_i) − I_edited(x_i))²`` in rank-1 factors (component layers
                     over (neuron × point), pooling, node layers, the component-wise product
                     decoder whose first moment can express the mean gradient exactly)
+``gradmetanet_pp``  the same inputs through :class:`~gradgraph.nn.GradMetaNetPlusPlus`
+                    (attention across each neuron's points and across neurons, the
+                    per-point product decoder); not in the default run (several times
+                    GradMetaNet's cost), ``--models gradmetanet_pp`` adds it
 ``*_sign``          the model wrapped in :class:`~gradgraph.nn.ScaleEquivariant` with the
                     ``"weight"`` rule: canonical signs of the sine neurons in, ``Δθ`` mapped
                     back like ``θ`` (the ScaleGMN analogue: exactly sign-equivariant)
@@ -38,19 +42,23 @@ from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
-from gradgraph.nn import ComponentConv, GradMetaNet, GradMetaNetOutput, ScaleEquivariant
+from gradgraph.nn import ComponentConv, GradMetaNet, GradMetaNetOutput, GradMetaNetPlusPlus, ScaleEquivariant
 from gradgraph.tasks.inr_editing.data import InrBatch, InrSource
 
-__all__ = ["BASE_MODELS", "MODEL_LABELS", "MODEL_NAMES", "EditModelConfig", "EditNet", "FeatureScales", "InrEditor",
+__all__ = ["BASE_MODELS", "DEFAULT_MODELS", "MODEL_LABELS", "MODEL_NAMES", "EditModelConfig", "EditNet", "FeatureScales", "InrEditor",
            "NoEdit", "build_model", "describe"]
 
-BASE_MODELS = ("weight_space", "probing", "gradmetanet")
+BASE_MODELS = ("weight_space", "probing", "gradmetanet", "gradmetanet_pp")
 MODEL_NAMES = ("no_edit", *BASE_MODELS, *(f"{name}_sign" for name in BASE_MODELS))
+#: what ``gradgraph inr-edit`` runs without ``--models``
+DEFAULT_MODELS = tuple(name for name in MODEL_NAMES if not name.startswith("gradmetanet_pp"))
 MODEL_LABELS = {
     "no_edit": "no edit (θ unchanged)",
     "weight_space": "weight space (GMN)",
     "probing": "weight space + probing",
     "gradmetanet": "weight space + GradMetaNet",
+    "gradmetanet_pp": "weight space + GradMetaNet++",
+    "gradmetanet_pp_sign": "+ GradMetaNet++, sign-equivariant",
     "weight_space_sign": "weight space, sign-equivariant (ScaleGMN analogue)",
     "probing_sign": "+ probing, sign-equivariant",
     "gradmetanet_sign": "+ GradMetaNet, sign-equivariant",
@@ -135,7 +143,8 @@ class EditNet(nn.Module):
     :class:`FeatureScales`, and :math:`\gamma, \gamma'` learned per-layer gains.
 
     Args:
-        kind: ``"weight_space"``, ``"probing"`` or ``"gradmetanet"`` (see the module docstring).
+        kind: ``"weight_space"``, ``"probing"``, ``"gradmetanet"`` or ``"gradmetanet_pp"`` (see the
+            module docstring).
         scales: the per-layer normalisers.
         config: sizes.
         num_probe_points: ``B`` (the width of the probing features).
@@ -152,11 +161,21 @@ class EditNet(nn.Module):
         num_layers = scales.weight.numel()
         self.weight_gain = nn.Parameter(torch.full((num_layers,), config.output_gain))
         self.bias_gain = nn.Parameter(torch.full((num_layers,), config.output_gain))
-        uses_gradients = kind == "gradmetanet"
+        uses_gradients = kind in ("gradmetanet", "gradmetanet_pp")
         self.gradient_step = uses_gradients and config.gradient_step
         if self.gradient_step:
             self.weight_step = nn.Parameter(torch.zeros(num_layers))
             self.bias_step = nn.Parameter(torch.zeros(num_layers))
+        if kind == "gradmetanet_pp":
+            self.net = GradMetaNetPlusPlus(
+                config.hidden_channels,
+                num_layers=config.num_component_layers,
+                product_channels=config.product_channels,
+                edge_out_channels=1,
+                node_out_channels=1,
+            )
+            self.config = config
+            return
         self.net = GradMetaNet(
             config.hidden_channels,
             component_channels=config.component_channels if uses_gradients else None,

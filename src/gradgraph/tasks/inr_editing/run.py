@@ -28,6 +28,7 @@ from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun
 from gradgraph.tasks.inr_editing.data import InrBatch, InrSource, mse_per_inr
 from gradgraph.tasks.inr_editing.models import (
     MODEL_LABELS,
+    DEFAULT_MODELS,
     MODEL_NAMES,
     EditModelConfig,
     FeatureScales,
@@ -71,7 +72,7 @@ class InrEditConfig:
     split_seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=32, lr=3e-3))
     seeds: tuple[int, ...] = (0, 1, 2)
-    models: tuple[str, ...] = MODEL_NAMES
+    models: tuple[str, ...] = DEFAULT_MODELS
     model: EditModelConfig = field(default_factory=lambda: EditModelConfig(
         hidden_channels=16, component_channels=8, num_node_layers=2, product_channels=4))
     device: str = "cpu"
