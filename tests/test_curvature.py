@@ -229,7 +229,7 @@ def test_cli_runs_the_tiny_preset(tmp_path, capsys):
 def test_bad_configurations_raise_clear_errors():
     with pytest.raises(GradGraphError, match="splits need"):
         CurvatureConfig(zoo=SirenZooConfig(num_nets=10), num_train=8, num_val=2, num_test=2)
-    with pytest.raises(GradGraphError, match="unknown curvature model"):
+    with pytest.raises(GradGraphError, match="CurvatureConfig: unknown model"):
         CurvatureConfig(models=("gradmetanet", "nope"))
     with pytest.raises(GradGraphError, match="num_nets"):
         SirenZooConfig(num_nets=0)

@@ -63,7 +63,7 @@ from gradgraph.errors import GradGraphError
 from gradgraph.nn import ComponentConv, GradMetaNet, GradMetaNetPlusPlus
 from gradgraph.nn.sparse import ChannelBlockPattern, channel_sddmm
 from gradgraph.tasks import experiment
-from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun
+from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun, check_experiment
 from gradgraph.tasks.training import FitResult, TrainConfig, evaluate, fit
 
 __all__ = [
@@ -639,20 +639,9 @@ class CurvatureConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICE_CHOICES and not str(self.device).startswith("cuda:"):
             raise GradGraphError(f"CurvatureConfig.device must be one of {DEVICE_CHOICES} or cuda:K, got {self.device!r}")
-        unknown = [name for name in self.models if name not in MODEL_NAMES]
-        if unknown:
-            raise GradGraphError(f"unknown curvature model(s) {unknown}; choose from {MODEL_NAMES}")
-        if min(self.num_train, self.num_val, self.num_test) < 1:
-            raise GradGraphError(
-                f"every split needs >= 1 network, got train={self.num_train}, val={self.num_val}, test={self.num_test}"
-            )
-        needed = self.num_train + self.num_val + self.num_test
-        if needed > self.zoo.num_nets:
-            raise GradGraphError(
-                f"splits need {needed} networks but the zoo has {self.zoo.num_nets}; raise --nets or shrink the splits"
-            )
-        if not self.seeds:
-            raise GradGraphError("CurvatureConfig.seeds must hold at least one seed")
+        check_experiment("CurvatureConfig", "network", models=self.models, known=MODEL_NAMES,
+                         splits=(self.num_train, self.num_val, self.num_test), available=self.zoo.num_nets,
+                         seeds=self.seeds, hint="raise --nets or shrink the splits")
         self.output_dir = Path(self.output_dir)
 
 

@@ -34,10 +34,12 @@ from typing import Any
 import torch
 
 from gradgraph.data.cache import atomic_write_bytes
+from gradgraph.errors import GradGraphError
 from gradgraph.distributed import SINGLE_PROCESS, DistributedContext, init_distributed, resolve_device
 from gradgraph.tasks.training import FitResult
 
 __all__ = [
+    "check_experiment",
     "DEVICE_CHOICES",
     "SeedRun",
     "add_improvement",
@@ -74,6 +76,40 @@ class SeedRun:
     fit: FitResult
     parameters: int = 0
     description: str | None = None
+
+
+def check_experiment(
+    config_name: str,
+    item: str,
+    *,
+    models: Sequence[str],
+    known: Sequence[str],
+    splits: tuple[int, int, int],
+    available: int,
+    seeds: Sequence[int],
+    hint: str = "shrink the splits",
+) -> None:
+    """The checks every experiment config makes: known models, non-empty splits that fit in the
+    data set, at least one seed. Raises :class:`GradGraphError` naming the field.
+
+    Args:
+        config_name: the dataclass, for messages (``"CurvatureConfig"``).
+        item: what one datapoint of the experiment is (``"network"``, ``"INR"``).
+        models / known: the requested and the available model names.
+        splits: ``(train, val, test)`` sizes; ``available``: how many items exist.
+        seeds: the training seeds.
+        hint: what to do when the splits do not fit.
+    """
+    unknown = [name for name in models if name not in known]
+    if unknown:
+        raise GradGraphError(f"{config_name}: unknown model(s) {unknown}; choose from {tuple(known)}")
+    train, val, test = splits
+    if min(train, val, test) < 1:
+        raise GradGraphError(f"every split needs >= 1 {item}, got train={train}, val={val}, test={test}")
+    if train + val + test > available:
+        raise GradGraphError(f"splits need {train + val + test} {item}s but there are {available}; {hint}")
+    if not seeds:
+        raise GradGraphError(f"{config_name}.seeds must hold at least one seed")
 
 
 def summarize(values: Sequence[float]) -> tuple[float, float]:

@@ -24,7 +24,7 @@ from gradgraph.data.inr_zoo import InrZoo, InrZooConfig, load_inr_zoo
 from gradgraph.distributed import DistributedContext
 from gradgraph.errors import GradGraphError
 from gradgraph.tasks import experiment
-from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun
+from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun, check_experiment
 from gradgraph.tasks.inr_editing.data import InrBatch, InrSource, mse_per_inr
 from gradgraph.tasks.inr_editing.models import (
     MODEL_LABELS,
@@ -82,20 +82,9 @@ class InrEditConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        unknown = [name for name in self.models if name not in MODEL_NAMES]
-        if unknown:
-            raise GradGraphError(f"unknown INR-editing model(s) {unknown}; choose from {MODEL_NAMES}")
-        if min(self.num_train, self.num_val, self.num_test) < 1:
-            raise GradGraphError(
-                f"every split needs >= 1 INR, got train={self.num_train}, val={self.num_val}, test={self.num_test}"
-            )
-        needed = self.num_train + self.num_val + self.num_test
-        if needed > self.zoo.num_images:
-            raise GradGraphError(
-                f"splits need {needed} INRs but the zoo has {self.zoo.num_images}; shrink the splits"
-            )
-        if not self.seeds:
-            raise GradGraphError("InrEditConfig.seeds must hold at least one seed")
+        check_experiment("InrEditConfig", "INR", models=self.models, known=MODEL_NAMES,
+                         splits=(self.num_train, self.num_val, self.num_test), available=self.zoo.num_images,
+                         seeds=self.seeds)
         if self.device not in DEVICE_CHOICES and not str(self.device).startswith("cuda:"):
             raise GradGraphError(f"InrEditConfig.device must be one of {DEVICE_CHOICES} or cuda:K, got {self.device!r}")
         self.output_dir = Path(self.output_dir)
