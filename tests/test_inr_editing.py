@@ -30,7 +30,7 @@ from gradgraph.errors import GradGraphError
 from gradgraph.nn import outputs_to_parameters
 from gradgraph.symmetry import flip_hidden, permute_hidden, random_hidden_perms
 from gradgraph.tasks.inr_editing import MODEL_NAMES, EditModelConfig, EditNet, InrSource, build_model, preset
-from gradgraph.tasks.inr_editing.models import FeatureScales
+from gradgraph.tasks.inr_editing.models import DEFAULT_MODELS, FeatureScales
 from gradgraph.testing import assert_equivariant
 
 HIDDEN = (5, 4)
@@ -266,7 +266,7 @@ def test_tiny_cli_run_writes_results_and_picture(tmp_path, capsys):
                  "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert list(results["models"]) == list(MODEL_NAMES)
+    assert list(results["models"]) == list(DEFAULT_MODELS)  # gradmetanet_pp only on request
     for name, entry in results["models"].items():
         expected_runs = 1 if name == "no_edit" else 2
         assert len(entry["test_errors"]) == expected_runs

@@ -94,9 +94,9 @@ def preset(name: str) -> InrEditConfig:
     """Named configurations.
 
     * ``default`` — every digit (1200 / 297 / 300), 16×16 grid, small models (``C = 16``,
-      ``C_z = 8``, 2 node layers), 4 epochs, Adam 3e-3, batch 32, 3 seeds, all seven
-      models: the README's run; 514 s of CPU on one thread once the zoo is cached (12 min wall
-      measured on the shared 2-core machine, see the README).
+      ``C_z = 8``, 2 node layers), 4 epochs, Adam 3e-3, batch 32, 3 seeds, the seven models of
+      :data:`DEFAULT_MODELS`: the README's run, 7 min 33 s wall on the quiet 2-core machine from
+      a fresh cache (see the README).
     * ``paper`` — the same data, the full-size models (``C = 32``, ``C_z = 16``, 3 node
       layers), 100 epochs at Adam 1e-3 (the paper trains 150K steps with AdamW on MNIST's
       far larger zoo of 70k INRs), 5 seeds.
