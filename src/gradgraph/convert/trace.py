@@ -173,6 +173,9 @@ _BINARY_OTHER = _method("__pow__", "__rpow__", "maximum", "minimum") | _names(to
 _REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsumexp", "max", "min") | _names(
     torch.sum, torch.mean, torch.var, torch.std, torch.amax, torch.amin, torch.norm, torch.logsumexp
 )
+_JOINS = _names(torch.cat, torch.stack) | {"torch.concatenate", "torch.concat"}
+_CONCATENATIONS = _names(torch.cat) | {"torch.concatenate", "torch.concat"}
+_POOLS = _method("sum", "mean") | _names(torch.sum, torch.mean)
 _SOFTMAX = _names(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax) | _method("softmax", "log_softmax")
 _MASK_FILL = _method("masked_fill") | _names(torch.masked_fill)
 _WHERE = _names(torch.where)
@@ -352,6 +355,14 @@ def _varies_along(ids: Tensor, axis: int) -> bool:
 
 def _rows_along_last(ids: Tensor) -> Tensor:
     return ids.reshape(-1, ids.shape[-1]) if ids.dim() else ids.reshape(1, 1)
+
+
+def _feature_row(nodes: Tensor) -> Tensor | None:
+    """The neurons on the last axis if every position holds the same ones (and all are neurons)."""
+    rows = _rows_along_last(nodes)
+    if not bool((rows == rows[:1]).all()) or bool((rows[0] < 0).any()):
+        return None
+    return rows[0].clone()
 
 
 def _describe(value: Any) -> Any:
@@ -708,18 +719,17 @@ class _Tracer(TorchFunctionMode):
         metas = [meta for _, meta in tracked]
         kinds = {type(meta) for meta in metas}
         if kinds == {_Param}:
-            return self.replay(func, args, kwargs, output, "pos", lambda pos: _Param(metas[0].index, pos),
-                               lambda meta: meta.pos, single=_Param)
+            return self.replay(func, args, kwargs, output, lambda pos: _Param(metas[0].index, pos),
+                               lambda meta: meta.pos)
         if kinds == {_Raw}:
-            return self.replay(func, args, kwargs, output, "element", _Raw, lambda meta: meta.element, single=_Raw)
+            return self.replay(func, args, kwargs, output, _Raw, lambda meta: meta.element)
         if _Param in kinds or _Raw in kinds:
             # a class token concatenated to tokens, or a raw input joined to neurons
             return self.join_parts(name, func, args, kwargs, output)
         for value, meta in tracked:
-            if isinstance(meta, _Neurons) and meta.comps is None and name in _names(torch.cat, torch.stack):
+            if isinstance(meta, _Neurons) and meta.comps is None and name in _JOINS:
                 raise self.unsupported(name, "concatenating values that do not depend on the input")
-        joins = _names(torch.cat, torch.stack) | {"torch.concatenate", "torch.concat"}
-        if name in joins:
+        if name in _JOINS:
             parts = args[0] if args else kwargs["tensors"]
             # an empty constant (a key/value cache before its first entry) joins nothing
             kept = [part for part in parts if self.meta(part) is not None or part.numel() > 0]
@@ -771,8 +781,9 @@ class _Tracer(TorchFunctionMode):
         with torch.no_grad():
             return func(*new_args, **new_kwargs)
 
-    def replay(self, func: Any, args: tuple, kwargs: dict, output: Any, what: str, make: Callable[[Tensor], Any],
-               pick: Callable[[Any], Tensor], single: type) -> None:
+    def replay(self, func: Any, args: tuple, kwargs: dict, output: Any, make: Callable[[Tensor], Any],
+               pick: Callable[[Any], Tensor]) -> None:
+        """Apply a shape op to a parameter's positions or the raw input's element ids."""
         result = self.replay_ids(func, args, kwargs, pick)
         outputs = output if isinstance(output, tuple | list) else [output]
         results = result if isinstance(result, tuple | list) else [result]
@@ -782,7 +793,7 @@ class _Tracer(TorchFunctionMode):
 
     def join_parts(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """``cat`` of a class token (a parameter) with token neurons along positions."""
-        if name not in _names(torch.cat) | {"torch.concatenate", "torch.concat"}:
+        if name not in _CONCATENATIONS:
             raise self.unsupported(name, "mixes a parameter or the raw input with neuron values")
         parts = args[0]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -797,7 +808,7 @@ class _Tracer(TorchFunctionMode):
         width = output.shape[-1]
         merged = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
         merged_nodes = merged.first + torch.arange(width)
-        comps_parts, node_parts = [], []
+        comps_parts, node_parts, tokens = [], [], []
         for part, meta in zip(parts, neuron_parts):
             if meta is None:  # the parameter: a class-token set with the parameter as bias
                 param = self.meta(part)
@@ -818,27 +829,24 @@ class _Tracer(TorchFunctionMode):
                 comps = _broadcast(comps, part.shape).clone()
                 self.edges.append((token.first + torch.arange(width), merged_nodes, EdgeKind.MERGE, -1, None, None))
                 self.ties.append((token.first + torch.arange(width), merged_nodes))
-                token.grad_records.append((output, None, None))  # filled below once comps are known
                 node_parts.append(_broadcast(token.first + torch.arange(width), part.shape))
                 comps_parts.append(comps)
-                token.pending_part = len(comps_parts) - 1  # type: ignore[attr-defined]
+                tokens.append(token)
             else:
-                rows = _rows_along_last(meta.nodes)
-                if not bool((rows == rows[:1]).all()) or bool((rows[0] < 0).any()):
+                row = _feature_row(meta.nodes)
+                if row is None:
                     raise self.unsupported(name, "concatenates tensors whose features are not one neuron set")
                 self.fix_act(part, meta, name)
-                self.edges.append((rows[0].clone(), merged_nodes, EdgeKind.MERGE, -1, None, None))
-                self.ties.append((rows[0].clone(), merged_nodes))
+                self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
+                self.ties.append((row, merged_nodes))
                 node_parts.append(meta.nodes)
                 comps_parts.append(meta.comps)
         comps = torch.cat(comps_parts, dim=axis)
         token_nodes = torch.cat(node_parts, dim=axis)
-        for neuron_set in self.sets:
-            if getattr(neuron_set, "pending_part", None) is not None:
-                neuron_set.grad_records[-1] = (output, token_nodes, comps)
-                neuron_set.act_records.append((output, token_nodes, comps))
-                neuron_set.act_version = 0
-                neuron_set.pending_part = None  # type: ignore[attr-defined]
+        for token in tokens:  # their factors live at the class-token positions of the output
+            token.grad_records.append((output, token_nodes, comps))
+            token.act_records.append((output, token_nodes, comps))
+            token.act_version = 0
         meta = _Neurons(_broadcast(merged_nodes, output.shape).clone(), comps, {merged.index: 0})
         merged.grad_records.append((output, meta.nodes, comps))
         self.set_meta(output, meta)
@@ -871,14 +879,14 @@ class _Tracer(TorchFunctionMode):
 
     def materialize(self, value: Tensor, meta: _Neurons, origin: str, kind: NodeKind = NodeKind.RESIDUAL) -> _Neurons:
         """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis)."""
-        rows = _rows_along_last(meta.nodes)
-        if not bool((rows == rows[:1]).all()) or bool((rows[0] < 0).any()):
+        row = _feature_row(meta.nodes)
+        if row is None:
             raise self.unsupported(origin, "these values do not hold one neuron per feature")
-        width = rows.shape[1]
+        width = len(row)
         merged = self.new_set(width, kind, origin, "merge")
         merged_nodes = merged.first + torch.arange(width)
-        self.edges.append((rows[0].clone(), merged_nodes, EdgeKind.MERGE, -1, None, None))
-        self.ties.append((rows[0].clone(), merged_nodes))
+        self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
+        self.ties.append((row, merged_nodes))
         new = _Neurons(_broadcast(merged_nodes, value.shape).clone(), meta.comps, {merged.index: 0})
         merged.grad_records.append((value, new.nodes, new.comps))
         self.set_meta(value, new)
@@ -1080,7 +1088,6 @@ class _Tracer(TorchFunctionMode):
                 self.sets[index].pinned = True
             versions = self.next_version(a.versions)
             new = _Neurons(a_nodes.clone(), comps.clone(), {**versions, **self.next_version(b.versions)})
-            new.nodes = a_nodes.clone()
             self.set_meta(output, new)
             self.observe(output, new)
             return None
@@ -1147,18 +1154,16 @@ class _Tracer(TorchFunctionMode):
             raise self.unsupported(name, "arithmetic between a parameter and values that do not depend on the input")
         nodes = _broadcast(meta.nodes, shape)
         pos = _broadcast(param_meta.pos, shape)
-        rows = _rows_along_last(nodes)
+        sources = _feature_row(nodes)
         pos_rows = pos.reshape(-1, shape[-1])
         per_feature = bool((pos_rows == pos_rows[:1]).all())
-        same_layout = bool((rows == rows[:1]).all()) and not bool((rows[0] < 0).any())
-        if not same_layout:
+        if sources is None:
             raise self.unsupported(name, "a parameter combined with values that are not one neuron per feature")
         if additive and not per_feature:
             embedded = self.position_parameter(name, param_meta, shape, output)
             return self.binary_with(name, value, meta, embedded, output)
         if not per_feature:
             raise self.unsupported(name, "a parameter multiplying neurons that differs between positions")
-        sources = rows[0].clone()
         positions = pos_rows[0].clone()
         if additive:
             target = self.sets[next(iter(meta.versions))] if len(meta.versions) == 1 else None
@@ -1237,13 +1242,13 @@ class _Tracer(TorchFunctionMode):
             self.set_meta(output, stat)
             return None
         if reduced_comps and not reduced_neurons:
-            if name not in _method("sum", "mean") | _names(torch.sum, torch.mean):
+            if name not in _POOLS:
                 return self.mark_opaque(output, name, "a reduction over positions other than sum/mean", [meta])
             pooled_nodes = collapse(meta.nodes)
             rows = _rows_along_last(pooled_nodes)
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):
                 return self.mark_opaque(output, name, "pooling that does not keep one neuron per feature", [meta])
-            self.record_act_if_unfixed(x, meta)
+            self.observe(x, meta)
             pooled = self.new_set(rows.shape[1], NodeKind.RESIDUAL, f"{self.path()} {name}", "pool")
             pooled_ids = pooled.first + torch.arange(rows.shape[1])
             self.edges.append((rows[0].clone(), pooled_ids, EdgeKind.MERGE, -1, None, None))
@@ -1257,9 +1262,6 @@ class _Tracer(TorchFunctionMode):
             self.observe(output, new)
             return None
         return self.mark_opaque(output, name, "a reduction over features and positions together", [meta])
-
-    def record_act_if_unfixed(self, value: Tensor, meta: _Neurons) -> None:
-        self.observe(value, meta)
 
     def softmax(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         meta = self.need_neurons(args[0], name)
