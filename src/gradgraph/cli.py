@@ -169,7 +169,8 @@ def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the main job: learn to estimate SIREN Fisher diagonals from 128 gradients (GradMetaNet §7.1)",
     )
     parser.add_argument("--preset", choices=["default", "paper", "tiny"], default="default",
-                        help="default: 1000 nets, 20 epochs, 2 seeds, ~3 min on 2 CPU cores; paper: 3000 nets, 100 epochs, 5 seeds")
+                        help="default: 2000 nets, 15 epochs, 1 seed, 3 models, about 5 min on 2 CPU cores from a fresh cache; "
+                        "paper: 3000 nets, 100 epochs, 5 seeds")
     parser.add_argument("--nets", type=int, default=None, help="zoo size (splits keep the preset's proportions)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model and seed")
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
@@ -247,8 +248,8 @@ def add_inr_edit_parser(subparsers: argparse._SubParsersAction) -> None:
         help="edit SIRENs of the digits so they draw the dilated digit, with and without gradients (GradMetaNet §7.3)",
     )
     parser.add_argument("--preset", choices=["default", "paper", "tiny"], default="default",
-                        help="default: 1797 INRs, small models, 4 epochs, 3 seeds (about 8.5 CPU-minutes on one thread once "
-                        "the zoo is cached); paper: full-size models, 100 epochs, 5 seeds")
+                        help="default: 1797 INRs, small models, 4 epochs, 3 seeds, about 7.5 min on 2 CPU cores from a "
+                        "fresh cache; paper: full-size models, 100 epochs, 5 seeds")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model and seed")
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")

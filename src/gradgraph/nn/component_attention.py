@@ -12,7 +12,7 @@ from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import GradGraphConv
 
-__all__ = ["ComponentAttention", "check_heads"]
+__all__ = ["ComponentAttention", "MultiHeadConv", "check_heads"]
 
 
 def check_heads(layer: str, heads: int, head_channels: int) -> None:
@@ -23,7 +23,49 @@ def check_heads(layer: str, heads: int, head_channels: int) -> None:
         )
 
 
-class ComponentAttention(GradGraphConv):
+class MultiHeadConv(GradGraphConv):
+    """A :class:`GradGraphConv` with ``H`` heads of width ``d``: bias-free query, key, value
+    projections ``C -> H·d`` and an output projection ``H·d -> C'``. The base of
+    :class:`ComponentAttention` and :class:`~gradgraph.nn.NeuronAttention`, which differ only in
+    which axis they attend over; a subclass implements ``forward``.
+
+    Args:
+        in_channels, out_channels, edge_dim: as :class:`GradGraphConv`.
+        heads: ``H``.
+        head_channels: ``d`` (defaults to ``max(1, in_channels // heads)``).
+        **kwargs: passed to :class:`GradGraphConv`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        edge_dim: int,
+        *,
+        heads: int = 2,
+        head_channels: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_heads(type(self).__name__, heads, 1 if head_channels is None else head_channels)
+        head_channels = head_channels or max(1, in_channels // heads)
+        super().__init__(in_channels, out_channels, edge_dim, **kwargs)
+        self.heads = heads
+        self.head_channels = head_channels
+        self.lin_query = Linear(in_channels, heads * head_channels, bias=False)
+        self.lin_key = Linear(in_channels, heads * head_channels, bias=False)
+        self.lin_value = Linear(in_channels, heads * head_channels, bias=False)
+        self.lin_out = Linear(heads * head_channels, out_channels, bias=False)
+        self.reset_parameters()
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}, "
+            f"heads={self.heads}, head_channels={self.head_channels}, flow={self.direction!r}, "
+            f"edge_messages={self.edge_messages})"
+        )
+
+
+class ComponentAttention(MultiHeadConv):
     r"""GradMetaNet++'s attention across the components (datapoints, or datapoint x token) of every neuron.
 
     For neuron :math:`n` and component :math:`i`, with :math:`H` heads of width :math:`d`:
@@ -62,27 +104,6 @@ class ComponentAttention(GradGraphConv):
         - **output:** ``[N, B, C']``
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        edge_dim: int,
-        *,
-        heads: int = 2,
-        head_channels: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        check_heads(type(self).__name__, heads, 1 if head_channels is None else head_channels)
-        head_channels = head_channels or max(1, in_channels // heads)
-        super().__init__(in_channels, out_channels, edge_dim, **kwargs)
-        self.heads = heads
-        self.head_channels = head_channels
-        self.lin_query = Linear(in_channels, heads * head_channels, bias=False)
-        self.lin_key = Linear(in_channels, heads * head_channels, bias=False)
-        self.lin_value = Linear(in_channels, heads * head_channels, bias=False)
-        self.lin_out = Linear(heads * head_channels, out_channels, bias=False)
-        self.reset_parameters()
-
     def _split_heads(self, values: Tensor) -> Tensor:
         """``[S, L, H*d] -> [S, H, L, d]``."""
         return values.unflatten(-1, (self.heads, self.head_channels)).transpose(1, 2)
@@ -104,9 +125,3 @@ class ComponentAttention(GradGraphConv):
         out = self.lin_self(h) + self.group_means(h, context) + self.attend(h)
         return out + self.propagate_both(h, context) if self.edge_messages else out
 
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}, "
-            f"heads={self.heads}, head_channels={self.head_channels}, flow={self.direction!r}, "
-            f"edge_messages={self.edge_messages})"
-        )

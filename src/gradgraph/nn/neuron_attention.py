@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor
-from torch_geometric.nn import Linear
 from torch_geometric.utils import to_dense_batch
 
 from gradgraph.errors import GradGraphError
-from gradgraph.nn.component_attention import check_heads
+from gradgraph.nn.component_attention import MultiHeadConv
 from gradgraph.nn.context import GraphContext
-from gradgraph.nn.conv import GradGraphConv
 
 __all__ = ["NeuronAttention"]
 
 
-class NeuronAttention(GradGraphConv):
+class NeuronAttention(MultiHeadConv):
     r"""GradMetaNet++'s attention across the neurons of every graph (per component when there is a component axis).
 
     For neuron :math:`n` of graph :math:`G(n)` (and component :math:`i`, omitted below), with
@@ -59,27 +55,6 @@ class NeuronAttention(GradGraphConv):
         - **output:** ``[N, C']`` or ``[N, B, C']``
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        edge_dim: int,
-        *,
-        heads: int = 2,
-        head_channels: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        check_heads(type(self).__name__, heads, 1 if head_channels is None else head_channels)
-        head_channels = head_channels or max(1, in_channels // heads)
-        super().__init__(in_channels, out_channels, edge_dim, **kwargs)
-        self.heads = heads
-        self.head_channels = head_channels
-        self.lin_query = Linear(in_channels, heads * head_channels, bias=False)
-        self.lin_key = Linear(in_channels, heads * head_channels, bias=False)
-        self.lin_value = Linear(in_channels, heads * head_channels, bias=False)
-        self.lin_out = Linear(heads * head_channels, out_channels, bias=False)
-        self.reset_parameters()
-
     def attend(self, h: Tensor, context: GraphContext) -> Tensor:
         r"""The attention term alone: ``h [N, (B,) C] -> [N, (B,) C']``."""
         batch = context.node_batch
@@ -110,9 +85,3 @@ class NeuronAttention(GradGraphConv):
         out = self.lin_self(h) + self.group_means(h, context) + self.attend(h, context)
         return out + self.propagate_both(h, context) if self.edge_messages else out
 
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}, "
-            f"heads={self.heads}, head_channels={self.head_channels}, flow={self.direction!r}, "
-            f"edge_messages={self.edge_messages})"
-        )
