@@ -30,6 +30,29 @@ __all__ = ["GradMetaNet", "LayerFactory", "outputs_to_parameters"]
 LayerFactory = Callable[..., GradGraphConv]
 
 
+def component_inputs(graph: GradGraph | Batch, model: str) -> Tensor:
+    """``[N, B, 2 + F]``: ``act`` and ``grad`` of every neuron and component, then ``component_x``.
+
+    Raises:
+        GradGraphError: naming ``model`` if ``act``/``grad`` are not both ``[N, B]`` or
+            ``component_x`` is not ``[N, B, F]``.
+    """
+    if graph.act.shape != graph.grad.shape or graph.act.dim() != 2:
+        raise GradGraphError(
+            f"{model}: act and grad must both be [N, B]; got {list(graph.act.shape)} and {list(graph.grad.shape)}"
+        )
+    factors = torch.stack([graph.act, graph.grad], dim=-1)
+    extra = getattr(graph, "component_x", None)
+    if extra is not None:
+        if extra.dim() != 3 or extra.shape[:2] != graph.act.shape:
+            raise GradGraphError(
+                f"{model}: component_x must have shape [N, B, F] = [{graph.act.shape[0]}, "
+                f"{graph.act.shape[1]}, F]; got {list(extra.shape)}"
+            )
+        factors = torch.cat([factors, extra.to(factors.dtype)], dim=-1)
+    return factors
+
+
 class GradMetaNet(nn.Module):
     r"""GradMetaNet (Gelberg et al., NeurIPS 2025) on GradGraphs.
 
@@ -169,20 +192,8 @@ class GradMetaNet(nn.Module):
 
     def encode_components(self, graph: GradGraph, node_embedding: Tensor) -> Tensor:
         """``z [N, B, C_z]`` from the rank-1 factors (and ``component_x``) and the node embedding."""
-        if graph.act.shape != graph.grad.shape or graph.act.dim() != 2:
-            raise GradGraphError(
-                f"GradMetaNet: act and grad must both be [N, B]; got {list(graph.act.shape)} and {list(graph.grad.shape)}"
-            )
-        factors = torch.stack([graph.act, graph.grad], dim=-1)
-        extra = getattr(graph, "component_x", None)
-        if extra is not None:
-            if extra.dim() != 3 or extra.shape[:2] != graph.act.shape:
-                raise GradGraphError(
-                    f"GradMetaNet: component_x must have shape [N, B, F] = [{graph.act.shape[0]}, "
-                    f"{graph.act.shape[1]}, F]; got {list(extra.shape)}"
-                )
-            factors = torch.cat([factors, extra.to(factors.dtype)], dim=-1)
-        return self.factor_encoder(factors) + self.node_to_component(node_embedding)[:, None, :]
+        return self.factor_encoder(component_inputs(graph, "GradMetaNet")) \
+            + self.node_to_component(node_embedding)[:, None, :]
 
     def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:
         """Run the model on a graph or a batch; see the class docstring for the stages."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import Linear
@@ -16,7 +15,7 @@ from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import FLOWS
 from gradgraph.nn.edge_encoding import EdgeKindEncoding
 from gradgraph.nn.encoding import PositionalEncoding
-from gradgraph.nn.gradmetanet import LayerFactory
+from gradgraph.nn.gradmetanet import LayerFactory, component_inputs
 from gradgraph.nn.neuron_attention import NeuronAttention
 from gradgraph.nn.output import GradMetaNetOutput
 from gradgraph.nn.readout import InvariantReadout
@@ -153,23 +152,10 @@ class GradMetaNetPlusPlus(nn.Module):
 
     def encode(self, graph: GradGraph | Batch) -> tuple[Tensor, GraphContext]:
         """``z [N, B, C]`` from the factors, ``component_x``, node features and positions; and the context."""
-        if graph.act.dim() != 2 or graph.act.shape != graph.grad.shape:
-            raise GradGraphError(
-                f"GradMetaNetPlusPlus: act and grad must both be [N, B]; got {list(graph.act.shape)} and "
-                f"{list(graph.grad.shape)}"
-            )
+        factors = component_inputs(graph, "GradMetaNetPlusPlus")
         edge_features = self.edge_encoder(graph.edge_attr) + self.edge_kind_encoding(graph)
         context = GraphContext.from_graph(graph, edge_features)
         node_embedding = self.node_encoder(graph.x) + self.positional_encoding(graph)
-        factors = torch.stack([graph.act, graph.grad], dim=-1)
-        extra = getattr(graph, "component_x", None)
-        if extra is not None:
-            if extra.dim() != 3 or extra.shape[:2] != graph.act.shape:
-                raise GradGraphError(
-                    f"GradMetaNetPlusPlus: component_x must have shape [N, B, F] = [{graph.act.shape[0]}, "
-                    f"{graph.act.shape[1]}, F]; got {list(extra.shape)}"
-                )
-            factors = torch.cat([factors, extra.to(factors.dtype)], dim=-1)
         return self.factor_encoder(factors) + node_embedding[:, None, :], context
 
     def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:
