@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 __all__ = ["main", "run_demo"]
 
@@ -159,9 +160,31 @@ def _curvature_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pathlib import Path
+def add_experiment_flags(parser: argparse.ArgumentParser, *, item: str, models: Sequence[str], output_dir: Path,
+                         outputs: str, cache: str) -> None:
+    """The flags every training experiment takes: schedule, models, device, where outputs and cache go.
 
+    Args:
+        item: what one training item is (``"networks"``), for the batch-size help.
+        models: the experiment's model names (``--models`` choices).
+        output_dir: default of ``--output-dir``; ``outputs``: what is written there.
+        cache: what ``--cache-dir`` holds.
+    """
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs per model and seed")
+    parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"{item} per step")
+    parser.add_argument("--models", nargs="+", choices=list(models), default=None, help="models to run")
+    parser.add_argument("--output-dir", type=Path, default=output_dir, help=f"{outputs} go here")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"{cache} (default $GRADGRAPH_CACHE or .gradgraph-cache)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="cpu (default), cuda, or auto (cuda when available); under torchrun rank r of a machine "
+                             "uses cuda:LOCAL_RANK")
+
+
+def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
     from gradgraph.tasks.curvature import MODEL_NAMES
 
     parser = subparsers.add_parser(
@@ -172,18 +195,8 @@ def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="default: 2000 nets, 15 epochs, 1 seed, 3 models, about 5 min on 2 CPU cores from a fresh cache; "
                         "paper: 3000 nets, 100 epochs, 5 seeds")
     parser.add_argument("--nets", type=int, default=None, help="zoo size (splits keep the preset's proportions)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs per model and seed")
-    parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=None, help="networks per step")
-    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None, help="models to run")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/curvature"), help="results.json and plot go here")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="dataset cache root (default $GRADGRAPH_CACHE or .gradgraph-cache)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
-                        help="cpu (default), cuda, or auto (cuda when available); under torchrun rank r of a machine "
-                             "uses cuda:LOCAL_RANK")
+    add_experiment_flags(parser, item="networks", models=MODEL_NAMES, output_dir=Path("runs/curvature"),
+                         outputs="results.json and plot", cache="dataset cache root")
     parser.add_argument("--dist-timeout", type=float, default=None,
                         help="seconds a rank waits for the others under torchrun before the job fails "
                              "(default $GRADGRAPH_DIST_TIMEOUT or 300)")
@@ -239,8 +252,6 @@ def _inr_edit_command(args: argparse.Namespace) -> int:
 
 
 def add_inr_edit_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pathlib import Path
-
     from gradgraph.tasks.inr_editing.models import MODEL_NAMES
 
     parser = subparsers.add_parser(
@@ -250,18 +261,8 @@ def add_inr_edit_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", choices=["default", "paper", "tiny"], default="default",
                         help="default: 1797 INRs, small models, 4 epochs, 3 seeds, about 7.5 min on 2 CPU cores from a "
                         "fresh cache; paper: full-size models, 100 epochs, 5 seeds")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs per model and seed")
-    parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=None, help="INRs per step")
-    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None, help="models to run")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
-                        help="where to train (default cpu; auto = CUDA when available; torchrun: one GPU per rank)")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/inr-edit"),
-                        help="results.json, inr_edits.png and inr_learning_curves.png go here")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="INR zoo cache root (default $GRADGRAPH_CACHE or .gradgraph-cache)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_experiment_flags(parser, item="INRs", models=MODEL_NAMES, output_dir=Path("runs/inr-edit"),
+                         outputs="results.json, inr_edits.png and inr_learning_curves.png", cache="INR zoo cache root")
     parser.set_defaults(func=_inr_edit_command)
 
 
