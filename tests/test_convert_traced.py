@@ -472,7 +472,7 @@ def test_the_trace_reproduces_the_stock_encoder_layout(norm_first):
                           graph.edge_param_pos.tolist()))
 
     assert edges(traced) == edges(stock)
-    for key in ("node_kind", "perm_group", "perm_block", "perm_tie", "position", "x", "act", "grad"):
+    for key in ("layer", "node_kind", "perm_group", "perm_block", "perm_tie", "position", "x", "act", "grad"):
         torch.testing.assert_close(traced[key], stock[key], atol=1e-12, rtol=0, msg=key)
 
 

@@ -5,7 +5,8 @@ pass, and then lays the graph out:
 
 * **nodes** — the neuron sets in the order the forward created them (the input first),
   each split where an attention op gave its neurons different roles (a fused ``qkv``
-  output becomes query, key and value sets). ``layer`` is the set's index in that order,
+  output becomes query, key and value sets). ``layer`` is the set's depth (the longest path
+  from the input, as in the MLP and stock attention layouts),
   ``position`` the neuron's rank in its permutation orbit (its index in the set for
   sets that are not tied to others).
 * **components** — ``B = b * K`` where ``K`` counts the position keys the trace used
@@ -552,7 +553,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
 
     structure = {
         "edge_index": edge_index,
-        "layer": set_of_node.clone(),
+        "layer": _depths(edge_index, edge_kind, set_of_node, len(pieces)),
         "node_kind": node_kind,
         "edge_kind": edge_kind,
         "activation": activation,
@@ -607,6 +608,29 @@ def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_
         param_shapes=[list(shape) for shape in plan.param_shapes],
         num_nodes=plan.num_nodes,
     )
+
+
+#: relations between neurons of one step (a head's query and key dims, the two factors of a
+#: gate): they do not make one neuron deeper than the other
+_SAME_DEPTH_EDGES = (int(EdgeKind.QUERY_KEY), int(EdgeKind.GATE))
+
+
+def _depths(edge_index: Tensor, edge_kind: Tensor, set_of_node: Tensor, num_sets: int) -> Tensor:
+    """``[N]`` depth of every node: the longest path from an input over the edges, by neuron set.
+
+    The MLP chain's layer index and the stock attention layout's depth (query, key and value
+    one step after the stream they read, merged heads one after them) are both this number.
+    """
+    keep = ~torch.isin(edge_kind, torch.tensor(_SAME_DEPTH_EDGES))
+    pairs = torch.unique(set_of_node[edge_index[:, keep]], dim=1)
+    pairs = pairs[:, pairs[0] != pairs[1]]
+    depth = torch.zeros(num_sets, dtype=torch.long)
+    for _ in range(num_sets):  # relaxation: at most one round per set on a longest path
+        deeper = depth.scatter_reduce(0, pairs[1], depth[pairs[0]] + 1, reduce="amax")
+        if torch.equal(deeper, depth):
+            return depth[set_of_node]
+        depth = deeper
+    raise GradGraphError("internal: the traced neuron sets form a cycle")
 
 
 def _flat_ranks(nodes: Tensor, slots: Tensor, set_of_node: Tensor) -> Tensor | None:

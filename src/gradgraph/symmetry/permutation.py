@@ -190,12 +190,22 @@ def perm_structure(graph: GradGraph) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _tied_table(nodes: Tensor, kinds: Tensor, position: Tensor, where: str) -> Tensor:
-    """``[K, n]``: the nodes of one (block, tie), one row per kind (per neuron set: kind and
-    layer), each row sorted by position."""
+    """``[K, n]``: the nodes of one (block, tie), one row per neuron set, each row sorted by position.
+
+    Nodes of one kind (``kinds`` is kind and layer) are one row, or several tied sets of that
+    kind and depth (the two inputs of a gated unit): each set is a run of consecutive node
+    indices holding every position once, so they split into runs of ``n`` in index order.
+    """
     rows = []
     for kind in torch.unique(kinds).tolist():
-        members = nodes[kinds == kind]
-        rows.append(members[torch.argsort(position[members])])
+        members = torch.sort(nodes[kinds == kind]).values
+        width = len(torch.unique(position[members]))
+        if len(members) % width:
+            raise GradGraphError(f"random_node_permutation: {where} ties sets whose positions do not match")
+        for run in members.reshape(-1, width):
+            if len(torch.unique(position[run])) != width:
+                raise GradGraphError(f"random_node_permutation: {where} ties sets whose positions do not match")
+            rows.append(run[torch.argsort(position[run])])
     if len({len(row) for row in rows}) != 1:
         raise GradGraphError(f"random_node_permutation: {where} ties kinds with different numbers of nodes")
     return torch.stack(rows)
@@ -218,13 +228,14 @@ def random_node_permutation(graph: GradGraph, generator: torch.Generator | None 
     key = group if batch is None else batch * (int(group.max()) + 2) + group + 1
     key = torch.where(group >= 0, key, torch.full_like(key, -1))
     # a row of a tie is one neuron set: nodes of one kind and one layer (a traced residual
-    # stream ties several sets of one kind)
+    # stream ties several sets of one kind; _tied_table splits sets of one kind and depth)
     kinds = graph.node_kind * (int(graph.layer.max()) + 1 if graph.num_nodes else 1) + graph.layer
     node_perm = torch.arange(graph.num_nodes)
     for value in torch.unique(key[key >= 0]).tolist():
         nodes = torch.nonzero(key == value).flatten()
         blocks = torch.unique(block[nodes]).tolist()
-        if len(blocks) == 1 and len(torch.unique(tie[nodes])) == 1 and len(torch.unique(kinds[nodes])) == 1:
+        one_set = len(torch.unique(kinds[nodes])) == 1 and len(torch.unique(graph.position[nodes])) == len(nodes)
+        if len(blocks) == 1 and len(torch.unique(tie[nodes])) == 1 and one_set:
             # One flat set of interchangeable neurons (an MLP layer, FFN hidden neurons).
             node_perm[nodes] = nodes[torch.randperm(len(nodes), generator=generator)]
             continue
