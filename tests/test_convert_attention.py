@@ -536,9 +536,10 @@ def test_dropout_in_eval_mode_is_accepted_and_bad_inputs_raise():
     inputs = torch.randn(2, 3, 4, dtype=torch.float64)
     loss = lambda out, _: out.pow(2).sum((1, 2))  # noqa: E731
     assert gradgraph.to_graph(model, inputs, None, loss).num_components == 6
-    with pytest.raises(GradGraphError, match=r"shape \[b, T, d\].*got \[2, 4\]"):
+    # the model's own shape errors come back naming the input shape and the failing module
+    with pytest.raises(GradGraphError, match=r"TransformerEncoderLayer failed on inputs of shape \[2, 4\]"):
         gradgraph.to_graph(model, torch.randn(2, 4, dtype=torch.float64), None, loss)
-    with pytest.raises(GradGraphError, match="must have 4 features.*got shape \\[2, 3, 5\\]"):
+    with pytest.raises(GradGraphError, match=r"inputs of shape \[2, 3, 5\].*RuntimeError"):
         gradgraph.to_graph(model, torch.randn(2, 3, 5, dtype=torch.float64), None, loss)
     with pytest.raises(GradGraphError, match="dtype"):
         gradgraph.to_graph(model, inputs.float(), None, loss)

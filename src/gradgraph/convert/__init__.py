@@ -9,7 +9,7 @@ from gradgraph.convert.mlp import (  # registers the MLP converter
     convert_mlp,
     mlp_layers,
 )
-# registered after the MLP converter, so it is asked first
+# stock attention modules convert through the trace; this module holds what it runs for them
 from gradgraph.convert.attention import (
     TransformerStructure,
     convert_attention,
@@ -17,7 +17,7 @@ from gradgraph.convert.attention import (
     transformer_structure,
 )
 
-# asked last: reads any forward the fast paths above do not handle
+# asked last: reads any forward the MLP chain fast path does not handle
 _set_fallback(convert_traced)
 
 __all__ = [

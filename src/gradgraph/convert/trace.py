@@ -58,6 +58,7 @@ losing ``F.linear`` / ``F.layer_norm`` as units.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -413,10 +414,11 @@ class _OpLog:
 class _Tracer(TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, num_datapoints: int) -> None:
+    def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
         super().__init__()
         self.model = model
         self.num_datapoints = num_datapoints
+        self.datapoint_dim = datapoint_dim
         self.metas: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (tensor, meta); keeps tensors alive
         self.sets: list[NeuronSet] = []
         self.edges: list[tuple[Tensor, Tensor, EdgeKind, int, Tensor | None, Tensor | None]] = []
@@ -538,18 +540,28 @@ class _Tracer(TorchFunctionMode):
         self.log = _OpLog(tensor, self._param_name)
         self.set_meta(tensor, _Raw(torch.arange(tensor.numel()).reshape(tensor.shape)))
 
+    def _datapoint_of(self, element: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(datapoint, within, per_datapoint)`` of flat input elements: the datapoint axis's
+        index and the element's rank among its datapoint's elements (the other axes in order)."""
+        shape = self.input_tensor.shape
+        if not shape:
+            return torch.zeros_like(element), element, 1
+        axis = self.datapoint_dim
+        inner = math.prod(shape[axis + 1:])
+        datapoint = (element // inner) % shape[axis]
+        within = (element // (inner * shape[axis])) * inner + element % inner
+        return datapoint, within, math.prod(shape) // max(shape[axis], 1)
+
     def neurons_from_raw(self, tensor: Tensor, meta: _Raw, what: str) -> _Neurons:
         """Fix the layout of the input: the last axis of ``tensor`` holds features (or ids)."""
         element = meta.element
-        per_datapoint = self.input_tensor[0].numel() if self.input_tensor.dim() else 1
-        datapoint = element // max(per_datapoint, 1)
+        datapoint, within, per_datapoint = self._datapoint_of(element)
         if tensor.dim() < 1:
             raise self.unsupported(what, "the input must have a datapoint axis")
         integer = not tensor.is_floating_point()
         if self.input_comps is None:
             self.input_nodes = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
             self.input_comps = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
-        within = element % max(per_datapoint, 1)
         if integer:  # token ids: every element is one position
             comps = self._assign_comps(element, datapoint, within)
             return _Neurons(_ids_like(tensor), comps, {})
@@ -803,7 +815,9 @@ class _Tracer(TorchFunctionMode):
         if not bound:
             raise self.unsupported(name, "no part of this concatenation depends on the input")
         axis = dim % output.dim()
-        if axis == output.dim() - 1 or axis == 0:
+        datapoint_axes = [a for a in range(output.dim()) if _varies_along(bound[0].comps // KEY_STRIDE, a)]
+        datapoint_axis = datapoint_axes[0] if len(datapoint_axes) == 1 else 0
+        if axis == output.dim() - 1 or axis == datapoint_axis:
             raise self.unsupported(name, "a parameter concatenated along the feature or datapoint axis")
         width = output.shape[-1]
         merged = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
@@ -824,8 +838,9 @@ class _Tracer(TorchFunctionMode):
                 shape = [1] * part.dim()
                 shape[axis] = count
                 datapoint_shape = [1] * part.dim()
-                datapoint_shape[0] = part.shape[0]
-                comps = (torch.arange(part.shape[0]).reshape(datapoint_shape) * KEY_STRIDE + keys.reshape(shape))
+                datapoint_shape[datapoint_axis] = part.shape[datapoint_axis]
+                comps = (torch.arange(part.shape[datapoint_axis]).reshape(datapoint_shape) * KEY_STRIDE
+                         + keys.reshape(shape))
                 comps = _broadcast(comps, part.shape).clone()
                 self.edges.append((token.first + torch.arange(width), merged_nodes, EdgeKind.MERGE, -1, None, None))
                 self.ties.append((token.first + torch.arange(width), merged_nodes))
@@ -1581,20 +1596,47 @@ class _ModuleTracker:
         self.tracer.module_types.clear()
 
 
-def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any]) -> tuple[_Tracer, Any, Tensor]:
+def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any],
+                datapoint_dim: int = 0) -> tuple[_Tracer, Any, Tensor]:
     """Run ``forward(x)`` under the tracer; returns ``(tracer, output, x)``.
 
-    ``x`` is the input as the model saw it (a leaf that requires grad for float inputs).
+    ``x`` is the input as the model saw it (a leaf that requires grad for float inputs);
+    ``inputs.shape[datapoint_dim]`` counts the datapoints.
     """
     if any(p.device.type == "meta" for p in model.parameters()):
         raise GradGraphError("the model's parameters are on the 'meta' device (no values); load or materialise "
                              "its weights (e.g. model.to_empty(device='cpu') and load a state dict) first")
-    tracer = _Tracer(model, inputs.shape[0] if inputs.dim() else 1)
+    tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     tracer.bind_input(x)
     with torch.enable_grad(), _ModuleTracker(tracer), tracer:
-        output = forward(x)
+        output = _run_forward(model, forward, x)
     return tracer, output, x
+
+
+def _user_frame(traceback: Any) -> str:
+    """``file:line in Class.forward`` of the innermost frame of the user's code in a traceback."""
+    found = "<unknown location>"
+    while traceback is not None:
+        code = traceback.tb_frame.f_code
+        filename = os.path.abspath(code.co_filename)
+        if not filename.startswith(_TORCH_DIR) and not filename.startswith(_GRADGRAPH_DIR):
+            found = f"{os.path.basename(filename)}:{traceback.tb_lineno} in {getattr(code, 'co_qualname', code.co_name)}"
+        traceback = traceback.tb_next
+    return found
+
+
+def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """``forward(x)``; torch's own errors from the model's code become a GradGraphError that
+    names the input and the line of the forward that failed."""
+    try:
+        return forward(x)
+    except (RuntimeError, IndexError, ValueError) as error:
+        if isinstance(error, GradGraphError):
+            raise
+        raise GradGraphError(
+            f"{_user_frame(error.__traceback__)}: {type(model).__name__} failed on inputs of shape "
+            f"{list(x.shape)} ({x.dtype}): {type(error).__name__}: {error}") from error
 
 
 class PlanMismatch(Exception):
@@ -1641,7 +1683,7 @@ def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], A
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     replayer.log = _OpLog(x, {id(p): name for name, p in model.named_parameters()})
     with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer:
-        output = forward(x)
+        output = _run_forward(model, forward, x)
     if replayer.log.count != len(fingerprints):
         raise PlanMismatch(replayer.log.count)
     return replayer, output, x

@@ -52,7 +52,7 @@ from gradgraph.convert.trace import (
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 
-__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_traced"]
+__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_traced", "default_datapoint_dim"]
 
 
 def convert_traced(
@@ -62,6 +62,7 @@ def convert_traced(
     targets: Any = None,
     loss_fn: LossFn | None = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    datapoint_dim: int | None = None,
 ) -> GradGraph:
     """Convert any model whose forward gradgraph can follow; see :func:`gradgraph.to_graph`.
 
@@ -69,19 +70,36 @@ def convert_traced(
         model: the network (``model.eval()`` for dropout; batch norm in eval mode).
         inputs: ``[b, ...]``: features last for float inputs (``[b, d]``, ``[b, T, d]``,
             images flattened by the model), token ids ``[b, T]`` for models starting with
-            an embedding.
+            an embedding; sequence-first ``[T, b, d]`` with ``datapoint_dim=1``.
         targets, loss_fn, forward_kwargs: as for :func:`gradgraph.to_graph`; ``loss_fn``
             receives the model's output as the model returns it (a tensor, a tuple, a
             ``transformers`` ``ModelOutput``) and returns ``[b]``.
+        datapoint_dim: the axis of ``inputs`` that counts datapoints. ``None``: 1 if the
+            model's ``nn.MultiheadAttention`` modules are all sequence-first
+            (``batch_first=False``, torch's default), else 0.
 
     Returns:
         A :class:`~gradgraph.GradGraph` with ``B = b * K`` components.
     """
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise GradGraphError(f"inputs must be a batch [b, ...] with b > 0, got shape {list(inputs.shape)}")
+    if datapoint_dim is None:
+        datapoint_dim = default_datapoint_dim(model)
+    if inputs.dim() == 0 or not -inputs.dim() <= datapoint_dim < inputs.dim() or inputs.shape[datapoint_dim] == 0:
+        raise GradGraphError(f"inputs must be a batch with b > 0 datapoints on axis {datapoint_dim}, got shape "
+                             f"{list(inputs.shape)}")
+    datapoint_dim %= inputs.dim()
+    if inputs.is_floating_point() and inputs.dim() > 1 and datapoint_dim == inputs.dim() - 1:
+        raise GradGraphError(f"inputs {list(inputs.shape)}: the datapoint axis {datapoint_dim} is the feature axis; "
+                             "features must be the last axis")
+    param_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if inputs.is_floating_point() and param_dtypes and inputs.dtype not in param_dtypes:
+        raise GradGraphError(f"inputs {list(inputs.shape)} are {inputs.dtype} but {type(model).__name__}'s parameters "
+                             f"are {sorted(str(dtype) for dtype in param_dtypes)}: convert one to the other's dtype")
     kwargs = dict(forward_kwargs or {})
+
     def forward(x: Tensor) -> Any:
         try:
+            if isinstance(model, nn.MultiheadAttention):  # a bare module: its output, not (output, weights)
+                return model(x, **kwargs)[0]
             return model(x, **kwargs)
         except TypeError as error:
             if "argument" not in str(error):
@@ -90,9 +108,9 @@ def convert_traced(
                 f"to_graph: calling {type(model).__name__}(inputs, **forward_kwargs) failed: {error}. Pass the "
                 "model's other arguments through forward_kwargs") from error
 
-    num_datapoints = inputs.shape[0]
+    num_datapoints = inputs.shape[datapoint_dim]
     dtype = inputs.dtype if inputs.is_floating_point() else next(model.parameters()).dtype
-    key = _plan_key(model, inputs, kwargs)
+    key = (_plan_key(model, inputs, kwargs), datapoint_dim)
     plan = PLAN_CACHE.get(key)
     if plan is not None:
         try:
@@ -103,7 +121,7 @@ def convert_traced(
             objective = _objective(output, targets, loss_fn, num_datapoints)
             act, grad = _fill(plan, x, replayer.captured, objective, model, num_datapoints, dtype, x.device)
             return _assemble(plan, model, act, grad, num_datapoints)
-    tracer, output, x = trace_model(model, inputs, forward)
+    tracer, output, x = trace_model(model, inputs, forward, datapoint_dim)
     if not tracer.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
     objective = _objective(output, targets, loss_fn, num_datapoints)
@@ -112,6 +130,12 @@ def convert_traced(
                       tracer.params[0].device)
     PLAN_CACHE.put(key, plan)
     return _assemble(plan, model, act, grad, num_datapoints)
+
+
+def default_datapoint_dim(model: nn.Module) -> int:
+    """1 for a model whose self-attention modules are all sequence-first (``[T, b, d]``), else 0."""
+    attentions = [module for module in model.modules() if isinstance(module, nn.MultiheadAttention)]
+    return 1 if attentions and not any(module.batch_first for module in attentions) else 0
 
 
 def _objective(output: Any, targets: Any, loss_fn: LossFn | None, num_datapoints: int) -> Tensor:
@@ -606,7 +630,6 @@ def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_
         num_datapoints=num_datapoints,
         param_names=list(plan.param_names),
         param_shapes=[list(shape) for shape in plan.param_shapes],
-        num_nodes=plan.num_nodes,
     )
 
 
