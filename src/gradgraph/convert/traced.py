@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -260,14 +260,30 @@ class TracePlan:
     grad: list[_Record]
     onehot: list[_OnehotRecord]
     structure: dict[str, Any]
-    weights: list[tuple[str, Tensor, Tensor]]  # (param name, edge rows, flat positions)
-    biases: list[tuple[str, Tensor, Tensor]]  # (param name, node rows, flat positions)
+    weights: list[_SlotCopy]  # parameter values -> edge rows
+    biases: list[_SlotCopy]  # parameter values -> node rows
     param_names: list[str]
     param_shapes: list[list[int]]
     num_nodes: int
     num_edges: int
     num_keys: int
     set_names: list[tuple[int, int, str]]  # (first node, size, origin) for messages
+
+    _on_device: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def structure_on(self, device: torch.device) -> dict[str, Tensor]:
+        """The shared structure tensors on ``device`` (moved once per device, then reused)."""
+        key = ("structure", str(device))
+        if key not in self._on_device:
+            self._on_device[key] = {name: value.to(device) for name, value in self.structure.items()}
+        return self._on_device[key]
+
+    def component_sample(self, num_datapoints: int, device: torch.device) -> Tensor:
+        """``[b * K]``: the datapoint of every component."""
+        key = ("component_sample", num_datapoints, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = torch.arange(num_datapoints, device=device).repeat_interleave(self.num_keys)
+        return self._on_device[key]
 
     @property
     def wanted(self) -> set[int]:
@@ -596,9 +612,9 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         grad=grads,
         onehot=onehots,
         structure=structure,
-        weights=[(tracer.param_names[param], torch.cat(rows), torch.cat(places))
+        weights=[_slot_copy(tracer.param_names[param], torch.cat(rows), torch.cat(places))
                  for param, (rows, places) in weights.items()],
-        biases=biases,
+        biases=[_slot_copy(name, rows, places) for name, rows, places in biases],
         param_names=list(tracer.param_names),
         param_shapes=[list(shape) for shape in tracer.param_shapes],
         num_nodes=num_nodes,
@@ -608,25 +624,48 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
     )
 
 
+@dataclass
+class _SlotCopy:
+    """Where one parameter's values go in ``edge_attr`` (or the bias vector): ``rows`` (a slice
+    when they are consecutive) take ``flat[places]`` (``places is None``: the whole parameter
+    in order, as for every ``nn.Linear`` weight)."""
+
+    name: str
+    rows: slice | Tensor
+    places: Tensor | None
+
+    def write(self, target: Tensor, flat: Tensor) -> None:
+        values = flat if self.places is None else flat[self.places.to(flat.device)]
+        rows = self.rows if isinstance(self.rows, slice) else self.rows.to(target.device)
+        target[rows] = values.to(target.dtype)
+
+
+def _slot_copy(name: str, rows: Tensor, places: Tensor) -> _SlotCopy:
+    consecutive = len(rows) > 0 and bool((rows == rows[0] + torch.arange(len(rows))).all())
+    in_order = bool((places == torch.arange(len(places))).all())
+    return _SlotCopy(name, slice(int(rows[0]), int(rows[0]) + len(rows)) if consecutive else rows,
+                     None if in_order else places)
+
+
 def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_datapoints: int) -> GradGraph:
     """A GradGraph from a plan's shared structure, the model's values and fresh factors."""
     device, dtype = act.device, act.dtype
     named = dict(model.named_parameters())
     flat = {name: named[name].detach().reshape(-1) for name in plan.param_names}
     edge_attr = torch.ones(plan.num_edges, dtype=dtype, device=device)
-    for name, rows, places in plan.weights:
-        edge_attr[rows.to(device)] = flat[name][places.to(device)].to(dtype)
+    for slot in plan.weights:
+        slot.write(edge_attr, flat[slot.name])
     bias = torch.zeros(plan.num_nodes, dtype=dtype, device=device)
-    for name, rows, places in plan.biases:
-        bias[rows.to(device)] = flat[name][places.to(device)].to(dtype)
-    structure = {key: value.to(device) for key, value in plan.structure.items()}
+    for slot in plan.biases:
+        slot.write(bias, flat[slot.name])
+    structure = plan.structure_on(device)
     return GradGraph(
         x=bias[:, None],
         edge_attr=edge_attr[:, None],
         act=act,
         grad=grad,
         **structure,
-        component_sample=torch.arange(num_datapoints, device=device).repeat_interleave(plan.num_keys),
+        component_sample=plan.component_sample(num_datapoints, device),
         num_datapoints=num_datapoints,
         param_names=list(plan.param_names),
         param_shapes=[list(shape) for shape in plan.param_shapes],
