@@ -626,25 +626,27 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
 
 @dataclass
 class _SlotCopy:
-    """Where one parameter's values go in ``edge_attr`` (or the bias vector): ``rows`` (a slice
-    when they are consecutive) take ``flat[places]`` (``places is None``: the whole parameter
-    in order, as for every ``nn.Linear`` weight)."""
+    """Where one parameter's values go in ``edge_attr`` (or the bias vector): ``rows`` take
+    ``flat[places]``; either is a slice when consecutive (every ``nn.Linear`` weight is both)."""
 
     name: str
     rows: slice | Tensor
-    places: Tensor | None
+    places: slice | Tensor
 
     def write(self, target: Tensor, flat: Tensor) -> None:
-        values = flat if self.places is None else flat[self.places.to(flat.device)]
+        places = self.places if isinstance(self.places, slice) else self.places.to(flat.device)
         rows = self.rows if isinstance(self.rows, slice) else self.rows.to(target.device)
-        target[rows] = values.to(target.dtype)
+        target[rows] = flat[places].to(target.dtype)
+
+
+def _as_slice(index: Tensor) -> slice | Tensor:
+    if len(index) and bool((index == index[0] + torch.arange(len(index))).all()):
+        return slice(int(index[0]), int(index[0]) + len(index))
+    return index
 
 
 def _slot_copy(name: str, rows: Tensor, places: Tensor) -> _SlotCopy:
-    consecutive = len(rows) > 0 and bool((rows == rows[0] + torch.arange(len(rows))).all())
-    in_order = bool((places == torch.arange(len(places))).all())
-    return _SlotCopy(name, slice(int(rows[0]), int(rows[0]) + len(rows)) if consecutive else rows,
-                     None if in_order else places)
+    return _SlotCopy(name, _as_slice(rows), _as_slice(places))
 
 
 def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_datapoints: int) -> GradGraph:
