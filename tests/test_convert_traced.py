@@ -511,3 +511,45 @@ def test_transformers_bert_model_with_a_padding_row_converts_exactly():
     graph = assert_exact_per_sample_grads(model, ids, None, loss_fn)
     assert int((graph.node_kind == NodeKind.TOKEN).sum()) == 20 + 16 + 2
     check_group(model, ids, None, loss_fn)
+
+
+# ------------------------------------------------------------------ one closure call
+@pytest.mark.parametrize("case", ["gpt", "bert"])
+def test_convert_closure_equals_to_graph_and_calls_the_closure_once(case):
+    if case == "gpt":
+        model, inputs, targets, loss_fn = gpt_case()
+        kwargs = {}
+    else:
+        model, inputs, targets, loss_fn, kwargs = bert_case()
+    batches = iter([(inputs, targets)])  # the batch is drawn inside the closure, as in a training loop
+    calls = []
+
+    def closure():
+        calls.append(1)
+        x, y = next(batches)
+        return loss_fn(model(x, **kwargs), y)
+
+    for _ in range(2):  # a fresh trace, then a replay of the cached plan
+        graph, losses = gradgraph.convert_closure(model, closure)
+        assert len(calls) == 1 and not losses.requires_grad
+        reference = gradgraph.to_graph(model, inputs, targets, loss_fn, forward_kwargs=kwargs)
+        assert_same_graph(graph, reference, atol=1e-12)
+        torch.testing.assert_close(losses, loss_fn(model(inputs, **kwargs), targets), atol=1e-12, rtol=0)
+        assert "forward" not in vars(model)
+        batches, calls = iter([(inputs, targets)]), []
+
+
+def test_convert_closure_errors_name_what_the_closure_did_wrong():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(DTYPE)
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    with pytest.raises(GradGraphError, match="never called Sequential"):
+        gradgraph.convert_closure(model, lambda: torch.zeros(5))
+    with pytest.raises(GradGraphError, match="called Sequential twice"):
+        gradgraph.convert_closure(model, lambda: model(inputs).sum(1) + model(inputs).sum(1))
+    with pytest.raises(GradGraphError, match=r"shape \[5\].*returned \[\]"):
+        gradgraph.convert_closure(model, lambda: model(inputs).sum())
+    with pytest.raises(GradGraphError, match="input tensor as its first argument"):
+        gradgraph.convert_closure(model, lambda: model(input=inputs).sum(1))
+    assert "forward" not in vars(model)  # restored after every failure
+    graph, _ = gradgraph.convert_closure(model, lambda: model(inputs).pow(2).sum(1))
+    assert graph.num_components == 5

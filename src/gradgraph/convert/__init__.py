@@ -2,7 +2,7 @@
 
 from gradgraph.convert.registry import Converter, _set_fallback, register_converter, registered_converters, to_graph
 from gradgraph.convert.trace import UnsupportedOperationError, register_elementwise
-from gradgraph.convert.traced import convert_traced
+from gradgraph.convert.traced import convert_closure, convert_traced
 from gradgraph.convert.mlp import (  # registers the MLP converter
     DenseLayer,
     clear_structure_cache,
@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedOperationError",
     "clear_structure_cache",
     "convert_attention",
+    "convert_closure",
     "convert_traced",
     "convert_mlp",
     "mlp_layers",
