@@ -382,7 +382,7 @@ class ExpLinear(nn.Module):
 
 
 def test_register_elementwise_makes_a_custom_module_one_op():
-    from gradgraph.convert.trace import _ELEMENTWISE_MODULES
+    from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES
 
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(3, 5), ExpLinear(), nn.Linear(5, 2)).to(DTYPE)

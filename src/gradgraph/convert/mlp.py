@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from gradgraph.capture import LossFn, capture, check_finite
-from gradgraph.convert.registry import _register_builtin, register_converter
+from gradgraph.convert.registry import _register_builtin
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 from gradgraph.modules import Sine

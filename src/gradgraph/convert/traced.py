@@ -44,11 +44,12 @@ from gradgraph.convert.trace import (
     NeuronSet,
     PlanMismatch,
     UnsupportedOperationError,
-    _Tracer,
     output_sets,
     replay_model,
     trace_model,
 )
+from gradgraph.convert.trace.ops import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES
+from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 
@@ -252,8 +253,6 @@ def _signature(value: Any) -> Any:
 
 def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any]) -> tuple:
     """What a plan depends on besides the op fingerprints a replay checks."""
-    from gradgraph.convert.trace import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES
-
     return (
         type(model),
         tuple((name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad) for name, p in model.named_parameters()),

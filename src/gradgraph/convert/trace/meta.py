@@ -1,0 +1,191 @@
+"""What the trace attaches to tensors: neuron and component ids, parameter views, the op log."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from gradgraph.errors import UnsupportedModuleError
+from gradgraph.graph import ActivationKind, NodeKind
+
+
+#: ``comps = datapoint * KEY_STRIDE + key``: room for this many position keys per datapoint.
+KEY_STRIDE = 1 << 24
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+#: gradgraph's own source directory: frames in it are never "the user's line"
+_GRADGRAPH_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class UnsupportedOperationError(UnsupportedModuleError):
+    """An op inside a model's forward that the traced converter cannot follow.
+
+    Attributes:
+        location: ``file:line in Class.forward`` of the user's code that called the op.
+        op: the op's name (``torch.fft.rfft``).
+    """
+
+    def __init__(self, path: str, op: str, location: str, reason: str, module_type: str | None = None) -> None:
+        self.location = location
+        self.op = op
+        UnsupportedModuleError.__init__(self, path, module_type or op, reason)
+        where = f" (module '{path}' of type {module_type})" if path and module_type else (
+            f" (module '{path}')" if path else "")
+        self.args = (f"{location}{where}: {op}: {reason}",)
+
+
+
+# ----------------------------------------------------------------------- metadata
+@dataclass
+class _Neurons:
+    """Ids of a tensor that holds neuron values (full shape, int64, on the CPU)."""
+
+    nodes: Tensor  # node id per element, -1 = no neuron (a statistic)
+    comps: Tensor | None  # component per element; None = not bound to datapoints yet
+    versions: dict[int, int]  # neuron set -> version of its values held here
+    unbound_index: Tensor | None = None  # for unbound embedding outputs: table row per element
+
+
+@dataclass
+class _Raw:
+    """A tensor derived from the model input before any affine map fixed its layout."""
+
+    element: Tensor  # flat input element index per element
+
+
+@dataclass
+class _Param:
+    """A parameter or a view of one."""
+
+    index: int  # into TraceResult.param_names
+    pos: Tensor  # flat position in the parameter per element
+
+
+@dataclass
+class _Scores:
+    """Attention scores (or weights) of ``q @ kᵀ``: rows are queries, columns keys."""
+
+    query: _Neurons
+    key: _Neurons
+    batch_shape: tuple[int, ...]
+
+
+@dataclass
+class _Opaque:
+    """Values gradgraph cannot follow (fine after the last parameterised op)."""
+
+    op: str
+    location: str
+    path: str
+    reason: str
+    sets: set[int] = field(default_factory=set)
+
+
+@dataclass
+class NeuronSet:
+    """One set of neurons created by an op of the trace (nodes ``first .. first + size``).
+
+    Attributes:
+        index: creation order; also the ``layer`` label of its nodes.
+        kind: the :class:`NodeKind` (refined when the graph is built).
+        origin: module path / op that created it, for messages.
+    """
+
+    index: int
+    first: int
+    size: int
+    kind: NodeKind
+    origin: str
+    activation: ActivationKind = ActivationKind.IDENTITY
+    bias_param: int = -1
+    bias_pos: Tensor | None = None
+    act_version: int | None = None
+    act_records: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    grad_records: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    onehot_records: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    last: tuple[Tensor, Tensor, Tensor] | None = None
+    last_version: int = 0
+    version_counter: int = 0
+    fresh: bool = True
+    absorbed: bool = False
+    pinned: bool = False
+    read_by_affine: bool = False
+    created_by: str = "affine"  # affine | input | token | norm | merge | attention | scale | pool | embedding
+
+
+# ----------------------------------------------------------------------- the tracer
+def _ids_like(tensor: Tensor, value: int = -1) -> Tensor:
+    return torch.full(tuple(tensor.shape), value, dtype=torch.long)
+
+
+def _broadcast(ids: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    return ids.expand(*shape) if tuple(ids.shape) != tuple(shape) else ids
+
+
+def _varies_along(ids: Tensor, axis: int) -> bool:
+    if ids.shape[axis] <= 1:
+        return False
+    first = ids.narrow(axis, 0, 1)
+    return not bool((ids == first).all())
+
+
+def _rows_along_last(ids: Tensor) -> Tensor:
+    return ids.reshape(-1, ids.shape[-1]) if ids.dim() else ids.reshape(1, 1)
+
+
+def _feature_row(nodes: Tensor) -> Tensor | None:
+    """The neurons on the last axis if every position holds the same ones (and all are neurons)."""
+    rows = _rows_along_last(nodes)
+    if not bool((rows == rows[:1]).all()) or bool((rows[0] < 0).any()):
+        return None
+    return rows[0].clone()
+
+
+def _describe(value: Any) -> Any:
+    """A hashable description of a non-tensor argument (ints, slices, dtypes ...)."""
+    if value is None or isinstance(value, bool | int | float | str | torch.dtype | torch.device):
+        return value
+    if isinstance(value, slice):
+        return ("slice", value.start, value.stop, value.step)
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, torch.Size | tuple | list):
+        return tuple(_describe(item) for item in value)
+    return type(value).__name__
+
+
+class _OpLog:
+    """Numbers every op of a forward and fingerprints it: name, arguments (tensors by the op
+    that produced them), output shapes. Two runs with equal fingerprints performed the same
+    computation on tensors of the same shapes, so a trace's layout can be reused."""
+
+    def __init__(self, inputs: Tensor, param_names: dict[int, str]) -> None:
+        self.count = 0
+        self.fingerprints: list[tuple] = []
+        self._producer: dict[int, tuple[Tensor, int, int]] = {id(inputs): (inputs, -1, 0)}
+        self._param_names = param_names
+
+    def source(self, tensor: Tensor) -> Any:
+        entry = self._producer.get(id(tensor))
+        if entry is not None and entry[0] is tensor:
+            return entry[1], entry[2]
+        name = self._param_names.get(id(tensor))
+        return ("param", name) if name is not None else "external"
+
+    def step(self, name: str, args: tuple, kwargs: dict, output: Any) -> int:
+        flat = tree_flatten((args, kwargs))[0]
+        arguments = tuple(self.source(v) if isinstance(v, Tensor) else _describe(v) for v in flat)
+        outputs = tree_flatten(output)[0]
+        shapes = tuple(tuple(v.shape) if isinstance(v, Tensor) else _describe(v) for v in outputs)
+        index = self.count
+        self.count += 1
+        for position, value in enumerate(outputs):
+            if isinstance(value, Tensor):
+                self._producer[id(value)] = (value, index, position)
+        self.fingerprints.append((name, arguments, shapes))
+        return index

@@ -1,0 +1,144 @@
+"""Which torch functions the trace knows, by name, and how users teach it their elementwise ops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradgraph.graph import ActivationKind
+
+
+# ----------------------------------------------------------------------- op tables
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None) or ""
+    if name.startswith("_VariableFunctionsClass."):
+        return "torch." + name.split(".", 1)[1]
+    if name.startswith("TensorBase.") or name.startswith("Tensor."):
+        return "Tensor." + name.split(".", 1)[1]
+    if "__get__" in name:
+        return "Tensor." + name.split(".")[0] + " (attribute)"
+    if module.startswith("torch._C._nn") or module == "torch.nn.functional":
+        return f"torch.nn.functional.{name}"
+    if module.startswith("torch._C._special") or module == "torch.special":
+        return f"torch.special.{name.removeprefix('special_')}"
+    if module.startswith("torch._C._fft") or module == "torch.fft":
+        return f"torch.fft.{name.removeprefix('fft_')}"
+    return f"torch.{name}" if module.startswith("torch") or not module else f"{module}.{name}"
+
+
+def _names(*functions: Any) -> set[str]:
+    return {_op_name(function) for function in functions}
+
+
+def _method(*names: str) -> set[str]:
+    return {f"Tensor.{name}" for name in names}
+
+
+# Shape ops: replayed on the id tensors.
+_SHAPE_OPS = _method(
+    "view", "reshape", "permute", "transpose", "t", "contiguous", "flatten", "unflatten", "squeeze", "unsqueeze",
+    "expand", "expand_as", "__getitem__", "split", "chunk", "narrow", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "unbind", "select", "view_as", "reshape_as", "clone", "tensor_split", "split_with_sizes",
+    "repeat", "T (attribute)", "mT (attribute)", "mH (attribute)", "H (attribute)",
+) | _names(
+    torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
+    torch.split, torch.chunk, torch.narrow, torch.movedim, torch.swapaxes, torch.unbind, torch.select, torch.t,
+    torch.clone, torch.tensor_split, torch.cat, torch.concat, torch.stack, torch.broadcast_to,
+) | {"torch.concatenate", "Tensor.broadcast_to"}
+# Casts and eval-mode no-ops: identity on the values' neurons.
+_IDENTITY_OPS = _method("to", "float", "double", "half", "bfloat16", "type_as", "type", "cpu", "cuda") | {
+    "torch.nn.functional.dropout", "torch.dropout", "Tensor.__getitem__ (no-op)",
+}
+_ACTIVATIONS: dict[str, ActivationKind] = {
+    **{name: ActivationKind.RELU for name in _names(torch.relu, F.relu) | _method("relu")},
+    **{name: ActivationKind.LEAKY_RELU for name in _names(F.leaky_relu)},
+    **{name: ActivationKind.GELU for name in _names(F.gelu)},
+    **{name: ActivationKind.SILU for name in _names(F.silu)},
+    **{name: ActivationKind.TANH for name in _names(torch.tanh, F.tanh) | _method("tanh")},
+    **{name: ActivationKind.SIGMOID for name in _names(torch.sigmoid, F.sigmoid) | _method("sigmoid")},
+    **{name: ActivationKind.SINE for name in _names(torch.sin) | _method("sin")},
+}
+_UNARY = set(_ACTIVATIONS) | _names(
+    F.elu, F.selu, F.celu, F.softplus, F.mish, F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid, F.logsigmoid,
+    F.softsign, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.cos, torch.erf,
+    torch.square, torch.reciprocal, torch.clamp, torch.pow, torch.exp2, torch.log1p, torch.expm1, torch.sign,
+    torch.special.erf, torch.special.expit, torch.nan_to_num,
+) | _method(
+    "exp", "log", "sqrt", "rsqrt", "abs", "neg", "__neg__", "cos", "erf", "square", "reciprocal", "clamp", "pow",
+    "clamp_min", "clamp_max", "float_power", "sign", "log1p", "expm1",
+)
+_BINARY_ADD = _method("__add__", "__radd__", "__sub__", "__rsub__", "add", "sub") | _names(torch.add, torch.sub)
+_BINARY_MUL = _method("__mul__", "__rmul__", "__truediv__", "__rtruediv__", "mul", "div") | _names(
+    torch.mul, torch.div
+)
+_BINARY_OTHER = _method("__pow__", "__rpow__", "maximum", "minimum") | _names(torch.maximum, torch.minimum)
+_REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsumexp", "max", "min") | _names(
+    torch.sum, torch.mean, torch.var, torch.std, torch.amax, torch.amin, torch.norm, torch.logsumexp
+)
+_JOINS = _names(torch.cat, torch.stack) | {"torch.concatenate", "torch.concat"}
+_CONCATENATIONS = _names(torch.cat) | {"torch.concatenate", "torch.concat"}
+_POOLS = _method("sum", "mean") | _names(torch.sum, torch.mean)
+_SOFTMAX = _names(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax) | _method("softmax", "log_softmax")
+_MASK_FILL = _method("masked_fill") | _names(torch.masked_fill)
+_WHERE = _names(torch.where)
+_MATMUL = _method("__matmul__", "__rmatmul__", "matmul", "mm", "bmm") | _names(torch.matmul, torch.mm, torch.bmm)
+_LINEAR = _names(F.linear)
+_ADDMM = _names(torch.addmm) | _method("addmm")
+_EMBEDDING = _names(F.embedding)
+_LAYER_NORM = _names(F.layer_norm)
+_RMS_NORM = {"torch.nn.functional.rms_norm", "torch.rms_norm"}
+_BATCH_NORM = _names(F.batch_norm)
+_SDPA = _names(F.scaled_dot_product_attention)
+_LOST_TRACK = (
+    "its input is not computed from the model input by ops gradgraph follows (a custom autograd.Function, a "
+    "tensor made inside forward, or .detach()); register the module that computes it with "
+    "gradgraph.convert.register_elementwise if it is elementwise, or register a converter for it"
+)
+_IN_PLACE_HINT = "in-place ops on tensors gradgraph follows are unsupported; use the out-of-place form (inplace=False)"
+# Queries that return no tensor (size, dim, dtype ...) pass through without a rule.
+
+#: Registered by :func:`register_elementwise`: module types and functions treated as one
+#: elementwise op, with the activation label they give a neuron set.
+_ELEMENTWISE_MODULES: dict[type[nn.Module], ActivationKind] = {}
+_ELEMENTWISE_FUNCTIONS: dict[str, ActivationKind] = {}
+
+
+def register_elementwise(target: type[nn.Module] | Callable[..., Tensor],
+                         activation: ActivationKind = ActivationKind.IDENTITY) -> None:
+    """Declare a module type or a torch function elementwise, for the traced converter.
+
+    Most custom activations need nothing: an activation written with torch ops
+    (``x * torch.sigmoid(1.702 * x)``) is followed op by op. Register a module whose forward
+    uses ops gradgraph does not know (a custom ``autograd.Function``, ``torch.special``
+    functions, a C++ extension), or a torch function that is elementwise but unknown. The
+    traced converter then treats one call as one elementwise op: same neurons, a new value,
+    and ``activation`` as the label of the neuron set (``IDENTITY`` = no named activation;
+    the label decides the scale symmetries gradgraph may apply, so name one only if the
+    function really is it).
+
+    Args:
+        target: an ``nn.Module`` subclass (every instance, subclasses included) or a torch
+            function such as ``torch.special.erfinv``.
+        activation: the :class:`~gradgraph.ActivationKind` to label the neurons with.
+
+    Example::
+
+        class Snake(nn.Module):            # uses an op the tracer has no rule for
+            def forward(self, x):
+                return x + torch.sin(x).pow(2)
+
+        gradgraph.convert.register_elementwise(Snake)
+    """
+    if isinstance(target, type):
+        if not issubclass(target, nn.Module):
+            raise TypeError(f"register_elementwise: {target.__name__} is not an nn.Module subclass")
+        _ELEMENTWISE_MODULES[target] = ActivationKind(activation)
+    elif callable(target):
+        _ELEMENTWISE_FUNCTIONS[_op_name(target)] = ActivationKind(activation)
+    else:
+        raise TypeError(f"register_elementwise: expected a module type or a function, got {target!r}")

@@ -1,0 +1,181 @@
+"""Trace rules for affine maps (``F.linear``, ``matmul`` / ``addmm`` with a parameter) and embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradgraph.convert.trace.meta import (
+    _broadcast, _feature_row, _Neurons, _Opaque, _Param, _Raw, _rows_along_last, _Scores,
+)
+from gradgraph.convert.trace.ops import _LOST_TRACK
+from gradgraph.graph import EdgeKind, NodeKind
+
+
+class _AffineRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: affine maps and embedding tables."""
+
+    # -------------------------------------------------------------- affine maps
+    def param_view(self, value: Any, name: str, role: str) -> _Param:
+        meta = self.meta(value)
+        if not isinstance(meta, _Param):
+            raise self.unsupported(name, f"its {role} is not a parameter of the model (or a view of one); "
+                                   "gradgraph converts affine maps whose weights are parameters")
+        return meta
+
+    def fix_act(self, value: Tensor, meta: _Neurons, what: str) -> _Neurons:
+        """Make ``value`` the act of its neurons; split off a new set where another version is the act."""
+        conflicts = [index for index, version in meta.versions.items()
+                     if self.sets[index].act_version not in (None, version)]
+        if conflicts:
+            meta = self.materialize(value, meta, f"{self.path()} {what}")
+        for index, version in meta.versions.items():
+            neuron_set = self.sets[index]
+            neuron_set.act_version = version
+            neuron_set.fresh = False
+        self.record_act(value, meta)
+        return meta
+
+    def record_act(self, value: Tensor, meta: _Neurons) -> None:
+        for index in meta.versions:
+            self.sets[index].act_records.append((value, meta.nodes, meta.comps))
+
+    def materialize(self, value: Tensor, meta: _Neurons, origin: str, kind: NodeKind = NodeKind.RESIDUAL) -> _Neurons:
+        """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis)."""
+        row = _feature_row(meta.nodes)
+        if row is None:
+            raise self.unsupported(origin, "these values do not hold one neuron per feature")
+        width = len(row)
+        merged = self.new_set(width, kind, origin, "merge")
+        merged_nodes = merged.first + torch.arange(width)
+        self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
+        self.ties.append((row, merged_nodes))
+        new = _Neurons(_broadcast(merged_nodes, value.shape).clone(), meta.comps, {merged.index: 0})
+        merged.grad_records.append((value, new.nodes, new.comps))
+        self.set_meta(value, new)
+        self.observe(value, new)
+        return new
+
+    def affine(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor, *,
+               transposed: bool) -> None:
+        meta = self.need_neurons(x, f"the affine map {name}")
+        if meta is None:
+            raise self.unsupported(name, _LOST_TRACK)
+        weight_view = self.param_view(weight, name, "weight")
+        if weight_view.pos.dim() != 2:
+            raise self.unsupported(name, f"a weight of shape {list(weight.shape)}; expected a matrix")
+        positions = weight_view.pos.T if transposed else weight_view.pos  # [out, in]
+        rows = _rows_along_last(meta.nodes)
+        if meta.comps is None:
+            raise self.unsupported(name, "an affine map of values that do not depend on the input")
+        comp_rows = meta.comps.reshape(-1, meta.comps.shape[-1])
+        if not bool((rows == rows[:1]).all()) or not bool((comp_rows == comp_rows[:, :1]).all()):
+            raise self.unsupported(
+                name, "applied to an axis that holds positions or datapoints, not features (e.g. a Linear over "
+                "tokens, as in MLP-Mixer); gradgraph needs affine maps over the last, feature axis")
+        sources = rows[0].clone()
+        if bool((sources < 0).any()):
+            raise self.unsupported(name, "its input holds values that are not neurons (e.g. a statistic)")
+        meta = self.fix_act(x, meta, name)
+        sources = _rows_along_last(meta.nodes)[0].clone()
+        for index in meta.versions:
+            self.sets[index].read_by_affine = True
+        width = positions.shape[0]
+        created = self.new_set(width, NodeKind.HIDDEN, self.path() or name, "affine")
+        targets = created.first + torch.arange(width)
+        self.edges.append((sources.repeat(width), targets.repeat_interleave(len(sources)), EdgeKind.LINEAR,
+                           weight_view.index, positions.reshape(-1).clone(), None))
+        if bias is not None:
+            bias_view = self.param_view(bias, name, "bias")
+            if bias_view.pos.numel() != width:
+                raise self.unsupported(name, f"a bias of shape {list(bias.shape)} for {width} outputs")
+            created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
+        out_nodes = _broadcast(targets, output.shape).clone()
+        out_comps = _broadcast(meta.comps.narrow(-1, 0, 1), output.shape).clone()
+        new = _Neurons(out_nodes, out_comps, {created.index: 0})
+        created.grad_records.append((output, out_nodes, out_comps))
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def matmul(self, name: str, left: Tensor, right: Tensor, output: Tensor) -> None:
+        left_meta, right_meta = self.meta(left), self.meta(right)
+        if isinstance(right_meta, _Param) and not isinstance(left_meta, _Param):
+            return self.affine(name, left, right, None, output, transposed=True)
+        if isinstance(left_meta, _Param):
+            raise self.unsupported(name, "a parameter on the left of a matmul; write x @ W (features last)")
+        if isinstance(left_meta, _Scores):
+            return self.attend(name, left_meta, right, output)
+        query = self.need_neurons(left, name)
+        key = self.need_neurons(right, name)
+        if query is None or key is None:
+            constant = left if query is None else right
+            raise self.unsupported(name, f"a matmul of neurons with a constant of shape {list(constant.shape)}")
+        # q @ kᵀ: the contracted axes hold the query / key dims of each head
+        self.set_meta(output, _Scores(query, key, tuple(output.shape[:-2])))
+
+    # -------------------------------------------------------------- embeddings
+    def embedding(self, name: str, indices: Tensor, weight: Tensor, output: Tensor,
+                  padding_idx: int | None = None) -> None:
+        table = self.param_view(weight, name, "table")
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += table.pos.shape[0]
+        index_meta = self.meta(indices)
+        if isinstance(index_meta, _Raw):
+            index_meta = self.neurons_from_raw(indices, index_meta, name)
+        elif isinstance(index_meta, _Neurons | _Opaque | _Scores):
+            raise self.unsupported(name, "embedding indices computed from neuron values")
+        rows, width = table.pos.shape
+        tokens = self.new_set(rows, NodeKind.TOKEN, f"{self.path() or name} table rows", "token")
+        tokens.pinned = True
+        created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
+        targets = created.first + torch.arange(width)
+        self.edges.append((tokens.first + torch.arange(rows).repeat_interleave(width), targets.repeat(rows),
+                           EdgeKind.EMBEDDING, table.index, table.pos.reshape(-1).clone(), None))
+        out_nodes = _broadcast(targets, output.shape).clone()
+        row_index = _broadcast(indices.detach().cpu().unsqueeze(-1), output.shape).clone()
+        if index_meta is None:  # constant indices (positions): bound when added to token values
+            new = _Neurons(out_nodes, None, {created.index: 0}, unbound_index=row_index)
+            created.token_set = tokens  # type: ignore[attr-defined]
+            tokens.padding_idx = padding_idx  # type: ignore[attr-defined]
+        else:
+            comps = _broadcast(index_meta.comps.unsqueeze(-1), output.shape).clone()
+            new = _Neurons(out_nodes, comps, {created.index: 0})
+            created.grad_records.append((output, out_nodes, comps))
+            tokens.onehot_records.append((row_index, out_nodes, comps, self.op_index, padding_idx))
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def bind(self, value: Tensor, meta: _Neurons, shape: torch.Size, comps: Tensor, result: Tensor) -> _Neurons:
+        """Give unbound neurons (position embeddings) the components of the tensor they join."""
+        nodes = _broadcast(meta.nodes, shape).clone()
+        for index in meta.versions:
+            neuron_set = self.sets[index]
+            neuron_set.grad_records.append((result, nodes, comps))
+            token_set = getattr(neuron_set, "token_set", None)
+            if token_set is not None and meta.unbound_index is not None:
+                token_set.onehot_records.append((_broadcast(meta.unbound_index, shape).clone(), nodes, comps, None,
+                                                 getattr(token_set, "padding_idx", None)))
+        return _Neurons(nodes, comps, meta.versions)
+
+    def position_parameter(self, name: str, param: _Param, shape: torch.Size, result: Tensor) -> _Neurons:
+        """A parameter added to token values that varies over positions: a position embedding."""
+        pos = _broadcast(param.pos, shape) if param.pos.dim() <= len(shape) else param.pos
+        width = shape[-1]
+        flat = param.pos.reshape(-1, width) if param.pos.shape[-1] == width else None
+        if flat is None:
+            raise self.unsupported(name, "a parameter added to neurons that does not vary per feature")
+        rows = flat.shape[0]
+        tokens = self.new_set(rows, NodeKind.TOKEN, f"{self.path() or name} positions", "token")
+        tokens.pinned = True
+        created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
+        targets = created.first + torch.arange(width)
+        self.edges.append((tokens.first + torch.arange(rows).repeat_interleave(width), targets.repeat(rows),
+                           EdgeKind.EMBEDDING, param.index, flat.reshape(-1).clone(), None))
+        row_of_pos = torch.full((int(param.pos.max()) + 1,), -1, dtype=torch.long)
+        row_of_pos[flat.reshape(-1)] = torch.arange(rows).repeat_interleave(width)
+        meta = _Neurons(_broadcast(targets, shape).clone(), None, {created.index: 0},
+                        unbound_index=row_of_pos[pos])
+        created.token_set = tokens  # type: ignore[attr-defined]
+        return meta

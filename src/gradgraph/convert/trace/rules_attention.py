@@ -1,0 +1,120 @@
+"""Trace rules for attention: scores ``q @ kᵀ``, their masks and softmax, ``@ v``, and SDPA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradgraph.convert.trace.meta import _broadcast, _Neurons, _Scores
+from gradgraph.convert.trace.ops import (
+    _BINARY_ADD, _BINARY_MUL, _IDENTITY_OPS, _MASK_FILL, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
+)
+from gradgraph.graph import EdgeKind, NodeKind
+
+
+class _AttentionRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: attention ops."""
+
+    # -------------------------------------------------------------- attention
+    def scores_op(self, name: str, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
+        scores = [meta for _, meta in tracked if isinstance(meta, _Scores)]
+        others = [meta for _, meta in tracked if not isinstance(meta, _Scores)]
+        allowed = _UNARY | _BINARY_ADD | _BINARY_MUL | _SOFTMAX | _MASK_FILL | _WHERE | _IDENTITY_OPS | {
+            "Tensor.__getitem__"}
+        if len(scores) == 1 and not others and (name in allowed or name in _SHAPE_OPS):
+            meta = scores[0]
+            if name in _SHAPE_OPS and name not in _IDENTITY_OPS and tuple(output.shape[:-2]) != meta.batch_shape:
+                return self.mark_opaque(output, name, "reshapes attention scores", [meta])
+            if name in _SOFTMAX:
+                dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+                if dim % output.dim() != output.dim() - 1:
+                    return self.mark_opaque(output, name, "a softmax of scores over queries", [meta])
+            self.set_meta(output, meta)
+            return None
+        return self.mark_opaque(output, name, "combines attention scores with neuron values", scores + others)
+
+    def attend(self, name: str, scores: _Scores, value: Tensor, output: Tensor) -> None:
+        value_meta = self.need_neurons(value, name)
+        if value_meta is None:
+            raise self.unsupported(name, "attention weights applied to a constant")
+        self.attention_output(name, scores.query, scores.key, value, value_meta, output)
+
+    def sdpa(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        if bound.get("dropout_p", 0.0):
+            raise self.unsupported(name, "attention dropout changes the function; pass dropout_p=0 in eval mode")
+        if bound.get("enable_gqa", False):
+            raise self.unsupported(name, "grouped-query attention (enable_gqa)")
+        query = self.need_neurons(bound["query"], name)
+        key = self.need_neurons(bound["key"], name)
+        value = self.need_neurons(bound["value"], name)
+        if query is None or key is None or value is None:
+            raise self.unsupported(name, "attention over constant queries, keys or values")
+        key_t = _Neurons(key.nodes.transpose(-2, -1), key.comps.transpose(-2, -1), key.versions)
+        self.attention_output(name, query, key_t, bound["value"], value, output)
+
+    def attention_output(self, name: str, query: _Neurons, key_t: _Neurons, value: Tensor, value_meta: _Neurons,
+                         output: Tensor) -> None:
+        if query.comps is None or value_meta.comps is None:
+            raise self.unsupported(name, "attention over values that do not depend on the input")
+        shape = output.shape
+        if output.dim() < 3:
+            raise self.unsupported(name, "attention without a head or batch axis")
+        if not torch.equal(_broadcast(query.comps.narrow(-1, 0, 1), query.comps.shape), query.comps):
+            raise self.unsupported(name, "queries whose last axis is not their features")
+        batch_shape = tuple(shape[:-2])
+        q_rows = _broadcast(query.nodes, (*batch_shape, *query.nodes.shape[-2:])).narrow(-2, 0, 1)
+        k_rows = _broadcast(key_t.nodes, (*batch_shape, *key_t.nodes.shape[-2:])).narrow(-1, 0, 1)
+        v_rows = _broadcast(value_meta.nodes, (*batch_shape, *value_meta.nodes.shape[-2:])).narrow(-2, 0, 1)
+        q_rows = q_rows.reshape(-1, query.nodes.shape[-1])
+        k_rows = k_rows.reshape(-1, key_t.nodes.shape[-2])
+        v_rows = v_rows.reshape(-1, value_meta.nodes.shape[-1])
+        triples = torch.cat((q_rows, k_rows, v_rows), dim=1)
+        unique, inverse = torch.unique(triples, dim=0, return_inverse=True)
+        # keep heads in order of first appearance
+        first_seen = torch.full((unique.shape[0],), triples.shape[0], dtype=torch.long)
+        first_seen.scatter_reduce_(0, inverse, torch.arange(triples.shape[0]), reduce="amin")
+        order = torch.argsort(first_seen)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        heads = unique[order]
+        head_dim, value_dim = q_rows.shape[1], v_rows.shape[1]
+        if bool((heads < 0).any()):
+            raise self.unsupported(name, "queries, keys or values that are not neurons")
+        all_q = heads[:, :head_dim].reshape(-1)
+        all_k = heads[:, head_dim:2 * head_dim].reshape(-1)
+        all_v = heads[:, 2 * head_dim:].reshape(-1)
+        if len(set(all_q.tolist())) != all_q.numel() or len(set(all_v.tolist())) != all_v.numel() \
+                or len(set(all_k.tolist())) != all_k.numel():
+            raise self.unsupported(name, "heads that share query, key or value neurons (multi-query or grouped "
+                                   "attention)")
+        created = self.new_set(len(heads) * value_dim, NodeKind.ATTENTION, self.path() or name, "attention")
+        o_rows = created.first + torch.arange(len(heads) * value_dim).reshape(len(heads), value_dim)
+        block = []
+        for head in range(len(heads)):
+            q, k, v = heads[head, :head_dim], heads[head, head_dim:2 * head_dim], heads[head, 2 * head_dim:]
+            block.append((q.clone(), k.clone(), v.clone(), o_rows[head].clone()))
+            self.edges.append((q.clone(), k.clone(), EdgeKind.QUERY_KEY, -1, None, None))
+            self.edges.append((v.clone(), o_rows[head].clone(), EdgeKind.VALUE_ATTENTION, -1, None, None))
+            self.edges.append((q.repeat_interleave(value_dim), o_rows[head].repeat(head_dim),
+                               EdgeKind.QUERY_ATTENTION, -1, None, None))
+        self.attention.append(block)
+        for meta in (query, key_t, value_meta):
+            self.observe_attention_input(meta)
+        head_of_row = rank[inverse].reshape(*batch_shape) if batch_shape else rank[inverse].reshape(())
+        nodes = o_rows[head_of_row]  # [*batch, dv]
+        nodes = _broadcast(nodes.unsqueeze(-2), shape).clone()
+        comps = _broadcast(query.comps.narrow(-1, 0, 1), (*batch_shape, shape[-2], 1))
+        comps = _broadcast(comps, shape).clone()
+        new = _Neurons(nodes, comps, {created.index: 0})
+        created.grad_records.append((output, nodes, comps))
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def observe_attention_input(self, meta: _Neurons) -> None:
+        for index in meta.versions:
+            self.sets[index].fresh = False

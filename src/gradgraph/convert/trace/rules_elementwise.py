@@ -1,0 +1,391 @@
+"""Trace rules for elementwise ops (activations, residual adds, gates, constants), reductions,
+softmax and masks, and norms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gradgraph.convert.trace.meta import (
+    _broadcast, _feature_row, KEY_STRIDE, _Neurons, _Param, _Raw, _rows_along_last, _varies_along,
+)
+from gradgraph.convert.trace.ops import _BINARY_ADD, _LAYER_NORM, _LOST_TRACK, _POOLS, _WHERE
+from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
+
+
+class _ElementwiseRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: elementwise ops, reductions, norms."""
+
+    # -------------------------------------------------------------- elementwise
+    def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None) -> None:
+        meta = self.need_neurons(x, name)
+        if meta is None:
+            return None
+        versions = self.next_version(meta.versions)
+        for index in meta.versions:
+            neuron_set = self.sets[index]
+            if activation is not None and neuron_set.activation is ActivationKind.IDENTITY and not neuron_set.absorbed:
+                neuron_set.activation = activation
+            elif activation is None or neuron_set.activation is not ActivationKind.IDENTITY:
+                neuron_set.elementwise_ops = getattr(neuron_set, "elementwise_ops", 0) + 1  # type: ignore[attr-defined]
+        new = _Neurons(meta.nodes, meta.comps, versions, meta.unbound_index)
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def _operand(self, value: Any, name: str) -> Any:
+        if isinstance(value, Tensor):
+            meta = self.meta(value)
+            if isinstance(meta, _Raw):
+                return self.need_neurons(value, name)
+            return meta
+        return None
+
+    def binary(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        left, right = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        if name in ("Tensor.__rsub__", "Tensor.__radd__", "Tensor.__rmul__", "Tensor.__rtruediv__",
+                    "Tensor.__rpow__"):
+            left, right = right, left
+        operands = [(left, self._operand(left, name)), (right, self._operand(right, name))]
+        neurons = [(value, meta) for value, meta in operands if isinstance(meta, _Neurons)]
+        params = [(value, meta) for value, meta in operands if isinstance(meta, _Param)]
+        additive = name in _BINARY_ADD
+        if not neurons:
+            raise self.unsupported(name, "arithmetic on parameters inside the forward (other than as a weight, "
+                                   "a bias, a scale or a position embedding)")
+        if params:
+            return self.with_parameter(name, neurons[0], params[0], output, additive)
+        if len(neurons) == 1:
+            value, meta = neurons[0]
+            other = right if value is left else left
+            if isinstance(other, Tensor) and other.dim() and meta.comps is not None:
+                self.check_constant(name, meta, other, output.shape)
+            return self.unary(value, output, name, None)
+        (a_value, a), (b_value, b) = neurons
+        shape = output.shape
+        if a.comps is None and b.comps is None:
+            raise self.unsupported(name, "arithmetic on two values that do not depend on the input")
+        comps = _broadcast(a.comps if a.comps is not None else b.comps, shape)
+        if a.comps is None:
+            a = self.bind(a_value, a, shape, comps.clone(), output)
+        if b.comps is None:
+            b = self.bind(b_value, b, shape, comps.clone(), output)
+        a_nodes, b_nodes = _broadcast(a.nodes, shape), _broadcast(b.nodes, shape)
+        comps = _broadcast(a.comps, shape)
+        if torch.equal(a_nodes, b_nodes) or bool((a_nodes < 0).all()) or bool((b_nodes < 0).all()):
+            # the same neurons (x * sigmoid(x)), or neurons and a statistic of them (x - mean)
+            base = a if not bool((a_nodes < 0).all()) else b
+            versions = self.next_version({**a.versions, **b.versions}) if torch.equal(a_nodes, b_nodes) \
+                else self.next_version(base.versions)
+            new = _Neurons(_broadcast(base.nodes, shape).clone(), comps.clone(), versions)
+            self.set_meta(output, new)
+            self.observe(output, new)
+            return None
+        if bool((a_nodes < 0).any()) or bool((b_nodes < 0).any()):
+            raise self.unsupported(name, "combines neurons with values that are partly not neurons")
+        pairs = torch.unique(torch.stack((a_nodes.reshape(-1), b_nodes.reshape(-1))), dim=1)
+        if torch.unique(pairs[0]).numel() != pairs.shape[1] or torch.unique(pairs[1]).numel() != pairs.shape[1]:
+            # not one neuron of b per neuron of a (e.g. rotary embeddings mixing dims): no symmetry claimed
+            for index in list(a.versions) + list(b.versions):
+                self.sets[index].pinned = True
+            versions = self.next_version(a.versions)
+            new = _Neurons(a_nodes.clone(), comps.clone(), {**versions, **self.next_version(b.versions)})
+            self.set_meta(output, new)
+            self.observe(output, new)
+            return None
+        kind = EdgeKind.RESIDUAL if additive else EdgeKind.GATE
+        fresh = [(meta, other) for meta, other in ((b, a), (a, b)) if self.absorbable(meta)]
+        if fresh:
+            into, other = fresh[0]
+            into_nodes, other_nodes = _broadcast(into.nodes, shape), _broadcast(other.nodes, shape)
+            pairs = torch.unique(torch.stack((other_nodes.reshape(-1), into_nodes.reshape(-1))), dim=1)
+            self.edges.append((pairs[0].clone(), pairs[1].clone(), kind, -1, None, None))
+            self.ties.append((pairs[0].clone(), pairs[1].clone()))
+            target = self.sets[next(iter(into.versions))]
+            target.absorbed = True
+            if not additive:
+                target.gated = True  # type: ignore[attr-defined]
+                for index in other.versions:
+                    self.sets[index].gated = True  # type: ignore[attr-defined]
+            new = _Neurons(into_nodes.clone(), comps.clone(), self.next_version(into.versions))
+        else:
+            merged = self.new_set(int(pairs.shape[1]), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
+            order = torch.argsort(pairs[0])
+            a_sorted, b_sorted = pairs[0][order], pairs[1][order]
+            merged_nodes = merged.first + torch.arange(pairs.shape[1])
+            for source in (a_sorted, b_sorted):
+                self.edges.append((source.clone(), merged_nodes, kind, -1, None, None))
+                self.ties.append((source.clone(), merged_nodes))
+            lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
+            lookup[a_sorted] = merged_nodes
+            new_nodes = lookup[a_nodes]
+            new = _Neurons(new_nodes, comps.clone(), {merged.index: 0})
+            merged.grad_records.append((output, new_nodes, new.comps))
+            if not additive:
+                merged.gated = True  # type: ignore[attr-defined]
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def absorbable(self, meta: _Neurons) -> bool:
+        """Values that are exactly a fresh affine output: a residual sum may live in its neurons."""
+        if len(meta.versions) != 1 or meta.comps is None:
+            return False
+        index, version = next(iter(meta.versions.items()))
+        neuron_set = self.sets[index]
+        if neuron_set.created_by != "affine" or not neuron_set.fresh or neuron_set.absorbed or version != 0:
+            return False
+        rows = _rows_along_last(meta.nodes)
+        return rows.shape[1] == neuron_set.size and bool((rows == rows[:1]).all())
+
+    def check_constant(self, name: str, meta: _Neurons, constant: Tensor, shape: torch.Size) -> None:
+        """A constant that differs between neurons of one set breaks their permutation symmetry."""
+        expanded = _broadcast(constant.detach().cpu(), shape)
+        nodes = _broadcast(meta.nodes, shape)
+        for axis in range(len(shape)):
+            if _varies_along(nodes, axis) and expanded.shape[axis] > 1 and _varies_along(expanded, axis):
+                for index in meta.versions:
+                    self.sets[index].pinned = True
+                return
+
+    def with_parameter(self, name: str, neurons: tuple[Tensor, _Neurons], param: tuple[Tensor, _Param],
+                       output: Tensor, additive: bool) -> None:
+        value, meta = neurons
+        param_value, param_meta = param
+        shape = output.shape
+        if meta.comps is None:
+            raise self.unsupported(name, "arithmetic between a parameter and values that do not depend on the input")
+        nodes = _broadcast(meta.nodes, shape)
+        pos = _broadcast(param_meta.pos, shape)
+        sources = _feature_row(nodes)
+        pos_rows = pos.reshape(-1, shape[-1])
+        per_feature = bool((pos_rows == pos_rows[:1]).all())
+        if sources is None:
+            raise self.unsupported(name, "a parameter combined with values that are not one neuron per feature")
+        if additive and not per_feature:
+            embedded = self.position_parameter(name, param_meta, shape, output)
+            return self.binary_with(name, value, meta, embedded, output)
+        if not per_feature:
+            raise self.unsupported(name, "a parameter multiplying neurons that differs between positions")
+        positions = pos_rows[0].clone()
+        if additive:
+            target = self.sets[next(iter(meta.versions))] if len(meta.versions) == 1 else None
+            if target is not None and self.absorbable(meta) and target.bias_param < 0 \
+                    and torch.equal(sources, target.first + torch.arange(target.size)):
+                target.bias_param, target.bias_pos = param_meta.index, positions
+                new = _Neurons(nodes.clone(), _broadcast(meta.comps, shape).clone(), dict(meta.versions))
+                target.grad_records = [(output, new.nodes, new.comps)]
+                self.set_meta(output, new)
+                self.observe(output, new)
+                return None
+            created = self.new_set(len(sources), NodeKind.NORM, f"{self.path()} {name}", "scale")
+            created.bias_param, created.bias_pos = param_meta.index, positions
+            kind, weight_param, weight_pos = EdgeKind.RESIDUAL, -1, None
+        else:
+            created = self.new_set(len(sources), NodeKind.NORM, f"{self.path()} {name}", "scale")
+            kind, weight_param, weight_pos = EdgeKind.NORM_SCALE, param_meta.index, positions
+        meta = self.fix_act(value, meta, name)
+        sources = _rows_along_last(_broadcast(meta.nodes, shape))[0].clone()
+        targets = created.first + torch.arange(len(sources))
+        self.edges.append((sources, targets, kind, weight_param, weight_pos, None))
+        self.ties.append((sources, targets))
+        lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
+        lookup[sources] = targets
+        new = _Neurons(lookup[_broadcast(meta.nodes, shape)], _broadcast(meta.comps, shape).clone(),
+                       {created.index: 0})
+        created.grad_records.append((output, new.nodes, new.comps))
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def binary_with(self, name: str, value: Tensor, meta: _Neurons, embedded: _Neurons, output: Tensor) -> None:
+        placeholder = torch.empty(0)
+        self.set_meta(placeholder, embedded)
+        self.binary(name, (value, placeholder), {}, output)
+
+    # -------------------------------------------------------------- reductions
+    def _dims(self, args: tuple, kwargs: dict, ndim: int) -> list[int]:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], bool) else None)
+        if dim is None:
+            return list(range(ndim))
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        return sorted(d % ndim for d in dims)
+
+    def reduction(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
+        x = args[0]
+        meta = self.need_neurons(x, name)
+        if meta is None or meta.comps is None:
+            return self.mark_opaque(output, name, "a reduction of values that do not depend on the input",
+                                    [meta] if meta else [])
+        if isinstance(output, tuple):  # max / min with dim return (values, indices)
+            return self.mark_opaque(output, name, "max/min with indices", [meta])
+        dims = self._dims(args, kwargs, x.dim())
+        keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
+        if name.endswith("norm") and len(args) > 2:
+            keepdim = bool(kwargs.get("keepdim", False))
+        neuron_axes = [axis for axis in range(x.dim()) if _varies_along(meta.nodes, axis)]
+        comp_axes = [axis for axis in range(x.dim()) if _varies_along(meta.comps, axis)]
+        datapoint = meta.comps // KEY_STRIDE
+        datapoint_axes = [axis for axis in range(x.dim()) if _varies_along(datapoint, axis)]
+        reduced_neurons = [axis for axis in dims if axis in neuron_axes]
+        reduced_comps = [axis for axis in dims if axis in comp_axes]
+
+        def collapse(ids: Tensor) -> Tensor:
+            for axis in reversed(dims):
+                ids = ids.narrow(axis, 0, 1)
+                if not keepdim:
+                    ids = ids.squeeze(axis)
+            return ids.clone()
+
+        if any(axis in datapoint_axes for axis in dims):
+            return self.mark_opaque(output, name, "a reduction over datapoints", [meta])
+        if reduced_neurons and not reduced_comps:
+            if set(reduced_neurons) != set(neuron_axes):
+                return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
+            stat = _Neurons(torch.full(tuple(output.shape), -1, dtype=torch.long), collapse(meta.comps), {})
+            self.set_meta(output, stat)
+            return None
+        if reduced_comps and not reduced_neurons:
+            if name not in _POOLS:
+                return self.mark_opaque(output, name, "a reduction over positions other than sum/mean", [meta])
+            pooled_nodes = collapse(meta.nodes)
+            rows = _rows_along_last(pooled_nodes)
+            if output.dim() == 0 or not bool((rows == rows[:1]).all()):
+                return self.mark_opaque(output, name, "pooling that does not keep one neuron per feature", [meta])
+            self.observe(x, meta)
+            pooled = self.new_set(rows.shape[1], NodeKind.RESIDUAL, f"{self.path()} {name}", "pool")
+            pooled_ids = pooled.first + torch.arange(rows.shape[1])
+            self.edges.append((rows[0].clone(), pooled_ids, EdgeKind.MERGE, -1, None, None))
+            self.ties.append((rows[0].clone(), pooled_ids))
+            key = self.new_key()[0]
+            comps = collapse(datapoint) * KEY_STRIDE + key
+            nodes = _broadcast(pooled_ids, output.shape).clone()
+            new = _Neurons(nodes, _broadcast(comps, output.shape).clone(), {pooled.index: 0})
+            pooled.grad_records.append((output, nodes, new.comps))
+            self.set_meta(output, new)
+            self.observe(output, new)
+            return None
+        return self.mark_opaque(output, name, "a reduction over features and positions together", [meta])
+
+    def softmax(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        meta = self.need_neurons(args[0], name)
+        if meta is None:
+            return None
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+        axis = dim % args[0].dim()
+        if _varies_along(meta.nodes, axis) and meta.comps is not None and not _varies_along(meta.comps, axis):
+            neuron_axes = [a for a in range(args[0].dim()) if _varies_along(meta.nodes, a)]
+            if neuron_axes == [axis]:
+                return self.unary(args[0], output, name, None)  # softmax over all features of a set
+        return self.mark_opaque(output, name, "a softmax across positions or part of the features", [meta])
+
+    def mask_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        if name in _WHERE:
+            condition, left, right = args[0], args[1], args[2]
+            values = [value for value in (left, right) if isinstance(self.meta(value), _Neurons)]
+            if len(values) == 1 and not isinstance(self.meta(condition), _Neurons):
+                meta = self.meta(values[0])
+                self.check_constant(name, meta, condition, output.shape)
+                return self.unary(values[0], output, name, None)
+            return self.mark_opaque(output, name, "where() between several neuron values", [])
+        meta = self.need_neurons(args[0], name)
+        if meta is None:
+            return None
+        self.check_constant(name, meta, args[1], output.shape)
+        return self.unary(args[0], output, name, None)
+
+    # -------------------------------------------------------------- norms
+    def norm(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        x = args[0]
+        layer_norm = name in _LAYER_NORM
+        normalized_shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        bias = (args[3] if len(args) > 3 else kwargs.get("bias")) if layer_norm else None
+        eps = args[4 if layer_norm else 3] if len(args) > (4 if layer_norm else 3) else kwargs.get("eps")
+        meta = self.need_neurons(x, name)
+        if meta is None:
+            if weight is None and bias is None:
+                return None
+            raise self.unsupported(name, _LOST_TRACK)
+        if len(tuple(normalized_shape)) != 1:
+            raise self.unsupported(name, f"normalized_shape {tuple(normalized_shape)}; gradgraph supports norms over "
+                                   "the last axis")
+        neuron_axes = [axis for axis in range(x.dim()) if _varies_along(meta.nodes, axis)]
+        if neuron_axes not in ([x.dim() - 1], []) or meta.comps is None:
+            raise self.unsupported(name, "a norm whose last axis is not the features of its input")
+        with torch.no_grad():
+            if layer_norm:
+                normalised = F.layer_norm(x.detach(), tuple(normalized_shape), None, None,
+                                          1e-5 if eps is None else eps)
+            else:
+                squares = x.detach().pow(2).mean(-1, keepdim=True)
+                epsilon = torch.finfo(x.dtype).eps if eps is None else eps
+                normalised = x.detach() * torch.rsqrt(squares + epsilon)
+        # the input's act is its normalised value: then NORM_SCALE edges carry gamma's gradient
+        recipe = ("layer_norm", tuple(normalized_shape), 1e-5 if eps is None else eps) if layer_norm else (
+            "rms_norm", None if eps is None else eps)
+        self.derived[id(normalised)] = (normalised, self.op_index, recipe)
+        versions = self.next_version(meta.versions)
+        normalised_meta = _Neurons(meta.nodes, meta.comps, versions)
+        self.set_meta(normalised, normalised_meta)
+        normalised_meta = self.fix_act(normalised, normalised_meta, name)
+        sources = _rows_along_last(normalised_meta.nodes)[0].clone()
+        created = self.new_set(len(sources), NodeKind.NORM, self.path() or name, "norm")
+        targets = created.first + torch.arange(len(sources))
+        if weight is not None:
+            weight_view = self.param_view(weight, name, "weight")
+            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index,
+                               weight_view.pos.reshape(-1).clone(), None))
+        else:
+            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, -1, None, None))
+        if bias is not None:
+            bias_view = self.param_view(bias, name, "bias")
+            created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
+        self.ties.append((sources, targets))
+        nodes = _broadcast(targets, output.shape).clone()
+        new = _Neurons(nodes, meta.comps.clone(), {created.index: 0})
+        created.grad_records.append((output, nodes, new.comps))
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def batch_norm(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        training = kwargs.get("training", args[5] if len(args) > 5 else False)
+        if training:
+            raise self.unsupported(name, "batch norm in training mode mixes the datapoints of a batch, so their "
+                                   "gradients are not separate rank-1 terms; call model.eval()")
+        x, running_mean, running_var = args[0], args[1], args[2]
+        weight = args[3] if len(args) > 3 else kwargs.get("weight")
+        bias = args[4] if len(args) > 4 else kwargs.get("bias")
+        eps = args[7] if len(args) > 7 else kwargs.get("eps", 1e-5)
+        meta = self.need_neurons(x, name)
+        if meta is None:
+            raise self.unsupported(name, _LOST_TRACK)
+        if x.dim() != 2:
+            raise self.unsupported(name, f"batch norm on a [{', '.join(map(str, x.shape))}] tensor; gradgraph "
+                                   "supports BatchNorm1d on [b, features]")
+        with torch.no_grad():
+            normalised = (x.detach() - running_mean) / torch.sqrt(running_var + eps)
+        self.derived[id(normalised)] = (normalised, self.op_index, ("batch_norm", eps))
+        for index in meta.versions:  # running statistics are buffers: no permutation moves them
+            self.sets[index].pinned = True
+        normalised_meta = _Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
+        self.set_meta(normalised, normalised_meta)
+        normalised_meta = self.fix_act(normalised, normalised_meta, name)
+        sources = normalised_meta.nodes[0].clone()
+        created = self.new_set(len(sources), NodeKind.NORM, self.path() or name, "norm")
+        created.pinned = True
+        targets = created.first + torch.arange(len(sources))
+        if weight is not None:
+            weight_view = self.param_view(weight, name, "weight")
+            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index, weight_view.pos.clone(),
+                               None))
+        else:
+            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, -1, None, None))
+        if bias is not None:
+            bias_view = self.param_view(bias, name, "bias")
+            created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.clone()
+        nodes = _broadcast(targets, output.shape).clone()
+        new = _Neurons(nodes, meta.comps.clone(), {created.index: 0})
+        created.grad_records.append((output, nodes, new.comps))
+        self.set_meta(output, new)
+        self.observe(output, new)

@@ -1,0 +1,217 @@
+"""Running a forward under the trace or a replay of a cached trace; the module path stack."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from gradgraph.convert.trace.meta import (
+    _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
+)
+from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES, _op_name
+from gradgraph.convert.trace.tracer import _Tracer
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import ActivationKind
+
+
+# ----------------------------------------------------------------------- running it
+class _ModuleTracker:
+    """Global module hooks: the module path stack for messages, and registered elementwise modules."""
+
+    def __init__(self, tracer: Any, replay: bool = False) -> None:
+        self.tracer = tracer
+        self.replay = replay
+        self.handles: list[Any] = []
+        self.patched: list[nn.Module] = []
+
+    def __enter__(self) -> "_ModuleTracker":
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        paths = self.tracer._module_paths
+
+        def pre(module: nn.Module, args: Any) -> None:
+            self.tracer.module_stack.append(paths.get(id(module), type(module).__name__))
+            self.tracer.module_types.append(type(module).__name__)
+
+        def post(module: nn.Module, args: Any, output: Any) -> None:
+            if self.tracer.module_stack:
+                self.tracer.module_stack.pop()
+                self.tracer.module_types.pop()
+
+        # a replay raises nothing that names a module, so it skips the per-call hooks
+        self.handles = [] if self.replay else [register_module_forward_pre_hook(pre),
+                                               register_module_forward_hook(post)]
+        for module in self.tracer.model.modules():
+            activation = next((kind for cls, kind in _ELEMENTWISE_MODULES.items() if isinstance(module, cls)), None)
+            if activation is not None:
+                self._patch(module, activation)
+            elif isinstance(module, nn.MultiheadAttention):
+                self._patch_attention(module)
+        return self
+
+    def _patch(self, module: nn.Module, activation: ActivationKind) -> None:
+        original = module.forward
+        tracer = self.tracer
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            with torch._C.DisableTorchFunction():
+                output = original(x, *args, **kwargs)
+            tracer.op_index = tracer.log.step(f"module {type(module).__name__}", (x, *args), kwargs, output)
+            tracer.captured[tracer.op_index] = ((x, *args), kwargs, output)
+            if not self.replay:
+                tracer.unary(x, output, type(module).__name__, activation)
+            return output
+
+        module.forward = forward  # type: ignore[method-assign]
+        self.patched.append(module)
+
+    def _patch_attention(self, module: nn.MultiheadAttention) -> None:
+        from gradgraph.convert.attention import _check_attention, self_attention
+
+        original = module.forward
+        path = self.tracer._module_paths.get(id(module), "")
+        tracer = self.tracer
+
+        def forward(query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
+                    key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                    attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                    is_causal: bool = False) -> tuple[Tensor, None]:
+            # the stock module runs one fused kernel on its packed in_proj_weight; gradgraph's
+            # functional form computes the same with F.linear on row slices, which the trace follows
+            _check_attention(path, module)
+            key = query if key is None else key
+            value = key if value is None else value
+            if not (query is key and key is value):
+                raise UnsupportedOperationError(
+                    path, "nn.MultiheadAttention", tracer.location(),
+                    "cross-attention (query, key and value differ) is not supported; self-attention takes "
+                    "one tensor (for a bare module pass nothing for key/value in forward_kwargs)",
+                    "MultiheadAttention")
+            if is_causal and attn_mask is None:
+                length = query.shape[1] if module.batch_first else query.shape[0]
+                attn_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+            return self_attention(module, query, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                  path=path), None
+
+        del original
+        module.forward = forward  # type: ignore[method-assign]
+        self.patched.append(module)
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for module in self.patched:
+            del module.forward
+        self.tracer.module_stack.clear()
+        self.tracer.module_types.clear()
+
+
+def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any],
+                datapoint_dim: int = 0) -> tuple[_Tracer, Any, Tensor]:
+    """Run ``forward(x)`` under the tracer; returns ``(tracer, output, x)``.
+
+    ``x`` is the input as the model saw it (a leaf that requires grad for float inputs);
+    ``inputs.shape[datapoint_dim]`` counts the datapoints.
+    """
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise GradGraphError("the model's parameters are on the 'meta' device (no values); load or materialise "
+                             "its weights (e.g. model.to_empty(device='cpu') and load a state dict) first")
+    tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
+    x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
+    tracer.bind_input(x)
+    with torch.enable_grad(), _ModuleTracker(tracer), tracer:
+        output = _run_forward(model, forward, x)
+    return tracer, output, x
+
+
+def _user_frame(traceback: Any) -> str:
+    """``file:line in Class.forward`` of the innermost frame of the user's code in a traceback."""
+    found = "<unknown location>"
+    while traceback is not None:
+        code = traceback.tb_frame.f_code
+        filename = os.path.abspath(code.co_filename)
+        if not filename.startswith(_TORCH_DIR) and not filename.startswith(_GRADGRAPH_DIR):
+            found = f"{os.path.basename(filename)}:{traceback.tb_lineno} in {getattr(code, 'co_qualname', code.co_name)}"
+        traceback = traceback.tb_next
+    return found
+
+
+def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """``forward(x)``; torch's own errors from the model's code become a GradGraphError that
+    names the input and the line of the forward that failed."""
+    try:
+        return forward(x)
+    except (RuntimeError, IndexError, ValueError) as error:
+        if isinstance(error, GradGraphError):
+            raise
+        raise GradGraphError(
+            f"{_user_frame(error.__traceback__)}: {type(model).__name__} failed on inputs of shape "
+            f"{list(x.shape)} ({x.dtype}): {type(error).__name__}: {error}") from error
+
+
+class PlanMismatch(Exception):
+    """A replay performed other ops than the trace it reuses (raised to fall back to a trace)."""
+
+
+class _Replayer(TorchFunctionMode):
+    """Runs a forward, checks each op against a trace's fingerprints and keeps the wanted ones.
+
+    The cheap path of a converter that has seen the architecture: no id tensors, no rules,
+    only the tensors the graph's factors come from.
+    """
+
+    def __init__(self, model: nn.Module, fingerprints: list[tuple], wanted: set[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.fingerprints = fingerprints
+        self.wanted = wanted
+        self.captured: dict[int, tuple[tuple, dict, Any]] = {}
+        self.module_stack: list[str] = []
+        self.module_types: list[str] = []
+        self._module_paths = {id(module): name for name, module in model.named_modules()}
+        self.log: _OpLog | None = None
+        self.op_index = -1
+
+    def location(self) -> str:
+        return "<replay>"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        index = self.log.step(_op_name(func), args, kwargs, output)
+        if index >= len(self.fingerprints) or self.log.fingerprints[-1] != self.fingerprints[index]:
+            raise PlanMismatch(index)
+        if index in self.wanted:
+            self.captured[index] = (args, kwargs, output)
+        return output
+
+
+def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], fingerprints: list[tuple],
+                 wanted: set[int]) -> tuple[_Replayer, Any, Tensor]:
+    """Run ``forward(x)`` checking it against ``fingerprints``; raises :class:`PlanMismatch` if it differs."""
+    replayer = _Replayer(model, fingerprints, wanted)
+    x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
+    replayer.log = _OpLog(x, {id(p): name for name, p in model.named_parameters()})
+    with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer:
+        output = _run_forward(model, forward, x)
+    if replayer.log.count != len(fingerprints):
+        raise PlanMismatch(replayer.log.count)
+    return replayer, output, x
+
+
+def output_sets(tracer: _Tracer, output: Any) -> set[int]:
+    """The neuron sets whose values reach the model output (directly or through opaque ops)."""
+    sets: set[int] = set()
+    for value in tree_flatten(output)[0]:
+        meta = tracer.meta(value) if isinstance(value, Tensor) else None
+        if isinstance(meta, _Neurons):
+            sets.update(meta.versions)
+        elif isinstance(meta, _Opaque):
+            sets.update(meta.sets)
+    return sets

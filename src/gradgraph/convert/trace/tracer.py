@@ -1,0 +1,490 @@
+"""The trace itself: a ``TorchFunctionMode`` that runs every op and follows neurons through it.
+
+The rules for affine maps and embeddings, elementwise ops and norms, and attention live in
+their own modules as mixins of :class:`_Tracer`; this one holds the bookkeeping, the input,
+the dispatch and the shape ops.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from gradgraph.convert.trace.meta import (
+    _broadcast, _feature_row, _GRADGRAPH_DIR, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _OpLog, _Param,
+    _Raw, _Scores, _TORCH_DIR, UnsupportedOperationError, _varies_along,
+)
+from gradgraph.convert.trace.ops import (
+    _ACTIVATIONS, _ADDMM, _BATCH_NORM, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
+    _ELEMENTWISE_FUNCTIONS, _EMBEDDING, _IDENTITY_OPS, _IN_PLACE_HINT, _JOINS, _LAYER_NORM, _LINEAR, _MASK_FILL,
+    _MATMUL, _op_name, _REDUCTIONS, _RMS_NORM, _SDPA, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
+)
+from gradgraph.convert.trace.rules_affine import _AffineRules
+from gradgraph.convert.trace.rules_attention import _AttentionRules
+from gradgraph.convert.trace.rules_elementwise import _ElementwiseRules
+from gradgraph.graph import EdgeKind, NodeKind
+
+class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMode):
+    """Runs ops and follows neurons and components through them (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.num_datapoints = num_datapoints
+        self.datapoint_dim = datapoint_dim
+        self.metas: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (tensor, meta); keeps tensors alive
+        self.sets: list[NeuronSet] = []
+        self.edges: list[tuple[Tensor, Tensor, EdgeKind, int, Tensor | None, Tensor | None]] = []
+        self.ties: list[tuple[Tensor, Tensor]] = []
+        self.attention: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
+        self.num_nodes = 0
+        self.keys: list[int] = []
+        self.param_names: list[str] = []
+        self.param_shapes: list[list[int]] = []
+        self.params: list[Tensor] = []
+        self._param_index: dict[int, int] = {}
+        self._param_name = {id(p): name for name, p in model.named_parameters()}
+        self._param_objects = {id(p): p for p in model.parameters()}
+        self.module_stack: list[str] = []
+        self.module_types: list[str] = []
+        self._module_paths = {id(module): name for name, module in model.named_modules()}
+        self.input_nodes: Tensor | None = None  # per flat input element
+        self.input_comps: Tensor | None = None
+        self.input_tensor: Tensor | None = None
+        self.input_set: NeuronSet | None = None
+        self.log: _OpLog | None = None
+        self.op_index = -1
+        self.captured: dict[int, tuple[tuple, dict, Any]] = {}  # op index -> (args, kwargs, output)
+        #: id(tensor) -> (tensor, op index, recipe): values computed by the tracer itself from
+        #: an op's arguments (a norm's normalised input), so a replay can recompute them
+        self.derived: dict[int, tuple[Tensor, int, tuple]] = {}
+
+    # -------------------------------------------------------------- bookkeeping
+    def meta(self, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return None
+        entry = self.metas.get(id(value))
+        if entry is not None and entry[0] is value:
+            return entry[1]
+        if id(value) in self._param_objects:
+            return _Param(self.param_index(value), torch.arange(value.numel()).reshape(value.shape))
+        return None
+
+    def set_meta(self, tensor: Tensor, meta: Any) -> None:
+        self.metas[id(tensor)] = (tensor, meta)
+
+    def param_index(self, param: Tensor) -> int:
+        index = self._param_index.get(id(param))
+        if index is None:
+            index = len(self.param_names)
+            self._param_index[id(param)] = index
+            self.param_names.append(self._param_name[id(param)])
+            self.param_shapes.append(list(param.shape))
+            self.params.append(param)
+        return index
+
+    def path(self) -> str:
+        return self.module_stack[-1] if self.module_stack else ""
+
+    def location(self) -> str:
+        frame = sys._getframe(1)
+        while frame is not None:
+            filename = os.path.abspath(frame.f_code.co_filename)
+            if not filename.startswith(_TORCH_DIR) and not filename.startswith(_GRADGRAPH_DIR):
+                name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+                return f"{os.path.basename(filename)}:{frame.f_lineno} in {name}"
+            frame = frame.f_back
+        return "<unknown location>"
+
+    def unsupported(self, op: str, reason: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(self.path(), op, self.location(), reason,
+                                         self.module_types[-1] if self.module_types else None)
+
+    def new_set(self, size: int, kind: NodeKind, origin: str, created_by: str) -> NeuronSet:
+        neuron_set = NeuronSet(len(self.sets), self.num_nodes, size, kind, origin, created_by=created_by)
+        self.sets.append(neuron_set)
+        self.num_nodes += size
+        return neuron_set
+
+    def set_of(self, node: int) -> NeuronSet:
+        low, high = 0, len(self.sets) - 1
+        while low < high:  # sets are sorted by first node
+            middle = (low + high + 1) // 2
+            if self.sets[middle].first <= node:
+                low = middle
+            else:
+                high = middle - 1
+        return self.sets[low]
+
+    def sets_in(self, nodes: Tensor) -> list[NeuronSet]:
+        values = torch.unique(nodes[nodes >= 0]).tolist()
+        found: dict[int, NeuronSet] = {}
+        for value in values:
+            neuron_set = self.set_of(value)
+            found[neuron_set.index] = neuron_set
+        return list(found.values())
+
+    def new_key(self, count: int = 1) -> list[int]:
+        start = len(self.keys)
+        self.keys.extend(range(start, start + count))
+        return list(range(start, start + count))
+
+    def next_version(self, versions: dict[int, int]) -> dict[int, int]:
+        result = {}
+        for index in versions:
+            neuron_set = self.sets[index]
+            neuron_set.version_counter += 1
+            result[index] = neuron_set.version_counter
+        return result
+
+    def observe(self, tensor: Tensor, meta: _Neurons) -> None:
+        """Remember ``tensor`` as the newest value of its sets (their act if nothing fixes it)."""
+        if meta.comps is None:
+            return
+        for index, version in meta.versions.items():
+            neuron_set = self.sets[index]
+            if version >= neuron_set.last_version:
+                neuron_set.last_version = version
+                neuron_set.last = (tensor, meta.nodes, meta.comps)
+
+    # -------------------------------------------------------------- input
+    def bind_input(self, tensor: Tensor) -> None:
+        self.input_tensor = tensor
+        self.log = _OpLog(tensor, self._param_name)
+        self.set_meta(tensor, _Raw(torch.arange(tensor.numel()).reshape(tensor.shape)))
+
+    def _datapoint_of(self, element: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(datapoint, within, per_datapoint)`` of flat input elements: the datapoint axis's
+        index and the element's rank among its datapoint's elements (the other axes in order)."""
+        shape = self.input_tensor.shape
+        if not shape:
+            return torch.zeros_like(element), element, 1
+        axis = self.datapoint_dim
+        inner = math.prod(shape[axis + 1:])
+        datapoint = (element // inner) % shape[axis]
+        within = (element // (inner * shape[axis])) * inner + element % inner
+        return datapoint, within, math.prod(shape) // max(shape[axis], 1)
+
+    def neurons_from_raw(self, tensor: Tensor, meta: _Raw, what: str) -> _Neurons:
+        """Fix the layout of the input: the last axis of ``tensor`` holds features (or ids)."""
+        element = meta.element
+        datapoint, within, per_datapoint = self._datapoint_of(element)
+        if tensor.dim() < 1:
+            raise self.unsupported(what, "the input must have a datapoint axis")
+        integer = not tensor.is_floating_point()
+        if self.input_comps is None:
+            self.input_nodes = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
+            self.input_comps = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
+        if integer:  # token ids: every element is one position
+            comps = self._assign_comps(element, datapoint, within)
+            return _Neurons(_ids_like(tensor), comps, {})
+        width = tensor.shape[-1]
+        first_row = element.reshape(-1, width)
+        feature = first_row[0] - first_row[0].min()
+        if per_datapoint % width or not bool((first_row - first_row[:, :1] == feature).all()):
+            raise self.unsupported(what, "the input's features are not its last axis")
+        if self.input_set is None:
+            self.input_set = self.new_set(width, NodeKind.INPUT, "input", "input")
+            self.input_set.pinned = True
+        if self.input_set.size != width:
+            raise self.unsupported(what, f"the input is read with {width} features here but "
+                                   f"{self.input_set.size} elsewhere")
+        nodes = self.input_set.first + _broadcast(feature, tensor.shape).clone()
+        comps = self._assign_comps(element, datapoint, within // width)
+        if tensor.requires_grad:
+            self.input_set.grad_records.append((tensor, nodes, comps))
+        return _Neurons(nodes, comps, {self.input_set.index: 0})
+
+    def _assign_comps(self, element: Tensor, datapoint: Tensor, position: Tensor) -> Tensor:
+        count = int(position.max()) + 1 if position.numel() else 1
+        while len(self.keys) < count:
+            self.new_key()
+        comps = datapoint * KEY_STRIDE + position
+        known = self.input_comps[element.reshape(-1)]
+        if bool(((known >= 0) & (known != comps.reshape(-1))).any()):
+            raise self.unsupported("input", "the input is read with two different layouts")
+        self.input_comps[element.reshape(-1)] = comps.reshape(-1)
+        return comps.clone()
+
+    # -------------------------------------------------------------- the mode
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        name = _op_name(func)
+        output = func(*args, **kwargs)
+        self.op_index = self.log.step(name, args, kwargs, output)
+        flat, _ = tree_flatten((args, kwargs))
+        tracked = [(value, self.meta(value)) for value in flat if isinstance(value, Tensor)]
+        tracked = [(value, meta) for value, meta in tracked if meta is not None]
+        if not tracked:
+            return output
+        self.captured[self.op_index] = (args, kwargs, output)
+        out_flat, _ = tree_flatten(output)
+        if not any(isinstance(value, Tensor) for value in out_flat):
+            return output
+        if name.endswith("_") and not name.endswith("__") or kwargs.get("inplace") is True or (
+            name.startswith("torch.nn.functional.") and len(args) > 1 and args[-1] is True and "dropout" not in name
+            and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"}
+        ):
+            if any(isinstance(meta, _Neurons | _Raw) for _, meta in tracked):
+                raise self.unsupported(name, _IN_PLACE_HINT)
+        self.dispatch(name, func, args, kwargs, output, tracked)
+        return output
+
+    def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
+        metas = [meta for _, meta in tracked]
+        if name in _ELEMENTWISE_FUNCTIONS:
+            return self.unary(args[0], output, name, _ELEMENTWISE_FUNCTIONS[name])
+        if any(isinstance(meta, _Opaque) for meta in metas):
+            if any(isinstance(meta, _Param) for meta in metas):
+                value = next(value for value, meta in tracked if isinstance(meta, _Opaque))
+                self.need_neurons(value, f"{name} with the parameter "
+                                  f"'{self.param_names[next(m for m in metas if isinstance(m, _Param)).index]}'")
+            opaque = next(meta for meta in metas if isinstance(meta, _Opaque))
+            return self.mark_opaque(output, opaque.op, opaque.reason, metas, location=opaque.location,
+                                    path=opaque.path)
+        if name in _LINEAR:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return self.affine(name, args[0], weight, bias, output, transposed=False)
+        if name in _ADDMM:
+            bias, x, weight = args[0], args[1], args[2]
+            if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+                raise self.unsupported(name, "addmm with alpha/beta other than 1")
+            return self.affine(name, x, weight, bias, output, transposed=True)
+        if name in _MATMUL:
+            left, right = (args[1], args[0]) if name == "Tensor.__rmatmul__" else (args[0], args[1])
+            return self.matmul(name, left, right, output)
+        if name in _EMBEDDING:
+            indices = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            options = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args[2:]))
+            options.update({key: value for key, value in kwargs.items() if key not in ("input", "weight")})
+            if options.get("max_norm") is not None:
+                raise self.unsupported(name, "max_norm renormalises the table in place during the forward")
+            if options.get("scale_grad_by_freq"):
+                raise self.unsupported(name, "scale_grad_by_freq scales a row's gradient by its count in the whole "
+                                       "batch, so datapoints' gradients are not separate")
+            return self.embedding(name, indices, weight, output, options.get("padding_idx"))
+        if name in _SDPA:
+            return self.sdpa(name, args, kwargs, output)
+        if name in _LAYER_NORM or name in _RMS_NORM:
+            return self.norm(name, args, kwargs, output)
+        if name in _BATCH_NORM:
+            return self.batch_norm(name, args, kwargs, output)
+        if any(isinstance(meta, _Scores) for meta in metas):
+            return self.scores_op(name, args, kwargs, output, tracked)
+        if name in _SHAPE_OPS or name in _IDENTITY_OPS or name == "Tensor.__getitem__":
+            if name in _IDENTITY_OPS and name.endswith("dropout"):
+                training = kwargs.get("training", args[2] if len(args) > 2 else True)
+                p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+                if training and p > 0:
+                    raise self.unsupported(name, "active dropout changes the function; call model.eval()")
+            return self.shape_op(name, func, args, kwargs, output, tracked)
+        if name in _UNARY:
+            return self.unary(args[0], output, name, _ACTIVATIONS.get(name))
+        if name in _BINARY_ADD or name in _BINARY_MUL or name in _BINARY_OTHER:
+            return self.binary(name, args, kwargs, output)
+        if name in _SOFTMAX:
+            return self.softmax(name, args, kwargs, output)
+        if name in _REDUCTIONS:
+            return self.reduction(name, args, kwargs, output)
+        if name in _MASK_FILL or name in _WHERE:
+            return self.mask_op(name, args, kwargs, output)
+        used = [meta for meta in metas if isinstance(meta, _Param)]
+        if used:
+            kind = "a convolution" if "conv" in name else "this op"
+            raise self.unsupported(
+                name, f"{kind} uses the parameter '{self.param_names[used[0].index]}', and gradgraph has no rule "
+                "for it, so its gradient cannot be written as rank-1 terms on the graph; register a converter for "
+                "the module (gradgraph.register_converter) or write it with linear maps")
+        return self.mark_opaque(output, name, "gradgraph has no rule for this op", metas)
+
+    # -------------------------------------------------------------- opaque values
+    def mark_opaque(self, output: Any, op: str, reason: str, metas: list, *, location: str | None = None,
+                    path: str | None = None) -> None:
+        sets: set[int] = set()
+        for meta in metas:
+            if isinstance(meta, _Neurons):
+                sets.update(meta.versions)
+            elif isinstance(meta, _Opaque):
+                sets.update(meta.sets)
+            elif isinstance(meta, _Scores):
+                sets.update(meta.query.versions)
+                sets.update(meta.key.versions)
+        for index in sets:
+            self.sets[index].pinned = True
+        opaque = _Opaque(op, location or self.location(), self.path() if path is None else path, reason, sets)
+        for value in tree_flatten(output)[0]:
+            if isinstance(value, Tensor):
+                self.set_meta(value, opaque)
+
+    def need_neurons(self, value: Any, what: str) -> _Neurons | None:
+        """The neuron ids of ``value`` (fixing the input's layout); ``None`` for constants."""
+        meta = self.meta(value)
+        if meta is None or isinstance(meta, _Neurons):
+            return meta
+        if isinstance(meta, _Raw):
+            neurons = self.neurons_from_raw(value, meta, what)
+            self.set_meta(value, neurons)
+            return neurons
+        if isinstance(meta, _Opaque):
+            raise UnsupportedOperationError(
+                meta.path, meta.op, meta.location,
+                f"{meta.reason}, and its result reaches {what} at {self.location()}"
+                + (f" (module '{self.path()}')" if self.path() else "")
+                + ". Write it with supported ops, register it with gradgraph.convert.register_elementwise "
+                "if it is elementwise, or register a converter for the whole module",
+            )
+        if isinstance(meta, _Scores):
+            raise self.unsupported(what, "attention scores used as neuron values")
+        raise self.unsupported(what, "a parameter used where gradgraph expects neuron values")
+
+    # -------------------------------------------------------------- shape ops
+    def shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
+        metas = [meta for _, meta in tracked]
+        kinds = {type(meta) for meta in metas}
+        if kinds == {_Param}:
+            return self.replay(func, args, kwargs, output, lambda pos: _Param(metas[0].index, pos),
+                               lambda meta: meta.pos)
+        if kinds == {_Raw}:
+            return self.replay(func, args, kwargs, output, _Raw, lambda meta: meta.element)
+        if _Param in kinds or _Raw in kinds:
+            # a class token concatenated to tokens, or a raw input joined to neurons
+            return self.join_parts(name, func, args, kwargs, output)
+        for value, meta in tracked:
+            if isinstance(meta, _Neurons) and meta.comps is None and name in _JOINS:
+                raise self.unsupported(name, "concatenating values that do not depend on the input")
+        if name in _JOINS:
+            parts = args[0] if args else kwargs["tensors"]
+            # an empty constant (a key/value cache before its first entry) joins nothing
+            kept = [part for part in parts if self.meta(part) is not None or part.numel() > 0]
+            if any(self.meta(part) is None for part in kept):
+                raise self.unsupported(name, "concatenating neuron values with constants (for transformers "
+                                       "models, call them with use_cache=False)")
+            args = (kept, *args[1:]) if args else args
+            kwargs = kwargs if args else {**kwargs, "tensors": kept}
+        nodes = self.replay_ids(func, args, kwargs, lambda meta: meta.nodes)
+        bound = all(meta.comps is not None for meta in metas)
+        comps = self.replay_ids(func, args, kwargs, lambda meta: meta.comps) if bound else None
+        versions: dict[int, int] = {}
+        for meta in metas:
+            for index, version in meta.versions.items():
+                if versions.get(index, version) != version:
+                    raise self.unsupported(name, "joins two versions of the same neurons along their features (as "
+                                           "rotary position embeddings' rotate_half does); rotary embeddings are not "
+                                           "supported")
+                versions[index] = version
+        index_meta = None
+        if any(meta.unbound_index is not None for meta in metas):
+            index_meta = self.replay_ids(func, args, kwargs, lambda meta: meta.unbound_index)
+        outputs = output if isinstance(output, tuple | list) else [output]
+        node_outs = nodes if isinstance(nodes, tuple | list) else [nodes]
+        comp_outs = comps if isinstance(comps, tuple | list) else [comps] * len(outputs)
+        index_outs = index_meta if isinstance(index_meta, tuple | list) else [index_meta] * len(outputs)
+        for value, node_ids, comp_ids, index_ids in zip(outputs, node_outs, comp_outs, index_outs):
+            if isinstance(value, Tensor):
+                meta = _Neurons(node_ids, comp_ids, dict(versions), index_ids)
+                self.set_meta(value, meta)
+                self.observe(value, meta)
+
+    def replay_ids(self, func: Any, args: tuple, kwargs: dict, pick: Callable[[Any], Tensor | None]) -> Any:
+        def substitute(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                meta = self.meta(value)
+                if meta is not None:
+                    ids = pick(meta)
+                    if ids is None:
+                        return _ids_like(value)
+                    return ids
+            return value
+
+        new_args, new_kwargs = tree_map(substitute, (args, kwargs))
+        new_kwargs = {key: value for key, value in new_kwargs.items() if key not in ("dtype", "memory_format")}
+        if func in (Tensor.to, Tensor.type, Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.cpu,
+                    Tensor.cuda, Tensor.type_as, F.dropout, torch.dropout):
+            return new_args[0]
+        with torch.no_grad():
+            return func(*new_args, **new_kwargs)
+
+    def replay(self, func: Any, args: tuple, kwargs: dict, output: Any, make: Callable[[Tensor], Any],
+               pick: Callable[[Any], Tensor]) -> None:
+        """Apply a shape op to a parameter's positions or the raw input's element ids."""
+        result = self.replay_ids(func, args, kwargs, pick)
+        outputs = output if isinstance(output, tuple | list) else [output]
+        results = result if isinstance(result, tuple | list) else [result]
+        for value, ids in zip(outputs, results):
+            if isinstance(value, Tensor):
+                self.set_meta(value, make(ids))
+
+    def join_parts(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        """``cat`` of a class token (a parameter) with token neurons along positions."""
+        if name not in _CONCATENATIONS:
+            raise self.unsupported(name, "mixes a parameter or the raw input with neuron values")
+        parts = args[0]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        neuron_parts = [self.need_neurons(part, name) if not isinstance(self.meta(part), _Param) else None
+                        for part in parts]
+        bound = [meta for meta in neuron_parts if meta is not None and meta.comps is not None]
+        if not bound:
+            raise self.unsupported(name, "no part of this concatenation depends on the input")
+        axis = dim % output.dim()
+        datapoint_axes = [a for a in range(output.dim()) if _varies_along(bound[0].comps // KEY_STRIDE, a)]
+        datapoint_axis = datapoint_axes[0] if len(datapoint_axes) == 1 else 0
+        if axis == output.dim() - 1 or axis == datapoint_axis:
+            raise self.unsupported(name, "a parameter concatenated along the feature or datapoint axis")
+        width = output.shape[-1]
+        merged = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
+        merged_nodes = merged.first + torch.arange(width)
+        comps_parts, node_parts, tokens = [], [], []
+        for part, meta in zip(parts, neuron_parts):
+            if meta is None:  # the parameter: a class-token set with the parameter as bias
+                param = self.meta(part)
+                token = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} class token", "token_param")
+                pos = param.pos
+                first = pos.reshape(-1, width)
+                if not bool((first == first[:1]).all()):
+                    raise self.unsupported(name, "a concatenated parameter that differs between positions; "
+                                           "use one token per parameter")
+                token.bias_param, token.bias_pos = param.index, first[0].clone()
+                count = part.shape[axis]
+                keys = torch.tensor(self.new_key(count))
+                shape = [1] * part.dim()
+                shape[axis] = count
+                datapoint_shape = [1] * part.dim()
+                datapoint_shape[datapoint_axis] = part.shape[datapoint_axis]
+                comps = (torch.arange(part.shape[datapoint_axis]).reshape(datapoint_shape) * KEY_STRIDE
+                         + keys.reshape(shape))
+                comps = _broadcast(comps, part.shape).clone()
+                self.edges.append((token.first + torch.arange(width), merged_nodes, EdgeKind.MERGE, -1, None, None))
+                self.ties.append((token.first + torch.arange(width), merged_nodes))
+                node_parts.append(_broadcast(token.first + torch.arange(width), part.shape))
+                comps_parts.append(comps)
+                tokens.append(token)
+            else:
+                row = _feature_row(meta.nodes)
+                if row is None:
+                    raise self.unsupported(name, "concatenates tensors whose features are not one neuron set")
+                self.fix_act(part, meta, name)
+                self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
+                self.ties.append((row, merged_nodes))
+                node_parts.append(meta.nodes)
+                comps_parts.append(meta.comps)
+        comps = torch.cat(comps_parts, dim=axis)
+        token_nodes = torch.cat(node_parts, dim=axis)
+        for token in tokens:  # their factors live at the class-token positions of the output
+            token.grad_records.append((output, token_nodes, comps))
+            token.act_records.append((output, token_nodes, comps))
+            token.act_version = 0
+        meta = _Neurons(_broadcast(merged_nodes, output.shape).clone(), comps, {merged.index: 0})
+        merged.grad_records.append((output, meta.nodes, comps))
+        self.set_meta(output, meta)
+        self.observe(output, meta)
