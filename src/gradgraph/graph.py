@@ -332,13 +332,16 @@ class GradGraph(Data):
         node_sum.index_add_(1, sample, node_grads)
         return edge_sum, node_sum
 
-    def _parameter_blocks(self) -> list[tuple[int, str, Tensor, Tensor, Tensor]]:
-        """Edges and bias nodes grouped by parameter: ``(param, how, rows, cols, positions)``.
+    def _parameter_blocks(self) -> list[tuple[int, str, Tensor, Tensor, Tensor, slice | None]]:
+        """Edges and bias nodes grouped by parameter: ``(param, how, rows, cols, positions, span)``.
 
         ``how`` is ``"dense"`` for a full weight block (``rows`` = destination nodes,
         ``cols`` = source nodes, ``positions [rows, cols]``), ``"edges"`` for any other set
         of edges (``rows`` = dst, ``cols`` = src, ``positions`` per edge) and ``"nodes"`` for
-        biases (``rows`` = nodes). Cached per graph: it depends only on the slots.
+        biases (``rows`` = nodes). ``span`` is the slice of the flat parameter that
+        ``positions`` covers when it is consecutive in order (an ``nn.Linear`` weight or bias),
+        so the block is written with one slice instead of an index. Cached per graph: it
+        depends only on the slots.
         """
         cached = self.__dict__.get("_blocks_cache")
         if cached is not None:
@@ -358,13 +361,14 @@ class GradGraph(Data):
                     positions = torch.full((len(rows), len(cols)), -1, dtype=torch.long, device=k_pos.device)
                     positions[row_index, col_index] = k_pos
                     if bool((positions >= 0).all()):
-                        blocks.append((param, "dense", rows, cols, positions))
+                        blocks.append((param, "dense", rows, cols, positions, _consecutive(positions)))
                         continue
-                blocks.append((param, "edges", k_dst, k_src, k_pos))
+                blocks.append((param, "edges", k_dst, k_src, k_pos, _consecutive(k_pos)))
         for param in torch.unique(self.node_param[self.node_param >= 0]).tolist():
             mask = self.node_param == param
             nodes = torch.nonzero(mask).flatten()
-            blocks.append((param, "nodes", nodes, nodes, self.node_param_pos[mask]))
+            positions = self.node_param_pos[mask]
+            blocks.append((param, "nodes", nodes, nodes, positions, _consecutive(positions)))
         self.__dict__["_blocks_cache"] = blocks
         return blocks
 
@@ -379,8 +383,16 @@ class GradGraph(Data):
             sample, torch.arange(num_datapoints, device=sample.device).repeat_interleave(tokens)
         )
         flats: dict[int, Tensor] = {}
-        for param, how, rows, cols, positions in self._parameter_blocks():
+        for param, how, rows, cols, positions, span in self._parameter_blocks():
             numel = _numel(self.param_shapes[param])
+            whole = param not in flats and span == slice(0, numel)
+            if how == "dense" and whole and regular and not reduce_mean:
+                # the block is the whole parameter in order (an nn.Linear weight): the batched
+                # outer products are the result, [b, rows, cols] row-major, nothing to scatter
+                grad_rows = self.grad[rows].reshape(len(rows), num_datapoints, tokens).permute(1, 0, 2)
+                act_cols = self.act[cols].reshape(len(cols), num_datapoints, tokens).permute(1, 2, 0)
+                flats[param] = torch.bmm(grad_rows, act_cols).reshape(num_datapoints, numel)
+                continue
             if param not in flats:
                 shape = (numel,) if reduce_mean else (num_datapoints, numel)
                 flats[param] = self.act.new_zeros(shape)
@@ -389,19 +401,16 @@ class GradGraph(Data):
                 grad_rows, act_cols = self.grad[rows], self.act[cols]
                 if reduce_mean:
                     values = (grad_rows @ act_cols.T) / num_datapoints  # [rows, cols]
-                    target.index_add_(0, positions.reshape(-1), values.reshape(-1))
+                    _add_at(target, span, positions.reshape(-1), values.reshape(-1))
                     continue
                 if regular:
-                    values = torch.einsum(
-                        "obk,ibk->boi",
-                        grad_rows.reshape(len(rows), num_datapoints, tokens),
-                        act_cols.reshape(len(cols), num_datapoints, tokens),
-                    )
+                    values = torch.bmm(grad_rows.reshape(len(rows), num_datapoints, tokens).permute(1, 0, 2),
+                                       act_cols.reshape(len(cols), num_datapoints, tokens).permute(1, 2, 0))
                 else:
                     per_component = torch.einsum("ob,ib->boi", grad_rows, act_cols)
                     values = per_component.new_zeros(num_datapoints, *per_component.shape[1:])
                     values.index_add_(0, sample, per_component)
-                target.index_add_(1, positions.reshape(-1), values.reshape(num_datapoints, -1))
+                _add_at(target, span, positions.reshape(-1), values.reshape(num_datapoints, -1))
                 continue
             per_edge = self.grad[rows] if how == "nodes" else self.act[cols] * self.grad[rows]  # [k, B]
             if regular:
@@ -410,9 +419,9 @@ class GradGraph(Data):
                 per_datapoint = per_edge.new_zeros(len(rows), num_datapoints)
                 per_datapoint.index_add_(1, sample, per_edge)
             if reduce_mean:
-                target.index_add_(0, positions, per_datapoint.mean(dim=1))
+                _add_at(target, span, positions, per_datapoint.mean(dim=1))
             else:
-                target.index_add_(1, positions, per_datapoint.T.contiguous())
+                _add_at(target, span, positions, per_datapoint.T)
         result = {}
         for param, flat in flats.items():
             shape = self.param_shapes[param]
@@ -473,6 +482,27 @@ class GradGraph(Data):
             f"components={self.num_components}, datapoints={int(self.num_datapoints)}, "
             f"parameters={sum(_numel(s) for s in self.param_shapes)})"
         )
+
+
+def _consecutive(positions: Tensor) -> slice | None:
+    """The slice ``positions`` (flattened) equals, if it is ``start, start + 1, ...``."""
+    flat = positions.reshape(-1)
+    if flat.numel() == 0:
+        return None
+    start = int(flat[0])
+    if bool((flat == start + torch.arange(flat.numel(), device=flat.device)).all()):
+        return slice(start, start + flat.numel())
+    return None
+
+
+def _add_at(target: Tensor, span: slice | None, positions: Tensor, values: Tensor) -> None:
+    """``target[..., positions] += values`` over the last axis: a slice add when ``span`` is given."""
+    if span is not None:
+        target[..., span] += values
+    elif target.dim() == 1:
+        target.index_add_(0, positions, values)
+    else:
+        target.index_add_(1, positions, values.contiguous())
 
 
 def _numel(shape: Any) -> int:
