@@ -8,16 +8,15 @@ The models, their parameterisation and the metric are described in the package d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gradgraph.errors import GradGraphError
-from gradgraph.nn import ComponentConv, GradMetaNet, GradMetaNetPlusPlus
+from gradgraph.nn import GradMetaNetOutput, GradMetaNetPlusPlus
 from gradgraph.nn.sparse import channel_sddmm
 from gradgraph.tasks.curvature.data import _TINY, CurvatureBatch, CurvatureSource, normalised_l2
+from gradgraph.tasks.models import build_gradmetanet, mean_gradient, per_graph_outputs
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -192,13 +191,8 @@ class GradMetaNetEstimator(nn.Module):
     @staticmethod
     def build_net(config: ModelConfig, num_param_kinds: int) -> nn.Module:
         """The metanetwork: per-edge and per-node outputs ``r``, component outputs (datapoint scores)."""
-        return GradMetaNet(
-            config.hidden_channels,
-            component_channels=config.component_channels,
-            num_component_layers=config.num_component_layers,
-            num_node_layers=config.num_node_layers,
-            product_channels=config.product_channels,
-            component_layer=partial(ComponentConv, edge_messages=config.component_edge_messages),
+        return build_gradmetanet(
+            config,
             component_out_channels=num_param_kinds if config.reweight_datapoints else 0,
             component_density_heads=config.density_heads if config.reweight_datapoints else 0,
         )
@@ -326,14 +320,11 @@ class AverageGradientGMN(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.net = GradMetaNet(config.hidden_channels, num_component_layers=0, num_node_layers=config.num_node_layers)
+        self.net = build_gradmetanet(config, components=False)
         self.limit = 30.0
 
     def forward(self, batch: CurvatureBatch) -> Tensor:
-        source = batch.source
-        src, dst = source.edge_index
-        mean_edge = (batch.act[:, src] * batch.grad[:, dst]).mean(-1)
-        mean_node = batch.grad.mean(-1)
+        mean_edge, mean_node = mean_gradient(batch.act, batch.grad, batch.source.edge_index)
         graphs = batch.graphs(extra_x=_symlog(mean_node)[..., None], extra_edge_attr=_symlog(mean_edge)[..., None])
         return _per_parameter(self.net(graphs), batch).clamp(-self.limit, self.limit).exp()
 
@@ -350,7 +341,7 @@ class CollapsedGMN(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.net = GradMetaNet(config.hidden_channels, num_component_layers=0, num_node_layers=config.num_node_layers)
+        self.net = build_gradmetanet(config, components=False)
         self.correction = _Correction(config.max_log_correction)
 
     def forward(self, batch: CurvatureBatch) -> Tensor:
@@ -393,12 +384,10 @@ class ConcatenatedGradientMLP(nn.Module):
         return self.correction(batch.standard, self.body(hidden)[..., 0])
 
 
-def _per_parameter(output: Any, batch: CurvatureBatch) -> Tensor:
+def _per_parameter(output: GradMetaNetOutput, batch: CurvatureBatch) -> Tensor:
     """``[G, P]`` channel 0 of a GradMetaNetOutput's edge outputs, then its bias-node outputs."""
-    num_graphs = batch.num_graphs
-    edge = output.edge[:, 0].reshape(num_graphs, -1)
-    node = output.node[:, 0].reshape(num_graphs, -1)[:, batch.source.bias_nodes]
-    return torch.cat([edge, node], dim=1)
+    edge, node = per_graph_outputs(output, batch.num_graphs)
+    return torch.cat([edge, node[:, batch.source.bias_nodes]], dim=1)
 
 
 def build_model(name: str, source: CurvatureSource, config: ModelConfig) -> nn.Module:
