@@ -22,7 +22,9 @@ import gradgraph.data.curvature as curvature_data
 from gradgraph.data import SirenZooConfig, load_curvature_data
 from gradgraph.distributed import DistributedContext, DistributedError, init_distributed, shard_indices
 from gradgraph.errors import GradGraphError
-from gradgraph.tasks.curvature import CurvatureSource, ModelConfig, _error, _loss, build_model
+from gradgraph.tasks.curvature import CurvatureSource, ModelConfig, build_model
+from gradgraph.tasks.curvature import curvature_error as _error
+from gradgraph.tasks.curvature import curvature_loss as _loss
 from gradgraph.tasks.training import LoaderSource, TrainConfig, evaluate, fit
 
 # 7 training networks in batches of 3: global batches of 3, 3 and 1 items, so the ranks'

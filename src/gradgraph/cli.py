@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "run_demo"]
 
@@ -100,64 +101,17 @@ def _curvature_command(args: argparse.Namespace) -> int:
     from gradgraph.tasks.curvature import preset, results_table, run_curvature
 
     config = preset(args.preset)
-    zoo, train = config.zoo, config.train
     if args.nets is not None:
         # Keep the preset's split proportions for the new zoo size.
         total = config.num_train + config.num_val + config.num_test
         num_val = max(1, round(args.nets * config.num_val / total))
         num_test = max(1, round(args.nets * config.num_test / total))
-        zoo = replace(zoo, num_nets=args.nets)
-        config = replace(
-            config, zoo=zoo, num_train=args.nets - num_val - num_test, num_val=num_val, num_test=num_test
-        )
-    if args.epochs is not None:
-        train = replace(train, epochs=args.epochs)
-    if args.lr is not None:
-        train = replace(train, lr=args.lr)
-    if args.batch_size is not None:
-        train = replace(train, batch_size=args.batch_size)
-    config = replace(
-        config,
-        zoo=zoo,
-        train=train,
-        seeds=tuple(range(args.seeds)) if args.seeds is not None else config.seeds,
-        models=tuple(args.models) if args.models else config.models,
-        output_dir=args.output_dir,
-        cache_root=args.cache_dir,
-        progress=not args.quiet,
-        device=args.device,
-    )
-    from gradgraph.distributed import DistributedError, init_distributed
-
-    try:
-        context = init_distributed(args.device, timeout_s=args.dist_timeout)
-    except DistributedError as error:
-        print(f"gradgraph curvature: {error}", file=sys.stderr, flush=True)
-        return 1
-    if context.is_main_process:
-        print(
-            f"gradgraph curvature ({args.preset}): {config.zoo.num_nets} SIRENs "
-            f"(train {config.num_train} / val {config.num_val} / test {config.num_test}), "
-            f"{config.train.epochs} epochs, seeds {list(config.seeds)}, device {context.device}"
-            + (f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""),
-            flush=True,
-        )
-    try:
-        results = run_curvature(config, context)
-    except DistributedError as error:
-        # One clear line instead of a traceback per rank; torchrun then stops the other ranks.
-        print(f"gradgraph curvature: {error}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        context.teardown()
-    if not context.is_main_process:
-        return 0  # rank 0 prints and writes for the whole job
-    print()
-    print(results_table(results))
-    print(f"\nmetric: {results['metric']}")
-    print(f"wall time {results['wall_seconds']:.0f}s; wrote {config.output_dir / 'results.json'} and "
-          f"{config.output_dir / 'curvature.png'}")
-    return 0
+        config = replace(config, zoo=replace(config.zoo, num_nets=args.nets), num_train=args.nets - num_val - num_test,
+                         num_val=num_val, num_test=num_test)
+    config = _apply_experiment_flags(config, args)
+    return _run_experiment("curvature", args, config, run_curvature, results_table,
+                           items=f"{config.zoo.num_nets} SIRENs",
+                           outputs=[config.output_dir / "results.json", config.output_dir / "curvature.png"])
 
 
 def add_experiment_flags(parser: argparse.ArgumentParser, *, item: str, models: Sequence[str], output_dir: Path,
@@ -182,6 +136,82 @@ def add_experiment_flags(parser: argparse.ArgumentParser, *, item: str, models: 
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                         help="cpu (default), cuda, or auto (cuda when available); under torchrun rank r of a machine "
                              "uses cuda:LOCAL_RANK")
+    parser.add_argument("--dist-timeout", type=float, default=None,
+                        help="seconds a rank waits for the others under torchrun before the job fails "
+                             "(default $GRADGRAPH_DIST_TIMEOUT or 300)")
+
+
+def _apply_experiment_flags(config: Any, args: argparse.Namespace) -> Any:
+    """``config`` (a task's config dataclass, e.g. from its preset) with the flags of
+    :func:`add_experiment_flags` applied: the schedule where given, seeds ``0..n-1``, models,
+    output and cache directories, progress, device."""
+    from dataclasses import replace
+
+    schedule = {name: getattr(args, name) for name in ("epochs", "lr", "batch_size") if getattr(args, name) is not None}
+    return replace(
+        config,
+        train=replace(config.train, **schedule),
+        seeds=tuple(range(args.seeds)) if args.seeds is not None else config.seeds,
+        models=tuple(args.models) if args.models else config.models,
+        output_dir=args.output_dir,
+        cache_root=args.cache_dir,
+        progress=not args.quiet,
+        device=args.device,
+    )
+
+
+def _run_experiment(command: str, args: argparse.Namespace, config: Any, run: Callable[[Any, Any], dict[str, Any]],
+                    results_table: Callable[[dict[str, Any]], str], *, items: str, outputs: Sequence[Path],
+                    notes: Callable[[dict[str, Any]], Sequence[str]] = lambda results: ()) -> int:
+    """Run one experiment from its flags and print its report; returns the exit code.
+
+    Opens the processes (``torchrun``'s environment, ``--device``, ``--dist-timeout``), prints
+    a header on rank 0, calls ``run(config, context)``, and on rank 0 prints the results
+    table, the metric, ``notes(results)`` and the wall time and files written. A lost or
+    hung rank ends the command with one line on stderr and exit code 1.
+
+    Args:
+        command: the subcommand, for messages.
+        config: the task's config with the flags applied (:func:`_apply_experiment_flags`).
+        run, results_table: the task's run function and table.
+        items: what the experiment learns on, for the header (``"2000 SIRENs"``).
+        outputs: the files the run writes, for the last line.
+        notes: extra lines of the report.
+    """
+    from gradgraph.distributed import DistributedError, init_distributed
+
+    try:
+        context = init_distributed(args.device, timeout_s=args.dist_timeout)
+    except DistributedError as error:
+        print(f"gradgraph {command}: {error}", file=sys.stderr, flush=True)
+        return 1
+    if context.is_main_process:
+        print(
+            f"gradgraph {command} ({args.preset}): {items} "
+            f"(train {config.num_train} / val {config.num_val} / test {config.num_test}), "
+            f"{config.train.epochs} epochs, seeds {list(config.seeds)}, device {context.device}"
+            + (f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""),
+            flush=True,
+        )
+    try:
+        results = run(config, context)
+    except DistributedError as error:
+        # One clear line instead of a traceback per rank; torchrun then stops the other ranks.
+        print(f"gradgraph {command}: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        context.teardown()
+    if not context.is_main_process:
+        return 0  # rank 0 prints and writes for the whole job
+    print()
+    print(results_table(results))
+    print(f"\nmetric: {results['metric']}")
+    for line in notes(results):
+        print(line)
+    written = [str(path) for path in outputs]
+    print(f"wall time {results['wall_seconds']:.0f}s; wrote "
+          + (", ".join(written[:-1]) + " and " if len(written) > 1 else "") + written[-1])
+    return 0
 
 
 def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -197,9 +227,6 @@ def add_curvature_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--nets", type=int, default=None, help="zoo size (splits keep the preset's proportions)")
     add_experiment_flags(parser, item="networks", models=MODEL_NAMES, output_dir=Path("runs/curvature"),
                          outputs="results.json and plot", cache="dataset cache root")
-    parser.add_argument("--dist-timeout", type=float, default=None,
-                        help="seconds a rank waits for the others under torchrun before the job fails "
-                             "(default $GRADGRAPH_DIST_TIMEOUT or 300)")
     parser.set_defaults(func=_curvature_command)
 
 
@@ -212,43 +239,19 @@ SUBCOMMANDS.append(add_learned_optimizer_parser)
 
 
 def _inr_edit_command(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from gradgraph.tasks.inr_editing.run import preset, results_table, run_inr_editing
 
-    config = preset(args.preset)
-    train = config.train
-    if args.epochs is not None:
-        train = replace(train, epochs=args.epochs)
-    if args.lr is not None:
-        train = replace(train, lr=args.lr)
-    if args.batch_size is not None:
-        train = replace(train, batch_size=args.batch_size)
-    config = replace(
-        config,
-        train=train,
-        seeds=tuple(range(args.seeds)) if args.seeds is not None else config.seeds,
-        models=tuple(args.models) if args.models else config.models,
-        device=args.device,
-        output_dir=args.output_dir,
-        cache_root=args.cache_dir,
-        progress=not args.quiet and config.progress,
+    config = _apply_experiment_flags(preset(args.preset), args)
+    resolution = config.zoo.resolution
+    return _run_experiment(
+        "inr-edit", args, config, run_inr_editing, results_table,
+        items=f"{config.zoo.num_images} SIRENs on {resolution}x{resolution} digits",
+        outputs=[config.output_dir / name for name in ("results.json", "inr_edits.png", "inr_learning_curves.png")],
+        notes=lambda results: [
+            f"zoo fit: PSNR mean {results['zoo']['psnr_mean']:.1f} dB, min {results['zoo']['psnr_min']:.1f} dB",
+            f"targets: {results['targets']}",
+        ],
     )
-    print(
-        f"gradgraph inr-edit ({args.preset}): {config.zoo.num_images} SIRENs on "
-        f"{config.zoo.resolution}x{config.zoo.resolution} digits (train {config.num_train} / val {config.num_val} / "
-        f"test {config.num_test}), {config.train.epochs} epochs, seeds {list(config.seeds)}, device {config.device}",
-        flush=True,
-    )
-    results = run_inr_editing(config)
-    print()
-    print(results_table(results))
-    print(f"\nmetric: {results['metric']}")
-    print(f"zoo fit: PSNR mean {results['zoo']['psnr_mean']:.1f} dB, min {results['zoo']['psnr_min']:.1f} dB")
-    print(f"targets: {results['targets']}")
-    print(f"wall time {results['wall_seconds']:.0f}s; wrote {config.output_dir / 'results.json'}, "
-          f"{config.output_dir / 'inr_edits.png'} and {config.output_dir / 'inr_learning_curves.png'}")
-    return 0
 
 
 def add_inr_edit_parser(subparsers: argparse._SubParsersAction) -> None:

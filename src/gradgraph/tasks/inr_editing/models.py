@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -42,8 +41,9 @@ from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
-from gradgraph.nn import ComponentConv, GradMetaNet, GradMetaNetOutput, GradMetaNetPlusPlus, ScaleEquivariant
+from gradgraph.nn import GradMetaNetOutput, GradMetaNetPlusPlus, ScaleEquivariant
 from gradgraph.tasks.inr_editing.data import InrBatch, InrSource
+from gradgraph.tasks.models import build_gradmetanet, mean_gradient, per_graph_outputs
 
 __all__ = ["BASE_MODELS", "DEFAULT_MODELS", "MODEL_LABELS", "MODEL_NAMES", "EditModelConfig", "EditNet", "FeatureScales", "InrEditor",
            "NoEdit", "build_model", "describe"]
@@ -176,16 +176,7 @@ class EditNet(nn.Module):
             )
             self.config = config
             return
-        self.net = GradMetaNet(
-            config.hidden_channels,
-            component_channels=config.component_channels if uses_gradients else None,
-            num_component_layers=config.num_component_layers if uses_gradients else 0,
-            num_node_layers=config.num_node_layers,
-            product_channels=config.product_channels,
-            component_layer=partial(ComponentConv, edge_messages=config.component_edge_messages),
-            edge_out_channels=1,
-            node_out_channels=1,
-        )
+        self.net = build_gradmetanet(config, components=uses_gradients, edge_out_channels=1, node_out_channels=1)
         self.config = config
 
     def reset_parameters(self) -> None:
@@ -227,9 +218,8 @@ class EditNet(nn.Module):
         r"""``(−η_{l(k)} s^w_{l(k)} ḡ_{j→k} / (s^a_{l(j)} s^g_{l(k)}) [E, 1],  −η'_{l(k)} s^b_{l(k)} ḡ_k / s^g_{l(k)} [N, 1])``
         with ``ḡ_{j→k} = mean_i act[j, i] grad[k, i]`` and ``ḡ_k = mean_i grad[k, i]`` the mean
         probe gradient, in units of the layer's weight RMS per unit of normalised gradient."""
-        src, dst = graph.edge_index
-        mean_edge = (graph.act[src] * graph.grad[dst]).mean(dim=1)
-        mean_node = graph.grad.mean(dim=1)
+        src = graph.edge_index[0]
+        mean_edge, mean_node = mean_gradient(graph.act, graph.grad, graph.edge_index)
         edge_units = self.weight_scale[edge_layer] / (self.act_scale[node_layer[src]] * self.grad_scale[edge_layer])
         node_units = self.bias_scale[node_layer] / self.grad_scale[node_layer]
         edge = -(self.weight_step[edge_layer] * edge_units * mean_edge)[:, None]
@@ -266,9 +256,7 @@ class InrEditor(nn.Module):
     def forward(self, batch: InrBatch) -> tuple[Tensor, Tensor]:
         """The edited INRs' ``(weight [G, E], bias [G, N])`` in graph order."""
         graphs = batch.graphs(extra_x=self.graph_features(batch))
-        output = self.graph_model(graphs)
-        delta_w = output.edge[:, 0].reshape(batch.num_graphs, -1)
-        delta_b = output.node[:, 0].reshape(batch.num_graphs, -1)
+        delta_w, delta_b = per_graph_outputs(self.graph_model(graphs), batch.num_graphs)
         return batch.weight + delta_w, batch.bias + delta_b
 
 

@@ -9,10 +9,7 @@ lowest validation MSE, report the test MSE (mean over test INRs; then mean ± st
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ from gradgraph.data.inr_zoo import InrZoo, InrZooConfig, load_inr_zoo
 from gradgraph.distributed import DistributedContext
 from gradgraph.errors import GradGraphError
 from gradgraph.tasks import experiment
-from gradgraph.tasks.experiment import DEVICE_CHOICES, SeedRun, check_experiment
+from gradgraph.tasks.experiment import ExperimentRun, SeedRun, check_experiment
 from gradgraph.tasks.inr_editing.data import InrBatch, InrSource, mse_per_inr
 from gradgraph.tasks.inr_editing.models import (
     MODEL_LABELS,
@@ -35,7 +32,7 @@ from gradgraph.tasks.inr_editing.models import (
     build_model,
     describe,
 )
-from gradgraph.tasks.training import FitResult, TrainConfig, evaluate, fit
+from gradgraph.tasks.training import TrainConfig
 
 __all__ = ["METRIC", "InrEditConfig", "edit_error", "edit_loss", "make_splits", "plot_edits", "preset", "results_table",
            "run_inr_editing", "run_one"]
@@ -84,9 +81,7 @@ class InrEditConfig:
     def __post_init__(self) -> None:
         check_experiment("InrEditConfig", "INR", models=self.models, known=MODEL_NAMES,
                          splits=(self.num_train, self.num_val, self.num_test), available=self.zoo.num_images,
-                         seeds=self.seeds)
-        if self.device not in DEVICE_CHOICES and not str(self.device).startswith("cuda:"):
-            raise GradGraphError(f"InrEditConfig.device must be one of {DEVICE_CHOICES} or cuda:K, got {self.device!r}")
+                         seeds=self.seeds, device=self.device)
         self.output_dir = Path(self.output_dir)
 
 
@@ -140,11 +135,7 @@ def edit_loss(model: nn.Module, batch: InrBatch) -> Tensor:
 def make_splits(config: InrEditConfig, zoo: InrZoo, device: torch.device | str = "cpu") -> dict[str, InrSource]:
     """Train / val / test sources on ``device`` (one shared graph batcher)."""
     order = torch.randperm(len(zoo), generator=torch.Generator().manual_seed(config.split_seed))
-    bounds = {
-        "train": (0, config.num_train),
-        "val": (config.num_train, config.num_train + config.num_val),
-        "test": (config.num_train + config.num_val, config.num_train + config.num_val + config.num_test),
-    }
+    bounds = experiment.split_bounds(config.num_train, config.num_val, config.num_test)
     splits: dict[str, InrSource] = {}
     batcher: GraphBatcher | None = None
     for name, (start, stop) in bounds.items():
@@ -159,18 +150,10 @@ def run_one(name: str, seed: int, config: InrEditConfig, splits: dict[str, InrSo
     (best-validation weights) is left in ``trained[name]``."""
     torch.manual_seed(seed)
     model = build_model(name, scales, config.model, int(splits["train"].act.shape[-1])).to(context.device)
-    if not any(p.requires_grad for p in model.parameters()):
-        val_error = float(evaluate(model, splits["val"], edit_error, context=context).mean())
-        fit_result = FitResult(history=[{"epoch": 0, "train_loss": math.nan, "val_error": val_error, "seconds": 0.0}],
-                               best_val_error=val_error)
-    else:
-        train = replace(config.train, seed=seed, progress=config.progress and context.is_main_process,
-                        description=f"{name} seed {seed}")
-        fit_result = fit(model, splits["train"], splits["val"], edit_loss, edit_error, train, context=context)
-    test_errors = evaluate(model, splits["test"], edit_error, context=context)
+    seed_run = experiment.train_and_test(model, splits, edit_loss, edit_error, config.train, seed=seed, name=name,
+                                         progress=config.progress, context=context, description=describe(model))
     trained[name] = model
-    return SeedRun(seed=seed, test_error=float(test_errors.mean()), fit=fit_result,
-                   parameters=sum(p.numel() for p in model.parameters()), description=describe(model))
+    return seed_run
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -242,41 +225,22 @@ def run_inr_editing(config: InrEditConfig, context: DistributedContext | None = 
         (``improvement_pct``), training seconds, best epochs and learning curves; the zoo's
         fit quality (PSNR), the issue's targets checked, and the wall time.
     """
-    owns_context = context is None
-    context = experiment.init_distributed(config.device) if context is None else context
-    try:
-        start = time.perf_counter()
-        zoo = load_inr_zoo(config.zoo, cache_root=config.cache_root,
-                           progress=config.progress and context.is_main_process, context=context)
-        data_seconds = time.perf_counter() - start
-        splits = make_splits(config, zoo, context.device)
+    with ExperimentRun.open(config, METRIC, context) as run:
+        zoo = run.load(load_inr_zoo)
+        splits = make_splits(config, zoo, run.context.device)
         scales = FeatureScales.measure(splits["train"])
-        zoo_quality = {"num_inrs": len(zoo), "resolution": config.zoo.resolution,
-                       "psnr_mean": float(zoo.psnr.mean()), "psnr_min": float(zoo.psnr.min())}
-        results = experiment.new_results(METRIC, config, context, data_seconds=data_seconds, zoo=zoo_quality)
-        models = ["no_edit", *[name for name in config.models if name != "no_edit"]]
+        run.start_results(zoo={"num_inrs": len(zoo), "resolution": config.zoo.resolution,
+                               "psnr_mean": float(zoo.psnr.mean()), "psnr_min": float(zoo.psnr.min())})
         trained: dict[str, nn.Module] = {}
-        for name in models:
-            results["models"][name] = experiment.run_seeds(
-                partial(run_one, name, config=config, splits=splits, scales=scales, context=context, trained=trained),
-                config.seeds if name not in DETERMINISTIC_MODELS else (0,),
-                label=MODEL_LABELS[name],
-                name=name,
-                context=context,
-                log=config.progress,
-            )
-            results["wall_seconds"] = time.perf_counter() - start
-            experiment.write_results(results, config.output_dir, context)  # partial results survive an interrupt
-        experiment.add_improvement(results, reference=_reference(results))
-        results["targets"] = _targets(results["models"])
-        results["wall_seconds"] = time.perf_counter() - start
-        experiment.write_results(results, config.output_dir, context)
-        if context.is_main_process:
+        run.run_models(
+            lambda name, seed: run_one(name, seed, config, splits, scales, run.context, trained),
+            labels=MODEL_LABELS, baseline="no_edit", deterministic=DETERMINISTIC_MODELS,
+        )
+        run.results["targets"] = _targets(run.results["models"])
+        results = run.finish(reference=_reference(run.results))
+        if run.context.is_main_process:
             _pictures(config, splits["test"], trained, results)
         return results
-    finally:
-        if owns_context:
-            context.teardown()
 
 
 def _pictures(config: InrEditConfig, test: InrSource, trained: dict[str, nn.Module], results: dict[str, Any]) -> None:
