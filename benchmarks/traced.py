@@ -9,11 +9,14 @@ position embeddings, pre-norm blocks with fused qkv and SDPA, tied head):
 * ``per_sample_grads`` / ``mean_grad`` / ``edge_components`` — reading a graph back.
 
 Ratios are to ``floor`` (conversion) and to ``torch.func`` (reading back); peak memory as in
-``capture.py``.
+``capture.py``. ``--model mlp`` runs the same rows on the MLP of ``capture.py`` (64 -> w -> w
+-> 10, b = 128), where a component is a datapoint, so ``edge_components`` (``[E, b, 2]``)
+holds twice the numbers of the per-sample gradients instead of 2T times.
 
 Usage::
 
     python benchmarks/traced.py                  # 4 blocks, d=128, 4 heads, T=64, b=32
+    python benchmarks/traced.py --model mlp      # 64 -> 280 -> 280 -> 10 (100k parameters), b=128
     python benchmarks/traced.py --quick          # tiny, a few seconds (smoke test)
 """
 
@@ -50,26 +53,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-edge-components", type=float, default=2e8)
+    parser.add_argument("--model", choices=("gpt", "mlp"), default="gpt")
+    parser.add_argument("--mlp-width", type=int, default=280, help="hidden width of --model mlp (280: 100k parameters)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.blocks, args.width, args.heads, args.context, args.batch, args.rounds = 1, 16, 2, 8, 4, 2
     threads = set_threads(args.threads)
     torch.manual_seed(0)
-    model = GPT(vocab=args.vocab, context=args.context, d=args.width, heads=args.heads, layers=args.blocks).eval()
-    ids = torch.randint(0, args.vocab, (args.batch, args.context))
-    targets = torch.randint(0, args.vocab, (args.batch, args.context))
+    loss_fn = sequence_loss
+    if args.model == "mlp":
+        width, batch = (8, 4) if args.quick else (args.mlp_width, 128)
+        model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                    torch.nn.ReLU(), torch.nn.Linear(width, 10))
+        ids, targets = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
+        loss_fn = lambda logits, y: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
+    else:
+        model = GPT(vocab=args.vocab, context=args.context, d=args.width, heads=args.heads,
+                    layers=args.blocks).eval()
+        ids = torch.randint(0, args.vocab, (args.batch, args.context))
+        targets = torch.randint(0, args.vocab, (args.batch, args.context))
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def floor() -> None:
         model.zero_grad(set_to_none=True)
-        sequence_loss(model(ids), targets).sum().backward()
+        loss_fn(model(ids), targets).sum().backward()
 
     def convert() -> gradgraph.GradGraph:
-        return gradgraph.to_graph(model, ids, targets, sequence_loss)
+        return gradgraph.to_graph(model, ids, targets, loss_fn)
 
     def one(p, x, y):
-        return sequence_loss(functional_call(model, p, (x[None],)), y[None]).sum()
+        return loss_fn(functional_call(model, p, (x[None],)), y[None]).sum()
 
     def func() -> dict:
         return vmap(grad(one), in_dims=(None, 0, 0))(params, ids, targets)
@@ -97,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, f"{times[name] * 1e3:.1f} ms", f"{times[name] / times[base]:.2f}x {base}",
                      format_bytes(memory[name]), f"{memory[name] / max(memory[base], 1):.2f}x {base}"])
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"GPT: {args.blocks} blocks, d={args.width}, {args.heads} heads, T={args.context}, b={args.batch}, "
-          f"{parameters} parameters; graph {graph}; {threads} thread(s)")
+    if args.model == "mlp":
+        print(f"MLP: 64 -> {width} -> {width} -> 10, b={batch}, {parameters} parameters; graph {graph}; {threads} thread(s)")
+    else:
+        print(f"GPT: {args.blocks} blocks, d={args.width}, {args.heads} heads, T={args.context}, b={args.batch}, "
+              f"{parameters} parameters; graph {graph}; {threads} thread(s)")
     print(format_table(["method", "median time", "time ratio", "peak memory", "memory ratio"], rows))
     return 0
 

@@ -12,10 +12,12 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["capture.py", "metanet.py", "scatter.py", "curvature_headroom.py", "traced.py"])
+@pytest.mark.parametrize("script", ["capture.py", "metanet.py", "scatter.py", "curvature_headroom.py", "traced.py",
+                                    "traced.py --model mlp"])
 def test_benchmark_script_runs_quick(script: str, tmp_path: Path) -> None:
+    name, *flags = script.split()
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        [sys.executable, str(BENCHMARKS / name), "--quick", *flags],
         capture_output=True,
         text=True,
         timeout=300,
