@@ -514,11 +514,15 @@ def test_transformers_bert_model_with_a_padding_row_converts_exactly():
 
 
 # ------------------------------------------------------------------ one closure call
-@pytest.mark.parametrize("case", ["gpt", "bert"])
+@pytest.mark.parametrize("case", ["gpt", "bert", "chain"])
 def test_convert_closure_equals_to_graph_and_calls_the_closure_once(case):
     if case == "gpt":
         model, inputs, targets, loss_fn = gpt_case()
         kwargs = {}
+    elif case == "chain":  # the MLP chain fast path's hooks
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
+        inputs, targets, loss_fn, kwargs = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,)), cross_entropy, {}
     else:
         model, inputs, targets, loss_fn, kwargs = bert_case()
     batches = iter([(inputs, targets)])  # the batch is drawn inside the closure, as in a training loop
@@ -539,17 +543,29 @@ def test_convert_closure_equals_to_graph_and_calls_the_closure_once(case):
         batches, calls = iter([(inputs, targets)]), []
 
 
-def test_convert_closure_errors_name_what_the_closure_did_wrong():
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(DTYPE)
+class TwoLayer(nn.Module):  # not a plain chain: the traced converter's closure form
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), TwoLayer])
+def test_convert_closure_errors_name_what_the_closure_did_wrong(make):
+    model = make().to(DTYPE)
+    name = type(model).__name__
     inputs = torch.randn(5, 3, dtype=DTYPE)
-    with pytest.raises(GradGraphError, match="never called Sequential"):
-        gradgraph.convert_closure(model, lambda: torch.zeros(5))
-    with pytest.raises(GradGraphError, match="called Sequential twice"):
+    with pytest.raises(GradGraphError, match=f"never called {name}"):
+        gradgraph.convert_closure(model, lambda: torch.zeros(5, requires_grad=True))
+    with pytest.raises(GradGraphError, match=f"called {name} twice"):
         gradgraph.convert_closure(model, lambda: model(inputs).sum(1) + model(inputs).sum(1))
     with pytest.raises(GradGraphError, match=r"shape \[5\].*returned \[\]"):
         gradgraph.convert_closure(model, lambda: model(inputs).sum())
     with pytest.raises(GradGraphError, match="input tensor as its first argument"):
-        gradgraph.convert_closure(model, lambda: model(input=inputs).sum(1))
-    assert "forward" not in vars(model)  # restored after every failure
+        gradgraph.convert_closure(model, lambda: model(input=inputs).sum(1) if name == "Sequential"
+                                  else model(x=inputs).sum(1))
+    assert "forward" not in vars(model) and not model._forward_hooks and not model._forward_pre_hooks  # restored
     graph, _ = gradgraph.convert_closure(model, lambda: model(inputs).pow(2).sum(1))
     assert graph.num_components == 5

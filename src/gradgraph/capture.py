@@ -152,6 +152,15 @@ def check_finite(name: str, tensor: Tensor) -> None:
         )
 
 
+def check_closure_losses(losses: Any, num_datapoints: int) -> None:
+    """Raise unless a closure returned the per-datapoint losses ``[b]``."""
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != num_datapoints:
+        got = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise GradGraphError(
+            f"the closure must return the per-datapoint losses, shape [{num_datapoints}] (e.g. "
+            f"cross_entropy(..., reduction='none')), without calling backward; it returned {got}")
+
+
 def capture(
     model: nn.Module,
     inputs: Tensor,

@@ -1,8 +1,15 @@
 """Model -> GradGraph converters and the registry that dispatches between them."""
 
-from gradgraph.convert.registry import Converter, _set_fallback, register_converter, registered_converters, to_graph
+from gradgraph.convert.registry import (
+    Converter,
+    _set_fallback,
+    convert_closure,
+    register_converter,
+    registered_converters,
+    to_graph,
+)
 from gradgraph.convert.trace import UnsupportedOperationError, register_elementwise
-from gradgraph.convert.traced import convert_closure, convert_traced
+from gradgraph.convert.traced import convert_traced, convert_traced_closure
 from gradgraph.convert.mlp import (  # registers the MLP converter
     DenseLayer,
     clear_structure_cache,
@@ -18,7 +25,7 @@ from gradgraph.convert.attention import (
 )
 
 # asked last: reads any forward the MLP chain fast path does not handle
-_set_fallback(convert_traced)
+_set_fallback(convert_traced, convert_traced_closure)
 
 __all__ = [
     "Converter",
@@ -29,6 +36,7 @@ __all__ = [
     "convert_attention",
     "convert_closure",
     "convert_traced",
+    "convert_traced_closure",
     "convert_mlp",
     "mlp_layers",
     "register_converter",

@@ -23,7 +23,7 @@ import copy
 import operator
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from gradgraph.capture import LossFn, capture, check_finite
+from gradgraph.capture import LossFn, Recorder, capture, check_closure_losses, check_finite
 from gradgraph.convert.registry import _register_builtin
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
@@ -264,6 +264,57 @@ def convert_mlp(
     See :func:`gradgraph.to_graph` for the arguments.
     """
     layers = mlp_layers(model)
+    _check_chain_inputs(layers, inputs)
+    recorded = capture(
+        model,
+        inputs,
+        modules=[layer.name for layer in layers],
+        targets=targets,
+        loss_fn=loss_fn,
+        forward_kwargs=forward_kwargs,
+    )
+    return _chain_graph(model, layers, recorded.values, recorded.grads, recorded.output)
+
+
+def convert_mlp_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[GradGraph, Tensor]:
+    """:func:`gradgraph.convert_closure` for an MLP chain: hooks record the one forward the
+    closure runs; the closure's losses ``[b]`` are differentiated once. Returns ``(graph, losses)``."""
+    layers = mlp_layers(model)
+    recorder = Recorder()
+    seen: dict[str, Tensor] = {}
+
+    def take_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if seen:
+            raise GradGraphError(f"the closure called {type(model).__name__} twice; gradgraph converts one forward "
+                                 "per closure call")
+        if not args or not isinstance(args[0], Tensor):
+            raise GradGraphError(f"the closure must call {type(model).__name__} with the input tensor as its first "
+                                 f"argument; got {[type(arg).__name__ for arg in args]}")
+        _check_chain_inputs(layers, args[0])
+        seen["input"] = recorder.record("input", args[0].detach().clone().requires_grad_(True), grad=True)
+        return (seen["input"], *args[1:]), kwargs
+
+    def take_output(module: nn.Module, args: tuple, output: Any) -> None:
+        seen["output"] = output
+
+    handles = recorder.hook_modules(model, [layer.name for layer in layers])
+    handles.append(model.register_forward_pre_hook(take_input, with_kwargs=True))
+    handles.append(model.register_forward_hook(take_output))
+    try:
+        with torch.enable_grad():
+            losses = closure()
+            if not seen:
+                raise GradGraphError(f"the closure never called {type(model).__name__}")
+            num_datapoints = seen["input"].shape[0]
+            check_closure_losses(losses, num_datapoints)
+            values, grads = recorder.finish(losses.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _chain_graph(model, layers, values, grads, seen["output"].detach()), losses.detach()
+
+
+def _check_chain_inputs(layers: list[DenseLayer], inputs: Tensor) -> None:
     first = layers[0]
     if inputs.dim() != 2 or inputs.shape[1] != first.linear.in_features:
         raise GradGraphError(
@@ -276,25 +327,21 @@ def convert_mlp(
     if inputs.shape[0] == 0:
         raise GradGraphError("inputs hold no datapoint (shape [0, ...])")
 
-    recorded = capture(
-        model,
-        inputs,
-        modules=[layer.name for layer in layers],
-        targets=targets,
-        loss_fn=loss_fn,
-        forward_kwargs=forward_kwargs,
-    )
-    num_datapoints = inputs.shape[0]
+
+def _chain_graph(model: nn.Module, layers: list[DenseLayer], values: dict[str, Tensor], recorded_grads: dict[str, Tensor],
+                 output: Tensor) -> GradGraph:
+    """The chain's graph from the recorded module inputs/outputs and their gradients."""
+    num_datapoints = values["input"].shape[0]
     # Node factors, layer by layer: act is what the neuron emits, grad is dL/du at its
     # pre-activation (for inputs: dL/dx).
-    acts = [recorded.values["input"]]
-    grads = [recorded.grads["input"]]
+    acts = [values["input"]]
+    grads = [recorded_grads["input"]]
     for index, layer in enumerate(layers):
-        grads.append(recorded.grads[f"{layer.name}:output"])
+        grads.append(recorded_grads[f"{layer.name}:output"])
         if index + 1 < len(layers):
-            acts.append(recorded.values[f"{layers[index + 1].name}:input"])
+            acts.append(values[f"{layers[index + 1].name}:input"])
         else:
-            acts.append(recorded.output.reshape(num_datapoints, -1))
+            acts.append(output.reshape(num_datapoints, -1))
     # [b, n_l] pieces -> [N, b]: one cat of the transposed views writes the result
     # contiguous in a single pass (no [b, N] intermediate, no separate transpose copy).
     act, grad = torch.cat([piece.T for piece in acts]), torch.cat([piece.T for piece in grads])
@@ -307,8 +354,10 @@ def convert_mlp(
             check_finite(f"activation of the {where} neurons", layer_act)
             check_finite(f"backpropagated signal of the {where} neurons", layer_grad)
     # The recorded pieces are no longer needed; dropping them before the O(P) edge values
-    # are allocated lowers the peak memory of the conversion.
-    del recorded, acts, grads
+    # are allocated lowers the peak memory of the conversion (the dicts are the only holders).
+    values.clear()
+    recorded_grads.clear()
+    del acts, grads
     return build_mlp_graph(model, layers, act, grad)
 
 
@@ -582,4 +631,4 @@ def _is_plain_chain(model: nn.Module) -> bool:
     return _sequential_chain(model) is not None
 
 
-_register_builtin(_is_plain_chain, convert_mlp, name="mlp_chain")
+_register_builtin(_is_plain_chain, convert_mlp, name="mlp_chain", closure_converter=convert_mlp_closure)

@@ -19,7 +19,10 @@ from gradgraph.capture import LossFn
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import GradGraph
 
-__all__ = ["Converter", "register_converter", "to_graph", "registered_converters"]
+__all__ = ["Converter", "convert_closure", "register_converter", "to_graph", "registered_converters"]
+
+#: ``(model, closure) -> (graph, losses [b])``: a built-in converter's form for a training closure.
+ClosureConverter = Callable[[nn.Module, Callable[[], Tensor]], tuple[GradGraph, Tensor]]
 
 
 class Converter(Protocol):
@@ -42,21 +45,25 @@ class _Entry:
     matches: Callable[[nn.Module], bool]
     converter: Converter
     builtin: bool = False
+    closure_converter: ClosureConverter | None = None
 
 
 _REGISTRY: list[_Entry] = []
-#: The traced converter, asked when no registered converter handled the model.
+#: The traced converter, asked when no registered converter handled the model (and its closure form).
 _FALLBACK: list[Converter] = []
+_FALLBACK_CLOSURE: list[ClosureConverter] = []
 
 
-def _register_builtin(match: Callable[[nn.Module], bool], converter: Converter, name: str) -> None:
+def _register_builtin(match: Callable[[nn.Module], bool], converter: Converter, name: str,
+                      closure_converter: ClosureConverter | None = None) -> None:
     """A converter of gradgraph's own: a fast path that hands over to the traced converter
     (instead of failing) when the model is not its special case."""
-    _REGISTRY.append(_Entry(name, match, converter, builtin=True))
+    _REGISTRY.append(_Entry(name, match, converter, builtin=True, closure_converter=closure_converter))
 
 
-def _set_fallback(converter: Converter) -> None:
+def _set_fallback(converter: Converter, closure_converter: ClosureConverter) -> None:
     _FALLBACK[:] = [converter]
+    _FALLBACK_CLOSURE[:] = [closure_converter]
 
 
 def register_converter(
@@ -168,3 +175,56 @@ def to_graph(
     if not _FALLBACK:
         raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")
     return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
+
+
+def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[GradGraph, Tensor]:
+    """Convert ``model`` on the batch that a training closure runs it on, calling the closure once.
+
+    The closure draws its batch, calls ``model(inputs, ...)`` once and returns the
+    per-datapoint losses ``[b]`` without calling ``backward`` — an optimizer's closure minus
+    the backward. The forward is captured as it runs (the MLP chain fast path's hooks, or the
+    traced converter, whose cached plans it shares with :func:`to_graph`), and the losses'
+    one backward pass gives the factors.
+
+    .. code-block:: python
+
+        graph, losses = gradgraph.convert_closure(
+            model, lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+    Args:
+        model: the network the closure calls.
+        closure: ``() -> [b]`` per-datapoint losses.
+
+    Returns:
+        ``(graph, losses)``: the :class:`~gradgraph.GradGraph` and the closure's losses ``[b]``,
+        detached.
+
+    Raises:
+        GradGraphError: the closure never calls the model, calls it twice or without an input
+            tensor, or returns something other than ``[b]`` losses; a model on the ``meta``
+            device; as :func:`to_graph` for the model itself.
+        UnsupportedModuleError: a converter registered with :func:`register_converter`
+            matches the model (those take a batch and a loss function: use :func:`to_graph`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_closure: model must be an nn.Module, got {type(model).__name__}")
+    if not callable(closure):
+        raise TypeError(f"convert_closure: closure must be callable, got {type(closure).__name__}")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise GradGraphError(
+            f"convert_closure: {type(model).__name__} has parameters on the 'meta' device (shapes without values); "
+            "materialise and load its weights first (model.to_empty(device=...) + load_state_dict)"
+        )
+    for entry in reversed(_REGISTRY):
+        if not entry.matches(model):
+            continue
+        if not entry.builtin:
+            raise UnsupportedModuleError(
+                "", type(model).__name__, f"the registered converter '{entry.name}' takes a batch and a loss "
+                "function, not a closure: call to_graph(model, inputs, targets, loss_fn)")
+        if entry.closure_converter is not None:
+            try:
+                return entry.closure_converter(model, closure)
+            except UnsupportedModuleError:
+                continue
+    return _FALLBACK_CLOSURE[0](model, closure)

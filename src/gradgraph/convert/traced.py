@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from gradgraph.capture import LossFn, check_finite, per_datapoint_objective
+from gradgraph.capture import LossFn, check_closure_losses, check_finite, per_datapoint_objective
 from gradgraph.convert.trace import (
     KEY_STRIDE,
     NeuronSet,
@@ -53,7 +53,7 @@ from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 
-__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_closure", "convert_traced", "default_datapoint_dim"]
+__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_traced", "convert_traced_closure", "default_datapoint_dim"]
 
 
 def convert_traced(
@@ -101,8 +101,8 @@ def convert_traced(
     return _finish(run, _objective(run.output, targets, loss_fn, run.num_datapoints), model)
 
 
-def convert_closure(model: nn.Module, closure: Callable[[], Tensor], *,
-                    datapoint_dim: int | None = None) -> tuple[GradGraph, Tensor]:
+def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
+                           datapoint_dim: int | None = None) -> tuple[GradGraph, Tensor]:
     """Convert ``model`` on the batch that ``closure`` runs it on, in that one call of ``closure``.
 
     The closure calls the model once, as ``model(inputs, *args, **kwargs)``, and returns the
@@ -156,11 +156,7 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor], *,
     if not runs:
         raise GradGraphError(f"the closure never called {type(model).__name__}")
     run = runs[0]
-    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != run.num_datapoints:
-        got = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise GradGraphError(
-            f"the closure must return the per-datapoint losses, shape [{run.num_datapoints}] (e.g. "
-            f"cross_entropy(..., reduction='none')), without calling backward; it returned {got}")
+    check_closure_losses(losses, run.num_datapoints)
     return _finish(run, losses, model), losses.detach()
 
 
