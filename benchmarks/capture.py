@@ -11,6 +11,8 @@ of:
   comes from the converter's cache (built on the warm-up calls).
 * ``to_graph, cold`` — the same with that cache emptied before every call: the cost of
   converting a model of an architecture not seen before.
+* ``traced converter`` — the same conversion through the traced converter (its cached
+  plan replayed), which gives the same graph: the price of the chain fast path's absence.
 * ``capture only`` — :func:`gradgraph.capture`, the factors without the graph: the part
   of ``to_graph`` that the floor bounds.
 * ``torch.func``— per-sample gradients with ``vmap(grad(functional_call))``, O(b·P).
@@ -122,6 +124,15 @@ def to_graph_cold_method(setup: Setup) -> Callable[[], Any]:
     return run
 
 
+def traced_method(setup: Setup) -> Callable[[], Any]:
+    """:func:`gradgraph.convert.convert_traced` (cached plan): the traced converter on the same
+    chain, which ``to_graph`` hands every model but plain chains; same graph, tensor for tensor."""
+    from gradgraph.convert import convert_traced
+
+    model, inputs, targets = setup.model, setup.inputs, setup.targets
+    return lambda: convert_traced(model, inputs, targets=targets, loss_fn=per_datapoint_cross_entropy)
+
+
 def capture_method(setup: Setup) -> Callable[[], Any]:
     """:func:`gradgraph.capture` alone: the factors ``(act, grad)`` of every neuron, no graph.
 
@@ -210,6 +221,7 @@ def benchmark(size: str, batch_size: int, rounds: int, min_seconds: float) -> li
         "floor": floor_method(setup),
         "to_graph": to_graph_method(setup),
         "to_graph, cold": to_graph_cold_method(setup),
+        "traced converter": traced_method(setup),
         "capture only": capture_method(setup),
         "torch.func": torch_func_method(setup),
     }
