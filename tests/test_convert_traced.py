@@ -569,3 +569,103 @@ def test_convert_closure_errors_name_what_the_closure_did_wrong(make):
     assert "forward" not in vars(model) and not model._forward_hooks and not model._forward_pre_hooks  # restored
     graph, _ = gradgraph.convert_closure(model, lambda: model(inputs).pow(2).sum(1))
     assert graph.num_components == 5
+
+
+# ------------------------------------------------------------------ found by trying unseen models
+class SharedLayer(nn.Module):  # one Linear applied twice: its three neuron sets move as one
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.f, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.f(h))
+        return self.out(torch.tanh(self.f(h)))
+
+
+class TiedAutoencoder(nn.Module):  # the decoder is the encoder's weight transposed
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.mid = nn.Linear(5, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return F.linear(torch.sigmoid(self.mid(torch.tanh(self.enc(x)))), self.enc.weight.T)
+
+
+class ScaledHead(nn.Module):  # a 0-dim parameter (a learned temperature)
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.temperature = nn.Parameter(torch.tensor(1.7))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x))) * self.temperature
+
+
+@pytest.mark.parametrize("make", [SharedLayer, TiedAutoencoder, ScaledHead])
+def test_shared_transposed_and_scalar_parameters_convert_exactly_with_a_true_group(make):
+    torch.manual_seed(12)
+    model = make().to(DTYPE)
+    inputs = torch.randn(5, 4 if make is not TiedAutoencoder else 5, dtype=DTYPE)
+    loss_fn = lambda out, _: out.pow(2).sum(-1)  # noqa: E731
+    graph = assert_exact_per_sample_grads(model, inputs, None, loss_fn)
+    values = graph.to_parameters(graph.weight, graph.bias)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(values[name], param.detach(), atol=0, rtol=0)
+    moved = max(check_group(model, inputs, None, loss_fn, seed=seed)[0] for seed in range(3))
+    if make is SharedLayer:
+        assert moved > 0 and len(torch.unique(graph.perm_group[graph.perm_group >= 0])) == 1
+
+
+class ParameterArithmetic(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.inp, self.out, self.op = nn.Linear(3, 4), nn.Linear(4, 2), op
+        self.v = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return self.out(self.op(torch.sigmoid(self.inp(x)), self.v))
+
+
+@pytest.mark.parametrize("op", [lambda h, v: h - v, torch.sub, lambda h, v: h / v, lambda h, v: h ** v, torch.pow,
+                                lambda h, v: h.clamp(min=v), lambda h, v: h.add(v, alpha=-2)])
+def test_a_parameter_subtracted_divided_or_an_exponent_is_refused_not_misread(op):
+    model = ParameterArithmetic(op).to(DTYPE)
+    with pytest.raises(UnsupportedOperationError, match="the parameter 'v' is subtracted, divided by, an exponent"):
+        gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, lambda out, _: out.sum(-1))
+
+
+class InPlaceResidual(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.f, self.out, self.how = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2), how
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "+=":
+            h += self.f(torch.relu(h))
+        else:
+            h[:, 0] = 0.0
+        return self.out(h)
+
+
+class LeftParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mix = nn.Linear(3, 4), nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, x):  # [b, 5, 3] -> mixes tokens with a parameter on the left
+        return self.mix @ self.inp(x)
+
+
+@pytest.mark.parametrize("model, inputs, match", [
+    (InPlaceResidual("+="), torch.randn(3, 3), r"Tensor.add_: in-place ops"),
+    (InPlaceResidual("setitem"), torch.randn(3, 3), r"Tensor.__setitem__: in-place ops"),
+    (LeftParameter(), torch.randn(2, 5, 3), r"a parameter on the left of a matmul"),
+])
+def test_errors_inside_python_operators_are_ours_not_typeerror_fallbacks(model, inputs, match):
+    # torch's operators turn a TypeError into NotImplemented; our refusal must get through as
+    # itself (before: += ran twice and gave wrong numbers, M @ h said "unsupported operand")
+    model = model.to(DTYPE)
+    with pytest.raises(UnsupportedOperationError, match=match):
+        gradgraph.to_graph(model, inputs.to(DTYPE), None, lambda out, _: out.flatten(1).sum(-1))

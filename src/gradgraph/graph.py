@@ -275,7 +275,7 @@ class GradGraph(Data):
         result = {}
         for index, (name, shape) in enumerate(zip(self.param_names, self.param_shapes)):
             if filled[index]:
-                result[name] = flats[index].reshape(*shape, *trailing)
+                result[name] = flats[index].reshape((*shape, *trailing))  # a 0-dim parameter: shape ()
         return result
 
     def to_parameters(self, edge_values: Tensor, node_values: Tensor | None = None) -> dict[str, Tensor]:

@@ -27,6 +27,7 @@ pass, and then lays the graph out:
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -610,6 +611,10 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         for x, y in zip(a.tolist(), b.tolist()):
             union.union(int(set_of_node[x]), int(set_of_node[y]))
             node_union.union(x, y)
+    for a, b in _shared_parameter_ties(tracer):
+        for x, y in zip(a.tolist(), b.tolist()):
+            union.union(int(set_of_node[x]), int(set_of_node[y]))
+            node_union.union(x, y)
     for block in tracer.attention:
         for q, k, v, o in block:
             for nodes in (k, v, o):
@@ -762,6 +767,56 @@ def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_
         param_names=list(plan.param_names),
         param_shapes=[list(shape) for shape in plan.param_shapes],
     )
+
+
+def _shared_parameter_ties(tracer: _Tracer) -> list[tuple[Tensor, Tensor]]:
+    """Node pairs one permutation must move together because they share a parameter entry.
+
+    A weight used at two call sites (a layer applied twice, a tied embedding and head) moves
+    as one: the neurons its rows meet at one site move with those they meet at the other, and
+    so do the neurons its columns meet. Which end of an edge meets the rows is read per call
+    site (the destination for a linear map, the table row for an embedding, the source for a
+    transposed use); a site where neither end is a function of the row is pinned.
+    """
+    uses: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+    for src, dst, _, param, pos, _ in tracer.edges:
+        if param >= 0:
+            uses.setdefault(param, []).append((src, dst, pos))
+    for neuron_set in tracer.sets:  # a bias is a weight whose "row" is its neuron
+        if neuron_set.bias_param >= 0:
+            nodes = neuron_set.first + torch.arange(neuron_set.size)
+            uses.setdefault(neuron_set.bias_param, []).append((nodes, nodes, neuron_set.bias_pos))
+    ties: list[tuple[Tensor, Tensor]] = []
+    for param, sites in uses.items():
+        if len(sites) < 2:
+            continue
+        shape = tracer.param_shapes[param]
+        numel, columns = math.prod(shape), (shape[-1] if len(shape) >= 2 else 1)
+        row_node = torch.full((numel,), -1, dtype=torch.long)
+        column_node = torch.full((numel,), -1, dtype=torch.long)
+        for src, dst, pos in sites:
+            rows, cols = pos // columns, pos % columns
+            if _is_function(dst, rows) and _is_function(src, cols):
+                at_row, at_column = dst, src
+            elif _is_function(src, rows) and _is_function(dst, cols):
+                at_row, at_column = src, dst
+            else:
+                for node in torch.cat((src, dst)).unique().tolist():
+                    tracer.set_of(node).pinned = True
+                continue
+            for table, nodes in ((row_node, at_row), (column_node, at_column)):
+                seen = table[pos] >= 0
+                if bool(seen.any()):
+                    pairs = torch.unique(torch.stack((table[pos][seen], nodes[seen])), dim=1)
+                    ties.append((pairs[0], pairs[1]))
+                table[pos[~seen]] = nodes[~seen]
+    return ties
+
+
+def _is_function(nodes: Tensor, index: Tensor) -> bool:
+    """Whether every node meets one value of ``index`` (its row or column of the weight)."""
+    pairs = torch.unique(torch.stack((nodes, index)), dim=1)
+    return pairs.shape[1] == torch.unique(nodes).numel()
 
 
 #: relations between neurons of one step (a head's query and key dims, the two factors of a

@@ -22,6 +22,20 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _GRADGRAPH_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class TraceAbort(Exception):
+    """Carries a gradgraph error out of ``__torch_function__``.
+
+    ``UnsupportedModuleError`` is a ``TypeError``, and torch's binary operators (``@``, ``+``,
+    ``+=`` ...) turn a ``TypeError`` into ``NotImplemented``, after which Python tries the
+    reflected operator or, for ``+=``, runs ``h = h + f`` a second time. Wrapped in this, the
+    error reaches :func:`~gradgraph.convert.trace.run.trace_model`, which raises it as it was.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class UnsupportedOperationError(UnsupportedModuleError):
     """An op inside a model's forward that the traced converter cannot follow.
 
@@ -62,7 +76,7 @@ class _Raw:
 class _Param:
     """A parameter or a view of one."""
 
-    index: int  # into TraceResult.param_names
+    index: int  # into _Tracer.param_names
     pos: Tensor  # flat position in the parameter per element
 
 

@@ -20,8 +20,10 @@ def _op_name(func: Any) -> str:
         return "torch." + name.split(".", 1)[1]
     if name.startswith("TensorBase.") or name.startswith("Tensor."):
         return "Tensor." + name.split(".", 1)[1]
-    if "__get__" in name:
-        return "Tensor." + name.split(".")[0] + " (attribute)"
+    if "__get__" in name:  # a tensor attribute (W.T, W.mT): its getter, named by the descriptor
+        owner = getattr(func, "__self__", None)
+        attribute = getattr(owner, "__name__", None) or name.split(".")[0]
+        return f"Tensor.{attribute} (attribute)"
     if module.startswith("torch._C._nn") or module == "torch.nn.functional":
         return f"torch.nn.functional.{name}"
     if module.startswith("torch._C._special") or module == "torch.special":
@@ -76,6 +78,13 @@ _BINARY_ADD = _method("__add__", "__radd__", "__sub__", "__rsub__", "add", "sub"
 _BINARY_MUL = _method("__mul__", "__rmul__", "__truediv__", "__rtruediv__", "mul", "div") | _names(
     torch.mul, torch.div
 )
+#: ops whose parameter operand is not a bias or a scale of the neurons (``h - v``, ``h / v``)
+_PARAMETER_REFUSED = _method("__sub__", "__rsub__", "sub", "__truediv__", "__rtruediv__", "div") | _names(
+    torch.sub, torch.div)
+#: in-place operators: they change a value the trace already recorded
+_IN_PLACE_OPERATORS = _method("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                              "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                              "__irshift__", "__setitem__")
 _BINARY_OTHER = _method("__pow__", "__rpow__", "maximum", "minimum") | _names(torch.maximum, torch.minimum)
 _REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsumexp", "max", "min") | _names(
     torch.sum, torch.mean, torch.var, torch.std, torch.amax, torch.amin, torch.norm, torch.logsumexp

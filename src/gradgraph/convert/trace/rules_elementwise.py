@@ -12,7 +12,9 @@ from torch import Tensor
 from gradgraph.convert.trace.meta import (
     _broadcast, _feature_row, KEY_STRIDE, _Neurons, _Param, _Raw, _rows_along_last, _varies_along,
 )
-from gradgraph.convert.trace.ops import _BINARY_ADD, _LAYER_NORM, _LOST_TRACK, _POOLS, _WHERE
+from gradgraph.convert.trace.ops import (
+    _BINARY_ADD, _BINARY_OTHER, _LAYER_NORM, _LOST_TRACK, _PARAMETER_REFUSED, _POOLS, _WHERE,
+)
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 
@@ -56,6 +58,11 @@ class _ElementwiseRules:
             raise self.unsupported(name, "arithmetic on parameters inside the forward (other than as a weight, "
                                    "a bias, a scale or a position embedding)")
         if params:
+            if name in _PARAMETER_REFUSED or name in _BINARY_OTHER or kwargs.get("alpha", 1) != 1:
+                param_name = self.param_names[params[0][1].index]
+                raise self.unsupported(name, f"the parameter '{param_name}' is subtracted, divided by, an exponent or "
+                                       "scaled by alpha; gradgraph reads a parameter added to neurons (a bias) or "
+                                       "multiplied with them (a scale): write h + b or h * s")
             return self.with_parameter(name, neurons[0], params[0], output, additive)
         if len(neurons) == 1:
             value, meta = neurons[0]

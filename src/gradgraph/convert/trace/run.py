@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from gradgraph.convert.trace.meta import (
+    TraceAbort,
     _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
 )
 from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES, _op_name
@@ -147,6 +148,8 @@ def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor) 
     names the input and the line of the forward that failed."""
     try:
         return forward(x)
+    except TraceAbort as abort:
+        raise abort.error from None
     except (RuntimeError, IndexError, ValueError) as error:
         if isinstance(error, GradGraphError):
             raise

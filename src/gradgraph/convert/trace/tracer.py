@@ -21,17 +21,26 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from gradgraph.convert.trace.meta import (
     _broadcast, _feature_row, _GRADGRAPH_DIR, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _OpLog, _Param,
-    _Raw, _Scores, _TORCH_DIR, UnsupportedOperationError, _varies_along,
+    _Raw, _Scores, _TORCH_DIR, TraceAbort, UnsupportedOperationError, _varies_along,
 )
 from gradgraph.convert.trace.ops import (
     _ACTIVATIONS, _ADDMM, _BATCH_NORM, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
-    _ELEMENTWISE_FUNCTIONS, _EMBEDDING, _IDENTITY_OPS, _IN_PLACE_HINT, _JOINS, _LAYER_NORM, _LINEAR, _MASK_FILL,
+    _ELEMENTWISE_FUNCTIONS, _EMBEDDING, _IDENTITY_OPS, _IN_PLACE_HINT, _IN_PLACE_OPERATORS, _JOINS, _LAYER_NORM, _LINEAR, _MASK_FILL,
     _MATMUL, _op_name, _REDUCTIONS, _RMS_NORM, _SDPA, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
 )
 from gradgraph.convert.trace.rules_affine import _AffineRules
 from gradgraph.convert.trace.rules_attention import _AttentionRules
 from gradgraph.convert.trace.rules_elementwise import _ElementwiseRules
+from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
+
+def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether the op writes into one of its arguments (``add_``, ``+=``, ``x[i] = v``, ``relu(x, True)``)."""
+    if name.endswith("_") and not name.endswith("__") or name in _IN_PLACE_OPERATORS or kwargs.get("inplace") is True:
+        return True
+    return (name.startswith("torch.nn.functional.") and len(args) > 1 and args[-1] is True
+            and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
+
 
 class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
@@ -219,25 +228,27 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         name = _op_name(func)
-        output = func(*args, **kwargs)
-        self.op_index = self.log.step(name, args, kwargs, output)
-        flat, _ = tree_flatten((args, kwargs))
-        tracked = [(value, self.meta(value)) for value in flat if isinstance(value, Tensor)]
-        tracked = [(value, meta) for value, meta in tracked if meta is not None]
-        if not tracked:
+        try:
+            if _is_in_place(name, args, kwargs):
+                # refused before it runs: an in-place op changes a value the trace already recorded
+                flat, _ = tree_flatten((args, kwargs))
+                if any(isinstance(self.meta(value), _Neurons | _Raw) for value in flat if isinstance(value, Tensor)):
+                    raise self.unsupported(name, _IN_PLACE_HINT)
+            output = func(*args, **kwargs)
+            self.op_index = self.log.step(name, args, kwargs, output)
+            flat, _ = tree_flatten((args, kwargs))
+            tracked = [(value, self.meta(value)) for value in flat if isinstance(value, Tensor)]
+            tracked = [(value, meta) for value, meta in tracked if meta is not None]
+            if not tracked:
+                return output
+            self.captured[self.op_index] = (args, kwargs, output)
+            out_flat, _ = tree_flatten(output)
+            if not any(isinstance(value, Tensor) for value in out_flat):
+                return output
+            self.dispatch(name, func, args, kwargs, output, tracked)
             return output
-        self.captured[self.op_index] = (args, kwargs, output)
-        out_flat, _ = tree_flatten(output)
-        if not any(isinstance(value, Tensor) for value in out_flat):
-            return output
-        if name.endswith("_") and not name.endswith("__") or kwargs.get("inplace") is True or (
-            name.startswith("torch.nn.functional.") and len(args) > 1 and args[-1] is True and "dropout" not in name
-            and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"}
-        ):
-            if any(isinstance(meta, _Neurons | _Raw) for _, meta in tracked):
-                raise self.unsupported(name, _IN_PLACE_HINT)
-        self.dispatch(name, func, args, kwargs, output, tracked)
-        return output
+        except UnsupportedModuleError as error:
+            raise TraceAbort(error) from None
 
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         metas = [meta for _, meta in tracked]
@@ -290,6 +301,11 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
                     raise self.unsupported(name, "active dropout changes the function; call model.eval()")
             return self.shape_op(name, func, args, kwargs, output, tracked)
         if name in _UNARY:
+            operands = [meta for value, meta in tracked if isinstance(meta, _Param) and value is not args[0]]
+            if operands:  # torch.pow(h, p), clamp(h, min=p): the parameter is no bias or scale
+                raise self.unsupported(name, f"the parameter '{self.param_names[operands[0].index]}' is subtracted, "
+                                       "divided by, an exponent or a bound; gradgraph reads a parameter added to "
+                                       "neurons (a bias) or multiplied with them (a scale): write h + b or h * s")
             return self.unary(args[0], output, name, _ACTIVATIONS.get(name))
         if name in _BINARY_ADD or name in _BINARY_MUL or name in _BINARY_OTHER:
             return self.binary(name, args, kwargs, output)
