@@ -669,3 +669,37 @@ def test_errors_inside_python_operators_are_ours_not_typeerror_fallbacks(model, 
     model = model.to(DTYPE)
     with pytest.raises(UnsupportedOperationError, match=match):
         gradgraph.to_graph(model, inputs.to(DTYPE), None, lambda out, _: out.flatten(1).sum(-1))
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.policy, self.value = nn.Linear(3, 5), nn.Linear(5, 4), nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return {"policy": self.policy(h), "value": self.value(h)}
+
+
+def test_a_head_the_loss_does_not_read_has_zero_signals_not_stale_memory(monkeypatch):
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(make):  # fresh buffers hold NaN, as reused memory may: every unwritten row shows
+        def call(*args, **kwargs):
+            tensor = make(*args, **kwargs)
+            return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+        return call
+
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
+    torch.manual_seed(13)
+    model = TwoHeads().to(DTYPE)
+    inputs = torch.randn(6, 3, dtype=DTYPE)
+    loss_fn = lambda out, _: out["policy"].pow(2).sum(-1)  # noqa: E731
+    for _ in range(3):  # a trace, then replays that reuse the factor buffers' layout
+        graph = assert_exact_per_sample_grads(model, inputs, None, loss_fn)
+        value_rows = graph.node_kind == NodeKind.OUTPUT
+        value_rows &= graph.node_param == graph.param_names.index("value.bias")
+        assert int(value_rows.sum()) == 1
+        assert bool((graph.grad[value_rows] == 0).all())
+        assert bool(torch.isfinite(graph.act).all())

@@ -360,21 +360,21 @@ class TracePlan:
     num_keys: int
     set_names: list[tuple[int, int, str]]  # (first node, size, origin) for messages
 
-    _on_device: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _derived: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def structure_on(self, device: torch.device) -> dict[str, Tensor]:
         """The shared structure tensors on ``device`` (moved once per device, then reused)."""
         key = ("structure", str(device))
-        if key not in self._on_device:
-            self._on_device[key] = {name: value.to(device) for name, value in self.structure.items()}
-        return self._on_device[key]
+        if key not in self._derived:
+            self._derived[key] = {name: value.to(device) for name, value in self.structure.items()}
+        return self._derived[key]
 
     def component_sample(self, num_datapoints: int, device: torch.device) -> Tensor:
         """``[b * K]``: the datapoint of every component."""
         key = ("component_sample", num_datapoints, str(device))
-        if key not in self._on_device:
-            self._on_device[key] = torch.arange(num_datapoints, device=device).repeat_interleave(self.num_keys)
-        return self._on_device[key]
+        if key not in self._derived:
+            self._derived[key] = torch.arange(num_datapoints, device=device).repeat_interleave(self.num_keys)
+        return self._derived[key]
 
     @property
     def wanted(self) -> set[int]:
@@ -450,12 +450,32 @@ def _resolve(source: tuple, x: Tensor, captured: dict[int, tuple[tuple, dict, An
         return (value - args[1]) / torch.sqrt(args[2] + recipe[1])
 
 
+def _unwritten_rows(num_nodes: int, records: list[_Record]) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` row ranges of ``[N, B]`` that no block record writes whole."""
+    covered = torch.zeros(num_nodes, dtype=torch.bool)
+    for record in records:
+        if record.block is not None:
+            first, width = record.block
+            covered[first:first + width] = True
+    edges = torch.diff(torch.cat((torch.tensor([True]), covered, torch.tensor([True]))).int())
+    starts = torch.nonzero(edges == -1).flatten().tolist()
+    stops = torch.nonzero(edges == 1).flatten().tolist()
+    return list(zip(starts, stops))
+
+
 def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: nn.Module, num_datapoints: int,
           dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass."""
     num_components = num_datapoints * plan.num_keys
-    act = torch.zeros(plan.num_nodes * num_components, dtype=dtype, device=device)
-    grad = torch.zeros_like(act)
+    # rows that a block record writes whole need no zeros first (most of a transformer's rows)
+    act = torch.empty(plan.num_nodes * num_components, dtype=dtype, device=device)
+    grad = torch.empty_like(act)
+    for which, target, records in (("act", act, plan.act), ("grad", grad, plan.grad)):
+        if ("unwritten", which) not in plan._derived:
+            plan._derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
+        rows = target.view(plan.num_nodes, num_components)
+        for start, stop in plan._derived[("unwritten", which)]:
+            rows[start:stop].zero_()
     grad_tensors: dict[tuple, Tensor] = {}
     for record in plan.grad:
         grad_tensors.setdefault(record.source, _resolve(record.source, x, captured))
@@ -494,6 +514,9 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: 
         result = gradient_of.get(record.source)
         if result is not None:
             scatter(grad, result, record)
+        elif record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
+            first, width = record.block
+            grad.view(plan.num_nodes, num_components)[first:first + width].zero_()
     act = act.view(plan.num_nodes, num_components)
     grad = grad.view(plan.num_nodes, num_components)
     for record in plan.onehot:
