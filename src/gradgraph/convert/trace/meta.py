@@ -173,6 +173,13 @@ def _describe(value: Any) -> Any:
     return type(value).__name__
 
 
+def flat_arguments(args: tuple, kwargs: dict) -> list | tuple:
+    """``tree_flatten((args, kwargs))``'s leaves, without pytree's cost for the usual flat call."""
+    if not kwargs and not any(isinstance(value, list | tuple | dict) for value in args):
+        return args
+    return tree_flatten((args, kwargs))[0]
+
+
 class _OpLog:
     """Numbers every op of a forward and fingerprints it: name, arguments (tensors by the op
     that produced them), output shapes. Two runs with equal fingerprints performed the same
@@ -192,9 +199,9 @@ class _OpLog:
         return ("param", name) if name is not None else "external"
 
     def step(self, name: str, args: tuple, kwargs: dict, output: Any) -> int:
-        flat = tree_flatten((args, kwargs))[0]
+        flat = flat_arguments(args, kwargs)
         arguments = tuple(self.source(v) if isinstance(v, Tensor) else _describe(v) for v in flat)
-        outputs = tree_flatten(output)[0]
+        outputs = (output,) if isinstance(output, Tensor) else tree_flatten(output)[0]
         shapes = tuple(tuple(v.shape) if isinstance(v, Tensor) else _describe(v) for v in outputs)
         index = self.count
         self.count += 1
