@@ -389,6 +389,10 @@ class GradGraph(Data):
             if how == "dense" and whole and regular and not reduce_mean:
                 # the block is the whole parameter in order (an nn.Linear weight): the batched
                 # outer products are the result, [b, rows, cols] row-major, nothing to scatter
+                if tokens == 1:  # one component per datapoint: a broadcast product, no reduction
+                    flats[param] = torch.mul(self.grad[rows].T.contiguous()[:, :, None],
+                                             self.act[cols].T.contiguous()[:, None, :]).reshape(num_datapoints, numel)
+                    continue
                 grad_rows = self.grad[rows].reshape(len(rows), num_datapoints, tokens).permute(1, 0, 2)
                 act_cols = self.act[cols].reshape(len(cols), num_datapoints, tokens).permute(1, 2, 0)
                 flats[param] = torch.bmm(grad_rows, act_cols).reshape(num_datapoints, numel)
