@@ -1,0 +1,356 @@
+"""A trace -> the graph's layout and the symmetry group the trace proves (:func:`_make_plan`).
+
+After :func:`gradgraph.convert.trace.trace_model` has followed a forward, the layout is:
+
+* **nodes** — the neuron sets in the order the forward created them (the input first),
+  each split where an attention op gave its neurons different roles (a fused ``qkv``
+  output becomes query, key and value sets). ``layer`` is the set's depth (the longest path
+  from the input, as in the MLP and stock attention layouts),
+  ``position`` the neuron's rank in its permutation orbit (its index in the set for
+  sets that are not tied to others).
+* **components** — ``B = b * K`` where ``K`` counts the position keys the trace used
+  (tokens, a class token, pooled vectors); component ``i * K + k`` is key ``k`` of
+  datapoint ``i``. A neuron that does not live at a key holds 0 there, which keeps every
+  per-sample gradient exact: both ends of a weight live at the same keys.
+* **edges** — one per weight entry (row-major over the weight, as the MLP converter), per
+  embedding-table entry, per norm scale, and the structural relations (residual,
+  gate, merge, attention) with weight 1 and no parameter.
+* **symmetry** — ties (residual adds, gates, norms, merges) join neuron sets into classes
+  whose members one permutation must move together; a class is *fixed* if any member is
+  read by the loss or the output, is an input or a table's rows, meets a constant that
+  differs between its neurons, or is used by an op gradgraph cannot follow. Attention
+  heads are blocks (query with key, value with output tied). Everything else is free:
+  ``perm_group`` / ``perm_block`` / ``perm_tie`` / ``position`` describe exactly that group
+  (see :mod:`gradgraph.symmetry.permutation`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradgraph.convert.plan import TracePlan, _plan_records, _slot_copy
+from gradgraph.convert.trace import NeuronSet, output_sets
+from gradgraph.convert.trace.tracer import _Tracer
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
+
+# --------------------------------------------------------------------- layout
+class _UnionFind:
+    def __init__(self, size: int) -> None:
+        self.parent = list(range(size))
+
+    def find(self, item: int) -> int:
+        while self.parent[item] != item:
+            self.parent[item] = self.parent[self.parent[item]]
+            item = self.parent[item]
+        return item
+
+    def union(self, a: int, b: int) -> None:
+        root_a, root_b = self.find(a), self.find(b)
+        if root_a != root_b:
+            self.parent[max(root_a, root_b)] = min(root_a, root_b)
+
+
+def _roles(tracer: _Tracer) -> Tensor:
+    """Per node: the NodeKind an attention op gave it, or -1."""
+    roles = torch.full((tracer.num_nodes,), -1, dtype=torch.long)
+    for block in tracer.attention:
+        for q, k, v, o in block:
+            roles[q], roles[k], roles[v], roles[o] = (int(NodeKind.QUERY), int(NodeKind.KEY), int(NodeKind.VALUE),
+                                                      int(NodeKind.ATTENTION))
+    return roles
+
+
+def _final_sets(tracer: _Tracer, roles: Tensor) -> tuple[Tensor, list[tuple[NeuronSet, int, int, int]]]:
+    """Split created sets where roles change; returns ``(set_of_node [N], [(created, start, stop, role)])``."""
+    pieces: list[tuple[NeuronSet, int, int, int]] = []
+    set_of_node = torch.empty(tracer.num_nodes, dtype=torch.long)
+    for neuron_set in tracer.sets:
+        start = neuron_set.first
+        stop = neuron_set.first + neuron_set.size
+        role = roles[start:stop]
+        cuts = [start] + [start + i for i in range(1, neuron_set.size) if role[i] != role[i - 1]] + [stop]
+        for low, high in zip(cuts, cuts[1:]):
+            set_of_node[low:high] = len(pieces)
+            pieces.append((neuron_set, low, high, int(roles[low])))
+    return set_of_node, pieces
+
+
+def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
+    """The value-free part of the graph: layout, labels, group, slots, where factors come from."""
+    num_nodes = tracer.num_nodes
+    roles = _roles(tracer)
+    set_of_node, pieces = _final_sets(tracer, roles)
+    reaching_output = output_sets(tracer, output)
+    acts, grads, onehots, num_keys = _plan_records(tracer, num_datapoints)
+
+    # ---- edges
+    sources, targets, kinds, params, positions = [], [], [], [], []
+    weights: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+    edge_count = 0
+    for src, dst, kind, param, pos, _ in tracer.edges:
+        sources.append(src)
+        targets.append(dst)
+        kinds.append(torch.full((len(src),), int(kind), dtype=torch.long))
+        params.append(torch.full((len(src),), param, dtype=torch.long))
+        positions.append(pos if pos is not None else torch.full((len(src),), -1, dtype=torch.long))
+        if param >= 0:
+            rows, places = weights.setdefault(param, ([], []))
+            rows.append(torch.arange(edge_count, edge_count + len(src)))
+            places.append(pos)
+        edge_count += len(src)
+    edge_index = torch.stack((torch.cat(sources), torch.cat(targets))) if sources else torch.empty(2, 0,
+                                                                                                   dtype=torch.long)
+    edge_kind = torch.cat(kinds) if kinds else torch.empty(0, dtype=torch.long)
+
+    # ---- node labels
+    node_param = torch.full((num_nodes,), -1, dtype=torch.long)
+    node_param_pos = torch.full((num_nodes,), -1, dtype=torch.long)
+    biases: list[tuple[str, Tensor, Tensor]] = []
+    activation = torch.full((num_nodes,), int(ActivationKind.IDENTITY), dtype=torch.long)
+    for neuron_set in tracer.sets:
+        rows = slice(neuron_set.first, neuron_set.first + neuron_set.size)
+        if neuron_set.bias_param >= 0:
+            node_param[rows] = neuron_set.bias_param
+            node_param_pos[rows] = neuron_set.bias_pos
+            biases.append((tracer.param_names[neuron_set.bias_param], torch.arange(rows.start, rows.stop),
+                           neuron_set.bias_pos.clone()))
+        label = neuron_set.activation
+        if getattr(neuron_set, "elementwise_ops", 0) and label is not ActivationKind.IDENTITY:
+            label = ActivationKind.OTHER
+        elif getattr(neuron_set, "elementwise_ops", 0) and neuron_set.created_by == "affine" \
+                and not neuron_set.absorbed:
+            label = ActivationKind.OTHER
+        activation[rows] = int(label)
+
+    # ---- symmetry classes over final sets
+    union = _UnionFind(len(pieces))
+    node_union = _UnionFind(num_nodes)
+    for a, b in tracer.ties:
+        for x, y in zip(a.tolist(), b.tolist()):
+            union.union(int(set_of_node[x]), int(set_of_node[y]))
+            node_union.union(x, y)
+    for a, b in _shared_parameter_ties(tracer):
+        for x, y in zip(a.tolist(), b.tolist()):
+            union.union(int(set_of_node[x]), int(set_of_node[y]))
+            node_union.union(x, y)
+    for block in tracer.attention:
+        for q, k, v, o in block:
+            for nodes in (k, v, o):
+                union.union(int(set_of_node[q[0]]), int(set_of_node[nodes[0]]))
+        first = block[0][0][0]
+        for q, _, _, _ in block[1:]:
+            union.union(int(set_of_node[first]), int(set_of_node[q[0]]))
+    has_attention = bool(tracer.attention)
+    classes: dict[int, list[int]] = {}
+    for index in range(len(pieces)):
+        classes.setdefault(union.find(index), []).append(index)
+
+    node_kind = torch.empty(num_nodes, dtype=torch.long)
+    for index, (neuron_set, low, high, role) in enumerate(pieces):
+        kind = neuron_set.kind
+        if role >= 0:
+            kind = NodeKind(role)
+        elif neuron_set.index in reaching_output and neuron_set.created_by not in ("input", "token"):
+            kind = NodeKind.OUTPUT
+        elif neuron_set.created_by == "affine" and (not neuron_set.absorbed or getattr(neuron_set, "gated", False)):
+            members = classes[union.find(index)]
+            plain = all(pieces[m][0].created_by == "affine"
+                        and (not pieces[m][0].absorbed or getattr(pieces[m][0], "gated", False)) for m in members)
+            if plain:
+                kind = NodeKind.FFN_HIDDEN if (has_attention or len(members) > 1) else NodeKind.HIDDEN
+            else:
+                kind = NodeKind.RESIDUAL
+        elif neuron_set.created_by == "affine":
+            kind = NodeKind.RESIDUAL
+        node_kind[low:high] = int(kind)
+
+    # affine edges named by what they feed, as the stock attention layout names them
+    if len(edge_kind):
+        src_kind, dst_kind = node_kind[edge_index[0]], node_kind[edge_index[1]]
+        affine = edge_kind == int(EdgeKind.LINEAR)
+        for kinds, side, label in (
+            (NodeKind.QUERY, dst_kind, EdgeKind.QUERY), (NodeKind.KEY, dst_kind, EdgeKind.KEY),
+            (NodeKind.VALUE, dst_kind, EdgeKind.VALUE), (NodeKind.ATTENTION, src_kind, EdgeKind.ATTENTION_OUT),
+            (NodeKind.FFN_HIDDEN, dst_kind, EdgeKind.FFN_IN), (NodeKind.FFN_HIDDEN, src_kind, EdgeKind.FFN_OUT),
+        ):
+            edge_kind[affine & (side == int(kinds))] = int(label)
+
+    perm_group = torch.full((num_nodes,), -1, dtype=torch.long)
+    perm_block = torch.full((num_nodes,), -1, dtype=torch.long)
+    perm_tie = torch.full((num_nodes,), -1, dtype=torch.long)
+    position = torch.empty(num_nodes, dtype=torch.long)
+    for index, (_, low, high, _) in enumerate(pieces):
+        position[low:high] = torch.arange(high - low)
+    attention_nodes = roles >= 0
+    group = 0
+    for root in sorted(classes):
+        members = classes[root]
+        member_sets = [pieces[m][0] for m in members]
+        nodes = torch.cat([torch.arange(pieces[m][1], pieces[m][2]) for m in members])
+        if any(s.pinned or s.index in reaching_output or s.created_by in ("input", "token") for s in member_sets):
+            continue
+        if bool(attention_nodes[nodes].any()):
+            if not bool(attention_nodes[nodes].all()) or not _assign_heads(tracer, nodes, set_of_node, perm_block,
+                                                                          perm_tie, position, pieces):
+                continue
+        else:
+            slots = torch.tensor([node_union.find(n) for n in nodes.tolist()])
+            ranks = _flat_ranks(nodes, slots, set_of_node)
+            if ranks is None:
+                continue
+            position[nodes] = ranks
+            perm_block[nodes] = 0
+            perm_tie[nodes] = 0
+        perm_group[nodes] = group
+        group += 1
+
+    structure = {
+        "edge_index": edge_index,
+        "layer": _depths(edge_index, edge_kind, set_of_node, len(pieces)),
+        "node_kind": node_kind,
+        "edge_kind": edge_kind,
+        "activation": activation,
+        "perm_group": perm_group,
+        "perm_block": perm_block,
+        "perm_tie": perm_tie,
+        "position": position,
+        "node_param": node_param,
+        "node_param_pos": node_param_pos,
+        "edge_param": torch.cat(params) if params else torch.empty(0, dtype=torch.long),
+        "edge_param_pos": torch.cat(positions) if positions else torch.empty(0, dtype=torch.long),
+    }
+    return TracePlan(
+        fingerprints=list(tracer.log.fingerprints),
+        act=acts,
+        grad=grads,
+        onehot=onehots,
+        structure=structure,
+        weights=[_slot_copy(tracer.param_names[param], torch.cat(rows), torch.cat(places))
+                 for param, (rows, places) in weights.items()],
+        biases=[_slot_copy(name, rows, places) for name, rows, places in biases],
+        param_names=list(tracer.param_names),
+        param_shapes=[list(shape) for shape in tracer.param_shapes],
+        num_nodes=num_nodes,
+        num_edges=int(edge_index.shape[1]),
+        num_keys=num_keys,
+        set_names=[(neuron_set.first, neuron_set.size, neuron_set.origin) for neuron_set in tracer.sets],
+    )
+
+
+def _shared_parameter_ties(tracer: _Tracer) -> list[tuple[Tensor, Tensor]]:
+    """Node pairs one permutation must move together because they share a parameter entry.
+
+    A weight used at two call sites (a layer applied twice, a tied embedding and head) moves
+    as one: the neurons its rows meet at one site move with those they meet at the other, and
+    so do the neurons its columns meet. Which end of an edge meets the rows is read per call
+    site (the destination for a linear map, the table row for an embedding, the source for a
+    transposed use); a site where neither end is a function of the row is pinned.
+    """
+    uses: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+    for src, dst, _, param, pos, _ in tracer.edges:
+        if param >= 0:
+            uses.setdefault(param, []).append((src, dst, pos))
+    for neuron_set in tracer.sets:  # a bias is a weight whose "row" is its neuron
+        if neuron_set.bias_param >= 0:
+            nodes = neuron_set.first + torch.arange(neuron_set.size)
+            uses.setdefault(neuron_set.bias_param, []).append((nodes, nodes, neuron_set.bias_pos))
+    ties: list[tuple[Tensor, Tensor]] = []
+    for param, sites in uses.items():
+        if len(sites) < 2:
+            continue
+        shape = tracer.param_shapes[param]
+        numel, columns = math.prod(shape), (shape[-1] if len(shape) >= 2 else 1)
+        row_node = torch.full((numel,), -1, dtype=torch.long)
+        column_node = torch.full((numel,), -1, dtype=torch.long)
+        for src, dst, pos in sites:
+            rows, cols = pos // columns, pos % columns
+            if _is_function(dst, rows) and _is_function(src, cols):
+                at_row, at_column = dst, src
+            elif _is_function(src, rows) and _is_function(dst, cols):
+                at_row, at_column = src, dst
+            else:
+                for node in torch.cat((src, dst)).unique().tolist():
+                    tracer.set_of(node).pinned = True
+                continue
+            for table, nodes in ((row_node, at_row), (column_node, at_column)):
+                seen = table[pos] >= 0
+                if bool(seen.any()):
+                    pairs = torch.unique(torch.stack((table[pos][seen], nodes[seen])), dim=1)
+                    ties.append((pairs[0], pairs[1]))
+                table[pos[~seen]] = nodes[~seen]
+    return ties
+
+
+def _is_function(nodes: Tensor, index: Tensor) -> bool:
+    """Whether every node meets one value of ``index`` (its row or column of the weight)."""
+    pairs = torch.unique(torch.stack((nodes, index)), dim=1)
+    return pairs.shape[1] == torch.unique(nodes).numel()
+
+
+#: relations between neurons of one step (a head's query and key dims, the two factors of a
+#: gate): they do not make one neuron deeper than the other
+_SAME_DEPTH_EDGES = (int(EdgeKind.QUERY_KEY), int(EdgeKind.GATE))
+
+
+def _depths(edge_index: Tensor, edge_kind: Tensor, set_of_node: Tensor, num_sets: int) -> Tensor:
+    """``[N]`` depth of every node: the longest path from an input over the edges, by neuron set.
+
+    The MLP chain's layer index and the stock attention layout's depth (query, key and value
+    one step after the stream they read, merged heads one after them) are both this number.
+    """
+    keep = ~torch.isin(edge_kind, torch.tensor(_SAME_DEPTH_EDGES))
+    pairs = torch.unique(set_of_node[edge_index[:, keep]], dim=1)
+    pairs = pairs[:, pairs[0] != pairs[1]]
+    depth = torch.zeros(num_sets, dtype=torch.long)
+    for _ in range(num_sets):  # relaxation: at most one round per set on a longest path
+        deeper = depth.scatter_reduce(0, pairs[1], depth[pairs[0]] + 1, reduce="amax")
+        if torch.equal(deeper, depth):
+            return depth[set_of_node]
+        depth = deeper
+    raise GradGraphError("internal: the traced neuron sets form a cycle")
+
+
+def _flat_ranks(nodes: Tensor, slots: Tensor, set_of_node: Tensor) -> Tensor | None:
+    """Rank of every node's orbit slot, if each slot holds exactly one node of every member set."""
+    unique_slots, slot_index = torch.unique(slots, return_inverse=True)
+    member_sets = set_of_node[nodes]
+    num_sets = len(torch.unique(member_sets))
+    counts = torch.bincount(slot_index, minlength=len(unique_slots))
+    if not bool((counts == num_sets).all()):
+        return None
+    pairs = torch.unique(torch.stack((slot_index, member_sets)), dim=1)
+    if pairs.shape[1] != len(nodes):
+        return None
+    # rank slots by the order of the first member set's nodes, so an untied set keeps its order
+    first_set = member_sets.min()
+    order = torch.full((len(unique_slots),), -1, dtype=torch.long)
+    in_first = member_sets == first_set
+    order[slot_index[in_first]] = torch.arange(int(in_first.sum()))
+    if bool((order < 0).any()):
+        return None
+    return order[slot_index]
+
+
+def _assign_heads(tracer: _Tracer, nodes: Tensor, set_of_node: Tensor, perm_block: Tensor, perm_tie: Tensor,
+                  position: Tensor, pieces: list) -> bool:
+    """Heads as blocks of one attention op; q/k tied (tie 0), v/o tied (tie 1)."""
+    node_set = set(nodes.tolist())
+    blocks = [block for block in tracer.attention if int(block[0][0][0]) in node_set]
+    if len(blocks) != 1:
+        return False
+    block = blocks[0]
+    covered = torch.cat([torch.cat(head) for head in block])
+    if len(covered) != len(nodes) or set(covered.tolist()) != node_set:
+        return False
+    for head, (q, k, v, o) in enumerate(block):
+        perm_block[torch.cat((q, k, v, o))] = head
+        perm_tie[torch.cat((q, k))] = 0
+        perm_tie[torch.cat((v, o))] = 1
+        for rows in (q, k, v, o):
+            position[rows] = head * len(rows) + torch.arange(len(rows))
+    return True

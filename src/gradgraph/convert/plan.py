@@ -1,0 +1,376 @@
+"""What a trace finds that does not depend on values, and how a later call reuses it.
+
+A :class:`TracePlan` holds the layout, labels, group and slots of a traced architecture and,
+for every recorded tensor, the op that produced it and where its elements go in
+``act`` / ``grad``. :data:`PLAN_CACHE` keeps plans per architecture and call; :func:`_fill`
+runs the one backward pass and writes the factors; :func:`_assemble` puts a graph together
+from a plan, the model's values and fresh factors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from gradgraph.capture import check_finite
+from gradgraph.convert.trace import KEY_STRIDE, UnsupportedOperationError
+from gradgraph.convert.trace.ops import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES
+from gradgraph.convert.trace.tracer import _Tracer
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import GradGraph
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, dict):
+        return tuple(sorted((key, _signature(item)) for key, item in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_signature(item) for item in value)
+    return repr(value)
+
+
+def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any]) -> tuple:
+    """What a plan depends on besides the op fingerprints a replay checks."""
+    return (
+        type(model),
+        tuple((name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad) for name, p in model.named_parameters()),
+        tuple(type(module).__name__ for module in model.modules()),
+        _signature(inputs),
+        _signature(kwargs),
+        model.training,
+        tuple(_ELEMENTWISE_MODULES),
+        tuple(_ELEMENTWISE_FUNCTIONS),
+    )
+
+
+class PlanCache:
+    """A small LRU of :class:`TracePlan` s: later conversions of an architecture replay, not trace.
+
+    A replay checks every op of the forward against the plan's fingerprints (name, arguments
+    by producer, output shapes) and traces afresh if anything differs, so a cached plan is
+    only ever used for the computation it describes.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, TracePlan] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> TracePlan | None:
+        with self._lock:
+            plan = self._entries.get(key)
+            if plan is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return plan
+
+    def put(self, key: tuple, plan: TracePlan) -> None:
+        with self._lock:
+            self._entries[key] = plan
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+#: The traced converter's plans, keyed by architecture, input shape and call arguments.
+PLAN_CACHE = PlanCache()
+
+
+# --------------------------------------------------------------------- factors
+def _component_index(comps: Tensor, num_keys: int) -> Tensor:
+    return (comps // KEY_STRIDE) * num_keys + comps % KEY_STRIDE
+
+
+@dataclass
+class _Record:
+    """Where one recorded tensor's elements go in ``act`` / ``grad`` (flat ``row * B + column``).
+
+    ``block = (first, width)`` when the tensor, read as ``[B, width]``, is exactly rows
+    ``first .. first + width`` of the factor matrix (a ``[b, T, d]`` tensor of one neuron set
+    when the tokens are the only keys): then it is one strided copy, not a scatter.
+    """
+
+    source: tuple  # ("input",) | ("out", op, position) | ("derived", op, recipe)
+    shape: tuple[int, ...]
+    keep: Tensor | None  # flat mask of the elements that are some neuron's value at some component
+    linear: Tensor | None
+    block: tuple[int, int] | None = None
+
+
+@dataclass
+class _OnehotRecord:
+    """One-hot activations of table rows: rows from an embedding's indices (``op``) or constant."""
+
+    op: int | None
+    rows: Tensor | None
+    shape: tuple[int, ...]
+    keep: Tensor | None
+    columns: Tensor
+    first: int
+    padding: int | None = None  # a padding_idx row gets no gradient: its one-hot stays 0
+
+
+@dataclass
+class TracePlan:
+    """Everything a trace found that does not depend on values: reused for later calls.
+
+    A later call of the same architecture on inputs of the same shape replays the forward with
+    a light mode that only checks each op's fingerprint and keeps the tensors the factors come
+    from (:func:`gradgraph.convert.trace.replay_model`); the graph's structure is shared.
+    """
+
+    fingerprints: list[tuple]
+    act: list[_Record]
+    grad: list[_Record]
+    onehot: list[_OnehotRecord]
+    structure: dict[str, Any]
+    weights: list[_SlotCopy]  # parameter values -> edge rows
+    biases: list[_SlotCopy]  # parameter values -> node rows
+    param_names: list[str]
+    param_shapes: list[list[int]]
+    num_nodes: int
+    num_edges: int
+    num_keys: int
+    set_names: list[tuple[int, int, str]]  # (first node, size, origin) for messages
+
+    _derived: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def structure_on(self, device: torch.device) -> dict[str, Tensor]:
+        """The shared structure tensors on ``device`` (moved once per device, then reused)."""
+        key = ("structure", str(device))
+        if key not in self._derived:
+            self._derived[key] = {name: value.to(device) for name, value in self.structure.items()}
+        return self._derived[key]
+
+    def component_sample(self, num_datapoints: int, device: torch.device) -> Tensor:
+        """``[b * K]``: the datapoint of every component."""
+        key = ("component_sample", num_datapoints, str(device))
+        if key not in self._derived:
+            self._derived[key] = torch.arange(num_datapoints, device=device).repeat_interleave(self.num_keys)
+        return self._derived[key]
+
+    @property
+    def wanted(self) -> set[int]:
+        ops = {record.source[1] for record in self.act + self.grad if record.source[0] != "input"}
+        return ops | {record.op for record in self.onehot if record.op is not None}
+
+
+def _source(tracer: _Tracer, tensor: Tensor) -> tuple:
+    derived = tracer.derived.get(id(tensor))
+    if derived is not None and derived[0] is tensor:
+        return ("derived", derived[1], derived[2])
+    found = tracer.log.source(tensor)
+    if found == (-1, 0):
+        return ("input",)
+    if not isinstance(found, tuple) or found[0] == "param":
+        raise GradGraphError("internal: a recorded tensor was produced by no op of the trace")
+    return ("out", found[0], found[1])
+
+
+def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_keys: int,
+            num_components: int) -> _Record:
+    keep = (nodes >= 0) & (comps >= 0)
+    all_kept = bool(keep.all())
+    linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
+    source = _source(tracer, tensor)
+    width = int(nodes.shape[-1]) if nodes.dim() else 1
+    if all_kept and nodes.numel() == num_components * width and width > 0:
+        first = int(nodes.reshape(-1)[0])
+        block = (first + torch.arange(width))[None, :] * num_components + torch.arange(num_components)[:, None]
+        if torch.equal(linear, block.reshape(-1)):
+            return _Record(source, tuple(nodes.shape), None, None, (first, width))
+    return _Record(source, tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
+
+
+def _plan_records(tracer: _Tracer, num_datapoints: int) -> tuple[list[_Record], list[_Record], list[_OnehotRecord],
+                                                                   int]:
+    num_keys = max(len(tracer.keys), 1)
+    num_components = num_datapoints * num_keys
+    acts, grads, onehots = [], [], []
+    for neuron_set in tracer.sets:
+        records = neuron_set.act_records or ([neuron_set.last] if neuron_set.last is not None else [])
+        for value, nodes, comps in records:
+            if comps is not None:
+                acts.append(_record(tracer, value, nodes, comps, num_keys, num_components))
+        for index, nodes, comps, op, padding in neuron_set.onehot_records:
+            keep = (nodes >= 0) & (comps >= 0)
+            if op is None and padding is not None:
+                keep &= index != padding
+            onehots.append(_OnehotRecord(
+                op, None if op is not None else index[keep], tuple(nodes.shape),
+                None if bool(keep.all()) else keep.reshape(-1), _component_index(comps[keep], num_keys),
+                neuron_set.first, padding))
+        for tensor, nodes, comps in neuron_set.grad_records:
+            if nodes is not None and tensor.requires_grad:
+                grads.append(_record(tracer, tensor, nodes, comps, num_keys, num_components))
+    return acts, grads, onehots, num_keys
+
+
+def _resolve(source: tuple, x: Tensor, captured: dict[int, tuple[tuple, dict, Any]]) -> Tensor:
+    if source[0] == "input":
+        return x
+    args, kwargs, output = captured[source[1]]
+    if source[0] == "out":
+        return tree_flatten(output)[0][source[2]]
+    recipe = source[2]
+    with torch.no_grad():
+        value = args[0].detach()
+        if recipe[0] == "layer_norm":
+            return F.layer_norm(value, recipe[1], None, None, recipe[2])
+        if recipe[0] == "rms_norm":
+            epsilon = torch.finfo(value.dtype).eps if recipe[1] is None else recipe[1]
+            return value * torch.rsqrt(value.pow(2).mean(-1, keepdim=True) + epsilon)
+        return (value - args[1]) / torch.sqrt(args[2] + recipe[1])
+
+
+def _unwritten_rows(num_nodes: int, records: list[_Record]) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` row ranges of ``[N, B]`` that no block record writes whole."""
+    covered = torch.zeros(num_nodes, dtype=torch.bool)
+    for record in records:
+        if record.block is not None:
+            first, width = record.block
+            covered[first:first + width] = True
+    edges = torch.diff(torch.cat((torch.tensor([True]), covered, torch.tensor([True]))).int())
+    starts = torch.nonzero(edges == -1).flatten().tolist()
+    stops = torch.nonzero(edges == 1).flatten().tolist()
+    return list(zip(starts, stops))
+
+
+def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: nn.Module, num_datapoints: int,
+          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass."""
+    num_components = num_datapoints * plan.num_keys
+    # rows that a block record writes whole need no zeros first (most of a transformer's rows)
+    act = torch.empty(plan.num_nodes * num_components, dtype=dtype, device=device)
+    grad = torch.empty_like(act)
+    for which, target, records in (("act", act, plan.act), ("grad", grad, plan.grad)):
+        if ("unwritten", which) not in plan._derived:
+            plan._derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
+        rows = target.view(plan.num_nodes, num_components)
+        for start, stop in plan._derived[("unwritten", which)]:
+            rows[start:stop].zero_()
+    grad_tensors: dict[tuple, Tensor] = {}
+    for record in plan.grad:
+        grad_tensors.setdefault(record.source, _resolve(record.source, x, captured))
+    tensors = list(grad_tensors.values())
+    # the parameters ride along in the same backward pass, so a parameter that reaches the loss
+    # through ops the trace did not follow is caught instead of silently missing
+    known = set(plan.param_names)
+    others = [(name, param) for name, param in model.named_parameters() if param.requires_grad and name not in known]
+    results = torch.autograd.grad(objective.sum(), tensors + [param for _, param in others], allow_unused=True)
+    for (name, _), result in zip(others, results[len(tensors):]):
+        if result is not None:
+            raise UnsupportedOperationError(
+                name.rsplit(".", 1)[0] if "." in name else "", "parameter use", "in the forward",
+                f"the parameter '{name}' affects the loss through ops gradgraph did not follow (a custom "
+                "autograd.Function, a tensor made inside forward, or an op without a rule); register the module "
+                "with gradgraph.convert.register_elementwise or gradgraph.register_converter")
+    gradient_of = dict(zip(grad_tensors, results))
+
+    def scatter(target: Tensor, values: Tensor, record: _Record) -> None:
+        values = values.detach()
+        if tuple(values.shape) != record.shape:
+            values = values.expand(record.shape)
+        if record.block is not None:
+            first, width = record.block
+            rows = target.view(plan.num_nodes, num_components)[first:first + width]
+            rows.copy_(values.reshape(num_components, width).T)
+            return
+        values = values.reshape(-1)
+        if record.keep is not None:
+            values = values[record.keep.to(values.device)]
+        target[record.linear.to(device)] = values.to(dtype)
+
+    for record in plan.act:
+        scatter(act, _resolve(record.source, x, captured), record)
+    for record in plan.grad:
+        result = gradient_of.get(record.source)
+        if result is not None:
+            scatter(grad, result, record)
+        elif record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
+            first, width = record.block
+            grad.view(plan.num_nodes, num_components)[first:first + width].zero_()
+    act = act.view(plan.num_nodes, num_components)
+    grad = grad.view(plan.num_nodes, num_components)
+    for record in plan.onehot:
+        if record.op is None:
+            rows = record.rows
+        else:
+            indices = captured[record.op][0][0]
+            rows = indices.detach().unsqueeze(-1).expand(record.shape).reshape(-1)
+            rows = rows if record.keep is None else rows[record.keep.to(rows.device)]
+        columns = record.columns.to(device)
+        if record.op is not None and record.padding is not None:
+            columns = columns[(rows != record.padding).to(device)]
+            rows = rows[rows != record.padding]
+        act[(record.first + rows).to(device), columns] = 1
+    if not bool(torch.isfinite(act.sum() + grad.sum())):
+        for first, size, origin in plan.set_names:
+            check_finite(f"activation of the neurons of '{origin}'", act[first:first + size])
+            check_finite(f"backpropagated signal of the neurons of '{origin}'", grad[first:first + size])
+    return act, grad
+
+
+@dataclass
+class _SlotCopy:
+    """Where one parameter's values go in ``edge_attr`` (or the bias vector): ``rows`` take
+    ``flat[places]``; either is a slice when consecutive (every ``nn.Linear`` weight is both)."""
+
+    name: str
+    rows: slice | Tensor
+    places: slice | Tensor
+
+    def write(self, target: Tensor, flat: Tensor) -> None:
+        places = self.places if isinstance(self.places, slice) else self.places.to(flat.device)
+        rows = self.rows if isinstance(self.rows, slice) else self.rows.to(target.device)
+        target[rows] = flat[places].to(target.dtype)
+
+
+def _as_slice(index: Tensor) -> slice | Tensor:
+    if len(index) and bool((index == index[0] + torch.arange(len(index))).all()):
+        return slice(int(index[0]), int(index[0]) + len(index))
+    return index
+
+
+def _slot_copy(name: str, rows: Tensor, places: Tensor) -> _SlotCopy:
+    return _SlotCopy(name, _as_slice(rows), _as_slice(places))
+
+
+def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_datapoints: int) -> GradGraph:
+    """A GradGraph from a plan's shared structure, the model's values and fresh factors."""
+    device, dtype = act.device, act.dtype
+    named = dict(model.named_parameters())
+    flat = {name: named[name].detach().reshape(-1) for name in plan.param_names}
+    edge_attr = torch.ones(plan.num_edges, dtype=dtype, device=device)
+    for slot in plan.weights:
+        slot.write(edge_attr, flat[slot.name])
+    bias = torch.zeros(plan.num_nodes, dtype=dtype, device=device)
+    for slot in plan.biases:
+        slot.write(bias, flat[slot.name])
+    structure = plan.structure_on(device)
+    return GradGraph(
+        x=bias[:, None],
+        edge_attr=edge_attr[:, None],
+        act=act,
+        grad=grad,
+        **structure,
+        component_sample=plan.component_sample(num_datapoints, device),
+        num_datapoints=num_datapoints,
+        param_names=list(plan.param_names),
+        param_shapes=[list(shape) for shape in plan.param_shapes],
+    )
