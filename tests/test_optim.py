@@ -438,3 +438,37 @@ def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch, tmp_path):
     for extra in ([], ["--meta-train"]):
         with pytest.raises(GradGraphError, match="no CUDA device"):
             main(["learned-optimizer", "--device", "cuda", "--out-dir", str(tmp_path), "--quiet", *extra])
+
+
+# ---------------------------------------------------------------------- start and selection
+
+
+def test_meta_training_starts_at_tuned_adam_and_exports_the_best_validated_candidate(tmp_path, monkeypatch):
+    from gradgraph.tasks.learned_optimizer import meta as meta_run
+    from gradgraph.tasks.learned_optimizer.benchmark import log_grid
+    from gradgraph.tasks.learned_optimizer.selection import model_copy
+
+    scores = iter([0.5, 2.0, 1.0])  # outer steps 0, 2, 4: the one at step 2 must be exported
+    snapshots = []
+
+    def scripted_score(protocol, meta_model):
+        assert protocol.bench.test_loss is not meta_run.get_task("digits").test_loss  # validation, not test
+        snapshots.append(model_copy(meta_model))
+        score = next(scores)
+        return {"score": score, "step_reduction": score, "reached": 0, "best_loss": 1.0, "diverged": 0}
+
+    monkeypatch.setattr(meta_run, "score_meta_model", scripted_score)
+    config = meta_run.MetaRunConfig(variant="deepsets", minutes=10, max_outer_steps=4, num_particles=2, truncation=2,
+                                    horizon=4, select_every=2, select_seeds=1, out_dir=str(tmp_path), progress=False)
+    trainer = meta_run.run_meta_training(config, export=tmp_path / "export.pt")
+    assert [c["outer_step"] for c in trainer.selection["candidates"]] == [0, 2, 4]
+    exported = torch.load(tmp_path / "export.pt", weights_only=False)
+    assert exported["provenance"]["selected_outer_step"] == 2
+    assert not all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])  # meta-training moved it
+    for key, value in exported["meta_model"].items():
+        assert torch.equal(value, snapshots[1][key]), key
+    lr = trainer.selection["adam_lr"]
+    assert min(abs(lr - g) for g in log_grid(-4, -1, 10)) < 1e-12
+    assert exported["meta_config"]["alpha"] * exported["meta_config"]["beta"] == pytest.approx(lr, rel=1e-12)
+    start = meta_run.LearnedUpdate(meta_run.MetaModelConfig(**exported["meta_config"]))
+    assert float(start.alpha * start.beta) == pytest.approx(lr, rel=1e-5)  # the rule starts as Adam at lr
