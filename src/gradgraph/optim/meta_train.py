@@ -107,7 +107,7 @@ class MetaTrainConfig:
         seed: seeds data, initialisations and perturbations.
     """
 
-    estimator: str = "tbptt"
+    estimator: str = "pes"
     num_particles: int = 8
     truncation: int = 10
     horizon: int = 400
