@@ -458,6 +458,8 @@ def test_meta_training_starts_at_tuned_adam_and_exports_the_best_validated_candi
         return {"score": score, "step_reduction": score, "reached": 0, "best_loss": 1.0, "diverged": 0}
 
     monkeypatch.setattr(meta_run, "score_meta_model", scripted_score)
+    start_lr = log_grid(-4, -1, 10)[6]
+    monkeypatch.setattr(meta_run, "_choose_start", lambda config, protocol: (start_lr, {f"{start_lr:.6g}": 1.0}))
     config = meta_run.MetaRunConfig(variant="deepsets", minutes=10, max_outer_steps=4, num_particles=2, truncation=2,
                                     horizon=4, select_every=2, select_seeds=1, out_dir=str(tmp_path), progress=False)
     trainer = meta_run.run_meta_training(config, export=tmp_path / "export.pt")
@@ -467,8 +469,30 @@ def test_meta_training_starts_at_tuned_adam_and_exports_the_best_validated_candi
     assert not all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])  # meta-training moved it
     for key, value in exported["meta_model"].items():
         assert torch.equal(value, snapshots[1][key]), key
-    lr = trainer.selection["adam_lr"]
-    assert min(abs(lr - g) for g in log_grid(-4, -1, 10)) < 1e-12
-    assert exported["meta_config"]["alpha"] * exported["meta_config"]["beta"] == pytest.approx(lr, rel=1e-12)
+    assert min(abs(trainer.selection["adam_lr"] - g) for g in log_grid(-4, -1, 10)) < 1e-12  # tuned on the grid
+    assert exported["meta_config"]["alpha"] * exported["meta_config"]["beta"] == pytest.approx(start_lr, rel=1e-12)
     start = meta_run.LearnedUpdate(meta_run.MetaModelConfig(**exported["meta_config"]))
-    assert float(start.alpha * start.beta) == pytest.approx(lr, rel=1e-5)  # the rule starts as Adam at lr
+    assert float(start.alpha * start.beta) == pytest.approx(start_lr, rel=1e-5)  # the rule starts as Adam at lr
+
+
+@pytest.mark.parametrize("tuned_index", [0, 5, 9])
+def test_the_start_is_the_best_scoring_of_tuned_adam_and_its_grid_neighbours(monkeypatch, tuned_index):
+    from gradgraph.tasks.learned_optimizer import meta as meta_run
+    from gradgraph.tasks.learned_optimizer.benchmark import log_grid
+    from gradgraph.tasks.learned_optimizer.selection import ValidationProtocol
+
+    grid = log_grid(-4, -1, 10)
+    scored = []
+
+    def score(protocol, rule):  # the validation score of a start, scripted: best at the tuned rate's left neighbour
+        lr = float(rule.alpha * rule.beta)
+        scored.append(lr)
+        assert not rule.needs_graph and torch.all(rule.mlp[-1].weight == 0)  # the start is Adam + momentum
+        return {"score": -abs(lr - grid[max(tuned_index - 1, 0)])}
+
+    monkeypatch.setattr(meta_run, "score_meta_model", score)
+    protocol = ValidationProtocol(None, [], 0, grid[tuned_index], {}, [])
+    lr, scores = meta_run._choose_start(meta_run.MetaRunConfig(variant="gradmetanet"), protocol)
+    neighbours = grid[max(tuned_index - 1, 0): tuned_index + 2]
+    assert scored == pytest.approx(neighbours, rel=1e-5) and len(scores) == len(neighbours)
+    assert lr == pytest.approx(grid[max(tuned_index - 1, 0)], rel=1e-5)

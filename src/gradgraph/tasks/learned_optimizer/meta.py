@@ -8,8 +8,10 @@ wall-clock budget counts the time of earlier runs. ``export_meta_model`` writes 
 file that :func:`gradgraph.optim.load_pretrained` reads.
 
 Start and selection (:mod:`~gradgraph.tasks.learned_optimizer.selection`): with
-``start="tuned-adam"`` the rule starts as Adam at the learning rate tuned on the task's
-validation split (``αβ`` = that rate); with ``select_every > 0`` the benchmark's protocol
+``start="tuned-adam"`` the rule starts as Adam plus a little momentum at a learning rate
+``αβ`` chosen on the task's validation split: Adam's tuned rate (lowest best validation
+loss) and its two grid neighbours are scored with the benchmark's protocol, the best
+start wins; with ``select_every > 0`` the benchmark's protocol
 is run on the validation split at outer step 0 and every ``select_every`` outer steps,
 and the export is the best-scoring meta-model — outer step 0 included, so the exported
 optimizer is never worse than its start on validation.
@@ -57,8 +59,8 @@ class MetaRunConfig:
         max_outer_steps: stop after this many outer steps even within budget.
         num_particles, truncation, horizon, outer_lr, scalar_lr, sigma: see
             :class:`~gradgraph.optim.MetaTrainConfig`.
-        start: ``"tuned-adam"``: ``β = lr / α`` with ``lr`` Adam's learning rate tuned on
-            the validation split (the rule starts as tuned Adam plus a little momentum);
+        start: ``"tuned-adam"``: ``β = lr / α`` with ``lr`` chosen on the validation split
+            (module docstring; the rule starts as Adam at ``lr`` plus a little momentum);
             ``"fixed"``: ``α``, ``β`` as given.
         alpha, beta, residual_adam: the start of the update rule. The paper starts at
             ``α = 0.1, β = 0.001`` with ``F = MLP`` and meta-trains for 50,000 outer steps;
@@ -167,6 +169,26 @@ def _start_protocol(config: MetaRunConfig, bench: BenchmarkTask) -> ValidationPr
     )
 
 
+def _choose_start(config: MetaRunConfig, protocol: ValidationProtocol) -> tuple[float, dict[str, float]]:
+    """``(lr, {lr: validation score})``: the best of Adam's tuned rate and its grid neighbours as ``αβ``.
+
+    With ``residual_adam`` the learned term starts at zero, so the starting rule does not
+    depend on the variant and is scored with the cheap per-parameter-only one. Why not the
+    tuned rate alone: "lowest best loss" ignores speed, the benchmark's metric does not.
+    """
+    grid = log_grid(-4, -1, 10)
+    if not config.residual_adam:
+        return protocol.adam_lr, {}
+    index = min(range(len(grid)), key=lambda i: abs(grid[i] - protocol.adam_lr))
+    scores = {}
+    for lr in grid[max(index - 1, 0): index + 2]:
+        rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=config.alpha, beta=lr / config.alpha,
+                                             residual_adam=True))
+        scores[f"{lr:.6g}"] = score_meta_model(protocol, rule)["score"]
+    best = max(scores, key=scores.get)
+    return float(best), scores
+
+
 def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
                       context: DistributedContext | None = None) -> MetaTrainer:
     """Meta-train under ``config``'s budget, resuming from ``<out_dir>/checkpoint.pt`` if present.
@@ -192,10 +214,11 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
     start = time.perf_counter()
     # Deterministic, so every rank (and a resumed run) computes the same start.
     protocol = _start_protocol(config, bench)
-    beta = config.beta if config.start == "fixed" else protocol.adam_lr / config.alpha
+    start_lr, start_scores = (None, {}) if config.start == "fixed" else _choose_start(config, protocol)
+    beta = config.beta if start_lr is None else start_lr / config.alpha
     trainer = _build(config, context, bench, beta)
-    selection: dict[str, Any] = {"adam_lr": None if protocol is None else protocol.adam_lr, "candidates": [],
-                                 "best": None}
+    selection: dict[str, Any] = {"adam_lr": None if protocol is None else protocol.adam_lr, "start_lr": start_lr,
+                                 "start_scores": start_scores, "candidates": [], "best": None}
     elapsed = time.perf_counter() - start
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -249,14 +272,15 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
     if not context.is_main_process:
         return trainer
     with open(out_dir / "history.json", "w") as file:
-        json.dump({"history": trainer.history, "adam_lr": selection["adam_lr"],
-                   "candidates": selection["candidates"]}, file)
+        json.dump({"history": trainer.history, "adam_lr": selection["adam_lr"], "start_lr": selection["start_lr"],
+                   "start_scores": selection["start_scores"], "candidates": selection["candidates"]}, file)
     if export is not None:
         best = selection["best"]
         export_meta_model(trainer, export, {
             "command": "gradgraph learned-optimizer --meta-train", "run_config": _comparable(config),
             "outer_steps": trainer.outer_steps, "minutes": elapsed / 60, "world_size": context.world_size,
             "device": str(context.device), "validation_adam_lr": selection["adam_lr"],
+            "start_lr": selection["start_lr"], "start_scores": selection["start_scores"],
             "selected_outer_step": None if best is None else best["outer_step"],
             "candidates": selection["candidates"],
         }, state=None if best is None else best["meta_model"])
