@@ -431,6 +431,18 @@ def test_benchmark_tasks_live_on_the_requested_device(device, name):
         assert torch.equal(cpu.task.sample_batch(torch.Generator().manual_seed(0))[0], inputs.cpu())
 
 
+def test_benchmark_command_records_its_device(tmp_path):
+    import json
+
+    from gradgraph.cli import main
+
+    main(["learned-optimizer", "--device", "cpu", "--steps", "3", "--seeds", "1", "--grid-size", "2",
+          "--optimizers", "adam", "deepsets", "--out-dir", str(tmp_path), "--quiet"])
+    results = json.loads((tmp_path / "benchmark" / "results.json").read_text())
+    assert results["device"] == "cpu" and results["config"]["device"] == "cpu"
+    assert set(results["tasks"][0]["summary"]) == {"adam", "deepsets"}
+
+
 def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch, tmp_path):
     from gradgraph.cli import main
 
@@ -447,12 +459,14 @@ def test_meta_training_starts_at_tuned_adam_and_exports_the_best_validated_candi
     from gradgraph.tasks.learned_optimizer import meta as meta_run
     from gradgraph.tasks.learned_optimizer.benchmark import log_grid
     from gradgraph.tasks.learned_optimizer.selection import model_copy
+    from gradgraph.tasks.learned_optimizer.tasks import make_mlp
 
     scores = iter([0.5, 2.0, 1.0])  # outer steps 0, 2, 4: the one at step 2 must be exported
     snapshots = []
 
     def scripted_score(protocol, meta_model):
-        assert protocol.bench.test_loss is not meta_run.get_task("digits").test_loss  # validation, not test
+        digits, probe = meta_run.get_task("digits"), make_mlp((64, 32, 10), 0)
+        assert protocol.bench.test_loss(probe) == digits.validation.test_loss(probe) != digits.test_loss(probe)
         snapshots.append(model_copy(meta_model))
         score = next(scores)
         return {"score": score, "step_reduction": score, "reached": 0, "best_loss": 1.0, "diverged": 0}
