@@ -24,6 +24,10 @@ from gradgraph.optim import (
 )
 from gradgraph.symmetry import permute_hidden, random_hidden_perms
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+#: the device tests run on CPU always and on CUDA where there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
 
 def _mlp(widths=(5, 4, 3), seed=0, dtype=torch.float32) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -184,12 +188,12 @@ def test_pes_is_unbiased_on_a_quadratic_toy(persistent):
         assert error > 0.2, (estimate, true_grad)  # truncation bias: the test can tell
 
 
-def _tiny_task(validation: bool = False) -> Task:
+def _tiny_task(validation: bool = False, device: str = "cpu") -> Task:
     def make(seed):
-        return _mlp((5, 4, 3), seed=seed)
+        return _mlp((5, 4, 3), seed=seed).to(device)
 
     def sample(generator):
-        x = torch.randn(8, 5, generator=generator)
+        x = torch.randn(8, 5, generator=generator).to(device)
         return x, (x[:, 0] > 0).long()
 
     return Task("tiny", make, sample, lambda out, y: F.cross_entropy(out, y, reduction="none"),
@@ -319,3 +323,190 @@ def test_diverged_inner_runs_restart_instead_of_crashing(estimator):
     assert all(torch.equal(a, b) for a, b in zip(before, meta.parameters()))
     trainer.step()  # particles restarted from fresh initialisations
     assert all(torch.isfinite(v).all() for v in trainer.params.values()) or trainer.diverged_truncations == 2
+
+
+# ---------------------------------------------------------------------- devices
+
+
+def _tensors(value):
+    """Every tensor inside nested dicts / lists / tuples."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_gradmetanet", [False, True])
+def test_learned_optimizer_follows_the_model_device_and_dtype(device, use_gradmetanet):
+    """A CPU-built meta-model trains a model where the model is; on CUDA the steps equal the CPU ones."""
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=use_gradmetanet, residual_adam=True)).double()
+    with torch.no_grad():
+        meta.mlp[-1].weight.normal_()  # a non-zero learned term, so F is exercised
+    runs = {}
+    for where in dict.fromkeys(["cpu", device]):
+        model = _mlp(dtype=torch.float64).to(where)
+        opt = LearnedOptimizer(model, copy.deepcopy(meta))
+        for step in range(3):
+            x, y = _batch(seed=step, dtype=torch.float64)
+            opt.step(_losses(model, x.to(where), y.to(where)))
+        state = opt.state_dict()
+        placed = list(_tensors(state)) + list(opt.meta_model.parameters()) + list(model.parameters())
+        assert {t.device.type for t in placed} == {where}
+        assert {t.dtype for t in _tensors(state["state"]) if t.is_floating_point()} == {torch.float64}
+        runs[where] = (model, state)
+    for (_, a), (_, b) in zip(runs["cpu"][0].named_parameters(), runs[device][0].named_parameters()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-9, atol=1e-12)
+    # a state saved on one device resumes on the model's device
+    model = _mlp(dtype=torch.float64).to(device)
+    opt = LearnedOptimizer(model, copy.deepcopy(meta))
+    opt.load_state_dict(_to_cpu(runs[device][1]))
+    assert {t.device.type for t in _tensors(opt.state_dict())} == {device}
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+def test_learned_optimizer_rejects_a_model_on_several_devices():
+    model = _mlp()
+    model[0].weight = nn.Parameter(model[0].weight.detach().to("meta"))  # a second device, no GPU needed
+    with pytest.raises(GradGraphError, match="several devices"):
+        LearnedOptimizer(model, LearnedUpdate(MetaModelConfig(use_gradmetanet=False)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_meta_training_runs_on_the_task_device(device, estimator):
+    """Every tensor of the trainer's state is on the device of the task's models; resuming moves them there."""
+    torch.manual_seed(0)
+    config = MetaTrainConfig(estimator=estimator, num_particles=2, truncation=2, horizon=3)
+    trainer = MetaTrainer(LearnedUpdate(MetaModelConfig(residual_adam=True)), _tiny_task(True, device), config)
+    assert trainer.device.type == device
+    for _ in range(2):  # crosses a restart
+        assert trainer.step()["meta_loss"] == trainer.history[-1]["meta_loss"]
+    state = trainer.state_dict()
+    # random streams stay CPU generators; torch.optim.Adam keeps its step counts on the CPU
+    placed = list(_tensors({k: v for k, v in state.items() if k not in ("data_generator", "pes", "outer")}))
+    placed += [] if state["pes"] is None else [state["pes"]["accumulated"]]
+    placed += list(trainer.meta_model.parameters()) + list(trainer.meta_model.buffers())
+    placed += [v for slot in trainer.outer.state.values() for k, v in slot.items() if k != "step"]
+    assert len(placed) > 20 and {t.device.type for t in placed} == {device}
+    if device == "cpu":
+        return
+    resumed = MetaTrainer(LearnedUpdate(MetaModelConfig(residual_adam=True)), _tiny_task(True, device), config)
+    resumed.load_state_dict(_to_cpu(copy.deepcopy(state)))
+    resumed.step()
+    trainer.step()
+    for a, b in zip(trainer.meta_model.parameters(), resumed.meta_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["digits", "charlm"])
+def test_benchmark_tasks_live_on_the_requested_device(device, name):
+    from gradgraph.tasks.learned_optimizer.tasks import get_task
+
+    bench = get_task(name, device)
+    model = bench.task.make_model(0)
+    inputs, targets = bench.task.sample_batch(torch.Generator().manual_seed(0))
+    assert {p.device.type for p in model.parameters()} == {inputs.device.type, targets.device.type} == {device}
+    assert all(v.device.type == device for v in bench.task.forward_kwargs.values())
+    assert torch.isfinite(torch.tensor(bench.test_loss(model)))
+    if device == "cuda":  # same initialisation and batches as on the CPU
+        cpu = get_task(name, "cpu")
+        for a, b in zip(cpu.task.make_model(0).parameters(), model.parameters()):
+            assert torch.equal(a, b.cpu())
+        assert torch.equal(cpu.task.sample_batch(torch.Generator().manual_seed(0))[0], inputs.cpu())
+
+
+def test_benchmark_command_records_its_device(tmp_path):
+    import json
+
+    from gradgraph.cli import main
+
+    main(["learned-optimizer", "--device", "cpu", "--steps", "3", "--seeds", "1", "--grid-size", "2",
+          "--optimizers", "adam", "deepsets", "--out-dir", str(tmp_path), "--quiet"])
+    results = json.loads((tmp_path / "benchmark" / "results.json").read_text())
+    assert results["device"] == "cpu" and results["config"]["device"] == "cpu"
+    assert set(results["tasks"][0]["summary"]) == {"adam", "deepsets"}
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch, tmp_path):
+    from gradgraph.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for extra in ([], ["--meta-train"]):
+        with pytest.raises(GradGraphError, match="no CUDA device"):
+            main(["learned-optimizer", "--device", "cuda", "--out-dir", str(tmp_path), "--quiet", *extra])
+
+
+# ---------------------------------------------------------------------- start and selection
+
+
+def test_meta_training_starts_at_tuned_adam_and_exports_the_best_validated_candidate(tmp_path, monkeypatch):
+    from gradgraph.tasks.learned_optimizer import meta as meta_run
+    from gradgraph.tasks.learned_optimizer.benchmark import log_grid
+    from gradgraph.tasks.learned_optimizer.selection import model_copy
+    from gradgraph.tasks.learned_optimizer.tasks import make_mlp
+
+    scores = iter([0.5, 2.0, 1.0])  # outer steps 0, 2, 4: the one at step 2 must be exported
+    snapshots = []
+
+    def scripted_score(protocol, meta_model):
+        digits, probe = meta_run.get_task("digits"), make_mlp((64, 32, 10), 0)
+        assert protocol.bench.test_loss(probe) == digits.validation.test_loss(probe) != digits.test_loss(probe)
+        snapshots.append(model_copy(meta_model))
+        score = next(scores)
+        return {"score": score, "step_reduction": score, "reached": 0, "best_loss": 1.0, "diverged": 0}
+
+    monkeypatch.setattr(meta_run, "score_meta_model", scripted_score)
+    start_lr = log_grid(-4, -1, 10)[6]
+    monkeypatch.setattr(meta_run, "_choose_start", lambda config, protocol: (start_lr, {f"{start_lr:.6g}": 1.0}))
+    config = meta_run.MetaRunConfig(variant="deepsets", minutes=10, max_outer_steps=4, num_particles=2, truncation=2,
+                                    horizon=4, select_every=2, select_seeds=1, out_dir=str(tmp_path), progress=False)
+    trainer = meta_run.run_meta_training(config, export=tmp_path / "export.pt")
+    assert [c["outer_step"] for c in trainer.selection["candidates"]] == [0, 2, 4]
+    exported = torch.load(tmp_path / "export.pt", weights_only=False)
+    assert exported["provenance"]["selected_outer_step"] == 2
+    assert not all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])  # meta-training moved it
+    for key, value in exported["meta_model"].items():
+        assert torch.equal(value, snapshots[1][key]), key
+    assert min(abs(trainer.selection["adam_lr"] - g) for g in log_grid(-4, -1, 10)) < 1e-12  # tuned on the grid
+    assert exported["meta_config"]["alpha"] * exported["meta_config"]["beta"] == pytest.approx(start_lr, rel=1e-12)
+    start = meta_run.LearnedUpdate(meta_run.MetaModelConfig(**exported["meta_config"]))
+    assert float(start.alpha * start.beta) == pytest.approx(start_lr, rel=1e-5)  # the rule starts as Adam at lr
+
+
+@pytest.mark.parametrize("tuned_index", [0, 5, 9])
+def test_the_start_is_the_best_scoring_of_tuned_adam_and_its_grid_neighbours(monkeypatch, tuned_index):
+    from gradgraph.tasks.learned_optimizer import meta as meta_run
+    from gradgraph.tasks.learned_optimizer.benchmark import log_grid
+    from gradgraph.tasks.learned_optimizer.selection import ValidationProtocol
+
+    grid = log_grid(-4, -1, 10)
+    scored = []
+
+    def score(protocol, rule):  # the validation score of a start, scripted: best at the tuned rate's left neighbour
+        lr = float(rule.alpha * rule.beta)
+        scored.append(lr)
+        assert not rule.needs_graph and torch.all(rule.mlp[-1].weight == 0)  # the start is Adam + momentum
+        return {"score": -abs(lr - grid[max(tuned_index - 1, 0)])}
+
+    monkeypatch.setattr(meta_run, "score_meta_model", score)
+    protocol = ValidationProtocol(None, [], 0, grid[tuned_index], {}, [])
+    lr, scores = meta_run._choose_start(meta_run.MetaRunConfig(variant="gradmetanet"), protocol)
+    neighbours = grid[max(tuned_index - 1, 0): tuned_index + 2]
+    assert scored == pytest.approx(neighbours, rel=1e-5) and len(scores) == len(neighbours)
+    assert lr == pytest.approx(grid[max(tuned_index - 1, 0)], rel=1e-5)

@@ -176,8 +176,9 @@ class ParameterLayout:
         num_edges, num_nodes = int(graph.edge_index.shape[1]), int(graph.num_nodes)
         shapes = [tuple(int(s) for s in shape) for shape in graph.param_shapes]
         layout = cls(list(graph.param_names), shapes, num_edges=num_edges, num_nodes=num_nodes)
+        device = graph.edge_index.device  # the slot maps live where the graph's values do
         for param_index, (name, shape) in enumerate(zip(layout.names, shapes)):
-            slots = torch.full((math.prod(shape),), num_edges + num_nodes, dtype=torch.long)
+            slots = torch.full((math.prod(shape),), num_edges + num_nodes, dtype=torch.long, device=device)
             edges = (graph.edge_param == param_index).nonzero().reshape(-1)
             slots[graph.edge_param_pos[edges]] = edges
             nodes = (graph.node_param == param_index).nonzero().reshape(-1)
@@ -326,7 +327,7 @@ class LearnedUpdate(nn.Module):
     def layout(self, graph: GradGraph) -> ParameterLayout:
         """The :class:`ParameterLayout` of ``graph``'s architecture (cached)."""
         key = (tuple(graph.param_names), tuple(tuple(s) for s in graph.param_shapes), int(graph.num_nodes),
-               int(graph.edge_index.shape[1]))
+               int(graph.edge_index.shape[1]), str(graph.edge_index.device))
         if key not in self._layouts:
             self._layouts[key] = ParameterLayout.from_graph(graph)
         return self._layouts[key]

@@ -22,6 +22,11 @@ Two estimators of the meta-gradient, chosen by :attr:`MetaTrainConfig.estimator`
   unbiased for the smoothed loss of the whole unroll, but each particle has its own
   meta-parameters, so the meta-model runs once per particle.
 
+Devices: the trainer runs where the task's models are (the device of the first
+``make_model``'s parameters): the meta-model is moved there and every tensor the trainer
+creates (inner states, step counters, PES perturbations) lives there; only random streams
+stay on the CPU, so a run draws the same data and perturbations on every device.
+
 Outer optimiser: Adam. The meta-gradient passes through ``all_reduce`` (identity by default)
 before Adam, so running a share of the particles on each process and averaging the
 meta-gradients across processes needs only that callable (and a different ``seed`` per
@@ -102,7 +107,7 @@ class MetaTrainConfig:
         seed: seeds data, initialisations and perturbations.
     """
 
-    estimator: str = "tbptt"
+    estimator: str = "pes"
     num_particles: int = 8
     truncation: int = 10
     horizon: int = 400
@@ -140,31 +145,34 @@ class MetaTrainer:
 
     def __init__(self, meta_model: LearnedUpdate, task: Task, config: MetaTrainConfig | None = None,
                  all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
-        self.meta_model, self.task = meta_model, task
+        self.task = task
         self.config = config = config or MetaTrainConfig()
         self.all_reduce = all_reduce
+        self.next_model_seed = 1_000_000 + 10_000 * config.seed
+        self.models = [self._fresh_model() for _ in range(config.num_particles)]
+        self.device = next(self.models[0].parameters()).device
+        self.meta_model = meta_model.to(self.device)
         scalars = [meta_model.log_alpha, meta_model.log_beta, meta_model.logit_mu]
         scalar_ids = {id(p) for p in scalars}
         others = [p for p in meta_model.parameters() if id(p) not in scalar_ids]
         self.outer = torch.optim.Adam([{"params": others, "lr": config.outer_lr},
                                        {"params": scalars, "lr": config.scalar_lr}])
         self.data_generator = torch.Generator().manual_seed(config.seed)
-        self.next_model_seed = 1_000_000 + 10_000 * config.seed
-        self.models = [self._fresh_model() for _ in range(config.num_particles)]
         self.names = [name for name, p in self.models[0].named_parameters() if p.requires_grad]
         self.params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in self.models])
                        for name in self.names}
         self.state = meta_model.init_state(self.params)
         # Particle p first restarts after (p + 1) * horizon / P steps: spread over training phases.
         self.restart_at = torch.tensor([(p + 1) * config.horizon // config.num_particles
-                                        for p in range(config.num_particles)])
-        self.inner_step = torch.zeros(config.num_particles, dtype=torch.long)
+                                        for p in range(config.num_particles)], device=self.device)
+        self.inner_step = torch.zeros(config.num_particles, dtype=torch.long, device=self.device)
         self.batches = [task.sample_batch(self.data_generator) for _ in range(config.num_particles)]
         self.outer_steps = 0
         self.pes: PES | None = None
         if config.estimator == "pes":
-            self.pes = PES(config.num_particles // 2, self.flat_meta_parameters().numel(), config.sigma,
-                           torch.Generator().manual_seed(config.seed + 7))
+            flat = self.flat_meta_parameters()
+            self.pes = PES(config.num_particles // 2, flat.numel(), config.sigma,
+                           torch.Generator().manual_seed(config.seed + 7), dtype=flat.dtype, device=self.device)
         self.history: list[dict[str, float]] = []
         #: truncations skipped because an inner run diverged (non-finite loss or factors).
         self.diverged_truncations = 0
@@ -262,7 +270,7 @@ class MetaTrainer:
             self.params, self.state, self.inner_step = saved
             self.restart_at = self.inner_step.clone()
             if self.pes is not None:
-                self.pes.reset(torch.ones(self.pes.num_pairs, dtype=torch.bool))
+                self.pes.reset(torch.ones(self.pes.num_pairs, dtype=torch.bool, device=self.device))
             meta_loss, norm = math.nan, math.nan
             self.diverged_truncations += 1
         self.outer_steps += 1
@@ -305,7 +313,7 @@ class MetaTrainer:
         thetas = self.pes.perturb(self.flat_meta_parameters())
         per_particle = [self._unflatten(theta) for theta in thetas]
         params, state = self.params, self.state
-        totals = torch.zeros(self.config.num_particles)
+        totals = torch.zeros(self.config.num_particles, device=self.device)
         for _ in range(self.config.truncation):
             graphs, grads = self._graphs(params)
             new_params: dict[str, list[Tensor]] = {name: [] for name in self.names}
@@ -361,6 +369,10 @@ class MetaTrainer:
             raise GradGraphError(
                 f"MetaTrainer.load_state_dict: checkpoint config {checkpoint['config']} differs from {asdict(self.config)}"
             )
+        # A checkpoint written on one device resumes on another: tensors go to this trainer's
+        # (random-stream states stay CPU byte tensors; torch.optim places its own state).
+        checkpoint = {key: value if key in ("data_generator", "pes", "outer") else _to_device(value, self.device)
+                      for key, value in checkpoint.items()}
         self.meta_model.load_state_dict(checkpoint["meta_model"])
         self.outer.load_state_dict(checkpoint["outer"])
         self.params = {k: v.clone() for k, v in checkpoint["params"].items()}
@@ -378,6 +390,17 @@ class MetaTrainer:
         self.outer_steps = checkpoint["outer_steps"]
         self.diverged_truncations = checkpoint.get("diverged_truncations", 0)
         self.history = list(checkpoint["history"])
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside (dicts, lists, tuples) on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
 
 
 def _slice_state(state: OptimizerState, index: int, num_particles: int) -> OptimizerState:

@@ -116,10 +116,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
     Args:
         model: the network to train; every trainable parameter must be one that
             :func:`gradgraph.to_graph` maps (MLP chains, stock attention wrappers).
-        meta_model: the trained update rule (its weights are not changed by ``step``).
+        meta_model: the trained update rule (its weights are not changed by ``step``);
+            it is moved to the device of ``model``'s parameters (``nn.Module.to``, in place).
 
+    Everything the optimizer creates (state, step count, factor EMAs) lives on the device
+    of ``model``'s parameters, so a model on a GPU is trained on that GPU.
     ``state_dict()`` holds the momenta, the factor EMAs and the step count; loading it
-    into a fresh optimizer on the same model resumes bit-identically.
+    into a fresh optimizer on the same model resumes bit-identically (on any device).
     """
 
     def __init__(self, model: nn.Module, meta_model: LearnedUpdate) -> None:
@@ -132,8 +135,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise GradGraphError(f"LearnedOptimizer: {type(model).__name__} has no trainable parameter")
         super().__init__([p for _, p in self.named], {})
         self.model = model
-        self.meta_model = meta_model
-        self._step = torch.zeros(1, dtype=torch.long)
+        self.device = self.named[0][1].device
+        if {p.device for _, p in self.named} != {self.device}:
+            raise GradGraphError(
+                f"LearnedOptimizer: the parameters of {type(model).__name__} are on several devices "
+                f"{sorted(str(d) for d in {p.device for _, p in self.named})}; put the model on one"
+            )
+        self.meta_model = meta_model.to(self.device)
+        self._step = torch.zeros(1, dtype=torch.long, device=self.device)
         self._factor_emas: Tensor | None = None
 
     @classmethod
@@ -173,8 +182,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if learned is None:
             raise GradGraphError("LearnedOptimizer.load_state_dict: no 'learned' entry; not a LearnedOptimizer state")
         super().load_state_dict(state_dict)
-        self._step = learned["step"].clone()
-        self._factor_emas = None if learned["factor_emas"] is None else learned["factor_emas"].clone()
+        self._step = learned["step"].to(self.device, copy=True)
+        self._factor_emas = None if learned["factor_emas"] is None else learned["factor_emas"].to(self.device, copy=True)
 
     # ---------------------------------------------------------------- step
     @torch.no_grad()

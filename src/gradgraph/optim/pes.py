@@ -34,7 +34,9 @@ class PES:
             rows ``N..2N-1`` the mirrored ones).
         dim: length of the meta-parameter vector.
         sigma: standard deviation of the perturbations.
-        generator: random stream of the perturbations.
+        generator: random stream of the perturbations (a CPU generator: the perturbations
+            are drawn on the CPU and moved to ``device``, so they do not depend on the device).
+        dtype, device: of the accumulated perturbations and the estimates (the meta-parameters').
 
     Use per truncation: ``thetas = pes.perturb(theta)`` (``[2N, dim]``), unroll every
     particle with its row, then ``grad = pes.estimate(losses)`` with ``losses [2N]`` the
@@ -43,12 +45,12 @@ class PES:
     """
 
     def __init__(self, num_pairs: int, dim: int, sigma: float, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         if num_pairs < 1 or dim < 1 or not sigma > 0:
             raise GradGraphError(f"PES needs num_pairs >= 1, dim >= 1, sigma > 0; got {num_pairs}, {dim}, {sigma}")
         self.num_pairs, self.dim, self.sigma = num_pairs, dim, sigma
         self.generator = generator
-        self.accumulated = torch.zeros(num_pairs, dim, dtype=dtype)
+        self.accumulated = torch.zeros(num_pairs, dim, dtype=dtype, device=device)
         self._epsilon: Tensor | None = None
 
     def perturb(self, theta: Tensor) -> Tensor:
@@ -56,10 +58,11 @@ class PES:
         if theta.shape != (self.dim,):
             raise GradGraphError(f"PES.perturb: theta must have shape [{self.dim}], got {list(theta.shape)}")
         epsilon = torch.randn(self.num_pairs, self.dim, generator=self.generator, dtype=self.accumulated.dtype)
-        self._epsilon = epsilon * self.sigma
+        self._epsilon = epsilon.to(self.accumulated.device) * self.sigma
         self.accumulated = self.accumulated + self._epsilon
+        dtype = theta.dtype
         theta = theta.detach().to(self.accumulated.dtype)
-        return torch.cat([theta + self._epsilon, theta - self._epsilon]).to(theta.dtype)
+        return torch.cat([theta + self._epsilon, theta - self._epsilon]).to(dtype)
 
     def estimate(self, losses: Tensor) -> Tensor:
         """``[2N] -> [dim]`` the PES gradient estimate for this truncation."""
@@ -81,4 +84,4 @@ class PES:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Inverse of :meth:`state_dict`."""
-        self.accumulated = state["accumulated"].clone()
+        self.accumulated = state["accumulated"].to(self.accumulated.device, copy=True)

@@ -36,7 +36,7 @@ from torch import nn
 from gradgraph.optim import LearnedOptimizer, LearnedUpdate
 from gradgraph.tasks.learned_optimizer.tasks import BenchmarkTask
 
-__all__ = ["Curve", "TaskResult", "benchmark_task", "step_reduction", "train_curve", "tune_learning_rate"]
+__all__ = ["Curve", "TaskResult", "benchmark_task", "log_grid", "step_reduction", "train_curve", "tune_learning_rate"]
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -68,9 +68,16 @@ class Curve:
         return next((step for step, loss in zip(self.steps, self.test_loss) if loss <= target), None)
 
 
+def log_grid(low: float, high: float, size: int) -> list[float]:
+    """``size`` learning rates log-spaced from ``10**low`` to ``10**high`` (the tuning grids)."""
+    return torch.logspace(low, high, size, dtype=torch.float64).tolist()
+
+
 def train_curve(bench: BenchmarkTask, optimizer: OptimizerFactory | LearnedUpdate, seed: int, steps: int,
                 eval_every: int = 1) -> Curve:
     """Train a fresh model (init ``seed``, batches from ``seed``) and record its test loss.
+
+    Runs on the task's device (the models and batches ``bench`` makes live there).
 
     Args:
         bench: the task.

@@ -3,7 +3,7 @@
 * default: evaluate the shipped pretrained optimizer against tuned Adam on the digits MLP
   (a few minutes on 2 CPU cores): progress bars, a results table, ``loss_vs_step.png``,
   ``results.json``;
-* ``--meta-train``: meta-train from scratch (``--preset default``: 16 min on 2 cores;
+* ``--meta-train``: meta-train from scratch (``--preset default``: 30 min on 2 cores;
   ``long``: 4 h; ``tiny``: 1 min), resumable from ``<out-dir>/checkpoint.pt``;
   ``--export FILE`` writes the meta-model file that ``--gradmetanet FILE`` (or, copied into
   ``gradgraph/optim/pretrained/``, ``from_pretrained``) reads.
@@ -19,7 +19,7 @@ __all__ = ["META_PRESETS", "add_learned_optimizer_parser"]
 #: meta-training presets: budget (minutes), particles, truncation, horizon.
 META_PRESETS = {
     "tiny": {"minutes": 1.0, "num_particles": 2, "truncation": 5, "horizon": 50},
-    "default": {"minutes": 16.0, "num_particles": 4, "truncation": 10, "horizon": 300},
+    "default": {"minutes": 30.0, "num_particles": 8, "truncation": 10, "horizon": 300},
     "long": {"minutes": 240.0, "num_particles": 16, "truncation": 20, "horizon": 1000},
 }
 
@@ -34,10 +34,11 @@ def _command(args: argparse.Namespace) -> int:
             preset["minutes"] = args.minutes
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
                                out_dir=str(args.out_dir / f"meta-{args.variant}"), progress=not args.quiet,
-                               max_outer_steps=args.max_outer_steps, **preset)
+                               max_outer_steps=args.max_outer_steps, start=args.start, select_every=args.select_every,
+                               device=args.device, **preset)
         from gradgraph.distributed import init_distributed
 
-        context = init_distributed("cpu")  # one process unless started by torchrun
+        context = init_distributed(args.device)  # one process unless started by torchrun
         try:
             trainer = run_meta_training(config, export=args.export, context=context)
         finally:
@@ -56,7 +57,7 @@ def _command(args: argparse.Namespace) -> int:
     config = BenchmarkConfig(tasks=tuple(args.tasks), optimizers=tuple(args.optimizers), gradmetanet=args.gradmetanet,
                              deepsets=args.deepsets, steps=args.steps, seeds=args.seeds,
                              tuning_seeds=args.tuning_seeds, grid_size=args.grid_size,
-                             out_dir=str(args.out_dir / "benchmark"), progress=not args.quiet)
+                             out_dir=str(args.out_dir / "benchmark"), progress=not args.quiet, device=args.device)
     run_benchmark(config)
     print((args.out_dir / "benchmark" / "results.md").read_text())
     print("metric: Adam's best test loss L at step N (lr tuned on the grid); for each optimizer the first step n "
@@ -86,7 +87,12 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--tuning-seeds", type=int, default=1, help="seeds of the learning-rate grid search")
     parser.add_argument("--grid-size", type=int, default=10, help="learning rates per grid")
     parser.add_argument("--variant", choices=["gradmetanet", "deepsets"], default="gradmetanet", help="meta-train this variant")
-    parser.add_argument("--estimator", choices=["tbptt", "pes"], default="tbptt", help="meta-gradient estimator")
+    parser.add_argument("--estimator", choices=["tbptt", "pes"], default="pes", help="meta-gradient estimator")
+    parser.add_argument("--start", choices=["tuned-adam", "fixed"], default="tuned-adam",
+                        help="meta-training's start: Adam at the lr tuned on the validation split, or fixed alpha/beta")
+    parser.add_argument("--select-every", type=int, default=25,
+                        help="score the meta-model on the validation protocol every N outer steps (0: never) and "
+                             "export the best, outer step 0 included")
     parser.add_argument("--preset", choices=sorted(META_PRESETS), default="default", help="meta-training budget preset")
     parser.add_argument("--minutes", type=float, default=None, help="override the preset's wall-clock budget")
     parser.add_argument("--max-outer-steps", type=int, default=1_000_000, help="stop meta-training after this many outer steps")
@@ -94,4 +100,6 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--export", type=Path, default=None, help="write the meta-model file here after meta-training")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/learned-optimizer"), help="outputs go here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where the inner models, the meta-model and the data live (default cpu; cuda needs a GPU)")
     parser.set_defaults(func=_command)

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from gradgraph.distributed import resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, load_pretrained, meta_model_from_checkpoint
-from gradgraph.tasks.learned_optimizer.benchmark import TaskResult, benchmark_task
+from gradgraph.tasks.learned_optimizer.benchmark import TaskResult, benchmark_task, log_grid
 from gradgraph.tasks.learned_optimizer.tasks import TASK_NAMES, get_task
 
 __all__ = ["BenchmarkConfig", "format_table", "load_meta_model", "run_benchmark"]
@@ -34,6 +35,8 @@ class BenchmarkConfig:
         grid_size: learning rates per grid (Adam: 1e-4..1e-1, SGD+momentum: 1e-3..1, log-spaced).
         out_dir: where ``results.json``, ``results.md`` and ``loss_vs_step.png`` go.
         progress: tqdm bars.
+        device: ``--device`` value (:func:`gradgraph.distributed.resolve_device`): every model,
+            batch, test set and learned optimizer runs there.
     """
 
     tasks: tuple[str, ...] = ("digits",)
@@ -46,6 +49,7 @@ class BenchmarkConfig:
     grid_size: int = 10
     out_dir: str = "runs/learned-optimizer/benchmark"
     progress: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASK_NAMES] + [o for o in self.optimizers if o not in OPTIMIZERS]
@@ -66,28 +70,25 @@ def load_meta_model(spec: str) -> LearnedUpdate:
     return load_pretrained(spec)
 
 
-def _grid(low: float, high: float, size: int) -> list[float]:
-    return torch.logspace(low, high, size, dtype=torch.float64).tolist()
-
-
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """Run the benchmark; write ``results.json``, ``results.md`` and ``loss_vs_step.png``; return the results."""
+    device = resolve_device(config.device)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    learned = {name: load_meta_model(getattr(config, name)) for name in ("deepsets", "gradmetanet")
+    learned = {name: load_meta_model(getattr(config, name)).to(device) for name in ("deepsets", "gradmetanet")
                if name in config.optimizers}
     results: list[TaskResult] = []
     for task_name in config.tasks:
-        bench = get_task(task_name)
+        bench = get_task(task_name, device)
         eval_every = 10 if task_name == "charlm" else 1
         results.append(benchmark_task(
             bench, learned, steps=config.steps, seeds=list(range(config.seeds)),
             tuning_seeds=[100 + i for i in range(config.tuning_seeds)],
-            adam_grid=_grid(-4, -1, config.grid_size),
-            sgd_grid=_grid(-3, 0, config.grid_size) if "sgdm" in config.optimizers else None,
+            adam_grid=log_grid(-4, -1, config.grid_size),
+            sgd_grid=log_grid(-3, 0, config.grid_size) if "sgdm" in config.optimizers else None,
             eval_every=eval_every, progress=config.progress,
         ))
-    payload = {"config": asdict(config), "tasks": [r.to_dict() for r in results]}
+    payload = {"config": asdict(config), "device": str(device), "tasks": [r.to_dict() for r in results]}
     with open(out_dir / "results.json", "w") as file:
         json.dump(payload, file, indent=1)
     table = format_table(results)

@@ -9,6 +9,9 @@
 
 Every task has a fixed train/test split (test = 20% of the digits; the last 10% of the
 text), a :class:`~gradgraph.optim.Task` for meta-training, and full-test-set evaluation.
+``get_task(name, device)`` puts everything on ``device``: the data once, every model the
+factory makes, every batch and the test set (random streams stay CPU generators, so the
+batches and initialisations are the same on every device).
 """
 
 from __future__ import annotations
@@ -121,6 +124,11 @@ class BenchmarkTask:
         meta_task: the task meta-training uses: inner runs train on 80% of the training set
             and the meta-loss is measured on the other 20% (never the test set); ``None``:
             ``task`` itself.
+        device: where the models, batches and test data live.
+        validation: the same benchmark on the validation split — inner runs train on
+            ``meta_task``'s stream, ``test_loss`` is the loss on the held-out 20% of the
+            training set. Meta-training tunes its start and selects its checkpoint on it,
+            so the test set is used only by the final benchmark; ``None``: no split.
     """
 
     task: Task
@@ -128,13 +136,15 @@ class BenchmarkTask:
     batch_size: int
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
     meta_task: Task | None = None
+    validation: "BenchmarkTask | None" = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
-def _digits_task(name: str, widths: tuple[int, ...], batch_size: int = 128) -> BenchmarkTask:
-    x_train, y_train, x_test, y_test = digits_split()
+def _digits_task(name: str, widths: tuple[int, ...], device: torch.device, batch_size: int = 128) -> BenchmarkTask:
+    x_train, y_train, x_test, y_test = (t.to(device) for t in digits_split())
 
     def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        index = torch.randperm(len(y_train), generator=generator)[:batch_size]
+        index = torch.randperm(len(y_train), generator=generator)[:batch_size].to(device)
         return x_train[index], y_train[index]
 
     def loss_fn(output: Tensor, targets: Tensor) -> Tensor:
@@ -144,33 +154,41 @@ def _digits_task(name: str, widths: tuple[int, ...], batch_size: int = 128) -> B
     def test_loss(model: nn.Module) -> float:
         return float(F.cross_entropy(model(x_test), y_test))
 
-    task = Task(name, lambda seed: make_mlp(widths, seed), sample, loss_fn)
+    task = Task(name, lambda seed: make_mlp(widths, seed).to(device), sample, loss_fn)
     num_inner = len(y_train) * 4 // 5
 
     def sample_inner(generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        index = torch.randperm(num_inner, generator=generator)[:batch_size]
+        index = torch.randperm(num_inner, generator=generator)[:batch_size].to(device)
         return x_train[index], y_train[index]
 
     def sample_validation(generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        index = num_inner + torch.randperm(len(y_train) - num_inner, generator=generator)[:batch_size]
+        index = num_inner + torch.randperm(len(y_train) - num_inner, generator=generator)[:batch_size].to(device)
         return x_train[index], y_train[index]
 
     meta_task = Task(name, task.make_model, sample_inner, loss_fn, sample_validation=sample_validation)
-    return BenchmarkTask(task, test_loss, batch_size, meta_task=meta_task)
+    x_validation, y_validation = x_train[num_inner:], y_train[num_inner:]
+
+    @torch.no_grad()
+    def validation_loss(model: nn.Module) -> float:
+        return float(F.cross_entropy(model(x_validation), y_validation))
+
+    validation = BenchmarkTask(meta_task, validation_loss, batch_size, device=device)
+    return BenchmarkTask(task, test_loss, batch_size, meta_task=meta_task, validation=validation, device=device)
 
 
-def _charlm_task(batch_size: int = 8, context: int = 16, test_windows: int = 512) -> BenchmarkTask:
+def _charlm_task(device: torch.device, batch_size: int = 8, context: int = 16, test_windows: int = 512) -> BenchmarkTask:
     train_ids, test_ids, vocab = char_corpus()
-    mask = nn.Transformer.generate_square_subsequent_mask(context)
-    starts = torch.linspace(0, len(test_ids) - context - 2, test_windows).long()
+    train_ids, test_ids = train_ids.to(device), test_ids.to(device)
+    mask = nn.Transformer.generate_square_subsequent_mask(context, device=device)
+    starts = torch.linspace(0, len(test_ids) - context - 2, test_windows).long().to(device)
 
     def windows(ids: Tensor, begin: Tensor) -> tuple[Tensor, Tensor]:
-        offsets = begin[:, None] + torch.arange(context + 1)
+        offsets = begin[:, None] + torch.arange(context + 1, device=device)
         chunk = ids[offsets]
         return F.one_hot(chunk[:, :-1], vocab).float(), chunk[:, 1:]
 
     def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        begin = torch.randint(0, len(train_ids) - context - 1, (batch_size,), generator=generator)
+        begin = torch.randint(0, len(train_ids) - context - 1, (batch_size,), generator=generator).to(device)
         return windows(train_ids, begin)
 
     def loss_fn(output: Tensor, targets: Tensor) -> Tensor:
@@ -185,18 +203,19 @@ def _charlm_task(batch_size: int = 8, context: int = 16, test_windows: int = 512
     def make(seed: int) -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return CharTransformer(vocab)
+            return CharTransformer(vocab).to(device)
 
     task = Task("charlm", make, sample, loss_fn, forward_kwargs={"mask": mask})
-    return BenchmarkTask(task, test_loss, batch_size, forward_kwargs={"mask": mask})
+    return BenchmarkTask(task, test_loss, batch_size, forward_kwargs={"mask": mask}, device=device)
 
 
-def get_task(name: str) -> BenchmarkTask:
-    """The benchmark task ``name`` (one of :data:`TASK_NAMES`)."""
+def get_task(name: str, device: torch.device | str = "cpu") -> BenchmarkTask:
+    """The benchmark task ``name`` (one of :data:`TASK_NAMES`) with its data and models on ``device``."""
+    device = torch.device(device)
     if name == "digits":
-        return _digits_task("digits", (64, 32, 10))
+        return _digits_task("digits", (64, 32, 10), device)
     if name == "digits-wide":
-        return _digits_task("digits-wide", (64, 64, 64, 10))
+        return _digits_task("digits-wide", (64, 64, 64, 10), device)
     if name == "charlm":
-        return _charlm_task()
+        return _charlm_task(device)
     raise GradGraphError(f"unknown learned-optimizer task {name!r}; choose from {TASK_NAMES}")
