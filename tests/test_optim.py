@@ -241,8 +241,10 @@ def test_bad_input_gets_a_clear_error():
         opt.step(lambda: F.cross_entropy(model(x), y))  # a scalar
     with pytest.raises(GradGraphError, match="needs a closure"):
         opt.step()
-    with pytest.raises(GradGraphError, match="never called the model"):
-        opt.step(lambda: torch.zeros(6))
+    with pytest.raises(GradGraphError, match="LearnedOptimizer.step: the closure never called Sequential"):
+        opt.step(lambda: torch.zeros(6, requires_grad=True))
+    with pytest.raises(GradGraphError, match="called Sequential twice"):
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none") + model(x).sum(1))
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 3))
     opt = LearnedOptimizer(conv, LearnedUpdate(MetaModelConfig(use_gradmetanet=False)))
     with pytest.raises(UnsupportedModuleError):
@@ -510,3 +512,19 @@ def test_the_start_is_the_best_scoring_of_tuned_adam_and_its_grid_neighbours(mon
     neighbours = grid[max(tuned_index - 1, 0): tuned_index + 2]
     assert scored == pytest.approx(neighbours, rel=1e-5) and len(scores) == len(neighbours)
     assert lr == pytest.approx(grid[max(tuned_index - 1, 0)], rel=1e-5)
+
+
+def test_step_calls_the_closure_once_so_it_may_draw_its_own_batch():
+    model = _mlp()
+    batches = iter([_batch() for _ in range(3)])
+    calls = []
+
+    def closure():
+        calls.append(1)
+        x, y = next(batches)  # the usual PyTorch loop: a fresh batch per call
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    opt = LearnedOptimizer(model, LearnedUpdate(MetaModelConfig(use_gradmetanet=False)))
+    for step in range(3):
+        opt.step(closure)
+        assert len(calls) == step + 1

@@ -8,18 +8,15 @@ Usage::
 
 The closure runs the model on a batch and returns the per-datapoint losses ``[b]``
 **without** calling ``backward``. ``step`` converts the model and that batch with
-:func:`gradgraph.to_graph` (one forward, one backward, the rank-1 factors of every
+:func:`gradgraph.convert_closure` (one forward, one backward, the rank-1 factors of every
 datapoint's gradient, no per-sample gradient), reads the mean gradient from the graph
 (:meth:`GradGraph.mean_grad`), runs the :class:`LearnedUpdate` and writes the new
 parameters into the model. It returns the mean loss.
 
-How the closure's forward becomes the captured one: ``to_graph`` needs the model's input
-tensor and a per-datapoint loss function. ``step`` calls the closure once with the model's
-``forward`` replaced by a probe that records the input and stops (no computation), then
-calls ``to_graph(model, input, loss_fn=replay)``, where ``replay(output)`` calls the closure
-again with ``forward`` replaced by "return ``output``", so the closure's own loss code
-turns the converter's output into the losses. The closure is therefore called twice
-(LBFGS-style) and must be deterministic: draw the batch outside it, not inside.
+The closure is called once per step, as in any PyTorch training loop: it may draw its batch
+itself. Its forward is captured while it runs (:func:`gradgraph.convert_closure`: the MLP
+chain fast path's hooks, or the traced converter), and its losses' one backward pass gives
+the factors.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch
 
-from gradgraph.convert import to_graph
+from gradgraph.convert import convert_closure
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
@@ -41,26 +38,10 @@ __all__ = ["LearnedOptimizer", "graph_from_closure"]
 Closure = Callable[[], Tensor]
 
 
-class _Probe(Exception):
-    """Raised by the probe forward to stop the closure once the model's input is known."""
-
-
-def _call_with_forward(model: nn.Module, forward: Callable[..., Any], closure: Closure) -> Any:
-    """Call ``closure`` while ``model.forward`` is ``forward``; restores the model's own."""
-    had_own = "forward" in vars(model)
-    own = vars(model).get("forward")
-    model.forward = forward  # type: ignore[method-assign]
-    try:
-        return closure()
-    finally:
-        if had_own:
-            model.forward = own  # type: ignore[method-assign]
-        else:
-            del model.forward
-
-
 def graph_from_closure(model: nn.Module, closure: Closure) -> tuple[GradGraph, Tensor]:
-    """Convert ``model`` on the batch that ``closure`` runs it on.
+    """Convert ``model`` on the batch that ``closure`` runs it on, calling the closure once.
+
+    :func:`gradgraph.convert_closure` with the optimizer's name in its errors.
 
     Args:
         model: the network ``closure`` calls (once, as ``model(inputs, **kwargs)``).
@@ -71,43 +52,13 @@ def graph_from_closure(model: nn.Module, closure: Closure) -> tuple[GradGraph, T
         ``[b]`` losses (detached).
 
     Raises:
-        GradGraphError: the closure never calls the model, returns a scalar or a tensor of
-            the wrong shape, or the model cannot be converted (``UnsupportedModuleError``).
+        GradGraphError: the closure never calls the model, calls it twice, returns a scalar or
+            a tensor of the wrong shape; ``UnsupportedModuleError`` if the model cannot be converted.
     """
-    seen: dict[str, Any] = {}
-
-    def probe(*args: Any, **kwargs: Any) -> Tensor:
-        seen["args"], seen["kwargs"] = args, kwargs
-        raise _Probe
-
     try:
-        _call_with_forward(model, probe, closure)
-    except _Probe:
-        pass
-    if "args" not in seen:
-        raise GradGraphError("LearnedOptimizer.step: the closure never called the model passed to the optimizer")
-    if len(seen["args"]) != 1 or not isinstance(seen["args"][0], Tensor):
-        raise GradGraphError(
-            "LearnedOptimizer.step: the closure must call the model with one input tensor "
-            f"(keyword arguments are allowed); got {len(seen['args'])} positional argument(s)"
-        )
-    inputs = seen["args"][0]
-    num_datapoints = inputs.shape[0]
-    recorded: dict[str, Tensor] = {}
-
-    def replay(output: Tensor, _targets: Any) -> Tensor:
-        losses = _call_with_forward(model, lambda *a, **k: output, closure)
-        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != num_datapoints:
-            got = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise GradGraphError(
-                f"LearnedOptimizer.step: the closure must return the per-datapoint losses, shape [{num_datapoints}] "
-                f"(e.g. cross_entropy(..., reduction='none')), without calling backward; it returned {got}"
-            )
-        recorded["losses"] = losses
-        return losses
-
-    graph = to_graph(model, inputs, None, replay, forward_kwargs=seen["kwargs"])
-    return graph, recorded["losses"].detach()
+        return convert_closure(model, closure)
+    except GradGraphError as error:
+        raise GradGraphError(f"LearnedOptimizer.step: {error}") from error
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -192,7 +143,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         Args:
             closure: ``() -> [b]`` per-datapoint losses of the model on one batch, without
-                ``backward`` (see the module docstring; called twice, so deterministic).
+                ``backward``; called once.
 
         Returns:
             The mean loss over the batch (a scalar tensor, before the update).

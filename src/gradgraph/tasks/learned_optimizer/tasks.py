@@ -97,9 +97,10 @@ def char_corpus() -> tuple[Tensor, Tensor, int]:
 class CharTransformer(nn.Module):
     """``Linear(V→d)`` (one-hot input: an embedding) → ``nn.TransformerEncoder`` → ``Linear(d→V)``.
 
-    Shapes: ``[b, T, V]`` one-hot → ``[b, T, V]`` logits. A learned positional encoding
-    would be computed between the chain's modules, which the stock attention converter
-    rejects; the causal mask alone breaks the permutation symmetry of positions.
+    Shapes: ``[b, T, V]`` one-hot → ``[b, T, V]`` logits. No positional encoding: the causal
+    mask alone breaks the permutation symmetry of positions (the task predates the traced
+    converter, which would follow ``nn.Embedding`` and a learned position table too; it is kept
+    as it is so that its results stay comparable).
     """
 
     def __init__(self, vocab: int, d_model: int = 32, heads: int = 4, blocks: int = 2) -> None:
