@@ -239,14 +239,16 @@ class GradGraph(Data):
         """``[E, B, 2]``: ``(act[src], grad[dst])`` for every edge and component.
 
         Gathered on demand; the graph itself stores only the ``[N, B]`` factors. Both halves
-        are gathered straight into one ``[E, 2, B]`` buffer (no intermediate), returned as its
-        ``[E, B, 2]`` view.
+        are gathered straight into the two contiguous planes of one ``[2, E, B]`` buffer (no
+        intermediate), returned as its ``[E, B, 2]`` view. Its cost is that of writing its
+        ``2·E·B`` numbers: twice the per-sample gradients' for an MLP, ``2T`` times for a
+        model with ``T`` tokens per datapoint (``per_sample_grads`` sums those up instead).
         """
         src, dst = self.edge_index
-        out = self.act.new_empty((src.shape[0], 2, self.act.shape[1]))
-        torch.index_select(self.act, 0, src, out=out[:, 0])
-        torch.index_select(self.grad, 0, dst, out=out[:, 1])
-        return out.transpose(1, 2)
+        out = self.act.new_empty((2, src.shape[0], self.act.shape[1]))
+        torch.index_select(self.act, 0, src, out=out[0])
+        torch.index_select(self.grad, 0, dst, out=out[1])
+        return out.permute(1, 2, 0)
 
     # ------------------------------------------------------------ weight-space maps
     def _require_single(self, what: str) -> None:
