@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gradgraph.data.cache import atomic_torch_save
+from gradgraph.data.cache import atomic_torch_save, atomic_write_bytes
 from gradgraph.distributed import SINGLE_PROCESS, DistributedContext, resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer
@@ -271,9 +271,9 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
     trainer.selection = selection
     if not context.is_main_process:
         return trainer
-    with open(out_dir / "history.json", "w") as file:
-        json.dump({"history": trainer.history, "adam_lr": selection["adam_lr"], "start_lr": selection["start_lr"],
-                   "start_scores": selection["start_scores"], "candidates": selection["candidates"]}, file)
+    history = {"history": trainer.history, "adam_lr": selection["adam_lr"], "start_lr": selection["start_lr"],
+               "start_scores": selection["start_scores"], "candidates": selection["candidates"]}
+    atomic_write_bytes(out_dir / "history.json", json.dumps(history).encode())
     if export is not None:
         best = selection["best"]
         export_meta_model(trainer, export, {

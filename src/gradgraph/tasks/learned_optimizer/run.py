@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gradgraph.data.cache import atomic_write_bytes
 from gradgraph.distributed import resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, load_pretrained, meta_model_from_checkpoint
 from gradgraph.tasks.learned_optimizer.benchmark import TaskResult, benchmark_task, log_grid
+from gradgraph.tasks.experiment import machine_info, write_results
 from gradgraph.tasks.learned_optimizer.tasks import TASK_NAMES, get_task
 
 __all__ = ["BenchmarkConfig", "format_table", "load_meta_model", "run_benchmark"]
@@ -88,11 +89,11 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
             sgd_grid=log_grid(-3, 0, config.grid_size) if "sgdm" in config.optimizers else None,
             eval_every=eval_every, progress=config.progress,
         ))
-    payload = {"config": asdict(config), "device": str(device), "tasks": [r.to_dict() for r in results]}
-    with open(out_dir / "results.json", "w") as file:
-        json.dump(payload, file, indent=1)
+    payload = {"config": asdict(config), "device": str(device), "machine": machine_info(), "world_size": 1,
+               "tasks": [r.to_dict() for r in results]}
+    write_results(payload, out_dir)  # atomic: an interrupted run never leaves half a file
     table = format_table(results)
-    (out_dir / "results.md").write_text(table + "\n")
+    atomic_write_bytes(out_dir / "results.md", (table + "\n").encode())
     _plot(results, out_dir / "loss_vs_step.png")
     return payload
 
