@@ -152,6 +152,16 @@ def check_finite(name: str, tensor: Tensor) -> None:
         )
 
 
+def check_closure_call(model: nn.Module, called_before: bool, args: tuple) -> None:
+    """Raise unless this is a closure's first call of ``model``, with the input tensor first."""
+    if called_before:
+        raise GradGraphError(f"the closure called {type(model).__name__} twice; gradgraph converts one forward "
+                             "per closure call")
+    if not args or not isinstance(args[0], Tensor):
+        raise GradGraphError(f"the closure must call {type(model).__name__} with the input tensor as its first "
+                             f"argument; got {[type(arg).__name__ for arg in args]}")
+
+
 def check_closure_losses(losses: Any, num_datapoints: int) -> None:
     """Raise unless a closure returned the per-datapoint losses ``[b]``."""
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != num_datapoints:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from gradgraph.capture import LossFn, Recorder, capture, check_closure_losses, check_finite
+from gradgraph.capture import LossFn, Recorder, capture, check_closure_call, check_closure_losses, check_finite
 from gradgraph.convert.registry import _register_builtin
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
@@ -284,12 +284,7 @@ def convert_mlp_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tupl
     seen: dict[str, Tensor] = {}
 
     def take_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if seen:
-            raise GradGraphError(f"the closure called {type(model).__name__} twice; gradgraph converts one forward "
-                                 "per closure call")
-        if not args or not isinstance(args[0], Tensor):
-            raise GradGraphError(f"the closure must call {type(model).__name__} with the input tensor as its first "
-                                 f"argument; got {[type(arg).__name__ for arg in args]}")
+        check_closure_call(model, bool(seen), args)
         _check_chain_inputs(layers, args[0])
         seen["input"] = recorder.record("input", args[0].detach().clone().requires_grad_(True), grad=True)
         return (seen["input"], *args[1:]), kwargs

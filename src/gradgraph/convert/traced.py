@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradgraph.capture import LossFn, check_closure_losses, per_datapoint_objective
+from gradgraph.capture import LossFn, check_closure_call, check_closure_losses, per_datapoint_objective
 from gradgraph.convert.layout import _make_plan
 from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _assemble, _fill, _plan_key
 from gradgraph.convert.trace import PlanMismatch, replay_model, trace_model
@@ -98,12 +98,7 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
     runs: list[_Pass] = []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if runs:
-            raise GradGraphError(f"the closure called {type(model).__name__} twice; gradgraph converts one forward "
-                                 "per closure call")
-        if not args or not isinstance(args[0], Tensor):
-            raise GradGraphError(f"the closure must call {type(model).__name__} with the input tensor as its first "
-                                 f"argument; got {[type(arg).__name__ for arg in args]}")
+        check_closure_call(model, bool(runs), args)
         inputs, rest = args[0], args[1:]
         dim = _check_inputs(model, inputs, datapoint_dim)
         del model.forward  # the model's own forward (or the trace's stand-in for it) runs inside
