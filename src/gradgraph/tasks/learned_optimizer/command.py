@@ -4,7 +4,7 @@
   (a few minutes on 2 CPU cores): progress bars, a results table, ``loss_vs_step.png``,
   ``results.json``;
 * ``--meta-train``: meta-train from scratch (``--preset default``: 30 min on 2 cores;
-  ``long``: 4 h; ``tiny``: 1 min), resumable from ``<out-dir>/checkpoint.pt``;
+  ``long``: 4 h; ``tiny``: 1 min), resumable from ``<output-dir>/checkpoint.pt``;
   ``--export FILE`` writes the meta-model file that ``--gradmetanet FILE`` (or, copied into
   ``gradgraph/optim/pretrained/``, ``from_pretrained``) reads.
 """
@@ -98,7 +98,8 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--max-outer-steps", type=int, default=1_000_000, help="stop meta-training after this many outer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", type=Path, default=None, help="write the meta-model file here after meta-training")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/learned-optimizer"), help="outputs go here")
+    parser.add_argument("--output-dir", "--out-dir", dest="out_dir", type=Path, default=Path("runs/learned-optimizer"),
+                        help="outputs go here (the same flag as curvature and inr-edit; --out-dir is kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                         help="where the inner models, the meta-model and the data live (default cpu; cuda needs a GPU)")
