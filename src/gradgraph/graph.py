@@ -387,36 +387,26 @@ class GradGraph(Data):
         flats: dict[int, Tensor] = {}
         for param, how, rows, cols, positions, span in self._parameter_blocks():
             numel = _numel(self.param_shapes[param])
-            whole = param not in flats and span == slice(0, numel)
-            if how == "dense" and whole and regular and not reduce_mean:
-                # the block is the whole parameter in order (an nn.Linear weight): the batched
-                # outer products are the result, [b, rows, cols] row-major, nothing to scatter
-                if tokens == 1:  # one component per datapoint: a broadcast product, no reduction
-                    flats[param] = torch.mul(self.grad[rows].T.contiguous()[:, :, None],
-                                             self.act[cols].T.contiguous()[:, None, :]).reshape(num_datapoints, numel)
+            if how == "dense" and not reduce_mean:
+                grad_rows, act_cols = self.grad[rows], self.act[cols]
+                if regular:
+                    values = _datapoint_outer_products(grad_rows, act_cols, num_datapoints, tokens)
+                else:
+                    per_component = torch.einsum("ob,ib->boi", grad_rows, act_cols)
+                    values = per_component.new_zeros(num_datapoints, *per_component.shape[1:])
+                    values.index_add_(0, sample, per_component)
+                values = values.reshape(num_datapoints, -1)
+                if param not in flats and span == slice(0, numel):
+                    flats[param] = values  # the whole parameter in order (an nn.Linear weight): nothing to scatter
                     continue
-                grad_rows = self.grad[rows].reshape(len(rows), num_datapoints, tokens).permute(1, 0, 2)
-                act_cols = self.act[cols].reshape(len(cols), num_datapoints, tokens).permute(1, 2, 0)
-                flats[param] = torch.bmm(grad_rows, act_cols).reshape(num_datapoints, numel)
-                continue
             if param not in flats:
                 shape = (numel,) if reduce_mean else (num_datapoints, numel)
                 flats[param] = self.act.new_zeros(shape)
             target = flats[param]
             if how == "dense":
-                grad_rows, act_cols = self.grad[rows], self.act[cols]
                 if reduce_mean:
-                    values = (grad_rows @ act_cols.T) / num_datapoints  # [rows, cols]
-                    _add_at(target, span, positions.reshape(-1), values.reshape(-1))
-                    continue
-                if regular:
-                    values = torch.bmm(grad_rows.reshape(len(rows), num_datapoints, tokens).permute(1, 0, 2),
-                                       act_cols.reshape(len(cols), num_datapoints, tokens).permute(1, 2, 0))
-                else:
-                    per_component = torch.einsum("ob,ib->boi", grad_rows, act_cols)
-                    values = per_component.new_zeros(num_datapoints, *per_component.shape[1:])
-                    values.index_add_(0, sample, per_component)
-                _add_at(target, span, positions.reshape(-1), values.reshape(num_datapoints, -1))
+                    values = ((self.grad[rows] @ self.act[cols].T) / num_datapoints).reshape(-1)  # rows x cols
+                _add_at(target, span, positions.reshape(-1), values)
                 continue
             per_edge = self.grad[rows] if how == "nodes" else self.act[cols] * self.grad[rows]  # [k, B]
             if regular:
@@ -488,6 +478,15 @@ class GradGraph(Data):
             f"components={self.num_components}, datapoints={int(self.num_datapoints)}, "
             f"parameters={sum(_numel(s) for s in self.param_shapes)})"
         )
+
+
+def _datapoint_outer_products(grad_rows: Tensor, act_cols: Tensor, num_datapoints: int, tokens: int) -> Tensor:
+    """``[b, rows, cols]``: per datapoint, ``sum_k grad[row, (i, k)] * act[col, (i, k)]`` over its
+    ``tokens`` components (``[rows, b·tokens]`` and ``[cols, b·tokens]`` in), row-major."""
+    if tokens == 1:  # one component per datapoint: a broadcast product, no reduction
+        return torch.mul(grad_rows.T.contiguous()[:, :, None], act_cols.T.contiguous()[:, None, :])
+    return torch.bmm(grad_rows.reshape(len(grad_rows), num_datapoints, tokens).permute(1, 0, 2),
+                     act_cols.reshape(len(act_cols), num_datapoints, tokens).permute(1, 2, 0))
 
 
 def _consecutive(positions: Tensor) -> slice | None:
