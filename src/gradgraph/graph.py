@@ -363,14 +363,14 @@ class GradGraph(Data):
                     positions = torch.full((len(rows), len(cols)), -1, dtype=torch.long, device=k_pos.device)
                     positions[row_index, col_index] = k_pos
                     if bool((positions >= 0).all()):
-                        blocks.append((param, "dense", rows, cols, positions, _consecutive(positions)))
+                        blocks.append((param, "dense", rows, cols, positions, consecutive_span(positions)))
                         continue
-                blocks.append((param, "edges", k_dst, k_src, k_pos, _consecutive(k_pos)))
+                blocks.append((param, "edges", k_dst, k_src, k_pos, consecutive_span(k_pos)))
         for param in torch.unique(self.node_param[self.node_param >= 0]).tolist():
             mask = self.node_param == param
             nodes = torch.nonzero(mask).flatten()
             positions = self.node_param_pos[mask]
-            blocks.append((param, "nodes", nodes, nodes, positions, _consecutive(positions)))
+            blocks.append((param, "nodes", nodes, nodes, positions, consecutive_span(positions)))
         self.__dict__["_blocks_cache"] = blocks
         return blocks
 
@@ -489,8 +489,10 @@ def _datapoint_outer_products(grad_rows: Tensor, act_cols: Tensor, num_datapoint
                      act_cols.reshape(len(act_cols), num_datapoints, tokens).permute(1, 2, 0))
 
 
-def _consecutive(positions: Tensor) -> slice | None:
-    """The slice ``positions`` (flattened) equals, if it is ``start, start + 1, ...``."""
+def consecutive_span(positions: Tensor) -> slice | None:
+    """The slice ``positions`` (flattened) equals, if it is ``start, start + 1, ...``; else ``None``.
+
+    Shared with the traced converter's parameter slot copies (same test, same slice)."""
     flat = positions.reshape(-1)
     if flat.numel() == 0:
         return None

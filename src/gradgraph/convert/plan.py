@@ -24,7 +24,7 @@ from gradgraph.convert.trace import KEY_STRIDE, UnsupportedOperationError
 from gradgraph.convert.trace.ops import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
-from gradgraph.graph import GradGraph
+from gradgraph.graph import GradGraph, consecutive_span
 
 def _signature(value: Any) -> Any:
     if isinstance(value, Tensor):
@@ -342,9 +342,8 @@ class _SlotCopy:
 
 
 def _as_slice(index: Tensor) -> slice | Tensor:
-    if len(index) and bool((index == index[0] + torch.arange(len(index))).all()):
-        return slice(int(index[0]), int(index[0]) + len(index))
-    return index
+    span = consecutive_span(index)
+    return index if span is None else span
 
 
 def _slot_copy(name: str, rows: Tensor, places: Tensor) -> _SlotCopy:
