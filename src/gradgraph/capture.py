@@ -152,6 +152,15 @@ def check_finite(name: str, tensor: Tensor) -> None:
         )
 
 
+def check_materialised(model: nn.Module, caller: str) -> None:
+    """Raise unless ``model``'s parameters hold values (none on the ``meta`` device)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise GradGraphError(
+            f"{caller}: {type(model).__name__} has parameters on the 'meta' device (shapes without values); "
+            "materialise and load its weights first (model.to_empty(device=...) + load_state_dict)"
+        )
+
+
 def check_closure_call(model: nn.Module, called_before: bool, args: tuple) -> None:
     """Raise unless this is a closure's first call of ``model``, with the input tensor first."""
     if called_before:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from gradgraph.capture import LossFn
+from gradgraph.capture import LossFn, check_materialised
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import GradGraph
 
@@ -152,11 +152,7 @@ def to_graph(
         raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, Tensor):
         raise TypeError(f"to_graph: inputs must be a Tensor, got {type(inputs).__name__}")
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise GradGraphError(
-            f"to_graph: {type(model).__name__} has parameters on the 'meta' device (shapes without values); "
-            "materialise and load its weights first (model.to_empty(device=...) + load_state_dict)"
-        )
+    check_materialised(model, "to_graph")
     kwargs = dict(forward_kwargs or {})
     if isinstance(model, nn.MultiheadAttention) and {"key", "value"} & set(kwargs):
         raise GradGraphError(
@@ -210,11 +206,7 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
         raise TypeError(f"convert_closure: model must be an nn.Module, got {type(model).__name__}")
     if not callable(closure):
         raise TypeError(f"convert_closure: closure must be callable, got {type(closure).__name__}")
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise GradGraphError(
-            f"convert_closure: {type(model).__name__} has parameters on the 'meta' device (shapes without values); "
-            "materialise and load its weights first (model.to_empty(device=...) + load_state_dict)"
-        )
+    check_materialised(model, "convert_closure")
     for entry in reversed(_REGISTRY):
         if not entry.matches(model):
             continue

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    _broadcast, _feature_row, KEY_STRIDE, _Neurons, _Param, _Raw, _rows_along_last, _varies_along,
+    _broadcast, _feature_row, KEY_STRIDE, _Neurons, _Param, _Raw, _rows_along_last, UnsupportedOperationError, _varies_along,
 )
 from gradgraph.convert.trace.ops import (
     _BINARY_ADD, _BINARY_OTHER, _LAYER_NORM, _LOST_TRACK, _PARAMETER_REFUSED, _POOLS, _WHERE,
@@ -59,10 +59,7 @@ class _ElementwiseRules:
                                    "a bias, a scale or a position embedding)")
         if params:
             if name in _PARAMETER_REFUSED or name in _BINARY_OTHER or kwargs.get("alpha", 1) != 1:
-                param_name = self.param_names[params[0][1].index]
-                raise self.unsupported(name, f"the parameter '{param_name}' is subtracted, divided by, an exponent or "
-                                       "scaled by alpha; gradgraph reads a parameter added to neurons (a bias) or "
-                                       "multiplied with them (a scale): write h + b or h * s")
+                raise self.parameter_operand_refused(name, params[0][1])
             return self.with_parameter(name, neurons[0], params[0], output, additive)
         if len(neurons) == 1:
             value, meta = neurons[0]
@@ -134,6 +131,12 @@ class _ElementwiseRules:
                 merged.gated = True  # type: ignore[attr-defined]
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def parameter_operand_refused(self, name: str, param: _Param) -> UnsupportedOperationError:
+        """The refusal of a parameter that is no bias or scale of the neurons it meets."""
+        return self.unsupported(name, f"the parameter '{self.param_names[param.index]}' is subtracted, divided by, "
+                                "an exponent, a bound or scaled by alpha; gradgraph reads a parameter added to neurons "
+                                "(a bias) or multiplied with them (a scale): write h + b or h * s")
 
     def absorbable(self, meta: _Neurons) -> bool:
         """Values that are exactly a fresh affine output: a residual sum may live in its neurons."""

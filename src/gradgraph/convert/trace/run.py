@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from gradgraph.capture import check_materialised
 from gradgraph.convert.trace.meta import (
     TraceAbort,
     _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
@@ -120,9 +121,7 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     ``x`` is the input as the model saw it (a leaf that requires grad for float inputs);
     ``inputs.shape[datapoint_dim]`` counts the datapoints.
     """
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise GradGraphError("the model's parameters are on the 'meta' device (no values); load or materialise "
-                             "its weights (e.g. model.to_empty(device='cpu') and load a state dict) first")
+    check_materialised(model, "convert_traced")
     tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     tracer.bind_input(x)

@@ -303,9 +303,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
         if name in _UNARY:
             operands = [meta for value, meta in tracked if isinstance(meta, _Param) and value is not args[0]]
             if operands:  # torch.pow(h, p), clamp(h, min=p): the parameter is no bias or scale
-                raise self.unsupported(name, f"the parameter '{self.param_names[operands[0].index]}' is subtracted, "
-                                       "divided by, an exponent or a bound; gradgraph reads a parameter added to "
-                                       "neurons (a bias) or multiplied with them (a scale): write h + b or h * s")
+                raise self.parameter_operand_refused(name, operands[0])
             return self.unary(args[0], output, name, _ACTIVATIONS.get(name))
         if name in _BINARY_ADD or name in _BINARY_MUL or name in _BINARY_OTHER:
             return self.binary(name, args, kwargs, output)
