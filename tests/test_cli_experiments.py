@@ -43,6 +43,16 @@ def test_every_shared_flag_reaches_the_config(command, tmp_path):
     assert plain.output_dir == Path("runs/curvature" if command == "curvature" else "runs/inr-edit")
 
 
+@pytest.mark.parametrize("command", ["curvature", "inr-edit"])
+def test_seed_lists_and_the_time_budget_reach_the_config(command):
+    base = PRESETS[command]("tiny")
+    config = cli._apply_experiment_flags(base, parse([command, "--seed", "3", "1", "3", "--max-minutes", "2.5"]))
+    assert config.seeds == (3, 1) and config.train.max_seconds == 150.0
+    assert cli._apply_experiment_flags(base, parse([command])).train.max_seconds is None
+    with pytest.raises(SystemExit):  # one way of naming the seeds at a time
+        parse([command, "--seeds", "2", "--seed", "4"])
+
+
 class FakeContext(DistributedContext):
     def __init__(self, rank: int) -> None:
         super().__init__(rank=rank)

@@ -130,6 +130,24 @@ def test_a_trainable_model_is_fit_with_the_runs_seed_and_tested_with_its_best_we
     assert other_seed.fit.history != run.fit.history  # the seed reaches the shuffling
 
 
+def test_a_spent_time_budget_ends_training_after_the_current_epoch_with_its_best_weights():
+    torch.manual_seed(3)
+    model = nn.Linear(1, 1).double()
+    unlimited_model = copy.deepcopy(model)
+    budget = replace(TRAIN, epochs=50, max_seconds=1e-9)  # spent as soon as the first epoch ends
+    result = fit(model, SPLITS["train"], SPLITS["val"], mean_squared_error, squared_errors, budget)
+    unlimited = fit(unlimited_model, SPLITS["train"], SPLITS["val"], mean_squared_error, squared_errors,
+                    replace(TRAIN, epochs=1))
+    assert [row["epoch"] for row in result.history] == [0, 1] and result.best_epoch == 1
+    assert [row["val_error"] for row in result.history] == [row["val_error"] for row in unlimited.history]
+    assert torch.equal(model.weight, unlimited_model.weight)
+    roomy = fit(copy.deepcopy(unlimited_model), SPLITS["train"], SPLITS["val"], mean_squared_error, squared_errors,
+                replace(TRAIN, max_seconds=3600.0))
+    assert len(roomy.history) == TRAIN.epochs + 1  # a budget not spent changes nothing
+    with pytest.raises(GradGraphError, match="max_seconds must be > 0"):
+        replace(TRAIN, max_seconds=0.0)
+
+
 # ----------------------------------------------------------------------------- the whole run
 @dataclass
 class ToyConfig:

@@ -95,10 +95,40 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_demo_command)
 
 
+def _merge_command(command: str, args: argparse.Namespace, results_table: Callable[[dict[str, Any]], str], *,
+                   reference: Callable[[dict[str, Any]], str] | None,
+                   plot: Callable[[dict[str, Any], Path], Path] | None) -> int:
+    """``--merge DIR...``: join the ``results.json`` of runs that differ only in their seeds,
+    write it (and the plot) to ``--output-dir``, print the table; nothing is trained."""
+    from gradgraph.errors import GradGraphError
+    from gradgraph.tasks.results import merge_results, read_results, write_results
+
+    try:
+        parts = [read_results(path) for path in args.merge]
+        if reference is None:
+            raise GradGraphError(f"gradgraph {command} cannot merge results")
+        results = merge_results(parts, reference=reference(parts[0]), sources=[str(path) for path in args.merge])
+    except GradGraphError as error:
+        print(f"gradgraph {command} --merge: {error}", file=sys.stderr, flush=True)
+        return 1
+    written = [write_results(results, args.output_dir)]
+    if plot is not None:
+        written.append(plot(results, args.output_dir))
+    print(f"gradgraph {command}: merged {len(parts)} runs (seeds {results['config']['seeds']})\n")
+    print(results_table(results))
+    print(f"\nmetric: {results['metric']}")
+    for part in results["merged_from"]:
+        wall = part["wall_seconds"]
+        print(f"  {part['source']}: wall time " + (f"{wall:.0f}s" if wall is not None else "unknown")
+              + f", device {part['machine'].get('device', '?') if part['machine'] else '?'}")
+    print("wrote " + " and ".join(str(path) for path in written))
+    return 0
+
+
 def _curvature_command(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from gradgraph.tasks.curvature import preset, results_table, run_curvature
+    from gradgraph.tasks.curvature import plot_learning_curves, preset, results_table, run_curvature
 
     config = preset(args.preset)
     if args.nets is not None:
@@ -109,9 +139,14 @@ def _curvature_command(args: argparse.Namespace) -> int:
         config = replace(config, zoo=replace(config.zoo, num_nets=args.nets), num_train=args.nets - num_val - num_test,
                          num_val=num_val, num_test=num_test)
     config = _apply_experiment_flags(config, args)
+    def plot(results: dict[str, Any], output_dir: Path) -> Path:
+        plot_learning_curves(results, output_dir / "curvature.png")
+        return output_dir / "curvature.png"
+
     return _run_experiment("curvature", args, config, run_curvature, results_table,
                            items=f"{config.zoo.num_nets} SIRENs",
-                           outputs=[config.output_dir / "results.json", config.output_dir / "curvature.png"])
+                           outputs=[config.output_dir / "results.json", config.output_dir / "curvature.png"],
+                           reference=lambda results: "standard", plot=plot)
 
 
 def add_experiment_flags(parser: argparse.ArgumentParser, *, item: str, models: Sequence[str], output_dir: Path,
@@ -125,7 +160,16 @@ def add_experiment_flags(parser: argparse.ArgumentParser, *, item: str, models: 
         cache: what ``--cache-dir`` holds.
     """
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model and seed")
-    parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=None, help="number of training seeds (0..n-1)")
+    seeds.add_argument("--seed", type=int, nargs="+", default=None, metavar="N",
+                       help="train exactly these seeds (e.g. --seed 3 4: one process per seed, then --merge)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="wall-clock budget per training run: no epoch starts after it (the history says "
+                             "how many ran)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="train nothing: merge the results.json of earlier runs of this experiment that "
+                             "differ only in their seeds (e.g. one process per --seed) into --output-dir")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=None, help=f"{item} per step")
     parser.add_argument("--models", nargs="+", choices=list(models), default=None, help="models to run")
@@ -148,10 +192,16 @@ def _apply_experiment_flags(config: Any, args: argparse.Namespace) -> Any:
     from dataclasses import replace
 
     schedule = {name: getattr(args, name) for name in ("epochs", "lr", "batch_size") if getattr(args, name) is not None}
+    if args.max_minutes is not None:
+        schedule["max_seconds"] = 60.0 * args.max_minutes
+    if args.seed is not None:
+        seeds = tuple(dict.fromkeys(args.seed))  # order kept, repeats dropped
+    else:
+        seeds = tuple(range(args.seeds)) if args.seeds is not None else config.seeds
     return replace(
         config,
         train=replace(config.train, **schedule),
-        seeds=tuple(range(args.seeds)) if args.seeds is not None else config.seeds,
+        seeds=seeds,
         models=tuple(args.models) if args.models else config.models,
         output_dir=args.output_dir,
         cache_root=args.cache_dir,
@@ -162,7 +212,9 @@ def _apply_experiment_flags(config: Any, args: argparse.Namespace) -> Any:
 
 def _run_experiment(command: str, args: argparse.Namespace, config: Any, run: Callable[[Any, Any], dict[str, Any]],
                     results_table: Callable[[dict[str, Any]], str], *, items: str, outputs: Sequence[Path],
-                    notes: Callable[[dict[str, Any]], Sequence[str]] = lambda results: ()) -> int:
+                    notes: Callable[[dict[str, Any]], Sequence[str]] = lambda results: (),
+                    reference: Callable[[dict[str, Any]], str] | None = None,
+                    plot: Callable[[dict[str, Any], Path], Path] | None = None) -> int:
     """Run one experiment from its flags and print its report; returns the exit code.
 
     Opens the processes (``torchrun``'s environment, ``--device``, ``--dist-timeout``), prints
@@ -177,7 +229,12 @@ def _run_experiment(command: str, args: argparse.Namespace, config: Any, run: Ca
         items: what the experiment learns on, for the header (``"2000 SIRENs"``).
         outputs: the files the run writes, for the last line.
         notes: extra lines of the report.
+        reference, plot: for ``--merge``: the model improvements are measured against (from
+            the merged parts) and a function that draws the merged learning curves into the
+            output directory and returns the file.
     """
+    if args.merge is not None:
+        return _merge_command(command, args, results_table, reference=reference, plot=plot)
     from gradgraph.distributed import DistributedError, init_distributed
 
     try:
@@ -239,7 +296,7 @@ SUBCOMMANDS.append(add_learned_optimizer_parser)
 
 
 def _inr_edit_command(args: argparse.Namespace) -> int:
-    from gradgraph.tasks.inr_editing.run import preset, results_table, run_inr_editing
+    from gradgraph.tasks.inr_editing.run import preset, reference_model, results_table, run_inr_editing
 
     config = _apply_experiment_flags(preset(args.preset), args)
     resolution = config.zoo.resolution
@@ -251,6 +308,7 @@ def _inr_edit_command(args: argparse.Namespace) -> int:
             f"zoo fit: PSNR mean {results['zoo']['psnr_mean']:.1f} dB, min {results['zoo']['psnr_min']:.1f} dB",
             f"targets: {results['targets']}",
         ],
+        reference=reference_model,
     )
 
 

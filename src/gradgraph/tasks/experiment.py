@@ -1,7 +1,7 @@
 """What every experiment shares: the process/device set-up, the split bounds, training and
-testing one model for one seed, the loop over models and seeds, mean ± std summaries, the
-results table, ``results.json`` written atomically with the machine it ran on, and a
-learning-curve plot.
+testing one model for one seed, the loop over models and seeds. How results are summarised,
+written (``results.json``, atomically), tabled, plotted and merged is
+:mod:`gradgraph.tasks.results` (re-exported here).
 
 A task (curvature, INR editing) supplies only how to build one model and how to load its
 data; the rest is here, so all tasks report the same way::
@@ -22,31 +22,34 @@ data; the rest is here, so all tasks report the same way::
 
 The lower-level pieces (:func:`new_results`, :func:`run_seeds`, :func:`add_improvement`,
 :func:`write_results`) stay public for tasks with another shape.
-
-Layout of ``results`` (JSON): ``metric``, ``config``, ``machine`` (platform, CPU, torch,
-threads, device, ``world_size``), ``models`` (``{name: entry}``, see :func:`run_seeds`),
-plus whatever the task adds (``wall_seconds``, ``data_seconds``...).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import torch
 from torch import Tensor, nn
 
-from gradgraph.data.cache import atomic_write_bytes
 from gradgraph.errors import GradGraphError
 from gradgraph.distributed import SINGLE_PROCESS, DistributedContext, init_distributed, resolve_device
+from gradgraph.tasks.results import (
+    add_improvement,
+    jsonable,
+    machine_info,
+    merge_results,
+    new_results,
+    plot_learning_curves,
+    read_results,
+    results_table,
+    summarize,
+    write_results,
+)
 from gradgraph.tasks.training import BatchSource, FitResult, TrainConfig, evaluate, fit
 
 __all__ = [
@@ -59,9 +62,11 @@ __all__ = [
     "init_distributed",
     "jsonable",
     "machine_info",
+    "merge_results",
     "new_results",
     "open_context",
     "plot_learning_curves",
+    "read_results",
     "resolve_device",
     "results_table",
     "run_seeds",
@@ -142,14 +147,6 @@ def split_bounds(num_train: int, num_val: int, num_test: int) -> dict[str, tuple
         "val": (num_train, num_train + num_val),
         "test": (num_train + num_val, num_train + num_val + num_test),
     }
-
-
-def summarize(values: Sequence[float]) -> tuple[float, float]:
-    """``(mean, std)`` of ``values`` (population std; 0 for a single value), in float64."""
-    if len(values) == 0:
-        raise ValueError("summarize: no values")
-    tensor = torch.tensor(list(values), dtype=torch.float64)
-    return float(tensor.mean()), float(tensor.std(unbiased=False)) if len(values) > 1 else 0.0
 
 
 def run_seeds(
@@ -244,64 +241,6 @@ def train_and_test(
     test_errors = evaluate(model, splits["test"], error_fn, context=context)
     return SeedRun(seed=seed, test_error=float(test_errors.mean()), fit=fit_result,
                    parameters=sum(parameter.numel() for parameter in model.parameters()), description=description)
-
-
-def add_improvement(results: dict[str, Any], reference: str) -> None:
-    """Set every model's ``improvement_pct``: how much lower its mean error is than
-    ``reference``'s, in % of the reference's (positive = better)."""
-    base = results["models"][reference]["test_error_mean"]
-    for entry in results["models"].values():
-        entry["improvement_pct"] = 100.0 * (base - entry["test_error_mean"]) / base if base else math.nan
-
-
-def machine_info(context: DistributedContext | None = None) -> dict[str, Any]:
-    """Where a run happened: platform, CPU, core count, torch version and threads, the
-    device, and the processes (``world_size``, backend)."""
-    context = context or SINGLE_PROCESS
-    return {
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        **context.describe(),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def new_results(metric: str, config: Any, context: DistributedContext | None = None, **extra: Any) -> dict[str, Any]:
-    """The skeleton of a ``results.json``: the metric's description, the configuration (a
-    dataclass or dict), machine info with ``world_size``, an empty ``models`` dict, ``extra``."""
-    context = context or SINGLE_PROCESS
-    return {
-        "metric": metric,
-        "config": jsonable(asdict(config) if is_dataclass(config) else config),
-        "machine": machine_info(context),
-        "world_size": context.world_size,
-        **extra,
-        "models": {},
-    }
-
-
-def write_results(results: dict[str, Any], output_dir: Path | str, context: DistributedContext | None = None,
-                  *, name: str = "results.json") -> Path:
-    """Write ``results`` as JSON to ``output_dir/name`` atomically (temp file + rename), on
-    rank 0 only; returns the path (on every rank). NaN/Inf become ``null``."""
-    context = context or SINGLE_PROCESS
-    path = Path(output_dir) / name
-    if context.is_main_process:
-        atomic_write_bytes(path, json.dumps(jsonable(results), indent=2).encode())
-    return path
 
 
 @contextmanager
@@ -425,102 +364,3 @@ class ExperimentRun:
         return self.results
 
 
-def results_table(
-    results: dict[str, Any],
-    *,
-    metric_header: str = "test error",
-    reference: str | None = None,
-    fixed: Sequence[str] = (),
-) -> str:
-    """A plain-text table: model, mean ± std of the test error, change against
-    ``reference`` (needs :func:`add_improvement`), training seconds per seed (``—`` for the
-    ``fixed`` models, which are not trained)."""
-    header = ["model", metric_header] + (["vs " + reference] if reference else []) + ["train s/seed"]
-    rows = [tuple(header)]
-    for name, entry in results["models"].items():
-        seconds = entry["train_seconds"]
-        row = [entry["label"], f"{entry['test_error_mean']:.4f} ± {entry['test_error_std']:.4f}"]
-        if reference:
-            row.append("—" if name == reference else f"{entry['improvement_pct']:+.1f}%")
-        row.append("—" if name in fixed or not seconds else f"{sum(seconds) / len(seconds):.0f}")
-        rows.append(tuple(row))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
-def plot_learning_curves(
-    results: dict[str, Any],
-    path: Path | str,
-    *,
-    reference: str,
-    fixed: Sequence[str] = (),
-    title: str = "",
-    ylabel: str = "validation error",
-    context: DistributedContext | None = None,
-) -> None:
-    """Learning curves as a PNG (rank 0 only).
-
-    Left: validation error per epoch (mean over seeds, log scale; a band of ± std) of every
-    trained model, ``reference`` dashed. Right: the same divided by the reference's error
-    (1.0 = no better), for the models whose best mean is within 50% of it. The ``fixed``
-    models (no training) other than the reference are dotted horizontal lines.
-    """
-    if not (context or SINGLE_PROCESS).is_main_process:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    models = results["models"]
-    base = models[reference]["histories"][0][0]["val_error"]
-    for index, (name, entry) in enumerate(models.items()):
-        histories = entry["histories"]
-        color = f"C{index}"  # the same colour for a model in both panels
-        if name in fixed and name != reference and histories:
-            value = histories[0][0]["val_error"]  # a fixed estimator: one horizontal line
-            left.axhline(value, color=color, linestyle=":", label=entry["label"])
-            right.axhline(value / base, color=color, linestyle=":", label=entry["label"])
-            continue
-        if name == reference or not histories or len(histories[0]) <= 1:
-            continue
-        epochs = [row["epoch"] for row in histories[0]]
-        curves = torch.tensor([[row["val_error"] for row in history] for history in histories])
-        mean, spread = curves.mean(0), curves.std(0, unbiased=False)
-        for axis, scale in ((left, 1.0), (right, 1.0 / base)):
-            if axis is right and float(mean.min()) > 1.5 * base:
-                continue
-            axis.plot(epochs, mean * scale, label=entry["label"], color=color)
-            if len(histories) > 1:
-                axis.fill_between(epochs, (mean - spread) * scale, (mean + spread) * scale, alpha=0.2, color=color)
-    left.axhline(base, color="black", linestyle="--", label=models[reference]["label"])
-    right.axhline(1.0, color="black", linestyle="--", label=models[reference]["label"])
-    left.set_yscale("log")
-    left.set_ylabel(ylabel)
-    right.set_ylabel(f"validation error / {models[reference]['label'].split(' (')[0]}'s")
-    for axis in (left, right):
-        axis.set_xlabel("epoch")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with tuples as lists, paths and devices as strings, NaN/Inf as ``None``."""
-    if isinstance(value, dict):
-        return {key: jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(item) for item in value]
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/Inf
-    return value

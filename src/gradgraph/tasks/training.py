@@ -95,6 +95,10 @@ class TrainConfig:
         seed: seeds parameter init (by the caller) and the shuffling here.
         progress: show a tqdm bar over epochs.
         description: the bar's label.
+        max_seconds: a wall-clock budget for the training (``None``: none): no epoch starts
+            after this many seconds since training began, so a run ends with fewer than
+            ``epochs`` epochs when the budget runs out (its history says how many ran). With
+            several ranks they stop together (any rank past the budget stops all).
     """
 
     epochs: int = 100
@@ -105,6 +109,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     description: str = "train"
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
@@ -112,6 +117,8 @@ class TrainConfig:
                 f"TrainConfig needs epochs >= 0, batch_size >= 1, lr > 0; got epochs={self.epochs}, "
                 f"batch_size={self.batch_size}, lr={self.lr}"
             )
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise GradGraphError(f"TrainConfig.max_seconds must be > 0 or None, got {self.max_seconds}")
 
 
 @dataclass
@@ -215,6 +222,11 @@ def _rank_batches(
             yield source.batch(mine), len(mine) * context.world_size / len(chunk)
 
 
+def _out_of_time(start: float, config: TrainConfig, context: DistributedContext) -> bool:
+    """Whether the time budget is spent on any rank (the ranks must agree, or one would wait forever)."""
+    return context.any(time.perf_counter() - start > config.max_seconds, "agreeing on the time budget")
+
+
 def fit(
     model: nn.Module,
     train: BatchSource,
@@ -295,6 +307,8 @@ def fit(
                 result.best_val_error, result.best_epoch = val_error, epoch
                 best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_error:.4f}", best=f"{result.best_val_error:.4f}")
+            if config.max_seconds is not None and epoch < config.epochs and _out_of_time(start, config, context):
+                break
     model.load_state_dict(best_state)
     if config.epochs == 0:
         result.best_val_error = initial

@@ -34,7 +34,7 @@ from gradgraph.tasks.inr_editing.models import (
 )
 from gradgraph.tasks.training import TrainConfig
 
-__all__ = ["METRIC", "InrEditConfig", "edit_error", "edit_loss", "make_splits", "plot_edits", "preset", "results_table",
+__all__ = ["METRIC", "InrEditConfig", "edit_error", "edit_loss", "make_splits", "plot_edits", "preset", "reference_model", "results_table",
            "run_inr_editing", "run_one"]
 
 #: Models without learned parameters: evaluated once, not once per seed.
@@ -159,11 +159,12 @@ def run_one(name: str, seed: int, config: InrEditConfig, splits: dict[str, InrSo
 def results_table(results: dict[str, Any]) -> str:
     """A plain-text table: model, test MSE mean ± std over seeds, change against ``weight_space``
     (when it ran; else against ``no_edit``), training seconds per seed."""
-    return experiment.results_table(results, metric_header="test MSE", reference=_reference(results),
+    return experiment.results_table(results, metric_header="test MSE", reference=reference_model(results),
                                     fixed=DETERMINISTIC_MODELS)
 
 
-def _reference(results: dict[str, Any]) -> str:
+def reference_model(results: dict[str, Any]) -> str:
+    """The model improvements are measured against: ``weight_space`` when it ran, else ``no_edit``."""
     return "weight_space" if "weight_space" in results["models"] else "no_edit"
 
 
@@ -237,7 +238,7 @@ def run_inr_editing(config: InrEditConfig, context: DistributedContext | None = 
             labels=MODEL_LABELS, baseline="no_edit", deterministic=DETERMINISTIC_MODELS,
         )
         run.results["targets"] = _targets(run.results["models"])
-        results = run.finish(reference=_reference(run.results))
+        results = run.finish(reference=reference_model(run.results))
         if run.context.is_main_process:
             _pictures(config, splits["test"], trained, results)
         return results

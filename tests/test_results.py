@@ -1,0 +1,121 @@
+"""Merging the results of runs that differ only in their seeds or models
+(gradgraph.tasks.results.merge_results and ``--merge``): checked against the results of one
+run that trained all of it, built here with the experiment's own run loop."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from gradgraph import cli
+from gradgraph.errors import GradGraphError
+from gradgraph.tasks.experiment import ExperimentRun, SeedRun
+from gradgraph.tasks.results import merge_results, read_results
+from gradgraph.tasks.training import FitResult
+
+LABELS = {"reference": "the reference", "learned": "a learned model", "other": "another learned model"}
+
+
+@dataclass
+class ToyConfig:
+    zoo: str = "toy zoo"
+    cache_root: Path | None = None
+    progress: bool = False
+    device: str = "cpu"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    models: tuple[str, ...] = ("learned", "other")
+    output_dir: Path = Path("out")
+    learning_rate: float = 0.1
+
+
+def fake_run(name: str, seed: int) -> SeedRun:
+    """Errors that name the model and seed; a history and a training time per seed."""
+    error = {"reference": 10.0}.get(name, (1.0 if name == "learned" else 2.0) + seed / 10)
+    history = [{"epoch": 0, "val_error": error + 1}, {"epoch": 1, "val_error": error}]
+    return SeedRun(seed=seed, test_error=error,
+                   fit=FitResult(history=history, best_epoch=1, seconds=0.0 if name == "reference" else 3.0 + seed))
+
+
+def run(config: ToyConfig) -> dict:
+    with ExperimentRun.open(config, "toy metric") as experiment_run:
+        experiment_run.start_results()
+        experiment_run.run_models(fake_run, labels=LABELS, baseline="reference", deterministic=("reference",))
+        return experiment_run.finish(reference="reference")
+
+
+def models_as_json(results: dict) -> dict:
+    return json.loads(json.dumps(results["models"]))
+
+
+def test_merging_runs_of_single_seeds_and_models_equals_the_run_of_all(tmp_path):
+    whole = run(ToyConfig(output_dir=tmp_path / "whole"))
+    parts = [run(ToyConfig(output_dir=tmp_path / f"p{seed}{model}", seeds=(seed,), models=(model,)))
+             for seed, model in [(2, "learned"), (0, "other"), (0, "learned"), (1, "learned"), (2, "other"),
+                                 (1, "other")]]
+    merged = merge_results(parts, reference="reference")
+    assert models_as_json(merged) == models_as_json(whole)  # errors, mean, std, histories, improvement
+    assert merged["config"]["seeds"] == [0, 1, 2] and sorted(merged["config"]["models"]) == sorted(whole["models"])
+    assert [part["seeds"] for part in merged["merged_from"]][:2] == [{"reference": [0], "learned": [2]},
+                                                                    {"reference": [0], "other": [0]}]
+
+
+def test_the_same_seed_with_different_results_is_refused_naming_both_parts():
+    first = run(ToyConfig(seeds=(0,)))
+    second = json.loads(json.dumps(first))
+    second["models"]["learned"]["test_errors"] = [1.5]
+    with pytest.raises(GradGraphError, match=r"learned seed 0 is in a\.json .* and in b\.json"):
+        merge_results([first, second], reference="reference", sources=["a.json", "b.json"])
+    assert merge_results([first, first], reference="reference")["models"]["learned"]["seeds"] == [0]
+
+
+def test_runs_of_different_experiments_are_refused():
+    first = run(ToyConfig(seeds=(0,)))
+    other_rate = run(replace(ToyConfig(seeds=(1,)), learning_rate=0.2))
+    with pytest.raises(GradGraphError, match=r"config\.learning_rate differs: a has 0\.1, b has 0\.2"):
+        merge_results([first, other_rate], reference="reference", sources=["a", "b"])
+    other_metric = {**first, "metric": "another metric"}
+    with pytest.raises(GradGraphError, match="not the same experiment"):
+        merge_results([first, other_metric], reference="reference")
+    with pytest.raises(GradGraphError, match="reference model 'nothing'"):
+        merge_results([first], reference="nothing")
+    with pytest.raises(GradGraphError, match="at least one"):
+        merge_results([], reference="reference")
+
+
+def test_read_results_names_the_missing_or_broken_file(tmp_path):
+    with pytest.raises(GradGraphError, match=f"no results file at {tmp_path / 'results.json'}"):
+        read_results(tmp_path)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(GradGraphError, match="broken.json is not a results.json"):
+        read_results(tmp_path / "broken.json")
+
+
+def test_the_merge_flag_trains_nothing_and_writes_the_merged_table(tmp_path, capsys):
+    """``gradgraph curvature --merge`` on two curvature-shaped results: table, results.json, plot."""
+    labels = {"standard": "standard estimator (mean of squares)", "gradmetanet": "GradMetaNet"}
+
+    def curvature_run(name: str, seed: int) -> SeedRun:
+        error = 0.2 if name == "standard" else 0.1 + seed / 100
+        history = [{"epoch": epoch, "val_error": error + 0.01 * (2 - epoch)} for epoch in range(3)]
+        return SeedRun(seed=seed, test_error=error, fit=FitResult(history=history, best_epoch=2, seconds=1.0))
+
+    for seed in (0, 1):
+        config = ToyConfig(seeds=(seed,), models=("gradmetanet",), output_dir=tmp_path / f"seed{seed}")
+        with ExperimentRun.open(config, "toy metric") as experiment_run:
+            experiment_run.start_results()
+            experiment_run.run_models(curvature_run, labels=labels, baseline="standard", deterministic=("standard",))
+            experiment_run.finish(reference="standard")
+    code = cli.main(["curvature", "--merge", str(tmp_path / "seed1"), str(tmp_path / "seed0"),
+                     "--output-dir", str(tmp_path / "merged")])
+    out = capsys.readouterr().out
+    assert code == 0 and "merged 2 runs (seeds [0, 1])" in out
+    assert "GradMetaNet" in out and "0.1050 ± 0.0050" in out and "+47.5%" in out
+    written = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert written["models"]["gradmetanet"]["test_errors"] == [0.1, 0.11]
+    assert (tmp_path / "merged" / "curvature.png").stat().st_size > 0
+
+    code = cli.main(["curvature", "--merge", str(tmp_path / "nothing-here"), "--output-dir", str(tmp_path / "m2")])
+    assert code == 1 and "no results file at" in capsys.readouterr().err
