@@ -152,7 +152,8 @@ def plot_learning_curves(
 ) -> None:
     """Learning curves as a PNG (rank 0 only).
 
-    Left: validation error per epoch (mean over seeds, log scale; a band of ± std) of every
+    Left: validation error per epoch (mean over seeds, log scale; a band of ± std; over the
+    epochs every seed ran, when a time budget stopped seeds at different epochs) of every
     trained model, ``reference`` dashed. Right: the same divided by the reference's error
     (1.0 = no better), for the models whose best mean is within 50% of it. The ``fixed``
     models (no training) other than the reference are dotted horizontal lines.
@@ -177,8 +178,11 @@ def plot_learning_curves(
             continue
         if name == reference or not histories or len(histories[0]) <= 1:
             continue
-        epochs = [row["epoch"] for row in histories[0]]
-        curves = torch.tensor([[row["val_error"] for row in history] for history in histories])
+        # Seeds stopped by a time budget ran different numbers of epochs: the curve is drawn
+        # over the epochs every seed reached.
+        common = min(len(history) for history in histories)
+        epochs = [row["epoch"] for row in histories[0][:common]]
+        curves = torch.tensor([[row["val_error"] for row in history[:common]] for history in histories])
         mean, spread = curves.mean(0), curves.std(0, unbiased=False)
         for axis, scale in ((left, 1.0), (right, 1.0 / base)):
             if axis is right and float(mean.min()) > 1.5 * base:
