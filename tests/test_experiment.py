@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from gradgraph.errors import GradGraphError
 from gradgraph.tasks import experiment
 from gradgraph.tasks.experiment import ExperimentRun, SeedRun, check_experiment, split_bounds, train_and_test
 from gradgraph.tasks.training import FitResult, LoaderSource, TrainConfig, fit
+from toy_experiment import ToyConfig
 
 TRAIN = TrainConfig(epochs=3, batch_size=4, lr=0.05, seed=11, progress=False)
 
@@ -149,18 +149,6 @@ def test_a_spent_time_budget_ends_training_after_the_current_epoch_with_its_best
 
 
 # ----------------------------------------------------------------------------- the whole run
-@dataclass
-class ToyConfig:
-    zoo: str = "toy zoo"
-    cache_root: Path | None = None
-    progress: bool = False
-    device: str = "cpu"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    models: tuple[str, ...] = ("learned", "fixed")
-    output_dir: Path = Path("out")
-    extra: dict = field(default_factory=dict)
-
-
 LABELS = {"reference": "the reference", "fixed": "a fixed model", "learned": "a learned model"}
 
 
