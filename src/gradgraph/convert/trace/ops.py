@@ -103,6 +103,7 @@ _LAYER_NORM = _names(F.layer_norm)
 _RMS_NORM = {"torch.nn.functional.rms_norm", "torch.rms_norm"}
 _BATCH_NORM = _names(F.batch_norm)
 _SDPA = _names(F.scaled_dot_product_attention)
+_CONVOLUTION = _names(torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
 _LOST_TRACK = (
     "its input is not computed from the model input by ops gradgraph follows (a custom autograd.Function, a "
     "tensor made inside forward, or .detach()); register the module that computes it with "

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import _broadcast, _Neurons, _Scores
+from gradgraph.convert.trace.rules_data import _Data
 from gradgraph.convert.trace.ops import (
     _BINARY_ADD, _BINARY_MUL, _IDENTITY_OPS, _MASK_FILL, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
 )
@@ -20,7 +21,8 @@ class _AttentionRules:
     # -------------------------------------------------------------- attention
     def scores_op(self, name: str, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         scores = [meta for _, meta in tracked if isinstance(meta, _Scores)]
-        others = [meta for _, meta in tracked if not isinstance(meta, _Scores)]
+        # a mask computed from the input ids is a constant of the datapoints, like any mask
+        others = [meta for _, meta in tracked if not isinstance(meta, _Scores | _Data)]
         allowed = _UNARY | _BINARY_ADD | _BINARY_MUL | _SOFTMAX | _MASK_FILL | _WHERE | _IDENTITY_OPS | {
             "Tensor.__getitem__"}
         if len(scores) == 1 and not others and (name in allowed or name in _SHAPE_OPS):

@@ -76,8 +76,11 @@ class _ElementwiseRules:
             a = self.bind(a_value, a, shape, comps.clone(), output)
         if b.comps is None:
             b = self.bind(b_value, b, shape, comps.clone(), output)
+        broadcast = tuple(a.comps.shape) != tuple(shape) or tuple(b.comps.shape) != tuple(shape)
         a_nodes, b_nodes = _broadcast(a.nodes, shape), _broadcast(b.nodes, shape)
         comps = _broadcast(a.comps, shape)
+        if broadcast:
+            self.check_no_copies(name, (a_nodes, b_nodes), comps)
         if torch.equal(a_nodes, b_nodes) or bool((a_nodes < 0).all()) or bool((b_nodes < 0).all()):
             # the same neurons (x * sigmoid(x)), or neurons and a statistic of them (x - mean)
             base = a if not bool((a_nodes < 0).all()) else b
@@ -129,8 +132,48 @@ class _ElementwiseRules:
             merged.grad_records.append((output, new_nodes, new.comps))
             if not additive:
                 merged.gated = True  # type: ignore[attr-defined]
+                self.split_fused_gate((a_value, a, a_sorted), (b_value, b, b_sorted))
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def split_fused_gate(self, *halves: tuple[Tensor, _Neurons, Tensor]) -> None:
+        """``silu(a) * b`` where ``a, b = w12(x).chunk(2, -1)``: cut the fused set into its halves.
+
+        Both halves are slices of one affine output, each tied neuron for neuron to the gate's
+        product, so the group permutes the two halves' rows of the fused weight by one permutation
+        (the same one as the product). That holds only when each half is one contiguous run of the
+        set's neurons (a chunk or split): then the layout cuts the set there
+        (``tracer.cuts``) and each piece holds one neuron of every orbit. Interleaved halves
+        (``h[..., ::2]``) are left as they are: no symmetry is claimed for them.
+        """
+        (_, a_meta, _), (_, b_meta, _) = halves
+        if len(a_meta.versions) != 1 or a_meta.versions.keys() != b_meta.versions.keys():
+            return
+        if self.sets[next(iter(a_meta.versions))].created_by != "affine":
+            return
+        runs = []
+        for _, _, nodes in halves:
+            low, high = int(nodes.min()), int(nodes.max()) + 1
+            if high - low != nodes.numel():
+                return
+            runs.append((low, high))
+        (low_a, high_a), (low_b, high_b) = runs
+        if low_a < high_b and low_b < high_a:
+            return
+        for low, high in runs:
+            self.cuts.update((low, high))
+        for value, meta, _ in halves:  # each half's own value is its act (a's after its activation)
+            self.record_act(value, meta)
+
+    def check_no_copies(self, name: str, nodes: tuple[Tensor, ...], comps: Tensor) -> None:
+        """Refuse values that hold one neuron at one component twice (a broadcast over a new
+        axis): the graph has one value per neuron and component, so copies would lose terms."""
+        ids = torch.stack([*(part.reshape(-1) for part in nodes), comps.reshape(-1)])
+        ids = ids[:, (ids[:-1] >= 0).any(0)]
+        if torch.unique(ids, dim=1).shape[1] != ids.shape[1]:
+            raise self.unsupported(name, "copies values of one position over a new axis (a broadcast or expand of "
+                                   "a [.., 1, ..] axis), so one neuron would hold several values at one datapoint "
+                                   "position; apply the op before adding the axis, or add it with a Linear")
 
     def parameter_operand_refused(self, name: str, param: _Param) -> UnsupportedOperationError:
         """The refusal of a parameter that is no bias or scale of the neurons it meets."""
