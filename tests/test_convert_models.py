@@ -183,6 +183,47 @@ def test_fused_gate_halves_move_by_one_permutation_and_interleaved_halves_stay()
     assert torch.equal(perm[rows], rows)  # no claim the trace cannot prove
 
 
+class HeadBiasedAttention(nn.Module):
+    """Self-attention with a bias added to the scores: ALiBi's per-head slopes, or one mask for all
+    heads; written out (``q @ kᵀ + bias``) or through SDPA's ``attn_mask``."""
+
+    def __init__(self, per_head: bool, sdpa: bool, d: int = 8, heads: int = 2, length: int = 4) -> None:
+        super().__init__()
+        self.inp, self.qkv, self.out = nn.Linear(5, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.head = nn.Linear(d, 2)
+        self.heads, self.sdpa = heads, sdpa
+        distance = -(torch.arange(length)[None, :] - torch.arange(length)[:, None]).abs().float()
+        slopes = torch.tensor([0.5, 0.25]) if per_head else torch.tensor([0.5, 0.5])
+        self.register_buffer("bias", slopes.view(1, heads, 1, 1) * distance.view(1, 1, length, length))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.bias.to(x.dtype)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            y = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + bias).softmax(-1) @ v
+        return self.head(h + self.out(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_a_bias_that_differs_between_heads_keeps_them_in_place(sdpa):
+    torch.manual_seed(29)
+    inputs = torch.randn(3, 4, 5, dtype=DTYPE)
+    alibi = HeadBiasedAttention(per_head=True, sdpa=sdpa).to(DTYPE)
+    graph = check_model(alibi, inputs, torch.randint(0, 2, (3, 4)), token_loss, 8)
+    heads = graph.node_kind == NodeKind.QUERY
+    assert bool(heads.any()) and bool((graph.perm_group[heads] < 0).all())
+    # the same architecture with other buffer values: a cached plan would carry the pinned heads over
+    # (the plan key holds no buffer values), so this one is traced afresh
+    PLAN_CACHE.clear()
+    shared = HeadBiasedAttention(per_head=False, sdpa=sdpa).to(DTYPE)
+    graph = check_model(shared, inputs, torch.randint(0, 2, (3, 4)), token_loss, 8)
+    assert bool((graph.perm_group[graph.node_kind == NodeKind.QUERY] >= 0).all())
+
+
 # ------------------------------------------------------------------ data computed from the ids
 class PositionsFromIds(nn.Module):
     """Token and position embeddings, the positions counted from the padding like RoBERTa's."""
@@ -315,7 +356,40 @@ def gpt_neo_case(transformers, attention):
     return model, padded_ids(2), token_loss, 150
 
 
+def bloom_case(transformers, attention):
+    # ALiBi: a per-head bias from the mask, through baddbmm on [b * heads, T, T] scores; heads stay
+    config = transformers.BloomConfig(vocab_size=20, hidden_size=8, n_layer=1, n_head=2, hidden_dropout=0.0,
+                                      attention_dropout=0.0, pad_token_id=PAD)
+    config._attn_implementation = attention
+    model = Wrapped(transformers.BloomForCausalLM(config), lambda model, ids: model(
+        input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits)
+    return model, padded_ids(1), token_loss, 40
+
+
+def opt_case(transformers, attention):
+    # OPT counts its learned positions from the attention mask (cumsum), with an offset of 2
+    config = transformers.OPTConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, ffn_dim=12,
+                                    num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=8,
+                                    dropout=0.0, attention_dropout=0.0, pad_token_id=PAD)
+    config._attn_implementation = attention
+    model = Wrapped(transformers.OPTForCausalLM(config), lambda model, ids: model(
+        input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits)
+    return model, padded_ids(1), token_loss, 80
+
+
+def albert_case(transformers, attention):
+    # one layer's parameters shared by both layers, a factorised embedding (4 -> 8)
+    config = _encoder_config(transformers, transformers.AlbertConfig, attention, embedding_size=4)
+    config.num_hidden_layers = 2
+    model = Wrapped(transformers.AlbertModel(config),
+                    lambda model, ids: model(input_ids=ids, attention_mask=(ids != PAD).long()).pooler_output)
+    return model, None, squared_norm, 80
+
+
 TRANSFORMERS = {
+    "bloom_alibi": (bloom_case, "eager"),
+    "opt_positions_from_the_mask": (opt_case, "eager"),
+    "albert_shared_layers": (albert_case, "eager"),
     "bert_mean_pooled": (bert_case, "sdpa"),
     "roberta_classifier": (roberta_case, "eager"),
     "distilbert_classifier": (distilbert_case, "sdpa"),
@@ -330,6 +404,7 @@ def test_transformers_models_with_masks_and_positions_from_the_ids_convert_exact
     make, attention = TRANSFORMERS[name]
     torch.manual_seed(27)
     model, targets, loss_fn, min_moved = make(transformers, attention)
+    targets = torch.zeros(3) if targets is None else targets
     # GPT-Neo computes q @ kᵀ in float32 whatever the model's dtype: a permutation of its heads
     # changes that product's rounding (the per-sample gradients still match to 1e-10)
     group_atol = 1e-6 if name.startswith("gpt_neo") else 1e-10

@@ -96,6 +96,8 @@ _SOFTMAX = _names(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax) | 
 _MASK_FILL = _method("masked_fill") | _names(torch.masked_fill)
 _WHERE = _names(torch.where)
 _MATMUL = _method("__matmul__", "__rmatmul__", "matmul", "mm", "bmm") | _names(torch.matmul, torch.mm, torch.bmm)
+#: ``beta * bias + alpha * (q @ kᵀ)``: attention scores with a constant bias (Bloom's ALiBi)
+_BADDBMM = _names(torch.baddbmm) | _method("baddbmm")
 _LINEAR = _names(F.linear)
 _ADDMM = _names(torch.addmm) | _method("addmm")
 _EMBEDDING = _names(F.embedding)

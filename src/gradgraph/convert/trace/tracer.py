@@ -24,7 +24,7 @@ from gradgraph.convert.trace.meta import (
     _Raw, _Scores, _TORCH_DIR, TraceAbort, UnsupportedOperationError, _varies_along,
 )
 from gradgraph.convert.trace.ops import (
-    _ACTIVATIONS, _ADDMM, _BATCH_NORM, _CONVOLUTION, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
+    _ACTIVATIONS, _ADDMM, _BADDBMM, _BATCH_NORM, _CONVOLUTION, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
     _ELEMENTWISE_FUNCTIONS, _EMBEDDING, _IDENTITY_OPS, _IN_PLACE_HINT, _IN_PLACE_OPERATORS, _JOINS, _LAYER_NORM, _LINEAR, _MASK_FILL,
     _MATMUL, _op_name, _REDUCTIONS, _RMS_NORM, _SDPA, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
 )
@@ -287,6 +287,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         if name in _MATMUL:
             left, right = (args[1], args[0]) if name == "Tensor.__rmatmul__" else (args[0], args[1])
             return self.matmul(name, left, right, output)
+        if name in _BADDBMM:
+            return self.biased_scores(name, args, kwargs, output)
         if name in _EMBEDDING:
             indices = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
