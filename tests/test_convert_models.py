@@ -47,7 +47,7 @@ def squared_norm(output, _targets):
     return output.pow(2).reshape(output.shape[0], -1).sum(1)
 
 
-def per_datapoint_autograd(model, inputs, targets, loss_fn):
+def per_datapoint_autograd(model, inputs, targets, loss_fn, forward_kwargs=None):
     """``{name: [b, *shape]}``: one autograd pass per datapoint, the model run on it alone.
 
     The reference where torch.func's vmap cannot run the model: ``transformers``' mask code
@@ -56,7 +56,7 @@ def per_datapoint_autograd(model, inputs, targets, loss_fn):
     named = dict(model.named_parameters())
     grads = {name: [] for name in named}
     for index in range(inputs.shape[0]):
-        output = model(inputs[index:index + 1])
+        output = model(inputs[index:index + 1], **(forward_kwargs or {}))
         loss = loss_fn(output, None if targets is None else targets[index:index + 1]).sum()
         found = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
         for (name, param), grad in zip(named.items(), found):
@@ -260,6 +260,30 @@ def test_positions_and_masks_computed_from_the_ids_are_constants_of_the_datapoin
     graph = check_model(model, ids, torch.randint(0, 2, (3,)), cross_entropy, 8)
     # every token position and the pooled vector are components
     assert graph.num_components == 3 * (6 + 1)
+
+
+class PositionsPassedIn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.out = nn.Embedding(20, 8), nn.Embedding(10, 8), nn.Linear(8, 3)
+
+    def forward(self, ids, position_ids):
+        return self.out(torch.tanh(self.tokens(ids) + self.positions(position_ids)))
+
+
+def test_position_ids_passed_in_are_read_again_when_a_cached_plan_replays():
+    # the same shapes with other values: a replay used to keep the first call's position rows
+    torch.manual_seed(30)
+    model = PositionsPassedIn().to(DTYPE)
+    ids = torch.randint(0, 20, (3, 5))
+    targets = torch.randint(0, 3, (3, 5))
+    for positions in (torch.arange(5), torch.arange(5) + 3):
+        hits = PLAN_CACHE.hits
+        graph = gradgraph.to_graph(model, ids, targets, token_loss, forward_kwargs={"position_ids": positions})
+        reference = per_datapoint_autograd(model, ids, targets, token_loss, {"position_ids": positions})
+        torch.testing.assert_close(graph.per_sample_grads()["positions.weight"], reference["positions.weight"],
+                                   atol=1e-10, rtol=0)
+    assert PLAN_CACHE.hits == hits + 1
 
 
 def test_data_mixed_across_datapoints_or_copied_over_an_axis_is_refused_by_line():

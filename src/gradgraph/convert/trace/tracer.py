@@ -416,7 +416,9 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
                 if versions.get(index, version) != version:
                     raise self.unsupported(name, "joins two versions of the same neurons along their features (as "
                                            "rotary position embeddings' rotate_half does); rotary embeddings are not "
-                                           "supported")
+                                           "supported: use learned or sinusoidal position embeddings added to the "
+                                           "tokens, or register a converter for the attention module "
+                                           "(gradgraph.register_converter)")
                 versions[index] = version
         index_meta = None
         if any(meta.unbound_index is not None for meta in metas):
