@@ -286,6 +286,26 @@ def test_position_ids_passed_in_are_read_again_when_a_cached_plan_replays():
     assert PLAN_CACHE.hits == hits + 1
 
 
+class BytePixels(nn.Module):
+    """uint8 images cast and scaled inside forward: integer input read as features, not as data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(1 + 0.1 * torch.randn(12, dtype=DTYPE))
+        self.net = nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+
+    def forward(self, images):
+        return self.net(images.flatten(1).to(DTYPE) / 255 * self.gain)
+
+
+def test_integer_input_cast_to_float_is_read_as_input_features():
+    torch.manual_seed(31)
+    model = BytePixels().to(DTYPE)
+    images = torch.randint(0, 256, (4, 3, 4), dtype=torch.uint8)
+    graph = check_model(model, images, torch.randint(0, 3, (4,)), cross_entropy, 6, torch_func=False)
+    assert int((graph.node_kind == NodeKind.INPUT).sum()) == 12
+
+
 def test_data_mixed_across_datapoints_or_copied_over_an_axis_is_refused_by_line():
     ids, targets = padded_ids(), torch.randint(0, 2, (3,))
     with pytest.raises(UnsupportedModuleError, match=r"test_convert_models\.py:\d+ in PositionsFromIds\.forward.*"

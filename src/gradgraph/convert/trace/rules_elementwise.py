@@ -15,6 +15,7 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import (
     _BINARY_ADD, _BINARY_OTHER, _LAYER_NORM, _LOST_TRACK, _PARAMETER_REFUSED, _POOLS, _WHERE,
 )
+from gradgraph.convert.trace.rules_data import _Data
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 
@@ -37,11 +38,13 @@ class _ElementwiseRules:
         self.set_meta(output, new)
         self.observe(output, new)
 
-    def _operand(self, value: Any, name: str) -> Any:
+    def _operand(self, value: Any, name: str, other: Any = None) -> Any:
         if isinstance(value, Tensor):
             meta = self.meta(value)
-            if isinstance(meta, _Raw):
+            if isinstance(meta, _Raw) and value.is_floating_point():
                 return self.need_neurons(value, name)
+            if isinstance(meta, _Data) and isinstance(self.meta(other), _Param):
+                return self.need_neurons(value, name)  # input features cast from integers, scaled by a parameter
             return meta
         return None
 
@@ -50,7 +53,7 @@ class _ElementwiseRules:
         if name in ("Tensor.__rsub__", "Tensor.__radd__", "Tensor.__rmul__", "Tensor.__rtruediv__",
                     "Tensor.__rpow__"):
             left, right = right, left
-        operands = [(left, self._operand(left, name)), (right, self._operand(right, name))]
+        operands = [(left, self._operand(left, name, right)), (right, self._operand(right, name, left))]
         neurons = [(value, meta) for value, meta in operands if isinstance(meta, _Neurons)]
         params = [(value, meta) for value, meta in operands if isinstance(meta, _Param)]
         additive = name in _BINARY_ADD

@@ -263,6 +263,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
 
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         metas = [meta for _, meta in tracked]
+        if all(self.is_data(value, meta) for value, meta in tracked) and name not in _EMBEDDING:
+            return self.data_op(name, func, args, kwargs, output, tracked)
         if name in _ELEMENTWISE_FUNCTIONS:
             return self.unary(args[0], output, name, _ELEMENTWISE_FUNCTIONS[name])
         if any(isinstance(meta, _Opaque) for meta in metas):
@@ -273,8 +275,6 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
             opaque = next(meta for meta in metas if isinstance(meta, _Opaque))
             return self.mark_opaque(output, opaque.op, opaque.reason, metas, location=opaque.location,
                                     path=opaque.path)
-        if all(self.is_data(value, meta) for value, meta in tracked) and name not in _EMBEDDING:
-            return self.data_op(name, func, args, kwargs, output, tracked)
         if name in _LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -363,8 +363,13 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         meta = self.meta(value)
         if meta is None or isinstance(meta, _Neurons):
             return meta
-        if isinstance(meta, _Data):  # a constant of the datapoints (a mask, position ids)
-            return None
+        if isinstance(meta, _Data):
+            if meta.element is None or not value.is_floating_point():
+                return None  # a constant of the datapoints (a mask, position ids)
+            # the integer input cast to float and read as features (uint8 pixels / 255)
+            neurons = self.neurons_from_raw(value, _Raw(meta.element), what)
+            self.set_meta(value, neurons)
+            return neurons
         if isinstance(meta, _Raw):
             neurons = self.neurons_from_raw(value, meta, what)
             self.set_meta(value, neurons)
