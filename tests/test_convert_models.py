@@ -226,18 +226,24 @@ def test_a_bias_that_differs_between_heads_keeps_them_in_place(sdpa):
 
 # ------------------------------------------------------------------ data computed from the ids
 class PositionsFromIds(nn.Module):
-    """Token and position embeddings, the positions counted from the padding like RoBERTa's."""
+    """Token and position embeddings, the positions counted from the padding like RoBERTa's
+    (``fill``: the padding's positions set in place afterwards, before or after the embedding)."""
 
-    def __init__(self, mix_batch: bool = False, copies: bool = False) -> None:
+    def __init__(self, mix_batch: bool = False, copies: bool = False, fill: str | None = None) -> None:
         super().__init__()
         self.tokens, self.positions = nn.Embedding(20, 8, padding_idx=PAD), nn.Embedding(20, 8, padding_idx=PAD)
         self.out = nn.Linear(8, 2)
-        self.mix_batch, self.copies = mix_batch, copies
+        self.mix_batch, self.copies, self.fill = mix_batch, copies, fill
 
     def forward(self, ids):
         mask = ids.ne(PAD).int()
         positions = (torch.cumsum(mask, dim=0 if self.mix_batch else 1) * mask).long() + PAD
+        if self.fill == "before":
+            positions.masked_fill_(mask == 0, PAD + 1)
         h = self.tokens(ids)
+        if self.fill == "after":
+            self.positions(positions)
+            positions.masked_fill_(mask == 0, PAD + 1)
         if self.copies:  # the positions of two "views" added to one copy of the tokens
             return self.out(h[:, None] + self.positions(positions[:, None].expand(-1, 2, -1))).sum((1, 2))
         h = h + self.positions(positions)
@@ -260,6 +266,8 @@ def test_positions_and_masks_computed_from_the_ids_are_constants_of_the_datapoin
     graph = check_model(model, ids, torch.randint(0, 2, (3,)), cross_entropy, 8)
     # every token position and the pooled vector are components
     assert graph.num_components == 3 * (6 + 1)
+    # data changed in place before an embedding reads it is still data
+    check_model(PositionsFromIds(fill="before").to(DTYPE), ids, torch.randint(0, 2, (3,)), cross_entropy, 8)
 
 
 class PositionsPassedIn(nn.Module):
@@ -314,6 +322,9 @@ def test_data_mixed_across_datapoints_or_copied_over_an_axis_is_refused_by_line(
     with pytest.raises(UnsupportedModuleError, match=r"test_convert_models\.py:\d+ in PositionsFromIds\.forward.*"
                        r"copies values of one position over a new axis"):
         gradgraph.to_graph(PositionsFromIds(copies=True).to(DTYPE), ids, targets, cross_entropy)
+    with pytest.raises(UnsupportedModuleError, match=r"test_convert_models\.py:\d+ in PositionsFromIds\.forward.*"
+                       r"changes in place the indices an embedding already read"):
+        gradgraph.to_graph(PositionsFromIds(fill="after").to(DTYPE), ids, targets, cross_entropy)
 
 
 # ------------------------------------------------------------------ transformers (tiny configs, no download)

@@ -212,6 +212,7 @@ class _AffineRules:
             padding_idx += table.pos.shape[0]
         index_meta = self.meta(indices)
         data = isinstance(index_meta, _Data)
+        self.read_indices[id(indices)] = indices
         if isinstance(index_meta, _Raw):
             index_meta = self.neurons_from_raw(indices, index_meta, name)
         elif data:  # position ids or token types computed from the input ids

@@ -55,6 +55,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         self.sets: list[NeuronSet] = []
         self.edges: list[tuple[Tensor, Tensor, EdgeKind, int, Tensor | None, Tensor | None]] = []
         self.ties: list[tuple[Tensor, Tensor]] = []
+        #: id -> tensor: embedding indices, read again when the factors are filled in
+        self.read_indices: dict[int, Tensor] = {}
         #: nodes where the layout cuts a set into pieces (the two halves of a fused gated unit)
         self.cuts: set[int] = set()
         self.attention: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
@@ -245,6 +247,9 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
                 flat, _ = tree_flatten((args, kwargs))
                 if any(isinstance(self.meta(value), _Neurons | _Raw) for value in flat if isinstance(value, Tensor)):
                     raise self.unsupported(name, _IN_PLACE_HINT)
+                if args and isinstance(args[0], Tensor) and self.read_indices.get(id(args[0])) is args[0]:
+                    raise self.unsupported(name, "changes in place the indices an embedding already read (the "
+                                           "factors read them after the forward); change a copy (.clone())")
             output = func(*args, **kwargs)
             self.op_index = self.log.step(name, args, kwargs, output)
             flat, _ = tree_flatten((args, kwargs))
