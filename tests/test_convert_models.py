@@ -5,7 +5,7 @@ strided convolution, residual MLPs with LayerNorm / BatchNorm, a SwiGLU with a f
 and stock ``transformers`` models built from tiny configs (no download), called the way their
 users call them: an attention mask computed from the ids, position ids computed inside forward
 (RoBERTa), last-token pooling (GPT-2 for classification), local attention (GPT-Neo), a conv
-patch embedding (ViT). For each: per-sample gradients equal torch.func's (float64, 1e-10), a
+patch embedding (ViT), rotary embeddings (Llama). For each: per-sample gradients equal torch.func's (float64, 1e-10), a
 sampled element of the inferred group keeps the function and maps graph to graph. What still
 refuses names the op, the module path and the source line.
 """
@@ -504,15 +504,40 @@ def _refusal(call, op, path, where):
     return message
 
 
-def test_rotary_llama_is_refused_with_its_source_line_and_module(transformers):
-    config = transformers.LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
-    config._attn_implementation = "eager"
-    model = Wrapped(transformers.LlamaForCausalLM(config),
-                    lambda model, ids: model(input_ids=ids, use_cache=False).logits).to(DTYPE).eval()
+def _llama(transformers, attention, key_value_heads=2):
+    config = transformers.LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=key_value_heads,
+                                      max_position_embeddings=16)
+    config._attn_implementation = attention
+    return Wrapped(transformers.LlamaForCausalLM(config), lambda model, ids: model(
+        input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits).to(DTYPE).eval()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_llama_with_rotary_embeddings_converts_exactly_with_its_attention_held(transformers, attention, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    # LlamaRMSNorm computes in float32 whatever the model's dtype; its float64 form keeps the group
+    # check exact (the per-sample gradients match to 1e-10 either way)
+    def rms_norm(self, hidden):
+        return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm)
+    torch.manual_seed(32)
+    model = _llama(transformers, attention)
+    graph = check_model(model, padded_ids(), padded_ids(1), token_loss, 60, torch_func=False)
+    # rotary mixes dim i with dim i + d/2 at a frequency of its own: no query, key or head moves;
+    # the SwiGLU hidden neurons and the residual stream do
+    attention_nodes = torch.isin(graph.node_kind, torch.tensor([int(NodeKind.QUERY), int(NodeKind.KEY)]))
+    assert bool(attention_nodes.any()) and bool((graph.perm_group[attention_nodes] < 0).all())
+    assert bool((graph.perm_group[graph.node_kind == NodeKind.FFN_HIDDEN] >= 0).all())
+
+
+def test_grouped_query_attention_is_refused_with_its_source_line_and_module(transformers):
+    model = _llama(transformers, "eager", key_value_heads=1)
     message = _refusal(lambda: gradgraph.to_graph(model, padded_ids(), padded_ids(1), token_loss),
-                       "torch.cat", "model.model.layers.0.self_attn", r"modeling_llama\.py")
-    assert "rotary" in message
+                       "torch.matmul", "model.model.layers.0.self_attn", r"modeling_llama\.py")
+    assert "grouped attention" in message
 
 
 def test_token_mixing_and_overlapping_convolutions_are_refused_with_what_to_do():

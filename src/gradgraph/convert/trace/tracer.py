@@ -421,15 +421,14 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         bound = all(meta.comps is not None for meta in metas)
         comps = self.replay_ids(func, args, kwargs, lambda meta: meta.comps) if bound else None
         versions: dict[int, int] = {}
+        mixed: set[int] = set()
         for meta in metas:
             for index, version in meta.versions.items():
                 if versions.get(index, version) != version:
-                    raise self.unsupported(name, "joins two versions of the same neurons along their features (as "
-                                           "rotary position embeddings' rotate_half does); rotary embeddings are not "
-                                           "supported: use learned or sinusoidal position embeddings added to the "
-                                           "tokens, or register a converter for the attention module "
-                                           "(gradgraph.register_converter)")
+                    mixed.add(index)
                 versions[index] = version
+        if mixed:
+            versions.update(self.join_versions(name, metas, mixed))
         index_meta = None
         if any(meta.unbound_index is not None for meta in metas):
             index_meta = self.replay_ids(func, args, kwargs, lambda meta: meta.unbound_index)
@@ -442,6 +441,26 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
                 meta = _Neurons(node_ids, comp_ids, dict(versions), index_ids)
                 self.set_meta(value, meta)
                 self.observe(value, meta)
+
+    def join_versions(self, name: str, metas: list, mixed: set[int]) -> dict[int, int]:
+        """A new version of sets joined from parts at different versions (``rotate_half``:
+        ``cat((-x2, x1))``): allowed where each neuron is in one part only, since then every
+        neuron's new value is a function of its own; two copies of a neuron are refused."""
+        if name not in _CONCATENATIONS:
+            raise self.unsupported(name, "joins two versions of the same neurons")
+        for index in mixed:
+            first, stop = self.sets[index].first, self.sets[index].first + self.sets[index].size
+            seen: set[int] = set()
+            for meta in metas:
+                if index not in meta.versions:
+                    continue
+                nodes = meta.nodes[(meta.nodes >= first) & (meta.nodes < stop)]
+                part = set(torch.unique(nodes).tolist())
+                if part & seen:
+                    raise self.unsupported(name, "joins two versions of the same neurons along their features, one "
+                                           "neuron in two parts; gradgraph has one value per neuron")
+                seen |= part
+        return self.next_version({index: 0 for index in mixed})
 
     def replay_ids(self, func: Any, args: tuple, kwargs: dict, pick: Callable[[Any], Tensor | None], *,
                    data: bool = False) -> Any:
