@@ -129,7 +129,25 @@ def fused_swiglu_case():
         token_loss, 30
 
 
+class SignalPatches(nn.Module):
+    """A 1-d signal cut into patches by a strided ``nn.Conv1d``, then a per-patch MLP and pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch, self.fc, self.head = nn.Conv1d(2, 6, 3, stride=3), nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, signal):
+        return self.head(torch.tanh(self.fc(F.gelu(self.patch(signal).transpose(1, 2)))).mean(1))
+
+
+def signal_case():
+    torch.manual_seed(33)
+    return SignalPatches().to(DTYPE), torch.randn(4, 2, 10, dtype=DTYPE), torch.randint(0, 3, (4,)), \
+        cross_entropy, 6
+
+
 HAND_WRITTEN = {
+    "conv1d_signal_patches": signal_case,
     "nanogpt_manual_attention": lambda: nanogpt_case(False),
     "nanogpt_flash": lambda: nanogpt_case(True),
     "nanogpt_last_token": nanogpt_last_token_case,
