@@ -144,8 +144,8 @@ class _ElementwiseRules:
 
         Both halves are slices of one affine output, each tied neuron for neuron to the gate's
         product, so the group permutes the two halves' rows of the fused weight by one permutation
-        (the same one as the product). That holds only when each half is one contiguous run of the
-        set's neurons (a chunk or split): then the layout cuts the set there
+        (the same one as the product). That holds only when the halves are two contiguous runs that
+        make up the whole set (a chunk or split in two): then the layout cuts the set there
         (``tracer.cuts``) and each piece holds one neuron of every orbit. Interleaved halves
         (``h[..., ::2]``) are left as they are: no symmetry is claimed for them.
         """
@@ -161,8 +161,9 @@ class _ElementwiseRules:
                 return
             runs.append((low, high))
         (low_a, high_a), (low_b, high_b) = runs
-        if low_a < high_b and low_b < high_a:
-            return
+        neuron_set = self.sets[next(iter(a_meta.versions))]
+        if low_a < high_b and low_b < high_a or (high_a - low_a) + (high_b - low_b) != neuron_set.size:
+            return  # overlapping halves, or a third part used elsewhere: no claim
         for low, high in runs:
             self.cuts.update((low, high))
         for value, meta, _ in halves:  # each half's own value is its act (a's after its activation)
