@@ -18,6 +18,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from traced_models import (
     FusedSwiGLU,
@@ -286,6 +288,23 @@ def test_positions_and_masks_computed_from_the_ids_are_constants_of_the_datapoin
     assert graph.num_components == 3 * (6 + 1)
     # data changed in place before an embedding reads it is still data
     check_model(PositionsFromIds(fill="before").to(DTYPE), ids, torch.randint(0, 2, (3,)), cross_entropy, 8)
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_any_padding_pattern_gives_exact_per_sample_grads(lengths, seed):
+    # right-padded sequences of any lengths: positions and the mean over real tokens follow the mask
+    torch.manual_seed(seed)
+    model = PositionsFromIds().to(DTYPE)
+    ids = torch.randint(PAD + 1, 20, (len(lengths), 6))
+    for row, length in enumerate(lengths):
+        ids[row, length:] = PAD
+    targets = torch.randint(0, 2, (len(lengths),))
+    ours = gradgraph.to_graph(model, ids, targets, cross_entropy).per_sample_grads()
+    reference = per_datapoint_autograd(model, ids, targets, cross_entropy)
+    assert set(ours) == set(reference)
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
 
 
 class PositionsPassedIn(nn.Module):
