@@ -541,27 +541,33 @@ def _refusal(call, op, path, where):
     return message
 
 
-def _llama(transformers, attention, key_value_heads=2):
-    config = transformers.LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=key_value_heads,
+def _llama(transformers, attention, key_value_heads=2, heads=2, width=8):
+    config = transformers.LlamaConfig(vocab_size=20, hidden_size=width, intermediate_size=12, num_hidden_layers=2,
+                                      num_attention_heads=heads, num_key_value_heads=key_value_heads,
                                       max_position_embeddings=16)
     config._attn_implementation = attention
     return Wrapped(transformers.LlamaForCausalLM(config), lambda model, ids: model(
         input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits).to(DTYPE).eval()
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_llama_with_rotary_embeddings_converts_exactly_with_its_attention_held(transformers, attention, monkeypatch):
+@pytest.fixture
+def float64_llama_norm(transformers, monkeypatch):
+    """LlamaRMSNorm computes in float32 whatever the model's dtype; its float64 form keeps the
+    group check exact (the per-sample gradients match to 1e-10 either way)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    # LlamaRMSNorm computes in float32 whatever the model's dtype; its float64 form keeps the group
-    # check exact (the per-sample gradients match to 1e-10 either way)
     def rms_norm(self, hidden):
         return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
     monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm)
+
+
+@pytest.mark.parametrize(("attention", "key_value_heads"), [("eager", 2), ("sdpa", 2), ("eager", 1)])
+def test_llama_with_rotary_embeddings_converts_exactly_with_its_attention_held(
+        transformers, float64_llama_norm, attention, key_value_heads):
+    # key_value_heads=1: grouped-query attention, both heads read copies (repeat_kv) of one key/value head
     torch.manual_seed(32)
-    model = _llama(transformers, attention)
+    model = _llama(transformers, attention, key_value_heads)
     graph = check_model(model, padded_ids(), padded_ids(1), token_loss, 60, torch_func=False)
     # rotary mixes dim i with dim i + d/2 at a frequency of its own: no query, key or head moves;
     # the SwiGLU hidden neurons and the residual stream do
@@ -570,11 +576,15 @@ def test_llama_with_rotary_embeddings_converts_exactly_with_its_attention_held(t
     assert bool((graph.perm_group[graph.node_kind == NodeKind.FFN_HIDDEN] >= 0).all())
 
 
-def test_grouped_query_attention_is_refused_with_its_source_line_and_module(transformers):
-    model = _llama(transformers, "eager", key_value_heads=1)
-    message = _refusal(lambda: gradgraph.to_graph(model, padded_ids(), padded_ids(1), token_loss),
-                       "torch.matmul", "model.model.layers.0.self_attn", r"modeling_llama\.py")
-    assert "grouped attention" in message
+def test_t5_relative_attention_bias_is_refused_with_its_source_line_and_module(transformers):
+    config = transformers.T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=12, num_layers=1, num_heads=2,
+                                   dropout_rate=0.0, relative_attention_num_buckets=4, pad_token_id=PAD)
+    config._attn_implementation = "eager"
+    model = Wrapped(transformers.T5EncoderModel(config), lambda model, ids: model(
+        input_ids=ids, attention_mask=(ids != PAD).long()).last_hidden_state[:, 0]).to(DTYPE).eval()
+    message = _refusal(lambda: gradgraph.to_graph(model, padded_ids(), None, squared_norm),
+                       "Tensor.add", "model.encoder.block.0.layer.0.SelfAttention", r"modeling_t5\.py")
+    assert "T5's relative position bias" in message
 
 
 def test_token_mixing_and_overlapping_convolutions_are_refused_with_what_to_do():

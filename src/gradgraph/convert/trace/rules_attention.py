@@ -18,6 +18,18 @@ from gradgraph.graph import EdgeKind, NodeKind
 _RESHAPES = {"Tensor.view", "Tensor.reshape", "torch.reshape", "Tensor.view_as", "Tensor.reshape_as"}
 
 
+def _grouped(heads: Tensor, head_dim: int) -> bool:
+    """Whether heads ``[H, q | k | v]`` share whole key and value heads: two heads' keys (values)
+    are the same neurons or disjoint ones, and heads with one key head share one value head."""
+    keys, values = heads[:, head_dim:2 * head_dim], heads[:, 2 * head_dim:]
+    for part in (keys, values):
+        rows = torch.unique(part, dim=0)
+        if torch.unique(rows).numel() != rows.numel():  # two different rows share a neuron
+            return False
+    pairs = torch.unique(torch.cat((keys, values), dim=1), dim=0)
+    return pairs.shape[0] == torch.unique(keys, dim=0).shape[0] == torch.unique(values, dim=0).shape[0]
+
+
 class _AttentionRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: attention ops."""
 
@@ -149,11 +161,16 @@ class _AttentionRules:
         all_q = heads[:, :head_dim].reshape(-1)
         all_k = heads[:, head_dim:2 * head_dim].reshape(-1)
         all_v = heads[:, 2 * head_dim:].reshape(-1)
-        if len(set(all_q.tolist())) != all_q.numel() or len(set(all_v.tolist())) != all_v.numel() \
-                or len(set(all_k.tolist())) != all_k.numel():
-            raise self.unsupported(name, "heads that share query, key or value neurons (multi-query or grouped "
-                                   "attention)")
+        shared = len(set(all_k.tolist())) != all_k.numel() or len(set(all_v.tolist())) != all_v.numel()
+        if len(set(all_q.tolist())) != all_q.numel() or (shared and not _grouped(heads, head_dim)):
+            raise self.unsupported(name, "heads that share some of their query, key or value neurons but not whole "
+                                   "heads (grouped-query attention repeats whole key/value heads)")
         created = self.new_set(len(heads) * value_dim, NodeKind.ATTENTION, self.path() or name, "attention")
+        if shared:
+            # grouped-query attention: the heads of a group read one key/value head; a head
+            # permutation would have to keep groups together, which the layout does not express
+            for index in [created.index, *query.versions, *key_t.versions, *value_meta.versions]:
+                self.sets[index].pinned = True
         o_rows = created.first + torch.arange(len(heads) * value_dim).reshape(len(heads), value_dim)
         block = []
         for head in range(len(heads)):
