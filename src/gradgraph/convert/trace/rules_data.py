@@ -6,8 +6,10 @@ attention mask): tensors computed from a model's integer input by ops without pa
 no neurons. Every datapoint's such values are constants of that datapoint, so the trace treats
 them as constants wherever they meet neurons (a mask added to attention scores, a padding mask
 multiplying hidden states) and as indices of the datapoint's positions where an embedding
-reads them. What it still refuses: such data mixed across datapoints (a reduction or cumulative
-sum over the batch axis) and then used by a parameterised op.
+reads them (a cached plan reads them again on every call). Cast to float and read by an
+affine map, a norm or a parameter scale (``pixels.float() / 255``), the input's elements are
+input features as before. What it still refuses: such data mixed across datapoints (a
+reduction or cumulative sum over the batch axis) and then used by a parameterised op.
 """
 
 from __future__ import annotations
