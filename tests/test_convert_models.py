@@ -576,6 +576,27 @@ def test_llama_with_rotary_embeddings_converts_exactly_with_its_attention_held(
     assert bool((graph.perm_group[graph.node_kind == NodeKind.FFN_HIDDEN] >= 0).all())
 
 
+def test_gemma_norm_scale_written_one_plus_weight_converts_exactly(transformers, monkeypatch):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    def rms_norm(self, hidden):  # GemmaRMSNorm's math without its float32 cast (see float64_llama_norm)
+        return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    monkeypatch.setattr(GemmaRMSNorm, "forward", rms_norm)
+    config = transformers.GemmaConfig(vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                      max_position_embeddings=16)
+    config._attn_implementation = "eager"
+    torch.manual_seed(34)
+    model = Wrapped(transformers.GemmaForCausalLM(config), lambda model, ids: model(
+        input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits).to(DTYPE).eval()
+    with torch.no_grad():  # Gemma initialises the scales' weights to 0
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.1)
+    check_model(model, padded_ids(), padded_ids(1), token_loss, 40, torch_func=False)
+
+
 def test_t5_relative_attention_bias_is_refused_with_its_source_line_and_module(transformers):
     config = transformers.T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=12, num_layers=1, num_heads=2,
                                    dropout_rate=0.0, relative_attention_num_buckets=4, pad_token_id=PAD)

@@ -58,8 +58,15 @@ class _ElementwiseRules:
         params = [(value, meta) for value, meta in operands if isinstance(meta, _Param)]
         additive = name in _BINARY_ADD
         if not neurons:
+            other = right if params and params[0][0] is left else left
+            if len(params) == 1 and name in ("Tensor.__add__", "Tensor.__radd__", "Tensor.add", "torch.add") \
+                    and isinstance(other, int | float) and kwargs.get("alpha", 1) == 1:
+                # a scale written 1 + weight (Gemma's RMSNorm): the same gradient as the weight's,
+                # so the op stands for the parameter (its edges carry the weight, not 1 + weight)
+                self.set_meta(output, params[0][1])
+                return None
             raise self.unsupported(name, "arithmetic on parameters inside the forward (other than as a weight, "
-                                   "a bias, a scale or a position embedding)")
+                                   "a bias, a scale, a position embedding or a constant added to a scale)")
         if params:
             if name in _PARAMETER_REFUSED or name in _BINARY_OTHER or kwargs.get("alpha", 1) != 1:
                 raise self.parameter_operand_refused(name, params[0][1])
