@@ -183,7 +183,7 @@ class SharedNet(nn.Module):
 @pytest.mark.parametrize(
     ("model", "path", "type_name"),
     [
-        (nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 1, 1)), "1", "Conv1d"),
+        (nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 1, 2)), "1", "Conv1d"),  # overlapping windows
         (nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 1)), "1", "Dropout"),
     ],
 )

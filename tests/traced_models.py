@@ -193,3 +193,196 @@ def assert_exact_per_sample_grads(model, inputs, targets, loss_fn, tolerance=1e-
     for name, value in reference.items():
         torch.testing.assert_close(ours[name], value, atol=tolerance, rtol=0, msg=name)
     return graph
+
+
+# ----------------------------------------------------------------------- models people bring
+class NanoCausalSelfAttention(nn.Module):
+    """nanoGPT's attention as its repository writes it: the slow path masks with a tril buffer."""
+
+    def __init__(self, d: int, heads: int, block_size: int, flash: bool) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(0.1), nn.Dropout(0.1)
+        self.n_head, self.n_embd, self.flash = heads, d, flash
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.size()  # noqa: N806
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class NanoLayerNorm(nn.Module):
+    """nanoGPT's LayerNorm with an optional bias, through F.layer_norm."""
+
+    def __init__(self, d: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+        self.bias = nn.Parameter(0.1 * torch.randn(d)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d: int, heads: int, block_size: int, flash: bool) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = NanoLayerNorm(d, True), NanoLayerNorm(d, False)
+        self.attn = NanoCausalSelfAttention(d, heads, block_size, flash)
+        self.mlp = MLP(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's ``GPT``: ModuleDict transformer, tied head, loss inside forward when given targets.
+
+    Returns ``(logits, loss)`` like the original; with targets the logits cover every position,
+    without them only the last (``x[:, [-1], :]``).
+    """
+
+    def __init__(self, vocab: int = 13, block_size: int = 8, d: int = 8, heads: int = 2, layers: int = 2,
+                 flash: bool = False) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, d), wpe=nn.Embedding(block_size, d), drop=nn.Dropout(0.1),
+            h=nn.ModuleList(NanoBlock(d, heads, block_size, flash) for _ in range(layers)),
+            ln_f=NanoLayerNorm(d, True)))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+
+class PatchViT(nn.Module):
+    """A ViT on images ``[b, c, h, w]``: patches cut by ``reshape``/``permute`` or a strided
+    ``nn.Conv2d``, a class token, a learned position embedding, the stock pre-norm encoder."""
+
+    def __init__(self, image: int = 8, patch: int = 4, channels: int = 2, d: int = 8, heads: int = 2,
+                 classes: int = 3, conv: bool = False) -> None:
+        super().__init__()
+        self.patch, self.conv = patch, conv
+        if conv:
+            self.proj = nn.Conv2d(channels, d, kernel_size=patch, stride=patch)
+        else:
+            self.proj = nn.Linear(channels * patch * patch, d)
+        self.cls_token = nn.Parameter(0.1 * torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(0.1 * torch.randn(1, (image // patch) ** 2 + 1, d))
+        layer = nn.TransformerEncoderLayer(d, heads, 12, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, images):
+        b, c, h, w = images.shape
+        p = self.patch
+        if self.conv:
+            x = self.proj(images).flatten(2).transpose(1, 2)
+        else:
+            x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+            x = self.proj(x)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+class NormResidualMLP(nn.Module):
+    """``Flatten``, then residual blocks behind a LayerNorm or an (eval-mode) BatchNorm1d."""
+
+    def __init__(self, d_in: int = 6, d: int = 8, hidden: int = 12, classes: int = 3, batch_norm: bool = False) -> None:
+        super().__init__()
+        norm = nn.BatchNorm1d if batch_norm else nn.LayerNorm
+        self.flatten, self.inp = nn.Flatten(), nn.Linear(d_in, d)
+        self.norm1, self.fc1, self.fc2 = norm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.norm2, self.fc3, self.fc4 = norm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.inp(self.flatten(x))
+        h = h + self.fc2(F.relu(self.fc1(self.norm1(h))))
+        h = h + self.fc4(F.gelu(self.fc3(self.norm2(h))))
+        return self.head(h)
+
+
+class FusedSwiGLU(nn.Module):
+    """A SwiGLU feed-forward whose gate and value come from one fused ``w12``, split by ``chunk``
+    (or interleaved, ``h[..., ::2]`` / ``h[..., 1::2]``), behind ``nn.RMSNorm``."""
+
+    def __init__(self, d: int = 6, hidden: int = 10, classes: int = 3, interleaved: bool = False) -> None:
+        super().__init__()
+        self.inp, self.norm = nn.Linear(d, d), nn.RMSNorm(d)
+        self.w12 = nn.Linear(d, 2 * hidden, bias=False)
+        self.w3 = nn.Linear(hidden, d, bias=False)
+        self.head = nn.Linear(d, classes)
+        self.interleaved = interleaved
+
+    def forward(self, x):
+        h = self.inp(x)
+        fused = self.w12(self.norm(h))
+        a, b = (fused[..., ::2], fused[..., 1::2]) if self.interleaved else fused.chunk(2, dim=-1)
+        return self.head(h + self.w3(F.silu(a) * b))
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer: a token-mixing MLP over the patch axis, then a channel MLP."""
+
+    def __init__(self, tokens: int = 4, d: int = 8) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.token_mlp = nn.Sequential(nn.Linear(tokens, 6), nn.GELU(), nn.Linear(6, tokens))
+        self.channel_mlp = nn.Sequential(nn.Linear(d, 10), nn.GELU(), nn.Linear(10, d))
+
+    def forward(self, x):
+        x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mlp(self.norm2(x))
+
+
+def logits_of(output):
+    """The logits of a model output: a tensor, the first of a tuple, or ``.logits``."""
+    if isinstance(output, tuple):
+        return output[0]
+    return getattr(output, "logits", output)
+
+
+def assert_group_keeps_function(model, inputs, targets, loss_fn, seed=0, forward_kwargs=None, atol=1e-10):
+    """A sampled element of the inferred group keeps the function and maps the graph to the
+    permuted model's graph, tensor for tensor (to ``atol``); returns ``(nodes moved, graph, perm)``."""
+    import gradgraph
+    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
+    from strategies import assert_same_graph
+
+    kwargs = {"forward_kwargs": forward_kwargs} if forward_kwargs else {}
+    graph = gradgraph.to_graph(model, inputs, targets, loss_fn, **kwargs)
+    perm = random_node_permutation(graph, torch.Generator().manual_seed(seed))
+    permuted_model = permute_model(model, graph, perm)
+    with torch.no_grad():
+        before = logits_of(model(inputs, **(forward_kwargs or {})))
+        after = logits_of(permuted_model(inputs, **(forward_kwargs or {})))
+    torch.testing.assert_close(after, before, atol=atol, rtol=0)
+    converted = gradgraph.to_graph(permuted_model, inputs, targets, loss_fn, **kwargs)
+    assert_same_graph(converted, permute_nodes(graph, perm), atol=atol)
+    return int((perm != torch.arange(graph.num_nodes)).sum()), graph, perm

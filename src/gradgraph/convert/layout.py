@@ -73,7 +73,8 @@ def _final_sets(tracer: _Tracer, roles: Tensor) -> tuple[Tensor, list[tuple[Neur
         start = neuron_set.first
         stop = neuron_set.first + neuron_set.size
         role = roles[start:stop]
-        cuts = [start] + [start + i for i in range(1, neuron_set.size) if role[i] != role[i - 1]] + [stop]
+        cuts = [start] + [start + i for i in range(1, neuron_set.size)
+                          if role[i] != role[i - 1] or start + i in tracer.cuts] + [stop]
         for low, high in zip(cuts, cuts[1:]):
             set_of_node[low:high] = len(pieces)
             pieces.append((neuron_set, low, high, int(roles[low])))

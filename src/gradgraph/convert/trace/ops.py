@@ -96,6 +96,8 @@ _SOFTMAX = _names(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax) | 
 _MASK_FILL = _method("masked_fill") | _names(torch.masked_fill)
 _WHERE = _names(torch.where)
 _MATMUL = _method("__matmul__", "__rmatmul__", "matmul", "mm", "bmm") | _names(torch.matmul, torch.mm, torch.bmm)
+#: ``beta * bias + alpha * (q @ kᵀ)``: attention scores with a constant bias (Bloom's ALiBi)
+_BADDBMM = _names(torch.baddbmm) | _method("baddbmm")
 _LINEAR = _names(F.linear)
 _ADDMM = _names(torch.addmm) | _method("addmm")
 _EMBEDDING = _names(F.embedding)
@@ -103,6 +105,7 @@ _LAYER_NORM = _names(F.layer_norm)
 _RMS_NORM = {"torch.nn.functional.rms_norm", "torch.rms_norm"}
 _BATCH_NORM = _names(F.batch_norm)
 _SDPA = _names(F.scaled_dot_product_attention)
+_CONVOLUTION = _names(torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
 _LOST_TRACK = (
     "its input is not computed from the model input by ops gradgraph follows (a custom autograd.Function, a "
     "tensor made inside forward, or .detach()); register the module that computes it with "

@@ -6,12 +6,28 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
-from gradgraph.convert.trace.meta import _broadcast, _Neurons, _Scores
+from gradgraph.convert.trace.meta import _broadcast, _Neurons, _Param, _Scores, _varies_along
 from gradgraph.convert.trace.ops import (
     _BINARY_ADD, _BINARY_MUL, _IDENTITY_OPS, _MASK_FILL, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
 )
+from gradgraph.convert.trace.rules_data import _Data
 from gradgraph.graph import EdgeKind, NodeKind
+
+_RESHAPES = {"Tensor.view", "Tensor.reshape", "torch.reshape", "Tensor.view_as", "Tensor.reshape_as"}
+
+
+def _grouped(heads: Tensor, head_dim: int) -> bool:
+    """Whether heads ``[H, q | k | v]`` share whole key and value heads: two heads' keys (values)
+    are the same neurons or disjoint ones, and heads with one key head share one value head."""
+    keys, values = heads[:, head_dim:2 * head_dim], heads[:, 2 * head_dim:]
+    for part in (keys, values):
+        rows = torch.unique(part, dim=0)
+        if torch.unique(rows).numel() != rows.numel():  # two different rows share a neuron
+            return False
+    pairs = torch.unique(torch.cat((keys, values), dim=1), dim=0)
+    return pairs.shape[0] == torch.unique(keys, dim=0).shape[0] == torch.unique(values, dim=0).shape[0]
 
 
 class _AttentionRules:
@@ -20,20 +36,74 @@ class _AttentionRules:
     # -------------------------------------------------------------- attention
     def scores_op(self, name: str, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         scores = [meta for _, meta in tracked if isinstance(meta, _Scores)]
-        others = [meta for _, meta in tracked if not isinstance(meta, _Scores)]
+        # a mask computed from the input ids is a constant of the datapoints, like any mask
+        others = [meta for _, meta in tracked if not isinstance(meta, _Scores | _Data)]
         allowed = _UNARY | _BINARY_ADD | _BINARY_MUL | _SOFTMAX | _MASK_FILL | _WHERE | _IDENTITY_OPS | {
             "Tensor.__getitem__"}
         if len(scores) == 1 and not others and (name in allowed or name in _SHAPE_OPS):
             meta = scores[0]
             if name in _SHAPE_OPS and name not in _IDENTITY_OPS and tuple(output.shape[:-2]) != meta.batch_shape:
-                return self.mark_opaque(output, name, "reshapes attention scores", [meta])
+                meta = self.reshape_score_batch(meta, output) if name in _RESHAPES else None
+                if meta is None:
+                    return self.mark_opaque(output, name, "reshapes attention scores", scores)
             if name in _SOFTMAX:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
                 if dim % output.dim() != output.dim() - 1:
                     return self.mark_opaque(output, name, "a softmax of scores over queries", [meta])
+            for value in tree_flatten((args, kwargs))[0]:
+                if isinstance(value, Tensor) and not isinstance(self.meta(value), _Scores):
+                    self.pin_heads_if_distinct(value, meta.query, meta.key, tuple(output.shape))
             self.set_meta(output, meta)
             return None
-        return self.mark_opaque(output, name, "combines attention scores with neuron values", scores + others)
+        return self.mark_opaque(output, name, "combines attention scores with neuron values (a learned bias added "
+                                "to the scores, as T5's relative position bias, is not supported)", scores + others)
+
+    def pin_heads_if_distinct(self, constant: Tensor, query: _Neurons, key: _Neurons, shape: tuple[int, ...]) -> None:
+        """A mask or bias that differs between heads (ALiBi's slopes) keeps them in place."""
+        batch = len(shape) - 2
+        if constant.dim() == 0 or batch <= 0:
+            return
+        try:
+            expanded = torch.broadcast_to(constant.detach().cpu(), shape)
+            query_nodes = torch.broadcast_to(query.nodes, (*shape[:-2], *query.nodes.shape[-2:]))
+        except RuntimeError:
+            expanded, query_nodes = None, None
+        if expanded is not None and not any(
+                _varies_along(query_nodes, axis) and _varies_along(expanded, axis) for axis in range(batch)):
+            return
+        for index in list(query.versions) + list(key.versions):
+            self.sets[index].pinned = True
+
+    def reshape_score_batch(self, meta: _Scores, output: Tensor) -> _Scores | None:
+        """Scores ``[b * H, Tq, Tk]`` viewed as ``[b, H, Tq, Tk]`` (or back): the queries and keys
+        they come from take the same batch shape; ``None`` if the last two axes change."""
+        batch = tuple(output.shape[:-2])
+        if output.dim() < 2 or tuple(output.shape[-2:]) != (meta.query.nodes.shape[-2], meta.key.nodes.shape[-1]):
+            return None
+        parts = []
+        for side in (meta.query, meta.key):
+            if tuple(side.nodes.shape[:-2]) != meta.batch_shape or side.comps is None:
+                return None
+            parts.append(_Neurons(side.nodes.reshape(*batch, *side.nodes.shape[-2:]),
+                                  side.comps.reshape(*batch, *side.comps.shape[-2:]), side.versions))
+        return _Scores(parts[0], parts[1], batch)
+
+    def biased_scores(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        """``baddbmm(bias, q, kᵀ, beta, alpha)``: scores ``q @ kᵀ`` scaled, plus a constant bias."""
+        bound = dict(zip(("input", "batch1", "batch2", "beta", "alpha"), args))
+        bound.update(kwargs)
+        bias = bound["input"]
+        if isinstance(self.meta(bias), _Neurons | _Param | _Scores):
+            raise self.unsupported(name, "a bias of attention scores that depends on parameters (a learned bias "
+                                   "added to the scores is not supported)")
+        query = self.need_neurons(bound["batch1"], name)
+        key = self.need_neurons(bound["batch2"], name)
+        if query is None or key is None:
+            raise self.unsupported(name, "a batched matmul of neurons with a constant; gradgraph reads baddbmm as "
+                                   "attention scores q @ kᵀ plus a bias")
+        if bound.get("beta", 1) != 0:
+            self.pin_heads_if_distinct(bias, query, key, tuple(output.shape))
+        self.set_meta(output, _Scores(query, key, tuple(output.shape[:-2])))
 
     def attend(self, name: str, scores: _Scores, value: Tensor, output: Tensor) -> None:
         value_meta = self.need_neurons(value, name)
@@ -55,6 +125,9 @@ class _AttentionRules:
         if query is None or key is None or value is None:
             raise self.unsupported(name, "attention over constant queries, keys or values")
         key_t = _Neurons(key.nodes.transpose(-2, -1), key.comps.transpose(-2, -1), key.versions)
+        if isinstance(bound.get("attn_mask"), Tensor):
+            self.pin_heads_if_distinct(bound["attn_mask"], query, key_t, tuple(query.nodes.shape[:-1]) + (
+                key.nodes.shape[-2],))
         self.attention_output(name, query, key_t, bound["value"], value, output)
 
     def attention_output(self, name: str, query: _Neurons, key_t: _Neurons, value: Tensor, value_meta: _Neurons,
@@ -88,11 +161,16 @@ class _AttentionRules:
         all_q = heads[:, :head_dim].reshape(-1)
         all_k = heads[:, head_dim:2 * head_dim].reshape(-1)
         all_v = heads[:, 2 * head_dim:].reshape(-1)
-        if len(set(all_q.tolist())) != all_q.numel() or len(set(all_v.tolist())) != all_v.numel() \
-                or len(set(all_k.tolist())) != all_k.numel():
-            raise self.unsupported(name, "heads that share query, key or value neurons (multi-query or grouped "
-                                   "attention)")
+        shared = len(set(all_k.tolist())) != all_k.numel() or len(set(all_v.tolist())) != all_v.numel()
+        if len(set(all_q.tolist())) != all_q.numel() or (shared and not _grouped(heads, head_dim)):
+            raise self.unsupported(name, "heads that share some of their query, key or value neurons but not whole "
+                                   "heads (grouped-query attention repeats whole key/value heads)")
         created = self.new_set(len(heads) * value_dim, NodeKind.ATTENTION, self.path() or name, "attention")
+        if shared:
+            # grouped-query attention: the heads of a group read one key/value head; a head
+            # permutation would have to keep groups together, which the layout does not express
+            for index in [created.index, *query.versions, *key_t.versions, *value_meta.versions]:
+                self.sets[index].pinned = True
         o_rows = created.first + torch.arange(len(heads) * value_dim).reshape(len(heads), value_dim)
         block = []
         for head in range(len(heads)):

@@ -15,6 +15,7 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import (
     _BINARY_ADD, _BINARY_OTHER, _LAYER_NORM, _LOST_TRACK, _PARAMETER_REFUSED, _POOLS, _WHERE,
 )
+from gradgraph.convert.trace.rules_data import _Data
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 
@@ -37,11 +38,13 @@ class _ElementwiseRules:
         self.set_meta(output, new)
         self.observe(output, new)
 
-    def _operand(self, value: Any, name: str) -> Any:
+    def _operand(self, value: Any, name: str, other: Any = None) -> Any:
         if isinstance(value, Tensor):
             meta = self.meta(value)
-            if isinstance(meta, _Raw):
+            if isinstance(meta, _Raw) and value.is_floating_point():
                 return self.need_neurons(value, name)
+            if isinstance(meta, _Data) and isinstance(self.meta(other), _Param):
+                return self.need_neurons(value, name)  # input features cast from integers, scaled by a parameter
             return meta
         return None
 
@@ -50,13 +53,20 @@ class _ElementwiseRules:
         if name in ("Tensor.__rsub__", "Tensor.__radd__", "Tensor.__rmul__", "Tensor.__rtruediv__",
                     "Tensor.__rpow__"):
             left, right = right, left
-        operands = [(left, self._operand(left, name)), (right, self._operand(right, name))]
+        operands = [(left, self._operand(left, name, right)), (right, self._operand(right, name, left))]
         neurons = [(value, meta) for value, meta in operands if isinstance(meta, _Neurons)]
         params = [(value, meta) for value, meta in operands if isinstance(meta, _Param)]
         additive = name in _BINARY_ADD
         if not neurons:
+            other = right if params and params[0][0] is left else left
+            if len(params) == 1 and name in ("Tensor.__add__", "Tensor.__radd__", "Tensor.add", "torch.add") \
+                    and isinstance(other, int | float) and kwargs.get("alpha", 1) == 1:
+                # a scale written 1 + weight (Gemma's RMSNorm): the same gradient as the weight's,
+                # so the op stands for the parameter (its edges carry the weight, not 1 + weight)
+                self.set_meta(output, params[0][1])
+                return None
             raise self.unsupported(name, "arithmetic on parameters inside the forward (other than as a weight, "
-                                   "a bias, a scale or a position embedding)")
+                                   "a bias, a scale, a position embedding or a constant added to a scale)")
         if params:
             if name in _PARAMETER_REFUSED or name in _BINARY_OTHER or kwargs.get("alpha", 1) != 1:
                 raise self.parameter_operand_refused(name, params[0][1])
@@ -76,8 +86,11 @@ class _ElementwiseRules:
             a = self.bind(a_value, a, shape, comps.clone(), output)
         if b.comps is None:
             b = self.bind(b_value, b, shape, comps.clone(), output)
+        broadcast = tuple(a.comps.shape) != tuple(shape) or tuple(b.comps.shape) != tuple(shape)
         a_nodes, b_nodes = _broadcast(a.nodes, shape), _broadcast(b.nodes, shape)
         comps = _broadcast(a.comps, shape)
+        if broadcast:
+            self.check_no_copies(name, (a_nodes, b_nodes), comps)
         if torch.equal(a_nodes, b_nodes) or bool((a_nodes < 0).all()) or bool((b_nodes < 0).all()):
             # the same neurons (x * sigmoid(x)), or neurons and a statistic of them (x - mean)
             base = a if not bool((a_nodes < 0).all()) else b
@@ -129,8 +142,49 @@ class _ElementwiseRules:
             merged.grad_records.append((output, new_nodes, new.comps))
             if not additive:
                 merged.gated = True  # type: ignore[attr-defined]
+                self.split_fused_gate((a_value, a, a_sorted), (b_value, b, b_sorted))
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def split_fused_gate(self, *halves: tuple[Tensor, _Neurons, Tensor]) -> None:
+        """``silu(a) * b`` where ``a, b = w12(x).chunk(2, -1)``: cut the fused set into its halves.
+
+        Both halves are slices of one affine output, each tied neuron for neuron to the gate's
+        product, so the group permutes the two halves' rows of the fused weight by one permutation
+        (the same one as the product). That holds only when the halves are two contiguous runs that
+        make up the whole set (a chunk or split in two): then the layout cuts the set there
+        (``tracer.cuts``) and each piece holds one neuron of every orbit. Interleaved halves
+        (``h[..., ::2]``) are left as they are: no symmetry is claimed for them.
+        """
+        (_, a_meta, _), (_, b_meta, _) = halves
+        if len(a_meta.versions) != 1 or a_meta.versions.keys() != b_meta.versions.keys():
+            return
+        if self.sets[next(iter(a_meta.versions))].created_by != "affine":
+            return
+        runs = []
+        for _, _, nodes in halves:
+            low, high = int(nodes.min()), int(nodes.max()) + 1
+            if high - low != nodes.numel():
+                return
+            runs.append((low, high))
+        (low_a, high_a), (low_b, high_b) = runs
+        neuron_set = self.sets[next(iter(a_meta.versions))]
+        if low_a < high_b and low_b < high_a or (high_a - low_a) + (high_b - low_b) != neuron_set.size:
+            return  # overlapping halves, or a third part used elsewhere: no claim
+        for low, high in runs:
+            self.cuts.update((low, high))
+        for value, meta, _ in halves:  # each half's own value is its act (a's after its activation)
+            self.record_act(value, meta)
+
+    def check_no_copies(self, name: str, nodes: tuple[Tensor, ...], comps: Tensor) -> None:
+        """Refuse values that hold one neuron at one component twice (a broadcast over a new
+        axis): the graph has one value per neuron and component, so copies would lose terms."""
+        ids = torch.stack([*(part.reshape(-1) for part in nodes), comps.reshape(-1)])
+        ids = ids[:, (ids[:-1] >= 0).any(0)]
+        if torch.unique(ids, dim=1).shape[1] != ids.shape[1]:
+            raise self.unsupported(name, "copies values of one position over a new axis (a broadcast or expand of "
+                                   "a [.., 1, ..] axis), so one neuron would hold several values at one datapoint "
+                                   "position; apply the op before adding the axis, or add it with a Linear")
 
     def parameter_operand_refused(self, name: str, param: _Param) -> UnsupportedOperationError:
         """The refusal of a parameter that is no bias or scale of the neurons it meets."""

@@ -24,12 +24,13 @@ from gradgraph.convert.trace.meta import (
     _Raw, _Scores, _TORCH_DIR, TraceAbort, UnsupportedOperationError, _varies_along,
 )
 from gradgraph.convert.trace.ops import (
-    _ACTIVATIONS, _ADDMM, _BATCH_NORM, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
+    _ACTIVATIONS, _ADDMM, _BADDBMM, _BATCH_NORM, _CONVOLUTION, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
     _ELEMENTWISE_FUNCTIONS, _EMBEDDING, _IDENTITY_OPS, _IN_PLACE_HINT, _IN_PLACE_OPERATORS, _JOINS, _LAYER_NORM, _LINEAR, _MASK_FILL,
     _MATMUL, _op_name, _REDUCTIONS, _RMS_NORM, _SDPA, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
 )
 from gradgraph.convert.trace.rules_affine import _AffineRules
 from gradgraph.convert.trace.rules_attention import _AttentionRules
+from gradgraph.convert.trace.rules_data import _Data, _DataRules
 from gradgraph.convert.trace.rules_elementwise import _ElementwiseRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
@@ -42,7 +43,7 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
 
 
-class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMode):
+class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
@@ -54,6 +55,10 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
         self.sets: list[NeuronSet] = []
         self.edges: list[tuple[Tensor, Tensor, EdgeKind, int, Tensor | None, Tensor | None]] = []
         self.ties: list[tuple[Tensor, Tensor]] = []
+        #: id -> tensor: embedding indices, read again when the factors are filled in
+        self.read_indices: dict[int, Tensor] = {}
+        #: nodes where the layout cuts a set into pieces (the two halves of a fused gated unit)
+        self.cuts: set[int] = set()
         self.attention: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
         self.num_nodes = 0
         self.keys: list[int] = []
@@ -198,9 +203,17 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
             return _Neurons(_ids_like(tensor), comps, {})
         width = tensor.shape[-1]
         first_row = element.reshape(-1, width)
-        feature = first_row[0] - first_row[0].min()
-        if per_datapoint % width or not bool((first_row - first_row[:, :1] == feature).all()):
+        if per_datapoint % width or not bool((first_row - first_row[:, :1] == first_row[:1] - first_row[:1, :1]).all()):
             raise self.unsupported(what, "the input's features are not its last axis")
+        feature = first_row[0] - first_row[0].min()
+        position = within // width
+        if not torch.equal(feature.sort().values, torch.arange(width)):
+            # rows gathered from strided places (image patches cut by reshape/permute): a feature is
+            # its place in the row, a position the rank of the row among the datapoint's rows
+            feature = torch.argsort(torch.argsort(feature))
+            row_start = within.reshape(-1, width).min(1).values
+            rank = torch.unique(row_start, return_inverse=True)[1]
+            position = rank[:, None].expand(-1, width).reshape(within.shape)
         if self.input_set is None:
             self.input_set = self.new_set(width, NodeKind.INPUT, "input", "input")
             self.input_set.pinned = True
@@ -208,7 +221,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
             raise self.unsupported(what, f"the input is read with {width} features here but "
                                    f"{self.input_set.size} elsewhere")
         nodes = self.input_set.first + _broadcast(feature, tensor.shape).clone()
-        comps = self._assign_comps(element, datapoint, within // width)
+        comps = self._assign_comps(element, datapoint, position)
         if tensor.requires_grad:
             self.input_set.grad_records.append((tensor, nodes, comps))
         return _Neurons(nodes, comps, {self.input_set.index: 0})
@@ -234,6 +247,9 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
                 flat, _ = tree_flatten((args, kwargs))
                 if any(isinstance(self.meta(value), _Neurons | _Raw) for value in flat if isinstance(value, Tensor)):
                     raise self.unsupported(name, _IN_PLACE_HINT)
+                if args and isinstance(args[0], Tensor) and self.read_indices.get(id(args[0])) is args[0]:
+                    raise self.unsupported(name, "changes in place the indices an embedding already read (the "
+                                           "factors read them after the forward); change a copy (.clone())")
             output = func(*args, **kwargs)
             self.op_index = self.log.step(name, args, kwargs, output)
             flat, _ = tree_flatten((args, kwargs))
@@ -252,6 +268,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
 
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         metas = [meta for _, meta in tracked]
+        if all(self.is_data(value, meta) for value, meta in tracked) and name not in _EMBEDDING:
+            return self.data_op(name, func, args, kwargs, output, tracked)
         if name in _ELEMENTWISE_FUNCTIONS:
             return self.unary(args[0], output, name, _ELEMENTWISE_FUNCTIONS[name])
         if any(isinstance(meta, _Opaque) for meta in metas):
@@ -274,6 +292,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
         if name in _MATMUL:
             left, right = (args[1], args[0]) if name == "Tensor.__rmatmul__" else (args[0], args[1])
             return self.matmul(name, left, right, output)
+        if name in _BADDBMM:
+            return self.biased_scores(name, args, kwargs, output)
         if name in _EMBEDDING:
             indices = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
@@ -287,6 +307,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
             return self.embedding(name, indices, weight, output, options.get("padding_idx"))
         if name in _SDPA:
             return self.sdpa(name, args, kwargs, output)
+        if name in _CONVOLUTION:
+            return self.patch_convolution(name, args, kwargs, output)
         if name in _LAYER_NORM or name in _RMS_NORM:
             return self.norm(name, args, kwargs, output)
         if name in _BATCH_NORM:
@@ -346,6 +368,13 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
         meta = self.meta(value)
         if meta is None or isinstance(meta, _Neurons):
             return meta
+        if isinstance(meta, _Data):
+            if meta.element is None or not value.is_floating_point():
+                return None  # a constant of the datapoints (a mask, position ids)
+            # the integer input cast to float and read as features (uint8 pixels / 255)
+            neurons = self.neurons_from_raw(value, _Raw(meta.element), what)
+            self.set_meta(value, neurons)
+            return neurons
         if isinstance(meta, _Raw):
             neurons = self.neurons_from_raw(value, meta, what)
             self.set_meta(value, neurons)
@@ -364,6 +393,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
 
     # -------------------------------------------------------------- shape ops
     def shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
+        # data (h[range(b), lengths - 1], a mask's index) indexes: it is no value of the result
+        tracked = [(value, meta) for value, meta in tracked if not isinstance(meta, _Data)]
         metas = [meta for _, meta in tracked]
         kinds = {type(meta) for meta in metas}
         if kinds == {_Param}:
@@ -390,13 +421,14 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
         bound = all(meta.comps is not None for meta in metas)
         comps = self.replay_ids(func, args, kwargs, lambda meta: meta.comps) if bound else None
         versions: dict[int, int] = {}
+        mixed: set[int] = set()
         for meta in metas:
             for index, version in meta.versions.items():
                 if versions.get(index, version) != version:
-                    raise self.unsupported(name, "joins two versions of the same neurons along their features (as "
-                                           "rotary position embeddings' rotate_half does); rotary embeddings are not "
-                                           "supported")
+                    mixed.add(index)
                 versions[index] = version
+        if mixed:
+            versions.update(self.join_versions(name, metas, mixed))
         index_meta = None
         if any(meta.unbound_index is not None for meta in metas):
             index_meta = self.replay_ids(func, args, kwargs, lambda meta: meta.unbound_index)
@@ -410,11 +442,34 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
                 self.set_meta(value, meta)
                 self.observe(value, meta)
 
-    def replay_ids(self, func: Any, args: tuple, kwargs: dict, pick: Callable[[Any], Tensor | None]) -> Any:
+    def join_versions(self, name: str, metas: list, mixed: set[int]) -> dict[int, int]:
+        """A new version of sets joined from parts at different versions (``rotate_half``:
+        ``cat((-x2, x1))``): allowed where each neuron is in one part only, since then every
+        neuron's new value is a function of its own; two copies of a neuron are refused."""
+        if name not in _CONCATENATIONS:
+            raise self.unsupported(name, "joins two versions of the same neurons")
+        for index in mixed:
+            first, stop = self.sets[index].first, self.sets[index].first + self.sets[index].size
+            seen: set[int] = set()
+            for meta in metas:
+                if index not in meta.versions:
+                    continue
+                nodes = meta.nodes[(meta.nodes >= first) & (meta.nodes < stop)]
+                part = set(torch.unique(nodes).tolist())
+                if part & seen:
+                    raise self.unsupported(name, "joins two versions of the same neurons along their features, one "
+                                           "neuron in two parts; gradgraph has one value per neuron")
+                seen |= part
+        return self.next_version({index: 0 for index in mixed})
+
+    def replay_ids(self, func: Any, args: tuple, kwargs: dict, pick: Callable[[Any], Tensor | None], *,
+                   data: bool = False) -> Any:
+        """``func`` applied to the ids ``pick`` takes from each tracked argument; data arguments
+        keep their values (they index) unless ``data`` asks for their element ids."""
         def substitute(value: Any) -> Any:
             if isinstance(value, Tensor):
                 meta = self.meta(value)
-                if meta is not None:
+                if meta is not None and (data or not isinstance(meta, _Data)):
                     ids = pick(meta)
                     if ids is None:
                         return _ids_like(value)
@@ -430,9 +485,9 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, TorchFunctionMod
             return func(*new_args, **new_kwargs)
 
     def replay(self, func: Any, args: tuple, kwargs: dict, output: Any, make: Callable[[Tensor], Any],
-               pick: Callable[[Any], Tensor]) -> None:
-        """Apply a shape op to a parameter's positions or the raw input's element ids."""
-        result = self.replay_ids(func, args, kwargs, pick)
+               pick: Callable[[Any], Tensor], *, data: bool = False) -> None:
+        """Apply a shape op to a parameter's positions or the raw input's (or data's) element ids."""
+        result = self.replay_ids(func, args, kwargs, pick, data=data)
         outputs = output if isinstance(output, tuple | list) else [output]
         results = result if isinstance(result, tuple | list) else [result]
         for value, ids in zip(outputs, results):

@@ -1,0 +1,125 @@
+"""Trace rules for data computed from integer inputs: position ids, token types, attention masks.
+
+``input_ids.ne(pad).int().cumsum(1) * mask + pad`` (RoBERTa's position ids),
+``torch.zeros_like(input_ids)`` (token types), ``(1.0 - mask) * finfo.min`` (an additive
+attention mask): tensors computed from a model's integer input by ops without parameters hold
+no neurons. Every datapoint's such values are constants of that datapoint, so the trace treats
+them as constants wherever they meet neurons (a mask added to attention scores, a padding mask
+multiplying hidden states) and as indices of the datapoint's positions where an embedding
+reads them (a cached plan reads them again on every call). Cast to float and read by an
+affine map, a norm or a parameter scale (``pixels.float() / 255``), the input's elements are
+input features as before. What it still refuses: such data mixed across datapoints (a
+reduction or cumulative sum over the batch axis) and then used by a parameterised op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from gradgraph.convert.trace.meta import _broadcast, _Raw, _varies_along
+from gradgraph.convert.trace.ops import _IDENTITY_OPS, _SHAPE_OPS
+
+#: ops with a ``dim`` that combine the elements along it (the first argument's axis)
+_ALONG_AXIS = {f"{prefix}.{name}" for prefix in ("Tensor", "torch") for name in (
+    "sum", "mean", "prod", "amax", "amin", "max", "min", "any", "all", "cumsum", "cumprod", "cummax", "cummin",
+    "logcumsumexp", "argmax", "argmin", "count_nonzero", "sort", "argsort", "flip", "roll", "diff")}
+
+
+@dataclass
+class _Data:
+    """A tensor computed from the integer input without parameters: a constant of its datapoints.
+
+    ``element`` is the flat input element each value stands at (full shape, int64) when the
+    ops that made it kept the input's elements one to one (elementwise ops, casts, shape ops);
+    ``None`` otherwise (a reduction over positions). An embedding reads it to give each index
+    its datapoint's component.
+    """
+
+    element: Tensor | None
+
+
+def _injective(element: Tensor) -> bool:
+    """Whether no input element appears twice (a broadcast copies elements)."""
+    flat = element.reshape(-1)
+    return bool((flat >= 0).all()) and torch.unique(flat).numel() == flat.numel()
+
+
+class _DataRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: ops on data made from the input."""
+
+    def is_data(self, value: Tensor, meta: Any) -> bool:
+        """A constant of the datapoints: derived data, or the integer input itself."""
+        return isinstance(meta, _Data) or (isinstance(meta, _Raw) and not self.input_tensor.is_floating_point())
+
+    def data_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
+        """An op on data only: its outputs are data, with input elements followed where they stay one to one."""
+        metas = [meta for _, meta in tracked]
+        outputs = [value for value in tree_flatten(output)[0] if isinstance(value, Tensor)]
+        indexed_by_data = name == "Tensor.__getitem__" and any(value is not args[0] for value, _ in tracked)
+        if (name in _SHAPE_OPS or name in _IDENTITY_OPS or name == "Tensor.__getitem__") and not indexed_by_data:
+            raw = all(isinstance(meta, _Raw) for meta in metas)
+            if raw and all(not value.is_floating_point() for value in outputs):
+                return self.replay(func, args, kwargs, output, _Raw, self._element, data=True)
+            if all(self._element(meta) is not None for meta in metas):
+                return self.replay(func, args, kwargs, output, _Data, self._element, data=True)
+        if name in _SHAPE_OPS or name == "Tensor.__getitem__":
+            for value in outputs:
+                self.set_meta(value, _Data(None))
+            return None
+        first = args[0] if args else None
+        first_meta = self.meta(first) if isinstance(first, Tensor) else None
+        if name in _ALONG_AXIS and first_meta is not None and self._mixes_datapoints(first, first_meta, args, kwargs):
+            return self.mark_opaque(output, name, "combines data of different datapoints (an op along the batch "
+                                    "axis), so a datapoint's values depend on the others", [])
+        for value in outputs:
+            self.set_meta(value, _Data(self._elementwise(value, metas)))
+        return None
+
+    def _element(self, meta: Any) -> Tensor | None:
+        return meta.element
+
+    def _elementwise(self, value: Tensor, metas: list) -> Tensor | None:
+        """The element map of an op's output that has the shape of an operand it was computed from."""
+        for meta in metas:
+            element = meta.element
+            if element is None or element.dim() > value.dim():
+                continue
+            try:
+                broadcast = _broadcast(element, value.shape)
+            except RuntimeError:
+                continue
+            if tuple(element.shape) == tuple(value.shape):
+                return element
+            if _injective(broadcast):  # only a size-1 axis was added
+                return broadcast.clone()
+        return None
+
+    def _mixes_datapoints(self, value: Tensor, meta: Any, args: tuple, kwargs: dict) -> bool:
+        """An op along an axis over which the datapoint changes, or along every axis."""
+        element = meta.element
+        if element is None or value.dim() == 0:
+            return False
+        dim = kwargs.get("dim", kwargs.get("dims", args[1] if len(args) > 1 else None))
+        if isinstance(dim, bool) or not isinstance(dim, int | tuple | list | None):
+            return False
+        datapoint = self._datapoint_of(element)[0]
+        if dim is None:
+            return any(_varies_along(datapoint, axis) for axis in range(value.dim()))
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        return any(_varies_along(datapoint, axis % value.dim()) for axis in dims)
+
+    def data_index_comps(self, indices: Tensor, meta: Any) -> Tensor | None:
+        """Components of an embedding's data indices, one per index, or ``None`` if unknown."""
+        element = meta.element
+        if element is None or not _injective(element):
+            return None
+        datapoint, within, _ = self._datapoint_of(element)
+        if self.input_comps is None:
+            self.input_nodes = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
+            self.input_comps = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
+        return self._assign_comps(element, datapoint, within)
