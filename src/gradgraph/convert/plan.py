@@ -9,10 +9,12 @@ from a plan, the model's values and fresh factors.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph, consecutive_span
 
+if TYPE_CHECKING:
+    from gradgraph.convert.chain import ChainCapture
+
 def _signature(value: Any) -> Any:
     if isinstance(value, Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device.type)
@@ -36,13 +41,24 @@ def _signature(value: Any) -> Any:
     return repr(value)
 
 
-def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any]) -> tuple:
-    """What a plan depends on besides the op fingerprints a replay checks."""
+def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any], parameters: Mapping[str, Tensor],
+              modules: list[nn.Module]) -> tuple:
+    """What a plan depends on besides the op fingerprints a replay checks.
+
+    ``parameters`` and ``modules`` are ``dict(model.named_parameters())`` and
+    ``list(model.modules())``, read once per conversion.
+
+    Not the floating dtype of the parameters or the input: a plan holds only the layout and
+    where the factors come from, so a float32 and a float64 model of one architecture share it
+    (and its structure tensors). A forward whose ops depend on the dtype still differs in its
+    fingerprints (a cast, a ``finfo`` constant) and is traced again.
+    """
     return (
         type(model),
-        tuple((name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad) for name, p in model.named_parameters()),
-        tuple(type(module).__name__ for module in model.modules()),
-        _signature(inputs),
+        tuple((name, tuple(p.shape), p.is_floating_point(), p.device.type, p.requires_grad)
+              for name, p in parameters.items()),
+        tuple(type(module).__name__ for module in modules),
+        ("tensor", tuple(inputs.shape), inputs.is_floating_point(), inputs.device.type),
         _signature(kwargs),
         model.training,
         tuple(_ELEMENTWISE_MODULES),
@@ -55,19 +71,27 @@ class PlanCache:
 
     A replay checks every op of the forward against the plan's fingerprints (name, arguments
     by producer, output shapes) and traces afresh if anything differs, so a cached plan is
-    only ever used for the computation it describes.
+    only ever used for the computation it describes. Graphs share a plan's structure tensors,
+    read-only; a plan one of whose tensors was written in place (:meth:`TracePlan.intact`) is
+    dropped on its next lookup. Bounded in entries and in the bytes of the plans' structure; a
+    plan larger than the byte budget is used once and not kept.
     """
 
-    def __init__(self, max_entries: int = 8) -> None:
+    def __init__(self, max_entries: int = 8, max_bytes: int = 256 * 2**20) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, TracePlan] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, key: tuple) -> TracePlan | None:
+        """The plan stored under ``key`` (the most recently used from now on), or ``None``."""
         with self._lock:
             plan = self._entries.get(key)
+            if plan is not None and not plan.intact():
+                del self._entries[key]  # a caller wrote into a shared structure tensor
+                plan = None
             if plan is None:
                 self.misses += 1
                 return None
@@ -76,15 +100,28 @@ class PlanCache:
             return plan
 
     def put(self, key: tuple, plan: TracePlan) -> None:
+        """Keep ``plan`` under ``key``, dropping the least recently used plans beyond the bounds."""
         with self._lock:
+            self._entries.pop(key, None)
+            if plan.nbytes > self.max_bytes:
+                return
             self._entries[key] = plan
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
+            while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
                 self._entries.popitem(last=False)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the structure tensors the cached plans hold."""
+        return sum(plan.nbytes for plan in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def clear(self) -> None:
+        """Drop every plan and reset the counts (graphs already returned keep their tensors)."""
         with self._lock:
             self._entries.clear()
+            self.hits = self.misses = 0
 
 
 #: The traced converter's plans, keyed by architecture, input shape and call arguments.
@@ -148,7 +185,18 @@ class TracePlan:
     num_keys: int
     set_names: list[tuple[int, int, str]]  # (first node, size, origin) for messages
 
+    #: records the plan's tensors by calling a plain chain's leaves (None: the general replay)
+    chain: ChainCapture | None = None
     _derived: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        tensors = tuple(self.structure.values())
+        self._versions = tuple((tensor, tensor._version) for tensor in tensors)
+        self.nbytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    def intact(self) -> bool:
+        """``False`` if a structure tensor (shared by the graphs) was written in place since the trace."""
+        return all(tensor._version == version for tensor, version in self._versions)
 
     def structure_on(self, device: torch.device) -> dict[str, Tensor]:
         """The shared structure tensors on ``device`` (moved once per device, then reused)."""
@@ -157,12 +205,23 @@ class TracePlan:
             self._derived[key] = {name: value.to(device) for name, value in self.structure.items()}
         return self._derived[key]
 
-    def component_sample(self, num_datapoints: int, device: torch.device) -> Tensor:
-        """``[b * K]``: the datapoint of every component."""
-        key = ("component_sample", num_datapoints, str(device))
+    def template_on(self, device: torch.device) -> GradGraph:
+        """A graph of only the structure tensors on ``device``; never handed out, only shallow-copied."""
+        key = ("template", str(device))
         if key not in self._derived:
-            self._derived[key] = torch.arange(num_datapoints, device=device).repeat_interleave(self.num_keys)
+            self._derived[key] = GradGraph(**self.structure_on(device))
         return self._derived[key]
+
+    def component_sample(self, num_datapoints: int, device: torch.device) -> Tensor:
+        """``[b * K]``: the datapoint of every component (a fresh tensor: graphs own it)."""
+        samples = torch.arange(num_datapoints, device=device)
+        return samples if self.num_keys == 1 else samples.repeat_interleave(self.num_keys)
+
+    @property
+    def sources(self) -> list[tuple]:
+        """Where every tensor the plan reads comes from: the records' sources, and
+        ``("onehot", op)`` per one-hot record (an embedding's indices)."""
+        return [record.source for record in self.act + self.grad] + [("onehot", record.op) for record in self.onehot]
 
     @property
     def wanted(self) -> set[int]:
@@ -226,7 +285,7 @@ def _resolve(source: tuple, x: Tensor, captured: dict[int, tuple[tuple, dict, An
         return x
     args, kwargs, output = captured[source[1]]
     if source[0] == "out":
-        return tree_flatten(output)[0][source[2]]
+        return output if isinstance(output, Tensor) and source[2] == 0 else tree_flatten(output)[0][source[2]]
     recipe = source[2]
     with torch.no_grad():
         value = args[0].detach()
@@ -251,9 +310,11 @@ def _unwritten_rows(num_nodes: int, records: list[_Record]) -> list[tuple[int, i
     return list(zip(starts, stops))
 
 
-def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: nn.Module, num_datapoints: int,
-          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass."""
+def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, parameters: Mapping[str, Tensor],
+          num_datapoints: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass.
+
+    ``parameters``: the model's ``named_parameters()`` as a mapping."""
     num_components = num_datapoints * plan.num_keys
     # rows that a block record writes whole need no zeros first (most of a transformer's rows)
     act = torch.empty(plan.num_nodes * num_components, dtype=dtype, device=device)
@@ -269,10 +330,16 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: 
         grad_tensors.setdefault(record.source, _resolve(record.source, x, captured))
     tensors = list(grad_tensors.values())
     # the parameters ride along in the same backward pass, so a parameter that reaches the loss
-    # through ops the trace did not follow is caught instead of silently missing
-    known = set(plan.param_names)
-    others = [(name, param) for name, param in model.named_parameters() if param.requires_grad and name not in known]
-    results = torch.autograd.grad(objective.sum(), tensors + [param for _, param in others], allow_unused=True)
+    # through ops the trace did not follow is caught instead of silently missing (which
+    # parameters those are follows from the plan's key: the names of those that require grad)
+    if "others" not in plan._derived:
+        known = set(plan.param_names)
+        plan._derived["others"] = [name for name, param in parameters.items()
+                                   if param.requires_grad and name not in known]
+    others = [(name, parameters[name]) for name in plan._derived["others"]]
+    with torch.enable_grad():  # the caller may be in no_grad; the sum must stay differentiable
+        total = objective.sum()
+    results = torch.autograd.grad(total, tensors + [param for _, param in others], allow_unused=True)
     for (name, _), result in zip(others, results[len(tensors):]):
         if result is not None:
             raise UnsupportedOperationError(
@@ -319,10 +386,12 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: 
             columns = columns[(rows != record.padding).to(device)]
             rows = rows[rows != record.padding]
         act[(record.first + rows).to(device), columns] = 1
+    # one sum over all factors: a NaN or Inf anywhere makes it non-finite; only then look set by set
     if not bool(torch.isfinite(act.sum() + grad.sum())):
         for first, size, origin in plan.set_names:
-            check_finite(f"activation of the neurons of '{origin}'", act[first:first + size])
-            check_finite(f"backpropagated signal of the neurons of '{origin}'", grad[first:first + size])
+            where = "input" if origin == "input" else f"'{origin}' output"
+            check_finite(f"activation of the {where} neurons", act[first:first + size])
+            check_finite(f"backpropagated signal of the {where} neurons", grad[first:first + size])
     return act, grad
 
 
@@ -350,26 +419,36 @@ def _slot_copy(name: str, rows: Tensor, places: Tensor) -> _SlotCopy:
     return _SlotCopy(name, _as_slice(rows), _as_slice(places))
 
 
-def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_datapoints: int) -> GradGraph:
-    """A GradGraph from a plan's shared structure, the model's values and fresh factors."""
+def _assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, grad: Tensor,
+              num_datapoints: int) -> GradGraph:
+    """A GradGraph from a plan's shared structure, the model's values (``parameters``: its
+    ``named_parameters()`` as a mapping) and fresh factors.
+
+    The graph is a shallow copy of the plan's template (as PyG's transforms copy ``Data``):
+    it shares the read-only structure tensors and gets its own ``x``, ``edge_attr``, factors,
+    ``component_sample`` and lists.
+    """
     device, dtype = act.device, act.dtype
-    named = dict(model.named_parameters())
-    flat = {name: named[name].detach().reshape(-1) for name in plan.param_names}
-    edge_attr = torch.ones(plan.num_edges, dtype=dtype, device=device)
-    for slot in plan.weights:
-        slot.write(edge_attr, flat[slot.name])
+    if "unweighted" not in plan._derived:  # edges no parameter writes (relations): weight 1
+        covered = torch.zeros(plan.num_edges, dtype=torch.bool)
+        for slot in plan.weights:
+            covered[slot.rows] = True
+        plan._derived["unweighted"] = None if bool(covered.all()) else torch.nonzero(~covered).flatten()
+    unweighted = plan._derived["unweighted"]
+    edge_attr = torch.empty(plan.num_edges, dtype=dtype, device=device)
+    if unweighted is not None:
+        edge_attr[unweighted.to(device)] = 1
     bias = torch.zeros(plan.num_nodes, dtype=dtype, device=device)
-    for slot in plan.biases:
-        slot.write(bias, flat[slot.name])
-    structure = plan.structure_on(device)
-    return GradGraph(
-        x=bias[:, None],
-        edge_attr=edge_attr[:, None],
-        act=act,
-        grad=grad,
-        **structure,
-        component_sample=plan.component_sample(num_datapoints, device),
-        num_datapoints=num_datapoints,
-        param_names=list(plan.param_names),
-        param_shapes=[list(shape) for shape in plan.param_shapes],
-    )
+    for slots, target in ((plan.weights, edge_attr), (plan.biases, bias)):
+        for slot in slots:
+            slot.write(target, parameters[slot.name].detach().reshape(-1))
+    graph = copy.copy(plan.template_on(device))
+    graph.x = bias[:, None]
+    graph.edge_attr = edge_attr[:, None]
+    graph.act = act
+    graph.grad = grad
+    graph.component_sample = plan.component_sample(num_datapoints, device)
+    graph.num_datapoints = num_datapoints
+    graph.param_names = list(plan.param_names)
+    graph.param_shapes = [list(shape) for shape in plan.param_shapes]
+    return graph

@@ -31,6 +31,8 @@ class _ModuleTracker:
         self.replay = replay
         self.handles: list[Any] = []
         self.patched: list[nn.Module] = []
+        #: ``(module path, (op, position) of the op that produced its output)`` per module call
+        self.module_outputs: list[tuple[str, Any]] = []
 
     def __enter__(self) -> "_ModuleTracker":
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -41,10 +43,16 @@ class _ModuleTracker:
             self.tracer.module_stack.append(paths.get(id(module), type(module).__name__))
             self.tracer.module_types.append(type(module).__name__)
 
+        module_outputs = self.module_outputs
+
         def post(module: nn.Module, args: Any, output: Any) -> None:
             if self.tracer.module_stack:
                 self.tracer.module_stack.pop()
                 self.tracer.module_types.pop()
+            # which op's output each module call returned: lets a plan of a plain chain record
+            # its tensors by calling the leaves (gradgraph.convert.chain)
+            module_outputs.append((paths.get(id(module), ""), self.tracer.log.source(output)
+                                   if isinstance(output, Tensor) else None))
 
         # a replay raises nothing that names a module, so it skips the per-call hooks
         self.handles = [] if self.replay else [register_module_forward_pre_hook(pre),
@@ -119,14 +127,18 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     """Run ``forward(x)`` under the tracer; returns ``(tracer, output, x)``.
 
     ``x`` is the input as the model saw it (a leaf that requires grad for float inputs);
-    ``inputs.shape[datapoint_dim]`` counts the datapoints.
+    ``inputs.shape[datapoint_dim]`` counts the datapoints. ``tracer.module_outputs`` lists
+    ``(module path, (op, position))`` per module call, in the order the calls returned: the op
+    whose output the module returned.
     """
     check_materialised(model, "convert_traced")
     tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     tracer.bind_input(x)
-    with torch.enable_grad(), _ModuleTracker(tracer), tracer:
+    tracker = _ModuleTracker(tracer)
+    with torch.enable_grad(), tracker, tracer:
         output = _run_forward(model, forward, x)
+    tracer.module_outputs = tracker.module_outputs  # read by the plan (gradgraph.convert.chain)
     return tracer, output, x
 
 
