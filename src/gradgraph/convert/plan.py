@@ -310,21 +310,68 @@ def _unwritten_rows(num_nodes: int, records: list[_Record]) -> list[tuple[int, i
     return list(zip(starts, stops))
 
 
+def _tiles(records: list[_Record], num_nodes: int) -> bool:
+    """Whether ``records`` are blocks that write rows ``0 .. N`` in order, each once (an MLP chain)."""
+    row = 0
+    for record in records:
+        if record.block is None or record.block[0] != row:
+            return False
+        row += record.block[1]
+    return row == num_nodes
+
+
+def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_components: int, dtype: torch.dtype,
+            device: torch.device) -> Tensor:
+    """``act`` or ``grad`` ``[N, B]`` from the recorded values of ``plan.act`` / ``plan.grad``
+    (``None``: no gradient reached the tensor, its elements are 0)."""
+    records = plan.act if which == "act" else plan.grad
+    if ("tiles", which) not in plan._derived:
+        plan._derived[("tiles", which)] = _tiles(records, plan.num_nodes)
+        plan._derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
+    with torch.no_grad():
+        if plan._derived[("tiles", which)]:
+            # [B, width] blocks -> [N, B]: one cat of the transposed views writes the result
+            # contiguous in a single pass, as many ops as blocks
+            pieces = []
+            for value, record in zip(values, records):
+                width = record.block[1]
+                if value is None:
+                    pieces.append(torch.zeros(width, num_components, dtype=dtype, device=device))
+                    continue
+                if tuple(value.shape) != record.shape:
+                    value = value.expand(record.shape)
+                pieces.append(value.reshape(num_components, width).T)
+            return torch.cat(pieces).to(device=device, dtype=dtype)
+        # rows that a block record writes whole need no zeros first (most of a transformer's rows)
+        target = torch.empty(plan.num_nodes * num_components, dtype=dtype, device=device)
+        rows = target.view(plan.num_nodes, num_components)
+        for start, stop in plan._derived[("unwritten", which)]:
+            rows[start:stop].zero_()
+        for value, record in zip(values, records):
+            if value is None:
+                if record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
+                    first, width = record.block
+                    rows[first:first + width].zero_()
+                continue
+            if tuple(value.shape) != record.shape:
+                value = value.expand(record.shape)
+            if record.block is not None:
+                first, width = record.block
+                rows[first:first + width].copy_(value.reshape(num_components, width).T)
+                continue
+            value = value.reshape(-1)
+            if record.keep is not None:
+                value = value[record.keep.to(value.device)]
+            target[record.linear.to(device)] = value.to(dtype)
+        return rows
+
+
 def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, parameters: Mapping[str, Tensor],
           num_datapoints: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass.
 
     ``parameters``: the model's ``named_parameters()`` as a mapping."""
     num_components = num_datapoints * plan.num_keys
-    # rows that a block record writes whole need no zeros first (most of a transformer's rows)
-    act = torch.empty(plan.num_nodes * num_components, dtype=dtype, device=device)
-    grad = torch.empty_like(act)
-    for which, target, records in (("act", act, plan.act), ("grad", grad, plan.grad)):
-        if ("unwritten", which) not in plan._derived:
-            plan._derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
-        rows = target.view(plan.num_nodes, num_components)
-        for start, stop in plan._derived[("unwritten", which)]:
-            rows[start:stop].zero_()
     grad_tensors: dict[tuple, Tensor] = {}
     for record in plan.grad:
         grad_tensors.setdefault(record.source, _resolve(record.source, x, captured))
@@ -348,32 +395,10 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, paramet
                 "autograd.Function, a tensor made inside forward, or an op without a rule); register the module "
                 "with gradgraph.convert.register_elementwise or gradgraph.register_converter")
     gradient_of = dict(zip(grad_tensors, results))
-
-    def scatter(target: Tensor, values: Tensor, record: _Record) -> None:
-        values = values.detach()
-        if tuple(values.shape) != record.shape:
-            values = values.expand(record.shape)
-        if record.block is not None:
-            first, width = record.block
-            rows = target.view(plan.num_nodes, num_components)[first:first + width]
-            rows.copy_(values.reshape(num_components, width).T)
-            return
-        values = values.reshape(-1)
-        if record.keep is not None:
-            values = values[record.keep.to(values.device)]
-        target[record.linear.to(device)] = values.to(dtype)
-
-    for record in plan.act:
-        scatter(act, _resolve(record.source, x, captured), record)
-    for record in plan.grad:
-        result = gradient_of.get(record.source)
-        if result is not None:
-            scatter(grad, result, record)
-        elif record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
-            first, width = record.block
-            grad.view(plan.num_nodes, num_components)[first:first + width].zero_()
-    act = act.view(plan.num_nodes, num_components)
-    grad = grad.view(plan.num_nodes, num_components)
+    act = _factor(plan, "act", [_resolve(record.source, x, captured) for record in plan.act], num_components, dtype,
+                  device)
+    grad = _factor(plan, "grad", [gradient_of.get(record.source) for record in plan.grad], num_components, dtype,
+                   device)
     for record in plan.onehot:
         if record.op is None:
             rows = record.rows
@@ -419,6 +444,16 @@ def _slot_copy(name: str, rows: Tensor, places: Tensor) -> _SlotCopy:
     return _SlotCopy(name, _as_slice(rows), _as_slice(places))
 
 
+def _slots_tile(slots: list[_SlotCopy], num_rows: int) -> bool:
+    """Whether ``slots`` write rows ``0 .. num_rows`` in order from consecutive parameter entries."""
+    row = 0
+    for slot in slots:
+        if not isinstance(slot.rows, slice) or not isinstance(slot.places, slice) or slot.rows.start != row:
+            return False
+        row = slot.rows.stop
+    return row == num_rows
+
+
 def _assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, grad: Tensor,
               num_datapoints: int) -> GradGraph:
     """A GradGraph from a plan's shared structure, the model's values (``parameters``: its
@@ -429,19 +464,26 @@ def _assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, gr
     ``component_sample`` and lists.
     """
     device, dtype = act.device, act.dtype
-    if "unweighted" not in plan._derived:  # edges no parameter writes (relations): weight 1
+    if "unweighted" not in plan._derived:
         covered = torch.zeros(plan.num_edges, dtype=torch.bool)
         for slot in plan.weights:
             covered[slot.rows] = True
+        # edges no parameter writes (relations) have weight 1
         plan._derived["unweighted"] = None if bool(covered.all()) else torch.nonzero(~covered).flatten()
-    unweighted = plan._derived["unweighted"]
-    edge_attr = torch.empty(plan.num_edges, dtype=dtype, device=device)
-    if unweighted is not None:
-        edge_attr[unweighted.to(device)] = 1
-    bias = torch.zeros(plan.num_nodes, dtype=dtype, device=device)
-    for slots, target in ((plan.weights, edge_attr), (plan.biases, bias)):
-        for slot in slots:
-            slot.write(target, parameters[slot.name].detach().reshape(-1))
+        plan._derived["weights_tile"] = _slots_tile(plan.weights, plan.num_edges)
+    with torch.no_grad():
+        if plan._derived["weights_tile"]:  # every edge a weight entry, weight after weight (MLP chains)
+            edge_attr = torch.cat([parameters[slot.name].reshape(-1)[slot.places] for slot in plan.weights])
+            edge_attr = edge_attr.to(device=device, dtype=dtype)
+        else:
+            edge_attr = torch.empty(plan.num_edges, dtype=dtype, device=device)
+            if plan._derived["unweighted"] is not None:
+                edge_attr[plan._derived["unweighted"].to(device)] = 1
+            for slot in plan.weights:
+                slot.write(edge_attr, parameters[slot.name].reshape(-1))
+        bias = torch.zeros(plan.num_nodes, dtype=dtype, device=device)
+        for slot in plan.biases:
+            slot.write(bias, parameters[slot.name].reshape(-1))
     graph = copy.copy(plan.template_on(device))
     graph.x = bias[:, None]
     graph.edge_attr = edge_attr[:, None]
