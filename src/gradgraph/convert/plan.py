@@ -338,10 +338,12 @@ def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_compon
                 if value is None:
                     pieces.append(torch.zeros(width, num_components, dtype=dtype, device=device))
                     continue
-                if tuple(value.shape) != record.shape:
-                    value = value.expand(record.shape)
-                pieces.append(value.reshape(num_components, width).T)
-            return torch.cat(pieces).to(device=device, dtype=dtype)
+                if value.shape != (num_components, width):
+                    value = (value if tuple(value.shape) == record.shape else value.expand(record.shape))
+                    value = value.reshape(num_components, width)
+                pieces.append(value.T)
+            result = torch.cat(pieces)
+            return result if result.dtype == dtype and result.device == device else result.to(device, dtype)
         # rows that a block record writes whole need no zeros first (most of a transformer's rows)
         target = torch.empty(plan.num_nodes * num_components, dtype=dtype, device=device)
         rows = target.view(plan.num_nodes, num_components)
@@ -474,7 +476,8 @@ def _assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, gr
     with torch.no_grad():
         if plan._derived["weights_tile"]:  # every edge a weight entry, weight after weight (MLP chains)
             edge_attr = torch.cat([parameters[slot.name].reshape(-1)[slot.places] for slot in plan.weights])
-            edge_attr = edge_attr.to(device=device, dtype=dtype)
+            if edge_attr.dtype != dtype or edge_attr.device != device:
+                edge_attr = edge_attr.to(device, dtype)
         else:
             edge_attr = torch.empty(plan.num_edges, dtype=dtype, device=device)
             if plan._derived["unweighted"] is not None:
@@ -485,12 +488,10 @@ def _assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, gr
         for slot in plan.biases:
             slot.write(bias, parameters[slot.name].reshape(-1))
     graph = copy.copy(plan.template_on(device))
-    graph.x = bias[:, None]
-    graph.edge_attr = edge_attr[:, None]
-    graph.act = act
-    graph.grad = grad
-    graph.component_sample = plan.component_sample(num_datapoints, device)
-    graph.num_datapoints = num_datapoints
-    graph.param_names = list(plan.param_names)
-    graph.param_shapes = [list(shape) for shape in plan.param_shapes]
+    # what setting the fields one by one does, without PyG's per-key dispatch (a third of a small
+    # model's assembly): a fresh shallow copy holds no attribute caches to invalidate
+    graph._store._mapping.update(
+        x=bias[:, None], edge_attr=edge_attr[:, None], act=act, grad=grad,
+        component_sample=plan.component_sample(num_datapoints, device), num_datapoints=num_datapoints,
+        param_names=list(plan.param_names), param_shapes=[list(shape) for shape in plan.param_shapes])
     return graph
