@@ -245,14 +245,17 @@ def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_k
             num_components: int) -> _Record:
     keep = (nodes >= 0) & (comps >= 0)
     all_kept = bool(keep.all())
-    linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
     source = _source(tracer, tensor)
     width = int(nodes.shape[-1]) if nodes.dim() else 1
     if all_kept and nodes.numel() == num_components * width and width > 0:
-        first = int(nodes.reshape(-1)[0])
-        block = (first + torch.arange(width))[None, :] * num_components + torch.arange(num_components)[:, None]
-        if torch.equal(linear, block.reshape(-1)):
+        # a block: read as [B, width], element (c, w) is neuron first + w at component c
+        rows = nodes.reshape(num_components, width)
+        first = int(rows[0, 0])
+        columns = _component_index(comps.reshape(num_components, width), num_keys)
+        if torch.equal(rows, (first + torch.arange(width)).expand(num_components, width)) and torch.equal(
+                columns, torch.arange(num_components)[:, None].expand(num_components, width)):
             return _Record(source, tuple(nodes.shape), None, None, (first, width))
+    linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
     return _Record(source, tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
 
 
