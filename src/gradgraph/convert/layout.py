@@ -91,22 +91,28 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
 
     # ---- edges
     sources, targets, kinds, params, positions = [], [], [], [], []
-    weights: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+    weights: dict[int, tuple[list[tuple[int, int]], list[Tensor]]] = {}
     edge_count = 0
     for src, dst, kind, param, pos, _ in tracer.edges:
         sources.append(src)
         targets.append(dst)
-        kinds.append(torch.full((len(src),), int(kind), dtype=torch.long))
-        params.append(torch.full((len(src),), param, dtype=torch.long))
+        kinds.append(int(kind))
+        params.append(param)
         positions.append(pos if pos is not None else torch.full((len(src),), -1, dtype=torch.long))
         if param >= 0:
             rows, places = weights.setdefault(param, ([], []))
-            rows.append(torch.arange(edge_count, edge_count + len(src)))
+            rows.append((edge_count, edge_count + len(src)))
             places.append(pos)
         edge_count += len(src)
-    edge_index = torch.stack((torch.cat(sources), torch.cat(targets))) if sources else torch.empty(2, 0,
-                                                                                                   dtype=torch.long)
-    edge_kind = torch.cat(kinds) if kinds else torch.empty(0, dtype=torch.long)
+    # per-group labels expanded in one op each, and the edge index written in place: the O(E)
+    # work of a first conversion is a few copies
+    group_sizes = torch.tensor([len(src) for src in sources], dtype=torch.long)
+    edge_index = torch.empty(2, edge_count, dtype=torch.long)
+    if sources:
+        torch.cat(sources, out=edge_index[0])
+        torch.cat(targets, out=edge_index[1])
+    edge_kind = torch.tensor(kinds, dtype=torch.long).repeat_interleave(group_sizes)
+    edge_param = torch.tensor(params, dtype=torch.long).repeat_interleave(group_sizes)
 
     # ---- node labels
     node_param = torch.full((num_nodes,), -1, dtype=torch.long)
@@ -214,7 +220,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
 
     structure = {
         "edge_index": edge_index,
-        "layer": _depths(edge_index, edge_kind, set_of_node, len(pieces)),
+        "layer": _depths(tracer.edges, set_of_node, len(pieces)),
         "node_kind": node_kind,
         "edge_kind": edge_kind,
         "activation": activation,
@@ -224,7 +230,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         "position": position,
         "node_param": node_param,
         "node_param_pos": node_param_pos,
-        "edge_param": torch.cat(params) if params else torch.empty(0, dtype=torch.long),
+        "edge_param": edge_param,
         "edge_param_pos": torch.cat(positions) if positions else torch.empty(0, dtype=torch.long),
     }
     return TracePlan(
@@ -233,7 +239,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         grad=grads,
         onehot=onehots,
         structure=structure,
-        weights=[_slot_copy(tracer.param_names[param], torch.cat(rows), torch.cat(places))
+        weights=[_slot_copy(tracer.param_names[param], _edge_rows(rows), torch.cat(places))
                  for param, (rows, places) in weights.items()],
         biases=[_slot_copy(name, rows, places) for name, rows, places in biases],
         param_names=list(tracer.param_names),
@@ -300,23 +306,33 @@ def _is_function(nodes: Tensor, index: Tensor) -> bool:
 _SAME_DEPTH_EDGES = (int(EdgeKind.QUERY_KEY), int(EdgeKind.GATE))
 
 
-def _depths(edge_index: Tensor, edge_kind: Tensor, set_of_node: Tensor, num_sets: int) -> Tensor:
+def _edge_rows(ranges: list[tuple[int, int]]) -> Tensor | slice:
+    """The edge rows of one parameter's call sites: a slice for one site (no O(E) index)."""
+    if len(ranges) == 1:
+        return slice(*ranges[0])
+    return torch.cat([torch.arange(start, stop) for start, stop in ranges])
+
+
+def _depths(edges: list[tuple], set_of_node: Tensor, num_sets: int) -> Tensor:
     """``[N]`` depth of every node: the longest path from an input over the edges, by neuron set.
 
     The MLP chain's layer index and the stock attention layout's depth (query, key and value
     one step after the stream they read, merged heads one after them) are both this number.
+    ``edges``: the trace's edge groups ``(src, dst, kind, ...)``.
     """
-    keep = ~torch.isin(edge_kind, torch.tensor(_SAME_DEPTH_EDGES))
-    # distinct (source set, target set) pairs, as one integer each: unique(dim=1) over the O(P)
-    # edges sorts columns and cost 200 ms of a 100k-parameter MLP's first conversion
-    ends = set_of_node[edge_index[:, keep]]
-    codes = ends[0] * num_sets + ends[1]
-    if num_sets * num_sets <= 4 * codes.numel():  # a table of all pairs is cheaper than sorting the edges
-        present = torch.zeros(num_sets * num_sets, dtype=torch.bool)
-        present[codes] = True
-        codes = torch.nonzero(present).flatten()
-    else:
-        codes = torch.unique(codes)
+    codes_of_groups = []
+    for src, dst, kind, *_ in edges:
+        if int(kind) in _SAME_DEPTH_EDGES or not len(src):
+            continue
+        # sets are consecutive node ranges in node order, so a group whose lowest and highest
+        # source (and target) fall in one set relates one pair of sets: no O(edges) gather
+        ends = [int(set_of_node[int(nodes.min())]) for nodes in (src, dst)] + [
+            int(set_of_node[int(nodes.max())]) for nodes in (src, dst)]
+        if ends[0] == ends[2] and ends[1] == ends[3]:
+            codes_of_groups.append(torch.tensor([ends[0] * num_sets + ends[1]]))
+        else:
+            codes_of_groups.append(torch.unique(set_of_node[src] * num_sets + set_of_node[dst]))
+    codes = torch.unique(torch.cat(codes_of_groups)) if codes_of_groups else torch.empty(0, dtype=torch.long)
     pairs = torch.stack((codes // num_sets, codes % num_sets))
     pairs = pairs[:, pairs[0] != pairs[1]]
     depth = torch.zeros(num_sets, dtype=torch.long)

@@ -445,8 +445,8 @@ def _as_slice(index: Tensor) -> slice | Tensor:
     return index if span is None else span
 
 
-def _slot_copy(name: str, rows: Tensor, places: Tensor) -> _SlotCopy:
-    return _SlotCopy(name, _as_slice(rows), _as_slice(places))
+def _slot_copy(name: str, rows: Tensor | slice, places: Tensor) -> _SlotCopy:
+    return _SlotCopy(name, rows if isinstance(rows, slice) else _as_slice(rows), _as_slice(places))
 
 
 def _slots_tile(slots: list[_SlotCopy], num_rows: int) -> bool:

@@ -230,6 +230,10 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
         plan.chain = chain_capture(run.chain, run.tracer.module_outputs, plan.sources, plan.wanted)
     device = run.x.device if run.tracer is None else run.tracer.params[0].device
     act, grad = _fill(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints, run.dtype, device)
+    # the recorded activations are no longer needed: freeing them before the O(P) edge values
+    # are allocated lowers the conversion's peak memory (the dict is their only holder)
+    run.captured.clear()
+    run.tracer = None  # after a trace: its id tensors and the values it kept
     if run.plan is None:
         PLAN_CACHE.put(run.key, plan)
     return _assemble(plan, scan.parameters, act, grad, run.num_datapoints)
