@@ -184,3 +184,19 @@ def test_a_closure_on_a_chain_is_captured_once_and_gives_the_graph_of_to_graph(c
     assert_same_graph(graph, first, atol=0)
     assert_same_graph(graph, gradgraph.to_graph(model, inputs, targets, cross_entropy), atol=0)
     torch.testing.assert_close(losses, cross_entropy(model(inputs), targets), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_chain_capture_on_cuda_equals_cpu(chain_runs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(DTYPE)
+    inputs, targets = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,))
+    on_cpu = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    model, inputs, targets = model.cuda(), inputs.cuda(), targets.cuda()
+    for _ in range(2):  # a trace, then the chain capture of its plan
+        on_cuda = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+        for key in on_cpu.keys():
+            if isinstance(on_cuda[key], torch.Tensor):
+                assert on_cuda[key].device.type == "cuda", key
+                torch.testing.assert_close(on_cuda[key].cpu(), on_cpu[key], atol=1e-12, rtol=0, msg=key)
+    assert len(chain_runs) == 1
