@@ -200,3 +200,16 @@ def test_the_chain_capture_on_cuda_equals_cpu(chain_runs):
                 assert on_cuda[key].device.type == "cuda", key
                 torch.testing.assert_close(on_cuda[key].cpu(), on_cpu[key], atol=1e-12, rtol=0, msg=key)
     assert len(chain_runs) == 1
+
+
+@pytest.mark.parametrize("activation", sorted(chain_module.ACTIVATION_MODULES, key=lambda cls: cls.__name__))
+def test_every_chain_activation_keeps_its_mlp_label(activation, chain_runs):
+    # the MLP layout labels a hidden layer by its activation module (SIREN's Sine is SINE, whose
+    # oddness the sign-flip symmetry needs), on the trace and on the chain capture alike
+    model = nn.Sequential(nn.Linear(3, 4), activation(), nn.Linear(4, 2)).to(DTYPE)
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    for _ in range(2):
+        graph = gradgraph.to_graph(model, inputs, loss_fn=lambda output, _: output.pow(2).sum(1))
+        assert graph.activation[3:7].tolist() == [int(chain_module.ACTIVATION_MODULES[activation])] * 4
+        assert graph.activation[:3].eq(0).all() and graph.activation[7:].eq(0).all()
+    assert len(chain_runs) == 1

@@ -30,6 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
+from gradgraph.convert.trace.ops import register_elementwise
 from gradgraph.graph import ActivationKind
 from gradgraph.modules import Sine
 
@@ -46,6 +47,10 @@ ACTIVATION_MODULES: dict[type[nn.Module], ActivationKind] = {
     nn.Sigmoid: ActivationKind.SIGMOID,
     Sine: ActivationKind.SINE,
 }
+
+# gradgraph's own activation is one elementwise op labelled SINE for the trace, as the MLP layout
+# has always labelled it (its forward, sin(w0 * u), would otherwise read as two ops: OTHER)
+register_elementwise(Sine, ActivationKind.SINE)
 
 #: Leaf types of a plain chain: each stock forward is one op (or none) on the chain's tensor,
 #: so what a chain computes follows from its leaves' types and settings.
