@@ -10,9 +10,10 @@ of:
   gradient plus the graph, O(b·N + P) numbers; the architecture-only part of the graph
   comes from the converter's cache (built on the warm-up calls).
 * ``to_graph, cold`` — the same with that cache emptied before every call: the cost of
-  converting a model of an architecture not seen before.
-* ``traced converter`` — the same conversion through the traced converter (its cached
-  plan replayed), which gives the same graph: the price of the chain fast path's absence.
+  converting a model of an architecture not seen before (a trace of the forward).
+* ``per-op replay`` — ``to_graph`` with the cached plan's chain capture refused, so the plan
+  is replayed op by op under the trace's fingerprint check, as for every model that is not a
+  plain ``nn.Sequential`` chain; same graph, tensor for tensor: what the chain capture saves.
 * ``capture only`` — :func:`gradgraph.capture`, the factors without the graph: the part
   of ``to_graph`` that the floor bounds.
 * ``torch.func``— per-sample gradients with ``vmap(grad(functional_call))``, O(b·P).
@@ -111,9 +112,9 @@ def to_graph_method(setup: Setup) -> Callable[[], Any]:
 def to_graph_cold_method(setup: Setup) -> Callable[[], Any]:
     """:func:`gradgraph.to_graph` with an empty architecture cache, as on the first call.
 
-    ``to_graph`` builds the architecture-only tensors of an MLP (edge_index, slot maps,
-    labels) once per architecture and reuses them; this row pays for building them on
-    every call, i.e. the cost of converting a model whose architecture is new.
+    ``to_graph`` traces the forward once per architecture and reuses the plan (the layout,
+    edge_index, slot maps, labels); this row pays for the trace and the plan on every call,
+    i.e. the cost of converting a model whose architecture is new.
     """
     model, inputs, targets = setup.model, setup.inputs, setup.targets
 
@@ -124,13 +125,22 @@ def to_graph_cold_method(setup: Setup) -> Callable[[], Any]:
     return run
 
 
-def traced_method(setup: Setup) -> Callable[[], Any]:
-    """:func:`gradgraph.convert.convert_traced` (cached plan): the traced converter on the same
-    chain, which ``to_graph`` hands every model but plain chains; same graph, tensor for tensor."""
-    from gradgraph.convert import convert_traced
+def replay_method(setup: Setup) -> Callable[[], Any]:
+    """:func:`gradgraph.to_graph` with the chain capture of the cached plan refused: the plan is
+    replayed op by op (the path of every model that is not a plain chain); same graph."""
+    from gradgraph.convert.chain import ChainCapture
 
     model, inputs, targets = setup.model, setup.inputs, setup.targets
-    return lambda: convert_traced(model, inputs, targets=targets, loss_fn=per_datapoint_cross_entropy)
+
+    def run() -> Any:
+        applies = ChainCapture.applies
+        ChainCapture.applies = lambda self, chain: False  # type: ignore[method-assign]
+        try:
+            return gradgraph.to_graph(model, inputs, targets, per_datapoint_cross_entropy)
+        finally:
+            ChainCapture.applies = applies  # type: ignore[method-assign]
+
+    return run
 
 
 def capture_method(setup: Setup) -> Callable[[], Any]:
@@ -221,7 +231,7 @@ def benchmark(size: str, batch_size: int, rounds: int, min_seconds: float) -> li
         "floor": floor_method(setup),
         "to_graph": to_graph_method(setup),
         "to_graph, cold": to_graph_cold_method(setup),
-        "traced converter": traced_method(setup),
+        "per-op replay": replay_method(setup),
         "capture only": capture_method(setup),
         "torch.func": torch_func_method(setup),
     }

@@ -283,6 +283,17 @@ class Net(nn.Module):
         return self.block(self.inp(x)).sum(1)
 
 
+def test_an_unsupported_stock_module_in_a_sequential_names_its_own_forward():
+    # no user code runs between nn.Sequential and the convolution: the line that called
+    # to_graph is not where the op is, the module's forward is
+    model = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 1, 1)).to(DTYPE)
+    with pytest.raises(UnsupportedOperationError) as info:
+        gradgraph.to_graph(model, torch.randn(3, 4, dtype=DTYPE))
+    assert info.value.location.startswith("conv.py:") and info.value.location.endswith(" in Conv1d.forward")
+    assert str(info.value).startswith(info.value.location + " (module '2' of type Conv1d)")
+    assert info.value.path == "2"
+
+
 def test_an_unsupported_op_is_named_with_its_source_line_and_module():
     with pytest.raises(UnsupportedOperationError) as info:
         gradgraph.to_graph(Net().to(DTYPE), torch.randn(3, 4, dtype=DTYPE))

@@ -1,5 +1,6 @@
-"""The MLP converter's cache of architecture-only tensors: hits equal fresh builds,
-signatures never collide, and graphs never share a tensor that holds values."""
+"""The cache of architecture-only tensors as MLP chains use it (the traced converter's plans):
+hits equal fresh builds, architectures never collide, and graphs never share a tensor that
+holds values."""
 
 from __future__ import annotations
 
@@ -12,11 +13,30 @@ from torch import nn
 import gradgraph
 from gradgraph import ActivationKind
 from gradgraph.convert import mlp
-from gradgraph.convert.mlp import SHARED_FIELDS, MlpStructure, StructureCache, build_mlp_graph, mlp_signature
+from gradgraph.convert.layout import _make_plan
+from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _assemble
+from gradgraph.convert.trace import trace_model
 from gradgraph.symmetry import permute_nodes, random_node_factors, random_node_permutation, transform_nodes
 
+#: Fields that depend only on the architecture: every graph of one architecture shares them.
+SHARED_FIELDS = (
+    "edge_index", "edge_kind", "edge_param", "edge_param_pos", "layer", "node_kind", "activation", "perm_group",
+    "perm_block", "perm_tie", "position", "node_param", "node_param_pos",
+)
 #: Per-call fields: every graph must own these.
 VALUE_FIELDS = ("x", "edge_attr", "act", "grad", "component_sample")
+
+
+def cached_plan() -> TracePlan:
+    """The one plan in the cache."""
+    assert len(PLAN_CACHE) == 1
+    return next(iter(PLAN_CACHE._entries.values()))
+
+
+def plan_built_afresh(model: nn.Module, inputs: torch.Tensor) -> TracePlan:
+    """A plan traced from scratch, bypassing the cache."""
+    tracer, output, _ = trace_model(model, inputs, model)
+    return _make_plan(tracer, output, inputs.shape[0])
 
 
 def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -74,19 +94,18 @@ def test_cache_hit_gives_the_graph_of_a_cache_less_build(spec):
     model = build_mlp(widths, activations, biases, seed=seed)
     first = convert(model, seed)  # miss: builds the structure
     second = convert(model, seed)  # hit: reuses it
-    assert (mlp.STRUCTURE_CACHE.misses, mlp.STRUCTURE_CACHE.hits) == (1, 1)
+    assert (PLAN_CACHE.misses, PLAN_CACHE.hits) == (1, 1)
     assert_graphs_equal(first, second)
 
     # a structure built from scratch, bypassing the cache, gives the same graph
-    layers = mlp.mlp_layers(model)
-    fresh = MlpStructure(mlp_signature(layers))
-    uncached = build_mlp_graph(model, layers, second.act, second.grad, structure=fresh)
+    fresh = plan_built_afresh(model, second.act[: widths[0]].T.contiguous())
+    uncached = _assemble(fresh, dict(model.named_parameters()), second.act, second.grad, second.num_datapoints)
     assert_graphs_equal(second, uncached)
 
     # another model of the same architecture hits the cache and still gets its own values
     other = build_mlp(widths, activations, biases, seed=seed + 1)
     third = convert(other, seed)
-    assert mlp.STRUCTURE_CACHE.hits == 2
+    assert PLAN_CACHE.hits == 2
     for name, value in third.to_parameters(third.weight, third.bias).items():
         torch.testing.assert_close(value, dict(other.named_parameters())[name].detach(), rtol=0, atol=0)
 
@@ -102,8 +121,8 @@ def test_signatures_separate_widths_biases_and_activations_and_share_dtypes():
     graphs = {name: convert(model) for name, model in variants.items()}
     # the cached tensors hold only integer labels, so a float32 model of the base
     # architecture reuses the float64 model's structure
-    assert mlp.STRUCTURE_CACHE.misses == len(variants) - 1 and mlp.STRUCTURE_CACHE.hits == 1
-    assert len({mlp_signature(mlp.mlp_layers(model)) for model in variants.values()}) == len(variants) - 1
+    assert PLAN_CACHE.misses == len(variants) - 1 and PLAN_CACHE.hits == 1
+    assert len(PLAN_CACHE) == len(variants) - 1
     assert graphs["dtype"].edge_index is graphs["base"].edge_index
 
     # each graph carries its own architecture, not a neighbour's
@@ -167,37 +186,39 @@ def test_an_in_place_write_into_shared_structure_does_not_poison_later_conversio
     damaged.edge_index[0, 0] = 4  # misuse: the field is documented read-only
     damaged.perm_group.fill_(-1)
     again = convert(model)
-    assert mlp.STRUCTURE_CACHE.misses == 2  # the damaged entry was noticed and rebuilt
+    assert PLAN_CACHE.misses == 2  # the damaged entry was noticed and rebuilt
     assert_matches_snapshot(again, reference)
     assert again.edge_index is not damaged.edge_index
 
 
 def test_cache_is_bounded_and_least_recently_used_goes_first():
-    cache = StructureCache(max_entries=2, max_bytes=10**9)
-    a = ((3, 4, True, 0), (4, 2, True, 0))
-    b = ((3, 4, True, 0),)
-    c = ((5, 2, False, 1),)
-    structure_a = cache.get(a)
-    cache.get(b)
-    assert cache.get(a) is structure_a  # a is now the most recently used
-    cache.get(c)  # evicts b
-    assert len(cache) == 2 and cache.get(a) is structure_a
+    plans = {}
+    for name, widths in (("a", [3, 4, 2]), ("b", [3, 4]), ("c", [5, 2]), ("big", [30, 30])):
+        model = build_mlp(widths, ["relu"] * (len(widths) - 1), [True] * (len(widths) - 1))
+        plans[name] = plan_built_afresh(model, torch.randn(2, widths[0], dtype=torch.float64))
+    cache = PlanCache(max_entries=2, max_bytes=10**9)
+    cache.put("a", plans["a"])
+    cache.put("b", plans["b"])
+    assert cache.get("a") is plans["a"]  # a is now the most recently used
+    cache.put("c", plans["c"])  # evicts b
+    assert len(cache) == 2 and cache.get("a") is plans["a"]
     misses = cache.misses
-    cache.get(b)
+    assert cache.get("b") is None
     assert cache.misses == misses + 1
 
-    small = StructureCache(max_entries=8, max_bytes=1000)
-    big = ((30, 30, True, 0),)
-    assert small.get(big) is not small.get(big)  # larger than the budget: built, not kept
+    small = PlanCache(max_entries=8, max_bytes=1000)
+    assert plans["big"].nbytes > 1000
+    small.put("big", plans["big"])  # larger than the budget: used once, not kept
+    assert small.get("big") is None
     assert len(small) == 0 and small.nbytes == 0
 
 
 def test_template_graph_is_never_handed_out_or_changed():
     model = build_mlp([3, 4, 2], ["relu", "none"], [True, True])
     graph = convert(model)
-    structure = mlp.STRUCTURE_CACHE.get(mlp_signature(mlp.mlp_layers(model)))
-    assert graph is not structure.template
-    assert sorted(structure.template.keys()) == sorted(SHARED_FIELDS)
+    template = cached_plan().template_on(torch.device("cpu"))
+    assert graph is not template
+    assert sorted(template.keys()) == sorted(SHARED_FIELDS)
     graph.x = torch.zeros(1)
     graph.new_field = torch.ones(2)
-    assert sorted(structure.template.keys()) == sorted(SHARED_FIELDS)
+    assert sorted(template.keys()) == sorted(SHARED_FIELDS)

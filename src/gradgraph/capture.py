@@ -154,7 +154,7 @@ def check_finite(name: str, tensor: Tensor) -> None:
 
 def check_materialised(model: nn.Module, caller: str) -> None:
     """Raise unless ``model``'s parameters hold values (none on the ``meta`` device)."""
-    if any(p.device.type == "meta" for p in model.parameters()):
+    if any(p.is_meta for p in model.parameters()):
         raise GradGraphError(
             f"{caller}: {type(model).__name__} has parameters on the 'meta' device (shapes without values); "
             "materialise and load its weights first (model.to_empty(device=...) + load_state_dict)"

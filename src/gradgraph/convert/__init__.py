@@ -10,7 +10,7 @@ from gradgraph.convert.registry import (
 )
 from gradgraph.convert.trace import UnsupportedOperationError, register_elementwise
 from gradgraph.convert.traced import convert_traced, convert_traced_closure
-from gradgraph.convert.mlp import (  # registers the MLP converter
+from gradgraph.convert.mlp import (
     DenseLayer,
     clear_structure_cache,
     convert_mlp,
@@ -24,7 +24,7 @@ from gradgraph.convert.attention import (
     transformer_structure,
 )
 
-# asked last: reads any forward the MLP chain fast path does not handle
+# asked last: reads any forward no registered converter matches (MLP chains included)
 _set_fallback(convert_traced, convert_traced_closure)
 
 __all__ = [

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradgraph.capture import LossFn
-from gradgraph.convert.mlp import ACTIVATION_MODULES
+from gradgraph.convert.chain import ACTIVATION_MODULES
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, GradGraph
 
@@ -167,7 +167,7 @@ def _check_layer(path: str, layer: nn.TransformerEncoderLayer) -> EncoderLayerPa
         where, what = _join(path, "activation"), getattr(activation, "__name__", repr(activation))
     if kind is None:
         raise UnsupportedModuleError(where, what, "no elementwise activation rule for it (use relu, gelu or a module "
-                                                  "of gradgraph.convert.mlp.ACTIVATION_MODULES)")
+                                                  "of gradgraph.convert.chain.ACTIVATION_MODULES)")
     return EncoderLayerParts(path, layer, kind)
 
 

@@ -73,8 +73,9 @@ def _final_sets(tracer: _Tracer, roles: Tensor) -> tuple[Tensor, list[tuple[Neur
         start = neuron_set.first
         stop = neuron_set.first + neuron_set.size
         role = roles[start:stop]
-        cuts = [start] + [start + i for i in range(1, neuron_set.size)
-                          if role[i] != role[i - 1] or start + i in tracer.cuts] + [stop]
+        changes = (torch.nonzero(role[1:] != role[:-1]).flatten() + 1 + start).tolist()
+        # tracer.cuts: where a fused output is split into parts that must not share a set (w12.chunk)
+        cuts = sorted({start, stop, *changes, *(cut for cut in tracer.cuts if start < cut < stop)})
         for low, high in zip(cuts, cuts[1:]):
             set_of_node[low:high] = len(pieces)
             pieces.append((neuron_set, low, high, int(roles[low])))
@@ -91,22 +92,28 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
 
     # ---- edges
     sources, targets, kinds, params, positions = [], [], [], [], []
-    weights: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+    weights: dict[int, tuple[list[tuple[int, int]], list[Tensor]]] = {}
     edge_count = 0
     for src, dst, kind, param, pos, _ in tracer.edges:
         sources.append(src)
         targets.append(dst)
-        kinds.append(torch.full((len(src),), int(kind), dtype=torch.long))
-        params.append(torch.full((len(src),), param, dtype=torch.long))
+        kinds.append(int(kind))
+        params.append(param)
         positions.append(pos if pos is not None else torch.full((len(src),), -1, dtype=torch.long))
         if param >= 0:
             rows, places = weights.setdefault(param, ([], []))
-            rows.append(torch.arange(edge_count, edge_count + len(src)))
+            rows.append((edge_count, edge_count + len(src)))
             places.append(pos)
         edge_count += len(src)
-    edge_index = torch.stack((torch.cat(sources), torch.cat(targets))) if sources else torch.empty(2, 0,
-                                                                                                   dtype=torch.long)
-    edge_kind = torch.cat(kinds) if kinds else torch.empty(0, dtype=torch.long)
+    # per-group labels expanded in one op each, and the edge index written in place: the O(E)
+    # work of a first conversion is a few copies
+    group_sizes = torch.tensor([len(src) for src in sources], dtype=torch.long)
+    edge_index = torch.empty(2, edge_count, dtype=torch.long)
+    if sources:
+        torch.cat(sources, out=edge_index[0])
+        torch.cat(targets, out=edge_index[1])
+    edge_kind = torch.tensor(kinds, dtype=torch.long).repeat_interleave(group_sizes)
+    edge_param = torch.tensor(params, dtype=torch.long).repeat_interleave(group_sizes)
 
     # ---- node labels
     node_param = torch.full((num_nodes,), -1, dtype=torch.long)
@@ -171,7 +178,9 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         node_kind[low:high] = int(kind)
 
     # affine edges named by what they feed, as the stock attention layout names them
-    if len(edge_kind):
+    renamed = (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTENTION, NodeKind.FFN_HIDDEN)
+    if len(edge_kind) and bool(torch.isin(node_kind, torch.tensor([int(kind) for kind in renamed])).any()):
+        # O(E) masks per label: only for graphs that have such nodes (not MLP chains)
         src_kind, dst_kind = node_kind[edge_index[0]], node_kind[edge_index[1]]
         affine = edge_kind == int(EdgeKind.LINEAR)
         for kinds, side, label in (
@@ -212,7 +221,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
 
     structure = {
         "edge_index": edge_index,
-        "layer": _depths(edge_index, edge_kind, set_of_node, len(pieces)),
+        "layer": _depths(tracer.edges, set_of_node, len(pieces)),
         "node_kind": node_kind,
         "edge_kind": edge_kind,
         "activation": activation,
@@ -222,7 +231,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         "position": position,
         "node_param": node_param,
         "node_param_pos": node_param_pos,
-        "edge_param": torch.cat(params) if params else torch.empty(0, dtype=torch.long),
+        "edge_param": edge_param,
         "edge_param_pos": torch.cat(positions) if positions else torch.empty(0, dtype=torch.long),
     }
     return TracePlan(
@@ -231,7 +240,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         grad=grads,
         onehot=onehots,
         structure=structure,
-        weights=[_slot_copy(tracer.param_names[param], torch.cat(rows), torch.cat(places))
+        weights=[_slot_copy(tracer.param_names[param], _edge_rows(rows), torch.cat(places))
                  for param, (rows, places) in weights.items()],
         biases=[_slot_copy(name, rows, places) for name, rows, places in biases],
         param_names=list(tracer.param_names),
@@ -298,14 +307,34 @@ def _is_function(nodes: Tensor, index: Tensor) -> bool:
 _SAME_DEPTH_EDGES = (int(EdgeKind.QUERY_KEY), int(EdgeKind.GATE))
 
 
-def _depths(edge_index: Tensor, edge_kind: Tensor, set_of_node: Tensor, num_sets: int) -> Tensor:
+def _edge_rows(ranges: list[tuple[int, int]]) -> Tensor | slice:
+    """The edge rows of one parameter's call sites: a slice for one site (no O(E) index)."""
+    if len(ranges) == 1:
+        return slice(*ranges[0])
+    return torch.cat([torch.arange(start, stop) for start, stop in ranges])
+
+
+def _depths(edges: list[tuple], set_of_node: Tensor, num_sets: int) -> Tensor:
     """``[N]`` depth of every node: the longest path from an input over the edges, by neuron set.
 
     The MLP chain's layer index and the stock attention layout's depth (query, key and value
     one step after the stream they read, merged heads one after them) are both this number.
+    ``edges``: the trace's edge groups ``(src, dst, kind, ...)``.
     """
-    keep = ~torch.isin(edge_kind, torch.tensor(_SAME_DEPTH_EDGES))
-    pairs = torch.unique(set_of_node[edge_index[:, keep]], dim=1)
+    codes_of_groups = []
+    for src, dst, kind, *_ in edges:
+        if int(kind) in _SAME_DEPTH_EDGES or not len(src):
+            continue
+        # sets are consecutive node ranges in node order, so a group whose lowest and highest
+        # source (and target) fall in one set relates one pair of sets: no O(edges) gather
+        ends = [int(set_of_node[int(nodes.min())]) for nodes in (src, dst)] + [
+            int(set_of_node[int(nodes.max())]) for nodes in (src, dst)]
+        if ends[0] == ends[2] and ends[1] == ends[3]:
+            codes_of_groups.append(torch.tensor([ends[0] * num_sets + ends[1]]))
+        else:
+            codes_of_groups.append(torch.unique(set_of_node[src] * num_sets + set_of_node[dst]))
+    codes = torch.unique(torch.cat(codes_of_groups)) if codes_of_groups else torch.empty(0, dtype=torch.long)
+    pairs = torch.stack((codes // num_sets, codes % num_sets))
     pairs = pairs[:, pairs[0] != pairs[1]]
     depth = torch.zeros(num_sets, dtype=torch.long)
     for _ in range(num_sets):  # relaxation: at most one round per set on a longest path
@@ -324,8 +353,8 @@ def _flat_ranks(nodes: Tensor, slots: Tensor, set_of_node: Tensor) -> Tensor | N
     counts = torch.bincount(slot_index, minlength=len(unique_slots))
     if not bool((counts == num_sets).all()):
         return None
-    pairs = torch.unique(torch.stack((slot_index, member_sets)), dim=1)
-    if pairs.shape[1] != len(nodes):
+    distinct = torch.unique(slot_index * (int(member_sets.max()) + 1) + member_sets)  # (slot, set) pairs
+    if distinct.numel() != len(nodes):
         return None
     # rank slots by the order of the first member set's nodes, so an untied set keeps its order
     first_set = member_sets.min()

@@ -9,10 +9,12 @@ from a plan, the model's values and fresh factors.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph, consecutive_span
 
+if TYPE_CHECKING:
+    from gradgraph.convert.chain import ChainCapture
+
 def _signature(value: Any) -> Any:
     if isinstance(value, Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device.type)
@@ -36,13 +41,24 @@ def _signature(value: Any) -> Any:
     return repr(value)
 
 
-def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any]) -> tuple:
-    """What a plan depends on besides the op fingerprints a replay checks."""
+def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any], parameters: Mapping[str, Tensor],
+              modules: list[nn.Module]) -> tuple:
+    """What a plan depends on besides the op fingerprints a replay checks.
+
+    ``parameters`` and ``modules`` are ``dict(model.named_parameters())`` and
+    ``list(model.modules())``, read once per conversion.
+
+    Not the floating dtype of the parameters or the input: a plan holds only the layout and
+    where the factors come from, so a float32 and a float64 model of one architecture share it
+    (and its structure tensors). A forward whose ops depend on the dtype still differs in its
+    fingerprints (a cast, a ``finfo`` constant) and is traced again.
+    """
     return (
         type(model),
-        tuple((name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad) for name, p in model.named_parameters()),
-        tuple(type(module).__name__ for module in model.modules()),
-        _signature(inputs),
+        tuple((name, tuple(p.shape), p.is_floating_point(), p.device.type, p.requires_grad)
+              for name, p in parameters.items()),
+        tuple(type(module).__name__ for module in modules),
+        ("tensor", tuple(inputs.shape), inputs.is_floating_point(), inputs.device.type),
         _signature(kwargs),
         model.training,
         tuple(_ELEMENTWISE_MODULES),
@@ -55,19 +71,27 @@ class PlanCache:
 
     A replay checks every op of the forward against the plan's fingerprints (name, arguments
     by producer, output shapes) and traces afresh if anything differs, so a cached plan is
-    only ever used for the computation it describes.
+    only ever used for the computation it describes. Graphs share a plan's structure tensors,
+    read-only; a plan one of whose tensors was written in place (:meth:`TracePlan.intact`) is
+    dropped on its next lookup. Bounded in entries and in the bytes of the plans' structure; a
+    plan larger than the byte budget is used once and not kept.
     """
 
-    def __init__(self, max_entries: int = 8) -> None:
+    def __init__(self, max_entries: int = 8, max_bytes: int = 256 * 2**20) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, TracePlan] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, key: tuple) -> TracePlan | None:
+        """The plan stored under ``key`` (the most recently used from now on), or ``None``."""
         with self._lock:
             plan = self._entries.get(key)
+            if plan is not None and not plan.intact():
+                del self._entries[key]  # a caller wrote into a shared structure tensor
+                plan = None
             if plan is None:
                 self.misses += 1
                 return None
@@ -76,15 +100,28 @@ class PlanCache:
             return plan
 
     def put(self, key: tuple, plan: TracePlan) -> None:
+        """Keep ``plan`` under ``key``, dropping the least recently used plans beyond the bounds."""
         with self._lock:
+            self._entries.pop(key, None)
+            if plan.nbytes > self.max_bytes:
+                return
             self._entries[key] = plan
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
+            while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
                 self._entries.popitem(last=False)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the structure tensors the cached plans hold."""
+        return sum(plan.nbytes for plan in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def clear(self) -> None:
+        """Drop every plan and reset the counts (graphs already returned keep their tensors)."""
         with self._lock:
             self._entries.clear()
+            self.hits = self.misses = 0
 
 
 #: The traced converter's plans, keyed by architecture, input shape and call arguments.
@@ -148,7 +185,18 @@ class TracePlan:
     num_keys: int
     set_names: list[tuple[int, int, str]]  # (first node, size, origin) for messages
 
+    #: records the plan's tensors by calling a plain chain's leaves (None: the general replay)
+    chain: ChainCapture | None = None
     _derived: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        tensors = tuple(self.structure.values())
+        self._versions = tuple((tensor, tensor._version) for tensor in tensors)
+        self.nbytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    def intact(self) -> bool:
+        """``False`` if a structure tensor (shared by the graphs) was written in place since the trace."""
+        return all(tensor._version == version for tensor, version in self._versions)
 
     def structure_on(self, device: torch.device) -> dict[str, Tensor]:
         """The shared structure tensors on ``device`` (moved once per device, then reused)."""
@@ -157,12 +205,23 @@ class TracePlan:
             self._derived[key] = {name: value.to(device) for name, value in self.structure.items()}
         return self._derived[key]
 
-    def component_sample(self, num_datapoints: int, device: torch.device) -> Tensor:
-        """``[b * K]``: the datapoint of every component."""
-        key = ("component_sample", num_datapoints, str(device))
+    def template_on(self, device: torch.device) -> GradGraph:
+        """A graph of only the structure tensors on ``device``; never handed out, only shallow-copied."""
+        key = ("template", str(device))
         if key not in self._derived:
-            self._derived[key] = torch.arange(num_datapoints, device=device).repeat_interleave(self.num_keys)
+            self._derived[key] = GradGraph(**self.structure_on(device))
         return self._derived[key]
+
+    def component_sample(self, num_datapoints: int, device: torch.device) -> Tensor:
+        """``[b * K]``: the datapoint of every component (a fresh tensor: graphs own it)."""
+        samples = torch.arange(num_datapoints, device=device)
+        return samples if self.num_keys == 1 else samples.repeat_interleave(self.num_keys)
+
+    @property
+    def sources(self) -> list[tuple]:
+        """Where every tensor the plan reads comes from: the records' sources, and
+        ``("onehot", op)`` per one-hot record (an embedding's indices)."""
+        return [record.source for record in self.act + self.grad] + [("onehot", record.op) for record in self.onehot]
 
     @property
     def wanted(self) -> set[int]:
@@ -186,14 +245,17 @@ def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_k
             num_components: int) -> _Record:
     keep = (nodes >= 0) & (comps >= 0)
     all_kept = bool(keep.all())
-    linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
     source = _source(tracer, tensor)
     width = int(nodes.shape[-1]) if nodes.dim() else 1
     if all_kept and nodes.numel() == num_components * width and width > 0:
-        first = int(nodes.reshape(-1)[0])
-        block = (first + torch.arange(width))[None, :] * num_components + torch.arange(num_components)[:, None]
-        if torch.equal(linear, block.reshape(-1)):
+        # a block: read as [B, width], element (c, w) is neuron first + w at component c
+        rows = nodes.reshape(num_components, width)
+        first = int(rows[0, 0])
+        columns = _component_index(comps.reshape(num_components, width), num_keys)
+        if torch.equal(rows, (first + torch.arange(width)).expand(num_components, width)) and torch.equal(
+                columns, torch.arange(num_components)[:, None].expand(num_components, width)):
             return _Record(source, tuple(nodes.shape), None, None, (first, width))
+    linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
     return _Record(source, tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
 
 
@@ -226,7 +288,7 @@ def _resolve(source: tuple, x: Tensor, captured: dict[int, tuple[tuple, dict, An
         return x
     args, kwargs, output = captured[source[1]]
     if source[0] == "out":
-        return tree_flatten(output)[0][source[2]]
+        return output if isinstance(output, Tensor) and source[2] == 0 else tree_flatten(output)[0][source[2]]
     recipe = source[2]
     with torch.no_grad():
         value = args[0].detach()
@@ -251,28 +313,85 @@ def _unwritten_rows(num_nodes: int, records: list[_Record]) -> list[tuple[int, i
     return list(zip(starts, stops))
 
 
-def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: nn.Module, num_datapoints: int,
-          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass."""
-    num_components = num_datapoints * plan.num_keys
-    # rows that a block record writes whole need no zeros first (most of a transformer's rows)
-    act = torch.empty(plan.num_nodes * num_components, dtype=dtype, device=device)
-    grad = torch.empty_like(act)
-    for which, target, records in (("act", act, plan.act), ("grad", grad, plan.grad)):
-        if ("unwritten", which) not in plan._derived:
-            plan._derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
+def _tiles(records: list[_Record], num_nodes: int) -> bool:
+    """Whether ``records`` are blocks that write rows ``0 .. N`` in order, each once (an MLP chain)."""
+    row = 0
+    for record in records:
+        if record.block is None or record.block[0] != row:
+            return False
+        row += record.block[1]
+    return row == num_nodes
+
+
+def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_components: int, dtype: torch.dtype,
+            device: torch.device) -> Tensor:
+    """``act`` or ``grad`` ``[N, B]`` from the recorded values of ``plan.act`` / ``plan.grad``
+    (``None``: no gradient reached the tensor, its elements are 0)."""
+    records = plan.act if which == "act" else plan.grad
+    if ("tiles", which) not in plan._derived:
+        plan._derived[("tiles", which)] = _tiles(records, plan.num_nodes)
+        plan._derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
+    with torch.no_grad():
+        if plan._derived[("tiles", which)]:
+            # [B, width] blocks -> [N, B]: one cat of the transposed views writes the result
+            # contiguous in a single pass, as many ops as blocks
+            pieces = []
+            for value, record in zip(values, records):
+                width = record.block[1]
+                if value is None:
+                    pieces.append(torch.zeros(width, num_components, dtype=dtype, device=device))
+                    continue
+                if value.shape != (num_components, width):
+                    value = (value if tuple(value.shape) == record.shape else value.expand(record.shape))
+                    value = value.reshape(num_components, width)
+                pieces.append(value.T)
+            result = torch.cat(pieces)
+            return result if result.dtype == dtype and result.device == device else result.to(device, dtype)
+        # rows that a block record writes whole need no zeros first (most of a transformer's rows)
+        target = torch.empty(plan.num_nodes * num_components, dtype=dtype, device=device)
         rows = target.view(plan.num_nodes, num_components)
         for start, stop in plan._derived[("unwritten", which)]:
             rows[start:stop].zero_()
+        for value, record in zip(values, records):
+            if value is None:
+                if record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
+                    first, width = record.block
+                    rows[first:first + width].zero_()
+                continue
+            if tuple(value.shape) != record.shape:
+                value = value.expand(record.shape)
+            if record.block is not None:
+                first, width = record.block
+                rows[first:first + width].copy_(value.reshape(num_components, width).T)
+                continue
+            value = value.reshape(-1)
+            if record.keep is not None:
+                value = value[record.keep.to(value.device)]
+            target[record.linear.to(device)] = value.to(dtype)
+        return rows
+
+
+def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, parameters: Mapping[str, Tensor],
+          num_datapoints: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass.
+
+    ``parameters``: the model's ``named_parameters()`` as a mapping."""
+    num_components = num_datapoints * plan.num_keys
     grad_tensors: dict[tuple, Tensor] = {}
     for record in plan.grad:
         grad_tensors.setdefault(record.source, _resolve(record.source, x, captured))
     tensors = list(grad_tensors.values())
     # the parameters ride along in the same backward pass, so a parameter that reaches the loss
-    # through ops the trace did not follow is caught instead of silently missing
-    known = set(plan.param_names)
-    others = [(name, param) for name, param in model.named_parameters() if param.requires_grad and name not in known]
-    results = torch.autograd.grad(objective.sum(), tensors + [param for _, param in others], allow_unused=True)
+    # through ops the trace did not follow is caught instead of silently missing (which
+    # parameters those are follows from the plan's key: the names of those that require grad)
+    if "others" not in plan._derived:
+        known = set(plan.param_names)
+        plan._derived["others"] = [name for name, param in parameters.items()
+                                   if param.requires_grad and name not in known]
+    others = [(name, parameters[name]) for name in plan._derived["others"]]
+    with torch.enable_grad():  # the caller may be in no_grad; the sum must stay differentiable
+        total = objective.sum()
+    results = torch.autograd.grad(total, tensors + [param for _, param in others], allow_unused=True)
     for (name, _), result in zip(others, results[len(tensors):]):
         if result is not None:
             raise UnsupportedOperationError(
@@ -281,32 +400,10 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: 
                 "autograd.Function, a tensor made inside forward, or an op without a rule); register the module "
                 "with gradgraph.convert.register_elementwise or gradgraph.register_converter")
     gradient_of = dict(zip(grad_tensors, results))
-
-    def scatter(target: Tensor, values: Tensor, record: _Record) -> None:
-        values = values.detach()
-        if tuple(values.shape) != record.shape:
-            values = values.expand(record.shape)
-        if record.block is not None:
-            first, width = record.block
-            rows = target.view(plan.num_nodes, num_components)[first:first + width]
-            rows.copy_(values.reshape(num_components, width).T)
-            return
-        values = values.reshape(-1)
-        if record.keep is not None:
-            values = values[record.keep.to(values.device)]
-        target[record.linear.to(device)] = values.to(dtype)
-
-    for record in plan.act:
-        scatter(act, _resolve(record.source, x, captured), record)
-    for record in plan.grad:
-        result = gradient_of.get(record.source)
-        if result is not None:
-            scatter(grad, result, record)
-        elif record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
-            first, width = record.block
-            grad.view(plan.num_nodes, num_components)[first:first + width].zero_()
-    act = act.view(plan.num_nodes, num_components)
-    grad = grad.view(plan.num_nodes, num_components)
+    act = _factor(plan, "act", [_resolve(record.source, x, captured) for record in plan.act], num_components, dtype,
+                  device)
+    grad = _factor(plan, "grad", [gradient_of.get(record.source) for record in plan.grad], num_components, dtype,
+                   device)
     for record in plan.onehot:
         if record.op is None:
             rows = record.rows
@@ -319,10 +416,12 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, model: 
             columns = columns[(rows != record.padding).to(device)]
             rows = rows[rows != record.padding]
         act[(record.first + rows).to(device), columns] = 1
+    # one sum over all factors: a NaN or Inf anywhere makes it non-finite; only then look set by set
     if not bool(torch.isfinite(act.sum() + grad.sum())):
         for first, size, origin in plan.set_names:
-            check_finite(f"activation of the neurons of '{origin}'", act[first:first + size])
-            check_finite(f"backpropagated signal of the neurons of '{origin}'", grad[first:first + size])
+            where = "input" if origin == "input" else f"'{origin}' output"
+            check_finite(f"activation of the {where} neurons", act[first:first + size])
+            check_finite(f"backpropagated signal of the {where} neurons", grad[first:first + size])
     return act, grad
 
 
@@ -346,30 +445,56 @@ def _as_slice(index: Tensor) -> slice | Tensor:
     return index if span is None else span
 
 
-def _slot_copy(name: str, rows: Tensor, places: Tensor) -> _SlotCopy:
-    return _SlotCopy(name, _as_slice(rows), _as_slice(places))
+def _slot_copy(name: str, rows: Tensor | slice, places: Tensor) -> _SlotCopy:
+    return _SlotCopy(name, rows if isinstance(rows, slice) else _as_slice(rows), _as_slice(places))
 
 
-def _assemble(plan: TracePlan, model: nn.Module, act: Tensor, grad: Tensor, num_datapoints: int) -> GradGraph:
-    """A GradGraph from a plan's shared structure, the model's values and fresh factors."""
+def _slots_tile(slots: list[_SlotCopy], num_rows: int) -> bool:
+    """Whether ``slots`` write rows ``0 .. num_rows`` in order from consecutive parameter entries."""
+    row = 0
+    for slot in slots:
+        if not isinstance(slot.rows, slice) or not isinstance(slot.places, slice) or slot.rows.start != row:
+            return False
+        row = slot.rows.stop
+    return row == num_rows
+
+
+def _assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, grad: Tensor,
+              num_datapoints: int) -> GradGraph:
+    """A GradGraph from a plan's shared structure, the model's values (``parameters``: its
+    ``named_parameters()`` as a mapping) and fresh factors.
+
+    The graph is a shallow copy of the plan's template (as PyG's transforms copy ``Data``):
+    it shares the read-only structure tensors and gets its own ``x``, ``edge_attr``, factors,
+    ``component_sample`` and lists.
+    """
     device, dtype = act.device, act.dtype
-    named = dict(model.named_parameters())
-    flat = {name: named[name].detach().reshape(-1) for name in plan.param_names}
-    edge_attr = torch.ones(plan.num_edges, dtype=dtype, device=device)
-    for slot in plan.weights:
-        slot.write(edge_attr, flat[slot.name])
-    bias = torch.zeros(plan.num_nodes, dtype=dtype, device=device)
-    for slot in plan.biases:
-        slot.write(bias, flat[slot.name])
-    structure = plan.structure_on(device)
-    return GradGraph(
-        x=bias[:, None],
-        edge_attr=edge_attr[:, None],
-        act=act,
-        grad=grad,
-        **structure,
-        component_sample=plan.component_sample(num_datapoints, device),
-        num_datapoints=num_datapoints,
-        param_names=list(plan.param_names),
-        param_shapes=[list(shape) for shape in plan.param_shapes],
-    )
+    if "unweighted" not in plan._derived:
+        covered = torch.zeros(plan.num_edges, dtype=torch.bool)
+        for slot in plan.weights:
+            covered[slot.rows] = True
+        # edges no parameter writes (relations) have weight 1
+        plan._derived["unweighted"] = None if bool(covered.all()) else torch.nonzero(~covered).flatten()
+        plan._derived["weights_tile"] = _slots_tile(plan.weights, plan.num_edges)
+    with torch.no_grad():
+        if plan._derived["weights_tile"]:  # every edge a weight entry, weight after weight (MLP chains)
+            edge_attr = torch.cat([parameters[slot.name].reshape(-1)[slot.places] for slot in plan.weights])
+            if edge_attr.dtype != dtype or edge_attr.device != device:
+                edge_attr = edge_attr.to(device, dtype)
+        else:
+            edge_attr = torch.empty(plan.num_edges, dtype=dtype, device=device)
+            if plan._derived["unweighted"] is not None:
+                edge_attr[plan._derived["unweighted"].to(device)] = 1
+            for slot in plan.weights:
+                slot.write(edge_attr, parameters[slot.name].reshape(-1))
+        bias = torch.zeros(plan.num_nodes, dtype=dtype, device=device)
+        for slot in plan.biases:
+            slot.write(bias, parameters[slot.name].reshape(-1))
+    graph = copy.copy(plan.template_on(device))
+    # what setting the fields one by one does, without PyG's per-key dispatch (a third of a small
+    # model's assembly): a fresh shallow copy holds no attribute caches to invalidate
+    graph._store._mapping.update(
+        x=bias[:, None], edge_attr=edge_attr[:, None], act=act, grad=grad,
+        component_sample=plan.component_sample(num_datapoints, device), num_datapoints=num_datapoints,
+        param_names=list(plan.param_names), param_shapes=[list(shape) for shape in plan.param_shapes])
+    return graph

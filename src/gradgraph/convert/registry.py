@@ -3,8 +3,8 @@
 A converter is a callable ``converter(model, inputs, *, targets, loss_fn, forward_kwargs)
 -> GradGraph``. Each is registered with a *matcher*: a module type (matches through
 ``isinstance``) or a predicate ``model -> bool``. :func:`to_graph` asks the matchers from
-the most recently registered to the oldest, so a user's converter takes precedence over
-the built-in ones.
+the most recently registered to the oldest; a model none matches (every model, unless a user
+registered a converter) goes to the traced converter, which reads any forward it can follow.
 """
 
 from __future__ import annotations
@@ -44,21 +44,13 @@ class _Entry:
     name: str
     matches: Callable[[nn.Module], bool]
     converter: Converter
-    builtin: bool = False
-    closure_converter: ClosureConverter | None = None
 
 
+#: Converters registered with :func:`register_converter` (gradgraph itself registers none).
 _REGISTRY: list[_Entry] = []
-#: The traced converter, asked when no registered converter handled the model (and its closure form).
+#: The traced converter, asked when no registered converter matches the model (and its closure form).
 _FALLBACK: list[Converter] = []
 _FALLBACK_CLOSURE: list[ClosureConverter] = []
-
-
-def _register_builtin(match: Callable[[nn.Module], bool], converter: Converter, name: str,
-                      closure_converter: ClosureConverter | None = None) -> None:
-    """A converter of gradgraph's own: a fast path that hands over to the traced converter
-    (instead of failing) when the model is not its special case."""
-    _REGISTRY.append(_Entry(name, match, converter, builtin=True, closure_converter=closure_converter))
 
 
 def _set_fallback(converter: Converter, closure_converter: ClosureConverter) -> None:
@@ -162,12 +154,7 @@ def to_graph(
         )
     for entry in reversed(_REGISTRY):
         if entry.matches(model):
-            if not entry.builtin:
-                return entry.converter(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
-            try:
-                return entry.converter(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
-            except UnsupportedModuleError:
-                continue  # not this fast path's special case: the traced converter reads it
+            return entry.converter(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
     if not _FALLBACK:
         raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")
     return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
@@ -178,9 +165,9 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
 
     The closure draws its batch, calls ``model(inputs, ...)`` once and returns the
     per-datapoint losses ``[b]`` without calling ``backward`` — an optimizer's closure minus
-    the backward. The forward is captured as it runs (the MLP chain fast path's hooks, or the
-    traced converter, whose cached plans it shares with :func:`to_graph`), and the losses'
-    one backward pass gives the factors.
+    the backward. The traced converter captures the forward as it runs (a trace, or a cached
+    plan of the architecture, shared with :func:`to_graph`), and the losses' one backward pass
+    gives the factors.
 
     .. code-block:: python
 
@@ -208,15 +195,8 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
         raise TypeError(f"convert_closure: closure must be callable, got {type(closure).__name__}")
     check_materialised(model, "convert_closure")
     for entry in reversed(_REGISTRY):
-        if not entry.matches(model):
-            continue
-        if not entry.builtin:
+        if entry.matches(model):
             raise UnsupportedModuleError(
                 "", type(model).__name__, f"the registered converter '{entry.name}' takes a batch and a loss "
                 "function, not a closure: call to_graph(model, inputs, targets, loss_fn)")
-        if entry.closure_converter is not None:
-            try:
-                return entry.closure_converter(model, closure)
-            except UnsupportedModuleError:
-                continue
     return _FALLBACK_CLOSURE[0](model, closure)

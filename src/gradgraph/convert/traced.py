@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from gradgraph.capture import LossFn, check_closure_call, check_closure_losses, per_datapoint_objective
+from gradgraph.convert.chain import chain_capture, plain_chain
 from gradgraph.convert.layout import _make_plan
 from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _assemble, _fill, _plan_key
 from gradgraph.convert.trace import PlanMismatch, replay_model, trace_model
@@ -52,7 +53,8 @@ def convert_traced(
     Returns:
         A :class:`~gradgraph.GradGraph` with ``B = b * K`` components.
     """
-    datapoint_dim = _check_inputs(model, inputs, datapoint_dim)
+    scan = _Scan.of(model)
+    datapoint_dim = _check_inputs(model, inputs, datapoint_dim, scan)
     kwargs = dict(forward_kwargs or {})
 
     def forward(x: Tensor) -> Any:
@@ -67,8 +69,10 @@ def convert_traced(
                 f"to_graph: calling {type(model).__name__}(inputs, **forward_kwargs) failed: {error}. Pass the "
                 "model's other arguments through forward_kwargs") from error
 
-    run = _forward_pass(model, inputs, forward, kwargs, datapoint_dim)
-    return _finish(run, _objective(run.output, targets, loss_fn, run.num_datapoints), model)
+    with torch.enable_grad():  # the objective is differentiated, also when the caller is in no_grad
+        run = _forward_pass(model, inputs, forward, kwargs, datapoint_dim, scan, plain_call=not kwargs)
+        objective = _objective(run.output, targets, loss_fn, run.num_datapoints)
+    return _finish(run, objective, scan)
 
 
 def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
@@ -96,15 +100,16 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
             :func:`convert_traced` for the model itself.
     """
     runs: list[_Pass] = []
+    scan = _Scan.of(model)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         check_closure_call(model, bool(runs), args)
         inputs, rest = args[0], args[1:]
-        dim = _check_inputs(model, inputs, datapoint_dim)
+        dim = _check_inputs(model, inputs, datapoint_dim, scan)
         del model.forward  # the model's own forward (or the trace's stand-in for it) runs inside
         try:
             run = _forward_pass(model, inputs, lambda x: model.forward(x, *rest, **kwargs),
-                                {"args": rest, **kwargs}, dim)
+                                {"args": rest, **kwargs}, dim, scan, plain_call=not rest and not kwargs)
         finally:
             model.forward = forward  # type: ignore[method-assign]
         runs.append(run)
@@ -115,20 +120,33 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
                              "class's forward")
     model.forward = forward  # type: ignore[method-assign]
     try:
-        losses = closure()
+        with torch.enable_grad():  # the losses are differentiated, also when the caller is in no_grad
+            losses = closure()
     finally:
         del model.forward
     if not runs:
         raise GradGraphError(f"the closure never called {type(model).__name__}")
     run = runs[0]
     check_closure_losses(losses, run.num_datapoints)
-    return _finish(run, losses, model), losses.detach()
+    return _finish(run, losses, scan), losses.detach()
 
 
-def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None) -> int:
+@dataclass
+class _Scan:
+    """What a conversion reads off the model, once: ``named_parameters()`` and ``modules()``."""
+
+    parameters: dict[str, Tensor]
+    modules: list[nn.Module]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "_Scan":
+        return cls(dict(model.named_parameters()), list(model.modules()))
+
+
+def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None, scan: _Scan) -> int:
     """The datapoint axis of ``inputs`` (non-negative), after checking the batch against the model."""
     if datapoint_dim is None:
-        datapoint_dim = default_datapoint_dim(model)
+        datapoint_dim = _default_datapoint_dim(scan.modules)
     if inputs.dim() == 0 or not -inputs.dim() <= datapoint_dim < inputs.dim() or inputs.shape[datapoint_dim] == 0:
         raise GradGraphError(f"inputs must be a batch with b > 0 datapoints on axis {datapoint_dim}, got shape "
                              f"{list(inputs.shape)}")
@@ -136,7 +154,7 @@ def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None) -
     if inputs.is_floating_point() and inputs.dim() > 1 and datapoint_dim == inputs.dim() - 1:
         raise GradGraphError(f"inputs {list(inputs.shape)}: the datapoint axis {datapoint_dim} is the feature axis; "
                              "features must be the last axis")
-    param_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    param_dtypes = {p.dtype for p in scan.parameters.values() if p.is_floating_point()}
     if inputs.is_floating_point() and param_dtypes and inputs.dtype not in param_dtypes:
         raise GradGraphError(f"inputs {list(inputs.shape)} are {inputs.dtype} but {type(model).__name__}'s parameters "
                              f"are {sorted(str(dtype) for dtype in param_dtypes)}: convert one to the other's dtype")
@@ -155,43 +173,79 @@ class _Pass:
     x: Tensor
     num_datapoints: int
     dtype: torch.dtype
+    chain: list[tuple[str, nn.Module]] | None = None
 
 
 def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], kwargs: dict[str, Any],
-                  datapoint_dim: int) -> _Pass:
-    """Replay the cached plan of this architecture and call, or trace the forward afresh."""
+                  datapoint_dim: int, scan: _Scan, *, plain_call: bool = False) -> _Pass:
+    """Record the tensors of this architecture's cached plan, or trace the forward afresh.
+
+    A plan records its tensors by calling a plain chain's leaves (its :class:`ChainCapture`,
+    when this call is ``model(inputs)`` on the chain the plan was traced on), else by a replay
+    that checks every op against the plan's fingerprints. ``plain_call``: the model is called
+    with the input alone.
+    """
     num_datapoints = inputs.shape[datapoint_dim]
-    dtype = inputs.dtype if inputs.is_floating_point() else next(model.parameters()).dtype
-    key = (_plan_key(model, inputs, kwargs), datapoint_dim)
+    dtype = inputs.dtype if inputs.is_floating_point() else next(iter(scan.parameters.values())).dtype
+    key = (_plan_key(model, inputs, kwargs, scan.parameters, scan.modules), datapoint_dim)
+    chain = plain_chain(model) if plain_call else None
     plan = PLAN_CACHE.get(key)
     if plan is not None:
+        if plan.chain is not None and plan.chain.applies(chain):
+            x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
+            output, captured = plan.chain.run(chain, x)
+            return _Pass(key, plan, None, captured, output, x, num_datapoints, dtype)
         try:
             replayer, output, x = replay_model(model, inputs, forward, plan.fingerprints, plan.wanted)
         except PlanMismatch:
             pass  # the forward took another path this time: trace it again
         else:
             return _Pass(key, plan, None, replayer.captured, output, x, num_datapoints, dtype)
+    if chain is not None:
+        _check_chain_inputs(chain, inputs)
     tracer, output, x = trace_model(model, inputs, forward, datapoint_dim)
     if not tracer.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
-    return _Pass(key, None, tracer, tracer.captured, output, x, num_datapoints, dtype)
+    return _Pass(key, None, tracer, tracer.captured, output, x, num_datapoints, dtype, chain)
 
 
-def _finish(run: _Pass, objective: Tensor, model: nn.Module) -> GradGraph:
+def _check_chain_inputs(chain: list[tuple[str, nn.Module]], inputs: Tensor) -> None:
+    """A chain that starts with a ``Linear`` (after activations or dropout, not a ``Flatten``)
+    reads features on the last axis: say which shape it needs, not where torch failed."""
+    for name, module in chain:
+        if isinstance(module, nn.Flatten):
+            return
+        if isinstance(module, nn.Linear):
+            if inputs.dim() < 2 or inputs.shape[-1] != module.in_features:
+                raise GradGraphError(f"inputs must have shape [b, {module.in_features}] (or [b, ..., "
+                                     f"{module.in_features}]) for '{name}' ({module}), got {list(inputs.shape)}")
+            return
+
+
+def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     """The graph of a forward pass, given the per-datapoint objective ``[b]`` computed from it."""
     plan = run.plan
     if plan is None:
         plan = _make_plan(run.tracer, run.output, run.num_datapoints)
+        plan.chain = chain_capture(run.chain, run.tracer.module_outputs, plan.sources, plan.wanted)
     device = run.x.device if run.tracer is None else run.tracer.params[0].device
-    act, grad = _fill(plan, run.x, run.captured, objective, model, run.num_datapoints, run.dtype, device)
+    act, grad = _fill(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints, run.dtype, device)
+    # the recorded activations are no longer needed: freeing them before the O(P) edge values
+    # are allocated lowers the conversion's peak memory (the dict is their only holder)
+    run.captured.clear()
+    run.tracer = None  # after a trace: its id tensors and the values it kept
     if run.plan is None:
         PLAN_CACHE.put(run.key, plan)
-    return _assemble(plan, model, act, grad, run.num_datapoints)
+    return _assemble(plan, scan.parameters, act, grad, run.num_datapoints)
 
 
 def default_datapoint_dim(model: nn.Module) -> int:
     """1 for a model whose self-attention modules are all sequence-first (``[T, b, d]``), else 0."""
-    attentions = [module for module in model.modules() if isinstance(module, nn.MultiheadAttention)]
+    return _default_datapoint_dim(list(model.modules()))
+
+
+def _default_datapoint_dim(modules: list[nn.Module]) -> int:
+    attentions = [module for module in modules if isinstance(module, nn.MultiheadAttention)]
     return 1 if attentions and not any(module.batch_first for module in attentions) else 0
 
 

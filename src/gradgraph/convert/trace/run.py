@@ -31,6 +31,8 @@ class _ModuleTracker:
         self.replay = replay
         self.handles: list[Any] = []
         self.patched: list[nn.Module] = []
+        #: ``(module path, (op, position) of the op that produced its output)`` per module call
+        self.module_outputs: list[tuple[str, Any]] = []
 
     def __enter__(self) -> "_ModuleTracker":
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -41,10 +43,16 @@ class _ModuleTracker:
             self.tracer.module_stack.append(paths.get(id(module), type(module).__name__))
             self.tracer.module_types.append(type(module).__name__)
 
+        module_outputs = self.module_outputs
+
         def post(module: nn.Module, args: Any, output: Any) -> None:
             if self.tracer.module_stack:
                 self.tracer.module_stack.pop()
                 self.tracer.module_types.pop()
+            # which op's output each module call returned: lets a plan of a plain chain record
+            # its tensors by calling the leaves (gradgraph.convert.chain)
+            module_outputs.append((paths.get(id(module), ""), self.tracer.log.source(output)
+                                   if isinstance(output, Tensor) else None))
 
         # a replay raises nothing that names a module, so it skips the per-call hooks
         self.handles = [] if self.replay else [register_module_forward_pre_hook(pre),
@@ -119,14 +127,18 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     """Run ``forward(x)`` under the tracer; returns ``(tracer, output, x)``.
 
     ``x`` is the input as the model saw it (a leaf that requires grad for float inputs);
-    ``inputs.shape[datapoint_dim]`` counts the datapoints.
+    ``inputs.shape[datapoint_dim]`` counts the datapoints. ``tracer.module_outputs`` lists
+    ``(module path, (op, position))`` per module call, in the order the calls returned: the op
+    whose output the module returned.
     """
     check_materialised(model, "convert_traced")
     tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     tracer.bind_input(x)
-    with torch.enable_grad(), _ModuleTracker(tracer), tracer:
-        output = _run_forward(model, forward, x)
+    tracker = _ModuleTracker(tracer)
+    with torch.enable_grad(), tracker, tracer:
+        output = _run_forward(model, forward, x, tracer)
+    tracer.module_outputs = tracker.module_outputs  # read by the plan (gradgraph.convert.chain)
     return tracer, output, x
 
 
@@ -142,12 +154,14 @@ def _user_frame(traceback: Any) -> str:
     return found
 
 
-def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor) -> Any:
+def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor, tracer: _Tracer | None = None) -> Any:
     """``forward(x)``; torch's own errors from the model's code become a GradGraphError that
     names the input and the line of the forward that failed."""
     try:
         return forward(x)
     except TraceAbort as abort:
+        if tracer is not None and isinstance(abort.error, UnsupportedOperationError):
+            _locate_in_module(abort.error, abort.__traceback__, tracer)
         raise abort.error from None
     except (RuntimeError, IndexError, ValueError) as error:
         if isinstance(error, GradGraphError):
@@ -155,6 +169,31 @@ def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor) 
         raise GradGraphError(
             f"{_user_frame(error.__traceback__)}: {type(model).__name__} failed on inputs of shape "
             f"{list(x.shape)} ({x.dtype}): {type(error).__name__}: {error}") from error
+
+
+def _locate_in_module(error: UnsupportedOperationError, traceback: Any, tracer: _Tracer) -> None:
+    """Name the forward of the module the op ran in as the error's source line, where no code of
+    the user's runs between that module and the op (a stock ``nn.Conv1d`` inside an
+    ``nn.Sequential``): the innermost user frame is then the line that called ``to_graph``."""
+    if not tracer.module_stack or error.path != tracer.module_stack[-1]:
+        return  # the error is about an op of another module (an opaque value made earlier)
+    module = dict(tracer.model.named_modules()).get(error.path)
+    code = getattr(type(module).forward, "__code__", None) if module is not None else None
+    module_frame, user_frame = None, None
+    while traceback is not None:
+        frame_code = traceback.tb_frame.f_code
+        if frame_code is code:
+            module_frame, user_frame = traceback, None  # only frames below the module's forward count
+        elif not os.path.abspath(frame_code.co_filename).startswith((_TORCH_DIR, _GRADGRAPH_DIR)):
+            user_frame = traceback
+        traceback = traceback.tb_next
+    if module_frame is None or user_frame is not None:
+        return  # the op ran in the user's code inside the module: its line is the location already
+    name = getattr(code, "co_qualname", code.co_name)
+    location = f"{os.path.basename(code.co_filename)}:{module_frame.tb_lineno} in {name}"
+    if error.args and isinstance(error.args[0], str) and error.args[0].startswith(error.location):
+        error.args = (location + error.args[0][len(error.location):], *error.args[1:])
+    error.location = location
 
 
 class PlanMismatch(Exception):
