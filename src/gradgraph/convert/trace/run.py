@@ -172,23 +172,31 @@ def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor, 
 
 
 def _locate_in_module(error: UnsupportedOperationError, traceback: Any, tracer: _Tracer) -> None:
-    """Name the forward of the module the op ran in as the error's source line, where no code of
-    the user's runs between that module and the op (a stock ``nn.Conv1d`` inside an
-    ``nn.Sequential``): the innermost user frame is then the line that called ``to_graph``."""
+    """Name the forward of the module the op ran in as the error's source line, where none of the
+    user's code runs inside the model on the way to the op (a stock ``nn.Conv1d`` in an
+    ``nn.Sequential`` model): the innermost user frame is then the line that called ``to_graph``,
+    which says nothing about where in the model the op is. Where the user's code does run inside
+    the model (a block's forward calling an ``nn.Sequential``), its line is the better location
+    and is kept."""
     if not tracer.module_stack or error.path != tracer.module_stack[-1]:
         return  # the error is about an op of another module (an opaque value made earlier)
     module = dict(tracer.model.named_modules()).get(error.path)
     code = getattr(type(module).forward, "__code__", None) if module is not None else None
-    module_frame, user_frame = None, None
+    model_code = getattr(type(tracer.model).forward, "__code__", None)
+    module_frame, user_frame, inside_model = None, None, False
     while traceback is not None:
         frame_code = traceback.tb_frame.f_code
+        inside_model = inside_model or frame_code is model_code
         if frame_code is code:
-            module_frame, user_frame = traceback, None  # only frames below the module's forward count
-        elif not os.path.abspath(frame_code.co_filename).startswith((_TORCH_DIR, _GRADGRAPH_DIR)):
+            module_frame = traceback
+            if not inside_model:  # the model's forward was not seen: count only frames below the module
+                user_frame = None
+        elif not os.path.abspath(frame_code.co_filename).startswith((_TORCH_DIR, _GRADGRAPH_DIR)) and (
+                inside_model or module_frame is not None):
             user_frame = traceback
         traceback = traceback.tb_next
     if module_frame is None or user_frame is not None:
-        return  # the op ran in the user's code inside the module: its line is the location already
+        return  # the op ran under the user's code inside the model: its line is the location already
     name = getattr(code, "co_qualname", code.co_name)
     location = f"{os.path.basename(code.co_filename)}:{module_frame.tb_lineno} in {name}"
     if error.args and isinstance(error.args[0], str) and error.args[0].startswith(error.location):
