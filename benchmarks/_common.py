@@ -62,14 +62,23 @@ def interleaved_median_times(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def peak_memory_bytes(function: Callable[[], Any]) -> int:
-    """Peak torch CPU bytes live during one call of ``function``, above the start (see module doc).
+def peak_memory_bytes(function: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak torch bytes live during one call of ``function``, above the start (see module doc).
 
-    The call's result is kept alive until the call returns, so it is counted.
+    The call's result is kept alive until the call returns, so it is counted. On a CUDA
+    ``device`` the caching allocator's own peak counter is read instead of the profiler.
     """
     from torch._C._profiler import _EventType
 
     gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = function()
+        torch.cuda.synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = function()
         del result

@@ -18,6 +18,7 @@ Usage::
     python benchmarks/traced.py                  # 4 blocks, d=128, 4 heads, T=64, b=32
     python benchmarks/traced.py --model mlp      # 64 -> 280 -> 280 -> 10 (100k parameters), b=128
     python benchmarks/traced.py --quick          # tiny, a few seconds (smoke test)
+    python benchmarks/traced.py --device cuda    # on a GPU (peak memory: the CUDA allocator's)
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-edge-components", type=float, default=2e8)
     parser.add_argument("--model", choices=("gpt", "mlp"), default="gpt")
     parser.add_argument("--mlp-width", type=int, default=280, help="hidden width of --model mlp (280: 100k parameters)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     layers=args.blocks).eval()
         ids = torch.randint(0, args.vocab, (args.batch, args.context))
         targets = torch.randint(0, args.vocab, (args.batch, args.context))
+    model, ids, targets = model.to(args.device), ids.to(args.device), targets.to(args.device)
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def floor() -> None:
@@ -99,8 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         del methods["edge_components"]
         print(f"edge_components skipped: its output would hold {components:.2e} values "
               f"(> --max-edge-components {args.max_edge_components:.0e})")
+    if torch.device(args.device).type == "cuda":
+        # a GPU runs the call's kernels after it returns: time until they are done
+        def synchronised(method):
+            return lambda: (method(), torch.cuda.synchronize())[0]
+
+        methods = {name: synchronised(method) for name, method in methods.items()}
     times = interleaved_median_times(methods, rounds=args.rounds, min_seconds=0.0, warmup=1)
-    memory = {name: peak_memory_bytes(method) for name, method in methods.items()}
+    memory = {name: peak_memory_bytes(method, args.device) for name, method in methods.items()}
     reference = {"floor": "floor", "to_graph": "floor", "torch.func": "floor", "per_sample_grads": "torch.func",
                  "mean_grad": "torch.func", "edge_components": "torch.func"}
     rows = []
@@ -111,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, f"{times[name] * 1e3:.1f} ms", f"{times[name] / times[base]:.2f}x {base}",
                      format_bytes(memory[name]), f"{memory[name] / max(memory[base], 1):.2f}x {base}"])
     parameters = sum(p.numel() for p in model.parameters())
+    print(f"device: {args.device}" + (f" ({torch.cuda.get_device_name(args.device)})"
+                                       if torch.device(args.device).type == "cuda" else ""))
     if args.model == "mlp":
         print(f"MLP: 64 -> {width} -> {width} -> 10, b={batch}, {parameters} parameters; graph {graph}; {threads} thread(s)")
     else:
