@@ -528,3 +528,73 @@ def test_step_calls_the_closure_once_so_it_may_draw_its_own_batch():
     for step in range(3):
         opt.step(closure)
         assert len(calls) == step + 1
+
+
+def _graphs_of(models, seeds, dtype=torch.float64):
+    """One GradGraph per (model, batch seed), converted as LearnedOptimizer.step does."""
+    graphs = []
+    for model, seed in zip(models, seeds):
+        x, y = _batch(b=4, d=model[0].in_features, seed=seed, dtype=dtype)
+        graphs.append(graph_from_closure(model, _losses(model, x, y))[0])
+    return graphs
+
+
+def _assert_same_batch(batch, reference):
+    assert set(batch.keys()) == set(reference.keys())
+    for key in reference.keys():
+        value, expected = batch[key], reference[key]
+        if isinstance(expected, torch.Tensor):
+            assert value.dtype == expected.dtype and torch.equal(value, expected), key
+        else:
+            assert value == expected, key
+    assert batch.num_graphs == reference.num_graphs
+
+
+@pytest.mark.parametrize("num_graphs", [1, 3])
+def test_architecture_cache_gives_what_collating_and_mean_grad_give(num_graphs):
+    """The cached structure is exact: every field of the batch and every mean gradient equal
+    ``Batch.from_data_list`` / ``GradGraph.mean_grad`` bit for bit, across architecture changes."""
+    from torch_geometric.data import Batch
+
+    from gradgraph.optim.batching import ArchitectureCache
+
+    cache = ArchitectureCache()
+    architectures = [(5, 4, 3), (5, 4, 3), (5, 6, 2, 3), (5, 4, 3)]  # same, same, another, back
+    for round_index, widths in enumerate(architectures):
+        models = [_mlp(widths, seed=10 * round_index + p, dtype=torch.float64) for p in range(num_graphs)]
+        seeds = [100 * round_index + p for p in range(num_graphs)]
+        graphs = _graphs_of(models, seeds)
+        references = _graphs_of(models, seeds)  # converted afresh: nothing cached on them
+        for graph, reference in zip(graphs, references):
+            got, expected = cache.mean_grad(graph), reference.mean_grad()
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[name], expected[name]) for name in expected)
+        first, second = cache.batch(graphs), cache.batch(graphs)
+        _assert_same_batch(first, Batch.from_data_list(references))
+        _assert_same_batch(second, Batch.from_data_list(references))
+        assert second.edge_index is first.edge_index  # the structure was collated once
+
+
+def test_learned_optimizer_with_the_architecture_cache_steps_as_without_it():
+    """Bit-identical trajectories: the cache against collating and grouping blocks afresh every step."""
+    from torch_geometric.data import Batch
+
+    class NoCache:
+        def batch(self, graphs):
+            return Batch.from_data_list(graphs)
+
+        def mean_grad(self, graph):
+            return graph.mean_grad()
+
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(mlp_hidden=8)).double()  # F = MLP with random weights: the embedding counts
+    cached_model, plain_model = _mlp((5, 4, 3), dtype=torch.float64), _mlp((5, 4, 3), dtype=torch.float64)
+    cached, plain = LearnedOptimizer(cached_model, meta), LearnedOptimizer(plain_model, meta)
+    plain._architecture = NoCache()
+    for seed in range(4):
+        x, y = _batch(seed=seed, dtype=torch.float64)
+        cached.step(_losses(cached_model, x, y))
+        plain.step(_losses(plain_model, x, y))
+    for a, b in zip(cached_model.parameters(), plain_model.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(cached_model[0].weight, _mlp((5, 4, 3), dtype=torch.float64)[0].weight)  # it moved

@@ -44,12 +44,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch_geometric.data import Batch
 
 from gradgraph.capture import LossFn
 from gradgraph.convert import to_graph
 from gradgraph.errors import GradGraphError, NonFiniteFactorError
 from gradgraph.graph import GradGraph
+from gradgraph.optim.batching import ArchitectureCache
 from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
 from gradgraph.optim.pes import PES
 
@@ -174,6 +174,9 @@ class MetaTrainer:
             self.pes = PES(config.num_particles // 2, flat.numel(), config.sigma,
                            torch.Generator().manual_seed(config.seed + 7), dtype=flat.dtype, device=self.device)
         self.history: list[dict[str, float]] = []
+        # Every particle's network has the task's architecture: its graph structure is
+        # collated and grouped into weight blocks once, not at every inner step.
+        self._architecture = ArchitectureCache()
         #: truncations skipped because an inner run diverged (non-finite loss or factors).
         self.diverged_truncations = 0
 
@@ -192,7 +195,7 @@ class MetaTrainer:
                 for name in self.names:
                     own[name].copy_(params[name][index])
             graphs.append(to_graph(model, inputs, targets, self.task.loss_fn, forward_kwargs=self.task.forward_kwargs))
-        means = [graph.mean_grad() for graph in graphs]
+        means = [self._architecture.mean_grad(graph) for graph in graphs]
         return graphs, {name: torch.stack([mean[name] for mean in means]) for name in self.names}
 
     def _losses(self, params: dict[str, Tensor]) -> Tensor:
@@ -290,7 +293,7 @@ class MetaTrainer:
         terms = []
         for _ in range(self.config.truncation):
             graphs, grads = self._graphs({k: v.detach() for k, v in params.items()})
-            batch = Batch.from_data_list(graphs) if self.meta_model.needs_graph else None
+            batch = self._architecture.batch(graphs) if self.meta_model.needs_graph else None
             params, state = self.meta_model(params, grads, state, batch, graphs[0])
             self._advance(params)
             terms.append(_log_loss(self._losses(params)))
@@ -322,7 +325,7 @@ class MetaTrainer:
                 one = {name: params[name][index:index + 1] for name in self.names}
                 one_grads = {name: grads[name][index:index + 1] for name in self.names}
                 one_state = _slice_state(state, index, self.config.num_particles)
-                batch = Batch.from_data_list([graph]) if self.meta_model.needs_graph else None
+                batch = self._architecture.batch([graph]) if self.meta_model.needs_graph else None
                 out_params, out_state = functional_call(self.meta_model, per_particle[index],
                                                         (one, one_grads, one_state, batch, graph))
                 for name in self.names:
