@@ -598,3 +598,7 @@ def test_learned_optimizer_with_the_architecture_cache_steps_as_without_it():
     for a, b in zip(cached_model.parameters(), plain_model.parameters()):
         assert torch.equal(a, b)
     assert not torch.equal(cached_model[0].weight, _mlp((5, 4, 3), dtype=torch.float64)[0].weight)  # it moved
+    from gradgraph.nn.context import STRUCTURE_MEMO
+
+    # GradMetaNet's context structure was built once and reused by the later steps' batches
+    assert "context" in cached._architecture._templates[1].__dict__[STRUCTURE_MEMO]

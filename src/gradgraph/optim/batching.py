@@ -29,6 +29,7 @@ from torch import Tensor
 from torch_geometric.data import Batch
 
 from gradgraph.graph import GradGraph
+from gradgraph.nn.context import STRUCTURE_MEMO
 
 __all__ = ["ArchitectureCache"]
 
@@ -95,6 +96,9 @@ class ArchitectureCache:
         if not all(self._adopt(graph) for graph in graphs) or len(graphs) not in self._templates:
             collated = Batch.from_data_list(graphs)
             if all(self._matches(graph) for graph in graphs):
+                # Every batch copied from this template shares the memo: GradMetaNet's
+                # context structure (layer groups, sparse patterns) is built once too.
+                collated.__dict__[STRUCTURE_MEMO] = {}
                 self._templates[len(graphs)] = collated
             return collated
         batch = copy.copy(self._templates[len(graphs)])  # shares the structure tensors, owns its fields
