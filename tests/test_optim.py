@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -602,3 +603,35 @@ def test_learned_optimizer_with_the_architecture_cache_steps_as_without_it():
 
     # GradMetaNet's context structure was built once and reused by the later steps' batches
     assert "context" in cached._architecture._templates[1].__dict__[STRUCTURE_MEMO]
+
+
+def test_pes_pairs_run_the_same_inner_problem():
+    """Common random numbers: the two particles of an antithetic pair start from the same
+    initialisation, see the same batches and restart together, so they differ only by the
+    effect of ``±ξ`` (tiny here) while different pairs run different problems."""
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False))
+    trainer = MetaTrainer(meta, _tiny_task(validation=True),
+                          MetaTrainConfig(estimator="pes", num_particles=6, truncation=2, horizon=4, sigma=1e-7))
+    half = 3
+    assert trainer.restart_at[:half].tolist() == trainer.restart_at[half:].tolist()
+    assert len(set(trainer.restart_at[:half].tolist())) == half  # the pairs are spread over phases
+    for _ in range(5):  # past restarts (horizon 4, truncation 2)
+        line = trainer.step()
+        assert math.isfinite(line["meta_loss"])
+        for name, values in trainer.params.items():
+            torch.testing.assert_close(values[:half], values[half:], rtol=0, atol=1e-4, msg=name)
+        for first, second in zip(trainer.batches[:half], trainer.batches[half:]):
+            assert torch.equal(first[0], second[0])
+    assert trainer.next_model_seed > 1_000_000 + half  # restarts happened, with new seeds
+    weight = trainer.params[trainer.names[0]]
+    assert (weight[0] - weight[1]).abs().max() > 1e-2  # different pairs: different problems
+
+
+def test_tbptt_particles_each_run_their_own_problem():
+    torch.manual_seed(0)
+    trainer = MetaTrainer(LearnedUpdate(MetaModelConfig(use_gradmetanet=False)), _tiny_task(),
+                          MetaTrainConfig(estimator="tbptt", num_particles=4, truncation=2, horizon=4))
+    first = [trainer.params[name] for name in trainer.names][0]
+    assert len({tuple(first[p].reshape(-1).tolist()) for p in range(4)}) == 4
+    assert len(set(trainer.restart_at.tolist())) == 4
