@@ -24,7 +24,7 @@ Two estimators of the meta-gradient, chosen by :attr:`MetaTrainConfig.estimator`
   run the same inner problem — the same initialisation, training and held-out batches and
   restart phase (common random numbers) — so ``L⁺ − L⁻`` measures the perturbation ``±ξ``
   and not the difference between two inner runs (which, half a horizon apart in training,
-  is orders of magnitude larger; measured in the README).
+  is several times larger; measured in the README).
 
 Devices: the trainer runs where the task's models are (the device of the first
 ``make_model``'s parameters): the meta-model is moved there and every tensor the trainer
