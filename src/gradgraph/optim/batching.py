@@ -100,6 +100,9 @@ class ArchitectureCache:
                 # context structure (layer groups, sparse patterns) is built once too.
                 collated.__dict__[STRUCTURE_MEMO] = {}
                 self._templates[len(graphs)] = collated
+                # Callers set fields on what they get (the meta-model sets the factors it
+                # reads): hand out a copy, so the template keeps exactly the collated fields.
+                return copy.copy(collated)
             return collated
         batch = copy.copy(self._templates[len(graphs)])  # shares the structure tensors, owns its fields
         for key in VALUE_FIELDS:
