@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -528,3 +529,112 @@ def test_step_calls_the_closure_once_so_it_may_draw_its_own_batch():
     for step in range(3):
         opt.step(closure)
         assert len(calls) == step + 1
+
+
+def _graphs_of(models, seeds, dtype=torch.float64):
+    """One GradGraph per (model, batch seed), converted as LearnedOptimizer.step does."""
+    graphs = []
+    for model, seed in zip(models, seeds):
+        x, y = _batch(b=4, d=model[0].in_features, seed=seed, dtype=dtype)
+        graphs.append(graph_from_closure(model, _losses(model, x, y))[0])
+    return graphs
+
+
+def _assert_same_batch(batch, reference):
+    assert set(batch.keys()) == set(reference.keys())
+    for key in reference.keys():
+        value, expected = batch[key], reference[key]
+        if isinstance(expected, torch.Tensor):
+            assert value.dtype == expected.dtype and torch.equal(value, expected), key
+        else:
+            assert value == expected, key
+    assert batch.num_graphs == reference.num_graphs
+
+
+@pytest.mark.parametrize("num_graphs", [1, 3])
+def test_architecture_cache_gives_what_collating_and_mean_grad_give(num_graphs):
+    """The cached structure is exact: every field of the batch and every mean gradient equal
+    ``Batch.from_data_list`` / ``GradGraph.mean_grad`` bit for bit, across architecture changes."""
+    from torch_geometric.data import Batch
+
+    from gradgraph.optim.batching import ArchitectureCache
+
+    cache = ArchitectureCache()
+    architectures = [(5, 4, 3), (5, 4, 3), (5, 6, 2, 3), (5, 4, 3)]  # same, same, another, back
+    for round_index, widths in enumerate(architectures):
+        models = [_mlp(widths, seed=10 * round_index + p, dtype=torch.float64) for p in range(num_graphs)]
+        seeds = [100 * round_index + p for p in range(num_graphs)]
+        graphs = _graphs_of(models, seeds)
+        references = _graphs_of(models, seeds)  # converted afresh: nothing cached on them
+        for graph, reference in zip(graphs, references):
+            got, expected = cache.mean_grad(graph), reference.mean_grad()
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[name], expected[name]) for name in expected)
+        first = cache.batch(graphs)
+        first.component_x = first.act[..., None]  # what a caller sets on its batch stays in it
+        second = cache.batch(graphs)
+        del first.component_x
+        _assert_same_batch(first, Batch.from_data_list(references))
+        _assert_same_batch(second, Batch.from_data_list(references))
+        assert second.edge_index is first.edge_index  # the structure was collated once
+
+
+def test_learned_optimizer_with_the_architecture_cache_steps_as_without_it():
+    """Bit-identical trajectories: the cache against collating and grouping blocks afresh every step."""
+    from torch_geometric.data import Batch
+
+    class NoCache:
+        def batch(self, graphs):
+            return Batch.from_data_list(graphs)
+
+        def mean_grad(self, graph):
+            return graph.mean_grad()
+
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(mlp_hidden=8)).double()  # F = MLP with random weights: the embedding counts
+    cached_model, plain_model = _mlp((5, 4, 3), dtype=torch.float64), _mlp((5, 4, 3), dtype=torch.float64)
+    cached, plain = LearnedOptimizer(cached_model, meta), LearnedOptimizer(plain_model, meta)
+    plain._architecture = NoCache()
+    for seed in range(4):
+        x, y = _batch(seed=seed, dtype=torch.float64)
+        cached.step(_losses(cached_model, x, y))
+        plain.step(_losses(plain_model, x, y))
+    for a, b in zip(cached_model.parameters(), plain_model.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(cached_model[0].weight, _mlp((5, 4, 3), dtype=torch.float64)[0].weight)  # it moved
+    from gradgraph.nn.context import STRUCTURE_MEMO
+
+    # GradMetaNet's context structure was built once and reused by the later steps' batches
+    assert "context" in cached._architecture._templates[1].__dict__[STRUCTURE_MEMO]
+
+
+def test_pes_pairs_run_the_same_inner_problem():
+    """Common random numbers: the two particles of an antithetic pair start from the same
+    initialisation, see the same batches and restart together, so they differ only by the
+    effect of ``±ξ`` (tiny here) while different pairs run different problems."""
+    torch.manual_seed(0)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False))
+    trainer = MetaTrainer(meta, _tiny_task(validation=True),
+                          MetaTrainConfig(estimator="pes", num_particles=6, truncation=2, horizon=4, sigma=1e-7))
+    half = 3
+    assert trainer.restart_at[:half].tolist() == trainer.restart_at[half:].tolist()
+    assert len(set(trainer.restart_at[:half].tolist())) == half  # the pairs are spread over phases
+    for _ in range(5):  # past restarts (horizon 4, truncation 2)
+        line = trainer.step()
+        assert math.isfinite(line["meta_loss"])
+        for name, values in trainer.params.items():
+            torch.testing.assert_close(values[:half], values[half:], rtol=0, atol=1e-4, msg=name)
+        for first, second in zip(trainer.batches[:half], trainer.batches[half:]):
+            assert torch.equal(first[0], second[0])
+    assert trainer.next_model_seed > 1_000_000 + half  # restarts happened, with new seeds
+    weight = trainer.params[trainer.names[0]]
+    assert (weight[0] - weight[1]).abs().max() > 1e-2  # different pairs: different problems
+
+
+def test_tbptt_particles_each_run_their_own_problem():
+    torch.manual_seed(0)
+    trainer = MetaTrainer(LearnedUpdate(MetaModelConfig(use_gradmetanet=False)), _tiny_task(),
+                          MetaTrainConfig(estimator="tbptt", num_particles=4, truncation=2, horizon=4))
+    first = [trainer.params[name] for name in trainer.names][0]
+    assert len({tuple(first[p].reshape(-1).tolist()) for p in range(4)}) == 4
+    assert len(set(trainer.restart_at.tolist())) == 4

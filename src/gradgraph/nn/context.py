@@ -10,7 +10,14 @@ from torch import Tensor
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.sparse import ChannelBlockPattern
 
-__all__ = ["GraphContext"]
+__all__ = ["STRUCTURE_MEMO", "GraphContext"]
+
+#: Name of an optional dict in a graph's ``__dict__`` by which its owner promises that the
+#: graph's structure (``edge_index``, ``layer``, ``batch``) never changes: every graph that
+#: shares that dict object gets the same context structure (layer groups, sparse patterns),
+#: computed once. Set only by code that batches graphs of one fixed architecture
+#: (:class:`gradgraph.optim.batching.ArchitectureCache`); without it nothing is reused.
+STRUCTURE_MEMO = "_structure_memo"
 
 
 class GraphContext(NamedTuple):
@@ -72,6 +79,10 @@ class GraphContext(NamedTuple):
                 f"GraphContext: edge_features has {edge_features.shape[0]} rows but the graph has "
                 f"{edge_index.shape[1]} edges (edge_index {list(edge_index.shape)})"
             )
+        memo = graph.__dict__.get(STRUCTURE_MEMO)
+        shared = None if memo is None else memo.get("context")
+        if shared is not None and shared.edge_index is edge_index:
+            return shared._replace(edge_features=edge_features)
         batch = getattr(graph, "batch", None)
         if batch is None:
             batch = torch.zeros(num_nodes, dtype=torch.long, device=edge_index.device)
@@ -84,7 +95,7 @@ class GraphContext(NamedTuple):
         # Group key (graph, layer), made dense so that scatter outputs stay small.
         key = batch * (int(layer.max()) + 1) + layer
         _, layer_group = torch.unique(key, return_inverse=True)
-        return cls(
+        context = cls(
             edge_index=edge_index,
             edge_features=edge_features,
             node_batch=batch,
@@ -93,3 +104,6 @@ class GraphContext(NamedTuple):
             num_layer_groups=int(layer_group.max()) + 1 if num_nodes else 0,
             cache={},
         )
+        if memo is not None:
+            memo["context"] = context  # its pattern cache is then shared too
+        return context

@@ -336,9 +336,11 @@ class LearnedUpdate(nn.Module):
               ) -> tuple[dict[str, Tensor], Tensor]:
         """GradMetaNet's per-parameter embedding ``{name: [P, *shape, k]}`` and the new factor EMAs."""
         assert self.gradmetanet is not None
-        factors = torch.stack([graphs.act, graphs.grad], dim=-1)  # [P·N, B, 2]
+        act, grad = graphs.act, graphs.grad
         if self.config.max_components is not None:
-            factors = factors[:, : self.config.max_components]
+            # Slice before stacking: only the components GradMetaNet reads are copied.
+            act, grad = act[:, : self.config.max_components], grad[:, : self.config.max_components]
+        factors = torch.stack([act, grad], dim=-1)  # [P·N, B, 2]
         factors = factors.to(self.log_alpha.dtype)
         factors = normalize_factors(factors, first.layer, num_particles)
         emas = state.factor_emas

@@ -20,7 +20,11 @@ Two estimators of the meta-gradient, chosen by :attr:`MetaTrainConfig.estimator`
 * ``"pes"`` — antithetic persistent evolution strategies (:class:`~gradgraph.optim.PES`),
   as the paper: particles come in pairs with meta-parameters ``θ ± ξ``; the estimate is
   unbiased for the smoothed loss of the whole unroll, but each particle has its own
-  meta-parameters, so the meta-model runs once per particle.
+  meta-parameters, so the meta-model runs once per particle. The two particles of a pair
+  run the same inner problem — the same initialisation, training and held-out batches and
+  restart phase (common random numbers) — so ``L⁺ − L⁻`` measures the perturbation ``±ξ``
+  and not the difference between two inner runs (which, half a horizon apart in training,
+  is several times larger; measured in the README).
 
 Devices: the trainer runs where the task's models are (the device of the first
 ``make_model``'s parameters): the meta-model is moved there and every tensor the trainer
@@ -44,12 +48,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch_geometric.data import Batch
 
 from gradgraph.capture import LossFn
 from gradgraph.convert import to_graph
 from gradgraph.errors import GradGraphError, NonFiniteFactorError
 from gradgraph.graph import GradGraph
+from gradgraph.optim.batching import ArchitectureCache
 from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
 from gradgraph.optim.pes import PES
 
@@ -149,7 +153,9 @@ class MetaTrainer:
         self.config = config = config or MetaTrainConfig()
         self.all_reduce = all_reduce
         self.next_model_seed = 1_000_000 + 10_000 * config.seed
-        self.models = [self._fresh_model() for _ in range(config.num_particles)]
+        #: inner problems (initialisation, batches, restart phase): one per PES pair, else one per particle.
+        self.num_problems = config.num_particles // 2 if config.estimator == "pes" else config.num_particles
+        self.models = self._for_particles([self.next_seed() for _ in range(self.num_problems)], self._seeded_model)
         self.device = next(self.models[0].parameters()).device
         self.meta_model = meta_model.to(self.device)
         scalars = [meta_model.log_alpha, meta_model.log_beta, meta_model.logit_mu]
@@ -162,11 +168,11 @@ class MetaTrainer:
         self.params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in self.models])
                        for name in self.names}
         self.state = meta_model.init_state(self.params)
-        # Particle p first restarts after (p + 1) * horizon / P steps: spread over training phases.
-        self.restart_at = torch.tensor([(p + 1) * config.horizon // config.num_particles
-                                        for p in range(config.num_particles)], device=self.device)
+        # Problem k first restarts after (k + 1) * horizon / K steps: spread over training phases.
+        self.restart_at = torch.tensor(self._for_particles(
+            [(k + 1) * config.horizon // self.num_problems for k in range(self.num_problems)]), device=self.device)
         self.inner_step = torch.zeros(config.num_particles, dtype=torch.long, device=self.device)
-        self.batches = [task.sample_batch(self.data_generator) for _ in range(config.num_particles)]
+        self.batches = self._sample(task.sample_batch)
         self.outer_steps = 0
         self.pes: PES | None = None
         if config.estimator == "pes":
@@ -174,14 +180,33 @@ class MetaTrainer:
             self.pes = PES(config.num_particles // 2, flat.numel(), config.sigma,
                            torch.Generator().manual_seed(config.seed + 7), dtype=flat.dtype, device=self.device)
         self.history: list[dict[str, float]] = []
+        # Every particle's network has the task's architecture: its graph structure is
+        # collated and grouped into weight blocks once, not at every inner step.
+        self._architecture = ArchitectureCache()
         #: truncations skipped because an inner run diverged (non-finite loss or factors).
         self.diverged_truncations = 0
 
     # ---------------------------------------------------------------- inner runs
-    def _fresh_model(self) -> nn.Module:
-        model = self.task.make_model(self.next_model_seed)
+    def next_seed(self) -> int:
+        """A model seed no inner run has used."""
         self.next_model_seed += 1
-        return model
+        return self.next_model_seed - 1
+
+    def _seeded_model(self, seed: int) -> nn.Module:
+        return self.task.make_model(seed)
+
+    def _for_particles(self, per_problem: list[Any], make: Callable[[Any], Any] | None = None) -> list[Any]:
+        """``[K] -> [P]``: particle ``p`` runs problem ``p mod K`` (PES: ``p`` and ``p + P/2`` are a pair).
+
+        With ``make``, every particle gets its own ``make(value)`` (e.g. its own module, from
+        its problem's seed), so particles never share mutable objects.
+        """
+        return [per_problem[p % self.num_problems] if make is None else make(per_problem[p % self.num_problems])
+                for p in range(self.config.num_particles)]
+
+    def _sample(self, sample: Callable[[torch.Generator], tuple[Tensor, Any]]) -> list[tuple[Tensor, Any]]:
+        """One batch per inner problem from the data stream, handed to every particle of that problem."""
+        return self._for_particles([sample(self.data_generator) for _ in range(self.num_problems)])
 
     def _graphs(self, params: dict[str, Tensor]) -> tuple[list[GradGraph], dict[str, Tensor]]:
         """Convert every particle's network on its current batch; mean gradients ``{name: [P, *shape]}``."""
@@ -192,7 +217,7 @@ class MetaTrainer:
                 for name in self.names:
                     own[name].copy_(params[name][index])
             graphs.append(to_graph(model, inputs, targets, self.task.loss_fn, forward_kwargs=self.task.forward_kwargs))
-        means = [graph.mean_grad() for graph in graphs]
+        means = [self._architecture.mean_grad(graph) for graph in graphs]
         return graphs, {name: torch.stack([mean[name] for mean in means]) for name in self.names}
 
     def _losses(self, params: dict[str, Tensor]) -> Tensor:
@@ -200,7 +225,7 @@ class MetaTrainer:
         batch if the task has ``sample_validation``, else on the particle's next training batch."""
         batches = self.batches
         if self.task.sample_validation is not None:
-            batches = [self.task.sample_validation(self.data_generator) for _ in self.models]
+            batches = self._sample(self.task.sample_validation)
         losses = []
         for index, (model, (inputs, targets)) in enumerate(zip(self.models, batches)):
             own = {name: params[name][index] for name in self.names}
@@ -213,8 +238,10 @@ class MetaTrainer:
         done = self.inner_step >= self.restart_at
         if done.any():
             fresh_params = dict(self.params)
+            # Particles of one problem restart together (same restart phase), from one new seed.
+            seeds = self._for_particles([self.next_seed() if bool(done[k]) else None for k in range(self.num_problems)])
             for index in done.nonzero().reshape(-1).tolist():
-                self.models[index] = self._fresh_model()
+                self.models[index] = self._seeded_model(seeds[index])
                 own = dict(self.models[index].named_parameters())
                 for name in self.names:
                     fresh_params[name] = fresh_params[name].clone()
@@ -283,14 +310,14 @@ class MetaTrainer:
     def _advance(self, new_params: dict[str, Tensor]) -> None:
         self.params = new_params
         self.inner_step = self.inner_step + 1
-        self.batches = [self.task.sample_batch(self.data_generator) for _ in range(self.config.num_particles)]
+        self.batches = self._sample(self.task.sample_batch)
 
     def _tbptt_truncation(self) -> tuple[float, float]:
         params, state = self.params, self.state
         terms = []
         for _ in range(self.config.truncation):
             graphs, grads = self._graphs({k: v.detach() for k, v in params.items()})
-            batch = Batch.from_data_list(graphs) if self.meta_model.needs_graph else None
+            batch = self._architecture.batch(graphs) if self.meta_model.needs_graph else None
             params, state = self.meta_model(params, grads, state, batch, graphs[0])
             self._advance(params)
             terms.append(_log_loss(self._losses(params)))
@@ -322,7 +349,7 @@ class MetaTrainer:
                 one = {name: params[name][index:index + 1] for name in self.names}
                 one_grads = {name: grads[name][index:index + 1] for name in self.names}
                 one_state = _slice_state(state, index, self.config.num_particles)
-                batch = Batch.from_data_list([graph]) if self.meta_model.needs_graph else None
+                batch = self._architecture.batch([graph]) if self.meta_model.needs_graph else None
                 out_params, out_state = functional_call(self.meta_model, per_particle[index],
                                                         (one, one_grads, one_state, batch, graph))
                 for name in self.names:

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.data import Batch
 
 from gradgraph.convert import convert_closure
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
+from gradgraph.optim.batching import ArchitectureCache
 from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
 
 __all__ = ["LearnedOptimizer", "graph_from_closure"]
@@ -95,6 +95,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.meta_model = meta_model.to(self.device)
         self._step = torch.zeros(1, dtype=torch.long, device=self.device)
         self._factor_emas: Tensor | None = None
+        # The model's graph has the same structure at every step: collate it and group its
+        # weight blocks once (ArchitectureCache), not at every step.
+        self._architecture = ArchitectureCache()
 
     @classmethod
     def from_pretrained(cls, name: str, model: nn.Module) -> "LearnedOptimizer":
@@ -156,10 +159,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         missing = [name for name, _ in self.named if name not in covered]
         if missing:
             raise GradGraphError(f"LearnedOptimizer: the graph of {type(self.model).__name__} does not carry {missing}")
-        mean_grad = graph.mean_grad()
+        mean_grad = self._architecture.mean_grad(graph)
         params = {name: p.detach()[None] for name, p in self.named}
         grads = {name: mean_grad[name][None].to(p.dtype) for name, p in self.named}
-        graphs = Batch.from_data_list([graph]) if self.meta_model.needs_graph else None
+        graphs = self._architecture.batch([graph]) if self.meta_model.needs_graph else None
         new_params, new_state = self.meta_model(params, grads, self._state(), graphs, graph)
         for name, p in self.named:
             p.copy_(new_params[name][0])

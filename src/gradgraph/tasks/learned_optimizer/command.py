@@ -32,10 +32,14 @@ def _command(args: argparse.Namespace) -> int:
         preset = dict(META_PRESETS[args.preset])
         if args.minutes is not None:
             preset["minutes"] = args.minutes
+        if args.particles is not None:
+            preset["num_particles"] = args.particles
+        learning_rates = {key: value for key, value in (("outer_lr", args.outer_lr), ("scalar_lr", args.scalar_lr))
+                          if value is not None}
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
                                out_dir=str(args.out_dir / f"meta-{args.variant}"), progress=not args.quiet,
                                max_outer_steps=args.max_outer_steps, start=args.start, select_every=args.select_every,
-                               device=args.device, **preset)
+                               device=args.device, **learning_rates, **preset)
         from gradgraph.distributed import init_distributed
 
         context = init_distributed(args.device)  # one process unless started by torchrun
@@ -95,6 +99,12 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
                              "export the best, outer step 0 included")
     parser.add_argument("--preset", choices=sorted(META_PRESETS), default="default", help="meta-training budget preset")
     parser.add_argument("--minutes", type=float, default=None, help="override the preset's wall-clock budget")
+    parser.add_argument("--particles", type=int, default=None,
+                        help="override the preset's number of inner runs per outer step (PES: even, antithetic pairs)")
+    parser.add_argument("--outer-lr", type=float, default=None,
+                        help="outer Adam learning rate of the MLP and GradMetaNet (default 1e-3)")
+    parser.add_argument("--scalar-lr", type=float, default=None,
+                        help="outer Adam learning rate of log alpha, log beta, logit mu (default 1e-3)")
     parser.add_argument("--max-outer-steps", type=int, default=1_000_000, help="stop meta-training after this many outer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", type=Path, default=None, help="write the meta-model file here after meta-training")
