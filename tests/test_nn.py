@@ -118,6 +118,17 @@ def test_assert_equivariant_fails_for_a_layer_that_sees_neuron_indices():
         assert_equivariant(broken, [graph])
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_assert_equivariant_redraws_an_identity_permutation_and_refuses_a_graph_that_cannot_move(seed):
+    # one hidden layer of two neurons: half the draws are the identity, which proves nothing
+    pair = random_graph([3, 2, 2], ["relu", "none"], [True, True], seed=seed)[3]
+    errors = assert_equivariant(GradMetaNet(4), [pair], num_trials=3, seed=seed, atol=1e-9, rtol=1e-9)
+    assert set(errors) == {"node permutation", "component permutation"}
+    rigid = random_graph([3, 2], ["none"], [True], seed=seed)[3]  # no hidden neuron: nothing may move
+    with pytest.raises(GradGraphError, match="moved no node in 32 draws"):
+        assert_equivariant(GradMetaNet(4), [rigid], seed=seed)
+
+
 class ComponentOrderReadout(torch.nn.Module):
     """Deliberately broken: component outputs that do not move with the components."""
 

@@ -49,8 +49,8 @@ def test_merging_runs_of_single_seeds_and_models_equals_the_run_of_all(tmp_path)
                                                                     {"reference": [0], "other": [0]}]
 
 
-def test_the_same_seed_with_different_results_is_refused_naming_both_parts():
-    first = run(ToyConfig(seeds=(0,), models=("learned",)))
+def test_the_same_seed_with_different_results_is_refused_naming_both_parts(tmp_path):
+    first = run(ToyConfig(seeds=(0,), models=("learned",), output_dir=tmp_path))
     second = json.loads(json.dumps(first))
     second["models"]["learned"]["test_errors"] = [1.5]
     with pytest.raises(GradGraphError, match=r"learned seed 0 is in a\.json .* and in b\.json"):
@@ -58,9 +58,9 @@ def test_the_same_seed_with_different_results_is_refused_naming_both_parts():
     assert merge_results([first, first], reference="reference")["models"]["learned"]["seeds"] == [0]
 
 
-def test_runs_of_different_experiments_are_refused():
-    first = run(ToyConfig(seeds=(0,), models=("learned",)))
-    other_rate = run(ToyConfig(seeds=(1,), models=("learned",), extra={"learning_rate": 0.2}))
+def test_runs_of_different_experiments_are_refused(tmp_path):
+    first = run(ToyConfig(seeds=(0,), models=("learned",), output_dir=tmp_path / "a"))
+    other_rate = run(ToyConfig(seeds=(1,), models=("learned",), extra={"learning_rate": 0.2}, output_dir=tmp_path / "b"))
     with pytest.raises(GradGraphError, match=r"config\.extra differs: a has \{\}, b has \{'learning_rate': 0\.2\}"):
         merge_results([first, other_rate], reference="reference", sources=["a", "b"])
     other_metric = {**first, "metric": "another metric"}
