@@ -12,7 +12,7 @@ is SGD with momentum. ``m`` is an EMA of the gradient, so ``α`` is the learning
 that SGD-with-momentum part.
 
 With ``residual_adam=True`` (the default of meta-training runs, off in the paper's rule),
-``F = d_t + MLP(φ_t ‖ e_t)`` with ``d_t = m̂_t / (\sqrt{v̂_t} + 10^{-8})`` Adam's direction
+``F = d_t + MLP(φ_t ‖ e_t)`` with ``d_t = m̂_t / (√v̂_t + 10⁻⁸)`` Adam's direction
 (bias-corrected EMAs of ∇ and ∇², decays 0.9 and 0.999): the rule then starts as Adam with
 learning rate ``αβ`` plus a little SGD momentum, and meta-training learns a correction to it.
 A budget of a few hundred outer steps on CPU cannot discover per-parameter adaptivity from

@@ -14,9 +14,9 @@ datapoint's gradient, no per-sample gradient), reads the mean gradient from the 
 parameters into the model. It returns the mean loss.
 
 The closure is called once per step, as in any PyTorch training loop: it may draw its batch
-itself. Its forward is captured while it runs (:func:`gradgraph.convert_closure`: the MLP
-chain fast path's hooks, or the traced converter), and its losses' one backward pass gives
-the factors.
+itself. Its forward is captured while it runs (:func:`gradgraph.convert_closure`: the traced
+converter's cached plan, captured by calling the layers of a plain chain or by the per-op
+replay otherwise), and its losses' one backward pass gives the factors.
 """
 
 from __future__ import annotations
