@@ -154,3 +154,21 @@ def test_to_parameters_validates_shapes():
         graph.to_parameters(torch.zeros(8))
     with pytest.raises(GradGraphError, match="node_values"):
         graph.to_parameters(torch.zeros(9), torch.zeros(3))
+
+
+def test_graphs_sharing_an_architectures_tensors_share_their_weight_blocks_until_one_is_changed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    inputs, targets = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    first, second = (gradgraph.to_graph(model, inputs, targets, loss_fn) for _ in range(2))
+    assert first.edge_param is second.edge_param  # one plan: the structure tensors are shared
+    assert first._parameter_blocks() is second._parameter_blocks()
+    # a structure tensor changed in place (its version moves) is not trusted to match any more
+    third = gradgraph.to_graph(model, inputs, targets, loss_fn)
+    third.edge_param_pos.add_(0)
+    assert third._parameter_blocks() is not first._parameter_blocks()
+    for got, expected in ((second.per_sample_grads(), first.per_sample_grads()),
+                          (third.mean_grad(), first.mean_grad())):
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=0, rtol=0)

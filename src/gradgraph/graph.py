@@ -69,13 +69,20 @@ from __future__ import annotations
 
 import enum
 import threading
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 from torch_geometric.data import Batch, Data
 
 from gradgraph.errors import GradGraphError
+
+#: The fields :meth:`GradGraph._parameter_blocks` reads, and its blocks per shared ``edge_param``
+#: tensor (weakly held: the entry goes with the architecture's tensors).
+_BLOCK_STRUCTURE = ("edge_index", "edge_kind", "edge_param", "edge_param_pos", "node_param", "node_param_pos")
+_BLOCKS_BY_STRUCTURE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 __all__ = [
     "ActivationKind",
@@ -342,12 +349,23 @@ class GradGraph(Data):
         of edges (``rows`` = dst, ``cols`` = src, ``positions`` per edge) and ``"nodes"`` for
         biases (``rows`` = nodes). ``span`` is the slice of the flat parameter that
         ``positions`` covers when it is consecutive in order (an ``nn.Linear`` weight or bias),
-        so the block is written with one slice instead of an index. Cached per graph: it
-        depends only on the slots.
+        so the block is written with one slice instead of an index. Cached per graph (it
+        depends only on the structure fields), and shared by the graphs that hold the same
+        structure tensors (every conversion of one architecture), unless one of them was
+        changed in place since.
         """
         cached = self.__dict__.get("_blocks_cache")
         if cached is not None:
             return cached
+        # graphs of one architecture usually share their structure tensors (a converter's plan):
+        # then they share the blocks too, unless one of those tensors was changed in place
+        # weak references: an entry must not keep its own key (edge_param) alive
+        structure = tuple((weakref.ref(self[key]), self[key]._version) for key in _BLOCK_STRUCTURE)
+        shared = _BLOCKS_BY_STRUCTURE.get(self.edge_param)
+        if shared is not None and all(kept() is self[key] and kept_version == self[key]._version
+                                      for key, (kept, kept_version) in zip(_BLOCK_STRUCTURE, shared[0])):
+            self.__dict__["_blocks_cache"] = shared[1]
+            return shared[1]
         blocks = []
         src, dst = self.edge_index
         for param in torch.unique(self.edge_param[self.edge_param >= 0]).tolist():
@@ -372,6 +390,7 @@ class GradGraph(Data):
             positions = self.node_param_pos[mask]
             blocks.append((param, "nodes", nodes, nodes, positions, consecutive_span(positions)))
         self.__dict__["_blocks_cache"] = blocks
+        _BLOCKS_BY_STRUCTURE[self.edge_param] = (structure, blocks)
         return blocks
 
     def _grads_by_parameter(self, reduce_mean: bool) -> dict[str, Tensor]:
