@@ -80,15 +80,15 @@ class ArchitectureCache:
         return False
 
     def mean_grad(self, graph: GradGraph) -> dict[str, Tensor]:
-        """:meth:`GradGraph.mean_grad` of ``graph``, with the weight blocks of its architecture reused.
+        """:meth:`GradGraph.mean_grad` of ``graph`` (adopting it as the reference if none matches).
 
-        The blocks depend only on structural fields (``edge_index``, ``edge_kind``, the
-        parameter slots), which :meth:`_matches` checks are those of the reference graph.
+        The weight blocks the mean reads are grouped once per architecture: GradGraph shares
+        them between graphs that hold the same structure tensors, as every conversion from
+        one cached plan does.
         """
-        if self._adopt(graph) and graph is not self._reference:
-            # GradGraph caches its blocks per instance; a graph with the reference's
-            # structure has the reference's blocks.
-            graph.__dict__["_blocks_cache"] = self._reference._parameter_blocks()
+        # Graphs converted from one cached plan hold the same structure tensors, and GradGraph
+        # shares the weight blocks of such graphs itself.
+        self._adopt(graph)
         return graph.mean_grad()
 
     def batch(self, graphs: list[GradGraph]) -> Batch:
