@@ -170,12 +170,7 @@ class _AffineRules:
         if self.input_comps is None:
             self.input_nodes = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
             self.input_comps = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
-        if self.input_set is None:
-            self.input_set = self.new_set(width, NodeKind.INPUT, "input", "input")
-            self.input_set.pinned = True
-        if self.input_set.size != width:
-            raise self.unsupported(name, f"the input is read as {width} features per patch here but "
-                                   f"{self.input_set.size} elsewhere")
+        self.input_neurons(width, name, f"as {width} features per patch")
         keep = _broadcast(inside, x.shape)
         nodes = torch.where(keep, self.input_set.first + _broadcast(feature, x.shape), -1)
         comps = torch.full(tuple(x.shape), -1, dtype=torch.long)

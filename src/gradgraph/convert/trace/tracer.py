@@ -123,6 +123,16 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         return UnsupportedOperationError(self.path(), op, self.location(), reason,
                                          self.module_types[-1] if self.module_types else None)
 
+    def input_neurons(self, width: int, op: str, reading: str) -> NeuronSet:
+        """The input's neuron set (pinned), made by its first reader; every reader must read
+        ``width`` features (``reading`` says how, for the error naming ``op``)."""
+        if self.input_set is None:
+            self.input_set = self.new_set(width, NodeKind.INPUT, "input", "input")
+            self.input_set.pinned = True
+        if self.input_set.size != width:
+            raise self.unsupported(op, f"the input is read {reading} here but {self.input_set.size} elsewhere")
+        return self.input_set
+
     def new_set(self, size: int, kind: NodeKind, origin: str, created_by: str) -> NeuronSet:
         neuron_set = NeuronSet(len(self.sets), self.num_nodes, size, kind, origin, created_by=created_by)
         self.sets.append(neuron_set)
@@ -214,12 +224,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
             row_start = within.reshape(-1, width).min(1).values
             rank = torch.unique(row_start, return_inverse=True)[1]
             position = rank[:, None].expand(-1, width).reshape(within.shape)
-        if self.input_set is None:
-            self.input_set = self.new_set(width, NodeKind.INPUT, "input", "input")
-            self.input_set.pinned = True
-        if self.input_set.size != width:
-            raise self.unsupported(what, f"the input is read with {width} features here but "
-                                   f"{self.input_set.size} elsewhere")
+        self.input_neurons(width, what, f"with {width} features")
         nodes = self.input_set.first + _broadcast(feature, tensor.shape).clone()
         comps = self._assign_comps(element, datapoint, position)
         if tensor.requires_grad:
