@@ -98,7 +98,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 def _merge_command(command: str, args: argparse.Namespace, results_table: Callable[[dict[str, Any]], str], *,
                    reference: Callable[[dict[str, Any]], str] | None,
                    plot: Callable[[dict[str, Any], Path], Path] | None) -> int:
-    """``--merge DIR...``: join the ``results.json`` of runs that differ only in their seeds,
+    """``--merge DIR...``: join the ``results.json`` of runs that differ only in seeds or models,
     write it (and the plot) to ``--output-dir``, print the table; nothing is trained."""
     from gradgraph.errors import GradGraphError
     from gradgraph.tasks.results import merge_results, read_results, write_results
@@ -121,8 +121,14 @@ def _merge_command(command: str, args: argparse.Namespace, results_table: Callab
         wall = part["wall_seconds"]
         print(f"  {part['source']}: wall time " + (f"{wall:.0f}s" if wall is not None else "unknown")
               + f", device {part['machine'].get('device', '?') if part['machine'] else '?'}")
-    print("wrote " + " and ".join(str(path) for path in written))
+    print(f"wrote {_listed(written)}")
     return 0
+
+
+def _listed(paths: Sequence[Path]) -> str:
+    """``a, b and c``."""
+    names = [str(path) for path in paths]
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 
 def _curvature_command(args: argparse.Namespace) -> int:
@@ -139,6 +145,7 @@ def _curvature_command(args: argparse.Namespace) -> int:
         config = replace(config, zoo=replace(config.zoo, num_nets=args.nets), num_train=args.nets - num_val - num_test,
                          num_val=num_val, num_test=num_test)
     config = _apply_experiment_flags(config, args)
+
     def plot(results: dict[str, Any], output_dir: Path) -> Path:
         plot_learning_curves(results, output_dir / "curvature.png")
         return output_dir / "curvature.png"
@@ -169,7 +176,7 @@ def add_experiment_flags(parser: argparse.ArgumentParser, *, item: str, models: 
                              "how many ran)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="train nothing: merge the results.json of earlier runs of this experiment that "
-                             "differ only in their seeds (e.g. one process per --seed) into --output-dir")
+                             "differ only in their seeds or models (e.g. one process per --seed) into --output-dir")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=None, help=f"{item} per step")
     parser.add_argument("--models", nargs="+", choices=list(models), default=None, help="models to run")
@@ -265,9 +272,7 @@ def _run_experiment(command: str, args: argparse.Namespace, config: Any, run: Ca
     print(f"\nmetric: {results['metric']}")
     for line in notes(results):
         print(line)
-    written = [str(path) for path in outputs]
-    print(f"wall time {results['wall_seconds']:.0f}s; wrote "
-          + (", ".join(written[:-1]) + " and " if len(written) > 1 else "") + written[-1])
+    print(f"wall time {results['wall_seconds']:.0f}s; wrote {_listed(outputs)}")
     return 0
 
 

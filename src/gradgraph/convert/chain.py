@@ -174,7 +174,8 @@ def chain_capture(chain: list[tuple[str, nn.Module]] | None, module_outputs: Seq
     if chain is None:
         return None
     paths = tuple(path for path, _ in chain)
-    leaf_calls = [(path, source) for path, source in module_outputs if path in set(paths)]
+    leaf_paths = set(paths)
+    leaf_calls = [(path, source) for path, source in module_outputs if path in leaf_paths]
     if tuple(path for path, _ in leaf_calls) != paths:
         return None
     if any(source[0] not in ("input", "out") or (source[0] == "out" and source[2] != 0) for source in sources):

@@ -235,7 +235,7 @@ def read_results(path: Path | str) -> dict[str, Any]:
 
 def merge_results(parts: Sequence[Mapping[str, Any]], *, reference: str,
                   sources: Sequence[str] | None = None) -> dict[str, Any]:
-    """One ``results`` from runs of the same experiment that differ only in their seeds.
+    """One ``results`` from runs of the same experiment that differ only in their seeds or models.
 
     Typical use: one process (or machine) per seed or model, ``--seed K`` each, then one
     table. Every part must have the same metric and the same config up to
@@ -275,7 +275,7 @@ def merge_results(parts: Sequence[Mapping[str, Any]], *, reference: str,
             if first["config"].get(key) != part["config"].get(key):
                 raise GradGraphError(f"config.{key} differs: {names[0]} has {first['config'].get(key)!r}, "
                                      f"{name} has {part['config'].get(key)!r}; only runs that differ in their "
-                                     f"seeds can be merged")
+                                     f"seeds or models can be merged")
     models: dict[str, dict[str, Any]] = {}
     for name, part in zip(names, parts):
         for model, entry in part["models"].items():
