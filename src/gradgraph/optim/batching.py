@@ -10,13 +10,13 @@ scratch at every step (measured on digits, README: 15% and 8% of a step):
 * :meth:`GradGraph.mean_grad` groups the edges into weight blocks (``torch.unique`` per
   parameter) before the one matmul per block that reads the gradient.
 
-:class:`ArchitectureCache` keeps, per architecture, a collated template batch and the weight
-blocks of a reference graph. A new graph whose structure matches the reference (the same
-tensors, as the converters' architecture caches hand out, or equal ones) gets the blocks,
-and a batch of such graphs is a shallow copy of the template with the four value tensors
-concatenated. Anything else — another architecture, another batch size — is collated afresh
-and becomes the new reference. The results are the tensors ``Batch.from_data_list`` and
-``mean_grad`` give (tested bit-identical).
+:class:`ArchitectureCache` keeps, per architecture, a collated template batch. A batch of
+graphs whose structure matches the reference graph's (the same tensors, as the converter's
+cached plans hand out, or equal ones) is a shallow copy of the template with the four value
+tensors concatenated. Anything else — another architecture, another batch size — is collated
+afresh and becomes the new reference. The weight blocks are shared by GradGraph itself
+between graphs that hold the same structure tensors. The results are the tensors
+``Batch.from_data_list`` and ``mean_grad`` give (tested bit-identical).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _same(left: Any, right: Any) -> bool:
 
 
 class ArchitectureCache:
-    """Collated structure and weight blocks of the last architecture seen (module docstring).
+    """Collated structure of the last architecture seen (module docstring).
 
     Shapes:
         - :meth:`batch`: ``P`` GradGraphs of one architecture -> a ``Batch`` (as

@@ -181,7 +181,7 @@ class MetaTrainer:
                            torch.Generator().manual_seed(config.seed + 7), dtype=flat.dtype, device=self.device)
         self.history: list[dict[str, float]] = []
         # Every particle's network has the task's architecture: its graph structure is
-        # collated and grouped into weight blocks once, not at every inner step.
+        # collated once (and its weight blocks shared by GradGraph), not at every inner step.
         self._architecture = ArchitectureCache()
         #: truncations skipped because an inner run diverged (non-finite loss or factors).
         self.diverged_truncations = 0

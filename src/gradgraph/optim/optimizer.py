@@ -95,8 +95,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.meta_model = meta_model.to(self.device)
         self._step = torch.zeros(1, dtype=torch.long, device=self.device)
         self._factor_emas: Tensor | None = None
-        # The model's graph has the same structure at every step: collate it and group its
-        # weight blocks once (ArchitectureCache), not at every step.
+        # The model's graph has the same structure at every step: collate it once
+        # (ArchitectureCache; the graphs share their weight blocks in GradGraph), not at every step.
         self._architecture = ArchitectureCache()
 
     @classmethod
