@@ -167,9 +167,6 @@ class _AffineRules:
             feature = feature * step + grid % step
             position = position * count + grid // step
         feature = torch.arange(channels).reshape(-1, *[1] * spatial) * math.prod(kernel) + feature
-        if self.input_comps is None:
-            self.input_nodes = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
-            self.input_comps = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
         self.input_neurons(width, name, f"as {width} features per patch")
         keep = _broadcast(inside, x.shape)
         nodes = torch.where(keep, self.input_set.first + _broadcast(feature, x.shape), -1)

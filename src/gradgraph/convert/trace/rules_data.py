@@ -119,7 +119,4 @@ class _DataRules:
         if element is None or not _injective(element):
             return None
         datapoint, within, _ = self._datapoint_of(element)
-        if self.input_comps is None:
-            self.input_nodes = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
-            self.input_comps = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
         return self._assign_comps(element, datapoint, within)

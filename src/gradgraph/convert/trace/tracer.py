@@ -71,8 +71,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         self.module_stack: list[str] = []
         self.module_types: list[str] = []
         self._module_paths = {id(module): name for name, module in model.named_modules()}
-        self.input_nodes: Tensor | None = None  # per flat input element
-        self.input_comps: Tensor | None = None
+        self.input_comps: Tensor | None = None  # per flat input element: its component, -1 until read
         self.input_tensor: Tensor | None = None
         self.input_set: NeuronSet | None = None
         self.log: _OpLog | None = None
@@ -205,9 +204,6 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         if tensor.dim() < 1:
             raise self.unsupported(what, "the input must have a datapoint axis")
         integer = not tensor.is_floating_point()
-        if self.input_comps is None:
-            self.input_nodes = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
-            self.input_comps = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
         if integer:  # token ids: every element is one position
             comps = self._assign_comps(element, datapoint, within)
             return _Neurons(_ids_like(tensor), comps, {})
@@ -236,6 +232,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         while len(self.keys) < count:
             self.new_key()
         comps = datapoint * KEY_STRIDE + position
+        if self.input_comps is None:
+            self.input_comps = torch.full((self.input_tensor.numel(),), -1, dtype=torch.long)
         known = self.input_comps[element.reshape(-1)]
         if bool(((known >= 0) & (known != comps.reshape(-1))).any()):
             raise self.unsupported("input", "the input is read with two different layouts")
