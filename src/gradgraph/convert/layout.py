@@ -236,6 +236,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
     }
     return TracePlan(
         fingerprints=list(tracer.log.fingerprints),
+        guards=dict(tracer.value_guards),
         act=acts,
         grad=grads,
         onehot=onehots,

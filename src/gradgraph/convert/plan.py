@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 from gradgraph.capture import check_finite
 from gradgraph.convert.trace import KEY_STRIDE, UnsupportedOperationError
 from gradgraph.convert.trace.ops import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES
+from gradgraph.convert.trace.meta import ValueGuard
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph, consecutive_span
@@ -187,6 +188,8 @@ class TracePlan:
 
     #: records the plan's tensors by calling a plain chain's leaves (None: the general replay)
     chain: ChainCapture | None = None
+    #: op index -> decisions the layout read off constant values; a replay re-checks them
+    guards: dict[int, list[ValueGuard]] = field(default_factory=dict)
     _derived: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -196,7 +196,8 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
             output, captured = plan.chain.run(chain, x)
             return _Pass(key, plan, None, captured, output, x, num_datapoints, dtype)
         try:
-            replayer, output, x = replay_model(model, inputs, forward, plan.fingerprints, plan.wanted)
+            replayer, output, x = replay_model(model, inputs, forward, plan.fingerprints, plan.wanted,
+                                               plan.guards)
         except PlanMismatch:
             pass  # the forward took another path this time: trace it again
         else:
@@ -227,7 +228,9 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     plan = run.plan
     if plan is None:
         plan = _make_plan(run.tracer, run.output, run.num_datapoints)
-        plan.chain = chain_capture(run.chain, run.tracer.module_outputs, plan.sources, plan.wanted)
+        # a chain capture checks no op's arguments: only for plans no constant's values shaped
+        plan.chain = None if plan.guards else chain_capture(run.chain, run.tracer.module_outputs, plan.sources,
+                                                            plan.wanted)
     device = run.x.device if run.tracer is None else run.tracer.params[0].device
     act, grad = _fill(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints, run.dtype, device)
     # the recorded activations are no longer needed: freeing them before the O(P) edge values

@@ -148,6 +148,51 @@ def _varies_along(ids: Tensor, axis: int) -> bool:
     return not bool((ids == first).all())
 
 
+def constant_varies(constant: Tensor, shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+    """Whether ``constant``, broadcast to ``shape``, differs along one of ``axes`` (the axes the
+    neurons it meets vary along): then it tells those neurons apart and their permutation
+    symmetry is lost. A constant that does not broadcast counts as differing."""
+    try:
+        expanded = torch.broadcast_to(constant.detach(), shape)
+    except RuntimeError:
+        return True
+    return any(_varies_along(expanded, axis) for axis in axes)
+
+
+@dataclass(frozen=True)
+class ValueGuard:
+    """A layout decision the trace read off the values of a constant argument of one op.
+
+    The op fingerprints of a replay name tensors by the op that produced them, not by their
+    values; a buffer (ALiBi's slopes, a fixed mask) of another instance of the architecture
+    may differ. A replay recomputes each guard on the argument it sees and traces afresh where
+    the decision would come out otherwise, so every model gets the group its own values allow.
+
+    Attributes:
+        position: the constant's index in ``flat_arguments(args, kwargs)`` of the op.
+        shape: the shape it is broadcast to.
+        axes: the axes its neurons vary along.
+        varies: :func:`constant_varies` at the trace.
+        values: where the layout holds the constant's values themselves (embedding rows read at
+            fixed indices), a copy of them; the guard then holds only for equal values.
+    """
+
+    position: int
+    shape: tuple[int, ...] = ()
+    axes: tuple[int, ...] = ()
+    varies: bool = False
+    values: Tensor | None = None
+
+    def holds(self, arguments: list | tuple) -> bool:
+        """``True`` if the decision is the same for this call's arguments of the op."""
+        if self.position >= len(arguments) or not isinstance(arguments[self.position], Tensor):
+            return False
+        argument = arguments[self.position]
+        if self.values is not None:
+            return argument.shape == self.values.shape and torch.equal(argument.detach().cpu(), self.values)
+        return constant_varies(argument, self.shape, self.axes) == self.varies
+
+
 def _rows_along_last(ids: Tensor) -> Tensor:
     return ids.reshape(-1, ids.shape[-1]) if ids.dim() else ids.reshape(1, 1)
 

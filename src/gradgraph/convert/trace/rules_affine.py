@@ -266,6 +266,8 @@ class _AffineRules:
             raise self.unsupported("embedding", "its indices are computed from the input and their positions move "
                                    "before they join the token values; pass them in (e.g. position_ids) or compute "
                                    "them with elementwise ops on the ids")
+        # the layout keeps these rows: a later call (another instance's buffer) must read the same indices
+        self.add_guard(op, indices, values=indices.detach().cpu().clone())
         return None
 
     def position_parameter(self, name: str, param: _Param, shape: torch.Size, result: Tensor) -> _Neurons:

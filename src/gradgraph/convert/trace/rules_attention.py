@@ -64,13 +64,13 @@ class _AttentionRules:
         if constant.dim() == 0 or batch <= 0:
             return
         try:
-            expanded = torch.broadcast_to(constant.detach().cpu(), shape)
             query_nodes = torch.broadcast_to(query.nodes, (*shape[:-2], *query.nodes.shape[-2:]))
         except RuntimeError:
-            expanded, query_nodes = None, None
-        if expanded is not None and not any(
-                _varies_along(query_nodes, axis) and _varies_along(expanded, axis) for axis in range(batch)):
-            return
+            query_nodes = None
+        if query_nodes is not None:
+            head_axes = tuple(axis for axis in range(batch) if _varies_along(query_nodes, axis))
+            if not self.constant_varies(constant, shape, head_axes):
+                return
         for index in list(query.versions) + list(key.versions):
             self.sets[index].pinned = True
 

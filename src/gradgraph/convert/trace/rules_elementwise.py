@@ -205,13 +205,11 @@ class _ElementwiseRules:
 
     def check_constant(self, name: str, meta: _Neurons, constant: Tensor, shape: torch.Size) -> None:
         """A constant that differs between neurons of one set breaks their permutation symmetry."""
-        expanded = _broadcast(constant.detach().cpu(), shape)
         nodes = _broadcast(meta.nodes, shape)
-        for axis in range(len(shape)):
-            if _varies_along(nodes, axis) and expanded.shape[axis] > 1 and _varies_along(expanded, axis):
-                for index in meta.versions:
-                    self.sets[index].pinned = True
-                return
+        axes = tuple(axis for axis in range(len(shape)) if _varies_along(nodes, axis))
+        if self.constant_varies(constant, tuple(shape), axes):
+            for index in meta.versions:
+                self.sets[index].pinned = True
 
     def with_parameter(self, name: str, neurons: tuple[Tensor, _Neurons], param: tuple[Tensor, _Param],
                        output: Tensor, additive: bool) -> None:

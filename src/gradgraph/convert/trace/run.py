@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import check_materialised
 from gradgraph.convert.trace.meta import (
-    TraceAbort,
+    TraceAbort, ValueGuard, flat_arguments,
     _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
 )
 from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES, _op_name
@@ -215,11 +215,13 @@ class _Replayer(TorchFunctionMode):
     only the tensors the graph's factors come from.
     """
 
-    def __init__(self, model: nn.Module, fingerprints: list[tuple], wanted: set[int]) -> None:
+    def __init__(self, model: nn.Module, fingerprints: list[tuple], wanted: set[int],
+                 guards: dict[int, list[ValueGuard]] | None = None) -> None:
         super().__init__()
         self.model = model
         self.fingerprints = fingerprints
         self.wanted = wanted
+        self.guards = guards or {}
         self.captured: dict[int, tuple[tuple, dict, Any]] = {}
         self.module_stack: list[str] = []
         self.module_types: list[str] = []
@@ -236,15 +238,21 @@ class _Replayer(TorchFunctionMode):
         index = self.log.step(_op_name(func), args, kwargs, output)
         if index >= len(self.fingerprints) or self.log.fingerprints[-1] != self.fingerprints[index]:
             raise PlanMismatch(index)
+        guards = self.guards.get(index)
+        if guards is not None:
+            arguments = flat_arguments(args, kwargs)
+            if not all(guard.holds(arguments) for guard in guards):
+                raise PlanMismatch(index)  # a constant's values change the layout (another buffer)
         if index in self.wanted:
             self.captured[index] = (args, kwargs, output)
         return output
 
 
 def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], fingerprints: list[tuple],
-                 wanted: set[int]) -> tuple[_Replayer, Any, Tensor]:
-    """Run ``forward(x)`` checking it against ``fingerprints``; raises :class:`PlanMismatch` if it differs."""
-    replayer = _Replayer(model, fingerprints, wanted)
+                 wanted: set[int], guards: dict[int, list[ValueGuard]] | None = None) -> tuple[_Replayer, Any, Tensor]:
+    """Run ``forward(x)`` checking it against ``fingerprints`` and the plan's value ``guards``;
+    raises :class:`PlanMismatch` if it differs."""
+    replayer = _Replayer(model, fingerprints, wanted, guards)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     replayer.log = _OpLog(x, {id(p): name for name, p in model.named_parameters()})
     with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer:

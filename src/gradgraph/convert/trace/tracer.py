@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from gradgraph.convert.trace.meta import (
     _broadcast, _feature_row, _GRADGRAPH_DIR, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _OpLog, _Param,
-    _Raw, _Scores, _TORCH_DIR, TraceAbort, UnsupportedOperationError, _varies_along,
+    _Raw, _Scores, _TORCH_DIR, TraceAbort, UnsupportedOperationError, ValueGuard, _varies_along, constant_varies,
+    flat_arguments,
 )
 from gradgraph.convert.trace.ops import (
     _ACTIVATIONS, _ADDMM, _BADDBMM, _BATCH_NORM, _CONVOLUTION, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
@@ -80,6 +81,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         #: id(tensor) -> (tensor, op index, recipe): values computed by the tracer itself from
         #: an op's arguments (a norm's normalised input), so a replay can recompute them
         self.derived: dict[int, tuple[Tensor, int, tuple]] = {}
+        #: op index -> layout decisions read off its constant arguments' values (checked by a replay)
+        self.value_guards: dict[int, list[ValueGuard]] = {}
 
     # -------------------------------------------------------------- bookkeeping
     def meta(self, value: Any) -> Any:
@@ -104,6 +107,19 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
             self.param_shapes.append(list(param.shape))
             self.params.append(param)
         return index
+
+    def constant_varies(self, constant: Tensor, shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+        """:func:`~gradgraph.convert.trace.meta.constant_varies` for an argument of the current op,
+        recorded as a :class:`ValueGuard` so a replay of the plan makes the same decision."""
+        varies = constant_varies(constant, tuple(shape), tuple(axes))
+        self.add_guard(self.op_index, constant, shape=tuple(shape), axes=tuple(axes), varies=varies)
+        return varies
+
+    def add_guard(self, op: int, constant: Tensor, **decision: Any) -> None:
+        """Record a :class:`ValueGuard` on ``constant``, an argument of op ``op``."""
+        args, kwargs, _ = self.captured[op]
+        position = next(i for i, value in enumerate(flat_arguments(args, kwargs)) if value is constant)
+        self.value_guards.setdefault(op, []).append(ValueGuard(position, **decision))
 
     def path(self) -> str:
         return self.module_stack[-1] if self.module_stack else ""
