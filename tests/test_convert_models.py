@@ -243,6 +243,33 @@ def test_a_bias_that_differs_between_heads_keeps_them_in_place(sdpa):
     assert bool((graph.perm_group[graph.node_kind == NodeKind.QUERY] >= 0).all())
 
 
+
+class InPlaceScores(nn.Module):
+    """Attention written as Falcon's and older BERT ports write it: the scores scaled and masked
+    in place (``scores /= sqrt(d)``, ``scores.masked_fill_``)."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.inp, self.qkv, self.out, self.head = nn.Linear(5, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2)
+        scores /= q.shape[-1] ** 0.5
+        scores.masked_fill_(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        y = scores.softmax(-1) @ v
+        return self.head(h + self.out(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_scores_scaled_and_masked_in_place_convert_exactly():
+    torch.manual_seed(31)
+    model = InPlaceScores().to(DTYPE)
+    graph = check_model(model, torch.randn(3, 4, 5, dtype=DTYPE), torch.randint(0, 2, (3, 4)), token_loss, 8)
+    assert bool((graph.perm_group[graph.node_kind == NodeKind.QUERY] >= 0).all())  # heads still exchangeable
+
 # ------------------------------------------------------------------ data computed from the ids
 class PositionsFromIds(nn.Module):
     """Token and position embeddings, the positions counted from the padding like RoBERTa's

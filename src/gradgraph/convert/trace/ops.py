@@ -85,6 +85,19 @@ _PARAMETER_REFUSED = _method("__sub__", "__rsub__", "sub", "__truediv__", "__rtr
 _IN_PLACE_OPERATORS = _method("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
                               "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
                               "__irshift__", "__setitem__")
+
+
+def out_of_place_name(name: str) -> str | None:
+    """The out-of-place form of an in-place op's name (``Tensor.div_`` -> ``Tensor.div``,
+    ``Tensor.__itruediv__`` -> ``Tensor.__truediv__``); ``None`` for an op that is not in place."""
+    prefix, _, method = name.rpartition(".")
+    if method.startswith("__i") and method.endswith("__") and name in _IN_PLACE_OPERATORS:
+        return f"{prefix}.__{method[3:]}"
+    if method.endswith("_") and not method.endswith("__"):
+        return f"{prefix}.{method[:-1]}"
+    return None
+
+
 _BINARY_OTHER = _method("__pow__", "__rpow__", "maximum", "minimum") | _names(torch.maximum, torch.minimum)
 _REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsumexp", "max", "min") | _names(
     torch.sum, torch.mean, torch.var, torch.std, torch.amax, torch.amin, torch.norm, torch.logsumexp

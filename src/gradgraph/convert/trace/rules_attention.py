@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 from gradgraph.convert.trace.meta import _broadcast, _Neurons, _Param, _Scores, _varies_along
 from gradgraph.convert.trace.ops import (
-    _BINARY_ADD, _BINARY_MUL, _IDENTITY_OPS, _MASK_FILL, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
+    _BINARY_ADD, _BINARY_MUL, _IDENTITY_OPS, _MASK_FILL, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE, out_of_place_name,
 )
 from gradgraph.convert.trace.rules_data import _Data
 from gradgraph.graph import EdgeKind, NodeKind
@@ -40,6 +40,10 @@ class _AttentionRules:
         others = [meta for _, meta in tracked if not isinstance(meta, _Scores | _Data)]
         allowed = _UNARY | _BINARY_ADD | _BINARY_MUL | _SOFTMAX | _MASK_FILL | _WHERE | _IDENTITY_OPS | {
             "Tensor.__getitem__"}
+        if len(scores) == 1 and args and self.meta(args[0]) is scores[0]:
+            # scores changed in place (``scores /= sqrt(d)``, ``masked_fill_``) are the same scores as
+            # the out-of-place op would give: no value the factors come from is written
+            name = out_of_place_name(name) or name
         if len(scores) == 1 and not others and (name in allowed or name in _SHAPE_OPS):
             meta = scores[0]
             if name in _SHAPE_OPS and name not in _IDENTITY_OPS and tuple(output.shape[:-2]) != meta.batch_shape:
