@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import check_materialised
+from gradgraph.convert.trace.decompositions import decomposition
 from gradgraph.convert.trace.meta import (
     TraceAbort, ValueGuard, flat_arguments,
     _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
@@ -234,6 +235,10 @@ class _Replayer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        parts = decomposition(func, args, kwargs)
+        if parts is not None:
+            with self:  # as the trace ran it: the same ops, numbered the same
+                return parts()
         output = func(*args, **kwargs)
         index = self.log.step(_op_name(func), args, kwargs, output)
         if index >= len(self.fingerprints) or self.log.fingerprints[-1] != self.fingerprints[index]:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from gradgraph.convert.trace.decompositions import decomposition
 from gradgraph.convert.trace.meta import (
     _broadcast, _feature_row, _GRADGRAPH_DIR, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _OpLog, _Param,
     _Raw, _Scores, _TORCH_DIR, TraceAbort, UnsupportedOperationError, ValueGuard, _varies_along, constant_varies,
@@ -259,6 +260,10 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
     # -------------------------------------------------------------- the mode
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        parts = decomposition(func, args, kwargs)
+        if parts is not None:
+            with self:  # the parts run under the trace: its rules follow them
+                return parts()
         name = _op_name(func)
         try:
             if _is_in_place(name, args, kwargs):

@@ -1,0 +1,85 @@
+"""Composite ops the trace reads as the ops they are made of.
+
+``F.glu(x)`` is ``a * sigmoid(b)`` of the two halves of ``x``; ``F.normalize`` divides by a
+norm over the features; ``F.prelu`` is ``relu(x) - w * relu(-x)``; an ``einsum`` that is a
+linear map (``"bi,oi->bo"``) is ``F.linear``. Rather than a rule per composite op, the trace
+(and a replay, identically) runs the decomposition under itself, so the rules that exist
+follow the parts: a gated unit, a statistic of the features, a per-feature scale, an affine
+map. A decomposition depends only on the op and the shapes of its arguments, never on which
+tensors are neurons, so a replay numbers the same ops as the trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["decomposition"]
+
+
+def _glu(input: Tensor, dim: int = -1) -> Tensor:
+    first, second = input.chunk(2, dim=dim)
+    return first * torch.sigmoid(second)
+
+
+def _normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: Tensor | None = None) -> Tensor:
+    # torch's own definition of F.normalize, written as the ops it runs
+    denominator = input.norm(p, dim, keepdim=True).clamp_min(eps).expand_as(input)
+    return torch.div(input, denominator, out=out)
+
+
+def _prelu(input: Tensor, weight: Tensor) -> Tensor:
+    return F.relu(input) - weight * F.relu(-input)
+
+
+def _einsum_as_linear(equation: str, operands: tuple) -> Callable[[], Tensor] | None:
+    """``F.linear`` for a two-operand einsum that maps the last axis of one operand with a
+    matrix (``"bi,oi->bo"``, ``"...i,io->...o"``, either operand order); ``None`` otherwise."""
+    if len(operands) != 2 or not all(isinstance(operand, Tensor) for operand in operands) or "->" not in equation:
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return None
+    for matrix_at in (1, 0):
+        matrix_term, term = terms[matrix_at], terms[1 - matrix_at]
+        matrix, x = operands[matrix_at], operands[1 - matrix_at]
+        if matrix.dim() != 2 or len(matrix_term) != 2 or "." in matrix_term or not term:
+            continue
+        contracted = term[-1]
+        letters = term.replace("...", "")
+        if contracted not in matrix_term or len(set(letters)) != len(letters):
+            continue
+        produced = matrix_term.replace(contracted, "")
+        if len(produced) != 1 or produced in term or output != term[:-1] + produced:
+            continue
+        if matrix_term == produced + contracted:
+            return lambda: F.linear(x, matrix)
+        return lambda: F.linear(x, matrix.t())  # under the trace: a view of the parameter
+    return None
+
+
+_DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _normalize}
+
+
+def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
+    """A function running ``func(*args, **kwargs)`` as the ops it is made of, or ``None`` where
+    the trace follows ``func`` itself (or cannot follow it either way)."""
+    if func in _DECOMPOSITIONS:
+        return lambda: _DECOMPOSITIONS[func](*args, **kwargs)
+    if func is F.prelu or func is torch.prelu:
+        input = args[0] if args else kwargs.get("input")
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        # one slope, or one per feature of a [b, features] input (prelu's channels are axis 1)
+        if isinstance(input, Tensor) and isinstance(weight, Tensor) and (
+                weight.numel() == 1 or (input.dim() == 2 and weight.numel() == input.shape[1])):
+            return lambda: _prelu(input, weight)
+        return None
+    if func is torch.einsum and args and isinstance(args[0], str):
+        operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], list | tuple) else tuple(args[1:])
+        return _einsum_as_linear(args[0], operands)
+    return None

@@ -1,0 +1,107 @@
+"""Composite ops people write (``F.glu``, ``F.normalize``, ``nn.PReLU``, ``torch.einsum`` as a
+linear map) convert through their parts: exact per-sample gradients (float64, against
+torch.func), a true group, the same graph on a replay; an einsum that is no linear map is
+still refused by name and line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from strategies import assert_same_graph
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+import gradgraph
+from gradgraph import UnsupportedModuleError
+from gradgraph.convert.plan import PLAN_CACHE
+
+DTYPE = torch.float64
+
+
+def cross_entropy(output, targets):
+    return F.cross_entropy(output.reshape(output.shape[0], -1, 3).sum(1), targets, reduction="none")
+
+
+class EinsumLinear(nn.Module):
+    """A hidden layer written as an einsum with a bare weight matrix."""
+
+    def __init__(self, equation: str, weight_shape: tuple[int, int], weight_first: bool = False) -> None:
+        super().__init__()
+        self.equation, self.weight_first = equation, weight_first
+        self.weight = nn.Parameter(torch.randn(*weight_shape) / 3)
+        self.bias = nn.Parameter(torch.randn(8) / 3)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        operands = (self.weight, x) if self.weight_first else (x, self.weight)
+        return self.out(torch.tanh(torch.einsum(self.equation, *operands) + self.bias))
+
+
+class Composite(nn.Module):
+    """``Linear -> op -> Linear`` for a composite op ``op`` (width 8 after it)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.first = nn.Linear(5, 16 if op == "glu" else 8)
+        if op.startswith("prelu"):
+            self.prelu = nn.PReLU(8 if op == "prelu per feature" else 1)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        if self.op == "glu":
+            h = F.glu(h, dim=-1)
+        elif self.op == "normalize":
+            h = F.normalize(torch.relu(h), dim=-1)
+        else:
+            h = self.prelu(h)
+        return self.out(h)
+
+
+CASES = {
+    "einsum bi,oi->bo": lambda: (EinsumLinear("bi,oi->bo", (8, 5)), (4, 5)),
+    "einsum bi,io->bo": lambda: (EinsumLinear("bi,io->bo", (5, 8)), (4, 5)),
+    "einsum oi,bi->bo": lambda: (EinsumLinear("oi,bi->bo", (8, 5), weight_first=True), (4, 5)),
+    "einsum ...i,io->...o on tokens": lambda: (EinsumLinear("...i,io->...o", (5, 8)), (4, 3, 5)),
+    "einsum btd,ed->bte": lambda: (EinsumLinear("btd,ed->bte", (8, 5)), (4, 3, 5)),
+    "glu": lambda: (Composite("glu"), (4, 5)),
+    "normalize": lambda: (Composite("normalize"), (4, 5)),
+    "prelu one slope": lambda: (Composite("prelu"), (4, 5)),
+    "prelu per feature": lambda: (Composite("prelu per feature"), (4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_composite_op_converts_exactly_through_its_parts(name):
+    torch.manual_seed(11)
+    model, shape = CASES[name]()
+    model = model.to(DTYPE)
+    with torch.no_grad():  # PReLU starts at slope 0.25 everywhere: make per-feature slopes differ
+        model.prelu.weight.uniform_(0.1, 0.5) if hasattr(model, "prelu") else None
+    inputs, targets = torch.randn(*shape, dtype=DTYPE), torch.randint(0, 3, (shape[0],))
+    PLAN_CACHE.clear()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    assert_same_graph(gradgraph.to_graph(model, inputs, targets, cross_entropy), graph)  # a replay
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy)
+    assert moved > 0 and int((graph.perm_group >= 0).sum()) >= 8  # the hidden neurons are exchangeable
+
+
+def test_an_einsum_that_is_no_linear_map_is_refused_by_name_and_line():
+    class Bilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 5))
+            self.out = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.out(torch.einsum("bi,ij,bj->bi", x, self.weight, x))
+
+    with pytest.raises(UnsupportedModuleError) as info:
+        gradgraph.to_graph(Bilinear().to(DTYPE), torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,)),
+                           cross_entropy)
+    assert re.match(r"test_convert_decompositions.py:\d+ in .*Bilinear.forward: torch.einsum: ", str(info.value)), \
+        str(info.value)
