@@ -270,6 +270,44 @@ def test_scores_scaled_and_masked_in_place_convert_exactly():
     graph = check_model(model, torch.randn(3, 4, 5, dtype=DTYPE), torch.randint(0, 2, (3, 4)), token_loss, 8)
     assert bool((graph.perm_group[graph.node_kind == NodeKind.QUERY] >= 0).all())  # heads still exchangeable
 
+
+class SoftMixtureOfExperts(nn.Module):
+    """Two experts weighted by a softmax gate: one gate neuron scales all features of an expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.first, self.second, self.out = nn.Linear(4, 2), nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        weights = torch.softmax(self.gate(x), -1)
+        return self.out(weights[:, :1] * F.relu(self.first(x)) + weights[:, 1:] * F.relu(self.second(x)))
+
+
+def test_a_gate_broadcast_over_an_experts_features_keeps_every_feature_apart():
+    # the product's neurons were once the gate's single neuron broadcast over the 8 features:
+    # out.weight's per-sample gradients were off by ~1 (a silent wrong answer)
+    torch.manual_seed(32)
+    model = SoftMixtureOfExperts().to(DTYPE)
+    inputs, targets = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,))
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    assert_group_keeps_function(model, inputs, targets, cross_entropy)
+    assert graph.act.shape[0] == graph.num_nodes and graph.num_nodes >= 4 + 2 + 16 + 3
+
+
+class OuterProduct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.out = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(9, 2)
+
+    def forward(self, x):
+        return self.out((torch.relu(self.first(x))[:, :, None] * torch.relu(self.second(x))[:, None, :]).flatten(1))
+
+
+def test_an_outer_product_of_neuron_values_is_refused_by_line():
+    with pytest.raises(UnsupportedModuleError, match=r"test_convert_models.py:\d+ in OuterProduct.forward: .*outer product"):
+        gradgraph.to_graph(OuterProduct().to(DTYPE), torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 2, (5,)),
+                           cross_entropy)
+
 # ------------------------------------------------------------------ data computed from the ids
 class PositionsFromIds(nn.Module):
     """Token and position embeddings, the positions counted from the padding like RoBERTa's

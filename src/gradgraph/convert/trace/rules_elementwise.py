@@ -19,6 +19,12 @@ from gradgraph.convert.trace.rules_data import _Data
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 
+def _one_value_per_neuron(nodes: Tensor, comps: Tensor) -> bool:
+    """No neuron appears twice at one component (each element its own (neuron, component))."""
+    ids = torch.stack((nodes.reshape(-1), comps.reshape(-1)))
+    return torch.unique(ids, dim=1).shape[1] == ids.shape[1]
+
+
 class _ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: elementwise ops, reductions, norms."""
 
@@ -107,8 +113,15 @@ class _ElementwiseRules:
             # not one neuron of b per neuron of a (e.g. rotary embeddings mixing dims): no symmetry claimed
             for index in list(a.versions) + list(b.versions):
                 self.sets[index].pinned = True
+            # the result lives in the neurons of an operand that has one neuron per element and
+            # component: a gate broadcast over features (a mixture-of-experts weight times an
+            # expert's output) would otherwise label every feature with the gate's one neuron
+            keep = next((nodes for nodes in (a_nodes, b_nodes) if _one_value_per_neuron(nodes, comps)), None)
+            if keep is None:
+                raise self.unsupported(name, "combines values broadcast from both sides (an outer product of neuron "
+                                       "values), so no neuron holds one value per datapoint position")
             versions = self.next_version(a.versions)
-            new = _Neurons(a_nodes.clone(), comps.clone(), {**versions, **self.next_version(b.versions)})
+            new = _Neurons(keep.clone(), comps.clone(), {**versions, **self.next_version(b.versions)})
             self.set_meta(output, new)
             self.observe(output, new)
             return None
