@@ -88,7 +88,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
     roles = _roles(tracer)
     set_of_node, pieces = _final_sets(tracer, roles)
     reaching_output = output_sets(tracer, output)
-    acts, grads, onehots, num_keys = _plan_records(tracer, num_datapoints)
+    acts, grads, onehots, num_keys = _plan_records(tracer, num_datapoints, reaching_output)
 
     # ---- edges
     sources, targets, kinds, params, positions = [], [], [], [], []

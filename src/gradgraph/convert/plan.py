@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 from gradgraph.capture import check_finite
 from gradgraph.convert.trace import KEY_STRIDE, UnsupportedOperationError
 from gradgraph.convert.trace.ops import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES
-from gradgraph.convert.trace.meta import ValueGuard
+from gradgraph.convert.trace.meta import NeuronSet, ValueGuard
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph, consecutive_span
@@ -262,16 +262,40 @@ def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_k
     return _Record(source, tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
 
 
-def _plan_records(tracer: _Tracer, num_datapoints: int) -> tuple[list[_Record], list[_Record], list[_OnehotRecord],
-                                                                   int]:
+def _covers(neuron_set: NeuronSet, nodes: Tensor) -> bool:
+    """Whether ``nodes`` holds every neuron of the set."""
+    inside = nodes[(nodes >= neuron_set.first) & (nodes < neuron_set.first + neuron_set.size)]
+    return torch.unique(inside).numel() == neuron_set.size
+
+
+def _own_nodes(neuron_set: NeuronSet, nodes: Tensor) -> Tensor:
+    """``nodes`` with the entries of other sets' neurons set to -1 (not written)."""
+    inside = (nodes >= neuron_set.first) & (nodes < neuron_set.first + neuron_set.size)
+    return nodes if bool(inside.all()) else torch.where(inside, nodes, torch.full_like(nodes, -1))
+
+
+def _plan_records(tracer: _Tracer, num_datapoints: int, reaching_output: set[int] = frozenset()
+                  ) -> tuple[list[_Record], list[_Record], list[_OnehotRecord], int]:
+    """Where every set's act, grad and one-hot rows come from.
+
+    A set no affine map reads takes its newest value as its act (an output's values) — if that
+    value holds all of the set's neurons or reaches the output: a part of a set that leads
+    nowhere (``h.chunk(2)[0]`` never read) would give its neurons acts that a permutation of the
+    set does not move with them, so such a set keeps zero acts.
+    """
     num_keys = max(len(tracer.keys), 1)
     num_components = num_datapoints * num_keys
     acts, grads, onehots = [], [], []
     for neuron_set in tracer.sets:
-        records = neuron_set.act_records or ([neuron_set.last] if neuron_set.last is not None else [])
+        records = neuron_set.act_records
+        if not records and neuron_set.last is not None and (
+                neuron_set.index in reaching_output or _covers(neuron_set, neuron_set.last[1])):
+            records = [neuron_set.last]
         for value, nodes, comps in records:
             if comps is not None:
-                acts.append(_record(tracer, value, nodes, comps, num_keys, num_components))
+                # a value may hold several sets' neurons (cat([h, x])); each set writes only its
+                # own, so a later version of one set never overwrites another set's act
+                acts.append(_record(tracer, value, _own_nodes(neuron_set, nodes), comps, num_keys, num_components))
         for index, nodes, comps, op, padding in neuron_set.onehot_records:
             keep = (nodes >= 0) & (comps >= 0)
             if op is None and padding is not None:

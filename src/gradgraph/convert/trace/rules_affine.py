@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    _broadcast, _feature_row, _ids_like, KEY_STRIDE, _Neurons, _Opaque, _Param, _Raw, _rows_along_last, _Scores,
+    _broadcast, _feature_row, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _Param, _Raw, _rows_along_last, _Scores,
     _varies_along,
 )
 from gradgraph.convert.trace.ops import _LOST_TRACK
@@ -45,8 +45,27 @@ class _AffineRules:
         for index in meta.versions:
             self.sets[index].act_records.append((value, meta.nodes, meta.comps))
 
+    def separate_part_read(self, neuron_set: NeuronSet, sources: Tensor) -> None:
+        """An affine map that reads only part of a set (``h.chunk(2)[0]``, ``h[:, :3]``): a
+        permutation of the whole set would move read neurons onto unread ones. A contiguous part
+        becomes a piece of its own (``tracer.cuts``: each piece is permuted by itself); any other
+        part pins the set."""
+        inside = sources[(sources >= neuron_set.first) & (sources < neuron_set.first + neuron_set.size)]
+        if inside.numel() == 0 or torch.unique(inside).numel() == neuron_set.size:
+            return
+        low, high = int(inside.min()), int(inside.max()) + 1
+        if torch.unique(inside).numel() == high - low:
+            self.cuts.update((low, high))
+        else:
+            neuron_set.pinned = True
+
     def materialize(self, value: Tensor, meta: _Neurons, origin: str, kind: NodeKind = NodeKind.RESIDUAL) -> _Neurons:
-        """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis)."""
+        """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis).
+
+        Where the last axis holds a neuron twice (``cat([h, h])``), each copy gets a neuron of
+        its own and no symmetry is claimed for them (a permutation of ``h`` would have to move
+        both copies together, which the layout's ties do not express).
+        """
         row = _feature_row(meta.nodes)
         if row is None:
             raise self.unsupported(origin, "these values do not hold one neuron per feature")
@@ -54,7 +73,12 @@ class _AffineRules:
         merged = self.new_set(width, kind, origin, "merge")
         merged_nodes = merged.first + torch.arange(width)
         self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
-        self.ties.append((row, merged_nodes))
+        if torch.unique(row).numel() == width:
+            self.ties.append((row, merged_nodes))
+        else:
+            merged.pinned = True
+            for index in meta.versions:
+                self.sets[index].pinned = True
         new = _Neurons(_broadcast(merged_nodes, value.shape).clone(), meta.comps, {merged.index: 0})
         merged.grad_records.append((value, new.nodes, new.comps))
         self.set_meta(value, new)
@@ -83,10 +107,14 @@ class _AffineRules:
             raise self.unsupported(name, "its input holds values that are not neurons (e.g. a statistic)")
         if torch.unique(comp_rows[:, 0]).numel() != comp_rows.shape[0]:
             self.check_no_copies(name, (meta.nodes,), meta.comps)
+        if torch.unique(sources).numel() != sources.numel():
+            # one neuron on two features (cat([h, h])): its weights would be parallel edges
+            meta = self.materialize(x, meta, f"{self.path() or name} input")
         meta = self.fix_act(x, meta, name)
         sources = _rows_along_last(meta.nodes)[0].clone()
         for index in meta.versions:
             self.sets[index].read_by_affine = True
+            self.separate_part_read(self.sets[index], sources)
         width = positions.shape[0]
         created = self.new_set(width, NodeKind.HIDDEN, self.path() or name, "affine")
         targets = created.first + torch.arange(width)

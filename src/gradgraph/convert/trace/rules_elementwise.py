@@ -117,14 +117,11 @@ class _ElementwiseRules:
             # component: a gate broadcast over features (a mixture-of-experts weight times an
             # expert's output) would otherwise label every feature with the gate's one neuron
             keep = next((nodes for nodes in (a_nodes, b_nodes) if _one_value_per_neuron(nodes, comps)), None)
-            if keep is None:
+            row = None if keep is None else _feature_row(keep)
+            if row is None:
                 raise self.unsupported(name, "combines values broadcast from both sides (an outer product of neuron "
                                        "values), so no neuron holds one value per datapoint position")
-            versions = self.next_version(a.versions)
-            new = _Neurons(keep.clone(), comps.clone(), {**versions, **self.next_version(b.versions)})
-            self.set_meta(output, new)
-            self.observe(output, new)
-            return None
+            return self.combined_set(name, (a_nodes, b_nodes), keep, row, comps, output)
         kind = EdgeKind.RESIDUAL if additive else EdgeKind.GATE
         fresh = [(meta, other) for meta, other in ((b, a), (a, b)) if self.absorbable(meta)]
         if fresh:
@@ -188,6 +185,28 @@ class _ElementwiseRules:
             self.cuts.update((low, high))
         for value, meta, _ in halves:  # each half's own value is its act (a's after its activation)
             self.record_act(value, meta)
+
+    def combined_set(self, name: str, operands: tuple[Tensor, Tensor], layout: Tensor, row: Tensor, comps: Tensor,
+                     output: Tensor) -> None:
+        """The values of an op whose operands do not pair neuron for neuron (a gate broadcast over
+        an expert's features, rotated dims): a new pinned set, one neuron per feature of ``layout``
+        (the operand with one neuron per element), fed by GATE edges from both operands' neurons.
+        Neither operand's neurons can hold them: they are other values, and an affine map may read
+        the operands too."""
+        created = self.new_set(len(row), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
+        created.pinned = True
+        lookup = torch.full((int(row.max()) + 1,), -1, dtype=torch.long)
+        lookup[row] = torch.arange(len(row))
+        nodes = created.first + lookup[layout]
+        # one GATE edge per (operand neuron, new neuron) pair, also where both operands hold one
+        # neuron (a gate read from the values it gates): no parallel edges
+        pairs = torch.unique(torch.cat([torch.stack((source.reshape(-1), nodes.reshape(-1))) for source in operands],
+                                       dim=1), dim=1)
+        self.edges.append((pairs[0].clone(), pairs[1].clone(), EdgeKind.GATE, -1, None, None))
+        new = _Neurons(nodes.clone(), comps.clone(), {created.index: 0})
+        created.grad_records.append((output, new.nodes, new.comps))
+        self.set_meta(output, new)
+        self.observe(output, new)
 
     def check_no_copies(self, name: str, nodes: tuple[Tensor, ...], comps: Tensor) -> None:
         """Refuse values that hold one neuron at one component twice (a broadcast over a new

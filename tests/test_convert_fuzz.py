@@ -1,0 +1,162 @@
+"""Random forward programs: the traced converter is exact or refuses, never silently wrong.
+
+Hypothesis writes small models as programs over a pool of neuron values ``[b, width]``:
+affine maps, activations, residual sums and gated products of equal widths, one value's
+single feature gating another's features (a mixture-of-experts weight), slices, concatenations,
+chunks, norms and constant scales, ending in a linear head. For each program the conversion either
+raises gradgraph's refusal (``UnsupportedModuleError`` / ``GradGraphError``, naming the op) or
+gives per-sample gradients equal to torch.func's (float64, 1e-10) and a group whose sampled
+element keeps the function and maps the graph to the permuted model's graph. A gate broadcast over
+features once gave every feature the gate's neuron (gradients off by ~1); this is the test that
+looks for that kind of bug in the combinations nobody wrote by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+from gradgraph.errors import GradGraphError, UnsupportedModuleError
+
+DTYPE = torch.float64
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}
+
+
+class Program(nn.Module):
+    """Runs ``steps`` on a pool of values; each step appends one value to the pool.
+
+    Steps: ``("linear", i, width)``, ``("act", i, name)``, ``("add", i, j)``, ``("mul", i, j)``,
+    ``("gate", i, feature, j)`` (feature ``feature`` of value ``i`` times all of value ``j``),
+    ``("slice", i, start, stop)``, ``("cat", i, j)``, ``("chunk", i, part)``, ``("norm", i)``,
+    ``("scale", i, factor)``; the head reads the last value.
+    """
+
+    def __init__(self, in_width: int, steps: list[tuple]) -> None:
+        super().__init__()
+        self.steps = steps
+        self.layers = nn.ModuleDict()
+        widths = [in_width]
+        for index, step in enumerate(steps):
+            kind, source = step[0], step[1]
+            if kind == "linear":
+                self.layers[str(index)] = nn.Linear(widths[source], step[2])
+                widths.append(step[2])
+            elif kind == "norm":
+                self.layers[str(index)] = nn.LayerNorm(widths[source])
+                widths.append(widths[source])
+            elif kind in ("act", "add", "mul", "scale"):
+                widths.append(widths[source])
+            elif kind == "gate":
+                widths.append(widths[step[3]])
+            elif kind == "slice":
+                widths.append(step[3] - step[2])
+            elif kind == "cat":
+                widths.append(widths[source] + widths[step[2]])
+            elif kind == "chunk":
+                widths.append(widths[source] // 2)
+        self.head = nn.Linear(widths[-1], 3)
+
+    def forward(self, x):
+        pool = [x]
+        for index, step in enumerate(self.steps):
+            kind, value = step[0], pool[step[1]]
+            if kind in ("linear", "norm"):
+                pool.append(self.layers[str(index)](value))
+            elif kind == "act":
+                pool.append(ACTIVATIONS[step[2]](value))
+            elif kind == "add":
+                pool.append(value + pool[step[2]])
+            elif kind == "mul":
+                pool.append(value * pool[step[2]])
+            elif kind == "gate":
+                pool.append(value[:, step[2]:step[2] + 1] * pool[step[3]])
+            elif kind == "slice":
+                pool.append(value[:, step[2]:step[3]])
+            elif kind == "cat":
+                pool.append(torch.cat([value, pool[step[2]]], dim=-1))
+            elif kind == "chunk":
+                pool.append(value.chunk(2, dim=-1)[step[2]])
+            elif kind == "scale":
+                pool.append(value * step[2])
+        return self.head(pool[-1])
+
+
+@st.composite
+def programs(draw):
+    in_width = draw(st.integers(2, 4))
+    widths = [in_width]
+    steps = [("linear", 0, draw(st.integers(2, 5)))]
+    widths.append(steps[0][2])
+    for _ in range(draw(st.integers(2, 7))):
+        last = len(widths) - 1
+        source = draw(st.sampled_from([last, last, draw(st.integers(0, last))]))
+        same = [i for i, width in enumerate(widths) if width == widths[source] and i != source]
+        kind = draw(st.sampled_from(["linear", "act", "act", "add", "mul", "gate", "slice", "cat", "chunk", "norm",
+                                     "scale"]))
+        if kind == "linear":
+            step = ("linear", source, draw(st.integers(1, 5)))
+        elif kind == "act":
+            step = ("act", source, draw(st.sampled_from(sorted(ACTIVATIONS))))
+        elif kind in ("add", "mul"):
+            if not same:
+                continue
+            step = (kind, source, draw(st.sampled_from(same)))
+        elif kind == "gate":
+            step = ("gate", source, draw(st.integers(0, widths[source] - 1)), draw(st.integers(0, last)))
+        elif kind == "slice":
+            if widths[source] < 2:
+                continue
+            start = draw(st.integers(0, widths[source] - 1))
+            step = ("slice", source, start, draw(st.integers(start + 1, widths[source])))
+        elif kind == "cat":
+            step = ("cat", source, draw(st.integers(0, last)))
+        elif kind == "chunk":
+            if widths[source] < 2 or widths[source] % 2:
+                continue
+            step = ("chunk", source, draw(st.integers(0, 1)))
+        elif kind == "norm":
+            if widths[source] < 2:
+                continue
+            step = ("norm", source)
+        else:
+            step = ("scale", source, draw(st.sampled_from([0.5, -2.0, 3.0])))
+        steps.append(step)
+        probe = Program(in_width, steps)  # the width the step produces, as the model computes it
+        widths.append(probe.head.in_features)
+    return in_width, steps, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs())
+def test_a_random_program_converts_exactly_or_is_refused(program):
+    in_width, steps, seed = program
+    torch.manual_seed(seed)
+    model = Program(in_width, steps).to(DTYPE)
+    inputs, targets = torch.randn(4, in_width, dtype=DTYPE), torch.randint(0, 3, (4,))
+
+    def loss(output, target):
+        return F.cross_entropy(output, target, reduction="none")
+
+    try:
+        assert_exact_per_sample_grads(model, inputs, targets, loss)
+    except (UnsupportedModuleError, GradGraphError) as refusal:
+        message = str(refusal)
+        assert message and "Program.forward" in message or "input" in message or "parameter" in message, message
+        return
+    assert_group_keeps_function(model, inputs, targets, loss, seed=seed)
+
+
+def test_the_program_model_runs_each_step_kind():
+    # the generator's model itself: every step kind, shapes as documented
+    steps = [("linear", 0, 4), ("act", 1, "tanh"), ("add", 2, 1), ("mul", 3, 1), ("gate", 4, 0, 1),
+             ("slice", 5, 1, 3), ("cat", 6, 1), ("chunk", 7, 0), ("norm", 8), ("scale", 9, 0.5)]
+    model = Program(3, steps).to(DTYPE)
+    assert model(torch.randn(2, 3, dtype=DTYPE)).shape == (2, 3)
+    assert model.head.in_features == 3
+    with pytest.raises(AssertionError):  # an exactness check that can fail: a wrong reference is caught
+        torch.testing.assert_close(torch.zeros(1), torch.ones(1), atol=1e-10, rtol=0)
