@@ -1,5 +1,10 @@
 """Random forward programs: the traced converter is exact or refuses, never silently wrong.
 
+Two families: programs over a pool of ``[b, width]`` values (below), and token-sequence
+programs of residual blocks (affine maps, norms, learned positions, SwiGLU, attention with
+one or two heads, fused or separate q/k/v, manual or SDPA, causal or not) with mean, first-token
+or per-token pooling.
+
 Hypothesis writes small models as programs over a pool of neuron values ``[b, width]``:
 affine maps, activations, residual sums and gated products of equal widths, one value's
 single feature gating another's features (a mixture-of-experts weight), slices, concatenations,
@@ -160,3 +165,124 @@ def test_the_program_model_runs_each_step_kind():
     assert model.head.in_features == 3
     with pytest.raises(AssertionError):  # an exactness check that can fail: a wrong reference is caught
         torch.testing.assert_close(torch.zeros(1), torch.ones(1), atol=1e-10, rtol=0)
+
+
+# ------------------------------------------------------------------ token sequences
+class SequenceProgram(nn.Module):
+    """Runs ``steps`` on ``[b, T, width]`` values, then pools and applies a linear head.
+
+    Steps: ``("linear", width)``, ``("act", name)``, ``("residual_linear",)`` (``h + W h``),
+    ``("norm",)``, ``("position",)`` (a learned ``[T, width]`` parameter added),
+    ``("swiglu", hidden)``, ``("attention", heads, fused, sdpa, causal)``; ``pool`` is
+    ``"mean"``, ``"first"`` or ``"tokens"`` (a loss per token, summed).
+    """
+
+    def __init__(self, in_width: int, length: int, steps: list[tuple], pool: str) -> None:
+        super().__init__()
+        self.steps, self.pool = steps, pool
+        self.layers = nn.ModuleList()
+        self.positions = nn.ParameterList()
+        width = in_width
+        for step in steps:
+            kind = step[0]
+            if kind == "linear":
+                self.layers.append(nn.Linear(width, step[1]))
+                width = step[1]
+            elif kind == "residual_linear":
+                self.layers.append(nn.Linear(width, width))
+            elif kind == "norm":
+                self.layers.append(nn.LayerNorm(width))
+            elif kind == "position":
+                self.positions.append(nn.Parameter(torch.randn(length, width) / 3))
+            elif kind == "swiglu":
+                self.layers.append(nn.ModuleList([nn.Linear(width, 2 * step[1]), nn.Linear(step[1], width)]))
+            elif kind == "attention":
+                heads, fused = step[1], step[2]
+                parts = [nn.Linear(width, 3 * width)] if fused else [nn.Linear(width, width) for _ in range(3)]
+                self.layers.append(nn.ModuleList([*parts, nn.Linear(width, width)]))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = x
+        layers, positions = iter(self.layers), iter(self.positions)
+        for step in self.steps:
+            kind = step[0]
+            if kind == "linear" or kind == "norm":
+                h = next(layers)(h)
+            elif kind == "act":
+                h = ACTIVATIONS[step[1]](h)
+            elif kind == "residual_linear":
+                h = h + next(layers)(h)
+            elif kind == "position":
+                h = h + next(positions)
+            elif kind == "swiglu":
+                first, second = next(layers)
+                gate, value = first(h).chunk(2, dim=-1)
+                h = h + second(F.silu(gate) * value)
+            elif kind == "attention":
+                h = h + self.attention(h, next(layers), *step[1:])
+        if self.pool == "mean":
+            h = h.mean(1)
+        elif self.pool == "first":
+            h = h[:, 0]
+        return self.head(h)
+
+    @staticmethod
+    def attention(h, layers, heads, fused, sdpa, causal):
+        b, t, width = h.shape
+        if fused:
+            q, k, v = layers[0](h).split(width, dim=-1)
+        else:
+            q, k, v = (layer(h) for layer in layers[:3])
+        q, k, v = (z.view(b, t, heads, width // heads).transpose(1, 2) for z in (q, k, v))
+        if sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            scores = q @ k.transpose(-1, -2) / (width // heads) ** 0.5
+            if causal:
+                scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+            y = scores.softmax(-1) @ v
+        return layers[-1](y.transpose(1, 2).reshape(b, t, width))
+
+
+@st.composite
+def sequence_programs(draw):
+    in_width, length = draw(st.integers(2, 4)), draw(st.integers(2, 4))
+    width = draw(st.sampled_from([4, 6]))
+    steps = [("linear", width)]
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["act", "residual_linear", "norm", "position", "swiglu", "attention",
+                                     "attention"]))
+        if kind == "act":
+            steps.append(("act", draw(st.sampled_from(sorted(ACTIVATIONS)))))
+        elif kind == "swiglu":
+            steps.append(("swiglu", draw(st.integers(2, 5))))
+        elif kind == "attention":
+            steps.append(("attention", draw(st.sampled_from([1, 2])), draw(st.booleans()), draw(st.booleans()),
+                          draw(st.booleans())))
+        else:
+            steps.append((kind,))
+    pool = draw(st.sampled_from(["mean", "first", "tokens"]))
+    return in_width, length, steps, pool, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sequence_programs())
+def test_a_random_sequence_program_converts_exactly_or_is_refused(program):
+    in_width, length, steps, pool, seed = program
+    torch.manual_seed(seed)
+    model = SequenceProgram(in_width, length, steps, pool).to(DTYPE)
+    inputs = torch.randn(3, length, in_width, dtype=DTYPE)
+    targets = torch.randint(0, 3, (3, length) if pool == "tokens" else (3,))
+
+    def loss(output, target):
+        if output.dim() == 3:
+            return F.cross_entropy(output.transpose(1, 2), target, reduction="none").sum(-1)
+        return F.cross_entropy(output, target, reduction="none")
+
+    try:
+        assert_exact_per_sample_grads(model, inputs, targets, loss)
+    except (UnsupportedModuleError, GradGraphError) as refusal:
+        assert "SequenceProgram" in str(refusal) or "input" in str(refusal), str(refusal)
+        return
+    assert_group_keeps_function(model, inputs, targets, loss, seed=seed)
