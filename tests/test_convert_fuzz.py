@@ -38,7 +38,9 @@ class Program(nn.Module):
     Steps: ``("linear", i, width)``, ``("act", i, name)``, ``("add", i, j)``, ``("mul", i, j)``,
     ``("gate", i, feature, j)`` (feature ``feature`` of value ``i`` times all of value ``j``),
     ``("slice", i, start, stop)``, ``("cat", i, j)``, ``("chunk", i, part)``, ``("norm", i)``,
-    ``("scale", i, factor)``; the head reads the last value.
+    ``("scale", i, factor)``, ``("center", i)`` (minus its mean), ``("softmax", i)``, ``("stride", i)``
+    (every other feature), ``("interleave", i)`` (features reordered by reshape/transpose),
+    ``("where", i)`` (a leaky ReLU by ``where``), ``("maximum", i, j)``; the head reads the last value.
     """
 
     def __init__(self, in_width: int, steps: list[tuple]) -> None:
@@ -54,8 +56,10 @@ class Program(nn.Module):
             elif kind == "norm":
                 self.layers[str(index)] = nn.LayerNorm(widths[source])
                 widths.append(widths[source])
-            elif kind in ("act", "add", "mul", "scale"):
+            elif kind in ("act", "add", "mul", "scale", "center", "softmax", "interleave", "where", "maximum"):
                 widths.append(widths[source])
+            elif kind == "stride":
+                widths.append((widths[source] + 1) // 2)
             elif kind == "gate":
                 widths.append(widths[step[3]])
             elif kind == "slice":
@@ -88,6 +92,18 @@ class Program(nn.Module):
                 pool.append(value.chunk(2, dim=-1)[step[2]])
             elif kind == "scale":
                 pool.append(value * step[2])
+            elif kind == "center":
+                pool.append(value - value.mean(-1, keepdim=True))
+            elif kind == "softmax":
+                pool.append(value.softmax(-1))
+            elif kind == "stride":
+                pool.append(value[:, ::2])
+            elif kind == "interleave":
+                pool.append(value.reshape(value.shape[0], 2, -1).transpose(1, 2).reshape(value.shape[0], -1))
+            elif kind == "where":
+                pool.append(torch.where(value > 0, value, 0.1 * value))
+            elif kind == "maximum":
+                pool.append(torch.maximum(value, pool[step[2]]))
         return self.head(pool[-1])
 
 
@@ -102,12 +118,18 @@ def programs(draw):
         source = draw(st.sampled_from([last, last, draw(st.integers(0, last))]))
         same = [i for i, width in enumerate(widths) if width == widths[source] and i != source]
         kind = draw(st.sampled_from(["linear", "act", "act", "add", "mul", "gate", "slice", "cat", "chunk", "norm",
-                                     "scale"]))
+                                     "scale", "center", "softmax", "stride", "interleave", "where", "maximum"]))
         if kind == "linear":
             step = ("linear", source, draw(st.integers(1, 5)))
         elif kind == "act":
             step = ("act", source, draw(st.sampled_from(sorted(ACTIVATIONS))))
-        elif kind in ("add", "mul"):
+        elif kind in ("center", "softmax", "where"):
+            step = (kind, source)
+        elif kind in ("stride", "interleave"):
+            if widths[source] < 2 or (kind == "interleave" and widths[source] % 2):
+                continue
+            step = (kind, source)
+        elif kind in ("add", "mul", "maximum"):
             if not same:
                 continue
             step = (kind, source, draw(st.sampled_from(same)))

@@ -45,11 +45,18 @@ class _AffineRules:
         for index in meta.versions:
             self.sets[index].act_records.append((value, meta.nodes, meta.comps))
 
+    def separate_mixed_part(self, meta: _Neurons) -> None:
+        """Values whose neurons an op mixes (a mean or softmax over their features): where they
+        hold only part of a set, that part is separated from the rest (:meth:`separate_part_read`)."""
+        present = torch.unique(meta.nodes[meta.nodes >= 0])
+        for index in meta.versions:
+            self.separate_part_read(self.sets[index], present)
+
     def separate_part_read(self, neuron_set: NeuronSet, sources: Tensor) -> None:
-        """An affine map that reads only part of a set (``h.chunk(2)[0]``, ``h[:, :3]``): a
-        permutation of the whole set would move read neurons onto unread ones. A contiguous part
-        becomes a piece of its own (``tracer.cuts``: each piece is permuted by itself); any other
-        part pins the set."""
+        """An op that reads or mixes only part of a set (an affine map of ``h.chunk(2)[0]``, the
+        mean of ``h[:, ::2]``): a permutation of the whole set would move those neurons onto the
+        others. A contiguous part becomes a piece of its own (``tracer.cuts``: each piece is
+        permuted by itself); any other part pins the set."""
         inside = sources[(sources >= neuron_set.first) & (sources < neuron_set.first + neuron_set.size)]
         if inside.numel() == 0 or torch.unique(inside).numel() == neuron_set.size:
             return

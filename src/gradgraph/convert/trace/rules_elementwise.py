@@ -117,12 +117,18 @@ class _ElementwiseRules:
             # component: a gate broadcast over features (a mixture-of-experts weight times an
             # expert's output) would otherwise label every feature with the gate's one neuron
             keep = next((nodes for nodes in (a_nodes, b_nodes) if _one_value_per_neuron(nodes, comps)), None)
-            row = None if keep is None else _feature_row(keep)
-            if row is None:
+            if keep is None:
                 raise self.unsupported(name, "combines values broadcast from both sides (an outer product of neuron "
                                        "values), so no neuron holds one value per datapoint position")
-            return self.combined_set(name, (a_nodes, b_nodes), keep, row, comps, output)
+            return self.combined_set(name, (a_nodes, b_nodes), keep, comps, output)
         kind = EdgeKind.RESIDUAL if additive else EdgeKind.GATE
+        overlap = bool(torch.isin(pairs[0], pairs[1]).any())
+        if overlap:
+            # the operands share neurons in other places (x + x reordered, rotary's q and its
+            # rotated halves): a permutation would have to commute with that reordering, which
+            # ties cannot say; no symmetry is claimed
+            for index in list(a.versions) + list(b.versions):
+                self.sets[index].pinned = True
         fresh = [(meta, other) for meta, other in ((b, a), (a, b)) if self.absorbable(meta)]
         if fresh:
             into, other = fresh[0]
@@ -142,8 +148,16 @@ class _ElementwiseRules:
             order = torch.argsort(pairs[0])
             a_sorted, b_sorted = pairs[0][order], pairs[1][order]
             merged_nodes = merged.first + torch.arange(pairs.shape[1])
-            for source in (a_sorted, b_sorted):
-                self.edges.append((source.clone(), merged_nodes, kind, -1, None, None))
+            if overlap:
+                merged.pinned = True
+                # a neuron paired with itself would feed its merged neuron twice: one edge per pair
+                edges = torch.unique(torch.cat([torch.stack((a_sorted, merged_nodes)),
+                                                torch.stack((b_sorted, merged_nodes))], dim=1), dim=1)
+                self.edges.append((edges[0].clone(), edges[1].clone(), kind, -1, None, None))
+            else:
+                for source in (a_sorted, b_sorted):
+                    self.edges.append((source.clone(), merged_nodes, kind, -1, None, None))
+            for source in (a_sorted, b_sorted):  # all pinned where they overlap: the ties only group labels
                 self.ties.append((source.clone(), merged_nodes))
             lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
             lookup[a_sorted] = merged_nodes
@@ -186,13 +200,15 @@ class _ElementwiseRules:
         for value, meta, _ in halves:  # each half's own value is its act (a's after its activation)
             self.record_act(value, meta)
 
-    def combined_set(self, name: str, operands: tuple[Tensor, Tensor], layout: Tensor, row: Tensor, comps: Tensor,
-                     output: Tensor) -> None:
+    def combined_set(self, name: str, operands: tuple[Tensor, Tensor], layout: Tensor, comps: Tensor,
+                     output: Tensor, kind: EdgeKind = EdgeKind.GATE) -> None:
         """The values of an op whose operands do not pair neuron for neuron (a gate broadcast over
-        an expert's features, rotated dims): a new pinned set, one neuron per feature of ``layout``
-        (the operand with one neuron per element), fed by GATE edges from both operands' neurons.
+        an expert's features, rotated dims) or pair a set with itself reordered: a new pinned set,
+        one neuron per neuron of ``layout`` (an operand with one neuron per element), fed by
+        ``kind`` edges (GATE, RESIDUAL for sums) from both operands' neurons.
         Neither operand's neurons can hold them: they are other values, and an affine map may read
         the operands too."""
+        row = torch.unique(layout)
         created = self.new_set(len(row), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
         created.pinned = True
         lookup = torch.full((int(row.max()) + 1,), -1, dtype=torch.long)
@@ -202,7 +218,7 @@ class _ElementwiseRules:
         # neuron (a gate read from the values it gates): no parallel edges
         pairs = torch.unique(torch.cat([torch.stack((source.reshape(-1), nodes.reshape(-1))) for source in operands],
                                        dim=1), dim=1)
-        self.edges.append((pairs[0].clone(), pairs[1].clone(), EdgeKind.GATE, -1, None, None))
+        self.edges.append((pairs[0].clone(), pairs[1].clone(), kind, -1, None, None))
         new = _Neurons(nodes.clone(), comps.clone(), {created.index: 0})
         created.grad_records.append((output, new.nodes, new.comps))
         self.set_meta(output, new)
@@ -336,6 +352,7 @@ class _ElementwiseRules:
         if reduced_neurons and not reduced_comps:
             if set(reduced_neurons) != set(neuron_axes):
                 return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
+            self.separate_mixed_part(meta)
             stat = _Neurons(torch.full(tuple(output.shape), -1, dtype=torch.long), collapse(meta.comps), {})
             self.set_meta(output, stat)
             return None
@@ -370,6 +387,7 @@ class _ElementwiseRules:
         if _varies_along(meta.nodes, axis) and meta.comps is not None and not _varies_along(meta.comps, axis):
             neuron_axes = [a for a in range(args[0].dim()) if _varies_along(meta.nodes, a)]
             if neuron_axes == [axis]:
+                self.separate_mixed_part(meta)
                 return self.unary(args[0], output, name, None)  # softmax over all features of a set
         return self.mark_opaque(output, name, "a softmax across positions or part of the features", [meta])
 
