@@ -14,9 +14,13 @@ gives per-sample gradients equal to torch.func's (float64, 1e-10) and a group wh
 element keeps the function and maps the graph to the permuted model's graph. A gate broadcast over
 features once gave every feature the gate's neuron (gradients off by ~1); this is the test that
 looks for that kind of bug in the combinations nobody wrote by hand.
+``GRADGRAPH_FUZZ_EXAMPLES=N`` runs N programs per family (a longer campaign; with
+``--hypothesis-seed`` for fresh ones).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -158,7 +162,7 @@ def programs(draw):
     return in_width, steps, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 200)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs())
 def test_a_random_program_converts_exactly_or_is_refused(program):
     in_width, steps, seed = program
@@ -288,7 +292,7 @@ def sequence_programs(draw):
     return in_width, length, steps, pool, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 80)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequence_programs())
 def test_a_random_sequence_program_converts_exactly_or_is_refused(program):
     in_width, length, steps, pool, seed = program
