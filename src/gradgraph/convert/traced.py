@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradgraph.capture import LossFn, check_closure_call, check_closure_losses, per_datapoint_objective
+from gradgraph.capture import (LossFn, check_closure_call, check_closure_losses, check_materialised,
+                               per_datapoint_objective)
 from gradgraph.convert.chain import chain_capture, plain_chain
 from gradgraph.convert.layout import _make_plan
 from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _assemble, _fill, _plan_key
@@ -53,7 +54,7 @@ def convert_traced(
     Returns:
         A :class:`~gradgraph.GradGraph` with ``B = b * K`` components.
     """
-    scan = _Scan.of(model)
+    scan = _Scan.of(model, "to_graph")
     datapoint_dim = _check_inputs(model, inputs, datapoint_dim, scan)
     kwargs = dict(forward_kwargs or {})
 
@@ -100,7 +101,7 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
             :func:`convert_traced` for the model itself.
     """
     runs: list[_Pass] = []
-    scan = _Scan.of(model)
+    scan = _Scan.of(model, "convert_closure")
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         check_closure_call(model, bool(runs), args)
@@ -139,8 +140,51 @@ class _Scan:
     modules: list[nn.Module]
 
     @classmethod
-    def of(cls, model: nn.Module) -> "_Scan":
-        return cls(dict(model.named_parameters()), list(model.modules()))
+    def of(cls, model: nn.Module, caller: str) -> "_Scan":
+        """The model's parameters and modules; raises (naming ``caller``) if a parameter is on
+        the ``meta`` device (see :func:`gradgraph.capture.check_materialised`)."""
+        scan = _walk(model)
+        if scan is None:
+            scan = cls(dict(model.named_parameters()), list(model.modules()))
+        if any(param.is_meta for param in scan.parameters.values()):
+            check_materialised(model, caller)
+        return scan
+
+
+_MODULE = nn.Module
+
+
+def _walk(model: nn.Module) -> _Scan | None:
+    """``named_parameters()`` and ``modules()`` of ``model`` in one recursive walk over the
+    modules' ``_modules`` and ``_parameters``, as torch's generators produce them (pre-order,
+    each module and parameter once, under its first name): a third of their cost, which a cached
+    conversion of a small model pays on every call. ``None`` where a module overrides how torch
+    lists its members (then the caller asks torch)."""
+    root = type(model)
+    if (root.named_parameters is not _MODULE.named_parameters or root.modules is not _MODULE.modules
+            or root._named_members is not _MODULE._named_members):
+        return None
+    parameters: dict[str, Tensor] = {}
+    modules: list[nn.Module] = []
+    seen_modules: set[nn.Module] = set()
+    seen_parameters: set[Tensor] = set()
+
+    def visit(module: nn.Module, prefix: str) -> bool:
+        if type(module).named_modules is not _MODULE.named_modules:
+            return False
+        seen_modules.add(module)
+        modules.append(module)
+        for name, param in module._parameters.items():
+            if param is None or param in seen_parameters:
+                continue
+            seen_parameters.add(param)
+            parameters[prefix + name] = param
+        for name, child in module._modules.items():
+            if child is not None and child not in seen_modules and not visit(child, prefix + name + "."):
+                return False
+        return True
+
+    return _Scan(parameters, modules) if visit(model, "") else None
 
 
 def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None, scan: _Scan) -> int:
