@@ -190,3 +190,63 @@ def test_biases_and_weights_written_as_pieces_equal_the_slot_writes(case):
         plan._derived.update(pieces)
     for name in ("x", "edge_attr"):
         assert torch.equal(general[name], graph[name]) and general[name].stride() == graph[name].stride(), name
+
+
+# ------------------------------------------------------------------ first conversions
+@pytest.mark.parametrize("count", [1, 5, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 3 * (1 << 16) + 7])
+def test_consecutive_span_reads_long_positions_piece_by_piece(count):
+    from gradgraph.graph import consecutive_span
+
+    positions = torch.arange(11, 11 + count)
+    assert consecutive_span(positions) == slice(11, 11 + count)
+    assert consecutive_span(positions.reshape(1, -1)) == slice(11, 11 + count)
+    for broken in {0, count // 2, count - 1, min(count - 1, 1 << 16)} if count > 1 else ():  # in any piece
+        changed = positions.clone()
+        changed[broken] += 1 if broken else -1
+        assert consecutive_span(changed) is None, broken
+    assert consecutive_span(torch.empty(0, dtype=torch.long)) is None
+
+
+def test_per_group_labels_repeat_each_value_over_its_group():
+    from gradgraph.convert.layout import _per_group
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        groups = int(torch.randint(1, 8, (1,), generator=generator))
+        values = torch.randint(-1, 3, (groups,), generator=generator).tolist()  # runs of equal values
+        sizes = torch.randint(0, 5, (groups,), generator=generator).tolist()
+        expected = torch.tensor(values, dtype=torch.long).repeat_interleave(torch.tensor(sizes))
+        assert torch.equal(_per_group(values, sizes), expected)
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt"])
+def test_records_are_blocks_exactly_where_their_component_indices_say_so(case, monkeypatch):
+    """A record is a block iff all its neurons and components are kept and, read as
+    ``[B, width]``, neuron ``first + w`` at component ``c`` (the definition on component indices)."""
+    from gradgraph.convert import plan as plan_module
+
+    seen = []
+    record = plan_module._record
+
+    def checked(tracer, tensor, nodes, comps, num_keys, num_components):
+        result = record(tracer, tensor, nodes, comps, num_keys, num_components)
+        width = int(nodes.shape[-1]) if nodes.dim() else 1
+        block = bool(((nodes >= 0) & (comps >= 0)).all()) and nodes.numel() == num_components * width and width > 0
+        if block:
+            rows = nodes.reshape(num_components, width)
+            columns = plan_module._component_index(comps.reshape(num_components, width), num_keys)
+            block = torch.equal(rows, (rows[0, 0] + torch.arange(width)).expand_as(rows)) and torch.equal(
+                columns, torch.arange(num_components)[:, None].expand_as(columns))
+        assert (result.block is not None) == block
+        seen.append(block)
+        return result
+
+    monkeypatch.setattr(plan_module, "_record", checked)
+    torch.manual_seed(0)
+    if case == "mlp":
+        model = build_mlp([3, 4, 2], ["relu", "none"], [True, True])
+        gradgraph.to_graph(model, torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 2, (5,)), cross_entropy)
+    else:
+        gradgraph.to_graph(GPT().double().eval(), torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8)),
+                           token_loss)
+    assert any(seen) and (case == "mlp" or not all(seen))

@@ -246,18 +246,21 @@ def _source(tracer: _Tracer, tensor: Tensor) -> tuple:
 
 def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_keys: int,
             num_components: int) -> _Record:
-    keep = (nodes >= 0) & (comps >= 0)
-    all_kept = bool(keep.all())
     source = _source(tracer, tensor)
     width = int(nodes.shape[-1]) if nodes.dim() else 1
-    if all_kept and nodes.numel() == num_components * width and width > 0:
-        # a block: read as [B, width], element (c, w) is neuron first + w at component c
+    if width > 0 and nodes.numel() == num_components * width:
+        # a block: read as [B, width], element (c, w) is neuron first + w at component c, i.e.
+        # its comps code is that of component c (compared as codes: converting the O(B·width)
+        # codes to component indices first was most of a first conversion's record time)
         rows = nodes.reshape(num_components, width)
         first = int(rows[0, 0])
-        columns = _component_index(comps.reshape(num_components, width), num_keys)
-        if torch.equal(rows, (first + torch.arange(width)).expand(num_components, width)) and torch.equal(
-                columns, torch.arange(num_components)[:, None].expand(num_components, width)):
-            return _Record(source, tuple(nodes.shape), None, None, (first, width))
+        if first >= 0 and torch.equal(rows, (first + torch.arange(width)).expand(num_components, width)):
+            component = torch.arange(num_components)
+            codes = (component // num_keys) * KEY_STRIDE + component % num_keys
+            if torch.equal(comps.reshape(num_components, width), codes[:, None].expand(num_components, width)):
+                return _Record(source, tuple(nodes.shape), None, None, (first, width))
+    keep = (nodes >= 0) & (comps >= 0)
+    all_kept = bool(keep.all())
     linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
     return _Record(source, tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
 
@@ -498,16 +501,19 @@ def _bias_pieces(slots: list[_SlotCopy], num_nodes: int, whole: Mapping[str, sli
 
 def _assembly_recipe(plan: TracePlan) -> None:
     """What :func:`_assemble` derives from the plan alone, once per plan (into ``plan._derived``)."""
-    covered = torch.zeros(plan.num_edges, dtype=torch.bool)
-    for slot in plan.weights:
-        covered[slot.rows] = True
-    # edges no parameter writes (relations) have weight 1
-    plan._derived["unweighted"] = None if bool(covered.all()) else torch.nonzero(~covered).flatten()
     whole = {name: slice(0, math.prod(shape)) for name, shape in zip(plan.param_names, plan.param_shapes)}
     # every edge a weight entry, weight after weight (MLP chains): (name, places), places None
     # for a whole parameter (its flat view as it is: no indexing op)
+    tiles = _slots_tile(plan.weights, plan.num_edges)
     plan._derived["weight_pieces"] = [(slot.name, None if slot.places == whole.get(slot.name) else slot.places)
-                                      for slot in plan.weights] if _slots_tile(plan.weights, plan.num_edges) else None
+                                      for slot in plan.weights] if tiles else None
+    plan._derived["unweighted"] = None
+    if not tiles:
+        covered = torch.zeros(plan.num_edges, dtype=torch.bool)
+        for slot in plan.weights:
+            covered[slot.rows] = True
+        # edges no parameter writes (relations) have weight 1
+        plan._derived["unweighted"] = None if bool(covered.all()) else torch.nonzero(~covered).flatten()
     plan._derived["bias_pieces"] = _bias_pieces(plan.biases, plan.num_nodes, whole)
     plan._derived["zeros"] = {}
 
