@@ -42,24 +42,28 @@ def _signature(value: Any) -> Any:
     return repr(value)
 
 
-def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any], parameters: Mapping[str, Tensor],
+def _parameter_signature(parameters: Mapping[str, Tensor]) -> tuple:
+    """Per parameter ``(name, shape, floating, device type, requires_grad)``: its part of the plan key."""
+    return tuple([(name, p.shape, p.dtype.is_floating_point, p.device.type, p.requires_grad)
+                  for name, p in parameters.items()])
+
+
+def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any], parameter_signature: tuple,
               modules: list[nn.Module]) -> tuple:
     """What a plan depends on besides the op fingerprints a replay checks.
 
-    ``parameters`` and ``modules`` are ``dict(model.named_parameters())`` and
-    ``list(model.modules())``, read once per conversion.
+    ``parameter_signature`` is :func:`_parameter_signature` of ``dict(model.named_parameters())``
+    and ``modules`` is ``list(model.modules())``, read once per conversion.
 
     Not the floating dtype of the parameters or the input: a plan holds only the layout and
     where the factors come from, so a float32 and a float64 model of one architecture share it
     (and its structure tensors). A forward whose ops depend on the dtype still differs in its
     fingerprints (a cast, a ``finfo`` constant) and is traced again.
     """
-    # built on every conversion: list comprehensions, torch.Size as is and the module types
-    # themselves (not their names) keep it a few µs
+    # built on every conversion: module types themselves (not their names), torch.Size as it is
     return (
         type(model),
-        tuple([(name, p.shape, p.dtype.is_floating_point, p.device.type, p.requires_grad)
-               for name, p in parameters.items()]),
+        parameter_signature,
         tuple([type(module) for module in modules]),
         ("tensor", inputs.shape, inputs.dtype.is_floating_point, inputs.device.type),
         _signature(kwargs) if kwargs else (),
