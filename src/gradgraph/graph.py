@@ -516,6 +516,9 @@ def consecutive_span(positions: Tensor) -> slice | None:
     if flat.numel() == 0:
         return None
     start, count = int(flat[0]), flat.numel()
+    if flat.device.type != "cpu":  # one comparison: each piece's answer would be a device sync
+        return slice(start, start + count) if torch.equal(
+            flat, torch.arange(start, start + count, dtype=flat.dtype, device=flat.device)) else None
     # compared piece by piece against one ramp: no O(numel) temporaries (fresh memory is most of
     # the cost for the 1M-entry weights of a first conversion)
     size = min(count, _SPAN_CHUNK)
