@@ -515,10 +515,24 @@ def consecutive_span(positions: Tensor) -> slice | None:
     flat = positions.reshape(-1)
     if flat.numel() == 0:
         return None
-    start = int(flat[0])
-    if bool((flat == start + torch.arange(flat.numel(), device=flat.device)).all()):
-        return slice(start, start + flat.numel())
-    return None
+    start, count = int(flat[0]), flat.numel()
+    if flat.device.type != "cpu":  # one comparison: each piece's answer would be a device sync
+        return slice(start, start + count) if torch.equal(
+            flat, torch.arange(start, start + count, dtype=flat.dtype, device=flat.device)) else None
+    # compared piece by piece against one ramp: no O(numel) temporaries (fresh memory is most of
+    # the cost for the 1M-entry weights of a first conversion)
+    size = min(count, _SPAN_CHUNK)
+    ramp = torch.arange(start, start + size, dtype=flat.dtype, device=flat.device)
+    shifted = torch.empty_like(ramp)
+    for offset in range(0, count, size):
+        piece = flat[offset:offset + size]
+        expected = ramp if offset == 0 else torch.add(ramp, offset, out=shifted)
+        if not torch.equal(piece, expected[:len(piece)]):
+            return None
+    return slice(start, start + count)
+
+
+_SPAN_CHUNK = 1 << 16
 
 
 def _add_at(target: Tensor, span: slice | None, positions: Tensor, values: Tensor) -> None:

@@ -144,7 +144,6 @@ def to_graph(
         raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, Tensor):
         raise TypeError(f"to_graph: inputs must be a Tensor, got {type(inputs).__name__}")
-    check_materialised(model, "to_graph")
     kwargs = dict(forward_kwargs or {})
     if isinstance(model, nn.MultiheadAttention) and {"key", "value"} & set(kwargs):
         raise GradGraphError(
@@ -154,7 +153,9 @@ def to_graph(
         )
     for entry in reversed(_REGISTRY):
         if entry.matches(model):
+            check_materialised(model, "to_graph")
             return entry.converter(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
+    # the traced converter checks for meta parameters in its one read of the model's parameters
     if not _FALLBACK:
         raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")
     return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradgraph.capture import LossFn, check_closure_call, check_closure_losses, per_datapoint_objective
+from gradgraph.capture import (LossFn, check_closure_call, check_closure_losses, check_materialised,
+                               per_datapoint_objective)
 from gradgraph.convert.chain import chain_capture, plain_chain
 from gradgraph.convert.layout import _make_plan
-from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _assemble, _fill, _plan_key
+from gradgraph.convert.plan import (PLAN_CACHE, PlanCache, TracePlan, _assemble, _fill, _parameter_signature,
+                                    _plan_key)
 from gradgraph.convert.trace import PlanMismatch, replay_model, trace_model
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
@@ -53,7 +55,7 @@ def convert_traced(
     Returns:
         A :class:`~gradgraph.GradGraph` with ``B = b * K`` components.
     """
-    scan = _Scan.of(model)
+    scan = _Scan.of(model, "to_graph")
     datapoint_dim = _check_inputs(model, inputs, datapoint_dim, scan)
     kwargs = dict(forward_kwargs or {})
 
@@ -100,7 +102,7 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
             :func:`convert_traced` for the model itself.
     """
     runs: list[_Pass] = []
-    scan = _Scan.of(model)
+    scan = _Scan.of(model, "convert_closure")
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         check_closure_call(model, bool(runs), args)
@@ -133,14 +135,78 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
 
 @dataclass
 class _Scan:
-    """What a conversion reads off the model, once: ``named_parameters()`` and ``modules()``."""
+    """What a conversion reads off the model, once: ``named_parameters()`` and ``modules()``,
+    and what the checks and the plan key read off them.
+
+    Attributes:
+        parameters: ``dict(model.named_parameters())``.
+        modules: ``list(model.modules())``.
+        signature: per parameter ``(name, shape, floating, device type, requires_grad)``: its
+            part of the plan key (:func:`gradgraph.convert.plan._plan_key`).
+        float_dtypes: the floating dtypes of the parameters.
+    """
 
     parameters: dict[str, Tensor]
     modules: list[nn.Module]
+    signature: tuple
+    float_dtypes: set[torch.dtype]
 
     @classmethod
-    def of(cls, model: nn.Module) -> "_Scan":
-        return cls(dict(model.named_parameters()), list(model.modules()))
+    def of(cls, model: nn.Module, caller: str) -> "_Scan":
+        """The model's scan; raises (naming ``caller``) if a parameter is on the ``meta`` device
+        (see :func:`gradgraph.capture.check_materialised`)."""
+        scan = _walk(model)
+        if scan is None:
+            parameters = dict(model.named_parameters())
+            scan = cls(parameters, list(model.modules()), _parameter_signature(parameters),
+                       {param.dtype for param in parameters.values() if param.dtype.is_floating_point})
+        if any(param.is_meta for param in scan.parameters.values()):
+            check_materialised(model, caller)
+        return scan
+
+
+_MODULE = nn.Module
+
+
+def _walk(model: nn.Module) -> _Scan | None:
+    """The :class:`_Scan` of ``model`` in one recursive walk over the modules' ``_modules`` and
+    ``_parameters``, listing them as torch's generators do (pre-order, each module and parameter
+    once, under its first name): a cached conversion of a small model pays this on every call,
+    and one pass is a fraction of torch's nested generators plus a loop per check. ``None``
+    where a module overrides how torch lists its members (then the caller asks torch)."""
+    root = type(model)
+    if (root.named_parameters is not _MODULE.named_parameters or root.modules is not _MODULE.modules
+            or root._named_members is not _MODULE._named_members):
+        return None
+    parameters: dict[str, Tensor] = {}
+    modules: list[nn.Module] = []
+    signature: list[tuple] = []
+    float_dtypes: set[torch.dtype] = set()
+    seen_modules: set[nn.Module] = set()
+    seen_parameters: set[int] = set()  # ids: Tensor.__hash__ is id() behind a Python call
+
+    def visit(module: nn.Module, prefix: str) -> bool:
+        if type(module).named_modules is not _MODULE.named_modules:
+            return False
+        seen_modules.add(module)
+        modules.append(module)
+        for name, param in module._parameters.items():
+            if param is None or id(param) in seen_parameters:
+                continue
+            seen_parameters.add(id(param))
+            name = prefix + name
+            parameters[name] = param
+            dtype = param.dtype
+            floating = dtype.is_floating_point
+            signature.append((name, param.shape, floating, param.device.type, param.requires_grad))
+            if floating:
+                float_dtypes.add(dtype)
+        for name, child in module._modules.items():
+            if child is not None and child not in seen_modules and not visit(child, prefix + name + "."):
+                return False
+        return True
+
+    return _Scan(parameters, modules, tuple(signature), float_dtypes) if visit(model, "") else None
 
 
 def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None, scan: _Scan) -> int:
@@ -154,7 +220,7 @@ def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None, s
     if inputs.is_floating_point() and inputs.dim() > 1 and datapoint_dim == inputs.dim() - 1:
         raise GradGraphError(f"inputs {list(inputs.shape)}: the datapoint axis {datapoint_dim} is the feature axis; "
                              "features must be the last axis")
-    param_dtypes = {p.dtype for p in scan.parameters.values() if p.is_floating_point()}
+    param_dtypes = scan.float_dtypes
     if inputs.is_floating_point() and param_dtypes and inputs.dtype not in param_dtypes:
         raise GradGraphError(f"inputs {list(inputs.shape)} are {inputs.dtype} but {type(model).__name__}'s parameters "
                              f"are {sorted(str(dtype) for dtype in param_dtypes)}: convert one to the other's dtype")
@@ -187,7 +253,7 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
     """
     num_datapoints = inputs.shape[datapoint_dim]
     dtype = inputs.dtype if inputs.is_floating_point() else next(iter(scan.parameters.values())).dtype
-    key = (_plan_key(model, inputs, kwargs, scan.parameters, scan.modules), datapoint_dim)
+    key = (_plan_key(model, inputs, kwargs, scan.signature, scan.modules), datapoint_dim)
     chain = plain_chain(model) if plain_call else None
     plan = PLAN_CACHE.get(key)
     if plan is not None:
