@@ -125,7 +125,9 @@ class _AffineRules:
         width = positions.shape[0]
         created = self.new_set(width, NodeKind.HIDDEN, self.path() or name, "affine")
         targets = created.first + torch.arange(width)
-        self.edges.append((sources.repeat(width), targets.repeat_interleave(len(sources)), EdgeKind.LINEAR,
+        # each target's run of sources, written by one expand-copy (repeat_interleave's index is O(P))
+        edge_targets = targets[:, None].expand(-1, len(sources)).reshape(-1)
+        self.edges.append((sources.repeat(width), edge_targets, EdgeKind.LINEAR,
                            weight_view.index, positions.reshape(-1).clone(), None))
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
