@@ -151,3 +151,50 @@ def test_meta_run_targets_tuned_adams_best_validation_loss(tmp_path, monkeypatch
     exported = torch.load(tmp_path / "export.pt", weights_only=False)
     assert exported["provenance"]["meta_loss_target"] == pytest.approx(0.2)
     assert exported["provenance"]["run_config"]["meta_loss"] == "time-above-target"
+
+
+# ---------------------------------------------------------------------- probes of the validation protocol
+
+
+def test_scheduled_adam_steps_at_the_scheduled_rate():
+    from gradgraph.tasks.learned_optimizer.probes import SCHEDULES, scheduled_adam
+
+    torch.manual_seed(0)
+    model, reference = nn.Linear(3, 2), nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    schedule = SCHEDULES["linear to 0 at T"]
+    opt = scheduled_adam(0.1, schedule, 4)(model)
+    for t in range(5):
+        ref_opt = torch.optim.Adam(reference.parameters(), lr=0.1 * schedule(t, 4))
+        if t:
+            ref_opt.load_state_dict({**ref_opt.state_dict(), "state": state})
+        x = torch.randn(4, 3)
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+        state = ref_opt.state_dict()["state"]
+        for a, b in zip(model.parameters(), reference.parameters()):
+            assert torch.equal(a, b), t
+    assert opt.param_groups[0]["lr"] == 0.0  # step 4 of 4: the schedule has reached 0
+
+
+def test_perturbation_scores_score_perturbed_copies_and_restore_the_rule(monkeypatch):
+    from gradgraph.tasks.learned_optimizer import probes
+
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, residual_adam=True))
+    before = {k: v.clone() for k, v in rule.state_dict().items()}
+    seen = []
+
+    def score(protocol, meta_model):
+        seen.append(torch.cat([p.detach().reshape(-1) for p in meta_model.parameters()]))
+        return {"score": 0.0}
+
+    monkeypatch.setattr(probes, "score_meta_model", score)
+    rows = probes.perturbation_scores(None, rule, sigma=0.01, draws=3)
+    assert len(rows) == 4 and len(seen) == 4
+    offsets = [(s - seen[0]) for s in seen[1:]]
+    assert all(0.005 < float(o.std()) < 0.02 for o in offsets)  # N(0, 0.01²) draws, all different
+    assert not torch.equal(offsets[0], offsets[1])
+    for key, value in rule.state_dict().items():
+        assert torch.equal(value, before[key])
