@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.021544346900318846, 0.0214, 0.0217, 0.045,
                                                                     0.0464, 0.048, 0.1])
-    parser.add_argument("--start-lr", type=float, default=0.0464, help="the start's αβ (the shipped digits-mlp's)")
+    parser.add_argument("--start-lr", type=float, default=0.0464, help="the start's αβ (Adam's rate the meta-training start chose on validation)")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--sigma", type=float, default=0.01)
     args = parser.parse_args(argv)
