@@ -63,7 +63,8 @@ def test_time_above_target_is_smooth(log_loss, log_target, temperature):
     expected = sigmoid * (1 - sigmoid) / (temperature * loss.item())
     assert grad.item() == pytest.approx(expected, rel=1e-9, abs=1e-300)
     assert 0 <= grad.item() <= 1 / (4 * temperature * loss.item()) * (1 + 1e-12)
-    assert torch.autograd.gradcheck(lambda l: time_above_target(l, target, temperature), (loss.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda value: time_above_target(value, target, temperature),
+                                    (loss.detach().requires_grad_(),))
 
 
 def test_meta_loss_dispatches_and_rejects_bad_input():

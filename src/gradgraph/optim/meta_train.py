@@ -295,7 +295,9 @@ class MetaTrainer:
         """``[T, P]`` held-out losses of a truncation -> ``[P]`` meta-losses (the config's)."""
         if not torch.isfinite(losses).all():
             # Checked on the losses, not the meta-loss: a sigmoid turns an infinite loss into 1.
-            raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): an inner run diverged at outer step {self.outer_steps}")
+            raise _NonFiniteMetaLoss(
+                f"meta-training ({self.task.name}): an inner run diverged at outer step {self.outer_steps}"
+            )
         return compute_meta_loss(self.config.meta_loss, losses, self.config.target_loss, self.config.temperature)
 
     # ---------------------------------------------------------------- one meta-step

@@ -146,7 +146,8 @@ def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkT
         raise GradGraphError(
             f"meta-training: {config.num_particles} particles cannot be split evenly over {context.world_size} ranks"
         )
-    trainer_config = replace(config.trainer_config(target_loss), num_particles=config.num_particles // context.world_size,
+    trainer_config = replace(config.trainer_config(target_loss),
+                             num_particles=config.num_particles // context.world_size,
                              seed=config.seed + 1000 * context.rank)
     meta_model = LearnedUpdate(MetaModelConfig(use_gradmetanet=config.variant == "gradmetanet", alpha=config.alpha,
                                                beta=beta, residual_adam=config.residual_adam))

@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.021544346900318846, 0.0214, 0.0217, 0.045,
                                                                     0.0464, 0.048, 0.1])
-    parser.add_argument("--start-lr", type=float, default=0.0464, help="the start's αβ (Adam's rate the meta-training start chose on validation)")
+    parser.add_argument("--start-lr", type=float, default=0.0464,
+                        help="the start's αβ (the rate meta-training's --start tuned-adam chose on validation)")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--sigma", type=float, default=0.01)
     args = parser.parse_args(argv)
@@ -127,10 +128,12 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{[round(b, 4) for b in bests]}, mean {sum(bests) / len(bests):.4f}", flush=True)
     for row in schedule_scores(protocol, args.rates, {"constant": SCHEDULES["constant"]}):
         print(_row(f"Adam lr {row['lr']:.6g} constant", row), flush=True)
-    for row in schedule_scores(protocol, [0.0215, args.start_lr], {k: v for k, v in SCHEDULES.items() if k != "constant"}):
+    decays = {name: schedule for name, schedule in SCHEDULES.items() if name != "constant"}
+    for row in schedule_scores(protocol, [0.0215, args.start_lr], decays):
         print(_row(f"Adam lr {row['lr']:.6g} {row['schedule']}", row), flush=True)
     torch.manual_seed(0)
-    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=0.1, beta=args.start_lr / 0.1, residual_adam=True))
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=0.1, beta=args.start_lr / 0.1,
+                                         residual_adam=True))
     for index, row in enumerate(perturbation_scores(protocol, rule, args.sigma, args.draws)):
         print(_row("start (DeepSets form)" if index == 0 else f"start + N(0, {args.sigma:g}²), draw {index}", row),
               flush=True)
