@@ -98,7 +98,7 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--select-every", type=int, default=25,
                         help="score the meta-model on the validation protocol every N outer steps (0: never) and "
                              "export the best, outer step 0 included")
-    parser.add_argument("--meta-loss", choices=["log-loss", "time-above-target"], default="log-loss",
+    parser.add_argument("--meta-loss", choices=["log-loss", "time-above-target"], default="time-above-target",
                         help="meta-training's loss per truncation: mean log held-out loss, or the smoothed number of "
                              "steps above tuned Adam's best validation loss")
     parser.add_argument("--temperature", type=float, default=0.25,

@@ -84,8 +84,9 @@ class MetaRunConfig:
         out_dir: where the checkpoint and the log go.
         checkpoint_every: outer steps between checkpoints.
         progress: show a tqdm bar.
-        meta_loss: ``"log-loss"`` or ``"time-above-target"`` (module docstring; the target
-            is tuned Adam's best validation loss, so it needs the validation protocol).
+        meta_loss: ``"time-above-target"`` (the default: measured better, README) or
+            ``"log-loss"`` (module docstring; the target is tuned Adam's best validation
+            loss, so it needs the validation protocol).
         temperature: ``τ`` of ``"time-above-target"``.
     """
 
@@ -112,7 +113,7 @@ class MetaRunConfig:
     out_dir: str = "runs/learned-optimizer/meta"
     checkpoint_every: int = 25
     progress: bool = True
-    meta_loss: str = "log-loss"
+    meta_loss: str = "time-above-target"
     temperature: float = 0.25
 
     def __post_init__(self) -> None:
