@@ -7,12 +7,14 @@
 - :class:`MetaTrainer` / :class:`MetaTrainConfig` / :class:`Task` — meta-training by truncated
   backpropagation or antithetic PES (:class:`PES`), all particles in one batched forward.
 - :func:`load_pretrained` / :func:`pretrained_names` — meta-models shipped in the package.
+- :func:`time_above_target` / :func:`mean_log_loss` — meta-losses (:mod:`gradgraph.optim.meta_loss`).
 """
 
 from gradgraph.optim.features import NUM_PARAMETER_FEATURES, parameter_features, time_features
 from gradgraph.optim.meta_model import LearnedUpdate, MetaModelConfig, OptimizerState, ParameterLayout
 from gradgraph.optim.optimizer import LearnedOptimizer, graph_from_closure
 from gradgraph.optim.pes import PES
+from gradgraph.optim.meta_loss import META_LOSSES, mean_log_loss, time_above_target
 from gradgraph.optim.meta_train import MetaTrainConfig, MetaTrainer, Task
 from gradgraph.optim.hub import load_pretrained, meta_model_from_checkpoint, pretrained_names
 
@@ -22,6 +24,7 @@ __all__ = [
     "MetaModelConfig",
     "MetaTrainConfig",
     "MetaTrainer",
+    "META_LOSSES",
     "NUM_PARAMETER_FEATURES",
     "OptimizerState",
     "PES",
@@ -29,8 +32,10 @@ __all__ = [
     "Task",
     "graph_from_closure",
     "load_pretrained",
+    "mean_log_loss",
     "meta_model_from_checkpoint",
     "parameter_features",
     "pretrained_names",
+    "time_above_target",
     "time_features",
 ]

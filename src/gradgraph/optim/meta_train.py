@@ -11,8 +11,11 @@ the particles are spread over the phases of training.
 Two estimators of the meta-gradient, chosen by :attr:`MetaTrainConfig.estimator`:
 
 * ``"tbptt"`` — truncated backpropagation through the unroll. The meta-loss of a
-  truncation of ``K`` steps is the mean over steps and particles of ``log L(θ_{t+1})`` on
-  a held-out batch (:attr:`Task.sample_validation`) or else the next training batch, differentiated through the updates ``θ_{t+1} = θ_t − Δ(θ_t, …)``
+  truncation of ``K`` steps is the mean over particles of a function of the losses
+  ``L(θ_{t+1})`` of its steps on a held-out batch (:attr:`Task.sample_validation`) or else
+  the next training batch (:attr:`MetaTrainConfig.meta_loss`: ``mean_t log L`` or the
+  smoothed steps above a target, :mod:`gradgraph.optim.meta_loss`), differentiated
+  through the updates ``θ_{t+1} = θ_t − Δ(θ_t, …)``
   with respect to every meta-parameter. The batch's gradients and factors enter as data
   (no second-order terms: autograd does not see how ``∇L(θ_t)`` depends on ``θ_t``), the
   usual first-order truncated estimator. One meta-model for all particles, so one batched
@@ -54,6 +57,8 @@ from gradgraph.convert import to_graph
 from gradgraph.errors import GradGraphError, NonFiniteFactorError
 from gradgraph.graph import GradGraph
 from gradgraph.optim.batching import ArchitectureCache
+from gradgraph.optim.meta_loss import META_LOSSES
+from gradgraph.optim.meta_loss import meta_loss as compute_meta_loss
 from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
 from gradgraph.optim.pes import PES
 
@@ -109,6 +114,11 @@ class MetaTrainConfig:
         sigma: PES perturbation scale.
         grad_clip: clip of the meta-gradient's norm (``None``: none).
         seed: seeds data, initialisations and perturbations.
+        meta_loss: ``"log-loss"`` (mean log held-out loss over the truncation) or
+            ``"time-above-target"`` (smoothed fraction of steps whose held-out loss is above
+            ``target_loss``; :mod:`gradgraph.optim.meta_loss`).
+        target_loss: ``L*`` of ``"time-above-target"`` (e.g. tuned Adam's best held-out loss).
+        temperature: ``τ`` of ``"time-above-target"`` (a relative gap, log space).
     """
 
     estimator: str = "pes"
@@ -120,8 +130,17 @@ class MetaTrainConfig:
     sigma: float = 0.01
     grad_clip: float | None = 1.0
     seed: int = 0
+    meta_loss: str = "log-loss"
+    target_loss: float | None = None
+    temperature: float = 0.25
 
     def __post_init__(self) -> None:
+        if self.meta_loss not in META_LOSSES:
+            raise GradGraphError(f"MetaTrainConfig.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
+        if self.meta_loss == "time-above-target" and not (self.target_loss is not None and self.target_loss > 0):
+            raise GradGraphError(
+                f"MetaTrainConfig.meta_loss 'time-above-target' needs target_loss > 0, got {self.target_loss}"
+            )
         if self.estimator not in ESTIMATORS:
             raise GradGraphError(f"MetaTrainConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.num_particles < 1 or self.truncation < 1 or self.horizon < self.truncation:
@@ -131,10 +150,6 @@ class MetaTrainConfig:
             )
         if self.estimator == "pes" and self.num_particles % 2:
             raise GradGraphError(f"PES needs an even number of particles (antithetic pairs), got {self.num_particles}")
-
-
-def _log_loss(losses: Tensor) -> Tensor:
-    return torch.log(losses.clamp_min(1e-8))
 
 
 class MetaTrainer:
@@ -276,6 +291,15 @@ class MetaTrainer:
         self.outer.zero_grad(set_to_none=True)
         return norm
 
+    def _meta_loss(self, losses: Tensor) -> Tensor:
+        """``[T, P]`` held-out losses of a truncation -> ``[P]`` meta-losses (the config's)."""
+        if not torch.isfinite(losses).all():
+            # Checked on the losses, not the meta-loss: a sigmoid turns an infinite loss into 1.
+            raise _NonFiniteMetaLoss(
+                f"meta-training ({self.task.name}): an inner run diverged at outer step {self.outer_steps}"
+            )
+        return compute_meta_loss(self.config.meta_loss, losses, self.config.target_loss, self.config.temperature)
+
     # ---------------------------------------------------------------- one meta-step
     def step(self) -> dict[str, float]:
         """One truncation of every particle and one outer Adam step; returns its log line."""
@@ -320,8 +344,8 @@ class MetaTrainer:
             batch = self._architecture.batch(graphs) if self.meta_model.needs_graph else None
             params, state = self.meta_model(params, grads, state, batch, graphs[0])
             self._advance(params)
-            terms.append(_log_loss(self._losses(params)))
-        meta_loss = torch.stack(terms).mean()
+            terms.append(self._losses(params))
+        meta_loss = self._meta_loss(torch.stack(terms)).mean()
         if not torch.isfinite(meta_loss):
             raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): non-finite meta-loss at outer step {self.outer_steps}")
         self.outer.zero_grad(set_to_none=True)
@@ -340,7 +364,7 @@ class MetaTrainer:
         thetas = self.pes.perturb(self.flat_meta_parameters())
         per_particle = [self._unflatten(theta) for theta in thetas]
         params, state = self.params, self.state
-        totals = torch.zeros(self.config.num_particles, device=self.device)
+        terms = []
         for _ in range(self.config.truncation):
             graphs, grads = self._graphs(params)
             new_params: dict[str, list[Tensor]] = {name: [] for name in self.names}
@@ -358,10 +382,10 @@ class MetaTrainer:
             params = {name: torch.cat(values) for name, values in new_params.items()}
             state = _cat_states(new_states)
             self._advance(params)
-            totals += _log_loss(self._losses(params))
-        if not torch.isfinite(totals).all():
+            terms.append(self._losses(params))
+        means = self._meta_loss(torch.stack(terms))
+        if not torch.isfinite(means).all():
             raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): an inner run diverged (PES)")
-        means = totals / self.config.truncation
         self.params, self.state = params, state
         estimate = self.pes.estimate(means)
         norm = self._apply_gradient(estimate.to(self.flat_meta_parameters().dtype))

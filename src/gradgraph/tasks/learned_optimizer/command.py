@@ -39,7 +39,8 @@ def _command(args: argparse.Namespace) -> int:
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
                                out_dir=str(args.out_dir / f"meta-{args.variant}"), progress=not args.quiet,
                                max_outer_steps=args.max_outer_steps, start=args.start, select_every=args.select_every,
-                               device=args.device, **learning_rates, **preset)
+                               device=args.device, meta_loss=args.meta_loss, temperature=args.temperature,
+                               **learning_rates, **preset)
         from gradgraph.distributed import init_distributed
 
         context = init_distributed(args.device)  # one process unless started by torchrun
@@ -97,6 +98,11 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--select-every", type=int, default=25,
                         help="score the meta-model on the validation protocol every N outer steps (0: never) and "
                              "export the best, outer step 0 included")
+    parser.add_argument("--meta-loss", choices=["log-loss", "time-above-target"], default="time-above-target",
+                        help="meta-training's loss per truncation: mean log held-out loss, or the smoothed number of "
+                             "steps above tuned Adam's best validation loss")
+    parser.add_argument("--temperature", type=float, default=0.25,
+                        help="tau of --meta-loss time-above-target (a relative gap to Adam's best, log space)")
     parser.add_argument("--preset", choices=sorted(META_PRESETS), default="default", help="meta-training budget preset")
     parser.add_argument("--minutes", type=float, default=None, help="override the preset's wall-clock budget")
     parser.add_argument("--particles", type=int, default=None,

@@ -15,6 +15,12 @@ start wins; with ``select_every > 0`` the benchmark's protocol
 is run on the validation split at outer step 0 and every ``select_every`` outer steps,
 and the export is the best-scoring meta-model — outer step 0 included, so the exported
 optimizer is never worse than its start on validation.
+
+Meta-loss (``meta_loss``): ``"log-loss"`` (mean log held-out loss over a truncation) or
+``"time-above-target"`` (:func:`gradgraph.optim.meta_loss.time_above_target`), whose target
+``L*`` is the validation protocol's tuned Adam: its best validation loss averaged over the
+selection seeds (:func:`adam_target_loss`; computed with the protocol at the start of the
+run, recorded in ``history.json`` and the export's provenance).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from gradgraph.data.cache import atomic_torch_save, atomic_write_bytes
 from gradgraph.distributed import SINGLE_PROCESS, DistributedContext, resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer
+from gradgraph.optim.meta_loss import META_LOSSES
 from gradgraph.tasks.learned_optimizer.benchmark import log_grid
 from gradgraph.tasks.learned_optimizer.selection import (
     SELECTION_SEEDS_FROM,
@@ -41,7 +48,7 @@ from gradgraph.tasks.learned_optimizer.selection import (
 )
 from gradgraph.tasks.learned_optimizer.tasks import BenchmarkTask, get_task
 
-__all__ = ["MetaRunConfig", "export_meta_model", "run_meta_training"]
+__all__ = ["MetaRunConfig", "adam_target_loss", "export_meta_model", "run_meta_training"]
 
 VARIANTS = ("gradmetanet", "deepsets")
 STARTS = ("tuned-adam", "fixed")
@@ -77,6 +84,10 @@ class MetaRunConfig:
         out_dir: where the checkpoint and the log go.
         checkpoint_every: outer steps between checkpoints.
         progress: show a tqdm bar.
+        meta_loss: ``"time-above-target"`` (the default: measured better, README) or
+            ``"log-loss"`` (module docstring; the target is tuned Adam's best validation
+            loss, so it needs the validation protocol).
+        temperature: ``τ`` of ``"time-above-target"``.
     """
 
     task: str = "digits"
@@ -102,8 +113,12 @@ class MetaRunConfig:
     out_dir: str = "runs/learned-optimizer/meta"
     checkpoint_every: int = 25
     progress: bool = True
+    meta_loss: str = "time-above-target"
+    temperature: float = 0.25
 
     def __post_init__(self) -> None:
+        if self.meta_loss not in META_LOSSES:
+            raise GradGraphError(f"MetaRunConfig.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
         if self.variant not in VARIANTS:
             raise GradGraphError(f"MetaRunConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if not self.minutes > 0:
@@ -115,14 +130,16 @@ class MetaRunConfig:
                 f"MetaRunConfig needs select_every >= 0 and select_seeds >= 1, got {self.select_every}, {self.select_seeds}"
             )
 
-    def trainer_config(self) -> MetaTrainConfig:
-        """The :class:`MetaTrainConfig` of this run."""
+    def trainer_config(self, target_loss: float | None = None) -> MetaTrainConfig:
+        """The :class:`MetaTrainConfig` of this run (``target_loss``: ``L*`` of ``"time-above-target"``)."""
         return MetaTrainConfig(estimator=self.estimator, num_particles=self.num_particles, truncation=self.truncation,
                                horizon=self.horizon, outer_lr=self.outer_lr, scalar_lr=self.scalar_lr,
-                               sigma=self.sigma, seed=self.seed)
+                               sigma=self.sigma, seed=self.seed, meta_loss=self.meta_loss, target_loss=target_loss,
+                               temperature=self.temperature)
 
 
-def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkTask, beta: float) -> MetaTrainer:
+def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkTask, beta: float,
+           target_loss: float | None) -> MetaTrainer:
     # Same meta-model initialisation on every rank; each rank its own particles, data and
     # perturbations (seed offset by rank); meta-gradients are averaged across ranks.
     torch.manual_seed(config.seed)
@@ -130,7 +147,8 @@ def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkT
         raise GradGraphError(
             f"meta-training: {config.num_particles} particles cannot be split evenly over {context.world_size} ranks"
         )
-    trainer_config = replace(config.trainer_config(), num_particles=config.num_particles // context.world_size,
+    trainer_config = replace(config.trainer_config(target_loss),
+                             num_particles=config.num_particles // context.world_size,
                              seed=config.seed + 1000 * context.rank)
     meta_model = LearnedUpdate(MetaModelConfig(use_gradmetanet=config.variant == "gradmetanet", alpha=config.alpha,
                                                beta=beta, residual_adam=config.residual_adam))
@@ -157,9 +175,16 @@ def export_meta_model(trainer: MetaTrainer, path: Path | str, provenance: dict[s
     })
 
 
+def adam_target_loss(protocol: ValidationProtocol) -> float:
+    """``L*``: tuned Adam's best validation loss, averaged over the protocol's seeds."""
+    bests = [curve.best[0] for curve in protocol.reference]
+    return sum(bests) / len(bests)
+
+
 def _start_protocol(config: MetaRunConfig, bench: BenchmarkTask) -> ValidationProtocol | None:
-    """The validation protocol, if the start is tuned on it or checkpoints are selected with it."""
-    if config.start != "tuned-adam" and config.select_every == 0:
+    """The validation protocol, if the start is tuned on it, checkpoints are selected with it
+    or the meta-loss's target comes from it."""
+    if config.start != "tuned-adam" and config.select_every == 0 and config.meta_loss == "log-loss":
         return None
     return validation_protocol(
         bench,
@@ -216,9 +241,11 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
     protocol = _start_protocol(config, bench)
     start_lr, start_scores = (None, {}) if config.start == "fixed" else _choose_start(config, protocol)
     beta = config.beta if start_lr is None else start_lr / config.alpha
-    trainer = _build(config, context, bench, beta)
+    target_loss = adam_target_loss(protocol) if config.meta_loss == "time-above-target" else None
+    trainer = _build(config, context, bench, beta, target_loss)
     selection: dict[str, Any] = {"adam_lr": None if protocol is None else protocol.adam_lr, "start_lr": start_lr,
-                                 "start_scores": start_scores, "candidates": [], "best": None}
+                                 "start_scores": start_scores, "target_loss": target_loss, "candidates": [],
+                                 "best": None}
     elapsed = time.perf_counter() - start
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -272,7 +299,8 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
     if not context.is_main_process:
         return trainer
     history = {"history": trainer.history, "adam_lr": selection["adam_lr"], "start_lr": selection["start_lr"],
-               "start_scores": selection["start_scores"], "candidates": selection["candidates"]}
+               "start_scores": selection["start_scores"], "target_loss": target_loss,
+               "candidates": selection["candidates"]}
     atomic_write_bytes(out_dir / "history.json", json.dumps(history).encode())
     if export is not None:
         best = selection["best"]
@@ -281,7 +309,7 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
             "outer_steps": trainer.outer_steps, "minutes": elapsed / 60, "world_size": context.world_size,
             "device": str(context.device), "validation_adam_lr": selection["adam_lr"],
             "start_lr": selection["start_lr"], "start_scores": selection["start_scores"],
-            "selected_outer_step": None if best is None else best["outer_step"],
+            "meta_loss_target": target_loss, "selected_outer_step": None if best is None else best["outer_step"],
             "candidates": selection["candidates"],
         }, state=None if best is None else best["meta_model"])
     return trainer

@@ -1,0 +1,144 @@
+"""Two probes of the validation protocol (:mod:`~gradgraph.tasks.learned_optimizer.selection`).
+
+* :func:`perturbation_scores` — the validation score of a rule and of the same rule with
+  its meta-parameters perturbed by ``N(0, σ²)`` (PES's σ): how far the score moves when
+  the rule barely changes, i.e. the noise floor that selecting candidates by that score
+  works against.
+* :func:`schedule_scores` — Adam with a learning-rate schedule on the same protocol: what a
+  rule that learns only a schedule (the time features allow it) could gain.
+
+``python -m gradgraph.tasks.learned_optimizer.probes`` runs both on digits (one core: a few
+minutes) and prints one line per rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from gradgraph.optim import LearnedUpdate, MetaModelConfig
+from gradgraph.tasks.learned_optimizer.benchmark import OptimizerFactory, log_grid, step_reduction, train_curve
+from gradgraph.tasks.learned_optimizer.selection import (
+    SELECTION_SEEDS_FROM,
+    ValidationProtocol,
+    score_meta_model,
+    validation_protocol,
+)
+from gradgraph.tasks.learned_optimizer.tasks import get_task
+
+__all__ = ["SCHEDULES", "perturbation_scores", "schedule_scores", "scheduled_adam"]
+
+#: ``(step t, budget T) -> learning-rate factor``.
+Schedule = Callable[[int, int], float]
+SCHEDULES: dict[str, Schedule] = {
+    "constant": lambda t, total: 1.0,
+    "linear to 0 at T": lambda t, total: max(0.0, 1 - t / total),
+    "cosine to 0 at T": lambda t, total: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)),
+    "linear to 0 at T/2": lambda t, total: max(0.0, 1 - 2 * t / total),
+    "x0.1 after T/3": lambda t, total: 1.0 if 3 * t < total else 0.1,
+}
+
+
+class _ScheduledAdam(torch.optim.Adam):
+    """Adam whose learning rate at step ``t`` is ``lr · schedule(t, total)``."""
+
+    def __init__(self, params, lr: float, schedule: Schedule, total: int) -> None:
+        super().__init__(params, lr=lr)
+        self.base_lr, self.schedule, self.total, self.steps_done = lr, schedule, total, 0
+
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            group["lr"] = self.base_lr * self.schedule(self.steps_done, self.total)
+        self.steps_done += 1
+        return super().step(closure)
+
+
+def scheduled_adam(lr: float, schedule: Schedule, total: int) -> OptimizerFactory:
+    """``model -> Adam`` whose rate at step ``t`` (from 0) is ``lr · schedule(t, total)``."""
+    return lambda model: _ScheduledAdam(model.parameters(), lr, schedule, total)
+
+
+def schedule_scores(protocol: ValidationProtocol, rates: Sequence[float],
+                    schedules: dict[str, Schedule] = SCHEDULES) -> list[dict[str, float | str]]:
+    """Score scheduled Adam on ``protocol`` like a learned rule (mean step reduction over its seeds).
+
+    Returns:
+        One ``{"lr", "schedule", "step_reduction", "reached", "best_loss"}`` per rate and schedule.
+    """
+    rows = []
+    for lr in rates:
+        for name, schedule in schedules.items():
+            ratios, reached, bests = [], 0, []
+            for seed, reference in zip(protocol.seeds, protocol.reference):
+                curve = train_curve(protocol.bench, scheduled_adam(lr, schedule, protocol.steps), seed, protocol.steps)
+                ratio, ok = step_reduction(reference, curve, protocol.steps)
+                ratios.append(0.0 if curve.diverged else ratio)
+                reached += ok and not curve.diverged
+                bests.append(curve.best[0])
+            rows.append({"lr": lr, "schedule": name, "step_reduction": sum(ratios) / len(ratios), "reached": reached,
+                         "best_loss": sum(bests) / len(bests)})
+    return rows
+
+
+def perturbation_scores(protocol: ValidationProtocol, rule: LearnedUpdate, sigma: float, draws: int,
+                        seed: int = 1) -> list[dict[str, float]]:
+    """``score_meta_model`` of ``rule`` (first row) and of ``draws`` copies of it with every
+    meta-parameter perturbed by ``N(0, sigma²)`` (the rule itself is left unchanged)."""
+    base = {name: p.detach().clone() for name, p in rule.named_parameters()}
+    generator = torch.Generator().manual_seed(seed)
+    rows = [score_meta_model(protocol, rule)]
+    try:
+        for _ in range(draws):
+            with torch.no_grad():
+                for name, p in rule.named_parameters():
+                    p.copy_(base[name] + sigma * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device))
+            rows.append(score_meta_model(protocol, rule))
+    finally:
+        with torch.no_grad():
+            for name, p in rule.named_parameters():
+                p.copy_(base[name])
+    return rows
+
+
+def _row(label: str, row: dict) -> str:
+    return (f"{label:<48s} step reduction {row['step_reduction']:.3f} ({row['reached']}/5 reached), "
+            f"best validation loss {row['best_loss']:.4f}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Both probes on digits' validation protocol (seeds 200–204, 300 steps), printed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.021544346900318846, 0.0214, 0.0217, 0.045,
+                                                                    0.0464, 0.048, 0.1])
+    parser.add_argument("--start-lr", type=float, default=0.0464,
+                        help="the start's αβ (the rate meta-training's --start tuned-adam chose on validation)")
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--sigma", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    begin = time.perf_counter()
+    protocol = validation_protocol(get_task("digits"), seeds=range(SELECTION_SEEDS_FROM, SELECTION_SEEDS_FROM + 5),
+                                   steps=300, grid=log_grid(-4, -1, 10))
+    bests = [curve.best[0] for curve in protocol.reference]
+    print(f"validation-tuned Adam: lr {protocol.adam_lr:.6g}, best validation loss per seed "
+          f"{[round(b, 4) for b in bests]}, mean {sum(bests) / len(bests):.4f}", flush=True)
+    for row in schedule_scores(protocol, args.rates, {"constant": SCHEDULES["constant"]}):
+        print(_row(f"Adam lr {row['lr']:.6g} constant", row), flush=True)
+    decays = {name: schedule for name, schedule in SCHEDULES.items() if name != "constant"}
+    for row in schedule_scores(protocol, [0.0215, args.start_lr], decays):
+        print(_row(f"Adam lr {row['lr']:.6g} {row['schedule']}", row), flush=True)
+    torch.manual_seed(0)
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=0.1, beta=args.start_lr / 0.1,
+                                         residual_adam=True))
+    for index, row in enumerate(perturbation_scores(protocol, rule, args.sigma, args.draws)):
+        print(_row("start (DeepSets form)" if index == 0 else f"start + N(0, {args.sigma:g}²), draw {index}", row),
+              flush=True)
+    print(f"wall {time.perf_counter() - begin:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
