@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
 from gradgraph import Sine
+
+def cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-datapoint cross-entropy ``[b]`` (the ``loss_fn`` form ``to_graph`` takes)."""
+    return F.cross_entropy(output, targets, reduction="none")
+
 
 ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "relu": nn.ReLU,

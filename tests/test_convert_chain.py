@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import ACTIVATIONS, assert_same_graph
+from strategies import ACTIVATIONS, assert_same_graph, cross_entropy
 from torch import nn
 from traced_models import assert_exact_per_sample_grads
 
@@ -21,15 +20,7 @@ from gradgraph.convert.plan import PLAN_CACHE, TracePlan
 DTYPE = torch.float64
 
 
-def cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output, targets, reduction="none")
-
-
-@pytest.fixture(autouse=True)
-def empty_cache():
-    PLAN_CACHE.clear()
-    yield
-    PLAN_CACHE.clear()
+pytestmark = pytest.mark.usefixtures("empty_plan_cache")
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from strategies import GRAPH_TENSORS, build_mlp
+from strategies import GRAPH_TENSORS, build_mlp, cross_entropy
 from torch import nn
 from traced_models import GPT, token_loss
 
@@ -20,15 +19,7 @@ from gradgraph.convert.traced import _Scan, _walk
 DTYPE = torch.float64
 
 
-def cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output, targets, reduction="none")
-
-
-@pytest.fixture(autouse=True)
-def empty_cache():
-    PLAN_CACHE.clear()
-    yield
-    PLAN_CACHE.clear()
+pytestmark = pytest.mark.usefixtures("empty_plan_cache")
 
 
 class Listed(nn.Module):
