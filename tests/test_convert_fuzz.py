@@ -1,9 +1,10 @@
 """Random forward programs: the traced converter is exact or refuses, never silently wrong.
 
-Two families: programs over a pool of ``[b, width]`` values (below), and token-sequence
+Three families: programs over a pool of ``[b, width]`` values (below), token-sequence
 programs of residual blocks (affine maps, norms, learned positions, SwiGLU, attention with
 one or two heads, fused or separate q/k/v, manual or SDPA, causal or not) with mean, first-token
-or per-token pooling.
+or per-token pooling, and the same blocks on token ids (an embedding, a class token, learned
+positions as an ``nn.Embedding`` or a bare parameter, a head tied to the token table).
 
 Hypothesis writes small models as programs over a pool of neuron values ``[b, width]``:
 affine maps, activations, residual sums and gated products of equal widths, one value's
@@ -223,7 +224,7 @@ class SequenceProgram(nn.Module):
             elif kind == "swiglu":
                 self.layers.append(nn.ModuleList([nn.Linear(width, 2 * step[1]), nn.Linear(step[1], width)]))
             elif kind == "attention":
-                heads, fused = step[1], step[2]
+                fused = step[2]
                 parts = [nn.Linear(width, 3 * width)] if fused else [nn.Linear(width, width) for _ in range(3)]
                 self.layers.append(nn.ModuleList([*parts, nn.Linear(width, width)]))
         self.head = nn.Linear(width, 3)
@@ -312,3 +313,68 @@ def test_a_random_sequence_program_converts_exactly_or_is_refused(program):
         assert "SequenceProgram" in str(refusal) or "input" in str(refusal), str(refusal)
         return
     assert_group_keeps_function(model, inputs, targets, loss, seed=seed)
+
+
+# ------------------------------------------------------------------ token ids
+class TokenProgram(nn.Module):
+    """Token ids through an embedding, optional class token and learned positions (an
+    ``nn.Embedding`` of ``arange`` or a bare parameter), a :class:`SequenceProgram` body, pooling,
+    and a head that may be tied to the token table."""
+
+    def __init__(self, vocab: int, length: int, width: int, steps: list[tuple], pool: str, positions: str,
+                 class_token: bool, tied: bool) -> None:
+        super().__init__()
+        tokens = length + int(class_token)
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions, self.pool = positions, pool
+        if positions == "embedding":
+            self.position_table = nn.Embedding(tokens, width)
+        elif positions == "parameter":
+            self.position_table = nn.Parameter(torch.randn(tokens, width) / 3)
+        self.class_token = nn.Parameter(torch.randn(1, 1, width) / 3) if class_token else None
+        self.body = SequenceProgram(width, tokens, steps, "tokens")
+        self.body.head = nn.Identity()
+        self.head = nn.Linear(width, vocab if tied else 3, bias=not tied)
+        if tied:
+            self.head.weight = self.tokens.weight
+
+    def forward(self, ids):
+        h = self.tokens(ids)
+        if self.class_token is not None:
+            h = torch.cat([self.class_token.expand(ids.shape[0], -1, -1), h], dim=1)
+        if self.positions == "embedding":
+            h = h + self.position_table(torch.arange(h.shape[1]))
+        elif self.positions == "parameter":
+            h = h + self.position_table
+        h = self.body(h)
+        if self.pool == "mean":
+            h = h.mean(1)
+        elif self.pool == "first":
+            h = h[:, 0]
+        return self.head(h)
+
+
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(sequence_programs(), st.integers(5, 9), st.sampled_from(["none", "embedding", "parameter"]), st.booleans(),
+       st.booleans())
+def test_a_random_token_program_converts_exactly_or_is_refused(program, vocab, positions, class_token, tied):
+    _, length, steps, pool, seed = program
+    torch.manual_seed(seed)
+    width = steps[0][1]
+    model = TokenProgram(vocab, length, width, steps[1:], pool, positions, class_token, tied).to(DTYPE)
+    ids = torch.randint(0, vocab, (3, length))
+    classes = vocab if tied else 3
+    targets = torch.randint(0, classes, (3, length + int(class_token)) if pool == "tokens" else (3,))
+
+    def loss(output, target):
+        if output.dim() == 3:
+            return F.cross_entropy(output.transpose(1, 2), target, reduction="none").sum(-1)
+        return F.cross_entropy(output, target, reduction="none")
+
+    try:
+        assert_exact_per_sample_grads(model, ids, targets, loss)
+    except (UnsupportedModuleError, GradGraphError) as refusal:
+        assert "Program.forward" in str(refusal) or "input" in str(refusal), str(refusal)
+        return
+    assert_group_keeps_function(model, ids, targets, loss, seed=seed)
