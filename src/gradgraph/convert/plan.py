@@ -274,13 +274,12 @@ def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_k
 
 def _covers(neuron_set: NeuronSet, nodes: Tensor) -> bool:
     """Whether ``nodes`` holds every neuron of the set."""
-    inside = nodes[(nodes >= neuron_set.first) & (nodes < neuron_set.first + neuron_set.size)]
-    return torch.unique(inside).numel() == neuron_set.size
+    return torch.unique(nodes[neuron_set.holds(nodes)]).numel() == neuron_set.size
 
 
 def _own_nodes(neuron_set: NeuronSet, nodes: Tensor) -> Tensor:
     """``nodes`` with the entries of other sets' neurons set to -1 (not written)."""
-    inside = (nodes >= neuron_set.first) & (nodes < neuron_set.first + neuron_set.size)
+    inside = neuron_set.holds(nodes)
     return nodes if bool(inside.all()) else torch.where(inside, nodes, torch.full_like(nodes, -1))
 
 

@@ -131,6 +131,10 @@ class NeuronSet:
     read_by_affine: bool = False
     created_by: str = "affine"  # affine | input | token | norm | merge | attention | scale | pool | embedding
 
+    def holds(self, nodes: Tensor) -> Tensor:
+        """Boolean mask of the same shape: which of the node ids ``nodes`` are this set's neurons."""
+        return (nodes >= self.first) & (nodes < self.first + self.size)
+
 
 # ----------------------------------------------------------------------- the tracer
 def _ids_like(tensor: Tensor, value: int = -1) -> Tensor:

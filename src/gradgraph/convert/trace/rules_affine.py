@@ -9,12 +9,18 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    _broadcast, _feature_row, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _Param, _Raw, _rows_along_last, _Scores,
-    _varies_along,
+    _broadcast, _feature_row, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _Param, _Raw, _rows_along_last,
+    _Scores, _varies_along,
 )
 from gradgraph.convert.trace.ops import _LOST_TRACK
 from gradgraph.convert.trace.rules_data import _Data
 from gradgraph.graph import EdgeKind, NodeKind
+
+
+def _dense_edges(sources: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(src, dst)`` of every source to every target, target after target (a weight's row-major
+    order); each target's run written by one expand-copy (``repeat_interleave``'s index is O(P))."""
+    return sources.repeat(len(targets)), targets[:, None].expand(-1, len(sources)).reshape(-1)
 
 
 class _AffineRules:
@@ -57,11 +63,11 @@ class _AffineRules:
         mean of ``h[:, ::2]``): a permutation of the whole set would move those neurons onto the
         others. A contiguous part becomes a piece of its own (``tracer.cuts``: each piece is
         permuted by itself); any other part pins the set."""
-        inside = sources[(sources >= neuron_set.first) & (sources < neuron_set.first + neuron_set.size)]
-        if inside.numel() == 0 or torch.unique(inside).numel() == neuron_set.size:
+        inside = torch.unique(sources[neuron_set.holds(sources)])
+        if inside.numel() == 0 or inside.numel() == neuron_set.size:
             return
-        low, high = int(inside.min()), int(inside.max()) + 1
-        if torch.unique(inside).numel() == high - low:
+        low, high = int(inside[0]), int(inside[-1]) + 1
+        if inside.numel() == high - low:
             self.cuts.update((low, high))
         else:
             neuron_set.pinned = True
@@ -125,10 +131,8 @@ class _AffineRules:
         width = positions.shape[0]
         created = self.new_set(width, NodeKind.HIDDEN, self.path() or name, "affine")
         targets = created.first + torch.arange(width)
-        # each target's run of sources, written by one expand-copy (repeat_interleave's index is O(P))
-        edge_targets = targets[:, None].expand(-1, len(sources)).reshape(-1)
-        self.edges.append((sources.repeat(width), edge_targets, EdgeKind.LINEAR,
-                           weight_view.index, positions.reshape(-1).clone(), None))
+        self.edges.append((*_dense_edges(sources, targets), EdgeKind.LINEAR, weight_view.index,
+                           positions.reshape(-1).clone(), None))
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
             if bias_view.pos.numel() != width:
@@ -218,8 +222,8 @@ class _AffineRules:
         created = self.new_set(out_channels, NodeKind.HIDDEN, self.path() or name, "affine")
         targets = created.first + torch.arange(out_channels)
         sources = self.input_set.first + torch.arange(width)
-        self.edges.append((sources.repeat(out_channels), targets.repeat_interleave(width), EdgeKind.LINEAR,
-                           weight_view.index, weight_view.pos.reshape(out_channels, width).reshape(-1).clone(), None))
+        self.edges.append((*_dense_edges(sources, targets), EdgeKind.LINEAR, weight_view.index,
+                           weight_view.pos.reshape(out_channels, width).reshape(-1).clone(), None))
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
             created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()

@@ -19,9 +19,12 @@ from gradgraph.convert.trace.rules_data import _Data
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 
-def _one_value_per_neuron(nodes: Tensor, comps: Tensor) -> bool:
-    """No neuron appears twice at one component (each element its own (neuron, component))."""
-    ids = torch.stack((nodes.reshape(-1), comps.reshape(-1)))
+def _one_value_per_neuron(nodes: tuple[Tensor, ...], comps: Tensor) -> bool:
+    """No element that holds a neuron repeats another's ids: its neurons (one per operand in
+    ``nodes``, broadcast alike) and its component. A repeat is one neuron holding two values at
+    one datapoint position, where the graph has one."""
+    ids = torch.stack([*(part.reshape(-1) for part in nodes), comps.reshape(-1)])
+    ids = ids[:, (ids[:-1] >= 0).any(0)]
     return torch.unique(ids, dim=1).shape[1] == ids.shape[1]
 
 
@@ -116,7 +119,7 @@ class _ElementwiseRules:
             # the result lives in the neurons of an operand that has one neuron per element and
             # component: a gate broadcast over features (a mixture-of-experts weight times an
             # expert's output) would otherwise label every feature with the gate's one neuron
-            keep = next((nodes for nodes in (a_nodes, b_nodes) if _one_value_per_neuron(nodes, comps)), None)
+            keep = next((nodes for nodes in (a_nodes, b_nodes) if _one_value_per_neuron((nodes,), comps)), None)
             if keep is None:
                 raise self.unsupported(name, "combines values broadcast from both sides (an outer product of neuron "
                                        "values), so no neuron holds one value per datapoint position")
@@ -227,9 +230,7 @@ class _ElementwiseRules:
     def check_no_copies(self, name: str, nodes: tuple[Tensor, ...], comps: Tensor) -> None:
         """Refuse values that hold one neuron at one component twice (a broadcast over a new
         axis): the graph has one value per neuron and component, so copies would lose terms."""
-        ids = torch.stack([*(part.reshape(-1) for part in nodes), comps.reshape(-1)])
-        ids = ids[:, (ids[:-1] >= 0).any(0)]
-        if torch.unique(ids, dim=1).shape[1] != ids.shape[1]:
+        if not _one_value_per_neuron(nodes, comps):
             raise self.unsupported(name, "copies values of one position over a new axis (a broadcast or expand of "
                                    "a [.., 1, ..] axis), so one neuron would hold several values at one datapoint "
                                    "position; apply the op before adding the axis, or add it with a Linear")

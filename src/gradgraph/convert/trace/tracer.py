@@ -473,12 +473,11 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         if name not in _CONCATENATIONS:
             raise self.unsupported(name, "joins two versions of the same neurons")
         for index in mixed:
-            first, stop = self.sets[index].first, self.sets[index].first + self.sets[index].size
             seen: set[int] = set()
             for meta in metas:
                 if index not in meta.versions:
                     continue
-                nodes = meta.nodes[(meta.nodes >= first) & (meta.nodes < stop)]
+                nodes = meta.nodes[self.sets[index].holds(meta.nodes)]
                 part = set(torch.unique(nodes).tolist())
                 if part & seen:
                     raise self.unsupported(name, "joins two versions of the same neurons along their features, one "
