@@ -12,7 +12,8 @@ from traced_models import GPT, token_loss
 
 import gradgraph
 from gradgraph import GradGraphError
-from gradgraph.convert.plan import PLAN_CACHE, _assemble, _bias, _parameter_signature, _plan_key
+from gradgraph.convert.assembly import _assemble, _bias
+from gradgraph.convert.plan import PLAN_CACHE, _parameter_signature, _plan_key
 from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES
 from gradgraph.convert.traced import _Scan, _walk
 

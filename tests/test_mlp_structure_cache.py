@@ -14,7 +14,8 @@ import gradgraph
 from gradgraph import ActivationKind
 from gradgraph.convert import mlp
 from gradgraph.convert.layout import _make_plan
-from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _assemble
+from gradgraph.convert.assembly import _assemble
+from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan
 from gradgraph.convert.trace import trace_model
 from gradgraph.symmetry import permute_nodes, random_node_factors, random_node_permutation, transform_nodes
 

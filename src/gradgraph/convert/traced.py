@@ -19,8 +19,8 @@ from gradgraph.capture import (LossFn, check_closure_call, check_closure_losses,
                                per_datapoint_objective)
 from gradgraph.convert.chain import chain_capture, plain_chain
 from gradgraph.convert.layout import _make_plan
-from gradgraph.convert.plan import (PLAN_CACHE, PlanCache, TracePlan, _assemble, _fill, _parameter_signature,
-                                    _plan_key)
+from gradgraph.convert.assembly import _assemble, _fill
+from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _parameter_signature, _plan_key
 from gradgraph.convert.trace import PlanMismatch, replay_model, trace_model
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
