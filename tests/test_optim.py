@@ -638,3 +638,58 @@ def test_tbptt_particles_each_run_their_own_problem():
     first = [trainer.params[name] for name in trainer.names][0]
     assert len({tuple(first[p].reshape(-1).tolist()) for p in range(4)}) == 4
     assert len(set(trainer.restart_at.tolist())) == 4
+
+
+def test_charlm_meta_task_trains_and_validates_on_disjoint_text_and_keeps_the_benchmark_data():
+    from gradgraph.tasks.learned_optimizer.tasks import char_corpus, get_task
+
+    bench = get_task("charlm")
+    train_ids, test_ids, vocab = char_corpus()
+    num_inner = len(train_ids) * 4 // 5
+    generator = torch.Generator().manual_seed(3)
+    inner_targets = torch.cat([bench.meta_task.sample_batch(generator)[1] for _ in range(200)])
+    validation_targets = torch.cat([bench.meta_task.sample_validation(generator)[1] for _ in range(200)])
+    # windows are found back in the text; inner ones only in the first 80%, validation ones only after
+    text = train_ids.tolist()
+    inner_text, validation_text = "".join(map(chr, text[:num_inner])), "".join(map(chr, text[num_inner:]))
+    for row in inner_targets[:20]:
+        assert "".join(map(chr, row.tolist())) in inner_text
+    for row in validation_targets[:20]:
+        assert "".join(map(chr, row.tolist())) in validation_text
+    assert bench.eval_every == bench.validation.eval_every == 10
+    # the benchmark's own data is the whole training text and the test windows
+    model = bench.task.make_model(0)
+    mask = bench.forward_kwargs["mask"]
+    starts = torch.linspace(0, len(test_ids) - 16 - 2, 512).long()
+    chunk = test_ids[starts[:, None] + torch.arange(17)]
+    expected = F.cross_entropy(model(F.one_hot(chunk[:, :-1], vocab).float(), mask=mask).transpose(1, 2), chunk[:, 1:])
+    assert bench.test_loss(model) == pytest.approx(float(expected), rel=1e-6)
+    assert bench.validation.test_loss(model) != pytest.approx(bench.test_loss(model), rel=1e-3)
+
+
+def test_train_curve_evaluates_at_the_task_period():
+    from gradgraph.tasks.learned_optimizer.benchmark import train_curve
+    from gradgraph.tasks.learned_optimizer.tasks import get_task
+
+    bench = get_task("charlm")
+    adam = lambda model: torch.optim.Adam(model.parameters(), lr=1e-3)  # noqa: E731
+    assert train_curve(bench, adam, 0, 25).steps == [0, 10, 20, 25]
+    assert train_curve(bench, adam, 0, 3, eval_every=1).steps == [0, 1, 2, 3]
+
+
+def test_meta_train_command_overrides_the_preset_horizon_and_truncation(tmp_path, monkeypatch):
+    from gradgraph.cli import main
+    from gradgraph.tasks.learned_optimizer import meta as meta_run
+
+    seen = {}
+
+    def record(config, export=None, context=None):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(meta_run, "run_meta_training", record)
+    with pytest.raises(SystemExit):
+        main(["learned-optimizer", "--meta-train", "--tasks", "charlm", "--horizon", "120", "--truncation", "5",
+              "--particles", "6", "--out-dir", str(tmp_path), "--quiet"])
+    config = seen["config"]
+    assert (config.task, config.horizon, config.truncation, config.num_particles) == ("charlm", 120, 5, 6)

@@ -74,7 +74,7 @@ def log_grid(low: float, high: float, size: int) -> list[float]:
 
 
 def train_curve(bench: BenchmarkTask, optimizer: OptimizerFactory | LearnedUpdate, seed: int, steps: int,
-                eval_every: int = 1) -> Curve:
+                eval_every: int | None = None) -> Curve:
     """Train a fresh model (init ``seed``, batches from ``seed``) and record its test loss.
 
     Runs on the task's device (the models and batches ``bench`` makes live there).
@@ -85,9 +85,10 @@ def train_curve(bench: BenchmarkTask, optimizer: OptimizerFactory | LearnedUpdat
             :class:`LearnedUpdate` (a :class:`LearnedOptimizer` stepping with a closure).
         seed: initialisation and batch-stream seed.
         steps: training steps.
-        eval_every: test-set evaluation period (in steps).
+        eval_every: test-set evaluation period in steps (``None``: the task's :attr:`BenchmarkTask.eval_every`).
     """
     task = bench.task
+    eval_every = eval_every or bench.eval_every
     model = task.make_model(seed)
     generator = torch.Generator().manual_seed(10_000 + seed)
     learned = isinstance(optimizer, LearnedUpdate)
@@ -120,7 +121,7 @@ def train_curve(bench: BenchmarkTask, optimizer: OptimizerFactory | LearnedUpdat
 
 
 def tune_learning_rate(bench: BenchmarkTask, make: Callable[[float], OptimizerFactory], grid: Sequence[float],
-                       seeds: Sequence[int], steps: int, eval_every: int = 1,
+                       seeds: Sequence[int], steps: int, eval_every: int | None = None,
                        progress: Callable[[], None] | None = None) -> tuple[float, dict[float, float]]:
     """The grid value with the lowest best test loss (mean over ``seeds``); also every value's score."""
     scores = {}
@@ -191,7 +192,7 @@ class TaskResult:
 
 def benchmark_task(bench: BenchmarkTask, learned: dict[str, LearnedUpdate], *, steps: int, seeds: Sequence[int],
                    tuning_seeds: Sequence[int], adam_grid: Sequence[float], sgd_grid: Sequence[float] | None,
-                   eval_every: int = 1, progress: bool = True) -> TaskResult:
+                   eval_every: int | None = None, progress: bool = True) -> TaskResult:
     """Tune Adam (and SGD+momentum), then run every optimizer on ``seeds``; see the module docstring.
 
     Args:
@@ -201,7 +202,7 @@ def benchmark_task(bench: BenchmarkTask, learned: dict[str, LearnedUpdate], *, s
         seeds: evaluation seeds (≥ 5 for the paper's metric).
         tuning_seeds: seeds of the learning-rate grid search.
         adam_grid, sgd_grid: learning-rate grids (``sgd_grid=None`` skips SGD+momentum).
-        eval_every: test-set evaluation period.
+        eval_every: test-set evaluation period (``None``: the task's).
     """
     from tqdm.auto import tqdm
 

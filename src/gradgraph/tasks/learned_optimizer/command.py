@@ -32,8 +32,9 @@ def _command(args: argparse.Namespace) -> int:
         preset = dict(META_PRESETS[args.preset])
         if args.minutes is not None:
             preset["minutes"] = args.minutes
-        if args.particles is not None:
-            preset["num_particles"] = args.particles
+        for flag, key in (("particles", "num_particles"), ("truncation", "truncation"), ("horizon", "horizon")):
+            if getattr(args, flag) is not None:
+                preset[key] = getattr(args, flag)
         learning_rates = {key: value for key, value in (("outer_lr", args.outer_lr), ("scalar_lr", args.scalar_lr))
                           if value is not None}
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
@@ -107,6 +108,9 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--minutes", type=float, default=None, help="override the preset's wall-clock budget")
     parser.add_argument("--particles", type=int, default=None,
                         help="override the preset's number of inner runs per outer step (PES: even, antithetic pairs)")
+    parser.add_argument("--truncation", type=int, default=None, help="override the preset's inner steps per outer step")
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="override the preset's inner-run length (also the validation protocol's step budget)")
     parser.add_argument("--outer-lr", type=float, default=None,
                         help="outer Adam learning rate of the MLP and GradMetaNet (default 1e-3)")
     parser.add_argument("--scalar-lr", type=float, default=None,

@@ -81,13 +81,12 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     results: list[TaskResult] = []
     for task_name in config.tasks:
         bench = get_task(task_name, device)
-        eval_every = 10 if task_name == "charlm" else 1
         results.append(benchmark_task(
             bench, learned, steps=config.steps, seeds=list(range(config.seeds)),
             tuning_seeds=[100 + i for i in range(config.tuning_seeds)],
             adam_grid=log_grid(-4, -1, config.grid_size),
             sgd_grid=log_grid(-3, 0, config.grid_size) if "sgdm" in config.optimizers else None,
-            eval_every=eval_every, progress=config.progress,
+            eval_every=bench.eval_every, progress=config.progress,
         ))
     payload = {"config": asdict(config), "device": str(device), "machine": machine_info(), "world_size": 1,
                "tasks": [r.to_dict() for r in results]}

@@ -8,7 +8,8 @@
   blocks, d = 32, 4 heads, causal mask, context 16, batch 8, head ``Linear(32→V)``.
 
 Every task has a fixed train/test split (test = 20% of the digits; the last 10% of the
-text), a :class:`~gradgraph.optim.Task` for meta-training, and full-test-set evaluation.
+text), a :class:`~gradgraph.optim.Task` for meta-training whose inner runs train on 80% of
+the training split and are scored on the other 20% (validation), and full-test-set evaluation.
 ``get_task(name, device)`` puts everything on ``device``: the data once, every model the
 factory makes, every batch and the test set (random streams stay CPU generators, so the
 batches and initialisations are the same on every device).
@@ -126,6 +127,8 @@ class BenchmarkTask:
             and the meta-loss is measured on the other 20% (never the test set); ``None``:
             ``task`` itself.
         device: where the models, batches and test data live.
+        eval_every: steps between test-loss evaluations of the benchmark and of the
+            validation protocol (charlm: 10 — a full test pass costs several training steps).
         validation: the same benchmark on the validation split — inner runs train on
             ``meta_task``'s stream, ``test_loss`` is the loss on the held-out 20% of the
             training set. Meta-training tunes its start and selects its checkpoint on it,
@@ -139,6 +142,7 @@ class BenchmarkTask:
     meta_task: Task | None = None
     validation: "BenchmarkTask | None" = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    eval_every: int = 1
 
 
 def _digits_task(name: str, widths: tuple[int, ...], device: torch.device, batch_size: int = 128) -> BenchmarkTask:
@@ -177,37 +181,53 @@ def _digits_task(name: str, widths: tuple[int, ...], device: torch.device, batch
     return BenchmarkTask(task, test_loss, batch_size, meta_task=meta_task, validation=validation, device=device)
 
 
-def _charlm_task(device: torch.device, batch_size: int = 8, context: int = 16, test_windows: int = 512) -> BenchmarkTask:
+def _charlm_task(device: torch.device, batch_size: int = 8, context: int = 16, test_windows: int = 512,
+                eval_every: int = 10) -> BenchmarkTask:
     train_ids, test_ids, vocab = char_corpus()
     train_ids, test_ids = train_ids.to(device), test_ids.to(device)
     mask = nn.Transformer.generate_square_subsequent_mask(context, device=device)
-    starts = torch.linspace(0, len(test_ids) - context - 2, test_windows).long().to(device)
+    # Meta-training's split of the training text: inner runs train on its first 80% and are
+    # scored on windows of the last 20% (contiguous, so no window straddles the two).
+    num_inner = len(train_ids) * 4 // 5
 
     def windows(ids: Tensor, begin: Tensor) -> tuple[Tensor, Tensor]:
         offsets = begin[:, None] + torch.arange(context + 1, device=device)
         chunk = ids[offsets]
         return F.one_hot(chunk[:, :-1], vocab).float(), chunk[:, 1:]
 
-    def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        begin = torch.randint(0, len(train_ids) - context - 1, (batch_size,), generator=generator).to(device)
-        return windows(train_ids, begin)
+    def sampler(low: int, high: int) -> Callable[[torch.Generator], tuple[Tensor, Tensor]]:
+        def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+            begin = torch.randint(low, high - context - 1, (batch_size,), generator=generator).to(device)
+            return windows(train_ids, begin)
+        return sample
+
+    def fixed_windows(ids: Tensor, low: int, high: int) -> tuple[Tensor, Tensor]:
+        return windows(ids, torch.linspace(low, high - context - 2, test_windows).long().to(device))
 
     def loss_fn(output: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(output.transpose(1, 2), targets, reduction="none").mean(dim=1)
 
-    test_x, test_y = windows(test_ids, starts)
-
-    @torch.no_grad()
-    def test_loss(model: nn.Module) -> float:
-        return float(loss_fn(model(test_x, mask=mask), test_y).mean())
+    def loss_on(inputs: Tensor, targets: Tensor) -> Callable[[nn.Module], float]:
+        @torch.no_grad()
+        def evaluate(model: nn.Module) -> float:
+            return float(loss_fn(model(inputs, mask=mask), targets).mean())
+        return evaluate
 
     def make(seed: int) -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return CharTransformer(vocab).to(device)
 
-    task = Task("charlm", make, sample, loss_fn, forward_kwargs={"mask": mask})
-    return BenchmarkTask(task, test_loss, batch_size, forward_kwargs={"mask": mask}, device=device)
+    forward_kwargs = {"mask": mask}
+    task = Task("charlm", make, sampler(0, len(train_ids)), loss_fn, forward_kwargs=forward_kwargs)
+    meta_task = Task("charlm", make, sampler(0, num_inner), loss_fn, forward_kwargs=forward_kwargs,
+                     sample_validation=sampler(num_inner, len(train_ids)))
+    validation_loss = loss_on(*fixed_windows(train_ids, num_inner, len(train_ids)))
+    validation = BenchmarkTask(meta_task, validation_loss, batch_size, forward_kwargs=forward_kwargs, device=device,
+                               eval_every=eval_every)
+    return BenchmarkTask(task, loss_on(*fixed_windows(test_ids, 0, len(test_ids))), batch_size,
+                         forward_kwargs=forward_kwargs, meta_task=meta_task, validation=validation, device=device,
+                         eval_every=eval_every)
 
 
 def get_task(name: str, device: torch.device | str = "cpu") -> BenchmarkTask:
