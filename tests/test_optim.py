@@ -693,3 +693,72 @@ def test_meta_train_command_overrides_the_preset_horizon_and_truncation(tmp_path
               "--particles", "6", "--out-dir", str(tmp_path), "--quiet"])
     config = seen["config"]
     assert (config.task, config.horizon, config.truncation, config.num_particles) == ("charlm", 120, 5, 6)
+
+
+def test_each_task_is_benchmarked_with_its_own_shipped_file_unless_one_is_named(tmp_path, monkeypatch):
+    from gradgraph.tasks.learned_optimizer import run
+
+    requested = []
+
+    def fake_load(spec):
+        requested.append(spec)
+        return LearnedUpdate(MetaModelConfig(use_gradmetanet=False, residual_adam=True))
+
+    monkeypatch.setattr(run, "load_meta_model", fake_load)
+    common = dict(optimizers=("adam", "deepsets", "gradmetanet"), steps=2, seeds=1, grid_size=2, progress=False)
+    payload = run.run_benchmark(run.BenchmarkConfig(tasks=("digits", "digits-wide", "charlm"),
+                                                    out_dir=str(tmp_path / "a"), **common))
+    assert payload["meta_models"] == {
+        "digits": {"deepsets": "digits-mlp-deepsets", "gradmetanet": "digits-mlp"},
+        "digits-wide": {"deepsets": "digits-mlp-deepsets", "gradmetanet": "digits-mlp"},
+        "charlm": {"deepsets": "charlm-transformer-deepsets", "gradmetanet": "charlm-transformer"},
+    }
+    assert sorted(requested) == sorted(["digits-mlp-deepsets", "digits-mlp", "charlm-transformer-deepsets",
+                                        "charlm-transformer"])  # each file loaded once
+    requested.clear()
+    payload = run.run_benchmark(run.BenchmarkConfig(tasks=("digits", "charlm"), gradmetanet="mine.pt",
+                                                    out_dir=str(tmp_path / "b"), **common))
+    assert {task: names["gradmetanet"] for task, names in payload["meta_models"].items()} == {"digits": "mine.pt",
+                                                                                              "charlm": "mine.pt"}
+
+
+class _TinyGPT(nn.Module):
+    """nanoGPT-style: token embedding + learned positions, a pre-norm block (fused q/k/v, causal SDPA, GELU MLP)."""
+
+    def __init__(self, vocab: int = 7, dim: int = 8, context: int = 5, heads: int = 2) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Parameter(0.1 * torch.randn(context, dim))
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2, self.fc, self.out = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head, self.heads = nn.Linear(dim, vocab), heads
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        batch, length = ids.shape
+        x = self.tokens(ids) + self.positions[:length]
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        split = lambda t: t.view(batch, length, self.heads, -1).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(batch, length, -1))
+        x = x + self.out(F.gelu(self.fc(self.norm2(x))))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("use_gradmetanet", [False, True])
+def test_traced_transformer_step_equals_documented_update(use_gradmetanet):
+    """A model only the traced converter reads (residual stream, LayerNorm, embedding, SDPA)."""
+    torch.manual_seed(0)
+    model = _TinyGPT()
+    meta = _constant_f(LearnedUpdate(MetaModelConfig(use_gradmetanet=use_gradmetanet, alpha=0.5, beta=0.1, mu=0.8)),
+                       -0.7)
+    opt = LearnedOptimizer(model, meta)
+    tokens = torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(0))
+
+    def losses():
+        return F.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = torch.autograd.grad(losses().mean(), list(model.parameters()))
+    opt.step(losses)
+    for (name, p), grad in zip(model.named_parameters(), grads):
+        expected = before[name] - 0.5 * (0.1 * -0.7 + 0.2 * grad)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)

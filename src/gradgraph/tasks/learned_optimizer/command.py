@@ -86,8 +86,12 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
                         help="benchmark tasks (meta-training uses the first)")
     parser.add_argument("--optimizers", nargs="+", default=["adam", "gradmetanet"],
                         choices=["adam", "sgdm", "deepsets", "gradmetanet"], help="optimizers to benchmark")
-    parser.add_argument("--gradmetanet", default="digits-mlp", help="shipped name or export file of ours")
-    parser.add_argument("--deepsets", default="digits-mlp-deepsets", help="shipped name or export file of the DeepSets variant")
+    parser.add_argument("--gradmetanet", default=None,
+                        help="shipped name or export file of ours, used on every task (default: each task's shipped "
+                             "file: digits-mlp on the MLP tasks, charlm-transformer on charlm)")
+    parser.add_argument("--deepsets", default=None,
+                        help="shipped name or export file of the DeepSets variant (default: each task's, "
+                             "digits-mlp-deepsets / charlm-transformer-deepsets)")
     parser.add_argument("--steps", type=int, default=600, help="step budget of every benchmark run")
     parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds 0..n-1")
     parser.add_argument("--tuning-seeds", type=int, default=1, help="seeds of the learning-rate grid search")

@@ -16,9 +16,13 @@ from gradgraph.tasks.learned_optimizer.benchmark import TaskResult, benchmark_ta
 from gradgraph.tasks.experiment import machine_info, write_results
 from gradgraph.tasks.learned_optimizer.tasks import TASK_NAMES, get_task
 
-__all__ = ["BenchmarkConfig", "format_table", "load_meta_model", "run_benchmark"]
+__all__ = ["PRETRAINED_FOR_TASK", "BenchmarkConfig", "format_table", "load_meta_model", "pretrained_for", "run_benchmark"]
 
 OPTIMIZERS = ("adam", "sgdm", "deepsets", "gradmetanet")
+
+#: the shipped GradMetaNet meta-model each task is benchmarked with when none is named (the
+#: DeepSets variant's file adds ``-deepsets``). ``digits-wide`` is held out: it gets the digits file.
+PRETRAINED_FOR_TASK = {"digits": "digits-mlp", "digits-wide": "digits-mlp", "charlm": "charlm-transformer"}
 
 
 @dataclass
@@ -29,7 +33,8 @@ class BenchmarkConfig:
         tasks: task names (:data:`TASK_NAMES`).
         optimizers: which of :data:`OPTIMIZERS` to run besides Adam (always run: it is the reference).
         gradmetanet, deepsets: meta-model of each learned variant: a shipped name
-            (``"digits-mlp"``) or the path of an export / trainer checkpoint.
+            (``"digits-mlp"``) or the path of an export / trainer checkpoint, used on every
+            task; ``None``: each task's shipped file (:func:`pretrained_for`).
         steps: step budget of every run.
         seeds: evaluation seeds ``0 .. seeds-1`` (initialisations unseen in meta-training).
         tuning_seeds: seeds of the learning-rate search (``100, 101, …``: not the evaluation seeds).
@@ -42,8 +47,8 @@ class BenchmarkConfig:
 
     tasks: tuple[str, ...] = ("digits",)
     optimizers: tuple[str, ...] = ("adam", "gradmetanet")
-    gradmetanet: str = "digits-mlp"
-    deepsets: str = "digits-mlp-deepsets"
+    gradmetanet: str | None = None
+    deepsets: str | None = None
     steps: int = 600
     seeds: int = 5
     tuning_seeds: int = 1
@@ -71,16 +76,30 @@ def load_meta_model(spec: str) -> LearnedUpdate:
     return load_pretrained(spec)
 
 
+def pretrained_for(task: str, variant: str) -> str:
+    """The shipped meta-model ``task`` is benchmarked with by default (:data:`PRETRAINED_FOR_TASK`)."""
+    name = PRETRAINED_FOR_TASK[task]
+    return name if variant == "gradmetanet" else f"{name}-{variant}"
+
+
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """Run the benchmark; write ``results.json``, ``results.md`` and ``loss_vs_step.png``; return the results."""
     device = resolve_device(config.device)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    learned = {name: load_meta_model(getattr(config, name)).to(device) for name in ("deepsets", "gradmetanet")
-               if name in config.optimizers}
+    loaded: dict[str, LearnedUpdate] = {}
+    meta_models: dict[str, dict[str, str]] = {}
     results: list[TaskResult] = []
     for task_name in config.tasks:
         bench = get_task(task_name, device)
+        learned = {}
+        for variant in ("deepsets", "gradmetanet"):
+            if variant in config.optimizers:
+                spec = getattr(config, variant) or pretrained_for(task_name, variant)
+                if spec not in loaded:
+                    loaded[spec] = load_meta_model(spec).to(device)
+                learned[variant] = loaded[spec]
+                meta_models.setdefault(task_name, {})[variant] = spec
         results.append(benchmark_task(
             bench, learned, steps=config.steps, seeds=list(range(config.seeds)),
             tuning_seeds=[100 + i for i in range(config.tuning_seeds)],
@@ -88,7 +107,8 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
             sgd_grid=log_grid(-3, 0, config.grid_size) if "sgdm" in config.optimizers else None,
             eval_every=bench.eval_every, progress=config.progress,
         ))
-    payload = {"config": asdict(config), "device": str(device), "machine": machine_info(), "world_size": 1,
+    payload = {"config": asdict(config), "meta_models": meta_models, "device": str(device), "machine": machine_info(),
+               "world_size": 1,
                "tasks": [r.to_dict() for r in results]}
     write_results(payload, out_dir)  # atomic: an interrupted run never leaves half a file
     table = format_table(results)
