@@ -762,3 +762,33 @@ def test_traced_transformer_step_equals_documented_update(use_gradmetanet):
         return F.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 
     _assert_steps_by_the_documented_update(model, opt, losses)
+
+
+def test_every_task_has_its_shipped_meta_models():
+    from gradgraph.tasks.learned_optimizer.run import PRETRAINED_FOR_TASK, pretrained_for
+    from gradgraph.tasks.learned_optimizer.tasks import TASK_NAMES
+
+    assert set(PRETRAINED_FOR_TASK) == set(TASK_NAMES)
+    for task in TASK_NAMES:
+        for variant in ("gradmetanet", "deepsets"):
+            meta = load_pretrained(pretrained_for(task, variant))
+            assert meta.needs_graph == (variant == "gradmetanet"), (task, variant)
+
+
+def test_pretrained_language_model_optimizer_lowers_a_char_transformer_loss():
+    from gradgraph.tasks.learned_optimizer.tasks import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(vocab=9, d_model=16, heads=2, blocks=1)  # smaller than the meta-training task's
+    opt = LearnedOptimizer.from_pretrained("charlm-transformer", model)
+    tokens = torch.arange(40).remainder(9).view(4, 10)  # a periodic text: each character predicts the next
+    x, y = F.one_hot(tokens[:, :-1], 9).float(), tokens[:, 1:]
+    mask = nn.Transformer.generate_square_subsequent_mask(9)
+
+    def losses():
+        return F.cross_entropy(model(x, mask=mask).transpose(1, 2), y, reduction="none").mean(1)
+
+    first = float(losses().mean())
+    for _ in range(40):
+        opt.step(losses)
+    assert float(losses().mean()) < 0.5 * first
