@@ -199,3 +199,13 @@ def test_perturbation_scores_score_perturbed_copies_and_restore_the_rule(monkeyp
     assert not torch.equal(offsets[0], offsets[1])
     for key, value in rule.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_tensor_rate_adam_gives_each_tensor_its_factor_last_match_winning():
+    from gradgraph.tasks.learned_optimizer.probes import tensor_rate_adam
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = tensor_rate_adam(0.1, {"weight": 2.0, "0.weight": 3.0})(model)
+    rates = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+    expected = {"0.weight": 0.3, "0.bias": 0.1, "2.weight": 0.2, "2.bias": 0.1}
+    assert {name: rates[id(p)] for name, p in model.named_parameters()} == pytest.approx(expected)
