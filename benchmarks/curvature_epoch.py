@@ -88,7 +88,7 @@ def count_ops(forward_backward: Callable[[], object]) -> dict[str, int]:
     return {"ops": len(kernels), "host_reads": sum(event.name in _HOST_READS for event in events)}
 
 
-def worker(quick: bool, nets: int, steps: int) -> None:
+def worker(quick: bool, nets: int, steps: int, models: list[str]) -> None:
     """Time the step and the evaluation pass of every model with the gradgraph on ``sys.path``; print JSON."""
     import torch
 
@@ -105,7 +105,7 @@ def worker(quick: bool, nets: int, steps: int) -> None:
     config = ModelConfig(hidden_channels=8, component_channels=4, product_channels=4, mlp_hidden=8) if quick \
         else ModelConfig()
     results: dict[str, dict[str, float]] = {}
-    for name in MODELS:
+    for name in models:
         torch.manual_seed(0)
         model = build_model(name, source, config)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -161,7 +161,7 @@ def run_worker(src: Path, args: argparse.Namespace) -> dict:
     """One worker process with ``src`` first on ``PYTHONPATH``; its parsed JSON."""
     environment = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{REPO / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--nets", str(args.nets),
-               "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+               "--steps", str(args.steps), "--models", *args.models] + (["--quick"] if args.quick else [])
     result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"worker on {src} failed:\n{result.stderr[-3000:]}")
@@ -177,13 +177,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per model and worker")
     parser.add_argument("--nets", type=int, default=64, help="networks in the generated zoo (>= 64)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="tiny SIRENs, one round (smoke test)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps, args.nets = 1, 1, 8
     if args.worker:
-        worker(args.quick, args.nets, args.steps)
+        worker(args.quick, args.nets, args.steps, args.models)
         return
 
     sys.path.insert(0, str(REPO / "src"))
@@ -204,6 +205,8 @@ def main() -> None:
             for version in names[shift:] + names[:shift]:
                 samples[version].append(run_worker(versions[version], args))
 
+    models = args.models
+
     def median(version: str, model: str, key: str) -> float:
         return statistics.median(sample[model][key] for sample in samples[version])
 
@@ -212,7 +215,7 @@ def main() -> None:
     header = "| model | measure | base | this | this / base |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for model in MODELS:
+    for model in models:
         for key, label in (("step", "train step, wall"), ("step_cpu", "train step, CPU"),
                            ("eval", "eval forward of 64, wall"), ("eval_cpu", "eval forward of 64, CPU")):
             this = median("this", model, key)
@@ -226,12 +229,16 @@ def main() -> None:
           "read-backs (item/int/bool of a tensor, mask indexing, torch.equal: each a synchronisation on a GPU)\n")
     print("| model | ops: base | ops: this | host reads: base | host reads: this |")
     print("|---|---|---|---|---|")
-    for model in MODELS:
+    for model in models:
         row = [str(samples[version][0][model][key]) if version in samples else "-"
                for key in ("ops", "host_reads") for version in ("base", "this")]
         print(f"| {model} | " + " | ".join(row) + " |")
     if "base" in samples:
-        for model in MODELS:
+        for model in models:
+            ratios = " ".join(f"{this[model]['step'] / base[model]['step']:.2f}"
+                              for base, this in zip(samples["base"], samples["this"]))
+            print(f"\n{model}: train step (wall) this / base in each round: {ratios}")
+        for model in models:
             losses = [sample[model]["trained_loss"] for version in samples for sample in samples[version]]
             difference = (max(losses) - min(losses)) / max(abs(min(losses)), 1e-30)
             print(f"\n{model}: loss on the first batch after the {args.steps + 1} steps from the same seed, every "
