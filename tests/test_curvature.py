@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch_geometric.data import Batch
 
 import gradgraph.data.curvature as curvature_data
 from gradgraph.cli import main
@@ -14,6 +15,7 @@ from gradgraph.data import InputFamily, SirenZooConfig, fisher_diagonal, load_cu
 from gradgraph.data.curvature import net_generator
 from gradgraph.data.siren_zoo import siren_graph, standard_estimate
 from gradgraph.errors import GradGraphError
+from gradgraph.nn import GradMetaNetPlusPlus, GraphContext
 from gradgraph.tasks.curvature import (
     DETERMINISTIC_MODELS,
     MODEL_NAMES,
@@ -173,6 +175,27 @@ def test_reweighted_estimate_equals_weighting_every_per_sample_gradient(tmp_path
     # Uniform weights give back the standard estimator.
     uniform = torch.full_like(weights, 1.0 / TINY_ZOO.num_inputs)
     torch.testing.assert_close(reweighted_estimate(batch, uniform), batch.standard, rtol=1e-5, atol=1e-7)
+
+
+def test_zoo_batches_share_one_context_structure_equal_to_a_fresh_collation(tmp_path):
+    """GraphBatcher marks its batches as one architecture: the GraphContext structure is built
+    once per batch size and is what a plain collation computes; models give the same outputs."""
+    data = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    source = CurvatureSource(data)
+    first, second = (source.batch(torch.tensor(index)).graphs() for index in ([0, 1, 2], [4, 3, 5]))
+    first_context, second_context = GraphContext.from_graph(first), GraphContext.from_graph(second)
+    assert second_context.cache is first_context.cache and second_context.layer_group is first_context.layer_group
+    assert second_context.nodes_per_graph() == data.template.num_nodes
+    plain = Batch.from_data_list(second.to_data_list())
+    plain_context = GraphContext.from_graph(plain)
+    assert plain_context.cache is not first_context.cache
+    for field in ("edge_index", "node_batch", "layer_group"):
+        assert torch.equal(getattr(second_context, field), getattr(plain_context, field))
+    torch.manual_seed(0)
+    model = GradMetaNetPlusPlus(4, component_out_channels=2, component_density_heads=2)
+    for memo_batch, plain_batch in ((second, plain), (first, Batch.from_data_list(first.to_data_list()))):
+        for fast, reference in zip(model(memo_batch), model(plain_batch)):
+            torch.testing.assert_close(fast, reference, rtol=0.0, atol=0.0)
 
 
 def test_kernel_importance_weights_follow_their_formula_and_ignore_datapoint_order(tmp_path):

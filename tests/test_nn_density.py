@@ -164,3 +164,33 @@ def test_component_readout_fast_path_for_equal_graphs_equals_scatter():
         dim=-1,
     )
     torch.testing.assert_close(readout(z, shuffled, 3, fixed), readout.mlp(pooled), rtol=1e-12, atol=1e-12)
+
+
+def test_component_readout_masked_fixed_mean_equals_scatter_for_any_fixed_pattern():
+    """The fast path's fixed-neuron mean is a masked sum (no read-back of the mask): it must
+    equal the scatter of the selected rows when graphs differ in which neurons are fixed,
+    including a graph with none (zeros), whether the block size is passed in or found."""
+    from torch_geometric.utils import scatter
+
+    torch.manual_seed(1)
+    readout = ComponentReadout(3, 2).double()
+    z = torch.randn(12, 5, 3, dtype=torch.float64, requires_grad=True)
+    batch = torch.arange(3).repeat_interleave(4)
+    fixed = torch.tensor([True, False, False, True] + [False] * 4 + [False, True, True, True])
+    pooled = torch.cat(
+        [
+            scatter(z, batch, dim=0, dim_size=3, reduce="mean"),
+            scatter(z, batch, dim=0, dim_size=3, reduce="max"),
+            scatter(z[fixed], batch[fixed], dim=0, dim_size=3, reduce="mean"),
+        ],
+        dim=-1,
+    )
+    assert torch.equal(pooled[1, :, 6:], torch.zeros(5, 3, dtype=torch.float64))
+    reference = readout.mlp(pooled)
+    cotangent = torch.randn_like(reference)
+    (grad_reference,) = torch.autograd.grad(reference, z, cotangent)
+    for nodes_per_graph in (4, None):
+        fast = readout(z, batch, 3, fixed, nodes_per_graph)
+        torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+        (grad_fast,) = torch.autograd.grad(fast, z, cotangent)
+        torch.testing.assert_close(grad_fast, grad_reference, rtol=1e-12, atol=1e-12)

@@ -289,6 +289,78 @@ def test_chunked_checkpointed_decoder_has_the_same_values_and_gradients():
         torch.testing.assert_close(first, second, atol=1e-12, rtol=1e-12)
 
 
+def direct_edge_decoder(decoder: ComponentProductDecoder, z: torch.Tensor, context: GraphContext) -> torch.Tensor:
+    """The decoder's edge output by plain autograd ops over all edges at once (gathers, no chunks)."""
+    P = decoder.product_channels
+    src, dst = context.edge_index
+    left, right = decoder.edge_source(z)[src], decoder.edge_target(z)[dst]  # [E, B, 2P]
+    pre = left[..., :P] * right[..., :P] + left[..., P:] + right[..., P:] + decoder.edge_features(
+        context.edge_features)[:, None, :]
+    activated = torch.nn.functional.silu(pre)
+    return decoder.edge_out(activated.mean(1) if decoder.reduce == "mean" else activated.sum(1))
+
+
+@pytest.mark.parametrize("chunk_edges", [1, 5, None])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_hand_written_decoder_backward_equals_autograd_of_the_direct_formula(chunk_edges, reduce):
+    """Values and gradients (states, edge features, every parameter) of the chunked edge path
+    with its hand-written backward against autograd of the unchunked formula, in float64."""
+    torch.manual_seed(4)
+    graphs = [mlp_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=10, batch=4),
+              mlp_graph([2, 4, 1], ["sine", "none"], [False, True], seed=11, batch=4)]
+    batch = Batch.from_data_list(graphs)
+    edge_features = torch.randn(batch.edge_index.shape[1], 3, dtype=torch.float64, requires_grad=True)
+    context = GraphContext.from_graph(batch, edge_features)
+    decoder = ComponentProductDecoder(5, 3, 2, product_channels=3, reduce=reduce, chunk_edges=chunk_edges).double()
+    z = torch.randn(batch.num_nodes, 4, 5, dtype=torch.float64, requires_grad=True)
+    fast, _ = decoder(z, context)
+    direct = direct_edge_decoder(decoder, z, context)
+    torch.testing.assert_close(fast, direct, **TOLERANCE)
+    cotangent = torch.randn_like(fast)
+    inputs = [z, edge_features, *decoder.parameters()]
+    grads_fast = torch.autograd.grad(fast, inputs, cotangent, allow_unused=True)
+    grads_direct = torch.autograd.grad(direct, inputs, cotangent, allow_unused=True)
+    for grad_fast, grad_direct in zip(grads_fast, grads_direct):
+        if grad_direct is None:  # the node path's parameters
+            assert grad_fast is None
+        else:
+            torch.testing.assert_close(grad_fast, grad_direct, **TOLERANCE)
+
+
+def test_neuron_attention_on_one_architecture_skips_padding_with_the_same_result():
+    """A batch of one architecture takes the unpadded path (nodes_per_graph > 0); values and
+    gradients equal the padded, masked path's, for per-component and per-neuron states."""
+    torch.manual_seed(5)
+    graphs = [mlp_graph([2, 4, 3, 1], ["tanh", "relu", "none"], [True, True, True], seed=seed, batch=3)
+              for seed in (12, 13, 14)]
+    batch = Batch.from_data_list(graphs)
+    context = GraphContext.from_graph(batch, torch.randn(batch.edge_index.shape[1], 2, dtype=torch.float64))
+    assert context.nodes_per_graph() == graphs[0].num_nodes
+    padded = context._replace(cache={"nodes_per_graph": 0})
+    layer = NeuronAttention(4, 5, 2, heads=2, head_channels=3).double()
+    for shape in ((batch.num_nodes, 3, 4), (batch.num_nodes, 4)):
+        h = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        fast, reference = layer(h, context), layer(h, padded)
+        torch.testing.assert_close(fast, reference, **TOLERANCE)
+        cotangent = torch.randn_like(fast)
+        (grad_fast,) = torch.autograd.grad(fast, h, cotangent)
+        (grad_reference,) = torch.autograd.grad(reference, h, cotangent)
+        torch.testing.assert_close(grad_fast, grad_reference, **TOLERANCE)
+
+
+def test_nodes_per_graph_only_for_equal_graphs_in_order():
+    same = [mlp_graph([2, 3, 1], ["tanh", "none"], [True, True], seed=seed, batch=2) for seed in (1, 2)]
+    assert GraphContext.from_graph(Batch.from_data_list(same)).nodes_per_graph() == same[0].num_nodes
+    assert GraphContext.from_graph(same[0]).nodes_per_graph() == same[0].num_nodes
+    mixed = same + [mlp_graph([2, 4, 1], ["tanh", "none"], [True, True], seed=3, batch=2)]
+    assert GraphContext.from_graph(Batch.from_data_list(mixed)).nodes_per_graph() == 0
+    # Six nodes in three graphs, but of sizes 2, 3, 1: not a view of [3, 2].
+    uneven = GraphContext(edge_index=torch.zeros(2, 0, dtype=torch.long), edge_features=torch.zeros(0, 1),
+                          node_batch=torch.tensor([0, 0, 1, 1, 1, 2]), num_graphs=3,
+                          layer_group=torch.zeros(6, dtype=torch.long), num_layer_groups=1, cache={})
+    assert uneven.nodes_per_graph() == 0
+
+
 # ----------------------------------------------------------------------------- errors, repr, CLI
 def test_bad_inputs_raise_clear_errors():
     graph = mlp_graph([2, 3, 1], ["tanh", "none"], [True, True], seed=5, batch=4)

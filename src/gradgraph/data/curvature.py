@@ -31,6 +31,7 @@ from gradgraph.data.siren_zoo import InputFamily, fisher_diagonal, make_siren, s
 from gradgraph.distributed import DistributedContext
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
+from gradgraph.nn.context import STRUCTURE_MEMO
 
 __all__ = ["SirenZooConfig", "CurvatureData", "GraphBatcher", "load_curvature_data", "net_generator"]
 
@@ -217,7 +218,11 @@ class GraphBatcher:
 
     def _structure(self, num_graphs: int) -> Batch:
         if num_graphs not in self._batches:
-            self._batches[num_graphs] = Batch.from_data_list([self.template] * num_graphs)
+            structure = Batch.from_data_list([self.template] * num_graphs)
+            # Every batch copied from it has this one architecture: models build the structure
+            # part of their GraphContext (layer groups, sparse patterns) once per batch size.
+            structure.__dict__[STRUCTURE_MEMO] = {}
+            self._batches[num_graphs] = structure
         return self._batches[num_graphs]
 
     def __call__(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 from torch_geometric.nn import Linear
 
 from gradgraph.errors import GradGraphError
@@ -13,6 +14,76 @@ from gradgraph.nn.context import GraphContext
 __all__ = ["ComponentProductDecoder"]
 
 REDUCTIONS = ("mean", "sum")
+
+
+def _edge_pre_activation(
+    source: Tensor, target: Tensor, edge_term: Tensor, src: Tensor, dst: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(pre, a_j, b_k)``, each ``[e, P, B]``, for one chunk of edges ``j -> k``.
+
+    ``source``/``target`` are ``[N, 2P, B]`` (``[a | u]`` and ``[b | v]``, channel-major so that
+    the per-edge term ``w_e`` broadcasts along the contiguous component axis).
+    """
+    width = edge_term.shape[-1]
+    left, right = source.index_select(0, src), target.index_select(0, dst)  # [e, 2P, B]
+    left_product, right_product = left[:, :width], right[:, :width]
+    linear = torch.add(left[:, width:], right[:, width:]).add_(edge_term[:, :, None])
+    return linear.addcmul_(left_product, right_product), left_product, right_product
+
+
+class _PooledEdgeProduct(torch.autograd.Function):
+    r"""``pooled[e] = rho_i silu(a_{j,i} * b_{k,i} + u_{j,i} + v_{k,i} + w_e)`` for every edge ``e = j -> k``.
+
+    Inputs ``source = [a | u]`` and ``target = [b | v]`` are ``[N, B, 2P]``, ``edge_term = w``
+    ``[E, P]``; output ``[E, P]``. Edges are processed in chunks in the forward and again in
+    the backward, which recomputes each chunk's pre-activations instead of keeping them: only
+    the inputs are saved, so the memory held for backward is that of the ``[N, B, 2P]``
+    inputs, and every per-edge temporary is one chunk (sized to stay in the CPU cache). The
+    backward forms the gradient by hand (one fused ``silu_backward``, two products,
+    index-adds onto the nodes) rather than through autograd of slices and gathers, whose
+    zero-filled full-size gradient buffers dominated the step. First-order only
+    (``once_differentiable``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, source: Tensor, target: Tensor, edge_term: Tensor, src: Tensor, dst: Tensor, chunk_edges: int,
+        reduce_mean: bool,
+    ) -> Tensor:
+        channel_major = source.transpose(1, 2).contiguous(), target.transpose(1, 2).contiguous()
+        pooled = edge_term.new_empty(edge_term.shape)
+        for start in range(0, src.numel(), chunk_edges):
+            span = slice(start, start + chunk_edges)
+            pre, _, _ = _edge_pre_activation(*channel_major, edge_term[span], src[span], dst[span])
+            torch.sum(F.silu(pre, inplace=True), dim=2, out=pooled[span])
+        if reduce_mean:
+            pooled /= source.shape[1]
+        ctx.save_for_backward(*channel_major, edge_term, src, dst)
+        ctx.chunk_edges = chunk_edges
+        ctx.reduce_mean = reduce_mean
+        return pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pooled: Tensor) -> tuple[Tensor | None, ...]:
+        source, target, edge_term, src, dst = ctx.saved_tensors  # channel-major [N, 2P, B]
+        width = edge_term.shape[-1]
+        # Contiguous accumulators for a, u, b, v: index_add_ into strided halves is several times slower.
+        grad_a, grad_u, grad_b, grad_v = (source.new_zeros(source.shape[0], width, source.shape[2]) for _ in range(4))
+        grad_edge_term = torch.empty_like(edge_term)
+        grad_pooled = grad_pooled / source.shape[2] if ctx.reduce_mean else grad_pooled
+        for start in range(0, src.numel(), ctx.chunk_edges):
+            span = slice(start, start + ctx.chunk_edges)
+            pre, left, right = _edge_pre_activation(source, target, edge_term[span], src[span], dst[span])
+            grad_pre = torch.ops.aten.silu_backward(grad_pooled[span, :, None].expand_as(pre), pre)
+            torch.sum(grad_pre, dim=2, out=grad_edge_term[span])
+            grad_u.index_add_(0, src[span], grad_pre)
+            grad_v.index_add_(0, dst[span], grad_pre)
+            grad_a.index_add_(0, src[span], right.mul(grad_pre))
+            grad_b.index_add_(0, dst[span], grad_pre.mul_(left))
+        grad_source = torch.cat([grad_a, grad_u], dim=1).transpose(1, 2)
+        grad_target = torch.cat([grad_b, grad_v], dim=1).transpose(1, 2)
+        return grad_source, grad_target, grad_edge_term, None, None, None, None
 
 
 class ComponentProductDecoder(nn.Module):
@@ -37,9 +108,12 @@ class ComponentProductDecoder(nn.Module):
     order of the components.
 
     **Cost:** time :math:`O((E + N) \cdot B \cdot P)`. The per-component pre-activations
-    ``[E, B, P]`` are never kept: edges are processed in chunks under activation
-    checkpointing, so the memory held for backward is the ``[N, B, 4P]`` projections, and the
-    transient memory one chunk (by default about :attr:`CHUNK_ELEMENTS` values per tensor).
+    ``[E, B, P]`` are never kept: edges are processed in chunks, forward and again (recomputed)
+    in a hand-written backward, so the memory held for backward is the ``[N, B, 4P]``
+    projections, and the transient memory one chunk (by default about
+    :meth:`chunk_elements` values per ``[e, B, P]`` tensor: small on the CPU, where a chunk
+    that stays in the cache is faster than a large one, large on accelerators, where every
+    chunk costs kernel launches). First-order differentiable only.
 
     Args:
         component_channels: ``C_z`` of the per-component states.
@@ -47,16 +121,23 @@ class ComponentProductDecoder(nn.Module):
         out_channels: ``k``, outputs per edge and per node.
         product_channels: ``P``, width of the per-component MLP.
         reduce: ``"mean"`` (default; keeps the scale independent of ``B``) or ``"sum"``.
-        chunk_edges: edges per checkpointed chunk (default: as many as keep one chunk's
-            ``[e, B, 2P]`` tensors at about :attr:`CHUNK_ELEMENTS` values).
+        chunk_edges: edges per chunk (default: as many as keep one chunk's ``[e, B, P]``
+            tensors at about :meth:`chunk_elements` values).
 
     Shapes:
         - **input:** ``z [N, B, C_z]``, a :class:`GraphContext`
         - **output:** ``(edge [E, k], node [N, k])``
     """
 
-    #: Values per ``[e, B, 2P]`` tensor of one edge chunk when ``chunk_edges`` is not given (16 MiB in float32).
+    #: Values per ``[e, B, P]`` tensor of one edge chunk when ``chunk_edges`` is not given, on
+    #: an accelerator (16 MiB in float32) and on the CPU (512 KiB: a chunk's few temporaries stay in cache).
     CHUNK_ELEMENTS = 1 << 22
+    CHUNK_ELEMENTS_CPU = 1 << 17
+
+    @classmethod
+    def chunk_elements(cls, device: torch.device) -> int:
+        """Values per ``[e, B, P]`` chunk tensor by default on ``device``."""
+        return cls.CHUNK_ELEMENTS_CPU if device.type == "cpu" else cls.CHUNK_ELEMENTS
 
     def __init__(
         self,
@@ -98,13 +179,6 @@ class ComponentProductDecoder(nn.Module):
     def _reduce(self, values: Tensor) -> Tensor:
         return values.mean(dim=1) if self.reduce == "mean" else values.sum(dim=1)
 
-    def _edge_chunk(self, source: Tensor, target: Tensor, edge_term: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-        """``rho_i sigma(pre_{jk,i})`` ``[e, P]`` for one chunk of edges."""
-        width = self.product_channels
-        left, right = source.index_select(0, src), target.index_select(0, dst)  # [e, B, 2P]
-        pre = left[..., :width] * right[..., :width] + left[..., width:] + right[..., width:] + edge_term[:, None, :]
-        return self._reduce(self.activation(pre))
-
     def forward(self, z: Tensor, context: GraphContext) -> tuple[Tensor, Tensor]:
         """Decode ``z [N, B, C_z]`` into ``(edge [E, k], node [N, k])``."""
         if z.dim() != 3 or z.shape[0] != context.num_nodes or z.shape[2] != self.component_channels:
@@ -120,20 +194,12 @@ class ComponentProductDecoder(nn.Module):
         source, target = self.edge_source(z), self.edge_target(z)
         edge_term = self.edge_features(context.edge_features)
         src, dst = context.edge_index
-        chunk_edges = self.chunk_edges or max(1, self.CHUNK_ELEMENTS // (z.shape[1] * 2 * self.product_channels))
-        chunks = []
-        for start in range(0, src.numel(), chunk_edges):
-            span = slice(start, start + chunk_edges)
-            arguments = (source, target, edge_term[span], src[span], dst[span])
-            if torch.is_grad_enabled():
-                chunks.append(checkpoint(self._edge_chunk, *arguments, use_reentrant=False))
-            else:
-                chunks.append(self._edge_chunk(*arguments))
-        pooled = torch.cat(chunks) if chunks else z.new_zeros((0, self.product_channels))
+        chunk_edges = self.chunk_edges or max(1, self.chunk_elements(z.device) // (z.shape[1] * self.product_channels))
+        pooled = _PooledEdgeProduct.apply(source, target, edge_term, src, dst, chunk_edges, self.reduce == "mean")
         edge = self.edge_out(pooled)
-        width = self.product_channels
-        node_pre = self.node_in(z)
-        node_pre = node_pre[..., :width] * node_pre[..., width : 2 * width] + node_pre[..., 2 * width :]
+        # split, not slicing: the backward of a slice writes a zero-filled full-size gradient per slice.
+        node_product_left, node_product_right, node_linear = self.node_in(z).split(self.product_channels, dim=-1)
+        node_pre = torch.addcmul(node_linear, node_product_left, node_product_right)
         node = self.node_out(self._reduce(self.activation(node_pre)))
         return edge, node
 

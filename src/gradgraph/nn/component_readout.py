@@ -79,24 +79,33 @@ class ComponentReadout(nn.Module):
         if self.density is not None:
             self.density.reset_parameters()
 
-    def forward(self, z: Tensor, batch: Tensor, num_graphs: int, fixed: Tensor) -> Tensor:
+    def forward(
+        self, z: Tensor, batch: Tensor, num_graphs: int, fixed: Tensor, nodes_per_graph: int | None = None
+    ) -> Tensor:
+        """Pool and read out; ``nodes_per_graph`` is :meth:`GraphContext.nodes_per_graph` when the
+        caller knows it (``None``: checked here, which reads ``batch`` back from the device)."""
         if z.dim() != 3 or z.shape[-1] != self.in_channels or batch.shape != z.shape[:1] or fixed.shape != z.shape[:1]:
             raise GradGraphError(
                 f"ComponentReadout: expected z [N, B, {self.in_channels}], batch [N] and fixed [N]; "
                 f"got {list(z.shape)}, {list(batch.shape)} and {list(fixed.shape)}"
             )
-        per_graph = _equal_blocks(batch, num_graphs)
+        per_graph = _equal_blocks(batch, num_graphs) if nodes_per_graph is None else nodes_per_graph
         if per_graph:
             # Every graph has the same number of nodes, in order (a batch of one architecture):
             # a reshape turns the pools into plain reductions, whose max backward is about
-            # half the cost of scatter's.
+            # half the cost of scatter's, and the fixed-neuron mean into a masked sum, which
+            # (unlike indexing with the mask) reads nothing back from the device.
             blocks = z.view(num_graphs, per_graph, *z.shape[1:])
             mean, maximum = blocks.mean(dim=1), blocks.amax(dim=1)
+            fixed_weight = fixed.view(num_graphs, per_graph).to(z.dtype)
+            fixed_sum = torch.einsum("gn,gn...->g...", fixed_weight, blocks)
+            # Graphs without fixed neurons get zeros, as from the scatter below.
+            fixed_mean = fixed_sum / fixed_weight.sum(dim=1).clamp_min(1.0).view(-1, *([1] * (z.dim() - 1)))
         else:
             mean = scatter(z, batch, dim=0, dim_size=num_graphs, reduce="mean")
             maximum = scatter(z, batch, dim=0, dim_size=num_graphs, reduce="max")
-        # Graphs without fixed neurons get zeros here (scatter of nothing).
-        fixed_mean = scatter(z[fixed], batch[fixed], dim=0, dim_size=num_graphs, reduce="mean")
+            # Graphs without fixed neurons get zeros here (scatter of nothing).
+            fixed_mean = scatter(z[fixed], batch[fixed], dim=0, dim_size=num_graphs, reduce="mean")
         pooled = torch.cat([mean, maximum, fixed_mean], dim=-1)
         if self.density is not None:
             pooled = torch.cat([pooled, self.density(pooled)], dim=-1)

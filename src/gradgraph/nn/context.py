@@ -16,7 +16,8 @@ __all__ = ["STRUCTURE_MEMO", "GraphContext"]
 #: graph's structure (``edge_index``, ``layer``, ``batch``) never changes: every graph that
 #: shares that dict object gets the same context structure (layer groups, sparse patterns),
 #: computed once. Set only by code that batches graphs of one fixed architecture
-#: (:class:`gradgraph.optim.batching.ArchitectureCache`); without it nothing is reused.
+#: (:class:`gradgraph.optim.batching.ArchitectureCache`,
+#: :class:`gradgraph.data.curvature.GraphBatcher`); without it nothing is reused.
 STRUCTURE_MEMO = "_structure_memo"
 
 
@@ -56,6 +57,24 @@ class GraphContext(NamedTuple):
             self.cache[("forward", channels)] = forward
             self.cache[("backward", channels)] = backward
         return self.cache[key]
+
+    def nodes_per_graph(self) -> int:
+        """``n`` if every graph has ``n`` nodes and ``node_batch`` is ``[0]*n + [1]*n + ...``
+        (a batch of one architecture), else 0; checked once per context (it reads the
+        tensor back to the host) and remembered in :attr:`cache`.
+
+        Lets a layer view ``[N, ...]`` states as ``[G, n, ...]`` instead of padding them.
+        """
+        if "nodes_per_graph" not in self.cache:
+            num_nodes, num_graphs = self.num_nodes, self.num_graphs
+            per_graph = 0
+            if num_graphs >= 1 and num_nodes % num_graphs == 0:
+                expected = torch.arange(num_graphs, device=self.node_batch.device).repeat_interleave(
+                    num_nodes // num_graphs
+                )
+                per_graph = num_nodes // num_graphs if torch.equal(self.node_batch, expected) else 0
+            self.cache["nodes_per_graph"] = per_graph
+        return self.cache["nodes_per_graph"]
 
     @property
     def num_nodes(self) -> int:

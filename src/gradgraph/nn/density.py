@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -102,9 +103,14 @@ class ComponentDensity(nn.Module):
         std = (embedded - mean).square().mean(dim=1, keepdim=True).add(1e-6).sqrt()
         standardised = (embedded - mean) / std
         heads = standardised.view(num_graphs, num_components, self.heads, self.head_channels).transpose(1, 2)
-        squared_distance = (heads[:, :, :, None, :] - heads[:, :, None, :, :]).square().sum(dim=-1)  # [G, H, B, B]
+        # One [G, H, B, B] difference per embedding coordinate rather than a [G, H, B, B, d]
+        # tensor: the same sums, without the strided reduction over a short last axis.
+        squared_distances = [
+            (coordinate[..., :, None] - coordinate[..., None, :]).square() for coordinate in heads.unbind(-1)
+        ]
+        squared_distance = functools.reduce(torch.add, squared_distances)  # [G, H, B, B]
         scale = (2.0 * self.log_bandwidth).exp()[None, :, None, None]
-        log_density = torch.logsumexp(-squared_distance / (2.0 * scale), dim=-1) - math.log(num_components)
+        log_density = torch.logsumexp(squared_distance / (-2.0 * scale), dim=-1) - math.log(num_components)
         log_gaussian = -0.5 * heads.square().sum(dim=-1)  # [G, H, B]
         return torch.cat([standardised, log_gaussian.transpose(1, 2), log_density.transpose(1, 2)], dim=-1)
 

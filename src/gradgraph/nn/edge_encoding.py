@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import NUM_EDGE_KINDS
+from gradgraph.nn.context import STRUCTURE_MEMO
 
 __all__ = ["EdgeKindEncoding"]
 
@@ -42,11 +43,16 @@ class EdgeKindEncoding(nn.Module):
 
     def forward(self, graph) -> Tensor:
         kind = graph.edge_kind
-        if kind.numel() and (int(kind.min()) < 0 or int(kind.max()) >= NUM_EDGE_KINDS):
-            raise GradGraphError(
-                f"EdgeKindEncoding: edge_kind must lie in [0, {NUM_EDGE_KINDS}) (gradgraph.EdgeKind), "
-                f"got values in [{int(kind.min())}, {int(kind.max())}]"
-            )
+        # A graph of fixed structure (STRUCTURE_MEMO) is checked once: no device read-back per call.
+        memo = graph.__dict__.get(STRUCTURE_MEMO)
+        if memo is None or memo.get("edge_kind_checked") is not kind:
+            if kind.numel() and (int(kind.min()) < 0 or int(kind.max()) >= NUM_EDGE_KINDS):
+                raise GradGraphError(
+                    f"EdgeKindEncoding: edge_kind must lie in [0, {NUM_EDGE_KINDS}) (gradgraph.EdgeKind), "
+                    f"got values in [{int(kind.min())}, {int(kind.max())}]"
+                )
+            if memo is not None:
+                memo["edge_kind_checked"] = kind
         return self.kind(kind)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN202

@@ -8,6 +8,7 @@ from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import NUM_NODE_KINDS
+from gradgraph.nn.context import STRUCTURE_MEMO
 
 __all__ = ["PositionalEncoding"]
 
@@ -58,6 +59,21 @@ class PositionalEncoding(nn.Module):
             nn.init.normal_(table.weight, std=0.1)
 
     def forward(self, graph) -> Tensor:
+        layer, layers_to_end, position, fixed = self.table_indices(graph)
+        encoding = self.layer(layer) + self.depth(layers_to_end) + self.kind(graph.node_kind)
+        return encoding + self.position(position) * fixed[:, None].to(encoding.dtype)
+
+    def table_indices(self, graph) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(layer, depth - layer, position, fixed)`` ``[N]`` each, checked against the table sizes.
+
+        They depend on the graph's structure only: for a graph whose owner promises a fixed
+        structure (:data:`~gradgraph.nn.context.STRUCTURE_MEMO`) they are computed and checked
+        once, so later calls read nothing back from the device.
+        """
+        memo = graph.__dict__.get(STRUCTURE_MEMO)
+        key = ("positional_encoding", self.max_layers, self.max_positions)
+        if memo is not None and key in memo and memo[key][0] is graph.layer:
+            return memo[key][1]
         layer = graph.layer
         batch = getattr(graph, "batch", None)
         if batch is None:
@@ -75,8 +91,10 @@ class PositionalEncoding(nn.Module):
                 f"PositionalEncoding: an input/output neuron has position {int(position.max())} but "
                 f"max_positions={self.max_positions}; build the model with a larger max_positions"
             )
-        encoding = self.layer(layer) + self.depth(depth - layer) + self.kind(graph.node_kind)
-        return encoding + self.position(position) * fixed[:, None].to(encoding.dtype)
+        indices = (layer, depth - layer, position, fixed)
+        if memo is not None:
+            memo[key] = (graph.layer, indices)
+        return indices
 
     def __repr__(self) -> str:
         return (

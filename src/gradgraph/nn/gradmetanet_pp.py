@@ -175,7 +175,8 @@ class GradMetaNetPlusPlus(nn.Module):
         component_out = None
         if self.component_readout is not None:
             fixed = graph.perm_group < 0
-            component_out = self.component_readout(z, context.node_batch, context.num_graphs, fixed)
+            component_out = self.component_readout(z, context.node_batch, context.num_graphs, fixed,
+                                                   context.nodes_per_graph())
         return GradMetaNetOutput(edge=edge, node=node, graph=graph_out, component=component_out)
 
     def __repr__(self) -> str:

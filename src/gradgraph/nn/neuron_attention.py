@@ -35,7 +35,9 @@ class NeuronAttention(MultiHeadConv):
     attends separately, so the layer is also equivariant to permuting the components.
 
     Graphs of a batch are padded with :func:`torch_geometric.utils.to_dense_batch` and
-    padded neurons masked out of the keys; attention runs in
+    padded neurons masked out of the keys; a batch of graphs of one size, in order (one
+    architecture: :meth:`GraphContext.nodes_per_graph`) is only viewed as ``[G, n, ...]``, with
+    no mask and no read-back of which neurons are real. Attention runs in
     :func:`torch.nn.functional.scaled_dot_product_attention`. **Cost:** with ``G`` graphs of
     at most :math:`N_{\max}` neurons, time :math:`O(G B N_{\max}^2 H d + N B C C')`;
     memory: the padded ``[G, B, H, N_max, d]`` queries, keys, values and output, plus what
@@ -58,12 +60,18 @@ class NeuronAttention(MultiHeadConv):
     def attend(self, h: Tensor, context: GraphContext) -> Tensor:
         r"""The attention term alone: ``h [N, (B,) C] -> [N, (B,) C']``."""
         batch = context.node_batch
-        if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
+        per_graph = context.nodes_per_graph()
+        if per_graph:
+            # Graphs of one size, in order (one architecture): [N, ...] is a view of [G, n, ...];
+            # no padding, no key mask, no gather of the real neurons at the end.
+            dense, mask = h.view(context.num_graphs, per_graph, *h.shape[1:]), None
+        elif batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
             raise GradGraphError(
                 f"{type(self).__name__}: nodes must be sorted by graph (context.node_batch), as in a PyG Batch"
             )
-        # dense [G, N_max, (B,) C]; mask [G, N_max] marks real neurons.
-        dense, mask = to_dense_batch(h, batch, batch_size=context.num_graphs)
+        else:
+            # dense [G, N_max, (B,) C]; mask [G, N_max] marks real neurons.
+            dense, mask = to_dense_batch(h, batch, batch_size=context.num_graphs)
         per_component = h.dim() == 3
         sequences = dense.transpose(1, 2) if per_component else dense[:, None]  # [G, S, N_max, C]
         num_graphs, num_sets, max_nodes = sequences.shape[:3]
@@ -73,11 +81,13 @@ class NeuronAttention(MultiHeadConv):
             return values.transpose(1, 2)
 
         query, key, value = (heads_first(lin(sequences)) for lin in (self.lin_query, self.lin_key, self.lin_value))
-        key_mask = mask[:, None, None, None, :].expand(num_graphs, num_sets, 1, 1, max_nodes)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask.flatten(0, 1))
+        key_mask = None
+        if mask is not None:
+            key_mask = mask[:, None, None, None, :].expand(num_graphs, num_sets, 1, 1, max_nodes).flatten(0, 1)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
         attended = attended.transpose(1, 2).reshape(num_graphs, num_sets, max_nodes, -1)
         attended = attended.transpose(1, 2) if per_component else attended[:, 0]  # [G, N_max, (B,) H*d]
-        return self.lin_out(attended[mask])
+        return self.lin_out(attended.reshape(h.shape[0], *attended.shape[2:]) if mask is None else attended[mask])
 
     def forward(self, h: Tensor, context: GraphContext) -> Tensor:
         """Apply the layer's equation to ``h [N, (B,) C]``."""
