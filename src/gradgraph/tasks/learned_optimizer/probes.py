@@ -23,11 +23,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gradgraph.optim import LearnedUpdate, MetaModelConfig
-from gradgraph.tasks.learned_optimizer.benchmark import OptimizerFactory, log_grid, step_reduction, train_curve
+from gradgraph.tasks.learned_optimizer.benchmark import OptimizerFactory, log_grid
 from gradgraph.tasks.learned_optimizer.selection import (
     SELECTION_SEEDS_FROM,
     ValidationProtocol,
     score_meta_model,
+    score_runs,
     validation_protocol,
 )
 from gradgraph.tasks.learned_optimizer.tasks import get_task
@@ -74,18 +75,6 @@ def scheduled_adam(lr: float, schedule: Schedule, total: int) -> OptimizerFactor
     return lambda model: _ScheduledAdam(model.parameters(), lr, schedule, total)
 
 
-def _score_optimizer(protocol: ValidationProtocol, optimizer: OptimizerFactory) -> dict[str, float]:
-    """``{"step_reduction", "reached", "best_loss"}`` of a hand-written optimizer, as a learned rule is scored."""
-    ratios, reached, bests = [], 0, []
-    for seed, reference in zip(protocol.seeds, protocol.reference):
-        curve = train_curve(protocol.bench, optimizer, seed, protocol.steps)
-        ratio, ok = step_reduction(reference, curve, protocol.steps)
-        ratios.append(0.0 if curve.diverged else ratio)
-        reached += ok and not curve.diverged
-        bests.append(curve.best[0])
-    return {"step_reduction": sum(ratios) / len(ratios), "reached": reached, "best_loss": sum(bests) / len(bests)}
-
-
 def schedule_scores(protocol: ValidationProtocol, rates: Sequence[float],
                     schedules: dict[str, Schedule] = SCHEDULES) -> list[dict[str, float | str]]:
     """Score scheduled Adam on ``protocol`` like a learned rule (mean step reduction over its seeds).
@@ -93,7 +82,7 @@ def schedule_scores(protocol: ValidationProtocol, rates: Sequence[float],
     Returns:
         One ``{"lr", "schedule", "step_reduction", "reached", "best_loss"}`` per rate and schedule.
     """
-    return [{"lr": lr, "schedule": name, **_score_optimizer(protocol, scheduled_adam(lr, schedule, protocol.steps))}
+    return [{"lr": lr, "schedule": name, **score_runs(protocol, scheduled_adam(lr, schedule, protocol.steps))}
             for lr in rates for name, schedule in schedules.items()]
 
 
@@ -118,7 +107,7 @@ def tensor_rate_scores(protocol: ValidationProtocol, lr: float,
     Returns:
         One ``{"lr", "tensors", "step_reduction", "reached", "best_loss"}`` per entry of ``rates``.
     """
-    return [{"lr": lr, "tensors": label, **_score_optimizer(protocol, tensor_rate_adam(lr, factors))}
+    return [{"lr": lr, "tensors": label, **score_runs(protocol, tensor_rate_adam(lr, factors))}
             for label, factors in rates.items()]
 
 

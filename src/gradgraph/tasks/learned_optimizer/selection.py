@@ -29,10 +29,17 @@ from torch import nn
 
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate
-from gradgraph.tasks.learned_optimizer.benchmark import Curve, step_reduction, train_curve, tune_learning_rate
+from gradgraph.tasks.learned_optimizer.benchmark import (
+    Curve,
+    OptimizerFactory,
+    step_reduction,
+    train_curve,
+    tune_learning_rate,
+)
 from gradgraph.tasks.learned_optimizer.tasks import BenchmarkTask
 
-__all__ = ["SELECTION_SEEDS_FROM", "ValidationProtocol", "model_copy", "score_meta_model", "validation_protocol"]
+__all__ = ["SELECTION_SEEDS_FROM", "ValidationProtocol", "model_copy", "score_meta_model", "score_runs",
+           "validation_protocol"]
 
 #: selection seeds are ``200, 201, …``: the benchmark evaluates ``0…`` and tunes on ``100…``.
 SELECTION_SEEDS_FROM = 200
@@ -86,31 +93,40 @@ def validation_protocol(bench: BenchmarkTask, *, seeds: Sequence[int], steps: in
     return ValidationProtocol(validation, list(seeds), steps, lr, scores, reference)
 
 
+def score_runs(protocol: ValidationProtocol, optimizer: OptimizerFactory | LearnedUpdate) -> dict[str, float]:
+    """Train with ``optimizer`` (a ``model -> Optimizer`` factory or a learned rule) on the
+    protocol's seeds and score it with the benchmark's step reduction.
+
+    Returns:
+        ``{"step_reduction": mean over seeds (a diverged run counts 0), "reached": runs reaching
+        Adam's best, "best_loss": mean best validation loss, "diverged": diverged runs}``.
+    """
+    ratios, reached, bests, diverged = [], 0, [], 0
+    for seed, reference in zip(protocol.seeds, protocol.reference):
+        curve = train_curve(protocol.bench, optimizer, seed, protocol.steps)
+        ratio, ok = step_reduction(reference, curve, protocol.steps)
+        ratios.append(0.0 if curve.diverged else ratio)
+        reached += ok and not curve.diverged
+        bests.append(curve.best[0])
+        diverged += curve.diverged
+    return {"step_reduction": sum(ratios) / len(ratios), "reached": reached, "best_loss": sum(bests) / len(bests),
+            "diverged": diverged}
+
+
 def score_meta_model(protocol: ValidationProtocol, meta_model: LearnedUpdate) -> dict[str, float]:
     """Run ``meta_model`` under ``protocol``; higher ``score`` is better (on the task's device).
 
     Returns:
-        ``{"score": mean step reduction, "reached": runs reaching Adam's best,
-        "best_loss": mean best validation loss, "diverged": diverged runs}``; ``score``
-        is ``step_reduction_mean - 1e-3 · best_loss`` so equal reductions prefer the lower loss.
+        :func:`score_runs`' numbers and ``"score"`` = ``step_reduction - 1e-3 · best_loss``, so
+        equal reductions prefer the lower loss.
     """
-    ratios, reached, bests, diverged = [], 0, [], 0
     was_training = meta_model.training
     meta_model.eval()
     try:
-        for seed, reference in zip(protocol.seeds, protocol.reference):
-            curve = train_curve(protocol.bench, meta_model, seed, protocol.steps)
-            ratio, ok = step_reduction(reference, curve, protocol.steps)
-            ratios.append(0.0 if curve.diverged else ratio)
-            reached += ok and not curve.diverged
-            bests.append(curve.best[0])
-            diverged += curve.diverged
+        scores = score_runs(protocol, meta_model)
     finally:
         meta_model.train(was_training)
-    mean_ratio = sum(ratios) / len(ratios)
-    best_loss = sum(bests) / len(bests)
-    return {"score": mean_ratio - 1e-3 * best_loss, "step_reduction": mean_ratio, "reached": reached,
-            "best_loss": best_loss, "diverged": diverged}
+    return {"score": scores["step_reduction"] - 1e-3 * scores["best_loss"], **scores}
 
 
 def model_copy(meta_model: nn.Module) -> dict[str, torch.Tensor]:
