@@ -8,19 +8,10 @@ from torch_geometric.nn import MLP
 from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
+from gradgraph.nn.context import equal_blocks
 from gradgraph.nn.density import ComponentDensity
 
 __all__ = ["ComponentReadout"]
-
-
-def _equal_blocks(batch: Tensor, num_graphs: int) -> int:
-    """``n`` if ``batch`` is ``[0]*n + [1]*n + ... + [G-1]*n`` (``[N]`` node→graph), else 0."""
-    num_nodes = batch.numel()
-    if num_graphs < 1 or num_nodes % num_graphs:
-        return 0
-    per_graph = num_nodes // num_graphs
-    expected = torch.arange(num_graphs, device=batch.device).repeat_interleave(per_graph)
-    return per_graph if torch.equal(batch, expected) else 0
 
 
 class ComponentReadout(nn.Module):
@@ -89,7 +80,7 @@ class ComponentReadout(nn.Module):
                 f"ComponentReadout: expected z [N, B, {self.in_channels}], batch [N] and fixed [N]; "
                 f"got {list(z.shape)}, {list(batch.shape)} and {list(fixed.shape)}"
             )
-        per_graph = _equal_blocks(batch, num_graphs) if nodes_per_graph is None else nodes_per_graph
+        per_graph = equal_blocks(batch, num_graphs) if nodes_per_graph is None else nodes_per_graph
         if per_graph:
             # Every graph has the same number of nodes, in order (a batch of one architecture):
             # a reshape turns the pools into plain reductions, whose max backward is about

@@ -10,7 +10,7 @@ from torch import Tensor
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.sparse import ChannelBlockPattern
 
-__all__ = ["STRUCTURE_MEMO", "GraphContext"]
+__all__ = ["STRUCTURE_MEMO", "GraphContext", "equal_blocks"]
 
 #: Name of an optional dict in a graph's ``__dict__`` by which its owner promises that the
 #: graph's structure (``edge_index``, ``layer``, ``batch``) never changes: every graph that
@@ -19,6 +19,19 @@ __all__ = ["STRUCTURE_MEMO", "GraphContext"]
 #: (:class:`gradgraph.optim.batching.ArchitectureCache`,
 #: :class:`gradgraph.data.curvature.GraphBatcher`); without it nothing is reused.
 STRUCTURE_MEMO = "_structure_memo"
+
+
+def equal_blocks(batch: Tensor, num_graphs: int) -> int:
+    """``n`` if ``batch`` is ``[0]*n + [1]*n + ... + [G-1]*n`` (``[N]`` node→graph), else 0.
+
+    Reads ``batch`` back to the host (:meth:`GraphContext.nodes_per_graph` does it once per context).
+    """
+    num_nodes = batch.numel()
+    if num_graphs < 1 or num_nodes % num_graphs:
+        return 0
+    per_graph = num_nodes // num_graphs
+    expected = torch.arange(num_graphs, device=batch.device).repeat_interleave(per_graph)
+    return per_graph if torch.equal(batch, expected) else 0
 
 
 class GraphContext(NamedTuple):
@@ -66,14 +79,7 @@ class GraphContext(NamedTuple):
         Lets a layer view ``[N, ...]`` states as ``[G, n, ...]`` instead of padding them.
         """
         if "nodes_per_graph" not in self.cache:
-            num_nodes, num_graphs = self.num_nodes, self.num_graphs
-            per_graph = 0
-            if num_graphs >= 1 and num_nodes % num_graphs == 0:
-                expected = torch.arange(num_graphs, device=self.node_batch.device).repeat_interleave(
-                    num_nodes // num_graphs
-                )
-                per_graph = num_nodes // num_graphs if torch.equal(self.node_batch, expected) else 0
-            self.cache["nodes_per_graph"] = per_graph
+            self.cache["nodes_per_graph"] = equal_blocks(self.node_batch, self.num_graphs)
         return self.cache["nodes_per_graph"]
 
     @property
