@@ -271,14 +271,14 @@ def test_pretrained_checkpoint_lowers_a_small_mlp_loss():
         load_pretrained("no-such-optimizer")
 
 
-def _assert_steps_by_the_documented_update(model: nn.Module, opt: LearnedOptimizer, losses) -> None:
-    """With α = 0.5, β = 0.1, μ = 0.8 and ``F ≡ −0.7``: ``θ ← θ − α(β·F + (1 − μ)∇)`` from zero momentum."""
+def _step_against_documented_update(model: nn.Module, opt: LearnedOptimizer, losses) -> list[tuple]:
+    """Step once; ``(name, parameter after, documented update)`` per parameter, for α = 0.5,
+    β = 0.1, μ = 0.8 and ``F ≡ −0.7``: ``θ ← θ − α(β·F + (1 − μ)∇)`` from zero momentum."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = torch.autograd.grad(losses().mean(), list(model.parameters()))
     opt.step(losses)
-    for (name, p), grad in zip(model.named_parameters(), grads):
-        expected = before[name] - 0.5 * (0.1 * -0.7 + 0.2 * grad)
-        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
+    return [(name, p.detach(), before[name] - 0.5 * (0.1 * -0.7 + 0.2 * grad))
+            for (name, p), grad in zip(model.named_parameters(), grads)]
 
 
 def test_transformer_step_equals_documented_update():
@@ -297,7 +297,10 @@ def test_transformer_step_equals_documented_update():
     def losses():
         return F.cross_entropy(model(x, mask=mask).transpose(1, 2), y, reduction="none").mean(1)
 
-    _assert_steps_by_the_documented_update(model, opt, losses)
+    stepped = _step_against_documented_update(model, opt, losses)
+    assert len(stepped) == len(list(model.parameters()))
+    for name, after, expected in stepped:
+        torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_meta_gradient_passes_through_all_reduce():
@@ -761,7 +764,10 @@ def test_traced_transformer_step_equals_documented_update(use_gradmetanet):
     def losses():
         return F.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 
-    _assert_steps_by_the_documented_update(model, opt, losses)
+    stepped = _step_against_documented_update(model, opt, losses)
+    assert len(stepped) == len(list(model.parameters()))
+    for name, after, expected in stepped:
+        torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_every_task_has_its_shipped_meta_models():
