@@ -574,12 +574,27 @@ def test_convert_closure_errors_name_what_the_closure_did_wrong(make):
         gradgraph.convert_closure(model, lambda: model(inputs).sum(1) + model(inputs).sum(1))
     with pytest.raises(GradGraphError, match=r"shape \[5\].*returned \[\]"):
         gradgraph.convert_closure(model, lambda: model(inputs).sum())
-    with pytest.raises(GradGraphError, match="input tensor as its first argument"):
-        gradgraph.convert_closure(model, lambda: model(input=inputs).sum(1) if name == "Sequential"
-                                  else model(x=inputs).sum(1))
+    with pytest.raises(GradGraphError, match=r"input tensor as its first argument \(positionally or as "
+                       r"(input|x)=\.\.\.\); got positional \[\] and keywords \['inputs'\]"):
+        gradgraph.convert_closure(model, lambda: model(inputs=inputs).sum(1))
+    with pytest.raises(GradGraphError, match=r"got positional \['list'\]"):
+        gradgraph.convert_closure(model, lambda: model([inputs]).sum(1))
     assert "forward" not in vars(model) and not model._forward_hooks and not model._forward_pre_hooks  # restored
     graph, _ = gradgraph.convert_closure(model, lambda: model(inputs).pow(2).sum(1))
     assert graph.num_components == 5
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), TwoLayer])
+def test_convert_closure_takes_the_input_by_the_name_of_forwards_first_parameter(make):
+    # model(input_ids=x) is how transformers models are called; it is the same call as model(x)
+    model = make().to(DTYPE)
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    name = "input" if isinstance(model, nn.Sequential) else "x"
+    for _ in range(2):  # a fresh trace, then a replay of the cached plan
+        graph, losses = gradgraph.convert_closure(model, lambda: model(**{name: inputs}).pow(2).sum(1))
+        assert_same_graph(graph, gradgraph.to_graph(model, inputs, loss_fn=lambda out, _: out.pow(2).sum(1)),
+                          atol=1e-12)
+        torch.testing.assert_close(losses, model(inputs).pow(2).sum(1), atol=1e-12, rtol=0)
 
 
 # ------------------------------------------------------------------ found by trying unseen models

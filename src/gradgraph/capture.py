@@ -23,6 +23,7 @@ Two objectives, chosen by ``loss_fn``:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,14 +162,51 @@ def check_materialised(model: nn.Module, caller: str) -> None:
         )
 
 
-def check_closure_call(model: nn.Module, called_before: bool, args: tuple) -> None:
-    """Raise unless this is a closure's first call of ``model``, with the input tensor first."""
+def closure_inputs(model: nn.Module, called_before: bool, args: tuple,
+                   kwargs: Mapping[str, Any]) -> tuple[Tensor, tuple, dict[str, Any]]:
+    """The input tensor of a closure's call of ``model``, and the call's other arguments.
+
+    The input is the call's first positional argument or, when there is none, the keyword
+    argument named as the first parameter of the class's ``forward`` (``model(input_ids=x)``,
+    the usual call of a ``transformers`` model); passing it either way is the same call.
+
+    Args:
+        model: the network the closure calls.
+        called_before: whether the closure called ``model`` already (a second call is refused).
+        args, kwargs: the call's positional and keyword arguments.
+
+    Returns:
+        ``(inputs, rest, kwargs)``: the ``[b, ...]`` input and the arguments after it.
+
+    Raises:
+        GradGraphError: a second call, or no input tensor in either place.
+    """
+    name = type(model).__name__
     if called_before:
-        raise GradGraphError(f"the closure called {type(model).__name__} twice; gradgraph converts one forward "
-                             "per closure call")
-    if not args or not isinstance(args[0], Tensor):
-        raise GradGraphError(f"the closure must call {type(model).__name__} with the input tensor as its first "
-                             f"argument; got {[type(arg).__name__ for arg in args]}")
+        raise GradGraphError(f"the closure called {name} twice; gradgraph converts one forward per closure call")
+    by_name = _first_parameter_name(model)
+    rest_kwargs = dict(kwargs)
+    if args:
+        inputs, rest = args[0], args[1:]
+    else:
+        inputs, rest = rest_kwargs.pop(by_name, None) if by_name is not None else None, ()
+    if not isinstance(inputs, Tensor):
+        hint = f" (positionally or as {by_name}=...)" if by_name is not None else ""
+        raise GradGraphError(
+            f"the closure must call {name} with the input tensor as its first argument{hint}; got positional "
+            f"{[type(arg).__name__ for arg in args]} and keywords {sorted(kwargs)}")
+    return inputs, rest, rest_kwargs
+
+
+def _first_parameter_name(model: nn.Module) -> str | None:
+    """The name of the first parameter of ``type(model).forward`` that a call may pass by name."""
+    try:
+        parameters = list(inspect.signature(type(model).forward).parameters.values())[1:]  # after self
+    except (TypeError, ValueError):  # a forward without a signature (a C extension's)
+        return None
+    if parameters and parameters[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return parameters[0].name
+    return None
 
 
 def check_closure_losses(losses: Any, num_datapoints: int) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradgraph.capture import (LossFn, check_closure_call, check_closure_losses, check_materialised,
+from gradgraph.capture import (LossFn, check_closure_losses, check_materialised, closure_inputs,
                                per_datapoint_objective)
 from gradgraph.convert.chain import chain_capture, plain_chain
 from gradgraph.convert.layout import _make_plan
@@ -81,7 +81,8 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
                            datapoint_dim: int | None = None) -> tuple[GradGraph, Tensor]:
     """Convert ``model`` on the batch that ``closure`` runs it on, in that one call of ``closure``.
 
-    The closure calls the model once, as ``model(inputs, *args, **kwargs)``, and returns the
+    The closure calls the model once, as ``model(inputs, *args, **kwargs)`` (or with the input
+    by the name of ``forward``'s first parameter, ``model(input_ids=x)``), and returns the
     per-datapoint losses ``[b]`` without calling ``backward`` — the closure of a
     ``torch.optim.Optimizer.step``, minus the backward. The model's forward is traced (or a
     cached plan replayed) during that call; the losses' one backward pass gives the factors.
@@ -105,8 +106,7 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
     scan = _Scan.of(model, "convert_closure")
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        check_closure_call(model, bool(runs), args)
-        inputs, rest = args[0], args[1:]
+        inputs, rest, kwargs = closure_inputs(model, bool(runs), args, kwargs)
         dim = _check_inputs(model, inputs, datapoint_dim, scan)
         del model.forward  # the model's own forward (or the trace's stand-in for it) runs inside
         try:

@@ -66,7 +66,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the network to train; every trainable parameter must be one that
-            :func:`gradgraph.to_graph` maps (MLP chains, stock attention wrappers).
+            :func:`gradgraph.to_graph` maps (any forward the traced converter follows: MLPs,
+            residual and normalised blocks, attention, ``transformers`` models).
         meta_model: the trained update rule (its weights are not changed by ``step``);
             it is moved to the device of ``model``'s parameters (``nn.Module.to``, in place).
 
