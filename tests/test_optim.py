@@ -685,7 +685,7 @@ def test_train_curve_evaluates_at_the_task_period():
     assert train_curve(bench, adam, 0, 3, eval_every=1).steps == [0, 1, 2, 3]
 
 
-def test_meta_train_command_overrides_the_preset_horizon_and_truncation(tmp_path, monkeypatch):
+def test_meta_train_command_overrides_the_preset_horizon_truncation_and_selection_seeds(tmp_path, monkeypatch):
     from gradgraph.cli import main
     from gradgraph.tasks.learned_optimizer import meta as meta_run
 
@@ -698,9 +698,10 @@ def test_meta_train_command_overrides_the_preset_horizon_and_truncation(tmp_path
     monkeypatch.setattr(meta_run, "run_meta_training", record)
     with pytest.raises(SystemExit):
         main(["learned-optimizer", "--meta-train", "--tasks", "charlm", "--horizon", "120", "--truncation", "5",
-              "--particles", "6", "--out-dir", str(tmp_path), "--quiet"])
+              "--particles", "6", "--select-seeds", "9", "--out-dir", str(tmp_path), "--quiet"])
     config = seen["config"]
-    assert (config.task, config.horizon, config.truncation, config.num_particles) == ("charlm", 120, 5, 6)
+    assert (config.task, config.horizon, config.truncation, config.num_particles, config.select_seeds) == (
+        "charlm", 120, 5, 6, 9)
 
 
 def test_each_task_is_benchmarked_with_its_own_shipped_file_unless_one_is_named(tmp_path, monkeypatch):

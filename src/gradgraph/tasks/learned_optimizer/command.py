@@ -40,6 +40,7 @@ def _command(args: argparse.Namespace) -> int:
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
                                out_dir=str(args.out_dir / f"meta-{args.variant}"), progress=not args.quiet,
                                max_outer_steps=args.max_outer_steps, start=args.start, select_every=args.select_every,
+                               select_seeds=args.select_seeds,
                                device=args.device, meta_loss=args.meta_loss, temperature=args.temperature,
                                **learning_rates, **preset)
         from gradgraph.distributed import init_distributed
@@ -103,6 +104,8 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--select-every", type=int, default=25,
                         help="score the meta-model on the validation protocol every N outer steps (0: never) and "
                              "export the best, outer step 0 included")
+    parser.add_argument("--select-seeds", type=int, default=5,
+                        help="validation runs per candidate of --select-every (more: a steadier score, a slower run)")
     parser.add_argument("--meta-loss", choices=["log-loss", "time-above-target"], default="time-above-target",
                         help="meta-training's loss per truncation: mean log held-out loss, or the smoothed number of "
                              "steps above tuned Adam's best validation loss")
