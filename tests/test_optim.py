@@ -799,3 +799,24 @@ def test_pretrained_language_model_optimizer_lowers_a_char_transformer_loss():
     for _ in range(40):
         opt.step(losses)
     assert float(losses().mean()) < 0.5 * first
+
+
+def test_pretrained_language_model_optimizer_trains_a_transformers_bert_called_by_keyword():
+    # a model none of the tests or meta-tasks were built around: transformers' BERT, called as
+    # model(input_ids=...), with embeddings, token types, LayerNorm, GELU, a pooler and a classifier
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()  # eval: no dropout
+    tokens = torch.randint(0, 50, (16, 12))
+    labels = tokens[:, 0] % 3  # the class is read off the first token
+
+    def losses():
+        return F.cross_entropy(model(input_ids=tokens).logits, labels, reduction="none")
+
+    opt = LearnedOptimizer.from_pretrained("charlm-transformer", model)
+    first = float(losses().mean())
+    for _ in range(30):
+        opt.step(losses)
+    assert float(losses().mean()) < 0.25 * first

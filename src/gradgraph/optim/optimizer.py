@@ -105,7 +105,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """A learned optimizer with a meta-model shipped inside the package.
 
         Args:
-            name: one of :func:`gradgraph.optim.pretrained_names` (e.g. ``"digits-mlp"``).
+            name: one of :func:`gradgraph.optim.pretrained_names`: ``"digits-mlp"`` (meta-trained
+                on an MLP; for MLPs) or ``"charlm-transformer"`` (meta-trained on a character
+                transformer; for attention models), each with a ``-deepsets`` ablation.
             model: the network to train.
         """
         from gradgraph.optim.hub import load_pretrained
