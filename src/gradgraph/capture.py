@@ -184,13 +184,14 @@ def closure_inputs(model: nn.Module, called_before: bool, args: tuple,
     name = type(model).__name__
     if called_before:
         raise GradGraphError(f"the closure called {name} twice; gradgraph converts one forward per closure call")
-    by_name = _first_parameter_name(model)
     rest_kwargs = dict(kwargs)
-    if args:
+    if args:  # the usual call: no signature to read on every optimizer step
         inputs, rest = args[0], args[1:]
     else:
+        by_name = _first_parameter_name(model)
         inputs, rest = rest_kwargs.pop(by_name, None) if by_name is not None else None, ()
     if not isinstance(inputs, Tensor):
+        by_name = _first_parameter_name(model)
         hint = f" (positionally or as {by_name}=...)" if by_name is not None else ""
         raise GradGraphError(
             f"the closure must call {name} with the input tensor as its first argument{hint}; got positional "

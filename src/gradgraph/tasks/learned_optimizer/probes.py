@@ -34,7 +34,7 @@ from gradgraph.tasks.learned_optimizer.selection import (
 from gradgraph.tasks.learned_optimizer.tasks import get_task
 
 __all__ = ["SCHEDULES", "TENSOR_RATES", "perturbation_scores", "schedule_scores", "scheduled_adam",
-           "tensor_rate_scores"]
+           "tensor_rate_adam", "tensor_rate_scores"]
 
 #: ``(step t, budget T) -> learning-rate factor``.
 Schedule = Callable[[int, int], float]

@@ -105,11 +105,10 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
             tuning_seeds=[100 + i for i in range(config.tuning_seeds)],
             adam_grid=log_grid(-4, -1, config.grid_size),
             sgd_grid=log_grid(-3, 0, config.grid_size) if "sgdm" in config.optimizers else None,
-            eval_every=bench.eval_every, progress=config.progress,
+            progress=config.progress,
         ))
     payload = {"config": asdict(config), "meta_models": meta_models, "device": str(device), "machine": machine_info(),
-               "world_size": 1,
-               "tasks": [r.to_dict() for r in results]}
+               "world_size": 1, "tasks": [r.to_dict() for r in results]}
     write_results(payload, out_dir)  # atomic: an interrupted run never leaves half a file
     table = format_table(results)
     atomic_write_bytes(out_dir / "results.md", (table + "\n").encode())
