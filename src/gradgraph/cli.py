@@ -174,6 +174,10 @@ def add_experiment_flags(parser: argparse.ArgumentParser, *, item: str, models: 
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock budget per training run: no epoch starts after it (the history says "
                              "how many ran)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue interrupted or --max-minutes-capped training runs from the checkpoints in "
+                             "<output-dir>/checkpoints (written after every epoch); the settings must match, "
+                             "--epochs and --max-minutes may change")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="train nothing: merge the results.json of earlier runs of this experiment that "
                              "differ only in their seeds or models (e.g. one process per --seed) into --output-dir")
@@ -195,7 +199,7 @@ def add_experiment_flags(parser: argparse.ArgumentParser, *, item: str, models: 
 def _apply_experiment_flags(config: Any, args: argparse.Namespace) -> Any:
     """``config`` (a task's config dataclass, e.g. from its preset) with the flags of
     :func:`add_experiment_flags` applied: the schedule where given, seeds ``0..n-1``, models,
-    output and cache directories, progress, device."""
+    output and cache directories, progress, device, resuming."""
     from dataclasses import replace
 
     schedule = {name: getattr(args, name) for name in ("epochs", "lr", "batch_size") if getattr(args, name) is not None}
@@ -214,6 +218,7 @@ def _apply_experiment_flags(config: Any, args: argparse.Namespace) -> Any:
         cache_root=args.cache_dir,
         progress=not args.quiet,
         device=args.device,
+        resume=args.resume,
     )
 
 

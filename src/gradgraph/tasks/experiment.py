@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from gradgraph.errors import GradGraphError
 from gradgraph.distributed import SINGLE_PROCESS, DistributedContext, init_distributed, resolve_device
 from gradgraph.tasks.results import (
+    RUN_ONLY_FIELDS,
     add_improvement,
     jsonable,
     machine_info,
@@ -54,6 +55,7 @@ from gradgraph.tasks.training import BatchSource, FitResult, TrainConfig, evalua
 
 __all__ = [
     "check_experiment",
+    "checkpointing",
     "DEVICE_CHOICES",
     "ExperimentConfig",
     "ExperimentRun",
@@ -209,6 +211,9 @@ def train_and_test(
     progress: bool = True,
     context: DistributedContext | None = None,
     description: str | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    identity: Mapping[str, Any] | None = None,
 ) -> SeedRun:
     """Train ``model`` on ``splits["train"]`` (best epoch on ``splits["val"]``), test it on
     ``splits["test"]``: the body of every task's per-seed run.
@@ -227,6 +232,9 @@ def train_and_test(
         progress: a tqdm bar (rank 0 only).
         context: the processes and device.
         description: recorded in the results (e.g. the ``repr`` of a fixed estimator).
+        checkpoint, resume, identity: the training's checkpoint file, whether to continue from
+            it, and what must match to do so (:func:`gradgraph.tasks.training.fit`;
+            :func:`checkpointing` gives all three for a task's config).
 
     Returns:
         The :class:`SeedRun`: mean per-item test error, the fit, the parameter count.
@@ -237,10 +245,37 @@ def train_and_test(
                                best_val_error=val_error)
     else:
         train = replace(train, seed=seed, progress=progress, description=f"{name} seed {seed}")
-        fit_result = fit(model, splits["train"], splits["val"], loss_fn, error_fn, train, context=context)
+        fit_result = fit(model, splits["train"], splits["val"], loss_fn, error_fn, train, context=context,
+                         checkpoint=checkpoint, resume=resume, identity=identity)
     test_errors = evaluate(model, splits["test"], error_fn, context=context)
     return SeedRun(seed=seed, test_error=float(test_errors.mean()), fit=fit_result,
                    parameters=sum(parameter.numel() for parameter in model.parameters()), description=description)
+
+
+#: Training settings that may change between a run and its resumption (:func:`checkpointing`).
+RESUMABLE_TRAIN_FIELDS = ("epochs", "max_seconds", "progress", "description", "seed")
+
+
+def checkpointing(config: "ExperimentConfig", name: str, seed: int) -> dict[str, Any]:
+    """The checkpoint arguments of :func:`train_and_test` for model ``name`` and ``seed``.
+
+    Every learned run writes ``<output_dir>/checkpoints/<name>-seed<seed>.pt`` after each
+    epoch; with ``config.resume`` it continues from that file. The file must have been written
+    by the same experiment: the same config up to where and how it runs (:data:`RUN_ONLY_FIELDS`)
+    and the epoch count and time budget (:data:`RESUMABLE_TRAIN_FIELDS`), which a resumed run
+    may change.
+
+    Returns:
+        ``{"checkpoint": Path, "resume": bool, "identity": dict}``.
+    """
+    settings = jsonable(asdict(config) if is_dataclass(config) else dict(vars(config)))
+    identity = {key: value for key, value in settings.items() if key not in (*RUN_ONLY_FIELDS, "resume")}
+    if isinstance(identity.get("train"), dict):
+        identity["train"] = {key: value for key, value in identity["train"].items()
+                             if key not in RESUMABLE_TRAIN_FIELDS}
+    return {"checkpoint": Path(config.output_dir) / "checkpoints" / f"{name}-seed{seed}.pt",
+            "resume": bool(getattr(config, "resume", False)),
+            "identity": {"config": identity, "model": name, "seed": seed}}
 
 
 @contextmanager
@@ -272,6 +307,7 @@ class ExperimentConfig(Protocol):
     seeds: tuple[int, ...]
     models: tuple[str, ...]
     output_dir: Path
+    resume: bool
 
 
 _Data = TypeVar("_Data")

@@ -44,7 +44,7 @@ PER_SEED_FIELDS = ("test_errors", "train_seconds", "best_epochs", "histories")
 
 #: Config fields that may differ between runs that are merged: which seeds and models ran,
 #: where and how; not what was trained on or how.
-RUN_ONLY_FIELDS = ("seeds", "models", "output_dir", "cache_root", "progress", "device")
+RUN_ONLY_FIELDS = ("seeds", "models", "output_dir", "cache_root", "progress", "device", "resume")
 
 
 def summarize(values: Sequence[float]) -> tuple[float, float]:

@@ -19,20 +19,32 @@ ranks take the steps one rank takes. Evaluation is split into one block of items
 rank and gathered; only rank 0 shows progress. This needs an *indexable* source: one with
 ``batch(index)`` (:class:`IndexableSource`), as :class:`LoaderSource` and the curvature
 source have.
+
+Interrupted or time-capped runs (``fit(..., checkpoint=path)``): after every epoch the whole
+state of the run — weights, Adam's moments, the shuffling generator, the random streams, the
+best weights so far and the learning curve — is written to ``path`` atomically (temp file +
+rename, by rank 0), and ``fit(..., checkpoint=path, resume=True)`` continues from the last
+epoch written: on one process, the epochs it then trains are exactly those an uninterrupted run
+would have trained (tested). A checkpoint records the settings that define the run; resuming
+with others is refused, except ``epochs`` (a finished run can be extended) and the time budget.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
+from gradgraph.data.cache import atomic_torch_save
 from gradgraph.distributed import SINGLE_PROCESS, DistributedContext
 from gradgraph.errors import GradGraphError
 
@@ -96,9 +108,10 @@ class TrainConfig:
         progress: show a tqdm bar over epochs.
         description: the bar's label.
         max_seconds: a wall-clock budget for the training (``None``: none): no epoch starts
-            after this many seconds since training began, so a run ends with fewer than
-            ``epochs`` epochs when the budget runs out (its history says how many ran). With
-            several ranks they stop together (any rank past the budget stops all).
+            after this many seconds since this call of :func:`fit` began, so a run ends with
+            fewer than ``epochs`` epochs when the budget runs out (its history says how many
+            ran). A resumed run gets the budget afresh: a run capped in one session continues
+            in the next. With several ranks they stop together (any rank past the budget stops all).
     """
 
     epochs: int = 100
@@ -131,13 +144,16 @@ class FitResult:
             (mean per-item error), ``seconds`` (since the start).
         best_epoch: the epoch (>= 1) whose weights the model holds now; 0 if ``epochs == 0``.
         best_val_error: its validation error.
-        seconds: wall time of the whole fit.
+        seconds: training wall time (a resumed run's includes the time of the calls before).
+        resumed_from: the last epoch of the checkpoint this call continued from (``None``: it
+            started afresh).
     """
 
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     best_val_error: float = math.inf
     seconds: float = 0.0
+    resumed_from: int | None = None
 
 
 @torch.no_grad()
@@ -227,6 +243,46 @@ def _out_of_time(start: float, config: TrainConfig, context: DistributedContext)
     return context.any(time.perf_counter() - start > config.max_seconds, "agreeing on the time budget")
 
 
+CHECKPOINT_FORMAT = 1
+
+
+def _checkpoint_identity(model: nn.Module, train: BatchSource, val: BatchSource, config: TrainConfig,
+                         identity: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What must match for a checkpoint to continue this run (JSON-normalised, so a reloaded one compares equal)."""
+    return json.loads(json.dumps({
+        "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
+        "grad_clip": config.grad_clip, "seed": config.seed,
+        "num_train": len(train), "num_val": len(val),
+        # A lazy layer's shape is known only after its first forward pass: recorded as None until then.
+        "parameters": [[name, None if is_lazy(value) else list(value.shape)]
+                       for name, value in model.state_dict().items()],
+        "run": dict(identity or {}),
+    }, default=str))
+
+
+def _load_checkpoint(path: Path, expected: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """The checkpoint at ``path`` if it continues the run described by ``expected``; else a clear error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file that is not ours, or from another torch: say which file
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise GradGraphError(f"fit: cannot read the checkpoint {path} ({type(error).__name__}: {first_line}); "
+                             "delete it to start afresh") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise GradGraphError(f"fit: {path} is not a gradgraph training checkpoint (format {CHECKPOINT_FORMAT})")
+    found = state["identity"]
+    if found != expected:
+        differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
+        details = "; ".join(f"{key}: checkpoint {found.get(key)!r}, this run {expected.get(key)!r}"
+                            for key in differing)
+        raise GradGraphError(f"fit: the checkpoint {path} is of another run ({details}); resume with the "
+                             "settings it was written with, or run without resuming to start afresh")
+    if state["epoch"] > epochs:
+        raise GradGraphError(f"fit: the checkpoint {path} has {state['epoch']} epochs, more than the "
+                             f"{epochs} asked for; ask for at least {state['epoch']}")
+    return state
+
+
 def fit(
     model: nn.Module,
     train: BatchSource,
@@ -236,6 +292,9 @@ def fit(
     config: TrainConfig,
     *,
     context: DistributedContext | None = None,
+    checkpoint: Path | str | None = None,
+    resume: bool = False,
+    identity: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` with Adam; keep the weights of the epoch with the lowest validation error.
 
@@ -250,12 +309,23 @@ def fit(
             must already be on ``context.device``; PyG batches are moved there. With
             several ranks ``loss_fn`` receives the DDP-wrapped model: call it, do not
             reach into its attributes; ``train`` must be an :class:`IndexableSource`.
+        checkpoint: a file the run's state is written to after every epoch (atomically,
+            rank 0; the directory is created). ``None``: no checkpoint.
+        resume: continue from ``checkpoint`` when it exists (from its last epoch; a
+            checkpoint of a finished run just restores its best weights). Without it an
+            existing checkpoint is replaced. With several ranks every rank reads the file, so
+            it must be on storage they share.
+        identity: JSON-serialisable facts that must also match for a checkpoint to be
+            resumed (the task's data and model settings, say), beside the optimiser settings,
+            the split sizes and the parameter shapes that are always checked.
 
     Returns:
         A :class:`FitResult` with the learning curve (identical on every rank).
 
     Raises:
         DistributedError: another rank died or hung past the context's timeout.
+        GradGraphError: ``resume`` with a checkpoint of other settings (naming them), or of
+            more epochs than ``config.epochs``.
     """
     from tqdm.auto import tqdm
 
@@ -270,13 +340,39 @@ def fit(
     eval_batch = max(config.batch_size, 64)
     start = time.perf_counter()
     result = FitResult()
-    initial = float(evaluate(model, val, error_fn, batch_size=eval_batch, context=context).mean())
-    result.history.append({"epoch": 0, "train_loss": math.nan, "val_error": initial, "seconds": 0.0})
+    if resume and checkpoint is None:
+        raise GradGraphError("fit: resume=True needs the checkpoint file to resume from (checkpoint=...)")
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    expected = _checkpoint_identity(model, train, val, config, identity) if checkpoint is not None else {}
+    saved = _load_checkpoint(checkpoint, expected, config.epochs) if resume and checkpoint.exists() else None
+    if checkpoint is not None and not resume and context.is_main_process:
+        checkpoint.unlink(missing_ok=True)  # a fresh run interrupted before its first epoch leaves no stale state
+    earlier_seconds = 0.0
+    if saved is None:
+        initial = float(evaluate(model, val, error_fn, batch_size=eval_batch, context=context).mean())
+        result.history.append({"epoch": 0, "train_loss": math.nan, "val_error": initial, "seconds": 0.0})
+        best_state = copy.deepcopy(model.state_dict())
+        first_epoch = 1
+    else:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        shuffle_generator.set_state(saved["shuffle_generator"])
+        torch.set_rng_state(saved["cpu_rng"])
+        if context.device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], context.device)
+        best_state = {key: value.to(context.device) for key, value in saved["best_state"].items()}
+        result.history = list(saved["history"])
+        result.best_epoch, result.best_val_error = saved["best_epoch"], saved["best_val_error"]
+        result.resumed_from = first_epoch = saved["epoch"]
+        first_epoch += 1
+        earlier_seconds = saved["seconds"]
+        initial = result.history[0]["val_error"]
     # Wrapped only now: the first forward pass (above) materialises lazy layers, which DDP refuses.
     wrapped = context.wrap(model)
-    best_state = copy.deepcopy(model.state_dict())
     show = config.progress and context.is_main_process
-    with tqdm(range(1, config.epochs + 1), desc=config.description, unit="ep", disable=not show, leave=False) as bar:
+    epochs = range(first_epoch, config.epochs + 1)
+    with tqdm(epochs, desc=config.description, unit="ep", disable=not show, leave=False,
+              initial=first_epoch - 1, total=config.epochs) as bar:
         for epoch in bar:
             model.train()
             total, steps = torch.zeros((), dtype=torch.float64), 0
@@ -300,17 +396,25 @@ def fit(
                 steps, 1
             )
             val_error = float(evaluate(model, val, error_fn, batch_size=eval_batch, context=context).mean())
-            result.history.append(
-                {"epoch": epoch, "train_loss": train_loss, "val_error": val_error, "seconds": time.perf_counter() - start}
-            )
+            seconds = earlier_seconds + time.perf_counter() - start
+            result.history.append({"epoch": epoch, "train_loss": train_loss, "val_error": val_error, "seconds": seconds})
             if val_error < result.best_val_error:
                 result.best_val_error, result.best_epoch = val_error, epoch
                 best_state = copy.deepcopy(model.state_dict())
+            if checkpoint is not None and context.is_main_process:
+                atomic_torch_save(checkpoint, {
+                    "format": CHECKPOINT_FORMAT, "identity": expected, "epoch": epoch, "seconds": seconds,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_state": best_state,
+                    "history": result.history, "best_epoch": result.best_epoch,
+                    "best_val_error": result.best_val_error,
+                    "shuffle_generator": shuffle_generator.get_state(), "cpu_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(context.device) if context.device.type == "cuda" else None,
+                })
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_error:.4f}", best=f"{result.best_val_error:.4f}")
             if config.max_seconds is not None and epoch < config.epochs and _out_of_time(start, config, context):
                 break
     model.load_state_dict(best_state)
     if config.epochs == 0:
         result.best_val_error = initial
-    result.seconds = time.perf_counter() - start
+    result.seconds = earlier_seconds + time.perf_counter() - start
     return result

@@ -53,7 +53,6 @@ MODEL_LABELS = {
 DEFAULT_MODELS = ("standard", "kernel_importance", "gradmetanet")
 #: Models without training randomness: run once, not once per seed.
 DETERMINISTIC_MODELS = ("standard", "kernel_importance")
-_TINY = 1e-30
 
 
 # ----------------------------------------------------------------------------- features

@@ -69,6 +69,9 @@ class CurvatureConfig:
         progress: tqdm bars.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available); with ``torchrun``
             each rank takes ``cuda:LOCAL_RANK``.
+        resume: continue the training runs from their checkpoints in
+            ``output_dir/checkpoints`` (written after every epoch; see
+            :func:`gradgraph.tasks.experiment.checkpointing`).
     """
 
     zoo: SirenZooConfig = field(default_factory=lambda: SirenZooConfig(num_nets=1000))
@@ -83,6 +86,7 @@ class CurvatureConfig:
     cache_root: Path | None = None
     progress: bool = True
     device: str = "cpu"
+    resume: bool = False
 
     def __post_init__(self) -> None:
         check_experiment("CurvatureConfig", "network", models=self.models, known=MODEL_NAMES,
@@ -166,7 +170,8 @@ def run_one(name: str, seed: int, config: CurvatureConfig, splits: dict[str, Cur
     model = build_model(name, splits["train"], config.model).to(context.device)
     return experiment.train_and_test(model, splits, curvature_loss, curvature_error, config.train, seed=seed,
                                      name=name, progress=config.progress, context=context,
-                                     description=repr(model) if name in DETERMINISTIC_MODELS else None)
+                                     description=repr(model) if name in DETERMINISTIC_MODELS else None,
+                                     **experiment.checkpointing(config, name, seed))
 
 
 def run_curvature(config: CurvatureConfig, context: DistributedContext | None = None) -> dict[str, Any]:

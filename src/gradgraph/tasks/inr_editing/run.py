@@ -60,6 +60,9 @@ class InrEditConfig:
         output_dir: where ``results.json``, ``inr_edits.png`` and ``inr_learning_curves.png`` go.
         cache_root: zoo cache (``None``: ``$GRADGRAPH_CACHE`` or ``.gradgraph-cache``).
         progress: progress bars and per-run lines.
+        resume: continue the training runs from their checkpoints in
+            ``output_dir/checkpoints`` (written after every epoch; see
+            :func:`gradgraph.tasks.experiment.checkpointing`).
     """
 
     zoo: InrZooConfig = field(default_factory=InrZooConfig)
@@ -77,6 +80,7 @@ class InrEditConfig:
     output_dir: Path = Path("runs/inr-edit")
     cache_root: Path | None = None
     progress: bool = True
+    resume: bool = False
 
     def __post_init__(self) -> None:
         check_experiment("InrEditConfig", "INR", models=self.models, known=MODEL_NAMES,
@@ -151,7 +155,8 @@ def run_one(name: str, seed: int, config: InrEditConfig, splits: dict[str, InrSo
     torch.manual_seed(seed)
     model = build_model(name, scales, config.model, int(splits["train"].act.shape[-1])).to(context.device)
     seed_run = experiment.train_and_test(model, splits, edit_loss, edit_error, config.train, seed=seed, name=name,
-                                         progress=config.progress, context=context, description=describe(model))
+                                         progress=config.progress, context=context, description=describe(model),
+                                         **experiment.checkpointing(config, name, seed))
     trained[name] = model
     return seed_run
 
