@@ -2,6 +2,8 @@
 
 * two ranks train to the same parameters as one rank with the same global batch and seed;
 * a zoo built by two ranks into one cache equals the one-process cache, every shard built once;
+* a run capped after its first epoch and resumed by both ranks from rank 0's checkpoint ends
+  with the uninterrupted run's weights;
 * a rank that dies ends the other one with a clear DistributedError within seconds, and a
   rerun resumes from the cache.
 """
@@ -12,6 +14,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,14 +51,15 @@ def _splits(data: curvature_data.CurvatureData) -> tuple[CurvatureSource, Curvat
     return train, val
 
 
-def _train(data: curvature_data.CurvatureData, context: DistributedContext | None) -> tuple[dict, list]:
+def _train(data: curvature_data.CurvatureData, context: DistributedContext | None, config: TrainConfig = TRAIN,
+           **checkpointing) -> tuple[dict, list]:
     # float64: some GradMetaNet parameters have a gradient that is zero in exact arithmetic
     # (a softmax's shift); Adam scales float32 rounding noise there up to lr-sized steps,
     # which no reduction order can reproduce. In float64 that noise stays far below Adam's eps.
     train, val = _splits(data.to(dtype=torch.float64))
     torch.manual_seed(TRAIN.seed)
     model = build_model("gradmetanet", train, MODEL).double()
-    result = fit(model, train, val, _loss, _error, TRAIN, context=context)
+    result = fit(model, train, val, _loss, _error, config, context=context, **checkpointing)
     return model.state_dict(), result.history
 
 
@@ -89,6 +93,14 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         report["generated"] = generated
         state, report["history"] = _train(data, context)
         torch.save(state, directory / f"params-{rank}.pt")
+        save()
+
+        # The same training stopped after its first epoch by the time budget, then resumed by both ranks
+        # from rank 0's checkpoint (the budget check is a collective after the write, so rank 1 reads it whole).
+        checkpoint = directory / "resumable.pt"
+        _train(data, context, replace(TRAIN, max_seconds=1e-9), checkpoint=checkpoint)
+        state, report["resumed_history"] = _train(data, context, checkpoint=checkpoint, resume=True)
+        torch.save(state, directory / f"resumed-{rank}.pt")
         save()
 
         train, val = _splits(data)
@@ -211,6 +223,18 @@ def test_two_ranks_build_the_same_cache_and_reach_the_same_parameters(two_rank_j
             assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
     # The training actually moved the weights (so equality above means something).
     assert reference_history[-1]["val_error"] != reference_history[0]["val_error"]
+
+
+def test_two_ranks_resume_a_capped_run_to_the_uninterrupted_two_rank_result(two_rank_job):
+    job, reports = two_rank_job
+    assert "resumed_history" in reports[1], reports[1]
+    for rank in range(2):
+        uninterrupted = torch.load(job / f"params-{rank}.pt", weights_only=True)
+        resumed = torch.load(job / f"resumed-{rank}.pt", weights_only=True)
+        for name, expected in uninterrupted.items():
+            assert torch.equal(resumed[name], expected), (rank, name)
+        assert [(row["epoch"], row["val_error"]) for row in reports[rank]["resumed_history"]] == [
+            (row["epoch"], row["val_error"]) for row in reports[rank]["history"]]
 
 
 @pytest.mark.slow

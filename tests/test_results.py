@@ -72,6 +72,30 @@ def test_runs_of_different_experiments_are_refused(tmp_path):
         merge_results([], reference="reference")
 
 
+def with_train(results: dict, **train) -> dict:
+    """``results`` with a ``config.train`` like the experiments' (what the toy config lacks)."""
+    copied = json.loads(json.dumps(results))
+    copied["config"]["train"] = {"epochs": 100, "lr": 0.001, "max_seconds": None, "progress": True,
+                                 "description": "train", **train}
+    return copied
+
+
+def test_runs_with_different_time_budgets_merge_and_keep_each_budget(tmp_path):
+    learned = run(ToyConfig(seeds=(0,), models=("learned",), output_dir=tmp_path / "a"))
+    other = run(ToyConfig(seeds=(0,), models=("other",), output_dir=tmp_path / "b"))
+    merged = merge_results([with_train(learned, max_seconds=445.2), with_train(other, max_seconds=340.8)],
+                           reference="reference", sources=["a", "b"])
+    assert set(merged["models"]) == {"reference", "learned", "other"}
+    assert merged["config"]["train"]["max_seconds"] == 445.2 and merged["config"]["train"]["lr"] == 0.001
+    assert [part["max_seconds"] for part in merged["merged_from"]] == [445.2, 340.8]
+    unbounded = merge_results([with_train(learned, max_seconds=10.0), with_train(other)], reference="reference")
+    assert unbounded["config"]["train"]["max_seconds"] is None  # one part had no budget
+    with pytest.raises(GradGraphError, match=r"config\.train differs: a has .*'lr': 0\.001.*, b has .*'lr': 0\.003"):
+        merge_results([with_train(learned), with_train(other, lr=0.003)], reference="reference", sources=["a", "b"])
+    with pytest.raises(GradGraphError, match=r"config\.train differs"):
+        merge_results([with_train(learned), with_train(other, epochs=50)], reference="reference")
+
+
 def test_read_results_names_the_missing_or_broken_file(tmp_path):
     with pytest.raises(GradGraphError, match=f"no results file at {tmp_path / 'results.json'}"):
         read_results(tmp_path)

@@ -45,6 +45,9 @@ PER_SEED_FIELDS = ("test_errors", "train_seconds", "best_epochs", "histories")
 #: Config fields that may differ between runs that are merged: which seeds and models ran,
 #: where and how; not what was trained on or how.
 RUN_ONLY_FIELDS = ("seeds", "models", "output_dir", "cache_root", "progress", "device", "resume")
+#: Fields of a config's ``train`` that may differ between merged runs: how long each was let
+#: run and how it showed progress (a capped run's history says how many epochs it ran).
+RUN_ONLY_TRAIN_FIELDS = ("max_seconds", "progress", "description")
 
 
 def summarize(values: Sequence[float]) -> tuple[float, float]:
@@ -233,13 +236,27 @@ def read_results(path: Path | str) -> dict[str, Any]:
         raise GradGraphError(f"{path} is not a results.json ({error})") from None
 
 
+def _comparable(key: str, value: Any) -> Any:
+    """A config field as merging compares it: ``train`` without :data:`RUN_ONLY_TRAIN_FIELDS`."""
+    if key == "train" and isinstance(value, Mapping):
+        return {name: item for name, item in value.items() if name not in RUN_ONLY_TRAIN_FIELDS}
+    return value
+
+
+def _time_budget(part: Mapping[str, Any]) -> float | None:
+    train = part.get("config", {}).get("train")
+    return train.get("max_seconds") if isinstance(train, Mapping) else None
+
+
 def merge_results(parts: Sequence[Mapping[str, Any]], *, reference: str,
                   sources: Sequence[str] | None = None) -> dict[str, Any]:
     """One ``results`` from runs of the same experiment that differ only in their seeds or models.
 
     Typical use: one process (or machine) per seed or model, ``--seed K`` each, then one
     table. Every part must have the same metric and the same config up to
-    :data:`RUN_ONLY_FIELDS` (seeds, models, where it ran). A model's
+    :data:`RUN_ONLY_FIELDS` (seeds, models, where it ran) and :data:`RUN_ONLY_TRAIN_FIELDS`
+    (each run's time budget: the merged config keeps the largest, ``None`` if any run had
+    none, and ``merged_from`` every part's). A model's
     per-seed lists (:data:`PER_SEED_FIELDS`) are joined and sorted by seed, and its mean ± std
     recomputed; a seed present in several parts (the deterministic models run seed 0 in every
     part) must have the same test error in each, and is kept once. ``improvement_pct`` is
@@ -272,7 +289,7 @@ def merge_results(parts: Sequence[Mapping[str, Any]], *, reference: str,
         for key in sorted(set(first.get("config", {})) | set(part.get("config", {}))):
             if key in RUN_ONLY_FIELDS:
                 continue
-            if first["config"].get(key) != part["config"].get(key):
+            if _comparable(key, first["config"].get(key)) != _comparable(key, part["config"].get(key)):
                 raise GradGraphError(f"config.{key} differs: {names[0]} has {first['config'].get(key)!r}, "
                                      f"{name} has {part['config'].get(key)!r}; only runs that differ in their "
                                      f"seeds or models can be merged")
@@ -308,10 +325,14 @@ def merge_results(parts: Sequence[Mapping[str, Any]], *, reference: str,
         if any(seconds for seconds in entry["train_seconds"]):
             all_seeds.update(seeds)
     results["config"] = {**first.get("config", {}), "seeds": sorted(all_seeds) or [0], "models": list(models)}
+    budgets = [_time_budget(part) for part in parts]
+    if isinstance(results["config"].get("train"), dict):
+        results["config"]["train"] = {**results["config"]["train"],
+                                      "max_seconds": None if None in budgets else max(budgets)}
     results["merged_from"] = [
         {"source": name, "machine": part.get("machine"), "wall_seconds": part.get("wall_seconds"),
-         "seeds": {model: entry["seeds"] for model, entry in part["models"].items()}}
-        for name, part in zip(names, parts)
+         "max_seconds": budget, "seeds": {model: entry["seeds"] for model, entry in part["models"].items()}}
+        for name, part, budget in zip(names, parts, budgets)
     ]
     add_improvement(results, reference=reference)
     return results
