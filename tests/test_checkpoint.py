@@ -195,7 +195,7 @@ def test_checkpointing_ignores_where_and_how_long_a_run_goes_but_not_what_it_tra
 def histories(out: Path) -> dict[str, list[tuple[int, float, float]]]:
     models = json.loads((out / "results.json").read_text())["models"]
     return {name: [(row["epoch"], row["train_loss"], row["val_error"]) for row in entry["histories"][0]]
-            for name, entry in models.items() if name != "standard"}
+            for name, entry in models.items() if len(entry["histories"][0]) > 1}  # the trained models
 
 
 def test_the_cli_resumes_a_capped_curvature_run_to_the_uninterrupted_result(tmp_path):
@@ -218,3 +218,16 @@ def test_the_cli_resumes_a_capped_curvature_run_to_the_uninterrupted_result(tmp_
                      models=("standard", "gradmetanet"), resume=True)
     with pytest.raises(GradGraphError, match=r"gradmetanet-seed0.pt is of another run \(.*run: .*'num_val': 3"):
         run_curvature(replace(config, num_train=5, num_val=4))
+
+
+def test_inr_editing_resumes_its_capped_runs_too(tmp_path):
+    common = ["inr-edit", "--preset", "tiny", "--models", "no_edit", "gradmetanet", "weight_space_sign", "--quiet",
+              "--epochs", "2", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--output-dir", str(tmp_path / "capped"), "--max-minutes", "1e-9"]) == 0
+    assert sorted(p.name for p in (tmp_path / "capped" / "checkpoints").iterdir()) == [
+        "gradmetanet-seed0.pt", "weight_space_sign-seed0.pt"]
+    assert main([*common, "--output-dir", str(tmp_path / "capped"), "--resume"]) == 0
+    whole, resumed = histories(tmp_path / "whole"), histories(tmp_path / "capped")
+    assert set(whole) == {"gradmetanet", "weight_space_sign"} and resumed == whole
+    assert all([row[0] for row in curve] == [0, 1, 2] for curve in resumed.values())
