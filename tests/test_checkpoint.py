@@ -149,8 +149,9 @@ def test_resume_without_a_checkpoint_file_starts_afresh_and_without_resume_a_sta
 @pytest.mark.parametrize("change, named", [
     (dict(config=replace(TRAIN, lr=0.01)), "lr: checkpoint 0.03, this run 0.01"),
     (dict(config=replace(TRAIN, seed=5)), "seed"),
-    (dict(identity={"zoo": "another"}), "run: checkpoint {'zoo': 'one'}"),
-    (dict(model=nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 1)).double()), "parameters"),
+    (dict(identity={"zoo": "another"}), "run.zoo: checkpoint 'one', this run 'another'"),
+    (dict(model=nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 1)).double()),
+     r"parameters\[0\]\[1\]\[0\]: checkpoint 16, this run 8"),
     (dict(config=replace(TRAIN, epochs=2)), "has 3 epochs, more than the 2 asked for"),
 ])
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path, change, named):
@@ -216,7 +217,9 @@ def test_the_cli_resumes_a_capped_curvature_run_to_the_uninterrupted_result(tmp_
 
     config = replace(curvature_preset("tiny"), output_dir=tmp_path / "capped", cache_root=tmp_path / "cache",
                      models=("standard", "gradmetanet"), resume=True)
-    with pytest.raises(GradGraphError, match=r"gradmetanet-seed0.pt is of another run \(.*run: .*'num_val': 3"):
+    with pytest.raises(GradGraphError, match=r"gradmetanet-seed0.pt is of another run \(num_train: checkpoint 6, this "
+                                             r"run 5; num_val: checkpoint 3, this run 4; run.config.num_train: "
+                                             r"checkpoint 6, this run 5; run.config.num_val: checkpoint 3, this run 4\)"):
         run_curvature(replace(config, num_train=5, num_val=4))
 
 

@@ -260,6 +260,17 @@ def _checkpoint_identity(model: nn.Module, train: BatchSource, val: BatchSource,
     }, default=str))
 
 
+def _differences(found: Any, expected: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted path, found, expected)`` for every leaf where two JSON-like values differ."""
+    if isinstance(found, dict) and isinstance(expected, dict):
+        return [difference for key in sorted(set(found) | set(expected))
+                for difference in _differences(found.get(key), expected.get(key), f"{where}.{key}" if where else key)]
+    if isinstance(found, list) and isinstance(expected, list) and len(found) == len(expected) and found != expected:
+        return [difference for index, (mine, theirs) in enumerate(zip(found, expected))
+                for difference in _differences(mine, theirs, f"{where}[{index}]")]
+    return [] if found == expected else [(where, found, expected)]
+
+
 def _load_checkpoint(path: Path, expected: dict[str, Any], epochs: int) -> dict[str, Any]:
     """The checkpoint at ``path`` if it continues the run described by ``expected``; else a clear error."""
     try:
@@ -272,9 +283,8 @@ def _load_checkpoint(path: Path, expected: dict[str, Any], epochs: int) -> dict[
         raise GradGraphError(f"fit: {path} is not a gradgraph training checkpoint (format {CHECKPOINT_FORMAT})")
     found = state["identity"]
     if found != expected:
-        differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
-        details = "; ".join(f"{key}: checkpoint {found.get(key)!r}, this run {expected.get(key)!r}"
-                            for key in differing)
+        details = "; ".join(f"{where}: checkpoint {theirs!r}, this run {ours!r}"
+                            for where, theirs, ours in _differences(found, expected))
         raise GradGraphError(f"fit: the checkpoint {path} is of another run ({details}); resume with the "
                              "settings it was written with, or run without resuming to start afresh")
     if state["epoch"] > epochs:
