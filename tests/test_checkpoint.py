@@ -20,7 +20,7 @@ from gradgraph.cli import main
 from gradgraph.errors import GradGraphError
 from gradgraph.tasks.curvature import preset as curvature_preset
 from gradgraph.tasks.curvature import run_curvature
-from gradgraph.tasks.experiment import checkpointing
+from gradgraph.tasks.experiment import SeedRun, checkpointing, run_seeds
 from gradgraph.tasks.training import FitResult, LoaderSource, TrainConfig, fit
 
 TRAIN = TrainConfig(epochs=6, batch_size=3, lr=0.03, seed=4, progress=False)
@@ -79,12 +79,14 @@ def test_a_run_resumed_after_every_epoch_equals_an_uninterrupted_one(tmp_path, u
     one_epoch_per_call = replace(TRAIN, max_seconds=1e-9)  # the budget is spent as soon as an epoch ends
     result = run(network(0), one_epoch_per_call, checkpoint=path)
     assert result.resumed_from is None and [row["epoch"] for row in result.history] == [0, 1]
+    assert result.stopped_by_budget
     for done in range(1, TRAIN.epochs):
         # Another initialisation and another global random state each time: all of it must come from the file.
         model = network(100 + done)
         torch.manual_seed(1000 + done)
         result = run(model, one_epoch_per_call, checkpoint=path, resume=True)
         assert result.resumed_from == done and len(result.history) == done + 2
+        assert result.stopped_by_budget == (done + 1 < TRAIN.epochs)  # the last call ends by finishing
     assert_same_run(result, model, uninterrupted)
     seconds = [row["seconds"] for row in result.history]
     assert seconds == sorted(seconds) and result.seconds >= seconds[-1]  # time adds up across calls
@@ -234,3 +236,16 @@ def test_inr_editing_resumes_its_capped_runs_too(tmp_path):
     whole, resumed = histories(tmp_path / "whole"), histories(tmp_path / "capped")
     assert set(whole) == {"gradmetanet", "weight_space_sign"} and resumed == whole
     assert all([row[0] for row in curve] == [0, 1, 2] for curve in resumed.values())
+
+
+def test_the_per_seed_line_says_when_a_run_was_resumed_or_stopped_by_its_budget(capsys):
+    def seed_run(seed: int) -> SeedRun:
+        history = [{"epoch": epoch, "val_error": 1.0 / (epoch + 1)} for epoch in range(5)]
+        return SeedRun(seed=seed, test_error=0.5, fit=FitResult(history=history, best_epoch=3, seconds=12.0,
+                                                                resumed_from=2 if seed else None,
+                                                                stopped_by_budget=bool(seed)))
+    run_seeds(seed_run, [0, 1], label="a model")
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.endswith("seed 0: test error 0.5000 (best epoch 3 of 4, 12s)")
+    assert second.endswith("seed 1: test error 0.5000 (best epoch 3 of 4, resumed from epoch 2, "
+                           "stopped by the time budget, 12s)")

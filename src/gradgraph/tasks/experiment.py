@@ -151,6 +151,17 @@ def split_bounds(num_train: int, num_val: int, num_test: int) -> dict[str, tuple
     }
 
 
+def _how_it_ran(fit_result: FitResult) -> str:
+    """``best epoch 7 of 9, resumed from epoch 4, stopped by the time budget`` (the parts that apply)."""
+    last = fit_result.history[-1]["epoch"] if fit_result.history else 0
+    parts = [f"best epoch {fit_result.best_epoch} of {last}"]
+    if fit_result.resumed_from is not None:
+        parts.append(f"resumed from epoch {fit_result.resumed_from}")
+    if fit_result.stopped_by_budget:
+        parts.append("stopped by the time budget")
+    return ", ".join(parts)
+
+
 def run_seeds(
     run_one: Callable[[int], SeedRun],
     seeds: Sequence[int],
@@ -182,7 +193,7 @@ def run_seeds(
         runs.append(run)
         if log and context.is_main_process:
             print(f"  {name or label:<17} seed {seed}: test error {run.test_error:.4f} "
-                  f"(best epoch {run.fit.best_epoch}, {run.fit.seconds:.0f}s)", flush=True)
+                  f"({_how_it_ran(run.fit)}, {run.fit.seconds:.0f}s)", flush=True)
     errors = [run.test_error for run in runs]
     mean, std = summarize(errors)
     return {

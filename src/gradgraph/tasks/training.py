@@ -147,6 +147,7 @@ class FitResult:
         seconds: training wall time (a resumed run's includes the time of the calls before).
         resumed_from: the last epoch of the checkpoint this call continued from (``None``: it
             started afresh).
+        stopped_by_budget: ``TrainConfig.max_seconds`` ended the training before ``epochs``.
     """
 
     history: list[dict[str, float]] = field(default_factory=list)
@@ -154,6 +155,7 @@ class FitResult:
     best_val_error: float = math.inf
     seconds: float = 0.0
     resumed_from: int | None = None
+    stopped_by_budget: bool = False
 
 
 @torch.no_grad()
@@ -422,6 +424,7 @@ def fit(
                 })
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_error:.4f}", best=f"{result.best_val_error:.4f}")
             if config.max_seconds is not None and epoch < config.epochs and _out_of_time(start, config, context):
+                result.stopped_by_budget = True
                 break
     model.load_state_dict(best_state)
     if config.epochs == 0:
