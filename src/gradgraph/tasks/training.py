@@ -375,8 +375,8 @@ def fit(
         best_state = {key: value.to(context.device) for key, value in saved["best_state"].items()}
         result.history = list(saved["history"])
         result.best_epoch, result.best_val_error = saved["best_epoch"], saved["best_val_error"]
-        result.resumed_from = first_epoch = saved["epoch"]
-        first_epoch += 1
+        result.resumed_from = saved["epoch"]
+        first_epoch = saved["epoch"] + 1
         earlier_seconds = saved["seconds"]
         initial = result.history[0]["val_error"]
     # Wrapped only now: the first forward pass (above) materialises lazy layers, which DDP refuses.
