@@ -40,6 +40,7 @@ from gradgraph.errors import GradGraphError
 from gradgraph.distributed import SINGLE_PROCESS, DistributedContext, init_distributed, resolve_device
 from gradgraph.tasks.results import (
     RUN_ONLY_FIELDS,
+    RUN_ONLY_TRAIN_FIELDS,
     add_improvement,
     jsonable,
     machine_info,
@@ -263,8 +264,10 @@ def train_and_test(
                    parameters=sum(parameter.numel() for parameter in model.parameters()), description=description)
 
 
-#: Training settings that may change between a run and its resumption (:func:`checkpointing`).
-RESUMABLE_TRAIN_FIELDS = ("epochs", "max_seconds", "progress", "description", "seed")
+#: Training settings that may change between a run and its resumption (:func:`checkpointing`):
+#: those merged runs may differ in, the epoch count (a run can be extended), and the seed
+#: (per run, and checked by ``fit`` itself).
+RESUMABLE_TRAIN_FIELDS = (*RUN_ONLY_TRAIN_FIELDS, "epochs", "seed")
 
 
 def checkpointing(config: "ExperimentConfig", name: str, seed: int) -> dict[str, Any]:
@@ -280,7 +283,7 @@ def checkpointing(config: "ExperimentConfig", name: str, seed: int) -> dict[str,
         ``{"checkpoint": Path, "resume": bool, "identity": dict}``.
     """
     settings = jsonable(asdict(config) if is_dataclass(config) else dict(vars(config)))
-    identity = {key: value for key, value in settings.items() if key not in (*RUN_ONLY_FIELDS, "resume")}
+    identity = {key: value for key, value in settings.items() if key not in RUN_ONLY_FIELDS}
     if isinstance(identity.get("train"), dict):
         identity["train"] = {key: value for key, value in identity["train"].items()
                              if key not in RESUMABLE_TRAIN_FIELDS}
