@@ -66,7 +66,6 @@ def main() -> None:
     target = torch.cat([batch.target for batch in batches])
     standard = float(normalised_l2(torch.cat([batch.standard for batch in batches]), target).mean())
 
-    predictions: dict[tuple[str, str], torch.Tensor] = {}
     rows = []
     with torch.no_grad():
         for run, run_config in zip(runs, configs):
@@ -77,10 +76,9 @@ def main() -> None:
                 model(batches[0])  # lazy layers take their shapes from a first batch
                 model.load_state_dict(checkpoint["best_state"])
                 model.eval()
-                predictions[(name, f"{run.name}/{seed}")] = torch.cat([model(batch) for batch in batches])
-                rows.append((f"{run.name}", name, seed, checkpoint["best_epoch"], checkpoint["epoch"],
-                             predictions[(name, f"{run.name}/{seed}")]))
-    if not predictions:
+                rows.append((run.name, name, seed, checkpoint["best_epoch"], checkpoint["epoch"],
+                             torch.cat([model(batch) for batch in batches])))
+    if not rows:
         raise SystemExit(f"no checkpoints/<model>-seed<s>.pt under {[str(run) for run in runs]}")
 
     def change(error: float) -> str:
@@ -91,9 +89,11 @@ def main() -> None:
     for run_name, name, seed, best, epochs, prediction in rows:
         error = float(normalised_l2(prediction, target).mean())
         print(f"| {run_name} | {name} | {seed} | {best} / {epochs} | {error:.4f} | {change(error)} |")
-    groups = {name: [p for (model, _), p in predictions.items() if model == name] for name, _ in predictions}
+    groups: dict[str, list[torch.Tensor]] = {}
+    for _, name, _, _, _, prediction in rows:
+        groups.setdefault(name, []).append(prediction)
     if len(groups) > 1:
-        groups["all"] = list(predictions.values())
+        groups["all"] = [prediction for *_, prediction in rows]
     for name, members in groups.items():
         error = float(normalised_l2(torch.stack(members).mean(0), target).mean())
         print(f"| ensemble | {name} | {len(members)} runs | — | {error:.4f} | {change(error)} |")
