@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from gradgraph.data import InputFamily, SirenZooConfig, load_curvature_data
-from gradgraph.tasks.curvature import CurvatureConfig, ModelConfig, build_model, normalised_l2
-from gradgraph.tasks.curvature.run import make_splits
-from gradgraph.tasks.results import read_results
+from gradgraph_lab.data import InputFamily, SirenZooConfig, load_curvature_data
+from gradgraph_lab.tasks.curvature import CurvatureConfig, ModelConfig, build_model, normalised_l2
+from gradgraph_lab.tasks.curvature.run import make_splits
+from gradgraph_lab.tasks.results import read_results
 
 
 def config_of(run_dir: Path) -> CurvatureConfig:
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     runs = list(args.runs)
     if args.quick:
-        from gradgraph.cli import main as gradgraph
+        from gradgraph_lab.cli import main as gradgraph
 
         scratch = Path(tempfile.mkdtemp(prefix="gg-ensemble-"))
         for seed in (0, 1):

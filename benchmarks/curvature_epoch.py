@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gradgraph.data import SirenZooConfig
+    from gradgraph_lab.data import SirenZooConfig
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("gradmetanet", "gradmetanet_pp")
@@ -51,7 +51,7 @@ DEFAULT_BASELINE = "75e0db2"
 
 def zoo_config(quick: bool, nets: int) -> SirenZooConfig:
     """The paper's zoo architecture with ``nets`` networks (``--quick``: tiny SIRENs)."""
-    from gradgraph.data import SirenZooConfig
+    from gradgraph_lab.data import SirenZooConfig
 
     if quick:
         return SirenZooConfig(num_nets=nets, hidden=(4, 4), num_inputs=8, num_target_points=16, shard_size=8)
@@ -93,8 +93,8 @@ def worker(quick: bool, nets: int, steps: int, models: list[str]) -> None:
     import torch
 
     import gradgraph
-    from gradgraph.data import load_curvature_data
-    from gradgraph.tasks.curvature import CurvatureSource, ModelConfig, build_model, curvature_loss
+    from gradgraph_lab.data import load_curvature_data
+    from gradgraph_lab.tasks.curvature import CurvatureSource, ModelConfig, build_model, curvature_loss
 
     torch.set_num_threads(1)
     data = load_curvature_data(zoo_config(quick, nets), progress=False)
@@ -188,7 +188,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO / "src"))
-    from gradgraph.data import load_curvature_data
+    from gradgraph_lab.data import load_curvature_data
 
     load_curvature_data(zoo_config(args.quick, args.nets), progress=False)  # generate once, before timing
     with tempfile.TemporaryDirectory() as temporary:

@@ -8,7 +8,7 @@ standard              ``mean_i (∂f(x_i)/∂θ)²``
 moment calibration    datapoint weights that make the weighted mean and variance of the 128
                       inputs match those of ``X_p̂`` (``p̂`` the maximum-likelihood ``p`` of the
                       128 inputs under the *known* family): what set means can give
-kernel importance     :class:`~gradgraph.tasks.curvature.KernelImportanceEstimator`: weights
+kernel importance     :class:`~gradgraph_lab.tasks.curvature.KernelImportanceEstimator`: weights
                       ``N(z; 0, 1) / kde(z)``, knows only that inputs are roughly Gaussian
 function, p̂           the exact Fisher under ``X_p̂``, computed by running the network itself on
                       fresh points: what knowing the weights *and* the family can give
@@ -27,10 +27,10 @@ import argparse
 
 import torch
 
-from gradgraph.data import InputFamily, SirenZooConfig, fisher_diagonal, load_curvature_data, make_siren, sample_inputs
-from gradgraph.data.curvature import net_generator
-from gradgraph.data.siren_zoo import siren_graph
-from gradgraph.tasks.curvature import CurvatureSource, KernelImportanceEstimator, normalised_l2, reweighted_estimate
+from gradgraph_lab.data import InputFamily, SirenZooConfig, fisher_diagonal, load_curvature_data, make_siren, sample_inputs
+from gradgraph_lab.data.curvature import net_generator
+from gradgraph_lab.data.siren_zoo import siren_graph
+from gradgraph_lab.tasks.curvature import CurvatureSource, KernelImportanceEstimator, normalised_l2, reweighted_estimate
 
 
 def maximum_likelihood_p(inputs: torch.Tensor, family: InputFamily, grid_size: int = 2001) -> torch.Tensor:

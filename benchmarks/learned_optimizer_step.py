@@ -9,7 +9,7 @@ digits MLP 64→32→10 on a batch of 128 with the shipped ``digits-mlp`` meta-m
   :class:`gradgraph.optim.batching.ArchitectureCache`).
 * ``learned``                   — ``LearnedOptimizer`` as shipped (structure cached per architecture).
 
-Both learned variants give bit-identical parameters (tests/test_optim.py); this measures
+Both learned variants give bit-identical parameters (tests/optim/test_optim.py); this measures
 the time only.
 
 Usage::
@@ -42,7 +42,7 @@ class _PerStepStructure:
 
 def _stepper(kind: str) -> Callable[[], None]:
     from gradgraph.optim import LearnedOptimizer, load_pretrained
-    from gradgraph.tasks.learned_optimizer.tasks import get_task
+    from gradgraph_lab.tasks.learned_optimizer.tasks import get_task
 
     task = get_task("digits", "cpu").task
     model = task.make_model(0)

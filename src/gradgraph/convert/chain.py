@@ -13,7 +13,7 @@ leaves' types and settings. When the trace showed that every tensor the plan rea
 output of one leaf (or the input), :class:`ChainCapture` records them by calling the leaves in
 order itself and keeping those outputs: no ``TorchFunctionMode``, no per-op fingerprints, no
 hooks. It is a *capture strategy* of the plan, not a second converter: the graph comes from the
-same plan, tensor for tensor (``tests/test_convert_chain.py``).
+same plan, tensor for tensor (``tests/convert/test_convert_chain.py``).
 
 Refused (the general replay runs) unless the plan was traced on this chain and every leaf still
 has the type and settings it had then; anything that is not a plain chain (a ``Linear`` used

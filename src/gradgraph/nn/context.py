@@ -17,7 +17,7 @@ __all__ = ["STRUCTURE_MEMO", "GraphContext", "equal_blocks"]
 #: shares that dict object gets the same context structure (layer groups, sparse patterns),
 #: computed once. Set only by code that batches graphs of one fixed architecture
 #: (:class:`gradgraph.optim.batching.ArchitectureCache`,
-#: :class:`gradgraph.data.curvature.GraphBatcher`); without it nothing is reused.
+#: :class:`gradgraph_lab.data.curvature.GraphBatcher`); without it nothing is reused.
 STRUCTURE_MEMO = "_structure_memo"
 
 

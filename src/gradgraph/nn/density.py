@@ -38,7 +38,7 @@ class ComponentDensity(nn.Module):
     density over a kernel estimate :math:`\hat q` of where the samples fell, i.e.
     :math:`\exp(\gamma - \rho)` for a Gaussian target — a weighted mean
     of per-sample statistics corrects for the sample's own clumping, which plain averaging
-    cannot (the curvature task of :mod:`gradgraph.tasks.curvature` measures the effect).
+    cannot (the curvature task of :mod:`gradgraph_lab.tasks.curvature` measures the effect).
 
     Equivariant to permutations of the components (every term is a symmetric function of the
     set plus the component's own value) and, fed neuron-pooled states as

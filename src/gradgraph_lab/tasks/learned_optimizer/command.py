@@ -1,0 +1,133 @@
+"""Flags of ``gradgraph learned-optimizer`` (imported by :mod:`gradgraph_lab.cli`; heavy imports are lazy).
+
+* default: evaluate the shipped pretrained optimizer against tuned Adam on the digits MLP
+  (a few minutes on 2 CPU cores): progress bars, a results table, ``loss_vs_step.png``,
+  ``results.json``;
+* ``--meta-train``: meta-train from scratch (``--preset default``: 30 min on 2 cores;
+  ``long``: 4 h; ``tiny``: 1 min), resumable from ``<output-dir>/checkpoint.pt``;
+  ``--export FILE`` writes the meta-model file that ``--gradmetanet FILE`` (or, copied into
+  ``gradgraph/optim/pretrained/``, ``from_pretrained``) reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+__all__ = ["META_PRESETS", "add_learned_optimizer_parser"]
+
+#: meta-training presets: budget (minutes), particles, truncation, horizon.
+META_PRESETS = {
+    "tiny": {"minutes": 1.0, "num_particles": 2, "truncation": 5, "horizon": 50},
+    "default": {"minutes": 30.0, "num_particles": 8, "truncation": 10, "horizon": 300},
+    "long": {"minutes": 240.0, "num_particles": 16, "truncation": 20, "horizon": 1000},
+}
+
+
+def _command(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.meta_train:
+        from gradgraph_lab.tasks.learned_optimizer.meta import MetaRunConfig, run_meta_training
+
+        preset = dict(META_PRESETS[args.preset])
+        if args.minutes is not None:
+            preset["minutes"] = args.minutes
+        for flag, key in (("particles", "num_particles"), ("truncation", "truncation"), ("horizon", "horizon")):
+            if getattr(args, flag) is not None:
+                preset[key] = getattr(args, flag)
+        learning_rates = {key: value for key, value in (("outer_lr", args.outer_lr), ("scalar_lr", args.scalar_lr))
+                          if value is not None}
+        config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
+                               out_dir=str(args.out_dir / f"meta-{args.variant}"), progress=not args.quiet,
+                               max_outer_steps=args.max_outer_steps, start=args.start, select_every=args.select_every,
+                               select_seeds=args.select_seeds,
+                               device=args.device, meta_loss=args.meta_loss, temperature=args.temperature,
+                               **learning_rates, **preset)
+        from gradgraph_lab.distributed import init_distributed
+
+        context = init_distributed(args.device)  # one process unless started by torchrun
+        try:
+            trainer = run_meta_training(config, export=args.export, context=context)
+        finally:
+            context.teardown()
+        if not context.is_main_process:
+            return 0
+        last = trainer.history[-1] if trainer.history else {}
+        print(f"meta-trained {config.variant} on {config.task} ({config.estimator}): {trainer.outer_steps} outer steps, "
+              f"alpha={last.get('alpha', float('nan')):.4g} beta={last.get('beta', float('nan')):.4g} "
+              f"mu={last.get('mu', float('nan')):.4g}; checkpoint in {config.out_dir}"
+              + (f"; exported {args.export}" if args.export else ""))
+        print(f"wall time {time.perf_counter() - start:.0f}s")
+        return 0
+    from gradgraph_lab.tasks.learned_optimizer.run import BenchmarkConfig, run_benchmark
+
+    config = BenchmarkConfig(tasks=tuple(args.tasks), optimizers=tuple(args.optimizers), gradmetanet=args.gradmetanet,
+                             deepsets=args.deepsets, steps=args.steps, seeds=args.seeds,
+                             tuning_seeds=args.tuning_seeds, grid_size=args.grid_size,
+                             out_dir=str(args.out_dir / "benchmark"), progress=not args.quiet, device=args.device)
+    run_benchmark(config)
+    print((args.out_dir / "benchmark" / "results.md").read_text())
+    print("metric: Adam's best test loss L at step N (lr tuned on the grid); for each optimizer the first step n "
+          "reaching L; step reduction N/n, mean ± std over seeds 0..%d (unreached runs count N/steps)" % (config.seeds - 1))
+    print(f"wall time {time.perf_counter() - start:.0f}s; wrote {args.out_dir / 'benchmark'}/results.json, "
+          "results.md, loss_vs_step.png")
+    return 0
+
+
+def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``gradgraph learned-optimizer``."""
+    from pathlib import Path
+
+    parser = subparsers.add_parser(
+        "learned-optimizer",
+        help="the GradMetaNet learned optimizer (§7.2): benchmark the pretrained one vs tuned Adam, or --meta-train",
+    )
+    parser.add_argument("--meta-train", action="store_true", help="meta-train a learned optimizer instead of benchmarking")
+    parser.add_argument("--tasks", nargs="+", default=["digits"], choices=["digits", "digits-wide", "charlm"],
+                        help="benchmark tasks (meta-training uses the first)")
+    parser.add_argument("--optimizers", nargs="+", default=["adam", "gradmetanet"],
+                        choices=["adam", "sgdm", "deepsets", "gradmetanet"], help="optimizers to benchmark")
+    parser.add_argument("--gradmetanet", default=None,
+                        help="shipped name or export file of ours, used on every task (default: each task's shipped "
+                             "file: digits-mlp on the MLP tasks, charlm-transformer on charlm)")
+    parser.add_argument("--deepsets", default=None,
+                        help="shipped name or export file of the DeepSets variant (default: each task's, "
+                             "digits-mlp-deepsets / charlm-transformer-deepsets)")
+    parser.add_argument("--steps", type=int, default=600, help="step budget of every benchmark run")
+    parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds 0..n-1")
+    parser.add_argument("--tuning-seeds", type=int, default=1, help="seeds of the learning-rate grid search")
+    parser.add_argument("--grid-size", type=int, default=10, help="learning rates per grid")
+    parser.add_argument("--variant", choices=["gradmetanet", "deepsets"], default="gradmetanet", help="meta-train this variant")
+    parser.add_argument("--estimator", choices=["tbptt", "pes"], default="pes", help="meta-gradient estimator")
+    parser.add_argument("--start", choices=["tuned-adam", "fixed"], default="tuned-adam",
+                        help="meta-training's start: Adam at the lr tuned on the validation split, or fixed alpha/beta")
+    parser.add_argument("--select-every", type=int, default=25,
+                        help="score the meta-model on the validation protocol every N outer steps (0: never) and "
+                             "export the best, outer step 0 included")
+    parser.add_argument("--select-seeds", type=int, default=5,
+                        help="validation runs per candidate of --select-every (more: a steadier score, a slower run)")
+    parser.add_argument("--meta-loss", choices=["log-loss", "time-above-target"], default="time-above-target",
+                        help="meta-training's loss per truncation: mean log held-out loss, or the smoothed number of "
+                             "steps above tuned Adam's best validation loss")
+    parser.add_argument("--temperature", type=float, default=0.25,
+                        help="tau of --meta-loss time-above-target (a relative gap to Adam's best, log space)")
+    parser.add_argument("--preset", choices=sorted(META_PRESETS), default="default", help="meta-training budget preset")
+    parser.add_argument("--minutes", type=float, default=None, help="override the preset's wall-clock budget")
+    parser.add_argument("--particles", type=int, default=None,
+                        help="override the preset's number of inner runs per outer step (PES: even, antithetic pairs)")
+    parser.add_argument("--truncation", type=int, default=None, help="override the preset's inner steps per outer step")
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="override the preset's inner-run length (also the validation protocol's step budget)")
+    parser.add_argument("--outer-lr", type=float, default=None,
+                        help="outer Adam learning rate of the MLP and GradMetaNet (default 1e-3)")
+    parser.add_argument("--scalar-lr", type=float, default=None,
+                        help="outer Adam learning rate of log alpha, log beta, logit mu (default 1e-3)")
+    parser.add_argument("--max-outer-steps", type=int, default=1_000_000, help="stop meta-training after this many outer steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", type=Path, default=None, help="write the meta-model file here after meta-training")
+    parser.add_argument("--output-dir", "--out-dir", dest="out_dir", type=Path, default=Path("runs/learned-optimizer"),
+                        help="outputs go here (the same flag as curvature and inr-edit; --out-dir is kept)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where the inner models, the meta-model and the data live (default cpu; cuda needs a GPU)")
+    parser.set_defaults(func=_command)

@@ -1,0 +1,161 @@
+"""``gradgraph learned-optimizer``: the benchmark run (tables, plot, ``results.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradgraph_lab.data.cache import atomic_write_bytes
+from gradgraph_lab.distributed import resolve_device
+from gradgraph.errors import GradGraphError
+from gradgraph.optim import LearnedUpdate, load_pretrained, meta_model_from_checkpoint
+from gradgraph_lab.tasks.learned_optimizer.benchmark import TaskResult, benchmark_task, log_grid
+from gradgraph_lab.tasks.experiment import machine_info, write_results
+from gradgraph_lab.tasks.learned_optimizer.tasks import TASK_NAMES, get_task
+
+__all__ = ["PRETRAINED_FOR_TASK", "BenchmarkConfig", "format_table", "load_meta_model", "pretrained_for", "run_benchmark"]
+
+OPTIMIZERS = ("adam", "sgdm", "deepsets", "gradmetanet")
+
+#: the shipped GradMetaNet meta-model each task is benchmarked with when none is named (the
+#: DeepSets variant's file adds ``-deepsets``). ``digits-wide`` is held out: it gets the digits file.
+PRETRAINED_FOR_TASK = {"digits": "digits-mlp", "digits-wide": "digits-mlp", "charlm": "charlm-transformer"}
+
+
+@dataclass
+class BenchmarkConfig:
+    """One benchmark run.
+
+    Attributes:
+        tasks: task names (:data:`TASK_NAMES`).
+        optimizers: which of :data:`OPTIMIZERS` to run besides Adam (always run: it is the reference).
+        gradmetanet, deepsets: meta-model of each learned variant: a shipped name
+            (``"digits-mlp"``) or the path of an export / trainer checkpoint, used on every
+            task; ``None``: each task's shipped file (:func:`pretrained_for`).
+        steps: step budget of every run.
+        seeds: evaluation seeds ``0 .. seeds-1`` (initialisations unseen in meta-training).
+        tuning_seeds: seeds of the learning-rate search (``100, 101, …``: not the evaluation seeds).
+        grid_size: learning rates per grid (Adam: 1e-4..1e-1, SGD+momentum: 1e-3..1, log-spaced).
+        out_dir: where ``results.json``, ``results.md`` and ``loss_vs_step.png`` go.
+        progress: tqdm bars.
+        device: ``--device`` value (:func:`gradgraph_lab.distributed.resolve_device`): every model,
+            batch, test set and learned optimizer runs there.
+    """
+
+    tasks: tuple[str, ...] = ("digits",)
+    optimizers: tuple[str, ...] = ("adam", "gradmetanet")
+    gradmetanet: str | None = None
+    deepsets: str | None = None
+    steps: int = 600
+    seeds: int = 5
+    tuning_seeds: int = 1
+    grid_size: int = 10
+    out_dir: str = "runs/learned-optimizer/benchmark"
+    progress: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASK_NAMES] + [o for o in self.optimizers if o not in OPTIMIZERS]
+        if unknown:
+            raise GradGraphError(f"unknown task/optimizer {unknown}; tasks: {TASK_NAMES}, optimizers: {OPTIMIZERS}")
+        if self.steps < 1 or self.seeds < 1 or self.tuning_seeds < 1 or self.grid_size < 2:
+            raise GradGraphError("BenchmarkConfig needs steps, seeds, tuning_seeds >= 1 and grid_size >= 2")
+
+
+def load_meta_model(spec: str) -> LearnedUpdate:
+    """A shipped meta-model by name, or one from an export / trainer checkpoint file."""
+    path = Path(spec)
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if "trainer" in checkpoint:  # a MetaTrainer checkpoint written by run_meta_training
+            checkpoint = checkpoint["trainer"]
+        return meta_model_from_checkpoint(checkpoint)
+    return load_pretrained(spec)
+
+
+def pretrained_for(task: str, variant: str) -> str:
+    """The shipped meta-model ``task`` is benchmarked with by default (:data:`PRETRAINED_FOR_TASK`)."""
+    name = PRETRAINED_FOR_TASK[task]
+    return name if variant == "gradmetanet" else f"{name}-{variant}"
+
+
+def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
+    """Run the benchmark; write ``results.json``, ``results.md`` and ``loss_vs_step.png``; return the results."""
+    device = resolve_device(config.device)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded: dict[str, LearnedUpdate] = {}
+    meta_models: dict[str, dict[str, str]] = {}
+    results: list[TaskResult] = []
+    for task_name in config.tasks:
+        bench = get_task(task_name, device)
+        learned = {}
+        for variant in ("deepsets", "gradmetanet"):
+            if variant in config.optimizers:
+                spec = getattr(config, variant) or pretrained_for(task_name, variant)
+                if spec not in loaded:
+                    loaded[spec] = load_meta_model(spec).to(device)
+                learned[variant] = loaded[spec]
+                meta_models.setdefault(task_name, {})[variant] = spec
+        results.append(benchmark_task(
+            bench, learned, steps=config.steps, seeds=list(range(config.seeds)),
+            tuning_seeds=[100 + i for i in range(config.tuning_seeds)],
+            adam_grid=log_grid(-4, -1, config.grid_size),
+            sgd_grid=log_grid(-3, 0, config.grid_size) if "sgdm" in config.optimizers else None,
+            progress=config.progress,
+        ))
+    payload = {"config": asdict(config), "meta_models": meta_models, "device": str(device), "machine": machine_info(),
+               "world_size": 1, "tasks": [r.to_dict() for r in results]}
+    write_results(payload, out_dir)  # atomic: an interrupted run never leaves half a file
+    table = format_table(results)
+    atomic_write_bytes(out_dir / "results.md", (table + "\n").encode())
+    _plot(results, out_dir / "loss_vs_step.png")
+    return payload
+
+
+def format_table(results: list[TaskResult]) -> str:
+    """A markdown table: step reduction vs tuned Adam (mean ± std), runs reaching Adam's loss, time per step."""
+    lines = ["| task | optimizer | lr | runs reaching Adam's best L | step reduction N/n (mean ± std) | "
+             "best test loss (mean) | time/step vs Adam |",
+             "|---|---|---|---|---|---|---|"]
+    for result in results:
+        for name, row in result.summary().items():
+            lr = f"{result.tuned[name]:.3g}" if name in result.tuned else "learned"
+            reduction = f"{row['step_reduction_mean']:.2f} ± {row['step_reduction_std']:.2f}"
+            if row["reached"] == 0:
+                reduction = f"never (≤ {row['step_reduction_mean']:.2f})"  # N / budget: a bound, not a ratio
+            elif row["reached"] < row["runs"]:
+                reduction = "≤ " + reduction
+            lines.append(
+                f"| {result.task} | {name} | {lr} | {row['reached']}/{row['runs']} | {reduction} | "
+                f"{row['best_test_loss_mean']:.4f} | {row['time_vs_adam']:.1f}× |"
+            )
+    return "\n".join(lines)
+
+
+def _plot(results: list[TaskResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for axis, result in zip(axes[0], results):
+        for name, curves in result.curves.items():
+            length = min(len(c.test_loss) for c in curves)
+            steps = curves[0].steps[:length]
+            mean = torch.tensor([c.test_loss[:length] for c in curves]).mean(0)
+            axis.plot(steps, mean.tolist(), label=name)
+        targets = [c.best[0] for c in result.curves["adam"]]
+        axis.axhline(sum(targets) / len(targets), color="gray", linestyle=":", label="Adam's best (mean)")
+        axis.set_title(result.task)
+        axis.set_xlabel("step")
+        axis.set_ylabel("test loss")
+        axis.set_yscale("log")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
