@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradgraph.capture import LossFn
-from gradgraph.convert.chain import ACTIVATION_MODULES
+from gradgraph.convert.activations import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, GradGraph
 
@@ -50,11 +50,6 @@ ATTENTION_MODULES: tuple[type[nn.Module], ...] = (
     nn.TransformerEncoderLayer,
     nn.TransformerEncoder,
 )
-_ACTIVATION_FUNCTIONS: dict[Any, ActivationKind] = {
-    F.relu: ActivationKind.RELU,
-    torch.relu: ActivationKind.RELU,
-    F.gelu: ActivationKind.GELU,
-}
 _SUPPORTED_CHAIN = "the attention converter supports [nn.Linear] -> attention module -> [nn.Linear] chains"
 
 
@@ -163,11 +158,11 @@ def _check_layer(path: str, layer: nn.TransformerEncoderLayer) -> EncoderLayerPa
         kind = next((k for cls, k in ACTIVATION_MODULES.items() if type(activation) is cls), None)
         where, what = _join(path, "activation"), type(activation).__name__
     else:
-        kind = _ACTIVATION_FUNCTIONS.get(activation)
+        kind = ACTIVATION_FUNCTIONS.get(activation)
         where, what = _join(path, "activation"), getattr(activation, "__name__", repr(activation))
     if kind is None:
         raise UnsupportedModuleError(where, what, "no elementwise activation rule for it (use relu, gelu or a module "
-                                                  "of gradgraph.convert.chain.ACTIVATION_MODULES)")
+                                                  "of gradgraph.convert.activations.ACTIVATION_MODULES)")
     return EncoderLayerParts(path, layer, kind)
 
 

@@ -23,12 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from gradgraph.capture import LossFn
-from gradgraph.convert.chain import ACTIVATION_MODULES, plain_chain
+from gradgraph.convert.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
+from gradgraph.convert.chain import plain_chain
 from gradgraph.convert.plan import PLAN_CACHE
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, GradGraph
@@ -40,26 +40,6 @@ __all__ = [
     "convert_mlp",
     "mlp_layers",
 ]
-
-_ACTIVATION_FUNCTIONS: dict[Any, ActivationKind] = {
-    torch.relu: ActivationKind.RELU,
-    F.relu: ActivationKind.RELU,
-    F.leaky_relu: ActivationKind.LEAKY_RELU,
-    F.gelu: ActivationKind.GELU,
-    F.silu: ActivationKind.SILU,
-    torch.tanh: ActivationKind.TANH,
-    F.tanh: ActivationKind.TANH,
-    torch.sigmoid: ActivationKind.SIGMOID,
-    F.sigmoid: ActivationKind.SIGMOID,
-    torch.sin: ActivationKind.SINE,
-}
-_ACTIVATION_METHODS: dict[str, ActivationKind] = {
-    "relu": ActivationKind.RELU,
-    "tanh": ActivationKind.TANH,
-    "sigmoid": ActivationKind.SIGMOID,
-    "sin": ActivationKind.SINE,
-}
-
 
 @dataclass(frozen=True)
 class DenseLayer:
@@ -182,7 +162,7 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
         if node.op == "call_module":
             reader.module(str(node.target), modules[node.target])
         elif node.op == "call_function":
-            kind = _ACTIVATION_FUNCTIONS.get(node.target)
+            kind = ACTIVATION_FUNCTIONS.get(node.target)
             if kind is None and node.target in (F.dropout,):
                 raise UnsupportedModuleError(node.name, "dropout", "functional dropout is unsupported")
             if kind is None:
@@ -192,7 +172,7 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
                 raise UnsupportedModuleError(node.name, name, "no MLP converter rule for this function")
             reader.activation(node.name, kind)
         elif node.op == "call_method":
-            kind = _ACTIVATION_METHODS.get(str(node.target))
+            kind = ACTIVATION_METHODS.get(str(node.target))
             if kind is None:
                 raise UnsupportedModuleError(node.name, f"Tensor.{node.target}", "no MLP converter rule for this method")
             reader.activation(node.name, kind)

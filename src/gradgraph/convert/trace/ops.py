@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradgraph.convert.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ONE_OP_MODULES
 from gradgraph.graph import ActivationKind
 
 
@@ -56,14 +57,10 @@ _SHAPE_OPS = _method(
 _IDENTITY_OPS = _method("to", "float", "double", "half", "bfloat16", "type_as", "type", "cpu", "cuda") | {
     "torch.nn.functional.dropout", "torch.dropout", "Tensor.__getitem__ (no-op)",
 }
+#: named activations by op name (from the one table, gradgraph.convert.activations)
 _ACTIVATIONS: dict[str, ActivationKind] = {
-    **{name: ActivationKind.RELU for name in _names(torch.relu, F.relu) | _method("relu")},
-    **{name: ActivationKind.LEAKY_RELU for name in _names(F.leaky_relu)},
-    **{name: ActivationKind.GELU for name in _names(F.gelu)},
-    **{name: ActivationKind.SILU for name in _names(F.silu)},
-    **{name: ActivationKind.TANH for name in _names(torch.tanh, F.tanh) | _method("tanh")},
-    **{name: ActivationKind.SIGMOID for name in _names(torch.sigmoid, F.sigmoid) | _method("sigmoid")},
-    **{name: ActivationKind.SINE for name in _names(torch.sin) | _method("sin")},
+    **{_op_name(function): kind for function, kind in ACTIVATION_FUNCTIONS.items()},
+    **{f"Tensor.{method}": kind for method, kind in ACTIVATION_METHODS.items()},
 }
 _UNARY = set(_ACTIVATIONS) | _names(
     F.elu, F.selu, F.celu, F.softplus, F.mish, F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid, F.logsigmoid,
@@ -129,7 +126,7 @@ _IN_PLACE_HINT = "in-place ops on tensors gradgraph follows are unsupported; use
 
 #: Registered by :func:`register_elementwise`: module types and functions treated as one
 #: elementwise op, with the activation label they give a neuron set.
-_ELEMENTWISE_MODULES: dict[type[nn.Module], ActivationKind] = {}
+_ELEMENTWISE_MODULES: dict[type[nn.Module], ActivationKind] = dict(ONE_OP_MODULES)
 _ELEMENTWISE_FUNCTIONS: dict[str, ActivationKind] = {}
 
 
