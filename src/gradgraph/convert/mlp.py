@@ -1,4 +1,4 @@
-"""MLP chains: reading their layers, and converting them (through the traced converter).
+"""MLP chains: reading their layers (the structure the symmetry actions act on).
 
 An MLP chain is ``Linear -> act -> Linear -> act -> ... -> Linear [-> act]`` where every
 ``act`` is a known elementwise activation (or absent). The chain may be an
@@ -7,8 +7,8 @@ chain: :func:`mlp_layers` reads the structure with :mod:`torch.fx` (plain Sequen
 walk over their modules), so skip connections, shared layers and unknown operations are
 detected, not guessed. The symmetry actions (:mod:`gradgraph.symmetry`) read chains with it.
 
-Conversion is the traced converter's (:func:`gradgraph.convert.convert_traced`): it gives a
-chain the MLP layout below, and records a plain ``nn.Sequential`` chain's tensors by calling
+Conversion needs none of this: :func:`gradgraph.to_graph` traces a chain like any model, which
+gives it the MLP layout below, and records a plain ``nn.Sequential`` chain's tensors by calling
 its leaves (:mod:`gradgraph.convert.chain`) once the architecture's plan is cached.
 
 Graph layout: the neurons of layer ``l`` (``l = 0`` the inputs) are consecutive nodes in
@@ -19,25 +19,22 @@ so ``edge_param_pos`` of weight ``W[k, j]`` is ``k * d_in + j``.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
-from gradgraph.capture import LossFn
 from gradgraph.convert.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 from gradgraph.convert.chain import plain_chain
-from gradgraph.convert.plan import PLAN_CACHE
+from gradgraph.convert.plan import clear_structure_cache  # its former home, still imported from here
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
-from gradgraph.graph import ActivationKind, GradGraph
+from gradgraph.graph import ActivationKind
 
 __all__ = [
     "ACTIVATION_MODULES",
     "DenseLayer",
     "clear_structure_cache",
-    "convert_mlp",
     "mlp_layers",
 ]
 
@@ -180,29 +177,3 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
             raise UnsupportedModuleError(node.name, node.op, "no MLP converter rule for this operation")
         current = node
     return reader.finish()
-
-
-def convert_mlp(
-    model: nn.Module,
-    inputs: Tensor,
-    *,
-    targets: Any = None,
-    loss_fn: LossFn | None = None,
-    forward_kwargs: Mapping[str, Any] | None = None,
-) -> GradGraph:
-    """Convert an MLP chain and a batch ``inputs [b, d_in]`` into a GradGraph with ``B = b``.
-
-    :func:`gradgraph.to_graph` for a model that must be an MLP chain: raises
-    :class:`~gradgraph.UnsupportedModuleError` (from :func:`mlp_layers`) for any other, then
-    converts it with the traced converter, as ``to_graph`` does.
-    """
-    from gradgraph.convert.traced import convert_traced  # traced imports this package's chain module
-
-    mlp_layers(model)
-    return convert_traced(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=forward_kwargs)
-
-
-def clear_structure_cache() -> None:
-    """Forget the traced converter's cached plans (the architecture-only tensors of every
-    architecture converted so far, MLP chains included), e.g. to free their memory."""
-    PLAN_CACHE.clear()

@@ -130,6 +130,12 @@ class PlanCache:
 PLAN_CACHE = PlanCache()
 
 
+def clear_structure_cache() -> None:
+    """Forget the traced converter's cached plans (the architecture-only tensors of every
+    architecture converted so far, MLP chains included), e.g. to free their memory."""
+    PLAN_CACHE.clear()
+
+
 # --------------------------------------------------------------------- factors
 def _component_index(comps: Tensor, num_keys: int) -> Tensor:
     return (comps // KEY_STRIDE) * num_keys + comps % KEY_STRIDE

@@ -1,4 +1,4 @@
-"""The traced converter's entry points: :func:`convert_traced` and its closure form.
+"""The traced converter's entry points: :func:`to_graph_traced` and its closure form.
 
 A conversion is a forward pass under the trace (or a replay of the architecture's cached
 :class:`~gradgraph.convert.plan.TracePlan`), the per-datapoint objective, and the finish:
@@ -26,10 +26,10 @@ from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 
-__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_traced", "convert_traced_closure", "default_datapoint_dim"]
+__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_closure_traced", "default_datapoint_dim", "to_graph_traced"]
 
 
-def convert_traced(
+def to_graph_traced(
     model: nn.Module,
     inputs: Tensor,
     *,
@@ -77,7 +77,7 @@ def convert_traced(
     return _finish(run, objective, scan)
 
 
-def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
+def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
                            datapoint_dim: int | None = None) -> tuple[GradGraph, Tensor]:
     """Convert ``model`` on the batch that ``closure`` runs it on, in that one call of ``closure``.
 
@@ -91,7 +91,7 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
     Args:
         model: the network the closure calls.
         closure: ``() -> [b]`` per-datapoint losses.
-        datapoint_dim: as for :func:`convert_traced`.
+        datapoint_dim: as for :func:`to_graph_traced`.
 
     Returns:
         ``(graph, losses)``: the :class:`~gradgraph.GradGraph` (``B = b * K`` components) and
@@ -100,7 +100,7 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
     Raises:
         GradGraphError: the closure never calls the model, calls it twice, calls it without an
             input tensor, or returns something other than ``[b]`` losses; the errors of
-            :func:`convert_traced` for the model itself.
+            :func:`to_graph_traced` for the model itself.
     """
     runs: list[_Pass] = []
     scan = _Scan.of(model, "convert_closure")

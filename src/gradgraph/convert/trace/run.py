@@ -18,6 +18,7 @@ from gradgraph.convert.trace.meta import (
     _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
 )
 from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES, _op_name
+from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind
@@ -83,8 +84,6 @@ class _ModuleTracker:
         self.patched.append(module)
 
     def _patch_attention(self, module: nn.MultiheadAttention) -> None:
-        from gradgraph.convert.attention import _check_attention, self_attention
-
         original = module.forward
         path = self.tracer._module_paths.get(id(module), "")
         tracer = self.tracer
@@ -95,7 +94,7 @@ class _ModuleTracker:
                     is_causal: bool = False) -> tuple[Tensor, None]:
             # the stock module runs one fused kernel on its packed in_proj_weight; gradgraph's
             # functional form computes the same with F.linear on row slices, which the trace follows
-            _check_attention(path, module)
+            check_attention(path, module)
             key = query if key is None else key
             value = key if value is None else value
             if not (query is key and key is value):
@@ -132,7 +131,7 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     ``(module path, (op, position))`` per module call, in the order the calls returned: the op
     whose output the module returned.
     """
-    check_materialised(model, "convert_traced")
+    check_materialised(model, "to_graph")
     tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     tracer.bind_input(x)
