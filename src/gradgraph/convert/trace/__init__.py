@@ -58,14 +58,16 @@ losing ``F.linear`` / ``F.layer_norm`` as units.
 
 from gradgraph.convert.trace.meta import KEY_STRIDE, NeuronSet, UnsupportedOperationError
 from gradgraph.convert.trace.ops import register_elementwise
-from gradgraph.convert.trace.run import PlanMismatch, output_sets, replay_model, trace_model
+from gradgraph.convert.trace.result import EdgeGroup, TraceResult
+from gradgraph.convert.trace.run import PlanMismatch, replay_model, trace_model
 
 __all__ = [
+    "EdgeGroup",
     "KEY_STRIDE",
     "NeuronSet",
     "PlanMismatch",
+    "TraceResult",
     "UnsupportedOperationError",
-    "output_sets",
     "register_elementwise",
     "replay_model",
     "trace_model",

@@ -136,6 +136,18 @@ class NeuronSet:
         return (nodes >= self.first) & (nodes < self.first + self.size)
 
 
+def set_containing(sets: list[NeuronSet], node: int) -> NeuronSet:
+    """The set of ``sets`` (in creation order, so sorted by first node) that holds node ``node``."""
+    low, high = 0, len(sets) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sets[middle].first <= node:
+            low = middle
+        else:
+            high = middle - 1
+    return sets[low]
+
+
 # ----------------------------------------------------------------------- the tracer
 def _ids_like(tensor: Tensor, value: int = -1) -> Tensor:
     return torch.full(tuple(tensor.shape), value, dtype=torch.long)

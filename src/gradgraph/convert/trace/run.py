@@ -18,6 +18,7 @@ from gradgraph.convert.trace.meta import (
     _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
 )
 from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES, _op_name
+from gradgraph.convert.trace.result import TraceResult
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
@@ -123,13 +124,11 @@ class _ModuleTracker:
 
 
 def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any],
-                datapoint_dim: int = 0) -> tuple[_Tracer, Any, Tensor]:
-    """Run ``forward(x)`` under the tracer; returns ``(tracer, output, x)``.
+                datapoint_dim: int = 0) -> TraceResult:
+    """Run ``forward(x)`` under the tracer and return what it found.
 
-    ``x`` is the input as the model saw it (a leaf that requires grad for float inputs);
-    ``inputs.shape[datapoint_dim]`` counts the datapoints. ``tracer.module_outputs`` lists
-    ``(module path, (op, position))`` per module call, in the order the calls returned: the op
-    whose output the module returned.
+    ``x`` (:attr:`TraceResult.inputs`) is the input as the model saw it (a leaf that requires
+    grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints.
     """
     check_materialised(model, "to_graph")
     tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
@@ -138,8 +137,13 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     tracker = _ModuleTracker(tracer)
     with torch.enable_grad(), tracker, tracer:
         output = _run_forward(model, forward, x, tracer)
-    tracer.module_outputs = tracker.module_outputs  # read by the plan (gradgraph.convert.chain)
-    return tracer, output, x
+    return TraceResult(
+        sets=tracer.sets, num_nodes=tracer.num_nodes, edges=tracer.edges, ties=tracer.ties,
+        attention=tracer.attention, cuts=tracer.cuts, num_keys=len(tracer.keys), param_names=tracer.param_names,
+        param_shapes=tracer.param_shapes, params=tracer.params, fingerprints=tracer.log.fingerprints,
+        value_guards=tracer.value_guards, output_sets=_output_sets(tracer, output), captured=tracer.captured,
+        module_outputs=tracker.module_outputs, output=output, inputs=x, num_datapoints=tracer.num_datapoints,
+        log=tracer.log, derived=tracer.derived)
 
 
 def _user_frame(traceback: Any) -> str:
@@ -266,7 +270,7 @@ def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], A
     return replayer, output, x
 
 
-def output_sets(tracer: _Tracer, output: Any) -> set[int]:
+def _output_sets(tracer: _Tracer, output: Any) -> set[int]:
     """The neuron sets whose values reach the model output (directly or through opaque ops)."""
     sets: set[int] = set()
     for value in tree_flatten(output)[0]:

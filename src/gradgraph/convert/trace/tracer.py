@@ -23,7 +23,7 @@ from gradgraph.convert.trace.decompositions import decomposition
 from gradgraph.convert.trace.meta import (
     _broadcast, _feature_row, _GRADGRAPH_DIR, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _OpLog, _Param,
     _Raw, _Scores, _TORCH_DIR, TraceAbort, UnsupportedOperationError, ValueGuard, _varies_along, constant_varies,
-    flat_arguments,
+    flat_arguments, set_containing,
 )
 from gradgraph.convert.trace.ops import (
     _ACTIVATIONS, _ADDMM, _BADDBMM, _BATCH_NORM, _CONVOLUTION, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
@@ -156,14 +156,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         return neuron_set
 
     def set_of(self, node: int) -> NeuronSet:
-        low, high = 0, len(self.sets) - 1
-        while low < high:  # sets are sorted by first node
-            middle = (low + high + 1) // 2
-            if self.sets[middle].first <= node:
-                low = middle
-            else:
-                high = middle - 1
-        return self.sets[low]
+        return set_containing(self.sets, node)
 
     def sets_in(self, nodes: Tensor) -> list[NeuronSet]:
         values = torch.unique(nodes[nodes >= 0]).tolist()
