@@ -14,7 +14,7 @@ import gradgraph
 from gradgraph import GradGraphError
 from gradgraph.convert.assembly import _bias, assemble
 from gradgraph.convert.plan import PLAN_CACHE, parameter_signature, plan_key
-from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES
+from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES
 from gradgraph.convert.traced import _Scan, _walk
 
 DTYPE = torch.float64
@@ -114,7 +114,7 @@ def test_the_plan_key_notices_every_change_a_plan_depends_on():
     assert changed(lambda: model[1].register_parameter("scale", nn.Parameter(torch.ones(1, dtype=DTYPE))),
                    lambda: delattr(model[1], "scale"))
     assert changed(lambda: gradgraph.convert.register_elementwise(Twice),
-                   lambda: _ELEMENTWISE_MODULES.pop(Twice))  # a registered rule
+                   lambda: ELEMENTWISE_MODULES.pop(Twice))  # a registered rule
     assert key_of(model, torch.randn(5, 3, dtype=DTYPE)) != key  # another batch shape
     assert key_of(model, inputs, {"scale": 2}) != key
 

@@ -53,7 +53,7 @@ class DenseLayer:
     activation: ActivationKind
 
 
-class _Tracer(fx.Tracer):
+class _ChainTracer(fx.Tracer):
     # Our activation modules (e.g. Sine) are leaves, so they show up as one call_module.
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, tuple(ACTIVATION_MODULES)) or super().is_leaf_module(module, qualified_name)
@@ -130,7 +130,7 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
             reader.module(name, module)
         return reader.finish()
     try:
-        graph = _Tracer().trace(model)
+        graph = _ChainTracer().trace(model)
     except Exception as error:  # fx raises many types for untraceable code
         raise UnsupportedModuleError(
             "", type(model).__name__, f"its forward cannot be traced as an MLP chain ({error})"

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gradgraph.convert.trace import KEY_STRIDE, TraceResult
-from gradgraph.convert.trace.ops import _ELEMENTWISE_FUNCTIONS as ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES as ELEMENTWISE_MODULES
+from gradgraph.convert.trace.ops import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 from gradgraph.convert.trace.meta import NeuronSet, ValueGuard
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph, consecutive_span

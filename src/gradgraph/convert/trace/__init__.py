@@ -2,7 +2,7 @@
 
 ``to_graph`` runs the model's own ``forward`` once under a
 :class:`torch.overrides.TorchFunctionMode`. Every torch function, ``Tensor`` method and
-operator the forward calls passes through :meth:`_Tracer.__torch_function__`, which runs it
+operator the forward calls passes through :meth:`Tracer.__torch_function__`, which runs it
 and then *replays* it on integer id tensors that say, for every element of every tensor,
 
 * which **neuron** it belongs to (``nodes``: a node id, ``-1`` where the element is no

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from gradgraph.convert.trace.meta import NeuronSet, ValueGuard, _OpLog as OpLog, set_containing
+from gradgraph.convert.trace.meta import NeuronSet, OpLog, ValueGuard, set_containing
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import EdgeKind
 
