@@ -195,3 +195,85 @@ def test_a_token_model_with_a_per_datapoint_loss_passes_and_a_batch_loss_is_refu
         torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
     with pytest.raises(DatapointCouplingError):
         gradgraph.to_graph(model, tokens, targets, lambda o, t: token_loss(o, t) - token_loss(o, t).mean())
+
+
+# ----------------------------------------------------------------------- learned score biases
+class LearnedScoreBias(nn.Module):
+    """Self-attention whose SDPA ``attn_mask`` is a learned per-head bias (T5's relative position
+    bias in miniature). Before the check its gradient was dropped: per-sample and mean gradients
+    of ``score_bias`` were all zero (true values ~0.1-1)."""
+
+    def __init__(self, d: int = 8, heads: int = 2, length: int = 4, from_embedding: bool = False) -> None:
+        super().__init__()
+        self.inp, self.qkv, self.out, self.head = nn.Linear(3, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.heads, self.from_embedding = heads, from_embedding
+        if from_embedding:  # bucketed relative positions read from a table, as T5 does
+            self.table = nn.Embedding(2 * length - 1, heads)
+            self.register_buffer("buckets", torch.arange(length)[None, :] - torch.arange(length)[:, None] + length - 1)
+        else:
+            self.score_bias = nn.Parameter(torch.randn(heads, length, length))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q, k, v = (part.view(b, t, self.heads, -1).transpose(1, 2) for part in self.qkv(h).chunk(3, dim=-1))
+        bias = self.table(self.buckets).permute(2, 0, 1) if self.from_embedding else self.score_bias
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        return self.head(self.out(y.transpose(1, 2).reshape(b, t, -1)).mean(1))
+
+
+@pytest.mark.parametrize("from_embedding", [False, True], ids=["parameter", "embedding-table"])
+def test_a_learned_sdpa_attn_mask_is_refused_by_name(from_embedding):
+    torch.manual_seed(0)
+    model = LearnedScoreBias(from_embedding=from_embedding).to(DTYPE)
+    inputs, targets = torch.randn(3, 4, 3, dtype=DTYPE), torch.randint(0, 2, (3,))
+    truth = reference_per_sample_grads(model, inputs, targets, cross_entropy)
+    name = "table.weight" if from_embedding else "score_bias"
+    assert float(truth[name].abs().max()) > 1e-3  # the bias matters: dropping it is wrong
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=f"attn_mask computed from the parameter.*'{name}'"):
+        gradgraph.to_graph(model, inputs, targets, cross_entropy)
+
+
+def test_a_constant_sdpa_attn_mask_still_converts_exactly():
+    class ConstantMask(LearnedScoreBias):
+        def __init__(self):
+            super().__init__()
+            del self.score_bias
+            self.register_buffer("score_bias", torch.randn(2, 4, 4))
+
+    torch.manual_seed(0)
+    model = ConstantMask().to(DTYPE)
+    inputs, targets = torch.randn(3, 4, 3, dtype=DTYPE), torch.randint(0, 2, (3,))
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    reference = reference_per_sample_grads(model, inputs, targets, cross_entropy)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+
+
+def tiny_t5(attention: str):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                   dropout_rate=0.0, attn_implementation=attention)
+    torch.manual_seed(0)
+    return transformers.T5EncoderModel(config).to(DTYPE).eval()
+
+
+def t5_loss(output, targets):
+    return (output.last_hidden_state.mean(1).sum(-1) - targets) ** 2
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_t5_encoder_is_refused_naming_its_relative_attention_bias(attention):
+    """Stock T5EncoderModel (tiny config built here): with SDPA its relative_attention_bias got zero
+    per-sample and mean gradients (true ~4.8); eager attention was refused already. Both are refused
+    now, at the first attention module, naming the bias (SDPA) or the score bias it adds (eager)."""
+    model = tiny_t5(attention)
+    tokens, targets = torch.randint(0, 40, (3, 6)), torch.randn(3, dtype=DTYPE)
+    truth = reference_per_sample_grads(model, tokens, targets, t5_loss)
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert float(truth[bias].abs().max()) > 1e-3
+    match = "relative_attention_bias" if attention == "sdpa" else "relative position bias"
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=match) as refusal:
+        gradgraph.to_graph(model, tokens, targets, t5_loss)
+    assert "encoder.block.0.layer.0.SelfAttention" in str(refusal.value)
