@@ -202,4 +202,5 @@ if __name__ == "__main__":
     for line in reads:
         print("attribute:", line)
     print(f"{len(cycles(convert))} circles in convert, {len(layer_violations(graph))} layer violations, "
-          f"{len(crossings)} private names crossing convert's modules, {len(reads)} private attributes read across them")
+          f"{len(crossings)} private names crossing convert's modules, {len(reads)} private attributes read "
+          "across them")

@@ -106,8 +106,8 @@ def _chain_layers(trace: TraceResult, model: nn.Module) -> list[DenseLayer]:
         module = modules.get(path)
         if (kind != EdgeKind.LINEAR or not isinstance(module, nn.Linear) or weight != _join(path, "weight")
                 or not bool(before.holds(src).all()) or not bool(after.holds(dst).all())):
-            raise UnsupportedModuleError(after.origin.strip(), name, "not an MLP chain: this op is not an nn.Linear applied "
-                                         "to the previous layer's output")
+            raise UnsupportedModuleError(after.origin.strip(), name, "not an MLP chain: this op is not an nn.Linear "
+                                         "applied to the previous layer's output")
         if any(layer.name == path for layer in layers):
             raise UnsupportedModuleError(path, "Linear", "called more than once (shared weights)")
         bias = trace.param_names[after.bias_param] if after.bias_param >= 0 else None

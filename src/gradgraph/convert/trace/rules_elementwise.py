@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last, UnsupportedOperationError, varies_along,
+    broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last, UnsupportedOperationError,
+    varies_along,
 )
 from gradgraph.convert.trace.ops import (
     BINARY_ADD, BINARY_OTHER, LAYER_NORM, LOST_TRACK, PARAMETER_REFUSED, POOLS, WHERE,
