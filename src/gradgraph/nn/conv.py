@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -13,9 +14,41 @@ from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.sparse import channel_spmm
 
-__all__ = ["GradGraphConv", "FLOWS"]
+__all__ = ["DIRECTIONS", "FLOWS", "GradGraphConv", "resolve_direction"]
 
-FLOWS = ("forward", "both")
+#: Values of a layer's ``direction``: messages along the edges only, or along and against them.
+DIRECTIONS = ("forward", "both")
+#: Deprecated alias of :data:`DIRECTIONS` (the option was called ``flow``).
+FLOWS = DIRECTIONS
+
+
+def resolve_direction(owner: str, direction: str | None, flow: str | None) -> str:
+    """The message ``direction`` of ``owner``, accepting the deprecated ``flow=`` spelling.
+
+    ``flow`` was this option's name before it was renamed: PyG's ``MessagePassing`` uses
+    ``flow`` for another thing (``"source_to_target"`` / ``"target_to_source"``).
+
+    Raises:
+        GradGraphError: both given, or a value outside :data:`DIRECTIONS` (naming ``owner``).
+    """
+    if flow is not None:
+        if direction is not None:
+            raise GradGraphError(f"{owner}: pass direction= only (flow= is its deprecated name)")
+        if flow not in DIRECTIONS:
+            raise GradGraphError(
+                f"{owner}: flow={flow!r} is not supported: gradgraph layers take direction= "
+                f"(one of {DIRECTIONS}), not PyG's flow ('source_to_target' / 'target_to_source')"
+            )
+        warnings.warn(
+            f"{owner}: flow= is deprecated, use direction={flow!r} (PyG's flow means something else)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        direction = flow
+    direction = "both" if direction is None else direction
+    if direction not in DIRECTIONS:
+        raise GradGraphError(f"{owner}: direction must be one of {DIRECTIONS}, got {direction!r}")
+    return direction
 
 
 class GradGraphConv(MessagePassing):
@@ -37,7 +70,7 @@ class GradGraphConv(MessagePassing):
     gate of the edge features (so the weight value and edge kind modulate messages),
     :math:`\ell(n)` the nodes of ``n``'s layer in its graph and :math:`G(n)` its graph.
     Means over nodes are taken per component when ``h`` has a component axis. With
-    ``flow="forward"`` the backward term (messages from ``k`` back to ``n``) is left out.
+    ``direction="forward"`` the backward term (messages from ``k`` back to ``n``) is left out.
 
     Nothing in it depends on node identity, so it is equivariant to every permutation of
     nodes that preserves edges, edge features, layers and graphs — in particular to
@@ -53,7 +86,9 @@ class GradGraphConv(MessagePassing):
         in_channels: ``C`` of the input states.
         out_channels: ``C'`` of the output states.
         edge_dim: ``D`` of ``context.edge_features``.
-        flow: ``"both"`` (messages along and against every edge) or ``"forward"``.
+        direction: ``"both"`` (messages along and against every edge) or ``"forward"``.
+            (Called ``flow`` before; ``flow=`` still works with a ``FutureWarning``. It is
+            not PyG's ``flow``, which this layer does not take.)
         aggr: aggregation over neighbours (``"mean"``, ``"sum"``, ``"max"``, ...).
         edge_messages: ``False`` drops both edge terms (and their parameters), leaving a
             DeepSets-style layer over each graph's neurons.
@@ -69,24 +104,24 @@ class GradGraphConv(MessagePassing):
         out_channels: int,
         edge_dim: int,
         *,
-        flow: str = "both",
+        direction: str | None = None,
         aggr: str = "mean",
         edge_messages: bool = True,
+        flow: str | None = None,
         **kwargs: Any,
     ) -> None:
+        direction = resolve_direction(type(self).__name__, direction, flow)
         super().__init__(aggr=aggr, node_dim=0, **kwargs)
-        if flow not in FLOWS:
-            raise GradGraphError(f"{type(self).__name__}: flow must be one of {FLOWS}, got {flow!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.edge_dim = edge_dim
-        self.direction = flow
+        self.direction = direction
         self.edge_messages = edge_messages
         self.lin_self = Linear(in_channels, out_channels)
         if edge_messages:
             self.lin_forward = Linear(in_channels, out_channels, bias=False)
             self.gate_forward = Linear(edge_dim, out_channels)
-        if edge_messages and flow == "both":
+        if edge_messages and direction == "both":
             self.lin_backward = Linear(in_channels, out_channels, bias=False)
             self.gate_backward = Linear(edge_dim, out_channels)
         self.lin_layer = Linear(in_channels, out_channels, bias=False)
@@ -113,7 +148,7 @@ class GradGraphConv(MessagePassing):
             )
 
     def propagate_both(self, h: Tensor, context: GraphContext) -> Tensor:
-        """The two edge terms of the equation: forward messages plus (with ``flow="both"``) backward ones."""
+        """The two edge terms of the equation: forward messages plus (with ``direction="both"``) backward ones."""
         if not self.edge_messages:
             return torch.zeros((*h.shape[:-1], self.out_channels), dtype=h.dtype, device=h.device)
         out = self._propagate_direction("forward", self.lin_forward(h), self.gate_forward(context.edge_features), context)
@@ -161,5 +196,5 @@ class GradGraphConv(MessagePassing):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}, "
-            f"flow={self.direction!r}, aggr={self.aggr!r}, edge_messages={self.edge_messages})"
+            f"direction={self.direction!r}, aggr={self.aggr!r}, edge_messages={self.edge_messages})"
         )

@@ -14,7 +14,7 @@ from gradgraph.graph import GradGraph
 from gradgraph.nn.component_conv import ComponentConv
 from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.context import GraphContext
-from gradgraph.nn.conv import FLOWS, GradGraphConv
+from gradgraph.nn.conv import GradGraphConv, resolve_direction
 from gradgraph.nn.decoder import EdgeProductDecoder
 from gradgraph.nn.edge_encoding import EdgeKindEncoding
 from gradgraph.nn.encoding import PositionalEncoding
@@ -25,7 +25,7 @@ from gradgraph.nn.readout import InvariantReadout
 
 __all__ = ["GradMetaNet", "LayerFactory", "outputs_to_parameters"]
 
-#: ``factory(in_channels, out_channels, edge_dim, flow=..., aggr=...) -> GradGraphConv``;
+#: ``factory(in_channels, out_channels, edge_dim, direction=..., aggr=...) -> GradGraphConv``;
 #: a :class:`GradGraphConv` subclass is such a factory.
 LayerFactory = Callable[..., GradGraphConv]
 
@@ -94,7 +94,8 @@ class GradMetaNet(nn.Module):
         component_density_heads: heads of the :class:`ComponentDensity` inside the
             component readout (0: none): lets component outputs depend on how crowded each
             component is among its graph's components, not only on set means.
-        flow: ``"both"`` (messages along and against each edge) or ``"forward"``.
+        direction: ``"both"`` (messages along and against each edge) or ``"forward"``
+            (``flow=`` is its deprecated name).
         aggr: neighbour aggregation of the message layers.
         pool_aggregations: aggregations of :class:`ComponentPool`.
         product_channels: ``P`` of the decoder's component-wise product.
@@ -120,7 +121,7 @@ class GradMetaNet(nn.Module):
         graph_out_channels: int = 0,
         component_out_channels: int = 0,
         component_density_heads: int = 0,
-        flow: str = "both",
+        direction: str | None = None,
         aggr: str = "mean",
         pool_aggregations: Sequence[str] = ("mean", "std"),
         product_channels: int = 16,
@@ -128,10 +129,10 @@ class GradMetaNet(nn.Module):
         node_layer: LayerFactory = NodeConv,
         max_layers: int = 64,
         max_positions: int = 256,
+        flow: str | None = None,
     ) -> None:
         super().__init__()
-        if flow not in FLOWS:
-            raise GradGraphError(f"GradMetaNet: flow must be one of {FLOWS}, got {flow!r}")
+        direction = resolve_direction("GradMetaNet", direction, flow)
         sizes = (num_component_layers, num_node_layers, edge_out_channels, node_out_channels)
         if min(*sizes, graph_out_channels, component_out_channels) < 0:
             raise GradGraphError("GradMetaNet: layer counts and output widths must be >= 0")
@@ -141,7 +142,7 @@ class GradMetaNet(nn.Module):
         self.component_channels = component_channels or hidden_channels
         self.num_component_layers = num_component_layers
         self.num_node_layers = num_node_layers
-        self.flow = flow
+        self.direction = direction
         channels, component_channels = hidden_channels, self.component_channels
         self.edge_encoder = Linear(-1, channels)
         self.edge_kind_encoding = EdgeKindEncoding(channels)
@@ -153,13 +154,13 @@ class GradMetaNet(nn.Module):
             self.factor_encoder = Linear(-1, component_channels)
             self.node_to_component = Linear(channels, component_channels, bias=False)
             self.component_layers.extend(
-                component_layer(component_channels, component_channels, channels, flow=flow, aggr=aggr)
+                component_layer(component_channels, component_channels, channels, direction=direction, aggr=aggr)
                 for _ in range(num_component_layers)
             )
             self.pool = ComponentPool(pool_aggregations)
             self.pool_projection = Linear(len(self.pool.aggregations) * component_channels, channels)
         self.node_layers = nn.ModuleList(
-            node_layer(channels, channels, channels, flow=flow, aggr=aggr) for _ in range(num_node_layers)
+            node_layer(channels, channels, channels, direction=direction, aggr=aggr) for _ in range(num_node_layers)
         )
         self.decoder = None
         if edge_out_channels or node_out_channels:
@@ -226,7 +227,7 @@ class GradMetaNet(nn.Module):
         return (
             f"{self.__class__.__name__}(hidden={self.hidden_channels}, component={self.component_channels}, "
             f"component_layers={self.num_component_layers}, node_layers={self.num_node_layers}, "
-            f"flow={self.flow!r}, out=(edge={self.edge_out_channels}, node={self.node_out_channels}, "
+            f"direction={self.direction!r}, out=(edge={self.edge_out_channels}, node={self.node_out_channels}, "
             f"graph={self.readout.out_channels if self.readout is not None else 0}, "
             f"component={self.component_readout.out_channels if self.component_readout is not None else 0}))"
         )

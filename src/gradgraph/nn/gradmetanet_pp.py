@@ -12,7 +12,7 @@ from gradgraph.nn.component_attention import ComponentAttention
 from gradgraph.nn.component_decoder import ComponentProductDecoder
 from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.context import GraphContext
-from gradgraph.nn.conv import FLOWS
+from gradgraph.nn.conv import resolve_direction
 from gradgraph.nn.edge_encoding import EdgeKindEncoding
 from gradgraph.nn.encoding import PositionalEncoding
 from gradgraph.nn.gradmetanet import LayerFactory, component_inputs
@@ -59,7 +59,8 @@ class GradMetaNetPlusPlus(nn.Module):
         heads: attention heads of both layers.
         edge_messages: the attention layers also pass per-component messages along the
             network's weights (:class:`GradGraphConv`'s edge terms, cost :math:`O(E B C)`).
-        flow, aggr: of those messages; see :class:`GradGraphConv`.
+        direction, aggr: of those messages; see :class:`GradGraphConv` (``flow=`` is
+            ``direction``'s deprecated name).
         edge_out_channels, node_out_channels, graph_out_channels, component_out_channels:
             output widths; 0 drops that output (returned as ``None``).
         component_density_heads: heads of the :class:`ComponentDensity` inside the
@@ -67,7 +68,7 @@ class GradMetaNetPlusPlus(nn.Module):
         product_channels: ``P`` of the decoder's per-component MLP.
         decoder_reduce: ``"mean"`` or ``"sum"`` over components in the decoder.
         component_layer, neuron_layer: layer factories
-            ``(in_channels, out_channels, edge_dim, flow=..., aggr=..., heads=..., edge_messages=...)``.
+            ``(in_channels, out_channels, edge_dim, direction=..., aggr=..., heads=..., edge_messages=...)``.
         max_layers, max_positions: sizes of the positional-encoding tables.
 
     Shapes:
@@ -83,7 +84,7 @@ class GradMetaNetPlusPlus(nn.Module):
         num_layers: int = 2,
         heads: int = 2,
         edge_messages: bool = False,
-        flow: str = "both",
+        direction: str | None = None,
         aggr: str = "mean",
         edge_out_channels: int = 1,
         node_out_channels: int = 1,
@@ -96,10 +97,10 @@ class GradMetaNetPlusPlus(nn.Module):
         neuron_layer: LayerFactory = NeuronAttention,
         max_layers: int = 64,
         max_positions: int = 256,
+        flow: str | None = None,
     ) -> None:
         super().__init__()
-        if flow not in FLOWS:
-            raise GradGraphError(f"GradMetaNetPlusPlus: flow must be one of {FLOWS}, got {flow!r}")
+        direction = resolve_direction("GradMetaNetPlusPlus", direction, flow)
         widths = (edge_out_channels, node_out_channels, graph_out_channels, component_out_channels)
         if num_layers < 0 or min(widths) < 0 or hidden_channels < 1:
             raise GradGraphError(
@@ -109,14 +110,14 @@ class GradMetaNetPlusPlus(nn.Module):
         self.hidden_channels = channels
         self.num_layers = num_layers
         self.heads = heads
-        self.flow = flow
+        self.direction = direction
         self.edge_encoder = Linear(-1, channels)
         self.edge_kind_encoding = EdgeKindEncoding(channels)
         self.node_encoder = Linear(-1, channels)
         self.factor_encoder = Linear(-1, channels)
         self.positional_encoding = PositionalEncoding(channels, max_layers=max_layers, max_positions=max_positions)
         self.activation = nn.SiLU()
-        options = dict(flow=flow, aggr=aggr, heads=heads, edge_messages=edge_messages)
+        options = dict(direction=direction, aggr=aggr, heads=heads, edge_messages=edge_messages)
         self.component_layers = nn.ModuleList(
             component_layer(channels, channels, channels, **options) for _ in range(num_layers)
         )
@@ -182,7 +183,7 @@ class GradMetaNetPlusPlus(nn.Module):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(hidden={self.hidden_channels}, layers={self.num_layers}, heads={self.heads}, "
-            f"flow={self.flow!r}, out=(edge={self.edge_out_channels}, node={self.node_out_channels}, "
+            f"direction={self.direction!r}, out=(edge={self.edge_out_channels}, node={self.node_out_channels}, "
             f"graph={self.readout.out_channels if self.readout is not None else 0}, "
             f"component={self.component_readout.out_channels if self.component_readout is not None else 0}))"
         )
