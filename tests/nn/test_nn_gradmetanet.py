@@ -303,6 +303,38 @@ def test_fused_sparse_messages_equal_propagate(aggr, direction):
         torch.testing.assert_close(got, expected, atol=1e-11, rtol=1e-11)
 
 
+class DoubledFusedConv(ComponentConv):
+    """Redefines the message and its fused kernel together: stays on the fused path."""
+
+    def message(self, x_j, gate):
+        return 2 * super().message(x_j, gate)
+
+    def message_and_aggregate(self, adj_t, x, gate, pattern):
+        return 2 * super().message_and_aggregate(adj_t, x, gate, pattern)
+
+
+def test_fused_path_is_pyg_s_message_and_aggregate():
+    """The fused kernel runs as PyG's ``message_and_aggregate`` from ``propagate`` (its hooks see
+    it); a layer that redefines only ``message`` never gets it (fails if ``fuse`` ignores an
+    overridden message: PlainGatedConv would then be summed by the base kernel), and one that
+    redefines both keeps it."""
+    graph = random_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=9)[3]
+    context = GraphContext.from_graph(graph, torch.randn(graph.edge_index.shape[1], 4, dtype=torch.float64))
+    h = torch.randn(graph.num_nodes, graph.act.shape[1], 3, dtype=torch.float64)
+    calls = []
+    for layer_class in (ComponentConv, PlainGatedConv, DoubledFusedConv):
+        layer = layer_class(3, 5, 4).double()
+        layer.register_message_and_aggregate_forward_hook(lambda module, inputs, out: calls.append(type(module)))
+        layer(h, context)
+    assert calls == [ComponentConv, ComponentConv, DoubledFusedConv, DoubledFusedConv]  # forward + backward terms
+    assert not NodeConv(3, 5, 4).uses_fused_aggregation(h[:, 0]) and not ComponentConv(3, 5, 4, aggr="max").fuse
+    doubled, plain = DoubledFusedConv(3, 5, 4).double(), PlainGatedConv(3, 5, 4).double()
+    plain.load_state_dict(doubled.state_dict())
+    x, gate = doubled.lin_forward(h), doubled.gate_forward(context.edge_features)
+    torch.testing.assert_close(doubled._propagate_direction("forward", x, gate, context),
+                               2 * plain._propagate_direction("forward", x, gate, context), atol=1e-12, rtol=1e-12)
+
+
 def test_decoder_product_moments_equal_the_dense_formula():
     graph = random_graph([3, 6, 2], ["relu", "none"], [True, True], seed=11)[3]
     context = GraphContext.from_graph(graph, torch.randn(graph.edge_index.shape[1], 4, dtype=torch.float64))

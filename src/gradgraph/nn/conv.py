@@ -12,7 +12,7 @@ from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
-from gradgraph.nn.sparse import channel_spmm
+from gradgraph.nn.sparse import ChannelBlockPattern, channel_spmm
 
 __all__ = ["DIRECTIONS", "FLOWS", "GradGraphConv", "resolve_direction"]
 
@@ -51,6 +51,17 @@ def resolve_direction(owner: str, direction: str | None, flow: str | None) -> st
     return direction
 
 
+def _fuses_its_own_message(cls: type) -> bool:
+    """Whether ``cls.message_and_aggregate`` is defined where ``cls.message`` is, or below it:
+    a subclass that redefines only :meth:`GradGraphConv.message` must not get the fused kernel
+    of the base message."""
+
+    def owner(name: str) -> type:
+        return next(klass for klass in cls.__mro__ if name in vars(klass))
+
+    return issubclass(owner("message_and_aggregate"), owner("message"))
+
+
 class GradGraphConv(MessagePassing):
     r"""Equivariant message passing on node states of GradGraphs; subclass it for your own layer.
 
@@ -76,9 +87,14 @@ class GradGraphConv(MessagePassing):
     nodes that preserves edges, edge features, layers and graphs — in particular to
     permutations of hidden neurons.
 
+    Messages of per-component states ``[N, B, C]`` go through PyG's fused path,
+    :meth:`message_and_aggregate` (one sparse product, no ``[E, B, C]`` tensor); those of
+    ``[N, C]`` states through :meth:`message` and the aggregation.
+
     **Writing your own layer.** Subclass and override :meth:`message` (what one edge sends;
-    ``x_j`` is ``[E, C]`` or ``[E, B, C]``, ``gate`` ``[E, C]``), or override
-    :meth:`forward` entirely and call :meth:`propagate_both` for the gather/scatter. Never
+    ``x_j`` is ``[E, C]`` or ``[E, B, C]``, ``gate`` ``[E, C]``) — your layer then always
+    gathers and scatters, unless you also override :meth:`message_and_aggregate` —, or
+    override :meth:`forward` entirely and call :meth:`propagate_both` for the gather/scatter. Never
     use absolute node indices or positions of hidden neurons: that breaks the symmetry, and
     :func:`gradgraph.testing.assert_equivariant` will tell you so.
 
@@ -112,6 +128,9 @@ class GradGraphConv(MessagePassing):
     ) -> None:
         direction = resolve_direction(type(self).__name__, direction, flow)
         super().__init__(aggr=aggr, node_dim=0, **kwargs)
+        # PyG set fuse because message_and_aggregate is implemented; the kernel sums or
+        # averages the base message only.
+        self.fuse = self.fuse and self.aggr in ("sum", "add", "mean") and _fuses_its_own_message(type(self))
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.edge_dim = edge_dim
@@ -159,27 +178,54 @@ class GradGraphConv(MessagePassing):
         return out
 
     def uses_fused_aggregation(self, x: Tensor) -> bool:
-        """Whether messages go through the fused sparse path instead of ``propagate``.
+        """Whether :meth:`propagate` runs :meth:`message_and_aggregate` (PyG's fused path) for ``x``.
 
-        Only for the base gated message (a subclass that overrides :meth:`message` always
-        gets ``propagate``), sum/mean aggregation and per-component states ``[N, B, C]``,
-        where gathering would materialise an ``[E, B, C]`` tensor.
+        PyG fuses a layer that implements ``message_and_aggregate`` (its ``fuse`` flag) when
+        ``propagate`` is given a sparse adjacency; this layer gives it one for per-component
+        states ``[N, B, C]``, where gathering would materialise an ``[E, B, C]`` tensor, and
+        an ``edge_index`` otherwise. ``fuse`` is off for other aggregations than sum/mean and
+        for a subclass that redefines :meth:`message` without redefining
+        :meth:`message_and_aggregate` (the fused kernel computes the base message only).
         """
-        return type(self).message is GradGraphConv.message and self.aggr in ("sum", "mean") and x.dim() == 3
+        return bool(self.fuse) and x.dim() == 3
 
     def _propagate_direction(self, direction: str, x: Tensor, gate: Tensor, context: GraphContext) -> Tensor:
         if self.uses_fused_aggregation(x):
             pattern = context.pattern(direction, x.shape[-1])
-            out = channel_spmm(pattern, gate, x)
-            if self.aggr == "mean":
-                out = out / pattern.row_count.clamp(min=1).to(out.dtype)[:, None, None]
-            return out
+            return self.propagate(pattern.adjacency(), x=x, gate=gate, pattern=pattern)
         edge_index = context.edge_index if direction == "forward" else context.edge_index.flip(0)
-        return self.propagate(edge_index, x=x, gate=gate, size=(context.num_nodes, context.num_nodes))
+        # pattern=None: PyG's generated propagate takes every argument of message_and_aggregate.
+        return self.propagate(edge_index, x=x, gate=gate, pattern=None, size=(context.num_nodes, context.num_nodes))
 
     def message(self, x_j: Tensor, gate: Tensor) -> Tensor:
         """What edge ``j -> n`` sends: ``x_j [E, (B,) C']`` gated by ``gate [E, C']``."""
         return x_j * gate.view(gate.shape[0], *([1] * (x_j.dim() - 2)), gate.shape[-1])
+
+    def message_and_aggregate(
+        self, adj_t: Tensor, x: Tensor, gate: Tensor, pattern: ChannelBlockPattern | None = None
+    ) -> Tensor:
+        r""":meth:`message` and the sum/mean aggregation in one sparse product, for ``x [N, B, C']``.
+
+        :math:`\text{out}_{n,i,c} = \bigoplus_{j \to n} \text{gate}_{e,c}\, x_{j,i,c}` computed as
+        one CSR product with the channels as diagonal blocks
+        (:func:`~gradgraph.nn.sparse.channel_spmm`): no ``[E, B, C']`` message tensor, forward
+        or backward. PyG calls it from :meth:`propagate` when given a sparse adjacency.
+
+        Args:
+            adj_t: ``[N, N]`` sparse CSR adjacency, rows are the receiving nodes
+                (:meth:`ChannelBlockPattern.adjacency` of ``pattern``); PyG dispatches on it.
+            x: ``[N, B, C']`` states of the sending nodes.
+            gate: ``[E, C']`` per-edge gates, in the edge order of ``context.edge_index``.
+            pattern: the channel-block pattern of ``adj_t`` for ``C'`` channels (``None``
+                only on the unfused path, where this method is not called).
+
+        Returns:
+            ``[N, B, C']``.
+        """
+        out = channel_spmm(pattern, gate, x)
+        if self.aggr == "mean":
+            out = out / pattern.row_count.clamp(min=1).to(out.dtype)[:, None, None]
+        return out
 
     def group_means(self, h: Tensor, context: GraphContext) -> Tensor:
         """The per-layer and per-graph mean terms, broadcast back to ``[N, (B,) C']``."""
