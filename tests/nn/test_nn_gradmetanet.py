@@ -202,14 +202,14 @@ def test_component_features_are_read_moved_and_checked():
     graphs = [random_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=s)[3] for s in (13, 14)]
     for graph in graphs:
         graph.component_x = torch.randn(graph.num_nodes, graph.num_components, 3, dtype=torch.float64)
-    model = GradMetaNet(8, graph_out_channels=1, component_out_channels=1)
+    model = GradMetaNet(8, graph_out_channels=1, component_out_channels=1, component_in_channels=3)
     assert_equivariant(model, graphs)
     out = model.double()(graphs[0])
     changed = graphs[0].clone()
     changed.component_x = torch.randn_like(changed.component_x)
     assert not torch.allclose(model(changed).edge, out.edge)
     changed.component_x = changed.component_x[:, :, :2]
-    with pytest.raises(RuntimeError):  # the lazy encoder was built for 2 + 3 input channels
+    with pytest.raises(GradGraphError, match="component_x has 2 feature columns .* component_in_channels=3"):
         model(changed)
     changed.component_x = torch.zeros(3, 3, 3, dtype=torch.float64)
     with pytest.raises(GradGraphError, match="component_x must have shape"):
