@@ -79,7 +79,9 @@ class GradMetaNet(MetaNetwork):
             component is among its graph's components, not only on set means.
         direction: ``"both"`` (messages along and against each edge) or ``"forward"``
             (``flow=`` is its deprecated name).
-        aggr: neighbour aggregation of the message layers.
+        aggr: neighbour aggregation of the message layers; the default ``"mean"`` averages a
+            neuron's messages along its in-edges and, with ``direction="both"``, separately
+            those along its out-edges (so a neuron's scale does not grow with its fan-in).
         pool_aggregations: aggregations of :class:`ComponentPool`.
         product_channels: ``P`` of the decoder's component-wise product.
         component_edge_messages: ``False`` builds the component layers with
