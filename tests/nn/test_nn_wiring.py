@@ -126,3 +126,23 @@ def test_default_aggregation_is_the_documented_mean(states):
             expected[node] += torch.stack([backward[graph.edge_index[1, e]] * gate_backward[e] for e in outgoing]).mean(0)
     assert max(torch.bincount(graph.edge_index[1])) > 1  # a sum would differ
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_hidden_neurons_carry_no_position_term():
+    """A hidden neuron's positional encoding is exactly its layer, depth and kind embeddings —
+    the ``1[fixed]`` indicator of :class:`PositionalEncoding` — and a fixed neuron's adds its
+    position's row. Checked to fail with the ``* fixed`` mask removed from ``forward`` (hidden
+    neurons then all get position row 0, an equivariant change no symmetry test can see)."""
+    from gradgraph.nn import PositionalEncoding
+
+    graph = mlp_graph(3)
+    encoding = PositionalEncoding(5).double()
+    with torch.no_grad():
+        got = encoding(graph)
+        layer, layers_to_end, _, fixed = encoding.table_indices(graph)
+        base = encoding.layer(layer) + encoding.depth(layers_to_end) + encoding.kind(graph.node_kind)
+    hidden = graph.perm_group >= 0
+    assert hidden.any() and fixed.any()
+    torch.testing.assert_close(got[hidden], base[hidden], atol=0, rtol=0)
+    torch.testing.assert_close(got[~hidden], base[~hidden] + encoding.position.weight[graph.position[~hidden]],
+                               atol=1e-15, rtol=0)
