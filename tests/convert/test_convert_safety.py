@@ -277,3 +277,64 @@ def test_t5_encoder_is_refused_naming_its_relative_attention_bias(attention):
     with pytest.raises(gradgraph.UnsupportedModuleError, match=match) as refusal:
         gradgraph.to_graph(model, tokens, targets, t5_loss)
     assert "encoder.block.0.layer.0.SelfAttention" in str(refusal.value)
+
+
+# ----------------------------------------------------------------------- the trace-time sum check
+class LearnedSnake(nn.Module):
+    """``x + sin(αx)² / α``, registered elementwise: the tracer reads one call as one elementwise op."""
+
+    def __init__(self, alpha: torch.Tensor) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x):
+        return x + torch.sin(self.alpha * x).pow(2) / self.alpha
+
+
+class SharedSnake(nn.Module):
+    """The activation's ``α`` is ``inp.bias``: the plan counts the bias (as a bias), and the path
+    through the registered activation is one no rule follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.act = LearnedSnake(self.inp.bias)
+
+    def forward(self, x):
+        return self.head(self.act(self.inp(x)))
+
+
+def test_a_path_no_rule_follows_is_refused_by_the_sum_check():
+    """A fresh trace compares the graph's summed gradient with autograd's. Without that check this
+    model converted with ``inp.bias``'s per-sample gradients off by 0.036 (float64)."""
+    from gradgraph.convert import register_elementwise
+
+    register_elementwise(LearnedSnake)
+    torch.manual_seed(0)
+    model = SharedSnake().to(DTYPE)
+    inputs, targets = batch()
+    targets = targets % 2
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="gradient of 'inp.bias'.*differs from autograd"):
+        gradgraph.to_graph(model, inputs, targets, cross_entropy)
+
+
+def test_mean_grad_of_a_scalar_parameter():
+    """``mean_grad()`` of a 0-dim parameter (a learned temperature) once failed on ``reshape(*())``."""
+
+    class Temperature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.inp(x))) * self.scale
+
+    torch.manual_seed(0)
+    model = Temperature().to(DTYPE)
+    inputs, targets = batch()
+    targets = targets % 2
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    mean, per_sample = graph.mean_grad(), graph.per_sample_grads()
+    assert mean["scale"].shape == ()
+    torch.testing.assert_close(mean["scale"], per_sample["scale"].mean(0), atol=1e-12, rtol=0)
