@@ -151,7 +151,7 @@ class AttentionRules:
         mask = bound.get("attn_mask")
         if isinstance(mask, Tensor) and (mask.requires_grad or not isinstance(self.meta(mask), Data | None)):
             # the rule reads the mask as a constant: a gradient through it would be dropped
-            behind = _parameters_behind(mask, self.param_name_by_id)
+            behind = _parameters_behind(mask, self.name_of_parameter)
             what = f"the parameter(s) {behind}" if behind else "neuron values or the input"
             raise self.unsupported(name, f"an attn_mask computed from {what} (a learned bias of the attention "
                                    "scores, as T5's relative position bias): its gradient is not a rank-1 term of "

@@ -68,7 +68,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
         self.param_shapes: list[list[int]] = []
         self.params: list[Tensor] = []
         self._param_index: dict[int, int] = {}
-        self.param_name_by_id = {id(p): name for name, p in model.named_parameters()}
+        self.name_of_parameter = {id(p): name for name, p in model.named_parameters()}
         self._param_objects = {id(p): p for p in model.parameters()}
         self.module_stack: list[str] = []
         self.module_types: list[str] = []
@@ -104,7 +104,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
         if index is None:
             index = len(self.param_names)
             self._param_index[id(param)] = index
-            self.param_names.append(self.param_name_by_id[id(param)])
+            self.param_names.append(self.name_of_parameter[id(param)])
             self.param_shapes.append(list(param.shape))
             self.params.append(param)
         return index
@@ -192,7 +192,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
     # -------------------------------------------------------------- input
     def bind_input(self, tensor: Tensor) -> None:
         self.input_tensor = tensor
-        self.log = OpLog(tensor, self.param_name_by_id)
+        self.log = OpLog(tensor, self.name_of_parameter)
         self.set_meta(tensor, Raw(torch.arange(tensor.numel()).reshape(tensor.shape)))
 
     def datapoint_of(self, element: Tensor) -> tuple[Tensor, Tensor, int]:
