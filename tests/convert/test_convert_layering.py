@@ -147,6 +147,8 @@ def _defined_private(tree: ast.AST) -> set[str]:
             found.add(node.attr)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             found.add(node.target.id)
+        elif isinstance(node, ast.Assign):
+            found.update(target.id for target in node.targets if isinstance(target, ast.Name))
     return {name for name in found if name.startswith("_") and not name.startswith("__")}
 
 

@@ -574,6 +574,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
         self.set_meta(output, meta)
         self.observe(output, meta)
 
+    # the methods' names before issue 27 made them public, for rule mixins written against them
+    _assign_comps = assign_comps
+    _datapoint_of = datapoint_of
+
 
 # The names these had before issue 27 made them public, for rule files written against them
 # (tests/convert/test_convert_layering.py lists any use); new code uses the public names.
