@@ -77,9 +77,9 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
     probe = torch.zeros(1, linears[0].in_features, dtype=weight.dtype, device=weight.device)
     try:
         trace = trace_model(model, probe, model)
-    except (GradGraphError, UnsupportedModuleError) as error:
-        if isinstance(error, UnsupportedModuleError) and "dropout" in str(error):
-            raise
+    except UnsupportedModuleError:
+        raise  # the trace's refusal names the op, the module and the line (active dropout, an unknown op)
+    except GradGraphError as error:  # the forward failed on the probe: it reads no [b, in_features] input
         raise UnsupportedModuleError("", name, f"its forward cannot be read as an MLP chain ({error})") from error
     return _chain_layers(trace, model)
 
