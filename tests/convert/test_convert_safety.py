@@ -338,3 +338,60 @@ def test_mean_grad_of_a_scalar_parameter():
     mean, per_sample = graph.mean_grad(), graph.per_sample_grads()
     assert mean["scale"].shape == ()
     torch.testing.assert_close(mean["scale"], per_sample["scale"].mean(0), atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------- grouped-query attention
+class GroupedQuery(nn.Module):
+    """Grouped-query attention through SDPA's ``enable_gqa``: 4 query heads over 2 key/value heads."""
+
+    def __init__(self, d: int = 8, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
+        self.inp, self.q = nn.Linear(3, d), nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * kv_heads * self.head_dim)
+        self.out, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q = self.q(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (part.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2) for part in self.kv(h).chunk(2, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.head(self.out(y.transpose(1, 2).reshape(b, t, -1)).mean(1))
+
+
+def test_sdpa_grouped_query_attention_converts_exactly_with_its_group():
+    """``enable_gqa`` used to be refused; now it reads as key/value heads repeated per group."""
+    from traced_models import assert_group_keeps_function
+
+    torch.manual_seed(0)
+    model = GroupedQuery().to(DTYPE)
+    inputs, targets = torch.randn(3, 5, 3, dtype=DTYPE), torch.randint(0, 2, (3,))
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    reference = reference_per_sample_grads(model, inputs, targets, cross_entropy)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+    assert_group_keeps_function(model, inputs, targets, cross_entropy)
+
+
+def llama_loss(output, targets):
+    return (output.last_hidden_state.mean(1).sum(-1) - targets) ** 2
+
+
+def test_transformers_llama_with_grouped_query_sdpa_converts_exactly():
+    """Stock LlamaModel (tiny config built here, 4 query heads, 2 key/value heads) under its default
+    SDPA attention, which passes enable_gqa=True: refused before, exact now."""
+    from traced_models import assert_group_keeps_function
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                      attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(config).to(DTYPE).eval()
+    tokens, targets = torch.randint(0, 40, (3, 6)), torch.randn(3, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, tokens, targets, llama_loss)
+    reference = reference_per_sample_grads(model, tokens, targets, llama_loss)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+    assert_group_keeps_function(model, tokens, targets, llama_loss)
