@@ -395,3 +395,61 @@ def test_transformers_llama_with_grouped_query_sdpa_converts_exactly():
     for name, value in graph.per_sample_grads().items():
         torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
     assert_group_keeps_function(model, tokens, targets, llama_loss)
+
+
+# ----------------------------------------------------------------------- inputs
+def tiny_bert_classifier():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=12, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_labels=2)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).to(DTYPE).eval()
+
+
+def logits_loss(output, targets):
+    return F.cross_entropy(output.logits, targets, reduction="none")
+
+
+def test_a_tokenizer_style_mapping_is_the_call_model_of_its_entries():
+    """``to_graph(model, {"input_ids": ..., "attention_mask": ..., ...})`` (a tokenizer's output)
+    is ``model(input_ids, attention_mask=..., ...)``: used to raise TypeError."""
+    model = tiny_bert_classifier()
+    ids = torch.randint(1, 20, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    batch_encoding = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    targets = torch.randint(0, 2, (3,))
+    from_mapping = gradgraph.to_graph(model, batch_encoding, targets, logits_loss)
+    explicit = gradgraph.to_graph(model, ids, targets, logits_loss,
+                                  forward_kwargs={"attention_mask": mask, "token_type_ids": torch.zeros_like(ids)})
+    ours, theirs = from_mapping.per_sample_grads(), explicit.per_sample_grads()
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, atol=0, rtol=0, msg=name)
+    # the mask is read: the padded datapoint's gradients differ from an unmasked conversion
+    unmasked = gradgraph.to_graph(model, ids, targets, logits_loss).per_sample_grads()
+    assert any(not torch.allclose(ours[name][0], unmasked[name][0]) for name in ours)
+
+
+def test_a_mapping_without_the_forward_input_names_the_remedy():
+    model = tiny_bert_classifier()
+    ids = torch.randint(1, 20, (3, 6))
+    with pytest.raises(GradGraphError, match="first parameter is 'input_ids'.*forward_kwargs"):
+        gradgraph.to_graph(model, {"ids": ids}, torch.randint(0, 2, (3,)), logits_loss)
+    with pytest.raises(GradGraphError, match="both in the inputs mapping and in forward_kwargs"):
+        gradgraph.to_graph(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                           torch.randint(0, 2, (3,)), logits_loss, forward_kwargs={"attention_mask": torch.ones_like(ids)})
+
+
+def test_a_float64_graph_fed_to_a_float32_gradmetanet_names_both_dtypes():
+    """torch's own error (``mat1 and mat2 must have the same dtype``) named neither the graph nor the fix."""
+    from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
+
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    inputs, targets = batch()
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    for network in (GradMetaNet(8), GradMetaNetPlusPlus(8)):
+        with pytest.raises(GradGraphError, match="torch.float32 parameters but the graph's features are torch.float64"):
+            network(graph)
+        network.to(DTYPE)(graph)  # the remedy works

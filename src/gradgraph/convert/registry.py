@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from gradgraph.capture import LossFn, check_materialised
+from gradgraph.capture import LossFn, check_materialised, mapping_inputs
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import GradGraph
 
@@ -122,7 +122,10 @@ def to_graph(
     Args:
         model: the network, e.g. an MLP chain or a transformer encoder.
         inputs: ``[b, d_in]`` for MLPs; ``[b, T, d]`` (or ``[T, b, d]`` when the module is
-            not ``batch_first``) for attention models.
+            not ``batch_first``) for attention models. A mapping of tensors (a tokenizer's
+            output, ``{"input_ids": [b, T], "attention_mask": [b, T], ...}``) is read as the
+            model's call ``model(**inputs)``: the entry named as ``forward``'s first parameter is
+            the input, the others join ``forward_kwargs``.
         targets: passed to ``loss_fn``.
         loss_fn: ``loss_fn(output, targets) -> [b]`` unreduced per-datapoint loss; ``None``
             for output mode (the model returns one scalar per datapoint).
@@ -142,9 +145,11 @@ def to_graph(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
+    kwargs = dict(forward_kwargs or {})
+    if isinstance(inputs, Mapping):  # a tokenizer's output: the first argument of forward, the rest by name
+        inputs, kwargs = mapping_inputs(model, inputs, kwargs, "to_graph")
     if not isinstance(inputs, Tensor):
         raise TypeError(f"to_graph: inputs must be a Tensor, got {type(inputs).__name__}")
-    kwargs = dict(forward_kwargs or {})
     if isinstance(model, nn.MultiheadAttention) and {"key", "value"} & set(kwargs):
         raise GradGraphError(
             f"to_graph: {sorted({'key', 'value'} & set(kwargs))} passed through forward_kwargs to an "

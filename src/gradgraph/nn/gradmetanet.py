@@ -22,6 +22,7 @@ from gradgraph.nn.node_conv import NodeConv
 from gradgraph.nn.output import GradMetaNetOutput
 from gradgraph.nn.pool import ComponentPool
 from gradgraph.nn.readout import InvariantReadout
+from gradgraph.nn.dtype_check import check_graph_dtype
 
 __all__ = ["GradMetaNet", "LayerFactory", "outputs_to_parameters"]
 
@@ -197,6 +198,7 @@ class GradMetaNet(nn.Module):
 
     def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:
         """Run the model on a graph or a batch; see the class docstring for the stages."""
+        check_graph_dtype(self, graph)
         edge_features = self.edge_encoder(graph.edge_attr) + self.edge_kind_encoding(graph)
         context = GraphContext.from_graph(graph, edge_features)
         node_embedding = self.node_encoder(graph.x) + self.positional_encoding(graph)

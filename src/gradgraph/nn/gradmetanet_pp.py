@@ -19,6 +19,7 @@ from gradgraph.nn.gradmetanet import LayerFactory, component_inputs
 from gradgraph.nn.neuron_attention import NeuronAttention
 from gradgraph.nn.output import GradMetaNetOutput
 from gradgraph.nn.readout import InvariantReadout
+from gradgraph.nn.dtype_check import check_graph_dtype
 
 __all__ = ["GradMetaNetPlusPlus"]
 
@@ -160,6 +161,7 @@ class GradMetaNetPlusPlus(nn.Module):
 
     def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:
         """Run the model on a graph or a batch; see the class docstring for the stages."""
+        check_graph_dtype(self, graph)
         z, context = self.encode(graph)
         for component_layer, neuron_layer in zip(self.component_layers, self.neuron_layers):
             z = z + self.activation(component_layer(z, context))
