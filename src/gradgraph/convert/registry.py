@@ -145,6 +145,7 @@ def to_graph(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
+    model = _uncompiled(model)
     kwargs = dict(forward_kwargs or {})
     if isinstance(inputs, Mapping):  # a tokenizer's output: the first argument of forward, the rest by name
         inputs, kwargs = mapping_inputs(model, inputs, kwargs, "to_graph")
@@ -200,9 +201,31 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
     if not callable(closure):
         raise TypeError(f"convert_closure: closure must be callable, got {type(closure).__name__}")
     check_materialised(model, "convert_closure")
+    original = _uncompiled(model)
     for entry in reversed(_REGISTRY):
-        if entry.matches(model):
+        if entry.matches(original):
             raise UnsupportedModuleError(
-                "", type(model).__name__, f"the registered converter '{entry.name}' takes a batch and a loss "
+                "", type(original).__name__, f"the registered converter '{entry.name}' takes a batch and a loss "
                 "function, not a closure: call to_graph(model, inputs, targets, loss_fn)")
-    return _FALLBACK_CLOSURE[0](model, closure)
+    if original is model:
+        return _FALLBACK_CLOSURE[0](model, closure)
+    # the closure calls the compiled wrapper: for this one call its forward is the original module's
+    # call (which the converter captures), not dynamo's compiled function
+    compiled_forward = vars(model)["forward"]
+    model.forward = original.__call__  # a bound method: nn.Module would register a module as a child
+    try:
+        return _FALLBACK_CLOSURE[0](original, closure)
+    finally:
+        model.forward = compiled_forward
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d model wraps (``_orig_mod``); the model itself otherwise.
+
+    gradgraph follows the eager forward op by op; dynamo's compiled function computes the same
+    function, so the graph of the original module is the compiled model's graph (and converting
+    it skips ~20 s of recompilation and dynamo's warnings from inside the trace)."""
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module) and "forward" in vars(model):
+        return original
+    return model
