@@ -413,7 +413,9 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
             )
         if isinstance(meta, _Scores):
             raise self.unsupported(what, "attention scores used as neuron values")
-        raise self.unsupported(what, "a parameter used where gradgraph expects neuron values")
+        which = f" '{self.param_names[meta.index]}'" if isinstance(meta, _Param) else ""
+        raise self.unsupported(what, f"the parameter{which} used where gradgraph expects neuron values (arithmetic "
+                               "on a parameter before it meets the input: a learned slope, scale or mask)")
 
     # -------------------------------------------------------------- shape ops
     def shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
