@@ -406,7 +406,9 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
             )
         if isinstance(meta, Scores):
             raise self.unsupported(what, "attention scores used as neuron values")
-        raise self.unsupported(what, "a parameter used where gradgraph expects neuron values")
+        which = f" '{self.param_names[meta.index]}'" if isinstance(meta, _Param) else ""
+        raise self.unsupported(what, f"the parameter{which} used where gradgraph expects neuron values (arithmetic "
+                               "on a parameter before it meets the input: a learned slope, scale or mask)")
 
     # -------------------------------------------------------------- shape ops
     def shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
