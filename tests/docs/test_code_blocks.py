@@ -50,6 +50,9 @@ def test_the_documents_have_examples():
     assert all(block["expected"] is not None for block in readme_blocks), "every README block shows its output"
 
 
+# one worker runs them all (with `--dist loadgroup`, as ./gg test passes): the module's fixture
+# runs every block at once, and a second worker would run them all again
+@pytest.mark.xdist_group("documentation_code_blocks")
 @pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
 def test_block_runs_alone_and_prints_what_it_shows(block, results):
     result = results[_block_id(block)]
