@@ -35,6 +35,9 @@ from traced_models import assert_exact_per_sample_grads, assert_group_keeps_func
 
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 
+# fuzz campaigns: left out by `./gg test --fast` (conftest.py at the root)
+pytestmark = pytest.mark.slow
+
 DTYPE = torch.float64
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}
 

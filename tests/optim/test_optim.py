@@ -442,6 +442,7 @@ def test_benchmark_tasks_live_on_the_requested_device(device, name):
         assert torch.equal(cpu.task.sample_batch(torch.Generator().manual_seed(0))[0], inputs.cpu())
 
 
+@pytest.mark.slow  # a command-line end-to-end run
 def test_benchmark_command_records_its_device(tmp_path):
     import json
 
