@@ -305,7 +305,10 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     run.tracer = None  # after a trace: its id tensors and the values it kept
     if run.plan is None:
         PLAN_CACHE.put(run.key, plan)
-    return _assemble(plan, scan.parameters, act, grad, run.num_datapoints)
+    graph = _assemble(plan, scan.parameters, act, grad, run.num_datapoints)
+    # the per-datapoint losses (output mode: outputs) the factors are the gradients of: [b]
+    graph.loss = objective.detach()
+    return graph
 
 
 def default_datapoint_dim(model: nn.Module) -> int:
