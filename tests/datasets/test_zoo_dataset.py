@@ -70,7 +70,7 @@ def test_cached_graphs_equal_fresh_ones_and_are_not_rebuilt(tmp_path: Path):
     for index in range(NUM_MODELS):
         fresh = built.convert(index)
         _assert_same_graph(cached[index], fresh)
-        assert cached[index].y.shape == (1, 2) and int(cached[index].zoo_index) == index
+        assert cached[index].y.shape == (1, 2) and int(cached[index].zoo_id) == index
         assert cached[index].loss.shape == (PROBE.shape[0],)
     torch.testing.assert_close(cached.targets, TARGETS, rtol=0, atol=0)
     batch = next(iter(DataLoader(cached, batch_size=4)))

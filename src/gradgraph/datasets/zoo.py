@@ -59,6 +59,9 @@ from gradgraph.graph import GradGraph
 
 __all__ = ["ModelZoo", "check_graph_target"]
 
+#: Bumped when what a shard stores changes (its fields): part of the fingerprint, so an old cache
+#: is refused instead of read.
+SHARD_FORMAT = 1
 #: Errors of a conversion that are about the model or the probe batch (wrapped with the model's index).
 _MODEL_ERRORS = (GradGraphError, UnsupportedModuleError, RuntimeError, TypeError, ValueError)
 
@@ -97,7 +100,8 @@ class ModelZoo(Dataset):
     """Models converted to :class:`~gradgraph.GradGraph` on one probe batch, with graph-level targets.
 
     Each item is the graph of ``to_graph(model, inputs, probe_targets, loss_fn)`` with
-    ``y`` (``[1, k]``, see the module doc), ``zoo_index`` (``[1]``, the model's index) and
+    ``y`` (``[1, k]``, see the module doc), ``zoo_id`` (``[1]``, the model's index in the zoo; not named ``*index*``, which PyG would shift by
+    the node count when batching) and
     ``loss`` (``[b]``, its per-datapoint losses on the probe batch). Built once into
     ``root/processed`` (shards, atomic, resumable; see the module doc), then read from there.
 
@@ -164,7 +168,7 @@ class ModelZoo(Dataset):
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.log = log
         self.fingerprint = _fingerprint(inputs, probe_targets, targets, self.num_models, shard_size, name)
-        super().__init__(str(root), transform=transform)
+        super().__init__(str(root), transform=transform, log=log)
         self.build()
         self.graphs = self._read_all()
 
@@ -230,7 +234,7 @@ class ModelZoo(Dataset):
         else:
             target = spec[index]
         graph.y = check_graph_target(target, index)
-        graph.zoo_index = torch.tensor([index])
+        graph.zoo_id = torch.tensor([index])
         return graph
 
     def build(self) -> None:
@@ -293,7 +297,7 @@ def _fingerprint(inputs: Tensor, probe_targets: Any, targets: Any, num_models: i
                  name: str) -> str:
     """A hash of what decides the zoo's graphs besides the models themselves."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([num_models, shard_size, name]).encode())
+    digest.update(json.dumps([SHARD_FORMAT, num_models, shard_size, name]).encode())
     for value in (inputs, probe_targets, targets):
         if isinstance(value, Tensor):
             digest.update(str((value.dtype, tuple(value.shape))).encode())
