@@ -173,24 +173,37 @@ class ModelConfig:
 
 def graph_inputs(graph: GradGraph, with_weights: bool, dtype: torch.dtype = torch.float32) -> GradGraph:
     """The graph GradMetaNet reads: :class:`NormalizeFactors` with log-scales, in ``dtype``, and without
-    ``with_weights`` the weight and bias values and their scales zeroed (``x [N, 4]``, ``edge_attr [E, 2]``)."""
+    ``with_weights`` the weight and bias values and their scales zeroed (``x [N, 4]``, ``edge_attr [E, 2]``);
+    ``component_x [N, B, 1]`` holds the log of each component's datapoint loss."""
     normalised = NormalizeFactors(log_scales=True)(graph)
     if not with_weights:
         normalised.x = normalised.x.clone()
         normalised.x[:, [0, 3]] = 0.0
         normalised.edge_attr = torch.zeros_like(normalised.edge_attr)
-    for key in ("x", "edge_attr", "act", "grad", "y", "loss"):
+    # every datapoint's loss, as a feature of each of its components (the statistics baselines read them too)
+    log_loss = normalised.loss.clamp_min(1e-12).log()
+    normalised.component_x = log_loss[normalised.component_sample][None, :, None].expand(
+        normalised.num_nodes, -1, 1).contiguous()
+    for key in ("x", "edge_attr", "act", "grad", "y", "loss", "component_x"):
         if key in normalised:
             normalised[key] = normalised[key].to(dtype)
     return normalised
 
 
 class GraphRegressor(nn.Module):
-    r"""GradMetaNet with one invariant graph output: :math:`\hat y = \mathrm{GMN}(G)_{\text{graph}} + \bar y`.
+    r"""GradMetaNet with one invariant graph output, squashed into ``(0, 1)``:
+
+    .. math::
+        \hat y = \sigma\big(\mathrm{GMN}(\tilde G)_{\text{graph}} + \operatorname{logit} \bar y\big),
+
+    where :math:`\tilde G` has its ``x`` and ``edge_attr`` columns standardised with the training
+    graphs' mean and std (:meth:`fit_scaling`; the log-scales of :class:`NormalizeFactors` span
+    tens of units) and :math:`\bar y` is the mean training accuracy. An accuracy lies in
+    ``[0, 1]``: the sigmoid keeps a prediction for an unusual network from leaving it.
 
     Args:
         config: sizes.
-        offset: :math:`\bar y`, the mean training accuracy (so the network learns the deviation).
+        offset: :math:`\bar y`.
 
     Shapes: ``forward(batch)`` returns ``[G, 1]``.
     """
@@ -201,7 +214,21 @@ class GraphRegressor(nn.Module):
                                    num_component_layers=config.num_component_layers,
                                    num_node_layers=config.num_node_layers, edge_out_channels=0,
                                    node_out_channels=0, graph_out_channels=1)
-        self.register_buffer("offset", torch.tensor(float(offset)))
+        offset = min(max(float(offset), 1e-3), 1 - 1e-3)
+        self.register_buffer("offset", torch.tensor(offset).logit())
+        for name in ("x_mean", "x_std", "edge_mean", "edge_std"):
+            self.register_buffer(name, torch.zeros(0))
+
+    def fit_scaling(self, graphs: list[GradGraph]) -> None:
+        """Set the standardisation of ``x`` and ``edge_attr`` columns from ``graphs`` (the training set)."""
+        x = torch.cat([graph.x for graph in graphs])
+        edges = torch.cat([graph.edge_attr for graph in graphs])
+        self.x_mean, self.x_std = x.mean(0), x.std(0).clamp_min(1e-6)
+        self.edge_mean, self.edge_std = edges.mean(0), edges.std(0).clamp_min(1e-6)
 
     def forward(self, batch) -> Tensor:  # noqa: ANN001 - a PyG Batch
-        return self.network(batch).graph + self.offset
+        if self.x_mean.numel():
+            batch = batch.clone()
+            batch.x = (batch.x - self.x_mean) / self.x_std
+            batch.edge_attr = (batch.edge_attr - self.edge_mean) / self.edge_std
+        return torch.sigmoid(self.network(batch).graph + self.offset)

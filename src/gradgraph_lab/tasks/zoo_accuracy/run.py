@@ -181,6 +181,7 @@ def build_model(name: str, seed: int, config: ZooAccuracyConfig, prepared: Prepa
     torch.manual_seed(seed)
     model = GraphRegressor(config.model, offset=float(accuracy[prepared.members["train"]].mean()))
     view = "grad_weights" if name == "gradmetanet_grad_weights" else "grad"
+    model.fit_scaling(prepared.sources[view]["train"].items)
     with torch.no_grad():  # GradMetaNet's input layers take their widths from a first batch
         model(next(prepared.sources[view]["train"].batches(2, shuffle=False)))
     return model
