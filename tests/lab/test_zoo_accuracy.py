@@ -61,6 +61,7 @@ def test_predictors_are_invariant_to_hidden_neuron_permutations_float64():
         inputs = [graph_inputs(graph, with_weights, dtype=torch.float64) for graph in graphs]
         for graph in inputs:
             graph.y = torch.zeros(1, 1, dtype=torch.float64)
+        regressor.fit_scaling(inputs)
         with torch.no_grad():
             outputs = [regressor(Batch.from_data_list([graph])) for graph in inputs]
         torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-12)

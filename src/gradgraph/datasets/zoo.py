@@ -41,6 +41,7 @@ Everything here uses ``torch.load(weights_only=True)``: importing gradgraph regi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -188,8 +189,9 @@ class ModelZoo(Dataset):
         return self.num_models
 
     def get(self, idx: int) -> GradGraph:
-        """Model ``idx``'s graph (PyG's ``__getitem__`` applies ``transform`` to it)."""
-        return self.graphs[idx]
+        """Model ``idx``'s graph, a shallow copy (setting a field on it leaves the zoo's as it was;
+        PyG's ``__getitem__`` applies ``transform`` to it)."""
+        return copy.copy(self.graphs[idx])
 
     # ---------------------------------------------------------------------- layout
     @property
