@@ -236,6 +236,14 @@ class GradGraph(Data):
             return None
         return super().__cat_dim__(key, value, *args, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the per-graph cache of parameter blocks (tensors and slices) is rebuilt on demand: a
+        # pickled graph leaves it out, so saved graphs load with weights_only=True and a graph
+        # saves to the same bytes whether or not mean_grad() ran on it before
+        state = dict(super().__getstate__())
+        state.pop("_blocks_cache", None)
+        return state
+
     # ------------------------------------------------------------------ basic views
     @property
     def num_components(self) -> int:
@@ -451,7 +459,7 @@ class GradGraph(Data):
         for param, flat in flats.items():
             shape = self.param_shapes[param]
             name = self.param_names[param]
-            result[name] = flat.reshape(*shape) if reduce_mean else flat.reshape(num_datapoints, *shape)
+            result[name] = flat.reshape(tuple(shape)) if reduce_mean else flat.reshape(num_datapoints, *shape)
         return result
 
     def per_sample_grads(self) -> dict[str, Tensor]:

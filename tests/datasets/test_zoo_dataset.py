@@ -88,6 +88,17 @@ def test_shards_load_with_weights_only(tmp_path: Path):
     _assert_same_graph(loaded[0], zoo[3])
 
 
+def test_a_graph_that_computed_its_gradients_still_loads_with_weights_only():
+    """``mean_grad()`` caches parameter blocks (tensors and slices) on the graph; pickling must leave
+    them out (with them, the load fails on ``GLOBAL slice``)."""
+    graph = gradgraph.to_graph(_mlp(0), PROBE, LABELS, _cross_entropy)
+    graph.mean_grad()
+    buffer = io.BytesIO()
+    torch.save(graph, buffer)
+    buffer.seek(0)
+    _assert_same_graph(torch.load(buffer, weights_only=True), graph)
+
+
 class _Killed(Exception):
     pass
 
