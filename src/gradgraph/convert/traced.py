@@ -336,6 +336,8 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     if truth is not None:
         _check_sums(graph, truth, run.num_datapoints)
         PLAN_CACHE.put(run.key, plan)
+    # the per-datapoint losses (output mode: outputs) the factors are the gradients of: [b]
+    graph.loss = objective.detach()
     return graph
 
 
