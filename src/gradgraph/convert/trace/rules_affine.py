@@ -103,6 +103,7 @@ class _AffineRules:
         meta = self.need_neurons(x, f"the affine map {name}")
         if meta is None:
             raise self.unsupported(name, _LOST_TRACK)
+        meta = self.spread_positions(name, x, meta)  # a flattened [channels, positions] map (rules_conv)
         weight_view = self.param_view(weight, name, "weight")
         if weight_view.pos.dim() != 2:
             raise self.unsupported(name, f"a weight of shape {list(weight.shape)}; expected a matrix")

@@ -32,6 +32,7 @@ from gradgraph.convert.trace.ops import (
 )
 from gradgraph.convert.trace.rules_affine import _AffineRules
 from gradgraph.convert.trace.rules_attention import _AttentionRules
+from gradgraph.convert.trace.rules_conv import _ConvRules, gather_taps, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import _Data, _DataRules
 from gradgraph.convert.trace.rules_elementwise import _ElementwiseRules
 from gradgraph.errors import UnsupportedModuleError
@@ -45,7 +46,7 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
 
 
-class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, TorchFunctionMode):
+class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, _ConvRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
@@ -304,6 +305,11 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
             opaque = next(meta for meta in metas if isinstance(meta, _Opaque))
             return self.mark_opaque(output, opaque.op, opaque.reason, metas, location=opaque.location,
                                     path=opaque.path)
+        # convolutions (run as gather_taps + F.linear, trace/rules_conv.py) and spatial pooling
+        if func is gather_taps:
+            return self.tap_gather(name, args, kwargs, output)
+        if func in SPATIAL_POOLS:
+            return self.spatial_pool(name, args, kwargs, output)
         if name in _LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")

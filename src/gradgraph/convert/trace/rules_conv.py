@@ -1,0 +1,314 @@
+"""Trace rules for convolutions, spatial pooling and a flatten into a linear head.
+
+A convolution is an affine map of its input's *taps*: with ``U[b, p, (i, t)] = x_pad[b, i, p·s + t·d]``
+(channel ``i``, kernel tap ``t``, output position ``p``), ``conv(x)[b, o, p] = Σ_{i,t} W[o, i, t] U[b, p, (i, t)]``
+and ``dL/dW[o, i, t] = Σ_p g[o, p] U[i, t, p]``: one rank-1 term per (datapoint, output position).
+So the trace runs every batched ``F.conv1d/2d/3d`` as its parts (a decomposition, the same under
+a replay): :func:`gather_taps` (one op: pad, unfold, lay taps out per position) then one
+``F.linear`` per group. The rule of :func:`gather_taps` gives the taps neurons of their own: one
+*tap set* of ``C`` neurons per kernel tap, each tied neuron for neuron to the ``C`` channels it
+copies (a MERGE edge ``channel i -> tap t of channel i``), living at the output positions. The
+affine rule then makes the weight edges ``tap t of channel i -> output channel o`` as for any
+linear map, so ``per_sample_grads()`` / ``mean_grad()`` are the usual ``act[src] * grad[dst]`` sums
+and are exact. Channels are the neurons; permuting channels moves every tap set with them.
+``docs/convolutions.md`` says why this layout and what it costs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_unary
+
+from gradgraph.convert.trace.meta import _broadcast, KEY_STRIDE, _Neurons, _Raw, _rows_along_last, _varies_along
+from gradgraph.convert.trace.ops import _LOST_TRACK
+from gradgraph.graph import EdgeKind, NodeKind
+
+__all__ = ["gather_taps", "convolution_parts", "SPATIAL_POOLS"]
+
+#: the batched convolutions the trace runs as :func:`gather_taps` + ``F.linear``
+_CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+#: per-channel pooling ops over positions (max, average, adaptive, power-average)
+SPATIAL_POOLS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices, F.max_pool2d_with_indices,
+    F.max_pool3d_with_indices, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_max_pool1d_with_indices,
+    F.adaptive_max_pool2d_with_indices, F.adaptive_max_pool3d_with_indices, F.lp_pool1d, F.lp_pool2d,
+}
+if hasattr(F, "lp_pool3d"):
+    SPATIAL_POOLS.add(F.lp_pool3d)
+
+
+def gather_taps(input: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...]) -> Tensor:
+    """The taps of a convolution's windows, ``[b, C, *S] -> [b, *S_out, C * k]`` (``k = prod(kernel_size)``).
+
+    ``out[b, p, i * k + t] = x_pad[b, i, p * stride + t * dilation]`` with zero padding
+    ``padding[axis] = (before, after)``; taps ``t`` in row-major kernel order, so
+    ``F.linear(out, W.reshape(O, C * k))`` is ``F.conv*d(x, W, stride=, padding=, dilation=)``
+    moved to channels last. One torch function (overridable), so the trace sees it as one op.
+    """
+    if has_torch_function_unary(input):
+        return handle_torch_function(gather_taps, (input,), input, kernel_size, stride, padding, dilation)
+    spatial = len(kernel_size)
+    pad = [side for before_after in reversed(padding) for side in before_after]  # F.pad: last axis first
+    x = F.pad(input, pad) if any(pad) else input
+    for axis in range(spatial):
+        span = dilation[axis] * (kernel_size[axis] - 1) + 1
+        x = x.unfold(2 + axis, span, stride[axis])  # the window on a new last axis
+        if dilation[axis] > 1:
+            x = x[..., ::dilation[axis]]
+    # [b, C, *S_out, *kernel] -> [b, *S_out, C, *kernel] -> [b, *S_out, C * k]
+    order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
+    sizes = tuple(x.shape[2:2 + spatial])
+    return x.permute(order).reshape(x.shape[0], *sizes, x.shape[1] * math.prod(kernel_size))
+
+
+def _per_axis(value: Any, spatial: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple | list) else (value,) * spatial
+
+
+def _padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``(before, after)`` per spatial axis; ``'same'`` puts the odd one after, as torch does."""
+    if padding == "valid":
+        return tuple((0, 0) for _ in kernel)
+    if padding == "same":
+        totals = [step * (size - 1) for size, step in zip(kernel, dilation)]
+        return tuple((total // 2, total - total // 2) for total in totals)
+    return tuple((side, side) for side in _per_axis(padding, len(kernel)))
+
+
+def convolution_parts(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A function running the batched convolution ``func(*args, **kwargs)`` as :func:`gather_taps`
+    and one ``F.linear`` per group, or ``None`` (an unbatched input: the trace's own rule refuses it)."""
+    if func not in _CONVOLUTIONS:
+        return None
+    bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
+    bound.update(kwargs)
+    x, weight = bound.get("input"), bound.get("weight")
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.dim() != weight.dim():
+        return None
+    spatial = _CONVOLUTIONS[func]
+    kernel = tuple(weight.shape[2:])
+    stride = _per_axis(bound.get("stride", 1), spatial)
+    dilation = _per_axis(bound.get("dilation", 1), spatial)
+    padding = _padding(bound.get("padding", 0), kernel, dilation)
+    groups = int(bound.get("groups", 1))
+    bias = bound.get("bias")
+
+    def run() -> Tensor:
+        channels, out_channels = x.shape[1] // groups, weight.shape[0] // groups
+        taps = math.prod(kernel)
+        outputs = []
+        for group in range(groups):
+            part = x if groups == 1 else x[:, group * channels:(group + 1) * channels]
+            rows = slice(group * out_channels, (group + 1) * out_channels)
+            group_weight = weight if groups == 1 else weight[rows]
+            group_bias = bias if bias is None or groups == 1 else bias[rows]
+            windows = gather_taps(part, kernel, stride, padding, dilation)
+            outputs.append(F.linear(windows, group_weight.reshape(out_channels, channels * taps), group_bias))
+        out = outputs[0] if groups == 1 else torch.cat(outputs, dim=-1)
+        return out.movedim(-1, 1)
+
+    return run
+
+
+class _ConvRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: taps, spatial pooling, flatten into a head."""
+
+    # -------------------------------------------------------------- channels
+    def channel_neurons(self, x: Tensor, name: str, spatial: int) -> tuple[_Neurons, Tensor, Tensor]:
+        """``x [b, C, *S]``'s ids, with ``C`` neurons on axis 1 and a position per spatial
+        element; returns ``(meta, channel row [C], datapoint [b])``. The model input becomes an
+        input set of ``C`` channel neurons."""
+        if x.dim() != spatial + 2:
+            raise self.unsupported(name, f"an input of shape {list(x.shape)}; gradgraph reads convolutions and "
+                                   f"pooling on batched inputs [b, channels, {spatial} spatial axes]")
+        meta = self.meta(x)
+        if isinstance(meta, _Raw) and x.is_floating_point():
+            meta = self.channel_input(x, meta, name)
+        else:
+            meta = self.need_neurons(x, name)
+        if meta is None or meta.comps is None:
+            raise self.unsupported(name, _LOST_TRACK)
+        nodes, comps = _broadcast(meta.nodes, x.shape), _broadcast(meta.comps, x.shape)
+        row = nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0]
+        datapoint = comps // KEY_STRIDE
+        if not torch.equal(nodes, _broadcast(row.reshape(1, -1, *[1] * spatial), x.shape)) \
+                or _varies_along(comps, 1) or any(_varies_along(datapoint, axis) for axis in range(1, x.dim())):
+            raise self.unsupported(name, "its input does not hold channels on axis 1 (neurons) and positions on the "
+                                   "spatial axes of each datapoint on axis 0; gradgraph reads convolutions and pooling "
+                                   "over [b, channels, *spatial] with channels as neurons")
+        if bool((row < 0).any()) or torch.unique(row).numel() != row.numel():
+            raise self.unsupported(name, "its channels are not distinct neurons (a statistic, or one neuron twice)")
+        return meta, row.clone(), datapoint.reshape(x.shape[0], -1)[:, 0].clone()
+
+    def channel_input(self, x: Tensor, meta: _Raw, name: str) -> _Neurons:
+        """The model input ``[b, C, *S]`` read as ``C`` input neurons at one component per position."""
+        element = meta.element
+        datapoint, _, _ = self._datapoint_of(element)
+        if any(_varies_along(datapoint, axis) for axis in range(1, x.dim())):
+            raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
+        channels = x.shape[1]
+        self.input_neurons(channels, name, f"as {channels} channels")
+        spatial = x.dim() - 2
+        nodes = _broadcast(self.input_set.first + torch.arange(channels).reshape(1, -1, *[1] * spatial), x.shape)
+        position = _broadcast(torch.arange(math.prod(x.shape[2:])).reshape(1, 1, *x.shape[2:]), x.shape)
+        comps = self._assign_comps(element, datapoint, position)
+        nodes = nodes.clone()
+        if x.requires_grad:
+            self.input_set.grad_records.append((x, nodes, comps))
+        neurons = _Neurons(nodes, comps, {self.input_set.index: 0})
+        self.set_meta(x, neurons)
+        return neurons
+
+    def position_comps(self, datapoint: Tensor, sizes: tuple[int, ...], shape: torch.Size, axis: int) -> Tensor:
+        """Components ``datapoint * KEY_STRIDE + p`` for the flat position ``p`` of a grid of
+        ``sizes`` whose axes start at ``axis`` of ``shape``. Grids share keys (key ``p`` is position ``p``
+        of every grid): each weight joins neurons of one grid, so sharing keeps every gradient exact
+        and keeps the component count at ``b`` times the largest grid."""
+        count = math.prod(sizes)
+        while len(self.keys) < count:
+            self.new_key()
+        grid = torch.arange(count).reshape(sizes)
+        grid = grid.reshape(1, *[1] * (axis - 1), *sizes, *[1] * (len(shape) - axis - len(sizes)))
+        dp = datapoint.reshape(-1, *[1] * (len(shape) - 1))
+        return _broadcast(dp * KEY_STRIDE + grid, shape).clone()
+
+    def copies_of(self, row: Tensor, count: int, origin: str, created_by: str) -> list:
+        """``count`` new sets of ``len(row)`` neurons, each tied neuron for neuron to ``row``
+        (one MERGE edge per neuron): the permutation of the channels moves every copy with them."""
+        copies = []
+        for index in range(count):
+            copy = self.new_set(len(row), NodeKind.RESIDUAL, f"{origin} {index}", created_by)
+            nodes = copy.first + torch.arange(len(row))
+            self.edges.append((row.clone(), nodes, EdgeKind.MERGE, -1, None, None))
+            self.ties.append((row.clone(), nodes))
+            copies.append(copy)
+        return copies
+
+    # -------------------------------------------------------------- taps
+    def tap_gather(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        """:func:`gather_taps`: one tap set of ``C`` neurons per kernel tap (see the module docstring)."""
+        x, kernel, stride, padding, dilation = args
+        spatial = len(kernel)
+        taps = math.prod(kernel)
+        meta = self.meta(x)
+        if isinstance(meta, _Raw) and x.is_floating_point() and tuple(stride) == tuple(kernel) \
+                and not any(side for pair in padding for side in pair) and all(step == 1 for step in dilation):
+            return self.patch_taps(name, x, meta, kernel, output)
+        meta, row, datapoint = self.channel_neurons(x, name, spatial)
+        meta = self.fix_act(x, meta, name)  # the channels' own act: their values at their positions
+        row = _broadcast(meta.nodes, x.shape).reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
+        for index in meta.versions:
+            self.separate_part_read(self.sets[index], row)
+        copies = self.copies_of(row, taps, f"{self.path() or 'conv'} tap", "tap")
+        firsts = torch.tensor([copy.first for copy in copies])
+        feature_nodes = (torch.arange(len(row))[:, None] + firsts[None, :]).reshape(-1)  # channel-major, tap-minor
+        nodes = _broadcast(feature_nodes, output.shape).clone()
+        comps = self.position_comps(datapoint, tuple(output.shape[1:-1]), output.shape, 1)
+        new = _Neurons(nodes, comps, {copy.index: 0 for copy in copies})
+        copies[0].grad_records.append((output, nodes, comps))  # one record writes every tap set's grad
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def patch_taps(self, name: str, x: Tensor, meta: _Raw, kernel: tuple[int, ...], output: Tensor) -> None:
+        """Windows that tile the model input (a ViT's patch embedding): ``C * k`` input neurons
+        (channel, then place in the patch) at one component per patch, as before convolutions
+        had taps, so patch embeddings keep their graphs."""
+        spatial = len(kernel)
+        element = meta.element
+        datapoint, _, _ = self._datapoint_of(element)
+        if _varies_along(datapoint, 1) or any(_varies_along(datapoint, 2 + axis) for axis in range(spatial)):
+            raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
+        channels, sizes = x.shape[1], tuple(x.shape[2:])
+        counts = [size // step for size, step in zip(sizes, kernel)]
+        width = channels * math.prod(kernel)
+        grids = torch.meshgrid(*(torch.arange(size) for size in sizes), indexing="ij")
+        inside = torch.ones(sizes, dtype=torch.bool)
+        feature = torch.zeros(sizes, dtype=torch.long)
+        position = torch.zeros(sizes, dtype=torch.long)
+        for grid, step, count in zip(grids, kernel, counts):
+            inside &= grid < count * step  # a remainder no window covers is read by nothing
+            feature = feature * step + grid % step
+            position = position * count + grid // step
+        feature = torch.arange(channels).reshape(-1, *[1] * spatial) * math.prod(kernel) + feature
+        self.input_neurons(width, name, f"as {width} features per patch")
+        keep = _broadcast(inside, x.shape)
+        nodes = torch.where(keep, self.input_set.first + _broadcast(feature, x.shape), -1)
+        comps = torch.full(tuple(x.shape), -1, dtype=torch.long)
+        comps[keep] = self._assign_comps(element[keep], datapoint[keep], _broadcast(position, x.shape)[keep])
+        if x.requires_grad:
+            self.input_set.grad_records.append((x, nodes, comps))
+        first_of_datapoint = datapoint.reshape(datapoint.shape[0], -1)[:, 0]
+        out_nodes = _broadcast(self.input_set.first + torch.arange(width), output.shape).clone()
+        out_comps = self.position_comps(first_of_datapoint, tuple(counts), output.shape, 1)
+        new = _Neurons(out_nodes, out_comps, {self.input_set.index: 0})
+        self.set_meta(output, new)
+
+    # -------------------------------------------------------------- pooling
+    def spatial_pool(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
+        """Max / average / adaptive / power-average pooling: per channel over positions, so a new
+        set of ``C`` neurons tied to the channels (MERGE edges) at the output grid's positions."""
+        x = args[0] if args else kwargs["input"]
+        values = output[0] if isinstance(output, tuple) else output
+        spatial = values.dim() - 2
+        meta, row, datapoint = self.channel_neurons(x, name, spatial)
+        for index in meta.versions:
+            self.separate_part_read(self.sets[index], row)
+        pooled = self.copies_of(row, 1, f"{self.path() or name}", "pool")[0]
+        nodes = _broadcast((pooled.first + torch.arange(len(row))).reshape(1, -1, *[1] * spatial), values.shape).clone()
+        comps = self.position_comps(datapoint, tuple(values.shape[2:]), values.shape, 2)
+        new = _Neurons(nodes, comps, {pooled.index: 0})
+        pooled.grad_records.append((values, nodes, comps))
+        self.set_meta(values, new)
+        self.observe(values, new)
+        if isinstance(output, tuple):
+            self.mark_opaque(output[1], name, "the indices of a max pooling", [])
+
+    # -------------------------------------------------------------- flatten into a head
+    def spread_positions(self, name: str, x: Tensor, meta: _Neurons) -> _Neurons:
+        """An affine map over a last axis that holds (channel, position) pairs of one datapoint
+        (``h.flatten(1)`` of ``[b, C, H, W]`` read by a ``Linear``): each position's channels
+        become a set of their own (tied to the channels, MERGE edges), all at one new component
+        per datapoint, so the head's weights are ordinary edges. Other layouts are returned as
+        they are (the affine rule decides)."""
+        if meta.comps is None or x.dim() == 0:
+            return meta
+        last = x.dim() - 1
+        comps = _broadcast(meta.comps, x.shape)
+        datapoint = comps // KEY_STRIDE
+        if not _varies_along(comps, last) or _varies_along(datapoint, last):
+            return meta
+        rows = _rows_along_last(_broadcast(meta.nodes, x.shape))
+        keys = _rows_along_last(comps % KEY_STRIDE)
+        if not bool((rows == rows[:1]).all()) or not bool((keys == keys[:1]).all()) or bool((rows[0] < 0).any()):
+            return meta
+        row, key_row = rows[0], keys[0]
+        channels, distinct_keys = torch.unique(row), torch.unique(key_row)
+        pairs = torch.unique(torch.stack((row, key_row)), dim=1)
+        if pairs.shape[1] != row.numel() or row.numel() != channels.numel() * distinct_keys.numel():
+            raise self.unsupported(name, "an affine map over features that are (neuron, position) pairs where not "
+                                   "every position holds the same neurons once; flatten whole [channels, positions] "
+                                   "maps into a linear head")
+        meta = self.fix_act(x, meta, name)  # the channels' act: their values at their positions
+        row = _rows_along_last(_broadcast(meta.nodes, x.shape))[0]
+        channels = torch.unique(row)
+        for index in meta.versions:
+            self.separate_part_read(self.sets[index], channels)
+        copies = self.copies_of(channels, distinct_keys.numel(), f"{self.path() or name} position", "flatten")
+        firsts = torch.tensor([copy.first for copy in copies])
+        new_row = firsts[torch.searchsorted(distinct_keys, key_row)] + torch.searchsorted(channels, row)
+        key = self.new_key()[0]
+        nodes = _broadcast(new_row, x.shape).clone()
+        new = _Neurons(nodes, (datapoint * KEY_STRIDE + key).clone(), {copy.index: 0 for copy in copies})
+        copies[0].grad_records.append((x, nodes, new.comps))
+        self.set_meta(x, new)
+        self.observe(x, new)
+        return new
