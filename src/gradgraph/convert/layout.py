@@ -295,7 +295,12 @@ def _shared_parameter_ties(tracer: _Tracer) -> list[tuple[Tensor, Tensor]]:
         numel, columns = math.prod(shape), (shape[-1] if len(shape) >= 2 else 1)
         row_node = torch.full((numel,), -1, dtype=torch.long)
         column_node = torch.full((numel,), -1, dtype=torch.long)
+        # sites that share no entry with another (the groups of a grouped convolution, each a
+        # slice of the weight) tie nothing: only shared entries make one permutation move both
+        uses_of_entry = torch.bincount(torch.cat([pos for _, _, pos in sites]), minlength=numel)
         for src, dst, pos in sites:
+            if bool((uses_of_entry[pos] == 1).all()):
+                continue
             rows, cols = pos // columns, pos % columns
             if _is_function(dst, rows) and _is_function(src, cols):
                 at_row, at_column = dst, src

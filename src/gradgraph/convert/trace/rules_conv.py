@@ -181,17 +181,23 @@ class _ConvRules:
         dp = datapoint.reshape(-1, *[1] * (len(shape) - 1))
         return _broadcast(dp * KEY_STRIDE + grid, shape).clone()
 
-    def copies_of(self, row: Tensor, count: int, origin: str, created_by: str) -> list:
-        """``count`` new sets of ``len(row)`` neurons, each tied neuron for neuron to ``row``
-        (one MERGE edge per neuron): the permutation of the channels moves every copy with them."""
-        copies = []
-        for index in range(count):
-            copy = self.new_set(len(row), NodeKind.RESIDUAL, f"{origin} {index}", created_by)
-            nodes = copy.first + torch.arange(len(row))
-            self.edges.append((row.clone(), nodes, EdgeKind.MERGE, -1, None, None))
-            self.ties.append((row.clone(), nodes))
-            copies.append(copy)
-        return copies
+    def tied_copy(self, row: Tensor, origin: str, created_by: str) -> tuple[Tensor, list]:
+        """New neurons, one per neuron of ``row``, each tied to it (one MERGE edge per neuron), so
+        the permutation of the channels moves the copy with them. Returns ``(new nodes aligned
+        with row, new sets)``: one new set per run of ``row`` that lies in one set, so every tie
+        pairs a set with a set of its own size (a copy of ``cat([a, b])`` is a copy of ``a`` and a
+        copy of ``b``: one set tied to both would pin them)."""
+        owner = torch.tensor([self.set_of(int(node)).index for node in row.tolist()])
+        starts = [0, *(torch.nonzero(owner[1:] != owner[:-1]).flatten() + 1).tolist(), len(row)]
+        nodes, created = [], []
+        for low, high in zip(starts, starts[1:]):
+            copy = self.new_set(high - low, NodeKind.RESIDUAL, origin, created_by)
+            copied = copy.first + torch.arange(high - low)
+            self.edges.append((row[low:high].clone(), copied, EdgeKind.MERGE, -1, None, None))
+            self.ties.append((row[low:high].clone(), copied))
+            nodes.append(copied)
+            created.append(copy)
+        return torch.cat(nodes), created
 
     # -------------------------------------------------------------- taps
     def tap_gather(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
@@ -208,13 +214,13 @@ class _ConvRules:
         row = _broadcast(meta.nodes, x.shape).reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
         for index in meta.versions:
             self.separate_part_read(self.sets[index], row)
-        copies = self.copies_of(row, taps, f"{self.path() or 'conv'} tap", "tap")
-        firsts = torch.tensor([copy.first for copy in copies])
-        feature_nodes = (torch.arange(len(row))[:, None] + firsts[None, :]).reshape(-1)  # channel-major, tap-minor
+        copies, created = zip(*(self.tied_copy(row, f"{self.path() or 'conv'} tap {tap}", "tap")
+                                for tap in range(taps)))
+        feature_nodes = torch.stack(copies, dim=1).reshape(-1)  # channel-major, tap-minor
         nodes = _broadcast(feature_nodes, output.shape).clone()
         comps = self.position_comps(datapoint, tuple(output.shape[1:-1]), output.shape, 1)
-        new = _Neurons(nodes, comps, {copy.index: 0 for copy in copies})
-        copies[0].grad_records.append((output, nodes, comps))  # one record writes every tap set's grad
+        new = _Neurons(nodes, comps, {copy.index: 0 for sets in created for copy in sets})
+        created[0][0].grad_records.append((output, nodes, comps))  # one record writes every tap set's grad
         self.set_meta(output, new)
         self.observe(output, new)
 
@@ -262,11 +268,11 @@ class _ConvRules:
         meta, row, datapoint = self.channel_neurons(x, name, spatial)
         for index in meta.versions:
             self.separate_part_read(self.sets[index], row)
-        pooled = self.copies_of(row, 1, f"{self.path() or name}", "pool")[0]
-        nodes = _broadcast((pooled.first + torch.arange(len(row))).reshape(1, -1, *[1] * spatial), values.shape).clone()
+        pooled, created = self.tied_copy(row, self.path() or name, "pool")
+        nodes = _broadcast(pooled.reshape(1, -1, *[1] * spatial), values.shape).clone()
         comps = self.position_comps(datapoint, tuple(values.shape[2:]), values.shape, 2)
-        new = _Neurons(nodes, comps, {pooled.index: 0})
-        pooled.grad_records.append((values, nodes, comps))
+        new = _Neurons(nodes, comps, {copy.index: 0 for copy in created})
+        created[0].grad_records.append((values, nodes, comps))
         self.set_meta(values, new)
         self.observe(values, new)
         if isinstance(output, tuple):
@@ -302,13 +308,14 @@ class _ConvRules:
         channels = torch.unique(row)
         for index in meta.versions:
             self.separate_part_read(self.sets[index], channels)
-        copies = self.copies_of(channels, distinct_keys.numel(), f"{self.path() or name} position", "flatten")
-        firsts = torch.tensor([copy.first for copy in copies])
-        new_row = firsts[torch.searchsorted(distinct_keys, key_row)] + torch.searchsorted(channels, row)
+        copies, created = zip(*(self.tied_copy(channels, f"{self.path() or name} position {int(key)}", "flatten")
+                                for key in distinct_keys))
+        copies = torch.stack(copies)  # [positions, channels]
+        new_row = copies[torch.searchsorted(distinct_keys, key_row), torch.searchsorted(channels, row)]
         key = self.new_key()[0]
         nodes = _broadcast(new_row, x.shape).clone()
-        new = _Neurons(nodes, (datapoint * KEY_STRIDE + key).clone(), {copy.index: 0 for copy in copies})
-        copies[0].grad_records.append((x, nodes, new.comps))
+        new = _Neurons(nodes, (datapoint * KEY_STRIDE + key).clone(), {copy.index: 0 for sets in created for copy in sets})
+        created[0][0].grad_records.append((x, nodes, new.comps))
         self.set_meta(x, new)
         self.observe(x, new)
         return new

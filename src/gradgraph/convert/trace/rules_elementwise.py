@@ -365,15 +365,13 @@ class _ElementwiseRules:
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):
                 return self.mark_opaque(output, name, "pooling that does not keep one neuron per feature", [meta])
             self.observe(x, meta)
-            pooled = self.new_set(rows.shape[1], NodeKind.RESIDUAL, f"{self.path()} {name}", "pool")
-            pooled_ids = pooled.first + torch.arange(rows.shape[1])
-            self.edges.append((rows[0].clone(), pooled_ids, EdgeKind.MERGE, -1, None, None))
-            self.ties.append((rows[0].clone(), pooled_ids))
+            # one pooled set per set the row holds (a pooled cat of group outputs: rules_conv.tied_copy)
+            pooled_ids, created = self.tied_copy(rows[0].clone(), f"{self.path()} {name}", "pool")
             key = self.new_key()[0]
             comps = collapse(datapoint) * KEY_STRIDE + key
             nodes = _broadcast(pooled_ids, output.shape).clone()
-            new = _Neurons(nodes, _broadcast(comps, output.shape).clone(), {pooled.index: 0})
-            pooled.grad_records.append((output, nodes, new.comps))
+            new = _Neurons(nodes, _broadcast(comps, output.shape).clone(), {pooled.index: 0 for pooled in created})
+            created[0].grad_records.append((output, nodes, new.comps))
             self.set_meta(output, new)
             self.observe(output, new)
             return None
@@ -470,21 +468,20 @@ class _ElementwiseRules:
         weight = args[3] if len(args) > 3 else kwargs.get("weight")
         bias = args[4] if len(args) > 4 else kwargs.get("bias")
         eps = args[7] if len(args) > 7 else kwargs.get("eps", 1e-5)
-        meta = self.need_neurons(x, name)
+        # BatchNorm1d/2d/3d over [b, channels, *positions]: channels are the neurons (trace/rules_conv.py)
+        meta = self.need_neurons(x, name) if x.dim() == 2 else self.channel_neurons(x, name, x.dim() - 2)[0]
         if meta is None:
             raise self.unsupported(name, _LOST_TRACK)
-        if x.dim() != 2:
-            raise self.unsupported(name, f"batch norm on a [{', '.join(map(str, x.shape))}] tensor; gradgraph "
-                                   "supports BatchNorm1d on [b, features]")
+        stats = [-1] + [1] * (x.dim() - 2)  # the running statistics per channel, broadcast over positions
         with torch.no_grad():
-            normalised = (x.detach() - running_mean) / torch.sqrt(running_var + eps)
+            normalised = (x.detach() - running_mean.reshape(stats)) / torch.sqrt(running_var.reshape(stats) + eps)
         self.derived[id(normalised)] = (normalised, self.op_index, ("batch_norm", eps))
         for index in meta.versions:  # running statistics are buffers: no permutation moves them
             self.sets[index].pinned = True
         normalised_meta = _Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
-        sources = normalised_meta.nodes[0].clone()
+        sources = normalised_meta.nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
         created = self.new_set(len(sources), NodeKind.NORM, self.path() or name, "norm")
         created.pinned = True
         targets = created.first + torch.arange(len(sources))
@@ -497,8 +494,8 @@ class _ElementwiseRules:
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
             created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.clone()
-        nodes = _broadcast(targets, output.shape).clone()
-        new = _Neurons(nodes, meta.comps.clone(), {created.index: 0})
+        nodes = _broadcast(targets.reshape(-1, *[1] * (x.dim() - 2)), output.shape).clone()
+        new = _Neurons(nodes, _broadcast(meta.comps, output.shape).clone(), {created.index: 0})
         created.grad_records.append((output, nodes, new.comps))
         self.set_meta(output, new)
         self.observe(output, new)
