@@ -297,25 +297,25 @@ class _ConvRules:
         if not bool((rows == rows[:1]).all()) or not bool((keys == keys[:1]).all()) or bool((rows[0] < 0).any()):
             return meta
         row, key_row = rows[0], keys[0]
-        channels, distinct_keys = torch.unique(row), torch.unique(key_row)
-        pairs = torch.unique(torch.stack((row, key_row)), dim=1)
-        if pairs.shape[1] != row.numel() or row.numel() != channels.numel() * distinct_keys.numel():
-            raise self.unsupported(name, "an affine map over features that are (neuron, position) pairs where not "
-                                   "every position holds the same neurons once; flatten whole [channels, positions] "
-                                   "maps into a linear head")
+        if torch.unique(torch.stack((row, key_row)), dim=1).shape[1] != row.numel():
+            raise self.unsupported(name, "an affine map over features that hold one neuron at one position twice")
         meta = self.fix_act(x, meta, name)  # the channels' act: their values at their positions
         row = _rows_along_last(_broadcast(meta.nodes, x.shape))[0]
-        channels = torch.unique(row)
         for index in meta.versions:
-            self.separate_part_read(self.sets[index], channels)
-        copies, created = zip(*(self.tied_copy(channels, f"{self.path() or name} position {int(key)}", "flatten")
-                                for key in distinct_keys))
-        copies = torch.stack(copies)  # [positions, channels]
-        new_row = copies[torch.searchsorted(distinct_keys, key_row), torch.searchsorted(channels, row)]
+            self.separate_part_read(self.sets[index], torch.unique(row))
+        # the neurons at each position get copies of their own (a position's channels, or one
+        # pooled vector of a cat of several), all at one new component
+        new_row = torch.empty_like(row)
+        created = []
+        for key in torch.unique(key_row).tolist():
+            at_key = key_row == key
+            new_row[at_key], sets = self.tied_copy(row[at_key].clone(), f"{self.path() or name} position {key}",
+                                                   "flatten")
+            created.extend(sets)
         key = self.new_key()[0]
         nodes = _broadcast(new_row, x.shape).clone()
-        new = _Neurons(nodes, (datapoint * KEY_STRIDE + key).clone(), {copy.index: 0 for sets in created for copy in sets})
-        created[0][0].grad_records.append((x, nodes, new.comps))
+        new = _Neurons(nodes, (datapoint * KEY_STRIDE + key).clone(), {copy.index: 0 for copy in created})
+        created[0].grad_records.append((x, nodes, new.comps))
         self.set_meta(x, new)
         self.observe(x, new)
         return new

@@ -28,6 +28,11 @@ def _one_value_per_neuron(nodes: tuple[Tensor, ...], comps: Tensor) -> bool:
     return torch.unique(ids, dim=1).shape[1] == ids.shape[1]
 
 
+#: per-neuron maxima / minima over positions (a text CNN's max over time): pooling, as sum and mean
+_ORDER_POOLS = {"Tensor.max", "Tensor.min", "Tensor.amax", "Tensor.amin", "torch.amax", "torch.amin", "torch.max",
+                "torch.min"}
+
+
 class _ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: elementwise ops, reductions, norms."""
 
@@ -328,8 +333,12 @@ class _ElementwiseRules:
         if meta is None or meta.comps is None:
             return self.mark_opaque(output, name, "a reduction of values that do not depend on the input",
                                     [meta] if meta else [])
+        indices = None
         if isinstance(output, tuple):  # max / min with dim return (values, indices)
-            return self.mark_opaque(output, name, "max/min with indices", [meta])
+            if name not in _ORDER_POOLS or len(output) != 2:
+                return self.mark_opaque(output, name, "max/min with indices", [meta])
+            output, indices = output  # the values may pool over positions (max over time); indices are opaque
+            self.mark_opaque(indices, name, "the indices of a max/min", [])
         dims = self._dims(args, kwargs, x.dim())
         keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
         if name.endswith("norm") and len(args) > 2:
@@ -350,6 +359,11 @@ class _ElementwiseRules:
 
         if any(axis in datapoint_axes for axis in dims):
             return self.mark_opaque(output, name, "a reduction over datapoints", [meta])
+        if not reduced_neurons and not reduced_comps:  # over axes of size 1 (one position left): same values
+            new = _Neurons(collapse(meta.nodes), collapse(meta.comps), self.next_version(meta.versions))
+            self.set_meta(output, new)
+            self.observe(output, new)
+            return None
         if reduced_neurons and not reduced_comps:
             if set(reduced_neurons) != set(neuron_axes):
                 return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
@@ -358,8 +372,9 @@ class _ElementwiseRules:
             self.set_meta(output, stat)
             return None
         if reduced_comps and not reduced_neurons:
-            if name not in _POOLS:
-                return self.mark_opaque(output, name, "a reduction over positions other than sum/mean", [meta])
+            if name not in _POOLS and name not in _ORDER_POOLS:
+                return self.mark_opaque(output, name, "a reduction over positions other than sum/mean/max/min",
+                                        [meta])
             pooled_nodes = collapse(meta.nodes)
             rows = _rows_along_last(pooled_nodes)
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):

@@ -1,0 +1,285 @@
+"""Convolutional networks convert exactly (``trace/rules_conv.py``, ``docs/convolutions.md``).
+
+Every test is float64 against torch.func (``reference_per_sample_grads``), tolerance 1e-10,
+and samples an element of the inferred group: it must keep the function and map the graph to
+the permuted model's graph tensor for tensor. Before convolutions had taps, every model here
+except a patch embedding was refused ("a convolution uses the parameter ..."), so each test
+failed; the group tests fail if a tap set is not tied to its channels (a channel permutation
+would then move a channel's weights without its taps' activations: the permuted model's
+graph differs).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+import gradgraph
+from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
+from gradgraph.testing import assert_equivariant
+from strategies import assert_same_graph
+
+DTYPE = torch.float64
+
+
+def cross_entropy(output, targets):
+    return F.cross_entropy(output, targets, reduction="none")
+
+
+def check(model, inputs, targets, *, moves=True, seed=0):
+    """Exact per-sample gradients and a group element that keeps function and graph; returns the graph."""
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    torch.testing.assert_close(graph.mean_grad()[next(iter(graph.mean_grad()))],
+                               graph.per_sample_grads()[next(iter(graph.mean_grad()))].mean(0), atol=1e-12, rtol=0)
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=seed)
+    if moves:
+        assert moved > 0, "the channel permutation group is trivial"
+    return graph
+
+
+def randomise_batch_norms(model):
+    """Running statistics and affine parameters away from their defaults (so eval BN is not identity)."""
+    generator = torch.Generator().manual_seed(7)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(module.num_features, generator=generator))
+                module.bias.copy_(torch.randn(module.num_features, generator=generator))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- models
+class LeNet5(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
+        h = F.avg_pool2d(torch.tanh(self.conv2(h)), 2)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(h.flatten(1))))))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, norm):
+        super().__init__()
+        make_norm = nn.BatchNorm2d if norm else (lambda channels: nn.Identity())
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=not norm), make_norm(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=not norm), make_norm(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:  # the strided 1x1 shortcut
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not norm), make_norm(cout))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet8(nn.Module):
+    """ResNet-8 (stem, three basic blocks, global average pooling, linear head), narrow."""
+
+    def __init__(self, norm=True, width=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=not norm)
+        self.bn = nn.BatchNorm2d(width) if norm else nn.Identity()
+        self.blocks = nn.Sequential(BasicBlock(width, width, 1, norm), BasicBlock(width, 2 * width, 2, norm),
+                                    BasicBlock(2 * width, 2 * width, 2, norm))
+        self.fc = nn.Linear(2 * width, 5)
+
+    def forward(self, x):
+        h = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNet's block: depthwise 3x3 ('same'), pointwise 1x1, BatchNorm, then a grouped conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding="same", groups=4)
+        self.pointwise = nn.Conv2d(4, 6, 1)
+        self.grouped = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(self.pointwise(F.relu(self.depthwise(h))))
+        return self.fc(F.relu(self.grouped(h)).mean((2, 3)))
+
+
+class Dilated1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(3, 5, 3, dilation=2, padding=2)
+        self.b = nn.Conv1d(5, 4, 4, padding="same", dilation=3)
+        self.c = nn.Conv1d(4, 4, 2, stride=3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x))))))
+        return self.fc(h.mean(-1))
+
+
+class TextCNN(nn.Module):
+    """Kim's 1-D text CNN: embeddings, convolutions of widths 2 and 3, max over time, a linear head."""
+
+    def __init__(self, vocabulary=11, width=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.conv2 = nn.Conv1d(width, 4, 2)
+        self.conv3 = nn.Conv1d(width, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h = self.embed(tokens).transpose(1, 2)  # [b, width, T]
+        pooled = [F.relu(self.conv2(h)).max(dim=2).values, F.max_pool1d(F.relu(self.conv3(h)), h.shape[2]).squeeze(2)]
+        return self.fc(torch.cat(pooled, dim=1))
+
+
+class ZooCNN(nn.Module):
+    """The Small CNN Zoo's architecture: three 3x3 stride-2 convolutions, global average pooling, a linear head."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(1, width, 3, 2), nn.Conv2d(width, width, 3, 2),
+                                    nn.Conv2d(width, width, 3, 2)])
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), padding=(1, 1, 0))
+        self.b = nn.Conv3d(3, 4, 2, dilation=(1, 1, 2))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.max_pool3d(F.relu(self.a(x)), (1, 2, 2))
+        return self.fc(F.relu(self.b(h)).flatten(2).amax(-1))
+
+
+# ----------------------------------------------------------------------------- tests
+def test_lenet5():
+    torch.manual_seed(0)
+    model = LeNet5().to(DTYPE).eval()
+    graph = check(model, torch.randn(2, 1, 28, 28, dtype=DTYPE), torch.randint(0, 10, (2,)))
+    # one component per (datapoint, position) of the largest grid, plus the flattened head's
+    assert graph.num_components == 2 * (28 * 28 + 1)
+
+
+def test_resnet8_with_batch_norm_in_eval_and_strided_shortcut():
+    torch.manual_seed(1)
+    model = randomise_batch_norms(ResNet8(norm=True).to(DTYPE))
+    # BatchNorm's running statistics are buffers, which a permutation of the parameters does not
+    # move, so its channels stay fixed (as for BatchNorm1d): the group check holds trivially there
+    check(model, torch.randn(3, 3, 8, 8, dtype=DTYPE), torch.randint(0, 5, (3,)), moves=False)
+
+
+def test_residual_cnn_moves_channels_with_its_shortcuts():
+    torch.manual_seed(2)
+    model = ResNet8(norm=False).to(DTYPE).eval()
+    check(model, torch.randn(3, 3, 8, 8, dtype=DTYPE), torch.randint(0, 5, (3,)))
+
+
+def test_depthwise_separable_block():
+    torch.manual_seed(3)
+    check(DepthwiseSeparable().to(DTYPE).eval(), torch.randn(2, 3, 7, 7, dtype=DTYPE), torch.randint(0, 3, (2,)))
+
+
+def test_dilated_and_padded_1d_convolutions():
+    torch.manual_seed(4)
+    with pytest.warns(UserWarning, match="same"):  # torch's own note on 'same' with an even kernel
+        check(Dilated1d().to(DTYPE).eval(), torch.randn(3, 3, 11, dtype=DTYPE), torch.randint(0, 2, (3,)))
+
+
+def test_text_cnn_with_max_over_time():
+    torch.manual_seed(5)
+    check(TextCNN().to(DTYPE).eval(), torch.randint(0, 11, (3, 7)), torch.randint(0, 3, (3,)))
+
+
+def test_conv3d_with_max_pooling():
+    torch.manual_seed(6)
+    check(Conv3dNet().to(DTYPE).eval(), torch.randn(2, 2, 4, 7, 8, dtype=DTYPE), torch.randint(0, 2, (2,)))
+
+
+def test_zoo_cnn_gradmetanet_outputs_move_with_the_channel_permutation():
+    torch.manual_seed(7)
+    model = ZooCNN().to(DTYPE).eval()
+    inputs, targets = torch.randn(2, 1, 15, 15, dtype=DTYPE), torch.randint(0, 10, (2,))
+    graph = check(model, inputs, targets)
+    metanet = GradMetaNet(8, num_component_layers=1, num_node_layers=1, edge_out_channels=2, node_out_channels=1,
+                          graph_out_channels=1).to(DTYPE)
+    assert_equivariant(metanet, [graph])
+    plusplus = GradMetaNetPlusPlus(6, num_layers=1, heads=2, graph_out_channels=1, component_out_channels=1).to(DTYPE)
+    assert_equivariant(plusplus, [graph])
+
+
+def test_cached_conversion_equals_the_trace():
+    """A second conversion replays the plan (gather_taps captured by op index): the same graph."""
+    torch.manual_seed(8)
+    model = ResNet8(norm=True).to(DTYPE)
+    randomise_batch_norms(model)
+    inputs, targets = torch.randn(2, 3, 8, 8, dtype=DTYPE), torch.randint(0, 5, (2,))
+    first = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    other_inputs = torch.randn(2, 3, 8, 8, dtype=DTYPE)
+    replayed = gradgraph.to_graph(model, other_inputs, targets, cross_entropy)
+    gradgraph.convert.clear_structure_cache()
+    traced = gradgraph.to_graph(model, other_inputs, targets, cross_entropy)
+    assert_same_graph(replayed, traced, atol=1e-12)
+    assert not torch.equal(first.act, replayed.act)
+
+
+def test_unsupported_convolution_forms_are_refused_by_name():
+    """An unbatched input and a non-zero padding mode are refused, never converted wrongly."""
+    conv = nn.Conv1d(2, 3, 3).to(DTYPE)
+    with pytest.raises(gradgraph.UnsupportedModuleError):
+        gradgraph.to_graph(conv, torch.randn(2, 5, dtype=DTYPE), None, None)
+    reflect = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(15, 2))
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="pad"):
+        gradgraph.to_graph(reflect.to(DTYPE), torch.randn(2, 2, 5, dtype=DTYPE), torch.randint(0, 2, (2,)),
+                           cross_entropy)
+
+
+@settings(max_examples=12, deadline=None)
+@given(spatial=st.sampled_from([1, 2]), kernel=st.integers(1, 3), stride=st.integers(1, 3),
+       padding=st.sampled_from([0, 1, 2, "same", "valid"]), dilation=st.integers(1, 2),
+       groups=st.sampled_from([1, 2]), size=st.integers(5, 8), seed=st.integers(0, 100))
+def test_random_convolutions_are_exact(spatial, kernel, stride, padding, dilation, groups, size, seed):
+    if padding == "same":
+        stride = 1  # torch refuses 'same' with strides
+    torch.manual_seed(seed)
+    conv = (nn.Conv1d, nn.Conv2d)[spatial - 1]
+    first = conv(2, 4, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    second = conv(4, 4, kernel, padding="same", dilation=dilation, groups=groups)
+    head = nn.Linear(4, 3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second, self.head = first, second, head
+
+        def forward(self, x):
+            h = torch.tanh(self.second(torch.tanh(self.first(x))))
+            return self.head(h.flatten(2).mean(-1))
+
+    model = Net().to(DTYPE).eval()
+    inputs = torch.randn(2, 2, *[size] * spatial, dtype=DTYPE)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on 'same' with even kernels
+        check(model, inputs, torch.randint(0, 3, (2,)), moves=False, seed=seed)
