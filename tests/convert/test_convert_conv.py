@@ -172,6 +172,21 @@ class Conv3dNet(nn.Module):
         return self.fc(F.relu(self.b(h)).flatten(2).amax(-1))
 
 
+class NormCNN(nn.Module):
+    """GroupNorm (2 groups of 3 channels) and an affine InstanceNorm between convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gn = nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(2, 6)
+        self.b, self.inorm = nn.Conv2d(6, 4, 3, stride=2), nn.InstanceNorm2d(4, affine=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.gn(self.a(x)))
+        h = F.relu(self.inorm(self.b(h)))
+        return self.fc(h.mean((2, 3)))
+
+
 # ----------------------------------------------------------------------------- tests
 def test_lenet5():
     torch.manual_seed(0)
@@ -211,6 +226,20 @@ def test_text_cnn_with_max_over_time():
     check(TextCNN().to(DTYPE).eval(), torch.randint(0, 11, (3, 7)), torch.randint(0, 3, (3,)))
 
 
+def test_group_norm_and_instance_norm():
+    """Group norm's channels move only within their group (the statistic mixes a group's
+    channels); a permutation across groups would change the function and fail the check."""
+    torch.manual_seed(10)
+    model = NormCNN().to(DTYPE)
+    with torch.no_grad():
+        for norm in (model.gn, model.inorm):
+            norm.weight.normal_()
+            norm.bias.normal_()
+    graph = check(model.eval(), torch.randn(3, 2, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)))
+    groups = graph.perm_group[graph.node_kind == int(gradgraph.NodeKind.NORM)]
+    assert len(set(groups[:3].tolist())) == 1 and set(groups[:3].tolist()).isdisjoint(groups[3:6].tolist())
+
+
 def test_conv3d_with_max_pooling():
     torch.manual_seed(6)
     check(Conv3dNet().to(DTYPE).eval(), torch.randn(2, 2, 4, 7, 8, dtype=DTYPE), torch.randint(0, 2, (2,)))
@@ -243,15 +272,27 @@ def test_cached_conversion_equals_the_trace():
     assert not torch.equal(first.act, replayed.act)
 
 
-def test_unsupported_convolution_forms_are_refused_by_name():
-    """An unbatched input and a non-zero padding mode are refused, never converted wrongly."""
+def test_unbatched_convolution_is_refused_by_name():
+    """An input without a datapoint axis is refused, never converted wrongly."""
     conv = nn.Conv1d(2, 3, 3).to(DTYPE)
-    with pytest.raises(gradgraph.UnsupportedModuleError):
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="conv1d"):
         gradgraph.to_graph(conv, torch.randn(2, 5, dtype=DTYPE), None, None)
-    reflect = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(15, 2))
-    with pytest.raises(gradgraph.UnsupportedModuleError, match="pad"):
-        gradgraph.to_graph(reflect.to(DTYPE), torch.randn(2, 2, 5, dtype=DTYPE), torch.randint(0, 2, (2,)),
-                           cross_entropy)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("spatial", [1, 2])
+def test_padding_modes(mode, spatial):
+    """``padding_mode`` pads with ``F.pad`` before the convolution: read as indexing (a padded
+    place holds the neuron and component it copies). Before, ``F.pad`` was opaque and refused."""
+    torch.manual_seed(9)
+    conv = (nn.Conv1d, nn.Conv2d)[spatial - 1]
+    model = nn.Sequential(conv(2, 3, 3, padding=2, padding_mode=mode), nn.Tanh(),
+                          conv(3, 4, 3, padding=1, padding_mode=mode, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.LazyLinear(3))
+    inputs = torch.randn(2, 2, *[5] * spatial, dtype=DTYPE)
+    model = model.to(DTYPE)
+    model(inputs)  # materialise the lazy head
+    check(model.eval(), inputs, torch.randint(0, 3, (2,)))
 
 
 @settings(max_examples=12, deadline=None)

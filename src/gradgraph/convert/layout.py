@@ -65,17 +65,36 @@ def _roles(tracer: _Tracer) -> Tensor:
     return roles
 
 
+def _tied_cuts(tracer: _Tracer) -> set[int]:
+    """``tracer.cuts`` carried across ties: a set tied neuron for neuron to a cut set is cut at
+    the same places (a group norm's groups cut the channels, and so the taps and pooled copies
+    of those channels), else one tie would join pieces to a whole set and pin them all."""
+    cuts = set(tracer.cuts)
+    changed = bool(cuts)
+    while changed:
+        changed = False
+        known = torch.tensor(sorted(cuts))
+        for a, b in tracer.ties:
+            for src, dst in ((a, b), (b, a)):
+                found = set(dst[torch.isin(src, known)].tolist()) - cuts
+                if found:
+                    cuts |= found
+                    changed = True
+    return cuts
+
+
 def _final_sets(tracer: _Tracer, roles: Tensor) -> tuple[Tensor, list[tuple[NeuronSet, int, int, int]]]:
     """Split created sets where roles change; returns ``(set_of_node [N], [(created, start, stop, role)])``."""
     pieces: list[tuple[NeuronSet, int, int, int]] = []
     set_of_node = torch.empty(tracer.num_nodes, dtype=torch.long)
+    all_cuts = _tied_cuts(tracer)
     for neuron_set in tracer.sets:
         start = neuron_set.first
         stop = neuron_set.first + neuron_set.size
         role = roles[start:stop]
         changes = (torch.nonzero(role[1:] != role[:-1]).flatten() + 1 + start).tolist()
         # tracer.cuts: where a fused output is split into parts that must not share a set (w12.chunk)
-        cuts = sorted({start, stop, *changes, *(cut for cut in tracer.cuts if start < cut < stop)})
+        cuts = sorted({start, stop, *changes, *(cut for cut in all_cuts if start < cut < stop)})
         for low, high in zip(cuts, cuts[1:]):
             set_of_node[low:high] = len(pieces)
             pieces.append((neuron_set, low, high, int(roles[low])))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradgraph.convert.trace.rules_conv import convolution_parts
+from gradgraph.convert.trace.rules_conv import convolution_parts, padding_parts
 
 __all__ = ["decomposition"]
 
@@ -74,6 +74,9 @@ def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | N
     convolution = convolution_parts(func, args, kwargs)  # a batched F.conv*d: taps, then F.linear
     if convolution is not None:
         return convolution
+    padding = padding_parts(func, args, kwargs)  # a convolution's padding_mode: indexing
+    if padding is not None:
+        return padding
     if func in _DECOMPOSITIONS:
         return lambda: _DECOMPOSITIONS[func](*args, **kwargs)
     if func is F.prelu or func is torch.prelu:

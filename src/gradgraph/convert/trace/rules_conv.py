@@ -28,7 +28,7 @@ from gradgraph.convert.trace.meta import _broadcast, KEY_STRIDE, _Neurons, _Raw,
 from gradgraph.convert.trace.ops import _LOST_TRACK
 from gradgraph.graph import EdgeKind, NodeKind
 
-__all__ = ["gather_taps", "convolution_parts", "SPATIAL_POOLS"]
+__all__ = ["gather_taps", "convolution_parts", "padding_parts", "SPATIAL_POOLS"]
 
 #: the batched convolutions the trace runs as :func:`gather_taps` + ``F.linear``
 _CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -119,6 +119,42 @@ def convolution_parts(func: Any, args: tuple, kwargs: dict) -> Any:
     return run
 
 
+def _source_index(size: int, before: int, after: int, mode: str) -> list[int]:
+    """For each place of an axis padded by ``(before, after)``, the place of the input it copies."""
+    places = range(-before, size + after)
+    if mode == "reflect":
+        period = 2 * (size - 1) if size > 1 else 1
+        return [min(place % period, period - place % period) if size > 1 else 0 for place in places]
+    if mode == "replicate":
+        return [min(max(place, 0), size - 1) for place in places]
+    return [place % size for place in places]  # circular
+
+
+def padding_parts(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``F.pad`` with mode ``reflect`` / ``replicate`` / ``circular`` (a convolution's
+    ``padding_mode``) as indexing with constant indices, which the trace follows as a shape op:
+    each padded place holds the neuron and component of the place it copies. ``None`` for other calls."""
+    if func is not F.pad:
+        return None
+    bound = dict(zip(("input", "pad", "mode", "value"), args))
+    bound.update(kwargs)
+    x, pad, mode = bound.get("input"), bound.get("pad"), bound.get("mode", "constant")
+    if mode not in ("reflect", "replicate", "circular") or not isinstance(x, Tensor) or len(pad) % 2:
+        return None
+
+    def run() -> Tensor:
+        result = x
+        for pair in range(len(pad) // 2):  # pairs start from the last axis
+            axis = x.dim() - 1 - pair
+            before, after = pad[2 * pair], pad[2 * pair + 1]
+            if before or after:
+                index = torch.tensor(_source_index(x.shape[axis], before, after, mode), device=x.device)
+                result = result[(slice(None),) * axis + (index,)]
+        return result
+
+    return run
+
+
 class _ConvRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: taps, spatial pooling, flatten into a head."""
 
@@ -153,15 +189,17 @@ class _ConvRules:
         """The model input ``[b, C, *S]`` read as ``C`` input neurons at one component per position."""
         element = meta.element
         datapoint, _, _ = self._datapoint_of(element)
-        if any(_varies_along(datapoint, axis) for axis in range(1, x.dim())):
+        shape = self.input_tensor.shape
+        if any(_varies_along(datapoint, axis) for axis in range(1, x.dim())) or len(shape) != x.dim() \
+                or self.datapoint_dim != 0:
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
-        channels = x.shape[1]
-        self.input_neurons(channels, name, f"as {channels} channels")
-        spatial = x.dim() - 2
-        nodes = _broadcast(self.input_set.first + torch.arange(channels).reshape(1, -1, *[1] * spatial), x.shape)
-        position = _broadcast(torch.arange(math.prod(x.shape[2:])).reshape(1, 1, *x.shape[2:]), x.shape)
+        # channel and position from the input's own layout [b, C, *S], so a slice of the
+        # channels (a grouped convolution's group) reads the channels it holds
+        inner = math.prod(shape[2:])
+        channel, position = (element // inner) % shape[1], element % inner
+        self.input_neurons(shape[1], name, f"as {shape[1]} channels")
         comps = self._assign_comps(element, datapoint, position)
-        nodes = nodes.clone()
+        nodes = self.input_set.first + channel
         if x.requires_grad:
             self.input_set.grad_records.append((x, nodes, comps))
         neurons = _Neurons(nodes, comps, {self.input_set.index: 0})
@@ -207,7 +245,8 @@ class _ConvRules:
         taps = math.prod(kernel)
         meta = self.meta(x)
         if isinstance(meta, _Raw) and x.is_floating_point() and tuple(stride) == tuple(kernel) \
-                and not any(side for pair in padding for side in pair) and all(step == 1 for step in dilation):
+                and not any(side for pair in padding for side in pair) and all(step == 1 for step in dilation) \
+                and x.shape == self.input_tensor.shape:  # the whole input, not a group's channels
             return self.patch_taps(name, x, meta, kernel, output)
         meta, row, datapoint = self.channel_neurons(x, name, spatial)
         meta = self.fix_act(x, meta, name)  # the channels' own act: their values at their positions
@@ -319,3 +358,56 @@ class _ConvRules:
         self.set_meta(x, new)
         self.observe(x, new)
         return new
+
+    # -------------------------------------------------------------- group and instance norms
+    def channel_norm(self, name: str, func: Any, args: tuple, kwargs: dict, output: Tensor) -> None:
+        """``F.group_norm`` / ``F.instance_norm`` (with the input's statistics) over ``[b, C, *S]``:
+        as a layer norm, the input's act is its normalised value, ``γ`` is on NORM_SCALE edges
+        and ``β`` the bias of a NORM set. The statistic of a group mixes its channels, so only
+        channels of one group may be exchanged: the layout cuts the channels at group borders."""
+        group_norm = func is F.group_norm
+        names = ("input", "num_groups", "weight", "bias", "eps") if group_norm else (
+            "input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        x, weight, bias, eps = bound["input"], bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+        if not group_norm and not bound.get("use_input_stats", True):
+            raise self.unsupported(name, "instance norm with running statistics (track_running_stats in eval); "
+                                   "gradgraph reads it with the input's statistics only")
+        channels = x.shape[1]
+        groups = int(bound["num_groups"]) if group_norm else channels
+        meta, row, _ = self.channel_neurons(x, name, x.dim() - 2)
+        with torch.no_grad():
+            normalised = F.group_norm(x.detach(), groups, None, None, eps)
+        self.derived[id(normalised)] = (normalised, self.op_index, ("group_norm", groups, eps))
+        normalised_meta = _Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
+        self.set_meta(normalised, normalised_meta)
+        normalised_meta = self.fix_act(normalised, normalised_meta, name)
+        sources = _broadcast(normalised_meta.nodes, x.shape).reshape(x.shape[0], channels, -1)[0, :, 0].clone()
+        created = self.new_set(channels, NodeKind.NORM, self.path() or name, "norm")
+        targets = created.first + torch.arange(channels)
+        if weight is not None:
+            weight_view = self.param_view(weight, name, "weight")
+            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index,
+                               weight_view.pos.reshape(-1).clone(), None))
+        else:
+            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, -1, None, None))
+        if bias is not None:
+            bias_view = self.param_view(bias, name, "bias")
+            created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
+        self.ties.append((sources, targets))
+        if 1 < groups:  # channels of one group only: cut both ends at the group borders
+            per_group = channels // groups
+            source_sets = self.sets_in(sources)
+            whole = len(source_sets) == 1 and torch.equal(sources, source_sets[0].first + torch.arange(channels))
+            for nodes in (targets, sources) if whole else (targets,):
+                self.cuts.update(int(nodes[0]) + border for border in range(0, channels + 1, per_group))
+            if not whole:
+                for neuron_set in source_sets:
+                    neuron_set.pinned = True
+        spatial = x.dim() - 2
+        nodes = _broadcast(targets.reshape(-1, *[1] * spatial), output.shape).clone()
+        new = _Neurons(nodes, _broadcast(meta.comps, output.shape).clone(), {created.index: 0})
+        created.grad_records.append((output, nodes, new.comps))
+        self.set_meta(output, new)
+        self.observe(output, new)

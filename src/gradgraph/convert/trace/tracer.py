@@ -310,6 +310,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, _Con
             return self.tap_gather(name, args, kwargs, output)
         if func in SPATIAL_POOLS:
             return self.spatial_pool(name, args, kwargs, output)
+        if func is F.group_norm or func is F.instance_norm:
+            return self.channel_norm(name, func, args, kwargs, output)
         if name in _LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
