@@ -207,9 +207,31 @@ def test_lenet5():
 def test_resnet8_with_batch_norm_in_eval_and_strided_shortcut():
     torch.manual_seed(1)
     model = randomise_batch_norms(ResNet8(norm=True).to(DTYPE))
-    # BatchNorm's running statistics are buffers, which a permutation of the parameters does not
-    # move, so its channels stay fixed (as for BatchNorm1d): the group check holds trivially there
-    check(model, torch.randn(3, 3, 8, 8, dtype=DTYPE), torch.randint(0, 5, (3,)), moves=False)
+    # the running statistics are buffers: permute_model moves them with the channels (else the
+    # permuted model computes another function and the check fails)
+    check(model, torch.randn(3, 3, 8, 8, dtype=DTYPE), torch.randint(0, 5, (3,)))
+
+
+def test_batch_norm_with_statistics_of_no_module_fixes_its_channels():
+    """F.batch_norm on tensors that are no module's buffers: nothing would move them, so no
+    channel of the norm moves (the check would fail if they did: the function changes)."""
+
+    class LooseNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 3, 3), nn.Linear(3, 2)
+            self.gamma, self.beta = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+            self.stats = (torch.randn(3), torch.rand(3) + 0.5)
+
+        def forward(self, x):
+            h = F.batch_norm(self.conv(x), *self.stats, self.gamma, self.beta, training=False)
+            return self.fc(F.relu(h).mean((2, 3)))
+
+    torch.manual_seed(11)
+    model = LooseNorm().to(DTYPE).eval()
+    model.stats = tuple(stat.to(DTYPE) for stat in model.stats)
+    graph = check(model, torch.randn(2, 2, 5, 5, dtype=DTYPE), torch.randint(0, 2, (2,)), moves=False)
+    assert bool((graph.perm_group[graph.node_kind == int(gradgraph.NodeKind.NORM)] == -1).all())
 
 
 def test_residual_cnn_moves_channels_with_its_shortcuts():

@@ -491,15 +491,23 @@ class _ElementwiseRules:
         with torch.no_grad():
             normalised = (x.detach() - running_mean.reshape(stats)) / torch.sqrt(running_var.reshape(stats) + eps)
         self.derived[id(normalised)] = (normalised, self.op_index, ("batch_norm", eps))
-        for index in meta.versions:  # running statistics are buffers: no permutation moves them
-            self.sets[index].pinned = True
+        # the running statistics are buffers: symmetry.permute_model moves them with the channels of
+        # the module whose bias they share (a BatchNorm with affine=True); other statistics pin them
+        movable = bias is not None and any(
+            getattr(module, "bias", None) is bias and getattr(module, "running_mean", None) is running_mean
+            and getattr(module, "running_var", None) is running_var for module in self.model.modules())
+        if not movable:
+            for index in meta.versions:
+                self.sets[index].pinned = True
         normalised_meta = _Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
         sources = normalised_meta.nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
         created = self.new_set(len(sources), NodeKind.NORM, self.path() or name, "norm")
-        created.pinned = True
+        created.pinned = not movable
         targets = created.first + torch.arange(len(sources))
+        if movable:
+            self.ties.append((sources, targets))
         if weight is not None:
             weight_view = self.param_view(weight, name, "weight")
             self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index, weight_view.pos.clone(),
