@@ -354,3 +354,24 @@ def test_random_convolutions_are_exact(spatial, kernel, stride, padding, dilatio
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's note on 'same' with even kernels
         check(model, inputs, torch.randint(0, 3, (2,)), moves=False, seed=seed)
+
+
+def test_whisper_encoder():
+    """``transformers``' WhisperEncoder (tiny config, eager attention): two 1-D convolutions
+    (the second strided) under a transformer encoder; exact, and its group moves channels and heads."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    torch.manual_seed(12)
+    config = transformers.WhisperConfig(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                                        num_mel_bins=4, max_source_positions=6, attn_implementation="eager")
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = WhisperEncoder(config), nn.Linear(16, 3)
+
+        def forward(self, features):
+            return self.head(self.encoder(features).last_hidden_state.mean(1))
+
+    check(Classifier().to(DTYPE).eval(), torch.randn(2, 4, 12, dtype=DTYPE), torch.randint(0, 3, (2,)))
