@@ -339,8 +339,9 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, _Con
             return self.embedding(name, indices, weight, output, options.get("padding_idx"))
         if name in _SDPA:
             return self.sdpa(name, args, kwargs, output)
-        if name in _CONVOLUTION:
-            return self.patch_convolution(name, args, kwargs, output)
+        if name in _CONVOLUTION:  # a batched one runs as gather_taps + F.linear (trace/rules_conv.py)
+            raise self.unsupported(name, "a convolution of an input without a datapoint axis ([channels, *spatial]); "
+                                   "gradgraph reads convolutions of batches [b, channels, *spatial]")
         if name in _LAYER_NORM or name in _RMS_NORM:
             return self.norm(name, args, kwargs, output)
         if name in _BATCH_NORM:
