@@ -375,3 +375,74 @@ def test_whisper_encoder():
             return self.head(self.encoder(features).last_hidden_state.mean(1))
 
     check(Classifier().to(DTYPE).eval(), torch.randn(2, 4, 12, dtype=DTYPE), torch.randint(0, 3, (2,)))
+
+
+class _Residual(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+@st.composite
+def cnn_programs(draw):
+    """A random CNN: 1-D or 2-D; blocks of convolutions (kernel, stride, padding incl. 'same' and
+    padding modes, dilation, groups), activations, pooling, BatchNorm / GroupNorm, residual and
+    depthwise blocks; then global average pooling or a flatten into a linear head.
+    Returns ``(model, input shape)``."""
+    spatial = draw(st.sampled_from([1, 2]))
+    conv = (nn.Conv1d, nn.Conv2d)[spatial - 1]
+    size = first_size = draw(st.integers(6, 9))
+    channels = first_channels = draw(st.sampled_from([2, 4]))
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["conv", "conv", "pool", "norm", "residual", "depthwise"]))
+        if kind == "conv":
+            kernel, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+            padding = draw(st.sampled_from([0, 1, "same"]))
+            stride = 1 if padding == "same" else draw(st.integers(1, 2))
+            mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])) if padding == 1 else "zeros"
+            span = dilation * (kernel - 1) + 1
+            if size + (2 if padding == 1 else 0) < span:
+                continue
+            out, groups = draw(st.sampled_from([2, 4])), draw(st.sampled_from([1, 2]))
+            layers += [conv(channels, out, kernel, stride, padding, dilation, groups, padding_mode=mode),
+                       draw(st.sampled_from([nn.ReLU(), nn.Tanh()]))]
+            size = size if padding == "same" else (size + (2 if padding == 1 else 0) - span) // stride + 1
+            channels = out
+        elif kind == "pool" and size >= 4:
+            average = draw(st.booleans())
+            layers.append(((nn.MaxPool1d, nn.MaxPool2d), (nn.AvgPool1d, nn.AvgPool2d))[average][spatial - 1](2))
+            size //= 2
+        elif kind == "norm":
+            batch = draw(st.booleans())
+            layers.append((nn.BatchNorm1d, nn.BatchNorm2d)[spatial - 1](channels) if batch else nn.GroupNorm(2, channels))
+        elif kind == "residual":
+            layers.append(_Residual(nn.Sequential(conv(channels, channels, 3, padding=1), nn.ReLU())))
+        elif kind == "depthwise":
+            layers += [conv(channels, channels, 3, padding=1, groups=channels), nn.ReLU()]
+    if draw(st.booleans()):
+        layers += [(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)[spatial - 1](1), nn.Flatten(), nn.Linear(channels, 3)]
+    else:
+        layers += [nn.Flatten(), nn.Linear(channels * size ** spatial, 3)]
+    return nn.Sequential(*layers), (2, first_channels, *[first_size] * spatial)
+
+
+@settings(max_examples=15, deadline=None)
+@given(program=cnn_programs(), seed=st.integers(0, 100))
+def test_random_cnn_programs_convert_exactly(program, seed):
+    """Random CNNs (``cnn_programs``): every one converts with exact per-sample gradients and a
+    group whose sampled element keeps the function and maps the graph (none is refused)."""
+    import warnings
+
+    model, shape = program
+    torch.manual_seed(seed)
+    for parameter in model.parameters():  # a fresh draw: hypothesis reuses the drawn modules
+        torch.nn.init.normal_(parameter, std=0.5)
+    model = randomise_batch_norms(model.to(DTYPE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on 'same' with even kernels
+        check(model, torch.randn(*shape, dtype=DTYPE), torch.randint(0, 3, (shape[0],)), moves=False, seed=seed,
+              metanet=False)
