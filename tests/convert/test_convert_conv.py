@@ -240,6 +240,24 @@ def test_residual_cnn_moves_channels_with_its_shortcuts():
     check(model, torch.randn(3, 3, 8, 8, dtype=DTYPE), torch.randint(0, 5, (3,)))
 
 
+def test_input_read_as_windows_and_again_is_traced_with_channels():
+    """``conv(x) + x`` reads the model input as windows and again as channels: the trace starts
+    over reading it as channels (one input neuron would otherwise hold two values per component)."""
+
+    class InputResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x) + x).mean((2, 3)))
+
+    torch.manual_seed(13)
+    graph = check(InputResidual().to(DTYPE).eval(), torch.randn(2, 3, 5, 5, dtype=DTYPE), torch.randint(0, 2, (2,)),
+                  moves=False)
+    assert int((graph.node_kind == int(gradgraph.NodeKind.INPUT)).sum()) == 3  # the channels
+
+
 def test_depthwise_separable_block():
     torch.manual_seed(3)
     check(DepthwiseSeparable().to(DTYPE).eval(), torch.randn(2, 3, 7, 7, dtype=DTYPE), torch.randint(0, 3, (2,)))
@@ -280,6 +298,11 @@ def test_zoo_cnn_gradmetanet_outputs_move_with_the_channel_permutation():
     model = ZooCNN().to(DTYPE).eval()
     inputs, targets = torch.randn(2, 1, 15, 15, dtype=DTYPE), torch.randint(0, 10, (2,))
     graph = check(model, inputs, targets)
+    # the input is read as the first convolution's windows: components are its 7x7 output grid
+    # (not the 15x15 input; the last grid is 1x1, so its mean is its one position), and the input
+    # neurons are (channel, tap) pairs
+    assert graph.num_components == 2 * 7 * 7
+    assert int((graph.node_kind == int(gradgraph.NodeKind.INPUT)).sum()) == 9
     metanet = GradMetaNet(8, num_component_layers=1, num_node_layers=1, edge_out_channels=2, node_out_channels=1,
                           graph_out_channels=1).to(DTYPE)
     assert_equivariant(metanet, [graph])

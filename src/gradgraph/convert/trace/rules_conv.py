@@ -28,7 +28,7 @@ from gradgraph.convert.trace.meta import _broadcast, KEY_STRIDE, _Neurons, _Raw,
 from gradgraph.convert.trace.ops import _LOST_TRACK
 from gradgraph.graph import EdgeKind, NodeKind
 
-__all__ = ["gather_taps", "convolution_parts", "padding_parts", "SPATIAL_POOLS"]
+__all__ = ["InputReadAgain", "gather_taps", "convolution_parts", "padding_parts", "SPATIAL_POOLS"]
 
 #: the batched convolutions the trace runs as :func:`gather_taps` + ``F.linear``
 _CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -43,6 +43,11 @@ SPATIAL_POOLS = {
 }
 if hasattr(F, "lp_pool3d"):
     SPATIAL_POOLS.add(F.lp_pool3d)
+
+
+class InputReadAgain(Exception):
+    """The model input, read by a convolution as windows (:meth:`_ConvRules.input_taps`), is read
+    again: :func:`~gradgraph.convert.trace.run.trace_model` traces afresh reading it as channels."""
 
 
 def gather_taps(input: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...],
@@ -248,6 +253,9 @@ class _ConvRules:
                 and not any(side for pair in padding for side in pair) and all(step == 1 for step in dilation) \
                 and x.shape == self.input_tensor.shape:  # the whole input, not a group's channels
             return self.patch_taps(name, x, meta, kernel, output)
+        if isinstance(meta, _Raw) and x.is_floating_point() and x.shape == self.input_tensor.shape \
+                and self.input_set is None and self.datapoint_dim == 0 and self.input_taps:
+            return self.read_input_taps(name, x, meta, kernel, output)
         meta, row, datapoint = self.channel_neurons(x, name, spatial)
         meta = self.fix_act(x, meta, name)  # the channels' own act: their values at their positions
         row = _broadcast(meta.nodes, x.shape).reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
@@ -295,6 +303,31 @@ class _ConvRules:
         out_nodes = _broadcast(self.input_set.first + torch.arange(width), output.shape).clone()
         out_comps = self.position_comps(first_of_datapoint, tuple(counts), output.shape, 1)
         new = _Neurons(out_nodes, out_comps, {self.input_set.index: 0})
+        self.set_meta(output, new)
+
+    def read_input_taps(self, name: str, x: Tensor, meta: _Raw, kernel: tuple[int, ...], output: Tensor) -> None:
+        """A convolution that is the first reader of the model input ``[b, C, *S]``: the input is
+        ``C * k`` neurons (channel, then kernel tap), their ``act`` the window values at the
+        convolution's *output* positions and their ``grad`` the gradient of those values, as a
+        patch embedding's are. The input grid then has no components of its own, so a strided
+        first convolution (the Small CNN Zoo's) gives ``b`` times its output grid components,
+        not its input grid. A later read of the input in any other way (a residual from the
+        input, a second convolution) raises :class:`InputReadAgain` (``tracer.input_neurons``), and
+        the model is traced again with the input read as channels (``tracer.input_taps = False``)."""
+        element = meta.element
+        datapoint, _, _ = self._datapoint_of(element)
+        if any(_varies_along(datapoint, axis) for axis in range(1, x.dim())):
+            raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
+        width = x.shape[1] * math.prod(kernel)
+        self.input_neurons(width, name, f"as {width} (channel, tap) features")
+        self.input_set.read_through_taps = True  # type: ignore[attr-defined]
+        self.input_set.read_by_affine = True
+        nodes = _broadcast(self.input_set.first + torch.arange(width), output.shape).clone()
+        first_of_datapoint = datapoint.reshape(datapoint.shape[0], -1)[:, 0]
+        comps = self.position_comps(first_of_datapoint, tuple(output.shape[1:-1]), output.shape, 1)
+        new = _Neurons(nodes, comps, {self.input_set.index: 0})
+        if output.requires_grad:
+            self.input_set.grad_records.append((output, nodes, comps))
         self.set_meta(output, new)
 
     # -------------------------------------------------------------- pooling

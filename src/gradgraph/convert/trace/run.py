@@ -18,6 +18,7 @@ from gradgraph.convert.trace.meta import (
     _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
 )
 from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES, _op_name
+from gradgraph.convert.trace.rules_conv import InputReadAgain
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind
@@ -133,14 +134,20 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     whose output the module returned.
     """
     check_materialised(model, "convert_traced")
-    tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
-    x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
-    tracer.bind_input(x)
-    tracker = _ModuleTracker(tracer)
-    with torch.enable_grad(), tracker, tracer:
-        output = _run_forward(model, forward, x, tracer)
-    tracer.module_outputs = tracker.module_outputs  # read by the plan (gradgraph.convert.chain)
-    return tracer, output, x
+    for input_taps in (True, False):  # an input read as convolution windows and again: read it as channels
+        tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
+        tracer.input_taps = input_taps
+        x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
+        tracer.bind_input(x)
+        tracker = _ModuleTracker(tracer)
+        try:
+            with torch.enable_grad(), tracker, tracer:
+                output = _run_forward(model, forward, x, tracer)
+        except InputReadAgain:
+            continue
+        tracer.module_outputs = tracker.module_outputs  # read by the plan (gradgraph.convert.chain)
+        return tracer, output, x
+    raise AssertionError("unreachable: the second trace reads the input as channels")
 
 
 def _user_frame(traceback: Any) -> str:

@@ -32,7 +32,7 @@ from gradgraph.convert.trace.ops import (
 )
 from gradgraph.convert.trace.rules_affine import _AffineRules
 from gradgraph.convert.trace.rules_attention import _AttentionRules
-from gradgraph.convert.trace.rules_conv import _ConvRules, gather_taps, SPATIAL_POOLS
+from gradgraph.convert.trace.rules_conv import _ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import _Data, _DataRules
 from gradgraph.convert.trace.rules_elementwise import _ElementwiseRules
 from gradgraph.errors import UnsupportedModuleError
@@ -77,6 +77,8 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, _Con
         self.input_comps: Tensor | None = None  # per flat input element: its component, -1 until read
         self.input_tensor: Tensor | None = None
         self.input_set: NeuronSet | None = None
+        #: whether a convolution reading the model input first may read it as windows (rules_conv.input_taps)
+        self.input_taps = True
         self.log: _OpLog | None = None
         self.op_index = -1
         self.captured: dict[int, tuple[tuple, dict, Any]] = {}  # op index -> (args, kwargs, output)
@@ -146,6 +148,10 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, _Con
         if self.input_set is None:
             self.input_set = self.new_set(width, NodeKind.INPUT, "input", "input")
             self.input_set.pinned = True
+        elif getattr(self.input_set, "read_through_taps", False):
+            # the input was read as a convolution's windows (rules_conv.input_taps) and is read again:
+            # trace_model traces afresh with the input read as channels
+            raise TraceAbort(InputReadAgain(op))
         if self.input_set.size != width:
             raise self.unsupported(op, f"the input is read {reading} here but {self.input_set.size} elsewhere")
         return self.input_set
