@@ -276,7 +276,8 @@ def test_text_cnn_with_max_over_time():
 
 def test_group_norm_and_instance_norm():
     """Group norm's channels move only within their group (the statistic mixes a group's
-    channels); a permutation across groups would change the function and fail the check."""
+    channels; a permutation across groups would change the function and fail the check);
+    instance norm's move freely."""
     torch.manual_seed(10)
     model = NormCNN().to(DTYPE)
     with torch.no_grad():
@@ -286,6 +287,8 @@ def test_group_norm_and_instance_norm():
     graph = check(model.eval(), torch.randn(3, 2, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)))
     groups = graph.perm_group[graph.node_kind == int(gradgraph.NodeKind.NORM)]
     assert len(set(groups[:3].tolist())) == 1 and set(groups[:3].tolist()).isdisjoint(groups[3:6].tolist())
+    # instance norm's channels (one per group) move freely together
+    assert len(set(groups[6:10].tolist())) == 1 and int(groups[6]) >= 0
 
 
 def test_conv3d_with_max_pooling():

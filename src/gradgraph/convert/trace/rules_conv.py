@@ -396,8 +396,9 @@ class _ConvRules:
     def channel_norm(self, name: str, func: Any, args: tuple, kwargs: dict, output: Tensor) -> None:
         """``F.group_norm`` / ``F.instance_norm`` (with the input's statistics) over ``[b, C, *S]``:
         as a layer norm, the input's act is its normalised value, ``γ`` is on NORM_SCALE edges
-        and ``β`` the bias of a NORM set. The statistic of a group mixes its channels, so only
-        channels of one group may be exchanged: the layout cuts the channels at group borders."""
+        and ``β`` the bias of a NORM set. The statistic of a group mixes its channels, so channels
+        move only within their group (the layout cuts them at group borders); with one channel per
+        group (InstanceNorm) every channel permutation moves whole groups and keeps the function."""
         group_norm = func is F.group_norm
         names = ("input", "num_groups", "weight", "bias", "eps") if group_norm else (
             "input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
@@ -429,8 +430,10 @@ class _ConvRules:
             bias_view = self.param_view(bias, name, "bias")
             created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
         self.ties.append((sources, targets))
-        if 1 < groups:  # channels of one group only: cut both ends at the group borders
-            per_group = channels // groups
+        per_group = channels // groups
+        # a statistic over several channels: they move only within their group, so cut both ends at the
+        # group borders (one channel per group, as InstanceNorm: any permutation moves whole groups)
+        if 1 < groups and per_group > 1:
             source_sets = self.sets_in(sources)
             whole = len(source_sets) == 1 and torch.equal(sources, source_sets[0].first + torch.arange(channels))
             for nodes in (targets, sources) if whole else (targets,):
