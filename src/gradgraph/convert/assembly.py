@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import check_finite
 from gradgraph.convert.plan import TracePlan, _Record, _SlotCopy
+from gradgraph.convert.separation import check_separate
 from gradgraph.convert.trace import UnsupportedOperationError
 from gradgraph.graph import GradGraph
 
@@ -147,6 +148,8 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, paramet
     else:
         with torch.enable_grad():  # the caller is in no_grad; the sum must stay differentiable
             total = objective.sum()
+    # before the one backward frees the graph: each datapoint's loss must depend on it alone
+    check_separate(plan, objective, derived["grad_sources"], tensors, parameters, num_datapoints)
     results = torch.autograd.grad(total, tensors + [parameters[name] for name in others] if others else tensors,
                                   allow_unused=True)
     for name, result in zip(others, results[len(tensors):]):

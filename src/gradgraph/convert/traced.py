@@ -21,7 +21,7 @@ from gradgraph.convert.chain import chain_capture, plain_chain
 from gradgraph.convert.layout import _make_plan
 from gradgraph.convert.assembly import _assemble, _fill
 from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _parameter_signature, _plan_key
-from gradgraph.convert.trace import PlanMismatch, replay_model, trace_model
+from gradgraph.convert.trace import PlanMismatch, UnsupportedOperationError, replay_model, trace_model
 from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
@@ -298,14 +298,61 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
         plan.chain = None if plan.guards else chain_capture(run.chain, run.tracer.module_outputs, plan.sources,
                                                             plan.wanted)
     device = run.x.device if run.tracer is None else run.tracer.params[0].device
+    # a fresh trace is checked once against autograd (a replay runs the same ops on the same plan)
+    truth = _autograd_sums(plan, objective, scan.parameters) if run.plan is None else None
     act, grad = _fill(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints, run.dtype, device)
     # the recorded activations are no longer needed: freeing them before the O(P) edge values
     # are allocated lowers the conversion's peak memory (the dict is their only holder)
     run.captured.clear()
     run.tracer = None  # after a trace: its id tensors and the values it kept
-    if run.plan is None:
+    graph = _assemble(plan, scan.parameters, act, grad, run.num_datapoints)
+    if truth is not None:
+        _check_sums(graph, truth, run.num_datapoints)
         PLAN_CACHE.put(run.key, plan)
-    return _assemble(plan, scan.parameters, act, grad, run.num_datapoints)
+    return graph
+
+
+def _autograd_sums(plan: TracePlan, objective: Tensor, parameters: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``d(sum_i L_i)/dθ`` by autograd for each parameter of the plan that requires grad (the
+    graph is kept for the one backward pass that follows)."""
+    names = [name for name in dict.fromkeys(plan.param_names) if parameters[name].requires_grad]
+    if not names or objective.grad_fn is None:
+        return {}
+    with torch.enable_grad():
+        total = objective.sum()
+    sums = torch.autograd.grad(total, [parameters[name] for name in names], retain_graph=True, allow_unused=True)
+    return {name: value for name, value in zip(names, sums) if value is not None}
+
+
+#: the graph's summed gradient and autograd's differ by rounding only; this many eps of the dtype
+#: relative to the larger magnitude of the two (float64: 2e-12, float32: 1e-3)
+_SUM_EPS_FACTOR = 1e4
+
+
+def _check_sums(graph: GradGraph, truth: dict[str, Tensor], num_datapoints: int) -> None:
+    """Refuse a fresh trace whose graph's gradient of some parameter, summed over datapoints,
+    is not autograd's: a path from the parameter to the loss that no rule followed (a value computed
+    from a parameter that an op's rule reads as a constant) would otherwise make every per-sample
+    gradient of it silently wrong. Cost: one backward pass and ``mean_grad()``, on a fresh trace only."""
+    if not truth:
+        return
+    ours = graph.mean_grad()
+    # a gradient that is zero in exact arithmetic (a key bias under softmax) is rounding noise on
+    # both sides: the scale is the parameter's own or, if larger, a hundredth of the largest one
+    overall = max(float(value.abs().max()) for value in truth.values() if value.numel()) if truth else 0.0
+    for name, expected in truth.items():
+        got = ours[name] * num_datapoints
+        expected = expected.to(got.dtype)
+        error = float((got - expected).abs().max()) if got.numel() else 0.0
+        scale = max(float(expected.abs().max()), float(got.abs().max()), 1e-2 * overall) if got.numel() else 0.0
+        if error > _SUM_EPS_FACTOR * torch.finfo(got.dtype).eps * scale:
+            path = name.rsplit(".", 1)[0] if "." in name else ""
+            raise UnsupportedOperationError(
+                path, "parameter use", "in the forward",
+                f"the graph's gradient of '{name}' (summed over datapoints) differs from autograd's by {error:.2e} "
+                f"(largest entry {scale:.2e}): a value computed from this parameter reaches the loss through an op "
+                "whose gradgraph rule reads it as a constant, so the graph would be silently wrong. Write that part "
+                "with supported ops or register a converter for the module (gradgraph.register_converter)")
 
 
 def default_datapoint_dim(model: nn.Module) -> int:

@@ -30,6 +30,25 @@ def _grouped(heads: Tensor, head_dim: int) -> bool:
     return pairs.shape[0] == torch.unique(keys, dim=0).shape[0] == torch.unique(values, dim=0).shape[0]
 
 
+def _parameters_behind(tensor: Tensor, names: dict[int, str], limit: int = 10_000) -> list[str]:
+    """Names of the parameters ``tensor`` is computed from (a walk of its autograd graph), for messages."""
+    found: list[str] = []
+    seen: set[int] = set()
+    pending = [tensor.grad_fn] if tensor.grad_fn is not None else []
+    if tensor.grad_fn is None and id(tensor) in names:
+        return [names[id(tensor)]]
+    while pending and len(seen) < limit:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in names and names[id(variable)] not in found:
+            found.append(names[id(variable)])
+        pending.extend(child for child, _ in node.next_functions if child is not None)
+    return found
+
+
 class _AttentionRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: attention ops."""
 
@@ -129,7 +148,16 @@ class _AttentionRules:
         if query is None or key is None or value is None:
             raise self.unsupported(name, "attention over constant queries, keys or values")
         key_t = _Neurons(key.nodes.transpose(-2, -1), key.comps.transpose(-2, -1), key.versions)
-        if isinstance(bound.get("attn_mask"), Tensor):
+        mask = bound.get("attn_mask")
+        if isinstance(mask, Tensor) and (mask.requires_grad or not isinstance(self.meta(mask), _Data | None)):
+            # the rule reads the mask as a constant: a gradient through it would be dropped
+            behind = _parameters_behind(mask, self._param_name)
+            what = f"the parameter(s) {behind}" if behind else "neuron values or the input"
+            raise self.unsupported(name, f"an attn_mask computed from {what} (a learned bias of the attention "
+                                   "scores, as T5's relative position bias): its gradient is not a rank-1 term of "
+                                   "the graph, and gradgraph reads attn_mask as a constant. Pass a mask that does "
+                                   "not depend on parameters; a learned score bias is not supported")
+        if isinstance(mask, Tensor):
             self.pin_heads_if_distinct(bound["attn_mask"], query, key_t, tuple(query.nodes.shape[:-1]) + (
                 key.nodes.shape[-2],))
         self.attention_output(name, query, key_t, bound["value"], value, output)
