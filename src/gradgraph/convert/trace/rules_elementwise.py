@@ -33,6 +33,18 @@ _ORDER_POOLS = {"Tensor.max", "Tensor.min", "Tensor.amax", "Tensor.amin", "torch
                 "torch.min"}
 
 
+def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
+    """``torch.unique(torch.stack((first, second)), dim=1)`` for non-negative ids, as a 1-D unique
+    of one code per pair (the same sorted columns; ``unique(dim=1)`` on a CNN's feature maps was a
+    fifth of a first conversion)."""
+    first, second = first.reshape(-1), second.reshape(-1)
+    if first.numel() == 0:
+        return torch.stack((first, second))
+    scale = int(second.max()) + 1
+    codes = torch.unique(first * scale + second)
+    return torch.stack((codes // scale, codes % scale))
+
+
 class _ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: elementwise ops, reductions, norms."""
 
@@ -116,7 +128,7 @@ class _ElementwiseRules:
             return None
         if bool((a_nodes < 0).any()) or bool((b_nodes < 0).any()):
             raise self.unsupported(name, "combines neurons with values that are partly not neurons")
-        pairs = torch.unique(torch.stack((a_nodes.reshape(-1), b_nodes.reshape(-1))), dim=1)
+        pairs = _unique_pairs(a_nodes, b_nodes)
         if torch.unique(pairs[0]).numel() != pairs.shape[1] or torch.unique(pairs[1]).numel() != pairs.shape[1]:
             # not one neuron of b per neuron of a (e.g. rotary embeddings mixing dims): no symmetry claimed
             for index in list(a.versions) + list(b.versions):
@@ -141,7 +153,7 @@ class _ElementwiseRules:
         if fresh:
             into, other = fresh[0]
             into_nodes, other_nodes = _broadcast(into.nodes, shape), _broadcast(other.nodes, shape)
-            pairs = torch.unique(torch.stack((other_nodes.reshape(-1), into_nodes.reshape(-1))), dim=1)
+            pairs = _unique_pairs(other_nodes, into_nodes)
             self.edges.append((pairs[0].clone(), pairs[1].clone(), kind, -1, None, None))
             self.ties.append((pairs[0].clone(), pairs[1].clone()))
             target = self.sets[next(iter(into.versions))]
