@@ -258,6 +258,27 @@ def test_input_read_as_windows_and_again_is_traced_with_channels():
     assert int((graph.node_kind == int(gradgraph.NodeKind.INPUT)).sum()) == 3  # the channels
 
 
+def test_inception_block_concatenates_branches_along_channels():
+    """Branches of 1x1, 3x3, 5x5 convolutions and a max pool concatenated along channels, then a
+    strided convolution and a flatten head: the next convolution's taps copy each branch's
+    channels as sets of their own, so every branch keeps its channel permutations."""
+
+    class Inception(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.b1, self.b3, self.b5 = nn.Conv2d(4, 3, 1), nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, 5, padding=2)
+            self.mix, self.fc = nn.Conv2d(7 + 4, 5, 3, stride=2), nn.Linear(5 * 2 * 2, 3)
+
+        def forward(self, x):
+            h = F.relu(self.stem(x))
+            h = torch.cat([F.relu(self.b1(h)), F.relu(self.b3(h)), F.relu(self.b5(h)), F.max_pool2d(h, 3, 1, 1)], dim=1)
+            return self.fc(F.relu(self.mix(h)).flatten(1))
+
+    torch.manual_seed(14)
+    check(Inception().to(DTYPE).eval(), torch.randn(2, 3, 6, 6, dtype=DTYPE), torch.randint(0, 3, (2,)))
+
+
 def test_depthwise_separable_block():
     torch.manual_seed(3)
     check(DepthwiseSeparable().to(DTYPE).eval(), torch.randn(2, 3, 7, 7, dtype=DTYPE), torch.randint(0, 3, (2,)))
