@@ -9,6 +9,8 @@ would then move a channel's weights without its taps' activations: the permuted 
 graph differs).
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,9 +255,11 @@ def test_input_read_as_windows_and_again_is_traced_with_channels():
             return self.fc(F.relu(self.conv(x) + x).mean((2, 3)))
 
     torch.manual_seed(13)
-    graph = check(InputResidual().to(DTYPE).eval(), torch.randn(2, 3, 5, 5, dtype=DTYPE), torch.randint(0, 2, (2,)),
-                  moves=False)
+    model = InputResidual().to(DTYPE).eval()
+    inputs, targets = torch.randn(2, 3, 5, 5, dtype=DTYPE), torch.randint(0, 2, (2,))
+    graph = check(model, inputs, targets, moves=False)
     assert int((graph.node_kind == int(gradgraph.NodeKind.INPUT)).sum()) == 3  # the channels
+    assert_same_graph(gradgraph.to_graph(model, inputs, targets, cross_entropy), graph)  # the cached plan's replay
 
 
 def test_inception_block_concatenates_branches_along_channels():
@@ -465,7 +469,8 @@ def cnn_programs(draw):
             size //= 2
         elif kind == "norm":
             batch = draw(st.booleans())
-            layers.append((nn.BatchNorm1d, nn.BatchNorm2d)[spatial - 1](channels) if batch else nn.GroupNorm(2, channels))
+            norm = (nn.BatchNorm1d, nn.BatchNorm2d)[spatial - 1] if batch else partial(nn.GroupNorm, 2)
+            layers.append(norm(channels))
         elif kind == "residual":
             layers.append(_Residual(nn.Sequential(conv(channels, channels, 3, padding=1), nn.ReLU())))
         elif kind == "depthwise":
