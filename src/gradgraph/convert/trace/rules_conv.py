@@ -46,7 +46,7 @@ if hasattr(F, "lp_pool3d"):
 
 
 class InputReadAgain(Exception):
-    """The model input, read by a convolution as windows (:meth:`_ConvRules.input_taps`), is read
+    """The model input, read by a convolution as windows (:meth:`_ConvRules.read_input_taps`), is read
     again: :func:`~gradgraph.convert.trace.run.trace_model` traces afresh reading it as channels."""
 
 

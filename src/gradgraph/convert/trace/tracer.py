@@ -77,7 +77,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, _Con
         self.input_comps: Tensor | None = None  # per flat input element: its component, -1 until read
         self.input_tensor: Tensor | None = None
         self.input_set: NeuronSet | None = None
-        #: whether a convolution reading the model input first may read it as windows (rules_conv.input_taps)
+        #: whether a convolution that first reads the model input reads it as windows (read_input_taps)
         self.input_taps = True
         self.log: _OpLog | None = None
         self.op_index = -1
@@ -149,7 +149,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, _Con
             self.input_set = self.new_set(width, NodeKind.INPUT, "input", "input")
             self.input_set.pinned = True
         elif getattr(self.input_set, "read_through_taps", False):
-            # the input was read as a convolution's windows (rules_conv.input_taps) and is read again:
+            # the input was read as a convolution's windows (rules_conv.read_input_taps) and is read again:
             # trace_model traces afresh with the input read as channels
             raise TraceAbort(InputReadAgain(op))
         if self.input_set.size != width:
