@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from gradgraph.convert.trace.meta import _broadcast, KEY_STRIDE, _Neurons, _Raw, _rows_along_last, _varies_along
-from gradgraph.convert.trace.ops import _LOST_TRACK
+from gradgraph.convert.trace.meta import broadcast_ids, KEY_STRIDE, Neurons, Raw, rows_along_last, varies_along
+from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.graph import EdgeKind, NodeKind
 
-__all__ = ["InputReadAgain", "gather_taps", "convolution_parts", "padding_parts", "SPATIAL_POOLS"]
+__all__ = ["ConvRules", "InputReadAgain", "gather_taps", "convolution_parts", "padding_parts", "SPATIAL_POOLS"]
 
 #: the batched convolutions the trace runs as :func:`gather_taps` + ``F.linear``
 _CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -46,7 +46,7 @@ if hasattr(F, "lp_pool3d"):
 
 
 class InputReadAgain(Exception):
-    """The model input, read by a convolution as windows (:meth:`_ConvRules.read_input_taps`), is read
+    """The model input, read by a convolution as windows (:meth:`ConvRules.read_input_taps`), is read
     again: :func:`~gradgraph.convert.trace.run.trace_model` traces afresh reading it as channels."""
 
 
@@ -160,11 +160,11 @@ def padding_parts(func: Any, args: tuple, kwargs: dict) -> Any:
     return run
 
 
-class _ConvRules:
-    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: taps, spatial pooling, flatten into a head."""
+class ConvRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: taps, spatial pooling, flatten into a head."""
 
     # -------------------------------------------------------------- channels
-    def channel_neurons(self, x: Tensor, name: str, spatial: int) -> tuple[_Neurons, Tensor, Tensor]:
+    def channel_neurons(self, x: Tensor, name: str, spatial: int) -> tuple[Neurons, Tensor, Tensor]:
         """``x [b, C, *S]``'s ids, with ``C`` neurons on axis 1 and a position per spatial
         element; returns ``(meta, channel row [C], datapoint [b])``. The model input becomes an
         input set of ``C`` channel neurons."""
@@ -172,17 +172,17 @@ class _ConvRules:
             raise self.unsupported(name, f"an input of shape {list(x.shape)}; gradgraph reads convolutions and "
                                    f"pooling on batched inputs [b, channels, {spatial} spatial axes]")
         meta = self.meta(x)
-        if isinstance(meta, _Raw) and x.is_floating_point():
+        if isinstance(meta, Raw) and x.is_floating_point():
             meta = self.channel_input(x, meta, name)
         else:
             meta = self.need_neurons(x, name)
         if meta is None or meta.comps is None:
-            raise self.unsupported(name, _LOST_TRACK)
-        nodes, comps = _broadcast(meta.nodes, x.shape), _broadcast(meta.comps, x.shape)
+            raise self.unsupported(name, LOST_TRACK)
+        nodes, comps = broadcast_ids(meta.nodes, x.shape), broadcast_ids(meta.comps, x.shape)
         row = nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0]
         datapoint = comps // KEY_STRIDE
-        if not torch.equal(nodes, _broadcast(row.reshape(1, -1, *[1] * spatial), x.shape)) \
-                or _varies_along(comps, 1) or any(_varies_along(datapoint, axis) for axis in range(1, x.dim())):
+        if not torch.equal(nodes, broadcast_ids(row.reshape(1, -1, *[1] * spatial), x.shape)) \
+                or varies_along(comps, 1) or any(varies_along(datapoint, axis) for axis in range(1, x.dim())):
             raise self.unsupported(name, "its input does not hold channels on axis 1 (neurons) and positions on the "
                                    "spatial axes of each datapoint on axis 0; gradgraph reads convolutions and pooling "
                                    "over [b, channels, *spatial] with channels as neurons")
@@ -190,12 +190,12 @@ class _ConvRules:
             raise self.unsupported(name, "its channels are not distinct neurons (a statistic, or one neuron twice)")
         return meta, row.clone(), datapoint.reshape(x.shape[0], -1)[:, 0].clone()
 
-    def channel_input(self, x: Tensor, meta: _Raw, name: str) -> _Neurons:
+    def channel_input(self, x: Tensor, meta: Raw, name: str) -> Neurons:
         """The model input ``[b, C, *S]`` read as ``C`` input neurons at one component per position."""
         element = meta.element
-        datapoint, _, _ = self._datapoint_of(element)
+        datapoint, _, _ = self.datapoint_of(element)
         shape = self.input_tensor.shape
-        if any(_varies_along(datapoint, axis) for axis in range(1, x.dim())) or len(shape) != x.dim() \
+        if any(varies_along(datapoint, axis) for axis in range(1, x.dim())) or len(shape) != x.dim() \
                 or self.datapoint_dim != 0:
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
         # channel and position from the input's own layout [b, C, *S], so a slice of the
@@ -203,11 +203,11 @@ class _ConvRules:
         inner = math.prod(shape[2:])
         channel, position = (element // inner) % shape[1], element % inner
         self.input_neurons(shape[1], name, f"as {shape[1]} channels")
-        comps = self._assign_comps(element, datapoint, position)
+        comps = self.assign_comps(element, datapoint, position)
         nodes = self.input_set.first + channel
         if x.requires_grad:
             self.input_set.grad_records.append((x, nodes, comps))
-        neurons = _Neurons(nodes, comps, {self.input_set.index: 0})
+        neurons = Neurons(nodes, comps, {self.input_set.index: 0})
         self.set_meta(x, neurons)
         return neurons
 
@@ -222,7 +222,7 @@ class _ConvRules:
         grid = torch.arange(count).reshape(sizes)
         grid = grid.reshape(1, *[1] * (axis - 1), *sizes, *[1] * (len(shape) - axis - len(sizes)))
         dp = datapoint.reshape(-1, *[1] * (len(shape) - 1))
-        return _broadcast(dp * KEY_STRIDE + grid, shape).clone()
+        return broadcast_ids(dp * KEY_STRIDE + grid, shape).clone()
 
     def tied_copy(self, row: Tensor, origin: str, created_by: str) -> tuple[Tensor, list]:
         """New neurons, one per neuron of ``row``, each tied to it (one MERGE edge per neuron), so
@@ -249,36 +249,36 @@ class _ConvRules:
         spatial = len(kernel)
         taps = math.prod(kernel)
         meta = self.meta(x)
-        if isinstance(meta, _Raw) and x.is_floating_point() and tuple(stride) == tuple(kernel) \
+        if isinstance(meta, Raw) and x.is_floating_point() and tuple(stride) == tuple(kernel) \
                 and not any(side for pair in padding for side in pair) and all(step == 1 for step in dilation) \
                 and x.shape == self.input_tensor.shape:  # the whole input, not a group's channels
             return self.patch_taps(name, x, meta, kernel, output)
-        if isinstance(meta, _Raw) and x.is_floating_point() and x.shape == self.input_tensor.shape \
+        if isinstance(meta, Raw) and x.is_floating_point() and x.shape == self.input_tensor.shape \
                 and self.input_set is None and self.datapoint_dim == 0 and self.input_taps:
             return self.read_input_taps(name, x, meta, kernel, output)
         meta, row, datapoint = self.channel_neurons(x, name, spatial)
         meta = self.fix_act(x, meta, name)  # the channels' own act: their values at their positions
-        row = _broadcast(meta.nodes, x.shape).reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
+        row = broadcast_ids(meta.nodes, x.shape).reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
         for index in meta.versions:
             self.separate_part_read(self.sets[index], row)
         copies, created = zip(*(self.tied_copy(row, f"{self.path() or 'conv'} tap {tap}", "tap")
                                 for tap in range(taps)))
         feature_nodes = torch.stack(copies, dim=1).reshape(-1)  # channel-major, tap-minor
-        nodes = _broadcast(feature_nodes, output.shape).clone()
+        nodes = broadcast_ids(feature_nodes, output.shape).clone()
         comps = self.position_comps(datapoint, tuple(output.shape[1:-1]), output.shape, 1)
-        new = _Neurons(nodes, comps, {copy.index: 0 for sets in created for copy in sets})
+        new = Neurons(nodes, comps, {copy.index: 0 for sets in created for copy in sets})
         created[0][0].grad_records.append((output, nodes, comps))  # one record writes every tap set's grad
         self.set_meta(output, new)
         self.observe(output, new)
 
-    def patch_taps(self, name: str, x: Tensor, meta: _Raw, kernel: tuple[int, ...], output: Tensor) -> None:
+    def patch_taps(self, name: str, x: Tensor, meta: Raw, kernel: tuple[int, ...], output: Tensor) -> None:
         """Windows that tile the model input (a ViT's patch embedding): ``C * k`` input neurons
         (channel, then place in the patch) at one component per patch, as before convolutions
         had taps, so patch embeddings keep their graphs."""
         spatial = len(kernel)
         element = meta.element
-        datapoint, _, _ = self._datapoint_of(element)
-        if _varies_along(datapoint, 1) or any(_varies_along(datapoint, 2 + axis) for axis in range(spatial)):
+        datapoint, _, _ = self.datapoint_of(element)
+        if varies_along(datapoint, 1) or any(varies_along(datapoint, 2 + axis) for axis in range(spatial)):
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
         channels, sizes = x.shape[1], tuple(x.shape[2:])
         counts = [size // step for size, step in zip(sizes, kernel)]
@@ -293,19 +293,19 @@ class _ConvRules:
             position = position * count + grid // step
         feature = torch.arange(channels).reshape(-1, *[1] * spatial) * math.prod(kernel) + feature
         self.input_neurons(width, name, f"as {width} features per patch")
-        keep = _broadcast(inside, x.shape)
-        nodes = torch.where(keep, self.input_set.first + _broadcast(feature, x.shape), -1)
+        keep = broadcast_ids(inside, x.shape)
+        nodes = torch.where(keep, self.input_set.first + broadcast_ids(feature, x.shape), -1)
         comps = torch.full(tuple(x.shape), -1, dtype=torch.long)
-        comps[keep] = self._assign_comps(element[keep], datapoint[keep], _broadcast(position, x.shape)[keep])
+        comps[keep] = self.assign_comps(element[keep], datapoint[keep], broadcast_ids(position, x.shape)[keep])
         if x.requires_grad:
             self.input_set.grad_records.append((x, nodes, comps))
         first_of_datapoint = datapoint.reshape(datapoint.shape[0], -1)[:, 0]
-        out_nodes = _broadcast(self.input_set.first + torch.arange(width), output.shape).clone()
+        out_nodes = broadcast_ids(self.input_set.first + torch.arange(width), output.shape).clone()
         out_comps = self.position_comps(first_of_datapoint, tuple(counts), output.shape, 1)
-        new = _Neurons(out_nodes, out_comps, {self.input_set.index: 0})
+        new = Neurons(out_nodes, out_comps, {self.input_set.index: 0})
         self.set_meta(output, new)
 
-    def read_input_taps(self, name: str, x: Tensor, meta: _Raw, kernel: tuple[int, ...], output: Tensor) -> None:
+    def read_input_taps(self, name: str, x: Tensor, meta: Raw, kernel: tuple[int, ...], output: Tensor) -> None:
         """A convolution that is the first reader of the model input ``[b, C, *S]``: the input is
         ``C * k`` neurons (channel, then kernel tap), their ``act`` the window values at the
         convolution's *output* positions and their ``grad`` the gradient of those values, as a
@@ -315,17 +315,17 @@ class _ConvRules:
         input, a second convolution) raises :class:`InputReadAgain` (``tracer.input_neurons``), and
         the model is traced again with the input read as channels (``tracer.input_taps = False``)."""
         element = meta.element
-        datapoint, _, _ = self._datapoint_of(element)
-        if any(_varies_along(datapoint, axis) for axis in range(1, x.dim())):
+        datapoint, _, _ = self.datapoint_of(element)
+        if any(varies_along(datapoint, axis) for axis in range(1, x.dim())):
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
         width = x.shape[1] * math.prod(kernel)
         self.input_neurons(width, name, f"as {width} (channel, tap) features")
         self.input_set.read_through_taps = True  # type: ignore[attr-defined]
         self.input_set.read_by_affine = True
-        nodes = _broadcast(self.input_set.first + torch.arange(width), output.shape).clone()
+        nodes = broadcast_ids(self.input_set.first + torch.arange(width), output.shape).clone()
         first_of_datapoint = datapoint.reshape(datapoint.shape[0], -1)[:, 0]
         comps = self.position_comps(first_of_datapoint, tuple(output.shape[1:-1]), output.shape, 1)
-        new = _Neurons(nodes, comps, {self.input_set.index: 0})
+        new = Neurons(nodes, comps, {self.input_set.index: 0})
         if output.requires_grad:
             self.input_set.grad_records.append((output, nodes, comps))
         self.set_meta(output, new)
@@ -341,9 +341,9 @@ class _ConvRules:
         for index in meta.versions:
             self.separate_part_read(self.sets[index], row)
         pooled, created = self.tied_copy(row, self.path() or name, "pool")
-        nodes = _broadcast(pooled.reshape(1, -1, *[1] * spatial), values.shape).clone()
+        nodes = broadcast_ids(pooled.reshape(1, -1, *[1] * spatial), values.shape).clone()
         comps = self.position_comps(datapoint, tuple(values.shape[2:]), values.shape, 2)
-        new = _Neurons(nodes, comps, {copy.index: 0 for copy in created})
+        new = Neurons(nodes, comps, {copy.index: 0 for copy in created})
         created[0].grad_records.append((values, nodes, comps))
         self.set_meta(values, new)
         self.observe(values, new)
@@ -351,7 +351,7 @@ class _ConvRules:
             self.mark_opaque(output[1], name, "the indices of a max pooling", [])
 
     # -------------------------------------------------------------- flatten into a head
-    def spread_positions(self, name: str, x: Tensor, meta: _Neurons) -> _Neurons:
+    def spread_positions(self, name: str, x: Tensor, meta: Neurons) -> Neurons:
         """An affine map over a last axis that holds (channel, position) pairs of one datapoint
         (``h.flatten(1)`` of ``[b, C, H, W]`` read by a ``Linear``): each position's channels
         become a set of their own (tied to the channels, MERGE edges), all at one new component
@@ -360,19 +360,19 @@ class _ConvRules:
         if meta.comps is None or x.dim() == 0:
             return meta
         last = x.dim() - 1
-        comps = _broadcast(meta.comps, x.shape)
+        comps = broadcast_ids(meta.comps, x.shape)
         datapoint = comps // KEY_STRIDE
-        if not _varies_along(comps, last) or _varies_along(datapoint, last):
+        if not varies_along(comps, last) or varies_along(datapoint, last):
             return meta
-        rows = _rows_along_last(_broadcast(meta.nodes, x.shape))
-        keys = _rows_along_last(comps % KEY_STRIDE)
+        rows = rows_along_last(broadcast_ids(meta.nodes, x.shape))
+        keys = rows_along_last(comps % KEY_STRIDE)
         if not bool((rows == rows[:1]).all()) or not bool((keys == keys[:1]).all()) or bool((rows[0] < 0).any()):
             return meta
         row, key_row = rows[0], keys[0]
         if torch.unique(torch.stack((row, key_row)), dim=1).shape[1] != row.numel():
             raise self.unsupported(name, "an affine map over features that hold one neuron at one position twice")
         meta = self.fix_act(x, meta, name)  # the channels' act: their values at their positions
-        row = _rows_along_last(_broadcast(meta.nodes, x.shape))[0]
+        row = rows_along_last(broadcast_ids(meta.nodes, x.shape))[0]
         for index in meta.versions:
             self.separate_part_read(self.sets[index], torch.unique(row))
         # the neurons at each position get copies of their own (a position's channels, or one
@@ -385,8 +385,8 @@ class _ConvRules:
                                                    "flatten")
             created.extend(sets)
         key = self.new_key()[0]
-        nodes = _broadcast(new_row, x.shape).clone()
-        new = _Neurons(nodes, (datapoint * KEY_STRIDE + key).clone(), {copy.index: 0 for copy in created})
+        nodes = broadcast_ids(new_row, x.shape).clone()
+        new = Neurons(nodes, (datapoint * KEY_STRIDE + key).clone(), {copy.index: 0 for copy in created})
         created[0].grad_records.append((x, nodes, new.comps))
         self.set_meta(x, new)
         self.observe(x, new)
@@ -414,10 +414,10 @@ class _ConvRules:
         with torch.no_grad():
             normalised = F.group_norm(x.detach(), groups, None, None, eps)
         self.derived[id(normalised)] = (normalised, self.op_index, ("group_norm", groups, eps))
-        normalised_meta = _Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
+        normalised_meta = Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
-        sources = _broadcast(normalised_meta.nodes, x.shape).reshape(x.shape[0], channels, -1)[0, :, 0].clone()
+        sources = broadcast_ids(normalised_meta.nodes, x.shape).reshape(x.shape[0], channels, -1)[0, :, 0].clone()
         created = self.new_set(channels, NodeKind.NORM, self.path() or name, "norm")
         targets = created.first + torch.arange(channels)
         if weight is not None:
@@ -442,8 +442,8 @@ class _ConvRules:
                 for neuron_set in source_sets:
                     neuron_set.pinned = True
         spatial = x.dim() - 2
-        nodes = _broadcast(targets.reshape(-1, *[1] * spatial), output.shape).clone()
-        new = _Neurons(nodes, _broadcast(meta.comps, output.shape).clone(), {created.index: 0})
+        nodes = broadcast_ids(targets.reshape(-1, *[1] * spatial), output.shape).clone()
+        new = Neurons(nodes, broadcast_ids(meta.comps, output.shape).clone(), {created.index: 0})
         created.grad_records.append((output, nodes, new.comps))
         self.set_meta(output, new)
         self.observe(output, new)
