@@ -22,6 +22,8 @@ the tracer's ``_module_paths``, the assembly the plan's ``_derived``).
 from __future__ import annotations
 
 import ast
+import builtins
+import symtable
 import sys
 from pathlib import Path
 
@@ -173,6 +175,28 @@ def private_attribute_reads(known: dict[str, Path]) -> list[str]:
     return found
 
 
+def undefined_names(path: Path) -> list[str]:
+    """Global names the module at ``path`` reads but neither defines, imports nor gets from builtins
+    (``symtable``, as the compiler sees the scopes): each is a NameError waiting on its line, as a
+    name a rename missed is."""
+    top = symtable.symtable(path.read_text(), str(path), "exec")
+    defined = {symbol.get_name() for symbol in top.get_symbols()
+               if symbol.is_assigned() or symbol.is_imported() or symbol.is_namespace()}
+    found: set[str] = set()
+
+    def visit(table: symtable.SymbolTable) -> None:
+        for symbol in table.get_symbols():
+            name = symbol.get_name()
+            if (symbol.is_referenced() and (symbol.is_global() or table is top) and not symbol.is_assigned()
+                    and name not in defined and not hasattr(builtins, name) and name not in ("__file__", "__name__")):
+                found.add(name)
+        for child in table.get_children():
+            visit(child)
+
+    visit(top)
+    return sorted(found)
+
+
 def test_no_import_circle_inside_convert() -> None:
     convert = imports(modules(f"{PACKAGE}.convert"))
     assert cycles(convert) == [], "import circles inside gradgraph.convert"
@@ -184,6 +208,12 @@ def test_no_module_imports_a_later_layer() -> None:
 
 def test_no_private_name_crosses_a_module_of_convert() -> None:
     assert private_crossings(imports(modules(f"{PACKAGE}.convert"))) == []
+
+
+def test_no_module_of_convert_reads_an_undefined_name() -> None:
+    """Fails on main at 5533eb5: trace/tracer.py read ``_Param`` (a name before the rename) in an error path."""
+    found = {module: undefined_names(path) for module, path in modules(f"{PACKAGE}.convert").items()}
+    assert {module: names for module, names in found.items() if names} == {}
 
 
 def test_no_module_of_convert_reads_another_ones_private_attributes() -> None:
@@ -200,6 +230,9 @@ if __name__ == "__main__":
     crossings = private_crossings(graph)
     for line in crossings:
         print("private:", line)
+    for module, path in modules(f"{PACKAGE}.convert").items():
+        for name in undefined_names(path):
+            print(f"undefined: {module} reads {name}")
     reads = private_attribute_reads(modules(f"{PACKAGE}.convert"))
     for line in reads:
         print("attribute:", line)
