@@ -134,7 +134,7 @@ def check_separate(plan: Any, objective: Tensor, sources: list[tuple], tensors: 
     plain = torch.autograd.grad(objective, chosen, torch.ones_like(objective), retain_graph=True, allow_unused=True)
     weighted = torch.autograd.grad(objective, chosen, weights, retain_graph=True, allow_unused=True)
     num_components = num_datapoints * plan.num_keys
-    derived = plan._derived
+    derived = plan.derived
     for index, g, p in zip(hits, plain, weighted):
         if g is None or p is None:
             continue
