@@ -442,7 +442,8 @@ def test_a_mapping_without_the_forward_input_names_the_remedy():
 
 
 def test_a_float64_graph_fed_to_a_float32_gradmetanet_names_both_dtypes():
-    """torch's own error (``mat1 and mat2 must have the same dtype``) named neither the graph nor the fix."""
+    """torch's own error (``mat1 and mat2 must have the same dtype``) named neither the graph nor the fix
+    (the check itself is ``MetaNetwork.check_inputs``, from the nn branch)."""
     from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
 
     torch.manual_seed(0)
@@ -450,7 +451,7 @@ def test_a_float64_graph_fed_to_a_float32_gradmetanet_names_both_dtypes():
     inputs, targets = batch()
     graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
     for network in (GradMetaNet(8), GradMetaNetPlusPlus(8)):
-        with pytest.raises(GradGraphError, match="is torch.float64 but the model's parameters are torch.float32"):
+        with pytest.raises(GradGraphError, match="graph.x is torch.float64 but the model's parameters are torch.float32"):
             network(graph)
         network.to(DTYPE)(graph)  # the remedy works
 
