@@ -2,7 +2,8 @@
 
 ``F.glu(x)`` is ``a * sigmoid(b)`` of the two halves of ``x``; ``F.normalize`` divides by a
 norm over the features; ``F.prelu`` is ``relu(x) - w * relu(-x)``; an ``einsum`` that is a
-linear map (``"bi,oi->bo"``) is ``F.linear``. Rather than a rule per composite op, the trace
+linear map (``"bi,oi->bo"``) is ``F.linear``; the fused recurrent ops of ``nn.RNN`` / ``nn.GRU`` /
+``nn.LSTM`` are their loop over steps (``trace/recurrent.py``). Rather than a rule per composite op, the trace
 (and a replay, identically) runs the decomposition under itself, so the rules that exist
 follow the parts: a gated unit, a statistic of the features, a per-feature scale, an affine
 map. A decomposition depends only on the op and the shapes of its arguments, never on which
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from gradgraph.convert.trace.recurrent import recurrent_decomposition
 
 __all__ = ["decomposition"]
 
@@ -71,6 +74,9 @@ def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | N
     the trace follows ``func`` itself (or cannot follow it either way)."""
     if func in _DECOMPOSITIONS:
         return lambda: _DECOMPOSITIONS[func](*args, **kwargs)
+    recurrent = recurrent_decomposition(func, args, kwargs)  # nn.RNN / nn.GRU / nn.LSTM, step by step
+    if recurrent is not None:
+        return recurrent
     if func is F.prelu or func is torch.prelu:
         input = args[0] if args else kwargs.get("input")
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
