@@ -26,7 +26,7 @@ from gradgraph.convert.trace.meta import (
     flat_arguments, set_containing,
 )
 from gradgraph.convert.trace.ops import (
-    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER, CONCATENATIONS,
+    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER, CONCATENATIONS,
     ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT, IN_PLACE_OPERATORS, JOINS, LAYER_NORM, LINEAR, MASK_FILL,
     MATMUL, op_name, REDUCTIONS, RMS_NORM, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
 )
@@ -284,6 +284,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
             raise TraceAbort(error) from None
 
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
+        if name in CONSTANT_FACTORIES:
+            return  # zeros_like(x): a constant, whatever x is
         metas = [meta for _, meta in tracked]
         if all(self.is_data(value, meta) for value, meta in tracked) and name not in EMBEDDING:
             return self.data_op(name, func, args, kwargs, output, tracked)
