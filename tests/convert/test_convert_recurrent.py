@@ -1,0 +1,290 @@
+"""Recurrent nets convert exactly: ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` and hand-written loops.
+
+The stock modules run a fused op (``torch.lstm`` …) that the trace runs as its per-step
+loop (``convert/trace/recurrent.py``); a hand-written Elman loop whose initial state is
+``torch.zeros(...)`` made inside ``forward`` reads the zero state as a constant. For each
+model: per-sample gradients equal a per-datapoint autograd loop (float64, 1e-10; torch.func's
+vmap cannot run the fused ops); ``mean_grad()`` is their mean; a sampled element of the
+inferred group keeps the function, maps the graph to the transformed model's graph and moves
+hidden units as torch's equations allow (rows of every gate block of ``W_ih``, rows and
+columns of ``W_hh``, the biases); GradMetaNet's outputs move with it.
+
+On main before this file, every stock module here was refused (``torch.lstm: this op uses
+the parameter ... no rule``) and the Elman loop with a zero state was refused (``its input is
+not computed from the model input``), so every exactness test fails there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from strategies import assert_same_graph
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import gradgraph
+from gradgraph.convert import UnsupportedOperationError
+from gradgraph.nn import GradMetaNet
+from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
+from gradgraph.testing import assert_equivariant
+
+DTYPE = torch.float64
+CELLS = {"RNN": nn.RNN, "GRU": nn.GRU, "LSTM": nn.LSTM}
+
+
+def squared_output(output, _targets):
+    return output.pow(2).sum(1)
+
+
+def loop_per_sample_grads(model: nn.Module, inputs: torch.Tensor, loss_fn) -> dict[str, torch.Tensor]:
+    """``{name: [b, *shape]}``: each datapoint's gradient by its own forward and backward."""
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name, _ in model.named_parameters()}
+    for index in range(inputs.shape[0]):
+        model.zero_grad()
+        loss_fn(model(inputs[index:index + 1]), None).sum().backward()
+        for name, param in model.named_parameters():
+            grads[name].append(torch.zeros_like(param) if param.grad is None else param.grad.clone())
+    model.zero_grad()
+    return {name: torch.stack(values) for name, values in grads.items()}
+
+
+def assert_exact(model: nn.Module, inputs: torch.Tensor, loss_fn=squared_output) -> gradgraph.GradGraph:
+    graph = gradgraph.to_graph(model, inputs, None, loss_fn)
+    ours, reference = graph.per_sample_grads(), loop_per_sample_grads(model, inputs, loss_fn)
+    assert set(ours) == set(reference)
+    mean = graph.mean_grad()
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+        torch.testing.assert_close(mean[name], value.mean(0), atol=1e-10, rtol=0, msg=name)
+    return graph
+
+
+def check_group(model: nn.Module, inputs: torch.Tensor, seed: int, loss_fn=squared_output):
+    """A sampled group element keeps the function and maps graph to graph; returns it and the
+    transformed model."""
+    graph = gradgraph.to_graph(model, inputs, None, loss_fn)
+    perm = random_node_permutation(graph, torch.Generator().manual_seed(seed))
+    permuted = permute_model(model, graph, perm)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(inputs), model(inputs), atol=1e-10, rtol=0)
+    assert_same_graph(gradgraph.to_graph(permuted, inputs, None, loss_fn), permute_nodes(graph, perm), atol=1e-10)
+    return graph, perm, permuted
+
+
+class Classifier(nn.Module):
+    """A recurrent encoder read at its last step, then a linear head; the model takes
+    ``[b, T, features]`` and hands the recurrent module ``[T, b, features]`` when
+    ``batch_first`` is False."""
+
+    def __init__(self, cell: str, batch_first: bool = True, hidden: int = 4, **options) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = CELLS[cell](3, hidden, batch_first=batch_first, **options)
+        self.head = nn.Linear(hidden * (2 if options.get("bidirectional") else 1), 2)
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        output = self.rnn(x)[0]
+        return self.head(output[:, -1] if self.batch_first else output[-1])
+
+
+class WithInitialState(nn.Module):
+    """The initial state (and cell state) computed from the input: ``h0 = tanh(A x_0)``."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        self.cell = cell
+        self.init = nn.Linear(3, 4)
+        self.rnn = CELLS[cell](3, 4, num_layers=2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h0 = torch.tanh(self.init(x[:, 0])).unsqueeze(0).expand(2, -1, -1)
+        if self.cell == "LSTM":
+            hx = (h0, torch.sigmoid(self.init(x[:, 1])).unsqueeze(0).expand(2, -1, -1))
+        else:
+            hx = h0
+        _, state = self.rnn(x, hx)
+        h_n = state[0] if self.cell == "LSTM" else state
+        return self.head(h_n[-1])
+
+
+class Elman(nn.Module):
+    """``h_t = tanh(W x_t + b + U h_{t-1} (+ c))`` written as a Python loop, ``h_0 = 0`` made in forward."""
+
+    def __init__(self, recurrent_bias: bool = True, zeros: str = "zeros") -> None:
+        super().__init__()
+        self.zeros = zeros
+        self.input_map = nn.Linear(3, 5)
+        self.recurrent_map = nn.Linear(5, 5, bias=recurrent_bias)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        if self.zeros == "zeros":
+            h = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+        else:  # zeros_like of the data: its values do not depend on the data's
+            h = torch.zeros_like(x[:, 0, :1]).expand(-1, 5)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.input_map(x[:, t]) + self.recurrent_map(h))
+        return self.head(h)
+
+
+STOCK_CASES = {
+    "rnn-batch-first-false": lambda: Classifier("RNN", batch_first=False),
+    "rnn-relu-2-layers-bidirectional": lambda: Classifier("RNN", nonlinearity="relu", num_layers=2,
+                                                          bidirectional=True),
+    "gru-2-layers-bidirectional": lambda: Classifier("GRU", num_layers=2, bidirectional=True),
+    "gru-batch-first-false-no-bias": lambda: Classifier("GRU", batch_first=False, bias=False, num_layers=2),
+    "lstm-2-layers-bidirectional": lambda: Classifier("LSTM", num_layers=2, bidirectional=True),
+    "lstm-batch-first-false-no-bias": lambda: Classifier("LSTM", batch_first=False, bias=False,
+                                                         bidirectional=True),
+    "gru-initial-state": lambda: WithInitialState("GRU"),
+    "lstm-initial-state": lambda: WithInitialState("LSTM"),
+    "rnn-initial-state": lambda: WithInitialState("RNN"),
+}
+LOOP_CASES = {
+    "elman-zeros": lambda: Elman(),
+    "elman-zeros-no-recurrent-bias": lambda: Elman(recurrent_bias=False),
+    "elman-zeros-like": lambda: Elman(zeros="zeros_like"),
+}
+
+
+def inputs(seed: int = 0, batch: int = 3, steps: int = 4) -> torch.Tensor:
+    return torch.randn(batch, steps, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", [*STOCK_CASES, *LOOP_CASES])
+def test_recurrent_models_convert_exactly(name):
+    torch.manual_seed(3)
+    model = {**STOCK_CASES, **LOOP_CASES}[name]().to(DTYPE).eval()
+    graph = assert_exact(model, inputs())
+    assert graph.num_datapoints == 3
+    # the cached plan's replay gives the same graph
+    assert_same_graph(gradgraph.to_graph(model, inputs(), None, squared_output), graph, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["rnn-batch-first-false", "gru-2-layers-bidirectional", "lstm-2-layers-bidirectional",
+                                  "lstm-initial-state", "elman-zeros"])
+def test_the_inferred_group_keeps_the_function_and_maps_graph_to_graph(name):
+    torch.manual_seed(4)
+    model = {**STOCK_CASES, **LOOP_CASES}[name]().to(DTYPE).eval()
+    moved = 0
+    for seed in range(3):
+        graph, perm, _ = check_group(model, inputs(1), seed)
+        moved = max(moved, int((perm != torch.arange(graph.num_nodes)).sum()))
+    assert moved > 0
+
+
+@pytest.mark.parametrize("cell", ["GRU", "LSTM"])
+def test_a_group_element_permutes_hidden_units_of_every_gate_block_and_both_sides_of_w_hh(cell):
+    """The element sampled on the graph, read back on the weights: one permutation ``p`` of the
+    hidden units of each layer and direction moves the rows of every gate block of ``W_ih`` and
+    ``W_hh``, the columns of ``W_hh``, the biases, and the next layer's input columns."""
+    torch.manual_seed(5)
+    model = Classifier(cell, num_layers=2, bidirectional=True).to(DTYPE).eval()
+    hidden, gates = 4, 3 if cell == "GRU" else 4
+    _, _, permuted = check_group(model, inputs(2), seed=1)
+    before, after = dict(model.rnn.named_parameters()), dict(permuted.rnn.named_parameters())
+    perms = {}
+    for layer in range(2):
+        for suffix in ("", "_reverse"):
+            key = f"_l{layer}{suffix}"
+            old_rows, new_rows = before["weight_hh" + key][:hidden], after["weight_hh" + key][:hidden]
+            # p: where each new row of the first gate block came from, as a set (rows are distinct
+            # almost surely); then the columns must follow the same p
+            p = (new_rows.sort(1).values[:, None] == old_rows.sort(1).values[None]).all(-1).float().argmax(1)
+            assert sorted(p.tolist()) == list(range(hidden))
+            rows = torch.cat([block * hidden + p for block in range(gates)])
+            torch.testing.assert_close(after["weight_hh" + key], before["weight_hh" + key][rows][:, p], atol=0, rtol=0)
+            for name in ("bias_ih", "bias_hh"):
+                torch.testing.assert_close(after[name + key], before[name + key][rows], atol=0, rtol=0)
+            perms[key] = (p, rows)
+    # layer 1 reads [forward, reverse] outputs of layer 0: its input columns move with both
+    p_forward, p_reverse = perms["_l0"][0], perms["_l0_reverse"][0]
+    columns = torch.cat([p_forward, hidden + p_reverse])
+    for suffix in ("", "_reverse"):
+        rows = perms[f"_l1{suffix}"][1]
+        torch.testing.assert_close(after[f"weight_ih_l1{suffix}"], before[f"weight_ih_l1{suffix}"][rows][:, columns],
+                                   atol=0, rtol=0)
+    assert any(not torch.equal(p, torch.arange(hidden)) for p, _ in perms.values())
+
+
+@pytest.mark.parametrize("name", ["gru-2-layers-bidirectional", "lstm-batch-first-false-no-bias", "elman-zeros"])
+def test_gradmetanet_outputs_move_with_the_inferred_group(name):
+    torch.manual_seed(6)
+    model = {**STOCK_CASES, **LOOP_CASES}[name]().to(DTYPE).eval()
+    graph = gradgraph.to_graph(model, inputs(3, batch=2, steps=3), None, squared_output)
+    metanet = GradMetaNet(8, num_component_layers=1, num_node_layers=1, edge_out_channels=2, node_out_channels=1,
+                          graph_out_channels=1).to(DTYPE)
+    assert_equivariant(metanet, [graph])
+
+
+class ZeroStateBuffer(nn.Module):
+    """An Elman loop whose initial state is a buffer: zero at the first conversion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map, self.recurrent_map, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.register_buffer("h0", torch.zeros(1, 4, dtype=DTYPE))
+
+    def forward(self, x):
+        h = self.h0.expand(x.shape[0], -1)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.input_map(x[:, t]) + self.recurrent_map(h))
+        return self.head(h)
+
+
+def test_a_zero_state_read_as_its_bias_is_a_value_guard_of_the_cached_plan():
+    """The plan that reads ``U · 0 + c`` as ``c`` must not be replayed once the state is no longer
+    zero: the replay traces afresh and refuses the nonzero constant (its ``U`` gradient needs the
+    state as a neuron value). Without the guard the replay reused the plan and every ``U``
+    gradient from the first step was silently dropped."""
+    torch.manual_seed(7)
+    model = ZeroStateBuffer().to(DTYPE).eval()
+    assert_exact(model, inputs())
+    with torch.no_grad():
+        model.h0.fill_(0.5)
+    with pytest.raises(UnsupportedOperationError, match="recurrent_map"):
+        gradgraph.to_graph(model, inputs(), None, squared_output)
+
+
+class PackedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        lengths = torch.full((x.shape[0],), x.shape[1])
+        _, (h_n, _) = self.rnn(pack_padded_sequence(x, lengths, batch_first=True))
+        return self.head(h_n[-1])
+
+
+class ProjectedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True, proj_size=2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class MeanOverTime(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0].mean(1))
+
+
+@pytest.mark.parametrize("make, match", [
+    (PackedLSTM, r"_pack_padded_sequence.*module 'rnn'"),
+    (ProjectedLSTM, r"module 'rnn' of type LSTM.*torch\.lstm.*weight_ih_l0"),
+    (lambda: Classifier("GRU", num_layers=2, dropout=0.5).train(), r"module 'rnn' of type GRU.*active dropout"),
+    (MeanOverTime, r"Tensor\.mean.*reduction over features and positions"),
+])
+def test_what_is_not_supported_is_refused_by_module_path(make, match):
+    model = make().to(DTYPE)
+    with pytest.raises(UnsupportedOperationError, match=match):
+        gradgraph.to_graph(model, inputs(), None, squared_output)
