@@ -74,9 +74,6 @@ def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | N
     the trace follows ``func`` itself (or cannot follow it either way)."""
     if func in _DECOMPOSITIONS:
         return lambda: _DECOMPOSITIONS[func](*args, **kwargs)
-    recurrent = recurrent_decomposition(func, args, kwargs)  # nn.RNN / nn.GRU / nn.LSTM, step by step
-    if recurrent is not None:
-        return recurrent
     if func is F.prelu or func is torch.prelu:
         input = args[0] if args else kwargs.get("input")
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -88,4 +85,4 @@ def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | N
     if func is torch.einsum and args and isinstance(args[0], str):
         operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], list | tuple) else tuple(args[1:])
         return _einsum_as_linear(args[0], operands)
-    return None
+    return recurrent_decomposition(func, args, kwargs)  # nn.RNN / nn.GRU / nn.LSTM, step by step
