@@ -1,4 +1,4 @@
-"""Recurrent nets convert exactly: ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` and hand-written loops.
+"""Recurrent nets convert exactly: ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``, their cells, hand-written loops.
 
 The stock modules run a fused op (``torch.lstm`` …) that the trace runs as its per-step
 loop (``convert/trace/recurrent.py``); a hand-written Elman loop whose initial state is
@@ -130,6 +130,27 @@ class Elman(nn.Module):
         return self.head(h)
 
 
+class CellLoop(nn.Module):
+    """``nn.RNNCell`` / ``nn.GRUCell`` / ``nn.LSTMCell`` stepped in a Python loop; the state starts
+    as the cell's own zeros (``None``) or is computed from the first input."""
+
+    def __init__(self, cell: str, given_state: bool) -> None:
+        super().__init__()
+        self.kind = cell
+        self.cell = getattr(nn, cell + "Cell")(3, 4)
+        self.init = nn.Linear(3, 4) if given_state else None
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        state = None
+        if self.init is not None:
+            h = torch.tanh(self.init(x[:, 0]))
+            state = (h, torch.sigmoid(h)) if self.kind == "LSTM" else h
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if self.kind == "LSTM" else state)
+
+
 STOCK_CASES = {
     "rnn-batch-first-false": lambda: Classifier("RNN", batch_first=False),
     "rnn-relu-2-layers-bidirectional": lambda: Classifier("RNN", nonlinearity="relu", num_layers=2,
@@ -147,6 +168,8 @@ LOOP_CASES = {
     "elman-zeros": lambda: Elman(),
     "elman-zeros-no-recurrent-bias": lambda: Elman(recurrent_bias=False),
     "elman-zeros-like": lambda: Elman(zeros="zeros_like"),
+    **{f"{cell.lower()}-cell-loop{'-given-state' if given else ''}": (lambda cell=cell, given=given: CellLoop(cell, given))
+       for cell in CELLS for given in (False, True)},
 }
 
 
@@ -165,7 +188,7 @@ def test_recurrent_models_convert_exactly(name):
 
 
 @pytest.mark.parametrize("name", ["rnn-batch-first-false", "gru-2-layers-bidirectional", "lstm-2-layers-bidirectional",
-                                  "lstm-initial-state", "elman-zeros"])
+                                  "lstm-initial-state", "elman-zeros", "gru-cell-loop", "lstm-cell-loop-given-state"])
 def test_the_inferred_group_keeps_the_function_and_maps_graph_to_graph(name):
     torch.manual_seed(4)
     model = {**STOCK_CASES, **LOOP_CASES}[name]().to(DTYPE).eval()

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RECURRENT_OPS", "recurrent_decomposition"]
+__all__ = ["RECURRENT_CELL_OPS", "RECURRENT_OPS", "recurrent_decomposition"]
 
 #: the fused op -> (cell kind, gate count per hidden unit)
 RECURRENT_OPS: dict[Any, tuple[str, int]] = {
@@ -45,6 +45,14 @@ RECURRENT_OPS: dict[Any, tuple[str, int]] = {
     torch.rnn_relu: ("relu", 1),
     torch.gru: ("gru", 3),
     torch.lstm: ("lstm", 4),
+}
+
+#: the fused one-step op of ``nn.RNNCell`` / ``nn.GRUCell`` / ``nn.LSTMCell`` -> cell kind
+RECURRENT_CELL_OPS: dict[Any, str] = {
+    torch.rnn_tanh_cell: "tanh",
+    torch.rnn_relu_cell: "relu",
+    torch.gru_cell: "gru",
+    torch.lstm_cell: "lstm",
 }
 
 
@@ -139,10 +147,24 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
     return results + ((torch.stack(final_c),) if kind == "lstm" else ())
 
 
-def recurrent_decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], tuple[Tensor, ...]] | None:
+def _cell(kind: str, input: Tensor, hx: Tensor | Sequence[Tensor], w_ih: Tensor, w_hh: Tensor,
+          b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    h, c = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
+    h = None if _is_constant_zero(h) else h
+    c = None if kind != "lstm" or _is_constant_zero(c) else c
+    h_new, c_new = _step(kind, input, h, c, (w_ih, w_hh, b_ih, b_hh), w_hh.shape[1])
+    if kind != "lstm":
+        return h_new
+    return h_new, c_new if c_new is not None else torch.zeros_like(h_new)
+
+
+def recurrent_decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
     """The per-step ops of a fused recurrent op (``torch.lstm`` …) called as ``nn.RNN`` /
-    ``nn.GRU`` / ``nn.LSTM`` call it on a padded batch, or ``None`` (not such an op, a packed
-    sequence, an LSTM with projections: the trace then refuses the fused op)."""
+    ``nn.GRU`` / ``nn.LSTM`` call it on a padded batch, or of one cell step (``torch.lstm_cell``
+    …, from ``nn.LSTMCell`` …); ``None`` otherwise (not such an op, a packed sequence, an LSTM
+    with projections: the trace then refuses the fused op)."""
+    if func in RECURRENT_CELL_OPS and not kwargs and 4 <= len(args) <= 6:
+        return lambda: _cell(RECURRENT_CELL_OPS[func], *args)
     if func not in RECURRENT_OPS or kwargs or len(args) != 9:
         return None
     kind, gates = RECURRENT_OPS[func]
