@@ -25,7 +25,8 @@ this same function on its own arguments, and a different choice is a different o
 which the replay's fingerprints catch (it traces afresh).
 
 What is not decomposed (the trace then refuses the fused op by name, with the module's path):
-packed sequences (``PackedSequence``: the fused op's packed signature), LSTM with ``proj_size``.
+packed sequences (``PackedSequence``: the fused op's packed signature). An LSTM with
+``proj_size`` projects each step's state, ``h_t = W_hr (o ⊙ tanh(c_t))``, one more ``F.linear``.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
          has_biases: bool, num_layers: int, dropout: float, train: bool, bidirectional: bool,
          batch_first: bool) -> tuple[Tensor, ...]:
     directions = 2 if bidirectional else 1
-    per_direction = 4 if has_biases else 2
-    hidden = params[1].shape[1]
+    projected = _projected(kind, params, has_biases, num_layers * directions)
+    per_direction = (4 if has_biases else 2) + projected
+    hidden = params[0].shape[0] // gates
     time_axis = 1 if batch_first else 0
     if kind == "lstm":
         h0, c0 = hx
@@ -130,6 +132,7 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
             at = (layer * directions + direction) * per_direction
             w_ih, w_hh = params[at], params[at + 1]
             b_ih, b_hh = (params[at + 2], params[at + 3]) if has_biases else (None, None)
+            w_hr = params[at + per_direction - 1] if projected else None
             state = layer * directions + direction
             h = None if h0_zero else h0[state]
             c = None if kind != "lstm" or c0_zero else c0[state]
@@ -137,6 +140,8 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
             outputs: dict[int, Tensor] = {}
             for t in (reversed(steps) if direction == 1 else steps):
                 h, c = _step(kind, layer_input.select(time_axis, t), h, c, (w_ih, w_hh, b_ih, b_hh), hidden)
+                if w_hr is not None:  # LSTM with proj_size: h_t = W_hr (o ⊙ tanh(c_t))
+                    h = F.linear(h, w_hr)
                 outputs[t] = h
             direction_outputs.append(torch.stack([outputs[t] for t in steps], dim=time_axis))
             final_h.append(h)
@@ -158,11 +163,22 @@ def _cell(kind: str, input: Tensor, hx: Tensor | Sequence[Tensor], w_ih: Tensor,
     return h_new, c_new if c_new is not None else torch.zeros_like(h_new)
 
 
+def _projected(kind: str, params: Sequence[Tensor], has_biases: bool, stacks: int) -> int | None:
+    """1 if every layer and direction has an LSTM projection weight ``W_hr`` (``proj_size``),
+    0 if none has, ``None`` for a weight list of another length."""
+    plain = 4 if has_biases else 2
+    if len(params) == stacks * plain:
+        return 0
+    if kind == "lstm" and len(params) == stacks * (plain + 1):
+        return 1
+    return None
+
+
 def recurrent_decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
     """The per-step ops of a fused recurrent op (``torch.lstm`` …) called as ``nn.RNN`` /
     ``nn.GRU`` / ``nn.LSTM`` call it on a padded batch, or of one cell step (``torch.lstm_cell``
-    …, from ``nn.LSTMCell`` …); ``None`` otherwise (not such an op, a packed sequence, an LSTM
-    with projections: the trace then refuses the fused op)."""
+    …, from ``nn.LSTMCell`` …); ``None`` otherwise (not such an op, a packed sequence: the trace
+    then refuses the fused op)."""
     if func in RECURRENT_CELL_OPS and not kwargs and 4 <= len(args) <= 6:
         return lambda: _cell(RECURRENT_CELL_OPS[func], *args)
     if func not in RECURRENT_OPS or kwargs or len(args) != 9:
@@ -172,10 +188,8 @@ def recurrent_decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[]
     if not isinstance(input, Tensor) or not isinstance(batch_first, bool) or input.dim() != 3:
         return None  # the packed signature: (data, batch_sizes, hx, params, ...)
     directions = 2 if bidirectional else 1
-    per_direction = 4 if has_biases else 2
-    if len(params) != num_layers * directions * per_direction:
-        return None  # an LSTM with proj_size: a projection weight per layer and direction
-    if params[0].shape[0] != gates * params[1].shape[1] or params[1].shape[0] != params[0].shape[0]:
+    projected = _projected(kind, params, has_biases, num_layers * directions)
+    if projected is None or params[0].shape[0] % gates or params[1].shape[0] != params[0].shape[0]:
         return None
     return lambda: _run(kind, gates, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
                         batch_first)
