@@ -296,12 +296,25 @@ class MeanOverTime(nn.Module):
         return self.head(self.rnn(x)[0].mean(1))
 
 
+class Tagger(nn.Module):  # a head on every step's output (sequence labelling)
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0]).sum(1)
+
+
 @pytest.mark.parametrize("make, match", [
     (PackedLSTM, r"_pack_padded_sequence.*module 'rnn'"),
     (lambda: Classifier("GRU", num_layers=2, dropout=0.5).train(), r"module 'rnn' of type GRU.*active dropout"),
     (MeanOverTime, r"Tensor\.mean.*reduction over features and positions"),
+    (Tagger, r"module 'head' of type Linear.*holds positions"),
 ])
 def test_what_is_not_supported_is_refused_by_module_path(make, match):
+    """Packed sequences, training dropout between layers, and, in the unrolled layout (one neuron
+    set per step, docs/recurrent.md), anything that reads all steps' outputs as one tensor of
+    features: pooling over time, a head applied to every step."""
     model = make().to(DTYPE)
     with pytest.raises(UnsupportedOperationError, match=match):
         gradgraph.to_graph(model, inputs(), None, squared_output)
