@@ -262,17 +262,31 @@ class ZeroStateBuffer(nn.Module):
         return self.head(h)
 
 
-def test_a_zero_state_read_as_its_bias_is_a_value_guard_of_the_cached_plan():
+class GRUStateBuffer(nn.Module):
+    """A stock GRU handed a buffer as its initial state: zero at the first conversion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+        self.register_buffer("h0", torch.zeros(1, 1, 4, dtype=DTYPE))
+
+    def forward(self, x):
+        return self.head(self.rnn(x, self.h0.expand(-1, x.shape[0], -1).contiguous())[0][:, -1])
+
+
+@pytest.mark.parametrize("make, refused", [(ZeroStateBuffer, "recurrent_map"), (GRUStateBuffer, "rnn")])
+def test_a_zero_state_read_as_its_bias_is_a_value_guard_of_the_cached_plan(make, refused):
     """The plan that reads ``U · 0 + c`` as ``c`` must not be replayed once the state is no longer
     zero: the replay traces afresh and refuses the nonzero constant (its ``U`` gradient needs the
     state as a neuron value). Without the guard the replay reused the plan and every ``U``
-    gradient from the first step was silently dropped."""
+    gradient from the first step was silently dropped. The stock modules' decomposition skips
+    the zero state's term, so there the replay's ops differ and the fingerprints catch it."""
     torch.manual_seed(7)
-    model = ZeroStateBuffer().to(DTYPE).eval()
+    model = make().to(DTYPE).eval()
     assert_exact(model, inputs())
     with torch.no_grad():
         model.h0.fill_(0.5)
-    with pytest.raises(UnsupportedOperationError, match="recurrent_map"):
+    with pytest.raises(UnsupportedOperationError, match=f"module '{refused}'"):
         gradgraph.to_graph(model, inputs(), None, squared_output)
 
 
