@@ -162,7 +162,8 @@ class AffineRules:
             width = weight.shape[1] if transposed else weight.shape[0]
             if bias_view.pos.numel() != width:
                 raise self.unsupported(name, f"a bias of shape {list(bias.shape)} for {width} outputs")
-            self.set_meta(output, Param(bias_view.index, broadcast_ids(bias_view.pos.reshape(-1), output.shape).clone()))
+            positions = broadcast_ids(bias_view.pos.reshape(-1), output.shape).clone()
+            self.set_meta(output, Param(bias_view.index, positions))
         return True
 
     def matmul(self, name: str, left: Tensor, right: Tensor, output: Tensor) -> None:
