@@ -2,12 +2,14 @@
 
 ``F.glu(x)`` is ``a * sigmoid(b)`` of the two halves of ``x``; ``F.normalize`` divides by a
 norm over the features; ``F.prelu`` is ``relu(x) - w * relu(-x)``; an ``einsum`` that is a
-linear map (``"bi,oi->bo"``) is ``F.linear``; the fused recurrent ops of ``nn.RNN`` / ``nn.GRU`` /
-``nn.LSTM`` are their loop over steps (``trace/recurrent.py``). Rather than a rule per composite op, the trace
-(and a replay, identically) runs the decomposition under itself, so the rules that exist
-follow the parts: a gated unit, a statistic of the features, a per-feature scale, an affine
-map. A decomposition depends only on the op and the shapes of its arguments, never on which
-tensors are neurons, so a replay numbers the same ops as the trace.
+linear map (``"bi,oi->bo"``) is ``F.linear``; the fused recurrent ops of ``nn.RNN`` /
+``nn.GRU`` / ``nn.LSTM`` are their loop over steps (``trace/recurrent.py``). Rather than a rule
+per composite op, the trace (and a replay, identically) runs the decomposition under itself, so
+the rules that exist follow the parts: a gated unit, a statistic of the features, a per-feature
+scale, an affine map. A decomposition depends only on the op and the shapes of its arguments,
+never on which tensors are neurons, so a replay numbers the same ops as the trace (the recurrent
+one also skips a constant zero state; a replay with another state runs other ops, which its
+fingerprints catch).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradgraph.convert.trace.recurrent import recurrent_decomposition
+from gradgraph.convert.trace.rules_conv import convolution_parts, padding_parts
 
 __all__ = ["decomposition"]
 
@@ -72,6 +75,12 @@ _DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _
 def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
     """A function running ``func(*args, **kwargs)`` as the ops it is made of, or ``None`` where
     the trace follows ``func`` itself (or cannot follow it either way)."""
+    convolution = convolution_parts(func, args, kwargs)  # a batched F.conv*d: taps, then F.linear
+    if convolution is not None:
+        return convolution
+    padding = padding_parts(func, args, kwargs)  # a convolution's padding_mode: indexing
+    if padding is not None:
+        return padding
     if func in _DECOMPOSITIONS:
         return lambda: _DECOMPOSITIONS[func](*args, **kwargs)
     if func is F.prelu or func is torch.prelu:
