@@ -410,3 +410,18 @@ def test_a_random_recurrent_program_converts_exactly_with_its_group(program):
     batch = inputs(seed, batch=3, steps=steps)
     assert_exact(model, batch)
     check_group(model, batch, seed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["lstm-2-layers-bidirectional", "gru-initial-state", "elman-zeros"])
+def test_recurrent_conversion_on_cuda_equals_cpu(name):
+    """On CUDA the stock modules would run cuDNN's fused kernel; the decomposition runs instead."""
+    torch.manual_seed(8)
+    model = {**STOCK_CASES, **LOOP_CASES}[name]().to(DTYPE).eval()
+    on_cpu = gradgraph.to_graph(model, inputs(), None, squared_output)
+    on_cuda = gradgraph.to_graph(model.cuda(), inputs().cuda(), None, squared_output)
+    for key in on_cpu.keys():
+        value = on_cuda[key]
+        if isinstance(value, torch.Tensor):
+            assert value.device.type == "cuda", key
+            torch.testing.assert_close(value.cpu(), on_cpu[key], atol=1e-10, rtol=0, msg=key)

@@ -423,7 +423,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             )
         if isinstance(meta, Scores):
             raise self.unsupported(what, "attention scores used as neuron values")
-        which = f" '{self.param_names[meta.index]}'" if isinstance(meta, _Param) else ""
+        which = f" '{self.param_names[meta.index]}'" if isinstance(meta, Param) else ""
         raise self.unsupported(what, f"the parameter{which} used where gradgraph expects neuron values (arithmetic "
                                "on a parameter before it meets the input: a learned slope, scale or mask)")
 
