@@ -2,11 +2,14 @@
 
 ``F.glu(x)`` is ``a * sigmoid(b)`` of the two halves of ``x``; ``F.normalize`` divides by a
 norm over the features; ``F.prelu`` is ``relu(x) - w * relu(-x)``; an ``einsum`` that is a
-linear map (``"bi,oi->bo"``) is ``F.linear``. Rather than a rule per composite op, the trace
-(and a replay, identically) runs the decomposition under itself, so the rules that exist
-follow the parts: a gated unit, a statistic of the features, a per-feature scale, an affine
-map. A decomposition depends only on the op and the shapes of its arguments, never on which
-tensors are neurons, so a replay numbers the same ops as the trace.
+linear map (``"bi,oi->bo"``) is ``F.linear``; the fused recurrent ops of ``nn.RNN`` /
+``nn.GRU`` / ``nn.LSTM`` are their loop over steps (``trace/recurrent.py``). Rather than a rule
+per composite op, the trace (and a replay, identically) runs the decomposition under itself, so
+the rules that exist follow the parts: a gated unit, a statistic of the features, a per-feature
+scale, an affine map. A decomposition depends only on the op and the shapes of its arguments,
+never on which tensors are neurons, so a replay numbers the same ops as the trace (the recurrent
+one also skips a constant zero state; a replay with another state runs other ops, which its
+fingerprints catch).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradgraph.convert.trace.recurrent import recurrent_decomposition
 from gradgraph.convert.trace.rules_conv import convolution_parts, padding_parts
 
 __all__ = ["decomposition"]
@@ -90,4 +94,4 @@ def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | N
     if func is torch.einsum and args and isinstance(args[0], str):
         operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], list | tuple) else tuple(args[1:])
         return _einsum_as_linear(args[0], operands)
-    return None
+    return recurrent_decomposition(func, args, kwargs)  # nn.RNN / nn.GRU / nn.LSTM, step by step

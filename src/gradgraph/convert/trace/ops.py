@@ -54,6 +54,10 @@ SHAPE_OPS = _method(
     torch.clone, torch.tensor_split, torch.cat, torch.concat, torch.stack, torch.broadcast_to,
 ) | {"torch.concatenate", "Tensor.broadcast_to"}
 # Casts and eval-mode no-ops: identity on the values' neurons.
+#: ops whose result does not depend on their tensor arguments' values (only on shape, dtype,
+#: device): constants, as a factory call inside ``forward`` is (an RNN's zero initial state)
+CONSTANT_FACTORIES = {f"torch.{name}_like" for name in ("zeros", "ones", "full", "empty")} | _method(
+    "new_zeros", "new_ones", "new_full", "new_empty")
 IDENTITY_OPS = _method("to", "float", "double", "half", "bfloat16", "type_as", "type", "cpu", "cuda") | {
     "torch.nn.functional.dropout", "torch.dropout", "Tensor.__getitem__ (no-op)",
 }

@@ -99,6 +99,8 @@ class AffineRules:
     def affine(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor, *,
                transposed: bool) -> None:
         meta = self.need_neurons(x, f"the affine map {name}")
+        if meta is None and self.zero_state_affine(name, x, weight, bias, output, transposed=transposed):
+            return
         if meta is None:
             raise self.unsupported(name, LOST_TRACK)
         meta = self.spread_positions(name, x, meta)  # a flattened [channels, positions] map (rules_conv)
@@ -143,6 +145,25 @@ class AffineRules:
         created.grad_records.append((output, out_nodes, out_comps))
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def zero_state_affine(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor, *,
+                          transposed: bool) -> bool:
+        """An affine map of a constant zero (an RNN's ``h0 = torch.zeros(...)`` made in ``forward``):
+        ``W · 0 + b`` is the bias alone, and ``W`` gets no gradient from it. The output becomes a view
+        of the bias (a bias of the neurons it is added to) or, with no bias, a constant. ``True`` if
+        handled; the zero is a value guard, so a replay with another state traces afresh."""
+        if not isinstance(x, Tensor) or x.requires_grad or bool(x.any()):
+            return False
+        self.param_view(weight, name, "weight")
+        self.add_guard(self.op_index, x, values=x.detach().cpu().clone())
+        if bias is not None:
+            bias_view = self.param_view(bias, name, "bias")
+            width = weight.shape[1] if transposed else weight.shape[0]
+            if bias_view.pos.numel() != width:
+                raise self.unsupported(name, f"a bias of shape {list(bias.shape)} for {width} outputs")
+            positions = broadcast_ids(bias_view.pos.reshape(-1), output.shape).clone()
+            self.set_meta(output, Param(bias_view.index, positions))
+        return True
 
     def matmul(self, name: str, left: Tensor, right: Tensor, output: Tensor) -> None:
         left_meta, right_meta = self.meta(left), self.meta(right)

@@ -26,9 +26,9 @@ from gradgraph.convert.trace.meta import (
     flat_arguments, set_containing,
 )
 from gradgraph.convert.trace.ops import (
-    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER, CONCATENATIONS,
-    ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT, IN_PLACE_OPERATORS, JOINS, LAYER_NORM, LINEAR,
-    MASK_FILL, MATMUL, op_name, REDUCTIONS, RMS_NORM, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
+    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER, CONCATENATIONS,
+    ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT, IN_PLACE_OPERATORS, JOINS, LAYER_NORM, LINEAR, MASK_FILL,
+    MATMUL, op_name, REDUCTIONS, RMS_NORM, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
 )
 from gradgraph.convert.trace.rules_affine import AffineRules
 from gradgraph.convert.trace.rules_attention import AttentionRules
@@ -291,6 +291,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             raise TraceAbort(error) from None
 
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
+        if name in CONSTANT_FACTORIES:
+            return  # zeros_like(x): a constant, whatever x is
         metas = [meta for _, meta in tracked]
         if all(self.is_data(value, meta) for value, meta in tracked) and name not in EMBEDDING:
             return self.data_op(name, func, args, kwargs, output, tracked)
@@ -590,10 +592,6 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         merged.grad_records.append((output, meta.nodes, comps))
         self.set_meta(output, meta)
         self.observe(output, meta)
-
-    # the methods' names before issue 27 made them public, for rule mixins written against them
-    _assign_comps = assign_comps
-    _datapoint_of = datapoint_of
 
 
 # The names these had before issue 27 made them public, for rule files written against them

@@ -1,0 +1,195 @@
+"""``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` as the per-step ops they compute.
+
+The stock recurrent modules run one fused op (``torch.rnn_tanh``, ``torch.rnn_relu``,
+``torch.gru``, ``torch.lstm``, reached through ``torch._VF``) that takes every layer's
+weights in one list. :func:`recurrent_decomposition` runs it instead as the loop it stands
+for, written with ``F.linear`` on slices of the weights and elementwise ops, which the trace
+already follows. For layer ``l``, direction ``d`` and step ``t`` (``x_t`` the layer's input
+at ``t``, ``h`` the state of the previous step in the direction's order), torch's equations:
+
+* RNN: ``h_t = tanh(W_ih x_t + b_ih + W_hh h + b_hh)`` (``relu`` for ``nonlinearity="relu"``);
+* GRU: ``r = σ(W_ir x_t + b_ir + W_hr h + b_hr)``, ``z = σ(W_iz x_t + b_iz + W_hz h + b_hz)``,
+  ``n = tanh(W_in x_t + b_in + r ⊙ (W_hn h + b_hn))``, ``h_t = (1 - z) ⊙ n + z ⊙ h``;
+* LSTM: ``i, f, o = σ(W_i· x_t + b_i· + W_h· h + b_h·)``, ``g = tanh(W_ig x_t + b_ig + W_hg h + b_hg)``,
+  ``c_t = f ⊙ c + i ⊙ g``, ``h_t = o ⊙ tanh(c_t)``.
+
+Each gate is its own ``F.linear`` on the rows of its block of ``W_ih`` / ``W_hh`` (torch's order:
+``r, z, n`` and ``i, f, g, o``), so the trace sees one neuron set per gate and step, tied by
+the products and sums that join them; the permutation of hidden units then moves the rows of
+every gate block of ``W_ih``, the rows and columns of ``W_hh`` and the biases together.
+
+An initial state that is a constant zero (``hx=None``: the module makes ``torch.zeros``)
+contributes nothing but ``b_hh``; the first step then reads the bias alone (``W_hh · 0``
+has no gradient). That choice reads the state's values, so it depends on them; a replay runs
+this same function on its own arguments, and a different choice is a different op sequence,
+which the replay's fingerprints catch (it traces afresh).
+
+What is not decomposed (the trace then refuses the fused op by name, with the module's path):
+packed sequences (``PackedSequence``: the fused op's packed signature). An LSTM with
+``proj_size`` projects each step's state, ``h_t = W_hr (o ⊙ tanh(c_t))``, one more ``F.linear``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["RECURRENT_CELL_OPS", "RECURRENT_OPS", "recurrent_decomposition"]
+
+#: the fused op -> (cell kind, gate count per hidden unit)
+RECURRENT_OPS: dict[Any, tuple[str, int]] = {
+    torch.rnn_tanh: ("tanh", 1),
+    torch.rnn_relu: ("relu", 1),
+    torch.gru: ("gru", 3),
+    torch.lstm: ("lstm", 4),
+}
+
+#: the fused one-step op of ``nn.RNNCell`` / ``nn.GRUCell`` / ``nn.LSTMCell`` -> cell kind
+RECURRENT_CELL_OPS: dict[Any, str] = {
+    torch.rnn_tanh_cell: "tanh",
+    torch.rnn_relu_cell: "relu",
+    torch.gru_cell: "gru",
+    torch.lstm_cell: "lstm",
+}
+
+
+def _is_constant_zero(state: Tensor | None) -> bool:
+    """A state that no autograd path reaches and that is all zeros (``hx=None``)."""
+    return state is None or (not state.requires_grad and not bool(state.any()))
+
+
+def _gate(x: Tensor | None, weight: Tensor, bias: Tensor | None, block: int, size: int) -> Tensor | None:
+    """``x @ W[block]ᵀ + b[block]`` for one gate block of ``size`` rows; ``None`` for no term.
+
+    ``x is None`` is a zero state: only the bias remains."""
+    rows = slice(block * size, (block + 1) * size)
+    if x is None:
+        return None if bias is None else bias[rows]
+    return F.linear(x, weight[rows], None if bias is None else bias[rows])
+
+
+def _plus(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    if first is None:
+        return second
+    return first if second is None else first + second
+
+
+def _times(gate: Tensor, value: Tensor | None) -> Tensor | None:
+    return None if value is None else gate * value
+
+
+def _step(kind: str, x_t: Tensor, h: Tensor | None, c: Tensor | None, weights: Sequence[Tensor | None],
+          size: int) -> tuple[Tensor, Tensor | None]:
+    """One step of one layer and direction: ``(h_t, c_t)`` (``c_t`` only for the LSTM);
+    ``h`` / ``c`` are ``None`` for a zero state."""
+    w_ih, w_hh, b_ih, b_hh = weights
+
+    def pre_activation(block: int) -> Tensor:
+        return _plus(_gate(x_t, w_ih, b_ih, block, size), _gate(h, w_hh, b_hh, block, size))
+
+    if kind in ("tanh", "relu"):
+        value = pre_activation(0)
+        return (torch.tanh(value) if kind == "tanh" else torch.relu(value)), None
+    if kind == "gru":
+        reset = torch.sigmoid(pre_activation(0))
+        update = torch.sigmoid(pre_activation(1))
+        recurrent = _gate(h, w_hh, b_hh, 2, size)
+        candidate = torch.tanh(_plus(_gate(x_t, w_ih, b_ih, 2, size), _times(reset, recurrent)))
+        return _plus((1 - update) * candidate, _times(update, h)), None
+    input_gate = torch.sigmoid(pre_activation(0))
+    forget_gate = torch.sigmoid(pre_activation(1))
+    cell_input = torch.tanh(pre_activation(2))
+    output_gate = torch.sigmoid(pre_activation(3))
+    cell = _plus(_times(forget_gate, c), input_gate * cell_input)
+    return output_gate * torch.tanh(cell), cell
+
+
+def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], params: Sequence[Tensor],
+         has_biases: bool, num_layers: int, dropout: float, train: bool, bidirectional: bool,
+         batch_first: bool) -> tuple[Tensor, ...]:
+    directions = 2 if bidirectional else 1
+    projected = _projected(kind, params, has_biases, num_layers * directions)
+    per_direction = (4 if has_biases else 2) + projected
+    hidden = params[0].shape[0] // gates
+    time_axis = 1 if batch_first else 0
+    if kind == "lstm":
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    h0_zero, c0_zero = _is_constant_zero(h0), _is_constant_zero(c0)
+    layer_input = input
+    final_h: list[Tensor] = []
+    final_c: list[Tensor] = []
+    for layer in range(num_layers):
+        if layer > 0 and dropout > 0:
+            layer_input = F.dropout(layer_input, dropout, train)  # the trace refuses it when active
+        direction_outputs = []
+        for direction in range(directions):
+            at = (layer * directions + direction) * per_direction
+            w_ih, w_hh = params[at], params[at + 1]
+            b_ih, b_hh = (params[at + 2], params[at + 3]) if has_biases else (None, None)
+            w_hr = params[at + per_direction - 1] if projected else None
+            state = layer * directions + direction
+            h = None if h0_zero else h0[state]
+            c = None if kind != "lstm" or c0_zero else c0[state]
+            steps = range(layer_input.shape[time_axis])
+            outputs: dict[int, Tensor] = {}
+            for t in (reversed(steps) if direction == 1 else steps):
+                h, c = _step(kind, layer_input.select(time_axis, t), h, c, (w_ih, w_hh, b_ih, b_hh), hidden)
+                if w_hr is not None:  # LSTM with proj_size: h_t = W_hr (o ⊙ tanh(c_t))
+                    h = F.linear(h, w_hr)
+                outputs[t] = h
+            direction_outputs.append(torch.stack([outputs[t] for t in steps], dim=time_axis))
+            final_h.append(h)
+            if kind == "lstm":
+                final_c.append(c)
+        layer_input = direction_outputs[0] if directions == 1 else torch.cat(direction_outputs, dim=-1)
+    results = (layer_input, torch.stack(final_h))
+    return results + ((torch.stack(final_c),) if kind == "lstm" else ())
+
+
+def _cell(kind: str, input: Tensor, hx: Tensor | Sequence[Tensor], w_ih: Tensor, w_hh: Tensor,
+          b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    h, c = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
+    h = None if _is_constant_zero(h) else h
+    c = None if kind != "lstm" or _is_constant_zero(c) else c
+    h_new, c_new = _step(kind, input, h, c, (w_ih, w_hh, b_ih, b_hh), w_hh.shape[1])
+    if kind != "lstm":
+        return h_new
+    return h_new, c_new if c_new is not None else torch.zeros_like(h_new)
+
+
+def _projected(kind: str, params: Sequence[Tensor], has_biases: bool, stacks: int) -> int | None:
+    """1 if every layer and direction has an LSTM projection weight ``W_hr`` (``proj_size``),
+    0 if none has, ``None`` for a weight list of another length."""
+    plain = 4 if has_biases else 2
+    if len(params) == stacks * plain:
+        return 0
+    if kind == "lstm" and len(params) == stacks * (plain + 1):
+        return 1
+    return None
+
+
+def recurrent_decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
+    """The per-step ops of a fused recurrent op (``torch.lstm`` …) called as ``nn.RNN`` /
+    ``nn.GRU`` / ``nn.LSTM`` call it on a padded batch, or of one cell step (``torch.lstm_cell``
+    …, from ``nn.LSTMCell`` …); ``None`` otherwise (not such an op, a packed sequence: the trace
+    then refuses the fused op)."""
+    if func in RECURRENT_CELL_OPS and not kwargs and 4 <= len(args) <= 6:
+        return lambda: _cell(RECURRENT_CELL_OPS[func], *args)
+    if func not in RECURRENT_OPS or kwargs or len(args) != 9:
+        return None
+    kind, gates = RECURRENT_OPS[func]
+    input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
+    if not isinstance(input, Tensor) or not isinstance(batch_first, bool) or input.dim() != 3:
+        return None  # the packed signature: (data, batch_sizes, hx, params, ...)
+    directions = 2 if bidirectional else 1
+    projected = _projected(kind, params, has_biases, num_layers * directions)
+    if projected is None or params[0].shape[0] % gates or params[1].shape[0] != params[0].shape[0]:
+        return None
+    return lambda: _run(kind, gates, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                        batch_first)
