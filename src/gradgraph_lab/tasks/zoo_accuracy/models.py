@@ -213,7 +213,9 @@ class GraphRegressor(nn.Module):
         self.network = GradMetaNet(config.hidden_channels, component_channels=config.component_channels,
                                    num_component_layers=config.num_component_layers,
                                    num_node_layers=config.num_node_layers, edge_out_channels=0,
-                                   node_out_channels=0, graph_out_channels=1)
+                                   node_out_channels=0, graph_out_channels=1,
+                                   # graph_inputs: x [N, 4], edge_attr [E, 2], component_x [N, B, 1]
+                                   node_in_channels=4, edge_in_channels=2, component_in_channels=1)
         offset = min(max(float(offset), 1e-3), 1 - 1e-3)
         self.register_buffer("offset", torch.tensor(offset).logit())
         for name in ("x_mean", "x_std", "edge_mean", "edge_std"):

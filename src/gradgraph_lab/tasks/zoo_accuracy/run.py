@@ -173,7 +173,7 @@ def ranking_metrics(predicted: Tensor, true: Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------------------- run
 def build_model(name: str, seed: int, config: ZooAccuracyConfig, prepared: Prepared) -> nn.Module:
     """Predictor ``name`` with ``seed``: a fitted :class:`StatsRegressor` or an untrained
-    :class:`GraphRegressor` whose input widths are set by one forward on training graphs."""
+    :class:`GraphRegressor` whose input standardisation is fitted on the training graphs."""
     accuracy = prepared.data.accuracy
     if name in FEATURES_OF:
         kind, regressor = FEATURES_OF[name]
@@ -182,8 +182,6 @@ def build_model(name: str, seed: int, config: ZooAccuracyConfig, prepared: Prepa
     model = GraphRegressor(config.model, offset=float(accuracy[prepared.members["train"]].mean()))
     view = "grad_weights" if name == "gradmetanet_grad_weights" else "grad"
     model.fit_scaling(prepared.sources[view]["train"].items)
-    with torch.no_grad():  # GradMetaNet's input layers take their widths from a first batch
-        model(next(prepared.sources[view]["train"].batches(2, shuffle=False)))
     return model
 
 
