@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from gradgraph.datasets import NormalizeFactors
 from gradgraph.errors import GradGraphError
-from gradgraph.graph import ActivationKind, GradGraph, NodeKind
+from gradgraph.graph import ActivationKind, GradGraph
 from gradgraph.nn import GradMetaNet
 
 __all__ = [
@@ -66,11 +66,10 @@ _SPREAD_QUANTILES = (0.1, 0.5, 0.9)
 
 
 def _architecture(graph: GradGraph) -> Tensor:
-    """``[3]``: the hidden widths in order and whether the hidden activation is tanh."""
-    hidden = graph.node_kind == NodeKind.HIDDEN
-    layers = torch.unique(graph.layer[hidden])
-    widths = [float((graph.layer[hidden] == layer).sum()) for layer in layers]
-    tanh = float((graph.activation[hidden] == ActivationKind.TANH).any())
+    """``[H + 1]``: the hidden widths (output rows of every weight but the last; channels for a
+    CNN) in order, and whether the hidden activation is tanh."""
+    widths = [float(shape[0]) for shape in graph.param_shapes if len(shape) >= 2][:-1]
+    tanh = float((graph.activation == ActivationKind.TANH).any())
     return torch.tensor([*widths, tanh], dtype=torch.float64)
 
 
