@@ -40,7 +40,7 @@ from gradgraph_lab.tasks.zoo_accuracy.models import (
 __all__ = ["METRIC", "ZooAccuracyConfig", "Prepared", "build_model", "prepare", "preset", "results_table", "run_one",
            "run_zoo_accuracy"]
 
-METRIC = ("test accuracy of held-out digits MLPs (whole networks held out): Kendall tau and R^2 of predicted vs "
+METRIC = ("test accuracy of held-out digits networks (whole networks held out): Kendall tau and R^2 of predicted vs "
           "true, test_error = mean squared error; mean ± std over seeds")
 REFERENCE = "grad_stats"
 #: The presets :func:`preset` knows.
