@@ -18,7 +18,8 @@ LAB_ONLY = ("gradgraph_lab", "tqdm", "matplotlib", "sklearn", "mnist1d")
     "statement",
     [
         "import gradgraph",
-        "import gradgraph.nn, gradgraph.optim, gradgraph.symmetry, gradgraph.convert, gradgraph.testing",
+        "import gradgraph.nn, gradgraph.optim, gradgraph.symmetry, gradgraph.convert, gradgraph.testing, "
+        "gradgraph.datasets",
     ],
 )
 def test_library_imports_no_lab_dependency(statement: str) -> None:

@@ -357,7 +357,8 @@ def _zoo_accuracy_command(args: argparse.Namespace) -> int:
     zoo = config.zoo
     return _run_experiment(
         "zoo-accuracy", args, config, run_zoo_accuracy, results_table,
-        items=f"{zoo.num_nets} digits MLPs x {zoo.num_checkpoints} checkpoints (splits in networks)",
+        items=f"{zoo.num_nets} digits {zoo.architecture.upper()}s x {zoo.num_checkpoints} checkpoints "
+              "(splits in networks)",
         outputs=[config.output_dir / "results.json"],
         notes=lambda results: [f"zoo: {results['zoo']['members']} members, test accuracy "
                                f"{results['zoo']['accuracy_min']:.3f} .. {results['zoo']['accuracy_max']:.3f} "
@@ -373,9 +374,10 @@ def add_zoo_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
         help="predict digits MLPs' test accuracy from gradients vs weights: statistics baselines and GradMetaNet "
              "(issue 30)",
     )
-    parser.add_argument("--preset", choices=["default", "paper", "tiny"], default="default",
-                        help="default: 100 nets x 4 checkpoints, GradMetaNet 15 epochs, 5 seeds (docs/zoo.md has its "
-                        "wall time on 2 cores); paper: 1000 nets, 100 epochs; tiny: a smoke run")
+    parser.add_argument("--preset", choices=["default", "paper", "cnn", "tiny", "tiny-cnn"], default="default",
+                        help="default: 100 MLPs x 4 checkpoints, GradMetaNet 15 epochs, 5 seeds (docs/zoo.md has its "
+                        "wall time on 2 cores); paper: 1000 nets, 100 epochs; cnn: 100 CNNs, statistics baselines; "
+                        "tiny, tiny-cnn: smoke runs")
     parser.add_argument("--nets", type=int, default=None, help="networks in the zoo (splits keep the preset's "
                         "proportions)")
     add_experiment_flags(parser, item="zoo members", models=MODEL_NAMES, output_dir=Path("runs/zoo-accuracy"),

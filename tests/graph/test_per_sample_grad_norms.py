@@ -63,6 +63,21 @@ def test_token_model_with_tied_head_equals_torch_func():
         torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
 
 
+def test_cnn_norms_equal_torch_func():
+    """A convolution's components are (datapoint, position) pairs: the Gram path, over positions."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 5, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+    inputs, targets = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    graph = gradgraph.to_graph(model, inputs, targets, _cross_entropy)
+    assert graph.num_components > inputs.shape[0]
+    total, by_name = _reference_norms(model, inputs, targets, _cross_entropy)
+    torch.testing.assert_close(graph.per_sample_grad_norms(), total, atol=1e-12, rtol=0)
+    ours = graph.per_sample_grad_norms(by_parameter=True)
+    for name, value in by_name.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
+
+
 def test_components_in_any_order():
     model, inputs, targets, loss_fn = _gpt_case()
     graph = gradgraph.to_graph(model, inputs, targets, loss_fn)

@@ -8,6 +8,7 @@ test; a zoo whose networks drew from the global random stream would not train tw
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -18,7 +19,7 @@ from torch_geometric.data import Batch
 import gradgraph
 from gradgraph.symmetry import permute_hidden, random_hidden_perms
 from gradgraph_lab import cli
-from gradgraph_lab.tasks.zoo_accuracy import MODEL_NAMES, preset
+from gradgraph_lab.tasks.zoo_accuracy import MODEL_NAMES, preset, run_zoo_accuracy
 from gradgraph_lab.tasks.zoo_accuracy.data import load_digits_split, load_zoo, train_network
 from gradgraph_lab.tasks.zoo_accuracy.models import (
     GraphRegressor,
@@ -88,3 +89,34 @@ def test_the_tiny_run_reports_every_predictor(tmp_path, capsys):
         assert len(entry["metrics"]["r2"]["values"]) == len(entry["seeds"])
     printed = capsys.readouterr().out
     assert "Kendall tau" in printed and "GradMetaNet on gradients + weights" in printed
+
+
+def test_cnn_zoo_statistics_are_invariant_to_channel_permutations_float64():
+    """A zoo CNN's hidden channels permuted (conv ``k``'s output channels and conv ``k+1``'s input
+    channels, or the head's columns) keep its function; every statistic stays put."""
+    zoo = preset("tiny-cnn").zoo
+    digits = load_digits_split(zoo)
+    model = train_network(zoo, 0, digits)[-1].double()
+    probe, labels = digits.pool_x[:zoo.probe_size].double(), digits.pool_y[:zoo.probe_size]
+    permuted = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    convs = [permuted[0], permuted[2], permuted[4]]
+    with torch.no_grad():
+        for layer, following in zip(convs, [*convs[1:], permuted[8]]):
+            order = torch.randperm(layer.out_channels, generator=generator)
+            layer.weight.copy_(layer.weight[order])
+            layer.bias.copy_(layer.bias[order])
+            following.weight.copy_(following.weight[:, order])
+    torch.testing.assert_close(permuted(probe), model(probe), rtol=0, atol=1e-12)
+    graphs = [gradgraph.to_graph(net, probe, labels, _cross_entropy) for net in (model, permuted)]
+    assert not torch.equal(graphs[0].edge_attr, graphs[1].edge_attr)
+    for features in (weight_features, gradient_features):
+        torch.testing.assert_close(features(graphs[1]), features(graphs[0]), rtol=1e-12, atol=1e-12)
+
+
+def test_the_tiny_cnn_zoo_runs_the_statistics_baselines(tmp_path):
+    config = replace(preset("tiny-cnn"), models=("grad_stats", "weight_stats"), output_dir=tmp_path / "out",
+                     cache_root=tmp_path / "cache")
+    results = run_zoo_accuracy(config)
+    assert set(results["models"]) == {"grad_stats", "weight_stats"}
+    assert results["zoo"]["members"] == config.zoo.num_members

@@ -101,8 +101,8 @@ class ModelZoo(Dataset):
     """Models converted to :class:`~gradgraph.GradGraph` on one probe batch, with graph-level targets.
 
     Each item is the graph of ``to_graph(model, inputs, probe_targets, loss_fn)`` with
-    ``y`` (``[1, k]``, see the module doc), ``zoo_id`` (``[1]``, the model's index in the zoo; not named ``*index*``, which PyG would shift by
-    the node count when batching) and
+    ``y`` (``[1, k]``, see the module doc), ``zoo_id`` (``[1]``, the model's index in the zoo; not named ``*index*``, which
+    PyG would shift by the node count when batching) and
     ``loss`` (``[b]``, its per-datapoint losses on the probe batch). Built once into
     ``root/processed`` (shards, atomic, resumable; see the module doc), then read from there.
 

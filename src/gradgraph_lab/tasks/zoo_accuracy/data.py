@@ -40,7 +40,10 @@ class DigitsZooConfig:
 
     Attributes:
         num_nets: trained networks; the zoo has ``num_nets * len(checkpoint_fractions)`` members.
-        min_width, max_width: hidden widths are drawn uniformly from this range (two hidden layers).
+        architecture: ``"mlp"`` (two hidden layers) or ``"cnn"`` (three 3x3 convolutions, the
+            second with stride 2, global average pooling and a linear head, the Small CNN Zoo's
+            shape, on the 8x8 images).
+        min_width, max_width: hidden widths (channels for ``"cnn"``) are drawn uniformly from this range.
         lr_range: SGD (momentum 0.9) learning rates, log-uniform.
         weight_decay_range: log-uniform.
         init_scale_range: factor on torch's default initialisation, log-uniform.
@@ -55,6 +58,7 @@ class DigitsZooConfig:
     """
 
     num_nets: int = 100
+    architecture: str = "mlp"
     min_width: int = 16
     max_width: int = 64
     lr_range: tuple[float, float] = (3e-3, 0.3)
@@ -76,6 +80,8 @@ class DigitsZooConfig:
         if not self.checkpoint_fractions or not all(0 < f <= 1 for f in self.checkpoint_fractions):
             raise GradGraphError(f"DigitsZooConfig.checkpoint_fractions must lie in (0, 1], got "
                                  f"{self.checkpoint_fractions}")
+        if self.architecture not in ("mlp", "cnn"):
+            raise GradGraphError(f"DigitsZooConfig.architecture must be mlp or cnn, got {self.architecture!r}")
         if not 0 < self.probe_size <= self.pool_size < 1797:
             raise GradGraphError(f"DigitsZooConfig: need 0 < probe_size <= pool_size < 1797, got {self.probe_size}, "
                                  f"{self.pool_size}")
@@ -102,8 +108,8 @@ class Digits:
 
 
 def load_digits_split(config: DigitsZooConfig) -> Digits:
-    """The 1797 digits (pixels / 16, ``[n, 64]`` float32) shuffled with ``config.seed``: the first
-    ``pool_size`` are the training pool, the rest the test set."""
+    """The 1797 digits (pixels / 16, float32; ``[n, 64]``, or images ``[n, 1, 8, 8]`` for a CNN zoo)
+    shuffled with ``config.seed``: the first ``pool_size`` are the training pool, the rest the test set."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -111,6 +117,8 @@ def load_digits_split(config: DigitsZooConfig) -> Digits:
     y = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))
     x, y = x[order], y[order]
+    if config.architecture == "cnn":
+        x = x.reshape(-1, 1, 8, 8)
     return Digits(x[:config.pool_size], y[:config.pool_size], x[config.pool_size:], y[config.pool_size:])
 
 
@@ -119,9 +127,16 @@ def _log_uniform(generator: torch.Generator, bounds: tuple[float, float]) -> flo
     return math.exp(low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64)))
 
 
-def build_network(widths: tuple[int, int], activation: str, dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """``64 -> widths[0] -> widths[1] -> 10`` with ``activation`` (``"relu"`` or ``"tanh"``) after each hidden layer."""
+def build_network(widths: tuple[int, ...], activation: str, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """Two widths: the MLP ``64 -> widths[0] -> widths[1] -> 10``; three: the CNN ``[b, 1, 8, 8] ->``
+    3x3 convolutions to ``widths[0]``, ``widths[1]`` (stride 2), ``widths[2]`` channels, global average
+    pooling, ``Linear(widths[2], 10)``. ``activation`` (``"relu"`` or ``"tanh"``) after each hidden layer."""
     act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+    if len(widths) == 3:
+        return nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1), act(),
+                             nn.Conv2d(widths[0], widths[1], 3, stride=2, padding=1), act(),
+                             nn.Conv2d(widths[1], widths[2], 3, padding=1), act(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[2], 10)).to(dtype)
     return nn.Sequential(nn.Linear(64, widths[0]), act(), nn.Linear(widths[0], widths[1]), act(),
                          nn.Linear(widths[1], 10)).to(dtype)
 
@@ -129,7 +144,9 @@ def build_network(widths: tuple[int, int], activation: str, dtype: torch.dtype =
 def sample_recipe(config: DigitsZooConfig, net: int) -> dict[str, Any]:
     """Network ``net``'s hyperparameters, drawn from ``config.seed`` and ``net`` alone."""
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + net)
-    widths = tuple(int(w) for w in torch.randint(config.min_width, config.max_width + 1, (2,), generator=generator))
+    widths = tuple(int(w) for w in torch.randint(config.min_width, config.max_width + 1,
+                                                           (3 if config.architecture == "cnn" else 2,),
+                                                           generator=generator))
     return {
         "widths": widths,
         "activation": ("relu", "tanh")[int(torch.randint(2, (), generator=generator))],
@@ -226,7 +243,9 @@ def load_zoo(config: DigitsZooConfig, *, cache_root: Path | None = None, progres
         context: the processes (ranks split the shards; see :class:`~gradgraph.datasets.ModelZoo`).
     """
     digits = load_digits_split(config)
-    root = Path(cache_root or default_cache_root()) / f"zoo-accuracy-{config_hash(asdict(config))}"
+    # an MLP zoo's hash leaves the architecture out: its caches from before CNN zoos stay valid
+    recipe = {key: value for key, value in asdict(config).items() if key != "architecture" or value != "mlp"}
+    root = Path(cache_root or default_cache_root()) / f"zoo-accuracy-{config_hash(recipe)}"
     probe_x, probe_y = digits.pool_x[:config.probe_size], digits.pool_y[:config.probe_size]
     rank = context.rank if context is not None else None
     world = context.world_size if context is not None else None
@@ -234,7 +253,8 @@ def load_zoo(config: DigitsZooConfig, *, cache_root: Path | None = None, progres
                    loss_fn=lambda output, labels: F.cross_entropy(output, labels, reduction="none"),
                    builder=_Networks(config, digits),
                    targets=lambda index, model: torch.tensor([[held_out_accuracy(model, digits)]], dtype=torch.float64),
-                   shard_size=config.shard_size, name="digits-mlp", rank=rank, world_size=world, log=progress)
+                   shard_size=config.shard_size, name=f"digits-{config.architecture}", rank=rank, world_size=world,
+                   log=progress)
     graphs = [zoo[index] for index in range(len(zoo))]
     accuracy = torch.cat([graph.y[:, 0] for graph in graphs])
     net_of = torch.arange(config.num_members) // config.num_checkpoints

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from gradgraph.datasets import NormalizeFactors
 from gradgraph.errors import GradGraphError
-from gradgraph.graph import ActivationKind, GradGraph, NodeKind
+from gradgraph.graph import ActivationKind, GradGraph
 from gradgraph.nn import GradMetaNet
 
 __all__ = [
@@ -66,11 +66,10 @@ _SPREAD_QUANTILES = (0.1, 0.5, 0.9)
 
 
 def _architecture(graph: GradGraph) -> Tensor:
-    """``[3]``: the hidden widths in order and whether the hidden activation is tanh."""
-    hidden = graph.node_kind == NodeKind.HIDDEN
-    layers = torch.unique(graph.layer[hidden])
-    widths = [float((graph.layer[hidden] == layer).sum()) for layer in layers]
-    tanh = float((graph.activation[hidden] == ActivationKind.TANH).any())
+    """``[H + 1]``: the hidden widths (output rows of every weight but the last; channels for a
+    CNN) in order, and whether the hidden activation is tanh."""
+    widths = [float(shape[0]) for shape in graph.param_shapes if len(shape) >= 2][:-1]
+    tanh = float((graph.activation == ActivationKind.TANH).any())
     return torch.tensor([*widths, tanh], dtype=torch.float64)
 
 
@@ -213,7 +212,9 @@ class GraphRegressor(nn.Module):
         self.network = GradMetaNet(config.hidden_channels, component_channels=config.component_channels,
                                    num_component_layers=config.num_component_layers,
                                    num_node_layers=config.num_node_layers, edge_out_channels=0,
-                                   node_out_channels=0, graph_out_channels=1)
+                                   node_out_channels=0, graph_out_channels=1,
+                                   # graph_inputs: x [N, 4], edge_attr [E, 2], component_x [N, B, 1]
+                                   node_in_channels=4, edge_in_channels=2, component_in_channels=1)
         offset = min(max(float(offset), 1e-3), 1 - 1e-3)
         self.register_buffer("offset", torch.tensor(offset).logit())
         for name in ("x_mean", "x_std", "edge_mean", "edge_std"):

@@ -13,7 +13,7 @@ seed on the test networks: Kendall tau and R^2 of predicted vs true accuracy, an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,11 @@ from gradgraph_lab.tasks.zoo_accuracy.models import (
 __all__ = ["METRIC", "ZooAccuracyConfig", "Prepared", "build_model", "prepare", "preset", "results_table", "run_one",
            "run_zoo_accuracy"]
 
-METRIC = ("test accuracy of held-out digits MLPs (whole networks held out): Kendall tau and R^2 of predicted vs "
+METRIC = ("test accuracy of held-out digits networks (whole networks held out): Kendall tau and R^2 of predicted vs "
           "true, test_error = mean squared error; mean ± std over seeds")
 REFERENCE = "grad_stats"
+#: The presets :func:`preset` knows.
+PRESETS = ("default", "paper", "cnn", "tiny", "tiny-cnn")
 
 
 @dataclass
@@ -85,7 +87,11 @@ def preset(name: str) -> ZooAccuracyConfig:
     * ``default`` — 100 networks x 4 checkpoints (60 / 15 / 25 networks), probe batch 64,
       GradMetaNet 15 epochs, 5 seeds, every predictor (docs/zoo.md: its wall time on 2 cores).
     * ``paper`` — 1000 networks x 4 checkpoints (700 / 100 / 200), 100 epochs, 5 seeds.
-    * ``tiny`` — a seconds-long smoke run for tests.
+    * ``cnn`` — the same recipe for CNNs (three 3x3 convolutions of 4-16 channels, global average
+      pooling, a linear head; probe batch 32): 100 networks x 4 checkpoints, the statistics
+      baselines only (a CNN's graph has ``32 x 64`` components, one per datapoint and position:
+      GradMetaNet on it is a GPU job, ``--models`` adds it).
+    * ``tiny`` / ``tiny-cnn`` — seconds-long smoke runs for tests.
     """
     if name == "default":
         return ZooAccuracyConfig()
@@ -99,7 +105,13 @@ def preset(name: str) -> ZooAccuracyConfig:
                                 checkpoint_fractions=(0.5, 1.0), probe_size=8, shard_size=4),
             num_train=3, num_val=1, num_test=2, train=TrainConfig(epochs=1, batch_size=4, lr=1e-3), seeds=(0,),
             model=ModelConfig(hidden_channels=8, component_channels=4, num_node_layers=1), progress=False)
-    raise GradGraphError(f"unknown zoo-accuracy preset {name!r}; choose default, paper or tiny")
+    if name == "cnn":
+        return ZooAccuracyConfig(zoo=DigitsZooConfig(architecture="cnn", min_width=4, max_width=16, probe_size=32),
+                                 models=tuple(FEATURES_OF))
+    if name == "tiny-cnn":
+        tiny = preset("tiny")
+        return replace(tiny, zoo=replace(tiny.zoo, architecture="cnn", min_width=2, max_width=3, probe_size=4))
+    raise GradGraphError(f"unknown zoo-accuracy preset {name!r}; choose {', '.join(PRESETS)}")
 
 
 # ------------------------------------------------------------------------------- losses
@@ -173,7 +185,7 @@ def ranking_metrics(predicted: Tensor, true: Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------------------- run
 def build_model(name: str, seed: int, config: ZooAccuracyConfig, prepared: Prepared) -> nn.Module:
     """Predictor ``name`` with ``seed``: a fitted :class:`StatsRegressor` or an untrained
-    :class:`GraphRegressor` whose input widths are set by one forward on training graphs."""
+    :class:`GraphRegressor` whose input standardisation is fitted on the training graphs."""
     accuracy = prepared.data.accuracy
     if name in FEATURES_OF:
         kind, regressor = FEATURES_OF[name]
@@ -182,8 +194,6 @@ def build_model(name: str, seed: int, config: ZooAccuracyConfig, prepared: Prepa
     model = GraphRegressor(config.model, offset=float(accuracy[prepared.members["train"]].mean()))
     view = "grad_weights" if name == "gradmetanet_grad_weights" else "grad"
     model.fit_scaling(prepared.sources[view]["train"].items)
-    with torch.no_grad():  # GradMetaNet's input layers take their widths from a first batch
-        model(next(prepared.sources[view]["train"].batches(2, shuffle=False)))
     return model
 
 
