@@ -28,7 +28,7 @@ def pretrained_names() -> list[str]:
 
 def meta_model_from_checkpoint(checkpoint: dict[str, Any]) -> LearnedUpdate:
     """Build a :class:`LearnedUpdate` from ``{"meta_config", "meta_model"}`` (an export or a trainer checkpoint)."""
-    model = LearnedUpdate(MetaModelConfig(**checkpoint["meta_config"]))
+    model = LearnedUpdate(MetaModelConfig.from_dict(checkpoint["meta_config"]))
     model.load_state_dict(checkpoint["meta_model"])
     return model.eval()
 
