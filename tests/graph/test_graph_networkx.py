@@ -56,6 +56,7 @@ def test_token_graph_networkx_mean_grad_is_the_mean_loss_gradient():
         want = expected[graph.param_names[param]][int(graph.edge_param_pos[edge])]
         assert abs(attrs["mean_grad"] - float(want)) <= 1e-12, (graph.param_names[param], attrs["mean_grad"], float(want))
         assert attrs["weight"] == float(graph.edge_attr[edge, 0])
+        assert attrs["kind"] == int(graph.edge_kind[edge]) and "edge_kind" not in attrs
         checked += 1
     assert checked == 3 * 4 + 4 * 2  # every weight of l1 and l2
     for node in range(graph.num_nodes):

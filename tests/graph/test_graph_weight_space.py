@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import Batch
 from traced_models import reference_per_sample_grads
@@ -156,3 +157,72 @@ def test_repr_counts(case):
     assert repr(graph) == (f"GradGraph(nodes={graph.num_nodes}, edges={graph.edge_index.shape[1]}, "
                            f"components={graph.num_components}, datapoints=5, "
                            f"parameters={sum(p.numel() for p in model.parameters())})")
+
+
+class TiedTokens(nn.Module):
+    """Token ids ``[b, T]`` -> an embedding, a hidden layer, logits read by the same table
+    (``F.linear(h, table)``), mean-pooled: one parameter in two blocks of two edge kinds."""
+
+    def __init__(self, vocab: int = 7, width: int = 4):
+        super().__init__()
+        self.table, self.hidden = nn.Embedding(vocab, width), nn.Linear(width, width)
+
+    def forward(self, ids):
+        return F.linear(torch.tanh(self.hidden(self.table(ids))), self.table.weight).mean(1)
+
+
+def test_a_parameter_in_two_blocks_sums_both():
+    """The table is an EMBEDDING block and a dense LINEAR block over the same slots; both uses
+    add up. (The head's block is not one slice here, so the ``_add_at`` assignment mutant still
+    survives: docs/mutation.md.)"""
+    torch.manual_seed(2)
+    model = TiedTokens().to(DTYPE)
+    ids, targets = torch.randint(0, 7, (4, 3)), torch.randn(4, 7, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, ids, targets, squared_error)
+    reference = reference_per_sample_grads(model, ids, targets, squared_error)
+    ours, mean = graph.per_sample_grads(), graph.mean_grad()
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
+        torch.testing.assert_close(mean[name], value.mean(0), atol=1e-12, rtol=0, msg=name)
+
+
+def test_edge_order_does_not_change_the_gradients(case):
+    """The same graph with its edges listed backwards: no block's slots are one slice any more
+    (the slot-by-slot path), and every gradient is the same. Checked to fail with ``_add_at``
+    called without its positions in the mean path."""
+    _, _, _, graph = case
+    order = torch.arange(graph.edge_index.shape[1] - 1, -1, -1)
+    fields = {key: value for key, value in graph}
+    for key in ("edge_attr", "edge_kind", "edge_param", "edge_param_pos"):
+        fields[key] = graph[key][order]
+    fields["edge_index"] = graph.edge_index[:, order]
+    backwards = gradgraph.GradGraph(**fields)
+    for method in ("per_sample_grads", "mean_grad"):
+        expected, got = getattr(graph, method)(), getattr(backwards, method)()
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, atol=1e-12, rtol=0, msg=f"{method} {name}")
+
+
+class PerToken(Blocks):
+    """:class:`Blocks` without the pooling: ``[b, T, 3]`` -> ``[b, T, 1]``."""
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.tanh(self.l1(x)) @ self.w))
+
+
+def test_two_components_per_datapoint():
+    """Two tokens, a loss per token: two components per datapoint. Checked to fail with the
+    one-component fast path of ``_datapoint_outer_products`` taken for two (``tokens == 2``)."""
+    torch.manual_seed(6)
+    model = PerToken().to(DTYPE)
+    inputs, targets = torch.randn(5, 2, 3, dtype=DTYPE), torch.randn(5, 2, 1, dtype=DTYPE)
+
+    def loss(output, target):
+        return (output - target).pow(2).sum((1, 2))
+
+    graph = gradgraph.to_graph(model, inputs, targets, loss)
+    assert graph.num_components == 2 * 5
+    reference = reference_per_sample_grads(model, inputs, targets, loss)
+    ours = graph.per_sample_grads()
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
