@@ -138,3 +138,23 @@ def test_a_recorded_tensor_the_output_does_not_use_gets_a_zero_gradient():
 
     recorded = gradgraph.capture(model, x, forward=forward)
     assert torch.equal(recorded.grads["unused"], torch.zeros(4, 3, dtype=DTYPE))
+
+
+class Starred(nn.Module):
+    """A forward with no first parameter a call could name."""
+
+    def forward(self, *inputs):
+        return inputs[0]
+
+
+def test_closure_inputs_of_forwards_with_one_parameter_or_none_to_name():
+    """Written for the survivors of the second capture.py run: ``_first_parameter_name`` on a
+    one-parameter forward (``nn.Linear``'s ``input``) and on ``forward(*inputs)`` (no name, so
+    no hint in the message)."""
+    x = torch.randn(2, 3)
+    inputs, rest, kwargs = closure_inputs(nn.Linear(3, 1), False, (), {"input": x})
+    assert inputs is x and rest == () and kwargs == {}
+    with pytest.raises(GradGraphError, match=exactly(
+            "the closure must call Starred with the input tensor as its first argument; got positional [] and "
+            "keywords ['inputs']")):
+        closure_inputs(Starred(), False, (), {"inputs": x})
