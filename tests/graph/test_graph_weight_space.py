@@ -226,3 +226,32 @@ def test_two_components_per_datapoint():
     ours = graph.per_sample_grads()
     for name, value in reference.items():
         torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
+
+
+
+class ShiftFirst(nn.Module):
+    """``head(tanh(x + shift))``: the first parameter used is a bias (of new neurons after the input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x + self.shift))
+
+
+def test_a_bias_that_is_parameter_zero():
+    """Checked to fail with ``_parameter_blocks`` skipping parameter 0's bias nodes
+    (``node_param > 0``), a mutant no model with a weight first can see."""
+    torch.manual_seed(8)
+    model = ShiftFirst().to(DTYPE)
+    inputs, targets = torch.randn(5, 3, dtype=DTYPE), torch.randn(5, 2, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs, targets, squared_error)
+    assert graph.param_names[0] == "shift"
+    reference = reference_per_sample_grads(model, inputs, targets, squared_error)
+    ours, mean = graph.per_sample_grads(), graph.mean_grad()
+    assert set(ours) == set(reference)
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
+        torch.testing.assert_close(mean[name], value.mean(0), atol=1e-12, rtol=0, msg=name)
