@@ -21,3 +21,15 @@ def empty_plan_cache():
     PLAN_CACHE.clear()
     yield
     PLAN_CACHE.clear()
+
+
+def pytest_sessionstart(session):
+    """Under mutation testing (``./gg mutate``), forget the converter's cached plans first.
+
+    mutmut runs each mutant's tests in a process forked from one that already ran the clean
+    tests; a plan cached there would let a mutant of the planning code go unseen.
+    """
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        from gradgraph.convert.plan import clear_structure_cache
+
+        clear_structure_cache()

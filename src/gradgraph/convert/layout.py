@@ -221,6 +221,8 @@ def make_plan(trace: TraceResult) -> TracePlan:
         members = classes[root]
         member_sets = [pieces[m][0] for m in members]
         nodes = torch.cat([torch.arange(pieces[m][1], pieces[m][2]) for m in members])
+        # the one place that fixes token-table and position rows (a token id names its row): the
+        # embedding rules leave their sets unpinned and are recognised here by created_by
         if any(s.pinned or s.index in shared_pinned or s.index in reaching_output or s.created_by in ("input", "token")
                for s in member_sets):
             continue

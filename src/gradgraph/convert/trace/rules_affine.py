@@ -199,7 +199,6 @@ class AffineRules:
             raise self.unsupported(name, "embedding indices computed from neuron values")
         rows, width = table.pos.shape
         tokens = self.new_set(rows, NodeKind.TOKEN, f"{self.path() or name} table rows", "token")
-        tokens.pinned = True
         created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
         targets = created.first + torch.arange(width)
         self.edges.append((tokens.first + torch.arange(rows).repeat_interleave(width), targets.repeat(rows),
@@ -264,7 +263,6 @@ class AffineRules:
             raise self.unsupported(name, "a parameter added to neurons that does not vary per feature")
         rows = flat.shape[0]
         tokens = self.new_set(rows, NodeKind.TOKEN, f"{self.path() or name} positions", "token")
-        tokens.pinned = True
         created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
         targets = created.first + torch.arange(width)
         self.edges.append((tokens.first + torch.arange(rows).repeat_interleave(width), targets.repeat(rows),
