@@ -260,7 +260,8 @@ def test_meta_trainer_carries_the_first_passage_survival_and_resets_it_at_restar
     torch.manual_seed(0)
     config = MetaTrainConfig(estimator="pes", num_particles=4, truncation=2, horizon=4, meta_loss="first-passage",
                              target_loss=0.5, temperature=0.1)
-    trainer = MetaTrainer(LearnedUpdate(MetaModelConfig(use_gradmetanet=False, residual_adam=True)), _tiny_task(), config)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, residual_adam=True))
+    trainer = MetaTrainer(meta, _tiny_task(), config)
     trainer.step()
     assert (trainer.survival < 1).all() and (trainer.survival > 0).all()
     carried = trainer.survival.clone()

@@ -441,7 +441,8 @@ class TaskResult:
 
 def benchmark_task(bench: BenchmarkTask, learned: dict[str, LearnedUpdate], *, steps: int, seeds: Sequence[int],
                    tuning_seeds: Sequence[int], adam_grid: Sequence[float], sgd_grid: Sequence[float] | None = None,
-                   cosine: bool = True, reference_seeds: Sequence[int] | None = None, window: int = 5,
+                   cosine: bool = True, cosine_grid: Sequence[float] | None = None,
+                   reference_seeds: Sequence[int] | None = None, window: int = 5,
                    target_fraction: float = 0.8, eval_every: int | None = None, progress: bool = True) -> TaskResult:
     """Tune, take Adam's target from the reference seeds, then run every row on ``seeds`` (module docstring).
 
@@ -454,6 +455,9 @@ def benchmark_task(bench: BenchmarkTask, learned: dict[str, LearnedUpdate], *, s
         adam_grid: Adam's grid, also the peak rates of the cosine row.
         sgd_grid: SGD+momentum's grid (``None``: no SGD row).
         cosine: run the tuned cosine-decay Adam row.
+        cosine_grid: its peak rates (``None``: ``adam_grid``). A decaying rate tolerates higher
+            peaks than a constant one: on MNIST-1D the cosine row's best peak was the top of
+            Adam's grid (0.1), so the CLI searches 1e-3..1 for it.
         reference_seeds: seeds of the target's runs (default ``300, …``, twice as many as ``seeds``).
         window: trailing smoothing window in evaluations (:func:`smooth`).
         target_fraction: ``L*`` is the reference mean's minimum over the first
@@ -487,7 +491,7 @@ def benchmark_task(bench: BenchmarkTask, learned: dict[str, LearnedUpdate], *, s
 
     grids = [("adam", adam, adam_grid, target_steps)]  # (row, factory, grid, tuning budget)
     if cosine:
-        grids.append(("adam-cosine", cosine_factory, adam_grid, steps))
+        grids.append(("adam-cosine", cosine_factory, adam_grid if cosine_grid is None else cosine_grid, steps))
     if sgd_grid is not None:
         grids.append(("sgdm", sgdm, sgd_grid, steps))
     total = sum(len(grid) for _, _, grid, _ in grids) * len(tuning_seeds)

@@ -71,7 +71,8 @@ def generate_mnist1d(num_train: int, num_test: int, seed: int = 42) -> tuple[Ten
     y_train = torch.as_tensor(data["y"], dtype=torch.long)
     y_test = torch.as_tensor(data["y_test"], dtype=torch.long)
     if len(y_train) != num_train or len(y_test) != num_test:  # the split is int(total * train_split)
-        raise GradGraphError(f"generate_mnist1d: got {len(y_train)} + {len(y_test)} samples, asked {num_train} + {num_test}")
+        raise GradGraphError(f"generate_mnist1d: got {len(y_train)} + {len(y_test)} samples, "
+                             f"asked {num_train} + {num_test}")
     return x_train, y_train, x_test, y_test
 
 

@@ -46,7 +46,7 @@ class BenchmarkConfig:
         seeds: test seeds ``0 .. seeds-1`` (initialisations and batch orders unseen in
             meta-training); the target's reference runs use as many seeds from 300 on.
         tuning_seeds: seeds of the learning-rate searches (``100, 101, …``, on the validation split).
-        grid_size: learning rates per grid (Adam and the cosine row's peak: 1e-4..1e-1, SGD+momentum:
+        grid_size: learning rates per grid (Adam: 1e-4..1e-1, the cosine row's peak and SGD+momentum:
             1e-3..1, log-spaced; the paper's 20).
         window: trailing smoothing window of every curve, in evaluations (``benchmark.smooth``).
         target_fraction: Adam's tuning and reference runs get this fraction of ``steps``
@@ -119,7 +119,8 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
             tuning_seeds=[TUNING_SEEDS_FROM + i for i in range(config.tuning_seeds)],
             adam_grid=log_grid(-4, -1, config.grid_size),
             sgd_grid=log_grid(-3, 0, config.grid_size) if "sgdm" in config.optimizers else None,
-            cosine="adam-cosine" in config.optimizers, window=config.window, target_fraction=config.target_fraction,
+            cosine="adam-cosine" in config.optimizers, cosine_grid=log_grid(-3, 0, config.grid_size),
+            window=config.window, target_fraction=config.target_fraction,
             progress=config.progress,
         ))
     payload = {"config": asdict(config), "meta_models": meta_models, "device": str(device), "machine": machine_info(),
