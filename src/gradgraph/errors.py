@@ -7,7 +7,7 @@ tensor and its shape. They subclass the built-in exception a user would already 
 
 from __future__ import annotations
 
-__all__ = ["GradGraphError", "UnsupportedModuleError", "NonFiniteFactorError"]
+__all__ = ["GradGraphError", "UnsupportedModuleError", "NonFiniteFactorError", "DatapointCouplingError"]
 
 
 class GradGraphError(ValueError):
@@ -34,3 +34,8 @@ class UnsupportedModuleError(TypeError):
 
 class NonFiniteFactorError(GradGraphError):
     """A captured activation or backpropagated signal contains NaN or Inf."""
+
+
+class DatapointCouplingError(GradGraphError):
+    """The loss of one datapoint depends on another datapoint (a loss over the batch, or a forward
+    that mixes the batch after its last traced op): per-sample gradients would be wrong."""

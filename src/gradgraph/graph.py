@@ -441,7 +441,7 @@ class GradGraph(Data):
         for param, flat in flats.items():
             shape = self.param_shapes[param]
             name = self.param_names[param]
-            result[name] = flat.reshape(*shape) if reduce_mean else flat.reshape(num_datapoints, *shape)
+            result[name] = flat.reshape(tuple(shape)) if reduce_mean else flat.reshape(num_datapoints, *shape)
         return result
 
     def per_sample_grads(self) -> dict[str, Tensor]:

@@ -12,9 +12,9 @@ from traced_models import GPT, token_loss
 
 import gradgraph
 from gradgraph import GradGraphError
-from gradgraph.convert.assembly import _assemble, _bias
-from gradgraph.convert.plan import PLAN_CACHE, _parameter_signature, _plan_key
-from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES
+from gradgraph.convert.assembly import _bias, assemble
+from gradgraph.convert.plan import PLAN_CACHE, parameter_signature, plan_key
+from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES
 from gradgraph.convert.traced import _Scan, _walk
 
 DTYPE = torch.float64
@@ -52,7 +52,7 @@ def test_the_walk_lists_the_parameters_and_modules_torch_lists(build):
     assert [name for name in scan.parameters] == [name for name, _ in expected]
     assert all(scan.parameters[name] is param for name, param in expected)
     assert [id(module) for module in scan.modules] == [id(module) for module in model.modules()]
-    assert scan.signature == _parameter_signature(dict(model.named_parameters()))
+    assert scan.signature == parameter_signature(dict(model.named_parameters()))
     assert scan.float_dtypes == {param.dtype for _, param in expected if param.is_floating_point()}
 
 
@@ -62,7 +62,7 @@ def test_a_module_that_lists_its_members_itself_is_read_through_torch():
     scan = _Scan.of(model, "to_graph")
     assert list(scan.parameters) == [name for name, _ in model.named_parameters()]
     assert [id(m) for m in scan.modules] == [id(m) for m in model.modules()]
-    assert scan.signature == _parameter_signature(scan.parameters) and scan.float_dtypes == {torch.float32}
+    assert scan.signature == parameter_signature(scan.parameters) and scan.float_dtypes == {torch.float32}
 
 
 def test_a_meta_model_is_refused_by_to_graph_and_convert_traced():
@@ -77,7 +77,7 @@ def test_a_meta_model_is_refused_by_to_graph_and_convert_traced():
 
 def key_of(model: nn.Module, inputs: torch.Tensor, kwargs: dict | None = None) -> tuple:
     scan = _Scan.of(model, "to_graph")
-    return _plan_key(model, inputs, kwargs or {}, scan.signature, scan.modules)
+    return plan_key(model, inputs, kwargs or {}, scan.signature, scan.modules)
 
 
 class Twice(nn.Module):
@@ -114,7 +114,7 @@ def test_the_plan_key_notices_every_change_a_plan_depends_on():
     assert changed(lambda: model[1].register_parameter("scale", nn.Parameter(torch.ones(1, dtype=DTYPE))),
                    lambda: delattr(model[1], "scale"))
     assert changed(lambda: gradgraph.convert.register_elementwise(Twice),
-                   lambda: _ELEMENTWISE_MODULES.pop(Twice))  # a registered rule
+                   lambda: ELEMENTWISE_MODULES.pop(Twice))  # a registered rule
     assert key_of(model, torch.randn(5, 3, dtype=DTYPE)) != key  # another batch shape
     assert key_of(model, inputs, {"scale": 2}) != key
 
@@ -180,7 +180,7 @@ def test_biases_and_weights_written_as_pieces_equal_the_slot_writes(case):
     pieces = {key: plan._derived[key] for key in ("bias_pieces", "weight_pieces")}
     plan._derived.update(bias_pieces=None, weight_pieces=None)
     try:
-        general = _assemble(plan, parameters, graph.act, graph.grad, graph.num_datapoints)
+        general = assemble(plan, parameters, graph.act, graph.grad, graph.num_datapoints)
     finally:
         plan._derived.update(pieces)
     for name in ("x", "edge_attr"):

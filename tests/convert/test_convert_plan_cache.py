@@ -13,8 +13,8 @@ from torch import nn
 import gradgraph
 from gradgraph import ActivationKind
 from gradgraph.convert import mlp
-from gradgraph.convert.layout import _make_plan
-from gradgraph.convert.assembly import _assemble
+from gradgraph.convert.layout import make_plan
+from gradgraph.convert.assembly import assemble
 from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan
 from gradgraph.convert.trace import trace_model
 from gradgraph.symmetry import permute_nodes, random_node_factors, random_node_permutation, transform_nodes
@@ -36,8 +36,7 @@ def cached_plan() -> TracePlan:
 
 def plan_built_afresh(model: nn.Module, inputs: torch.Tensor) -> TracePlan:
     """A plan traced from scratch, bypassing the cache."""
-    tracer, output, _ = trace_model(model, inputs, model)
-    return _make_plan(tracer, output, inputs.shape[0])
+    return make_plan(trace_model(model, inputs, model))
 
 
 def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -100,7 +99,7 @@ def test_cache_hit_gives_the_graph_of_a_cache_less_build(spec):
 
     # a structure built from scratch, bypassing the cache, gives the same graph
     fresh = plan_built_afresh(model, second.act[: widths[0]].T.contiguous())
-    uncached = _assemble(fresh, dict(model.named_parameters()), second.act, second.grad, second.num_datapoints)
+    uncached = assemble(fresh, dict(model.named_parameters()), second.act, second.grad, second.num_datapoints)
     assert_graphs_equal(second, uncached)
 
     # another model of the same architecture hits the cache and still gets its own values

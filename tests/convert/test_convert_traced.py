@@ -393,7 +393,7 @@ class ExpLinear(nn.Module):
 
 
 def test_register_elementwise_makes_a_custom_module_one_op():
-    from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES
+    from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES
 
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(3, 5), ExpLinear(), nn.Linear(5, 2)).to(DTYPE)
@@ -405,7 +405,7 @@ def test_register_elementwise_makes_a_custom_module_one_op():
     try:
         graph = assert_exact_per_sample_grads(model, inputs, None, loss_fn)
     finally:
-        _ELEMENTWISE_MODULES.pop(ExpLinear)
+        ELEMENTWISE_MODULES.pop(ExpLinear)
     assert int((graph.perm_group >= 0).sum()) == 5  # the 5 hidden neurons may still be permuted
 
 

@@ -51,10 +51,10 @@ def hidden_widths():
 
 
 @settings(max_examples=12, deadline=None)
-@given(spec_a=hidden_widths(), spec_b=hidden_widths(), flow=st.sampled_from(["both", "forward"]))
-def test_gradmetanet_is_equivariant_on_mixed_batches(spec_a, spec_b, flow):
+@given(spec_a=hidden_widths(), spec_b=hidden_widths(), direction=st.sampled_from(["both", "forward"]))
+def test_gradmetanet_is_equivariant_on_mixed_batches(spec_a, spec_b, direction):
     graphs = [random_graph(*spec_a)[3], random_graph(*spec_b)[3]]
-    model = GradMetaNet(8, num_component_layers=2, num_node_layers=1, graph_out_channels=2, component_out_channels=2, flow=flow)
+    model = GradMetaNet(8, num_component_layers=2, num_node_layers=1, graph_out_channels=2, component_out_channels=2, direction=direction)
     errors = assert_equivariant(model, graphs, num_trials=2, atol=1e-9, rtol=1e-9)
     assert set(errors) == {"node permutation", "component permutation"}
 
@@ -202,14 +202,14 @@ def test_component_features_are_read_moved_and_checked():
     graphs = [random_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=s)[3] for s in (13, 14)]
     for graph in graphs:
         graph.component_x = torch.randn(graph.num_nodes, graph.num_components, 3, dtype=torch.float64)
-    model = GradMetaNet(8, graph_out_channels=1, component_out_channels=1)
+    model = GradMetaNet(8, graph_out_channels=1, component_out_channels=1, component_in_channels=3)
     assert_equivariant(model, graphs)
     out = model.double()(graphs[0])
     changed = graphs[0].clone()
     changed.component_x = torch.randn_like(changed.component_x)
     assert not torch.allclose(model(changed).edge, out.edge)
     changed.component_x = changed.component_x[:, :, :2]
-    with pytest.raises(RuntimeError):  # the lazy encoder was built for 2 + 3 input channels
+    with pytest.raises(GradGraphError, match="component_x has 2 feature columns .* component_in_channels=3"):
         model(changed)
     changed.component_x = torch.zeros(3, 3, 3, dtype=torch.float64)
     with pytest.raises(GradGraphError, match="component_x must have shape"):
@@ -239,8 +239,8 @@ def test_layers_reject_bad_shapes_and_options():
         NodeConv(3, 3, 4).double()(torch.zeros(7, 3, dtype=torch.float64), context)
     with pytest.raises(GradGraphError, match="edge_dim=5"):
         NodeConv(3, 3, 5).double()(torch.zeros(graph.num_nodes, 3, dtype=torch.float64), context)
-    with pytest.raises(GradGraphError, match="flow"):
-        GradMetaNet(8, flow="sideways")
+    with pytest.raises(GradGraphError, match="direction must be one of"):
+        GradMetaNet(8, direction="sideways")
     with pytest.raises(GradGraphError, match="component outputs need"):
         GradMetaNet(8, num_component_layers=0, component_out_channels=1)
     with pytest.raises(GradGraphError, match="aggregations"):
@@ -256,9 +256,24 @@ def test_layers_reject_bad_shapes_and_options():
 
 
 def test_repr_names_the_configuration():
-    assert "flow='forward'" in repr(NodeConv(3, 4, 5, flow="forward"))
+    assert "direction='forward'" in repr(NodeConv(3, 4, 5, direction="forward"))
     assert "component_layers=2" in repr(GradMetaNet(8))
     assert "aggregations=['mean', 'max']" in repr(ComponentPool(["mean", "max"]))
+
+
+def test_flow_is_a_deprecated_name_of_direction_and_never_pyg_s_flow():
+    """``flow=`` (the old name) still builds the same layer, with a FutureWarning; PyG's own
+    flow values are refused rather than silently meaning something else."""
+    with pytest.warns(FutureWarning, match="direction='forward'"):
+        old = NodeConv(3, 4, 5, flow="forward")
+    assert old.direction == "forward" and not hasattr(old, "lin_backward")
+    with pytest.warns(FutureWarning):
+        assert GradMetaNet(8, flow="forward").direction == "forward"
+    with pytest.raises(GradGraphError, match="not PyG's flow"):
+        NodeConv(3, 4, 5, flow="target_to_source")
+    with pytest.raises(GradGraphError, match="direction= only"):
+        GradMetaNet(8, direction="both", flow="forward")
+    assert NodeConv(3, 4, 5).flow == "source_to_target"  # PyG's attribute keeps PyG's meaning
 
 
 class PlainGatedConv(ComponentConv):
@@ -269,13 +284,13 @@ class PlainGatedConv(ComponentConv):
 
 
 @pytest.mark.parametrize("aggr", ["mean", "sum"])
-@pytest.mark.parametrize("flow", ["both", "forward"])
-def test_fused_sparse_messages_equal_propagate(aggr, flow):
+@pytest.mark.parametrize("direction", ["both", "forward"])
+def test_fused_sparse_messages_equal_propagate(aggr, direction):
     graphs = [random_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=s)[3] for s in (9, 10)]
     batch = Batch.from_data_list(graphs)
     context = GraphContext.from_graph(batch, torch.randn(batch.edge_index.shape[1], 4, dtype=torch.float64))
-    fused = ComponentConv(3, 5, 4, flow=flow, aggr=aggr).double()
-    plain = PlainGatedConv(3, 5, 4, flow=flow, aggr=aggr).double()
+    fused = ComponentConv(3, 5, 4, direction=direction, aggr=aggr).double()
+    plain = PlainGatedConv(3, 5, 4, direction=direction, aggr=aggr).double()
     plain.load_state_dict(fused.state_dict())
     h = torch.randn(batch.num_nodes, batch.act.shape[1], 3, dtype=torch.float64, requires_grad=True)
     assert fused.uses_fused_aggregation(h) and not plain.uses_fused_aggregation(h)
@@ -286,6 +301,38 @@ def test_fused_sparse_messages_equal_propagate(aggr, flow):
     grads_plain = torch.autograd.grad((out_plain * weights).sum(), [h, *plain.parameters()])
     for got, expected in zip(grads_fused, grads_plain):
         torch.testing.assert_close(got, expected, atol=1e-11, rtol=1e-11)
+
+
+class DoubledFusedConv(ComponentConv):
+    """Redefines the message and its fused kernel together: stays on the fused path."""
+
+    def message(self, x_j, gate):
+        return 2 * super().message(x_j, gate)
+
+    def message_and_aggregate(self, adj_t, x, gate, pattern):
+        return 2 * super().message_and_aggregate(adj_t, x, gate, pattern)
+
+
+def test_fused_path_is_pyg_s_message_and_aggregate():
+    """The fused kernel runs as PyG's ``message_and_aggregate`` from ``propagate`` (its hooks see
+    it); a layer that redefines only ``message`` never gets it (fails if ``fuse`` ignores an
+    overridden message: PlainGatedConv would then be summed by the base kernel), and one that
+    redefines both keeps it."""
+    graph = random_graph([3, 6, 5, 2], ["relu", "tanh", "none"], [True, True, True], seed=9)[3]
+    context = GraphContext.from_graph(graph, torch.randn(graph.edge_index.shape[1], 4, dtype=torch.float64))
+    h = torch.randn(graph.num_nodes, graph.act.shape[1], 3, dtype=torch.float64)
+    calls = []
+    for layer_class in (ComponentConv, PlainGatedConv, DoubledFusedConv):
+        layer = layer_class(3, 5, 4).double()
+        layer.register_message_and_aggregate_forward_hook(lambda module, inputs, out: calls.append(type(module)))
+        layer(h, context)
+    assert calls == [ComponentConv, ComponentConv, DoubledFusedConv, DoubledFusedConv]  # forward + backward terms
+    assert not NodeConv(3, 5, 4).uses_fused_aggregation(h[:, 0]) and not ComponentConv(3, 5, 4, aggr="max").fuse
+    doubled, plain = DoubledFusedConv(3, 5, 4).double(), PlainGatedConv(3, 5, 4).double()
+    plain.load_state_dict(doubled.state_dict())
+    x, gate = doubled.lin_forward(h), doubled.gate_forward(context.edge_features)
+    torch.testing.assert_close(doubled._propagate_direction("forward", x, gate, context),
+                               2 * plain._propagate_direction("forward", x, gate, context), atol=1e-12, rtol=1e-12)
 
 
 def test_decoder_product_moments_equal_the_dense_formula():

@@ -85,7 +85,7 @@ def layers(channels: int = 6) -> dict[str, nn.Module]:
     return {
         "component attention": ComponentAttention(channels, channels, channels, heads=2, head_channels=3),
         "component attention + edge messages": ComponentAttention(
-            channels, channels, channels, heads=3, flow="forward"
+            channels, channels, channels, heads=3, direction="forward"
         ),
         "neuron attention": NeuronAttention(
             channels, channels, channels, heads=2, head_channels=2, edge_messages=False
@@ -376,8 +376,8 @@ def test_bad_inputs_raise_clear_errors():
     unsorted = context._replace(node_batch=torch.tensor([1, 0] + [1] * (graph.num_nodes - 2)), num_graphs=2)
     with pytest.raises(GradGraphError, match="sorted by graph"):
         NeuronAttention(4, 4, 3).double().attend(torch.randn(graph.num_nodes, 4, dtype=torch.float64), unsorted)
-    with pytest.raises(GradGraphError, match="flow"):
-        GradMetaNetPlusPlus(4, flow="sideways")
+    with pytest.raises(GradGraphError, match="direction"):
+        GradMetaNetPlusPlus(4, direction="sideways")
     modules = (GradMetaNetPlusPlus(4, heads=2), NeuronAttention(4, 4, 3), ComponentProductDecoder(4, 3, 1))
     text = "".join(repr(module) for module in modules)
     assert "heads=2" in text and "reduce='mean'" in text

@@ -503,7 +503,7 @@ def gradmetanet(flow: str) -> nn.Module:
         pytest.skip("gradgraph.nn.GradMetaNet is not available")
     torch.manual_seed(0)
     return GradMetaNet(8, num_component_layers=1, num_node_layers=2, edge_out_channels=4,
-                       node_out_channels=2, graph_out_channels=3, flow=flow).double()
+                       node_out_channels=2, graph_out_channels=3, direction=flow).double()
 
 
 @pytest.mark.parametrize(

@@ -1,31 +1,29 @@
-"""Model -> GradGraph converters and the registry that dispatches between them."""
+"""Model -> GradGraph: :func:`to_graph` and :func:`convert_closure`, the converter registry, and
+the readers of a model's structure that the symmetry actions use.
+
+Every model no registered converter matches goes through one converter, the trace
+(:mod:`gradgraph.convert.traced`); ``convert_mlp``, ``convert_attention``, ``convert_traced``
+and ``convert_traced_closure`` are deprecated aliases (:mod:`gradgraph.convert.deprecated`).
+"""
 
 from gradgraph.convert.registry import (
     Converter,
-    _set_fallback,
     convert_closure,
     register_converter,
     registered_converters,
+    set_fallback,
     to_graph,
 )
 from gradgraph.convert.trace import UnsupportedOperationError, register_elementwise
-from gradgraph.convert.traced import convert_traced, convert_traced_closure
-from gradgraph.convert.mlp import (
-    DenseLayer,
-    clear_structure_cache,
-    convert_mlp,
-    mlp_layers,
-)
-# stock attention modules convert through the trace; this module holds what it runs for them
-from gradgraph.convert.attention import (
-    TransformerStructure,
-    convert_attention,
-    self_attention,
-    transformer_structure,
-)
+from gradgraph.convert.trace.stock_attention import self_attention
+from gradgraph.convert.traced import convert_closure_traced, to_graph_traced
+from gradgraph.convert.plan import clear_structure_cache
+from gradgraph.convert.mlp import DenseLayer, mlp_layers
+from gradgraph.convert.attention import TransformerStructure, transformer_structure
+from gradgraph.convert.deprecated import convert_attention, convert_mlp, convert_traced, convert_traced_closure
 
 # asked last: reads any forward no registered converter matches (MLP chains included)
-_set_fallback(convert_traced, convert_traced_closure)
+set_fallback(to_graph_traced, convert_closure_traced)
 
 __all__ = [
     "Converter",

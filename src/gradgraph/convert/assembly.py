@@ -1,10 +1,10 @@
 """A graph from a cached plan: the one backward pass, the factors, the edge values and biases.
 
-:func:`_fill` resolves the tensors a :class:`~gradgraph.convert.plan.TracePlan` records, runs
-the one backward pass and writes ``act`` / ``grad`` ``[N, B]``; :func:`_assemble` puts a
+:func:`fill_factors` resolves the tensors a :class:`~gradgraph.convert.plan.TracePlan` records, runs
+the one backward pass and writes ``act`` / ``grad`` ``[N, B]``; :func:`assemble` puts a
 :class:`~gradgraph.GradGraph` together from the plan's shared structure, the model's parameter
 values (``edge_attr``, the bias vector) and the fresh factors. What either derives from the plan
-alone is worked out once per plan (``plan._derived``).
+alone is worked out once per plan (``plan.derived``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import check_finite
-from gradgraph.convert.plan import TracePlan, _Record, _SlotCopy
+from gradgraph.convert.plan import Record, SlotCopy, TracePlan
+from gradgraph.convert.separation import check_separate
 from gradgraph.convert.trace import UnsupportedOperationError
 from gradgraph.graph import GradGraph
 
@@ -42,7 +43,7 @@ def _resolve(source: tuple, x: Tensor, captured: dict[int, tuple[tuple, dict, An
         return (value - args[1]) / torch.sqrt(args[2] + recipe[1])
 
 
-def _unwritten_rows(num_nodes: int, records: list[_Record]) -> list[tuple[int, int]]:
+def _unwritten_rows(num_nodes: int, records: list[Record]) -> list[tuple[int, int]]:
     """``[(start, stop)]`` row ranges of ``[N, B]`` that no block record writes whole."""
     covered = torch.zeros(num_nodes, dtype=torch.bool)
     for record in records:
@@ -55,7 +56,7 @@ def _unwritten_rows(num_nodes: int, records: list[_Record]) -> list[tuple[int, i
     return list(zip(starts, stops))
 
 
-def _tiles(records: list[_Record], num_nodes: int) -> bool:
+def _tiles(records: list[Record], num_nodes: int) -> bool:
     """Whether ``records`` are blocks that write rows ``0 .. N`` in order, each once (an MLP chain)."""
     row = 0
     for record in records:
@@ -70,7 +71,7 @@ def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_compon
     """``act`` or ``grad`` ``[N, B]`` from the recorded values of ``plan.act`` / ``plan.grad``
     (``None``: no gradient reached the tensor, its elements are 0). Run under ``no_grad``."""
     records = plan.act if which == "act" else plan.grad
-    derived = plan._derived
+    derived = plan.derived
     if derived[("tiles", which)]:
         # [B, width] blocks -> [N, B]: one cat of the transposed views writes the result
         # contiguous in a single pass, as many ops as blocks
@@ -111,28 +112,28 @@ def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_compon
 
 
 def _fill_recipe(plan: TracePlan, parameters: Mapping[str, Tensor]) -> None:
-    """What :func:`_fill` derives from the plan alone, once per plan (into ``plan._derived``):
+    """What :func:`fill_factors` derives from the plan alone, once per plan (into ``plan.derived``):
     the distinct sources of the gradient records (and each record's position among them), the
     parameters outside the plan that require grad, and how each factor is written."""
     sources = list(dict.fromkeys(record.source for record in plan.grad))
-    plan._derived["grad_sources"] = sources
-    plan._derived["grad_of_record"] = [sources.index(record.source) for record in plan.grad]
+    plan.derived["grad_sources"] = sources
+    plan.derived["grad_of_record"] = [sources.index(record.source) for record in plan.grad]
     # which parameters those are follows from the plan's key: the names of those that require grad
     known = set(plan.param_names)
-    plan._derived["others"] = [name for name, param in parameters.items() if param.requires_grad and name not in known]
+    plan.derived["others"] = [name for name, param in parameters.items() if param.requires_grad and name not in known]
     for which, records in (("act", plan.act), ("grad", plan.grad)):
-        plan._derived[("tiles", which)] = _tiles(records, plan.num_nodes)
-        plan._derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
-    plan._derived["fill"] = True
+        plan.derived[("tiles", which)] = _tiles(records, plan.num_nodes)
+        plan.derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
+    plan.derived["fill"] = True
 
 
-def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, parameters: Mapping[str, Tensor],
+def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, parameters: Mapping[str, Tensor],
           num_datapoints: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass.
 
     ``parameters``: the model's ``named_parameters()`` as a mapping."""
     num_components = num_datapoints * plan.num_keys
-    derived = plan._derived
+    derived = plan.derived
     if "fill" not in derived:
         _fill_recipe(plan, parameters)
     tensors = [_resolve(source, x, captured) for source in derived["grad_sources"]]
@@ -144,6 +145,8 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, paramet
     else:
         with torch.enable_grad():  # the caller is in no_grad; the sum must stay differentiable
             total = objective.sum()
+    # before the one backward frees the graph: each datapoint's loss must depend on it alone
+    check_separate(plan, objective, derived["grad_sources"], tensors, parameters, num_datapoints)
     results = torch.autograd.grad(total, tensors + [parameters[name] for name in others] if others else tensors,
                                   allow_unused=True)
     for name, result in zip(others, results[len(tensors):]):
@@ -180,7 +183,7 @@ def _fill(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, paramet
     return act, grad
 
 
-def _slots_tile(slots: list[_SlotCopy], num_rows: int) -> bool:
+def _slots_tile(slots: list[SlotCopy], num_rows: int) -> bool:
     """Whether ``slots`` write rows ``0 .. num_rows`` in order from consecutive parameter entries."""
     row = 0
     for slot in slots:
@@ -190,7 +193,7 @@ def _slots_tile(slots: list[_SlotCopy], num_rows: int) -> bool:
     return row == num_rows
 
 
-def _bias_pieces(slots: list[_SlotCopy], num_nodes: int, whole: Mapping[str, slice]) -> list | None:
+def _bias_pieces(slots: list[SlotCopy], num_nodes: int, whole: Mapping[str, slice]) -> list | None:
     """The bias vector ``[N]`` as consecutive pieces, in row order: a count of zeros (rows no
     bias writes) or ``(name, places)``, the entries of a parameter that fill the next rows
     (``places`` ``None``: all of them). ``None`` unless every slot writes consecutive rows from
@@ -212,22 +215,22 @@ def _bias_pieces(slots: list[_SlotCopy], num_nodes: int, whole: Mapping[str, sli
 
 
 def _assembly_recipe(plan: TracePlan) -> None:
-    """What :func:`_assemble` derives from the plan alone, once per plan (into ``plan._derived``)."""
+    """What :func:`assemble` derives from the plan alone, once per plan (into ``plan.derived``)."""
     whole = {name: slice(0, math.prod(shape)) for name, shape in zip(plan.param_names, plan.param_shapes)}
     # every edge a weight entry, weight after weight (MLP chains): (name, places), places None
     # for a whole parameter (its flat view as it is: no indexing op)
     tiles = _slots_tile(plan.weights, plan.num_edges)
-    plan._derived["weight_pieces"] = [(slot.name, None if slot.places == whole.get(slot.name) else slot.places)
+    plan.derived["weight_pieces"] = [(slot.name, None if slot.places == whole.get(slot.name) else slot.places)
                                       for slot in plan.weights] if tiles else None
-    plan._derived["unweighted"] = None
+    plan.derived["unweighted"] = None
     if not tiles:
         covered = torch.zeros(plan.num_edges, dtype=torch.bool)
         for slot in plan.weights:
             covered[slot.rows] = True
         # edges no parameter writes (relations) have weight 1
-        plan._derived["unweighted"] = None if bool(covered.all()) else torch.nonzero(~covered).flatten()
-    plan._derived["bias_pieces"] = _bias_pieces(plan.biases, plan.num_nodes, whole)
-    plan._derived["zeros"] = {}
+        plan.derived["unweighted"] = None if bool(covered.all()) else torch.nonzero(~covered).flatten()
+    plan.derived["bias_pieces"] = _bias_pieces(plan.biases, plan.num_nodes, whole)
+    plan.derived["zeros"] = {}
 
 
 def _entries(parameters: Mapping[str, Tensor], name: str, places: slice | None) -> Tensor:
@@ -241,7 +244,7 @@ def _bias(plan: TracePlan, parameters: Mapping[str, Tensor], dtype: torch.dtype,
     Where the bias slots are consecutive pieces (:func:`_bias_pieces`; every plan of ``Linear``
     layers) the vector is one ``cat`` of the parameters' entries and zero runs the plan keeps,
     instead of zero-filling ``[N]`` and one indexed write per slot (~10 µs each)."""
-    pieces = plan._derived["bias_pieces"]
+    pieces = plan.derived["bias_pieces"]
     if pieces:
         values = [piece if isinstance(piece, int) else _entries(parameters, *piece) for piece in pieces]
         if all(isinstance(value, int) or (value.dtype == dtype and value.device == device) for value in values):
@@ -256,13 +259,13 @@ def _bias(plan: TracePlan, parameters: Mapping[str, Tensor], dtype: torch.dtype,
 def _zeros(plan: TracePlan, count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``[count]`` zeros kept by the plan per dtype and device (only ever read: ``cat`` copies them)."""
     key = (count, dtype, device)
-    zeros = plan._derived["zeros"].get(key)
+    zeros = plan.derived["zeros"].get(key)
     if zeros is None:
-        zeros = plan._derived["zeros"][key] = torch.zeros(count, dtype=dtype, device=device)
+        zeros = plan.derived["zeros"][key] = torch.zeros(count, dtype=dtype, device=device)
     return zeros
 
 
-def _assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, grad: Tensor,
+def assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, grad: Tensor,
               num_datapoints: int) -> GradGraph:
     """A GradGraph from a plan's shared structure, the model's values (``parameters``: its
     ``named_parameters()`` as a mapping) and fresh factors.
@@ -272,18 +275,18 @@ def _assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, gr
     ``component_sample`` and lists.
     """
     device, dtype = act.device, act.dtype
-    if "zeros" not in plan._derived:
+    if "zeros" not in plan.derived:
         _assembly_recipe(plan)
     with torch.no_grad():
-        weight_pieces = plan._derived["weight_pieces"]
+        weight_pieces = plan.derived["weight_pieces"]
         if weight_pieces is not None:
             edge_attr = torch.cat([_entries(parameters, name, places) for name, places in weight_pieces])
             if edge_attr.dtype != dtype or edge_attr.device != device:
                 edge_attr = edge_attr.to(device, dtype)
         else:
             edge_attr = torch.empty(plan.num_edges, dtype=dtype, device=device)
-            if plan._derived["unweighted"] is not None:
-                edge_attr[plan._derived["unweighted"].to(device)] = 1
+            if plan.derived["unweighted"] is not None:
+                edge_attr[plan.derived["unweighted"].to(device)] = 1
             for slot in plan.weights:
                 slot.write(edge_attr, parameters[slot.name].reshape(-1))
         bias = _bias(plan, parameters, dtype, device)

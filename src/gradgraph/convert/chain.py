@@ -30,27 +30,9 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-from gradgraph.convert.trace.ops import register_elementwise
-from gradgraph.graph import ActivationKind
-from gradgraph.modules import Sine
+from gradgraph.convert.activations import ACTIVATION_MODULES
 
 __all__ = ["ACTIVATION_MODULES", "CHAIN_LEAVES", "ChainCapture", "chain_capture", "plain_chain"]
-
-#: Activation modules of a chain and the label of the neurons they act on.
-ACTIVATION_MODULES: dict[type[nn.Module], ActivationKind] = {
-    nn.Identity: ActivationKind.IDENTITY,
-    nn.ReLU: ActivationKind.RELU,
-    nn.LeakyReLU: ActivationKind.LEAKY_RELU,
-    nn.GELU: ActivationKind.GELU,
-    nn.SiLU: ActivationKind.SILU,
-    nn.Tanh: ActivationKind.TANH,
-    nn.Sigmoid: ActivationKind.SIGMOID,
-    Sine: ActivationKind.SINE,
-}
-
-# gradgraph's own activation is one elementwise op labelled SINE for the trace, as the MLP layout
-# has always labelled it (its forward, sin(w0 * u), would otherwise read as two ops: OTHER)
-register_elementwise(Sine, ActivationKind.SINE)
 
 #: Leaf types of a plain chain: each stock forward is one op (or none) on the chain's tensor,
 #: so what a chain computes follows from its leaves' types and settings.

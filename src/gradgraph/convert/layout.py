@@ -1,6 +1,7 @@
-"""A trace -> the graph's layout and the symmetry group the trace proves (:func:`_make_plan`).
+"""A trace -> the graph's layout and the symmetry group the trace proves (:func:`make_plan`).
 
-After :func:`gradgraph.convert.trace.trace_model` has followed a forward, the layout is:
+:func:`make_plan` reads the :class:`~gradgraph.convert.trace.TraceResult` that
+:func:`gradgraph.convert.trace.trace_model` returns, and nothing else of the trace. The layout:
 
 * **nodes** — the neuron sets in the order the forward created them (the input first),
   each split where an attention op gave its neurons different roles (a fused ``qkv``
@@ -27,14 +28,12 @@ After :func:`gradgraph.convert.trace.trace_model` has followed a forward, the la
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradgraph.convert.plan import TracePlan, _plan_records, _slot_copy
-from gradgraph.convert.trace import NeuronSet, output_sets
-from gradgraph.convert.trace.tracer import _Tracer
+from gradgraph.convert.plan import TracePlan, plan_records, slot_copy
+from gradgraph.convert.trace import NeuronSet, TraceResult
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
@@ -55,46 +54,46 @@ class _UnionFind:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
 
 
-def _roles(tracer: _Tracer) -> Tensor:
+def _roles(trace: TraceResult) -> Tensor:
     """Per node: the NodeKind an attention op gave it, or -1."""
-    roles = torch.full((tracer.num_nodes,), -1, dtype=torch.long)
-    for block in tracer.attention:
+    roles = torch.full((trace.num_nodes,), -1, dtype=torch.long)
+    for block in trace.attention:
         for q, k, v, o in block:
             roles[q], roles[k], roles[v], roles[o] = (int(NodeKind.QUERY), int(NodeKind.KEY), int(NodeKind.VALUE),
                                                       int(NodeKind.ATTENTION))
     return roles
 
 
-def _final_sets(tracer: _Tracer, roles: Tensor) -> tuple[Tensor, list[tuple[NeuronSet, int, int, int]]]:
+def _final_sets(trace: TraceResult, roles: Tensor) -> tuple[Tensor, list[tuple[NeuronSet, int, int, int]]]:
     """Split created sets where roles change; returns ``(set_of_node [N], [(created, start, stop, role)])``."""
     pieces: list[tuple[NeuronSet, int, int, int]] = []
-    set_of_node = torch.empty(tracer.num_nodes, dtype=torch.long)
-    for neuron_set in tracer.sets:
+    set_of_node = torch.empty(trace.num_nodes, dtype=torch.long)
+    for neuron_set in trace.sets:
         start = neuron_set.first
         stop = neuron_set.first + neuron_set.size
         role = roles[start:stop]
         changes = (torch.nonzero(role[1:] != role[:-1]).flatten() + 1 + start).tolist()
-        # tracer.cuts: where a fused output is split into parts that must not share a set (w12.chunk)
-        cuts = sorted({start, stop, *changes, *(cut for cut in tracer.cuts if start < cut < stop)})
+        # trace.cuts: where a fused output is split into parts that must not share a set (w12.chunk)
+        cuts = sorted({start, stop, *changes, *(cut for cut in trace.cuts if start < cut < stop)})
         for low, high in zip(cuts, cuts[1:]):
             set_of_node[low:high] = len(pieces)
             pieces.append((neuron_set, low, high, int(roles[low])))
     return set_of_node, pieces
 
 
-def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
+def make_plan(trace: TraceResult) -> TracePlan:
     """The value-free part of the graph: layout, labels, group, slots, where factors come from."""
-    num_nodes = tracer.num_nodes
-    roles = _roles(tracer)
-    set_of_node, pieces = _final_sets(tracer, roles)
-    reaching_output = output_sets(tracer, output)
-    acts, grads, onehots, num_keys = _plan_records(tracer, num_datapoints, reaching_output)
+    num_nodes = trace.num_nodes
+    roles = _roles(trace)
+    set_of_node, pieces = _final_sets(trace, roles)
+    reaching_output = trace.output_sets
+    acts, grads, onehots, num_keys = plan_records(trace)
 
     # ---- edges
     sources, targets, kinds, params, positions = [], [], [], [], []
     weights: dict[int, tuple[list[tuple[int, int]], list[Tensor]]] = {}
     edge_count = 0
-    for src, dst, kind, param, pos, _ in tracer.edges:
+    for src, dst, kind, param, pos, _ in trace.edges:
         sources.append(src)
         targets.append(dst)
         kinds.append(int(kind))
@@ -120,12 +119,12 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
     node_param_pos = torch.full((num_nodes,), -1, dtype=torch.long)
     biases: list[tuple[str, Tensor, Tensor]] = []
     activation = torch.full((num_nodes,), int(ActivationKind.IDENTITY), dtype=torch.long)
-    for neuron_set in tracer.sets:
+    for neuron_set in trace.sets:
         rows = slice(neuron_set.first, neuron_set.first + neuron_set.size)
         if neuron_set.bias_param >= 0:
             node_param[rows] = neuron_set.bias_param
             node_param_pos[rows] = neuron_set.bias_pos
-            biases.append((tracer.param_names[neuron_set.bias_param], torch.arange(rows.start, rows.stop),
+            biases.append((trace.param_names[neuron_set.bias_param], torch.arange(rows.start, rows.stop),
                            neuron_set.bias_pos.clone()))
         label = neuron_set.activation
         if getattr(neuron_set, "elementwise_ops", 0) and label is not ActivationKind.IDENTITY:
@@ -138,22 +137,23 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
     # ---- symmetry classes over final sets
     union = _UnionFind(len(pieces))
     node_union = _UnionFind(num_nodes)
-    for a, b in tracer.ties:
+    for a, b in trace.ties:
         for x, y in zip(a.tolist(), b.tolist()):
             union.union(int(set_of_node[x]), int(set_of_node[y]))
             node_union.union(x, y)
-    for a, b in _shared_parameter_ties(tracer):
+    shared_ties, shared_pinned = _shared_parameter_ties(trace)
+    for a, b in shared_ties:
         for x, y in zip(a.tolist(), b.tolist()):
             union.union(int(set_of_node[x]), int(set_of_node[y]))
             node_union.union(x, y)
-    for block in tracer.attention:
+    for block in trace.attention:
         for q, k, v, o in block:
             for nodes in (k, v, o):
                 union.union(int(set_of_node[q[0]]), int(set_of_node[nodes[0]]))
         first = block[0][0][0]
         for q, _, _, _ in block[1:]:
             union.union(int(set_of_node[first]), int(set_of_node[q[0]]))
-    has_attention = bool(tracer.attention)
+    has_attention = bool(trace.attention)
     classes: dict[int, list[int]] = {}
     for index in range(len(pieces)):
         classes.setdefault(union.find(index), []).append(index)
@@ -202,10 +202,11 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         members = classes[root]
         member_sets = [pieces[m][0] for m in members]
         nodes = torch.cat([torch.arange(pieces[m][1], pieces[m][2]) for m in members])
-        if any(s.pinned or s.index in reaching_output or s.created_by in ("input", "token") for s in member_sets):
+        if any(s.pinned or s.index in shared_pinned or s.index in reaching_output or s.created_by in ("input", "token")
+               for s in member_sets):
             continue
         if bool(attention_nodes[nodes].any()):
-            if not bool(attention_nodes[nodes].all()) or not _assign_heads(tracer, nodes, set_of_node, perm_block,
+            if not bool(attention_nodes[nodes].all()) or not _assign_heads(trace, nodes, set_of_node, perm_block,
                                                                           perm_tie, position, pieces):
                 continue
         else:
@@ -221,7 +222,7 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
 
     structure = {
         "edge_index": edge_index,
-        "layer": _depths(tracer.edges, set_of_node, len(pieces)),
+        "layer": _depths(trace.edges, set_of_node, len(pieces)),
         "node_kind": node_kind,
         "edge_kind": edge_kind,
         "activation": activation,
@@ -235,22 +236,22 @@ def _make_plan(tracer: _Tracer, output: Any, num_datapoints: int) -> TracePlan:
         "edge_param_pos": torch.cat(positions) if positions else torch.empty(0, dtype=torch.long),
     }
     return TracePlan(
-        fingerprints=list(tracer.log.fingerprints),
-        guards=dict(tracer.value_guards),
+        fingerprints=list(trace.fingerprints),
+        guards=dict(trace.value_guards),
         act=acts,
         grad=grads,
         onehot=onehots,
         structure=structure,
-        weights=[_slot_copy(tracer.param_names[param], _edge_rows(rows),
+        weights=[slot_copy(trace.param_names[param], _edge_rows(rows),
                             places[0] if len(places) == 1 else torch.cat(places))
                  for param, (rows, places) in weights.items()],
-        biases=[_slot_copy(name, rows, places) for name, rows, places in biases],
-        param_names=list(tracer.param_names),
-        param_shapes=[list(shape) for shape in tracer.param_shapes],
+        biases=[slot_copy(name, rows, places) for name, rows, places in biases],
+        param_names=list(trace.param_names),
+        param_shapes=[list(shape) for shape in trace.param_shapes],
         num_nodes=num_nodes,
         num_edges=int(edge_index.shape[1]),
         num_keys=num_keys,
-        set_names=[(neuron_set.first, neuron_set.size, neuron_set.origin) for neuron_set in tracer.sets],
+        set_names=[(neuron_set.first, neuron_set.size, neuron_set.origin) for neuron_set in trace.sets],
     )
 
 
@@ -270,8 +271,9 @@ def _per_group(values: list[int], sizes: list[int]) -> Tensor:
     return result
 
 
-def _shared_parameter_ties(tracer: _Tracer) -> list[tuple[Tensor, Tensor]]:
-    """Node pairs one permutation must move together because they share a parameter entry.
+def _shared_parameter_ties(trace: TraceResult) -> tuple[list[tuple[Tensor, Tensor]], set[int]]:
+    """Node pairs one permutation must move together because they share a parameter entry, and
+    the sets that sharing pins: ``(ties, pinned set indices)``.
 
     A weight used at two call sites (a layer applied twice, a tied embedding and head) moves
     as one: the neurons its rows meet at one site move with those they meet at the other, and
@@ -280,18 +282,19 @@ def _shared_parameter_ties(tracer: _Tracer) -> list[tuple[Tensor, Tensor]]:
     transposed use); a site where neither end is a function of the row is pinned.
     """
     uses: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
-    for src, dst, _, param, pos, _ in tracer.edges:
+    for src, dst, _, param, pos, _ in trace.edges:
         if param >= 0:
             uses.setdefault(param, []).append((src, dst, pos))
-    for neuron_set in tracer.sets:  # a bias is a weight whose "row" is its neuron
+    for neuron_set in trace.sets:  # a bias is a weight whose "row" is its neuron
         if neuron_set.bias_param >= 0:
             nodes = neuron_set.first + torch.arange(neuron_set.size)
             uses.setdefault(neuron_set.bias_param, []).append((nodes, nodes, neuron_set.bias_pos))
     ties: list[tuple[Tensor, Tensor]] = []
+    pinned: set[int] = set()
     for param, sites in uses.items():
         if len(sites) < 2:
             continue
-        shape = tracer.param_shapes[param]
+        shape = trace.param_shapes[param]
         numel, columns = math.prod(shape), (shape[-1] if len(shape) >= 2 else 1)
         row_node = torch.full((numel,), -1, dtype=torch.long)
         column_node = torch.full((numel,), -1, dtype=torch.long)
@@ -303,7 +306,7 @@ def _shared_parameter_ties(tracer: _Tracer) -> list[tuple[Tensor, Tensor]]:
                 at_row, at_column = src, dst
             else:
                 for node in torch.cat((src, dst)).unique().tolist():
-                    tracer.set_of(node).pinned = True
+                    pinned.add(trace.set_of(node).index)
                 continue
             for table, nodes in ((row_node, at_row), (column_node, at_column)):
                 seen = table[pos] >= 0
@@ -311,7 +314,7 @@ def _shared_parameter_ties(tracer: _Tracer) -> list[tuple[Tensor, Tensor]]:
                     pairs = torch.unique(torch.stack((table[pos][seen], nodes[seen])), dim=1)
                     ties.append((pairs[0], pairs[1]))
                 table[pos[~seen]] = nodes[~seen]
-    return ties
+    return ties, pinned
 
 
 def _is_function(nodes: Tensor, index: Tensor) -> bool:
@@ -384,11 +387,11 @@ def _flat_ranks(nodes: Tensor, slots: Tensor, set_of_node: Tensor) -> Tensor | N
     return order[slot_index]
 
 
-def _assign_heads(tracer: _Tracer, nodes: Tensor, set_of_node: Tensor, perm_block: Tensor, perm_tie: Tensor,
+def _assign_heads(trace: TraceResult, nodes: Tensor, set_of_node: Tensor, perm_block: Tensor, perm_tie: Tensor,
                   position: Tensor, pieces: list) -> bool:
     """Heads as blocks of one attention op; q/k tied (tie 0), v/o tied (tie 1)."""
     node_set = set(nodes.tolist())
-    blocks = [block for block in tracer.attention if int(block[0][0][0]) in node_set]
+    blocks = [block for block in trace.attention if int(block[0][0][0]) in node_set]
     if len(blocks) != 1:
         return False
     block = blocks[0]

@@ -1,4 +1,4 @@
-"""MLP chains: reading their layers, and converting them (through the traced converter).
+"""MLP chains: reading their layers (the structure the symmetry actions act on).
 
 An MLP chain is ``Linear -> act -> Linear -> act -> ... -> Linear [-> act]`` where every
 ``act`` is a known elementwise activation (or absent). The chain may be an
@@ -7,8 +7,8 @@ chain: :func:`mlp_layers` reads the structure with :mod:`torch.fx` (plain Sequen
 walk over their modules), so skip connections, shared layers and unknown operations are
 detected, not guessed. The symmetry actions (:mod:`gradgraph.symmetry`) read chains with it.
 
-Conversion is the traced converter's (:func:`gradgraph.convert.convert_traced`): it gives a
-chain the MLP layout below, and records a plain ``nn.Sequential`` chain's tensors by calling
+Conversion needs none of this: :func:`gradgraph.to_graph` traces a chain like any model, which
+gives it the MLP layout below, and records a plain ``nn.Sequential`` chain's tensors by calling
 its leaves (:mod:`gradgraph.convert.chain`) once the architecture's plan is cached.
 
 Graph layout: the neurons of layer ``l`` (``l = 0`` the inputs) are consecutive nodes in
@@ -19,47 +19,24 @@ so ``edge_param_pos`` of weight ``W[k, j]`` is ``k * d_in + j``.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
-from gradgraph.capture import LossFn
-from gradgraph.convert.chain import ACTIVATION_MODULES, plain_chain
-from gradgraph.convert.plan import PLAN_CACHE
+from gradgraph.convert.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
+from gradgraph.convert.chain import plain_chain
+from gradgraph.convert.plan import clear_structure_cache  # its former home, still imported from here
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
-from gradgraph.graph import ActivationKind, GradGraph
+from gradgraph.graph import ActivationKind
 
 __all__ = [
     "ACTIVATION_MODULES",
     "DenseLayer",
     "clear_structure_cache",
-    "convert_mlp",
     "mlp_layers",
 ]
-
-_ACTIVATION_FUNCTIONS: dict[Any, ActivationKind] = {
-    torch.relu: ActivationKind.RELU,
-    F.relu: ActivationKind.RELU,
-    F.leaky_relu: ActivationKind.LEAKY_RELU,
-    F.gelu: ActivationKind.GELU,
-    F.silu: ActivationKind.SILU,
-    torch.tanh: ActivationKind.TANH,
-    F.tanh: ActivationKind.TANH,
-    torch.sigmoid: ActivationKind.SIGMOID,
-    F.sigmoid: ActivationKind.SIGMOID,
-    torch.sin: ActivationKind.SINE,
-}
-_ACTIVATION_METHODS: dict[str, ActivationKind] = {
-    "relu": ActivationKind.RELU,
-    "tanh": ActivationKind.TANH,
-    "sigmoid": ActivationKind.SIGMOID,
-    "sin": ActivationKind.SINE,
-}
-
 
 @dataclass(frozen=True)
 class DenseLayer:
@@ -76,7 +53,7 @@ class DenseLayer:
     activation: ActivationKind
 
 
-class _Tracer(fx.Tracer):
+class _ChainTracer(fx.Tracer):
     # Our activation modules (e.g. Sine) are leaves, so they show up as one call_module.
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, tuple(ACTIVATION_MODULES)) or super().is_leaf_module(module, qualified_name)
@@ -153,7 +130,7 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
             reader.module(name, module)
         return reader.finish()
     try:
-        graph = _Tracer().trace(model)
+        graph = _ChainTracer().trace(model)
     except Exception as error:  # fx raises many types for untraceable code
         raise UnsupportedModuleError(
             "", type(model).__name__, f"its forward cannot be traced as an MLP chain ({error})"
@@ -182,7 +159,7 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
         if node.op == "call_module":
             reader.module(str(node.target), modules[node.target])
         elif node.op == "call_function":
-            kind = _ACTIVATION_FUNCTIONS.get(node.target)
+            kind = ACTIVATION_FUNCTIONS.get(node.target)
             if kind is None and node.target in (F.dropout,):
                 raise UnsupportedModuleError(node.name, "dropout", "functional dropout is unsupported")
             if kind is None:
@@ -192,7 +169,7 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
                 raise UnsupportedModuleError(node.name, name, "no MLP converter rule for this function")
             reader.activation(node.name, kind)
         elif node.op == "call_method":
-            kind = _ACTIVATION_METHODS.get(str(node.target))
+            kind = ACTIVATION_METHODS.get(str(node.target))
             if kind is None:
                 raise UnsupportedModuleError(node.name, f"Tensor.{node.target}", "no MLP converter rule for this method")
             reader.activation(node.name, kind)
@@ -200,29 +177,3 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
             raise UnsupportedModuleError(node.name, node.op, "no MLP converter rule for this operation")
         current = node
     return reader.finish()
-
-
-def convert_mlp(
-    model: nn.Module,
-    inputs: Tensor,
-    *,
-    targets: Any = None,
-    loss_fn: LossFn | None = None,
-    forward_kwargs: Mapping[str, Any] | None = None,
-) -> GradGraph:
-    """Convert an MLP chain and a batch ``inputs [b, d_in]`` into a GradGraph with ``B = b``.
-
-    :func:`gradgraph.to_graph` for a model that must be an MLP chain: raises
-    :class:`~gradgraph.UnsupportedModuleError` (from :func:`mlp_layers`) for any other, then
-    converts it with the traced converter, as ``to_graph`` does.
-    """
-    from gradgraph.convert.traced import convert_traced  # traced imports this package's chain module
-
-    mlp_layers(model)
-    return convert_traced(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=forward_kwargs)
-
-
-def clear_structure_cache() -> None:
-    """Forget the traced converter's cached plans (the architecture-only tensors of every
-    architecture converted so far, MLP chains included), e.g. to free their memory."""
-    PLAN_CACHE.clear()

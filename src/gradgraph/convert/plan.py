@@ -2,8 +2,8 @@
 
 A :class:`TracePlan` holds the layout, labels, group and slots of a traced architecture and,
 for every recorded tensor, the op that produced it and where its elements go in
-``act`` / ``grad`` (:func:`_plan_records`). :data:`PLAN_CACHE` keeps plans per architecture and
-call (:func:`_plan_key`). :mod:`gradgraph.convert.assembly` makes a graph from a plan.
+``act`` / ``grad`` (:func:`plan_records`). :data:`PLAN_CACHE` keeps plans per architecture and
+call (:func:`plan_key`). :mod:`gradgraph.convert.assembly` makes a graph from a plan.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from gradgraph.convert.trace import KEY_STRIDE
-from gradgraph.convert.trace.ops import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_MODULES
+from gradgraph.convert.trace import KEY_STRIDE, TraceResult
+from gradgraph.convert.trace.ops import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 from gradgraph.convert.trace.meta import NeuronSet, ValueGuard
-from gradgraph.convert.trace.tracer import _Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph, consecutive_span
 
@@ -37,17 +36,17 @@ def _signature(value: Any) -> Any:
     return repr(value)
 
 
-def _parameter_signature(parameters: Mapping[str, Tensor]) -> tuple:
+def parameter_signature(parameters: Mapping[str, Tensor]) -> tuple:
     """Per parameter ``(name, shape, floating, device type, requires_grad)``: its part of the plan key."""
     return tuple([(name, p.shape, p.dtype.is_floating_point, p.device.type, p.requires_grad)
                   for name, p in parameters.items()])
 
 
-def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any], parameter_signature: tuple,
+def plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any], parameter_signature: tuple,
               modules: list[nn.Module]) -> tuple:
     """What a plan depends on besides the op fingerprints a replay checks.
 
-    ``parameter_signature`` is :func:`_parameter_signature` of ``dict(model.named_parameters())``
+    ``parameter_signature`` is :func:`parameter_signature` of ``dict(model.named_parameters())``
     and ``modules`` is ``list(model.modules())``, read once per conversion.
 
     Not the floating dtype of the parameters or the input: a plan holds only the layout and
@@ -63,8 +62,8 @@ def _plan_key(model: nn.Module, inputs: Tensor, kwargs: dict[str, Any], paramete
         ("tensor", inputs.shape, inputs.dtype.is_floating_point, inputs.device.type),
         _signature(kwargs) if kwargs else (),
         model.training,
-        tuple(_ELEMENTWISE_MODULES),
-        tuple(_ELEMENTWISE_FUNCTIONS),
+        tuple(ELEMENTWISE_MODULES),
+        tuple(ELEMENTWISE_FUNCTIONS),
     )
 
 
@@ -130,13 +129,19 @@ class PlanCache:
 PLAN_CACHE = PlanCache()
 
 
+def clear_structure_cache() -> None:
+    """Forget the traced converter's cached plans (the architecture-only tensors of every
+    architecture converted so far, MLP chains included), e.g. to free their memory."""
+    PLAN_CACHE.clear()
+
+
 # --------------------------------------------------------------------- factors
 def _component_index(comps: Tensor, num_keys: int) -> Tensor:
     return (comps // KEY_STRIDE) * num_keys + comps % KEY_STRIDE
 
 
 @dataclass
-class _Record:
+class Record:
     """Where one recorded tensor's elements go in ``act`` / ``grad`` (flat ``row * B + column``).
 
     ``block = (first, width)`` when the tensor, read as ``[B, width]``, is exactly rows
@@ -152,7 +157,7 @@ class _Record:
 
 
 @dataclass
-class _OnehotRecord:
+class OnehotRecord:
     """One-hot activations of table rows: rows from an embedding's indices (``op``) or constant."""
 
     op: int | None
@@ -174,12 +179,12 @@ class TracePlan:
     """
 
     fingerprints: list[tuple]
-    act: list[_Record]
-    grad: list[_Record]
-    onehot: list[_OnehotRecord]
+    act: list[Record]
+    grad: list[Record]
+    onehot: list[OnehotRecord]
     structure: dict[str, Any]
-    weights: list[_SlotCopy]  # parameter values -> edge rows
-    biases: list[_SlotCopy]  # parameter values -> node rows
+    weights: list[SlotCopy]  # parameter values -> edge rows
+    biases: list[SlotCopy]  # parameter values -> node rows
     param_names: list[str]
     param_shapes: list[list[int]]
     num_nodes: int
@@ -197,6 +202,12 @@ class TracePlan:
         tensors = tuple(self.structure.values())
         self._versions = tuple((tensor, tensor._version) for tensor in tensors)
         self.nbytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    @property
+    def derived(self) -> dict[Any, Any]:
+        """What later stages work out from the plan alone, once per plan (the structure per
+        device, the assembly's recipes), keyed by what it is."""
+        return self._derived
 
     def intact(self) -> bool:
         """``False`` if a structure tensor (shared by the graphs) was written in place since the trace."""
@@ -233,21 +244,10 @@ class TracePlan:
         return ops | {record.op for record in self.onehot if record.op is not None}
 
 
-def _source(tracer: _Tracer, tensor: Tensor) -> tuple:
-    derived = tracer.derived.get(id(tensor))
-    if derived is not None and derived[0] is tensor:
-        return ("derived", derived[1], derived[2])
-    found = tracer.log.source(tensor)
-    if found == (-1, 0):
-        return ("input",)
-    if not isinstance(found, tuple) or found[0] == "param":
-        raise GradGraphError("internal: a recorded tensor was produced by no op of the trace")
-    return ("out", found[0], found[1])
-
-
-def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_keys: int,
-            num_components: int) -> _Record:
-    source = _source(tracer, tensor)
+def _record(trace: TraceResult, tensor: Tensor, nodes: Tensor, comps: Tensor, num_keys: int,
+            num_components: int) -> Record:
+    """Where the elements of ``tensor`` (neurons ``nodes``, components ``comps``) go in a factor."""
+    source = trace.source_of(tensor)
     width = int(nodes.shape[-1]) if nodes.dim() else 1
     if width > 0 and nodes.numel() == num_components * width:
         # a block: read as [B, width], element (c, w) is neuron first + w at component c, i.e.
@@ -259,11 +259,11 @@ def _record(tracer: _Tracer, tensor: Tensor, nodes: Tensor, comps: Tensor, num_k
             component = torch.arange(num_components)
             codes = (component // num_keys) * KEY_STRIDE + component % num_keys
             if torch.equal(comps.reshape(num_components, width), codes[:, None].expand(num_components, width)):
-                return _Record(source, tuple(nodes.shape), None, None, (first, width))
+                return Record(source, tuple(nodes.shape), None, None, (first, width))
     keep = (nodes >= 0) & (comps >= 0)
     all_kept = bool(keep.all())
     linear = nodes[keep] * num_components + _component_index(comps[keep], num_keys)
-    return _Record(source, tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
+    return Record(source, tuple(nodes.shape), None if all_kept else keep.reshape(-1), linear)
 
 
 def _covers(neuron_set: NeuronSet, nodes: Tensor) -> bool:
@@ -277,19 +277,19 @@ def _own_nodes(neuron_set: NeuronSet, nodes: Tensor) -> Tensor:
     return nodes if bool(inside.all()) else torch.where(inside, nodes, torch.full_like(nodes, -1))
 
 
-def _plan_records(tracer: _Tracer, num_datapoints: int, reaching_output: set[int] = frozenset()
-                  ) -> tuple[list[_Record], list[_Record], list[_OnehotRecord], int]:
-    """Where every set's act, grad and one-hot rows come from.
+def plan_records(trace: TraceResult) -> tuple[list[Record], list[Record], list[OnehotRecord], int]:
+    """Where every set's act, grad and one-hot rows come from: ``(act, grad, onehot, K)``.
 
     A set no affine map reads takes its newest value as its act (an output's values) — if that
     value holds all of the set's neurons or reaches the output: a part of a set that leads
     nowhere (``h.chunk(2)[0]`` never read) would give its neurons acts that a permutation of the
     set does not move with them, so such a set keeps zero acts.
     """
-    num_keys = max(len(tracer.keys), 1)
-    num_components = num_datapoints * num_keys
+    num_keys = max(trace.num_keys, 1)
+    num_components = trace.num_datapoints * num_keys
+    reaching_output = trace.output_sets
     acts, grads, onehots = [], [], []
-    for neuron_set in tracer.sets:
+    for neuron_set in trace.sets:
         records = neuron_set.act_records
         if not records and neuron_set.last is not None and (
                 neuron_set.index in reaching_output or _covers(neuron_set, neuron_set.last[1])):
@@ -298,23 +298,23 @@ def _plan_records(tracer: _Tracer, num_datapoints: int, reaching_output: set[int
             if comps is not None:
                 # a value may hold several sets' neurons (cat([h, x])); each set writes only its
                 # own, so a later version of one set never overwrites another set's act
-                acts.append(_record(tracer, value, _own_nodes(neuron_set, nodes), comps, num_keys, num_components))
+                acts.append(_record(trace, value, _own_nodes(neuron_set, nodes), comps, num_keys, num_components))
         for index, nodes, comps, op, padding in neuron_set.onehot_records:
             keep = (nodes >= 0) & (comps >= 0)
             if op is None and padding is not None:
                 keep &= index != padding
-            onehots.append(_OnehotRecord(
+            onehots.append(OnehotRecord(
                 op, None if op is not None else index[keep], tuple(nodes.shape),
                 None if bool(keep.all()) else keep.reshape(-1), _component_index(comps[keep], num_keys),
                 neuron_set.first, padding))
         for tensor, nodes, comps in neuron_set.grad_records:
             if nodes is not None and tensor.requires_grad:
-                grads.append(_record(tracer, tensor, nodes, comps, num_keys, num_components))
+                grads.append(_record(trace, tensor, nodes, comps, num_keys, num_components))
     return acts, grads, onehots, num_keys
 
 
 @dataclass
-class _SlotCopy:
+class SlotCopy:
     """Where one parameter's values go in ``edge_attr`` (or the bias vector): ``rows`` take
     ``flat[places]``; either is a slice when consecutive (every ``nn.Linear`` weight is both)."""
 
@@ -333,5 +333,6 @@ def _as_slice(index: Tensor) -> slice | Tensor:
     return index if span is None else span
 
 
-def _slot_copy(name: str, rows: Tensor | slice, places: Tensor) -> _SlotCopy:
-    return _SlotCopy(name, rows if isinstance(rows, slice) else _as_slice(rows), _as_slice(places))
+def slot_copy(name: str, rows: Tensor | slice, places: Tensor) -> SlotCopy:
+    """The :class:`SlotCopy` of parameter ``name``'s entries ``places`` into ``rows`` (slices where consecutive)."""
+    return SlotCopy(name, rows if isinstance(rows, slice) else _as_slice(rows), _as_slice(places))

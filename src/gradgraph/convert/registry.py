@@ -53,7 +53,8 @@ _FALLBACK: list[Converter] = []
 _FALLBACK_CLOSURE: list[ClosureConverter] = []
 
 
-def _set_fallback(converter: Converter, closure_converter: ClosureConverter) -> None:
+def set_fallback(converter: Converter, closure_converter: ClosureConverter) -> None:
+    """Make ``converter`` (and its closure form) the one asked when no registered converter matches."""
     _FALLBACK[:] = [converter]
     _FALLBACK_CLOSURE[:] = [closure_converter]
 

@@ -1,4 +1,4 @@
-"""The traced converter's entry points: :func:`convert_traced` and its closure form.
+"""The traced converter's entry points: :func:`to_graph_traced` and its closure form.
 
 A conversion is a forward pass under the trace (or a replay of the architecture's cached
 :class:`~gradgraph.convert.plan.TracePlan`), the per-datapoint objective, and the finish:
@@ -18,18 +18,17 @@ from torch import Tensor, nn
 from gradgraph.capture import (LossFn, check_closure_losses, check_materialised, closure_inputs,
                                per_datapoint_objective)
 from gradgraph.convert.chain import chain_capture, plain_chain
-from gradgraph.convert.layout import _make_plan
-from gradgraph.convert.assembly import _assemble, _fill
-from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, _parameter_signature, _plan_key
-from gradgraph.convert.trace import PlanMismatch, replay_model, trace_model
-from gradgraph.convert.trace.tracer import _Tracer
+from gradgraph.convert.layout import make_plan
+from gradgraph.convert.assembly import assemble, fill_factors
+from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, parameter_signature, plan_key
+from gradgraph.convert.trace import PlanMismatch, TraceResult, UnsupportedOperationError, replay_model, trace_model
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 
-__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_traced", "convert_traced_closure", "default_datapoint_dim"]
+__all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_closure_traced", "default_datapoint_dim", "to_graph_traced"]
 
 
-def convert_traced(
+def to_graph_traced(
     model: nn.Module,
     inputs: Tensor,
     *,
@@ -77,7 +76,7 @@ def convert_traced(
     return _finish(run, objective, scan)
 
 
-def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
+def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
                            datapoint_dim: int | None = None) -> tuple[GradGraph, Tensor]:
     """Convert ``model`` on the batch that ``closure`` runs it on, in that one call of ``closure``.
 
@@ -91,7 +90,7 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
     Args:
         model: the network the closure calls.
         closure: ``() -> [b]`` per-datapoint losses.
-        datapoint_dim: as for :func:`convert_traced`.
+        datapoint_dim: as for :func:`to_graph_traced`.
 
     Returns:
         ``(graph, losses)``: the :class:`~gradgraph.GradGraph` (``B = b * K`` components) and
@@ -100,7 +99,7 @@ def convert_traced_closure(model: nn.Module, closure: Callable[[], Tensor], *,
     Raises:
         GradGraphError: the closure never calls the model, calls it twice, calls it without an
             input tensor, or returns something other than ``[b]`` losses; the errors of
-            :func:`convert_traced` for the model itself.
+            :func:`to_graph_traced` for the model itself.
     """
     runs: list[_Pass] = []
     scan = _Scan.of(model, "convert_closure")
@@ -142,7 +141,7 @@ class _Scan:
         parameters: ``dict(model.named_parameters())``.
         modules: ``list(model.modules())``.
         signature: per parameter ``(name, shape, floating, device type, requires_grad)``: its
-            part of the plan key (:func:`gradgraph.convert.plan._plan_key`).
+            part of the plan key (:func:`gradgraph.convert.plan.plan_key`).
         float_dtypes: the floating dtypes of the parameters.
     """
 
@@ -158,7 +157,7 @@ class _Scan:
         scan = _walk(model)
         if scan is None:
             parameters = dict(model.named_parameters())
-            scan = cls(parameters, list(model.modules()), _parameter_signature(parameters),
+            scan = cls(parameters, list(model.modules()), parameter_signature(parameters),
                        {param.dtype for param in parameters.values() if param.dtype.is_floating_point})
         if any(param.is_meta for param in scan.parameters.values()):
             check_materialised(model, caller)
@@ -229,11 +228,12 @@ def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None, s
 
 @dataclass
 class _Pass:
-    """One forward of the model under the trace (``plan`` is ``None``) or a replay of a cached plan."""
+    """One forward of the model under the trace (``plan`` is ``None``, ``trace`` what it found) or
+    a replay of a cached plan."""
 
     key: tuple
     plan: TracePlan | None
-    tracer: _Tracer | None
+    trace: TraceResult | None
     captured: dict
     output: Any
     x: Tensor
@@ -253,7 +253,7 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
     """
     num_datapoints = inputs.shape[datapoint_dim]
     dtype = inputs.dtype if inputs.is_floating_point() else next(iter(scan.parameters.values())).dtype
-    key = (_plan_key(model, inputs, kwargs, scan.signature, scan.modules), datapoint_dim)
+    key = (plan_key(model, inputs, kwargs, scan.signature, scan.modules), datapoint_dim)
     chain = plain_chain(model) if plain_call else None
     plan = PLAN_CACHE.get(key)
     if plan is not None:
@@ -270,10 +270,10 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
             return _Pass(key, plan, None, replayer.captured, output, x, num_datapoints, dtype)
     if chain is not None:
         _check_chain_inputs(chain, inputs)
-    tracer, output, x = trace_model(model, inputs, forward, datapoint_dim)
-    if not tracer.params:
+    trace = trace_model(model, inputs, forward, datapoint_dim)
+    if not trace.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
-    return _Pass(key, None, tracer, tracer.captured, output, x, num_datapoints, dtype, chain)
+    return _Pass(key, None, trace, trace.captured, trace.output, trace.inputs, num_datapoints, dtype, chain)
 
 
 def _check_chain_inputs(chain: list[tuple[str, nn.Module]], inputs: Tensor) -> None:
@@ -293,19 +293,66 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     """The graph of a forward pass, given the per-datapoint objective ``[b]`` computed from it."""
     plan = run.plan
     if plan is None:
-        plan = _make_plan(run.tracer, run.output, run.num_datapoints)
+        plan = make_plan(run.trace)
         # a chain capture checks no op's arguments: only for plans no constant's values shaped
-        plan.chain = None if plan.guards else chain_capture(run.chain, run.tracer.module_outputs, plan.sources,
+        plan.chain = None if plan.guards else chain_capture(run.chain, run.trace.module_outputs, plan.sources,
                                                             plan.wanted)
-    device = run.x.device if run.tracer is None else run.tracer.params[0].device
-    act, grad = _fill(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints, run.dtype, device)
+    device = run.x.device if run.trace is None else run.trace.params[0].device
+    # a fresh trace is checked once against autograd (a replay runs the same ops on the same plan)
+    truth = _autograd_sums(plan, objective, scan.parameters) if run.plan is None else None
+    act, grad = fill_factors(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints, run.dtype, device)
     # the recorded activations are no longer needed: freeing them before the O(P) edge values
     # are allocated lowers the conversion's peak memory (the dict is their only holder)
     run.captured.clear()
-    run.tracer = None  # after a trace: its id tensors and the values it kept
-    if run.plan is None:
+    run.trace = None  # after a trace: the tensors its records and sets kept
+    graph = assemble(plan, scan.parameters, act, grad, run.num_datapoints)
+    if truth is not None:
+        _check_sums(graph, truth, run.num_datapoints)
         PLAN_CACHE.put(run.key, plan)
-    return _assemble(plan, scan.parameters, act, grad, run.num_datapoints)
+    return graph
+
+
+def _autograd_sums(plan: TracePlan, objective: Tensor, parameters: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``d(sum_i L_i)/dθ`` by autograd for each parameter of the plan that requires grad (the
+    graph is kept for the one backward pass that follows)."""
+    names = [name for name in dict.fromkeys(plan.param_names) if parameters[name].requires_grad]
+    if not names or objective.grad_fn is None:
+        return {}
+    with torch.enable_grad():
+        total = objective.sum()
+    sums = torch.autograd.grad(total, [parameters[name] for name in names], retain_graph=True, allow_unused=True)
+    return {name: value for name, value in zip(names, sums) if value is not None}
+
+
+#: the graph's summed gradient and autograd's differ by rounding only; this many eps of the dtype
+#: relative to the larger magnitude of the two (float64: 2e-12, float32: 1e-3)
+_SUM_EPS_FACTOR = 1e4
+
+
+def _check_sums(graph: GradGraph, truth: dict[str, Tensor], num_datapoints: int) -> None:
+    """Refuse a fresh trace whose graph's gradient of some parameter, summed over datapoints,
+    is not autograd's: a path from the parameter to the loss that no rule followed (a value computed
+    from a parameter that an op's rule reads as a constant) would otherwise make every per-sample
+    gradient of it silently wrong. Cost: one backward pass and ``mean_grad()``, on a fresh trace only."""
+    if not truth:
+        return
+    ours = graph.mean_grad()
+    # a gradient that is zero in exact arithmetic (a key bias under softmax) is rounding noise on
+    # both sides: the scale is the parameter's own or, if larger, a hundredth of the largest one
+    overall = max(float(value.abs().max()) for value in truth.values() if value.numel()) if truth else 0.0
+    for name, expected in truth.items():
+        got = ours[name] * num_datapoints
+        expected = expected.to(got.dtype)
+        error = float((got - expected).abs().max()) if got.numel() else 0.0
+        scale = max(float(expected.abs().max()), float(got.abs().max()), 1e-2 * overall) if got.numel() else 0.0
+        if error > _SUM_EPS_FACTOR * torch.finfo(got.dtype).eps * scale:
+            path = name.rsplit(".", 1)[0] if "." in name else ""
+            raise UnsupportedOperationError(
+                path, "parameter use", "in the forward",
+                f"the graph's gradient of '{name}' (summed over datapoints) differs from autograd's by {error:.2e} "
+                f"(largest entry {scale:.2e}): a value computed from this parameter reaches the loss through an op "
+                "whose gradgraph rule reads it as a constant, so the graph would be silently wrong. Write that part "
+                "with supported ops or register a converter for the module (gradgraph.register_converter)")
 
 
 def default_datapoint_dim(model: nn.Module) -> int:

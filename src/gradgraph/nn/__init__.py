@@ -13,7 +13,9 @@ One concept a file, as in ``torch_geometric.nn.conv``:
 - :class:`InvariantReadout` — one output per graph.
 - :class:`ComponentReadout` — one output per graph and component.
 - :class:`ComponentDensity` — a learned kernel density over each graph's components.
-- :class:`GradMetaNet` — the model built from them; :func:`outputs_to_parameters`.
+- :class:`GradMetaNet` — the model built from them; :class:`GradMetaNetConfig` its sizes;
+  :func:`outputs_to_parameters`.
+- :class:`MetaNetwork` — the encoders and output heads GradMetaNet and GradMetaNet++ share.
 - :class:`ComponentAttention`, :class:`NeuronAttention` — attention across a neuron's components / a graph's neurons.
 - :class:`ComponentProductDecoder` — GradMetaNet++'s per-component product decoder.
 - :class:`GradMetaNetPlusPlus` — GradMetaNet++ built from them.
@@ -31,6 +33,7 @@ from gradgraph.nn.encoding import PositionalEncoding
 from gradgraph.nn.edge_encoding import EdgeKindEncoding
 from gradgraph.nn.decoder import EdgeProductDecoder
 from gradgraph.nn.readout import InvariantReadout
+from gradgraph.nn.metanet import GradMetaNetConfig, MetaNetwork
 from gradgraph.nn.gradmetanet import GradMetaNet, LayerFactory, outputs_to_parameters
 from gradgraph.nn.canonical import ScaleEquivariant
 from gradgraph.nn.component_attention import ComponentAttention
@@ -47,10 +50,12 @@ __all__ = [
     "EdgeProductDecoder",
     "GradGraphConv",
     "GradMetaNet",
+    "GradMetaNetConfig",
     "GradMetaNetOutput",
     "GraphContext",
     "InvariantReadout",
     "LayerFactory",
+    "MetaNetwork",
     "NodeConv",
     "PositionalEncoding",
     "ScaleEquivariant",

@@ -60,7 +60,7 @@ class MultiHeadConv(GradGraphConv):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}, "
-            f"heads={self.heads}, head_channels={self.head_channels}, flow={self.direction!r}, "
+            f"heads={self.heads}, head_channels={self.head_channels}, direction={self.direction!r}, "
             f"edge_messages={self.edge_messages})"
         )
 
@@ -93,7 +93,7 @@ class ComponentAttention(MultiHeadConv):
     fallback, e.g. float64 on CPU, the :math:`[N, H, B, B]` attention weights).
 
     Args:
-        in_channels, out_channels, edge_dim, flow, aggr: see :class:`GradGraphConv`.
+        in_channels, out_channels, edge_dim, direction, aggr: see :class:`GradGraphConv`.
         heads: ``H``.
         head_channels: ``d`` (defaults to ``max(1, in_channels // heads)``).
         edge_messages: keep the per-component messages along the edges of

@@ -41,7 +41,7 @@ class ComponentConv(GradGraphConv):
     connectivity can enter later through node layers and the decoder.
 
     Args:
-        in_channels, out_channels, edge_dim, flow, aggr: see :class:`GradGraphConv`.
+        in_channels, out_channels, edge_dim, direction, aggr: see :class:`GradGraphConv`.
         edge_messages: keep the per-component messages along the edges (see
             :class:`GradGraphConv`).
 

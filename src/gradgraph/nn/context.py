@@ -10,7 +10,7 @@ from torch import Tensor
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.sparse import ChannelBlockPattern
 
-__all__ = ["STRUCTURE_MEMO", "GraphContext", "equal_blocks"]
+__all__ = ["STRUCTURE_FIELDS", "STRUCTURE_MEMO", "GraphContext", "equal_blocks"]
 
 #: Name of an optional dict in a graph's ``__dict__`` by which its owner promises that the
 #: graph's structure (``edge_index``, ``layer``, ``batch``) never changes: every graph that
@@ -34,8 +34,29 @@ def equal_blocks(batch: Tensor, num_graphs: int) -> int:
     return per_graph if torch.equal(batch, expected) else 0
 
 
-class GraphContext(NamedTuple):
+class _ContextFields(NamedTuple):
+    edge_index: Tensor
+    edge_features: Tensor
+    node_batch: Tensor
+    num_graphs: int
+    layer_group: Tensor
+    num_layer_groups: int
+    cache: dict[Any, Any]
+
+
+#: Fields that fix the structure the :attr:`GraphContext.cache` memoises; replacing any of
+#: them (``_replace``) starts an empty cache.
+STRUCTURE_FIELDS = ("edge_index", "node_batch", "num_graphs", "layer_group", "num_layer_groups")
+
+
+class GraphContext(_ContextFields):
     """Connectivity and grouping of a graph or a batch, shared by every layer of a model.
+
+    A named tuple. Build it with :meth:`from_graph`, or by hand:
+    ``GraphContext(edge_index, edge_features, node_batch, num_graphs, layer_group,
+    num_layer_groups)`` — every context built without a ``cache`` gets its own empty one, and
+    ``context._replace(edge_index=...)`` (or any other structural field) starts a new one, so
+    no sparse pattern of one graph is ever used on another.
 
     Attributes:
         edge_index: ``[2, E]`` forward edges, source -> destination.
@@ -46,16 +67,33 @@ class GraphContext(NamedTuple):
         layer_group: ``[N]`` index of the node's ``(graph, layer)`` group, in
             ``range(num_layer_groups)``; used for per-layer means.
         num_layer_groups: number of distinct ``(graph, layer)`` pairs.
-        cache: per-forward memo of sparse patterns (see :meth:`pattern`), shared by all layers.
+        cache: memo of what depends on the structure only (sparse patterns, see
+            :meth:`pattern`; :meth:`nodes_per_graph`), shared by all layers of a forward.
     """
 
-    edge_index: Tensor
-    edge_features: Tensor
-    node_batch: Tensor
-    num_graphs: int
-    layer_group: Tensor
-    num_layer_groups: int
-    cache: dict[Any, Any] = {}
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        edge_index: Tensor,
+        edge_features: Tensor,
+        node_batch: Tensor,
+        num_graphs: int,
+        layer_group: Tensor,
+        num_layer_groups: int,
+        cache: dict[Any, Any] | None = None,
+    ) -> GraphContext:
+        # A fresh dict per context: a shared default would hand one graph's patterns to another.
+        return super().__new__(
+            cls, edge_index, edge_features, node_batch, num_graphs, layer_group, num_layer_groups,
+            {} if cache is None else cache,
+        )
+
+    def _replace(self, **changes: Any) -> GraphContext:
+        """A copy with ``changes``; it shares :attr:`cache` only if no structural field changes."""
+        if "cache" not in changes and any(name in changes for name in STRUCTURE_FIELDS):
+            changes["cache"] = {}
+        return super()._replace(**changes)
 
     def pattern(self, direction: str, channels: int) -> ChannelBlockPattern:
         """The channel-block sparse pattern for messages along (``"forward"``: rows are
@@ -127,7 +165,6 @@ class GraphContext(NamedTuple):
             num_graphs=num_graphs,
             layer_group=layer_group,
             num_layer_groups=int(layer_group.max()) + 1 if num_nodes else 0,
-            cache={},
         )
         if memo is not None:
             memo["context"] = context  # its pattern cache is then shared too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -11,11 +12,54 @@ from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
-from gradgraph.nn.sparse import channel_spmm
+from gradgraph.nn.sparse import ChannelBlockPattern, channel_spmm
 
-__all__ = ["GradGraphConv", "FLOWS"]
+__all__ = ["DIRECTIONS", "FLOWS", "GradGraphConv", "resolve_direction"]
 
-FLOWS = ("forward", "both")
+#: Values of a layer's ``direction``: messages along the edges only, or along and against them.
+DIRECTIONS = ("forward", "both")
+#: Deprecated alias of :data:`DIRECTIONS` (the option was called ``flow``).
+FLOWS = DIRECTIONS
+
+
+def resolve_direction(owner: str, direction: str | None, flow: str | None) -> str:
+    """The message ``direction`` of ``owner``, accepting the deprecated ``flow=`` spelling.
+
+    ``flow`` was this option's name before it was renamed: PyG's ``MessagePassing`` uses
+    ``flow`` for another thing (``"source_to_target"`` / ``"target_to_source"``).
+
+    Raises:
+        GradGraphError: both given, or a value outside :data:`DIRECTIONS` (naming ``owner``).
+    """
+    if flow is not None:
+        if direction is not None:
+            raise GradGraphError(f"{owner}: pass direction= only (flow= is its deprecated name)")
+        if flow not in DIRECTIONS:
+            raise GradGraphError(
+                f"{owner}: flow={flow!r} is not supported: gradgraph layers take direction= "
+                f"(one of {DIRECTIONS}), not PyG's flow ('source_to_target' / 'target_to_source')"
+            )
+        warnings.warn(
+            f"{owner}: flow= is deprecated, use direction={flow!r} (PyG's flow means something else)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        direction = flow
+    direction = "both" if direction is None else direction
+    if direction not in DIRECTIONS:
+        raise GradGraphError(f"{owner}: direction must be one of {DIRECTIONS}, got {direction!r}")
+    return direction
+
+
+def _fuses_its_own_message(cls: type) -> bool:
+    """Whether ``cls.message_and_aggregate`` is defined where ``cls.message`` is, or below it:
+    a subclass that redefines only :meth:`GradGraphConv.message` must not get the fused kernel
+    of the base message."""
+
+    def owner(name: str) -> type:
+        return next(klass for klass in cls.__mro__ if name in vars(klass))
+
+    return issubclass(owner("message_and_aggregate"), owner("message"))
 
 
 class GradGraphConv(MessagePassing):
@@ -37,15 +81,20 @@ class GradGraphConv(MessagePassing):
     gate of the edge features (so the weight value and edge kind modulate messages),
     :math:`\ell(n)` the nodes of ``n``'s layer in its graph and :math:`G(n)` its graph.
     Means over nodes are taken per component when ``h`` has a component axis. With
-    ``flow="forward"`` the backward term (messages from ``k`` back to ``n``) is left out.
+    ``direction="forward"`` the backward term (messages from ``k`` back to ``n``) is left out.
 
     Nothing in it depends on node identity, so it is equivariant to every permutation of
     nodes that preserves edges, edge features, layers and graphs — in particular to
     permutations of hidden neurons.
 
+    Messages of per-component states ``[N, B, C]`` go through PyG's fused path,
+    :meth:`message_and_aggregate` (one sparse product, no ``[E, B, C]`` tensor); those of
+    ``[N, C]`` states through :meth:`message` and the aggregation.
+
     **Writing your own layer.** Subclass and override :meth:`message` (what one edge sends;
-    ``x_j`` is ``[E, C]`` or ``[E, B, C]``, ``gate`` ``[E, C]``), or override
-    :meth:`forward` entirely and call :meth:`propagate_both` for the gather/scatter. Never
+    ``x_j`` is ``[E, C]`` or ``[E, B, C]``, ``gate`` ``[E, C]``) — your layer then always
+    gathers and scatters, unless you also override :meth:`message_and_aggregate` —, or
+    override :meth:`forward` entirely and call :meth:`propagate_both` for the gather/scatter. Never
     use absolute node indices or positions of hidden neurons: that breaks the symmetry, and
     :func:`gradgraph.testing.assert_equivariant` will tell you so.
 
@@ -53,7 +102,9 @@ class GradGraphConv(MessagePassing):
         in_channels: ``C`` of the input states.
         out_channels: ``C'`` of the output states.
         edge_dim: ``D`` of ``context.edge_features``.
-        flow: ``"both"`` (messages along and against every edge) or ``"forward"``.
+        direction: ``"both"`` (messages along and against every edge) or ``"forward"``.
+            (Called ``flow`` before; ``flow=`` still works with a ``FutureWarning``. It is
+            not PyG's ``flow``, which this layer does not take.)
         aggr: aggregation over neighbours (``"mean"``, ``"sum"``, ``"max"``, ...).
         edge_messages: ``False`` drops both edge terms (and their parameters), leaving a
             DeepSets-style layer over each graph's neurons.
@@ -69,24 +120,27 @@ class GradGraphConv(MessagePassing):
         out_channels: int,
         edge_dim: int,
         *,
-        flow: str = "both",
+        direction: str | None = None,
         aggr: str = "mean",
         edge_messages: bool = True,
+        flow: str | None = None,
         **kwargs: Any,
     ) -> None:
+        direction = resolve_direction(type(self).__name__, direction, flow)
         super().__init__(aggr=aggr, node_dim=0, **kwargs)
-        if flow not in FLOWS:
-            raise GradGraphError(f"{type(self).__name__}: flow must be one of {FLOWS}, got {flow!r}")
+        # PyG set fuse because message_and_aggregate is implemented; the kernel sums or
+        # averages the base message only.
+        self.fuse = self.fuse and self.aggr in ("sum", "add", "mean") and _fuses_its_own_message(type(self))
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.edge_dim = edge_dim
-        self.direction = flow
+        self.direction = direction
         self.edge_messages = edge_messages
         self.lin_self = Linear(in_channels, out_channels)
         if edge_messages:
             self.lin_forward = Linear(in_channels, out_channels, bias=False)
             self.gate_forward = Linear(edge_dim, out_channels)
-        if edge_messages and flow == "both":
+        if edge_messages and direction == "both":
             self.lin_backward = Linear(in_channels, out_channels, bias=False)
             self.gate_backward = Linear(edge_dim, out_channels)
         self.lin_layer = Linear(in_channels, out_channels, bias=False)
@@ -113,7 +167,7 @@ class GradGraphConv(MessagePassing):
             )
 
     def propagate_both(self, h: Tensor, context: GraphContext) -> Tensor:
-        """The two edge terms of the equation: forward messages plus (with ``flow="both"``) backward ones."""
+        """The two edge terms of the equation: forward messages plus (with ``direction="both"``) backward ones."""
         if not self.edge_messages:
             return torch.zeros((*h.shape[:-1], self.out_channels), dtype=h.dtype, device=h.device)
         out = self._propagate_direction("forward", self.lin_forward(h), self.gate_forward(context.edge_features), context)
@@ -124,27 +178,54 @@ class GradGraphConv(MessagePassing):
         return out
 
     def uses_fused_aggregation(self, x: Tensor) -> bool:
-        """Whether messages go through the fused sparse path instead of ``propagate``.
+        """Whether :meth:`propagate` runs :meth:`message_and_aggregate` (PyG's fused path) for ``x``.
 
-        Only for the base gated message (a subclass that overrides :meth:`message` always
-        gets ``propagate``), sum/mean aggregation and per-component states ``[N, B, C]``,
-        where gathering would materialise an ``[E, B, C]`` tensor.
+        PyG fuses a layer that implements ``message_and_aggregate`` (its ``fuse`` flag) when
+        ``propagate`` is given a sparse adjacency; this layer gives it one for per-component
+        states ``[N, B, C]``, where gathering would materialise an ``[E, B, C]`` tensor, and
+        an ``edge_index`` otherwise. ``fuse`` is off for other aggregations than sum/mean and
+        for a subclass that redefines :meth:`message` without redefining
+        :meth:`message_and_aggregate` (the fused kernel computes the base message only).
         """
-        return type(self).message is GradGraphConv.message and self.aggr in ("sum", "mean") and x.dim() == 3
+        return bool(self.fuse) and x.dim() == 3
 
     def _propagate_direction(self, direction: str, x: Tensor, gate: Tensor, context: GraphContext) -> Tensor:
         if self.uses_fused_aggregation(x):
             pattern = context.pattern(direction, x.shape[-1])
-            out = channel_spmm(pattern, gate, x)
-            if self.aggr == "mean":
-                out = out / pattern.row_count.clamp(min=1).to(out.dtype)[:, None, None]
-            return out
+            return self.propagate(pattern.adjacency(), x=x, gate=gate, pattern=pattern)
         edge_index = context.edge_index if direction == "forward" else context.edge_index.flip(0)
-        return self.propagate(edge_index, x=x, gate=gate, size=(context.num_nodes, context.num_nodes))
+        # pattern=None: PyG's generated propagate takes every argument of message_and_aggregate.
+        return self.propagate(edge_index, x=x, gate=gate, pattern=None, size=(context.num_nodes, context.num_nodes))
 
     def message(self, x_j: Tensor, gate: Tensor) -> Tensor:
         """What edge ``j -> n`` sends: ``x_j [E, (B,) C']`` gated by ``gate [E, C']``."""
         return x_j * gate.view(gate.shape[0], *([1] * (x_j.dim() - 2)), gate.shape[-1])
+
+    def message_and_aggregate(
+        self, adj_t: Tensor, x: Tensor, gate: Tensor, pattern: ChannelBlockPattern | None = None
+    ) -> Tensor:
+        r""":meth:`message` and the sum/mean aggregation in one sparse product, for ``x [N, B, C']``.
+
+        :math:`\text{out}_{n,i,c} = \bigoplus_{j \to n} \text{gate}_{e,c}\, x_{j,i,c}` computed as
+        one CSR product with the channels as diagonal blocks
+        (:func:`~gradgraph.nn.sparse.channel_spmm`): no ``[E, B, C']`` message tensor, forward
+        or backward. PyG calls it from :meth:`propagate` when given a sparse adjacency.
+
+        Args:
+            adj_t: ``[N, N]`` sparse CSR adjacency, rows are the receiving nodes
+                (:meth:`ChannelBlockPattern.adjacency` of ``pattern``); PyG dispatches on it.
+            x: ``[N, B, C']`` states of the sending nodes.
+            gate: ``[E, C']`` per-edge gates, in the edge order of ``context.edge_index``.
+            pattern: the channel-block pattern of ``adj_t`` for ``C'`` channels (``None``
+                only on the unfused path, where this method is not called).
+
+        Returns:
+            ``[N, B, C']``.
+        """
+        out = channel_spmm(pattern, gate, x)
+        if self.aggr == "mean":
+            out = out / pattern.row_count.clamp(min=1).to(out.dtype)[:, None, None]
+        return out
 
     def group_means(self, h: Tensor, context: GraphContext) -> Tensor:
         """The per-layer and per-graph mean terms, broadcast back to ``[N, (B,) C']``."""
@@ -161,5 +242,5 @@ class GradGraphConv(MessagePassing):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}, "
-            f"flow={self.direction!r}, aggr={self.aggr!r}, edge_messages={self.edge_messages})"
+            f"direction={self.direction!r}, aggr={self.aggr!r}, edge_messages={self.edge_messages})"
         )

@@ -59,12 +59,18 @@ class PositionalEncoding(nn.Module):
             nn.init.normal_(table.weight, std=0.1)
 
     def forward(self, graph) -> Tensor:
+        """``[N, C]`` encodings (the equation of the class docstring)."""
         layer, layers_to_end, position, fixed = self.table_indices(graph)
         encoding = self.layer(layer) + self.depth(layers_to_end) + self.kind(graph.node_kind)
+        # The indicator 1[fixed_n] of the equation, and the one place the rule "hidden neurons
+        # carry no position term" is enforced: table_indices only keeps their lookup in range.
         return encoding + self.position(position) * fixed[:, None].to(encoding.dtype)
 
     def table_indices(self, graph) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(layer, depth - layer, position, fixed)`` ``[N]`` each, checked against the table sizes.
+
+        ``position`` is the index of fixed neurons and 0 for hidden ones, whose index may
+        exceed the table and whose term :meth:`forward` masks out anyway.
 
         They depend on the graph's structure only: for a graph whose owner promises a fixed
         structure (:data:`~gradgraph.nn.context.STRUCTURE_MEMO`) they are computed and checked

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import Linear
@@ -12,48 +13,22 @@ from torch_geometric.nn import Linear
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.nn.component_conv import ComponentConv
-from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.context import GraphContext
-from gradgraph.nn.conv import FLOWS, GradGraphConv
+from gradgraph.nn.conv import GradGraphConv, resolve_direction
 from gradgraph.nn.decoder import EdgeProductDecoder
-from gradgraph.nn.edge_encoding import EdgeKindEncoding
-from gradgraph.nn.encoding import PositionalEncoding
+from gradgraph.nn.metanet import GradMetaNetConfig, MetaNetwork, component_inputs
 from gradgraph.nn.node_conv import NodeConv
 from gradgraph.nn.output import GradMetaNetOutput
 from gradgraph.nn.pool import ComponentPool
-from gradgraph.nn.readout import InvariantReadout
 
-__all__ = ["GradMetaNet", "LayerFactory", "outputs_to_parameters"]
+__all__ = ["GradMetaNet", "LayerFactory", "component_inputs", "outputs_to_parameters"]
 
-#: ``factory(in_channels, out_channels, edge_dim, flow=..., aggr=...) -> GradGraphConv``;
+#: ``factory(in_channels, out_channels, edge_dim, direction=..., aggr=...) -> GradGraphConv``;
 #: a :class:`GradGraphConv` subclass is such a factory.
 LayerFactory = Callable[..., GradGraphConv]
 
 
-def component_inputs(graph: GradGraph | Batch, model: str) -> Tensor:
-    """``[N, B, 2 + F]``: ``act`` and ``grad`` of every neuron and component, then ``component_x``.
-
-    Raises:
-        GradGraphError: naming ``model`` if ``act``/``grad`` are not both ``[N, B]`` or
-            ``component_x`` is not ``[N, B, F]``.
-    """
-    if graph.act.shape != graph.grad.shape or graph.act.dim() != 2:
-        raise GradGraphError(
-            f"{model}: act and grad must both be [N, B]; got {list(graph.act.shape)} and {list(graph.grad.shape)}"
-        )
-    factors = torch.stack([graph.act, graph.grad], dim=-1)
-    extra = getattr(graph, "component_x", None)
-    if extra is not None:
-        if extra.dim() != 3 or extra.shape[:2] != graph.act.shape:
-            raise GradGraphError(
-                f"{model}: component_x must have shape [N, B, F] = [{graph.act.shape[0]}, "
-                f"{graph.act.shape[1]}, F]; got {list(extra.shape)}"
-            )
-        factors = torch.cat([factors, extra.to(factors.dtype)], dim=-1)
-    return factors
-
-
-class GradMetaNet(nn.Module):
+class GradMetaNet(MetaNetwork):
     r"""GradMetaNet (Gelberg et al., NeurIPS 2025) on GradGraphs.
 
     .. math::
@@ -80,7 +55,15 @@ class GradMetaNet(nn.Module):
     not move (:func:`gradgraph.testing.assert_equivariant` checks it). With
     ``num_component_layers=0`` the model never reads ``act``/``grad``: a plain graph
     metanetwork on whatever ``x``/``edge_attr`` carry (e.g. a mean gradient appended as a
-    feature). Input widths of ``x`` and ``edge_attr`` are inferred on the first call.
+    feature).
+
+    **Graph-level tasks**: :meth:`for_graph_prediction` builds no per-weight decoder (the
+    constructor's defaults do: ``edge_out_channels = node_out_channels = 1``).
+    **Input widths** are explicit (``x [N, 1]``, ``edge_attr [E, 1]``, no ``component_x``, as
+    :func:`~gradgraph.to_graph` makes them); a graph with other widths gets a
+    :class:`~gradgraph.GradGraphError` naming the option to pass, and so does a graph of
+    another floating dtype than the model's. ``-1`` infers a width at the first call (then
+    run one example through the model before counting or handing out its parameters).
 
     Args:
         hidden_channels: ``C``, width of node states.
@@ -94,12 +77,21 @@ class GradMetaNet(nn.Module):
         component_density_heads: heads of the :class:`ComponentDensity` inside the
             component readout (0: none): lets component outputs depend on how crowded each
             component is among its graph's components, not only on set means.
-        flow: ``"both"`` (messages along and against each edge) or ``"forward"``.
-        aggr: neighbour aggregation of the message layers.
+        direction: ``"both"`` (messages along and against each edge) or ``"forward"``
+            (``flow=`` is its deprecated name).
+        aggr: neighbour aggregation of the message layers; the default ``"mean"`` averages a
+            neuron's messages along its in-edges and, with ``direction="both"``, separately
+            those along its out-edges (so a neuron's scale does not grow with its fan-in).
         pool_aggregations: aggregations of :class:`ComponentPool`.
         product_channels: ``P`` of the decoder's component-wise product.
+        component_edge_messages: ``False`` builds the component layers with
+            ``edge_messages=False`` (the paper's :math:`L_{\Gamma_b}`, cost :math:`O(N B C_z)`).
         component_layer, node_layer: layer factories (any :class:`GradGraphConv` subclass);
             pass your own layer class to build a GradMetaNet from it.
+        node_in_channels, edge_in_channels: columns of ``x`` and ``edge_attr`` (``-1``: inferred
+            at the first call).
+        component_in_channels: ``F`` of the graphs' ``component_x [N, B, F]`` (0: none; ``-1``:
+            inferred at the first call).
         max_layers, max_positions: sizes of the positional-encoding tables.
 
     Shapes:
@@ -120,86 +112,117 @@ class GradMetaNet(nn.Module):
         graph_out_channels: int = 0,
         component_out_channels: int = 0,
         component_density_heads: int = 0,
-        flow: str = "both",
+        direction: str | None = None,
         aggr: str = "mean",
         pool_aggregations: Sequence[str] = ("mean", "std"),
         product_channels: int = 16,
+        component_edge_messages: bool = True,
         component_layer: LayerFactory = ComponentConv,
         node_layer: LayerFactory = NodeConv,
+        node_in_channels: int = 1,
+        edge_in_channels: int = 1,
+        component_in_channels: int = 0,
         max_layers: int = 64,
         max_positions: int = 256,
+        flow: str | None = None,
     ) -> None:
         super().__init__()
-        if flow not in FLOWS:
-            raise GradGraphError(f"GradMetaNet: flow must be one of {FLOWS}, got {flow!r}")
-        sizes = (num_component_layers, num_node_layers, edge_out_channels, node_out_channels)
-        if min(*sizes, graph_out_channels, component_out_channels) < 0:
-            raise GradGraphError("GradMetaNet: layer counts and output widths must be >= 0")
+        direction = resolve_direction("GradMetaNet", direction, flow)
+        self.check_output_widths("GradMetaNet", num_component_layers, num_node_layers, edge_out_channels,
+                                 node_out_channels, graph_out_channels, component_out_channels)
         if component_out_channels and not num_component_layers:
             raise GradGraphError("GradMetaNet: component outputs need num_component_layers >= 1")
         self.hidden_channels = hidden_channels
         self.component_channels = component_channels or hidden_channels
         self.num_component_layers = num_component_layers
         self.num_node_layers = num_node_layers
-        self.flow = flow
+        self.product_channels = product_channels
+        self.component_edge_messages = component_edge_messages
+        self.direction = direction
         channels, component_channels = hidden_channels, self.component_channels
-        self.edge_encoder = Linear(-1, channels)
-        self.edge_kind_encoding = EdgeKindEncoding(channels)
-        self.node_encoder = Linear(-1, channels)
-        self.positional_encoding = PositionalEncoding(channels, max_layers=max_layers, max_positions=max_positions)
+        self.build_encoders(
+            channels,
+            node_in_channels=node_in_channels,
+            edge_in_channels=edge_in_channels,
+            component_in_channels=component_in_channels,
+            max_layers=max_layers,
+            max_positions=max_positions,
+        )
         self.activation = nn.SiLU()
         self.component_layers = nn.ModuleList()
         if num_component_layers:
-            self.factor_encoder = Linear(-1, component_channels)
+            self.build_factor_encoder(component_channels)
             self.node_to_component = Linear(channels, component_channels, bias=False)
+            if not component_edge_messages:  # passed only when off: custom factories need not take it
+                component_layer = partial(component_layer, edge_messages=False)
             self.component_layers.extend(
-                component_layer(component_channels, component_channels, channels, flow=flow, aggr=aggr)
+                component_layer(component_channels, component_channels, channels, direction=direction, aggr=aggr)
                 for _ in range(num_component_layers)
             )
             self.pool = ComponentPool(pool_aggregations)
             self.pool_projection = Linear(len(self.pool.aggregations) * component_channels, channels)
         self.node_layers = nn.ModuleList(
-            node_layer(channels, channels, channels, flow=flow, aggr=aggr) for _ in range(num_node_layers)
+            node_layer(channels, channels, channels, direction=direction, aggr=aggr) for _ in range(num_node_layers)
         )
-        self.decoder = None
+        decoder = None
         if edge_out_channels or node_out_channels:
-            self.decoder = EdgeProductDecoder(
+            decoder = EdgeProductDecoder(
                 channels,
                 channels,
                 max(edge_out_channels, node_out_channels),
                 component_channels=component_channels if num_component_layers else None,
                 product_channels=product_channels,
             )
-        self.edge_out_channels = edge_out_channels
-        self.node_out_channels = node_out_channels
-        self.readout = InvariantReadout(channels, graph_out_channels) if graph_out_channels else None
-        self.component_readout = (
-            ComponentReadout(
-                component_channels,
-                component_out_channels,
-                hidden_channels if component_density_heads else None,
-                density_heads=component_density_heads,
-            )
-            if component_out_channels
-            else None
+        self.build_heads(
+            decoder,
+            edge_out_channels=edge_out_channels,
+            node_out_channels=node_out_channels,
+            graph_channels=channels,
+            graph_out_channels=graph_out_channels,
+            component_channels=component_channels,
+            component_out_channels=component_out_channels,
+            density_channels=hidden_channels,
+            component_density_heads=component_density_heads,
         )
 
-    def reset_parameters(self) -> None:
-        """Re-initialise every learnable parameter."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+    @classmethod
+    def from_config(cls, config: GradMetaNetConfig, **options: Any) -> GradMetaNet:
+        """The model of ``config``'s sizes; ``options`` are the other constructor arguments
+        (output widths, input widths, layer factories, ...).
+
+        Example: ``GradMetaNet.from_config(GradMetaNetConfig(16, num_node_layers=1), graph_out_channels=1)``.
+        """
+        return cls(
+            config.hidden_channels,
+            component_channels=config.component_channels,
+            num_component_layers=config.num_component_layers,
+            num_node_layers=config.num_node_layers,
+            product_channels=config.product_channels,
+            component_edge_messages=config.component_edge_messages,
+            **options,
+        )
+
+    @property
+    def config(self) -> GradMetaNetConfig:
+        """This model's sizes as a :class:`GradMetaNetConfig`."""
+        return GradMetaNetConfig(
+            hidden_channels=self.hidden_channels,
+            component_channels=self.component_channels,
+            num_component_layers=self.num_component_layers,
+            num_node_layers=self.num_node_layers,
+            product_channels=self.product_channels,
+            component_edge_messages=self.component_edge_messages,
+        )
 
     def encode_components(self, graph: GradGraph, node_embedding: Tensor) -> Tensor:
         """``z [N, B, C_z]`` from the rank-1 factors (and ``component_x``) and the node embedding."""
-        return self.factor_encoder(component_inputs(graph, "GradMetaNet")) \
-            + self.node_to_component(node_embedding)[:, None, :]
+        return self.encode_factors(graph) + self.node_to_component(node_embedding)[:, None, :]
 
     def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:
         """Run the model on a graph or a batch; see the class docstring for the stages."""
-        edge_features = self.edge_encoder(graph.edge_attr) + self.edge_kind_encoding(graph)
-        context = GraphContext.from_graph(graph, edge_features)
-        node_embedding = self.node_encoder(graph.x) + self.positional_encoding(graph)
+        self.check_inputs(graph)
+        context = GraphContext.from_graph(graph, self.encode_edges(graph))
+        node_embedding = self.encode_nodes(graph)
         h = node_embedding
         z = None
         if self.num_component_layers:
@@ -209,26 +232,14 @@ class GradMetaNet(nn.Module):
             h = h + self.pool_projection(self.pool(z))
         for layer in self.node_layers:
             h = h + self.activation(layer(h, context))
-        edge = node = None
-        if self.decoder is not None:
-            edge, node = self.decoder(h, context, z)
-            edge = edge[:, : self.edge_out_channels] if self.edge_out_channels else None
-            node = node[:, : self.node_out_channels] if self.node_out_channels else None
-        graph_out = self.readout(h, context.node_batch, context.num_graphs) if self.readout is not None else None
-        component_out = None
-        if self.component_readout is not None:
-            fixed = graph.perm_group < 0
-            component_out = self.component_readout(z, context.node_batch, context.num_graphs, fixed,
-                                                   context.nodes_per_graph())
-        return GradMetaNetOutput(edge=edge, node=node, graph=graph_out, component=component_out)
+        decoded = self.decoder(h, context, z) if self.decoder is not None else None
+        return self.outputs(graph, context, decoded, h, z)
 
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(hidden={self.hidden_channels}, component={self.component_channels}, "
             f"component_layers={self.num_component_layers}, node_layers={self.num_node_layers}, "
-            f"flow={self.flow!r}, out=(edge={self.edge_out_channels}, node={self.node_out_channels}, "
-            f"graph={self.readout.out_channels if self.readout is not None else 0}, "
-            f"component={self.component_readout.out_channels if self.component_readout is not None else 0}))"
+            f"direction={self.direction!r}, {self.outputs_repr()})"
         )
 
 

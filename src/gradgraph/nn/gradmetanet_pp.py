@@ -4,26 +4,22 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 from torch_geometric.data import Batch
-from torch_geometric.nn import Linear
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.nn.component_attention import ComponentAttention
 from gradgraph.nn.component_decoder import ComponentProductDecoder
-from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.context import GraphContext
-from gradgraph.nn.conv import FLOWS
-from gradgraph.nn.edge_encoding import EdgeKindEncoding
-from gradgraph.nn.encoding import PositionalEncoding
-from gradgraph.nn.gradmetanet import LayerFactory, component_inputs
+from gradgraph.nn.conv import resolve_direction
+from gradgraph.nn.gradmetanet import LayerFactory
+from gradgraph.nn.metanet import MetaNetwork
 from gradgraph.nn.neuron_attention import NeuronAttention
 from gradgraph.nn.output import GradMetaNetOutput
-from gradgraph.nn.readout import InvariantReadout
 
 __all__ = ["GradMetaNetPlusPlus"]
 
 
-class GradMetaNetPlusPlus(nn.Module):
+class GradMetaNetPlusPlus(MetaNetwork):
     r"""GradMetaNet++ (Gelberg et al., NeurIPS 2025) on GradGraphs.
 
     .. math::
@@ -59,7 +55,8 @@ class GradMetaNetPlusPlus(nn.Module):
         heads: attention heads of both layers.
         edge_messages: the attention layers also pass per-component messages along the
             network's weights (:class:`GradGraphConv`'s edge terms, cost :math:`O(E B C)`).
-        flow, aggr: of those messages; see :class:`GradGraphConv`.
+        direction, aggr: of those messages; see :class:`GradGraphConv` (``flow=`` is
+            ``direction``'s deprecated name).
         edge_out_channels, node_out_channels, graph_out_channels, component_out_channels:
             output widths; 0 drops that output (returned as ``None``).
         component_density_heads: heads of the :class:`ComponentDensity` inside the
@@ -67,7 +64,9 @@ class GradMetaNetPlusPlus(nn.Module):
         product_channels: ``P`` of the decoder's per-component MLP.
         decoder_reduce: ``"mean"`` or ``"sum"`` over components in the decoder.
         component_layer, neuron_layer: layer factories
-            ``(in_channels, out_channels, edge_dim, flow=..., aggr=..., heads=..., edge_messages=...)``.
+            ``(in_channels, out_channels, edge_dim, direction=..., aggr=..., heads=..., edge_messages=...)``.
+        node_in_channels, edge_in_channels, component_in_channels: input widths, as
+            :class:`GradMetaNet` (``-1``: inferred at the first call).
         max_layers, max_positions: sizes of the positional-encoding tables.
 
     Shapes:
@@ -83,7 +82,7 @@ class GradMetaNetPlusPlus(nn.Module):
         num_layers: int = 2,
         heads: int = 2,
         edge_messages: bool = False,
-        flow: str = "both",
+        direction: str | None = None,
         aggr: str = "mean",
         edge_out_channels: int = 1,
         node_out_channels: int = 1,
@@ -94,69 +93,64 @@ class GradMetaNetPlusPlus(nn.Module):
         decoder_reduce: str = "mean",
         component_layer: LayerFactory = ComponentAttention,
         neuron_layer: LayerFactory = NeuronAttention,
+        node_in_channels: int = 1,
+        edge_in_channels: int = 1,
+        component_in_channels: int = 0,
         max_layers: int = 64,
         max_positions: int = 256,
+        flow: str | None = None,
     ) -> None:
         super().__init__()
-        if flow not in FLOWS:
-            raise GradGraphError(f"GradMetaNetPlusPlus: flow must be one of {FLOWS}, got {flow!r}")
-        widths = (edge_out_channels, node_out_channels, graph_out_channels, component_out_channels)
-        if num_layers < 0 or min(widths) < 0 or hidden_channels < 1:
-            raise GradGraphError(
-                "GradMetaNetPlusPlus: hidden_channels must be >= 1, layer counts and output widths >= 0"
-            )
+        direction = resolve_direction("GradMetaNetPlusPlus", direction, flow)
+        if hidden_channels < 1:
+            raise GradGraphError(f"GradMetaNetPlusPlus: hidden_channels must be >= 1, got {hidden_channels}")
+        self.check_output_widths("GradMetaNetPlusPlus", num_layers, edge_out_channels, node_out_channels,
+                                 graph_out_channels, component_out_channels)
         channels = hidden_channels
         self.hidden_channels = channels
         self.num_layers = num_layers
         self.heads = heads
-        self.flow = flow
-        self.edge_encoder = Linear(-1, channels)
-        self.edge_kind_encoding = EdgeKindEncoding(channels)
-        self.node_encoder = Linear(-1, channels)
-        self.factor_encoder = Linear(-1, channels)
-        self.positional_encoding = PositionalEncoding(channels, max_layers=max_layers, max_positions=max_positions)
+        self.direction = direction
+        self.build_encoders(
+            channels,
+            node_in_channels=node_in_channels,
+            edge_in_channels=edge_in_channels,
+            component_in_channels=component_in_channels,
+            max_layers=max_layers,
+            max_positions=max_positions,
+        )
+        self.build_factor_encoder(channels)
         self.activation = nn.SiLU()
-        options = dict(flow=flow, aggr=aggr, heads=heads, edge_messages=edge_messages)
+        options = dict(direction=direction, aggr=aggr, heads=heads, edge_messages=edge_messages)
         self.component_layers = nn.ModuleList(
             component_layer(channels, channels, channels, **options) for _ in range(num_layers)
         )
         self.neuron_layers = nn.ModuleList(
             neuron_layer(channels, channels, channels, **options) for _ in range(num_layers)
         )
-        self.edge_out_channels = edge_out_channels
-        self.node_out_channels = node_out_channels
-        self.decoder = (
-            ComponentProductDecoder(
+        decoder = None
+        if edge_out_channels or node_out_channels:
+            decoder = ComponentProductDecoder(
                 channels, channels, max(edge_out_channels, node_out_channels), product_channels, reduce=decoder_reduce
             )
-            if edge_out_channels or node_out_channels
-            else None
+        self.build_heads(
+            decoder,
+            edge_out_channels=edge_out_channels,
+            node_out_channels=node_out_channels,
+            graph_channels=channels,
+            graph_out_channels=graph_out_channels,
+            component_channels=channels,
+            component_out_channels=component_out_channels,
+            density_channels=channels,
+            component_density_heads=component_density_heads,
         )
-        self.readout = InvariantReadout(channels, graph_out_channels) if graph_out_channels else None
-        self.component_readout = (
-            ComponentReadout(
-                channels,
-                component_out_channels,
-                channels if component_density_heads else None,
-                density_heads=component_density_heads,
-            )
-            if component_out_channels
-            else None
-        )
-
-    def reset_parameters(self) -> None:
-        """Re-initialise every learnable parameter."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
 
     def encode(self, graph: GradGraph | Batch) -> tuple[Tensor, GraphContext]:
         """``z [N, B, C]`` from the factors, ``component_x``, node features and positions; and the context."""
-        factors = component_inputs(graph, "GradMetaNetPlusPlus")
-        edge_features = self.edge_encoder(graph.edge_attr) + self.edge_kind_encoding(graph)
-        context = GraphContext.from_graph(graph, edge_features)
-        node_embedding = self.node_encoder(graph.x) + self.positional_encoding(graph)
-        return self.factor_encoder(factors) + node_embedding[:, None, :], context
+        self.check_inputs(graph)
+        context = GraphContext.from_graph(graph, self.encode_edges(graph))
+        node_embedding = self.encode_nodes(graph)
+        return self.encode_factors(graph) + node_embedding[:, None, :], context
 
     def forward(self, graph: GradGraph | Batch) -> GradMetaNetOutput:
         """Run the model on a graph or a batch; see the class docstring for the stages."""
@@ -164,25 +158,11 @@ class GradMetaNetPlusPlus(nn.Module):
         for component_layer, neuron_layer in zip(self.component_layers, self.neuron_layers):
             z = z + self.activation(component_layer(z, context))
             z = z + self.activation(neuron_layer(z, context))
-        edge = node = None
-        if self.decoder is not None:
-            edge, node = self.decoder(z, context)
-            edge = edge[:, : self.edge_out_channels] if self.edge_out_channels else None
-            node = node[:, : self.node_out_channels] if self.node_out_channels else None
-        graph_out = None
-        if self.readout is not None:
-            graph_out = self.readout(z.mean(dim=1), context.node_batch, context.num_graphs)
-        component_out = None
-        if self.component_readout is not None:
-            fixed = graph.perm_group < 0
-            component_out = self.component_readout(z, context.node_batch, context.num_graphs, fixed,
-                                                   context.nodes_per_graph())
-        return GradMetaNetOutput(edge=edge, node=node, graph=graph_out, component=component_out)
+        decoded = self.decoder(z, context) if self.decoder is not None else None
+        return self.outputs(graph, context, decoded, z.mean(dim=1), z)
 
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(hidden={self.hidden_channels}, layers={self.num_layers}, heads={self.heads}, "
-            f"flow={self.flow!r}, out=(edge={self.edge_out_channels}, node={self.node_out_channels}, "
-            f"graph={self.readout.out_channels if self.readout is not None else 0}, "
-            f"component={self.component_readout.out_channels if self.component_readout is not None else 0}))"
+            f"direction={self.direction!r}, {self.outputs_repr()})"
         )

@@ -46,7 +46,7 @@ class NeuronAttention(MultiHeadConv):
     meant for networks of up to a few thousand neurons.
 
     Args:
-        in_channels, out_channels, edge_dim, flow, aggr: see :class:`GradGraphConv`.
+        in_channels, out_channels, edge_dim, direction, aggr: see :class:`GradGraphConv`.
         heads: ``H``.
         head_channels: ``d`` (defaults to ``max(1, in_channels // heads)``).
         edge_messages: keep the messages along the edges of :class:`GradGraphConv`.

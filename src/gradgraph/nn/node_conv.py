@@ -26,7 +26,7 @@ class NodeConv(GradGraphConv):
     network's own weights, gated by the weight value and the edge kind.
 
     Args:
-        in_channels, out_channels, edge_dim, flow, aggr: see :class:`GradGraphConv`.
+        in_channels, out_channels, edge_dim, direction, aggr: see :class:`GradGraphConv`.
 
     Shapes:
         - **input:** ``h [N, C]``, a :class:`GraphContext`

@@ -15,7 +15,7 @@ as its fused ``message_and_aggregate`` path and the tests compare them with ``pr
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -59,6 +59,7 @@ class ChannelBlockPattern:
     num_edges: int
     transposed: ChannelBlockPattern | None = None
     transpose_order: Tensor | None = None
+    _adjacency: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def build_pair(
@@ -79,6 +80,15 @@ class ChannelBlockPattern:
         if self.transposed is None:
             return self.matrix(values).t()
         return self.transposed.matrix(values[self.transpose_order])
+
+    def adjacency(self) -> Tensor:
+        """The ``[N, N]`` CSR matrix of one channel block (rows and columns of the edges, values
+        the edge ids): the sparse ``adj_t`` that makes PyG's ``propagate`` call a layer's
+        ``message_and_aggregate``. Its index tensors are views of the pattern's."""
+        if self._adjacency is None:
+            edges = self.value_order[: self.num_edges]  # channel 0: the edge ids in CSR order
+            self._adjacency = _csr(self.crow[: self.num_nodes + 1], self.col[: self.num_edges], edges, self.num_nodes)
+        return self._adjacency
 
     @classmethod
     def build(cls, rows: Tensor, cols: Tensor, num_nodes: int, channels: int) -> ChannelBlockPattern:

@@ -35,9 +35,10 @@ def meta_model_from_checkpoint(checkpoint: dict[str, Any]) -> LearnedUpdate:
     """Build a :class:`LearnedUpdate` from ``{"meta_config", "meta_model"}`` (an export or a trainer checkpoint).
 
     Fields the file lacks take their :data:`LEGACY_CONFIG` value, so a file computes the
-    update it computed when it was written.
+    update it computed when it was written (and :meth:`MetaModelConfig.from_dict` reads the
+    older flat ``gmn_*`` sizes).
     """
-    model = LearnedUpdate(MetaModelConfig(**{**LEGACY_CONFIG, **checkpoint["meta_config"]}))
+    model = LearnedUpdate(MetaModelConfig.from_dict({**LEGACY_CONFIG, **checkpoint["meta_config"]}))
     model.load_state_dict(checkpoint["meta_model"])
     return model.eval()
 

@@ -44,7 +44,7 @@ from torch_geometric.data import Batch
 from gradgraph.convert import to_graph
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
-from gradgraph.nn import GradMetaNet
+from gradgraph.nn import GradMetaNet, GradMetaNetConfig
 from gradgraph.optim.features import (
     FACTOR_DECAYS,
     MOMENTUM_DECAYS,
@@ -67,8 +67,8 @@ class MetaModelConfig:
         use_gradmetanet: ``False`` gives the per-parameter-MLP-only ("DeepSets") variant.
         embedding_dim: width of GradMetaNet's per-parameter embedding (paper: 14).
         mlp_hidden: width of ``F``'s hidden layers; ``mlp_layers`` of them (paper: 3 × 32).
-        gmn_hidden, gmn_component, gmn_component_layers, gmn_node_layers,
-            gmn_product_channels: GradMetaNet's size (small by default, for CPU speed).
+        gradmetanet: GradMetaNet's sizes (small by default, for CPU speed); a dict is
+            read as one (as a checkpoint stores it).
         max_components: GradMetaNet reads the factors of at most this many datapoints of
             the batch (the first ones; batches are drawn at random, so they are a random
             subset). Its cost grows linearly with them; ``None`` (the default) reads all,
@@ -87,11 +87,8 @@ class MetaModelConfig:
     embedding_dim: int = 14
     mlp_hidden: int = 32
     mlp_layers: int = 3
-    gmn_hidden: int = 16
-    gmn_component: int = 8
-    gmn_component_layers: int = 1
-    gmn_node_layers: int = 1
-    gmn_product_channels: int = 8
+    gradmetanet: GradMetaNetConfig = field(default_factory=lambda: GradMetaNetConfig(
+        hidden_channels=16, component_channels=8, num_component_layers=1, num_node_layers=1, product_channels=8))
     max_components: int | None = None
     residual_adam: bool = False
     alpha: float = 0.1
@@ -100,7 +97,18 @@ class MetaModelConfig:
     learned_term: bool = True
     normalize_embedding: bool = True
 
+    #: Names the sizes had before they became :attr:`gradmetanet` (files written then use them).
+    LEGACY_SIZE_NAMES = {
+        "gmn_hidden": "hidden_channels",
+        "gmn_component": "component_channels",
+        "gmn_component_layers": "num_component_layers",
+        "gmn_node_layers": "num_node_layers",
+        "gmn_product_channels": "product_channels",
+    }
+
     def __post_init__(self) -> None:
+        if isinstance(self.gradmetanet, dict):
+            self.gradmetanet = GradMetaNetConfig(**self.gradmetanet)
         if not self.learned_term and (self.use_gradmetanet or self.residual_adam):
             raise GradGraphError("MetaModelConfig: the SGDM variant (learned_term=False) has no F, so it needs "
                                  "use_gradmetanet=False and residual_adam=False")
@@ -110,6 +118,16 @@ class MetaModelConfig:
     def to_dict(self) -> dict:
         """JSON-serialisable form (stored in checkpoints)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MetaModelConfig":
+        """Inverse of :meth:`to_dict`; also reads the flat ``gmn_*`` sizes of files written before
+        :attr:`gradmetanet` existed (the shipped pretrained meta-models)."""
+        values = dict(values)
+        legacy = {new: values.pop(old) for old, new in cls.LEGACY_SIZE_NAMES.items() if old in values}
+        if legacy:
+            values["gradmetanet"] = {**asdict(cls().gradmetanet), **legacy}
+        return cls(**values)
 
 
 @dataclass
@@ -257,14 +275,15 @@ class LearnedUpdate(nn.Module):
         embedding = 0
         if config.use_gradmetanet:
             embedding = config.embedding_dim
-            self.gradmetanet = GradMetaNet(
-                config.gmn_hidden,
-                component_channels=config.gmn_component,
-                num_component_layers=config.gmn_component_layers,
-                num_node_layers=config.gmn_node_layers,
+            # Input widths inferred by _materialize (as before they were explicit), so a seed
+            # still gives the initial weights it gave.
+            self.gradmetanet = GradMetaNet.from_config(
+                config.gradmetanet,
                 edge_out_channels=embedding,
                 node_out_channels=embedding,
-                product_channels=config.gmn_product_channels,
+                node_in_channels=-1,
+                edge_in_channels=-1,
+                component_in_channels=-1,
             )
         if config.learned_term:
             layers: list[nn.Module] = []

@@ -1,4 +1,4 @@
-"""Model pieces the tasks share: their GradMetaNet built from one set of size fields, the mean
+"""Model pieces the tasks share: their GradMetaNet built from its config, the mean
 gradient of stacked factors, and a batch's per-edge / per-node outputs as one row per network.
 
 The curvature and INR-editing tasks both learn on batches of ``G`` networks of one
@@ -8,42 +8,28 @@ as ``[G, N, B]``; their model files use these instead of each writing them out.
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Protocol
+from dataclasses import replace
+from typing import Any
 
 from torch import Tensor
 
-from gradgraph.nn import ComponentConv, GradMetaNet, GradMetaNetOutput
+from gradgraph.nn import GradMetaNet, GradMetaNetConfig, GradMetaNetOutput
 
-__all__ = ["GradMetaNetSizes", "build_gradmetanet", "mean_gradient", "per_graph_outputs"]
-
-
-class GradMetaNetSizes(Protocol):
-    """The size fields a task's model config shares (``ModelConfig``, ``EditModelConfig``).
-
-    Attributes:
-        hidden_channels: node-state width ``C``.
-        component_channels: per-component width ``C_z``.
-        num_component_layers: component layers.
-        num_node_layers: node layers.
-        product_channels: channels of the decoder's component-wise product.
-        component_edge_messages: whether the component layers also pass per-component
-            messages along every weight (``ComponentConv``'s edge terms, cost ``O(E·B·C_z)``).
-    """
-
-    hidden_channels: int
-    component_channels: int
-    num_component_layers: int
-    num_node_layers: int
-    product_channels: int
-    component_edge_messages: bool
+__all__ = ["LAZY_INPUT_WIDTHS", "build_gradmetanet", "mean_gradient", "per_graph_outputs"]
 
 
-def build_gradmetanet(sizes: GradMetaNetSizes, *, components: bool = True, **outputs: int) -> GradMetaNet:
-    """A :class:`~gradgraph.nn.GradMetaNet` of the given sizes, freshly initialised.
+#: The inputs the tasks give GradMetaNet vary in width (extra columns of ``x`` and ``edge_attr``
+#: per model); their widths are inferred at the first call (PyG's lazy ``Linear``), which
+#: also keeps a seed's initial weights what they were when the recorded results were made.
+LAZY_INPUT_WIDTHS = {"node_in_channels": -1, "edge_in_channels": -1, "component_in_channels": -1}
+
+
+def build_gradmetanet(sizes: GradMetaNetConfig, *, components: bool = True, **outputs: Any) -> GradMetaNet:
+    """A :class:`~gradgraph.nn.GradMetaNet` of the given sizes, freshly initialised, input widths
+    inferred at its first call.
 
     Args:
-        sizes: the task's model config.
+        sizes: the task's model config (a :class:`~gradgraph.nn.GradMetaNetConfig` or a subclass).
         components: with the component layers (``False``: a graph metanetwork on the
             weights only, ``num_component_layers = 0``).
         outputs: output widths and readouts passed on (``edge_out_channels``,
@@ -52,15 +38,9 @@ def build_gradmetanet(sizes: GradMetaNetSizes, *, components: bool = True, **out
     Returns:
         The model: graph or batch ``->`` ``GradMetaNetOutput`` (``edge [E, k]``, ``node [N, k]``, ...).
     """
-    return GradMetaNet(
-        sizes.hidden_channels,
-        component_channels=sizes.component_channels if components else None,
-        num_component_layers=sizes.num_component_layers if components else 0,
-        num_node_layers=sizes.num_node_layers,
-        product_channels=sizes.product_channels,
-        component_layer=partial(ComponentConv, edge_messages=sizes.component_edge_messages),
-        **outputs,
-    )
+    if not components:
+        sizes = replace(sizes, component_channels=None, num_component_layers=0)
+    return GradMetaNet.from_config(sizes, **{**LAZY_INPUT_WIDTHS, **outputs})
 
 
 def mean_gradient(act: Tensor, grad: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:

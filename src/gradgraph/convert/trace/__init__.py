@@ -2,7 +2,7 @@
 
 ``to_graph`` runs the model's own ``forward`` once under a
 :class:`torch.overrides.TorchFunctionMode`. Every torch function, ``Tensor`` method and
-operator the forward calls passes through :meth:`_Tracer.__torch_function__`, which runs it
+operator the forward calls passes through :meth:`Tracer.__torch_function__`, which runs it
 and then *replays* it on integer id tensors that say, for every element of every tensor,
 
 * which **neuron** it belongs to (``nodes``: a node id, ``-1`` where the element is no
@@ -58,14 +58,16 @@ losing ``F.linear`` / ``F.layer_norm`` as units.
 
 from gradgraph.convert.trace.meta import KEY_STRIDE, NeuronSet, UnsupportedOperationError
 from gradgraph.convert.trace.ops import register_elementwise
-from gradgraph.convert.trace.run import PlanMismatch, output_sets, replay_model, trace_model
+from gradgraph.convert.trace.result import EdgeGroup, TraceResult
+from gradgraph.convert.trace.run import PlanMismatch, replay_model, trace_model
 
 __all__ = [
+    "EdgeGroup",
     "KEY_STRIDE",
     "NeuronSet",
     "PlanMismatch",
+    "TraceResult",
     "UnsupportedOperationError",
-    "output_sets",
     "register_elementwise",
     "replay_model",
     "trace_model",

@@ -17,9 +17,9 @@ from gradgraph.graph import ActivationKind, NodeKind
 #: ``comps = datapoint * KEY_STRIDE + key``: room for this many position keys per datapoint.
 KEY_STRIDE = 1 << 24
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+TORCH_DIR = os.path.dirname(torch.__file__)
 #: gradgraph's own source directory: frames in it are never "the user's line"
-_GRADGRAPH_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GRADGRAPH_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class TraceAbort(Exception):
@@ -56,7 +56,7 @@ class UnsupportedOperationError(UnsupportedModuleError):
 
 # ----------------------------------------------------------------------- metadata
 @dataclass
-class _Neurons:
+class Neurons:
     """Ids of a tensor that holds neuron values (full shape, int64, on the CPU)."""
 
     nodes: Tensor  # node id per element, -1 = no neuron (a statistic)
@@ -66,31 +66,31 @@ class _Neurons:
 
 
 @dataclass
-class _Raw:
+class Raw:
     """A tensor derived from the model input before any affine map fixed its layout."""
 
     element: Tensor  # flat input element index per element
 
 
 @dataclass
-class _Param:
+class Param:
     """A parameter or a view of one."""
 
-    index: int  # into _Tracer.param_names
+    index: int  # into Tracer.param_names
     pos: Tensor  # flat position in the parameter per element
 
 
 @dataclass
-class _Scores:
+class Scores:
     """Attention scores (or weights) of ``q @ kᵀ``: rows are queries, columns keys."""
 
-    query: _Neurons
-    key: _Neurons
+    query: Neurons
+    key: Neurons
     batch_shape: tuple[int, ...]
 
 
 @dataclass
-class _Opaque:
+class Opaque:
     """Values gradgraph cannot follow (fine after the last parameterised op)."""
 
     op: str
@@ -136,16 +136,28 @@ class NeuronSet:
         return (nodes >= self.first) & (nodes < self.first + self.size)
 
 
+def set_containing(sets: list[NeuronSet], node: int) -> NeuronSet:
+    """The set of ``sets`` (in creation order, so sorted by first node) that holds node ``node``."""
+    low, high = 0, len(sets) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sets[middle].first <= node:
+            low = middle
+        else:
+            high = middle - 1
+    return sets[low]
+
+
 # ----------------------------------------------------------------------- the tracer
-def _ids_like(tensor: Tensor, value: int = -1) -> Tensor:
+def ids_like(tensor: Tensor, value: int = -1) -> Tensor:
     return torch.full(tuple(tensor.shape), value, dtype=torch.long)
 
 
-def _broadcast(ids: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+def broadcast_ids(ids: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     return ids.expand(*shape) if tuple(ids.shape) != tuple(shape) else ids
 
 
-def _varies_along(ids: Tensor, axis: int) -> bool:
+def varies_along(ids: Tensor, axis: int) -> bool:
     if ids.shape[axis] <= 1:
         return False
     first = ids.narrow(axis, 0, 1)
@@ -160,7 +172,7 @@ def constant_varies(constant: Tensor, shape: tuple[int, ...], axes: tuple[int, .
         expanded = torch.broadcast_to(constant.detach(), shape)
     except RuntimeError:
         return True
-    return any(_varies_along(expanded, axis) for axis in axes)
+    return any(varies_along(expanded, axis) for axis in axes)
 
 
 @dataclass(frozen=True)
@@ -197,13 +209,13 @@ class ValueGuard:
         return constant_varies(argument, self.shape, self.axes) == self.varies
 
 
-def _rows_along_last(ids: Tensor) -> Tensor:
+def rows_along_last(ids: Tensor) -> Tensor:
     return ids.reshape(-1, ids.shape[-1]) if ids.dim() else ids.reshape(1, 1)
 
 
-def _feature_row(nodes: Tensor) -> Tensor | None:
+def feature_row(nodes: Tensor) -> Tensor | None:
     """The neurons on the last axis if every position holds the same ones (and all are neurons)."""
-    rows = _rows_along_last(nodes)
+    rows = rows_along_last(nodes)
     if not bool((rows == rows[:1]).all()) or bool((rows[0] < 0).any()):
         return None
     return rows[0].clone()
@@ -229,7 +241,7 @@ def flat_arguments(args: tuple, kwargs: dict) -> list | tuple:
     return tree_flatten((args, kwargs))[0]
 
 
-class _OpLog:
+class OpLog:
     """Numbers every op of a forward and fingerprints it: name, arguments (tensors by the op
     that produced them), output shapes. Two runs with equal fingerprints performed the same
     computation on tensors of the same shapes, so a trace's layout can be reused."""
@@ -259,3 +271,20 @@ class _OpLog:
                 self._producer[id(value)] = (value, index, position)
         self.fingerprints.append((name, arguments, shapes))
         return index
+
+
+# The names these had before issue 27 made them public, for rule files written against them
+# (tests/convert/test_convert_layering.py lists any use); new code uses the public names.
+_Neurons = Neurons
+_Raw = Raw
+_Param = Param
+_Scores = Scores
+_Opaque = Opaque
+_OpLog = OpLog
+_TORCH_DIR = TORCH_DIR
+_GRADGRAPH_DIR = GRADGRAPH_DIR
+_broadcast = broadcast_ids
+_feature_row = feature_row
+_ids_like = ids_like
+_rows_along_last = rows_along_last
+_varies_along = varies_along

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradgraph.convert.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ONE_OP_MODULES
 from gradgraph.graph import ActivationKind
 
 
 # ----------------------------------------------------------------------- op tables
-def _op_name(func: Any) -> str:
+def op_name(func: Any) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     module = getattr(func, "__module__", None) or ""
     if name.startswith("_VariableFunctionsClass."):
@@ -34,7 +35,7 @@ def _op_name(func: Any) -> str:
 
 
 def _names(*functions: Any) -> set[str]:
-    return {_op_name(function) for function in functions}
+    return {op_name(function) for function in functions}
 
 
 def _method(*names: str) -> set[str]:
@@ -42,7 +43,7 @@ def _method(*names: str) -> set[str]:
 
 
 # Shape ops: replayed on the id tensors.
-_SHAPE_OPS = _method(
+SHAPE_OPS = _method(
     "view", "reshape", "permute", "transpose", "t", "contiguous", "flatten", "unflatten", "squeeze", "unsqueeze",
     "expand", "expand_as", "__getitem__", "split", "chunk", "narrow", "movedim", "moveaxis", "swapaxes",
     "swapdims", "unbind", "select", "view_as", "reshape_as", "clone", "tensor_split", "split_with_sizes",
@@ -53,19 +54,15 @@ _SHAPE_OPS = _method(
     torch.clone, torch.tensor_split, torch.cat, torch.concat, torch.stack, torch.broadcast_to,
 ) | {"torch.concatenate", "Tensor.broadcast_to"}
 # Casts and eval-mode no-ops: identity on the values' neurons.
-_IDENTITY_OPS = _method("to", "float", "double", "half", "bfloat16", "type_as", "type", "cpu", "cuda") | {
+IDENTITY_OPS = _method("to", "float", "double", "half", "bfloat16", "type_as", "type", "cpu", "cuda") | {
     "torch.nn.functional.dropout", "torch.dropout", "Tensor.__getitem__ (no-op)",
 }
-_ACTIVATIONS: dict[str, ActivationKind] = {
-    **{name: ActivationKind.RELU for name in _names(torch.relu, F.relu) | _method("relu")},
-    **{name: ActivationKind.LEAKY_RELU for name in _names(F.leaky_relu)},
-    **{name: ActivationKind.GELU for name in _names(F.gelu)},
-    **{name: ActivationKind.SILU for name in _names(F.silu)},
-    **{name: ActivationKind.TANH for name in _names(torch.tanh, F.tanh) | _method("tanh")},
-    **{name: ActivationKind.SIGMOID for name in _names(torch.sigmoid, F.sigmoid) | _method("sigmoid")},
-    **{name: ActivationKind.SINE for name in _names(torch.sin) | _method("sin")},
+#: named activations by op name (from the one table, gradgraph.convert.activations)
+ACTIVATION_OPS: dict[str, ActivationKind] = {
+    **{op_name(function): kind for function, kind in ACTIVATION_FUNCTIONS.items()},
+    **{f"Tensor.{method}": kind for method, kind in ACTIVATION_METHODS.items()},
 }
-_UNARY = set(_ACTIVATIONS) | _names(
+UNARY = set(ACTIVATION_OPS) | _names(
     F.elu, F.selu, F.celu, F.softplus, F.mish, F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid, F.logsigmoid,
     F.softsign, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.cos, torch.erf,
     torch.square, torch.reciprocal, torch.clamp, torch.pow, torch.exp2, torch.log1p, torch.expm1, torch.sign,
@@ -74,15 +71,15 @@ _UNARY = set(_ACTIVATIONS) | _names(
     "exp", "log", "sqrt", "rsqrt", "abs", "neg", "__neg__", "cos", "erf", "square", "reciprocal", "clamp", "pow",
     "clamp_min", "clamp_max", "float_power", "sign", "log1p", "expm1",
 )
-_BINARY_ADD = _method("__add__", "__radd__", "__sub__", "__rsub__", "add", "sub") | _names(torch.add, torch.sub)
-_BINARY_MUL = _method("__mul__", "__rmul__", "__truediv__", "__rtruediv__", "mul", "div") | _names(
+BINARY_ADD = _method("__add__", "__radd__", "__sub__", "__rsub__", "add", "sub") | _names(torch.add, torch.sub)
+BINARY_MUL = _method("__mul__", "__rmul__", "__truediv__", "__rtruediv__", "mul", "div") | _names(
     torch.mul, torch.div
 )
 #: ops whose parameter operand is not a bias or a scale of the neurons (``h - v``, ``h / v``)
-_PARAMETER_REFUSED = _method("__sub__", "__rsub__", "sub", "__truediv__", "__rtruediv__", "div") | _names(
+PARAMETER_REFUSED = _method("__sub__", "__rsub__", "sub", "__truediv__", "__rtruediv__", "div") | _names(
     torch.sub, torch.div)
 #: in-place operators: they change a value the trace already recorded
-_IN_PLACE_OPERATORS = _method("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+IN_PLACE_OPERATORS = _method("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
                               "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
                               "__irshift__", "__setitem__")
 
@@ -91,46 +88,46 @@ def out_of_place_name(name: str) -> str | None:
     """The out-of-place form of an in-place op's name (``Tensor.div_`` -> ``Tensor.div``,
     ``Tensor.__itruediv__`` -> ``Tensor.__truediv__``); ``None`` for an op that is not in place."""
     prefix, _, method = name.rpartition(".")
-    if method.startswith("__i") and method.endswith("__") and name in _IN_PLACE_OPERATORS:
+    if method.startswith("__i") and method.endswith("__") and name in IN_PLACE_OPERATORS:
         return f"{prefix}.__{method[3:]}"
     if method.endswith("_") and not method.endswith("__"):
         return f"{prefix}.{method[:-1]}"
     return None
 
 
-_BINARY_OTHER = _method("__pow__", "__rpow__", "maximum", "minimum") | _names(torch.maximum, torch.minimum)
-_REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsumexp", "max", "min") | _names(
+BINARY_OTHER = _method("__pow__", "__rpow__", "maximum", "minimum") | _names(torch.maximum, torch.minimum)
+REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsumexp", "max", "min") | _names(
     torch.sum, torch.mean, torch.var, torch.std, torch.amax, torch.amin, torch.norm, torch.logsumexp
 )
-_JOINS = _names(torch.cat, torch.stack) | {"torch.concatenate", "torch.concat"}
-_CONCATENATIONS = _names(torch.cat) | {"torch.concatenate", "torch.concat"}
-_POOLS = _method("sum", "mean") | _names(torch.sum, torch.mean)
-_SOFTMAX = _names(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax) | _method("softmax", "log_softmax")
-_MASK_FILL = _method("masked_fill") | _names(torch.masked_fill)
-_WHERE = _names(torch.where)
-_MATMUL = _method("__matmul__", "__rmatmul__", "matmul", "mm", "bmm") | _names(torch.matmul, torch.mm, torch.bmm)
+JOINS = _names(torch.cat, torch.stack) | {"torch.concatenate", "torch.concat"}
+CONCATENATIONS = _names(torch.cat) | {"torch.concatenate", "torch.concat"}
+POOLS = _method("sum", "mean") | _names(torch.sum, torch.mean)
+SOFTMAX = _names(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax) | _method("softmax", "log_softmax")
+MASK_FILL = _method("masked_fill") | _names(torch.masked_fill)
+WHERE = _names(torch.where)
+MATMUL = _method("__matmul__", "__rmatmul__", "matmul", "mm", "bmm") | _names(torch.matmul, torch.mm, torch.bmm)
 #: ``beta * bias + alpha * (q @ kᵀ)``: attention scores with a constant bias (Bloom's ALiBi)
-_BADDBMM = _names(torch.baddbmm) | _method("baddbmm")
-_LINEAR = _names(F.linear)
-_ADDMM = _names(torch.addmm) | _method("addmm")
-_EMBEDDING = _names(F.embedding)
-_LAYER_NORM = _names(F.layer_norm)
-_RMS_NORM = {"torch.nn.functional.rms_norm", "torch.rms_norm"}
-_BATCH_NORM = _names(F.batch_norm)
-_SDPA = _names(F.scaled_dot_product_attention)
-_CONVOLUTION = _names(torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
-_LOST_TRACK = (
+BADDBMM = _names(torch.baddbmm) | _method("baddbmm")
+LINEAR = _names(F.linear)
+ADDMM = _names(torch.addmm) | _method("addmm")
+EMBEDDING = _names(F.embedding)
+LAYER_NORM = _names(F.layer_norm)
+RMS_NORM = {"torch.nn.functional.rms_norm", "torch.rms_norm"}
+BATCH_NORM = _names(F.batch_norm)
+SDPA = _names(F.scaled_dot_product_attention)
+CONVOLUTION = _names(torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
+LOST_TRACK = (
     "its input is not computed from the model input by ops gradgraph follows (a custom autograd.Function, a "
     "tensor made inside forward, or .detach()); register the module that computes it with "
     "gradgraph.convert.register_elementwise if it is elementwise, or register a converter for it"
 )
-_IN_PLACE_HINT = "in-place ops on tensors gradgraph follows are unsupported; use the out-of-place form (inplace=False)"
+IN_PLACE_HINT = "in-place ops on tensors gradgraph follows are unsupported; use the out-of-place form (inplace=False)"
 # Queries that return no tensor (size, dim, dtype ...) pass through without a rule.
 
 #: Registered by :func:`register_elementwise`: module types and functions treated as one
 #: elementwise op, with the activation label they give a neuron set.
-_ELEMENTWISE_MODULES: dict[type[nn.Module], ActivationKind] = {}
-_ELEMENTWISE_FUNCTIONS: dict[str, ActivationKind] = {}
+ELEMENTWISE_MODULES: dict[type[nn.Module], ActivationKind] = dict(ONE_OP_MODULES)
+ELEMENTWISE_FUNCTIONS: dict[str, ActivationKind] = {}
 
 
 def register_elementwise(target: type[nn.Module] | Callable[..., Tensor],
@@ -162,8 +159,43 @@ def register_elementwise(target: type[nn.Module] | Callable[..., Tensor],
     if isinstance(target, type):
         if not issubclass(target, nn.Module):
             raise TypeError(f"register_elementwise: {target.__name__} is not an nn.Module subclass")
-        _ELEMENTWISE_MODULES[target] = ActivationKind(activation)
+        ELEMENTWISE_MODULES[target] = ActivationKind(activation)
     elif callable(target):
-        _ELEMENTWISE_FUNCTIONS[_op_name(target)] = ActivationKind(activation)
+        ELEMENTWISE_FUNCTIONS[op_name(target)] = ActivationKind(activation)
     else:
         raise TypeError(f"register_elementwise: expected a module type or a function, got {target!r}")
+
+
+# The names these had before issue 27 made them public, for rule files written against them
+# (tests/convert/test_convert_layering.py lists any use); new code uses the public names.
+_ADDMM = ADDMM
+_BADDBMM = BADDBMM
+_BATCH_NORM = BATCH_NORM
+_BINARY_ADD = BINARY_ADD
+_BINARY_MUL = BINARY_MUL
+_BINARY_OTHER = BINARY_OTHER
+_CONCATENATIONS = CONCATENATIONS
+_CONVOLUTION = CONVOLUTION
+_ELEMENTWISE_FUNCTIONS = ELEMENTWISE_FUNCTIONS
+_ELEMENTWISE_MODULES = ELEMENTWISE_MODULES
+_EMBEDDING = EMBEDDING
+_IDENTITY_OPS = IDENTITY_OPS
+_IN_PLACE_HINT = IN_PLACE_HINT
+_IN_PLACE_OPERATORS = IN_PLACE_OPERATORS
+_JOINS = JOINS
+_LAYER_NORM = LAYER_NORM
+_LINEAR = LINEAR
+_LOST_TRACK = LOST_TRACK
+_MASK_FILL = MASK_FILL
+_MATMUL = MATMUL
+_PARAMETER_REFUSED = PARAMETER_REFUSED
+_POOLS = POOLS
+_REDUCTIONS = REDUCTIONS
+_RMS_NORM = RMS_NORM
+_SDPA = SDPA
+_SHAPE_OPS = SHAPE_OPS
+_SOFTMAX = SOFTMAX
+_UNARY = UNARY
+_WHERE = WHERE
+_ACTIVATIONS = ACTIVATION_OPS
+_op_name = op_name

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    _broadcast, _feature_row, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _Param, _Raw, _rows_along_last,
-    _Scores, _varies_along,
+    broadcast_ids, feature_row, ids_like, KEY_STRIDE, Neurons, NeuronSet, Opaque, Param, Raw, rows_along_last,
+    Scores, varies_along,
 )
-from gradgraph.convert.trace.ops import _LOST_TRACK
-from gradgraph.convert.trace.rules_data import _Data
+from gradgraph.convert.trace.ops import LOST_TRACK
+from gradgraph.convert.trace.rules_data import Data
 from gradgraph.graph import EdgeKind, NodeKind
 
 
@@ -23,18 +23,18 @@ def _dense_edges(sources: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return sources.repeat(len(targets)), targets[:, None].expand(-1, len(sources)).reshape(-1)
 
 
-class _AffineRules:
-    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: affine maps and embedding tables."""
+class AffineRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: affine maps and embedding tables."""
 
     # -------------------------------------------------------------- affine maps
-    def param_view(self, value: Any, name: str, role: str) -> _Param:
+    def param_view(self, value: Any, name: str, role: str) -> Param:
         meta = self.meta(value)
-        if not isinstance(meta, _Param):
+        if not isinstance(meta, Param):
             raise self.unsupported(name, f"its {role} is not a parameter of the model (or a view of one); "
                                    "gradgraph converts affine maps whose weights are parameters")
         return meta
 
-    def fix_act(self, value: Tensor, meta: _Neurons, what: str) -> _Neurons:
+    def fix_act(self, value: Tensor, meta: Neurons, what: str) -> Neurons:
         """Make ``value`` the act of its neurons; split off a new set where another version is the act."""
         conflicts = [index for index, version in meta.versions.items()
                      if self.sets[index].act_version not in (None, version)]
@@ -47,11 +47,11 @@ class _AffineRules:
         self.record_act(value, meta)
         return meta
 
-    def record_act(self, value: Tensor, meta: _Neurons) -> None:
+    def record_act(self, value: Tensor, meta: Neurons) -> None:
         for index in meta.versions:
             self.sets[index].act_records.append((value, meta.nodes, meta.comps))
 
-    def separate_mixed_part(self, meta: _Neurons) -> None:
+    def separate_mixed_part(self, meta: Neurons) -> None:
         """Values whose neurons an op mixes (a mean or softmax over their features): where they
         hold only part of a set, that part is separated from the rest (:meth:`separate_part_read`)."""
         present = torch.unique(meta.nodes[meta.nodes >= 0])
@@ -72,14 +72,14 @@ class _AffineRules:
         else:
             neuron_set.pinned = True
 
-    def materialize(self, value: Tensor, meta: _Neurons, origin: str, kind: NodeKind = NodeKind.RESIDUAL) -> _Neurons:
+    def materialize(self, value: Tensor, meta: Neurons, origin: str, kind: NodeKind = NodeKind.RESIDUAL) -> Neurons:
         """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis).
 
         Where the last axis holds a neuron twice (``cat([h, h])``), each copy gets a neuron of
         its own and no symmetry is claimed for them (a permutation of ``h`` would have to move
         both copies together, which the layout's ties do not express).
         """
-        row = _feature_row(meta.nodes)
+        row = feature_row(meta.nodes)
         if row is None:
             raise self.unsupported(origin, "these values do not hold one neuron per feature")
         width = len(row)
@@ -92,7 +92,7 @@ class _AffineRules:
             merged.pinned = True
             for index in meta.versions:
                 self.sets[index].pinned = True
-        new = _Neurons(_broadcast(merged_nodes, value.shape).clone(), meta.comps, {merged.index: 0})
+        new = Neurons(broadcast_ids(merged_nodes, value.shape).clone(), meta.comps, {merged.index: 0})
         merged.grad_records.append((value, new.nodes, new.comps))
         self.set_meta(value, new)
         self.observe(value, new)
@@ -102,12 +102,12 @@ class _AffineRules:
                transposed: bool) -> None:
         meta = self.need_neurons(x, f"the affine map {name}")
         if meta is None:
-            raise self.unsupported(name, _LOST_TRACK)
+            raise self.unsupported(name, LOST_TRACK)
         weight_view = self.param_view(weight, name, "weight")
         if weight_view.pos.dim() != 2:
             raise self.unsupported(name, f"a weight of shape {list(weight.shape)}; expected a matrix")
         positions = weight_view.pos.T if transposed else weight_view.pos  # [out, in]
-        rows = _rows_along_last(meta.nodes)
+        rows = rows_along_last(meta.nodes)
         if meta.comps is None:
             raise self.unsupported(name, "an affine map of values that do not depend on the input")
         comp_rows = meta.comps.reshape(-1, meta.comps.shape[-1])
@@ -124,7 +124,7 @@ class _AffineRules:
             # one neuron on two features (cat([h, h])): its weights would be parallel edges
             meta = self.materialize(x, meta, f"{self.path() or name} input")
         meta = self.fix_act(x, meta, name)
-        sources = _rows_along_last(meta.nodes)[0].clone()
+        sources = rows_along_last(meta.nodes)[0].clone()
         for index in meta.versions:
             self.sets[index].read_by_affine = True
             self.separate_part_read(self.sets[index], sources)
@@ -138,20 +138,20 @@ class _AffineRules:
             if bias_view.pos.numel() != width:
                 raise self.unsupported(name, f"a bias of shape {list(bias.shape)} for {width} outputs")
             created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
-        out_nodes = _broadcast(targets, output.shape).clone()
-        out_comps = _broadcast(meta.comps.narrow(-1, 0, 1), output.shape).clone()
-        new = _Neurons(out_nodes, out_comps, {created.index: 0})
+        out_nodes = broadcast_ids(targets, output.shape).clone()
+        out_comps = broadcast_ids(meta.comps.narrow(-1, 0, 1), output.shape).clone()
+        new = Neurons(out_nodes, out_comps, {created.index: 0})
         created.grad_records.append((output, out_nodes, out_comps))
         self.set_meta(output, new)
         self.observe(output, new)
 
     def matmul(self, name: str, left: Tensor, right: Tensor, output: Tensor) -> None:
         left_meta, right_meta = self.meta(left), self.meta(right)
-        if isinstance(right_meta, _Param) and not isinstance(left_meta, _Param):
+        if isinstance(right_meta, Param) and not isinstance(left_meta, Param):
             return self.affine(name, left, right, None, output, transposed=True)
-        if isinstance(left_meta, _Param):
+        if isinstance(left_meta, Param):
             raise self.unsupported(name, "a parameter on the left of a matmul; write x @ W (features last)")
-        if isinstance(left_meta, _Scores):
+        if isinstance(left_meta, Scores):
             return self.attend(name, left_meta, right, output)
         query = self.need_neurons(left, name)
         key = self.need_neurons(right, name)
@@ -159,7 +159,7 @@ class _AffineRules:
             constant = left if query is None else right
             raise self.unsupported(name, f"a matmul of neurons with a constant of shape {list(constant.shape)}")
         # q @ kᵀ: the contracted axes hold the query / key dims of each head
-        self.set_meta(output, _Scores(query, key, tuple(output.shape[:-2])))
+        self.set_meta(output, Scores(query, key, tuple(output.shape[:-2])))
 
     # -------------------------------------------------------------- patch embeddings
     def patch_convolution(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
@@ -188,13 +188,13 @@ class _AffineRules:
                                    "convolutions whose windows tile the input (kernel_size == stride, no padding, "
                                    "dilation or groups), as a patch embedding does; write others with linear maps")
         meta = self.meta(x)
-        if not isinstance(meta, _Raw) or not x.is_floating_point() or x.dim() != spatial + 2:
+        if not isinstance(meta, Raw) or not x.is_floating_point() or x.dim() != spatial + 2:
             raise self.unsupported(name, "a patch-embedding convolution of values other than the batched model input; "
                                    "gradgraph converts a convolution only as the first op on the input "
                                    "[b, channels, ...]")
         element = meta.element
-        datapoint, _, _ = self._datapoint_of(element)
-        if _varies_along(datapoint, 1) or any(_varies_along(datapoint, 2 + axis) for axis in range(spatial)):
+        datapoint, _, _ = self.datapoint_of(element)
+        if varies_along(datapoint, 1) or any(varies_along(datapoint, 2 + axis) for axis in range(spatial)):
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
         channels, sizes = x.shape[1], tuple(x.shape[2:])
         counts = [size // step for size, step in zip(sizes, kernel)]
@@ -209,14 +209,14 @@ class _AffineRules:
             position = position * count + grid // step
         feature = torch.arange(channels).reshape(-1, *[1] * spatial) * math.prod(kernel) + feature
         self.input_neurons(width, name, f"as {width} features per patch")
-        keep = _broadcast(inside, x.shape)
-        nodes = torch.where(keep, self.input_set.first + _broadcast(feature, x.shape), -1)
+        keep = broadcast_ids(inside, x.shape)
+        nodes = torch.where(keep, self.input_set.first + broadcast_ids(feature, x.shape), -1)
         comps = torch.full(tuple(x.shape), -1, dtype=torch.long)
-        position = _broadcast(position, x.shape)
-        comps[keep] = self._assign_comps(element[keep], datapoint[keep], position[keep])
+        position = broadcast_ids(position, x.shape)
+        comps[keep] = self.assign_comps(element[keep], datapoint[keep], position[keep])
         if x.requires_grad:
             self.input_set.grad_records.append((x, nodes, comps))
-        meta = self.fix_act(x, _Neurons(nodes, comps, {self.input_set.index: 0}), name)
+        meta = self.fix_act(x, Neurons(nodes, comps, {self.input_set.index: 0}), name)
         self.input_set.read_by_affine = True
         out_channels = weight.shape[0]
         created = self.new_set(out_channels, NodeKind.HIDDEN, self.path() or name, "affine")
@@ -227,12 +227,12 @@ class _AffineRules:
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
             created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
-        out_nodes = _broadcast(targets.reshape(1, -1, *[1] * spatial), output.shape).clone()
+        out_nodes = broadcast_ids(targets.reshape(1, -1, *[1] * spatial), output.shape).clone()
         first_of_datapoint = datapoint.reshape(datapoint.shape[0], -1)[:, 0]
         out_comps = (first_of_datapoint.reshape(-1, 1, *[1] * spatial) * KEY_STRIDE
                      + torch.arange(math.prod(counts)).reshape(1, 1, *counts))
-        out_comps = _broadcast(out_comps, output.shape).clone()
-        new = _Neurons(out_nodes, out_comps, {created.index: 0})
+        out_comps = broadcast_ids(out_comps, output.shape).clone()
+        new = Neurons(out_nodes, out_comps, {created.index: 0})
         created.grad_records.append((output, out_nodes, out_comps))
         self.set_meta(output, new)
         self.observe(output, new)
@@ -244,14 +244,14 @@ class _AffineRules:
         if padding_idx is not None and padding_idx < 0:
             padding_idx += table.pos.shape[0]
         index_meta = self.meta(indices)
-        data = isinstance(index_meta, _Data)
+        data = isinstance(index_meta, Data)
         self.read_indices[id(indices)] = indices
-        if isinstance(index_meta, _Raw):
+        if isinstance(index_meta, Raw):
             index_meta = self.neurons_from_raw(indices, index_meta, name)
         elif data:  # position ids or token types computed from the input ids
             comps = self.data_index_comps(indices, index_meta)
-            index_meta = None if comps is None else _Neurons(_ids_like(indices), comps, {})
-        elif isinstance(index_meta, _Neurons | _Opaque | _Scores):
+            index_meta = None if comps is None else Neurons(ids_like(indices), comps, {})
+        elif isinstance(index_meta, Neurons | Opaque | Scores):
             raise self.unsupported(name, "embedding indices computed from neuron values")
         rows, width = table.pos.shape
         tokens = self.new_set(rows, NodeKind.TOKEN, f"{self.path() or name} table rows", "token")
@@ -260,34 +260,34 @@ class _AffineRules:
         targets = created.first + torch.arange(width)
         self.edges.append((tokens.first + torch.arange(rows).repeat_interleave(width), targets.repeat(rows),
                            EdgeKind.EMBEDDING, table.index, table.pos.reshape(-1).clone(), None))
-        out_nodes = _broadcast(targets, output.shape).clone()
-        row_index = _broadcast(indices.detach().cpu().unsqueeze(-1), output.shape).clone()
+        out_nodes = broadcast_ids(targets, output.shape).clone()
+        row_index = broadcast_ids(indices.detach().cpu().unsqueeze(-1), output.shape).clone()
         if index_meta is None:  # constant indices (positions): bound when added to token values
-            new = _Neurons(out_nodes, None, {created.index: 0}, unbound_index=row_index)
+            new = Neurons(out_nodes, None, {created.index: 0}, unbound_index=row_index)
             created.token_set = tokens  # type: ignore[attr-defined]
             tokens.padding_idx = padding_idx  # type: ignore[attr-defined]
             # where the indices are read again on a later call (they may differ between calls)
             tokens.index_source = (self.op_index, indices, data)  # type: ignore[attr-defined]
         else:
-            comps = _broadcast(index_meta.comps.unsqueeze(-1), output.shape).clone()
-            new = _Neurons(out_nodes, comps, {created.index: 0})
+            comps = broadcast_ids(index_meta.comps.unsqueeze(-1), output.shape).clone()
+            new = Neurons(out_nodes, comps, {created.index: 0})
             created.grad_records.append((output, out_nodes, comps))
             tokens.onehot_records.append((row_index, out_nodes, comps, self.op_index, padding_idx))
         self.set_meta(output, new)
         self.observe(output, new)
 
-    def bind(self, value: Tensor, meta: _Neurons, shape: torch.Size, comps: Tensor, result: Tensor) -> _Neurons:
+    def bind(self, value: Tensor, meta: Neurons, shape: torch.Size, comps: Tensor, result: Tensor) -> Neurons:
         """Give unbound neurons (position embeddings) the components of the tensor they join."""
-        nodes = _broadcast(meta.nodes, shape).clone()
+        nodes = broadcast_ids(meta.nodes, shape).clone()
         for index in meta.versions:
             neuron_set = self.sets[index]
             neuron_set.grad_records.append((result, nodes, comps))
             token_set = getattr(neuron_set, "token_set", None)
             if token_set is not None and meta.unbound_index is not None:
-                rows = _broadcast(meta.unbound_index, shape).clone()
+                rows = broadcast_ids(meta.unbound_index, shape).clone()
                 token_set.onehot_records.append((rows, nodes, comps, self.index_op(token_set, rows),
                                                  getattr(token_set, "padding_idx", None)))
-        return _Neurons(nodes, comps, meta.versions)
+        return Neurons(nodes, comps, meta.versions)
 
     def index_op(self, token_set: Any, rows: Tensor) -> int | None:
         """The embedding op whose indices, read again on a later call, give ``rows`` (else ``None``:
@@ -311,9 +311,9 @@ class _AffineRules:
         self.add_guard(op, indices, values=indices.detach().cpu().clone())
         return None
 
-    def position_parameter(self, name: str, param: _Param, shape: torch.Size, result: Tensor) -> _Neurons:
+    def position_parameter(self, name: str, param: Param, shape: torch.Size, result: Tensor) -> Neurons:
         """A parameter added to token values that varies over positions: a position embedding."""
-        pos = _broadcast(param.pos, shape) if param.pos.dim() <= len(shape) else param.pos
+        pos = broadcast_ids(param.pos, shape) if param.pos.dim() <= len(shape) else param.pos
         width = shape[-1]
         flat = param.pos.reshape(-1, width) if param.pos.shape[-1] == width else None
         if flat is None:
@@ -327,7 +327,7 @@ class _AffineRules:
                            EdgeKind.EMBEDDING, param.index, flat.reshape(-1).clone(), None))
         row_of_pos = torch.full((int(param.pos.max()) + 1,), -1, dtype=torch.long)
         row_of_pos[flat.reshape(-1)] = torch.arange(rows).repeat_interleave(width)
-        meta = _Neurons(_broadcast(targets, shape).clone(), None, {created.index: 0},
+        meta = Neurons(broadcast_ids(targets, shape).clone(), None, {created.index: 0},
                         unbound_index=row_of_pos[pos])
         created.token_set = tokens  # type: ignore[attr-defined]
         return meta

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from gradgraph.convert.trace.meta import _broadcast, _Neurons, _Param, _Scores, _varies_along
+from gradgraph.convert.trace.meta import broadcast_ids, Neurons, Param, Scores, varies_along
 from gradgraph.convert.trace.ops import (
-    _BINARY_ADD, _BINARY_MUL, _IDENTITY_OPS, _MASK_FILL, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE, out_of_place_name,
+    BINARY_ADD, BINARY_MUL, IDENTITY_OPS, MASK_FILL, SHAPE_OPS, SOFTMAX, UNARY, WHERE, out_of_place_name,
 )
-from gradgraph.convert.trace.rules_data import _Data
+from gradgraph.convert.trace.rules_data import Data
 from gradgraph.graph import EdgeKind, NodeKind
 
 _RESHAPES = {"Tensor.view", "Tensor.reshape", "torch.reshape", "Tensor.view_as", "Tensor.reshape_as"}
@@ -30,39 +30,58 @@ def _grouped(heads: Tensor, head_dim: int) -> bool:
     return pairs.shape[0] == torch.unique(keys, dim=0).shape[0] == torch.unique(values, dim=0).shape[0]
 
 
-class _AttentionRules:
-    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: attention ops."""
+def _parameters_behind(tensor: Tensor, names: dict[int, str], limit: int = 10_000) -> list[str]:
+    """Names of the parameters ``tensor`` is computed from (a walk of its autograd graph), for messages."""
+    found: list[str] = []
+    seen: set[int] = set()
+    pending = [tensor.grad_fn] if tensor.grad_fn is not None else []
+    if tensor.grad_fn is None and id(tensor) in names:
+        return [names[id(tensor)]]
+    while pending and len(seen) < limit:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in names and names[id(variable)] not in found:
+            found.append(names[id(variable)])
+        pending.extend(child for child, _ in node.next_functions if child is not None)
+    return found
+
+
+class AttentionRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: attention ops."""
 
     # -------------------------------------------------------------- attention
     def scores_op(self, name: str, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
-        scores = [meta for _, meta in tracked if isinstance(meta, _Scores)]
+        scores = [meta for _, meta in tracked if isinstance(meta, Scores)]
         # a mask computed from the input ids is a constant of the datapoints, like any mask
-        others = [meta for _, meta in tracked if not isinstance(meta, _Scores | _Data)]
-        allowed = _UNARY | _BINARY_ADD | _BINARY_MUL | _SOFTMAX | _MASK_FILL | _WHERE | _IDENTITY_OPS | {
+        others = [meta for _, meta in tracked if not isinstance(meta, Scores | Data)]
+        allowed = UNARY | BINARY_ADD | BINARY_MUL | SOFTMAX | MASK_FILL | WHERE | IDENTITY_OPS | {
             "Tensor.__getitem__"}
         if len(scores) == 1 and args and self.meta(args[0]) is scores[0]:
             # scores changed in place (``scores /= sqrt(d)``, ``masked_fill_``) are the same scores as
             # the out-of-place op would give: no value the factors come from is written
             name = out_of_place_name(name) or name
-        if len(scores) == 1 and not others and (name in allowed or name in _SHAPE_OPS):
+        if len(scores) == 1 and not others and (name in allowed or name in SHAPE_OPS):
             meta = scores[0]
-            if name in _SHAPE_OPS and name not in _IDENTITY_OPS and tuple(output.shape[:-2]) != meta.batch_shape:
+            if name in SHAPE_OPS and name not in IDENTITY_OPS and tuple(output.shape[:-2]) != meta.batch_shape:
                 meta = self.reshape_score_batch(meta, output) if name in _RESHAPES else None
                 if meta is None:
                     return self.mark_opaque(output, name, "reshapes attention scores", scores)
-            if name in _SOFTMAX:
+            if name in SOFTMAX:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
                 if dim % output.dim() != output.dim() - 1:
                     return self.mark_opaque(output, name, "a softmax of scores over queries", [meta])
             for value in tree_flatten((args, kwargs))[0]:
-                if isinstance(value, Tensor) and not isinstance(self.meta(value), _Scores):
+                if isinstance(value, Tensor) and not isinstance(self.meta(value), Scores):
                     self.pin_heads_if_distinct(value, meta.query, meta.key, tuple(output.shape))
             self.set_meta(output, meta)
             return None
         return self.mark_opaque(output, name, "combines attention scores with neuron values (a learned bias added "
                                 "to the scores, as T5's relative position bias, is not supported)", scores + others)
 
-    def pin_heads_if_distinct(self, constant: Tensor, query: _Neurons, key: _Neurons, shape: tuple[int, ...]) -> None:
+    def pin_heads_if_distinct(self, constant: Tensor, query: Neurons, key: Neurons, shape: tuple[int, ...]) -> None:
         """A mask or bias that differs between heads (ALiBi's slopes) keeps them in place."""
         batch = len(shape) - 2
         if constant.dim() == 0 or batch <= 0:
@@ -72,13 +91,13 @@ class _AttentionRules:
         except RuntimeError:
             query_nodes = None
         if query_nodes is not None:
-            head_axes = tuple(axis for axis in range(batch) if _varies_along(query_nodes, axis))
+            head_axes = tuple(axis for axis in range(batch) if varies_along(query_nodes, axis))
             if not self.constant_varies(constant, shape, head_axes):
                 return
         for index in list(query.versions) + list(key.versions):
             self.sets[index].pinned = True
 
-    def reshape_score_batch(self, meta: _Scores, output: Tensor) -> _Scores | None:
+    def reshape_score_batch(self, meta: Scores, output: Tensor) -> Scores | None:
         """Scores ``[b * H, Tq, Tk]`` viewed as ``[b, H, Tq, Tk]`` (or back): the queries and keys
         they come from take the same batch shape; ``None`` if the last two axes change."""
         batch = tuple(output.shape[:-2])
@@ -88,16 +107,16 @@ class _AttentionRules:
         for side in (meta.query, meta.key):
             if tuple(side.nodes.shape[:-2]) != meta.batch_shape or side.comps is None:
                 return None
-            parts.append(_Neurons(side.nodes.reshape(*batch, *side.nodes.shape[-2:]),
+            parts.append(Neurons(side.nodes.reshape(*batch, *side.nodes.shape[-2:]),
                                   side.comps.reshape(*batch, *side.comps.shape[-2:]), side.versions))
-        return _Scores(parts[0], parts[1], batch)
+        return Scores(parts[0], parts[1], batch)
 
     def biased_scores(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         """``baddbmm(bias, q, kᵀ, beta, alpha)``: scores ``q @ kᵀ`` scaled, plus a constant bias."""
         bound = dict(zip(("input", "batch1", "batch2", "beta", "alpha"), args))
         bound.update(kwargs)
         bias = bound["input"]
-        if isinstance(self.meta(bias), _Neurons | _Param | _Scores):
+        if isinstance(self.meta(bias), Neurons | Param | Scores):
             raise self.unsupported(name, "a bias of attention scores that depends on parameters (a learned bias "
                                    "added to the scores is not supported)")
         query = self.need_neurons(bound["batch1"], name)
@@ -107,9 +126,9 @@ class _AttentionRules:
                                    "attention scores q @ kᵀ plus a bias")
         if bound.get("beta", 1) != 0:
             self.pin_heads_if_distinct(bias, query, key, tuple(output.shape))
-        self.set_meta(output, _Scores(query, key, tuple(output.shape[:-2])))
+        self.set_meta(output, Scores(query, key, tuple(output.shape[:-2])))
 
-    def attend(self, name: str, scores: _Scores, value: Tensor, output: Tensor) -> None:
+    def attend(self, name: str, scores: Scores, value: Tensor, output: Tensor) -> None:
         value_meta = self.need_neurons(value, name)
         if value_meta is None:
             raise self.unsupported(name, "attention weights applied to a constant")
@@ -128,25 +147,34 @@ class _AttentionRules:
         value = self.need_neurons(bound["value"], name)
         if query is None or key is None or value is None:
             raise self.unsupported(name, "attention over constant queries, keys or values")
-        key_t = _Neurons(key.nodes.transpose(-2, -1), key.comps.transpose(-2, -1), key.versions)
-        if isinstance(bound.get("attn_mask"), Tensor):
+        key_t = Neurons(key.nodes.transpose(-2, -1), key.comps.transpose(-2, -1), key.versions)
+        mask = bound.get("attn_mask")
+        if isinstance(mask, Tensor) and (mask.requires_grad or not isinstance(self.meta(mask), Data | None)):
+            # the rule reads the mask as a constant: a gradient through it would be dropped
+            behind = _parameters_behind(mask, self.name_of_parameter)
+            what = f"the parameter(s) {behind}" if behind else "neuron values or the input"
+            raise self.unsupported(name, f"an attn_mask computed from {what} (a learned bias of the attention "
+                                   "scores, as T5's relative position bias): its gradient is not a rank-1 term of "
+                                   "the graph, and gradgraph reads attn_mask as a constant. Pass a mask that does "
+                                   "not depend on parameters; a learned score bias is not supported")
+        if isinstance(mask, Tensor):
             self.pin_heads_if_distinct(bound["attn_mask"], query, key_t, tuple(query.nodes.shape[:-1]) + (
                 key.nodes.shape[-2],))
         self.attention_output(name, query, key_t, bound["value"], value, output)
 
-    def attention_output(self, name: str, query: _Neurons, key_t: _Neurons, value: Tensor, value_meta: _Neurons,
+    def attention_output(self, name: str, query: Neurons, key_t: Neurons, value: Tensor, value_meta: Neurons,
                          output: Tensor) -> None:
         if query.comps is None or value_meta.comps is None:
             raise self.unsupported(name, "attention over values that do not depend on the input")
         shape = output.shape
         if output.dim() < 3:
             raise self.unsupported(name, "attention without a head or batch axis")
-        if not torch.equal(_broadcast(query.comps.narrow(-1, 0, 1), query.comps.shape), query.comps):
+        if not torch.equal(broadcast_ids(query.comps.narrow(-1, 0, 1), query.comps.shape), query.comps):
             raise self.unsupported(name, "queries whose last axis is not their features")
         batch_shape = tuple(shape[:-2])
-        q_rows = _broadcast(query.nodes, (*batch_shape, *query.nodes.shape[-2:])).narrow(-2, 0, 1)
-        k_rows = _broadcast(key_t.nodes, (*batch_shape, *key_t.nodes.shape[-2:])).narrow(-1, 0, 1)
-        v_rows = _broadcast(value_meta.nodes, (*batch_shape, *value_meta.nodes.shape[-2:])).narrow(-2, 0, 1)
+        q_rows = broadcast_ids(query.nodes, (*batch_shape, *query.nodes.shape[-2:])).narrow(-2, 0, 1)
+        k_rows = broadcast_ids(key_t.nodes, (*batch_shape, *key_t.nodes.shape[-2:])).narrow(-1, 0, 1)
+        v_rows = broadcast_ids(value_meta.nodes, (*batch_shape, *value_meta.nodes.shape[-2:])).narrow(-2, 0, 1)
         q_rows = q_rows.reshape(-1, query.nodes.shape[-1])
         k_rows = k_rows.reshape(-1, key_t.nodes.shape[-2])
         v_rows = v_rows.reshape(-1, value_meta.nodes.shape[-1])
@@ -189,14 +217,14 @@ class _AttentionRules:
             self.observe_attention_input(meta)
         head_of_row = rank[inverse].reshape(*batch_shape) if batch_shape else rank[inverse].reshape(())
         nodes = o_rows[head_of_row]  # [*batch, dv]
-        nodes = _broadcast(nodes.unsqueeze(-2), shape).clone()
-        comps = _broadcast(query.comps.narrow(-1, 0, 1), (*batch_shape, shape[-2], 1))
-        comps = _broadcast(comps, shape).clone()
-        new = _Neurons(nodes, comps, {created.index: 0})
+        nodes = broadcast_ids(nodes.unsqueeze(-2), shape).clone()
+        comps = broadcast_ids(query.comps.narrow(-1, 0, 1), (*batch_shape, shape[-2], 1))
+        comps = broadcast_ids(comps, shape).clone()
+        new = Neurons(nodes, comps, {created.index: 0})
         created.grad_records.append((output, nodes, comps))
         self.set_meta(output, new)
         self.observe(output, new)
 
-    def observe_attention_input(self, meta: _Neurons) -> None:
+    def observe_attention_input(self, meta: Neurons) -> None:
         for index in meta.versions:
             self.sets[index].fresh = False

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from gradgraph.convert.trace.meta import _broadcast, _Raw, _varies_along
-from gradgraph.convert.trace.ops import _IDENTITY_OPS, _SHAPE_OPS
+from gradgraph.convert.trace.meta import broadcast_ids, Raw, varies_along
+from gradgraph.convert.trace.ops import IDENTITY_OPS, SHAPE_OPS
 
 #: ops with a ``dim`` that combine the elements along it (the first argument's axis)
 _ALONG_AXIS = {f"{prefix}.{name}" for prefix in ("Tensor", "torch") for name in (
@@ -31,7 +31,7 @@ _ALONG_AXIS = {f"{prefix}.{name}" for prefix in ("Tensor", "torch") for name in 
 
 
 @dataclass
-class _Data:
+class Data:
     """A tensor computed from the integer input without parameters: a constant of its datapoints.
 
     ``element`` is the flat input element each value stands at (full shape, int64) when the
@@ -49,27 +49,27 @@ def _injective(element: Tensor) -> bool:
     return bool((flat >= 0).all()) and torch.unique(flat).numel() == flat.numel()
 
 
-class _DataRules:
-    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: ops on data made from the input."""
+class DataRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: ops on data made from the input."""
 
     def is_data(self, value: Tensor, meta: Any) -> bool:
         """A constant of the datapoints: derived data, or the integer input itself."""
-        return isinstance(meta, _Data) or (isinstance(meta, _Raw) and not self.input_tensor.is_floating_point())
+        return isinstance(meta, Data) or (isinstance(meta, Raw) and not self.input_tensor.is_floating_point())
 
     def data_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         """An op on data only: its outputs are data, with input elements followed where they stay one to one."""
         metas = [meta for _, meta in tracked]
         outputs = [value for value in tree_flatten(output)[0] if isinstance(value, Tensor)]
         indexed_by_data = name == "Tensor.__getitem__" and any(value is not args[0] for value, _ in tracked)
-        if (name in _SHAPE_OPS or name in _IDENTITY_OPS or name == "Tensor.__getitem__") and not indexed_by_data:
-            raw = all(isinstance(meta, _Raw) for meta in metas)
+        if (name in SHAPE_OPS or name in IDENTITY_OPS or name == "Tensor.__getitem__") and not indexed_by_data:
+            raw = all(isinstance(meta, Raw) for meta in metas)
             if raw and all(not value.is_floating_point() for value in outputs):
-                return self.replay(func, args, kwargs, output, _Raw, self._element, data=True)
+                return self.replay(func, args, kwargs, output, Raw, self._element, data=True)
             if all(self._element(meta) is not None for meta in metas):
-                return self.replay(func, args, kwargs, output, _Data, self._element, data=True)
-        if name in _SHAPE_OPS or name == "Tensor.__getitem__":
+                return self.replay(func, args, kwargs, output, Data, self._element, data=True)
+        if name in SHAPE_OPS or name == "Tensor.__getitem__":
             for value in outputs:
-                self.set_meta(value, _Data(None))
+                self.set_meta(value, Data(None))
             return None
         first = args[0] if args else None
         first_meta = self.meta(first) if isinstance(first, Tensor) else None
@@ -77,7 +77,7 @@ class _DataRules:
             return self.mark_opaque(output, name, "combines data of different datapoints (an op along the batch "
                                     "axis), so a datapoint's values depend on the others", [])
         for value in outputs:
-            self.set_meta(value, _Data(self._elementwise(value, metas)))
+            self.set_meta(value, Data(self._elementwise(value, metas)))
         return None
 
     def _element(self, meta: Any) -> Tensor | None:
@@ -90,7 +90,7 @@ class _DataRules:
             if element is None or element.dim() > value.dim():
                 continue
             try:
-                broadcast = _broadcast(element, value.shape)
+                broadcast = broadcast_ids(element, value.shape)
             except RuntimeError:
                 continue
             if tuple(element.shape) == tuple(value.shape):
@@ -107,16 +107,22 @@ class _DataRules:
         dim = kwargs.get("dim", kwargs.get("dims", args[1] if len(args) > 1 else None))
         if isinstance(dim, bool) or not isinstance(dim, int | tuple | list | None):
             return False
-        datapoint = self._datapoint_of(element)[0]
+        datapoint = self.datapoint_of(element)[0]
         if dim is None:
-            return any(_varies_along(datapoint, axis) for axis in range(value.dim()))
+            return any(varies_along(datapoint, axis) for axis in range(value.dim()))
         dims = [dim] if isinstance(dim, int) else list(dim)
-        return any(_varies_along(datapoint, axis % value.dim()) for axis in dims)
+        return any(varies_along(datapoint, axis % value.dim()) for axis in dims)
 
     def data_index_comps(self, indices: Tensor, meta: Any) -> Tensor | None:
         """Components of an embedding's data indices, one per index, or ``None`` if unknown."""
         element = meta.element
         if element is None or not _injective(element):
             return None
-        datapoint, within, _ = self._datapoint_of(element)
-        return self._assign_comps(element, datapoint, within)
+        datapoint, within, _ = self.datapoint_of(element)
+        return self.assign_comps(element, datapoint, within)
+
+
+# The names these had before issue 27 made them public, for rule files written against them
+# (tests/convert/test_convert_layering.py lists any use); new code uses the public names.
+_Data = Data
+_DataRules = DataRules

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    _broadcast, _feature_row, KEY_STRIDE, _Neurons, _Param, _Raw, _rows_along_last, UnsupportedOperationError, _varies_along,
+    broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last, UnsupportedOperationError, varies_along,
 )
 from gradgraph.convert.trace.ops import (
-    _BINARY_ADD, _BINARY_OTHER, _LAYER_NORM, _LOST_TRACK, _PARAMETER_REFUSED, _POOLS, _WHERE,
+    BINARY_ADD, BINARY_OTHER, LAYER_NORM, LOST_TRACK, PARAMETER_REFUSED, POOLS, WHERE,
 )
-from gradgraph.convert.trace.rules_data import _Data
+from gradgraph.convert.trace.rules_data import Data
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 
@@ -28,8 +28,8 @@ def _one_value_per_neuron(nodes: tuple[Tensor, ...], comps: Tensor) -> bool:
     return torch.unique(ids, dim=1).shape[1] == ids.shape[1]
 
 
-class _ElementwiseRules:
-    """Mixin of :class:`~gradgraph.convert.trace.tracer._Tracer`: elementwise ops, reductions, norms."""
+class ElementwiseRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, reductions, norms."""
 
     # -------------------------------------------------------------- elementwise
     def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None) -> None:
@@ -43,16 +43,16 @@ class _ElementwiseRules:
                 neuron_set.activation = activation
             elif activation is None or neuron_set.activation is not ActivationKind.IDENTITY:
                 neuron_set.elementwise_ops = getattr(neuron_set, "elementwise_ops", 0) + 1  # type: ignore[attr-defined]
-        new = _Neurons(meta.nodes, meta.comps, versions, meta.unbound_index)
+        new = Neurons(meta.nodes, meta.comps, versions, meta.unbound_index)
         self.set_meta(output, new)
         self.observe(output, new)
 
     def _operand(self, value: Any, name: str, other: Any = None) -> Any:
         if isinstance(value, Tensor):
             meta = self.meta(value)
-            if isinstance(meta, _Raw) and value.is_floating_point():
+            if isinstance(meta, Raw) and value.is_floating_point():
                 return self.need_neurons(value, name)
-            if isinstance(meta, _Data) and isinstance(self.meta(other), _Param):
+            if isinstance(meta, Data) and isinstance(self.meta(other), Param):
                 return self.need_neurons(value, name)  # input features cast from integers, scaled by a parameter
             return meta
         return None
@@ -63,9 +63,9 @@ class _ElementwiseRules:
                     "Tensor.__rpow__"):
             left, right = right, left
         operands = [(left, self._operand(left, name, right)), (right, self._operand(right, name, left))]
-        neurons = [(value, meta) for value, meta in operands if isinstance(meta, _Neurons)]
-        params = [(value, meta) for value, meta in operands if isinstance(meta, _Param)]
-        additive = name in _BINARY_ADD
+        neurons = [(value, meta) for value, meta in operands if isinstance(meta, Neurons)]
+        params = [(value, meta) for value, meta in operands if isinstance(meta, Param)]
+        additive = name in BINARY_ADD
         if not neurons:
             other = right if params and params[0][0] is left else left
             if len(params) == 1 and name in ("Tensor.__add__", "Tensor.__radd__", "Tensor.add", "torch.add") \
@@ -77,7 +77,7 @@ class _ElementwiseRules:
             raise self.unsupported(name, "arithmetic on parameters inside the forward (other than as a weight, "
                                    "a bias, a scale, a position embedding or a constant added to a scale)")
         if params:
-            if name in _PARAMETER_REFUSED or name in _BINARY_OTHER or kwargs.get("alpha", 1) != 1:
+            if name in PARAMETER_REFUSED or name in BINARY_OTHER or kwargs.get("alpha", 1) != 1:
                 raise self.parameter_operand_refused(name, params[0][1])
             return self.with_parameter(name, neurons[0], params[0], output, additive)
         if len(neurons) == 1:
@@ -90,14 +90,14 @@ class _ElementwiseRules:
         shape = output.shape
         if a.comps is None and b.comps is None:
             raise self.unsupported(name, "arithmetic on two values that do not depend on the input")
-        comps = _broadcast(a.comps if a.comps is not None else b.comps, shape)
+        comps = broadcast_ids(a.comps if a.comps is not None else b.comps, shape)
         if a.comps is None:
             a = self.bind(a_value, a, shape, comps.clone(), output)
         if b.comps is None:
             b = self.bind(b_value, b, shape, comps.clone(), output)
         broadcast = tuple(a.comps.shape) != tuple(shape) or tuple(b.comps.shape) != tuple(shape)
-        a_nodes, b_nodes = _broadcast(a.nodes, shape), _broadcast(b.nodes, shape)
-        comps = _broadcast(a.comps, shape)
+        a_nodes, b_nodes = broadcast_ids(a.nodes, shape), broadcast_ids(b.nodes, shape)
+        comps = broadcast_ids(a.comps, shape)
         if broadcast:
             self.check_no_copies(name, (a_nodes, b_nodes), comps)
         if torch.equal(a_nodes, b_nodes) or bool((a_nodes < 0).all()) or bool((b_nodes < 0).all()):
@@ -105,7 +105,7 @@ class _ElementwiseRules:
             base = a if not bool((a_nodes < 0).all()) else b
             versions = self.next_version({**a.versions, **b.versions}) if torch.equal(a_nodes, b_nodes) \
                 else self.next_version(base.versions)
-            new = _Neurons(_broadcast(base.nodes, shape).clone(), comps.clone(), versions)
+            new = Neurons(broadcast_ids(base.nodes, shape).clone(), comps.clone(), versions)
             self.set_meta(output, new)
             self.observe(output, new)
             return None
@@ -135,7 +135,7 @@ class _ElementwiseRules:
         fresh = [(meta, other) for meta, other in ((b, a), (a, b)) if self.absorbable(meta)]
         if fresh:
             into, other = fresh[0]
-            into_nodes, other_nodes = _broadcast(into.nodes, shape), _broadcast(other.nodes, shape)
+            into_nodes, other_nodes = broadcast_ids(into.nodes, shape), broadcast_ids(other.nodes, shape)
             pairs = torch.unique(torch.stack((other_nodes.reshape(-1), into_nodes.reshape(-1))), dim=1)
             self.edges.append((pairs[0].clone(), pairs[1].clone(), kind, -1, None, None))
             self.ties.append((pairs[0].clone(), pairs[1].clone()))
@@ -145,7 +145,7 @@ class _ElementwiseRules:
                 target.gated = True  # type: ignore[attr-defined]
                 for index in other.versions:
                     self.sets[index].gated = True  # type: ignore[attr-defined]
-            new = _Neurons(into_nodes.clone(), comps.clone(), self.next_version(into.versions))
+            new = Neurons(into_nodes.clone(), comps.clone(), self.next_version(into.versions))
         else:
             merged = self.new_set(int(pairs.shape[1]), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
             order = torch.argsort(pairs[0])
@@ -165,7 +165,7 @@ class _ElementwiseRules:
             lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
             lookup[a_sorted] = merged_nodes
             new_nodes = lookup[a_nodes]
-            new = _Neurons(new_nodes, comps.clone(), {merged.index: 0})
+            new = Neurons(new_nodes, comps.clone(), {merged.index: 0})
             merged.grad_records.append((output, new_nodes, new.comps))
             if not additive:
                 merged.gated = True  # type: ignore[attr-defined]
@@ -173,7 +173,7 @@ class _ElementwiseRules:
         self.set_meta(output, new)
         self.observe(output, new)
 
-    def split_fused_gate(self, *halves: tuple[Tensor, _Neurons, Tensor]) -> None:
+    def split_fused_gate(self, *halves: tuple[Tensor, Neurons, Tensor]) -> None:
         """``silu(a) * b`` where ``a, b = w12(x).chunk(2, -1)``: cut the fused set into its halves.
 
         Both halves are slices of one affine output, each tied neuron for neuron to the gate's
@@ -222,7 +222,7 @@ class _ElementwiseRules:
         pairs = torch.unique(torch.cat([torch.stack((source.reshape(-1), nodes.reshape(-1))) for source in operands],
                                        dim=1), dim=1)
         self.edges.append((pairs[0].clone(), pairs[1].clone(), kind, -1, None, None))
-        new = _Neurons(nodes.clone(), comps.clone(), {created.index: 0})
+        new = Neurons(nodes.clone(), comps.clone(), {created.index: 0})
         created.grad_records.append((output, new.nodes, new.comps))
         self.set_meta(output, new)
         self.observe(output, new)
@@ -235,13 +235,13 @@ class _ElementwiseRules:
                                    "a [.., 1, ..] axis), so one neuron would hold several values at one datapoint "
                                    "position; apply the op before adding the axis, or add it with a Linear")
 
-    def parameter_operand_refused(self, name: str, param: _Param) -> UnsupportedOperationError:
+    def parameter_operand_refused(self, name: str, param: Param) -> UnsupportedOperationError:
         """The refusal of a parameter that is no bias or scale of the neurons it meets."""
         return self.unsupported(name, f"the parameter '{self.param_names[param.index]}' is subtracted, divided by, "
                                 "an exponent, a bound or scaled by alpha; gradgraph reads a parameter added to neurons "
                                 "(a bias) or multiplied with them (a scale): write h + b or h * s")
 
-    def absorbable(self, meta: _Neurons) -> bool:
+    def absorbable(self, meta: Neurons) -> bool:
         """Values that are exactly a fresh affine output: a residual sum may live in its neurons."""
         if len(meta.versions) != 1 or meta.comps is None:
             return False
@@ -249,27 +249,27 @@ class _ElementwiseRules:
         neuron_set = self.sets[index]
         if neuron_set.created_by != "affine" or not neuron_set.fresh or neuron_set.absorbed or version != 0:
             return False
-        rows = _rows_along_last(meta.nodes)
+        rows = rows_along_last(meta.nodes)
         return rows.shape[1] == neuron_set.size and bool((rows == rows[:1]).all())
 
-    def check_constant(self, name: str, meta: _Neurons, constant: Tensor, shape: torch.Size) -> None:
+    def check_constant(self, name: str, meta: Neurons, constant: Tensor, shape: torch.Size) -> None:
         """A constant that differs between neurons of one set breaks their permutation symmetry."""
-        nodes = _broadcast(meta.nodes, shape)
-        axes = tuple(axis for axis in range(len(shape)) if _varies_along(nodes, axis))
+        nodes = broadcast_ids(meta.nodes, shape)
+        axes = tuple(axis for axis in range(len(shape)) if varies_along(nodes, axis))
         if self.constant_varies(constant, tuple(shape), axes):
             for index in meta.versions:
                 self.sets[index].pinned = True
 
-    def with_parameter(self, name: str, neurons: tuple[Tensor, _Neurons], param: tuple[Tensor, _Param],
+    def with_parameter(self, name: str, neurons: tuple[Tensor, Neurons], param: tuple[Tensor, Param],
                        output: Tensor, additive: bool) -> None:
         value, meta = neurons
         param_value, param_meta = param
         shape = output.shape
         if meta.comps is None:
             raise self.unsupported(name, "arithmetic between a parameter and values that do not depend on the input")
-        nodes = _broadcast(meta.nodes, shape)
-        pos = _broadcast(param_meta.pos, shape)
-        sources = _feature_row(nodes)
+        nodes = broadcast_ids(meta.nodes, shape)
+        pos = broadcast_ids(param_meta.pos, shape)
+        sources = feature_row(nodes)
         pos_rows = pos.reshape(-1, shape[-1])
         per_feature = bool((pos_rows == pos_rows[:1]).all())
         if sources is None:
@@ -285,7 +285,7 @@ class _ElementwiseRules:
             if target is not None and self.absorbable(meta) and target.bias_param < 0 \
                     and torch.equal(sources, target.first + torch.arange(target.size)):
                 target.bias_param, target.bias_pos = param_meta.index, positions
-                new = _Neurons(nodes.clone(), _broadcast(meta.comps, shape).clone(), dict(meta.versions))
+                new = Neurons(nodes.clone(), broadcast_ids(meta.comps, shape).clone(), dict(meta.versions))
                 target.grad_records = [(output, new.nodes, new.comps)]
                 self.set_meta(output, new)
                 self.observe(output, new)
@@ -297,19 +297,19 @@ class _ElementwiseRules:
             created = self.new_set(len(sources), NodeKind.NORM, f"{self.path()} {name}", "scale")
             kind, weight_param, weight_pos = EdgeKind.NORM_SCALE, param_meta.index, positions
         meta = self.fix_act(value, meta, name)
-        sources = _rows_along_last(_broadcast(meta.nodes, shape))[0].clone()
+        sources = rows_along_last(broadcast_ids(meta.nodes, shape))[0].clone()
         targets = created.first + torch.arange(len(sources))
         self.edges.append((sources, targets, kind, weight_param, weight_pos, None))
         self.ties.append((sources, targets))
         lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
         lookup[sources] = targets
-        new = _Neurons(lookup[_broadcast(meta.nodes, shape)], _broadcast(meta.comps, shape).clone(),
+        new = Neurons(lookup[broadcast_ids(meta.nodes, shape)], broadcast_ids(meta.comps, shape).clone(),
                        {created.index: 0})
         created.grad_records.append((output, new.nodes, new.comps))
         self.set_meta(output, new)
         self.observe(output, new)
 
-    def binary_with(self, name: str, value: Tensor, meta: _Neurons, embedded: _Neurons, output: Tensor) -> None:
+    def binary_with(self, name: str, value: Tensor, meta: Neurons, embedded: Neurons, output: Tensor) -> None:
         placeholder = torch.empty(0)
         self.set_meta(placeholder, embedded)
         self.binary(name, (value, placeholder), {}, output)
@@ -334,10 +334,10 @@ class _ElementwiseRules:
         keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
         if name.endswith("norm") and len(args) > 2:
             keepdim = bool(kwargs.get("keepdim", False))
-        neuron_axes = [axis for axis in range(x.dim()) if _varies_along(meta.nodes, axis)]
-        comp_axes = [axis for axis in range(x.dim()) if _varies_along(meta.comps, axis)]
+        neuron_axes = [axis for axis in range(x.dim()) if varies_along(meta.nodes, axis)]
+        comp_axes = [axis for axis in range(x.dim()) if varies_along(meta.comps, axis)]
         datapoint = meta.comps // KEY_STRIDE
-        datapoint_axes = [axis for axis in range(x.dim()) if _varies_along(datapoint, axis)]
+        datapoint_axes = [axis for axis in range(x.dim()) if varies_along(datapoint, axis)]
         reduced_neurons = [axis for axis in dims if axis in neuron_axes]
         reduced_comps = [axis for axis in dims if axis in comp_axes]
 
@@ -354,14 +354,14 @@ class _ElementwiseRules:
             if set(reduced_neurons) != set(neuron_axes):
                 return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
             self.separate_mixed_part(meta)
-            stat = _Neurons(torch.full(tuple(output.shape), -1, dtype=torch.long), collapse(meta.comps), {})
+            stat = Neurons(torch.full(tuple(output.shape), -1, dtype=torch.long), collapse(meta.comps), {})
             self.set_meta(output, stat)
             return None
         if reduced_comps and not reduced_neurons:
-            if name not in _POOLS:
+            if name not in POOLS:
                 return self.mark_opaque(output, name, "a reduction over positions other than sum/mean", [meta])
             pooled_nodes = collapse(meta.nodes)
-            rows = _rows_along_last(pooled_nodes)
+            rows = rows_along_last(pooled_nodes)
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):
                 return self.mark_opaque(output, name, "pooling that does not keep one neuron per feature", [meta])
             self.observe(x, meta)
@@ -371,8 +371,8 @@ class _ElementwiseRules:
             self.ties.append((rows[0].clone(), pooled_ids))
             key = self.new_key()[0]
             comps = collapse(datapoint) * KEY_STRIDE + key
-            nodes = _broadcast(pooled_ids, output.shape).clone()
-            new = _Neurons(nodes, _broadcast(comps, output.shape).clone(), {pooled.index: 0})
+            nodes = broadcast_ids(pooled_ids, output.shape).clone()
+            new = Neurons(nodes, broadcast_ids(comps, output.shape).clone(), {pooled.index: 0})
             pooled.grad_records.append((output, nodes, new.comps))
             self.set_meta(output, new)
             self.observe(output, new)
@@ -385,18 +385,18 @@ class _ElementwiseRules:
             return None
         dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
         axis = dim % args[0].dim()
-        if _varies_along(meta.nodes, axis) and meta.comps is not None and not _varies_along(meta.comps, axis):
-            neuron_axes = [a for a in range(args[0].dim()) if _varies_along(meta.nodes, a)]
+        if varies_along(meta.nodes, axis) and meta.comps is not None and not varies_along(meta.comps, axis):
+            neuron_axes = [a for a in range(args[0].dim()) if varies_along(meta.nodes, a)]
             if neuron_axes == [axis]:
                 self.separate_mixed_part(meta)
                 return self.unary(args[0], output, name, None)  # softmax over all features of a set
         return self.mark_opaque(output, name, "a softmax across positions or part of the features", [meta])
 
     def mask_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        if name in _WHERE:
+        if name in WHERE:
             condition, left, right = args[0], args[1], args[2]
-            values = [value for value in (left, right) if isinstance(self.meta(value), _Neurons)]
-            if len(values) == 1 and not isinstance(self.meta(condition), _Neurons):
+            values = [value for value in (left, right) if isinstance(self.meta(value), Neurons)]
+            if len(values) == 1 and not isinstance(self.meta(condition), Neurons):
                 meta = self.meta(values[0])
                 self.check_constant(name, meta, condition, output.shape)
                 return self.unary(values[0], output, name, None)
@@ -410,7 +410,7 @@ class _ElementwiseRules:
     # -------------------------------------------------------------- norms
     def norm(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         x = args[0]
-        layer_norm = name in _LAYER_NORM
+        layer_norm = name in LAYER_NORM
         normalized_shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
         weight = args[2] if len(args) > 2 else kwargs.get("weight")
         bias = (args[3] if len(args) > 3 else kwargs.get("bias")) if layer_norm else None
@@ -419,11 +419,11 @@ class _ElementwiseRules:
         if meta is None:
             if weight is None and bias is None:
                 return None
-            raise self.unsupported(name, _LOST_TRACK)
+            raise self.unsupported(name, LOST_TRACK)
         if len(tuple(normalized_shape)) != 1:
             raise self.unsupported(name, f"normalized_shape {tuple(normalized_shape)}; gradgraph supports norms over "
                                    "the last axis")
-        neuron_axes = [axis for axis in range(x.dim()) if _varies_along(meta.nodes, axis)]
+        neuron_axes = [axis for axis in range(x.dim()) if varies_along(meta.nodes, axis)]
         if neuron_axes not in ([x.dim() - 1], []) or meta.comps is None:
             raise self.unsupported(name, "a norm whose last axis is not the features of its input")
         with torch.no_grad():
@@ -439,10 +439,10 @@ class _ElementwiseRules:
             "rms_norm", None if eps is None else eps)
         self.derived[id(normalised)] = (normalised, self.op_index, recipe)
         versions = self.next_version(meta.versions)
-        normalised_meta = _Neurons(meta.nodes, meta.comps, versions)
+        normalised_meta = Neurons(meta.nodes, meta.comps, versions)
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
-        sources = _rows_along_last(normalised_meta.nodes)[0].clone()
+        sources = rows_along_last(normalised_meta.nodes)[0].clone()
         created = self.new_set(len(sources), NodeKind.NORM, self.path() or name, "norm")
         targets = created.first + torch.arange(len(sources))
         if weight is not None:
@@ -455,8 +455,8 @@ class _ElementwiseRules:
             bias_view = self.param_view(bias, name, "bias")
             created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
         self.ties.append((sources, targets))
-        nodes = _broadcast(targets, output.shape).clone()
-        new = _Neurons(nodes, meta.comps.clone(), {created.index: 0})
+        nodes = broadcast_ids(targets, output.shape).clone()
+        new = Neurons(nodes, meta.comps.clone(), {created.index: 0})
         created.grad_records.append((output, nodes, new.comps))
         self.set_meta(output, new)
         self.observe(output, new)
@@ -472,7 +472,7 @@ class _ElementwiseRules:
         eps = args[7] if len(args) > 7 else kwargs.get("eps", 1e-5)
         meta = self.need_neurons(x, name)
         if meta is None:
-            raise self.unsupported(name, _LOST_TRACK)
+            raise self.unsupported(name, LOST_TRACK)
         if x.dim() != 2:
             raise self.unsupported(name, f"batch norm on a [{', '.join(map(str, x.shape))}] tensor; gradgraph "
                                    "supports BatchNorm1d on [b, features]")
@@ -481,7 +481,7 @@ class _ElementwiseRules:
         self.derived[id(normalised)] = (normalised, self.op_index, ("batch_norm", eps))
         for index in meta.versions:  # running statistics are buffers: no permutation moves them
             self.sets[index].pinned = True
-        normalised_meta = _Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
+        normalised_meta = Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
         sources = normalised_meta.nodes[0].clone()
@@ -497,8 +497,8 @@ class _ElementwiseRules:
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
             created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.clone()
-        nodes = _broadcast(targets, output.shape).clone()
-        new = _Neurons(nodes, meta.comps.clone(), {created.index: 0})
+        nodes = broadcast_ids(targets, output.shape).clone()
+        new = Neurons(nodes, meta.comps.clone(), {created.index: 0})
         created.grad_records.append((output, nodes, new.comps))
         self.set_meta(output, new)
         self.observe(output, new)

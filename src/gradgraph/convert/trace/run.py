@@ -15,10 +15,12 @@ from gradgraph.capture import check_materialised
 from gradgraph.convert.trace.decompositions import decomposition
 from gradgraph.convert.trace.meta import (
     TraceAbort, ValueGuard, flat_arguments,
-    _GRADGRAPH_DIR, _Neurons, _Opaque, _OpLog, _TORCH_DIR, UnsupportedOperationError,
+    GRADGRAPH_DIR, Neurons, Opaque, OpLog, TORCH_DIR, UnsupportedOperationError,
 )
-from gradgraph.convert.trace.ops import _ELEMENTWISE_MODULES, _op_name
-from gradgraph.convert.trace.tracer import _Tracer
+from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
+from gradgraph.convert.trace.result import TraceResult
+from gradgraph.convert.trace.stock_attention import check_attention, self_attention
+from gradgraph.convert.trace.tracer import Tracer
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind
 
@@ -38,7 +40,7 @@ class _ModuleTracker:
     def __enter__(self) -> "_ModuleTracker":
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-        paths = self.tracer._module_paths
+        paths = self.tracer.module_paths
 
         def pre(module: nn.Module, args: Any) -> None:
             self.tracer.module_stack.append(paths.get(id(module), type(module).__name__))
@@ -59,7 +61,7 @@ class _ModuleTracker:
         self.handles = [] if self.replay else [register_module_forward_pre_hook(pre),
                                                register_module_forward_hook(post)]
         for module in self.tracer.model.modules():
-            activation = next((kind for cls, kind in _ELEMENTWISE_MODULES.items() if isinstance(module, cls)), None)
+            activation = next((kind for cls, kind in ELEMENTWISE_MODULES.items() if isinstance(module, cls)), None)
             if activation is not None:
                 self._patch(module, activation)
             elif isinstance(module, nn.MultiheadAttention):
@@ -83,10 +85,8 @@ class _ModuleTracker:
         self.patched.append(module)
 
     def _patch_attention(self, module: nn.MultiheadAttention) -> None:
-        from gradgraph.convert.attention import _check_attention, self_attention
-
         original = module.forward
-        path = self.tracer._module_paths.get(id(module), "")
+        path = self.tracer.module_paths.get(id(module), "")
         tracer = self.tracer
 
         def forward(query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
@@ -95,7 +95,7 @@ class _ModuleTracker:
                     is_causal: bool = False) -> tuple[Tensor, None]:
             # the stock module runs one fused kernel on its packed in_proj_weight; gradgraph's
             # functional form computes the same with F.linear on row slices, which the trace follows
-            _check_attention(path, module)
+            check_attention(path, module)
             key = query if key is None else key
             value = key if value is None else value
             if not (query is key and key is value):
@@ -124,23 +124,26 @@ class _ModuleTracker:
 
 
 def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any],
-                datapoint_dim: int = 0) -> tuple[_Tracer, Any, Tensor]:
-    """Run ``forward(x)`` under the tracer; returns ``(tracer, output, x)``.
+                datapoint_dim: int = 0) -> TraceResult:
+    """Run ``forward(x)`` under the tracer and return what it found.
 
-    ``x`` is the input as the model saw it (a leaf that requires grad for float inputs);
-    ``inputs.shape[datapoint_dim]`` counts the datapoints. ``tracer.module_outputs`` lists
-    ``(module path, (op, position))`` per module call, in the order the calls returned: the op
-    whose output the module returned.
+    ``x`` (:attr:`TraceResult.inputs`) is the input as the model saw it (a leaf that requires
+    grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints.
     """
-    check_materialised(model, "convert_traced")
-    tracer = _Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
+    check_materialised(model, "to_graph")
+    tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     tracer.bind_input(x)
     tracker = _ModuleTracker(tracer)
     with torch.enable_grad(), tracker, tracer:
         output = _run_forward(model, forward, x, tracer)
-    tracer.module_outputs = tracker.module_outputs  # read by the plan (gradgraph.convert.chain)
-    return tracer, output, x
+    return TraceResult(
+        sets=tracer.sets, num_nodes=tracer.num_nodes, edges=tracer.edges, ties=tracer.ties,
+        attention=tracer.attention, cuts=tracer.cuts, num_keys=len(tracer.keys), param_names=tracer.param_names,
+        param_shapes=tracer.param_shapes, params=tracer.params, fingerprints=tracer.log.fingerprints,
+        value_guards=tracer.value_guards, output_sets=_output_sets(tracer, output), captured=tracer.captured,
+        module_outputs=tracker.module_outputs, output=output, inputs=x, num_datapoints=tracer.num_datapoints,
+        log=tracer.log, derived=tracer.derived)
 
 
 def _user_frame(traceback: Any) -> str:
@@ -149,13 +152,13 @@ def _user_frame(traceback: Any) -> str:
     while traceback is not None:
         code = traceback.tb_frame.f_code
         filename = os.path.abspath(code.co_filename)
-        if not filename.startswith(_TORCH_DIR) and not filename.startswith(_GRADGRAPH_DIR):
+        if not filename.startswith(TORCH_DIR) and not filename.startswith(GRADGRAPH_DIR):
             found = f"{os.path.basename(filename)}:{traceback.tb_lineno} in {getattr(code, 'co_qualname', code.co_name)}"
         traceback = traceback.tb_next
     return found
 
 
-def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor, tracer: _Tracer | None = None) -> Any:
+def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor, tracer: Tracer | None = None) -> Any:
     """``forward(x)``; torch's own errors from the model's code become a GradGraphError that
     names the input and the line of the forward that failed."""
     try:
@@ -172,7 +175,7 @@ def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor, 
             f"{list(x.shape)} ({x.dtype}): {type(error).__name__}: {error}") from error
 
 
-def _locate_in_module(error: UnsupportedOperationError, traceback: Any, tracer: _Tracer) -> None:
+def _locate_in_module(error: UnsupportedOperationError, traceback: Any, tracer: Tracer) -> None:
     """Name the forward of the module the op ran in as the error's source line, where none of the
     user's code runs inside the model on the way to the op (a stock ``nn.Conv1d`` in an
     ``nn.Sequential`` model): the innermost user frame is then the line that called ``to_graph``,
@@ -192,7 +195,7 @@ def _locate_in_module(error: UnsupportedOperationError, traceback: Any, tracer: 
             module_frame = traceback
             if not inside_model:  # the model's forward was not seen: count only frames below the module
                 user_frame = None
-        elif not os.path.abspath(frame_code.co_filename).startswith((_TORCH_DIR, _GRADGRAPH_DIR)) and (
+        elif not os.path.abspath(frame_code.co_filename).startswith((TORCH_DIR, GRADGRAPH_DIR)) and (
                 inside_model or module_frame is not None):
             user_frame = traceback
         traceback = traceback.tb_next
@@ -226,8 +229,8 @@ class _Replayer(TorchFunctionMode):
         self.captured: dict[int, tuple[tuple, dict, Any]] = {}
         self.module_stack: list[str] = []
         self.module_types: list[str] = []
-        self._module_paths = {id(module): name for name, module in model.named_modules()}
-        self.log: _OpLog | None = None
+        self.module_paths = {id(module): name for name, module in model.named_modules()}
+        self.log: OpLog | None = None
         self.op_index = -1
 
     def location(self) -> str:
@@ -240,7 +243,7 @@ class _Replayer(TorchFunctionMode):
             with self:  # as the trace ran it: the same ops, numbered the same
                 return parts()
         output = func(*args, **kwargs)
-        index = self.log.step(_op_name(func), args, kwargs, output)
+        index = self.log.step(op_name(func), args, kwargs, output)
         if index >= len(self.fingerprints) or self.log.fingerprints[-1] != self.fingerprints[index]:
             raise PlanMismatch(index)
         guards = self.guards.get(index)
@@ -259,7 +262,7 @@ def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], A
     raises :class:`PlanMismatch` if it differs."""
     replayer = _Replayer(model, fingerprints, wanted, guards)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
-    replayer.log = _OpLog(x, {id(p): name for name, p in model.named_parameters()})
+    replayer.log = OpLog(x, {id(p): name for name, p in model.named_parameters()})
     with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer:
         output = _run_forward(model, forward, x)
     if replayer.log.count != len(fingerprints):
@@ -267,13 +270,13 @@ def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], A
     return replayer, output, x
 
 
-def output_sets(tracer: _Tracer, output: Any) -> set[int]:
+def _output_sets(tracer: Tracer, output: Any) -> set[int]:
     """The neuron sets whose values reach the model output (directly or through opaque ops)."""
     sets: set[int] = set()
     for value in tree_flatten(output)[0]:
         meta = tracer.meta(value) if isinstance(value, Tensor) else None
-        if isinstance(meta, _Neurons):
+        if isinstance(meta, Neurons):
             sets.update(meta.versions)
-        elif isinstance(meta, _Opaque):
+        elif isinstance(meta, Opaque):
             sets.update(meta.sets)
     return sets

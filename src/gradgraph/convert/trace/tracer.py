@@ -1,7 +1,7 @@
 """The trace itself: a ``TorchFunctionMode`` that runs every op and follows neurons through it.
 
 The rules for affine maps and embeddings, elementwise ops and norms, and attention live in
-their own modules as mixins of :class:`_Tracer`; this one holds the bookkeeping, the input,
+their own modules as mixins of :class:`Tracer`; this one holds the bookkeeping, the input,
 the dispatch and the shape ops.
 """
 
@@ -21,31 +21,31 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from gradgraph.convert.trace.decompositions import decomposition
 from gradgraph.convert.trace.meta import (
-    _broadcast, _feature_row, _GRADGRAPH_DIR, _ids_like, KEY_STRIDE, _Neurons, NeuronSet, _Opaque, _OpLog, _Param,
-    _Raw, _Scores, _TORCH_DIR, TraceAbort, UnsupportedOperationError, ValueGuard, _varies_along, constant_varies,
-    flat_arguments,
+    broadcast_ids, feature_row, GRADGRAPH_DIR, ids_like, KEY_STRIDE, Neurons, NeuronSet, Opaque, OpLog, Param,
+    Raw, Scores, TORCH_DIR, TraceAbort, UnsupportedOperationError, ValueGuard, varies_along, constant_varies,
+    flat_arguments, set_containing,
 )
 from gradgraph.convert.trace.ops import (
-    _ACTIVATIONS, _ADDMM, _BADDBMM, _BATCH_NORM, _CONVOLUTION, _BINARY_ADD, _BINARY_MUL, _BINARY_OTHER, _CONCATENATIONS,
-    _ELEMENTWISE_FUNCTIONS, _EMBEDDING, _IDENTITY_OPS, _IN_PLACE_HINT, _IN_PLACE_OPERATORS, _JOINS, _LAYER_NORM, _LINEAR, _MASK_FILL,
-    _MATMUL, _op_name, _REDUCTIONS, _RMS_NORM, _SDPA, _SHAPE_OPS, _SOFTMAX, _UNARY, _WHERE,
+    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER, CONCATENATIONS,
+    ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT, IN_PLACE_OPERATORS, JOINS, LAYER_NORM, LINEAR, MASK_FILL,
+    MATMUL, op_name, REDUCTIONS, RMS_NORM, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
 )
-from gradgraph.convert.trace.rules_affine import _AffineRules
-from gradgraph.convert.trace.rules_attention import _AttentionRules
-from gradgraph.convert.trace.rules_data import _Data, _DataRules
-from gradgraph.convert.trace.rules_elementwise import _ElementwiseRules
+from gradgraph.convert.trace.rules_affine import AffineRules
+from gradgraph.convert.trace.rules_attention import AttentionRules
+from gradgraph.convert.trace.rules_data import Data, DataRules
+from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
 
 def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
     """Whether the op writes into one of its arguments (``add_``, ``+=``, ``x[i] = v``, ``relu(x, True)``)."""
-    if name.endswith("_") and not name.endswith("__") or name in _IN_PLACE_OPERATORS or kwargs.get("inplace") is True:
+    if name.endswith("_") and not name.endswith("__") or name in IN_PLACE_OPERATORS or kwargs.get("inplace") is True:
         return True
     return (name.startswith("torch.nn.functional.") and len(args) > 1 and args[-1] is True
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
 
 
-class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, TorchFunctionMode):
+class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
@@ -68,15 +68,15 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         self.param_shapes: list[list[int]] = []
         self.params: list[Tensor] = []
         self._param_index: dict[int, int] = {}
-        self._param_name = {id(p): name for name, p in model.named_parameters()}
+        self.name_of_parameter = {id(p): name for name, p in model.named_parameters()}
         self._param_objects = {id(p): p for p in model.parameters()}
         self.module_stack: list[str] = []
         self.module_types: list[str] = []
-        self._module_paths = {id(module): name for name, module in model.named_modules()}
+        self.module_paths = {id(module): name for name, module in model.named_modules()}
         self.input_comps: Tensor | None = None  # per flat input element: its component, -1 until read
         self.input_tensor: Tensor | None = None
         self.input_set: NeuronSet | None = None
-        self.log: _OpLog | None = None
+        self.log: OpLog | None = None
         self.op_index = -1
         self.captured: dict[int, tuple[tuple, dict, Any]] = {}  # op index -> (args, kwargs, output)
         #: id(tensor) -> (tensor, op index, recipe): values computed by the tracer itself from
@@ -93,7 +93,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         if entry is not None and entry[0] is value:
             return entry[1]
         if id(value) in self._param_objects:
-            return _Param(self.param_index(value), torch.arange(value.numel()).reshape(value.shape))
+            return Param(self.param_index(value), torch.arange(value.numel()).reshape(value.shape))
         return None
 
     def set_meta(self, tensor: Tensor, meta: Any) -> None:
@@ -104,7 +104,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         if index is None:
             index = len(self.param_names)
             self._param_index[id(param)] = index
-            self.param_names.append(self._param_name[id(param)])
+            self.param_names.append(self.name_of_parameter[id(param)])
             self.param_shapes.append(list(param.shape))
             self.params.append(param)
         return index
@@ -129,7 +129,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         frame = sys._getframe(1)
         while frame is not None:
             filename = os.path.abspath(frame.f_code.co_filename)
-            if not filename.startswith(_TORCH_DIR) and not filename.startswith(_GRADGRAPH_DIR):
+            if not filename.startswith(TORCH_DIR) and not filename.startswith(GRADGRAPH_DIR):
                 name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
                 return f"{os.path.basename(filename)}:{frame.f_lineno} in {name}"
             frame = frame.f_back
@@ -156,14 +156,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         return neuron_set
 
     def set_of(self, node: int) -> NeuronSet:
-        low, high = 0, len(self.sets) - 1
-        while low < high:  # sets are sorted by first node
-            middle = (low + high + 1) // 2
-            if self.sets[middle].first <= node:
-                low = middle
-            else:
-                high = middle - 1
-        return self.sets[low]
+        return set_containing(self.sets, node)
 
     def sets_in(self, nodes: Tensor) -> list[NeuronSet]:
         values = torch.unique(nodes[nodes >= 0]).tolist()
@@ -186,7 +179,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
             result[index] = neuron_set.version_counter
         return result
 
-    def observe(self, tensor: Tensor, meta: _Neurons) -> None:
+    def observe(self, tensor: Tensor, meta: Neurons) -> None:
         """Remember ``tensor`` as the newest value of its sets (their act if nothing fixes it)."""
         if meta.comps is None:
             return
@@ -199,10 +192,10 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
     # -------------------------------------------------------------- input
     def bind_input(self, tensor: Tensor) -> None:
         self.input_tensor = tensor
-        self.log = _OpLog(tensor, self._param_name)
-        self.set_meta(tensor, _Raw(torch.arange(tensor.numel()).reshape(tensor.shape)))
+        self.log = OpLog(tensor, self.name_of_parameter)
+        self.set_meta(tensor, Raw(torch.arange(tensor.numel()).reshape(tensor.shape)))
 
-    def _datapoint_of(self, element: Tensor) -> tuple[Tensor, Tensor, int]:
+    def datapoint_of(self, element: Tensor) -> tuple[Tensor, Tensor, int]:
         """``(datapoint, within, per_datapoint)`` of flat input elements: the datapoint axis's
         index and the element's rank among its datapoint's elements (the other axes in order)."""
         shape = self.input_tensor.shape
@@ -214,16 +207,16 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         within = (element // (inner * shape[axis])) * inner + element % inner
         return datapoint, within, math.prod(shape) // max(shape[axis], 1)
 
-    def neurons_from_raw(self, tensor: Tensor, meta: _Raw, what: str) -> _Neurons:
+    def neurons_from_raw(self, tensor: Tensor, meta: Raw, what: str) -> Neurons:
         """Fix the layout of the input: the last axis of ``tensor`` holds features (or ids)."""
         element = meta.element
-        datapoint, within, per_datapoint = self._datapoint_of(element)
+        datapoint, within, per_datapoint = self.datapoint_of(element)
         if tensor.dim() < 1:
             raise self.unsupported(what, "the input must have a datapoint axis")
         integer = not tensor.is_floating_point()
         if integer:  # token ids: every element is one position
-            comps = self._assign_comps(element, datapoint, within)
-            return _Neurons(_ids_like(tensor), comps, {})
+            comps = self.assign_comps(element, datapoint, within)
+            return Neurons(ids_like(tensor), comps, {})
         width = tensor.shape[-1]
         first_row = element.reshape(-1, width)
         if per_datapoint % width or not bool((first_row - first_row[:, :1] == first_row[:1] - first_row[:1, :1]).all()):
@@ -238,13 +231,13 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
             rank = torch.unique(row_start, return_inverse=True)[1]
             position = rank[:, None].expand(-1, width).reshape(within.shape)
         self.input_neurons(width, what, f"with {width} features")
-        nodes = self.input_set.first + _broadcast(feature, tensor.shape).clone()
-        comps = self._assign_comps(element, datapoint, position)
+        nodes = self.input_set.first + broadcast_ids(feature, tensor.shape).clone()
+        comps = self.assign_comps(element, datapoint, position)
         if tensor.requires_grad:
             self.input_set.grad_records.append((tensor, nodes, comps))
-        return _Neurons(nodes, comps, {self.input_set.index: 0})
+        return Neurons(nodes, comps, {self.input_set.index: 0})
 
-    def _assign_comps(self, element: Tensor, datapoint: Tensor, position: Tensor) -> Tensor:
+    def assign_comps(self, element: Tensor, datapoint: Tensor, position: Tensor) -> Tensor:
         count = int(position.max()) + 1 if position.numel() else 1
         while len(self.keys) < count:
             self.new_key()
@@ -264,13 +257,13 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         if parts is not None:
             with self:  # the parts run under the trace: its rules follow them
                 return parts()
-        name = _op_name(func)
+        name = op_name(func)
         try:
             if _is_in_place(name, args, kwargs):
                 # refused before it runs: an in-place op changes a value the trace already recorded
                 flat, _ = tree_flatten((args, kwargs))
-                if any(isinstance(self.meta(value), _Neurons | _Raw) for value in flat if isinstance(value, Tensor)):
-                    raise self.unsupported(name, _IN_PLACE_HINT)
+                if any(isinstance(self.meta(value), Neurons | Raw) for value in flat if isinstance(value, Tensor)):
+                    raise self.unsupported(name, IN_PLACE_HINT)
                 if args and isinstance(args[0], Tensor) and self.read_indices.get(id(args[0])) is args[0]:
                     raise self.unsupported(name, "changes in place the indices an embedding already read (the "
                                            "factors read them after the forward); change a copy (.clone())")
@@ -292,33 +285,33 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
 
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         metas = [meta for _, meta in tracked]
-        if all(self.is_data(value, meta) for value, meta in tracked) and name not in _EMBEDDING:
+        if all(self.is_data(value, meta) for value, meta in tracked) and name not in EMBEDDING:
             return self.data_op(name, func, args, kwargs, output, tracked)
-        if name in _ELEMENTWISE_FUNCTIONS:
-            return self.unary(args[0], output, name, _ELEMENTWISE_FUNCTIONS[name])
-        if any(isinstance(meta, _Opaque) for meta in metas):
-            if any(isinstance(meta, _Param) for meta in metas):
-                value = next(value for value, meta in tracked if isinstance(meta, _Opaque))
+        if name in ELEMENTWISE_FUNCTIONS:
+            return self.unary(args[0], output, name, ELEMENTWISE_FUNCTIONS[name])
+        if any(isinstance(meta, Opaque) for meta in metas):
+            if any(isinstance(meta, Param) for meta in metas):
+                value = next(value for value, meta in tracked if isinstance(meta, Opaque))
                 self.need_neurons(value, f"{name} with the parameter "
-                                  f"'{self.param_names[next(m for m in metas if isinstance(m, _Param)).index]}'")
-            opaque = next(meta for meta in metas if isinstance(meta, _Opaque))
+                                  f"'{self.param_names[next(m for m in metas if isinstance(m, Param)).index]}'")
+            opaque = next(meta for meta in metas if isinstance(meta, Opaque))
             return self.mark_opaque(output, opaque.op, opaque.reason, metas, location=opaque.location,
                                     path=opaque.path)
-        if name in _LINEAR:
+        if name in LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return self.affine(name, args[0], weight, bias, output, transposed=False)
-        if name in _ADDMM:
+        if name in ADDMM:
             bias, x, weight = args[0], args[1], args[2]
             if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
                 raise self.unsupported(name, "addmm with alpha/beta other than 1")
             return self.affine(name, x, weight, bias, output, transposed=True)
-        if name in _MATMUL:
+        if name in MATMUL:
             left, right = (args[1], args[0]) if name == "Tensor.__rmatmul__" else (args[0], args[1])
             return self.matmul(name, left, right, output)
-        if name in _BADDBMM:
+        if name in BADDBMM:
             return self.biased_scores(name, args, kwargs, output)
-        if name in _EMBEDDING:
+        if name in EMBEDDING:
             indices = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             options = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args[2:]))
@@ -329,37 +322,37 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
                 raise self.unsupported(name, "scale_grad_by_freq scales a row's gradient by its count in the whole "
                                        "batch, so datapoints' gradients are not separate")
             return self.embedding(name, indices, weight, output, options.get("padding_idx"))
-        if name in _SDPA:
+        if name in SDPA:
             return self.sdpa(name, args, kwargs, output)
-        if name in _CONVOLUTION:
+        if name in CONVOLUTION:
             return self.patch_convolution(name, args, kwargs, output)
-        if name in _LAYER_NORM or name in _RMS_NORM:
+        if name in LAYER_NORM or name in RMS_NORM:
             return self.norm(name, args, kwargs, output)
-        if name in _BATCH_NORM:
+        if name in BATCH_NORM:
             return self.batch_norm(name, args, kwargs, output)
-        if any(isinstance(meta, _Scores) for meta in metas):
+        if any(isinstance(meta, Scores) for meta in metas):
             return self.scores_op(name, args, kwargs, output, tracked)
-        if name in _SHAPE_OPS or name in _IDENTITY_OPS or name == "Tensor.__getitem__":
-            if name in _IDENTITY_OPS and name.endswith("dropout"):
+        if name in SHAPE_OPS or name in IDENTITY_OPS or name == "Tensor.__getitem__":
+            if name in IDENTITY_OPS and name.endswith("dropout"):
                 training = kwargs.get("training", args[2] if len(args) > 2 else True)
                 p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
                 if training and p > 0:
                     raise self.unsupported(name, "active dropout changes the function; call model.eval()")
             return self.shape_op(name, func, args, kwargs, output, tracked)
-        if name in _UNARY:
-            operands = [meta for value, meta in tracked if isinstance(meta, _Param) and value is not args[0]]
+        if name in UNARY:
+            operands = [meta for value, meta in tracked if isinstance(meta, Param) and value is not args[0]]
             if operands:  # torch.pow(h, p), clamp(h, min=p): the parameter is no bias or scale
                 raise self.parameter_operand_refused(name, operands[0])
-            return self.unary(args[0], output, name, _ACTIVATIONS.get(name))
-        if name in _BINARY_ADD or name in _BINARY_MUL or name in _BINARY_OTHER:
+            return self.unary(args[0], output, name, ACTIVATION_OPS.get(name))
+        if name in BINARY_ADD or name in BINARY_MUL or name in BINARY_OTHER:
             return self.binary(name, args, kwargs, output)
-        if name in _SOFTMAX:
+        if name in SOFTMAX:
             return self.softmax(name, args, kwargs, output)
-        if name in _REDUCTIONS:
+        if name in REDUCTIONS:
             return self.reduction(name, args, kwargs, output)
-        if name in _MASK_FILL or name in _WHERE:
+        if name in MASK_FILL or name in WHERE:
             return self.mask_op(name, args, kwargs, output)
-        used = [meta for meta in metas if isinstance(meta, _Param)]
+        used = [meta for meta in metas if isinstance(meta, Param)]
         if used:
             kind = "a convolution" if "conv" in name else "this op"
             raise self.unsupported(
@@ -373,37 +366,37 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
                     path: str | None = None) -> None:
         sets: set[int] = set()
         for meta in metas:
-            if isinstance(meta, _Neurons):
+            if isinstance(meta, Neurons):
                 sets.update(meta.versions)
-            elif isinstance(meta, _Opaque):
+            elif isinstance(meta, Opaque):
                 sets.update(meta.sets)
-            elif isinstance(meta, _Scores):
+            elif isinstance(meta, Scores):
                 sets.update(meta.query.versions)
                 sets.update(meta.key.versions)
         for index in sets:
             self.sets[index].pinned = True
-        opaque = _Opaque(op, location or self.location(), self.path() if path is None else path, reason, sets)
+        opaque = Opaque(op, location or self.location(), self.path() if path is None else path, reason, sets)
         for value in tree_flatten(output)[0]:
             if isinstance(value, Tensor):
                 self.set_meta(value, opaque)
 
-    def need_neurons(self, value: Any, what: str) -> _Neurons | None:
+    def need_neurons(self, value: Any, what: str) -> Neurons | None:
         """The neuron ids of ``value`` (fixing the input's layout); ``None`` for constants."""
         meta = self.meta(value)
-        if meta is None or isinstance(meta, _Neurons):
+        if meta is None or isinstance(meta, Neurons):
             return meta
-        if isinstance(meta, _Data):
+        if isinstance(meta, Data):
             if meta.element is None or not value.is_floating_point():
                 return None  # a constant of the datapoints (a mask, position ids)
             # the integer input cast to float and read as features (uint8 pixels / 255)
-            neurons = self.neurons_from_raw(value, _Raw(meta.element), what)
+            neurons = self.neurons_from_raw(value, Raw(meta.element), what)
             self.set_meta(value, neurons)
             return neurons
-        if isinstance(meta, _Raw):
+        if isinstance(meta, Raw):
             neurons = self.neurons_from_raw(value, meta, what)
             self.set_meta(value, neurons)
             return neurons
-        if isinstance(meta, _Opaque):
+        if isinstance(meta, Opaque):
             raise UnsupportedOperationError(
                 meta.path, meta.op, meta.location,
                 f"{meta.reason}, and its result reaches {what} at {self.location()}"
@@ -411,28 +404,28 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
                 + ". Write it with supported ops, register it with gradgraph.convert.register_elementwise "
                 "if it is elementwise, or register a converter for the whole module",
             )
-        if isinstance(meta, _Scores):
+        if isinstance(meta, Scores):
             raise self.unsupported(what, "attention scores used as neuron values")
         raise self.unsupported(what, "a parameter used where gradgraph expects neuron values")
 
     # -------------------------------------------------------------- shape ops
     def shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         # data (h[range(b), lengths - 1], a mask's index) indexes: it is no value of the result
-        tracked = [(value, meta) for value, meta in tracked if not isinstance(meta, _Data)]
+        tracked = [(value, meta) for value, meta in tracked if not isinstance(meta, Data)]
         metas = [meta for _, meta in tracked]
         kinds = {type(meta) for meta in metas}
-        if kinds == {_Param}:
-            return self.replay(func, args, kwargs, output, lambda pos: _Param(metas[0].index, pos),
+        if kinds == {Param}:
+            return self.replay(func, args, kwargs, output, lambda pos: Param(metas[0].index, pos),
                                lambda meta: meta.pos)
-        if kinds == {_Raw}:
-            return self.replay(func, args, kwargs, output, _Raw, lambda meta: meta.element)
-        if _Param in kinds or _Raw in kinds:
+        if kinds == {Raw}:
+            return self.replay(func, args, kwargs, output, Raw, lambda meta: meta.element)
+        if Param in kinds or Raw in kinds:
             # a class token concatenated to tokens, or a raw input joined to neurons
             return self.join_parts(name, func, args, kwargs, output)
         for value, meta in tracked:
-            if isinstance(meta, _Neurons) and meta.comps is None and name in _JOINS:
+            if isinstance(meta, Neurons) and meta.comps is None and name in JOINS:
                 raise self.unsupported(name, "concatenating values that do not depend on the input")
-        if name in _JOINS:
+        if name in JOINS:
             parts = args[0] if args else kwargs["tensors"]
             # an empty constant (a key/value cache before its first entry) joins nothing
             kept = [part for part in parts if self.meta(part) is not None or part.numel() > 0]
@@ -462,7 +455,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         index_outs = index_meta if isinstance(index_meta, tuple | list) else [index_meta] * len(outputs)
         for value, node_ids, comp_ids, index_ids in zip(outputs, node_outs, comp_outs, index_outs):
             if isinstance(value, Tensor):
-                meta = _Neurons(node_ids, comp_ids, dict(versions), index_ids)
+                meta = Neurons(node_ids, comp_ids, dict(versions), index_ids)
                 self.set_meta(value, meta)
                 self.observe(value, meta)
 
@@ -470,7 +463,7 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         """A new version of sets joined from parts at different versions (``rotate_half``:
         ``cat((-x2, x1))``): allowed where each neuron is in one part only, since then every
         neuron's new value is a function of its own; two copies of a neuron are refused."""
-        if name not in _CONCATENATIONS:
+        if name not in CONCATENATIONS:
             raise self.unsupported(name, "joins two versions of the same neurons")
         for index in mixed:
             seen: set[int] = set()
@@ -492,10 +485,10 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
         def substitute(value: Any) -> Any:
             if isinstance(value, Tensor):
                 meta = self.meta(value)
-                if meta is not None and (data or not isinstance(meta, _Data)):
+                if meta is not None and (data or not isinstance(meta, Data)):
                     ids = pick(meta)
                     if ids is None:
-                        return _ids_like(value)
+                        return ids_like(value)
                     return ids
             return value
 
@@ -519,17 +512,17 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
 
     def join_parts(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """``cat`` of a class token (a parameter) with token neurons along positions."""
-        if name not in _CONCATENATIONS:
+        if name not in CONCATENATIONS:
             raise self.unsupported(name, "mixes a parameter or the raw input with neuron values")
         parts = args[0]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        neuron_parts = [self.need_neurons(part, name) if not isinstance(self.meta(part), _Param) else None
+        neuron_parts = [self.need_neurons(part, name) if not isinstance(self.meta(part), Param) else None
                         for part in parts]
         bound = [meta for meta in neuron_parts if meta is not None and meta.comps is not None]
         if not bound:
             raise self.unsupported(name, "no part of this concatenation depends on the input")
         axis = dim % output.dim()
-        datapoint_axes = [a for a in range(output.dim()) if _varies_along(bound[0].comps // KEY_STRIDE, a)]
+        datapoint_axes = [a for a in range(output.dim()) if varies_along(bound[0].comps // KEY_STRIDE, a)]
         datapoint_axis = datapoint_axes[0] if len(datapoint_axes) == 1 else 0
         if axis == output.dim() - 1 or axis == datapoint_axis:
             raise self.unsupported(name, "a parameter concatenated along the feature or datapoint axis")
@@ -555,14 +548,14 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
                 datapoint_shape[datapoint_axis] = part.shape[datapoint_axis]
                 comps = (torch.arange(part.shape[datapoint_axis]).reshape(datapoint_shape) * KEY_STRIDE
                          + keys.reshape(shape))
-                comps = _broadcast(comps, part.shape).clone()
+                comps = broadcast_ids(comps, part.shape).clone()
                 self.edges.append((token.first + torch.arange(width), merged_nodes, EdgeKind.MERGE, -1, None, None))
                 self.ties.append((token.first + torch.arange(width), merged_nodes))
-                node_parts.append(_broadcast(token.first + torch.arange(width), part.shape))
+                node_parts.append(broadcast_ids(token.first + torch.arange(width), part.shape))
                 comps_parts.append(comps)
                 tokens.append(token)
             else:
-                row = _feature_row(meta.nodes)
+                row = feature_row(meta.nodes)
                 if row is None:
                     raise self.unsupported(name, "concatenates tensors whose features are not one neuron set")
                 self.fix_act(part, meta, name)
@@ -576,7 +569,12 @@ class _Tracer(_AffineRules, _ElementwiseRules, _AttentionRules, _DataRules, Torc
             token.grad_records.append((output, token_nodes, comps))
             token.act_records.append((output, token_nodes, comps))
             token.act_version = 0
-        meta = _Neurons(_broadcast(merged_nodes, output.shape).clone(), comps, {merged.index: 0})
+        meta = Neurons(broadcast_ids(merged_nodes, output.shape).clone(), comps, {merged.index: 0})
         merged.grad_records.append((output, meta.nodes, comps))
         self.set_meta(output, meta)
         self.observe(output, meta)
+
+
+# The names these had before issue 27 made them public, for rule files written against them
+# (tests/convert/test_convert_layering.py lists any use); new code uses the public names.
+_Tracer = Tracer

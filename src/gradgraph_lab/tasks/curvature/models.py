@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from gradgraph.errors import GradGraphError
-from gradgraph.nn import GradMetaNetOutput, GradMetaNetPlusPlus
+from gradgraph.nn import GradMetaNetConfig, GradMetaNetOutput, GradMetaNetPlusPlus
 from gradgraph.nn.sparse import channel_sddmm
 from gradgraph_lab.tasks.curvature.data import _TINY, CurvatureBatch, CurvatureSource, normalised_l2
-from gradgraph_lab.tasks.models import build_gradmetanet, mean_gradient, per_graph_outputs
+from gradgraph_lab.tasks.models import LAZY_INPUT_WIDTHS, build_gradmetanet, mean_gradient, per_graph_outputs
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -101,15 +101,12 @@ def _split(values: Tensor, num_edges: int) -> tuple[Tensor, Tensor]:
 
 # ----------------------------------------------------------------------------- models
 @dataclass
-class ModelConfig:
-    """Sizes of the learned models.
+class ModelConfig(GradMetaNetConfig):
+    """Sizes of the learned models: GradMetaNet's (the fields of
+    :class:`~gradgraph.nn.GradMetaNetConfig`; ``num_node_layers`` is used by every GradMetaNet
+    variant) with this task's defaults, and the other models'.
 
     Attributes:
-        hidden_channels: node-state width ``C`` of the GradMetaNet variants.
-        component_channels: per-component width ``C_z`` of GradMetaNet.
-        num_component_layers: component layers of GradMetaNet.
-        num_node_layers: node layers of every GradMetaNet variant.
-        product_channels: channels of GradMetaNet's component-wise product decoder.
         mlp_hidden: width of the per-parameter MLP on concatenated gradients.
         mlp_layers: hidden layers of that MLP.
         reweight_datapoints: GradMetaNet also outputs one weight per datapoint (a softmax
@@ -118,11 +115,9 @@ class ModelConfig:
         density_heads: heads of the :class:`~gradgraph.nn.ComponentDensity` in GradMetaNet's
             datapoint-weight readout (0: none). Lets a datapoint's weight depend on how
             crowded its neighbourhood in the sample is, not only on set means.
-        component_edge_messages: whether GradMetaNet's component layers also pass
-            per-component messages along the weights (``ComponentConv``'s edge terms, cost
-            ``O(E·B·C)``). Off by default: the paper's ``L_Γb`` has only the set/neuron
-            interactions (cost ``O(N·B·C)``), and on a 2-core CPU the edge terms make a
-            step several times slower.
+        component_edge_messages: off by default here: the paper's ``L_Γb`` has only the
+            set/neuron interactions (cost ``O(N·B·C)``), and on a 2-core CPU the edge terms
+            make a step several times slower.
         max_log_correction: ``|γ·r|`` is clipped to this (keeps ``exp`` finite early on).
         pp_channels: per-component width ``C`` of GradMetaNet++.
         pp_layers: GradMetaNet++ blocks (component attention + neuron attention).
@@ -130,16 +125,15 @@ class ModelConfig:
         pp_product_channels: width of GradMetaNet++'s per-component product decoder.
     """
 
-    hidden_channels: int = 32
+    # GradMetaNetConfig's fields, with this task's defaults where they differ
     component_channels: int = 8
     num_component_layers: int = 1
-    num_node_layers: int = 2
     product_channels: int = 4
+    component_edge_messages: bool = False
     mlp_hidden: int = 32
     mlp_layers: int = 2
     reweight_datapoints: bool = True
     density_heads: int = 4
-    component_edge_messages: bool = False
     max_log_correction: float = 5.0
     pp_channels: int = 8
     pp_layers: int = 1
@@ -227,6 +221,7 @@ class GradMetaNetPlusPlusEstimator(GradMetaNetEstimator):
             product_channels=config.pp_product_channels,
             component_out_channels=num_param_kinds if config.reweight_datapoints else 0,
             component_density_heads=config.density_heads if config.reweight_datapoints else 0,
+            **LAZY_INPUT_WIDTHS,
         )
 
 

@@ -41,9 +41,9 @@ from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
-from gradgraph.nn import GradMetaNetOutput, GradMetaNetPlusPlus, ScaleEquivariant
+from gradgraph.nn import GradMetaNetConfig, GradMetaNetOutput, GradMetaNetPlusPlus, ScaleEquivariant
 from gradgraph_lab.tasks.inr_editing.data import InrBatch, InrSource
-from gradgraph_lab.tasks.models import build_gradmetanet, mean_gradient, per_graph_outputs
+from gradgraph_lab.tasks.models import LAZY_INPUT_WIDTHS, build_gradmetanet, mean_gradient, per_graph_outputs
 
 __all__ = ["BASE_MODELS", "DEFAULT_MODELS", "MODEL_LABELS", "MODEL_NAMES", "EditModelConfig", "EditNet", "FeatureScales", "InrEditor",
            "NoEdit", "build_model", "describe"]
@@ -67,19 +67,15 @@ _TINY = 1e-12
 
 
 @dataclass
-class EditModelConfig:
-    """Sizes of the learned editing models.
+class EditModelConfig(GradMetaNetConfig):
+    """Sizes of the learned editing models: GradMetaNet's (the fields of
+    :class:`~gradgraph.nn.GradMetaNetConfig`, with this task's defaults; the components are
+    the probe points; ``num_node_layers`` is used by every model) and the edit's own.
 
     Attributes:
-        hidden_channels: node-state width ``C``.
-        component_channels: per-(neuron, point) width ``C_z`` of the gradient model.
-        num_component_layers: component layers of the gradient model.
-        num_node_layers: node layers of every model.
-        product_channels: channels of the decoder's component-wise product.
-        component_edge_messages: whether the component layers also pass per-(neuron, point)
-            messages along every weight (cost ``O(E·B·C_z)``). Off by default: the paper's
-            ``L_Γb`` has only the set/neuron interactions (``O(N·B·C_z)``), and on a 2-core
-            CPU the edge terms made an epoch about 5× slower.
+        component_edge_messages: off by default here: the paper's ``L_Γb`` has only the
+            set/neuron interactions (``O(N·B·C_z)``), and on a 2-core CPU the edge terms made
+            an epoch about 5× slower.
         output_gain: initial per-layer gain of ``Δθ`` in units of the layer's weight RMS
             (small: training starts near the unedited INR).
         gradient_step: the gradient model also adds a learned per-layer multiple of the
@@ -87,9 +83,8 @@ class EditModelConfig:
             first learn to form that mean through its decoder.
     """
 
-    hidden_channels: int = 32
+    # GradMetaNetConfig's fields, with this task's defaults where they differ
     component_channels: int = 16
-    num_component_layers: int = 2
     num_node_layers: int = 3
     product_channels: int = 8
     component_edge_messages: bool = False
@@ -173,6 +168,7 @@ class EditNet(nn.Module):
                 product_channels=config.product_channels,
                 edge_out_channels=1,
                 node_out_channels=1,
+                **LAZY_INPUT_WIDTHS,
             )
             self.config = config
             return

@@ -1,0 +1,340 @@
+"""Never silently wrong: what the converter must refuse rather than answer wrongly, and the
+neighbouring cases it must still answer exactly.
+
+The per-sample gradients come from one backward pass of ``sum_i L_i``; they are each datapoint's
+own only if no loss depends on another datapoint. Each refusal test below was checked against
+the converter without its check (``gradgraph.convert.separation.check_separate`` removed from
+``_fill``): every coupled case then converted, with per-sample gradients off by 0.15 to 2.1
+(float64, against a per-datapoint autograd loop) — the bug these tests guard against.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import GPT, reference_per_sample_grads, token_loss
+
+import gradgraph
+from gradgraph.errors import DatapointCouplingError, GradGraphError
+from gradgraph.optim.optimizer import graph_from_closure
+
+DTYPE = torch.float64
+
+
+class TwoLayer(nn.Module):
+    """``head(tanh(inp(x)))``, then ``tail`` (an op after the last parameter, or none)."""
+
+    def __init__(self, tail=None, d_in: int = 3, hidden: int = 6, d_out: int = 4) -> None:
+        super().__init__()
+        self.inp, self.head, self.tail = nn.Linear(d_in, hidden), nn.Linear(hidden, d_out), tail
+
+    def forward(self, x):
+        output = self.head(torch.tanh(self.inp(x)))
+        return output if self.tail is None else self.tail(output)
+
+
+def loop_per_sample_grads(model, inputs, targets, loss_fn):
+    """``dL_i/dθ`` for each ``i`` by one autograd call per datapoint on the whole batch: the truth
+    also where the losses couple datapoints (torch.func's vmap would see one datapoint at a time)."""
+    names, params = zip(*model.named_parameters())
+    losses = loss_fn(model(inputs), targets)
+    rows = [torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True) for i in range(len(losses))]
+    return {name: torch.stack([torch.zeros_like(param) if row[k] is None else row[k] for row in rows])
+            for k, (name, param) in enumerate(zip(names, params))}
+
+
+def cross_entropy(output, targets):
+    return F.cross_entropy(output, targets, reduction="none")
+
+
+def centred(output, targets):
+    losses = cross_entropy(output, targets)
+    return losses - losses.mean()
+
+
+def info_nce(output, targets):
+    """InfoNCE over the batch: datapoint ``i``'s positive is row ``i``, its negatives the other rows."""
+    anchors = F.normalize(output, dim=-1)
+    similarity = anchors @ anchors.roll(1, 0).T / 0.5
+    return F.cross_entropy(similarity, torch.arange(len(output)), reduction="none")
+
+
+def batch_hard(output, targets):
+    """Each datapoint's loss against the batch's hardest (largest) loss."""
+    losses = cross_entropy(output, targets)
+    return losses + 0.1 * losses.max()
+
+
+def own_views_contrastive(output, targets):
+    """A contrastive loss within each datapoint (its features' two halves as views): no coupling."""
+    left, right = output.chunk(2, dim=-1)
+    left, right = F.normalize(left, dim=-1), F.normalize(right, dim=-1)
+    return -(left * right).sum(-1) + torch.logsumexp(output, dim=-1)
+
+
+def batch(b: int = 6, seed: int = 0, dtype=DTYPE):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, generator=generator, dtype=dtype), torch.randint(0, 4, (b,), generator=generator)
+
+
+@pytest.mark.parametrize("loss_fn", [centred, info_nce, batch_hard], ids=["minus-mean", "info-nce", "batch-hard"])
+def test_a_loss_that_couples_datapoints_is_refused(loss_fn):
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    inputs, targets = batch()
+    # the coupling is real: the true per-sample gradients differ from those of the uncoupled loss
+    truth = loop_per_sample_grads(model, inputs, targets, loss_fn)
+    plain = loop_per_sample_grads(model, inputs, targets, cross_entropy)
+    assert max(float((truth[k] - plain[k]).abs().max()) for k in truth) > 1e-3
+    with pytest.raises(DatapointCouplingError, match="mix datapoints"):
+        gradgraph.to_graph(model, inputs, targets, loss_fn)
+    with pytest.raises(DatapointCouplingError, match="loss - loss.mean"):
+        gradgraph.convert_closure(model, lambda: loss_fn(model(inputs), targets))
+    with pytest.raises(GradGraphError, match="mix datapoints"):  # the learned optimizer's step converts with this
+        graph_from_closure(model, lambda: loss_fn(model(inputs), targets))
+
+
+def test_a_coupled_loss_is_refused_also_when_the_plan_is_cached():
+    """The loss is not part of the plan's key: a replay of a cached plan checks it too."""
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    inputs, targets = batch()
+    gradgraph.to_graph(model, inputs, targets, cross_entropy)  # traces and caches the plan
+    with pytest.raises(DatapointCouplingError):
+        gradgraph.to_graph(model, inputs, targets, centred)
+
+
+TAILS = {
+    "minus-batch-mean": lambda o: o - o.mean(0),
+    "softmax-over-batch": lambda o: o.softmax(0),
+    "roll": lambda o: o.roll(1, 0),
+    "flip": lambda o: o.flip(0),
+    "cumsum": lambda o: o.cumsum(0),
+    "sort": lambda o: o.sort(0).values,
+    "permuted-rows": lambda o: o[[1, 0, 2, 3, 4, 5]],
+}
+
+
+@pytest.mark.parametrize("name", list(TAILS))
+def test_a_forward_that_mixes_the_batch_after_its_last_parameter_is_refused(name):
+    """Inside forward, mixing before a parameterised op is refused by the trace (a reduction over
+    datapoints); after the last one it used to pass silently (errors 0.15 - 2.1)."""
+    torch.manual_seed(0)
+    model = TwoLayer(TAILS[name]).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(DatapointCouplingError):
+        gradgraph.to_graph(model, inputs, targets, cross_entropy)
+
+
+def test_mixing_before_a_parameter_is_refused_by_the_trace_as_before():
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.head = nn.Linear(3, 6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            hidden = torch.tanh(self.inp(x))
+            return self.head(hidden - hidden.mean(0))
+
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="a reduction over datapoints"):
+        gradgraph.to_graph(Centred().to(DTYPE), inputs, targets, cross_entropy)
+
+
+def test_a_regulariser_added_to_each_loss_is_refused():
+    """``loss_i + λ|W|²`` reaches ``W`` outside the traced forward: its gradient is not in the
+    graph's factors (without the check: mean_grad() misses 2λW)."""
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(GradGraphError, match="'head.weight'"):
+        gradgraph.convert_closure(
+            model, lambda: cross_entropy(model(inputs), targets) + 1e-2 * model.head.weight.pow(2).sum())
+
+
+@pytest.mark.parametrize("loss_fn", [cross_entropy, own_views_contrastive], ids=["cross-entropy", "own-views"])
+def test_losses_of_each_datapoint_alone_convert_exactly(loss_fn):
+    torch.manual_seed(0)
+    model = TwoLayer(torch.tanh).to(DTYPE)  # an elementwise tail after the last parameter is fine
+    inputs, targets = batch()
+    graph = gradgraph.to_graph(model, inputs, targets, loss_fn)
+    reference = reference_per_sample_grads(model, inputs, targets, loss_fn)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_check_does_not_refuse_rounding_in_float32(seed):
+    """The probe's two backward passes differ by rounding only; in float32 on a batch of 64 with
+    large logits no uncoupled loss is refused (a tolerance too tight would refuse these)."""
+    torch.manual_seed(seed)
+    model = TwoLayer(d_out=10)
+    with torch.no_grad():
+        model.head.weight.mul_(30.0)
+    inputs, targets = batch(64, seed, torch.float32)
+    targets = targets.float()
+    for loss_fn in (cross_entropy, lambda o, t: (o - t[:, None]).pow(2).sum(-1), own_views_contrastive,
+                    lambda o, t: F.cross_entropy(o, t.long(), reduction="none", label_smoothing=0.1)):
+        if loss_fn is cross_entropy:
+            gradgraph.to_graph(model, inputs, targets.long(), loss_fn)
+        else:
+            gradgraph.to_graph(model, inputs, targets, loss_fn)
+
+
+def test_a_token_model_with_a_per_datapoint_loss_passes_and_a_batch_loss_is_refused():
+    """Components per token: the check files each token's signal under its datapoint."""
+    torch.manual_seed(0)
+    model = GPT(layers=1).to(DTYPE).eval()
+    tokens = torch.randint(0, 11, (4, 8))
+    targets = torch.randint(0, 11, (4, 8))
+    graph = gradgraph.to_graph(model, tokens, targets, token_loss)
+    reference = reference_per_sample_grads(model, tokens, targets, token_loss)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+    with pytest.raises(DatapointCouplingError):
+        gradgraph.to_graph(model, tokens, targets, lambda o, t: token_loss(o, t) - token_loss(o, t).mean())
+
+
+# ----------------------------------------------------------------------- learned score biases
+class LearnedScoreBias(nn.Module):
+    """Self-attention whose SDPA ``attn_mask`` is a learned per-head bias (T5's relative position
+    bias in miniature). Before the check its gradient was dropped: per-sample and mean gradients
+    of ``score_bias`` were all zero (true values ~0.1-1)."""
+
+    def __init__(self, d: int = 8, heads: int = 2, length: int = 4, from_embedding: bool = False) -> None:
+        super().__init__()
+        self.inp, self.qkv, self.out, self.head = nn.Linear(3, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.heads, self.from_embedding = heads, from_embedding
+        if from_embedding:  # bucketed relative positions read from a table, as T5 does
+            self.table = nn.Embedding(2 * length - 1, heads)
+            self.register_buffer("buckets", torch.arange(length)[None, :] - torch.arange(length)[:, None] + length - 1)
+        else:
+            self.score_bias = nn.Parameter(torch.randn(heads, length, length))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q, k, v = (part.view(b, t, self.heads, -1).transpose(1, 2) for part in self.qkv(h).chunk(3, dim=-1))
+        bias = self.table(self.buckets).permute(2, 0, 1) if self.from_embedding else self.score_bias
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        return self.head(self.out(y.transpose(1, 2).reshape(b, t, -1)).mean(1))
+
+
+@pytest.mark.parametrize("from_embedding", [False, True], ids=["parameter", "embedding-table"])
+def test_a_learned_sdpa_attn_mask_is_refused_by_name(from_embedding):
+    torch.manual_seed(0)
+    model = LearnedScoreBias(from_embedding=from_embedding).to(DTYPE)
+    inputs, targets = torch.randn(3, 4, 3, dtype=DTYPE), torch.randint(0, 2, (3,))
+    truth = reference_per_sample_grads(model, inputs, targets, cross_entropy)
+    name = "table.weight" if from_embedding else "score_bias"
+    assert float(truth[name].abs().max()) > 1e-3  # the bias matters: dropping it is wrong
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=f"attn_mask computed from the parameter.*'{name}'"):
+        gradgraph.to_graph(model, inputs, targets, cross_entropy)
+
+
+def test_a_constant_sdpa_attn_mask_still_converts_exactly():
+    class ConstantMask(LearnedScoreBias):
+        def __init__(self):
+            super().__init__()
+            del self.score_bias
+            self.register_buffer("score_bias", torch.randn(2, 4, 4))
+
+    torch.manual_seed(0)
+    model = ConstantMask().to(DTYPE)
+    inputs, targets = torch.randn(3, 4, 3, dtype=DTYPE), torch.randint(0, 2, (3,))
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    reference = reference_per_sample_grads(model, inputs, targets, cross_entropy)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+
+
+def tiny_t5(attention: str):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                   dropout_rate=0.0, attn_implementation=attention)
+    torch.manual_seed(0)
+    return transformers.T5EncoderModel(config).to(DTYPE).eval()
+
+
+def t5_loss(output, targets):
+    return (output.last_hidden_state.mean(1).sum(-1) - targets) ** 2
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_t5_encoder_is_refused_naming_its_relative_attention_bias(attention):
+    """Stock T5EncoderModel (tiny config built here): with SDPA its relative_attention_bias got zero
+    per-sample and mean gradients (true ~4.8); eager attention was refused already. Both are refused
+    now, at the first attention module, naming the bias (SDPA) or the score bias it adds (eager)."""
+    model = tiny_t5(attention)
+    tokens, targets = torch.randint(0, 40, (3, 6)), torch.randn(3, dtype=DTYPE)
+    truth = reference_per_sample_grads(model, tokens, targets, t5_loss)
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert float(truth[bias].abs().max()) > 1e-3
+    match = "relative_attention_bias" if attention == "sdpa" else "relative position bias"
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=match) as refusal:
+        gradgraph.to_graph(model, tokens, targets, t5_loss)
+    assert "encoder.block.0.layer.0.SelfAttention" in str(refusal.value)
+
+
+# ----------------------------------------------------------------------- the trace-time sum check
+class LearnedSnake(nn.Module):
+    """``x + sin(αx)² / α``, registered elementwise: the tracer reads one call as one elementwise op."""
+
+    def __init__(self, alpha: torch.Tensor) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x):
+        return x + torch.sin(self.alpha * x).pow(2) / self.alpha
+
+
+class SharedSnake(nn.Module):
+    """The activation's ``α`` is ``inp.bias``: the plan counts the bias (as a bias), and the path
+    through the registered activation is one no rule follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.act = LearnedSnake(self.inp.bias)
+
+    def forward(self, x):
+        return self.head(self.act(self.inp(x)))
+
+
+def test_a_path_no_rule_follows_is_refused_by_the_sum_check():
+    """A fresh trace compares the graph's summed gradient with autograd's. Without that check this
+    model converted with ``inp.bias``'s per-sample gradients off by 0.036 (float64)."""
+    from gradgraph.convert import register_elementwise
+
+    register_elementwise(LearnedSnake)
+    torch.manual_seed(0)
+    model = SharedSnake().to(DTYPE)
+    inputs, targets = batch()
+    targets = targets % 2
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="gradient of 'inp.bias'.*differs from autograd"):
+        gradgraph.to_graph(model, inputs, targets, cross_entropy)
+
+
+def test_mean_grad_of_a_scalar_parameter():
+    """``mean_grad()`` of a 0-dim parameter (a learned temperature) once failed on ``reshape(*())``."""
+
+    class Temperature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.inp(x))) * self.scale
+
+    torch.manual_seed(0)
+    model = Temperature().to(DTYPE)
+    inputs, targets = batch()
+    targets = targets % 2
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    mean, per_sample = graph.mean_grad(), graph.per_sample_grads()
+    assert mean["scale"].shape == ()
+    torch.testing.assert_close(mean["scale"], per_sample["scale"].mean(0), atol=1e-12, rtol=0)
