@@ -8,8 +8,8 @@ starts from an initialisation and sees a batch order that neither meta-training 
 tuning saw.
 
 1. **Tuning.** Adam's learning rate on a 20-value log grid (``1e-4 … 1e-1``, as the paper),
-   and the peak rate of Adam with a cosine decay to 0 over the budget, each chosen on the
-   validation split over the tuning seeds: lowest minimum of the seed-averaged, smoothed
+   and the peak rate of Adam with a cosine decay to 0 over the budget (the CLI's grid:
+   ``1e-3 … 1``), each chosen on the validation split over the tuning seeds: lowest minimum of the seed-averaged, smoothed
    validation curve (the same statistic as the target below).
 2. **The target** (:func:`reference_target`). Adam at its tuned rate trains on the reference
    seeds (twice as many as the test seeds by default: they are cheap and their noise is not in
