@@ -230,3 +230,31 @@ def test_closed_form_factors_are_the_graph_s():
     torch.testing.assert_close(torch.einsum("bi,bo->oi", acts[0][0], deltas[0][0]), grads["0.weight"][0],
                                rtol=1e-12, atol=1e-14)
     assert mlp_chain(nn.Sequential(nn.Linear(2, 2), nn.GELU(), nn.Linear(2, 2))) is None  # general path
+
+
+def test_a_paper_protocol_run_resumes_exactly_with_its_survival_and_clip_reference():
+    """The first-passage survival and the relative clip's running norm are checkpointed: a
+    trainer rebuilt from a checkpoint continues as the uninterrupted one (fails if either is
+    left out of state_dict)."""
+    import copy
+
+    def build() -> MetaTrainer:
+        return MetaTrainer(LearnedUpdate(MetaModelConfig(use_gradmetanet=False, residual_adam=True)), _task(),
+                           MetaTrainConfig.paper(num_particles=4, truncation=2, horizon=6, meta_loss="first-passage",
+                                                 target_loss=0.6, outer_lr=1e-2))
+
+    torch.manual_seed(0)
+    trainer = build()
+    trainer.step()
+    trainer.step()
+    checkpoint = copy.deepcopy(trainer.state_dict())
+    assert (checkpoint["survival"] < 1).any() and checkpoint["mean_grad_norm"] is not None
+    for _ in range(3):
+        trainer.step()
+    torch.manual_seed(123)
+    resumed = build()
+    resumed.load_state_dict(checkpoint)
+    for _ in range(3):
+        resumed.step()
+    assert torch.equal(trainer.flat_meta_parameters(), resumed.flat_meta_parameters())
+    assert torch.equal(trainer.survival, resumed.survival) and trainer.mean_grad_norm == resumed.mean_grad_norm
