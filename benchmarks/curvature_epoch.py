@@ -92,9 +92,17 @@ def worker(quick: bool, nets: int, steps: int, models: list[str]) -> None:
     """Time the step and the evaluation pass of every model with the gradgraph on ``sys.path``; print JSON."""
     import torch
 
+    import importlib
+
     import gradgraph
-    from gradgraph_lab.data import load_curvature_data
-    from gradgraph_lab.tasks.curvature import CurvatureSource, ModelConfig, build_model, curvature_loss
+
+    # the lab moved out of the library into gradgraph_lab; a base revision from before the move
+    # has it as gradgraph.data / gradgraph.tasks. Take the lab of the same tree as the library.
+    lab = "gradgraph_lab" if (Path(gradgraph.__file__).parent.parent / "gradgraph_lab").is_dir() else "gradgraph"
+    load_curvature_data = importlib.import_module(f"{lab}.data").load_curvature_data
+    curvature = importlib.import_module(f"{lab}.tasks.curvature")
+    CurvatureSource, ModelConfig = curvature.CurvatureSource, curvature.ModelConfig
+    build_model, curvature_loss = curvature.build_model, curvature.curvature_loss
 
     torch.set_num_threads(1)
     data = load_curvature_data(zoo_config(quick, nets), progress=False)

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# each script end to end in its own interpreter: left out by `./gg test --fast`
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

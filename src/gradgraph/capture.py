@@ -199,6 +199,30 @@ def closure_inputs(model: nn.Module, called_before: bool, args: tuple,
     return inputs, rest, rest_kwargs
 
 
+def mapping_inputs(model: nn.Module, inputs: Mapping[str, Any], forward_kwargs: Mapping[str, Any],
+                   caller: str) -> tuple[Tensor, dict[str, Any]]:
+    """A mapping of inputs (a tokenizer's ``BatchEncoding``) as the call ``model(**inputs)``.
+
+    Returns:
+        ``(input, kwargs)``: the entry named as the first parameter of ``type(model).forward``
+        (``input_ids``, ``pixel_values`` ...) and the other entries plus ``forward_kwargs``.
+
+    Raises:
+        GradGraphError: no entry has that name, or an entry is also in ``forward_kwargs``.
+    """
+    name = _first_parameter_name(model)
+    if name is None or name not in inputs or not isinstance(inputs[name], Tensor):
+        raise GradGraphError(
+            f"{caller}: inputs is a mapping with keys {sorted(inputs)}, and {type(model).__name__}.forward's first "
+            f"parameter is {name!r}; pass the input tensor as inputs and the rest as forward_kwargs, e.g. "
+            f"{caller}(model, batch['input_ids'], ..., forward_kwargs={{'attention_mask': batch['attention_mask']}})")
+    both = sorted(set(inputs) & set(forward_kwargs))
+    if both:
+        raise GradGraphError(f"{caller}: {both} given both in the inputs mapping and in forward_kwargs")
+    rest = {key: value for key, value in inputs.items() if key != name}
+    return inputs[name], {**rest, **forward_kwargs}
+
+
 def _first_parameter_name(model: nn.Module) -> str | None:
     """The name of the first parameter of ``type(model).forward`` that a call may pass by name."""
     try:

@@ -41,6 +41,11 @@ field                 shape          meaning
 ``edge_param_pos``    ``[E]``        flat index of the weight entry inside that parameter
 ``component_sample``  ``[B]``        datapoint each component belongs to
 ``num_datapoints``    int            ``b``
+``loss``              ``[b]``        the per-datapoint losses whose gradients the factors hold (in
+                                     output mode, ``loss_fn=None``: the outputs), detached
+``y``                 ``[1, k]``     optional graph-level target (a dataset's; see
+                                     :mod:`gradgraph.datasets`): one row per graph, so a batch
+                                     of ``G`` graphs has ``y`` of shape ``[G, k]``
 ``param_names``       list[str]      names from ``model.named_parameters()``
 ``param_shapes``      list[list]     their shapes (lists, as PyG keeps them)
 ====================  =============  ==========================================================
@@ -56,6 +61,11 @@ Sharing: a converter may hand the *same* architecture-only tensors (``edge_index
 from a cache. Treat them as read-only (``clone()`` before writing into one in place). The
 values ``x``, ``edge_attr``, ``act``, ``grad`` (and ``component_x``) are never shared: every
 conversion returns fresh ones.
+
+Saving: ``torch.save`` a graph or a list of graphs, ``torch.load(path, weights_only=True)`` reads
+them back (importing gradgraph registers :class:`GradGraph` and the PyG classes it holds as safe
+globals). A :class:`torch_geometric.data.Batch` is a class PyG makes at run time and does not
+load that way: save ``batch.to_data_list()``.
 
 Kinds are integer labels (``node_kind``, ``edge_kind``), not one-hot columns of ``x`` /
 ``edge_attr``: a model embeds them (:class:`~gradgraph.nn.PositionalEncoding` and
@@ -225,6 +235,14 @@ class GradGraph(Data):
         if key in _STACKED:
             return None
         return super().__cat_dim__(key, value, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the per-graph cache of parameter blocks (tensors and slices) is rebuilt on demand: a
+        # pickled graph leaves it out, so saved graphs load with weights_only=True and a graph
+        # saves to the same bytes whether or not mean_grad() ran on it before
+        state = dict(super().__getstate__())
+        state.pop("_blocks_cache", None)
+        return state
 
     # ------------------------------------------------------------------ basic views
     @property
@@ -461,6 +479,93 @@ class GradGraph(Data):
         """The gradient of the mean loss over datapoints: ``{name: Tensor[*param.shape]}``."""
         return self._grads_by_parameter(reduce_mean=True)
 
+    def per_sample_grad_norms(self, by_parameter: bool = False) -> Tensor | dict[str, Tensor]:
+        r"""The Euclidean norm of every datapoint's gradient, from the factors.
+
+        No per-sample gradient of a weight matrix is formed. For a weight block with rows
+        (destination neurons) :math:`R` and columns (source neurons) :math:`C`, datapoint
+        :math:`i`'s gradient is :math:`\sum_{t} g_{t} a_{t}^\top` over its components
+        :math:`t` (one for an MLP, its tokens or positions otherwise), so
+
+        .. math::
+            \Big\|\sum_t g_t a_t^\top\Big\|_F^2 = \sum_{t, s} (g_t^\top g_s)(a_t^\top a_s),
+
+        the elementwise product of the two ``T x T`` Gram matrices of the datapoint's
+        components (for one component: :math:`\|g\|^2 \|a\|^2`). A bias's gradient is
+        :math:`\sum_t g_t`. Squared norms add over parameters and over the blocks of one
+        parameter when those cover disjoint entries; a parameter whose blocks share entries
+        (a weight used twice) has its per-datapoint gradient summed first, entry by entry.
+
+        Args:
+            by_parameter: return one norm per parameter instead of the total.
+
+        Returns:
+            ``[b]``: :math:`\|\nabla_\theta L_i\|_2` over every parameter the graph covers; or,
+            with ``by_parameter``, ``{name: Tensor[b]}`` keyed as in ``model.named_parameters()``.
+        """
+        self._require_single("per_sample_grad_norms")
+        num_datapoints = int(self.num_datapoints)
+        num_components = self.act.shape[1]
+        tokens = num_components // num_datapoints
+        sample = self.component_sample.reshape(-1)
+        regular = num_components == num_datapoints * tokens and torch.equal(
+            sample, torch.arange(num_datapoints, device=sample.device).repeat_interleave(tokens))
+        by_param: dict[int, list] = {}
+        for block in self._parameter_blocks():
+            by_param.setdefault(block[0], []).append(block)
+        squared: dict[str, Tensor] = {}
+        for param, blocks in by_param.items():
+            positions = torch.cat([block[4].reshape(-1) for block in blocks])
+            if torch.unique(positions).numel() == positions.numel():
+                squared[self.param_names[param]] = sum(
+                    self._block_squared_norms(how, rows, cols, regular, num_datapoints, tokens, sample)
+                    for _, how, rows, cols, _, _ in blocks)
+                continue
+            # entries shared by several uses: this parameter's per-datapoint gradient, then its norm
+            flat = self.act.new_zeros(num_datapoints, _numel(self.param_shapes[param]))
+            for _, how, rows, cols, block_positions, _ in blocks:
+                if how == "dense":
+                    rows, cols = rows.repeat_interleave(len(cols)), cols.repeat(len(rows))
+                per_edge = self.grad[rows] if how == "nodes" else self.act[cols] * self.grad[rows]
+                flat.index_add_(1, block_positions.reshape(-1), self._per_datapoint(per_edge, regular,
+                                                                                    num_datapoints, tokens, sample).T)
+            squared[self.param_names[param]] = flat.square().sum(1)
+        if by_parameter:
+            return {name: value.sqrt() for name, value in squared.items()}
+        return torch.stack(list(squared.values())).sum(0).sqrt()
+
+    @staticmethod
+    def _per_datapoint(per_component: Tensor, regular: bool, num_datapoints: int, tokens: int,
+                       sample: Tensor) -> Tensor:
+        """``[k, B]`` -> ``[k, b]``: each datapoint's components summed."""
+        if regular:
+            return per_component.reshape(len(per_component), num_datapoints, tokens).sum(-1)
+        summed = per_component.new_zeros(len(per_component), num_datapoints)
+        return summed.index_add_(1, sample, per_component)
+
+    def _block_squared_norms(self, how: str, rows: Tensor, cols: Tensor, regular: bool, num_datapoints: int,
+                             tokens: int, sample: Tensor) -> Tensor:
+        """``[b]``: the squared norm of each datapoint's gradient on one parameter block."""
+        if how == "nodes":
+            return self._per_datapoint(self.grad[rows], regular, num_datapoints, tokens, sample).square().sum(0)
+        if how == "edges":
+            per_edge = self.act[cols] * self.grad[rows]
+            return self._per_datapoint(per_edge, regular, num_datapoints, tokens, sample).square().sum(0)
+        grad_rows, act_cols = self.grad[rows], self.act[cols]
+        if regular and tokens == 1:
+            return grad_rows.square().sum(0) * act_cols.square().sum(0)
+        if regular:  # per datapoint, the Gram matrices of its T components: [b, T, T]
+            grad_tokens = grad_rows.reshape(len(rows), num_datapoints, tokens)
+            act_tokens = act_cols.reshape(len(cols), num_datapoints, tokens)
+            grad_gram = torch.einsum("rbt,rbs->bts", grad_tokens, grad_tokens)
+            act_gram = torch.einsum("cbt,cbs->bts", act_tokens, act_tokens)
+            return (grad_gram * act_gram).sum((1, 2))
+        # components in any order: the Gram products of every pair of components, kept where
+        # both belong to the same datapoint
+        same = sample[:, None] == sample[None, :]
+        pairs = (grad_rows.T @ grad_rows) * (act_cols.T @ act_cols) * same
+        return pairs.new_zeros(num_datapoints).index_add_(0, sample, pairs.sum(1))
+
     def to_networkx(self):  # noqa: ANN201 - networkx is imported lazily
         """A :class:`networkx.DiGraph` with one node per neuron and one edge per weight.
 
@@ -497,6 +602,17 @@ class GradGraph(Data):
             f"components={self.num_components}, datapoints={int(self.num_datapoints)}, "
             f"parameters={sum(_numel(s) for s in self.param_shapes)})"
         )
+
+
+# torch.load(weights_only=True) reads GradGraphs: the class and the PyG pieces a pickled Data holds
+torch.serialization.add_safe_globals([GradGraph])
+try:
+    from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
+    from torch_geometric.data.storage import GlobalStorage
+
+    torch.serialization.add_safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage])
+except ImportError:  # a PyG that moved them: loading then names what is missing
+    pass
 
 
 def _datapoint_outer_products(grad_rows: Tensor, act_cols: Tensor, num_datapoints: int, tokens: int) -> Tensor:

@@ -340,6 +340,52 @@ def add_inr_edit_parser(subparsers: argparse._SubParsersAction) -> None:
 SUBCOMMANDS.append(add_inr_edit_parser)
 
 
+def _zoo_accuracy_command(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from gradgraph_lab.tasks.zoo_accuracy import preset, results_table, run_zoo_accuracy
+
+    config = preset(args.preset)
+    if args.nets is not None:
+        # Keep the preset's split proportions (in networks) for the new zoo size.
+        total = config.num_train + config.num_val + config.num_test
+        num_val = max(1, round(args.nets * config.num_val / total))
+        num_test = max(1, round(args.nets * config.num_test / total))
+        config = replace(config, zoo=replace(config.zoo, num_nets=args.nets), num_train=args.nets - num_val - num_test,
+                         num_val=num_val, num_test=num_test)
+    config = _apply_experiment_flags(config, args)
+    zoo = config.zoo
+    return _run_experiment(
+        "zoo-accuracy", args, config, run_zoo_accuracy, results_table,
+        items=f"{zoo.num_nets} digits MLPs x {zoo.num_checkpoints} checkpoints (splits in networks)",
+        outputs=[config.output_dir / "results.json"],
+        notes=lambda results: [f"zoo: {results['zoo']['members']} members, test accuracy "
+                               f"{results['zoo']['accuracy_min']:.3f} .. {results['zoo']['accuracy_max']:.3f} "
+                               f"(median {results['zoo']['accuracy_median']:.3f})"],
+    )
+
+
+def add_zoo_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
+    from gradgraph_lab.tasks.zoo_accuracy import MODEL_NAMES
+
+    parser = subparsers.add_parser(
+        "zoo-accuracy",
+        help="predict digits MLPs' test accuracy from gradients vs weights: statistics baselines and GradMetaNet "
+             "(issue 30)",
+    )
+    parser.add_argument("--preset", choices=["default", "paper", "tiny"], default="default",
+                        help="default: 100 nets x 4 checkpoints, GradMetaNet 15 epochs, 5 seeds (docs/zoo.md has its "
+                        "wall time on 2 cores); paper: 1000 nets, 100 epochs; tiny: a smoke run")
+    parser.add_argument("--nets", type=int, default=None, help="networks in the zoo (splits keep the preset's "
+                        "proportions)")
+    add_experiment_flags(parser, item="zoo members", models=MODEL_NAMES, output_dir=Path("runs/zoo-accuracy"),
+                         outputs="results.json", cache="zoo graph cache root")
+    parser.set_defaults(func=_zoo_accuracy_command)
+
+
+SUBCOMMANDS.append(add_zoo_accuracy_parser)
+
+
 LAB_REQUIREMENTS = {"tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
 
 

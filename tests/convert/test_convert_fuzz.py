@@ -1,10 +1,12 @@
 """Random forward programs: the traced converter is exact or refuses, never silently wrong.
 
-Three families: programs over a pool of ``[b, width]`` values (below), token-sequence
+Four families: programs over a pool of ``[b, width]`` values (below), token-sequence
 programs of residual blocks (affine maps, norms, learned positions, SwiGLU, attention with
 one or two heads, fused or separate q/k/v, manual or SDPA, causal or not) with mean, first-token
 or per-token pooling, and the same blocks on token ids (an embedding, a class token, learned
-positions as an ``nn.Embedding`` or a bare parameter, a head tied to the token table).
+positions as an ``nn.Embedding`` or a bare parameter, a head tied to the token table), and
+parameters in unusual places (an SDPA attn_mask, a bias, table, slopes or temperature of the
+scores, a masked_fill value, a slope, an exponent, a scale, a gate; at the end of the file).
 
 Hypothesis writes small models as programs over a pool of neuron values ``[b, width]``:
 affine maps, activations, residual sums and gated products of equal widths, one value's
@@ -32,6 +34,9 @@ from torch import nn
 from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
 
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
+
+# fuzz campaigns: left out by `./gg test --fast` (conftest.py at the root)
+pytestmark = pytest.mark.slow
 
 DTYPE = torch.float64
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}
@@ -373,3 +378,141 @@ def test_a_random_token_program_converts_exactly_or_is_refused(program, vocab, p
     classes = vocab if tied else 3
     targets = torch.randint(0, classes, (3, length + int(class_token)) if pool == "tokens" else (3,))
     assert_exact_or_refused(model, ids, targets, seed)
+
+
+# ------------------------------------------------------------------ parameters in unusual places
+class UnusualProgram(nn.Module):
+    """Blocks on ``[b, T, width]`` that put a parameter where a rule might read a constant.
+
+    Steps: ``("linear",)``, ``("act", name)``, ``("attention", heads, sdpa, place)`` with the learned
+    part ``place`` one of ``"mask"`` (a ``[H, T, T]`` parameter as SDPA's ``attn_mask`` or added to the
+    eager scores), ``"table"`` (T5-style: relative positions read from an embedding table),
+    ``"slopes"`` (ALiBi with learned per-head slopes times distance), ``"temperature"`` (scores
+    times a learned per-head scale), ``"fill"`` (a causal ``masked_fill`` with a learned value) or
+    ``"none"``; ``("slope",)`` (a leaky ReLU whose slope is a parameter, by ``where``), ``("prelu",)``,
+    ``("exponent",)`` (``|h| ** p``), ``("scale",)`` (``h * s``, ``s`` ``[width]``), ``("shift",)``
+    (``h + s``), ``("exp_scale",)`` (``h * exp(s)``), ``("gate",)`` (``h * sigmoid(s)``).
+    """
+
+    def __init__(self, in_width: int, width: int, length: int, steps: list[tuple]) -> None:
+        super().__init__()
+        self.steps, self.length = steps, length
+        self.inp = nn.Linear(in_width, width)
+        self.blocks = nn.ModuleList()
+        for step in steps:
+            block = nn.Module()
+            kind = step[0]
+            if kind == "linear":
+                block.linear = nn.Linear(width, width)
+            elif kind == "attention":
+                heads, _, place = step[1:]
+                block.qkv, block.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+                if place == "mask":
+                    block.bias = nn.Parameter(torch.randn(heads, length, length) / 2)
+                elif place == "table":
+                    block.table = nn.Embedding(2 * length - 1, heads)
+                elif place in ("slopes", "temperature"):
+                    block.per_head = nn.Parameter(torch.rand(heads) + 0.5)
+                elif place == "fill":
+                    block.fill = nn.Parameter(torch.tensor(-2.0))
+            elif kind in ("slope", "exponent"):
+                block.value = nn.Parameter(torch.tensor(0.3 if kind == "slope" else 1.5))
+            elif kind == "prelu":
+                block.value = nn.Parameter(torch.tensor([0.25]))
+            elif kind in ("scale", "shift", "exp_scale", "gate"):
+                block.value = nn.Parameter(torch.randn(width) / 2 + (1.0 if kind == "scale" else 0.0))
+            self.blocks.append(block)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for step, block in zip(self.steps, self.blocks):
+            kind = step[0]
+            if kind == "linear":
+                h = block.linear(h)
+            elif kind == "act":
+                h = ACTIVATIONS[step[1]](h)
+            elif kind == "attention":
+                h = h + self.attention(h, block, *step[1:])
+            elif kind == "slope":
+                h = torch.where(h > 0, h, h * block.value)
+            elif kind == "prelu":
+                h = F.prelu(h, block.value)
+            elif kind == "exponent":
+                h = h.abs() ** block.value
+            elif kind == "scale":
+                h = h * block.value
+            elif kind == "shift":
+                h = h + block.value
+            elif kind == "exp_scale":
+                h = h * block.value.exp()
+            elif kind == "gate":
+                h = h * torch.sigmoid(block.value)
+        return self.head(h.mean(1))
+
+    def attention(self, h, block, heads, sdpa, place):
+        b, t, width = h.shape
+        q, k, v = (z.view(b, t, heads, width // heads).transpose(1, 2) for z in block.qkv(h).split(width, dim=-1))
+        distance = torch.arange(t)[None, :] - torch.arange(t)[:, None]
+        bias = None
+        if place == "mask":
+            bias = block.bias
+        elif place == "table":
+            bias = block.table(distance + t - 1).permute(2, 0, 1)
+        elif place == "slopes":
+            bias = -block.per_head[:, None, None] * distance.abs().to(h.dtype)
+        if sdpa and place in ("none", "mask", "table", "slopes"):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias[None])
+        else:
+            scores = q @ k.transpose(-1, -2) / (width // heads) ** 0.5
+            if bias is not None:
+                scores = scores + bias
+            if place == "temperature":
+                scores = scores * block.per_head[:, None, None]
+            if place == "fill":
+                scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), block.fill)
+            y = scores.softmax(-1) @ v
+        return block.out(y.transpose(1, 2).reshape(b, t, width))
+
+
+PLACES = ["none", "mask", "table", "slopes", "temperature", "fill"]
+UNUSUAL = ["linear", "act", "attention", "attention", "slope", "prelu", "exponent", "scale", "shift", "exp_scale",
+           "gate"]
+
+
+@st.composite
+def unusual_programs(draw):
+    steps = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(UNUSUAL))
+        if kind == "act":
+            steps.append(("act", draw(st.sampled_from(sorted(ACTIVATIONS)))))
+        elif kind == "attention":
+            steps.append(("attention", draw(st.sampled_from([1, 2])), draw(st.booleans()), draw(st.sampled_from(PLACES))))
+        else:
+            steps.append((kind,))
+    return draw(st.integers(2, 4)), draw(st.sampled_from([4, 6])), draw(st.integers(2, 4)), steps, draw(
+        st.integers(0, 2**16))
+
+
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(unusual_programs())
+def test_a_parameter_in_an_unusual_place_converts_exactly_or_is_refused_by_name(program):
+    """A parameter as an attention mask, a bias or scale of the scores, a fill value, a slope, an
+    exponent or a gate: exact per-sample gradients and a true group, or a refusal that names the
+    program's line, the module or the parameter. (A learned SDPA attn_mask once converted with zero
+    gradients for it; this family is what looks for more of that kind.)"""
+    in_width, width, length, steps, seed = program
+    torch.manual_seed(seed)
+    model = UnusualProgram(in_width, width, length, steps).to(DTYPE)
+    inputs = torch.randn(3, length, in_width, dtype=DTYPE)
+    targets = torch.randint(0, 3, (3,))
+    try:
+        assert_exact_per_sample_grads(model, inputs, targets, sequence_loss)
+    except (UnsupportedModuleError, GradGraphError) as refusal:
+        names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_modules() if name]
+        message = str(refusal)
+        assert "Program." in message or any(f"'{name}'" in message for name in names), message
+        return
+    assert_group_keeps_function(model, inputs, targets, sequence_loss, seed=seed)

@@ -338,3 +338,174 @@ def test_mean_grad_of_a_scalar_parameter():
     mean, per_sample = graph.mean_grad(), graph.per_sample_grads()
     assert mean["scale"].shape == ()
     torch.testing.assert_close(mean["scale"], per_sample["scale"].mean(0), atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------- grouped-query attention
+class GroupedQuery(nn.Module):
+    """Grouped-query attention through SDPA's ``enable_gqa``: 4 query heads over 2 key/value heads."""
+
+    def __init__(self, d: int = 8, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
+        self.inp, self.q = nn.Linear(3, d), nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * kv_heads * self.head_dim)
+        self.out, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q = self.q(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (part.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2) for part in self.kv(h).chunk(2, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.head(self.out(y.transpose(1, 2).reshape(b, t, -1)).mean(1))
+
+
+def test_sdpa_grouped_query_attention_converts_exactly_with_its_group():
+    """``enable_gqa`` used to be refused; now it reads as key/value heads repeated per group."""
+    from traced_models import assert_group_keeps_function
+
+    torch.manual_seed(0)
+    model = GroupedQuery().to(DTYPE)
+    inputs, targets = torch.randn(3, 5, 3, dtype=DTYPE), torch.randint(0, 2, (3,))
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    reference = reference_per_sample_grads(model, inputs, targets, cross_entropy)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+    assert_group_keeps_function(model, inputs, targets, cross_entropy)
+
+
+def llama_loss(output, targets):
+    return (output.last_hidden_state.mean(1).sum(-1) - targets) ** 2
+
+
+def test_transformers_llama_with_grouped_query_sdpa_converts_exactly():
+    """Stock LlamaModel (tiny config built here, 4 query heads, 2 key/value heads) under its default
+    SDPA attention, which passes enable_gqa=True: refused before, exact now."""
+    from traced_models import assert_group_keeps_function
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                      attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(config).to(DTYPE).eval()
+    tokens, targets = torch.randint(0, 40, (3, 6)), torch.randn(3, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, tokens, targets, llama_loss)
+    reference = reference_per_sample_grads(model, tokens, targets, llama_loss)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+    assert_group_keeps_function(model, tokens, targets, llama_loss)
+
+
+# ----------------------------------------------------------------------- inputs
+def tiny_bert_classifier():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=12, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_labels=2)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).to(DTYPE).eval()
+
+
+def logits_loss(output, targets):
+    return F.cross_entropy(output.logits, targets, reduction="none")
+
+
+def test_a_tokenizer_style_mapping_is_the_call_model_of_its_entries():
+    """``to_graph(model, {"input_ids": ..., "attention_mask": ..., ...})`` (a tokenizer's output)
+    is ``model(input_ids, attention_mask=..., ...)``: used to raise TypeError."""
+    model = tiny_bert_classifier()
+    ids = torch.randint(1, 20, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    batch_encoding = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    targets = torch.randint(0, 2, (3,))
+    from_mapping = gradgraph.to_graph(model, batch_encoding, targets, logits_loss)
+    explicit = gradgraph.to_graph(model, ids, targets, logits_loss,
+                                  forward_kwargs={"attention_mask": mask, "token_type_ids": torch.zeros_like(ids)})
+    ours, theirs = from_mapping.per_sample_grads(), explicit.per_sample_grads()
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, atol=0, rtol=0, msg=name)
+    # the mask is read: the padded datapoint's gradients differ from an unmasked conversion
+    unmasked = gradgraph.to_graph(model, ids, targets, logits_loss).per_sample_grads()
+    assert any(not torch.allclose(ours[name][0], unmasked[name][0]) for name in ours)
+
+
+def test_a_mapping_without_the_forward_input_names_the_remedy():
+    model = tiny_bert_classifier()
+    ids = torch.randint(1, 20, (3, 6))
+    with pytest.raises(GradGraphError, match="first parameter is 'input_ids'.*forward_kwargs"):
+        gradgraph.to_graph(model, {"ids": ids}, torch.randint(0, 2, (3,)), logits_loss)
+    with pytest.raises(GradGraphError, match="both in the inputs mapping and in forward_kwargs"):
+        gradgraph.to_graph(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                           torch.randint(0, 2, (3,)), logits_loss, forward_kwargs={"attention_mask": torch.ones_like(ids)})
+
+
+def test_a_float64_graph_fed_to_a_float32_gradmetanet_names_both_dtypes():
+    """torch's own error (``mat1 and mat2 must have the same dtype``) named neither the graph nor the fix."""
+    from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
+
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    inputs, targets = batch()
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    for network in (GradMetaNet(8), GradMetaNetPlusPlus(8)):
+        with pytest.raises(GradGraphError, match="is torch.float64 but the model's parameters are torch.float32"):
+            network(graph)
+        network.to(DTYPE)(graph)  # the remedy works
+
+
+# ----------------------------------------------------------------------- wrapped and reparametrised models
+def test_a_compiled_model_converts_as_its_original_module_quickly_and_quietly(recwarn):
+    """``torch.compile(model)`` converted through dynamo (~20 s, ~25 lines of warnings); now
+    ``to_graph`` and ``convert_closure`` read ``_orig_mod``, and the compiled model still runs compiled."""
+    import time
+
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    compiled = torch.compile(model)
+    compiled_forward = vars(compiled)["forward"]
+    inputs, targets = batch()
+    start = time.perf_counter()
+    graph = gradgraph.to_graph(compiled, inputs, targets, cross_entropy)
+    closure_graph, _ = gradgraph.convert_closure(compiled, lambda: cross_entropy(compiled(inputs), targets))
+    assert time.perf_counter() - start < 5.0
+    noisy = [str(w.message) for w in recwarn if "jit" not in str(w.message)  # torch's own import-time notice
+             and any(word in str(w.message).lower() for word in ("dynamo", "graph break", "recompil", "compile"))]
+    assert not noisy, noisy
+    reference = reference_per_sample_grads(model, inputs, targets, cross_entropy)
+    for converted in (graph, closure_graph):
+        for name, value in converted.per_sample_grads().items():
+            torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+    assert vars(compiled)["forward"] is compiled_forward  # the wrapper's compiled forward is back in place
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "hook_weight_norm"])
+def test_a_reparametrised_weight_is_refused_with_the_remedy(kind):
+    """Already refused (deep inside the parametrization, naming ``torch._weight_norm``); now at the
+    module, naming the parametrization and how to convert the effective weights."""
+    import copy
+    import warnings
+
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = {"weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
+                   "hook_weight_norm": torch.nn.utils.weight_norm}[kind](layer)
+    model = TwoLayer().to(DTYPE)
+    model.head = wrapped.to(DTYPE)
+    model.eval()
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="'head'.*remove_") as refusal:
+        gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    assert (", hook-based)" in str(refusal.value)) == (kind == "hook_weight_norm")
+    if kind != "hook_weight_norm":  # the remedy converts the effective weights exactly
+        effective = copy.deepcopy(model)
+        parametrize.remove_parametrizations(effective.head, "weight")
+        graph = gradgraph.to_graph(effective, inputs, targets, cross_entropy)
+        reference = reference_per_sample_grads(effective, inputs, targets, cross_entropy)
+        for name, value in graph.per_sample_grads().items():
+            torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)

@@ -201,6 +201,7 @@ def histories(out: Path) -> dict[str, list[tuple[int, float, float]]]:
             for name, entry in models.items() if len(entry["histories"][0]) > 1}  # the trained models
 
 
+@pytest.mark.slow  # a command-line end-to-end run
 def test_the_cli_resumes_a_capped_curvature_run_to_the_uninterrupted_result(tmp_path):
     common = ["curvature", "--preset", "tiny", "--models", "standard", "gradmetanet", "gradmetanet_pp", "--quiet",
               "--epochs", "3", "--cache-dir", str(tmp_path / "cache")]
@@ -225,6 +226,7 @@ def test_the_cli_resumes_a_capped_curvature_run_to_the_uninterrupted_result(tmp_
         run_curvature(replace(config, num_train=5, num_val=4))
 
 
+@pytest.mark.slow  # a command-line end-to-end run
 def test_inr_editing_resumes_its_capped_runs_too(tmp_path):
     common = ["inr-edit", "--preset", "tiny", "--models", "no_edit", "gradmetanet", "weight_space_sign", "--quiet",
               "--epochs", "2", "--cache-dir", str(tmp_path / "cache")]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from gradgraph_lab.cli import main, run_demo
 
 
@@ -23,6 +25,7 @@ def test_main_prints_a_summary(capsys):
     assert "per-sample gradients match torch.func" in out and "components" in out
 
 
+@pytest.mark.slow  # a command-line end-to-end run in a new interpreter
 def test_console_script_is_installed():
     result = subprocess.run(
         [sys.executable, "-m", "gradgraph_lab.cli", "demo", "--datapoints", "4"], capture_output=True, text=True, timeout=120

@@ -238,6 +238,7 @@ def test_pipeline_smoke_writes_results_and_reuses_the_cache(tmp_path, monkeypatc
     run_curvature(replace(config, models=("standard",)))
 
 
+@pytest.mark.slow  # a command-line end-to-end run
 def test_cli_runs_the_tiny_preset(tmp_path, capsys):
     code = main(
         ["curvature", "--preset", "tiny", "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"),
@@ -264,6 +265,7 @@ def test_bad_configurations_raise_clear_errors():
         preset("huge")
 
 
+@pytest.mark.slow  # a command-line end-to-end run
 def test_cli_nets_flag_resizes_zoo_and_splits(tmp_path):
     code = main(
         ["curvature", "--preset", "tiny", "--nets", "10", "--epochs", "1", "--output-dir", str(tmp_path / "o"),

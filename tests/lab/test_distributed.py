@@ -225,6 +225,7 @@ def test_two_ranks_build_the_same_cache_and_reach_the_same_parameters(two_rank_j
     assert reference_history[-1]["val_error"] != reference_history[0]["val_error"]
 
 
+@pytest.mark.slow  # the two-rank job of the fixture: spawned processes, end to end
 def test_two_ranks_resume_a_capped_run_to_the_uninterrupted_two_rank_result(two_rank_job):
     job, reports = two_rank_job
     assert "resumed_history" in reports[1], reports[1]

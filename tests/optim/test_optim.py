@@ -246,7 +246,8 @@ def test_bad_input_gets_a_clear_error():
         opt.step(lambda: torch.zeros(6, requires_grad=True))
     with pytest.raises(GradGraphError, match="called Sequential twice"):
         opt.step(lambda: F.cross_entropy(model(x), y, reduction="none") + model(x).sum(1))
-    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 3))
+    # a model the converter refuses (convolutions convert; transposed ones do not)
+    conv = nn.Sequential(nn.ConvTranspose1d(1, 2, 3), nn.Flatten(), nn.Linear(14, 3))
     opt = LearnedOptimizer(conv, LearnedUpdate(MetaModelConfig(use_gradmetanet=False)))
     with pytest.raises(UnsupportedModuleError):
         opt.step(lambda: F.cross_entropy(conv(torch.randn(4, 1, 5)), torch.zeros(4, dtype=torch.long), reduction="none"))
@@ -442,6 +443,7 @@ def test_benchmark_tasks_live_on_the_requested_device(device, name):
         assert torch.equal(cpu.task.sample_batch(torch.Generator().manual_seed(0))[0], inputs.cpu())
 
 
+@pytest.mark.slow  # a command-line end-to-end run
 def test_benchmark_command_records_its_device(tmp_path):
     import json
 

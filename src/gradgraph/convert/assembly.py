@@ -40,7 +40,10 @@ def _resolve(source: tuple, x: Tensor, captured: dict[int, tuple[tuple, dict, An
         if recipe[0] == "rms_norm":
             epsilon = torch.finfo(value.dtype).eps if recipe[1] is None else recipe[1]
             return value * torch.rsqrt(value.pow(2).mean(-1, keepdim=True) + epsilon)
-        return (value - args[1]) / torch.sqrt(args[2] + recipe[1])
+        if recipe[0] == "group_norm":  # GroupNorm / InstanceNorm (trace/rules_conv.py)
+            return F.group_norm(value, recipe[1], None, None, recipe[2])
+        stats = [-1] + [1] * (value.dim() - 2)  # per channel, broadcast over positions (BatchNorm2d)
+        return (value - args[1].reshape(stats)) / torch.sqrt(args[2].reshape(stats) + recipe[1])
 
 
 def _unwritten_rows(num_nodes: int, records: list[Record]) -> list[tuple[int, int]]:

@@ -64,17 +64,36 @@ def _roles(trace: TraceResult) -> Tensor:
     return roles
 
 
+def _tied_cuts(trace: TraceResult) -> set[int]:
+    """``trace.cuts`` carried across ties: a set tied neuron for neuron to a cut set is cut at
+    the same places (a group norm's groups cut the channels, and so the taps and pooled copies
+    of those channels), else one tie would join pieces to a whole set and pin them all."""
+    cuts = set(trace.cuts)
+    changed = bool(cuts)
+    while changed:
+        changed = False
+        known = torch.tensor(sorted(cuts))
+        for a, b in trace.ties:
+            for src, dst in ((a, b), (b, a)):
+                found = set(dst[torch.isin(src, known)].tolist()) - cuts
+                if found:
+                    cuts |= found
+                    changed = True
+    return cuts
+
+
 def _final_sets(trace: TraceResult, roles: Tensor) -> tuple[Tensor, list[tuple[NeuronSet, int, int, int]]]:
     """Split created sets where roles change; returns ``(set_of_node [N], [(created, start, stop, role)])``."""
     pieces: list[tuple[NeuronSet, int, int, int]] = []
     set_of_node = torch.empty(trace.num_nodes, dtype=torch.long)
+    all_cuts = _tied_cuts(trace)
     for neuron_set in trace.sets:
         start = neuron_set.first
         stop = neuron_set.first + neuron_set.size
         role = roles[start:stop]
         changes = (torch.nonzero(role[1:] != role[:-1]).flatten() + 1 + start).tolist()
         # trace.cuts: where a fused output is split into parts that must not share a set (w12.chunk)
-        cuts = sorted({start, stop, *changes, *(cut for cut in trace.cuts if start < cut < stop)})
+        cuts = sorted({start, stop, *changes, *(cut for cut in all_cuts if start < cut < stop)})
         for low, high in zip(cuts, cuts[1:]):
             set_of_node[low:high] = len(pieces)
             pieces.append((neuron_set, low, high, int(roles[low])))
@@ -298,7 +317,12 @@ def _shared_parameter_ties(trace: TraceResult) -> tuple[list[tuple[Tensor, Tenso
         numel, columns = math.prod(shape), (shape[-1] if len(shape) >= 2 else 1)
         row_node = torch.full((numel,), -1, dtype=torch.long)
         column_node = torch.full((numel,), -1, dtype=torch.long)
+        # sites that share no entry with another (the groups of a grouped convolution, each a
+        # slice of the weight) tie nothing: only shared entries make one permutation move both
+        uses_of_entry = torch.bincount(torch.cat([pos for _, _, pos in sites]), minlength=numel)
         for src, dst, pos in sites:
+            if bool((uses_of_entry[pos] == 1).all()):
+                continue
             rows, cols = pos // columns, pos % columns
             if _is_function(dst, rows) and _is_function(src, cols):
                 at_row, at_column = dst, src

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from gradgraph.capture import LossFn, check_materialised
+from gradgraph.capture import LossFn, check_materialised, mapping_inputs
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import GradGraph
 
@@ -123,7 +123,10 @@ def to_graph(
     Args:
         model: the network, e.g. an MLP chain or a transformer encoder.
         inputs: ``[b, d_in]`` for MLPs; ``[b, T, d]`` (or ``[T, b, d]`` when the module is
-            not ``batch_first``) for attention models.
+            not ``batch_first``) for attention models. A mapping of tensors (a tokenizer's
+            output, ``{"input_ids": [b, T], "attention_mask": [b, T], ...}``) is read as the
+            model's call ``model(**inputs)``: the entry named as ``forward``'s first parameter is
+            the input, the others join ``forward_kwargs``.
         targets: passed to ``loss_fn``.
         loss_fn: ``loss_fn(output, targets) -> [b]`` unreduced per-datapoint loss; ``None``
             for output mode (the model returns one scalar per datapoint).
@@ -143,9 +146,12 @@ def to_graph(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
+    model = _uncompiled(model)
+    kwargs = dict(forward_kwargs or {})
+    if isinstance(inputs, Mapping):  # a tokenizer's output: the first argument of forward, the rest by name
+        inputs, kwargs = mapping_inputs(model, inputs, kwargs, "to_graph")
     if not isinstance(inputs, Tensor):
         raise TypeError(f"to_graph: inputs must be a Tensor, got {type(inputs).__name__}")
-    kwargs = dict(forward_kwargs or {})
     if isinstance(model, nn.MultiheadAttention) and {"key", "value"} & set(kwargs):
         raise GradGraphError(
             f"to_graph: {sorted({'key', 'value'} & set(kwargs))} passed through forward_kwargs to an "
@@ -196,9 +202,31 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
     if not callable(closure):
         raise TypeError(f"convert_closure: closure must be callable, got {type(closure).__name__}")
     check_materialised(model, "convert_closure")
+    original = _uncompiled(model)
     for entry in reversed(_REGISTRY):
-        if entry.matches(model):
+        if entry.matches(original):
             raise UnsupportedModuleError(
-                "", type(model).__name__, f"the registered converter '{entry.name}' takes a batch and a loss "
+                "", type(original).__name__, f"the registered converter '{entry.name}' takes a batch and a loss "
                 "function, not a closure: call to_graph(model, inputs, targets, loss_fn)")
-    return _FALLBACK_CLOSURE[0](model, closure)
+    if original is model:
+        return _FALLBACK_CLOSURE[0](model, closure)
+    # the closure calls the compiled wrapper: for this one call its forward is the original module's
+    # call (which the converter captures), not dynamo's compiled function
+    compiled_forward = vars(model)["forward"]
+    model.forward = original.__call__  # a bound method: nn.Module would register a module as a child
+    try:
+        return _FALLBACK_CLOSURE[0](original, closure)
+    finally:
+        model.forward = compiled_forward
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d model wraps (``_orig_mod``); the model itself otherwise.
+
+    gradgraph follows the eager forward op by op; dynamo's compiled function computes the same
+    function, so the graph of the original module is the compiled model's graph (and converting
+    it skips ~20 s of recompilation and dynamo's warnings from inside the trace)."""
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module) and "forward" in vars(model):
+        return original
+    return model

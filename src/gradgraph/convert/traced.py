@@ -22,7 +22,7 @@ from gradgraph.convert.layout import make_plan
 from gradgraph.convert.assembly import assemble, fill_factors
 from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, parameter_signature, plan_key
 from gradgraph.convert.trace import PlanMismatch, TraceResult, UnsupportedOperationError, replay_model, trace_model
-from gradgraph.errors import GradGraphError
+from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import GradGraph
 
 __all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_closure_traced", "default_datapoint_dim", "to_graph_traced"]
@@ -270,10 +270,37 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
             return _Pass(key, plan, None, replayer.captured, output, x, num_datapoints, dtype)
     if chain is not None:
         _check_chain_inputs(chain, inputs)
+    _check_no_reparametrisation(model)
     trace = trace_model(model, inputs, forward, datapoint_dim)
     if not trace.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
     return _Pass(key, None, trace, trace.captured, trace.output, trace.inputs, num_datapoints, dtype, chain)
+
+
+def _check_no_reparametrisation(model: nn.Module) -> None:
+    """Refuse a weight computed from other parameters (``torch.nn.utils.parametrizations``'
+    ``weight_norm`` / ``spectral_norm``, or the older hook-based ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm``), with the remedy. The graph's edges hold a layer's effective weight; the
+    gradient the user owns is that of ``g`` and ``v`` (or of the unnormalised weight), which is not
+    a rank-1 term of the graph. Checked before a trace only (a refused model never has a plan)."""
+    from torch.nn.utils import parametrize
+
+    for path, module in model.named_modules():
+        names = []
+        if parametrize.is_parametrized(module):
+            names = [f"{name} ({', '.join(type(p).__name__.lstrip('_') for p in module.parametrizations[name])})"
+                     for name in module.parametrizations]
+        for hook in module._forward_pre_hooks.values():
+            if type(hook).__name__ in ("WeightNorm", "SpectralNorm") and hasattr(hook, "name"):
+                names.append(f"{hook.name} ({type(hook).__name__}, hook-based)")
+        if names:
+            raise UnsupportedModuleError(
+                path, type(module).__name__,
+                f"its {', '.join(names)} is computed from other parameters, so the gradient of the parameters you "
+                "own (weight_norm's g and v, spectral_norm's unnormalised weight) is not a rank-1 term of the graph. "
+                "Convert a copy whose weights are the effective ones: m = copy.deepcopy(model); "
+                "torch.nn.utils.parametrize.remove_parametrizations(module_of_m, 'weight') (or "
+                "torch.nn.utils.remove_weight_norm / remove_spectral_norm for the hook-based versions)")
 
 
 def _check_chain_inputs(chain: list[tuple[str, nn.Module]], inputs: Tensor) -> None:
@@ -309,6 +336,8 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     if truth is not None:
         _check_sums(graph, truth, run.num_datapoints)
         PLAN_CACHE.put(run.key, plan)
+    # the per-datapoint losses (output mode: outputs) the factors are the gradients of: [b]
+    graph.loss = objective.detach()
     return graph
 
 

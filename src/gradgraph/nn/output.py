@@ -28,3 +28,10 @@ class GradMetaNetOutput(NamedTuple):
     node: Tensor | None
     graph: Tensor | None
     component: Tensor | None = None
+
+    def __repr__(self) -> str:
+        # Shapes, as PyG's `Data` prints them: whole tensors would bury the structure.
+        fields = ", ".join(
+            f"{name}={'None' if value is None else list(value.shape)}" for name, value in zip(self._fields, self)
+        )
+        return f"{type(self).__name__}({fields})"

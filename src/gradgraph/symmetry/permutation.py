@@ -272,7 +272,8 @@ def permute_model(model: nn.Module, graph: GradGraph, node_perm: Tensor) -> nn.M
 
     Works for any converted model, through the parameter slots: the permuted graph's weights
     and biases are written back with :meth:`GradGraph.to_parameters` into a deep copy of
-    ``model``. Parameters the graph does not cover (and buffers) are left as they are. For
+    ``model``. Parameters the graph does not cover (and buffers other than a BatchNorm's running
+    statistics, which move with its channels) are left as they are. For
     ``node_perm`` from :func:`random_node_permutation` the result computes the same function
     and converts to ``permute_nodes(graph, node_perm)`` (tested on MLPs, residual MLPs,
     GPT-, BERT- and ViT-style models).
@@ -295,7 +296,29 @@ def permute_model(model: nn.Module, graph: GradGraph, node_perm: Tensor) -> nn.M
             if name not in named:
                 raise GradGraphError(f"permute_model: the graph has parameter '{name}', which the model lacks")
             named[name].copy_(value.to(named[name].dtype))
+        _move_running_statistics(result, graph, node_perm)
     return result
+
+
+def _move_running_statistics(model: nn.Module, graph: GradGraph, node_perm: Tensor) -> None:
+    """A BatchNorm's running statistics (buffers, no slots of the graph) move as its bias does:
+    the channel whose bias node goes to the slot of channel ``c'`` takes statistic ``c'``. The
+    converter lets a BatchNorm's channels move only when the statistics it read are those of the
+    module that owns its bias (``trace/rules_elementwise.py``), so this is the whole action."""
+    node_perm = torch.as_tensor(node_perm, dtype=torch.long)
+    for module_name, module in model.named_modules():
+        mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+        if not isinstance(mean, Tensor) or not isinstance(var, Tensor) or getattr(module, "bias", None) is None:
+            continue
+        bias_name = f"{module_name}.bias" if module_name else "bias"
+        if bias_name not in graph.param_names:
+            continue
+        nodes = torch.nonzero(graph.node_param == graph.param_names.index(bias_name)).flatten()
+        old_channel, new_channel = graph.node_param_pos[nodes], graph.node_param_pos[node_perm[nodes]]
+        for buffer in (mean, var):
+            moved = buffer.clone()
+            moved[new_channel] = buffer[old_channel]
+            buffer.copy_(moved)
 
 
 def permute_components(graph: GradGraph, perm: Tensor) -> GradGraph:

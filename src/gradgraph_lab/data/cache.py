@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext
+from gradgraph.datasets.atomic import atomic_torch_save, atomic_write_bytes
 from gradgraph.errors import GradGraphError
 
 __all__ = ["ShardedCache", "config_hash", "default_cache_root", "atomic_write_bytes", "atomic_torch_save"]
@@ -51,34 +51,6 @@ def config_hash(config: dict[str, Any], length: int = 16) -> str:
     """A stable hex digest of a JSON-serialisable configuration (key order does not matter)."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(temp_name, 0o644)  # mkstemp makes files 0600; a cache is meant to be readable
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    _atomic_write(Path(path), lambda file: file.write(data))
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (temp file + ``os.replace``)."""
-    _atomic_write(Path(path), lambda file: torch.save(obj, file))
 
 
 class ShardedCache:

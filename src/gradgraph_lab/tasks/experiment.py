@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -93,6 +93,8 @@ class SeedRun:
         fit: the training curve (a one-row history for models without training).
         parameters: number of the model's parameters.
         description: ``repr`` of a model worth recording (fixed estimators), else ``None``.
+        metrics: further test metrics of the run (``{"kendall_tau": 0.9}``); :func:`run_seeds`
+            reports each one's per-seed values, mean and std.
     """
 
     seed: int
@@ -100,6 +102,7 @@ class SeedRun:
     fit: FitResult
     parameters: int = 0
     description: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def check_experiment(
@@ -185,7 +188,8 @@ def run_seeds(
     Returns:
         The model's ``results["models"]`` entry: ``label``, ``test_errors`` (one per seed),
         ``test_error_mean``, ``test_error_std``, ``train_seconds``, ``best_epochs``,
-        ``histories``, ``parameters``, ``description``, ``seeds``.
+        ``histories``, ``parameters``, ``description``, ``seeds``; and ``metrics``
+        (``{name: {"values": per seed, "mean", "std"}}``) for the runs' :attr:`SeedRun.metrics`.
     """
     context = context or SINGLE_PROCESS
     runs: list[SeedRun] = []
@@ -208,6 +212,8 @@ def run_seeds(
         "histories": [run.fit.history for run in runs],
         "parameters": runs[-1].parameters,
         "description": runs[-1].description,
+        "metrics": {key: dict(zip(("mean", "std"), summarize(values)), values=values)
+                    for key in runs[0].metrics for values in [[run.metrics[key] for run in runs]]},
     }
 
 

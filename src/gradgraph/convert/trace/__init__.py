@@ -37,6 +37,10 @@ norms                    ``layer_norm``, ``rms_norm`` (and hand-written ones fro
                          ``γ``, ``β`` is the bias of a NORM set
 reductions               over all neurons of a set: a statistic (no neuron); over positions
                          (mean / CLS pooling): a new set at a new component key
+convolutions             ``F.conv1d/2d/3d`` run as ``gather_taps`` (one tap set of ``C``
+                         neurons per kernel tap, tied to the channels) and ``F.linear``;
+                         spatial pooling, group / instance norm, a flatten into a linear head
+                         (``rules_conv.py``, ``docs/convolutions.md``)
 attention                ``q @ kᵀ`` (scaled, masked, softmaxed) then ``@ v``, or
                          ``F.scaled_dot_product_attention``: heads found from the id layout,
                          an ATTENTION set for the output, QUERY_KEY / VALUE_ATTENTION /

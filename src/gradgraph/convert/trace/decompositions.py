@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradgraph.convert.trace.rules_conv import convolution_parts, padding_parts
+
 __all__ = ["decomposition"]
 
 
@@ -69,6 +71,12 @@ _DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _
 def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
     """A function running ``func(*args, **kwargs)`` as the ops it is made of, or ``None`` where
     the trace follows ``func`` itself (or cannot follow it either way)."""
+    convolution = convolution_parts(func, args, kwargs)  # a batched F.conv*d: taps, then F.linear
+    if convolution is not None:
+        return convolution
+    padding = padding_parts(func, args, kwargs)  # a convolution's padding_mode: indexing
+    if padding is not None:
+        return padding
     if func in _DECOMPOSITIONS:
         return lambda: _DECOMPOSITIONS[func](*args, **kwargs)
     if func is F.prelu or func is torch.prelu:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, feature_row, ids_like, KEY_STRIDE, Neurons, NeuronSet, Opaque, Param, Raw, rows_along_last,
-    Scores, varies_along,
+    broadcast_ids, feature_row, ids_like, Neurons, NeuronSet, Opaque, Param, Raw, rows_along_last, Scores,
 )
 from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.convert.trace.rules_data import Data
@@ -103,6 +101,7 @@ class AffineRules:
         meta = self.need_neurons(x, f"the affine map {name}")
         if meta is None:
             raise self.unsupported(name, LOST_TRACK)
+        meta = self.spread_positions(name, x, meta)  # a flattened [channels, positions] map (rules_conv)
         weight_view = self.param_view(weight, name, "weight")
         if weight_view.pos.dim() != 2:
             raise self.unsupported(name, f"a weight of shape {list(weight.shape)}; expected a matrix")
@@ -160,82 +159,6 @@ class AffineRules:
             raise self.unsupported(name, f"a matmul of neurons with a constant of shape {list(constant.shape)}")
         # q @ kᵀ: the contracted axes hold the query / key dims of each head
         self.set_meta(output, Scores(query, key, tuple(output.shape[:-2])))
-
-    # -------------------------------------------------------------- patch embeddings
-    def patch_convolution(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        """A convolution whose windows tile the input (``kernel_size == stride``: a ViT's patch
-        embedding) applied to the model input: an affine map of each patch.
-
-        The input ``[b, C, *S]`` becomes ``C * prod(kernel)`` input neurons (channel, then the
-        place in the patch) at one component per patch; the output ``[b, d, *S / kernel]``
-        holds the ``d`` new neurons on axis 1, as the convolution returns them.
-        """
-        bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
-        bound.update(kwargs)
-        x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
-        weight_view = self.param_view(weight, name, "weight")
-        spatial = weight.dim() - 2
-        kernel = tuple(weight.shape[2:])
-
-        def per_axis(value: Any) -> tuple:
-            return tuple(value) if isinstance(value, tuple | list) else (value,) * spatial
-
-        padding = bound.get("padding", 0)
-        if per_axis(bound.get("stride", 1)) != kernel or (padding != "valid" and any(per_axis(padding))) \
-                or any(step != 1 for step in per_axis(bound.get("dilation", 1))) or bound.get("groups", 1) != 1:
-            raise self.unsupported(name, f"a convolution with kernel {list(kernel)}, stride "
-                                   f"{list(per_axis(bound.get('stride', 1)))}, padding {padding}: gradgraph converts "
-                                   "convolutions whose windows tile the input (kernel_size == stride, no padding, "
-                                   "dilation or groups), as a patch embedding does; write others with linear maps")
-        meta = self.meta(x)
-        if not isinstance(meta, Raw) or not x.is_floating_point() or x.dim() != spatial + 2:
-            raise self.unsupported(name, "a patch-embedding convolution of values other than the batched model input; "
-                                   "gradgraph converts a convolution only as the first op on the input "
-                                   "[b, channels, ...]")
-        element = meta.element
-        datapoint, _, _ = self.datapoint_of(element)
-        if varies_along(datapoint, 1) or any(varies_along(datapoint, 2 + axis) for axis in range(spatial)):
-            raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
-        channels, sizes = x.shape[1], tuple(x.shape[2:])
-        counts = [size // step for size, step in zip(sizes, kernel)]
-        width = channels * math.prod(kernel)
-        grids = torch.meshgrid(*(torch.arange(size) for size in sizes), indexing="ij")
-        inside = torch.ones(sizes, dtype=torch.bool)
-        feature = torch.zeros(sizes, dtype=torch.long)
-        position = torch.zeros(sizes, dtype=torch.long)
-        for grid, step, count in zip(grids, kernel, counts):
-            inside &= grid < count * step  # a remainder no window covers is read by nothing
-            feature = feature * step + grid % step
-            position = position * count + grid // step
-        feature = torch.arange(channels).reshape(-1, *[1] * spatial) * math.prod(kernel) + feature
-        self.input_neurons(width, name, f"as {width} features per patch")
-        keep = broadcast_ids(inside, x.shape)
-        nodes = torch.where(keep, self.input_set.first + broadcast_ids(feature, x.shape), -1)
-        comps = torch.full(tuple(x.shape), -1, dtype=torch.long)
-        position = broadcast_ids(position, x.shape)
-        comps[keep] = self.assign_comps(element[keep], datapoint[keep], position[keep])
-        if x.requires_grad:
-            self.input_set.grad_records.append((x, nodes, comps))
-        meta = self.fix_act(x, Neurons(nodes, comps, {self.input_set.index: 0}), name)
-        self.input_set.read_by_affine = True
-        out_channels = weight.shape[0]
-        created = self.new_set(out_channels, NodeKind.HIDDEN, self.path() or name, "affine")
-        targets = created.first + torch.arange(out_channels)
-        sources = self.input_set.first + torch.arange(width)
-        self.edges.append((*_dense_edges(sources, targets), EdgeKind.LINEAR, weight_view.index,
-                           weight_view.pos.reshape(out_channels, width).reshape(-1).clone(), None))
-        if bias is not None:
-            bias_view = self.param_view(bias, name, "bias")
-            created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
-        out_nodes = broadcast_ids(targets.reshape(1, -1, *[1] * spatial), output.shape).clone()
-        first_of_datapoint = datapoint.reshape(datapoint.shape[0], -1)[:, 0]
-        out_comps = (first_of_datapoint.reshape(-1, 1, *[1] * spatial) * KEY_STRIDE
-                     + torch.arange(math.prod(counts)).reshape(1, 1, *counts))
-        out_comps = broadcast_ids(out_comps, output.shape).clone()
-        new = Neurons(out_nodes, out_comps, {created.index: 0})
-        created.grad_records.append((output, out_nodes, out_comps))
-        self.set_meta(output, new)
-        self.observe(output, new)
 
     # -------------------------------------------------------------- embeddings
     def embedding(self, name: str, indices: Tensor, weight: Tensor, output: Tensor,

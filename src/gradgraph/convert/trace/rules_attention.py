@@ -140,13 +140,13 @@ class AttentionRules:
         bound.update(kwargs)
         if bound.get("dropout_p", 0.0):
             raise self.unsupported(name, "attention dropout changes the function; pass dropout_p=0 in eval mode")
-        if bound.get("enable_gqa", False):
-            raise self.unsupported(name, "grouped-query attention (enable_gqa)")
         query = self.need_neurons(bound["query"], name)
         key = self.need_neurons(bound["key"], name)
         value = self.need_neurons(bound["value"], name)
         if query is None or key is None or value is None:
             raise self.unsupported(name, "attention over constant queries, keys or values")
+        if bound.get("enable_gqa", False):
+            key, value = self.repeat_key_value_heads(name, bound["query"], key, value)
         key_t = Neurons(key.nodes.transpose(-2, -1), key.comps.transpose(-2, -1), key.versions)
         mask = bound.get("attn_mask")
         if isinstance(mask, Tensor) and (mask.requires_grad or not isinstance(self.meta(mask), Data | None)):
@@ -161,6 +161,24 @@ class AttentionRules:
             self.pin_heads_if_distinct(bound["attn_mask"], query, key_t, tuple(query.nodes.shape[:-1]) + (
                 key.nodes.shape[-2],))
         self.attention_output(name, query, key_t, bound["value"], value, output)
+
+    def repeat_key_value_heads(self, name: str, query: Tensor, key: Neurons,
+                               value: Neurons) -> tuple[Neurons, Neurons]:
+        """SDPA's ``enable_gqa``: query head ``h`` of ``H`` reads key/value head ``h // (H / H_kv)``
+        (axis -3), as ``repeat_interleave`` of the key and value heads gives; the heads of a group
+        then share whole key and value heads, which :meth:`attention_output` reads as grouped."""
+        if query.dim() < 3 or key.nodes.dim() < 3 or query.shape[-3] % key.nodes.shape[-3]:
+            raise self.unsupported(name, f"grouped-query attention (enable_gqa) with query {list(query.shape)} and "
+                                   f"key {list(key.nodes.shape)}; attn_implementation=\"eager\" converts")
+        groups = query.shape[-3] // key.nodes.shape[-3]
+        if groups == 1:
+            return key, value
+
+        def repeat(meta: Neurons) -> Neurons:
+            comps = None if meta.comps is None else meta.comps.repeat_interleave(groups, dim=-3)
+            return Neurons(meta.nodes.repeat_interleave(groups, dim=-3), comps, meta.versions)
+
+        return repeat(key), repeat(value)
 
     def attention_output(self, name: str, query: Neurons, key_t: Neurons, value: Tensor, value_meta: Neurons,
                          output: Tensor) -> None:

@@ -28,6 +28,23 @@ def _one_value_per_neuron(nodes: tuple[Tensor, ...], comps: Tensor) -> bool:
     return torch.unique(ids, dim=1).shape[1] == ids.shape[1]
 
 
+#: per-neuron maxima / minima over positions (a text CNN's max over time): pooling, as sum and mean
+_ORDER_POOLS = {"Tensor.max", "Tensor.min", "Tensor.amax", "Tensor.amin", "torch.amax", "torch.amin", "torch.max",
+                "torch.min"}
+
+
+def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
+    """``torch.unique(torch.stack((first, second)), dim=1)`` for non-negative ids, as a 1-D unique
+    of one code per pair (the same sorted columns; ``unique(dim=1)`` on a CNN's feature maps was a
+    fifth of a first conversion)."""
+    first, second = first.reshape(-1), second.reshape(-1)
+    if first.numel() == 0:
+        return torch.stack((first, second))
+    scale = int(second.max()) + 1
+    codes = torch.unique(first * scale + second)
+    return torch.stack((codes // scale, codes % scale))
+
+
 class ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, reductions, norms."""
 
@@ -111,7 +128,7 @@ class ElementwiseRules:
             return None
         if bool((a_nodes < 0).any()) or bool((b_nodes < 0).any()):
             raise self.unsupported(name, "combines neurons with values that are partly not neurons")
-        pairs = torch.unique(torch.stack((a_nodes.reshape(-1), b_nodes.reshape(-1))), dim=1)
+        pairs = _unique_pairs(a_nodes, b_nodes)
         if torch.unique(pairs[0]).numel() != pairs.shape[1] or torch.unique(pairs[1]).numel() != pairs.shape[1]:
             # not one neuron of b per neuron of a (e.g. rotary embeddings mixing dims): no symmetry claimed
             for index in list(a.versions) + list(b.versions):
@@ -136,7 +153,7 @@ class ElementwiseRules:
         if fresh:
             into, other = fresh[0]
             into_nodes, other_nodes = broadcast_ids(into.nodes, shape), broadcast_ids(other.nodes, shape)
-            pairs = torch.unique(torch.stack((other_nodes.reshape(-1), into_nodes.reshape(-1))), dim=1)
+            pairs = _unique_pairs(other_nodes, into_nodes)
             self.edges.append((pairs[0].clone(), pairs[1].clone(), kind, -1, None, None))
             self.ties.append((pairs[0].clone(), pairs[1].clone()))
             target = self.sets[next(iter(into.versions))]
@@ -328,8 +345,12 @@ class ElementwiseRules:
         if meta is None or meta.comps is None:
             return self.mark_opaque(output, name, "a reduction of values that do not depend on the input",
                                     [meta] if meta else [])
+        indices = None
         if isinstance(output, tuple):  # max / min with dim return (values, indices)
-            return self.mark_opaque(output, name, "max/min with indices", [meta])
+            if name not in _ORDER_POOLS or len(output) != 2:
+                return self.mark_opaque(output, name, "max/min with indices", [meta])
+            output, indices = output  # the values may pool over positions (max over time); indices are opaque
+            self.mark_opaque(indices, name, "the indices of a max/min", [])
         dims = self._dims(args, kwargs, x.dim())
         keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
         if name.endswith("norm") and len(args) > 2:
@@ -350,6 +371,11 @@ class ElementwiseRules:
 
         if any(axis in datapoint_axes for axis in dims):
             return self.mark_opaque(output, name, "a reduction over datapoints", [meta])
+        if not reduced_neurons and not reduced_comps:  # over axes of size 1 (one position left): same values
+            new = Neurons(collapse(meta.nodes), collapse(meta.comps), self.next_version(meta.versions))
+            self.set_meta(output, new)
+            self.observe(output, new)
+            return None
         if reduced_neurons and not reduced_comps:
             if set(reduced_neurons) != set(neuron_axes):
                 return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
@@ -358,22 +384,21 @@ class ElementwiseRules:
             self.set_meta(output, stat)
             return None
         if reduced_comps and not reduced_neurons:
-            if name not in POOLS:
-                return self.mark_opaque(output, name, "a reduction over positions other than sum/mean", [meta])
+            if name not in POOLS and name not in _ORDER_POOLS:
+                return self.mark_opaque(output, name, "a reduction over positions other than sum/mean/max/min",
+                                        [meta])
             pooled_nodes = collapse(meta.nodes)
             rows = rows_along_last(pooled_nodes)
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):
                 return self.mark_opaque(output, name, "pooling that does not keep one neuron per feature", [meta])
             self.observe(x, meta)
-            pooled = self.new_set(rows.shape[1], NodeKind.RESIDUAL, f"{self.path()} {name}", "pool")
-            pooled_ids = pooled.first + torch.arange(rows.shape[1])
-            self.edges.append((rows[0].clone(), pooled_ids, EdgeKind.MERGE, -1, None, None))
-            self.ties.append((rows[0].clone(), pooled_ids))
+            # one pooled set per set the row holds (a pooled cat of group outputs: rules_conv.tied_copy)
+            pooled_ids, created = self.tied_copy(rows[0].clone(), f"{self.path()} {name}", "pool")
             key = self.new_key()[0]
             comps = collapse(datapoint) * KEY_STRIDE + key
             nodes = broadcast_ids(pooled_ids, output.shape).clone()
-            new = Neurons(nodes, broadcast_ids(comps, output.shape).clone(), {pooled.index: 0})
-            pooled.grad_records.append((output, nodes, new.comps))
+            new = Neurons(nodes, broadcast_ids(comps, output.shape).clone(), {pooled.index: 0 for pooled in created})
+            created[0].grad_records.append((output, nodes, new.comps))
             self.set_meta(output, new)
             self.observe(output, new)
             return None
@@ -470,24 +495,31 @@ class ElementwiseRules:
         weight = args[3] if len(args) > 3 else kwargs.get("weight")
         bias = args[4] if len(args) > 4 else kwargs.get("bias")
         eps = args[7] if len(args) > 7 else kwargs.get("eps", 1e-5)
-        meta = self.need_neurons(x, name)
+        # BatchNorm1d/2d/3d over [b, channels, *positions]: channels are the neurons (trace/rules_conv.py)
+        meta = self.need_neurons(x, name) if x.dim() == 2 else self.channel_neurons(x, name, x.dim() - 2)[0]
         if meta is None:
             raise self.unsupported(name, LOST_TRACK)
-        if x.dim() != 2:
-            raise self.unsupported(name, f"batch norm on a [{', '.join(map(str, x.shape))}] tensor; gradgraph "
-                                   "supports BatchNorm1d on [b, features]")
+        stats = [-1] + [1] * (x.dim() - 2)  # the running statistics per channel, broadcast over positions
         with torch.no_grad():
-            normalised = (x.detach() - running_mean) / torch.sqrt(running_var + eps)
+            normalised = (x.detach() - running_mean.reshape(stats)) / torch.sqrt(running_var.reshape(stats) + eps)
         self.derived[id(normalised)] = (normalised, self.op_index, ("batch_norm", eps))
-        for index in meta.versions:  # running statistics are buffers: no permutation moves them
-            self.sets[index].pinned = True
+        # the running statistics are buffers: symmetry.permute_model moves them with the channels of
+        # the module whose bias they share (a BatchNorm with affine=True); other statistics pin them
+        movable = bias is not None and any(
+            getattr(module, "bias", None) is bias and getattr(module, "running_mean", None) is running_mean
+            and getattr(module, "running_var", None) is running_var for module in self.model.modules())
+        if not movable:
+            for index in meta.versions:
+                self.sets[index].pinned = True
         normalised_meta = Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
-        sources = normalised_meta.nodes[0].clone()
+        sources = normalised_meta.nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
         created = self.new_set(len(sources), NodeKind.NORM, self.path() or name, "norm")
-        created.pinned = True
+        created.pinned = not movable
         targets = created.first + torch.arange(len(sources))
+        if movable:
+            self.ties.append((sources, targets))
         if weight is not None:
             weight_view = self.param_view(weight, name, "weight")
             self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index, weight_view.pos.clone(),
@@ -497,8 +529,8 @@ class ElementwiseRules:
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
             created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.clone()
-        nodes = broadcast_ids(targets, output.shape).clone()
-        new = Neurons(nodes, meta.comps.clone(), {created.index: 0})
+        nodes = broadcast_ids(targets.reshape(-1, *[1] * (x.dim() - 2)), output.shape).clone()
+        new = Neurons(nodes, broadcast_ids(meta.comps, output.shape).clone(), {created.index: 0})
         created.grad_records.append((output, nodes, new.comps))
         self.set_meta(output, new)
         self.observe(output, new)

@@ -19,6 +19,7 @@ from gradgraph.convert.trace.meta import (
 )
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
 from gradgraph.convert.trace.result import TraceResult
+from gradgraph.convert.trace.rules_conv import InputReadAgain
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
 from gradgraph.errors import GradGraphError
@@ -131,12 +132,18 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints.
     """
     check_materialised(model, "to_graph")
-    tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
-    x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
-    tracer.bind_input(x)
-    tracker = _ModuleTracker(tracer)
-    with torch.enable_grad(), tracker, tracer:
-        output = _run_forward(model, forward, x, tracer)
+    for input_taps in (True, False):  # an input read as convolution windows and again: read it as channels
+        tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
+        tracer.input_taps = input_taps
+        x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
+        tracer.bind_input(x)
+        tracker = _ModuleTracker(tracer)
+        try:
+            with torch.enable_grad(), tracker, tracer:
+                output = _run_forward(model, forward, x, tracer)
+        except InputReadAgain:
+            continue
+        break
     return TraceResult(
         sets=tracer.sets, num_nodes=tracer.num_nodes, edges=tracer.edges, ties=tracer.ties,
         attention=tracer.attention, cuts=tracer.cuts, num_keys=len(tracer.keys), param_names=tracer.param_names,

@@ -32,6 +32,7 @@ from gradgraph.convert.trace.ops import (
 )
 from gradgraph.convert.trace.rules_affine import AffineRules
 from gradgraph.convert.trace.rules_attention import AttentionRules
+from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
 from gradgraph.errors import UnsupportedModuleError
@@ -45,7 +46,7 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
 
 
-class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunctionMode):
+class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
@@ -76,6 +77,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
         self.input_comps: Tensor | None = None  # per flat input element: its component, -1 until read
         self.input_tensor: Tensor | None = None
         self.input_set: NeuronSet | None = None
+        #: whether a convolution that first reads the model input reads it as windows (read_input_taps)
+        self.input_taps = True
         self.log: OpLog | None = None
         self.op_index = -1
         self.captured: dict[int, tuple[tuple, dict, Any]] = {}  # op index -> (args, kwargs, output)
@@ -145,6 +148,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
         if self.input_set is None:
             self.input_set = self.new_set(width, NodeKind.INPUT, "input", "input")
             self.input_set.pinned = True
+        elif getattr(self.input_set, "read_through_taps", False):
+            # the input was read as a convolution's windows (rules_conv.read_input_taps) and is read again:
+            # trace_model traces afresh with the input read as channels
+            raise TraceAbort(InputReadAgain(op))
         if self.input_set.size != width:
             raise self.unsupported(op, f"the input is read {reading} here but {self.input_set.size} elsewhere")
         return self.input_set
@@ -297,6 +304,13 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
             opaque = next(meta for meta in metas if isinstance(meta, Opaque))
             return self.mark_opaque(output, opaque.op, opaque.reason, metas, location=opaque.location,
                                     path=opaque.path)
+        # convolutions (run as gather_taps + F.linear, trace/rules_conv.py) and spatial pooling
+        if func is gather_taps:
+            return self.tap_gather(name, args, kwargs, output)
+        if func in SPATIAL_POOLS:
+            return self.spatial_pool(name, args, kwargs, output)
+        if func is F.group_norm or func is F.instance_norm:
+            return self.channel_norm(name, func, args, kwargs, output)
         if name in LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -324,8 +338,9 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
             return self.embedding(name, indices, weight, output, options.get("padding_idx"))
         if name in SDPA:
             return self.sdpa(name, args, kwargs, output)
-        if name in CONVOLUTION:
-            return self.patch_convolution(name, args, kwargs, output)
+        if name in CONVOLUTION:  # a batched one runs as gather_taps + F.linear (trace/rules_conv.py)
+            raise self.unsupported(name, "a convolution of an input without a datapoint axis ([channels, *spatial]); "
+                                   "gradgraph reads convolutions of batches [b, channels, *spatial]")
         if name in LAYER_NORM or name in RMS_NORM:
             return self.norm(name, args, kwargs, output)
         if name in BATCH_NORM:
@@ -406,7 +421,9 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, TorchFunc
             )
         if isinstance(meta, Scores):
             raise self.unsupported(what, "attention scores used as neuron values")
-        raise self.unsupported(what, "a parameter used where gradgraph expects neuron values")
+        which = f" '{self.param_names[meta.index]}'" if isinstance(meta, _Param) else ""
+        raise self.unsupported(what, f"the parameter{which} used where gradgraph expects neuron values (arithmetic "
+                               "on a parameter before it meets the input: a learned slope, scale or mask)")
 
     # -------------------------------------------------------------- shape ops
     def shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
