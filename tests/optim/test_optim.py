@@ -449,8 +449,8 @@ def test_benchmark_command_records_its_device(tmp_path):
 
     from gradgraph_lab.cli import main
 
-    main(["learned-optimizer", "--device", "cpu", "--steps", "3", "--seeds", "1", "--grid-size", "2",
-          "--optimizers", "adam", "deepsets", "--output-dir", str(tmp_path), "--quiet"])
+    main(["learned-optimizer", "--tasks", "digits", "--device", "cpu", "--steps", "3", "--seeds", "1",
+          "--grid-size", "2", "--optimizers", "adam", "deepsets", "--output-dir", str(tmp_path), "--quiet"])
     results = json.loads((tmp_path / "benchmark" / "results.json").read_text())
     assert results["device"] == "cpu" and results["config"]["device"] == "cpu"
     assert set(results["tasks"][0]["summary"]) == {"adam", "deepsets"}

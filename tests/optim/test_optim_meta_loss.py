@@ -14,7 +14,7 @@ from torch import nn
 
 from gradgraph import GradGraphError
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer, Task
-from gradgraph.optim.meta_loss import mean_log_loss, meta_loss, time_above_target
+from gradgraph.optim.meta_loss import first_passage, mean_log_loss, meta_loss, time_above_target
 
 
 def _curve(start: float, rate: float, floor: float, steps: int) -> torch.Tensor:
@@ -209,3 +209,67 @@ def test_tensor_rate_adam_gives_each_tensor_its_factor_last_match_winning():
     rates = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
     expected = {"0.weight": 0.3, "0.bias": 0.1, "2.weight": 0.2, "2.bias": 0.1}
     assert {name: rates[id(p)] for name, p in model.named_parameters()} == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------- first passage
+
+
+def _survival_by_definition(losses: list[float], target: float, temperature: float, start: float = 1.0) -> list[float]:
+    """``S_t = S_{t-1} · σ((log L_t − log L*) / τ)``, one step at a time in plain Python."""
+    survival, curve = start, []
+    for loss in losses:
+        survival *= 1 / (1 + math.exp(-(math.log(loss) - math.log(target)) / temperature))
+        curve.append(survival)
+    return curve
+
+
+def test_first_passage_equals_its_definition_on_a_hand_made_curve():
+    """The curve crosses L* = 1 at step 3, comes back above at step 4 and goes below again:
+    the exact (τ → 0) meta-loss counts the 2 steps before the FIRST passage, not the 3 steps
+    above L* that time_above_target counts (it would fail this: 3/6 ≠ 2/6)."""
+    curve = [2.0, 1.5, 0.9, 1.2, 0.5, 0.4]
+    losses = torch.tensor(curve, dtype=torch.float64)[:, None]
+    exact, survival = first_passage(losses, 1.0, temperature=1e-4)
+    steps_above_before_first_passage = next(i for i, loss in enumerate(curve) if loss < 1.0)
+    assert exact.item() == pytest.approx(steps_above_before_first_passage / len(curve), abs=1e-12)
+    assert survival.item() == pytest.approx(0.0, abs=1e-12)
+    assert time_above_target(losses, 1.0, temperature=1e-4).item() == pytest.approx(3 / 6, abs=1e-12)
+    # A finite temperature: the product of smoothed "still above" probabilities, step by step.
+    smoothed, _ = first_passage(losses, 1.0, temperature=0.3)
+    expected = _survival_by_definition(curve, 1.0, 0.3)
+    assert smoothed.item() == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+
+
+def test_first_passage_carries_its_survival_across_truncations_and_restarts_at_one():
+    """Two truncations with the carried survival give the single long truncation's S_t; a run
+    that restarts (survival 1) is scored as new."""
+    curve = [3.0, 2.0, 1.4, 1.1, 0.95, 1.05, 0.8, 0.7]
+    losses = torch.tensor(curve, dtype=torch.float64)[:, None]
+    whole, end = first_passage(losses, 1.0, 0.2)
+    first, carried = first_passage(losses[:3], 1.0, 0.2)
+    second, end_split = first_passage(losses[3:], 1.0, 0.2, survival=carried)
+    assert (3 * first + 5 * second).item() == pytest.approx(8 * whole.item(), rel=1e-12)
+    assert end_split.item() == pytest.approx(end.item(), rel=1e-12)
+    fresh, _ = first_passage(losses[3:], 1.0, 0.2, survival=torch.ones(1, dtype=torch.float64))
+    assert fresh.item() == pytest.approx(sum(_survival_by_definition(curve[3:], 1.0, 0.2)) / 5, rel=1e-12)
+    with pytest.raises(GradGraphError, match="survival must have shape"):
+        first_passage(losses, 1.0, 0.2, survival=torch.ones(2, dtype=torch.float64))
+
+
+def test_meta_trainer_carries_the_first_passage_survival_and_resets_it_at_restart():
+    torch.manual_seed(0)
+    config = MetaTrainConfig(estimator="pes", num_particles=4, truncation=2, horizon=4, meta_loss="first-passage",
+                             target_loss=0.5, temperature=0.1)
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, residual_adam=True))
+    trainer = MetaTrainer(meta, _tiny_task(), config)
+    trainer.step()
+    assert (trainer.survival < 1).all() and (trainer.survival > 0).all()
+    carried = trainer.survival.clone()
+    restarting = trainer.inner_step >= trainer.restart_at  # the staggered first restart: problem 0
+    assert restarting.any() and not restarting.all()
+    trainer._restart_finished()
+    assert torch.equal(trainer.survival[restarting], torch.ones(int(restarting.sum())))
+    assert torch.equal(trainer.survival[~restarting], carried[~restarting])
+    trainer.step()
+    # A probability of "not yet below" only falls along a run that did not restart.
+    assert (trainer.survival[~restarting] <= carried[~restarting]).all()

@@ -26,9 +26,19 @@ def pretrained_names() -> list[str]:
     return sorted(entry.name[:-3] for entry in folder.iterdir() if entry.name.endswith(".pt"))
 
 
+#: the value a :class:`MetaModelConfig` field takes when a file predates it (its behaviour then):
+#: the embedding entered ``F`` un-normalised before issue 29.
+LEGACY_CONFIG = {"normalize_embedding": False, "learned_term": True}
+
+
 def meta_model_from_checkpoint(checkpoint: dict[str, Any]) -> LearnedUpdate:
-    """Build a :class:`LearnedUpdate` from ``{"meta_config", "meta_model"}`` (an export or a trainer checkpoint)."""
-    model = LearnedUpdate(MetaModelConfig.from_dict(checkpoint["meta_config"]))
+    """Build a :class:`LearnedUpdate` from ``{"meta_config", "meta_model"}`` (an export or a trainer checkpoint).
+
+    Fields the file lacks take their :data:`LEGACY_CONFIG` value, so a file computes the
+    update it computed when it was written (and :meth:`MetaModelConfig.from_dict` reads the
+    older flat ``gmn_*`` sizes).
+    """
+    model = LearnedUpdate(MetaModelConfig.from_dict({**LEGACY_CONFIG, **checkpoint["meta_config"]}))
     model.load_state_dict(checkpoint["meta_model"])
     return model.eval()
 

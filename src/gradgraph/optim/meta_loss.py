@@ -12,6 +12,14 @@ truncation, particle ``p``), and return one meta-loss per particle ``[P]``; lowe
   changes it a little (the sigmoid; ``τ → 0`` is the indicator ``L_t > L*``). The
   comparison is in log space so that ``τ`` is a relative gap: ``L_t = L* e^τ`` costs
   ``σ(1) ≈ 0.73`` of a step, ``L_t = L*`` half a step, ``L_t = L* e^{-τ}`` 0.27.
+* :func:`first_passage` (``"first-passage"``) — ``mean_t S_t`` with
+  ``S_t = S_{t−1} · σ((log L_t − log L*) / τ)``: the (smoothed) probability that the run has
+  not yet been below ``L*`` by step ``t``. ``S`` is carried from one truncation to the next
+  and reset to 1 when the run restarts, so the sum of the truncations' meta-losses over a
+  whole run is the expected first step below ``L*`` (divided by the truncation length):
+  the benchmark's metric, and unlike the time above the target it stops counting once the
+  run got there — a curve that reaches ``L*`` early and drifts back up is not charged again,
+  and loss far below ``L*`` earns nothing more.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from torch import Tensor
 
 from gradgraph.errors import GradGraphError
 
-__all__ = ["META_LOSSES", "mean_log_loss", "meta_loss", "time_above_target"]
+__all__ = ["META_LOSSES", "first_passage", "mean_log_loss", "meta_loss", "time_above_target"]
 
 #: names of the meta-losses (:attr:`gradgraph.optim.MetaTrainConfig.meta_loss`).
-META_LOSSES = ("log-loss", "time-above-target")
+META_LOSSES = ("log-loss", "time-above-target", "first-passage")
+#: the meta-losses that compare against a target loss ``L*``.
+TARGET_META_LOSSES = ("time-above-target", "first-passage")
 
 
 def _check(losses: Tensor, where: str) -> None:
@@ -52,25 +62,67 @@ def time_above_target(losses: Tensor, target: float, temperature: float = 0.25) 
     Raises:
         GradGraphError: ``target`` or ``temperature`` not positive and finite, or ``losses`` not 2-D.
     """
-    _check(losses, "time_above_target")
+    return _above(losses, target, temperature, "time_above_target").mean(dim=0)
+
+
+def _above(losses: Tensor, target: float, temperature: float, where: str) -> Tensor:
+    """``[T, P]``: ``σ((log L_t − log target) / τ)``, the smooth indicator of ``L_t > target``."""
+    _check(losses, where)
     if not (math.isfinite(target) and target > 0):
-        raise GradGraphError(f"time_above_target: target must be a positive loss, got {target}")
+        raise GradGraphError(f"{where}: target must be a positive loss, got {target}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise GradGraphError(f"time_above_target: temperature must be > 0, got {temperature}")
+        raise GradGraphError(f"{where}: temperature must be > 0, got {temperature}")
     gap = torch.log(losses.clamp_min(1e-8)) - math.log(target)
-    return torch.sigmoid(gap / temperature).mean(dim=0)
+    return torch.sigmoid(gap / temperature)
 
 
-def meta_loss(name: str, losses: Tensor, target: float | None = None, temperature: float = 0.25) -> Tensor:
-    """``[T, P] -> [P]``: the meta-loss called ``name`` (:data:`META_LOSSES`).
+def first_passage(losses: Tensor, target: float, temperature: float = 0.25,
+                  survival: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``[T, P] -> ([P], [P])``: ``(mean_t S_t, S_T)`` with ``S_t = S_{t−1} σ((log L_t − log target) / τ)``.
+
+    ``S_t`` is the smoothed probability that the run has not been below ``target`` at any
+    step up to ``t``; ``τ → 0`` makes it 1 before the first step with ``L_t < target`` and 0
+    from that step on, so ``T · mean_t S_t`` counts the truncation's steps before the first
+    passage.
+
+    Args:
+        losses: held-out losses ``[T, P]`` (positive).
+        target: ``L* > 0``.
+        temperature: ``τ > 0``.
+        survival: ``[P]`` ``S`` at the end of the previous truncation of each run (1 for a
+            run that just (re)started); ``None``: all ones.
+
+    Returns:
+        The meta-loss ``[P]`` and ``S`` after the last step ``[P]``, to carry into the next
+        truncation (detach it there: the truncation boundary).
 
     Raises:
-        GradGraphError: unknown ``name``, or ``"time-above-target"`` without a ``target``.
+        GradGraphError: bad ``target`` / ``temperature``, ``losses`` not 2-D, or ``survival`` not ``[P]``.
+    """
+    above = _above(losses, target, temperature, "first_passage")
+    if survival is None:
+        survival = torch.ones_like(above[0])
+    if survival.shape != above.shape[1:]:
+        raise GradGraphError(f"first_passage: survival must have shape {list(above.shape[1:])}, "
+                             f"got {list(survival.shape)}")
+    curve = survival.to(above.dtype)[None] * torch.cumprod(above, dim=0)  # [T, P]: S_1 … S_T
+    return curve.mean(dim=0), curve[-1]
+
+
+def meta_loss(name: str, losses: Tensor, target: float | None = None, temperature: float = 0.25,
+              survival: Tensor | None = None) -> Tensor:
+    """``[T, P] -> [P]``: the meta-loss called ``name`` (:data:`META_LOSSES`); ``survival`` is
+    :func:`first_passage`'s carried state (use :func:`first_passage` itself to get its new value).
+
+    Raises:
+        GradGraphError: unknown ``name``, or a target meta-loss without a ``target``.
     """
     if name == "log-loss":
         return mean_log_loss(losses)
+    if name in TARGET_META_LOSSES and target is None:
+        raise GradGraphError(f"meta-loss {name!r} needs a target loss (tuned Adam's best held-out loss)")
     if name == "time-above-target":
-        if target is None:
-            raise GradGraphError("meta-loss 'time-above-target' needs a target loss (tuned Adam's best held-out loss)")
         return time_above_target(losses, target, temperature)
+    if name == "first-passage":
+        return first_passage(losses, target, temperature, survival)[0]
     raise GradGraphError(f"unknown meta-loss {name!r}; choose one of {META_LOSSES}")

@@ -9,7 +9,15 @@ per-parameter embedding GradMetaNet computes from the batch's rank-1 factors and
 EMAs (absent in the "DeepSets" variant), ``F`` a per-parameter MLP and ``α, β, μ``
 meta-learned scalars (initialised at 0.1, 0.001, 0.9 as the paper). With ``β = 0`` the rule
 is SGD with momentum. ``m`` is an EMA of the gradient, so ``α`` is the learning rate of
-that SGD-with-momentum part.
+that SGD-with-momentum part. The paper's three variants (:attr:`MetaModelConfig.learned_term`,
+:attr:`MetaModelConfig.use_gradmetanet`):
+
+* **SGDM** — ``β = 0`` fixed, no ``F``: ``θ_{t+1} = θ_t − α m_t``, only ``α`` and ``μ`` learned;
+* **DeepSets** — ``F = MLP(φ_t)``, a per-parameter MLP;
+* **GradMetaNet** — ``F = MLP(φ_t ‖ e_t)``, DeepSets plus GradMetaNet's embedding ``e_t``,
+  which is divided by its root mean square over each parameter tensor (per particle, per
+  channel) like every other feature (:attr:`MetaModelConfig.normalize_embedding`), and
+  computed from the factors of every example of the batch by default.
 
 With ``residual_adam=True`` (the default of meta-training runs, off in the paper's rule),
 ``F = d_t + MLP(φ_t ‖ e_t)`` with ``d_t = m̂_t / (√v̂_t + 10⁻⁸)`` Adam's direction
@@ -63,9 +71,16 @@ class MetaModelConfig:
             read as one (as a checkpoint stores it).
         max_components: GradMetaNet reads the factors of at most this many datapoints of
             the batch (the first ones; batches are drawn at random, so they are a random
-            subset). Its cost grows linearly with them; ``None`` reads all (the paper: 128).
+            subset). Its cost grows linearly with them; ``None`` (the default) reads all,
+            as the paper (128). The files shipped before issue 29 store 32.
         residual_adam: ``F = Adam's direction + MLP`` (module docstring); ``False``: ``F = MLP``.
         alpha, beta, mu: initial values of the meta-learned scalars.
+        learned_term: ``False`` gives the SGDM variant: no ``F``, ``β = 0`` fixed (a buffer,
+            not a parameter), only ``α`` and ``μ`` are learned.
+        normalize_embedding: divide GradMetaNet's embedding by its RMS over each parameter
+            tensor (per particle, per channel), so it enters ``F`` at the scale of every other
+            feature (un-normalised its RMS was 0.04-0.4, issue 29). Files written before this
+            option existed load with ``False`` (:func:`gradgraph.optim.meta_model_from_checkpoint`).
     """
 
     use_gradmetanet: bool = True
@@ -74,11 +89,13 @@ class MetaModelConfig:
     mlp_layers: int = 3
     gradmetanet: GradMetaNetConfig = field(default_factory=lambda: GradMetaNetConfig(
         hidden_channels=16, component_channels=8, num_component_layers=1, num_node_layers=1, product_channels=8))
-    max_components: int | None = 32
+    max_components: int | None = None
     residual_adam: bool = False
     alpha: float = 0.1
     beta: float = 0.001
     mu: float = 0.9
+    learned_term: bool = True
+    normalize_embedding: bool = True
 
     #: Names the sizes had before they became :attr:`gradmetanet` (files written then use them).
     LEGACY_SIZE_NAMES = {
@@ -92,6 +109,11 @@ class MetaModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.gradmetanet, dict):
             self.gradmetanet = GradMetaNetConfig(**self.gradmetanet)
+        if not self.learned_term and (self.use_gradmetanet or self.residual_adam):
+            raise GradGraphError("MetaModelConfig: the SGDM variant (learned_term=False) has no F, so it needs "
+                                 "use_gradmetanet=False and residual_adam=False")
+        if self.max_components is not None and self.max_components < 1:
+            raise GradGraphError(f"MetaModelConfig.max_components must be >= 1 or None, got {self.max_components}")
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (stored in checkpoints)."""
@@ -243,9 +265,13 @@ class LearnedUpdate(nn.Module):
         super().__init__()
         self.config = config = config or MetaModelConfig()
         self.log_alpha = nn.Parameter(torch.tensor(math.log(config.alpha)))
-        self.log_beta = nn.Parameter(torch.tensor(math.log(config.beta)))
+        if config.learned_term:
+            self.log_beta = nn.Parameter(torch.tensor(math.log(config.beta)))
+        else:  # SGDM: β = e^{-∞} = 0 exactly, and nothing meta-training can move
+            self.register_buffer("log_beta", torch.tensor(-math.inf))
         self.logit_mu = nn.Parameter(torch.tensor(_logit(config.mu)))
         self.gradmetanet: GradMetaNet | None = None
+        self.mlp: nn.Sequential | None = None
         embedding = 0
         if config.use_gradmetanet:
             embedding = config.embedding_dim
@@ -259,13 +285,14 @@ class LearnedUpdate(nn.Module):
                 edge_in_channels=-1,
                 component_in_channels=-1,
             )
-        layers: list[nn.Module] = []
-        width = NUM_PARAMETER_FEATURES + embedding
-        for _ in range(config.mlp_layers):
-            layers += [nn.Linear(width, config.mlp_hidden), nn.ReLU()]
-            width = config.mlp_hidden
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
+        if config.learned_term:
+            layers: list[nn.Module] = []
+            width = NUM_PARAMETER_FEATURES + embedding
+            for _ in range(config.mlp_layers):
+                layers += [nn.Linear(width, config.mlp_hidden), nn.ReLU()]
+                width = config.mlp_hidden
+            layers.append(nn.Linear(width, 1))
+            self.mlp = nn.Sequential(*layers)
         self._zero_residual()
         self.register_buffer("momentum_decays", torch.tensor(MOMENTUM_DECAYS), persistent=False)
         self.register_buffer("factor_decays", torch.tensor(FACTOR_DECAYS), persistent=False)
@@ -300,8 +327,13 @@ class LearnedUpdate(nn.Module):
 
     @property
     def beta(self) -> Tensor:
-        """``β``, the weight of the learned term."""
+        """``β``, the weight of the learned term (0 in the SGDM variant)."""
         return self.log_beta.exp()
+
+    @property
+    def scalar_parameters(self) -> list[nn.Parameter]:
+        """The meta-learned scalars ``log α``, ``log β`` (not in the SGDM variant), ``logit μ``."""
+        return [p for p in (self.log_alpha, self.log_beta, self.logit_mu) if isinstance(p, nn.Parameter)]
 
     @property
     def mu(self) -> Tensor:
@@ -310,14 +342,14 @@ class LearnedUpdate(nn.Module):
 
     def _zero_residual(self) -> None:
         """With ``residual_adam`` the correction starts at zero, so the rule starts as Adam (+ momentum)."""
-        if self.config.residual_adam:
+        if self.config.residual_adam and self.mlp is not None:
             with torch.no_grad():
                 self.mlp[-1].weight.zero_()
                 self.mlp[-1].bias.zero_()
 
     def reset_parameters(self) -> None:
         """Re-initialise ``F``, GradMetaNet and the scalars."""
-        for module in self.mlp:
+        for module in self.mlp or ():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
         self._zero_residual()
@@ -325,7 +357,8 @@ class LearnedUpdate(nn.Module):
             self.gradmetanet.reset_parameters()
         with torch.no_grad():
             self.log_alpha.fill_(math.log(self.config.alpha))
-            self.log_beta.fill_(math.log(self.config.beta))
+            if self.config.learned_term:
+                self.log_beta.fill_(math.log(self.config.beta))
             self.logit_mu.fill_(_logit(self.config.mu))
 
     @property
@@ -415,6 +448,10 @@ class LearnedUpdate(nn.Module):
                          dim=-1)
             for k, g in grads.items()
         }
+        alpha = self.alpha.to(dtype)
+        if self.mlp is None:  # SGDM: no learned term at all
+            new_params = {name: param - alpha * new_momentum[name] for name, param in params.items()}
+            return new_params, OptimizerState(step=step, momentum=new_momentum, momenta=new_momenta)
         times = time_features(step, dtype)  # [P, 11]
         embeddings: dict[str, Tensor] = {}
         emas = None
@@ -429,14 +466,19 @@ class LearnedUpdate(nn.Module):
             flat = feats.reshape(num_particles, -1, feats.shape[-1])
             parts = [flat, times[:, None, :].expand(-1, flat.shape[1], -1)]
             if embeddings:
-                parts.append(embeddings[name].reshape(num_particles, flat.shape[1], -1).to(dtype))
+                embedding = embeddings[name].reshape(num_particles, flat.shape[1], -1).to(dtype)
+                if self.config.normalize_embedding:
+                    # Per particle and channel over the tensor, as parameter_features does: a
+                    # positive scale shared by the tensor, so equivariance is kept.
+                    embedding = embedding * torch.rsqrt(embedding.square().mean(dim=1, keepdim=True) + 1e-12)
+                parts.append(embedding)
             inputs.append(torch.cat(parts, dim=-1))
         learned = self.mlp(torch.cat(inputs, dim=1).to(self.mlp[0].weight.dtype)).squeeze(-1).to(dtype)
         if self.config.residual_adam:
             learned = learned + torch.cat(
                 [self.adam_direction(new_momenta[name], step).reshape(num_particles, -1) for name in params], dim=1
             )
-        alpha, beta = self.alpha.to(dtype), self.beta.to(dtype)
+        beta = self.beta.to(dtype)
         new_params = {}
         offset = 0
         for name, param in params.items():

@@ -74,6 +74,14 @@ class PES:
         self._epsilon = None
         return (self.accumulated * difference[:, None]).sum(0) / (2 * self.num_pairs * self.sigma**2)
 
+    def undo(self) -> None:
+        """Take back the last :meth:`perturb` (its truncation was discarded, e.g. an inner run
+        diverged and the runs went back to where it started): ``ξ`` loses that ``ε``."""
+        if self._epsilon is None:
+            raise GradGraphError("PES.undo called without a perturbation to take back")
+        self.accumulated = self.accumulated - self._epsilon
+        self._epsilon = None
+
     def reset(self, pairs: Tensor) -> None:
         """Zero ``ξ`` of the pairs where ``pairs [N]`` (bool) is true: their inner runs restart."""
         self.accumulated = torch.where(pairs[:, None], torch.zeros_like(self.accumulated), self.accumulated)

@@ -37,7 +37,7 @@ from gradgraph_lab.data.cache import atomic_torch_save, atomic_write_bytes
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext, resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer
-from gradgraph.optim.meta_loss import META_LOSSES
+from gradgraph.optim.meta_loss import META_LOSSES, TARGET_META_LOSSES
 from gradgraph_lab.tasks.learned_optimizer.benchmark import log_grid
 from gradgraph_lab.tasks.learned_optimizer.selection import (
     SELECTION_SEEDS_FROM,
@@ -50,7 +50,7 @@ from gradgraph_lab.tasks.learned_optimizer.tasks import BenchmarkTask, get_task
 
 __all__ = ["MetaRunConfig", "adam_target_loss", "export_meta_model", "run_meta_training"]
 
-VARIANTS = ("gradmetanet", "deepsets")
+VARIANTS = ("gradmetanet", "deepsets", "sgdm")
 STARTS = ("tuned-adam", "fixed")
 
 
@@ -60,7 +60,9 @@ class MetaRunConfig:
 
     Attributes:
         task: inner task (:data:`~gradgraph_lab.tasks.learned_optimizer.tasks.TASK_NAMES`).
-        variant: ``"gradmetanet"`` (ours) or ``"deepsets"`` (per-parameter MLP only).
+        variant: ``"gradmetanet"`` (ours), ``"deepsets"`` (per-parameter MLP only) or ``"sgdm"``
+            (only ``α`` and ``μ``, ``β = 0``; it starts at ``α``, ``μ`` = 0.9 whatever ``start`` says:
+            it has no Adam part to tune).
         estimator: ``"tbptt"`` or ``"pes"``.
         minutes: wall-clock budget (earlier runs of a resumed checkpoint count).
         max_outer_steps: stop after this many outer steps even within budget.
@@ -84,10 +86,11 @@ class MetaRunConfig:
         out_dir: where the checkpoint and the log go.
         checkpoint_every: outer steps between checkpoints.
         progress: show a tqdm bar.
-        meta_loss: ``"time-above-target"`` (the default: measured better, README) or
-            ``"log-loss"`` (module docstring; the target is tuned Adam's best validation
-            loss, so it needs the validation protocol).
-        temperature: ``τ`` of ``"time-above-target"``.
+        meta_loss: ``"time-above-target"`` (the default: measured better, docs/learned_optimizer.md),
+            ``"first-passage"`` or ``"log-loss"`` (module docstring; the target meta-losses
+            compare with tuned Adam's best validation loss, so they need the validation protocol).
+        temperature: ``τ`` of the target meta-losses.
+        grad_clip, grad_clip_relative: the meta-gradient clips of :class:`~gradgraph.optim.MetaTrainConfig`.
     """
 
     task: str = "digits"
@@ -115,6 +118,8 @@ class MetaRunConfig:
     progress: bool = True
     meta_loss: str = "time-above-target"
     temperature: float = 0.25
+    grad_clip: float | None = 1.0
+    grad_clip_relative: float | None = None
 
     def __post_init__(self) -> None:
         if self.meta_loss not in META_LOSSES:
@@ -135,7 +140,8 @@ class MetaRunConfig:
         return MetaTrainConfig(estimator=self.estimator, num_particles=self.num_particles, truncation=self.truncation,
                                horizon=self.horizon, outer_lr=self.outer_lr, scalar_lr=self.scalar_lr,
                                sigma=self.sigma, seed=self.seed, meta_loss=self.meta_loss, target_loss=target_loss,
-                               temperature=self.temperature)
+                               temperature=self.temperature, grad_clip=self.grad_clip,
+                               grad_clip_relative=self.grad_clip_relative)
 
 
 def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkTask, beta: float,
@@ -150,8 +156,10 @@ def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkT
     trainer_config = replace(config.trainer_config(target_loss),
                              num_particles=config.num_particles // context.world_size,
                              seed=config.seed + 1000 * context.rank)
+    sgdm = config.variant == "sgdm"
     meta_model = LearnedUpdate(MetaModelConfig(use_gradmetanet=config.variant == "gradmetanet", alpha=config.alpha,
-                                               beta=beta, residual_adam=config.residual_adam))
+                                               beta=beta, residual_adam=config.residual_adam and not sgdm,
+                                               learned_term=not sgdm))
     all_reduce = context.all_reduce_mean if context.is_distributed else None
     task = bench.meta_task or bench.task
     return MetaTrainer(meta_model, task, trainer_config, all_reduce=all_reduce)
@@ -239,9 +247,11 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
     start = time.perf_counter()
     # Deterministic, so every rank (and a resumed run) computes the same start.
     protocol = _start_protocol(config, bench)
-    start_lr, start_scores = (None, {}) if config.start == "fixed" else _choose_start(config, protocol)
+    # SGDM has no Adam part: it starts at (alpha, mu) as configured.
+    start_lr, start_scores = ((None, {}) if config.start == "fixed" or config.variant == "sgdm"
+                              else _choose_start(config, protocol))
     beta = config.beta if start_lr is None else start_lr / config.alpha
-    target_loss = adam_target_loss(protocol) if config.meta_loss == "time-above-target" else None
+    target_loss = adam_target_loss(protocol) if config.meta_loss in TARGET_META_LOSSES else None
     trainer = _build(config, context, bench, beta, target_loss)
     selection: dict[str, Any] = {"adam_lr": None if protocol is None else protocol.adam_lr, "start_lr": start_lr,
                                  "start_scores": start_scores, "target_loss": target_loss, "candidates": [],

@@ -7,9 +7,10 @@ of what the benchmark measures, and following it has made the starting rule wors
 measured on the other 20%; never the test set) from initialisations used neither by the
 benchmark (seeds ``0…``) nor by meta-training (``1,000,000…``):
 
-1. :func:`validation_protocol` tunes Adam's learning rate on a grid (lowest mean best
-   validation loss over the selection seeds) and keeps its curves as the reference: ``L_s``,
-   ``N_s`` per seed.
+1. :func:`validation_protocol` tunes Adam's learning rate on a grid (lowest minimum of the
+   seed-averaged validation curve over the selection seeds, as the benchmark's
+   ``tune_learning_rate``; until issue 29 the mean of the per-seed bests) and keeps its
+   curves as the reference: ``L_s``, ``N_s`` per seed.
 2. :func:`score_meta_model` runs a learned update rule on the same seeds and batches and
    scores it with the benchmark's step reduction ``N_s / n_s`` (unreached: ``N_s / steps``),
    averaged over seeds; ties are broken by the mean best validation loss.
@@ -54,7 +55,7 @@ class ValidationProtocol:
         seeds: initialisation / batch-stream seeds.
         steps: step budget of every run.
         adam_lr: Adam's tuned learning rate.
-        grid_scores: ``{lr: mean best validation loss}`` of the grid.
+        grid_scores: ``{lr: minimum of the seed-averaged validation curve}`` of the grid.
         reference: tuned Adam's curve on every seed.
     """
 
