@@ -49,9 +49,12 @@ MODELS = ("gradmetanet", "gradmetanet_pp")
 DEFAULT_BASELINE = "75e0db2"
 
 
-def zoo_config(quick: bool, nets: int) -> SirenZooConfig:
-    """The paper's zoo architecture with ``nets`` networks (``--quick``: tiny SIRENs)."""
-    from gradgraph_lab.data import SirenZooConfig
+def zoo_config(quick: bool, nets: int, lab: str = "gradgraph_lab") -> SirenZooConfig:
+    """The paper's zoo architecture with ``nets`` networks (``--quick``: tiny SIRENs); ``lab`` is
+    the package that holds the zoo (``gradgraph`` at a base revision from before the lab split)."""
+    import importlib
+
+    SirenZooConfig = importlib.import_module(f"{lab}.data").SirenZooConfig
 
     if quick:
         return SirenZooConfig(num_nets=nets, hidden=(4, 4), num_inputs=8, num_target_points=16, shard_size=8)
@@ -105,7 +108,7 @@ def worker(quick: bool, nets: int, steps: int, models: list[str]) -> None:
     build_model, curvature_loss = curvature.build_model, curvature.curvature_loss
 
     torch.set_num_threads(1)
-    data = load_curvature_data(zoo_config(quick, nets), progress=False)
+    data = load_curvature_data(zoo_config(quick, nets, lab), progress=False)
     source = CurvatureSource(data)
     train_size = 4 if quick else 32
     batches = [source.batch(torch.arange(start, start + train_size)) for start in (0, train_size)]

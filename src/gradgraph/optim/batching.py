@@ -35,6 +35,8 @@ __all__ = ["ArchitectureCache"]
 
 #: the fields of a GradGraph that change from step to step; every other field is structure.
 VALUE_FIELDS = ("act", "grad", "x", "edge_attr")
+#: per-step fields a graph may carry (``to_graph`` keeps the per-datapoint losses)
+OPTIONAL_VALUE_FIELDS = ("loss",)
 
 
 def _same(left: Any, right: Any) -> bool:
@@ -62,9 +64,10 @@ class ArchitectureCache:
         self._reference: GradGraph | None = None
         self._structure: dict[str, Any] = {}
         self._templates: dict[int, Batch] = {}
+        self._values: tuple[str, ...] = VALUE_FIELDS
 
     def _matches(self, graph: GradGraph) -> bool:
-        if self._reference is None or set(graph.keys()) != set(self._structure) | set(VALUE_FIELDS):
+        if self._reference is None or set(graph.keys()) != set(self._structure) | set(self._values):
             return False
         return all(_same(graph[key], value) for key, value in self._structure.items())
 
@@ -75,7 +78,8 @@ class ArchitectureCache:
         if not all(key in graph for key in VALUE_FIELDS):
             return False  # not a graph this cache understands: never a reference
         self._reference = graph
-        self._structure = {key: graph[key] for key in graph.keys() if key not in VALUE_FIELDS}
+        self._values = VALUE_FIELDS + tuple(key for key in OPTIONAL_VALUE_FIELDS if key in graph)
+        self._structure = {key: graph[key] for key in graph.keys() if key not in self._values}
         self._templates = {}
         return False
 
@@ -105,7 +109,7 @@ class ArchitectureCache:
                 return copy.copy(collated)
             return collated
         batch = copy.copy(self._templates[len(graphs)])  # shares the structure tensors, owns its fields
-        for key in VALUE_FIELDS:
+        for key in self._values:
             values = [graph[key] for graph in graphs]
             batch[key] = values[0] if len(values) == 1 else torch.cat(values)
         return batch
