@@ -107,7 +107,7 @@ def test_a_finished_run_can_be_extended_and_a_resumed_finished_run_only_restores
     assert restored.resumed_from == TRAIN.epochs
     assert_same_run(restored, again, uninterrupted)
     after = torch.load(path, weights_only=True)
-    assert after["epoch"] == before["epoch"] and after["seconds"] == before["seconds"]  # nothing was trained
+    assert after["state"]["epoch"] == before["state"]["epoch"] and after["state"]["seconds"] == before["state"]["seconds"]  # nothing was trained
 
 
 def test_an_interrupted_checkpoint_write_keeps_the_last_complete_one(tmp_path, monkeypatch, uninterrupted):
@@ -127,7 +127,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_last_complete_one(tmp_path, m
         run(network(0), checkpoint=path)
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # no temp file left beside it
-    assert torch.load(path, weights_only=True)["epoch"] == 2
+    assert torch.load(path, weights_only=True)["state"]["epoch"] == 2
     model = network(3)
     result = run(model, checkpoint=path, resume=True)
     assert result.resumed_from == 2
@@ -145,7 +145,7 @@ def test_resume_without_a_checkpoint_file_starts_afresh_and_without_resume_a_sta
     stale.write_bytes(b"not a checkpoint")
     fresh = network(0)
     assert_same_run(run(fresh, checkpoint=stale), fresh, uninterrupted)  # no resume: the old file is not read
-    assert torch.load(stale, weights_only=True)["epoch"] == TRAIN.epochs
+    assert torch.load(stale, weights_only=True)["state"]["epoch"] == TRAIN.epochs
 
 
 @pytest.mark.parametrize("change, named", [
@@ -173,7 +173,7 @@ def test_unreadable_checkpoints_and_resume_without_a_file_name_are_clear_errors(
         run(network(0), checkpoint=broken, resume=True)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(GradGraphError, match="not a gradgraph training checkpoint"):
+    with pytest.raises(GradGraphError, match="not a gradgraph fit checkpoint"):
         run(network(0), checkpoint=foreign, resume=True)
     with pytest.raises(GradGraphError, match="resume=True needs the checkpoint file"):
         run(network(0), resume=True)
@@ -251,3 +251,42 @@ def test_the_per_seed_line_says_when_a_run_was_resumed_or_stopped_by_its_budget(
     assert first.endswith("seed 0: test error 0.5000 (best epoch 3 of 4, 12s)")
     assert second.endswith("seed 1: test error 0.5000 (best epoch 3 of 4, resumed from epoch 2, "
                            "stopped by the time budget, 12s)")
+
+
+# ----------------------------------------------------------------------------- meta-training
+def _meta_config(out_dir, **changes):
+    from gradgraph_lab.tasks.learned_optimizer.meta import MetaRunConfig
+
+    return MetaRunConfig(**{**dict(variant="deepsets", start="fixed", max_outer_steps=4, num_particles=2,
+                                   truncation=2, horizon=6, select_every=0, checkpoint_every=1,
+                                   out_dir=str(out_dir), progress=False), **changes})
+
+
+def test_meta_training_resumes_from_the_shared_checkpoint_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    from gradgraph.optim.meta_train import MetaTrainer
+    from gradgraph_lab.tasks.learned_optimizer.meta import run_meta_training
+
+    whole = run_meta_training(_meta_config(tmp_path / "whole"))
+    run_meta_training(_meta_config(tmp_path / "parts", max_outer_steps=2))  # "killed" after 2 outer steps
+    saved = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
+    assert saved["kind"] == "meta-training" and saved["state"]["trainer"]["outer_steps"] == 2
+    steps_taken = []
+    real_step = MetaTrainer.step
+    monkeypatch.setattr(MetaTrainer, "step", lambda self: steps_taken.append(1) or real_step(self))
+    resumed = run_meta_training(_meta_config(tmp_path / "parts"))  # the step budget may change on resume
+    assert len(steps_taken) == 2  # only the two missing outer steps were taken
+    assert resumed.outer_steps == whole.outer_steps == 4
+    for key, value in whole.meta_model.state_dict().items():
+        assert torch.equal(resumed.meta_model.state_dict()[key], value), key
+
+
+def test_meta_training_refuses_a_checkpoint_of_other_settings_naming_them(tmp_path):
+    from gradgraph_lab.tasks.learned_optimizer.meta import run_meta_training
+
+    run_meta_training(_meta_config(tmp_path, max_outer_steps=1))
+    with pytest.raises(GradGraphError, match=r"checkpoint\.pt is of another run \(truncation: checkpoint 2, this run 3; "
+                                             r"variant: checkpoint 'deepsets', this run 'sgdm'\); use another --out-dir"):
+        run_meta_training(_meta_config(tmp_path, truncation=3, variant="sgdm"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(GradGraphError, match="not a gradgraph meta-training checkpoint"):
+        run_meta_training(_meta_config(tmp_path))

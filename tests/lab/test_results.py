@@ -61,7 +61,7 @@ def test_the_same_seed_with_different_results_is_refused_naming_both_parts(tmp_p
 def test_runs_of_different_experiments_are_refused(tmp_path):
     first = run(ToyConfig(seeds=(0,), models=("learned",), output_dir=tmp_path / "a"))
     other_rate = run(ToyConfig(seeds=(1,), models=("learned",), extra={"learning_rate": 0.2}, output_dir=tmp_path / "b"))
-    with pytest.raises(GradGraphError, match=r"config\.extra differs: a has \{\}, b has \{'learning_rate': 0\.2\}"):
+    with pytest.raises(GradGraphError, match=r"config\.extra\.learning_rate: a has None, b has 0\.2"):
         merge_results([first, other_rate], reference="reference", sources=["a", "b"])
     other_metric = {**first, "metric": "another metric"}
     with pytest.raises(GradGraphError, match="not the same experiment"):
@@ -90,9 +90,9 @@ def test_runs_with_different_time_budgets_merge_and_keep_each_budget(tmp_path):
     assert [part["max_seconds"] for part in merged["merged_from"]] == [445.2, 340.8]
     unbounded = merge_results([with_train(learned, max_seconds=10.0), with_train(other)], reference="reference")
     assert unbounded["config"]["train"]["max_seconds"] is None  # one part had no budget
-    with pytest.raises(GradGraphError, match=r"config\.train differs: a has .*'lr': 0\.001.*, b has .*'lr': 0\.003"):
+    with pytest.raises(GradGraphError, match=r"config\.train\.lr: a has 0\.001, b has 0\.003\)"):
         merge_results([with_train(learned), with_train(other, lr=0.003)], reference="reference", sources=["a", "b"])
-    with pytest.raises(GradGraphError, match=r"config\.train differs"):
+    with pytest.raises(GradGraphError, match=r"config\.train\.epochs: part 0 has \d+, part 1 has 50"):
         merge_results([with_train(learned), with_train(other, epochs=50)], reference="reference")
 
 

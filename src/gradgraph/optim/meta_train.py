@@ -56,6 +56,7 @@ from torch.func import functional_call, vmap
 
 from gradgraph.capture import LossFn
 from gradgraph.convert import to_graph
+from gradgraph.differences import config_differences, describe_differences, jsonable
 from gradgraph.errors import GradGraphError, NonFiniteFactorError
 from gradgraph.graph import GradGraph
 from gradgraph.optim.batching import ArchitectureCache
@@ -566,10 +567,10 @@ class MetaTrainer:
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict` (the trainer must be built with the same task and config)."""
-        if checkpoint["config"] != asdict(self.config):
-            raise GradGraphError(
-                f"MetaTrainer.load_state_dict: checkpoint config {checkpoint['config']} differs from {asdict(self.config)}"
-            )
+        differences = config_differences(jsonable(checkpoint["config"]), jsonable(asdict(self.config)), "config")
+        if differences:
+            raise GradGraphError("MetaTrainer.load_state_dict: the checkpoint is of another configuration ("
+                                 + describe_differences(differences, "checkpoint", "this trainer") + ")")
         # A checkpoint written on one device resumes on another: tensors go to this trainer's
         # (random-stream states stay CPU byte tensors; torch.optim places its own state).
         checkpoint = {key: value if key in ("data_generator", "pes", "outer") else _to_device(value, self.device)

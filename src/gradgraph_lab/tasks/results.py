@@ -24,6 +24,7 @@ import torch
 
 from gradgraph_lab.data.cache import atomic_write_bytes
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext
+from gradgraph.differences import config_differences, describe_differences, jsonable
 from gradgraph.errors import GradGraphError
 
 __all__ = [
@@ -210,19 +211,6 @@ def plot_learning_curves(
     plt.close(figure)
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` with tuples as lists, paths and devices as strings, NaN/Inf as ``None``."""
-    if isinstance(value, dict):
-        return {key: jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(item) for item in value]
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/Inf
-    return value
-
-
 def read_results(path: Path | str) -> dict[str, Any]:
     """The ``results.json`` at ``path``, or in the directory ``path``; a clear error if absent or not JSON."""
     path = Path(path)
@@ -286,13 +274,14 @@ def merge_results(parts: Sequence[Mapping[str, Any]], *, reference: str,
         if part.get("metric") != first.get("metric"):
             raise GradGraphError(f"{name} measures {part.get('metric')!r}, {names[0]} {first.get('metric')!r}: "
                                  "not the same experiment")
-        for key in sorted(set(first.get("config", {})) | set(part.get("config", {}))):
-            if key in RUN_ONLY_FIELDS:
-                continue
-            if _comparable(key, first["config"].get(key)) != _comparable(key, part["config"].get(key)):
-                raise GradGraphError(f"config.{key} differs: {names[0]} has {first['config'].get(key)!r}, "
-                                     f"{name} has {part['config'].get(key)!r}; only runs that differ in their "
-                                     f"seeds or models can be merged")
+        differences = [difference
+                       for key in sorted(set(first.get("config", {})) | set(part.get("config", {})))
+                       if key not in RUN_ONLY_FIELDS
+                       for difference in config_differences(_comparable(key, first["config"].get(key)),
+                                                            _comparable(key, part["config"].get(key)), f"config.{key}")]
+        if differences:
+            raise GradGraphError(f"the configs differ ({describe_differences(differences, names[0] + ' has', name + ' has')}); "
+                                 "only runs that differ in their seeds or models can be merged")
     models: dict[str, dict[str, Any]] = {}
     for name, part in zip(names, parts):
         for model, entry in part["models"].items():

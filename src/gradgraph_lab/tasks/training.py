@@ -32,7 +32,6 @@ with others is refused, except ``epochs`` (a finished run can be extended) and t
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from gradgraph_lab.data.cache import atomic_torch_save
+from gradgraph_lab.checkpoints import load_checkpoint, save_checkpoint
+from gradgraph.differences import jsonable
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext
 from gradgraph.errors import GradGraphError
 
@@ -245,13 +245,10 @@ def _out_of_time(start: float, config: TrainConfig, context: DistributedContext)
     return context.any(time.perf_counter() - start > config.max_seconds, "agreeing on the time budget")
 
 
-CHECKPOINT_FORMAT = 1
-
-
 def _checkpoint_identity(model: nn.Module, train: BatchSource, val: BatchSource, config: TrainConfig,
                          identity: Mapping[str, Any] | None) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run (JSON-normalised, so a reloaded one compares equal)."""
-    return json.loads(json.dumps({
+    return jsonable({
         "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
         "grad_clip": config.grad_clip, "seed": config.seed,
         "num_train": len(train), "num_val": len(val),
@@ -259,36 +256,13 @@ def _checkpoint_identity(model: nn.Module, train: BatchSource, val: BatchSource,
         "parameters": [[name, None if is_lazy(value) else list(value.shape)]
                        for name, value in model.state_dict().items()],
         "run": dict(identity or {}),
-    }, default=str))
+    })
 
 
-def _differences(found: Any, expected: Any, where: str = "") -> list[tuple[str, Any, Any]]:
-    """``(dotted path, found, expected)`` for every leaf where two JSON-like values differ."""
-    if isinstance(found, dict) and isinstance(expected, dict):
-        return [difference for key in sorted(set(found) | set(expected))
-                for difference in _differences(found.get(key), expected.get(key), f"{where}.{key}" if where else key)]
-    if isinstance(found, list) and isinstance(expected, list) and len(found) == len(expected) and found != expected:
-        return [difference for index, (mine, theirs) in enumerate(zip(found, expected))
-                for difference in _differences(mine, theirs, f"{where}[{index}]")]
-    return [] if found == expected else [(where, found, expected)]
-
-
-def _load_checkpoint(path: Path, expected: dict[str, Any], epochs: int) -> dict[str, Any]:
-    """The checkpoint at ``path`` if it continues the run described by ``expected``; else a clear error."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a file that is not ours, or from another torch: say which file
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise GradGraphError(f"fit: cannot read the checkpoint {path} ({type(error).__name__}: {first_line}); "
-                             "delete it to start afresh") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise GradGraphError(f"fit: {path} is not a gradgraph training checkpoint (format {CHECKPOINT_FORMAT})")
-    found = state["identity"]
-    if found != expected:
-        details = "; ".join(f"{where}: checkpoint {theirs!r}, this run {ours!r}"
-                            for where, theirs, ours in _differences(found, expected))
-        raise GradGraphError(f"fit: the checkpoint {path} is of another run ({details}); resume with the "
-                             "settings it was written with, or run without resuming to start afresh")
+def _load_fit_checkpoint(path: Path, expected: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """The state at ``path`` if it continues the run described by ``expected``; else a clear error."""
+    state = load_checkpoint(path, "fit", expected, who="fit", remedy="resume with the settings it was written "
+                            "with, or run without resuming to start afresh")
     if state["epoch"] > epochs:
         raise GradGraphError(f"fit: the checkpoint {path} has {state['epoch']} epochs, more than the "
                              f"{epochs} asked for; ask for at least {state['epoch']}")
@@ -356,7 +330,7 @@ def fit(
         raise GradGraphError("fit: resume=True needs the checkpoint file to resume from (checkpoint=...)")
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     expected = _checkpoint_identity(model, train, val, config, identity) if checkpoint is not None else {}
-    saved = _load_checkpoint(checkpoint, expected, config.epochs) if resume and checkpoint.exists() else None
+    saved = _load_fit_checkpoint(checkpoint, expected, config.epochs) if resume and checkpoint.exists() else None
     if checkpoint is not None and not resume and context.is_main_process:
         checkpoint.unlink(missing_ok=True)  # a fresh run interrupted before its first epoch leaves no stale state
     earlier_seconds = 0.0
@@ -414,8 +388,8 @@ def fit(
                 result.best_val_error, result.best_epoch = val_error, epoch
                 best_state = copy.deepcopy(model.state_dict())
             if checkpoint is not None and context.is_main_process:
-                atomic_torch_save(checkpoint, {
-                    "format": CHECKPOINT_FORMAT, "identity": expected, "epoch": epoch, "seconds": seconds,
+                save_checkpoint(checkpoint, "fit", expected, {
+                    "epoch": epoch, "seconds": seconds,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_state": best_state,
                     "history": result.history, "best_epoch": result.best_epoch,
                     "best_val_error": result.best_val_error,

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from gradgraph_lab.checkpoints import load_checkpoint, save_checkpoint
 from gradgraph_lab.data.cache import atomic_torch_save, atomic_write_bytes
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext, resolve_device
 from gradgraph.errors import GradGraphError
@@ -258,12 +259,8 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
                                  "best": None}
     elapsed = time.perf_counter() - start
     if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if checkpoint["run_config"] != _comparable(config):
-            raise GradGraphError(
-                f"{checkpoint_path} was written by another configuration ({checkpoint['run_config']}); "
-                "use another --out-dir or delete it"
-            )
+        checkpoint = load_checkpoint(checkpoint_path, "meta-training", _comparable(config), who="meta-training",
+                                     remedy="use another --out-dir or delete it")
         trainer.load_state_dict(checkpoint["trainer"])
         selection = checkpoint.get("selection", selection)
         elapsed = checkpoint["elapsed"]
@@ -271,8 +268,8 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
     selecting = config.select_every > 0 and context.is_main_process
 
     def save() -> None:
-        atomic_torch_save(checkpoint_path, {"run_config": _comparable(config), "trainer": trainer.state_dict(),
-                                            "selection": selection, "elapsed": elapsed})
+        save_checkpoint(checkpoint_path, "meta-training", _comparable(config),
+                        {"trainer": trainer.state_dict(), "selection": selection, "elapsed": elapsed})
 
     def select(bar: Any) -> None:
         assert protocol is not None

@@ -84,8 +84,8 @@ def load_meta_model(spec: str) -> LearnedUpdate:
     path = Path(spec)
     if path.is_file():
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if "trainer" in checkpoint:  # a MetaTrainer checkpoint written by run_meta_training
-            checkpoint = checkpoint["trainer"]
+        if checkpoint.get("kind") == "meta-training":  # a checkpoint written by run_meta_training
+            checkpoint = checkpoint["state"]["trainer"]
         return meta_model_from_checkpoint(checkpoint)
     return load_pretrained(spec)
 
