@@ -149,6 +149,9 @@ def cheap_result():
                                     adam_grid=log_grid(-3, -1.5, 3), window=3, eval_every=2, progress=False)
 
 
+# The cheap benchmark run takes ~20 s: slow, and one worker runs both tests that read it, once.
+@pytest.mark.slow
+@pytest.mark.xdist_group("learned-optimizer-cheap-benchmark")
 def test_the_control_scores_one_within_its_interval(cheap_result):
     """Adam at the target's own rate on fresh seeds: 1.00 inside the median's 95% interval
     (the headline statistic: N is the reference runs' median first passage, so half of the
@@ -188,6 +191,9 @@ def test_tuning_uses_validation_runs_only_and_the_target_its_own_seeds(monkeypat
                                  reference_seeds=[0], progress=False)
 
 
+# The cheap benchmark run takes ~20 s: slow, and one worker runs both tests that read it, once.
+@pytest.mark.slow
+@pytest.mark.xdist_group("learned-optimizer-cheap-benchmark")
 def test_the_table_reports_intervals_reached_runs_and_time_to_the_target(cheap_result):
     from gradgraph_lab.tasks.learned_optimizer.run import format_table
 

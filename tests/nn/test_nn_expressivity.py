@@ -14,6 +14,7 @@ keeping the gap.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from strategies import build_mlp
 from torch_geometric.data import Batch
@@ -75,6 +76,7 @@ def train(model: GradMetaNet, train_graphs, test_graphs, mean_gradient_only: boo
         return float(relative_error(model(test_batch).edge[:, 0], test_batch))
 
 
+@pytest.mark.slow  # trains GradMetaNet for ~18 s
 def test_gradmetanet_learns_the_fisher_diagonal_that_the_mean_gradient_cannot_give():
     torch.manual_seed(0)
     train_graphs, test_graphs = make_graphs(48, seed=1), make_graphs(16, seed=2)
