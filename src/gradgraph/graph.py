@@ -386,22 +386,10 @@ class GradGraph(Data):
             return shared[1]
         blocks = []
         src, dst = self.edge_index
-        for param in torch.unique(self.edge_param[self.edge_param >= 0]).tolist():
-            mask = self.edge_param == param
-            e_src, e_dst, e_pos = src[mask], dst[mask], self.edge_param_pos[mask]
-            # one call site of a weight is one dense block; a tied weight has several
-            for kind in torch.unique(self.edge_kind[mask]).tolist():
-                of_kind = self.edge_kind[mask] == kind
-                k_src, k_dst, k_pos = e_src[of_kind], e_dst[of_kind], e_pos[of_kind]
-                cols, col_index = torch.unique(k_src, return_inverse=True)
-                rows, row_index = torch.unique(k_dst, return_inverse=True)
-                if len(cols) * len(rows) == len(k_src) and len(cols) > 1 and len(rows) > 1:
-                    positions = torch.full((len(rows), len(cols)), -1, dtype=torch.long, device=k_pos.device)
-                    positions[row_index, col_index] = k_pos
-                    if bool((positions >= 0).all()):
-                        blocks.append((param, "dense", rows, cols, positions, consecutive_span(positions)))
-                        continue
-                blocks.append((param, "edges", k_dst, k_src, k_pos, consecutive_span(k_pos)))
+        # one call site of a weight (its parameter and edge kind) is one dense block; a tied
+        # weight has several
+        for param, kind, edges in _edge_groups(self.edge_param, self.edge_kind):
+            blocks.append((param, *_edge_block(src[edges], dst[edges], self.edge_param_pos[edges])))
         for param in torch.unique(self.node_param[self.node_param >= 0]).tolist():
             mask = self.node_param == param
             nodes = torch.nonzero(mask).flatten()
@@ -622,6 +610,52 @@ def _datapoint_outer_products(grad_rows: Tensor, act_cols: Tensor, num_datapoint
         return torch.mul(grad_rows.T.contiguous()[:, :, None], act_cols.T.contiguous()[:, None, :])
     return torch.bmm(grad_rows.reshape(len(grad_rows), num_datapoints, tokens).permute(1, 0, 2),
                      act_cols.reshape(len(act_cols), num_datapoints, tokens).permute(1, 2, 0))
+
+
+def _edge_groups(edge_param: Tensor, edge_kind: Tensor) -> list[tuple[int, int, slice | Tensor]]:
+    """``(param, kind, edges)`` for every (parameter, edge kind) pair the edges hold, ascending;
+    ``edges`` selects that pair's edges: a slice where they are one run in edge order (a
+    converter writes a weight's edges together, so this is the usual case and needs no mask
+    over all edges), else a boolean mask."""
+    if edge_param.numel() == 0:
+        return []
+    kinds = int(edge_kind.max()) + 1
+    key = torch.where(edge_param >= 0, edge_param * kinds + edge_kind, -1)
+    starts = torch.cat((key.new_zeros(1), torch.nonzero(key[1:] != key[:-1]).flatten() + 1)).tolist()
+    run_keys = key[starts].tolist()
+    ends = [*starts[1:], key.numel()]
+    runs = [(run_key, slice(start, end)) for run_key, start, end in zip(run_keys, starts, ends) if run_key >= 0]
+    if len({run_key for run_key, _ in runs}) == len(runs):
+        chosen = sorted(runs, key=lambda run: run[0])
+    else:  # some pair's edges are interleaved with others': select them by mask
+        chosen = [(run_key, key == run_key) for run_key in sorted({run_key for run_key, _ in runs})]
+    return [(run_key // kinds, run_key % kinds, edges) for run_key, edges in chosen]
+
+
+def _edge_block(src: Tensor, dst: Tensor, positions: Tensor) -> tuple[str, Tensor, Tensor, Tensor, slice | None]:
+    """``(how, rows, cols, positions, span)`` of the edges of one call site of a parameter: a
+    ``"dense"`` block when the edges join every source to every destination exactly once (an
+    ``nn.Linear``), else ``"edges"`` (see :meth:`GradGraph._parameter_blocks`)."""
+    # Fast path: sources and destinations that are whole runs of node numbers (a converter lays
+    # out a layer's neurons consecutively) need no sort to be named.
+    (src_min, src_max), (dst_min, dst_max) = (tuple(int(v) for v in torch.aminmax(ends)) for ends in (src, dst))
+    num_cols, num_rows = src_max - src_min + 1, dst_max - dst_min + 1
+    if num_cols * num_rows == len(src) and num_cols > 1 and num_rows > 1:
+        table = torch.full((num_rows, num_cols), -1, dtype=torch.long, device=positions.device)
+        table[dst - dst_min, src - src_min] = positions
+        # as many edges as cells and every cell written: each (row, column) pair exactly once
+        if bool((table >= 0).all()):
+            rows = torch.arange(dst_min, dst_max + 1, device=dst.device)
+            cols = torch.arange(src_min, src_max + 1, device=src.device)
+            return "dense", rows, cols, table, consecutive_span(table)
+    cols, col_index = torch.unique(src, return_inverse=True)
+    rows, row_index = torch.unique(dst, return_inverse=True)
+    if len(cols) * len(rows) == len(src) and len(cols) > 1 and len(rows) > 1:
+        table = torch.full((len(rows), len(cols)), -1, dtype=torch.long, device=positions.device)
+        table[row_index, col_index] = positions
+        if bool((table >= 0).all()):
+            return "dense", rows, cols, table, consecutive_span(table)
+    return "edges", dst, src, positions, consecutive_span(positions)
 
 
 def consecutive_span(positions: Tensor) -> slice | None:

@@ -255,3 +255,84 @@ def test_a_bias_that_is_parameter_zero():
     for name, value in reference.items():
         torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
         torch.testing.assert_close(mean[name], value.mean(0), atol=1e-12, rtol=0, msg=name)
+
+
+def renumbered(graph, node_order=None, edge_order=None):
+    """The same graph with its nodes numbered in ``node_order`` (new node ``i`` is old node
+    ``node_order[i]``) and its edges listed in ``edge_order``."""
+    fields = {key: value for key, value in graph}
+    if edge_order is not None:
+        for key in ("edge_attr", "edge_kind", "edge_param", "edge_param_pos"):
+            fields[key] = graph[key][edge_order]
+        fields["edge_index"] = graph.edge_index[:, edge_order]
+    if node_order is not None:
+        new_number = torch.empty_like(node_order)
+        new_number[node_order] = torch.arange(len(node_order))
+        for key, value in graph:
+            if key != "edge_index" and isinstance(value, torch.Tensor) and graph.is_node_attr(key):
+                fields[key] = value[node_order]
+        fields["edge_index"] = new_number[fields["edge_index"]]
+    return gradgraph.GradGraph(**fields)
+
+
+@pytest.mark.parametrize("layout", ["runs", "interleaved edges", "scattered nodes", "both"])
+def test_blocks_are_found_however_edges_and_nodes_are_numbered(case, layout):
+    """A converter writes each weight's edges as one run and each layer's neurons as one range,
+    which the block finder reads without sorting; edges in random order (each weight's edges
+    interleaved with the others') and nodes numbered at random take the general paths. Every
+    layout finds the same dense blocks and gives the same gradients. Checked to fail with the
+    run-based edge groups taken for interleaved edges (a group then misses edges)."""
+    _, _, _, graph = case
+    generator = torch.Generator().manual_seed(1)
+    edge_order = torch.randperm(graph.edge_index.shape[1], generator=generator)
+    node_order = torch.randperm(graph.num_nodes, generator=generator)
+    other = renumbered(graph, node_order if layout in ("scattered nodes", "both") else None,
+                       edge_order if layout in ("interleaved edges", "both") else None)
+    kinds = [how for _, how, *_ in graph._parameter_blocks()]
+    assert kinds.count("dense") == 2  # l1 and w; the one-output head is an edge list
+    assert [how for _, how, *_ in other._parameter_blocks()] == kinds
+    for method in ("per_sample_grads", "mean_grad"):
+        expected, got = getattr(graph, method)(), getattr(other, method)()
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, atol=1e-12, rtol=0, msg=f"{method} {name}")
+
+
+def edge_by_edge_grads(graph):
+    """``{name: [b, numel]}`` summed edge by edge and node by node: the definition, no blocks."""
+    num_datapoints = int(graph.num_datapoints)
+    sample = graph.component_sample.reshape(-1)
+    flats = {name: torch.zeros(num_datapoints, int(torch.tensor(shape).prod()), dtype=graph.act.dtype)
+             for name, shape in zip(graph.param_names, graph.param_shapes)}
+    src, dst = graph.edge_index
+    for edge in range(src.numel()):
+        param = int(graph.edge_param[edge])
+        if param >= 0:
+            values = torch.zeros(num_datapoints, dtype=graph.act.dtype).index_add_(
+                0, sample, graph.act[src[edge]] * graph.grad[dst[edge]])
+            flats[graph.param_names[param]][:, int(graph.edge_param_pos[edge])] += values
+    for node in torch.nonzero(graph.node_param >= 0).flatten().tolist():
+        values = torch.zeros(num_datapoints, dtype=graph.act.dtype).index_add_(0, sample, graph.grad[node])
+        flats[graph.param_names[int(graph.node_param[node])]][:, int(graph.node_param_pos[node])] += values
+    return flats
+
+
+def test_a_block_with_as_many_edges_as_cells_but_a_repeated_pair_is_an_edge_list(case):
+    """Edges of one weight that span whole node ranges and number rows x columns, but join one
+    (row, column) pair twice and another not at all: not a dense block (the table would drop an
+    edge). Checked to fail with the all-cells-written check of the no-sort path removed."""
+    _, _, _, graph = case
+    src, dst = graph.edge_index.clone()
+    first = torch.nonzero(graph.edge_param == graph.param_names.index("l1.weight")).flatten()
+    block_dst = dst[first]
+    # two edges of l1 from one source to two destinations strictly inside the block's range
+    low, high = int(block_dst.min()), int(block_dst.max())
+    from_source = first[(src[first] == src[first[0]]) & (dst[first] > low) & (dst[first] < high)]
+    dst[from_source[1]] = dst[from_source[0]]
+    fields = {key: value for key, value in graph}
+    fields["edge_index"] = torch.stack((src, dst))
+    doubled = gradgraph.GradGraph(**fields)
+    assert [how for param, how, *_ in doubled._parameter_blocks() if param == graph.param_names.index("l1.weight")] \
+        == ["edges"]
+    expected = edge_by_edge_grads(doubled)
+    for name, value in doubled.per_sample_grads().items():
+        torch.testing.assert_close(value.reshape(value.shape[0], -1), expected[name], atol=1e-12, rtol=0, msg=name)
