@@ -510,3 +510,17 @@ def test_a_reparametrised_weight_is_refused_with_the_remedy(kind):
         reference = reference_per_sample_grads(effective, inputs, targets, cross_entropy)
         for name, value in graph.per_sample_grads().items():
             torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+
+
+def test_the_coupling_error_is_exported_at_the_top_level():
+    """``from gradgraph import DatapointCouplingError`` is the class the converter raises (a user
+    catches it without knowing it lives in ``gradgraph.errors``)."""
+    from gradgraph import DatapointCouplingError as TopLevel
+
+    assert TopLevel is DatapointCouplingError and "DatapointCouplingError" in gradgraph.__all__
+    assert issubclass(TopLevel, GradGraphError)
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(TopLevel, match="mix datapoints"):
+        gradgraph.to_graph(model, inputs, targets, centred)
