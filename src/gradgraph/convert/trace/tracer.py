@@ -35,6 +35,7 @@ from gradgraph.convert.trace.rules_attention import AttentionRules
 from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
+from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, SCATTERS, SCATTERS_IN_PLACE
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
 
@@ -46,7 +47,11 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
 
 
-class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, TorchFunctionMode):
+#: ops whose values are their first argument's, shaped (or typed) like their second
+_SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
+
+
+class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
@@ -266,7 +271,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 return parts()
         name = op_name(func)
         try:
-            if _is_in_place(name, args, kwargs):
+            # a scatter into a constant (PyG's src.new_zeros(size).scatter_add_(...)) makes a new value
+            # (trace/rules_graph.py); every other in-place op on values the trace follows is refused
+            scatter_into_constant = name in SCATTERS_IN_PLACE and bool(args) and self.meta(args[0]) is None
+            if _is_in_place(name, args, kwargs) and not scatter_into_constant:
                 # refused before it runs: an in-place op changes a value the trace already recorded
                 flat, _ = tree_flatten((args, kwargs))
                 if any(isinstance(self.meta(value), Neurons | Raw) for value in flat if isinstance(value, Tensor)):
@@ -274,6 +282,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 if args and isinstance(args[0], Tensor) and self.read_indices.get(id(args[0])) is args[0]:
                     raise self.unsupported(name, "changes in place the indices an embedding already read (the "
                                            "factors read them after the forward); change a copy (.clone())")
+            # which op made a scatter's base, read before the scatter writes into it (rules_graph.py)
+            self.scatter_base = self.log.source(args[0]) if scatter_into_constant else None
             output = func(*args, **kwargs)
             self.op_index = self.log.step(name, args, kwargs, output)
             flat, _ = tree_flatten((args, kwargs))
@@ -293,6 +303,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         if name in CONSTANT_FACTORIES:
             return  # zeros_like(x): a constant, whatever x is
+        if name in _SHAPED_LIKE and self.meta(args[0]) is None:
+            return  # index.expand_as(src): a constant given another tensor's shape (PyG's broadcast of an index)
         metas = [meta for _, meta in tracked]
         if all(self.is_data(value, meta) for value, meta in tracked) and name not in EMBEDDING:
             return self.data_op(name, func, args, kwargs, output, tracked)
@@ -313,6 +325,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return self.spatial_pool(name, args, kwargs, output)
         if func is F.group_norm or func is F.instance_norm:
             return self.channel_norm(name, func, args, kwargs, output)
+        if name in GATHERS or name in SCATTERS:  # message passing over a data graph (trace/rules_graph.py)
+            return self.graph_op(name, args, kwargs, output)
+        if name == "Tensor.__getitem__" and self.gathers_positions(args):  # x[src], x[:, src]: a gather
+            return self.gather_positions(name, args[0], self.gather_axis(args), self.gather_index(args), output)
         if name in LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")

@@ -1,0 +1,228 @@
+"""Trace rules for message passing over a data graph: gathers and scatters along a position axis.
+
+A graph neural network (PyG's ``GCNConv``, ``GINConv``, ``SAGEConv``, or a hand-written layer) moves
+features between the *nodes of the input graph* with two ops whose index is data, not parameters::
+
+    x_j = x.index_select(-2, src)                         # gather: [b, N, C] -> [b, E, C]
+    out = zeros.scatter_add_(-2, dst.expand_as(m), m)     # scatter: [b, E, C] -> [b, N, C]
+    out = zeros.index_add_(-2, dst, m)                    #   (or index_add_, scatter_reduce sum/mean)
+
+The data graph's nodes are positions, as a sequence's tokens are: channels are the neurons and
+one rank-1 component lives at each (datapoint, data-graph node) — and at each (datapoint,
+data-graph edge) for the messages. Both ops are linear in their input with coefficients that do
+not depend on any value (a message may be scaled by a constant edge weight before the scatter,
+GCN's normalisation), so like a convolution's taps (``rules_conv.py``) they make a *tied copy* of
+the channels: C new neurons, each tied to the channel it copies by a MERGE edge, living at the
+output's positions (the edges for a gather, the nodes for a scatter). No weight sits on these
+edges; the weights of the layers' ``Linear``s are ordinary edges between neurons that live at
+the same positions, so ``per_sample_grads()`` / ``mean_grad()`` stay the ``act * grad`` sums over a
+datapoint's components and are exact. Permuting channels moves every copy with them.
+
+What is refused, by name: a gather or scatter along the datapoint axis or the feature axis, an
+index computed from neuron values or differing between channels, a scatter into a base that is
+not all zeros, and max / min / product aggregation (``scatter_reduce`` with ``amax``, ``amin``,
+``prod``: not linear, and the neighbour a max picks has no rank-1 term of its own). Attention over
+neighbours (``GATConv``) multiplies messages by coefficients computed from parameters and is
+refused where those coefficients meet the messages. ``docs/gnn.md`` says what converts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradgraph.convert.trace.meta import broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, varies_along
+
+__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE"]
+
+#: ``index_select(x, dim, index)``: rows of a position axis, read at data indices
+GATHERS = {"Tensor.index_select", "torch.index_select"}
+#: scatters along a position axis: ``(self, dim, index, src)``
+SCATTERS_IN_PLACE = {"Tensor.scatter_add_", "Tensor.index_add_", "Tensor.scatter_reduce_"}
+SCATTERS = SCATTERS_IN_PLACE | {"Tensor.scatter_add", "torch.scatter_add", "Tensor.index_add", "torch.index_add",
+                                "Tensor.scatter_reduce", "torch.scatter_reduce"}
+#: ops whose result is all zeros whatever their arguments' values
+_ZERO_FACTORIES = {"Tensor.new_zeros", "torch.zeros", "torch.zeros_like"}
+#: the reductions of ``scatter_reduce`` that are linear in ``src``
+_LINEAR_REDUCTIONS = {"sum", "mean"}
+_NONLINEAR_HINT = (
+    "max / min / product aggregation over neighbours is not linear in the messages, and the neighbour a max "
+    "picks has no rank-1 gradient term of its own; use sum or mean aggregation (GraphSAGE aggr='mean', GIN's "
+    "sum) or register a converter for the layer")
+_ATTENTION_HINT = (
+    "attention over a data graph's neighbours (GATConv, GATv2Conv, TransformerConv) weighs messages by "
+    "coefficients computed from parameters, which gradgraph cannot write as rank-1 terms; GCNConv, GINConv "
+    "and SAGEConv (sum / mean) convert")
+
+
+class GraphRules:
+    """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: gathers and scatters over a data
+    graph's nodes (see the module docstring)."""
+
+    def graph_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        """Dispatch a gather or a scatter (``name`` in :data:`GATHERS` / :data:`SCATTERS`)."""
+        if name in GATHERS:
+            bound = dict(zip(("input", "dim", "index"), args))
+            bound.update(kwargs)
+            return self.gather_positions(name, bound["input"], int(bound["dim"]), bound["index"], output)
+        names = ("input", "dim", "index", "src", "reduce") if "scatter_reduce" in name else (
+            ("input", "dim", "index", "source") if "index_add" in name else ("input", "dim", "index", "src"))
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        src = bound.get("src", bound.get("source"))
+        reduce = bound.get("reduce", "sum")
+        if reduce not in _LINEAR_REDUCTIONS:
+            raise self.unsupported(name, f"reduce='{reduce}': {_NONLINEAR_HINT}")
+        if isinstance(bound.get("alpha", 1), Tensor):
+            raise self.unsupported(name, "an alpha that is a tensor; gradgraph reads a constant number")
+        return self.scatter_positions(name, bound["input"], int(bound["dim"]), bound["index"], src, output,
+                                      one_dimensional="index_add" in name)
+
+    def gather_axis(self, args: tuple) -> int:
+        """The axis ``x[..., index]`` indexes (see :meth:`gathers_positions`)."""
+        key = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return len(key) - 1
+
+    def gather_index(self, args: tuple) -> Tensor:
+        key = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return key[-1]
+
+    def gathers_positions(self, args: tuple) -> bool:
+        """Whether ``x[key]`` is a gather of positions with repeats (``x[src]``, ``x[:, src]``: full
+        slices, then one 1-D integer tensor that names a position twice) of values that hold one neuron
+        row on their last axis. Indexing without repeats (a permutation, a slice) stays a shape op: it
+        moves each neuron's values to another place and copies none. Repeats would hold one neuron twice
+        at one position, which the graph cannot: the gather's tied copy lives at the gathered positions."""
+        if len(args) < 2:
+            return False
+        x, key = args[0], args[1] if isinstance(args[1], tuple) else (args[1],)
+        index = key[-1] if key else None
+        if not isinstance(x, Tensor) or not isinstance(index, Tensor) or index.dim() != 1 \
+                or index.dtype not in (torch.int64, torch.int32) or len(key) >= x.dim():
+            return False
+        if any(not (isinstance(part, slice) and part == slice(None)) for part in key[:-1]):
+            return False
+        meta = self.meta(x)
+        if not isinstance(meta, Neurons) or meta.comps is None or feature_row(broadcast_ids(meta.nodes, x.shape)) is None:
+            return False
+        return torch.unique(index).numel() != index.numel()
+
+    # -------------------------------------------------------------- checks
+    def _graph_operand(self, name: str, value: Tensor, what: str) -> Neurons:
+        meta = self.meta(value)
+        if isinstance(meta, Param):
+            raise self.unsupported(name, f"the parameter '{self.param_names[meta.index]}' as its {what}; gradgraph "
+                                   "gathers and scatters neuron values along a data graph's nodes")
+        neurons = self.need_neurons(value, name)
+        if neurons is None or neurons.comps is None:
+            raise self.unsupported(name, f"its {what} does not depend on the input")
+        return neurons
+
+    def _constant_index(self, name: str, index: Any) -> None:
+        if not isinstance(index, Tensor):
+            raise self.unsupported(name, "an index that is no tensor")
+        meta = self.meta(index)
+        if meta is not None and not self.is_data(index, meta):
+            raise self.unsupported(name, "an index computed from neuron values or parameters (a top-k, an argmax, a "
+                                   f"learned edge choice); {_ATTENTION_HINT}")
+
+    def _position_axis(self, name: str, shape: torch.Size, comps: Tensor, axis: int, what: str) -> tuple[int, ...]:
+        """Check that ``axis`` holds positions of each datapoint; returns the datapoint axes."""
+        if axis == len(shape) - 1:
+            raise self.unsupported(name, f"{what} along the feature axis (the neurons); gradgraph reads message "
+                                   "passing as gathers and scatters along the data graph's node axis, features last")
+        datapoint = comps // KEY_STRIDE
+        datapoint_axes = tuple(a for a in range(len(shape)) if varies_along(datapoint, a))
+        if axis in datapoint_axes:
+            raise self.unsupported(
+                name, f"{what} along the datapoint axis {axis} of a tensor of shape {list(shape)}: it mixes "
+                "datapoints. A data graph's nodes are positions of one datapoint: pass a batch of graph signals as "
+                "[b, num_nodes, features] with one edge_index for all (a single graph: x.unsqueeze(0))")
+        return datapoint_axes
+
+    def _position_comps(self, datapoint: Tensor, shape: torch.Size, datapoint_axes: tuple[int, ...]) -> Tensor:
+        """Components of an output of ``shape`` (features last): the datapoint of each element (constant
+        along the non-datapoint axes) times ``KEY_STRIDE`` plus the flat index of its position over the
+        axes that are neither datapoints nor features. Position ``p`` shares key ``p`` with every other
+        grid (the data graph's node ``p``, edge ``p``): each weight joins neurons of one grid."""
+        axes = [a for a in range(len(shape) - 1) if a not in datapoint_axes]
+        sizes = [shape[a] for a in axes]
+        count = math.prod(sizes) if sizes else 1
+        while len(self.keys) < count:
+            self.new_key()
+        grid = torch.arange(count).reshape(sizes) if sizes else torch.zeros((), dtype=torch.long)
+        view = [1] * len(shape)
+        for a, size in zip(axes, sizes):
+            view[a] = size
+        return broadcast_ids(datapoint * KEY_STRIDE + grid.reshape(view), shape).clone()
+
+    def _copy_to(self, name: str, value: Tensor, meta: Neurons, output: Tensor, comps: Tensor, what: str) -> None:
+        """The tied copy of ``value``'s channels at ``output``'s components ``comps`` (the module docstring)."""
+        meta = self.fix_act(value, meta, name)  # the channels' own act: their values at their positions
+        row = feature_row(broadcast_ids(meta.nodes, value.shape))
+        if row is None or torch.unique(row).numel() != row.numel():
+            raise self.unsupported(name, f"its {what} does not hold one neuron per feature at every position (a "
+                                   f"statistic, or one neuron twice). If it is an attention score: {_ATTENTION_HINT}")
+        for index in meta.versions:
+            self.separate_part_read(self.sets[index], row)
+        copied, created = self.tied_copy(row, f"{self.path() or name} {what}", "graph")
+        nodes = broadcast_ids(copied, output.shape).clone()
+        new = Neurons(nodes, comps, {copy.index: 0 for copy in created})
+        created[0].grad_records.append((output, nodes, comps))  # one record writes every copy's grad
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    # -------------------------------------------------------------- the rules
+    def gather_positions(self, name: str, x: Tensor, dim: int, index: Tensor, output: Tensor) -> None:
+        """``x.index_select(dim, index)`` along a position axis: a tied copy of the channels living at
+        the gathered positions (a message ``x_j`` per data-graph edge)."""
+        self._constant_index(name, index)
+        meta = self._graph_operand(name, x, "input")
+        axis = dim % x.dim()
+        comps = broadcast_ids(meta.comps, x.shape)
+        datapoint_axes = self._position_axis(name, x.shape, comps, axis, "a gather")
+        datapoint = comps // KEY_STRIDE
+        datapoint = datapoint.narrow(axis, 0, 1) if x.shape[axis] else datapoint
+        out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes)
+        self._copy_to(name, x, meta, output, out_comps, "gather")
+
+    def scatter_positions(self, name: str, base: Tensor, dim: int, index: Tensor, src: Tensor, output: Tensor, *,
+                          one_dimensional: bool) -> None:
+        """``base.scatter_add_(dim, index, src)`` (and ``index_add_``, ``scatter_reduce`` with sum or
+        mean) along a position axis, into a constant all-zero ``base``: a tied copy of ``src``'s
+        channels living at the output's positions (the aggregated messages at each data-graph node)."""
+        self._constant_index(name, index)
+        if self.meta(base) is not None:
+            raise self.unsupported(name, "a scatter into values that depend on the input or on parameters; gradgraph "
+                                   "reads a scatter into zeros (src.new_zeros(...).scatter_add_(...)), then a sum")
+        if not isinstance(src, Tensor) or src.dim() != base.dim():
+            raise self.unsupported(name, "a source of another rank than the result")
+        meta = self._graph_operand(name, src, "source")
+        axis = dim % src.dim()
+        comps = broadcast_ids(meta.comps, src.shape)
+        datapoint_axes = self._position_axis(name, src.shape, comps, axis, "a scatter")
+        # the base is made by a zeros factory: a replay's fingerprints name the same producer op, so the
+        # base is zeros there too (read before the in-place scatter wrote into it: tracer.scatter_base)
+        producer = getattr(self, "scatter_base", None) if name in SCATTERS_IN_PLACE else self.log.source(base)
+        made_by = self.log.fingerprints[producer[0]][0] if isinstance(producer, tuple) and isinstance(
+            producer[0], int) and producer[0] >= 0 else None
+        if made_by not in _ZERO_FACTORIES:
+            raise self.unsupported(name, f"a scatter into a tensor made by {made_by or 'the caller'}; gradgraph reads "
+                                   "a scatter into zeros made inside forward (src.new_zeros(size), torch.zeros, "
+                                   "zeros_like), then adds what else is needed")
+        if not one_dimensional:
+            if tuple(index.shape) != tuple(src.shape):
+                raise self.unsupported(name, f"an index of shape {list(index.shape)} for a source of shape "
+                                       f"{list(src.shape)}; gradgraph reads an index broadcast from one index per "
+                                       "position (index.view(...).expand_as(src))")
+            others = tuple(a for a in range(src.dim()) if a != axis)
+            if self.constant_varies(index, tuple(index.shape), others):
+                raise self.unsupported(name, "an index that differs between features or datapoints; gradgraph "
+                                       "scatters whole positions (one index per position along the node axis)")
+        datapoint = comps // KEY_STRIDE
+        datapoint = datapoint.narrow(axis, 0, 1) if src.shape[axis] else datapoint
+        out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes)
+        self._copy_to(name, src, meta, output, out_comps, "scatter")
