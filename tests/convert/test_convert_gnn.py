@@ -383,3 +383,174 @@ def test_random_gnn_programs_are_exact_with_a_true_group(program):
     assert_exact(model, inputs, targets, loss_fn, edge_index=edge_index)
     assert_group_keeps_function(model, inputs, targets, loss_fn, seed=seed,
                                 forward_kwargs={"edge_index": edge_index})
+
+
+# ----------------------------------------------------------------------------- PyG batches: one graph a datapoint
+def pyg_batch(sizes=((4, 6), (6, 9), (3, 2)), seed=0, features=3):
+    """A PyG ``Batch`` of random graphs (``(nodes, edges)`` each; self loops and repeated edges allowed)."""
+    from torch_geometric.data import Batch, Data
+
+    generator = torch.Generator().manual_seed(seed)
+    graphs = [Data(x=torch.randn(n, features, generator=generator, dtype=DTYPE),
+                   edge_index=torch.randint(0, n, (2, e), generator=generator)) for n, e in sizes]
+    return graphs, Batch.from_data_list(graphs)
+
+
+class Pooled(nn.Module):
+    """Two layers of one kind, PyG's global pooling by the batch vector, a linear head."""
+
+    def __init__(self, kind, pool="mean", features=3, width=5, classes=4):
+        super().__init__()
+        self.conv1, self.conv2 = LAYERS[kind](features, width), LAYERS[kind](width, width)
+        self.head = nn.Linear(width, classes)
+        self.pool = {"mean": pyg.global_mean_pool, "add": pyg.global_add_pool}[pool]
+
+    def forward(self, x, edge_index, batch):
+        h = torch.relu(self.conv1(x, edge_index))
+        h = torch.tanh(self.conv2(h, edge_index))
+        return self.head(self.pool(h, batch))
+
+
+def convert_batch(model, batch, targets, loss_fn=cross_entropy):
+    return gradgraph.to_graph(model, batch.x, targets, loss_fn, datapoints=batch.batch,
+                              forward_kwargs={"edge_index": batch.edge_index, "batch": batch.batch})
+
+
+def assert_exact_per_graph(model, graphs, batch, targets, loss_fn=cross_entropy):
+    """Per-graph gradients against one backward pass per graph run alone."""
+    graph = convert_batch(model, batch, targets, loss_fn)
+    ours = graph.per_sample_grads()
+    for i, data in enumerate(graphs):
+        model.zero_grad()
+        alone = torch.zeros(len(data.x), dtype=torch.long)
+        loss_fn(model(data.x, data.edge_index, alone), targets[i:i + 1]).sum().backward()
+        for name, param in model.named_parameters():
+            truth = torch.zeros_like(param) if param.grad is None else param.grad
+            torch.testing.assert_close(ours[name][i], truth, atol=1e-10, rtol=0, msg=f"{name} of graph {i}")
+    model.zero_grad()
+    for name, mean in graph.mean_grad().items():
+        torch.testing.assert_close(mean, ours[name].mean(0), atol=1e-12, rtol=0, msg=name)
+    return graph
+
+
+@pytest.mark.parametrize("kind", ["gcn", "gin", "sage-mean", "sage-sum", "graph-conv"])
+@pytest.mark.parametrize("pool", ["mean", "add"])
+def test_a_pyg_batch_of_graphs_gives_each_graph_its_gradient(kind, pool):
+    """``datapoints=batch.batch``: each graph of a PyG ``Batch`` is a datapoint, exact per graph; a
+    sampled element of the group keeps the function and maps the graph to the permuted model's graph."""
+    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
+    from strategies import assert_same_graph
+
+    torch.manual_seed(0)
+    model = Pooled(kind, pool).to(DTYPE)
+    graphs, batch = pyg_batch()
+    targets = torch.tensor([0, 3, 1])
+    graph = assert_exact_per_graph(model, graphs, batch, targets)
+    assert graph.act.shape[1] % 3 == 0  # B = b * K, b = 3 graphs
+    perm = random_node_permutation(graph, torch.Generator().manual_seed(1))
+    assert int((perm != torch.arange(graph.num_nodes)).sum()) > 0
+    permuted = permute_model(model, graph, perm)
+    kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(batch.x, **kwargs), model(batch.x, **kwargs), atol=1e-10, rtol=0)
+    assert_same_graph(convert_batch(permuted, batch, targets), permute_nodes(graph, perm), atol=1e-10)
+    small = GradMetaNet(4, num_component_layers=1, num_node_layers=1, edge_out_channels=1, node_out_channels=1,
+                        graph_out_channels=1).to(DTYPE)
+    assert_equivariant(small, [graph])
+
+
+def test_a_pyg_batch_is_exact_on_cached_and_changed_batches():
+    """The rows' datapoints are part of the plan's key and the indices of a joined gather or scatter
+    are value guards: another batch (same shapes, other graphs or other edges) is traced afresh or
+    replayed, and exact either way."""
+    torch.manual_seed(1)
+    clear_structure_cache()
+    model = Pooled("gcn").to(DTYPE)
+    targets = torch.tensor([1, 0, 2])
+    graphs, batch = pyg_batch(seed=1)
+    assert_exact_per_graph(model, graphs, batch, targets)
+    assert_exact_per_graph(model, graphs, batch, targets)  # a replay of the cached plan
+    others, other = pyg_batch(seed=2)  # the same sizes, other edges: the index guards retrace
+    assert torch.equal(other.batch, batch.batch) and not torch.equal(other.edge_index, batch.edge_index)
+    assert_exact_per_graph(model, others, other, targets)
+    swapped, joined = pyg_batch(sizes=((6, 9), (4, 6), (3, 2)), seed=3)  # same total size, other graphs
+    assert joined.x.shape == batch.x.shape and not torch.equal(joined.batch, batch.batch)
+    assert_exact_per_graph(model, swapped, joined, targets)
+
+
+def test_a_node_level_pyg_batch_is_exact():
+    """Node classification on a batch of graphs: each graph's loss sums its nodes' losses."""
+    torch.manual_seed(2)
+    graphs, batch = pyg_batch(seed=4)
+    node_targets = torch.randint(0, 4, (len(batch.x),), generator=torch.Generator().manual_seed(5))
+
+    class NodeLevel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gcn, self.sage, self.head = pyg.GCNConv(3, 5), pyg.SAGEConv(5, 5), nn.Linear(5, 4)
+
+        def forward(self, x, edge_index, batch):
+            return self.head(torch.relu(self.sage(torch.relu(self.gcn(x, edge_index)), edge_index)))
+
+    model = NodeLevel().to(DTYPE)
+
+    def per_graph_loss(output, targets):  # [n, C] node outputs -> [b] per-graph sums (a scatter after the head)
+        losses = F.cross_entropy(output, targets, reduction="none")
+        return torch.zeros(int(batch.batch.max()) + 1, dtype=losses.dtype).index_add(0, batch.batch, losses)
+
+    graph = convert_batch(model, batch, node_targets, per_graph_loss)
+    ours = graph.per_sample_grads()
+    for i, data in enumerate(graphs):
+        model.zero_grad()
+        rows = batch.batch == i
+        F.cross_entropy(model(data.x, data.edge_index, None), node_targets[rows], reduction="sum").backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(ours[name][i], param.grad, atol=1e-10, rtol=0, msg=name)
+
+
+def test_pyg_batch_refusals():
+    """An edge between two graphs, a gather that moves one graph's values into another's nodes, a mean
+    over all nodes of the batch, and a bad batch vector are refused, never converted wrongly."""
+    from gradgraph.errors import DatapointCouplingError
+
+    torch.manual_seed(3)
+    graphs, batch = pyg_batch(seed=6)
+    targets = torch.tensor([0, 1, 2])
+    model = Pooled("gcn").to(DTYPE)
+    crossing = batch.edge_index.clone()
+    crossing[1, 0] = len(batch.x) - 1  # the first edge of graph 0 now ends in graph 2
+    with pytest.raises(UnsupportedModuleError, match=r"an edge between two graphs of the batch mixes datapoints"):
+        gradgraph.to_graph(model, batch.x, targets, cross_entropy, datapoints=batch.batch,
+                           forward_kwargs={"edge_index": crossing, "batch": batch.batch})
+
+    class Leaky(nn.Module):
+        """Joins to each node the pooled vector of the *next* graph (a coupling through a gather)."""
+
+        def __init__(self, join):
+            super().__init__()
+            self.conv, self.mix, self.head = pyg.GCNConv(3, 5), nn.Linear(10, 5), nn.Linear(5, 4)
+            self.join = join
+
+        def forward(self, x, edge_index, batch):
+            h = torch.relu(self.conv(x, edge_index))
+            other = pyg.global_mean_pool(h, batch)[(batch + 1) % 3]
+            h = h + other if self.join == "add" else self.mix(torch.cat([h, other], -1))
+            return self.head(pyg.global_mean_pool(h, batch))
+
+    for join in ("add", "cat"):
+        with pytest.raises((UnsupportedModuleError, DatapointCouplingError), match="datapoint"):
+            convert_batch(Leaky(join).to(DTYPE), batch, targets)
+
+    class Everything(Pooled):
+        def forward(self, x, edge_index, batch):
+            h = torch.relu(self.conv1(x, edge_index))
+            return self.head(torch.tanh(self.conv2(h - h.mean(0), edge_index)).mean(0, keepdim=True).expand(3, -1))
+
+    with pytest.raises((UnsupportedModuleError, GradGraphError)):
+        convert_batch(Everything("gcn").to(DTYPE), batch, targets)
+    for bad, match in [(batch.batch[:-1], r"must name the datapoint of each row"),
+                       (batch.batch + 1, r"must hold 0 \.\. b-1"),
+                       (batch.batch.float(), r"1-D integer tensor")]:
+        with pytest.raises(GradGraphError, match=match):
+            gradgraph.to_graph(model, batch.x, targets, cross_entropy, datapoints=bad,
+                               forward_kwargs={"edge_index": batch.edge_index, "batch": batch.batch})

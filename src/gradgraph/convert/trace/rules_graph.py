@@ -36,7 +36,7 @@ from torch import Tensor
 
 from gradgraph.convert.trace.meta import broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, varies_along
 
-__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE"]
+__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE", "rank_within"]
 
 #: ``index_select(x, dim, index)``: rows of a position axis, read at data indices
 GATHERS = {"Tensor.index_select", "torch.index_select"}
@@ -56,6 +56,17 @@ _ATTENTION_HINT = (
     "attention over a data graph's neighbours (GATConv, GATv2Conv, TransformerConv) weighs messages by "
     "coefficients computed from parameters, which gradgraph cannot write as rank-1 terms; GCNConv, GINConv "
     "and SAGEConv (sum / mean) convert")
+
+
+def rank_within(groups: Tensor) -> Tensor:
+    """``[n]`` -> ``[n]``: each element's rank among the elements of its group, in order
+    (``[0, 0, 1, 0, 1] -> [0, 1, 0, 2, 1]``)."""
+    order = torch.argsort(groups, stable=True)
+    counts = torch.bincount(groups) if groups.numel() else groups.new_zeros(0)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(groups)
+    rank[order] = torch.arange(groups.numel()) - starts[groups[order]]
+    return rank
 
 
 class GraphRules:
@@ -143,6 +154,46 @@ class GraphRules:
                 "[b, num_nodes, features] with one edge_index for all (a single graph: x.unsqueeze(0))")
         return datapoint_axes
 
+    def _joined_rows(self, shape: torch.Size, comps: Tensor, axis: int) -> bool:
+        """Whether a gather or scatter along ``axis`` reads rows of several datapoints joined on axis 0
+        (``to_graph(..., datapoints=batch)``): ``[rows, features]`` values, indexed along the rows."""
+        if self.row_datapoints is None or axis != 0 or len(shape) != 2 or not varies_along(comps // KEY_STRIDE, 0):
+            return False
+        if varies_along(comps, 1):
+            raise self.unsupported("rows", "values whose features sit at different positions")
+        return True
+
+    def _row_comps(self, datapoints: Tensor, shape: torch.Size) -> Tensor:
+        """Components of rows ``[n, F]`` whose datapoints are ``datapoints [n]``: a row's position is
+        its rank among its datapoint's rows (a data-graph node's rank in its graph, as the input's)."""
+        keys = rank_within(datapoints)
+        count = int(keys.max()) + 1 if keys.numel() else 1
+        while len(self.keys) < count:
+            self.new_key()
+        return broadcast_ids((datapoints * KEY_STRIDE + keys)[:, None], shape).clone()
+
+    def _scatter_rows(self, name: str, sources: Tensor, index: Tensor, rows: int) -> Tensor:
+        """The datapoint of each of a joined scatter's ``rows`` result rows, from the datapoints of its
+        messages ``sources [E]`` landing at rows ``index [E]``. A result with one row per row of the input
+        (a data-graph node) has the input rows' datapoints (rows no message reaches too); any other (a
+        pooling by the batch vector, one row per graph) takes its messages'. A row reached by two
+        datapoints' messages (an edge between two graphs) mixes datapoints and is refused."""
+        if rows == len(self.row_datapoints):
+            datapoints = self.row_datapoints.clone()
+        else:
+            datapoints = torch.full((rows,), -1, dtype=torch.long)
+            datapoints[index] = sources
+            if bool((datapoints < 0).any()):
+                raise self.unsupported(name, f"row {int((datapoints < 0).nonzero()[0])} of the result receives no "
+                                       f"message, and its {rows} rows are not the input's {len(self.row_datapoints)} "
+                                       "rows (its nodes), so gradgraph cannot tell which datapoint it belongs to")
+        if bool((datapoints[index] != sources).any()):
+            edge = int((datapoints[index] != sources).nonzero()[0])
+            raise self.unsupported(name, f"message {edge} goes from datapoint {int(sources[edge])} to a row of datapoint "
+                                   f"{int(datapoints[index[edge]])}: an edge between two graphs of the batch mixes "
+                                   "datapoints (check edge_index against the batch vector)")
+        return datapoints
+
     def _position_comps(self, datapoint: Tensor, shape: torch.Size, datapoint_axes: tuple[int, ...]) -> Tensor:
         """Components of an output of ``shape`` (features last): the datapoint of each element (constant
         along the non-datapoint axes) times ``KEY_STRIDE`` plus the flat index of its position over the
@@ -183,6 +234,12 @@ class GraphRules:
         meta = self._graph_operand(name, x, "input")
         axis = dim % x.dim()
         comps = broadcast_ids(meta.comps, x.shape)
+        if self._joined_rows(x.shape, comps, axis):  # graphs joined into one x [n, F], PyG's batch vector
+            rows = comps[:, 0] // KEY_STRIDE
+            index_rows = index.detach().cpu().long()
+            self.add_guard(self.op_index, index, values=index.detach().cpu().clone())
+            out_comps = self._row_comps(rows[index_rows], output.shape)
+            return self._copy_to(name, x, meta, output, out_comps, "gather")
         datapoint_axes = self._position_axis(name, x.shape, comps, axis, "a gather")
         datapoint = comps // KEY_STRIDE
         datapoint = datapoint.narrow(axis, 0, 1) if x.shape[axis] else datapoint
@@ -203,7 +260,8 @@ class GraphRules:
         meta = self._graph_operand(name, src, "source")
         axis = dim % src.dim()
         comps = broadcast_ids(meta.comps, src.shape)
-        datapoint_axes = self._position_axis(name, src.shape, comps, axis, "a scatter")
+        joined = self._joined_rows(src.shape, comps, axis)
+        datapoint_axes = () if joined else self._position_axis(name, src.shape, comps, axis, "a scatter")
         # the base is made by a zeros factory: a replay's fingerprints name the same producer op, so the
         # base is zeros there too (read before the in-place scatter wrote into it: tracer.scatter_base)
         producer = getattr(self, "scatter_base", None) if name in SCATTERS_IN_PLACE else self.log.source(base)
@@ -222,6 +280,12 @@ class GraphRules:
             if self.constant_varies(index, tuple(index.shape), others):
                 raise self.unsupported(name, "an index that differs between features or datapoints; gradgraph "
                                        "scatters whole positions (one index per position along the node axis)")
+        if joined:
+            index_rows = (index if one_dimensional else index[:, 0]).detach().cpu().long()
+            self.add_guard(self.op_index, index, values=index.detach().cpu().clone())
+            out_comps = self._row_comps(self._scatter_rows(name, comps[:, 0] // KEY_STRIDE, index_rows,
+                                                           output.shape[0]), output.shape)
+            return self._copy_to(name, src, meta, output, out_comps, "scatter")
         datapoint = comps // KEY_STRIDE
         datapoint = datapoint.narrow(axis, 0, 1) if src.shape[axis] else datapoint
         out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes)

@@ -125,15 +125,16 @@ class _ModuleTracker:
 
 
 def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any],
-                datapoint_dim: int = 0) -> TraceResult:
+                datapoint_dim: int = 0, datapoints: Tensor | None = None) -> TraceResult:
     """Run ``forward(x)`` under the tracer and return what it found.
 
     ``x`` (:attr:`TraceResult.inputs`) is the input as the model saw it (a leaf that requires
-    grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints.
+    grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints, or ``datapoints``
+    ``[inputs.shape[0]]`` names each row's (``b = datapoints.max() + 1``).
     """
     check_materialised(model, "to_graph")
     for input_taps in (True, False):  # an input read as convolution windows and again: read it as channels
-        tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
+        tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim, datapoints)
         tracer.input_taps = input_taps
         x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
         tracer.bind_input(x)

@@ -35,7 +35,7 @@ from gradgraph.convert.trace.rules_attention import AttentionRules
 from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
-from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, SCATTERS, SCATTERS_IN_PLACE
+from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, rank_within, SCATTERS, SCATTERS_IN_PLACE
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
 
@@ -54,11 +54,20 @@ _SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tens
 class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
+    def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0,
+                 datapoints: Tensor | None = None) -> None:
         super().__init__()
         self.model = model
-        self.num_datapoints = num_datapoints
+        self.num_datapoints = num_datapoints if datapoints is None else int(datapoints.max()) + 1
         self.datapoint_dim = datapoint_dim
+        #: the datapoint of each row on axis 0 (PyG's batch vector) and the row's rank among its
+        #: datapoint's rows (its position), or None: the rows along datapoint_dim are the datapoints
+        self.row_datapoints: Tensor | None = None
+        self.row_rank: Tensor | None = None
+        if datapoints is not None:
+            self.row_datapoints = datapoints
+            self.row_rank = rank_within(datapoints)
+            self.rows_per_datapoint = int(torch.bincount(datapoints).max())
         self.metas: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (tensor, meta); keeps tensors alive
         self.sets: list[NeuronSet] = []
         self.edges: list[tuple[Tensor, Tensor, EdgeKind, int, Tensor | None, Tensor | None]] = []
@@ -215,6 +224,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return torch.zeros_like(element), element, 1
         axis = self.datapoint_dim
         inner = math.prod(shape[axis + 1:])
+        if self.row_datapoints is not None:  # rows of several datapoints (axis 0): a row's rank is its position
+            row = element // inner
+            return (self.row_datapoints[row], self.row_rank[row] * inner + element % inner,
+                    self.rows_per_datapoint * inner)
         datapoint = (element // inner) % shape[axis]
         within = (element // (inner * shape[axis])) * inner + element % inner
         return datapoint, within, math.prod(shape) // max(shape[axis], 1)
