@@ -554,3 +554,79 @@ def test_pyg_batch_refusals():
         with pytest.raises(GradGraphError, match=match):
             gradgraph.to_graph(model, batch.x, targets, cross_entropy, datapoints=bad,
                                forward_kwargs={"edge_index": batch.edge_index, "batch": batch.batch})
+
+
+def test_one_graph_with_zero_datapoints_is_exact_and_a_sparse_adjacency_is_refused():
+    """``datapoints=zeros(N)`` reads ``x [N, F]`` as one graph (b = 1); PyG's sparse-matrix path
+    (``edge_index`` as a ``torch.sparse`` adjacency: a fused sparse product) is refused by name."""
+    torch.manual_seed(6)
+    graphs, _ = pyg_batch(sizes=((5, 8),), seed=7)
+    data = graphs[0]
+    model = Pooled("gcn").to(DTYPE)
+    zeros = torch.zeros(5, dtype=torch.long)
+    graph = gradgraph.to_graph(model, data.x, torch.tensor([2]), cross_entropy, datapoints=zeros,
+                               forward_kwargs={"edge_index": data.edge_index, "batch": zeros})
+    cross_entropy(model(data.x, data.edge_index, zeros), torch.tensor([2])).sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(graph.per_sample_grads()[name][0], param.grad, atol=1e-10, rtol=0, msg=name)
+    adjacency = torch.sparse_coo_tensor(data.edge_index.flip(0), torch.ones(8, dtype=DTYPE), (5, 5)).coalesce()
+    with pytest.warns(UserWarning), pytest.raises(UnsupportedModuleError, match=r"_sparse_mm: gradgraph has no rule"):
+        gradgraph.to_graph(model, data.x, torch.tensor([2]), cross_entropy, datapoints=zeros,
+                           forward_kwargs={"edge_index": adjacency, "batch": zeros})
+
+
+@st.composite
+def pyg_batches(draw):
+    """A PyG batch of 1-3 random graphs (1-5 nodes, 0-8 edges each) and a random GNN program over it."""
+    sizes = draw(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 8)), min_size=1, max_size=3))
+    kinds = draw(st.lists(st.sampled_from(["gcn", "gin", "sage-mean", "sage-sum", "graph-conv", "hand"]),
+                          min_size=1, max_size=3))
+    widths = draw(st.lists(st.integers(1, 4), min_size=len(kinds), max_size=len(kinds)))
+    activations = draw(st.lists(st.sampled_from(["relu", "tanh", "none"]), min_size=len(kinds), max_size=len(kinds)))
+    return sizes, kinds, widths, activations, draw(st.booleans()), draw(st.sampled_from(["mean", "add", "nodes"])), \
+        draw(st.integers(0, 2 ** 16))
+
+
+class _BatchProgram(_Program):
+    def forward(self, x, edge_index, batch):
+        h = x
+        for conv, activation in zip(self.convs, self.activations):
+            out = conv(h, edge_index)
+            out = {"relu": torch.relu, "tanh": torch.tanh, "none": lambda v: v}[activation](out)
+            h = h + out if self.residual and out.shape == h.shape else out
+        if self.pool == "nodes":
+            return self.head(h)
+        return self.head({"mean": pyg.global_mean_pool, "add": pyg.global_add_pool}[self.pool](h, batch))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pyg_batches())
+def test_random_gnn_programs_on_pyg_batches_are_exact(program):
+    """Each graph of a random PyG batch gets its own gradient (graph-level or node-level losses)."""
+    sizes, kinds, widths, activations, residual, pool, seed = program
+    torch.manual_seed(seed)
+    model = _BatchProgram(kinds, widths, activations, residual, pool).to(DTYPE)
+    graphs, batch = pyg_batch(sizes=sizes, seed=seed, features=2)
+    generator = torch.Generator().manual_seed(seed)
+    if pool == "nodes":
+        targets = torch.randint(0, 3, (len(batch.x),), generator=generator)
+
+        def loss_fn(output, targets):
+            losses = F.cross_entropy(output, targets, reduction="none")
+            return torch.zeros(len(sizes), dtype=losses.dtype).index_add(0, batch.batch, losses)
+    else:
+        targets, loss_fn = torch.randint(0, 3, (len(sizes),), generator=generator), cross_entropy
+    graph = convert_batch(model, batch, targets, loss_fn)
+    ours = graph.per_sample_grads()
+    start = 0
+    for i, data in enumerate(graphs):
+        rows = slice(start, start + len(data.x))
+        start += len(data.x)
+        model.zero_grad()
+        alone = torch.zeros(len(data.x), dtype=torch.long)
+        own = targets[rows] if pool == "nodes" else targets[i:i + 1]
+        output = model(data.x, data.edge_index, alone)
+        (F.cross_entropy(output, own, reduction="sum") if pool == "nodes" else cross_entropy(output, own).sum()).backward()
+        for name, param in model.named_parameters():
+            truth = torch.zeros_like(param) if param.grad is None else param.grad
+            torch.testing.assert_close(ours[name][i], truth, atol=1e-10, rtol=0, msg=f"{name} of graph {i}")

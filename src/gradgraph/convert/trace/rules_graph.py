@@ -75,6 +75,8 @@ class GraphRules:
 
     def graph_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         """Dispatch a gather or a scatter (``name`` in :data:`GATHERS` / :data:`SCATTERS`)."""
+        if output.numel() == 0:
+            return None  # nothing gathered (a data graph without edges): an empty constant
         if name in GATHERS:
             bound = dict(zip(("input", "dim", "index"), args))
             bound.update(kwargs)
@@ -157,8 +159,8 @@ class GraphRules:
     def _joined_rows(self, shape: torch.Size, comps: Tensor, axis: int) -> bool:
         """Whether a gather or scatter along ``axis`` reads rows of several datapoints joined on axis 0
         (``to_graph(..., datapoints=batch)``): ``[rows, features]`` values, indexed along the rows."""
-        if self.row_datapoints is None or axis != 0 or len(shape) != 2 or not varies_along(comps // KEY_STRIDE, 0):
-            return False
+        if self.row_datapoints is None or axis != 0 or len(shape) != 2:
+            return False  # (the rows of one datapoint only, a batch's messages all from one graph, count too)
         if varies_along(comps, 1):
             raise self.unsupported("rows", "values whose features sit at different positions")
         return True
@@ -257,6 +259,8 @@ class GraphRules:
                                    "reads a scatter into zeros (src.new_zeros(...).scatter_add_(...)), then a sum")
         if not isinstance(src, Tensor) or src.dim() != base.dim():
             raise self.unsupported(name, "a source of another rank than the result")
+        if src.numel() == 0:
+            return None  # no message: the result is the zeros it was made as, a constant
         meta = self._graph_operand(name, src, "source")
         axis = dim % src.dim()
         comps = broadcast_ids(meta.comps, src.shape)
