@@ -11,13 +11,18 @@ position embeddings, pre-norm blocks with fused qkv and SDPA, tied head):
 Ratios are to ``floor`` (conversion) and to ``torch.func`` (reading back); peak memory as in
 ``capture.py``. ``--model mlp`` runs the same rows on the MLP of ``capture.py`` (64 -> w -> w
 -> 10, b = 128), where a component is a datapoint, so ``edge_components`` (``[E, b, 2]``)
-holds twice the numbers of the per-sample gradients instead of 2T times.
+holds twice the numbers of the per-sample gradients instead of 2T times. ``--model gpt2`` runs
+``transformers``' ``GPT2LMHeadModel`` (default SDPA attention) at the sizes given, for the small-model
+fixed cost of issue 27 item 6 (``--blocks 2 --width 32 --heads 4 --context 16 --batch 8 --vocab 50``).
+The row ``to_graph (first)`` empties the plan cache first: a first conversion (trace, layout,
+the check of the summed gradient against autograd).
 
 Usage::
 
     python benchmarks/traced.py                  # 4 blocks, d=128, 4 heads, T=64, b=32
     python benchmarks/traced.py --model mlp      # 64 -> 280 -> 280 -> 10 (100k parameters), b=128
     python benchmarks/traced.py --quick          # tiny, a few seconds (smoke test)
+    python benchmarks/traced.py --model gpt2 --blocks 2 --width 32 --heads 4 --context 16 --batch 8 --vocab 50
     python benchmarks/traced.py --device cuda    # on a GPU (peak memory: the CUDA allocator's)
 """
 
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-edge-components", type=float, default=2e8)
-    parser.add_argument("--model", choices=("gpt", "mlp"), default="gpt")
+    parser.add_argument("--model", choices=("gpt", "mlp", "gpt2"), default="gpt")
     parser.add_argument("--mlp-width", type=int, default=280, help="hidden width of --model mlp (280: 100k parameters)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     parser.add_argument("--quick", action="store_true")
@@ -71,8 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         ids, targets = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
         loss_fn = lambda logits, y: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
     else:
-        model = GPT(vocab=args.vocab, context=args.context, d=args.width, heads=args.heads,
-                    layers=args.blocks).eval()
+        if args.model == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            config = GPT2Config(vocab_size=args.vocab, n_positions=args.context, n_embd=args.width,
+                                n_layer=args.blocks, n_head=args.heads)
+            model = GPT2LMHeadModel(config).eval()
+            loss_fn = lambda output, y: sequence_loss(output.logits, y)  # noqa: E731
+        else:
+            model = GPT(vocab=args.vocab, context=args.context, d=args.width, heads=args.heads,
+                        layers=args.blocks).eval()
         ids = torch.randint(0, args.vocab, (args.batch, args.context))
         targets = torch.randint(0, args.vocab, (args.batch, args.context))
     model, ids, targets = model.to(args.device), ids.to(args.device), targets.to(args.device)
@@ -91,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     def func() -> dict:
         return vmap(grad(one), in_dims=(None, 0, 0))(params, ids, targets)
 
+    def first() -> gradgraph.GradGraph:
+        gradgraph.convert.clear_structure_cache()  # a first conversion: trace and lay out afresh
+        return convert()
+
     graph = convert()
-    methods = {"floor": floor, "to_graph": convert, "torch.func": func,
+    methods = {"floor": floor, "to_graph": convert, "to_graph (first)": first, "torch.func": func,
                "per_sample_grads": graph.per_sample_grads, "mean_grad": graph.mean_grad,
                "edge_components": graph.edge_components}
     # edge_components is [E, B, 2] per token: at the default size 13 GB, more than this
@@ -110,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = {name: synchronised(method) for name, method in methods.items()}
     times = interleaved_median_times(methods, rounds=args.rounds, min_seconds=0.0, warmup=1)
     memory = {name: peak_memory_bytes(method, args.device) for name, method in methods.items()}
-    reference = {"floor": "floor", "to_graph": "floor", "torch.func": "floor", "per_sample_grads": "torch.func",
+    reference = {"floor": "floor", "to_graph": "floor", "to_graph (first)": "floor", "torch.func": "floor", "per_sample_grads": "torch.func",
                  "mean_grad": "torch.func", "edge_components": "torch.func"}
     rows = []
     for name in methods:
@@ -122,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parameters = sum(p.numel() for p in model.parameters())
     print(f"device: {args.device}" + (f" ({torch.cuda.get_device_name(args.device)})"
                                        if torch.device(args.device).type == "cuda" else ""))
-    if args.model == "mlp":
+    if args.model == "gpt2":
+        print(f"transformers GPT2LMHeadModel: {args.blocks} blocks, d={args.width}, {args.heads} heads, T={args.context}, "
+              f"b={args.batch}, vocab {args.vocab}, {parameters} parameters; graph {graph}; {threads} thread(s)")
+    elif args.model == "mlp":
         print(f"MLP: 64 -> {width} -> {width} -> 10, b={batch}, {parameters} parameters; graph {graph}; {threads} thread(s)")
     else:
         print(f"GPT: {args.blocks} blocks, d={args.width}, {args.heads} heads, T={args.context}, b={args.batch}, "
