@@ -255,7 +255,7 @@ class _Sage(nn.Module):
 def test_nodes_on_the_datapoint_axis_are_refused_with_the_remedy():
     """``x [num_nodes, features]`` reads every node as a datapoint; a gather across them mixes datapoints."""
     torch.manual_seed(0)
-    refusal(_Sage("mean"), r"a gather along the datapoint axis 0 .* mixes datapoints.*x.unsqueeze\(0\)",
+    refusal(_Sage("mean"), r"a gather along the datapoint axis 0 .* mixes datapoints.*datapoints=batch.batch",
             inputs=torch.randn(6, 3, dtype=DTYPE))
 
 
@@ -637,3 +637,96 @@ def test_random_gnn_programs_on_pyg_batches_are_exact(program):
         for name, param in model.named_parameters():
             truth = torch.zeros_like(param) if param.grad is None else param.grad
             torch.testing.assert_close(ours[name][i], truth, atol=1e-10, rtol=0, msg=f"{name} of graph {i}")
+
+
+# ----------------------------------------------------------------------------- more PyG layers
+def _mlp(i, o):
+    return nn.Sequential(nn.Linear(i, o), nn.ReLU(), nn.Linear(o, o))
+
+
+MORE_LAYERS = {
+    "cheb": lambda i, o: pyg.ChebConv(i, o, K=3),
+    "sg": lambda i, o: pyg.SGConv(i, o, K=2),
+    "tag": lambda i, o: pyg.TAGConv(i, o),
+    "le": lambda i, o: pyg.LEConv(i, o),
+    "res-gated": lambda i, o: pyg.ResGatedGraphConv(i, o),
+    "edge-conv-add": lambda i, o: pyg.EdgeConv(_mlp(2 * i, o), aggr="add"),
+    "general": lambda i, o: pyg.GeneralConv(i, o),
+    "cluster-gcn": lambda i, o: pyg.ClusterGCNConv(i, o),
+    "film": lambda i, o: pyg.FiLMConv(i, o),
+    "pna-mean-sum": lambda i, o: pyg.PNAConv(i, o, aggregators=["mean", "sum"], scalers=["identity"],
+                                             deg=torch.tensor([0, 2, 3, 2])),
+}
+
+
+@pytest.mark.parametrize("kind", list(MORE_LAYERS))
+def test_more_pyg_layers_on_a_batch_are_exact_with_a_true_group(kind):
+    """Layers built from the same gathers and sums (polynomial filters, edge gates, FiLM, PNA with
+    linear aggregators) convert exactly on a PyG batch, with a channel group that keeps the function."""
+    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
+    from strategies import assert_same_graph
+
+    LAYERS[kind] = MORE_LAYERS[kind]
+    try:
+        torch.manual_seed(0)
+        model = Pooled(kind).to(DTYPE)
+    finally:
+        del LAYERS[kind]
+    graphs, batch = pyg_batch(seed=8)
+    targets = torch.tensor([2, 0, 3])
+    graph = assert_exact_per_graph(model, graphs, batch, targets)
+    perm = random_node_permutation(graph, torch.Generator().manual_seed(2))
+    permuted = permute_model(model, graph, perm)
+    kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(batch.x, **kwargs), model(batch.x, **kwargs), atol=1e-10, rtol=0)
+    assert_same_graph(convert_batch(permuted, batch, targets), permute_nodes(graph, perm), atol=1e-10)
+
+
+REFUSED_LAYERS = {
+    "GATConv": (lambda i, o: pyg.GATConv(i, o, heads=2), r"of type GATConv: attention over a data graph's neighbours"),
+    "GATv2Conv": (lambda i, o: pyg.GATv2Conv(i, o), r"of type GATv2Conv: attention over a data graph's neighbours"),
+    "TransformerConv": (lambda i, o: pyg.TransformerConv(i, o), r"of type TransformerConv: attention over"),
+    "EdgeConv-max": (lambda i, o: pyg.EdgeConv(_mlp(2 * i, o)), r"reduce='amax'"),
+    "MFConv": (lambda i, o: pyg.MFConv(i, o), r"Tensor.index_copy_: in-place ops"),
+    "GINEConv": (lambda i, o: pyg.GINEConv(_mlp(i, o), edge_dim=2),
+                 r"a second input passed through forward_kwargs such as a data graph's edge features"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED_LAYERS))
+def test_pyg_layers_gradgraph_cannot_read_are_refused_by_name(kind):
+    make, match = REFUSED_LAYERS[kind]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = make(3, 5), nn.Linear(10 if kind == "GATConv" else 5, 4)
+
+        def forward(self, x, edge_index, batch, edge_attr=None):
+            kwargs = {"edge_attr": edge_attr} if kind == "GINEConv" else {}
+            return self.head(pyg.global_mean_pool(torch.relu(self.conv(x, edge_index, **kwargs)), batch))
+
+    graphs, batch = pyg_batch(seed=9)
+    kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
+    if kind == "GINEConv":
+        kwargs["edge_attr"] = torch.randn(batch.edge_index.shape[1], 2, dtype=DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=match):
+        gradgraph.to_graph(Model().to(DTYPE), batch.x, torch.tensor([0, 1, 2]), cross_entropy,
+                           datapoints=batch.batch, forward_kwargs=kwargs)
+
+
+def test_a_closure_over_a_pyg_batch_converts_with_datapoints():
+    """``convert_closure(model, closure, datapoints=batch.batch)``: the same graph as ``to_graph``."""
+    from strategies import assert_same_graph
+
+    torch.manual_seed(7)
+    model = Pooled("gin").to(DTYPE)
+    graphs, batch = pyg_batch(seed=10)
+    targets = torch.tensor([3, 1, 0])
+    expected = convert_batch(model, batch, targets)
+    graph, losses = gradgraph.convert_closure(
+        model, lambda: cross_entropy(model(batch.x, batch.edge_index, batch.batch), targets),
+        datapoints=batch.batch)
+    assert losses.shape == (3,)
+    assert_same_graph(graph, expected, atol=1e-12)

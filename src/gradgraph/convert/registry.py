@@ -180,7 +180,8 @@ def to_graph(
     return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
 
 
-def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[GradGraph, Tensor]:
+def convert_closure(model: nn.Module, closure: Callable[[], Tensor], *,
+                    datapoints: Tensor | None = None) -> tuple[GradGraph, Tensor]:
     """Convert ``model`` on the batch that a training closure runs it on, calling the closure once.
 
     The closure draws its batch, calls ``model(inputs, ...)`` once and returns the
@@ -197,6 +198,8 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
     Args:
         model: the network the closure calls.
         closure: ``() -> [b]`` per-datapoint losses.
+        datapoints: ``[n]`` int64, the datapoint of each row of the input the closure passes (PyG's
+            ``batch`` vector), as for :func:`to_graph`.
 
     Returns:
         ``(graph, losses)``: the :class:`~gradgraph.GradGraph` and the closure's losses ``[b]``,
@@ -220,14 +223,15 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
             raise UnsupportedModuleError(
                 "", type(original).__name__, f"the registered converter '{entry.name}' takes a batch and a loss "
                 "function, not a closure: call to_graph(model, inputs, targets, loss_fn)")
+    extra = {} if datapoints is None else {"datapoints": datapoints}
     if original is model:
-        return _FALLBACK_CLOSURE[0](model, closure)
+        return _FALLBACK_CLOSURE[0](model, closure, **extra)
     # the closure calls the compiled wrapper: for this one call its forward is the original module's
     # call (which the converter captures), not dynamo's compiled function
     compiled_forward = vars(model)["forward"]
     model.forward = original.__call__  # a bound method: nn.Module would register a module as a child
     try:
-        return _FALLBACK_CLOSURE[0](original, closure)
+        return _FALLBACK_CLOSURE[0](original, closure, **extra)
     finally:
         model.forward = compiled_forward
 

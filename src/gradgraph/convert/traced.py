@@ -84,7 +84,8 @@ def to_graph_traced(
 
 
 def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
-                           datapoint_dim: int | None = None) -> tuple[GradGraph, Tensor]:
+                           datapoint_dim: int | None = None,
+                           datapoints: Tensor | None = None) -> tuple[GradGraph, Tensor]:
     """Convert ``model`` on the batch that ``closure`` runs it on, in that one call of ``closure``.
 
     The closure calls the model once, as ``model(inputs, *args, **kwargs)`` (or with the input
@@ -97,7 +98,8 @@ def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
     Args:
         model: the network the closure calls.
         closure: ``() -> [b]`` per-datapoint losses.
-        datapoint_dim: as for :func:`to_graph_traced`.
+        datapoint_dim, datapoints: as for :func:`to_graph_traced` (``datapoints``: the rows' datapoints of
+            the input the closure passes, PyG's ``batch`` vector).
 
     Returns:
         ``(graph, losses)``: the :class:`~gradgraph.GradGraph` (``B = b * K`` components) and
@@ -114,10 +116,12 @@ def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs, rest, kwargs = closure_inputs(model, bool(runs), args, kwargs)
         dim = _check_inputs(model, inputs, datapoint_dim, scan)
+        rows = _check_datapoints(inputs, datapoints, dim)
         del model.forward  # the model's own forward (or the trace's stand-in for it) runs inside
         try:
             run = _forward_pass(model, inputs, lambda x: model.forward(x, *rest, **kwargs),
-                                {"args": rest, **kwargs}, dim, scan, plain_call=not rest and not kwargs)
+                                {"args": rest, **kwargs}, dim, scan, plain_call=not rest and not kwargs,
+                                datapoints=rows)
         finally:
             model.forward = forward  # type: ignore[method-assign]
         runs.append(run)

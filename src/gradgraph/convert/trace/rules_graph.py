@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, varies_along
+from gradgraph.errors import UnsupportedModuleError
 
-__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE", "rank_within"]
+__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE", "rank_within", "refuse_graph_attention"]
 
 #: ``index_select(x, dim, index)``: rows of a position axis, read at data indices
 GATHERS = {"Tensor.index_select", "torch.index_select"}
@@ -54,8 +55,23 @@ _NONLINEAR_HINT = (
     "sum) or register a converter for the layer")
 _ATTENTION_HINT = (
     "attention over a data graph's neighbours (GATConv, GATv2Conv, TransformerConv) weighs messages by "
-    "coefficients computed from parameters, which gradgraph cannot write as rank-1 terms; GCNConv, GINConv "
-    "and SAGEConv (sum / mean) convert")
+    "coefficients computed from parameters, which gradgraph cannot write as rank-1 terms; GCNConv, GINConv, "
+    "SAGEConv (sum / mean), GraphConv, ChebConv, ResGatedGraphConv and the other layers of docs/gnn.md convert")
+
+
+#: PyG layers whose messages are weighted by attention over neighbours (a softmax of scores computed
+#: from parameters over each node's in-edges): refused by name before a trace
+GRAPH_ATTENTION_LAYERS = {"GATConv", "GATv2Conv", "TransformerConv", "SuperGATConv", "AGNNConv", "GPSConv",
+                          "HANConv", "HGTConv", "HEATConv", "FAConv", "RGATConv", "DNAConv"}
+
+
+def refuse_graph_attention(model: torch.nn.Module) -> None:
+    """Raise :class:`~gradgraph.errors.UnsupportedModuleError` naming the first PyG attention layer of
+    ``model`` (:data:`GRAPH_ATTENTION_LAYERS`), with the reason and what converts instead."""
+    for path, module in model.named_modules():
+        kind = type(module)
+        if kind.__name__ in GRAPH_ATTENTION_LAYERS and kind.__module__.startswith("torch_geometric"):
+            raise UnsupportedModuleError(path, kind.__name__, _ATTENTION_HINT + " (docs/gnn.md)")
 
 
 def rank_within(groups: Tensor) -> Tensor:
@@ -143,36 +159,47 @@ class GraphRules:
                                    f"learned edge choice); {_ATTENTION_HINT}")
 
     def _position_axis(self, name: str, shape: torch.Size, comps: Tensor, axis: int, what: str) -> tuple[int, ...]:
-        """Check that ``axis`` holds positions of each datapoint; returns the datapoint axes."""
+        """Check that ``axis`` holds positions of each datapoint, the axes after it features (neurons)
+        at one component per position; returns the datapoint axes (among those before ``axis``)."""
         if axis == len(shape) - 1:
             raise self.unsupported(name, f"{what} along the feature axis (the neurons); gradgraph reads message "
                                    "passing as gathers and scatters along the data graph's node axis, features last")
+        self._check_trailing(name, comps, axis)
         datapoint = comps // KEY_STRIDE
-        datapoint_axes = tuple(a for a in range(len(shape)) if varies_along(datapoint, a))
+        datapoint_axes = tuple(a for a in range(axis + 1) if varies_along(datapoint, a))
         if axis in datapoint_axes:
-            raise self.unsupported(
-                name, f"{what} along the datapoint axis {axis} of a tensor of shape {list(shape)}: it mixes "
-                "datapoints. A data graph's nodes are positions of one datapoint: pass a batch of graph signals as "
-                "[b, num_nodes, features] with one edge_index for all (a single graph: x.unsqueeze(0))")
+            remedy = ("gradgraph reads a joined batch's values with its rows on axis 0 and features after them"
+                      if self.row_datapoints is not None else
+                      "A data graph's nodes are positions of one datapoint: pass a PyG batch with "
+                      "to_graph(..., datapoints=batch.batch), a batch of graph signals as [b, num_nodes, features] "
+                      "with one edge_index for all, or one graph with datapoints=torch.zeros(num_nodes)")
+            raise self.unsupported(name, f"{what} along the datapoint axis {axis} of a tensor of shape {list(shape)}: "
+                                   f"it mixes datapoints. {remedy}")
         return datapoint_axes
 
-    def _joined_rows(self, shape: torch.Size, comps: Tensor, axis: int) -> bool:
+    def _check_trailing(self, name: str, comps: Tensor, axis: int) -> None:
+        if any(varies_along(comps, a) for a in range(axis + 1, comps.dim())):
+            raise self.unsupported(name, f"values whose features (the axes after axis {axis}) sit at different "
+                                   "positions; gradgraph gathers and scatters positions whose features are neurons")
+
+    def _joined_rows(self, name: str, shape: torch.Size, comps: Tensor, axis: int) -> bool:
         """Whether a gather or scatter along ``axis`` reads rows of several datapoints joined on axis 0
-        (``to_graph(..., datapoints=batch)``): ``[rows, features]`` values, indexed along the rows."""
-        if self.row_datapoints is None or axis != 0 or len(shape) != 2:
-            return False  # (the rows of one datapoint only, a batch's messages all from one graph, count too)
-        if varies_along(comps, 1):
-            raise self.unsupported("rows", "values whose features sit at different positions")
+        (``to_graph(..., datapoints=batch)``): ``[rows, *features]`` values, indexed along the rows
+        (also where the rows it reads happen to hold one datapoint only)."""
+        if self.row_datapoints is None or axis != 0 or len(shape) < 2:
+            return False
+        self._check_trailing(name, comps, axis)
         return True
 
     def _row_comps(self, datapoints: Tensor, shape: torch.Size) -> Tensor:
-        """Components of rows ``[n, F]`` whose datapoints are ``datapoints [n]``: a row's position is
-        its rank among its datapoint's rows (a data-graph node's rank in its graph, as the input's)."""
+        """Components of rows ``[n, *features]`` whose datapoints are ``datapoints [n]``: a row's position
+        is its rank among its datapoint's rows (a data-graph node's rank in its graph, as the input's)."""
         keys = rank_within(datapoints)
         count = int(keys.max()) + 1 if keys.numel() else 1
         while len(self.keys) < count:
             self.new_key()
-        return broadcast_ids((datapoints * KEY_STRIDE + keys)[:, None], shape).clone()
+        ids = (datapoints * KEY_STRIDE + keys).reshape(-1, *[1] * (len(shape) - 1))
+        return broadcast_ids(ids, shape).clone()
 
     def _scatter_rows(self, name: str, sources: Tensor, index: Tensor, rows: int) -> Tensor:
         """The datapoint of each of a joined scatter's ``rows`` result rows, from the datapoints of its
@@ -196,12 +223,13 @@ class GraphRules:
                                    "datapoints (check edge_index against the batch vector)")
         return datapoints
 
-    def _position_comps(self, datapoint: Tensor, shape: torch.Size, datapoint_axes: tuple[int, ...]) -> Tensor:
-        """Components of an output of ``shape`` (features last): the datapoint of each element (constant
-        along the non-datapoint axes) times ``KEY_STRIDE`` plus the flat index of its position over the
-        axes that are neither datapoints nor features. Position ``p`` shares key ``p`` with every other
-        grid (the data graph's node ``p``, edge ``p``): each weight joins neurons of one grid."""
-        axes = [a for a in range(len(shape) - 1) if a not in datapoint_axes]
+    def _position_comps(self, datapoint: Tensor, shape: torch.Size, datapoint_axes: tuple[int, ...],
+                        axis: int) -> Tensor:
+        """Components of an output of ``shape`` whose positions are the axes up to ``axis`` (the
+        features after it): the datapoint of each element times ``KEY_STRIDE`` plus the flat index of
+        its position over those axes that are not datapoint axes. Position ``p`` shares key ``p`` with
+        every other grid (the data graph's node ``p``, edge ``p``): each weight joins neurons of one grid."""
+        axes = [a for a in range(axis + 1) if a not in datapoint_axes]
         sizes = [shape[a] for a in axes]
         count = math.prod(sizes) if sizes else 1
         while len(self.keys) < count:
@@ -212,17 +240,22 @@ class GraphRules:
             view[a] = size
         return broadcast_ids(datapoint * KEY_STRIDE + grid.reshape(view), shape).clone()
 
-    def _copy_to(self, name: str, value: Tensor, meta: Neurons, output: Tensor, comps: Tensor, what: str) -> None:
-        """The tied copy of ``value``'s channels at ``output``'s components ``comps`` (the module docstring)."""
+    def _copy_to(self, name: str, value: Tensor, meta: Neurons, output: Tensor, comps: Tensor, what: str,
+                 axis: int) -> None:
+        """The tied copy of ``value``'s features (the neurons on the axes after ``axis``, the same at every
+        position) at ``output``'s components ``comps`` (the module docstring)."""
         meta = self.fix_act(value, meta, name)  # the channels' own act: their values at their positions
-        row = feature_row(broadcast_ids(meta.nodes, value.shape))
-        if row is None or torch.unique(row).numel() != row.numel():
-            raise self.unsupported(name, f"its {what} does not hold one neuron per feature at every position (a "
-                                   f"statistic, or one neuron twice). If it is an attention score: {_ATTENTION_HINT}")
+        features = tuple(value.shape[axis + 1:])
+        block = broadcast_ids(meta.nodes, value.shape).reshape(-1, math.prod(features))
+        row = block[0].clone()
+        if not bool((block == row).all()) or bool((row < 0).any()) or torch.unique(row).numel() != row.numel():
+            raise self.unsupported(name, f"its {what} does not hold the same neurons at every position, one per "
+                                   f"feature (a statistic, or one neuron twice). If it is an attention score: "
+                                   f"{_ATTENTION_HINT}")
         for index in meta.versions:
             self.separate_part_read(self.sets[index], row)
         copied, created = self.tied_copy(row, f"{self.path() or name} {what}", "graph")
-        nodes = broadcast_ids(copied, output.shape).clone()
+        nodes = broadcast_ids(copied.reshape(features), output.shape).clone()
         new = Neurons(nodes, comps, {copy.index: 0 for copy in created})
         created[0].grad_records.append((output, nodes, comps))  # one record writes every copy's grad
         self.set_meta(output, new)
@@ -230,29 +263,27 @@ class GraphRules:
 
     # -------------------------------------------------------------- the rules
     def gather_positions(self, name: str, x: Tensor, dim: int, index: Tensor, output: Tensor) -> None:
-        """``x.index_select(dim, index)`` along a position axis: a tied copy of the channels living at
+        """``x.index_select(dim, index)`` along a position axis: a tied copy of the features living at
         the gathered positions (a message ``x_j`` per data-graph edge)."""
         self._constant_index(name, index)
         meta = self._graph_operand(name, x, "input")
         axis = dim % x.dim()
         comps = broadcast_ids(meta.comps, x.shape)
-        if self._joined_rows(x.shape, comps, axis):  # graphs joined into one x [n, F], PyG's batch vector
-            rows = comps[:, 0] // KEY_STRIDE
-            index_rows = index.detach().cpu().long()
+        if self._joined_rows(name, x.shape, comps, axis):  # graphs joined into one x [n, F], PyG's batch vector
+            rows = comps.reshape(x.shape[0], -1)[:, 0] // KEY_STRIDE
             self.add_guard(self.op_index, index, values=index.detach().cpu().clone())
-            out_comps = self._row_comps(rows[index_rows], output.shape)
-            return self._copy_to(name, x, meta, output, out_comps, "gather")
+            out_comps = self._row_comps(rows[index.detach().cpu().long()], output.shape)
+            return self._copy_to(name, x, meta, output, out_comps, "gather", axis)
         datapoint_axes = self._position_axis(name, x.shape, comps, axis, "a gather")
-        datapoint = comps // KEY_STRIDE
-        datapoint = datapoint.narrow(axis, 0, 1) if x.shape[axis] else datapoint
-        out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes)
-        self._copy_to(name, x, meta, output, out_comps, "gather")
+        datapoint = (comps // KEY_STRIDE).narrow(axis, 0, 1)
+        out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes, axis)
+        self._copy_to(name, x, meta, output, out_comps, "gather", axis)
 
     def scatter_positions(self, name: str, base: Tensor, dim: int, index: Tensor, src: Tensor, output: Tensor, *,
                           one_dimensional: bool) -> None:
         """``base.scatter_add_(dim, index, src)`` (and ``index_add_``, ``scatter_reduce`` with sum or
         mean) along a position axis, into a constant all-zero ``base``: a tied copy of ``src``'s
-        channels living at the output's positions (the aggregated messages at each data-graph node)."""
+        features living at the output's positions (the aggregated messages at each data-graph node)."""
         self._constant_index(name, index)
         if self.meta(base) is not None:
             raise self.unsupported(name, "a scatter into values that depend on the input or on parameters; gradgraph "
@@ -264,7 +295,7 @@ class GraphRules:
         meta = self._graph_operand(name, src, "source")
         axis = dim % src.dim()
         comps = broadcast_ids(meta.comps, src.shape)
-        joined = self._joined_rows(src.shape, comps, axis)
+        joined = self._joined_rows(name, src.shape, comps, axis)
         datapoint_axes = () if joined else self._position_axis(name, src.shape, comps, axis, "a scatter")
         # the base is made by a zeros factory: a replay's fingerprints name the same producer op, so the
         # base is zeros there too (read before the in-place scatter wrote into it: tracer.scatter_base)
@@ -285,12 +316,11 @@ class GraphRules:
                 raise self.unsupported(name, "an index that differs between features or datapoints; gradgraph "
                                        "scatters whole positions (one index per position along the node axis)")
         if joined:
-            index_rows = (index if one_dimensional else index[:, 0]).detach().cpu().long()
+            rows = index if one_dimensional else index.reshape(src.shape[0], -1)[:, 0]
             self.add_guard(self.op_index, index, values=index.detach().cpu().clone())
-            out_comps = self._row_comps(self._scatter_rows(name, comps[:, 0] // KEY_STRIDE, index_rows,
-                                                           output.shape[0]), output.shape)
-            return self._copy_to(name, src, meta, output, out_comps, "scatter")
-        datapoint = comps // KEY_STRIDE
-        datapoint = datapoint.narrow(axis, 0, 1) if src.shape[axis] else datapoint
-        out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes)
-        self._copy_to(name, src, meta, output, out_comps, "scatter")
+            sources = comps.reshape(src.shape[0], -1)[:, 0] // KEY_STRIDE
+            datapoints = self._scatter_rows(name, sources, rows.detach().cpu().long(), output.shape[0])
+            return self._copy_to(name, src, meta, output, self._row_comps(datapoints, output.shape), "scatter", axis)
+        datapoint = (comps // KEY_STRIDE).narrow(axis, 0, 1)
+        out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes, axis)
+        self._copy_to(name, src, meta, output, out_comps, "scatter", axis)

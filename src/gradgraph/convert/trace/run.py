@@ -20,6 +20,7 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
 from gradgraph.convert.trace.result import TraceResult
 from gradgraph.convert.trace.rules_conv import InputReadAgain
+from gradgraph.convert.trace.rules_graph import refuse_graph_attention
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
 from gradgraph.errors import GradGraphError
@@ -133,6 +134,7 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     ``[inputs.shape[0]]`` names each row's (``b = datapoints.max() + 1``).
     """
     check_materialised(model, "to_graph")
+    refuse_graph_attention(model)  # GATConv & co.: attention over a data graph's neighbours, by name
     for input_taps in (True, False):  # an input read as convolution windows and again: read it as channels
         tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim, datapoints)
         tracer.input_taps = input_taps
