@@ -730,3 +730,33 @@ def test_a_closure_over_a_pyg_batch_converts_with_datapoints():
         datapoints=batch.batch)
     assert losses.shape == (3,)
     assert_same_graph(graph, expected, atol=1e-12)
+
+
+def test_node_type_embeddings_on_a_pyg_batch_are_exact():
+    """Integer node types ``[n]`` (atom types of molecules) read by an ``nn.Embedding``, then GIN: each
+    graph's gradient, the embedding's rows included (before, ``datapoints`` refused a 1-D input)."""
+    torch.manual_seed(8)
+    graphs, batch = pyg_batch(seed=11)
+    types = torch.randint(0, 7, (len(batch.x),), generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 1, 2])
+
+    class Molecules(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.conv, self.head = nn.Embedding(7, 5), LAYERS["gin"](5, 5), nn.Linear(5, 4)
+
+        def forward(self, z, edge_index, batch):
+            return self.head(pyg.global_add_pool(torch.relu(self.conv(self.embed(z), edge_index)), batch))
+
+    model = Molecules().to(DTYPE)
+    graph = gradgraph.to_graph(model, types, targets, cross_entropy, datapoints=batch.batch,
+                               forward_kwargs={"edge_index": batch.edge_index, "batch": batch.batch})
+    ours, start = graph.per_sample_grads(), 0
+    for i, data in enumerate(graphs):
+        rows = slice(start, start + len(data.x))
+        start += len(data.x)
+        model.zero_grad()
+        alone = torch.zeros(len(data.x), dtype=torch.long)
+        cross_entropy(model(types[rows], data.edge_index, alone), targets[i:i + 1]).sum().backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(ours[name][i], param.grad, atol=1e-10, rtol=0, msg=f"{name} of graph {i}")

@@ -228,9 +228,9 @@ def _check_datapoints(inputs: Tensor, datapoints: Tensor | None, datapoint_dim: 
             or datapoints.dtype == torch.bool:
         raise GradGraphError("to_graph: datapoints must be a 1-D integer tensor (PyG's batch vector), got "
                              f"{type(datapoints).__name__}{list(datapoints.shape) if isinstance(datapoints, Tensor) else ''}")
-    if datapoint_dim != 0 or inputs.dim() < 2 or len(datapoints) != inputs.shape[0]:
+    if datapoint_dim != 0 or inputs.dim() < (2 if inputs.is_floating_point() else 1) or len(datapoints) != inputs.shape[0]:
         raise GradGraphError(f"to_graph: datapoints [{len(datapoints)}] must name the datapoint of each row of inputs "
-                             f"on axis 0 ([rows, ..., features]); inputs have shape {list(inputs.shape)} and "
+                             f"on axis 0 ([rows, ..., features], or [rows] ids); inputs have shape {list(inputs.shape)} and "
                              f"datapoint_dim {datapoint_dim}")
     datapoints = datapoints.detach().to("cpu", torch.long)
     count = int(datapoints.max()) + 1 if len(datapoints) else 0

@@ -299,7 +299,7 @@ class GraphRules:
         datapoint_axes = () if joined else self._position_axis(name, src.shape, comps, axis, "a scatter")
         # the base is made by a zeros factory: a replay's fingerprints name the same producer op, so the
         # base is zeros there too (read before the in-place scatter wrote into it: tracer.scatter_base)
-        producer = getattr(self, "scatter_base", None) if name in SCATTERS_IN_PLACE else self.log.source(base)
+        producer = self.scatter_base if name in SCATTERS_IN_PLACE else self.log.source(base)
         made_by = self.log.fingerprints[producer[0]][0] if isinstance(producer, tuple) and isinstance(
             producer[0], int) and producer[0] >= 0 else None
         if made_by not in _ZERO_FACTORIES:

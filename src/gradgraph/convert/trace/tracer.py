@@ -101,6 +101,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         self.derived: dict[int, tuple[Tensor, int, tuple]] = {}
         #: op index -> layout decisions read off its constant arguments' values (checked by a replay)
         self.value_guards: dict[int, list[ValueGuard]] = {}
+        #: for an in-place scatter into a constant: ``OpLog.source`` of its base, read before the op ran
+        self.scatter_base: Any = None
 
     # -------------------------------------------------------------- bookkeeping
     def meta(self, value: Any) -> Any:
