@@ -28,7 +28,7 @@ import gradgraph
 from gradgraph.convert import clear_structure_cache
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.modules import OneGraph
-from gradgraph.nn import GradMetaNet
+from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
 from gradgraph.testing import assert_equivariant
 
 pyg = pytest.importorskip("torch_geometric.nn")
@@ -173,7 +173,9 @@ def test_each_layer_kind_is_exact_and_its_channels_permute(kind):
 
 def test_a_mixed_three_layer_gnn_with_a_residual_is_exact():
     torch.manual_seed(1)
-    check(Mixed().to(DTYPE), *signals(b=4, seed=1))
+    graph = check(Mixed().to(DTYPE), *signals(b=4, seed=1))
+    plusplus = GradMetaNetPlusPlus(6, num_layers=1, heads=2, graph_out_channels=1, component_out_channels=1).to(DTYPE)
+    assert_equivariant(plusplus, [graph])
 
 
 def test_node_level_outputs_are_exact():
@@ -457,6 +459,10 @@ def test_a_pyg_batch_of_graphs_gives_each_graph_its_gradient(kind, pool):
     small = GradMetaNet(4, num_component_layers=1, num_node_layers=1, edge_out_channels=1, node_out_channels=1,
                         graph_out_channels=1).to(DTYPE)
     assert_equivariant(small, [graph])
+    if kind == "gin" and pool == "add":
+        plusplus = GradMetaNetPlusPlus(6, num_layers=1, heads=2, graph_out_channels=1,
+                                       component_out_channels=1).to(DTYPE)
+        assert_equivariant(plusplus, [graph])
 
 
 def test_a_pyg_batch_is_exact_on_cached_and_changed_batches():
