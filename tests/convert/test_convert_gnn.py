@@ -191,10 +191,9 @@ def test_hand_written_message_passing_is_exact():
     check(HandWritten().to(DTYPE), *signals(b=3, seed=3))
 
 
-def test_one_graph_as_a_batch_of_one_is_exact_and_gat_is_refused_by_name():
-    """``OneGraph`` runs layers that take ``[num_nodes, features]`` on ``x.unsqueeze(0)``; a GCN is exact
-    (b = 1: the per-sample gradient is the gradient). GATConv's attention over neighbours is refused
-    naming the module and the reason, never converted wrongly."""
+def test_one_graph_as_a_batch_of_one_is_exact():
+    """``OneGraph`` runs layers that take ``[num_nodes, features]`` on ``x.unsqueeze(0)``; a GCN and a GAT
+    are exact (b = 1: the per-sample gradient is the gradient)."""
     torch.manual_seed(4)
     x = torch.randn(1, 6, 3, dtype=DTYPE)
     y = torch.tensor([2])
@@ -213,8 +212,10 @@ def test_one_graph_as_a_batch_of_one_is_exact_and_gat_is_refused_by_name():
     model = OneGraph(Pooled(pyg.GCNConv(3, 5))).to(DTYPE)
     check(model, x, y, graph_loss, metanet=False)
     gat = OneGraph(Pooled(pyg.GATConv(3, 5, heads=1))).to(DTYPE)
-    with pytest.raises(UnsupportedModuleError, match=r"GATConv.*attention over a data graph's neighbours"):
-        gradgraph.to_graph(gat, x, y, graph_loss, forward_kwargs={"edge_index": EDGES})
+    graph = gradgraph.to_graph(gat, x, y, graph_loss, forward_kwargs={"edge_index": EDGES})
+    graph_loss(gat(x, EDGES), y).sum().backward()
+    for name, param in gat.named_parameters():
+        torch.testing.assert_close(graph.per_sample_grads()[name][0], param.grad, atol=1e-10, rtol=0, msg=name)
     with pytest.raises(GradGraphError, match=r"OneGraph: .*\[1, num_nodes, features\]; got shape \[2, 6, 3\]"):
         model(torch.randn(2, 6, 3, dtype=DTYPE), EDGES)
 
@@ -690,7 +691,8 @@ def test_more_pyg_layers_on_a_batch_are_exact_with_a_true_group(kind):
 
 
 REFUSED_LAYERS = {
-    "GATConv": (lambda i, o: pyg.GATConv(i, o, heads=2), r"of type GATConv: attention over a data graph's neighbours"),
+    "GATConv-edge-dim": (lambda i, o: pyg.GATConv(i, o, heads=2, edge_dim=2),
+                         r"of type GATConv: edge features \(edge_dim\) are a second input"),
     "GATv2Conv": (lambda i, o: pyg.GATv2Conv(i, o), r"of type GATv2Conv: attention over a data graph's neighbours"),
     "TransformerConv": (lambda i, o: pyg.TransformerConv(i, o), r"of type TransformerConv: attention over"),
     "EdgeConv-max": (lambda i, o: pyg.EdgeConv(_mlp(2 * i, o)), r"reduce='amax'"),
@@ -707,15 +709,15 @@ def test_pyg_layers_gradgraph_cannot_read_are_refused_by_name(kind):
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.head = make(3, 5), nn.Linear(10 if kind == "GATConv" else 5, 4)
+            self.conv, self.head = make(3, 5), nn.Linear(10 if kind.startswith("GATConv") else 5, 4)
 
         def forward(self, x, edge_index, batch, edge_attr=None):
-            kwargs = {"edge_attr": edge_attr} if kind == "GINEConv" else {}
+            kwargs = {"edge_attr": edge_attr} if kind in ("GINEConv", "GATConv-edge-dim") else {}
             return self.head(pyg.global_mean_pool(torch.relu(self.conv(x, edge_index, **kwargs)), batch))
 
     graphs, batch = pyg_batch(seed=9)
     kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
-    if kind == "GINEConv":
+    if kind in ("GINEConv", "GATConv-edge-dim"):
         kwargs["edge_attr"] = torch.randn(batch.edge_index.shape[1], 2, dtype=DTYPE)
     with pytest.raises(UnsupportedModuleError, match=match):
         gradgraph.to_graph(Model().to(DTYPE), batch.x, torch.tensor([0, 1, 2]), cross_entropy,
@@ -766,3 +768,75 @@ def test_node_type_embeddings_on_a_pyg_batch_are_exact():
         cross_entropy(model(types[rows], data.edge_index, alone), targets[i:i + 1]).sum().backward()
         for name, param in model.named_parameters():
             torch.testing.assert_close(ours[name][i], param.grad, atol=1e-10, rtol=0, msg=f"{name} of graph {i}")
+
+
+GATS = {
+    "one-head": lambda i, o: pyg.GATConv(i, o),
+    "three-heads-concat": lambda i, o: pyg.GATConv(i, o, heads=3),
+    "two-heads-mean": lambda i, o: pyg.GATConv(i, o, heads=2, concat=False),
+    "residual": lambda i, o: pyg.GATConv(i, o, heads=2, concat=False, residual=True),
+    "no-self-loops": lambda i, o: pyg.GATConv(i, o, heads=2, concat=False, add_self_loops=False),
+}
+
+
+@pytest.mark.parametrize("kind", list(GATS))
+def test_gat_on_a_pyg_batch_is_exact(kind):
+    """PyG's GATConv runs as gradgraph's op-by-op form (``trace/stock_graph.py``): per-head scores as
+    ``F.linear`` with the attention vectors, the softmax over in-edges as exp / scatter / gather /
+    divide. Exact per graph; the inferred group keeps the function (it is trivial: the per-head weights
+    broadcast over a head's channels pin them, so no symmetry is claimed). Before, every GAT was
+    refused by name."""
+    from gradgraph.symmetry import permute_model, random_node_permutation
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = GATS[kind](3, 4)
+            width = self.conv1.heads * 4 if self.conv1.concat else 4
+            self.conv2 = pyg.GATConv(width, 4, heads=2, concat=False)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x, edge_index, batch):
+            h = torch.tanh(self.conv2(torch.relu(self.conv1(x, edge_index)), edge_index))
+            return self.head(pyg.global_mean_pool(h, batch))
+
+    torch.manual_seed(0)
+    model = Attention().to(DTYPE).eval()
+    graphs, batch = pyg_batch(seed=12)
+    targets = torch.tensor([0, 1, 2])
+    graph = assert_exact_per_graph(model, graphs, batch, targets)
+    perm = random_node_permutation(graph, torch.Generator().manual_seed(1))
+    kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
+    with torch.no_grad():
+        torch.testing.assert_close(permute_model(model, graph, perm)(batch.x, **kwargs), model(batch.x, **kwargs),
+                                   atol=1e-10, rtol=0)
+
+
+def test_gat_in_training_mode_with_dropout_is_refused():
+    model = Pooled("gcn").to(DTYPE)
+    model.conv1 = pyg.GATConv(3, 5, dropout=0.5).to(DTYPE)
+    graphs, batch = pyg_batch(seed=13)
+    with pytest.raises(UnsupportedModuleError, match=r"of type GATConv: attention dropout is active"):
+        convert_batch(model.train(), batch, torch.tensor([0, 1, 2]))
+
+
+def test_a_gat_whose_forward_differs_from_gradgraphs_form_is_refused():
+    """Each call checks gradgraph's form of GATConv against the module's own forward: a GATConv whose
+    attention was changed (here its edge update, as a future PyG option might) is refused, not
+    converted as the standard GAT. Checked to fail without the check: the graph then holds the
+    standard GAT's gradients (per-sample gradients off by 0.025; the summed-gradient check cannot see
+    it: it differentiates the same op-by-op form)."""
+    from torch_geometric.utils import softmax
+
+    torch.manual_seed(1)
+    model = Pooled("gcn").to(DTYPE)
+    conv = pyg.GATConv(3, 5).to(DTYPE)
+
+    def edge_update(alpha_j, alpha_i, edge_attr, index, ptr, dim_size):  # no LeakyReLU
+        return softmax(alpha_j + alpha_i, index, ptr, dim_size)
+
+    conv.edge_update = edge_update
+    model.conv1 = conv
+    graphs, batch = pyg_batch(seed=14)
+    with pytest.raises(UnsupportedModuleError, match=r"op-by-op form of GATConv differs from this module's forward"):
+        convert_batch(model, batch, torch.tensor([0, 1, 2]))

@@ -35,9 +35,8 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, varies_along
-from gradgraph.errors import UnsupportedModuleError
 
-__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE", "rank_within", "refuse_graph_attention"]
+__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE", "rank_within"]
 
 #: ``index_select(x, dim, index)``: rows of a position axis, read at data indices
 GATHERS = {"Tensor.index_select", "torch.index_select"}
@@ -54,24 +53,9 @@ _NONLINEAR_HINT = (
     "picks has no rank-1 gradient term of its own; use sum or mean aggregation (GraphSAGE aggr='mean', GIN's "
     "sum) or register a converter for the layer")
 _ATTENTION_HINT = (
-    "attention over a data graph's neighbours (GATConv, GATv2Conv, TransformerConv) weighs messages by "
-    "coefficients computed from parameters, which gradgraph cannot write as rank-1 terms; GCNConv, GINConv, "
-    "SAGEConv (sum / mean), GraphConv, ChebConv, ResGatedGraphConv and the other layers of docs/gnn.md convert")
-
-
-#: PyG layers whose messages are weighted by attention over neighbours (a softmax of scores computed
-#: from parameters over each node's in-edges): refused by name before a trace
-GRAPH_ATTENTION_LAYERS = {"GATConv", "GATv2Conv", "TransformerConv", "SuperGATConv", "AGNNConv", "GPSConv",
-                          "HANConv", "HGTConv", "HEATConv", "FAConv", "RGATConv", "DNAConv"}
-
-
-def refuse_graph_attention(model: torch.nn.Module) -> None:
-    """Raise :class:`~gradgraph.errors.UnsupportedModuleError` naming the first PyG attention layer of
-    ``model`` (:data:`GRAPH_ATTENTION_LAYERS`), with the reason and what converts instead."""
-    for path, module in model.named_modules():
-        kind = type(module)
-        if kind.__name__ in GRAPH_ATTENTION_LAYERS and kind.__module__.startswith("torch_geometric"):
-            raise UnsupportedModuleError(path, kind.__name__, _ATTENTION_HINT + " (docs/gnn.md)")
+    "attention over a data graph's neighbours computed with ops gradgraph has no rule for (PyG's "
+    "(x * att).sum(-1) scores, a softmax with a detached maximum) is refused; PyG's GATConv converts (run op "
+    "by op), GATv2Conv and TransformerConv do not (docs/gnn.md)")
 
 
 def rank_within(groups: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
 from gradgraph.convert.trace.result import TraceResult
 from gradgraph.convert.trace.rules_conv import InputReadAgain
-from gradgraph.convert.trace.rules_graph import refuse_graph_attention
+from gradgraph.convert.trace.stock_graph import gat_attention, gat_refusal, is_gat, refuse_graph_attention
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
 from gradgraph.errors import GradGraphError
@@ -68,7 +68,21 @@ class _ModuleTracker:
                 self._patch(module, activation)
             elif isinstance(module, nn.MultiheadAttention):
                 self._patch_attention(module)
+            elif is_gat(module) and gat_refusal(module) is None:
+                self._patch_gat(module)
         return self
+
+    def _patch_gat(self, module: nn.Module) -> None:
+        """PyG's ``GATConv`` runs as :func:`~gradgraph.convert.trace.stock_graph.gat_attention` (its
+        attention written op by op, checked against the module's own forward on every call)."""
+        original = module.forward
+        path = self.tracer.module_paths.get(id(module), "")
+
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            return gat_attention(module, path, original, *args, **kwargs)
+
+        module.forward = forward  # type: ignore[method-assign]
+        self.patched.append(module)
 
     def _patch(self, module: nn.Module, activation: ActivationKind) -> None:
         original = module.forward
