@@ -586,7 +586,7 @@ def test_one_graph_with_zero_datapoints_is_exact_and_a_sparse_adjacency_is_refus
 def pyg_batches(draw):
     """A PyG batch of 1-3 random graphs (1-5 nodes, 0-8 edges each) and a random GNN program over it."""
     sizes = draw(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 8)), min_size=1, max_size=3))
-    kinds = draw(st.lists(st.sampled_from(["gcn", "gin", "sage-mean", "sage-sum", "graph-conv", "hand"]),
+    kinds = draw(st.lists(st.sampled_from(["gcn", "gin", "sage-mean", "sage-sum", "graph-conv", "hand", "gat"]),
                           min_size=1, max_size=3))
     widths = draw(st.lists(st.integers(1, 4), min_size=len(kinds), max_size=len(kinds)))
     activations = draw(st.lists(st.sampled_from(["relu", "tanh", "none"]), min_size=len(kinds), max_size=len(kinds)))
@@ -595,6 +595,13 @@ def pyg_batches(draw):
 
 
 class _BatchProgram(_Program):
+    def __init__(self, kinds, *args):
+        LAYERS["gat"] = lambda i, o: pyg.GATConv(i, o, heads=2, concat=False)
+        try:
+            super().__init__(kinds, *args)
+        finally:
+            del LAYERS["gat"]
+
     def forward(self, x, edge_index, batch):
         h = x
         for conv, activation in zip(self.convs, self.activations):
