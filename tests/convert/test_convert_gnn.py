@@ -1,17 +1,20 @@
-"""Graph neural networks over a data graph convert exactly (``trace/rules_graph.py``, ``docs/gnn.md``).
+"""Graph neural networks over a data graph convert exactly (``trace/rules_graph.py``,
+``trace/stock_graph.py``, ``docs/gnn.md``).
 
-A datapoint is one graph signal ``[num_nodes, features]`` on a data graph; a batch is
-``[b, num_nodes, features]`` with one ``edge_index`` for all (PyG's layers take it: their node axis
-is ``-2``), and one graph is a batch of one (``gradgraph.modules.OneGraph`` for layers that take
-``[num_nodes, features]`` only). Every test is float64 against a per-datapoint autograd loop, to
-1e-10, and samples an element of the inferred group: it must keep the function and map the graph
-to the permuted model's graph tensor for tensor.
+A datapoint is one data graph. Three ways in: a PyG batch of graphs joined into ``x [n, F]`` with
+``to_graph(..., datapoints=batch.batch)`` (each graph a datapoint); graph signals ``[b, N, F]`` on
+one shared ``edge_index`` (PyG's layers take it: their node axis is ``-2``); one graph as a batch
+of one (``datapoints=zeros``, or ``gradgraph.modules.OneGraph`` on ``x.unsqueeze(0)``). Every test is
+float64 against a per-datapoint autograd loop (each graph run alone), to 1e-10, and samples an
+element of the inferred group: it must keep the function and map the graph to the permuted model's
+graph tensor for tensor.
 
 Before ``rules_graph.py`` every model here was refused at ``index_select`` ("gradgraph has no rule
 for this op" reaching a parameter) or at the in-place ``scatter_add_``, so each exactness test failed.
 The group tests fail if a gathered or scattered copy is not tied to its channels (checked by
-removing the ``ties.append`` of ``tied_copy`` for ``created_by == "graph"``: the permuted model's
-graph then differs).
+removing the ties of the graph copies: 12 tests failed, the permuted model's graph then differs).
+Hypothesis found two bugs while this was written (graphs without edges; a batch whose messages all
+come from one graph), both fixed and kept as examples of the random families.
 """
 
 from __future__ import annotations
