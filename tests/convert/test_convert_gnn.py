@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from traced_models import assert_group_keeps_function
@@ -618,6 +618,9 @@ class _BatchProgram(_Program):
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pyg_batches())
+@example(([(1, 0), (2, 3)], ["gin"], [2], ["relu"], False, "mean", 0))  # messages all from graph 1
+@example(([(1, 0)], ["sage-mean"], [1], ["relu"], False, "mean", 0))  # no edge at all: refused
+@example(([(1, 0), (2, 1)], ["hand"], [2], ["relu"], False, "nodes", 0))  # an empty gather in a graph
 def test_random_gnn_programs_on_pyg_batches_are_exact(program):
     """Each graph of a random PyG batch gets its own gradient (graph-level or node-level losses)."""
     sizes, kinds, widths, activations, residual, pool, seed = program
