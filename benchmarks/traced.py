@@ -11,13 +11,22 @@ position embeddings, pre-norm blocks with fused qkv and SDPA, tied head):
 Ratios are to ``floor`` (conversion) and to ``torch.func`` (reading back); peak memory as in
 ``capture.py``. ``--model mlp`` runs the same rows on the MLP of ``capture.py`` (64 -> w -> w
 -> 10, b = 128), where a component is a datapoint, so ``edge_components`` (``[E, b, 2]``)
-holds twice the numbers of the per-sample gradients instead of 2T times.
+holds twice the numbers of the per-sample gradients instead of 2T times. ``--model gpt2`` runs
+``transformers``' ``GPT2LMHeadModel`` (default SDPA attention) at the sizes given, for the small-model
+fixed cost of issue 27 item 6 (``--blocks 2 --width 32 --heads 4 --context 16 --batch 8 --vocab 50``).
+``--model gcn`` runs two ``torch_geometric`` ``GCNConv`` layers (width ``--width``), mean pooling and a
+linear head on a PyG batch of ``--batch`` random graphs of ``--context`` nodes and ``2 * --context``
+edges each, one datapoint per graph (``datapoints=batch.batch``, docs/gnn.md); no torch.func row
+(graphs of a batch differ, vmap needs one shape).
+The row ``to_graph (first)`` empties the plan cache first: a first conversion (trace, layout,
+the check of the summed gradient against autograd).
 
 Usage::
 
     python benchmarks/traced.py                  # 4 blocks, d=128, 4 heads, T=64, b=32
     python benchmarks/traced.py --model mlp      # 64 -> 280 -> 280 -> 10 (100k parameters), b=128
     python benchmarks/traced.py --quick          # tiny, a few seconds (smoke test)
+    python benchmarks/traced.py --model gpt2 --blocks 2 --width 32 --heads 4 --context 16 --batch 8 --vocab 50
     python benchmarks/traced.py --device cuda    # on a GPU (peak memory: the CUDA allocator's)
 """
 
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-edge-components", type=float, default=2e8)
-    parser.add_argument("--model", choices=("gpt", "mlp"), default="gpt")
+    parser.add_argument("--model", choices=("gpt", "mlp", "gpt2", "gcn"), default="gpt")
     parser.add_argument("--mlp-width", type=int, default=280, help="hidden width of --model mlp (280: 100k parameters)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     parser.add_argument("--quick", action="store_true")
@@ -70,20 +79,54 @@ def main(argv: list[str] | None = None) -> int:
                                     torch.nn.ReLU(), torch.nn.Linear(width, 10))
         ids, targets = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
         loss_fn = lambda logits, y: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
+    elif args.model == "gcn":
+        from torch_geometric.data import Batch, Data
+        from torch_geometric.nn import GCNConv, global_mean_pool
+
+        class GCN(torch.nn.Module):
+            def __init__(self, features: int, width: int, classes: int) -> None:
+                super().__init__()
+                self.conv1, self.conv2 = GCNConv(features, width), GCNConv(width, width)
+                self.head = torch.nn.Linear(width, classes)
+
+            def forward(self, x, edge_index, batch):
+                h = torch.relu(self.conv2(torch.relu(self.conv1(x, edge_index)), edge_index))
+                return self.head(global_mean_pool(h, batch))
+
+        nodes = args.context
+        graphs = [Data(x=torch.randn(nodes, 16), edge_index=torch.randint(0, nodes, (2, 2 * nodes)))
+                  for _ in range(args.batch)]
+        joined = Batch.from_data_list(graphs)
+        model = GCN(16, args.width, 10)
+        ids, targets = joined.x, torch.randint(0, 10, (args.batch,))
+        graph_kwargs = {"edge_index": joined.edge_index, "batch": joined.batch}
+        loss_fn = lambda logits, y: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
     else:
-        model = GPT(vocab=args.vocab, context=args.context, d=args.width, heads=args.heads,
-                    layers=args.blocks).eval()
+        if args.model == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            config = GPT2Config(vocab_size=args.vocab, n_positions=args.context, n_embd=args.width,
+                                n_layer=args.blocks, n_head=args.heads)
+            model = GPT2LMHeadModel(config).eval()
+            loss_fn = lambda output, y: sequence_loss(output.logits, y)  # noqa: E731
+        else:
+            model = GPT(vocab=args.vocab, context=args.context, d=args.width, heads=args.heads,
+                        layers=args.blocks).eval()
         ids = torch.randint(0, args.vocab, (args.batch, args.context))
         targets = torch.randint(0, args.vocab, (args.batch, args.context))
+    if args.model != "gcn":
+        graph_kwargs = {}
     model, ids, targets = model.to(args.device), ids.to(args.device), targets.to(args.device)
+    graph_kwargs = {name: value.to(args.device) for name, value in graph_kwargs.items()}
+    extra = {"datapoints": graph_kwargs["batch"], "forward_kwargs": graph_kwargs} if graph_kwargs else {}
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def floor() -> None:
         model.zero_grad(set_to_none=True)
-        loss_fn(model(ids), targets).sum().backward()
+        loss_fn(model(ids, **graph_kwargs), targets).sum().backward()
 
     def convert() -> gradgraph.GradGraph:
-        return gradgraph.to_graph(model, ids, targets, loss_fn)
+        return gradgraph.to_graph(model, ids, targets, loss_fn, **extra)
 
     def one(p, x, y):
         return loss_fn(functional_call(model, p, (x[None],)), y[None]).sum()
@@ -91,15 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     def func() -> dict:
         return vmap(grad(one), in_dims=(None, 0, 0))(params, ids, targets)
 
+    def first() -> gradgraph.GradGraph:
+        gradgraph.convert.clear_structure_cache()  # a first conversion: trace and lay out afresh
+        return convert()
+
     graph = convert()
-    methods = {"floor": floor, "to_graph": convert, "torch.func": func,
+    methods = {"floor": floor, "to_graph": convert, "to_graph (first)": first, "torch.func": func,
                "per_sample_grads": graph.per_sample_grads, "mean_grad": graph.mean_grad,
                "edge_components": graph.edge_components}
+    if args.model == "gcn":  # ragged graphs: no vmap; the read-back rows are to torch.func, so they go too
+        methods = {name: methods[name] for name in ("floor", "to_graph", "to_graph (first)")}
     # edge_components is [E, B, 2] per token: at the default size 13 GB, more than this
     # machine should be asked for; measured only below --max-edge-components values
     components = graph.edge_index.shape[1] * graph.num_components * 2
     if components > args.max_edge_components:
-        del methods["edge_components"]
+        methods.pop("edge_components", None)
         print(f"edge_components skipped: its output would hold {components:.2e} values "
               f"(> --max-edge-components {args.max_edge_components:.0e})")
     if torch.device(args.device).type == "cuda":
@@ -110,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = {name: synchronised(method) for name, method in methods.items()}
     times = interleaved_median_times(methods, rounds=args.rounds, min_seconds=0.0, warmup=1)
     memory = {name: peak_memory_bytes(method, args.device) for name, method in methods.items()}
-    reference = {"floor": "floor", "to_graph": "floor", "torch.func": "floor", "per_sample_grads": "torch.func",
+    reference = {"floor": "floor", "to_graph": "floor", "to_graph (first)": "floor", "torch.func": "floor", "per_sample_grads": "torch.func",
                  "mean_grad": "torch.func", "edge_components": "torch.func"}
     rows = []
     for name in methods:
@@ -122,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parameters = sum(p.numel() for p in model.parameters())
     print(f"device: {args.device}" + (f" ({torch.cuda.get_device_name(args.device)})"
                                        if torch.device(args.device).type == "cuda" else ""))
-    if args.model == "mlp":
+    if args.model == "gcn":
+        print(f"PyG GCN: 2 GCNConv layers, width {args.width}, {args.batch} graphs of {args.context} nodes and "
+              f"{2 * args.context} edges, {parameters} parameters; graph {graph}; {threads} thread(s)")
+    elif args.model == "gpt2":
+        print(f"transformers GPT2LMHeadModel: {args.blocks} blocks, d={args.width}, {args.heads} heads, T={args.context}, "
+              f"b={args.batch}, vocab {args.vocab}, {parameters} parameters; graph {graph}; {threads} thread(s)")
+    elif args.model == "mlp":
         print(f"MLP: 64 -> {width} -> {width} -> 10, b={batch}, {parameters} parameters; graph {graph}; {threads} thread(s)")
     else:
         print(f"GPT: {args.blocks} blocks, d={args.width}, {args.heads} heads, T={args.context}, b={args.batch}, "

@@ -16,7 +16,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["capture.py", "metanet.py", "scatter.py", "curvature_headroom.py", "traced.py",
-                                    "traced.py --model mlp", "curvature_epoch.py", "curvature_ensemble.py"])
+                                    "traced.py --model mlp", "traced.py --model gpt2", "traced.py --model gcn",
+                                    "curvature_epoch.py",
+                                    "curvature_ensemble.py"])
 def test_benchmark_script_runs_quick(script: str, tmp_path: Path) -> None:
     name, *flags = script.split()
     result = subprocess.run(
@@ -25,7 +27,10 @@ def test_benchmark_script_runs_quick(script: str, tmp_path: Path) -> None:
         text=True,
         timeout=300,
         cwd=BENCHMARKS.parent,
-        env={**os.environ, "GRADGRAPH_CACHE": str(tmp_path)},  # generated zoos stay out of the checkout
+        # generated zoos stay out of the checkout; the benchmarks import this checkout's gradgraph (the
+        # venv's editable install may point at another worktree)
+        env={**os.environ, "GRADGRAPH_CACHE": str(tmp_path),
+             "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent / "src"), os.environ.get("PYTHONPATH", "")])},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     table_lines = [line for line in result.stdout.splitlines() if line.startswith("|")]

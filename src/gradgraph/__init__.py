@@ -5,7 +5,7 @@ rank-1 factors ``act`` and ``grad`` of every datapoint's gradient; GradMetaNet l
 :mod:`gradgraph.nn` learn on it.
 """
 
-from gradgraph.errors import GradGraphError, NonFiniteFactorError, UnsupportedModuleError
+from gradgraph.errors import DatapointCouplingError, GradGraphError, NonFiniteFactorError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 from gradgraph.modules import Sine
 from gradgraph.capture import capture
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationKind",
+    "DatapointCouplingError",
     "EdgeKind",
     "GradGraph",
     "GradGraphError",

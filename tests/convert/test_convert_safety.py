@@ -510,3 +510,44 @@ def test_a_reparametrised_weight_is_refused_with_the_remedy(kind):
         reference = reference_per_sample_grads(effective, inputs, targets, cross_entropy)
         for name, value in graph.per_sample_grads().items():
             torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
+
+
+def test_the_coupling_error_is_exported_at_the_top_level():
+    """``from gradgraph import DatapointCouplingError`` is the class the converter raises (a user
+    catches it without knowing it lives in ``gradgraph.errors``)."""
+    from gradgraph import DatapointCouplingError as TopLevel
+
+    assert TopLevel is DatapointCouplingError and "DatapointCouplingError" in gradgraph.__all__
+    assert issubclass(TopLevel, GradGraphError)
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(TopLevel, match="mix datapoints"):
+        gradgraph.to_graph(model, inputs, targets, centred)
+
+
+class BatchAttention(nn.Module):
+    """Self-attention over the batch axis: ``x[None]`` puts the datapoints on SDPA's sequence axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(F.scaled_dot_product_attention(self.q(x)[None], self.k(x)[None], self.v(x)[None])[0])
+
+
+def test_attention_across_datapoints_is_refused():
+    """On main before this test, SDPA over the batch axis converted and every per-sample gradient was
+    off by up to 0.81 (float64, against one autograd call per loss on the whole batch): the rule
+    gave the output each query's component and never asked whether its keys were another datapoint's."""
+    torch.manual_seed(0)
+    model = BatchAttention().to(DTYPE)
+    inputs, targets = batch()
+    truth = loop_per_sample_grads(model, inputs, targets, cross_entropy)
+    alone = {name: torch.stack([torch.autograd.grad(cross_entropy(model(inputs[i:i + 1]), targets[i:i + 1]).sum(),
+                                                    param)[0] for i in range(len(inputs))])
+             for name, param in model.named_parameters()}
+    assert max(float((truth[k] - alone[k]).abs().max()) for k in truth) > 1e-3  # the coupling is real
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="attention between positions of different datapoints"):
+        gradgraph.to_graph(model, inputs, targets, cross_entropy)

@@ -113,6 +113,7 @@ def to_graph(
     loss_fn: LossFn | None = None,
     *,
     forward_kwargs: Mapping[str, Any] | None = None,
+    datapoints: Tensor | None = None,
 ) -> GradGraph:
     """Convert a network and a batch into a :class:`~gradgraph.GradGraph`.
 
@@ -131,6 +132,10 @@ def to_graph(
         loss_fn: ``loss_fn(output, targets) -> [b]`` unreduced per-datapoint loss; ``None``
             for output mode (the model returns one scalar per datapoint).
         forward_kwargs: extra keyword arguments for ``model.forward`` (e.g. ``mask``).
+        datapoints: ``[n]`` (int64), the datapoint of each row of ``inputs`` (axis 0, ``n`` rows):
+            PyG's ``batch`` vector for a batch of data graphs joined into one ``x [n, features]``
+            (each graph a datapoint, ``b = datapoints.max() + 1``; ``docs/gnn.md``). ``None``: axis 0
+            (1 for sequence-first attention) counts the datapoints.
 
     Returns:
         The :class:`~gradgraph.GradGraph` with ``B`` components (``B = b`` for MLPs,
@@ -160,15 +165,23 @@ def to_graph(
         )
     for entry in reversed(_REGISTRY):
         if entry.matches(model):
+            if datapoints is not None:
+                raise GradGraphError(f"to_graph: the registered converter '{entry.name}' matches "
+                                     f"{type(model).__name__} and takes no datapoints; only the traced converter reads "
+                                     "rows of several datapoints")
             check_materialised(model, "to_graph")
             return entry.converter(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
     # the traced converter checks for meta parameters in its one read of the model's parameters
     if not _FALLBACK:
         raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")
+    if datapoints is not None:
+        return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs,
+                            datapoints=datapoints)
     return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
 
 
-def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[GradGraph, Tensor]:
+def convert_closure(model: nn.Module, closure: Callable[[], Tensor], *,
+                    datapoints: Tensor | None = None) -> tuple[GradGraph, Tensor]:
     """Convert ``model`` on the batch that a training closure runs it on, calling the closure once.
 
     The closure draws its batch, calls ``model(inputs, ...)`` once and returns the
@@ -185,6 +198,8 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
     Args:
         model: the network the closure calls.
         closure: ``() -> [b]`` per-datapoint losses.
+        datapoints: ``[n]`` int64, the datapoint of each row of the input the closure passes (PyG's
+            ``batch`` vector), as for :func:`to_graph`.
 
     Returns:
         ``(graph, losses)``: the :class:`~gradgraph.GradGraph` and the closure's losses ``[b]``,
@@ -208,14 +223,15 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[Gr
             raise UnsupportedModuleError(
                 "", type(original).__name__, f"the registered converter '{entry.name}' takes a batch and a loss "
                 "function, not a closure: call to_graph(model, inputs, targets, loss_fn)")
+    extra = {} if datapoints is None else {"datapoints": datapoints}
     if original is model:
-        return _FALLBACK_CLOSURE[0](model, closure)
+        return _FALLBACK_CLOSURE[0](model, closure, **extra)
     # the closure calls the compiled wrapper: for this one call its forward is the original module's
     # call (which the converter captures), not dynamo's compiled function
     compiled_forward = vars(model)["forward"]
     model.forward = original.__call__  # a bound method: nn.Module would register a module as a child
     try:
-        return _FALLBACK_CLOSURE[0](original, closure)
+        return _FALLBACK_CLOSURE[0](original, closure, **extra)
     finally:
         model.forward = compiled_forward
 

@@ -36,6 +36,7 @@ def to_graph_traced(
     loss_fn: LossFn | None = None,
     forward_kwargs: Mapping[str, Any] | None = None,
     datapoint_dim: int | None = None,
+    datapoints: Tensor | None = None,
 ) -> GradGraph:
     """Convert any model whose forward gradgraph can follow; see :func:`gradgraph.to_graph`.
 
@@ -50,12 +51,17 @@ def to_graph_traced(
         datapoint_dim: the axis of ``inputs`` that counts datapoints. ``None``: 1 if the
             model's ``nn.MultiheadAttention`` modules are all sequence-first
             (``batch_first=False``, torch's default), else 0.
+        datapoints: ``[n]`` int64, the datapoint of each row of ``inputs`` on axis 0 (PyG's
+            ``batch`` vector: graphs joined into one ``x [n, features]``, each a datapoint);
+            ``b = datapoints.max() + 1`` and every datapoint must own a row. ``None``: the rows
+            along ``datapoint_dim`` are the datapoints.
 
     Returns:
         A :class:`~gradgraph.GradGraph` with ``B = b * K`` components.
     """
     scan = _Scan.of(model, "to_graph")
     datapoint_dim = _check_inputs(model, inputs, datapoint_dim, scan)
+    datapoints = _check_datapoints(inputs, datapoints, datapoint_dim)
     kwargs = dict(forward_kwargs or {})
 
     def forward(x: Tensor) -> Any:
@@ -71,13 +77,15 @@ def to_graph_traced(
                 "model's other arguments through forward_kwargs") from error
 
     with torch.enable_grad():  # the objective is differentiated, also when the caller is in no_grad
-        run = _forward_pass(model, inputs, forward, kwargs, datapoint_dim, scan, plain_call=not kwargs)
+        run = _forward_pass(model, inputs, forward, kwargs, datapoint_dim, scan, plain_call=not kwargs,
+                            datapoints=datapoints)
         objective = _objective(run.output, targets, loss_fn, run.num_datapoints)
     return _finish(run, objective, scan)
 
 
 def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
-                           datapoint_dim: int | None = None) -> tuple[GradGraph, Tensor]:
+                           datapoint_dim: int | None = None,
+                           datapoints: Tensor | None = None) -> tuple[GradGraph, Tensor]:
     """Convert ``model`` on the batch that ``closure`` runs it on, in that one call of ``closure``.
 
     The closure calls the model once, as ``model(inputs, *args, **kwargs)`` (or with the input
@@ -90,7 +98,8 @@ def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
     Args:
         model: the network the closure calls.
         closure: ``() -> [b]`` per-datapoint losses.
-        datapoint_dim: as for :func:`to_graph_traced`.
+        datapoint_dim, datapoints: as for :func:`to_graph_traced` (``datapoints``: the rows' datapoints of
+            the input the closure passes, PyG's ``batch`` vector).
 
     Returns:
         ``(graph, losses)``: the :class:`~gradgraph.GradGraph` (``B = b * K`` components) and
@@ -107,10 +116,12 @@ def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs, rest, kwargs = closure_inputs(model, bool(runs), args, kwargs)
         dim = _check_inputs(model, inputs, datapoint_dim, scan)
+        rows = _check_datapoints(inputs, datapoints, dim)
         del model.forward  # the model's own forward (or the trace's stand-in for it) runs inside
         try:
             run = _forward_pass(model, inputs, lambda x: model.forward(x, *rest, **kwargs),
-                                {"args": rest, **kwargs}, dim, scan, plain_call=not rest and not kwargs)
+                                {"args": rest, **kwargs}, dim, scan, plain_call=not rest and not kwargs,
+                                datapoints=rows)
         finally:
             model.forward = forward  # type: ignore[method-assign]
         runs.append(run)
@@ -208,6 +219,27 @@ def _walk(model: nn.Module) -> _Scan | None:
     return _Scan(parameters, modules, tuple(signature), float_dtypes) if visit(model, "") else None
 
 
+def _check_datapoints(inputs: Tensor, datapoints: Tensor | None, datapoint_dim: int) -> Tensor | None:
+    """The rows' datapoints as an int64 CPU tensor, checked: ``[inputs.shape[0]]``, axis 0 the rows,
+    values ``0 .. b-1`` with every datapoint owning a row."""
+    if datapoints is None:
+        return None
+    if not isinstance(datapoints, Tensor) or datapoints.dim() != 1 or datapoints.is_floating_point() \
+            or datapoints.dtype == torch.bool:
+        raise GradGraphError("to_graph: datapoints must be a 1-D integer tensor (PyG's batch vector), got "
+                             f"{type(datapoints).__name__}{list(datapoints.shape) if isinstance(datapoints, Tensor) else ''}")
+    if datapoint_dim != 0 or inputs.dim() < (2 if inputs.is_floating_point() else 1) or len(datapoints) != inputs.shape[0]:
+        raise GradGraphError(f"to_graph: datapoints [{len(datapoints)}] must name the datapoint of each row of inputs "
+                             f"on axis 0 ([rows, ..., features], or [rows] ids); inputs have shape {list(inputs.shape)} and "
+                             f"datapoint_dim {datapoint_dim}")
+    datapoints = datapoints.detach().to("cpu", torch.long)
+    count = int(datapoints.max()) + 1 if len(datapoints) else 0
+    if len(datapoints) == 0 or int(datapoints.min()) < 0 or torch.unique(datapoints).numel() != count:
+        raise GradGraphError(f"to_graph: datapoints must hold 0 .. b-1 with every datapoint owning a row; got values "
+                             f"{torch.unique(datapoints).tolist()[:20]}")
+    return datapoints
+
+
 def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None, scan: _Scan) -> int:
     """The datapoint axis of ``inputs`` (non-negative), after checking the batch against the model."""
     if datapoint_dim is None:
@@ -243,7 +275,8 @@ class _Pass:
 
 
 def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], kwargs: dict[str, Any],
-                  datapoint_dim: int, scan: _Scan, *, plain_call: bool = False) -> _Pass:
+                  datapoint_dim: int, scan: _Scan, *, plain_call: bool = False,
+                  datapoints: Tensor | None = None) -> _Pass:
     """Record the tensors of this architecture's cached plan, or trace the forward afresh.
 
     A plan records its tensors by calling a plain chain's leaves (its :class:`ChainCapture`,
@@ -251,9 +284,12 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
     that checks every op against the plan's fingerprints. ``plain_call``: the model is called
     with the input alone.
     """
-    num_datapoints = inputs.shape[datapoint_dim]
+    num_datapoints = inputs.shape[datapoint_dim] if datapoints is None else int(datapoints.max()) + 1
     dtype = inputs.dtype if inputs.is_floating_point() else next(iter(scan.parameters.values())).dtype
     key = (plan_key(model, inputs, kwargs, scan.signature, scan.modules), datapoint_dim)
+    if datapoints is not None:  # which rows are which datapoint's is layout: the key holds it (no chain capture)
+        key = (*key, ("datapoints", datapoints.numpy().tobytes()))
+        plain_call = False
     chain = plain_chain(model) if plain_call else None
     plan = PLAN_CACHE.get(key)
     if plan is not None:
@@ -271,7 +307,7 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
     if chain is not None:
         _check_chain_inputs(chain, inputs)
     _check_no_reparametrisation(model)
-    trace = trace_model(model, inputs, forward, datapoint_dim)
+    trace = trace_model(model, inputs, forward, datapoint_dim, datapoints)
     if not trace.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
     return _Pass(key, None, trace, trace.captured, trace.output, trace.inputs, num_datapoints, dtype, chain)

@@ -41,6 +41,11 @@ convolutions             ``F.conv1d/2d/3d`` run as ``gather_taps`` (one tap set 
                          neurons per kernel tap, tied to the channels) and ``F.linear``;
                          spatial pooling, group / instance norm, a flatten into a linear head
                          (``rules_conv.py``, ``docs/convolutions.md``)
+message passing          gathers (``index_select``, ``x[src]``) and scatters into zeros
+                         (``scatter_add_``, ``index_add_``, ``scatter_reduce`` sum / mean) along
+                         a data graph's node axis: tied copies of the features at the edges and
+                         nodes (``rules_graph.py``, ``docs/gnn.md``); PyG's ``GATConv`` runs
+                         op by op (``stock_graph.py``)
 attention                ``q @ kᵀ`` (scaled, masked, softmaxed) then ``@ v``, or
                          ``F.scaled_dot_product_attention``: heads found from the id layout,
                          an ATTENTION set for the output, QUERY_KEY / VALUE_ATTENTION /

@@ -122,7 +122,8 @@ SDPA = _names(F.scaled_dot_product_attention)
 CONVOLUTION = _names(torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
 LOST_TRACK = (
     "its input is not computed from the model input by ops gradgraph follows (a custom autograd.Function, a "
-    "tensor made inside forward, or .detach()); register the module that computes it with "
+    "tensor made inside forward, .detach(), or a second input passed through forward_kwargs such as a data graph's "
+    "edge features: gradgraph reads one input tensor); register the module that computes it with "
     "gradgraph.convert.register_elementwise if it is elementwise, or register a converter for it"
 )
 IN_PLACE_HINT = "in-place ops on tensors gradgraph follows are unsupported; use the out-of-place form (inplace=False)"

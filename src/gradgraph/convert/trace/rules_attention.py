@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from gradgraph.convert.trace.meta import broadcast_ids, Neurons, Param, Scores, varies_along
+from gradgraph.convert.trace.meta import KEY_STRIDE, broadcast_ids, Neurons, Param, Scores, varies_along
 from gradgraph.convert.trace.ops import (
     BINARY_ADD, BINARY_MUL, IDENTITY_OPS, MASK_FILL, SHAPE_OPS, SOFTMAX, UNARY, WHERE, out_of_place_name,
 )
@@ -190,6 +190,7 @@ class AttentionRules:
         if not torch.equal(broadcast_ids(query.comps.narrow(-1, 0, 1), query.comps.shape), query.comps):
             raise self.unsupported(name, "queries whose last axis is not their features")
         batch_shape = tuple(shape[:-2])
+        self.check_one_datapoint(name, query, key_t, value_meta, batch_shape)
         q_rows = broadcast_ids(query.nodes, (*batch_shape, *query.nodes.shape[-2:])).narrow(-2, 0, 1)
         k_rows = broadcast_ids(key_t.nodes, (*batch_shape, *key_t.nodes.shape[-2:])).narrow(-1, 0, 1)
         v_rows = broadcast_ids(value_meta.nodes, (*batch_shape, *value_meta.nodes.shape[-2:])).narrow(-2, 0, 1)
@@ -242,6 +243,22 @@ class AttentionRules:
         created.grad_records.append((output, nodes, comps))
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def check_one_datapoint(self, name: str, query: Neurons, key_t: Neurons, value: Neurons,
+                            batch_shape: tuple[int, ...]) -> None:
+        """Refuse attention in which a query attends to a key or value of another datapoint (attention
+        over the rows of a joined PyG batch, or over a batch put on the sequence axis): its output would
+        mix datapoints, and the rule's components would hide it (issue 27: such a model converted with
+        per-sample gradients off by 0.2)."""
+        if key_t.comps is None:
+            return
+        q = broadcast_ids(query.comps, (*batch_shape, *query.comps.shape[-2:]))[..., :, 0] // KEY_STRIDE
+        k = broadcast_ids(key_t.comps, (*batch_shape, *key_t.comps.shape[-2:]))[..., 0, :] // KEY_STRIDE
+        v = broadcast_ids(value.comps, (*batch_shape, *value.comps.shape[-2:]))[..., :, 0] // KEY_STRIDE
+        if not bool((q[..., :, None] == k[..., None, :]).all()) or k.shape != v.shape or not torch.equal(k, v):
+            raise self.unsupported(name, "attention between positions of different datapoints (over the rows of a "
+                                   "joined batch, or over the batch axis): one datapoint's output would depend on "
+                                   "another's. Attend within each datapoint ([b, T, d] inputs)")
 
     def observe_attention_input(self, meta: Neurons) -> None:
         for index in meta.versions:

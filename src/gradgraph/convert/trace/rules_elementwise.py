@@ -116,6 +116,11 @@ class ElementwiseRules:
         broadcast = tuple(a.comps.shape) != tuple(shape) or tuple(b.comps.shape) != tuple(shape)
         a_nodes, b_nodes = broadcast_ids(a.nodes, shape), broadcast_ids(b.nodes, shape)
         comps = broadcast_ids(a.comps, shape)
+        if bool((comps // KEY_STRIDE != broadcast_ids(b.comps, shape) // KEY_STRIDE).any()):
+            # one datapoint's value combined with another's (a gather across a PyG batch's graphs):
+            # the result's datapoint would depend on the other's
+            raise self.unsupported(name, "combines values of different datapoints (a value gathered from another "
+                                   "graph or row of the batch), so one datapoint's loss would depend on another's")
         if broadcast:
             self.check_no_copies(name, (a_nodes, b_nodes), comps)
         if torch.equal(a_nodes, b_nodes) or bool((a_nodes < 0).all()) or bool((b_nodes < 0).all()):

@@ -20,6 +20,7 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
 from gradgraph.convert.trace.result import TraceResult
 from gradgraph.convert.trace.rules_conv import InputReadAgain
+from gradgraph.convert.trace.stock_graph import gat_attention, gat_refusal, is_gat, refuse_graph_attention
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
 from gradgraph.errors import GradGraphError
@@ -67,7 +68,21 @@ class _ModuleTracker:
                 self._patch(module, activation)
             elif isinstance(module, nn.MultiheadAttention):
                 self._patch_attention(module)
+            elif is_gat(module) and gat_refusal(module) is None:
+                self._patch_gat(module)
         return self
+
+    def _patch_gat(self, module: nn.Module) -> None:
+        """PyG's ``GATConv`` runs as :func:`~gradgraph.convert.trace.stock_graph.gat_attention` (its
+        attention written op by op, checked against the module's own forward on every call)."""
+        original = module.forward
+        path = self.tracer.module_paths.get(id(module), "")
+
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            return gat_attention(module, path, original, *args, **kwargs)
+
+        module.forward = forward  # type: ignore[method-assign]
+        self.patched.append(module)
 
     def _patch(self, module: nn.Module, activation: ActivationKind) -> None:
         original = module.forward
@@ -125,15 +140,17 @@ class _ModuleTracker:
 
 
 def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any],
-                datapoint_dim: int = 0) -> TraceResult:
+                datapoint_dim: int = 0, datapoints: Tensor | None = None) -> TraceResult:
     """Run ``forward(x)`` under the tracer and return what it found.
 
     ``x`` (:attr:`TraceResult.inputs`) is the input as the model saw it (a leaf that requires
-    grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints.
+    grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints, or ``datapoints``
+    ``[inputs.shape[0]]`` names each row's (``b = datapoints.max() + 1``).
     """
     check_materialised(model, "to_graph")
+    refuse_graph_attention(model)  # GATConv & co.: attention over a data graph's neighbours, by name
     for input_taps in (True, False):  # an input read as convolution windows and again: read it as channels
-        tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
+        tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim, datapoints)
         tracer.input_taps = input_taps
         x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
         tracer.bind_input(x)

@@ -35,6 +35,7 @@ from gradgraph.convert.trace.rules_attention import AttentionRules
 from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
+from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, rank_within, SCATTERS, SCATTERS_IN_PLACE
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
 
@@ -46,14 +47,27 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
 
 
-class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, TorchFunctionMode):
+#: ops whose values are their first argument's, shaped (or typed) like their second
+_SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
+
+
+class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
+    def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0,
+                 datapoints: Tensor | None = None) -> None:
         super().__init__()
         self.model = model
-        self.num_datapoints = num_datapoints
+        self.num_datapoints = num_datapoints if datapoints is None else int(datapoints.max()) + 1
         self.datapoint_dim = datapoint_dim
+        #: the datapoint of each row on axis 0 (PyG's batch vector) and the row's rank among its
+        #: datapoint's rows (its position), or None: the rows along datapoint_dim are the datapoints
+        self.row_datapoints: Tensor | None = None
+        self.row_rank: Tensor | None = None
+        if datapoints is not None:
+            self.row_datapoints = datapoints
+            self.row_rank = rank_within(datapoints)
+            self.rows_per_datapoint = int(torch.bincount(datapoints).max())
         self.metas: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (tensor, meta); keeps tensors alive
         self.sets: list[NeuronSet] = []
         self.edges: list[tuple[Tensor, Tensor, EdgeKind, int, Tensor | None, Tensor | None]] = []
@@ -87,6 +101,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         self.derived: dict[int, tuple[Tensor, int, tuple]] = {}
         #: op index -> layout decisions read off its constant arguments' values (checked by a replay)
         self.value_guards: dict[int, list[ValueGuard]] = {}
+        #: for an in-place scatter into a constant: ``OpLog.source`` of its base, read before the op ran
+        self.scatter_base: Any = None
 
     # -------------------------------------------------------------- bookkeeping
     def meta(self, value: Any) -> Any:
@@ -210,6 +226,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return torch.zeros_like(element), element, 1
         axis = self.datapoint_dim
         inner = math.prod(shape[axis + 1:])
+        if self.row_datapoints is not None:  # rows of several datapoints (axis 0): a row's rank is its position
+            row = element // inner
+            return (self.row_datapoints[row], self.row_rank[row] * inner + element % inner,
+                    self.rows_per_datapoint * inner)
         datapoint = (element // inner) % shape[axis]
         within = (element // (inner * shape[axis])) * inner + element % inner
         return datapoint, within, math.prod(shape) // max(shape[axis], 1)
@@ -266,7 +286,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 return parts()
         name = op_name(func)
         try:
-            if _is_in_place(name, args, kwargs):
+            # a scatter into a constant (PyG's src.new_zeros(size).scatter_add_(...)) makes a new value
+            # (trace/rules_graph.py); every other in-place op on values the trace follows is refused
+            scatter_into_constant = name in SCATTERS_IN_PLACE and bool(args) and self.meta(args[0]) is None
+            if _is_in_place(name, args, kwargs) and not scatter_into_constant:
                 # refused before it runs: an in-place op changes a value the trace already recorded
                 flat, _ = tree_flatten((args, kwargs))
                 if any(isinstance(self.meta(value), Neurons | Raw) for value in flat if isinstance(value, Tensor)):
@@ -274,6 +297,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 if args and isinstance(args[0], Tensor) and self.read_indices.get(id(args[0])) is args[0]:
                     raise self.unsupported(name, "changes in place the indices an embedding already read (the "
                                            "factors read them after the forward); change a copy (.clone())")
+            # which op made a scatter's base, read before the scatter writes into it (rules_graph.py)
+            self.scatter_base = self.log.source(args[0]) if scatter_into_constant else None
             output = func(*args, **kwargs)
             self.op_index = self.log.step(name, args, kwargs, output)
             flat, _ = tree_flatten((args, kwargs))
@@ -293,6 +318,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         if name in CONSTANT_FACTORIES:
             return  # zeros_like(x): a constant, whatever x is
+        if name in _SHAPED_LIKE and self.meta(args[0]) is None:
+            return  # index.expand_as(src): a constant given another tensor's shape (PyG's broadcast of an index)
         metas = [meta for _, meta in tracked]
         if all(self.is_data(value, meta) for value, meta in tracked) and name not in EMBEDDING:
             return self.data_op(name, func, args, kwargs, output, tracked)
@@ -313,6 +340,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return self.spatial_pool(name, args, kwargs, output)
         if func is F.group_norm or func is F.instance_norm:
             return self.channel_norm(name, func, args, kwargs, output)
+        if name in GATHERS or name in SCATTERS:  # message passing over a data graph (trace/rules_graph.py)
+            return self.graph_op(name, args, kwargs, output)
+        if name == "Tensor.__getitem__" and self.gathers_positions(args):  # x[src], x[:, src]: a gather
+            return self.gather_positions(name, args[0], self.gather_axis(args), self.gather_index(args), output)
         if name in LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
