@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from gradgraph.errors import GradGraphError
 
-__all__ = ["ACTIVATIONS", "MLPChain", "chain_forward", "chain_forward_backward", "mlp_chain"]
+__all__ = ["ACTIVATIONS", "MLPChain", "chain_backward", "chain_forward", "chain_forward_backward", "mlp_chain",
+           "output_delta"]
 
 #: elementwise activations of a plain chain: ``(σ, σ' as a function of (z, σ(z)))``.
 ACTIVATIONS: dict[type[nn.Module], tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
@@ -109,6 +110,57 @@ def chain_forward(chain: MLPChain, params: dict[str, Tensor], inputs: Tensor
     return hidden, pre, layer_inputs
 
 
+def chain_backward(chain: MLPChain, params: dict[str, Tensor], pre: list[Tensor], layer_inputs: list[Tensor],
+                   delta: Tensor, input_grad: bool = False
+                   ) -> tuple[dict[str, Tensor], list[Tensor], Tensor | None]:
+    """The closed-form backward of :func:`chain_forward` from ``delta = ∂ℓ_i/∂output`` (module docstring).
+
+    Args:
+        chain, params: as :func:`chain_forward` (``params`` used as data).
+        pre, layer_inputs: what :func:`chain_forward` returned for these ``params``.
+        delta: ``[P, b, out]`` the derivative of the per-datapoint losses (or of their mean:
+            every result is linear in ``delta``) with respect to the network's output.
+        input_grad: also return the derivative with respect to the inputs.
+
+    Returns:
+        ``(gradients {name: [P, *shape]}, deltas, input delta)``: ``deltas[l]`` ``[P, b, n_out]``
+        the derivative with respect to linear layer ``l``'s outputs, the input delta
+        ``[P, b, in]`` (``None`` unless ``input_grad``). Gradients are sums over the batch of
+        the per-datapoint outer products (divide ``delta`` by ``b`` for the mean loss's).
+    """
+    grads: dict[str, Tensor] = {}
+    deltas: list[Tensor] = [delta] * len(chain.weights)
+    for index in range(len(chain.weights) - 1, -1, -1):
+        deltas[index] = delta
+        grads[chain.weights[index]] = torch.bmm(delta.transpose(1, 2), layer_inputs[index])
+        if chain.biases[index] is not None:
+            grads[chain.biases[index]] = delta.sum(dim=1)
+        if index > 0:
+            z = pre[index - 1]
+            activation, derivative = ACTIVATIONS[chain.activations[index - 1]]
+            delta = torch.bmm(delta, params[chain.weights[index]]) * derivative(z, activation(z))
+    input_delta = torch.bmm(delta, params[chain.weights[0]]) if input_grad else None
+    return grads, deltas, input_delta
+
+
+def output_delta(output: Tensor, targets: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+                 ) -> tuple[Tensor, Tensor]:
+    """``(losses [P, b], ∂ℓ_i/∂output [P, b, out])`` of ``P`` particles' outputs ``[P, b, out]``.
+
+    Only the loss goes through autograd (``loss_fn``: ``(output [n, out], targets [n, ...]) -> [n]``).
+    """
+    num_particles, batch = output.shape[:2]
+    with torch.enable_grad():
+        output = output.detach().requires_grad_(True)
+        losses = loss_fn(output.reshape(num_particles * batch, *output.shape[2:]),
+                         targets.reshape(num_particles * batch, *targets.shape[2:]))
+        if losses.shape != (num_particles * batch,):
+            raise GradGraphError(f"fused MLP: loss_fn must return one loss per datapoint [{num_particles * batch}], "
+                                 f"got shape {tuple(losses.shape)}")
+        (delta,) = torch.autograd.grad(losses.sum(), output)
+    return losses.detach().reshape(num_particles, batch), delta
+
+
 def chain_forward_backward(chain: MLPChain, params: dict[str, Tensor], inputs: Tensor, targets: Tensor,
                            loss_fn: Callable[[Tensor, Tensor], Tensor]
                            ) -> tuple[Tensor, dict[str, Tensor], list[Tensor], list[Tensor]]:
@@ -127,26 +179,8 @@ def chain_forward_backward(chain: MLPChain, params: dict[str, Tensor], inputs: T
         derivative of the *mean* loss with respect to its outputs, per example.
     """
     params = {name: value.detach() for name, value in params.items()}
-    num_particles, batch = inputs.shape[:2]
-    with torch.enable_grad():
+    with torch.no_grad():
         output, pre, layer_inputs = chain_forward(chain, params, inputs)
-        output = output.detach().requires_grad_(True)
-        losses = loss_fn(output.reshape(num_particles * batch, *output.shape[2:]),
-                         targets.reshape(num_particles * batch, *targets.shape[2:]))
-        if losses.shape != (num_particles * batch,):
-            raise GradGraphError(f"fused MLP: loss_fn must return one loss per datapoint [{num_particles * batch}], "
-                                 f"got shape {tuple(losses.shape)}")
-        (delta,) = torch.autograd.grad(losses.sum(), output)
-    delta = delta / batch  # the gradient of the batch's mean loss
-    grads: dict[str, Tensor] = {}
-    deltas: list[Tensor] = [delta] * len(chain.weights)
-    for index in range(len(chain.weights) - 1, -1, -1):
-        deltas[index] = delta
-        grads[chain.weights[index]] = torch.bmm(delta.transpose(1, 2), layer_inputs[index])
-        if chain.biases[index] is not None:
-            grads[chain.biases[index]] = delta.sum(dim=1)
-        if index > 0:
-            z = pre[index - 1]
-            activation, derivative = ACTIVATIONS[chain.activations[index - 1]]
-            delta = torch.bmm(delta, params[chain.weights[index]]) * derivative(z, activation(z))
-    return losses.detach().reshape(num_particles, batch), grads, layer_inputs, deltas
+    losses, delta = output_delta(output, targets, loss_fn)
+    grads, deltas, _ = chain_backward(chain, params, pre, layer_inputs, delta / inputs.shape[1])
+    return losses, grads, layer_inputs, deltas

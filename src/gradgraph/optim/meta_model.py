@@ -55,6 +55,7 @@ from gradgraph.optim.features import (
     time_features,
     update_emas,
 )
+from gradgraph.optim.per_graph import per_graph_parameters
 
 __all__ = ["LearnedUpdate", "MetaModelConfig", "OptimizerState", "ParameterLayout"]
 
@@ -386,9 +387,20 @@ class LearnedUpdate(nn.Module):
             self._layouts[key] = ParameterLayout.from_graph(graph)
         return self._layouts[key]
 
-    def embed(self, graphs: Batch, first: GradGraph, state: OptimizerState, num_particles: int
-              ) -> tuple[dict[str, Tensor], Tensor]:
-        """GradMetaNet's per-parameter embedding ``{name: [P, *shape, k]}`` and the new factor EMAs."""
+    def embed(self, graphs: Batch, first: GradGraph, state: OptimizerState, num_particles: int,
+              per_particle: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """GradMetaNet's per-parameter embedding ``{name: [P, *shape, k]}`` and the new factor EMAs.
+
+        Args:
+            graphs: a ``Batch`` of the ``P`` runs' GradGraphs (one architecture).
+            first: one of them (its architecture is read).
+            state: the runs' :class:`OptimizerState` (its factor EMAs are read).
+            num_particles: ``P``.
+            per_particle: ``{name: [P, *shape]}`` GradMetaNet's parameters for every run (names
+                as in ``self.gradmetanet``): graph ``p`` is embedded with set ``p``, all in ONE
+                forward (:func:`gradgraph.optim.per_graph.per_graph_parameters`; PES runs every
+                particle with its own meta-parameters). ``None``: this module's parameters for all.
+        """
         assert self.gradmetanet is not None
         act, grad = graphs.act, graphs.grad
         if self.config.max_components is not None:
@@ -409,7 +421,11 @@ class LearnedUpdate(nn.Module):
         graphs.component_x = flat_emas
         graphs.x = graphs.x.to(factors.dtype)
         graphs.edge_attr = graphs.edge_attr.to(factors.dtype)
-        output = self.gradmetanet(graphs)
+        if per_particle is None:
+            output = self.gradmetanet(graphs)
+        else:
+            with per_graph_parameters(self.gradmetanet, per_particle, num_particles) as gradmetanet:
+                output = gradmetanet(graphs)
         layout = self.layout(first)
         return layout.scatter(output.edge, output.node, num_particles), flat_emas
 
@@ -421,6 +437,7 @@ class LearnedUpdate(nn.Module):
         state: OptimizerState,
         graphs: Batch | None = None,
         first_graph: GradGraph | None = None,
+        embeddings: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], OptimizerState]:
         """One step of the update rule for ``P`` particles.
 
@@ -430,6 +447,9 @@ class LearnedUpdate(nn.Module):
             state: the :class:`OptimizerState` of the ``P`` runs.
             graphs: a ``Batch`` of the ``P`` runs' GradGraphs on this batch (GradMetaNet variant).
             first_graph: one of those graphs (its architecture is read; ``graphs[0]`` if omitted).
+            embeddings: GradMetaNet's embedding ``{name: [P, *shape, k]}`` computed by the caller
+                (:meth:`embed`); then ``graphs`` is not read and the new state carries
+                ``state.factor_emas`` as they are (the caller has :meth:`embed`'s).
 
         Returns:
             ``(new_params, new_state)``.
@@ -453,9 +473,12 @@ class LearnedUpdate(nn.Module):
             new_params = {name: param - alpha * new_momentum[name] for name, param in params.items()}
             return new_params, OptimizerState(step=step, momentum=new_momentum, momenta=new_momenta)
         times = time_features(step, dtype)  # [P, 11]
-        embeddings: dict[str, Tensor] = {}
         emas = None
-        if self.gradmetanet is not None:
+        if self.gradmetanet is None:
+            embeddings = {}
+        elif embeddings is not None:
+            emas = state.factor_emas
+        else:
             if graphs is None:
                 raise GradGraphError("LearnedUpdate: the GradMetaNet variant needs the batch's graphs")
             first = first_graph if first_graph is not None else graphs.get_example(0)
