@@ -19,7 +19,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/learned_optimizer_step.py              # 15 rounds
     OMP_NUM_THREADS=1 python benchmarks/learned_optimizer_step.py --task digits
-    python benchmarks/learned_optimizer_step.py --quick                         # smoke run
+    python benchmarks/learned_optimizer_step.py --quick                         # smoke run (digits)
 """
 
 from __future__ import annotations
@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="mnist1d", help="a learned-optimizer task with a plain MLP")
     parser.add_argument("--meta-models", nargs="+", default=list(META_MODELS), choices=META_MODELS)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, no warm-up time (no meaningful ratio)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: digits (no data to generate), 1 round (seconds; no meaningful ratio)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.task = "digits"
     set_threads(1)
     methods = {"adam": _stepper(args.task, "adam")}
     for name in args.meta_models:

@@ -498,9 +498,11 @@ class LearnedUpdate(nn.Module):
             inputs.append(torch.cat(parts, dim=-1))
         learned = self.mlp(torch.cat(inputs, dim=1).to(self.mlp[0].weight.dtype)).squeeze(-1).to(dtype)
         if self.config.residual_adam:
-            learned = learned + torch.cat(
-                [self.adam_direction(new_momenta[name], step).reshape(num_particles, -1) for name in params], dim=1
-            )
+            # adam_direction of every tensor at once, on the flat [P, D] layout of `learned`
+            # (elementwise the same operations: the same numbers, fewer calls per step).
+            flat = torch.cat([new_momenta[name].reshape(num_particles, -1, new_momenta[name].shape[-1])
+                              for name in params], dim=1)
+            learned = learned + self.adam_direction(flat, step)
         beta = self.beta.to(dtype)
         new_params = {}
         offset = 0
