@@ -47,9 +47,10 @@ def _linear(owner: str, weight: Tensor, bias: Tensor | None, num_graphs: int):
     def forward(x: Tensor) -> Tensor:
         _rows(owner, x, num_graphs)
         grouped = x.reshape(num_graphs, -1, x.shape[-1])
-        out = torch.bmm(grouped, weight.transpose(1, 2))
-        if bias is not None:
-            out = out + bias[:, None, :]
+        if bias is None:
+            out = torch.bmm(grouped, weight.transpose(1, 2))
+        else:  # the bias added inside the product (one pass over the output, as F.linear's addmm)
+            out = torch.baddbmm(bias[:, None, :], grouped, weight.transpose(1, 2))
         return out.reshape(*x.shape[:-1], weight.shape[1])
 
     return forward
