@@ -93,6 +93,29 @@ def test_other_models_keep_the_general_path():
     assert LearnedOptimizer(frozen, meta).chain is None
 
 
+def test_a_sequential_with_its_own_forward_or_a_hook_takes_the_general_path():
+    """The closed form would silently skip a subclass's forward or a hook: neither is fused."""
+
+    class Doubled(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    meta = _meta("deepsets")
+    assert LearnedOptimizer(Doubled(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)), meta).chain is None
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert LearnedOptimizer(nn.Sequential(MyLinear(3, 3), nn.ReLU(), nn.Linear(3, 2)), meta).chain is None
+    model = _model()
+    opt = LearnedOptimizer(model, meta)
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x, y = _batches(1)[0]
+    opt.step(lambda: _loss(model, x, y))
+    assert opt.chain is None and seen == [(7, 6)]  # the general path: the hook ran once
+
+
 def test_a_chain_called_on_token_inputs_falls_back_to_the_general_path():
     """Inputs [b, T, in] are not fused: the optimizer switches to the general path and the step
     is the general one (the closure runs again on that step)."""

@@ -14,7 +14,8 @@ converted once per batch size (:class:`~gradgraph.optim.chain_graphs.ChainGraphs
 The step is the general path's (tested to 1e-10 in float64, tests/optim/test_optim_fused_step.py).
 Only a call ``model(inputs)`` with ``inputs [b, in]`` is fused; any other call (other input
 shapes, extra arguments) raises :class:`NotFused` before the model runs, and the optimizer
-then takes the general path for good (calling the closure again on that step).
+then takes the general path for good (calling the closure again on that step); so does a model
+with a hook (before the closure runs: the closed form calls no module, so no hook would run).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from gradgraph.capture import check_closure_losses, closure_inputs
 from gradgraph.errors import GradGraphError, NonFiniteFactorError
-from gradgraph.optim.fused import MLPChain, chain_backward, chain_forward
+from gradgraph.optim.fused import MLPChain, chain_backward, chain_forward, has_hooks
 
 __all__ = ["ChainStep", "NotFused", "capture_chain_step"]
 
@@ -74,8 +75,8 @@ def capture_chain_step(model: nn.Module, chain: MLPChain, params: dict[str, Tens
             other than ``[b]`` losses that depend on the model's output.
         NonFiniteFactorError: a loss, gradient or factor is NaN or Inf.
     """
-    if "forward" in vars(model):
-        raise NotFused("the model's forward is an instance attribute")
+    if "forward" in vars(model) or has_hooks(model):
+        raise NotFused("the model's forward is an instance attribute, or a hook would not run")
     recorded: dict[str, object] = {}
     in_features = params[chain.weights[0]].shape[-1]
 

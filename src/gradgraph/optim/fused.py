@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from gradgraph.errors import GradGraphError
 
-__all__ = ["ACTIVATIONS", "MLPChain", "chain_backward", "chain_forward", "chain_forward_backward", "mlp_chain",
-           "output_delta"]
+__all__ = ["ACTIVATIONS", "MLPChain", "chain_backward", "chain_forward", "chain_forward_backward", "has_hooks",
+           "mlp_chain", "output_delta"]
 
 #: elementwise activations of a plain chain: ``(σ, σ' as a function of (z, σ(z)))``.
 ACTIVATIONS: dict[type[nn.Module], tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
@@ -58,16 +58,22 @@ class MLPChain:
 
 
 def mlp_chain(model: nn.Module) -> MLPChain | None:
-    """The :class:`MLPChain` of ``model`` if it is an ``nn.Sequential`` of ``Linear`` layers with
-    one activation of :data:`ACTIVATIONS` between consecutive ones (and none after the last);
-    ``None`` otherwise (the caller keeps the general path)."""
-    if not isinstance(model, nn.Sequential) or len(model) == 0:
-        return None
+    """The :class:`MLPChain` of ``model`` if it is an ``nn.Sequential`` (``Sequential``'s own
+    ``forward``) of ``nn.Linear`` layers with one activation of :data:`ACTIVATIONS` between
+    consecutive ones (and none after the last), the types exactly these, no ``forward`` set on an
+    instance; ``None`` otherwise (the caller keeps the general path). Hooks are not checked here
+    (they can be added later): :func:`has_hooks` says whether a call would run any.
+    """
+    if (not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward
+            or "forward" in vars(model) or len(model) == 0):
+        return None  # a subclass with its own forward computes something else
     modules = list(model.named_children())
     weights, biases, activations = [], [], []
     for position, (name, module) in enumerate(modules):
+        if "forward" in vars(module):
+            return None
         if position % 2 == 0:
-            if not isinstance(module, nn.Linear):
+            if type(module) is not nn.Linear:  # exactly: a subclass may compute something else
                 return None
             weights.append(f"{name}.weight")
             biases.append(f"{name}.bias" if module.bias is not None else None)
@@ -78,6 +84,18 @@ def mlp_chain(model: nn.Module) -> MLPChain | None:
     if len(modules) % 2 == 0:  # ends with an activation: not the chain the closed form covers
         return None
     return MLPChain(tuple(weights), tuple(biases), tuple(activations))
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Whether calling ``model`` or one of its children runs a hook (its own or a global one):
+    the closed form computes the chain without calling its modules, so their hooks would not run."""
+    from torch.nn.modules import module as module_globals
+
+    if (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+            or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in model.modules())
 
 
 def _check(chain: MLPChain, params: dict[str, Tensor], inputs: Tensor) -> None:

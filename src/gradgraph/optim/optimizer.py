@@ -205,7 +205,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if self._chain_graphs is None or not self._chain_graphs.matches(batch, 1):
                 # The structure only (its values are not read): any per-datapoint loss will do.
                 self._chain_graphs = ChainGraphs.from_model(self.chain, self.model, captured.inputs,
-                                                            torch.zeros(batch), _structure_loss, 1)
+                                                            torch.zeros(batch, device=captured.inputs.device),
+                                                            _structure_loss, 1)
             graphs = self._chain_graphs.batch(params, captured.layer_inputs, captured.output, captured.deltas,
                                               captured.input_delta, captured.losses)
             first = self._chain_graphs.template
