@@ -9,6 +9,7 @@ from torch import nn
 
 import gradgraph.optim.optimizer as optimizer_module
 from gradgraph import GradGraphError
+from gradgraph.errors import NonFiniteFactorError
 from gradgraph.optim import LearnedOptimizer, LearnedUpdate, MetaModelConfig
 
 VARIANTS = {
@@ -149,3 +150,21 @@ def test_the_fused_step_refuses_bad_closures_as_the_general_one():
         opt.step(lambda: torch.zeros(7, dtype=torch.float64))
     assert "forward" not in vars(model)  # the closed-form forward is gone after every step
     torch.testing.assert_close(model(x), _model()(x))  # and no failed step moved the parameters
+
+
+@pytest.mark.parametrize("variant", ["gradmetanet", "deepsets"])
+def test_non_finite_factors_are_refused_as_on_the_general_path(variant):
+    """A NaN in the batch: both paths refuse it naming non-finite values (the fused one as
+    NonFiniteFactorError; the general one re-raises the converter's as a GradGraphError) and
+    leave the parameters alone."""
+    x, y = _batches(1)[0]
+    x = x.clone()
+    x[2, 1] = float("nan")
+    for fused in (True, False):
+        model = _model()
+        opt = LearnedOptimizer(model, _meta(variant))
+        if not fused:
+            opt.chain = None
+        with pytest.raises(NonFiniteFactorError if fused else GradGraphError, match="non-finite"):
+            opt.step(lambda: _loss(model, x, y))
+        assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -115,8 +115,11 @@ def capture_chain_step(model: nn.Module, chain: MLPChain, params: dict[str, Tens
     grads = {name: value / batch for name, value in sums.items()}
     losses = losses.detach()[None]
     checked = [losses, *grads.values(), *(deltas if factors else [])]
-    if not all(bool(torch.isfinite(value).all()) for value in checked):
-        raise NonFiniteFactorError("LearnedOptimizer.step: a loss, gradient or factor of the batch is NaN or Inf")
+    # One read-back: the largest magnitude of every tensor (NaN propagates through amax).
+    peaks = [value.abs().amax() for value in checked if value.numel()]
+    if peaks and not bool(torch.isfinite(torch.stack(peaks)).all()):
+        raise NonFiniteFactorError("LearnedOptimizer.step: a loss, gradient or factor of the batch has non-finite "
+                                   "values (NaN or Inf); check the inputs, the loss and the model's weights")
     if not factors:
         return ChainStep(losses, grads, recorded["inputs"])
     return ChainStep(losses, grads, recorded["inputs"], recorded["layer_inputs"], recorded["output"], deltas,

@@ -412,8 +412,10 @@ class LearnedUpdate(nn.Module):
         momentum_decays = self.momentum_decays.to(dtype)
         step = state.step + 1
         new_momentum = {k: mu * state.momentum[k] + (1 - mu) * g for k, g in grads.items()}
+        # update_emas written out with (1 − d) computed once per step, not once per tensor: the same numbers.
+        gains = 1 - momentum_decays
         new_momenta = {
-            k: torch.cat([update_emas(state.momenta[k][..., :-1], g, momentum_decays),
+            k: torch.cat([momentum_decays * state.momenta[k][..., :-1] + gains * g.unsqueeze(-1),
                           (SECOND_MOMENT_DECAY * state.momenta[k][..., -1] + (1 - SECOND_MOMENT_DECAY) * g.square())[..., None]],
                          dim=-1)
             for k, g in grads.items()
