@@ -1,21 +1,25 @@
-"""Time per step of the learned optimizer on the digits task, against Adam, in one run.
+"""Time per step of the learned optimizer against Adam, in one run: the fused and the general path.
 
-Methods (interleaved rounds, medians; see ``_common.py``), each one training step of the
-digits MLP 64→32→10 on a batch of 128 with the shipped ``digits-mlp`` meta-model:
+Methods (interleaved rounds, medians; see ``_common.py``), each one training step of the task's
+MLP (default: MNIST-1D, 40→32→10, batch 128) on batches drawn in advance:
 
-* ``adam``                      — ``torch.optim.Adam``: forward, backward, step.
-* ``learned, per-step structure`` — ``LearnedOptimizer`` collating the graph into a PyG
-  ``Batch`` and grouping its weight blocks afresh at every step (what ``step`` did before
-  :class:`gradgraph.optim.batching.ArchitectureCache`).
-* ``learned``                   — ``LearnedOptimizer`` as shipped (structure cached per architecture).
+* ``adam``                 — ``torch.optim.Adam``: forward, backward, step.
+* ``<meta-model>, general`` — ``LearnedOptimizer`` converting the model at every step
+  (``convert_closure``: capture, graph; the path of every model that is not a plain chain).
+* ``<meta-model>, fused``   — ``LearnedOptimizer`` as shipped on a plain chain: the closed-form
+  forward/backward, no conversion (:mod:`gradgraph.optim.chain_step`).
 
-Both learned variants give bit-identical parameters (tests/optim/test_optim.py); this measures
-the time only.
+Meta-models: the shipped ``digits-mlp-deepsets`` (DeepSets: per-parameter MLP ``F``),
+``digits-mlp`` (GradMetaNet embedding from 32 examples of the batch) and ``gradmetanet-128``
+(a fresh GradMetaNet rule of the default config, reading all 128 examples, as the paper). Both
+paths give the same parameters (tests/optim/test_optim_fused_step.py, 1e-10 in float64); this
+measures time only. The issue-29 target is fused <= 3x Adam on the MNIST-1D MLP.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/learned_optimizer_step.py            # 15 rounds
-    OMP_NUM_THREADS=1 python benchmarks/learned_optimizer_step.py --rounds 3 # quick
+    OMP_NUM_THREADS=1 python benchmarks/learned_optimizer_step.py              # 15 rounds
+    OMP_NUM_THREADS=1 python benchmarks/learned_optimizer_step.py --task digits
+    python benchmarks/learned_optimizer_step.py --quick                         # smoke run (digits)
 """
 
 from __future__ import annotations
@@ -25,36 +29,37 @@ import sys
 from collections.abc import Callable
 
 import torch
-from torch_geometric.data import Batch
 
 from _common import format_table, interleaved_median_times, set_threads
 
-
-class _PerStepStructure:
-    """The pre-cache behaviour: collate and group weight blocks at every step."""
-
-    def batch(self, graphs):
-        return Batch.from_data_list(graphs)
-
-    def mean_grad(self, graph):
-        return graph.mean_grad()
+META_MODELS = ("digits-mlp-deepsets", "digits-mlp", "gradmetanet-128")
 
 
-def _stepper(kind: str) -> Callable[[], None]:
-    from gradgraph.optim import LearnedOptimizer, load_pretrained
+def _meta_model(name: str):
+    from gradgraph.optim import LearnedUpdate, MetaModelConfig, load_pretrained
+
+    if name == "gradmetanet-128":
+        torch.manual_seed(0)
+        return LearnedUpdate(MetaModelConfig(residual_adam=True)).eval()
+    return load_pretrained(name)
+
+
+def _stepper(task_name: str, kind: str, meta_name: str | None = None) -> Callable[[], None]:
+    from gradgraph.optim import LearnedOptimizer
     from gradgraph_lab.tasks.learned_optimizer.tasks import get_task
 
-    task = get_task("digits", "cpu").task
+    task = get_task(task_name, "cpu").task
     model = task.make_model(0)
     generator = torch.Generator().manual_seed(10_000)
     batches = [task.sample_batch(generator) for _ in range(64)]
     position = [0]
     if kind == "adam":
-        adam = torch.optim.Adam(model.parameters(), lr=0.0464)
+        adam = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
-        learned = LearnedOptimizer(model, load_pretrained("digits-mlp"))
-        if kind == "per-step":
-            learned._architecture = _PerStepStructure()
+        learned = LearnedOptimizer(model, _meta_model(meta_name))
+        assert learned.chain is not None, f"{task_name}'s model is not a plain chain: no fused path"
+        if kind == "general":
+            learned.chain = None
 
     def step() -> None:
         inputs, targets = batches[position[0] % len(batches)]
@@ -71,15 +76,32 @@ def _stepper(kind: str) -> Callable[[], None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="mnist1d", help="a learned-optimizer task with a plain MLP")
+    parser.add_argument("--meta-models", nargs="+", default=list(META_MODELS), choices=META_MODELS)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: digits (no data to generate), 1 round (seconds; no meaningful ratio)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.task = "digits"
     set_threads(1)
-    methods = {"adam": _stepper("adam"), "learned, per-step structure": _stepper("per-step"),
-               "learned": _stepper("cached")}
-    times = interleaved_median_times(methods, rounds=args.rounds, min_seconds=0.2)
+    methods = {"adam": _stepper(args.task, "adam")}
+    for name in args.meta_models:
+        for kind in ("general", "fused"):
+            methods[f"{name}, {kind}"] = _stepper(args.task, kind, name)
+    times = interleaved_median_times(methods, rounds=1 if args.quick else args.rounds,
+                                     min_seconds=0.0 if args.quick else 0.2)
     rows = [[name, f"{seconds * 1e3:.2f}", f"{seconds / times['adam']:.1f}x"] for name, seconds in times.items()]
+    print(f"task {args.task}, batch {_batch_size(args.task)}, 1 thread, "
+          f"{1 if args.quick else args.rounds} interleaved rounds (medians)")
     print(format_table(["method", "ms / step (median)", "vs adam"], rows))
     return 0
+
+
+def _batch_size(task_name: str) -> int:
+    from gradgraph_lab.tasks.learned_optimizer.tasks import get_task
+
+    return get_task(task_name, "cpu").batch_size
 
 
 if __name__ == "__main__":

@@ -8,11 +8,16 @@ inner runs on 80% of the training split, meta-loss on the rest), antithetic PES 
 * ``<variant>, per-particle loop`` — ``MetaTrainConfig(batched=False)``: a ``to_graph`` per
   particle per inner step and one meta-model call per particle (the path before issue 29);
 * ``<variant>, batched`` — ``batched=True``: closed-form batched gradients of all particles
-  (:mod:`gradgraph.optim.fused`) and one vmapped meta-model call.
+  (:mod:`gradgraph.optim.fused`) and one meta-model call for all of them
+  (:func:`gradgraph.optim.batched.vmapped_update`; for GradMetaNet the graphs filled from the
+  closed-form factors and one GradMetaNet forward with per-particle weights).
+
+Variants: ``gradmetanet`` (DeepSets + GradMetaNet's embedding, all 128 examples of the batch),
+``deepsets`` (per-parameter MLP), ``sgdm`` (``α``, ``μ`` only).
 
 Both compute the same updates (tests/optim/test_optim_protocol.py, 1e-10 in float64); this
 measures time only, as inner steps per second (particles × truncation / seconds per outer
-step), interleaved rounds, medians (``_common.py``). GradMetaNet has no batched path yet.
+step), interleaved rounds, medians (``_common.py``).
 
 Usage::
 
@@ -31,14 +36,15 @@ import torch
 from _common import format_table, interleaved_median_times, set_threads
 
 
-def _trainer(task_name: str, variant: str, batched: bool, particles: int, truncation: int):
+def _trainer(task_name: str, variant: str, batched: bool, particles: int, truncation: int,
+             components: int | None = None):
     from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer
     from gradgraph_lab.tasks.learned_optimizer.tasks import get_task
 
     bench = get_task(task_name, "cpu")
     torch.manual_seed(0)
-    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, residual_adam=variant == "deepsets",
-                                         learned_term=variant != "sgdm"))
+    meta = LearnedUpdate(MetaModelConfig(use_gradmetanet=variant == "gradmetanet", residual_adam=variant != "sgdm",
+                                         learned_term=variant != "sgdm", max_components=components))
     config = MetaTrainConfig(estimator="pes", num_particles=particles, truncation=truncation, horizon=500,
                              outer_lr=1e-4, batched=batched)
     return MetaTrainer(meta, bench.meta_task, config)
@@ -47,9 +53,12 @@ def _trainer(task_name: str, variant: str, batched: bool, particles: int, trunca
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="mnist1d", help="a learned-optimizer task with a plain MLP (default mnist1d)")
-    parser.add_argument("--variants", nargs="+", default=["deepsets", "sgdm"], choices=["deepsets", "sgdm"])
+    parser.add_argument("--variants", nargs="+", default=["gradmetanet", "deepsets", "sgdm"],
+                        choices=["gradmetanet", "deepsets", "sgdm"])
     parser.add_argument("--particles", type=int, default=32, help="PES inner runs (the paper protocol: 32)")
     parser.add_argument("--truncation", type=int, default=10, help="inner steps per outer step")
+    parser.add_argument("--components", type=int, default=None,
+                        help="GradMetaNet reads the factors of this many examples of the batch (default: all 128)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     methods, inner_steps = {}, args.particles * args.truncation
     for variant in args.variants:
         for batched in (False, True):
-            trainer = _trainer(args.task, variant, batched, args.particles, args.truncation)
+            trainer = _trainer(args.task, variant, batched, args.particles, args.truncation, args.components)
             assert (trainer.chain is not None) == batched, "the batched path does not apply to this task"
             methods[f"{variant}, {'batched' if batched else 'per-particle loop'}"] = trainer.step
     times = interleaved_median_times(methods, rounds=args.rounds, min_seconds=0.0, warmup=1)

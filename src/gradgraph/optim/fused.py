@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from gradgraph.errors import GradGraphError
 
-__all__ = ["ACTIVATIONS", "MLPChain", "chain_forward", "chain_forward_backward", "mlp_chain"]
+__all__ = ["ACTIVATIONS", "MLPChain", "chain_backward", "chain_forward", "chain_forward_backward", "has_hooks",
+           "mlp_chain", "output_delta"]
 
 #: elementwise activations of a plain chain: ``(σ, σ' as a function of (z, σ(z)))``.
 ACTIVATIONS: dict[type[nn.Module], tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
@@ -57,16 +58,22 @@ class MLPChain:
 
 
 def mlp_chain(model: nn.Module) -> MLPChain | None:
-    """The :class:`MLPChain` of ``model`` if it is an ``nn.Sequential`` of ``Linear`` layers with
-    one activation of :data:`ACTIVATIONS` between consecutive ones (and none after the last);
-    ``None`` otherwise (the caller keeps the general path)."""
-    if not isinstance(model, nn.Sequential) or len(model) == 0:
-        return None
+    """The :class:`MLPChain` of ``model`` if it is an ``nn.Sequential`` (``Sequential``'s own
+    ``forward``) of ``nn.Linear`` layers with one activation of :data:`ACTIVATIONS` between
+    consecutive ones (and none after the last), the types exactly these, no ``forward`` set on an
+    instance; ``None`` otherwise (the caller keeps the general path). Hooks are not checked here
+    (they can be added later): :func:`has_hooks` says whether a call would run any.
+    """
+    if (not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward
+            or "forward" in vars(model) or len(model) == 0):
+        return None  # a subclass with its own forward computes something else
     modules = list(model.named_children())
     weights, biases, activations = [], [], []
     for position, (name, module) in enumerate(modules):
+        if "forward" in vars(module):
+            return None
         if position % 2 == 0:
-            if not isinstance(module, nn.Linear):
+            if type(module) is not nn.Linear:  # exactly: a subclass may compute something else
                 return None
             weights.append(f"{name}.weight")
             biases.append(f"{name}.bias" if module.bias is not None else None)
@@ -77,6 +84,18 @@ def mlp_chain(model: nn.Module) -> MLPChain | None:
     if len(modules) % 2 == 0:  # ends with an activation: not the chain the closed form covers
         return None
     return MLPChain(tuple(weights), tuple(biases), tuple(activations))
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Whether calling ``model`` or one of its children runs a hook (its own or a global one):
+    the closed form computes the chain without calling its modules, so their hooks would not run."""
+    from torch.nn.modules import module as module_globals
+
+    if (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+            or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in model.modules())
 
 
 def _check(chain: MLPChain, params: dict[str, Tensor], inputs: Tensor) -> None:
@@ -109,6 +128,57 @@ def chain_forward(chain: MLPChain, params: dict[str, Tensor], inputs: Tensor
     return hidden, pre, layer_inputs
 
 
+def chain_backward(chain: MLPChain, params: dict[str, Tensor], pre: list[Tensor], layer_inputs: list[Tensor],
+                   delta: Tensor, input_grad: bool = False
+                   ) -> tuple[dict[str, Tensor], list[Tensor], Tensor | None]:
+    """The closed-form backward of :func:`chain_forward` from ``delta = ∂ℓ_i/∂output`` (module docstring).
+
+    Args:
+        chain, params: as :func:`chain_forward` (``params`` used as data).
+        pre, layer_inputs: what :func:`chain_forward` returned for these ``params``.
+        delta: ``[P, b, out]`` the derivative of the per-datapoint losses (or of their mean:
+            every result is linear in ``delta``) with respect to the network's output.
+        input_grad: also return the derivative with respect to the inputs.
+
+    Returns:
+        ``(gradients {name: [P, *shape]}, deltas, input delta)``: ``deltas[l]`` ``[P, b, n_out]``
+        the derivative with respect to linear layer ``l``'s outputs, the input delta
+        ``[P, b, in]`` (``None`` unless ``input_grad``). Gradients are sums over the batch of
+        the per-datapoint outer products (divide ``delta`` by ``b`` for the mean loss's).
+    """
+    grads: dict[str, Tensor] = {}
+    deltas: list[Tensor] = [delta] * len(chain.weights)
+    for index in range(len(chain.weights) - 1, -1, -1):
+        deltas[index] = delta
+        grads[chain.weights[index]] = torch.bmm(delta.transpose(1, 2), layer_inputs[index])
+        if chain.biases[index] is not None:
+            grads[chain.biases[index]] = delta.sum(dim=1)
+        if index > 0:
+            z = pre[index - 1]
+            activation, derivative = ACTIVATIONS[chain.activations[index - 1]]
+            delta = torch.bmm(delta, params[chain.weights[index]]) * derivative(z, activation(z))
+    input_delta = torch.bmm(delta, params[chain.weights[0]]) if input_grad else None
+    return grads, deltas, input_delta
+
+
+def output_delta(output: Tensor, targets: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+                 ) -> tuple[Tensor, Tensor]:
+    """``(losses [P, b], ∂ℓ_i/∂output [P, b, out])`` of ``P`` particles' outputs ``[P, b, out]``.
+
+    Only the loss goes through autograd (``loss_fn``: ``(output [n, out], targets [n, ...]) -> [n]``).
+    """
+    num_particles, batch = output.shape[:2]
+    with torch.enable_grad():
+        output = output.detach().requires_grad_(True)
+        losses = loss_fn(output.reshape(num_particles * batch, *output.shape[2:]),
+                         targets.reshape(num_particles * batch, *targets.shape[2:]))
+        if losses.shape != (num_particles * batch,):
+            raise GradGraphError(f"fused MLP: loss_fn must return one loss per datapoint [{num_particles * batch}], "
+                                 f"got shape {tuple(losses.shape)}")
+        (delta,) = torch.autograd.grad(losses.sum(), output)
+    return losses.detach().reshape(num_particles, batch), delta
+
+
 def chain_forward_backward(chain: MLPChain, params: dict[str, Tensor], inputs: Tensor, targets: Tensor,
                            loss_fn: Callable[[Tensor, Tensor], Tensor]
                            ) -> tuple[Tensor, dict[str, Tensor], list[Tensor], list[Tensor]]:
@@ -127,26 +197,8 @@ def chain_forward_backward(chain: MLPChain, params: dict[str, Tensor], inputs: T
         derivative of the *mean* loss with respect to its outputs, per example.
     """
     params = {name: value.detach() for name, value in params.items()}
-    num_particles, batch = inputs.shape[:2]
-    with torch.enable_grad():
+    with torch.no_grad():
         output, pre, layer_inputs = chain_forward(chain, params, inputs)
-        output = output.detach().requires_grad_(True)
-        losses = loss_fn(output.reshape(num_particles * batch, *output.shape[2:]),
-                         targets.reshape(num_particles * batch, *targets.shape[2:]))
-        if losses.shape != (num_particles * batch,):
-            raise GradGraphError(f"fused MLP: loss_fn must return one loss per datapoint [{num_particles * batch}], "
-                                 f"got shape {tuple(losses.shape)}")
-        (delta,) = torch.autograd.grad(losses.sum(), output)
-    delta = delta / batch  # the gradient of the batch's mean loss
-    grads: dict[str, Tensor] = {}
-    deltas: list[Tensor] = [delta] * len(chain.weights)
-    for index in range(len(chain.weights) - 1, -1, -1):
-        deltas[index] = delta
-        grads[chain.weights[index]] = torch.bmm(delta.transpose(1, 2), layer_inputs[index])
-        if chain.biases[index] is not None:
-            grads[chain.biases[index]] = delta.sum(dim=1)
-        if index > 0:
-            z = pre[index - 1]
-            activation, derivative = ACTIVATIONS[chain.activations[index - 1]]
-            delta = torch.bmm(delta, params[chain.weights[index]]) * derivative(z, activation(z))
-    return losses.detach().reshape(num_particles, batch), grads, layer_inputs, deltas
+    losses, delta = output_delta(output, targets, loss_fn)
+    grads, deltas, _ = chain_backward(chain, params, pre, layer_inputs, delta / inputs.shape[1])
+    return losses, grads, layer_inputs, deltas

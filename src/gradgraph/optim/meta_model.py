@@ -55,6 +55,8 @@ from gradgraph.optim.features import (
     time_features,
     update_emas,
 )
+from gradgraph.optim.parameter_layout import ParameterLayout
+from gradgraph.optim.per_graph import per_graph_parameters
 
 __all__ = ["LearnedUpdate", "MetaModelConfig", "OptimizerState", "ParameterLayout"]
 
@@ -192,57 +194,6 @@ class OptimizerState:
             momenta={k: pick(v, fresh.momenta[k]) for k, v in self.momenta.items()},
             factor_emas=emas,
         )
-
-
-@dataclass
-class ParameterLayout:
-    """Where every parameter entry sits in a graph's ``[E + N]`` edge-then-node slots.
-
-    Attributes:
-        names: parameter names, as in ``named_parameters()``.
-        shapes: their shapes.
-        index: ``{name: [numel]}`` slot of every entry; ``E + N`` (one past the end, a row
-            of zeros) for entries no edge or node carries.
-        num_edges, num_nodes: ``E``, ``N`` of one graph.
-    """
-
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-    index: dict[str, Tensor] = field(default_factory=dict)
-    num_edges: int = 0
-    num_nodes: int = 0
-
-    @classmethod
-    def from_graph(cls, graph: GradGraph) -> "ParameterLayout":
-        """Read the slot maps (``edge_param``/``edge_param_pos``, ``node_param``/…) of one graph."""
-        num_edges, num_nodes = int(graph.edge_index.shape[1]), int(graph.num_nodes)
-        shapes = [tuple(int(s) for s in shape) for shape in graph.param_shapes]
-        layout = cls(list(graph.param_names), shapes, num_edges=num_edges, num_nodes=num_nodes)
-        device = graph.edge_index.device  # the slot maps live where the graph's values do
-        for param_index, (name, shape) in enumerate(zip(layout.names, shapes)):
-            slots = torch.full((math.prod(shape),), num_edges + num_nodes, dtype=torch.long, device=device)
-            edges = (graph.edge_param == param_index).nonzero().reshape(-1)
-            slots[graph.edge_param_pos[edges]] = edges
-            nodes = (graph.node_param == param_index).nonzero().reshape(-1)
-            slots[graph.node_param_pos[nodes]] = nodes + num_edges
-            layout.index[name] = slots
-        return layout
-
-    def scatter(self, edge_values: Tensor, node_values: Tensor, num_graphs: int) -> dict[str, Tensor]:
-        """``[G·E, k]``, ``[G·N, k]`` (graph-major) -> ``{name: [G, *shape, k]}``."""
-        k = edge_values.shape[-1]
-        slots = torch.cat(
-            [
-                edge_values.reshape(num_graphs, self.num_edges, k),
-                node_values.reshape(num_graphs, self.num_nodes, k),
-                edge_values.new_zeros(num_graphs, 1, k),
-            ],
-            dim=1,
-        )
-        return {
-            name: slots[:, self.index[name]].reshape(num_graphs, *shape, k)
-            for name, shape in zip(self.names, self.shapes)
-        }
 
 
 def _logit(p: float) -> float:
@@ -386,9 +337,20 @@ class LearnedUpdate(nn.Module):
             self._layouts[key] = ParameterLayout.from_graph(graph)
         return self._layouts[key]
 
-    def embed(self, graphs: Batch, first: GradGraph, state: OptimizerState, num_particles: int
-              ) -> tuple[dict[str, Tensor], Tensor]:
-        """GradMetaNet's per-parameter embedding ``{name: [P, *shape, k]}`` and the new factor EMAs."""
+    def embed(self, graphs: Batch, first: GradGraph, state: OptimizerState, num_particles: int,
+              per_particle: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """GradMetaNet's per-parameter embedding ``{name: [P, *shape, k]}`` and the new factor EMAs.
+
+        Args:
+            graphs: a ``Batch`` of the ``P`` runs' GradGraphs (one architecture).
+            first: one of them (its architecture is read).
+            state: the runs' :class:`OptimizerState` (its factor EMAs are read).
+            num_particles: ``P``.
+            per_particle: ``{name: [P, *shape]}`` GradMetaNet's parameters for every run (names
+                as in ``self.gradmetanet``): graph ``p`` is embedded with set ``p``, all in ONE
+                forward (:func:`gradgraph.optim.per_graph.per_graph_parameters`; PES runs every
+                particle with its own meta-parameters). ``None``: this module's parameters for all.
+        """
         assert self.gradmetanet is not None
         act, grad = graphs.act, graphs.grad
         if self.config.max_components is not None:
@@ -409,7 +371,11 @@ class LearnedUpdate(nn.Module):
         graphs.component_x = flat_emas
         graphs.x = graphs.x.to(factors.dtype)
         graphs.edge_attr = graphs.edge_attr.to(factors.dtype)
-        output = self.gradmetanet(graphs)
+        if per_particle is None:
+            output = self.gradmetanet(graphs)
+        else:
+            with per_graph_parameters(self.gradmetanet, per_particle, num_particles) as gradmetanet:
+                output = gradmetanet(graphs)
         layout = self.layout(first)
         return layout.scatter(output.edge, output.node, num_particles), flat_emas
 
@@ -421,6 +387,7 @@ class LearnedUpdate(nn.Module):
         state: OptimizerState,
         graphs: Batch | None = None,
         first_graph: GradGraph | None = None,
+        embeddings: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], OptimizerState]:
         """One step of the update rule for ``P`` particles.
 
@@ -430,6 +397,9 @@ class LearnedUpdate(nn.Module):
             state: the :class:`OptimizerState` of the ``P`` runs.
             graphs: a ``Batch`` of the ``P`` runs' GradGraphs on this batch (GradMetaNet variant).
             first_graph: one of those graphs (its architecture is read; ``graphs[0]`` if omitted).
+            embeddings: GradMetaNet's embedding ``{name: [P, *shape, k]}`` computed by the caller
+                (:meth:`embed`); then ``graphs`` is not read and the new state carries
+                ``state.factor_emas`` as they are (the caller has :meth:`embed`'s).
 
         Returns:
             ``(new_params, new_state)``.
@@ -442,8 +412,10 @@ class LearnedUpdate(nn.Module):
         momentum_decays = self.momentum_decays.to(dtype)
         step = state.step + 1
         new_momentum = {k: mu * state.momentum[k] + (1 - mu) * g for k, g in grads.items()}
+        # update_emas written out with (1 − d) computed once per step, not once per tensor: the same numbers.
+        gains = 1 - momentum_decays
         new_momenta = {
-            k: torch.cat([update_emas(state.momenta[k][..., :-1], g, momentum_decays),
+            k: torch.cat([momentum_decays * state.momenta[k][..., :-1] + gains * g.unsqueeze(-1),
                           (SECOND_MOMENT_DECAY * state.momenta[k][..., -1] + (1 - SECOND_MOMENT_DECAY) * g.square())[..., None]],
                          dim=-1)
             for k, g in grads.items()
@@ -453,9 +425,12 @@ class LearnedUpdate(nn.Module):
             new_params = {name: param - alpha * new_momentum[name] for name, param in params.items()}
             return new_params, OptimizerState(step=step, momentum=new_momentum, momenta=new_momenta)
         times = time_features(step, dtype)  # [P, 11]
-        embeddings: dict[str, Tensor] = {}
         emas = None
-        if self.gradmetanet is not None:
+        if self.gradmetanet is None:
+            embeddings = {}
+        elif embeddings is not None:
+            emas = state.factor_emas
+        else:
             if graphs is None:
                 raise GradGraphError("LearnedUpdate: the GradMetaNet variant needs the batch's graphs")
             first = first_graph if first_graph is not None else graphs.get_example(0)
@@ -475,9 +450,11 @@ class LearnedUpdate(nn.Module):
             inputs.append(torch.cat(parts, dim=-1))
         learned = self.mlp(torch.cat(inputs, dim=1).to(self.mlp[0].weight.dtype)).squeeze(-1).to(dtype)
         if self.config.residual_adam:
-            learned = learned + torch.cat(
-                [self.adam_direction(new_momenta[name], step).reshape(num_particles, -1) for name in params], dim=1
-            )
+            # adam_direction of every tensor at once, on the flat [P, D] layout of `learned`
+            # (elementwise the same operations: the same numbers, fewer calls per step).
+            flat = torch.cat([new_momenta[name].reshape(num_particles, -1, new_momenta[name].shape[-1])
+                              for name in params], dim=1)
+            learned = learned + self.adam_direction(flat, step)
         beta = self.beta.to(dtype)
         new_params = {}
         offset = 0

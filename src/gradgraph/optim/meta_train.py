@@ -47,28 +47,28 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
-from gradgraph.capture import LossFn
 from gradgraph.convert import to_graph
 from gradgraph.differences import config_differences, describe_differences, jsonable
 from gradgraph.errors import GradGraphError, NonFiniteFactorError
 from gradgraph.graph import GradGraph
 from gradgraph.optim.batching import ArchitectureCache
-from gradgraph.optim.fused import MLPChain, chain_forward, chain_forward_backward, mlp_chain
-from gradgraph.optim.meta_loss import META_LOSSES, TARGET_META_LOSSES, first_passage
+from gradgraph.optim.batched import chain_gradients, vmapped_update
+from gradgraph.optim.chain_graphs import ChainGraphs
+from gradgraph.optim.fused import MLPChain, chain_forward, mlp_chain
+from gradgraph.optim.meta_config import ESTIMATORS, PAPER_PROTOCOL, MetaTrainConfig, Task, relative_clip_scale
+from gradgraph.optim.meta_loss import first_passage
 from gradgraph.optim.meta_loss import meta_loss as compute_meta_loss
 from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
 from gradgraph.optim.pes import PES
 
-__all__ = ["PAPER_PROTOCOL", "MetaTrainConfig", "MetaTrainer", "Task", "relative_clip_scale"]
-
-ESTIMATORS = ("tbptt", "pes")
+__all__ = ["ESTIMATORS", "PAPER_PROTOCOL", "MetaTrainConfig", "MetaTrainer", "Task", "relative_clip_scale"]
 
 
 class _NonFiniteMetaLoss(GradGraphError):
@@ -84,128 +84,6 @@ class _NonFiniteMetaLoss(GradGraphError):
 
 
 NonFiniteError = (NonFiniteFactorError, _NonFiniteMetaLoss)
-
-
-@dataclass
-class Task:
-    """A family of inner training problems for meta-training and benchmarks.
-
-    Attributes:
-        name: a label.
-        make_model: ``seed -> nn.Module``, a freshly initialised network (each seed its own
-            initialisation; meta-training draws seeds from ``1_000_000`` on, so benchmarks
-            that use small seeds start from initialisations never seen in meta-training).
-        sample_batch: ``generator -> (inputs [b, ...], targets)``, one training batch.
-        loss_fn: ``(output, targets) -> [b]`` the per-datapoint loss.
-        forward_kwargs: extra keyword arguments of the model's forward (e.g. a mask).
-        sample_validation: ``generator -> (inputs, targets)``, a batch of held-out data the
-            inner runs never train on. If given, the meta-loss is the loss on it (so
-            meta-training rewards generalisation, not memorising a small training set);
-            otherwise the loss on the next training batch (the paper's choice).
-    """
-
-    name: str
-    make_model: Callable[[int], nn.Module]
-    sample_batch: Callable[[torch.Generator], tuple[Tensor, Any]]
-    loss_fn: LossFn
-    forward_kwargs: dict[str, Any] = field(default_factory=dict)
-    sample_validation: Callable[[torch.Generator], tuple[Tensor, Any]] | None = None
-
-
-@dataclass
-class MetaTrainConfig:
-    """How to meta-train.
-
-    Attributes:
-        estimator: ``"tbptt"`` or ``"pes"`` (module docstring).
-        num_particles: inner runs in flight (even for PES: pairs).
-        truncation: inner steps per meta-update.
-        horizon: inner steps before a particle restarts from a fresh initialisation.
-        outer_lr: Adam learning rate of the meta-parameters.
-        scalar_lr: Adam learning rate of ``log α``, ``log β``, ``logit μ``.
-        sigma: PES perturbation scale.
-        grad_clip: clip of the meta-gradient's norm at this absolute value (``None``: none).
-            Beware: PES estimates have norms ~100 on the digits task, so a clip at 1 turns every
-            outer step into a unit vector (issue 29); prefer ``grad_clip_relative``.
-        grad_clip_relative: clip the norm at this multiple of the running mean of the previous
-            outer steps' norms (:func:`relative_clip_scale`): outliers are cut, typical steps
-            pass untouched; ``None``: off. Applied after ``grad_clip``.
-        seed: seeds data, initialisations and perturbations.
-        meta_loss: ``"log-loss"`` (mean log held-out loss over the truncation, the paper's),
-            ``"time-above-target"`` (smoothed fraction of steps whose held-out loss is above
-            ``target_loss``) or ``"first-passage"`` (smoothed probability of not yet having been
-            below ``target_loss``, carried across truncations and reset at restarts; the
-            benchmark's metric); :mod:`gradgraph.optim.meta_loss`.
-        target_loss: ``L*`` of the target meta-losses (e.g. tuned Adam's best held-out loss).
-        temperature: ``τ`` of the target meta-losses (a relative gap, log space).
-        batched: step all particles as one batched computation where it applies — a meta-model
-            without GradMetaNet (SGDM, DeepSets) on a plain MLP (:func:`gradgraph.optim.fused.mlp_chain`)
-            without forward keyword arguments: closed-form batched gradients instead of a
-            ``to_graph`` per particle, and (PES) the meta-model run once over all particles with
-            per-particle meta-parameters (``torch.func.vmap``). Same updates as the general path
-            (tested to 1e-10 in float64); anything else takes the general path.
-    """
-
-    estimator: str = "pes"
-    num_particles: int = 8
-    truncation: int = 10
-    horizon: int = 400
-    outer_lr: float = 1e-3
-    scalar_lr: float = 1e-2
-    sigma: float = 0.01
-    grad_clip: float | None = 1.0
-    grad_clip_relative: float | None = None
-    seed: int = 0
-    meta_loss: str = "log-loss"
-    target_loss: float | None = None
-    temperature: float = 0.25
-    batched: bool = True
-
-    def __post_init__(self) -> None:
-        if self.meta_loss not in META_LOSSES:
-            raise GradGraphError(f"MetaTrainConfig.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
-        if self.meta_loss in TARGET_META_LOSSES and not (self.target_loss is not None and self.target_loss > 0):
-            raise GradGraphError(
-                f"MetaTrainConfig.meta_loss {self.meta_loss!r} needs target_loss > 0, got {self.target_loss}"
-            )
-        if self.grad_clip_relative is not None and not self.grad_clip_relative > 0:
-            raise GradGraphError(f"MetaTrainConfig.grad_clip_relative must be > 0, got {self.grad_clip_relative}")
-        if self.estimator not in ESTIMATORS:
-            raise GradGraphError(f"MetaTrainConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.num_particles < 1 or self.truncation < 1 or self.horizon < self.truncation:
-            raise GradGraphError(
-                "MetaTrainConfig needs num_particles >= 1, truncation >= 1, horizon >= truncation; got "
-                f"{self.num_particles}, {self.truncation}, {self.horizon}"
-            )
-        if self.estimator == "pes" and self.num_particles % 2:
-            raise GradGraphError(f"PES needs an even number of particles (antithetic pairs), got {self.num_particles}")
-
-    @classmethod
-    def paper(cls, **overrides: Any) -> "MetaTrainConfig":
-        """The paper's protocol (:data:`PAPER_PROTOCOL`) with ``overrides``."""
-        return cls(**{**PAPER_PROTOCOL, **overrides})
-
-
-#: The paper's meta-training protocol (issue 29): antithetic PES with 16 pairs (32 inner runs),
-#: truncations of 50 steps, a 500-step horizon (= the MNIST-1D benchmark's budget), outer Adam at
-#: 1e-4 (scalars 1e-3), and a clip that only cuts outliers (3× the running mean norm) instead of
-#: normalising every step. The meta-loss stays the paper's mean log loss here (the library has no
-#: target to compare with); the lab's ``--preset paper`` uses ``"first-passage"`` with tuned Adam's ``L*``.
-PAPER_PROTOCOL: dict[str, Any] = {
-    "estimator": "pes", "num_particles": 32, "truncation": 50, "horizon": 500, "outer_lr": 1e-4,
-    "scalar_lr": 1e-3, "sigma": 0.01, "grad_clip": None, "grad_clip_relative": 3.0, "meta_loss": "log-loss",
-}
-
-
-def relative_clip_scale(norm: float, mean_norm: float | None, multiple: float) -> float:
-    """The factor a meta-gradient of norm ``norm`` is scaled by: ``min(1, multiple · mean_norm / norm)``.
-
-    ``mean_norm`` is the running mean of earlier norms (``None`` before the first step: no clip).
-    """
-    if mean_norm is None or not math.isfinite(norm) or norm <= multiple * mean_norm:
-        return 1.0
-    return multiple * mean_norm / norm
-
 
 
 class MetaTrainer:
@@ -262,8 +140,10 @@ class MetaTrainer:
         self.mean_grad_norm: float | None = None
         #: the closed-form batched path's network, if it applies (``MetaTrainConfig.batched``).
         self.chain: MLPChain | None = None
-        if config.batched and not meta_model.needs_graph and not task.forward_kwargs:
+        if config.batched and not task.forward_kwargs:
             self.chain = mlp_chain(self.models[0])
+        #: the structure of the particles' graphs on the batched GradMetaNet path (built at the first step).
+        self._chain_graphs: ChainGraphs | None = None
 
     # ---------------------------------------------------------------- inner runs
     def next_seed(self) -> int:
@@ -291,20 +171,30 @@ class MetaTrainer:
         """``[P]`` batches -> ``(inputs [P, b, ...], targets [P, b, ...])``."""
         return torch.stack([inputs for inputs, _ in batches]), torch.stack([targets for _, targets in batches])
 
-    def _graphs(self, params: dict[str, Tensor]) -> tuple[list[GradGraph] | None, dict[str, Tensor]]:
-        """Convert every particle's network on its current batch; mean gradients ``{name: [P, *shape]}``.
+    def _batched_gradients(self, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+        """The batched path (:attr:`chain`): mean gradients ``{name: [P, *shape]}`` of every particle on
+        its batch and, for GradMetaNet, the ``Batch`` of their graphs (else ``None``), from
+        :func:`~gradgraph.optim.batched.chain_gradients`."""
+        inputs, targets = self._stacked(self.batches)
+        graphs = None
+        if self.meta_model.needs_graph:
+            if self._chain_graphs is None or not self._chain_graphs.matches(inputs.shape[1], inputs.shape[0]):
+                first_inputs, first_targets = self.batches[0]
+                self._chain_graphs = ChainGraphs.from_model(self.chain, self.models[0], first_inputs, first_targets,
+                                                            self.task.loss_fn, self.config.num_particles)
+            graphs = self._chain_graphs
+        _, grads, batch = chain_gradients(self.chain, params, inputs, targets, self.task.loss_fn, graphs)
+        finite = torch.stack([torch.isfinite(g.flatten(1)).all(dim=1) for g in grads.values()]).all(dim=0)
+        if batch is not None:  # to_graph refuses non-finite factors: the batched path too, naming the runs
+            per_run = torch.stack([batch.act, batch.grad]).isfinite().reshape(2, len(finite), -1).all(dim=2).all(dim=0)
+            finite = finite & per_run
+        if not finite.all():  # as to_graph's NonFiniteFactorError, naming the runs
+            raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): inner runs "
+                                     f"{(~finite).nonzero().reshape(-1).tolist()} diverged", ~finite)
+        return {name: grads[name] for name in self.names}, batch
 
-        On the batched path (:attr:`chain`) no graph is built (``None``): the gradients come from
-        :func:`~gradgraph.optim.fused.chain_forward_backward`.
-        """
-        if self.chain is not None:
-            inputs, targets = self._stacked(self.batches)
-            _, grads, _, _ = chain_forward_backward(self.chain, params, inputs, targets, self.task.loss_fn)
-            finite = torch.stack([torch.isfinite(g.flatten(1)).all(dim=1) for g in grads.values()]).all(dim=0)
-            if not finite.all():  # as to_graph's NonFiniteFactorError, naming the runs
-                raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): inner runs "
-                                         f"{(~finite).nonzero().reshape(-1).tolist()} diverged", ~finite)
-            return None, {name: grads[name] for name in self.names}
+    def _graphs(self, params: dict[str, Tensor]) -> tuple[list[GradGraph], dict[str, Tensor]]:
+        """Convert every particle's network on its current batch; mean gradients ``{name: [P, *shape]}``."""
         graphs = []
         for index, (model, (inputs, targets)) in enumerate(zip(self.models, self.batches)):
             with torch.no_grad():
@@ -381,26 +271,6 @@ class MetaTrainer:
             result[name] = rows[:, offset:offset + p.numel()].reshape(rows.shape[0], *p.shape)
             offset += p.numel()
         return result
-
-    def _vmapped_update(self, meta_params: dict[str, Tensor], params: dict[str, Tensor], grads: dict[str, Tensor],
-                        state: OptimizerState) -> tuple[dict[str, Tensor], OptimizerState]:
-        """The update rule for every particle with its own meta-parameters, as one vmapped call.
-
-        Each particle is seen by the meta-model as a run of ``P = 1`` (the leading axis the
-        rule expects), exactly as the general path's per-particle call.
-        """
-        meta_model = self.meta_model
-
-        def one(own_meta: dict[str, Tensor], own_params: dict[str, Tensor], own_grads: dict[str, Tensor],
-                own_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-            new_params, new_state = functional_call(meta_model, own_meta, (own_params, own_grads,
-                                                                            OptimizerState.from_tensors(own_state)))
-            return new_params, new_state.tensors()
-
-        add_axis = lambda tensors: {key: value[:, None] for key, value in tensors.items()}  # noqa: E731
-        new_params, new_state = vmap(one)(meta_params, add_axis(params), add_axis(grads), add_axis(state.tensors()))
-        return ({key: value[:, 0] for key, value in new_params.items()},
-                OptimizerState.from_tensors({key: value[:, 0] for key, value in new_state.items()}))
 
     def _apply_gradient(self, flat_grad: Tensor) -> float:
         if self.all_reduce is not None:
@@ -480,9 +350,15 @@ class MetaTrainer:
         params, state = self.params, self.state
         terms = []
         for _ in range(self.config.truncation):
-            graphs, grads = self._graphs({k: v.detach() for k, v in params.items()})
-            batch = self._architecture.batch(graphs) if self.meta_model.needs_graph else None
-            params, state = self.meta_model(params, grads, state, batch, None if graphs is None else graphs[0])
+            detached = {k: v.detach() for k, v in params.items()}
+            if self.chain is not None:
+                grads, batch = self._batched_gradients(detached)
+                first = None if batch is None else self._chain_graphs.template
+            else:
+                graphs, grads = self._graphs(detached)
+                batch = self._architecture.batch(graphs) if self.meta_model.needs_graph else None
+                first = graphs[0]
+            params, state = self.meta_model(params, grads, state, batch, first)
             self._advance(params)
             terms.append(self._losses(params))
         per_particle, survival = self._meta_loss(torch.stack(terms))
@@ -504,17 +380,19 @@ class MetaTrainer:
     def _pes_truncation(self) -> tuple[float, float]:
         assert self.pes is not None
         thetas = self.pes.perturb(self.flat_meta_parameters())
-        per_particle = [self._unflatten(theta) for theta in thetas]
         stacked_meta = self._unflatten_rows(thetas) if self.chain is not None else None
+        per_particle = [self._unflatten(theta) for theta in thetas] if self.chain is None else []
         params, state = self.params, self.state
         terms = []
         for _ in range(self.config.truncation):
-            graphs, grads = self._graphs(params)
-            if graphs is None:  # the batched path: one vmapped meta-model call for all particles
-                params, state = self._vmapped_update(stacked_meta, params, grads, state)
+            if self.chain is not None:  # the batched path: one meta-model call for all particles
+                grads, batch = self._batched_gradients(params)
+                first = None if batch is None else self._chain_graphs.template
+                params, state = vmapped_update(self.meta_model, stacked_meta, params, grads, state, batch, first)
                 self._advance(params)
                 terms.append(self._losses(params))
                 continue
+            graphs, grads = self._graphs(params)
             new_params: dict[str, list[Tensor]] = {name: [] for name in self.names}
             new_states = []
             for index, graph in enumerate(graphs):
