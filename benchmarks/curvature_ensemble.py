@@ -71,7 +71,7 @@ def main() -> None:
         for run, run_config in zip(runs, configs):
             for path in sorted((run / "checkpoints").glob("*-seed*.pt")):
                 name, seed = path.stem.rsplit("-seed", 1)
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)["state"]  # a fit checkpoint
                 model = build_model(name, splits["train"], run_config.model)
                 model(batches[0])  # lazy layers take their shapes from a first batch
                 model.load_state_dict(checkpoint["best_state"])
