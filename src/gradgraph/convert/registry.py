@@ -113,6 +113,7 @@ def to_graph(
     loss_fn: LossFn | None = None,
     *,
     forward_kwargs: Mapping[str, Any] | None = None,
+    fold_time: bool = True,
 ) -> GradGraph:
     """Convert a network and a batch into a :class:`~gradgraph.GradGraph`.
 
@@ -131,6 +132,10 @@ def to_graph(
         loss_fn: ``loss_fn(output, targets) -> [b]`` unreduced per-datapoint loss; ``None``
             for output mode (the model returns one scalar per datapoint).
         forward_kwargs: extra keyword arguments for ``model.forward`` (e.g. ``mask``).
+        fold_time: the layout of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (traced converter):
+            ``True`` (default) folds each loop over time — one neuron set per gate and state,
+            each weight one edge set, one component per (datapoint, step) — and unrolls a loop
+            whose steps do not fold; ``False`` unrolls every loop (docs/recurrent.md).
 
     Returns:
         The :class:`~gradgraph.GradGraph` with ``B`` components (``B = b`` for MLPs,
@@ -165,7 +170,7 @@ def to_graph(
     # the traced converter checks for meta parameters in its one read of the model's parameters
     if not _FALLBACK:
         raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")
-    return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
+    return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs, fold_time=fold_time)
 
 
 def convert_closure(model: nn.Module, closure: Callable[[], Tensor]) -> tuple[GradGraph, Tensor]:

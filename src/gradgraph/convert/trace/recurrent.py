@@ -31,14 +31,71 @@ packed sequences (``PackedSequence``: the fused op's packed signature). An LSTM 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-__all__ = ["RECURRENT_CELL_OPS", "RECURRENT_OPS", "recurrent_decomposition"]
+__all__ = ["FoldMismatch", "RECURRENT_CELL_OPS", "RECURRENT_OPS", "fold_listener", "folding_time", "previous_state",
+           "recurrent_decomposition"]
+
+#: whether the fused recurrent ops run folded (one set per role over all steps, with
+#: :func:`previous_state` copies) or unrolled (one set per role and step); set by the trace and
+#: the replay of a plan, so both run the same ops
+_FOLD_TIME: ContextVar[bool] = ContextVar("gradgraph_fold_time", default=False)
+#: the tracer that follows the steps of a folded loop (``None`` in a replay: the events are no ops)
+_LISTENER: ContextVar[Any] = ContextVar("gradgraph_fold_listener", default=None)
+_GROUPS = itertools.count()
+
+
+class FoldMismatch(Exception):
+    """The steps of a loop run folded were not the same computation (another set of neurons, a
+    parallel edge, two steps at one component): the trace starts over with the loop unrolled."""
+
+
+@contextlib.contextmanager
+def folding_time(fold: bool) -> Iterator[None]:
+    """Run the fused recurrent ops folded (``True``) or unrolled (``False``) inside the block."""
+    token = _FOLD_TIME.set(fold)
+    try:
+        yield
+    finally:
+        _FOLD_TIME.reset(token)
+
+
+@contextlib.contextmanager
+def fold_listener(listener: Any) -> Iterator[None]:
+    """Send the step events of folded loops to ``listener`` (the tracer) inside the block: its
+    ``fold_event(kind, *args)`` gets ``("begin_group", key)``, ``("begin_step", t)``,
+    ``("end_step",)`` and ``("end_group", final_states)``."""
+    token = _LISTENER.set(listener)
+    try:
+        yield
+    finally:
+        _LISTENER.reset(token)
+
+
+def _event(kind: str, *args: Any) -> None:
+    listener = _LISTENER.get()
+    if listener is not None:
+        listener.fold_event(kind, *args)
+
+
+def previous_state(state: Tensor, like: Tensor) -> Tensor:
+    """The state a step reads, ``[b, H]``: its value is ``state`` (``h_{t-1}``, or the initial
+    state at the first step), and the trace reads it as the *previous-state copy* of the state's
+    neurons living at the components of ``like`` (the step's input ``x_t``, ``[b, F]``), as a
+    convolution's tap copies live at the output positions. One torch function (overridable), so
+    the trace sees it as one op."""
+    if has_torch_function_variadic(state, like):
+        return handle_torch_function(previous_state, (state, like), state, like)
+    return state.view_as(state)
 
 #: the fused op -> (cell kind, gate count per hidden unit)
 RECURRENT_OPS: dict[Any, tuple[str, int]] = {
@@ -120,7 +177,8 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
         h0, c0 = hx
     else:
         h0, c0 = hx, None
-    h0_zero, c0_zero = _is_constant_zero(h0), _is_constant_zero(c0)
+    fold = _FOLD_TIME.get()
+    h0_zero, c0_zero = (False, False) if fold else (_is_constant_zero(h0), _is_constant_zero(c0))
     layer_input = input
     final_h: list[Tensor] = []
     final_c: list[Tensor] = []
@@ -138,11 +196,23 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
             c = None if kind != "lstm" or c0_zero else c0[state]
             steps = range(layer_input.shape[time_axis])
             outputs: dict[int, Tensor] = {}
+            if fold:  # every step reads its state through a previous-state copy, also a zero one
+                h, c = h0[state], (c0[state] if kind == "lstm" else None)
+                _event("begin_group", (next(_GROUPS), layer, direction))
             for t in (reversed(steps) if direction == 1 else steps):
-                h, c = _step(kind, layer_input.select(time_axis, t), h, c, (w_ih, w_hh, b_ih, b_hh), hidden)
+                x_t = layer_input.select(time_axis, t)
+                if fold:
+                    _event("begin_step", t)
+                    h = previous_state(h, x_t)
+                    c = previous_state(c, x_t) if kind == "lstm" else None
+                h, c = _step(kind, x_t, h, c, (w_ih, w_hh, b_ih, b_hh), hidden)
                 if w_hr is not None:  # LSTM with proj_size: h_t = W_hr (o ⊙ tanh(c_t))
                     h = F.linear(h, w_hr)
+                if fold:
+                    _event("end_step")
                 outputs[t] = h
+            if fold:
+                _event("end_group", (h,) if c is None else (h, c))
             direction_outputs.append(torch.stack([outputs[t] for t in steps], dim=time_axis))
             final_h.append(h)
             if kind == "lstm":

@@ -19,6 +19,7 @@ from gradgraph.convert.trace.meta import (
 )
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
 from gradgraph.convert.trace.result import TraceResult
+from gradgraph.convert.trace.recurrent import FoldMismatch, folding_time
 from gradgraph.convert.trace.rules_conv import InputReadAgain
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
@@ -125,26 +126,36 @@ class _ModuleTracker:
 
 
 def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any],
-                datapoint_dim: int = 0) -> TraceResult:
+                datapoint_dim: int = 0, fold_time: bool = True) -> TraceResult:
     """Run ``forward(x)`` under the tracer and return what it found.
 
     ``x`` (:attr:`TraceResult.inputs`) is the input as the model saw it (a leaf that requires
     grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints.
+    ``fold_time``: run the loops of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` folded over time
+    (``rules_recurrent.py``); where a loop's steps do not fold, the forward is traced again with
+    the loops unrolled (:attr:`TraceResult.fold_time` says which ran).
     """
     check_materialised(model, "to_graph")
-    for input_taps in (True, False):  # an input read as convolution windows and again: read it as channels
+    attempts = [(True, fold_time), (False, fold_time)]
+    while attempts:
+        # an input read as convolution windows and again: read it as channels; a loop whose
+        # steps do not fold: unroll it
+        input_taps, fold = attempts.pop(0)
         tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim)
         tracer.input_taps = input_taps
         x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
         tracer.bind_input(x)
         tracker = _ModuleTracker(tracer)
         try:
-            with torch.enable_grad(), tracker, tracer:
+            with torch.enable_grad(), tracker, tracer, folding_time(fold):
                 output = _run_forward(model, forward, x, tracer)
         except InputReadAgain:
             continue
+        except FoldMismatch:
+            attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
+            continue
         break
-    return TraceResult(
+    return TraceResult(fold_time=fold,
         sets=tracer.sets, num_nodes=tracer.num_nodes, edges=tracer.edges, ties=tracer.ties,
         attention=tracer.attention, cuts=tracer.cuts, num_keys=len(tracer.keys), param_names=tracer.param_names,
         param_shapes=tracer.param_shapes, params=tracer.params, fingerprints=tracer.log.fingerprints,
@@ -264,13 +275,15 @@ class _Replayer(TorchFunctionMode):
 
 
 def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], fingerprints: list[tuple],
-                 wanted: set[int], guards: dict[int, list[ValueGuard]] | None = None) -> tuple[_Replayer, Any, Tensor]:
+                 wanted: set[int], guards: dict[int, list[ValueGuard]] | None = None,
+                 fold_time: bool = False) -> tuple[_Replayer, Any, Tensor]:
     """Run ``forward(x)`` checking it against ``fingerprints`` and the plan's value ``guards``;
-    raises :class:`PlanMismatch` if it differs."""
+    raises :class:`PlanMismatch` if it differs. ``fold_time``: as the trace ran the recurrent
+    loops (:attr:`TraceResult.fold_time`)."""
     replayer = _Replayer(model, fingerprints, wanted, guards)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     replayer.log = OpLog(x, {id(p): name for name, p in model.named_parameters()})
-    with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer:
+    with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer, folding_time(fold_time):
         output = _run_forward(model, forward, x)
     if replayer.log.count != len(fingerprints):
         raise PlanMismatch(replayer.log.count)

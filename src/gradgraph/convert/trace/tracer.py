@@ -35,6 +35,8 @@ from gradgraph.convert.trace.rules_attention import AttentionRules
 from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
+from gradgraph.convert.trace.recurrent import fold_listener, previous_state
+from gradgraph.convert.trace.rules_recurrent import FoldRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
 
@@ -46,7 +48,7 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
 
 
-class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, TorchFunctionMode):
+class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, FoldRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0) -> None:
@@ -87,6 +89,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         self.derived: dict[int, tuple[Tensor, int, tuple]] = {}
         #: op index -> layout decisions read off its constant arguments' values (checked by a replay)
         self.value_guards: dict[int, list[ValueGuard]] = {}
+        #: the recurrent loop being run folded over time (rules_recurrent.py), if any
+        self.fold = None
 
     # -------------------------------------------------------------- bookkeeping
     def meta(self, value: Any) -> Any:
@@ -157,9 +161,15 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         return self.input_set
 
     def new_set(self, size: int, kind: NodeKind, origin: str, created_by: str) -> NeuronSet:
+        if self.fold is not None:  # a later step of a loop run folded gets the first step's sets
+            reused = self.fold_set(size, kind, origin, created_by)
+            if reused is not None:
+                return reused
         neuron_set = NeuronSet(len(self.sets), self.num_nodes, size, kind, origin, created_by=created_by)
         self.sets.append(neuron_set)
         self.num_nodes += size
+        if self.fold is not None:
+            self.fold_created(neuron_set)
         return neuron_set
 
     def set_of(self, node: int) -> NeuronSet:
@@ -262,7 +272,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         kwargs = kwargs or {}
         parts = decomposition(func, args, kwargs)
         if parts is not None:
-            with self:  # the parts run under the trace: its rules follow them
+            with self, fold_listener(self):  # the parts run under the trace: its rules follow them
                 return parts()
         name = op_name(func)
         try:
@@ -309,6 +319,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         # convolutions (run as gather_taps + F.linear, trace/rules_conv.py) and spatial pooling
         if func is gather_taps:
             return self.tap_gather(name, args, kwargs, output)
+        if func is previous_state:  # a recurrent loop run folded (rules_recurrent.py)
+            return self.previous_copy(name, args, kwargs, output)
         if func in SPATIAL_POOLS:
             return self.spatial_pool(name, args, kwargs, output)
         if func is F.group_norm or func is F.instance_norm:
