@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 __all__ = ["FoldMismatch", "RECURRENT_CELL_OPS", "RECURRENT_OPS", "fold_listener", "folding_time", "previous_state",
-           "recurrent_decomposition"]
+           "recurrent_decomposition", "recurrent_step"]
 
 #: whether the fused recurrent ops run folded (one set per role over all steps, with
 #: :func:`previous_state` copies) or unrolled (one set per role and step); set by the trace and
@@ -72,8 +72,9 @@ def folding_time(fold: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def fold_listener(listener: Any) -> Iterator[None]:
     """Send the step events of folded loops to ``listener`` (the tracer) inside the block: its
-    ``fold_event(kind, *args)`` gets ``("begin_group", key)``, ``("begin_step", t)``,
-    ``("end_step",)`` and ``("end_group", final_states)``."""
+    ``fold_event(kind, *args)`` gets ``("begin_step", key, states)`` (the loop's name and the
+    states the step reads, before their :func:`previous_state`), ``("end_step", states)`` (the
+    states it returns) and ``("end_group", key)`` where the loop is known to end."""
     token = _LISTENER.set(listener)
     try:
         yield
@@ -85,6 +86,39 @@ def _event(kind: str, *args: Any) -> None:
     listener = _LISTENER.get()
     if listener is not None:
         listener.fold_event(kind, *args)
+
+
+def recurrent_step(step: Callable[..., Any], state: Tensor | tuple[Tensor, ...], x_t: Tensor) -> Any:
+    """``step(state, x_t)`` as one step of a recurrent loop that ``to_graph`` folds over time.
+
+    For a loop written by hand (an Elman net, a custom cell), so that its graph has one neuron
+    set per role over all steps and each weight one edge set (docs/recurrent.md)::
+
+        h = torch.zeros(x.shape[0], hidden)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])  # step(h, x_t) -> h_t
+
+    Args:
+        step: ``step(state, x_t) -> new state``, the same function at every step (calls with the
+            same ``step`` whose ``state`` is the previous call's result are one loop).
+        state: ``[b, H]``, or a tuple of them (an LSTM's ``(h, c)``): the previous step's states,
+            or the initial ones (constants, or values computed from the input).
+        x_t: ``[b, F]``, the step's input: its components (one per datapoint and step) are where
+            the step's values live in the graph.
+
+    Returns:
+        ``step``'s result (a tensor, or a tuple as ``state``). Outside a conversion this is
+        ``step(state, x_t)``. Where the steps do not fold (another computation at some step), the
+        conversion unrolls the loop, exactly.
+    """
+    states = state if isinstance(state, tuple) else (state,)
+    owner = getattr(step, "__self__", None)
+    key = ("step", id(owner) if owner is not None else None, id(getattr(step, "__func__", step)))
+    _event("begin_step", key, states)
+    read = tuple(previous_state(value, x_t) for value in states)
+    result = step(read if isinstance(state, tuple) else read[0], x_t)
+    _event("end_step", result if isinstance(result, tuple) else (result,))
+    return result
 
 
 def previous_state(state: Tensor, like: Tensor) -> Tensor:
@@ -196,23 +230,23 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
             c = None if kind != "lstm" or c0_zero else c0[state]
             steps = range(layer_input.shape[time_axis])
             outputs: dict[int, Tensor] = {}
+            group = ("module", next(_GROUPS), layer, direction)
             if fold:  # every step reads its state through a previous-state copy, also a zero one
                 h, c = h0[state], (c0[state] if kind == "lstm" else None)
-                _event("begin_group", (next(_GROUPS), layer, direction))
             for t in (reversed(steps) if direction == 1 else steps):
                 x_t = layer_input.select(time_axis, t)
                 if fold:
-                    _event("begin_step", t)
+                    _event("begin_step", group, (h,) if c is None else (h, c))
                     h = previous_state(h, x_t)
                     c = previous_state(c, x_t) if kind == "lstm" else None
                 h, c = _step(kind, x_t, h, c, (w_ih, w_hh, b_ih, b_hh), hidden)
                 if w_hr is not None:  # LSTM with proj_size: h_t = W_hr (o ⊙ tanh(c_t))
                     h = F.linear(h, w_hr)
                 if fold:
-                    _event("end_step")
+                    _event("end_step", (h,) if c is None else (h, c))
                 outputs[t] = h
             if fold:
-                _event("end_group", (h,) if c is None else (h, c))
+                _event("end_group", group)
             direction_outputs.append(torch.stack([outputs[t] for t in steps], dim=time_axis))
             final_h.append(h)
             if kind == "lstm":
@@ -225,12 +259,24 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
 def _cell(kind: str, input: Tensor, hx: Tensor | Sequence[Tensor], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     h, c = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
-    h = None if _is_constant_zero(h) else h
-    c = None if kind != "lstm" or _is_constant_zero(c) else c
+    fold = _FOLD_TIME.get() and input.dim() == 2
+    if fold:  # steps of one loop: calls of one cell, each on the state the one before returned
+        states = (h, c) if kind == "lstm" else (h,)
+        _event("begin_step", ("cell", id(w_ih)), states)
+        h = previous_state(h, input)
+        c = previous_state(c, input) if kind == "lstm" else None
+    else:
+        h = None if _is_constant_zero(h) else h
+        c = None if kind != "lstm" or _is_constant_zero(c) else c
     h_new, c_new = _step(kind, input, h, c, (w_ih, w_hh, b_ih, b_hh), w_hh.shape[1])
     if kind != "lstm":
+        if fold:
+            _event("end_step", (h_new,))
         return h_new
-    return h_new, c_new if c_new is not None else torch.zeros_like(h_new)
+    result = h_new, c_new if c_new is not None else torch.zeros_like(h_new)
+    if fold:
+        _event("end_step", result)
+    return result
 
 
 def _projected(kind: str, params: Sequence[Tensor], has_biases: bool, stacks: int) -> int | None:

@@ -64,23 +64,28 @@ def _labels(neuron_set: NeuronSet) -> tuple:
 
 @dataclass
 class FoldGroup:
-    """The bookkeeping of one (layer, direction) loop run folded.
+    """The bookkeeping of one loop run folded (a (layer, direction) of a stock module, the calls
+    of one cell, or of one :func:`~gradgraph.convert.trace.recurrent.recurrent_step` function).
 
     Attributes:
-        key: the loop's name (a counter, layer, direction), for messages.
+        key: the loop's name, for messages.
         template: the sets the first step created, in creation order.
         labels: :func:`_labels` of each template set at the end of the first step.
+        weights: the edge groups with a parameter the first step created: every step must
+            create the same (a weight used at some steps only would get the other steps' terms).
         cursor: how many template sets the current step has been handed (``None`` outside a step).
-        steps: steps begun so far.
+        steps: steps ended so far.
         edges, ties: the group's edge groups and ties kept so far (one copy of each).
         mark: ``(len(tracer.edges), len(tracer.ties), records per template set)`` when the step began.
         comps: the components of the current step; ``used``: those of all steps so far;
             ``previous``: those of the step before.
+        last: the states the last step returned (the next step reads them).
     """
 
     key: Any
     template: list[NeuronSet] = field(default_factory=list)
     labels: list[tuple] = field(default_factory=list)
+    weights: list[tuple] = field(default_factory=list)
     cursor: int | None = None
     steps: int = 0
     edges: list[tuple] = field(default_factory=list)
@@ -89,30 +94,56 @@ class FoldGroup:
     comps: Tensor | None = None
     used: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     previous: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    last: tuple = ()
 
 
 class FoldRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: loops run folded over time."""
 
+    #: the group whose step is running (``None`` between steps)
     fold: FoldGroup | None = None
+    #: whether this trace folds loops at all (else previous_state is an identity)
+    fold_time: bool = False
+    #: the loops begun and not yet ended, by key
+    fold_groups: dict[Any, FoldGroup]
 
     # -------------------------------------------------------------- events from the loop
     def fold_event(self, kind: str, *args: Any) -> None:
         """A step event of a folded loop (``trace/recurrent.py``): see the module docstring."""
-        if kind == "begin_group":
+        if not self.fold_time:
+            return
+        groups = self.fold_groups
+        if kind == "begin_step":
+            key, states = args
             if self.fold is not None:
-                raise FoldMismatch("a folded loop inside another")
-            self.fold = FoldGroup(args[0])
-        elif kind == "begin_step":
-            fold = self.fold
-            fold.cursor = 0
-            fold.comps = None
-            fold.mark = (len(self.edges), len(self.ties),
-                         [(len(s.act_records), len(s.grad_records)) for s in fold.template])
+                raise FoldMismatch("a folded step inside another")
+            group = groups.get(key)
+            if group is not None and not (len(group.last) == len(states)
+                                          and all(a is b for a, b in zip(group.last, states))):
+                self.close_fold(groups.pop(key))  # not the state the last step returned: a new loop
+                group = None
+            if group is None:
+                group = groups[key] = FoldGroup(key)
+            self.fold = group
+            group.cursor = 0
+            group.comps = None
+            group.mark = (len(self.edges), len(self.ties),
+                          [(len(s.act_records), len(s.grad_records)) for s in group.template])
         elif kind == "end_step":
-            self.end_fold_step()
+            group = self.fold
+            self.end_fold_step(group)
+            group.last = tuple(args[0])
+            self.fold = None
         elif kind == "end_group":
-            self.end_fold_group(args[0])
+            group = groups.pop(args[0], None)
+            if group is not None:
+                self.close_fold(group)
+
+    def close_folds(self) -> None:
+        """End every loop still open (cells and step functions: the forward has returned)."""
+        groups = self.fold_groups
+        for key in list(groups):
+            self.close_fold(groups.pop(key))
 
     def fold_set(self, size: int, kind: NodeKind, origin: str, created_by: str) -> NeuronSet | None:
         """The set a rule creating one inside a folded step gets: a new one in the first step
@@ -144,30 +175,31 @@ class FoldRules:
             fold.template.append(neuron_set)
             fold.cursor += 1
 
-    def end_fold_step(self) -> None:
-        fold = self.fold
+    def end_fold_step(self, fold: FoldGroup) -> None:
         edges_at, ties_at, records_at = fold.mark
+        new_edges, new_ties = self.edges[edges_at:], self.ties[ties_at:]
+        del self.edges[edges_at:], self.ties[ties_at:]
+        weights = [group for group in new_edges if group[3] >= 0]
         if fold.steps == 0:
             fold.labels = [_labels(s) for s in fold.template]
-            fold.edges.extend(self.edges[edges_at:])
-            fold.ties.extend(self.ties[ties_at:])
+            fold.weights = weights
         else:
             if fold.cursor != len(fold.template):
                 raise FoldMismatch("a step creates fewer neuron sets than the first step")
             if [_labels(s) for s in fold.template] != fold.labels:
                 raise FoldMismatch("a step labels its neuron sets otherwise than the first step")
-            new_edges = self.edges[edges_at:]
-            del self.edges[edges_at:]
-            for group in new_edges:
-                if not any(_same_group(group, kept) for kept in fold.edges):
-                    fold.edges.append(group)
-                    self.edges.append(group)
-            new_ties = self.ties[ties_at:]
-            del self.ties[ties_at:]
-            for tie in new_ties:
-                if not any(_same_group(tie, kept) for kept in fold.ties):
-                    fold.ties.append(tie)
-                    self.ties.append(tie)
+            if len(weights) != len(fold.weights) or not all(map(_same_group, weights, fold.weights)):
+                raise FoldMismatch("a step uses other weights than the first step")
+        # one copy of what every step repeats; relations without a parameter (the state's copy
+        # into the previous-state set, which the first step reads from the initial state) may differ
+        for group in new_edges:
+            if not any(_same_group(group, kept) for kept in fold.edges):
+                fold.edges.append(group)
+                self.edges.append(group)
+        for tie in new_ties:
+            if not any(_same_group(tie, kept) for kept in fold.ties):
+                fold.ties.append(tie)
+                self.ties.append(tie)
         # every value the step wrote into the group's sets lies at the step's components (an act
         # may also be the previous step's state, read by this step's previous-state copy)
         if fold.comps is None:
@@ -186,16 +218,14 @@ class FoldRules:
         fold.cursor = None
         fold.previous = fold.comps
 
-    def end_fold_group(self, finals: tuple) -> None:
-        """The last step's states are no later step's previous state: their acts are recorded
-        here (where their sets' act is that version), so every step's state has its act."""
-        fold = self.fold
-        self.fold = None
+    def close_fold(self, fold: FoldGroup) -> None:
+        """The end of a loop: no two of its edges join one pair of neurons, and the last step's
+        states, which no later step reads, get their acts (where their sets' act is that version)."""
         if fold.edges:
             codes = torch.cat([group[0] * self.num_nodes + group[1] for group in fold.edges])
             if torch.unique(codes).numel() != codes.numel():
                 raise FoldMismatch("two edges between one pair of neurons")
-        for value in finals:
+        for value in fold.last:
             meta = self.meta(value)
             if isinstance(meta, Neurons) and meta.comps is not None and all(
                     self.sets[index].act_version == version for index, version in meta.versions.items()):
@@ -206,6 +236,13 @@ class FoldRules:
         """``previous_state(h, x_t)``: the previous-state copy (module docstring)."""
         state, like = args
         fold = self.fold
+        if not self.fold_time:  # unrolled: the value itself (a constant stays a constant)
+            meta = self.need_neurons(state, name)
+            if meta is not None:
+                new = Neurons(meta.nodes, meta.comps, dict(meta.versions), meta.unbound_index)
+                self.set_meta(output, new)
+                self.observe(output, new)
+            return
         if fold is None or fold.cursor is None:
             raise FoldMismatch("a previous-state read outside a folded step")
         like_meta = self.need_neurons(like, name)

@@ -19,7 +19,7 @@ from gradgraph.convert.trace.meta import (
 )
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
 from gradgraph.convert.trace.result import TraceResult
-from gradgraph.convert.trace.recurrent import FoldMismatch, folding_time
+from gradgraph.convert.trace.recurrent import FoldMismatch, fold_listener, folding_time
 from gradgraph.convert.trace.rules_conv import InputReadAgain
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
@@ -147,8 +147,10 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
         tracer.bind_input(x)
         tracker = _ModuleTracker(tracer)
         try:
-            with torch.enable_grad(), tracker, tracer, folding_time(fold):
+            tracer.fold_time = fold
+            with torch.enable_grad(), tracker, tracer, folding_time(fold), fold_listener(tracer):
                 output = _run_forward(model, forward, x, tracer)
+                tracer.close_folds()
         except InputReadAgain:
             continue
         except FoldMismatch:

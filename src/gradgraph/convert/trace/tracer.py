@@ -35,7 +35,7 @@ from gradgraph.convert.trace.rules_attention import AttentionRules
 from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
-from gradgraph.convert.trace.recurrent import fold_listener, previous_state
+from gradgraph.convert.trace.recurrent import previous_state
 from gradgraph.convert.trace.rules_recurrent import FoldRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
@@ -89,8 +89,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         self.derived: dict[int, tuple[Tensor, int, tuple]] = {}
         #: op index -> layout decisions read off its constant arguments' values (checked by a replay)
         self.value_guards: dict[int, list[ValueGuard]] = {}
-        #: the recurrent loop being run folded over time (rules_recurrent.py), if any
+        #: loops run folded over time (rules_recurrent.py): the one whose step runs, all open ones
         self.fold = None
+        self.fold_groups = {}
+        self.fold_time = False
 
     # -------------------------------------------------------------- bookkeeping
     def meta(self, value: Any) -> Any:
@@ -272,7 +274,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         kwargs = kwargs or {}
         parts = decomposition(func, args, kwargs)
         if parts is not None:
-            with self, fold_listener(self):  # the parts run under the trace: its rules follow them
+            with self:  # the parts run under the trace: its rules follow them
                 return parts()
         name = op_name(func)
         try:
