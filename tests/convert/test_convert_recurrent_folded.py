@@ -306,3 +306,22 @@ def test_gradmetanet_outputs_move_with_the_group_on_folded_graphs(make):
     metanet = GradMetaNet(8, num_component_layers=1, num_node_layers=1, edge_out_channels=2, node_out_channels=1,
                           graph_out_channels=1).to(DTYPE)
     assert_equivariant(metanet, [graph])
+
+
+# ------------------------------------------------------------------ plans
+@pytest.mark.parametrize("make", [lambda: Stack("LSTM", True, False), lambda: Elman(), lambda: StackedCells("GRU"),
+                                  lambda: BufferState(torch.zeros(1, 1, 4), torch.ones(1, 1, 4))])
+def test_a_folded_plan_is_replayed_not_traced_again(make, monkeypatch):
+    """The replay of a folded plan runs the same ops as its trace (the tracer's bookkeeping at the
+    step events is no op of the forward), so a second conversion does not trace."""
+    import gradgraph.convert.traced as traced
+
+    torch.manual_seed(21)
+    model = make().to(DTYPE).eval()
+    first = gradgraph.to_graph(model, inputs(batch=3, steps=4), None, squared_output)
+    traces = []
+    original = traced.trace_model
+    monkeypatch.setattr(traced, "trace_model", lambda *args, **kwargs: traces.append(1) or original(*args, **kwargs))
+    again = gradgraph.to_graph(model, inputs(batch=3, steps=4), None, squared_output)
+    assert not traces
+    assert_same_graph(again, first, atol=1e-12)

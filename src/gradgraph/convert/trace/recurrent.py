@@ -85,7 +85,10 @@ def fold_listener(listener: Any) -> Iterator[None]:
 def _event(kind: str, *args: Any) -> None:
     listener = _LISTENER.get()
     if listener is not None:
-        listener.fold_event(kind, *args)
+        # the tracer's own bookkeeping (torch.cat, torch.isin ...) is no op of the forward: a
+        # replay, which has no listener, must see the same ops
+        with torch._C.DisableTorchFunction():
+            listener.fold_event(kind, *args)
 
 
 def recurrent_step(step: Callable[..., Any], state: Tensor | tuple[Tensor, ...], x_t: Tensor) -> Any:

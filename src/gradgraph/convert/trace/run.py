@@ -150,7 +150,7 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
             tracer.fold_time = fold
             with torch.enable_grad(), tracker, tracer, folding_time(fold), fold_listener(tracer):
                 output = _run_forward(model, forward, x, tracer)
-                tracer.close_folds()
+            tracer.close_folds()  # outside the mode: its bookkeeping is no op of the forward
         except InputReadAgain:
             continue
         except FoldMismatch:
