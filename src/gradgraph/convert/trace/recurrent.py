@@ -18,11 +18,21 @@ Each gate is its own ``F.linear`` on the rows of its block of ``W_ih`` / ``W_hh`
 the products and sums that join them; the permutation of hidden units then moves the rows of
 every gate block of ``W_ih``, the rows and columns of ``W_hh`` and the biases together.
 
-An initial state that is a constant zero (``hx=None``: the module makes ``torch.zeros``)
+Unrolled, an initial state that is a constant zero (``hx=None``: the module makes ``torch.zeros``)
 contributes nothing but ``b_hh``; the first step then reads the bias alone (``W_hh · 0``
 has no gradient). That choice reads the state's values, so it depends on them; a replay runs
 this same function on its own arguments, and a different choice is a different op sequence,
 which the replay's fingerprints catch (it traces afresh).
+
+**Folded over time** (``to_graph(..., fold_time=True)``, the default; :func:`folding_time` sets
+it for a trace and its replays alike): every step reads its state through
+:func:`previous_state` (also a constant initial state: no term is skipped), the input terms
+``W_i· x + b_i·`` are one ``F.linear`` per gate block over the whole sequence (not the GRU's
+candidate, whose recurrent term is gated), and the loop tells the tracer where it and each of
+its steps begin and end (``trace/rules_recurrent.py`` then gives every step the first step's
+neuron sets). The calls of one cell on the state the call before returned, and the calls of one
+:func:`recurrent_step` function (hand-written loops), are loops too. The events go to the
+tracer only (a replay has no listener), so trace and replay run the same ops.
 
 What is not decomposed (the trace then refuses the fused op by name, with the module's path):
 packed sequences (``PackedSequence``: the fused op's packed signature). An LSTM with
@@ -72,7 +82,8 @@ def folding_time(fold: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def fold_listener(listener: Any) -> Iterator[None]:
     """Send the step events of folded loops to ``listener`` (the tracer) inside the block: its
-    ``fold_event(kind, *args)`` gets ``("begin_step", key, states)`` (the loop's name and the
+    ``fold_event(kind, *args)`` gets ``("begin_loop", key)`` where a stock module's loop starts
+    (before the ops that precede its first step), ``("begin_step", key, states)`` (the loop's name and the
     states the step reads, before their :func:`previous_state`), ``("end_step", states)`` (the
     states it returns) and ``("end_group", key)`` where the loop is known to end."""
     token = _LISTENER.set(listener)
@@ -176,14 +187,28 @@ def _times(gate: Tensor, value: Tensor | None) -> Tensor | None:
     return None if value is None else gate * value
 
 
-def _step(kind: str, x_t: Tensor, h: Tensor | None, c: Tensor | None, weights: Sequence[Tensor | None],
-          size: int) -> tuple[Tensor, Tensor | None]:
+def _step(kind: str, x_t: Tensor | None, h: Tensor | None, c: Tensor | None, weights: Sequence[Tensor | None],
+          size: int, input_terms: Sequence[Tensor] | None = None,
+          recurrent_blocks: Sequence[tuple[Tensor, Tensor | None]] | None = None) -> tuple[Tensor, Tensor | None]:
     """One step of one layer and direction: ``(h_t, c_t)`` (``c_t`` only for the LSTM);
-    ``h`` / ``c`` are ``None`` for a zero state."""
+    ``h`` / ``c`` are ``None`` for a zero state. Folded, the input terms ``W_i· x_t + b_i·`` of the
+    gate blocks come computed (``input_terms``: one ``F.linear`` per block over the whole sequence;
+    ``None`` for a block computed here) and ``recurrent_blocks`` holds each block's
+    ``(W_h·, b_h·)`` sliced once."""
     w_ih, w_hh, b_ih, b_hh = weights
 
+    def input_term(block: int) -> Tensor:
+        if input_terms is not None and input_terms[block] is not None:
+            return input_terms[block]
+        return _gate(x_t, w_ih, b_ih, block, size)
+
+    def recurrent_term(block: int) -> Tensor | None:
+        if recurrent_blocks is not None:
+            return F.linear(h, *recurrent_blocks[block])
+        return _gate(h, w_hh, b_hh, block, size)
+
     def pre_activation(block: int) -> Tensor:
-        return _plus(_gate(x_t, w_ih, b_ih, block, size), _gate(h, w_hh, b_hh, block, size))
+        return _plus(input_term(block), recurrent_term(block))
 
     if kind in ("tanh", "relu"):
         value = pre_activation(0)
@@ -191,8 +216,8 @@ def _step(kind: str, x_t: Tensor, h: Tensor | None, c: Tensor | None, weights: S
     if kind == "gru":
         reset = torch.sigmoid(pre_activation(0))
         update = torch.sigmoid(pre_activation(1))
-        recurrent = _gate(h, w_hh, b_hh, 2, size)
-        candidate = torch.tanh(_plus(_gate(x_t, w_ih, b_ih, 2, size), _times(reset, recurrent)))
+        recurrent = recurrent_term(2)
+        candidate = torch.tanh(_plus(input_term(2), _times(reset, recurrent)))
         return _plus((1 - update) * candidate, _times(update, h)), None
     input_gate = torch.sigmoid(pre_activation(0))
     forget_gate = torch.sigmoid(pre_activation(1))
@@ -234,15 +259,26 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
             steps = range(layer_input.shape[time_axis])
             outputs: dict[int, Tensor] = {}
             group = ("module", next(_GROUPS), layer, direction)
+            input_terms = recurrent_blocks = None
             if fold:  # every step reads its state through a previous-state copy, also a zero one
+                _event("begin_loop", group)
                 h, c = h0[state], (c0[state] if kind == "lstm" else None)
+                # W_ih's terms of all steps at once, and W_hh's blocks sliced once: fewer ops per step.
+                # Not the GRU's candidate: its recurrent term is gated (r ⊙ (W_hn h + b_hn)), so the
+                # sum lands in the input term's neurons, which must then be the step's own set
+                blocks = [slice(block * hidden, (block + 1) * hidden) for block in range(gates)]
+                inputs_all = [None if kind == "gru" and block == 2 else
+                              F.linear(layer_input, w_ih[rows], None if b_ih is None else b_ih[rows])
+                              for block, rows in enumerate(blocks)]
+                recurrent_blocks = [(w_hh[rows], None if b_hh is None else b_hh[rows]) for rows in blocks]
             for t in (reversed(steps) if direction == 1 else steps):
-                x_t = layer_input.select(time_axis, t)
+                x_t = layer_input.select(time_axis, t) if not fold or kind == "gru" else None
                 if fold:
+                    input_terms = [None if term is None else term.select(time_axis, t) for term in inputs_all]
                     _event("begin_step", group, (h,) if c is None else (h, c))
-                    h = previous_state(h, x_t)
-                    c = previous_state(c, x_t) if kind == "lstm" else None
-                h, c = _step(kind, x_t, h, c, (w_ih, w_hh, b_ih, b_hh), hidden)
+                    h = previous_state(h, input_terms[0])
+                    c = previous_state(c, input_terms[0]) if kind == "lstm" else None
+                h, c = _step(kind, x_t, h, c, (w_ih, w_hh, b_ih, b_hh), hidden, input_terms, recurrent_blocks)
                 if w_hr is not None:  # LSTM with proj_size: h_t = W_hr (o ⊙ tanh(c_t))
                     h = F.linear(h, w_hr)
                 if fold:

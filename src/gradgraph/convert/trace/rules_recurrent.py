@@ -106,6 +106,8 @@ class FoldRules:
     fold_time: bool = False
     #: the loops begun and not yet ended, by key
     fold_groups: dict[Any, FoldGroup]
+    #: whether a loop ran folded in this trace
+    fold_seen: bool = False
 
     # -------------------------------------------------------------- events from the loop
     def fold_event(self, kind: str, *args: Any) -> None:
@@ -113,8 +115,11 @@ class FoldRules:
         if not self.fold_time:
             return
         groups = self.fold_groups
-        if kind == "begin_step":
+        if kind == "begin_loop":
+            self.fold_seen = True
+        elif kind == "begin_step":
             key, states = args
+            self.fold_seen = True
             if self.fold is not None:
                 raise FoldMismatch("a folded step inside another")
             group = groups.get(key)

@@ -23,7 +23,7 @@ from gradgraph.convert.trace.recurrent import FoldMismatch, fold_listener, foldi
 from gradgraph.convert.trace.rules_conv import InputReadAgain
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
-from gradgraph.errors import GradGraphError
+from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind
 
 
@@ -133,10 +133,14 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints.
     ``fold_time``: run the loops of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` folded over time
     (``rules_recurrent.py``); where a loop's steps do not fold, the forward is traced again with
-    the loops unrolled (:attr:`TraceResult.fold_time` says which ran).
+    the loops unrolled (:attr:`TraceResult.fold_time` says which ran). A forward refused while a
+    loop ran folded is traced again unrolled too (folded, the input terms of all steps are one
+    ``F.linear``, which some inputs do not allow); if that is refused as well, the folded
+    trace's error is raised.
     """
     check_materialised(model, "to_graph")
     attempts = [(True, fold_time), (False, fold_time)]
+    folded_error: UnsupportedModuleError | None = None
     while attempts:
         # an input read as convolution windows and again: read it as channels; a loop whose
         # steps do not fold: unroll it
@@ -154,6 +158,14 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
         except InputReadAgain:
             continue
         except FoldMismatch:
+            attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
+            continue
+        except UnsupportedModuleError as error:
+            if folded_error is not None:
+                raise folded_error from None
+            if not (fold and tracer.fold_seen):
+                raise
+            folded_error = error
             attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
             continue
         break
