@@ -24,10 +24,14 @@ pooling over time were refused.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 from strategies import assert_same_graph
-from test_convert_recurrent import DTYPE, STOCK_CASES, assert_exact, check_group, inputs, squared_output
+from test_convert_recurrent import (DTYPE, STOCK_CASES, RandomRecurrent, assert_exact, check_group, inputs,
+                                    recurrent_programs, squared_output)
 from torch import nn
 
 import gradgraph
@@ -325,3 +329,20 @@ def test_a_folded_plan_is_replayed_not_traced_again(make, monkeypatch):
     again = gradgraph.to_graph(model, inputs(batch=3, steps=4), None, squared_output)
     assert not traces
     assert_same_graph(again, first, atol=1e-12)
+
+
+# ------------------------------------------------------------------ random stacks
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 12)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(recurrent_programs())
+def test_every_random_recurrent_stack_folds(program):
+    """The random stacks of ``test_convert_recurrent.py`` (which checks them exact with their
+    group) all fold: none falls back to the unrolled layout."""
+    blocks, read, seed, steps = program
+    torch.manual_seed(seed)
+    model = RandomRecurrent(blocks, read).to(DTYPE).eval()
+    graph = gradgraph.to_graph(model, inputs(seed, batch=3, steps=steps), None, squared_output)
+    assert graph.num_components == 3 * steps
+    for name, param in model.named_parameters():
+        if "weight_hh" in name or "weight_hr" in name:
+            assert edges_of(graph, name) == param.numel(), name
