@@ -35,7 +35,7 @@ from test_convert_recurrent import (DTYPE, STOCK_CASES, RandomRecurrent, assert_
 from torch import nn
 
 import gradgraph
-from gradgraph.nn import GradMetaNet
+from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
 from gradgraph.testing import assert_equivariant
 
 CELLS = {"RNN": nn.RNN, "GRU": nn.GRU, "LSTM": nn.LSTM}
@@ -310,6 +310,8 @@ def test_gradmetanet_outputs_move_with_the_group_on_folded_graphs(make):
     metanet = GradMetaNet(8, num_component_layers=1, num_node_layers=1, edge_out_channels=2, node_out_channels=1,
                           graph_out_channels=1).to(DTYPE)
     assert_equivariant(metanet, [graph])
+    plusplus = GradMetaNetPlusPlus(6, num_layers=1, heads=2, graph_out_channels=1, component_out_channels=1).to(DTYPE)
+    assert_equivariant(plusplus, [graph])
 
 
 # ------------------------------------------------------------------ plans
