@@ -241,6 +241,54 @@ def test_stacked_cell_loops_fold_exactly(cell):
     assert_folded(model, graph, 3, 5)
 
 
+class CustomStep(nn.Module):
+    """Hand-written cells stepped with ``recurrent_step``, every step's state read by a head:
+    a layer norm in the step, a residual state, a gated (GRU-like) state, an MLP on the input,
+    a tuple state ``(h, c)``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.input_map, self.recurrent_map = nn.Linear(3, 5), nn.Linear(5, 5)
+        self.gate_input, self.gate_recurrent = nn.Linear(3, 5), nn.Linear(5, 5, bias=False)
+        self.norm, self.pre, self.head = nn.LayerNorm(5), nn.Linear(3, 3), nn.Linear(5, 2)
+
+    def step(self, h, x_t):
+        if self.kind == "tuple":
+            h, c = h
+            c = torch.tanh(self.input_map(x_t) + self.recurrent_map(h)) + c
+            return torch.tanh(c) * torch.sigmoid(self.gate_input(x_t)), c
+        if self.kind == "mlp-input":
+            x_t = torch.relu(self.pre(x_t))
+        candidate = torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+        if self.kind == "norm":
+            return self.norm(candidate)
+        if self.kind == "residual":
+            return h + candidate
+        if self.kind == "gated":
+            z = torch.sigmoid(self.gate_input(x_t) + self.gate_recurrent(h))
+            return z * h + (1 - z) * candidate
+        return candidate
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+        state = (h, torch.zeros_like(h)) if self.kind == "tuple" else h
+        outputs = []
+        for t in range(x.shape[1]):
+            state = gradgraph.recurrent_step(self.step, state, x[:, t])
+            outputs.append(state[0] if self.kind == "tuple" else state)
+        return self.head(torch.stack(outputs, 1)).sum(1)
+
+
+@pytest.mark.parametrize("kind", ["norm", "residual", "gated", "mlp-input", "tuple"])
+def test_hand_written_cells_fold_exactly_with_their_group(kind):
+    torch.manual_seed(22)
+    model = CustomStep(kind).to(DTYPE).eval()
+    graph = assert_exact(model, inputs(batch=3, steps=4))
+    assert edges_of(graph, "recurrent_map.weight") == 25  # one edge set
+    check_group(model, inputs(batch=3, steps=4), seed=4)
+
+
 # ------------------------------------------------------------------ what folding adds
 @pytest.mark.parametrize("cell", ["GRU", "LSTM"])
 def test_a_head_on_every_step_and_pooling_over_time_convert_folded(cell):
