@@ -323,7 +323,8 @@ def test_a_constant_initial_state_is_the_act_of_the_first_step():
 
 
 # ------------------------------------------------------------------ loops that do not fold
-@pytest.mark.parametrize("make, block", [(RepeatedInput, "rnn.weight_hh_l0"), (FirstStepDiffers, "recurrent_map.weight")])
+@pytest.mark.parametrize("make, block", [(RepeatedInput, "rnn.weight_hh_l0"),
+                                         (FirstStepDiffers, "recurrent_map.weight")])
 def test_a_loop_whose_steps_do_not_fold_is_unrolled_exactly(make, block):
     """Folded, the repeated input would put every step at one component (each step's value
     overwriting the last) and the first step's own weight would get every step's term: both

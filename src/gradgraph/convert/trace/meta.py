@@ -132,7 +132,8 @@ class NeuronSet:
     absorbed: bool = False
     pinned: bool = False
     read_by_affine: bool = False
-    created_by: str = "affine"  # affine | input | token | norm | merge | attention | scale | pool | embedding | previous
+    #: affine | input | token | norm | merge | attention | scale | pool | embedding | previous
+    created_by: str = "affine"
 
     def holds(self, nodes: Tensor) -> Tensor:
         """Boolean mask of the same shape: which of the node ids ``nodes`` are this set's neurons."""
