@@ -29,6 +29,7 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from strategies import assert_same_graph
 from test_convert_recurrent import (DTYPE, STOCK_CASES, RandomRecurrent, assert_exact, check_group, inputs,
                                     recurrent_programs, squared_output)
@@ -132,20 +133,20 @@ class RepeatedInput(nn.Module):
 
 
 class FirstStepDiffers(nn.Module):
-    """A ``recurrent_step`` loop whose first step reads another sequence through another weight
-    (``first_map(u_0)``, later ``input_map(v_t)``): the same sets, sizes and labels at every step,
-    but not the same computation. ``u`` is also read whole (``aux``), so it has values at every
-    step; folded, ``first_map`` would get the terms of every step, so the loop is unrolled."""
+    """A ``recurrent_step`` loop whose first step reads another sequence (``input_map(u_0)``, later
+    ``input_map(v_t)``): the same sets, labels and weights at every step, other source neurons.
+    ``u`` is also read whole (``aux``), so it has values at every step; folded, ``input_map``'s
+    edges from ``u`` would collect the terms of every step, so the loop is unrolled (a source
+    that lives at its own step only folds: ``test_a_cell_loop_with_a_projection_per_step...``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.first_proj, self.proj = nn.Linear(3, 5), nn.Linear(3, 5)
-        # without biases: the sets' labels are the same at every step, only the weights differ
-        self.first_map, self.input_map = nn.Linear(5, 5, bias=False), nn.Linear(5, 5, bias=False)
+        self.input_map = nn.Linear(5, 5)
         self.recurrent_map, self.head, self.aux = nn.Linear(5, 5), nn.Linear(5, 2), nn.Linear(5, 2)
 
     def step(self, h, x_t):
-        entry = self.first_map(self.u[:, self.t]) if self.t == 0 else self.input_map(self.v[:, self.t])
+        entry = self.input_map(self.u[:, self.t] if self.t == 0 else self.v[:, self.t])
         return torch.tanh(entry + self.recurrent_map(h))
 
     def forward(self, x):
@@ -289,6 +290,31 @@ def test_hand_written_cells_fold_exactly_with_their_group(kind):
     check_group(model, inputs(batch=3, steps=4), seed=4)
 
 
+class ProjectedCellLoop(nn.Module):
+    """A cell loop whose input is projected at every step inside the loop (``cell(embed(x_t), h)``):
+    the projection is a new neuron set per step (outside the loop's steps), so ``W_ih`` reads
+    other neurons at every step; each lives at its own step only, so the loop still folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.cell, self.head = nn.Linear(3, 4), nn.LSTMCell(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(torch.tanh(self.embed(x[:, t])), state)
+        return self.head(state[0])
+
+
+def test_a_cell_loop_with_a_projection_per_step_folds_exactly():
+    torch.manual_seed(23)
+    model = ProjectedCellLoop().to(DTYPE).eval()
+    graph = assert_exact(model, inputs(batch=3, steps=4))
+    assert edges_of(graph, "cell.weight_hh") == model.cell.weight_hh.numel()
+    assert edges_of(graph, "cell.weight_ih") == 4 * model.cell.weight_ih.numel()  # one block per source set
+    check_group(model, inputs(batch=3, steps=4), seed=5)
+
+
 # ------------------------------------------------------------------ what folding adds
 @pytest.mark.parametrize("cell", ["GRU", "LSTM"])
 def test_a_head_on_every_step_and_pooling_over_time_convert_folded(cell):
@@ -397,3 +423,76 @@ def test_every_random_recurrent_stack_folds(program):
     for name, param in model.named_parameters():
         if "weight_hh" in name or "weight_hr" in name:
             assert edges_of(graph, name) == param.numel(), name
+
+
+class RandomLoops(nn.Module):
+    """A stack of loops written by hand, drawn by hypothesis: each block is an ``nn.*Cell``
+    stepped in a Python loop or a :class:`CustomStep`-style cell through ``recurrent_step``,
+    reading the previous block's output sequence; read out at the last step, as the mean over
+    time, or by a head on every step."""
+
+    def __init__(self, blocks: list[tuple[str, str]], read: str) -> None:
+        super().__init__()
+        self.blocks, self.read = blocks, read
+        self.cells = nn.ModuleList()
+        width = 3
+        for family, kind in blocks:
+            if family == "cell":
+                self.cells.append(getattr(nn, kind + "Cell")(width, 4))
+            else:
+                cell = CustomStep(kind)
+                if width != 3:  # the custom cells read 3 features
+                    cell.adapt = nn.Linear(width, 3)
+                self.cells.append(cell)
+            width = 4 if family == "cell" else 5
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        sequence = x
+        for (family, kind), cell in zip(self.blocks, self.cells):
+            outputs, state = [], None
+            if family == "step":
+                zeros = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+                state = (zeros, zeros) if kind == "tuple" else zeros
+            for t in range(sequence.shape[1]):
+                x_t = sequence[:, t]
+                if family == "cell":
+                    state = cell(x_t, state)
+                    outputs.append(state[0] if kind == "LSTM" else state)
+                else:
+                    x_t = cell.adapt(x_t) if hasattr(cell, "adapt") else x_t
+                    state = gradgraph.recurrent_step(cell.step, state, x_t)
+                    outputs.append(state[0] if kind == "tuple" else state)
+            sequence = torch.stack(outputs, 1)
+        if self.read == "last":
+            return self.head(sequence[:, -1])
+        if self.read == "mean":
+            return self.head(sequence.mean(1))
+        return self.head(sequence).sum(1)
+
+
+@st.composite
+def loop_programs(draw):
+    blocks = [draw(st.one_of(st.tuples(st.just("cell"), st.sampled_from(sorted(CELLS))),
+                             st.tuples(st.just("step"), st.sampled_from(["plain", "norm", "residual", "gated",
+                                                                          "mlp-input", "tuple"]))))
+              for _ in range(draw(st.integers(1, 2)))]
+    return blocks, draw(st.sampled_from(["last", "mean", "every step"])), draw(st.integers(0, 2**16)), \
+        draw(st.integers(1, 4))
+
+
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 12)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(loop_programs())
+def test_a_random_stack_of_hand_written_loops_folds_exactly_with_its_group(program):
+    """Every such stack converts exactly, folded (each recurrent weight one edge set), and a
+    sampled element of its group keeps the function and maps graph to graph."""
+    blocks, read, seed, steps = program
+    torch.manual_seed(seed)
+    model = RandomLoops(blocks, read).to(DTYPE).eval()
+    batch = inputs(seed, batch=3, steps=steps)
+    graph = assert_exact(model, batch)
+    for name, param in model.named_parameters():
+        if name in graph.param_names and ("weight_hh" in name or "recurrent_map.weight" in name):
+            assert edges_of(graph, name) == param.numel(), name
+    check_group(model, batch, seed)

@@ -56,6 +56,12 @@ def _same_group(a: tuple, b: tuple) -> bool:
     return True
 
 
+def _same_but_sources(a: tuple, b: tuple) -> bool:
+    """Whether two weight edge groups are the same weight entries into the same neurons (their
+    source neurons may differ)."""
+    return a[0].shape == b[0].shape and _same_group(a[1:], b[1:])
+
+
 def _labels(neuron_set: NeuronSet) -> tuple:
     """What the rules decided about a set within one step (compared between steps)."""
     return (neuron_set.size, neuron_set.kind, neuron_set.created_by, neuron_set.activation, neuron_set.absorbed,
@@ -80,6 +86,8 @@ class FoldGroup:
         comps: the components of the current step; ``used``: those of all steps so far;
             ``previous``: those of the step before.
         last: the states the last step returned (the next step reads them).
+        varying: the weight groups (by their place among a step's) whose source neurons differ
+            between steps; ``step_weights``: per step, its weight groups' sources and components.
     """
 
     key: Any
@@ -95,6 +103,8 @@ class FoldGroup:
     used: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     previous: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     last: tuple = ()
+    varying: set[int] = field(default_factory=set)
+    step_weights: list[tuple[list[Tensor], Tensor]] = field(default_factory=list)
 
 
 class FoldRules:
@@ -108,6 +118,8 @@ class FoldRules:
     fold_groups: dict[Any, FoldGroup]
     #: whether a loop ran folded in this trace
     fold_seen: bool = False
+    #: (source nodes, step components) of the weights that read other neurons at different steps
+    fold_sources: list[tuple[Tensor, Tensor]]
 
     # -------------------------------------------------------------- events from the loop
     def fold_event(self, kind: str, *args: Any) -> None:
@@ -145,10 +157,26 @@ class FoldRules:
                 self.close_fold(group)
 
     def close_folds(self) -> None:
-        """End every loop still open (cells and step functions: the forward has returned)."""
+        """End every loop still open (cells and step functions: the forward has returned), then
+        :meth:`check_fold_sources`."""
         groups = self.fold_groups
         for key in list(groups):
             self.close_fold(groups.pop(key))
+        self.check_fold_sources()
+
+    def check_fold_sources(self) -> None:
+        """Each step's source neurons of a weight that reads other neurons at different steps
+        have acts at that step's components only: else the weight's edges from them would also
+        collect the terms of other steps (their ``grad`` end lives at every step)."""
+        for sources, comps in self.fold_sources:
+            for neuron_set in self.sets_in(sources):
+                for _, nodes, record_comps in neuron_set.act_records:
+                    if record_comps is None:
+                        continue
+                    held = record_comps[torch.isin(nodes, sources)]
+                    if held.numel() and not bool(torch.isin(held, comps).all()):
+                        raise FoldMismatch(f"'{neuron_set.origin}' feeds one step of a loop and has values "
+                                           "at other steps")
 
     def fold_set(self, size: int, kind: NodeKind, origin: str, created_by: str) -> NeuronSet | None:
         """The set a rule creating one inside a folded step gets: a new one in the first step
@@ -193,8 +221,12 @@ class FoldRules:
                 raise FoldMismatch("a step creates fewer neuron sets than the first step")
             if [_labels(s) for s in fold.template] != fold.labels:
                 raise FoldMismatch("a step labels its neuron sets otherwise than the first step")
-            if len(weights) != len(fold.weights) or not all(map(_same_group, weights, fold.weights)):
+            if len(weights) != len(fold.weights) or not all(map(_same_but_sources, weights, fold.weights)):
                 raise FoldMismatch("a step uses other weights than the first step")
+            for slot, (group, first) in enumerate(zip(weights, fold.weights)):
+                if not torch.equal(group[0], first[0]):
+                    fold.varying.add(slot)
+        fold.step_weights.append(([group[0] for group in weights], fold.comps))
         # one copy of what every step repeats; relations without a parameter (the state's copy
         # into the previous-state set, which the first step reads from the initial state) may differ
         for group in new_edges:
@@ -225,7 +257,14 @@ class FoldRules:
 
     def close_fold(self, fold: FoldGroup) -> None:
         """The end of a loop: no two of its edges join one pair of neurons, and the last step's
-        states, which no later step reads, get their acts (where their sets' act is that version)."""
+        states, which no later step reads, get their acts (where their sets' act is that version).
+        A weight that reads other neurons at different steps (a projection applied per step
+        outside the loop, ``cell(embed(x[:, t]), h)``) is kept per step; each step's source
+        neurons must then have values at that step's components only, which
+        :meth:`check_fold_sources` checks once the forward is done (later ops may read them)."""
+        for slot in fold.varying:
+            for sources, comps in fold.step_weights:
+                self.fold_sources.append((sources[slot], comps))
         if fold.edges:
             codes = torch.cat([group[0] * self.num_nodes + group[1] for group in fold.edges])
             if torch.unique(codes).numel() != codes.numel():

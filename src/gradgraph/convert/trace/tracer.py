@@ -93,6 +93,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         self.fold = None
         self.fold_groups = {}
         self.fold_time = False
+        self.fold_sources = []
 
     # -------------------------------------------------------------- bookkeeping
     def meta(self, value: Any) -> Any:
