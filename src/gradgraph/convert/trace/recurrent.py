@@ -66,7 +66,7 @@ _GROUPS = itertools.count()
 
 class FoldMismatch(Exception):
     """The steps of a loop run folded were not the same computation (another set of neurons, a
-    parallel edge, two steps at one component): the trace starts over with the loop unrolled."""
+    parallel edge, two steps at one component): the trace starts over with every loop unrolled."""
 
 
 @contextlib.contextmanager
@@ -83,9 +83,10 @@ def folding_time(fold: bool) -> Iterator[None]:
 def fold_listener(listener: Any) -> Iterator[None]:
     """Send the step events of folded loops to ``listener`` (the tracer) inside the block: its
     ``fold_event(kind, *args)`` gets ``("begin_loop", key)`` where a stock module's loop starts
-    (before the ops that precede its first step), ``("begin_step", key, states)`` (the loop's name and the
-    states the step reads, before their :func:`previous_state`), ``("end_step", states)`` (the
-    states it returns) and ``("end_group", key)`` where the loop is known to end."""
+    (before the ops that precede its first step), ``("begin_step", key, states)`` (the loop's
+    name and the states the step reads, before their :func:`previous_state`),
+    ``("end_step", states)`` (the states it returns) and ``("end_group", key)`` where the loop
+    is known to end."""
     token = _LISTENER.set(listener)
     try:
         yield
