@@ -318,8 +318,11 @@ class FoldRules:
             if row is None or not bool((comp_rows == comp_rows[:, :1]).all()) or \
                     torch.unique(row).numel() != row.numel():
                 raise FoldMismatch("a state that is not one neuron per feature")
-            meta = self.fix_act(state, meta, name)
-            row = feature_row(meta.nodes)
+            # the state's own act where its sets take this version as their act; else (an LSTM cell's
+            # given (h, sigmoid(h)): two versions of one set) the copy's act is enough, and no new
+            # set is made here, which the first step only would make
+            if all(self.sets[index].act_version in (None, version) for index, version in meta.versions.items()):
+                meta = self.fix_act(state, meta, name)
             for index in meta.versions:
                 self.separate_part_read(self.sets[index], row)
             copy = self.new_set(width, NodeKind.RESIDUAL, origin, "previous")

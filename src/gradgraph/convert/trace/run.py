@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -157,7 +158,8 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
             tracer.close_folds()  # outside the mode: its bookkeeping is no op of the forward
         except InputReadAgain:
             continue
-        except FoldMismatch:
+        except FoldMismatch as mismatch:
+            _unfolded(model, str(mismatch))
             attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
             continue
         except UnsupportedModuleError as error:
@@ -169,6 +171,8 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
             attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
             continue
         break
+    if folded_error is not None:
+        _unfolded(model, f"folded, the forward was refused: {folded_error}")
     return TraceResult(fold_time=fold,
         sets=tracer.sets, num_nodes=tracer.num_nodes, edges=tracer.edges, ties=tracer.ties,
         attention=tracer.attention, cuts=tracer.cuts, num_keys=len(tracer.keys), param_names=tracer.param_names,
@@ -176,6 +180,13 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
         value_guards=tracer.value_guards, output_sets=_output_sets(tracer, output), captured=tracer.captured,
         module_outputs=tracker.module_outputs, output=output, inputs=x, num_datapoints=tracer.num_datapoints,
         log=tracer.log, derived=tracer.derived)
+
+
+def _unfolded(model: nn.Module, reason: str) -> None:
+    """Say that a model's recurrent loops were asked to fold and are converted unrolled (exactly)."""
+    warnings.warn(f"to_graph: a recurrent loop of {type(model).__name__} does not fold over time ({reason}); "
+                  "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for "
+                  "the unrolled layout", UserWarning, stacklevel=5)
 
 
 def _user_frame(traceback: Any) -> str:
