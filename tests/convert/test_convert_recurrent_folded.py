@@ -25,14 +25,15 @@ pooling over time were refused.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import assert_same_graph
-from test_convert_recurrent import (DTYPE, STOCK_CASES, RandomRecurrent, assert_exact, check_group, inputs,
-                                    recurrent_programs, squared_output)
+from test_convert_recurrent import (DTYPE, LOOP_CASES, STOCK_CASES, RandomRecurrent, assert_exact, check_group,
+                                    inputs, recurrent_programs, squared_output)
 from torch import nn
 
 import gradgraph
@@ -211,6 +212,19 @@ def test_the_unrolled_layout_stays_exact(name):
     model = STOCK_CASES[name]().to(DTYPE).eval()
     graph = assert_exact(model, inputs(batch=3, steps=4), fold_time=False)
     assert edges_of(graph, "rnn.weight_hh_l0") == 3 * model.rnn.weight_hh_l0.numel()
+
+
+@pytest.mark.parametrize("name", [*STOCK_CASES, *(name for name in LOOP_CASES if "cell" in name)])
+def test_no_configuration_of_the_stock_modules_and_cells_falls_back_to_unrolled(name):
+    """A fresh trace of every configuration of ``test_convert_recurrent.py`` folds: no warning
+    that a loop was converted unrolled (an LSTM cell's given ``(h, sigmoid(h))`` did not fold
+    before the previous-state read stopped splitting its state)."""
+    torch.manual_seed(24)
+    model = {**STOCK_CASES, **LOOP_CASES}[name]().to(DTYPE).eval()
+    gradgraph.convert.clear_structure_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        gradgraph.to_graph(model, inputs(batch=3, steps=4), None, squared_output)
 
 
 # ------------------------------------------------------------------ loops written by hand
