@@ -16,7 +16,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["capture.py", "metanet.py", "scatter.py", "curvature_headroom.py", "traced.py",
-                                    "traced.py --model mlp", "curvature_epoch.py", "curvature_ensemble.py"])
+                                    "traced.py --model mlp", "curvature_epoch.py", "curvature_ensemble.py",
+                                    "recurrent.py"])
 def test_benchmark_script_runs_quick(script: str, tmp_path: Path) -> None:
     name, *flags = script.split()
     result = subprocess.run(
