@@ -246,6 +246,29 @@ def test_an_elman_loop_without_recurrent_step_stays_unrolled_and_exact():
     assert edges_of(graph, "recurrent_map.weight") == 5 * model.recurrent_map.weight.numel()
 
 
+class LambdaStep(nn.Module):
+    """``recurrent_step`` with a lambda written in the loop's body: a new function object at every
+    step (one code object), still one loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map, self.recurrent_map, self.head = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(lambda h, x_t: torch.tanh(self.input_map(x_t) + self.recurrent_map(h)),
+                                         h, x[:, t])
+        return self.head(h)
+
+
+def test_a_lambda_step_written_in_the_loop_folds_exactly():
+    torch.manual_seed(25)
+    model = LambdaStep().to(DTYPE).eval()
+    graph = assert_exact(model, inputs(batch=3, steps=5))
+    assert_folded(model, graph, 3, 5)
+
+
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_stacked_cell_loops_fold_exactly(cell):
     """The calls of one ``nn.*Cell``, each on the state the call before returned, are one loop;

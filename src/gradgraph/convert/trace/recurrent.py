@@ -114,8 +114,9 @@ def recurrent_step(step: Callable[..., Any], state: Tensor | tuple[Tensor, ...],
             h = gradgraph.recurrent_step(self.step, h, x[:, t])  # step(h, x_t) -> h_t
 
     Args:
-        step: ``step(state, x_t) -> new state``, the same function at every step (calls with the
-            same ``step`` whose ``state`` is the previous call's result are one loop).
+        step: ``step(state, x_t) -> new state``, the same function at every step (calls of one
+            function — one method of one object, or one code object, as a lambda written in the
+            loop — whose ``state`` is the previous call's result are one loop).
         state: ``[b, H]``, or a tuple of them (an LSTM's ``(h, c)``): the previous step's states,
             or the initial ones (constants, or values computed from the input).
         x_t: ``[b, F]``, the step's input: its components (one per datapoint and step) are where
@@ -127,8 +128,12 @@ def recurrent_step(step: Callable[..., Any], state: Tensor | tuple[Tensor, ...],
         conversion unrolls the loop, exactly.
     """
     states = state if isinstance(state, tuple) else (state,)
+    # one loop: calls of one function, also where it is made anew at each step (a lambda in the
+    # loop's body: one code object); what differs between its calls (a closure's weights) the
+    # tracer's checks find, and the loop is then unrolled
     owner = getattr(step, "__self__", None)
-    key = ("step", id(owner) if owner is not None else None, id(getattr(step, "__func__", step)))
+    function = getattr(step, "__func__", step)
+    key = ("step", id(owner) if owner is not None else None, getattr(function, "__code__", None) or id(function))
     _event("begin_step", key, states)
     read = tuple(previous_state(value, x_t) for value in states)
     result = step(read if isinstance(state, tuple) else read[0], x_t)
