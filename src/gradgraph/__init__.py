@@ -9,7 +9,7 @@ from gradgraph.errors import DatapointCouplingError, GradGraphError, NonFiniteFa
 from gradgraph.graph import ActivationKind, EdgeKind, GradGraph, NodeKind
 from gradgraph.modules import Sine
 from gradgraph.capture import capture
-from gradgraph.convert import convert_closure, register_converter, registered_converters, to_graph
+from gradgraph.convert import convert_closure, recurrent_step, register_converter, registered_converters, to_graph
 from gradgraph import symmetry
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "UnsupportedModuleError",
     "capture",
     "convert_closure",
+    "recurrent_step",
     "register_converter",
     "registered_converters",
     "symmetry",

@@ -52,11 +52,12 @@ def loop_per_sample_grads(model: nn.Module, inputs: torch.Tensor, loss_fn) -> di
     return {name: torch.stack(values) for name, values in grads.items()}
 
 
-def assert_exact(model: nn.Module, inputs: torch.Tensor, loss_fn=squared_output) -> gradgraph.GradGraph:
+def assert_exact(model: nn.Module, inputs: torch.Tensor, loss_fn=squared_output, **options) -> gradgraph.GradGraph:
     """Per-sample gradients and ``mean_grad()`` equal the loop's; a parameter the graph leaves out
     must have no gradient (``W_hh`` of a one-step sequence from a zero state only meets zeros;
-    the converter omits what the loss does not reach, as for any unused parameter)."""
-    graph = gradgraph.to_graph(model, inputs, None, loss_fn)
+    the converter omits what the loss does not reach, as for any unused parameter). ``options``
+    go to ``to_graph`` (``fold_time``)."""
+    graph = gradgraph.to_graph(model, inputs, None, loss_fn, **options)
     ours, reference = graph.per_sample_grads(), loop_per_sample_grads(model, inputs, loss_fn)
     assert set(ours) <= set(reference)
     for name in set(reference) - set(ours):
@@ -290,14 +291,19 @@ def test_a_zero_state_read_as_its_bias_is_a_value_guard_of_the_cached_plan(make,
     zero: the replay traces afresh and refuses the nonzero constant (its ``U`` gradient needs the
     state as a neuron value). Without the guard the replay reused the plan and every ``U``
     gradient from the first step was silently dropped. The stock modules' decomposition skips
-    the zero state's term, so there the replay's ops differ and the fingerprints catch it."""
+    the zero state's term, so there the replay's ops differ and the fingerprints catch it.
+
+    This is the unrolled layout's behaviour: the stock module runs unrolled with
+    ``fold_time=False`` (the hand-written loop always is). Folded, a constant state is the
+    previous-state copy's act at the first step and converts exactly
+    (``test_convert_recurrent_folded.py``)."""
     torch.manual_seed(7)
     model = make().to(DTYPE).eval()
-    assert_exact(model, inputs())
+    assert_exact(model, inputs(), fold_time=False)
     with torch.no_grad():
         model.h0.fill_(0.5)
     with pytest.raises(UnsupportedOperationError, match=f"module '{refused}'"):
-        gradgraph.to_graph(model, inputs(), None, squared_output)
+        gradgraph.to_graph(model, inputs(), None, squared_output, fold_time=False)
 
 
 class PackedLSTM(nn.Module):
@@ -336,12 +342,13 @@ class Tagger(nn.Module):  # a head on every step's output (sequence labelling)
     (Tagger, r"module 'head' of type Linear.*holds positions"),
 ])
 def test_what_is_not_supported_is_refused_by_module_path(make, match):
-    """Packed sequences, training dropout between layers, and, in the unrolled layout (one neuron
-    set per step, docs/recurrent.md), anything that reads all steps' outputs as one tensor of
-    features: pooling over time, a head applied to every step."""
+    """Packed sequences, training dropout between layers, and, in the unrolled layout
+    (``fold_time=False``: one neuron set per step, docs/recurrent.md), anything that reads all
+    steps' outputs as one tensor of features: pooling over time, a head applied to every step.
+    (Folded, the default, the last two convert exactly: ``test_convert_recurrent_folded.py``.)"""
     model = make().to(DTYPE)
     with pytest.raises(UnsupportedOperationError, match=match):
-        gradgraph.to_graph(model, inputs(), None, squared_output)
+        gradgraph.to_graph(model, inputs(), None, squared_output, fold_time=False)
 
 
 # ------------------------------------------------------------------ random recurrent programs

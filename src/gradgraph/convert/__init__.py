@@ -14,7 +14,7 @@ from gradgraph.convert.registry import (
     set_fallback,
     to_graph,
 )
-from gradgraph.convert.trace import UnsupportedOperationError, register_elementwise
+from gradgraph.convert.trace import UnsupportedOperationError, recurrent_step, register_elementwise
 from gradgraph.convert.trace.stock_attention import self_attention
 from gradgraph.convert.traced import convert_closure_traced, to_graph_traced
 from gradgraph.convert.plan import clear_structure_cache
@@ -37,6 +37,7 @@ __all__ = [
     "convert_traced_closure",
     "convert_mlp",
     "mlp_layers",
+    "recurrent_step",
     "register_converter",
     "register_elementwise",
     "registered_converters",

@@ -243,7 +243,7 @@ def make_plan(trace: TraceResult) -> TracePlan:
 
     structure = {
         "edge_index": edge_index,
-        "layer": _depths(trace.edges, set_of_node, len(pieces)),
+        "layer": _depths(trace.edges, set_of_node, len(pieces), _back_pieces(trace, pieces)),
         "node_kind": node_kind,
         "edge_kind": edge_kind,
         "activation": activation,
@@ -259,6 +259,7 @@ def make_plan(trace: TraceResult) -> TracePlan:
     return TracePlan(
         fingerprints=list(trace.fingerprints),
         guards=dict(trace.value_guards),
+        fold_time=trace.fold_time,
         act=acts,
         grad=grads,
         onehot=onehots,
@@ -361,12 +362,20 @@ def _edge_rows(ranges: list[tuple[int, int]]) -> Tensor | slice:
     return torch.cat([torch.arange(start, stop) for start, stop in ranges])
 
 
-def _depths(edges: list[tuple], set_of_node: Tensor, num_sets: int) -> Tensor:
+def _back_pieces(trace: TraceResult, pieces: list) -> set[int]:
+    """The pieces that are previous-state copies of a loop run folded (``trace/rules_recurrent.py``)."""
+    return {index for index, (neuron_set, *_) in enumerate(pieces) if neuron_set.created_by == "previous"}
+
+
+def _depths(edges: list[tuple], set_of_node: Tensor, num_sets: int, back: set[int] = frozenset()) -> Tensor:
     """``[N]`` depth of every node: the longest path from an input over the edges, by neuron set.
 
     The MLP chain's layer index and the stock attention layout's depth (query, key and value
     one step after the stream they read, merged heads one after them) are both this number.
-    ``edges``: the trace's edge groups ``(src, dst, kind, ...)``.
+    ``edges``: the trace's edge groups ``(src, dst, kind, ...)``. ``back``: the previous-state
+    copies of folded loops; an edge into one from a later set (the state ``h_t -> P``, which
+    step ``t + 1`` reads) closes the loop over time and does not count, so a copy is as deep as
+    what it copies before the loop (0 for a constant initial state).
     """
     codes_of_groups = []
     for src, dst, kind, *_ in edges:
@@ -383,6 +392,9 @@ def _depths(edges: list[tuple], set_of_node: Tensor, num_sets: int) -> Tensor:
     codes = torch.unique(torch.cat(codes_of_groups)) if codes_of_groups else torch.empty(0, dtype=torch.long)
     pairs = torch.stack((codes // num_sets, codes % num_sets))
     pairs = pairs[:, pairs[0] != pairs[1]]
+    if back:  # the edges that close a folded loop: into a previous-state copy from a later set
+        closing = torch.isin(pairs[1], torch.tensor(sorted(back))) & (pairs[0] > pairs[1])
+        pairs = pairs[:, ~closing]
     depth = torch.zeros(num_sets, dtype=torch.long)
     for _ in range(num_sets):  # relaxation: at most one round per set on a longest path
         deeper = depth.scatter_reduce(0, pairs[1], depth[pairs[0]] + 1, reduce="amax")

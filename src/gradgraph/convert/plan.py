@@ -196,6 +196,8 @@ class TracePlan:
     chain: ChainCapture | None = None
     #: op index -> decisions the layout read off constant values; a replay re-checks them
     guards: dict[int, list[ValueGuard]] = field(default_factory=dict)
+    #: whether the trace ran the recurrent loops folded over time; a replay runs them so too
+    fold_time: bool = False
     _derived: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -293,7 +295,7 @@ def plan_records(trace: TraceResult) -> tuple[list[Record], list[Record], list[O
         records = neuron_set.act_records
         if not records and neuron_set.last is not None and (
                 neuron_set.index in reaching_output or _covers(neuron_set, neuron_set.last[1])):
-            records = [neuron_set.last]
+            records = [*neuron_set.folded_lasts, neuron_set.last]  # one per step of a folded loop
         for value, nodes, comps in records:
             if comps is not None:
                 # a value may hold several sets' neurons (cat([h, x])); each set writes only its

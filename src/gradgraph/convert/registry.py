@@ -114,6 +114,7 @@ def to_graph(
     *,
     forward_kwargs: Mapping[str, Any] | None = None,
     datapoints: Tensor | None = None,
+    fold_time: bool = True,
 ) -> GradGraph:
     """Convert a network and a batch into a :class:`~gradgraph.GradGraph`.
 
@@ -136,6 +137,10 @@ def to_graph(
             PyG's ``batch`` vector for a batch of data graphs joined into one ``x [n, features]``
             (each graph a datapoint, ``b = datapoints.max() + 1``; ``docs/gnn.md``). ``None``: axis 0
             (1 for sequence-first attention) counts the datapoints.
+        fold_time: the layout of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (traced converter):
+            ``True`` (default) folds each loop over time — one neuron set per gate and state,
+            each weight one edge set, one component per (datapoint, step) — and unrolls a loop
+            whose steps do not fold; ``False`` unrolls every loop (docs/recurrent.md).
 
     Returns:
         The :class:`~gradgraph.GradGraph` with ``B`` components (``B = b`` for MLPs,
@@ -174,10 +179,14 @@ def to_graph(
     # the traced converter checks for meta parameters in its one read of the model's parameters
     if not _FALLBACK:
         raise UnsupportedModuleError("", type(model).__name__, "no registered converter matches it")
+    # options past the common four are passed only when set, so a fallback registered before
+    # they existed keeps working
+    options: dict[str, Any] = {}
     if datapoints is not None:
-        return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs,
-                            datapoints=datapoints)
-    return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs)
+        options["datapoints"] = datapoints
+    if not fold_time:
+        options["fold_time"] = False
+    return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs, **options)
 
 
 def convert_closure(model: nn.Module, closure: Callable[[], Tensor], *,

@@ -37,6 +37,7 @@ def to_graph_traced(
     forward_kwargs: Mapping[str, Any] | None = None,
     datapoint_dim: int | None = None,
     datapoints: Tensor | None = None,
+    fold_time: bool = True,
 ) -> GradGraph:
     """Convert any model whose forward gradgraph can follow; see :func:`gradgraph.to_graph`.
 
@@ -55,6 +56,10 @@ def to_graph_traced(
             ``batch`` vector: graphs joined into one ``x [n, features]``, each a datapoint);
             ``b = datapoints.max() + 1`` and every datapoint must own a row. ``None``: the rows
             along ``datapoint_dim`` are the datapoints.
+        fold_time: the layout of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: ``True`` folds each
+            loop over time (one neuron set per gate and state over all steps, each weight one
+            edge set, one component per (datapoint, step); a loop whose steps do not fold is
+            unrolled), ``False`` unrolls every loop (one set per gate and step). docs/recurrent.md.
 
     Returns:
         A :class:`~gradgraph.GradGraph` with ``B = b * K`` components.
@@ -78,7 +83,7 @@ def to_graph_traced(
 
     with torch.enable_grad():  # the objective is differentiated, also when the caller is in no_grad
         run = _forward_pass(model, inputs, forward, kwargs, datapoint_dim, scan, plain_call=not kwargs,
-                            datapoints=datapoints)
+                            datapoints=datapoints, fold_time=fold_time)
         objective = _objective(run.output, targets, loss_fn, run.num_datapoints)
     return _finish(run, objective, scan)
 
@@ -276,17 +281,17 @@ class _Pass:
 
 def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], kwargs: dict[str, Any],
                   datapoint_dim: int, scan: _Scan, *, plain_call: bool = False,
-                  datapoints: Tensor | None = None) -> _Pass:
+                  datapoints: Tensor | None = None, fold_time: bool = True) -> _Pass:
     """Record the tensors of this architecture's cached plan, or trace the forward afresh.
 
     A plan records its tensors by calling a plain chain's leaves (its :class:`ChainCapture`,
     when this call is ``model(inputs)`` on the chain the plan was traced on), else by a replay
     that checks every op against the plan's fingerprints. ``plain_call``: the model is called
-    with the input alone.
+    with the input alone. ``fold_time``: as for :func:`to_graph_traced` (part of the plan key).
     """
     num_datapoints = inputs.shape[datapoint_dim] if datapoints is None else int(datapoints.max()) + 1
     dtype = inputs.dtype if inputs.is_floating_point() else next(iter(scan.parameters.values())).dtype
-    key = (plan_key(model, inputs, kwargs, scan.signature, scan.modules), datapoint_dim)
+    key = (plan_key(model, inputs, kwargs, scan.signature, scan.modules), datapoint_dim, fold_time)
     if datapoints is not None:  # which rows are which datapoint's is layout: the key holds it (no chain capture)
         key = (*key, ("datapoints", datapoints.numpy().tobytes()))
         plain_call = False
@@ -299,7 +304,7 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
             return _Pass(key, plan, None, captured, output, x, num_datapoints, dtype)
         try:
             replayer, output, x = replay_model(model, inputs, forward, plan.fingerprints, plan.wanted,
-                                               plan.guards)
+                                               plan.guards, plan.fold_time)
         except PlanMismatch:
             pass  # the forward took another path this time: trace it again
         else:
@@ -307,7 +312,7 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
     if chain is not None:
         _check_chain_inputs(chain, inputs)
     _check_no_reparametrisation(model)
-    trace = trace_model(model, inputs, forward, datapoint_dim, datapoints)
+    trace = trace_model(model, inputs, forward, datapoint_dim, datapoints, fold_time)
     if not trace.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
     return _Pass(key, None, trace, trace.captured, trace.output, trace.inputs, num_datapoints, dtype, chain)

@@ -67,6 +67,7 @@ losing ``F.linear`` / ``F.layer_norm`` as units.
 
 from gradgraph.convert.trace.meta import KEY_STRIDE, NeuronSet, UnsupportedOperationError
 from gradgraph.convert.trace.ops import register_elementwise
+from gradgraph.convert.trace.recurrent import recurrent_step
 from gradgraph.convert.trace.result import EdgeGroup, TraceResult
 from gradgraph.convert.trace.run import PlanMismatch, replay_model, trace_model
 
@@ -77,6 +78,7 @@ __all__ = [
     "PlanMismatch",
     "TraceResult",
     "UnsupportedOperationError",
+    "recurrent_step",
     "register_elementwise",
     "replay_model",
     "trace_model",

@@ -123,13 +123,17 @@ class NeuronSet:
     grad_records: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     onehot_records: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     last: tuple[Tensor, Tensor, Tensor] | None = None
+    #: the newest values of earlier steps of a loop run folded (``rules_recurrent.py``): with
+    #: ``last``, one per step, the act of a set no affine map reads
+    folded_lasts: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     last_version: int = 0
     version_counter: int = 0
     fresh: bool = True
     absorbed: bool = False
     pinned: bool = False
     read_by_affine: bool = False
-    created_by: str = "affine"  # affine | input | token | norm | merge | attention | scale | pool | embedding
+    #: affine | input | token | norm | merge | attention | scale | pool | embedding | previous
+    created_by: str = "affine"
 
     def holds(self, nodes: Tensor) -> Tensor:
         """Boolean mask of the same shape: which of the node ids ``nodes`` are this set's neurons."""

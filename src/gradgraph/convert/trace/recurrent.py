@@ -18,11 +18,21 @@ Each gate is its own ``F.linear`` on the rows of its block of ``W_ih`` / ``W_hh`
 the products and sums that join them; the permutation of hidden units then moves the rows of
 every gate block of ``W_ih``, the rows and columns of ``W_hh`` and the biases together.
 
-An initial state that is a constant zero (``hx=None``: the module makes ``torch.zeros``)
+Unrolled, an initial state that is a constant zero (``hx=None``: the module makes ``torch.zeros``)
 contributes nothing but ``b_hh``; the first step then reads the bias alone (``W_hh · 0``
 has no gradient). That choice reads the state's values, so it depends on them; a replay runs
 this same function on its own arguments, and a different choice is a different op sequence,
 which the replay's fingerprints catch (it traces afresh).
+
+**Folded over time** (``to_graph(..., fold_time=True)``, the default; :func:`folding_time` sets
+it for a trace and its replays alike): every step reads its state through
+:func:`previous_state` (also a constant initial state: no term is skipped), the input terms
+``W_i· x + b_i·`` are one ``F.linear`` per gate block over the whole sequence (not the GRU's
+candidate, whose recurrent term is gated), and the loop tells the tracer where it and each of
+its steps begin and end (``trace/rules_recurrent.py`` then gives every step the first step's
+neuron sets). The calls of one cell on the state the call before returned, and the calls of one
+:func:`recurrent_step` function (hand-written loops), are loops too. The events go to the
+tracer only (a replay has no listener), so trace and replay run the same ops.
 
 What is not decomposed (the trace then refuses the fused op by name, with the module's path):
 packed sequences (``PackedSequence``: the fused op's packed signature). An LSTM with
@@ -31,14 +41,115 @@ packed sequences (``PackedSequence``: the fused op's packed signature). An LSTM 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-__all__ = ["RECURRENT_CELL_OPS", "RECURRENT_OPS", "recurrent_decomposition"]
+__all__ = ["FoldMismatch", "RECURRENT_CELL_OPS", "RECURRENT_OPS", "fold_listener", "folding_time", "previous_state",
+           "recurrent_decomposition", "recurrent_step"]
+
+#: whether the fused recurrent ops run folded (one set per role over all steps, with
+#: :func:`previous_state` copies) or unrolled (one set per role and step); set by the trace and
+#: the replay of a plan, so both run the same ops
+_FOLD_TIME: ContextVar[bool] = ContextVar("gradgraph_fold_time", default=False)
+#: the tracer that follows the steps of a folded loop (``None`` in a replay: the events are no ops)
+_LISTENER: ContextVar[Any] = ContextVar("gradgraph_fold_listener", default=None)
+_GROUPS = itertools.count()
+
+
+class FoldMismatch(Exception):
+    """The steps of a loop run folded were not the same computation (another set of neurons, a
+    parallel edge, two steps at one component): the trace starts over with every loop unrolled."""
+
+
+@contextlib.contextmanager
+def folding_time(fold: bool) -> Iterator[None]:
+    """Run the fused recurrent ops folded (``True``) or unrolled (``False``) inside the block."""
+    token = _FOLD_TIME.set(fold)
+    try:
+        yield
+    finally:
+        _FOLD_TIME.reset(token)
+
+
+@contextlib.contextmanager
+def fold_listener(listener: Any) -> Iterator[None]:
+    """Send the step events of folded loops to ``listener`` (the tracer) inside the block: its
+    ``fold_event(kind, *args)`` gets ``("begin_loop", key)`` where a stock module's loop starts
+    (before the ops that precede its first step), ``("begin_step", key, states)`` (the loop's
+    name and the states the step reads, before their :func:`previous_state`),
+    ``("end_step", states)`` (the states it returns) and ``("end_group", key)`` where the loop
+    is known to end."""
+    token = _LISTENER.set(listener)
+    try:
+        yield
+    finally:
+        _LISTENER.reset(token)
+
+
+def _event(kind: str, *args: Any) -> None:
+    listener = _LISTENER.get()
+    if listener is not None:
+        # the tracer's own bookkeeping (torch.cat, torch.isin ...) is no op of the forward: a
+        # replay, which has no listener, must see the same ops
+        with torch._C.DisableTorchFunction():
+            listener.fold_event(kind, *args)
+
+
+def recurrent_step(step: Callable[..., Any], state: Tensor | tuple[Tensor, ...], x_t: Tensor) -> Any:
+    """``step(state, x_t)`` as one step of a recurrent loop that ``to_graph`` folds over time.
+
+    For a loop written by hand (an Elman net, a custom cell), so that its graph has one neuron
+    set per role over all steps and each weight one edge set (docs/recurrent.md)::
+
+        h = torch.zeros(x.shape[0], hidden)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])  # step(h, x_t) -> h_t
+
+    Args:
+        step: ``step(state, x_t) -> new state``, the same function at every step (calls of one
+            function — one method of one object, or one code object, as a lambda written in the
+            loop — whose ``state`` is the previous call's result are one loop).
+        state: ``[b, H]``, or a tuple of them (an LSTM's ``(h, c)``): the previous step's states,
+            or the initial ones (constants, or values computed from the input).
+        x_t: ``[b, F]``, the step's input: its components (one per datapoint and step) are where
+            the step's values live in the graph.
+
+    Returns:
+        ``step``'s result (a tensor, or a tuple as ``state``). Outside a conversion this is
+        ``step(state, x_t)``. Where the steps do not fold (another computation at some step), the
+        conversion unrolls the loop, exactly.
+    """
+    states = state if isinstance(state, tuple) else (state,)
+    # one loop: calls of one function, also where it is made anew at each step (a lambda in the
+    # loop's body: one code object); what differs between its calls (a closure's weights) the
+    # tracer's checks find, and the loop is then unrolled
+    owner = getattr(step, "__self__", None)
+    function = getattr(step, "__func__", step)
+    key = ("step", id(owner) if owner is not None else None, getattr(function, "__code__", None) or id(function))
+    _event("begin_step", key, states)
+    read = tuple(previous_state(value, x_t) for value in states)
+    result = step(read if isinstance(state, tuple) else read[0], x_t)
+    _event("end_step", result if isinstance(result, tuple) else (result,))
+    return result
+
+
+def previous_state(state: Tensor, like: Tensor) -> Tensor:
+    """The state a step reads, ``[b, H]``: its value is ``state`` (``h_{t-1}``, or the initial
+    state at the first step), and the trace reads it as the *previous-state copy* of the state's
+    neurons living at the components of ``like`` (the step's input ``x_t``, ``[b, F]``), as a
+    convolution's tap copies live at the output positions. One torch function (overridable), so
+    the trace sees it as one op."""
+    if has_torch_function_variadic(state, like):
+        return handle_torch_function(previous_state, (state, like), state, like)
+    return state.view_as(state)
 
 #: the fused op -> (cell kind, gate count per hidden unit)
 RECURRENT_OPS: dict[Any, tuple[str, int]] = {
@@ -82,14 +193,28 @@ def _times(gate: Tensor, value: Tensor | None) -> Tensor | None:
     return None if value is None else gate * value
 
 
-def _step(kind: str, x_t: Tensor, h: Tensor | None, c: Tensor | None, weights: Sequence[Tensor | None],
-          size: int) -> tuple[Tensor, Tensor | None]:
+def _step(kind: str, x_t: Tensor | None, h: Tensor | None, c: Tensor | None, weights: Sequence[Tensor | None],
+          size: int, input_terms: Sequence[Tensor] | None = None,
+          recurrent_blocks: Sequence[tuple[Tensor, Tensor | None]] | None = None) -> tuple[Tensor, Tensor | None]:
     """One step of one layer and direction: ``(h_t, c_t)`` (``c_t`` only for the LSTM);
-    ``h`` / ``c`` are ``None`` for a zero state."""
+    ``h`` / ``c`` are ``None`` for a zero state. Folded, the input terms ``W_i· x_t + b_i·`` of the
+    gate blocks come computed (``input_terms``: one ``F.linear`` per block over the whole sequence;
+    ``None`` for a block computed here) and ``recurrent_blocks`` holds each block's
+    ``(W_h·, b_h·)`` sliced once."""
     w_ih, w_hh, b_ih, b_hh = weights
 
+    def input_term(block: int) -> Tensor:
+        if input_terms is not None and input_terms[block] is not None:
+            return input_terms[block]
+        return _gate(x_t, w_ih, b_ih, block, size)
+
+    def recurrent_term(block: int) -> Tensor | None:
+        if recurrent_blocks is not None:
+            return F.linear(h, *recurrent_blocks[block])
+        return _gate(h, w_hh, b_hh, block, size)
+
     def pre_activation(block: int) -> Tensor:
-        return _plus(_gate(x_t, w_ih, b_ih, block, size), _gate(h, w_hh, b_hh, block, size))
+        return _plus(input_term(block), recurrent_term(block))
 
     if kind in ("tanh", "relu"):
         value = pre_activation(0)
@@ -97,8 +222,8 @@ def _step(kind: str, x_t: Tensor, h: Tensor | None, c: Tensor | None, weights: S
     if kind == "gru":
         reset = torch.sigmoid(pre_activation(0))
         update = torch.sigmoid(pre_activation(1))
-        recurrent = _gate(h, w_hh, b_hh, 2, size)
-        candidate = torch.tanh(_plus(_gate(x_t, w_ih, b_ih, 2, size), _times(reset, recurrent)))
+        recurrent = recurrent_term(2)
+        candidate = torch.tanh(_plus(input_term(2), _times(reset, recurrent)))
         return _plus((1 - update) * candidate, _times(update, h)), None
     input_gate = torch.sigmoid(pre_activation(0))
     forget_gate = torch.sigmoid(pre_activation(1))
@@ -120,7 +245,8 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
         h0, c0 = hx
     else:
         h0, c0 = hx, None
-    h0_zero, c0_zero = _is_constant_zero(h0), _is_constant_zero(c0)
+    fold = _FOLD_TIME.get()
+    h0_zero, c0_zero = (False, False) if fold else (_is_constant_zero(h0), _is_constant_zero(c0))
     layer_input = input
     final_h: list[Tensor] = []
     final_c: list[Tensor] = []
@@ -138,11 +264,34 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
             c = None if kind != "lstm" or c0_zero else c0[state]
             steps = range(layer_input.shape[time_axis])
             outputs: dict[int, Tensor] = {}
+            group = ("module", next(_GROUPS), layer, direction)
+            input_terms = recurrent_blocks = None
+            if fold:  # every step reads its state through a previous-state copy, also a zero one
+                _event("begin_loop", group)
+                h, c = h0[state], (c0[state] if kind == "lstm" else None)
+                # W_ih's terms of all steps at once, and W_hh's blocks sliced once: fewer ops per step.
+                # Not the GRU's candidate: its recurrent term is gated (r ⊙ (W_hn h + b_hn)), so the
+                # sum lands in the input term's neurons, which must then be the step's own set
+                blocks = [slice(block * hidden, (block + 1) * hidden) for block in range(gates)]
+                inputs_all = [None if kind == "gru" and block == 2 else
+                              F.linear(layer_input, w_ih[rows], None if b_ih is None else b_ih[rows])
+                              for block, rows in enumerate(blocks)]
+                recurrent_blocks = [(w_hh[rows], None if b_hh is None else b_hh[rows]) for rows in blocks]
             for t in (reversed(steps) if direction == 1 else steps):
-                h, c = _step(kind, layer_input.select(time_axis, t), h, c, (w_ih, w_hh, b_ih, b_hh), hidden)
+                x_t = layer_input.select(time_axis, t) if not fold or kind == "gru" else None
+                if fold:
+                    input_terms = [None if term is None else term.select(time_axis, t) for term in inputs_all]
+                    _event("begin_step", group, (h,) if c is None else (h, c))
+                    h = previous_state(h, input_terms[0])
+                    c = previous_state(c, input_terms[0]) if kind == "lstm" else None
+                h, c = _step(kind, x_t, h, c, (w_ih, w_hh, b_ih, b_hh), hidden, input_terms, recurrent_blocks)
                 if w_hr is not None:  # LSTM with proj_size: h_t = W_hr (o ⊙ tanh(c_t))
                     h = F.linear(h, w_hr)
+                if fold:
+                    _event("end_step", (h,) if c is None else (h, c))
                 outputs[t] = h
+            if fold:
+                _event("end_group", group)
             direction_outputs.append(torch.stack([outputs[t] for t in steps], dim=time_axis))
             final_h.append(h)
             if kind == "lstm":
@@ -155,12 +304,24 @@ def _run(kind: str, gates: int, input: Tensor, hx: Tensor | Sequence[Tensor], pa
 def _cell(kind: str, input: Tensor, hx: Tensor | Sequence[Tensor], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     h, c = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
-    h = None if _is_constant_zero(h) else h
-    c = None if kind != "lstm" or _is_constant_zero(c) else c
+    fold = _FOLD_TIME.get() and input.dim() == 2
+    if fold:  # steps of one loop: calls of one cell, each on the state the one before returned
+        states = (h, c) if kind == "lstm" else (h,)
+        _event("begin_step", ("cell", id(w_ih)), states)
+        h = previous_state(h, input)
+        c = previous_state(c, input) if kind == "lstm" else None
+    else:
+        h = None if _is_constant_zero(h) else h
+        c = None if kind != "lstm" or _is_constant_zero(c) else c
     h_new, c_new = _step(kind, input, h, c, (w_ih, w_hh, b_ih, b_hh), w_hh.shape[1])
     if kind != "lstm":
+        if fold:
+            _event("end_step", (h_new,))
         return h_new
-    return h_new, c_new if c_new is not None else torch.zeros_like(h_new)
+    result = h_new, c_new if c_new is not None else torch.zeros_like(h_new)
+    if fold:
+        _event("end_step", result)
+    return result
 
 
 def _projected(kind: str, params: Sequence[Tensor], has_biases: bool, stacks: int) -> int | None:

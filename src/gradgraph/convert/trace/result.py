@@ -76,6 +76,8 @@ class TraceResult:
     output: Any
     inputs: Tensor
     num_datapoints: int
+    #: whether the fused recurrent loops ran folded over time (docs/recurrent.md); a replay runs them so too
+    fold_time: bool = False
     #: the op log (producer of every tensor) and the values the rules computed themselves
     log: OpLog = field(repr=False, default=None)
     derived: dict[int, tuple[Tensor, int, tuple]] = field(repr=False, default_factory=dict)

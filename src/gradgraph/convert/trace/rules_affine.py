@@ -47,7 +47,10 @@ class AffineRules:
 
     def record_act(self, value: Tensor, meta: Neurons) -> None:
         for index in meta.versions:
-            self.sets[index].act_records.append((value, meta.nodes, meta.comps))
+            records = self.sets[index].act_records
+            if records and records[-1][0] is value and records[-1][1] is meta.nodes:
+                continue  # the same value read again (the gate blocks of one state): written once
+            records.append((value, meta.nodes, meta.comps))
 
     def separate_mixed_part(self, meta: Neurons) -> None:
         """Values whose neurons an op mixes (a mean or softmax over their features): where they

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,11 +20,12 @@ from gradgraph.convert.trace.meta import (
 )
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
 from gradgraph.convert.trace.result import TraceResult
+from gradgraph.convert.trace.recurrent import FoldMismatch, fold_listener, folding_time
 from gradgraph.convert.trace.rules_conv import InputReadAgain
 from gradgraph.convert.trace.stock_graph import gat_attention, gat_refusal, is_gat, refuse_graph_attention
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
-from gradgraph.errors import GradGraphError
+from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import ActivationKind
 
 
@@ -140,34 +142,68 @@ class _ModuleTracker:
 
 
 def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any],
-                datapoint_dim: int = 0, datapoints: Tensor | None = None) -> TraceResult:
+                datapoint_dim: int = 0, datapoints: Tensor | None = None, fold_time: bool = True) -> TraceResult:
     """Run ``forward(x)`` under the tracer and return what it found.
 
     ``x`` (:attr:`TraceResult.inputs`) is the input as the model saw it (a leaf that requires
     grad for float inputs); ``inputs.shape[datapoint_dim]`` counts the datapoints, or ``datapoints``
     ``[inputs.shape[0]]`` names each row's (``b = datapoints.max() + 1``).
+    ``fold_time``: run the loops of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` folded over time
+    (``rules_recurrent.py``); where a loop's steps do not fold, the forward is traced again with
+    the loops unrolled (:attr:`TraceResult.fold_time` says which ran). A forward refused while a
+    loop ran folded is traced again unrolled too (folded, the input terms of all steps are one
+    ``F.linear``, which some inputs do not allow); if that is refused as well, the folded
+    trace's error is raised.
     """
     check_materialised(model, "to_graph")
     refuse_graph_attention(model)  # GATConv & co.: attention over a data graph's neighbours, by name
-    for input_taps in (True, False):  # an input read as convolution windows and again: read it as channels
+    attempts = [(True, fold_time), (False, fold_time)]
+    folded_error: UnsupportedModuleError | None = None
+    while attempts:
+        # an input read as convolution windows and again: read it as channels; a loop whose
+        # steps do not fold: unroll it
+        input_taps, fold = attempts.pop(0)
         tracer = Tracer(model, inputs.shape[datapoint_dim] if inputs.dim() else 1, datapoint_dim, datapoints)
         tracer.input_taps = input_taps
         x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
         tracer.bind_input(x)
         tracker = _ModuleTracker(tracer)
         try:
-            with torch.enable_grad(), tracker, tracer:
+            tracer.fold_time = fold
+            with torch.enable_grad(), tracker, tracer, folding_time(fold), fold_listener(tracer):
                 output = _run_forward(model, forward, x, tracer)
+            tracer.close_folds()  # outside the mode: its bookkeeping is no op of the forward
         except InputReadAgain:
             continue
+        except FoldMismatch as mismatch:
+            _unfolded(model, str(mismatch))
+            attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
+            continue
+        except UnsupportedModuleError as error:
+            if folded_error is not None:
+                raise folded_error from None
+            if not (fold and tracer.fold_seen):
+                raise
+            folded_error = error
+            attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
+            continue
         break
-    return TraceResult(
+    if folded_error is not None:
+        _unfolded(model, f"folded, the forward was refused: {folded_error}")
+    return TraceResult(fold_time=fold,
         sets=tracer.sets, num_nodes=tracer.num_nodes, edges=tracer.edges, ties=tracer.ties,
         attention=tracer.attention, cuts=tracer.cuts, num_keys=len(tracer.keys), param_names=tracer.param_names,
         param_shapes=tracer.param_shapes, params=tracer.params, fingerprints=tracer.log.fingerprints,
         value_guards=tracer.value_guards, output_sets=_output_sets(tracer, output), captured=tracer.captured,
         module_outputs=tracker.module_outputs, output=output, inputs=x, num_datapoints=tracer.num_datapoints,
         log=tracer.log, derived=tracer.derived)
+
+
+def _unfolded(model: nn.Module, reason: str) -> None:
+    """Say that a model's recurrent loops were asked to fold and are converted unrolled (exactly)."""
+    warnings.warn(f"to_graph: a recurrent loop of {type(model).__name__} does not fold over time ({reason}); "
+                  "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for "
+                  "the unrolled layout", UserWarning, stacklevel=5)
 
 
 def _user_frame(traceback: Any) -> str:
@@ -281,13 +317,15 @@ class _Replayer(TorchFunctionMode):
 
 
 def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], fingerprints: list[tuple],
-                 wanted: set[int], guards: dict[int, list[ValueGuard]] | None = None) -> tuple[_Replayer, Any, Tensor]:
+                 wanted: set[int], guards: dict[int, list[ValueGuard]] | None = None,
+                 fold_time: bool = False) -> tuple[_Replayer, Any, Tensor]:
     """Run ``forward(x)`` checking it against ``fingerprints`` and the plan's value ``guards``;
-    raises :class:`PlanMismatch` if it differs."""
+    raises :class:`PlanMismatch` if it differs. ``fold_time``: as the trace ran the recurrent
+    loops (:attr:`TraceResult.fold_time`)."""
     replayer = _Replayer(model, fingerprints, wanted, guards)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     replayer.log = OpLog(x, {id(p): name for name, p in model.named_parameters()})
-    with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer:
+    with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer, folding_time(fold_time):
         output = _run_forward(model, forward, x)
     if replayer.log.count != len(fingerprints):
         raise PlanMismatch(replayer.log.count)

@@ -36,6 +36,8 @@ from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputRead
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
 from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, rank_within, SCATTERS, SCATTERS_IN_PLACE
+from gradgraph.convert.trace.recurrent import previous_state
+from gradgraph.convert.trace.rules_recurrent import FoldRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
 
@@ -51,7 +53,7 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
 _SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
 
 
-class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, TorchFunctionMode):
+class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, FoldRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0,
@@ -103,6 +105,11 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         self.value_guards: dict[int, list[ValueGuard]] = {}
         #: for an in-place scatter into a constant: ``OpLog.source`` of its base, read before the op ran
         self.scatter_base: Any = None
+        #: loops run folded over time (rules_recurrent.py): the one whose step runs, all open ones
+        self.fold = None
+        self.fold_groups = {}
+        self.fold_time = False
+        self.fold_sources = []
 
     # -------------------------------------------------------------- bookkeeping
     def meta(self, value: Any) -> Any:
@@ -173,9 +180,15 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         return self.input_set
 
     def new_set(self, size: int, kind: NodeKind, origin: str, created_by: str) -> NeuronSet:
+        if self.fold is not None:  # a later step of a loop run folded gets the first step's sets
+            reused = self.fold_set(size, kind, origin, created_by)
+            if reused is not None:
+                return reused
         neuron_set = NeuronSet(len(self.sets), self.num_nodes, size, kind, origin, created_by=created_by)
         self.sets.append(neuron_set)
         self.num_nodes += size
+        if self.fold is not None:
+            self.fold_created(neuron_set)
         return neuron_set
 
     def set_of(self, node: int) -> NeuronSet:
@@ -336,6 +349,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         # convolutions (run as gather_taps + F.linear, trace/rules_conv.py) and spatial pooling
         if func is gather_taps:
             return self.tap_gather(name, args, kwargs, output)
+        if func is previous_state:  # a recurrent loop run folded (rules_recurrent.py)
+            return self.previous_copy(name, args, kwargs, output)
         if func in SPATIAL_POOLS:
             return self.spatial_pool(name, args, kwargs, output)
         if func is F.group_norm or func is F.instance_norm:
