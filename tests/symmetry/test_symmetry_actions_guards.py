@@ -1,0 +1,244 @@
+"""Permutation and scaling actions where the mutation campaign on ``symmetry/`` found them
+untested (docs/mutation.md): a BatchNorm's running statistics under ``permute_model``, the
+model left untouched by the actions that copy it, reproducible random permutations, the
+component permutation's guard and its ``component_x``, and the error messages (matched in
+full, as a user reads them; on a Batch the message names the graph and that graph's module).
+
+Ground truths: the network function (a permuted model computes the same outputs), the
+original model's parameters and buffers before the call, and the statistics moved by hand.
+Each test's docstring names the mutants it was checked against (``mutmut show NAME`` in
+``.mutation/symmetry/``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.data import Batch
+
+import gradgraph
+from gradgraph import GradGraphError
+from gradgraph.symmetry import (
+    flip_nodes,
+    hidden_factors_to_node_factors,
+    hidden_perms_to_node_permutation,
+    permute_components,
+    permute_hidden,
+    permute_model,
+    permute_nodes,
+    random_hidden_perms,
+    random_node_permutation,
+    rescale_nodes,
+)
+
+DTYPE = torch.float64
+
+
+def cross_entropy(output, target):
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def batch_norm_mlp(seed: int) -> nn.Sequential:
+    """``Linear(3, 5) -> BatchNorm1d(5) -> ReLU -> Linear(5, 2)`` in eval mode, with running
+    statistics that differ channel by channel (so a channel's statistics cannot be swapped
+    unnoticed)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)).to(DTYPE).eval()
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.randn(5))
+        model[1].running_var.copy_(torch.rand(5) + 0.5)
+        model[1].weight.copy_(torch.randn(5))
+        model[1].bias.copy_(torch.randn(5))
+    return model
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_permute_model_moves_batch_norm_statistics_with_the_channels(seed):
+    """The permuted model computes the same function; its running statistics are the
+    original's, moved as the BatchNorm's bias moved; the original model is left as it was.
+    Checked to fail with every ``_move_running_statistics`` mutant that changes which module's
+    statistics move or where to (``x__move_running_statistics__mutmut_1``-``38``, e.g. the
+    bias test negated, the bias name misspelt, the old and new channel swapped, the move
+    skipped), with ``permute_model`` passing no graph to it (``x_permute_model__mutmut_21``) and
+    with the model copied shallowly (``x_permute_model__mutmut_13``: the original's
+    parameters change)."""
+    model = batch_norm_mlp(seed)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    inputs = torch.randn(6, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+    graph = gradgraph.to_graph(model, inputs, torch.randint(0, 2, (6,)), cross_entropy)
+    generator = torch.Generator().manual_seed(100 + seed)
+    perm = random_node_permutation(graph, generator=generator)
+    while torch.equal(perm, torch.arange(graph.num_nodes)):
+        perm = random_node_permutation(graph, generator=generator)
+    permuted = permute_model(model, graph, perm)
+    torch.testing.assert_close(permuted(inputs), model(inputs), atol=1e-12, rtol=0)
+    # the statistics by hand: channel c (the bias node at position c) goes to the channel of
+    # the node it is moved to
+    bias_nodes = torch.nonzero(graph.node_param == graph.param_names.index("1.bias")).flatten()
+    old, new = graph.node_param_pos[bias_nodes], graph.node_param_pos[perm[bias_nodes]]
+    assert not torch.equal(old, new)  # the channels moved, so the check below can fail
+    for key in ("running_mean", "running_var"):
+        expected = before[f"1.{key}"].clone()
+        expected[new] = before[f"1.{key}"][old]
+        torch.testing.assert_close(getattr(permuted[1], key), expected, atol=0, rtol=0)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"permute_model changed the original's {name}"
+
+
+def test_permute_model_names_a_parameter_the_model_lacks():
+    """Checked to fail with the message dropped (``x_permute_model__mutmut_17``)."""
+    model = batch_norm_mlp(0)
+    graph = gradgraph.to_graph(model, torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 2, (4,)), cross_entropy)
+    other = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).to(DTYPE)
+    message = "permute_model: the graph has parameter '1.weight', which the model lacks"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        permute_model(other, graph, torch.arange(graph.num_nodes))
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).to(DTYPE)
+
+
+def test_permute_hidden_leaves_the_original_model_and_names_itself_in_errors():
+    """Checked to fail with the model copied shallowly (``x_permute_hidden__mutmut_11``) and
+    with the name in the guard's message dropped or changed (``x_permute_hidden__mutmut_17``,
+    ``23``, ``24``; ``x_hidden_perms_to_node_permutation__mutmut_13``, ``17``, ``18``)."""
+    model = mlp()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    inputs = torch.randn(5, 2, dtype=DTYPE)
+    permuted = permute_hidden(model, [torch.tensor([3, 1, 0, 2]), torch.tensor([2, 0, 1])])
+    torch.testing.assert_close(permuted(inputs), model(inputs), atol=1e-12, rtol=0)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"permute_hidden changed the original's {name}"
+    graph = gradgraph.to_graph(model, inputs)
+    message = "permute_hidden: permutation 1 must be a permutation of range(3), got shape [4]"
+    for target in (model, graph):
+        with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+            permute_hidden(target, [torch.arange(4), torch.arange(4)])
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        hidden_perms_to_node_permutation(graph, [torch.arange(4), torch.arange(4)])
+    message = "permute_hidden: expected 2 permutations (one per hidden layer), got 1"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        permute_hidden(model, [torch.arange(4)])
+
+
+def test_permutations_given_as_whole_number_floats_are_read_as_indices():
+    """A permutation may come as any tensor of whole numbers: it is read as indices.
+    Checked to fail with the conversion to ``long`` dropped (``x__check_layer_perms__mutmut_11``,
+    ``13``; ``x_permute_components__mutmut_3``, ``5``)."""
+    model = mlp()
+    graph = gradgraph.to_graph(model, torch.randn(5, 2, dtype=DTYPE))
+    perms = [torch.tensor([3, 1, 0, 2]), torch.tensor([2, 0, 1])]
+    expected = permute_hidden(graph, perms)
+    got = permute_hidden(graph, [perm.to(DTYPE) for perm in perms])
+    for key in ("x", "act", "grad", "edge_attr"):
+        assert torch.equal(got[key], expected[key]), key
+    components = torch.tensor([4, 2, 0, 1, 3])
+    expected = permute_components(graph, components)
+    got = permute_components(graph, components.to(DTYPE))
+    for key in ("act", "grad", "component_sample"):
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_random_hidden_perms_follow_the_generator():
+    """Checked to fail with the generator not passed on (``x_random_hidden_perms__mutmut_4``,
+    ``6``): two calls with generators seeded alike must agree, whatever the global seed."""
+    model = mlp()
+    torch.manual_seed(1)
+    first = random_hidden_perms(model, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(2)
+    second = random_hidden_perms(model, generator=torch.Generator().manual_seed(7))
+    assert [len(perm) for perm in first] == [4, 3]
+    for one, two in zip(first, second):
+        assert torch.equal(one, two)
+
+
+def test_permute_components_checks_the_permutation_and_moves_component_x():
+    """A vector of the right length that is not a permutation is refused (checked to fail with
+    the guard's ``or`` made ``and``: ``x_permute_components__mutmut_8``); ``component_x`` moves
+    with ``act`` (checked to fail with it left or dropped: ``x_permute_components__mutmut_21``,
+    ``26``, ``27``, ``29``)."""
+    graph = gradgraph.to_graph(mlp(), torch.randn(5, 2, dtype=DTYPE))
+    message = "permute_components: perm must be a permutation of range(5)"
+    for bad in (torch.tensor([0, 0, 1, 2, 3]), torch.arange(4), torch.arange(6)):
+        with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+            permute_components(graph, bad)
+    graph.component_x = torch.randn(graph.num_nodes, 5, 3, dtype=DTYPE)
+    perm = torch.tensor([4, 2, 0, 1, 3])
+    moved = permute_components(graph, perm)
+    assert torch.equal(moved.component_x, graph.component_x[:, perm])
+    assert torch.equal(moved.act, graph.act[:, perm])
+
+
+def test_scale_and_sign_guards_say_what_is_wrong():
+    """Matched in full. Checked to fail with the positive-scale guard weakened or dropped (a
+    zero scale then reaches ``transform_nodes``' other message: ``x_rescale_nodes__mutmut_3``,
+    ``4``) and with the messages dropped or changed (``x_rescale_nodes__mutmut_6``-``8``,
+    ``x_flip_nodes__mutmut_11``-``13``, ``x_hidden_factors_to_node_factors__mutmut_1``)."""
+    graph = gradgraph.to_graph(mlp(), torch.randn(5, 2, dtype=DTYPE))
+    ones = torch.ones(graph.num_nodes, dtype=DTYPE)
+    zero = ones.clone()
+    zero[3] = 0.0
+    message = "rescale_nodes: scales must be > 0; use flip_nodes or transform_nodes for signs"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        rescale_nodes(graph, zero)
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        rescale_nodes(graph, -ones)
+    with pytest.raises(GradGraphError, match=r"^flip_nodes: signs must be \+1 or -1$"):
+        flip_nodes(graph, 2 * ones)
+    batch = Batch.from_data_list([graph, graph])
+    message = "hidden_factors_to_node_factors needs one graph, got a Batch; use node factors [N]"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        hidden_factors_to_node_factors(batch, [None, None])
+
+
+class Named(nn.Module):
+    """An MLP whose modules have names (``enc``, ``dec``), unlike a ``Sequential``'s."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(2, 3), nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+def test_on_a_batch_the_message_names_the_graph_and_its_own_module():
+    """Two architectures in one Batch: a bad factor on graph 1's Tanh neuron is described with
+    graph 1's module name (``enc``; graph 0's parameter of the same index is ``0.weight``).
+    Checked to fail with the graph index not read from ``batch`` (``x__describe_node__mutmut_2``-
+    ``5``, ``9``, ...) and with ``_module_of_node`` reading graph 0's names or another parameter
+    (``x__module_of_node__mutmut_*``)."""
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).to(DTYPE)
+    inputs = torch.randn(3, 2, dtype=DTYPE)
+    graphs = [gradgraph.to_graph(first, inputs), gradgraph.to_graph(Named().to(DTYPE), inputs)]
+    batch = Batch.from_data_list(graphs)
+    factors = torch.ones(batch.num_nodes, dtype=DTYPE)
+    node = graphs[0].num_nodes + 3  # graph 1: inputs 0-1, Tanh neurons 2-4
+    factors[node] = 2.0
+    message = (
+        f"transform_nodes: cannot apply factor 2 to node {node} (graph 1, module 'enc', position 1, kind HIDDEN, "
+        "activation TANH): a positive factor != 1 needs a positively homogeneous activation "
+        "(IDENTITY, RELU, LEAKY_RELU)"
+    )
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        rescale_nodes(batch, factors)
+    # the output neuron: its module is found from its incoming weights, not its bias
+    factors = torch.ones(batch.num_nodes, dtype=DTYPE)
+    factors[batch.num_nodes - 1] = 2.0
+    with pytest.raises(GradGraphError, match=re.escape(f"node {batch.num_nodes - 1} (graph 1, module 'dec', position 0, kind OUTPUT")):
+        rescale_nodes(batch, factors)
+    # an input neuron has no module
+    factors = torch.ones(batch.num_nodes, dtype=DTYPE)
+    factors[graphs[0].num_nodes] = 2.0
+    with pytest.raises(GradGraphError, match=re.escape(f"node {graphs[0].num_nodes} (graph 1, position 0, kind INPUT,")):
+        rescale_nodes(batch, factors)
+    # and permute_nodes on the Batch moves each graph on its own (a sanity check of the fixture)
+    permuted = permute_nodes(batch, torch.arange(batch.num_nodes))
+    assert torch.equal(permuted.act, batch.act)
