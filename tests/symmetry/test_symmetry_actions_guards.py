@@ -32,6 +32,7 @@ from gradgraph.symmetry import (
     permute_nodes,
     random_hidden_perms,
     random_node_permutation,
+    rescale_hidden,
     rescale_nodes,
 )
 
@@ -242,3 +243,41 @@ def test_on_a_batch_the_message_names_the_graph_and_its_own_module():
     # and permute_nodes on the Batch moves each graph on its own (a sanity check of the fixture)
     permuted = permute_nodes(batch, torch.arange(batch.num_nodes))
     assert torch.equal(permuted.act, batch.act)
+
+
+def tanh_relu_mlp() -> nn.Sequential:
+    torch.manual_seed(8)
+    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)).to(DTYPE)
+
+
+def test_rescale_hidden_refuses_what_changes_the_function_and_skips_none_layers():
+    """A scale below 1 on a Tanh layer is refused like one above it (checked to fail with the
+    rescaling test made ``factor > 1``: ``x__admits__mutmut_17``); an infinite scale is refused
+    (``or`` made ``and``, message dropped: ``x__admits__mutmut_2``, ``9``); a ``None`` layer
+    before a scaled one leaves the later layer's factors in place (checked to fail with the
+    loop's ``continue`` made ``break``: ``x_hidden_factors_to_node_factors__mutmut_28``); the
+    shape guard's message (``33``, ``34``). Messages matched in full."""
+    model = tanh_relu_mlp()
+    graph = gradgraph.to_graph(model, torch.randn(3, 2, dtype=DTYPE))
+    message = (
+        "rescale_hidden: cannot rescale the neurons of '0' (Linear(in_features=2, out_features=4, bias=True)): "
+        "its activation TANH is not positively homogeneous (only IDENTITY, RELU, LEAKY_RELU are)"
+    )
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        rescale_hidden(model, [0.5 * torch.ones(4, dtype=DTYPE), None])
+    message = "rescale_hidden: factors for '2' must be finite and nonzero"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        rescale_hidden(model, [None, torch.full((3,), float("inf"), dtype=DTYPE)])
+    scales = torch.tensor([2.0, 0.5, 3.0], dtype=DTYPE)
+    node_factors = hidden_factors_to_node_factors(graph, [None, scales])
+    relu_nodes = torch.nonzero(graph.perm_group == 1).flatten()
+    expected = torch.ones(graph.num_nodes, dtype=DTYPE)
+    expected[relu_nodes[torch.argsort(graph.position[relu_nodes])]] = scales
+    assert torch.equal(node_factors, expected)
+    # the graph action agrees with the model action
+    on_graph = rescale_hidden(graph, [None, scales])
+    of_model = gradgraph.to_graph(rescale_hidden(model, [None, scales]), torch.randn(3, 2, dtype=DTYPE))
+    torch.testing.assert_close(on_graph.edge_attr, of_model.edge_attr, atol=1e-12, rtol=0)
+    message = "factors for hidden layer 1 must have shape [3], got [2]"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        hidden_factors_to_node_factors(graph, [None, torch.ones(2)])
