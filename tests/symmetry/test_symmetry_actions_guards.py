@@ -256,7 +256,8 @@ def test_rescale_hidden_refuses_what_changes_the_function_and_skips_none_layers(
     (``or`` made ``and``, message dropped: ``x__admits__mutmut_2``, ``9``); a ``None`` layer
     before a scaled one leaves the later layer's factors in place (checked to fail with the
     loop's ``continue`` made ``break``: ``x_hidden_factors_to_node_factors__mutmut_28``); the
-    shape guard's message (``33``, ``34``). Messages matched in full."""
+    shape guard's message (``33``, ``34``); the name of the action in the messages of the model
+path (``x__transform_model__mutmut_11``, ``23``). Messages matched in full."""
     model = tanh_relu_mlp()
     graph = gradgraph.to_graph(model, torch.randn(3, 2, dtype=DTYPE))
     message = (
@@ -265,6 +266,12 @@ def test_rescale_hidden_refuses_what_changes_the_function_and_skips_none_layers(
     )
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         rescale_hidden(model, [0.5 * torch.ones(4, dtype=DTYPE), None])
+    message = "rescale_hidden: expected 2 factor tensors (one per hidden layer), got 1"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        rescale_hidden(model, [None])
+    message = "rescale_hidden: factors for '2' must have shape [3], got [4]"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        rescale_hidden(model, [None, torch.ones(4, dtype=DTYPE)])
     message = "rescale_hidden: factors for '2' must be finite and nonzero"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         rescale_hidden(model, [None, torch.full((3,), float("inf"), dtype=DTYPE)])
@@ -281,3 +288,66 @@ def test_rescale_hidden_refuses_what_changes_the_function_and_skips_none_layers(
     message = "factors for hidden layer 1 must have shape [3], got [2]"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         hidden_factors_to_node_factors(graph, [None, torch.ones(2)])
+
+
+class Gated(nn.Module):
+    """A gated unit, ``down(silu(gate(x)) * up(x))``: its permutation group ties two neuron
+    sets of one kind and depth (the gate's and the up projection's outputs), one row each."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x)).squeeze(-1)
+
+
+def gated_graph():
+    torch.manual_seed(0)
+    model = Gated().to(DTYPE)
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    return model, inputs, gradgraph.to_graph(model, inputs)
+
+
+def test_a_tie_of_two_sets_of_one_kind_moves_them_together():
+    """The gate's neuron ``i`` and the up projection's neuron ``i`` move together, so the
+    permuted model computes the same function. Checked to fail with ``_tied_table`` reading
+    the nodes of the other kinds (``x__tied_table__mutmut_5``) and with the split into runs
+    made one run (``13``)."""
+    model, inputs, graph = gated_graph()
+    hidden = torch.nonzero(graph.perm_group >= 0).flatten()
+    assert len(hidden) == 8 and len(torch.unique(graph.node_kind[hidden])) == 1  # one kind, two sets
+    generator = torch.Generator().manual_seed(1)
+    moved = 0
+    for _ in range(6):
+        perm = random_node_permutation(graph, generator=generator)
+        permuted = permute_model(model, graph, perm)
+        torch.testing.assert_close(permuted(inputs), model(inputs), atol=1e-12, rtol=0)
+        moved += int((perm != torch.arange(graph.num_nodes)).sum())
+    assert moved > 0
+
+
+def test_ties_whose_sets_do_not_match_are_refused():
+    """A hand-made graph whose tied sets disagree (positions, or sizes of the kinds): a clear
+    error, never a wrong permutation. Checked to fail with the three messages dropped
+    (``x__tied_table__mutmut_8``, ``16``, ``21``)."""
+    _, _, graph = gated_graph()
+    where = "group 0, block 0, tie 0"
+    # nodes 3-6: the gate's outputs (positions 0-3), 7-10: the up projection's (0-3)
+    extra_position = graph.clone()
+    extra_position.position = graph.position.clone()
+    extra_position.position[4] = 4  # five positions over eight nodes
+    repeated_position = graph.clone()
+    repeated_position.position = graph.position.clone()
+    repeated_position.position[4] = 0  # a set holding position 0 twice
+    mismatched = "random_node_permutation: group 0, block 0, tie 0 ties sets whose positions do not match"
+    for bad in (extra_position, repeated_position):
+        with pytest.raises(GradGraphError, match=f"^{re.escape(mismatched)}$"):
+            random_node_permutation(bad)
+    sizes = graph.clone()
+    sizes.layer = graph.layer.clone()
+    sizes.layer[7:9], sizes.layer[9:11] = 2, 3  # kinds of 4, 2 and 2 nodes in one tie
+    sizes.layer[11] = 4
+    message = f"random_node_permutation: {where} ties kinds with different numbers of nodes"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        random_node_permutation(sizes)
