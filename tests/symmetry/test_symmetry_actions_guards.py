@@ -27,6 +27,8 @@ from gradgraph.symmetry import (
     hidden_factors_to_node_factors,
     hidden_perms_to_node_permutation,
     permute_components,
+    permute_ffn_hidden,
+    permute_heads,
     permute_hidden,
     permute_model,
     permute_nodes,
@@ -131,7 +133,8 @@ def test_permute_hidden_leaves_the_original_model_and_names_itself_in_errors():
 def test_permutations_given_as_whole_number_floats_are_read_as_indices():
     """A permutation may come as any tensor of whole numbers: it is read as indices.
     Checked to fail with the conversion to ``long`` dropped (``x__check_layer_perms__mutmut_11``,
-    ``13``; ``x_permute_components__mutmut_3``, ``5``)."""
+    ``13``; ``x_permute_components__mutmut_3``, ``5``; ``x__replace__mutmut_17``, ``19``, ``30``,
+    ``32``, the head and feed-forward permutations of a transformer layer)."""
     model = mlp()
     graph = gradgraph.to_graph(model, torch.randn(5, 2, dtype=DTYPE))
     perms = [torch.tensor([3, 1, 0, 2]), torch.tensor([2, 0, 1])]
@@ -139,6 +142,12 @@ def test_permutations_given_as_whole_number_floats_are_read_as_indices():
     got = permute_hidden(graph, [perm.to(DTYPE) for perm in perms])
     for key in ("x", "act", "grad", "edge_attr"):
         assert torch.equal(got[key], expected[key]), key
+    torch.manual_seed(4)
+    layer = nn.TransformerEncoderLayer(8, 2, 6, dropout=0.0, batch_first=True).to(DTYPE)
+    for action, perm in ((permute_heads, torch.tensor([1, 0])), (permute_ffn_hidden, torch.tensor([5, 3, 0, 1, 4, 2]))):
+        expected, got = action(layer, [perm]).state_dict(), action(layer, [perm.to(DTYPE)]).state_dict()
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), (action.__name__, name)
     components = torch.tensor([4, 2, 0, 1, 3])
     expected = permute_components(graph, components)
     got = permute_components(graph, components.to(DTYPE))
