@@ -360,3 +360,43 @@ def test_ties_whose_sets_do_not_match_are_refused():
     message = f"random_node_permutation: {where} ties kinds with different numbers of nodes"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         random_node_permutation(sizes)
+
+
+def test_random_node_permutation_on_a_batch_moves_every_group_of_every_graph_within_its_graph():
+    """A Batch of a gated unit and a three-layer MLP: each graph's nodes stay in that graph,
+    every hidden neuron of every graph moves in some draw, and the draw is a symmetry of each
+    source network. Checked to fail with the Batch key of a group shifted so that group 0 of
+    graph 0 (or later groups) fall out (``x_random_node_permutation__mutmut_15``, ``16``)."""
+    gated, gated_inputs, gated_graph_ = gated_graph()
+    torch.manual_seed(3)
+    mlp3 = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2), nn.ReLU(),
+                         nn.Linear(2, 1)).to(DTYPE)
+    mlp_graph = gradgraph.to_graph(mlp3, gated_inputs)
+    batch = Batch.from_data_list([gated_graph_, mlp_graph])
+    generator = torch.Generator().manual_seed(0)
+    moved = torch.zeros(batch.num_nodes, dtype=torch.bool)
+    offset = gated_graph_.num_nodes
+    for _ in range(12):
+        perm = random_node_permutation(batch, generator=generator)
+        assert torch.equal(batch.batch[perm], batch.batch)  # no node leaves its graph
+        moved |= perm != torch.arange(batch.num_nodes)
+        for model, inputs, graph, nodes in ((gated, gated_inputs, gated_graph_, slice(0, offset)),
+                                            (mlp3, gated_inputs, mlp_graph, slice(offset, None))):
+            own = perm[nodes] - (0 if nodes.start == 0 else offset)
+            torch.testing.assert_close(permute_model(model, graph, own)(inputs), model(inputs), atol=1e-12, rtol=0)
+    hidden = batch.perm_group >= 0
+    assert bool(moved[hidden].all()), "a hidden neuron never moved"
+    assert not bool(moved[~hidden].any())
+
+
+def test_random_node_permutation_follows_the_generator_in_tied_groups():
+    """Two draws with generators seeded alike agree, whatever the global seed, also where
+    blocks and ties are shuffled (the gated unit's tie). Checked to fail with the generator
+    not passed to the block or rank shuffles (``x_random_node_permutation__mutmut_101``,
+    ``106``, ``108``)."""
+    _, _, graph = gated_graph()
+    torch.manual_seed(1)
+    first = random_node_permutation(graph, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(2)
+    second = random_node_permutation(graph, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(first, second)
