@@ -363,26 +363,24 @@ def test_ties_whose_sets_do_not_match_are_refused():
 
 
 def test_random_node_permutation_on_a_batch_moves_every_group_of_every_graph_within_its_graph():
-    """A Batch of a gated unit and a three-layer MLP: each graph's nodes stay in that graph,
+    """A Batch of a three-layer MLP and a gated unit: each graph's nodes stay in that graph,
     every hidden neuron of every graph moves in some draw, and the draw is a symmetry of each
-    source network. Checked to fail with the Batch key of a group shifted so that group 0 of
-    graph 0 (or later groups) fall out (``x_random_node_permutation__mutmut_15``, ``16``)."""
-    gated, gated_inputs, gated_graph_ = gated_graph()
+    source network. Checked to fail with the Batch key of a group shifted so that a group of
+    graph 0 falls out (``x_random_node_permutation__mutmut_15``: group 0; ``16``: group 2)."""
+    gated, inputs, gated_graph_ = gated_graph()
     torch.manual_seed(3)
     mlp3 = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2), nn.ReLU(),
                          nn.Linear(2, 1)).to(DTYPE)
-    mlp_graph = gradgraph.to_graph(mlp3, gated_inputs)
-    batch = Batch.from_data_list([gated_graph_, mlp_graph])
+    mlp_graph = gradgraph.to_graph(mlp3, inputs)
+    batch = Batch.from_data_list([mlp_graph, gated_graph_])
     generator = torch.Generator().manual_seed(0)
     moved = torch.zeros(batch.num_nodes, dtype=torch.bool)
-    offset = gated_graph_.num_nodes
+    offset = mlp_graph.num_nodes
     for _ in range(12):
         perm = random_node_permutation(batch, generator=generator)
         assert torch.equal(batch.batch[perm], batch.batch)  # no node leaves its graph
         moved |= perm != torch.arange(batch.num_nodes)
-        for model, inputs, graph, nodes in ((gated, gated_inputs, gated_graph_, slice(0, offset)),
-                                            (mlp3, gated_inputs, mlp_graph, slice(offset, None))):
-            own = perm[nodes] - (0 if nodes.start == 0 else offset)
+        for model, graph, own in ((mlp3, mlp_graph, perm[:offset]), (gated, gated_graph_, perm[offset:] - offset)):
             torch.testing.assert_close(permute_model(model, graph, own)(inputs), model(inputs), atol=1e-12, rtol=0)
     hidden = batch.perm_group >= 0
     assert bool(moved[hidden].all()), "a hidden neuron never moved"
