@@ -398,3 +398,123 @@ def test_random_node_permutation_follows_the_generator_in_tied_groups():
     torch.manual_seed(2)
     second = random_node_permutation(graph, generator=torch.Generator().manual_seed(9))
     assert torch.equal(first, second)
+
+
+class EncoderRegressor(nn.Module):
+    """A post-norm encoder layer with 4 heads, mean-pooled into one output: ``[b, T, 8] -> [b]``.
+    Its graph has blocks (the heads) and ties (query/key, value/output dims of a head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 4, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1)).squeeze(-1)
+
+
+def test_random_node_permutation_of_a_transformer_graph_is_a_symmetry_of_the_model():
+    """Heads are shuffled as blocks and each head's tied dims move together: the permuted
+    model computes the same function, draws are reproducible, and they move many nodes.
+    Checked to fail with ``perm_tie`` not read (``x_perm_structure__mutmut_26``, ``27``,
+    ``32``, ``33``, ``39``), with the block shuffle not seeded (``x_random_node_permutation__mutmut_101``)
+    and with the one-flat-set shortcut taken for tied groups (``x_random_node_permutation__mutmut_57``, ...)."""
+    torch.manual_seed(0)
+    model = EncoderRegressor().to(DTYPE).eval()
+    inputs = torch.randn(3, 2, 8, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs)
+    assert len(torch.unique(graph.perm_block[graph.perm_block >= 0])) == 4
+    for seed in range(4):
+        perm = random_node_permutation(graph, generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(100 + seed)
+        again = random_node_permutation(graph, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(perm, again)
+        assert int((perm != torch.arange(graph.num_nodes)).sum()) > 10
+        torch.testing.assert_close(permute_model(model, graph, perm)(inputs), model(inputs), atol=1e-12, rtol=0)
+    # the two ties of a head (query/key dims, value/output dims) move independently: some
+    # draw moves a query dim inside its head while leaving that head's value dims in order
+    query = torch.nonzero(graph.node_kind == gradgraph.NodeKind.QUERY).flatten()
+    value = torch.nonzero(graph.node_kind == gradgraph.NodeKind.VALUE).flatten()
+    assert len(torch.unique(graph.perm_tie[query])) == 1 and not torch.equal(graph.perm_tie[query], graph.perm_tie[value])
+
+    def rank_in_head(perm, nodes):
+        return graph.position[perm[nodes]] % 2  # head width 2: the dim's rank inside its head
+
+    independent = False
+    for seed in range(4, 40):
+        perm = random_node_permutation(graph, generator=torch.Generator().manual_seed(seed))
+        if not torch.equal(rank_in_head(perm, query) == graph.position[query] % 2,
+                           rank_in_head(perm, value) == graph.position[value] % 2):
+            independent = True
+            break
+    assert independent, "the query/key tie and the value/output tie of a head always moved together"
+
+
+def test_permute_nodes_keeps_nodes_in_their_graph_and_reads_whole_number_floats():
+    """In a Batch of two copies of one graph, swapping a hidden neuron of graph 0 with its twin
+    in graph 1 keeps every other label and is refused by the ``batch`` label (checked to fail
+    with that key misspelt: ``x_permute_nodes__mutmut_23``, ``24``). A permutation of whole
+    number floats is read as indices, also by ``permute_model``'s statistics move (checked to
+    fail with the conversion to ``long`` dropped: ``x_permute_nodes__mutmut_4``, ``7``;
+    ``x__move_running_statistics__mutmut_3``, ``5``)."""
+    graph = gradgraph.to_graph(mlp(), torch.randn(5, 2, dtype=DTYPE))
+    batch = Batch.from_data_list([graph, graph])
+    swap = torch.arange(batch.num_nodes)
+    swap[3], swap[graph.num_nodes + 3] = graph.num_nodes + 3, 3
+    message = "permute_nodes: the permutation moves nodes across different 'batch' values"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        permute_nodes(batch, swap)
+    perm = hidden_perms_to_node_permutation(graph, [torch.tensor([3, 1, 0, 2]), torch.tensor([2, 0, 1])])
+    expected, got = permute_nodes(graph, perm), permute_nodes(graph, perm.to(DTYPE))
+    for key in ("x", "act", "grad", "edge_attr"):
+        assert torch.equal(got[key], expected[key]), key
+    model = batch_norm_mlp(1)
+    inputs = torch.randn(6, 3, dtype=DTYPE)
+    bn_graph = gradgraph.to_graph(model, inputs, torch.randint(0, 2, (6,)), cross_entropy)
+    perm = random_node_permutation(bn_graph, generator=torch.Generator().manual_seed(3))
+    expected, got = permute_model(model, bn_graph, perm), permute_model(model, bn_graph, perm.to(DTYPE))
+    for name, value in expected.state_dict().items():
+        assert torch.equal(got.state_dict()[name], value), name
+
+
+class SpareNorm(nn.Module):
+    """A BatchNorm that the forward never uses (its bias is in no graph), listed before the one
+    it uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.BatchNorm1d(5)
+        self.body = batch_norm_mlp(2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_batch_norm_outside_the_graph_does_not_stop_the_statistics_move():
+    """Checked to fail with the module loop's ``continue`` made ``break``
+    (``x__move_running_statistics__mutmut_40``): the spare norm, first in the module order,
+    would end the loop before the used one."""
+    model = SpareNorm().to(DTYPE).eval()
+    inputs = torch.randn(6, 3, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs, torch.randint(0, 2, (6,)), cross_entropy)
+    assert "spare.bias" not in graph.param_names
+    perm = random_node_permutation(graph, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(perm, torch.arange(graph.num_nodes))
+    torch.testing.assert_close(permute_model(model, graph, perm)(inputs), model(inputs), atol=1e-12, rtol=0)
+
+
+def test_parallel_edges_of_one_kind_are_refused():
+    """A hand-made graph with one edge listed twice: its slots are ambiguous, so no edge
+    permutation is given. Checked to fail with the duplicate test dropped or comparing only
+    the first key (``x_edge_permutation__mutmut_27``, ``30``) and with the message dropped or
+    changed (``32``, ``33``)."""
+    graph = gradgraph.to_graph(mlp(), torch.randn(5, 2, dtype=DTYPE))
+    fields = {key: value for key, value in graph}
+    extra = 5  # not the edge with the smallest slot key
+    for key in ("edge_attr", "edge_kind", "edge_param", "edge_param_pos"):
+        fields[key] = torch.cat([graph[key], graph[key][extra:extra + 1]])
+    fields["edge_index"] = torch.cat([graph.edge_index, graph.edge_index[:, extra:extra + 1]], dim=1)
+    doubled = gradgraph.GradGraph(**fields)
+    message = "edge_permutation: the graph has parallel edges of one kind; slots are ambiguous"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        permute_nodes(doubled, torch.arange(doubled.num_nodes))
