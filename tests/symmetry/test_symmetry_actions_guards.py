@@ -23,6 +23,7 @@ from torch_geometric.data import Batch
 import gradgraph
 from gradgraph import GradGraphError
 from gradgraph.symmetry import (
+    edge_permutation,
     flip_nodes,
     hidden_factors_to_node_factors,
     hidden_perms_to_node_permutation,
@@ -37,6 +38,7 @@ from gradgraph.symmetry import (
     rescale_hidden,
     rescale_nodes,
 )
+from gradgraph.symmetry.permutation import perm_structure
 
 DTYPE = torch.float64
 
@@ -518,3 +520,25 @@ def test_parallel_edges_of_one_kind_are_refused():
     message = "edge_permutation: the graph has parallel edges of one kind; slots are ambiguous"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         permute_nodes(doubled, torch.arange(doubled.num_nodes))
+
+
+def test_graphs_without_blocks_and_ties_get_one_block_and_one_tie_per_group():
+    """A hand-made graph may leave out ``perm_block`` / ``perm_tie``: every group is then one
+    block with one tie (``0`` on its nodes, ``-1`` elsewhere), and random permutations still
+    are symmetries. Checked to fail with the default dropped or shifted
+    (``x_perm_structure__mutmut_2``, ``9``, ``10``, ``16``, ``17``) and with a missing field
+    returned as is (``34``, ``37``). ``edge_permutation`` reads a whole-number float
+    permutation as indices (``x_edge_permutation__mutmut_4``, ``7``)."""
+    model = mlp()
+    inputs = torch.randn(5, 2, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs)
+    bare = graph.clone()
+    del bare.perm_block, bare.perm_tie
+    group, block, tie = perm_structure(bare)
+    expected = torch.where(graph.perm_group >= 0, 0, -1)
+    assert torch.equal(group, graph.perm_group) and torch.equal(block, expected) and torch.equal(tie, expected)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        perm = random_node_permutation(bare, generator=generator)
+        torch.testing.assert_close(permute_model(model, bare, perm)(inputs), model(inputs), atol=1e-12, rtol=0)
+    assert torch.equal(edge_permutation(graph, perm.to(DTYPE)), edge_permutation(graph, perm))
