@@ -542,3 +542,37 @@ def test_graphs_without_blocks_and_ties_get_one_block_and_one_tie_per_group():
         perm = random_node_permutation(bare, generator=generator)
         torch.testing.assert_close(permute_model(model, bare, perm)(inputs), model(inputs), atol=1e-12, rtol=0)
     assert torch.equal(edge_permutation(graph, perm.to(DTYPE)), edge_permutation(graph, perm))
+
+
+class NestedNoBias(nn.Module):
+    """A hidden layer without bias, two module levels deep (``block.0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(2, 3, bias=False))
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.block(x)))
+
+
+def test_the_message_names_a_nested_module_found_from_its_weights():
+    """A neuron without a bias is described by the module of its incoming weights, with its
+    full dotted path. Checked to fail with the weights not read (``x__module_of_node__mutmut_20``,
+    ``21``, ``26``, ``27``, ``29``) and with the path cut at its first dot
+    (``54``, ``55``, ``57``); and the count message of ``hidden_factors_to_node_factors``
+    (``x_hidden_factors_to_node_factors__mutmut_12``)."""
+    torch.manual_seed(1)
+    graph = gradgraph.to_graph(NestedNoBias().to(DTYPE), torch.randn(4, 2, dtype=DTYPE))
+    factors = torch.ones(graph.num_nodes, dtype=DTYPE)
+    factors[3] = 2.0  # inputs 0-1, Tanh neurons 2-4
+    message = (
+        "transform_nodes: cannot apply factor 2 to node 3 (module 'block.0', position 1, kind HIDDEN, "
+        "activation TANH): a positive factor != 1 needs a positively homogeneous activation "
+        "(IDENTITY, RELU, LEAKY_RELU)"
+    )
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        rescale_nodes(graph, factors)
+    message = "expected 1 factor tensors (one per hidden layer), got 2"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        hidden_factors_to_node_factors(graph, [None, None])
