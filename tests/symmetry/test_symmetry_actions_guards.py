@@ -135,8 +135,7 @@ def test_permute_hidden_leaves_the_original_model_and_names_itself_in_errors():
 def test_permutations_given_as_whole_number_floats_are_read_as_indices():
     """A permutation may come as any tensor of whole numbers: it is read as indices.
     Checked to fail with the conversion to ``long`` dropped (``x__check_layer_perms__mutmut_11``,
-    ``13``; ``x_permute_components__mutmut_3``, ``5``; ``x__replace__mutmut_17``, ``19``, ``30``,
-    ``32``, the head and feed-forward permutations of a transformer layer)."""
+    ``13``; ``x_permute_components__mutmut_3``, ``5``)."""
     model = mlp()
     graph = gradgraph.to_graph(model, torch.randn(5, 2, dtype=DTYPE))
     perms = [torch.tensor([3, 1, 0, 2]), torch.tensor([2, 0, 1])]
@@ -144,12 +143,6 @@ def test_permutations_given_as_whole_number_floats_are_read_as_indices():
     got = permute_hidden(graph, [perm.to(DTYPE) for perm in perms])
     for key in ("x", "act", "grad", "edge_attr"):
         assert torch.equal(got[key], expected[key]), key
-    torch.manual_seed(4)
-    layer = nn.TransformerEncoderLayer(8, 2, 6, dropout=0.0, batch_first=True).to(DTYPE)
-    for action, perm in ((permute_heads, torch.tensor([1, 0])), (permute_ffn_hidden, torch.tensor([5, 3, 0, 1, 4, 2]))):
-        expected, got = action(layer, [perm]).state_dict(), action(layer, [perm.to(DTYPE)]).state_dict()
-        for name, value in expected.items():
-            assert torch.equal(got[name], value), (action.__name__, name)
     components = torch.tensor([4, 2, 0, 1, 3])
     expected = permute_components(graph, components)
     got = permute_components(graph, components.to(DTYPE))
@@ -576,3 +569,69 @@ def test_the_message_names_a_nested_module_found_from_its_weights():
     message = "expected 1 factor tensors (one per hidden layer), got 2"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         hidden_factors_to_node_factors(graph, [None, None])
+
+
+def test_head_and_feed_forward_permutations_read_whole_number_floats_as_indices():
+    """Checked to fail with the conversion to ``long`` dropped (``x__replace__mutmut_17``,
+    ``19``: heads; ``30``, ``32``: feed-forward neurons)."""
+    torch.manual_seed(4)
+    layer = nn.TransformerEncoderLayer(8, 2, 6, dropout=0.0, batch_first=True).to(DTYPE)
+    for action, perm in ((permute_heads, torch.tensor([1, 0])), (permute_ffn_hidden, torch.tensor([5, 3, 0, 1, 4, 2]))):
+        expected, got = action(layer, [perm]).state_dict(), action(layer, [perm.to(DTYPE)]).state_dict()
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), (action.__name__, name)
+
+
+class OneDimHeads(EncoderRegressor):
+    """:class:`EncoderRegressor` with width 4 and 4 heads: every head has one dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 4, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+
+def test_heads_of_one_dim_and_blocks_that_differ():
+    """Heads of width 1 are shuffled as blocks like any other (checked to fail with the block
+    shape read from a second column: ``x_random_node_permutation__mutmut_91``); a hand-made
+    graph whose heads differ in their ties is refused in full words (checked to fail with the
+    message dropped: ``96``)."""
+    torch.manual_seed(2)
+    model = OneDimHeads().to(DTYPE).eval()
+    inputs = torch.randn(3, 2, 4, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs)
+    for seed in range(3):
+        perm = random_node_permutation(graph, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(permute_model(model, graph, perm)(inputs), model(inputs), atol=1e-12, rtol=0)
+    uneven = graph.clone()
+    uneven.perm_tie = graph.perm_tie.clone()
+    head = torch.nonzero((graph.perm_block == 1) & (graph.node_kind == gradgraph.NodeKind.VALUE)).flatten()
+    uneven.perm_tie[head] = 0  # head 1's value dim joins its query/key tie
+    group = int(graph.perm_group[head[0]])
+    message = f"random_node_permutation: the blocks of permutation group {group} differ"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        random_node_permutation(uneven)
+
+
+def test_random_node_permutation_on_a_batch_of_many_graphs_keeps_groups_apart():
+    """Four graphs of two groups each: the Batch key of (graph, group) must stay one-to-one
+    however many graphs there are (checked to fail with the graph's offset divided instead of
+    multiplied, ``x_random_node_permutation__mutmut_17``: graph 3's group 0 then shares a key
+    with graph 0's group 1). And a node permutation that is not a symmetry is refused in
+    full words (``x_edge_permutation__mutmut_55``)."""
+    model = mlp()
+    graphs = [gradgraph.to_graph(model, torch.randn(5, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(s)))
+              for s in range(4)]
+    batch = Batch.from_data_list(graphs)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        perm = random_node_permutation(batch, generator=generator)
+        assert torch.equal(batch.batch[perm], batch.batch)
+        assert torch.equal(batch.perm_group[perm], batch.perm_group)
+        permute_nodes(batch, perm)
+    graph = graphs[0]
+    swap = torch.arange(graph.num_nodes)
+    swap[2], swap[6] = 6, 2  # a neuron of hidden layer 0 with one of hidden layer 1
+    message = "edge_permutation: the permutation maps an edge onto no edge; it is not a symmetry"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        edge_permutation(graph, swap)
