@@ -63,3 +63,87 @@ def test_outputs_to_parameters_writes_each_graph_of_a_batch_as_its_own_graph_wou
     message = "outputs_to_parameters: the model has no edge output (edge_out_channels=0)"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         outputs_to_parameters(batch, no_edges(batch))
+
+
+def test_reprs_name_every_setting():
+    """Whole strings: a changed field name, value or separator fails."""
+    from gradgraph.nn import ComponentConv, ComponentPool, InvariantReadout, NodeConv
+
+    assert repr(GradMetaNet(8)) == (
+        "GradMetaNet(hidden=8, component=8, component_layers=2, node_layers=2, direction='both', "
+        "out=(edge=1, node=1, graph=0, component=0))"
+    )
+    model = GradMetaNet(8, component_channels=4, num_component_layers=1, num_node_layers=3, direction="forward",
+                        graph_out_channels=2, edge_out_channels=0, node_out_channels=0)
+    assert repr(model) == (
+        "GradMetaNet(hidden=8, component=4, component_layers=1, node_layers=3, direction='forward', "
+        "out=(edge=0, node=0, graph=2, component=0))"
+    )
+    assert repr(ComponentPool(["mean", "max"])) == "ComponentPool(aggregations=['mean', 'max'])"
+    assert repr(NodeConv(3, 4, 5, direction="forward")) == (
+        "NodeConv(3, 4, edge_dim=5, direction='forward', aggr='mean', edge_messages=True)"
+    )
+    assert repr(ComponentConv(3, 4, 5)) == "ComponentConv(3, 4, edge_dim=5, direction='both', aggr='mean', edge_messages=True)"
+    assert repr(InvariantReadout(4, 2)) == "InvariantReadout(4, 2)"
+
+
+def test_component_pool_equals_the_direct_formulas_in_the_order_asked():
+    """Per neuron, over its components: mean, sum, max and the population standard deviation
+    (with the documented 1e-8 under the root), concatenated in the order given."""
+    from gradgraph.nn import ComponentPool
+
+    torch.manual_seed(0)
+    h = torch.randn(5, 7, 3, dtype=DTYPE)
+    direct = {
+        "mean": h.mean(1),
+        "sum": h.sum(1),
+        "max": h.max(1).values,
+        "std": (h.var(1, unbiased=False) + 1e-8).sqrt(),
+    }
+    for order in (["mean", "sum", "max", "std"], ["std", "max"], ["sum"]):
+        expected = torch.cat([direct[name] for name in order], dim=-1)
+        torch.testing.assert_close(ComponentPool(order)(h), expected, atol=1e-12, rtol=0)
+    constant = torch.ones(2, 4, 1, dtype=DTYPE)
+    torch.testing.assert_close(ComponentPool(["std"])(constant), torch.full((2, 1), 1e-4, dtype=DTYPE), atol=1e-15, rtol=0)
+    for bad in ([], ["median"], ["mean", "median"]):
+        message = f"ComponentPool: aggregations must be a non-empty subset of ('mean', 'max', 'std', 'sum'), got {tuple(bad)}"
+        with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+            ComponentPool(bad)
+    message = "ComponentPool: states must have shape [N, B, C]; got [5, 3]"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        ComponentPool()(h[:, 0])
+
+
+def test_invariant_readout_is_its_mlp_on_each_graphs_mean_and_max():
+    """Graph by graph: ``mlp([mean of h, max of h])`` over that graph's nodes; bad shapes get
+    one message naming the widths."""
+    from gradgraph.nn import InvariantReadout
+
+    torch.manual_seed(1)
+    readout = InvariantReadout(3, 2, hidden_channels=5).to(DTYPE)
+    h = torch.randn(7, 3, dtype=DTYPE)
+    batch = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    expected = torch.stack([
+        readout.mlp(torch.cat([h[batch == g].mean(0), h[batch == g].max(0).values])[None])[0] for g in range(3)
+    ])
+    torch.testing.assert_close(readout(h, batch, 3), expected, atol=1e-12, rtol=0)
+    message = "InvariantReadout: expected h [N, 3] and batch [N]; got [7, 4] and [7]"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        readout(torch.randn(7, 4, dtype=DTYPE), batch, 3)
+
+
+def test_layer_and_model_messages_in_full():
+    from gradgraph.nn import ComponentConv, GraphContext, NodeConv
+
+    graph = graph_of([3, 5, 1], ["relu", "none"], seed=3)
+    context = GraphContext.from_graph(graph, torch.zeros(graph.edge_index.shape[1], 4, dtype=DTYPE))
+    message = (f"NodeConv: node states must have shape [N, C]; got [{graph.num_nodes}, 2, 3] "
+               "(use ComponentConv for per-component states [N, B, C])")
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        NodeConv(3, 3, 4).to(DTYPE)(torch.zeros(graph.num_nodes, 2, 3, dtype=DTYPE), context)
+    message = "ComponentConv: states must have shape [N, B, C] (neuron, component, channel); got [9, 3]"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        ComponentConv(3, 3, 4).to(DTYPE)(torch.zeros(9, 3, dtype=DTYPE), context)
+    message = "GradMetaNet: component outputs need num_component_layers >= 1"
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        GradMetaNet(8, num_component_layers=0, component_out_channels=1)
