@@ -83,7 +83,9 @@ def test_reprs_name_every_setting():
     assert repr(NodeConv(3, 4, 5, direction="forward")) == (
         "NodeConv(3, 4, edge_dim=5, direction='forward', aggr='mean', edge_messages=True)"
     )
-    assert repr(ComponentConv(3, 4, 5)) == "ComponentConv(3, 4, edge_dim=5, direction='both', aggr='mean', edge_messages=True)"
+    assert repr(ComponentConv(3, 4, 5)) == (
+        "ComponentConv(3, 4, edge_dim=5, direction='both', aggr='mean', edge_messages=True)"
+    )
     assert repr(InvariantReadout(4, 2)) == "InvariantReadout(4, 2)"
 
 
@@ -104,9 +106,11 @@ def test_component_pool_equals_the_direct_formulas_in_the_order_asked():
         expected = torch.cat([direct[name] for name in order], dim=-1)
         torch.testing.assert_close(ComponentPool(order)(h), expected, atol=1e-12, rtol=0)
     constant = torch.ones(2, 4, 1, dtype=DTYPE)
-    torch.testing.assert_close(ComponentPool(["std"])(constant), torch.full((2, 1), 1e-4, dtype=DTYPE), atol=1e-15, rtol=0)
+    floor = torch.full((2, 1), 1e-4, dtype=DTYPE)  # sqrt(0 + 1e-8)
+    torch.testing.assert_close(ComponentPool(["std"])(constant), floor, atol=1e-15, rtol=0)
     for bad in ([], ["median"], ["mean", "median"]):
-        message = f"ComponentPool: aggregations must be a non-empty subset of ('mean', 'max', 'std', 'sum'), got {tuple(bad)}"
+        message = ("ComponentPool: aggregations must be a non-empty subset of ('mean', 'max', 'std', 'sum'), "
+                   f"got {tuple(bad)}")
         with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
             ComponentPool(bad)
     message = "ComponentPool: states must have shape [N, B, C]; got [5, 3]"

@@ -68,7 +68,8 @@ def test_permute_model_moves_batch_norm_statistics_with_the_channels(seed):
     Checked to fail with the ``_move_running_statistics`` mutants that change which module's
     statistics move or where to (``x__move_running_statistics__mutmut_1``-``40`` but those
     listed as equivalent or not killed in docs/mutation.md: e.g. the bias test negated, the
-    bias name misspelt, the old and new channel swapped, the move skipped), with ``permute_model`` passing no graph to it (``x_permute_model__mutmut_21``) and
+    bias name misspelt, the old and new channel swapped, the move skipped), with
+    ``permute_model`` passing no graph to it (``x_permute_model__mutmut_21``) and
     with the model copied shallowly (``x_permute_model__mutmut_13``: the original's
     parameters change)."""
     model = batch_norm_mlp(seed)
@@ -237,12 +238,14 @@ def test_on_a_batch_the_message_names_the_graph_and_its_own_module():
     # the output neuron: its module is found from its incoming weights, not its bias
     factors = torch.ones(batch.num_nodes, dtype=DTYPE)
     factors[batch.num_nodes - 1] = 2.0
-    with pytest.raises(GradGraphError, match=re.escape(f"node {batch.num_nodes - 1} (graph 1, module 'dec', position 0, kind OUTPUT")):
+    output = f"node {batch.num_nodes - 1} (graph 1, module 'dec', position 0, kind OUTPUT"
+    with pytest.raises(GradGraphError, match=re.escape(output)):
         rescale_nodes(batch, factors)
     # an input neuron has no module
     factors = torch.ones(batch.num_nodes, dtype=DTYPE)
     factors[graphs[0].num_nodes] = 2.0
-    with pytest.raises(GradGraphError, match=re.escape(f"node {graphs[0].num_nodes} (graph 1, position 0, kind INPUT,")):
+    first_input = f"node {graphs[0].num_nodes} (graph 1, position 0, kind INPUT,"
+    with pytest.raises(GradGraphError, match=re.escape(first_input)):
         rescale_nodes(batch, factors)
     # and permute_nodes on the Batch moves each graph on its own (a sanity check of the fixture)
     permuted = permute_nodes(batch, torch.arange(batch.num_nodes))
@@ -430,7 +433,8 @@ def test_random_node_permutation_of_a_transformer_graph_is_a_symmetry_of_the_mod
     # draw moves a query dim inside its head while leaving that head's value dims in order
     query = torch.nonzero(graph.node_kind == gradgraph.NodeKind.QUERY).flatten()
     value = torch.nonzero(graph.node_kind == gradgraph.NodeKind.VALUE).flatten()
-    assert len(torch.unique(graph.perm_tie[query])) == 1 and not torch.equal(graph.perm_tie[query], graph.perm_tie[value])
+    assert len(torch.unique(graph.perm_tie[query])) == 1
+    assert not torch.equal(graph.perm_tie[query], graph.perm_tie[value])
 
     def rank_in_head(perm, nodes):
         return graph.position[perm[nodes]] % 2  # head width 2: the dim's rank inside its head
