@@ -34,6 +34,7 @@ from gradgraph.symmetry import (
     permute_model,
     permute_nodes,
     random_hidden_perms,
+    random_node_factors,
     random_node_permutation,
     rescale_hidden,
     rescale_nodes,
@@ -640,3 +641,42 @@ def test_random_node_permutation_on_a_batch_of_many_graphs_keeps_groups_apart():
     message = "edge_permutation: the permutation maps an edge onto no edge; it is not a symmetry"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         edge_permutation(graph, swap)
+
+
+def test_random_node_factors_follow_the_range_the_generator_and_the_admissible_set():
+    """Scales lie in ``scale_range`` (log-uniform: both ends of a wide range are reached), signs
+    take both values, nodes that admit neither keep 1, ``low == high`` gives that scale, the
+    draw follows the generator (whatever the global seed), and a range with ``low <= 0`` is
+    refused in full words. Checked to fail with the range's arithmetic changed
+    (``x_random_node_factors__mutmut_14``, ``21``, ``26``), the generator not passed on
+    (``16``, ``19``, ``37``, ``39``), every sign flipped (``41``), ``low == 0`` allowed or
+    ``low == high`` refused (``6``, ``7``) and the message dropped (``8``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 6), nn.Identity(),
+                          nn.Linear(6, 1)).to(DTYPE)
+    graph = gradgraph.to_graph(model, torch.randn(4, 2, dtype=DTYPE))
+    can_scale, can_flip = gradgraph.symmetry.admissible_transformations(graph)
+    assert bool(can_scale.any()) and bool(can_flip.any()) and not bool((can_scale | can_flip).all())
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        draws.append(random_node_factors(graph, scale_range=(0.5, 8.0), generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(draws[0], draws[1])
+    magnitudes, signs = [], []
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(40):
+        factors = random_node_factors(graph, scale_range=(0.5, 8.0), generator=generator)
+        assert bool((factors[~(can_scale | can_flip)] == 1).all())
+        assert bool((factors[can_flip & ~can_scale].abs() == 1).all())
+        magnitudes.append(factors[can_scale].abs())
+        signs.append(factors[can_flip].sign())
+    magnitudes, signs = torch.cat(magnitudes), torch.cat(signs)
+    assert float(magnitudes.min()) >= 0.5 and float(magnitudes.max()) <= 8.0
+    assert float(magnitudes.min()) < 0.6 and float(magnitudes.max()) > 6.5  # both ends reached
+    assert 0.3 < float((signs < 0).double().mean()) < 0.7
+    fixed = random_node_factors(graph, scale_range=(2.0, 2.0), flip=False, generator=generator)
+    torch.testing.assert_close(fixed[can_scale], torch.full_like(fixed[can_scale], 2.0), atol=1e-12, rtol=0)
+    for bad in ((0.0, 1.0), (-1.0, 1.0), (2.0, 1.0)):
+        message = f"random_node_factors: need 0 < low <= high, got scale_range={bad}"
+        with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+            random_node_factors(graph, scale_range=bad)
