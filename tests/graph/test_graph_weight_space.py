@@ -186,6 +186,45 @@ def test_a_parameter_in_two_blocks_sums_both():
         torch.testing.assert_close(mean[name], value.mean(0), atol=1e-12, rtol=0, msg=name)
 
 
+class SharedQueryKey(nn.Module):
+    """Attention whose query and key share one projection (as in Reformer's shared-QK
+    attention): ``[b, T, 3]`` -> ``[b]``. ``qk.weight`` is two dense blocks (a QUERY and a KEY
+    block), each covering the whole parameter in order (one slice each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(3, 3, bias=False)
+        self.v, self.head = nn.Linear(3, 3), nn.Linear(3, 1)
+
+    def forward(self, x):
+        q, k = self.qk(x), self.qk(x)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / 3**0.5, -1)
+        return self.head((attention @ self.v(x)).mean(1)).squeeze(-1)
+
+
+def test_a_parameter_in_two_whole_slice_blocks_sums_both():
+    """One weight that is two dense blocks, each the whole parameter in order: the second
+    block's values are added to the first's, in both ``per_sample_grads`` and ``mean_grad``.
+    Checked to fail with ``_add_at`` assigning instead of adding through its slice
+    (``x__add_at__mutmut_2``: ``target[..., span] = values``) and with the whole-parameter
+    shortcut taken for a parameter that already holds a block
+    (``xǁGradGraphǁ_grads_by_parameter__mutmut_79``: ``param in flats``)."""
+    torch.manual_seed(3)
+    model = SharedQueryKey().to(DTYPE)
+    inputs = torch.randn(4, 2, 3, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs)
+    whole = slice(0, 9)
+    index = graph.param_names.index("qk.weight")
+    qk_blocks = [block for block in graph._parameter_blocks() if block[0] == index]
+    # the case the two mutants need: two dense blocks of one parameter, each one whole slice
+    assert [(block[1], block[5]) for block in qk_blocks] == [("dense", whole), ("dense", whole)]
+    reference = reference_per_sample_grads(model, inputs, None, None)
+    ours, mean = graph.per_sample_grads(), graph.mean_grad()
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
+        torch.testing.assert_close(mean[name], value.mean(0), atol=1e-12, rtol=0, msg=name)
+
+
 def test_edge_order_does_not_change_the_gradients(case):
     """The same graph with its edges listed backwards: no block's slots are one slice any more
     (the slot-by-slot path), and every gradient is the same. Checked to fail with ``_add_at``
