@@ -225,6 +225,24 @@ def ensembles(prepared: Prepared) -> dict[str, dict[str, float]]:
             for name, by_seed in prepared.predicted.items()}
 
 
+def blends(prepared: Prepared, partner: str = REFERENCE) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {"kendall_tau" | "r2": {"mean", "std"}}}`` of the per-seed average of each graph
+    model's prediction and ``partner``'s (same seed): does the graph model add to the forest?"""
+    if partner not in prepared.predicted:
+        return {}
+    true = prepared.data.accuracy[prepared.members["test"]]
+    out = {}
+    for name, by_seed in prepared.predicted.items():
+        if name in FEATURES_OF:
+            continue
+        runs = [ranking_metrics((by_seed[seed] + prepared.predicted[partner][seed]) / 2, true)
+                for seed in by_seed if seed in prepared.predicted[partner]]
+        out[name] = {key: {"mean": float(torch.tensor([r[key] for r in runs], dtype=torch.float64).mean()),
+                           "std": float(torch.tensor([r[key] for r in runs], dtype=torch.float64).std(unbiased=False))}
+                     for key in ("kendall_tau", "r2")}
+    return out
+
+
 def scatter_plot(prepared: Prepared, labels: dict[str, str], path: Path, title: str = "") -> None:
     """Predicted vs true test accuracy of the test members, one panel per predictor (its seeds'
     mean prediction; Kendall tau of that mean in the panel title). Writes a PNG at ``path``."""
@@ -265,7 +283,9 @@ def run_zoo_accuracy(config: ZooAccuracyConfig, context: DistributedContext | No
     Returns:
         The results dictionary (``output_dir/results.json``): per model the MSE of every seed
         (``test_errors``) and ``metrics.kendall_tau`` / ``metrics.r2`` (values, mean, std), and
-        ``ensemble`` (the metrics of the seeds' mean prediction).
+        ``ensemble`` (the metrics of the seeds' mean prediction), ``test_predictions`` per seed,
+        ``test_accuracy`` (the true values, same order) and ``blends_with_grad_stats``
+        (:func:`blends`).
     """
     with ExperimentRun.open(config, METRIC, context) as run:
         data = run.load(load_zoo)
@@ -280,6 +300,10 @@ def run_zoo_accuracy(config: ZooAccuracyConfig, context: DistributedContext | No
                        baseline=REFERENCE)
         for name, metrics in ensembles(prepared).items():
             run.results["models"][name]["ensemble"] = metrics
+            run.results["models"][name]["test_predictions"] = {
+                str(seed): values.tolist() for seed, values in prepared.predicted[name].items()}
+        run.results["test_accuracy"] = data.accuracy[prepared.members["test"]].tolist()
+        run.results["blends_with_" + REFERENCE] = blends(prepared)
         if run.context.is_main_process:
             zoo = config.zoo
             scatter_plot(prepared, MODEL_LABELS, config.output_dir / SCATTER,
@@ -304,4 +328,8 @@ def results_table(results: dict[str, Any]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    for name, metrics in results.get("blends_with_" + REFERENCE, {}).items():
+        tau = metrics["kendall_tau"]
+        lines.append(f"mean of {results['models'][name]['label']} and the gradient-statistics forest (same seed): "
+                     f"Kendall tau {tau['mean']:.3f} ± {tau['std']:.3f}")
     return "\n".join(lines)
