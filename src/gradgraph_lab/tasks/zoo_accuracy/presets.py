@@ -25,7 +25,7 @@ CNN_RECIPE = dict(architecture="cnn", lr_range=(3e-4, 3e-2), weight_decay_range=
                   inits=("default", "normal", "orthogonal"), probe_size=32)
 #: The predictors of the default presets.
 DEFAULT_MODELS = ("grad_stats", "weight_stats", "all_stats", "grad_stats_boost", "metanet_weights",
-                  "gradmetanet_grad", "gradmetanet_grad_weights", "gradmetanet_pp_grad", "gradmetanet_grad_stats")
+                  "gradmetanet_grad_stats", "gradmetanet_grad", "gradmetanet_pp_grad", "gradmetanet_grad_weights")
 
 
 def preset(name: str) -> ZooAccuracyConfig:
