@@ -18,7 +18,8 @@ the components of each datapoint (:func:`pool_components`):
 
 .. math::
     a'_{n,d} = \sum_{p} \mathrm{act}_{n,(d,p)},\quad g'_{n,d} = \sum_{p} \mathrm{grad}_{n,(d,p)},\quad
-    c_{n,d} = \Big[\sqrt{\textstyle\sum_p \mathrm{act}_{n,(d,p)}^2},\ \sqrt{\textstyle\sum_p \mathrm{grad}_{n,(d,p)}^2}\Big]
+    c_{n,d} = \Big[\sqrt{\textstyle\sum_p \mathrm{act}_{n,(d,p)}^2},\
+              \sqrt{\textstyle\sum_p \mathrm{grad}_{n,(d,p)}^2}\Big]
 
 :math:`g'_{n,d}` is exactly datapoint ``d``'s gradient of neuron ``n``'s bias; the weight gradients
 :math:`\sum_p \mathrm{act}_{j,(d,p)} \mathrm{grad}_{k,(d,p)}` are *not* recoverable from the sums
@@ -51,7 +52,8 @@ __all__ = ["ARCHITECTURES", "VIEWS", "GraphRegressor", "ModelConfig", "graph_inp
 
 VIEWS = ("weights", "grad", "grad_weights")
 ARCHITECTURES = ("gradmetanet", "gradmetanet_pp", "metanet")
-#: ``component_x`` columns of the gradient views: log-loss, log per-sample gradient norm, root-sum-squares of act and grad.
+#: ``component_x`` columns of the gradient views: log-loss, log per-sample gradient norm, root-sum-squares
+#: of act and of grad.
 COMPONENT_FEATURES = 4
 
 
@@ -195,7 +197,7 @@ class GraphRegressor(nn.Module):
             self.register_buffer(name, torch.zeros(0))
 
     def fit_scaling(self, graphs: list[GradGraph]) -> None:
-        """Set the standardisation of ``x``, ``edge_attr`` (and ``stats``) columns from ``graphs`` (the training set)."""
+        """Set the standardisation of ``x``, ``edge_attr`` (and ``stats``) columns from ``graphs`` (training set)."""
         x = torch.cat([graph.x for graph in graphs])
         edges = torch.cat([graph.edge_attr for graph in graphs])
         self.x_mean, self.x_std = x.mean(0), x.std(0).clamp_min(1e-6)
