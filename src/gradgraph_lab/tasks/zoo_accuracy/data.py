@@ -30,7 +30,6 @@ from gradgraph.errors import GradGraphError
 from gradgraph_lab.data.cache import config_hash, default_cache_root
 from gradgraph_lab.distributed import DistributedContext
 from gradgraph_lab.tasks.zoo_accuracy.recipe import (
-    ACTIVATIONS,
     INITS,
     OPTIMIZERS,
     build_network,
@@ -199,6 +198,7 @@ class ZooData:
         graphs: every member's :class:`~gradgraph.GradGraph` (``y [1, 1]``: test accuracy).
         accuracy: ``[num_members]`` float64 test accuracies.
         net_of: ``[num_members]`` the network each member is a checkpoint of.
+        recipes: every network's hyperparameters (:func:`sample_recipe`), in order.
     """
 
     config: ZooConfig

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradgraph.errors import GradGraphError
 from gradgraph_lab.distributed import DistributedContext
 from gradgraph_lab.tasks import experiment
 from gradgraph_lab.tasks.experiment import ExperimentRun, SeedRun, check_experiment
