@@ -357,9 +357,9 @@ def _zoo_accuracy_command(args: argparse.Namespace) -> int:
     zoo = config.zoo
     return _run_experiment(
         "zoo-accuracy", args, config, run_zoo_accuracy, results_table,
-        items=f"{zoo.num_nets} digits {zoo.architecture.upper()}s x {zoo.num_checkpoints} checkpoints "
+        items=f"{zoo.num_nets} {zoo.dataset} {zoo.architecture.upper()}s x {zoo.num_checkpoints} checkpoints "
               "(splits in networks)",
-        outputs=[config.output_dir / "results.json"],
+        outputs=[config.output_dir / "results.json", config.output_dir / "zoo_accuracy_scatter.png"],
         notes=lambda results: [f"zoo: {results['zoo']['members']} members, test accuracy "
                                f"{results['zoo']['accuracy_min']:.3f} .. {results['zoo']['accuracy_max']:.3f} "
                                f"(median {results['zoo']['accuracy_median']:.3f})"],
@@ -367,21 +367,21 @@ def _zoo_accuracy_command(args: argparse.Namespace) -> int:
 
 
 def add_zoo_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
-    from gradgraph_lab.tasks.zoo_accuracy import MODEL_NAMES
+    from gradgraph_lab.tasks.zoo_accuracy import MODEL_NAMES, PRESETS
 
     parser = subparsers.add_parser(
         "zoo-accuracy",
-        help="predict digits MLPs' test accuracy from gradients vs weights: statistics baselines and GradMetaNet "
-             "(issue 30)",
+        help="predict zoo networks' test accuracy from gradients vs weights: statistics baselines, GradMetaNet, "
+             "GradMetaNet++ and a weights-only graph metanetwork (issue 30)",
     )
-    parser.add_argument("--preset", choices=["default", "paper", "cnn", "tiny", "tiny-cnn"], default="default",
-                        help="default: 100 MLPs x 4 checkpoints, GradMetaNet 15 epochs, 5 seeds (docs/zoo.md has its "
-                        "wall time on 2 cores); paper: 1000 nets, 100 epochs; cnn: 100 CNNs, statistics baselines; "
-                        "tiny, tiny-cnn: smoke runs")
+    parser.add_argument("--preset", choices=list(PRESETS), default="default",
+                        help="default: 100 digits MLPs x 4 checkpoints; cnn: 100 digits CNNs (Small CNN Zoo recipe); "
+                        "mnist1d-cnn: 100 MNIST-1D CNNs; graph models 15 epochs, 5 seeds (docs/zoo.md has the wall "
+                        "times on 2 cores); paper, cnn-paper: 1000 nets, 100 epochs; tiny*: smoke runs")
     parser.add_argument("--nets", type=int, default=None, help="networks in the zoo (splits keep the preset's "
                         "proportions)")
     add_experiment_flags(parser, item="zoo members", models=MODEL_NAMES, output_dir=Path("runs/zoo-accuracy"),
-                         outputs="results.json", cache="zoo graph cache root")
+                         outputs="results.json and zoo_accuracy_scatter.png", cache="zoo graph cache root")
     parser.set_defaults(func=_zoo_accuracy_command)
 
 

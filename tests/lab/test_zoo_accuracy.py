@@ -100,9 +100,11 @@ def test_cnn_zoo_statistics_are_invariant_to_channel_permutations_float64():
     probe, labels = digits.pool_x[:zoo.probe_size].double(), digits.pool_y[:zoo.probe_size]
     permuted = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
-    convs = [permuted[0], permuted[2], permuted[4]]
+    convs = [module for module in permuted if isinstance(module, torch.nn.Conv2d)]
+    head = [module for module in permuted if isinstance(module, torch.nn.Linear)]
+    assert len(convs) == 3 and len(head) == 1
     with torch.no_grad():
-        for layer, following in zip(convs, [*convs[1:], permuted[8]]):
+        for layer, following in zip(convs, [*convs[1:], head[0]]):
             order = torch.randperm(layer.out_channels, generator=generator)
             layer.weight.copy_(layer.weight[order])
             layer.bias.copy_(layer.bias[order])

@@ -1,26 +1,25 @@
-"""The digits MLP zoo: small MLPs trained on scikit-learn's digits with sampled hyperparameters,
-checkpointed at several steps, as a :class:`gradgraph.datasets.ModelZoo` with their test accuracies.
+"""The zoos: small networks trained with sampled hyperparameters (:mod:`.recipe`), checkpointed
+at several steps, as a :class:`gradgraph.datasets.ModelZoo` with their test accuracies.
 
-Every network ``j`` draws (from ``seed + j``): two hidden widths in ``[min_width, max_width]``,
-ReLU or tanh, an SGD-with-momentum learning rate (log-uniform), a weight decay (log-uniform),
-an initialisation scale (log-uniform factor on torch's default), the fraction of the training
-pool it sees, and a number of steps; it is checkpointed at fixed fractions of its steps
-(``checkpoint_fractions``), so one network gives networks from barely trained to converged and
-accuracies spread from chance to the best. Zoo member ``i`` is checkpoint ``i % C`` of network
-``i // C``; splits are made of whole networks (a network's checkpoints never straddle them).
+Datasets (from packages only, nothing downloaded): scikit-learn's digits (1797 8x8 images,
+pixels / 16; the first ``pool_size`` of a fixed shuffle are the training pool, the rest the test
+set) and MNIST-1D (``mnist1d``'s generator run locally through
+:func:`gradgraph_lab.tasks.learned_optimizer.mnist1d.mnist1d_split`; ``pool_size`` training and
+``test_size`` test signals of length 40).
 
-The graphs: every member converted on one probe batch (``probe_size`` training-pool digits,
-cross-entropy per datapoint), with ``y = [[test accuracy]]`` on the held-out digits. Cached by
+Zoo member ``i`` is checkpoint ``i % C`` of network ``i // C``; splits are made of whole networks
+(a network's checkpoints never straddle them).
+
+The graphs: every member converted on one probe batch (the first ``probe_size`` pool datapoints,
+cross-entropy per datapoint), with ``y = [[test accuracy]]``. Cached by
 :class:`~gradgraph.datasets.ModelZoo` under ``cache_root/zoo-accuracy-<config hash>``; a member
 is trained only when its shard is missing.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,35 +29,56 @@ from gradgraph.datasets import ModelZoo
 from gradgraph.errors import GradGraphError
 from gradgraph_lab.data.cache import config_hash, default_cache_root
 from gradgraph_lab.distributed import DistributedContext
+from gradgraph_lab.tasks.zoo_accuracy.recipe import (
+    INITS,
+    OPTIMIZERS,
+    build_network,
+    held_out_accuracy,
+    sample_recipe,
+    train_network,
+)
 
-__all__ = ["DigitsZooConfig", "Digits", "ZooData", "build_network", "load_digits_split", "load_zoo", "train_network"]
+__all__ = ["DATASETS", "Digits", "DigitsZooConfig", "Images", "ZooConfig", "ZooData", "build_network",
+           "held_out_accuracy", "load_digits_split", "load_images", "load_zoo", "sample_recipe", "train_network"]
+
+DATASETS = ("digits", "mnist1d")
+#: The recipe fields added after the first (digits MLP) zoo, at the values that zoo had: a
+#: config holding them is hashed without them, so that zoo's caches stay valid.
+_FIRST_ZOO = {"architecture": "mlp", "dataset": "digits", "optimizers": ("sgd",), "inits": ("default",),
+              "dropout_range": (0.0, 0.0), "test_size": 0}
 
 
 @dataclass(frozen=True)
-class DigitsZooConfig:
-    """The zoo's recipe (its hash names the cache).
+class ZooConfig:
+    """A zoo's recipe (its hash names the cache); :mod:`.recipe` says how a network is drawn.
 
     Attributes:
         num_nets: trained networks; the zoo has ``num_nets * len(checkpoint_fractions)`` members.
-        architecture: ``"mlp"`` (two hidden layers) or ``"cnn"`` (three 3x3 convolutions, the
-            second with stride 2, global average pooling and a linear head, the Small CNN Zoo's
-            shape, on the 8x8 images).
+        architecture: ``"mlp"`` (two hidden layers) or ``"cnn"`` (three convolutions, global
+            average pooling and a linear head, the Small CNN Zoo's shape; :func:`build_network`).
+        dataset: ``"digits"`` or ``"mnist1d"``.
         min_width, max_width: hidden widths (channels for ``"cnn"``) are drawn uniformly from this range.
-        lr_range: SGD (momentum 0.9) learning rates, log-uniform.
-        weight_decay_range: log-uniform.
-        init_scale_range: factor on torch's default initialisation, log-uniform.
+        lr_range: learning rates, log-uniform (whatever the optimiser).
+        weight_decay_range: L2 strength (the optimiser's ``weight_decay``), log-uniform.
+        init_scale_range: factor on the initialisation, log-uniform.
         train_fraction_range: fraction of the training pool a network trains on, uniform.
-        steps_choices: total SGD steps, one drawn per network.
-        checkpoint_fractions: the fractions of its steps at which a network is kept.
-        batch_size: SGD batch size.
-        pool_size: digits in the training pool (the rest, 1797 - pool_size, is the test set).
-        probe_size: the probe batch (the first ``probe_size`` pool digits of a fixed shuffle).
+        steps_choices: total steps, one drawn per network.
+        checkpoint_fractions: the fractions of its steps at which a network is kept (0: at initialisation).
+        optimizers: drawn per network from ``"sgd"`` (momentum 0.9), ``"adam"``, ``"rmsprop"``.
+        inits: drawn per network from ``"default"``, ``"normal"``, ``"orthogonal"``.
+        dropout_range: dropout rate after every hidden activation, uniform (``(0, 0)``: none).
+        batch_size: the optimiser's batch size.
+        pool_size: datapoints in the training pool.
+        test_size: held-out datapoints (MNIST-1D; 0 for digits, whose test set is the other
+            ``1797 - pool_size`` images).
+        probe_size: the probe batch (the first ``probe_size`` pool datapoints).
         seed: the zoo's seed.
         shard_size: zoo members per cache shard.
     """
 
     num_nets: int = 100
     architecture: str = "mlp"
+    dataset: str = "digits"
     min_width: int = 16
     max_width: int = 64
     lr_range: tuple[float, float] = (3e-3, 0.3)
@@ -67,24 +87,39 @@ class DigitsZooConfig:
     train_fraction_range: tuple[float, float] = (0.05, 1.0)
     steps_choices: tuple[int, ...] = (100, 200, 400)
     checkpoint_fractions: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0)
+    optimizers: tuple[str, ...] = ("sgd",)
+    inits: tuple[str, ...] = ("default",)
+    dropout_range: tuple[float, float] = (0.0, 0.0)
     batch_size: int = 32
     pool_size: int = 1000
+    test_size: int = 0
     probe_size: int = 64
     seed: int = 0
     shard_size: int = 64
 
     def __post_init__(self) -> None:
         if self.num_nets < 1 or not 1 <= self.min_width <= self.max_width:
-            raise GradGraphError(f"DigitsZooConfig: need num_nets >= 1 and 1 <= min_width <= max_width, got "
+            raise GradGraphError(f"ZooConfig: need num_nets >= 1 and 1 <= min_width <= max_width, got "
                                  f"{self.num_nets}, {self.min_width}, {self.max_width}")
-        if not self.checkpoint_fractions or not all(0 < f <= 1 for f in self.checkpoint_fractions):
-            raise GradGraphError(f"DigitsZooConfig.checkpoint_fractions must lie in (0, 1], got "
-                                 f"{self.checkpoint_fractions}")
+        if not self.checkpoint_fractions or not all(0 <= f <= 1 for f in self.checkpoint_fractions):
+            raise GradGraphError(f"ZooConfig.checkpoint_fractions must lie in [0, 1], got {self.checkpoint_fractions}")
         if self.architecture not in ("mlp", "cnn"):
-            raise GradGraphError(f"DigitsZooConfig.architecture must be mlp or cnn, got {self.architecture!r}")
-        if not 0 < self.probe_size <= self.pool_size < 1797:
-            raise GradGraphError(f"DigitsZooConfig: need 0 < probe_size <= pool_size < 1797, got {self.probe_size}, "
+            raise GradGraphError(f"ZooConfig.architecture must be mlp or cnn, got {self.architecture!r}")
+        if self.dataset not in DATASETS:
+            raise GradGraphError(f"ZooConfig.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        for name, value, known in (("optimizers", self.optimizers, OPTIMIZERS), ("inits", self.inits, INITS)):
+            if not value or not set(value) <= set(known):
+                raise GradGraphError(f"ZooConfig.{name} must be a non-empty subset of {known}, got {value}")
+        if not 0 <= self.dropout_range[0] <= self.dropout_range[1] < 1:
+            raise GradGraphError(f"ZooConfig.dropout_range must satisfy 0 <= low <= high < 1, got {self.dropout_range}")
+        if self.dataset == "digits" and not 0 < self.probe_size <= self.pool_size < 1797:
+            raise GradGraphError(f"ZooConfig (digits): need 0 < probe_size <= pool_size < 1797, got {self.probe_size}, "
                                  f"{self.pool_size}")
+        if self.dataset == "mnist1d" and not (0 < self.probe_size <= self.pool_size and self.test_size > 0
+                                              and (self.pool_size + self.test_size) % 10 == 0):
+            raise GradGraphError(f"ZooConfig (mnist1d): need 0 < probe_size <= pool_size, test_size > 0 and "
+                                 f"pool_size + test_size a multiple of 10, got {self.probe_size}, {self.pool_size}, "
+                                 f"{self.test_size}")
 
     @property
     def num_checkpoints(self) -> int:
@@ -96,10 +131,25 @@ class DigitsZooConfig:
         """Zoo members (networks x checkpoints)."""
         return self.num_nets * self.num_checkpoints
 
+    def hash_fields(self) -> dict:
+        """The fields that name the cache: every field, less those at the first zoo's values (:data:`_FIRST_ZOO`)."""
+        def first(key: str, value: object) -> bool:
+            known = _FIRST_ZOO[key]
+            return tuple(value) == known if isinstance(known, tuple) else value == known
+
+        return {key: value for key, value in asdict(self).items() if key not in _FIRST_ZOO or not first(key, value)}
+
+
+#: The first zoo's name for :class:`ZooConfig`.
+DigitsZooConfig = ZooConfig
+
 
 @dataclass
-class Digits:
-    """scikit-learn's digits split once: ``pool`` (networks train on part of it), ``test`` (accuracy)."""
+class Images:
+    """A dataset split once: ``pool`` (networks train on part of it), ``test`` (accuracy).
+
+    Shapes: ``pool_x [n, *shape]``, ``pool_y [n]`` (int64), ``test_x [m, *shape]``, ``test_y [m]``.
+    """
 
     pool_x: Tensor
     pool_y: Tensor
@@ -107,7 +157,10 @@ class Digits:
     test_y: Tensor
 
 
-def load_digits_split(config: DigitsZooConfig) -> Digits:
+Digits = Images
+
+
+def load_digits_split(config: ZooConfig) -> Images:
     """The 1797 digits (pixels / 16, float32; ``[n, 64]``, or images ``[n, 1, 8, 8]`` for a CNN zoo)
     shuffled with ``config.seed``: the first ``pool_size`` are the training pool, the rest the test set."""
     from sklearn.datasets import load_digits
@@ -119,86 +172,21 @@ def load_digits_split(config: DigitsZooConfig) -> Digits:
     x, y = x[order], y[order]
     if config.architecture == "cnn":
         x = x.reshape(-1, 1, 8, 8)
-    return Digits(x[:config.pool_size], y[:config.pool_size], x[config.pool_size:], y[config.pool_size:])
+    return Images(x[:config.pool_size], y[:config.pool_size], x[config.pool_size:], y[config.pool_size:])
 
 
-def _log_uniform(generator: torch.Generator, bounds: tuple[float, float]) -> float:
-    low, high = math.log(bounds[0]), math.log(bounds[1])
-    return math.exp(low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64)))
+def load_images(config: ZooConfig, cache_root: Path | None = None) -> Images:
+    """The zoo's dataset: :func:`load_digits_split`, or MNIST-1D (``[n, 40]``, ``[n, 1, 40]`` for a CNN
+    zoo; ``pool_size`` training and ``test_size`` test signals, generated locally and cached)."""
+    if config.dataset == "digits":
+        return load_digits_split(config)
+    from gradgraph_lab.tasks.learned_optimizer.mnist1d import mnist1d_split
 
-
-def build_network(widths: tuple[int, ...], activation: str, dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """Two widths: the MLP ``64 -> widths[0] -> widths[1] -> 10``; three: the CNN ``[b, 1, 8, 8] ->``
-    3x3 convolutions to ``widths[0]``, ``widths[1]`` (stride 2), ``widths[2]`` channels, global average
-    pooling, ``Linear(widths[2], 10)``. ``activation`` (``"relu"`` or ``"tanh"``) after each hidden layer."""
-    act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
-    if len(widths) == 3:
-        return nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1), act(),
-                             nn.Conv2d(widths[0], widths[1], 3, stride=2, padding=1), act(),
-                             nn.Conv2d(widths[1], widths[2], 3, padding=1), act(),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[2], 10)).to(dtype)
-    return nn.Sequential(nn.Linear(64, widths[0]), act(), nn.Linear(widths[0], widths[1]), act(),
-                         nn.Linear(widths[1], 10)).to(dtype)
-
-
-def sample_recipe(config: DigitsZooConfig, net: int) -> dict[str, Any]:
-    """Network ``net``'s hyperparameters, drawn from ``config.seed`` and ``net`` alone."""
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + net)
-    widths = tuple(int(w) for w in torch.randint(config.min_width, config.max_width + 1,
-                                                           (3 if config.architecture == "cnn" else 2,),
-                                                           generator=generator))
-    return {
-        "widths": widths,
-        "activation": ("relu", "tanh")[int(torch.randint(2, (), generator=generator))],
-        "lr": _log_uniform(generator, config.lr_range),
-        "weight_decay": _log_uniform(generator, config.weight_decay_range),
-        "init_scale": _log_uniform(generator, config.init_scale_range),
-        "train_fraction": config.train_fraction_range[0] + (config.train_fraction_range[1]
-                                                            - config.train_fraction_range[0])
-        * float(torch.rand((), generator=generator, dtype=torch.float64)),
-        "steps": config.steps_choices[int(torch.randint(len(config.steps_choices), (), generator=generator))],
-        "init_seed": int(torch.randint(2**31 - 1, (), generator=generator)),
-    }
-
-
-def train_network(config: DigitsZooConfig, net: int, digits: Digits) -> list[nn.Sequential]:
-    """Train network ``net`` by its recipe; returns one copy per checkpoint fraction (in order)."""
-    import copy
-
-    recipe = sample_recipe(config, net)
-    generator = torch.Generator().manual_seed(recipe["init_seed"])
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(recipe["init_seed"])  # nn.Linear's default initialisation draws from the global stream
-    model = build_network(recipe["widths"], recipe["activation"])
-    torch.random.set_rng_state(torch_state)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(recipe["init_scale"])
-    seen = max(config.batch_size, round(recipe["train_fraction"] * len(digits.pool_x)))
-    subset = torch.randperm(len(digits.pool_x), generator=generator)[:seen]
-    x, y = digits.pool_x[subset], digits.pool_y[subset]
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=0.9,
-                                weight_decay=recipe["weight_decay"])
-    keep_at = sorted({max(1, round(fraction * recipe["steps"])) for fraction in config.checkpoint_fractions})
-    if len(keep_at) != config.num_checkpoints:
-        raise GradGraphError(f"network {net}: checkpoint fractions {config.checkpoint_fractions} of "
-                             f"{recipe['steps']} steps round to the same step")
-    kept = []
-    for step in range(1, recipe["steps"] + 1):
-        batch = torch.randint(len(x), (config.batch_size,), generator=generator)
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step in keep_at:
-            kept.append(copy.deepcopy(model).eval())
-    return kept
-
-
-def held_out_accuracy(model: nn.Module, digits: Digits) -> float:
-    """The fraction of the held-out digits ``model`` classifies right."""
-    with torch.no_grad():
-        return float((model(digits.test_x).argmax(1) == digits.test_y).double().mean())
+    x_train, y_train, x_test, y_test = mnist1d_split(config.pool_size, config.test_size,
+                                                     None if cache_root is None else str(cache_root))
+    if config.architecture == "cnn":
+        x_train, x_test = x_train[:, None, :], x_test[:, None, :]
+    return Images(x_train, y_train, x_test, y_test)
 
 
 @dataclass
@@ -210,29 +198,31 @@ class ZooData:
         graphs: every member's :class:`~gradgraph.GradGraph` (``y [1, 1]``: test accuracy).
         accuracy: ``[num_members]`` float64 test accuracies.
         net_of: ``[num_members]`` the network each member is a checkpoint of.
+        recipes: every network's hyperparameters (:func:`sample_recipe`), in order.
     """
 
-    config: DigitsZooConfig
+    config: ZooConfig
     graphs: list
     accuracy: Tensor
     net_of: Tensor
+    recipes: list = field(default_factory=list)
 
 
 class _Networks:
     """Zoo member ``i`` as a module, training its network once for all of its checkpoints."""
 
-    def __init__(self, config: DigitsZooConfig, digits: Digits) -> None:
-        self.config, self.digits = config, digits
+    def __init__(self, config: ZooConfig, data: Images) -> None:
+        self.config, self.data = config, data
         self.net, self.checkpoints = -1, []
 
     def __call__(self, member: int) -> nn.Module:
         net, checkpoint = divmod(member, self.config.num_checkpoints)
         if net != self.net:
-            self.net, self.checkpoints = net, train_network(self.config, net, self.digits)
+            self.net, self.checkpoints = net, train_network(self.config, net, self.data)
         return self.checkpoints[checkpoint]
 
 
-def load_zoo(config: DigitsZooConfig, *, cache_root: Path | None = None, progress: bool = True,
+def load_zoo(config: ZooConfig, *, cache_root: Path | None = None, progress: bool = True,
              context: DistributedContext | None = None) -> ZooData:
     """The zoo's graphs, from the cache or built (every rank builds its share of the shards).
 
@@ -242,20 +232,18 @@ def load_zoo(config: DigitsZooConfig, *, cache_root: Path | None = None, progres
         progress: print a line per shard built.
         context: the processes (ranks split the shards; see :class:`~gradgraph.datasets.ModelZoo`).
     """
-    digits = load_digits_split(config)
-    # an MLP zoo's hash leaves the architecture out: its caches from before CNN zoos stay valid
-    recipe = {key: value for key, value in asdict(config).items() if key != "architecture" or value != "mlp"}
-    root = Path(cache_root or default_cache_root()) / f"zoo-accuracy-{config_hash(recipe)}"
-    probe_x, probe_y = digits.pool_x[:config.probe_size], digits.pool_y[:config.probe_size]
+    data = load_images(config, cache_root)
+    root = Path(cache_root or default_cache_root()) / f"zoo-accuracy-{config_hash(config.hash_fields())}"
+    probe_x, probe_y = data.pool_x[:config.probe_size], data.pool_y[:config.probe_size]
     rank = context.rank if context is not None else None
     world = context.world_size if context is not None else None
+    name = f"digits-{config.architecture}" if config.dataset == "digits" else f"{config.dataset}-{config.architecture}"
     zoo = ModelZoo(root, range(config.num_members), probe_x, probe_targets=probe_y,
                    loss_fn=lambda output, labels: F.cross_entropy(output, labels, reduction="none"),
-                   builder=_Networks(config, digits),
-                   targets=lambda index, model: torch.tensor([[held_out_accuracy(model, digits)]], dtype=torch.float64),
-                   shard_size=config.shard_size, name=f"digits-{config.architecture}", rank=rank, world_size=world,
-                   log=progress)
+                   builder=_Networks(config, data),
+                   targets=lambda index, model: torch.tensor([[held_out_accuracy(model, data)]], dtype=torch.float64),
+                   shard_size=config.shard_size, name=name, rank=rank, world_size=world, log=progress)
     graphs = [zoo[index] for index in range(len(zoo))]
     accuracy = torch.cat([graph.y[:, 0] for graph in graphs])
     net_of = torch.arange(config.num_members) // config.num_checkpoints
-    return ZooData(config, graphs, accuracy, net_of)
+    return ZooData(config, graphs, accuracy, net_of, [sample_recipe(config, net) for net in range(config.num_nets)])

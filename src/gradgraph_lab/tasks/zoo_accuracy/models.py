@@ -12,30 +12,26 @@ hidden widths and whether the activation is tanh, is in every vector):
   (how much the datapoints agree); the same for the whole gradient; the per-datapoint losses'
   mean, std and 10/50/90% quantiles.
 
-GradMetaNet reads the graph after :class:`~gradgraph.datasets.NormalizeFactors` (per-layer
-RMS, the log-scales appended as features) and predicts ``[G, 1]`` through its invariant readout;
-``gradmetanet_grad`` sees the factors with the weight and bias values (and their scales) zeroed,
-``gradmetanet_grad_weights`` sees both.
+The graph models (GradMetaNet, GradMetaNet++, a weights-only graph metanetwork) and the views of
+a graph they read are :mod:`.graph_models`'; :data:`GRAPH_MODELS` says which predictor is which.
 
-Every feature and GradMetaNet's output is invariant to permuting the hidden neurons of a zoo
-net (tested in float64).
+Every feature and every graph model's output is invariant to permuting the hidden neurons (a
+CNN's hidden channels) of a zoo net (tested in float64).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from gradgraph.datasets import NormalizeFactors
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind, GradGraph
-from gradgraph.nn import GradMetaNet
+from gradgraph_lab.tasks.zoo_accuracy.graph_models import GraphRegressor, ModelConfig, graph_inputs
 
 __all__ = [
     "DEFAULT_MODELS",
     "FEATURES_OF",
+    "GRAPH_MODELS",
     "MODEL_LABELS",
     "MODEL_NAMES",
     "GraphRegressor",
@@ -54,9 +50,18 @@ MODEL_LABELS = {
     "all_stats": "random forest on weight + gradient statistics",
     "gradmetanet_grad": "GradMetaNet on gradients",
     "gradmetanet_grad_weights": "GradMetaNet on gradients + weights",
+    "metanet_weights": "graph metanetwork on weights (channels as neurons)",
+    "gradmetanet_pp_grad": "GradMetaNet++ on gradients",
+    "gradmetanet_grad_stats": "GradMetaNet on gradients + gradient statistics",
 }
 MODEL_NAMES = tuple(MODEL_LABELS)
 DEFAULT_MODELS = MODEL_NAMES
+#: The graph predictors: ``(architecture, view, reads the gradient statistics)`` (see :mod:`.graph_models`).
+GRAPH_MODELS = {"gradmetanet_grad": ("gradmetanet", "grad", False),
+                "gradmetanet_grad_weights": ("gradmetanet", "grad_weights", False),
+                "metanet_weights": ("metanet", "weights", False),
+                "gradmetanet_pp_grad": ("gradmetanet_pp", "grad", False),
+                "gradmetanet_grad_stats": ("gradmetanet", "grad", True)}
 #: Which statistics each baseline reads, and its regressor.
 FEATURES_OF = {"weight_stats": ("weights", "forest"), "grad_stats": ("gradients", "forest"),
                "grad_stats_boost": ("gradients", "boosting"), "all_stats": ("both", "forest")}
@@ -158,78 +163,3 @@ class StatsRegressor(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.estimator)
-
-
-@dataclass
-class ModelConfig:
-    """GradMetaNet's sizes for the zoo (small: the default run trains it 10 times on 2 cores)."""
-
-    hidden_channels: int = 16
-    component_channels: int = 8
-    num_component_layers: int = 1
-    num_node_layers: int = 1
-
-
-def graph_inputs(graph: GradGraph, with_weights: bool, dtype: torch.dtype = torch.float32) -> GradGraph:
-    """The graph GradMetaNet reads: :class:`NormalizeFactors` with log-scales, in ``dtype``, and without
-    ``with_weights`` the weight and bias values and their scales zeroed (``x [N, 4]``, ``edge_attr [E, 2]``);
-    ``component_x [N, B, 1]`` holds the log of each component's datapoint loss."""
-    normalised = NormalizeFactors(log_scales=True)(graph)
-    if not with_weights:
-        normalised.x = normalised.x.clone()
-        normalised.x[:, [0, 3]] = 0.0
-        normalised.edge_attr = torch.zeros_like(normalised.edge_attr)
-    # every datapoint's loss, as a feature of each of its components (the statistics baselines read them too)
-    log_loss = normalised.loss.clamp_min(1e-12).log()
-    normalised.component_x = log_loss[normalised.component_sample][None, :, None].expand(
-        normalised.num_nodes, -1, 1).contiguous()
-    for key in ("x", "edge_attr", "act", "grad", "y", "loss", "component_x"):
-        if key in normalised:
-            normalised[key] = normalised[key].to(dtype)
-    return normalised
-
-
-class GraphRegressor(nn.Module):
-    r"""GradMetaNet with one invariant graph output, squashed into ``(0, 1)``:
-
-    .. math::
-        \hat y = \sigma\big(\mathrm{GMN}(\tilde G)_{\text{graph}} + \operatorname{logit} \bar y\big),
-
-    where :math:`\tilde G` has its ``x`` and ``edge_attr`` columns standardised with the training
-    graphs' mean and std (:meth:`fit_scaling`; the log-scales of :class:`NormalizeFactors` span
-    tens of units) and :math:`\bar y` is the mean training accuracy. An accuracy lies in
-    ``[0, 1]``: the sigmoid keeps a prediction for an unusual network from leaving it.
-
-    Args:
-        config: sizes.
-        offset: :math:`\bar y`.
-
-    Shapes: ``forward(batch)`` returns ``[G, 1]``.
-    """
-
-    def __init__(self, config: ModelConfig, offset: float) -> None:
-        super().__init__()
-        self.network = GradMetaNet(config.hidden_channels, component_channels=config.component_channels,
-                                   num_component_layers=config.num_component_layers,
-                                   num_node_layers=config.num_node_layers, edge_out_channels=0,
-                                   node_out_channels=0, graph_out_channels=1,
-                                   # graph_inputs: x [N, 4], edge_attr [E, 2], component_x [N, B, 1]
-                                   node_in_channels=4, edge_in_channels=2, component_in_channels=1)
-        offset = min(max(float(offset), 1e-3), 1 - 1e-3)
-        self.register_buffer("offset", torch.tensor(offset).logit())
-        for name in ("x_mean", "x_std", "edge_mean", "edge_std"):
-            self.register_buffer(name, torch.zeros(0))
-
-    def fit_scaling(self, graphs: list[GradGraph]) -> None:
-        """Set the standardisation of ``x`` and ``edge_attr`` columns from ``graphs`` (the training set)."""
-        x = torch.cat([graph.x for graph in graphs])
-        edges = torch.cat([graph.edge_attr for graph in graphs])
-        self.x_mean, self.x_std = x.mean(0), x.std(0).clamp_min(1e-6)
-        self.edge_mean, self.edge_std = edges.mean(0), edges.std(0).clamp_min(1e-6)
-
-    def forward(self, batch) -> Tensor:  # noqa: ANN001 - a PyG Batch
-        if self.x_mean.numel():
-            batch = batch.clone()
-            batch.x = (batch.x - self.x_mean) / self.x_std
-            batch.edge_attr = (batch.edge_attr - self.edge_mean) / self.edge_std
-        return torch.sigmoid(self.network(batch).graph + self.offset)
