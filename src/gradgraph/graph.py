@@ -636,23 +636,19 @@ def _edge_block(src: Tensor, dst: Tensor, positions: Tensor) -> tuple[str, Tenso
     """``(how, rows, cols, positions, span)`` of the edges of one call site of a parameter: a
     ``"dense"`` block when the edges join every source to every destination exactly once (an
     ``nn.Linear``), else ``"edges"`` (see :meth:`GradGraph._parameter_blocks`)."""
-    # Fast path: sources and destinations that are whole runs of node numbers (a converter lays
-    # out a layer's neurons consecutively) need no sort to be named.
     (src_min, src_max), (dst_min, dst_max) = (tuple(int(v) for v in torch.aminmax(ends)) for ends in (src, dst))
-    num_cols, num_rows = src_max - src_min + 1, dst_max - dst_min + 1
-    if num_cols * num_rows == len(src) and num_cols > 1 and num_rows > 1:
-        table = torch.full((num_rows, num_cols), -1, dtype=torch.long, device=positions.device)
-        table[dst - dst_min, src - src_min] = positions
-        # as many edges as cells and every cell written: each (row, column) pair exactly once
-        if bool((table >= 0).all()):
-            rows = torch.arange(dst_min, dst_max + 1, device=dst.device)
-            cols = torch.arange(src_min, src_max + 1, device=src.device)
-            return "dense", rows, cols, table, consecutive_span(table)
-    cols, col_index = torch.unique(src, return_inverse=True)
-    rows, row_index = torch.unique(dst, return_inverse=True)
+    if (src_max - src_min + 1) * (dst_max - dst_min + 1) == len(src):
+        # whole runs of node numbers (a converter lays out a layer's neurons consecutively): the
+        # sources and destinations are named without a sort
+        cols, col_index = torch.arange(src_min, src_max + 1, device=src.device), src - src_min
+        rows, row_index = torch.arange(dst_min, dst_max + 1, device=dst.device), dst - dst_min
+    else:
+        cols, col_index = torch.unique(src, return_inverse=True)
+        rows, row_index = torch.unique(dst, return_inverse=True)
     if len(cols) * len(rows) == len(src) and len(cols) > 1 and len(rows) > 1:
         table = torch.full((len(rows), len(cols)), -1, dtype=torch.long, device=positions.device)
         table[row_index, col_index] = positions
+        # as many edges as cells and every cell written: each (row, column) pair exactly once
         if bool((table >= 0).all()):
             return "dense", rows, cols, table, consecutive_span(table)
     return "edges", dst, src, positions, consecutive_span(positions)
