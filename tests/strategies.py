@@ -80,3 +80,41 @@ def assert_same_graph(first, second, atol: float = 1e-12) -> None:
         else:
             assert torch.equal(a, b), key
     assert first.param_names == second.param_names and first.param_shapes == second.param_shapes
+
+
+def renumbered(graph, node_order: torch.Tensor | None = None, edge_order: torch.Tensor | None = None):
+    """The same graph with new node ``i`` = old node ``node_order[i]`` and its edges listed in
+    ``edge_order`` (either may be ``None``: kept as it is)."""
+    import gradgraph
+
+    fields = {key: value for key, value in graph}
+    if edge_order is not None:
+        for key in ("edge_attr", "edge_kind", "edge_param", "edge_param_pos"):
+            fields[key] = graph[key][edge_order]
+        fields["edge_index"] = graph.edge_index[:, edge_order]
+    if node_order is not None:
+        new_number = torch.empty_like(node_order)
+        new_number[node_order] = torch.arange(len(node_order))
+        for key, value in graph:
+            if key != "edge_index" and isinstance(value, torch.Tensor) and graph.is_node_attr(key):
+                fields[key] = value[node_order]
+        fields["edge_index"] = new_number[fields["edge_index"]]
+    return gradgraph.GradGraph(**fields)
+
+
+def with_edges(graph, pairs: Sequence[tuple[int, int]], param: int, weight: float = 1.0):
+    """``graph`` with edges ``src -> dst`` of the kind of its first edge appended, each of weight
+    ``weight``: read as entries of parameter ``param`` at position 0, or parameter-free (structural)
+    for ``param = -1``."""
+    import gradgraph
+
+    fields = {key: value for key, value in graph}
+    extra = torch.tensor(pairs, dtype=torch.long).T
+    count = extra.shape[1]
+    fields["edge_index"] = torch.cat([graph.edge_index, extra], dim=1)
+    fields["edge_attr"] = torch.cat([graph.edge_attr, torch.full((count, graph.edge_attr.shape[1]), weight,
+                                                                 dtype=graph.edge_attr.dtype)])
+    position = 0 if param >= 0 else -1
+    for key, fill in (("edge_param", param), ("edge_param_pos", position), ("edge_kind", int(graph.edge_kind[0]))):
+        fields[key] = torch.cat([graph[key], torch.full((count,), fill, dtype=graph[key].dtype)])
+    return gradgraph.GradGraph(**fields)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import Batch
+from strategies import renumbered
 from traced_models import reference_per_sample_grads
 
 import gradgraph
@@ -230,12 +231,7 @@ def test_edge_order_does_not_change_the_gradients(case):
     (the slot-by-slot path), and every gradient is the same. Checked to fail with ``_add_at``
     called without its positions in the mean path."""
     _, _, _, graph = case
-    order = torch.arange(graph.edge_index.shape[1] - 1, -1, -1)
-    fields = {key: value for key, value in graph}
-    for key in ("edge_attr", "edge_kind", "edge_param", "edge_param_pos"):
-        fields[key] = graph[key][order]
-    fields["edge_index"] = graph.edge_index[:, order]
-    backwards = gradgraph.GradGraph(**fields)
+    backwards = renumbered(graph, edge_order=torch.arange(graph.edge_index.shape[1] - 1, -1, -1))
     for method in ("per_sample_grads", "mean_grad"):
         expected, got = getattr(graph, method)(), getattr(backwards, method)()
         for name, value in expected.items():
@@ -294,24 +290,6 @@ def test_a_bias_that_is_parameter_zero():
     for name, value in reference.items():
         torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
         torch.testing.assert_close(mean[name], value.mean(0), atol=1e-12, rtol=0, msg=name)
-
-
-def renumbered(graph, node_order=None, edge_order=None):
-    """The same graph with its nodes numbered in ``node_order`` (new node ``i`` is old node
-    ``node_order[i]``) and its edges listed in ``edge_order``."""
-    fields = {key: value for key, value in graph}
-    if edge_order is not None:
-        for key in ("edge_attr", "edge_kind", "edge_param", "edge_param_pos"):
-            fields[key] = graph[key][edge_order]
-        fields["edge_index"] = graph.edge_index[:, edge_order]
-    if node_order is not None:
-        new_number = torch.empty_like(node_order)
-        new_number[node_order] = torch.arange(len(node_order))
-        for key, value in graph:
-            if key != "edge_index" and isinstance(value, torch.Tensor) and graph.is_node_attr(key):
-                fields[key] = value[node_order]
-        fields["edge_index"] = new_number[fields["edge_index"]]
-    return gradgraph.GradGraph(**fields)
 
 
 @pytest.mark.parametrize("layout", ["runs", "interleaved edges", "scattered nodes", "both"])

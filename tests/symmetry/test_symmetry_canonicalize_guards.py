@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import pytest
-from strategies import build_mlp
+from strategies import build_mlp, with_edges
 
 import gradgraph
 from gradgraph import GradGraphError
@@ -20,20 +20,6 @@ from gradgraph.symmetry.scaling import _describe_node
 def relu_graph():
     model = build_mlp([3, 4, 4, 1], ["relu", "relu", "none"], [True, True, True], seed=2)
     return model, gradgraph.to_graph(model, torch.randn(5, 3, dtype=torch.float64))
-
-
-def with_extra_edges(graph, pairs):
-    """``graph`` with LINEAR edges ``src -> dst`` appended (weight 0.5), read as entries of the first
-    parameter (a parameter-free edge would pin its neurons, and they would not be movable)."""
-    fields = {key: value for key, value in graph}
-    extra = torch.tensor(pairs, dtype=torch.long).T
-    fields["edge_index"] = torch.cat([graph.edge_index, extra], dim=1)
-    count = extra.shape[1]
-    fields["edge_attr"] = torch.cat([graph.edge_attr, torch.full((count, graph.edge_attr.shape[1]), 0.5,
-                                                                 dtype=graph.edge_attr.dtype)])
-    for key, fill in (("edge_param", 0), ("edge_param_pos", 0), ("edge_kind", int(graph.edge_kind[0]))):
-        fields[key] = torch.cat([graph[key], torch.full((count,), fill, dtype=graph[key].dtype)])
-    return gradgraph.GradGraph(**fields)
 
 
 def test_a_graph_without_a_field_it_needs_is_refused_naming_it():
@@ -54,7 +40,8 @@ def test_an_edge_into_a_movable_neuron_from_its_own_or_a_later_layer_is_refused_
     hidden = torch.nonzero(graph.layer == 1).flatten().tolist()
     later = torch.nonzero(graph.layer == 2).flatten().tolist()
     same_layer, backwards = (hidden[0], hidden[1]), (later[0], hidden[2])
-    broken = with_extra_edges(graph, [same_layer, backwards])
+    # read as entries of a parameter: a parameter-free edge would pin its neurons, and they would not be movable
+    broken = with_edges(graph, [same_layer, backwards], param=0, weight=0.5)
     first = graph.edge_index.shape[1]
     expected = (f"canonicalize: edge {first} enters {_describe_node(broken, hidden[1])} from node {hidden[0]} "
                 f"of layer 1, not an earlier layer; cannot canonicalise in forward order")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from strategies import build_mlp
+from strategies import build_mlp, with_edges
 
 import gradgraph
 from gradgraph import GradGraphError
@@ -24,23 +24,13 @@ def graph_of(activations, dtype=torch.float64):
     return gradgraph.to_graph(model, torch.randn(5, 3, dtype=dtype))
 
 
-def with_structural_edge(graph, src, dst):
-    """``graph`` with one parameter-free LINEAR edge ``src -> dst`` appended."""
-    fields = {key: value for key, value in graph}
-    fields["edge_index"] = torch.cat([graph.edge_index, torch.tensor([[src], [dst]])], dim=1)
-    fields["edge_attr"] = torch.cat([graph.edge_attr, torch.ones(1, graph.edge_attr.shape[1], dtype=graph.edge_attr.dtype)])
-    for key, fill in (("edge_param", -1), ("edge_param_pos", -1), ("edge_kind", int(graph.edge_kind[0]))):
-        fields[key] = torch.cat([graph[key], torch.full((1,), fill, dtype=graph[key].dtype)])
-    return gradgraph.GradGraph(**fields)
-
-
 def test_a_structural_edge_pins_both_of_its_neurons_and_no_other():
     """Checked against ``admissible_transformations`` 9, 10, 14-17 (``edge_param`` not read: the
     edge ignored), 24 (its target marked twice, its source not), 25 and 28 (an end left movable)."""
     graph = graph_of(["relu", "relu", "none"])
     can_scale, _ = admissible_transformations(graph)
     first, second = torch.nonzero(graph.layer == 1).flatten()[0], torch.nonzero(graph.layer == 2).flatten()[1]
-    pinned, _ = admissible_transformations(with_structural_edge(graph, int(first), int(second)))
+    pinned, _ = admissible_transformations(with_edges(graph, [(int(first), int(second))], param=-1))
     expected = can_scale.clone()
     expected[first] = expected[second] = False
     assert bool(can_scale[first]) and bool(can_scale[second])
@@ -74,7 +64,7 @@ def test_each_refused_factor_names_the_node_and_the_rule():
 
     hidden = int(torch.nonzero(relu.layer == 1).flatten()[0])
     other = int(torch.nonzero(relu.layer == 2).flatten()[0])
-    pinned = with_structural_edge(relu, hidden, other)
+    pinned = with_edges(relu, [(hidden, other)], param=-1)
     factors = torch.ones(pinned.num_nodes, dtype=torch.float64)
     factors[hidden] = 2.0
     with pytest.raises(GradGraphError) as error:

@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from strategies import renumbered
 from torch import nn
 from torch_geometric.data import Batch
 
@@ -41,18 +42,6 @@ def model_and_graph(seed: int = 0):
             parameter.normal_()  # torch starts in_proj_bias and out_proj.bias at zero
     inputs, targets = torch.randn(3, 4, 8, dtype=torch.float64), torch.randn(3, 4, 8, dtype=torch.float64)
     return model, inputs, targets, gradgraph.to_graph(model, inputs, targets, squared_error)
-
-
-def renumbered(graph, node_order):
-    """The same graph with new node ``i`` = old node ``node_order[i]``."""
-    new_number = torch.empty_like(node_order)
-    new_number[node_order] = torch.arange(len(node_order))
-    fields = {key: value for key, value in graph}
-    for key, value in graph:
-        if key != "edge_index" and isinstance(value, torch.Tensor) and graph.is_node_attr(key):
-            fields[key] = value[node_order]
-    fields["edge_index"] = new_number[graph.edge_index]
-    return gradgraph.GradGraph(**fields)
 
 
 def same_values(a, b):
