@@ -224,7 +224,8 @@ def test_no_configuration_of_the_stock_modules_and_cells_falls_back_to_unrolled(
     gradgraph.convert.clear_structure_cache()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        gradgraph.to_graph(model, inputs(batch=3, steps=4), None, squared_output)
+        graph = gradgraph.to_graph(model, inputs(batch=3, steps=4), None, squared_output)
+    assert_folded(model, graph, 3, 4)
 
 
 # ------------------------------------------------------------------ loops written by hand

@@ -177,10 +177,10 @@ def test_the_check_does_not_refuse_rounding_in_float32(seed):
     targets = targets.float()
     for loss_fn in (cross_entropy, lambda o, t: (o - t[:, None]).pow(2).sum(-1), own_views_contrastive,
                     lambda o, t: F.cross_entropy(o, t.long(), reduction="none", label_smoothing=0.1)):
-        if loss_fn is cross_entropy:
-            gradgraph.to_graph(model, inputs, targets.long(), loss_fn)
-        else:
-            gradgraph.to_graph(model, inputs, targets, loss_fn)
+        labels = targets.long() if loss_fn is cross_entropy else targets
+        graph = gradgraph.to_graph(model, inputs, labels, loss_fn)
+        assert int(graph.num_datapoints) == 64
+        torch.testing.assert_close(graph.loss, loss_fn(model(inputs), labels).detach())
 
 
 def test_a_token_model_with_a_per_datapoint_loss_passes_and_a_batch_loss_is_refused():
