@@ -363,12 +363,17 @@ class _Program(nn.Module):
         self.activations, self.residual, self.pool = activations, residual, pool
         self.head = nn.Linear(dims[-1], classes)
 
-    def forward(self, x, edge_index):
+    def node_states(self, x, edge_index):
+        """The nodes' states after every layer, its activation and the residual where widths agree."""
         h = x
         for conv, activation in zip(self.convs, self.activations):
             out = conv(h, edge_index)
             out = {"relu": torch.relu, "tanh": torch.tanh, "none": lambda v: v}[activation](out)
             h = h + out if self.residual and out.shape == h.shape else out
+        return h
+
+    def forward(self, x, edge_index):
+        h = self.node_states(x, edge_index)
         if self.pool == "none":
             return self.head(h)
         return self.head(h.mean(-2) if self.pool == "mean" else h.sum(-2))
@@ -606,11 +611,7 @@ class _BatchProgram(_Program):
             del LAYERS["gat"]
 
     def forward(self, x, edge_index, batch):
-        h = x
-        for conv, activation in zip(self.convs, self.activations):
-            out = conv(h, edge_index)
-            out = {"relu": torch.relu, "tanh": torch.tanh, "none": lambda v: v}[activation](out)
-            h = h + out if self.residual and out.shape == h.shape else out
+        h = self.node_states(x, edge_index)
         if self.pool == "nodes":
             return self.head(h)
         return self.head({"mean": pyg.global_mean_pool, "add": pyg.global_add_pool}[self.pool](h, batch))
