@@ -149,9 +149,10 @@ def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, 
         with torch.enable_grad():  # the caller is in no_grad; the sum must stay differentiable
             total = objective.sum()
     # before the one backward frees the graph: each datapoint's loss must depend on it alone
-    check_separate(plan, objective, derived["grad_sources"], tensors, parameters, num_datapoints)
+    separate = check_separate(plan, objective, derived["grad_sources"], tensors, parameters, num_datapoints)
     results = torch.autograd.grad(total, tensors + [parameters[name] for name in others] if others else tensors,
                                   allow_unused=True)
+    separate(results)  # the pass's gradients at the frontier are the probe's plain half
     for name, result in zip(others, results[len(tensors):]):
         if result is not None:
             raise UnsupportedOperationError(
