@@ -259,6 +259,10 @@ def _add_leaves(value: Any, leaves: list) -> None:
         leaves.extend(tree_flatten(value)[0])
 
 
+#: types :func:`_describe` returns as they are
+_SELF_DESCRIBED = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
+
+
 def flat_leaves(value: Any) -> list:
     """``tree_flatten(value)[0]``: the same leaves in the same order, read directly where
     ``value`` nests only plain tuples, lists and dicts (pytree's generic walk costs a
@@ -353,6 +357,9 @@ class CheckedOpLog(OpLog):
             if isinstance(value, Tensor):
                 entry = producer.get(id(value))
                 if (entry[1] if entry is not None and entry[0] is value else self.source(value)) != expected:
+                    self._differs(index)
+            elif type(value) in _SELF_DESCRIBED:  # _describe(value) is value itself
+                if value != expected:
                     self._differs(index)
             elif _describe(value) != expected:
                 self._differs(index)

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import check_materialised
-from gradgraph.convert.trace.decompositions import decomposition
+from gradgraph.convert.trace.decompositions import DECOMPOSABLE, decomposition
 from gradgraph.convert.trace.meta import (
     CheckedOpLog, PlanMismatch, TraceAbort, ValueGuard, flat_arguments,
     GRADGRAPH_DIR, Neurons, Opaque, OpLog, TORCH_DIR, UnsupportedOperationError,
@@ -303,13 +303,20 @@ class _Replayer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if kwargs is None:
             kwargs = {}
-        parts = decomposition(func, args, kwargs)
-        if parts is not None:
-            with self:  # as the trace ran it: the same ops, numbered the same
-                return parts()
+        try:
+            decomposable = func in DECOMPOSABLE  # decomposition() would say None at once otherwise
+        except TypeError:
+            decomposable = False
+        if decomposable:
+            parts = decomposition(func, args, kwargs)
+            if parts is not None:
+                with self:  # as the trace ran it: the same ops, numbered the same
+                    return parts()
         output = func(*args, **kwargs)
         # raises PlanMismatch at the first op that differs from the trace's fingerprint
         index = self.log.step(op_name(func), args, kwargs, output)
+        if not self.guards and index not in self.wanted:
+            return output
         guards = self.guards.get(index)
         if guards is not None:
             arguments = flat_arguments(args, kwargs)
