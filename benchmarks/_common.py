@@ -31,9 +31,11 @@ __all__ = ["format_bytes", "format_table", "interleaved_median_times", "peak_mem
 
 
 def interleaved_median_times(
-    methods: dict[str, Callable[[], Any]], *, rounds: int, min_seconds: float = 0.02, warmup: int = 2
+    methods: dict[str, Callable[[], Any]], *, rounds: int, min_seconds: float = 0.02, warmup: int = 2,
+    statistic: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, float]:
-    """Median wall time (seconds per call) of every method, measured round-robin.
+    """Median wall time (seconds per call) of every method, measured round-robin
+    (``statistic=min``: the fastest round instead, steadier on a loaded machine).
 
     Each round times every method once, in an order rotated from round to round. A
     "time" is the mean over as many back-to-back calls as fit in ``min_seconds`` (at
@@ -59,7 +61,7 @@ def interleaved_median_times(
             for _ in range(repeat):
                 function()
             samples[name].append((time.perf_counter() - start) / repeat)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistic(values) for name, values in samples.items()}
 
 
 def peak_memory_bytes(function: Callable[[], Any], device: str | torch.device = "cpu") -> int:

@@ -245,3 +245,23 @@ def test_records_are_blocks_exactly_where_their_component_indices_say_so(case, m
         gradgraph.to_graph(GPT().double().eval(), torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8)),
                            token_loss)
     assert any(seen) and (case == "mlp" or not all(seen))
+
+
+@pytest.mark.parametrize("dtype", [DTYPE, torch.float32])
+def test_edge_values_gathered_in_one_index_equal_the_slot_writes(dtype):
+    """A plan whose weights are not consecutive pieces (tied embeddings, attention's relation
+    edges of weight 1) writes ``edge_attr`` by one gather; it must equal the slot-by-slot writes."""
+    torch.manual_seed(0)
+    model = GPT().to(dtype).eval()
+    graph = gradgraph.to_graph(model, torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8)), token_loss)
+    plan, parameters = only_plan(), dict(model.named_parameters())
+    assert plan._derived["weight_pieces"] is None and plan._derived["weight_gather"] is not None
+    with torch.no_grad():
+        expected = torch.full((plan.num_edges,), float("nan"), dtype=dtype)
+        covered = torch.zeros(plan.num_edges, dtype=torch.bool)
+        for slot in plan.weights:
+            slot.write(expected, parameters[slot.name].reshape(-1))
+            covered[slot.rows] = True
+        expected[~covered] = 1  # relation edges
+    assert bool((~covered).any())  # the trailing 1 is read
+    assert torch.equal(graph.edge_attr[:, 0], expected)

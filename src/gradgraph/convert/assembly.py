@@ -149,9 +149,10 @@ def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, 
         with torch.enable_grad():  # the caller is in no_grad; the sum must stay differentiable
             total = objective.sum()
     # before the one backward frees the graph: each datapoint's loss must depend on it alone
-    check_separate(plan, objective, derived["grad_sources"], tensors, parameters, num_datapoints)
+    separate = check_separate(plan, objective, derived["grad_sources"], tensors, parameters, num_datapoints)
     results = torch.autograd.grad(total, tensors + [parameters[name] for name in others] if others else tensors,
                                   allow_unused=True)
+    separate(results)  # the pass's gradients at the frontier are the probe's plain half
     for name, result in zip(others, results[len(tensors):]):
         if result is not None:
             raise UnsupportedOperationError(
@@ -217,6 +218,11 @@ def _bias_pieces(slots: list[SlotCopy], num_nodes: int, whole: Mapping[str, slic
     return pieces
 
 
+#: above this many edges a plan writes edge values slot by slot, not by one gather (whose index,
+#: 8 bytes per edge, the plan would keep)
+_MAX_GATHER_EDGES = 1 << 22
+
+
 def _assembly_recipe(plan: TracePlan) -> None:
     """What :func:`assemble` derives from the plan alone, once per plan (into ``plan.derived``)."""
     whole = {name: slice(0, math.prod(shape)) for name, shape in zip(plan.param_names, plan.param_shapes)}
@@ -226,7 +232,24 @@ def _assembly_recipe(plan: TracePlan) -> None:
     plan.derived["weight_pieces"] = [(slot.name, None if slot.places == whole.get(slot.name) else slot.places)
                                       for slot in plan.weights] if tiles else None
     plan.derived["unweighted"] = None
-    if not tiles:
+    plan.derived["weight_gather"] = None
+    if not tiles and len(plan.weights) > 1 and plan.num_edges <= _MAX_GATHER_EDGES:
+        # one gather from the parameters' entries (and a trailing 1 for edges no parameter
+        # writes) instead of one indexed write per slot: a small model's slots are many and cheap,
+        # their Python is what costs
+        names = list(dict.fromkeys(slot.name for slot in plan.weights))
+        offsets, total = {}, 0
+        for name in names:
+            offsets[name] = total
+            total += whole[name].stop
+        index = torch.full((plan.num_edges,), total, dtype=torch.long)  # total: the trailing 1
+        for slot in plan.weights:  # in order: a later slot writing a row wins, as the writes do
+            places = slot.places
+            places = torch.arange(places.start or 0, places.stop, places.step or 1) if isinstance(places, slice) \
+                else places
+            index[slot.rows] = offsets[slot.name] + places
+        plan.derived["weight_gather"] = (names, index)
+    elif not tiles:
         covered = torch.zeros(plan.num_edges, dtype=torch.bool)
         for slot in plan.weights:
             covered[slot.rows] = True
@@ -284,6 +307,16 @@ def assemble(plan: TracePlan, parameters: Mapping[str, Tensor], act: Tensor, gra
         weight_pieces = plan.derived["weight_pieces"]
         if weight_pieces is not None:
             edge_attr = torch.cat([_entries(parameters, name, places) for name, places in weight_pieces])
+            if edge_attr.dtype != dtype or edge_attr.device != device:
+                edge_attr = edge_attr.to(device, dtype)
+        elif plan.derived["weight_gather"] is not None:
+            names, index = plan.derived["weight_gather"]
+            flats = [parameters[name].reshape(-1) for name in names]
+            flats.append(torch.ones(1, dtype=flats[0].dtype, device=flats[0].device))
+            key = ("weight_gather", str(flats[0].device))
+            if key not in plan.derived:
+                plan.derived[key] = index.to(flats[0].device)
+            edge_attr = torch.cat(flats)[plan.derived[key]]
             if edge_attr.dtype != dtype or edge_attr.device != device:
                 edge_attr = edge_attr.to(device, dtype)
         else:

@@ -14,10 +14,11 @@ their sum right). This module checks it on every conversion, exactly, at the cur
    files under a datapoint). A path that reaches a parameter of the model before any recorded
    tensor (a regulariser added to each loss, an activation a hook kept for the loss) would put a
    gradient outside the graph's factors: refused, naming the parameter.
-2. **Probe.** Two backward passes from the losses to the frontier only (the tail of the forward
-   and the loss; nothing of the model before it): ``g = d(1·L)/du`` and ``p = d(v·L)/du`` with
-   ``v_i`` distinct weights in ``[1, 2)`` (a fixed low-discrepancy sequence, so conversions stay
-   deterministic). Datapoints are separate iff ``p_n = v_{d(n)} g_n`` for every recorded element
+2. **Probe.** ``g = d(1·L)/du`` and ``p = d(v·L)/du`` at the frontier, with ``v_i`` distinct
+   weights in ``[1, 2)`` (a fixed low-discrepancy sequence, so conversions stay deterministic):
+   ``p`` by one backward pass from the losses to the frontier only (the tail of the forward and
+   the loss; nothing of the model before it), ``g`` read off the conversion's own backward pass of
+   ``sum_i L_i`` (the same derivative). Datapoints are separate iff ``p_n = v_{d(n)} g_n`` for every recorded element
    ``n``: then ``p_n = sum_i v_i dL_i/du_n`` has one term; with coupling, ``p_n - v_{d(n)} g_n =
    sum_{i != d(n)} (v_i - v_{d(n)}) dL_i/du_n``, which vanishes only where those derivatives do
    (or, for distinct weights, on a measure-zero set of values). A loss that reads datapoint
@@ -27,13 +28,15 @@ their sum right). This module checks it on every conversion, exactly, at the cur
 
 It is a first-order test at the batch's values, which is what the per-sample gradients are:
 a coupling whose derivative is exactly zero here changes none of them. Cost: the walk over the
-tail's autograd nodes and two backward passes through the tail and the loss: 0.58 ms of a
-33 ms cached conversion of a tiny GPT-2 (2 layers, d = 32, b = 8, T = 16, LM-head loss; CPU,
-one thread), under 2%.
+tail's autograd nodes and one backward pass through the tail and the loss. (Before issue 27
+item 6 read ``g`` off the conversion's own pass, ``g`` took a second one; the two cost 0.58 ms of
+a 33 ms cached conversion of a tiny GPT-2: 2 layers, d = 32, b = 8, T = 16, LM-head loss; CPU,
+one thread.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,9 +114,15 @@ def record_datapoints(record: Any, num_components: int, num_keys: int) -> tuple[
 
 
 def check_separate(plan: Any, objective: Tensor, sources: list[tuple], tensors: list[Tensor],
-                   parameters: dict[str, Tensor], num_datapoints: int) -> None:
-    """Raise :class:`~gradgraph.errors.DatapointCouplingError` unless each datapoint's loss depends
-    on that datapoint's recorded values alone (see the module docstring).
+                   parameters: dict[str, Tensor], num_datapoints: int) -> Callable[[list], None]:
+    """Check that each datapoint's loss depends on that datapoint's recorded values alone (see
+    the module docstring), in two halves around the conversion's one backward pass.
+
+    Called before that pass (the autograd graph is kept): walks to the frontier and runs the
+    weighted probe ``p``. Returns ``finish(results)``, to call with the gradients of ``sum_i L_i``
+    at ``tensors`` that the one backward pass computed: those are the plain probe ``g`` at the
+    frontier (the same derivative; a separate pass for it would repeat the tail's backward), and
+    ``finish`` raises :class:`~gradgraph.errors.DatapointCouplingError` unless ``p_n = v_{d(n)} g_n``.
 
     Args:
         plan: the :class:`~gradgraph.convert.plan.TracePlan` (its ``grad`` records say which
@@ -123,23 +132,40 @@ def check_separate(plan: Any, objective: Tensor, sources: list[tuple], tensors: 
         tensors: the recorded tensors the one backward pass differentiates.
         parameters: the model's ``named_parameters()``.
         num_datapoints: ``b``.
+
+    Raises:
+        GradGraphError: (before the pass) a path from the losses reaches a parameter first.
     """
     if objective.grad_fn is None:
-        return
+        return _nothing
     hits = frontier(objective, tensors, parameters)
     if num_datapoints < 2 or not hits:
-        return
+        return _nothing
     chosen = [tensors[index] for index in hits]
     weights = probe_weights(num_datapoints, objective.dtype, objective.device)
-    plain = torch.autograd.grad(objective, chosen, torch.ones_like(objective), retain_graph=True, allow_unused=True)
     weighted = torch.autograd.grad(objective, chosen, weights, retain_graph=True, allow_unused=True)
+
+    def finish(results: list) -> None:
+        _compare(plan, [results[index] for index in hits], weighted, [sources[index] for index in hits], weights,
+                 num_datapoints)
+
+    return finish
+
+
+def _nothing(results: list) -> None:
+    return None
+
+
+def _compare(plan: Any, plain: list, weighted: tuple, chosen_sources: list[tuple],
+             weights: Tensor, num_datapoints: int) -> None:
+    """Raise where ``p_n != v_{d(n)} g_n`` beyond rounding, naming the first such record."""
     num_components = num_datapoints * plan.num_keys
     derived = plan.derived
-    for index, g, p in zip(hits, plain, weighted):
+    for source, g, p in zip(chosen_sources, plain, weighted):
         if g is None or p is None:
             continue
         for position, record in enumerate(plan.grad):
-            if record.source != sources[index]:
+            if record.source != source:
                 continue
             key = ("datapoints", position)
             if key not in derived:

@@ -304,7 +304,7 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
             return _Pass(key, plan, None, captured, output, x, num_datapoints, dtype)
         try:
             replayer, output, x = replay_model(model, inputs, forward, plan.fingerprints, plan.wanted,
-                                               plan.guards, plan.fold_time)
+                                               plan.guards, plan.fold_time, scan.parameters, scan.modules)
         except PlanMismatch:
             pass  # the forward took another path this time: trace it again
         else:

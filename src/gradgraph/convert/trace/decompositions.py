@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradgraph.convert.trace.recurrent import recurrent_decomposition
-from gradgraph.convert.trace.rules_conv import convolution_parts, padding_parts
+from gradgraph.convert.trace.recurrent import RECURRENT_CELL_OPS, RECURRENT_OPS, recurrent_decomposition
+from gradgraph.convert.trace.rules_conv import CONVOLUTIONS, convolution_parts, padding_parts
 
 __all__ = ["decomposition"]
 
@@ -71,10 +71,20 @@ def _einsum_as_linear(equation: str, operands: tuple) -> Callable[[], Tensor] | 
 
 _DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _normalize}
 
+#: every function :func:`decomposition` may run as parts; any other returns ``None`` at once (a
+#: replay asks for each of a forward's ops, so the common case is one set lookup)
+DECOMPOSABLE = frozenset((*CONVOLUTIONS, F.pad, *_DECOMPOSITIONS, F.prelu, torch.prelu, torch.einsum,
+                          *RECURRENT_OPS, *RECURRENT_CELL_OPS))
+
 
 def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
     """A function running ``func(*args, **kwargs)`` as the ops it is made of, or ``None`` where
     the trace follows ``func`` itself (or cannot follow it either way)."""
+    try:
+        if func not in DECOMPOSABLE:
+            return None
+    except TypeError:  # an unhashable callable: none of the above
+        return None
     convolution = convolution_parts(func, args, kwargs)  # a batched F.conv*d: taps, then F.linear
     if convolution is not None:
         return convolution

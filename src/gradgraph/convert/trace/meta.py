@@ -238,11 +238,52 @@ def _describe(value: Any) -> Any:
     return type(value).__name__
 
 
+#: values ``tree_flatten`` keeps as leaves, by exact type (a subclass may be a registered node)
+_LEAF_TYPES = frozenset((int, float, bool, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device,
+                         torch.memory_format, torch.layout))
+
+
+def _add_leaves(value: Any, leaves: list) -> None:
+    kind = type(value)
+    if kind is tuple or kind is list:
+        for item in value:
+            _add_leaves(item, leaves)
+    elif kind is dict:
+        for item in value.values():
+            _add_leaves(item, leaves)
+    elif kind in _LEAF_TYPES or isinstance(value, Tensor):
+        leaves.append(value)
+    elif kind is torch.Size:  # pytree reads it as its sizes
+        leaves.extend(value)
+    else:  # torch.Size, a namedtuple, a registered container: as pytree reads it
+        leaves.extend(tree_flatten(value)[0])
+
+
+#: types :func:`_describe` returns as they are
+_SELF_DESCRIBED = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
+
+
+def flat_leaves(value: Any) -> list:
+    """``tree_flatten(value)[0]``: the same leaves in the same order, read directly where
+    ``value`` nests only plain tuples, lists and dicts (pytree's generic walk costs a
+    replay more than the ops it checks); other containers are read by pytree itself."""
+    leaves: list = []
+    _add_leaves(value, leaves)
+    return leaves
+
+
 def flat_arguments(args: tuple, kwargs: dict) -> list | tuple:
     """``tree_flatten((args, kwargs))``'s leaves, without pytree's cost for the usual flat call."""
-    if not kwargs and not any(isinstance(value, list | tuple | dict) for value in args):
+    if not kwargs:
+        for value in args:
+            kind = type(value)
+            if kind is tuple or kind is list or kind is dict or not (kind in _LEAF_TYPES or isinstance(value, Tensor)):
+                return flat_leaves(args)
         return args
-    return tree_flatten((args, kwargs))[0]
+    leaves: list = []
+    _add_leaves(args, leaves)
+    _add_leaves(kwargs, leaves)
+    return leaves
 
 
 class OpLog:
@@ -253,28 +294,98 @@ class OpLog:
     def __init__(self, inputs: Tensor, param_names: dict[int, str]) -> None:
         self.count = 0
         self.fingerprints: list[tuple] = []
-        self._producer: dict[int, tuple[Tensor, int, int]] = {id(inputs): (inputs, -1, 0)}
+        #: ``id(tensor) -> (tensor, (op, position))`` of every tensor an op of the forward made
+        self._producer: dict[int, tuple[Tensor, tuple[int, int]]] = {id(inputs): (inputs, (-1, 0))}
         self._param_names = param_names
 
     def source(self, tensor: Tensor) -> Any:
+        """``(op, position)`` of the op output ``tensor`` is (``(-1, 0)``: the input),
+        ``("param", name)`` for a parameter of the model, else ``"external"``."""
         entry = self._producer.get(id(tensor))
         if entry is not None and entry[0] is tensor:
-            return entry[1], entry[2]
+            return entry[1]
         name = self._param_names.get(id(tensor))
         return ("param", name) if name is not None else "external"
 
     def step(self, name: str, args: tuple, kwargs: dict, output: Any) -> int:
         flat = flat_arguments(args, kwargs)
         arguments = tuple(self.source(v) if isinstance(v, Tensor) else _describe(v) for v in flat)
-        outputs = (output,) if isinstance(output, Tensor) else tree_flatten(output)[0]
+        outputs = (output,) if isinstance(output, Tensor) else flat_leaves(output)
         shapes = tuple(tuple(v.shape) if isinstance(v, Tensor) else _describe(v) for v in outputs)
         index = self.count
         self.count += 1
         for position, value in enumerate(outputs):
             if isinstance(value, Tensor):
-                self._producer[id(value)] = (value, index, position)
+                self._producer[id(value)] = (value, (index, position))
         self.fingerprints.append((name, arguments, shapes))
         return index
+
+
+class PlanMismatch(Exception):
+    """A replay performed other ops than the trace it reuses (raised to fall back to a trace)."""
+
+
+class CheckedOpLog(OpLog):
+    """An :class:`OpLog` that compares every op with the fingerprint a trace logged for it, as
+    the op is logged (a replay of a cached plan), instead of keeping fingerprints of its own.
+
+    :meth:`step` returns the op's index, or raises :class:`PlanMismatch` at the first op whose
+    fingerprint differs from the trace's (name, arguments by producer, output shapes: exactly
+    what :meth:`OpLog.step` would have logged, compared with ``==`` as those tuples would be) or
+    that is one op more than the trace had. :attr:`mismatch` keeps that op's index, so a forward
+    that catches the exception is still known to have differed. It builds no tuples for the
+    ops that match: a replay of a small model runs this for every op of its forward.
+    """
+
+    def __init__(self, inputs: Tensor, param_names: dict[int, str], expected: list[tuple]) -> None:
+        super().__init__(inputs, param_names)
+        self.expected = expected
+        self.mismatch: int | None = None
+
+    def step(self, name: str, args: tuple, kwargs: dict, output: Any) -> int:
+        index = self.count
+        if self.mismatch is not None or index >= len(self.expected):
+            self._differs(index)
+        expected_name, expected_arguments, expected_shapes = self.expected[index]
+        if name != expected_name:
+            self._differs(index)
+        flat = flat_arguments(args, kwargs)
+        if len(flat) != len(expected_arguments):
+            self._differs(index)
+        producer = self._producer
+        for value, expected in zip(flat, expected_arguments):
+            if isinstance(value, Tensor):
+                entry = producer.get(id(value))
+                if (entry[1] if entry is not None and entry[0] is value else self.source(value)) != expected:
+                    self._differs(index)
+            elif type(value) in _SELF_DESCRIBED:  # _describe(value) is value itself
+                if value != expected:
+                    self._differs(index)
+            elif _describe(value) != expected:
+                self._differs(index)
+        if type(output) is torch.Size:  # .size() / .shape: its sizes are its leaves, each described as itself
+            if output != expected_shapes:
+                self._differs(index)
+            self.count = index + 1
+            return index
+        outputs = (output,) if isinstance(output, Tensor) else flat_leaves(output)
+        if len(outputs) != len(expected_shapes):
+            self._differs(index)
+        for position, (value, shape) in enumerate(zip(outputs, expected_shapes)):
+            if isinstance(value, Tensor):
+                # a torch.Size equals the tuple of its sizes; never a non-tuple description
+                if not isinstance(shape, tuple) or value.shape != shape:
+                    self._differs(index)
+                producer[id(value)] = (value, (index, position))
+            elif _describe(value) != shape:
+                self._differs(index)
+        self.count = index + 1
+        return index
+
+    def _differs(self, index: int) -> None:
+        if self.mismatch is None:
+            self.mismatch = index
+        raise PlanMismatch(self.mismatch)
 
 
 # The names these had before issue 27 made them public, for rule files written against them

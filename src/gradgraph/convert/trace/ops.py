@@ -14,7 +14,25 @@ from gradgraph.graph import ActivationKind
 
 
 # ----------------------------------------------------------------------- op tables
+#: ``op_name`` per function seen (a trace and every replay name each op of a forward)
+_OP_NAMES: dict[Any, str] = {}
+
+
 def op_name(func: Any) -> str:
+    """The name fingerprints and rules know ``func`` by (``"torch.addmm"``, ``"Tensor.view"``,
+    ``"Tensor.shape (attribute)"``, ``"torch.nn.functional.linear"``)."""
+    try:
+        return _OP_NAMES[func]
+    except KeyError:
+        name = _name_of(func)
+        if len(_OP_NAMES) < 4096:  # bounded: callables made afresh per call would only fill it
+            _OP_NAMES[func] = name
+        return name
+    except TypeError:  # unhashable
+        return _name_of(func)
+
+
+def _name_of(func: Any) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     module = getattr(func, "__module__", None) or ""
     if name.startswith("_VariableFunctionsClass."):

@@ -31,7 +31,7 @@ from gradgraph.graph import EdgeKind, NodeKind
 __all__ = ["ConvRules", "InputReadAgain", "gather_taps", "convolution_parts", "padding_parts", "SPATIAL_POOLS"]
 
 #: the batched convolutions the trace runs as :func:`gather_taps` + ``F.linear``
-_CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 #: per-channel pooling ops over positions (max, average, adaptive, power-average)
 SPATIAL_POOLS = {
@@ -92,14 +92,14 @@ def _padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -
 def convolution_parts(func: Any, args: tuple, kwargs: dict) -> Any:
     """A function running the batched convolution ``func(*args, **kwargs)`` as :func:`gather_taps`
     and one ``F.linear`` per group, or ``None`` (an unbatched input: the trace's own rule refuses it)."""
-    if func not in _CONVOLUTIONS:
+    if func not in CONVOLUTIONS:
         return None
     bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
     bound.update(kwargs)
     x, weight = bound.get("input"), bound.get("weight")
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.dim() != weight.dim():
         return None
-    spatial = _CONVOLUTIONS[func]
+    spatial = CONVOLUTIONS[func]
     kernel = tuple(weight.shape[2:])
     stride = _per_axis(bound.get("stride", 1), spatial)
     dilation = _per_axis(bound.get("dilation", 1), spatial)

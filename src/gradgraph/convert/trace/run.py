@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -13,9 +13,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import check_materialised
-from gradgraph.convert.trace.decompositions import decomposition
+from gradgraph.convert.trace.decompositions import DECOMPOSABLE, decomposition
 from gradgraph.convert.trace.meta import (
-    TraceAbort, ValueGuard, flat_arguments,
+    CheckedOpLog, PlanMismatch, TraceAbort, ValueGuard, flat_arguments,
     GRADGRAPH_DIR, Neurons, Opaque, OpLog, TORCH_DIR, UnsupportedOperationError,
 )
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
@@ -33,9 +33,10 @@ from gradgraph.graph import ActivationKind
 class _ModuleTracker:
     """Global module hooks: the module path stack for messages, and registered elementwise modules."""
 
-    def __init__(self, tracer: Any, replay: bool = False) -> None:
+    def __init__(self, tracer: Any, replay: bool = False, modules: list[nn.Module] | None = None) -> None:
         self.tracer = tracer
         self.replay = replay
+        self.modules = modules  # list(model.modules()) where the caller has it
         self.handles: list[Any] = []
         self.patched: list[nn.Module] = []
         #: ``(module path, (op, position) of the op that produced its output)`` per module call
@@ -44,7 +45,7 @@ class _ModuleTracker:
     def __enter__(self) -> "_ModuleTracker":
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-        paths = self.tracer.module_paths
+        paths = None if self.replay else self.tracer.module_paths
 
         def pre(module: nn.Module, args: Any) -> None:
             self.tracer.module_stack.append(paths.get(id(module), type(module).__name__))
@@ -64,7 +65,7 @@ class _ModuleTracker:
         # a replay raises nothing that names a module, so it skips the per-call hooks
         self.handles = [] if self.replay else [register_module_forward_pre_hook(pre),
                                                register_module_forward_hook(post)]
-        for module in self.tracer.model.modules():
+        for module in self.modules if self.modules is not None else self.tracer.model.modules():
             activation = next((kind for cls, kind in ELEMENTWISE_MODULES.items() if isinstance(module, cls)), None)
             if activation is not None:
                 self._patch(module, activation)
@@ -268,10 +269,6 @@ def _locate_in_module(error: UnsupportedOperationError, traceback: Any, tracer: 
     error.location = location
 
 
-class PlanMismatch(Exception):
-    """A replay performed other ops than the trace it reuses (raised to fall back to a trace)."""
-
-
 class _Replayer(TorchFunctionMode):
     """Runs a forward, checks each op against a trace's fingerprints and keeps the wanted ones.
 
@@ -289,23 +286,37 @@ class _Replayer(TorchFunctionMode):
         self.captured: dict[int, tuple[tuple, dict, Any]] = {}
         self.module_stack: list[str] = []
         self.module_types: list[str] = []
-        self.module_paths = {id(module): name for name, module in model.named_modules()}
+        self._module_paths: dict[int, str] | None = None
         self.log: OpLog | None = None
         self.op_index = -1
+
+    @property
+    def module_paths(self) -> dict[int, str]:
+        """``id(module) -> path`` (only a patched attention module asks, so worked out on demand)."""
+        if self._module_paths is None:
+            self._module_paths = {id(module): name for name, module in self.model.named_modules()}
+        return self._module_paths
 
     def location(self) -> str:
         return "<replay>"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        parts = decomposition(func, args, kwargs)
-        if parts is not None:
-            with self:  # as the trace ran it: the same ops, numbered the same
-                return parts()
+        if kwargs is None:
+            kwargs = {}
+        try:
+            decomposable = func in DECOMPOSABLE  # decomposition() would say None at once otherwise
+        except TypeError:
+            decomposable = False
+        if decomposable:
+            parts = decomposition(func, args, kwargs)
+            if parts is not None:
+                with self:  # as the trace ran it: the same ops, numbered the same
+                    return parts()
         output = func(*args, **kwargs)
+        # raises PlanMismatch at the first op that differs from the trace's fingerprint
         index = self.log.step(op_name(func), args, kwargs, output)
-        if index >= len(self.fingerprints) or self.log.fingerprints[-1] != self.fingerprints[index]:
-            raise PlanMismatch(index)
+        if not self.guards and index not in self.wanted:
+            return output
         guards = self.guards.get(index)
         if guards is not None:
             arguments = flat_arguments(args, kwargs)
@@ -318,17 +329,22 @@ class _Replayer(TorchFunctionMode):
 
 def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], fingerprints: list[tuple],
                  wanted: set[int], guards: dict[int, list[ValueGuard]] | None = None,
-                 fold_time: bool = False) -> tuple[_Replayer, Any, Tensor]:
+                 fold_time: bool = False, parameters: Mapping[str, Tensor] | None = None,
+                 modules: list[nn.Module] | None = None) -> tuple[_Replayer, Any, Tensor]:
     """Run ``forward(x)`` checking it against ``fingerprints`` and the plan's value ``guards``;
     raises :class:`PlanMismatch` if it differs. ``fold_time``: as the trace ran the recurrent
-    loops (:attr:`TraceResult.fold_time`)."""
+    loops (:attr:`TraceResult.fold_time`). ``parameters`` (``dict(model.named_parameters())``) and
+    ``modules`` (``list(model.modules())``): where the caller has read them already."""
     replayer = _Replayer(model, fingerprints, wanted, guards)
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
-    replayer.log = OpLog(x, {id(p): name for name, p in model.named_parameters()})
-    with torch.enable_grad(), _ModuleTracker(replayer, replay=True), replayer, folding_time(fold_time):
+    named = parameters.items() if parameters is not None else model.named_parameters()
+    replayer.log = CheckedOpLog(x, {id(p): name for name, p in named}, fingerprints)
+    with torch.enable_grad(), _ModuleTracker(replayer, replay=True, modules=modules), replayer, \
+            folding_time(fold_time):
         output = _run_forward(model, forward, x)
-    if replayer.log.count != len(fingerprints):
-        raise PlanMismatch(replayer.log.count)
+    if replayer.log.mismatch is not None or replayer.log.count != len(fingerprints):
+        # a mismatch the forward caught and went on from still counts; so do ops the trace had and this run not
+        raise PlanMismatch(replayer.log.count if replayer.log.mismatch is None else replayer.log.mismatch)
     return replayer, output, x
 
 
