@@ -82,13 +82,13 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     try:
         context = init_distributed("cpu", timeout_s=10.0)
         generated: list[int] = []
-        original = curvature_data.generate_network
+        original = curvature_data.draw_network
 
         def counting(config, index):
             generated.append(index)
             return original(config, index)
 
-        curvature_data.generate_network = counting
+        curvature_data.draw_network = counting
         data = load_curvature_data(ZOO, cache_root=directory / "cache", progress=False, context=context)
         report["generated"] = generated
         state, report["history"] = _train(data, context)
@@ -246,7 +246,7 @@ def test_a_killed_rank_ends_the_job_with_a_clear_error_and_a_rerun_resumes(two_r
     assert "rank 0/2" in survivor["error"] and "another rank died" in survivor["error"]
     assert survivor["seconds_to_error"] < 30.0
     # The zoo both ranks built before the crash is complete: a rerun generates nothing.
-    monkeypatch.setattr(curvature_data, "generate_network", lambda *a: pytest.fail("the cache was not reused"))
+    monkeypatch.setattr(curvature_data, "draw_network", lambda *a: pytest.fail("the cache was not reused"))
     data = load_curvature_data(ZOO, cache_root=job / "cache", progress=False)
     assert len(data) == ZOO.num_nets
     assert float(evaluate(build_model("standard", _splits(data)[0], MODEL), _splits(data)[1], _error).mean()) > 0
