@@ -139,7 +139,7 @@ def prepare(config: ZooAccuracyConfig, data: ZooData) -> Prepared:
         features["both"] = torch.cat([tables["weights"], tables["gradients"]], 1)
     sources = {}
     for view in sorted({view for _, view, _ in graph_models}):
-        graphs = [graph_inputs(graph, view) for graph in data.graphs]
+        graphs = [graph_inputs(graph, view, pool=not config.model.unpooled) for graph in data.graphs]
         if view != "weights" and "gradients" in features:
             for graph, row in zip(graphs, stats_features(features["gradients"], members["train"])):
                 graph.stats = row[None]
@@ -158,12 +158,13 @@ def _ids_only(graph):  # noqa: ANN001, ANN202 - a GradGraph in, a small one out
     return light
 
 
-def predictions(model: nn.Module, source: LoaderSource, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(predicted [n], true [n])`` accuracies of a source's items, in order."""
+def predictions(model: nn.Module, source: LoaderSource, device: torch.device,
+                batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """``(predicted [n], true [n])`` accuracies of a source's items, in order (``batch_size`` graphs at a time)."""
     predicted, true = [], []
     model.eval()
     with torch.no_grad():
-        for batch in source.batches(64, shuffle=False):
+        for batch in source.batches(batch_size, shuffle=False):
             batch = batch.to(device)
             predicted.append(model(batch)[:, 0].double().cpu())
             true.append(batch.y[:, 0].double().cpu())
@@ -211,7 +212,7 @@ def run_one(name: str, seed: int, config: ZooAccuracyConfig, prepared: Prepared,
                                     progress=config.progress, context=context,
                                     description=repr(model) if fixed else None,
                                     **({} if fixed else experiment.checkpointing(config, name, seed)))
-    predicted, true = predictions(model, splits["test"], context.device)
+    predicted, true = predictions(model, splits["test"], context.device, max(config.train.batch_size, 16))
     prepared.predicted.setdefault(name, {})[seed] = predicted
     run.metrics = ranking_metrics(predicted, true)
     return run
