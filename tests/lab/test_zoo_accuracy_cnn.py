@@ -236,3 +236,32 @@ def test_training_reads_a_random_subset_of_components_and_evaluation_all():
     assert not torch.allclose(trained_view, everything)  # ... and evaluation all eight
     with pytest.raises(GradGraphError, match="train_components"):
         ModelConfig(train_components=-1)
+
+
+def test_the_cli_runs_gradmetanet_on_unpooled_components_of_a_subset(tmp_path, monkeypatch):
+    seen = {}
+    original = GraphRegressor.subsample_components
+
+    def spy(batch, keep):
+        seen.setdefault("shapes", []).append((batch.act.shape[1], keep))
+        return original(batch, keep)
+
+    monkeypatch.setattr(GraphRegressor, "subsample_components", staticmethod(spy))
+    code = cli.main(["zoo-accuracy", "--preset", "tiny-cnn", "--output-dir", str(tmp_path / "out"), "--cache-dir",
+                     str(tmp_path / "cache"), "--quiet", "--models", "gradmetanet_grad", "--unpooled",
+                     "--train-components", "5"])
+    assert code == 0
+    # the tiny digits CNNs: 4 probe datapoints x 16 positions, 5 of them read per training step
+    assert seen["shapes"] and set(seen["shapes"]) == {(64, 5)}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["models"]["gradmetanet_grad"]
+
+
+def test_the_default_preset_is_the_fast_comparison_and_full_has_every_predictor():
+    from gradgraph_lab.tasks.zoo_accuracy.models import MODEL_NAMES
+
+    default, full = preset("default"), preset("full")
+    assert default.model.train_components == 16 and full.model.train_components == 0
+    assert set(full.models) == set(MODEL_NAMES)
+    assert {"grad_stats", "weight_stats", "all_stats", "grad_stats_boost", "metanet_weights",
+            "gradmetanet_grad", "gradmetanet_grad_stats"} == set(default.models)
+    assert default.zoo == full.zoo and default.seeds == full.seeds == (0, 1, 2, 3, 4)

@@ -130,7 +130,8 @@ def prepare(config: ZooAccuracyConfig, data: ZooData) -> Prepared:
     bounds = experiment.split_bounds(config.num_train, config.num_val, config.num_test)
     members = {split: torch.arange(start * checkpoints, stop * checkpoints) for split, (start, stop) in bounds.items()}
     graph_models = [GRAPH_MODELS[name] for name in config.models if name in GRAPH_MODELS]
-    kinds = {kind for kind, _ in (FEATURES_OF[name] for name in config.models if name in FEATURES_OF)}
+    # the reference (grad_stats) runs first whether requested or not (ExperimentRun.run_models)
+    kinds = {kind for kind, _ in (FEATURES_OF[name] for name in {*config.models, REFERENCE} if name in FEATURES_OF)}
     if any(reads_stats for _, _, reads_stats in graph_models):
         kinds.add("gradients")
     tables = {kind: statistics(data.graphs, kind) for kind in ("weights", "gradients") if kinds & {kind, "both"}}
