@@ -380,7 +380,7 @@ def add_zoo_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
              "GradMetaNet++ and a weights-only graph metanetwork (issue 30)",
     )
     parser.add_argument("--preset", choices=list(PRESETS), default="default",
-                        help="default: 100 digits MLPs x 4 checkpoints, 7 predictors, GradMetaNet on 16 random "
+                        help="default: 100 digits MLPs x 4 checkpoints, 6 predictors, GradMetaNet on 16 random "
                         "datapoints per step (under 10 min on 2 CPU cores); full: the same zoo, all 9 predictors; "
                         "cnn: 100 digits CNNs (Small CNN Zoo recipe); "
                         "mnist1d-cnn: 100 MNIST-1D CNNs; graph models 15 epochs, 5 seeds (docs/zoo.md has the wall "

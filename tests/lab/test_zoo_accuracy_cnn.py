@@ -263,5 +263,5 @@ def test_the_default_preset_is_the_fast_comparison_and_full_has_every_predictor(
     assert default.model.train_components == 16 and full.model.train_components == 0
     assert set(full.models) == set(MODEL_NAMES)
     assert {"grad_stats", "weight_stats", "all_stats", "grad_stats_boost", "metanet_weights",
-            "gradmetanet_grad", "gradmetanet_grad_stats"} == set(default.models)
+            "gradmetanet_grad_stats"} == set(default.models)
     assert default.zoo == full.zoo and default.seeds == full.seeds == (0, 1, 2, 3, 4)

@@ -26,6 +26,7 @@ the components of each datapoint (:func:`pool_components`):
 (they are a summary, not the gradient). Every quantity is a per-(neuron, datapoint) reduction, so
 the view is exactly equivariant to channel permutations and datapoint permutations (tested in
 float64). For an MLP the sums are over one component: :math:`a' = \mathrm{act}`, :math:`c = |\cdot|`.
+
 **Unpooled** (``ModelConfig.unpooled``, ``graph_inputs(..., pool=False)``): the gradient views
 keep every (datapoint, position) component, so GradMetaNet reads the exact per-position
 factors whose products are the weight gradients, at ``P`` times the cost and memory; a random
@@ -189,7 +190,9 @@ class GraphRegressor(nn.Module):
     tens of units), :math:`\tilde s` is the graph's ``stats [1, F]`` (invariant statistics, e.g.
     of its per-sample gradient norms) standardised the same way, and :math:`\bar y` is the mean
     training accuracy. An accuracy lies in ``[0, 1]``: the sigmoid keeps a prediction for an
-    unusual network from leaving it.
+    unusual network from leaving it. In training mode GradMetaNet reads
+    ``config.train_components`` random components of :math:`\tilde G` (the same for every graph
+    of the batch; :meth:`subsample_components`), in evaluation mode all of them.
 
     Args:
         config: sizes.
