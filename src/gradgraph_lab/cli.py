@@ -353,6 +353,11 @@ def _zoo_accuracy_command(args: argparse.Namespace) -> int:
         num_test = max(1, round(args.nets * config.num_test / total))
         config = replace(config, zoo=replace(config.zoo, num_nets=args.nets), num_train=args.nets - num_val - num_test,
                          num_val=num_val, num_test=num_test)
+    if args.unpooled or args.train_components is not None:
+        model = replace(config.model, unpooled=args.unpooled or config.model.unpooled)
+        if args.train_components is not None:
+            model = replace(model, train_components=args.train_components)
+        config = replace(config, model=model)
     config = _apply_experiment_flags(config, args)
     zoo = config.zoo
     return _run_experiment(
@@ -375,11 +380,18 @@ def add_zoo_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
              "GradMetaNet++ and a weights-only graph metanetwork (issue 30)",
     )
     parser.add_argument("--preset", choices=list(PRESETS), default="default",
-                        help="default: 100 digits MLPs x 4 checkpoints; cnn: 100 digits CNNs (Small CNN Zoo recipe); "
+                        help="default: 100 digits MLPs x 4 checkpoints, 6 predictors, GradMetaNet on 16 random "
+                        "datapoints per step (under 10 min on 2 CPU cores); full: the same zoo, all 9 predictors; "
+                        "cnn: 100 digits CNNs (Small CNN Zoo recipe); "
                         "mnist1d-cnn: 100 MNIST-1D CNNs; graph models 15 epochs, 5 seeds (docs/zoo.md has the wall "
                         "times on 2 cores); paper, cnn-paper: 1000 nets, 100 epochs; tiny*: smoke runs")
     parser.add_argument("--nets", type=int, default=None, help="networks in the zoo (splits keep the preset's "
                         "proportions)")
+    parser.add_argument("--unpooled", action="store_true", help="GradMetaNet reads a CNN's components unpooled, one "
+                        "per datapoint x position (16-20x the cost and memory; pair with --train-components and a "
+                        "smaller --batch-size)")
+    parser.add_argument("--train-components", type=int, default=None, metavar="K", help="GradMetaNet reads a random "
+                        "K components of every graph per training step, all of them when evaluated (0: all)")
     add_experiment_flags(parser, item="zoo members", models=MODEL_NAMES, output_dir=Path("runs/zoo-accuracy"),
                          outputs="results.json and zoo_accuracy_scatter.png", cache="zoo graph cache root")
     parser.set_defaults(func=_zoo_accuracy_command)

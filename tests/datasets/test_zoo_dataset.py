@@ -46,10 +46,10 @@ LABELS = torch.tensor([0, 1, 2, 1, 0])
 TARGETS = torch.arange(NUM_MODELS * 2, dtype=DTYPE).reshape(NUM_MODELS, 2) / 10
 
 
-def _zoo(root: Path, builder=_mlp, **kwargs) -> ModelZoo:
+def _zoo(root: Path, probe=PROBE, builder=_mlp, **kwargs) -> ModelZoo:
     options = dict(targets=TARGETS, probe_targets=LABELS, loss_fn=_cross_entropy, builder=builder, shard_size=SHARD)
     options.update(kwargs)
-    return ModelZoo(root, list(range(NUM_MODELS)), PROBE, **options)
+    return ModelZoo(root, list(range(NUM_MODELS)), probe, **options)
 
 
 def _assert_same_graph(first: gradgraph.GradGraph, second: gradgraph.GradGraph) -> None:
@@ -173,3 +173,66 @@ def test_targets_of_different_widths_and_flat_target_tensors_are_refused(tmp_pat
         _zoo(tmp_path / "widths", targets=targets)
     with pytest.raises(GradGraphError, match=r"shape \[num_models, k\] = \[7, k\].*targets\[:, None\]"):
         _zoo(tmp_path / "flat", targets=TARGETS[:, 0])
+
+
+# ----------------------------------------------------------- per-model probes, extra fields, dtype
+def _own_probe(index, model):
+    return torch.randn(3 + index % 2, 4, generator=torch.Generator().manual_seed(100 + index), dtype=DTYPE)
+
+
+def _own_labels(index, model):
+    return torch.arange(3 + index % 2) % 3
+
+
+def _fields(index, model, graph):
+    return {"target_node": graph.grad.square().mean(1), "p": torch.tensor([index / 10], dtype=DTYPE)}
+
+
+def test_per_model_probes_fields_and_dtype_round_trip(tmp_path: Path):
+    """A zoo whose members each have their own probe batch and per-node targets (the curvature
+    zoo's shape): cached graphs equal a fresh conversion, fields and dtype included."""
+    options = dict(targets=None, probe_targets=_own_labels, fields=_fields, dtype=torch.float32)
+    built = _zoo(tmp_path, _own_probe, **options)
+    cached = _zoo(tmp_path, _own_probe, builder=lambda item: pytest.fail("rebuilt"), **options)
+    for index in range(NUM_MODELS):
+        graph = cached[index]
+        fresh = gradgraph.to_graph(_mlp(index), _own_probe(index, None), _own_labels(index, None), _cross_entropy)
+        assert graph.act.shape[1] == 3 + index % 2 and "y" not in graph
+        assert graph.act.dtype == graph.target_node.dtype == graph.p.dtype == torch.float32
+        assert torch.equal(graph.act, fresh.act.float()) and torch.equal(graph.loss, fresh.loss.float())
+        assert torch.equal(graph.target_node, fresh.grad.square().mean(1).float())
+        _assert_same_graph(graph, built.convert(index))
+    with pytest.raises(GradGraphError, match="targets=None"):
+        cached.targets
+
+
+def _zoo_with(root: Path, inputs, **kwargs) -> ModelZoo:
+    options = dict(targets=TARGETS, probe_targets=LABELS, loss_fn=_cross_entropy, builder=_mlp, shard_size=SHARD)
+    options.update(kwargs)
+    return ModelZoo(root, list(range(NUM_MODELS)), inputs, **options)
+
+
+def test_a_field_that_clashes_with_the_graph_or_is_no_tensor_is_named(tmp_path: Path):
+    with pytest.raises(GradGraphError, match="model 0 of the zoo: field 'act' is already a field of its graph"):
+        _zoo_with(tmp_path / "a", PROBE, fields=lambda index, model, graph: {"act": graph.act})
+    with pytest.raises(GradGraphError, match="model 0 of the zoo: field 'p' must be a Tensor, got float"):
+        _zoo_with(tmp_path / "b", PROBE, fields=lambda index, model, graph: {"p": 0.5})
+    with pytest.raises(GradGraphError, match="model 0 of the zoo: its probe batch must be a Tensor, got list"):
+        _zoo_with(tmp_path / "c", lambda index, model: [1.0])
+    with pytest.raises(GradGraphError, match="dtype must be a floating dtype"):
+        _zoo_with(tmp_path / "d", PROBE, dtype=torch.int64)
+
+
+def test_a_truncated_shard_is_rebuilt_and_a_killed_writes_temp_file_removed(tmp_path: Path):
+    reference = _zoo(tmp_path / "reference")
+    root = tmp_path / "zoo"
+    first = _zoo(root)
+    shard = first.shard_path(1)
+    shard.write_bytes(shard.read_bytes()[:100])  # copied by a tool that is not atomic
+    stray = shard.parent / ".shard-00003.pt.abcd.tmp"
+    stray.write_bytes(b"half a shard")
+    calls = []
+    again = _zoo(root, builder=lambda item: calls.append(item) or _mlp(item))
+    assert calls == [2, 3] and not stray.exists()
+    assert shard.read_bytes() == reference.shard_path(1).read_bytes()
+    _assert_same_graph(again[2], reference[2])

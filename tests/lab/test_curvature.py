@@ -90,12 +90,32 @@ def test_second_load_reads_the_cache_without_generating(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a complete cache must not be regenerated")
 
-    monkeypatch.setattr(curvature_data, "generate_network", fail)
+    monkeypatch.setattr(curvature_data, "draw_network", fail)
     second = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
-    assert torch.equal(first.act, second.act) and torch.equal(first.target_edge, second.target_edge)
+    for name in ("act", "grad", "weight", "bias", "target_edge", "target_node", "p"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
     # A different configuration is a different cache directory.
-    with pytest.raises(AssertionError, match="must not be regenerated"):
+    with pytest.raises(GradGraphError, match="model 0 of the zoo: the builder failed: a complete cache"):
         load_curvature_data(replace(TINY_ZOO, seed=1), cache_root=tmp_path, progress=False)
+
+
+def test_the_zoo_is_a_model_zoo_whose_cached_graphs_equal_fresh_ones(tmp_path):
+    """The curvature zoo is a :class:`ModelZoo` case: its shards hold GradGraphs (loadable with
+    ``weights_only=True``) equal to a fresh conversion of the drawn network on its own points."""
+    data = load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
+    (directory,) = tmp_path.iterdir()
+    shard = torch.load(directory / "processed" / "shard-00001.pt", weights_only=True)
+    draw = curvature_data.draw_network(TINY_ZOO, 4)
+    fresh = siren_graph(draw.siren, draw.inputs)
+    cached = shard["graphs"][1]  # models 3-5
+    assert int(cached.zoo_id) == 4 and "y" not in cached
+    for key in ("act", "grad", "x", "edge_attr"):
+        assert cached[key].dtype == torch.float32
+        assert torch.equal(cached[key], fresh[key].float()), key
+    assert torch.equal(cached.edge_index, fresh.edge_index)
+    edge, node = fisher_diagonal(siren_graph(draw.siren, draw.target_points))
+    assert torch.equal(cached.target_edge, edge.float()) and torch.equal(cached.target_node, node.float())
+    assert torch.equal(data.act[4], cached.act) and torch.equal(data.target_node[4], cached.target_node)
 
 
 def test_a_killed_run_is_resumed_not_read_as_complete(tmp_path, monkeypatch):
@@ -103,41 +123,30 @@ def test_a_killed_run_is_resumed_not_read_as_complete(tmp_path, monkeypatch):
     root = tmp_path / "killed"
     load_curvature_data(TINY_ZOO, cache_root=root, progress=False)
     (directory,) = root.iterdir()
-    # Simulate a kill during shard 1: no completion marker, a half-written temp file, and a
-    # truncated shard under its final name (e.g. copied by a tool that is not atomic).
-    (directory / "COMPLETE").unlink()
-    shard = directory / "shard-00001.pt"
+    processed = directory / "processed"
+    # Simulate a kill during shard 2: a half-written temp file and no shard; and a truncated
+    # shard 1 under its final name (e.g. copied by a tool that is not atomic).
+    (processed / "shard-00002.pt").unlink()
+    (processed / ".shard-00002.pt.abc.tmp").write_bytes(b"partial")
+    shard = processed / "shard-00001.pt"
     shard.write_bytes(shard.read_bytes()[:100])
-    (directory / ".shard-00002.pt.abc.tmp").write_bytes(b"partial")
 
     generated = []
-    original = curvature_data.generate_network
+    original = curvature_data.draw_network
 
     def counting(config, index):
         generated.append(index)
         return original(config, index)
 
-    monkeypatch.setattr(curvature_data, "generate_network", counting)
+    monkeypatch.setattr(curvature_data, "draw_network", counting)
     resumed = load_curvature_data(TINY_ZOO, cache_root=root, progress=False)
-    assert generated == [3, 4, 5]  # only the broken shard is rebuilt
-    assert (directory / "COMPLETE").exists()
-    assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*.tmp"))
+    assert generated == [3, 4, 5, 6]  # only the broken and the missing shard are rebuilt
+    assert not list(processed.glob("*.tmp")) and not list(processed.glob(".*.tmp"))
     for name in ("act", "grad", "weight", "bias", "target_edge", "target_node", "p"):
         assert torch.equal(getattr(resumed, name), getattr(reference, name)), name
-
-
-def test_valid_shards_without_marker_are_reused(tmp_path, monkeypatch):
-    load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
-    (directory,) = tmp_path.iterdir()
-    (directory / "COMPLETE").unlink()
-    (directory / "shard-00002.pt").unlink()
-    generated = []
-    original = curvature_data.generate_network
-    monkeypatch.setattr(
-        curvature_data, "generate_network", lambda config, index: generated.append(index) or original(config, index)
-    )
-    load_curvature_data(TINY_ZOO, cache_root=tmp_path, progress=False)
-    assert generated == [6]
+    for index in range(3):
+        assert ((processed / f"shard-{index:05d}.pt").read_bytes()
+                == (tmp_path / "fresh" / directory.name / "processed" / f"shard-{index:05d}.pt").read_bytes())
 
 
 def test_standard_estimator_error_is_the_metric_of_mean_squares(tmp_path):
@@ -234,7 +243,7 @@ def test_pipeline_smoke_writes_results_and_reuses_the_cache(tmp_path, monkeypatc
     assert written["models"]["standard"]["improvement_pct"] == 0.0
     assert results["models"]["gradmetanet"]["test_error_mean"] == written["models"]["gradmetanet"]["test_error_mean"]
 
-    monkeypatch.setattr(curvature_data, "generate_network", lambda *a: pytest.fail("cache was not reused"))
+    monkeypatch.setattr(curvature_data, "draw_network", lambda *a: pytest.fail("cache was not reused"))
     run_curvature(replace(config, models=("standard",)))
 
 

@@ -119,27 +119,34 @@ def test_pooled_components_keep_the_exact_per_sample_bias_gradients_float64(data
         torch.testing.assert_close(mine, per_sample[name], rtol=1e-10, atol=1e-12)
 
 
-def _regressors():
-    config = ModelConfig(hidden_channels=8, component_channels=4, stats_channels=4, pp_datapoints=2)
+def _regressors(unpooled=False):
+    config = ModelConfig(hidden_channels=8, component_channels=4, stats_channels=4, pp_datapoints=2,
+                         unpooled=unpooled, train_components=3)
     for name, (architecture, view, reads_stats) in GRAPH_MODELS.items():
         torch.manual_seed(0)
         yield name, view, GraphRegressor(config, 0.5, architecture, stats_features=3 if reads_stats else 0).double()
 
 
-def _outputs_agree(graphs):
-    for name, view, regressor in _regressors():
-        inputs = [graph_inputs(graph, view, dtype=torch.float64) for graph in graphs]
+def _outputs_agree(graphs, unpooled=False):
+    for name, view, regressor in _regressors(unpooled):
+        inputs = [graph_inputs(graph, view, dtype=torch.float64, pool=not unpooled) for graph in graphs]
         for graph in inputs:
             graph.y = torch.zeros(1, 1, dtype=torch.float64)
             graph.stats = torch.tensor([[0.3, -1.0, 2.0]], dtype=torch.float64)
         regressor.fit_scaling(inputs)
-        with torch.no_grad():
-            outputs = [regressor(Batch.from_data_list([graph])) for graph in inputs]
-        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-12, msg=name)
+        for training in (False, True):  # training: both read the same random subset of components
+            regressor.train(training)
+            outputs = []
+            for graph in inputs:
+                torch.manual_seed(7)
+                with torch.no_grad():
+                    outputs.append(regressor(Batch.from_data_list([graph])))
+            torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-12, msg=f"{name} {training}")
 
 
+@pytest.mark.parametrize("unpooled", [False, True])
 @pytest.mark.parametrize("preset_name", ["tiny-cnn", "tiny-mnist1d-cnn"])
-def test_every_graph_predictor_is_invariant_to_cnn_channel_permutations_float64(preset_name):
+def test_every_graph_predictor_is_invariant_to_cnn_channel_permutations_float64(preset_name, unpooled):
     zoo = preset(preset_name).zoo
     data = load_images(zoo)
     model = train_network(zoo, 1, data)[-1].double()
@@ -148,7 +155,7 @@ def test_every_graph_predictor_is_invariant_to_cnn_channel_permutations_float64(
     torch.testing.assert_close(permuted(probe), model(probe), rtol=0, atol=1e-12)
     graphs = [gradgraph.to_graph(net, probe, labels, _cross_entropy) for net in (model, permuted)]
     assert not torch.equal(graphs[0].edge_attr, graphs[1].edge_attr)
-    _outputs_agree(graphs)
+    _outputs_agree(graphs, unpooled)
 
 
 def test_every_graph_predictor_is_invariant_to_mlp_hidden_permutations_float64():
@@ -182,3 +189,79 @@ def test_the_tiny_mnist1d_cnn_run_writes_results_and_the_scatter_plot(tmp_path):
     assert results["zoo"]["dataset"] == "mnist1d"
     assert all("ensemble" in entry for entry in results["models"].values())
     assert (tmp_path / "out" / "zoo_accuracy_scatter.png").stat().st_size > 1000
+
+
+def test_the_unpooled_view_keeps_every_position_and_reads_each_datapoints_exact_quantities():
+    zoo = preset("tiny-mnist1d-cnn").zoo
+    data = load_images(zoo)
+    model = train_network(zoo, 0, data)[-1].double()
+    graph = gradgraph.to_graph(model, data.pool_x[:3].double(), data.pool_y[:3], _cross_entropy)
+    unpooled = graph_inputs(graph, "grad", dtype=torch.float64, pool=False)
+    pooled = graph_inputs(graph, "grad", dtype=torch.float64)
+    positions = graph.num_components // 3
+    assert positions == 20 and unpooled.act.shape == (graph.num_nodes, 60) and pooled.act.shape[1] == 3
+    assert unpooled.component_x.shape == (graph.num_nodes, 60, 4)
+    sample = graph.component_sample.reshape(-1)
+    # the factors are the normalised graph's, unsummed; summing them per datapoint gives the pooled view
+    torch.testing.assert_close(pool_components(unpooled).grad, pooled.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(unpooled.component_x[..., 3], unpooled.grad.abs(), rtol=0, atol=0)
+    for column, exact in ((0, graph.loss.log()), (1, graph.per_sample_grad_norms().log())):
+        torch.testing.assert_close(unpooled.component_x[0, :, column], exact[sample], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pooled.component_x[0, :, column], exact, rtol=1e-12, atol=1e-12)
+
+
+def test_training_reads_a_random_subset_of_components_and_evaluation_all():
+    zoo = preset("tiny").zoo
+    data = load_images(zoo)
+    model = train_network(zoo, 0, data)[-1].double()
+    graph = graph_inputs(gradgraph.to_graph(model, data.pool_x[:8].double(), data.pool_y[:8], _cross_entropy), "grad",
+                         dtype=torch.float64)
+    graph.y = torch.zeros(1, 1, dtype=torch.float64)
+    batch = Batch.from_data_list([graph, graph.clone()])
+    torch.manual_seed(0)
+    regressor = GraphRegressor(ModelConfig(hidden_channels=8, component_channels=4, train_components=3), 0.5).double()
+    regressor.eval()
+    with torch.no_grad():
+        everything = regressor(batch)
+        torch.manual_seed(5)
+        chosen = torch.randperm(8)[:3]
+        subset = batch.clone()
+        subset.act, subset.grad = batch.act[:, chosen], batch.grad[:, chosen]
+        subset.component_x, subset.component_sample = batch.component_x[:, chosen], batch.component_sample[:, chosen]
+        on_subset = regressor(subset)
+        regressor.train()
+        torch.manual_seed(5)
+        trained_view = regressor(batch)
+    torch.testing.assert_close(trained_view, on_subset, rtol=0, atol=0)  # training reads exactly that subset
+    assert not torch.allclose(trained_view, everything)  # ... and evaluation all eight
+    with pytest.raises(GradGraphError, match="train_components"):
+        ModelConfig(train_components=-1)
+
+
+def test_the_cli_runs_gradmetanet_on_unpooled_components_of_a_subset(tmp_path, monkeypatch):
+    seen = {}
+    original = GraphRegressor.subsample_components
+
+    def spy(batch, keep):
+        seen.setdefault("shapes", []).append((batch.act.shape[1], keep))
+        return original(batch, keep)
+
+    monkeypatch.setattr(GraphRegressor, "subsample_components", staticmethod(spy))
+    code = cli.main(["zoo-accuracy", "--preset", "tiny-cnn", "--output-dir", str(tmp_path / "out"), "--cache-dir",
+                     str(tmp_path / "cache"), "--quiet", "--models", "gradmetanet_grad", "--unpooled",
+                     "--train-components", "5"])
+    assert code == 0
+    # the tiny digits CNNs: 4 probe datapoints x 16 positions, 5 of them read per training step
+    assert seen["shapes"] and set(seen["shapes"]) == {(64, 5)}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["models"]["gradmetanet_grad"]
+
+
+def test_the_default_preset_is_the_fast_comparison_and_full_has_every_predictor():
+    from gradgraph_lab.tasks.zoo_accuracy.models import MODEL_NAMES
+
+    default, full = preset("default"), preset("full")
+    assert default.model.train_components == 16 and full.model.train_components == 0
+    assert set(full.models) == set(MODEL_NAMES)
+    assert {"grad_stats", "weight_stats", "all_stats", "grad_stats_boost", "metanet_weights",
+            "gradmetanet_grad_stats"} == set(default.models)
+    assert default.zoo == full.zoo and default.seeds == full.seeds == (0, 1, 2, 3, 4)

@@ -31,6 +31,19 @@ models' targets, the zoo's size, the shard size and ``name``. A cache whose fing
 (another probe batch, other targets) is refused, not read. The models themselves are not
 hashed: give a zoo of other models another ``root`` or ``name``.
 
+A shard file that does not load (truncated by a copy that was not atomic) is rebuilt by the
+rank that owns it; stray ``.shard-*.tmp`` files of a killed write are removed by it. A
+readable shard of another build (wrong fingerprint or range) is refused, not overwritten.
+
+Per-model probes and extra fields
+---------------------------------
+``inputs`` (and ``probe_targets``) may be callables ``(index, model) -> Tensor``: a zoo whose
+members are each converted on their own probe batch (the SIREN zoo of the curvature
+experiment draws one input distribution per network). ``fields=`` adds per-graph tensors that
+are not graph-level targets (``(index, model, graph) -> {name: Tensor}``, e.g. a target per
+weight ``[E]`` and per neuron ``[N]``); ``targets=None`` stores no ``y``. ``dtype=`` casts every
+floating field before it is stored (the conversion runs in the model's own precision).
+
 Several processes (``torchrun``): with ``torch.distributed`` initialised, shard ``s`` is
 built by rank ``s % world_size``; every rank then waits at a barrier and reads all shards.
 The directory must be on a filesystem every rank sees.
@@ -110,10 +123,18 @@ class ModelZoo(Dataset):
         root: the dataset's directory (PyG's ``root``: shards go to ``root/processed``).
         models: the zoo: ``nn.Module`` s, or anything ``builder`` turns into one (checkpoint
             paths, state dicts, configurations). Only read while building.
-        inputs: the probe batch ``[b, ...]`` every model is converted on.
+        inputs: the probe batch ``[b, ...]`` every model is converted on, or a callable
+            ``(index, model) -> [b, ...]`` giving each model its own (fingerprinted by its type
+            only: name the zoo's configuration in ``root`` or ``name``).
         targets: per-model targets: a ``[num_models, k]`` tensor (row ``i`` is model ``i``'s
-            ``y``), a sequence of ``[1, k]`` tensors, or a callable ``(index, model) -> [1, k]``.
-        probe_targets: the probe batch's labels, passed to ``loss_fn`` (``None`` in output mode).
+            ``y``), a sequence of ``[1, k]`` tensors, a callable ``(index, model) -> [1, k]``,
+            or ``None`` (no ``y``: a zoo whose targets live in ``fields``).
+        probe_targets: the probe batch's labels, passed to ``loss_fn`` (``None`` in output
+            mode), or a callable ``(index, model) -> labels``.
+        fields: ``(index, model, graph) -> {name: Tensor}``: extra per-graph fields stored with
+            the graph (names the graph already has are refused).
+        dtype: cast every floating field of a graph (and its ``fields``) to this before storing
+            (``None``: as converted).
         loss_fn: ``(output, probe_targets) -> [b]`` per-datapoint losses; ``None``: output mode.
         builder: ``builder(models[i]) -> nn.Module``; ``None`` when ``models`` are modules.
         shard_size: models per shard file.
@@ -136,8 +157,10 @@ class ModelZoo(Dataset):
         models: Sequence[Any],
         inputs: Tensor,
         *,
-        targets: Tensor | Sequence[Tensor] | Callable[[int, nn.Module], Tensor],
+        targets: Tensor | Sequence[Tensor] | Callable[[int, nn.Module], Tensor] | None,
         probe_targets: Any = None,
+        fields: Callable[[int, nn.Module, GradGraph], dict[str, Tensor]] | None = None,
+        dtype: torch.dtype | None = None,
         loss_fn: LossFn | None = None,
         builder: Callable[[Any], nn.Module] | None = None,
         shard_size: int = 64,
@@ -151,24 +174,32 @@ class ModelZoo(Dataset):
             raise GradGraphError("ModelZoo needs at least one model")
         if shard_size < 1:
             raise GradGraphError(f"ModelZoo needs shard_size >= 1, got {shard_size}")
-        if not isinstance(inputs, Tensor):
-            raise GradGraphError(f"ModelZoo: the probe batch must be a Tensor, got {type(inputs).__name__}")
+        if not isinstance(inputs, Tensor) and not callable(inputs):
+            raise GradGraphError(f"ModelZoo: the probe batch must be a Tensor or a callable (index, model) -> Tensor, "
+                                 f"got {type(inputs).__name__}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise GradGraphError(f"ModelZoo: dtype must be a floating dtype, got {dtype}")
         if isinstance(targets, Tensor) and (targets.dim() != 2 or targets.shape[0] != len(models)):
             raise GradGraphError(f"ModelZoo: a targets tensor must have shape [num_models, k] = [{len(models)}, k] "
                                  f"(use targets[:, None] for one value per model), got {list(targets.shape)}")
-        if not isinstance(targets, Tensor) and not callable(targets) and len(targets) != len(models):
+        if targets is not None and not isinstance(targets, Tensor) and not callable(targets) \
+                and len(targets) != len(models):
             raise GradGraphError(f"ModelZoo: {len(targets)} targets for {len(models)} models")
         self.models = models
         self.inputs = inputs
         self.targets_spec = targets
         self.probe_targets = probe_targets
+        self.fields = fields
+        self.dtype = dtype
         self.loss_fn = loss_fn
         self.builder = builder
         self.shard_size = shard_size
         self.num_models = len(models)
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.log = log
-        self.fingerprint = _fingerprint(inputs, probe_targets, targets, self.num_models, shard_size, name)
+        self.fingerprint = _fingerprint(inputs, probe_targets, targets, self.num_models, shard_size,
+                                        name + ("" if dtype is None else f"|{dtype}"))
+        self._loaded: dict[int, Any] = {}  # shards read while checking them, handed to _read_all
         super().__init__(str(root), transform=transform, log=log)
         self.build()
         self.graphs = self._read_all()
@@ -210,6 +241,8 @@ class ModelZoo(Dataset):
     @property
     def targets(self) -> Tensor:
         """``[num_models, k]``: every model's ``y``, in order."""
+        if self.targets_spec is None:
+            raise GradGraphError("ModelZoo.targets: this zoo was built with targets=None (no y)")
         return torch.cat([graph.y for graph in self.graphs])
 
     # ----------------------------------------------------------------------- build
@@ -223,20 +256,36 @@ class ModelZoo(Dataset):
         if not isinstance(model, nn.Module):
             raise GradGraphError(f"model {index} of the zoo is a {type(model).__name__}, not an nn.Module; pass "
                                  "builder= to build modules from checkpoints")
+        inputs = self.inputs(index, model) if callable(self.inputs) else self.inputs
+        probe_targets = self.probe_targets(index, model) if callable(self.probe_targets) else self.probe_targets
+        if not isinstance(inputs, Tensor):
+            raise GradGraphError(f"model {index} of the zoo: its probe batch must be a Tensor, got "
+                                 f"{type(inputs).__name__}")
         try:
-            graph = to_graph(model, self.inputs, self.probe_targets, self.loss_fn)
+            graph = to_graph(model, inputs, probe_targets, self.loss_fn)
         except _MODEL_ERRORS as error:
             raise GradGraphError(f"model {index} of the zoo ({type(model).__name__}) on the probe batch "
-                                 f"{list(self.inputs.shape)}: {error}") from error
+                                 f"{list(inputs.shape)}: {error}") from error
         spec = self.targets_spec
-        if isinstance(spec, Tensor):
-            target = spec[index:index + 1]
-        elif callable(spec):
-            target = spec(index, model)
-        else:
-            target = spec[index]
-        graph.y = check_graph_target(target, index)
+        if spec is not None:
+            if isinstance(spec, Tensor):
+                target = spec[index:index + 1]
+            elif callable(spec):
+                target = spec(index, model)
+            else:
+                target = spec[index]
+            graph.y = check_graph_target(target, index)
         graph.zoo_id = torch.tensor([index])
+        if self.fields is not None:
+            extra = self.fields(index, model, graph)
+            for key, value in extra.items():
+                if key in graph or not isinstance(value, Tensor):
+                    raise GradGraphError(f"model {index} of the zoo: field {key!r} "
+                                         + ("is already a field of its graph" if key in graph else
+                                            f"must be a Tensor, got {type(value).__name__}"))
+                graph[key] = value.detach()
+        if self.dtype is not None:
+            graph = graph.apply(lambda value: value.to(self.dtype) if value.is_floating_point() else value)
         return graph
 
     def build(self) -> None:
@@ -253,7 +302,9 @@ class ModelZoo(Dataset):
             meta = {"fingerprint": self.fingerprint, "num_models": self.num_models, "shard_size": self.shard_size}
             atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
         for shard in range(self.rank, self.num_shards, self.world_size):
-            if self.shard_path(shard).exists():  # written atomically: whole, checked when read
+            for stray in directory.glob(f".{self.shard_path(shard).name}.*.tmp"):  # a killed write of this rank's
+                stray.unlink(missing_ok=True)
+            if self.shard_path(shard).exists() and self._readable(shard):  # written atomically: whole
                 continue
             indices = self.shard_range(shard)
             graphs = [self.convert(index) for index in indices]
@@ -264,6 +315,14 @@ class ModelZoo(Dataset):
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
 
+    def _readable(self, shard: int) -> bool:
+        """Whether shard ``shard``'s file loads (a truncated copy does not: it is rebuilt)."""
+        try:
+            self._loaded[shard] = torch.load(self.shard_path(shard), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any unreadable file is rebuilt
+            return False
+        return True
+
     def _read_all(self) -> list[GradGraph]:
         graphs: list[GradGraph] = []
         width = None
@@ -272,14 +331,17 @@ class ModelZoo(Dataset):
             if not path.exists():
                 raise GradGraphError(f"ModelZoo: shard {shard} ({path}) is missing; rank {shard % self.world_size} of "
                                      f"{self.world_size} builds it — is {self.processed_dir} shared by every rank?")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = self._loaded.pop(shard, None)
+            if payload is None:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
             expected = self.shard_range(shard)
             if (payload.get("fingerprint") != self.fingerprint or payload.get("start") != expected.start
                     or payload.get("stop") != expected.stop or len(payload["graphs"]) != len(expected)):
                 raise GradGraphError(f"ModelZoo: {path} is not shard {shard} of this zoo (another build's); delete it")
             for index, graph in zip(expected, payload["graphs"]):
-                check_graph_target(graph.y, index, width)
-                width = graph.y.shape[1]
+                if self.targets_spec is not None:
+                    check_graph_target(graph.y, index, width)
+                    width = graph.y.shape[1]
                 graphs.append(graph)
         return graphs
 

@@ -8,7 +8,10 @@ One item is one network of the zoo (:mod:`gradgraph_lab.data.siren_zoo`):
 * **target** — the Fisher diagonal ``E_x[(∂f/∂θ)²]`` from 1024 *independent* points of
   the same ``X_p``, per weight (edge) and per bias (node), computed exactly from factors.
 
-All networks share one architecture, so the dataset stores stacked tensors and a single
+The zoo is a :class:`gradgraph.datasets.ModelZoo` (one dataset API for every zoo: atomic,
+resumable, rank-sharded shards of graphs; each network converted on its own input points, the
+targets stored as extra per-graph fields). All networks share one architecture, so
+:func:`load_curvature_data` then stacks the graphs' tensors next to a single
 template :class:`~gradgraph.GradGraph`; :meth:`CurvatureData.graph` rebuilds item ``i`` and
 :class:`GraphBatcher` builds a PyG batch of many items without a Python loop over graphs.
 """
@@ -17,23 +20,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch_geometric.data import Batch
 
-from gradgraph_lab.data.cache import ShardedCache, default_cache_root
+from gradgraph_lab.data.cache import config_hash, default_cache_root
 from gradgraph_lab.data.siren_zoo import InputFamily, fisher_diagonal, make_siren, sample_inputs, siren_graph
 from gradgraph_lab.distributed import DistributedContext
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.nn.context import STRUCTURE_MEMO
 
-__all__ = ["SirenZooConfig", "CurvatureData", "GraphBatcher", "load_curvature_data", "net_generator"]
+__all__ = ["SirenDraw", "SirenZooConfig", "CurvatureData", "GraphBatcher", "draw_network", "load_curvature_data",
+           "net_generator"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class SirenZooConfig:
         """The JSON-able configuration hashed into the cache key (includes a format version)."""
         fields = dataclasses.asdict(self)
         fields["hidden"] = list(self.hidden)
-        fields["format"] = 1
+        fields["format"] = 2  # 2: a ModelZoo of graphs (1: ShardedCache of stacked tensors)
         return fields
 
 
@@ -80,31 +83,52 @@ def net_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
-def generate_network(config: SirenZooConfig, index: int) -> dict[str, Tensor]:
-    """Draw network ``index`` of the zoo and compute its input factors and exact target.
+@dataclass
+class SirenDraw:
+    """Network ``index`` of the zoo, drawn: the SIREN (float64), its ``p``, the ``B`` points the
+    model sees and the independent points its target Fisher averages over (``[n, 1]`` each)."""
 
-    Computed in float64, returned in float32.
+    siren: nn.Module
+    p: float
+    inputs: Tensor
+    target_points: Tensor
 
-    Returns:
-        ``{"act", "grad": [N, B], "weight": [E], "bias": [N], "target_edge": [E],
-        "target_node": [N], "p": []}``.
-    """
+
+def draw_network(config: SirenZooConfig, index: int) -> SirenDraw:
+    """Draw network ``index`` from ``net_generator(config.seed, index)`` in a fixed order:
+    the weights, ``p``, the ``num_inputs`` seen points, the ``num_target_points`` target points."""
     generator = net_generator(config.seed, index)
     siren = make_siren(config.hidden, generator=generator, w0=config.w0)
     p = float(torch.rand((), generator=generator, dtype=torch.float64))
     inputs = sample_inputs(config.family, p, config.num_inputs, generator=generator)
     target_points = sample_inputs(config.family, p, config.num_target_points, generator=generator)
-    seen = siren_graph(siren, inputs)
-    target_edge, target_node = fisher_diagonal(siren_graph(siren, target_points))
-    return {
-        "act": seen.act,
-        "grad": seen.grad,
-        "weight": seen.weight,
-        "bias": seen.bias,
-        "target_edge": target_edge,
-        "target_node": target_node,
-        "p": torch.tensor(p, dtype=torch.float64),
-    }
+    return SirenDraw(siren, p, inputs, target_points)
+
+
+class _Draws:
+    """The zoo's networks for :class:`~gradgraph.datasets.ModelZoo`: ``builder``, per-model
+    ``inputs`` and ``fields`` all read one :func:`draw_network` per index (the last one kept)."""
+
+    def __init__(self, config: SirenZooConfig) -> None:
+        self.config, self.index, self.draw = config, -1, None
+
+    def get(self, index: int) -> SirenDraw:
+        if index != self.index:
+            self.index, self.draw = index, draw_network(self.config, index)
+        return self.draw
+
+    def builder(self, index: int) -> nn.Module:
+        return self.get(index).siren
+
+    def inputs(self, index: int, model: nn.Module) -> Tensor:
+        return self.get(index).inputs
+
+    def fields(self, index: int, model: nn.Module, graph: GradGraph) -> dict[str, Tensor]:
+        """The exact Fisher diagonal at the target points (:func:`fisher_diagonal`) and ``p``."""
+        draw = self.get(index)
+        target_edge, target_node = fisher_diagonal(siren_graph(draw.siren, draw.target_points))
+        return {"target_edge": target_edge, "target_node": target_node,
+                "p": torch.tensor([draw.p], dtype=torch.float64)}
 
 
 def template_graph(config: SirenZooConfig) -> GradGraph:
@@ -280,38 +304,48 @@ def load_curvature_data(
 ) -> CurvatureData:
     """The zoo of ``config``, from the cache if it is complete, else generated (resuming).
 
+    The zoo is a :class:`~gradgraph.datasets.ModelZoo` in output mode (``loss_fn=None``): network
+    ``i`` (:func:`draw_network`) converted on its own ``B`` input points, with the fields
+    ``target_edge [E]``, ``target_node [N]`` (the exact Fisher diagonal at the independent target
+    points) and ``p [1]``, computed in float64 and stored in float32 under
+    ``cache_root/curvature-siren-<config hash>/processed/`` (atomic, resumable shards). The
+    graphs are then stacked (one architecture) into a :class:`CurvatureData`.
+
     Args:
         config: the zoo configuration (its hash keys the cache directory).
         cache_root: where caches live; default ``$GRADGRAPH_CACHE`` or ``.gradgraph-cache``.
-        progress: tqdm bar while generating.
-        context: with several ranks, missing shards are split across them (each built
-            once) and every rank returns the whole zoo; see :meth:`ShardedCache.load_or_build`.
+        progress: a line per shard built.
+        context: with several ranks, missing shards are split across them (shard ``s`` by rank
+            ``s % world_size``) and every rank returns the whole zoo.
 
     Returns:
         A :class:`CurvatureData` with ``config.num_nets`` items, float32, on the CPU.
     """
-    cache = ShardedCache(
-        default_cache_root() if cache_root is None else cache_root,
-        "curvature-siren",
-        config.cache_key_fields(),
-        config.num_nets,
-        config.shard_size,
-    )
+    from gradgraph.datasets import ModelZoo
 
-    def make_shard(indices: range, advance: Callable[[int], Any]) -> dict[str, Tensor]:
-        items = []
-        threads = torch.get_num_threads()
-        # Each network is a few tiny ops: one thread is fastest, and avoids OpenMP spin-waits
-        # that slow generation down by an order of magnitude on a busy machine.
-        torch.set_num_threads(1)
-        try:
-            for index in indices:
-                items.append(generate_network(config, index))
-                advance(1)
-        finally:
-            torch.set_num_threads(threads)
-        return {key: torch.stack([item[key] for item in items]).to(torch.float32) for key in items[0]}
-
-    with torch.inference_mode(False):
-        stacked = cache.load_or_build(make_shard, progress=progress, description="curvature zoo", context=context)
-    return CurvatureData(template=template_graph(config), **{name: stacked[name] for name in _STACKED_FIELDS})
+    root = Path(default_cache_root() if cache_root is None else cache_root)
+    draws = _Draws(config)
+    threads = torch.get_num_threads()
+    # Each network is a few tiny ops: one thread is fastest, and avoids OpenMP spin-waits
+    # that slow generation down by an order of magnitude on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode(False):
+            zoo = ModelZoo(root / f"curvature-siren-{config_hash(config.cache_key_fields())}", range(config.num_nets),
+                           draws.inputs, targets=None, loss_fn=None, builder=draws.builder, fields=draws.fields,
+                           dtype=torch.float32, shard_size=config.shard_size, name="curvature-siren",
+                           rank=None if context is None else context.rank,
+                           world_size=None if context is None else context.world_size, log=progress)
+    finally:
+        torch.set_num_threads(threads)
+    graphs = zoo.graphs
+    stacked = {
+        "act": torch.stack([graph.act for graph in graphs]),
+        "grad": torch.stack([graph.grad for graph in graphs]),
+        "weight": torch.stack([graph.weight for graph in graphs]),
+        "bias": torch.stack([graph.bias for graph in graphs]),
+        "target_edge": torch.stack([graph.target_edge for graph in graphs]),
+        "target_node": torch.stack([graph.target_node for graph in graphs]),
+        "p": torch.cat([graph.p for graph in graphs]),
+    }
+    return CurvatureData(template=template_graph(config), **stacked)

@@ -26,6 +26,14 @@ the components of each datapoint (:func:`pool_components`):
 (they are a summary, not the gradient). Every quantity is a per-(neuron, datapoint) reduction, so
 the view is exactly equivariant to channel permutations and datapoint permutations (tested in
 float64). For an MLP the sums are over one component: :math:`a' = \mathrm{act}`, :math:`c = |\cdot|`.
+
+**Unpooled** (``ModelConfig.unpooled``, ``graph_inputs(..., pool=False)``): the gradient views
+keep every (datapoint, position) component, so GradMetaNet reads the exact per-position
+factors whose products are the weight gradients, at ``P`` times the cost and memory; a random
+subset of ``ModelConfig.train_components`` components per training step keeps both in hand
+(the set means GradMetaNet takes over components stay the same quantities in expectation).
+Channel and datapoint permutations act on it as on the graph: exactly equivariant (tested).
+
 Every component also carries its datapoint's log-loss and the log of the norm of its whole
 per-sample gradient (:meth:`~gradgraph.GradGraph.per_sample_grad_norms`, exact, from the unpooled
 factors): ``component_x [N, b, 4]``.
@@ -69,6 +77,18 @@ class ModelConfig:
         metanet_layers: node layers of the weights-only graph metanetwork.
         stats_channels: width of the graph embedding that is concatenated with the statistics
             (models that read them).
+        train_components: GradMetaNet (not GradMetaNet++) reads a random subset of this many
+            components of every graph in each training step, all of them in evaluation (0: all,
+            always). Its cost (time and memory) is linear in the components it reads and its
+            layers and readout average over them, so a subset is a cheaper view of the same set
+            — a speed-up and an augmentation (:meth:`GraphRegressor.subsample_components`).
+            With the pooled views a component is a datapoint; with ``unpooled`` a (datapoint,
+            position).
+        unpooled: the gradient views keep a CNN's components, one per (datapoint, position)
+            (:func:`graph_inputs` with ``pool=False``), instead of summing them per datapoint:
+            GradMetaNet then reads the exact per-position factors, at ``P`` times the cost and
+            memory (``P`` = 16 positions for the digits CNNs, 20 for MNIST-1D); keep it in hand
+            with ``train_components`` and a smaller batch (docs/zoo.md). No effect on an MLP.
     """
 
     hidden_channels: int = 16
@@ -81,6 +101,13 @@ class ModelConfig:
     pp_datapoints: int = 8
     metanet_layers: int = 2
     stats_channels: int = 16
+    train_components: int = 0
+    unpooled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.train_components < 0 or self.pp_datapoints < 0:
+            raise GradGraphError(f"ModelConfig: train_components and pp_datapoints must be >= 0, got "
+                                 f"{self.train_components}, {self.pp_datapoints}")
 
 
 def pool_components(graph: GradGraph) -> GradGraph:
@@ -101,17 +128,23 @@ def pool_components(graph: GradGraph) -> GradGraph:
     return pooled
 
 
-def graph_inputs(graph: GradGraph, view: str | bool, dtype: torch.dtype = torch.float32) -> GradGraph:
+def graph_inputs(graph: GradGraph, view: str | bool, dtype: torch.dtype = torch.float32,
+                 pool: bool = True) -> GradGraph:
     """The graph a model reads (see the module docstring for the views).
 
     Args:
         graph: a zoo member's graph (``act``/``grad`` ``[N, B]``, ``loss [b]``).
         view: ``"weights"``, ``"grad"`` or ``"grad_weights"`` (``False``/``True``: the last two, as before).
         dtype: of the floating fields.
+        pool: the gradient views sum each datapoint's components (:func:`pool_components`);
+            ``False`` keeps all ``B`` components (a CNN: one per datapoint and position), with
+            ``component_x [N, B, 4]``: the component's datapoint's log-loss and log per-sample
+            gradient norm, ``|act|`` and ``|grad|`` (the root-sum-squares of one component).
 
     Returns:
-        ``x [N, 4]``, ``edge_attr [E, 2]``; gradient views ``act``/``grad`` ``[N, b]`` and
-        ``component_x [N, b, 4]``; the weights view ``act``/``grad`` ``[N, 1]`` zeros.
+        ``x [N, 4]``, ``edge_attr [E, 2]``; gradient views ``act``/``grad`` ``[N, b]`` (``[N, B]``
+        unpooled) and ``component_x [N, b, 4]`` (``[N, B, 4]``); the weights view ``act``/``grad``
+        ``[N, 1]`` zeros.
     """
     if isinstance(view, bool):
         view = "grad_weights" if view else "grad"
@@ -131,7 +164,11 @@ def graph_inputs(graph: GradGraph, view: str | bool, dtype: torch.dtype = torch.
         # exact per-datapoint quantities, from the unpooled (unnormalised) graph
         per_datapoint = torch.stack([graph.loss.double().clamp_min(1e-12).log(),
                                      graph.per_sample_grad_norms().double().clamp_min(1e-30).log()], -1)
-        normalised = pool_components(normalised)
+        if pool:
+            normalised = pool_components(normalised)
+        else:  # every component keeps its own factors; it reads its datapoint's exact quantities
+            normalised.component_x = torch.stack([normalised.act.abs(), normalised.grad.abs()], -1)
+            per_datapoint = per_datapoint[normalised.component_sample.reshape(-1).long()]
         normalised.component_x = torch.cat([per_datapoint.to(normalised.act.dtype)[None].expand(
             normalised.num_nodes, -1, -1), normalised.component_x], -1).contiguous()
     for key in ("x", "edge_attr", "act", "grad", "y", "loss", "component_x", "stats"):
@@ -153,7 +190,9 @@ class GraphRegressor(nn.Module):
     tens of units), :math:`\tilde s` is the graph's ``stats [1, F]`` (invariant statistics, e.g.
     of its per-sample gradient norms) standardised the same way, and :math:`\bar y` is the mean
     training accuracy. An accuracy lies in ``[0, 1]``: the sigmoid keeps a prediction for an
-    unusual network from leaving it.
+    unusual network from leaving it. In training mode GradMetaNet reads
+    ``config.train_components`` random components of :math:`\tilde G` (the same for every graph
+    of the batch; :meth:`subsample_components`), in evaluation mode all of them.
 
     Args:
         config: sizes.
@@ -173,6 +212,7 @@ class GraphRegressor(nn.Module):
             raise GradGraphError(f"GraphRegressor: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         self.architecture = architecture
         self.datapoints = config.pp_datapoints if architecture == "gradmetanet_pp" else 0
+        self.train_components = config.train_components if architecture == "gradmetanet" else 0
         out = config.stats_channels if stats_features else 1
         widths = dict(node_in_channels=4, edge_in_channels=2)  # graph_inputs: x [N, 4], edge_attr [E, 2]
         if architecture == "gradmetanet":
@@ -206,17 +246,32 @@ class GraphRegressor(nn.Module):
             stats = torch.cat([graph.stats for graph in graphs])
             self.stats_mean, self.stats_std = stats.mean(0), stats.std(0).clamp_min(1e-6)
 
+    @staticmethod
+    def subsample_components(batch, keep: int):  # noqa: ANN001, ANN205 - a PyG Batch in and out
+        """The batch with ``keep`` of its components drawn at random (torch's global stream), the
+        same for every graph: ``act``/``grad`` ``[N, B] -> [N, keep]``, ``component_x``
+        ``[N, B, F] -> [N, keep, F]``, ``component_sample`` ``[G, B] -> [G, keep]``."""
+        chosen = torch.randperm(batch.act.shape[1], device=batch.act.device)[:keep]
+        batch = batch.clone()
+        batch.act, batch.grad = batch.act[:, chosen], batch.grad[:, chosen]
+        if "component_x" in batch:
+            batch.component_x = batch.component_x[:, chosen]
+        batch.component_sample = batch.component_sample[..., chosen]
+        return batch
+
     def forward(self, batch) -> Tensor:  # noqa: ANN001 - a PyG Batch
         if self.x_mean.numel():
             batch = batch.clone()
             batch.x = (batch.x - self.x_mean) / self.x_std
             batch.edge_attr = (batch.edge_attr - self.edge_mean) / self.edge_std
-        if self.datapoints and batch.act.shape[1] > self.datapoints:  # pooled views: component d is datapoint d
+        if self.datapoints and batch.act.shape[1] > self.datapoints:  # the components of datapoints < k
             batch = batch.clone()
-            keep = self.datapoints
-            batch.act, batch.grad = batch.act[:, :keep], batch.grad[:, :keep]
-            batch.component_x = batch.component_x[:, :keep]
-            batch.component_sample = batch.component_sample[..., :keep]
+            keep = batch.component_sample.reshape(-1, batch.act.shape[1])[0] < self.datapoints
+            batch.act, batch.grad = batch.act[:, keep], batch.grad[:, keep]
+            batch.component_x = batch.component_x[:, keep]
+            batch.component_sample = batch.component_sample[..., keep]
+        if self.training and self.train_components and batch.act.shape[1] > self.train_components:
+            batch = self.subsample_components(batch, self.train_components)
         out = self.network(batch).graph
         if self.head is not None:
             stats = batch.stats if not self.stats_mean.numel() else (batch.stats - self.stats_mean) / self.stats_std

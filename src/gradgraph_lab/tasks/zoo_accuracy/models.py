@@ -29,7 +29,6 @@ from gradgraph.graph import ActivationKind, GradGraph
 from gradgraph_lab.tasks.zoo_accuracy.graph_models import GraphRegressor, ModelConfig, graph_inputs
 
 __all__ = [
-    "DEFAULT_MODELS",
     "FEATURES_OF",
     "GRAPH_MODELS",
     "MODEL_LABELS",
@@ -55,7 +54,6 @@ MODEL_LABELS = {
     "gradmetanet_grad_stats": "GradMetaNet on gradients + gradient statistics",
 }
 MODEL_NAMES = tuple(MODEL_LABELS)
-DEFAULT_MODELS = MODEL_NAMES
 #: The graph predictors: ``(architecture, view, reads the gradient statistics)`` (see :mod:`.graph_models`).
 GRAPH_MODELS = {"gradmetanet_grad": ("gradmetanet", "grad", False),
                 "gradmetanet_grad_weights": ("gradmetanet", "grad_weights", False),

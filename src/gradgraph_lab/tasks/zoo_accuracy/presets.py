@@ -11,10 +11,10 @@ from gradgraph_lab.tasks.zoo_accuracy.graph_models import ModelConfig
 from gradgraph_lab.tasks.zoo_accuracy.models import MODEL_NAMES
 from gradgraph_lab.tasks.zoo_accuracy.run import ZooAccuracyConfig
 
-__all__ = ["CNN_RECIPE", "PRESETS", "preset"]
+__all__ = ["ALL_MODELS", "CNN_RECIPE", "DEFAULT_MODELS", "FAST", "PRESETS", "preset"]
 
 #: The presets :func:`preset` knows.
-PRESETS = ("default", "paper", "cnn", "mnist1d-cnn", "cnn-paper", "tiny", "tiny-cnn", "tiny-mnist1d-cnn")
+PRESETS = ("default", "full", "paper", "cnn", "mnist1d-cnn", "cnn-paper", "tiny", "tiny-cnn", "tiny-mnist1d-cnn")
 
 #: The Small CNN Zoo's recipe (Unterthiner et al. 2020) at this scale: every optimiser, learning
 #: rate and L2 log-uniform, three initialisations times a log-uniform scale, dropout, ReLU/tanh,
@@ -23,16 +23,30 @@ CNN_RECIPE = dict(architecture="cnn", lr_range=(3e-4, 3e-2), weight_decay_range=
                   init_scale_range=(0.5, 2.0), train_fraction_range=(0.1, 1.0),
                   checkpoint_fractions=(0.02, 0.1, 0.4, 1.0), optimizers=("sgd", "adam", "rmsprop"),
                   inits=("default", "normal", "orthogonal"), probe_size=32)
-#: The predictors of the default presets.
+#: Every predictor, in the order docs/zoo.md's runs ran them (the ``full``, ``cnn`` and ``mnist1d-cnn`` presets).
+ALL_MODELS = ("grad_stats", "weight_stats", "all_stats", "grad_stats_boost", "metanet_weights",
+              "gradmetanet_grad_stats", "gradmetanet_grad", "gradmetanet_pp_grad", "gradmetanet_grad_weights")
+#: The predictors of ``default`` (the 10-minute run): every statistics baseline, the weights-only graph
+#: metanetwork and the best gradient model measured (GradMetaNet on gradients with the gradient
+#: statistics in its head) — the comparison of issue 30: gradients vs weights, the equivariant models
+#: vs the statistics. GradMetaNet on gradients alone, GradMetaNet++ and GradMetaNet on gradients +
+#: weights (each behind it on every zoo measured) are in ``full``.
 DEFAULT_MODELS = ("grad_stats", "weight_stats", "all_stats", "grad_stats_boost", "metanet_weights",
-                  "gradmetanet_grad_stats", "gradmetanet_grad", "gradmetanet_pp_grad", "gradmetanet_grad_weights")
+                  "gradmetanet_grad_stats")
+#: GradMetaNet reads 16 random components per training step (all when evaluated): 1.8x less
+#: training time at the same Kendall tau (docs/zoo.md).
+FAST = ModelConfig(train_components=16)
 
 
 def preset(name: str) -> ZooAccuracyConfig:
     """Named configurations.
 
     * ``default`` — the digits MLP zoo: 100 networks x 4 checkpoints (60 / 15 / 25 networks), probe
-      batch 64, graph models 15 epochs, 5 seeds, every predictor.
+      batch 64, graph models 15 epochs on 16 random probe datapoints per step (:data:`FAST`), 5 seeds,
+      the predictors of :data:`DEFAULT_MODELS` (under 10 minutes on 2 CPU cores, docs/zoo.md).
+    * ``full`` — the digits MLP zoo with every predictor (:data:`ALL_MODELS`), GradMetaNet on all
+      64 probe datapoints: the run of docs/zoo.md's MLP table (the ``default`` of before; about
+      three times the time).
     * ``cnn`` — the Small CNN Zoo recipe (:data:`CNN_RECIPE`) on digits: 100 CNNs (3x3
       convolutions of 4-16 channels, strides 2, 1, 2, global average pooling, a linear head;
       200, 400 or 800 steps, dropout up to 0.5) x 4 checkpoints, probe batch 32.
@@ -43,18 +57,20 @@ def preset(name: str) -> ZooAccuracyConfig:
     * ``tiny`` / ``tiny-cnn`` / ``tiny-mnist1d-cnn`` — seconds-long smoke runs for tests.
     """
     if name == "default":
-        return ZooAccuracyConfig(models=DEFAULT_MODELS)
+        return ZooAccuracyConfig(models=DEFAULT_MODELS, model=FAST)
+    if name == "full":
+        return ZooAccuracyConfig(models=ALL_MODELS)
     big = dict(num_train=700, num_val=100, num_test=200, train=TrainConfig(epochs=100, batch_size=32, lr=1e-3),
                model=ModelConfig(hidden_channels=64, component_channels=16, num_component_layers=2))
     if name == "paper":
         return ZooAccuracyConfig(zoo=ZooConfig(num_nets=1000), models=MODEL_NAMES, **big)
     if name == "cnn":
         return ZooAccuracyConfig(zoo=ZooConfig(min_width=4, max_width=16, steps_choices=(200, 400, 800),
-                                               dropout_range=(0.0, 0.5), **CNN_RECIPE), models=DEFAULT_MODELS)
+                                               dropout_range=(0.0, 0.5), **CNN_RECIPE), models=ALL_MODELS)
     if name == "mnist1d-cnn":
         return ZooAccuracyConfig(zoo=ZooConfig(dataset="mnist1d", pool_size=4000, test_size=1000, min_width=8,
                                                max_width=24, steps_choices=(300, 600, 1200),
-                                               dropout_range=(0.0, 0.3), **CNN_RECIPE), models=DEFAULT_MODELS)
+                                               dropout_range=(0.0, 0.3), **CNN_RECIPE), models=ALL_MODELS)
     if name == "cnn-paper":
         cnn = preset("mnist1d-cnn")
         return replace(cnn, zoo=replace(cnn.zoo, num_nets=1000), models=MODEL_NAMES, **big)

@@ -130,7 +130,8 @@ def prepare(config: ZooAccuracyConfig, data: ZooData) -> Prepared:
     bounds = experiment.split_bounds(config.num_train, config.num_val, config.num_test)
     members = {split: torch.arange(start * checkpoints, stop * checkpoints) for split, (start, stop) in bounds.items()}
     graph_models = [GRAPH_MODELS[name] for name in config.models if name in GRAPH_MODELS]
-    kinds = {kind for kind, _ in (FEATURES_OF[name] for name in config.models if name in FEATURES_OF)}
+    # the reference (grad_stats) runs first whether requested or not (ExperimentRun.run_models)
+    kinds = {kind for kind, _ in (FEATURES_OF[name] for name in {*config.models, REFERENCE} if name in FEATURES_OF)}
     if any(reads_stats for _, _, reads_stats in graph_models):
         kinds.add("gradients")
     tables = {kind: statistics(data.graphs, kind) for kind in ("weights", "gradients") if kinds & {kind, "both"}}
@@ -139,7 +140,7 @@ def prepare(config: ZooAccuracyConfig, data: ZooData) -> Prepared:
         features["both"] = torch.cat([tables["weights"], tables["gradients"]], 1)
     sources = {}
     for view in sorted({view for _, view, _ in graph_models}):
-        graphs = [graph_inputs(graph, view) for graph in data.graphs]
+        graphs = [graph_inputs(graph, view, pool=not config.model.unpooled) for graph in data.graphs]
         if view != "weights" and "gradients" in features:
             for graph, row in zip(graphs, stats_features(features["gradients"], members["train"])):
                 graph.stats = row[None]
@@ -158,12 +159,13 @@ def _ids_only(graph):  # noqa: ANN001, ANN202 - a GradGraph in, a small one out
     return light
 
 
-def predictions(model: nn.Module, source: LoaderSource, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(predicted [n], true [n])`` accuracies of a source's items, in order."""
+def predictions(model: nn.Module, source: LoaderSource, device: torch.device,
+                batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """``(predicted [n], true [n])`` accuracies of a source's items, in order (``batch_size`` graphs at a time)."""
     predicted, true = [], []
     model.eval()
     with torch.no_grad():
-        for batch in source.batches(64, shuffle=False):
+        for batch in source.batches(batch_size, shuffle=False):
             batch = batch.to(device)
             predicted.append(model(batch)[:, 0].double().cpu())
             true.append(batch.y[:, 0].double().cpu())
@@ -211,7 +213,7 @@ def run_one(name: str, seed: int, config: ZooAccuracyConfig, prepared: Prepared,
                                     progress=config.progress, context=context,
                                     description=repr(model) if fixed else None,
                                     **({} if fixed else experiment.checkpointing(config, name, seed)))
-    predicted, true = predictions(model, splits["test"], context.device)
+    predicted, true = predictions(model, splits["test"], context.device, max(config.train.batch_size, 16))
     prepared.predicted.setdefault(name, {})[seed] = predicted
     run.metrics = ranking_metrics(predicted, true)
     return run
