@@ -18,7 +18,7 @@ from strategies import build_mlp
 
 import gradgraph
 from gradgraph import GradGraphError
-from gradgraph.symmetry import canonicalize, flip_hidden, rescale_hidden, transform_nodes
+from gradgraph.symmetry import admissible_transformations, canonicalize, flip_hidden, rescale_hidden, transform_nodes
 
 DTYPE = torch.float64
 
@@ -111,3 +111,33 @@ def test_a_graph_with_component_x_is_refused_by_every_scale_action():
         canonicalize(graph)
     del graph.component_x
     assert torch.equal(transform_nodes(graph, factors).edge_attr, graph.edge_attr)
+
+
+def test_a_graph_without_the_optional_fields_is_checked_and_described_without_them():
+    """``edge_param``, ``node_param``, ``param_names`` and ``position`` are optional (a graph built
+    by hand may lack them; ``Data`` raises ``AttributeError`` for a missing key, only ``batch`` reads
+    as ``None``): without ``edge_param`` every edge counts as a parameter, and a refusal's message
+    leaves out the module and the position. Checked against ``x_admissible_transformations__mutmut_14``,
+    ``x__describe_node__mutmut_29``, ``x__module_of_node__mutmut_6``, ``25``, ``38`` (``getattr``
+    without its default: an ``AttributeError``), listed as equivalent before this test."""
+    graph = gradgraph.to_graph(tanh_relu_model(), torch.randn(3, 2, dtype=DTYPE))
+    can_scale, can_flip = admissible_transformations(graph)
+    bare = graph.clone()
+    del bare.edge_param
+    assert all(torch.equal(a, b) for a, b in zip(admissible_transformations(bare), (can_scale, can_flip)))
+    factors = torch.ones(graph.num_nodes, dtype=DTYPE)
+    factors[0] = 2.0
+    reason = "only hidden neurons are transformed; inputs, outputs and other node kinds keep factor 1"
+    relu = int(torch.nonzero(can_scale)[0])
+    relu_factors = torch.ones(graph.num_nodes, dtype=DTYPE)
+    relu_factors[relu] = -1.0
+    flip_reason = "a negative factor needs an odd activation (IDENTITY, TANH, SINE)"
+    del bare.node_param  # the module is then read from nowhere
+    with pytest.raises(GradGraphError, match=full(
+            f"transform_nodes: cannot apply factor -1 to node {relu} (position {int(graph.position[relu])}, "
+            f"kind HIDDEN, activation RELU): {flip_reason}")):
+        transform_nodes(bare, relu_factors)
+    del bare.param_names, bare.position
+    with pytest.raises(GradGraphError, match=full(
+            f"transform_nodes: cannot apply factor 2 to node 0 (kind INPUT, activation IDENTITY): {reason}")):
+        transform_nodes(bare, factors)
