@@ -51,9 +51,11 @@ class KeywordOnly(nn.Module):
 
 
 def test_the_named_entry_is_the_input_and_the_others_join_the_forward_kwargs():
-    """Checked against the mutants that return another entry as the input, drop or keep the
-    input among the keywords (``key != name`` made ``==``), or drop ``forward_kwargs`` or the
-    other entries from the keywords."""
+    """Checked against ``x_mapping_inputs__mutmut_1``, ``2`` (no name read: every mapping refused),
+    ``5``-``7`` (the three-way test inverted), ``12``-``15`` (``sorted(None)``, a union, ``set(None)``:
+    a refusal or a ``TypeError``), ``17``
+    (the other entries ``None``) and ``18`` (``key != name`` made ``==``: the input passed twice and the
+    other entries dropped)."""
     ids, mask = torch.randn(4, 3, dtype=DTYPE), torch.ones(4, 3, dtype=DTYPE)
     inputs, kwargs = mapping_inputs(Tagger(), {"attention_mask": mask, "input_ids": ids}, {"scale": 2.0}, "to_graph")
     assert inputs is ids
@@ -69,7 +71,8 @@ def test_a_mapping_without_a_tensor_under_the_first_parameter_names_its_keys_and
     (``*args``, keyword-only): one message, with the caller, the sorted keys, the model's class
     and the parameter's name. Checked against the mutants of the three-way test (``or`` made
     ``and``, ``is None`` made ``is not None``, ``not in`` made ``in``, the ``isinstance`` check
-    dropped) and of the message (each part dropped or changed)."""
+    dropped: ``x_mapping_inputs__mutmut_3``-``7``) and of the message (dropped or a part read from
+    ``None``: ``8``-``10``)."""
     ids = torch.randn(4, 3, dtype=DTYPE)
     remedy = ("; pass the input tensor as inputs and the rest as forward_kwargs, e.g. to_graph(model, "
               "batch['input_ids'], ..., forward_kwargs={'attention_mask': batch['attention_mask']})")
@@ -88,8 +91,8 @@ def test_a_mapping_without_a_tensor_under_the_first_parameter_names_its_keys_and
 
 
 def test_an_entry_also_in_forward_kwargs_is_refused_with_the_sorted_names_of_all_such():
-    """Checked against the mutants of the overlap (``&`` made ``|`` or ``-``, the test ``if both``
-    dropped or negated) and of its message."""
+    """Checked against ``x_mapping_inputs__mutmut_11`` (no overlap found), ``16`` (its message
+    dropped) and the two-entry overlap's sorted order."""
     ids = torch.randn(4, 3, dtype=DTYPE)
     mapping = {"input_ids": ids, "scale": 2.0, "attention_mask": ids}
     message = "to_graph: ['attention_mask', 'scale'] given both in the inputs mapping and in forward_kwargs"
