@@ -261,7 +261,8 @@ def tanh_relu_mlp() -> nn.Sequential:
 def test_rescale_hidden_refuses_what_changes_the_function_and_skips_none_layers():
     """A scale below 1 on a Tanh layer is refused like one above it (checked to fail with the
     rescaling test made ``factor > 1``: ``x__admits__mutmut_17``); an infinite scale is refused
-    (``or`` made ``and``, message dropped: ``x__admits__mutmut_2``, ``9``); a ``None`` layer
+    (``or`` made ``and``, message dropped: ``x__admits__mutmut_2``, ``9`` in the
+    run before ``_admits`` lost its unreachable zero test; the message is now "must be finite"); a ``None`` layer
     before a scaled one leaves the later layer's factors in place (checked to fail with the
     loop's ``continue`` made ``break``: ``x_hidden_factors_to_node_factors__mutmut_28``); the
     shape guard's message (``33``, ``34``); the name of the action in the messages of the model
