@@ -261,7 +261,8 @@ def tanh_relu_mlp() -> nn.Sequential:
 def test_rescale_hidden_refuses_what_changes_the_function_and_skips_none_layers():
     """A scale below 1 on a Tanh layer is refused like one above it (checked to fail with the
     rescaling test made ``factor > 1``: ``x__admits__mutmut_17``); an infinite scale is refused
-    (``or`` made ``and``, message dropped: ``x__admits__mutmut_2``, ``9``); a ``None`` layer
+    (``or`` made ``and``, message dropped: ``x__admits__mutmut_2``, ``9`` in the
+    run before ``_admits`` lost its unreachable zero test; the message is now "must be finite"); a ``None`` layer
     before a scaled one leaves the later layer's factors in place (checked to fail with the
     loop's ``continue`` made ``break``: ``x_hidden_factors_to_node_factors__mutmut_28``); the
     shape guard's message (``33``, ``34``); the name of the action in the messages of the model
@@ -280,7 +281,7 @@ path (``x__transform_model__mutmut_11``, ``23``). Messages matched in full."""
     message = "rescale_hidden: factors for '2' must have shape [3], got [4]"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         rescale_hidden(model, [None, torch.ones(4, dtype=DTYPE)])
-    message = "rescale_hidden: factors for '2' must be finite and nonzero"
+    message = "rescale_hidden: factors for '2' must be finite"
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         rescale_hidden(model, [None, torch.full((3,), float("inf"), dtype=DTYPE)])
     scales = torch.tensor([2.0, 0.5, 3.0], dtype=DTYPE)

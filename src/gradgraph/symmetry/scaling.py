@@ -335,9 +335,12 @@ def _check_layer_factors(
 
 
 def _admits(layer: DenseLayer, factor: Tensor, what: str) -> None:
+    # The callers (rescale_hidden, flip_hidden) have already refused every scale <= 0 and
+    # every sign other than +-1, so a factor reaching here is positive or -1: a zero, or a
+    # negative factor other than -1, needs no check of its own.
     kind = layer.activation
-    if not bool(torch.isfinite(factor).all()) or bool((factor == 0).any()):
-        raise GradGraphError(f"{what}: factors for '{layer.name}' must be finite and nonzero")
+    if not bool(torch.isfinite(factor).all()):
+        raise GradGraphError(f"{what}: factors for '{layer.name}' must be finite")
     moved = factor != 1
     if bool((moved & (factor > 0)).any()) and not kind.positively_homogeneous:
         raise GradGraphError(
@@ -348,10 +351,6 @@ def _admits(layer: DenseLayer, factor: Tensor, what: str) -> None:
         raise GradGraphError(
             f"{what}: cannot flip the signs of the neurons of '{layer.name}' ({layer.linear}): its activation "
             f"{kind.name} is not odd (only {_ODD_NAMES} are)"
-        )
-    if bool(((factor < 0) & (factor != -1)).any()) and not kind.positively_homogeneous:
-        raise GradGraphError(
-            f"{what}: '{layer.name}' ({kind.name}) admits sign flips but not rescaling; use factors +-1"
         )
 
 
