@@ -43,7 +43,7 @@ def _command(args: argparse.Namespace) -> int:
         for flag, key in (("particles", "num_particles"), ("truncation", "truncation"), ("horizon", "horizon")):
             if getattr(args, flag) is not None:
                 preset[key] = getattr(args, flag)
-        for key in ("outer_lr", "scalar_lr", "meta_loss"):
+        for key in ("outer_lr", "scalar_lr", "meta_loss", "schedule", "scalars_first"):
             if getattr(args, key) is not None:
                 preset[key] = getattr(args, key)
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
@@ -146,6 +146,12 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
                         help="outer Adam learning rate of the MLP and GradMetaNet (default 1e-3)")
     parser.add_argument("--scalar-lr", type=float, default=None,
                         help="outer Adam learning rate of log alpha, log beta, logit mu (default 1e-3)")
+    parser.add_argument("--schedule", action=argparse.BooleanOptionalAction, default=None,
+                        help="the rule learns a step-size schedule exp(w . time features), w starting at 0 "
+                             "(default: the preset's, else off)")
+    parser.add_argument("--scalars-first", type=int, default=None,
+                        help="train only alpha, beta, mu and the schedule for this many outer steps, then everything "
+                             "(default: the preset's, else 0)")
     parser.add_argument("--max-outer-steps", type=int, default=1_000_000, help="stop meta-training after this many outer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", type=Path, default=None, help="write the meta-model file here after meta-training")

@@ -92,6 +92,9 @@ class MetaRunConfig:
             compare with tuned Adam's best validation loss, so they need the validation protocol).
         temperature: ``τ`` of the target meta-losses.
         grad_clip, grad_clip_relative: the meta-gradient clips of :class:`~gradgraph.optim.MetaTrainConfig`.
+        schedule: the rule learns a step-size schedule (:attr:`~gradgraph.optim.MetaModelConfig.schedule`).
+        scalars_first: outer steps that train only the scalars (and the schedule) before every
+            meta-parameter trains (:attr:`~gradgraph.optim.MetaTrainConfig.scalars_first`).
     """
 
     task: str = "digits"
@@ -121,6 +124,8 @@ class MetaRunConfig:
     temperature: float = 0.25
     grad_clip: float | None = 1.0
     grad_clip_relative: float | None = None
+    schedule: bool = False
+    scalars_first: int = 0
 
     def __post_init__(self) -> None:
         if self.meta_loss not in META_LOSSES:
@@ -142,7 +147,7 @@ class MetaRunConfig:
                                horizon=self.horizon, outer_lr=self.outer_lr, scalar_lr=self.scalar_lr,
                                sigma=self.sigma, seed=self.seed, meta_loss=self.meta_loss, target_loss=target_loss,
                                temperature=self.temperature, grad_clip=self.grad_clip,
-                               grad_clip_relative=self.grad_clip_relative)
+                               grad_clip_relative=self.grad_clip_relative, scalars_first=self.scalars_first)
 
 
 def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkTask, beta: float,
@@ -160,7 +165,7 @@ def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkT
     sgdm = config.variant == "sgdm"
     meta_model = LearnedUpdate(MetaModelConfig(use_gradmetanet=config.variant == "gradmetanet", alpha=config.alpha,
                                                beta=beta, residual_adam=config.residual_adam and not sgdm,
-                                               learned_term=not sgdm))
+                                               learned_term=not sgdm, schedule=config.schedule))
     all_reduce = context.all_reduce_mean if context.is_distributed else None
     task = bench.meta_task or bench.task
     return MetaTrainer(meta_model, task, trainer_config, all_reduce=all_reduce)
