@@ -353,6 +353,8 @@ class MetaTrainer:
         line = {"outer_step": self.outer_steps, "meta_loss": meta_loss, "grad_norm": norm,
                 "alpha": float(self.meta_model.alpha.detach()), "beta": float(self.meta_model.beta.detach()),
                 "mu": float(self.meta_model.mu.detach()), "seconds": time.perf_counter() - start}
+        if self.meta_model.schedule is not None:
+            line["schedule"] = self.meta_model.schedule.detach().tolist()
         self.history.append(line)
         return line
 
