@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from gradgraph_lab.checkpoints import load_checkpoint, save_checkpoint
-from gradgraph_lab.data.cache import atomic_torch_save, atomic_write_bytes
+from gradgraph.datasets.atomic import atomic_torch_save, atomic_write_bytes
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext, resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer

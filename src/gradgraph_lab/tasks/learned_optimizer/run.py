@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from gradgraph_lab.data.cache import atomic_write_bytes
+from gradgraph.datasets.atomic import atomic_write_bytes
 from gradgraph_lab.distributed import resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, load_pretrained, meta_model_from_checkpoint
