@@ -70,7 +70,7 @@ def _command(args: argparse.Namespace) -> int:
     from gradgraph_lab.tasks.learned_optimizer.run import BenchmarkConfig, run_benchmark
 
     config = BenchmarkConfig(tasks=tuple(args.tasks), optimizers=tuple(args.optimizers), gradmetanet=args.gradmetanet,
-                             deepsets=args.deepsets, steps=args.steps, seeds=args.seeds,
+                             deepsets=args.deepsets, learned_sgdm=args.learned_sgdm, steps=args.steps, seeds=args.seeds,
                              tuning_seeds=args.tuning_seeds, grid_size=args.grid_size, window=args.window,
                              target_fraction=args.target_fraction,
                              out_dir=str(args.out_dir / "benchmark"), progress=not args.quiet, device=args.device)
@@ -97,7 +97,7 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
                         help="benchmark tasks (meta-training uses the first); mnist1d is the main task, generated "
                              "locally by the mnist1d package (~45 s once, then cached)")
     parser.add_argument("--optimizers", nargs="+", default=["adam", "adam-cosine", "gradmetanet"],
-                        choices=["adam", "adam-cosine", "sgdm", "deepsets", "gradmetanet"],
+                        choices=["adam", "adam-cosine", "sgdm", "learned-sgdm", "deepsets", "gradmetanet"],
                         help="rows of the table: adam is the control (Adam at the target's own rate on the test "
                              "seeds), adam-cosine Adam with a tuned cosine decay")
     parser.add_argument("--gradmetanet", default=None,
@@ -106,6 +106,9 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--deepsets", default=None,
                         help="shipped name or export file of the DeepSets variant (default: each task's, "
                              "digits-mlp-deepsets / charlm-transformer-deepsets)")
+    parser.add_argument("--learned-sgdm", default=None,
+                        help="shipped name or export file of the learned SGDM variant (alpha, mu and the schedule "
+                             "meta-learned; default: each task's '<file>-sgdm')")
     parser.add_argument("--steps", type=int, default=500,
                         help="step budget of every benchmark run (= the paper protocol's meta-training horizon)")
     parser.add_argument("--seeds", type=int, default=20,
