@@ -153,3 +153,28 @@ def test_a_learned_decay_reaches_a_quadratic_s_minimum_faster_than_a_constant_ra
     decay[0], decay[4] = -1.5, -2.0
     assert run(decay) < 0.5 * run(torch.zeros(11, dtype=torch.float64))
     assert math.isfinite(run(decay))
+
+
+def test_a_staged_run_starts_from_another_rule_s_scalars_and_schedule(tmp_path):
+    """``init_from``: a GradMetaNet rule starts with a learned SGDM file's α, μ and schedule (the
+    parameters both have), keeps its own β and weights; a tuned start is refused (it would reset β);
+    a file with nothing in common is refused by name."""
+    from gradgraph_lab.tasks.learned_optimizer.meta import MetaRunConfig, copy_meta_parameters
+
+    torch.manual_seed(0)
+    sgdm = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, learned_term=False, schedule=True))
+    with torch.no_grad():
+        sgdm.log_alpha.fill_(-1.5)
+        sgdm.logit_mu.fill_(1.2)
+        sgdm.schedule.copy_(torch.linspace(-1, 1, 11))
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=True, residual_adam=True, schedule=True, beta=0.001))
+    before = {name: p.detach().clone() for name, p in rule.named_parameters()}
+    assert sorted(copy_meta_parameters(sgdm, rule)) == ["log_alpha", "logit_mu", "schedule"]
+    for name, p in rule.named_parameters():
+        expected = dict(sgdm.named_parameters()).get(name, before[name])
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0)
+    assert rule.beta.item() == pytest.approx(0.001)
+    with pytest.raises(GradGraphError, match="start='fixed'"):
+        MetaRunConfig(init_from="x.pt")
+    with pytest.raises(GradGraphError, match="no meta-parameter of the file matches"):
+        copy_meta_parameters(nn.Linear(2, 2), rule)

@@ -43,7 +43,7 @@ def _command(args: argparse.Namespace) -> int:
         for flag, key in (("particles", "num_particles"), ("truncation", "truncation"), ("horizon", "horizon")):
             if getattr(args, flag) is not None:
                 preset[key] = getattr(args, flag)
-        for key in ("outer_lr", "scalar_lr", "meta_loss", "schedule", "scalars_first"):
+        for key in ("outer_lr", "scalar_lr", "meta_loss", "schedule", "scalars_first", "init_from", "alpha", "beta"):
             if getattr(args, key) is not None:
                 preset[key] = getattr(args, key)
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
@@ -155,6 +155,11 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--scalars-first", type=int, default=None,
                         help="train only alpha, beta, mu and the schedule for this many outer steps, then everything "
                              "(default: the preset's, else 0)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this meta-model file's meta-parameters of the same name and shape (a staged "
+                             "run: e.g. a learned SGDM rule's alpha, mu and schedule); needs --start fixed")
+    parser.add_argument("--alpha", type=float, default=None, help="start value of alpha with --start fixed (default 0.1)")
+    parser.add_argument("--beta", type=float, default=None, help="start value of beta with --start fixed (default 0.3)")
     parser.add_argument("--max-outer-steps", type=int, default=1_000_000, help="stop meta-training after this many outer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", type=Path, default=None, help="write the meta-model file here after meta-training")
