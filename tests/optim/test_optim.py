@@ -721,11 +721,11 @@ def test_each_task_is_benchmarked_with_its_own_shipped_file_unless_one_is_named(
     payload = run.run_benchmark(run.BenchmarkConfig(tasks=("digits", "digits-wide", "charlm"),
                                                     out_dir=str(tmp_path / "a"), **common))
     assert payload["meta_models"] == {
-        "digits": {"deepsets": "digits-mlp-deepsets", "gradmetanet": "digits-mlp"},
-        "digits-wide": {"deepsets": "digits-mlp-deepsets", "gradmetanet": "digits-mlp"},
+        "digits": {"deepsets": "mnist1d-mlp-deepsets", "gradmetanet": "mnist1d-mlp"},
+        "digits-wide": {"deepsets": "mnist1d-mlp-deepsets", "gradmetanet": "mnist1d-mlp"},
         "charlm": {"deepsets": "charlm-transformer-deepsets", "gradmetanet": "charlm-transformer"},
     }
-    assert sorted(requested) == sorted(["digits-mlp-deepsets", "digits-mlp", "charlm-transformer-deepsets",
+    assert sorted(requested) == sorted(["mnist1d-mlp-deepsets", "mnist1d-mlp", "charlm-transformer-deepsets",
                                         "charlm-transformer"])  # each file loaded once
     requested.clear()
     payload = run.run_benchmark(run.BenchmarkConfig(tasks=("digits", "charlm"), gradmetanet="mine.pt",

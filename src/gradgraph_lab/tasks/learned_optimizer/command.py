@@ -102,10 +102,10 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
                              "seeds), adam-cosine Adam with a tuned cosine decay")
     parser.add_argument("--gradmetanet", default=None,
                         help="shipped name or export file of ours, used on every task (default: each task's shipped "
-                             "file: digits-mlp on the MLP tasks, charlm-transformer on charlm)")
+                             "file: mnist1d-mlp on the MLP tasks, charlm-transformer on charlm)")
     parser.add_argument("--deepsets", default=None,
                         help="shipped name or export file of the DeepSets variant (default: each task's, "
-                             "digits-mlp-deepsets / charlm-transformer-deepsets)")
+                             "mnist1d-mlp-deepsets / charlm-transformer-deepsets)")
     parser.add_argument("--learned-sgdm", default=None,
                         help="shipped name or export file of the learned SGDM variant (alpha, mu and the schedule "
                              "meta-learned; default: each task's '<file>-sgdm')")

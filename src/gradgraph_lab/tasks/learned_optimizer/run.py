@@ -28,10 +28,10 @@ OPTIMIZERS = ("adam", "adam-cosine", "sgdm", "learned-sgdm", "deepsets", "gradme
 LEARNED_ROWS = {"learned-sgdm": "learned_sgdm", "deepsets": "deepsets", "gradmetanet": "gradmetanet"}
 
 #: the shipped GradMetaNet meta-model each task is benchmarked with when none is named (the
-#: DeepSets variant's file adds ``-deepsets``). Held-out tasks get the file of their family's main task;
-#: MNIST-1D has no file of its own yet (issue 29), so it is benchmarked with the digits file.
-PRETRAINED_FOR_TASK = {"mnist1d": "digits-mlp", "mnist1d-wide": "digits-mlp", "mnist1d-tanh": "digits-mlp",
-                       "digits": "digits-mlp", "digits-wide": "digits-mlp", "charlm": "charlm-transformer"}
+#: DeepSets variant's file adds ``-deepsets``, the learned SGDM's ``-sgdm``). Every MLP task uses the
+#: main task's files (MNIST-1D, issue 29): the wide and tanh MLPs and digits are held out from them.
+PRETRAINED_FOR_TASK = {"mnist1d": "mnist1d-mlp", "mnist1d-wide": "mnist1d-mlp", "mnist1d-tanh": "mnist1d-mlp",
+                       "digits": "mnist1d-mlp", "digits-wide": "mnist1d-mlp", "charlm": "charlm-transformer"}
 
 
 @dataclass
