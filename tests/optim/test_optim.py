@@ -721,17 +721,24 @@ def test_each_task_is_benchmarked_with_its_own_shipped_file_unless_one_is_named(
     payload = run.run_benchmark(run.BenchmarkConfig(tasks=("digits", "digits-wide", "charlm"),
                                                     out_dir=str(tmp_path / "a"), **common))
     assert payload["meta_models"] == {
-        "digits": {"deepsets": "digits-mlp-deepsets", "gradmetanet": "digits-mlp"},
-        "digits-wide": {"deepsets": "digits-mlp-deepsets", "gradmetanet": "digits-mlp"},
+        "digits": {"deepsets": "mnist1d-mlp-deepsets", "gradmetanet": "mnist1d-mlp"},
+        "digits-wide": {"deepsets": "mnist1d-mlp-deepsets", "gradmetanet": "mnist1d-mlp"},
         "charlm": {"deepsets": "charlm-transformer-deepsets", "gradmetanet": "charlm-transformer"},
     }
-    assert sorted(requested) == sorted(["digits-mlp-deepsets", "digits-mlp", "charlm-transformer-deepsets",
+    assert sorted(requested) == sorted(["mnist1d-mlp-deepsets", "mnist1d-mlp", "charlm-transformer-deepsets",
                                         "charlm-transformer"])  # each file loaded once
     requested.clear()
     payload = run.run_benchmark(run.BenchmarkConfig(tasks=("digits", "charlm"), gradmetanet="mine.pt",
                                                     out_dir=str(tmp_path / "b"), **common))
     assert {task: names["gradmetanet"] for task, names in payload["meta_models"].items()} == {"digits": "mine.pt",
                                                                                               "charlm": "mine.pt"}
+    requested.clear()  # the learned SGDM row: its own file, its own label in the table
+    common["optimizers"] = ("adam", "learned-sgdm")
+    payload = run.run_benchmark(run.BenchmarkConfig(tasks=("digits",), learned_sgdm="sgdm.pt",
+                                                    out_dir=str(tmp_path / "c"), **common))
+    assert payload["meta_models"] == {"digits": {"learned-sgdm": "sgdm.pt"}} and requested == ["sgdm.pt"]
+    assert "learned-sgdm" in (tmp_path / "c" / "results.md").read_text()
+    assert run.pretrained_for("mnist1d", "learned-sgdm") == run.PRETRAINED_FOR_TASK["mnist1d"] + "-sgdm"
 
 
 class _TinyGPT(nn.Module):

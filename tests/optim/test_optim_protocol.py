@@ -182,22 +182,27 @@ def _double_task() -> Task:
 
 
 @pytest.mark.parametrize("estimator", ["pes", "tbptt"])
-@pytest.mark.parametrize("variant", ["gradmetanet", "deepsets", "sgdm"])
+@pytest.mark.parametrize("variant", ["gradmetanet", "deepsets", "sgdm", "gradmetanet+schedule"])
 def test_batched_and_general_meta_training_compute_the_same_updates(estimator, variant):
     """Closed-form batched gradients (and, for PES, the vmapped per-particle meta-models; for
     GradMetaNet the graphs filled from the closed-form factors and one GradMetaNet forward with
     per-particle weights) give the general path's inner parameters, optimizer state (factor
-    EMAs included), meta-loss and meta-parameters to 1e-10 in float64, across a restart."""
+    EMAs included), meta-loss and meta-parameters to 1e-10 in float64, across a restart; also
+    with a learned schedule and a scalars-first stage (one outer step of it)."""
+    schedule = variant.endswith("+schedule")
+    variant = variant.removesuffix("+schedule")
+
     def trainer(batched: bool) -> MetaTrainer:
         torch.manual_seed(0)
         config = MetaModelConfig(use_gradmetanet=variant == "gradmetanet", residual_adam=variant != "sgdm",
-                                 learned_term=variant != "sgdm")
+                                 learned_term=variant != "sgdm", schedule=schedule)
         meta = LearnedUpdate(config).double()
         if meta.mlp is not None:
             with torch.no_grad():  # a learned term that is not zero
                 meta.mlp[-1].weight.normal_(0, 0.1)
         return MetaTrainer(meta, _double_task(), MetaTrainConfig(estimator=estimator, num_particles=4, truncation=3,
-                                                                 horizon=6, outer_lr=1e-2, batched=batched))
+                                                                 horizon=6, outer_lr=1e-2, batched=batched,
+                                                                 scalars_first=int(schedule)))
 
     fast, general = trainer(True), trainer(False)
     assert fast.chain is not None and general.chain is None

@@ -27,8 +27,8 @@ def pretrained_names() -> list[str]:
 
 
 #: the value a :class:`MetaModelConfig` field takes when a file predates it (its behaviour then):
-#: the embedding entered ``F`` un-normalised before issue 29.
-LEGACY_CONFIG = {"normalize_embedding": False, "learned_term": True}
+#: the embedding entered ``F`` un-normalised before issue 29, and no rule had a learned schedule.
+LEGACY_CONFIG = {"normalize_embedding": False, "learned_term": True, "schedule": False}
 
 
 def meta_model_from_checkpoint(checkpoint: dict[str, Any]) -> LearnedUpdate:

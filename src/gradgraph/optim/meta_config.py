@@ -82,6 +82,12 @@ class MetaTrainConfig:
             (PES) the meta-model run once over all particles with per-particle meta-parameters
             (:func:`gradgraph.optim.batched.vmapped_update`). Same updates as the general path
             (tested to 1e-10 in float64); anything else takes the general path.
+        scalars_first: the first this-many outer steps train only the meta-model's scalars
+            (:attr:`~gradgraph.optim.LearnedUpdate.scalar_parameters`: ``α``, ``β``, ``μ`` and the
+            schedule): PES perturbs only them, so their estimate carries none of the noise of
+            the thousands of MLP and GradMetaNet weights (the variance of an ES estimate grows
+            with the number of perturbed coordinates); the other meta-parameters stay where
+            they start. Then every meta-parameter trains.
     """
 
     estimator: str = "pes"
@@ -98,6 +104,7 @@ class MetaTrainConfig:
     target_loss: float | None = None
     temperature: float = 0.25
     batched: bool = True
+    scalars_first: int = 0
 
     def __post_init__(self) -> None:
         if self.meta_loss not in META_LOSSES:
@@ -108,6 +115,8 @@ class MetaTrainConfig:
             )
         if self.grad_clip_relative is not None and not self.grad_clip_relative > 0:
             raise GradGraphError(f"MetaTrainConfig.grad_clip_relative must be > 0, got {self.grad_clip_relative}")
+        if self.scalars_first < 0:
+            raise GradGraphError(f"MetaTrainConfig.scalars_first must be >= 0, got {self.scalars_first}")
         if self.estimator not in ESTIMATORS:
             raise GradGraphError(f"MetaTrainConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.num_particles < 1 or self.truncation < 1 or self.horizon < self.truncation:

@@ -27,6 +27,13 @@ A budget of a few hundred outer steps on CPU cannot discover per-parameter adapt
 scratch (measured: without it the learned rule did not reach tuned Adam's loss); the paper's
 50,000 steps can.
 
+With ``schedule=True`` the whole step is multiplied by a learned function of time,
+``s(t) = exp(w · τ_t)`` with ``τ_t`` the eleven time features and ``w`` eleven meta-learned
+numbers that start at zero (``s = 1``): the rule can learn a learning-rate schedule (warm-up,
+decay) directly, which a per-parameter ``F`` added to the step can only imitate. Tuned decay
+alone is worth 1.4x over constant Adam on MNIST-1D (docs/learned_optimizer.md), so a learned
+rule needs a schedule to be compared with one.
+
 All state and all inputs carry a leading particle axis ``P``, so the inner runs of
 meta-training are stepped together and their graphs go through ONE batched GradMetaNet
 forward; :class:`~gradgraph.optim.LearnedOptimizer` uses ``P = 1``.
@@ -50,6 +57,7 @@ from gradgraph.optim.features import (
     MOMENTUM_DECAYS,
     NUM_PARAMETER_FEATURES,
     SECOND_MOMENT_DECAY,
+    TIME_SCALES,
     normalize_factors,
     parameter_features,
     time_features,
@@ -79,6 +87,9 @@ class MetaModelConfig:
         alpha, beta, mu: initial values of the meta-learned scalars.
         learned_term: ``False`` gives the SGDM variant: no ``F``, ``β = 0`` fixed (a buffer,
             not a parameter), only ``α`` and ``μ`` are learned.
+        schedule: multiply the step by a learned schedule ``s(t) = exp(w · τ_t)`` (module
+            docstring); ``w`` starts at zero and is one of :attr:`LearnedUpdate.scalar_parameters`.
+            Files written before this option existed load with ``False``.
         normalize_embedding: divide GradMetaNet's embedding by its RMS over each parameter
             tensor (per particle, per channel), so it enters ``F`` at the scale of every other
             feature (un-normalised its RMS was 0.04-0.4, issue 29). Files written before this
@@ -98,6 +109,7 @@ class MetaModelConfig:
     mu: float = 0.9
     learned_term: bool = True
     normalize_embedding: bool = True
+    schedule: bool = False
 
     #: Names the sizes had before they became :attr:`gradmetanet` (files written then use them).
     LEGACY_SIZE_NAMES = {
@@ -221,6 +233,9 @@ class LearnedUpdate(nn.Module):
         else:  # SGDM: β = e^{-∞} = 0 exactly, and nothing meta-training can move
             self.register_buffer("log_beta", torch.tensor(-math.inf))
         self.logit_mu = nn.Parameter(torch.tensor(_logit(config.mu)))
+        self.schedule: nn.Parameter | None = None
+        if config.schedule:
+            self.schedule = nn.Parameter(torch.zeros(len(TIME_SCALES)))
         self.gradmetanet: GradMetaNet | None = None
         self.mlp: nn.Sequential | None = None
         embedding = 0
@@ -283,8 +298,17 @@ class LearnedUpdate(nn.Module):
 
     @property
     def scalar_parameters(self) -> list[nn.Parameter]:
-        """The meta-learned scalars ``log α``, ``log β`` (not in the SGDM variant), ``logit μ``."""
-        return [p for p in (self.log_alpha, self.log_beta, self.logit_mu) if isinstance(p, nn.Parameter)]
+        """The meta-learned scalars ``log α``, ``log β`` (not in the SGDM variant), ``logit μ`` and,
+        with ``schedule``, the schedule's eleven weights ``w``: the few numbers that set the step
+        size, trained at their own outer rate (and alone in a scalars-first stage)."""
+        return [p for p in (self.log_alpha, self.log_beta, self.logit_mu, self.schedule) if isinstance(p, nn.Parameter)]
+
+    def step_scale(self, step: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[P] -> [P]``: ``α s(t)`` at steps ``step`` (``s = 1`` without a schedule)."""
+        alpha = self.alpha.to(dtype)
+        if self.schedule is None:
+            return alpha.expand(step.shape[0])
+        return alpha * torch.exp(time_features(step, dtype) @ self.schedule.to(dtype))
 
     @property
     def mu(self) -> Tensor:
@@ -311,6 +335,8 @@ class LearnedUpdate(nn.Module):
             if self.config.learned_term:
                 self.log_beta.fill_(math.log(self.config.beta))
             self.logit_mu.fill_(_logit(self.config.mu))
+            if self.schedule is not None:
+                self.schedule.zero_()
 
     @property
     def needs_graph(self) -> bool:
@@ -420,9 +446,13 @@ class LearnedUpdate(nn.Module):
                          dim=-1)
             for k, g in grads.items()
         }
-        alpha = self.alpha.to(dtype)
+        scale = self.step_scale(step, dtype)  # [P]: α, times the schedule if there is one
+
+        def alpha_like(param: Tensor) -> Tensor:
+            return scale.reshape(-1, *([1] * (param.dim() - 1)))
+
         if self.mlp is None:  # SGDM: no learned term at all
-            new_params = {name: param - alpha * new_momentum[name] for name, param in params.items()}
+            new_params = {name: param - alpha_like(param) * new_momentum[name] for name, param in params.items()}
             return new_params, OptimizerState(step=step, momentum=new_momentum, momenta=new_momenta)
         times = time_features(step, dtype)  # [P, 11]
         emas = None
@@ -462,7 +492,7 @@ class LearnedUpdate(nn.Module):
             numel = param[0].numel()
             correction = learned[:, offset:offset + numel].reshape(param.shape)
             offset += numel
-            new_params[name] = param - alpha * (beta * correction + new_momentum[name])
+            new_params[name] = param - alpha_like(param) * (beta * correction + new_momentum[name])
         new_state = OptimizerState(step=step, momentum=new_momentum, momenta=new_momenta, factor_emas=emas)
         return new_params, new_state
 

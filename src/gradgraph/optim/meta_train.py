@@ -129,6 +129,10 @@ class MetaTrainer:
             self.pes = PES(config.num_particles // 2, flat.numel(), config.sigma,
                            torch.Generator().manual_seed(config.seed + 7), dtype=flat.dtype, device=self.device)
         self.history: list[dict[str, float]] = []
+        #: ``[D]`` where the flat meta-parameter vector holds a scalar (the scalars-first stage trains only these).
+        self.scalar_mask = torch.cat([
+            torch.full((p.numel(),), id(p) in scalar_ids, dtype=torch.bool) for p in meta_model.parameters()
+        ]).to(self.device)
         # Every particle's network has the task's architecture: its graph structure is
         # collated once (and its weight blocks shared by GradGraph), not at every inner step.
         self._architecture = ArchitectureCache()
@@ -272,9 +276,20 @@ class MetaTrainer:
             offset += p.numel()
         return result
 
+    @property
+    def scalars_only(self) -> bool:
+        """Whether this outer step trains only the scalars (:attr:`MetaTrainConfig.scalars_first`)."""
+        return self.outer_steps < self.config.scalars_first
+
     def _apply_gradient(self, flat_grad: Tensor) -> float:
         if self.all_reduce is not None:
             flat_grad = self.all_reduce(flat_grad)
+        if self.scalars_only:
+            flat_grad = flat_grad * self.scalar_mask
+        elif self.outer_steps == self.config.scalars_first > 0:
+            # The first step on every meta-parameter: its norm is of another size than the
+            # scalars-only ones, so the relative clip's reference starts again.
+            self.mean_grad_norm = None
         norm = float(flat_grad.norm())
         if self.config.grad_clip is not None and norm > self.config.grad_clip:
             flat_grad = flat_grad * (self.config.grad_clip / norm)
@@ -338,6 +353,8 @@ class MetaTrainer:
         line = {"outer_step": self.outer_steps, "meta_loss": meta_loss, "grad_norm": norm,
                 "alpha": float(self.meta_model.alpha.detach()), "beta": float(self.meta_model.beta.detach()),
                 "mu": float(self.meta_model.mu.detach()), "seconds": time.perf_counter() - start}
+        if self.meta_model.schedule is not None:
+            line["schedule"] = self.meta_model.schedule.detach().tolist()
         self.history.append(line)
         return line
 
@@ -379,7 +396,7 @@ class MetaTrainer:
     @torch.no_grad()
     def _pes_truncation(self) -> tuple[float, float]:
         assert self.pes is not None
-        thetas = self.pes.perturb(self.flat_meta_parameters())
+        thetas = self.pes.perturb(self.flat_meta_parameters(), self.scalar_mask if self.scalars_only else None)
         stacked_meta = self._unflatten_rows(thetas) if self.chain is not None else None
         per_particle = [self._unflatten(theta) for theta in thetas] if self.chain is None else []
         params, state = self.params, self.state

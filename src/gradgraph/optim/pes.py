@@ -53,12 +53,22 @@ class PES:
         self.accumulated = torch.zeros(num_pairs, dim, dtype=dtype, device=device)
         self._epsilon: Tensor | None = None
 
-    def perturb(self, theta: Tensor) -> Tensor:
-        """``[dim] -> [2N, dim]``: ``θ + ε_i`` for the pairs' first halves, ``θ − ε_i`` for the second."""
+    def perturb(self, theta: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``[dim] -> [2N, dim]``: ``θ + ε_i`` for the pairs' first halves, ``θ − ε_i`` for the second.
+
+        ``mask [dim]`` (bool), if given, perturbs only the coordinates where it is true (``ε``
+        is zero elsewhere): the estimate is then the gradient of the loss smoothed along those
+        coordinates only, zero on the others, and free of the others' noise. The same random
+        numbers are drawn either way.
+        """
         if theta.shape != (self.dim,):
             raise GradGraphError(f"PES.perturb: theta must have shape [{self.dim}], got {list(theta.shape)}")
+        if mask is not None and mask.shape != (self.dim,):
+            raise GradGraphError(f"PES.perturb: mask must have shape [{self.dim}], got {list(mask.shape)}")
         epsilon = torch.randn(self.num_pairs, self.dim, generator=self.generator, dtype=self.accumulated.dtype)
         self._epsilon = epsilon.to(self.accumulated.device) * self.sigma
+        if mask is not None:
+            self._epsilon = self._epsilon * mask.to(self._epsilon.device, self._epsilon.dtype)
         self.accumulated = self.accumulated + self._epsilon
         dtype = theta.dtype
         theta = theta.detach().to(self.accumulated.dtype)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from gradgraph_lab.data.cache import atomic_write_bytes
+from gradgraph.datasets.atomic import atomic_write_bytes
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext
 from gradgraph.differences import config_differences, describe_differences, jsonable
 from gradgraph.errors import GradGraphError

@@ -43,7 +43,7 @@ def _command(args: argparse.Namespace) -> int:
         for flag, key in (("particles", "num_particles"), ("truncation", "truncation"), ("horizon", "horizon")):
             if getattr(args, flag) is not None:
                 preset[key] = getattr(args, flag)
-        for key in ("outer_lr", "scalar_lr", "meta_loss"):
+        for key in ("outer_lr", "scalar_lr", "meta_loss", "schedule", "scalars_first", "init_from", "alpha", "beta"):
             if getattr(args, key) is not None:
                 preset[key] = getattr(args, key)
         config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
@@ -70,7 +70,7 @@ def _command(args: argparse.Namespace) -> int:
     from gradgraph_lab.tasks.learned_optimizer.run import BenchmarkConfig, run_benchmark
 
     config = BenchmarkConfig(tasks=tuple(args.tasks), optimizers=tuple(args.optimizers), gradmetanet=args.gradmetanet,
-                             deepsets=args.deepsets, steps=args.steps, seeds=args.seeds,
+                             deepsets=args.deepsets, learned_sgdm=args.learned_sgdm, steps=args.steps, seeds=args.seeds,
                              tuning_seeds=args.tuning_seeds, grid_size=args.grid_size, window=args.window,
                              target_fraction=args.target_fraction,
                              out_dir=str(args.out_dir / "benchmark"), progress=not args.quiet, device=args.device)
@@ -97,15 +97,18 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
                         help="benchmark tasks (meta-training uses the first); mnist1d is the main task, generated "
                              "locally by the mnist1d package (~45 s once, then cached)")
     parser.add_argument("--optimizers", nargs="+", default=["adam", "adam-cosine", "gradmetanet"],
-                        choices=["adam", "adam-cosine", "sgdm", "deepsets", "gradmetanet"],
+                        choices=["adam", "adam-cosine", "sgdm", "learned-sgdm", "deepsets", "gradmetanet"],
                         help="rows of the table: adam is the control (Adam at the target's own rate on the test "
                              "seeds), adam-cosine Adam with a tuned cosine decay")
     parser.add_argument("--gradmetanet", default=None,
                         help="shipped name or export file of ours, used on every task (default: each task's shipped "
-                             "file: digits-mlp on the MLP tasks, charlm-transformer on charlm)")
+                             "file: mnist1d-mlp on the MLP tasks, charlm-transformer on charlm)")
     parser.add_argument("--deepsets", default=None,
                         help="shipped name or export file of the DeepSets variant (default: each task's, "
-                             "digits-mlp-deepsets / charlm-transformer-deepsets)")
+                             "mnist1d-mlp-deepsets / charlm-transformer-deepsets)")
+    parser.add_argument("--learned-sgdm", default=None,
+                        help="shipped name or export file of the learned SGDM variant (alpha, mu and the schedule "
+                             "meta-learned; default: each task's '<file>-sgdm')")
     parser.add_argument("--steps", type=int, default=500,
                         help="step budget of every benchmark run (= the paper protocol's meta-training horizon)")
     parser.add_argument("--seeds", type=int, default=20,
@@ -146,6 +149,17 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
                         help="outer Adam learning rate of the MLP and GradMetaNet (default 1e-3)")
     parser.add_argument("--scalar-lr", type=float, default=None,
                         help="outer Adam learning rate of log alpha, log beta, logit mu (default 1e-3)")
+    parser.add_argument("--schedule", action=argparse.BooleanOptionalAction, default=None,
+                        help="the rule learns a step-size schedule exp(w . time features), w starting at 0 "
+                             "(default: the preset's, else off)")
+    parser.add_argument("--scalars-first", type=int, default=None,
+                        help="train only alpha, beta, mu and the schedule for this many outer steps, then everything "
+                             "(default: the preset's, else 0)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this meta-model file's meta-parameters of the same name and shape (a staged "
+                             "run: e.g. a learned SGDM rule's alpha, mu and schedule); needs --start fixed")
+    parser.add_argument("--alpha", type=float, default=None, help="start value of alpha with --start fixed (default 0.1)")
+    parser.add_argument("--beta", type=float, default=None, help="start value of beta with --start fixed (default 0.3)")
     parser.add_argument("--max-outer-steps", type=int, default=1_000_000, help="stop meta-training after this many outer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", type=Path, default=None, help="write the meta-model file here after meta-training")

@@ -34,12 +34,13 @@ from typing import Any
 import torch
 
 from gradgraph_lab.checkpoints import load_checkpoint, save_checkpoint
-from gradgraph_lab.data.cache import atomic_torch_save, atomic_write_bytes
+from gradgraph.datasets.atomic import atomic_torch_save, atomic_write_bytes
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext, resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer
 from gradgraph.optim.meta_loss import META_LOSSES, TARGET_META_LOSSES
 from gradgraph_lab.tasks.learned_optimizer.benchmark import log_grid
+from gradgraph_lab.tasks.learned_optimizer.run import load_meta_model
 from gradgraph_lab.tasks.learned_optimizer.selection import (
     SELECTION_SEEDS_FROM,
     ValidationProtocol,
@@ -49,7 +50,7 @@ from gradgraph_lab.tasks.learned_optimizer.selection import (
 )
 from gradgraph_lab.tasks.learned_optimizer.tasks import BenchmarkTask, get_task
 
-__all__ = ["MetaRunConfig", "adam_target_loss", "export_meta_model", "run_meta_training"]
+__all__ = ["MetaRunConfig", "adam_target_loss", "copy_meta_parameters", "export_meta_model", "run_meta_training"]
 
 VARIANTS = ("gradmetanet", "deepsets", "sgdm")
 STARTS = ("tuned-adam", "fixed")
@@ -92,6 +93,14 @@ class MetaRunConfig:
             compare with tuned Adam's best validation loss, so they need the validation protocol).
         temperature: ``τ`` of the target meta-losses.
         grad_clip, grad_clip_relative: the meta-gradient clips of :class:`~gradgraph.optim.MetaTrainConfig`.
+        schedule: the rule learns a step-size schedule (:attr:`~gradgraph.optim.MetaModelConfig.schedule`).
+        scalars_first: outer steps that train only the scalars (and the schedule) before every
+            meta-parameter trains (:attr:`~gradgraph.optim.MetaTrainConfig.scalars_first`).
+        init_from: a meta-model file (export or shipped name) whose meta-parameters of the same
+            name and shape replace the start's (:func:`copy_meta_parameters`) — a staged run, e.g.
+            the scalars and schedule of a learned SGDM rule as the start of a GradMetaNet rule,
+            whose ``β`` (the weight of the Adam direction and ``F``) then starts at ``beta``.
+            Needs ``start="fixed"``: the tuned start would overwrite ``β``.
     """
 
     task: str = "digits"
@@ -121,8 +130,14 @@ class MetaRunConfig:
     temperature: float = 0.25
     grad_clip: float | None = 1.0
     grad_clip_relative: float | None = None
+    schedule: bool = False
+    scalars_first: int = 0
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init_from is not None and self.start != "fixed":
+            raise GradGraphError(f"MetaRunConfig.init_from needs start='fixed' (got {self.start!r}): a tuned start "
+                                 "would replace the beta the staged run starts from")
         if self.meta_loss not in META_LOSSES:
             raise GradGraphError(f"MetaRunConfig.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
         if self.variant not in VARIANTS:
@@ -142,7 +157,7 @@ class MetaRunConfig:
                                horizon=self.horizon, outer_lr=self.outer_lr, scalar_lr=self.scalar_lr,
                                sigma=self.sigma, seed=self.seed, meta_loss=self.meta_loss, target_loss=target_loss,
                                temperature=self.temperature, grad_clip=self.grad_clip,
-                               grad_clip_relative=self.grad_clip_relative)
+                               grad_clip_relative=self.grad_clip_relative, scalars_first=self.scalars_first)
 
 
 def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkTask, beta: float,
@@ -160,10 +175,31 @@ def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkT
     sgdm = config.variant == "sgdm"
     meta_model = LearnedUpdate(MetaModelConfig(use_gradmetanet=config.variant == "gradmetanet", alpha=config.alpha,
                                                beta=beta, residual_adam=config.residual_adam and not sgdm,
-                                               learned_term=not sgdm))
+                                               learned_term=not sgdm, schedule=config.schedule))
+    if config.init_from is not None:
+        copy_meta_parameters(load_meta_model(config.init_from), meta_model)
     all_reduce = context.all_reduce_mean if context.is_distributed else None
     task = bench.meta_task or bench.task
     return MetaTrainer(meta_model, task, trainer_config, all_reduce=all_reduce)
+
+
+def copy_meta_parameters(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:
+    """Copy every parameter of ``source`` that ``target`` has under the same name and shape; return their names.
+
+    Raises:
+        GradGraphError: none matches (the files are of unrelated rules).
+    """
+    own = dict(target.named_parameters())
+    copied = []
+    with torch.no_grad():
+        for name, value in source.named_parameters():
+            if name in own and own[name].shape == value.shape:
+                own[name].copy_(value)
+                copied.append(name)
+    if not copied:
+        raise GradGraphError(f"init_from: no meta-parameter of the file matches the rule's (file: "
+                             f"{[n for n, _ in source.named_parameters()]}; rule: {sorted(own)})")
+    return copied
 
 
 def export_meta_model(trainer: MetaTrainer, path: Path | str, provenance: dict[str, Any],

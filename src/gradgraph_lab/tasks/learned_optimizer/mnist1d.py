@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from gradgraph.errors import GradGraphError
-from gradgraph_lab.data.cache import atomic_torch_save, config_hash, default_cache_root
+from gradgraph.datasets.atomic import atomic_torch_save
+from gradgraph_lab.data.cache import config_hash, default_cache_root
 
 __all__ = ["MNIST1D_TEST", "MNIST1D_TRAIN", "generate_mnist1d", "mnist1d_split"]
 

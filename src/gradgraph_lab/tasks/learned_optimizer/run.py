@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from gradgraph_lab.data.cache import atomic_write_bytes
+from gradgraph.datasets.atomic import atomic_write_bytes
 from gradgraph_lab.distributed import resolve_device
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, load_pretrained, meta_model_from_checkpoint
@@ -20,14 +20,18 @@ from gradgraph_lab.tasks.learned_optimizer.tasks import TASK_NAMES, get_task
 __all__ = ["PRETRAINED_FOR_TASK", "BenchmarkConfig", "format_table", "load_meta_model", "pretrained_for", "run_benchmark"]
 
 #: rows of the table besides the target's reference runs: ``adam`` (the control), ``adam-cosine``, ``sgdm``
-#: and the learned optimizers (:mod:`~gradgraph_lab.tasks.learned_optimizer.benchmark`).
-OPTIMIZERS = ("adam", "adam-cosine", "sgdm", "deepsets", "gradmetanet")
+#: (SGD + momentum, tuned) and the learned optimizers: ``learned-sgdm`` (the paper's SGDM variant: only
+#: α, μ and a schedule meta-learned), ``deepsets``, ``gradmetanet``
+#: (:mod:`~gradgraph_lab.tasks.learned_optimizer.benchmark`).
+OPTIMIZERS = ("adam", "adam-cosine", "sgdm", "learned-sgdm", "deepsets", "gradmetanet")
+#: the learned rows, each with the :class:`BenchmarkConfig` field naming its file.
+LEARNED_ROWS = {"learned-sgdm": "learned_sgdm", "deepsets": "deepsets", "gradmetanet": "gradmetanet"}
 
 #: the shipped GradMetaNet meta-model each task is benchmarked with when none is named (the
-#: DeepSets variant's file adds ``-deepsets``). Held-out tasks get the file of their family's main task;
-#: MNIST-1D has no file of its own yet (issue 29), so it is benchmarked with the digits file.
-PRETRAINED_FOR_TASK = {"mnist1d": "digits-mlp", "mnist1d-wide": "digits-mlp", "mnist1d-tanh": "digits-mlp",
-                       "digits": "digits-mlp", "digits-wide": "digits-mlp", "charlm": "charlm-transformer"}
+#: DeepSets variant's file adds ``-deepsets``, the learned SGDM's ``-sgdm``). Every MLP task uses the
+#: main task's files (MNIST-1D, issue 29): the wide and tanh MLPs and digits are held out from them.
+PRETRAINED_FOR_TASK = {"mnist1d": "mnist1d-mlp", "mnist1d-wide": "mnist1d-mlp", "mnist1d-tanh": "mnist1d-mlp",
+                       "digits": "mnist1d-mlp", "digits-wide": "mnist1d-mlp", "charlm": "charlm-transformer"}
 
 
 @dataclass
@@ -37,7 +41,7 @@ class BenchmarkConfig:
     Attributes:
         tasks: task names (:data:`TASK_NAMES`).
         optimizers: which of :data:`OPTIMIZERS` to run besides Adam (always run: it is the reference).
-        gradmetanet, deepsets: meta-model of each learned variant: a shipped name
+        gradmetanet, deepsets, learned_sgdm: meta-model of each learned variant: a shipped name
             (``"digits-mlp"``) or the path of an export / trainer checkpoint, used on every
             task; ``None``: each task's shipped file (:func:`pretrained_for`).
         steps: step budget of every run (the paper protocol's meta-training horizon,
@@ -61,6 +65,7 @@ class BenchmarkConfig:
     optimizers: tuple[str, ...] = ("adam", "adam-cosine", "gradmetanet")
     gradmetanet: str | None = None
     deepsets: str | None = None
+    learned_sgdm: str | None = None
     steps: int = 500
     seeds: int = 20
     tuning_seeds: int = 3
@@ -93,7 +98,7 @@ def load_meta_model(spec: str) -> LearnedUpdate:
 def pretrained_for(task: str, variant: str) -> str:
     """The shipped meta-model ``task`` is benchmarked with by default (:data:`PRETRAINED_FOR_TASK`)."""
     name = PRETRAINED_FOR_TASK[task]
-    return name if variant == "gradmetanet" else f"{name}-{variant}"
+    return name if variant == "gradmetanet" else f"{name}-{variant.removeprefix('learned-')}"
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
@@ -107,9 +112,9 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     for task_name in config.tasks:
         bench = get_task(task_name, device)
         learned = {}
-        for variant in ("deepsets", "gradmetanet"):
+        for variant, field_name in LEARNED_ROWS.items():
             if variant in config.optimizers:
-                spec = getattr(config, variant) or pretrained_for(task_name, variant)
+                spec = getattr(config, field_name) or pretrained_for(task_name, variant)
                 if spec not in loaded:
                     loaded[spec] = load_meta_model(spec).to(device)
                 learned[variant] = loaded[spec]
