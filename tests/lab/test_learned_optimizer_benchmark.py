@@ -201,4 +201,24 @@ def test_the_table_reports_intervals_reached_runs_and_time_to_the_target(cheap_r
     assert "adam (control)" in table and "adam-cosine" in table and "95% CI" in table
     summary = cheap_result.summary()
     assert set(summary["adam"]) >= {"step_reduction_median", "median_low", "median_high", "reached",
-                                    "seconds_to_target_median", "seconds_per_step"}
+                                    "seconds_to_target_median", "seconds_per_step", "vs_cosine_median"}
+    header, rule, *rows = table.splitlines()[2:5]
+    assert "vs cosine Adam, paired" in header and header.count("|") == rule.count("|") == rows[-1].count("|")
+    assert summary["adam-cosine"]["vs_cosine_median"] == 1.0
+
+
+def test_the_paired_comparison_with_cosine_adam_is_the_median_of_per_seed_step_ratios():
+    """``against``: per seed ``n_cosine / n_row`` (an unreached run counted at the budget), then
+    the median and its bootstrap interval; a row against itself is exactly 1. Fails if the
+    ratio is inverted, unpaired (sorted before dividing) or an unreached run is dropped."""
+    RunScore = benchmark.RunScore
+    result = benchmark.TaskResult(task="toy", steps=100, seeds=[0, 1, 2])
+    result.curves = {"adam-cosine": [None] * 3, "mine": [None] * 3}
+    steps = {"adam-cosine": [60, 90, 80], "mine": [30, None, 40]}
+    result.scores = lambda: {row: [RunScore(1.0, n is not None, n, 0.0) for n in values]
+                             for row, values in steps.items()}
+    pairs = result.against("adam-cosine")
+    assert pairs["adam-cosine"] == (1.0, 1.0, 1.0)
+    median, low, high = pairs["mine"]
+    assert median == pytest.approx(2.0)  # ratios 60/30 = 2, 90/100 = 0.9 (unreached: the budget), 80/40 = 2
+    assert low == pytest.approx(0.9) and high == pytest.approx(2.0)

@@ -152,7 +152,11 @@ def format_table(results: list[TaskResult]) -> str:
                   "| optimizer | lr | reached L* | step reduction, median [95% CI] | mean [95% CI] | "
                   "time to L* (median) | time/step | vs Adam | best test loss (mean) |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for name, row in result.summary().items():
+        summary = result.summary()
+        if "adam-cosine" in result.curves:  # the paired comparison with the stronger reference row
+            lines[-2] += " vs cosine Adam, paired median [95% CI] |"
+            lines[-1] += "---|"
+        for name, row in summary.items():
             lr = f"{result.tuned[name]:.3g}" if name in result.tuned else "learned"
             bound = "≤ " if row["reached"] < row["runs"] else ""  # unreached runs count N / steps, a bound
             seconds = row["seconds_to_target_median"]
@@ -163,6 +167,8 @@ def format_table(results: list[TaskResult]) -> str:
                 f"{'not reached' if math.isinf(seconds) else f'{seconds:.2f} s'} | "
                 f"{row['seconds_per_step'] * 1e3:.2f} ms | {row['time_vs_adam']:.1f}× | "
                 f"{row['best_test_loss_mean']:.4f} |"
+                + (f" {row['vs_cosine_median']:.2f} [{row['vs_cosine_low']:.2f}, {row['vs_cosine_high']:.2f}] |"
+                   if "vs_cosine_median" in row else "")
             )
         lines.append("")
     return "\n".join(lines).rstrip()
