@@ -118,3 +118,19 @@ def with_edges(graph, pairs: Sequence[tuple[int, int]], param: int, weight: floa
     for key, fill in (("edge_param", param), ("edge_param_pos", position), ("edge_kind", int(graph.edge_kind[0]))):
         fields[key] = torch.cat([graph[key], torch.full((count,), fill, dtype=graph[key].dtype)])
     return gradgraph.GradGraph(**fields)
+
+
+
+def learned_rule(variant: str, schedule: bool = False):
+    """A float64 :class:`~gradgraph.optim.LearnedUpdate` of ``variant`` (``"gradmetanet"``, ``"deepsets"``
+    or ``"sgdm"``; Adam's direction in ``F`` but the SGDM one) whose learned term is not zero."""
+    from gradgraph.optim import LearnedUpdate, MetaModelConfig
+
+    torch.manual_seed(0)
+    config = MetaModelConfig(use_gradmetanet=variant == "gradmetanet", residual_adam=variant != "sgdm",
+                             learned_term=variant != "sgdm", schedule=schedule)
+    meta = LearnedUpdate(config).double()
+    if meta.mlp is not None:
+        with torch.no_grad():  # the last layer starts at zero with Adam's direction in F
+            meta.mlp[-1].weight.normal_(0, 0.1)
+    return meta

@@ -195,6 +195,23 @@ def assert_exact_per_sample_grads(model, inputs, targets, loss_fn, tolerance=1e-
     return graph
 
 
+def assert_per_sample_grads_match_loop(model: nn.Module, inputs: torch.Tensor, atol: float = 1e-10):
+    """``to_graph(model, inputs)`` (output mode) against a per-datapoint autograd loop of the output's
+    sum. Unlike :func:`assert_exact_per_sample_grads`, a parameter the graph leaves out (a branch
+    this input does not take) passes when its gradient is zero. Returns the graph."""
+    import gradgraph
+
+    graph = gradgraph.to_graph(model, inputs)
+    per_sample = graph.per_sample_grads()
+    for i in range(inputs.shape[0]):
+        model.zero_grad()
+        model(inputs[i:i + 1]).sum().backward()
+        for name, param in model.named_parameters():
+            expected = param.grad if param.grad is not None else torch.zeros_like(param)
+            got = per_sample[name][i] if name in per_sample else torch.zeros_like(param)
+            torch.testing.assert_close(got, expected, atol=atol, rtol=0, msg=name)
+    return graph
+
 # ----------------------------------------------------------------------- models people bring
 class NanoCausalSelfAttention(nn.Module):
     """nanoGPT's attention as its repository writes it: the slow path masks with a tril buffer."""

@@ -26,6 +26,7 @@ from gradgraph.convert.plan import PLAN_CACHE
 from gradgraph.convert.trace import PlanMismatch, replay_model
 from gradgraph.convert.trace.meta import CheckedOpLog, OpLog, flat_arguments, flat_leaves
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, register_elementwise
+from traced_models import assert_per_sample_grads_match_loop
 
 DTYPE = torch.float64
 
@@ -122,18 +123,6 @@ class Switch(nn.Module):
         return self.out(self.act(h2 if self.flip else h1))
 
 
-def _assert_exact(model: nn.Module, inputs: torch.Tensor) -> gradgraph.GradGraph:
-    """The graph's per-sample gradients against a per-datapoint autograd loop."""
-    graph = gradgraph.to_graph(model, inputs)
-    per_sample = graph.per_sample_grads()
-    for i in range(inputs.shape[0]):
-        model.zero_grad()
-        model(inputs[i:i + 1]).sum().backward()
-        for name, param in model.named_parameters():
-            expected = param.grad if param.grad is not None else torch.zeros_like(param)
-            got = per_sample[name][i] if name in per_sample else torch.zeros_like(param)
-            torch.testing.assert_close(got, expected, atol=1e-10, rtol=0, msg=name)
-    return graph
 
 
 def test_a_registered_elementwise_module_reading_another_tensor_is_traced_again():
@@ -142,11 +131,11 @@ def test_a_registered_elementwise_module_reading_another_tensor_is_traced_again(
         torch.manual_seed(3)
         model = Switch().to(DTYPE)
         inputs = torch.randn(5, 3, dtype=DTYPE)
-        _assert_exact(model, inputs)
+        assert_per_sample_grads_match_loop(model, inputs)
         model.flip = True
         # a replay of the first plan gives exact per-sample gradients (the dead branch's tensors are
         # recorded too) but the first plan's edges: first -> act, where the forward now runs second -> act
-        again = _assert_exact(model, inputs)
+        again = assert_per_sample_grads_match_loop(model, inputs)
         PLAN_CACHE.clear()
         fresh = gradgraph.to_graph(model, inputs)
         for key in ("edge_index", "edge_attr", "edge_param", "act", "grad"):
@@ -176,9 +165,9 @@ def test_a_mismatch_the_forward_catches_is_still_a_mismatch():
     torch.manual_seed(4)
     model = Swallowing().to(DTYPE)
     inputs = torch.randn(4, 3, dtype=DTYPE)
-    _assert_exact(model, inputs)
+    assert_per_sample_grads_match_loop(model, inputs)
     plan = next(iter(PLAN_CACHE._entries.values()))
     model.steep = True
     with pytest.raises(PlanMismatch):
         replay_model(model, inputs, model, plan.fingerprints, plan.wanted, plan.guards, plan.fold_time)
-    _assert_exact(model, inputs)  # traced again: tanh(3h)'s gradients, not tanh(h)'s
+    assert_per_sample_grads_match_loop(model, inputs)  # traced again: tanh(3h)'s gradients, not tanh(h)'s

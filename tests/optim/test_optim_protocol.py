@@ -23,6 +23,7 @@ from gradgraph.optim import (
     relative_clip_scale,
 )
 from gradgraph.errors import GradGraphError
+from strategies import learned_rule
 
 
 def _task() -> Task:
@@ -193,13 +194,7 @@ def test_batched_and_general_meta_training_compute_the_same_updates(estimator, v
     variant = variant.removesuffix("+schedule")
 
     def trainer(batched: bool) -> MetaTrainer:
-        torch.manual_seed(0)
-        config = MetaModelConfig(use_gradmetanet=variant == "gradmetanet", residual_adam=variant != "sgdm",
-                                 learned_term=variant != "sgdm", schedule=schedule)
-        meta = LearnedUpdate(config).double()
-        if meta.mlp is not None:
-            with torch.no_grad():  # a learned term that is not zero
-                meta.mlp[-1].weight.normal_(0, 0.1)
+        meta = learned_rule(variant, schedule=schedule)
         return MetaTrainer(meta, _double_task(), MetaTrainConfig(estimator=estimator, num_particles=4, truncation=3,
                                                                  horizon=6, outer_lr=1e-2, batched=batched,
                                                                  scalars_first=int(schedule)))

@@ -16,6 +16,7 @@ from torch import nn
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import PES, LearnedOptimizer, LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer, Task
 from gradgraph.optim.features import time_features
+from strategies import learned_rule
 
 
 def _task() -> Task:
@@ -53,17 +54,7 @@ def test_the_schedule_scales_every_step_by_exp_of_w_dot_the_time_features(varian
     ``t``'s change is that of the unscheduled rule times ``exp(w · τ_t)`` (the first step: every
     later state is the same, since the schedule touches only the parameter update, not the
     moments). Fails if the schedule multiplies anything but the step, or uses another time."""
-    def rule(schedule: bool) -> LearnedUpdate:
-        torch.manual_seed(0)
-        config = MetaModelConfig(use_gradmetanet=variant == "gradmetanet", residual_adam=variant != "sgdm",
-                                 learned_term=variant != "sgdm", schedule=schedule)
-        meta = LearnedUpdate(config).double()
-        if meta.mlp is not None:
-            with torch.no_grad():
-                meta.mlp[-1].weight.normal_(0, 0.1)
-        return meta
-
-    plain, scheduled = rule(False), rule(True)
+    plain, scheduled = learned_rule(variant, schedule=False), learned_rule(variant, schedule=True)
     assert scheduled.schedule is not None and any(p is scheduled.schedule for p in scheduled.scalar_parameters)
     for old, new in zip(_steps(plain, 2), _steps(scheduled, 2)):
         for name in old:
