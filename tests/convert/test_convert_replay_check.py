@@ -123,8 +123,6 @@ class Switch(nn.Module):
         return self.out(self.act(h2 if self.flip else h1))
 
 
-
-
 def test_a_registered_elementwise_module_reading_another_tensor_is_traced_again():
     register_elementwise(Doubler)
     try:
