@@ -102,7 +102,10 @@ def test_the_paper_protocol_with_overrides():
     (1.0, 1.0, 2.0, 1.0),
     (8.0, 1.0, 2.0, 0.25),            # 2 · 1 / 8
     (9.0, 1.5, 3.0, 0.5),             # 3 · 1.5 / 9
+    (0.0, 0.0, 3.0, 1.0),             # every step so far zero (equal PES losses): no 0 / 0
 ])
 def test_relative_clip_scale_is_the_formula(norm, mean_norm, multiple, expected):
-    """``min(1, multiple · mean_norm / norm)``, 1 before the first step and for a non-finite norm."""
+    """``min(1, multiple · mean_norm / norm)``, 1 before the first step, for a non-finite norm, and
+    for a zero norm after zero steps. The last case checked against ``x_relative_clip_scale__mutmut_6``
+    (``norm < multiple · mean_norm``: equal at the limit, ``0 / 0`` raised ``ZeroDivisionError``)."""
     assert relative_clip_scale(norm, mean_norm, multiple) == expected

@@ -181,3 +181,21 @@ def test_a_checkpoint_is_a_copy_both_ways():
     source.zero_()
     assert torch.equal(other.accumulated, torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=DTYPE))
     assert other.accumulated.device.type == "cpu"
+
+
+def test_a_float32_estimator_rounds_a_float64_theta_and_its_losses_to_float32():
+    """With PES in float32, a float64 ``θ`` is rounded to float32 before ``± ε`` (the particles come
+    back in float64, holding float32 values), and float64 losses give a float32 estimate from
+    float32 differences."""
+    pes = PES(2, 3, 0.125, generator=torch.Generator().manual_seed(11), dtype=torch.float32)
+    theta = torch.tensor([1.0 + 2.0**-40, 1.0 / 3.0, -2.0 - 2.0**-30], dtype=DTYPE)
+    z = draws(11, 2, 3, dtype=torch.float32)[0]
+    thetas = pes.perturb(theta)
+    narrow = theta.to(torch.float32)
+    assert thetas.dtype == DTYPE
+    assert torch.equal(thetas, torch.cat([narrow + 0.125 * z, narrow - 0.125 * z]).to(DTYPE))
+    losses = torch.tensor([1.0 + 2.0**-35, 2.0, 1.0, 0.5], dtype=DTYPE)
+    estimate = pes.estimate(losses)
+    assert estimate.dtype == torch.float32
+    difference = (losses[:2] - losses[2:]).to(torch.float32)
+    assert torch.equal(estimate, (0.125 * z * difference[:, None]).sum(0) / (2 * 2 * 0.125**2))
