@@ -23,7 +23,9 @@ def refused(message: str) -> pytest.RaisesContext:
 
 
 def test_an_unknown_meta_loss_or_estimator_is_refused_in_full():
-    """Messages in full, naming the choices."""
+    """Messages in full, naming the choices.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 21.
+    """
     with refused(f"MetaTrainConfig.meta_loss must be one of {META_LOSSES}, got 'nope'"):
         MetaTrainConfig(meta_loss="nope")
     with refused(f"MetaTrainConfig.estimator must be one of {ESTIMATORS}, got 'es'"):
@@ -34,7 +36,9 @@ def test_an_unknown_meta_loss_or_estimator_is_refused_in_full():
 @pytest.mark.parametrize("target_loss", [None, 0.0, -1.0])
 def test_a_target_meta_loss_needs_a_positive_target(meta_loss, target_loss):
     """A target meta-loss without ``target_loss > 0`` is refused (``0`` included); any positive
-    target is accepted, and the paper's ``log-loss`` needs none."""
+    target is accepted, and the paper's ``log-loss`` needs none.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 8.
+    """
     with refused(f"MetaTrainConfig.meta_loss {meta_loss!r} needs target_loss > 0, got {target_loss}"):
         MetaTrainConfig(meta_loss=meta_loss, target_loss=target_loss)
     assert MetaTrainConfig(meta_loss=meta_loss, target_loss=1e-9).target_loss == 1e-9
@@ -44,7 +48,9 @@ def test_a_target_meta_loss_needs_a_positive_target(meta_loss, target_loss):
 @pytest.mark.parametrize("multiple", [0.0, -2.0, math.nan])
 def test_a_relative_clip_must_be_positive(multiple):
     """``grad_clip_relative`` ``<= 0`` or NaN is refused (message in full); ``None`` and any
-    positive multiple are accepted."""
+    positive multiple are accepted.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 14, 15, 16.
+    """
     with refused(f"MetaTrainConfig.grad_clip_relative must be > 0, got {multiple}"):
         MetaTrainConfig(grad_clip_relative=multiple)
     assert MetaTrainConfig(grad_clip_relative=None).grad_clip_relative is None
@@ -52,7 +58,9 @@ def test_a_relative_clip_must_be_positive(multiple):
 
 
 def test_scalars_first_must_not_be_negative():
-    """``scalars_first = -1`` is refused in full; ``0`` (off) and ``1`` are accepted."""
+    """``scalars_first = -1`` is refused in full; ``0`` (off) and ``1`` are accepted.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 19.
+    """
     with refused("MetaTrainConfig.scalars_first must be >= 0, got -1"):
         MetaTrainConfig(scalars_first=-1)
     assert MetaTrainConfig(scalars_first=0).scalars_first == 0
@@ -62,7 +70,10 @@ def test_scalars_first_must_not_be_negative():
 @pytest.mark.parametrize("particles, truncation, horizon", [(0, 2, 4), (2, 0, 4), (2, 5, 4), (-2, 2, 4), (2, -1, 4)])
 def test_particles_truncation_and_horizon_are_checked_in_full(particles, truncation, horizon):
     """``num_particles >= 1``, ``truncation >= 1``, ``horizon >= truncation`` (with the TBPTT
-    estimator, so the even-particles check is not what refuses), message in full."""
+    estimator, so the even-particles check is not what refuses), message in full.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 22, 23, 29,
+    30, 31, 32.
+    """
     with refused("MetaTrainConfig needs num_particles >= 1, truncation >= 1, horizon >= truncation; got "
                  f"{particles}, {truncation}, {horizon}"):
         MetaTrainConfig(estimator="tbptt", num_particles=particles, truncation=truncation, horizon=horizon)
@@ -70,7 +81,10 @@ def test_particles_truncation_and_horizon_are_checked_in_full(particles, truncat
 
 def test_the_smallest_run_is_accepted():
     """One particle (TBPTT), one step per truncation, a horizon of one truncation; two particles
-    with PES."""
+    with PES.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 24, 25, 26,
+    27, 28, 34.
+    """
     config = MetaTrainConfig(estimator="tbptt", num_particles=1, truncation=1, horizon=1)
     assert (config.num_particles, config.truncation, config.horizon) == (1, 1, 1)
     config = MetaTrainConfig(estimator="pes", num_particles=2, truncation=3, horizon=3)
@@ -79,10 +93,14 @@ def test_the_smallest_run_is_accepted():
 
 @pytest.mark.parametrize("particles", [1, 3, 7])
 def test_pes_needs_an_even_number_of_particles_tbptt_does_not(particles):
-    """An odd ``num_particles`` is refused for PES (message in full) and accepted for TBPTT."""
+    """An odd ``num_particles`` is refused for PES (message in full) and accepted for TBPTT.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 24, 25, 34,
+    35, 36, 39.
+    """
     with refused(f"PES needs an even number of particles (antithetic pairs), got {particles}"):
         MetaTrainConfig(estimator="pes", num_particles=particles, truncation=2, horizon=4)
-    assert MetaTrainConfig(estimator="tbptt", num_particles=particles, truncation=2, horizon=4).num_particles == particles
+    config = MetaTrainConfig(estimator="tbptt", num_particles=particles, truncation=2, horizon=4)
+    assert config.num_particles == particles
 
 
 def test_the_paper_protocol_with_overrides():
@@ -106,6 +124,8 @@ def test_the_paper_protocol_with_overrides():
 ])
 def test_relative_clip_scale_is_the_formula(norm, mean_norm, multiple, expected):
     """``min(1, multiple · mean_norm / norm)``, 1 before the first step, for a non-finite norm, and
-    for a zero norm after zero steps. The last case checked against ``x_relative_clip_scale__mutmut_6``
-    (``norm < multiple · mean_norm``: equal at the limit, ``0 / 0`` raised ``ZeroDivisionError``)."""
+    for a zero norm after zero steps (``relative_clip_scale`` 6, ``norm < multiple · mean_norm``, gave
+    the same 1 at the limit, but raised ``ZeroDivisionError`` on ``0 / 0``).
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``relative_clip_scale`` 6.
+    """
     assert relative_clip_scale(norm, mean_norm, multiple) == expected

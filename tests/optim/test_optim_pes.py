@@ -31,17 +31,21 @@ def refused(message: str) -> pytest.RaisesContext:
     return pytest.raises(GradGraphError, match="^" + re.escape(message) + "$")
 
 
-@pytest.mark.parametrize("num_pairs, dim, sigma", [(0, 3, 0.1), (2, 0, 0.1), (2, 3, 0.0), (2, 3, -0.5), (2, 3, math.nan),
-                                                   (-1, 3, 0.1), (2, -1, 0.1)])
+@pytest.mark.parametrize("num_pairs, dim, sigma", [
+    (0, 3, 0.1), (2, 0, 0.1), (2, 3, 0.0), (2, 3, -0.5), (2, 3, math.nan), (-1, 3, 0.1), (2, -1, 0.1)])
 def test_pes_refuses_an_empty_population_an_empty_vector_and_a_scale_that_is_not_positive(num_pairs, dim, sigma):
-    """``num_pairs >= 1``, ``dim >= 1``, ``sigma > 0`` (NaN refused), message in full."""
+    """``num_pairs >= 1``, ``dim >= 1``, ``sigma > 0`` (NaN refused), message in full.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.__init__`` 3, 4, 10, 12.
+    """
     with refused(f"PES needs num_pairs >= 1, dim >= 1, sigma > 0; got {num_pairs}, {dim}, {sigma}"):
         PES(num_pairs, dim, sigma)
 
 
 def test_pes_accepts_one_pair_of_one_coordinate_and_keeps_its_arguments():
     """The smallest PES (one pair, ``dim`` 1) is accepted; it keeps ``num_pairs``, ``dim``,
-    ``sigma`` and the generator, and starts with ``ξ = 0`` of shape ``[N, dim]`` in its dtype."""
+    ``sigma`` and the generator, and starts with ``ξ = 0`` of shape ``[N, dim]`` in its dtype.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.__init__`` 7, 8, 20.
+    """
     generator = torch.Generator().manual_seed(3)
     pes = PES(1, 1, 1e-300, generator=generator, dtype=DTYPE)
     assert (pes.num_pairs, pes.dim, pes.sigma) == (1, 1, 1e-300)
@@ -55,7 +59,9 @@ def test_pes_accepts_one_pair_of_one_coordinate_and_keeps_its_arguments():
 def test_perturb_returns_theta_plus_and_minus_sigma_times_the_generators_normals():
     """Rows ``0..N-1`` are ``θ + σ z``, rows ``N..2N-1`` ``θ − σ z``, with ``z`` the generator's
     next ``randn(N, dim)``; ``ξ`` sums every ``σ z`` since the start, and the estimate of two
-    truncations uses that sum."""
+    truncations uses that sum.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.perturb`` 13, 17.
+    """
     pairs, dim, sigma = 3, 4, 0.25
     pes = PES(pairs, dim, sigma, generator=torch.Generator().manual_seed(7), dtype=DTYPE)
     theta = torch.linspace(-1.0, 1.0, dim, dtype=DTYPE)
@@ -75,7 +81,9 @@ def test_perturb_returns_theta_plus_and_minus_sigma_times_the_generators_normals
 
 
 def test_perturb_refuses_a_theta_or_a_mask_of_the_wrong_shape_in_full():
-    """Messages in full: a ``theta`` (or ``mask``) that is not ``[dim]``."""
+    """Messages in full: a ``theta`` (or ``mask``) that is not ``[dim]``.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.__init__`` 20; ``PES.perturb`` 2, 3, 7, 8.
+    """
     pes = PES(2, 3, 0.1, dtype=DTYPE)
     with refused("PES.perturb: theta must have shape [3], got [4]"):
         pes.perturb(torch.zeros(4, dtype=DTYPE))
@@ -88,7 +96,9 @@ def test_perturb_refuses_a_theta_or_a_mask_of_the_wrong_shape_in_full():
 
 def test_a_masked_perturbation_moves_only_the_masked_coordinates_with_the_same_draws():
     """``ε`` is ``σ z`` where the mask is true and exactly zero elsewhere, from the same draws as
-    without a mask; ``ξ`` and the estimate are zero on the unmasked coordinates."""
+    without a mask; ``ξ`` and the estimate are zero on the unmasked coordinates.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.perturb`` 13, 17.
+    """
     pairs, dim, sigma = 2, 5, 0.5
     mask = torch.tensor([True, False, True, False, False])
     pes = PES(pairs, dim, sigma, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
@@ -100,13 +110,15 @@ def test_a_masked_perturbation_moves_only_the_masked_coordinates_with_the_same_d
     assert torch.equal(pes.accumulated, epsilon)
     estimate = pes.estimate(torch.tensor([3.0, -1.0, 1.0, 2.0], dtype=DTYPE))
     assert torch.equal(estimate[~mask], torch.zeros(3, dtype=DTYPE))
-    torch.testing.assert_close(estimate, (epsilon * torch.tensor([[2.0], [-3.0]], dtype=DTYPE)).sum(0) / (2 * pairs * sigma**2),
-                               atol=1e-14, rtol=0)
+    differences = torch.tensor([[2.0], [-3.0]], dtype=DTYPE)
+    torch.testing.assert_close(estimate, (epsilon * differences).sum(0) / (2 * pairs * sigma**2), atol=1e-14, rtol=0)
 
 
 def test_a_float32_theta_is_perturbed_in_the_estimators_dtype_and_returned_in_its_own():
     """``θ ± ε`` is formed in PES's dtype (float64 here) and rounded once to ``θ``'s dtype, and the
-    particles do not carry ``θ``'s autograd graph."""
+    particles do not carry ``θ``'s autograd graph.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.perturb`` 30, 33.
+    """
     pes = PES(2, 3, 1e-3, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
     theta = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     z = draws(5, 2, 3)[0]
@@ -118,7 +130,10 @@ def test_a_float32_theta_is_perturbed_in_the_estimators_dtype_and_returned_in_it
 
 def test_the_estimate_is_the_formula_and_clears_the_perturbation():
     """``ĝ = Σ_i ξ_i (L⁺_i − L⁻_i) / (2 N σ²)`` in PES's dtype, whatever the losses' dtype; after
-    it, neither ``estimate`` nor ``undo`` has a perturbation to use (messages in full)."""
+    it, neither ``estimate`` nor ``undo`` has a perturbation to use (messages in full).
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.__init__`` 24; ``PES.estimate`` 2, 3, 4,
+    5, 9, 10, 11, 12, 16; ``PES.perturb`` 13, 17; ``PES.undo`` 3, 4.
+    """
     pairs, dim, sigma = 3, 2, 0.1
     pes = PES(pairs, dim, sigma, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
     with refused("PES.estimate called before perturb"):
@@ -143,7 +158,9 @@ def test_the_estimate_is_the_formula_and_clears_the_perturbation():
 
 
 def test_undo_takes_back_exactly_the_last_perturbation_once():
-    """``undo`` subtracts the last ``ε`` from ``ξ`` (the earlier ones stay) and cannot be repeated."""
+    """``undo`` subtracts the last ``ε`` from ``ξ`` (the earlier ones stay) and cannot be repeated.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.perturb`` 13, 17; ``PES.undo`` 3, 4.
+    """
     pes = PES(2, 3, 0.5, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
     z = draws(4, 2, 3)
     theta = torch.zeros(3, dtype=DTYPE)
@@ -168,7 +185,9 @@ def test_reset_zeros_the_chosen_pairs_only():
 
 def test_a_checkpoint_is_a_copy_both_ways():
     """``state_dict`` returns a copy of ``ξ`` (changing it leaves PES alone), ``load_state_dict``
-    takes a copy (changing the source afterwards leaves PES alone), and the loaded ``ξ`` is used."""
+    takes a copy (changing the source afterwards leaves PES alone), and the loaded ``ξ`` is used.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.load_state_dict`` 5, 8.
+    """
     pes = PES(2, 2, 0.5, generator=torch.Generator().manual_seed(8), dtype=DTYPE)
     pes.perturb(torch.zeros(2, dtype=DTYPE))
     state = pes.state_dict()
@@ -186,7 +205,9 @@ def test_a_checkpoint_is_a_copy_both_ways():
 def test_a_float32_estimator_rounds_a_float64_theta_and_its_losses_to_float32():
     """With PES in float32, a float64 ``θ`` is rounded to float32 before ``± ε`` (the particles come
     back in float64, holding float32 values), and float64 losses give a float32 estimate from
-    float32 differences."""
+    float32 differences.
+    Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.estimate`` 14; ``PES.perturb`` 30, 32, 33.
+    """
     pes = PES(2, 3, 0.125, generator=torch.Generator().manual_seed(11), dtype=torch.float32)
     theta = torch.tensor([1.0 + 2.0**-40, 1.0 / 3.0, -2.0 - 2.0**-30], dtype=DTYPE)
     z = draws(11, 2, 3, dtype=torch.float32)[0]
