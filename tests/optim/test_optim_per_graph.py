@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,3 +70,32 @@ def test_refuses_what_it_cannot_run_per_graph():
     with pytest.raises(GradGraphError, match="expected"):
         with per_graph_parameters(linear, {name: value[:1] for name, value in stacked.items()}, 2):
             pass
+
+
+def test_an_input_that_is_not_graph_major_is_refused_naming_its_module_in_full():
+    """A ``Linear`` (the module itself: named by its class) and an ``Embedding`` inside a
+    ``Sequential`` (named by its path) refuse an input whose first axis is not ``G`` row blocks,
+    and an embedding a 0-d index; messages in full. Checked against
+    ``x__linear__mutmut_8`` and ``x__embedding__mutmut_6`` (the owner passed as ``None``: the
+    message named no module), run with ``MUTANT_UNDER_TEST`` in ``.mutation/optim/mutants/``."""
+    linear = nn.Linear(3, 2).double()
+    stacked = {name: torch.stack([p.detach()] * 2) for name, p in linear.named_parameters()}
+    with per_graph_parameters(linear, stacked, 2):
+        with pytest.raises(GradGraphError, match="^" + re.escape(
+                "per_graph_parameters: Linear (Linear) got an input of shape (3, 3) whose first axis is not "
+                "graph-major over 2 graphs") + "$"):
+            linear(torch.randn(3, 3, dtype=torch.float64))
+    table = nn.Sequential(nn.Embedding(4, 2))
+    stacked = {"0.weight": torch.randn(3, 4, 2)}
+    with per_graph_parameters(table, stacked, 3):
+        with pytest.raises(GradGraphError, match="^" + re.escape(
+                "per_graph_parameters: 0 (Embedding) got an input of shape (4,) whose first axis is not "
+                "graph-major over 3 graphs") + "$"):
+            table(torch.tensor([0, 1, 2, 3]))
+        with pytest.raises(GradGraphError, match="^" + re.escape(
+                "per_graph_parameters: 0 (Embedding) got an input of shape () whose first axis is not "
+                "graph-major over 3 graphs") + "$"):
+            table(torch.tensor(1))
+        looked_up = table(torch.tensor([[0, 3], [1, 1], [2, 0]]))  # graph g's rows read table g
+    expected = torch.stack([stacked["0.weight"][g][index] for g, index in enumerate([[0, 3], [1, 1], [2, 0]])])
+    assert torch.equal(looked_up, expected)

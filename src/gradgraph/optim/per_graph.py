@@ -36,11 +36,11 @@ from gradgraph.errors import GradGraphError
 __all__ = ["per_graph_parameters"]
 
 
-def _rows(owner: str, value: Tensor, num_graphs: int) -> int:
+def _check_graph_major(owner: str, value: Tensor, num_graphs: int) -> None:
+    """Refuse an input of ``owner`` whose first axis cannot hold ``num_graphs`` equal row blocks."""
     if value.dim() < 1 or value.shape[0] % num_graphs:
         raise GradGraphError(f"per_graph_parameters: {owner} got an input of shape {tuple(value.shape)} whose first "
                              f"axis is not graph-major over {num_graphs} graphs")
-    return value.shape[0] // num_graphs
 
 
 def _linear(owner: str, weight: Tensor, bias: Tensor | None, num_graphs: int):
@@ -49,7 +49,7 @@ def _linear(owner: str, weight: Tensor, bias: Tensor | None, num_graphs: int):
     transposed = weight.transpose(1, 2).contiguous()
 
     def forward(x: Tensor) -> Tensor:
-        _rows(owner, x, num_graphs)
+        _check_graph_major(owner, x, num_graphs)
         grouped = x.reshape(num_graphs, -1, x.shape[-1])
         if bias is None:
             out = torch.bmm(grouped, transposed)
@@ -64,7 +64,7 @@ def _embedding(owner: str, table: Tensor, num_graphs: int):
     graphs = torch.arange(num_graphs, device=table.device)
 
     def forward(index: Tensor) -> Tensor:
-        _rows(owner, index, num_graphs)
+        _check_graph_major(owner, index, num_graphs)
         looked_up = table[graphs[:, None], index.reshape(num_graphs, -1)]  # [G, n, C]
         return looked_up.reshape(*index.shape, table.shape[-1])
 
