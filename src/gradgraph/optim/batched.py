@@ -12,8 +12,8 @@ general path's loop over particles:
   (:func:`~gradgraph.optim.per_graph.per_graph_parameters`), then the per-parameter rule
   vmapped over particles (``torch.func.vmap`` of ``functional_call``).
 
-Both give the general path's updates (tests/optim/test_optim_protocol.py and
-tests/optim/test_optim_batched_gradmetanet.py: 1e-10 in float64).
+Both give the general path's updates (tests/optim/test_optim_protocol.py, every variant, PES
+and TBPTT, with and without a schedule: 1e-10 in float64).
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ for ``x``'s rows of graph ``g`` — a batched matmul (``torch.bmm``) and a gathe
 submodules for the duration of a ``with`` block; anything else that holds a parameter is
 refused (a :class:`~gradgraph.GradGraphError` naming it), since its per-graph form is unknown.
 
-The results equal ``G`` separate calls, graph by graph (tested to 1e-10 in float64 through
-the learned optimizer's update, ``tests/optim/test_optim_batched_gradmetanet.py``).
+The results equal ``G`` separate calls, graph by graph (tested to 1e-10 in float64:
+``tests/optim/test_optim_per_graph.py`` directly, ``tests/optim/test_optim_protocol.py`` through
+the learned optimizer's update).
 """
 
 from __future__ import annotations
