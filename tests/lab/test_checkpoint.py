@@ -290,3 +290,30 @@ def test_meta_training_refuses_a_checkpoint_of_other_settings_naming_them(tmp_pa
     torch.save({"weights": torch.zeros(2)}, tmp_path / "checkpoint.pt")
     with pytest.raises(GradGraphError, match="not a gradgraph meta-training checkpoint"):
         run_meta_training(_meta_config(tmp_path))
+
+
+def test_a_stopped_run_s_selected_candidate_is_exported_from_its_checkpoint(tmp_path, capsys):
+    """``--export-from``: the checkpoint's selected candidate (else its last meta-model) becomes the
+    file ``--export`` writes, loadable as a meta-model; anything else is refused by name."""
+    from gradgraph_lab.cli import main
+    from gradgraph_lab.tasks.learned_optimizer.meta import export_from_checkpoint, run_meta_training
+    from gradgraph_lab.tasks.learned_optimizer.run import load_meta_model
+
+    trainer = run_meta_training(_meta_config(tmp_path / "run", max_outer_steps=2))
+    path = tmp_path / "run" / "checkpoint.pt"
+    provenance = export_from_checkpoint(path, tmp_path / "last.pt")  # no selection: the last meta-model
+    assert provenance["selected_outer_step"] is None and provenance["outer_steps"] == 2
+    for key, value in trainer.meta_model.state_dict().items():
+        assert torch.equal(load_meta_model(str(tmp_path / "last.pt")).state_dict()[key], value), key
+    saved = torch.load(path, weights_only=False)  # a selected candidate of other weights
+    chosen = {key: value + 1 if value.is_floating_point() else value
+              for key, value in saved["state"]["trainer"]["meta_model"].items()}
+    saved["state"]["selection"] = {"best": {"outer_step": 1, "meta_model": chosen}, "candidates": [{"outer_step": 1}]}
+    torch.save(saved, path)
+    assert main(["learned-optimizer", "--export-from", str(path), "--export", str(tmp_path / "best.pt")]) == 0
+    assert "exported outer step 1" in capsys.readouterr().out
+    exported = load_meta_model(str(tmp_path / "best.pt")).state_dict()
+    assert all(torch.equal(exported[key], value) for key, value in chosen.items())
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(GradGraphError, match="not a gradgraph meta-training checkpoint"):
+        export_from_checkpoint(tmp_path / "other.pt", tmp_path / "x.pt")

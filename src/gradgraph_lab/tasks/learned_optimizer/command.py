@@ -34,6 +34,16 @@ META_PRESETS = {
 
 def _command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.export_from is not None:
+        from gradgraph_lab.tasks.learned_optimizer.meta import export_from_checkpoint
+
+        if args.export is None:
+            raise SystemExit("gradgraph learned-optimizer: --export-from needs --export FILE")
+        provenance = export_from_checkpoint(args.export_from, args.export)
+        selected = provenance["selected_outer_step"]
+        print(f"exported outer step {provenance['outer_steps'] if selected is None else selected} of "
+              f"{args.export_from} to {args.export}")
+        return 0
     if args.meta_train:
         from gradgraph_lab.tasks.learned_optimizer.meta import MetaRunConfig, run_meta_training
 
@@ -163,6 +173,9 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--max-outer-steps", type=int, default=1_000_000, help="stop meta-training after this many outer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", type=Path, default=None, help="write the meta-model file here after meta-training")
+    parser.add_argument("--export-from", type=Path, default=None,
+                        help="write --export from this meta-training checkpoint (its selected candidate, else its last "
+                             "meta-model) and stop: for a run stopped before its budget")
     parser.add_argument("--output-dir", "--out-dir", dest="out_dir", type=Path, default=Path("runs/learned-optimizer"),
                         help="outputs go here (the same flag as curvature and inr-edit; --out-dir is kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -50,7 +50,8 @@ from gradgraph_lab.tasks.learned_optimizer.selection import (
 )
 from gradgraph_lab.tasks.learned_optimizer.tasks import BenchmarkTask, get_task
 
-__all__ = ["MetaRunConfig", "adam_target_loss", "copy_meta_parameters", "export_meta_model", "run_meta_training"]
+__all__ = ["MetaRunConfig", "adam_target_loss", "copy_meta_parameters", "export_from_checkpoint", "export_meta_model",
+           "run_meta_training"]
 
 VARIANTS = ("gradmetanet", "deepsets", "sgdm")
 STARTS = ("tuned-adam", "fixed")
@@ -218,6 +219,39 @@ def export_meta_model(trainer: MetaTrainer, path: Path | str, provenance: dict[s
         "meta_model": {key: value.detach().cpu() for key, value in weights.items()},
         "provenance": provenance,
     })
+
+
+def export_from_checkpoint(checkpoint: Path | str, path: Path | str) -> dict[str, Any]:
+    """Write the export file of a run's checkpoint — its selected candidate, else its last meta-model.
+
+    For a run stopped before its budget (killed when later validation candidates fell): the file
+    is the one ``run_meta_training(..., export=path)`` would have written at that checkpoint.
+
+    Returns:
+        The file's provenance.
+
+    Raises:
+        GradGraphError: ``checkpoint`` is not a meta-training checkpoint.
+    """
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(saved, dict) or saved.get("kind") != "meta-training":
+        raise GradGraphError(f"{checkpoint} is not a gradgraph meta-training checkpoint (run_meta_training writes them)")
+    state = saved["state"]
+    trainer, selection = state["trainer"], state.get("selection") or {}
+    best = selection.get("best")
+    weights = best["meta_model"] if best is not None else trainer["meta_model"]
+    provenance = {
+        "command": f"gradgraph learned-optimizer --export-from {checkpoint}", "run_config": saved["identity"],
+        "outer_steps": trainer["outer_steps"], "minutes": state["elapsed"] / 60,
+        "validation_adam_lr": selection.get("adam_lr"), "start_lr": selection.get("start_lr"),
+        "start_scores": selection.get("start_scores"), "meta_loss_target": selection.get("target_loss"),
+        "selected_outer_step": None if best is None else best["outer_step"],
+        "candidates": selection.get("candidates", []),
+    }
+    atomic_torch_save(Path(path), {"meta_config": trainer["meta_config"],
+                                   "meta_model": {key: value.detach().cpu() for key, value in weights.items()},
+                                   "provenance": provenance})
+    return provenance
 
 
 def adam_target_loss(protocol: ValidationProtocol) -> float:
