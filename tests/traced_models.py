@@ -212,6 +212,18 @@ def assert_per_sample_grads_match_loop(model: nn.Module, inputs: torch.Tensor, a
             torch.testing.assert_close(got, expected, atol=atol, rtol=0, msg=name)
     return graph
 
+def assert_per_sample_grad_norms(graph, model, inputs, targets, loss_fn, atol=1e-12):
+    """``graph.per_sample_grad_norms()`` (total and ``by_parameter``) against the norms of torch.func's
+    per-sample gradients of ``model`` on the same batch."""
+    reference = reference_per_sample_grads(model, inputs, targets, loss_fn)
+    total = torch.stack([value.flatten(1).square().sum(1) for value in reference.values()]).sum(0).sqrt()
+    torch.testing.assert_close(graph.per_sample_grad_norms(), total, atol=atol, rtol=0)
+    ours = graph.per_sample_grad_norms(by_parameter=True)
+    assert set(ours) == set(reference)
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value.flatten(1).norm(dim=1), atol=atol, rtol=0, msg=name)
+
+
 # ----------------------------------------------------------------------- models people bring
 class NanoCausalSelfAttention(nn.Module):
     """nanoGPT's attention as its repository writes it: the slow path masks with a tril buffer."""

@@ -14,18 +14,11 @@ from torch import nn
 
 import gradgraph
 from gradgraph.symmetry import permute_components
-from traced_models import GPT, reference_per_sample_grads, token_loss
+from traced_models import GPT, assert_per_sample_grad_norms, token_loss
 
 
 def _cross_entropy(output, targets):
     return F.cross_entropy(output, targets, reduction="none")
-
-
-def _reference_norms(model, inputs, targets, loss_fn):
-    reference = reference_per_sample_grads(model, inputs, targets, loss_fn)
-    by_name = {name: value.flatten(1).norm(dim=1) for name, value in reference.items()}
-    total = torch.stack([value.flatten(1).square().sum(1) for value in reference.values()]).sum(0).sqrt()
-    return total, by_name
 
 
 def _mlp_case():
@@ -43,12 +36,7 @@ def _gpt_case():
 def test_mlp_norms_equal_torch_func():
     model, inputs, targets, loss_fn = _mlp_case()
     graph = gradgraph.to_graph(model, inputs, targets, loss_fn)
-    total, by_name = _reference_norms(model, inputs, targets, loss_fn)
-    torch.testing.assert_close(graph.per_sample_grad_norms(), total, atol=1e-12, rtol=0)
-    ours = graph.per_sample_grad_norms(by_parameter=True)
-    assert set(ours) == set(by_name)
-    for name, value in by_name.items():
-        torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
+    assert_per_sample_grad_norms(graph, model, inputs, targets, loss_fn)
 
 
 def test_token_model_with_tied_head_equals_torch_func():
@@ -56,11 +44,7 @@ def test_token_model_with_tied_head_equals_torch_func():
     model, inputs, targets, loss_fn = _gpt_case()
     graph = gradgraph.to_graph(model, inputs, targets, loss_fn)
     assert graph.num_components == inputs.numel()
-    total, by_name = _reference_norms(model, inputs, targets, loss_fn)
-    torch.testing.assert_close(graph.per_sample_grad_norms(), total, atol=1e-10, rtol=0)
-    ours = graph.per_sample_grad_norms(by_parameter=True)
-    for name, value in by_name.items():
-        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+    assert_per_sample_grad_norms(graph, model, inputs, targets, loss_fn, atol=1e-10)
 
 
 def test_cnn_norms_equal_torch_func():
@@ -71,11 +55,7 @@ def test_cnn_norms_equal_torch_func():
     inputs, targets = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
     graph = gradgraph.to_graph(model, inputs, targets, _cross_entropy)
     assert graph.num_components > inputs.shape[0]
-    total, by_name = _reference_norms(model, inputs, targets, _cross_entropy)
-    torch.testing.assert_close(graph.per_sample_grad_norms(), total, atol=1e-12, rtol=0)
-    ours = graph.per_sample_grad_norms(by_parameter=True)
-    for name, value in by_name.items():
-        torch.testing.assert_close(ours[name], value, atol=1e-12, rtol=0, msg=name)
+    assert_per_sample_grad_norms(graph, model, inputs, targets, _cross_entropy)
 
 
 def test_components_in_any_order():
