@@ -164,7 +164,9 @@ def test_every_graph_predictor_is_invariant_to_mlp_hidden_permutations_float64()
     model = train_network(zoo, 1, data)[-1].double()
     permuted = permute_hidden(model, random_hidden_perms(model, torch.Generator().manual_seed(0)))
     probe, labels = data.pool_x[:zoo.probe_size].double(), data.pool_y[:zoo.probe_size]
+    torch.testing.assert_close(permuted(probe), model(probe), rtol=0, atol=1e-12)
     graphs = [gradgraph.to_graph(net, probe, labels, _cross_entropy) for net in (model, permuted)]
+    assert not torch.equal(graphs[0].edge_attr, graphs[1].edge_attr)  # the permutation moved the weights
     _outputs_agree(graphs)
 
 

@@ -18,17 +18,19 @@ from gradgraph.optim.meta_config import ESTIMATORS, PAPER_PROTOCOL, MetaTrainCon
 from gradgraph.optim.meta_loss import META_LOSSES
 
 
-def refused(message: str) -> pytest.RaisesContext:
-    return pytest.raises(GradGraphError, match="^" + re.escape(message) + "$")
+def whole(message: str) -> str:
+    """A ``match`` pattern for exactly ``message``."""
+    return "^" + re.escape(message) + "$"
 
 
 def test_an_unknown_meta_loss_or_estimator_is_refused_in_full():
     """Messages in full, naming the choices.
     Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 21.
     """
-    with refused(f"MetaTrainConfig.meta_loss must be one of {META_LOSSES}, got 'nope'"):
+    with pytest.raises(GradGraphError,
+                       match=whole(f"MetaTrainConfig.meta_loss must be one of {META_LOSSES}, got 'nope'")):
         MetaTrainConfig(meta_loss="nope")
-    with refused(f"MetaTrainConfig.estimator must be one of {ESTIMATORS}, got 'es'"):
+    with pytest.raises(GradGraphError, match=whole(f"MetaTrainConfig.estimator must be one of {ESTIMATORS}, got 'es'")):
         MetaTrainConfig(estimator="es")
 
 
@@ -39,7 +41,8 @@ def test_a_target_meta_loss_needs_a_positive_target(meta_loss, target_loss):
     target is accepted, and the paper's ``log-loss`` needs none.
     Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 8.
     """
-    with refused(f"MetaTrainConfig.meta_loss {meta_loss!r} needs target_loss > 0, got {target_loss}"):
+    message = f"MetaTrainConfig.meta_loss {meta_loss!r} needs target_loss > 0, got {target_loss}"
+    with pytest.raises(GradGraphError, match=whole(message)):
         MetaTrainConfig(meta_loss=meta_loss, target_loss=target_loss)
     assert MetaTrainConfig(meta_loss=meta_loss, target_loss=1e-9).target_loss == 1e-9
     assert MetaTrainConfig(meta_loss="log-loss", target_loss=target_loss).target_loss == target_loss
@@ -51,7 +54,7 @@ def test_a_relative_clip_must_be_positive(multiple):
     positive multiple are accepted.
     Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 14, 15, 16.
     """
-    with refused(f"MetaTrainConfig.grad_clip_relative must be > 0, got {multiple}"):
+    with pytest.raises(GradGraphError, match=whole(f"MetaTrainConfig.grad_clip_relative must be > 0, got {multiple}")):
         MetaTrainConfig(grad_clip_relative=multiple)
     assert MetaTrainConfig(grad_clip_relative=None).grad_clip_relative is None
     assert MetaTrainConfig(grad_clip_relative=1e-9).grad_clip_relative == 1e-9
@@ -61,7 +64,7 @@ def test_scalars_first_must_not_be_negative():
     """``scalars_first = -1`` is refused in full; ``0`` (off) and ``1`` are accepted.
     Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 19.
     """
-    with refused("MetaTrainConfig.scalars_first must be >= 0, got -1"):
+    with pytest.raises(GradGraphError, match=whole("MetaTrainConfig.scalars_first must be >= 0, got -1")):
         MetaTrainConfig(scalars_first=-1)
     assert MetaTrainConfig(scalars_first=0).scalars_first == 0
     assert MetaTrainConfig(scalars_first=1).scalars_first == 1
@@ -74,8 +77,9 @@ def test_particles_truncation_and_horizon_are_checked_in_full(particles, truncat
     Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 22, 23, 29,
     30, 31, 32.
     """
-    with refused("MetaTrainConfig needs num_particles >= 1, truncation >= 1, horizon >= truncation; got "
-                 f"{particles}, {truncation}, {horizon}"):
+    message = ("MetaTrainConfig needs num_particles >= 1, truncation >= 1, horizon >= truncation; got "
+               f"{particles}, {truncation}, {horizon}")
+    with pytest.raises(GradGraphError, match=whole(message)):
         MetaTrainConfig(estimator="tbptt", num_particles=particles, truncation=truncation, horizon=horizon)
 
 
@@ -97,7 +101,8 @@ def test_pes_needs_an_even_number_of_particles_tbptt_does_not(particles):
     Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``MetaTrainConfig.__post_init__`` 24, 25, 34,
     35, 36, 39.
     """
-    with refused(f"PES needs an even number of particles (antithetic pairs), got {particles}"):
+    message = f"PES needs an even number of particles (antithetic pairs), got {particles}"
+    with pytest.raises(GradGraphError, match=whole(message)):
         MetaTrainConfig(estimator="pes", num_particles=particles, truncation=2, horizon=4)
     config = MetaTrainConfig(estimator="tbptt", num_particles=particles, truncation=2, horizon=4)
     assert config.num_particles == particles

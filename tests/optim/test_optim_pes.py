@@ -27,8 +27,9 @@ def draws(seed: int, pairs: int, dim: int, dtype: torch.dtype = DTYPE) -> list[t
     return [torch.randn(pairs, dim, generator=generator, dtype=dtype) for _ in range(3)]
 
 
-def refused(message: str) -> pytest.RaisesContext:
-    return pytest.raises(GradGraphError, match="^" + re.escape(message) + "$")
+def whole(message: str) -> str:
+    """A ``match`` pattern for exactly ``message``."""
+    return "^" + re.escape(message) + "$"
 
 
 @pytest.mark.parametrize("num_pairs, dim, sigma", [
@@ -37,7 +38,8 @@ def test_pes_refuses_an_empty_population_an_empty_vector_and_a_scale_that_is_not
     """``num_pairs >= 1``, ``dim >= 1``, ``sigma > 0`` (NaN refused), message in full.
     Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.__init__`` 3, 4, 10, 12.
     """
-    with refused(f"PES needs num_pairs >= 1, dim >= 1, sigma > 0; got {num_pairs}, {dim}, {sigma}"):
+    message = f"PES needs num_pairs >= 1, dim >= 1, sigma > 0; got {num_pairs}, {dim}, {sigma}"
+    with pytest.raises(GradGraphError, match=whole(message)):
         PES(num_pairs, dim, sigma)
 
 
@@ -85,11 +87,11 @@ def test_perturb_refuses_a_theta_or_a_mask_of_the_wrong_shape_in_full():
     Kills (``MUTANT_UNDER_TEST``, optim run 3's numbers): ``PES.__init__`` 20; ``PES.perturb`` 2, 3, 7, 8.
     """
     pes = PES(2, 3, 0.1, dtype=DTYPE)
-    with refused("PES.perturb: theta must have shape [3], got [4]"):
+    with pytest.raises(GradGraphError, match=whole("PES.perturb: theta must have shape [3], got [4]")):
         pes.perturb(torch.zeros(4, dtype=DTYPE))
-    with refused("PES.perturb: theta must have shape [3], got [1, 3]"):
+    with pytest.raises(GradGraphError, match=whole("PES.perturb: theta must have shape [3], got [1, 3]")):
         pes.perturb(torch.zeros(1, 3, dtype=DTYPE))
-    with refused("PES.perturb: mask must have shape [3], got [2]"):
+    with pytest.raises(GradGraphError, match=whole("PES.perturb: mask must have shape [3], got [2]")):
         pes.perturb(torch.zeros(3, dtype=DTYPE), mask=torch.ones(2, dtype=torch.bool))
     assert torch.equal(pes.accumulated, torch.zeros(2, 3, dtype=DTYPE))  # nothing drawn on a refusal
 
@@ -136,13 +138,13 @@ def test_the_estimate_is_the_formula_and_clears_the_perturbation():
     """
     pairs, dim, sigma = 3, 2, 0.1
     pes = PES(pairs, dim, sigma, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
-    with refused("PES.estimate called before perturb"):
+    with pytest.raises(GradGraphError, match=whole("PES.estimate called before perturb")):
         pes.estimate(torch.zeros(2 * pairs, dtype=DTYPE))
     pes.perturb(torch.zeros(dim, dtype=DTYPE))
     xi = sigma * draws(2, pairs, dim)[0]
-    with refused("PES.estimate: losses must have shape [6], got [5]"):
+    with pytest.raises(GradGraphError, match=whole("PES.estimate: losses must have shape [6], got [5]")):
         pes.estimate(torch.zeros(5, dtype=DTYPE))
-    with refused("PES.estimate: losses must have shape [6], got [6, 1]"):
+    with pytest.raises(GradGraphError, match=whole("PES.estimate: losses must have shape [6], got [6, 1]")):
         pes.estimate(torch.zeros(6, 1, dtype=DTYPE))
     losses = torch.tensor([1.5, -2.0, 0.25, 0.5, 1.0, -1.0], dtype=torch.float32)
     difference = torch.tensor([1.0, -3.0, 1.25], dtype=DTYPE)
@@ -150,9 +152,9 @@ def test_the_estimate_is_the_formula_and_clears_the_perturbation():
     assert estimate.dtype == DTYPE and estimate.shape == (dim,)
     manual = sum(xi[i] * difference[i] for i in range(pairs)) / (2 * pairs * sigma**2)
     torch.testing.assert_close(estimate, manual, atol=1e-13, rtol=0)
-    with refused("PES.estimate called before perturb"):
+    with pytest.raises(GradGraphError, match=whole("PES.estimate called before perturb")):
         pes.estimate(losses)
-    with refused("PES.undo called without a perturbation to take back"):
+    with pytest.raises(GradGraphError, match=whole("PES.undo called without a perturbation to take back")):
         pes.undo()
     torch.testing.assert_close(pes.accumulated, xi, atol=0, rtol=0)  # the estimate kept ξ
 
@@ -169,7 +171,7 @@ def test_undo_takes_back_exactly_the_last_perturbation_once():
     pes.perturb(theta)
     pes.undo()
     torch.testing.assert_close(pes.accumulated, 0.5 * z[0], atol=1e-15, rtol=0)
-    with refused("PES.undo called without a perturbation to take back"):
+    with pytest.raises(GradGraphError, match=whole("PES.undo called without a perturbation to take back")):
         pes.undo()
 
 
