@@ -214,8 +214,14 @@ def export_meta_model(trainer: MetaTrainer, path: Path | str, provenance: dict[s
         state: the weights to write (e.g. the selected candidate); default the current ones.
     """
     weights = state if state is not None else trainer.meta_model.state_dict()
+    _write_export(path, trainer.meta_model.config.to_dict(), weights, provenance)
+
+
+def _write_export(path: Path | str, meta_config: dict[str, Any], weights: dict[str, torch.Tensor],
+                  provenance: dict[str, Any]) -> None:
+    """The export file's one format, written atomically (:func:`gradgraph.optim.load_pretrained` reads it)."""
     atomic_torch_save(Path(path), {
-        "meta_config": trainer.meta_model.config.to_dict(),
+        "meta_config": meta_config,
         "meta_model": {key: value.detach().cpu() for key, value in weights.items()},
         "provenance": provenance,
     })
@@ -248,9 +254,7 @@ def export_from_checkpoint(checkpoint: Path | str, path: Path | str) -> dict[str
         "selected_outer_step": None if best is None else best["outer_step"],
         "candidates": selection.get("candidates", []),
     }
-    atomic_torch_save(Path(path), {"meta_config": trainer["meta_config"],
-                                   "meta_model": {key: value.detach().cpu() for key, value in weights.items()},
-                                   "provenance": provenance})
+    _write_export(path, trainer["meta_config"], weights, provenance)
     return provenance
 
 
