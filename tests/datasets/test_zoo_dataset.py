@@ -239,3 +239,26 @@ def test_a_truncated_shard_is_rebuilt_and_a_killed_writes_temp_file_removed(tmp_
     assert calls == [2, 3] and not stray.exists()
     assert shard.read_bytes() == reference.shard_path(1).read_bytes()
     _assert_same_graph(again[2], reference[2])
+
+
+def test_every_rank_waits_at_the_barrier_after_writing_its_shards(tmp_path: Path):
+    seen = []
+    processed = tmp_path / "processed"
+    barrier = lambda: seen.append(sorted(path.name for path in processed.glob("shard-*.pt")))  # noqa: E731
+    with pytest.raises(GradGraphError, match="missing; rank 0 of 2 builds it"):  # rank 0 never ran: no shared group
+        _zoo(tmp_path, rank=1, world_size=2, barrier=barrier)
+    assert seen == [["shard-00001.pt", "shard-00003.pt"]]  # called once, after this rank's shards were written
+    _zoo(tmp_path / "alone", barrier=lambda: seen.append("alone"))
+    assert "alone" not in seen  # one process waits for nobody
+
+
+def test_a_failed_process_group_barrier_is_a_gradgraph_error_naming_the_rank(tmp_path: Path, monkeypatch):
+    def broken_barrier():
+        raise RuntimeError("Connection closed by peer\n(a long backtrace)")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", broken_barrier)
+    with pytest.raises(GradGraphError, match=r"rank 1 of 2 waited for the other ranks' shards in .*processed and the "
+                                             r"barrier failed .* Rerun: finished shards are reused\. Cause: Connection "
+                                             r"closed by peer$"):
+        _zoo(tmp_path, rank=1, world_size=2)
