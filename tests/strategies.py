@@ -71,8 +71,20 @@ GRAPH_TENSORS = (
 )
 
 
-def assert_same_graph(first, second, atol: float = 1e-12) -> None:
-    """Every tensor field of two GradGraphs agrees (floats to ``atol``, integers exactly)."""
+def assert_same_graph(first, second, atol: float = 1e-12, exact: bool = False) -> None:
+    """Every tensor field of two GradGraphs agrees (floats to ``atol``, integers exactly).
+
+    ``exact``: every field the graphs hold (extra ones too: ``y``, ``zoo_id``, ``loss``), the same keys,
+    dtypes and values bit for bit — what a cache round trip must give back.
+    """
+    if exact:
+        assert sorted(first.keys()) == sorted(second.keys())
+        for key in first.keys():
+            if isinstance(first[key], torch.Tensor):
+                assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
+            else:
+                assert first[key] == second[key], key
+        return
     for key in GRAPH_TENSORS:
         a, b = first[key], second[key]
         if a.is_floating_point():

@@ -89,3 +89,36 @@ def test_partial_softmax_group_splits_the_set_at_the_boundary():
     first, rest = set(hidden[:3].tolist()), set(hidden[3:].tolist())
     for n in hidden.tolist():
         assert orbit_of[n] == (first if n in first else rest), (n, orbit_of[n])
+
+
+class _StridedJoin(nn.Module):
+    """``cat([h1, norm(gelu(h1))])[:, ::2]`` into the head: the head reads features 0 and 2 of ``h1`` and
+    feature 1 of the norm's output, two sets the norm ties together (the fuzzer's program
+    ``(2, [linear 3, gelu, norm, cat(1, 3), stride], 0)``, plus a branch that reads the norm whole)."""
+
+    def __init__(self, dead_branch: bool) -> None:
+        super().__init__()
+        self.first, self.norm, self.head = nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 3)
+        self.branch = nn.Linear(3, 1) if dead_branch else None
+
+    def forward(self, x):
+        h1 = self.first(x)
+        h3 = self.norm(F.gelu(h1))
+        if self.branch is not None:
+            self.branch(h3)  # read whole, then unused
+        return self.head(torch.cat([h1, h3], dim=-1)[:, ::2])
+
+
+@pytest.mark.parametrize("dead_branch", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_strided_read_across_tied_sets_keeps_the_function(dead_branch, seed):
+    """The head's copy of ``[h1_0, h1_2, h3_1]`` is tied to its sources; reading part of each set there
+    must cut or pin them. Failed before (the fuzzer found it): the copy was tied without the partial
+    read, the group cycled ``h1`` and no permuted graph existed ("maps an edge onto no edge")."""
+    from traced_models import assert_group_keeps_function
+
+    torch.manual_seed(seed)
+    model = _StridedJoin(dead_branch).double()
+    inputs, targets = torch.randn(4, 2, dtype=torch.float64), torch.randint(0, 3, (4,))
+    assert_group_keeps_function(model, inputs, targets, lambda out, y: F.cross_entropy(out, y, reduction="none"),
+                                seed=seed)

@@ -21,6 +21,7 @@ from torch_geometric.loader import DataLoader
 import gradgraph
 from gradgraph.datasets import ModelZoo
 from gradgraph.errors import GradGraphError
+from strategies import assert_same_graph
 
 DTYPE = torch.float64
 NUM_MODELS = 7
@@ -52,15 +53,6 @@ def _zoo(root: Path, probe=PROBE, builder=_mlp, **kwargs) -> ModelZoo:
     return ModelZoo(root, list(range(NUM_MODELS)), probe, **options)
 
 
-def _assert_same_graph(first: gradgraph.GradGraph, second: gradgraph.GradGraph) -> None:
-    assert sorted(first.keys()) == sorted(second.keys())
-    for key in first.keys():
-        if isinstance(first[key], torch.Tensor):
-            assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
-        else:
-            assert first[key] == second[key], key
-
-
 def test_cached_graphs_equal_fresh_ones_and_are_not_rebuilt(tmp_path: Path):
     built = _zoo(tmp_path)
     calls = []
@@ -69,7 +61,7 @@ def test_cached_graphs_equal_fresh_ones_and_are_not_rebuilt(tmp_path: Path):
     assert len(cached) == NUM_MODELS and cached.num_shards == 4
     for index in range(NUM_MODELS):
         fresh = built.convert(index)
-        _assert_same_graph(cached[index], fresh)
+        assert_same_graph(cached[index], fresh, exact=True)
         assert cached[index].y.shape == (1, 2) and int(cached[index].zoo_id) == index
         assert cached[index].loss.shape == (PROBE.shape[0],)
     torch.testing.assert_close(cached.targets, TARGETS, rtol=0, atol=0)
@@ -85,7 +77,7 @@ def test_shards_load_with_weights_only(tmp_path: Path):
     torch.save([zoo[3], zoo[4]], buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    _assert_same_graph(loaded[0], zoo[3])
+    assert_same_graph(loaded[0], zoo[3], exact=True)
 
 
 def test_a_graph_that_computed_its_gradients_still_loads_with_weights_only():
@@ -97,7 +89,7 @@ def test_a_graph_that_computed_its_gradients_still_loads_with_weights_only():
     torch.save(graph, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    _assert_same_graph(loaded, graph)
+    assert_same_graph(loaded, graph, exact=True)
     for name, value in graph.mean_grad().items():  # the loaded graph rebuilds the blocks it was saved without
         torch.testing.assert_close(loaded.mean_grad()[name], value, rtol=0, atol=0, msg=name)
 
@@ -204,7 +196,7 @@ def test_per_model_probes_fields_and_dtype_round_trip(tmp_path: Path):
         assert graph.act.dtype == graph.target_node.dtype == graph.p.dtype == torch.float32
         assert torch.equal(graph.act, fresh.act.float()) and torch.equal(graph.loss, fresh.loss.float())
         assert torch.equal(graph.target_node, fresh.grad.square().mean(1).float())
-        _assert_same_graph(graph, built.convert(index))
+        assert_same_graph(graph, built.convert(index), exact=True)
     with pytest.raises(GradGraphError, match="targets=None"):
         cached.targets
 
@@ -238,4 +230,27 @@ def test_a_truncated_shard_is_rebuilt_and_a_killed_writes_temp_file_removed(tmp_
     again = _zoo(root, builder=lambda item: calls.append(item) or _mlp(item))
     assert calls == [2, 3] and not stray.exists()
     assert shard.read_bytes() == reference.shard_path(1).read_bytes()
-    _assert_same_graph(again[2], reference[2])
+    assert_same_graph(again[2], reference[2], exact=True)
+
+
+def test_every_rank_waits_at_the_barrier_after_writing_its_shards(tmp_path: Path):
+    seen = []
+    processed = tmp_path / "processed"
+    barrier = lambda: seen.append(sorted(path.name for path in processed.glob("shard-*.pt")))  # noqa: E731
+    with pytest.raises(GradGraphError, match="missing; rank 0 of 2 builds it"):  # rank 0 never ran: no shared group
+        _zoo(tmp_path, rank=1, world_size=2, barrier=barrier)
+    assert seen == [["shard-00001.pt", "shard-00003.pt"]]  # called once, after this rank's shards were written
+    _zoo(tmp_path / "alone", barrier=lambda: seen.append("alone"))
+    assert "alone" not in seen  # one process waits for nobody
+
+
+def test_a_failed_process_group_barrier_is_a_gradgraph_error_naming_the_rank(tmp_path: Path, monkeypatch):
+    def broken_barrier():
+        raise RuntimeError("Connection closed by peer\n(a long backtrace)")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", broken_barrier)
+    with pytest.raises(GradGraphError, match=r"rank 1 of 2 waited for the other ranks' shards in .*processed and the "
+                                             r"barrier failed .* Rerun: finished shards are reused\. Cause: Connection "
+                                             r"closed by peer$"):
+        _zoo(tmp_path, rank=1, world_size=2)

@@ -317,3 +317,55 @@ def test_a_stopped_run_s_selected_candidate_is_exported_from_its_checkpoint(tmp_
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(GradGraphError, match="not a gradgraph meta-training checkpoint"):
         export_from_checkpoint(tmp_path / "other.pt", tmp_path / "x.pt")
+
+
+def _tiny_family(monkeypatch):
+    from gradgraph_lab.tasks.learned_optimizer import tasks
+
+    monkeypatch.setitem(tasks.TASK_FAMILIES, "tiny-family", {
+        "relu": ("digits", (64, 8, 10), nn.ReLU, 16),
+        "sigmoid-deep": ("digits", (64, 6, 6, 10), nn.Sigmoid, 8),
+    })
+    return "tiny-family"
+
+
+def test_a_task_family_meta_trains_resumes_selects_and_exports(tmp_path, monkeypatch, capsys):
+    """``--family``: one rule on two digits MLPs (other depths, activations, batch sizes), each member its
+    own target and validation protocol; resumes to the uninterrupted result; the export loads."""
+    from gradgraph_lab.cli import main
+    from gradgraph_lab.tasks.learned_optimizer.meta import export_from_checkpoint, run_meta_training
+    from gradgraph_lab.tasks.learned_optimizer.run import load_meta_model
+
+    family = _tiny_family(monkeypatch)
+    settings = dict(task=family, num_particles=4, meta_loss="first-passage", select_every=2, select_seeds=1,
+                    select_steps=6)
+    whole = run_meta_training(_meta_config(tmp_path / "whole", **settings))
+    assert whole.outer_steps == 4 and len(whole.members) == 2
+    targets = [member.config.target_loss for member in whole.members]
+    assert all(t > 0 for t in targets) and targets[0] != targets[1]  # each member its own L*
+    candidates = whole.selection["candidates"]
+    assert [c["outer_step"] for c in candidates] == [0, 2, 4] and all(len(c["members"]) == 2 for c in candidates)
+    assert candidates[0]["step_reduction"] == sum(candidates[0]["members"]) / 2
+    run_meta_training(_meta_config(tmp_path / "parts", max_outer_steps=2, **settings))
+    resumed = run_meta_training(_meta_config(tmp_path / "parts", **settings))
+    for key, value in whole.meta_model.state_dict().items():
+        assert torch.equal(resumed.meta_model.state_dict()[key], value), key
+    provenance = export_from_checkpoint(tmp_path / "whole" / "checkpoint.pt", tmp_path / "family.pt")
+    best = whole.selection["best"]
+    assert provenance["selected_outer_step"] == best["outer_step"]
+    loaded = load_meta_model(str(tmp_path / "family.pt")).state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in best["meta_model"].items())
+    with pytest.raises(GradGraphError, match="task family 'tiny-family' needs start='fixed'"):
+        _meta_config(tmp_path, task=family, start="tuned-adam")
+    with pytest.raises(SystemExit):  # the parser knows only the shipped families
+        main(["learned-optimizer", "--meta-train", "--family", family])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_parser_s_family_names_are_the_task_families():
+    from gradgraph_lab.tasks.learned_optimizer.command import FAMILIES
+    from gradgraph_lab.tasks.learned_optimizer.tasks import TASK_FAMILIES, get_family
+
+    assert tuple(FAMILIES) == tuple(TASK_FAMILIES)
+    with pytest.raises(GradGraphError, match="unknown learned-optimizer task family 'mnist1d'"):
+        get_family("mnist1d")

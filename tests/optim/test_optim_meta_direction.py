@@ -66,7 +66,7 @@ def test_pes_moves_the_meta_parameters_downhill(seed):
     """A few PES meta-steps raise ``log α`` and lower the meta-loss (evaluated on other data).
 
     Checked to fail: with the PES estimate's sign flipped (``PES.estimate`` returning minus the
-    estimate, or ``MetaTrainer._pes_truncation`` applying minus the estimate), ``log α`` falls.
+    estimate, or ``MetaTrainer._pes_truncation`` returning it), ``log α`` falls.
     Before this test, every meta-trainer test passed with the sign flipped.
     """
     meta = slow_rule()

@@ -215,10 +215,10 @@ def test_tensor_rate_adam_gives_each_tensor_its_factor_last_match_winning():
 
 
 def _survival_by_definition(losses: list[float], target: float, temperature: float, start: float = 1.0) -> list[float]:
-    """``S_t = S_{t-1} · σ((log L_t − log L*) / τ)``, one step at a time in plain Python."""
+    """``S_t = min(S_{t-1}, σ((log L_t − log L*) / τ))``, one step at a time in plain Python."""
     survival, curve = start, []
     for loss in losses:
-        survival *= 1 / (1 + math.exp(-(math.log(loss) - math.log(target)) / temperature))
+        survival = min(survival, 1 / (1 + math.exp(-(math.log(loss) - math.log(target)) / temperature)))
         curve.append(survival)
     return curve
 
@@ -234,7 +234,7 @@ def test_first_passage_equals_its_definition_on_a_hand_made_curve():
     assert exact.item() == pytest.approx(steps_above_before_first_passage / len(curve), abs=1e-12)
     assert survival.item() == pytest.approx(0.0, abs=1e-12)
     assert time_above_target(losses, 1.0, temperature=1e-4).item() == pytest.approx(3 / 6, abs=1e-12)
-    # A finite temperature: the product of smoothed "still above" probabilities, step by step.
+    # A finite temperature: the running minimum of the smoothed "still above" indicators, step by step.
     smoothed, _ = first_passage(losses, 1.0, temperature=0.3)
     expected = _survival_by_definition(curve, 1.0, 0.3)
     assert smoothed.item() == pytest.approx(sum(expected) / len(expected), rel=1e-12)
@@ -254,6 +254,20 @@ def test_first_passage_carries_its_survival_across_truncations_and_restarts_at_o
     assert fresh.item() == pytest.approx(sum(_survival_by_definition(curve[3:], 1.0, 0.2)) / 5, rel=1e-12)
     with pytest.raises(GradGraphError, match="survival must have shape"):
         first_passage(losses, 1.0, 0.2, survival=torch.ones(2, dtype=torch.float64))
+
+
+def test_first_passage_does_not_decay_while_the_run_stays_above_the_target():
+    """A run that stays 30% above L* for 100 steps has not passed: S stays at σ(log 1.3 / τ) ≈ 0.74
+    (τ = 0.25), and a step that reaches a new low lowers it to that step's value, no further.
+    Fails with the running product of the first version (S ≈ 1e-13 after 100 such steps: every
+    run looked as if it had passed within a few steps of its restart)."""
+    losses = torch.full((100, 1), 1.3, dtype=torch.float64)
+    value, survival = first_passage(losses, 1.0, 0.25)
+    level = 1 / (1 + math.exp(-math.log(1.3) / 0.25))
+    assert value.item() == pytest.approx(level, rel=1e-12) and survival.item() == pytest.approx(level, rel=1e-12)
+    lower = torch.tensor([[1.3], [1.1], [1.2], [1.25]], dtype=torch.float64)
+    _, after = first_passage(lower, 1.0, 0.25)
+    assert after.item() == pytest.approx(1 / (1 + math.exp(-math.log(1.1) / 0.25)), rel=1e-12)
 
 
 def test_meta_trainer_carries_the_first_passage_survival_and_resets_it_at_restart():

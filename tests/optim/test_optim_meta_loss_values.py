@@ -37,7 +37,7 @@ def test_the_default_temperature_is_a_quarter():
     above = smooth_above(losses, target, 0.25)
     torch.testing.assert_close(time_above_target(losses, target), above.mean(dim=0), atol=1e-14, rtol=0)
     torch.testing.assert_close(meta_loss("time-above-target", losses, target), above.mean(dim=0), atol=1e-14, rtol=0)
-    curve = torch.cumprod(above, dim=0)
+    curve = torch.cummin(above, dim=0).values
     value, last = first_passage(losses, target)
     torch.testing.assert_close(value, curve.mean(dim=0), atol=1e-14, rtol=0)
     torch.testing.assert_close(last, curve[-1], atol=1e-14, rtol=0)
@@ -51,7 +51,7 @@ def test_meta_loss_first_passage_is_first_passage_with_its_arguments():
     (the ones made like ``above[1]``: an ``IndexError`` for one step)."""
     losses, target, temperature = losses_of(4, 3), 0.9, 0.4
     survival = torch.tensor([1.0, 0.5, 0.25], dtype=DTYPE)
-    curve = survival[None] * torch.cumprod(smooth_above(losses, target, temperature), dim=0)
+    curve = torch.minimum(survival[None], torch.cummin(smooth_above(losses, target, temperature), dim=0).values)
     got = meta_loss("first-passage", losses, target, temperature, survival)
     torch.testing.assert_close(got, curve.mean(dim=0), atol=1e-14, rtol=0)
     one_step = losses_of(1, 3)

@@ -143,6 +143,10 @@ class ModelZoo(Dataset):
             (e.g. :class:`~gradgraph.datasets.NormalizeFactors`).
         rank, world_size: this process's share of the build (default: ``torch.distributed``'s,
             or 0 and 1 when it is not initialised).
+        barrier: ``() -> None``, waits until every rank has written its shards (default:
+            ``torch.distributed.barrier()`` when ``world_size > 1`` and a process group is initialised,
+            its failure raised as a :class:`GradGraphError` naming this rank; ``gradgraph``'s
+            experiments pass their own, bounded by a timeout).
         log: print a line per shard built.
 
     Raises:
@@ -168,6 +172,7 @@ class ModelZoo(Dataset):
         transform: Callable[[GradGraph], GradGraph] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        barrier: Callable[[], None] | None = None,
         log: bool = False,
     ) -> None:
         if len(models) == 0:
@@ -196,6 +201,7 @@ class ModelZoo(Dataset):
         self.shard_size = shard_size
         self.num_models = len(models)
         self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.barrier = barrier or self._process_group_barrier
         self.log = log
         self.fingerprint = _fingerprint(inputs, probe_targets, targets, self.num_models, shard_size,
                                         name + ("" if dtype is None else f"|{dtype}"))
@@ -312,8 +318,22 @@ class ModelZoo(Dataset):
                                                        "stop": indices.stop, "graphs": graphs})
             if self.log:
                 print(f"ModelZoo: shard {shard} (models {indices.start}-{indices.stop - 1}) written", flush=True)
-        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self.world_size > 1:
+            self.barrier()
+
+    def _process_group_barrier(self) -> None:
+        """``torch.distributed.barrier()`` if a process group is initialised (else nothing: ranks that share no
+        process group find the others' shards missing and say so, :meth:`_read_all`)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        try:
             torch.distributed.barrier()
+        except Exception as error:  # noqa: BLE001 - the backends raise RuntimeError, DistBackendError, timeouts
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise GradGraphError(
+                f"ModelZoo: rank {self.rank} of {self.world_size} waited for the other ranks' shards in "
+                f"{self.processed_dir} and the barrier failed (another rank died or did not answer). Rerun: finished "
+                f"shards are reused. Cause: {first_line}") from error
 
     def _readable(self, shard: int) -> bool:
         """Whether shard ``shard``'s file loads (a truncated copy does not: it is rebuilt)."""

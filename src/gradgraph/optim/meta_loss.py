@@ -13,13 +13,24 @@ truncation, particle ``p``), and return one meta-loss per particle ``[P]``; lowe
   comparison is in log space so that ``τ`` is a relative gap: ``L_t = L* e^τ`` costs
   ``σ(1) ≈ 0.73`` of a step, ``L_t = L*`` half a step, ``L_t = L* e^{-τ}`` 0.27.
 * :func:`first_passage` (``"first-passage"``) — ``mean_t S_t`` with
-  ``S_t = S_{t−1} · σ((log L_t − log L*) / τ)``: the (smoothed) probability that the run has
-  not yet been below ``L*`` by step ``t``. ``S`` is carried from one truncation to the next
-  and reset to 1 when the run restarts, so the sum of the truncations' meta-losses over a
-  whole run is the expected first step below ``L*`` (divided by the truncation length):
-  the benchmark's metric, and unlike the time above the target it stops counting once the
-  run got there — a curve that reaches ``L*`` early and drifts back up is not charged again,
-  and loss far below ``L*`` earns nothing more.
+  ``S_t = min(S_{t−1}, σ((log L_t − log L*) / τ)) = σ((min_{s≤t} log L_s − log L*) / τ)``: the
+  smoothed indicator that the run has not yet been below ``L*`` by step ``t`` (``τ → 0``: 1
+  before the first step below ``L*``, 0 from it on). ``S`` is carried from one truncation to
+  the next and reset to 1 when the run restarts, so the sum of the truncations' meta-losses
+  over a whole run is, as ``τ → 0``, the first step below ``L*`` (divided by the truncation
+  length): the benchmark's metric, and unlike the time above the target it stops counting once
+  the run got there — a curve that reaches ``L*`` early and drifts back up is not charged
+  again, and loss far below ``L*`` earns nothing more.
+
+  Until December 2026 the recurrence was a running *product*, ``S_t = S_{t−1} · σ(…)``. Its
+  factor is below 1 above the target too (``σ(x) ≈ 1`` only for ``x ≫ 1``, i.e. a loss many
+  times ``τ`` above ``L*``), so ``S`` decayed geometrically within a few steps of a restart
+  whether or not the run got near ``L*`` (at ``τ = 0.25`` and a loss 30% above ``L*``, by half
+  every two steps): the meta-loss measured only the first steps of every run and was ``0`` for
+  the rest (measured: every member of a task-family run at ``0.000`` for most outer steps,
+  while its validation runs never reached ``L*``). The running minimum does not decay above
+  the target and has the same ``τ → 0`` limit. The ``mnist1d-mlp`` files were meta-trained with
+  the product form.
 """
 
 from __future__ import annotations
@@ -78,12 +89,13 @@ def _above(losses: Tensor, target: float, temperature: float, where: str) -> Ten
 
 def first_passage(losses: Tensor, target: float, temperature: float = 0.25,
                   survival: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``[T, P] -> ([P], [P])``: ``(mean_t S_t, S_T)`` with ``S_t = S_{t−1} σ((log L_t − log target) / τ)``.
+    """``[T, P] -> ([P], [P])``: ``(mean_t S_t, S_T)`` with ``S_t = min(S_{t−1}, σ((log L_t − log target) / τ))``.
 
-    ``S_t`` is the smoothed probability that the run has not been below ``target`` at any
-    step up to ``t``; ``τ → 0`` makes it 1 before the first step with ``L_t < target`` and 0
-    from that step on, so ``T · mean_t S_t`` counts the truncation's steps before the first
-    passage.
+    ``S_t = σ((min_{s≤t} log L_s − log target) / τ)`` is the smoothed indicator that the run has
+    not been below ``target`` at any step up to ``t``; ``τ → 0`` makes it 1 before the first
+    step with ``L_t < target`` and 0 from that step on, so ``T · mean_t S_t`` counts the
+    truncation's steps before the first passage. It falls only when the run reaches a new
+    lowest loss (the module docstring says why not a product).
 
     Args:
         losses: held-out losses ``[T, P]`` (positive).
@@ -105,7 +117,8 @@ def first_passage(losses: Tensor, target: float, temperature: float = 0.25,
     if survival.shape != above.shape[1:]:
         raise GradGraphError(f"first_passage: survival must have shape {list(above.shape[1:])}, "
                              f"got {list(survival.shape)}")
-    curve = survival.to(above.dtype)[None] * torch.cumprod(above, dim=0)  # [T, P]: S_1 … S_T
+    # σ is increasing, so the running minimum of σ(gap) is σ of the running minimum of the log loss.
+    curve = torch.minimum(survival.to(above.dtype)[None], torch.cummin(above, dim=0).values)  # [T, P]: S_1 … S_T
     return curve.mean(dim=0), curve[-1]
 
 

@@ -281,7 +281,9 @@ class MetaTrainer:
         """Whether this outer step trains only the scalars (:attr:`MetaTrainConfig.scalars_first`)."""
         return self.outer_steps < self.config.scalars_first
 
-    def _apply_gradient(self, flat_grad: Tensor) -> float:
+    def apply_meta_gradient(self, flat_grad: Tensor) -> float:
+        """One outer Adam step along ``flat_grad`` ``[D]`` (after ``all_reduce``, the scalars-first mask and
+        the clips of :class:`MetaTrainConfig`); returns the estimate's norm before clipping."""
         if self.all_reduce is not None:
             flat_grad = self.all_reduce(flat_grad)
         if self.scalars_only:
@@ -321,16 +323,28 @@ class MetaTrainer:
     def step(self) -> dict[str, float]:
         """One truncation of every particle and one outer Adam step; returns its log line."""
         start = time.perf_counter()
+        meta_loss, flat_grad = self.estimate()
+        norm = math.nan if flat_grad is None else self.apply_meta_gradient(flat_grad)
+        return self.end_step(meta_loss, norm, time.perf_counter() - start)
+
+    def estimate(self) -> tuple[float, Tensor | None]:
+        """One truncation of every particle, the meta-parameters unchanged: ``(meta-loss, [D] estimate
+        of its gradient)`` — ``(nan, None)`` when an inner run diverged inside it.
+
+        Restarts the particles that reached their horizon first. :meth:`step` is
+        ``estimate`` → :meth:`apply_meta_gradient` → :meth:`end_step`; a
+        :class:`~gradgraph.optim.meta_family.TaskFamilyTrainer` averages the estimates of several trainers
+        before one outer step.
+        """
         restarted = self._restart_finished()
         saved = (self.params, self.state, self.inner_step)
         try:
             if self.config.estimator == "tbptt":
-                meta_loss, norm = self._tbptt_truncation()
-            else:
-                if self.pes is not None:
-                    half = self.config.num_particles // 2
-                    self.pes.reset(restarted[:half] | restarted[half:])
-                meta_loss, norm = self._pes_truncation()
+                return self._tbptt_truncation()
+            if self.pes is not None:
+                half = self.config.num_particles // 2
+                self.pes.reset(restarted[:half] | restarted[half:])
+            return self._pes_truncation()
         except NonFiniteError as error:
             # An inner run diverged inside this truncation: no meta-update from it. Every run
             # goes back to where the truncation started; the diverged problems (both particles
@@ -347,12 +361,15 @@ class MetaTrainer:
             if self.pes is not None:
                 self.pes.undo()  # the skipped truncation's perturbation never acted on the kept runs
                 self.pes.reset(problems)
-            meta_loss, norm = math.nan, math.nan
             self.diverged_truncations += 1
+            return math.nan, None
+
+    def end_step(self, meta_loss: float, norm: float, seconds: float) -> dict[str, float]:
+        """Count the outer step and append its log line (returned) to :attr:`history`."""
         self.outer_steps += 1
         line = {"outer_step": self.outer_steps, "meta_loss": meta_loss, "grad_norm": norm,
                 "alpha": float(self.meta_model.alpha.detach()), "beta": float(self.meta_model.beta.detach()),
-                "mu": float(self.meta_model.mu.detach()), "seconds": time.perf_counter() - start}
+                "mu": float(self.meta_model.mu.detach()), "seconds": seconds}
         if self.meta_model.schedule is not None:
             line["schedule"] = self.meta_model.schedule.detach().tolist()
         self.history.append(line)
@@ -363,7 +380,7 @@ class MetaTrainer:
         self.inner_step = self.inner_step + 1
         self.batches = self._sample(self.task.sample_batch)
 
-    def _tbptt_truncation(self) -> tuple[float, float]:
+    def _tbptt_truncation(self) -> tuple[float, Tensor]:
         params, state = self.params, self.state
         terms = []
         for _ in range(self.config.truncation):
@@ -387,14 +404,14 @@ class MetaTrainer:
         flat_grad = torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.meta_model.parameters()
         ])
-        norm = self._apply_gradient(flat_grad)
+        self.outer.zero_grad(set_to_none=True)
         self.params = {k: v.detach() for k, v in params.items()}
         self.state = state.detach()
         self.survival = survival.detach()
-        return float(meta_loss.detach()), norm
+        return float(meta_loss.detach()), flat_grad
 
     @torch.no_grad()
-    def _pes_truncation(self) -> tuple[float, float]:
+    def _pes_truncation(self) -> tuple[float, Tensor]:
         assert self.pes is not None
         thetas = self.pes.perturb(self.flat_meta_parameters(), self.scalar_mask if self.scalars_only else None)
         stacked_meta = self._unflatten_rows(thetas) if self.chain is not None else None
@@ -431,9 +448,7 @@ class MetaTrainer:
             raise _NonFiniteMetaLoss(f"meta-training ({self.task.name}): an inner run diverged (PES)",
                                      ~torch.isfinite(means))
         self.params, self.state, self.survival = params, state, survival
-        estimate = self.pes.estimate(means)
-        norm = self._apply_gradient(estimate.to(self.flat_meta_parameters().dtype))
-        return float(means.mean()), norm
+        return float(means.mean()), self.pes.estimate(means).to(self.flat_meta_parameters().dtype)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

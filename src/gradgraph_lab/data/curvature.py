@@ -335,7 +335,9 @@ def load_curvature_data(
                            draws.inputs, targets=None, loss_fn=None, builder=draws.builder, fields=draws.fields,
                            dtype=torch.float32, shard_size=config.shard_size, name="curvature-siren",
                            rank=None if context is None else context.rank,
-                           world_size=None if context is None else context.world_size, log=progress)
+                           world_size=None if context is None else context.world_size, log=progress,
+                           barrier=None if context is None else lambda: context.barrier("waiting for every rank's "
+                                                                                        "curvature zoo shards"))
     finally:
         torch.set_num_threads(threads)
     graphs = zoo.graphs

@@ -89,6 +89,10 @@ class AffineRules:
         self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
         if torch.unique(row).numel() == width:
             self.ties.append((row, merged_nodes))
+            # The copy reads its sources; where they are part of a set (h[:, ::2], cat([h1, h3])[:, ::2]),
+            # the set is cut or pinned there, as for any partial read: the tie moves the copy with its sources.
+            for index in meta.versions:
+                self.separate_part_read(self.sets[index], row)
         else:
             merged.pinned = True
             for index in meta.versions:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 
-__all__ = ["META_PRESETS", "TASKS", "add_learned_optimizer_parser"]
+__all__ = ["FAMILIES", "META_PRESETS", "TASKS", "add_learned_optimizer_parser"]
 
 #: the task names (``tasks.TASK_NAMES``, repeated here so that building the parser imports no torch).
 TASKS = ["mnist1d", "mnist1d-wide", "mnist1d-tanh", "digits", "digits-wide", "charlm"]
+#: the task families (``tasks.TASK_FAMILIES``), for ``--meta-train --family``.
+FAMILIES = ["mnist1d-family"]
 
 #: meta-training presets: budget (minutes), particles, truncation, horizon, and for ``paper`` the
 #: paper's protocol (``gradgraph.optim.PAPER_PROTOCOL``: 16 antithetic pairs, truncation 50, outer Adam
@@ -56,7 +58,7 @@ def _command(args: argparse.Namespace) -> int:
         for key in ("outer_lr", "scalar_lr", "meta_loss", "schedule", "scalars_first", "init_from", "alpha", "beta"):
             if getattr(args, key) is not None:
                 preset[key] = getattr(args, key)
-        config = MetaRunConfig(task=args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
+        config = MetaRunConfig(task=args.family or args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
                                out_dir=str(args.out_dir / f"meta-{args.variant}"), progress=not args.quiet,
                                max_outer_steps=args.max_outer_steps, start=args.start, select_every=args.select_every,
                                select_seeds=args.select_seeds,
@@ -106,6 +108,10 @@ def add_learned_optimizer_parser(subparsers: argparse._SubParsersAction) -> None
     parser.add_argument("--tasks", nargs="+", default=["mnist1d"], choices=TASKS,
                         help="benchmark tasks (meta-training uses the first); mnist1d is the main task, generated "
                              "locally by the mnist1d package (~45 s once, then cached)")
+    parser.add_argument("--family", choices=FAMILIES, default=None,
+                        help="with --meta-train: meta-train on this task family (several MLPs at once: widths, "
+                             "depths, activations, batch sizes; docs/experiments/learned-optimizer.md) instead of "
+                             "the first of --tasks; needs --start fixed")
     parser.add_argument("--optimizers", nargs="+", default=["adam", "adam-cosine", "gradmetanet"],
                         choices=["adam", "adam-cosine", "sgdm", "learned-sgdm", "deepsets", "gradmetanet"],
                         help="rows of the table: adam is the control (Adam at the target's own rate on the test "

@@ -37,7 +37,7 @@ from gradgraph_lab.checkpoints import load_checkpoint, save_checkpoint
 from gradgraph.datasets.atomic import atomic_torch_save, atomic_write_bytes
 from gradgraph_lab.distributed import SINGLE_PROCESS, DistributedContext, resolve_device
 from gradgraph.errors import GradGraphError
-from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer
+from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer, TaskFamilyTrainer
 from gradgraph.optim.meta_loss import META_LOSSES, TARGET_META_LOSSES
 from gradgraph_lab.tasks.learned_optimizer.benchmark import log_grid
 from gradgraph_lab.tasks.learned_optimizer.run import load_meta_model
@@ -48,7 +48,7 @@ from gradgraph_lab.tasks.learned_optimizer.selection import (
     score_meta_model,
     validation_protocol,
 )
-from gradgraph_lab.tasks.learned_optimizer.tasks import BenchmarkTask, get_task
+from gradgraph_lab.tasks.learned_optimizer.tasks import TASK_FAMILIES, BenchmarkTask, get_family, get_task
 
 __all__ = ["MetaRunConfig", "adam_target_loss", "copy_meta_parameters", "export_from_checkpoint", "export_meta_model",
            "run_meta_training"]
@@ -62,7 +62,10 @@ class MetaRunConfig:
     """One meta-training run.
 
     Attributes:
-        task: inner task (:data:`~gradgraph_lab.tasks.learned_optimizer.tasks.TASK_NAMES`).
+        task: inner task (:data:`~gradgraph_lab.tasks.learned_optimizer.tasks.TASK_NAMES`) or task family
+            (:data:`~gradgraph_lab.tasks.learned_optimizer.tasks.TASK_FAMILIES`: a
+            :class:`~gradgraph.optim.TaskFamilyTrainer` splits the particles over its members; each member
+            its own ``L*`` and validation protocol, a candidate's score their mean; needs ``start="fixed"``).
         variant: ``"gradmetanet"`` (ours), ``"deepsets"`` (per-parameter MLP only) or ``"sgdm"``
             (only ``α`` and ``μ``, ``β = 0``; it starts at ``α``, ``μ`` = 0.9 whatever ``start`` says:
             it has no Adam part to tune).
@@ -136,6 +139,9 @@ class MetaRunConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
+        if self.task in TASK_FAMILIES and self.start != "fixed":
+            raise GradGraphError(f"MetaRunConfig: the task family {self.task!r} needs start='fixed' (got "
+                                 f"{self.start!r}): a tuned start is one learning rate, the members' differ")
         if self.init_from is not None and self.start != "fixed":
             raise GradGraphError(f"MetaRunConfig.init_from needs start='fixed' (got {self.start!r}): a tuned start "
                                  "would replace the beta the staged run starts from")
@@ -161,8 +167,8 @@ class MetaRunConfig:
                                grad_clip_relative=self.grad_clip_relative, scalars_first=self.scalars_first)
 
 
-def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkTask, beta: float,
-           target_loss: float | None) -> MetaTrainer:
+def _build(config: MetaRunConfig, context: DistributedContext, benches: list[BenchmarkTask], beta: float,
+           targets: list[float | None]) -> MetaTrainer | TaskFamilyTrainer:
     # Same meta-model initialisation on every rank; each rank its own particles, data and
     # perturbations (seed offset by rank); meta-gradients are averaged across ranks.
     torch.manual_seed(config.seed)
@@ -170,7 +176,7 @@ def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkT
         raise GradGraphError(
             f"meta-training: {config.num_particles} particles cannot be split evenly over {context.world_size} ranks"
         )
-    trainer_config = replace(config.trainer_config(target_loss),
+    trainer_config = replace(config.trainer_config(targets[0]),
                              num_particles=config.num_particles // context.world_size,
                              seed=config.seed + 1000 * context.rank)
     sgdm = config.variant == "sgdm"
@@ -180,8 +186,10 @@ def _build(config: MetaRunConfig, context: DistributedContext, bench: BenchmarkT
     if config.init_from is not None:
         copy_meta_parameters(load_meta_model(config.init_from), meta_model)
     all_reduce = context.all_reduce_mean if context.is_distributed else None
-    task = bench.meta_task or bench.task
-    return MetaTrainer(meta_model, task, trainer_config, all_reduce=all_reduce)
+    tasks = [bench.meta_task or bench.task for bench in benches]
+    if config.task in TASK_FAMILIES:
+        return TaskFamilyTrainer(meta_model, tasks, trainer_config, targets, all_reduce=all_reduce)
+    return MetaTrainer(meta_model, tasks[0], trainer_config, all_reduce=all_reduce)
 
 
 def copy_meta_parameters(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:
@@ -203,7 +211,7 @@ def copy_meta_parameters(source: torch.nn.Module, target: torch.nn.Module) -> li
     return copied
 
 
-def export_meta_model(trainer: MetaTrainer, path: Path | str, provenance: dict[str, Any],
+def export_meta_model(trainer: MetaTrainer | TaskFamilyTrainer, path: Path | str, provenance: dict[str, Any],
                       state: dict[str, torch.Tensor] | None = None) -> None:
     """Write a meta-model alone (``{"meta_config", "meta_model", "provenance"}``), atomically.
 
@@ -277,6 +285,18 @@ def _start_protocol(config: MetaRunConfig, bench: BenchmarkTask) -> ValidationPr
     )
 
 
+def _score(protocols: list[ValidationProtocol], meta_model: LearnedUpdate) -> dict[str, float]:
+    """:func:`score_meta_model` on every member's protocol: the mean of the scores, step reductions and
+    best losses, the runs reaching in all (one protocol: its own numbers)."""
+    scores = [score_meta_model(protocol, meta_model) for protocol in protocols]
+    if len(scores) == 1:
+        return scores[0]
+    mean = {key: sum(score[key] for score in scores) / len(scores) for key in ("score", "step_reduction", "best_loss")}
+    return {**mean, "reached": sum(score["reached"] for score in scores),
+            "diverged": sum(score["diverged"] for score in scores),
+            "members": [score["step_reduction"] for score in scores]}
+
+
 def _choose_start(config: MetaRunConfig, protocol: ValidationProtocol) -> tuple[float, dict[str, float]]:
     """``(lr, {lr: validation score})``: the best of Adam's tuned rate and its grid neighbours as ``αβ``.
 
@@ -298,7 +318,7 @@ def _choose_start(config: MetaRunConfig, protocol: ValidationProtocol) -> tuple[
 
 
 def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
-                      context: DistributedContext | None = None) -> MetaTrainer:
+                      context: DistributedContext | None = None) -> MetaTrainer | TaskFamilyTrainer:
     """Meta-train under ``config``'s budget, resuming from ``<out_dir>/checkpoint.pt`` if present.
 
     Under ``torchrun`` (``context`` from :func:`gradgraph_lab.distributed.init_distributed`) every
@@ -318,17 +338,21 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     context = context or replace(SINGLE_PROCESS, device=resolve_device(config.device))
     checkpoint_path = out_dir / ("checkpoint.pt" if not context.is_distributed else f"checkpoint-rank{context.rank}.pt")
-    bench = get_task(config.task, context.device)
+    family = config.task in TASK_FAMILIES
+    benches = get_family(config.task, context.device) if family else [get_task(config.task, context.device)]
     start = time.perf_counter()
     # Deterministic, so every rank (and a resumed run) computes the same start.
-    protocol = _start_protocol(config, bench)
+    protocols = [_start_protocol(config, bench) for bench in benches]
+    protocol = protocols[0]
     # SGDM has no Adam part: it starts at (alpha, mu) as configured.
     start_lr, start_scores = ((None, {}) if config.start == "fixed" or config.variant == "sgdm"
                               else _choose_start(config, protocol))
     beta = config.beta if start_lr is None else start_lr / config.alpha
-    target_loss = adam_target_loss(protocol) if config.meta_loss in TARGET_META_LOSSES else None
-    trainer = _build(config, context, bench, beta, target_loss)
-    selection: dict[str, Any] = {"adam_lr": None if protocol is None else protocol.adam_lr, "start_lr": start_lr,
+    targets = [adam_target_loss(p) if config.meta_loss in TARGET_META_LOSSES else None for p in protocols]
+    target_loss: float | list[float | None] | None = targets if family else targets[0]
+    trainer = _build(config, context, benches, beta, targets)
+    adam_lr = None if protocol is None else [p.adam_lr for p in protocols] if family else protocol.adam_lr
+    selection: dict[str, Any] = {"adam_lr": adam_lr, "start_lr": start_lr,
                                  "start_scores": start_scores, "target_loss": target_loss, "candidates": [],
                                  "best": None}
     elapsed = time.perf_counter() - start
@@ -347,18 +371,19 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
 
     def select(bar: Any) -> None:
         assert protocol is not None
-        score = score_meta_model(protocol, trainer.meta_model)
+        score = _score(protocols, trainer.meta_model)
         candidate = {"outer_step": trainer.outer_steps, **score}
         selection["candidates"].append(candidate)
         best = selection["best"]
         if best is None or score["score"] > best["score"]:
             selection["best"] = {**candidate, "meta_model": model_copy(trainer.meta_model)}
         bar.write(f"validation protocol at outer step {trainer.outer_steps}: step reduction "
-                  f"{score['step_reduction']:.3f} ({score['reached']}/{len(protocol.seeds)} reached), best loss "
+                  f"{score['step_reduction']:.3f} ({score['reached']}/{len(protocols) * len(protocol.seeds)} reached), best loss "
                   f"{score['best_loss']:.4f}; selected: outer step {selection['best']['outer_step']}")
 
     start = time.perf_counter() - elapsed
-    with tqdm(desc=f"meta-train {config.variant} on {config.task} ({config.estimator})", unit="outer",
+    with tqdm(desc=f"meta-train {config.variant} on {config.task}"
+              f"{f' ({len(benches)} tasks)' if family else ''} ({config.estimator})", unit="outer",
               disable=not (config.progress and context.is_main_process), initial=trainer.outer_steps) as bar:
         if selecting and not selection["candidates"]:
             select(bar)  # outer step 0, the start, is always a candidate

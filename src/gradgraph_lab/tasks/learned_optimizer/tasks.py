@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import Task
 
-__all__ = ["TASK_NAMES", "BenchmarkTask", "char_corpus", "digits_split", "get_task", "make_mlp"]
+__all__ = ["TASK_FAMILIES", "TASK_NAMES", "BenchmarkTask", "char_corpus", "digits_split", "get_family", "get_task",
+           "make_mlp"]
 
 #: MNIST-1D tasks (:mod:`~gradgraph_lab.tasks.learned_optimizer.mnist1d`): widths and activation. ``mnist1d``
 #: is the main task (the paper's 8×8 F-MNIST MLP analogue); the others are held out from its meta-training.
@@ -44,6 +45,19 @@ MNIST1D_TASKS: dict[str, tuple[tuple[int, ...], type[nn.Module]]] = {
 MNIST1D_EVAL_EVERY = 5
 
 TASK_NAMES = (*MNIST1D_TASKS, "digits", "digits-wide", "charlm")
+
+#: Task families for a general-purpose file (``MetaRunConfig(task="mnist1d-family")``): member name ->
+#: ``(data, widths, activation, batch size)``, ``data`` ``"mnist1d"`` or ``"digits"``. Widths, depths, activations and batch sizes vary; the
+#: held-out tasks stay out (no tanh, nothing as wide as ``mnist1d-wide``'s 64 → 64, no digits), so the
+#: held-out rows of the benchmark measure how the family's file carries over.
+TASK_FAMILIES: dict[str, dict[str, tuple[str, tuple[int, ...], type[nn.Module], int]]] = {
+    "mnist1d-family": {
+        "mnist1d": ("mnist1d", (40, 32, 10), nn.ReLU, 128),
+        "mnist1d-deep-b64": ("mnist1d", (40, 32, 32, 10), nn.ReLU, 64),
+        "mnist1d-sigmoid-48": ("mnist1d", (40, 48, 10), nn.Sigmoid, 128),
+        "mnist1d-narrow-b256": ("mnist1d", (40, 16, 10), nn.ReLU, 256),
+    },
+}
 
 
 def make_mlp(widths: tuple[int, ...], seed: int, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -262,3 +276,24 @@ def get_task(name: str, device: torch.device | str = "cpu") -> BenchmarkTask:
     if name == "charlm":
         return _charlm_task(device)
     raise GradGraphError(f"unknown learned-optimizer task {name!r}; choose from {TASK_NAMES}")
+
+
+def get_family(name: str, device: torch.device | str = "cpu") -> list[BenchmarkTask]:
+    """The member tasks of the task family ``name`` (a key of :data:`TASK_FAMILIES`), each with its own
+    validation split, on ``device``."""
+    if name not in TASK_FAMILIES:
+        raise GradGraphError(f"unknown learned-optimizer task family {name!r}; choose from {tuple(TASK_FAMILIES)}")
+    members = []
+    for member, (data, widths, activation, batch_size) in TASK_FAMILIES[name].items():
+        if data == "mnist1d":
+            from gradgraph_lab.tasks.learned_optimizer.mnist1d import mnist1d_split
+
+            split, eval_every = mnist1d_split(), MNIST1D_EVAL_EVERY
+        elif data == "digits":
+            split, eval_every = digits_split(), 1
+        else:
+            raise GradGraphError(f"task family {name!r}, member {member!r}: unknown data {data!r} "
+                                 "(mnist1d or digits)")
+        members.append(_classification_task(member, split, widths, torch.device(device), batch_size=batch_size,
+                                            activation=activation, eval_every=eval_every))
+    return members

@@ -242,7 +242,8 @@ def load_zoo(config: ZooConfig, *, cache_root: Path | None = None, progress: boo
                    loss_fn=lambda output, labels: F.cross_entropy(output, labels, reduction="none"),
                    builder=_Networks(config, data),
                    targets=lambda index, model: torch.tensor([[held_out_accuracy(model, data)]], dtype=torch.float64),
-                   shard_size=config.shard_size, name=name, rank=rank, world_size=world, log=progress)
+                   shard_size=config.shard_size, name=name, rank=rank, world_size=world, log=progress,
+                   barrier=None if context is None else lambda: context.barrier(f"waiting for the shards in {root}"))
     graphs = [zoo[index] for index in range(len(zoo))]
     accuracy = torch.cat([graph.y[:, 0] for graph in graphs])
     net_of = torch.arange(config.num_members) // config.num_checkpoints
