@@ -69,6 +69,71 @@ def _tiles(records: list[Record], num_nodes: int) -> bool:
     return row == num_nodes
 
 
+#: at most this many nested strides describe one record's writes (else it stays a scatter)
+_MAX_STRIDED_DIMS = 8
+
+
+def _strided_pattern(source: Tensor, target: Tensor) -> tuple | None:
+    """``(source_offset, target_offset, sizes, source_strides, target_strides)`` such that
+    element ``i`` of the nested index ``sizes`` (row-major) reads flat ``source[i]`` and writes
+    flat ``target[i]``, i.e. the scatter ``out[target] = value[source]`` is one strided copy
+    ``out.as_strided(sizes, target_strides, target_offset).copy_(value.as_strided(sizes,
+    source_strides, source_offset))``; ``None`` if the two index lists are not such a pattern or
+    ``target`` writes an element twice. ``source`` / ``target``: ``[n]`` flat indices.
+
+    Found from the innermost run outwards (the longest run of equal steps in both lists, then
+    the same over the runs' starts) and checked against the lists element for element, so a
+    pattern is only ever returned for exactly the same writes."""
+    count = source.numel()
+    if count == 0 or target.numel() != count:
+        return None
+    starts = torch.stack((source, target))  # [2, m]: the first pair of every run so far
+    sizes: list[int] = []
+    steps: list[tuple[int, int]] = []
+    while starts.shape[1] > 1:
+        if len(sizes) == _MAX_STRIDED_DIMS:
+            return None
+        width = starts.shape[1]
+        differences = starts[:, 1:] - starts[:, :-1]
+        broken = torch.nonzero((differences != differences[:, :1]).any(0))
+        run = width if broken.numel() == 0 else int(broken[0]) + 1
+        if width % run:
+            return None
+        sizes.append(run)
+        steps.append((int(differences[0, 0]), int(differences[1, 0])))
+        starts = starts[:, ::run]
+    sizes, steps = sizes[::-1] or [1], steps[::-1] or [(0, 0)]  # outermost first
+    offsets = (int(source[0]), int(target[0]))
+    for side, index in enumerate((source, target)):
+        expected = torch.full(sizes, offsets[side], dtype=torch.long)
+        for dim, (size, step) in enumerate(zip(sizes, steps)):
+            shape = [1] * len(sizes)
+            shape[dim] = size
+            expected += torch.arange(size).reshape(shape) * step[side]
+        if not torch.equal(expected.reshape(-1), index):
+            return None
+    if any(step[0] < 0 or step[1] < 0 for step in steps) or torch.unique(target).numel() != count:
+        return None  # as_strided takes no negative strides; an element written twice stays a scatter
+    return (offsets[0], offsets[1], tuple(sizes), tuple(step[0] for step in steps),
+            tuple(step[1] for step in steps))
+
+
+def _strided_records(records: list[Record]) -> list[tuple | None]:
+    """Per record, its scatter as one strided copy (:func:`_strided_pattern`), or ``None``
+    (a block record, or no such pattern). A convolution's tap records read every ``k``-th
+    element of the unfolded windows: a scatter with an 8-byte index per element, each read
+    through a mask of the whole tensor, where a strided copy reads and writes in place."""
+    patterns = []
+    for record in records:
+        if record.block is not None or record.linear is None:
+            patterns.append(None)
+            continue
+        total = math.prod(record.shape)
+        source = torch.arange(total) if record.keep is None else torch.nonzero(record.keep).flatten()
+        patterns.append(_strided_pattern(source, record.linear))
+    return patterns
+
+
 def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_components: int, dtype: torch.dtype,
             device: torch.device) -> Tensor:
     """``act`` or ``grad`` ``[N, B]`` from the recorded values of ``plan.act`` / ``plan.grad``
@@ -95,17 +160,29 @@ def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_compon
     rows = target.view(plan.num_nodes, num_components)
     for start, stop in derived[("unwritten", which)]:
         rows[start:stop].zero_()
-    for value, record in zip(values, records):
+    flats: dict[int, Tensor] = {}  # id(value) -> its flat row-major view (tap records share one value)
+    for value, record, pattern in zip(values, records, derived[("strided", which)]):
         if value is None:
             if record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
                 first, width = record.block
                 rows[first:first + width].zero_()
             continue
-        if tuple(value.shape) != record.shape:
+        shared = tuple(value.shape) == record.shape  # (an expanded copy is no one else's: not kept)
+        if not shared:
             value = value.expand(record.shape)
         if record.block is not None:
             first, width = record.block
             rows[first:first + width].copy_(value.reshape(num_components, width).T)
+            continue
+        if pattern is not None:
+            flat = flats.get(id(value)) if shared else None  # (values holds it: its id is not reused)
+            if flat is None:
+                flat = value.reshape(-1)  # a view unless value is not contiguous
+                if shared:
+                    flats[id(value)] = flat
+            source_offset, target_offset, sizes, source_strides, target_strides = pattern
+            target.as_strided(sizes, target_strides, target.storage_offset() + target_offset).copy_(
+                flat.as_strided(sizes, source_strides, flat.storage_offset() + source_offset))
             continue
         value = value.reshape(-1)
         if record.keep is not None:
@@ -127,6 +204,7 @@ def _fill_recipe(plan: TracePlan, parameters: Mapping[str, Tensor]) -> None:
     for which, records in (("act", plan.act), ("grad", plan.grad)):
         plan.derived[("tiles", which)] = _tiles(records, plan.num_nodes)
         plan.derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
+        plan.derived[("strided", which)] = _strided_records(records)
     plan.derived["fill"] = True
 
 
