@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -181,8 +181,11 @@ def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_compon
                 if shared:
                     flats[id(value)] = flat
             source_offset, target_offset, sizes, source_strides, target_strides = pattern
+            # flat element i is storage element offset + i * step (a view of a slice has step > 1)
+            step = flat.stride(0)
             target.as_strided(sizes, target_strides, target.storage_offset() + target_offset).copy_(
-                flat.as_strided(sizes, source_strides, flat.storage_offset() + source_offset))
+                flat.as_strided(sizes, tuple(stride * step for stride in source_strides),
+                                flat.storage_offset() + source_offset * step))
             continue
         value = value.reshape(-1)
         if record.keep is not None:
@@ -209,8 +212,12 @@ def _fill_recipe(plan: TracePlan, parameters: Mapping[str, Tensor]) -> None:
 
 
 def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, parameters: Mapping[str, Tensor],
-          num_datapoints: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass.
+          num_datapoints: int, dtype: torch.dtype, device: torch.device,
+          sums_of: Sequence[str] = ()) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass, and
+    ``d(sum_i L_i)/dθ`` by autograd for the parameters named in ``sums_of`` (a fresh trace's
+    check, :func:`gradgraph.convert.traced._check_sums`), read off the same pass; a parameter
+    the loss does not reach is left out.
 
     ``parameters``: the model's ``named_parameters()`` as a mapping."""
     num_components = num_datapoints * plan.num_keys
@@ -228,8 +235,11 @@ def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, 
             total = objective.sum()
     # before the one backward frees the graph: each datapoint's loss must depend on it alone
     separate = check_separate(plan, objective, derived["grad_sources"], tensors, parameters, num_datapoints)
-    results = torch.autograd.grad(total, tensors + [parameters[name] for name in others] if others else tensors,
+    asked = [*others, *sums_of]
+    results = torch.autograd.grad(total, tensors + [parameters[name] for name in asked] if asked else tensors,
                                   allow_unused=True)
+    sums = {name: value for name, value in zip(sums_of, results[len(tensors) + len(others):]) if value is not None}
+    results = results[:len(tensors) + len(others)]
     separate(results)  # the pass's gradients at the frontier are the probe's plain half
     for name, result in zip(others, results[len(tensors):]):
         if result is not None:
@@ -262,7 +272,7 @@ def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, 
                 where = "input" if origin == "input" else f"'{origin}' output"
                 check_finite(f"activation of the {where} neurons", act[first:first + size])
                 check_finite(f"backpropagated signal of the {where} neurons", grad[first:first + size])
-    return act, grad
+    return act, grad, sums
 
 
 def _slots_tile(slots: list[SlotCopy], num_rows: int) -> bool:
