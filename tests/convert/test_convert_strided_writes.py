@@ -67,6 +67,17 @@ def test_nested_strided_writes_are_found(data):
     assert torch.equal(strided(pattern, values, size), scatter(source, target, values, size))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 6)), min_size=1, max_size=4))
+def test_one_to_one_is_never_wrong(dims):
+    """``_one_to_one`` may say False for an injective index, never True for one that repeats."""
+    sizes, strides = [size for size, _ in dims], [stride for _, stride in dims]
+    grid = torch.meshgrid(*[torch.arange(size) for size in sizes], indexing="ij")
+    offsets = sum(index * stride for index, stride in zip(grid, strides)).reshape(-1)
+    if assembly._one_to_one(sizes, strides):
+        assert torch.unique(offsets).numel() == offsets.numel()
+
+
 def test_repeated_or_irregular_writes_stay_scatters():
     assert assembly._strided_pattern(torch.arange(4), torch.tensor([0, 1, 1, 2])) is None  # element 1 twice
     assert assembly._strided_pattern(torch.arange(4), torch.tensor([0, 1, 2, 4])) is None

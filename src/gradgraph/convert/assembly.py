@@ -112,10 +112,23 @@ def _strided_pattern(source: Tensor, target: Tensor) -> tuple | None:
             expected += torch.arange(size).reshape(shape) * step[side]
         if not torch.equal(expected.reshape(-1), index):
             return None
-    if any(step[0] < 0 or step[1] < 0 for step in steps) or torch.unique(target).numel() != count:
+    if any(step[0] < 0 or step[1] < 0 for step in steps) or not _one_to_one(sizes, [step[1] for step in steps]) \
+            and torch.unique(target).numel() != count:
         return None  # as_strided takes no negative strides; an element written twice stays a scatter
     return (offsets[0], offsets[1], tuple(sizes), tuple(step[0] for step in steps),
             tuple(step[1] for step in steps))
+
+
+def _one_to_one(sizes: list[int], strides: list[int]) -> bool:
+    """Whether the nested index ``sizes`` with ``strides`` (non-negative) never reaches one
+    element twice, by a sufficient test (no sort of the ``prod(sizes)`` offsets): taken by
+    increasing stride, every stride exceeds the farthest reach of the dimensions before it."""
+    reach = 0
+    for size, stride in sorted((pair for pair in zip(sizes, strides) if pair[0] > 1), key=lambda pair: pair[1]):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
 
 
 def _strided_records(records: list[Record]) -> list[tuple | None]:
