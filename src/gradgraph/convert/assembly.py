@@ -131,6 +131,20 @@ def _one_to_one(sizes: list[int], strides: list[int]) -> bool:
     return True
 
 
+def _pattern_in_place(record: Record, strides: tuple[int, ...]) -> tuple | None:
+    """:func:`_strided_pattern` of ``record`` for a value of its shape with ``strides``: the
+    source offsets are the elements' offsets in that value's memory, not row-major indices."""
+    total = math.prod(record.shape)
+    offsets = torch.zeros(record.shape, dtype=torch.long)
+    for dim, (size, stride) in enumerate(zip(record.shape, strides)):
+        shape = [1] * len(record.shape)
+        shape[dim] = size
+        offsets += torch.arange(size).reshape(shape) * stride
+    offsets = offsets.reshape(-1)
+    source = offsets if record.keep is None else offsets[record.keep]
+    return _strided_pattern(source, record.linear) if source.numel() == record.linear.numel() else None
+
+
 def _strided_records(records: list[Record]) -> list[tuple | None]:
     """Per record, its scatter as one strided copy (:func:`_strided_pattern`), or ``None``
     (a block record, or no such pattern). A convolution's tap records read every ``k``-th
@@ -174,7 +188,7 @@ def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_compon
     for start, stop in derived[("unwritten", which)]:
         rows[start:stop].zero_()
     flats: dict[int, Tensor] = {}  # id(value) -> its flat row-major view (tap records share one value)
-    for value, record, pattern in zip(values, records, derived[("strided", which)]):
+    for index, (value, record, pattern) in enumerate(zip(values, records, derived[("strided", which)])):
         if value is None:
             if record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
                 first, width = record.block
@@ -187,6 +201,17 @@ def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_compon
             first, width = record.block
             rows[first:first + width].copy_(value.reshape(num_components, width).T)
             continue
+        if pattern is not None and shared and not value.is_contiguous():
+            # a permuted view (a conv's channels-last feature map): read in place, not copied
+            # row-major first; the pattern over its own strides is worked out once per strides
+            key = ("strided in place", which, index, value.stride())
+            if key not in derived:
+                derived[key] = _pattern_in_place(record, value.stride())
+            if derived[key] is not None:
+                source_offset, target_offset, sizes, source_strides, target_strides = derived[key]
+                target.as_strided(sizes, target_strides, target.storage_offset() + target_offset).copy_(
+                    value.as_strided(sizes, source_strides, value.storage_offset() + source_offset))
+                continue
         if pattern is not None:
             flat = flats.get(id(value)) if shared else None  # (values holds it: its id is not reused)
             if flat is None:
