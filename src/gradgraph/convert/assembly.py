@@ -87,36 +87,49 @@ def _strided_pattern(source: Tensor, target: Tensor) -> tuple | None:
     count = source.numel()
     if count == 0 or target.numel() != count:
         return None
-    starts = torch.stack((source, target))  # [2, m]: the first pair of every run so far
     sizes: list[int] = []
     steps: list[tuple[int, int]] = []
-    while starts.shape[1] > 1:
+    starts = (source, target)  # the first pair of every run so far (strided views, no copies)
+    while starts[0].numel() > 1:
         if len(sizes) == _MAX_STRIDED_DIMS:
             return None
-        width = starts.shape[1]
-        differences = starts[:, 1:] - starts[:, :-1]
-        broken = torch.nonzero((differences != differences[:, :1]).any(0))
-        run = width if broken.numel() == 0 else int(broken[0]) + 1
+        width = starts[0].numel()
+        run = min(_run_length(starts[0]), _run_length(starts[1]))
         if width % run:
             return None
         sizes.append(run)
-        steps.append((int(differences[0, 0]), int(differences[1, 0])))
-        starts = starts[:, ::run]
+        steps.append((int(starts[0][1] - starts[0][0]), int(starts[1][1] - starts[1][0])))
+        starts = (starts[0][::run], starts[1][::run])
     sizes, steps = sizes[::-1] or [1], steps[::-1] or [(0, 0)]  # outermost first
     offsets = (int(source[0]), int(target[0]))
     for side, index in enumerate((source, target)):
-        expected = torch.full(sizes, offsets[side], dtype=torch.long)
-        for dim, (size, step) in enumerate(zip(sizes, steps)):
-            shape = [1] * len(sizes)
-            shape[dim] = size
-            expected += torch.arange(size).reshape(shape) * step[side]
-        if not torch.equal(expected.reshape(-1), index):
+        # offset + sum_d i_d * step_d, built from the innermost axis outwards: only the last
+        # sum is as long as the list (the proposal above read runs; this checks every element)
+        expected = torch.arange(sizes[-1]) * steps[-1][side] + offsets[side]
+        for size, step in zip(sizes[-2::-1], steps[-2::-1]):
+            expected = ((torch.arange(size) * step[side])[:, None] + expected[None, :]).reshape(-1)
+        if not torch.equal(expected, index):
             return None
     if any(step[0] < 0 or step[1] < 0 for step in steps) or not _one_to_one(sizes, [step[1] for step in steps]) \
             and torch.unique(target).numel() != count:
         return None  # as_strided takes no negative strides; an element written twice stays a scatter
     return (offsets[0], offsets[1], tuple(sizes), tuple(step[0] for step in steps),
             tuple(step[1] for step in steps))
+
+
+def _run_length(values: Tensor) -> int:
+    """How many leading elements of ``values`` (``[m]``, ``m >= 2``) go by equal steps, looking at
+    growing prefixes (a run is usually short: a whole-list pass only for a run that long)."""
+    width, prefix = values.numel(), 256
+    while True:
+        head = values[:min(prefix, width)]
+        differences = head[1:] - head[:-1]
+        broken = torch.nonzero(differences != differences[0])
+        if broken.numel():
+            return int(broken[0]) + 1
+        if prefix >= width:
+            return width
+        prefix *= 16
 
 
 def _one_to_one(sizes: list[int], strides: list[int]) -> bool:
