@@ -18,6 +18,10 @@ fixed cost of issue 27 item 6 (``--blocks 2 --width 32 --heads 4 --context 16 --
 linear head on a PyG batch of ``--batch`` random graphs of ``--context`` nodes and ``2 * --context``
 edges each, one datapoint per graph (``datapoints=batch.batch``, docs/gnn.md); no torch.func row
 (graphs of a batch differ, vmap needs one shape).
+``--model resnet8`` runs a ResNet-8 (3x3 conv stem, three stages of one basic block of width ``--width``,
+2x, 4x (16: 16/32/64), each with BatchNorm in eval and a strided 1x1 shortcut where the shape changes,
+global average pooling, a linear head to 10 classes) on ``--batch`` random 32x32x3 images
+(``--width 16 --batch 32``: the issue 27 item 6 case; no torchvision).
 The row ``to_graph (first)`` empties the plan cache first: a first conversion (trace, layout,
 the check of the summed gradient against autograd).
 
@@ -29,6 +33,7 @@ Usage::
     python benchmarks/traced.py --model gpt2 --blocks 2 --width 32 --heads 4 --context 16 --batch 8 --vocab 50
     python benchmarks/traced.py --device cuda    # on a GPU (peak memory: the CUDA allocator's)
     python benchmarks/traced.py --model gpt2 ... --fastest --rounds 60   # fastest rounds, not medians
+    python benchmarks/traced.py --model resnet8 --width 16 --batch 32 --fastest --rounds 9
 """
 
 from __future__ import annotations
@@ -54,6 +59,39 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1)
 
 
+class BasicBlock(torch.nn.Module):
+    """Two 3x3 convolutions with BatchNorm, a residual add; a strided 1x1 shortcut where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                                torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet8(torch.nn.Module):
+    """ResNet-8: conv stem, three stages of one basic block (w, 2w, 4w), global average pool, linear head."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.bn = torch.nn.Conv2d(3, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
+        self.blocks = torch.nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2),
+                                          BasicBlock(2 * width, 4 * width, 2))
+        self.fc = torch.nn.Linear(4 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=4)
@@ -65,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-edge-components", type=float, default=2e8)
-    parser.add_argument("--model", choices=("gpt", "mlp", "gpt2", "gcn"), default="gpt")
+    parser.add_argument("--model", choices=("gpt", "mlp", "gpt2", "gcn", "resnet8"), default="gpt")
     parser.add_argument("--mlp-width", type=int, default=280, help="hidden width of --model mlp (280: 100k parameters)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     parser.add_argument("--fastest", action="store_true",
@@ -82,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
                                     torch.nn.ReLU(), torch.nn.Linear(width, 10))
         ids, targets = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
+        loss_fn = lambda logits, y: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
+    elif args.model == "resnet8":
+        width, batch, side = (4, 2, 8) if args.quick else (args.width, args.batch, 32)
+        model = ResNet8(width).eval()  # BatchNorm in eval, its statistics away from the defaults
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.normal_(0, 0.1)
+                    module.running_var.uniform_(0.5, 1.5)
+        ids, targets = torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,))
         loss_fn = lambda logits, y: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
     elif args.model == "gcn":
         from torch_geometric.data import Batch, Data
@@ -182,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.model == "gpt2":
         print(f"transformers GPT2LMHeadModel: {args.blocks} blocks, d={args.width}, {args.heads} heads, T={args.context}, "
               f"b={args.batch}, vocab {args.vocab}, {parameters} parameters; graph {graph}; {threads} thread(s)")
+    elif args.model == "resnet8":
+        print(f"ResNet-8: width {width}/{2 * width}/{4 * width}, BatchNorm (eval), {side}x{side}x3 inputs, b={batch}, "
+              f"{parameters} parameters; graph {graph}; {threads} thread(s)")
     elif args.model == "mlp":
         print(f"MLP: 64 -> {width} -> {width} -> 10, b={batch}, {parameters} parameters; graph {graph}; {threads} thread(s)")
     else:

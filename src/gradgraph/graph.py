@@ -640,8 +640,17 @@ def _edge_block(src: Tensor, dst: Tensor, positions: Tensor) -> tuple[str, Tenso
     if (src_max - src_min + 1) * (dst_max - dst_min + 1) == len(src):
         # whole runs of node numbers (a converter lays out a layer's neurons consecutively): the
         # sources and destinations are named without a sort
-        cols, col_index = torch.arange(src_min, src_max + 1, device=src.device), src - src_min
-        rows, row_index = torch.arange(dst_min, dst_max + 1, device=dst.device), dst - dst_min
+        cols = torch.arange(src_min, src_max + 1, device=src.device)
+        rows = torch.arange(dst_min, dst_max + 1, device=dst.device)
+        shape = (len(rows), len(cols))
+        if len(cols) > 1 and len(rows) > 1 and torch.equal(dst.reshape(shape), rows[:, None].expand(shape)) \
+                and torch.equal(src.reshape(shape), cols[None, :].expand(shape)):
+            # edges in row-major order (every nn.Linear of a converter): edge i is cell i, each
+            # (row, column) pair once; the table is the positions as they are, no scatter
+            table = positions.reshape(shape)
+            if bool((table >= 0).all()):  # (else: as below, not a dense block)
+                return "dense", rows, cols, table, consecutive_span(table)
+        col_index, row_index = src - src_min, dst - dst_min
     else:
         cols, col_index = torch.unique(src, return_inverse=True)
         rows, row_index = torch.unique(dst, return_inverse=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +69,111 @@ def _tiles(records: list[Record], num_nodes: int) -> bool:
     return row == num_nodes
 
 
+#: at most this many nested strides describe one record's writes (else it stays a scatter)
+_MAX_STRIDED_DIMS = 8
+
+
+def _strided_pattern(source: Tensor, target: Tensor) -> tuple | None:
+    """``(source_offset, target_offset, sizes, source_strides, target_strides)`` such that
+    element ``i`` of the nested index ``sizes`` (row-major) reads flat ``source[i]`` and writes
+    flat ``target[i]``, i.e. the scatter ``out[target] = value[source]`` is one strided copy
+    ``out.as_strided(sizes, target_strides, target_offset).copy_(value.as_strided(sizes,
+    source_strides, source_offset))``; ``None`` if the two index lists are not such a pattern or
+    ``target`` writes an element twice. ``source`` / ``target``: ``[n]`` flat indices.
+
+    Found from the innermost run outwards (the longest run of equal steps in both lists, then
+    the same over the runs' starts) and checked against the lists element for element, so a
+    pattern is only ever returned for exactly the same writes."""
+    count = source.numel()
+    if count == 0 or target.numel() != count:
+        return None
+    sizes: list[int] = []
+    steps: list[tuple[int, int]] = []
+    starts = (source, target)  # the first pair of every run so far (strided views, no copies)
+    while starts[0].numel() > 1:
+        if len(sizes) == _MAX_STRIDED_DIMS:
+            return None
+        width = starts[0].numel()
+        run = min(_run_length(starts[0]), _run_length(starts[1]))
+        if width % run:
+            return None
+        sizes.append(run)
+        steps.append((int(starts[0][1] - starts[0][0]), int(starts[1][1] - starts[1][0])))
+        starts = (starts[0][::run], starts[1][::run])
+    sizes, steps = sizes[::-1] or [1], steps[::-1] or [(0, 0)]  # outermost first
+    offsets = (int(source[0]), int(target[0]))
+    for side, index in enumerate((source, target)):
+        # offset + sum_d i_d * step_d, built from the innermost axis outwards: only the last
+        # sum is as long as the list (the proposal above read runs; this checks every element)
+        expected = torch.arange(sizes[-1]) * steps[-1][side] + offsets[side]
+        for size, step in zip(sizes[-2::-1], steps[-2::-1]):
+            expected = ((torch.arange(size) * step[side])[:, None] + expected[None, :]).reshape(-1)
+        if not torch.equal(expected, index):
+            return None
+    if any(step[0] < 0 or step[1] < 0 for step in steps) or not _one_to_one(sizes, [step[1] for step in steps]) \
+            and torch.unique(target).numel() != count:
+        return None  # as_strided takes no negative strides; an element written twice stays a scatter
+    return (offsets[0], offsets[1], tuple(sizes), tuple(step[0] for step in steps),
+            tuple(step[1] for step in steps))
+
+
+def _run_length(values: Tensor) -> int:
+    """How many leading elements of ``values`` (``[m]``, ``m >= 2``) go by equal steps, looking at
+    growing prefixes (a run is usually short: a whole-list pass only for a run that long)."""
+    width, prefix = values.numel(), 256
+    while True:
+        head = values[:min(prefix, width)]
+        differences = head[1:] - head[:-1]
+        broken = torch.nonzero(differences != differences[0])
+        if broken.numel():
+            return int(broken[0]) + 1
+        if prefix >= width:
+            return width
+        prefix *= 16
+
+
+def _one_to_one(sizes: list[int], strides: list[int]) -> bool:
+    """Whether the nested index ``sizes`` with ``strides`` (non-negative) never reaches one
+    element twice, by a sufficient test (no sort of the ``prod(sizes)`` offsets): taken by
+    increasing stride, every stride exceeds the farthest reach of the dimensions before it."""
+    reach = 0
+    for size, stride in sorted((pair for pair in zip(sizes, strides) if pair[0] > 1), key=lambda pair: pair[1]):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
+
+
+def _pattern_in_place(record: Record, strides: tuple[int, ...]) -> tuple | None:
+    """:func:`_strided_pattern` of ``record`` for a value of its shape with ``strides``: the
+    source offsets are the elements' offsets in that value's memory, not row-major indices."""
+    total = math.prod(record.shape)
+    offsets = torch.zeros(record.shape, dtype=torch.long)
+    for dim, (size, stride) in enumerate(zip(record.shape, strides)):
+        shape = [1] * len(record.shape)
+        shape[dim] = size
+        offsets += torch.arange(size).reshape(shape) * stride
+    offsets = offsets.reshape(-1)
+    source = offsets if record.keep is None else offsets[record.keep]
+    return _strided_pattern(source, record.linear) if source.numel() == record.linear.numel() else None
+
+
+def _strided_records(records: list[Record]) -> list[tuple | None]:
+    """Per record, its scatter as one strided copy (:func:`_strided_pattern`), or ``None``
+    (a block record, or no such pattern). A convolution's tap records read every ``k``-th
+    element of the unfolded windows: a scatter with an 8-byte index per element, each read
+    through a mask of the whole tensor, where a strided copy reads and writes in place."""
+    patterns = []
+    for record in records:
+        if record.block is not None or record.linear is None:
+            patterns.append(None)
+            continue
+        total = math.prod(record.shape)
+        source = torch.arange(total) if record.keep is None else torch.nonzero(record.keep).flatten()
+        patterns.append(_strided_pattern(source, record.linear))
+    return patterns
+
+
 def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_components: int, dtype: torch.dtype,
             device: torch.device) -> Tensor:
     """``act`` or ``grad`` ``[N, B]`` from the recorded values of ``plan.act`` / ``plan.grad``
@@ -95,17 +200,43 @@ def _factor(plan: TracePlan, which: str, values: list[Tensor | None], num_compon
     rows = target.view(plan.num_nodes, num_components)
     for start, stop in derived[("unwritten", which)]:
         rows[start:stop].zero_()
-    for value, record in zip(values, records):
+    flats: dict[int, Tensor] = {}  # id(value) -> its flat row-major view (tap records share one value)
+    for index, (value, record, pattern) in enumerate(zip(values, records, derived[("strided", which)])):
         if value is None:
             if record.block is not None:  # no gradient reached it: its rows are zero, not unwritten
                 first, width = record.block
                 rows[first:first + width].zero_()
             continue
-        if tuple(value.shape) != record.shape:
+        shared = tuple(value.shape) == record.shape  # (an expanded copy is no one else's: not kept)
+        if not shared:
             value = value.expand(record.shape)
         if record.block is not None:
             first, width = record.block
             rows[first:first + width].copy_(value.reshape(num_components, width).T)
+            continue
+        if pattern is not None and shared and not value.is_contiguous():
+            # a permuted view (a conv's channels-last feature map): read in place, not copied
+            # row-major first; the pattern over its own strides is worked out once per strides
+            key = ("strided in place", which, index, value.stride())
+            if key not in derived:
+                derived[key] = _pattern_in_place(record, value.stride())
+            if derived[key] is not None:
+                source_offset, target_offset, sizes, source_strides, target_strides = derived[key]
+                target.as_strided(sizes, target_strides, target.storage_offset() + target_offset).copy_(
+                    value.as_strided(sizes, source_strides, value.storage_offset() + source_offset))
+                continue
+        if pattern is not None:
+            flat = flats.get(id(value)) if shared else None  # (values holds it: its id is not reused)
+            if flat is None:
+                flat = value.reshape(-1)  # a view unless value is not contiguous
+                if shared:
+                    flats[id(value)] = flat
+            source_offset, target_offset, sizes, source_strides, target_strides = pattern
+            # flat element i is storage element offset + i * step (a view of a slice has step > 1)
+            step = flat.stride(0)
+            target.as_strided(sizes, target_strides, target.storage_offset() + target_offset).copy_(
+                flat.as_strided(sizes, tuple(stride * step for stride in source_strides),
+                                flat.storage_offset() + source_offset * step))
             continue
         value = value.reshape(-1)
         if record.keep is not None:
@@ -127,12 +258,17 @@ def _fill_recipe(plan: TracePlan, parameters: Mapping[str, Tensor]) -> None:
     for which, records in (("act", plan.act), ("grad", plan.grad)):
         plan.derived[("tiles", which)] = _tiles(records, plan.num_nodes)
         plan.derived[("unwritten", which)] = _unwritten_rows(plan.num_nodes, records)
+        plan.derived[("strided", which)] = _strided_records(records)
     plan.derived["fill"] = True
 
 
 def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, parameters: Mapping[str, Tensor],
-          num_datapoints: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass.
+          num_datapoints: int, dtype: torch.dtype, device: torch.device,
+          sums_of: Sequence[str] = ()) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``act``, ``grad`` ``[N, B]`` from the recorded tensors, with the one backward pass, and
+    ``d(sum_i L_i)/dθ`` by autograd for the parameters named in ``sums_of`` (a fresh trace's
+    check, :func:`gradgraph.convert.traced._check_sums`), read off the same pass; a parameter
+    the loss does not reach is left out.
 
     ``parameters``: the model's ``named_parameters()`` as a mapping."""
     num_components = num_datapoints * plan.num_keys
@@ -150,8 +286,11 @@ def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, 
             total = objective.sum()
     # before the one backward frees the graph: each datapoint's loss must depend on it alone
     separate = check_separate(plan, objective, derived["grad_sources"], tensors, parameters, num_datapoints)
-    results = torch.autograd.grad(total, tensors + [parameters[name] for name in others] if others else tensors,
+    asked = [*others, *sums_of]
+    results = torch.autograd.grad(total, tensors + [parameters[name] for name in asked] if asked else tensors,
                                   allow_unused=True)
+    sums = {name: value for name, value in zip(sums_of, results[len(tensors) + len(others):]) if value is not None}
+    results = results[:len(tensors) + len(others)]
     separate(results)  # the pass's gradients at the frontier are the probe's plain half
     for name, result in zip(others, results[len(tensors):]):
         if result is not None:
@@ -184,7 +323,7 @@ def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, 
                 where = "input" if origin == "input" else f"'{origin}' output"
                 check_finite(f"activation of the {where} neurons", act[first:first + size])
                 check_finite(f"backpropagated signal of the {where} neurons", grad[first:first + size])
-    return act, grad
+    return act, grad, sums
 
 
 def _slots_tile(slots: list[SlotCopy], num_rows: int) -> bool:

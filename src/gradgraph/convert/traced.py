@@ -367,15 +367,16 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
                                                             plan.wanted)
     device = run.x.device if run.trace is None else run.trace.params[0].device
     # a fresh trace is checked once against autograd (a replay runs the same ops on the same plan)
-    truth = _autograd_sums(plan, objective, scan.parameters) if run.plan is None else None
-    act, grad = fill_factors(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints, run.dtype,
-                             device)
+    # (autograd's summed gradient, read off the conversion's one backward pass)
+    checked = _checked_parameters(plan, objective, scan.parameters) if run.plan is None else ()
+    act, grad, truth = fill_factors(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints,
+                                    run.dtype, device, sums_of=checked)
     # the recorded activations are no longer needed: freeing them before the O(P) edge values
     # are allocated lowers the conversion's peak memory (the dict is their only holder)
     run.captured.clear()
     run.trace = None  # after a trace: the tensors its records and sets kept
     graph = assemble(plan, scan.parameters, act, grad, run.num_datapoints)
-    if truth is not None:
+    if run.plan is None:
         _check_sums(graph, truth, run.num_datapoints)
         PLAN_CACHE.put(run.key, plan)
     # the per-datapoint losses (output mode: outputs) the factors are the gradients of: [b]
@@ -383,16 +384,12 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     return graph
 
 
-def _autograd_sums(plan: TracePlan, objective: Tensor, parameters: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``d(sum_i L_i)/dθ`` by autograd for each parameter of the plan that requires grad (the
-    graph is kept for the one backward pass that follows)."""
-    names = [name for name in dict.fromkeys(plan.param_names) if parameters[name].requires_grad]
-    if not names or objective.grad_fn is None:
-        return {}
-    with torch.enable_grad():
-        total = objective.sum()
-    sums = torch.autograd.grad(total, [parameters[name] for name in names], retain_graph=True, allow_unused=True)
-    return {name: value for name, value in zip(names, sums) if value is not None}
+def _checked_parameters(plan: TracePlan, objective: Tensor, parameters: dict[str, Tensor]) -> list[str]:
+    """The parameters of the plan whose summed gradient ``d(sum_i L_i)/dθ`` a fresh trace checks
+    against autograd (those that require grad; none if the objective has no autograd graph)."""
+    if objective.grad_fn is None:
+        return []
+    return [name for name in dict.fromkeys(plan.param_names) if parameters[name].requires_grad]
 
 
 #: the graph's summed gradient and autograd's differ by rounding only; this many eps of the dtype
@@ -404,7 +401,8 @@ def _check_sums(graph: GradGraph, truth: dict[str, Tensor], num_datapoints: int)
     """Refuse a fresh trace whose graph's gradient of some parameter, summed over datapoints,
     is not autograd's: a path from the parameter to the loss that no rule followed (a value computed
     from a parameter that an op's rule reads as a constant) would otherwise make every per-sample
-    gradient of it silently wrong. Cost: one backward pass and ``mean_grad()``, on a fresh trace only."""
+    gradient of it silently wrong. Cost: ``mean_grad()``, on a fresh trace only (autograd's side,
+    ``truth``, is read off the conversion's own backward pass: :func:`fill_factors`' ``sums_of``)."""
     if not truth:
         return
     ours = graph.mean_grad()
