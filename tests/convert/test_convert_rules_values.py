@@ -1,0 +1,219 @@
+"""The trace rules' values and refusals where the other convert tests walk only one path
+(mutation testing of ``convert/``, docs/mutation.md: each test names the mutants it kills).
+
+Every conversion is checked against torch.func's per-sample gradients in float64
+(``assert_exact_per_sample_grads``), a group element against the permuted model
+(``assert_group_keeps_function``), and every refusal by its whole message (the user's frame
+it names matched as ``FILE:LINE in FUNCTION``: under mutmut that frame is its trampoline).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+import gradgraph
+from gradgraph.convert.trace import UnsupportedOperationError
+
+DTYPE = torch.float64
+
+
+def squared_error(output, targets):
+    return (output - targets).pow(2).sum(-1)
+
+
+class Around(nn.Module):
+    """``l2(f(tanh(l1(x))))``; ``x`` ``[b, d_in]`` or ``[b, T, d_in]``; ``f`` maps ``[..., hidden]``
+    to ``[b, hidden]`` (a token model pools inside ``f``)."""
+
+    def __init__(self, f, d_in: int = 4, hidden: int = 6, d_out: int = 3):
+        super().__init__()
+        self.l1, self.l2, self.f = nn.Linear(d_in, hidden), nn.Linear(hidden, d_out), f
+
+    def forward(self, x):
+        return self.l2(self.f(torch.tanh(self.l1(x))))
+
+
+def _model(f, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Around(f).to(DTYPE)
+
+
+def _batch(tokens: bool):
+    generator = torch.Generator().manual_seed(1)
+    shape = (5, 3, 4) if tokens else (5, 4)
+    return torch.randn(*shape, dtype=DTYPE, generator=generator), torch.randn(5, 3, dtype=DTYPE, generator=generator)
+
+
+# ------------------------------------------------------------------ softmax
+@pytest.mark.parametrize("softmax", [
+    lambda h: F.softmax(h, dim=-1),
+    lambda h: torch.softmax(h, dim=1),
+    lambda h: F.softmax(h, 1),
+], ids=["F-keyword-minus-one", "torch-keyword-one", "F-positional-one"])
+def test_a_softmax_over_the_features_with_its_dim_written_any_way_converts_exactly(softmax):
+    """A softmax over a set's features, its ``dim`` a keyword or positional, negative or not.
+
+    Checked to fail (``MUTANT_UNDER_TEST``) on ``ElementwiseRules.softmax`` 16, 18 (``args[1]``
+    read when only the keyword holds the dim: an ``IndexError``)."""
+    inputs, targets = _batch(tokens=False)
+    assert_exact_per_sample_grads(_model(softmax), inputs, targets, squared_error)
+
+
+SOFTMAX_OVER_POSITIONS = (
+    r"^[^ ]+:\d+ in [^ ]+: {op}: a softmax across positions or part of the features, and its result reaches "
+    r"torch\.nn\.functional\.linear with the parameter 'l2\.weight' at [^ ]+:\d+ in Around\.forward \(module "
+    r"'l2'\)\. Write it with supported ops, register it with gradgraph\.convert\.register_elementwise if it is "
+    r"elementwise, or register a converter for the whole module$"
+)
+
+
+@pytest.mark.parametrize(("softmax", "op"), [
+    (lambda h: F.softmax(h, dim=1).mean(1), r"torch\.nn\.functional\.softmax"),
+    (lambda h: torch.softmax(h, 1).mean(1), r"torch\.softmax"),
+    (lambda h: h.reshape(h.shape[0], -1).softmax(-1).reshape(h.shape).mean(1), r"Tensor\.softmax"),
+], ids=["keyword-dim", "positional-dim", "tokens-and-features-flattened"])
+def test_a_softmax_over_positions_is_refused_where_its_result_reaches_a_parameter(softmax, op):
+    """A softmax over a token axis (its dim a keyword or positional), or over an axis that holds
+    tokens and features together, mixes positions: refused, by the whole message.
+
+    Checked to fail (``MUTANT_UNDER_TEST``) on ``ElementwiseRules.softmax`` 9, 13, 14 (the
+    keyword ``dim`` not read: the last axis taken), 15, 19 (the positional dim not read),
+    25, 26 (the softmax over tokens and features taken as elementwise), 54-63 (the opaque
+    mark's output, op, reason or sets dropped or changed)."""
+    inputs, targets = _batch(tokens=True)
+    with pytest.raises(UnsupportedOperationError, match=SOFTMAX_OVER_POSITIONS.format(op=op)):
+        gradgraph.to_graph(_model(softmax), inputs, targets, squared_error)
+
+
+class SoftmaxFirst(nn.Module):
+    """``l2(tanh(l1(softmax(x.T, -1).T)))``: a softmax over the *datapoints* of the raw input."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x.transpose(0, 1).softmax(-1).transpose(0, 1))))
+
+
+def test_an_input_read_first_by_a_softmax_across_datapoints_is_refused_naming_the_softmax():
+    """The input read by a softmax with its datapoints last: refused, naming the softmax.
+    Checked to fail on ``ElementwiseRules.softmax`` 3 (the reader's name not passed on)."""
+    inputs, targets = _batch(tokens=False)
+    with pytest.raises(UnsupportedOperationError,
+                       match=r"^[^ ]+:\d+ in [^ ]+: Tensor\.softmax: the input's features are not its "
+                             r"last axis$"):
+        gradgraph.to_graph(SoftmaxFirst().to(DTYPE), inputs, targets, squared_error)
+
+
+# ------------------------------------------------------------------ fused gates
+class SwappedSwiGLU(nn.Module):
+    """``head(h + w3(silu(a) * b))`` with ``b, a = w12(h).chunk(2, -1)``: the gate is the *second*
+    half of the fused output (as some checkpoints order it)."""
+
+    def __init__(self, d: int = 5, hidden: int = 4, classes: int = 3):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.w12 = nn.Linear(d, 2 * hidden)
+        self.w3 = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        b, a = self.w12(h).chunk(2, dim=-1)
+        return self.head(h + self.w3(F.silu(a) * b))
+
+
+def test_a_fused_gate_whose_gate_is_the_second_half_is_exact_and_keeps_its_group():
+    """Exact per-sample gradients, and the inferred group keeps the function and moves the
+    hidden neurons (each half by the product's permutation).
+
+    Checked to fail on ``ElementwiseRules.split_fused_gate`` 26 (``low_a <= high_b``: the halves
+    in this order read as overlapping, the set not cut, no symmetry of the hidden neurons)."""
+    torch.manual_seed(0)
+    model = SwappedSwiGLU().to(DTYPE)
+    inputs, targets = _batch(tokens=False)
+    inputs = torch.cat([inputs, inputs[:, :1]], dim=1)
+    assert_exact_per_sample_grads(model, inputs, targets, squared_error)
+    moved = sum(assert_group_keeps_function(model, inputs, targets, squared_error, seed=seed)[0] for seed in range(4))
+    assert moved > 0
+
+
+# ------------------------------------------------------------------ parameters as biases and scales
+class ParameterAfter(nn.Module):
+    """``l2(f(tanh(l1(x)), ...))`` with ``l1`` without bias, where ``f`` adds or multiplies the
+    module's own parameters: ``kind`` picks the model (every parameter reaches the loss).
+
+    - ``"bias-after-activation"``: ``tanh(l1(x)) + b`` (a bias on values that are no fresh
+      affine output: a new set of neurons holding ``b`` as their bias);
+    - ``"absorbed"``: ``tanh(l1(x) + b)`` (``b`` becomes ``l1``'s neurons' bias: no new set);
+    - ``"two-biases"``: ``tanh(l1(x) + b + c)`` (``b`` absorbed, ``c`` a new set);
+    - ``"position"``: ``(tanh(l1(x)) + p).mean(1)`` with ``p`` ``[T, hidden]`` (a position
+      embedding added after the activation);
+    - ``"scale-per-position"``: ``(tanh(l1(x)) * p).mean(1)`` (refused);
+    - ``"scale-on-tokens"``: ``(tanh(l1(x)).transpose(1, 2) * t).mean(2)`` with ``t`` ``[T]``
+      (refused: the last axis holds positions).
+    ``b`` is the first parameter (index 0)."""
+
+    def __init__(self, kind: str, d_in: int = 4, hidden: int = 6, tokens: int = 3, d_out: int = 3):
+        super().__init__()
+        self.kind = kind
+        self.b = nn.Parameter(torch.randn(hidden)) if kind in ("bias-after-activation", "absorbed", "two-biases") \
+            else None
+        self.c = nn.Parameter(torch.randn(hidden)) if kind == "two-biases" else None
+        self.p = nn.Parameter(torch.randn(tokens, hidden)) if kind in ("position", "scale-per-position") else None
+        self.t = nn.Parameter(torch.randn(tokens)) if kind == "scale-on-tokens" else None
+        self.l1, self.l2 = nn.Linear(d_in, hidden, bias=False), nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        if self.kind == "bias-after-activation":
+            h = torch.tanh(self.l1(x)) + self.b
+        elif self.kind == "absorbed":
+            h = torch.tanh(self.l1(x) + self.b)
+        elif self.kind == "two-biases":
+            h = torch.tanh(self.l1(x) + self.b + self.c)
+        elif self.kind == "position":
+            h = (torch.tanh(self.l1(x)) + self.p).mean(1)
+        elif self.kind == "scale-per-position":
+            h = (torch.tanh(self.l1(x)) * self.p).mean(1)
+        else:
+            h = (torch.tanh(self.l1(x)).transpose(1, 2) * self.t).mean(2)
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("batch", [5, 1])
+@pytest.mark.parametrize(("kind", "num_nodes"), [
+    ("bias-after-activation", 4 + 6 + 6 + 3), ("absorbed", 4 + 6 + 3), ("two-biases", 4 + 6 + 6 + 3), ("position", None),
+])
+def test_a_parameter_added_to_neurons_is_their_bias_exactly(kind, num_nodes, batch):
+    """A parameter added to neurons: absorbed as the bias of a fresh ``Linear`` output that has
+    none (no new neurons), else the bias of a new set; per position when it differs between
+    positions. Exact per-sample gradients, for a batch of one datapoint too.
+
+    Checked to fail (``MUTANT_UNDER_TEST``) on ``ElementwiseRules.with_parameter`` 72, 155 (the
+    second row read: none in a batch of one), 73-83, 91 (the absorption's test), 85, 86
+    (``bias_param <= 0`` / ``< 1``: ``c`` overwrites ``b``, parameter 0), 115-129 (the new
+    set), 164, 167 (the lookup not ``long``), 43-56 (the position embedding's path)."""
+    torch.manual_seed(0)
+    model = ParameterAfter(kind).to(DTYPE)
+    inputs, targets = _batch(tokens=kind == "position")
+    graph = assert_exact_per_sample_grads(model, inputs[:batch], targets[:batch], squared_error)
+    if num_nodes is not None:
+        assert graph.num_nodes == num_nodes
+
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("scale-per-position", "a parameter multiplying neurons that differs between positions"),
+    ("scale-on-tokens", "a parameter combined with values that are not one neuron per feature"),
+])
+def test_a_parameter_that_is_no_bias_or_scale_per_feature_is_refused(kind, reason):
+    """Refused by the whole message. Checked to fail on ``ElementwiseRules.with_parameter``
+    37-42 and 65-70 (the op or the reason dropped or changed)."""
+    torch.manual_seed(0)
+    inputs, targets = _batch(tokens=True)
+    with pytest.raises(UnsupportedOperationError, match=rf"^[^ ]+:\d+ in [^ ]+: Tensor\.mul: {reason}$"):
+        gradgraph.to_graph(ParameterAfter(kind).to(DTYPE), inputs, targets, squared_error)
