@@ -16,6 +16,7 @@ from torch import nn
 from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
 
 import gradgraph
+from gradgraph import ActivationKind
 from gradgraph.convert.trace import UnsupportedOperationError
 
 DTYPE = torch.float64
@@ -89,25 +90,29 @@ def test_a_softmax_over_positions_is_refused_where_its_result_reaches_a_paramete
         gradgraph.to_graph(_model(softmax), inputs, targets, squared_error)
 
 
-class SoftmaxFirst(nn.Module):
-    """``l2(tanh(l1(softmax(x.T, -1).T)))``: a softmax over the *datapoints* of the raw input."""
+class ReadFirst(nn.Module):
+    """``l2(tanh(l1(f(x.T).T)))``: an op over the *datapoints* of the raw input, read first."""
 
-    def __init__(self):
+    def __init__(self, f):
         super().__init__()
-        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.l1, self.l2, self.f = nn.Linear(4, 6), nn.Linear(6, 3), f
 
     def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x.transpose(0, 1).softmax(-1).transpose(0, 1))))
+        return self.l2(torch.tanh(self.l1(self.f(x.transpose(0, 1)).transpose(0, 1))))
 
 
-def test_an_input_read_first_by_a_softmax_across_datapoints_is_refused_naming_the_softmax():
-    """The input read by a softmax with its datapoints last: refused, naming the softmax.
-    Checked to fail on ``ElementwiseRules.softmax`` 3 (the reader's name not passed on)."""
+@pytest.mark.parametrize(("f", "op"), [
+    (lambda x: x.softmax(-1), r"Tensor\.softmax"),
+    (torch.tanh, r"torch\.tanh"),
+], ids=["softmax", "tanh"])
+def test_an_input_read_first_with_its_datapoints_last_is_refused_naming_the_op(f, op):
+    """The input read by an elementwise op or a softmax with its datapoints last: refused,
+    naming that op. Checked to fail on ``ElementwiseRules.softmax`` 3 and ``ElementwiseRules.unary``
+    3 (the reader's name not passed on)."""
     inputs, targets = _batch(tokens=False)
     with pytest.raises(UnsupportedOperationError,
-                       match=r"^[^ ]+:\d+ in [^ ]+: Tensor\.softmax: the input's features are not its "
-                             r"last axis$"):
-        gradgraph.to_graph(SoftmaxFirst().to(DTYPE), inputs, targets, squared_error)
+                       match=rf"^[^ ]+:\d+ in [^ ]+: {op}: the input's features are not its last axis$"):
+        gradgraph.to_graph(ReadFirst(f).to(DTYPE), inputs, targets, squared_error)
 
 
 # ------------------------------------------------------------------ fused gates
@@ -217,3 +222,32 @@ def test_a_parameter_that_is_no_bias_or_scale_per_feature_is_refused(kind, reaso
     inputs, targets = _batch(tokens=True)
     with pytest.raises(UnsupportedOperationError, match=rf"^[^ ]+:\d+ in [^ ]+: Tensor\.mul: {reason}$"):
         gradgraph.to_graph(ParameterAfter(kind).to(DTYPE), inputs, targets, squared_error)
+
+
+# ------------------------------------------------------------------ activation labels
+class Elementwise(nn.Module):
+    """``l2(f(l1(x)))``: the hidden neurons' activation label is ``f``'s."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.l1, self.l2, self.f = nn.Linear(4, 6), nn.Linear(6, 3), f
+
+    def forward(self, x):
+        return self.l2(self.f(self.l1(x)))
+
+
+@pytest.mark.parametrize(("f", "label"), [
+    (torch.tanh, ActivationKind.TANH),
+    (lambda h: h * 2.0, ActivationKind.OTHER),
+    (lambda h: torch.tanh(h) * 2.0, ActivationKind.OTHER),
+], ids=["tanh", "times-two", "tanh-times-two"])
+def test_an_elementwise_op_other_than_one_activation_labels_the_neurons_other(f, label):
+    """``graph.activation`` of ``l1``'s neurons: the activation when it is the one op applied,
+    ``OTHER`` when another elementwise op (a constant factor) changes them.
+
+    Checked to fail on ``ElementwiseRules.unary`` 17 (the constant factor of ``l1(x) * 2`` not
+    counted: labelled the identity)."""
+    torch.manual_seed(0)
+    inputs, targets = _batch(tokens=False)
+    graph = assert_exact_per_sample_grads(Elementwise(f).to(DTYPE), inputs, targets, squared_error)
+    assert graph.activation[4:10].tolist() == [int(label)] * 6
