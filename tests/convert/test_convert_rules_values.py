@@ -16,7 +16,7 @@ from torch import nn
 from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
 
 import gradgraph
-from gradgraph import ActivationKind
+from gradgraph import ActivationKind, EdgeKind
 from gradgraph.convert.trace import UnsupportedOperationError
 
 DTYPE = torch.float64
@@ -202,13 +202,17 @@ def test_a_parameter_added_to_neurons_is_their_bias_exactly(kind, num_nodes, bat
     Checked to fail (``MUTANT_UNDER_TEST``) on ``ElementwiseRules.with_parameter`` 72, 155 (the
     second row read: none in a batch of one), 73-83, 91 (the absorption's test), 85, 86
     (``bias_param <= 0`` / ``< 1``: ``c`` overwrites ``b``, parameter 0), 115-129 (the new
-    set), 164, 167 (the lookup not ``long``), 43-56 (the position embedding's path)."""
+    set), 164, 167 (the lookup not ``long``), 43, 56 (the position embedding's path), 54 (its
+    sum read as a product: GATE edges)."""
     torch.manual_seed(0)
     model = ParameterAfter(kind).to(DTYPE)
     inputs, targets = _batch(tokens=kind == "position")
     graph = assert_exact_per_sample_grads(model, inputs[:batch], targets[:batch], squared_error)
     if num_nodes is not None:
         assert graph.num_nodes == num_nodes
+    else:  # the position embedding's values join the neurons by a sum: RESIDUAL edges, no GATE
+        kinds = graph.edge_kind.tolist()
+        assert int(EdgeKind.GATE) not in kinds and int(EdgeKind.RESIDUAL) in kinds
 
 
 @pytest.mark.parametrize(("kind", "reason"), [
@@ -251,3 +255,43 @@ def test_an_elementwise_op_other_than_one_activation_labels_the_neurons_other(f,
     inputs, targets = _batch(tokens=False)
     graph = assert_exact_per_sample_grads(Elementwise(f).to(DTYPE), inputs, targets, squared_error)
     assert graph.activation[4:10].tolist() == [int(label)] * 6
+
+
+# ------------------------------------------------------------------ edge values and biases (assembly)
+class PartOfAWeight(nn.Module):
+    """``l2(g(tanh(F.linear(x, w[rows], b[rows]))))`` with ``w`` ``[hidden + 2, d_in]`` and
+    ``rows`` the first or the last ``hidden`` rows: the first layer's edges hold part of ``w``.
+    ``g`` is the identity, or ``h + tanh(l3(h))`` (RESIDUAL edges without a weight, so the
+    edge values are gathered, not one ``cat`` of whole slots)."""
+
+    def __init__(self, offset: int = 0, residual: bool = False, d_in: int = 4, hidden: int = 5, d_out: int = 3):
+        super().__init__()
+        self.rows = slice(offset, offset + hidden)
+        self.w = nn.Parameter(torch.randn(hidden + 2, d_in))
+        self.b = nn.Parameter(torch.randn(hidden + 2))
+        self.l3 = nn.Linear(hidden, hidden) if residual else None
+        self.l2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.w[self.rows], self.b[self.rows]))
+        if self.l3 is not None:
+            h = h + torch.tanh(self.l3(h))
+        return self.l2(h)
+
+
+@pytest.mark.parametrize(("offset", "residual"), [(0, False), (2, False), (2, True)])
+def test_edges_that_hold_part_of_a_parameter_carry_those_entries(offset, residual):
+    """Each edge's value is its weight entry and each node's bias its entry, where a layer
+    reads only some rows of its parameters; per-sample gradients exact (the unread rows'
+    gradient zero).
+
+    Checked with ``MUTANT_UNDER_TEST`` against ``assembly._assembly_recipe`` 23, 24, 62, 63
+    and ``_bias_pieces`` 3-9 (docs/mutation.md says which it kills)."""
+    torch.manual_seed(0)
+    model = PartOfAWeight(offset, residual).to(DTYPE)
+    inputs, targets = _batch(tokens=False)
+    graph = gradgraph.to_graph(model, inputs, targets, squared_error)
+    first = graph.edge_param == graph.param_names.index("w")
+    torch.testing.assert_close(graph.edge_attr[first, 0], model.w.detach()[model.rows].reshape(-1), atol=0, rtol=0)
+    torch.testing.assert_close(graph.x[4:9, 0], model.b.detach()[model.rows], atol=0, rtol=0)
+    assert_exact_per_sample_grads(model, inputs, targets, squared_error)
