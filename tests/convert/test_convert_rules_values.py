@@ -295,3 +295,28 @@ def test_edges_that_hold_part_of_a_parameter_carry_those_entries(offset, residua
     torch.testing.assert_close(graph.edge_attr[first, 0], model.w.detach()[model.rows].reshape(-1), atol=0, rtol=0)
     torch.testing.assert_close(graph.x[4:9, 0], model.b.detach()[model.rows], atol=0, rtol=0)
     assert_exact_per_sample_grads(model, inputs, targets, squared_error)
+
+
+class OutputBias(nn.Module):
+    """``l2(tanh(l1(x))) + b`` with ``l2`` without bias: ``b`` is absorbed as the output
+    neurons' bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.b = nn.Linear(4, 6), nn.Linear(6, 3, bias=False), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x))) + self.b
+
+
+def test_a_bias_absorbed_by_the_output_neurons_leaves_their_act_the_output():
+    """The output neurons' ``act`` is the model's output (bias included), their bias ``b``, no
+    extra neurons. Checked to fail on ``ElementwiseRules.with_parameter`` 111 (the biased value
+    not observed: the output neurons' act read from before the bias)."""
+    torch.manual_seed(0)
+    model = OutputBias().to(DTYPE)
+    inputs, targets = _batch(tokens=False)
+    graph = assert_exact_per_sample_grads(model, inputs, targets, squared_error)
+    assert graph.num_nodes == 4 + 6 + 3
+    torch.testing.assert_close(graph.act[-3:].T, model(inputs).detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.x[-3:, 0], model.b.detach(), atol=0, rtol=0)
