@@ -202,12 +202,15 @@ def test_a_parameter_added_to_neurons_is_their_bias_exactly(kind, num_nodes, bat
     Checked to fail (``MUTANT_UNDER_TEST``) on ``ElementwiseRules.with_parameter`` 72, 155 (the
     second row read: none in a batch of one), 73-83, 91 (the absorption's test), 85, 86
     (``bias_param <= 0`` / ``< 1``: ``c`` overwrites ``b``, parameter 0), 115-129 (the new
-    set), 164, 167 (the lookup not ``long``), 43, 56 (the position embedding's path), 54 (its
+    set), 164, 167 (the lookup not ``long``), 129 (their edges' parameter
+    ``-2``), 43, 56 (the position embedding's path), 54 (its
     sum read as a product: GATE edges)."""
     torch.manual_seed(0)
     model = ParameterAfter(kind).to(DTYPE)
     inputs, targets = _batch(tokens=kind == "position")
     graph = assert_exact_per_sample_grads(model, inputs[:batch], targets[:batch], squared_error)
+    # edges without a parameter (the RESIDUAL edges into a bias's new set) name parameter -1
+    assert set(graph.edge_param[graph.edge_kind == int(EdgeKind.RESIDUAL)].tolist()) <= {-1}
     if num_nodes is not None:
         assert graph.num_nodes == num_nodes
     else:  # the position embedding's values join the neurons by a sum: RESIDUAL edges, no GATE
