@@ -137,8 +137,9 @@ def test_a_fused_gate_whose_gate_is_the_second_half_is_exact_and_keeps_its_group
     """Exact per-sample gradients, and the inferred group keeps the function and moves the
     hidden neurons (each half by the product's permutation).
 
-    Checked to fail on ``ElementwiseRules.split_fused_gate`` 26 (``low_a <= high_b``: the halves
-    in this order read as overlapping, the set not cut, no symmetry of the hidden neurons)."""
+    Written for ``ElementwiseRules.split_fused_gate`` 26 (``low_a <= high_b``: the halves in this
+    order read as overlapping, so the gate's cut is skipped), and it does **not** fail on it:
+    the chunk's halves are cut anyway (docs/mutation.md lists 26 as not killed)."""
     torch.manual_seed(0)
     model = SwappedSwiGLU().to(DTYPE)
     inputs, targets = _batch(tokens=False)
@@ -161,8 +162,7 @@ class ParameterAfter(nn.Module):
       embedding added after the activation);
     - ``"scale-per-position"``: ``(tanh(l1(x)) * p).mean(1)`` (refused);
     - ``"scale-on-tokens"``: ``(tanh(l1(x)).transpose(1, 2) * t).mean(2)`` with ``t`` ``[T]``
-      (refused: the last axis holds positions).
-    ``b`` is the first parameter (index 0)."""
+      (refused: the last axis holds positions)."""
 
     def __init__(self, kind: str, d_in: int = 4, hidden: int = 6, tokens: int = 3, d_out: int = 3):
         super().__init__()
@@ -200,11 +200,9 @@ def test_a_parameter_added_to_neurons_is_their_bias_exactly(kind, num_nodes, bat
     positions. Exact per-sample gradients, for a batch of one datapoint too.
 
     Checked to fail (``MUTANT_UNDER_TEST``) on ``ElementwiseRules.with_parameter`` 72, 155 (the
-    second row read: none in a batch of one), 73-83, 91 (the absorption's test), 85, 86
-    (``bias_param <= 0`` / ``< 1``: ``c`` overwrites ``b``, parameter 0), 115-129 (the new
-    set), 164, 167 (the lookup not ``long``), 129 (their edges' parameter
-    ``-2``), 43, 56 (the position embedding's path), 54 (its
-    sum read as a product: GATE edges)."""
+    second row read: none in a batch of one), 73, 74, 78-83, 91 (the absorption's test), 115-117,
+    120-123, 126-128 (the new set), 129 (its edges' parameter ``-2``), 43 (the position
+    embedding's path), 54 (its sum read as a product: GATE edges)."""
     torch.manual_seed(0)
     model = ParameterAfter(kind).to(DTYPE)
     inputs, targets = _batch(tokens=kind == "position")
