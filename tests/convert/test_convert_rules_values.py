@@ -64,6 +64,20 @@ def test_a_softmax_over_the_features_with_its_dim_written_any_way_converts_exact
     assert_exact_per_sample_grads(_model(softmax), inputs, targets, squared_error)
 
 
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice for softmax:UserWarning")
+def test_a_softmax_without_a_dim_takes_pytorchs_implicit_choice():
+    """``F.softmax(h)`` / ``nn.Softmax()`` on ``[b, features]``: PyTorch's implicit dim is 1, the
+    features, so it converts exactly; on ``[b, T, features]`` PyTorch takes dim 0 — the datapoints —
+    and it is refused, never read as a softmax over the features. Failed before with a ``TypeError``
+    (``None % ndim``) inside the softmax rule (found by the mutation run of ``convert/``)."""
+    inputs, targets = _batch(tokens=False)
+    assert_exact_per_sample_grads(_model(nn.Softmax()), inputs, targets, squared_error)
+    assert_exact_per_sample_grads(_model(lambda h: F.softmax(h)), inputs, targets, squared_error)
+    tokens, token_targets = _batch(tokens=True)
+    with pytest.raises(UnsupportedOperationError, match="torch.nn.functional.softmax: a softmax across positions"):
+        gradgraph.to_graph(_model(lambda h: F.softmax(h).mean(1)), tokens, token_targets, squared_error)
+
+
 SOFTMAX_OVER_POSITIONS = (
     r"^[^ ]+:\d+ in [^ ]+: {op}: a softmax across positions or part of the features, and its result reaches "
     r"torch\.nn\.functional\.linear with the parameter 'l2\.weight' at [^ ]+:\d+ in Around\.forward \(module "

@@ -415,6 +415,8 @@ class ElementwiseRules:
         if meta is None:
             return None
         dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+        if dim is None:  # F.softmax(h), nn.Softmax(): PyTorch's implicit (deprecated) choice, as it computes
+            dim = 0 if args[0].dim() in (0, 1, 3) else 1
         axis = dim % args[0].dim()
         if varies_along(meta.nodes, axis) and meta.comps is not None and not varies_along(meta.comps, axis):
             neuron_axes = [a for a in range(args[0].dim()) if varies_along(meta.nodes, a)]
