@@ -147,7 +147,6 @@ def _one_to_one(sizes: list[int], strides: list[int]) -> bool:
 def _pattern_in_place(record: Record, strides: tuple[int, ...]) -> tuple | None:
     """:func:`_strided_pattern` of ``record`` for a value of its shape with ``strides``: the
     source offsets are the elements' offsets in that value's memory, not row-major indices."""
-    total = math.prod(record.shape)
     offsets = torch.zeros(record.shape, dtype=torch.long)
     for dim, (size, stride) in enumerate(zip(record.shape, strides)):
         shape = [1] * len(record.shape)
