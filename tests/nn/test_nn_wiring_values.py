@@ -227,3 +227,25 @@ def test_gradmetanet_passes_its_options_to_every_layer():
     assert model.config == gradgraph.nn.GradMetaNetConfig(6, component_channels=4, num_component_layers=3,
                                                          num_node_layers=1, product_channels=5,
                                                          component_edge_messages=False)
+
+
+def test_invariant_readout_gives_one_row_per_graph_counted_not_inferred():
+    """``num_graphs`` is the number of output rows even where the last graphs own no node (a
+    caller's graph count, e.g. a Batch whose last graph has had its nodes masked away): their
+    rows are the MLP of zero pools, and the other rows are unchanged.
+
+    Checked to kill ``InvariantReadout.forward`` 20, 23, 26, 29 (``num_graphs`` dropped from, or
+    ``None`` in, ``global_mean_pool`` / ``global_max_pool``: the row count then comes from
+    ``batch.max() + 1``)."""
+    from gradgraph.nn import InvariantReadout
+
+    readout = randomize(InvariantReadout(3, 2, hidden_channels=4).double(), 9)
+    h = torch.randn(5, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    batch = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        got = readout(h, batch, 4)
+        expected = torch.stack([
+            readout.mlp(torch.cat([h[batch == g].mean(0), h[batch == g].max(0).values])[None])[0] for g in range(2)
+        ] + [readout.mlp(torch.zeros(1, 6, dtype=torch.float64))[0]] * 2)
+    assert got.shape == (4, 2)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
