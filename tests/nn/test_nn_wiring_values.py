@@ -249,3 +249,23 @@ def test_invariant_readout_gives_one_row_per_graph_counted_not_inferred():
         ] + [readout.mlp(torch.zeros(1, 6, dtype=torch.float64))[0]] * 2)
     assert got.shape == (4, 2)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_gradmetanet_names_itself_in_direction_errors_and_warnings():
+    """A bad ``direction`` and the deprecated ``flow=`` are reported as GradMetaNet's, in full.
+
+    Checked to kill ``GradMetaNet.__init__`` 19 and 25 (the owner passed to
+    ``resolve_direction`` as ``None`` / ``"XXGradMetaNetXX"``)."""
+    import re
+    import warnings
+
+    message = "GradMetaNet: direction must be one of ('forward', 'both'), got 'sideways'"
+    with pytest.raises(gradgraph.GradGraphError, match=f"^{re.escape(message)}$"):
+        GradMetaNet(4, direction="sideways")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = GradMetaNet(4, flow="forward")
+    assert model.direction == "forward"
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == [
+        "GradMetaNet: flow= is deprecated, use direction='forward' (PyG's flow means something else)"
+    ]
