@@ -269,3 +269,22 @@ def test_gradmetanet_names_itself_in_direction_errors_and_warnings():
     assert [str(w.message) for w in caught if w.category is FutureWarning] == [
         "GradMetaNet: flow= is deprecated, use direction='forward' (PyG's flow means something else)"
     ]
+
+
+@pytest.mark.parametrize("position", range(6))
+def test_gradmetanet_refuses_each_negative_count_or_width_naming_all_six(position):
+    """Each of ``num_component_layers, num_node_layers, edge_out_channels, node_out_channels,
+    graph_out_channels, component_out_channels`` set to -1 alone is refused, and the message
+    names GradMetaNet and lists the six values in that order.
+
+    Checked to kill ``GradMetaNet.__init__`` 28-39 (the owner or one of the widths left out
+    of ``check_output_widths``)."""
+    import re
+
+    names = ["num_component_layers", "num_node_layers", "edge_out_channels", "node_out_channels",
+             "graph_out_channels", "component_out_channels"]
+    values = [1, 1, 1, 1, 1, 1]
+    values[position] = -1
+    message = f"GradMetaNet: layer counts and output widths must be >= 0, got {tuple(values)}"
+    with pytest.raises(gradgraph.GradGraphError, match=f"^{re.escape(message)}$"):
+        GradMetaNet(4, **dict(zip(names, values)))
