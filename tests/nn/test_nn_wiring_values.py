@@ -288,3 +288,21 @@ def test_gradmetanet_refuses_each_negative_count_or_width_naming_all_six(positio
     message = f"GradMetaNet: layer counts and output widths must be >= 0, got {tuple(values)}"
     with pytest.raises(gradgraph.GradGraphError, match=f"^{re.escape(message)}$"):
         GradMetaNet(4, **dict(zip(names, values)))
+
+
+@pytest.mark.parametrize("direction", ["both", "forward"])
+def test_component_conv_has_one_bias_as_its_equation(direction):
+    """The set and all-mean maps of :class:`ComponentConv` are bias-free, as in its equation
+    (one bias, :math:`\\Theta_{\\text{self}}`'s, plus the gates'): a bias there would only
+    duplicate ``lin_self``'s. And GradMetaNet's component layers built with
+    ``component_edge_messages=False`` carry ``edge_messages=False`` itself (their repr says so).
+
+    Checked to kill ``ComponentConv.__init__`` 14, 15, 22, 23 (``bias=True`` or the default
+    for ``lin_set`` / ``lin_all``) and ``GradMetaNet.__init__`` 86 (``edge_messages=None``)."""
+    layer = ComponentConv(3, 4, 2, direction=direction)
+    biases = {name for name, _ in layer.named_parameters() if name.endswith("bias")}
+    gates = {"gate_forward.bias", "gate_backward.bias"} if direction == "both" else {"gate_forward.bias"}
+    assert biases == {"lin_self.bias"} | gates
+    model = GradMetaNet(4, num_component_layers=1, component_edge_messages=False)
+    assert model.component_layers[0].edge_messages is False
+    assert repr(model.component_layers[0]).endswith("edge_messages=False)")
