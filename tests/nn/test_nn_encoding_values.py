@@ -174,3 +174,40 @@ def test_output_repr_prints_shapes_and_none():
     assert repr(output) == "GradMetaNetOutput(edge=[5, 2], node=None, graph=[1, 3], component=None)"
     full = GradMetaNetOutput(torch.zeros(2, 1), torch.zeros(3, 1), None, torch.zeros(1, 4, 2))
     assert repr(full) == "GradMetaNetOutput(edge=[2, 1], node=[3, 1], graph=None, component=[1, 4, 2])"
+
+
+def test_edge_kind_check_is_trusted_from_the_memo_for_the_same_tensor():
+    """The memo's promise is that the structure does not change: for the *same* ``edge_kind``
+    tensor the range check is not run again (no device read-back per call), so a value
+    written into it afterwards reaches the embedding unchecked (torch's own ``IndexError``).
+
+    Checked to kill ``EdgeKindEncoding.forward`` 6, 7, 8 (the memo read under another key: the
+    check then runs on every call)."""
+    graph = mlp_graph(6, (2, 3, 2))
+    graph.__dict__[STRUCTURE_MEMO] = {}
+    encoding = EdgeKindEncoding(2)
+    encoding(graph)
+    graph.edge_kind[0] = len(gradgraph.EdgeKind)  # in place: the same tensor
+    with pytest.raises(IndexError):
+        encoding(graph)
+
+
+@pytest.mark.parametrize("table", ["edge", "node"])
+def test_kind_tables_of_wide_encodings_load_old_checkpoints_and_tolerate_a_missing_key(table):
+    """A checkpoint saved with fewer kinds loads into an encoding *wider* than its number of
+    kinds (64 channels: the usual case, unlike the 4-channel test beside it), and a state dict
+    without the table loads with ``strict=False`` (the key reported missing, nothing raised by
+    the padding hook).
+
+    Checked to kill ``load_kind_table`` 3, 4, 5 (an ``and`` made ``or``: the hook then reads
+    ``.shape`` of the missing entry) and 11 (the saved *width* compared with the row count)."""
+    module = EdgeKindEncoding(64) if table == "edge" else PositionalEncoding(64)
+    state = {name: value.clone() for name, value in module.state_dict().items()}
+    old_rows = state["kind.weight"][:-2] + 1.0
+    before = module.kind.weight.detach().clone()
+    module.load_state_dict({**state, "kind.weight": old_rows})
+    torch.testing.assert_close(module.kind.weight[:-2], old_rows, atol=0, rtol=0)
+    torch.testing.assert_close(module.kind.weight[-2:], before[-2:], atol=0, rtol=0)
+    del state["kind.weight"]
+    result = module.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["kind.weight"] and result.unexpected_keys == []
