@@ -123,3 +123,39 @@ def test_component_readout_reset_and_repr_with_and_without_a_density():
         with_density.density.log_bandwidth.add_(1.0)
     with_density.reset_parameters()
     torch.testing.assert_close(with_density.density.log_bandwidth.detach(), initial, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("heads", "head_channels"), [(1, 2), (3, 4)])
+def test_component_readout_builds_the_density_it_is_asked_for(heads, head_channels):
+    """``density_heads`` heads of ``density_head_channels`` channels on the ``3 C`` pooled
+    states, already for one head; the MLP reads ``3 C + H (d + 2)`` columns.
+
+    Checked to kill ``ComponentReadout.__init__`` 12, 13 (an argument of the density dropped)
+    and 17 (``density_heads > 1``)."""
+    readout = ComponentReadout(3, 2, density_heads=heads, density_head_channels=head_channels)
+    assert (readout.density.in_channels, readout.density.heads, readout.density.head_channels) == (9, heads, head_channels)
+    assert readout.mlp.channel_list[0] == 9 + heads * (head_channels + 2)
+
+
+def test_component_readout_scatter_path_gives_num_graphs_rows():
+    """On the scatter path (graphs of unequal sizes) the output has ``num_graphs`` rows even
+    where the last graph has no fixed neuron (its fixed mean is zeros) or no node at all (a
+    graph count the caller gives: its pools are zeros), by hand.
+
+    Checked to kill ``ComponentReadout.forward`` 71, 76, 85, 90, 99, 104 (``dim_size`` dropped
+    from a scatter: the row count then comes from the largest index present)."""
+    readout = ComponentReadout(3, 2).double()
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 4, 3, generator=generator, dtype=torch.float64)
+    batch = torch.tensor([0, 0, 0, 1, 1])
+    fixed = torch.tensor([True, False, True, False, False])
+    zeros = torch.zeros(4, 3, dtype=torch.float64)
+    rows = [
+        torch.cat([z[:3].mean(0), z[:3].amax(0), z[[0, 2]].mean(0)], dim=-1),
+        torch.cat([z[3:].mean(0), z[3:].amax(0), zeros], dim=-1),
+        torch.cat([zeros, zeros, zeros], dim=-1),
+    ]
+    with torch.no_grad():
+        got = readout(z, batch, 3, fixed)
+        torch.testing.assert_close(got, readout.mlp(torch.stack(rows)), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(readout(z, batch, 2, fixed), got[:2], atol=1e-12, rtol=1e-12)
