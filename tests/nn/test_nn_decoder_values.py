@@ -67,3 +67,25 @@ def test_shape_errors_name_the_expected_and_the_given_shapes():
         message = f"EdgeProductDecoder: component states must have shape [{N}, B, 4]; got {shape}"
         with pytest.raises(gradgraph.GradGraphError, match=f"^{re.escape(message)}$"):
             decoder(h, context, bad)
+
+
+def test_decoder_is_built_as_its_equation_with_documented_defaults():
+    """The product maps ``A, B, A', B'`` and the moment maps ``Theta_E, Theta_N`` are bias-free
+    (the equation has no bias there; the MLPs carry the biases), the MLPs have no normalisation
+    layer, ``product_channels`` defaults to 16, and ``repr`` names every setting.
+
+    Checked to kill ``EdgeProductDecoder.__init__`` 1 (another default), 5, 6 (``edge_dim`` /
+    ``out_channels`` not kept), 19 (the node MLP with PyG's default batch norm) and the twelve
+    mutants giving a product or moment map a bias (27, 28, 35, 36, 43, 46, 53, 54, 61, 62,
+    69, 72)."""
+    decoder = EdgeProductDecoder(3, 2, 5, component_channels=4)
+    assert decoder.product_channels == 16
+    for name in ("edge_left", "edge_right", "node_left", "node_right"):
+        layer = getattr(decoder, name)
+        assert (layer.in_channels, layer.out_channels, layer.bias) == (4, 16, None)
+    for name in ("edge_moments", "node_moments"):
+        layer = getattr(decoder, name)
+        assert (layer.in_channels, layer.out_channels, layer.bias) == (32, 5, None)
+    assert not any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in decoder.modules())
+    assert decoder.node_mlp.channel_list == [3, 3, 5] and decoder.edge_mlp.channel_list == [8, 3, 5]
+    assert repr(decoder) == "EdgeProductDecoder(3, edge_dim=2, out=5, component_channels=4, product_channels=16)"
