@@ -21,16 +21,16 @@ def full(message: str) -> str:
     return f"^{re.escape(message)}$"
 
 
-@pytest.mark.parametrize("position", range(5))
-def test_each_count_below_one_is_refused(position):
+@pytest.mark.parametrize("position, bad", [(0, 0), (1, 0), (2, 0), (3, 0), (4, -1), (4, 0)])
+def test_each_count_below_one_is_refused(position, bad):
     """``component_channels, edge_dim, out_channels, product_channels`` each 0, or
-    ``chunk_edges`` -1, alone is refused with the one message in full. (``chunk_edges=0`` reads
-    as ``None``, the default, through ``chunk_edges or 1``.)
+    ``chunk_edges`` -1 or 0, alone is refused with the one message in full (``chunk_edges=0`` was
+    accepted as the default before, through ``chunk_edges or 1``, although the message says >= 1).
 
     Checked to kill ``ComponentProductDecoder.__init__`` 11-15 (a count left out of the
     check) and 20-23 (the message)."""
     values = [2, 2, 2, 2, 3]
-    values[position] = 0 if position < 4 else -1
+    values[position] = bad
     with pytest.raises(gradgraph.GradGraphError,
                        match=full("ComponentProductDecoder: channel counts and chunk_edges must be >= 1")):
         ComponentProductDecoder(*values[:4], chunk_edges=values[4])

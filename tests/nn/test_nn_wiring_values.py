@@ -306,3 +306,20 @@ def test_component_conv_has_one_bias_as_its_equation(direction):
     model = GradMetaNet(4, num_component_layers=1, component_edge_messages=False)
     assert model.component_layers[0].edge_messages is False
     assert repr(model.component_layers[0]).endswith("edge_messages=False)")
+
+
+@pytest.mark.parametrize("density_heads", [0, 2])
+def test_the_component_readout_mlp_is_as_wide_as_documented(density_heads):
+    """``build_heads``: with density heads the component readout's MLP is ``hidden_channels`` wide (GradMetaNet
+    passes its node width as ``density_readout_hidden``), without them ``component_channels`` wide (the
+    readout's default); the MLP reads the three pooled moments and the density's embedding. Kills
+    ``GradMetaNet.__init__`` 149 (``None`` passed: the width falls back to ``component_channels``)."""
+    from gradgraph.nn import GradMetaNet
+
+    model = GradMetaNet(hidden_channels=12, component_channels=5, component_out_channels=3,
+                        component_density_heads=density_heads, edge_out_channels=0, node_out_channels=0)
+    linears = list(model.component_readout.mlp.lins)  # PyG's MLP: its Linear layers in order
+    density = model.component_readout.density
+    assert linears[0].in_channels == 3 * 5 + (density.out_channels if density_heads else 0)
+    assert linears[0].out_channels == (12 if density_heads else 5) == linears[1].in_channels
+    assert linears[-1].out_channels == 3

@@ -152,7 +152,8 @@ class ComponentProductDecoder(nn.Module):
         super().__init__()
         if reduce not in REDUCTIONS:
             raise GradGraphError(f"ComponentProductDecoder: reduce must be one of {REDUCTIONS}, got {reduce!r}")
-        if min(component_channels, edge_dim, out_channels, product_channels, chunk_edges or 1) < 1:
+        chunk = 1 if chunk_edges is None else chunk_edges  # None: the default; 0 is refused like any count
+        if min(component_channels, edge_dim, out_channels, product_channels, chunk) < 1:
             raise GradGraphError("ComponentProductDecoder: channel counts and chunk_edges must be >= 1")
         self.component_channels = component_channels
         self.edge_dim = edge_dim

@@ -181,7 +181,7 @@ class GradMetaNet(MetaNetwork):
             graph_out_channels=graph_out_channels,
             component_channels=component_channels,
             component_out_channels=component_out_channels,
-            density_channels=hidden_channels,
+            density_readout_hidden=hidden_channels,
             component_density_heads=component_density_heads,
         )
 

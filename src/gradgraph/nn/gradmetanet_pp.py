@@ -141,7 +141,7 @@ class GradMetaNetPlusPlus(MetaNetwork):
             graph_out_channels=graph_out_channels,
             component_channels=channels,
             component_out_channels=component_out_channels,
-            density_channels=channels,
+            density_readout_hidden=channels,
             component_density_heads=component_density_heads,
         )
 

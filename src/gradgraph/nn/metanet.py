@@ -138,12 +138,14 @@ class MetaNetwork(nn.Module):
         graph_out_channels: int,
         component_channels: int,
         component_out_channels: int,
-        density_channels: int,
+        density_readout_hidden: int,
         component_density_heads: int,
     ) -> None:
         """Keep ``decoder`` (``None`` when ``edge_out_channels = node_out_channels = 0``) and build the
         readouts: ``readout`` on ``[N, graph_channels]`` states, ``component_readout`` on
-        ``[N, B, component_channels]`` states (its density on ``density_channels``)."""
+        ``[N, B, component_channels]`` states; with ``component_density_heads > 0`` that readout has a
+        :class:`ComponentDensity` and its MLP is ``density_readout_hidden`` wide (else
+        ``component_channels``, :class:`ComponentReadout`'s default)."""
         self.decoder = decoder
         self.edge_out_channels = edge_out_channels
         self.node_out_channels = node_out_channels
@@ -152,7 +154,7 @@ class MetaNetwork(nn.Module):
             ComponentReadout(
                 component_channels,
                 component_out_channels,
-                density_channels if component_density_heads else None,
+                hidden_channels=density_readout_hidden if component_density_heads else None,
                 density_heads=component_density_heads,
             )
             if component_out_channels
