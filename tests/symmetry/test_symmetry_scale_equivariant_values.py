@@ -121,7 +121,8 @@ def test_a_single_rule_maps_every_channel_back_by_its_power(rule, exponent):
     """One rule for all channels (the int-exponent path), 2-D outputs, against the hand map.
 
     Kills ``_map_back`` 14 (``exponents != 0``: nonzero powers not applied), 15
-    (``exponents == 1``: weight rule not applied), 17 (``ratio * e``), 18 (``values / scale``).
+    (``exponents == 1``: weight rule not applied), 17 (``ratio * e``), 18 (``values / scale``)
+    and ``forward`` 45 (node ratio ``2.0 / t``).
     """
     batch = relu_batch()
     stub = Stub(edge=(3,), node=(2,))
@@ -327,7 +328,7 @@ def test_forward_errors_in_full():
 def test_wrongly_shaped_outputs_are_named_in_full(rules):
     """Kills ``_map_back`` 4 (``and``: a 2-D output with the wrong row count, or a 3-D one
     with the right count, let through), 10, 11 (the message) and ``forward`` 19, 29, 30
-    (edge ``rows_name``), 37, 45, 48, 49 (node ``rows_name``)."""
+    (edge ``rows_name``), 37, 48, 49 (node ``rows_name``)."""
     batch = relu_batch()
     E, N = batch.edge_index.shape[1], batch.num_nodes
     cases = [
