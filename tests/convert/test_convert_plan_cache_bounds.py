@@ -1,9 +1,11 @@
 """``PlanCache``'s bookkeeping on stand-in plans (only ``nbytes`` and ``intact()`` are read): counts start at
 zero, storing a key again makes it the most recently used, and a plan or a total exactly at the byte budget
-is kept. Each test names the mutants of ``gradgraph.convert.plan`` it was checked to kill
+is kept; and a padded embedding's plan, traced and replayed. Each test names the mutants of ``gradgraph.convert.plan`` it was checked to kill
 (``MUTANT_UNDER_TEST`` in ``.mutation/convert-plan/mutants/``, run convert 3)."""
 
 from __future__ import annotations
+
+import torch
 
 from gradgraph.convert.plan import PlanCache
 
@@ -51,3 +53,36 @@ def test_a_plan_or_a_total_exactly_at_the_byte_budget_is_kept():
     assert len(halves) == 2 and halves.nbytes == 100
     halves.put("z", _Plan(1))  # over the budget: the least recently used goes
     assert halves.get("x") is None and len(halves) == 2 and halves.nbytes == 51
+
+
+class _PaddedBag(torch.nn.Module):
+    """Token ids ``[b, T]`` → ``Embedding(padding_idx=0)`` → tanh → mean over tokens → a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 4, padding_idx=0)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(dim=1))
+
+
+def test_a_padding_row_gets_no_gradient_on_a_fresh_trace_and_on_a_replay():
+    """Inputs holding the padding id 0: torch gives its row no gradient, so must the graph (the plan's
+    record leaves the padded tokens out). Checked on the trace and on the cached plan's replay. It does
+    not kill ``plan_records`` 50-53 (checked: this embedding's records take another path than the
+    ``op is None`` one those mutants change; they stay listed as not triaged)."""
+    import torch.nn.functional as F
+    from traced_models import assert_exact_per_sample_grads
+
+    torch.manual_seed(0)
+    model = _PaddedBag().double()
+    ids = torch.tensor([[0, 3, 5, 0], [2, 0, 0, 6], [1, 4, 0, 3]])
+    targets = torch.tensor([0, 2, 1])
+
+    def loss(output, target):
+        return F.cross_entropy(output, target, reduction="none")
+
+    for _ in range(2):  # a fresh trace, then a replay of its plan
+        graph = assert_exact_per_sample_grads(model, ids, targets, loss)
+        assert float(graph.per_sample_grads()["embed.weight"][:, 0].abs().max()) == 0.0
