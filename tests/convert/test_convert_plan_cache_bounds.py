@@ -1,6 +1,7 @@
 """``PlanCache``'s bookkeeping on stand-in plans (only ``nbytes`` and ``intact()`` are read): counts start at
 zero, storing a key again makes it the most recently used, and a plan or a total exactly at the byte budget
-is kept; and a padded embedding's plan, traced and replayed. Each test names the mutants of ``gradgraph.convert.plan`` it was checked to kill
+is kept; and a padded embedding's plan, traced and replayed. Each test names the mutants of
+``gradgraph.convert.plan`` it was checked to kill
 (``MUTANT_UNDER_TEST`` in ``.mutation/convert-plan/mutants/``, run convert 3)."""
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def _command(args: argparse.Namespace) -> int:
         for key in ("outer_lr", "scalar_lr", "meta_loss", "schedule", "scalars_first", "init_from", "alpha", "beta"):
             if getattr(args, key) is not None:
                 preset[key] = getattr(args, key)
-        config = MetaRunConfig(task=args.family or args.tasks[0], variant=args.variant, estimator=args.estimator, seed=args.seed,
+        config = MetaRunConfig(task=args.family or args.tasks[0], variant=args.variant, estimator=args.estimator,
+                               seed=args.seed,
                                out_dir=str(args.out_dir / f"meta-{args.variant}"), progress=not args.quiet,
                                max_outer_steps=args.max_outer_steps, start=args.start, select_every=args.select_every,
                                select_seeds=args.select_seeds,

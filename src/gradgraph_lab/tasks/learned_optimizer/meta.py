@@ -378,8 +378,8 @@ def run_meta_training(config: MetaRunConfig, export: Path | str | None = None,
         if best is None or score["score"] > best["score"]:
             selection["best"] = {**candidate, "meta_model": model_copy(trainer.meta_model)}
         bar.write(f"validation protocol at outer step {trainer.outer_steps}: step reduction "
-                  f"{score['step_reduction']:.3f} ({score['reached']}/{len(protocols) * len(protocol.seeds)} reached), best loss "
-                  f"{score['best_loss']:.4f}; selected: outer step {selection['best']['outer_step']}")
+                  f"{score['step_reduction']:.3f} ({score['reached']}/{len(protocols) * len(protocol.seeds)} reached), "
+                  f"best loss {score['best_loss']:.4f}; selected: outer step {selection['best']['outer_step']}")
 
     start = time.perf_counter() - elapsed
     with tqdm(desc=f"meta-train {config.variant} on {config.task}"

@@ -47,8 +47,8 @@ MNIST1D_EVAL_EVERY = 5
 TASK_NAMES = (*MNIST1D_TASKS, "digits", "digits-wide", "charlm")
 
 #: Task families for a general-purpose file (``MetaRunConfig(task="mnist1d-family")``): member name ->
-#: ``(data, widths, activation, batch size)``, ``data`` ``"mnist1d"`` or ``"digits"``. Widths, depths, activations and batch sizes vary; the
-#: held-out tasks stay out (no tanh, nothing as wide as ``mnist1d-wide``'s 64 → 64, no digits), so the
+#: ``(data, widths, activation, batch size)``, ``data`` ``"mnist1d"`` or ``"digits"``. Widths, depths,
+#: activations and batch sizes vary; the held-out tasks stay out (no tanh, nothing as wide as ``mnist1d-wide``'s 64 → 64, no digits), so the
 #: held-out rows of the benchmark measure how the family's file carries over.
 TASK_FAMILIES: dict[str, dict[str, tuple[str, tuple[int, ...], type[nn.Module], int]]] = {
     "mnist1d-family": {
@@ -260,19 +260,28 @@ def _charlm_task(device: torch.device, batch_size: int = 8, context: int = 16, t
                          eval_every=eval_every)
 
 
+def _classification_data(data: str) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
+    """``(split, eval_every)`` of a classification data set: ``"mnist1d"`` or ``"digits"``."""
+    if data == "mnist1d":
+        from gradgraph_lab.tasks.learned_optimizer.mnist1d import mnist1d_split
+
+        return mnist1d_split(), MNIST1D_EVAL_EVERY
+    if data == "digits":
+        return digits_split(), 1
+    raise GradGraphError(f"unknown classification data {data!r} (mnist1d or digits)")
+
+
 def get_task(name: str, device: torch.device | str = "cpu") -> BenchmarkTask:
     """The benchmark task ``name`` (one of :data:`TASK_NAMES`) with its data and models on ``device``."""
     device = torch.device(device)
     if name in MNIST1D_TASKS:
-        from gradgraph_lab.tasks.learned_optimizer.mnist1d import mnist1d_split
-
         widths, activation = MNIST1D_TASKS[name]
-        return _classification_task(name, mnist1d_split(), widths, device, activation=activation,
-                                    eval_every=MNIST1D_EVAL_EVERY)
-    if name == "digits":
-        return _classification_task("digits", digits_split(), (64, 32, 10), device)
-    if name == "digits-wide":
-        return _classification_task("digits-wide", digits_split(), (64, 64, 64, 10), device)
+        split, eval_every = _classification_data("mnist1d")
+        return _classification_task(name, split, widths, device, activation=activation, eval_every=eval_every)
+    if name in ("digits", "digits-wide"):
+        split, eval_every = _classification_data("digits")
+        widths = (64, 32, 10) if name == "digits" else (64, 64, 64, 10)
+        return _classification_task(name, split, widths, device, eval_every=eval_every)
     if name == "charlm":
         return _charlm_task(device)
     raise GradGraphError(f"unknown learned-optimizer task {name!r}; choose from {TASK_NAMES}")
@@ -285,15 +294,7 @@ def get_family(name: str, device: torch.device | str = "cpu") -> list[BenchmarkT
         raise GradGraphError(f"unknown learned-optimizer task family {name!r}; choose from {tuple(TASK_FAMILIES)}")
     members = []
     for member, (data, widths, activation, batch_size) in TASK_FAMILIES[name].items():
-        if data == "mnist1d":
-            from gradgraph_lab.tasks.learned_optimizer.mnist1d import mnist1d_split
-
-            split, eval_every = mnist1d_split(), MNIST1D_EVAL_EVERY
-        elif data == "digits":
-            split, eval_every = digits_split(), 1
-        else:
-            raise GradGraphError(f"task family {name!r}, member {member!r}: unknown data {data!r} "
-                                 "(mnist1d or digits)")
+        split, eval_every = _classification_data(data)
         members.append(_classification_task(member, split, widths, torch.device(device), batch_size=batch_size,
                                             activation=activation, eval_every=eval_every))
     return members
