@@ -316,6 +316,77 @@ def test_group_norm_and_instance_norm():
     assert len(set(groups[6:10].tolist())) == 1 and int(groups[6]) >= 0
 
 
+class ConvAndNormReaders(nn.Module):
+    """One map ``h`` read raw by a strided convolution and normalised by ``norm`` (in that order
+    or the other): the two ops want different versions of ``h``'s channels as their act."""
+
+    def __init__(self, norm, norm_first, channels):
+        super().__init__()
+        self.stem, self.conv, self.norm = nn.Conv2d(2, channels, 3, padding=1), nn.Conv2d(channels, 4, 3, 2, 1), norm
+        self.norm_first, self.head = norm_first, nn.Linear(4 + channels, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        if self.norm_first:
+            normalised = self.norm(h)
+            convolved = self.conv(h)
+        else:
+            convolved = self.conv(h)
+            normalised = self.norm(h)
+        return self.head(torch.cat([torch.relu(convolved).mean((2, 3)), normalised.mean((2, 3))], dim=1))
+
+
+@pytest.mark.parametrize("channels", [4, 1])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("norm", ["batch", "group", "instance"])
+def test_a_map_read_by_a_convolution_and_by_a_norm(norm, norm_first, channels):
+    """The convolution's taps make ``h`` the act of its channels, the norm its normalised value:
+    the second reader gets a tied copy of the channels (a MERGE set over axis 1). Checked to fail
+    before: with 4 channels every case was refused ("these values do not hold one neuron per
+    feature": the copy was made only for values whose neurons are on the last axis); with one
+    channel, the convolution reading first, the copy was made over the last axis (one neuron per *position*) and the summed-gradient
+    check refused the wrong graph ("the graph's gradient of 'norm.weight' ... differs from autograd's")."""
+    torch.manual_seed(14)
+    module = {"batch": nn.BatchNorm2d(channels), "group": nn.GroupNorm(min(2, channels), channels),
+              "instance": nn.InstanceNorm2d(channels, affine=True)}[norm]
+    model = randomise_batch_norms(ConvAndNormReaders(module, norm_first, channels).to(DTYPE))
+    with torch.no_grad():
+        module.weight.normal_()
+        module.bias.normal_()
+    graph = check(model, torch.randn(3, 2, 5, 5, dtype=DTYPE), torch.randint(0, 3, (3,)), seed=int(norm_first),
+                  moves=channels > 1)
+    assert int((graph.node_kind == int(gradgraph.NodeKind.RESIDUAL)).sum()) >= channels  # the copy of h's channels
+
+
+class UpsamplingCNN(nn.Module):
+    """A small U-Net-style net: a strided encoder, ``nn.Upsample`` back to the input grid, a skip
+    connection concatenated along channels, and an ``F.interpolate`` of another mode."""
+
+    def __init__(self, mode, align_corners):
+        super().__init__()
+        self.down, self.inner = nn.Conv2d(2, 4, 3, 2, 1), nn.Conv2d(4, 4, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode=mode, align_corners=align_corners)
+        self.fuse, self.head = nn.Conv2d(6, 3, 3, padding=1), nn.Linear(3, 3)
+        self.mode = mode
+
+    def forward(self, x):
+        h = self.up(torch.tanh(self.inner(torch.relu(self.down(x)))))
+        h = torch.relu(self.fuse(torch.cat([h, x], dim=1)))
+        h = F.interpolate(h, size=(3, 5), mode="area" if self.mode == "nearest" else "nearest")
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode, align_corners", [("nearest", None), ("bilinear", False), ("bilinear", True),
+                                                  ("bicubic", False)])
+def test_upsampling_in_a_unet_style_block(mode, align_corners):
+    """``nn.Upsample`` / ``F.interpolate`` read per channel and per datapoint, as pooling: a copy
+    of the channels at the new grid. Checked to fail before: refused ("torch.nn.functional.interpolate:
+    gradgraph has no rule for this op")."""
+    torch.manual_seed(15)
+    model = UpsamplingCNN(mode, align_corners).to(DTYPE).eval()
+    check(model, torch.randn(3, 2, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)))
+
+
 def test_conv3d_with_max_pooling():
     torch.manual_seed(6)
     check(Conv3dNet().to(DTYPE).eval(), torch.randn(2, 2, 4, 7, 8, dtype=DTYPE), torch.randint(0, 2, (2,)))

@@ -225,6 +225,18 @@ def feature_row(nodes: Tensor) -> Tensor | None:
     return rows[0].clone()
 
 
+def channel_row(nodes: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor | None:
+    """The neurons on axis 1 of a ``[b, C, *S]`` value (a convolution's channels) if every
+    datapoint and position holds the same ones (and all are neurons)."""
+    if len(shape) < 3:
+        return None
+    ids = broadcast_ids(nodes, shape)
+    row = ids.reshape(shape[0], shape[1], -1)[0, :, 0]
+    if bool((row < 0).any()) or not torch.equal(ids, broadcast_ids(row.reshape(1, -1, *[1] * (len(shape) - 2)), shape)):
+        return None
+    return row.clone()
+
+
 def _describe(value: Any) -> Any:
     """A hashable description of a non-tensor argument (ints, slices, dtypes ...)."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype | torch.device):

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, feature_row, ids_like, Neurons, NeuronSet, Opaque, Param, Raw, rows_along_last, Scores,
+    broadcast_ids, channel_row, feature_row, ids_like, Neurons, NeuronSet, Opaque, Param, Raw, rows_along_last, Scores,
+    varies_along,
 )
 from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.convert.trace.rules_data import Data
@@ -74,13 +75,22 @@ class AffineRules:
             neuron_set.pinned = True
 
     def materialize(self, value: Tensor, meta: Neurons, origin: str, kind: NodeKind = NodeKind.RESIDUAL) -> Neurons:
-        """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis).
+        """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis,
+        or on axis 1 of a ``[b, C, *S]`` map whose channels are its neurons).
 
         Where the last axis holds a neuron twice (``cat([h, h])``), each copy gets a neuron of
         its own and no symmetry is claimed for them (a permutation of ``h`` would have to move
         both copies together, which the layout's ties do not express).
         """
-        row = feature_row(meta.nodes)
+        # a convolution's map [b, C, *S] read by two ops that want different versions as act: its
+        # neurons are on axis 1 and its last axis holds positions (components), not features --
+        # also where C = 1, whose last axis would otherwise pass for a row of one neuron repeated
+        positions_last = value.dim() >= 3 and meta.comps is not None and varies_along(
+            broadcast_ids(meta.comps, value.shape), value.dim() - 1)
+        row = channel_row(meta.nodes, value.shape) if positions_last else None
+        channels = row is not None
+        if row is None:
+            row = feature_row(meta.nodes)
         if row is None:
             raise self.unsupported(origin, "these values do not hold one neuron per feature")
         width = len(row)
@@ -97,7 +107,8 @@ class AffineRules:
             merged.pinned = True
             for index in meta.versions:
                 self.sets[index].pinned = True
-        new = Neurons(broadcast_ids(merged_nodes, value.shape).clone(), meta.comps, {merged.index: 0})
+        placed = merged_nodes.reshape(1, -1, *[1] * (value.dim() - 2)) if channels else merged_nodes
+        new = Neurons(broadcast_ids(placed, value.shape).clone(), meta.comps, {merged.index: 0})
         merged.grad_records.append((value, new.nodes, new.comps))
         self.set_meta(value, new)
         self.observe(value, new)

@@ -33,8 +33,11 @@ __all__ = ["ConvRules", "InputReadAgain", "gather_taps", "convolution_parts", "p
 #: the batched convolutions the trace runs as :func:`gather_taps` + ``F.linear``
 CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
-#: per-channel pooling ops over positions (max, average, adaptive, power-average)
+#: per-channel ops over positions (max, average, adaptive, power-average pooling; resampling by
+#: ``F.interpolate``, which ``nn.Upsample`` calls): each output channel reads only its own channel of
+#: one datapoint, so its values are a copy of the channels at a new grid (autograd gives their grads)
 SPATIAL_POOLS = {
+    F.interpolate,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices, F.max_pool2d_with_indices,
     F.max_pool3d_with_indices, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
@@ -332,8 +335,9 @@ class ConvRules:
 
     # -------------------------------------------------------------- pooling
     def spatial_pool(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
-        """Max / average / adaptive / power-average pooling: per channel over positions, so a new
-        set of ``C`` neurons tied to the channels (MERGE edges) at the output grid's positions."""
+        """Max / average / adaptive / power-average pooling and ``F.interpolate``: per channel over
+        positions, so a new set of ``C`` neurons tied to the channels (MERGE edges) at the output
+        grid's positions."""
         x = args[0] if args else kwargs["input"]
         values = output[0] if isinstance(output, tuple) else output
         spatial = values.dim() - 2
