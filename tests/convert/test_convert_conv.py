@@ -344,8 +344,9 @@ def test_a_map_read_by_a_convolution_and_by_a_norm(norm, norm_first, channels):
     the second reader gets a tied copy of the channels (a MERGE set over axis 1). Checked to fail
     before: with 4 channels every case was refused ("these values do not hold one neuron per
     feature": the copy was made only for values whose neurons are on the last axis); with one
-    channel, the convolution reading first, the copy was made over the last axis (one neuron per *position*) and the summed-gradient
-    check refused the wrong graph ("the graph's gradient of 'norm.weight' ... differs from autograd's")."""
+    channel, the convolution reading first, the copy was made over the last axis (one neuron per
+    *position*) and the summed-gradient check refused the wrong graph ("the graph's gradient of
+    'norm.weight' ... differs from autograd's")."""
     torch.manual_seed(14)
     module = {"batch": nn.BatchNorm2d(channels), "group": nn.GroupNorm(min(2, channels), channels),
               "instance": nn.InstanceNorm2d(channels, affine=True)}[norm]
@@ -385,6 +386,116 @@ def test_upsampling_in_a_unet_style_block(mode, align_corners):
     torch.manual_seed(15)
     model = UpsamplingCNN(mode, align_corners).to(DTYPE).eval()
     check(model, torch.randn(3, 2, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)))
+
+
+class CausalTCN(nn.Module):
+    """WaveNet-style: dilated causal 1-D convolutions (a constant ``F.pad`` on the left of the
+    positions), gated ``tanh * sigmoid`` units, residual and skip connections."""
+
+    def __init__(self, channels=4, value=0.0):
+        super().__init__()
+        self.inp, self.value = nn.Conv1d(2, channels, 1), value
+        self.filters = nn.ModuleList(nn.Conv1d(channels, channels, 2, dilation=d) for d in (1, 2, 4))
+        self.gates = nn.ModuleList(nn.Conv1d(channels, channels, 2, dilation=d) for d in (1, 2, 4))
+        self.residuals = nn.ModuleList(nn.Conv1d(channels, channels, 1) for _ in range(3))
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x):
+        h, skip = self.inp(x), 0
+        for filter_conv, gate_conv, residual, dilation in zip(self.filters, self.gates, self.residuals, (1, 2, 4)):
+            padded = F.pad(h, (dilation, 0), value=self.value)
+            z = torch.tanh(filter_conv(padded)) * torch.sigmoid(gate_conv(padded))
+            skip, h = skip + z, h + residual(z)
+        return self.head(F.relu(skip).mean(-1))
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_causal_dilated_convolutions_padded_by_f_pad(value):
+    """A constant ``F.pad`` of the positions is read per channel, as pooling: a copy of the channels
+    at the padded grid whose new places hold the constant (its act). Checked to fail before: refused
+    ("torch.nn.functional.pad: gradgraph has no rule for this op")."""
+    torch.manual_seed(16)
+    check(CausalTCN(value=value).to(DTYPE), torch.randn(3, 2, 12, dtype=DTYPE), torch.randint(0, 3, (3,)))
+
+
+def test_a_constant_pad_of_the_channels_is_refused_by_name():
+    """Padding the channel axis adds channels that are constants, not neurons: still refused."""
+
+    class PadChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv1d(2, 3, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(F.pad(self.conv(x), (0, 0, 1, 1)).mean(-1))
+
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=r"PadChannels.forward.*torch.nn.functional.pad"):
+        gradgraph.to_graph(PadChannels().to(DTYPE), torch.randn(3, 2, 8, dtype=DTYPE), torch.randint(0, 3, (3,)),
+                           cross_entropy)
+
+
+class SqueezeExcite(nn.Module):
+    """A squeeze-and-excitation block whose squeeze is a reduction over positions written as timm
+    writes it (``x.mean((2, 3), keepdim=True)``), or over one spatial axis at a time."""
+
+    def __init__(self, squeeze):
+        super().__init__()
+        self.squeeze = squeeze
+        self.conv, self.reduce, self.expand = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        if self.squeeze == "mean keepdim":
+            pooled = h.mean((2, 3), keepdim=True)
+        elif self.squeeze == "amax keepdim":
+            pooled = h.amax((2, 3), keepdim=True)
+        elif self.squeeze == "one axis at a time":
+            pooled = h.mean(3, keepdim=True).sum(2, keepdim=True)
+        else:  # over the width only, then a new axis
+            pooled = h.mean(3)[..., None]
+        h = h * torch.sigmoid(self.expand(F.relu(self.reduce(pooled))))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("squeeze", ["mean keepdim", "amax keepdim", "one axis at a time", "width only"])
+def test_squeeze_and_excitation_pooled_by_a_reduction_over_positions(squeeze):
+    """A map pooled over some of its positions, or with ``keepdim``, is read per channel as pooling
+    (the positions left stay components). Checked to fail before: refused ("Tensor.mean: pooling
+    that does not keep one neuron per feature")."""
+    torch.manual_seed(17)
+    check(SqueezeExcite(squeeze).to(DTYPE), torch.randn(3, 3, 5, 6, dtype=DTYPE), torch.randint(0, 3, (3,)))
+
+
+class DenseBlock(nn.Module):
+    """A DenseNet block: each layer (BatchNorm, ReLU, 3x3 convolution) reads the concatenation of
+    the stem's channels and every earlier layer's, and appends its own."""
+
+    def __init__(self, channels=4, growth=2, layers=2, norm=True):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(*([nn.BatchNorm2d(channels + i * growth)] if norm else []), nn.ReLU(),
+                          nn.Conv2d(channels + i * growth, growth, 3, padding=1)) for i in range(layers))
+        self.head = nn.Linear(channels + layers * growth, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for layer in self.layers:
+            h = torch.cat([h, layer(h)], dim=1)
+        return self.head(F.avg_pool2d(h, 2).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_densenet_block_keeps_the_symmetry_of_each_concatenated_part(norm):
+    """A copy of ``cat([h, z])`` (two ReLUs of overlapping concatenations) and a BatchNorm over it are
+    one set per part, each tied to its source, so the stem's channels and each layer's output move
+    on their own. Checked to fail before: one copy set tied to both parts pinned them, and the
+    inferred group had one orbit (the last layer's channels) instead of three."""
+    torch.manual_seed(18)
+    model = randomise_batch_norms(DenseBlock(norm=norm).to(DTYPE))
+    graph = check(model, torch.randn(3, 3, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)))
+    assert len(set(graph.perm_group.tolist()) - {-1}) == 3  # the stem's channels and each layer's growth
 
 
 def test_conv3d_with_max_pooling():

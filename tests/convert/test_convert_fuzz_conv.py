@@ -134,7 +134,8 @@ class ConvProgram(nn.Module):
             elif kind == "shuffle":
                 b, channels, *positions = h.shape
                 groups = step[2]
-                h = h.reshape(b, groups, channels // groups, *positions).transpose(1, 2).reshape(b, channels, *positions)
+                h = h.reshape(b, groups, channels // groups, *positions).transpose(1, 2)
+                h = h.reshape(b, channels, *positions)
             elif kind == "pool":
                 _, _, pool, kernel, stride, padding, ceil = step
                 if pool == "max":
@@ -227,7 +228,9 @@ def conv_programs(draw):
         elif kind == "adaptive":
             step = ("adaptive", source, draw(st.sampled_from(["avg", "max"])), draw(st.integers(1, min(3, length))))
         elif kind == "norm":
-            step = ("norm", source, draw(st.sampled_from(["batch", "group", "instance", "instance-affine"])))
+            # (an instance norm's statistic needs more than one position)
+            norms = ["batch", "group"] + (["instance", "instance-affine"] if length > 1 else [])
+            step = ("norm", source, draw(st.sampled_from(norms)))
         elif kind in ("softmax", "center"):
             step = (kind, source)
         elif kind == "upsample" and length <= 4:

@@ -74,9 +74,13 @@ class AffineRules:
         else:
             neuron_set.pinned = True
 
-    def materialize(self, value: Tensor, meta: Neurons, origin: str, kind: NodeKind = NodeKind.RESIDUAL) -> Neurons:
-        """A new MERGE set holding ``value``'s neurons (one new neuron per neuron on its last axis,
-        or on axis 1 of a ``[b, C, *S]`` map whose channels are its neurons).
+    def materialize(self, value: Tensor, meta: Neurons, origin: str) -> Neurons:
+        """New MERGE neurons holding ``value``'s neurons (one new neuron per neuron on its last axis,
+        or on axis 1 of a ``[b, C, *S]`` map whose channels are its neurons), each tied to the
+        neuron it copies: one new set per run of the row that lies in one set
+        (:meth:`~gradgraph.convert.trace.rules_conv.ConvRules.tied_copy`), so a copy of
+        ``cat([h, z])`` is a copy of ``h`` and a copy of ``z``, each permuted with its source (one
+        set tied to both would pin them: a DenseNet's concatenations lost every symmetry so).
 
         Where the last axis holds a neuron twice (``cat([h, h])``), each copy gets a neuron of
         its own and no symmetry is claimed for them (a permutation of ``h`` would have to move
@@ -94,22 +98,22 @@ class AffineRules:
         if row is None:
             raise self.unsupported(origin, "these values do not hold one neuron per feature")
         width = len(row)
-        merged = self.new_set(width, kind, origin, "merge")
-        merged_nodes = merged.first + torch.arange(width)
-        self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
         if torch.unique(row).numel() == width:
-            self.ties.append((row, merged_nodes))
+            merged_nodes, created = self.tied_copy(row, origin, "merge")
             # The copy reads its sources; where they are part of a set (h[:, ::2], cat([h1, h3])[:, ::2]),
             # the set is cut or pinned there, as for any partial read: the tie moves the copy with its sources.
             for index in meta.versions:
                 self.separate_part_read(self.sets[index], row)
         else:
+            merged = self.new_set(width, NodeKind.RESIDUAL, origin, "merge")
+            merged_nodes, created = merged.first + torch.arange(width), [merged]
+            self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
             merged.pinned = True
             for index in meta.versions:
                 self.sets[index].pinned = True
         placed = merged_nodes.reshape(1, -1, *[1] * (value.dim() - 2)) if channels else merged_nodes
-        new = Neurons(broadcast_ids(placed, value.shape).clone(), meta.comps, {merged.index: 0})
-        merged.grad_records.append((value, new.nodes, new.comps))
+        new = Neurons(broadcast_ids(placed, value.shape).clone(), meta.comps, {copy.index: 0 for copy in created})
+        created[0].grad_records.append((value, new.nodes, new.comps))  # one record writes every copy's grad
         self.set_meta(value, new)
         self.observe(value, new)
         return new

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from gradgraph.convert.trace.meta import broadcast_ids, KEY_STRIDE, Neurons, Raw, rows_along_last, varies_along
+from gradgraph.convert.trace.meta import (
+    broadcast_ids, channel_row, KEY_STRIDE, Neurons, Raw, rows_along_last, varies_along,
+)
 from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.graph import EdgeKind, NodeKind
 
@@ -233,17 +235,23 @@ class ConvRules:
         with row, new sets)``: one new set per run of ``row`` that lies in one set, so every tie
         pairs a set with a set of its own size (a copy of ``cat([a, b])`` is a copy of ``a`` and a
         copy of ``b``: one set tied to both would pin them)."""
-        owner = torch.tensor([self.set_of(int(node)).index for node in row.tolist()])
-        starts = [0, *(torch.nonzero(owner[1:] != owner[:-1]).flatten() + 1).tolist(), len(row)]
-        nodes, created = [], []
-        for low, high in zip(starts, starts[1:]):
-            copy = self.new_set(high - low, NodeKind.RESIDUAL, origin, created_by)
+        nodes, created, runs = self.sets_per_run(row, NodeKind.RESIDUAL, origin, created_by)
+        for (low, high), copy in zip(runs, created):
             copied = copy.first + torch.arange(high - low)
             self.edges.append((row[low:high].clone(), copied, EdgeKind.MERGE, -1, None, None))
             self.ties.append((row[low:high].clone(), copied))
-            nodes.append(copied)
-            created.append(copy)
-        return torch.cat(nodes), created
+        return nodes, created
+
+    def sets_per_run(self, row: Tensor, kind: NodeKind, origin: str,
+                     created_by: str) -> tuple[Tensor, list, list[tuple[int, int]]]:
+        """New sets of ``kind``, one per run of ``row`` that lies in one set, together one new
+        neuron per neuron of ``row``: ``(new nodes aligned with row, new sets, (low, high) of each
+        run)``. The caller adds the edges and ties (a copy's MERGE edges, a norm's scale edges)."""
+        owner = torch.tensor([self.set_of(int(node)).index for node in row.tolist()])
+        starts = [0, *(torch.nonzero(owner[1:] != owner[:-1]).flatten() + 1).tolist(), len(row)]
+        runs = list(zip(starts, starts[1:]))
+        created = [self.new_set(high - low, kind, origin, created_by) for low, high in runs]
+        return torch.cat([copy.first + torch.arange(copy.size) for copy in created]), created, runs
 
     # -------------------------------------------------------------- taps
     def tap_gather(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
@@ -335,13 +343,13 @@ class ConvRules:
 
     # -------------------------------------------------------------- pooling
     def spatial_pool(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
-        """Max / average / adaptive / power-average pooling and ``F.interpolate``: per channel over
-        positions, so a new set of ``C`` neurons tied to the channels (MERGE edges) at the output
-        grid's positions."""
+        """Max / average / adaptive / power-average pooling, ``F.interpolate`` and a constant
+        ``F.pad`` of the spatial axes: per channel over positions, so a new set of ``C`` neurons
+        tied to the channels (MERGE edges) at the output grid's positions."""
         x = args[0] if args else kwargs["input"]
         values = output[0] if isinstance(output, tuple) else output
-        spatial = values.dim() - 2
-        meta, row, datapoint = self.channel_neurons(x, name, spatial)
+        spatial = values.dim() - 2  # (a reduction without keepdim has fewer spatial axes than x)
+        meta, row, datapoint = self.channel_neurons(x, name, x.dim() - 2)
         for index in meta.versions:
             self.separate_part_read(self.sets[index], row)
         pooled, created = self.tied_copy(row, self.path() or name, "pool")
@@ -353,6 +361,26 @@ class ConvRules:
         self.observe(values, new)
         if isinstance(output, tuple):
             self.mark_opaque(output[1], name, "the indices of a max pooling", [])
+
+    def pads_positions(self, args: tuple, kwargs: dict) -> bool:
+        """Whether ``F.pad(x, pad, "constant", value)`` pads only the spatial axes of a map
+        ``[b, C, *S]`` whose channels are neurons (a causal convolution's left padding): then,
+        as pooling, each channel of one datapoint is read alone, and the padded map is a copy of
+        the channels at a larger grid whose new places hold the constant (their act, read from
+        the tensor). Reflect / replicate / circular padding are indexing (:func:`padding_parts`);
+        a constant pad of anything else (features, the datapoint axis, the raw input) has no rule."""
+        bound = dict(zip(("input", "pad", "mode", "value"), args))
+        bound.update(kwargs)
+        x, pad, mode = bound.get("input"), bound.get("pad"), bound.get("mode", "constant")
+        if mode != "constant" or not isinstance(x, Tensor) or x.dim() < 3 or len(pad) % 2 \
+                or len(pad) // 2 > x.dim() - 2:
+            return False
+        meta = self.meta(x)
+        if not isinstance(meta, Neurons) or meta.comps is None or channel_row(meta.nodes, x.shape) is None:
+            return False
+        comps = broadcast_ids(meta.comps, x.shape)
+        # positions on the spatial axes (a map of one position has none to show)
+        return any(varies_along(comps, axis) for axis in range(2, x.dim())) or math.prod(x.shape[2:]) == 1
 
     # -------------------------------------------------------------- flatten into a head
     def spread_positions(self, name: str, x: Tensor, meta: Neurons) -> Neurons:

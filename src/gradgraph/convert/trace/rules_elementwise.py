@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last, UnsupportedOperationError,
-    varies_along,
+    broadcast_ids, channel_row, feature_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last,
+    UnsupportedOperationError, varies_along,
 )
 from gradgraph.convert.trace.ops import (
     BINARY_ADD, BINARY_OTHER, LAYER_NORM, LOST_TRACK, PARAMETER_REFUSED, POOLS, WHERE,
@@ -393,6 +393,12 @@ class ElementwiseRules:
             if name not in POOLS and name not in _ORDER_POOLS:
                 return self.mark_opaque(output, name, "a reduction over positions other than sum/mean/max/min",
                                         [meta])
+            if output.dim() >= 3 and all(axis >= 2 for axis in dims) \
+                    and channel_row(meta.nodes, x.shape) is not None:
+                # a map [b, C, *S] pooled over some of its positions, or with keepdim (an SE block's
+                # x.mean((2, 3), keepdim=True)): per channel, the positions left stay components
+                self.spatial_pool(name, (x,), {}, output)
+                return None
             pooled_nodes = collapse(meta.nodes)
             rows = rows_along_last(pooled_nodes)
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):
@@ -523,11 +529,13 @@ class ElementwiseRules:
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
         sources = normalised_meta.nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
-        created = self.new_set(len(sources), NodeKind.NORM, self.path() or name, "norm")
-        created.pinned = not movable
-        targets = created.first + torch.arange(len(sources))
-        if movable:
-            self.ties.append((sources, targets))
+        # per channel, nothing mixed: one norm set per source set the channels lie in (a DenseNet's
+        # BatchNorm over cat([h, z]) is a norm of h and a norm of z, each permuted with its source)
+        targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, self.path() or name, "norm")
+        for (low, high), created in zip(runs, created_sets):
+            created.pinned = not movable
+            if movable:
+                self.ties.append((sources[low:high], targets[low:high]))
         if weight is not None:
             weight_view = self.param_view(weight, name, "weight")
             self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index, weight_view.pos.clone(),
@@ -536,9 +544,11 @@ class ElementwiseRules:
             self.edges.append((sources, targets, EdgeKind.NORM_SCALE, -1, None, None))
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
-            created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.clone()
+            for (low, high), created in zip(runs, created_sets):
+                created.bias_param, created.bias_pos = bias_view.index, bias_view.pos[low:high].clone()
         nodes = broadcast_ids(targets.reshape(-1, *[1] * (x.dim() - 2)), output.shape).clone()
-        new = Neurons(nodes, broadcast_ids(meta.comps, output.shape).clone(), {created.index: 0})
-        created.grad_records.append((output, nodes, new.comps))
+        new = Neurons(nodes, broadcast_ids(meta.comps, output.shape).clone(),
+                      {created.index: 0 for created in created_sets})
+        created_sets[0].grad_records.append((output, nodes, new.comps))  # one record writes every set's grad
         self.set_meta(output, new)
         self.observe(output, new)

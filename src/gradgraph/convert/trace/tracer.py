@@ -351,7 +351,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return self.tap_gather(name, args, kwargs, output)
         if func is previous_state:  # a recurrent loop run folded (rules_recurrent.py)
             return self.previous_copy(name, args, kwargs, output)
-        if func in SPATIAL_POOLS:
+        if func in SPATIAL_POOLS or (func is F.pad and self.pads_positions(args, kwargs)):
             return self.spatial_pool(name, args, kwargs, output)
         if func is F.group_norm or func is F.instance_norm:
             return self.channel_norm(name, func, args, kwargs, output)
