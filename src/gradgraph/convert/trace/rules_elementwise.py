@@ -313,22 +313,24 @@ class ElementwiseRules:
                 self.set_meta(output, new)
                 self.observe(output, new)
                 return None
-            created = self.new_set(len(sources), NodeKind.NORM, f"{self.path()} {name}", "scale")
-            created.bias_param, created.bias_pos = param_meta.index, positions
             kind, weight_param, weight_pos = EdgeKind.RESIDUAL, -1, None
         else:
-            created = self.new_set(len(sources), NodeKind.NORM, f"{self.path()} {name}", "scale")
             kind, weight_param, weight_pos = EdgeKind.NORM_SCALE, param_meta.index, positions
         meta = self.fix_act(value, meta, name)
         sources = rows_along_last(broadcast_ids(meta.nodes, shape))[0].clone()
-        targets = created.first + torch.arange(len(sources))
+        # one set per source set the features lie in (a scale of cat([h1, h2])): per feature, so each
+        # part still permutes on its own, with its source
+        targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, f"{self.path()} {name}", "scale")
+        for (low, high), created in zip(runs, created_sets):
+            if additive:
+                created.bias_param, created.bias_pos = param_meta.index, positions[low:high].clone()
+            self.ties.append((sources[low:high], targets[low:high]))
         self.edges.append((sources, targets, kind, weight_param, weight_pos, None))
-        self.ties.append((sources, targets))
         lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
         lookup[sources] = targets
         new = Neurons(lookup[broadcast_ids(meta.nodes, shape)], broadcast_ids(meta.comps, shape).clone(),
-                       {created.index: 0})
-        created.grad_records.append((output, new.nodes, new.comps))
+                       {created.index: 0 for created in created_sets})
+        created_sets[0].grad_records.append((output, new.nodes, new.comps))  # one record writes every set's grad
         self.set_meta(output, new)
         self.observe(output, new)
 
@@ -482,8 +484,9 @@ class ElementwiseRules:
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
         sources = rows_along_last(normalised_meta.nodes)[0].clone()
-        created = self.new_set(len(sources), NodeKind.NORM, self.path() or name, "norm")
-        targets = created.first + torch.arange(len(sources))
+        # one norm set per source set the features lie in (a norm of cat([h1, h2])): the statistic is
+        # symmetric in all its features, so each part still permutes on its own, with its source
+        targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, self.path() or name, "norm")
         if weight is not None:
             weight_view = self.param_view(weight, name, "weight")
             self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index,
@@ -492,11 +495,13 @@ class ElementwiseRules:
             self.edges.append((sources, targets, EdgeKind.NORM_SCALE, -1, None, None))
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
-            created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1).clone()
-        self.ties.append((sources, targets))
+            for (low, high), created in zip(runs, created_sets):
+                created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1)[low:high].clone()
+        for low, high in runs:
+            self.ties.append((sources[low:high], targets[low:high]))
         nodes = broadcast_ids(targets, output.shape).clone()
-        new = Neurons(nodes, meta.comps.clone(), {created.index: 0})
-        created.grad_records.append((output, nodes, new.comps))
+        new = Neurons(nodes, meta.comps.clone(), {created.index: 0 for created in created_sets})
+        created_sets[0].grad_records.append((output, nodes, new.comps))  # one record writes every set's grad
         self.set_meta(output, new)
         self.observe(output, new)
 
