@@ -50,8 +50,9 @@ def plain_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """``(path, module)`` of every leaf a plain (nested) ``nn.Sequential`` applies, in order.
 
     ``None`` unless every container is an ``nn.Sequential`` with ``Sequential.forward``, every
-    leaf's type is one of :data:`CHAIN_LEAVES` exactly, no module appears twice, and no module
-    has a hook or a ``forward`` set on the instance: then ``model(x)`` computes
+    leaf's type is one of :data:`CHAIN_LEAVES` exactly and none runs in place (``nn.ReLU(inplace=True)``
+    would change the output of the leaf before it, which the capture keeps), no module appears
+    twice, and no module has a hook or a ``forward`` set on the instance: then ``model(x)`` computes
     ``leaf_n(... leaf_1(x))`` and nothing else. A walk over the modules (microseconds).
     """
     chain: list[tuple[str, nn.Module]] = []
@@ -67,7 +68,8 @@ def plain_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
             if isinstance(child, nn.Sequential):
                 if not walk(child, f"{prefix}{name}."):
                     return False
-            elif type(child) in CHAIN_LEAVES and "forward" not in vars(child) and not _has_hooks(child):
+            elif type(child) in CHAIN_LEAVES and "forward" not in vars(child) and not _has_hooks(child) \
+                    and not getattr(child, "inplace", False):  # (in place, it would change a recorded output)
                 chain.append((f"{prefix}{name}", child))
             else:
                 return False

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import check_materialised
 from gradgraph.convert.trace.decompositions import DECOMPOSABLE, decomposition
+from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.meta import (
     CheckedOpLog, PlanMismatch, TraceAbort, ValueGuard, flat_arguments,
     GRADGRAPH_DIR, Neurons, Opaque, OpLog, TORCH_DIR, UnsupportedOperationError,
@@ -173,6 +174,9 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
             tracer.fold_time = fold
             with torch.enable_grad(), tracker, tracer, folding_time(fold), fold_listener(tracer):
                 output = _run_forward(model, forward, x, tracer)
+            stale = tracer.stale.in_output(output)
+            if stale is not None:
+                raise tracer.unsupported("the model's output", StaleValues.message(stale))
             tracer.close_folds()  # outside the mode: its bookkeeping is no op of the forward
         except InputReadAgain:
             continue
@@ -214,7 +218,8 @@ def _user_frame(traceback: Any) -> str:
         code = traceback.tb_frame.f_code
         filename = os.path.abspath(code.co_filename)
         if not filename.startswith(TORCH_DIR) and not filename.startswith(GRADGRAPH_DIR):
-            found = f"{os.path.basename(filename)}:{traceback.tb_lineno} in {getattr(code, 'co_qualname', code.co_name)}"
+            name = getattr(code, "co_qualname", code.co_name)
+            found = f"{os.path.basename(filename)}:{traceback.tb_lineno} in {name}"
         traceback = traceback.tb_next
     return found
 
@@ -289,6 +294,7 @@ class _Replayer(TorchFunctionMode):
         self._module_paths: dict[int, str] | None = None
         self.log: OpLog | None = None
         self.op_index = -1
+        self.stale = StaleValues()  # in-place ops run out of place, as the trace ran them (trace/in_place.py)
 
     @property
     def module_paths(self) -> dict[int, str]:
@@ -312,9 +318,24 @@ class _Replayer(TorchFunctionMode):
             if parts is not None:
                 with self:  # as the trace ran it: the same ops, numbered the same
                     return parts()
+        name = op_name(func)
+        if self.stale.stale and self.stale.read(name, args, kwargs) is not None:
+            raise PlanMismatch(self.log.count)  # the trace refuses it, by name
+        in_place = out_of_place_call(func, name, args, kwargs) if name in IN_PLACE_CANDIDATES else None
+        if in_place is not None:
+            # as the trace ran it: out of place where its log has the out-of-place op (it keeps
+            # some in place, attention scores: rules_attention.py)
+            expected = self.log.expected
+            if self.log.count < len(expected) and expected[self.log.count][0] == in_place[1]:
+                target = args[0] if args else kwargs.get("input")
+                func, name, args, kwargs = in_place
+            else:
+                in_place = None
         output = func(*args, **kwargs)
+        if in_place is not None:
+            self.stale.mark(target, output, name)
         # raises PlanMismatch at the first op that differs from the trace's fingerprint
-        index = self.log.step(op_name(func), args, kwargs, output)
+        index = self.log.step(name, args, kwargs, output)
         if not self.guards and index not in self.wanted:
             return output
         guards = self.guards.get(index)
@@ -342,6 +363,8 @@ def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], A
     with torch.enable_grad(), _ModuleTracker(replayer, replay=True, modules=modules), replayer, \
             folding_time(fold_time):
         output = _run_forward(model, forward, x)
+    if replayer.stale.in_output(output) is not None:
+        raise PlanMismatch(replayer.log.count)  # the trace refuses it, by name
     if replayer.log.mismatch is not None or replayer.log.count != len(fingerprints):
         # a mismatch the forward caught and went on from still counts; so do ops the trace had and this run not
         raise PlanMismatch(replayer.log.count if replayer.log.mismatch is None else replayer.log.mismatch)

@@ -26,10 +26,11 @@ from gradgraph.convert.trace.meta import (
     flat_arguments, set_containing,
 )
 from gradgraph.convert.trace.ops import (
-    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER, CONCATENATIONS,
-    ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT, IN_PLACE_OPERATORS, JOINS, LAYER_NORM, LINEAR, MASK_FILL,
-    MATMUL, op_name, REDUCTIONS, RMS_NORM, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
+    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER,
+    CONCATENATIONS, ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT, IN_PLACE_OPERATORS, JOINS, LAYER_NORM,
+    LINEAR, MASK_FILL, MATMUL, op_name, REDUCTIONS, RMS_NORM, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
 )
+from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.rules_affine import AffineRules
 from gradgraph.convert.trace.rules_attention import AttentionRules
 from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
@@ -53,7 +54,8 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
 _SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
 
 
-class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, FoldRules, TorchFunctionMode):
+class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, FoldRules,
+             TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0,
@@ -98,6 +100,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         self.log: OpLog | None = None
         self.op_index = -1
         self.captured: dict[int, tuple[tuple, dict, Any]] = {}  # op index -> (args, kwargs, output)
+        self.stale = StaleValues()  # what in-place ops run out of place left behind (trace/in_place.py)
         #: id(tensor) -> (tensor, op index, recipe): values computed by the tracer itself from
         #: an op's arguments (a norm's normalised input), so a replay can recompute them
         self.derived: dict[int, tuple[Tensor, int, tuple]] = {}
@@ -299,6 +302,18 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 return parts()
         name = op_name(func)
         try:
+            stale = self.stale.read(name, args, kwargs)
+            if stale is not None:
+                raise self.unsupported(name, StaleValues.message(stale))
+            # relu_(h), h += r on neuron values: run out of place (trace/in_place.py); attention scores
+            # changed in place keep their own rules (rules_attention.py), the replay follows the log
+            in_place = out_of_place_call(func, name, args, kwargs) if name in IN_PLACE_CANDIDATES else None
+            if in_place is not None:
+                in_place_name, target = name, args[0] if args else kwargs.get("input")
+                if isinstance(self.meta(target), Neurons):
+                    func, name, args, kwargs = in_place
+                else:
+                    in_place = None
             # a scatter into a constant (PyG's src.new_zeros(size).scatter_add_(...)) makes a new value
             # (trace/rules_graph.py); every other in-place op on values the trace follows is refused
             scatter_into_constant = name in SCATTERS_IN_PLACE and bool(args) and self.meta(args[0]) is None
@@ -313,6 +328,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             # which op made a scatter's base, read before the scatter writes into it (rules_graph.py)
             self.scatter_base = self.log.source(args[0]) if scatter_into_constant else None
             output = func(*args, **kwargs)
+            if in_place is not None:
+                self.stale.mark(target, output, in_place_name)
             self.op_index = self.log.step(name, args, kwargs, output)
             flat, _ = tree_flatten((args, kwargs))
             tracked = [(value, self.meta(value)) for value in flat if isinstance(value, Tensor)]

@@ -1,0 +1,185 @@
+"""In-place ops on intermediate values convert exactly; reading a value an in-place op changed is refused.
+
+torchvision's CNNs use ``nn.ReLU(inplace=True)`` and ``out += identity`` throughout. The trace and
+the replay run such an op out of place (``trace/in_place.py``): the tensor it would have changed is
+recorded (a BatchNorm's output, whose gradient is a factor) and keeps its value and gradient. That
+is the model's computation as long as the old tensor is not read again, which is checked: a later
+read of it, of a view of it, or a model output that is it, is refused by name. Every test here is
+float64 against torch.func (1e-10), on the first conversion (the trace) and on a second one of
+other inputs (the cached plan: the replay, or for a plain ``nn.Sequential`` the chain capture).
+Checked to fail before: every model here was refused ("in-place ops on tensors gradgraph follows
+are unsupported"), and with the chain capture left to take ``nn.ReLU(inplace=True)`` the second
+conversion of the MLP gets the activated values as the pre-activations' factors (gradients off).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+import gradgraph
+from gradgraph.convert import UnsupportedOperationError
+
+DTYPE = torch.float64
+
+
+def cross_entropy(output, target):
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def randomise_batch_norms(model):
+    generator = torch.Generator().manual_seed(7)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(module.num_features, generator=generator))
+                module.bias.copy_(torch.randn(module.num_features, generator=generator))
+    return model.eval()
+
+
+class TorchvisionBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``, as it is written there (in-place ReLU, ``out += identity``)."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.layer1, self.layer2 = TorchvisionBasicBlock(4, 4), TorchvisionBasicBlock(4, 8, stride=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def convert_twice(model, shape, seed=0):
+    """The first conversion (a trace) and a second on other inputs (the cached plan), both exact."""
+    torch.manual_seed(seed)
+    graphs = []
+    for _ in range(2):
+        inputs, targets = torch.randn(*shape, dtype=DTYPE), torch.randint(0, 3, (shape[0],))
+        graphs.append(assert_exact_per_sample_grads(model, inputs, targets, cross_entropy))
+    return graphs, inputs, targets
+
+
+def test_a_torchvision_style_resnet_converts_exactly_with_its_group():
+    model = randomise_batch_norms(TinyResNet().to(DTYPE))
+    gradgraph.convert.clear_structure_cache()
+    _, inputs, targets = convert_twice(model, (3, 3, 6, 6))
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=1)
+    assert moved > 0
+
+
+@pytest.mark.parametrize("activation", [
+    nn.ReLU(inplace=True), nn.ReLU6(inplace=True), nn.LeakyReLU(0.1, inplace=True), nn.ELU(inplace=True),
+    nn.SELU(inplace=True), nn.CELU(inplace=True), nn.SiLU(inplace=True), nn.Mish(inplace=True),
+    nn.Hardswish(inplace=True), nn.Hardsigmoid(inplace=True), nn.Hardtanh(inplace=True), nn.Dropout(0.2, inplace=True),
+], ids=lambda module: type(module).__name__)
+def test_an_mlp_with_an_in_place_activation_converts_exactly_also_from_its_cached_plan(activation):
+    model = nn.Sequential(nn.Linear(3, 5), activation, nn.Linear(5, 5), activation, nn.Linear(5, 3)).to(DTYPE).eval()
+    gradgraph.convert.clear_structure_cache()
+    convert_twice(model, (4, 3))
+
+
+class MethodForms(nn.Module):
+    """In-place methods and functions whose results the model uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu_(self.a(x))  # (each op below changes a value no backward needs: valid in PyTorch too)
+        g = self.b(h).mul_(2.0)
+        g = g.add_(h)
+        g *= 0.5
+        return self.c(torch.tanh_(g))
+
+
+def test_in_place_methods_whose_results_are_used_convert_exactly():
+    gradgraph.convert.clear_structure_cache()
+    convert_twice(MethodForms().to(DTYPE), (4, 3))
+
+
+class StaleRead(nn.Module):
+    """Reads, after an in-place op, the value it changed (directly, through an alias or a view,
+    or as the output): what the model computes depends on the in-place write."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "statement":
+            h.relu_()  # the result is not used: h itself must be the activated value
+            return self.b(h)
+        if self.how == "alias":
+            old = h
+            h += 1.0
+            return self.b(old * 2.0)  # (a refusal raised inside a Python operator gets through as ours)
+        if self.how == "view":
+            part = h[:, :2]
+            h = F.relu(h, inplace=True)
+            return self.b(torch.cat([part, h[:, 2:]], dim=1))
+        torch.sigmoid_(h)
+        return h.mean(-1, keepdim=True).expand(-1, 3)  # the output
+
+
+@pytest.mark.parametrize("how, op, reader", [
+    ("statement", "Tensor.relu_", "torch.nn.functional.linear"),
+    ("alias", "Tensor.add_", "Tensor.mul"),
+    ("view", "torch.nn.functional.relu", "torch.cat"),
+    ("output", "torch.sigmoid_", "Tensor.mean"),
+])
+def test_reading_a_value_an_in_place_op_changed_is_refused_by_name(how, op, reader):
+    model = StaleRead(how).to(DTYPE)
+    for _ in range(2):  # the trace refuses, and no plan is left to replay
+        with pytest.raises(UnsupportedOperationError, match=rf"{reader}: reads a value that the in-place {op}"):
+            gradgraph.to_graph(model, torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,)), cross_entropy)
+
+
+def test_an_in_place_op_on_the_model_input_is_still_refused():
+    class IntoInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x):
+            x += 1.0
+            return self.a(x)
+
+    with pytest.raises(UnsupportedOperationError, match=r"in-place ops on tensors gradgraph follows are unsupported"):
+        gradgraph.to_graph(IntoInput().to(DTYPE), torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,)),
+                           cross_entropy)
