@@ -63,7 +63,8 @@ class ConvProgram(nn.Module):
     channels), ``("center", i)`` (minus the mean over positions), ``("upsample", i)`` (nearest, 2x),
     ``("act_", i, name)`` (the activation in place: ``F.relu(h, inplace=True)``, ``h.tanh_()``, …) and
     ``("iadd", i, j)`` (``h = values[i]; h += values[j]``): in place, value ``i`` changes too, so a
-    later step that reads it reads the changed value (gradgraph refuses that read by name).
+    later step that reads it reads the changed value (gradgraph refuses that read by name),
+    ``("scale", i)`` (a per-channel parameter times ``i``, a layer scale).
     ``head``: ``"mean"`` (global average pooling), ``"max"`` (global max) or ``"flatten"``, then a
     linear map to 3 outputs.
     """
@@ -82,6 +83,8 @@ class ConvProgram(nn.Module):
                 self.layers[str(index)] = CONV[spatial](channels, out, kernel, stride, padding, dilation, groups,
                                                        padding_mode=mode)
                 channels, length = out, conv_length(length, kernel, stride, padding, dilation)
+            elif kind == "scale":
+                self.layers[str(index)] = nn.ParameterList([nn.Parameter(torch.rand(channels) + 0.5)])
             elif kind == "excite":
                 self.layers[str(index)] = nn.Sequential(nn.Linear(channels, step[2]), nn.ReLU(),
                                                         nn.Linear(step[2], channels), nn.Sigmoid())
@@ -128,6 +131,8 @@ class ConvProgram(nn.Module):
                 h = IN_PLACE_ACTIVATIONS[step[2]](h)
             elif kind == "iadd":
                 h += values[step[2]]
+            elif kind == "scale":
+                h = h * self.layers[str(index)][0].reshape(1, -1, *[1] * self.spatial)
             elif kind == "add":
                 h = h + values[step[2]]
             elif kind == "mul":
@@ -201,7 +206,7 @@ def conv_programs(draw):
         channels, length = shapes[source]
         kind = draw(st.sampled_from(["conv", "conv", "conv", "act", "add", "mul", "gate", "excite", "cat", "slice",
                                      "shuffle", "pool", "adaptive", "norm", "softmax", "center", "upsample", "act_",
-                                     "iadd"]))
+                                     "iadd", "scale"]))
         same = [index for index, shape in enumerate(shapes)
                 if shape == (channels, length) and index not in (0, source)]
         positions = [index for index, shape in enumerate(shapes) if shape[1] == length and index not in (0, source)]
@@ -246,7 +251,7 @@ def conv_programs(draw):
             # (an instance norm's statistic needs more than one position)
             norms = ["batch", "group"] + (["instance", "instance-affine"] if length > 1 else [])
             step = ("norm", source, draw(st.sampled_from(norms)))
-        elif kind in ("softmax", "center"):
+        elif kind in ("softmax", "center", "scale"):
             step = (kind, source)
         elif kind == "upsample" and length <= 4:
             step = ("upsample", source)
@@ -303,7 +308,8 @@ def test_the_conv_program_model_runs_each_step_kind():
              ("gate", 4, 1, 3), ("excite", 5, 2), ("cat", 6, 1), ("slice", 7, 1, 7), ("shuffle", 8, 2),
              ("pool", 9, "max", 3, 2, 1, True), ("adaptive", 10, "avg", 2), ("norm", 11, "batch"),
              ("norm", 12, "group"), ("norm", 13, "instance-affine"), ("softmax", 14), ("center", 15),
-             ("upsample", 16), ("conv", 17, 2, 2, 2, 0, 1, 2, "zeros"), ("act_", 18, "relu"), ("iadd", 19, 18)]
+             ("upsample", 16), ("conv", 17, 2, 2, 2, 0, 1, 2, "zeros"), ("act_", 18, "relu"), ("iadd", 19, 18),
+             ("scale", 20)]
     for spatial in (1, 2, 3):
         model = ConvProgram(spatial, 2, 5, steps, "flatten").to(DTYPE)
         inputs = torch.randn(2, 2, *[5] * spatial, dtype=DTYPE)

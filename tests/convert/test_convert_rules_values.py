@@ -176,7 +176,7 @@ class ParameterAfter(nn.Module):
       embedding added after the activation);
     - ``"scale-per-position"``: ``(tanh(l1(x)) * p).mean(1)`` (refused);
     - ``"scale-on-tokens"``: ``(tanh(l1(x)).transpose(1, 2) * t).mean(2)`` with ``t`` ``[T]``
-      (refused: the last axis holds positions)."""
+      (refused: the parameter differs between the positions on the last axis)."""
 
     def __init__(self, kind: str, d_in: int = 4, hidden: int = 6, tokens: int = 3, d_out: int = 3):
         super().__init__()
@@ -232,7 +232,8 @@ def test_a_parameter_added_to_neurons_is_their_bias_exactly(kind, num_nodes, bat
 
 @pytest.mark.parametrize(("kind", "reason"), [
     ("scale-per-position", "a parameter multiplying neurons that differs between positions"),
-    ("scale-on-tokens", "a parameter combined with values that are not one neuron per feature"),
+    # (read as a map [b, features, positions], as a 1-D convolution's: a parameter differing by position)
+    ("scale-on-tokens", "a parameter combined with a feature map that differs between positions"),
 ])
 def test_a_parameter_that_is_no_bias_or_scale_per_feature_is_refused(kind, reason):
     """Refused by the whole message. Checked to fail on ``ElementwiseRules.with_parameter``

@@ -292,9 +292,21 @@ class ElementwiseRules:
             raise self.unsupported(name, "arithmetic between a parameter and values that do not depend on the input")
         nodes = broadcast_ids(meta.nodes, shape)
         pos = broadcast_ids(param_meta.pos, shape)
-        sources = feature_row(nodes)
-        pos_rows = pos.reshape(-1, shape[-1])
-        per_feature = bool((pos_rows == pos_rows[:1]).all())
+        comps = broadcast_ids(meta.comps, shape)
+        # a map [b, C, *S] whose channels are its neurons (a layer scale gamma[:, None, None] * x)
+        channels = len(shape) >= 3 and any(varies_along(comps, axis) for axis in range(2, len(shape))) \
+            and channel_row(nodes, shape) is not None
+        if channels:
+            sources = channel_row(nodes, shape)
+            pos_row = pos.reshape(shape[0], shape[1], -1)[0, :, 0]
+            per_feature = torch.equal(pos, broadcast_ids(pos_row.reshape(1, -1, *[1] * (len(shape) - 2)), shape))
+            if not per_feature:
+                raise self.unsupported(name, "a parameter combined with a feature map that differs between positions")
+            pos_rows = pos_row[None]
+        else:
+            sources = feature_row(nodes)
+            pos_rows = pos.reshape(-1, shape[-1])
+            per_feature = bool((pos_rows == pos_rows[:1]).all())
         if sources is None:
             raise self.unsupported(name, "a parameter combined with values that are not one neuron per feature")
         if additive and not per_feature:
@@ -317,7 +329,8 @@ class ElementwiseRules:
         else:
             kind, weight_param, weight_pos = EdgeKind.NORM_SCALE, param_meta.index, positions
         meta = self.fix_act(value, meta, name)
-        sources = rows_along_last(broadcast_ids(meta.nodes, shape))[0].clone()
+        nodes = broadcast_ids(meta.nodes, shape)
+        sources = channel_row(nodes, shape) if channels else rows_along_last(nodes)[0].clone()
         # one set per source set the features lie in (a scale of cat([h1, h2])): per feature, so each
         # part still permutes on its own, with its source
         targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, f"{self.path()} {name}", "scale")
@@ -507,6 +520,10 @@ class ElementwiseRules:
 
     def batch_norm(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         training = kwargs.get("training", args[5] if len(args) > 5 else False)
+        if isinstance(self.meta(args[0]), Param):  # BiT's WeightStandardizedConv2d: F.batch_norm of its weight
+            raise self.unsupported(name, "a batch norm of a parameter (weight standardization) is arithmetic on the "
+                                   "parameter before it meets the input, whose gradient is not a rank-1 term of the "
+                                   "graph; convert a copy with the standardized weights as plain parameters")
         if training:
             raise self.unsupported(name, "batch norm in training mode mixes the datapoints of a batch, so their "
                                    "gradients are not separate rank-1 terms; call model.eval()")
