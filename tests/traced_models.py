@@ -415,3 +415,16 @@ def assert_group_keeps_function(model, inputs, targets, loss_fn, seed=0, forward
     converted = gradgraph.to_graph(permuted_model, inputs, targets, loss_fn, **kwargs)
     assert_same_graph(converted, permute_nodes(graph, perm), atol=atol)
     return int((perm != torch.arange(graph.num_nodes)).sum()), graph, perm
+
+
+def randomise_batch_norms(model):
+    """Running statistics and affine parameters away from their defaults (so eval BN is not identity)."""
+    generator = torch.Generator().manual_seed(7)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(module.num_features, generator=generator))
+                module.bias.copy_(torch.randn(module.num_features, generator=generator))
+    return model.eval()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, randomise_batch_norms
 
 import gradgraph
 from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
@@ -47,19 +47,6 @@ def check(model, inputs, targets, *, moves=True, seed=0, metanet=None):
                             graph_out_channels=1).to(DTYPE)
         assert_equivariant(small, [graph])
     return graph
-
-
-def randomise_batch_norms(model):
-    """Running statistics and affine parameters away from their defaults (so eval BN is not identity)."""
-    generator = torch.Generator().manual_seed(7)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.weight.copy_(torch.randn(module.num_features, generator=generator))
-                module.bias.copy_(torch.randn(module.num_features, generator=generator))
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------- models

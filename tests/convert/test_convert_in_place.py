@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, randomise_batch_norms
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
@@ -28,18 +28,6 @@ DTYPE = torch.float64
 
 def cross_entropy(output, target):
     return F.cross_entropy(output, target, reduction="none")
-
-
-def randomise_batch_norms(model):
-    generator = torch.Generator().manual_seed(7)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.weight.copy_(torch.randn(module.num_features, generator=generator))
-                module.bias.copy_(torch.randn(module.num_features, generator=generator))
-    return model.eval()
 
 
 class TorchvisionBasicBlock(nn.Module):
