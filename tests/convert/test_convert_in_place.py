@@ -88,6 +88,49 @@ def test_a_torchvision_style_resnet_converts_exactly_with_its_group():
     assert moved > 0
 
 
+class Fire(nn.Module):
+    """torchvision's SqueezeNet ``Fire`` module: in-place ReLUs, two expand branches concatenated."""
+
+    def __init__(self, inplanes, squeeze, expand):
+        super().__init__()
+        self.squeeze, self.squeeze_activation = nn.Conv2d(inplanes, squeeze, 1), nn.ReLU(inplace=True)
+        self.expand1x1, self.expand1x1_activation = nn.Conv2d(squeeze, expand, 1), nn.ReLU(inplace=True)
+        self.expand3x3, self.expand3x3_activation = nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.squeeze_activation(self.squeeze(x))
+        return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
+                          self.expand3x3_activation(self.expand3x3(x))], 1)
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block: in-place ReLU6, a depthwise convolution, ``x + conv(x)``."""
+
+    def __init__(self, channels=4, expansion=2):
+        super().__init__()
+        hidden = channels * expansion
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True), nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+@pytest.mark.parametrize("block", ["fire", "inverted residual"])
+def test_torchvision_squeezenet_and_mobilenet_blocks(block):
+    body = Fire(4, 2, 3) if block == "fire" else InvertedResidual()
+    width = 6 if block == "fire" else 4
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), body, nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Dropout(0.2), nn.Linear(width, 3))
+    model = randomise_batch_norms(model.to(DTYPE))
+    gradgraph.convert.clear_structure_cache()
+    _, inputs, targets = convert_twice(model, (3, 3, 6, 6))
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=2)
+    assert moved > 0
+
+
 @pytest.mark.parametrize("activation", [
     nn.ReLU(inplace=True), nn.ReLU6(inplace=True), nn.LeakyReLU(0.1, inplace=True), nn.ELU(inplace=True),
     nn.SELU(inplace=True), nn.CELU(inplace=True), nn.SiLU(inplace=True), nn.Mish(inplace=True),
