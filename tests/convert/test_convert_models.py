@@ -294,6 +294,34 @@ def test_a_gate_broadcast_over_an_experts_features_keeps_every_feature_apart():
     assert graph.act.shape[0] == graph.num_nodes and graph.num_nodes >= 4 + 2 + 16 + 3
 
 
+class HeadGate(nn.Module):
+    """Per-head weights (a softmax over 3 heads) broadcast over each head's 4 channels, as
+    attention weights scale a head's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values, self.gate, self.out = nn.Linear(4, 12), nn.Linear(4, 3), nn.Linear(12, 3)
+
+    def forward(self, x):
+        values = torch.tanh(self.values(x)).view(-1, 3, 4)
+        weights = torch.softmax(self.gate(x), -1)
+        return self.out((values * weights.unsqueeze(-1)).reshape(-1, 12))
+
+
+@pytest.mark.parametrize("model_type", [SoftMixtureOfExperts, HeadGate])
+def test_a_gate_broadcast_over_blocks_keeps_the_permutations_within_each_block(model_type):
+    """A gate neuron times a block of neurons (an expert's features, a head's channels) keeps
+    every permutation within the block (the gate is the same for all of them), the gate fixed. A
+    permutation across blocks would change the function, which the group check sees. Checked to
+    fail before: the product was a fixed set and both operands pinned (the group was trivial)."""
+    torch.manual_seed(33)
+    model = model_type().to(DTYPE)
+    inputs, targets = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,))
+    assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    moved = max(assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=seed)[0] for seed in range(4))
+    assert moved > 0
+
+
 class OuterProduct(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -136,6 +136,8 @@ class ElementwiseRules:
             raise self.unsupported(name, "combines neurons with values that are partly not neurons")
         pairs = _unique_pairs(a_nodes, b_nodes)
         if torch.unique(pairs[0]).numel() != pairs.shape[1] or torch.unique(pairs[1]).numel() != pairs.shape[1]:
+            if not additive and self.block_gate(name, (a_nodes, a), (b_nodes, b), comps, output):
+                return None
             # not one neuron of b per neuron of a (e.g. rotary embeddings mixing dims): no symmetry claimed
             for index in list(a.versions) + list(b.versions):
                 self.sets[index].pinned = True
@@ -195,6 +197,46 @@ class ElementwiseRules:
                 self.split_fused_gate((a_value, a, a_sorted), (b_value, b, b_sorted))
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def block_gate(self, name: str, a: tuple[Tensor, Neurons], b: tuple[Tensor, Neurons], comps: Tensor,
+                   output: Tensor) -> bool:
+        """A product whose one operand is a *gate* broadcast over blocks of the other's neurons (an
+        expert's weight times all its features, an attention head's weight times the head's
+        channels): each neuron of the gated operand meets one gate neuron, and no neuron is in
+        both. Then a permutation of the gated neurons *within* each block keeps the product (the
+        gate is the same for all of them): the product is a new set tied neuron for neuron to the
+        gated one, both cut where the gate changes along a run of a set, and the gate's sets are
+        fixed (moving a gate neuron would move a whole block, which cuts cannot say). Returns
+        whether it applied; else the caller fixes both operands (no symmetry claimed)."""
+        for (gated_nodes, gated), (gate_nodes, gate) in ((a, b), (b, a)):
+            if not _one_value_per_neuron((gated_nodes,), comps):
+                continue
+            pairs = _unique_pairs(gated_nodes, gate_nodes)  # sorted by gated neuron
+            if torch.unique(pairs[0]).numel() != pairs.shape[1] or bool(torch.isin(pairs[1], pairs[0]).any()):
+                continue  # a gated neuron meets two gate neurons, or the operands share neurons
+            sources, partners = pairs[0], pairs[1]
+            for index in gate.versions:
+                self.sets[index].pinned = True
+            for index in gated.versions:
+                self.separate_part_read(self.sets[index], sources)
+            created = self.new_set(len(sources), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
+            created.gated = True  # type: ignore[attr-defined]
+            targets = created.first + torch.arange(len(sources))
+            # the gate changes between two neurons next to each other in a set: a border for both sets
+            borders = torch.nonzero((partners[1:] != partners[:-1]) & (sources[1:] == sources[:-1] + 1)).flatten() + 1
+            self.cuts.update(int(sources[border]) for border in borders)
+            self.cuts.update(int(targets[border]) for border in borders)
+            self.edges.append((sources.clone(), targets, EdgeKind.GATE, -1, None, None))
+            self.edges.append((partners.clone(), targets.clone(), EdgeKind.GATE, -1, None, None))
+            self.ties.append((sources.clone(), targets.clone()))
+            lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
+            lookup[sources] = targets
+            new = Neurons(lookup[gated_nodes], comps.clone(), {created.index: 0})
+            created.grad_records.append((output, new.nodes, new.comps))
+            self.set_meta(output, new)
+            self.observe(output, new)
+            return True
+        return False
 
     def split_fused_gate(self, *halves: tuple[Tensor, Neurons, Tensor]) -> None:
         """``silu(a) * b`` where ``a, b = w12(x).chunk(2, -1)``: cut the fused set into its halves.
