@@ -214,3 +214,32 @@ def test_an_in_place_op_on_the_model_input_is_still_refused():
     with pytest.raises(UnsupportedOperationError, match=r"in-place ops on tensors gradgraph follows are unsupported"):
         gradgraph.to_graph(IntoInput().to(DTYPE), torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,)),
                            cross_entropy)
+
+
+@pytest.mark.parametrize("family", ["ResNet", "PoolFormer"])
+def test_transformers_vision_cnns_written_with_in_place_ops_and_layer_scales(family):
+    """``transformers``' ResNetModel (``hidden_state += residual``) and PoolFormerModel (a per-channel
+    layer scale on [b, C, H, W] maps), tiny configs built here: exact, first and cached, with their group.
+    Checked to fail before: refused at the ``+=`` and at the layer scale."""
+    transformers = pytest.importorskip("transformers")
+    if family == "ResNet":
+        backbone = transformers.ResNetModel(transformers.ResNetConfig(
+            num_channels=3, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], layer_type="basic"))
+    else:
+        backbone = transformers.PoolFormerModel(transformers.PoolFormerConfig(
+            num_channels=3, hidden_sizes=[4, 8], depths=[1, 1], num_encoder_blocks=2, patch_sizes=[3, 3],
+            strides=[2, 2], padding=[1, 1]))
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = backbone, nn.Linear(8, 3)
+
+        def forward(self, pixels):
+            return self.head(self.backbone(pixels).last_hidden_state.mean((2, 3)))
+
+    model = randomise_batch_norms(Classifier().to(DTYPE))
+    gradgraph.convert.clear_structure_cache()
+    _, inputs, targets = convert_twice(model, (2, 3, 8, 8))
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=3)
+    assert moved > 0
