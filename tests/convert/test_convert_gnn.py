@@ -801,10 +801,14 @@ GATS = {
 def test_gat_on_a_pyg_batch_is_exact(kind):
     """PyG's GATConv runs as gradgraph's op-by-op form (``trace/stock_graph.py``): per-head scores as
     ``F.linear`` with the attention vectors, the softmax over in-edges as exp / scatter / gather /
-    divide. Exact per graph; the inferred group keeps the function (it is trivial: the per-head weights
-    broadcast over a head's channels pin them, so no symmetry is claimed). Before, every GAT was
-    refused by name."""
-    from gradgraph.symmetry import permute_model, random_node_permutation
+    divide. Exact per graph. The inferred group permutes each head's channels within the head (the
+    per-head attention weights are the same for all of them; a permutation of whole heads is not
+    claimed): sampled elements keep the function and map the graph to the permuted model's graph, and
+    GradMetaNet's outputs move with them. Checked to fail before: the group was trivial (the
+    per-head weights broadcast over a head's channels pinned everything, and the form's check of its
+    output against the module's read the output with a detach the trace saw)."""
+    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
+    from strategies import assert_same_graph
 
     class Attention(nn.Module):
         def __init__(self):
@@ -823,11 +827,21 @@ def test_gat_on_a_pyg_batch_is_exact(kind):
     graphs, batch = pyg_batch(seed=12)
     targets = torch.tensor([0, 1, 2])
     graph = assert_exact_per_graph(model, graphs, batch, targets)
-    perm = random_node_permutation(graph, torch.Generator().manual_seed(1))
+    # conv1's channels (one orbit per head when heads are concatenated; averaged, the heads' channel c
+    # are tied to output channel c, so one orbit) and conv2's
+    orbits = model.conv1.heads + 1 if model.conv1.concat else 2
+    assert len(set(graph.perm_group.tolist()) - {-1}) == orbits
     kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
-    with torch.no_grad():
-        torch.testing.assert_close(permute_model(model, graph, perm)(batch.x, **kwargs), model(batch.x, **kwargs),
-                                   atol=1e-10, rtol=0)
+    for seed in range(3):
+        perm = random_node_permutation(graph, torch.Generator().manual_seed(seed))
+        assert int((perm != torch.arange(graph.num_nodes)).sum()) > 0
+        permuted = permute_model(model, graph, perm)
+        with torch.no_grad():
+            torch.testing.assert_close(permuted(batch.x, **kwargs), model(batch.x, **kwargs), atol=1e-10, rtol=0)
+        assert_same_graph(convert_batch(permuted, batch, targets), permute_nodes(graph, perm), atol=1e-10)
+    small = GradMetaNet(4, num_component_layers=1, num_node_layers=1, edge_out_channels=1, node_out_channels=1,
+                        graph_out_channels=1).to(DTYPE)
+    assert_equivariant(small, [graph])
 
 
 def test_gat_in_training_mode_with_dropout_is_refused():
