@@ -1,0 +1,248 @@
+"""The batched meta-training pieces against the general path, entry by entry, in float64: ``vmapped_update``
+(called without ``first_graph``) against each particle's ``to_graph`` + ``LearnedUpdate`` step, and
+``ParameterLayout.scatter`` against a loop over the graph's edges and nodes.
+
+Written for the survivors of the mutation runs of ``optim/batched.py`` and ``optim/parameter_layout.py``
+(issue 31; docs/mutation.md, run optim 5): each test names the mutants it kills, each checked with
+``MUTANT_UNDER_TEST`` in ``.mutation/optim/mutants/``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch_geometric.data import Batch
+
+from gradgraph import to_graph
+from gradgraph.errors import GradGraphError
+from gradgraph.optim import ParameterLayout
+from gradgraph.optim.batched import chain_gradients, vmapped_update
+from gradgraph.optim.chain_graphs import ChainGraphs
+from gradgraph.optim.fused import mlp_chain
+from strategies import learned_rule
+
+DOUBLE = torch.float64
+
+
+def _loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, targets, reduction="none")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def test_vmapped_update_without_first_graph_is_every_particle_s_general_step():
+    """Three particles, each with its own parameters, batch and GradMetaNet meta-parameters: the batched
+    closed-form graphs and the one vmapped update (``first_graph`` left out: the batch's first graph is
+    read) give every particle's new parameters and factor EMAs as ``to_graph`` of that particle's network
+    and ``LearnedUpdate`` called with that particle's meta-parameters, to 1e-10.
+
+    Kills ``vmapped_update`` 11, 12 (``first`` is ``None`` when ``first_graph`` is left out), 13
+    (``graphs.get_example(None)``)."""
+    model = _model()
+    chain = mlp_chain(model)
+    num_particles, batch_size = 3, 6
+    generator = torch.Generator().manual_seed(1)
+    params = {name: p.detach()[None] + 0.3 * torch.randn(num_particles, *p.shape, generator=generator, dtype=DOUBLE)
+              for name, p in model.named_parameters()}
+    inputs = torch.randn(num_particles, batch_size, 5, generator=generator, dtype=DOUBLE)
+    targets = torch.randint(0, 3, (num_particles, batch_size), generator=generator)
+    structure = ChainGraphs.from_model(chain, model, inputs[0], targets[0], _loss, num_particles)
+    _, grads, graphs = chain_gradients(chain, params, inputs, targets, _loss, structure)
+    meta = learned_rule("gradmetanet")
+    meta_params = {name: value.detach()[None] + 0.05 * torch.randn(num_particles, *value.shape,
+                                                                    generator=generator, dtype=DOUBLE)
+                   for name, value in meta.named_parameters()}
+    new_params, new_state = vmapped_update(meta, meta_params, params, grads, meta.init_state(params), graphs)
+
+    num_nodes = structure.template.num_nodes
+    for particle in range(num_particles):
+        network = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, parameter in network.named_parameters():
+                parameter.copy_(params[name][particle])
+        graph = to_graph(network, inputs[particle], targets[particle], _loss)
+        own = {name: value[particle:particle + 1] for name, value in params.items()}
+        mean_grads = {name: value[None] for name, value in graph.mean_grad().items()}
+        expected, expected_state = functional_call(
+            meta, {name: value[particle] for name, value in meta_params.items()},
+            (own, mean_grads, meta.init_state(own)), {"graphs": Batch.from_data_list([graph]), "first_graph": graph})
+        for name in params:
+            torch.testing.assert_close(new_params[name][particle], expected[name][0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(new_state.factor_emas[particle * num_nodes:(particle + 1) * num_nodes],
+                                   expected_state.factor_emas, rtol=1e-10, atol=1e-12)
+
+
+def test_parameter_layout_scatters_every_carried_entry_and_zero_for_the_others():
+    """``ParameterLayout.from_graph`` + ``scatter`` of two graphs' edge and node outputs against a loop
+    over the edges and nodes (``edge_param`` / ``edge_param_pos``, ``node_param`` / ``node_param_pos``),
+    on an MLP's graph where one edge and one node carry no parameter entry: those two entries get 0.
+
+    Kills ``ParameterLayout.from_graph`` 34 (``num_edges - num_nodes`` for the slot of an entry no edge
+    or node carries: it points at an edge, whose value the entry then gets)."""
+    model = _model()
+    generator = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 5, generator=generator, dtype=DOUBLE), torch.randint(0, 3, (6,), generator=generator)
+    graph = to_graph(model, x, y, _loss)
+    graph.edge_param = graph.edge_param.clone()
+    graph.node_param = graph.node_param.clone()
+    dropped_edge, dropped_node = 3, int((graph.node_param >= 0).nonzero()[0])
+    graph.edge_param[dropped_edge] = -1
+    graph.node_param[dropped_node] = -1
+    layout = ParameterLayout.from_graph(graph)
+    num_graphs, channels = 2, 3
+    num_edges, num_nodes = int(graph.edge_index.shape[1]), int(graph.num_nodes)
+    edge_values = torch.randn(num_graphs * num_edges, channels, generator=generator, dtype=DOUBLE)
+    node_values = torch.randn(num_graphs * num_nodes, channels, generator=generator, dtype=DOUBLE)
+    scattered = layout.scatter(edge_values, node_values, num_graphs)
+
+    shapes = {name: tuple(int(s) for s in shape) for name, shape in zip(graph.param_names, graph.param_shapes)}
+    expected = {name: torch.zeros(num_graphs, *shape, channels, dtype=DOUBLE) for name, shape in shapes.items()}
+    carried = 0
+    for values, owner, position, count in (
+            (edge_values, graph.edge_param, graph.edge_param_pos, num_edges),
+            (node_values, graph.node_param, graph.node_param_pos, num_nodes)):
+        per_graph = values.reshape(num_graphs, count, channels)
+        for slot in range(count):
+            if int(owner[slot]) < 0:
+                continue
+            name = graph.param_names[int(owner[slot])]
+            expected[name].reshape(num_graphs, -1, channels)[:, int(position[slot])] = per_graph[:, slot]
+            carried += 1
+    total = sum(torch.Size(shape).numel() for shape in shapes.values())
+    assert carried == total - 2  # the two dropped entries are carried by nothing
+    assert scattered.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(scattered[name], expected[name]), name
+
+
+# ---------------------------------------------------------------- capture_chain_step (the fused user path)
+
+def _chain_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+
+
+def _batch(size: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return (torch.randn(size, 5, generator=generator, dtype=DOUBLE),
+            torch.randint(0, 3, (size,), generator=generator))
+
+
+def _capture(model: nn.Module, closure, **kwargs):
+    from gradgraph.optim.chain_step import capture_chain_step
+
+    params = {name: p.detach()[None] for name, p in model.named_parameters()}
+    return capture_chain_step(model, mlp_chain(model), params, closure, **kwargs)
+
+
+def test_the_fused_capture_leaves_the_factors_out_unless_asked_and_its_gradients_are_autograd_s():
+    """``factors`` defaults to ``False``: the losses and mean gradients only (autograd's of the mean loss),
+    no factor; with ``factors=True`` the per-datapoint factors too (each layer's ``Σ_b act_b ⊗ δ_b / b`` is
+    its weight gradient).
+
+    Kills ``capture_chain_step`` 1 (``factors=True`` by default) and 127 (``inputs`` left ``None`` without
+    the factors)."""
+    model = _chain_model()
+    x, y = _batch()
+    captured = _capture(model, lambda: _loss(model(x), y))
+    assert torch.equal(captured.inputs, x)
+    assert captured.layer_inputs is None and captured.output is None
+    assert captured.deltas is None and captured.input_delta is None
+    expected = torch.autograd.grad(_loss(model(x), y).mean(), list(model.parameters()))
+    for (name, _), value in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(captured.grads[name][0], value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(captured.losses[0], _loss(model(x), y).detach(), rtol=1e-12, atol=1e-14)
+    full = _capture(model, lambda: _loss(model(x), y), factors=True)
+    weight_grad = torch.einsum("bi,bo->oi", full.layer_inputs[0][0], full.deltas[0][0]) / x.shape[0]
+    torch.testing.assert_close(weight_grad, expected[0], rtol=1e-12, atol=1e-14)
+
+
+def test_a_chain_with_a_forward_set_on_the_instance_is_not_fused_and_keeps_that_forward():
+    """A ``forward`` set on the instance after the optimizer was built: the capture refuses it before the
+    closure runs (``NotFused``, its message in full), so ``LearnedOptimizer`` takes the general path, which
+    refuses such a model by name; the instance's ``forward`` is still there and no parameter moved.
+
+    Kills ``capture_chain_step`` 3, 4 (the check of ``vars(model)`` for another key: the closed form is
+    stepped instead of the user's forward, and the user's ``forward`` is deleted), 8, 9, 10 (the message)."""
+    from gradgraph.optim import LearnedOptimizer
+    from gradgraph.optim.chain_step import NotFused
+
+    x, y = _batch()
+    doubled = _chain_model()
+    doubled.forward = lambda inputs: 2 * nn.Sequential.forward(doubled, inputs)
+    with pytest.raises(NotFused) as refused:
+        _capture(doubled, lambda: _loss(doubled(x), y))
+    assert str(refused.value) == "the model's forward is an instance attribute, or a hook would not run"
+    assert "forward" in vars(doubled)
+
+    model = _chain_model()
+    opt = LearnedOptimizer(model, learned_rule("deepsets"))
+    assert opt.chain is not None
+    own_forward = lambda inputs: 2 * nn.Sequential.forward(model, inputs)  # noqa: E731
+    model.forward = own_forward
+    with pytest.raises(GradGraphError) as refused:
+        opt.step(lambda: _loss(model(x), y))
+    assert str(refused.value) == ("LearnedOptimizer.step: Sequential has a forward set on the instance; "
+                                  "convert_closure needs the class's forward")
+    assert vars(model)["forward"] is own_forward and opt.chain is None
+    for p, q in zip(model.parameters(), _chain_model().parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("call", ["square tokens", "extra positional", "extra keyword"])
+def test_a_call_other_than_inputs_b_in_is_not_fused(call):
+    """``[b, in, in]`` inputs (tokens as many as the features), an extra positional argument, an extra
+    keyword: ``NotFused`` with its message in full, before anything is computed.
+
+    Kills ``capture_chain_step`` 29 (``dim() != 2 and shape[1] != in``) and 30 (``rest_kwargs and dim() != 2``:
+    the dimension checked only beside a keyword): ``[b, 5, 5]`` fused; 31 (``rest and rest_kwargs``: an
+    extra positional fused); 36, 37, 38 (the message)."""
+    from gradgraph.optim.chain_step import NotFused
+
+    model = _chain_model()
+    x, y = _batch()
+    calls = {"square tokens": lambda: _loss(model(torch.randn(7, 5, 5, dtype=DOUBLE)).mean(dim=1), y),
+             "extra positional": lambda: _loss(model(x, None), y),
+             "extra keyword": lambda: _loss(model(x, scale=2.0), y)}
+    with pytest.raises(NotFused) as refused:
+        _capture(model, calls[call])
+    assert str(refused.value) == "the closure calls the model with other arguments than inputs [b, in]"
+    assert "forward" not in vars(model)
+
+
+def test_losses_that_do_not_depend_on_the_output_are_refused_in_full():
+    """The closure calls the model but returns losses of something else.
+
+    Kills ``capture_chain_step`` 77-80 (the message ``None`` or changed)."""
+    from gradgraph.optim import LearnedOptimizer
+
+    model = _chain_model()
+    x, _ = _batch()
+    opt = LearnedOptimizer(model, learned_rule("deepsets"))
+    with pytest.raises(GradGraphError) as refused:
+        opt.step(lambda: model(x).detach().sum(dim=1) * 0 + torch.ones(7, dtype=DOUBLE))
+    assert str(refused.value) == "LearnedOptimizer.step: the closure's losses do not depend on the model's output"
+
+
+def test_non_finite_factors_are_refused_with_the_whole_message():
+    """A NaN input: the fused step's ``NonFiniteFactorError`` in full (the existing test matches a word).
+
+    Kills ``capture_chain_step`` 118, 119, 121, 122, 123 (the message changed)."""
+    from gradgraph.errors import NonFiniteFactorError
+
+    model = _chain_model()
+    x, y = _batch()
+    x = x.clone()
+    x[2, 1] = float("nan")
+    with pytest.raises(NonFiniteFactorError) as refused:
+        _capture(model, lambda: _loss(model(x), y), factors=True)
+    assert str(refused.value) == ("LearnedOptimizer.step: a loss, gradient or factor of the batch has non-finite "
+                                  "values (NaN or Inf); check the inputs, the loss and the model's weights")
