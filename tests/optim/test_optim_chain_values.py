@@ -246,3 +246,59 @@ def test_non_finite_factors_are_refused_with_the_whole_message():
         _capture(model, lambda: _loss(model(x), y), factors=True)
     assert str(refused.value) == ("LearnedOptimizer.step: a loss, gradient or factor of the batch has non-finite "
                                   "values (NaN or Inf); check the inputs, the loss and the model's weights")
+
+
+# ---------------------------------------------------------------- ArchitectureCache (the general path's batches)
+
+def test_the_architecture_cache_batches_two_graphs_as_collating_does():
+    """Two graphs of one architecture (two networks, two batches), batched twice — the second time from
+    the cached template, with the value fields concatenated — against ``Batch.from_data_list`` of graphs
+    converted afresh: every field equal, the structure collated once. (The existing test batches one
+    and three graphs.)
+
+    Kills ``ArchitectureCache.batch`` 21 (``len(values) == 2`` for the one-graph shortcut: the first
+    graph's values stand for both)."""
+    from gradgraph.optim.batching import ArchitectureCache
+
+    def graphs() -> list:
+        out = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+            generator = torch.Generator().manual_seed(10 + seed)
+            x = torch.randn(6, 5, generator=generator, dtype=DOUBLE)
+            out.append(to_graph(model, x, torch.randint(0, 3, (6,), generator=generator), _loss))
+        return out
+
+    cache = ArchitectureCache()
+    first, second = cache.batch(graphs()), cache.batch(graphs())
+    reference = Batch.from_data_list(graphs())
+    assert second.edge_index is first.edge_index  # the second came from the template
+    for batch in (first, second):
+        assert set(batch.keys()) == set(reference.keys())
+        for key in reference.keys():
+            value, expected = batch[key], reference[key]
+            if isinstance(expected, torch.Tensor):
+                assert value.dtype == expected.dtype and torch.equal(value, expected), key
+            else:
+                assert value == expected, key
+    assert second.act.shape[0] == 2 * graphs()[0].act.shape[0]
+
+
+# ---------------------------------------------------------------- ChainGraphs
+
+def test_chain_graphs_refuses_a_template_of_another_depth_in_full():
+    """A three-layer chain with the GradGraph of a two-layer network (one component per datapoint, as every
+    ``to_graph`` graph): refused before any value is written, with the layer widths and the chain named.
+
+    Kills ``ChainGraphs.__init__`` 27 (``and``: refused only when the components are wrong too), 33, 34
+    (the message ``None``, ``int(None)``)."""
+    deep = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    generator = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 5, generator=generator, dtype=DOUBLE), torch.randint(0, 3, (6,), generator=generator)
+    template = to_graph(_model(), x, y, _loss)
+    with pytest.raises(GradGraphError) as refused:
+        ChainGraphs(mlp_chain(deep), template, 2)
+    assert str(refused.value) == (
+        "ChainGraphs: the graph's layers have [5, 4, 3] neurons and 6 components for 6 datapoints; the chain "
+        "('0.weight', '2.weight', '4.weight') needs one neuron per unit and one component per datapoint")
