@@ -1,10 +1,13 @@
-"""The batched meta-training pieces against the general path, entry by entry, in float64: ``vmapped_update``
-(called without ``first_graph``) against each particle's ``to_graph`` + ``LearnedUpdate`` step, and
-``ParameterLayout.scatter`` against a loop over the graph's edges and nodes.
+"""The batched and fused learned-optimizer pieces against the general path or a loop written out, in
+float64: ``vmapped_update`` (called without ``first_graph``) against each particle's ``to_graph`` +
+``LearnedUpdate`` step; ``ParameterLayout.scatter`` against a loop over the graph's edges and nodes;
+``capture_chain_step`` against autograd, and its refusals; ``ArchitectureCache.batch`` of two graphs
+against ``Batch.from_data_list``; ``ChainGraphs``' refusal of another architecture's graph.
 
-Written for the survivors of the mutation runs of ``optim/batched.py`` and ``optim/parameter_layout.py``
-(issue 31; docs/mutation.md, run optim 5): each test names the mutants it kills, each checked with
-``MUTANT_UNDER_TEST`` in ``.mutation/optim/mutants/``.
+Written for the survivors of the mutation runs of ``optim/batched.py``, ``parameter_layout.py``,
+``chain_step.py``, ``batching.py`` and ``chain_graphs.py`` (issue 31; docs/mutation.md, runs optim 5-6):
+each test names the mutants it kills, each checked with ``MUTANT_UNDER_TEST`` in
+``.mutation/optim/mutants/``.
 """
 
 from __future__ import annotations
