@@ -305,3 +305,115 @@ def test_chain_graphs_refuses_a_template_of_another_depth_in_full():
     assert str(refused.value) == (
         "ChainGraphs: the graph's layers have [5, 4, 3] neurons and 6 components for 6 datapoints; the chain "
         "('0.weight', '2.weight', '4.weight') needs one neuron per unit and one component per datapoint")
+
+
+def _particles(num_particles: int = 3, batch_size: int = 6, dtype: torch.dtype = DOUBLE):
+    """A chain, ``P`` parameter sets near its own, ``P`` batches."""
+    model = _model()
+    generator = torch.Generator().manual_seed(5)
+    params = {name: (p.detach()[None] + 0.3 * torch.randn(num_particles, *p.shape, generator=generator,
+                                                            dtype=DOUBLE)).to(dtype)
+              for name, p in model.named_parameters()}
+    inputs = torch.randn(num_particles, batch_size, 5, generator=generator, dtype=DOUBLE).to(dtype)
+    targets = torch.randint(0, 3, (num_particles, batch_size), generator=generator)
+    return model, params, inputs, targets
+
+
+def _general_graphs(model: nn.Module, params, inputs, targets) -> Batch:
+    graphs = []
+    for particle in range(inputs.shape[0]):
+        network = copy.deepcopy(model).to(inputs.dtype)
+        with torch.no_grad():
+            for name, parameter in network.named_parameters():
+                parameter.copy_(params[name][particle])
+        graphs.append(to_graph(network, inputs[particle], targets[particle], _loss))
+    return Batch.from_data_list(graphs)
+
+
+def test_chain_graphs_batch_holds_the_values_of_every_particle_s_to_graph():
+    """The ``Batch`` filled from the closed-form factors against ``Batch.from_data_list`` of ``to_graph`` of
+    every particle's network on its batch: ``act``, ``grad``, ``x``, ``edge_attr`` and the per-datapoint
+    ``loss``, to 1e-12 in float64, in the graph's dtypes; and GradMetaNet's context structure, built at the
+    first forward on such a batch, is kept for the next (the memo the structure shares).
+
+    Kills ``ChainGraphs.batch`` 71, 72, 73 (``loss`` left at the template's values: the key tested
+    misspelt or negated), 74 (``loss`` set to ``None``) and ``ChainGraphs.__init__`` 92 (the memo ``None``:
+    nothing kept)."""
+    from gradgraph.nn.context import STRUCTURE_MEMO
+
+    model, params, inputs, targets = _particles()
+    structure = ChainGraphs.from_model(mlp_chain(model), model, inputs[0], targets[0], _loss, inputs.shape[0])
+    _, _, batch = chain_gradients(mlp_chain(model), params, inputs, targets, _loss, structure)
+    reference = _general_graphs(model, params, inputs, targets)
+    for key in ("act", "grad", "x", "edge_attr", "loss"):
+        assert batch[key].dtype == reference[key].dtype, key
+        torch.testing.assert_close(batch[key], reference[key], rtol=1e-12, atol=1e-14, msg=key)
+    meta = learned_rule("gradmetanet")
+    meta.embed(batch, structure.template, meta.init_state(params), inputs.shape[0])
+    assert "context" in structure._collated.__dict__[STRUCTURE_MEMO]
+
+
+def test_chain_graphs_batch_casts_the_factors_to_the_graph_s_dtypes():
+    """Float32 factors written into the structure of a float64 graph: every value field is float64 (the
+    dtype ``to_graph`` gave the structure) and equal to the float64 general path's to float32 precision.
+
+    Kills ``ChainGraphs.batch`` 48, 51, 54, 63, 75 (``.to(None)``: the field left float32)."""
+    model, params, inputs, targets = _particles()
+    structure = ChainGraphs.from_model(mlp_chain(model), model, inputs[0], targets[0], _loss, inputs.shape[0])
+    single = {name: value.float() for name, value in params.items()}
+    _, _, batch = chain_gradients(mlp_chain(model), single, inputs.float(), targets, _loss, structure)
+    reference = _general_graphs(model, params, inputs, targets)
+    for key in ("act", "grad", "x", "edge_attr", "loss"):
+        assert batch[key].dtype == torch.float64, key
+        torch.testing.assert_close(batch[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_chain_graphs_matches_only_its_own_batch_size_and_particle_count():
+    """``matches`` is true for the structure's own ``(B, P)`` only, and ``batch`` refuses factors of another
+    size by name (a structure of another batch size has other ``num_datapoints`` and component fields).
+
+    Kills ``ChainGraphs.matches`` 1 (``or``: either count matching is enough) and ``ChainGraphs.batch`` 8
+    (the message ``None``)."""
+    model, params, inputs, targets = _particles(num_particles=2, batch_size=6)
+    chain = mlp_chain(model)
+    structure = ChainGraphs.from_model(chain, model, inputs[0], targets[0], _loss, 2)
+    assert structure.matches(6, 2)
+    assert not structure.matches(4, 2) and not structure.matches(6, 3) and not structure.matches(4, 3)
+    with pytest.raises(GradGraphError) as refused:
+        chain_gradients(chain, params, inputs[:, :4], targets[:, :4], _loss, structure)
+    assert str(refused.value) == "ChainGraphs: built for 2 graphs of 6 components, got factors of 2 x 4"
+
+
+def test_chain_graphs_refuses_a_graph_with_an_edge_that_carries_no_weight():
+    """Kills ``ChainGraphs.__init__`` 78 (the check ``bool(None)``: such a graph accepted, its edge then
+    reads parameter ``-1``'s slots) and 81-84 (the message)."""
+    model = _model()
+    generator = torch.Generator().manual_seed(6)
+    x, y = torch.randn(6, 5, generator=generator, dtype=DOUBLE), torch.randint(0, 3, (6,), generator=generator)
+    template = to_graph(model, x, y, _loss)
+    template.edge_param = template.edge_param.clone()
+    template.edge_param[0] = -1
+    with pytest.raises(GradGraphError) as refused:
+        ChainGraphs(mlp_chain(model), template, 2)
+    assert str(refused.value) == "ChainGraphs: an edge of the graph carries no weight; not a plain chain's graph"
+
+
+# ---------------------------------------------------------------- features
+
+def test_update_emas_is_the_exponential_moving_average_written_out():
+    """``ema_k ← d_k ema_k + (1 − d_k) value`` for three decays, entry by entry, against a loop.
+
+    Kills ``update_emas`` 1 (``d ema − (1 − d) value``)."""
+    from gradgraph.optim.features import update_emas
+
+    generator = torch.Generator().manual_seed(7)
+    emas = torch.randn(4, 2, 3, generator=generator, dtype=DOUBLE)
+    value = torch.randn(4, 2, generator=generator, dtype=DOUBLE)
+    decays = torch.tensor([0.1, 0.5, 0.99], dtype=DOUBLE)
+    got = update_emas(emas, value, decays)
+    for index in range(4):
+        for column in range(2):
+            for k in range(3):
+                decay = float(decays[k])
+                expected = decay * float(emas[index, column, k]) + (1 - decay) * float(value[index, column])
+                assert abs(float(got[index, column, k]) - expected) <= 1e-15, (index, column, k)
