@@ -417,3 +417,82 @@ def test_update_emas_is_the_exponential_moving_average_written_out():
                 decay = float(decays[k])
                 expected = decay * float(emas[index, column, k]) + (1 - decay) * float(value[index, column])
                 assert abs(float(got[index, column, k]) - expected) <= 1e-15, (index, column, k)
+
+
+def test_normalize_factors_divides_by_the_rms_of_each_graph_s_layer_written_out():
+    """``[G·N, B, C]`` factors of two graphs of an MLP's layout (5 inputs, 4 hidden, 3 outputs; the layers
+    of different sizes) against a loop: every value divided by ``sqrt(mean² + eps)`` over its own graph's
+    layer's nodes and the components, per channel.
+
+    Kills ``normalize_factors`` 42 (the layer's sum of squares times the node count instead of divided)."""
+    from gradgraph.optim.features import normalize_factors
+
+    layer = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
+    num_graphs, components, channels = 2, 3, 2
+    generator = torch.Generator().manual_seed(8)
+    values = torch.randn(num_graphs * 12, components, channels, generator=generator, dtype=DOUBLE)
+    values = values * torch.linspace(0.5, 4.0, num_graphs * 12, dtype=DOUBLE)[:, None, None]
+    got = normalize_factors(values, layer, num_graphs)
+    expected = torch.empty_like(values)
+    for graph in range(num_graphs):
+        for index in range(3):
+            rows = [graph * 12 + node for node in range(12) if int(layer[node]) == index]
+            for channel in range(channels):
+                block = values[rows, :, channel]
+                expected[rows, :, channel] = block / torch.sqrt(block.square().mean() + 1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-15)
+
+
+# ---------------------------------------------------------------- ArchitectureCache's structure comparison
+
+def test_same_compares_tensors_by_shape_dtype_device_and_value_and_never_a_tensor_with_another_thing():
+    """Kills ``_same`` 1, 3, 4 (a tensor against a non-tensor: compared with ``==``, or reported equal),
+    5 (``is not``: distinct tensors reported equal unread), 7, 8, 9 (the ``and`` of shape, dtype, device
+    and values loosened: same-shaped tensors of other values reported equal)."""
+    from gradgraph.optim.batching import _same
+
+    left = torch.tensor([1, 2, 3])
+    assert _same(left, left) is True
+    assert _same(left, left.clone()) is True
+    assert _same(left, torch.tensor([1, 2, 4])) is False
+    assert _same(left, torch.tensor([1, 2])) is False
+    assert _same(left, left.double()) is False
+    assert _same(left, 3) is False and _same(3, left) is False
+    assert _same(left, [1, 2, 3]) is False and _same([1, 2, 3], left) is False
+    assert _same([(2, 3)], [(2, 3)]) is True and _same([(2, 3)], [(3, 2)]) is False
+
+
+def _cache_graph(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    generator = torch.Generator().manual_seed(20 + seed)
+    x = torch.randn(6, 5, generator=generator, dtype=DOUBLE)
+    return to_graph(model, x, torch.randint(0, 3, (6,), generator=generator), _loss)
+
+
+def test_the_architecture_cache_collates_afresh_a_graph_with_another_field_set():
+    """After a template of the architecture exists: a graph with one more field, and one without a value
+    field, are collated afresh (``Batch.from_data_list``'s fields), not copied from the template.
+
+    Kills ``ArchitectureCache._matches`` 1 (``and``: another key set matched on the shared keys: the extra
+    field is lost) and ``_adopt`` 6 (a graph without every value field reported as matching: the template
+    path then reads the missing field)."""
+    from gradgraph.optim.batching import ArchitectureCache
+
+    cache = ArchitectureCache()
+    cache.batch([_cache_graph()])
+    cache.batch([_cache_graph()])  # the template for one graph exists
+    extra = _cache_graph(1)
+    extra.note = torch.arange(3)
+    batch = cache.batch([extra])
+    assert "note" in batch.keys() and torch.equal(batch.note, torch.arange(3))
+
+    cache = ArchitectureCache()
+    cache.batch([_cache_graph()])
+    cache.batch([_cache_graph()])
+    lacking = _cache_graph(2)
+    del lacking.edge_attr
+    batch = cache.batch([lacking])
+    reference = Batch.from_data_list([lacking])
+    assert set(batch.keys()) == set(reference.keys()) and "edge_attr" not in batch.keys()
+    assert torch.equal(batch.act, reference.act)
