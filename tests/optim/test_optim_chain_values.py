@@ -496,3 +496,26 @@ def test_the_architecture_cache_collates_afresh_a_graph_with_another_field_set()
     reference = Batch.from_data_list([lacking])
     assert set(batch.keys()) == set(reference.keys()) and "edge_attr" not in batch.keys()
     assert torch.equal(batch.act, reference.act)
+
+
+def test_parameter_features_clip_to_one_then_divide_by_the_tensor_s_rms_written_out():
+    """θ, ∇ and the momenta of a ``[P, 3, 4]`` tensor, some far outside ``[−1, 1]``, against a loop:
+    each clipped to ``[−1, 1]``, then divided by ``sqrt(mean² + eps)`` over the tensor, per particle and
+    feature.
+
+    Kills ``_rms_normalize`` 1 (times the rms instead of divided) and ``parameter_features`` 2, 3 (one
+    side of the clip dropped)."""
+    from gradgraph.optim.features import parameter_features
+
+    generator = torch.Generator().manual_seed(9)
+    param = 3 * torch.randn(2, 3, 4, generator=generator, dtype=DOUBLE)
+    grad = 0.2 * torch.randn(2, 3, 4, generator=generator, dtype=DOUBLE)
+    momenta = 2 * torch.randn(2, 3, 4, 6, generator=generator, dtype=DOUBLE)
+    assert (param > 1).any() and (param < -1).any()
+    got = parameter_features(param, grad, momenta)
+    raw = [param, grad, *momenta.unbind(-1)]
+    for particle in range(2):
+        for feature, values in enumerate(raw):
+            clipped = values[particle].clamp(-1, 1)
+            expected = clipped / torch.sqrt(clipped.square().mean() + 1e-12)
+            torch.testing.assert_close(got[particle, ..., feature], expected, rtol=1e-13, atol=1e-15)
