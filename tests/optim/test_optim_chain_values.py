@@ -13,6 +13,7 @@ each test names the mutants it kills, each checked with ``MUTANT_UNDER_TEST`` in
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -503,8 +504,9 @@ def test_parameter_features_clip_to_one_then_divide_by_the_tensor_s_rms_written_
     each clipped to ``[−1, 1]``, then divided by ``sqrt(mean² + eps)`` over the tensor, per particle and
     feature.
 
-    Kills ``_rms_normalize`` 1 (times the rms instead of divided) and ``parameter_features`` 2, 3 (one
-    side of the clip dropped)."""
+    Kills ``_rms_normalize`` 1 (times the rms instead of divided) and ``parameter_features`` 2-5, 18-20
+    (a side of the clip dropped or moved), 25, 26, 29 (the rms over the particles too, over every axis, or
+    over the first of the tensor's axes only)."""
     from gradgraph.optim.features import parameter_features
 
     generator = torch.Generator().manual_seed(9)
@@ -519,3 +521,23 @@ def test_parameter_features_clip_to_one_then_divide_by_the_tensor_s_rms_written_
             clipped = values[particle].clamp(-1, 1)
             expected = clipped / torch.sqrt(clipped.square().mean() + 1e-12)
             torch.testing.assert_close(got[particle, ..., feature], expected, rtol=1e-13, atol=1e-15)
+
+
+def test_time_features_are_tanh_of_t_over_s_minus_one_in_the_dtype_asked_for():
+    """``tanh(t / s − 1)`` for the eleven scales ``s = 10^(k/2)``, written out in Python floats, to 1e-14 in
+    float64 (the scales made in float64 too); with ``dtype=float32`` the features are float32 whatever the
+    step's dtype.
+
+    Kills ``time_features`` 3, 6 (the scales made in the default float32: ``10^(k/2)`` rounded) and 12
+    (the step not cast: a float64 step gives float64 features where float32 was asked for)."""
+    from gradgraph.optim.features import time_features
+
+    step = torch.tensor([0, 1, 7, 250, 99_999])
+    got = time_features(step, torch.float64)
+    assert got.shape == (5, 11) and got.dtype == torch.float64
+    for row, t in enumerate(step.tolist()):
+        for k in range(11):
+            assert abs(float(got[row, k]) - math.tanh(t / 10 ** (k / 2) - 1)) <= 1e-14, (t, k)
+    single = time_features(step.double(), torch.float32)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single, got.float(), rtol=1e-6, atol=1e-7)
