@@ -1,0 +1,111 @@
+"""The closed-form fused MLP (``optim/fused.py``) against autograd and against what torch says about hooks,
+in float64; its refusals with their messages in full.
+
+Written for the survivors of the mutation run of ``optim/fused.py`` (issue 31; docs/mutation.md, run
+optim 7): each test names the mutants it kills, each checked with ``MUTANT_UNDER_TEST`` in
+``.mutation/optim/mutants/``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+from gradgraph.errors import GradGraphError
+from gradgraph.optim.fused import chain_forward_backward, has_hooks, mlp_chain
+
+DOUBLE = torch.float64
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _noop(*args):
+    return None
+
+
+GLOBAL_HOOKS = {
+    "forward": module_globals.register_module_forward_hook,
+    "forward pre": module_globals.register_module_forward_pre_hook,
+    "backward": module_globals.register_module_full_backward_hook,
+    "backward pre": module_globals.register_module_full_backward_pre_hook,
+}
+MODULE_HOOKS = {
+    "forward": nn.Module.register_forward_hook,
+    "forward pre": nn.Module.register_forward_pre_hook,
+    "backward": nn.Module.register_full_backward_hook,
+    "backward pre": nn.Module.register_full_backward_pre_hook,
+}
+
+
+@pytest.mark.parametrize("kind", list(GLOBAL_HOOKS))
+def test_each_kind_of_global_hook_alone_is_seen(kind):
+    """Each of torch's four global module hooks, registered alone (and removed after), makes ``has_hooks``
+    true; with none it is false.
+
+    Kills ``has_hooks`` 1, 2, 3 (an ``or`` of the global hooks made ``and``: one alone not seen) and 4
+    (``False`` returned when one is registered)."""
+    model = _model()
+    assert has_hooks(model) is False
+    handle = GLOBAL_HOOKS[kind](_noop)
+    try:
+        assert has_hooks(model) is True
+    finally:
+        handle.remove()
+    assert has_hooks(model) is False
+
+
+@pytest.mark.parametrize("kind", list(MODULE_HOOKS))
+def test_each_kind_of_module_hook_alone_is_seen(kind):
+    """Each of the four hooks of a module, on the chain's last layer alone, makes ``has_hooks`` true.
+
+    Kills ``has_hooks`` 6, 7 (an ``or`` of a module's hooks made ``and``)."""
+    model = _model()
+    MODULE_HOOKS[kind](model[2], _noop)
+    assert has_hooks(model) is True
+    assert has_hooks(_model()) is False
+
+
+def test_targets_with_trailing_axes_are_passed_whole_to_the_loss():
+    """Regression targets ``[P, b, 3]`` and a per-datapoint squared error: losses and mean gradients equal
+    autograd's on each particle's network.
+
+    Kills ``output_delta`` 18, 20 (the targets reshaped without their trailing axes)."""
+    model = _model()
+    chain = mlp_chain(model)
+    generator = torch.Generator().manual_seed(1)
+    params = {name: p.detach()[None] + 0.2 * torch.randn(2, *p.shape, generator=generator, dtype=DOUBLE)
+              for name, p in model.named_parameters()}
+    inputs = torch.randn(2, 6, 5, generator=generator, dtype=DOUBLE)
+    targets = torch.randn(2, 6, 3, generator=generator, dtype=DOUBLE)
+
+    def loss_fn(output, target):
+        return (output - target).square().sum(dim=-1)
+
+    losses, grads, _, _ = chain_forward_backward(chain, params, inputs, targets, loss_fn)
+    for particle in range(2):
+        own = {name: value[particle].clone().requires_grad_(True) for name, value in params.items()}
+        output = torch.func.functional_call(model, own, (inputs[particle],))
+        expected = loss_fn(output, targets[particle])
+        torch.testing.assert_close(losses[particle], expected.detach(), rtol=1e-12, atol=1e-14)
+        mean_grads = torch.autograd.grad(expected.mean(), list(own.values()))
+        for name, value in zip(own, mean_grads):
+            torch.testing.assert_close(grads[name][particle], value, rtol=1e-12, atol=1e-14)
+
+
+def test_a_loss_that_is_not_per_datapoint_is_refused_in_full():
+    """A loss function that returns the mean: refused naming the expected ``[P·b]``.
+
+    Kills ``output_delta`` 23 (the message ``None``)."""
+    model = _model()
+    params = {name: p.detach()[None].expand(2, *p.shape) for name, p in model.named_parameters()}
+    inputs = torch.randn(2, 6, 5, dtype=DOUBLE)
+    targets = torch.randint(0, 3, (2, 6))
+    with pytest.raises(GradGraphError) as refused:
+        chain_forward_backward(mlp_chain(model), params, inputs, targets, lambda out, t: F.cross_entropy(out, t))
+    assert str(refused.value) == "fused MLP: loss_fn must return one loss per datapoint [12], got shape ()"
