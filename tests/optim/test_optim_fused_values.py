@@ -101,7 +101,7 @@ def test_targets_with_trailing_axes_are_passed_whole_to_the_loss():
 def test_a_loss_that_is_not_per_datapoint_is_refused_in_full():
     """A loss function that returns the mean: refused naming the expected ``[P·b]``.
 
-    Kills ``output_delta`` 23 (the message ``None``)."""
+    Kills ``output_delta`` 23 (the message ``None``), 24 (``P / b`` for ``P · b``), 25 (``tuple(None)``)."""
     model = _model()
     params = {name: p.detach()[None].expand(2, *p.shape) for name, p in model.named_parameters()}
     inputs = torch.randn(2, 6, 5, dtype=DOUBLE)
@@ -109,3 +109,42 @@ def test_a_loss_that_is_not_per_datapoint_is_refused_in_full():
     with pytest.raises(GradGraphError) as refused:
         chain_forward_backward(mlp_chain(model), params, inputs, targets, lambda out, t: F.cross_entropy(out, t))
     assert str(refused.value) == "fused MLP: loss_fn must return one loss per datapoint [12], got shape ()"
+
+
+def test_the_input_delta_is_computed_only_when_asked_and_is_autograd_s():
+    """``chain_backward`` leaves the input derivative out by default (``None``); asked for, it is
+    ``∂ℓ_b/∂x_b`` of every datapoint's own loss, autograd's.
+
+    Kills ``chain_backward`` 1 (``input_grad=True`` by default) and 54 (the input delta computed
+    whatever ``input_grad`` says)."""
+    from gradgraph.optim.fused import chain_backward, chain_forward, output_delta
+
+    model = _model()
+    chain = mlp_chain(model)
+    params = {name: p.detach()[None] for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randn(1, 6, 5, generator=generator, dtype=DOUBLE)
+    targets = torch.randint(0, 3, (1, 6), generator=generator)
+
+    def loss_fn(output, target):
+        return F.cross_entropy(output, target, reduction="none")
+
+    output, pre, layer_inputs = chain_forward(chain, params, inputs)
+    _, delta = output_delta(output, targets, loss_fn)
+    _, _, none = chain_backward(chain, params, pre, layer_inputs, delta)
+    assert none is None
+    _, _, input_delta = chain_backward(chain, params, pre, layer_inputs, delta, input_grad=True)
+    x = inputs[0].clone().requires_grad_(True)
+    expected = torch.autograd.grad(loss_fn(model(x), targets[0]).sum(), x)[0]  # row b: ∂ℓ_b/∂x_b
+    torch.testing.assert_close(input_delta[0], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_inputs_that_are_not_three_dimensional_are_refused_in_full():
+    """Kills ``_check`` 3, 4 (the message ``None``, ``tuple(None)``)."""
+    from gradgraph.optim.fused import chain_forward
+
+    model = _model()
+    params = {name: p.detach()[None] for name, p in model.named_parameters()}
+    with pytest.raises(GradGraphError) as refused:
+        chain_forward(mlp_chain(model), params, torch.randn(6, 5, dtype=DOUBLE))
+    assert str(refused.value) == "fused MLP: inputs must be [P, b, features], got shape (6, 5)"
