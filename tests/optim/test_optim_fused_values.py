@@ -148,3 +148,26 @@ def test_inputs_that_are_not_three_dimensional_are_refused_in_full():
     with pytest.raises(GradGraphError) as refused:
         chain_forward(mlp_chain(model), params, torch.randn(6, 5, dtype=DOUBLE))
     assert str(refused.value) == "fused MLP: inputs must be [P, b, features], got shape (6, 5)"
+
+
+@pytest.mark.parametrize("case", ["particles", "unstacked"])
+def test_parameters_that_do_not_stack_with_the_inputs_are_refused_in_full(case):
+    """Parameters of one particle with inputs of two, and parameters not stacked at all (``[out, in]``, with
+    as many particles as outputs): refused naming the first weight's shape and the one expected.
+
+    Kills ``_check`` 7, 8 (an ``or`` made ``and``: another particle count refused only with other
+    features too, or only with a weight that is not 3-D; the ``bmm`` then fails inside) and 17 (the
+    message ``None``)."""
+    from gradgraph.optim.fused import chain_forward
+
+    model = _model()
+    if case == "particles":
+        params = {name: p.detach()[None] for name, p in model.named_parameters()}
+        inputs, shape = torch.randn(2, 6, 5, dtype=DOUBLE), "(1, 4, 5)"
+    else:
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        inputs, shape = torch.randn(4, 6, 5, dtype=DOUBLE), "(4, 5)"
+    with pytest.raises(GradGraphError) as refused:
+        chain_forward(mlp_chain(model), params, inputs)
+    assert str(refused.value) == (f"fused MLP: weight '0.weight' has shape {shape}, "
+                                  f"expected [P={inputs.shape[0]}, out, in=5]")
