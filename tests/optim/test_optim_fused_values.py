@@ -157,7 +157,7 @@ def test_parameters_that_do_not_stack_with_the_inputs_are_refused_in_full(case):
 
     Kills ``_check`` 7, 8 (an ``or`` made ``and``: another particle count refused only with other
     features too, or only with a weight that is not 3-D; the ``bmm`` then fails inside) and 17 (the
-    message ``None``)."""
+    message ``None``), 18-21 (the weight's name, its shape, ``P`` or ``in`` read from the wrong place)."""
     from gradgraph.optim.fused import chain_forward
 
     model = _model()
@@ -171,3 +171,23 @@ def test_parameters_that_do_not_stack_with_the_inputs_are_refused_in_full(case):
         chain_forward(mlp_chain(model), params, inputs)
     assert str(refused.value) == (f"fused MLP: weight '0.weight' has shape {shape}, "
                                   f"expected [P={inputs.shape[0]}, out, in=5]")
+
+
+def test_mlp_chain_takes_a_single_linear_and_refuses_forwards_set_on_instances():
+    """A ``Sequential`` of one ``Linear`` is a chain (no activation); a chain whose ``Sequential`` or one of
+    whose layers has a ``forward`` set on the instance is not (the closed form would skip that forward).
+
+    Kills ``mlp_chain`` 1 (``and``: the ``Sequential``'s own instance forward refused only when empty),
+    7, 8 (that check's key misspelt), 12 (``len(model) == 1`` refused for ``== 0``), 17 (a layer's
+    instance-forward check's key misspelt)."""
+    from gradgraph.optim.fused import MLPChain
+
+    assert mlp_chain(nn.Sequential(nn.Linear(3, 2))) == MLPChain(("0.weight",), ("0.bias",), ())
+    assert mlp_chain(nn.Sequential()) is None
+    model = _model()
+    assert mlp_chain(model) == MLPChain(("0.weight", "2.weight"), ("0.bias", "2.bias"), (nn.Tanh,))
+    model.forward = lambda x: 2 * nn.Sequential.forward(model, x)
+    assert mlp_chain(model) is None
+    layered = _model()
+    layered[2].forward = lambda x: 2 * nn.Linear.forward(layered[2], x)
+    assert mlp_chain(layered) is None
