@@ -174,16 +174,19 @@ def test_parameters_that_do_not_stack_with_the_inputs_are_refused_in_full(case):
 
 
 def test_mlp_chain_takes_a_single_linear_and_refuses_forwards_set_on_instances():
-    """A ``Sequential`` of one ``Linear`` is a chain (no activation); a chain whose ``Sequential`` or one of
+    """A ``Sequential`` of one ``Linear`` is a chain (no activation), a layer without bias has ``None`` for
+    its bias; a chain whose ``Sequential`` or one of
     whose layers has a ``forward`` set on the instance is not (the closed form would skip that forward).
 
     Kills ``mlp_chain`` 1 (``and``: the ``Sequential``'s own instance forward refused only when empty),
-    7, 8 (that check's key misspelt), 12 (``len(model) == 1`` refused for ``== 0``), 17 (a layer's
-    instance-forward check's key misspelt)."""
+    7, 8 (that check's key misspelt), 12 (``len(model) == 1`` refused for ``== 0``), 17, 18 (a layer's
+    instance-forward check's key misspelt), 30 (a bias named for a ``Linear`` without one)."""
     from gradgraph.optim.fused import MLPChain
 
     assert mlp_chain(nn.Sequential(nn.Linear(3, 2))) == MLPChain(("0.weight",), ("0.bias",), ())
     assert mlp_chain(nn.Sequential()) is None
+    no_bias = nn.Sequential(nn.Linear(3, 2, bias=False), nn.ReLU(), nn.Linear(2, 2))
+    assert mlp_chain(no_bias) == MLPChain(("0.weight", "2.weight"), (None, "2.bias"), (nn.ReLU,))
     model = _model()
     assert mlp_chain(model) == MLPChain(("0.weight", "2.weight"), ("0.bias", "2.bias"), (nn.Tanh,))
     model.forward = lambda x: 2 * nn.Sequential.forward(model, x)
