@@ -95,3 +95,38 @@ def test_the_fused_path_keeps_its_graph_structure_while_the_batch_size_stays():
     x, y = _batch(3, size=4)
     opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
     assert opt._chain_graphs is not structure and opt._chain_graphs.matches(4, 1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_factor_emas_carry_from_step_to_step_as_the_rule_s_own_state(fused):
+    """Three steps of a GradMetaNet LearnedOptimizer (fused and general path) against the rule called by
+    hand on ``to_graph`` of the model, its ``OptimizerState`` carried from call to call: the same
+    parameters and factor EMAs (1e-10).
+
+    Kills ``LearnedOptimizer._state`` 24, 28 (the factor EMAs not handed to the rule: they restart at
+    every step)."""
+    from torch_geometric.data import Batch
+
+    from gradgraph import to_graph
+
+    meta = learned_rule("gradmetanet")
+    model, reference = _model(), _model()
+    opt = LearnedOptimizer(model, copy.deepcopy(meta))
+    if not fused:
+        opt.chain = None
+    state = None
+    for seed in range(3):
+        x, y = _batch(seed)
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+        graph = to_graph(reference, x, y, lambda out, t: F.cross_entropy(out, t, reduction="none"))
+        params = {name: p.detach()[None] for name, p in reference.named_parameters()}
+        grads = {name: value[None] for name, value in graph.mean_grad().items()}
+        state = meta.init_state(params) if state is None else state
+        new_params, state = meta(params, grads, state, Batch.from_data_list([graph]), graph)
+        with torch.no_grad():
+            for name, p in reference.named_parameters():
+                p.copy_(new_params[name][0])
+    assert state.factor_emas is not None
+    torch.testing.assert_close(opt._factor_emas, state.factor_emas, rtol=1e-10, atol=1e-12)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
