@@ -130,3 +130,17 @@ def test_the_factor_emas_carry_from_step_to_step_as_the_rule_s_own_state(fused):
     torch.testing.assert_close(opt._factor_emas, state.factor_emas, rtol=1e-10, atol=1e-12)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_what_the_optimizer_cannot_take_is_refused_in_full():
+    """Kills ``LearnedOptimizer.__init__`` 2, 3, 5, 6, 9, 10 (the messages ``None`` or naming ``NoneType``)."""
+    meta = learned_rule("deepsets")
+    frozen = _model().requires_grad_(False)
+    for build, message in (
+            (lambda: LearnedOptimizer("a model", meta), "LearnedOptimizer: model must be an nn.Module, got str"),
+            (lambda: LearnedOptimizer(_model(), "a rule"),
+             "LearnedOptimizer: meta_model must be a LearnedUpdate, got str"),
+            (lambda: LearnedOptimizer(frozen, meta), "LearnedOptimizer: Sequential has no trainable parameter")):
+        with pytest.raises(GradGraphError) as refused:
+            build()
+        assert str(refused.value) == message
