@@ -144,3 +144,28 @@ def test_what_the_optimizer_cannot_take_is_refused_in_full():
         with pytest.raises(GradGraphError) as refused:
             build()
         assert str(refused.value) == message
+
+
+def test_a_model_on_two_devices_is_refused_naming_them():
+    """One weight on the ``meta`` device (a second device without a GPU).
+
+    Kills ``LearnedOptimizer.__init__`` 21, 23 (the model's class or the devices read from ``None``)."""
+    model = _model()
+    model[0].weight = nn.Parameter(model[0].weight.detach().to("meta"))
+    with pytest.raises(GradGraphError) as refused:
+        LearnedOptimizer(model, learned_rule("deepsets"))
+    assert str(refused.value) == ("LearnedOptimizer: the parameters of Sequential are on several devices "
+                                  "['cpu', 'meta']; put the model on one")
+
+
+def test_the_step_count_is_an_integer_from_the_start():
+    """The step count the optimizer keeps (and checkpoints) is ``int64`` before and after a step, as
+    ``OptimizerState.step`` says: a float32 count would stop at 2^24 steps.
+
+    Kills ``LearnedOptimizer.__init__`` 28, 31 (the first count made in the default float32)."""
+    model = _model()
+    opt = LearnedOptimizer(model, learned_rule("deepsets"))
+    assert opt.state_dict()["learned"]["step"].dtype == torch.long
+    _step(opt, model, 0)
+    step = opt.state_dict()["learned"]["step"]
+    assert step.dtype == torch.long and step.tolist() == [1]
