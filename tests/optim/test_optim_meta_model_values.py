@@ -1,0 +1,94 @@
+"""``OptimizerState.detach`` / ``select`` keep and restart the factor EMAs entry by entry, and
+``LearnedUpdate.reset_parameters`` / ``extra_repr`` do what they say (float64).
+
+Written for the survivors of the partial mutation run of ``optim/meta_model.py`` (issue 31;
+docs/mutation.md, run optim 9): each test names the mutants it kills, each checked with
+``MUTANT_UNDER_TEST`` in ``.mutation/optim/mutants/``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gradgraph.optim import LearnedUpdate, MetaModelConfig, OptimizerState
+
+DOUBLE = torch.float64
+
+
+def _state(num_particles: int = 2, nodes: int = 3, batch: int = 4, seed: int = 0) -> OptimizerState:
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=DOUBLE)
+
+    return OptimizerState(step=torch.tensor([3, 5][:num_particles]), momentum={"w": draw(num_particles, 2)},
+                          momenta={"w": draw(num_particles, 2, 7)},
+                          factor_emas=draw(num_particles * nodes, batch, 12).requires_grad_(True))
+
+
+def test_detach_keeps_the_factor_emas_cut_from_the_graph():
+    """Kills ``OptimizerState.detach`` 4, 8, 10 (the factor EMAs dropped at the truncation boundary:
+    GradMetaNet's EMAs would restart at every truncation of meta-training)."""
+    state = _state()
+    emas = state.factor_emas * 2  # carries autograd history
+    detached = OptimizerState(state.step, state.momentum, state.momenta, emas).detach()
+    assert detached.factor_emas is not None and not detached.factor_emas.requires_grad
+    assert torch.equal(detached.factor_emas, emas.detach())
+
+
+def test_select_keeps_the_kept_particles_emas_and_restarts_the_others():
+    """Two particles' EMAs ``[P·N, B, 12]``, the second restarted: with a fresh state without EMAs its rows
+    become zeros, with a fresh state that has EMAs its rows become those; the first particle's rows are
+    kept exactly.
+
+    Kills ``OptimizerState.select`` 30 (the fresh state's EMAs never read), 33 (``reshape(None)``), 34,
+    43, 47 (the selected EMAs dropped)."""
+    state, fresh = _state(seed=0), _state(seed=1)
+    keep = torch.tensor([True, False])
+    nodes = 3
+    for fresh_emas in (None, fresh.factor_emas):
+        other = OptimizerState(fresh.step, fresh.momentum, fresh.momenta, fresh_emas)
+        selected = state.select(keep, other)
+        assert selected.factor_emas is not None and selected.factor_emas.shape == state.factor_emas.shape
+        assert torch.equal(selected.factor_emas[:nodes], state.factor_emas[:nodes])
+        expected = torch.zeros_like(state.factor_emas[nodes:]) if fresh_emas is None else fresh_emas[nodes:]
+        assert torch.equal(selected.factor_emas[nodes:], expected)
+        assert selected.step.tolist() == [3, 5]  # particle 0 kept, particle 1 from the fresh state (5 there)
+
+
+def test_reset_parameters_restores_the_initial_scalars_and_redraws_every_network():
+    """Every parameter moved away, then ``reset_parameters``: ``log α``, ``log β``, ``logit μ`` are the
+    config's again, the schedule is zero, ``F``'s last layer zero (``residual_adam``), and every other
+    layer of ``F`` and of GradMetaNet is redrawn (no longer the moved values).
+
+    Kills ``LearnedUpdate.reset_parameters`` 1 (``F``'s layers not redrawn), 2 (GradMetaNet not redrawn),
+    3-8 (a scalar filled with ``None``), 9 (the schedule not zeroed) — reached by no test before."""
+    config = MetaModelConfig(use_gradmetanet=True, residual_adam=True, schedule=True, alpha=0.05, beta=0.002,
+                             mu=0.8)
+    torch.manual_seed(0)
+    rule = LearnedUpdate(config).double()
+    with torch.no_grad():
+        for parameter in rule.parameters():
+            parameter.fill_(0.123)
+    rule.reset_parameters()
+    assert math.isclose(float(rule.log_alpha.detach()), math.log(0.05), rel_tol=1e-12)
+    assert math.isclose(float(rule.log_beta.detach()), math.log(0.002), rel_tol=1e-12)
+    assert math.isclose(float(rule.logit_mu.detach()), math.log(0.8 / 0.2), rel_tol=1e-12)
+    assert torch.equal(rule.schedule, torch.zeros_like(rule.schedule))
+    assert torch.equal(rule.mlp[-1].weight, torch.zeros_like(rule.mlp[-1].weight))
+    assert not (rule.mlp[0].weight == 0.123).any()
+    gradmetanet_weights = [p for name, p in rule.gradmetanet.named_parameters() if name.endswith("weight")]
+    assert gradmetanet_weights and all(not (p == 0.123).all() for p in gradmetanet_weights)
+
+    plain = LearnedUpdate(MetaModelConfig(use_gradmetanet=False)).double()
+    plain.reset_parameters()  # no GradMetaNet, no schedule: nothing to redraw there
+    assert plain.schedule is None
+
+
+def test_extra_repr_says_which_variant_and_its_embedding_width():
+    """Kills ``LearnedUpdate.extra_repr`` 1-5 (reached by no test before)."""
+    assert LearnedUpdate(MetaModelConfig(use_gradmetanet=True, embedding_dim=14)).extra_repr() == \
+        "gradmetanet=True, embedding=14"
+    assert LearnedUpdate(MetaModelConfig(use_gradmetanet=False)).extra_repr() == "gradmetanet=False, embedding=0"
