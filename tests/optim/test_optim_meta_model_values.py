@@ -92,3 +92,26 @@ def test_extra_repr_says_which_variant_and_its_embedding_width():
     assert LearnedUpdate(MetaModelConfig(use_gradmetanet=True, embedding_dim=14)).extra_repr() == \
         "gradmetanet=True, embedding=14"
     assert LearnedUpdate(MetaModelConfig(use_gradmetanet=False)).extra_repr() == "gradmetanet=False, embedding=0"
+
+
+def test_adam_direction_is_the_bias_corrected_ratio_written_out():
+    """``m̂ / (√v̂ + 1e-8)`` with ``m̂ = m / (1 − 0.9^t)``, ``v̂ = v / (1 − 0.999^t)``, per particle at its own
+    step, in Python floats, to 1e-14 (some ``v`` tiny, so the ``1e-8`` counts); and the state a rule starts
+    from counts its steps in ``int64``.
+
+    Kills ``LearnedUpdate.adam_direction`` 11 (the step not cast: ``0.9 ** t`` of an ``int64`` tensor is
+    float32), 27 (``√v̂ − 1e-8``) and ``init_state`` 13 (the step count made float32)."""
+    generator = torch.Generator().manual_seed(3)
+    momenta = torch.randn(2, 3, 7, generator=generator, dtype=DOUBLE)
+    momenta[..., -1] = momenta[..., -1].square() * torch.tensor([1.0, 1e-14, 1e-4], dtype=DOUBLE)
+    step = torch.tensor([1, 37])
+    got = LearnedUpdate.adam_direction(momenta, step)
+    for particle, t in enumerate(step.tolist()):
+        for entry in range(3):
+            m = float(momenta[particle, entry, 2]) / (1 - 0.9 ** t)
+            v = float(momenta[particle, entry, -1]) / (1 - 0.999 ** t)
+            expected = m / (math.sqrt(v) + 1e-8)
+            value = float(got[particle, entry])
+            assert math.isclose(value, expected, rel_tol=1e-13, abs_tol=1e-15), (particle, entry)
+    state = LearnedUpdate(MetaModelConfig(use_gradmetanet=False)).init_state({"w": momenta[..., 0]})
+    assert state.step.dtype == torch.long and state.step.tolist() == [0, 0]
