@@ -95,8 +95,7 @@ def test_extra_repr_says_which_variant_and_its_embedding_width():
 
 
 def test_adam_direction_is_the_bias_corrected_ratio_written_out():
-    value = float(got[particle, entry])
-    assert math.isclose(value, expected, rel_tol=1e-13, abs_tol=1e-15), (particle, entry)
+    """``m̂ / (√v̂ + 1e-8)`` with ``m̂ = m / (1 − 0.9^t)``, ``v̂ = v / (1 − 0.999^t)``, per particle at its own
     step, in Python floats, to 1e-14 (some ``v`` tiny, so the ``1e-8`` counts); and the state a rule starts
     from counts its steps in ``int64``.
 
