@@ -1,5 +1,6 @@
-"""``OptimizerState.detach`` / ``select`` keep and restart the factor EMAs entry by entry, and
-``LearnedUpdate.reset_parameters`` / ``extra_repr`` do what they say (float64).
+"""``OptimizerState.detach`` / ``select`` keep and restart the factor EMAs entry by entry;
+``LearnedUpdate.adam_direction`` and ``step_scale`` against their formulas; ``reset_parameters`` /
+``extra_repr`` do what they say; the SGDM refusal in full (float64).
 
 Written for the survivors of the partial mutation run of ``optim/meta_model.py`` (issue 31;
 docs/mutation.md, run optim 9): each test names the mutants it kills, each checked with
@@ -100,7 +101,7 @@ def test_adam_direction_is_the_bias_corrected_ratio_written_out():
     from counts its steps in ``int64``.
 
     Kills ``LearnedUpdate.adam_direction`` 11 (the step not cast: ``0.9 ** t`` of an ``int64`` tensor is
-    float32), 27 (``√v̂ − 1e-8``) and ``init_state`` 13 (the step count made float32)."""
+    float32), 27 (``√v̂ − 1e-8``) and ``init_state`` 13, 16 (the step count made float32)."""
     generator = torch.Generator().manual_seed(3)
     momenta = torch.randn(2, 3, 7, generator=generator, dtype=DOUBLE)
     momenta[..., -1] = momenta[..., -1].square() * torch.tensor([1.0, 1e-14, 1e-4], dtype=DOUBLE)
@@ -115,3 +116,38 @@ def test_adam_direction_is_the_bias_corrected_ratio_written_out():
             assert math.isclose(value, expected, rel_tol=1e-13, abs_tol=1e-15), (particle, entry)
     state = LearnedUpdate(MetaModelConfig(use_gradmetanet=False)).init_state({"w": momenta[..., 0]})
     assert state.step.dtype == torch.long and state.step.tolist() == [0, 0]
+
+
+def test_a_float32_rule_gives_a_float64_step_scale_of_its_formula():
+    """A float32 rule (as the shipped files are) asked for float64 steps: ``α s(t) = α exp(w · τ(t))`` in
+    float64, with and without a schedule.
+
+    Kills ``LearnedUpdate.step_scale`` 2 (``α`` not cast: a float32 scale) and 12 (the schedule not cast:
+    a float64 × float32 product refused)."""
+    from gradgraph.optim.features import time_features
+
+    step = torch.tensor([0, 9, 400])
+    plain = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=0.03))
+    scale = plain.step_scale(step, DOUBLE)
+    assert scale.dtype == DOUBLE
+    torch.testing.assert_close(scale, torch.full((3,), float(plain.alpha.detach()), dtype=DOUBLE), rtol=0, atol=0)
+    scheduled = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=0.03, schedule=True))
+    with torch.no_grad():
+        scheduled.schedule.copy_(torch.linspace(-0.5, 0.5, 11))
+    weights = scheduled.schedule.detach().double()
+    expected = float(scheduled.alpha.detach()) * torch.exp(time_features(step, DOUBLE) @ weights)
+    scale = scheduled.step_scale(step, DOUBLE)
+    assert scale.dtype == DOUBLE
+    torch.testing.assert_close(scale, expected, rtol=1e-15, atol=0)
+
+
+def test_an_sgdm_config_with_f_inputs_is_refused_in_full():
+    """Kills ``MetaModelConfig.__post_init__`` 6 (the message changed)."""
+    import pytest
+
+    from gradgraph.errors import GradGraphError
+
+    with pytest.raises(GradGraphError) as refused:
+        MetaModelConfig(learned_term=False)
+    assert str(refused.value) == ("MetaModelConfig: the SGDM variant (learned_term=False) has no F, so it needs "
+                                  "use_gradmetanet=False and residual_adam=False")
