@@ -142,7 +142,7 @@ def test_a_float32_rule_gives_a_float64_step_scale_of_its_formula():
 
 
 def test_an_sgdm_config_with_f_inputs_is_refused_in_full():
-    """Kills ``MetaModelConfig.__post_init__`` 6 (the message changed)."""
+    """Kills ``MetaModelConfig.__post_init__`` 6, 8-11 (the message changed)."""
     import pytest
 
     from gradgraph.errors import GradGraphError
@@ -151,3 +151,16 @@ def test_an_sgdm_config_with_f_inputs_is_refused_in_full():
         MetaModelConfig(learned_term=False)
     assert str(refused.value) == ("MetaModelConfig: the SGDM variant (learned_term=False) has no F, so it needs "
                                   "use_gradmetanet=False and residual_adam=False")
+
+
+def test_max_components_of_one_is_taken_and_zero_is_refused_in_full():
+    """Kills ``MetaModelConfig.__post_init__`` 14, 15 (one component refused: ``<= 1``, ``< 2``) and 16
+    (the message ``None``)."""
+    import pytest
+
+    from gradgraph.errors import GradGraphError
+
+    assert MetaModelConfig(max_components=1).max_components == 1
+    with pytest.raises(GradGraphError) as refused:
+        MetaModelConfig(max_components=0)
+    assert str(refused.value) == "MetaModelConfig.max_components must be >= 1 or None, got 0"
