@@ -1,9 +1,9 @@
 """``OptimizerState.detach`` / ``select`` keep and restart the factor EMAs entry by entry;
-``LearnedUpdate.adam_direction`` and ``step_scale`` against their formulas; ``reset_parameters`` /
-``extra_repr`` do what they say; the SGDM refusal in full (float64).
+``LearnedUpdate.adam_direction``, ``step_scale`` and ``embed``'s factor EMAs against their formulas;
+``reset_parameters`` / ``extra_repr`` do what they say; the SGDM refusal in full (float64).
 
 Written for the survivors of the partial mutation run of ``optim/meta_model.py`` (issue 31;
-docs/mutation.md, run optim 9): each test names the mutants it kills, each checked with
+docs/mutation.md, runs optim 9-10): each test names the mutants it kills, each checked with
 ``MUTANT_UNDER_TEST`` in ``.mutation/optim/mutants/``.
 """
 
@@ -164,3 +164,61 @@ def test_max_components_of_one_is_taken_and_zero_is_refused_in_full():
     with pytest.raises(GradGraphError) as refused:
         MetaModelConfig(max_components=0)
     assert str(refused.value) == "MetaModelConfig.max_components must be >= 1 or None, got 0"
+
+
+def _graphs(seed: int, size: int = 4):
+    import torch.nn.functional as F
+    from torch import nn
+    from torch_geometric.data import Batch
+
+    from gradgraph import to_graph
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, 5, generator=generator, dtype=DOUBLE)
+    y = torch.randint(0, 3, (size,), generator=generator)
+    graph = to_graph(model, x, y, lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    return Batch.from_data_list([graph]), graph
+
+
+def test_embed_carries_the_factor_emas_of_the_normalised_factors_written_out():
+    """Two embeddings of a float64 rule, the state carried: the EMAs are ``d ema + (1 − d) f`` of the
+    normalised ``(act, grad)`` (``normalize_factors``, tested on its own), from zero, step by step; the
+    batch GradMetaNet reads holds the normalised ``act`` and ``grad`` in their places.
+
+    Kills ``LearnedUpdate.embed`` 21 (the carried EMAs ignored), 24, 26 (the shape test always unequal: the
+    EMAs restart at every step), 48 (``act`` replaced by ``grad``)."""
+    from gradgraph.optim.features import FACTOR_DECAYS, normalize_factors
+
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=True)).double()
+    params = {"w": torch.zeros(1, 2, dtype=DOUBLE)}
+    state = rule.init_state(params)
+    decays = rule.factor_decays  # FACTOR_DECAYS as the rule holds them: made in float32, so 0.1 is 0.1000000015
+    torch.testing.assert_close(decays, torch.tensor(FACTOR_DECAYS, dtype=DOUBLE), rtol=1e-7, atol=0)
+    expected = None
+    for seed in (1, 2):
+        batch, graph = _graphs(seed)
+        factors = normalize_factors(torch.stack([batch.act, batch.grad], dim=-1), graph.layer, 1)  # [N, B, 2]
+        _, emas = rule.embed(batch, graph, state, 1)
+        step = (1 - decays) * factors[..., None]
+        expected = step if expected is None else decays * expected + step
+        torch.testing.assert_close(emas, expected.flatten(-2), rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(batch.act, factors[..., 0], rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(batch.grad, factors[..., 1], rtol=1e-13, atol=1e-15)
+        state = OptimizerState(state.step, state.momentum, state.momenta, emas)
+
+
+def test_a_float32_rule_embeds_a_float64_graph_in_its_own_dtype_and_reads_max_components():
+    """A float32 rule (as the shipped ones) on a float64 graph of 4 datapoints with ``max_components=2``: the
+    factors, biases and weights GradMetaNet reads are cast to float32, and the EMAs cover the first two
+    components only.
+
+    Kills ``LearnedUpdate.embed`` 3 (``max_components`` ignored when set), 13 (the factors not cast),
+    52, 54 (``x`` / ``edge_attr`` not cast)."""
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=True, max_components=2))
+    batch, graph = _graphs(3)
+    embeddings, emas = rule.embed(batch, graph, rule.init_state({"w": torch.zeros(1, 2)}), 1)
+    assert emas.shape == (graph.num_nodes, 2, 12) and emas.dtype == torch.float32
+    assert batch.x.dtype == torch.float32 and batch.edge_attr.dtype == torch.float32
+    assert all(value.dtype == torch.float32 for value in embeddings.values())
