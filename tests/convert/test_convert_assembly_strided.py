@@ -1,0 +1,178 @@
+"""The assembly's strided-copy fast path (``convert/assembly.py``: ``_strided_pattern``,
+``_run_length``, ``_one_to_one``, ``_pattern_in_place``) against its ground truth, the scatter it
+replaces (``out[target] = value[source]``), and the duplicates a brute-force ``unique`` finds.
+
+Written for the mutation run of ``assembly.py`` (docs/mutation.md, convert/): the convert tests
+in its list reach these functions only through patterns they never miss, so a mutant that
+gives up a pattern (the scatter path then writes the same values) or builds a wrong one for
+an index they do not make survived. Each test names the mutants it was checked to kill with
+``MUTANT_UNDER_TEST``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradgraph.convert.assembly import _one_to_one, _pattern_in_place, _run_length, _strided_pattern
+from gradgraph.convert.plan import Record
+
+
+def _nested(sizes, strides, offset):
+    """``[prod(sizes)]`` flat offsets ``offset + sum_d i_d * strides[d]`` of the row-major
+    nested index ``sizes`` (the brute-force reference, by itertools)."""
+    return torch.tensor([offset + sum(i * s for i, s in zip(index, strides))
+                         for index in itertools.product(*(range(size) for size in sizes))], dtype=torch.long)
+
+
+def _copy_equals_scatter(pattern, source, target):
+    """The strided copy ``pattern`` describes writes what the scatter ``out[target] = value[source]`` writes."""
+    value = torch.arange(1, int(source.max()) + 2, dtype=torch.float64) * 1.5
+    length = int(target.max()) + 1
+    scattered = torch.zeros(length, dtype=torch.float64)
+    scattered[target] = value[source]
+    source_offset, target_offset, sizes, source_strides, target_strides = pattern
+    copied = torch.zeros(length, dtype=torch.float64)
+    copied.as_strided(sizes, target_strides, target_offset).copy_(value.as_strided(sizes, source_strides, source_offset))
+    return torch.equal(copied, scattered)
+
+
+nested_index = st.integers(1, 4).flatmap(lambda dims: st.tuples(
+    st.lists(st.integers(1, 4), min_size=dims, max_size=dims),
+    st.lists(st.integers(0, 12), min_size=dims, max_size=dims),
+    st.lists(st.integers(0, 12), min_size=dims, max_size=dims),
+    st.integers(0, 5), st.integers(0, 5)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(nested_index)
+def test_a_nested_strided_index_is_found_exactly_when_it_writes_each_element_once(case):
+    """For any nested index with non-negative strides on both sides, a pattern is returned
+    exactly when the target writes no element twice (brute force: ``unique``), and the copy it
+    describes writes what the scatter writes.
+
+    Checked to fail (``MUTANT_UNDER_TEST``) on ``_strided_pattern`` 1-5, 9, 11, 12, 14, 21, 24,
+    28, 29, 31, 32, 34, 38, 40, 43-51, 54, 56, 59, 60, 70-77, 80, 81, 85, 93-95, 97-99 (docs/mutation.md
+    lists any it does not)."""
+    sizes, source_strides, target_strides, source_offset, target_offset = case
+    source = _nested(sizes, source_strides, source_offset)
+    target = _nested(sizes, target_strides, target_offset)
+    pattern = _strided_pattern(source, target)
+    writes_once = torch.unique(target).numel() == target.numel()
+    assert (pattern is not None) == writes_once, (sizes, source_strides, target_strides, pattern)
+    if pattern is not None:
+        assert _copy_equals_scatter(pattern, source, target)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=40), st.lists(st.integers(0, 30), min_size=1, max_size=40))
+def test_any_index_pair_gets_a_pattern_only_if_the_copy_is_the_scatter(source, target):
+    """Arbitrary index lists (most are no pattern, some are runs by chance): a pattern, when
+    returned, reproduces the scatter; lists of different lengths never get one."""
+    source, target = torch.tensor(source), torch.tensor(target)
+    pattern = _strided_pattern(source, target)
+    if source.numel() != target.numel() or torch.unique(target).numel() != target.numel():
+        assert pattern is None
+    elif pattern is not None:
+        assert _copy_equals_scatter(pattern, source, target)
+
+
+def test_steps_going_backwards_or_past_the_dimension_limit_stay_a_scatter():
+    """A reversed index (a negative step: ``as_strided`` takes none) and a nine-deep nesting
+    (past ``_MAX_STRIDED_DIMS`` = 8) get no pattern; eight deep does."""
+    assert _strided_pattern(torch.arange(6), torch.arange(6).flip(0)) is None
+    assert _strided_pattern(torch.arange(6).flip(0), torch.arange(6)) is None
+    eight = _nested([2] * 8, [3 ** d for d in range(8)][::-1], 0)
+    assert _strided_pattern(torch.arange(256), eight) is not None
+    nine = _nested([2] * 9, [3 ** d for d in range(9)][::-1], 0)
+    assert _strided_pattern(torch.arange(512), nine) is None
+    assert _strided_pattern(torch.arange(0), torch.arange(0)) is None
+    one = _strided_pattern(torch.tensor([4]), torch.tensor([7]))
+    assert one == (4, 7, (1,), (0,), (0,))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 6000), st.integers(-3, 3), st.integers(-5, 5), st.data())
+def test_the_run_length_is_the_longest_equal_step_prefix(length, step, start, data):
+    """``_run_length`` against a Python scan, for runs shorter and longer than its first
+    prefix (256) and its second (4096), broken at a drawn place or not at all.
+
+    Checked to fail on ``_run_length`` 10, 12, 16, 20, 21 (2, 22, 25 change only how far it
+    looks per pass: equivalent in value, docs/mutation.md)."""
+    values = start + step * torch.arange(length)
+    broken_at = data.draw(st.integers(1, length))  # values[broken_at:] shifted: the run ends there
+    if broken_at < length:
+        values[broken_at:] += data.draw(st.sampled_from([-7, -1, 1, 5]))
+    steps = (values[1:] - values[:-1]).tolist()
+    expected = 1 + next((i for i, d in enumerate(steps) if d != steps[0]), len(steps))
+    assert _run_length(values) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 20)), min_size=1, max_size=4))
+def test_one_to_one_is_a_sufficient_test_that_holds_for_nested_strides(dims):
+    """``_one_to_one`` never says one-to-one where the brute-force offsets repeat; and it says
+    so for strides that nest (each, by increasing stride, past the reach of those below it),
+    whatever the order of the dimensions and their size-1 dimensions.
+
+    Checked to fail on ``_one_to_one`` 2, 4, 6, 12, 18-23."""
+    sizes, strides = [size for size, _ in dims], [stride for _, stride in dims]
+    offsets = _nested(sizes, strides, 0)
+    if _one_to_one(sizes, strides):
+        assert torch.unique(offsets).numel() == offsets.numel()
+    reach, nests = 0, True
+    for size, stride in sorted((pair for pair in dims if pair[0] > 1), key=lambda pair: pair[1]):
+        nests = nests and stride > reach
+        reach += stride * (size - 1)
+    if nests:
+        assert _one_to_one(sizes, strides)
+
+
+def test_one_to_one_in_the_cases_worked_by_hand():
+    assert _one_to_one([3, 2], [2, 1]) and _one_to_one([2, 3], [1, 2])  # rows of 2 / 3 side by side
+    assert not _one_to_one([2, 3], [2, 1])  # 0 1 2 / 2 3 4: element 2 twice
+    assert _one_to_one([4, 1, 1], [1, 0, 0]) and _one_to_one([1, 5], [7, 1])  # size-1 axes read nothing
+    assert not _one_to_one([2, 2], [0, 1]) and not _one_to_one([3], [0])
+    assert _one_to_one([2, 2, 2], [4, 2, 1]) and not _one_to_one([2, 2, 2], [3, 2, 1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 5), st.integers(0, 3), st.booleans())
+def test_a_record_read_in_place_from_a_permuted_value_copies_what_its_scatter_writes(b, t, d, first, masked):
+    """A record of a ``[b, t, d]`` value held in memory as a permuted (non-contiguous) tensor:
+    ``_pattern_in_place`` with the value's strides gives a copy from its memory that writes
+    what ``out[linear] = value.reshape(-1)[keep]`` writes; with a keep mask over the last
+    feature, the same for the kept elements; a record whose mask keeps another count, none.
+
+    Checked to fail on ``_pattern_in_place`` 15, 16, 26, 28, 34 (3, 5: the offsets float,
+    29: a count mismatch passed on, which ``_strided_pattern`` refuses — equivalent, below)."""
+    value = torch.arange(1.0, b * t * d + 1, dtype=torch.float64).reshape(d, t, b).permute(2, 1, 0)
+    keep = None
+    count = b * t * d
+    if masked and d > 1:
+        keep = torch.ones(b, t, d, dtype=torch.bool)
+        keep[..., -1] = False
+        keep = keep.reshape(-1)
+        count = int(keep.sum())
+    # the kept elements, row-major over [b, t, d], go to rows first .. of a [N, b * t] factor, column (i, j)
+    rows = torch.arange(d)[None, None, :].expand(b, t, d) + first
+    columns = torch.arange(b * t).reshape(b, t, 1).expand(b, t, d)
+    linear = (rows * (b * t) + columns).reshape(-1)
+    linear = linear if keep is None else linear[keep]
+    record = Record(("out", 0, 0), (b, t, d), keep, linear)
+    pattern = _pattern_in_place(record, value.stride())
+    assert pattern is not None
+    expected = torch.zeros((first + d) * b * t, dtype=torch.float64)
+    expected[linear] = value.reshape(-1) if keep is None else value.reshape(-1)[keep]
+    source_offset, target_offset, sizes, source_strides, target_strides = pattern
+    got = torch.zeros_like(expected)
+    got.as_strided(sizes, target_strides, target_offset).copy_(
+        value.as_strided(sizes, source_strides, value.storage_offset() + source_offset))
+    assert torch.equal(got, expected)
+    assert count == linear.numel()
+    short = Record(("out", 0, 0), (b, t, d), keep, linear[:-1]) if linear.numel() > 1 else None
+    if short is not None:
+        assert _pattern_in_place(short, value.stride()) is None
