@@ -203,7 +203,8 @@ def test_position_rows_moved_before_they_join_the_tokens_leave_the_padding_row_w
     per-sample gradient is zero, as torch.func's.
 
     Checked to fail on ``plan_records`` 50 (the padding row's one-hot kept), 52 (every row
-    kept), 53 (only the padding row kept)."""
+    kept), 53 (only the padding row kept), 76-78 (the keep mask reshaped to ``None``, 1 or -2:
+    it is not all true here, the padding row's elements out)."""
     torch.manual_seed(0)
     model = MovedPositions([4, 3, 2, 1, 0], padding_idx).to(DTYPE)
     generator = torch.Generator().manual_seed(1)
