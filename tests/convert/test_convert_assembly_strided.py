@@ -176,3 +176,25 @@ def test_a_record_read_in_place_from_a_permuted_value_copies_what_its_scatter_wr
     short = Record(("out", 0, 0), (b, t, d), keep, linear[:-1]) if linear.numel() > 1 else None
     if short is not None:
         assert _pattern_in_place(short, value.stride()) is None
+
+
+def test_each_record_gets_its_strided_copy_or_none():
+    """``_strided_records``: a block record none (it is one copy already), a record whose kept
+    elements (every other one) go to evenly spaced places a pattern, checked against its
+    scatter, one without a mask a pattern, one whose places are shuffled none.
+
+    Checked to fail on ``_strided_records`` 3, 4, 10, 14 (the pattern not looked for, or
+    looked for over every element where a mask keeps some: a scatter instead, the same values;
+    2 is equivalent: a record has a ``block`` exactly when it has no ``linear``)."""
+    from gradgraph.convert.assembly import _strided_records
+
+    keep = torch.arange(12) % 2 == 0
+    masked = Record(("out", 1, 0), (3, 4), keep, torch.arange(6) * 3 + 1)
+    whole = Record(("out", 2, 0), (2, 3), None, torch.tensor([0, 2, 4, 10, 12, 14]))
+    shuffled = Record(("out", 3, 0), (2, 2), None, torch.tensor([3, 0, 2, 1]))
+    block = Record(("input",), (5, 4), None, None, (0, 4))
+    patterns = _strided_records([block, masked, whole, shuffled])
+    assert patterns[0] is None and patterns[3] is None
+    assert patterns[1] is not None and patterns[2] is not None
+    assert _copy_equals_scatter(patterns[1], torch.nonzero(keep).flatten(), masked.linear)
+    assert _copy_equals_scatter(patterns[2], torch.arange(6), whole.linear)

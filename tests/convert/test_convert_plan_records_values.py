@@ -142,7 +142,8 @@ def test_a_set_whose_part_is_the_output_takes_that_part_as_its_act():
     (the other two, which lead nowhere, keep zero acts).
 
     Checked to fail on ``plan_records`` 17 (the newest value taken only for sets that do *not*
-    reach the output: the output neurons' act all zero)."""
+    reach the output: the output neurons' act all zero) and ``assembly._tiles`` 11 (the act
+    blocks, which stop before the output's partial record, taken as tiling every row)."""
     torch.manual_seed(0)
     model = PartOfTheOutput().to(DTYPE)
     generator = torch.Generator().manual_seed(1)
@@ -290,3 +291,38 @@ def test_a_block_run_under_no_grad_inside_the_forward_is_a_cut_as_autograd_sees_
         # nodes: the input 0-3, l1's output 4-9
         assert torch.equal(graph.grad[4:10], torch.zeros_like(graph.grad[4:10]))
         assert graph.grad[10:].abs().sum() > 0
+
+
+class DeadBranchLast(nn.Module):
+    """``l2(tanh(l1(x)))``, and last a layer whose output is only cut and dropped:
+    ``l3(h)[:, :1]``. ``l3``'s neurons lead nowhere and hold only part of a value: no act."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        out = self.l2(h)
+        self.l3(h)[:, :1]
+        return out
+
+
+def test_act_blocks_that_stop_short_of_the_last_rows_leave_them_zero():
+    """The act records are blocks in row order that end before the last set (``l3``'s, with no
+    act): the factor is still ``[N, B]`` with those rows zero, the rest the layers' inputs and
+    the output; per-sample gradients exact (``l3``'s zero).
+
+    Checked to fail on ``assembly._tiles`` 11 (``row != num_nodes``: such records taken as
+    tiling all rows, a ``[13, B]`` act)."""
+    torch.manual_seed(0)
+    model = DeadBranchLast().to(DTYPE)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(5, 4, dtype=DTYPE, generator=generator)
+    targets = torch.randn(5, 3, dtype=DTYPE, generator=generator)
+    for graph in _twice(model, inputs, targets, squared_error):
+        assert graph.act.shape == (15, 5)
+        torch.testing.assert_close(graph.act[:4].T, inputs, atol=0, rtol=0)
+        torch.testing.assert_close(graph.act[4:10].T, torch.tanh(model.l1(inputs)).detach(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(graph.act[10:13].T, model(inputs).detach(), atol=1e-12, rtol=0)
+        assert torch.equal(graph.act[13:], torch.zeros_like(graph.act[13:]))
