@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -198,3 +200,79 @@ def test_each_record_gets_its_strided_copy_or_none():
     assert patterns[1] is not None and patterns[2] is not None
     assert _copy_equals_scatter(patterns[1], torch.nonzero(keep).flatten(), masked.linear)
     assert _copy_equals_scatter(patterns[2], torch.arange(6), whole.linear)
+
+
+# ------------------------------------------------------------ slots of a parameter, end to end
+DTYPE = torch.float64
+
+
+def _squared_error(output, targets):
+    return (output - targets).pow(2).sum(-1)
+
+
+class PickedRows(torch.nn.Module):
+    """``l2(tanh(linear(x, w[pick], b[pick])))``: a layer of ``pick``'s rows of a 12-row ``w`` / ``b``."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(torch.randn(12, 4)), torch.nn.Parameter(torch.randn(12))
+        self.l2, self.pick = torch.nn.Linear(6, 3), pick
+
+    def forward(self, x):
+        return self.l2(torch.tanh(torch.nn.functional.linear(x, self.w[self.pick], self.b[self.pick])))
+
+
+@pytest.mark.parametrize("pick", [slice(0, 12, 2), slice(1, 12, 2), [0, 3, 1, 7, 9, 11]],
+                         ids=["even-rows", "odd-rows", "listed-rows"])
+def test_a_layer_of_strided_or_listed_rows_of_a_parameter_carries_those_entries(pick):
+    """Edges and biases of a layer made of every other row (a strided slice: slots with a step)
+    or of listed rows (index slots) of a parameter carry exactly those entries; per-sample
+    gradients exact, on a fresh trace and on the cached plan's replay.
+
+    Checked to fail (``MUTANT_UNDER_TEST``) on ``_bias_pieces`` 3 (its places' step not
+    checked: a strided slot's entries read as consecutive ones)."""
+    from traced_models import assert_exact_per_sample_grads
+
+    torch.manual_seed(0)
+    model = PickedRows(pick).to(DTYPE)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(5, 4, dtype=DTYPE, generator=generator)
+    targets = torch.randn(5, 3, dtype=DTYPE, generator=generator)
+    for _ in range(2):
+        graph = assert_exact_per_sample_grads(model, inputs, targets, _squared_error)
+        own = graph.edge_param == graph.param_names.index("w")
+        assert torch.equal(graph.edge_attr[own, 0], model.w.detach()[pick].reshape(-1))
+        assert torch.equal(graph.x[4:10, 0], model.b.detach()[pick])
+
+
+class OneLayerResidual(torch.nn.Module):
+    """``x + l1(x)``: one weight (one slot) and the residual edges, which no parameter writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.l1(x)
+
+
+def test_edges_no_parameter_writes_carry_one_beside_a_single_weight_slot():
+    """A plan whose one weight slot does not tile the edges (the residual's edges have no
+    parameter) writes that slot's entries and 1 on every other edge.
+
+    Checked to fail on ``_assembly_recipe`` 72, 75, 77, 80-82, 84, 86, 87 (the slot-by-slot
+    branch: the edges without a parameter not found, or not set to 1)."""
+    from traced_models import assert_exact_per_sample_grads
+
+    torch.manual_seed(0)
+    model = OneLayerResidual().to(DTYPE)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(5, 4, dtype=DTYPE, generator=generator)
+    targets = torch.randn(5, 4, dtype=DTYPE, generator=generator)
+    for _ in range(2):
+        graph = assert_exact_per_sample_grads(model, inputs, targets, _squared_error)
+        own = graph.edge_param == graph.param_names.index("l1.weight")
+        assert int(own.sum()) == 16 and int((~own).sum()) > 0
+        assert torch.equal(graph.edge_attr[own, 0], model.l1.weight.detach().reshape(-1))
+        assert torch.equal(graph.edge_attr[~own, 0], torch.ones(int((~own).sum()), dtype=DTYPE))
+
