@@ -276,3 +276,36 @@ def test_edges_no_parameter_writes_carry_one_beside_a_single_weight_slot():
         assert torch.equal(graph.edge_attr[own, 0], model.l1.weight.detach().reshape(-1))
         assert torch.equal(graph.edge_attr[~own, 0], torch.ones(int((~own).sum()), dtype=DTYPE))
 
+
+
+class Normed(torch.nn.Module):
+    """``l2(tanh(norm(l1(x))))`` with a norm whose scale and shift are parameters."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.l1, self.l2, self.norm = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3), norm
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.norm(self.l1(x))))
+
+
+@pytest.mark.parametrize("norm", [
+    lambda: torch.nn.RMSNorm(6, eps=0.25), lambda: torch.nn.RMSNorm(6),
+    lambda: torch.nn.GroupNorm(2, 6, eps=0.25), lambda: torch.nn.LayerNorm(6, eps=0.25),
+], ids=["rms-eps", "rms-default-eps", "group", "layer"])
+def test_a_norms_normalized_value_is_recomputed_with_its_own_eps(norm):
+    """The normalized value a norm's scale multiplies is recomputed from the recorded input
+    (``_resolve``'s recipes): with a large ``eps`` (0.25) a wrong or missing ``eps`` changes
+    every per-sample gradient of the scale; each exact, on a fresh trace and on the replay.
+
+    Checked to fail on ``_resolve`` 44, 48, 51 (RMSNorm's ``eps`` ignored, read from the wrong
+    place, subtracted) and 61, 63-65 (GroupNorm's recipe not recognised, or run on ``None``)."""
+    from traced_models import assert_exact_per_sample_grads
+
+    torch.manual_seed(0)
+    model = Normed(norm()).to(DTYPE)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(5, 4, dtype=DTYPE, generator=generator)
+    targets = torch.randn(5, 3, dtype=DTYPE, generator=generator)
+    for _ in range(2):
+        assert_exact_per_sample_grads(model, inputs, targets, _squared_error)
