@@ -289,17 +289,27 @@ class Normed(torch.nn.Module):
         return self.l2(torch.tanh(self.norm(self.l1(x))))
 
 
+def _batch_norm():
+    """``BatchNorm1d`` in eval mode with running statistics of its own (not 0 / 1) and eps 0.25."""
+    norm = torch.nn.BatchNorm1d(6, eps=0.25).eval()
+    generator = torch.Generator().manual_seed(2)
+    norm.running_mean.copy_(torch.randn(6, generator=generator))
+    norm.running_var.copy_(torch.rand(6, generator=generator) + 0.5)
+    return norm
+
+
 @pytest.mark.parametrize("norm", [
     lambda: torch.nn.RMSNorm(6, eps=0.25), lambda: torch.nn.RMSNorm(6),
-    lambda: torch.nn.GroupNorm(2, 6, eps=0.25), lambda: torch.nn.LayerNorm(6, eps=0.25),
-], ids=["rms-eps", "rms-default-eps", "group", "layer"])
+    lambda: torch.nn.GroupNorm(2, 6, eps=0.25), lambda: torch.nn.LayerNorm(6, eps=0.25), _batch_norm,
+], ids=["rms-eps", "rms-default-eps", "group", "layer", "batch-eval"])
 def test_a_norms_normalized_value_is_recomputed_with_its_own_eps(norm):
     """The normalized value a norm's scale multiplies is recomputed from the recorded input
     (``_resolve``'s recipes): with a large ``eps`` (0.25) a wrong or missing ``eps`` changes
     every per-sample gradient of the scale; each exact, on a fresh trace and on the replay.
 
     Checked to fail on ``_resolve`` 44, 48, 51 (RMSNorm's ``eps`` ignored, read from the wrong
-    place, subtracted) and 61, 63-65 (GroupNorm's recipe not recognised, or run on ``None``)."""
+    place, subtracted), 61, 63-71 (GroupNorm's recipe not recognised, or run on ``None``) and
+    the batch-norm recipe's (docs/mutation.md lists which of 72-91 it kills)."""
     from traced_models import assert_exact_per_sample_grads
 
     torch.manual_seed(0)
