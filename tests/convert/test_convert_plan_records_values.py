@@ -314,7 +314,8 @@ def test_act_blocks_that_stop_short_of_the_last_rows_leave_them_zero():
     the output; per-sample gradients exact (``l3``'s zero).
 
     Checked to fail on ``assembly._tiles`` 11 (``row != num_nodes``: such records taken as
-    tiling all rows, a ``[13, B]`` act)."""
+    tiling all rows, a ``[13, B]`` act) and ``assembly._factor`` 18-20, 23, 24 (the zero rows of
+    ``l3``'s grad, which no gradient reaches, dropped or of the wrong shape in the tiling path)."""
     torch.manual_seed(0)
     model = DeadBranchLast().to(DTYPE)
     generator = torch.Generator().manual_seed(1)
