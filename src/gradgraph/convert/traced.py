@@ -9,7 +9,8 @@ pass and the graph (:mod:`gradgraph.convert.plan`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,7 +290,36 @@ def _forward_pass(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], 
     when this call is ``model(inputs)`` on the chain the plan was traced on), else by a replay
     that checks every op against the plan's fingerprints. ``plain_call``: the model is called
     with the input alone. ``fold_time``: as for :func:`to_graph_traced` (part of the plan key).
+
+    Frozen floating parameters (``requires_grad=False``) require grad for the length of the pass
+    (:func:`_frozen_tracked`): the factors need the gradient at every neuron value, and a value
+    that only frozen parameters and integer ids make (a frozen embedding of token ids) would
+    otherwise have none — its neurons' ``grad`` and the frozen table's per-sample gradients
+    silently zero.
     """
+    with _frozen_tracked(scan.parameters):
+        return _forward_pass_tracked(model, inputs, forward, kwargs, datapoint_dim, scan, plain_call=plain_call,
+                                     datapoints=datapoints, fold_time=fold_time)
+
+
+@contextmanager
+def _frozen_tracked(parameters: Mapping[str, Tensor]) -> Iterator[None]:
+    """Every floating parameter of ``parameters`` requires grad inside; the frozen ones are frozen
+    again on the way out (the conversion reads their gradients only through the factors)."""
+    frozen = [param for param in parameters.values() if param.is_floating_point() and not param.requires_grad]
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+
+
+def _forward_pass_tracked(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any], kwargs: dict[str, Any],
+                          datapoint_dim: int, scan: _Scan, *, plain_call: bool,
+                          datapoints: Tensor | None, fold_time: bool) -> _Pass:
+    """:func:`_forward_pass`'s body, with every floating parameter requiring grad."""
     num_datapoints = inputs.shape[datapoint_dim] if datapoints is None else int(datapoints.max()) + 1
     dtype = inputs.dtype if inputs.is_floating_point() else next(iter(scan.parameters.values())).dtype
     key = (plan_key(model, inputs, kwargs, scan.signature, scan.modules), datapoint_dim, fold_time)
