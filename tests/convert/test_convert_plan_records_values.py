@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from traced_models import assert_exact_per_sample_grads
 
@@ -327,3 +328,31 @@ def test_act_blocks_that_stop_short_of_the_last_rows_leave_them_zero():
         torch.testing.assert_close(graph.act[4:10].T, torch.tanh(model.l1(inputs)).detach(), atol=1e-12, rtol=0)
         torch.testing.assert_close(graph.act[10:13].T, model(inputs).detach(), atol=1e-12, rtol=0)
         assert torch.equal(graph.act[13:], torch.zeros_like(graph.act[13:]))
+
+
+class ZeroWidth(nn.Module):
+    """A layer of no outputs concatenated into a set (``nn.Linear(4, 0)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1, self.head = nn.Linear(4, 0), nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.cat([self.l0(x), self.l1(x)], -1)))
+
+
+def test_a_zero_width_layer_converts_with_empty_gradients():
+    """Its parameters have no entries, so no edges: ``per_sample_grads()`` / ``mean_grad()`` give
+    them as empty tensors of their shapes. Checked to fail before: the first conversion's check
+    raised a bare ``KeyError: 'l0.weight'`` (the graph's gradients had no entry for them)."""
+    import warnings
+
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on initialising a zero-element tensor
+        model = ZeroWidth().to(torch.float64)
+    inputs, targets = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
+    graph = assert_exact_per_sample_grads(model, inputs, targets,
+                                          lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    assert graph.mean_grad()["l0.weight"].shape == (0, 4)
+    assert graph.per_sample_grads()["l0.bias"].shape == (3, 0)
