@@ -9,6 +9,7 @@ would then move a channel's weights without its taps' activations: the permuted 
 graph differs).
 """
 
+import os
 from functools import partial
 
 import pytest
@@ -611,7 +612,7 @@ def test_padding_modes(mode, spatial):
     check(model.eval(), inputs, torch.randint(0, 3, (2,)))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 12)), deadline=None)
 @given(spatial=st.sampled_from([1, 2]), kernel=st.integers(1, 3), stride=st.integers(1, 3),
        padding=st.sampled_from([0, 1, 2, "same", "valid"]), dilation=st.integers(1, 2),
        groups=st.sampled_from([1, 2]), size=st.integers(5, 8), seed=st.integers(0, 100))
@@ -717,7 +718,7 @@ def cnn_programs(draw):
     return nn.Sequential(*layers), (2, first_channels, *[first_size] * spatial)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 15)), deadline=None)
 @given(program=cnn_programs(), seed=st.integers(0, 100))
 def test_random_cnn_programs_convert_exactly(program, seed):
     """Random CNNs (``cnn_programs``): every one converts with exact per-sample gradients and a

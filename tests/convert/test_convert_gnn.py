@@ -19,6 +19,8 @@ come from one graph), both fixed and kept as examples of the random families.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,7 +385,8 @@ class _Program(nn.Module):
         return self.head(h.mean(-2) if self.pool == "mean" else h.sum(-2))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 25)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(gnn_programs())
 def test_random_gnn_programs_are_exact_with_a_true_group(program):
     nodes, edge_index, kinds, widths, activations, residual, pool, b, seed = program
@@ -621,7 +624,8 @@ class _BatchProgram(_Program):
         return self.head({"mean": pyg.global_mean_pool, "add": pyg.global_add_pool}[self.pool](h, batch))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("GRADGRAPH_FUZZ_EXAMPLES", 20)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(pyg_batches())
 @example(([(1, 0), (2, 3)], ["gin"], [2], ["relu"], False, "mean", 0))  # messages all from graph 1
 @example(([(1, 0)], ["sage-mean"], [1], ["relu"], False, "mean", 0))  # no edge at all: refused
