@@ -480,6 +480,9 @@ def test_component_inputs_are_act_grad_then_component_x():
     assert got.dtype == DTYPE
     torch.testing.assert_close(got, torch.cat([graph.act[..., None], graph.grad[..., None], extra.double()], dim=-1),
                                atol=0, rtol=0)
+    single = graph.clone()
+    single.act, single.grad, single.component_x = graph.act.float(), graph.grad.float(), extra.double()
+    assert component_inputs(single, "M").dtype == torch.float32  # component_x cast to the factors' dtype
     n = graph.num_nodes
     graph.component_x = torch.zeros(n, 3, dtype=DTYPE)
     with pytest.raises(GradGraphError, match=full(f"M: component_x must have shape [N, B, F] = [{n}, 3, F]; got [{n}, 3]")):
