@@ -321,3 +321,24 @@ def test_messages_in_full_and_boundaries_accepted():
         GradMetaNetPlusPlus(4, direction="sideways")
     tiny = GradMetaNetPlusPlus(1, num_layers=1, heads=1).double()
     assert tiny(graph).edge.shape == (graph.edge_index.shape[1], 1)
+
+
+def test_two_nodes_out_of_graph_order_are_refused():
+    """The smallest unsorted batch, two nodes in graphs ``[1, 0]``, is refused (not padded by a
+    ``to_dense_batch`` that assumes sorted nodes); one node, or two in order, pass."""
+    layer = NeuronAttention(2, 2, 1, heads=1, edge_messages=False).double()
+
+    def context(node_batch: list[int], num_graphs: int) -> GraphContext:
+        n = len(node_batch)
+        return GraphContext(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 1, dtype=DTYPE),
+                            torch.tensor(node_batch), num_graphs, torch.tensor(node_batch), num_graphs)
+
+    h = torch.randn(2, 2, dtype=DTYPE)
+    with pytest.raises(GradGraphError, match=full(
+            "NeuronAttention: nodes must be sorted by graph (context.node_batch), as in a PyG Batch")):
+        layer.attend(h, context([1, 0], 2))
+    assert layer.attend(h, context([0, 1], 2)).shape == (2, 2)
+    assert layer.attend(h[:1], context([0], 1)).shape == (1, 2)
+    one = context([0, 0, 1], 2)  # sorted, of unequal sizes: padded, masked
+    torch.testing.assert_close(layer.attend(torch.cat([h, h[:1]]), one)[2], linear(layer.lin_out, linear(
+        layer.lin_value, h[0])), **EXACT)
