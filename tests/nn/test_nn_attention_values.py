@@ -342,3 +342,24 @@ def test_two_nodes_out_of_graph_order_are_refused():
     one = context([0, 0, 1], 2)  # sorted, of unequal sizes: padded, masked
     torch.testing.assert_close(layer.attend(torch.cat([h, h[:1]]), one)[2], linear(layer.lin_out, linear(
         layer.lin_value, h[0])), **EXACT)
+
+
+def test_constructor_defaults_and_the_deprecated_flow():
+    """``GradMetaNetPlusPlus()`` is built with the defaults of its signature (a changed default
+    changes every checkpoint's shapes): ``C = 16``, 2 blocks of 2 heads, no edge messages,
+    positional tables of 64 layers and 256 positions, input widths 1, 1 and 0; ``flow=`` still
+    sets the direction, with its FutureWarning."""
+    model = GradMetaNetPlusPlus()
+    assert (model.hidden_channels, model.num_layers, model.heads, model.direction) == (16, 2, 2, "both")
+    encoding = model.positional_encoding
+    assert (encoding.channels, encoding.max_layers, encoding.max_positions) == (16, 64, 256)
+    assert (model.node_in_channels, model.edge_in_channels, model.component_in_channels) == (1, 1, 0)
+    assert (model.decoder.product_channels, model.decoder.reduce, model.decoder.out_channels) == (16, "mean", 1)
+    assert model.readout is None and model.component_readout is None
+    assert all(not layer.edge_messages and layer.aggr == "mean" for layer in model.component_layers)
+    with_density = GradMetaNetPlusPlus(4, component_out_channels=1)
+    assert with_density.component_readout.density is None
+    with pytest.warns(FutureWarning, match=full(
+            "GradMetaNetPlusPlus: flow= is deprecated, use direction='forward' (PyG's flow means something else)")):
+        old = GradMetaNetPlusPlus(4, flow="forward")
+    assert old.direction == "forward" and all(layer.direction == "forward" for layer in old.neuron_layers)
