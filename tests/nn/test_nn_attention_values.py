@@ -4,8 +4,9 @@ documented equations in float64 (explicit softmax sums over the set, node and ed
 call of the code under test for the part being checked), every message matched in full.
 
 Written for the mutation run of the ``nn-attention`` group (``./gg mutate nn-attention``, see
-docs/mutation.md): each docstring names the mutants it was checked to kill, with
-``MUTANT_UNDER_TEST=NAME`` in ``.mutation/nn-attention/mutants/``.
+docs/mutation.md) and in its test list from the group's first full run (run nn 10): a docstring
+names the survivors it was checked to kill, with ``MUTANT_UNDER_TEST=NAME`` in
+``.mutation/nn-attention/mutants/``.
 """
 
 from __future__ import annotations
@@ -157,7 +158,10 @@ def test_neuron_attention_equals_its_equation_node_by_node(graphs, edge_messages
     """:class:`NeuronAttention` is its documented equation, every term by hand, on the three
     paths of :meth:`NeuronAttention.attend`: graphs of different sizes (padded, keys masked),
     a batch of one architecture (a view, no mask) and a single graph; for per-component
-    states ``[N, B, C]`` (each component attends separately) and per-neuron states ``[N, C]``."""
+    states ``[N, B, C]`` (each component attends separately) and per-neuron states ``[N, C]``.
+
+    Checked to kill ``NeuronAttention.forward`` 6 (the attention term subtracted), a survivor
+    of the stopped run nn 9 (``test_nn_plusplus.py`` checks ``attend`` alone by value)."""
     if graphs == "mixed":
         graph = two_graphs(batch=3)
     elif graphs == "one architecture":
@@ -218,7 +222,10 @@ def test_gradmetanet_plusplus_forward_is_its_stages_composed_by_hand(options):
     composed by hand (see :func:`hand_model`; the attention layers by their equations), and the
     constructor hands each option to the part that reads it: width, heads, direction, ``aggr``
     and ``edge_messages`` to both attention layers of every block, ``product_channels`` and
-    ``decoder_reduce`` to the decoder, ``component_density_heads`` to the component readout."""
+    ``decoder_reduce`` to the decoder, ``component_density_heads`` to the component readout.
+
+    Checked to kill ``GradMetaNetPlusPlus.encode`` 10 and ``forward`` 8, 15 (a term subtracted
+    instead of added), survivors of the stopped run nn 9."""
     graph = two_graphs(batch=3)
     model = randomize(GradMetaNetPlusPlus(6, **options).double(), 9)
     with torch.no_grad():
@@ -325,7 +332,11 @@ def test_messages_in_full_and_boundaries_accepted():
 
 def test_two_nodes_out_of_graph_order_are_refused():
     """The smallest unsorted batch, two nodes in graphs ``[1, 0]``, is refused (not padded by a
-    ``to_dense_batch`` that assumes sorted nodes); one node, or two in order, pass."""
+    ``to_dense_batch`` that assumes sorted nodes), and so is ``[0, 1, 0]`` (out of order after
+    node 0); one node, or two in order, pass.
+
+    Checked to kill ``NeuronAttention.attend`` 12 (``batch.numel() > 2``) and 16 (each node
+    compared with node 0 only, ``batch[:+1]``)."""
     layer = NeuronAttention(2, 2, 1, heads=1, edge_messages=False).double()
 
     def context(node_batch: list[int], num_graphs: int) -> GraphContext:
@@ -337,6 +348,9 @@ def test_two_nodes_out_of_graph_order_are_refused():
     with pytest.raises(GradGraphError, match=full(
             "NeuronAttention: nodes must be sorted by graph (context.node_batch), as in a PyG Batch")):
         layer.attend(h, context([1, 0], 2))
+    with pytest.raises(GradGraphError, match=full(  # a later node before its predecessor, not before node 0
+            "NeuronAttention: nodes must be sorted by graph (context.node_batch), as in a PyG Batch")):
+        layer.attend(torch.cat([h, h[:1]]), context([0, 1, 0], 2))
     assert layer.attend(h, context([0, 1], 2)).shape == (2, 2)
     assert layer.attend(h[:1], context([0], 1)).shape == (1, 2)
     one = context([0, 0, 1], 2)  # sorted, of unequal sizes: padded, masked
@@ -348,7 +362,10 @@ def test_constructor_defaults_and_the_deprecated_flow():
     """``GradMetaNetPlusPlus()`` is built with the defaults of its signature (a changed default
     changes every checkpoint's shapes): ``C = 16``, 2 blocks of 2 heads, no edge messages,
     positional tables of 64 layers and 256 positions, input widths 1, 1 and 0; ``flow=`` still
-    sets the direction, with its FutureWarning."""
+    sets the direction, with its FutureWarning.
+
+    Checked to kill ``GradMetaNetPlusPlus.__init__`` 1, 18, 19 (defaults 17, 65, 257) and 23
+    (``flow`` not passed on), survivors of run nn 10."""
     model = GradMetaNetPlusPlus()
     assert (model.hidden_channels, model.num_layers, model.heads, model.direction) == (16, 2, 2, "both")
     encoding = model.positional_encoding
