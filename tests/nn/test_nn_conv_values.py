@@ -4,8 +4,8 @@ and gradients) against dense formulas, :class:`GraphContext`'s structure and cac
 shared encoders, heads and checks of :class:`MetaNetwork`; float64, every message in full.
 
 Written for the mutation run of the ``nn-conv`` group (``./gg mutate nn-conv``, see
-docs/mutation.md): each docstring names the mutants it was checked to kill, with
-``MUTANT_UNDER_TEST=NAME`` in ``.mutation/nn-conv/mutants/``.
+docs/mutation.md) before its first run, and in its list from that run on (mutmut does not say
+which test killed a mutant, so the docstrings name only mutants checked by hand).
 """
 
 from __future__ import annotations
