@@ -339,7 +339,10 @@ def test_channel_block_pattern_fields_by_hand():
     """The CSR layout of :meth:`ChannelBlockPattern.build` on three edges, two nodes... written out:
     row pointers, columns per channel block, the value order, in-degrees, sizes; the pair's
     transposes point at each other and map values into the transposed CSR order; the
-    adjacency is the first block with the edge ids as values (built once)."""
+    adjacency is the first block with the edge ids as values (built once).
+
+    Checked to kill ``ChannelBlockPattern.adjacency`` 13 (``num_nodes + 2`` row pointers: the
+    dense view is the same, the CSR tensor is not valid), a survivor of run nn 12."""
     rows, cols = torch.tensor([1, 0, 1]), torch.tensor([0, 2, 1])
     pattern, transposed = ChannelBlockPattern.build_pair(rows, cols, 3, 2)
     assert pattern.crow.tolist() == [0, 1, 3, 3, 4, 6, 6]
@@ -360,6 +363,9 @@ def test_channel_block_pattern_fields_by_hand():
     adjacency = pattern.adjacency()
     assert adjacency.layout == torch.sparse_csr and adjacency.shape == (3, 3)
     assert adjacency.to_dense().tolist() == [[0, 0, 1], [0, 2, 0], [0, 0, 0]]
+    # a valid CSR tensor of the first block: N + 1 row pointers, E columns, the edge ids
+    assert adjacency.crow_indices().tolist() == [0, 1, 3, 3]
+    assert adjacency.col_indices().tolist() == [2, 0, 1] and adjacency.values().tolist() == [1, 0, 2]
     assert pattern.adjacency() is adjacency
 
 
