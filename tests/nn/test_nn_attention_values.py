@@ -93,12 +93,14 @@ def hand_rest(layer, h: torch.Tensor, graph, edge_features: torch.Tensor) -> tor
             incoming = (dst == n).nonzero().flatten().tolist()
             if incoming:
                 term = term + aggregate(torch.stack(
-                    [linear(layer.lin_forward, h[src[e]]) * linear(layer.gate_forward, edge_features[e]) for e in incoming]
+                    [linear(layer.lin_forward, h[src[e]]) * linear(layer.gate_forward, edge_features[e])
+                     for e in incoming]
                 ))
             outgoing = (src == n).nonzero().flatten().tolist()
             if outgoing and layer.direction == "both":
                 term = term + aggregate(torch.stack(
-                    [linear(layer.lin_backward, h[dst[e]]) * linear(layer.gate_backward, edge_features[e]) for e in outgoing]
+                    [linear(layer.lin_backward, h[dst[e]]) * linear(layer.gate_backward, edge_features[e])
+                     for e in outgoing]
                 ))
         out[n] = term
     return out
@@ -290,7 +292,8 @@ def test_reprs_in_full():
     )
     assert repr(GradMetaNetPlusPlus(5, num_layers=1, heads=3, direction="forward", edge_out_channels=0,
                                     graph_out_channels=2, component_out_channels=4)) == (
-        "GradMetaNetPlusPlus(hidden=5, layers=1, heads=3, direction='forward', out=(edge=0, node=1, graph=2, component=4))"
+        "GradMetaNetPlusPlus(hidden=5, layers=1, heads=3, direction='forward', "
+        "out=(edge=0, node=1, graph=2, component=4))"
     )
 
 

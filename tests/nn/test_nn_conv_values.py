@@ -87,12 +87,14 @@ def hand_conv(layer: GradGraphConv, h: torch.Tensor, graph, edge_features: torch
             incoming = (dst == n).nonzero().flatten().tolist()
             if incoming:
                 term = term + aggregate(torch.stack(
-                    [linear(layer.lin_forward, h[src[e]]) * linear(layer.gate_forward, edge_features[e]) for e in incoming]
+                    [linear(layer.lin_forward, h[src[e]]) * linear(layer.gate_forward, edge_features[e])
+                     for e in incoming]
                 ))
             outgoing = (src == n).nonzero().flatten().tolist()
             if outgoing and layer.direction == "both":
                 term = term + aggregate(torch.stack(
-                    [linear(layer.lin_backward, h[dst[e]]) * linear(layer.gate_backward, edge_features[e]) for e in outgoing]
+                    [linear(layer.lin_backward, h[dst[e]]) * linear(layer.gate_backward, edge_features[e])
+                     for e in outgoing]
                 ))
         out[n] = term
     return out
@@ -240,7 +242,8 @@ def test_flow_warns_with_its_replacement():
         layer = GradGraphConv(3, 4, 2, flow="forward")
     assert layer.direction == "forward"
     assert [(w.category, str(w.message)) for w in caught] == [
-        (FutureWarning, "GradGraphConv: flow= is deprecated, use direction='forward' (PyG's flow means something else)")]
+        (FutureWarning,
+         "GradGraphConv: flow= is deprecated, use direction='forward' (PyG's flow means something else)")]
     assert resolve_direction("Owner", None, "both") == "both"
     model = GradMetaNet(8, direction="forward")
     with warnings.catch_warnings(record=True) as caught:
@@ -504,10 +507,11 @@ def test_component_inputs_are_act_grad_then_component_x():
     assert component_inputs(single, "M").dtype == torch.float32  # component_x cast to the factors' dtype
     n = graph.num_nodes
     graph.component_x = torch.zeros(n, 3, dtype=DTYPE)
-    with pytest.raises(GradGraphError, match=full(f"M: component_x must have shape [N, B, F] = [{n}, 3, F]; got [{n}, 3]")):
+    shape_message = f"M: component_x must have shape [N, B, F] = [{n}, 3, F]; got "
+    with pytest.raises(GradGraphError, match=full(f"{shape_message}[{n}, 3]")):
         component_inputs(graph, "M")
     graph.component_x = torch.zeros(n, 2, 1, dtype=DTYPE)
-    with pytest.raises(GradGraphError, match=full(f"M: component_x must have shape [N, B, F] = [{n}, 3, F]; got [{n}, 2, 1]")):
+    with pytest.raises(GradGraphError, match=full(f"{shape_message}[{n}, 2, 1]")):
         component_inputs(graph, "M")
     del graph.component_x
     graph.grad = graph.grad[:, :2]
@@ -595,8 +599,9 @@ def test_input_checks_in_full():
         bad = graph.clone()
         setattr(bad, field, getattr(graph, field).float())
         with pytest.raises(GradGraphError, match=full(
-                f"GradMetaNet: graph.{field} is torch.float32 but the model's parameters are torch.float64; convert "
-                "one of them (model.to(torch.float32) or graph.to(torch.float64) / to_graph(..., dtype=torch.float64))")):
+                f"GradMetaNet: graph.{field} is torch.float32 but the model's parameters are torch.float64; "
+                "convert one of them (model.to(torch.float32) or graph.to(torch.float64) / "
+                "to_graph(..., dtype=torch.float64))")):
             model(bad)
     wide = graph.clone()
     wide.x = torch.cat([graph.x, graph.x], dim=-1)
