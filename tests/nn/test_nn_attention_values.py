@@ -18,42 +18,12 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 
-import gradgraph
 from gradgraph import GradGraphError
 from gradgraph.nn import ComponentAttention, GradMetaNetPlusPlus, GraphContext, NeuronAttention
-from strategies import build_mlp
+from nn_values import linear, mlp_graph, randomize, two_graphs
 
 DTYPE = torch.float64
 EXACT = dict(atol=1e-12, rtol=1e-12)
-
-
-def mlp_graph(seed: int, widths=(3, 4, 5, 2), batch: int = 4) -> gradgraph.GradGraph:
-    """float64 graph of a small MLP with ``batch`` components."""
-    model = build_mlp(list(widths), ["tanh", "relu", "none"][: len(widths) - 1], [True] * (len(widths) - 1), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch, widths[0], generator=generator, dtype=DTYPE)
-    targets = torch.randn(batch, widths[-1], generator=generator, dtype=DTYPE)
-    return gradgraph.to_graph(model, inputs, targets, loss_fn=lambda out, y: ((out - y) ** 2).sum(dim=1))
-
-
-def two_graphs(batch: int = 3) -> Batch:
-    """Two MLP graphs of different sizes: the padded, masked path of :class:`NeuronAttention`."""
-    return Batch.from_data_list([mlp_graph(0, batch=batch), mlp_graph(1, widths=(2, 3, 2), batch=batch)])
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter (biases included) drawn afresh, so no term is zero by its initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
-    return module
-
-
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``x W^T (+ b)`` written out for a PyG/torch Linear."""
-    out = x @ module.weight.T
-    return out + module.bias if module.bias is not None else out
 
 
 def hand_attention(layer, states: torch.Tensor) -> torch.Tensor:

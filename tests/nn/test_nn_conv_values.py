@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-from torch_geometric.data import Batch
 
 import gradgraph
 from gradgraph import GradGraphError
@@ -24,7 +23,7 @@ from gradgraph.nn.context import STRUCTURE_MEMO, equal_blocks
 from gradgraph.nn.conv import resolve_direction
 from gradgraph.nn.metanet import component_inputs
 from gradgraph.nn.sparse import ChannelBlockPattern, channel_sddmm, channel_spmm
-from strategies import build_mlp
+from nn_values import linear, mlp_graph, randomize, two_graphs
 
 DTYPE = torch.float64
 EXACT = dict(atol=1e-12, rtol=1e-12)
@@ -32,35 +31,6 @@ EXACT = dict(atol=1e-12, rtol=1e-12)
 
 def full(message: str) -> str:
     return f"^{re.escape(message)}$"
-
-
-def mlp_graph(seed: int, widths=(3, 4, 5, 2), batch: int = 4) -> gradgraph.GradGraph:
-    """float64 graph of a small MLP with ``batch`` components."""
-    model = build_mlp(list(widths), ["tanh", "relu", "none"][: len(widths) - 1], [True] * (len(widths) - 1), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch, widths[0], generator=generator, dtype=DTYPE)
-    targets = torch.randn(batch, widths[-1], generator=generator, dtype=DTYPE)
-    return gradgraph.to_graph(model, inputs, targets, loss_fn=lambda out, y: ((out - y) ** 2).sum(dim=1))
-
-
-def two_graphs(batch: int = 3) -> Batch:
-    """Two MLP graphs of different sizes and depths."""
-    return Batch.from_data_list([mlp_graph(0, batch=batch), mlp_graph(1, widths=(2, 3, 2), batch=batch)])
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter (biases included) drawn afresh, so no term is zero by its initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
-    return module
-
-
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``x W^T (+ b)`` written out for a PyG/torch Linear."""
-    out = x @ module.weight.T
-    return out + module.bias if module.bias is not None else out
 
 
 AGGREGATE = {
@@ -400,7 +370,7 @@ def test_context_of_a_batch_by_hand():
     """:meth:`GraphContext.from_graph` on a Batch: the edges and features it was given (or the
     graph's ``edge_attr``), the node -> graph map, ``G``, and one dense group per
     (graph, layer) pair, numbered in (graph, layer) order."""
-    graph = two_graphs()
+    graph = two_graphs(batch=3)
     context = GraphContext.from_graph(graph)
     assert context.edge_index is graph.edge_index and context.edge_features is graph.edge_attr
     assert torch.equal(context.node_batch, graph.batch) and context.num_graphs == 2
@@ -525,7 +495,7 @@ def test_component_inputs_are_act_grad_then_component_x():
 def test_encoders_are_their_linear_maps_and_tables():
     """``encode_edges``, ``encode_nodes`` and ``encode_factors`` by hand from the model's maps; the
     encoders have the widths asked for."""
-    graph = two_graphs()
+    graph = two_graphs(batch=3)
     graph.component_x = torch.randn(graph.num_nodes, 3, 2, dtype=DTYPE)
     model = randomize(GradMetaNetPlusPlus(5, component_in_channels=2, max_layers=7, max_positions=9).double(), 3)
     torch.testing.assert_close(model.encode_edges(graph),
@@ -625,7 +595,7 @@ def test_input_checks_in_full():
 
 def test_outputs_cut_the_decoder_to_each_head():
     """``outputs``: the edge and node outputs are the decoder's first ``k_e`` / ``k_n`` columns."""
-    graph = two_graphs()
+    graph = two_graphs(batch=3)
     model = randomize(GradMetaNet(6, edge_out_channels=1, node_out_channels=3).double(), 5)
     context = GraphContext.from_graph(graph, model.encode_edges(graph))
     edge = torch.randn(graph.edge_index.shape[1], 3, dtype=DTYPE)
