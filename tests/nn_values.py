@@ -39,3 +39,41 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     """``x W^T (+ b)`` written out for a PyG/torch Linear."""
     out = x @ module.weight.T
     return out + module.bias if module.bias is not None else out
+
+
+AGGREGATE = {
+    "mean": lambda messages: messages.mean(0),
+    "sum": lambda messages: messages.sum(0),
+    "max": lambda messages: messages.max(0).values,
+}
+
+
+def hand_conv(layer, h: torch.Tensor, graph, edge_features: torch.Tensor) -> torch.Tensor:
+    """:class:`~gradgraph.nn.GradGraphConv`'s equation node by node (also the terms the attention
+    layers share with it): self term, per-(graph, layer) and per-graph
+    means, and the gated messages aggregated (``aggr``; no message: 0) over the in-edges and,
+    with ``direction="both"``, the out-edges."""
+    src, dst = graph.edge_index
+    batch = graph.batch if getattr(graph, "batch", None) is not None else torch.zeros(h.shape[0], dtype=torch.long)
+    aggregate = AGGREGATE[layer.aggr]
+    out = torch.zeros(*h.shape[:-1], layer.out_channels, dtype=h.dtype)
+    for n in range(h.shape[0]):
+        same_graph = (batch == batch[n]).nonzero().flatten()
+        same_layer = ((batch == batch[n]) & (graph.layer == graph.layer[n])).nonzero().flatten()
+        term = linear(layer.lin_self, h[n])
+        term = term + linear(layer.lin_layer, h[same_layer].mean(0)) + linear(layer.lin_graph, h[same_graph].mean(0))
+        if layer.edge_messages:
+            incoming = (dst == n).nonzero().flatten().tolist()
+            if incoming:
+                term = term + aggregate(torch.stack(
+                    [linear(layer.lin_forward, h[src[e]]) * linear(layer.gate_forward, edge_features[e])
+                     for e in incoming]
+                ))
+            outgoing = (src == n).nonzero().flatten().tolist()
+            if outgoing and layer.direction == "both":
+                term = term + aggregate(torch.stack(
+                    [linear(layer.lin_backward, h[dst[e]]) * linear(layer.gate_backward, edge_features[e])
+                     for e in outgoing]
+                ))
+        out[n] = term
+    return out

@@ -20,7 +20,7 @@ from torch_geometric.data import Batch
 
 from gradgraph import GradGraphError
 from gradgraph.nn import ComponentAttention, GradMetaNetPlusPlus, GraphContext, NeuronAttention
-from nn_values import linear, mlp_graph, randomize, two_graphs
+from nn_values import hand_conv, linear, mlp_graph, randomize, two_graphs
 
 DTYPE = torch.float64
 EXACT = dict(atol=1e-12, rtol=1e-12)
@@ -45,41 +45,10 @@ def hand_attention(layer, states: torch.Tensor) -> torch.Tensor:
     return linear(layer.lin_out, torch.cat(heads, dim=-1))
 
 
-def hand_rest(layer, h: torch.Tensor, graph, edge_features: torch.Tensor) -> torch.Tensor:
-    """The terms the attention layers share with :class:`GradGraphConv`, node by node: the self
-    term, the per-(graph, layer) and per-graph means (per component) and, with ``edge_messages``,
-    the gated messages aggregated (``aggr``: mean or sum) over the in-edges and
-    (``direction="both"``) the out-edges."""
-    aggregate = {"mean": lambda messages: messages.mean(0), "sum": lambda messages: messages.sum(0)}[layer.aggr]
-    src, dst = graph.edge_index
-    batch = graph.batch if getattr(graph, "batch", None) is not None else torch.zeros(h.shape[0], dtype=torch.long)
-    out = torch.zeros(*h.shape[:-1], layer.out_channels, dtype=h.dtype)
-    for n in range(h.shape[0]):
-        same_graph = (batch == batch[n]).nonzero().flatten()
-        same_layer = ((batch == batch[n]) & (graph.layer == graph.layer[n])).nonzero().flatten()
-        term = linear(layer.lin_self, h[n])
-        term = term + linear(layer.lin_layer, h[same_layer].mean(0)) + linear(layer.lin_graph, h[same_graph].mean(0))
-        if layer.edge_messages:
-            incoming = (dst == n).nonzero().flatten().tolist()
-            if incoming:
-                term = term + aggregate(torch.stack(
-                    [linear(layer.lin_forward, h[src[e]]) * linear(layer.gate_forward, edge_features[e])
-                     for e in incoming]
-                ))
-            outgoing = (src == n).nonzero().flatten().tolist()
-            if outgoing and layer.direction == "both":
-                term = term + aggregate(torch.stack(
-                    [linear(layer.lin_backward, h[dst[e]]) * linear(layer.gate_backward, edge_features[e])
-                     for e in outgoing]
-                ))
-        out[n] = term
-    return out
-
-
 def hand_component_attention(layer, h: torch.Tensor, graph, edge_features: torch.Tensor) -> torch.Tensor:
     """:class:`ComponentAttention`'s equation: every neuron's components attend to each other."""
     attention = torch.stack([hand_attention(layer, h[n]) for n in range(h.shape[0])])
-    return hand_rest(layer, h, graph, edge_features) + attention
+    return hand_conv(layer, h, graph, edge_features) + attention
 
 
 def hand_neuron_attention(layer, h: torch.Tensor, graph, edge_features: torch.Tensor) -> torch.Tensor:
@@ -93,7 +62,7 @@ def hand_neuron_attention(layer, h: torch.Tensor, graph, edge_features: torch.Te
         else:
             for i in range(h.shape[1]):
                 attention[nodes, i] = hand_attention(layer, h[nodes, i])
-    return hand_rest(layer, h, graph, edge_features) + attention
+    return hand_conv(layer, h, graph, edge_features) + attention
 
 
 def states_and_features(graph, shape_tail, edge_dim: int, seed: int):

@@ -23,7 +23,7 @@ from gradgraph.nn.context import STRUCTURE_MEMO, equal_blocks
 from gradgraph.nn.conv import resolve_direction
 from gradgraph.nn.metanet import component_inputs
 from gradgraph.nn.sparse import ChannelBlockPattern, channel_sddmm, channel_spmm
-from nn_values import linear, mlp_graph, randomize, two_graphs
+from nn_values import hand_conv, linear, mlp_graph, randomize, two_graphs
 
 DTYPE = torch.float64
 EXACT = dict(atol=1e-12, rtol=1e-12)
@@ -31,43 +31,6 @@ EXACT = dict(atol=1e-12, rtol=1e-12)
 
 def full(message: str) -> str:
     return f"^{re.escape(message)}$"
-
-
-AGGREGATE = {
-    "mean": lambda messages: messages.mean(0),
-    "sum": lambda messages: messages.sum(0),
-    "max": lambda messages: messages.max(0).values,
-}
-
-
-def hand_conv(layer: GradGraphConv, h: torch.Tensor, graph, edge_features: torch.Tensor) -> torch.Tensor:
-    """:class:`GradGraphConv`'s equation node by node: self term, per-(graph, layer) and per-graph
-    means, and the gated messages aggregated (``aggr``; no message: 0) over the in-edges and,
-    with ``direction="both"``, the out-edges."""
-    src, dst = graph.edge_index
-    batch = graph.batch if getattr(graph, "batch", None) is not None else torch.zeros(h.shape[0], dtype=torch.long)
-    aggregate = AGGREGATE[layer.aggr]
-    out = torch.zeros(*h.shape[:-1], layer.out_channels, dtype=h.dtype)
-    for n in range(h.shape[0]):
-        same_graph = (batch == batch[n]).nonzero().flatten()
-        same_layer = ((batch == batch[n]) & (graph.layer == graph.layer[n])).nonzero().flatten()
-        term = linear(layer.lin_self, h[n])
-        term = term + linear(layer.lin_layer, h[same_layer].mean(0)) + linear(layer.lin_graph, h[same_graph].mean(0))
-        if layer.edge_messages:
-            incoming = (dst == n).nonzero().flatten().tolist()
-            if incoming:
-                term = term + aggregate(torch.stack(
-                    [linear(layer.lin_forward, h[src[e]]) * linear(layer.gate_forward, edge_features[e])
-                     for e in incoming]
-                ))
-            outgoing = (src == n).nonzero().flatten().tolist()
-            if outgoing and layer.direction == "both":
-                term = term + aggregate(torch.stack(
-                    [linear(layer.lin_backward, h[dst[e]]) * linear(layer.gate_backward, edge_features[e])
-                     for e in outgoing]
-                ))
-        out[n] = term
-    return out
 
 
 # ----------------------------------------------------------------------------- GradGraphConv
