@@ -22,6 +22,7 @@ from traced_models import assert_exact_per_sample_grads, assert_group_keeps_func
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
+from gradgraph.convert.plan import PLAN_CACHE
 
 DTYPE = torch.float64
 
@@ -71,12 +72,15 @@ class TinyResNet(nn.Module):
 
 
 def convert_twice(model, shape, seed=0):
-    """The first conversion (a trace) and a second on other inputs (the cached plan), both exact."""
+    """The first conversion (a trace) and a second on other inputs (the cached plan, not traced
+    again), both exact."""
     torch.manual_seed(seed)
     graphs = []
     for _ in range(2):
+        misses = PLAN_CACHE.misses
         inputs, targets = torch.randn(*shape, dtype=DTYPE), torch.randint(0, 3, (shape[0],))
         graphs.append(assert_exact_per_sample_grads(model, inputs, targets, cross_entropy))
+    assert PLAN_CACHE.misses == misses, "the second conversion traced again instead of using the plan"
     return graphs, inputs, targets
 
 
@@ -139,7 +143,12 @@ def test_torchvision_squeezenet_and_mobilenet_blocks(block):
 def test_an_mlp_with_an_in_place_activation_converts_exactly_also_from_its_cached_plan(activation):
     model = nn.Sequential(nn.Linear(3, 5), activation, nn.Linear(5, 5), activation, nn.Linear(5, 3)).to(DTYPE).eval()
     gradgraph.convert.clear_structure_cache()
-    convert_twice(model, (4, 3))
+    (first, second), inputs, _ = convert_twice(model, (4, 3))
+    assert torch.equal(first.edge_index, second.edge_index) and first.num_nodes == 3 + 5 + 5 + 3
+    # the last hidden layer's act is the activated value, not the pre-activation the op would overwrite
+    with torch.no_grad():
+        hidden = model[3](model[2](model[1](model[0](inputs.clone()))))
+    torch.testing.assert_close(second.act[8:13], hidden.T, atol=1e-12, rtol=0)
 
 
 class MethodForms(nn.Module):
@@ -159,7 +168,8 @@ class MethodForms(nn.Module):
 
 def test_in_place_methods_whose_results_are_used_convert_exactly():
     gradgraph.convert.clear_structure_cache()
-    convert_twice(MethodForms().to(DTYPE), (4, 3))
+    (first, second), _, _ = convert_twice(MethodForms().to(DTYPE), (4, 3))
+    assert torch.equal(first.edge_index, second.edge_index) and first.num_nodes == second.num_nodes
 
 
 class StaleRead(nn.Module):

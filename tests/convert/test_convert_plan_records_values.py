@@ -90,7 +90,11 @@ def test_a_layer_reading_its_inputs_permuted_gets_each_neurons_own_act():
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(5, 4, dtype=DTYPE, generator=generator)
     targets = torch.randn(5, 3, dtype=DTYPE, generator=generator)
-    _twice(model, inputs, targets, squared_error)
+    graphs = _twice(model, inputs, targets, squared_error)
+    with torch.no_grad():
+        hidden = torch.tanh(model.l1(inputs))
+    for graph in graphs:  # the hidden neurons' rows hold their own values, in neuron order
+        torch.testing.assert_close(graph.act[4:10], hidden.T, atol=1e-12, rtol=0)
 
 
 class OutputOfThree(nn.Module):
@@ -179,7 +183,9 @@ def test_a_frozen_first_layer_still_gets_its_per_sample_gradients():
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(5, 4, dtype=DTYPE, generator=generator)
     targets = torch.randn(5, 3, dtype=DTYPE, generator=generator)
-    _twice(model, inputs, targets, squared_error)
+    _, second = _twice(model, inputs, targets, squared_error)
+    assert float(second.per_sample_grads()["l1.weight"].abs().sum()) > 0  # the frozen layer's, not zeros
+    assert not model.l1.weight.requires_grad  # and it stays frozen
 
 
 class MovedPositions(nn.Module):
