@@ -448,10 +448,12 @@ class GradGraph(Data):
             shape = self.param_shapes[param]
             name = self.param_names[param]
             result[name] = flat.reshape(tuple(shape)) if reduce_mean else flat.reshape(num_datapoints, *shape)
-        for param, shape in enumerate(self.param_shapes):
-            if param not in flats and _numel(shape) == 0:  # no entries, so no edges (an nn.Linear(4, 0))
-                empty = tuple(int(size) for size in shape)
-                result[self.param_names[param]] = self.act.new_zeros(empty if reduce_mean else (num_datapoints, *empty))
+        if len(result) < len(self.param_names):  # a parameter with no entries has no edges (an nn.Linear(4, 0))
+            for param, shape in enumerate(self.param_shapes):
+                if param not in flats and _numel(shape) == 0:
+                    empty = tuple(int(size) for size in shape)
+                    result[self.param_names[param]] = self.act.new_zeros(empty if reduce_mean else (num_datapoints,
+                                                                                                   *empty))
         return result
 
     def per_sample_grads(self) -> dict[str, Tensor]:

@@ -451,27 +451,33 @@ def assert_exact_per_graph(model, graphs, batch, targets, loss_fn=cross_entropy)
     return graph
 
 
+def assert_batch_group_keeps_function(model, graph, batch, targets, seed):
+    """A sampled element of ``graph``'s group keeps the model's function on a PyG batch and maps the
+    graph to the permuted model's graph; returns how many nodes it moved."""
+    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
+    from strategies import assert_same_graph
+
+    perm = random_node_permutation(graph, torch.Generator().manual_seed(seed))
+    permuted = permute_model(model, graph, perm)
+    kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(batch.x, **kwargs), model(batch.x, **kwargs), atol=1e-10, rtol=0)
+    assert_same_graph(convert_batch(permuted, batch, targets), permute_nodes(graph, perm), atol=1e-10)
+    return int((perm != torch.arange(graph.num_nodes)).sum())
+
+
 @pytest.mark.parametrize("kind", ["gcn", "gin", "sage-mean", "sage-sum", "graph-conv"])
 @pytest.mark.parametrize("pool", ["mean", "add"])
 def test_a_pyg_batch_of_graphs_gives_each_graph_its_gradient(kind, pool):
     """``datapoints=batch.batch``: each graph of a PyG ``Batch`` is a datapoint, exact per graph; a
     sampled element of the group keeps the function and maps the graph to the permuted model's graph."""
-    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
-    from strategies import assert_same_graph
-
     torch.manual_seed(0)
     model = Pooled(kind, pool).to(DTYPE)
     graphs, batch = pyg_batch()
     targets = torch.tensor([0, 3, 1])
     graph = assert_exact_per_graph(model, graphs, batch, targets)
     assert graph.act.shape[1] % 3 == 0  # B = b * K, b = 3 graphs
-    perm = random_node_permutation(graph, torch.Generator().manual_seed(1))
-    assert int((perm != torch.arange(graph.num_nodes)).sum()) > 0
-    permuted = permute_model(model, graph, perm)
-    kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
-    with torch.no_grad():
-        torch.testing.assert_close(permuted(batch.x, **kwargs), model(batch.x, **kwargs), atol=1e-10, rtol=0)
-    assert_same_graph(convert_batch(permuted, batch, targets), permute_nodes(graph, perm), atol=1e-10)
+    assert assert_batch_group_keeps_function(model, graph, batch, targets, seed=1) > 0
     small = GradMetaNet(4, num_component_layers=1, num_node_layers=1, edge_out_channels=1, node_out_channels=1,
                         graph_out_channels=1).to(DTYPE)
     assert_equivariant(small, [graph])
@@ -692,9 +698,6 @@ MORE_LAYERS = {
 def test_more_pyg_layers_on_a_batch_are_exact_with_a_true_group(kind):
     """Layers built from the same gathers and sums (polynomial filters, edge gates, FiLM, PNA with
     linear aggregators) convert exactly on a PyG batch, with a channel group that keeps the function."""
-    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
-    from strategies import assert_same_graph
-
     LAYERS[kind] = MORE_LAYERS[kind]
     try:
         torch.manual_seed(0)
@@ -704,12 +707,7 @@ def test_more_pyg_layers_on_a_batch_are_exact_with_a_true_group(kind):
     graphs, batch = pyg_batch(seed=8)
     targets = torch.tensor([2, 0, 3])
     graph = assert_exact_per_graph(model, graphs, batch, targets)
-    perm = random_node_permutation(graph, torch.Generator().manual_seed(2))
-    permuted = permute_model(model, graph, perm)
-    kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
-    with torch.no_grad():
-        torch.testing.assert_close(permuted(batch.x, **kwargs), model(batch.x, **kwargs), atol=1e-10, rtol=0)
-    assert_same_graph(convert_batch(permuted, batch, targets), permute_nodes(graph, perm), atol=1e-10)
+    assert_batch_group_keeps_function(model, graph, batch, targets, seed=2)
 
 
 REFUSED_LAYERS = {
@@ -811,9 +809,6 @@ def test_gat_on_a_pyg_batch_is_exact(kind):
     GradMetaNet's outputs move with them. Checked to fail before: the group was trivial (the
     per-head weights broadcast over a head's channels pinned everything, and the form's check of its
     output against the module's read the output with a detach the trace saw)."""
-    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
-    from strategies import assert_same_graph
-
     class Attention(nn.Module):
         def __init__(self):
             super().__init__()
@@ -835,14 +830,8 @@ def test_gat_on_a_pyg_batch_is_exact(kind):
     # are tied to output channel c, so one orbit) and conv2's
     orbits = model.conv1.heads + 1 if model.conv1.concat else 2
     assert len(set(graph.perm_group.tolist()) - {-1}) == orbits
-    kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
     for seed in range(3):
-        perm = random_node_permutation(graph, torch.Generator().manual_seed(seed))
-        assert int((perm != torch.arange(graph.num_nodes)).sum()) > 0
-        permuted = permute_model(model, graph, perm)
-        with torch.no_grad():
-            torch.testing.assert_close(permuted(batch.x, **kwargs), model(batch.x, **kwargs), atol=1e-10, rtol=0)
-        assert_same_graph(convert_batch(permuted, batch, targets), permute_nodes(graph, perm), atol=1e-10)
+        assert assert_batch_group_keeps_function(model, graph, batch, targets, seed) > 0
     small = GradMetaNet(4, num_component_layers=1, num_node_layers=1, edge_out_channels=1, node_out_channels=1,
                         graph_out_channels=1).to(DTYPE)
     assert_equivariant(small, [graph])

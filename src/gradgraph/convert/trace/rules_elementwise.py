@@ -336,10 +336,10 @@ class ElementwiseRules:
         pos = broadcast_ids(param_meta.pos, shape)
         comps = broadcast_ids(meta.comps, shape)
         # a map [b, C, *S] whose channels are its neurons (a layer scale gamma[:, None, None] * x)
-        channels = len(shape) >= 3 and any(varies_along(comps, axis) for axis in range(2, len(shape))) \
-            and channel_row(nodes, shape) is not None
+        sources = channel_row(nodes, shape) if len(shape) >= 3 and any(
+            varies_along(comps, axis) for axis in range(2, len(shape))) else None
+        channels = sources is not None
         if channels:
-            sources = channel_row(nodes, shape)
             pos_row = pos.reshape(shape[0], shape[1], -1)[0, :, 0]
             per_feature = torch.equal(pos, broadcast_ids(pos_row.reshape(1, -1, *[1] * (len(shape) - 2)), shape))
             if not per_feature:
