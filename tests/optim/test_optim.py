@@ -24,6 +24,7 @@ from gradgraph.optim import (
     pretrained_names,
 )
 from gradgraph.symmetry import permute_hidden, random_hidden_perms
+from strategies import assert_same_graph
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 #: the device tests run on CPU always and on CUDA where there is one.
@@ -551,13 +552,7 @@ def _graphs_of(models, seeds, dtype=torch.float64):
 
 
 def _assert_same_batch(batch, reference):
-    assert set(batch.keys()) == set(reference.keys())
-    for key in reference.keys():
-        value, expected = batch[key], reference[key]
-        if isinstance(expected, torch.Tensor):
-            assert value.dtype == expected.dtype and torch.equal(value, expected), key
-        else:
-            assert value == expected, key
+    assert_same_graph(batch, reference, exact=True)  # every field, dtype and value
     assert batch.num_graphs == reference.num_graphs
 
 

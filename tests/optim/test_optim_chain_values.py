@@ -28,7 +28,7 @@ from gradgraph.optim import ParameterLayout
 from gradgraph.optim.batched import chain_gradients, vmapped_update
 from gradgraph.optim.chain_graphs import ChainGraphs
 from gradgraph.optim.fused import mlp_chain
-from strategies import learned_rule
+from strategies import assert_same_graph, learned_rule
 
 DOUBLE = torch.float64
 
@@ -279,13 +279,7 @@ def test_the_architecture_cache_batches_two_graphs_as_collating_does():
     reference = Batch.from_data_list(graphs())
     assert second.edge_index is first.edge_index  # the second came from the template
     for batch in (first, second):
-        assert set(batch.keys()) == set(reference.keys())
-        for key in reference.keys():
-            value, expected = batch[key], reference[key]
-            if isinstance(expected, torch.Tensor):
-                assert value.dtype == expected.dtype and torch.equal(value, expected), key
-            else:
-                assert value == expected, key
+        assert_same_graph(batch, reference, exact=True)  # every field, dtype and value
     assert second.act.shape[0] == 2 * graphs()[0].act.shape[0]
 
 
