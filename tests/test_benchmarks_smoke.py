@@ -18,7 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.mark.parametrize("script", ["capture.py", "metanet.py", "scatter.py", "curvature_headroom.py", "traced.py",
                                     "traced.py --model mlp", "traced.py --model gpt2", "traced.py --model gcn",
                                     "traced.py --model resnet8",
-                                    "curvature_epoch.py", "curvature_ensemble.py",
+                                    "curvature_epoch.py", "curvature_ensemble.py", "linear.py",
                                     "meta_training_throughput.py", "learned_optimizer_step.py", "recurrent.py",
                                     "zoo_unpooled.py"])
 def test_benchmark_script_runs_quick(script: str, tmp_path: Path) -> None:

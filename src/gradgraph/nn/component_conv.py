@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
-from torch_geometric.nn import Linear
+from gradgraph.nn.linear import Linear
 from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError

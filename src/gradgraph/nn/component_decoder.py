@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch_geometric.nn import Linear
+from gradgraph.nn.linear import Linear
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch_geometric.nn import Linear, MessagePassing
+from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
+from gradgraph.nn.linear import Linear
 from gradgraph.nn.sparse import ChannelBlockPattern, channel_spmm
 
 __all__ = ["DIRECTIONS", "FLOWS", "GradGraphConv", "resolve_direction"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn import MLP, Linear
+from torch_geometric.nn import MLP
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
+from gradgraph.nn.linear import Linear
 from gradgraph.nn.sparse import channel_sddmm
 
 __all__ = ["EdgeProductDecoder"]

@@ -7,7 +7,7 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn import Linear
+from gradgraph.nn.linear import Linear
 
 from gradgraph.errors import GradGraphError
 

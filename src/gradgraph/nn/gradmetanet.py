@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch_geometric.data import Batch
-from torch_geometric.nn import Linear
+from gradgraph.nn.linear import Linear
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
