@@ -406,6 +406,27 @@ def test_causal_dilated_convolutions_padded_by_f_pad(value):
     check(CausalTCN(value=value).to(DTYPE), torch.randn(3, 2, 12, dtype=DTYPE), torch.randint(0, 3, (3,)))
 
 
+@pytest.mark.parametrize("pad", [(0, 0, 0, 0), (-1, 0, 0, -2), (0, -1)])
+def test_a_constant_pad_by_nothing_or_a_crop_is_a_slice(pad):
+    """``F.pad`` whose sides are all <= 0 (Swin pads every map to a multiple of its window, by
+    nothing when it already is one; a negative side crops) is a slice of its input, of channels
+    or of positions. Checked to fail before: refused ("torch.nn.functional.pad: gradgraph has no
+    rule for this op")."""
+
+    class Cropped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mix = nn.Conv2d(2, 5, 3, padding=1), nn.Conv2d(5, 4, 1)
+            self.head = nn.Linear(4 + pad[0] + pad[1], 3)
+
+        def forward(self, x):
+            h = F.pad(torch.relu(self.conv(x)), pad)  # positions (and none of the channels)
+            return self.head(F.pad(torch.relu(self.mix(h)).mean((2, 3)), pad[:2]))  # features of the pooled map
+
+    torch.manual_seed(17)
+    check(Cropped().to(DTYPE), torch.randn(3, 2, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)))
+
+
 def test_a_constant_pad_of_the_channels_is_refused_by_name():
     """Padding the channel axis adds channels that are constants, not neurons: still refused."""
 

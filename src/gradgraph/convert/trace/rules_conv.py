@@ -149,7 +149,11 @@ def padding_parts(func: Any, args: tuple, kwargs: dict) -> Any:
     bound = dict(zip(("input", "pad", "mode", "value"), args))
     bound.update(kwargs)
     x, pad, mode = bound.get("input"), bound.get("pad"), bound.get("mode", "constant")
-    if mode not in ("reflect", "replicate", "circular") or not isinstance(x, Tensor) or len(pad) % 2:
+    if not isinstance(x, Tensor) or not isinstance(pad, list | tuple) or len(pad) % 2 or len(pad) // 2 > x.dim():
+        return None
+    if mode == "constant" and all(isinstance(side, int) and side <= 0 for side in pad):
+        return lambda: _crop(x, pad)
+    if mode not in ("reflect", "replicate", "circular"):
         return None
 
     def run() -> Tensor:
@@ -163,6 +167,16 @@ def padding_parts(func: Any, args: tuple, kwargs: dict) -> Any:
         return result
 
     return run
+
+
+def _crop(x: Tensor, pad: list | tuple) -> Tensor:
+    """``F.pad(x, pad)`` for pads of no positive side: a slice of ``x`` (all zero: ``x`` itself; Swin
+    pads every map to a multiple of its window, by nothing when it already is one), as a new tensor."""
+    index = [slice(None)] * x.dim()
+    for pair in range(len(pad) // 2):  # pairs start from the last axis
+        axis = x.dim() - 1 - pair
+        index[axis] = slice(-pad[2 * pair], x.shape[axis] + pad[2 * pair + 1])
+    return x[tuple(index)].clone()
 
 
 class ConvRules:
