@@ -537,6 +537,58 @@ def test_a_per_channel_parameter_on_a_feature_map(how):
     check(LayerScaleCNN(how).to(DTYPE), torch.randn(3, 3, 5, 5, dtype=DTYPE), torch.randint(0, 3, (3,)))
 
 
+@pytest.mark.parametrize("hand_written", [False, True])
+def test_global_response_norm_of_convnext_v2(hand_written):
+    """ConvNeXt V2's global response norm, ``x * N(x) * gamma + beta + x`` with ``N`` a vector norm
+    over each channel's positions divided by its mean over channels: ``torch.linalg.vector_norm``
+    is read as ``Tensor.norm``, a per-channel pooling like a mean. ``transformers``' ConvNextV2Model
+    (channels-last, tiny config, GRN parameters randomised: they start at zero) and a hand-written
+    channels-first GRN after a ReLU that leaves one channel all zero (a norm of 0, whose gradient
+    torch defines as 0): exact, with their group. Checked to fail before: refused
+    ("torch.linalg_vector_norm: gradgraph has no rule for this op")."""
+    if hand_written:
+
+        class GRNBlock(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+                self.gamma, self.beta = nn.Parameter(torch.randn(1, 4, 1, 1)), nn.Parameter(torch.randn(1, 4, 1, 1))
+
+            def forward(self, x):
+                h = torch.relu(self.conv(x))
+                norms = torch.linalg.vector_norm(h, ord=2, dim=(2, 3), keepdim=True)
+                h = self.gamma * (h * (norms / (norms.mean(dim=1, keepdim=True) + 1e-6))) + self.beta + h
+                return self.head(h.mean((2, 3)))
+
+        torch.manual_seed(18)
+        model = GRNBlock().to(DTYPE)
+        with torch.no_grad():
+            model.conv.weight[1] = 0.0
+            model.conv.bias[1] = -1.0  # channel 1 is 0 everywhere after the ReLU
+        inputs = torch.randn(3, 2, 5, 5, dtype=DTYPE)
+    else:
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(18)
+        backbone = transformers.ConvNextV2Model(transformers.ConvNextV2Config(
+            num_channels=3, hidden_sizes=[4, 8], depths=[1, 1], num_stages=2, patch_size=2))
+        with torch.no_grad():
+            for name, param in backbone.named_parameters():
+                if ".grn." in name:
+                    param.normal_()
+
+        class GRNBlock(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.backbone, self.head = backbone, nn.Linear(8, 3)
+
+            def forward(self, pixels):
+                return self.head(self.backbone(pixels).pooler_output)
+
+        model = GRNBlock().to(DTYPE)
+        inputs = torch.randn(2, 3, 8, 8, dtype=DTYPE)
+    check(model, inputs, torch.randint(0, 3, (inputs.shape[0],)), metanet=hand_written)
+
+
 def test_weight_standardization_is_refused_by_what_it_is():
     """BiT's ``WeightStandardizedConv2d`` standardises its weight with ``F.batch_norm(weight, ...,
     training=True)``: refused as arithmetic on a parameter, not with the training-mode batch norm

@@ -38,6 +38,15 @@ def _normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, 
     return torch.div(input, denominator, out=out)
 
 
+def _vector_norm(x: Tensor, ord: float = 2, dim: Any = None, keepdim: bool = False, *, dtype: Any = None,
+                 out: Tensor | None = None) -> Tensor:
+    # Tensor.norm runs linalg.vector_norm for a number p (the same values and gradients); the
+    # trace reads it as a reduction (over features, or over positions as a pooling)
+    if dtype is not None or out is not None:
+        return torch.linalg.vector_norm(x, ord, dim, keepdim, dtype=dtype, out=out)
+    return x.norm(ord, dim, keepdim)
+
+
 def _prelu(input: Tensor, weight: Tensor) -> Tensor:
     return F.relu(input) - weight * F.relu(-input)
 
@@ -69,7 +78,8 @@ def _einsum_as_linear(equation: str, operands: tuple) -> Callable[[], Tensor] | 
     return None
 
 
-_DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _normalize}
+_DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _normalize,
+                                                      torch.linalg.vector_norm: _vector_norm}
 
 #: every function :func:`decomposition` may run as parts; any other returns ``None`` at once (a
 #: replay asks for each of a forward's ops, so the common case is one set lookup)

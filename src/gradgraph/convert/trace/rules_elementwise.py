@@ -30,6 +30,9 @@ def _one_value_per_neuron(nodes: tuple[Tensor, ...], comps: Tensor) -> bool:
 
 
 #: per-neuron maxima / minima over positions (a text CNN's max over time): pooling, as sum and mean
+#: a vector norm over positions (ConvNeXt V2's global response norm, ``linalg.vector_norm`` read as
+#: ``Tensor.norm``): per channel and, like a mean or a max, positively homogeneous
+_NORM_POOLS = {"Tensor.norm", "torch.norm"}
 _ORDER_POOLS = {"Tensor.max", "Tensor.min", "Tensor.amax", "Tensor.amin", "torch.amax", "torch.amin", "torch.max",
                 "torch.min"}
 
@@ -447,8 +450,8 @@ class ElementwiseRules:
             self.set_meta(output, stat)
             return None
         if reduced_comps and not reduced_neurons:
-            if name not in POOLS and name not in _ORDER_POOLS:
-                return self.mark_opaque(output, name, "a reduction over positions other than sum/mean/max/min",
+            if name not in POOLS and name not in _ORDER_POOLS and name not in _NORM_POOLS:
+                return self.mark_opaque(output, name, "a reduction over positions other than sum/mean/max/min/norm",
                                         [meta])
             if output.dim() >= 3 and all(axis >= 2 for axis in dims) \
                     and channel_row(meta.nodes, x.shape) is not None:
