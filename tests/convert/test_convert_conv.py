@@ -427,6 +427,45 @@ def test_a_constant_pad_by_nothing_or_a_crop_is_a_slice(pad):
     check(Cropped().to(DTYPE), torch.randn(3, 2, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)))
 
 
+@pytest.mark.parametrize("family", ["hand", pytest.param("MobileNetV2", marks=pytest.mark.slow), "EfficientNet"])
+def test_a_constant_pad_of_the_input_image(family):
+    """TF-style "same" padding of the model input before its first convolution (``F.pad`` of the
+    image: ``transformers``' MobileNetV2 with ``tf_padding``, EfficientNet's ``nn.ZeroPad2d`` stem;
+    and a hand-made one with a non-zero value): the image's channels become input neurons at the
+    padded grid. Exact, with their group. Checked to fail before: refused
+    ("torch.nn.functional.pad: gradgraph has no rule for this op")."""
+    torch.manual_seed(19)
+    if family == "hand":
+        backbone = nn.Sequential(nn.ZeroPad2d((0, 1, 2, 0)), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(),
+                                 nn.ConstantPad2d(1, 0.5), nn.Conv2d(4, 5, 3), nn.ReLU())
+    else:
+        transformers = pytest.importorskip("transformers")
+        if family == "MobileNetV2":
+            backbone = transformers.MobileNetV2Model(transformers.MobileNetV2Config(
+                num_channels=3, image_size=16, depth_multiplier=0.1, min_depth=4, tf_padding=True))
+        else:
+            backbone = transformers.EfficientNetModel(transformers.EfficientNetConfig(
+                num_channels=3, image_size=16, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128,
+                kernel_sizes=[3, 3], in_channels=[8, 8], out_channels=[8, 8], depthwise_padding=[], strides=[1, 2],
+                num_block_repeats=[1, 1], expand_ratios=[1, 2], squeeze_expansion_ratio=0.25))
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = backbone, nn.LazyLinear(3)
+
+        def forward(self, pixels):
+            h = self.backbone(pixels)
+            h = h if isinstance(h, torch.Tensor) else h.last_hidden_state
+            return self.head(h.mean((2, 3)))
+
+    model = Classifier().to(DTYPE)
+    inputs = torch.randn(2, 3, 16, 16, dtype=DTYPE)
+    model(inputs)  # the head's width
+    model = randomise_batch_norms(model)
+    check(model, inputs, torch.randint(0, 3, (2,)), metanet=family == "hand")
+
+
 def test_a_constant_pad_of_the_channels_is_refused_by_name():
     """Padding the channel axis adds channels that are constants, not neurons: still refused."""
 

@@ -381,8 +381,10 @@ class ConvRules:
         ``[b, C, *S]`` whose channels are neurons (a causal convolution's left padding): then,
         as pooling, each channel of one datapoint is read alone, and the padded map is a copy of
         the channels at a larger grid whose new places hold the constant (their act, read from
-        the tensor). Reflect / replicate / circular padding are indexing (:func:`padding_parts`);
-        a constant pad of anything else (features, the datapoint axis, the raw input) has no rule."""
+        the tensor); so is one of the model input's spatial axes, whose channels become input
+        neurons there (``transformers``' MobileNetV2 and EfficientNet pad the image so). Reflect /
+        replicate / circular padding are indexing (:func:`padding_parts`); a constant pad of
+        anything else (features, the datapoint axis) has no rule."""
         bound = dict(zip(("input", "pad", "mode", "value"), args))
         bound.update(kwargs)
         x, pad, mode = bound.get("input"), bound.get("pad"), bound.get("mode", "constant")
@@ -390,6 +392,8 @@ class ConvRules:
                 or len(pad) // 2 > x.dim() - 2:
             return False
         meta = self.meta(x)
+        if isinstance(meta, Raw) and x.is_floating_point():
+            return True  # the model input [b, C, *S] (TF-style "same" padding of the image): its channels
         if not isinstance(meta, Neurons) or meta.comps is None or channel_row(meta.nodes, x.shape) is None:
             return False
         comps = broadcast_ids(meta.comps, x.shape)
