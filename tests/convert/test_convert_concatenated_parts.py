@@ -60,3 +60,44 @@ def test_an_op_over_a_concatenation_keeps_each_part_permutable(op):
     moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=3)
     assert moved > 0
     assert len(set(graph.perm_group.tolist()) - {-1}) == 2  # the two hidden sets, each with its copies
+
+
+@pytest.mark.parametrize("join", ["stack", "cat"])
+def test_odd_and_even_features_rejoined_rotated_keep_one_value_per_neuron(join):
+    """GPT-J's ``rotate_every_two``: ``stack((-x2, x1), -1).flatten(-2)`` of the odd and even
+    features (and its ``cat`` form) is a new version of the set, each neuron in one part: exact,
+    with a group that keeps the function. Checked to fail before for ``stack``: refused ("joins two
+    versions of the same neurons")."""
+
+    class Rotated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            odd, even = h[..., 1::2], h[..., ::2]
+            rotated = torch.stack((-odd, even), dim=-1).flatten(-2) if join == "stack" else torch.cat((-odd, even), -1)
+            return self.b(h * 0.5 + rotated)
+
+    torch.manual_seed(40)
+    model, inputs, targets = Rotated().to(DTYPE), torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,))
+    assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=2)
+
+
+def test_a_neuron_in_two_parts_of_a_stack_is_refused():
+    """``stack((h, -h))`` holds each neuron twice: gradgraph has one value per neuron, so it refuses by name."""
+    import gradgraph
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(torch.stack((h, -h), dim=-1).flatten(-2))
+
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="one neuron in two parts"):
+        gradgraph.to_graph(Twice().to(DTYPE), torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,)), cross_entropy)

@@ -540,6 +540,17 @@ def gpt_neo_case(transformers, attention):
     return model, padded_ids(2), token_loss, 150
 
 
+def gptj_case(transformers, attention):
+    # rotary embeddings on the first rotary_dim features of each head, interleaved: rotate_every_two
+    # is stack((-x2, x1), -1) of the odd and even features (refused before as "joins two versions")
+    config = transformers.GPTJConfig(vocab_size=20, n_positions=16, n_embd=8, n_layer=2, n_head=2, rotary_dim=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = attention
+    model = Wrapped(transformers.GPTJForCausalLM(config),
+                    lambda model, ids: model(input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits)
+    return model, padded_ids(2), token_loss, 60
+
+
 def bloom_case(transformers, attention):
     # ALiBi: a per-head bias from the mask, through baddbmm on [b * heads, T, T] scores; heads stay
     config = transformers.BloomConfig(vocab_size=20, hidden_size=8, n_layer=1, n_head=2, hidden_dropout=0.0,
@@ -580,6 +591,7 @@ TRANSFORMERS = {
     "gpt2_lm_with_mask": (gpt2_case, "eager"),
     "gpt2_classifier": (gpt2_classifier_case, "sdpa"),
     "gpt_neo_local_attention": (gpt_neo_case, "eager"),
+    "gptj_interleaved_rotary": (gptj_case, "eager"),
 }
 
 

@@ -543,9 +543,10 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
 
     def join_versions(self, name: str, metas: list, mixed: set[int]) -> dict[int, int]:
         """A new version of sets joined from parts at different versions (``rotate_half``:
-        ``cat((-x2, x1))``): allowed where each neuron is in one part only, since then every
-        neuron's new value is a function of its own; two copies of a neuron are refused."""
-        if name not in CONCATENATIONS:
+        ``cat((-x2, x1))``; GPT-J's ``rotate_every_two``: ``stack((-x2, x1), -1)`` of the odd and
+        even features): allowed where each neuron is in one part only, since then every neuron's
+        new value is a function of its own; two copies of a neuron are refused."""
+        if name not in JOINS:
             raise self.unsupported(name, "joins two versions of the same neurons")
         for index in mixed:
             seen: set[int] = set()
