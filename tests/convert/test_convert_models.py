@@ -620,6 +620,22 @@ def test_transformers_vit_with_its_conv_patch_embedding_converts_exactly(transfo
     assert int((graph.node_kind == NodeKind.INPUT).sum()) == 2 * 4 * 4  # channel x place in the patch
 
 
+def test_transformers_deit_with_its_distillation_token_converts_exactly(transformers):
+    """DeiT: ViT with a second learned token (distillation) concatenated to the patches."""
+    config = transformers.DeiTConfig(image_size=8, patch_size=4, num_channels=2, hidden_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=12, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(29)
+    model = Wrapped(transformers.DeiTModel(config, add_pooling_layer=False),
+                    lambda model, images: model(pixel_values=images).last_hidden_state[:, :2].sum(1)).to(DTYPE).eval()
+    with torch.no_grad():  # DeiT starts its tokens and positions at zero: a LayerNorm of a zero vector
+        for name, param in model.named_parameters():  # scales rounding by 1/sqrt(eps), 1e6 (4e-9 apart)
+            if name.endswith(("_token", "position_embeddings")):
+                param.normal_()
+    check_model(model, torch.randn(3, 2, 8, 8, dtype=DTYPE), torch.zeros(3), squared_norm, 20)
+
+
 def test_a_cached_plan_reads_the_new_batchs_positions_and_mask(transformers):
     # RoBERTa's position ids depend on where the padding is: a replay must not reuse the old ones
     model, targets, loss_fn, _ = roberta_case(transformers, "eager")
