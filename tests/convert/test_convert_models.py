@@ -636,6 +636,32 @@ def test_transformers_deit_with_its_distillation_token_converts_exactly(transfor
     check_model(model, torch.randn(3, 2, 8, 8, dtype=DTYPE), torch.zeros(3), squared_norm, 20)
 
 
+@pytest.mark.parametrize("repeated", [False, True])
+def test_one_parameter_of_several_tokens_concatenated_to_the_patches(repeated):
+    """Register tokens (DINOv2 with registers) and YOLOS' detection tokens are one parameter
+    ``[1, k, d]`` of k tokens joined to the patches: one class-token set per distinct token (a
+    token repeated over positions, ``expand``, is one set at each of them). Exact, with a group.
+    Checked to fail before: refused ("a concatenated parameter that differs between positions")."""
+
+    class Registers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch, self.mix, self.head = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 6))
+            self.registers = nn.Parameter(torch.randn(1, 1 if repeated else 3, 6))
+
+        def forward(self, x):
+            tokens = self.patch(x)
+            registers = self.registers.expand(x.shape[0], 3, 6)
+            h = torch.cat([self.cls_token.expand(x.shape[0], 1, 6), registers, tokens], dim=1)
+            h = h + torch.tanh(self.mix(F.layer_norm(h, (6,))))
+            return self.head(h[:, :4].mean(1))
+
+    torch.manual_seed(30)
+    graph = check_model(Registers().to(DTYPE), torch.randn(3, 5, 3, dtype=DTYPE), torch.zeros(3), squared_norm, 4)
+    assert int((graph.node_param == graph.param_names.index("registers")).sum()) == 6 * (1 if repeated else 3)
+
+
 def test_a_cached_plan_reads_the_new_batchs_positions_and_mask(transformers):
     # RoBERTa's position ids depend on where the padding is: a replay must not reuse the old ones
     model, targets, loss_fn, _ = roberta_case(transformers, "eager")

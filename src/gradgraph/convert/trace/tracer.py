@@ -614,16 +614,30 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         merged_nodes = merged.first + torch.arange(width)
         comps_parts, node_parts, tokens = [], [], []
         for part, meta in zip(parts, neuron_parts):
-            if meta is None:  # the parameter: a class-token set with the parameter as bias
+            if meta is None:  # the parameter: a class-token set per distinct token, the parameter as bias
                 param = self.meta(part)
-                token = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} class token", "token_param")
-                pos = param.pos
-                first = pos.reshape(-1, width)
-                if not bool((first == first[:1]).all()):
-                    raise self.unsupported(name, "a concatenated parameter that differs between positions; "
-                                           "use one token per parameter")
-                token.bias_param, token.bias_pos = param.index, first[0].clone()
                 count = part.shape[axis]
+                # one set per distinct row of the parameter along the joined axis (YOLOS' detection
+                # tokens, register tokens: one parameter of several tokens); a token repeated over
+                # positions is one set at each of them, as are its copies over the datapoints
+                rows = [param.pos.select(axis, place).reshape(-1, width) for place in range(count)]
+                if any(not bool((row == row[:1]).all()) for row in rows):
+                    raise self.unsupported(name, "a concatenated parameter that differs between datapoints")
+                by_row: dict[tuple[int, ...], Any] = {}
+                token_ids = torch.empty(tuple(part.shape), dtype=torch.long)
+                for place, row in enumerate(rows):
+                    key = tuple(row[0].tolist())
+                    if key not in by_row:
+                        label = "class token" if len(by_row) == 0 else f"class token {len(by_row)}"
+                        token = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} {label}", "token_param")
+                        token.bias_param, token.bias_pos = param.index, row[0].clone()
+                        self.edges.append((token.first + torch.arange(width), merged_nodes, EdgeKind.MERGE, -1,
+                                           None, None))
+                        self.ties.append((token.first + torch.arange(width), merged_nodes))
+                        tokens.append(token)
+                        by_row[key] = token
+                    token_ids.select(axis, place).copy_(
+                        broadcast_ids(by_row[key].first + torch.arange(width), token_ids.select(axis, place).shape))
                 keys = torch.tensor(self.new_key(count))
                 shape = [1] * part.dim()
                 shape[axis] = count
@@ -632,11 +646,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 comps = (torch.arange(part.shape[datapoint_axis]).reshape(datapoint_shape) * KEY_STRIDE
                          + keys.reshape(shape))
                 comps = broadcast_ids(comps, part.shape).clone()
-                self.edges.append((token.first + torch.arange(width), merged_nodes, EdgeKind.MERGE, -1, None, None))
-                self.ties.append((token.first + torch.arange(width), merged_nodes))
-                node_parts.append(broadcast_ids(token.first + torch.arange(width), part.shape))
+                node_parts.append(token_ids)
                 comps_parts.append(comps)
-                tokens.append(token)
             else:
                 row = feature_row(meta.nodes)
                 if row is None:
