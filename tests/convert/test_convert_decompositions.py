@@ -105,3 +105,62 @@ def test_an_einsum_that_is_no_linear_map_is_refused_by_name_and_line():
                            cross_entropy)
     assert re.match(r"test_convert_decompositions.py:\d+ in .*Bilinear.forward: torch.einsum: ", str(info.value)), \
         str(info.value)
+
+
+class EinsumAttention(nn.Module):
+    """Multi-head self-attention written with einsum (scores ``bhid,bhjd->bhij``, context
+    ``bhij,bhjd->bhid``), or (``einsum=False``) the same with ``@``."""
+
+    def __init__(self, einsum: bool) -> None:
+        super().__init__()
+        self.einsum, self.heads = einsum, 3
+        self.qkv, self.out, self.head = nn.Linear(6, 18), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (part.reshape(b, t, self.heads, 2).transpose(1, 2) for part in self.qkv(x).chunk(3, dim=-1))
+        if self.einsum:
+            scores = torch.einsum("bhid,bhjd->bhij", q, k) / 2 ** 0.5
+            context = torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), v)
+        else:
+            scores = q @ k.transpose(-2, -1) / 2 ** 0.5
+            context = scores.softmax(-1) @ v
+        h = x + self.out(context.transpose(1, 2).reshape(b, t, 6))
+        return self.head(h.mean(1))
+
+
+def test_attention_written_with_einsum_converts_as_its_matmul_form():
+    """A batched matrix product of two values as einsum is ``torch.matmul`` of permuted operands:
+    attention with einsum scores and context gets the graph (tensor for tensor), the per-sample
+    gradients and the group of the ``@`` form. Checked to fail before: refused ("torch.einsum:
+    gradgraph has no rule for this op")."""
+    torch.manual_seed(12)
+    written = EinsumAttention(einsum=False).to(DTYPE)
+    with_einsum = EinsumAttention(einsum=True).to(DTYPE)
+    with_einsum.load_state_dict(written.state_dict())
+    inputs, targets = torch.randn(4, 5, 6, dtype=DTYPE), torch.randint(0, 3, (4,))
+    graph = assert_exact_per_sample_grads(with_einsum, inputs, targets, cross_entropy)
+    assert_same_graph(graph, gradgraph.to_graph(written, inputs, targets, cross_entropy), exact=False)
+    moved, _, _ = assert_group_keeps_function(with_einsum, inputs, targets, cross_entropy)
+    assert moved > 0
+
+
+@pytest.mark.parametrize("equation", ["bhid,bhje->bhij", "bhid,bhjd->bij"])
+def test_an_einsum_of_two_values_that_is_no_plain_matrix_product_is_refused(equation):
+    """No summed index (two separate sums), or two summed indices (a head summed too): not one
+    batched matrix product, refused by name."""
+
+    class Other(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 12), nn.Linear(4, 12), nn.Linear(3, 3)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k = (layer(x).reshape(b, t, 2, 6).transpose(1, 2) for layer in (self.a, self.b))
+            mixed = torch.einsum(equation, q, k)
+            return self.out(mixed.reshape(b, -1)[:, :3])
+
+    with pytest.raises(UnsupportedModuleError, match="torch.einsum"):
+        gradgraph.to_graph(Other().to(DTYPE), torch.randn(4, 3, 4, dtype=DTYPE), torch.randint(0, 3, (4,)),
+                           cross_entropy)

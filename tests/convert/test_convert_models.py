@@ -29,6 +29,7 @@ from traced_models import (
     PatchViT,
     assert_exact_per_sample_grads,
     assert_group_keeps_function,
+    randomise_batch_norms,
     token_loss,
 )
 
@@ -634,6 +635,21 @@ def test_transformers_deit_with_its_distillation_token_converts_exactly(transfor
             if name.endswith(("_token", "position_embeddings")):
                 param.normal_()
     check_model(model, torch.randn(3, 2, 8, 8, dtype=DTYPE), torch.zeros(3), squared_norm, 20)
+
+
+def test_transformers_cvt_attention_written_with_einsum_converts_exactly(transformers):
+    """CvT: convolutional token embedding, depthwise-convolution + BatchNorm projections of q / k / v, and
+    attention scores and context written with ``torch.einsum`` (refused before: "torch.einsum")."""
+    config = transformers.CvtConfig(
+        num_channels=3, patch_sizes=[3], patch_stride=[2], patch_padding=[1], embed_dim=[8], num_heads=[2],
+        depth=[1], mlp_ratio=[2.0], attention_drop_rate=[0.0], drop_rate=[0.0], drop_path_rate=[0.0],
+        qkv_bias=[True], cls_token=[False], qkv_projection_method=["dw_bn"], kernel_qkv=[3], padding_kv=[1],
+        stride_kv=[2], padding_q=[1], stride_q=[1])
+    torch.manual_seed(31)
+    model = Wrapped(transformers.CvtModel(config, add_pooling_layer=False),
+                    lambda model, images: model(pixel_values=images).last_hidden_state.mean((2, 3)))
+    check_model(randomise_batch_norms(model.to(DTYPE).eval()), torch.randn(2, 3, 8, 8, dtype=DTYPE), torch.zeros(2),
+                squared_norm, 10)
 
 
 @pytest.mark.parametrize("repeated", [False, True])

@@ -1,15 +1,17 @@
 """Composite ops the trace reads as the ops they are made of.
 
 ``F.glu(x)`` is ``a * sigmoid(b)`` of the two halves of ``x``; ``F.normalize`` divides by a
-norm over the features; ``F.prelu`` is ``relu(x) - w * relu(-x)``; an ``einsum`` that is a
-linear map (``"bi,oi->bo"``) is ``F.linear``; the fused recurrent ops of ``nn.RNN`` /
-``nn.GRU`` / ``nn.LSTM`` are their loop over steps (``trace/recurrent.py``). Rather than a rule
-per composite op, the trace (and a replay, identically) runs the decomposition under itself, so
-the rules that exist follow the parts: a gated unit, a statistic of the features, a per-feature
-scale, an affine map. A decomposition depends only on the op and the shapes of its arguments,
-never on which tensors are neurons, so a replay numbers the same ops as the trace (the recurrent
-one also skips a constant zero state; a replay with another state runs other ops, which its
-fingerprints catch).
+norm over the features; ``linalg.vector_norm`` is ``Tensor.norm``; ``F.prelu`` is
+``relu(x) - w * relu(-x)``; an ``einsum`` that is a linear map (``"bi,oi->bo"``) is
+``F.linear``, one that is a batched matrix product of two values (``"bhid,bhjd->bhij"``:
+attention written with einsum) is ``torch.matmul`` of permuted operands; the fused recurrent
+ops of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` are their loop over steps (``trace/recurrent.py``).
+Rather than a rule per composite op, the trace (and a replay, identically) runs the
+decomposition under itself, so the rules that exist follow the parts: a gated unit, a statistic
+of the features, a per-feature scale, an affine map, attention scores. A decomposition depends
+only on the op and the shapes of its arguments, never on which tensors are neurons, so a replay
+numbers the same ops as the trace (the recurrent one also skips a constant zero state; a replay
+with another state runs other ops, which its fingerprints catch).
 """
 
 from __future__ import annotations
@@ -78,6 +80,38 @@ def _einsum_as_linear(equation: str, operands: tuple) -> Callable[[], Tensor] | 
     return None
 
 
+def _einsum_as_matmul(equation: str, operands: tuple) -> Callable[[], Tensor] | None:
+    """``torch.matmul`` of permuted operands for a two-operand einsum that is a batched matrix
+    product (``"bhid,bhjd->bhij"``, ``"bhij,bhjd->bhid"``: attention written with einsum): every
+    index in both operands and the output is a batch index, one index of each operand alone is a
+    free one kept in the output, one index of both operands is summed; ``None`` otherwise."""
+    if len(operands) != 2 or not all(isinstance(operand, Tensor) for operand in operands) or "->" not in equation:
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2 or "." in equation or any(len(set(term)) != len(term) for term in (*terms, output)) \
+            or any(len(term) != operand.dim() for term, operand in zip(terms, operands)):
+        return None
+    left, right = terms
+    batch = [letter for letter in output if letter in left and letter in right]
+    summed = [letter for letter in left if letter in right and letter not in output]
+    free_left = [letter for letter in left if letter not in right]
+    free_right = [letter for letter in right if letter not in left]
+    if len(summed) != 1 or len(free_left) != 1 or len(free_right) != 1 \
+            or set(output) != {*batch, *free_left, *free_right}:
+        return None
+    first = [left.index(letter) for letter in (*batch, *free_left, *summed)]
+    second = [right.index(letter) for letter in (*batch, *summed, *free_right)]
+    produced = "".join((*batch, *free_left, *free_right))
+    order = [produced.index(letter) for letter in output]
+
+    def run() -> Tensor:
+        product = torch.matmul(operands[0].permute(first), operands[1].permute(second))
+        return product.permute(order) if order != sorted(order) else product
+
+    return run
+
+
 _DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _normalize,
                                                       torch.linalg.vector_norm: _vector_norm}
 
@@ -113,5 +147,5 @@ def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | N
         return None
     if func is torch.einsum and args and isinstance(args[0], str):
         operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], list | tuple) else tuple(args[1:])
-        return _einsum_as_linear(args[0], operands)
+        return _einsum_as_linear(args[0], operands) or _einsum_as_matmul(args[0], operands)
     return recurrent_decomposition(func, args, kwargs)  # nn.RNN / nn.GRU / nn.LSTM, step by step
