@@ -552,6 +552,37 @@ def gptj_case(transformers, attention):
     return model, padded_ids(2), token_loss, 60
 
 
+def _causal_lm(make_config, model_class):
+    def case(transformers, attention):
+        config = make_config(transformers)
+        config._attn_implementation = attention
+        model = Wrapped(getattr(transformers, model_class)(config), lambda model, ids: model(
+            input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits)
+        return model, padded_ids(2), token_loss, 40
+
+    return case
+
+
+falcon_case = _causal_lm(lambda t: t.FalconConfig(  # multi-query attention, parallel attention and MLP
+    vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, new_decoder_architecture=False,
+    multi_query=True, hidden_dropout=0.0, attention_dropout=0.0), "FalconForCausalLM")
+stablelm_case = _causal_lm(lambda t: t.StableLmConfig(  # rotary on half of each head's features
+    vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=2, partial_rotary_factor=0.5, max_position_embeddings=16), "StableLmForCausalLM")
+gpt_bigcode_case = _causal_lm(lambda t: t.GPTBigCodeConfig(  # one key/value head for all query heads
+    vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=16, multi_query=True, resid_pdrop=0.0,
+    embd_pdrop=0.0, attn_pdrop=0.0), "GPTBigCodeForCausalLM")
+codegen_case = _causal_lm(lambda t: t.CodeGenConfig(  # interleaved rotary, fused qkv split in four
+    vocab_size=20, n_embd=8, n_layer=1, n_head=2, rotary_dim=2, n_positions=16, n_ctx=16, resid_pdrop=0.0,
+    embd_pdrop=0.0, attn_pdrop=0.0), "CodeGenForCausalLM")
+
+
+def xlm_roberta_case(transformers, attention):
+    config = _encoder_config(transformers, transformers.XLMRobertaConfig, attention)
+    model = Wrapped(transformers.XLMRobertaModel(config, add_pooling_layer=False), _mean_pooled)
+    return nn.Sequential(model, nn.Linear(8, 2)), torch.randint(0, 2, (3,)), cross_entropy, 40
+
+
 def bloom_case(transformers, attention):
     # ALiBi: a per-head bias from the mask, through baddbmm on [b * heads, T, T] scores; heads stay
     config = transformers.BloomConfig(vocab_size=20, hidden_size=8, n_layer=1, n_head=2, hidden_dropout=0.0,
@@ -593,6 +624,11 @@ TRANSFORMERS = {
     "gpt2_classifier": (gpt2_classifier_case, "sdpa"),
     "gpt_neo_local_attention": (gpt_neo_case, "eager"),
     "gptj_interleaved_rotary": (gptj_case, "eager"),
+    "falcon_multi_query": (falcon_case, "eager"),
+    "stablelm_partial_rotary": (stablelm_case, "eager"),
+    "gpt_bigcode_multi_query": (gpt_bigcode_case, "eager"),
+    "codegen_interleaved_rotary": (codegen_case, "eager"),
+    "xlm_roberta_mean_pooled": (xlm_roberta_case, "sdpa"),
 }
 
 
