@@ -795,6 +795,31 @@ def test_gemma_norm_scale_written_one_plus_weight_converts_exactly(transformers,
     check_model(model, padded_ids(), padded_ids(1), token_loss, 40, torch_func=False)
 
 
+def test_a_float64_model_that_computes_its_norms_in_float32_converts_to_float32_precision(transformers):
+    """Stock GemmaRMSNorm casts to float32 whatever the model's dtype, so a float64 Gemma rounds at
+    float32 precision inside: the first conversion's check of the summed gradients allows for the
+    coarsest dtype the forward computed in (it refused before: "differs from autograd's by 7e-10"),
+    and the per-sample gradients match a per-datapoint loop to float32 precision."""
+    config = transformers.GemmaConfig(vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                      max_position_embeddings=16)
+    config._attn_implementation = "eager"
+    torch.manual_seed(35)
+    model = Wrapped(transformers.GemmaForCausalLM(config), lambda model, ids: model(
+        input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits).to(DTYPE).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.1)
+    gradgraph.convert.clear_structure_cache()
+    ids, targets = padded_ids(), padded_ids(1)
+    graph = gradgraph.to_graph(model, ids, targets, token_loss)
+    reference = per_datapoint_autograd(model, ids, targets, token_loss)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-5 * float(reference[name].abs().max()) + 1e-12,
+                                   rtol=0, msg=name)
+
+
 def test_t5_relative_attention_bias_is_refused_with_its_source_line_and_module(transformers):
     config = transformers.T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=12, num_layers=1, num_heads=2,
                                    dropout_rate=0.0, relative_attention_num_buckets=4, pad_token_id=PAD)

@@ -400,6 +400,9 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     # a fresh trace is checked once against autograd (a replay runs the same ops on the same plan)
     # (autograd's summed gradient, read off the conversion's one backward pass)
     checked = _checked_parameters(plan, objective, scan.parameters) if run.plan is None else ()
+    # a forward that computes part of itself in a coarser dtype (Llama's and Gemma's RMSNorm in float32
+    # whatever the model's dtype) rounds at that dtype's precision: the check of the sums allows for it
+    coarsest = _coarsest_dtype(run.captured) if run.plan is None else None
     act, grad, truth = fill_factors(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints,
                                     run.dtype, device, sums_of=checked)
     # the recorded activations are no longer needed: freeing them before the O(P) edge values
@@ -408,7 +411,7 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     run.trace = None  # after a trace: the tensors its records and sets kept
     graph = assemble(plan, scan.parameters, act, grad, run.num_datapoints)
     if run.plan is None:
-        _check_sums(graph, truth, run.num_datapoints)
+        _check_sums(graph, truth, run.num_datapoints, coarsest)
         PLAN_CACHE.put(run.key, plan)
     # the per-datapoint losses (output mode: outputs) the factors are the gradients of: [b]
     graph.loss = objective.detach()
@@ -439,12 +442,26 @@ def _magnitudes(graph: GradGraph) -> dict[str, Tensor]:
     return magnitude.mean_grad()
 
 
-def _check_sums(graph: GradGraph, truth: dict[str, Tensor], num_datapoints: int) -> None:
+def _coarsest_dtype(captured: dict) -> torch.dtype | None:
+    """The floating dtype of least precision among the outputs of the ops the trace followed."""
+    coarsest = None
+    for _, _, output in captured.values():
+        for value in (output,) if isinstance(output, Tensor) else output if isinstance(output, tuple | list) else ():
+            if isinstance(value, Tensor) and value.is_floating_point() and (
+                    coarsest is None or torch.finfo(value.dtype).eps > torch.finfo(coarsest).eps):
+                coarsest = value.dtype
+    return coarsest
+
+
+def _check_sums(graph: GradGraph, truth: dict[str, Tensor], num_datapoints: int,
+                coarsest: torch.dtype | None = None) -> None:
     """Refuse a fresh trace whose graph's gradient of some parameter, summed over datapoints,
     is not autograd's: a path from the parameter to the loss that no rule followed (a value computed
     from a parameter that an op's rule reads as a constant) would otherwise make every per-sample
     gradient of it silently wrong. Cost: ``mean_grad()``, on a fresh trace only (autograd's side,
-    ``truth``, is read off the conversion's own backward pass: :func:`fill_factors`' ``sums_of``)."""
+    ``truth``, is read off the conversion's own backward pass: :func:`fill_factors`' ``sums_of``).
+    Rounding is bounded at the precision of ``coarsest`` where the forward computed in a coarser
+    dtype than the graph's (a missing path is an error of the gradient's own size, not of ``eps``)."""
     if not truth:
         return
     ours = graph.mean_grad()
@@ -457,7 +474,7 @@ def _check_sums(graph: GradGraph, truth: dict[str, Tensor], num_datapoints: int)
         expected = expected.to(got.dtype)
         error = float((got - expected).abs().max()) if got.numel() else 0.0
         scale = max(float(expected.abs().max()), float(got.abs().max()), 1e-2 * overall) if got.numel() else 0.0
-        eps = torch.finfo(got.dtype).eps
+        eps = max(torch.finfo(got.dtype).eps, torch.finfo(coarsest).eps if coarsest is not None else 0.0)
         if error > _SUM_EPS_FACTOR * eps * scale:
             if magnitudes is None:  # worked out only when the cheap bound is exceeded
                 magnitudes = _magnitudes(graph)
