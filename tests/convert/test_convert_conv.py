@@ -628,6 +628,31 @@ def test_global_response_norm_of_convnext_v2(hand_written):
     check(model, inputs, torch.randint(0, 3, (inputs.shape[0],)), metanet=hand_written)
 
 
+@pytest.mark.parametrize("unshuffle", [False, True])
+def test_pixel_shuffle_moves_channels_into_positions(unshuffle):
+    """A sub-pixel convolution (ESPCN): ``nn.PixelShuffle(2)`` turns 4 C channels into C channels on
+    a grid twice as fine, read by a convolution after it (and ``nn.PixelUnshuffle`` back). The
+    shuffled channels are a new pinned set joined to the channels they hold; the channels before the
+    shuffle are pinned; the first layer's hidden channels still move. Exact, with the group.
+    Checked to fail before: refused ("torch.pixel_shuffle: gradgraph has no rule for this op")."""
+
+    class SubPixel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(2, 5, 3, padding=1), nn.Conv2d(5, 3 * 4, 3, padding=1)
+            self.shuffle, self.unshuffle = nn.PixelShuffle(2), nn.PixelUnshuffle(2)
+            self.c3, self.head = nn.Conv2d(12 if unshuffle else 3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.shuffle(self.c2(torch.relu(self.c1(x))))
+            h = self.unshuffle(torch.tanh(h)) if unshuffle else torch.tanh(h)
+            return self.head(torch.relu(self.c3(h)).mean((2, 3)))
+
+    torch.manual_seed(20)
+    graph = check(SubPixel().to(DTYPE), torch.randn(3, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (3,)))
+    assert int((graph.perm_group >= 0).sum()) >= 5  # c1's hidden channels
+
+
 def test_weight_standardization_is_refused_by_what_it_is():
     """BiT's ``WeightStandardizedConv2d`` standardises its weight with ``F.batch_norm(weight, ...,
     training=True)``: refused as arithmetic on a parameter, not with the training-mode batch norm

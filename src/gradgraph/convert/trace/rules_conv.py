@@ -30,7 +30,8 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.graph import EdgeKind, NodeKind
 
-__all__ = ["ConvRules", "InputReadAgain", "gather_taps", "convolution_parts", "padding_parts", "SPATIAL_POOLS"]
+__all__ = ["ConvRules", "InputReadAgain", "gather_taps", "convolution_parts", "padding_parts", "PIXEL_SHUFFLES",
+           "SPATIAL_POOLS"]
 
 #: the batched convolutions the trace runs as :func:`gather_taps` + ``F.linear``
 CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -38,6 +39,9 @@ CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, 
 #: per-channel ops over positions (max, average, adaptive, power-average pooling; resampling by
 #: ``F.interpolate``, which ``nn.Upsample`` calls): each output channel reads only its own channel of
 #: one datapoint, so its values are a copy of the channels at a new grid (autograd gives their grads)
+#: channels moved into positions and back (their rule: :meth:`ConvRules.pixel_shuffle`)
+PIXEL_SHUFFLES = {F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle}
+
 SPATIAL_POOLS = {
     F.interpolate,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices, F.max_pool2d_with_indices,
@@ -375,6 +379,44 @@ class ConvRules:
         self.observe(values, new)
         if isinstance(output, tuple):
             self.mark_opaque(output[1], name, "the indices of a max pooling", [])
+
+    def pixel_shuffle(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        """``F.pixel_shuffle`` / ``F.pixel_unshuffle`` (sub-pixel convolution: ESPCN, super-resolution
+        decoders): channels moved into positions, or back. The output's channels are a new set of
+        neurons at the output grid, each joined by MERGE edges from the input channels whose values it
+        holds. Both sets are pinned: a permutation of the output channels would move whole blocks of
+        input channels in order, which the group does not express, and any other permutation of the
+        input channels changes which place a value lands at."""
+        x = args[0] if args else kwargs["input"]
+        meta, row, datapoint = self.channel_neurons(x, name, 2)
+        for index in meta.versions:
+            self.separate_part_read(self.sets[index], row)
+        # which input channels each output channel holds: the op replayed on channel numbers
+        with torch.no_grad():
+            channel = torch.arange(x.shape[1]).reshape(1, -1, 1, 1).expand(1, -1, *x.shape[2:])
+            sources = self.replay_channels(name, args, kwargs, channel)
+        out_channels = output.shape[1]
+        created = self.new_set(out_channels, NodeKind.RESIDUAL, self.path() or name, "pixel_shuffle")
+        created.pinned = True
+        for index in meta.versions:
+            self.sets[index].pinned = True
+        for out in range(out_channels):
+            held = torch.unique(sources[0, out])
+            self.edges.append((row[held].clone(), torch.full((held.numel(),), created.first + out), EdgeKind.MERGE,
+                               -1, None, None))
+        nodes = broadcast_ids((created.first + torch.arange(out_channels)).reshape(1, -1, 1, 1), output.shape).clone()
+        comps = self.position_comps(datapoint, tuple(output.shape[2:]), output.shape, 2)
+        new = Neurons(nodes, comps, {created.index: 0})
+        created.grad_records.append((output, nodes, comps))
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    @staticmethod
+    def replay_channels(name: str, args: tuple, kwargs: dict, channel: Tensor) -> Tensor:
+        """``F.pixel_shuffle`` / ``F.pixel_unshuffle`` of ``args`` applied to the channel numbers ``channel``."""
+        factor = args[1] if len(args) > 1 else kwargs.get("upscale_factor", kwargs.get("downscale_factor"))
+        shuffle = F.pixel_shuffle if name.endswith("pixel_shuffle") else F.pixel_unshuffle
+        return shuffle(channel, factor)
 
     def pads_positions(self, args: tuple, kwargs: dict) -> bool:
         """Whether ``F.pad(x, pad, "constant", value)`` pads only the spatial axes of a map

@@ -33,7 +33,7 @@ from gradgraph.convert.trace.ops import (
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.rules_affine import AffineRules
 from gradgraph.convert.trace.rules_attention import AttentionRules
-from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, SPATIAL_POOLS
+from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, PIXEL_SHUFFLES, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
 from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, rank_within, SCATTERS, SCATTERS_IN_PLACE
@@ -370,6 +370,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return self.previous_copy(name, args, kwargs, output)
         if func in SPATIAL_POOLS or (func is F.pad and self.pads_positions(args, kwargs)):
             return self.spatial_pool(name, args, kwargs, output)
+        if func in PIXEL_SHUFFLES:
+            return self.pixel_shuffle(name, args, kwargs, output)
         if func is F.group_norm or func is F.instance_norm:
             return self.channel_norm(name, func, args, kwargs, output)
         if name in GATHERS or name in SCATTERS:  # message passing over a data graph (trace/rules_graph.py)
