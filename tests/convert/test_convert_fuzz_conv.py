@@ -64,7 +64,10 @@ class ConvProgram(nn.Module):
     ``("act_", i, name)`` (the activation in place: ``F.relu(h, inplace=True)``, ``h.tanh_()``, …) and
     ``("iadd", i, j)`` (``h = values[i]; h += values[j]``): in place, value ``i`` changes too, so a
     later step that reads it reads the changed value (gradgraph refuses that read by name),
-    ``("scale", i)`` (a per-channel parameter times ``i``, a layer scale).
+    ``("scale", i)`` (a per-channel parameter times ``i``, a layer scale), ``("grn", i)`` (ConvNeXt V2's
+    global response norm without parameters: ``i`` times its channels' norms over positions over their
+    mean), ``("crop", i)`` (``F.pad`` by -1 before each spatial axis), ``("pixel_shuffle", i)`` and
+    ``("pixel_unshuffle", i)`` (2-D maps, factor 2).
     ``head``: ``"mean"`` (global average pooling), ``"max"`` (global max) or ``"flatten"``, then a
     linear map to 3 outputs.
     """
@@ -113,6 +116,12 @@ class ConvProgram(nn.Module):
                 length = step[3]
             elif kind == "upsample":
                 length *= 2
+            elif kind == "crop":
+                length -= 1
+            elif kind == "pixel_shuffle":
+                channels, length = channels // 4, length * 2
+            elif kind == "pixel_unshuffle":
+                channels, length = channels * 4, length // 2
             shapes.append((channels, length))
         self.shapes = shapes
         channels, length = shapes[-1]
@@ -165,6 +174,15 @@ class ConvProgram(nn.Module):
                 h = h - h.flatten(2).mean(-1).reshape(*h.shape[:2], *[1] * self.spatial)
             elif kind == "upsample":
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
+            elif kind == "grn":
+                norms = torch.linalg.vector_norm(h, dim=tuple(range(2, h.dim())), keepdim=True)
+                h = h * (norms / (norms.mean(dim=1, keepdim=True) + 1e-6))
+            elif kind == "crop":
+                h = F.pad(h, [-1, 0] * self.spatial)
+            elif kind == "pixel_shuffle":
+                h = F.pixel_shuffle(h, 2)
+            elif kind == "pixel_unshuffle":
+                h = F.pixel_unshuffle(h, 2)
             values.append(h)
         h = values[-1]
         if self.head_kind == "mean":
@@ -206,7 +224,7 @@ def conv_programs(draw):
         channels, length = shapes[source]
         kind = draw(st.sampled_from(["conv", "conv", "conv", "act", "add", "mul", "gate", "excite", "cat", "slice",
                                      "shuffle", "pool", "adaptive", "norm", "softmax", "center", "upsample", "act_",
-                                     "iadd", "scale"]))
+                                     "iadd", "scale", "grn", "crop", "pixel_shuffle", "pixel_unshuffle"]))
         same = [index for index, shape in enumerate(shapes)
                 if shape == (channels, length) and index not in (0, source)]
         positions = [index for index, shape in enumerate(shapes) if shape[1] == length and index not in (0, source)]
@@ -255,6 +273,12 @@ def conv_programs(draw):
             step = (kind, source)
         elif kind == "upsample" and length <= 4:
             step = ("upsample", source)
+        elif kind == "grn" or (kind == "crop" and length >= 2):
+            step = (kind, source)
+        elif kind == "pixel_shuffle" and spatial == 2 and channels % 4 == 0 and length <= 4:
+            step = (kind, source)
+        elif kind == "pixel_unshuffle" and spatial == 2 and length % 2 == 0:
+            step = (kind, source)
         if step is None:
             continue
         steps.append(step)
@@ -309,8 +333,9 @@ def test_the_conv_program_model_runs_each_step_kind():
              ("pool", 9, "max", 3, 2, 1, True), ("adaptive", 10, "avg", 2), ("norm", 11, "batch"),
              ("norm", 12, "group"), ("norm", 13, "instance-affine"), ("softmax", 14), ("center", 15),
              ("upsample", 16), ("conv", 17, 2, 2, 2, 0, 1, 2, "zeros"), ("act_", 18, "relu"), ("iadd", 19, 18),
-             ("scale", 20)]
-    for spatial in (1, 2, 3):
+             ("scale", 20), ("grn", 21), ("crop", 22)]
+    planar = steps + [("conv", 23, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 24), ("pixel_unshuffle", 25)]
+    for spatial, steps in ((1, steps), (2, planar), (3, steps)):
         model = ConvProgram(spatial, 2, 5, steps, "flatten").to(DTYPE)
         inputs = torch.randn(2, 2, *[5] * spatial, dtype=DTYPE)
         assert model(inputs).shape == (2, 3)
