@@ -120,13 +120,14 @@ def convolution_parts(func: Any, args: tuple, kwargs: dict) -> Any:
         channels, out_channels = x.shape[1] // groups, weight.shape[0] // groups
         taps = math.prod(kernel)
         outputs = []
+        # the taps of every channel at once (channel-major: a group's columns are consecutive)
+        windows = gather_taps(x, kernel, stride, padding, dilation)
         for group in range(groups):
-            part = x if groups == 1 else x[:, group * channels:(group + 1) * channels]
+            part = windows if groups == 1 else windows[..., group * channels * taps:(group + 1) * channels * taps]
             rows = slice(group * out_channels, (group + 1) * out_channels)
             group_weight = weight if groups == 1 else weight[rows]
             group_bias = bias if bias is None or groups == 1 else bias[rows]
-            windows = gather_taps(part, kernel, stride, padding, dilation)
-            outputs.append(F.linear(windows, group_weight.reshape(out_channels, channels * taps), group_bias))
+            outputs.append(F.linear(part, group_weight.reshape(out_channels, channels * taps), group_bias))
         out = outputs[0] if groups == 1 else torch.cat(outputs, dim=-1)
         return out.movedim(-1, 1)
 
