@@ -465,7 +465,9 @@ class GradGraph(Data):
         uses of a parameter that appears in several places (tied weights).
 
         Returns:
-            ``{name: Tensor[b, *param.shape]}`` keyed as in ``model.named_parameters()``.
+            ``{name: Tensor[b, *param.shape]}`` keyed as in ``model.named_parameters()``; a
+            parameter the forward never used (a mask token without a mask, an unused pooler) is
+            not in the graph and not in the result (its gradient is zero).
         """
         return self._grads_by_parameter(reduce_mean=False)
 
