@@ -831,6 +831,18 @@ def test_t5_relative_attention_bias_is_refused_with_its_source_line_and_module(t
     assert "T5's relative position bias" in message
 
 
+def test_mpnet_relative_bias_added_to_the_scores_in_place_is_refused_as_a_learned_score_bias(transformers):
+    """MPNet adds its learned relative position bias to the scores in place (``scores += bias``):
+    refused for what it is, a learned bias of the scores, not as an in-place op (as it was before,
+    with the remedy "use the out-of-place form", which would not help)."""
+    config = transformers.MPNetConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=12, max_position_embeddings=16, pad_token_id=PAD)
+    model = Wrapped(transformers.MPNetModel(config, add_pooling_layer=False), _mean_pooled).to(DTYPE).eval()
+    message = _refusal(lambda: gradgraph.to_graph(model, padded_ids(), None, squared_norm),
+                       "Tensor.add", "model.encoder.layer.0.attention.attn", r"modeling_mpnet\.py")
+    assert "a learned bias added to the scores" in message and "in-place" not in message
+
+
 def test_token_mixing_is_refused_with_what_to_do_and_overlapping_convolutions_convert():
     mixer = nn.Sequential(nn.Linear(4, 8), MixerBlock()).to(DTYPE)
     message = _refusal(lambda: gradgraph.to_graph(mixer, torch.randn(3, 4, 4, dtype=DTYPE), None, squared_norm),

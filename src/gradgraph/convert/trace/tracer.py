@@ -310,7 +310,12 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             in_place = out_of_place_call(func, name, args, kwargs) if name in IN_PLACE_CANDIDATES else None
             if in_place is not None:
                 in_place_name, target = name, args[0] if args else kwargs.get("input")
-                if isinstance(self.meta(target), Neurons):
+                # attention scores changed in place by a constant keep their own rules; by a value
+                # the trace follows (MPNet's scores += a learned position bias) they run out of
+                # place, so the rule for that sum decides (it names a learned score bias)
+                if isinstance(self.meta(target), Neurons) or (isinstance(self.meta(target), Scores) and any(
+                        isinstance(self.meta(value), Neurons | Param) for value in (*args[1:], *kwargs.values())
+                        if isinstance(value, Tensor))):
                     func, name, args, kwargs = in_place
                 else:
                     in_place = None
