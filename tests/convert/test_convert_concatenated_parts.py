@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
 
+import gradgraph
+
 DTYPE = torch.float64
 
 
@@ -88,7 +90,6 @@ def test_odd_and_even_features_rejoined_rotated_keep_one_value_per_neuron(join):
 
 def test_a_neuron_in_two_parts_of_a_stack_is_refused():
     """``stack((h, -h))`` holds each neuron twice: gradgraph has one value per neuron, so it refuses by name."""
-    import gradgraph
 
     class Twice(nn.Module):
         def __init__(self):

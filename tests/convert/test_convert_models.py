@@ -781,18 +781,22 @@ def test_gemma_norm_scale_written_one_plus_weight_converts_exactly(transformers,
         return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
 
     monkeypatch.setattr(GemmaRMSNorm, "forward", rms_norm)
+    check_model(_gemma(transformers, seed=34), padded_ids(), padded_ids(1), token_loss, 40, torch_func=False)
+
+
+def _gemma(transformers, seed):
     config = transformers.GemmaConfig(vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=4,
                                       max_position_embeddings=16)
     config._attn_implementation = "eager"
-    torch.manual_seed(34)
+    torch.manual_seed(seed)
     model = Wrapped(transformers.GemmaForCausalLM(config), lambda model, ids: model(
         input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits).to(DTYPE).eval()
     with torch.no_grad():  # Gemma initialises the scales' weights to 0
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.normal_(0, 0.1)
-    check_model(model, padded_ids(), padded_ids(1), token_loss, 40, torch_func=False)
+    return model
 
 
 def test_a_float64_model_that_computes_its_norms_in_float32_converts_to_float32_precision(transformers):
@@ -800,17 +804,7 @@ def test_a_float64_model_that_computes_its_norms_in_float32_converts_to_float32_
     float32 precision inside: the first conversion's check of the summed gradients allows for the
     coarsest dtype the forward computed in (it refused before: "differs from autograd's by 7e-10"),
     and the per-sample gradients match a per-datapoint loop to float32 precision."""
-    config = transformers.GemmaConfig(vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-                                      max_position_embeddings=16)
-    config._attn_implementation = "eager"
-    torch.manual_seed(35)
-    model = Wrapped(transformers.GemmaForCausalLM(config), lambda model, ids: model(
-        input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits).to(DTYPE).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(0, 0.1)
+    model = _gemma(transformers, seed=35)
     gradgraph.convert.clear_structure_cache()
     ids, targets = padded_ids(), padded_ids(1)
     graph = gradgraph.to_graph(model, ids, targets, token_loss)
