@@ -39,9 +39,6 @@ CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, 
 #: per-channel ops over positions (max, average, adaptive, power-average pooling; resampling by
 #: ``F.interpolate``, which ``nn.Upsample`` calls): each output channel reads only its own channel of
 #: one datapoint, so its values are a copy of the channels at a new grid (autograd gives their grads)
-#: channels moved into positions and back (their rule: :meth:`ConvRules.pixel_shuffle`)
-PIXEL_SHUFFLES = {F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle}
-
 SPATIAL_POOLS = {
     F.interpolate,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices, F.max_pool2d_with_indices,
@@ -52,6 +49,9 @@ SPATIAL_POOLS = {
 }
 if hasattr(F, "lp_pool3d"):
     SPATIAL_POOLS.add(F.lp_pool3d)
+
+#: channels moved into positions and back (their rule: :meth:`ConvRules.pixel_shuffle`)
+PIXEL_SHUFFLES = {F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle}
 
 
 class InputReadAgain(Exception):
@@ -436,7 +436,7 @@ class ConvRules:
             return False
         meta = self.meta(x)
         if isinstance(meta, Raw) and x.is_floating_point():
-            return True  # the model input [b, C, *S] (TF-style "same" padding of the image): its channels
+            return True  # the model input [b, C, *S] (TF-style "same" padding): channel_neurons reads it
         if not isinstance(meta, Neurons) or meta.comps is None or channel_row(meta.nodes, x.shape) is None:
             return False
         comps = broadcast_ids(meta.comps, x.shape)
