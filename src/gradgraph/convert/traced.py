@@ -460,8 +460,9 @@ def _check_sums(graph: GradGraph, truth: dict[str, Tensor], num_datapoints: int,
     from a parameter that an op's rule reads as a constant) would otherwise make every per-sample
     gradient of it silently wrong. Cost: ``mean_grad()``, on a fresh trace only (autograd's side,
     ``truth``, is read off the conversion's own backward pass: :func:`fill_factors`' ``sums_of``).
-    Rounding is bounded at the precision of ``coarsest`` where the forward computed in a coarser
-    dtype than the graph's (a missing path is an error of the gradient's own size, not of ``eps``)."""
+    Rounding is bounded at the precision of ``coarsest`` (at most float32's) where the forward
+    computed in a coarser dtype than the graph's (a missing path is an error of the gradient's own
+    size, not of ``eps``)."""
     if not truth:
         return
     ours = graph.mean_grad()
@@ -474,7 +475,10 @@ def _check_sums(graph: GradGraph, truth: dict[str, Tensor], num_datapoints: int,
         expected = expected.to(got.dtype)
         error = float((got - expected).abs().max()) if got.numel() else 0.0
         scale = max(float(expected.abs().max()), float(got.abs().max()), 1e-2 * overall) if got.numel() else 0.0
-        eps = max(torch.finfo(got.dtype).eps, torch.finfo(coarsest).eps if coarsest is not None else 0.0)
+        # (never looser than float32's: at half precision rounding and a missing path look alike, so
+        # a float16 / bfloat16 op inside a float32 model is checked as float32 and may be refused)
+        inner = min(torch.finfo(coarsest).eps, torch.finfo(torch.float32).eps) if coarsest is not None else 0.0
+        eps = max(torch.finfo(got.dtype).eps, inner)
         if error > _SUM_EPS_FACTOR * eps * scale:
             if magnitudes is None:  # worked out only when the cheap bound is exceeded
                 magnitudes = _magnitudes(graph)
