@@ -18,6 +18,7 @@ and TBPTT, with and without a schedule: 1e-10 in float64).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch.func import functional_call, vmap
 from torch_geometric.data import Batch
 
 from gradgraph.graph import GradGraph
+from gradgraph.nn.context import STRUCTURE_MEMO
 from gradgraph.optim.chain_graphs import ChainGraphs
 from gradgraph.optim.fused import MLPChain, chain_backward, chain_forward, output_delta
 from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
@@ -34,6 +36,13 @@ from gradgraph.optim.meta_model import LearnedUpdate, OptimizerState
 __all__ = ["chain_gradients", "vmapped_update"]
 
 GRADMETANET_PREFIX = "gradmetanet."
+
+#: particles whose graphs go through GradMetaNet in one forward: in one batch of all 32 particles of
+#: the paper's protocol the per-component states ([32·82, 128, 8] for the MNIST-1D MLP) fall out of
+#: cache, and a graph cost 5.5 ms against 3.4 in batches of 8 (docs/learned_optimizer.md)
+EMBED_CHUNK = 8
+#: where a template graph keeps the collated structure of a chunk of its copies, by chunk size
+_CHUNK_STRUCTURES = "_gradgraph_embed_chunks"
 
 
 def chain_gradients(chain: MLPChain, params: dict[str, Tensor], inputs: Tensor, targets: Any,
@@ -90,8 +99,11 @@ def vmapped_update(meta_model: LearnedUpdate, meta_params: dict[str, Tensor], pa
         per_particle = {name[len(GRADMETANET_PREFIX):]: value for name, value in meta_params.items()
                         if name.startswith(GRADMETANET_PREFIX)}
         num_particles = next(iter(params.values())).shape[0]
-        first = first_graph if first_graph is not None else graphs.get_example(0)
-        embeddings, emas = meta_model.embed(graphs, first, state, num_particles, per_particle)
+        if first_graph is not None and num_particles > EMBED_CHUNK:
+            embeddings, emas = _embed_in_chunks(meta_model, graphs, first_graph, state, num_particles, per_particle)
+        else:
+            first = first_graph if first_graph is not None else graphs.get_example(0)
+            embeddings, emas = meta_model.embed(graphs, first, state, num_particles, per_particle)
         state = OptimizerState(state.step, state.momentum, state.momenta)  # the EMAs are done: not vmapped
 
     def one(own_meta: dict[str, Tensor], own_params: dict[str, Tensor], own_grads: dict[str, Tensor],
@@ -108,3 +120,43 @@ def vmapped_update(meta_model: LearnedUpdate, meta_params: dict[str, Tensor], pa
     new_state = OptimizerState.from_tensors({key: value[:, 0] for key, value in new_state.items()})
     new_state.factor_emas = emas
     return {key: value[:, 0] for key, value in new_params.items()}, new_state
+
+
+def _embed_in_chunks(meta_model: LearnedUpdate, graphs: Batch, first: GradGraph, state: OptimizerState,
+                     num_particles: int, per_particle: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """:meth:`LearnedUpdate.embed` of ``EMBED_CHUNK`` particles at a time: the same embeddings and EMAs.
+
+    The particles' graphs are copies of ``first``'s structure with their own values, graph-major, so
+    a chunk's ``Batch`` is the collated structure of that many copies (built once per chunk size and
+    kept on ``first``) with the chunk's rows of the values; every op of GradMetaNet and of the
+    factors' normalisation acts on each graph alone.
+    """
+    nodes, edges = first.num_nodes, first.num_edges
+    components = int(graphs.loss.shape[0]) // num_particles if "loss" in graphs else 0
+    embeddings: list[dict[str, Tensor]] = []
+    emas: list[Tensor] = []
+    for start in range(0, num_particles, EMBED_CHUNK):
+        stop = min(start + EMBED_CHUNK, num_particles)
+        chunk = copy.copy(_chunk_structure(first, stop - start))  # shares the structure and its memo
+        rows, columns = slice(start * nodes, stop * nodes), slice(start * edges, stop * edges)
+        chunk.act, chunk.grad, chunk.x = graphs.act[rows], graphs.grad[rows], graphs.x[rows]
+        chunk.edge_attr = graphs.edge_attr[columns]
+        if components:
+            chunk.loss = graphs.loss[start * components:stop * components]
+        own_state = OptimizerState(state.step, state.momentum, state.momenta,
+                                   None if state.factor_emas is None else state.factor_emas[rows])
+        own = {name: value[start:stop] for name, value in per_particle.items()}
+        embedded, chunk_emas = meta_model.embed(chunk, first, own_state, stop - start, own)
+        embeddings.append(embedded)
+        emas.append(chunk_emas)
+    return {name: torch.cat([part[name] for part in embeddings]) for name in embeddings[0]}, torch.cat(emas)
+
+
+def _chunk_structure(first: GradGraph, count: int) -> Batch:
+    """The collated ``Batch`` of ``count`` copies of ``first`` (kept on ``first``, by count)."""
+    kept = first.__dict__.setdefault(_CHUNK_STRUCTURES, {})
+    if count not in kept:
+        batch = Batch.from_data_list([first] * count)
+        batch.__dict__[STRUCTURE_MEMO] = {}  # GradMetaNet's context structure is built once per chunk size
+        kept[count] = batch
+    return kept[count]
