@@ -584,3 +584,70 @@ def test_reset_parameters_reaches_every_submodule():
     model.reset_parameters()
     for name, parameter in model.named_parameters():
         assert not torch.all(parameter == 7.0), name
+
+
+# ----------------------------------------------------------------------------- parallel edges
+def with_parallel_edges(graph, extra: list[int]):
+    """``graph`` with the edges at positions ``extra`` added again at the end (two edges with the
+    same ``(src, dst)``, as a weight edge and a residual edge between the same neurons are)."""
+    parallel = graph.clone()
+    parallel.edge_index = torch.cat([graph.edge_index, graph.edge_index[:, extra]], dim=1)
+    parallel.edge_attr = torch.cat([graph.edge_attr, graph.edge_attr[extra]], dim=0)
+    return parallel
+
+
+@pytest.mark.parametrize(("direction", "aggr"), [("both", "mean"), ("both", "sum"), ("forward", "mean")])
+def test_fused_path_on_parallel_edges_equals_the_gathered_one_and_the_equation(direction, aggr):
+    """Parallel edges (the same ``(src, dst)`` twice or three times) give the channel-block CSR
+    matrices duplicate entries; the fused ``[N, B, C]`` path (:func:`channel_spmm`, and the
+    ``sampled_addmm`` of its gate gradient on that pattern) must count every edge once, as the
+    gathered path and the equation by hand do: values and the gradients of the states, the edge
+    features and every parameter (the gates' included), float64. Duplicate entries are summed by
+    the CSR product and each gets its own sampled value, so the two agree (checked on main, CPU
+    torch 2.13: they do; the test guards the case). Checked to fail where a kernel keeps one
+    entry per ``(row, col)`` (the others' values zeroed) in the product or in the sampled gate
+    gradient (a monkeypatched ``ChannelBlockPattern.matrix`` / ``_sampled_product``)."""
+    base = mlp_graph(0, batch=3)
+    graph = with_parallel_edges(base, [0, 0, 5, base.edge_index.shape[1] - 1])
+    src, dst = graph.edge_index
+    pairs = list(zip(src.tolist(), dst.tolist()))
+    assert len(set(pairs)) == base.edge_index.shape[1] and len(pairs) == base.edge_index.shape[1] + 4
+    fused = randomize(GradGraphConv(4, 3, 2, direction=direction, aggr=aggr).double(), 5)
+    gathered = randomize(GradGraphConv(4, 3, 2, direction=direction, aggr=aggr).double(), 5)
+    gathered.fuse = False
+    generator = torch.Generator().manual_seed(6)
+    h = torch.randn(graph.num_nodes, 3, 4, generator=generator, dtype=DTYPE, requires_grad=True)
+    edge_features = torch.randn(len(pairs), 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    cotangent = torch.randn(graph.num_nodes, 3, 3, generator=generator, dtype=DTYPE)
+    assert fused.uses_fused_aggregation(h) and not gathered.uses_fused_aggregation(h)
+    pattern = GraphContext.from_graph(graph, edge_features).pattern("forward", 3)
+    assert pattern.row_count.sum().item() == len(pairs)  # one CSR entry per edge, duplicates kept
+    outputs = {}
+    for name, layer in (("fused", fused), ("gathered", gathered), ("hand", fused)):
+        out = (hand_conv(layer, h, graph, edge_features) if name == "hand"
+               else layer(h, GraphContext.from_graph(graph, edge_features)))
+        outputs[name] = (out, torch.autograd.grad(out, (h, edge_features, *layer.parameters()), cotangent))
+    for name in ("gathered", "hand"):
+        torch.testing.assert_close(outputs["fused"][0], outputs[name][0], **EXACT)
+        for got, expected in zip(outputs["fused"][1], outputs[name][1]):
+            torch.testing.assert_close(got, expected, **EXACT)
+    # the parallel copies matter: dropping them changes the answer
+    without = fused(h, GraphContext.from_graph(base, edge_features[: base.edge_index.shape[1]]))
+    assert not torch.allclose(without, outputs["fused"][0])
+
+
+def test_channel_products_on_parallel_edges_pass_gradcheck():
+    """:func:`channel_spmm` and :func:`channel_sddmm` on a pattern with an edge three times and
+    another twice: their hand-written backwards pass ``torch.autograd.gradcheck`` (float64) and
+    their values are the edge loops'."""
+    rows = torch.tensor([2, 0, 2, 1, 2, 0, 3])
+    cols = torch.tensor([1, 3, 1, 1, 1, 3, 0])
+    pattern = ChannelBlockPattern.build_pair(rows, cols, 4, 2)[0]
+    generator = torch.Generator().manual_seed(7)
+    gate = torch.randn(7, 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    x = torch.randn(4, 3, 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    y = torch.randn(4, 3, 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    torch.testing.assert_close(channel_spmm(pattern, gate, x), dense_spmm(rows, cols, gate, x), **EXACT)
+    torch.testing.assert_close(channel_sddmm(pattern, x, y), dense_sddmm(rows, cols, x, y), **EXACT)
+    assert torch.autograd.gradcheck(lambda g, s: channel_spmm(pattern, g, s), (gate, x))
+    assert torch.autograd.gradcheck(lambda a, b: channel_sddmm(pattern, a, b), (x, y))
