@@ -596,6 +596,53 @@ def with_parallel_edges(graph, extra: list[int]):
     return parallel
 
 
+class LinearResidual(torch.nn.Module):
+    """``c(b(h) + h)``, ``h = tanh(a(x))``: the converted graph has a weight edge of ``b``'s diagonal
+    and a residual edge between the same two neurons (3 parallel pairs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(8)
+        self.a, self.b, self.c = (torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.c(self.b(h) + h)
+
+
+def residual_graph() -> gradgraph.GradGraph:
+    generator = torch.Generator().manual_seed(9)
+    inputs, targets = torch.randn(3, 3, generator=generator, dtype=DTYPE), torch.randn(3, 2, generator=generator,
+                                                                                        dtype=DTYPE)
+    return gradgraph.to_graph(LinearResidual().double(), inputs, targets,
+                              loss_fn=lambda out, y: ((out - y) ** 2).sum(dim=1))
+
+
+def test_a_linear_residual_converts_to_parallel_edges_and_both_paths_agree_on_it():
+    """The case is real: ``to_graph`` of :class:`LinearResidual` has 3 ``(src, dst)`` pairs twice;
+    the fused and gathered paths of :class:`GradGraphConv` (sum and mean) agree on it, values and
+    gradients of the states and every parameter (float64)."""
+    graph = residual_graph()
+    pairs = list(zip(*graph.edge_index.tolist()))
+    assert len(pairs) - len(set(pairs)) == 3
+    generator = torch.Generator().manual_seed(10)
+    h = torch.randn(graph.num_nodes, 3, 4, generator=generator, dtype=DTYPE, requires_grad=True)
+    cotangent = torch.randn(graph.num_nodes, 3, 3, generator=generator, dtype=DTYPE)
+    for aggr in ("sum", "mean"):
+        layers = [randomize(GradGraphConv(4, 3, 1, aggr=aggr).double(), 11) for _ in range(2)]
+        layers[1].fuse = False
+        results = []
+        for layer in layers:
+            out = layer(h, GraphContext.from_graph(graph))
+            results.append((out, *torch.autograd.grad(out, (h, *layer.parameters()), cotangent)))
+        assert layers[0].uses_fused_aggregation(h) and not layers[1].uses_fused_aggregation(h)
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, **EXACT)
+
+
 @pytest.mark.parametrize(("direction", "aggr"), [("both", "mean"), ("both", "sum"), ("forward", "mean")])
 def test_fused_path_on_parallel_edges_equals_the_gathered_one_and_the_equation(direction, aggr):
     """Parallel edges (the same ``(src, dst)`` twice or three times) give the channel-block CSR
