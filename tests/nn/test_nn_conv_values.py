@@ -271,38 +271,76 @@ def test_channel_sddmm_values_and_gradients_equal_the_dense_loop(paired):
             torch.testing.assert_close(got_grad, expected_grad, **EXACT)
 
 
+def valid_csr(pattern: ChannelBlockPattern) -> torch.Tensor:
+    """The pattern's matrix built with torch's ``check_invariants=True`` (sorted, distinct columns
+    in every row: what torch's and cuSPARSE's CSR kernels assume); raises where it is not."""
+    values = torch.ones(pattern.col.numel(), dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(pattern.crow, pattern.col, values, (pattern.size, pattern.size),
+                                       check_invariants=True)
+
+
 def test_channel_block_pattern_fields_by_hand():
-    """The CSR layout of :meth:`ChannelBlockPattern.build` on three edges, two nodes... written out:
-    row pointers, columns per channel block, the value order, in-degrees, sizes; the pair's
-    transposes point at each other and map values into the transposed CSR order; the
-    adjacency is the first block with the edge ids as values (built once).
+    """The CSR layout of :meth:`ChannelBlockPattern.build` on four edges, two of them parallel
+    (edges 0 and 3, both ``1 -> 0``), three nodes, two channels, written out: row pointers,
+    columns per channel block (the parallel pair stored once), the value order (both edges at
+    one position), in-degrees (counting both), sizes; values summed into the shared entry and
+    handed back to both edges; the pair's transposes point at each other and map values into
+    the transposed CSR order; the adjacency is the first block with the number of edges per
+    entry as values (built once); both matrices are valid CSR.
 
     Checked to kill ``ChannelBlockPattern.adjacency`` 13 (``num_nodes + 2`` row pointers: the
-    dense view is the same, the CSR tensor is not valid), a survivor of run nn 12."""
-    rows, cols = torch.tensor([1, 0, 1]), torch.tensor([0, 2, 1])
+    dense view is the same, the CSR tensor is not valid), a survivor of run nn 12. The
+    parallel pair: on main (one entry per edge) ``col``, ``value_order``, the values and
+    the CSR check fail."""
+    rows, cols = torch.tensor([1, 0, 1, 1]), torch.tensor([0, 2, 1, 0])
     pattern, transposed = ChannelBlockPattern.build_pair(rows, cols, 3, 2)
     assert pattern.crow.tolist() == [0, 1, 3, 3, 4, 6, 6]
     assert pattern.col.tolist() == [2, 0, 1, 5, 3, 4]
-    assert pattern.value_order.tolist() == [1, 0, 2, 4, 3, 5]
-    assert pattern.row_count.tolist() == [1, 2, 0]
-    assert (pattern.num_nodes, pattern.channels, pattern.num_edges, pattern.size) == (3, 2, 3, 6)
+    assert pattern.value_order.tolist() == [1, 0, 2, 1, 4, 3, 5, 4]
+    assert pattern.row_count.tolist() == [1, 3, 0]
+    assert (pattern.num_nodes, pattern.channels, pattern.num_edges, pattern.size) == (3, 2, 4, 6)
     assert pattern.transposed is transposed and transposed.transposed is pattern
     assert transposed.crow.tolist() == [0, 1, 2, 3, 4, 5, 6] and transposed.col.tolist() == [1, 1, 0, 4, 4, 3]
+    assert transposed.value_order.tolist() == [0, 2, 1, 0, 3, 5, 4, 3]
+    assert pattern.transpose_order.tolist() == [1, 2, 0, 4, 5, 3]
+    assert transposed.transpose_order.tolist() == [2, 0, 1, 5, 3, 4]
     values = torch.arange(1.0, 7.0, dtype=DTYPE)
     torch.testing.assert_close(pattern.transposed_matrix(values).to_dense(), pattern.matrix(values).to_dense().t(),
                                atol=0, rtol=0)
     torch.testing.assert_close(transposed.transposed_matrix(values).to_dense(),
                                transposed.matrix(values).to_dense().t(), atol=0, rtol=0)
-    per_edge = torch.tensor([[10.0, 11.0], [20.0, 21.0], [30.0, 31.0]], dtype=DTYPE)
-    assert pattern.to_csr_values(per_edge).tolist() == [20.0, 10.0, 30.0, 21.0, 11.0, 31.0]
-    torch.testing.assert_close(pattern.from_csr_values(pattern.to_csr_values(per_edge)), per_edge, atol=0, rtol=0)
+    per_edge = torch.tensor([[10.0, 11.0], [20.0, 21.0], [30.0, 31.0], [40.0, 41.0]], dtype=DTYPE)
+    assert pattern.to_csr_values(per_edge).tolist() == [20.0, 50.0, 30.0, 21.0, 52.0, 31.0]
+    assert pattern.from_csr_values(pattern.to_csr_values(per_edge)).tolist() == [
+        [50.0, 52.0], [20.0, 21.0], [30.0, 31.0], [50.0, 52.0]]
     adjacency = pattern.adjacency()
     assert adjacency.layout == torch.sparse_csr and adjacency.shape == (3, 3)
-    assert adjacency.to_dense().tolist() == [[0, 0, 1], [0, 2, 0], [0, 0, 0]]
-    # a valid CSR tensor of the first block: N + 1 row pointers, E columns, the edge ids
+    assert adjacency.to_dense().tolist() == [[0, 0, 1], [2, 1, 0], [0, 0, 0]]
+    # a valid CSR tensor of the first block: N + 1 row pointers, U columns, the edge counts
     assert adjacency.crow_indices().tolist() == [0, 1, 3, 3]
-    assert adjacency.col_indices().tolist() == [2, 0, 1] and adjacency.values().tolist() == [1, 0, 2]
+    assert adjacency.col_indices().tolist() == [2, 0, 1] and adjacency.values().tolist() == [1, 2, 1]
     assert pattern.adjacency() is adjacency
+    for each in (pattern, transposed):
+        torch.testing.assert_close(valid_csr(each).to_dense(), each.matrix(torch.ones(6, dtype=DTYPE)).to_dense(),
+                                   atol=0, rtol=0)
+
+
+def test_patterns_of_a_graph_with_parallel_edges_are_valid_csr():
+    """The patterns GradGraphConv and the decoder use, for a converted graph with parallel edges
+    (:func:`residual_graph`), in both directions: every ``(row, column)`` stored once, so torch's
+    CSR invariant check accepts them, and as many entries per block as distinct edge pairs.
+    Fails on main, whose patterns held one entry per edge (``col_indices ... sorted and distinct``):
+    a contract torch's and cuSPARSE's kernels assume, which the CPU kernels happened to tolerate."""
+    graph = residual_graph()
+    distinct = len(set(zip(*graph.edge_index.tolist())))
+    context = GraphContext.from_graph(graph)
+    for direction in ("forward", "backward"):
+        pattern = context.pattern(direction, 3)
+        valid_csr(pattern)
+        assert pattern.col.numel() == 3 * distinct < 3 * graph.edge_index.shape[1]
+        assert pattern.row_count.sum().item() == graph.edge_index.shape[1]
 
 
 def test_sparse_products_warn_nothing():
@@ -646,14 +684,16 @@ def test_a_linear_residual_converts_to_parallel_edges_and_both_paths_agree_on_it
 @pytest.mark.parametrize(("direction", "aggr"), [("both", "mean"), ("both", "sum"), ("forward", "mean")])
 def test_fused_path_on_parallel_edges_equals_the_gathered_one_and_the_equation(direction, aggr):
     """Parallel edges (the same ``(src, dst)`` twice or three times) give the channel-block CSR
-    matrices duplicate entries; the fused ``[N, B, C]`` path (:func:`channel_spmm`, and the
+    matrices two edges at one ``(row, col)``; the fused ``[N, B, C]`` path (:func:`channel_spmm`, and the
     ``sampled_addmm`` of its gate gradient on that pattern) must count every edge once, as the
     gathered path and the equation by hand do: values and the gradients of the states, the edge
-    features and every parameter (the gates' included), float64. Duplicate entries are summed by
-    the CSR product and each gets its own sampled value, so the two agree (checked on main, CPU
-    torch 2.13: they do; the test guards the case). Checked to fail where a kernel keeps one
-    entry per ``(row, col)`` (the others' values zeroed) in the product or in the sampled gate
-    gradient (a monkeypatched ``ChannelBlockPattern.matrix`` / ``_sampled_product``)."""
+    features and every parameter (the gates' included), float64. On main (one CSR entry per edge,
+    duplicates kept) the two agreed on CPU, torch 2.13: its kernels summed duplicate entries
+    (checked to fail where a kernel keeps one entry per ``(row, col)``, the others' values
+    zeroed, in the product or in the sampled gate gradient: a monkeypatched
+    ``ChannelBlockPattern.matrix`` / ``_sampled_product``). The pattern now merges parallel edges
+    into one entry (``test_patterns_of_a_graph_with_parallel_edges_are_valid_csr``); this test
+    checks the merge sums their gates and hands each its gradient."""
     base = mlp_graph(0, batch=3)
     graph = with_parallel_edges(base, [0, 0, 5, base.edge_index.shape[1] - 1])
     src, dst = graph.edge_index
@@ -668,7 +708,7 @@ def test_fused_path_on_parallel_edges_equals_the_gathered_one_and_the_equation(d
     cotangent = torch.randn(graph.num_nodes, 3, 3, generator=generator, dtype=DTYPE)
     assert fused.uses_fused_aggregation(h) and not gathered.uses_fused_aggregation(h)
     pattern = GraphContext.from_graph(graph, edge_features).pattern("forward", 3)
-    assert pattern.row_count.sum().item() == len(pairs)  # one CSR entry per edge, duplicates kept
+    assert pattern.row_count.sum().item() == len(pairs)  # the in-degrees count every parallel edge
     outputs = {}
     for name, layer in (("fused", fused), ("gathered", gathered), ("hand", fused)):
         out = (hand_conv(layer, h, graph, edge_features) if name == "hand"
