@@ -614,6 +614,37 @@ def test_outputs_cut_the_decoder_to_each_head():
     assert torch.equal(out.edge, edge[:, :2]) and out.node is None
 
 
+def test_outputs_read_out_every_graph_of_the_context_with_its_memo():
+    """``outputs`` tells both readouts the context's ``num_graphs`` (a trailing graph without
+    nodes still gets its row: the readouts' default would size by the largest graph id) and
+    hands the component readout the context's memo of ``nodes_per_graph`` (one check per
+    forward, not one per readout).
+
+    Checked to kill ``MetaNetwork.outputs`` 15 (``num_graphs`` ``None``), 29 and 34
+    (``nodes_per_graph`` ``None`` / left out: the readout checks the batch again, same numbers),
+    survivors of run nn 13."""
+    graph = two_graphs(batch=3)
+    model = randomize(GradMetaNet(6, graph_out_channels=2, component_out_channels=2).double(), 6)
+    context = GraphContext.from_graph(graph, model.encode_edges(graph))._replace(num_graphs=3)
+    generator = torch.Generator().manual_seed(7)
+    states = torch.randn(graph.num_nodes, 6, generator=generator, dtype=DTYPE)
+    component_states = torch.randn(graph.num_nodes, 3, 6, generator=generator, dtype=DTYPE)
+    seen = []
+    readout = model.component_readout.forward
+
+    def spy(*args):
+        seen.append(args[4:])
+        return readout(*args)
+
+    model.component_readout.forward = spy
+    out = model.outputs(graph, context, None, states, component_states)
+    assert seen == [(0,)] and context.cache["nodes_per_graph"] == 0
+    assert out.graph.shape == (3, 2) and out.component.shape == (3, 3, 2)
+    torch.testing.assert_close(out.graph, model.readout(states, graph.batch, 3), **EXACT)
+    torch.testing.assert_close(out.component, readout(component_states, graph.batch, 3, graph.perm_group < 0),
+                               **EXACT)
+
+
 def test_reset_parameters_reaches_every_submodule():
     model = GradMetaNet(6, graph_out_channels=1, component_out_channels=1, component_density_heads=1)
     with torch.no_grad():
