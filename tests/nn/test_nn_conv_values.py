@@ -99,6 +99,29 @@ class Both(OnlyMessage):
         return super().message_and_aggregate(adj_t, x, gate, pattern)
 
 
+def test_other_keyword_arguments_reach_message_passing():
+    """``**kwargs`` go to PyG's ``MessagePassing`` (here ``decomposed_layers``, default 1).
+
+    Checked to kill ``GradGraphConv.__init__`` 16 (``**kwargs`` dropped), a survivor of the
+    hand check of run nn 13."""
+    assert GradGraphConv(3, 4, 2, decomposed_layers=2).decomposed_layers == 2
+    assert GradGraphConv(3, 4, 2).decomposed_layers == 1
+
+
+def test_one_dimensional_edge_features_are_refused_with_their_width():
+    """Edge features ``[E]`` (no feature axis) are refused by the layer's check with a
+    :class:`GradGraphError` naming their last dimension, not an ``IndexError``.
+
+    Checked to kill ``GradGraphConv._check`` 14 and 19 (``shape[+1]`` for ``shape[-1]``, in the
+    test and in the message), survivors of the hand check of run nn 13."""
+    graph = mlp_graph(0, batch=3)
+    num_edges = graph.edge_index.shape[1]
+    context = GraphContext.from_graph(graph, torch.zeros(num_edges, dtype=DTYPE))
+    with pytest.raises(GradGraphError, match=full(
+            f"GradGraphConv: edge features have {num_edges} channels, the layer was built for edge_dim=2")):
+        GradGraphConv(3, 4, 2).double()(torch.zeros(graph.num_nodes, 3, dtype=DTYPE), context)
+
+
 def test_fused_kernel_only_for_sum_or_mean_of_its_own_message():
     """``fuse`` is on for the base layer with sum / add / mean, off for max and for a subclass that
     redefines ``message`` alone, on again where ``message_and_aggregate`` is redefined with it."""
