@@ -571,6 +571,24 @@ def test_heads_are_built_as_asked():
     assert with_density.component_readout.density.heads == 2
 
 
+def test_build_heads_keeps_the_decoder_and_a_lazy_factor_encoder_is_lazy():
+    """``build_heads`` keeps the decoder it is given (the module the forward decodes with);
+    ``build_factor_encoder`` with ``component_in_channels=-1`` builds PyG's lazy ``Linear(-1, C)``.
+
+    Checked to kill ``MetaNetwork.build_heads`` 1 (``self.decoder = None``) and
+    ``build_factor_encoder`` 5 (``Linear(-2, C)``, also lazy, but not PyG's ``-1``), survivors of
+    the hand check of run nn 13."""
+    model = GradMetaNetPlusPlus(5)
+    decoder = torch.nn.Identity()
+    model.build_heads(decoder, edge_out_channels=1, node_out_channels=0, graph_channels=5, graph_out_channels=0,
+                      component_channels=5, component_out_channels=0, density_readout_hidden=5,
+                      component_density_heads=0)
+    assert model.decoder is decoder
+    lazy = GradMetaNetPlusPlus(5, component_in_channels=-1)
+    assert (lazy.factor_encoder.in_channels, lazy.factor_encoder.out_channels) == (-1, 5)
+    assert (GradMetaNetPlusPlus(5, component_in_channels=3).factor_encoder.in_channels) == 5
+
+
 def test_output_widths_and_graph_prediction_in_full():
     with pytest.raises(GradGraphError, match=full("Owner: layer counts and output widths must be >= 0, got (0, -1)")):
         GradMetaNet.check_output_widths("Owner", 0, -1)
