@@ -575,15 +575,20 @@ def test_build_heads_keeps_the_decoder_and_a_lazy_factor_encoder_is_lazy():
     """``build_heads`` keeps the decoder it is given (the module the forward decodes with);
     ``build_factor_encoder`` with ``component_in_channels=-1`` builds PyG's lazy ``Linear(-1, C)``.
 
-    Checked to kill ``MetaNetwork.build_heads`` 1 (``self.decoder = None``) and
-    ``build_factor_encoder`` 5 (``Linear(-2, C)``, also lazy, but not PyG's ``-1``), survivors of
+    The component readout's MLP is ``density_readout_hidden`` wide only with density heads.
+
+    Checked to kill ``MetaNetwork.build_heads`` 1 (``self.decoder = None``), 23 (the density
+    width without a density) and ``build_factor_encoder`` 5 (``Linear(-2, C)``, also lazy, but not PyG's ``-1``), survivors of
     the hand check of run nn 13."""
     model = GradMetaNetPlusPlus(5)
     decoder = torch.nn.Identity()
     model.build_heads(decoder, edge_out_channels=1, node_out_channels=0, graph_channels=5, graph_out_channels=0,
-                      component_channels=5, component_out_channels=0, density_readout_hidden=5,
+                      component_channels=5, component_out_channels=2, density_readout_hidden=7,
                       component_density_heads=0)
     assert model.decoder is decoder
+    assert model.component_readout.mlp.channel_list == [15, 5, 2]  # density_readout_hidden only with a density
+    assert GradMetaNet(6, component_channels=4, component_out_channels=2).component_readout.mlp.channel_list == [
+        12, 4, 2]
     lazy = GradMetaNetPlusPlus(5, component_in_channels=-1)
     assert (lazy.factor_encoder.in_channels, lazy.factor_encoder.out_channels) == (-1, 5)
     assert (GradMetaNetPlusPlus(5, component_in_channels=3).factor_encoder.in_channels) == 5
