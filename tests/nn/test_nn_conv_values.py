@@ -642,6 +642,18 @@ def test_input_checks_in_full():
     GradMetaNet(6).double().check_inputs(int_graph)
 
 
+def test_input_checks_pass_a_graph_without_act_to_a_model_that_never_reads_it():
+    """``check_inputs`` looks at the dtype of ``act`` only where the graph has one: a model
+    without component layers takes a graph with no ``act`` (the check does not raise).
+
+    Checked to kill ``MetaNetwork.check_inputs`` 15 (``getattr`` without its default), a
+    survivor of the hand check of run nn 13."""
+    graph = mlp_graph(5, batch=3)
+    del graph.act
+    assert getattr(graph, "act", None) is None
+    GradMetaNet(6, num_component_layers=0).double().check_inputs(graph)
+
+
 def test_outputs_cut_the_decoder_to_each_head():
     """``outputs``: the edge and node outputs are the decoder's first ``k_e`` / ``k_n`` columns."""
     graph = two_graphs(batch=3)
