@@ -99,6 +99,29 @@ class Both(OnlyMessage):
         return super().message_and_aggregate(adj_t, x, gate, pattern)
 
 
+def test_other_keyword_arguments_reach_message_passing():
+    """``**kwargs`` go to PyG's ``MessagePassing`` (here ``decomposed_layers``, default 1).
+
+    Checked to kill ``GradGraphConv.__init__`` 16 (``**kwargs`` dropped), a survivor of the
+    hand check of run nn 13."""
+    assert GradGraphConv(3, 4, 2, decomposed_layers=2).decomposed_layers == 2
+    assert GradGraphConv(3, 4, 2).decomposed_layers == 1
+
+
+def test_one_dimensional_edge_features_are_refused_with_their_width():
+    """Edge features ``[E]`` (no feature axis) are refused by the layer's check with a
+    :class:`GradGraphError` naming their last dimension, not an ``IndexError``.
+
+    Checked to kill ``GradGraphConv._check`` 14 and 19 (``shape[+1]`` for ``shape[-1]``, in the
+    test and in the message), survivors of the hand check of run nn 13."""
+    graph = mlp_graph(0, batch=3)
+    num_edges = graph.edge_index.shape[1]
+    context = GraphContext.from_graph(graph, torch.zeros(num_edges, dtype=DTYPE))
+    with pytest.raises(GradGraphError, match=full(
+            f"GradGraphConv: edge features have {num_edges} channels, the layer was built for edge_dim=2")):
+        GradGraphConv(3, 4, 2).double()(torch.zeros(graph.num_nodes, 3, dtype=DTYPE), context)
+
+
 def test_fused_kernel_only_for_sum_or_mean_of_its_own_message():
     """``fuse`` is on for the base layer with sum / add / mean, off for max and for a subclass that
     redefines ``message`` alone, on again where ``message_and_aggregate`` is redefined with it."""
@@ -271,38 +294,76 @@ def test_channel_sddmm_values_and_gradients_equal_the_dense_loop(paired):
             torch.testing.assert_close(got_grad, expected_grad, **EXACT)
 
 
+def valid_csr(pattern: ChannelBlockPattern) -> torch.Tensor:
+    """The pattern's matrix built with torch's ``check_invariants=True`` (sorted, distinct columns
+    in every row: what torch's and cuSPARSE's CSR kernels assume); raises where it is not."""
+    values = torch.ones(pattern.col.numel(), dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(pattern.crow, pattern.col, values, (pattern.size, pattern.size),
+                                       check_invariants=True)
+
+
 def test_channel_block_pattern_fields_by_hand():
-    """The CSR layout of :meth:`ChannelBlockPattern.build` on three edges, two nodes... written out:
-    row pointers, columns per channel block, the value order, in-degrees, sizes; the pair's
-    transposes point at each other and map values into the transposed CSR order; the
-    adjacency is the first block with the edge ids as values (built once).
+    """The CSR layout of :meth:`ChannelBlockPattern.build` on four edges, two of them parallel
+    (edges 0 and 3, both ``1 -> 0``), three nodes, two channels, written out: row pointers,
+    columns per channel block (the parallel pair stored once), the value order (both edges at
+    one position), in-degrees (counting both), sizes; values summed into the shared entry and
+    handed back to both edges; the pair's transposes point at each other and map values into
+    the transposed CSR order; the adjacency is the first block with the number of edges per
+    entry as values (built once); both matrices are valid CSR.
 
     Checked to kill ``ChannelBlockPattern.adjacency`` 13 (``num_nodes + 2`` row pointers: the
-    dense view is the same, the CSR tensor is not valid), a survivor of run nn 12."""
-    rows, cols = torch.tensor([1, 0, 1]), torch.tensor([0, 2, 1])
+    dense view is the same, the CSR tensor is not valid), a survivor of run nn 12. The
+    parallel pair: on main (one entry per edge) ``col``, ``value_order``, the values and
+    the CSR check fail."""
+    rows, cols = torch.tensor([1, 0, 1, 1]), torch.tensor([0, 2, 1, 0])
     pattern, transposed = ChannelBlockPattern.build_pair(rows, cols, 3, 2)
     assert pattern.crow.tolist() == [0, 1, 3, 3, 4, 6, 6]
     assert pattern.col.tolist() == [2, 0, 1, 5, 3, 4]
-    assert pattern.value_order.tolist() == [1, 0, 2, 4, 3, 5]
-    assert pattern.row_count.tolist() == [1, 2, 0]
-    assert (pattern.num_nodes, pattern.channels, pattern.num_edges, pattern.size) == (3, 2, 3, 6)
+    assert pattern.value_order.tolist() == [1, 0, 2, 1, 4, 3, 5, 4]
+    assert pattern.row_count.tolist() == [1, 3, 0]
+    assert (pattern.num_nodes, pattern.channels, pattern.num_edges, pattern.size) == (3, 2, 4, 6)
     assert pattern.transposed is transposed and transposed.transposed is pattern
     assert transposed.crow.tolist() == [0, 1, 2, 3, 4, 5, 6] and transposed.col.tolist() == [1, 1, 0, 4, 4, 3]
+    assert transposed.value_order.tolist() == [0, 2, 1, 0, 3, 5, 4, 3]
+    assert pattern.transpose_order.tolist() == [1, 2, 0, 4, 5, 3]
+    assert transposed.transpose_order.tolist() == [2, 0, 1, 5, 3, 4]
     values = torch.arange(1.0, 7.0, dtype=DTYPE)
     torch.testing.assert_close(pattern.transposed_matrix(values).to_dense(), pattern.matrix(values).to_dense().t(),
                                atol=0, rtol=0)
     torch.testing.assert_close(transposed.transposed_matrix(values).to_dense(),
                                transposed.matrix(values).to_dense().t(), atol=0, rtol=0)
-    per_edge = torch.tensor([[10.0, 11.0], [20.0, 21.0], [30.0, 31.0]], dtype=DTYPE)
-    assert pattern.to_csr_values(per_edge).tolist() == [20.0, 10.0, 30.0, 21.0, 11.0, 31.0]
-    torch.testing.assert_close(pattern.from_csr_values(pattern.to_csr_values(per_edge)), per_edge, atol=0, rtol=0)
+    per_edge = torch.tensor([[10.0, 11.0], [20.0, 21.0], [30.0, 31.0], [40.0, 41.0]], dtype=DTYPE)
+    assert pattern.to_csr_values(per_edge).tolist() == [20.0, 50.0, 30.0, 21.0, 52.0, 31.0]
+    assert pattern.from_csr_values(pattern.to_csr_values(per_edge)).tolist() == [
+        [50.0, 52.0], [20.0, 21.0], [30.0, 31.0], [50.0, 52.0]]
     adjacency = pattern.adjacency()
     assert adjacency.layout == torch.sparse_csr and adjacency.shape == (3, 3)
-    assert adjacency.to_dense().tolist() == [[0, 0, 1], [0, 2, 0], [0, 0, 0]]
-    # a valid CSR tensor of the first block: N + 1 row pointers, E columns, the edge ids
+    assert adjacency.to_dense().tolist() == [[0, 0, 1], [2, 1, 0], [0, 0, 0]]
+    # a valid CSR tensor of the first block: N + 1 row pointers, U columns, the edge counts
     assert adjacency.crow_indices().tolist() == [0, 1, 3, 3]
-    assert adjacency.col_indices().tolist() == [2, 0, 1] and adjacency.values().tolist() == [1, 0, 2]
+    assert adjacency.col_indices().tolist() == [2, 0, 1] and adjacency.values().tolist() == [1, 2, 1]
     assert pattern.adjacency() is adjacency
+    for each in (pattern, transposed):
+        torch.testing.assert_close(valid_csr(each).to_dense(), each.matrix(torch.ones(6, dtype=DTYPE)).to_dense(),
+                                   atol=0, rtol=0)
+
+
+def test_patterns_of_a_graph_with_parallel_edges_are_valid_csr():
+    """The patterns GradGraphConv and the decoder use, for a converted graph with parallel edges
+    (:func:`residual_graph`), in both directions: every ``(row, column)`` stored once, so torch's
+    CSR invariant check accepts them, and as many entries per block as distinct edge pairs.
+    Fails on main, whose patterns held one entry per edge (``col_indices ... sorted and distinct``):
+    a contract torch's and cuSPARSE's kernels assume, which the CPU kernels happened to tolerate."""
+    graph = residual_graph()
+    distinct = len(set(zip(*graph.edge_index.tolist())))
+    context = GraphContext.from_graph(graph)
+    for direction in ("forward", "backward"):
+        pattern = context.pattern(direction, 3)
+        valid_csr(pattern)
+        assert pattern.col.numel() == 3 * distinct < 3 * graph.edge_index.shape[1]
+        assert pattern.row_count.sum().item() == graph.edge_index.shape[1]
 
 
 def test_sparse_products_warn_nothing():
@@ -510,6 +571,29 @@ def test_heads_are_built_as_asked():
     assert with_density.component_readout.density.heads == 2
 
 
+def test_build_heads_keeps_the_decoder_and_a_lazy_factor_encoder_is_lazy():
+    """``build_heads`` keeps the decoder it is given (the module the forward decodes with);
+    ``build_factor_encoder`` with ``component_in_channels=-1`` builds PyG's lazy ``Linear(-1, C)``.
+
+    The component readout's MLP is ``density_readout_hidden`` wide only with density heads.
+
+    Checked to kill ``MetaNetwork.build_heads`` 1 (``self.decoder = None``), 23 (the density
+    width without a density) and ``build_factor_encoder`` 5 (``Linear(-2, C)``, also lazy, but not PyG's ``-1``), survivors of
+    the hand check of run nn 13."""
+    model = GradMetaNetPlusPlus(5)
+    decoder = torch.nn.Identity()
+    model.build_heads(decoder, edge_out_channels=1, node_out_channels=0, graph_channels=5, graph_out_channels=0,
+                      component_channels=5, component_out_channels=2, density_readout_hidden=7,
+                      component_density_heads=0)
+    assert model.decoder is decoder
+    assert model.component_readout.mlp.channel_list == [15, 5, 2]  # density_readout_hidden only with a density
+    assert GradMetaNet(6, component_channels=4, component_out_channels=2).component_readout.mlp.channel_list == [
+        12, 4, 2]
+    lazy = GradMetaNetPlusPlus(5, component_in_channels=-1)
+    assert (lazy.factor_encoder.in_channels, lazy.factor_encoder.out_channels) == (-1, 5)
+    assert (GradMetaNetPlusPlus(5, component_in_channels=3).factor_encoder.in_channels) == 5
+
+
 def test_output_widths_and_graph_prediction_in_full():
     with pytest.raises(GradGraphError, match=full("Owner: layer counts and output widths must be >= 0, got (0, -1)")):
         GradMetaNet.check_output_widths("Owner", 0, -1)
@@ -558,6 +642,18 @@ def test_input_checks_in_full():
     GradMetaNet(6).double().check_inputs(int_graph)
 
 
+def test_input_checks_pass_a_graph_without_act_to_a_model_that_never_reads_it():
+    """``check_inputs`` looks at the dtype of ``act`` only where the graph has one: a model
+    without component layers takes a graph with no ``act`` (the check does not raise).
+
+    Checked to kill ``MetaNetwork.check_inputs`` 15 (``getattr`` without its default), a
+    survivor of the hand check of run nn 13."""
+    graph = mlp_graph(5, batch=3)
+    del graph.act
+    assert getattr(graph, "act", None) is None
+    GradMetaNet(6, num_component_layers=0).double().check_inputs(graph)
+
+
 def test_outputs_cut_the_decoder_to_each_head():
     """``outputs``: the edge and node outputs are the decoder's first ``k_e`` / ``k_n`` columns."""
     graph = two_graphs(batch=3)
@@ -576,6 +672,37 @@ def test_outputs_cut_the_decoder_to_each_head():
     assert torch.equal(out.edge, edge[:, :2]) and out.node is None
 
 
+def test_outputs_read_out_every_graph_of_the_context_with_its_memo():
+    """``outputs`` tells both readouts the context's ``num_graphs`` (a trailing graph without
+    nodes still gets its row: the readouts' default would size by the largest graph id) and
+    hands the component readout the context's memo of ``nodes_per_graph`` (one check per
+    forward, not one per readout).
+
+    Checked to kill ``MetaNetwork.outputs`` 15 (``num_graphs`` ``None``), 29 and 34
+    (``nodes_per_graph`` ``None`` / left out: the readout checks the batch again, same numbers),
+    survivors of run nn 13."""
+    graph = two_graphs(batch=3)
+    model = randomize(GradMetaNet(6, graph_out_channels=2, component_out_channels=2).double(), 6)
+    context = GraphContext.from_graph(graph, model.encode_edges(graph))._replace(num_graphs=3)
+    generator = torch.Generator().manual_seed(7)
+    states = torch.randn(graph.num_nodes, 6, generator=generator, dtype=DTYPE)
+    component_states = torch.randn(graph.num_nodes, 3, 6, generator=generator, dtype=DTYPE)
+    seen = []
+    readout = model.component_readout.forward
+
+    def spy(*args):
+        seen.append(args[4:])
+        return readout(*args)
+
+    model.component_readout.forward = spy
+    out = model.outputs(graph, context, None, states, component_states)
+    assert seen == [(0,)] and context.cache["nodes_per_graph"] == 0
+    assert out.graph.shape == (3, 2) and out.component.shape == (3, 3, 2)
+    torch.testing.assert_close(out.graph, model.readout(states, graph.batch, 3), **EXACT)
+    torch.testing.assert_close(out.component, readout(component_states, graph.batch, 3, graph.perm_group < 0),
+                               **EXACT)
+
+
 def test_reset_parameters_reaches_every_submodule():
     model = GradMetaNet(6, graph_out_channels=1, component_out_channels=1, component_density_heads=1)
     with torch.no_grad():
@@ -584,3 +711,119 @@ def test_reset_parameters_reaches_every_submodule():
     model.reset_parameters()
     for name, parameter in model.named_parameters():
         assert not torch.all(parameter == 7.0), name
+
+
+# ----------------------------------------------------------------------------- parallel edges
+def with_parallel_edges(graph, extra: list[int]):
+    """``graph`` with the edges at positions ``extra`` added again at the end (two edges with the
+    same ``(src, dst)``, as a weight edge and a residual edge between the same neurons are)."""
+    parallel = graph.clone()
+    parallel.edge_index = torch.cat([graph.edge_index, graph.edge_index[:, extra]], dim=1)
+    parallel.edge_attr = torch.cat([graph.edge_attr, graph.edge_attr[extra]], dim=0)
+    return parallel
+
+
+class LinearResidual(torch.nn.Module):
+    """``c(b(h) + h)``, ``h = tanh(a(x))``: the converted graph has a weight edge of ``b``'s diagonal
+    and a residual edge between the same two neurons (3 parallel pairs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(8)
+        self.a, self.b, self.c = (torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.c(self.b(h) + h)
+
+
+def residual_graph() -> gradgraph.GradGraph:
+    generator = torch.Generator().manual_seed(9)
+    inputs, targets = torch.randn(3, 3, generator=generator, dtype=DTYPE), torch.randn(3, 2, generator=generator,
+                                                                                        dtype=DTYPE)
+    return gradgraph.to_graph(LinearResidual().double(), inputs, targets,
+                              loss_fn=lambda out, y: ((out - y) ** 2).sum(dim=1))
+
+
+def test_a_linear_residual_converts_to_parallel_edges_and_both_paths_agree_on_it():
+    """The case is real: ``to_graph`` of :class:`LinearResidual` has 3 ``(src, dst)`` pairs twice;
+    the fused and gathered paths of :class:`GradGraphConv` (sum and mean) agree on it, values and
+    gradients of the states and every parameter (float64)."""
+    graph = residual_graph()
+    pairs = list(zip(*graph.edge_index.tolist()))
+    assert len(pairs) - len(set(pairs)) == 3
+    generator = torch.Generator().manual_seed(10)
+    h = torch.randn(graph.num_nodes, 3, 4, generator=generator, dtype=DTYPE, requires_grad=True)
+    cotangent = torch.randn(graph.num_nodes, 3, 3, generator=generator, dtype=DTYPE)
+    for aggr in ("sum", "mean"):
+        layers = [randomize(GradGraphConv(4, 3, 1, aggr=aggr).double(), 11) for _ in range(2)]
+        layers[1].fuse = False
+        results = []
+        for layer in layers:
+            out = layer(h, GraphContext.from_graph(graph))
+            results.append((out, *torch.autograd.grad(out, (h, *layer.parameters()), cotangent)))
+        assert layers[0].uses_fused_aggregation(h) and not layers[1].uses_fused_aggregation(h)
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, **EXACT)
+
+
+@pytest.mark.parametrize(("direction", "aggr"), [("both", "mean"), ("both", "sum"), ("forward", "mean")])
+def test_fused_path_on_parallel_edges_equals_the_gathered_one_and_the_equation(direction, aggr):
+    """Parallel edges (the same ``(src, dst)`` twice or three times) give the channel-block CSR
+    matrices two edges at one ``(row, col)``; the fused ``[N, B, C]`` path (:func:`channel_spmm`, and the
+    ``sampled_addmm`` of its gate gradient on that pattern) must count every edge once, as the
+    gathered path and the equation by hand do: values and the gradients of the states, the edge
+    features and every parameter (the gates' included), float64. On main (one CSR entry per edge,
+    duplicates kept) the two agreed on CPU, torch 2.13: its kernels summed duplicate entries
+    (checked to fail where a kernel keeps one entry per ``(row, col)``, the others' values
+    zeroed, in the product or in the sampled gate gradient: a monkeypatched
+    ``ChannelBlockPattern.matrix`` / ``_sampled_product``). The pattern now merges parallel edges
+    into one entry (``test_patterns_of_a_graph_with_parallel_edges_are_valid_csr``); this test
+    checks the merge sums their gates and hands each its gradient."""
+    base = mlp_graph(0, batch=3)
+    graph = with_parallel_edges(base, [0, 0, 5, base.edge_index.shape[1] - 1])
+    src, dst = graph.edge_index
+    pairs = list(zip(src.tolist(), dst.tolist()))
+    assert len(set(pairs)) == base.edge_index.shape[1] and len(pairs) == base.edge_index.shape[1] + 4
+    fused = randomize(GradGraphConv(4, 3, 2, direction=direction, aggr=aggr).double(), 5)
+    gathered = randomize(GradGraphConv(4, 3, 2, direction=direction, aggr=aggr).double(), 5)
+    gathered.fuse = False
+    generator = torch.Generator().manual_seed(6)
+    h = torch.randn(graph.num_nodes, 3, 4, generator=generator, dtype=DTYPE, requires_grad=True)
+    edge_features = torch.randn(len(pairs), 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    cotangent = torch.randn(graph.num_nodes, 3, 3, generator=generator, dtype=DTYPE)
+    assert fused.uses_fused_aggregation(h) and not gathered.uses_fused_aggregation(h)
+    pattern = GraphContext.from_graph(graph, edge_features).pattern("forward", 3)
+    assert pattern.row_count.sum().item() == len(pairs)  # the in-degrees count every parallel edge
+    outputs = {}
+    for name, layer in (("fused", fused), ("gathered", gathered), ("hand", fused)):
+        out = (hand_conv(layer, h, graph, edge_features) if name == "hand"
+               else layer(h, GraphContext.from_graph(graph, edge_features)))
+        outputs[name] = (out, torch.autograd.grad(out, (h, edge_features, *layer.parameters()), cotangent))
+    for name in ("gathered", "hand"):
+        torch.testing.assert_close(outputs["fused"][0], outputs[name][0], **EXACT)
+        for got, expected in zip(outputs["fused"][1], outputs[name][1]):
+            torch.testing.assert_close(got, expected, **EXACT)
+    # the parallel copies matter: dropping them changes the answer
+    without = fused(h, GraphContext.from_graph(base, edge_features[: base.edge_index.shape[1]]))
+    assert not torch.allclose(without, outputs["fused"][0])
+
+
+def test_channel_products_on_parallel_edges_pass_gradcheck():
+    """:func:`channel_spmm` and :func:`channel_sddmm` on a pattern with an edge three times and
+    another twice: their hand-written backwards pass ``torch.autograd.gradcheck`` (float64) and
+    their values are the edge loops'."""
+    rows = torch.tensor([2, 0, 2, 1, 2, 0, 3])
+    cols = torch.tensor([1, 3, 1, 1, 1, 3, 0])
+    pattern = ChannelBlockPattern.build_pair(rows, cols, 4, 2)[0]
+    generator = torch.Generator().manual_seed(7)
+    gate = torch.randn(7, 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    x = torch.randn(4, 3, 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    y = torch.randn(4, 3, 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    torch.testing.assert_close(channel_spmm(pattern, gate, x), dense_spmm(rows, cols, gate, x), **EXACT)
+    torch.testing.assert_close(channel_sddmm(pattern, x, y), dense_sddmm(rows, cols, x, y), **EXACT)
+    assert torch.autograd.gradcheck(lambda g, s: channel_spmm(pattern, g, s), (gate, x))
+    assert torch.autograd.gradcheck(lambda a, b: channel_sddmm(pattern, a, b), (x, y))

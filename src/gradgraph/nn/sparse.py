@@ -10,6 +10,11 @@ sparse ``[C*N, C*N]`` matrix turns it into a single CSR sparse-dense product (``
 whose gradient with respect to the gates is a sampled dense-dense product (``sddmm``) and
 vice versa. Both are exact reformulations; :class:`~gradgraph.nn.GradGraphConv` uses them
 as its fused ``message_and_aggregate`` path and the tests compare them with ``propagate``.
+
+Parallel edges (two edges with the same ``(row, column)``, e.g. a weight edge and a residual
+edge between the same neurons) share one stored entry: torch's and cuSPARSE's CSR kernels
+assume each ``(row, column)`` pair is stored once, so the pattern merges them, the product
+sums their gates into that entry and the sampled product hands each of them its value.
 """
 
 from __future__ import annotations
@@ -33,20 +38,25 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: int) -> Tensor:
 class ChannelBlockPattern:
     """The sparsity pattern of ``C`` copies of an ``[N, N]`` edge pattern on the diagonal.
 
-    Row ``c*N + r``, column ``c*N + s`` is stored for every channel ``c`` and edge with
-    row node ``r`` and column node ``s``.
+    Row ``c*N + r``, column ``c*N + s`` is stored once for every channel ``c`` and distinct
+    ``(r, s)`` of the edges (row node ``r``, column node ``s``): ``U <= E`` entries per
+    channel, ``U < E`` where edges are parallel. Columns are sorted and distinct within each
+    row (a valid CSR matrix for torch's ``check_invariants`` and for cuSPARSE).
 
     Attributes:
         crow: ``[C*N + 1]`` CSR row pointers.
-        col: ``[C*E]`` CSR column indices.
-        value_order: ``[C*E]`` position in the channel-major flattening of ``[C, E]`` of
-            every stored entry, so ``values_csr = per_channel.reshape(-1)[value_order]``.
-        row_count: ``[N]`` stored entries per row node (the in-degree for aggregation).
+        col: ``[C*U]`` CSR column indices.
+        value_order: ``[C*E]`` the CSR position of every ``(channel, edge)`` in the
+            channel-major flattening of ``[C, E]``: parallel edges share a position. Values
+            in CSR order are ``per_channel.reshape(-1)`` summed into these positions, and an
+            edge's value is ``values_csr[value_order]``.
+        row_count: ``[N]`` edges per row node, parallel ones counted each (the in-degree
+            for aggregation).
         num_nodes, channels, num_edges: ``N``, ``C``, ``E``.
         transposed: the pattern of the transposed matrix (rows and columns swapped), set by
             :meth:`build_pair`; the backward passes use it instead of transposing a CSR
             matrix, which would sort its entries every time.
-        transpose_order: ``[C*E]``, ``values_csr[transpose_order]`` are the values in the
+        transpose_order: ``[C*U]``, ``values_csr[transpose_order]`` are the values in the
             transposed pattern's CSR order.
     """
 
@@ -69,10 +79,12 @@ class ChannelBlockPattern:
         pattern = cls.build(rows, cols, num_nodes, channels)
         transposed = cls.build(cols, rows, num_nodes, channels)
         for first, second in ((pattern, transposed), (transposed, pattern)):
-            csr_position = torch.empty_like(first.value_order)
-            csr_position[first.value_order] = torch.arange(first.value_order.numel(), device=rows.device)
+            # the entry of (channel, edge) in `second` holds what its entry in `first` holds
+            # (parallel edges write the same entry twice, with the same value)
+            transpose_order = torch.empty_like(first.col)
+            transpose_order[second.value_order] = first.value_order
             first.transposed = second
-            first.transpose_order = csr_position[second.value_order]
+            first.transpose_order = transpose_order
         return pattern, transposed
 
     def transposed_matrix(self, values: Tensor) -> Tensor:
@@ -83,24 +95,29 @@ class ChannelBlockPattern:
 
     def adjacency(self) -> Tensor:
         """The ``[N, N]`` CSR matrix of one channel block (rows and columns of the edges, values
-        the edge ids): the sparse ``adj_t`` that makes PyG's ``propagate`` call a layer's
-        ``message_and_aggregate``. Its index tensors are views of the pattern's."""
+        the number of edges of each entry, 2 for a pair of parallel edges): the sparse ``adj_t``
+        that makes PyG's ``propagate`` call a layer's ``message_and_aggregate``. Its index
+        tensors are views of the pattern's."""
         if self._adjacency is None:
-            edges = self.value_order[: self.num_edges]  # channel 0: the edge ids in CSR order
-            self._adjacency = _csr(self.crow[: self.num_nodes + 1], self.col[: self.num_edges], edges, self.num_nodes)
+            entries = self.col.numel() // self.channels
+            counts = torch.bincount(self.value_order[: self.num_edges], minlength=entries)  # channel 0
+            self._adjacency = _csr(self.crow[: self.num_nodes + 1], self.col[:entries], counts, self.num_nodes)
         return self._adjacency
 
     @classmethod
     def build(cls, rows: Tensor, cols: Tensor, num_nodes: int, channels: int) -> ChannelBlockPattern:
-        """Pattern for edges ``rows[e], cols[e]`` (``[E]`` each), repeated over ``channels`` blocks."""
+        """Pattern for edges ``rows[e], cols[e]`` (``[E]`` each), repeated over ``channels`` blocks;
+        parallel edges (the same ``(rows[e], cols[e])``) share one entry."""
         num_edges = rows.numel()
-        order = torch.argsort(rows * num_nodes + cols, stable=True)
-        row_count = torch.bincount(rows, minlength=num_nodes)
+        # sorted distinct (row, column) keys: the entries of one block, in CSR order
+        keys, entry = torch.unique(rows * num_nodes + cols, sorted=True, return_inverse=True)
+        num_entries = keys.numel()
         offsets = torch.arange(channels, device=rows.device)
         crow = torch.zeros(channels * num_nodes + 1, dtype=torch.long, device=rows.device)
-        crow[1:] = torch.cumsum(row_count.repeat(channels), dim=0)
-        col = (offsets[:, None] * num_nodes + cols[order][None, :]).reshape(-1)
-        value_order = (offsets[:, None] * num_edges + order[None, :]).reshape(-1)
+        crow[1:] = torch.cumsum(torch.bincount(keys // num_nodes, minlength=num_nodes).repeat(channels), dim=0)
+        col = (offsets[:, None] * num_nodes + (keys % num_nodes)[None, :]).reshape(-1)
+        value_order = (offsets[:, None] * num_entries + entry[None, :]).reshape(-1)
+        row_count = torch.bincount(rows, minlength=num_nodes)
         return cls(crow, col, value_order, row_count, num_nodes, channels, num_edges)
 
     @property
@@ -109,14 +126,13 @@ class ChannelBlockPattern:
         return self.channels * self.num_nodes
 
     def to_csr_values(self, per_edge: Tensor) -> Tensor:
-        """``[E, C]`` per-edge, per-channel values -> ``[C*E]`` in CSR order."""
-        return per_edge.t().reshape(-1)[self.value_order]
+        """``[E, C]`` per-edge, per-channel values -> ``[C*U]`` in CSR order (parallel edges summed)."""
+        flat = per_edge.t().reshape(-1)
+        return flat.new_zeros(self.col.numel()).index_add(0, self.value_order, flat)
 
     def from_csr_values(self, values: Tensor) -> Tensor:
-        """``[C*E]`` values in CSR order -> ``[E, C]``."""
-        flat = torch.empty_like(values)
-        flat[self.value_order] = values
-        return flat.view(self.channels, self.num_edges).t()
+        """``[C*U]`` values in CSR order -> ``[E, C]`` (each parallel edge gets its entry's value)."""
+        return values[self.value_order].view(self.channels, self.num_edges).t()
 
     def matrix(self, values: Tensor) -> Tensor:
         """The ``[C*N, C*N]`` CSR matrix with ``values`` (CSR order)."""
