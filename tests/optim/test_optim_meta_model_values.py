@@ -222,3 +222,238 @@ def test_a_float32_rule_embeds_a_float64_graph_in_its_own_dtype_and_reads_max_co
     assert emas.shape == (graph.num_nodes, 2, 12) and emas.dtype == torch.float32
     assert batch.x.dtype == torch.float32 and batch.edge_attr.dtype == torch.float32
     assert all(value.dtype == torch.float32 for value in embeddings.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LearnedUpdate.forward against the module docstring's rule, entry by entry (run optim 11)
+
+_SHAPES = {"a": (3, 2), "b": (4,)}
+
+
+def _step_inputs(num_particles: int = 2, seed: int = 5, steps: tuple[int, ...] = (0, 6), embedding_dim: int = 3):
+    """Params, grads, a non-zero state (the particles at different steps) and embeddings ``{name: [P, *shape, k]}``
+    whose channels have different scales, float64; the parameters and gradients straddle the clip at ±1."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return scale * torch.randn(*shape, generator=generator, dtype=DOUBLE)
+
+    params = {name: draw(num_particles, *shape, scale=1.5) for name, shape in _SHAPES.items()}
+    grads = {name: draw(num_particles, *shape, scale=1.5) for name, shape in _SHAPES.items()}
+    momenta = {}
+    for name, shape in _SHAPES.items():
+        values = draw(num_particles, *shape, 7)
+        values[..., -1] = values[..., -1].square()  # the ∇² EMA is non-negative
+        momenta[name] = values
+    state = OptimizerState(step=torch.tensor(steps[:num_particles]),
+                           momentum={name: draw(num_particles, *shape) for name, shape in _SHAPES.items()},
+                           momenta=momenta, factor_emas=draw(num_particles * 5, 4, 12))
+    channel_scales = torch.tensor([0.01, 1.0, 30.0][:embedding_dim], dtype=DOUBLE)
+    embeddings = {name: draw(num_particles, *shape, embedding_dim) * channel_scales for name, shape in _SHAPES.items()}
+    return params, grads, state, embeddings
+
+
+def _rule(seed: int = 0, **options) -> LearnedUpdate:
+    """A float64 rule with every learned part away from its initial value: ``F``'s last layer redrawn (not
+    zero, as ``residual_adam`` leaves it), α, β, μ set, the schedule's weights (if any) non-zero."""
+    config = dict(use_gradmetanet=True, embedding_dim=3, alpha=0.3, beta=0.7, mu=0.6)
+    config.update(options)
+    torch.manual_seed(seed)
+    rule = LearnedUpdate(MetaModelConfig(**config)).double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        if rule.mlp is not None:
+            last = rule.mlp[-1]
+            last.weight.copy_(0.5 * torch.randn(last.weight.shape, generator=generator, dtype=DOUBLE))
+            last.bias.fill_(0.2)
+        if rule.schedule is not None:
+            rule.schedule.copy_(torch.linspace(-0.3, 0.4, rule.schedule.numel(), dtype=DOUBLE))
+    return rule
+
+
+def _rms(rows: list[list[float]], channel: int) -> float:
+    return math.sqrt(sum(row[channel] ** 2 for row in rows) / len(rows) + 1e-12)
+
+
+def _documented_step(rule: LearnedUpdate, params, grads, state, embeddings):
+    """The module docstring's rule for every particle and entry, in Python floats (``F``'s MLP, a learned
+    part, is the rule's own, called on one entry's 19 + k inputs at a time):
+
+    ``m ← μ m + (1 − μ)∇``; momenta ``M_k ← d_k M_k + (1 − d_k)∇``, ``v ← 0.999 v + 0.001 ∇²``; ``t ← t + 1``;
+    ``φ`` = ``(θ, ∇, M_1..6)`` clipped to ±1, each channel divided by its RMS over the tensor;
+    ``τ_j = tanh(t / 10^{j/2} − 1)``; ``e`` divided by its RMS over the tensor per channel (if the config
+    says so); ``F = MLP(φ ‖ τ ‖ e)`` (+ ``m̂ / (√v̂ + 1e-8)`` with ``residual_adam``);
+    ``θ ← θ − α s(t) (β F + m)``, ``s(t) = exp(w · τ)`` with a schedule, else 1.
+
+    Returns ``(params, momentum, momenta, step)`` as nested Python lists per name and particle (flat entries).
+    The momentum decays are the rule's own buffer (made in float32: 0.1 is 0.1000000015 there)."""
+    config = rule.config
+    alpha, beta = float(rule.alpha.detach()), float(rule.beta.detach())
+    mu = float(rule.mu.detach())  # sigmoid(logit μ) in the rule's dtype
+    decays = [float(d) for d in rule.momentum_decays]
+    weights = None if rule.schedule is None else [float(w) for w in rule.schedule.detach()]
+    out = {name: [] for name in params}
+    momentum_out = {name: [] for name in params}
+    momenta_out = {name: [] for name in params}
+    steps = []
+    for p in range(state.step.shape[0]):
+        t = int(state.step[p]) + 1
+        steps.append(t)
+        tau = [math.tanh(t / float(10 ** (j / 2)) - 1) for j in range(11)]
+        scale = alpha if weights is None else alpha * math.exp(sum(w * x for w, x in zip(weights, tau)))
+        for name in params:
+            theta = params[name][p].reshape(-1).tolist()
+            g = grads[name][p].reshape(-1).tolist()
+            m_old = state.momentum[name][p].reshape(-1).tolist()
+            moments_old = state.momenta[name][p].reshape(-1, 7).tolist()
+            m = [mu * a + (1 - mu) * b for a, b in zip(m_old, g)]
+            moments = [[decays[k] * row[k] + (1 - decays[k]) * gi for k in range(6)]
+                       + [0.999 * row[6] + (1 - 0.999) * gi * gi] for row, gi in zip(moments_old, g)]
+            raw = [[min(max(x, -1.0), 1.0) for x in [th, gi] + row[:6]] for th, gi, row in zip(theta, g, moments)]
+            rms = [_rms(raw, c) for c in range(8)]
+            phi = [[x / rms[c] for c, x in enumerate(row)] for row in raw]
+            inputs = [row + tau for row in phi]
+            if embeddings is not None and rule.gradmetanet is not None:
+                e = embeddings[name][p].reshape(len(theta), -1).tolist()
+                if config.normalize_embedding:
+                    e_rms = [_rms(e, c) for c in range(len(e[0]))]
+                    e = [[x / e_rms[c] for c, x in enumerate(row)] for row in e]
+                inputs = [row + erow for row, erow in zip(inputs, e)]
+            if rule.mlp is None:  # SGDM: no F, β = 0
+                learned = [0.0] * len(inputs)
+            else:
+                with torch.no_grad():
+                    dtype = rule.mlp[0].weight.dtype
+                    learned = [float(rule.mlp(torch.tensor(row, dtype=dtype))) for row in inputs]
+            if config.residual_adam:
+                learned = [f + (row[2] / (1 - 0.9 ** t)) / (math.sqrt(row[6] / (1 - 0.999 ** t)) + 1e-8)
+                           for f, row in zip(learned, moments)]
+            out[name].append([th - scale * (beta * f + mi) for th, f, mi in zip(theta, learned, m)])
+            momentum_out[name].append(m)
+            momenta_out[name].append(moments)
+    return out, momentum_out, momenta_out, steps
+
+
+def _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state, rtol=1e-12):
+    expected, momentum, momenta, steps = _documented_step(rule, params, grads, state, embeddings)
+    assert new_state.step.tolist() == steps and new_state.step.dtype == torch.long
+    for name, value in new_params.items():
+        assert value.shape == params[name].shape and value.dtype == params[name].dtype, name
+        torch.testing.assert_close(value.reshape(value.shape[0], -1),
+                                   torch.tensor(expected[name], dtype=value.dtype), rtol=rtol, atol=1e-13)
+        torch.testing.assert_close(new_state.momentum[name].reshape(value.shape[0], -1),
+                                   torch.tensor(momentum[name], dtype=DOUBLE), rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(new_state.momenta[name].reshape(value.shape[0], -1, 7),
+                                   torch.tensor(momenta[name], dtype=DOUBLE), rtol=1e-13, atol=1e-15)
+        assert new_state.momentum[name].shape == params[name].shape
+        assert new_state.momenta[name].shape == (*params[name].shape, 7)
+
+
+def test_a_step_with_given_embeddings_is_the_documented_rule_entry_by_entry():
+    """GradMetaNet variant, ``residual_adam``, a schedule, the embedding normalised; two tensors, two particles
+    at steps 0 and 6, a non-zero state: every new parameter, momentum and momentum feature is the module
+    docstring's rule written out in Python floats (``_documented_step``), to 1e-12; the caller's EMAs are
+    carried as they are."""
+    rule = _rule(residual_adam=True, schedule=True)
+    params, grads, state, embeddings = _step_inputs()
+    new_params, new_state = rule(params, grads, state, embeddings=embeddings)
+    _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state)
+    assert new_state.factor_emas is state.factor_emas
+
+
+def test_a_step_without_the_options_is_the_documented_rule_entry_by_entry():
+    """The same without ``residual_adam``, without a schedule and with the embedding as GradMetaNet gave it
+    (``normalize_embedding=False``), three particles at steps 0, 1 and 40."""
+    rule = _rule(seed=3, normalize_embedding=False, alpha=0.05, beta=2.0, mu=0.3)
+    params, grads, state, embeddings = _step_inputs(num_particles=3, seed=8, steps=(0, 1, 40))
+    new_params, new_state = rule(params, grads, state, embeddings=embeddings)
+    _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state)
+
+
+def test_a_deepsets_step_is_the_documented_rule_and_reads_no_embedding():
+    """``use_gradmetanet=False``: ``F = MLP(φ ‖ τ)`` (with ``residual_adam``), embeddings handed in are not read,
+    and the new state has no factor EMAs."""
+    rule = _rule(seed=4, use_gradmetanet=False, residual_adam=True)
+    params, grads, state, embeddings = _step_inputs(seed=9, steps=(2, 11))
+    state = OptimizerState(state.step, state.momentum, state.momenta)
+    new_params, new_state = rule(params, grads, state)
+    _assert_step_is_documented(rule, params, grads, state, None, new_params, new_state)
+    assert new_state.factor_emas is None
+    again, _ = rule(params, grads, state, embeddings=embeddings)
+    for name in params:
+        assert torch.equal(again[name], new_params[name])
+
+
+def test_an_sgdm_step_is_theta_minus_alpha_s_m():
+    """``learned_term=False``: ``θ ← θ − α s(t) m``, with and without a schedule, the momenta still carried (they
+    are the features of no ``F`` here, but the state keeps them), no factor EMAs."""
+    params, grads, state, _ = _step_inputs(seed=10, steps=(4, 0))
+    for schedule in (False, True):
+        rule = _rule(seed=5, use_gradmetanet=False, learned_term=False, schedule=schedule, alpha=0.2, mu=0.75)
+        new_params, new_state = rule(params, grads, state)
+        _assert_step_is_documented(rule, params, grads, state, None, new_params, new_state)
+        assert float(rule.beta) == 0.0
+        assert new_state.factor_emas is None
+
+
+def _graph_step_inputs(seeds: tuple[int, ...]):
+    """``P = len(seeds)`` GradGraphs of one 5-4-3 MLP on different batches (``_graphs``), and params, grads and a
+    zero state named as the graph names its parameters."""
+    from torch_geometric.data import Batch
+
+    graphs = [_graphs(seed)[1] for seed in seeds]
+    generator = torch.Generator().manual_seed(sum(seeds))
+    shapes = dict(zip(graphs[0].param_names, (tuple(s) for s in graphs[0].param_shapes)))
+    params = {name: torch.randn(len(seeds), *shape, generator=generator, dtype=DOUBLE) for name, shape in shapes.items()}
+    grads = {name: torch.randn(len(seeds), *shape, generator=generator, dtype=DOUBLE) for name, shape in shapes.items()}
+    return (lambda: Batch.from_data_list([graph.clone() for graph in graphs])), graphs[0], params, grads
+
+
+def test_a_step_from_the_graphs_embeds_them_and_carries_the_new_factor_emas():
+    """Handed the batch's graphs (not embeddings), the step is the one with ``embed``'s embedding of them, and the
+    new state carries ``embed``'s EMAs; with ``first_graph`` named or left out (then ``graphs[0]``); two steps,
+    so the second reads the first's EMAs; two particles."""
+    rule = _rule(seed=6, residual_adam=True)
+    batch, first, params, grads = _graph_step_inputs((1, 2))
+    for first_graph in (first, None):
+        state = rule.init_state(params)
+        for _ in range(2):
+            embeddings, emas = rule.embed(batch(), first, state, 2)
+            new_params, new_state = rule(params, grads, state, graphs=batch(), first_graph=first_graph)
+            _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state)
+            assert new_state.factor_emas is not None
+            torch.testing.assert_close(new_state.factor_emas, emas, rtol=0, atol=0)
+            state = new_state
+
+
+def test_a_step_of_mismatched_names_or_without_graphs_is_refused_in_full():
+    """The two refusals of ``forward``, their messages matched in full."""
+    import pytest
+
+    from gradgraph.errors import GradGraphError
+
+    rule = _rule()
+    params, grads, state, _ = _step_inputs()
+    extra = {**grads, "c": grads["b"]}
+    with pytest.raises(GradGraphError) as refused:
+        rule(params, extra, state)
+    assert str(refused.value) == "LearnedUpdate: params and grads name different tensors: ['c']"
+    with pytest.raises(GradGraphError) as refused:
+        rule(params, grads, state)
+    assert str(refused.value) == "LearnedUpdate: the GradMetaNet variant needs the batch's graphs"
+
+
+def test_a_float32_rule_steps_float64_parameters_in_float64():
+    """A float32 rule (as the shipped files are) on float64 parameters: the new parameters and state are float64,
+    the rule's documented update with its float32 ``F`` (to float32 precision: the MLP runs in float32)."""
+    torch.manual_seed(0)
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=True, embedding_dim=3, alpha=0.3, beta=0.7, mu=0.6,
+                                         residual_adam=True, schedule=True))
+    with torch.no_grad():
+        rule.mlp[-1].weight.normal_()
+        rule.schedule.fill_(0.1)
+    params, grads, state, embeddings = _step_inputs()
+    new_params, new_state = rule(params, grads, state, embeddings=embeddings)
+    _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state, rtol=1e-5)
+    assert all(value.dtype == DOUBLE for value in new_state.momentum.values())
+    assert all(value.dtype == DOUBLE for value in new_state.momenta.values())
