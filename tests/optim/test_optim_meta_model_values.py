@@ -457,3 +457,77 @@ def test_a_float32_rule_steps_float64_parameters_in_float64():
     _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state, rtol=1e-5)
     assert all(value.dtype == DOUBLE for value in new_state.momentum.values())
     assert all(value.dtype == DOUBLE for value in new_state.momenta.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LearnedUpdate.__init__ and _materialize (run optim 12)
+
+
+def _float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def test_a_rule_built_without_a_config_has_the_documented_parts_and_state_dict():
+    """``LearnedUpdate()``: the default config; ``log α``, ``log β``, ``logit μ`` at the paper's 0.1, 0.001, 0.9;
+    ``F`` three hidden layers of 32 with ReLU on ``19 + 14`` inputs and one output; GradMetaNet's parameters all
+    sized (by ``_materialize``) before any step; the decay buffers not in the ``state_dict`` (checkpoints written
+    before them load strictly), equal to the documented decays.
+
+    Kills ``LearnedUpdate.__init__`` 2 (``config and MetaModelConfig()``), 55 (``layers =``: one hidden layer),
+    74, 78, 84, 88 (a decay buffer made persistent: every checkpoint gets keys older files lack)."""
+    from torch import nn
+
+    from gradgraph.optim.features import FACTOR_DECAYS, MOMENTUM_DECAYS
+
+    rule = LearnedUpdate()
+    assert rule.config == MetaModelConfig()
+    assert float(rule.log_alpha) == _float32(math.log(0.1)) and float(rule.log_beta) == _float32(math.log(0.001))
+    assert float(rule.logit_mu) == _float32(math.log(0.9 / (1 - 0.9)))
+    assert rule.schedule is None
+    linears = [(m.in_features, m.out_features) for m in rule.mlp if isinstance(m, nn.Linear)]
+    assert linears == [(19 + 14, 32), (32, 32), (32, 32), (32, 1)]
+    assert [type(m) for m in rule.mlp] == [nn.Linear, nn.ReLU] * 3 + [nn.Linear]
+    assert not any(isinstance(p, nn.parameter.UninitializedParameter) for p in rule.parameters())
+    keys = set(rule.state_dict())
+    assert {"log_alpha", "log_beta", "logit_mu"} <= keys
+    assert not any("decays" in key for key in keys)
+    assert rule.momentum_decays.tolist() == torch.tensor(MOMENTUM_DECAYS).tolist()
+    assert rule.factor_decays.tolist() == torch.tensor(FACTOR_DECAYS).tolist()
+    assert all(key.startswith(("log_alpha", "log_beta", "logit_mu", "mlp.", "gradmetanet.")) for key in keys)
+
+
+def test_the_sgdm_and_scheduled_rules_hold_the_documented_scalars():
+    """SGDM: ``log β = −∞`` a buffer (in the ``state_dict``, not a parameter: ``β = 0`` exactly), only ``log α`` and
+    ``logit μ`` learned, no ``F``, no GradMetaNet; a schedule: eleven zero weights, a parameter; DeepSets with
+    ``mlp_layers=1``: ``F`` is ``Linear(19, h), ReLU, Linear(h, 1)``."""
+    from torch import nn
+
+    sgdm = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, learned_term=False, alpha=0.2, mu=0.5))
+    assert sgdm.mlp is None and sgdm.gradmetanet is None and not sgdm.needs_graph
+    assert "log_beta" in dict(sgdm.named_buffers()) and "log_beta" in sgdm.state_dict()
+    assert float(sgdm.log_beta) == -math.inf and float(sgdm.beta) == 0.0
+    assert sgdm.scalar_parameters == [sgdm.log_alpha, sgdm.logit_mu]
+    assert float(sgdm.log_alpha) == _float32(math.log(0.2)) and float(sgdm.logit_mu) == 0.0
+    scheduled = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, schedule=True, mlp_layers=1, mlp_hidden=5))
+    assert isinstance(scheduled.schedule, nn.Parameter) and torch.equal(scheduled.schedule, torch.zeros(11))
+    assert scheduled.gradmetanet is None
+    assert [type(m) for m in scheduled.mlp] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in scheduled.mlp[::2]] == [(19, 5), (5, 1)]
+
+
+def test_materializing_draws_only_its_tiny_networks_initialisation_from_the_global_stream():
+    """``_materialize``'s dummy data come from a private generator: a second call (GradMetaNet already sized, so
+    no lazy layer draws) takes from the global random stream exactly what building its ``2 → 2 → 2`` network
+    takes, nothing for the dummy parameters or inputs.
+
+    Kills ``LearnedUpdate._materialize`` 1, 25, 27, 31, 34 (a dummy drawn from the global stream) and 15, 16,
+    21, 22 (another dummy network: another share of the stream, so a seed no longer gives the weights it gave)."""
+    from torch import nn
+
+    rule = LearnedUpdate()
+    torch.manual_seed(11)
+    rule._materialize()
+    after = torch.rand(4)
+    torch.manual_seed(11)
+    nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    assert torch.equal(after, torch.rand(4))
