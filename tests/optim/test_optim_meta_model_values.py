@@ -232,7 +232,8 @@ _SHAPES = {"a": (3, 2), "b": (4,)}
 
 def _step_inputs(num_particles: int = 2, seed: int = 5, steps: tuple[int, ...] = (0, 6), embedding_dim: int = 3):
     """Params, grads, a non-zero state (the particles at different steps) and embeddings ``{name: [P, *shape, k]}``
-    whose channels have different scales, float64; the parameters and gradients straddle the clip at ±1."""
+    whose channels have different scales (one of ``b``'s all zero), float64; the parameters and gradients
+    straddle the clip at ±1."""
     generator = torch.Generator().manual_seed(seed)
 
     def draw(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -250,6 +251,7 @@ def _step_inputs(num_particles: int = 2, seed: int = 5, steps: tuple[int, ...] =
                            momenta=momenta, factor_emas=draw(num_particles * 5, 4, 12))
     channel_scales = torch.tensor([0.01, 1.0, 30.0][:embedding_dim], dtype=DOUBLE)
     embeddings = {name: draw(num_particles, *shape, embedding_dim) * channel_scales for name, shape in _SHAPES.items()}
+    embeddings["b"][..., 0] = 0.0  # a dead channel (a ReLU'd output can be): it stays 0 after the RMS, not NaN
     return params, grads, state, embeddings
 
 
@@ -445,7 +447,8 @@ def test_a_step_of_mismatched_names_or_without_graphs_is_refused_in_full():
 
 def test_a_float32_rule_steps_float64_parameters_in_float64():
     """A float32 rule (as the shipped files are) on float64 parameters: the new parameters and state are float64,
-    the rule's documented update with its float32 ``F`` (to float32 precision: the MLP runs in float32)."""
+    the rule's documented update with its float32 ``F`` (to float32 precision: the MLP runs in float32); with ``F``
+    constant, exactly to float64 (``β F`` not rounded to float32)."""
     torch.manual_seed(0)
     rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=True, embedding_dim=3, alpha=0.3, beta=0.7, mu=0.6,
                                          residual_adam=True, schedule=True))
@@ -457,6 +460,14 @@ def test_a_float32_rule_steps_float64_parameters_in_float64():
     _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state, rtol=1e-5)
     assert all(value.dtype == DOUBLE for value in new_state.momentum.values())
     assert all(value.dtype == DOUBLE for value in new_state.momenta.values())
+    # F ≡ 0.375 (exact in float32), no Adam term: β F is a float64 product, the step exact to float64; μ = 0.2,
+    # where 1 − μ rounds in float32 (so it must be taken in float64; at 0.6 or 0.3 it happens to be exact).
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, alpha=0.3, beta=0.7, mu=0.2))
+    with torch.no_grad():
+        rule.mlp[-1].weight.zero_()
+        rule.mlp[-1].bias.fill_(0.375)
+    new_params, new_state = rule(params, grads, state)
+    _assert_step_is_documented(rule, params, grads, state, None, new_params, new_state, rtol=1e-13)
 
 
 # ---------------------------------------------------------------------------------------------------------
