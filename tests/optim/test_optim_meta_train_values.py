@@ -1,0 +1,121 @@
+"""``MetaTrainer``'s outer step (``apply_meta_gradient``: all-reduce, the scalars-first mask, the absolute and the
+relative clip and its running mean, reset when every meta-parameter starts training) and its restarts
+(``_restart_finished``: which runs restart, from which seed, with which state), against the formulas written out
+(float64).
+
+Written for the mutation run of ``optim/meta_train.py`` (issue 31; docs/mutation.md, run optim 13): each test
+names the mutants it kills, each checked with ``MUTANT_UNDER_TEST`` in ``.mutation/optim/mutants/``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer, Task
+
+DOUBLE = torch.float64
+
+
+def _task() -> Task:
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+    def sample(generator: torch.Generator):
+        x = torch.randn(5, 3, generator=generator, dtype=DOUBLE)
+        return x, (x[:, 0] > 0).long()
+
+    return Task("tiny", make, sample, lambda out, y: F.cross_entropy(out, y, reduction="none"))
+
+
+def _trainer(**options) -> MetaTrainer:
+    config = dict(estimator="tbptt", num_particles=2, truncation=1, horizon=6, grad_clip=None)
+    config.update(options)
+    torch.manual_seed(0)
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, schedule=True)).double()
+    return MetaTrainer(rule, _task(), MetaTrainConfig(**config))
+
+
+def _flat(trainer: MetaTrainer) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trainer.meta_model.parameters()])
+
+
+def _plain_steps(trainer: MetaTrainer) -> None:
+    """The outer optimiser replaced by SGD at rate 1 on the same parameters: a step moves the meta-parameters by
+    minus the gradient handed to it, so the clipped gradient can be read off (Adam's first step cannot show a
+    scale)."""
+    trainer.outer = torch.optim.SGD(list(trainer.meta_model.parameters()), lr=1.0)
+
+
+def _direction(trainer: MetaTrainer, seed: int, scale: float) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.randn(_flat(trainer).numel(), generator=generator, dtype=DOUBLE)
+    return flat * (scale / float(flat.norm()))
+
+
+def _moved_by(trainer: MetaTrainer, flat_grad: torch.Tensor) -> tuple[float, torch.Tensor]:
+    before = _flat(trainer).clone()
+    norm = trainer.apply_meta_gradient(flat_grad)
+    return norm, before - _flat(trainer)
+
+
+def test_the_outer_step_clips_at_the_absolute_norm_then_at_a_multiple_of_the_running_mean():
+    """``grad_clip = 5``, ``grad_clip_relative = 2``: a first estimate of norm 4 passes whole (no mean yet) and
+    starts the mean at 4; one of norm 3 passes (below 2 × 4), mean 0.9·4 + 0.1·3 = 3.9; one of norm 30 leaves with
+    norm ``min(30, 5, 2 × 3.9) = 5`` (the relative clip, applied after the absolute one, sees the norm 5 it left:
+    below 7.8, no further cut), and the mean follows the raw norm, 0.9·3.9 + 0.1·30 = 6.51; a fourth of norm 30
+    with ``grad_clip = 100`` leaves with 2 × 6.51. Each returned norm is the raw one; the moves are the clipped
+    gradients exactly.
+
+    Failed before the fix (main): the relative clip scaled by ``2 × 3.9 / 30`` the gradient the absolute one had
+    already cut to 5, a step of norm 1.3 — both cuts compounded. Also kills ``apply_meta_gradient``'s clip
+    mutants (the comparisons, the decay 0.9 / 0.1 of the mean, the mean's first value)."""
+    trainer = _trainer(grad_clip=5.0, grad_clip_relative=2.0)
+    _plain_steps(trainer)
+    means = [4.0, 0.9 * 4.0 + 0.1 * 3.0]
+    means += [0.9 * means[1] + 0.1 * 30.0]
+    means += [0.9 * means[2] + 0.1 * 30.0]
+    for seed, (norm_in, moved_norm, mean) in enumerate([(4.0, 4.0, means[0]), (3.0, 3.0, means[1]),
+                                                        (30.0, 5.0, means[2]), (30.0, 2 * means[2], means[3])]):
+        if seed == 3:
+            trainer.config.grad_clip = 100.0
+        gradient = _direction(trainer, seed, norm_in)
+        norm, moved = _moved_by(trainer, gradient)
+        assert math.isclose(norm, norm_in, rel_tol=1e-12)
+        torch.testing.assert_close(moved, gradient * (moved_norm / norm_in), rtol=1e-10, atol=1e-13)
+        assert math.isclose(trainer.mean_grad_norm, mean, rel_tol=1e-12)
+
+
+def test_the_outer_step_reduces_first_and_masks_the_scalars_first_stage():
+    """``all_reduce`` (here: halve) is applied before anything else; while ``outer_steps < scalars_first`` only the
+    scalars' entries move (the norm returned is the masked one); at the first step on everything the relative
+    clip's running mean starts again (``None``, then that step's norm), so a step ten times the scalars-only
+    norms is not cut."""
+    calls = []
+
+    def halve(flat: torch.Tensor) -> torch.Tensor:
+        calls.append(flat.clone())
+        return flat / 2
+
+    trainer = _trainer(grad_clip_relative=2.0, scalars_first=1)
+    trainer.all_reduce = halve
+    _plain_steps(trainer)
+    mask = trainer.scalar_mask
+    assert mask.any() and not mask.all()
+    gradient = _direction(trainer, 0, 6.0)
+    norm, moved = _moved_by(trainer, gradient)
+    assert len(calls) == 1 and torch.equal(calls[0], gradient)
+    masked = gradient / 2 * mask
+    assert math.isclose(norm, float(masked.norm()), rel_tol=1e-12)
+    torch.testing.assert_close(moved, masked, rtol=1e-10, atol=1e-13)
+    assert math.isclose(trainer.mean_grad_norm, norm, rel_tol=1e-12)
+    trainer.outer_steps = 1  # as end_step counts it: the first step on every meta-parameter
+    big = _direction(trainer, 1, 20.0 * norm)
+    norm, moved = _moved_by(trainer, big)
+    assert math.isclose(norm, 10.0 * float(masked.norm()), rel_tol=1e-12)
+    torch.testing.assert_close(moved, big / 2, rtol=1e-10, atol=1e-13)
+    assert math.isclose(trainer.mean_grad_norm, norm, rel_tol=1e-12)
