@@ -119,3 +119,59 @@ def test_the_outer_step_reduces_first_and_masks_the_scalars_first_stage():
     assert math.isclose(norm, 10.0 * float(masked.norm()), rel_tol=1e-12)
     torch.testing.assert_close(moved, big / 2, rtol=1e-10, atol=1e-13)
     assert math.isclose(trainer.mean_grad_norm, norm, rel_tol=1e-12)
+
+
+def _model_params(task: Task, seed: int) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in task.make_model(seed).named_parameters()}
+
+
+def test_runs_at_their_horizon_restart_from_new_seeds_in_problem_order_and_the_others_keep_everything():
+    """Three runs (TBPTT) at first restarts 2, 4, 6 (``(k + 1) · 6 // 3``, staggered), at inner steps 2, 3, 7:
+    runs 0 and 2 restart — run 0 from the next unused seed, run 2 from the one after —, their parameters are the
+    seeded model's, their state zero (step 0), their survival 1, inner step 0 and next restart a full horizon
+    (6) away; run 1 keeps its parameters, state, survival, step and restart exactly; the parameter tensors held
+    before are not written into (a truncation's rollback holds them)."""
+    trainer = _trainer(num_particles=3)
+    assert trainer.restart_at.tolist() == [2, 4, 6]
+    trainer.inner_step = torch.tensor([2, 3, 7])
+    trainer.survival = torch.tensor([0.5, 0.4, 0.3], dtype=trainer.survival.dtype)
+    trainer.state.step = torch.tensor([2, 3, 7])
+    trainer.state.momentum = {name: torch.ones_like(value) for name, value in trainer.state.momentum.items()}
+    held = {name: value.clone() for name, value in trainer.params.items()}
+    held_tensors = dict(trainer.params)
+    seed = trainer.next_model_seed
+    done = trainer._restart_finished()
+    assert done.tolist() == [True, False, True]
+    assert trainer.next_model_seed == seed + 2
+    for index, fresh in ((0, _model_params(trainer.task, seed)), (2, _model_params(trainer.task, seed + 1))):
+        for name in trainer.names:
+            assert torch.equal(trainer.params[name][index], fresh[name]), (index, name)
+            assert torch.equal(dict(trainer.models[index].named_parameters())[name].detach(), fresh[name])
+            assert not trainer.state.momentum[name][index].any()
+    for name in trainer.names:
+        assert torch.equal(trainer.params[name][1], held[name][1])
+        assert torch.equal(held_tensors[name], held[name])  # not written in place
+        assert trainer.state.momentum[name][1].eq(1).all()
+    assert trainer.state.step.tolist() == [0, 3, 0]
+    assert torch.equal(trainer.survival, torch.tensor([1.0, 0.4, 1.0], dtype=trainer.survival.dtype))
+    assert trainer.inner_step.tolist() == [0, 3, 0]
+    assert trainer.restart_at.tolist() == [6, 4, 6]
+    assert not trainer._restart_finished().any()  # nothing more to restart: no seed used
+    assert trainer.next_model_seed == seed + 2
+
+
+def test_a_pes_pair_restarts_together_from_one_seed():
+    """PES, two pairs (particles ``p`` and ``p + 2``): first restarts at 3 and 6 per problem; at inner step 3 the
+    first pair restarts, both particles from the same new seed (common random numbers), the second pair not."""
+    trainer = _trainer(estimator="pes", num_particles=4)
+    assert trainer.restart_at.tolist() == [3, 6, 3, 6]
+    trainer.inner_step = torch.tensor([3, 3, 3, 3])
+    seed = trainer.next_model_seed
+    held = {name: value.clone() for name, value in trainer.params.items()}
+    assert trainer._restart_finished().tolist() == [True, False, True, False]
+    assert trainer.next_model_seed == seed + 1
+    fresh = _model_params(trainer.task, seed)
+    for name in trainer.names:
+        assert torch.equal(trainer.params[name][0], fresh[name]) and torch.equal(trainer.params[name][2], fresh[name])
+        assert torch.equal(trainer.params[name][1], held[name][1]) and torch.equal(trainer.params[name][3], held[name][3])
+    assert trainer.restart_at.tolist() == [6, 6, 6, 6] and trainer.inner_step.tolist() == [0, 3, 0, 3]
