@@ -361,6 +361,10 @@ def test_a_step_with_given_embeddings_is_the_documented_rule_entry_by_entry():
     new_params, new_state = rule(params, grads, state, embeddings=embeddings)
     _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state)
     assert new_state.factor_emas is state.factor_emas
+    # Embeddings handed in as float32 (a float32 GradMetaNet's): normalised in the step's float64.
+    embeddings32 = {name: value.float() for name, value in embeddings.items()}
+    new_params, new_state = rule(params, grads, state, embeddings=embeddings32)
+    _assert_step_is_documented(rule, params, grads, state, embeddings32, new_params, new_state)
 
 
 def test_a_step_without_the_options_is_the_documented_rule_entry_by_entry():
@@ -414,13 +418,20 @@ def _graph_step_inputs(seeds: tuple[int, ...]):
 def test_a_step_from_the_graphs_embeds_them_and_carries_the_new_factor_emas():
     """Handed the batch's graphs (not embeddings), the step is the one with ``embed``'s embedding of them, and the
     new state carries ``embed``'s EMAs; with ``first_graph`` named or left out (then ``graphs[0]``); two steps,
-    so the second reads the first's EMAs; two particles."""
+    so the second reads the first's EMAs; two particles, and one (``graphs[1]`` does not exist there)."""
     rule = _rule(seed=6, residual_adam=True)
-    batch, first, params, grads = _graph_step_inputs((1, 2))
-    for first_graph in (first, None):
+    for seeds, first_graphs in (((1, 2), (True, False)), ((4,), (False,))):  # P = 2, and P = 1 (LearnedOptimizer's)
+        _two_graph_steps(rule, seeds, first_graphs)
+
+
+def _two_graph_steps(rule: LearnedUpdate, seeds: tuple[int, ...], first_graphs: tuple[bool, ...]) -> None:
+    batch, first, params, grads = _graph_step_inputs(seeds)
+    num_particles = len(seeds)
+    for named in first_graphs:
+        first_graph = first if named else None
         state = rule.init_state(params)
         for _ in range(2):
-            embeddings, emas = rule.embed(batch(), first, state, 2)
+            embeddings, emas = rule.embed(batch(), first, state, num_particles)
             new_params, new_state = rule(params, grads, state, graphs=batch(), first_graph=first_graph)
             _assert_step_is_documented(rule, params, grads, state, embeddings, new_params, new_state)
             assert new_state.factor_emas is not None
