@@ -88,6 +88,7 @@ def test_the_outer_step_clips_at_the_absolute_norm_then_at_a_multiple_of_the_run
         assert math.isclose(norm, norm_in, rel_tol=1e-12)
         torch.testing.assert_close(moved, gradient * (moved_norm / norm_in), rtol=1e-10, atol=1e-13)
         assert math.isclose(trainer.mean_grad_norm, mean, rel_tol=1e-12)
+        assert all(p.grad is None for p in trainer.meta_model.parameters())  # none left for the next backward
 
 
 def test_the_outer_step_reduces_first_and_masks_the_scalars_first_stage():
