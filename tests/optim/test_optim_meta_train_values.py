@@ -176,3 +176,72 @@ def test_a_pes_pair_restarts_together_from_one_seed():
         assert torch.equal(trainer.params[name][0], fresh[name]) and torch.equal(trainer.params[name][2], fresh[name])
         assert torch.equal(trainer.params[name][1], held[name][1]) and torch.equal(trainer.params[name][3], held[name][3])
     assert trainer.restart_at.tolist() == [6, 6, 6, 6] and trainer.inner_step.tolist() == [0, 3, 0, 3]
+
+
+def test_a_diverged_truncation_rolls_every_run_back_and_restarts_the_named_problems_where_they_stand():
+    """A truncation that raises (here a stand-in that moves the runs and then reports run 1 diverged): ``estimate``
+    returns ``(nan, None)``, every run's parameters, state and inner step are the ones it started from, run 1's
+    next restart is its current step (it restarts at the next estimate, the others keep their phases) and the
+    count of skipped truncations goes up by one. An error that names no run (``NonFiniteFactorError``, or
+    ``_NonFiniteMetaLoss`` without ``particles``) restarts all of them."""
+    from gradgraph.errors import NonFiniteFactorError
+    from gradgraph.optim.meta_train import _NonFiniteMetaLoss
+
+    trainer = _trainer(num_particles=3)
+    trainer.inner_step = torch.tensor([1, 1, 0])
+    raised = [_NonFiniteMetaLoss("run 1", torch.tensor([False, True, False])), NonFiniteFactorError("a factor"),
+              _NonFiniteMetaLoss("all")]
+    named = [[False, True, False], [True] * 3, [True] * 3]
+    entered = []
+
+    def diverging():
+        entered.append((trainer.params, trainer.state, trainer.inner_step, trainer.restart_at.clone()))
+        trainer.params = {name: value + 1 for name, value in trainer.params.items()}
+        trainer.inner_step = trainer.inner_step + 1
+        raise raised.pop(0)
+
+    trainer._tbptt_truncation = diverging
+    for count, diverged in enumerate(named, start=1):
+        loss, estimate = trainer.estimate()
+        assert math.isnan(loss) and estimate is None
+        params, state, inner_step, restart_at = entered[-1]
+        assert trainer.params is params and trainer.state is state and trainer.inner_step is inner_step
+        expected = [int(step) if flag else int(at) for flag, step, at in zip(diverged, inner_step, restart_at)]
+        assert trainer.restart_at.tolist() == expected, count
+        assert trainer.diverged_truncations == count
+    assert [at.tolist() for *_, at in entered[:2]] == [[2, 4, 6], [2, 6, 6]]  # run 1 restarted before the second
+
+
+def test_pes_perturbations_restart_with_their_pair_and_a_diverged_truncations_is_undone():
+    """PES, two pairs. At the first restart of pair 0 its accumulated perturbation starts again at zero before the
+    truncation runs (pair 1's is kept); a truncation that perturbs and then reports particle 3 (pair 1) diverged is
+    undone for every pair (the perturbation it drew never acted on a kept run) and pair 1's accumulation restarts;
+    both particles of pair 1 restart where they stand."""
+    from gradgraph.optim.meta_train import _NonFiniteMetaLoss
+
+    trainer = _trainer(estimator="pes", num_particles=4)
+    pes = trainer.pes
+    trainer.inner_step = torch.tensor([3, 1, 3, 1])  # pair 0 (particles 0, 2) at its first restart, 3
+    pes.accumulated = torch.ones_like(pes.accumulated)
+    seen = []
+
+    def truncation():
+        seen.append(pes.accumulated.clone())
+        return 0.5, torch.zeros(pes.dim, dtype=DOUBLE)
+
+    trainer._pes_truncation = truncation
+    assert trainer.estimate()[0] == 0.5
+    assert not seen[0][0].any() and seen[0][1].eq(1).all()
+
+    pes.accumulated = torch.full_like(pes.accumulated, 2.0)
+
+    def diverging():
+        pes.perturb(trainer.flat_meta_parameters())
+        raise _NonFiniteMetaLoss("particle 3", torch.tensor([False, False, False, True]))
+
+    trainer._pes_truncation = diverging
+    loss, estimate = trainer.estimate()
+    assert math.isnan(loss) and estimate is None
+    torch.testing.assert_close(pes.accumulated[0], torch.full_like(pes.accumulated[0], 2.0), rtol=0, atol=1e-15)
+    assert not pes.accumulated[1].any()
+    assert trainer.restart_at.tolist() == [6, 1, 6, 1]
