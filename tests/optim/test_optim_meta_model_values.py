@@ -553,3 +553,20 @@ def test_materializing_draws_only_its_tiny_networks_initialisation_from_the_glob
     torch.manual_seed(11)
     nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
     assert torch.equal(after, torch.rand(4))
+
+
+def test_a_seed_gives_the_initial_weights_it_gave():
+    """``torch.manual_seed(0); LearnedUpdate()``: its 15184 initial meta-parameters, pinned by two sums (``Σ|w|`` and
+    ``Σ i·w_i`` over the flat vector in ``parameters()`` order, which any change of a draw or of the order of the
+    draws moves). GradMetaNet's input layers are sized lazily by ``_materialize``, after ``F`` is drawn, as they
+    were when their widths were explicit; a layer sized at construction would draw its weights earlier and change
+    every weight drawn after it, so a seeded meta-training run would no longer start where it did. A deliberate
+    change of the default architecture or initialisation changes these numbers: re-pin them and say so.
+
+    Kills ``LearnedUpdate.__init__`` 42, 43 (GradMetaNet's node / edge input width given, 1, instead of inferred)."""
+    torch.manual_seed(0)
+    flat = torch.cat([p.detach().double().reshape(-1) for p in LearnedUpdate().parameters()])
+    assert flat.numel() == 15184
+    index = torch.arange(1, flat.numel() + 1, dtype=DOUBLE)
+    assert math.isclose(float(flat.abs().sum()), 1507.7670326129537, rel_tol=1e-12)
+    assert math.isclose(float((flat * index).sum()), 163497.49892706034, rel_tol=1e-12)
