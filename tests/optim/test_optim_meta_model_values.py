@@ -1,10 +1,12 @@
 """``OptimizerState.detach`` / ``select`` keep and restart the factor EMAs entry by entry;
 ``LearnedUpdate.adam_direction``, ``step_scale`` and ``embed``'s factor EMAs against their formulas;
-``reset_parameters`` / ``extra_repr`` do what they say; the SGDM refusal in full (float64).
+``reset_parameters`` / ``extra_repr`` do what they say; the SGDM refusal in full; ``forward`` against the
+module docstring's rule written out entry by entry; ``__init__``'s parts and ``_materialize``'s random stream
+(float64).
 
-Written for the survivors of the partial mutation run of ``optim/meta_model.py`` (issue 31;
-docs/mutation.md, runs optim 9-10): each test names the mutants it kills, each checked with
-``MUTANT_UNDER_TEST`` in ``.mutation/optim/mutants/``.
+Written for the survivors of the mutation runs of ``optim/meta_model.py`` (issue 31; docs/mutation.md, runs
+optim 9-12): each test names the mutants it kills, each checked with ``MUTANT_UNDER_TEST`` in
+``.mutation/optim/mutants/``.
 """
 
 from __future__ import annotations
@@ -355,7 +357,11 @@ def test_a_step_with_given_embeddings_is_the_documented_rule_entry_by_entry():
     """GradMetaNet variant, ``residual_adam``, a schedule, the embedding normalised; two tensors, two particles
     at steps 0 and 6, a non-zero state: every new parameter, momentum and momentum feature is the module
     docstring's rule written out in Python floats (``_documented_step``), to 1e-12; the caller's EMAs are
-    carried as they are."""
+    carried as they are; float32 embeddings are normalised in float64.
+
+    With the other step tests, in the list of run optim 11: ``forward``'s arithmetic, slicing and state mutants;
+    alone (checked with ``MUTANT_UNDER_TEST``): ``forward`` 143 (the embedding normalised in its own float32),
+    156 (``− 1e-12``: a dead channel becomes NaN), 163."""
     rule = _rule(residual_adam=True, schedule=True)
     params, grads, state, embeddings = _step_inputs()
     new_params, new_state = rule(params, grads, state, embeddings=embeddings)
@@ -418,7 +424,9 @@ def _graph_step_inputs(seeds: tuple[int, ...]):
 def test_a_step_from_the_graphs_embeds_them_and_carries_the_new_factor_emas():
     """Handed the batch's graphs (not embeddings), the step is the one with ``embed``'s embedding of them, and the
     new state carries ``embed``'s EMAs; with ``first_graph`` named or left out (then ``graphs[0]``); two steps,
-    so the second reads the first's EMAs; two particles, and one (``graphs[1]`` does not exist there)."""
+    so the second reads the first's EMAs; two particles, and one (``graphs[1]`` does not exist there).
+
+    Kills ``forward`` 99 (``graphs.get_example(1)``: one particle has no graph 1) and the ``embed``-call mutants."""
     rule = _rule(seed=6, residual_adam=True)
     for seeds, first_graphs in (((1, 2), (True, False)), ((4,), (False,))):  # P = 2, and P = 1 (LearnedOptimizer's)
         _two_graph_steps(rule, seeds, first_graphs)
@@ -440,7 +448,9 @@ def _two_graph_steps(rule: LearnedUpdate, seeds: tuple[int, ...], first_graphs: 
 
 
 def test_a_step_of_mismatched_names_or_without_graphs_is_refused_in_full():
-    """The two refusals of ``forward``, their messages matched in full."""
+    """The two refusals of ``forward``, their messages matched in full.
+
+    Kills ``forward`` 4-8 (the mismatch message changed; 4-7 survived every other test)."""
     import pytest
 
     from gradgraph.errors import GradGraphError
@@ -459,7 +469,10 @@ def test_a_step_of_mismatched_names_or_without_graphs_is_refused_in_full():
 def test_a_float32_rule_steps_float64_parameters_in_float64():
     """A float32 rule (as the shipped files are) on float64 parameters: the new parameters and state are float64,
     the rule's documented update with its float32 ``F`` (to float32 precision: the MLP runs in float32); with ``F``
-    constant, exactly to float64 (``β F`` not rounded to float32)."""
+    constant, exactly to float64 (``β F`` not rounded to float32).
+
+    Kills ``forward`` 17 (``μ`` left float32: ``1 − μ`` rounded there), 19 (the decays likewise), 173 (``F`` left
+    float32: ``β F`` rounded there)."""
     torch.manual_seed(0)
     rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=True, embedding_dim=3, alpha=0.3, beta=0.7, mu=0.6,
                                          residual_adam=True, schedule=True))

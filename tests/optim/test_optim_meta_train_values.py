@@ -3,7 +3,7 @@ relative clip and its running mean, reset when every meta-parameter starts train
 (``_restart_finished``: which runs restart, from which seed, with which state), against the formulas written out
 (float64).
 
-Written for the mutation run of ``optim/meta_train.py`` (issue 31; docs/mutation.md, run optim 13): each test
+Written for the mutation run of ``optim/meta_train.py`` (issue 31; docs/mutation.md, run optim 12): each test
 names the mutants it kills, each checked with ``MUTANT_UNDER_TEST`` in ``.mutation/optim/mutants/``.
 """
 
@@ -72,8 +72,10 @@ def test_the_outer_step_clips_at_the_absolute_norm_then_at_a_multiple_of_the_run
     gradients exactly.
 
     Failed before the fix (main): the relative clip scaled by ``2 × 3.9 / 30`` the gradient the absolute one had
-    already cut to 5, a step of norm 1.3 — both cuts compounded. Also kills ``apply_meta_gradient``'s clip
-    mutants (the comparisons, the decay 0.9 / 0.1 of the mean, the mean's first value)."""
+    already cut to 5, a step of norm 1.3 — both cuts compounded. Kills ``apply_meta_gradient`` 7 (the running mean
+    reset at every step of a run without a scalars-first stage), 16, 17 (the absolute clip's scale inverted), 18
+    (the norm it left not passed on), 21, 23 (the relative scale inverted, or read without the mean), 30, 32-36
+    (the mean not updated as documented) and 43, 44 (gradients left on the meta-parameters)."""
     trainer = _trainer(grad_clip=5.0, grad_clip_relative=2.0)
     _plain_steps(trainer)
     means = [4.0, 0.9 * 4.0 + 0.1 * 3.0]
@@ -95,7 +97,9 @@ def test_the_outer_step_reduces_first_and_masks_the_scalars_first_stage():
     """``all_reduce`` (here: halve) is applied before anything else; while ``outer_steps < scalars_first`` only the
     scalars' entries move (the norm returned is the masked one); at the first step on everything the relative
     clip's running mean starts again (``None``, then that step's norm), so a step ten times the scalars-only
-    norms is not cut."""
+    norms is not cut.
+
+    Kills ``apply_meta_gradient`` 6, 8 (the mean not reset at the first step on everything), 9 (reset to ``""``)."""
     calls = []
 
     def halve(flat: torch.Tensor) -> torch.Tensor:
@@ -131,7 +135,10 @@ def test_runs_at_their_horizon_restart_from_new_seeds_in_problem_order_and_the_o
     runs 0 and 2 restart — run 0 from the next unused seed, run 2 from the one after —, their parameters are the
     seeded model's, their state zero (step 0), their survival 1, inner step 0 and next restart a full horizon
     (6) away; run 1 keeps its parameters, state, survival, step and restart exactly; the parameter tensors held
-    before are not written into (a truncation's rollback holds them)."""
+    before are not written into (a truncation's rollback holds them).
+
+    Kills ``_restart_finished`` 8 (a seed drawn for every problem, restarting or not: the seeds drift), 26 (the
+    restarted runs keep their state and the others get a fresh one)."""
     trainer = _trainer(num_particles=3)
     assert trainer.restart_at.tolist() == [2, 4, 6]
     trainer.inner_step = torch.tensor([2, 3, 7])
@@ -183,7 +190,10 @@ def test_a_diverged_truncation_rolls_every_run_back_and_restarts_the_named_probl
     returns ``(nan, None)``, every run's parameters, state and inner step are the ones it started from, run 1's
     next restart is its current step (it restarts at the next estimate, the others keep their phases) and the
     count of skipped truncations goes up by one. An error that names no run (``NonFiniteFactorError``, or
-    ``_NonFiniteMetaLoss`` without ``particles``) restarts all of them."""
+    ``_NonFiniteMetaLoss`` without ``particles``) restarts all of them.
+
+    Kills ``estimate`` 20 (``getattr`` without its default: ``NonFiniteFactorError`` has no ``particles``), 24, 25,
+    28 (the all-runs mask of an unnamed error lost) and 55 (the count set to 1, not counted)."""
     from gradgraph.errors import NonFiniteFactorError
     from gradgraph.optim.meta_train import _NonFiniteMetaLoss
 
@@ -212,11 +222,13 @@ def test_a_diverged_truncation_rolls_every_run_back_and_restarts_the_named_probl
     assert [at.tolist() for *_, at in entered[:2]] == [[2, 4, 6], [2, 6, 6]]  # run 1 restarted before the second
 
 
-def test_pes_perturbations_restart_with_their_pair_and_a_diverged_truncations_is_undone():
+def test_pes_perturbations_restart_with_their_pair_and_a_diverged_truncation_is_undone():
     """PES, two pairs. At the first restart of pair 0 its accumulated perturbation starts again at zero before the
     truncation runs (pair 1's is kept); a truncation that perturbs and then reports particle 3 (pair 1) diverged is
     undone for every pair (the perturbation it drew never acted on a kept run) and pair 1's accumulation restarts;
-    both particles of pair 1 restart where they stand."""
+    both particles of pair 1 restart where they stand.
+
+    Kills ``estimate`` 6 (the restarted pairs' perturbations not reset before the truncation)."""
     from gradgraph.optim.meta_train import _NonFiniteMetaLoss
 
     trainer = _trainer(estimator="pes", num_particles=4)
