@@ -292,11 +292,14 @@ class MetaTrainer:
             # The first step on every meta-parameter: its norm is of another size than the
             # scalars-only ones, so the relative clip's reference starts again.
             self.mean_grad_norm = None
-        norm = float(flat_grad.norm())
+        norm = clipped = float(flat_grad.norm())
         if self.config.grad_clip is not None and norm > self.config.grad_clip:
             flat_grad = flat_grad * (self.config.grad_clip / norm)
+            clipped = self.config.grad_clip
         if self.config.grad_clip_relative is not None:
-            flat_grad = flat_grad * relative_clip_scale(norm, self.mean_grad_norm, self.config.grad_clip_relative)
+            # Applied after grad_clip, to the norm it left: the step's norm is min(norm, grad_clip,
+            # multiple x mean), not both cuts compounded.
+            flat_grad = flat_grad * relative_clip_scale(clipped, self.mean_grad_norm, self.config.grad_clip_relative)
             # The reference follows the raw norms (decay 0.9), so a drift of the typical size is followed.
             self.mean_grad_norm = norm if self.mean_grad_norm is None else 0.9 * self.mean_grad_norm + 0.1 * norm
         for p, g in zip(self.meta_model.parameters(), self._unflatten(flat_grad).values()):
