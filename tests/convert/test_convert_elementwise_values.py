@@ -91,3 +91,107 @@ def test_a_block_gated_by_one_of_its_own_neurons_is_fixed():
     torch.manual_seed(34)
     graph, moved = convert_exactly(SelfGate().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
     assert (graph.perm_group == -1).all() and moved == 0
+
+
+class ChannelMaps(nn.Module):
+    """Convolutional maps ``[b, C, H, W]`` through the per-channel paths changed after run convert 1:
+    a parameter per channel (``p[:, None, None]``, a layer scale or shift), an SE-style mean over
+    positions with ``keepdim`` and a mean over one spatial axis, and ops over ``cat([h1, h2], 1)``
+    (a BatchNorm, a scale, a shift, two readers, a pooling): one new set per part."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        width = 5 if "cat" in op else 3
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        # only the parameters the op uses (torch.func's reference has one entry per parameter)
+        if "cat" in op:
+            self.b = nn.Conv2d(2, 2, 1)
+        if op in ("scale", "shift", "cat scale", "cat shift", "cat bn", "cat two readers"):
+            self.c = nn.Conv2d(width, 3, 1)
+        if op in ("scale", "shift", "absorbed shift", "cat scale", "cat shift"):
+            self.value = nn.Parameter(torch.rand(width) + 0.5)
+        if op == "cat bn":
+            self.bn = nn.BatchNorm2d(width)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-1, 1), self.bn.running_var.uniform_(0.5, 2.0)
+                self.bn.weight.uniform_(0.5, 1.5), self.bn.bias.uniform_(-1, 1)
+        if op != "cat pool":
+            self.head = nn.Linear(3, 3)
+        if op in ("cat two readers", "cat pool"):
+            self.wide_head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        if self.op == "absorbed shift":  # straight onto the convolution's output: its bias's place
+            return self.head(torch.tanh(self.a(x) + self.value[:, None, None]).mean((2, 3)))
+        h = torch.relu(self.a(x))
+        if self.op == "se":
+            return self.head((h * torch.sigmoid(h.mean((2, 3), keepdim=True))).mean((2, 3)))
+        if self.op == "mean over H":
+            return self.head(torch.tanh(h.mean(2)).mean(-1))
+        if "cat" in self.op:
+            h = torch.cat([h, torch.tanh(self.b(x))], 1)
+        if self.op == "cat bn":
+            return self.head(self.c(torch.relu(self.bn(h))).mean((2, 3)))
+        if self.op == "cat two readers":
+            return self.head(self.c(torch.relu(h)).mean((2, 3))) + self.wide_head(torch.sigmoid(h).amax((2, 3)))
+        if self.op == "cat pool":
+            return self.wide_head(F.max_pool2d(h, 2).mean((2, 3)))
+        parameter = self.value[:, None, None]
+        h = h * parameter if self.op.endswith("scale") else h + parameter
+        return self.head(self.c(torch.tanh(h)).mean((2, 3)))
+
+
+TAPS = fixed(18)  # the input's 2 channels read as a 3x3 convolution's 9 taps each
+CAT_TAPS = fixed(20)  # the cat models' first 20 nodes (the input read by both convolutions), fixed
+#: the inferred groups as converted (each checked by the sampled elements of the test): conv a's 3 channels (0) and
+#: conv b's 2 (1), each with their copies, conv c's 3 (2)
+CHANNEL_GROUPS = {
+    "scale": TAPS + blocks(9) + blocks(6, first=1) + fixed(3),
+    "shift": TAPS + blocks(9) + blocks(6, first=1) + fixed(3),
+    "absorbed shift": TAPS + blocks(9) + fixed(3),
+    "se": TAPS + blocks(12) + fixed(3),
+    "mean over H": TAPS + blocks(9) + fixed(3),
+    "cat scale": CAT_TAPS + [0] * 3 + fixed(2) + [1, 1] + [0] * 3 + [1, 1] + [0] * 3 + [1, 1] + blocks(6, first=2)
+    + fixed(3),
+    "cat shift": CAT_TAPS + [0] * 3 + fixed(2) + [1, 1] + [0] * 3 + [1, 1] + [0] * 3 + [1, 1] + blocks(6, first=2)
+    + fixed(3),
+    "cat bn": CAT_TAPS + [0] * 3 + fixed(2) + [1, 1] + [0] * 3 + [1, 1] + [0] * 3 + [1, 1] + blocks(6, first=2) + fixed(3),
+    "cat two readers": CAT_TAPS + [0] * 3 + fixed(2) + [1, 1] + [0] * 3 + [1, 1] + blocks(6, first=2) + fixed(3)
+    + [0] * 3 + [1, 1] + fixed(3),
+    "cat pool": CAT_TAPS + [0] * 3 + fixed(2) + [1, 1] + [0] * 3 + [1, 1] + [0] * 3 + [1, 1] + fixed(3),
+}
+
+
+@pytest.mark.parametrize("op", list(CHANNEL_GROUPS))
+def test_per_channel_ops_on_feature_maps_keep_each_channel_set_permutable(op):
+    """``with_parameter``'s channel path (``gamma[:, None, None] * x``, ``x + beta[:, None, None]``,
+    absorbed as a bias straight after a convolution), ``reduction``'s per-channel path (an SE block's
+    ``mean((2, 3), keepdim=True)``, a mean over one spatial axis), and ``sets_per_run`` under a
+    per-channel scale / shift, a BatchNorm, a tied copy and a pooling of ``cat([h1, h2], 1)``: exact,
+    the group written out (each part of a concatenation permutes on its own, with its source), and
+    sampled elements keep the function."""
+    torch.manual_seed(0)
+    model = ChannelMaps(op).to(DTYPE)
+    graph, moved = convert_exactly(model.eval(), torch.randn(4, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (4,)))
+    assert graph.perm_group.tolist() == CHANNEL_GROUPS[op]
+    assert moved > 0
+
+
+def test_a_parameter_that_differs_between_positions_of_a_map_is_refused():
+    """``h * p`` with ``p`` of shape ``[C, H, W]``: not one weight per channel, refused by name."""
+
+    class PerPosition(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 3)
+            self.value = nn.Parameter(torch.rand(3, 4, 4) + 0.5)
+
+        def forward(self, x):
+            return self.head((torch.relu(self.a(x)) * self.value).mean((2, 3)))
+
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError,
+                       match=r"PerPosition\.forward: Tensor\.mul: a parameter combined with a feature map that "
+                             r"differs between positions$"):
+        gradgraph.to_graph(PerPosition().to(DTYPE), torch.randn(4, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (4,)),
+                           cross_entropy)
