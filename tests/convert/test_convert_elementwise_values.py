@@ -12,6 +12,8 @@ permuted model's graph. Each test names the mutants it kills (``mutmut show NAME
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +197,98 @@ def test_a_parameter_that_differs_between_positions_of_a_map_is_refused():
                              r"differs between positions$"):
         gradgraph.to_graph(PerPosition().to(DTYPE), torch.randn(4, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (4,)),
                            cross_entropy)
+
+
+class GateReadTwice(nn.Module):
+    """The gated product read as it is and after a ``tanh``: two values of one set, so the act the
+    graph records for each reader must be told apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values, self.gate = nn.Linear(4, 6), nn.Linear(4, 2)
+        self.out, self.out_after = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        values = torch.tanh(self.values(x)).view(-1, 2, 3)
+        gated = (values * torch.softmax(self.gate(x), -1).unsqueeze(-1)).reshape(-1, 6)
+        return self.out(gated) + self.out_after(torch.tanh(gated))
+
+
+def test_a_gated_product_read_before_and_after_an_activation_is_exact():
+    """``block_gate``'s new set holds the product as its version 0; the ``tanh`` of it is version 1,
+    read by another layer. Kills ``block_gate`` 93 (the product labelled version 1 too: both readers
+    got one act, a wrong gradient for one of them)."""
+    torch.manual_seed(35)
+    graph, moved = convert_exactly(GateReadTwice().to(DTYPE), torch.randn(5, 4, dtype=DTYPE),
+                                   torch.randint(0, 3, (5,)))
+    assert moved > 0
+
+
+class WidthOneTokens(nn.Module):
+    """Tokens ``[b, T, 1]`` (one feature per position) times a parameter of shape ``[1]``: a
+    per-feature scale, not a per-channel one (axis 1 holds positions, not channels)."""
+
+    def __init__(self, additive: bool) -> None:
+        super().__init__()
+        self.additive = additive
+        self.a, self.head = nn.Linear(4, 1), nn.Linear(1, 3)
+        self.value = nn.Parameter(torch.tensor([1.5]))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + self.value if self.additive else h * self.value
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["scale", "shift"])
+def test_a_parameter_on_width_one_tokens_is_per_feature(additive):
+    """Kills ``with_parameter`` 28, 33, 43, 44 (the channel path taken for a ``[b, T, 1]`` value,
+    whose axis 1 holds one neuron at every position: ``T`` copies of it read as ``T`` channels)."""
+    torch.manual_seed(36)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(WidthOneTokens(additive).to(DTYPE), torch.randn(4, 5, 4, dtype=DTYPE),
+                                          torch.randint(0, 3, (4,)), cross_entropy)
+    assert graph.num_nodes > 4 + 1 + 3  # the scaled or shifted feature is a set of its own
+
+
+def test_a_per_channel_scale_on_a_batch_of_one():
+    """The channel path reads the parameter's places from datapoint 0. Kills ``with_parameter`` 59
+    (datapoint 1: an ``IndexError`` on a batch of one)."""
+    torch.manual_seed(0)
+    model = ChannelMaps("scale").to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, torch.randn(1, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (1,)),
+                                          cross_entropy)
+    assert graph.perm_group.tolist() == CHANNEL_GROUPS["scale"]
+
+
+class BatchNormOf(nn.Module):
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self.conv, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if self.what == "parameter":  # weight standardization, as BiT writes it
+            weight = F.batch_norm(self.conv.weight.reshape(1, 3, -1), None, None, training=True, momentum=0.0,
+                                  eps=1e-6).reshape_as(self.conv.weight)
+            return self.head(F.conv2d(x, weight, self.conv.bias, padding=1).mean((2, 3)))
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("what, message", [
+    ("parameter", "torch.nn.functional.batch_norm: a batch norm of a parameter (weight standardization) is arithmetic "
+                  "on the parameter before it meets the input, whose gradient is not a rank-1 term of the graph; "
+                  "convert a copy with the standardized weights as plain parameters"),
+    ("training", "torch.nn.functional.batch_norm: batch norm in training mode mixes the datapoints of a batch, so "
+                 "their gradients are not separate rank-1 terms; call model.eval()"),
+])
+def test_batch_norm_refusals_say_what_and_what_to_do_in_full(what, message):
+    """Kills ``batch_norm``'s message mutants (a word changed or the op's name dropped)."""
+    model = BatchNormOf(what).to(DTYPE)
+    model.train(what == "training")
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError) as caught:
+        gradgraph.to_graph(model, torch.randn(4, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (4,)), cross_entropy)
+    assert re.search(r"BatchNormOf\.forward( \(module 'bn' of type BatchNorm2d\))?: " + re.escape(message) + "$",
+                     str(caught.value)), str(caught.value)
