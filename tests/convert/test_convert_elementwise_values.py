@@ -246,7 +246,8 @@ def test_a_parameter_on_width_one_tokens_is_per_feature(additive):
     gradgraph.convert.clear_structure_cache()
     graph = assert_exact_per_sample_grads(WidthOneTokens(additive).to(DTYPE), torch.randn(4, 5, 4, dtype=DTYPE),
                                           torch.randint(0, 3, (4,)), cross_entropy)
-    assert graph.num_nodes > 4 + 1 + 3  # the scaled or shifted feature is a set of its own
+    # the input 4, a's 1, the scaled or shifted feature 1, its mean over positions 1, the head's 3
+    assert graph.num_nodes == 4 + 1 + 1 + 1 + 3
 
 
 def test_a_per_channel_scale_on_a_batch_of_one():
