@@ -291,3 +291,68 @@ def test_batch_norm_refusals_say_what_and_what_to_do_in_full(what, message):
         gradgraph.to_graph(model, torch.randn(4, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (4,)), cross_entropy)
     # (the user's frame before it is not matched: under mutmut it is the trampoline's)
     assert str(caught.value).endswith(f": {message}"), str(caught.value)
+
+
+class ScaleReadTwice(nn.Module):
+    """A per-feature scale ``h * gamma`` read as it is and after a ``tanh`` (two versions of its set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out, self.out_after = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        scaled = torch.relu(self.a(x)) * self.gamma
+        return self.out(scaled) + self.out_after(torch.tanh(scaled))
+
+
+def test_a_scaled_value_read_before_and_after_an_activation_is_exact():
+    """``with_parameter``'s new set holds the scaled value as its version 0. Kills
+    ``with_parameter`` 252 (labelled version 1, as the ``tanh`` of it: both readers got one act)."""
+    torch.manual_seed(37)
+    convert_exactly(ScaleReadTwice().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
+
+
+class TwoShifts(nn.Module):
+    """``a(x) + first + second`` with ``first`` the model's parameter 0: the first shift is absorbed as
+    the affine set's bias (``bias_param == 0``), the second must not overwrite it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.randn(4))  # registered first: parameter index 0
+        self.a = nn.Linear(3, 4, bias=False)
+        self.second = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x) + self.first + self.second))
+
+
+def test_a_second_shift_after_a_bias_that_is_parameter_zero_is_not_absorbed_over_it():
+    """Kills ``with_parameter`` 154, 155 (``bias_param <= 0`` / ``< 1``: a set whose bias is
+    parameter 0 taken for one without a bias, and the second shift written over the first: its
+    gradient lost)."""
+    torch.manual_seed(38)
+    convert_exactly(TwoShifts().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
+
+
+def test_a_parameter_on_values_not_one_neuron_per_feature_is_refused_by_name():
+    """``gamma[:, None, None]`` times a pooled map ``[b, C, 1, 1]``: with one position the map shows
+    no positions, so the channel path does not take it, and the last axis holds a different channel
+    in every row: refused today, by name (a limitation, not a wrong answer). Kills ``with_parameter``
+    106-111 (the refusal's words and the op's name)."""
+
+    class PooledScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = nn.Conv2d(2, 3, 1), nn.Linear(3, 3)
+            self.gamma = nn.Parameter(torch.rand(3) + 0.5)
+
+        def forward(self, x):
+            return self.head((F.adaptive_avg_pool2d(torch.relu(self.a(x)), 1) * self.gamma[:, None, None]).flatten(1))
+
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError) as caught:
+        gradgraph.to_graph(PooledScale().to(DTYPE), torch.randn(4, 2, 3, 3, dtype=DTYPE), torch.randint(0, 3, (4,)),
+                           cross_entropy)
+    assert str(caught.value).endswith(": Tensor.mul: a parameter combined with values that are not one neuron per "
+                                      "feature"), str(caught.value)
