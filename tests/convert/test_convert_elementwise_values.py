@@ -356,3 +356,65 @@ def test_a_parameter_on_values_not_one_neuron_per_feature_is_refused_by_name():
                            cross_entropy)
     assert str(caught.value).endswith(": Tensor.mul: a parameter combined with values that are not one neuron per "
                                       "feature"), str(caught.value)
+
+
+class BatchNormCase(nn.Module):
+    """A convolution, an eval-mode ``BatchNorm2d`` of its map, a head: with a large ``eps``,
+    without affine parameters, read at two versions (as it is and after a ``tanh``), or as
+    ``F.batch_norm`` with the module's weight and bias but statistics of no module (buffers of
+    the model itself, which ``permute_model`` does not move with the channels)."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.conv, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 3)
+        self.bn = nn.BatchNorm2d(3, eps=0.1 if case == "eps" else 1e-5, affine=case != "no affine")
+        if case == "two versions":
+            self.after = nn.Linear(3, 3)
+        if case == "statistics of no module":
+            self.register_buffer("mean", torch.randn(3))
+            self.register_buffer("var", torch.rand(3) + 0.5)
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.randn(3, generator=generator))
+            self.bn.running_var.copy_(torch.rand(3, generator=generator) + 0.5)
+            if self.bn.affine:
+                self.bn.weight.copy_(torch.randn(3, generator=generator))
+                self.bn.bias.copy_(torch.randn(3, generator=generator))
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.case == "statistics of no module":
+            normalised = F.batch_norm(h, self.mean, self.var, self.bn.weight, self.bn.bias, False, 0.0, 1e-5)
+        else:
+            normalised = self.bn(h)
+        out = self.head(torch.tanh(normalised).mean((2, 3)))
+        if self.case == "two versions":
+            out = out + self.after(normalised.amax((2, 3)))
+        return out
+
+
+#: the conv's 3 channels with the norm's 3 and the tanh's 3, movable; fixed without a bias (the statistics
+#: then move with no module) or where the statistics are no module's
+BATCH_NORM_GROUPS = {
+    "eps": TAPS + blocks(9) + fixed(3),
+    "no affine": TAPS + fixed(9) + fixed(3),
+    "two versions": TAPS + blocks(9) + fixed(3) + blocks(3) + fixed(3),  # the head, then the max copy, then after
+    "statistics of no module": TAPS + fixed(9) + fixed(3),
+}
+
+
+@pytest.mark.parametrize("batch", [4, 1])
+@pytest.mark.parametrize("case", list(BATCH_NORM_GROUPS))
+def test_batch_norm_cases_are_exact_with_their_group(case, batch):
+    """``batch_norm``: the ``eps`` the model gives (kills 60, 64, 65: the default 1e-5 used
+    instead), no affine parameters (kills 204-205: no edge list, or parameter 1 as the scale),
+    a batch of one (kills 172: the channels read from datapoint 1), the norm read at two versions
+    (kills 247: its value labelled version 1), and the module's bias with statistics of no
+    module, which fix the channels (kills 113, 114, 127, 135: such statistics taken as the
+    module's, and the channels moved without them)."""
+    torch.manual_seed(40)
+    model = BatchNormCase(case).to(DTYPE).eval()
+    inputs, targets = torch.randn(batch, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (batch,))
+    graph, moved = convert_exactly(model, inputs, targets)
+    assert graph.perm_group.tolist() == BATCH_NORM_GROUPS[case]
