@@ -313,29 +313,6 @@ def test_a_scaled_value_read_before_and_after_an_activation_is_exact():
     convert_exactly(ScaleReadTwice().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
 
 
-class TwoShifts(nn.Module):
-    """``a(x) + first + second`` with ``first`` the model's parameter 0: the first shift is absorbed as
-    the affine set's bias (``bias_param == 0``), the second must not overwrite it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Parameter(torch.randn(4))  # registered first: parameter index 0
-        self.a = nn.Linear(3, 4, bias=False)
-        self.second = nn.Parameter(torch.randn(4))
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.a(x) + self.first + self.second))
-
-
-def test_a_second_shift_after_a_bias_that_is_parameter_zero_is_not_absorbed_over_it():
-    """Kills ``with_parameter`` 154, 155 (``bias_param <= 0`` / ``< 1``: a set whose bias is
-    parameter 0 taken for one without a bias, and the second shift written over the first: its
-    gradient lost)."""
-    torch.manual_seed(38)
-    convert_exactly(TwoShifts().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
-
-
 def test_a_parameter_on_values_not_one_neuron_per_feature_is_refused_by_name():
     """``gamma[:, None, None]`` times a pooled map ``[b, C, 1, 1]``: with one position the map shows
     no positions, so the channel path does not take it, and the last axis holds a different channel
