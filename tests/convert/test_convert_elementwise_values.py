@@ -346,8 +346,8 @@ class BatchNormCase(nn.Module):
         self.case = case
         self.conv, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 3)
         self.bn = nn.BatchNorm2d(3, eps=0.1 if case == "eps" else 1e-5, affine=case != "no affine")
-        if case == "two versions":
-            self.after = nn.Linear(3, 3)
+        if case == "two versions":  # two convolutions read the norm, as it is and after a tanh
+            self.direct, self.after = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
         if case == "statistics of no module":
             self.register_buffer("mean", torch.randn(3))
             self.register_buffer("var", torch.rand(3) + 0.5)
@@ -365,10 +365,9 @@ class BatchNormCase(nn.Module):
             normalised = F.batch_norm(h, self.mean, self.var, self.bn.weight, self.bn.bias, False, 0.0, 1e-5)
         else:
             normalised = self.bn(h)
-        out = self.head(torch.tanh(normalised).mean((2, 3)))
         if self.case == "two versions":
-            out = out + self.after(normalised.amax((2, 3)))
-        return out
+            return self.head((self.direct(normalised) + self.after(torch.tanh(normalised))).mean((2, 3)))
+        return self.head(torch.tanh(normalised).mean((2, 3)))
 
 
 #: the conv's 3 channels with the norm's 3 and the tanh's 3, movable; fixed without a bias (the statistics
@@ -376,7 +375,8 @@ class BatchNormCase(nn.Module):
 BATCH_NORM_GROUPS = {
     "eps": TAPS + blocks(9) + fixed(3),
     "no affine": TAPS + fixed(9) + fixed(3),
-    "two versions": TAPS + blocks(9) + fixed(3) + blocks(3) + fixed(3),  # the head, then the max copy, then after
+    # (two versions: the norm set gets a copy for its second version; the two 1x1 convolutions are tied by their sum)
+    "two versions": TAPS + blocks(9) + blocks(3, first=1) + blocks(6) + blocks(9, first=1) + fixed(3),
     "statistics of no module": TAPS + fixed(9) + fixed(3),
 }
 
