@@ -395,3 +395,24 @@ def test_batch_norm_cases_are_exact_with_their_group(case, batch):
     inputs, targets = torch.randn(batch, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (batch,))
     graph, moved = convert_exactly(model, inputs, targets)
     assert graph.perm_group.tolist() == BATCH_NORM_GROUPS[case]
+
+
+class NormReadTwice(nn.Module):
+    """A LayerNorm over ``cat([h1, h2])`` read by one layer as it is and by another after a ``tanh``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.norm = nn.Linear(3, 4), nn.Linear(3, 2), nn.LayerNorm(6)
+        self.direct, self.after = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        normalised = self.norm(torch.cat([torch.relu(self.first(x)), torch.tanh(self.second(x))], -1))
+        return self.direct(normalised) + self.after(torch.tanh(normalised))
+
+
+def test_a_norm_of_a_concatenation_read_at_two_versions_is_exact_with_each_part_permutable():
+    """``norm``'s sets (one per part, ``sets_per_run``) hold the normalised value as their version 0.
+    Kills ``norm`` 220 (labelled version 1, as the ``tanh`` of it: both readers got one act)."""
+    torch.manual_seed(41)
+    graph, moved = convert_exactly(NormReadTwice().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
+    assert moved > 0 and len(set(graph.perm_group.tolist()) - {-1}) == 2
