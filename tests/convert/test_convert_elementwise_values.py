@@ -416,3 +416,39 @@ def test_a_norm_of_a_concatenation_read_at_two_versions_is_exact_with_each_part_
     torch.manual_seed(41)
     graph, moved = convert_exactly(NormReadTwice().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
     assert moved > 0 and len(set(graph.perm_group.tolist()) - {-1}) == 2
+
+
+class PaddedMap(nn.Module):
+    """A constant ``F.pad`` of a 1-D map's positions: of a map of one position (a mean over the
+    positions with ``keepdim``), or of the raw input before the first convolution."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self.a, self.b, self.head = nn.Conv1d(2, 3, 3, padding=1), nn.Conv1d(3, 3, 2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.what == "the input":
+            return self.head(torch.tanh(self.a(F.pad(x, (2, 0)))).mean(-1))
+        pooled = torch.tanh(self.a(x)).mean(-1, keepdim=True)  # [b, C, 1]: no positions to show
+        return self.head(torch.tanh(self.b(F.pad(pooled, (1, 0), value=0.5))).mean(-1))
+
+
+def test_a_constant_pad_of_a_map_of_one_position_converts_exactly():
+    """``pads_positions``: a map of one position shows no positions in its components, and is a map
+    all the same (``math.prod(x.shape[2:]) == 1``). Kills ``pads_positions`` 77, 79, 80."""
+    torch.manual_seed(42)
+    gradgraph.convert.clear_structure_cache()
+    assert_exact_per_sample_grads(PaddedMap("one position").to(DTYPE), torch.randn(4, 2, 5, dtype=DTYPE),
+                                  torch.randint(0, 3, (4,)), cross_entropy)
+
+
+def test_a_constant_pad_of_the_raw_input_is_refused_by_name():
+    """The raw input is no map of neurons (``pads_positions`` is false for it): refused at the pad,
+    by name. Kills ``pads_positions`` 52, 60 (the input's metadata read as neurons, or the pad
+    taken as a per-channel copy of it)."""
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError) as caught:
+        gradgraph.to_graph(PaddedMap("the input").to(DTYPE), torch.randn(4, 2, 5, dtype=DTYPE),
+                           torch.randint(0, 3, (4,)), cross_entropy)
+    assert ": torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches " \
+           "torch.nn.functional.linear with the parameter 'a.weight'" in str(caught.value), str(caught.value)
