@@ -452,3 +452,42 @@ def test_a_constant_pad_of_the_raw_input_is_refused_by_name():
                            torch.randint(0, 3, (4,)), cross_entropy)
     assert ": torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches " \
            "torch.nn.functional.linear with the parameter 'a.weight'" in str(caught.value), str(caught.value)
+
+
+class MaxPoolWithIndices(nn.Module):
+    """``nn.MaxPool2d(return_indices=True)``: the pooled values go on; the indices are used or not;
+    or the pooled map is read at two versions (by one convolution as it is, by another after a tanh)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self.a, self.pool, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2, return_indices=True), nn.Linear(3, 3)
+        if what == "two versions":
+            self.direct, self.after = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        pooled, indices = self.pool(torch.tanh(self.a(x)))
+        if self.what == "indices used":
+            return self.head(pooled.mean((2, 3)) * indices.to(pooled.dtype).mean((2, 3)))
+        if self.what == "two versions":
+            pooled = self.direct(pooled) + self.after(torch.tanh(pooled))
+        return self.head(pooled.mean((2, 3)))
+
+
+@pytest.mark.parametrize("what", ["values", "two versions"])
+def test_a_max_pooling_that_returns_its_indices_converts_exactly(what):
+    """``spatial_pool`` on a ``(values, indices)`` output: the values are the pooled map. Kills
+    ``spatial_pool`` 8, 10 (the tuple, or the indices, taken as the values) and, read at two
+    versions, 71 (the copy labelled version 1)."""
+    torch.manual_seed(43)
+    convert_exactly(MaxPoolWithIndices(what).to(DTYPE), torch.randn(4, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (4,)))
+
+
+def test_the_indices_of_a_max_pooling_are_refused_by_name_where_they_reach_a_parameter():
+    """Kills ``spatial_pool`` 82-92 (the indices not marked, or marked without the reason, the op's
+    name or its dependencies)."""
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError) as caught:
+        gradgraph.to_graph(MaxPoolWithIndices("indices used").to(DTYPE), torch.randn(4, 2, 4, 4, dtype=DTYPE),
+                           torch.randint(0, 3, (4,)), cross_entropy)
+    assert ": torch.nn.functional.max_pool2d_with_indices: the indices of a max pooling, and its result reaches " \
+           "torch.nn.functional.linear with the parameter 'head.weight'" in str(caught.value), str(caught.value)
