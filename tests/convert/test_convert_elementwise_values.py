@@ -456,21 +456,25 @@ def test_a_constant_pad_of_the_raw_input_is_refused_by_name():
 
 class MaxPoolWithIndices(nn.Module):
     """``nn.MaxPool2d(return_indices=True)``: the pooled values go on; the indices are used or not;
-    or the pooled map is read at two versions (by one convolution as it is, by another after a tanh)."""
+    or the map is pooled to one position and read at two versions (by one layer as it is, by
+    another after a tanh)."""
 
     def __init__(self, what: str) -> None:
         super().__init__()
         self.what = what
-        self.a, self.pool, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2, return_indices=True), nn.Linear(3, 3)
-        if what == "two versions":
-            self.direct, self.after = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.pool = nn.MaxPool2d(4 if what == "two versions" else 2, return_indices=True)
+        if what == "two versions":  # pooled to one position, read by two layers (a convolution reads taps)
+            self.direct, self.after = nn.Linear(3, 3), nn.Linear(3, 3)
+        else:
+            self.head = nn.Linear(3, 3)
 
     def forward(self, x):
         pooled, indices = self.pool(torch.tanh(self.a(x)))
         if self.what == "indices used":
             return self.head(pooled.mean((2, 3)) * indices.to(pooled.dtype).mean((2, 3)))
         if self.what == "two versions":
-            pooled = self.direct(pooled) + self.after(torch.tanh(pooled))
+            return self.direct(pooled.flatten(1)) + self.after(torch.tanh(pooled).flatten(1))
         return self.head(pooled.mean((2, 3)))
 
 
