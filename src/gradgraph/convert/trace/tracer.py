@@ -427,10 +427,11 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                     raise self.unsupported(name, "active dropout changes the function; call model.eval()")
             return self.shape_op(name, func, args, kwargs, output, tracked)
         if name in UNARY:
-            operands = [meta for value, meta in tracked if isinstance(meta, Param) and value is not args[0]]
+            x = args[0] if args else kwargs.get("input")  # torch.sigmoid(input=h): no positional argument
+            operands = [meta for value, meta in tracked if isinstance(meta, Param) and value is not x]
             if operands:  # torch.pow(h, p), clamp(h, min=p): the parameter is no bias or scale
                 raise self.parameter_operand_refused(name, operands[0])
-            return self.unary(args[0], output, name, ACTIVATION_OPS.get(name))
+            return self.unary(x, output, name, ACTIVATION_OPS.get(name))
         if name in BINARY_ADD or name in BINARY_MUL or name in BINARY_OTHER:
             return self.binary(name, args, kwargs, output)
         if name in SOFTMAX:
