@@ -9,8 +9,9 @@ general path's loop over particles:
   instead of a ``to_graph`` per particle;
 * :func:`vmapped_update` — the update rule with every particle's own meta-parameters (PES),
   as ONE call: GradMetaNet's embedding for all graphs at once with per-graph parameters
-  (:func:`~gradgraph.optim.per_graph.per_graph_parameters`), then the per-parameter rule
-  vmapped over particles (``torch.func.vmap`` of ``functional_call``).
+  (:func:`~gradgraph.optim.per_graph.per_graph_parameters`; ``EMBED_CHUNK`` graphs per forward,
+  which keeps the per-component states in cache), then the per-parameter rule vmapped over
+  particles (``torch.func.vmap`` of ``functional_call``).
 
 Both give the general path's updates (tests/optim/test_optim_protocol.py, every variant, PES
 and TBPTT, with and without a schedule: 1e-10 in float64).
