@@ -425,7 +425,9 @@ class PaddedMap(nn.Module):
     def __init__(self, what: str) -> None:
         super().__init__()
         self.what = what
-        self.a, self.b, self.head = nn.Conv1d(2, 3, 3, padding=1), nn.Conv1d(3, 3, 2), nn.Linear(3, 3)
+        self.a, self.head = nn.Conv1d(2, 3, 3, padding=1), nn.Linear(3, 3)
+        if what != "the input":
+            self.b = nn.Conv1d(3, 3, 2)
 
     def forward(self, x):
         if self.what == "the input":
@@ -443,15 +445,16 @@ def test_a_constant_pad_of_a_map_of_one_position_converts_exactly():
                                   torch.randint(0, 3, (4,)), cross_entropy)
 
 
-def test_a_constant_pad_of_the_raw_input_is_refused_by_name():
-    """The raw input is no map of neurons (``pads_positions`` is false for it): refused at the pad,
-    by name. Kills ``pads_positions`` 52, 60 (the input's metadata read as neurons, or the pad
-    taken as a per-channel copy of it)."""
-    with pytest.raises(gradgraph.convert.UnsupportedOperationError) as caught:
-        gradgraph.to_graph(PaddedMap("the input").to(DTYPE), torch.randn(4, 2, 5, dtype=DTYPE),
-                           torch.randint(0, 3, (4,)), cross_entropy)
-    assert ": torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches " \
-           "torch.nn.functional.linear with the parameter 'a.weight'" in str(caught.value), str(caught.value)
+def test_a_constant_pad_of_the_raw_input_converts_exactly():
+    """A pad of the raw 1-D input before the first convolution: the input's channels become input
+    neurons at the padded positions (``pads_positions`` accepts the raw float input; the 2-D case
+    and transformers' TF-style padding are in ``tests/convert/test_convert_conv.py``). Refused by
+    name before that change; a pad whose ``Raw`` input were read as neurons with the wrong positions
+    would fail the per-sample gradients here."""
+    torch.manual_seed(43)
+    gradgraph.convert.clear_structure_cache()
+    assert_exact_per_sample_grads(PaddedMap("the input").to(DTYPE), torch.randn(4, 2, 5, dtype=DTYPE),
+                                  torch.randint(0, 3, (4,)), cross_entropy)
 
 
 class MaxPoolWithIndices(nn.Module):
