@@ -607,8 +607,8 @@ def test_one_graph_with_zero_datapoints_is_exact_and_a_sparse_adjacency_is_refus
 def pyg_batches(draw):
     """A PyG batch of 1-3 random graphs (1-5 nodes, 0-8 edges each) and a random GNN program over it."""
     sizes = draw(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 8)), min_size=1, max_size=3))
-    kinds = draw(st.lists(st.sampled_from(["gcn", "gin", "sage-mean", "sage-sum", "graph-conv", "hand", "gat"]),
-                          min_size=1, max_size=3))
+    kinds = draw(st.lists(st.sampled_from(["gcn", "gin", "sage-mean", "sage-sum", "graph-conv", "hand", "gat",
+                                             "gatv2"]), min_size=1, max_size=3))
     widths = draw(st.lists(st.integers(1, 4), min_size=len(kinds), max_size=len(kinds)))
     activations = draw(st.lists(st.sampled_from(["relu", "tanh", "none"]), min_size=len(kinds), max_size=len(kinds)))
     return sizes, kinds, widths, activations, draw(st.booleans()), draw(st.sampled_from(["mean", "add", "nodes"])), \
@@ -618,10 +618,11 @@ def pyg_batches(draw):
 class _BatchProgram(_Program):
     def __init__(self, kinds, *args):
         LAYERS["gat"] = lambda i, o: pyg.GATConv(i, o, heads=2, concat=False)
+        LAYERS["gatv2"] = lambda i, o: pyg.GATv2Conv(i, o, heads=2, concat=False)
         try:
             super().__init__(kinds, *args)
         finally:
-            del LAYERS["gat"]
+            del LAYERS["gat"], LAYERS["gatv2"]
 
     def forward(self, x, edge_index, batch):
         h = self.node_states(x, edge_index)
@@ -713,7 +714,8 @@ def test_more_pyg_layers_on_a_batch_are_exact_with_a_true_group(kind):
 REFUSED_LAYERS = {
     "GATConv-edge-dim": (lambda i, o: pyg.GATConv(i, o, heads=2, edge_dim=2),
                          r"of type GATConv: edge features \(edge_dim\) are a second input"),
-    "GATv2Conv": (lambda i, o: pyg.GATv2Conv(i, o), r"of type GATv2Conv: attention over a data graph's neighbours"),
+    "GATv2Conv-edge-dim": (lambda i, o: pyg.GATv2Conv(i, o, heads=2, edge_dim=2),
+                           r"of type GATv2Conv: edge features \(edge_dim\) are a second input"),
     "TransformerConv": (lambda i, o: pyg.TransformerConv(i, o), r"of type TransformerConv: attention over"),
     "EdgeConv-max": (lambda i, o: pyg.EdgeConv(_mlp(2 * i, o)), r"reduce='amax'"),
     "MFConv": (lambda i, o: pyg.MFConv(i, o), r"Tensor.index_copy_: in-place ops"),
@@ -729,15 +731,15 @@ def test_pyg_layers_gradgraph_cannot_read_are_refused_by_name(kind):
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.head = make(3, 5), nn.Linear(10 if kind.startswith("GATConv") else 5, 4)
+            self.conv, self.head = make(3, 5), nn.Linear(10 if kind.startswith("GAT") else 5, 4)
 
         def forward(self, x, edge_index, batch, edge_attr=None):
-            kwargs = {"edge_attr": edge_attr} if kind in ("GINEConv", "GATConv-edge-dim") else {}
+            kwargs = {"edge_attr": edge_attr} if kind.endswith("edge-dim") or kind == "GINEConv" else {}
             return self.head(pyg.global_mean_pool(torch.relu(self.conv(x, edge_index, **kwargs)), batch))
 
     graphs, batch = pyg_batch(seed=9)
     kwargs = {"edge_index": batch.edge_index, "batch": batch.batch}
-    if kind in ("GINEConv", "GATConv-edge-dim"):
+    if kind.endswith("edge-dim") or kind == "GINEConv":
         kwargs["edge_attr"] = torch.randn(batch.edge_index.shape[1], 2, dtype=DTYPE)
     with pytest.raises(UnsupportedModuleError, match=match):
         gradgraph.to_graph(Model().to(DTYPE), batch.x, torch.tensor([0, 1, 2]), cross_entropy,
@@ -796,14 +798,18 @@ GATS = {
     "two-heads-mean": lambda i, o: pyg.GATConv(i, o, heads=2, concat=False),
     "residual": lambda i, o: pyg.GATConv(i, o, heads=2, concat=False, residual=True),
     "no-self-loops": lambda i, o: pyg.GATConv(i, o, heads=2, concat=False, add_self_loops=False),
+    "v2-one-head": lambda i, o: pyg.GATv2Conv(i, o),
+    "v2-three-heads-concat": lambda i, o: pyg.GATv2Conv(i, o, heads=3),
+    "v2-two-heads-mean-shared": lambda i, o: pyg.GATv2Conv(i, o, heads=2, concat=False, share_weights=True),
+    "v2-residual-no-self-loops": lambda i, o: pyg.GATv2Conv(i, o, heads=2, residual=True, add_self_loops=False),
 }
 
 
 @pytest.mark.parametrize("kind", list(GATS))
 def test_gat_on_a_pyg_batch_is_exact(kind):
-    """PyG's GATConv runs as gradgraph's op-by-op form (``trace/stock_graph.py``): per-head scores as
-    ``F.linear`` with the attention vectors, the softmax over in-edges as exp / scatter / gather /
-    divide. Exact per graph. The inferred group permutes each head's channels within the head (the
+    """PyG's GATConv and GATv2Conv run as gradgraph's op-by-op form (``trace/stock_graph.py``): per-head
+    scores as ``F.linear`` with the attention vectors (GATv2: of the gathered per-edge features after
+    the LeakyReLU), the softmax over in-edges as exp / scatter / gather / divide. Exact per graph. The inferred group permutes each head's channels within the head (the
     per-head attention weights are the same for all of them; a permutation of whole heads is not
     claimed): sampled elements keep the function and map the graph to the permuted model's graph, and
     GradMetaNet's outputs move with them. Checked to fail before: the group was trivial (the

@@ -77,7 +77,7 @@ class _ModuleTracker:
         return self
 
     def _patch_gat(self, module: nn.Module) -> None:
-        """PyG's ``GATConv`` runs as :func:`~gradgraph.convert.trace.stock_graph.gat_attention` (its
+        """PyG's ``GATConv`` / ``GATv2Conv`` runs as :func:`~gradgraph.convert.trace.stock_graph.gat_attention` (its
         attention written op by op, checked against the module's own forward on every call)."""
         original = module.forward
         path = self.tracer.module_paths.get(id(module), "")
