@@ -809,12 +809,13 @@ GATS = {
 def test_gat_on_a_pyg_batch_is_exact(kind):
     """PyG's GATConv and GATv2Conv run as gradgraph's op-by-op form (``trace/stock_graph.py``): per-head
     scores as ``F.linear`` with the attention vectors (GATv2: of the gathered per-edge features after
-    the LeakyReLU), the softmax over in-edges as exp / scatter / gather / divide. Exact per graph. The inferred group permutes each head's channels within the head (the
-    per-head attention weights are the same for all of them; a permutation of whole heads is not
-    claimed): sampled elements keep the function and map the graph to the permuted model's graph, and
-    GradMetaNet's outputs move with them. Checked to fail before: the group was trivial (the
-    per-head weights broadcast over a head's channels pinned everything, and the form's check of its
-    output against the module's read the output with a detach the trace saw)."""
+    the LeakyReLU), the softmax over in-edges as exp / scatter / gather / divide. Exact per graph. The
+    inferred group permutes each head's channels within the head (the per-head attention weights are
+    the same for all of them; a permutation of whole heads is not claimed): sampled elements keep the
+    function and map the graph to the permuted model's graph, and GradMetaNet's outputs move with
+    them. Checked to fail before: the group was trivial (the per-head weights broadcast over a head's
+    channels pinned everything, and the form's check of its output against the module's read the
+    output with a detach the trace saw); GATv2Conv was refused by type."""
     class Attention(nn.Module):
         def __init__(self):
             super().__init__()

@@ -15,8 +15,8 @@ reads as a statistic) and its softmax subtracts a *detached* maximum, so the tra
 own forward. :func:`gat_attention` computes the same function with ops the trace has rules for:
 each head's score is ``F.linear`` of the head's features with the row ``a_s[h]`` (a neuron per
 head, the attention vector on its edges; for ``GATv2Conv`` of the gathered per-edge features
-``LeakyReLU(W_l x_j + W_r x_i)``, as ``EdgeConv``'s message MLP reads them), the softmax is ``exp``, a scatter of the sums into zeros,
-a gather of them back to the edges and a division (no shift: the same value, the same gradient),
+``LeakyReLU(W_l x_j + W_r x_i)``, as ``EdgeConv``'s message MLP reads them), the softmax is
+``exp``, a scatter of the sums into zeros, a gather of them back to the edges and a division (no shift: the same value, the same gradient),
 and the messages are a gather, a product with the weights and a scatter. Every parameter is then
 on an ``F.linear`` or a bias, so per-sample gradients are ``act · grad`` sums and exact.
 
@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from gradgraph.errors import UnsupportedModuleError
 
-__all__ = ["GRAPH_ATTENTION_LAYERS", "OP_BY_OP_LAYERS", "gat_attention", "gat_refusal", "is_gat", "refuse_graph_attention"]
+__all__ = ["GRAPH_ATTENTION_LAYERS", "OP_BY_OP_LAYERS", "gat_attention", "gat_refusal", "is_gat",
+           "refuse_graph_attention"]
 
 #: PyG layers whose messages are weighted by attention over neighbours (a softmax of scores computed
 #: from parameters over each node's in-edges); all but a supported GATConv / GATv2Conv are refused by name
@@ -49,8 +50,8 @@ OP_BY_OP_LAYERS = ("GATConv", "GATv2Conv")
 _ATTENTION_HINT = (
     "attention over a data graph's neighbours (TransformerConv and the like) weighs messages by "
     "coefficients gradgraph cannot write as rank-1 terms (PyG computes their scores as a reduction and their "
-    "softmax with a detached maximum); GATConv, GATv2Conv, GCNConv, GINConv, SAGEConv (sum / mean), GraphConv, ChebConv, "
-    "ResGatedGraphConv and the other layers of docs/gnn.md convert")
+    "softmax with a detached maximum); GATConv, GATv2Conv, GCNConv, GINConv, SAGEConv (sum / mean), GraphConv, "
+    "ChebConv, ResGatedGraphConv and the other layers of docs/gnn.md convert")
 
 
 def refuse_graph_attention(model: nn.Module) -> None:
