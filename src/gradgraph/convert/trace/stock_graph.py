@@ -16,8 +16,9 @@ own forward. :func:`gat_attention` computes the same function with ops the trace
 each head's score is ``F.linear`` of the head's features with the row ``a_s[h]`` (a neuron per
 head, the attention vector on its edges; for ``GATv2Conv`` of the gathered per-edge features
 ``LeakyReLU(W_l x_j + W_r x_i)``, as ``EdgeConv``'s message MLP reads them), the softmax is
-``exp``, a scatter of the sums into zeros, a gather of them back to the edges and a division (no shift: the same value, the same gradient),
-and the messages are a gather, a product with the weights and a scatter. Every parameter is then
+``exp``, a scatter of the sums into zeros, a gather of them back to the edges and a division (no
+shift: the same value, the same gradient), and the messages are a gather, a product with the
+weights and a scatter. Every parameter is then
 on an ``F.linear`` or a bias, so per-sample gradients are ``act · grad`` sums and exact.
 
 Each call also runs the module's own forward (no trace, no gradient) and refuses where the two
