@@ -9,9 +9,11 @@ MLP (default: MNIST-1D, 40→32→10, batch 128) on batches drawn in advance:
 * ``<meta-model>, fused``   — ``LearnedOptimizer`` as shipped on a plain chain: the closed-form
   forward/backward, no conversion (:mod:`gradgraph.optim.chain_step`).
 
-Meta-models: the shipped ``digits-mlp-deepsets`` (DeepSets: per-parameter MLP ``F``),
-``digits-mlp`` (GradMetaNet embedding from 32 examples of the batch) and ``gradmetanet-128``
-(a fresh GradMetaNet rule of the default config, reading all 128 examples, as the paper). Both
+Meta-models (default: the main task's shipped files, the three variants of the paper's
+ablation): ``mnist1d-mlp-sgdm`` (SGDM: ``α``, ``μ`` only), ``mnist1d-mlp-deepsets`` (DeepSets:
+per-parameter MLP ``F``) and ``mnist1d-mlp`` (GradMetaNet, its embedding from all 128 examples of
+the batch); also selectable: the older ``digits-mlp-deepsets``, ``digits-mlp`` (32 examples) and
+``gradmetanet-128`` (a fresh GradMetaNet rule of the default config). Both
 paths give the same parameters (tests/optim/test_optim_fused_step.py, 1e-10 in float64); this
 measures time only. The issue-29 target is fused <= 3x Adam on the MNIST-1D MLP.
 
@@ -32,7 +34,8 @@ import torch
 
 from _common import format_table, interleaved_median_times, set_threads
 
-META_MODELS = ("digits-mlp-deepsets", "digits-mlp", "gradmetanet-128")
+META_MODELS = ("mnist1d-mlp-sgdm", "mnist1d-mlp-deepsets", "mnist1d-mlp")
+OTHER_META_MODELS = ("digits-mlp-deepsets", "digits-mlp", "gradmetanet-128")
 
 
 def _meta_model(name: str):
@@ -77,7 +80,8 @@ def _stepper(task_name: str, kind: str, meta_name: str | None = None) -> Callabl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="mnist1d", help="a learned-optimizer task with a plain MLP")
-    parser.add_argument("--meta-models", nargs="+", default=list(META_MODELS), choices=META_MODELS)
+    parser.add_argument("--meta-models", nargs="+", default=list(META_MODELS),
+                        choices=META_MODELS + OTHER_META_MODELS)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: digits (no data to generate), 1 round (seconds; no meaningful ratio)")

@@ -28,8 +28,10 @@ __all__ = [
     "NUM_PARAMETER_FEATURES",
     "SECOND_MOMENT_DECAY",
     "TIME_SCALES",
+    "flat_parameter_features",
     "normalize_factors",
     "parameter_features",
+    "segment_rms_normalize",
     "time_features",
     "update_emas",
 ]
@@ -91,6 +93,36 @@ def parameter_features(param: Tensor, grad: Tensor, momenta: Tensor) -> Tensor:
     stacked = torch.cat([param.unsqueeze(-1), grad.unsqueeze(-1), momenta], dim=-1).clamp(-1, 1)
     reduce_dims = tuple(range(1, stacked.dim() - 1))
     return _rms_normalize(stacked, reduce_dims)
+
+
+def segment_rms_normalize(values: Tensor, segments: Tensor) -> Tensor:
+    """Divide ``values [P, D, C]`` by their RMS over each segment of ``D`` (per particle, per channel).
+
+    The flat form of normalising several tensors laid end to end: ``segments [D, S]`` is the one-hot
+    matrix of which of the ``S`` tensors each entry belongs to, so two small products replace a mean
+    per tensor (measured faster than an ``index_add`` along ``D``, which loops over its entries).
+    The same numbers as :func:`_rms_normalize` over each tensor, up to the order of the sums.
+    """
+    counts = segments.sum(0)  # [S]
+    means = torch.einsum("pdc,ds->psc", values.square(), segments) / counts.clamp_min(1)[:, None]
+    return values * torch.einsum("psc,ds->pdc", torch.rsqrt(means + _EPS), segments)
+
+
+def flat_parameter_features(param: Tensor, grad: Tensor, momenta: Tensor, segments: Tensor) -> Tensor:
+    """:func:`parameter_features` of several tensors laid end to end, in one pass.
+
+    Args:
+        param: ``[P, D]`` the values of every tensor, flattened and concatenated.
+        grad: ``[P, D]`` their mean gradients.
+        momenta: ``[P, D, 6]`` their gradient momenta.
+        segments: ``[D, S]`` one-hot: the tensor (of ``S``) each entry belongs to.
+
+    Returns:
+        ``[P, D, 8]``: θ, ∇, 6 momenta, clipped to ``[−1, 1]`` and divided by their RMS over their
+        own tensor (per particle, per channel).
+    """
+    stacked = torch.cat([param.unsqueeze(-1), grad.unsqueeze(-1), momenta], dim=-1).clamp(-1, 1)
+    return segment_rms_normalize(stacked, segments)
 
 
 def normalize_factors(values: Tensor, layer: Tensor, num_graphs: int) -> Tensor:

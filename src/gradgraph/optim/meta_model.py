@@ -45,6 +45,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Batch
 
@@ -58,8 +59,9 @@ from gradgraph.optim.features import (
     NUM_PARAMETER_FEATURES,
     SECOND_MOMENT_DECAY,
     TIME_SCALES,
+    flat_parameter_features,
     normalize_factors,
-    parameter_features,
+    segment_rms_normalize,
     time_features,
     update_emas,
 )
@@ -263,6 +265,7 @@ class LearnedUpdate(nn.Module):
         self.register_buffer("momentum_decays", torch.tensor(MOMENTUM_DECAYS), persistent=False)
         self.register_buffer("factor_decays", torch.tensor(FACTOR_DECAYS), persistent=False)
         self._layouts: dict[tuple, ParameterLayout] = {}
+        self._segment_cache: tuple[tuple, Tensor] | None = None  # the flat layout's segments (forward)
         if self.gradmetanet is not None:
             self._materialize()
 
@@ -434,25 +437,36 @@ class LearnedUpdate(nn.Module):
             raise GradGraphError(f"LearnedUpdate: params and grads name different tensors: {sorted(set(params) ^ set(grads))}")
         num_particles = next(iter(params.values())).shape[0]
         dtype = next(iter(params.values())).dtype
+        # Every tensor of the step is laid end to end ([P, D], D the parameters of all tensors):
+        # the rule is elementwise but for the per-tensor RMS of its features, taken by segment,
+        # so a step is a few dozen ops whatever the number of tensors (the same numbers as the
+        # rule tensor by tensor, up to the order of the RMS sums).
+        names = list(params)
+        numels = [params[name][0].numel() for name in names]
+
+        def flat(values: dict[str, Tensor], *trailing: int) -> Tensor:
+            parts = [values[name].reshape(num_particles, -1, *trailing) for name in names]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+        def unflat(values: Tensor, *trailing: int) -> dict[str, Tensor]:
+            parts = values.split(numels, dim=1) if len(names) > 1 else (values,)
+            return {name: part.reshape(*params[name].shape, *trailing) for name, part in zip(names, parts)}
+
         mu = self.mu.to(dtype)
         momentum_decays = self.momentum_decays.to(dtype)
         step = state.step + 1
-        new_momentum = {k: mu * state.momentum[k] + (1 - mu) * g for k, g in grads.items()}
-        # update_emas written out with (1 − d) computed once per step, not once per tensor: the same numbers.
-        gains = 1 - momentum_decays
-        new_momenta = {
-            k: torch.cat([momentum_decays * state.momenta[k][..., :-1] + gains * g.unsqueeze(-1),
-                          (SECOND_MOMENT_DECAY * state.momenta[k][..., -1] + (1 - SECOND_MOMENT_DECAY) * g.square())[..., None]],
-                         dim=-1)
-            for k, g in grads.items()
-        }
-        scale = self.step_scale(step, dtype)  # [P]: α, times the schedule if there is one
-
-        def alpha_like(param: Tensor) -> Tensor:
-            return scale.reshape(-1, *([1] * (param.dim() - 1)))
-
+        grad = flat(grads)
+        momentum = mu * flat(state.momentum) + (1 - mu) * grad
+        # update_emas written out with (1 − d) computed once per step: the same numbers.
+        old_momenta = flat(state.momenta, len(MOMENTUM_DECAYS) + 1)
+        momenta = torch.cat([momentum_decays * old_momenta[..., :-1] + (1 - momentum_decays) * grad.unsqueeze(-1),
+                             (SECOND_MOMENT_DECAY * old_momenta[..., -1]
+                              + (1 - SECOND_MOMENT_DECAY) * grad.square()).unsqueeze(-1)], dim=-1)
+        new_momentum, new_momenta = unflat(momentum), unflat(momenta, len(MOMENTUM_DECAYS) + 1)
+        scale = self.step_scale(step, dtype)[:, None]  # [P, 1]: α, times the schedule if there is one
+        values = flat(params)
         if self.mlp is None:  # SGDM: no learned term at all
-            new_params = {name: param - alpha_like(param) * new_momentum[name] for name, param in params.items()}
+            new_params = unflat(values - scale * momentum)
             return new_params, OptimizerState(step=step, momentum=new_momentum, momenta=new_momenta)
         times = time_features(step, dtype)  # [P, 11]
         emas = None
@@ -465,36 +479,32 @@ class LearnedUpdate(nn.Module):
                 raise GradGraphError("LearnedUpdate: the GradMetaNet variant needs the batch's graphs")
             first = first_graph if first_graph is not None else graphs.get_example(0)
             embeddings, emas = self.embed(graphs, first, state, num_particles)
-        inputs = []
-        for name, param in params.items():
-            feats = parameter_features(param, grads[name], new_momenta[name][..., :-1])
-            flat = feats.reshape(num_particles, -1, feats.shape[-1])
-            parts = [flat, times[:, None, :].expand(-1, flat.shape[1], -1)]
-            if embeddings:
-                embedding = embeddings[name].reshape(num_particles, flat.shape[1], -1).to(dtype)
-                if self.config.normalize_embedding:
-                    # Per particle and channel over the tensor, as parameter_features does: a
-                    # positive scale shared by the tensor, so equivariance is kept.
-                    embedding = embedding * torch.rsqrt(embedding.square().mean(dim=1, keepdim=True) + 1e-12)
-                parts.append(embedding)
-            inputs.append(torch.cat(parts, dim=-1))
-        learned = self.mlp(torch.cat(inputs, dim=1).to(self.mlp[0].weight.dtype)).squeeze(-1).to(dtype)
+        segments = self._segments(numels, values)
+        features = flat_parameter_features(values, grad, momenta[..., :-1], segments)
+        parts = [features, times[:, None, :].expand(-1, features.shape[1], -1)]
+        if embeddings:
+            embedding = flat(embeddings, next(iter(embeddings.values())).shape[-1]).to(dtype)
+            if self.config.normalize_embedding:
+                # Per particle and channel over each tensor, as the features: a positive scale
+                # shared by the tensor, so equivariance is kept.
+                embedding = segment_rms_normalize(embedding, segments)
+            parts.append(embedding)
+        learned = self.mlp(torch.cat(parts, dim=-1).to(self.mlp[0].weight.dtype)).squeeze(-1).to(dtype)
         if self.config.residual_adam:
-            # adam_direction of every tensor at once, on the flat [P, D] layout of `learned`
-            # (elementwise the same operations: the same numbers, fewer calls per step).
-            flat = torch.cat([new_momenta[name].reshape(num_particles, -1, new_momenta[name].shape[-1])
-                              for name in params], dim=1)
-            learned = learned + self.adam_direction(flat, step)
-        beta = self.beta.to(dtype)
-        new_params = {}
-        offset = 0
-        for name, param in params.items():
-            numel = param[0].numel()
-            correction = learned[:, offset:offset + numel].reshape(param.shape)
-            offset += numel
-            new_params[name] = param - alpha_like(param) * (beta * correction + new_momentum[name])
+            learned = learned + self.adam_direction(momenta, step)
+        new_params = unflat(values - scale * (self.beta.to(dtype) * learned + momentum))
         new_state = OptimizerState(step=step, momentum=new_momentum, momenta=new_momenta, factor_emas=emas)
         return new_params, new_state
+
+    def _segments(self, numels: list[int], like: Tensor) -> Tensor:
+        """``[D, S]`` one-hot: which of the ``S`` tensors each entry of the flat layout belongs to
+        (in ``like``'s dtype and device; kept for the last layout)."""
+        key = (tuple(numels), like.dtype, str(like.device))
+        if self._segment_cache is None or self._segment_cache[0] != key:
+            which = torch.repeat_interleave(torch.arange(len(numels), device=like.device),
+                                            torch.tensor(numels, device=like.device))
+            self._segment_cache = (key, F.one_hot(which, len(numels)).to(like.dtype))
+        return self._segment_cache[1]
 
     @staticmethod
     def adam_direction(momenta: Tensor, step: Tensor) -> Tensor:
