@@ -195,6 +195,26 @@ def assert_exact_per_sample_grads(model, inputs, targets, loss_fn, tolerance=1e-
     return graph
 
 
+def convert_twice(model, shape=(4, 3), seed=0):
+    """Convert ``model`` on two batches of ``shape`` (class targets of 3, ``cross_entropy`` per
+    datapoint): the first a trace (the structure cache cleared), the second the cached plan's replay
+    on other inputs (asserted: no new trace), each checked exact. Returns ``([first, second],
+    inputs, targets)`` with the second batch's inputs and targets."""
+    from gradgraph.convert import clear_structure_cache
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    clear_structure_cache()
+    torch.manual_seed(seed)
+    graphs = []
+    for _ in range(2):
+        misses = PLAN_CACHE.misses
+        inputs, targets = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+        graphs.append(assert_exact_per_sample_grads(model, inputs, targets,
+                                                    lambda out, y: F.cross_entropy(out, y, reduction="none")))
+    assert PLAN_CACHE.misses == misses, "the second conversion traced again instead of replaying the plan"
+    return graphs, inputs, targets
+
+
 def assert_per_sample_grads_match_loop(model: nn.Module, inputs: torch.Tensor, atol: float = 1e-10):
     """``to_graph(model, inputs)`` (output mode) against a per-datapoint autograd loop of the output's
     sum. Unlike :func:`assert_exact_per_sample_grads`, a parameter the graph leaves out (a branch

@@ -18,11 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, randomise_batch_norms
+from traced_models import assert_group_keeps_function, convert_twice, randomise_batch_norms
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
-from gradgraph.convert.plan import PLAN_CACHE
 
 DTYPE = torch.float64
 
@@ -69,19 +68,6 @@ class TinyResNet(nn.Module):
     def forward(self, x):
         x = self.layer2(self.layer1(self.stem(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def convert_twice(model, shape, seed=0):
-    """The first conversion (a trace) and a second on other inputs (the cached plan, not traced
-    again), both exact."""
-    torch.manual_seed(seed)
-    graphs = []
-    for _ in range(2):
-        misses = PLAN_CACHE.misses
-        inputs, targets = torch.randn(*shape, dtype=DTYPE), torch.randint(0, 3, (shape[0],))
-        graphs.append(assert_exact_per_sample_grads(model, inputs, targets, cross_entropy))
-    assert PLAN_CACHE.misses == misses, "the second conversion traced again instead of using the plan"
-    return graphs, inputs, targets
 
 
 def test_a_torchvision_style_resnet_converts_exactly_with_its_group():

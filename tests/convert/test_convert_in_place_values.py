@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from traced_models import assert_exact_per_sample_grads
+from traced_models import convert_twice
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
-from gradgraph.convert.plan import PLAN_CACHE
 from gradgraph.convert.trace.in_place import _FLAGGED
 
 DTYPE = torch.float64
@@ -29,19 +28,6 @@ DTYPE = torch.float64
 
 def cross_entropy(output, target):
     return F.cross_entropy(output, target, reduction="none")
-
-
-def convert_twice(model, shape=(4, 3), seed=0):
-    """The trace and the cached plan's replay of other inputs, each exact; the two graphs."""
-    gradgraph.convert.clear_structure_cache()
-    torch.manual_seed(seed)
-    graphs = []
-    for _ in range(2):
-        misses = PLAN_CACHE.misses
-        inputs, targets = torch.randn(*shape, dtype=DTYPE), torch.randint(0, 3, (shape[0],))
-        graphs.append(assert_exact_per_sample_grads(model, inputs, targets, cross_entropy))
-    assert PLAN_CACHE.misses == misses, "the second conversion traced again instead of replaying the plan"
-    return graphs
 
 
 class TwoLayers(nn.Module):
@@ -64,7 +50,7 @@ def test_an_in_place_function_given_its_input_by_keyword_converts_exactly():
     """``torch.relu_(input=h)``: the mode sees ``args == ()``, the target is ``kwargs["input"]``.
     Kills ``out_of_place_call`` 29 (``args[0]`` of an empty tuple), 31-33 (the target looked up
     under another key: not rewritten, refused as an in-place op)."""
-    first, second = convert_twice(TwoLayers(_keyword_input).to(DTYPE))
+    (first, second), _, _ = convert_twice(TwoLayers(_keyword_input).to(DTYPE))
     assert torch.equal(first.edge_index, second.edge_index) and first.num_nodes == 3 + 4 + 3
 
 
