@@ -257,3 +257,244 @@ def test_pes_perturbations_restart_with_their_pair_and_a_diverged_truncation_is_
     torch.testing.assert_close(pes.accumulated[0], torch.full_like(pes.accumulated[0], 2.0), rtol=0, atol=1e-15)
     assert not pes.accumulated[1].any()
     assert trainer.restart_at.tolist() == [6, 1, 6, 1]
+
+
+def _validated_task() -> Task:
+    """``_task`` with held-out batches of their own size (7) and rule (the second input's sign)."""
+    task = _task()
+
+    def validation(generator: torch.Generator):
+        x = torch.randn(7, 3, generator=generator, dtype=DOUBLE)
+        return x, (x[:, 1] > 0).long()
+
+    return Task(task.name, task.make_model, task.sample_batch, task.loss_fn, sample_validation=validation)
+
+
+def _truncation_by_hand(trainer: MetaTrainer) -> tuple[torch.Tensor, dict[str, torch.Tensor], object, list, object]:
+    """One TBPTT truncation of ``trainer`` written out: every particle's mean gradient by autograd on its own
+    network (a loop over particles), the rule applied to all of them, the next training batch drawn from a copy of
+    the data stream (one per problem, handed to each of its particles), the held-out batch after it (if the task
+    has them, else the training batch), each particle's held-out mean loss. Returns ``(losses [T, P], params,
+    state, batches, generator)`` — the parameters and state still carry the meta-parameters' history."""
+    task, config = trainer.task, trainer.config
+    problems, particles = trainer.num_problems, config.num_particles
+    generator = torch.Generator()
+    generator.set_state(trainer.data_generator.get_state())
+
+    def draw(sample):
+        per_problem = [sample(generator) for _ in range(problems)]
+        return [per_problem[p % problems] for p in range(particles)]
+
+    network = task.make_model(0)  # the architecture; its own weights are never read
+    names = [name for name, p in network.named_parameters()]
+    params = {name: value.detach().clone() for name, value in trainer.params.items()}
+    state, batches, terms = trainer.state, trainer.batches, []
+    for _ in range(config.truncation):
+        grads = {name: [] for name in names}
+        for p in range(particles):
+            leaves = {name: params[name][p].detach().clone().requires_grad_() for name in names}
+            inputs, targets = batches[p]
+            loss = task.loss_fn(torch.func.functional_call(network, leaves, (inputs,)), targets).mean()
+            for name, grad in zip(names, torch.autograd.grad(loss, [leaves[name] for name in names])):
+                grads[name].append(grad)
+        params, state = trainer.meta_model(params, {name: torch.stack(g) for name, g in grads.items()}, state)
+        batches = draw(task.sample_batch)
+        held = draw(task.sample_validation) if task.sample_validation is not None else batches
+        terms.append(torch.stack([
+            task.loss_fn(torch.func.functional_call(network, {name: params[name][p] for name in names},
+                                                    (held[p][0],)), held[p][1]).mean()
+            for p in range(particles)]))
+    return torch.stack(terms), params, state, batches, generator
+
+
+def _meta_gradient(trainer: MetaTrainer, meta_loss: torch.Tensor) -> torch.Tensor:
+    grads = torch.autograd.grad(meta_loss, list(trainer.meta_model.parameters()), allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                      for p, g in zip(trainer.meta_model.parameters(), grads)])
+
+
+def _check_truncation(trainer: MetaTrainer, losses, params, state, batches, generator, meta_loss, survival) -> None:
+    inner_step = trainer.inner_step.clone()
+    expected_grad = _meta_gradient(trainer, meta_loss)
+    loss, flat_grad = trainer.estimate()
+    assert math.isclose(loss, float(meta_loss.detach()), rel_tol=1e-12)
+    assert expected_grad.abs().sum() > 0
+    assert flat_grad.dtype == DOUBLE
+    torch.testing.assert_close(flat_grad, expected_grad, rtol=1e-9, atol=1e-12)
+    assert all(p.grad is None for p in trainer.meta_model.parameters())
+    for name, value in params.items():
+        assert not trainer.params[name].requires_grad
+        torch.testing.assert_close(trainer.params[name], value.detach(), rtol=1e-12, atol=1e-14)
+    assert not trainer.state.momentum[next(iter(params))].requires_grad
+    torch.testing.assert_close(trainer.state.tensors(), state.detach().tensors(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(trainer.survival, survival, rtol=1e-12, atol=1e-14)
+    assert not trainer.survival.requires_grad
+    assert torch.equal(trainer.inner_step, inner_step + trainer.config.truncation)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(trainer.batches, batches))
+    assert torch.equal(trainer.data_generator.get_state(), generator.get_state())
+
+
+def _tbptt(task: Task, **options) -> MetaTrainer:
+    config = dict(estimator="tbptt", num_particles=3, truncation=3, horizon=12, grad_clip=None, seed=4)
+    config.update(options)
+    torch.manual_seed(0)
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, schedule=True)).double()
+    return MetaTrainer(rule, task, MetaTrainConfig(**config))
+
+
+def test_a_tbptt_truncation_is_the_mean_log_loss_of_the_unrolled_runs_and_its_gradient():
+    """TBPTT, three runs of three steps, on the batched path and on the per-network graph path, with and without
+    held-out batches: the returned meta-loss is ``mean_p mean_t log L_t`` of the losses unrolled by hand
+    (:func:`_truncation_by_hand`), the estimate its gradient with respect to every meta-parameter (autograd through
+    the unroll, the batch gradients as data), and the runs move on to the unrolled parameters, state, batches
+    and data stream, detached, their inner steps three further."""
+    for batched in (True, False):
+        for task in (_task(), _validated_task()):
+            trainer = _tbptt(task, batched=batched)
+            assert (trainer.chain is not None) == batched
+            trainer.step()  # the runs are under way, their state not the initial one
+            losses, params, state, batches, generator = _truncation_by_hand(trainer)
+            meta_loss = torch.log(losses).mean(dim=0).mean()
+            _check_truncation(trainer, losses, params, state, batches, generator, meta_loss, trainer.survival.clone())
+
+
+def test_a_tbptt_truncation_of_the_first_passage_meta_loss_carries_the_survival():
+    """``"first-passage"``: ``S_t = min(S_{t-1}, σ((log L_t − log L*) / τ))`` from the survival the runs carry
+    (set here to 0.9, 0.3, 1), the meta-loss ``mean_p mean_t S_t`` and the new survival ``S_T`` (detached),
+    written out step by step."""
+    trainer = _tbptt(_validated_task(), meta_loss="first-passage", target_loss=0.7, temperature=0.3)
+    trainer.step()
+    trainer.survival = torch.tensor([0.9, 0.3, 1.0], dtype=DOUBLE)
+    losses, params, state, batches, generator = _truncation_by_hand(trainer)
+    survival, curve = trainer.survival.clone(), []
+    for step_losses in losses:
+        survival = torch.minimum(survival, torch.sigmoid((torch.log(step_losses) - math.log(0.7)) / 0.3))
+        curve.append(survival)
+    meta_loss = torch.stack(curve).mean(dim=0).mean()
+    assert (survival < torch.tensor([0.9, 0.3, 1.0], dtype=DOUBLE)).any()
+    _check_truncation(trainer, losses, params, state, batches, generator, meta_loss, survival.detach())
+
+
+def test_one_particles_state_is_its_row_of_every_field_and_the_rows_concatenate_back():
+    """``_slice_state(state, p, P)`` (PES's per-particle rule calls): row ``p`` of the step, of every momentum and of
+    the momenta, and particle ``p``'s ``N`` rows of the factor EMAs ``[P·N, B, 12]`` (rows ``p·N … p·N + N − 1``);
+    ``_cat_states`` of the ``P`` slices is the state again, field by field. Without factor EMAs both keep
+    ``None``."""
+    from gradgraph.optim.meta_model import OptimizerState
+    from gradgraph.optim.meta_train import _cat_states, _slice_state
+
+    generator = torch.Generator().manual_seed(5)
+    particles, nodes = 3, 2
+    state = OptimizerState(
+        step=torch.tensor([4, 7, 9]),
+        momentum={"a": torch.randn(3, 2, 5, generator=generator, dtype=DOUBLE),
+                  "b": torch.randn(3, 4, generator=generator, dtype=DOUBLE)},
+        momenta={"a": torch.randn(3, 2, 5, 7, generator=generator, dtype=DOUBLE),
+                 "b": torch.randn(3, 4, 7, generator=generator, dtype=DOUBLE)},
+        factor_emas=torch.randn(particles * nodes, 2, 12, generator=generator, dtype=DOUBLE),
+    )
+    slices = [_slice_state(state, p, particles) for p in range(particles)]
+    for p, one in enumerate(slices):
+        assert one.step.tolist() == [state.step[p].item()]
+        for field in ("momentum", "momenta"):
+            assert set(getattr(one, field)) == {"a", "b"}
+            for name, value in getattr(state, field).items():
+                assert torch.equal(getattr(one, field)[name], value[p:p + 1])
+        assert torch.equal(one.factor_emas, torch.stack([state.factor_emas[p * nodes + n] for n in range(nodes)]))
+    again = _cat_states(slices)
+    assert torch.equal(again.step, state.step)
+    for field in ("momentum", "momenta"):
+        assert set(getattr(again, field)) == {"a", "b"}
+        for name, value in getattr(state, field).items():
+            assert torch.equal(getattr(again, field)[name], value)
+    assert torch.equal(again.factor_emas, state.factor_emas)
+
+    plain = OptimizerState(step=state.step, momentum=state.momentum, momenta=state.momenta)
+    assert _slice_state(plain, 1, particles).factor_emas is None
+    assert _cat_states([_slice_state(plain, p, particles) for p in range(particles)]).factor_emas is None
+
+
+def test_the_log_line_of_an_outer_step_holds_the_documented_numbers():
+    """``end_step`` counts the outer step and appends (and returns) the line ``outer_step``, ``meta_loss``,
+    ``grad_norm``, the rule's ``α``, ``β``, ``μ`` as floats, the schedule as a list (only where the rule has one)
+    and ``seconds``."""
+    trainer = _trainer()
+    trainer.outer_steps = 4
+    rule = trainer.meta_model
+    line = trainer.end_step(0.25, 1.5, 3.0)
+    expected = {"outer_step": 5, "meta_loss": 0.25, "grad_norm": 1.5, "alpha": float(rule.alpha.detach()),
+                "beta": float(rule.beta.detach()), "mu": float(rule.mu.detach()), "seconds": 3.0,
+                "schedule": rule.schedule.detach().tolist()}
+    assert line == expected and all(type(line[key]) is type(value) for key, value in expected.items())
+    assert len(expected["schedule"]) > 1 and len({expected["alpha"], expected["beta"], expected["mu"]}) == 3
+    assert trainer.outer_steps == 5 and trainer.history == [expected]
+    plain = MetaTrainer(LearnedUpdate(MetaModelConfig(use_gradmetanet=False)).double(), _task(),
+                        MetaTrainConfig(estimator="tbptt", num_particles=2, truncation=1, horizon=6))
+    assert "schedule" not in plain.end_step(math.nan, math.nan, 0.0) and plain.outer_steps == 1
+
+
+def _check_fresh_trainer(trainer: MetaTrainer, rule: LearnedUpdate, task: Task, config: MetaTrainConfig,
+                         problems: int) -> None:
+    particles = config.num_particles
+    first_seed = 1_000_000 + 10_000 * config.seed
+    assert trainer.task is task and trainer.config is config and trainer.meta_model is rule
+    assert trainer.num_problems == problems and trainer.next_model_seed == first_seed + problems
+    assert len(trainer.models) == particles and len({id(m) for m in trainer.models}) == particles
+    names = [name for name, _ in task.make_model(0).named_parameters()]
+    assert trainer.names == names and trainer.device == torch.device("cpu")
+    for p in range(particles):
+        seeded = _model_params(task, first_seed + p % problems)
+        for name in names:
+            assert torch.equal(dict(trainer.models[p].named_parameters())[name].detach(), seeded[name])
+            assert torch.equal(trainer.params[name][p], seeded[name])
+    assert all(not value.requires_grad for value in trainer.params.values())
+    # the outer Adam: every non-scalar meta-parameter at outer_lr, the scalars at scalar_lr, torch's defaults else
+    assert type(trainer.outer) is torch.optim.Adam
+    others, scalars = trainer.outer.param_groups
+    scalar_ids = {id(p) for p in rule.scalar_parameters}
+    assert [id(p) for p in scalars["params"]] == [id(p) for p in rule.scalar_parameters]
+    assert [id(p) for p in others["params"]] == [id(p) for p in rule.parameters() if id(p) not in scalar_ids]
+    assert others["lr"] == config.outer_lr and scalars["lr"] == config.scalar_lr
+    assert others["betas"] == (0.9, 0.999) and others["eps"] == 1e-8 and others["weight_decay"] == 0
+    # the data stream: seeded with config.seed, one training batch per problem drawn, handed to its particles
+    stream = torch.Generator().manual_seed(config.seed)
+    drawn = [task.sample_batch(stream) for _ in range(problems)]
+    assert torch.equal(trainer.data_generator.get_state(), stream.get_state())
+    for p, (inputs, targets) in enumerate(trainer.batches):
+        assert torch.equal(inputs, drawn[p % problems][0]) and torch.equal(targets, drawn[p % problems][1])
+    # the runs: zero state, staggered first restarts (k + 1) H // K, step 0, alive, nothing counted yet
+    assert trainer.state.step.tolist() == [0] * particles and trainer.state.factor_emas is None
+    assert all(not value.any() for value in trainer.state.momentum.values())
+    assert all(value.shape[-1] == 7 and not value.any() for value in trainer.state.momenta.values())
+    assert trainer.restart_at.tolist() == [(p % problems + 1) * config.horizon // problems for p in range(particles)]
+    assert trainer.inner_step.dtype == torch.long and trainer.inner_step.tolist() == [0] * particles
+    assert torch.equal(trainer.survival, torch.ones(particles))
+    assert trainer.outer_steps == 0 and trainer.diverged_truncations == 0 and trainer.history == []
+    assert trainer.mean_grad_norm is None and trainer._chain_graphs is None
+    mask = torch.cat([torch.full((p.numel(),), id(p) in scalar_ids) for p in rule.parameters()])
+    assert trainer.scalar_mask.dtype == torch.bool and torch.equal(trainer.scalar_mask, mask)
+    assert (trainer.chain is not None) == (config.batched and not task.forward_kwargs)
+
+
+def test_a_fresh_trainer_holds_the_documented_initial_state():
+    """TBPTT (three problems, one per run) and PES (two pairs: problems of particles ``p`` and ``p + 2`` shared): the
+    models from the seeds ``1 000 000 + 10 000 · seed + k``, their parameters stacked, the outer Adam's two groups
+    and rates, the data stream and first batches, the zero state, the staggered restarts, the counters, the
+    scalars mask, the batched path where it applies; PES's perturbations seeded with ``seed + 7``, in the
+    meta-parameters' dtype, zero, and none for TBPTT."""
+    for estimator, particles, problems in (("tbptt", 3, 3), ("pes", 4, 2)):
+        for batched in (True, False):
+            config = MetaTrainConfig(estimator=estimator, num_particles=particles, truncation=2, horizon=10,
+                                     seed=2, outer_lr=0.003, scalar_lr=0.02, sigma=0.04, batched=batched)
+            torch.manual_seed(0)
+            rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, schedule=True)).double()
+            task = _validated_task()
+            trainer = MetaTrainer(rule, task, config)
+            _check_fresh_trainer(trainer, rule, task, config, problems)
+            if estimator == "tbptt":
+                assert trainer.pes is None
+                continue
+            pes, dim = trainer.pes, sum(p.numel() for p in rule.parameters())
+            assert (pes.num_pairs, pes.dim, pes.sigma) == (2, dim, 0.04)
+            assert pes.accumulated.dtype == DOUBLE and pes.accumulated.shape == (2, dim) and not pes.accumulated.any()
+            assert torch.equal(pes.generator.get_state(), torch.Generator().manual_seed(2 + 7).get_state())
