@@ -14,7 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_geometric.data import Batch
 
+from gradgraph.convert import to_graph
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer, Task
 
 DOUBLE = torch.float64
@@ -285,24 +287,31 @@ def _truncation_by_hand(trainer: MetaTrainer) -> tuple[torch.Tensor, dict[str, t
         per_problem = [sample(generator) for _ in range(problems)]
         return [per_problem[p % problems] for p in range(particles)]
 
-    network = task.make_model(0)  # the architecture; its own weights are never read
+    network = task.make_model(0)  # the architecture; its weights are set to each particle's before use
     names = [name for name, p in network.named_parameters()]
     params = {name: value.detach().clone() for name, value in trainer.params.items()}
-    state, batches, terms = trainer.state, trainer.batches, []
+    state, batches, terms, kwargs = trainer.state, trainer.batches, [], task.forward_kwargs
     for _ in range(config.truncation):
-        grads = {name: [] for name in names}
+        grads, graphs = {name: [] for name in names}, []
         for p in range(particles):
             leaves = {name: params[name][p].detach().clone().requires_grad_() for name in names}
             inputs, targets = batches[p]
-            loss = task.loss_fn(torch.func.functional_call(network, leaves, (inputs,)), targets).mean()
+            loss = task.loss_fn(torch.func.functional_call(network, leaves, (inputs,), kwargs), targets).mean()
             for name, grad in zip(names, torch.autograd.grad(loss, [leaves[name] for name in names])):
                 grads[name].append(grad)
-        params, state = trainer.meta_model(params, {name: torch.stack(g) for name, g in grads.items()}, state)
+            if trainer.meta_model.needs_graph:  # GradMetaNet reads each particle's graph on its batch
+                with torch.no_grad():
+                    for name, value in network.named_parameters():
+                        value.copy_(leaves[name])
+                graphs.append(to_graph(network, inputs, targets, task.loss_fn, forward_kwargs=kwargs))
+        batch = Batch.from_data_list(graphs) if graphs else None
+        params, state = trainer.meta_model(params, {name: torch.stack(g) for name, g in grads.items()}, state,
+                                           batch, graphs[0] if graphs else None)
         batches = draw(task.sample_batch)
         held = draw(task.sample_validation) if task.sample_validation is not None else batches
         terms.append(torch.stack([
             task.loss_fn(torch.func.functional_call(network, {name: params[name][p] for name in names},
-                                                    (held[p][0],)), held[p][1]).mean()
+                                                    (held[p][0],), kwargs), held[p][1]).mean()
             for p in range(particles)]))
     return torch.stack(terms), params, state, batches, generator
 
@@ -334,11 +343,11 @@ def _check_truncation(trainer: MetaTrainer, losses, params, state, batches, gene
     assert torch.equal(trainer.data_generator.get_state(), generator.get_state())
 
 
-def _tbptt(task: Task, **options) -> MetaTrainer:
+def _tbptt(task: Task, gradmetanet: bool = False, **options) -> MetaTrainer:
     config = dict(estimator="tbptt", num_particles=3, truncation=3, horizon=12, grad_clip=None, seed=4)
     config.update(options)
     torch.manual_seed(0)
-    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, schedule=True)).double()
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=gradmetanet, schedule=True)).double()
     return MetaTrainer(rule, task, MetaTrainConfig(**config))
 
 
@@ -498,3 +507,155 @@ def test_a_fresh_trainer_holds_the_documented_initial_state():
             assert (pes.num_pairs, pes.dim, pes.sigma) == (2, dim, 0.04)
             assert pes.accumulated.dtype == DOUBLE and pes.accumulated.shape == (2, dim) and not pes.accumulated.any()
             assert torch.equal(pes.generator.get_state(), torch.Generator().manual_seed(2 + 7).get_state())
+
+
+class _Tempered(nn.Module):
+    """An MLP whose forward takes a keyword (``temperature``, dividing the logits): a task's ``forward_kwargs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    def forward(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return self.net(x) / temperature
+
+
+def _tempered_task() -> Task:
+    """``_validated_task`` with ``forward_kwargs={"temperature": 3.0}`` (no batched path then)."""
+    task = _validated_task()
+
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return _Tempered().double()
+
+    return Task(task.name, make, task.sample_batch, task.loss_fn, forward_kwargs={"temperature": 3.0},
+                sample_validation=task.sample_validation)
+
+
+def _regression_task() -> Task:
+    """Targets with a trailing axis ``[b, 2]``, a squared error per datapoint."""
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+    def sample(generator: torch.Generator):
+        x = torch.randn(5, 3, generator=generator, dtype=DOUBLE)
+        return x, torch.stack([x[:, 0] * x[:, 1], x[:, 2].sin()], dim=1)
+
+    def validation(generator: torch.Generator):
+        x = torch.randn(6, 3, generator=generator, dtype=DOUBLE)
+        return x, torch.stack([x[:, 0] * x[:, 1], x[:, 2].sin()], dim=1)
+
+    return Task("regression", make, sample, lambda out, y: ((out - y) ** 2).sum(dim=1), sample_validation=validation)
+
+
+def _ragged_task(problems: int, calls: list[int]) -> Task:
+    """``_validated_task`` whose training batches have 5, 4, 6, 5, 4, ... datapoints, one size per inner step (the
+    ``problems`` batches of a step are drawn one after another; ``calls[0]`` counts the draws)."""
+    task = _validated_task()
+
+    def sample(generator: torch.Generator):
+        size = (5, 4, 6)[calls[0] // problems % 3]
+        calls[0] += 1
+        x = torch.randn(size, 3, generator=generator, dtype=DOUBLE)
+        return x, (x[:, 0] > 0).long()
+
+    return Task(task.name, task.make_model, sample, task.loss_fn, sample_validation=task.sample_validation)
+
+
+def test_a_tbptt_truncation_of_a_task_with_forward_keywords_or_vector_targets_is_the_unroll_written_out():
+    """As the mean-log-loss test, for a model called with ``forward_kwargs`` (the per-network path: the keyword
+    reaches the gradients and the held-out losses) and for regression targets ``[b, 2]`` (on both paths: the
+    batched path's held-out losses reshape them with their trailing axis)."""
+    cases = [(_tempered_task(), True), (_regression_task(), True), (_regression_task(), False)]
+    for task, batched in cases:
+        trainer = _tbptt(task, batched=batched)
+        assert (trainer.chain is not None) == (batched and not task.forward_kwargs)
+        trainer.step()
+        losses, params, state, batches, generator = _truncation_by_hand(trainer)
+        meta_loss = torch.log(losses).mean(dim=0).mean()
+        _check_truncation(trainer, losses, params, state, batches, generator, meta_loss, trainer.survival.clone())
+
+
+def test_a_gradmetanet_tbptt_truncation_is_the_unroll_written_out_on_both_paths():
+    """GradMetaNet reads every particle's graph on its batch (here converted by hand, ``to_graph`` per particle and
+    ``Batch.from_data_list``); on the batched path the graphs' structure is built once and built again when the
+    training batches change size (4-6 datapoints): the meta-loss, the estimate, the new parameters and state (the
+    factor EMAs with them) are the unroll's."""
+    calls = [0]
+    for task, batched in ((_validated_task(), True), (_validated_task(), False), (_ragged_task(3, calls), True)):
+        trainer = _tbptt(task, gradmetanet=True, batched=batched, truncation=2)
+        trainer.step()
+        drawn = calls[0]
+        losses, params, state, batches, generator = _truncation_by_hand(trainer)
+        calls[0] = drawn  # the trainer draws the same batches again
+        assert state.factor_emas is not None
+        meta_loss = torch.log(losses).mean(dim=0).mean()
+        _check_truncation(trainer, losses, params, state, batches, generator, meta_loss, trainer.survival.clone())
+
+
+def _poisoned_validation_task(problems: int, poisoned: int) -> Task:
+    """``_validated_task`` whose held-out batches of problem ``poisoned`` hold a NaN input (its training batches are
+    finite): that run's held-out loss is NaN at every step, the others' finite."""
+    task, calls = _validated_task(), [0]
+
+    def validation(generator: torch.Generator):
+        x, y = task.sample_validation(generator)
+        if calls[0] % problems == poisoned:
+            x[0, 0] = math.nan
+        calls[0] += 1
+        return x, y
+
+    return Task(task.name, task.make_model, task.sample_batch, task.loss_fn, sample_validation=validation)
+
+
+def _assert_only_run_restarts(trainer: MetaTrainer, run: int) -> None:
+    """``estimate`` gives ``(nan, None)``, every run is back where the truncation started, the one named run is
+    due to restart where it stands, the others keep their restarts; the meta-parameters have no gradient."""
+    params = {name: value.clone() for name, value in trainer.params.items()}
+    inner_step, restart_at = trainer.inner_step.clone(), trainer.restart_at.clone()
+    loss, estimate = trainer.estimate()
+    assert math.isnan(loss) and estimate is None and trainer.diverged_truncations == 1
+    assert torch.equal(trainer.inner_step, inner_step)
+    for name, value in params.items():  # NaN where they were
+        assert torch.equal(trainer.params[name].isnan(), value.isnan())
+        assert torch.equal(trainer.params[name].nan_to_num(), value.nan_to_num())
+    expected = restart_at.clone()
+    expected[run] = inner_step[run]
+    assert trainer.restart_at.tolist() == expected.tolist()
+    assert all(p.grad is None for p in trainer.meta_model.parameters())
+
+
+def test_a_run_whose_held_out_loss_is_not_finite_restarts_alone():
+    """Three runs; run 1's held-out batches hold a NaN (its training is finite): the truncation is skipped and run
+    1 alone restarts (the non-finite losses name it), on both paths."""
+    for batched in (True, False):
+        trainer = _tbptt(_poisoned_validation_task(3, 1), batched=batched)
+        _assert_only_run_restarts(trainer, 1)
+
+
+def test_a_gradmetanet_run_whose_parameters_are_not_finite_restarts_alone_on_both_paths():
+    """GradMetaNet, three runs, run 2's parameters NaN from the start: its gradients and factors are not finite —
+    the batched path names it from its gradients and its graph's ``act``/``grad``, the per-network path from the
+    conversion's refusal — and it alone restarts."""
+    for batched in (True, False):
+        trainer = _tbptt(_validated_task(), gradmetanet=True, batched=batched, truncation=2)
+        trainer.params = {name: value.clone() for name, value in trainer.params.items()}
+        trainer.params[trainer.names[0]][2] = math.nan
+        _assert_only_run_restarts(trainer, 2)
+
+
+def test_a_meta_parameter_the_truncation_does_not_reach_gets_a_zero_estimate():
+    """A meta-model with a parameter no step reads (registered on the rule, e.g. a head kept for later): the
+    estimate holds zeros in its place (autograd leaves its ``grad`` unset) and the rest is the unroll's gradient."""
+    task = _task()
+    torch.manual_seed(0)
+    rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, schedule=True)).double()
+    rule.register_parameter("unread", nn.Parameter(torch.ones(3, dtype=DOUBLE)))
+    trainer = MetaTrainer(rule, task, MetaTrainConfig(estimator="tbptt", num_particles=2, truncation=2, horizon=8,
+                                                      grad_clip=None))
+    losses, params, state, batches, generator = _truncation_by_hand(trainer)
+    meta_loss = torch.log(losses).mean(dim=0).mean()
+    _check_truncation(trainer, losses, params, state, batches, generator, meta_loss, trainer.survival.clone())
+    trainer.step()  # and the outer step takes it
+    assert torch.equal(rule.unread.detach(), torch.ones(3, dtype=DOUBLE))
