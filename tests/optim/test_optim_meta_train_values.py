@@ -10,6 +10,7 @@ names the mutants it kills, each checked with ``MUTANT_UNDER_TEST`` in ``.mutati
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -418,6 +419,12 @@ def test_one_particles_state_is_its_row_of_every_field_and_the_rows_concatenate_
             assert torch.equal(getattr(again, field)[name], value)
     assert torch.equal(again.factor_emas, state.factor_emas)
 
+    alone = _cat_states(slices[1:2])  # the concatenation of one state is that state
+    assert torch.equal(alone.step, slices[1].step) and torch.equal(alone.factor_emas, slices[1].factor_emas)
+    for field in ("momentum", "momenta"):
+        assert set(getattr(alone, field)) == {"a", "b"}
+        assert all(torch.equal(value, getattr(slices[1], field)[name]) for name, value in getattr(alone, field).items())
+
     plain = OptimizerState(step=state.step, momentum=state.momentum, momenta=state.momenta)
     assert _slice_state(plain, 1, particles).factor_emas is None
     assert _cat_states([_slice_state(plain, p, particles) for p in range(particles)]).factor_emas is None
@@ -486,12 +493,12 @@ def _check_fresh_trainer(trainer: MetaTrainer, rule: LearnedUpdate, task: Task, 
 
 
 def test_a_fresh_trainer_holds_the_documented_initial_state():
-    """TBPTT (three problems, one per run) and PES (two pairs: problems of particles ``p`` and ``p + 2`` shared): the
-    models from the seeds ``1 000 000 + 10 000 · seed + k``, their parameters stacked, the outer Adam's two groups
-    and rates, the data stream and first batches, the zero state, the staggered restarts, the counters, the
-    scalars mask, the batched path where it applies; PES's perturbations seeded with ``seed + 7``, in the
-    meta-parameters' dtype, zero, and none for TBPTT."""
-    for estimator, particles, problems in (("tbptt", 3, 3), ("pes", 4, 2)):
+    """TBPTT (three problems, one per run; and a single run) and PES (two pairs: problems of particles ``p`` and
+    ``p + 2`` shared): the models from the seeds ``1 000 000 + 10 000 · seed + k``, their parameters stacked, the
+    outer Adam's two groups and rates, the data stream and first batches, the zero state, the staggered restarts,
+    the counters, the scalars mask, the batched path where it applies; PES's perturbations seeded with
+    ``seed + 7``, in the meta-parameters' dtype, zero, and none for TBPTT."""
+    for estimator, particles, problems in (("tbptt", 3, 3), ("tbptt", 1, 1), ("pes", 4, 2)):
         for batched in (True, False):
             config = MetaTrainConfig(estimator=estimator, num_particles=particles, truncation=2, horizon=10,
                                      seed=2, outer_lr=0.003, scalar_lr=0.02, sigma=0.04, batched=batched)
@@ -659,3 +666,14 @@ def test_a_meta_parameter_the_truncation_does_not_reach_gets_a_zero_estimate():
     _check_truncation(trainer, losses, params, state, batches, generator, meta_loss, trainer.survival.clone())
     trainer.step()  # and the outer step takes it
     assert torch.equal(rule.unread.detach(), torch.ones(3, dtype=DOUBLE))
+
+
+def test_an_outer_step_logs_its_own_wall_time():
+    """``step`` is ``estimate`` → ``apply_meta_gradient`` → ``end_step``, and the line's ``seconds`` is the time the
+    step took: positive and within the wall time measured around it."""
+    trainer = _trainer()
+    before = time.perf_counter()
+    line = trainer.step()
+    elapsed = time.perf_counter() - before
+    assert type(line["seconds"]) is float and 0 < line["seconds"] <= elapsed
+    assert trainer.outer_steps == 1 and trainer.history == [line] and line["grad_norm"] > 0
