@@ -164,3 +164,26 @@ def test_a_checkpoint_from_before_the_survival_the_divergence_count_and_the_runn
     assert resumed.diverged_truncations == 0 and resumed.mean_grad_norm is None
     assert torch.equal(resumed.survival, torch.ones(3, dtype=resumed.survival.dtype))
     _assert_same({key: value for key, value in resumed.state_dict().items() if key in old}, old)
+
+
+def test_one_checkpoint_loaded_into_two_trainers_resumes_both_exactly():
+    """A checkpoint read once and loaded into two trainers one after the other (two continuations of one saved
+    run): the first one's training does not write into the checkpoint, so the second resumes exactly as well.
+
+    Failed before the fix: ``load_state_dict`` handed the checkpoint's outer Adam state to ``torch.optim.Adam``,
+    which keeps those tensors and updates them in place (its step counts and moments), so the checkpoint had moved
+    on by the first trainer's steps and the second trainer resumed with them — a silently different meta-model."""
+    straight = _trainer(0)
+    for _ in range(2):
+        straight.step()
+    checkpoint = _saved(straight)
+    kept = copy.deepcopy(checkpoint)
+    straight.step()
+    straight.step()
+    for _ in range(2):
+        resumed = _trainer(1)
+        resumed.load_state_dict(checkpoint)
+        resumed.step()
+        resumed.step()
+        _assert_same(checkpoint, kept)
+        _assert_same(resumed.state_dict(), straight.state_dict(), "resumed")
