@@ -357,7 +357,9 @@ def test_a_tbptt_truncation_is_the_mean_log_loss_of_the_unrolled_runs_and_its_gr
     held-out batches: the returned meta-loss is ``mean_p mean_t log L_t`` of the losses unrolled by hand
     (:func:`_truncation_by_hand`), the estimate its gradient with respect to every meta-parameter (autograd through
     the unroll, the batch gradients as data), and the runs move on to the unrolled parameters, state, batches
-    and data stream, detached, their inner steps three further."""
+    and data stream, detached, their inner steps three further.
+
+    Kills ``_tbptt_truncation`` 52, 53 (the meta-parameters left holding zero gradients, not none)."""
     for batched in (True, False):
         for task in (_task(), _validated_task()):
             trainer = _tbptt(task, batched=batched)
@@ -371,7 +373,10 @@ def test_a_tbptt_truncation_is_the_mean_log_loss_of_the_unrolled_runs_and_its_gr
 def test_a_tbptt_truncation_of_the_first_passage_meta_loss_carries_the_survival():
     """``"first-passage"``: ``S_t = min(S_{t-1}, σ((log L_t − log L*) / τ))`` from the survival the runs carry
     (set here to 0.9, 0.3, 1), the meta-loss ``mean_p mean_t S_t`` and the new survival ``S_T`` (detached),
-    written out step by step."""
+    written out step by step.
+
+    Kills ``_meta_loss`` 17, 21 (the carried survival not handed to ``first_passage``: every run starts the
+    truncation alive)."""
     trainer = _tbptt(_validated_task(), meta_loss="first-passage", target_loss=0.7, temperature=0.3)
     trainer.step()
     trainer.survival = torch.tensor([0.9, 0.3, 1.0], dtype=DOUBLE)
@@ -389,7 +394,10 @@ def test_one_particles_state_is_its_row_of_every_field_and_the_rows_concatenate_
     """``_slice_state(state, p, P)`` (PES's per-particle rule calls): row ``p`` of the step, of every momentum and of
     the momenta, and particle ``p``'s ``N`` rows of the factor EMAs ``[P·N, B, 12]`` (rows ``p·N … p·N + N − 1``);
     ``_cat_states`` of the ``P`` slices is the state again, field by field. Without factor EMAs both keep
-    ``None``."""
+    ``None``.
+
+    Kills ``_cat_states`` 2, 16, 18 (the second state read for the keys: a list of one fails); run optim 15 ran
+    with this test in the file and left no ``_slice_state`` survivor."""
     from gradgraph.optim.meta_model import OptimizerState
     from gradgraph.optim.meta_train import _cat_states, _slice_state
 
@@ -433,7 +441,7 @@ def test_one_particles_state_is_its_row_of_every_field_and_the_rows_concatenate_
 def test_the_log_line_of_an_outer_step_holds_the_documented_numbers():
     """``end_step`` counts the outer step and appends (and returns) the line ``outer_step``, ``meta_loss``,
     ``grad_norm``, the rule's ``α``, ``β``, ``μ`` as floats, the schedule as a list (only where the rule has one)
-    and ``seconds``."""
+    and ``seconds``. Run optim 15 ran with this test in the file and left no ``end_step`` survivor."""
     trainer = _trainer()
     trainer.outer_steps = 4
     rule = trainer.meta_model
@@ -497,7 +505,10 @@ def test_a_fresh_trainer_holds_the_documented_initial_state():
     ``p + 2`` shared): the models from the seeds ``1 000 000 + 10 000 · seed + k``, their parameters stacked, the
     outer Adam's two groups and rates, the data stream and first batches, the zero state, the staggered restarts,
     the counters, the scalars mask, the batched path where it applies; PES's perturbations seeded with
-    ``seed + 7``, in the meta-parameters' dtype, zero, and none for TBPTT."""
+    ``seed + 7``, in the meta-parameters' dtype, zero, and none for TBPTT.
+
+    Kills ``__init__`` 26, 48, 125 (the device, the names or the batched path read off the second run's model:
+    a single run fails); run optim 15 ran with the rest of this test in the file."""
     for estimator, particles, problems in (("tbptt", 3, 3), ("tbptt", 1, 1), ("pes", 4, 2)):
         for batched in (True, False):
             config = MetaTrainConfig(estimator=estimator, num_particles=particles, truncation=2, horizon=10,
@@ -573,7 +584,10 @@ def _ragged_task(problems: int, calls: list[int]) -> Task:
 def test_a_tbptt_truncation_of_a_task_with_forward_keywords_or_vector_targets_is_the_unroll_written_out():
     """As the mean-log-loss test, for a model called with ``forward_kwargs`` (the per-network path: the keyword
     reaches the gradients and the held-out losses) and for regression targets ``[b, 2]`` (on both paths: the
-    batched path's held-out losses reshape them with their trailing axis)."""
+    batched path's held-out losses reshape them with their trailing axis).
+
+    Kills ``_losses`` 29, 31 (the targets flattened without their trailing axis), 49, 53 (the held-out losses
+    without ``forward_kwargs``) and ``_graphs`` 15, 20 (the conversion without them: other gradients)."""
     cases = [(_tempered_task(), True), (_regression_task(), True), (_regression_task(), False)]
     for task, batched in cases:
         trainer = _tbptt(task, batched=batched)
@@ -588,7 +602,9 @@ def test_a_gradmetanet_tbptt_truncation_is_the_unroll_written_out_on_both_paths(
     """GradMetaNet reads every particle's graph on its batch (here converted by hand, ``to_graph`` per particle and
     ``Batch.from_data_list``); on the batched path the graphs' structure is built once and built again when the
     training batches change size (4-6 datapoints): the meta-loss, the estimate, the new parameters and state (the
-    factor EMAs with them) are the unroll's."""
+    factor EMAs with them) are the unroll's.
+
+    Kills ``_batched_gradients`` 6 (the structure rebuilt when it matches and kept when the batch size changed)."""
     calls = [0]
     for task, batched in ((_validated_task(), True), (_validated_task(), False), (_ragged_task(3, calls), True)):
         trainer = _tbptt(task, gradmetanet=True, batched=batched, truncation=2)
@@ -635,7 +651,10 @@ def _assert_only_run_restarts(trainer: MetaTrainer, run: int) -> None:
 
 def test_a_run_whose_held_out_loss_is_not_finite_restarts_alone():
     """Three runs; run 1's held-out batches hold a NaN (its training is finite): the truncation is skipped and run
-    1 alone restarts (the non-finite losses name it), on both paths."""
+    1 alone restarts (the non-finite losses name it), on both paths.
+
+    Kills ``_meta_loss`` 2, 4 (finiteness over all losses or per step: a mask of the wrong shape), 7, 8, 9 (the
+    runs not named: all restart), 10 (the finite runs named instead)."""
     for batched in (True, False):
         trainer = _tbptt(_poisoned_validation_task(3, 1), batched=batched)
         _assert_only_run_restarts(trainer, 1)
@@ -644,7 +663,10 @@ def test_a_run_whose_held_out_loss_is_not_finite_restarts_alone():
 def test_a_gradmetanet_run_whose_parameters_are_not_finite_restarts_alone_on_both_paths():
     """GradMetaNet, three runs, run 2's parameters NaN from the start: its gradients and factors are not finite —
     the batched path names it from its gradients and its graph's ``act``/``grad``, the per-network path from the
-    conversion's refusal — and it alone restarts."""
+    conversion's refusal — and it alone restarts.
+
+    Kills ``_batched_gradients`` 54, 55 (the factors' check over all runs at once: one bad run restarts all) and
+    ``_graphs`` 21, 22, 25, 28, 29, 31-33 (the run's index not marked, or no mask handed on)."""
     for batched in (True, False):
         trainer = _tbptt(_validated_task(), gradmetanet=True, batched=batched, truncation=2)
         trainer.params = {name: value.clone() for name, value in trainer.params.items()}
@@ -654,7 +676,9 @@ def test_a_gradmetanet_run_whose_parameters_are_not_finite_restarts_alone_on_bot
 
 def test_a_meta_parameter_the_truncation_does_not_reach_gets_a_zero_estimate():
     """A meta-model with a parameter no step reads (registered on the rule, e.g. a head kept for later): the
-    estimate holds zeros in its place (autograd leaves its ``grad`` unset) and the rest is the unroll's gradient."""
+    estimate holds zeros in its place (autograd leaves its ``grad`` unset) and the rest is the unroll's gradient.
+
+    Kills ``_tbptt_truncation`` 47, 49 (an unset ``grad`` read as a tensor)."""
     task = _task()
     torch.manual_seed(0)
     rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=False, schedule=True)).double()
@@ -670,7 +694,9 @@ def test_a_meta_parameter_the_truncation_does_not_reach_gets_a_zero_estimate():
 
 def test_an_outer_step_logs_its_own_wall_time():
     """``step`` is ``estimate`` → ``apply_meta_gradient`` → ``end_step``, and the line's ``seconds`` is the time the
-    step took: positive and within the wall time measured around it."""
+    step took: positive and within the wall time measured around it.
+
+    Kills ``step`` 10, 14 (no time, or the clock's sum for its difference)."""
     trainer = _trainer()
     before = time.perf_counter()
     line = trainer.step()
