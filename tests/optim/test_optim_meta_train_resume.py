@@ -112,7 +112,11 @@ def _assert_resumes_exactly(options: dict[str, Any], before: int, after: int) ->
 def test_a_tbptt_trainer_saved_mid_run_resumes_bit_for_bit():
     """TBPTT, three runs on the batched path, held-out batches, the first-passage meta-loss (the survival), both
     clips (the running mean), two scalars-first steps: saved after 3 outer steps — past the scalars-first stage and
-    a restart of every run — and resumed for 3 more, which restart runs again from new seeds."""
+    a restart of every run — and resumed for 3 more, which restart runs again from new seeds.
+
+    Kills ``load_state_dict`` 99, 102 (the count of skipped truncations not restored; the numbers are run optim
+    16's, after the checkpoint fix) and, with the PES test, every mutant of ``state_dict`` and ``load_state_dict`` that
+    drops or misreads an entry (runs optim 13-14 killed them with this file in ``gg``'s list)."""
     straight = _assert_resumes_exactly({}, before=3, after=3)
     assert straight.mean_grad_norm is not None and straight.next_model_seed > 1_030_003
     assert (straight.survival < 1).any() and straight.outer_steps == 6
@@ -127,7 +131,10 @@ def test_a_pes_trainer_on_the_graph_path_saved_mid_run_resumes_bit_for_bit():
 
 
 def test_a_checkpoint_of_another_configuration_is_refused_by_its_differences_and_nothing_is_loaded():
-    """The refusal names every differing field with both values, and the trainer is left as it was."""
+    """The refusal names every differing field with both values, and the trainer is left as it was.
+
+    Kills ``load_state_dict`` 1, 4, 7, 13-31 (the configurations not compared, the fields' ``config.`` prefix
+    lost or misspelt, the message changed)."""
     saved = _saved(_trainer(0, horizon=6, sigma=0.02))
     trainer = _trainer(1)
     before = copy.deepcopy(trainer.state_dict())
@@ -143,7 +150,10 @@ def test_a_checkpoint_from_before_the_survival_the_divergence_count_and_the_runn
     """Checkpoints written before the first-passage meta-loss, the divergence count and the relative clip have no
     ``survival``, ``diverged_truncations`` or ``mean_grad_norm``: they load, the survival stays the fresh trainer's
     (every run alive), the count is zero and the relative clip has no reference yet; the rest is the checkpoint's.
-    And those three are restored when present (a count of 2 set by hand)."""
+    And those three are restored when present (a count of 2 set by hand).
+
+    Kills ``state_dict`` 35, 36 (the count written under another key) and ``load_state_dict`` 100, 101, 103-106
+    (read under another key or with another default)."""
     straight = _trainer(0)
     straight.step()
     straight.step()
@@ -172,7 +182,8 @@ def test_one_checkpoint_loaded_into_two_trainers_resumes_both_exactly():
 
     Failed before the fix: ``load_state_dict`` handed the checkpoint's outer Adam state to ``torch.optim.Adam``,
     which keeps those tensors and updates them in place (its step counts and moments), so the checkpoint had moved
-    on by the first trainer's steps and the second trainer resumed with them — a silently different meta-model."""
+    on by the first trainer's steps and the second trainer resumed with them — a silently different meta-model.
+    Kills ``load_state_dict`` 51 (``copy.copy``: the same tensors in a new dict; run optim 16's numbers)."""
     straight = _trainer(0)
     for _ in range(2):
         straight.step()
