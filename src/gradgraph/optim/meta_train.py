@@ -44,6 +44,7 @@ rank).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -489,7 +490,9 @@ class MetaTrainer:
         checkpoint = {key: value if key in ("data_generator", "pes", "outer") else _to_device(value, self.device)
                       for key, value in checkpoint.items()}
         self.meta_model.load_state_dict(checkpoint["meta_model"])
-        self.outer.load_state_dict(checkpoint["outer"])
+        # A copy: torch.optim keeps the tensors it is given and updates them in place, which would move the
+        # checkpoint on with this trainer's steps (a second trainer loading it would resume from elsewhere).
+        self.outer.load_state_dict(copy.deepcopy(checkpoint["outer"]))
         self.params = {k: v.clone() for k, v in checkpoint["params"].items()}
         self.state = OptimizerState.from_tensors(checkpoint["state"])
         self.inner_step = checkpoint["inner_step"].clone()
