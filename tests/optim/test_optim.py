@@ -255,6 +255,14 @@ def test_bad_input_gets_a_clear_error():
     assert all(torch.isfinite(p).all() for p in conv.parameters())
 
 
+@pytest.mark.parametrize("name", pretrained_names())
+def test_every_shipped_file_loads_as_tensors_only(name):
+    """``load_pretrained`` reads with ``torch.load(weights_only=True)``: a shipped file that pickled an
+    object (a config dataclass, a function) would fail here, not run code on a user's machine."""
+    rule = load_pretrained(name)
+    assert isinstance(rule, LearnedUpdate) and not rule.training
+
+
 def test_pretrained_checkpoint_lowers_a_small_mlp_loss():
     assert "digits-mlp" in pretrained_names()
     load_pretrained("digits-mlp")  # loads on its own

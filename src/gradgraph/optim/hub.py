@@ -53,5 +53,6 @@ def load_pretrained(name: str) -> LearnedUpdate:
     if name not in names:
         raise GradGraphError(f"no pretrained learned optimizer named {name!r}; available: {names}")
     with resources.as_file(resources.files(_PACKAGE) / f"{name}.pt") as path:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # the shipped files hold tensors, numbers and strings only: nothing of them is unpickled as code
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     return meta_model_from_checkpoint(checkpoint)
