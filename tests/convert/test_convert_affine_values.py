@@ -475,12 +475,12 @@ def test_single_head_attention_scores_keep_their_batch_axes():
 
 
 class ShiftAfterRead(nn.Module):
-    """``z`` read by an affine map, then shifted by a parameter and read again: the shift must not be
-    absorbed into ``z``'s bias (the first reader saw ``z`` without it)."""
+    """``z = a(x)`` (no bias) read by an affine map, then shifted by a parameter and read again: the
+    shift must not become ``z``'s bias (the first reader saw ``z`` without it)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+        self.a, self.b, self.c = nn.Linear(3, 4, bias=False), nn.Linear(4, 2), nn.Linear(4, 2)
         self.shift = nn.Parameter(torch.randn(4))
 
     def forward(self, x):
@@ -488,8 +488,9 @@ class ShiftAfterRead(nn.Module):
         return self.b(z) + self.c(torch.tanh(z + self.shift))
 
 
-def test_a_parameter_added_after_an_affine_read_is_not_absorbed():
-    """``fix_act`` marks the read set no longer fresh. Kills fix_act 13."""
+def test_a_parameter_added_after_an_affine_read_is_not_absorbed_as_its_bias():
+    """``fix_act`` marks the read set no longer fresh, so the shift is not absorbed as its bias (which
+    would send ``b``'s signal into the shift's gradient). Exact. Kills fix_act 13."""
     torch.manual_seed(11)
     exact(ShiftAfterRead().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
 
@@ -547,3 +548,19 @@ def test_a_part_read_or_mixed_cuts_a_contiguous_part_and_pins_any_other(kind):
     torch.manual_seed(12)
     group, _ = group_of(PartRead(kind).to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
     assert group == PART_GROUPS[kind]
+
+
+def test_a_non_finite_bias_names_the_affine_map():
+    """An affine map's neurons carry its module path (``'a'``) into the non-finite check's message:
+    the output ``a(x)`` with an infinite bias entry, under a loss ``tanh`` flattens there (its signal
+    stays finite, so the input's check passes). Kills affine 140, 146."""
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(3, 4))
+    model = model.to(DTYPE)
+    with torch.no_grad():
+        model.a.bias[1] = float("inf")
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.NonFiniteFactorError) as error:
+        gradgraph.to_graph(model, torch.randn(5, 3, dtype=DTYPE), None, lambda output, _: torch.tanh(output).sum(1))
+    assert str(error.value) == ("activation of the 'a' output neurons has 5 non-finite value(s) (shape [4, 5]); "
+                                "check the inputs, the loss and the model's weights")
