@@ -564,3 +564,107 @@ def test_a_non_finite_bias_names_the_affine_map():
         gradgraph.to_graph(model, torch.randn(5, 3, dtype=DTYPE), None, lambda output, _: torch.tanh(output).sum(1))
     assert str(error.value) == ("activation of the 'a' output neurons has 5 non-finite value(s) (shape [4, 5]); "
                                 "check the inputs, the loss and the model's weights")
+
+
+class ThreeVersions(nn.Module):
+    """``z`` read by ``pre``; ``t = tanh(z)`` read by ``post`` (a copy of ``z``) and again by ``again``;
+    ``tanh(t)`` read by ``post2`` (a version of the copy: a second copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.pre, self.post, self.again, self.post2 = (nn.Linear(3, 4), *(nn.Linear(4, 2) for _ in range(4)))
+
+    def forward(self, x):
+        z = self.a(x)
+        y = self.pre(z)
+        t = torch.tanh(z)
+        y = y + self.post(t) + self.again(t)
+        return y + self.post2(torch.tanh(t))
+
+
+def test_a_copy_is_read_again_as_it_is_and_its_next_version_gets_a_copy_of_its_own():
+    """``materialize`` gives the copy version 0 and makes it the meta of ``t``: ``again`` reads the same
+    copy (no third set), and ``tanh(t)`` (the copy's next version) conflicts with its act and is copied
+    again; a copy at version 1 would take ``tanh(t)`` for its own act. Exact, and one copy per value.
+    Kills materialize 99, 102."""
+    torch.manual_seed(13)
+    group, moved = group_of(ThreeVersions().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+    # input 3 | z 4 | pre 2 | copy of t 4 | post 2 | again 2 | copy of tanh(t) 4 | post2 2
+    assert group == fixed(3) + [0] * 4 + fixed(2) + [0] * 4 + fixed(4) + [0] * 4 + fixed(2)
+    assert moved > 0
+
+
+class TokenMixing(nn.Module):
+    """A Linear over the token axis of ``[b, 4, 2]`` values: each row of the transposed ``[b, 2, 4]``
+    holds one neuron four times (the components do not differ along it: only the rows do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.mix, self.out = nn.Linear(3, 2), nn.Linear(4, 4), nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(self.mix(h.transpose(1, 2)).transpose(1, 2)).sum(1)
+
+
+class UnboundPositions(nn.Module):
+    """A position table over ``arange`` read by an affine map before it joins any token value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(7, 4), nn.Embedding(5, 4)
+        self.proj, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tokens(ids) + self.proj(self.positions(torch.arange(ids.shape[1]))))).sum(1)
+
+
+class TwiceFlattened(nn.Module):
+    """``cat([m, m], 1).flatten(1)`` read by a Linear: each channel at each position twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(2 * 3 * 16, 2)
+
+    def forward(self, x):
+        m = torch.tanh(self.conv(x))
+        return self.head(torch.cat([m, m], 1).flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["token mixing", "unbound positions", "twice flattened"])
+def test_affine_maps_over_what_is_not_one_feature_per_neuron_are_refused(kind):
+    """``affine``'s refusals of its input's layout, in full: a Linear over tokens (the rows differ, the
+    components along them do not: either is refused), over position embeddings not yet bound to
+    a datapoint, and over a flattened map that holds a channel at a position twice (``spread_positions``,
+    named by the affine op). Kills affine 26, 54-59, 69, 78-87."""
+    model = {"token mixing": TokenMixing, "unbound positions": UnboundPositions, "twice flattened": TwiceFlattened}
+    inputs = {"token mixing": lambda: torch.randn(5, 4, 3, dtype=DTYPE), "unbound positions": token_ids,
+              "twice flattened": lambda: torch.randn(5, 2, 4, 4, dtype=DTYPE)}
+    reasons = {
+        "token mixing": " (module 'mix' of type Linear): torch.nn.functional.linear: applied to an axis that holds "
+                        "positions or datapoints, not features (e.g. a Linear over tokens, as in MLP-Mixer); gradgraph "
+                        "needs affine maps over the last, feature axis",
+        "unbound positions": " (module 'proj' of type Linear): torch.nn.functional.linear: an affine map of values that "
+                             "do not depend on the input",
+        "twice flattened": " (module 'head' of type Linear): torch.nn.functional.linear: an affine map over features "
+                           "that hold one neuron at one position twice",
+    }
+    torch.manual_seed(14)
+    refused(model[kind]().to(DTYPE), inputs[kind](), reasons[kind])
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.g, self.out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(torch.tanh(h + self.g(h)))
+
+
+def test_a_residual_sum_lives_in_the_fresh_affine_output():
+    """The affine set that absorbs the residual keeps its kind (hidden) in the graph. Exact.
+    Kills affine 139."""
+    torch.manual_seed(15)
+    exact(Residual().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
