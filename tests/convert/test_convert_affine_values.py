@@ -370,7 +370,7 @@ def test_a_copy_is_named_after_the_op_that_made_it():
 # ----------------------------------------------------------------------- embeddings and positions
 class Tokens(nn.Module):
     """Token ids ``[b, 5]`` through a table whose padding row is counted from the end (``-2``: row 5
-    of 7), then ``kind``: ``plain``; ``positions`` (a position table over ``arange`` with padding row
+    of 7; ``F.embedding`` but in ``plain``, which calls the module), then ``kind``: ``plain``; ``positions`` (a position table over ``arange`` with padding row
     1, bound when added to the tokens); ``types`` (a table indexed by ``ids % 3``, data indices, read
     by its own affine map); ``position parameter`` (``[1, 5, 4]``) or ``position matrix`` (``[5, 4]``)
     added to the tokens; ``two versions`` (the sum read before and after tanh)."""
@@ -381,8 +381,11 @@ class Tokens(nn.Module):
         self.tokens, self.out = nn.Embedding(7, 4, padding_idx=-2), nn.Linear(4, 2)
         if kind in ("positions", "two versions"):
             self.positions = nn.Embedding(5, 4, padding_idx=1 if kind == "positions" else None)
-        if kind == "types":
+        if kind in ("types", "types in two versions"):
             self.types = nn.Embedding(3, 4)
+        if kind == "types in two versions":
+            self.other = nn.Linear(4, 2)
+
         if kind == "position parameter":
             self.pos = nn.Parameter(torch.randn(1, 5, 4))
         if kind == "position matrix":
@@ -391,13 +394,18 @@ class Tokens(nn.Module):
             self.other = nn.Linear(4, 2)
 
     def forward(self, ids):
-        x = self.tokens(ids)
+        # the module counts its padding_idx from the end itself; F.embedding hands -2 to the rule
+        x = self.tokens(ids) if self.kind == "plain" else F.embedding(ids, self.tokens.weight, padding_idx=-2)
         if self.kind in ("positions", "two versions"):
             x = x + self.positions(torch.arange(ids.shape[1]))
         if self.kind.startswith("position "):
             x = x + self.pos
         if self.kind == "types":
             return (self.out(torch.tanh(x)) + self.out(self.types(ids % 3))).sum(1)
+        if self.kind == "types in two versions":
+            types = self.types(ids % 3)
+            return (self.out(types) + self.other(torch.tanh(types)) + self.out(torch.tanh(x))).sum(1)
+
         if self.kind == "two versions":
             return (self.out(x) + self.other(torch.tanh(x))).sum(1)
         return self.out(torch.tanh(x)).sum(1)
@@ -409,14 +417,15 @@ def token_ids():
     return ids
 
 
-@pytest.mark.parametrize("kind", ["plain", "positions", "types", "position parameter", "position matrix",
-                                  "two versions"])
+@pytest.mark.parametrize("kind", ["plain", "positions", "types", "types in two versions", "position parameter",
+                                  "position matrix", "two versions"])
 def test_embeddings_and_position_parameters_convert_exactly(kind):
     """``embedding`` (token ids, the padding row counted from the end; data indices; constant
     position indices with a padding row of their own, bound by ``bind``), ``position_parameter``
-    (a ``[1, T, d]`` and a ``[T, d]`` parameter added to tokens) and a sum read in two versions:
-    every per-sample gradient exact, the padding rows' zero. Kills embedding 14-16, 29, 34, 36, 109, 111,
-    128; bind 13, 16, 29, 34, 35; position_parameter 98."""
+    (a ``[1, T, d]`` and a ``[T, d]`` parameter added to tokens), a sum read in two versions and a
+    data-index embedding read in two versions (its neurons start at version 0): every per-sample
+    gradient exact, the padding rows' zero. Kills embedding 14-16, 29, 34, 36, 111, 128; bind 29, 34, 35;
+    position_parameter 98."""
     torch.manual_seed(9)
     exact(Tokens(kind).to(DTYPE), token_ids())
 
@@ -463,13 +472,15 @@ class OneHead(nn.Module):
         self.q, self.k, self.v, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
 
     def forward(self, x):
-        weights = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 2, -1)
+        scores = (self.q(x) @ self.k(x).transpose(-1, -2)).reshape(x.shape[0], 4, 4)  # the same shape
+        weights = torch.softmax(scores / 2, -1)
         return self.out(weights @ self.v(x)).sum(1)
 
 
 def test_single_head_attention_scores_keep_their_batch_axes():
     """``matmul``'s scores of a 3-D ``q @ kᵀ``: the batch axes are ``shape[:-2]`` (one), not
-    ``shape[:2]``. Exact. Kills matmul 66."""
+    ``shape[:2]`` (a reshape to the same shape would then read as a change of the batch axes). Exact.
+    Kills matmul 66."""
     torch.manual_seed(10)
     exact(OneHead().to(DTYPE), torch.randn(5, 4, 3, dtype=DTYPE))
 
