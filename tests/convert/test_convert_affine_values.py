@@ -679,3 +679,22 @@ def test_a_residual_sum_lives_in_the_fresh_affine_output():
     Kills affine 139."""
     torch.manual_seed(15)
     exact(Residual().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+
+
+class MovedPositions(nn.Module):
+    """Position embeddings read in another order than their indices (``pos(arange(T))[order]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.out = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))[[4, 3, 2, 1, 0]])).sum(1)
+
+
+def test_position_rows_moved_before_they_join_the_tokens_are_kept_as_constants_with_a_guard():
+    """``index_op``: the moved rows are not the indices read again, so the layout keeps them, guarded
+    by the indices' values (the guard names the indices argument of the embedding op). Exact.
+    Kills index_op 37."""
+    torch.manual_seed(16)
+    exact(MovedPositions().to(DTYPE), token_ids())
