@@ -698,3 +698,20 @@ def test_position_rows_moved_before_they_join_the_tokens_are_kept_as_constants_w
     it never holds, and a guard that never holds only makes every call trace afresh.)"""
     torch.manual_seed(16)
     exact(MovedPositions().to(DTYPE), token_ids())
+
+
+class NeuronIndices(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.table, self.out = nn.Linear(3, 4), nn.Embedding(9, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.table((self.a(x) * 0).to(torch.long))).sum(1)
+
+
+def test_embedding_indices_computed_from_neuron_values_are_refused():
+    """``embedding``'s refusal of indices that are neuron values (a cast keeps their ids), in full.
+    Kills embedding 45-50."""
+    refused(NeuronIndices().to(DTYPE), torch.randn(5, 3, dtype=DTYPE),
+            " (module 'table' of type Embedding): torch.nn.functional.embedding: embedding indices computed from "
+            "neuron values")
