@@ -642,15 +642,28 @@ class TwiceFlattened(nn.Module):
         return self.head(torch.cat([m, m], 1).flatten(1))
 
 
-@pytest.mark.parametrize("kind", ["token mixing", "unbound positions", "twice flattened"])
+class Expanded(nn.Module):
+    """``h`` copied over a new axis (``h[:, None].expand(-1, 3, -1)``) and read by a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(x)).unsqueeze(1).expand(-1, 3, -1)).sum(1)
+
+
+@pytest.mark.parametrize("kind", ["token mixing", "unbound positions", "twice flattened", "expanded"])
 def test_affine_maps_over_what_is_not_one_feature_per_neuron_are_refused(kind):
     """``affine``'s refusals of its input's layout, in full: a Linear over tokens (the rows differ, the
     components along them do not: either is refused), over position embeddings not yet bound to
-    a datapoint, and over a flattened map that holds a channel at a position twice (``spread_positions``,
-    named by the affine op). Kills affine 26, 54-59, 69, 78-87."""
-    model = {"token mixing": TokenMixing, "unbound positions": UnboundPositions, "twice flattened": TwiceFlattened}
+    a datapoint, over a flattened map that holds a channel at a position twice (``spread_positions``,
+    named by the affine op) and over copies of one position (``check_no_copies``).
+    Kills affine 26, 54-59, 78-87, 103-108."""
+    model = {"token mixing": TokenMixing, "unbound positions": UnboundPositions, "twice flattened": TwiceFlattened,
+             "expanded": Expanded}
     inputs = {"token mixing": lambda: torch.randn(5, 4, 3, dtype=DTYPE), "unbound positions": token_ids,
-              "twice flattened": lambda: torch.randn(5, 2, 4, 4, dtype=DTYPE)}
+              "twice flattened": lambda: torch.randn(5, 2, 4, 4, dtype=DTYPE), "expanded": lambda: torch.randn(5, 3, dtype=DTYPE)}
     reasons = {
         "token mixing": " (module 'mix' of type Linear): torch.nn.functional.linear: applied to an axis that holds "
                         "positions or datapoints, not features (e.g. a Linear over tokens, as in MLP-Mixer); gradgraph "
@@ -659,6 +672,9 @@ def test_affine_maps_over_what_is_not_one_feature_per_neuron_are_refused(kind):
                              "do not depend on the input",
         "twice flattened": " (module 'head' of type Linear): torch.nn.functional.linear: an affine map over features "
                            "that hold one neuron at one position twice",
+        "expanded": " (module 'out' of type Linear): torch.nn.functional.linear: copies values of one position over "
+                    "a new axis (a broadcast or expand of a [.., 1, ..] axis), so one neuron would hold several values at "
+                    "one datapoint position; apply the op before adding the axis, or add it with a Linear",
     }
     torch.manual_seed(14)
     refused(model[kind]().to(DTYPE), inputs[kind](), reasons[kind])
