@@ -133,6 +133,9 @@ class Refused(nn.Module):
         elif kind == "scores on the right":
             heads = h.view(-1, 2, 2)
             y = (heads @ (heads @ heads.transpose(-1, -2))).flatten(1)[:, :1].expand(-1, 5)
+        elif kind == "attention weights on a constant":
+            heads = h.view(-1, 2, 2)
+            y = (torch.softmax(heads @ heads.transpose(-1, -2), -1) @ self.constant[:2, :2]).flatten(1)[:, :1].expand(-1, 5)
         elif kind == "scores as the input":
             heads = h.view(-1, 2, 2)
             y = F.linear(heads @ heads.transpose(-1, -2), self.w[:, :2]).sum(1)
@@ -162,6 +165,7 @@ REFUSALS = {
     "a vector as weight, matmul": "Tensor.matmul: a weight of shape [4]; expected a matrix",
     "the input transposed on the left": "Tensor.matmul: the input's features are not its last axis",
     "scores on the right": "Tensor.matmul: attention scores used as neuron values",
+    "attention weights on a constant": "Tensor.matmul: attention weights applied to a constant",
     "scores as the input": "the affine map torch.nn.functional.linear: attention scores used as neuron values",
 }
 
@@ -170,7 +174,7 @@ REFUSALS = {
 def test_affine_maps_gradgraph_cannot_convert_are_refused_with_their_reason(kind):
     """``param_view``, ``affine``, ``zero_state_affine`` and ``matmul``'s refusals, each message in full
     (the op, what is wrong, the shape read from the right axis). Kills affine 3, 8, 13, 34, 35, 39, 40,
-    43-47; matmul 6, 18, 22, 23, 35, 40, 43, 46-54; zero_state_affine 7, 8, 12, 13, 23, 24, 28, 29, 31, 32,
+    43-47; matmul 6, 18, 22, 23, 25, 35, 40, 43, 46-54; zero_state_affine 7, 8, 12, 13, 23, 24, 28, 29, 31, 32,
     34, 36-40."""
     torch.manual_seed(2)
     refused(Refused(kind).to(DTYPE), torch.randn(5, 3, dtype=DTYPE), ": " + REFUSALS[kind])
