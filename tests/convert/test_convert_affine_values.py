@@ -739,3 +739,30 @@ def test_embedding_indices_computed_from_neuron_values_are_refused():
     refused(NeuronIndices().to(DTYPE), torch.randn(5, 3, dtype=DTYPE),
             " (module 'table' of type Embedding): torch.nn.functional.embedding: embedding indices computed from "
             "neuron values")
+
+
+class SharedPositionIds(nn.Module):
+    """Position ids computed from the first token id (``(ids[:, :1] + arange(T)) % 5``: data indices that
+    are no one-to-one image of the ids), joining the tokens in place or (``moved``) reversed first."""
+
+    def __init__(self, moved: bool) -> None:
+        super().__init__()
+        self.moved = moved
+        self.tokens, self.positions, self.out = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        positions = self.positions((ids[:, :1] + torch.arange(ids.shape[1])) % 5)
+        if self.moved:
+            positions = positions[:, [4, 3, 2, 1, 0]]
+        return self.out(torch.tanh(self.tokens(ids) + positions)).sum(1)
+
+
+def test_position_ids_computed_from_the_ids_convert_in_place_and_are_refused_once_moved():
+    """``index_op`` with data indices: read again where they join the tokens (exact), and refused in
+    full where their positions moved first (a later call's ids would give other rows there).
+    Kills index_op 24-35."""
+    torch.manual_seed(17)
+    exact(SharedPositionIds(moved=False).to(DTYPE), token_ids())
+    refused(SharedPositionIds(moved=True).to(DTYPE), token_ids(),
+            ": embedding: its indices are computed from the input and their positions move before they join the "
+            "token values; pass them in (e.g. position_ids) or compute them with elementwise ops on the ids")
