@@ -827,3 +827,48 @@ def test_channel_products_on_parallel_edges_pass_gradcheck():
     torch.testing.assert_close(channel_sddmm(pattern, x, y), dense_sddmm(rows, cols, x, y), **EXACT)
     assert torch.autograd.gradcheck(lambda g, s: channel_spmm(pattern, g, s), (gate, x))
     assert torch.autograd.gradcheck(lambda a, b: channel_sddmm(pattern, a, b), (x, y))
+
+
+@pytest.mark.parametrize("model_class", [GradMetaNet, GradMetaNetPlusPlus])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_one_dimensional_node_and_edge_features_are_refused_by_name(model_class, lazy):
+    """``x [N]`` or ``edge_attr [E]`` (no feature axis) is refused by :meth:`MetaNetwork.check_inputs`
+    with its shape, also by a model with lazy (``-1``) input widths.
+
+    A bug until then: ``check_inputs`` read ``shape[-1]`` of a 1-D ``x`` as its feature width, so
+    ``x [14]`` was refused with the advice "pass node_in_channels=14", and a model built so (or
+    with ``-1``) ran without an error: its node encoder read all 14 nodes' values as one row of 14
+    features and added that one vector to every node (``edge_attr [E]`` alike), a silent wrong
+    answer. Found by ``MetaNetwork.check_inputs`` 32 and 38 of run nn 14 (``shape[+1]`` for
+    ``shape[-1]``, which only a 1-D field tells apart)."""
+    graph = mlp_graph(5, batch=3)
+    widths = dict(node_in_channels=-1, edge_in_channels=-1) if lazy else {}
+    for field, axis in (("x", "N"), ("edge_attr", "E")):
+        flat = graph.clone()
+        setattr(flat, field, getattr(graph, field)[:, 0])
+        rows = getattr(flat, field).shape[0]
+        model = model_class(6, **widths).double()
+        with pytest.raises(GradGraphError, match=full(
+                f"{model_class.__name__}: graph.{field} must have shape [{axis}, F] (features on its last axis); "
+                f"got [{rows}]")):
+            model(flat)
+        with pytest.raises(GradGraphError, match=full(
+                f"{model_class.__name__}: graph.{field} must have shape [{axis}, F] (features on its last axis); "
+                f"got [{rows}, 1, 1]")):
+            setattr(flat, field, getattr(graph, field)[:, :, None])
+            model.check_inputs(flat)
+
+
+@pytest.mark.parametrize("model_class", [GradMetaNet, GradMetaNetPlusPlus])
+def test_a_model_names_itself_when_act_and_grad_disagree(model_class):
+    """``encode_factors`` hands the model's class name to :func:`component_inputs`, so the forward
+    of a graph whose ``act`` and ``grad`` differ in shape is refused naming the model.
+
+    Checked to kill ``MetaNetwork.encode_factors`` 3 (the name ``None``) and 6 (``type(None)``:
+    "NoneType"), survivors of run nn 14."""
+    graph = mlp_graph(5, batch=3)
+    graph.grad = graph.grad[:, :2]
+    n = graph.num_nodes
+    with pytest.raises(GradGraphError, match=full(
+            f"{model_class.__name__}: act and grad must both be [N, B]; got [{n}, 3] and [{n}, 2]")):
+        model_class(6).double()(graph)

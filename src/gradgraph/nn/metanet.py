@@ -184,8 +184,9 @@ class MetaNetwork(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
     def check_inputs(self, graph: GradGraph | Batch) -> None:
-        """One check of what the encoders read: widths of ``x``/``edge_attr``/``component_x`` and
-        the floating dtype of the graph against the model's (no read-back from the device).
+        """One check of what the encoders read: ``x [N, F]`` and ``edge_attr [E, F]`` two-dimensional,
+        widths of ``x``/``edge_attr``/``component_x`` and the floating dtype of the graph against the
+        model's (no read-back from the device).
 
         Raises:
             GradGraphError: naming the model, the field, its shape and the width or dtype expected.
@@ -199,6 +200,14 @@ class MetaNetwork(nn.Module):
                     f"{name}: graph.{field} is {value.dtype} but the model's parameters are {dtype}; "
                     f"convert one of them (model.to({value.dtype}) or graph.to({dtype}) / "
                     f"to_graph(..., dtype={dtype}))"
+                )
+        for field, rows in (("x", "N"), ("edge_attr", "E")):
+            # a 1-D field's last axis is its rows: read as feature columns, a lazy (or so-sized)
+            # encoder would take all rows as one vector, added to every node or edge
+            shape = getattr(graph, field).shape
+            if len(shape) != 2:
+                raise GradGraphError(
+                    f"{name}: graph.{field} must have shape [{rows}, F] (features on its last axis); got {list(shape)}"
                 )
         extra = getattr(graph, "component_x", None)
         columns = {
