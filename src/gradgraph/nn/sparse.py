@@ -140,7 +140,7 @@ class ChannelBlockPattern:
 
 
 def _sampled_product(pattern: ChannelBlockPattern, left: Tensor, right: Tensor) -> Tensor:
-    """``(left @ right.T)`` at the pattern's entries: ``[C*E]`` values in CSR order."""
+    """``(left @ right.T)`` at the pattern's entries: ``[C*U]`` values in CSR order (one per stored entry)."""
     zeros = torch.zeros(pattern.col.numel(), dtype=left.dtype, device=left.device)
     return torch.sparse.sampled_addmm(pattern.matrix(zeros), left, right.t(), beta=0.0).values()
 
