@@ -17,30 +17,14 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from gradgraph.errors import GradGraphError
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer, Task
-
-DOUBLE = torch.float64
+from optim_tasks import tiny_task
 
 
 def _task() -> Task:
-    def make(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-
-    def sample(generator: torch.Generator):
-        x = torch.randn(5, 3, generator=generator, dtype=DOUBLE)
-        return x, (x[:, 0] > 0).long()
-
-    def validation(generator: torch.Generator):
-        x = torch.randn(7, 3, generator=generator, dtype=DOUBLE)
-        return x, (x[:, 1] > 0).long()
-
-    return Task("tiny", make, sample, lambda out, y: F.cross_entropy(out, y, reduction="none"),
-                sample_validation=validation)
+    return tiny_task(validation=True)
 
 
 def _config(**options) -> MetaTrainConfig:

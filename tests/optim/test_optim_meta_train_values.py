@@ -13,26 +13,18 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import Batch
 
 from gradgraph.convert import to_graph
 from gradgraph.optim import LearnedUpdate, MetaModelConfig, MetaTrainConfig, MetaTrainer, Task
+from optim_tasks import tiny_task
 
 DOUBLE = torch.float64
 
 
 def _task() -> Task:
-    def make(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-
-    def sample(generator: torch.Generator):
-        x = torch.randn(5, 3, generator=generator, dtype=DOUBLE)
-        return x, (x[:, 0] > 0).long()
-
-    return Task("tiny", make, sample, lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    return tiny_task(validation=False)
 
 
 def _trainer(**options) -> MetaTrainer:
