@@ -6,11 +6,11 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
-from gradgraph.nn.linear import Linear
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import GradGraphConv
+from gradgraph.nn.linear import Linear
 
 __all__ = ["ComponentAttention", "MultiHeadConv", "check_heads"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
-from gradgraph.nn.linear import Linear
 from torch_geometric.utils import scatter
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import GradGraphConv
+from gradgraph.nn.linear import Linear
 
 __all__ = ["ComponentConv"]
 

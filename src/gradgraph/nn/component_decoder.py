@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from gradgraph.nn.linear import Linear
 
 from gradgraph.errors import GradGraphError
 from gradgraph.nn.context import GraphContext
+from gradgraph.nn.linear import Linear
 
 __all__ = ["ComponentProductDecoder"]
 

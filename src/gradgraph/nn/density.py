@@ -7,9 +7,9 @@ import math
 
 import torch
 from torch import Tensor, nn
-from gradgraph.nn.linear import Linear
 
 from gradgraph.errors import GradGraphError
+from gradgraph.nn.linear import Linear
 
 __all__ = ["ComponentDensity"]
 

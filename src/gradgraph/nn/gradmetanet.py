@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch_geometric.data import Batch
-from gradgraph.nn.linear import Linear
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
@@ -16,6 +15,7 @@ from gradgraph.nn.component_conv import ComponentConv
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.conv import GradGraphConv, resolve_direction
 from gradgraph.nn.decoder import EdgeProductDecoder
+from gradgraph.nn.linear import Linear
 from gradgraph.nn.metanet import GradMetaNetConfig, MetaNetwork, component_inputs
 from gradgraph.nn.node_conv import NodeConv
 from gradgraph.nn.output import GradMetaNetOutput

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch
-from gradgraph.nn.linear import Linear
 
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
@@ -17,6 +16,7 @@ from gradgraph.nn.component_readout import ComponentReadout
 from gradgraph.nn.context import GraphContext
 from gradgraph.nn.edge_encoding import EdgeKindEncoding
 from gradgraph.nn.encoding import PositionalEncoding
+from gradgraph.nn.linear import Linear
 from gradgraph.nn.output import GradMetaNetOutput
 from gradgraph.nn.readout import InvariantReadout
 
