@@ -191,13 +191,15 @@ def test_embed_carries_the_factor_emas_of_the_normalised_factors_written_out():
 
     Kills ``LearnedUpdate.embed`` 21 (the carried EMAs ignored), 24, 26 (the shape test always unequal: the
     EMAs restart at every step), 48 (``act`` replaced by ``grad``)."""
-    from gradgraph.optim.features import FACTOR_DECAYS, normalize_factors
+    from gradgraph.optim.features import FACTOR_DECAYS, MOMENTUM_DECAYS, normalize_factors
 
     rule = LearnedUpdate(MetaModelConfig(use_gradmetanet=True)).double()
     params = {"w": torch.zeros(1, 2, dtype=DOUBLE)}
     state = rule.init_state(params)
-    decays = rule.factor_decays  # FACTOR_DECAYS as the rule holds them: made in float32, so 0.1 is 0.1000000015
-    torch.testing.assert_close(decays, torch.tensor(FACTOR_DECAYS, dtype=DOUBLE), rtol=1e-7, atol=0)
+    decays = rule.factor_decays  # FACTOR_DECAYS as the rule holds them: made in float64, exact for a float64 rule
+    # (a float32 buffer cast up gave 0.1000000015 for 0.1)
+    assert torch.equal(decays, torch.tensor(FACTOR_DECAYS, dtype=DOUBLE))
+    assert torch.equal(rule.momentum_decays, torch.tensor(MOMENTUM_DECAYS, dtype=DOUBLE))
     expected = None
     for seed in (1, 2):
         batch, graph = _graphs(seed)
@@ -290,7 +292,7 @@ def _documented_step(rule: LearnedUpdate, params, grads, state, embeddings):
     ``θ ← θ − α s(t) (β F + m)``, ``s(t) = exp(w · τ)`` with a schedule, else 1.
 
     Returns ``(params, momentum, momenta, step)`` as nested Python lists per name and particle (flat entries).
-    The momentum decays are the rule's own buffer (made in float32: 0.1 is 0.1000000015 there)."""
+    The momentum decays are the rule's own buffer (float64: the decimal decays rounded once to the step's dtype)."""
     config = rule.config
     alpha, beta = float(rule.alpha.detach()), float(rule.beta.detach())
     mu = float(rule.mu.detach())  # sigmoid(logit μ) in the rule's dtype
@@ -526,8 +528,8 @@ def test_a_rule_built_without_a_config_has_the_documented_parts_and_state_dict()
     keys = set(rule.state_dict())
     assert {"log_alpha", "log_beta", "logit_mu"} <= keys
     assert not any("decays" in key for key in keys)
-    assert rule.momentum_decays.tolist() == torch.tensor(MOMENTUM_DECAYS).tolist()
-    assert rule.factor_decays.tolist() == torch.tensor(FACTOR_DECAYS).tolist()
+    assert rule.momentum_decays.tolist() == list(MOMENTUM_DECAYS)  # float64: the decimals as Python has them
+    assert rule.factor_decays.tolist() == list(FACTOR_DECAYS)
     assert all(key.startswith(("log_alpha", "log_beta", "logit_mu", "mlp.", "gradmetanet.")) for key in keys)
 
 

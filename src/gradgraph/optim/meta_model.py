@@ -262,8 +262,10 @@ class LearnedUpdate(nn.Module):
             layers.append(nn.Linear(width, 1))
             self.mlp = nn.Sequential(*layers)
         self._zero_residual()
-        self.register_buffer("momentum_decays", torch.tensor(MOMENTUM_DECAYS), persistent=False)
-        self.register_buffer("factor_decays", torch.tensor(FACTOR_DECAYS), persistent=False)
+        # float64, so each step's cast to the parameters' dtype rounds the decimal decays once
+        # (a float32 buffer gave a float64 rule 0.1000000015 for 0.1)
+        self.register_buffer("momentum_decays", torch.tensor(MOMENTUM_DECAYS, dtype=torch.float64), persistent=False)
+        self.register_buffer("factor_decays", torch.tensor(FACTOR_DECAYS, dtype=torch.float64), persistent=False)
         self._layouts: dict[tuple, ParameterLayout] = {}
         self._segment_cache: tuple[tuple, Tensor] | None = None  # the flat layout's segments (forward)
         if self.gradmetanet is not None:
