@@ -131,7 +131,6 @@ class NeuronSet:
     fresh: bool = True
     absorbed: bool = False
     pinned: bool = False
-    read_by_affine: bool = False
     #: affine | input | token | norm | merge | attention | scale | pool | embedding | previous
     created_by: str = "affine"
 

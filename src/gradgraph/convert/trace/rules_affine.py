@@ -149,7 +149,6 @@ class AffineRules:
         meta = self.fix_act(x, meta, name)
         sources = rows_along_last(meta.nodes)[0].clone()
         for index in meta.versions:
-            self.sets[index].read_by_affine = True
             self.separate_part_read(self.sets[index], sources)
         width = positions.shape[0]
         created = self.new_set(width, NodeKind.HIDDEN, self.path() or name, "affine")

@@ -351,7 +351,6 @@ class ConvRules:
         width = x.shape[1] * math.prod(kernel)
         self.input_neurons(width, name, f"as {width} (channel, tap) features")
         self.input_set.read_through_taps = True  # type: ignore[attr-defined]
-        self.input_set.read_by_affine = True
         nodes = broadcast_ids(self.input_set.first + torch.arange(width), output.shape).clone()
         first_of_datapoint = datapoint.reshape(datapoint.shape[0], -1)[:, 0]
         comps = self.position_comps(first_of_datapoint, tuple(output.shape[1:-1]), output.shape, 1)
