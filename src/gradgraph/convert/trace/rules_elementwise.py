@@ -30,11 +30,11 @@ def _one_value_per_neuron(nodes: tuple[Tensor, ...], comps: Tensor) -> bool:
 
 
 #: per-neuron maxima / minima over positions (a text CNN's max over time): pooling, as sum and mean
+_ORDER_POOLS = {"Tensor.max", "Tensor.min", "Tensor.amax", "Tensor.amin", "torch.amax", "torch.amin", "torch.max",
+                "torch.min"}
 #: a vector norm over positions (ConvNeXt V2's global response norm, ``linalg.vector_norm`` read as
 #: ``Tensor.norm``): per channel and, like a mean or a max, positively homogeneous
 _NORM_POOLS = {"Tensor.norm", "torch.norm"}
-_ORDER_POOLS = {"Tensor.max", "Tensor.min", "Tensor.amax", "Tensor.amin", "torch.amax", "torch.amin", "torch.max",
-                "torch.min"}
 
 
 def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
