@@ -503,8 +503,7 @@ class LearnedUpdate(nn.Module):
         (in ``like``'s dtype and device; kept for the last layout)."""
         key = (tuple(numels), like.dtype, str(like.device))
         if self._segment_cache is None or self._segment_cache[0] != key:
-            which = torch.repeat_interleave(torch.arange(len(numels), device=like.device),
-                                            torch.tensor(numels, device=like.device))
+            which = torch.repeat_interleave(torch.tensor(numels, device=like.device))  # 0 … S−1, each numel times
             self._segment_cache = (key, F.one_hot(which, len(numels)).to(like.dtype))
         return self._segment_cache[1]
 
