@@ -76,8 +76,17 @@ SHAPE_OPS = _method(
 #: device): constants, as a factory call inside ``forward`` is (an RNN's zero initial state)
 CONSTANT_FACTORIES = {f"torch.{name}_like" for name in ("zeros", "ones", "full", "empty")} | _method(
     "new_zeros", "new_ones", "new_full", "new_empty")
+#: dropouts by op name, and whether each is active (``training``) when the call does not say:
+#: an inactive one returns its input (``nn.Dropout2d`` in eval mode), an active one is refused
+DROPOUT_TRAINING_DEFAULT: dict[str, bool] = {
+    **{op_name(function): True for function in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)},
+    **{op_name(function): False for function in (F.alpha_dropout, F.feature_alpha_dropout)},
+    "torch.dropout": True,
+}
+#: ``F.rrelu``: random slopes in training mode (refused), a leaky ReLU in eval mode
+RRELU = op_name(F.rrelu)
 IDENTITY_OPS = _method("to", "float", "double", "half", "bfloat16", "type_as", "type", "cpu", "cuda") | {
-    "torch.nn.functional.dropout", "torch.dropout", "Tensor.__getitem__ (no-op)",
+    *DROPOUT_TRAINING_DEFAULT, "Tensor.__getitem__ (no-op)",
 }
 #: named activations by op name (from the one table, gradgraph.convert.activations)
 ACTIVATION_OPS: dict[str, ActivationKind] = {
@@ -88,10 +97,11 @@ UNARY = set(ACTIVATION_OPS) | _names(
     F.elu, F.selu, F.celu, F.softplus, F.mish, F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid, F.logsigmoid,
     F.softsign, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.cos, torch.erf,
     torch.square, torch.reciprocal, torch.clamp, torch.pow, torch.exp2, torch.log1p, torch.expm1, torch.sign,
-    torch.special.erf, torch.special.expit, torch.nan_to_num,
+    torch.special.erf, torch.special.expit, torch.nan_to_num, F.tanhshrink, F.softshrink, F.hardshrink, F.threshold,
+    F.rrelu, torch.atan, torch.sinh, torch.asinh,
 ) | _method(
     "exp", "log", "sqrt", "rsqrt", "abs", "neg", "__neg__", "cos", "erf", "square", "reciprocal", "clamp", "pow",
-    "clamp_min", "clamp_max", "float_power", "sign", "log1p", "expm1",
+    "clamp_min", "clamp_max", "float_power", "sign", "log1p", "expm1", "hardshrink", "atan", "sinh", "asinh",
 )
 BINARY_ADD = _method("__add__", "__radd__", "__sub__", "__rsub__", "add", "sub") | _names(torch.add, torch.sub)
 BINARY_MUL = _method("__mul__", "__rmul__", "__truediv__", "__rtruediv__", "mul", "div") | _names(

@@ -27,8 +27,9 @@ from gradgraph.convert.trace.meta import (
 )
 from gradgraph.convert.trace.ops import (
     ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER,
-    CONCATENATIONS, ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT, IN_PLACE_OPERATORS, JOINS, LAYER_NORM,
-    LINEAR, MASK_FILL, MATMUL, op_name, REDUCTIONS, RMS_NORM, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
+    CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT,
+    IN_PLACE_OPERATORS, JOINS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA,
+    SHAPE_OPS, SOFTMAX, UNARY, WHERE,
 )
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.rules_affine import AffineRules
@@ -420,13 +421,16 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         if any(isinstance(meta, Scores) for meta in metas):
             return self.scores_op(name, args, kwargs, output, tracked)
         if name in SHAPE_OPS or name in IDENTITY_OPS or name == "Tensor.__getitem__":
-            if name in IDENTITY_OPS and name.endswith("dropout"):
-                training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            if name in DROPOUT_TRAINING_DEFAULT:
+                training = kwargs.get("training", args[2] if len(args) > 2 else DROPOUT_TRAINING_DEFAULT[name])
                 p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
                 if training and p > 0:
                     raise self.unsupported(name, "active dropout changes the function; call model.eval()")
             return self.shape_op(name, func, args, kwargs, output, tracked)
         if name in UNARY:
+            if name == RRELU and kwargs.get("training", args[3] if len(args) > 3 else False):
+                raise self.unsupported(name, "an active RReLU draws a random slope per element (training mode); "
+                                       "call model.eval(), where it is a leaky ReLU of slope (lower + upper) / 2")
             x = args[0] if args else kwargs.get("input")  # torch.sigmoid(input=h): no positional argument
             operands = [meta for value, meta in tracked if isinstance(meta, Param) and value is not x]
             if operands:  # torch.pow(h, p), clamp(h, min=p): the parameter is no bias or scale
@@ -586,7 +590,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         new_args, new_kwargs = tree_map(substitute, (args, kwargs))
         new_kwargs = {key: value for key, value in new_kwargs.items() if key not in ("dtype", "memory_format")}
         if func in (Tensor.to, Tensor.type, Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.cpu,
-                    Tensor.cuda, Tensor.type_as, F.dropout, torch.dropout):
+                    Tensor.cuda, Tensor.type_as) or op_name(func) in DROPOUT_TRAINING_DEFAULT:
             return new_args[0]
         with torch.no_grad():
             return func(*new_args, **new_kwargs)
