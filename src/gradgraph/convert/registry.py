@@ -13,7 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from gradgraph.capture import LossFn, check_materialised, mapping_inputs
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
@@ -156,6 +158,13 @@ def to_graph(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_graph: model must be an nn.Module, got {type(model).__name__}")
+    if torch.is_inference_mode_enabled():
+        # torch.enable_grad() cannot leave inference mode, and a tensor made in it cannot be saved
+        # for backward: convert outside it, on normal copies of the tensors made inside
+        with torch.inference_mode(False):
+            inputs, targets, forward_kwargs, datapoints = _normal_tensors((inputs, targets, forward_kwargs, datapoints))
+            return to_graph(model, inputs, targets, loss_fn, forward_kwargs=forward_kwargs, datapoints=datapoints,
+                            fold_time=fold_time)
     model = _uncompiled(model)
     kwargs = dict(forward_kwargs or {})
     if isinstance(inputs, Mapping):  # a tokenizer's output: the first argument of forward, the rest by name
@@ -187,6 +196,11 @@ def to_graph(
     if not fold_time:
         options["fold_time"] = False
     return _FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=kwargs, **options)
+
+
+def _normal_tensors(value: Any) -> Any:
+    """``value`` (nested containers too) with every inference-mode tensor replaced by a normal copy."""
+    return tree_map(lambda item: item.clone() if isinstance(item, Tensor) and item.is_inference() else item, value)
 
 
 def convert_closure(model: nn.Module, closure: Callable[[], Tensor], *,
@@ -226,6 +240,17 @@ def convert_closure(model: nn.Module, closure: Callable[[], Tensor], *,
     if not callable(closure):
         raise TypeError(f"convert_closure: closure must be callable, got {type(closure).__name__}")
     check_materialised(model, "convert_closure")
+    if torch.is_inference_mode_enabled():  # as to_graph: the closure runs outside inference mode
+        with torch.inference_mode(False):
+            try:
+                return convert_closure(model, closure, datapoints=datapoints)
+            except (RuntimeError, GradGraphError) as error:  # torch's, or the trace's report of it
+                if "Inference tensors cannot be saved" not in str(error):
+                    raise
+                raise GradGraphError(
+                    "convert_closure was called in torch.inference_mode() and the closure uses a tensor made there "
+                    f"({error}); make the closure's tensors outside inference mode, or call convert_closure outside "
+                    "it (torch.no_grad() is fine)") from error
     original = _uncompiled(model)
     for entry in reversed(_REGISTRY):
         if entry.matches(original):
