@@ -144,8 +144,8 @@ def test_rrelu_in_training_mode_is_refused_with_what_eval_mode_computes():
     inputs, targets = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
     with pytest.raises(UnsupportedOperationError,
                        match=r"module '1' of type RReLU\): torch\.nn\.functional\.rrelu: an active RReLU draws a "
-                             r"random slope per element \(training mode\); call model\.eval\(\), where it is a leaky ReLU of "
-                             r"slope \(lower \+ upper\) / 2"):
+                             r"random slope per element \(training mode\); call model\.eval\(\), where it is a leaky "
+                             r"ReLU of slope \(lower \+ upper\) / 2"):
         gradgraph.to_graph(model, inputs, targets, class_loss)
     with pytest.raises(UnsupportedOperationError, match="an active RReLU"):  # the functional form too
         model = nn.Sequential(nn.Linear(5, 3), Elementwise(lambda h: F.rrelu(h, training=True))).to(DTYPE)
