@@ -324,7 +324,9 @@ def _shared_parameter_ties(trace: TraceResult) -> tuple[list[tuple[Tensor, Tenso
     pinned: set[int] = set()
     for param, sites in uses.items():
         if len(sites) < 2:
-            continue
+            only = sites[0][2]
+            if only.numel() == 0 or bool((only == only[0]).all()) or not bool((torch.bincount(only) > 1).any()):
+                continue  # one site using each entry once, or one entry everywhere: nothing is shared
         shape = trace.param_shapes[param]
         numel, columns = math.prod(shape), (shape[-1] if len(shape) >= 2 else 1)
         row_node = torch.full((numel,), -1, dtype=torch.long)
@@ -350,6 +352,13 @@ def _shared_parameter_ties(trace: TraceResult) -> tuple[list[tuple[Tensor, Tenso
                     pairs = torch.unique(torch.stack((table[pos][seen], nodes[seen])), dim=1)
                     ties.append((pairs[0], pairs[1]))
                 table[pos[~seen]] = nodes[~seen]
+                # an entry used twice in one site (a norm's weight shared by every head's features): the
+                # nodes it meets there move together too -- unless the site uses one entry only (PReLU's one
+                # slope), which any permutation keeps
+                again = table[pos[~seen]] != nodes[~seen]
+                if bool(again.any()) and not bool((pos == pos[0]).all()):
+                    pairs = torch.unique(torch.stack((table[pos[~seen]][again], nodes[~seen][again])), dim=1)
+                    ties.append((pairs[0], pairs[1]))
     return ties, pinned
 
 

@@ -3,6 +3,7 @@ softmax and masks, and norms."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,6 +36,23 @@ _ORDER_POOLS = {"Tensor.max", "Tensor.min", "Tensor.amax", "Tensor.amin", "torch
 #: a vector norm over positions (ConvNeXt V2's global response norm, ``linalg.vector_norm`` read as
 #: ``Tensor.norm``): per channel and, like a mean or a max, positively homogeneous
 _NORM_POOLS = {"Tensor.norm", "torch.norm"}
+#: reductions a norm computes its statistic with; over part of the features (each head's
+#: features), one statistic per part (:meth:`ElementwiseRules.separate_parts`)
+_PART_STATISTICS = {"Tensor.mean", "torch.mean", "Tensor.var", "torch.var", "Tensor.std", "torch.std",
+                    "Tensor.norm", "torch.norm"}
+
+
+def _trailing_neuron_width(nodes: Tensor) -> tuple[int, int] | None:
+    """``(k, n)`` where the neurons of ``nodes`` lie on its last ``k >= 2`` axes (``n`` of them
+    per position: each head's features of ``q.view(b, T, heads, d)``), else ``None`` (``k = 1``, the
+    usual row of features, or neurons on axes that are not trailing)."""
+    axes = [axis for axis in range(nodes.dim()) if varies_along(nodes, axis)]
+    if len(axes) < 2 or axes != list(range(nodes.dim() - len(axes), nodes.dim())):
+        return None
+    width = 1
+    for axis in axes:
+        width *= nodes.shape[axis]
+    return len(axes), width
 
 
 def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
@@ -349,8 +367,9 @@ class ElementwiseRules:
                 raise self.unsupported(name, "a parameter combined with a feature map that differs between positions")
             pos_rows = pos_row[None]
         else:
-            sources = feature_row(nodes)
-            pos_rows = pos.reshape(-1, shape[-1])
+            width = _trailing_neuron_width(nodes)
+            sources = feature_row(nodes.reshape(*shape[:len(shape) - width[0]], width[1]) if width else nodes)
+            pos_rows = pos.reshape(-1, width[1] if width else shape[-1])
             per_feature = bool((pos_rows == pos_rows[:1]).all())
         if sources is None:
             raise self.unsupported(name, "a parameter combined with values that are not one neuron per feature")
@@ -375,7 +394,9 @@ class ElementwiseRules:
             kind, weight_param, weight_pos = EdgeKind.NORM_SCALE, param_meta.index, positions
         meta = self.fix_act(value, meta, name)
         nodes = broadcast_ids(meta.nodes, shape)
-        sources = channel_row(nodes, shape) if channels else rows_along_last(nodes)[0].clone()
+        width = None if channels else _trailing_neuron_width(nodes)
+        sources = channel_row(nodes, shape) if channels else rows_along_last(
+            nodes.reshape(*shape[:len(shape) - width[0]], width[1]) if width else nodes)[0].clone()
         # one set per source set the features lie in (a scale of cat([h1, h2])): per feature, so each
         # part still permutes on its own, with its source
         targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, f"{self.path()} {name}", "scale")
@@ -444,8 +465,14 @@ class ElementwiseRules:
             return None
         if reduced_neurons and not reduced_comps:
             if set(reduced_neurons) != set(neuron_axes):
-                return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
-            self.separate_mixed_part(meta)
+                if indices is not None or name not in _PART_STATISTICS:
+                    return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
+                # a statistic of each part (Qwen3's RMSNorm of each head's query): it is combined with
+                # the part's own neurons again, so each part must keep its neurons under the group
+                self.separate_parts(meta, [axis for axis in neuron_axes if axis not in reduced_neurons],
+                                    reduced_neurons)
+            else:
+                self.separate_mixed_part(meta)
             stat = Neurons(torch.full(tuple(output.shape), -1, dtype=torch.long), collapse(meta.comps), {})
             self.set_meta(output, stat)
             return None
@@ -475,6 +502,24 @@ class ElementwiseRules:
             self.observe(output, new)
             return None
         return self.mark_opaque(output, name, "a reduction over features and positions together", [meta])
+
+    def separate_parts(self, meta: Neurons, kept: list[int], reduced: list[int]) -> None:
+        """A statistic over the ``reduced`` neuron axes of a value, one per index of its ``kept``
+        neuron axes: each part (the neurons at one index of ``kept``) is separated from the rest of
+        its set (:meth:`separate_part_read`), so no permutation moves a neuron into another part."""
+        nodes = meta.nodes
+        for axis in range(nodes.dim()):
+            if axis not in kept and axis not in reduced:
+                nodes = nodes.narrow(axis, 0, 1)
+        order = [axis for axis in range(nodes.dim()) if axis not in kept and axis not in reduced] + kept + reduced
+        width = 1
+        for axis in reduced:
+            width *= nodes.shape[axis]
+        parts = nodes.permute(*order).reshape(-1, width)
+        for part in torch.unique(parts, dim=0):
+            part = part[part >= 0]
+            for index in meta.versions:
+                self.separate_part_read(self.sets[index], part)
 
     def softmax(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         meta = self.need_neurons(args[0], name)
@@ -523,7 +568,10 @@ class ElementwiseRules:
             raise self.unsupported(name, f"normalized_shape {tuple(normalized_shape)}; gradgraph supports norms over "
                                    "the last axis")
         neuron_axes = [axis for axis in range(x.dim()) if varies_along(meta.nodes, axis)]
-        if neuron_axes not in ([x.dim() - 1], []) or meta.comps is None:
+        # a norm of each head's features (Phi's and Persimmon's LayerNorm of q.view(b, T, heads, d)): one
+        # statistic per head, the weight [d] shared by the heads
+        per_part = len(neuron_axes) >= 2 and neuron_axes[-1] == x.dim() - 1 and meta.comps is not None
+        if not per_part and (neuron_axes not in ([x.dim() - 1], []) or meta.comps is None):
             raise self.unsupported(name, "a norm whose last axis is not the features of its input")
         with torch.no_grad():
             if layer_norm:
@@ -541,23 +589,45 @@ class ElementwiseRules:
         normalised_meta = Neurons(meta.nodes, meta.comps, versions)
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
-        sources = rows_along_last(normalised_meta.nodes)[0].clone()
+        if per_part:
+            self.separate_parts(meta, neuron_axes[:-1], neuron_axes[-1:])
+            order = [axis for axis in range(x.dim()) if axis not in neuron_axes] + neuron_axes
+            part_shape = [x.shape[axis] for axis in neuron_axes]
+            rows = broadcast_ids(normalised_meta.nodes, x.shape).permute(*order).reshape(-1, math.prod(part_shape))
+            if not bool((rows == rows[:1]).all()) or bool((rows[0] < 0).any()):
+                raise self.unsupported(name, "a norm of each head's features whose heads hold other neurons at "
+                                       "other positions")
+            sources = rows[0].clone()
+
+            def position_row(pos: Tensor) -> Tensor:  # the weight's entry of every source: [d] over the heads
+                return broadcast_ids(pos, part_shape).reshape(-1).clone()
+        else:
+            sources = rows_along_last(normalised_meta.nodes)[0].clone()
+
+            def position_row(pos: Tensor) -> Tensor:
+                return pos.reshape(-1).clone()
         # one norm set per source set the features lie in (a norm of cat([h1, h2])): the statistic is
         # symmetric in all its features, so each part still permutes on its own, with its source
         targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, self.path() or name, "norm")
         if weight is not None:
             weight_view = self.param_view(weight, name, "weight")
             self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index,
-                               weight_view.pos.reshape(-1).clone(), None))
+                               position_row(weight_view.pos), None))
         else:
             self.edges.append((sources, targets, EdgeKind.NORM_SCALE, -1, None, None))
         if bias is not None:
             bias_view = self.param_view(bias, name, "bias")
+            bias_positions = position_row(bias_view.pos)
             for (low, high), created in zip(runs, created_sets):
-                created.bias_param, created.bias_pos = bias_view.index, bias_view.pos.reshape(-1)[low:high].clone()
+                created.bias_param, created.bias_pos = bias_view.index, bias_positions[low:high].clone()
         for low, high in runs:
             self.ties.append((sources[low:high], targets[low:high]))
-        nodes = broadcast_ids(targets, output.shape).clone()
+        if per_part:
+            lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
+            lookup[sources] = targets
+            nodes = lookup[broadcast_ids(normalised_meta.nodes, output.shape)]
+        else:
+            nodes = broadcast_ids(targets, output.shape).clone()
         new = Neurons(nodes, meta.comps.clone(), {created.index: 0 for created in created_sets})
         created_sets[0].grad_records.append((output, nodes, new.comps))  # one record writes every set's grad
         self.set_meta(output, new)
