@@ -572,6 +572,15 @@ stablelm_case = _causal_lm(lambda t: t.StableLmConfig(  # rotary on half of each
 gpt_bigcode_case = _causal_lm(lambda t: t.GPTBigCodeConfig(  # one key/value head for all query heads
     vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=16, multi_query=True, resid_pdrop=0.0,
     embd_pdrop=0.0, attn_pdrop=0.0), "GPTBigCodeForCausalLM")
+gpt_neox_case = _causal_lm(lambda t: t.GPTNeoXConfig(  # Pythia: fused qkv per head, rotary on a quarter
+    vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
+    max_position_embeddings=16, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0), "GPTNeoXForCausalLM")
+starcoder2_case = _causal_lm(lambda t: t.Starcoder2Config(  # grouped-query attention, sliding window, biases
+    vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=12, max_position_embeddings=16, residual_dropout=0.0, embedding_dropout=0.0,
+    attention_dropout=0.0), "Starcoder2ForCausalLM")
+mpt_case = _causal_lm(lambda t: t.MptConfig(  # ALiBi, fused qkv, LayerNorms without biases
+    vocab_size=20, d_model=8, n_layers=1, n_heads=2, max_seq_len=16, expansion_ratio=2), "MptForCausalLM")
 codegen_case = _causal_lm(lambda t: t.CodeGenConfig(  # interleaved rotary, fused qkv split in four
     vocab_size=20, n_embd=8, n_layer=1, n_head=2, rotary_dim=2, n_positions=16, n_ctx=16, resid_pdrop=0.0,
     embd_pdrop=0.0, attn_pdrop=0.0), "CodeGenForCausalLM")
@@ -628,6 +637,9 @@ TRANSFORMERS = {
     "stablelm_partial_rotary": (stablelm_case, "eager"),
     "gpt_bigcode_multi_query": (gpt_bigcode_case, "eager"),
     "codegen_interleaved_rotary": (codegen_case, "eager"),
+    "gpt_neox_partial_rotary": (gpt_neox_case, "eager"),
+    "starcoder2_grouped_query": (starcoder2_case, "eager"),
+    "mpt_alibi": (mpt_case, "eager"),
     "xlm_roberta_mean_pooled": (xlm_roberta_case, "sdpa"),
 }
 
