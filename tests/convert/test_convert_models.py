@@ -613,6 +613,33 @@ def opt_case(transformers, attention):
     return model, padded_ids(1), token_loss, 80
 
 
+def _encoder_classifier(config_class, model_class, **extra):
+    def case(transformers, attention):
+        config = _encoder_config(transformers, getattr(transformers, config_class), attention, **extra)
+        model = Wrapped(getattr(transformers, model_class)(config),
+                        lambda model, ids: model(input_ids=ids, attention_mask=(ids != PAD).long()).logits)
+        return model, torch.randint(0, 2, (3,)), cross_entropy, 60
+
+    return case
+
+
+electra_case = _encoder_classifier("ElectraConfig", "ElectraForSequenceClassification", embedding_size=6)
+_esm_classifier = _encoder_classifier("EsmConfig", "EsmForSequenceClassification", position_embedding_type="rotary")
+
+
+def esm_case(transformers, attention):
+    model, targets, loss_fn, _ = _esm_classifier(transformers, attention)
+    model.model.esm.contact_head = None  # predicts contacts from attention maps when asked; unused here
+    return model, targets, loss_fn, 40  # rotary holds the queries and keys
+
+
+modernbert_case = _encoder_classifier("ModernBertConfig", "ModernBertForSequenceClassification",
+                                      global_attn_every_n_layers=1, local_attention=4)
+squeezebert_case = _encoder_classifier("SqueezeBertConfig", "SqueezeBertForSequenceClassification", embedding_size=8,
+                                       q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2,
+                                       intermediate_groups=2, output_groups=2)
+
+
 def albert_case(transformers, attention):
     # one layer's parameters shared by both layers, a factorised embedding (4 -> 8)
     config = _encoder_config(transformers, transformers.AlbertConfig, attention, embedding_size=4)
@@ -640,6 +667,10 @@ TRANSFORMERS = {
     "gpt_neox_partial_rotary": (gpt_neox_case, "eager"),
     "starcoder2_grouped_query": (starcoder2_case, "eager"),
     "mpt_alibi": (mpt_case, "eager"),
+    "electra_factorised_embedding": (electra_case, "eager"),
+    "esm_rotary_encoder": (esm_case, "eager"),
+    "modernbert_local_and_global": (modernbert_case, "eager"),
+    "squeezebert_grouped_conv1d": (squeezebert_case, "eager"),
     "xlm_roberta_mean_pooled": (xlm_roberta_case, "sdpa"),
 }
 
@@ -683,6 +714,29 @@ def test_transformers_deit_with_its_distillation_token_converts_exactly(transfor
             if name.endswith(("_token", "position_embeddings")):
                 param.normal_()
     check_model(model, torch.randn(3, 2, 8, 8, dtype=DTYPE), torch.zeros(3), squared_norm, 20)
+
+
+def test_transformers_dinov2_with_registers_inserted_between_the_class_token_and_the_patches(transformers):
+    """``cat((h[:, :1], registers, h[:, 1:]))``: one set's positions on both sides of the register
+    tokens. Each part wrote its own MERGE edges into the joined set, so every neuron had two parallel
+    edges to its copy, and the symmetry tools refused the graph ("edge_permutation: the graph has
+    parallel edges of one kind"); now one edge per neuron, and the group check runs."""
+    config = transformers.Dinov2WithRegistersConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=8,
+                                                    num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                                                    num_register_tokens=2, num_labels=3, layerscale_value=0.5)
+    config._attn_implementation = "eager"
+    torch.manual_seed(30)
+    model = Wrapped(transformers.Dinov2WithRegistersForImageClassification(config),
+                    lambda model, images: model(pixel_values=images).logits).to(DTYPE).eval()
+    with torch.no_grad():  # tokens and positions start at zero (see the DeiT test)
+        for name, param in model.named_parameters():
+            if name.endswith(("cls_token", "register_tokens", "position_embeddings")):
+                param.normal_()
+    model.model.dinov2_with_registers.embeddings.mask_token = None  # read only for masked pretraining
+    graph = check_model(model, torch.randn(3, 3, 16, 16, dtype=DTYPE), torch.randint(0, 3, (3,)), cross_entropy, 60,
+                        torch_func=False)
+    keys = graph.edge_kind * graph.num_nodes ** 2 + graph.edge_index[0] * graph.num_nodes + graph.edge_index[1]
+    assert torch.unique(keys).numel() == keys.numel()  # no parallel edges
 
 
 def test_transformers_cvt_attention_written_with_einsum_converts_exactly(transformers):

@@ -625,6 +625,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         merged = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
         merged_nodes = merged.first + torch.arange(width)
         comps_parts, node_parts, tokens = [], [], []
+        merged_rows: set[tuple[int, ...]] = set()
         for part, meta in zip(parts, neuron_parts):
             if meta is None:  # the parameter: a class-token set per distinct token, the parameter as bias
                 param = self.meta(part)
@@ -665,8 +666,11 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 if row is None:
                     raise self.unsupported(name, "concatenates tensors whose features are not one neuron set")
                 self.fix_act(part, meta, name)
-                self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
-                self.ties.append((row, merged_nodes))
+                if tuple(row.tolist()) not in merged_rows:  # one set's positions on both sides of a token
+                    # (Dinov2's cat([h[:, :1], registers, h[:, 1:]])): one edge per neuron, not two parallel ones
+                    merged_rows.add(tuple(row.tolist()))
+                    self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
+                    self.ties.append((row, merged_nodes))
                 node_parts.append(meta.nodes)
                 comps_parts.append(meta.comps)
         comps = torch.cat(comps_parts, dim=axis)
