@@ -72,28 +72,36 @@ class QKNormAttention(nn.Module):
     """Self-attention with Qwen3's per-head RMSNorm of queries and keys, no rotary embedding (so
     the heads' features are free to move, unlike Qwen3's)."""
 
-    def __init__(self, width: int = 12, heads: int = 3) -> None:
+    def __init__(self, width: int = 12, heads: int = 3, transpose_first: bool = False) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.transpose_first = heads, transpose_first
         self.inp, self.out = nn.Linear(5, width), nn.Linear(width, 3)
         self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
         self.q_norm = nn.Parameter(torch.rand(width // heads) + 0.5)
         self.k_norm = nn.Parameter(torch.rand(width // heads) + 0.5)
 
+    def heads_of(self, value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``[b, heads, T, d]``, normalised per head before the transpose (Qwen3) or after it (Gemma3)."""
+        value = value.view(value.shape[0], value.shape[1], self.heads, -1)
+        if self.transpose_first:
+            return rms_norm(value.transpose(1, 2), weight)
+        return rms_norm(value, weight).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         h = self.inp(x)
-        q = rms_norm(self.q(h).view(b, t, self.heads, -1), self.q_norm).transpose(1, 2)
-        k = rms_norm(self.k(h).view(b, t, self.heads, -1), self.k_norm).transpose(1, 2)
+        q = self.heads_of(self.q(h), self.q_norm)
+        k = self.heads_of(self.k(h), self.k_norm)
         v = self.v(h).view(b, t, self.heads, -1).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
         return self.out(torch.relu(attended)).mean(1)
 
 
+@pytest.mark.parametrize("transpose_first", [False, True])
 @pytest.mark.parametrize("heads", [2, 3, 4])
-def test_attention_with_per_head_query_and_key_norms(heads):
+def test_attention_with_per_head_query_and_key_norms(heads, transpose_first):
     torch.manual_seed(heads)
-    model = QKNormAttention(width=4 * heads, heads=heads).to(DTYPE)
+    model = QKNormAttention(width=4 * heads, heads=heads, transpose_first=transpose_first).to(DTYPE)
     inputs, targets = torch.randn(4, 5, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
     assert_exact_per_sample_grads(model, inputs, targets, class_loss)
     for seed in range(3):
@@ -250,3 +258,47 @@ def test_a_weight_broadcast_over_parts_that_nothing_cuts_keeps_the_function():
     assert_exact_per_sample_grads(model, inputs, targets, class_loss)
     for seed in range(4):
         assert_group_keeps_function(model, inputs, targets, class_loss, seed=seed)
+
+
+def test_stock_gemma3_with_per_head_norms_written_one_plus_weight_after_the_transpose(monkeypatch):
+    """Gemma3's q_norm / k_norm: an RMSNorm of ``q.transpose(1, 2)`` (``[b, heads, T, d]``) scaled by
+    ``1 + weight``. Refused before as "a parameter combined with values that are not one neuron per
+    feature" (the scale's neurons lie on two axes that are not adjacent)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    def rms_norm_one_plus(self, hidden):  # Gemma3RMSNorm's math without its float32 cast
+        return rms_norm(hidden, None, self.eps) * (1.0 + self.weight)
+
+    monkeypatch.setattr(Gemma3RMSNorm, "forward", rms_norm_one_plus)
+    config = transformers.Gemma3TextConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                           num_key_value_heads=1, intermediate_size=12, head_dim=4,
+                                           max_position_embeddings=16, sliding_window=4)
+    config._attn_implementation = "eager"
+    torch.manual_seed(5)
+    body = transformers.Gemma3ForCausalLM(config).to(DTYPE).eval()
+    with torch.no_grad():  # Gemma initialises the norms' weights to 0
+        for name, param in body.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.3)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, ids):
+            return self.body(input_ids=ids, use_cache=False).logits
+
+    model = Model()
+    ids, targets = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
+    graph = gradgraph.to_graph(model, ids, targets, token_loss)
+    per_sample = graph.per_sample_grads()
+    assert any("q_norm" in name for name in per_sample)
+    params = dict(model.named_parameters())
+    for i in range(3):
+        grads = torch.autograd.grad(token_loss(model(ids[i:i + 1]), targets[i:i + 1]).sum(), list(params.values()))
+        for name, grad in zip(params, grads):
+            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
+    moved, _, _ = assert_group_keeps_function(model, ids, targets, token_loss, seed=3)
+    assert moved > 0

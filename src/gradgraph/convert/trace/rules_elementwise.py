@@ -42,17 +42,20 @@ _PART_STATISTICS = {"Tensor.mean", "torch.mean", "Tensor.var", "torch.var", "Ten
                     "Tensor.norm", "torch.norm"}
 
 
-def _trailing_neuron_width(nodes: Tensor) -> tuple[int, int] | None:
-    """``(k, n)`` where the neurons of ``nodes`` lie on its last ``k >= 2`` axes (``n`` of them
-    per position: each head's features of ``q.view(b, T, heads, d)``), else ``None`` (``k = 1``, the
-    usual row of features, or neurons on axes that are not trailing)."""
+def _neuron_axes_last(nodes: Tensor) -> tuple[list[int], int] | None:
+    """``(order, n)`` where the neurons of ``nodes`` lie on ``k >= 2`` axes, the last among them: ``order``
+    permutes those axes to the end (``n`` neurons per position: each head's features of
+    ``q.view(b, T, heads, d)`` or of its ``transpose(1, 2)``); ``None`` for the usual row of features on
+    the last axis alone, or neurons that do not reach the last axis."""
     axes = [axis for axis in range(nodes.dim()) if varies_along(nodes, axis)]
-    if len(axes) < 2 or axes != list(range(nodes.dim() - len(axes), nodes.dim())):
+    if len(axes) < 2 or axes[-1] != nodes.dim() - 1:
         return None
-    width = 1
-    for axis in axes:
-        width *= nodes.shape[axis]
-    return len(axes), width
+    return [axis for axis in range(nodes.dim()) if axis not in axes] + axes, math.prod(nodes.shape[a] for a in axes)
+
+
+def _rows(ids: Tensor, layout: tuple[list[int], int] | None) -> Tensor:
+    """``ids`` as rows of the neuron axes (:func:`_neuron_axes_last`), or along the last axis."""
+    return rows_along_last(ids) if layout is None else ids.permute(*layout[0]).reshape(-1, layout[1])
 
 
 def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
@@ -367,9 +370,9 @@ class ElementwiseRules:
                 raise self.unsupported(name, "a parameter combined with a feature map that differs between positions")
             pos_rows = pos_row[None]
         else:
-            width = _trailing_neuron_width(nodes)
-            sources = feature_row(nodes.reshape(*shape[:len(shape) - width[0]], width[1]) if width else nodes)
-            pos_rows = pos.reshape(-1, width[1] if width else shape[-1])
+            layout = _neuron_axes_last(nodes)
+            sources = feature_row(_rows(nodes, layout))
+            pos_rows = _rows(pos, layout)
             per_feature = bool((pos_rows == pos_rows[:1]).all())
         if sources is None:
             raise self.unsupported(name, "a parameter combined with values that are not one neuron per feature")
@@ -394,9 +397,7 @@ class ElementwiseRules:
             kind, weight_param, weight_pos = EdgeKind.NORM_SCALE, param_meta.index, positions
         meta = self.fix_act(value, meta, name)
         nodes = broadcast_ids(meta.nodes, shape)
-        width = None if channels else _trailing_neuron_width(nodes)
-        sources = channel_row(nodes, shape) if channels else rows_along_last(
-            nodes.reshape(*shape[:len(shape) - width[0]], width[1]) if width else nodes)[0].clone()
+        sources = channel_row(nodes, shape) if channels else _rows(nodes, _neuron_axes_last(nodes))[0].clone()
         # one set per source set the features lie in (a scale of cat([h1, h2])): per feature, so each
         # part still permutes on its own, with its source
         targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, f"{self.path()} {name}", "scale")
