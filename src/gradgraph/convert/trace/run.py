@@ -112,7 +112,7 @@ class _ModuleTracker:
         def forward(query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                     key_padding_mask: Tensor | None = None, need_weights: bool = True,
                     attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                    is_causal: bool = False) -> tuple[Tensor, None]:
+                    is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
             # the stock module runs one fused kernel on its packed in_proj_weight; gradgraph's
             # functional form computes the same with F.linear on row slices, which the trace follows
             check_attention(path, module)
@@ -127,8 +127,18 @@ class _ModuleTracker:
             if is_causal and attn_mask is None:
                 length = query.shape[1] if module.batch_first else query.shape[0]
                 attn_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-            return self_attention(module, query, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                  path=path), None
+            probabilities: list[Tensor] = []
+            output = self_attention(module, query, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                    path=path, probabilities=probabilities)
+            if not need_weights:
+                return output, None
+            # the weights the module returns, made outside the trace: no op of the trace for a model that
+            # drops them (the default need_weights=True), and for one that reads them autograd still
+            # carries their gradient to the queries' and keys' neurons; a parameterised op of them is a
+            # parameter use the trace does not see, which the summed-gradient check refuses
+            with torch._C.DisableTorchFunction():
+                weights = probabilities[0].mean(1) if average_attn_weights else probabilities[0]
+            return output, weights
 
         del original
         module.forward = forward  # type: ignore[method-assign]

@@ -101,6 +101,7 @@ def self_attention(
     attn_mask: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     path: str = "",
+    probabilities: list[Tensor] | None = None,
 ) -> Tensor:
     r"""Self-attention of ``attention`` on ``tokens``, written out head by head.
 
@@ -120,6 +121,8 @@ def self_attention(
             additive.
         key_padding_mask: ``[b, T]``, boolean (``True`` = padding) or additive.
         path: module path used in errors.
+        probabilities: a list the attention probabilities ``[b, H, T, T]`` are appended to (for the
+            weights ``need_weights=True`` asks for), or ``None``.
 
     Returns:
         ``[b, T, d]`` (or ``[T, b, d]``), what ``attention(tokens, tokens, tokens)[0]`` returns.
@@ -142,7 +145,10 @@ def self_attention(
     mask = _score_mask(path, attn_mask, key_padding_mask, tuple(scores.shape), scores.dtype)
     if mask is not None:
         scores = scores + mask
-    mixed = torch.softmax(scores, dim=-1) @ value  # [b, H, T, d_h]
+    weights = torch.softmax(scores, dim=-1)
+    if probabilities is not None:
+        probabilities.append(weights)
+    mixed = weights @ value  # [b, H, T, d_h]
     merged = mixed.transpose(1, 2).reshape(mixed.shape[0], mixed.shape[2], width)
     merged = merged if batch_first else merged.transpose(0, 1)
     return F.linear(merged, attention.out_proj.weight, attention.out_proj.bias)
