@@ -414,6 +414,12 @@ def pyg_batch(sizes=((4, 6), (6, 9), (3, 2)), seed=0, features=3):
     return graphs, Batch.from_data_list(graphs)
 
 
+def _global_min_pool(h, batch):
+    from torch_geometric.utils import scatter
+
+    return scatter(h, batch, dim=0, reduce="min")
+
+
 class Pooled(nn.Module):
     """Two layers of one kind, PyG's global pooling by the batch vector, a linear head."""
 
@@ -421,7 +427,8 @@ class Pooled(nn.Module):
         super().__init__()
         self.conv1, self.conv2 = LAYERS[kind](features, width), LAYERS[kind](width, width)
         self.head = nn.Linear(width, classes)
-        self.pool = {"mean": pyg.global_mean_pool, "add": pyg.global_add_pool}[pool]
+        self.pool = {"mean": pyg.global_mean_pool, "add": pyg.global_add_pool, "max": pyg.global_max_pool,
+                     "min": _global_min_pool}[pool]
 
     def forward(self, x, edge_index, batch):
         h = torch.relu(self.conv1(x, edge_index))
@@ -485,6 +492,39 @@ def test_a_pyg_batch_of_graphs_gives_each_graph_its_gradient(kind, pool):
         plusplus = GradMetaNetPlusPlus(6, num_layers=1, heads=2, graph_out_channels=1,
                                        component_out_channels=1).to(DTYPE)
         assert_equivariant(plusplus, [graph])
+
+
+@pytest.mark.parametrize("kind", ["gcn", "gin", "sage-mean"])
+@pytest.mark.parametrize("pool", ["max", "min"])
+def test_a_global_max_or_min_pool_reads_each_graphs_nodes_as_positions(kind, pool):
+    """``global_max_pool`` (a ``scatter_reduce`` ``amax`` of every node of a graph into its one row) is a
+    per-channel maximum over the graph's nodes, as ``AdaptiveMaxPool`` is over a map's positions: exact,
+    with the channels permuting. Refused before with the neighbour-aggregation message ("max / min /
+    product aggregation over neighbours is not linear"), which a max over neighbours still gets."""
+    torch.manual_seed(4)
+    model = Pooled(kind, pool).to(DTYPE)
+    graphs, batch = pyg_batch(seed=2)
+    targets = torch.tensor([1, 0, 3])
+    graph = assert_exact_per_graph(model, graphs, batch, targets)
+    assert assert_batch_group_keeps_function(model, graph, batch, targets, seed=2) > 0
+    graphs, batch = pyg_batch(seed=3)  # another batch of the same sizes: the cached plan, its guards
+    assert_exact_per_graph(model, graphs, batch, targets)
+
+
+def test_a_max_over_part_of_a_graphs_nodes_is_refused():
+    """A max into rows that are not one per graph (pooling pairs of nodes) keeps the neighbour message."""
+    from torch_geometric.utils import scatter
+
+    class PairMax(Pooled):
+        def forward(self, x, edge_index, batch):
+            h = torch.relu(self.conv1(x, edge_index))
+            pairs = scatter(h, torch.arange(len(h)) // 2, dim=0, reduce="max")
+            return self.head(pyg.global_mean_pool(self.conv2(pairs, edge_index.clamp(max=len(pairs) - 1)),
+                                                  batch[::2]))
+
+    graphs, batch = pyg_batch(sizes=((4, 6), (6, 9), (2, 2)), seed=4)
+    with pytest.raises(UnsupportedModuleError, match=r"reduce='amax' other than over all the rows of each datapoint"):
+        convert_batch(PairMax("gcn").to(DTYPE), batch, torch.tensor([0, 1, 2]))
 
 
 def test_a_pyg_batch_is_exact_on_cached_and_changed_batches():

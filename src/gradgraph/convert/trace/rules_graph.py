@@ -48,6 +48,9 @@ SCATTERS = SCATTERS_IN_PLACE | {"Tensor.scatter_add", "torch.scatter_add", "Tens
 _ZERO_FACTORIES = {"Tensor.new_zeros", "torch.zeros", "torch.zeros_like"}
 #: the reductions of ``scatter_reduce`` that are linear in ``src``
 _LINEAR_REDUCTIONS = {"sum", "mean"}
+#: reductions of ``scatter_reduce`` read only as a global pooling (every row of a datapoint into its one row:
+#: PyG's ``global_max_pool``), a per-feature maximum over positions as a CNN's ``AdaptiveMaxPool``
+_GLOBAL_ORDER_POOLS = {"amax", "amin"}
 _NONLINEAR_HINT = (
     "max / min / product aggregation over neighbours is not linear in the messages, and the neighbour a max "
     "picks has no rank-1 gradient term of its own; use sum or mean aggregation (GraphSAGE aggr='mean', GIN's "
@@ -87,12 +90,12 @@ class GraphRules:
         bound.update(kwargs)
         src = bound.get("src", bound.get("source"))
         reduce = bound.get("reduce", "sum")
-        if reduce not in _LINEAR_REDUCTIONS:
+        if reduce not in _LINEAR_REDUCTIONS and reduce not in _GLOBAL_ORDER_POOLS:
             raise self.unsupported(name, f"reduce='{reduce}': {_NONLINEAR_HINT}")
         if isinstance(bound.get("alpha", 1), Tensor):
             raise self.unsupported(name, "an alpha that is a tensor; gradgraph reads a constant number")
         return self.scatter_positions(name, bound["input"], int(bound["dim"]), bound["index"], src, output,
-                                      one_dimensional="index_add" in name)
+                                      one_dimensional="index_add" in name, reduce=reduce)
 
     def gather_axis(self, args: tuple) -> int:
         """The axis ``x[..., index]`` indexes (see :meth:`gathers_positions`)."""
@@ -264,7 +267,7 @@ class GraphRules:
         self._copy_to(name, x, meta, output, out_comps, "gather", axis)
 
     def scatter_positions(self, name: str, base: Tensor, dim: int, index: Tensor, src: Tensor, output: Tensor, *,
-                          one_dimensional: bool) -> None:
+                          one_dimensional: bool, reduce: str = "sum") -> None:
         """``base.scatter_add_(dim, index, src)`` (and ``index_add_``, ``scatter_reduce`` with sum or
         mean) along a position axis, into a constant all-zero ``base``: a tied copy of ``src``'s
         features living at the output's positions (the aggregated messages at each data-graph node)."""
@@ -303,8 +306,17 @@ class GraphRules:
             rows = index if one_dimensional else index.reshape(src.shape[0], -1)[:, 0]
             self.add_guard(self.op_index, index, values=index.detach().cpu().clone())
             sources = comps.reshape(src.shape[0], -1)[:, 0] // KEY_STRIDE
+            if reduce in _GLOBAL_ORDER_POOLS and not (
+                    torch.equal(rows.detach().cpu().long(), sources)
+                    and output.shape[0] == int(sources.max()) + 1 and torch.equal(sources.unique(),
+                                                                                   torch.arange(output.shape[0]))):
+                raise self.unsupported(name, f"reduce='{reduce}' other than over all the rows of each datapoint (a "
+                                       f"global max / min pool by the batch vector): {_NONLINEAR_HINT}")
             datapoints = self._scatter_rows(name, sources, rows.detach().cpu().long(), output.shape[0])
             return self._copy_to(name, src, meta, output, self._row_comps(datapoints, output.shape), "scatter", axis)
+        if reduce in _GLOBAL_ORDER_POOLS:
+            raise self.unsupported(name, f"reduce='{reduce}' on signals over one shared graph ([b, N, F]): "
+                                   f"{_NONLINEAR_HINT}")
         datapoint = (comps // KEY_STRIDE).narrow(axis, 0, 1)
         out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes, axis)
         self._copy_to(name, src, meta, output, out_comps, "scatter", axis)
