@@ -245,6 +245,41 @@ def test_a_bias_that_differs_between_heads_keeps_them_in_place(sdpa):
 
 
 
+class BoundedScores(nn.Module):
+    """Attention whose scores are bounded elementwise by a constant before the softmax, as XGLM and older
+    OPT ports write it: ``torch.max(scores, torch.tensor(finfo.min))`` (refused before as "combines
+    attention scores with neuron values"), or ``torch.maximum`` / ``torch.minimum`` with a constant.
+    (Stock XGLM converts too, but runs in float64 only with float64 as torch's default dtype: its
+    ``torch.tensor(finfo(float64).min)`` overflows a float32 default.)"""
+
+    def __init__(self, bound: str, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.inp, self.qkv, self.out, self.head = nn.Linear(5, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.heads, self.bound = heads, bound
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.inp(x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2)
+        floor = torch.tensor(torch.finfo(scores.dtype).min, dtype=scores.dtype)
+        if self.bound == "max":
+            scores = torch.max(scores, floor)
+        elif self.bound == "maximum":
+            scores = torch.maximum(scores, torch.full_like(scores, -3.0))
+        else:
+            scores = torch.minimum(scores, torch.tensor(2.0, dtype=scores.dtype))
+        mixed = scores.softmax(-1) @ v
+        return self.head(torch.tanh(self.out(mixed.transpose(1, 2).reshape(b, t, -1))).mean(1))
+
+
+@pytest.mark.parametrize("bound", ["max", "maximum", "minimum"])
+def test_scores_bounded_elementwise_by_a_constant_convert_exactly(bound):
+    torch.manual_seed(33)
+    model = BoundedScores(bound).to(DTYPE)
+    inputs = torch.randn(4, 5, 5, dtype=DTYPE) * (3.0 if bound == "minimum" else 1.0)  # some scores above 2
+    check_model(model, inputs, torch.randint(0, 2, (4,)), cross_entropy, 10)
+
+
 class InPlaceScores(nn.Module):
     """Attention written as Falcon's and older BERT ports write it: the scores scaled and masked
     in place (``scores /= sqrt(d)``, ``scores.masked_fill_``)."""

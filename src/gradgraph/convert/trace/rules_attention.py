@@ -49,6 +49,12 @@ def _parameters_behind(tensor: Tensor, names: dict[int, str], limit: int = 10_00
     return found
 
 
+#: elementwise bounds of scores by a constant (``torch.maximum(scores, floor)``)
+_SCORE_BOUNDS = {"torch.maximum", "torch.minimum", "Tensor.maximum", "Tensor.minimum"}
+#: reductions whose two-tensor call is elementwise (``torch.max(scores, floor)``)
+_BINARY_FORM_OF_REDUCTIONS = {"torch.max", "torch.min", "Tensor.max", "Tensor.min"}
+
+
 class AttentionRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: attention ops."""
 
@@ -57,8 +63,10 @@ class AttentionRules:
         scores = [meta for _, meta in tracked if isinstance(meta, Scores)]
         # a mask computed from the input ids is a constant of the datapoints, like any mask
         others = [meta for _, meta in tracked if not isinstance(meta, Scores | Data)]
-        allowed = UNARY | BINARY_ADD | BINARY_MUL | SOFTMAX | MASK_FILL | WHERE | IDENTITY_OPS | {
+        allowed = UNARY | BINARY_ADD | BINARY_MUL | SOFTMAX | MASK_FILL | WHERE | IDENTITY_OPS | _SCORE_BOUNDS | {
             "Tensor.__getitem__"}
+        if name in _BINARY_FORM_OF_REDUCTIONS and len(args) > 1 and isinstance(args[1], Tensor):
+            allowed = allowed | {name}  # torch.max(scores, floor): elementwise (XGLM's and OPT's clamp at finfo.min)
         if len(scores) == 1 and args and self.meta(args[0]) is scores[0]:
             # scores changed in place (``scores /= sqrt(d)``, ``masked_fill_``) are the same scores as
             # the out-of-place op would give: no value the factors come from is written
