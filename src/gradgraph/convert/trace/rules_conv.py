@@ -217,16 +217,22 @@ class ConvRules:
     def channel_input(self, x: Tensor, meta: Raw, name: str) -> Neurons:
         """The model input ``[b, C, *S]`` read as ``C`` input neurons at one component per position."""
         element = meta.element
-        datapoint, _, _ = self.datapoint_of(element)
+        datapoint, within, _ = self.datapoint_of(element)
         shape = self.input_tensor.shape
-        if any(varies_along(datapoint, axis) for axis in range(1, x.dim())) or len(shape) != x.dim() \
-                or self.datapoint_dim != 0:
+        # an input without a channel axis, given one of size 1 ([b, T] -> [b, 1, T]; AST's spectrogram
+        # [b, T, F] -> [b, 1, F, T]): one input neuron, a component per element of each datapoint
+        unsqueezed = len(shape) == x.dim() - 1 and x.shape[1] == 1
+        if any(varies_along(datapoint, axis) for axis in range(1, x.dim())) or self.datapoint_dim != 0 \
+                or (len(shape) != x.dim() and not unsqueezed):
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
-        # channel and position from the input's own layout [b, C, *S], so a slice of the
-        # channels (a grouped convolution's group) reads the channels it holds
-        inner = math.prod(shape[2:])
-        channel, position = (element // inner) % shape[1], element % inner
-        self.input_neurons(shape[1], name, f"as {shape[1]} channels")
+        if unsqueezed:
+            channels, channel, position = 1, torch.zeros_like(element), within
+        else:
+            # channel and position from the input's own layout [b, C, *S], so a slice of the
+            # channels (a grouped convolution's group) reads the channels it holds
+            inner = math.prod(shape[2:])
+            channels, channel, position = shape[1], (element // inner) % shape[1], element % inner
+        self.input_neurons(channels, name, f"as {channels} channels")
         comps = self.assign_comps(element, datapoint, position)
         nodes = self.input_set.first + channel
         if x.requires_grad:

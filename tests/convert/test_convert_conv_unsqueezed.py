@@ -1,0 +1,106 @@
+"""A convolution of a model input that has no channel axis, given one of size 1 inside ``forward``.
+
+A raw waveform ``[b, T]`` read as ``x[:, None]`` by a ``Conv1d`` (Wav2Vec2-style feature encoders), or
+a spectrogram ``[b, T, F]`` read as ``x.unsqueeze(1).transpose(2, 3)`` by a ``Conv2d`` (the Audio
+Spectrogram Transformer's patch embedding), was refused: "a convolution whose input's first axis is
+not the datapoints" (the input was read as ``[b, C, *S]`` in its own layout, which has no ``C``). It is
+now one input neuron with a component per element of each datapoint. Each test failed before.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+import gradgraph
+from gradgraph.convert.plan import PLAN_CACHE
+
+warnings.filterwarnings("ignore", message=".*batching rule.*")
+DTYPE = torch.float64
+
+
+def class_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+class WaveCNN(nn.Module):
+    """``[b, T]`` -> ``[b, 1, T]`` -> strided ``Conv1d`` stack -> mean over time -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(1, 4, 5, stride=2), nn.Conv1d(4, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.conv1(wave[:, None]))
+        return self.head(torch.relu(self.conv2(h)).mean(-1))
+
+
+class SpectrogramCNN(nn.Module):
+    """``[b, T, F]`` -> ``[b, 1, F, T]`` -> ``Conv2d`` patches (overlapping) -> flatten -> head."""
+
+    def __init__(self, time: int = 8, frequencies: int = 6) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(1, 4, 3, stride=(1, 2))
+        out = (frequencies - 2) * ((time - 3) // 2 + 1)
+        self.head = nn.Linear(4 * out, 3)
+
+    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.patches(spectrogram.unsqueeze(1).transpose(2, 3)))
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("make, shape", [(WaveCNN, (4, 20)), (SpectrogramCNN, (4, 8, 6))],
+                         ids=["wave", "spectrogram"])
+def test_a_convolution_of_an_input_given_one_channel_is_exact_traced_and_replayed(make, shape):
+    torch.manual_seed(7)
+    model = make().to(DTYPE)
+    targets = torch.randint(0, 3, (shape[0],))
+    gradgraph.convert.clear_structure_cache()
+    for _ in range(2):
+        misses = PLAN_CACHE.misses
+        inputs = torch.randn(*shape, dtype=DTYPE)
+        graph = assert_exact_per_sample_grads(model, inputs, targets, class_loss)
+    assert PLAN_CACHE.misses == misses
+    assert int((graph.node_kind == gradgraph.NodeKind.INPUT).sum()) == 1  # one channel
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, class_loss, seed=1)
+    assert moved > 0
+
+
+def test_stock_audio_spectrogram_transformer_converts_exactly():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ASTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
+                                    patch_size=4, frequency_stride=4, time_stride=4, max_length=16, num_mel_bins=8,
+                                    num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(8)
+    body = transformers.ASTForAudioClassification(config).to(DTYPE).eval()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, spectrogram):
+            return self.body(input_values=spectrogram).logits
+
+    model = Model()
+    with torch.no_grad():  # tokens and positions start at zero (see test_convert_models' DeiT test)
+        for name, param in model.named_parameters():
+            if name.endswith(("cls_token", "distillation_token", "position_embeddings")):
+                param.normal_()
+    inputs, targets = torch.randn(3, 16, 8, dtype=DTYPE), torch.randint(0, 3, (3,))
+    graph = gradgraph.to_graph(model, inputs, targets, class_loss)
+    per_sample = graph.per_sample_grads()
+    params = dict(model.named_parameters())
+    for i in range(3):
+        grads = torch.autograd.grad(class_loss(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), list(params.values()))
+        for name, grad in zip(params, grads):
+            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, class_loss, seed=2)
+    assert moved > 0
