@@ -104,3 +104,18 @@ def test_stock_audio_spectrogram_transformer_converts_exactly():
             torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
     moved, _, _ = assert_group_keeps_function(model, inputs, targets, class_loss, seed=2)
     assert moved > 0
+
+
+def test_an_input_unflattened_to_one_channel_converts_in_output_mode():
+    """``nn.Unflatten(1, (1, T))`` then a ``Conv1d``: the case ``test_convert_mlp.py`` held as refused
+    ("overlapping windows") before; in output mode, its per-datapoint output summed."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 1))
+    model = model.to(DTYPE)
+    inputs = torch.randn(3, 6, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs)
+    params = dict(model.named_parameters())
+    for i in range(3):
+        grads = torch.autograd.grad(model(inputs[i:i + 1]).sum(), list(params.values()))
+        for name, grad in zip(params, grads):
+            torch.testing.assert_close(graph.per_sample_grads()[name][i], grad, atol=1e-10, rtol=0, msg=name)

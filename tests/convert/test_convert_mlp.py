@@ -183,7 +183,9 @@ class SharedNet(nn.Module):
 @pytest.mark.parametrize(
     ("model", "path", "type_name"),
     [
-        (nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 1, 2)), "1", "Conv1d"),  # overlapping windows
+        # (a Conv1d of the input unflattened to one channel converts since 2026-12-07:
+        # tests/convert/test_convert_conv_unsqueezed.py)
+        (nn.Sequential(nn.Unflatten(1, (1, 4)), nn.ConvTranspose1d(1, 1, 2)), "1", "ConvTranspose1d"),
         (nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 1)), "1", "Dropout"),
     ],
 )
