@@ -4,7 +4,8 @@ A raw waveform ``[b, T]`` read as ``x[:, None]`` by a ``Conv1d`` (Wav2Vec2-style
 a spectrogram ``[b, T, F]`` read as ``x.unsqueeze(1).transpose(2, 3)`` by a ``Conv2d`` (the Audio
 Spectrogram Transformer's patch embedding), was refused: "a convolution whose input's first axis is
 not the datapoints" (the input was read as ``[b, C, *S]`` in its own layout, which has no ``C``). It is
-now one input neuron with a component per element of each datapoint. Each test failed before.
+now one input neuron with a component per element of each datapoint. Also here: the input map read by a
+convolution and again elementwise (``x + conv(x)``). Each test failed before.
 """
 
 from __future__ import annotations
@@ -119,3 +120,42 @@ def test_an_input_unflattened_to_one_channel_converts_in_output_mode():
         grads = torch.autograd.grad(model(inputs[i:i + 1]).sum(), list(params.values()))
         for name, grad in zip(params, grads):
             torch.testing.assert_close(graph.per_sample_grads()[name][i], grad, atol=1e-10, rtol=0, msg=name)
+
+
+class InputResidual(nn.Module):
+    """``x + conv(x)`` on the model input itself (a MobileNetV3-style block with no stem): the input map
+    is read by the convolution and again elementwise. Three of these four were refused before ("the input
+    is read with 6 features here but 4 elsewhere": the second read took the map's last axis for features)."""
+
+    def __init__(self, kernel: int, gate: bool) -> None:
+        super().__init__()
+        self.conv, self.head, self.gate = nn.Conv2d(4, 4, kernel, padding=kernel // 2), nn.Linear(4, 3), gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x) * torch.sigmoid(x) if self.gate else x + self.conv(x)
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("gate", [False, True])
+def test_the_model_input_read_by_a_convolution_and_again_elementwise(kernel, gate):
+    torch.manual_seed(10)
+    model = InputResidual(kernel, gate).to(DTYPE)
+    inputs, targets = torch.randn(3, 4, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,))
+    assert_exact_per_sample_grads(model, inputs, targets, class_loss)
+    assert_group_keeps_function(model, inputs, targets, class_loss, seed=3)
+
+
+def test_a_patch_embedding_of_the_input_read_again_elementwise_is_still_refused():
+    class Patches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(4, 4, 2, stride=2), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head((self.conv(x) + x[:, :, ::2, ::2]).mean((2, 3)))
+
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=r"Tensor\.add: the input is read with \d+ features here "
+                                                               r"but 16 elsewhere"):
+        gradgraph.to_graph(Patches().to(DTYPE), torch.randn(3, 4, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)),
+                           class_loss)

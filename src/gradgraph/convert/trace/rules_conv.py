@@ -232,7 +232,7 @@ class ConvRules:
             # channels (a grouped convolution's group) reads the channels it holds
             inner = math.prod(shape[2:])
             channels, channel, position = shape[1], (element // inner) % shape[1], element % inner
-        self.input_neurons(channels, name, f"as {channels} channels")
+        self.input_neurons(channels, name, f"as {channels} channels").read_as_channels = True  # type: ignore
         comps = self.assign_comps(element, datapoint, position)
         nodes = self.input_set.first + channel
         if x.requires_grad:
@@ -328,7 +328,10 @@ class ConvRules:
             feature = feature * step + grid % step
             position = position * count + grid // step
         feature = torch.arange(channels).reshape(-1, *[1] * spatial) * math.prod(kernel) + feature
-        self.input_neurons(width, name, f"as {width} features per patch")
+        # a pointwise kernel's patches are the input's channels at its positions: a later elementwise read
+        # of the input map (x + conv1x1(x)) reads it so too (tracer.neurons_from_raw)
+        self.input_neurons(width, name, f"as {width} features per patch").read_as_channels = all(  # type: ignore
+            step == 1 for step in kernel)
         keep = broadcast_ids(inside, x.shape)
         nodes = torch.where(keep, self.input_set.first + broadcast_ids(feature, x.shape), -1)
         comps = torch.full(tuple(x.shape), -1, dtype=torch.long)

@@ -258,6 +258,9 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         if tensor.dim() < 1:
             raise self.unsupported(what, "the input must have a datapoint axis")
         integer = not tensor.is_floating_point()
+        if not integer and tensor.dim() >= 3 and getattr(self.input_set, "read_as_channels", False):
+            # an input map a convolution read as channels, read again elementwise (x + conv(x)): as channels
+            return self.channel_input(tensor, meta, what)
         if integer:  # token ids: every element is one position
             comps = self.assign_comps(element, datapoint, within)
             return Neurons(ids_like(tensor), comps, {})
