@@ -28,6 +28,7 @@ from gradgraph.convert.trace.meta import (
     broadcast_ids, channel_row, KEY_STRIDE, Neurons, Raw, rows_along_last, varies_along,
 )
 from gradgraph.convert.trace.ops import LOST_TRACK
+from gradgraph.convert.trace.rules_graph import rank_within
 from gradgraph.graph import EdgeKind, NodeKind
 
 __all__ = ["ConvRules", "InputReadAgain", "gather_taps", "convolution_parts", "padding_parts", "PIXEL_SHUFFLES",
@@ -222,11 +223,22 @@ class ConvRules:
         # an input without a channel axis, given one of size 1 ([b, T] -> [b, 1, T]; AST's spectrogram
         # [b, T, F] -> [b, 1, F, T]): one input neuron, a component per element of each datapoint
         unsqueezed = len(shape) == x.dim() - 1 and x.shape[1] == 1
+        # an input whose datapoint axis is merged with the next ones ([b, T, C, H, W] -> [b * T, C, H, W], a
+        # video's frames): x's axis 1 holds the channels, each (row, position) its datapoint's own component
+        merged = len(shape) > x.dim() and x.shape[0] == math.prod(shape[:len(shape) - x.dim() + 1]) \
+            and tuple(shape[len(shape) - x.dim() + 1:]) == tuple(x.shape[1:])
         if any(varies_along(datapoint, axis) for axis in range(1, x.dim())) or self.datapoint_dim != 0 \
-                or (len(shape) != x.dim() and not unsqueezed):
+                or (len(shape) != x.dim() and not unsqueezed and not merged):
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
         if unsqueezed:
             channels, channel, position = 1, torch.zeros_like(element), within
+        elif merged:
+            inner = math.prod(x.shape[2:])
+            channels = x.shape[1]
+            channel = broadcast_ids(torch.arange(channels).reshape(1, -1, *[1] * (x.dim() - 2)), x.shape)
+            rank = rank_within(datapoint.reshape(x.shape[0], -1)[:, 0])  # the row's rank among its datapoint's
+            place = broadcast_ids(torch.arange(inner).reshape(1, 1, *x.shape[2:]), x.shape)
+            position = broadcast_ids(rank.reshape(-1, *[1] * (x.dim() - 1)), x.shape) * inner + place
         else:
             # channel and position from the input's own layout [b, C, *S], so a slice of the
             # channels (a grouped convolution's group) reads the channels it holds
@@ -247,12 +259,18 @@ class ConvRules:
         of every grid): each weight joins neurons of one grid, so sharing keeps every gradient exact
         and keeps the component count at ``b`` times the largest grid."""
         count = math.prod(sizes)
-        while len(self.keys) < count:
+        # rows of one datapoint on axis 0 (a video's frames as [b * T, C, H, W]): each row's grid gets keys of
+        # its own, after those of the datapoint's rows before it
+        rows = datapoint.reshape(-1)
+        rank = rank_within(rows) if rows.numel() and torch.unique(rows).numel() < rows.numel() \
+            else torch.zeros_like(rows)
+        needed = count * (int(rank.max()) + 1 if rank.numel() else 1)
+        while len(self.keys) < needed:
             self.new_key()
         grid = torch.arange(count).reshape(sizes)
         grid = grid.reshape(1, *[1] * (axis - 1), *sizes, *[1] * (len(shape) - axis - len(sizes)))
-        dp = datapoint.reshape(-1, *[1] * (len(shape) - 1))
-        return broadcast_ids(dp * KEY_STRIDE + grid, shape).clone()
+        dp = (rows * KEY_STRIDE + rank * count).reshape(-1, *[1] * (len(shape) - 1))
+        return broadcast_ids(dp + grid, shape).clone()
 
     def tied_copy(self, row: Tensor, origin: str, created_by: str) -> tuple[Tensor, list]:
         """New neurons, one per neuron of ``row``, each tied to it (one MERGE edge per neuron), so

@@ -14,6 +14,7 @@ from gradgraph.convert.trace.meta import (
     broadcast_ids, channel_row, feature_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last,
     UnsupportedOperationError, varies_along,
 )
+from gradgraph.convert.trace.rules_graph import rank_within
 from gradgraph.convert.trace.ops import (
     BINARY_ADD, BINARY_OTHER, LAYER_NORM, LOST_TRACK, PARAMETER_REFUSED, POOLS, WHERE,
 )
@@ -494,8 +495,17 @@ class ElementwiseRules:
             self.observe(x, meta)
             # one pooled set per set the row holds (a pooled cat of group outputs: rules_conv.tied_copy)
             pooled_ids, created = self.tied_copy(rows[0].clone(), f"{self.path()} {name}", "pool")
-            key = self.new_key()[0]
-            comps = collapse(datapoint) * KEY_STRIDE + key
+            pooled_datapoints = collapse(datapoint)
+            # several pooled rows of one datapoint (tokens pooled in pairs, a video's frames each pooled over
+            # its positions): a key per row of the datapoint, so no neuron holds two values at one component
+            row_datapoints = pooled_datapoints.reshape(-1, pooled_datapoints.shape[-1])[:, 0] \
+                if pooled_datapoints.dim() else pooled_datapoints.reshape(1)
+            rank = rank_within(row_datapoints) if torch.unique(row_datapoints).numel() < row_datapoints.numel() \
+                else torch.zeros_like(row_datapoints)
+            keys = torch.tensor(self.new_key(int(rank.max()) + 1))
+            comps = pooled_datapoints * KEY_STRIDE + keys[rank].reshape(
+                *pooled_datapoints.shape[:-1], 1) if pooled_datapoints.dim() else (
+                pooled_datapoints * KEY_STRIDE + keys[0])
             nodes = broadcast_ids(pooled_ids, output.shape).clone()
             new = Neurons(nodes, broadcast_ids(comps, output.shape).clone(), {pooled.index: 0 for pooled in created})
             created[0].grad_records.append((output, nodes, new.comps))
