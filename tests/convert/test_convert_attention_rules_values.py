@@ -1,0 +1,301 @@
+"""The attention rules of the trace (``convert/trace/rules_attention.py``) one at a time.
+
+Each model is one self-attention layer ``[b, T, d]`` between two ``Linear`` layers, its scores
+written out in one way (a scale, a mask, ``where``, in-place ops, ``baddbmm`` on ``[b * H, T, T]``,
+SDPA with its options, grouped-query heads). Every conversion is checked against torch.func's
+per-sample gradients at 1e-10 in float64 (``assert_exact_per_sample_grads``), and its attention
+structure against the heads written out by hand: the ``QUERY_KEY`` edge of query dim ``i`` to key
+dim ``i`` of its key head, ``VALUE_ATTENTION`` of value dim ``j`` to output dim ``j``, and
+``QUERY_ATTENTION`` from every query dim of a head to every output dim of it, with the node kinds in
+the order ``Linear(d, 3 d)`` makes them. A constant that tells heads apart pins them
+(``perm_group < 0``); one that does not leaves them free. Refusals are matched in the words the
+user reads.
+
+Written for the survivors of run convert 15 (docs/mutation.md, group ``convert-attention-rules``);
+each test's docstring names the mutants it was checked against (``MUTANT_UNDER_TEST=NAME`` in
+``.mutation/convert-attention-rules/mutants/``: the test failed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import assert_exact_per_sample_grads
+
+import gradgraph
+from gradgraph import EdgeKind, NodeKind
+
+DTYPE = torch.float64
+D, HEADS, T = 8, 2, 4
+
+
+def loss(output, target):
+    return (output - target).pow(2).sum((1, 2))
+
+
+class Attention(nn.Module):
+    """``Linear(5, d) -> attention(q, k, v) -> Linear(d, d)`` plus a residual, then a head; the
+    attention is ``fn(self, q, k, v)`` on ``[b, H, T, d / H]`` heads (``kv_heads`` key/value heads)."""
+
+    def __init__(self, fn, heads: int = HEADS, kv_heads: int | None = None, d: int = D, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads, self.kv_heads, self.fn = heads, kv_heads or heads, fn
+        self.head_dim = d // heads
+        self.inp = nn.Linear(5, d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * self.kv_heads * self.head_dim)
+        self.out, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q = self.q(h).view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(h).view(b, t, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
+        y = self.fn(self, q, k, v)
+        return self.head(h + self.out(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+def batch(seed: int = 0, b: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, T, 5, generator=generator, dtype=DTYPE),
+            torch.randn(b, T, 2, generator=generator, dtype=DTYPE))
+
+
+def convert(fn, **kwargs):
+    model = Attention(fn, **kwargs).to(DTYPE)
+    inputs, targets = batch()
+    return model, assert_exact_per_sample_grads(model, inputs, targets, loss)
+
+
+def edges(graph, kind: EdgeKind) -> set[tuple[int, int]]:
+    return set(map(tuple, graph.edge_index[:, graph.edge_kind == kind].T.tolist()))
+
+
+def assert_heads(graph, heads: int = HEADS, kv_heads: int | None = None, head_dim: int = D // HEADS) -> None:
+    """The attention edges of ``heads`` query heads over ``kv_heads`` key/value heads (query head
+    ``h`` reads key/value head ``h // (heads / kv_heads)``), written out."""
+    kv_heads = kv_heads or heads
+    nodes = {kind: torch.nonzero(graph.node_kind == kind).reshape(-1).tolist()
+             for kind in (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTENTION)}
+    assert [len(nodes[kind]) for kind in nodes] == [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim,
+                                                   heads * head_dim]
+    query_key, value_attention, query_attention = set(), set(), set()
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        q = nodes[NodeKind.QUERY][h * head_dim:(h + 1) * head_dim]
+        k = nodes[NodeKind.KEY][g * head_dim:(g + 1) * head_dim]
+        v = nodes[NodeKind.VALUE][g * head_dim:(g + 1) * head_dim]
+        o = nodes[NodeKind.ATTENTION][h * head_dim:(h + 1) * head_dim]
+        query_key |= set(zip(q, k))
+        value_attention |= set(zip(v, o))
+        query_attention |= {(i, j) for i in q for j in o}
+    assert edges(graph, EdgeKind.QUERY_KEY) == query_key
+    assert edges(graph, EdgeKind.VALUE_ATTENTION) == value_attention
+    assert edges(graph, EdgeKind.QUERY_ATTENTION) == query_attention
+    assert int((graph.edge_kind == EdgeKind.QUERY_KEY).sum()) == len(query_key)  # no edge twice
+    assert int((graph.edge_kind == EdgeKind.VALUE_ATTENTION).sum()) == len(value_attention)
+    assert int((graph.edge_kind == EdgeKind.QUERY_ATTENTION).sum()) == len(query_attention)
+
+
+def heads_pinned(graph) -> bool:
+    """Whether the query and key neurons are pinned (every one) or free (every one); anything else fails."""
+    groups = graph.perm_group[(graph.node_kind == NodeKind.QUERY) | (graph.node_kind == NodeKind.KEY)]
+    assert bool((groups < 0).all()) or bool((groups >= 0).all()), groups
+    return bool((groups < 0).all())
+
+
+def scores(q, k):
+    return q @ k.transpose(-1, -2)
+
+
+def causal(t: int = T) -> torch.Tensor:
+    return torch.ones(t, t, dtype=torch.bool).tril()
+
+
+def in_place_scaled_and_masked(self, q, k, v):
+    s = scores(q, k)
+    s /= math.sqrt(q.shape[-1])
+    s.masked_fill_(~causal(), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def baddbmm_on_merged_heads(self, q, k, v):
+    """BLOOM's form: scores ``[b * H, T, T]`` by ``baddbmm`` with a constant bias, viewed ``[b, H, T, T]``
+    for the mask and back for ``bmm``."""
+    b = q.shape[0]
+    bias = torch.zeros(b * self.heads, T, T, dtype=q.dtype)
+    s = torch.baddbmm(bias, q.reshape(-1, T, self.head_dim), k.reshape(-1, T, self.head_dim).transpose(1, 2),
+                      beta=1.0, alpha=0.5)
+    s = s.view(b, self.heads, T, T).masked_fill(~causal(), -1e4).view(b * self.heads, T, T)
+    return torch.bmm(s.softmax(-1), v.reshape(-1, T, self.head_dim)).view(q.shape)
+
+
+VARIANTS = {
+    "plain": lambda self, q, k, v: scores(q, k).softmax(-1) @ v,
+    "softmax dim by keyword": lambda self, q, k, v: F.softmax(scores(q, k) * 0.5, dim=-1) @ v,
+    "softmax dim 3 by position": lambda self, q, k, v: torch.softmax(scores(q, k), 3) @ v,
+    "softmax with no dim": lambda self, q, k, v: scores(q, k).softmax(-1).matmul(v),
+    "masked_fill and where": lambda self, q, k, v: torch.where(
+        causal(), scores(q, k).masked_fill(~causal(), -1e4), torch.tensor(-1e4, dtype=DTYPE)).softmax(-1) @ v,
+    "in place": in_place_scaled_and_masked,
+    "scores kept through float64()": lambda self, q, k, v: scores(q, k).double().softmax(-1) @ v,
+    "baddbmm on merged heads": baddbmm_on_merged_heads,
+    "sdpa": lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v),
+    "sdpa causal, scaled, dropout 0": lambda self, q, k, v: F.scaled_dot_product_attention(
+        q, k, v, None, 0.0, True, scale=0.3),
+    "sdpa boolean mask by keyword": lambda self, q, k, v: F.scaled_dot_product_attention(
+        query=q, key=k, value=v, attn_mask=causal()),
+    "sdpa on [b * H, T, d / H]": lambda self, q, k, v: F.scaled_dot_product_attention(
+        q.reshape(-1, T, self.head_dim), k.reshape(-1, T, self.head_dim), v.reshape(-1, T, self.head_dim)).view(q.shape),
+    "sdpa enable_gqa with as many key heads": lambda self, q, k, v: F.scaled_dot_product_attention(
+        q, k, v, enable_gqa=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_attention_written_in_each_way_converts_exactly_with_its_heads(variant):
+    """Every way of writing one attention layer: exact per-sample gradients, the heads' edges as
+    written out, and the heads free (no constant tells them apart)."""
+    _, graph = convert(VARIANTS[variant])
+    assert_heads(graph)
+    assert not heads_pinned(graph)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_grouped_query_attention_reads_each_query_head_against_its_key_value_head(sdpa):
+    """Four query heads over two key/value heads, as SDPA's ``enable_gqa`` or as ``transformers``'
+    ``repeat_kv`` (expand and reshape) written out: query head ``h`` reads key/value head ``h // 2`` (the
+    ``QUERY_KEY`` edges), and the grouped heads are pinned (a head permutation would have to keep
+    groups together)."""
+
+    def attend(self, q, k, v):
+        if sdpa:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        b, kv_heads, t, head_dim = k.shape  # transformers' repeat_kv
+        k, v = (x[:, :, None].expand(b, kv_heads, 2, t, head_dim).reshape(b, 4, t, head_dim) for x in (k, v))
+        return scores(q, k).softmax(-1) @ v
+
+    _, graph = convert(attend, heads=4, kv_heads=2)
+    assert_heads(graph, heads=4, kv_heads=2, head_dim=2)
+    assert heads_pinned(graph)
+    attention = graph.perm_group[graph.node_kind == NodeKind.ATTENTION]
+    assert bool((attention < 0).all())
+
+
+def per_head_bias(self, q, k, v):
+    slopes = torch.tensor([0.5, 0.25], dtype=DTYPE).view(1, 2, 1, 1)
+    return (scores(q, k) + slopes * torch.arange(T, dtype=DTYPE)).softmax(-1) @ v
+
+
+def sdpa_per_head_mask(self, q, k, v):
+    mask = torch.zeros(1, 2, T, T, dtype=DTYPE)
+    mask[:, 1] = -0.5 * torch.arange(T, dtype=DTYPE)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def baddbmm_per_head_bias(beta: float):
+    def attend(self, q, k, v):
+        b = q.shape[0]
+        bias = (torch.tensor([0.0, 1.0], dtype=DTYPE).view(1, 2, 1, 1) * torch.arange(T, dtype=DTYPE))
+        bias = bias.expand(b, -1, T, -1).reshape(b * 2, T, T)
+        s = torch.baddbmm(bias, q.reshape(-1, T, 4), k.reshape(-1, T, 4).transpose(1, 2), beta=beta, alpha=1.0)
+        return torch.bmm(s.softmax(-1), v.reshape(-1, T, 4)).view(q.shape)
+    return attend
+
+
+@pytest.mark.parametrize("fn, pinned", [
+    (per_head_bias, True),
+    (sdpa_per_head_mask, True),
+    (baddbmm_per_head_bias(1.0), True),
+    (baddbmm_per_head_bias(0.0), False),  # beta = 0: the bias is not read
+    (lambda self, q, k, v: (scores(q, k) * torch.tensor(0.5, dtype=DTYPE)).softmax(-1) @ v, False),  # a 0-dim constant
+    (lambda self, q, k, v: (scores(q, k) + torch.arange(T, dtype=DTYPE)).softmax(-1) @ v, False),  # the same per head
+    (lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=causal()), False),
+], ids=["per-head bias", "sdpa per-head mask", "baddbmm per-head bias", "baddbmm beta 0",
+        "0-dim scale", "bias shared by heads", "sdpa causal mask"])
+def test_a_constant_that_tells_heads_apart_pins_them_and_no_other_does(fn, pinned):
+    """ALiBi-like biases and masks: the heads are pinned exactly when the constant differs between
+    them; the attention is exact and its edges are the heads' either way."""
+    _, graph = convert(fn)
+    assert_heads(graph)
+    assert heads_pinned(graph) == pinned
+
+
+class ParameterBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(HEADS, T, T, dtype=DTYPE))
+
+
+REFUSALS = {
+    "a softmax over queries": (
+        lambda self, q, k, v: scores(q, k).softmax(-2) @ v,
+        "Tensor.softmax: a softmax of scores over queries, and its result reaches"),
+    "a softmax over queries, dim 2": (
+        lambda self, q, k, v: F.softmax(scores(q, k), dim=2) @ v,
+        "softmax: a softmax of scores over queries, and its result reaches"),
+    "scores viewed with other last axes": (
+        lambda self, q, k, v: (scores(q, k).reshape(q.shape[0], HEADS * T, T).softmax(-1)
+                               .reshape(q.shape[0], HEADS, T, T) @ v),
+        "Tensor.reshape: reshapes attention scores, and its result reaches"),
+    "scores plus neuron values": (
+        lambda self, q, k, v: (scores(q, k) + q[..., :1]).softmax(-1) @ v,
+        "Tensor.add: combines attention scores with neuron values (a learned bias added to the scores, as T5's "
+        "relative position bias, is not supported)"),
+    "weights applied to a constant": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ torch.ones_like(v.detach()),
+        "Tensor.matmul: attention weights applied to a constant"),
+    "baddbmm of a constant": (
+        lambda self, q, k, v: torch.bmm(torch.baddbmm(
+            torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), torch.ones(q.shape[0] * HEADS, T, 4, dtype=DTYPE),
+            k.reshape(-1, T, 4).transpose(1, 2)).softmax(-1), v.reshape(-1, T, 4)).view(q.shape),
+        "torch.baddbmm: a batched matmul of neurons with a constant; gradgraph reads baddbmm as attention scores "
+        "q @ kᵀ plus a bias"),
+    "sdpa with dropout": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.25),
+        "scaled_dot_product_attention: attention dropout changes the function; pass dropout_p=0 in eval mode"),
+    "sdpa of a constant query": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(torch.ones_like(q.detach()), k, v),
+        "scaled_dot_product_attention: attention over constant queries, keys or values"),
+    "sdpa of a constant value": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, torch.ones_like(v.detach())),
+        "scaled_dot_product_attention: attention over constant queries, keys or values"),
+    "heads sharing part of a key head": (
+        lambda self, q, k, v: scores(q, torch.cat([k[:, :1, :, :2], k[:, :1, :, :2]], -1).expand(-1, HEADS, -1, -1)
+                                     ).softmax(-1) @ v,
+        "Tensor.matmul: heads that share some of their query, key or value neurons but not whole heads "
+        "(grouped-query attention repeats whole key/value heads)"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_attention_the_rules_cannot_read_is_refused_in_the_users_words(case):
+    """Each refusal names the op and says what is not supported (and, for a value marked opaque, what
+    it reaches)."""
+    fn, message = REFUSALS[case]
+    model = Attention(fn).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    assert message in str(refusal.value)
+
+
+def test_a_learned_bias_of_baddbmm_scores_is_refused_by_name():
+    """``baddbmm`` whose bias is a parameter: a learned score bias, refused with the words for it."""
+
+    def attend(self, q, k, v):
+        s = torch.baddbmm(self.bias.repeat(q.shape[0], 1, 1), q.reshape(-1, T, 4), k.reshape(-1, T, 4).transpose(1, 2))
+        return torch.bmm(s.softmax(-1), v.reshape(-1, T, 4)).view(q.shape)
+
+    model = Attention(attend).to(DTYPE)
+    model.bias = nn.Parameter(torch.randn(HEADS, T, T, dtype=DTYPE))
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    assert ("torch.baddbmm: a bias of attention scores that depends on parameters (a learned bias added to the "
+            "scores is not supported)") in str(refusal.value)
