@@ -30,7 +30,7 @@ import gradgraph
 from gradgraph import EdgeKind, NodeKind
 
 DTYPE = torch.float64
-D, HEADS, T = 8, 2, 4
+D, HEADS, T = 12, 2, 4  # head_dim 6, not T: a key read untransposed has another shape
 
 
 def loss(output, target):
@@ -53,6 +53,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
+        self.inputs = x
         h = self.inp(x)
         q = self.q(h).view(b, t, self.heads, -1).transpose(1, 2)
         k, v = self.kv(h).view(b, t, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
@@ -109,6 +110,11 @@ def heads_pinned(graph) -> bool:
     return bool((groups < 0).all())
 
 
+def merged(x):
+    """``[b, H, T, d / H] -> [b * H, T, d / H]``: the heads on the batch axis."""
+    return x.reshape(-1, T, x.shape[-1])
+
+
 def scores(q, k):
     return q @ k.transpose(-1, -2)
 
@@ -129,10 +135,10 @@ def baddbmm_on_merged_heads(self, q, k, v):
     for the mask and back for ``bmm``."""
     b = q.shape[0]
     bias = torch.zeros(b * self.heads, T, T, dtype=q.dtype)
-    s = torch.baddbmm(bias, q.reshape(-1, T, self.head_dim), k.reshape(-1, T, self.head_dim).transpose(1, 2),
+    s = torch.baddbmm(bias, merged(q), merged(k).transpose(1, 2),
                       beta=1.0, alpha=0.5)
     s = s.view(b, self.heads, T, T).masked_fill(~causal(), -1e4).view(b * self.heads, T, T)
-    return torch.bmm(s.softmax(-1), v.reshape(-1, T, self.head_dim)).view(q.shape)
+    return torch.bmm(s.softmax(-1), merged(v)).view(q.shape)
 
 
 VARIANTS = {
@@ -151,16 +157,25 @@ VARIANTS = {
     "sdpa boolean mask by keyword": lambda self, q, k, v: F.scaled_dot_product_attention(
         query=q, key=k, value=v, attn_mask=causal()),
     "sdpa on [b * H, T, d / H]": lambda self, q, k, v: F.scaled_dot_product_attention(
-        q.reshape(-1, T, self.head_dim), k.reshape(-1, T, self.head_dim), v.reshape(-1, T, self.head_dim)).view(q.shape),
+        merged(q), merged(k), merged(v)).view(q.shape),
     "sdpa enable_gqa with as many key heads": lambda self, q, k, v: F.scaled_dot_product_attention(
         q, k, v, enable_gqa=True),
+    "sdpa enable_gqa on [b * H, T, d / H]": lambda self, q, k, v: F.scaled_dot_product_attention(
+        *map(merged, (q, k, v)), enable_gqa=True).view(q.shape),
+    "sdpa on [b * H, T, d / H] with a causal mask": lambda self, q, k, v: F.scaled_dot_product_attention(
+        *map(merged, (q, k, v)), causal()).view(q.shape),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_attention_written_in_each_way_converts_exactly_with_its_heads(variant):
     """Every way of writing one attention layer: exact per-sample gradients, the heads' edges as
-    written out, and the heads free (no constant tells them apart)."""
+    written out, and the heads free (no constant tells them apart). Checked against
+    ``xǁAttentionRulesǁsdpa__mutmut_105`` (the key's components transposed ``(+2, -1)``: untransposed
+    for SDPA on ``[b * H, T, d / H]``, refused as attention between datapoints), ``152`` (the mask's
+    shape ``[.., T, d / H]``: a causal mask then "did not broadcast" and pinned the heads) and
+    ``xǁAttentionRulesǁrepeat_key_value_heads__mutmut_3`` to ``6`` (``enable_gqa`` on three-axis
+    values refused as grouped-query attention)."""
     _, graph = convert(VARIANTS[variant])
     assert_heads(graph)
     assert not heads_pinned(graph)
@@ -181,7 +196,7 @@ def test_grouped_query_attention_reads_each_query_head_against_its_key_value_hea
         return scores(q, k).softmax(-1) @ v
 
     _, graph = convert(attend, heads=4, kv_heads=2)
-    assert_heads(graph, heads=4, kv_heads=2, head_dim=2)
+    assert_heads(graph, heads=4, kv_heads=2, head_dim=3)
     assert heads_pinned(graph)
     attention = graph.perm_group[graph.node_kind == NodeKind.ATTENTION]
     assert bool((attention < 0).all())
@@ -198,38 +213,43 @@ def sdpa_per_head_mask(self, q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def sdpa_per_head_mask_by_position(self, q, k, v):
+    mask = torch.zeros(1, 2, T, T, dtype=DTYPE)
+    mask[:, 1] = -0.5 * torch.arange(T, dtype=DTYPE)
+    return F.scaled_dot_product_attention(q, k, v, mask)
+
+
 def baddbmm_per_head_bias(beta: float):
     def attend(self, q, k, v):
         b = q.shape[0]
         bias = (torch.tensor([0.0, 1.0], dtype=DTYPE).view(1, 2, 1, 1) * torch.arange(T, dtype=DTYPE))
         bias = bias.expand(b, -1, T, -1).reshape(b * 2, T, T)
-        s = torch.baddbmm(bias, q.reshape(-1, T, 4), k.reshape(-1, T, 4).transpose(1, 2), beta=beta, alpha=1.0)
-        return torch.bmm(s.softmax(-1), v.reshape(-1, T, 4)).view(q.shape)
+        s = torch.baddbmm(bias, merged(q), merged(k).transpose(1, 2),
+                          beta=beta, alpha=1.0)
+        return torch.bmm(s.softmax(-1), merged(v)).view(q.shape)
     return attend
 
 
 @pytest.mark.parametrize("fn, pinned", [
     (per_head_bias, True),
     (sdpa_per_head_mask, True),
+    (sdpa_per_head_mask_by_position, True),
     (baddbmm_per_head_bias(1.0), True),
     (baddbmm_per_head_bias(0.0), False),  # beta = 0: the bias is not read
     (lambda self, q, k, v: (scores(q, k) * torch.tensor(0.5, dtype=DTYPE)).softmax(-1) @ v, False),  # a 0-dim constant
     (lambda self, q, k, v: (scores(q, k) + torch.arange(T, dtype=DTYPE)).softmax(-1) @ v, False),  # the same per head
     (lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=causal()), False),
-], ids=["per-head bias", "sdpa per-head mask", "baddbmm per-head bias", "baddbmm beta 0",
+], ids=["per-head bias", "sdpa per-head mask", "sdpa per-head mask by position", "baddbmm per-head bias",
+        "baddbmm beta 0",
         "0-dim scale", "bias shared by heads", "sdpa causal mask"])
 def test_a_constant_that_tells_heads_apart_pins_them_and_no_other_does(fn, pinned):
     """ALiBi-like biases and masks: the heads are pinned exactly when the constant differs between
-    them; the attention is exact and its edges are the heads' either way."""
+    them; the attention is exact and its edges are the heads' either way. Checked against
+    ``xǁAttentionRulesǁsdpa__mutmut_8``, ``9`` (SDPA's fourth argument not bound as ``attn_mask``: a
+    mask given by position was not read, and the heads it tells apart stayed free)."""
     _, graph = convert(fn)
     assert_heads(graph)
     assert heads_pinned(graph) == pinned
-
-
-class ParameterBias(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(torch.randn(HEADS, T, T, dtype=DTYPE))
 
 
 REFUSALS = {
@@ -252,8 +272,8 @@ REFUSALS = {
         "Tensor.matmul: attention weights applied to a constant"),
     "baddbmm of a constant": (
         lambda self, q, k, v: torch.bmm(torch.baddbmm(
-            torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), torch.ones(q.shape[0] * HEADS, T, 4, dtype=DTYPE),
-            k.reshape(-1, T, 4).transpose(1, 2)).softmax(-1), v.reshape(-1, T, 4)).view(q.shape),
+            torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), torch.ones_like(merged(q).detach()),
+            merged(k).transpose(1, 2)).softmax(-1), merged(v)).view(q.shape),
         "torch.baddbmm: a batched matmul of neurons with a constant; gradgraph reads baddbmm as attention scores "
         "q @ kᵀ plus a bias"),
     "sdpa with dropout": (
@@ -265,20 +285,122 @@ REFUSALS = {
     "sdpa of a constant value": (
         lambda self, q, k, v: F.scaled_dot_product_attention(q, k, torch.ones_like(v.detach())),
         "scaled_dot_product_attention: attention over constant queries, keys or values"),
+    "sdpa with dropout by position": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, None, 0.25),
+        "scaled_dot_product_attention: attention dropout changes the function; pass dropout_p=0 in eval mode"),
+    "sdpa over [b * T, d], no head or batch axis": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(*(rows(x) for x in (q, k, v))).reshape(
+            q.shape[0], T, HEADS, -1).transpose(1, 2),
+        "torch.nn.functional.scaled_dot_product_attention: attention without a head or batch axis"),
+    "scores of one key head broadcast to the query heads, viewed [b * H, T, T]": (
+        lambda self, q, k, v: torch.bmm(scores(q, k[:, :1]).view(-1, T, T).softmax(-1),
+                                        v.expand(-1, HEADS, -1, -1).reshape(-1, T, self.head_dim)).view(q.shape),
+        "Tensor.view: reshapes attention scores, and its result reaches"),
+    "heads whose keys overlap in part": (
+        lambda self, q, k, v: scores(q, overlapping_key_heads(k)).softmax(-1) @ v,
+        "Tensor.matmul: heads that share some of their query, key or value neurons but not whole heads "
+        "(grouped-query attention repeats whole key/value heads)"),
+    "sdpa attn_mask read off the input": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=self.inputs[:, None, :, :T]),
+        "torch.nn.functional.scaled_dot_product_attention: an attn_mask computed from neuron values or the input "
+        "(a learned bias of the attention scores, as T5's relative position bias): its gradient is not a rank-1 term "
+        "of the graph, and gradgraph reads attn_mask as a constant. Pass a mask that does not depend on parameters; "
+        "a learned score bias is not supported"),
+    "heads sharing a value head but not a key head": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ v[:, :1].expand(-1, HEADS, -1, -1),
+        "Tensor.matmul: heads that share some of their query, key or value neurons but not whole heads"),
+    "attention across the datapoints": (
+        lambda self, q, k, v: (scores(*(x.transpose(0, 2) for x in (q, k))).softmax(-1)
+                               @ v.transpose(0, 2)).transpose(0, 2),
+        "Tensor.matmul: attention between positions of different datapoints (over the rows of a joined batch, or "
+        "over the batch axis): one datapoint's output would depend on another's. Attend within each datapoint"),
     "heads sharing part of a key head": (
-        lambda self, q, k, v: scores(q, torch.cat([k[:, :1, :, :2], k[:, :1, :, :2]], -1).expand(-1, HEADS, -1, -1)
+        lambda self, q, k, v: scores(q, torch.cat([k[:, :1, :, :3], k[:, :1, :, :3]], -1).expand(-1, HEADS, -1, -1)
                                      ).softmax(-1) @ v,
         "Tensor.matmul: heads that share some of their query, key or value neurons but not whole heads "
         "(grouped-query attention repeats whole key/value heads)"),
 }
 
 
+def rows(x):
+    """``[b, H, T, d / H] -> [b * T, d]``: every position of every datapoint one row."""
+    return x.transpose(1, 2).reshape(-1, D)
+
+
+def overlapping_key_heads(k):
+    """Two key heads of ``d / H`` dims that share half of them (dims ``0:6`` and ``3:9`` of the keys)."""
+    keys = k.transpose(1, 2).reshape(k.shape[0], T, -1)
+    half = k.shape[-1] // 2
+    return torch.stack([keys[..., :2 * half], keys[..., half:3 * half]], 1)
+
+
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_attention_the_rules_cannot_read_is_refused_in_the_users_words(case):
     """Each refusal names the op and says what is not supported (and, for a value marked opaque, what
-    it reaches)."""
+    it reaches). Checked against ``xǁAttentionRulesǁsdpa__mutmut_10``, ``11`` (a dropout given by
+    position not read), ``74`` (``enable_gqa`` read as true: two-axis values refused as grouped-query
+    attention), ``114`` (``and`` for ``or``: a mask read off the input taken as a constant), ``123`` to
+    ``126``, ``130`` to ``137`` (its message), ``154`` (the op name ``None``);
+    ``xǁAttentionRulesǁattention_output__mutmut_13``, ``14``; ``xǁAttentionRulesǁreshape_score_batch__mutmut_17``
+    (``and`` for ``or``: a broadcast key head reshaped to the queries' batch, a ``RuntimeError``);
+    ``x__grouped__mutmut_8``, ``10`` (the rows' neurons compared flattened: keys that overlap in part taken
+    for grouped heads); ``xǁAttentionRulesǁattention_output__mutmut_205`` (the values left out of the
+    shared-neuron test: heads with their own keys and one value head accepted) and ``48`` (the op name
+    ``None`` in the refusal of attention across datapoints)."""
     fn, message = REFUSALS[case]
     model = Attention(fn).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    assert message in str(refusal.value)
+
+
+PARAMETER_REFUSALS = {
+    "sdpa of a parameter query": (
+        (1, HEADS, T, D // HEADS),
+        lambda self, q, k, v: F.scaled_dot_product_attention(self.extra.expand(q.shape[0], -1, -1, -1), k, v),
+        "torch.nn.functional.scaled_dot_product_attention: the parameter 'extra' used where gradgraph expects neuron "
+        "values"),
+    "sdpa of a parameter key": (
+        (1, HEADS, T, D // HEADS),
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, self.extra.expand(q.shape[0], -1, -1, -1), v),
+        "torch.nn.functional.scaled_dot_product_attention: the parameter 'extra' used where gradgraph expects neuron "
+        "values"),
+    "sdpa of a parameter value": (
+        (1, HEADS, T, D // HEADS),
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, self.extra.expand(q.shape[0], -1, -1, -1)),
+        "torch.nn.functional.scaled_dot_product_attention: the parameter 'extra' used where gradgraph expects neuron "
+        "values"),
+    "baddbmm of a parameter query": (
+        (1, T, D // HEADS),
+        lambda self, q, k, v: torch.bmm(torch.baddbmm(
+            torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), self.extra.expand(q.shape[0] * HEADS, -1, -1),
+            merged(k).transpose(1, 2)).softmax(-1), merged(v)).view(q.shape),
+        "torch.baddbmm: the parameter 'extra' used where gradgraph expects neuron values"),
+    "baddbmm of a parameter key": (
+        (1, D // HEADS, T),
+        lambda self, q, k, v: torch.bmm(torch.baddbmm(
+            torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), merged(q),
+            self.extra.expand(q.shape[0] * HEADS, -1, -1)).softmax(-1), merged(v)).view(q.shape),
+        "torch.baddbmm: the parameter 'extra' used where gradgraph expects neuron values"),
+    "sdpa attn_mask a parameter as it is": (
+        (1, HEADS, T, T),
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=self.extra),
+        "torch.nn.functional.scaled_dot_product_attention: an attn_mask computed from the parameter(s) ['extra'] "
+        "(a learned bias of the attention scores"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARAMETER_REFUSALS))
+def test_a_parameter_where_attention_reads_neurons_is_refused_by_name(case):
+    """A learned query, key or value tensor (``extra``), or a learned ``attn_mask`` passed as it is: the
+    refusal names the op and the parameter. Checked against ``xǁAttentionRulesǁsdpa__mutmut_38``, ``45``,
+    ``52``, ``xǁAttentionRulesǁbiased_scores__mutmut_31``, ``38`` (the op name ``None``) and
+    ``x__parameters_behind__mutmut_9`` to ``12`` (a parameter with no autograd history not named: "the
+    parameter(s) []", or a ``KeyError``)."""
+    shape, fn, message = PARAMETER_REFUSALS[case]
+    model = Attention(fn).to(DTYPE)
+    model.extra = nn.Parameter(torch.randn(*shape, dtype=DTYPE))
     inputs, targets = batch()
     with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
         gradgraph.to_graph(model, inputs, targets, loss)
@@ -289,8 +411,8 @@ def test_a_learned_bias_of_baddbmm_scores_is_refused_by_name():
     """``baddbmm`` whose bias is a parameter: a learned score bias, refused with the words for it."""
 
     def attend(self, q, k, v):
-        s = torch.baddbmm(self.bias.repeat(q.shape[0], 1, 1), q.reshape(-1, T, 4), k.reshape(-1, T, 4).transpose(1, 2))
-        return torch.bmm(s.softmax(-1), v.reshape(-1, T, 4)).view(q.shape)
+        s = torch.baddbmm(self.bias.repeat(q.shape[0], 1, 1), merged(q), merged(k).transpose(1, 2))
+        return torch.bmm(s.softmax(-1), merged(v)).view(q.shape)
 
     model = Attention(attend).to(DTYPE)
     model.bias = nn.Parameter(torch.randn(HEADS, T, T, dtype=DTYPE))
@@ -299,3 +421,19 @@ def test_a_learned_bias_of_baddbmm_scores_is_refused_by_name():
         gradgraph.to_graph(model, inputs, targets, loss)
     assert ("torch.baddbmm: a bias of attention scores that depends on parameters (a learned bias added to the "
             "scores is not supported)") in str(refusal.value)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_one_token_and_one_dimensional_heads_convert_exactly_with_their_heads(sdpa):
+    """A sequence of one token, and twelve heads of one dim each: the rule reads a head's rows off
+    its first token and its first dim, which are then the only ones. Checked against
+    ``xǁAttentionRulesǁattention_output__mutmut_36``, ``298`` (the queries' components read off dim 1)
+    and ``73``, ``90``, ``107`` (the query, key or value rows read off token 1): an ``IndexError``."""
+    fn = VARIANTS["sdpa" if sdpa else "plain"]
+    model = Attention(fn, heads=D).to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    assert_heads(graph, heads=D, head_dim=1)
+    model = Attention(fn).to(DTYPE)
+    graph = assert_exact_per_sample_grads(model, inputs[:, :1], targets[:, :1], loss)
+    assert_heads(graph)
