@@ -437,3 +437,24 @@ def test_one_token_and_one_dimensional_heads_convert_exactly_with_their_heads(sd
     model = Attention(fn).to(DTYPE)
     graph = assert_exact_per_sample_grads(model, inputs[:, :1], targets[:, :1], loss)
     assert_heads(graph)
+
+
+@pytest.mark.parametrize("softmax", ["F.softmax", "nn.Softmax", "F.softmax of [b * H, T, T]"])
+def test_a_softmax_of_scores_without_a_dim_takes_pytorchs_implicit_axis_and_is_refused_by_name(softmax):
+    """``F.softmax(scores)`` and ``nn.Softmax()`` without ``dim`` (deprecated, still legal) hand the rule
+    ``dim=None``; PyTorch then takes axis 1 of four-axis scores (the heads) and axis 0 of three-axis ones
+    (the batch), never the keys: refused as a softmax of scores over another axis than the keys. Before
+    the fix the rule computed ``None % ndim``: a bare ``TypeError`` out of ``to_graph``. (Found while
+    triaging ``xǁAttentionRulesǁscores_op__mutmut_76``, ``77``, the default ``-1`` of that line.)"""
+    fn = {
+        "F.softmax": lambda self, q, k, v: F.softmax(scores(q, k)) @ v,
+        "nn.Softmax": lambda self, q, k, v: nn.Softmax()(scores(q, k)) @ v,
+        "F.softmax of [b * H, T, T]": lambda self, q, k, v: torch.bmm(
+            F.softmax(torch.bmm(merged(q), merged(k).transpose(1, 2))), merged(v)).view(q.shape),
+    }[softmax]
+    model = Attention(fn).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.warns(UserWarning, match="Implicit dimension choice for softmax"):
+        with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+            gradgraph.to_graph(model, inputs, targets, loss)
+    assert "softmax: a softmax of scores over another axis than the keys, and its result reaches" in str(refusal.value)
