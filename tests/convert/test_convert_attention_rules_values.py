@@ -145,7 +145,8 @@ VARIANTS = {
     "plain": lambda self, q, k, v: scores(q, k).softmax(-1) @ v,
     "softmax dim by keyword": lambda self, q, k, v: F.softmax(scores(q, k) * 0.5, dim=-1) @ v,
     "softmax dim 3 by position": lambda self, q, k, v: torch.softmax(scores(q, k), 3) @ v,
-    "softmax with no dim": lambda self, q, k, v: scores(q, k).softmax(-1).matmul(v),
+    "softmax(-1), then .matmul": lambda self, q, k, v: scores(q, k).softmax(-1).matmul(v),
+    "softmax with every argument by keyword": lambda self, q, k, v: torch.softmax(input=scores(q, k), dim=-1) @ v,
     "masked_fill and where": lambda self, q, k, v: torch.where(
         causal(), scores(q, k).masked_fill(~causal(), -1e4), torch.tensor(-1e4, dtype=DTYPE)).softmax(-1) @ v,
     "in place": in_place_scaled_and_masked,
@@ -175,7 +176,8 @@ def test_attention_written_in_each_way_converts_exactly_with_its_heads(variant):
     for SDPA on ``[b * H, T, d / H]``, refused as attention between datapoints), ``152`` (the mask's
     shape ``[.., T, d / H]``: a causal mask then "did not broadcast" and pinned the heads) and
     ``xǁAttentionRulesǁrepeat_key_value_heads__mutmut_3`` to ``6`` (``enable_gqa`` on three-axis
-    values refused as grouped-query attention)."""
+    values refused as grouped-query attention), ``xǁAttentionRulesǁscores_op__mutmut_15`` (``or`` for the
+    second ``and``: ``args[0]`` read of a softmax given its scores by keyword, an ``IndexError``)."""
     _, graph = convert(VARIANTS[variant])
     assert_heads(graph)
     assert not heads_pinned(graph)
@@ -306,6 +308,9 @@ REFUSALS = {
         "(a learned bias of the attention scores, as T5's relative position bias): its gradient is not a rank-1 term "
         "of the graph, and gradgraph reads attn_mask as a constant. Pass a mask that does not depend on parameters; "
         "a learned score bias is not supported"),
+    "scores with their batch axes swapped": (
+        lambda self, q, k, v: (scores(q, k).transpose(0, 1).softmax(-1) @ v.transpose(0, 1)).transpose(0, 1),
+        "Tensor.transpose: reshapes attention scores, and its result reaches"),
     "heads sharing a value head but not a key head": (
         lambda self, q, k, v: scores(q, k).softmax(-1) @ v[:, :1].expand(-1, HEADS, -1, -1),
         "Tensor.matmul: heads that share some of their query, key or value neurons but not whole heads"),
@@ -346,7 +351,8 @@ def test_attention_the_rules_cannot_read_is_refused_in_the_users_words(case):
     ``x__grouped__mutmut_8``, ``10`` (the rows' neurons compared flattened: keys that overlap in part taken
     for grouped heads); ``xǁAttentionRulesǁattention_output__mutmut_205`` (the values left out of the
     shared-neuron test: heads with their own keys and one value head accepted) and ``48`` (the op name
-    ``None`` in the refusal of attention across datapoints)."""
+    ``None`` in the refusal of attention across datapoints); ``xǁAttentionRulesǁscores_op__mutmut_46`` (every
+    shape op that changes the scores' batch axes read as a reshape)."""
     fn, message = REFUSALS[case]
     model = Attention(fn).to(DTYPE)
     inputs, targets = batch()
