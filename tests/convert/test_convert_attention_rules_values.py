@@ -246,9 +246,7 @@ def baddbmm_per_head_bias(beta: float):
         "0-dim scale", "bias shared by heads", "sdpa causal mask"])
 def test_a_constant_that_tells_heads_apart_pins_them_and_no_other_does(fn, pinned):
     """ALiBi-like biases and masks: the heads are pinned exactly when the constant differs between
-    them; the attention is exact and its edges are the heads' either way. Checked against
-    ``xǁAttentionRulesǁsdpa__mutmut_8``, ``9`` (SDPA's fourth argument not bound as ``attn_mask``: a
-    mask given by position was not read, and the heads it tells apart stayed free)."""
+    them; the attention is exact and its edges are the heads' either way."""
     _, graph = convert(fn)
     assert_heads(graph)
     assert heads_pinned(graph) == pinned
@@ -319,6 +317,9 @@ REFUSALS = {
                                @ v.transpose(0, 2)).transpose(0, 2),
         "Tensor.matmul: attention between positions of different datapoints (over the rows of a joined batch, or "
         "over the batch axis): one datapoint's output would depend on another's. Attend within each datapoint"),
+    "values of another datapoint": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ torch.cat([v[1:], v[:1]]),
+        "Tensor.matmul: attention between positions of different datapoints"),
     "heads sharing part of a key head": (
         lambda self, q, k, v: scores(q, torch.cat([k[:, :1, :, :3], k[:, :1, :, :3]], -1).expand(-1, HEADS, -1, -1)
                                      ).softmax(-1) @ v,
@@ -351,8 +352,10 @@ def test_attention_the_rules_cannot_read_is_refused_in_the_users_words(case):
     ``x__grouped__mutmut_8``, ``10`` (the rows' neurons compared flattened: keys that overlap in part taken
     for grouped heads); ``xǁAttentionRulesǁattention_output__mutmut_205`` (the values left out of the
     shared-neuron test: heads with their own keys and one value head accepted) and ``48`` (the op name
-    ``None`` in the refusal of attention across datapoints); ``xǁAttentionRulesǁscores_op__mutmut_46`` (every
-    shape op that changes the scores' batch axes read as a reshape)."""
+    ``None`` in the refusal of attention across datapoints), ``xǁAttentionRulesǁcheck_one_datapoint__mutmut_29``
+    (``and`` for the last ``or``: values of other datapoints than the keys' accepted, and converted);
+    ``xǁAttentionRulesǁscores_op__mutmut_46`` (every shape op that changes the scores' batch axes read as a
+    reshape)."""
     fn, message = REFUSALS[case]
     model = Attention(fn).to(DTYPE)
     inputs, targets = batch()
@@ -389,6 +392,11 @@ PARAMETER_REFUSALS = {
             torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), merged(q),
             self.extra.expand(q.shape[0] * HEADS, -1, -1)).softmax(-1), merged(v)).view(q.shape),
         "torch.baddbmm: the parameter 'extra' used where gradgraph expects neuron values"),
+    "sdpa attn_mask a parameter by position": (
+        (1, HEADS, T, T),
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, self.extra),
+        "torch.nn.functional.scaled_dot_product_attention: an attn_mask computed from the parameter(s) ['extra'] "
+        "(a learned bias of the attention scores"),
     "sdpa attn_mask a parameter as it is": (
         (1, HEADS, T, T),
         lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=self.extra),
@@ -401,7 +409,8 @@ PARAMETER_REFUSALS = {
 def test_a_parameter_where_attention_reads_neurons_is_refused_by_name(case):
     """A learned query, key or value tensor (``extra``), or a learned ``attn_mask`` passed as it is: the
     refusal names the op and the parameter. Checked against ``xǁAttentionRulesǁsdpa__mutmut_38``, ``45``,
-    ``52``, ``xǁAttentionRulesǁbiased_scores__mutmut_31``, ``38`` (the op name ``None``) and
+    ``52``, ``xǁAttentionRulesǁbiased_scores__mutmut_31``, ``38`` (the op name ``None``), ``sdpa`` 8, 9 (SDPA's
+    fourth argument not bound as ``attn_mask``: a learned mask given by position not refused) and
     ``x__parameters_behind__mutmut_9`` to ``12`` (a parameter with no autograd history not named: "the
     parameter(s) []", or a ``KeyError``)."""
     shape, fn, message = PARAMETER_REFUSALS[case]
