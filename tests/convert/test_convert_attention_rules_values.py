@@ -353,7 +353,8 @@ def test_attention_the_rules_cannot_read_is_refused_in_the_users_words(case):
     for grouped heads); ``xǁAttentionRulesǁattention_output__mutmut_205`` (the values left out of the
     shared-neuron test: heads with their own keys and one value head accepted) and ``48`` (the op name
     ``None`` in the refusal of attention across datapoints), ``xǁAttentionRulesǁcheck_one_datapoint__mutmut_29``
-    (``and`` for the last ``or``: values of other datapoints than the keys' accepted, and converted);
+    (``and`` for the last ``or``: values of other datapoints than the keys' accepted, and converted), ``40``,
+    ``44``, ``46`` to ``50`` (that refusal's op name and words);
     ``xǁAttentionRulesǁscores_op__mutmut_46`` (every shape op that changes the scores' batch axes read as a
     reshape)."""
     fn, message = REFUSALS[case]
@@ -443,7 +444,9 @@ def test_one_token_and_one_dimensional_heads_convert_exactly_with_their_heads(sd
     """A sequence of one token, and twelve heads of one dim each: the rule reads a head's rows off
     its first token and its first dim, which are then the only ones. Checked against
     ``xǁAttentionRulesǁattention_output__mutmut_36``, ``298`` (the queries' components read off dim 1)
-    and ``73``, ``90``, ``107`` (the query, key or value rows read off token 1): an ``IndexError``."""
+    and ``73``, ``90``, ``107`` (the query, key or value rows read off token 1), and
+    ``xǁAttentionRulesǁcheck_one_datapoint__mutmut_10``, ``19``, ``28`` (the datapoints of the queries, keys
+    or values read off dim or token 1): an ``IndexError``."""
     fn = VARIANTS["sdpa" if sdpa else "plain"]
     model = Attention(fn, heads=D).to(DTYPE)
     inputs, targets = batch()
