@@ -79,8 +79,11 @@ class AttentionRules:
                     return self.mark_opaque(output, name, "reshapes attention scores", scores)
             if name in SOFTMAX:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+                if dim is None:  # F.softmax(scores), nn.Softmax(): PyTorch's implicit (deprecated) choice
+                    dim = 0 if output.dim() in (0, 1, 3) else 1
                 if dim % output.dim() != output.dim() - 1:
-                    return self.mark_opaque(output, name, "a softmax of scores over queries", [meta])
+                    over = "queries" if dim % output.dim() == output.dim() - 2 else "another axis than the keys"
+                    return self.mark_opaque(output, name, f"a softmax of scores over {over}", [meta])
             for value in tree_flatten((args, kwargs))[0]:
                 if isinstance(value, Tensor) and not isinstance(self.meta(value), Scores):
                     self.pin_heads_if_distinct(value, meta.query, meta.key, tuple(output.shape))

@@ -1,0 +1,478 @@
+"""The attention rules of the trace (``convert/trace/rules_attention.py``) one at a time.
+
+Each model is one self-attention layer ``[b, T, d]`` between two ``Linear`` layers, its scores
+written out in one way (a scale, a mask, ``where``, in-place ops, ``baddbmm`` on ``[b * H, T, T]``,
+SDPA with its options, grouped-query heads). Every conversion is checked against torch.func's
+per-sample gradients at 1e-10 in float64 (``assert_exact_per_sample_grads``), and its attention
+structure against the heads written out by hand: the ``QUERY_KEY`` edge of query dim ``i`` to key
+dim ``i`` of its key head, ``VALUE_ATTENTION`` of value dim ``j`` to output dim ``j``, and
+``QUERY_ATTENTION`` from every query dim of a head to every output dim of it, with the node kinds in
+the order ``Linear(d, 3 d)`` makes them. A constant that tells heads apart pins them
+(``perm_group < 0``); one that does not leaves them free. Refusals are matched in the words the
+user reads.
+
+Written for the survivors of run convert 15 (docs/mutation.md, group ``convert-attention-rules``);
+each test's docstring names the mutants it was checked against (``MUTANT_UNDER_TEST=NAME`` in
+``.mutation/convert-attention-rules/mutants/``: the test failed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import assert_exact_per_sample_grads
+
+import gradgraph
+from gradgraph import EdgeKind, NodeKind
+
+DTYPE = torch.float64
+D, HEADS, T = 12, 2, 4  # head_dim 6, not T: a key read untransposed has another shape
+
+
+def loss(output, target):
+    return (output - target).pow(2).sum((1, 2))
+
+
+class Attention(nn.Module):
+    """``Linear(5, d) -> attention(q, k, v) -> Linear(d, d)`` plus a residual, then a head; the
+    attention is ``fn(self, q, k, v)`` on ``[b, H, T, d / H]`` heads (``kv_heads`` key/value heads)."""
+
+    def __init__(self, fn, heads: int = HEADS, kv_heads: int | None = None, d: int = D, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads, self.kv_heads, self.fn = heads, kv_heads or heads, fn
+        self.head_dim = d // heads
+        self.inp = nn.Linear(5, d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * self.kv_heads * self.head_dim)
+        self.out, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        self.inputs = x
+        h = self.inp(x)
+        q = self.q(h).view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(h).view(b, t, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
+        y = self.fn(self, q, k, v)
+        return self.head(h + self.out(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+def batch(seed: int = 0, b: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, T, 5, generator=generator, dtype=DTYPE),
+            torch.randn(b, T, 2, generator=generator, dtype=DTYPE))
+
+
+def convert(fn, **kwargs):
+    model = Attention(fn, **kwargs).to(DTYPE)
+    inputs, targets = batch()
+    return model, assert_exact_per_sample_grads(model, inputs, targets, loss)
+
+
+def edges(graph, kind: EdgeKind) -> set[tuple[int, int]]:
+    return set(map(tuple, graph.edge_index[:, graph.edge_kind == kind].T.tolist()))
+
+
+def assert_heads(graph, heads: int = HEADS, kv_heads: int | None = None, head_dim: int = D // HEADS) -> None:
+    """The attention edges of ``heads`` query heads over ``kv_heads`` key/value heads (query head
+    ``h`` reads key/value head ``h // (heads / kv_heads)``), written out."""
+    kv_heads = kv_heads or heads
+    nodes = {kind: torch.nonzero(graph.node_kind == kind).reshape(-1).tolist()
+             for kind in (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTENTION)}
+    assert [len(nodes[kind]) for kind in nodes] == [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim,
+                                                   heads * head_dim]
+    query_key, value_attention, query_attention = set(), set(), set()
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        q = nodes[NodeKind.QUERY][h * head_dim:(h + 1) * head_dim]
+        k = nodes[NodeKind.KEY][g * head_dim:(g + 1) * head_dim]
+        v = nodes[NodeKind.VALUE][g * head_dim:(g + 1) * head_dim]
+        o = nodes[NodeKind.ATTENTION][h * head_dim:(h + 1) * head_dim]
+        query_key |= set(zip(q, k))
+        value_attention |= set(zip(v, o))
+        query_attention |= {(i, j) for i in q for j in o}
+    assert edges(graph, EdgeKind.QUERY_KEY) == query_key
+    assert edges(graph, EdgeKind.VALUE_ATTENTION) == value_attention
+    assert edges(graph, EdgeKind.QUERY_ATTENTION) == query_attention
+    assert int((graph.edge_kind == EdgeKind.QUERY_KEY).sum()) == len(query_key)  # no edge twice
+    assert int((graph.edge_kind == EdgeKind.VALUE_ATTENTION).sum()) == len(value_attention)
+    assert int((graph.edge_kind == EdgeKind.QUERY_ATTENTION).sum()) == len(query_attention)
+
+
+def heads_pinned(graph) -> bool:
+    """Whether the query and key neurons are pinned (every one) or free (every one); anything else fails."""
+    groups = graph.perm_group[(graph.node_kind == NodeKind.QUERY) | (graph.node_kind == NodeKind.KEY)]
+    assert bool((groups < 0).all()) or bool((groups >= 0).all()), groups
+    return bool((groups < 0).all())
+
+
+def merged(x):
+    """``[b, H, T, d / H] -> [b * H, T, d / H]``: the heads on the batch axis."""
+    return x.reshape(-1, T, x.shape[-1])
+
+
+def scores(q, k):
+    return q @ k.transpose(-1, -2)
+
+
+def causal(t: int = T) -> torch.Tensor:
+    return torch.ones(t, t, dtype=torch.bool).tril()
+
+
+def in_place_scaled_and_masked(self, q, k, v):
+    s = scores(q, k)
+    s /= math.sqrt(q.shape[-1])
+    s.masked_fill_(~causal(), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def baddbmm_on_merged_heads(self, q, k, v):
+    """BLOOM's form: scores ``[b * H, T, T]`` by ``baddbmm`` with a constant bias, viewed ``[b, H, T, T]``
+    for the mask and back for ``bmm``."""
+    b = q.shape[0]
+    bias = torch.zeros(b * self.heads, T, T, dtype=q.dtype)
+    s = torch.baddbmm(bias, merged(q), merged(k).transpose(1, 2),
+                      beta=1.0, alpha=0.5)
+    s = s.view(b, self.heads, T, T).masked_fill(~causal(), -1e4).view(b * self.heads, T, T)
+    return torch.bmm(s.softmax(-1), merged(v)).view(q.shape)
+
+
+VARIANTS = {
+    "plain": lambda self, q, k, v: scores(q, k).softmax(-1) @ v,
+    "softmax dim by keyword": lambda self, q, k, v: F.softmax(scores(q, k) * 0.5, dim=-1) @ v,
+    "softmax dim 3 by position": lambda self, q, k, v: torch.softmax(scores(q, k), 3) @ v,
+    "softmax(-1), then .matmul": lambda self, q, k, v: scores(q, k).softmax(-1).matmul(v),
+    "softmax with every argument by keyword": lambda self, q, k, v: torch.softmax(input=scores(q, k), dim=-1) @ v,
+    "masked_fill and where": lambda self, q, k, v: torch.where(
+        causal(), scores(q, k).masked_fill(~causal(), -1e4), torch.tensor(-1e4, dtype=DTYPE)).softmax(-1) @ v,
+    "in place": in_place_scaled_and_masked,
+    "scores kept through float64()": lambda self, q, k, v: scores(q, k).double().softmax(-1) @ v,
+    "baddbmm on merged heads": baddbmm_on_merged_heads,
+    "sdpa": lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v),
+    "sdpa causal, scaled, dropout 0": lambda self, q, k, v: F.scaled_dot_product_attention(
+        q, k, v, None, 0.0, True, scale=0.3),
+    "sdpa boolean mask by keyword": lambda self, q, k, v: F.scaled_dot_product_attention(
+        query=q, key=k, value=v, attn_mask=causal()),
+    "sdpa on [b * H, T, d / H]": lambda self, q, k, v: F.scaled_dot_product_attention(
+        merged(q), merged(k), merged(v)).view(q.shape),
+    "sdpa enable_gqa with as many key heads": lambda self, q, k, v: F.scaled_dot_product_attention(
+        q, k, v, enable_gqa=True),
+    "sdpa enable_gqa on [b * H, T, d / H]": lambda self, q, k, v: F.scaled_dot_product_attention(
+        *map(merged, (q, k, v)), enable_gqa=True).view(q.shape),
+    "sdpa on [b * H, T, d / H] with a causal mask": lambda self, q, k, v: F.scaled_dot_product_attention(
+        *map(merged, (q, k, v)), causal()).view(q.shape),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_attention_written_in_each_way_converts_exactly_with_its_heads(variant):
+    """Every way of writing one attention layer: exact per-sample gradients, the heads' edges as
+    written out, and the heads free (no constant tells them apart). Checked against
+    ``xǁAttentionRulesǁsdpa__mutmut_105`` (the key's components transposed ``(+2, -1)``: untransposed
+    for SDPA on ``[b * H, T, d / H]``, refused as attention between datapoints), ``152`` (the mask's
+    shape ``[.., T, d / H]``: a causal mask then "did not broadcast" and pinned the heads) and
+    ``xǁAttentionRulesǁrepeat_key_value_heads__mutmut_3`` to ``6`` (``enable_gqa`` on three-axis
+    values refused as grouped-query attention), ``xǁAttentionRulesǁscores_op__mutmut_15`` (``or`` for the
+    second ``and``: ``args[0]`` read of a softmax given its scores by keyword, an ``IndexError``)."""
+    _, graph = convert(VARIANTS[variant])
+    assert_heads(graph)
+    assert not heads_pinned(graph)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_grouped_query_attention_reads_each_query_head_against_its_key_value_head(sdpa):
+    """Four query heads over two key/value heads, as SDPA's ``enable_gqa`` or as ``transformers``'
+    ``repeat_kv`` (expand and reshape) written out: query head ``h`` reads key/value head ``h // 2`` (the
+    ``QUERY_KEY`` edges), and the grouped heads are pinned (a head permutation would have to keep
+    groups together)."""
+
+    def attend(self, q, k, v):
+        if sdpa:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        b, kv_heads, t, head_dim = k.shape  # transformers' repeat_kv
+        k, v = (x[:, :, None].expand(b, kv_heads, 2, t, head_dim).reshape(b, 4, t, head_dim) for x in (k, v))
+        return scores(q, k).softmax(-1) @ v
+
+    _, graph = convert(attend, heads=4, kv_heads=2)
+    assert_heads(graph, heads=4, kv_heads=2, head_dim=3)
+    assert heads_pinned(graph)
+    attention = graph.perm_group[graph.node_kind == NodeKind.ATTENTION]
+    assert bool((attention < 0).all())
+
+
+def per_head_bias(self, q, k, v):
+    slopes = torch.tensor([0.5, 0.25], dtype=DTYPE).view(1, 2, 1, 1)
+    return (scores(q, k) + slopes * torch.arange(T, dtype=DTYPE)).softmax(-1) @ v
+
+
+def sdpa_per_head_mask(self, q, k, v):
+    mask = torch.zeros(1, 2, T, T, dtype=DTYPE)
+    mask[:, 1] = -0.5 * torch.arange(T, dtype=DTYPE)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sdpa_per_head_mask_by_position(self, q, k, v):
+    mask = torch.zeros(1, 2, T, T, dtype=DTYPE)
+    mask[:, 1] = -0.5 * torch.arange(T, dtype=DTYPE)
+    return F.scaled_dot_product_attention(q, k, v, mask)
+
+
+def baddbmm_per_head_bias(beta: float):
+    def attend(self, q, k, v):
+        b = q.shape[0]
+        bias = (torch.tensor([0.0, 1.0], dtype=DTYPE).view(1, 2, 1, 1) * torch.arange(T, dtype=DTYPE))
+        bias = bias.expand(b, -1, T, -1).reshape(b * 2, T, T)
+        s = torch.baddbmm(bias, merged(q), merged(k).transpose(1, 2),
+                          beta=beta, alpha=1.0)
+        return torch.bmm(s.softmax(-1), merged(v)).view(q.shape)
+    return attend
+
+
+@pytest.mark.parametrize("fn, pinned", [
+    (per_head_bias, True),
+    (sdpa_per_head_mask, True),
+    (sdpa_per_head_mask_by_position, True),
+    (baddbmm_per_head_bias(1.0), True),
+    (baddbmm_per_head_bias(0.0), False),  # beta = 0: the bias is not read
+    (lambda self, q, k, v: (scores(q, k) * torch.tensor(0.5, dtype=DTYPE)).softmax(-1) @ v, False),  # a 0-dim constant
+    (lambda self, q, k, v: (scores(q, k) + torch.arange(T, dtype=DTYPE)).softmax(-1) @ v, False),  # the same per head
+    (lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=causal()), False),
+], ids=["per-head bias", "sdpa per-head mask", "sdpa per-head mask by position", "baddbmm per-head bias",
+        "baddbmm beta 0",
+        "0-dim scale", "bias shared by heads", "sdpa causal mask"])
+def test_a_constant_that_tells_heads_apart_pins_them_and_no_other_does(fn, pinned):
+    """ALiBi-like biases and masks: the heads are pinned exactly when the constant differs between
+    them; the attention is exact and its edges are the heads' either way."""
+    _, graph = convert(fn)
+    assert_heads(graph)
+    assert heads_pinned(graph) == pinned
+
+
+REFUSALS = {
+    "a softmax over queries": (
+        lambda self, q, k, v: scores(q, k).softmax(-2) @ v,
+        "Tensor.softmax: a softmax of scores over queries, and its result reaches"),
+    "a softmax over queries, dim 2": (
+        lambda self, q, k, v: F.softmax(scores(q, k), dim=2) @ v,
+        "softmax: a softmax of scores over queries, and its result reaches"),
+    "scores viewed with other last axes": (
+        lambda self, q, k, v: (scores(q, k).reshape(q.shape[0], HEADS * T, T).softmax(-1)
+                               .reshape(q.shape[0], HEADS, T, T) @ v),
+        "Tensor.reshape: reshapes attention scores, and its result reaches"),
+    "scores plus neuron values": (
+        lambda self, q, k, v: (scores(q, k) + q[..., :1]).softmax(-1) @ v,
+        "Tensor.add: combines attention scores with neuron values (a learned bias added to the scores, as T5's "
+        "relative position bias, is not supported)"),
+    "weights applied to a constant": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ torch.ones_like(v.detach()),
+        "Tensor.matmul: attention weights applied to a constant"),
+    "baddbmm of a constant": (
+        lambda self, q, k, v: torch.bmm(torch.baddbmm(
+            torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), torch.ones_like(merged(q).detach()),
+            merged(k).transpose(1, 2)).softmax(-1), merged(v)).view(q.shape),
+        "torch.baddbmm: a batched matmul of neurons with a constant; gradgraph reads baddbmm as attention scores "
+        "q @ kᵀ plus a bias"),
+    "sdpa with dropout": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.25),
+        "scaled_dot_product_attention: attention dropout changes the function; pass dropout_p=0 in eval mode"),
+    "sdpa of a constant query": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(torch.ones_like(q.detach()), k, v),
+        "scaled_dot_product_attention: attention over constant queries, keys or values"),
+    "sdpa of a constant value": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, torch.ones_like(v.detach())),
+        "scaled_dot_product_attention: attention over constant queries, keys or values"),
+    "sdpa with dropout by position": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, None, 0.25),
+        "scaled_dot_product_attention: attention dropout changes the function; pass dropout_p=0 in eval mode"),
+    "sdpa over [b * T, d], no head or batch axis": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(*(rows(x) for x in (q, k, v))).reshape(
+            q.shape[0], T, HEADS, -1).transpose(1, 2),
+        "torch.nn.functional.scaled_dot_product_attention: attention without a head or batch axis"),
+    "scores of one key head broadcast to the query heads, viewed [b * H, T, T]": (
+        lambda self, q, k, v: torch.bmm(scores(q, k[:, :1]).view(-1, T, T).softmax(-1),
+                                        v.expand(-1, HEADS, -1, -1).reshape(-1, T, self.head_dim)).view(q.shape),
+        "Tensor.view: reshapes attention scores, and its result reaches"),
+    "heads whose keys overlap in part": (
+        lambda self, q, k, v: scores(q, overlapping_key_heads(k)).softmax(-1) @ v,
+        "Tensor.matmul: heads that share some of their query, key or value neurons but not whole heads "
+        "(grouped-query attention repeats whole key/value heads)"),
+    "sdpa attn_mask read off the input": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=self.inputs[:, None, :, :T]),
+        "torch.nn.functional.scaled_dot_product_attention: an attn_mask computed from neuron values or the input "
+        "(a learned bias of the attention scores, as T5's relative position bias): its gradient is not a rank-1 term "
+        "of the graph, and gradgraph reads attn_mask as a constant. Pass a mask that does not depend on parameters; "
+        "a learned score bias is not supported"),
+    "scores with their batch axes swapped": (
+        lambda self, q, k, v: (scores(q, k).transpose(0, 1).softmax(-1) @ v.transpose(0, 1)).transpose(0, 1),
+        "Tensor.transpose: reshapes attention scores, and its result reaches"),
+    "heads sharing a value head but not a key head": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ v[:, :1].expand(-1, HEADS, -1, -1),
+        "Tensor.matmul: heads that share some of their query, key or value neurons but not whole heads"),
+    "attention across the datapoints": (
+        lambda self, q, k, v: (scores(*(x.transpose(0, 2) for x in (q, k))).softmax(-1)
+                               @ v.transpose(0, 2)).transpose(0, 2),
+        "Tensor.matmul: attention between positions of different datapoints (over the rows of a joined batch, or "
+        "over the batch axis): one datapoint's output would depend on another's. Attend within each datapoint"),
+    "values of another datapoint": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ torch.cat([v[1:], v[:1]]),
+        "Tensor.matmul: attention between positions of different datapoints"),
+    "heads sharing part of a key head": (
+        lambda self, q, k, v: scores(q, torch.cat([k[:, :1, :, :3], k[:, :1, :, :3]], -1).expand(-1, HEADS, -1, -1)
+                                     ).softmax(-1) @ v,
+        "Tensor.matmul: heads that share some of their query, key or value neurons but not whole heads "
+        "(grouped-query attention repeats whole key/value heads)"),
+}
+
+
+def rows(x):
+    """``[b, H, T, d / H] -> [b * T, d]``: every position of every datapoint one row."""
+    return x.transpose(1, 2).reshape(-1, D)
+
+
+def overlapping_key_heads(k):
+    """Two key heads of ``d / H`` dims that share half of them (dims ``0:6`` and ``3:9`` of the keys)."""
+    keys = k.transpose(1, 2).reshape(k.shape[0], T, -1)
+    half = k.shape[-1] // 2
+    return torch.stack([keys[..., :2 * half], keys[..., half:3 * half]], 1)
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_attention_the_rules_cannot_read_is_refused_in_the_users_words(case):
+    """Each refusal names the op and says what is not supported (and, for a value marked opaque, what
+    it reaches). Checked against ``xǁAttentionRulesǁsdpa__mutmut_10``, ``11`` (a dropout given by
+    position not read), ``74`` (``enable_gqa`` read as true: two-axis values refused as grouped-query
+    attention), ``114`` (``and`` for ``or``: a mask read off the input taken as a constant), ``123`` to
+    ``126``, ``130`` to ``137`` (its message), ``154`` (the op name ``None``);
+    ``xǁAttentionRulesǁattention_output__mutmut_13``, ``14``; ``xǁAttentionRulesǁreshape_score_batch__mutmut_17``
+    (``and`` for ``or``: a broadcast key head reshaped to the queries' batch, a ``RuntimeError``);
+    ``x__grouped__mutmut_8``, ``10`` (the rows' neurons compared flattened: keys that overlap in part taken
+    for grouped heads); ``xǁAttentionRulesǁattention_output__mutmut_205`` (the values left out of the
+    shared-neuron test: heads with their own keys and one value head accepted) and ``48`` (the op name
+    ``None`` in the refusal of attention across datapoints), ``xǁAttentionRulesǁcheck_one_datapoint__mutmut_29``
+    (``and`` for the last ``or``: values of other datapoints than the keys' accepted, and converted), ``40``,
+    ``44``, ``46`` to ``50`` (that refusal's op name and words);
+    ``xǁAttentionRulesǁscores_op__mutmut_46`` (every shape op that changes the scores' batch axes read as a
+    reshape)."""
+    fn, message = REFUSALS[case]
+    model = Attention(fn).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    assert message in str(refusal.value)
+
+
+PARAMETER_REFUSALS = {
+    "sdpa of a parameter query": (
+        (1, HEADS, T, D // HEADS),
+        lambda self, q, k, v: F.scaled_dot_product_attention(self.extra.expand(q.shape[0], -1, -1, -1), k, v),
+        "torch.nn.functional.scaled_dot_product_attention: the parameter 'extra' used where gradgraph expects neuron "
+        "values"),
+    "sdpa of a parameter key": (
+        (1, HEADS, T, D // HEADS),
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, self.extra.expand(q.shape[0], -1, -1, -1), v),
+        "torch.nn.functional.scaled_dot_product_attention: the parameter 'extra' used where gradgraph expects neuron "
+        "values"),
+    "sdpa of a parameter value": (
+        (1, HEADS, T, D // HEADS),
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, self.extra.expand(q.shape[0], -1, -1, -1)),
+        "torch.nn.functional.scaled_dot_product_attention: the parameter 'extra' used where gradgraph expects neuron "
+        "values"),
+    "baddbmm of a parameter query": (
+        (1, T, D // HEADS),
+        lambda self, q, k, v: torch.bmm(torch.baddbmm(
+            torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), self.extra.expand(q.shape[0] * HEADS, -1, -1),
+            merged(k).transpose(1, 2)).softmax(-1), merged(v)).view(q.shape),
+        "torch.baddbmm: the parameter 'extra' used where gradgraph expects neuron values"),
+    "baddbmm of a parameter key": (
+        (1, D // HEADS, T),
+        lambda self, q, k, v: torch.bmm(torch.baddbmm(
+            torch.zeros(q.shape[0] * HEADS, T, T, dtype=DTYPE), merged(q),
+            self.extra.expand(q.shape[0] * HEADS, -1, -1)).softmax(-1), merged(v)).view(q.shape),
+        "torch.baddbmm: the parameter 'extra' used where gradgraph expects neuron values"),
+    "sdpa attn_mask a parameter by position": (
+        (1, HEADS, T, T),
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, self.extra),
+        "torch.nn.functional.scaled_dot_product_attention: an attn_mask computed from the parameter(s) ['extra'] "
+        "(a learned bias of the attention scores"),
+    "sdpa attn_mask a parameter as it is": (
+        (1, HEADS, T, T),
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=self.extra),
+        "torch.nn.functional.scaled_dot_product_attention: an attn_mask computed from the parameter(s) ['extra'] "
+        "(a learned bias of the attention scores"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARAMETER_REFUSALS))
+def test_a_parameter_where_attention_reads_neurons_is_refused_by_name(case):
+    """A learned query, key or value tensor (``extra``), or a learned ``attn_mask`` passed as it is: the
+    refusal names the op and the parameter. Checked against ``xǁAttentionRulesǁsdpa__mutmut_38``, ``45``,
+    ``52``, ``xǁAttentionRulesǁbiased_scores__mutmut_31``, ``38`` (the op name ``None``), ``sdpa`` 8, 9 (SDPA's
+    fourth argument not bound as ``attn_mask``: a learned mask given by position not refused) and
+    ``x__parameters_behind__mutmut_9`` to ``12`` (a parameter with no autograd history not named: "the
+    parameter(s) []", or a ``KeyError``)."""
+    shape, fn, message = PARAMETER_REFUSALS[case]
+    model = Attention(fn).to(DTYPE)
+    model.extra = nn.Parameter(torch.randn(*shape, dtype=DTYPE))
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    assert message in str(refusal.value)
+
+
+def test_a_learned_bias_of_baddbmm_scores_is_refused_by_name():
+    """``baddbmm`` whose bias is a parameter: a learned score bias, refused with the words for it."""
+
+    def attend(self, q, k, v):
+        s = torch.baddbmm(self.bias.repeat(q.shape[0], 1, 1), merged(q), merged(k).transpose(1, 2))
+        return torch.bmm(s.softmax(-1), merged(v)).view(q.shape)
+
+    model = Attention(attend).to(DTYPE)
+    model.bias = nn.Parameter(torch.randn(HEADS, T, T, dtype=DTYPE))
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    assert ("torch.baddbmm: a bias of attention scores that depends on parameters (a learned bias added to the "
+            "scores is not supported)") in str(refusal.value)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_one_token_and_one_dimensional_heads_convert_exactly_with_their_heads(sdpa):
+    """A sequence of one token, and twelve heads of one dim each: the rule reads a head's rows off
+    its first token and its first dim, which are then the only ones. Checked against
+    ``xǁAttentionRulesǁattention_output__mutmut_36``, ``298`` (the queries' components read off dim 1)
+    and ``73``, ``90``, ``107`` (the query, key or value rows read off token 1), and
+    ``xǁAttentionRulesǁcheck_one_datapoint__mutmut_10``, ``19``, ``28`` (the datapoints of the queries, keys
+    or values read off dim or token 1): an ``IndexError``."""
+    fn = VARIANTS["sdpa" if sdpa else "plain"]
+    model = Attention(fn, heads=D).to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    assert_heads(graph, heads=D, head_dim=1)
+    model = Attention(fn).to(DTYPE)
+    graph = assert_exact_per_sample_grads(model, inputs[:, :1], targets[:, :1], loss)
+    assert_heads(graph)
+
+
+@pytest.mark.parametrize("softmax", ["F.softmax", "nn.Softmax", "F.softmax of [b * H, T, T]"])
+def test_a_softmax_of_scores_without_a_dim_takes_pytorchs_implicit_axis_and_is_refused_by_name(softmax):
+    """``F.softmax(scores)`` and ``nn.Softmax()`` without ``dim`` (deprecated, still legal) hand the rule
+    ``dim=None``; PyTorch then takes axis 1 of four-axis scores (the heads) and axis 0 of three-axis ones
+    (the batch), never the keys: refused as a softmax of scores over another axis than the keys. Before
+    the fix the rule computed ``None % ndim``: a bare ``TypeError`` out of ``to_graph``. (Found while
+    triaging ``xǁAttentionRulesǁscores_op__mutmut_76``, ``77``, the default ``-1`` of that line.)"""
+    fn = {
+        "F.softmax": lambda self, q, k, v: F.softmax(scores(q, k)) @ v,
+        "nn.Softmax": lambda self, q, k, v: nn.Softmax()(scores(q, k)) @ v,
+        "F.softmax of [b * H, T, T]": lambda self, q, k, v: torch.bmm(
+            F.softmax(torch.bmm(merged(q), merged(k).transpose(1, 2))), merged(v)).view(q.shape),
+    }[softmax]
+    model = Attention(fn).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.warns(UserWarning, match="Implicit dimension choice for softmax"):
+        with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+            gradgraph.to_graph(model, inputs, targets, loss)
+    assert "softmax: a softmax of scores over another axis than the keys, and its result reaches" in str(refusal.value)
