@@ -159,3 +159,56 @@ def test_a_patch_embedding_of_the_input_read_again_elementwise_is_still_refused(
                                                                r"but 16 elsewhere"):
         gradgraph.to_graph(Patches().to(DTYPE), torch.randn(3, 4, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,)),
                            class_loss)
+
+
+class VideoConv3d(nn.Module):
+    """``[b, T, C, H, W]`` permuted to ``[b, C, T, H, W]`` for a ``Conv3d`` (VideoMAE's tubelet embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv3d(3, 4, (2, 3, 3), stride=(2, 1, 1)), nn.Linear(4, 3)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(video.permute(0, 2, 1, 3, 4))).mean((2, 3, 4)))
+
+
+def test_a_3d_convolution_of_the_input_with_its_axes_permuted():
+    """Refused before: "its input does not hold channels on axis 1" (the channels were read in the input's
+    own layout, where they are on axis 2)."""
+    torch.manual_seed(13)
+    model = VideoConv3d().to(DTYPE)
+    videos, targets = torch.randn(3, 4, 3, 5, 5, dtype=DTYPE), torch.randint(0, 3, (3,))
+    assert_exact_per_sample_grads(model, videos, targets, class_loss)
+    moved, _, _ = assert_group_keeps_function(model, videos, targets, class_loss, seed=4)
+    assert moved > 0
+
+
+def test_stock_videomae_converts_exactly():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.VideoMAEConfig(image_size=8, patch_size=4, num_channels=3, num_frames=2, tubelet_size=2,
+                                         hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=12, num_labels=3, use_mean_pooling=True,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(14)
+    body = transformers.VideoMAEForVideoClassification(config).to(DTYPE).eval()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, video):
+            return self.body(pixel_values=video).logits
+
+    model = Model()
+    videos, targets = torch.randn(3, 2, 3, 8, 8, dtype=DTYPE), torch.randint(0, 3, (3,))
+    graph = gradgraph.to_graph(model, videos, targets, class_loss)
+    per_sample = graph.per_sample_grads()
+    params = dict(model.named_parameters())
+    for i in range(3):
+        grads = torch.autograd.grad(class_loss(model(videos[i:i + 1]), targets[i:i + 1]).sum(), list(params.values()))
+        for name, grad in zip(params, grads):
+            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
+    moved, _, _ = assert_group_keeps_function(model, videos, targets, class_loss, seed=5)
+    assert moved > 0

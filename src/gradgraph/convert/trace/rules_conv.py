@@ -227,6 +227,10 @@ class ConvRules:
         # video's frames): x's axis 1 holds the channels, each (row, position) its datapoint's own component
         merged = len(shape) > x.dim() and x.shape[0] == math.prod(shape[:len(shape) - x.dim() + 1]) \
             and tuple(shape[len(shape) - x.dim() + 1:]) == tuple(x.shape[1:])
+        # the whole input with its axes after the datapoints' permuted ([b, T, C, H, W] -> [b, C, T, H, W], a
+        # video's 3-D convolution): x's axis 1 holds the channels, as for a merged input
+        merged = merged or (len(shape) == x.dim() and tuple(x.shape) != tuple(shape) and x.numel() == math.prod(shape)
+                            and x.shape[0] == shape[0])
         if any(varies_along(datapoint, axis) for axis in range(1, x.dim())) or self.datapoint_dim != 0 \
                 or (len(shape) != x.dim() and not unsqueezed and not merged):
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
