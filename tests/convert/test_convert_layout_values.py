@@ -342,3 +342,170 @@ def test_a_group_norms_cuts_are_carried_along_the_ties():
         perm_block=[-1] * 3 + [0] * 20 + [-1] * 3,
         position=[0, 1, 2] + [0, 1] * 10 + [0, 1, 2],
     )
+
+
+# ----------------------------------------------------------------------- depths
+class FusedAttention(nn.Module):
+    """nanoGPT's attention (one fused ``c_attn`` split into query, key and value; 2 heads of 2) over
+    ``x [b, t, 4]``, then ``c_proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(4, 12), nn.Linear(4, 4)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, 2, 2).transpose(1, 2) for z in self.c_attn(x).split(4, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_a_fused_query_key_value_output_is_one_step_deep():
+    """``c_attn``'s one edge group ends in three pieces (query 4-7, key 8-11, value 12-15): all three are
+    one step after the input (the key too, though only query-key pairs, which add no depth, lead on from
+    it); merged heads 2, ``c_proj`` 3. Kills _depths 13, 18 (a group read by its first ends only)."""
+    torch.manual_seed(8)
+    graph, moved = converted(FusedAttention().to(DTYPE), torch.randn(2, 3, 4, dtype=DTYPE))
+    assert moved > 0
+    assert_layout(graph, node_kind=runs((K.INPUT, 4), (K.QUERY, 4), (K.KEY, 4), (K.VALUE, 4), (K.ATTENTION, 4),
+                                        (K.OUTPUT, 4)),
+                  layer=runs((0, 4), (1, 12), (2, 4), (3, 4)))
+
+
+class Concatenated(nn.Module):
+    """``h1 = tanh(a(x))``, ``h2 = tanh(b(h1))``, ``o(cat([h1, h2]))``: ``o`` reads two sets of depth 1 and 2
+    in one edge group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(3, 2), nn.Linear(2, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h1 = torch.tanh(self.a(x))
+        h2 = torch.tanh(self.b(h1))
+        return self.o(torch.cat([h1, h2], -1))
+
+
+def test_a_map_of_a_concatenation_is_one_step_after_its_deepest_part():
+    """Nodes: input 0-2, ``h1`` 3-4 (depth 1), ``h2`` 5-6 (2), ``o`` 7-8: one step after the deeper part (3),
+    though ``o``'s one edge group starts in the shallower one; each part permutes by itself. Kills _depths 15
+    (a group read by its first ends only)."""
+    torch.manual_seed(9)
+    graph, moved = converted(Concatenated().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+    assert moved > 0
+    assert_layout(graph, layer=runs((0, 3), (1, 2), (2, 2), (3, 2)), perm_group=runs((-1, 3), (0, 2), (1, 2), (-1, 2)))
+
+
+# ----------------------------------------------------------------------- shared parameters
+class SharedFirst(nn.Module):
+    """``o(tanh(F.linear(tanh(F.linear(x, w)), w)))``: one square weight ``w``, parameter 0, at two sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.o = nn.Parameter(torch.randn(3, 3) / 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.o(torch.tanh(F.linear(torch.tanh(F.linear(x, self.w)), self.w)))
+
+
+def test_a_weight_used_twice_from_the_input_is_fixed():
+    """``w``'s columns meet the input at the first site and ``h1`` (3-5) at the second, its rows ``h1`` and
+    ``h2`` (6-8): one permutation must move all three, and the input is fixed, so nothing moves (a group on
+    ``h1`` alone changes the function). Kills _shared_parameter_ties 2, 3 (parameter 0's sites not read)."""
+    torch.manual_seed(10)
+    graph, moved = converted(SharedFirst().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+    assert moved == 0
+    assert_layout(graph, node_kind=runs((K.INPUT, 3), (K.RESIDUAL, 6), (K.OUTPUT, 2)), perm_group=[-1] * 11)
+
+
+class SharedMiddle(nn.Module):
+    """``h = tanh(a(x))``, then one square layer ``L`` twice, ``o(tanh(L(tanh(L(h)))))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.L, self.o = nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.L(torch.tanh(self.L(torch.tanh(self.a(x)))))))
+
+
+def test_a_layer_used_twice_moves_what_it_reads_and_writes_together():
+    """``L``'s columns meet ``h`` (2-4) and ``L``'s first output (5-7), its rows (and bias) both outputs
+    (5-7, 8-10): one group of three tied sets, FFN_HIDDEN (a class of affine sets), position by position."""
+    torch.manual_seed(11)
+    graph, moved = converted(SharedMiddle().to(DTYPE), torch.randn(5, 2, dtype=DTYPE))
+    assert moved > 0
+    assert_layout(graph, node_kind=runs((K.INPUT, 2), (K.FFN_HIDDEN, 9), (K.OUTPUT, 2)),
+                  perm_group=runs((-1, 2), (0, 9), (-1, 2)), position=[0, 1] + [0, 1, 2] * 3 + [0, 1])
+
+
+class SharedBias(nn.Module):
+    """``h1 = tanh(addmm(c, x, v))``, ``h2 = tanh(addmm(c, h1, u))``, ``o(h2)``: one bias ``c`` (parameter 0,
+    the first the trace meets) at two sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.v = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2, 3))
+        self.u, self.o = nn.Parameter(torch.randn(3, 3) / 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h1 = torch.tanh(torch.addmm(self.c, x, self.v))
+        return self.o(torch.tanh(torch.addmm(self.c, h1, self.u)))
+
+
+def test_a_bias_used_twice_ties_its_two_sets():
+    """``c`` is the bias of ``h1`` (2-4) and ``h2`` (5-7): one permutation moves both (the bias's entry ``i``
+    is neuron ``i`` of each), so they are one group of FFN_HIDDEN sets. Kills _shared_parameter_ties 9, 10
+    (parameter 0's bias sites not read), 12 (the bias's nodes read backwards: nothing tied, fixed)."""
+    torch.manual_seed(12)
+    graph, moved = converted(SharedBias().to(DTYPE), torch.randn(5, 2, dtype=DTYPE))
+    assert moved > 0
+    assert_layout(graph, node_kind=runs((K.INPUT, 2), (K.FFN_HIDDEN, 6), (K.OUTPUT, 2)),
+                  perm_group=runs((-1, 2), (0, 6), (-1, 2)), position=[0, 1] + [0, 1, 2] * 2 + [0, 1])
+
+
+class GroupedConv(nn.Module):
+    """``a`` (1 -> 4 channels), a grouped 1x1 convolution ``c`` (2 groups of 2 channels), the mean over
+    positions, ``o``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.o = nn.Conv1d(1, 4, 1), nn.Conv1d(4, 4, 1, groups=2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.c(torch.tanh(self.a(x)))).mean(-1))
+
+
+def test_a_grouped_convolution_shares_no_entry_between_its_groups():
+    """Nodes: input 0, ``a``'s channels 1-4, their copies read by ``c`` 5-8, ``c``'s channels 9-12, their
+    means 13-16, ``o`` 17-18. ``c``'s weight is read at one site per group, slices that share no entry: they
+    tie nothing, and each group's channels permute within it (``a``'s with their copies, ``c``'s with their
+    means). Kills _shared_parameter_ties 58 (sites that share no entry read as shared: pinned)."""
+    torch.manual_seed(13)
+    graph, moved = converted(GroupedConv().to(DTYPE), torch.randn(4, 1, 5, dtype=DTYPE))
+    assert moved > 0
+    assert_layout(graph, layer=runs((0, 1), (1, 4), (2, 4), (3, 4), (4, 4), (5, 2)),
+                  perm_group=[-1] + [0, 0, 1, 1] * 2 + [2, 2, 3, 3] * 2 + [-1, -1])
+
+
+class SharedConv(nn.Module):
+    """``a`` (1 -> 3 channels), then one convolution ``c`` (3 -> 3, kernel 2) twice, the mean, ``o``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.o = nn.Conv1d(1, 3, 1), nn.Conv1d(3, 3, 2, padding=1), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.o(torch.tanh(self.c(torch.tanh(self.c(h)))).mean(-1))
+
+
+def test_a_convolution_used_twice_is_pinned():
+    """``c``'s 3-D weight at two sites: a node of neither end meets one value of the weight's row (its last
+    axis is the kernel's), so both sites are pinned (``_shared_parameter_ties``: "a site where neither end is
+    a function of the row is pinned") and nothing moves. Kills _shared_parameter_ties 65 (one end enough),
+    85, 87 (the pinned sets not read), 86 (none pinned: a group that changes the function)."""
+    torch.manual_seed(14)
+    graph, moved = converted(SharedConv().to(DTYPE), torch.randn(4, 1, 5, dtype=DTYPE))
+    assert moved == 0
+    assert_layout(graph, perm_group=[-1] * 27)
