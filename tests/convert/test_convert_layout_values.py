@@ -12,6 +12,8 @@ each checked with ``MUTANT_UNDER_TEST=NAME``.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -509,3 +511,89 @@ def test_a_convolution_used_twice_is_pinned():
     graph, moved = converted(SharedConv().to(DTYPE), torch.randn(4, 1, 5, dtype=DTYPE))
     assert moved == 0
     assert_layout(graph, perm_group=[-1] * 27)
+
+
+# ----------------------------------------------------------------------- a folded loop
+class FoldedRNN(nn.Module):
+    """``nn.RNN(3, 2)`` over ``[b, T, 3]`` (folded over time, the default), read at its last step by ``head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.RNN(3, 2, batch_first=True), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def exact_by_loop(model, inputs):
+    """The graph, its per-sample gradients equal to a per-datapoint autograd loop's (1e-10)."""
+    gradgraph.convert.clear_structure_cache()
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    per_sample = graph.per_sample_grads()
+    for index in range(inputs.shape[0]):
+        model.zero_grad()
+        squared(model(inputs[index:index + 1]), None).sum().backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][index], param.grad, atol=1e-10, rtol=0, msg=name)
+    return graph
+
+
+def test_a_folded_loops_previous_state_is_as_deep_as_its_initial_state():
+    """Nodes: input 0-2, ``W_ih x + b_ih`` 3-4, the previous-state copy ``P`` 5-6, the state 7-8 (``W_hh P``,
+    holding the sum), ``head`` 9-10. The state's MERGE edges into ``P`` close the loop over time and add no
+    depth: ``P`` is 0 (a constant initial state), the state 2, the head 3; input map, copy and state are one
+    group. Exact against a per-datapoint autograd loop (torch.func cannot run the fused op). Kills _depths
+    48-61 (the closing edges kept, dropped by the wrong test, or all edges dropped but them), make_plan 417,
+    421 (no previous-state copies: a cycle), _back_pieces 2, 3, 4 (the wrong pieces)."""
+    torch.manual_seed(15)
+    graph = exact_by_loop(FoldedRNN().to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE))
+    assert_layout(
+        graph,
+        node_kind=runs((K.INPUT, 3), (K.RESIDUAL, 6), (K.OUTPUT, 2)),
+        layer=runs((0, 3), (1, 2), (0, 2), (2, 2), (3, 2)),
+        perm_group=runs((-1, 3), (0, 6), (-1, 2)),
+        position=[0, 1, 2] + [0, 1] * 4,
+        edge_index=edges(dense([0, 1, 2], [3, 4]), dense([5, 6], [7, 8]), ([3, 4], [7, 8]), ([7, 8], [5, 6]),
+                         dense([7, 8], [9, 10])),
+        edge_kind=runs((E.LINEAR, 10), (E.RESIDUAL, 2), (E.MERGE, 2), (E.LINEAR, 4)),
+        edge_param=runs((0, 6), (2, 4), (-1, 4), (4, 4)),
+    )
+
+
+# ----------------------------------------------------------------------- what messages name
+def test_a_non_finite_input_is_named_by_its_neuron_set():
+    """An infinite input feature: the refusal names the input's neurons (``set_names``: each set's first
+    node, size and origin) and the count. Kills make_plan 470 (no set names: a ``TypeError``)."""
+    inputs = torch.randn(4, 2, dtype=DTYPE)
+    inputs[0, 1] = float("inf")
+    gradgraph.convert.clear_structure_cache()
+    message = ("activation of the input neurons has 1 non-finite value(s) (shape [2, 4]); check the inputs, the "
+               "loss and the model's weights")
+    with pytest.raises(gradgraph.NonFiniteFactorError, match="^" + re.escape(message) + "$"):
+        gradgraph.to_graph(Residual().to(DTYPE), inputs, None, squared)
+
+
+class SumIntoEarlier(nn.Module):
+    """``u = b(x_T)`` first, then a folded ``nn.RNN(3, 2)``'s last state ``h``, ``o(u + tanh(h))``: the sum is
+    absorbed into ``u``, a set made before the loop's, so its RESIDUAL edges run from a later set into an
+    earlier one in a model that has previous-state copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b, self.rnn, self.o = nn.Linear(3, 2), nn.RNN(3, 2, batch_first=True), nn.Linear(2, 2)
+
+    def forward(self, x):
+        u = self.b(x[:, -1])
+        return self.o(u + torch.tanh(self.rnn(x)[0][:, -1]))
+
+
+def test_a_sum_absorbed_into_an_earlier_set_is_one_step_after_the_later():
+    """``u`` is one step after the loop's state, though made before it: only the edges into a previous-state
+    copy from a later set close a loop and are dropped, not every edge into an earlier set. Kills _depths 49."""
+    torch.manual_seed(16)
+    model = SumIntoEarlier().to(DTYPE)
+    graph = exact_by_loop(model, torch.randn(3, 4, 3, dtype=DTYPE))
+    # input 0-2, u 3-4 (holding the sum), the loop's input map 5-6, its previous-state copy 7-8, its state 9-10, o
+    assert_layout(graph, layer=runs((0, 3), (3, 2), (1, 2), (0, 2), (2, 2), (4, 2)),
+                  edge_index=edges(dense([0, 1, 2], [3, 4]), dense([0, 1, 2], [5, 6]), dense([7, 8], [9, 10]),
+                                   ([5, 6], [9, 10]), ([9, 10], [7, 8]), ([9, 10], [3, 4]), dense([3, 4], [11, 12])))
