@@ -525,9 +525,11 @@ class FoldedRNN(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def exact_by_loop(model, inputs):
-    """The graph, its per-sample gradients equal to a per-datapoint autograd loop's (1e-10)."""
-    gradgraph.convert.clear_structure_cache()
+def exact_by_loop(model, inputs, clear=True):
+    """The graph, its per-sample gradients equal to a per-datapoint autograd loop's (1e-10); ``clear``: the
+    structure cache cleared first (a trace)."""
+    if clear:
+        gradgraph.convert.clear_structure_cache()
     graph = gradgraph.to_graph(model, inputs, None, squared)
     per_sample = graph.per_sample_grads()
     for index in range(inputs.shape[0]):
@@ -597,3 +599,26 @@ def test_a_sum_absorbed_into_an_earlier_set_is_one_step_after_the_later():
     assert_layout(graph, layer=runs((0, 3), (3, 2), (1, 2), (0, 2), (2, 2), (4, 2)),
                   edge_index=edges(dense([0, 1, 2], [3, 4]), dense([0, 1, 2], [5, 6]), dense([7, 8], [9, 10]),
                                    ([5, 6], [9, 10]), ([9, 10], [7, 8]), ([9, 10], [3, 4]), dense([3, 4], [11, 12])))
+
+
+def test_a_folded_loops_plan_is_replayed_folded(monkeypatch):
+    """The plan keeps ``fold_time``: a second call on other inputs replays the plan with the loop run folded
+    (as the trace ran it), exactly, and traces nothing; replayed unrolled, the ops would differ from the
+    plan's and every call would trace again. Kills make_plan 458, 473 (``fold_time`` dropped)."""
+    traced = gradgraph.convert.traced
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    original = traced.trace_model
+    monkeypatch.setattr(traced, "trace_model", counted)
+    torch.manual_seed(17)
+    model = FoldedRNN().to(DTYPE)
+    first = exact_by_loop(model, torch.randn(3, 4, 3, dtype=DTYPE))
+    for seed in range(2):
+        torch.manual_seed(seed)
+        graph = exact_by_loop(model, torch.randn(3, 4, 3, dtype=DTYPE), clear=False)
+        assert graph.num_nodes == first.num_nodes == 11
+    assert len(traces) == 1
