@@ -491,26 +491,30 @@ def test_a_grouped_convolution_shares_no_entry_between_its_groups():
 
 
 class SharedConv(nn.Module):
-    """``a`` (1 -> 3 channels), then one convolution ``c`` (3 -> 3, kernel 2) twice, the mean, ``o``."""
+    """``a`` (1 -> 3 channels), then one convolution ``c`` (3 -> 3, kernel 2 or 1) twice, the mean, ``o``."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: int) -> None:
         super().__init__()
-        self.a, self.c, self.o = nn.Conv1d(1, 3, 1), nn.Conv1d(3, 3, 2, padding=1), nn.Linear(3, 2)
+        self.a, self.o = nn.Conv1d(1, 3, 1), nn.Linear(3, 2)
+        self.c = nn.Conv1d(3, 3, kernel, padding=kernel - 1)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
         return self.o(torch.tanh(self.c(torch.tanh(self.c(h)))).mean(-1))
 
 
-def test_a_convolution_used_twice_is_pinned():
-    """``c``'s 3-D weight at two sites: a node of neither end meets one value of the weight's row (its last
-    axis is the kernel's), so both sites are pinned (``_shared_parameter_ties``: "a site where neither end is
-    a function of the row is pinned") and nothing moves. Kills _shared_parameter_ties 65 (one end enough),
-    85, 87 (the pinned sets not read), 86 (none pinned: a group that changes the function)."""
+@pytest.mark.parametrize("kernel", [2, 1])
+def test_a_convolution_used_twice_is_pinned(kernel):
+    """``c``'s 3-D weight at two sites: the weight's "row" and "column" are read off its last axis (the
+    kernel's), so an output channel meets several rows, and an input channel one column only where the kernel
+    has one tap: no site passes both tests of either end, so both are pinned (``_shared_parameter_ties``: "a
+    site where neither end is a function of the row is pinned") and nothing moves. Kills
+    _shared_parameter_ties 65, 75 (one test of an end enough: kernel 2 for 65, kernel 1 for both), 85, 87
+    (the pinned sets not read), 86 (none pinned: a group that changes the function)."""
     torch.manual_seed(14)
-    graph, moved = converted(SharedConv().to(DTYPE), torch.randn(4, 1, 5, dtype=DTYPE))
+    graph, moved = converted(SharedConv(kernel).to(DTYPE), torch.randn(4, 1, 5, dtype=DTYPE))
     assert moved == 0
-    assert_layout(graph, perm_group=[-1] * 27)
+    assert_layout(graph, perm_group=[-1] * graph.num_nodes)
 
 
 # ----------------------------------------------------------------------- a folded loop
