@@ -626,3 +626,53 @@ def test_a_folded_loops_plan_is_replayed_folded(monkeypatch):
         graph = exact_by_loop(model, torch.randn(3, 4, 3, dtype=DTYPE), clear=False)
         assert graph.num_nodes == first.num_nodes == 11
     assert len(traces) == 1
+
+
+class ParallelConv(nn.Module):
+    """One convolution ``c`` (3 -> 3, kernel 2) on two branches ``tanh(a1(x))``, ``tanh(a2(x))``; the means of
+    both, concatenated, into ``o``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Conv1d(1, 3, 1), nn.Conv1d(1, 3, 1)
+        self.c, self.o = nn.Conv1d(3, 3, 2, padding=1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        means = [torch.tanh(self.c(torch.tanh(a(x)))).mean(-1) for a in (self.a1, self.a2)]
+        return self.o(torch.cat(means, -1))
+
+
+def test_every_pinned_site_of_a_shared_convolution_is_pinned():
+    """``c``'s two sites read two branches that share no set: each site pins its own (the second's too), so
+    nothing moves. Kills _shared_parameter_ties 88 (the sites after a pinned one skipped)."""
+    torch.manual_seed(18)
+    graph, moved = converted(ParallelConv().to(DTYPE), torch.randn(4, 1, 5, dtype=DTYPE))
+    assert moved == 0
+    assert_layout(graph, perm_group=[-1] * graph.num_nodes)
+
+
+class SlicedWeight(nn.Module):
+    """One weight ``w`` (4 x 3): its rows 0-1 read ``h = tanh(a(x))`` once, its rows 2-3 read ``h`` and
+    ``g = tanh(b(x))``; ``o`` reads the three outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 3), nn.Linear(2, 3)
+        self.w, self.o = nn.Parameter(torch.randn(4, 3) / 2), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h, g = torch.tanh(self.a(x)), torch.tanh(self.b(x))
+        parts = [F.linear(h, self.w[:2]), F.linear(h, self.w[2:]), F.linear(g, self.w[2:])]
+        return self.o(torch.tanh(torch.cat(parts, -1)))
+
+
+def test_the_sites_after_one_that_shares_no_entry_are_read():
+    """``w``'s first site (rows 0-1) shares no entry; the next two share rows 2-3, which ties their outputs
+    and ``h`` (2-4) with ``g`` (5-7, columns): groups ``h`` with ``g``, the first site's output (8-9, a plain
+    HIDDEN set) alone, the two shared sites' outputs (10-13) together. Kills _shared_parameter_ties 61 (the
+    sites after an unshared one skipped: ``h`` and ``g`` moved apart)."""
+    torch.manual_seed(19)
+    graph, moved = converted(SlicedWeight().to(DTYPE), torch.randn(5, 2, dtype=DTYPE))
+    assert moved > 0
+    assert_layout(graph, node_kind=runs((K.INPUT, 2), (K.FFN_HIDDEN, 6), (K.HIDDEN, 2), (K.FFN_HIDDEN, 4), (K.OUTPUT, 2)),
+                  perm_group=runs((-1, 2), (0, 6), (1, 2), (2, 4), (-1, 2)))
