@@ -313,37 +313,43 @@ def test_one_head_and_heads_of_one_dim_are_blocks(heads):
 # ----------------------------------------------------------------------- cuts carried over ties
 class GroupNormChain(nn.Module):
     """``h = a(x)``, ``s1 = h + f(tanh h)``, ``s2 = s1 + g(tanh s1)`` (4 neurons each, every sum absorbed
-    into the fresh affine output), ``n = group_norm(s2, 2)``, then ``o(tanh(n + c(tanh n)))``."""
+    into the fresh affine output), ``n = group_norm(s2, 2)``, then ``o(tanh(n + c(tanh n)))`` or, without
+    ``tail``, ``o(tanh(n))``."""
 
-    def __init__(self) -> None:
+    def __init__(self, tail: bool = True) -> None:
         super().__init__()
-        self.a, self.f, self.g, self.c = (nn.Linear(3 if index == 0 else 4, 4) for index in range(4))
-        self.o = nn.Linear(4, 3)
+        self.tail = tail
+        self.a, self.f, self.g, self.o = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        if tail:
+            self.c = nn.Linear(4, 4)
 
     def forward(self, x):
         h = self.a(x)
         s1 = h + self.f(torch.tanh(h))
         s2 = s1 + self.g(torch.tanh(s1))
         n = F.group_norm(s2, 2)
-        return self.o(torch.tanh(n + self.c(torch.tanh(n))))
+        return self.o(torch.tanh(n + self.c(torch.tanh(n)) if self.tail else n))
 
 
-def test_a_group_norms_cuts_are_carried_along_the_ties():
+@pytest.mark.parametrize("tail", [True, False], ids=["n + c(n)", "n alone"])
+def test_a_group_norms_cuts_are_carried_along_the_ties(tail):
     """The norm's 2 groups of 2 channels cut ``s2`` (11-14) and the norm (15-18) at their middle; the
-    residual ties carry the cut to ``s1`` (7-10, one hop), to ``h`` (3-6, two hops) and from the norm to
-    ``c``'s set (19-22, the sum ``n + c``: a tie whose first end is the cut one): each half of the 5 tied sets
-    is a group of its own (the channels move only within their group). Without the walk the tie of a whole
-    set to a halved one fixes them all. Kills _tied_cuts 3, 19 (no walk), 10, 15 (one direction of the ties
-    only), 27 (one hop only), 22, 24 (a cut with no partner: the norm's end)."""
+    residual ties carry the cut to ``s1`` (7-10, one hop), to ``h`` (3-6, two hops) and, with ``tail``, from
+    the norm to ``c``'s set (19-22, the sum ``n + c``: a tie whose first end is the cut one): each half of the
+    tied sets is a group of its own (the channels move only within their group). Without the walk the tie of
+    a whole set to a halved one fixes them all. Kills _tied_cuts 3, 19 (no walk), 10, 15 (one direction of
+    the ties only), 27 (one hop only), and without ``tail`` 22, 24 (a cut with no partner: the norm's end,
+    the output's first node)."""
     torch.manual_seed(7)
-    graph, moved = converted(GroupNormChain().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+    graph, moved = converted(GroupNormChain(tail).to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
     assert moved > 0
+    tied = 5 if tail else 4
     assert_layout(
         graph,
-        node_kind=runs((K.INPUT, 3), (K.RESIDUAL, 12), (K.NORM, 4), (K.RESIDUAL, 4), (K.OUTPUT, 3)),
-        perm_group=[-1] * 3 + [0, 0, 1, 1] * 5 + [-1] * 3,
-        perm_block=[-1] * 3 + [0] * 20 + [-1] * 3,
-        position=[0, 1, 2] + [0, 1] * 10 + [0, 1, 2],
+        node_kind=runs((K.INPUT, 3), (K.RESIDUAL, 12), (K.NORM, 4), (K.RESIDUAL, 4 * (tied - 4)), (K.OUTPUT, 3)),
+        perm_group=[-1] * 3 + [0, 0, 1, 1] * tied + [-1] * 3,
+        perm_block=[-1] * 3 + [0] * 4 * tied + [-1] * 3,
+        position=[0, 1, 2] + [0, 1] * 2 * tied + [0, 1, 2],
     )
 
 
