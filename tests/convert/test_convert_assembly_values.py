@@ -1,0 +1,386 @@
+"""The assembly's own checks and writes (``convert/assembly.py``: ``fill_factors``, ``assemble``,
+``_factor``, ``_assembly_recipe``, ``_bias``, ``_zeros``) against their ground truth.
+
+Written for the mutation runs of ``assembly.py`` (docs/mutation.md, convert/): the convert tests in
+its list convert models whose every parameter the plan follows, on a fresh trace and a replay, so a
+mutant that drops the check of a parameter the trace did not follow, the check of the summed
+gradients, or the message a user reads survived. Every conversion here is float64 and checked
+against torch.func's per-sample gradients (``assert_exact_per_sample_grads``) or a per-datapoint
+autograd loop at 1e-10; errors are matched in full. Each test names the mutants it was checked to
+kill with ``MUTANT_UNDER_TEST``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, reference_per_sample_grads
+
+import gradgraph
+from gradgraph.convert import register_elementwise
+from gradgraph.convert.plan import PLAN_CACHE
+from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES
+
+DTYPE = torch.float64
+
+
+def squared_error(output, targets):
+    return (output - targets).pow(2).sum(-1)
+
+
+def _batch(inputs=3, outputs=2, size=5, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(size, inputs, dtype=DTYPE, generator=generator),
+            torch.randn(size, outputs, dtype=DTYPE, generator=generator))
+
+
+@pytest.fixture
+def registered():
+    """``register_elementwise`` for the test's own module types, undone afterwards."""
+    types = []
+
+    def register(module_type):
+        register_elementwise(module_type)
+        types.append(module_type)
+
+    yield register
+    for module_type in types:
+        ELEMENTWISE_MODULES.pop(module_type, None)
+
+
+# ------------------------------------------------------------ fill_factors: the one backward pass
+def test_a_conversion_called_under_no_grad_still_runs_its_backward_pass():
+    """A caller inside ``torch.no_grad()`` (an evaluation loop): the objective's sum is taken under
+    ``enable_grad``, and the graph is exact, on a fresh trace and on the replay.
+
+    Checked to fail (``MUTANT_UNDER_TEST``) on ``fill_factors`` 24 (that sum ``None``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    inputs, targets = _batch()
+    PLAN_CACHE.clear()
+    for _ in range(2):
+        with torch.no_grad():
+            graph = gradgraph.to_graph(model, inputs, targets, squared_error)
+        reference = reference_per_sample_grads(model, inputs, targets, squared_error)
+        ours = graph.per_sample_grads()
+        assert set(ours) == set(reference)
+        for name, value in reference.items():
+            torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+
+
+class WithUnused(nn.Module):
+    """An MLP with a parameter that requires grad and that ``forward`` never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.unused = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_a_parameter_the_forward_never_reads_is_left_out_and_the_rest_is_exact():
+    """A parameter outside the plan rides along in the backward pass; one the loss does not reach
+    (no gradient) is no error and is not in the graph; the others' per-sample gradients are exact,
+    on a fresh trace (with its check of the summed gradients) and on the replay.
+
+    Checked to fail on ``fill_factors`` 57, 60 (the pass's results cut at ``len(tensors) -
+    len(others)``: the sums read off the wrong gradients, the frontier short of one), 64, 65 (the
+    loop over the outside parameters unpacking one-tuples) and 66 (a parameter with no gradient
+    refused)."""
+    torch.manual_seed(0)
+    model = WithUnused().to(DTYPE)
+    inputs, targets = _batch()
+    PLAN_CACHE.clear()
+    for _ in range(2):
+        graph = gradgraph.to_graph(model, inputs, targets, squared_error)
+        ours = graph.per_sample_grads()
+        reference = reference_per_sample_grads(model, inputs, targets, squared_error)
+        assert set(ours) == {"l1.weight", "l1.bias", "l2.weight", "l2.bias"}
+        for name in ours:
+            torch.testing.assert_close(ours[name], reference[name], atol=1e-10, rtol=0, msg=name)
+        assert torch.equal(reference["unused"], torch.zeros(5, 3, dtype=DTYPE))
+
+
+class Gain(nn.Module):
+    """``tanh(x) * gain`` with a learned scalar ``gain``: registered elementwise, so the tracer sees
+    one op and never the parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.gain
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = Gain()
+
+
+class NestedGain(nn.Module):
+    """``l2(block.act(l1(x)))``: the unfollowed parameter is ``block.act.gain`` (two dots)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.block, self.l2 = nn.Linear(3, 4), Block(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.l2(self.block.act(self.l1(x)))
+
+
+class Shift(nn.Module):
+    """``tanh(x + s)``, registered elementwise: its second argument is read by no rule."""
+
+    def forward(self, x, s):
+        return torch.tanh(x + s)
+
+
+class TopLevelOffset(nn.Module):
+    """``l2(shift(l1(x), offset))``: the unfollowed parameter is the model's own ``offset`` (no dot)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.shift, self.l2 = nn.Linear(3, 4), Shift(), nn.Linear(4, 2)
+        self.offset = nn.Parameter(torch.full((4,), 0.3))
+
+    def forward(self, x):
+        return self.l2(self.shift(self.l1(x), self.offset))
+
+
+_UNFOLLOWED = ("affects the loss through ops gradgraph did not follow (a custom autograd.Function, a tensor made "
+               "inside forward, or an op without a rule); register the module with "
+               "gradgraph.convert.register_elementwise or gradgraph.register_converter")
+
+
+@pytest.mark.parametrize("model_type, module_type, message", [
+    (NestedGain, Gain, "in the forward (module 'block.act'): parameter use: the parameter 'block.act.gain' "),
+    (TopLevelOffset, Shift, "in the forward: parameter use: the parameter 'offset' "),
+], ids=["nested", "top-level"])
+def test_a_parameter_that_reaches_the_loss_through_ops_no_rule_followed_is_refused_by_name(
+        model_type, module_type, message, registered):
+    """A parameter the plan does not hold but whose gradient the backward pass finds nonzero (read
+    inside a module registered as elementwise) is refused, naming the parameter and its module
+    (the name up to its last dot; none for the model's own parameter), in full.
+
+    Checked to fail on ``fill_factors`` 40, 48 (the outside parameters not asked for: the graph
+    would leave the parameter out silently) and 67-96 (the message's parts)."""
+    registered(module_type)
+    torch.manual_seed(0)
+    model = model_type().to(DTYPE)
+    inputs, targets = _batch()
+    PLAN_CACHE.clear()
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=f"^{re.escape(message + _UNFOLLOWED)}$"):
+        gradgraph.to_graph(model, inputs, targets, squared_error)
+
+
+class LearnedSnake(nn.Module):
+    """``x + sin(α x)^2 / α`` with ``α`` another module's parameter: registered elementwise, so the
+    path from ``α`` through it is one no rule follows."""
+
+    def __init__(self, alpha):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x):
+        return x + torch.sin(self.alpha * x).pow(2) / self.alpha
+
+
+class SharedSnake(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.act = LearnedSnake(self.inp.bias)
+
+    def forward(self, x):
+        return self.head(self.act(self.inp(x)))
+
+
+def test_the_sums_of_a_fresh_trace_are_read_off_its_backward_pass_and_checked():
+    """``inp.bias`` is in the plan (as a bias) and also read by a registered activation: the
+    graph's summed gradient of it misses that path, and the check of the sums (autograd's side
+    read off ``fill_factors``' backward pass) refuses the conversion.
+
+    Checked to fail on ``fill_factors`` 40, 48 (no sums asked for) and 52 (the sums dropped: the
+    check sees none and passes a silently wrong graph)."""
+    register_elementwise(LearnedSnake)
+    try:
+        torch.manual_seed(0)
+        model = SharedSnake().to(DTYPE)
+        inputs, targets = _batch()
+        PLAN_CACHE.clear()
+        with pytest.raises(gradgraph.UnsupportedModuleError,
+                           match=r"^in the forward \(module 'inp'\): parameter use: the graph's gradient of 'inp.bias' "
+                                 r"\(summed over datapoints\) differs from autograd's by "):
+            gradgraph.to_graph(model, inputs, targets, squared_error)
+    finally:
+        ELEMENTWISE_MODULES.pop(LearnedSnake, None)
+
+
+def test_a_non_finite_backpropagated_signal_is_named_by_its_set():
+    """A loss whose gradient is NaN where its value is finite (``sqrt`` at 0, times 0): ``act`` is
+    finite, ``grad`` is not; the error names the first set's backpropagated signal, in full.
+
+    Checked to fail on ``fill_factors`` 183 (the name ``None``) and 187 (the set's rows read as an
+    empty slice: no error at all)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    inputs, _ = _batch()
+    PLAN_CACHE.clear()
+    with pytest.raises(gradgraph.NonFiniteFactorError,
+                       match=r"^backpropagated signal of the input neurons has 15 non-finite value\(s\) \(shape "
+                             r"\[3, 5\]\); check the inputs, the loss and the model's weights$"):
+        gradgraph.to_graph(model, inputs, None, lambda output, _: (output * 0).sqrt().sum(-1))
+
+
+# ------------------------------------------------------------ assemble, _bias: values in the factors' dtype
+def _float64_values(model, seed=3):
+    """Every parameter redrawn in float64 (values a float32 copy would round: ``randn`` in float32
+    and then ``.double()`` gives values float32 holds exactly)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, dtype=DTYPE, generator=generator))
+    return model
+
+
+class Residual(nn.Module):
+    """``x + l1(x)``: one weight slot that does not tile the edges (slot by slot)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return x + self.l1(x)
+
+
+class TwoResiduals(nn.Module):
+    """``h + l2(h)`` after ``h = tanh(l1(x))``: two weight slots and the residual's edges (one gather)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        return h + self.l2(h)
+
+
+class ListedRows(nn.Module):
+    """``l2(tanh(linear(x, w[pick], b[pick])))`` with listed rows: index slots (the bias filled slot by slot)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.zeros(6, 3)), nn.Parameter(torch.zeros(6))
+        self.l2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        pick = [4, 0, 5, 2]
+        return self.l2(torch.tanh(nn.functional.linear(x, self.w[pick], self.b[pick])))
+
+
+@pytest.mark.parametrize("model_type", [Residual, TwoResiduals, ListedRows])
+def test_edge_values_and_biases_are_the_parameters_float64_values_on_every_path(model_type):
+    """Edge values and biases written slot by slot (a single non-tiling slot, index slots) or by one
+    gather: ``edge_attr`` and ``x`` are float64 and hold each parameter's float64 entries exactly
+    (every parameter redrawn in float64), 1 on the edges no parameter writes and 0 on the nodes no
+    bias writes; per-sample gradients exact, on a fresh trace and on the replay.
+
+    Checked to fail on ``assemble`` 67, 70 (the slot-by-slot ``edge_attr`` in the default dtype,
+    float32: every entry rounded) and ``_bias`` 28, 31 (the zero-filled bias likewise)."""
+    torch.manual_seed(0)
+    model = _float64_values(model_type().to(DTYPE))
+    inputs, targets = _batch(outputs=3)
+    PLAN_CACHE.clear()
+    for _ in range(2):
+        graph = assert_exact_per_sample_grads(model, inputs, targets, squared_error)
+        assert graph.edge_attr.dtype == DTYPE and graph.x.dtype == DTYPE
+        names = list(graph.param_names)
+        for name, param in model.named_parameters():
+            own = graph.edge_param == names.index(name)
+            if name.endswith("weight") or name == "w":
+                expected = param.detach()[[4, 0, 5, 2]] if name == "w" else param.detach()
+                assert torch.equal(graph.edge_attr[own, 0], expected.reshape(-1)), name
+        unweighted = graph.edge_param < 0
+        assert torch.equal(graph.edge_attr[unweighted, 0], torch.ones(int(unweighted.sum()), dtype=DTYPE))
+        biases = torch.cat([param.detach()[[4, 0, 5, 2]] if name == "b" else param.detach()
+                            for name, param in model.named_parameters() if name.endswith("bias") or name == "b"])
+        assert torch.equal(torch.sort(graph.x[graph.x[:, 0] != 0, 0]).values, torch.sort(biases).values)
+
+
+class MixedPrecision(nn.Module):
+    """``tanh(l1(x.float()))`` then ``l2`` in float32, back to float64 and a float64 ``shift``: the
+    weights are float32, the factors float64 (the inputs' dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 4)
+        self.shift = nn.Parameter(torch.randn(4, dtype=DTYPE))
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x.float()))).double() + self.shift
+
+
+def test_float32_weights_of_a_float64_graph_are_cast_to_its_dtype():
+    """A model computing part of its forward in float32 (its weights float32) and converted on
+    float64 inputs: the edge values, read by one gather, are the float32 weights cast to float64,
+    and the graph's per-sample gradients are the float32 forward's to float32 precision.
+
+    Checked to fail on ``assemble`` 57, 58, 60, 62, 64 (the gathered values not cast: float32 edges,
+    or ``None``)."""
+    torch.manual_seed(0)
+    model = MixedPrecision()
+    inputs, targets = _batch(outputs=4)
+    PLAN_CACHE.clear()
+    for _ in range(2):
+        graph = gradgraph.to_graph(model, inputs, targets, squared_error)
+        assert graph.edge_attr.dtype == DTYPE and graph.x.dtype == DTYPE and graph.act.dtype == DTYPE
+        names = list(graph.param_names)
+        for name in ("l1.weight", "l2.weight"):
+            own = graph.edge_param == names.index(name)
+            assert torch.equal(graph.edge_attr[own, 0], model.get_parameter(name).detach().double().reshape(-1))
+        reference = reference_per_sample_grads(model, inputs, targets, squared_error)
+        ours = graph.per_sample_grads()
+        for name, value in reference.items():
+            torch.testing.assert_close(ours[name].to(value.dtype), value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------ _factor: rows no gradient reaches
+class DeadMiddle(nn.Module):
+    """``l3(h)`` with ``h = tanh(l1(x))``, and between them ``l2(h)``, computed and dropped: a
+    tiling plan whose middle grad record no gradient reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        self.l2(h)
+        return self.l3(h)
+
+
+def test_a_dropped_layer_between_two_used_ones_gets_zero_grad_rows_and_the_rest_is_exact():
+    """The grad blocks tile the rows, and the middle one (``l2``'s output, dropped) gets no
+    gradient: its rows are zero and the rows after it (``l3``'s output) keep their signal; ``l2``'s
+    per-sample gradients are zero, the rest exact, on a fresh trace and on the replay.
+
+    Checked to fail on ``_factor`` 27 (the tiling loop stopped at the record with no gradient:
+    the rows after it lost)."""
+    torch.manual_seed(0)
+    model = DeadMiddle().to(DTYPE)
+    inputs, targets = _batch()
+    PLAN_CACHE.clear()
+    for _ in range(2):
+        graph = assert_exact_per_sample_grads(model, inputs, targets, squared_error)
+        assert graph.grad.shape == (12, 5)
+        assert torch.equal(graph.grad[7:10], torch.zeros(3, 5, dtype=DTYPE))
+        expected = 2 * (model(inputs) - targets).detach()
+        torch.testing.assert_close(graph.grad[10:].T, expected, atol=1e-12, rtol=0)
