@@ -384,3 +384,122 @@ def test_a_dropped_layer_between_two_used_ones_gets_zero_grad_rows_and_the_rest_
         assert torch.equal(graph.grad[7:10], torch.zeros(3, 5, dtype=DTYPE))
         expected = 2 * (model(inputs) - targets).detach()
         torch.testing.assert_close(graph.grad[10:].T, expected, atol=1e-12, rtol=0)
+
+
+class EmbeddedDeadMiddle(nn.Module):
+    """``DeadMiddle`` over an embedding of token ids: the grad records start after the table's rows
+    (the ids get no gradient), so they do not tile and ``grad`` is written record by record."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.l1, self.l2, self.l3 = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        h = torch.tanh(self.l1(self.emb(ids)))
+        self.l2(h)
+        return self.l3(h)
+
+
+@pytest.fixture
+def uninitialized_memory_is_nan():
+    """``torch.empty`` filled with NaN (deterministic mode's ``fill_uninitialized_memory``), so a row
+    left unwritten shows instead of holding whatever the allocator gave."""
+    import torch.utils.deterministic
+
+    was, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def test_rows_of_a_block_no_gradient_reaches_are_zeroed_in_the_record_by_record_path(uninitialized_memory_is_nan):
+    """The general path starts from ``torch.empty`` (NaN here) and zeroes only the rows no record
+    writes; a block record no gradient reaches (``l2``'s output) must be zeroed too. Its rows are 0,
+    the per-sample gradients exact, on a fresh trace and on the replay.
+
+    Checked to fail on ``_factor`` 78, 80 (those rows not zeroed: NaN, refused as a non-finite
+    signal), which survive without NaN-filled memory (``torch.empty`` often returns zeros)."""
+    torch.manual_seed(0)
+    model = EmbeddedDeadMiddle().to(DTYPE)
+    ids = torch.tensor([0, 3, 1, 4, 2])
+    targets = torch.randn(5, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    PLAN_CACHE.clear()
+    for _ in range(2):
+        graph = assert_exact_per_sample_grads(model, ids, targets, squared_error)
+        assert graph.grad.shape == (18, 5)
+        assert torch.equal(graph.grad[:5], torch.zeros(5, 5, dtype=DTYPE))  # the table's rows
+        assert torch.equal(graph.grad[13:16], torch.zeros(3, 5, dtype=DTYPE))  # l2's output
+
+
+def test_a_permuted_value_whose_memory_order_needs_too_many_strides_is_copied_row_major():
+    """``_factor`` directly: a record of a 9-axis value held transposed (``permute`` of every axis):
+    its row-major writes are one run (a pattern), but its elements' memory offsets nest nine deep,
+    past ``_MAX_STRIDED_DIMS``, so no in-place pattern; the value is then read row-major. ``grad``
+    is the value's elements in row-major order, one row per neuron.
+
+    Checked to fail on ``_factor`` 110 (the missing in-place pattern unpacked)."""
+    from types import SimpleNamespace
+
+    from gradgraph.convert.assembly import _strided_records, _unwritten_rows
+    from gradgraph.convert.plan import Record
+
+    base = torch.arange(512, dtype=DTYPE).reshape((2,) * 9)
+    value = base.permute(*range(8, -1, -1))  # not contiguous; row-major order is not memory order
+    record = Record(("out", 0, 0), tuple(value.shape), None, torch.arange(512))  # [256 rows, B = 2]
+    plan = SimpleNamespace(grad=[record], num_nodes=256, derived={
+        ("tiles", "grad"): False, ("unwritten", "grad"): _unwritten_rows(256, [record]),
+        ("strided", "grad"): _strided_records([record])})
+    assert plan.derived[("strided", "grad")][0] is not None
+    grad = _factor_of(plan, value)
+    assert torch.equal(grad, value.reshape(256, 2))
+    assert plan.derived[("strided in place", "grad", 0, value.stride())] is None
+
+
+def _factor_of(plan, value):
+    from gradgraph.convert.assembly import _factor
+
+    with torch.no_grad():
+        return _factor(plan, "grad", [value], 2, DTYPE, torch.device("cpu"))
+
+
+class Float32Table(nn.Module):
+    """A float32 embedding read by float64 layers: on token ids the factors take the first
+    parameter's dtype (float32), and the layers' float64 weights tile the edges."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.l1, self.l2 = nn.Linear(4, 4).to(DTYPE), nn.Linear(4, 2).to(DTYPE)
+
+    def forward(self, ids):
+        return self.l2(torch.tanh(self.l1(self.emb(ids).to(DTYPE))))
+
+
+def test_tiled_float64_weights_of_a_float32_graph_are_cast_to_its_dtype():
+    """The edge values of a tiling plan (one ``cat`` of the weights) whose weights are float64 in
+    a float32 graph: cast to float32, each weight's entries in order; per-sample gradients to
+    float32 precision, on a fresh trace and on the replay.
+
+    Checked to fail on ``assemble`` 18, 19, 21, 23, 25 (the concatenated weights not cast: float64
+    edges beside float32 factors, or ``None``)."""
+    torch.manual_seed(0)
+    model = Float32Table()
+    _float64_values(model.l1), _float64_values(model.l2, seed=4)
+    ids = torch.tensor([0, 3, 1, 4, 2])
+    targets = torch.randn(5, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    PLAN_CACHE.clear()
+    for _ in range(2):
+        graph = gradgraph.to_graph(model, ids, targets, squared_error)
+        assert graph.act.dtype == torch.float32 and graph.edge_attr.dtype == torch.float32
+        names = list(graph.param_names)
+        for name in ("l1.weight", "l2.weight"):
+            own = graph.edge_param == names.index(name)
+            expected = model.get_parameter(name).detach().to(torch.float32).reshape(-1)
+            assert torch.equal(graph.edge_attr[own, 0], expected), name
+        reference = reference_per_sample_grads(model, ids, targets, squared_error)
+        ours = graph.per_sample_grads()
+        for name, value in reference.items():
+            torch.testing.assert_close(ours[name].to(value.dtype), value, atol=1e-5, rtol=1e-5, msg=name)
