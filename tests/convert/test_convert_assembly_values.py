@@ -503,3 +503,73 @@ def test_tiled_float64_weights_of_a_float32_graph_are_cast_to_its_dtype():
         ours = graph.per_sample_grads()
         for name, value in reference.items():
             torch.testing.assert_close(ours[name].to(value.dtype), value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------ _resolve: batch norm over positions
+class NormedPositions(nn.Module):
+    """``head(flatten(tanh(norm(mix(x)))))`` on ``[b, C, L]``: ``mix`` a 1x1 convolution (channels
+    as neurons, positions as keys), an eval ``BatchNorm1d(C)`` normalizes per channel over them."""
+
+    def __init__(self, channels=3, length=4):
+        super().__init__()
+        self.mix = nn.Conv1d(channels, channels, 1)
+        self.norm = nn.BatchNorm1d(channels, eps=0.25).eval()
+        self.head = nn.Linear(channels * length, 2)
+        generator = torch.Generator().manual_seed(2)
+        self.norm.running_mean.copy_(torch.randn(channels, generator=generator))
+        self.norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.mix(x))).flatten(1))
+
+
+def test_a_batch_norm_over_positions_recomputes_its_normalized_value_per_channel():
+    """The eval batch norm's normalized value (what its scale multiplies) is recomputed from the
+    recorded input with the running statistics broadcast per channel over the positions of a
+    ``[b, C, L]`` value; the per-sample gradients exact, on a fresh trace and on the replay.
+
+    Checked to fail on ``_resolve`` 80, 82 (the statistics' broadcast shape ``[-1, 2]`` or ``[-1]``
+    for a 3-d value: an error, or the channels' statistics spread over the positions)."""
+    torch.manual_seed(0)
+    model = NormedPositions().to(DTYPE)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(5, 3, 4, dtype=DTYPE, generator=generator)
+    targets = torch.randn(5, 2, dtype=DTYPE, generator=generator)
+    PLAN_CACHE.clear()
+    for _ in range(2):
+        assert_exact_per_sample_grads(model, inputs, targets, squared_error)
+
+
+# ------------------------------------------------------------ _tiles, _slots_tile: their docstrings written out
+def test_tiles_only_for_blocks_that_write_the_rows_in_order_from_zero():
+    """``_tiles``: blocks that start where the previous one ended, from row 0, up to ``N``; blocks
+    out of order whose widths sum to ``N``, a gap, a short end or a non-block record do not tile.
+
+    Checked to fail on ``_tiles`` 6 (``block[0] == row`` refused: out-of-order blocks taken as
+    tiling)."""
+    from gradgraph.convert.assembly import _tiles
+    from gradgraph.convert.plan import Record
+
+    def block(first, width):
+        return Record(("input",), (5, width), None, None, (first, width))
+
+    assert _tiles([block(0, 4), block(4, 2)], 6)
+    assert not _tiles([block(4, 2), block(0, 4)], 6)
+    assert not _tiles([block(0, 4), block(5, 2)], 7)
+    assert not _tiles([block(0, 4)], 6)
+    assert not _tiles([block(0, 4), Record(("out", 0, 0), (5, 2), None, torch.arange(10))], 6)
+
+
+def test_slots_tile_only_with_slices_of_rows_and_of_entries_in_order():
+    """``_slots_tile``: weight slots tile the edges when each writes the next slice of rows from a
+    slice of entries; an index of rows or of entries (a gather, in whatever order) does not.
+
+    Checked to fail on ``_slots_tile`` 4 (``and`` for the first ``or``: index entries taken as
+    consecutive ones, index rows read as a slice)."""
+    from gradgraph.convert.assembly import _slots_tile
+    from gradgraph.convert.plan import SlotCopy
+
+    assert _slots_tile([SlotCopy("a", slice(0, 2), slice(0, 2)), SlotCopy("b", slice(2, 5), slice(1, 4))], 5)
+    assert not _slots_tile([SlotCopy("a", slice(0, 2), torch.tensor([1, 0]))], 2)
+    assert not _slots_tile([SlotCopy("a", torch.tensor([0, 1]), slice(0, 2))], 2)
+    assert not _slots_tile([SlotCopy("a", slice(1, 3), slice(0, 2))], 3)
