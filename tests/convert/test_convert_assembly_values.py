@@ -1,5 +1,5 @@
-"""The assembly's own checks and writes (``convert/assembly.py``: ``fill_factors``, ``assemble``,
-``_factor``, ``_assembly_recipe``, ``_bias``, ``_zeros``) against their ground truth.
+"""The assembly's own checks and writes (``convert/assembly.py``: ``fill_factors``, ``assemble``, ``_resolve``,
+``_factor``, ``_tiles``, ``_slots_tile``, ``_bias``) against their ground truth.
 
 Written for the mutation runs of ``assembly.py`` (docs/mutation.md, convert/): the convert tests in
 its list convert models whose every parameter the plan follows, on a fresh trace and a replay, so a
