@@ -215,6 +215,38 @@ def convert_twice(model, shape=(4, 3), seed=0):
     return graphs, inputs, targets
 
 
+def assert_matches_autograd_loop(model: nn.Module, inputs, targets, loss_fn, atol: float = 1e-10):
+    """``to_graph(model, inputs, targets, loss_fn)`` against one autograd pass per datapoint, the model
+    run on it alone (the reference where torch.func cannot run the model: a vmap rule missing, as
+    RReLU's, or ``transformers``' mask code branching on values); every parameter must be in the
+    graph; a sparse gradient (``nn.Embedding(sparse=True)``) is compared dense. Returns the graph."""
+    import gradgraph
+
+    graph = gradgraph.to_graph(model, inputs, targets, loss_fn)
+    per_sample = graph.per_sample_grads()
+    params = dict(model.named_parameters())
+    assert set(per_sample) == set(params), set(per_sample) ^ set(params)
+    for i in range(inputs.shape[0]):
+        loss = loss_fn(model(inputs[i:i + 1]), None if targets is None else targets[i:i + 1]).sum()
+        for (name, param), grad in zip(params.items(), torch.autograd.grad(loss, list(params.values()),
+                                                                          allow_unused=True)):
+            grad = torch.zeros_like(param) if grad is None else grad.to_dense() if grad.is_sparse else grad
+            torch.testing.assert_close(per_sample[name][i], grad, atol=atol, rtol=0, msg=f"{name}, datapoint {i}")
+    return graph
+
+
+class Called(nn.Module):
+    """``call(body, inputs)`` as a module: a ``transformers`` model called as its users call it
+    (``body(input_ids=ids).logits``), with the input tensor as the only argument."""
+
+    def __init__(self, body: nn.Module, call) -> None:
+        super().__init__()
+        self.body, self.call = body, call
+
+    def forward(self, inputs):
+        return self.call(self.body, inputs)
+
+
 def assert_per_sample_grads_match_loop(model: nn.Module, inputs: torch.Tensor, atol: float = 1e-10):
     """``to_graph(model, inputs)`` (output mode) against a per-datapoint autograd loop of the output's
     sum. Unlike :func:`assert_exact_per_sample_grads`, a parameter the graph leaves out (a branch

@@ -16,7 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+from traced_models import (
+    Called,
+    assert_exact_per_sample_grads,
+    assert_group_keeps_function,
+    assert_matches_autograd_loop,
+    assert_per_sample_grads_match_loop,
+)
 
 import gradgraph
 from gradgraph.convert.plan import PLAN_CACHE
@@ -82,27 +88,13 @@ def test_stock_audio_spectrogram_transformer_converts_exactly():
     torch.manual_seed(8)
     body = transformers.ASTForAudioClassification(config).to(DTYPE).eval()
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = body
-
-        def forward(self, spectrogram):
-            return self.body(input_values=spectrogram).logits
-
-    model = Model()
+    model = Called(body, lambda body, spectrogram: body(input_values=spectrogram).logits)
     with torch.no_grad():  # tokens and positions start at zero (see test_convert_models' DeiT test)
         for name, param in model.named_parameters():
             if name.endswith(("cls_token", "distillation_token", "position_embeddings")):
                 param.normal_()
     inputs, targets = torch.randn(3, 16, 8, dtype=DTYPE), torch.randint(0, 3, (3,))
-    graph = gradgraph.to_graph(model, inputs, targets, class_loss)
-    per_sample = graph.per_sample_grads()
-    params = dict(model.named_parameters())
-    for i in range(3):
-        grads = torch.autograd.grad(class_loss(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), list(params.values()))
-        for name, grad in zip(params, grads):
-            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
+    assert_matches_autograd_loop(model, inputs, targets, class_loss)
     moved, _, _ = assert_group_keeps_function(model, inputs, targets, class_loss, seed=2)
     assert moved > 0
 
@@ -114,12 +106,7 @@ def test_an_input_unflattened_to_one_channel_converts_in_output_mode():
     model = nn.Sequential(nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 1))
     model = model.to(DTYPE)
     inputs = torch.randn(3, 6, dtype=DTYPE)
-    graph = gradgraph.to_graph(model, inputs)
-    params = dict(model.named_parameters())
-    for i in range(3):
-        grads = torch.autograd.grad(model(inputs[i:i + 1]).sum(), list(params.values()))
-        for name, grad in zip(params, grads):
-            torch.testing.assert_close(graph.per_sample_grads()[name][i], grad, atol=1e-10, rtol=0, msg=name)
+    assert_per_sample_grads_match_loop(model, inputs)
 
 
 class InputResidual(nn.Module):
@@ -193,22 +180,8 @@ def test_stock_videomae_converts_exactly():
     torch.manual_seed(14)
     body = transformers.VideoMAEForVideoClassification(config).to(DTYPE).eval()
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = body
-
-        def forward(self, video):
-            return self.body(pixel_values=video).logits
-
-    model = Model()
+    model = Called(body, lambda body, video: body(pixel_values=video).logits)
     videos, targets = torch.randn(3, 2, 3, 8, 8, dtype=DTYPE), torch.randint(0, 3, (3,))
-    graph = gradgraph.to_graph(model, videos, targets, class_loss)
-    per_sample = graph.per_sample_grads()
-    params = dict(model.named_parameters())
-    for i in range(3):
-        grads = torch.autograd.grad(class_loss(model(videos[i:i + 1]), targets[i:i + 1]).sum(), list(params.values()))
-        for name, grad in zip(params, grads):
-            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
+    assert_matches_autograd_loop(model, videos, targets, class_loss)
     moved, _, _ = assert_group_keeps_function(model, videos, targets, class_loss, seed=5)
     assert moved > 0

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, token_loss
+from traced_models import (
+    Called,
+    assert_exact_per_sample_grads,
+    assert_group_keeps_function,
+    assert_matches_autograd_loop,
+    token_loss,
+)
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
@@ -145,23 +151,10 @@ def test_stock_qwen3_converts_exactly(monkeypatch):
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = body
-
-        def forward(self, ids):
-            return self.body(input_ids=ids, use_cache=False).logits
-
-    model = Model()
+    model = Called(body, lambda body, ids: body(input_ids=ids, use_cache=False).logits)
     ids, targets = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
-    graph = gradgraph.to_graph(model, ids, targets, token_loss)
-    per_sample = graph.per_sample_grads()
-    for name, param in model.named_parameters():
-        for i in range(3):
-            grad, = torch.autograd.grad(token_loss(model(ids[i:i + 1]), targets[i:i + 1]).sum(), param)
-            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
-    assert any("q_norm" in name for name in per_sample)
+    graph = assert_matches_autograd_loop(model, ids, targets, token_loss)
+    assert any("q_norm" in name for name in graph.per_sample_grads())
     moved, _, _ = assert_group_keeps_function(model, ids, targets, token_loss, seed=1)
     assert moved > 0
 
@@ -213,23 +206,10 @@ def test_stock_phi_with_query_and_key_layer_norms_converts_exactly():
     torch.manual_seed(4)
     body = transformers.PhiForCausalLM(config).to(DTYPE).eval()
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = body
-
-        def forward(self, ids):
-            return self.body(input_ids=ids, use_cache=False).logits
-
-    model = Model()
+    model = Called(body, lambda body, ids: body(input_ids=ids, use_cache=False).logits)
     ids, targets = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
-    graph = gradgraph.to_graph(model, ids, targets, token_loss)
-    per_sample = graph.per_sample_grads()
-    assert any("q_layernorm" in name for name in per_sample)
-    for i in range(3):
-        grads = torch.autograd.grad(token_loss(model(ids[i:i + 1]), targets[i:i + 1]).sum(), list(body.parameters()))
-        for (name, _), grad in zip(model.named_parameters(), grads):
-            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
+    graph = assert_matches_autograd_loop(model, ids, targets, token_loss)
+    assert any("q_layernorm" in name for name in graph.per_sample_grads())
     moved, _, _ = assert_group_keeps_function(model, ids, targets, token_loss, seed=2)
     assert moved > 0
 
@@ -282,23 +262,9 @@ def test_stock_gemma3_with_per_head_norms_written_one_plus_weight_after_the_tran
             if "norm" in name:
                 param.normal_(0, 0.3)
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = body
-
-        def forward(self, ids):
-            return self.body(input_ids=ids, use_cache=False).logits
-
-    model = Model()
+    model = Called(body, lambda body, ids: body(input_ids=ids, use_cache=False).logits)
     ids, targets = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
-    graph = gradgraph.to_graph(model, ids, targets, token_loss)
-    per_sample = graph.per_sample_grads()
-    assert any("q_norm" in name for name in per_sample)
-    params = dict(model.named_parameters())
-    for i in range(3):
-        grads = torch.autograd.grad(token_loss(model(ids[i:i + 1]), targets[i:i + 1]).sum(), list(params.values()))
-        for name, grad in zip(params, grads):
-            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
+    graph = assert_matches_autograd_loop(model, ids, targets, token_loss)
+    assert any("q_norm" in name for name in graph.per_sample_grads())
     moved, _, _ = assert_group_keeps_function(model, ids, targets, token_loss, seed=3)
     assert moved > 0

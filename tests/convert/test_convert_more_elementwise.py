@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_group_keeps_function
+from traced_models import assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
@@ -27,17 +27,8 @@ def class_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def assert_exact_per_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn=class_loss):
-    """Every parameter's per-sample gradient against a per-datapoint autograd loop (torch.func's
-    vmap has no batching rule for RReLU's op), to 1e-10 in float64."""
-    graph = gradgraph.to_graph(model, inputs, targets, loss_fn)
-    ours = graph.per_sample_grads()
-    params = dict(model.named_parameters())
-    assert set(ours) == set(params)
-    for i in range(inputs.shape[0]):
-        grads = torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), list(params.values()))
-        for (name, _), grad in zip(params.items(), grads):
-            torch.testing.assert_close(ours[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
-    return graph
+    """Against a per-datapoint autograd loop (torch.func's vmap has no batching rule for RReLU's op)."""
+    return assert_matches_autograd_loop(model, inputs, targets, loss_fn)
 
 
 class Elementwise(nn.Module):

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_group_keeps_function
+from traced_models import assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph.convert.plan import PLAN_CACHE
@@ -32,15 +32,7 @@ def class_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def assert_exact(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> gradgraph.GradGraph:
-    graph = gradgraph.to_graph(model, inputs, targets, class_loss)
-    per_sample = graph.per_sample_grads()
-    params = dict(model.named_parameters())
-    assert set(per_sample) == set(params)
-    for i in range(inputs.shape[0]):
-        grads = torch.autograd.grad(class_loss(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), list(params.values()))
-        for name, grad in zip(params, grads):
-            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
-    return graph
+    return assert_matches_autograd_loop(model, inputs, targets, class_loss)
 
 
 class FrameCNN(nn.Module):
