@@ -132,6 +132,18 @@ def test_a_statistic_of_each_part_read_by_a_linear_map_is_still_refused():
                            class_loss)
 
 
+def assert_causal_lm_exact_with_a_true_group(body: nn.Module, norm: str, seed: int) -> None:
+    """A stock causal LM (``body(input_ids=ids).logits``) on 3 sequences of 6 ids: exact against a
+    per-datapoint autograd loop, its ``norm`` parameters in the graph, a sampled group element that
+    moves neurons and keeps the function."""
+    model = Called(body, lambda body, ids: body(input_ids=ids, use_cache=False).logits)
+    ids, targets = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
+    graph = assert_matches_autograd_loop(model, ids, targets, token_loss)
+    assert any(norm in name for name in graph.per_sample_grads())
+    moved, _, _ = assert_group_keeps_function(model, ids, targets, token_loss, seed=seed)
+    assert moved > 0
+
+
 def test_stock_qwen3_converts_exactly(monkeypatch):
     transformers = pytest.importorskip("transformers")
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
@@ -151,12 +163,7 @@ def test_stock_qwen3_converts_exactly(monkeypatch):
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
 
-    model = Called(body, lambda body, ids: body(input_ids=ids, use_cache=False).logits)
-    ids, targets = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
-    graph = assert_matches_autograd_loop(model, ids, targets, token_loss)
-    assert any("q_norm" in name for name in graph.per_sample_grads())
-    moved, _, _ = assert_group_keeps_function(model, ids, targets, token_loss, seed=1)
-    assert moved > 0
+    assert_causal_lm_exact_with_a_true_group(body, "q_norm", seed=1)
 
 
 class QKLayerNormAttention(nn.Module):
@@ -206,12 +213,7 @@ def test_stock_phi_with_query_and_key_layer_norms_converts_exactly():
     torch.manual_seed(4)
     body = transformers.PhiForCausalLM(config).to(DTYPE).eval()
 
-    model = Called(body, lambda body, ids: body(input_ids=ids, use_cache=False).logits)
-    ids, targets = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
-    graph = assert_matches_autograd_loop(model, ids, targets, token_loss)
-    assert any("q_layernorm" in name for name in graph.per_sample_grads())
-    moved, _, _ = assert_group_keeps_function(model, ids, targets, token_loss, seed=2)
-    assert moved > 0
+    assert_causal_lm_exact_with_a_true_group(body, "q_layernorm", seed=2)
 
 
 class BroadcastScale(nn.Module):
@@ -262,9 +264,4 @@ def test_stock_gemma3_with_per_head_norms_written_one_plus_weight_after_the_tran
             if "norm" in name:
                 param.normal_(0, 0.3)
 
-    model = Called(body, lambda body, ids: body(input_ids=ids, use_cache=False).logits)
-    ids, targets = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
-    graph = assert_matches_autograd_loop(model, ids, targets, token_loss)
-    assert any("q_norm" in name for name in graph.per_sample_grads())
-    moved, _, _ = assert_group_keeps_function(model, ids, targets, token_loss, seed=3)
-    assert moved > 0
+    assert_causal_lm_exact_with_a_true_group(body, "q_norm", seed=3)
