@@ -403,8 +403,18 @@ def _finish(run: _Pass, objective: Tensor, scan: _Scan) -> GradGraph:
     # a forward that computes part of itself in a coarser dtype (Llama's and Gemma's RMSNorm in float32
     # whatever the model's dtype) rounds at that dtype's precision: the check of the sums allows for it
     coarsest = _coarsest_dtype(run.captured) if run.plan is None else None
-    act, grad, truth = fill_factors(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints,
-                                    run.dtype, device, sums_of=checked)
+    try:
+        act, grad, truth = fill_factors(plan, run.x, run.captured, objective, scan.parameters, run.num_datapoints,
+                                        run.dtype, device, sums_of=checked)
+    except RuntimeError as error:
+        if "use_reentrant=True" not in str(error):
+            raise
+        raise GradGraphError(
+            "to_graph: the forward uses torch.utils.checkpoint(..., use_reentrant=True), whose recomputed activations "
+            "torch.autograd.grad cannot reach; gradgraph differentiates the recorded values so. Use "
+            "use_reentrant=False (exact), or turn checkpointing off for the conversion "
+            "(model.gradient_checkpointing_disable() in transformers)"
+        ) from error
     # the recorded activations are no longer needed: freeing them before the O(P) edge values
     # are allocated lowers the conversion's peak memory (the dict is their only holder)
     run.captured.clear()
