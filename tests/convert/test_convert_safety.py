@@ -512,6 +512,31 @@ def test_a_reparametrised_weight_is_refused_with_the_remedy(kind):
             torch.testing.assert_close(value, reference[name], atol=1e-10, rtol=0, msg=name)
 
 
+def test_a_pruned_weight_is_refused_with_the_remedy_and_the_remedy_gives_the_masked_gradients():
+    """``torch.nn.utils.prune`` (a lottery-ticket zoo's networks): ``weight = weight_orig * weight_mask``
+    computed by a forward pre-hook. Refused before as "arithmetic on parameters inside the forward", without
+    the remedy; now at the module, naming the pruned tensor, the remedy, and how the remedy's gradients
+    relate to ``weight_orig``'s (times the mask), which this test checks against autograd."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(1)
+    model = TwoLayer().to(DTYPE).eval()
+    prune.l1_unstructured(model.head, "weight", amount=0.5)
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=r"'head'.*its weight is pruned.*prune\.remove\("
+                                                               r"module, 'weight'\).*module\.weight_mask"):
+        gradgraph.to_graph(model, inputs, targets, cross_entropy)
+    truth = []
+    for i in range(inputs.shape[0]):  # weight_orig's gradients, while the model is pruned
+        loss = cross_entropy(model(inputs[i:i + 1]), targets[i:i + 1]).sum()
+        truth.append(torch.autograd.grad(loss, model.head.weight_orig)[0])
+    mask = model.head.weight_mask.clone()
+    prune.remove(model.head, "weight")
+    per_sample = gradgraph.to_graph(model, inputs, targets, cross_entropy).per_sample_grads()
+    for i, grad in enumerate(truth):
+        torch.testing.assert_close(per_sample["head.weight"][i] * mask, grad, atol=1e-10, rtol=0)
+
+
 def test_the_coupling_error_is_exported_at_the_top_level():
     """``from gradgraph import DatapointCouplingError`` is the class the converter raises (a user
     catches it without knowing it lives in ``gradgraph.errors``)."""

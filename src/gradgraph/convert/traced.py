@@ -355,9 +355,20 @@ def _check_no_reparametrisation(model: nn.Module) -> None:
     ``spectral_norm``), with the remedy. The graph's edges hold a layer's effective weight; the
     gradient the user owns is that of ``g`` and ``v`` (or of the unnormalised weight), which is not
     a rank-1 term of the graph. Checked before a trace only (a refused model never has a plan)."""
-    from torch.nn.utils import parametrize
+    from torch.nn.utils import parametrize, prune
 
     for path, module in model.named_modules():
+        pruned = [hook._tensor_name for hook in module._forward_pre_hooks.values()
+                  if isinstance(hook, prune.BasePruningMethod)]
+        if pruned:
+            raise UnsupportedModuleError(
+                path, type(module).__name__,
+                f"its {', '.join(pruned)} is pruned (torch.nn.utils.prune: {pruned[0]} = {pruned[0]}_orig * "
+                f"{pruned[0]}_mask, computed from the parameter you own), so the gradient of {pruned[0]}_orig is the "
+                "graph's edge gradient times the mask, not a rank-1 term of the graph. Convert the model with the "
+                f"pruning made permanent (torch.nn.utils.prune.remove(module, '{pruned[0]}'): {pruned[0]} becomes a "
+                f"plain parameter holding the pruned values); the per-sample gradients of {pruned[0]}_orig are those "
+                f"of {pruned[0]} times the mask (keep module.{pruned[0]}_mask before removing it)")
         names = []
         if parametrize.is_parametrized(module):
             names = [f"{name} ({', '.join(type(p).__name__.lstrip('_') for p in module.parametrizations[name])})"
