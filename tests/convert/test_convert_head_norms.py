@@ -167,7 +167,7 @@ def test_stock_qwen3_converts_exactly(monkeypatch):
 
 
 class QKLayerNormAttention(nn.Module):
-    """Phi's and Persimmon's form: ``nn.LayerNorm(head_dim)`` of the queries and keys after
+    """Phi's form: ``nn.LayerNorm(head_dim)`` of the queries and keys after
     ``transpose(1, 2)`` (``[b, heads, T, d]``: the heads and the features are not adjacent axes)."""
 
     def __init__(self, width: int = 12, heads: int = 3, bias: bool = True) -> None:

@@ -14,11 +14,11 @@ from gradgraph.convert.trace.meta import (
     broadcast_ids, channel_row, feature_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last,
     UnsupportedOperationError, varies_along,
 )
-from gradgraph.convert.trace.rules_graph import rank_within
 from gradgraph.convert.trace.ops import (
     BINARY_ADD, BINARY_OTHER, LAYER_NORM, LOST_TRACK, PARAMETER_REFUSED, POOLS, WHERE,
 )
 from gradgraph.convert.trace.rules_data import Data
+from gradgraph.convert.trace.rules_graph import rank_within
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 
@@ -579,7 +579,7 @@ class ElementwiseRules:
             raise self.unsupported(name, f"normalized_shape {tuple(normalized_shape)}; gradgraph supports norms over "
                                    "the last axis")
         neuron_axes = [axis for axis in range(x.dim()) if varies_along(meta.nodes, axis)]
-        # a norm of each head's features (Phi's and Persimmon's LayerNorm of q.view(b, T, heads, d)): one
+        # a norm of each head's features (Phi's LayerNorm of q.view(b, T, heads, d).transpose(1, 2)): one
         # statistic per head, the weight [d] shared by the heads
         per_part = len(neuron_axes) >= 2 and neuron_axes[-1] == x.dim() - 1 and meta.comps is not None
         if not per_part and (neuron_axes not in ([x.dim() - 1], []) or meta.comps is None):
