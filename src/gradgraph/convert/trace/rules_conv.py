@@ -28,7 +28,7 @@ from gradgraph.convert.trace.meta import (
     broadcast_ids, channel_row, KEY_STRIDE, Neurons, Raw, rows_along_last, varies_along,
 )
 from gradgraph.convert.trace.ops import LOST_TRACK
-from gradgraph.convert.trace.rules_graph import rank_within
+from gradgraph.convert.trace.rules_graph import rank_among_rows, rank_within
 from gradgraph.graph import EdgeKind, NodeKind
 
 __all__ = ["ConvRules", "InputReadAgain", "gather_taps", "convolution_parts", "padding_parts", "PIXEL_SHUFFLES",
@@ -229,14 +229,14 @@ class ConvRules:
             and tuple(shape[len(shape) - x.dim() + 1:]) == tuple(x.shape[1:])
         # the whole input with its axes after the datapoints' permuted ([b, T, C, H, W] -> [b, C, T, H, W], a
         # video's 3-D convolution): x's axis 1 holds the channels, as for a merged input
-        merged = merged or (len(shape) == x.dim() and tuple(x.shape) != tuple(shape) and x.numel() == math.prod(shape)
-                            and x.shape[0] == shape[0])
+        permuted = len(shape) == x.dim() and tuple(x.shape) != tuple(shape) and x.numel() == math.prod(shape) \
+            and x.shape[0] == shape[0]
         if any(varies_along(datapoint, axis) for axis in range(1, x.dim())) or self.datapoint_dim != 0 \
                 or (len(shape) != x.dim() and not unsqueezed and not merged):
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
         if unsqueezed:
             channels, channel, position = 1, torch.zeros_like(element), within
-        elif merged:
+        elif merged or permuted:
             inner = math.prod(x.shape[2:])
             channels = x.shape[1]
             channel = broadcast_ids(torch.arange(channels).reshape(1, -1, *[1] * (x.dim() - 2)), x.shape)
@@ -266,8 +266,7 @@ class ConvRules:
         # rows of one datapoint on axis 0 (a video's frames as [b * T, C, H, W]): each row's grid gets keys of
         # its own, after those of the datapoint's rows before it
         rows = datapoint.reshape(-1)
-        rank = rank_within(rows) if rows.numel() and torch.unique(rows).numel() < rows.numel() \
-            else torch.zeros_like(rows)
+        rank = rank_among_rows(rows)
         needed = count * (int(rank.max()) + 1 if rank.numel() else 1)
         while len(self.keys) < needed:
             self.new_key()

@@ -18,7 +18,7 @@ from gradgraph.convert.trace.ops import (
     BINARY_ADD, BINARY_OTHER, LAYER_NORM, LOST_TRACK, PARAMETER_REFUSED, POOLS, WHERE,
 )
 from gradgraph.convert.trace.rules_data import Data
-from gradgraph.convert.trace.rules_graph import rank_within
+from gradgraph.convert.trace.rules_graph import rank_among_rows
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 
@@ -495,17 +495,12 @@ class ElementwiseRules:
             self.observe(x, meta)
             # one pooled set per set the row holds (a pooled cat of group outputs: rules_conv.tied_copy)
             pooled_ids, created = self.tied_copy(rows[0].clone(), f"{self.path()} {name}", "pool")
-            pooled_datapoints = collapse(datapoint)
+            pooled_datapoints = collapse(datapoint)  # the output's shape: at least one axis (checked above)
             # several pooled rows of one datapoint (tokens pooled in pairs, a video's frames each pooled over
             # its positions): a key per row of the datapoint, so no neuron holds two values at one component
-            row_datapoints = pooled_datapoints.reshape(-1, pooled_datapoints.shape[-1])[:, 0] \
-                if pooled_datapoints.dim() else pooled_datapoints.reshape(1)
-            rank = rank_within(row_datapoints) if torch.unique(row_datapoints).numel() < row_datapoints.numel() \
-                else torch.zeros_like(row_datapoints)
-            keys = torch.tensor(self.new_key(int(rank.max()) + 1))
-            comps = pooled_datapoints * KEY_STRIDE + keys[rank].reshape(
-                *pooled_datapoints.shape[:-1], 1) if pooled_datapoints.dim() else (
-                pooled_datapoints * KEY_STRIDE + keys[0])
+            rank = rank_among_rows(rows_along_last(pooled_datapoints)[:, 0])
+            keys = torch.tensor(self.new_key(int(rank.max()) + 1 if rank.numel() else 1))
+            comps = pooled_datapoints * KEY_STRIDE + keys[rank].reshape(*pooled_datapoints.shape[:-1], 1)
             nodes = broadcast_ids(pooled_ids, output.shape).clone()
             new = Neurons(nodes, broadcast_ids(comps, output.shape).clone(), {pooled.index: 0 for pooled in created})
             created[0].grad_records.append((output, nodes, new.comps))
@@ -523,10 +518,7 @@ class ElementwiseRules:
             if axis not in kept and axis not in reduced:
                 nodes = nodes.narrow(axis, 0, 1)
         order = [axis for axis in range(nodes.dim()) if axis not in kept and axis not in reduced] + kept + reduced
-        width = 1
-        for axis in reduced:
-            width *= nodes.shape[axis]
-        parts = nodes.permute(*order).reshape(-1, width)
+        parts = nodes.permute(*order).reshape(-1, math.prod(nodes.shape[axis] for axis in reduced))
         for part in torch.unique(parts, dim=0):
             part = part[part >= 0]
             for index in meta.versions:
@@ -581,7 +573,8 @@ class ElementwiseRules:
         neuron_axes = [axis for axis in range(x.dim()) if varies_along(meta.nodes, axis)]
         # a norm of each head's features (Phi's LayerNorm of q.view(b, T, heads, d).transpose(1, 2)): one
         # statistic per head, the weight [d] shared by the heads
-        per_part = len(neuron_axes) >= 2 and neuron_axes[-1] == x.dim() - 1 and meta.comps is not None
+        layout = _neuron_axes_last(broadcast_ids(meta.nodes, x.shape)) if meta.comps is not None else None
+        per_part = layout is not None
         if not per_part and (neuron_axes not in ([x.dim() - 1], []) or meta.comps is None):
             raise self.unsupported(name, "a norm whose last axis is not the features of its input")
         with torch.no_grad():
@@ -602,21 +595,15 @@ class ElementwiseRules:
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
         if per_part:
             self.separate_parts(meta, neuron_axes[:-1], neuron_axes[-1:])
-            order = [axis for axis in range(x.dim()) if axis not in neuron_axes] + neuron_axes
-            part_shape = [x.shape[axis] for axis in neuron_axes]
-            rows = broadcast_ids(normalised_meta.nodes, x.shape).permute(*order).reshape(-1, math.prod(part_shape))
-            if not bool((rows == rows[:1]).all()) or bool((rows[0] < 0).any()):
+            sources = feature_row(_rows(broadcast_ids(normalised_meta.nodes, x.shape), layout))
+            if sources is None:
                 raise self.unsupported(name, "a norm of each head's features whose heads hold other neurons at "
                                        "other positions")
-            sources = rows[0].clone()
-
-            def position_row(pos: Tensor) -> Tensor:  # the weight's entry of every source: [d] over the heads
-                return broadcast_ids(pos, part_shape).reshape(-1).clone()
         else:
             sources = rows_along_last(normalised_meta.nodes)[0].clone()
 
-            def position_row(pos: Tensor) -> Tensor:
-                return pos.reshape(-1).clone()
+        def position_row(pos: Tensor) -> Tensor:  # the weight's entry of every source ([d] over the heads)
+            return _rows(broadcast_ids(pos, x.shape), layout)[0].clone()
         # one norm set per source set the features lie in (a norm of cat([h1, h2])): the statistic is
         # symmetric in all its features, so each part still permutes on its own, with its source
         targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, self.path() or name, "norm")

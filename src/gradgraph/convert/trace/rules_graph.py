@@ -36,7 +36,7 @@ from torch import Tensor
 
 from gradgraph.convert.trace.meta import broadcast_ids, feature_row, KEY_STRIDE, Neurons, Param, varies_along
 
-__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE", "rank_within"]
+__all__ = ["GraphRules", "GATHERS", "SCATTERS", "SCATTERS_IN_PLACE", "rank_among_rows", "rank_within"]
 
 #: ``index_select(x, dim, index)``: rows of a position axis, read at data indices
 GATHERS = {"Tensor.index_select", "torch.index_select"}
@@ -70,6 +70,15 @@ def rank_within(groups: Tensor) -> Tensor:
     rank = torch.empty_like(groups)
     rank[order] = torch.arange(groups.numel()) - starts[groups[order]]
     return rank
+
+
+def rank_among_rows(datapoints: Tensor) -> Tensor:
+    """:func:`rank_within` of the rows' datapoints where some datapoint has several rows (a video's frames
+    as ``[b * T, ...]``, tokens pooled in pairs); zeros where each has one (ids a layout left at ``-1``
+    included, which ``rank_within`` does not take)."""
+    if torch.unique(datapoints).numel() < datapoints.numel():
+        return rank_within(datapoints)
+    return torch.zeros_like(datapoints)
 
 
 class GraphRules:
@@ -306,10 +315,9 @@ class GraphRules:
             rows = index if one_dimensional else index.reshape(src.shape[0], -1)[:, 0]
             self.add_guard(self.op_index, index, values=index.detach().cpu().clone())
             sources = comps.reshape(src.shape[0], -1)[:, 0] // KEY_STRIDE
-            if reduce in _GLOBAL_ORDER_POOLS and not (
+            if reduce in _GLOBAL_ORDER_POOLS and not (  # index == each row's datapoint, one result row per datapoint
                     torch.equal(rows.detach().cpu().long(), sources)
-                    and output.shape[0] == int(sources.max()) + 1 and torch.equal(sources.unique(),
-                                                                                   torch.arange(output.shape[0]))):
+                    and torch.equal(sources.unique(), torch.arange(output.shape[0]))):
                 raise self.unsupported(name, f"reduce='{reduce}' other than over all the rows of each datapoint (a "
                                        f"global max / min pool by the batch vector): {_NONLINEAR_HINT}")
             datapoints = self._scatter_rows(name, sources, rows.detach().cpu().long(), output.shape[0])
