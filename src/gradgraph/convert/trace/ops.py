@@ -133,6 +133,9 @@ REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsu
 )
 JOINS = _names(torch.cat, torch.stack) | {"torch.concatenate", "torch.concat"}
 CONCATENATIONS = _names(torch.cat) | {"torch.concatenate", "torch.concat"}
+#: what to do instead of joining the model's input with a constant inside ``forward``
+JOINED_INPUT_REMEDY = ("join them before calling the model (pass the input with the token prepended or the features "
+                       "padded)")
 POOLS = _method("sum", "mean") | _names(torch.sum, torch.mean)
 SOFTMAX = _names(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax) | _method("softmax", "log_softmax")
 MASK_FILL = _method("masked_fill") | _names(torch.masked_fill)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from gradgraph.convert.trace.meta import broadcast_ids, Raw, varies_along
-from gradgraph.convert.trace.ops import IDENTITY_OPS, SHAPE_OPS
+from gradgraph.convert.trace.ops import IDENTITY_OPS, JOINED_INPUT_REMEDY, SHAPE_OPS
 
 #: ops with a ``dim`` that combine the elements along it (the first argument's axis)
 _ALONG_AXIS = {f"{prefix}.{name}" for prefix in ("Tensor", "torch") for name in (
@@ -62,6 +62,8 @@ class DataRules:
         outputs = [value for value in tree_flatten(output)[0] if isinstance(value, Tensor)]
         indexed_by_data = name == "Tensor.__getitem__" and any(value is not args[0] for value, _ in tracked)
         if (name in SHAPE_OPS or name in IDENTITY_OPS or name == "Tensor.__getitem__") and not indexed_by_data:
+            self.check_joined_constants(name, args, kwargs, "the model's input (or data made from it)",
+                                        JOINED_INPUT_REMEDY)
             raw = all(isinstance(meta, Raw) for meta in metas)
             if raw and all(not value.is_floating_point() for value in outputs):
                 return self.replay(func, args, kwargs, output, Raw, self._element, data=True)

@@ -28,7 +28,7 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import (
     ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER,
     CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT,
-    IN_PLACE_OPERATORS, JOINS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA,
+    IN_PLACE_OPERATORS, JOINED_INPUT_REMEDY, JOINS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA,
     SHAPE_OPS, SOFTMAX, UNARY, WHERE,
 )
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
@@ -512,9 +512,13 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         metas = [meta for _, meta in tracked]
         kinds = {type(meta) for meta in metas}
         if kinds == {Param}:
+            self.check_joined_constants(name, args, kwargs, f"the parameter '{self.param_names[metas[0].index]}'",
+                                        "make it a parameter of the joined shape (the constant's entries then "
+                                        "get gradients you can ignore), or join the results of the ops instead")
             return self.replay(func, args, kwargs, output, lambda pos: Param(metas[0].index, pos),
                                lambda meta: meta.pos)
         if kinds == {Raw}:
+            self.check_joined_constants(name, args, kwargs, "the model's input", JOINED_INPUT_REMEDY)
             return self.replay(func, args, kwargs, output, Raw, lambda meta: meta.element)
         if Param in kinds or Raw in kinds:
             # a class token concatenated to tokens, or a raw input joined to neurons
@@ -555,6 +559,18 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 meta = Neurons(node_ids, comp_ids, dict(versions), index_ids)
                 self.set_meta(value, meta)
                 self.observe(value, meta)
+
+    def check_joined_constants(self, name: str, args: tuple, kwargs: dict, what: str, remedy: str) -> None:
+        """Refuse ``cat`` / ``stack`` of ``what`` (the input's elements or a parameter's positions, which
+        the trace follows by replaying the op on their ids) with a constant tensor: the replay would
+        read the constant's values as ids (a prepended token id 7 as the input's element 7)."""
+        if name not in JOINS:
+            return
+        parts = args[0] if args else kwargs.get("tensors", ())
+        constants = [part for part in parts if isinstance(part, Tensor) and self.meta(part) is None and part.numel()]
+        if constants:
+            raise self.unsupported(name, f"joins {what} with a constant of shape {list(constants[0].shape)}, whose "
+                                   f"entries belong to no datapoint and no parameter; {remedy}")
 
     def join_versions(self, name: str, metas: list, mixed: set[int]) -> dict[int, int]:
         """A new version of sets joined from parts at different versions (``rotate_half``:
