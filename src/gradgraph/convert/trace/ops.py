@@ -25,11 +25,13 @@ def op_name(func: Any) -> str:
         return _OP_NAMES[func]
     except KeyError:
         name = _name_of(func)
+        name = _ALIASES.get(name, name)
         if len(_OP_NAMES) < 4096:  # bounded: callables made afresh per call would only fill it
             _OP_NAMES[func] = name
         return name
     except TypeError:  # unhashable
-        return _name_of(func)
+        name = _name_of(func)
+        return _ALIASES.get(name, name)
 
 
 def _name_of(func: Any) -> str:
@@ -50,6 +52,28 @@ def _name_of(func: Any) -> str:
     if module.startswith("torch._C._fft") or module == "torch.fft":
         return f"torch.fft.{name.removeprefix('fft_')}"
     return f"torch.{name}" if module.startswith("torch") or not module else f"{module}.{name}"
+
+
+#: torch's aliases, named as the function they alias so every rule and fingerprint reads them as one
+#: (``torch.multiply`` is ``torch.mul``; ConvBERT's attention calls it); their in-place forms too
+_ALIASES: dict[str, str] = {
+    f"{owner}.{alias}{suffix}": f"{owner}.{name}{suffix}"
+    for owner in ("torch", "Tensor") for suffix in ("", "_")
+    for alias, name in (("multiply", "mul"), ("subtract", "sub"), ("divide", "div"), ("true_divide", "div"),
+                        ("negative", "neg"), ("absolute", "abs"), ("clip", "clamp"), ("arctan", "atan"),
+                        ("arcsinh", "asinh"), ("concat", "cat"), ("concatenate", "cat"))
+}
+
+
+def numpy_keywords(name: str, kwargs: dict) -> dict:
+    """``kwargs`` with NumPy's keyword names as torch's own: ``axis`` -> ``dim``, ``keepdims`` ->
+    ``keepdim``. torch's functions accept both; the rules read ``dim`` (ImageGPT's layer norm calls
+    ``torch.mean(..., axis=-1)``, I-BERT's ``x.mean(axis=2)``). Python functions (``torch.nn.functional``)
+    are left as called: they take no such alias."""
+    if ("axis" in kwargs or "keepdims" in kwargs) and not name.startswith("torch.nn."):
+        renamed = {"axis": "dim", "keepdims": "keepdim"}
+        return {renamed.get(key, key): value for key, value in kwargs.items()}
+    return kwargs
 
 
 def _names(*functions: Any) -> set[str]:

@@ -19,7 +19,7 @@ from gradgraph.convert.trace.meta import (
     CheckedOpLog, PlanMismatch, TraceAbort, ValueGuard, flat_arguments,
     GRADGRAPH_DIR, Neurons, Opaque, OpLog, TORCH_DIR, UnsupportedOperationError,
 )
-from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, op_name
+from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, numpy_keywords, op_name
 from gradgraph.convert.trace.result import TraceResult
 from gradgraph.convert.trace.recurrent import FoldMismatch, fold_listener, folding_time
 from gradgraph.convert.trace.rules_conv import InputReadAgain
@@ -329,6 +329,7 @@ class _Replayer(TorchFunctionMode):
                 with self:  # as the trace ran it: the same ops, numbered the same
                     return parts()
         name = op_name(func)
+        kwargs = numpy_keywords(name, kwargs)  # as the trace read them
         if self.stale.stale and self.stale.read(name, args, kwargs) is not None:
             raise PlanMismatch(self.log.count)  # the trace refuses it, by name
         in_place = out_of_place_call(func, name, args, kwargs) if name in IN_PLACE_CANDIDATES else None

@@ -28,8 +28,8 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import (
     ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER,
     CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT,
-    IN_PLACE_OPERATORS, JOINED_INPUT_REMEDY, JOINS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA,
-    SHAPE_OPS, SOFTMAX, UNARY, WHERE,
+    IN_PLACE_OPERATORS, JOINED_INPUT_REMEDY, JOINS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL, numpy_keywords, op_name,
+    REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
 )
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.rules_affine import AffineRules
@@ -305,6 +305,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             with self:  # the parts run under the trace: its rules follow them
                 return parts()
         name = op_name(func)
+        kwargs = numpy_keywords(name, kwargs)
         try:
             stale = self.stale.read(name, args, kwargs)
             if stale is not None:
