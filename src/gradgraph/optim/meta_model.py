@@ -81,10 +81,13 @@ class MetaModelConfig:
         mlp_hidden: width of ``F``'s hidden layers; ``mlp_layers`` of them (paper: 3 × 32).
         gradmetanet: GradMetaNet's sizes (small by default, for CPU speed); a dict is
             read as one (as a checkpoint stores it).
-        max_components: GradMetaNet reads the factors of at most this many datapoints of
-            the batch (the first ones; batches are drawn at random, so they are a random
-            subset). Its cost grows linearly with them; ``None`` (the default) reads all,
-            as the paper (128). The files shipped before issue 29 store 32.
+        max_components: GradMetaNet reads the factors of at most this many components of
+            the batch, the first ones in the graph's order, which runs datapoint by datapoint:
+            for an MLP (one component per datapoint) the first datapoints, a random subset as
+            batches are drawn at random; for a transformer or a CNN (one component per token or
+            position) every component of the first datapoints. Its cost grows linearly with
+            them; ``None`` (the default) reads all, as the paper (128 datapoints of an MLP). The
+            files shipped before issue 29 store 32.
         residual_adam: ``F = Adam's direction + MLP`` (module docstring); ``False``: ``F = MLP``.
         alpha, beta, mu: initial values of the meta-learned scalars.
         learned_term: ``False`` gives the SGDM variant: no ``F``, ``β = 0`` fixed (a buffer,
