@@ -675,6 +675,19 @@ squeezebert_case = _encoder_classifier("SqueezeBertConfig", "SqueezeBertForSeque
                                        intermediate_groups=2, output_groups=2)
 
 
+# layer norms written with NumPy's keyword, torch.mean(x, axis=-1) (ImageGPT) and x.mean(axis=2) (I-BERT)
+ibert_case = _encoder_classifier("IBertConfig", "IBertForSequenceClassification")
+
+
+def imagegpt_case(transformers, attention):
+    config = transformers.ImageGPTConfig(vocab_size=21, n_positions=16, n_embd=8, n_layer=2, n_head=2,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = attention
+    model = Wrapped(transformers.ImageGPTForCausalImageModeling(config),
+                    lambda model, ids: model(input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits)
+    return model, padded_ids(1), token_loss, 80
+
+
 def albert_case(transformers, attention):
     # one layer's parameters shared by both layers, a factorised embedding (4 -> 8)
     config = _encoder_config(transformers, transformers.AlbertConfig, attention, embedding_size=4)
@@ -707,6 +720,8 @@ TRANSFORMERS = {
     "modernbert_local_and_global": (modernbert_case, "eager"),
     "squeezebert_grouped_conv1d": (squeezebert_case, "eager"),
     "xlm_roberta_mean_pooled": (xlm_roberta_case, "sdpa"),
+    "ibert_layer_norm_by_axis": (ibert_case, "eager"),
+    "imagegpt_layer_norm_by_axis": (imagegpt_case, "eager"),
 }
 
 
