@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
@@ -59,6 +60,8 @@ def plain_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     seen: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> bool:
+        if isinstance(module, torch.jit.ScriptModule):  # TorchScript: no Python forward to call (refused later)
+            return False
         if type(module).forward is not nn.Sequential.forward or "forward" in vars(module) or _has_hooks(module):
             return False
         for name, child in module._modules.items():

@@ -67,6 +67,7 @@ def to_graph_traced(
         A :class:`~gradgraph.GradGraph` with ``B = b * K`` components.
     """
     scan = _Scan.of(model, "to_graph")
+    _check_no_autocast("to_graph")
     datapoint_dim = _check_inputs(model, inputs, datapoint_dim, scan)
     datapoints = _check_datapoints(inputs, datapoints, datapoint_dim)
     kwargs = dict(forward_kwargs or {})
@@ -122,6 +123,7 @@ def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs, rest, kwargs = closure_inputs(model, bool(runs), args, kwargs)
+        _check_no_autocast("convert_closure")
         dim = _check_inputs(model, inputs, datapoint_dim, scan)
         rows = _check_datapoints(inputs, datapoints, dim)
         del model.forward  # the model's own forward (or the trace's stand-in for it) runs inside
@@ -343,6 +345,7 @@ def _forward_pass_tracked(model: nn.Module, inputs: Tensor, forward: Callable[[T
     if chain is not None:
         _check_chain_inputs(chain, inputs)
     _check_no_reparametrisation(model)
+    _check_not_scripted(model)
     trace = trace_model(model, inputs, forward, datapoint_dim, datapoints, fold_time)
     if not trace.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
@@ -384,6 +387,33 @@ def _check_no_reparametrisation(model: nn.Module) -> None:
                 "Convert a copy whose weights are the effective ones: m = copy.deepcopy(model); "
                 "torch.nn.utils.parametrize.remove_parametrizations(module_of_m, 'weight') (or "
                 "torch.nn.utils.remove_weight_norm / remove_spectral_norm for the hook-based versions)")
+
+
+def _check_no_autocast(caller: str) -> None:
+    """Refuse a conversion under ``torch.autocast``: the forward would compute in float16 / bfloat16,
+    whose rounding the summed-gradient check cannot tell from a missing gradient path (it refused
+    with a misleading "an op whose rule reads it as a constant"), and the factors would carry it."""
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            raise GradGraphError(
+                f"{caller} was called under torch.autocast('{device}', dtype={dtype}): the forward would compute in "
+                f"{dtype}, whose rounding (eps {torch.finfo(dtype).eps:.1e}) the factors would carry and gradgraph's check "
+                f"of the summed gradient cannot tell from a missing gradient path. Convert outside autocast: wrap the "
+                f"call in torch.autocast('{device}', enabled=False) (the graph is then the full-precision model's)")
+
+
+def _check_not_scripted(model: nn.Module) -> None:
+    """Refuse a TorchScript module (``torch.jit.script`` / ``torch.jit.trace``), the model or a part of it,
+    by name: its forward runs in the TorchScript interpreter, whose ops no ``TorchFunctionMode`` sees, so
+    the trace would find its parameters used by no op it followed. Checked before a trace only."""
+    for path, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            raise UnsupportedModuleError(
+                path, type(module).__name__,
+                "it is a TorchScript module (torch.jit.script / torch.jit.trace), whose forward runs in the TorchScript "
+                "interpreter, where gradgraph cannot follow its ops. Convert the Python module it was made from "
+                "(the per-sample gradients are the same; keep a reference to it before scripting)")
 
 
 def _check_chain_inputs(chain: list[tuple[str, nn.Module]], inputs: Tensor) -> None:
