@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import rnn as rnn_utils
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -54,6 +55,29 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
 #: ops whose values are their first argument's, shaped (or typed) like their second
 _SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
 
+
+
+#: torch's packed-sequence functions: a refusal met inside one is about the packing
+_PACKING = {function.__code__: name for name, function in vars(rnn_utils).items()
+            if name in ("pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "unpack_sequence",
+                        "unpad_sequence") and callable(function)}
+
+
+def _in_packing(reason: str) -> str:
+    """``reason``, or what to do instead where the op runs inside ``torch.nn.utils.rnn``'s packing: its
+    reorder of the batch by length and the ``PackedSequence`` that interleaves the datapoints' steps are
+    what gradgraph cannot follow, not the op the trace stopped at."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = _PACKING.get(frame.f_code)
+        if name is not None:
+            return (f"inside torch.nn.utils.rnn.{name}: packed sequences are not supported (a PackedSequence "
+                    "interleaves the datapoints' steps by length, and gradgraph follows a batch axis of datapoints). "
+                    "Pass the padded batch to the RNN and read each sequence's last step as "
+                    "output[torch.arange(b), lengths - 1] (for a unidirectional RNN the same values as the packed "
+                    f"run's; {reason})")
+        frame = frame.f_back
+    return reason
 
 class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, FoldRules,
              TorchFunctionMode):
@@ -166,7 +190,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         return "<unknown location>"
 
     def unsupported(self, op: str, reason: str) -> UnsupportedOperationError:
-        return UnsupportedOperationError(self.path(), op, self.location(), reason,
+        return UnsupportedOperationError(self.path(), op, self.location(), _in_packing(reason),
                                          self.module_types[-1] if self.module_types else None)
 
     def input_neurons(self, width: int, op: str, reading: str) -> NeuronSet:
@@ -471,7 +495,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
                 sets.update(meta.key.versions)
         for index in sets:
             self.sets[index].pinned = True
-        opaque = Opaque(op, location or self.location(), self.path() if path is None else path, reason, sets)
+        opaque = Opaque(op, location or self.location(), self.path() if path is None else path, _in_packing(reason),
+                        sets)
         for value in tree_flatten(output)[0]:
             if isinstance(value, Tensor):
                 self.set_meta(value, opaque)
