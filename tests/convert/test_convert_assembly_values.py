@@ -106,33 +106,29 @@ def test_a_parameter_the_forward_never_reads_is_left_out_and_the_rest_is_exact()
         assert torch.equal(reference["unused"], torch.zeros(5, 3, dtype=DTYPE))
 
 
-class Gain(nn.Module):
-    """``tanh(x) * gain`` with a learned scalar ``gain``: registered elementwise, so the tracer sees
-    one op and never the parameter."""
-
+class Holder(nn.Module):
     def __init__(self):
         super().__init__()
-        self.gain = nn.Parameter(torch.tensor(1.5))
-
-    def forward(self, x):
-        return torch.tanh(x) * self.gain
+        self.offset = nn.Parameter(torch.full((4,), 0.3))
 
 
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.act = Gain()
+        self.inner = Holder()
 
 
-class NestedGain(nn.Module):
-    """``l2(block.act(l1(x)))``: the unfollowed parameter is ``block.act.gain`` (two dots)."""
+class NestedOffset(nn.Module):
+    """``l2(shift(l1(x), block.inner.offset))``: the unfollowed parameter is ``block.inner.offset`` (two dots).
+    (A registered module that owns a trainable parameter is refused before the trace, by
+    ``traced._check_registered_elementwise``; a parameter passed to one reaches this check.)"""
 
     def __init__(self):
         super().__init__()
-        self.l1, self.block, self.l2 = nn.Linear(3, 4), Block(), nn.Linear(4, 2)
+        self.l1, self.block, self.shift, self.l2 = nn.Linear(3, 4), Block(), Shift(), nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.l2(self.block.act(self.l1(x)))
+        return self.l2(self.shift(self.l1(x), self.block.inner.offset))
 
 
 class Shift(nn.Module):
@@ -160,7 +156,8 @@ _UNFOLLOWED = ("affects the loss through ops gradgraph did not follow (a custom 
 
 
 @pytest.mark.parametrize("model_type, module_type, message", [
-    (NestedGain, Gain, "in the forward (module 'block.act'): parameter use: the parameter 'block.act.gain' "),
+    (NestedOffset, Shift, "in the forward (module 'block.inner'): parameter use: the parameter "
+                          "'block.inner.offset' "),
     (TopLevelOffset, Shift, "in the forward: parameter use: the parameter 'offset' "),
 ], ids=["nested", "top-level"])
 def test_a_parameter_that_reaches_the_loss_through_ops_no_rule_followed_is_refused_by_name(

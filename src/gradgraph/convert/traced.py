@@ -24,6 +24,7 @@ from gradgraph.convert.layout import make_plan
 from gradgraph.convert.assembly import assemble, fill_factors
 from gradgraph.convert.plan import PLAN_CACHE, PlanCache, TracePlan, parameter_signature, plan_key
 from gradgraph.convert.trace import PlanMismatch, TraceResult, UnsupportedOperationError, replay_model, trace_model
+from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import GradGraph
 
@@ -346,6 +347,7 @@ def _forward_pass_tracked(model: nn.Module, inputs: Tensor, forward: Callable[[T
         _check_chain_inputs(chain, inputs)
     _check_no_reparametrisation(model)
     _check_not_scripted(model)
+    _check_registered_elementwise(model, scan)
     trace = trace_model(model, inputs, forward, datapoint_dim, datapoints, fold_time)
     if not trace.params:
         raise GradGraphError(f"{type(model).__name__}: the forward used no parameter of the model")
@@ -387,6 +389,30 @@ def _check_no_reparametrisation(model: nn.Module) -> None:
                 "Convert a copy whose weights are the effective ones: m = copy.deepcopy(model); "
                 "torch.nn.utils.parametrize.remove_parametrizations(module_of_m, 'weight') (or "
                 "torch.nn.utils.remove_weight_norm / remove_spectral_norm for the hook-based versions)")
+
+
+def _check_registered_elementwise(model: nn.Module, scan: _Scan) -> None:
+    """Refuse a module registered with :func:`~gradgraph.convert.register_elementwise` that has trainable
+    parameters, by its path: it runs as one elementwise op without parameters (its forward is not traced),
+    so their gradients would be missing. The fill's check caught them, advising to register the module
+    that already was. Checked before a trace only; ``scan`` holds which parameters were trainable before
+    the pass made the frozen ones require grad."""
+    if not ELEMENTWISE_MODULES:
+        return
+    registered = tuple(ELEMENTWISE_MODULES)
+    trainable = {name for name, _, _, _, requires_grad in scan.signature if requires_grad}
+    for path, module in model.named_modules():
+        if isinstance(module, registered):
+            owned = [name for name in (f"{path}.{local}" if path else local for local, _ in module.named_parameters())
+                     if name in trainable]
+            if owned:
+                raise UnsupportedModuleError(
+                    path, type(module).__name__,
+                    f"it is registered with gradgraph.convert.register_elementwise, so it runs as one elementwise op "
+                    f"without parameters, but it has trainable parameters {owned}, whose gradients gradgraph would "
+                    "not write. Freeze them (requires_grad_(False)) to convert with them fixed, write its forward "
+                    "with ops gradgraph follows and do not register it (a learned per-neuron scale or bias converts), "
+                    "or register a converter for the model (gradgraph.register_converter)")
 
 
 def _check_no_autocast(caller: str) -> None:
