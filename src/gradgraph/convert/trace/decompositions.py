@@ -26,7 +26,7 @@ from torch import Tensor
 from gradgraph.convert.trace.recurrent import RECURRENT_CELL_OPS, RECURRENT_OPS, recurrent_decomposition
 from gradgraph.convert.trace.rules_conv import CONVOLUTIONS, convolution_parts, padding_parts
 
-__all__ = ["decomposition"]
+__all__ = ["SOFTMAX_FUNCTIONS", "decomposition", "softmax_parts"]
 
 
 def _glu(input: Tensor, dim: int = -1) -> Tensor:
@@ -108,6 +108,44 @@ def _einsum_as_matmul(equation: str, operands: tuple) -> Callable[[], Tensor] | 
     def run() -> Tensor:
         product = torch.matmul(operands[0].permute(first), operands[1].permute(second))
         return product.permute(order) if order != sorted(order) else product
+
+    return run
+
+
+_SOFTMAXES = {F.softmax: False, torch.softmax: False, Tensor.softmax: False,
+              F.log_softmax: True, torch.log_softmax: True, Tensor.log_softmax: True}
+
+
+#: softmax and log-softmax, each with whether it is the log form
+SOFTMAX_FUNCTIONS = _SOFTMAXES
+
+
+def softmax_parts(func: Any, args: tuple, kwargs: dict) -> Callable[[], Tensor] | None:
+    """A softmax (or log-softmax) over an axis other than the last as ``exp(x - c) / sum(exp(x - c))``
+    (``x - c - log(sum(exp(x - c)))``) over that axis, ``c`` its maximum there, taken as a constant (any
+    ``c`` gives the same values and gradients; the maximum keeps ``exp`` finite); ``None`` for a softmax
+    over the last axis (the softmax rule's). Over positions (attention pooling: a score per token, a
+    softmax over the tokens, a weighted sum) the parts are an elementwise ``exp``, a sum over positions
+    and a division by it, which the rules follow; over datapoints the sum is refused as a reduction over
+    datapoints. Unlike :func:`decomposition`, whether to run it depends on the input: the trace runs it
+    for neuron values only (attention scores keep the softmax rule, which names a softmax over queries),
+    and a replay runs it where the trace's log has the parts, not the softmax."""
+    log = SOFTMAX_FUNCTIONS[func]
+    input = args[0] if args else kwargs.get("input")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    dtype_at = 3 if func in (F.softmax, F.log_softmax) else 2  # F.softmax(input, dim, _stacklevel, dtype)
+    dtype = kwargs.get("dtype", args[dtype_at] if len(args) > dtype_at else None)
+    if not isinstance(input, Tensor) or not isinstance(dim, int) or input.dim() < 2 or dim % input.dim() == \
+            input.dim() - 1:
+        return None
+
+    def run() -> Tensor:
+        x = input if dtype is None else input.to(dtype)
+        with torch._C.DisableTorchFunction():
+            shift = x.detach().amax(dim, keepdim=True)
+        shifted = x - shift
+        total = torch.exp(shifted).sum(dim, keepdim=True)
+        return shifted - torch.log(total) if log else torch.exp(shifted) / total
 
     return run
 

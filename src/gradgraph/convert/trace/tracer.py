@@ -20,7 +20,7 @@ from torch.nn.utils import rnn as rnn_utils
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from gradgraph.convert.trace.decompositions import decomposition
+from gradgraph.convert.trace.decompositions import decomposition, SOFTMAX_FUNCTIONS, softmax_parts
 from gradgraph.convert.trace.meta import (
     broadcast_ids, feature_row, GRADGRAPH_DIR, ids_like, KEY_STRIDE, Neurons, NeuronSet, Opaque, OpLog, Param,
     Raw, Scores, TORCH_DIR, TraceAbort, UnsupportedOperationError, ValueGuard, varies_along, constant_varies,
@@ -56,6 +56,13 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
 _SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
 
 
+
+
+def _is_softmax(func: Any) -> bool:
+    try:
+        return func in SOFTMAX_FUNCTIONS
+    except TypeError:  # an unhashable callable
+        return False
 
 #: torch's packed-sequence functions: a refusal met inside one is about the packing
 _PACKING = {function.__code__: name for name, function in vars(rnn_utils).items()
@@ -325,6 +332,11 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         parts = decomposition(func, args, kwargs)
+        if parts is None and _is_softmax(func):
+            parts = softmax_parts(func, args, kwargs)  # over positions: for neuron values only
+            first = args[0] if args else kwargs.get("input")
+            if parts is not None and not isinstance(self.meta(first), Neurons):
+                parts = None
         if parts is not None:
             with self:  # the parts run under the trace: its rules follow them
                 return parts()
