@@ -129,7 +129,7 @@ class Refused(nn.Module):
         elif kind == "a constant on the left":
             y = (self.constant @ h.T).T
         elif kind == "a vector as weight, matmul":
-            y = (h @ self.vector).unsqueeze(-1).expand(-1, 5)
+            y = F.linear(h, self.vector).unsqueeze(-1).expand(-1, 5)  # (h @ vector is a linear map with one output)
         elif kind == "scores on the right":
             heads = h.view(-1, 2, 2)
             y = (heads @ (heads @ heads.transpose(-1, -2))).flatten(1)[:, :1].expand(-1, 5)
@@ -163,7 +163,7 @@ REFUSALS = {
     "a parameter on the left": "Tensor.matmul: a parameter on the left of a matmul; write x @ W (features last)",
     "a constant on the right": "Tensor.matmul: a matmul of neurons with a constant of shape [4, 5]",
     "a constant on the left": "Tensor.matmul: a matmul of neurons with a constant of shape [5, 4]",
-    "a vector as weight, matmul": "Tensor.matmul: a weight of shape [4]; expected a matrix",
+    "a vector as weight, matmul": "torch.nn.functional.linear: a weight of shape [4]; expected a matrix",
     "the input transposed on the left": "Tensor.matmul: the input's features are not its last axis",
     "scores on the right": "Tensor.matmul: attention scores used as neuron values",
     "attention weights on a constant": "Tensor.matmul: attention weights applied to a constant",

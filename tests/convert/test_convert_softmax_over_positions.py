@@ -5,7 +5,10 @@ refused as a reduction over datapoints.
 Before, ``scores.softmax(1)`` was refused ("a softmax across positions or part of the features") while the same
 function written as ``exp(s) / exp(s).sum(1, keepdim=True)`` converted: the trace now runs the softmax as those
 parts (``trace/decompositions.py``), with its maximum over the axis subtracted as a constant so ``exp`` stays
-finite. The attention-pooling tests fail on the code before (refused).
+finite. The attention-pooling tests fail on the code before (refused). So do the forms with a learned query vector
+(``h @ q``: the linear map with one output, its axis dropped, so the softmax over the tokens is over the last
+axis; the trace decides by the neuron values, not the axis) and the weighted sum written as an einsum
+(``"bt,btd->bd"``: the product of the aligned operands summed over the tokens).
 """
 
 from __future__ import annotations
@@ -90,3 +93,36 @@ def test_a_softmax_over_the_datapoints_is_refused():
     with pytest.raises(gradgraph.convert.UnsupportedOperationError, match="datapoints"):
         gradgraph.to_graph(OverBatch().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)),
                            _cross_entropy)
+
+
+class LearnedQueryPooling(nn.Module):
+    """``softmax_t(h_t · q)``, a learned query vector ``q`` scoring each token, then the weighted sum of the tokens."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.features, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.query = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = torch.tanh(self.features(x))  # [b, T, 8]
+        if self.form == "h @ q":
+            weights = (h @ self.query).softmax(-1)  # [b, T]
+            return self.head((weights[..., None] * h).sum(1))
+        if self.form == "torch.matmul, einsum sum":
+            weights = torch.matmul(h, self.query).softmax(dim=1)
+            return self.head(torch.einsum("bt,btd->bd", weights, h))
+        weights = torch.einsum("btd,d->bt", h, self.query).softmax(-1)  # "einsum scores"
+        return self.head(torch.einsum("bt,btd->bd", weights, h))
+
+
+@pytest.mark.parametrize("form", ["h @ q", "torch.matmul, einsum sum", "einsum scores"])
+def test_attention_pooling_with_a_learned_query_vector_converts_exactly_with_a_true_group(form):
+    torch.manual_seed(2)
+    model = LearnedQueryPooling(form).to(DTYPE)
+    x, y = torch.randn(5, 4, 3, dtype=DTYPE), torch.randint(0, 3, (5,))
+    graph = assert_exact_per_sample_grads(model, x, y, _cross_entropy)
+    moved, _, _ = assert_group_keeps_function(model, x, y, _cross_entropy)
+    assert moved >= 6, moved  # the 8 hidden features permute (with the query's entries)
+    assert_exact_per_sample_grads(model, x * 2.0, y, _cross_entropy)  # the replay
+    assert graph.per_sample_grads()["query"].shape == (5, 8)

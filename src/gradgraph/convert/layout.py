@@ -141,6 +141,14 @@ def make_plan(trace: TraceResult) -> TracePlan:
         torch.cat(targets, out=edge_index[1])
     edge_kind = _per_group(kinds, group_sizes)
     edge_param = _per_group(params, group_sizes)
+    if edge_count and bool((edge_index < 0).any()):
+        # a rule made an edge from a value that holds no neuron (node -1); a message-passing layer would read
+        # it as the last node, so the graph would be silently wrong: refuse it
+        bad = int((edge_index < 0).any(0).nonzero()[0])
+        raise GradGraphError(
+            f"gradgraph made an edge of kind {EdgeKind(int(edge_kind[bad])).name} into node {int(edge_index[1, bad])} "
+            "from a value that holds no neuron (a statistic such as a sum over the features, used as if it held "
+            "neurons); this model is not supported. Please report it with the model")
 
     # ---- node labels
     node_param = torch.full((num_nodes,), -1, dtype=torch.long)

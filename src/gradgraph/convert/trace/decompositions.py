@@ -3,8 +3,10 @@
 ``F.glu(x)`` is ``a * sigmoid(b)`` of the two halves of ``x``; ``F.normalize`` divides by a
 norm over the features; ``linalg.vector_norm`` is ``Tensor.norm``; ``F.prelu`` is
 ``relu(x) - w * relu(-x)``; an ``einsum`` that is a linear map (``"bi,oi->bo"``) is
-``F.linear``, one that is a batched matrix product of two values (``"bhid,bhjd->bhij"``:
-attention written with einsum) is ``torch.matmul`` of permuted operands; the fused recurrent
+``F.linear`` (and so is ``x @ v`` by a vector: one output, its axis dropped), one that is a batched matrix
+product of two values (``"bhid,bhjd->bhij"``:
+attention written with einsum) is ``torch.matmul`` of permuted operands, and any other two-operand einsum
+the product of its aligned operands summed over the dropped letters; the fused recurrent
 ops of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` are their loop over steps (``trace/recurrent.py``).
 Rather than a rule per composite op, the trace (and a replay, identically) runs the
 decomposition under itself, so the rules that exist follow the parts: a gated unit, a statistic
@@ -65,6 +67,9 @@ def _einsum_as_linear(equation: str, operands: tuple) -> Callable[[], Tensor] | 
     for matrix_at in (1, 0):
         matrix_term, term = terms[matrix_at], terms[1 - matrix_at]
         matrix, x = operands[matrix_at], operands[1 - matrix_at]
+        if matrix.dim() == 1 and len(matrix_term) == 1 and term and "." not in term and \
+                len(set(term)) == len(term) == x.dim() and term[-1] == matrix_term and output == term[:-1]:
+            return lambda vector=matrix, x=x: _matmul_by_vector(x, vector)  # "btd,d->bt": x @ v
         if matrix.dim() != 2 or len(matrix_term) != 2 or "." in matrix_term or not term:
             continue
         contracted = term[-1]
@@ -112,6 +117,51 @@ def _einsum_as_matmul(equation: str, operands: tuple) -> Callable[[], Tensor] | 
     return run
 
 
+def _einsum_as_product_sum(equation: str, operands: tuple) -> Callable[[], Tensor] | None:
+    """A two-operand einsum as the product of the operands, aligned on their letters, summed over the
+    letters the output drops (``"bt,btd->bd"``: the weights of attention pooling times the tokens, summed
+    over the tokens), where it is neither a linear map nor a batched matrix product (those keep their
+    forms, tried first) and one operand's letters are all the other's (the smaller broadcast over the larger:
+    a weight per token over its features); ``None`` otherwise (``"bhid,bhje->bhij"`` stays refused by name),
+    and for ``...``, a repeated letter or a letter of the output in no operand.
+    The product is materialised (every letter's size at once), as the einsum's own result is for these."""
+    if len(operands) != 2 or not all(isinstance(operand, Tensor) for operand in operands) or "->" not in equation:
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2 or "." in equation or any(len(set(term)) != len(term) for term in (*terms, output)) \
+            or any(len(term) != operand.dim() for term, operand in zip(terms, operands)) \
+            or not set(output) <= set(terms[0]) | set(terms[1]) \
+            or not (set(terms[0]) <= set(terms[1]) or set(terms[1]) <= set(terms[0])):
+        return None
+    letters = output + "".join(dict.fromkeys(letter for term in terms for letter in term if letter not in output))
+
+    def aligned(term: str, operand: Tensor) -> Tensor:
+        present = [letter for letter in letters if letter in term]
+        view = operand.permute([term.index(letter) for letter in present])
+        for position, letter in enumerate(letters):
+            if letter not in term:
+                view = view.unsqueeze(position)
+        return view
+
+    summed = list(range(len(output), len(letters)))
+
+    def run() -> Tensor:
+        product = aligned(terms[0], operands[0]) * aligned(terms[1], operands[1])
+        return product.sum(summed) if summed else product
+
+    return run
+
+
+def _matmul_by_vector(left: Tensor, right: Tensor) -> Tensor:
+    # x @ v of a vector v (a learned query scoring each token, h @ q): the linear map with one output,
+    # that output's axis dropped
+    return F.linear(left, right.unsqueeze(0)).squeeze(-1)
+
+
+_MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
+
+
 _SOFTMAXES = {F.softmax: False, torch.softmax: False, Tensor.softmax: False,
               F.log_softmax: True, torch.log_softmax: True, Tensor.log_softmax: True}
 
@@ -121,22 +171,20 @@ SOFTMAX_FUNCTIONS = _SOFTMAXES
 
 
 def softmax_parts(func: Any, args: tuple, kwargs: dict) -> Callable[[], Tensor] | None:
-    """A softmax (or log-softmax) over an axis other than the last as ``exp(x - c) / sum(exp(x - c))``
-    (``x - c - log(sum(exp(x - c)))``) over that axis, ``c`` its maximum there, taken as a constant (any
-    ``c`` gives the same values and gradients; the maximum keeps ``exp`` finite); ``None`` for a softmax
-    over the last axis (the softmax rule's). Over positions (attention pooling: a score per token, a
-    softmax over the tokens, a weighted sum) the parts are an elementwise ``exp``, a sum over positions
-    and a division by it, which the rules follow; over datapoints the sum is refused as a reduction over
-    datapoints. Unlike :func:`decomposition`, whether to run it depends on the input: the trace runs it
-    for neuron values only (attention scores keep the softmax rule, which names a softmax over queries),
-    and a replay runs it where the trace's log has the parts, not the softmax."""
+    """A softmax (or log-softmax) as ``exp(x - c) / sum(exp(x - c))`` (``x - c - log(sum(exp(x - c)))``) over
+    its axis, ``c`` the maximum there, taken as a constant (any ``c`` gives the same values and gradients; the
+    maximum keeps ``exp`` finite); ``None`` without an integer ``dim``. Over positions (attention pooling: a
+    score per token, a softmax over the tokens, a weighted sum) the parts are an elementwise ``exp``, a sum
+    over positions and a division by it, which the rules follow. Unlike :func:`decomposition`, whether to run
+    it depends on the input: the trace runs it where the axis holds positions of neuron values
+    (``Tracer.softmax_over_positions``; a softmax over features or attention scores keeps its rule, which
+    names a softmax over queries), and a replay runs it where the trace's log has the parts, not the softmax."""
     log = SOFTMAX_FUNCTIONS[func]
     input = args[0] if args else kwargs.get("input")
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     dtype_at = 3 if func in (F.softmax, F.log_softmax) else 2  # F.softmax(input, dim, _stacklevel, dtype)
     dtype = kwargs.get("dtype", args[dtype_at] if len(args) > dtype_at else None)
-    if not isinstance(input, Tensor) or not isinstance(dim, int) or input.dim() < 2 or dim % input.dim() == \
-            input.dim() - 1:
+    if not isinstance(input, Tensor) or not isinstance(dim, int) or input.dim() == 0:
         return None
 
     def run() -> Tensor:
@@ -155,7 +203,7 @@ _DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _
 
 #: every function :func:`decomposition` may run as parts; any other returns ``None`` at once (a
 #: replay asks for each of a forward's ops, so the common case is one set lookup)
-DECOMPOSABLE = frozenset((*CONVOLUTIONS, F.pad, *_DECOMPOSITIONS, F.prelu, torch.prelu, torch.einsum,
+DECOMPOSABLE = frozenset((*CONVOLUTIONS, F.pad, *_DECOMPOSITIONS, *_MATMULS, F.prelu, torch.prelu, torch.einsum,
                           *RECURRENT_OPS, *RECURRENT_CELL_OPS))
 
 
@@ -175,6 +223,11 @@ def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | N
         return padding
     if func in _DECOMPOSITIONS:
         return lambda: _DECOMPOSITIONS[func](*args, **kwargs)
+    if func in _MATMULS:
+        left, right = (args[0], args[1]) if len(args) == 2 and not kwargs else (None, None)
+        if isinstance(left, Tensor) and isinstance(right, Tensor) and right.dim() == 1 and left.dim() >= 2:
+            return lambda: _matmul_by_vector(left, right)
+        return None
     if func is F.prelu or func is torch.prelu:
         input = args[0] if args else kwargs.get("input")
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -185,5 +238,6 @@ def decomposition(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | N
         return None
     if func is torch.einsum and args and isinstance(args[0], str):
         operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], list | tuple) else tuple(args[1:])
-        return _einsum_as_linear(args[0], operands) or _einsum_as_matmul(args[0], operands)
+        return (_einsum_as_linear(args[0], operands) or _einsum_as_matmul(args[0], operands)
+                or _einsum_as_product_sum(args[0], operands))
     return recurrent_decomposition(func, args, kwargs)  # nn.RNN / nn.GRU / nn.LSTM, step by step

@@ -488,6 +488,9 @@ class ElementwiseRules:
                 # x.mean((2, 3), keepdim=True)): per channel, the positions left stay components
                 self.spatial_pool(name, (x,), {}, output)
                 return None
+            if bool((meta.nodes < 0).any()):  # its pooled set would have edges from no neuron (node -1)
+                return self.mark_opaque(output, name, "pooling a statistic (a sum or norm over the features) over "
+                                        "positions", [meta])
             pooled_nodes = collapse(meta.nodes)
             rows = rows_along_last(pooled_nodes)
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):

@@ -332,11 +332,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         parts = decomposition(func, args, kwargs)
-        if parts is None and _is_softmax(func):
-            parts = softmax_parts(func, args, kwargs)  # over positions: for neuron values only
-            first = args[0] if args else kwargs.get("input")
-            if parts is not None and not isinstance(self.meta(first), Neurons):
-                parts = None
+        if parts is None and _is_softmax(func) and self.softmax_over_positions(args, kwargs):
+            parts = softmax_parts(func, args, kwargs)
         if parts is not None:
             with self:  # the parts run under the trace: its rules follow them
                 return parts()
@@ -390,6 +387,20 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return output
         except UnsupportedModuleError as error:
             raise TraceAbort(error) from None
+
+    def softmax_over_positions(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a softmax's axis holds positions of neuron values (tokens, one score per token after
+        ``h @ query``): one neuron along it, components varying. The trace runs such a softmax as its parts
+        (:func:`~gradgraph.convert.trace.decompositions.softmax_parts`); a softmax over features, over attention
+        scores or over anything else keeps its rule."""
+        first = args[0] if args else kwargs.get("input")
+        meta = self.meta(first)
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if not isinstance(meta, Neurons) or meta.comps is None or not isinstance(dim, int) or first.dim() == 0 \
+                or not bool((meta.nodes >= 0).all()):  # a statistic (a sum over features) keeps the rule's refusal
+            return False
+        axis = dim % first.dim()
+        return not varies_along(meta.nodes, axis) and varies_along(meta.comps, axis)
 
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         if name in CONSTANT_FACTORIES:
