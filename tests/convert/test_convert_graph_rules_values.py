@@ -1,0 +1,281 @@
+"""Per-function checks of ``convert/trace/rules_graph.py`` (issue 31, group ``convert-graph-rules``).
+
+Written for the survivors of mutmut's run over ``rules_graph.py`` (docs/mutation.md): each test is
+float64 against an independent truth (a per-datapoint autograd loop or torch.func at 1e-10, values
+written out by hand), or checks a refusal's message where a user reads it, and names in its docstring
+the mutants it kills (``f N``: mutant ``N`` of function ``f``, checked with ``MUTANT_UNDER_TEST``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradgraph
+from gradgraph.convert.trace.rules_graph import rank_among_rows, rank_within
+from gradgraph.errors import UnsupportedModuleError
+
+DTYPE = torch.float64
+
+
+def test_rank_within_and_rank_among_rows_written_out():
+    """Each element's rank among its group's elements, in order; ``rank_among_rows`` only where some
+    datapoint has several rows (zeros otherwise, ``-1`` ids included)."""
+    groups = torch.tensor([0, 0, 1, 0, 1, 2, 2, 2, 0])
+    assert rank_within(groups).tolist() == [0, 1, 0, 2, 1, 0, 1, 2, 3]
+    assert rank_within(torch.tensor([2, 1, 0])).tolist() == [0, 0, 0]
+    assert rank_within(torch.zeros(0, dtype=torch.long)).tolist() == []
+    assert rank_among_rows(groups).tolist() == [0, 1, 0, 2, 1, 0, 1, 2, 3]
+    assert rank_among_rows(torch.tensor([3, 1, 0, 2])).tolist() == [0, 0, 0, 0]
+    assert rank_among_rows(torch.tensor([-1, 0, 1])).tolist() == [0, 0, 0]
+
+
+# ----------------------------------------------------------------------------- models over a data graph
+#: a 5-node graph: node 4 only sends, node 3 receives twice
+EDGES = torch.tensor([[0, 1, 2, 3, 4, 4, 1], [1, 2, 3, 0, 3, 0, 0]])
+
+
+def cross_entropy(output, targets):
+    return F.cross_entropy(output, targets, reduction="none")
+
+
+class Body(nn.Module):
+    """``inp`` (a Linear of 3 features to 5), then ``body(self, h, edge_index)``, a ReLU, the mean over the
+    nodes (axis -2) and a Linear head of 4 classes; ``table`` (where asked for) a parameter a body may read."""
+
+    def __init__(self, body, width=5, table=False):
+        super().__init__()
+        self.inp, self.head, self.body = nn.Linear(3, width), nn.Linear(width, 4), body
+        self.table = nn.Parameter(torch.randn(5, width)) if table else None
+
+    def forward(self, x, edge_index):
+        return self.head(torch.relu(self.body(self, self.inp(x), edge_index)).mean(-2))
+
+
+def signals(b=3, nodes=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, nodes, 3, generator=generator, dtype=DTYPE),
+            torch.randint(0, 4, (b,), generator=generator))
+
+
+def convert(model, inputs, targets, edge_index=EDGES):
+    return gradgraph.to_graph(model, inputs, targets, cross_entropy, forward_kwargs={"edge_index": edge_index})
+
+
+def assert_exact_against_loop(model, inputs, targets, edge_index=EDGES):
+    """Per-sample and mean gradients against one backward pass per datapoint, each run alone."""
+    model = model.to(DTYPE)
+    graph = convert(model, inputs, targets, edge_index)
+    ours, params = graph.per_sample_grads(), dict(model.named_parameters())
+    for i in range(len(inputs)):
+        loss = cross_entropy(model(inputs[i:i + 1], edge_index), targets[i:i + 1]).sum()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, param), grad in zip(params.items(), grads):
+            truth = torch.zeros_like(param) if grad is None else grad
+            torch.testing.assert_close(ours[name][i], truth, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
+    return graph
+
+
+def refused(body, match, inputs=None, table=False):
+    torch.manual_seed(0)
+    inputs, targets = signals() if inputs is None else (inputs, torch.zeros(len(inputs), dtype=torch.long))
+    with pytest.raises(UnsupportedModuleError, match=match):
+        convert(Body(body, table=table).to(DTYPE), inputs, targets)
+
+
+def test_a_scatter_with_a_tensor_alpha_is_refused():
+    refused(lambda self, h, e: torch.zeros_like(h).index_add_(-2, e[1], h[:, e[0]], alpha=torch.tensor(2.0)),
+            r"Tensor.index_add_: .*an alpha that is a tensor; gradgraph reads a constant number")
+
+
+def test_a_gather_of_a_parameter_is_refused_by_its_name():
+    refused(lambda self, h, e: h + self.table.index_select(0, e[0, :5]),
+            r"index_select: .*the parameter 'table' as its input; gradgraph gathers and scatters neuron values",
+            table=True)
+
+
+def test_a_gather_or_scatter_along_the_feature_axis_is_refused():
+    refused(lambda self, h, e: h.index_select(-1, torch.tensor([0, 0, 1, 2, 3])),
+            r"index_select: .*a gather along the feature axis \(the neurons\)")
+    refused(lambda self, h, e: torch.zeros_like(h).index_add_(-1, torch.tensor([0, 0, 1, 2, 3]), h),
+            r"index_add_: .*a scatter along the feature axis \(the neurons\)")
+
+
+def test_a_scatter_into_neuron_values_out_of_place_is_refused():
+    refused(lambda self, h, e: h.index_add(-2, e[1], h[:, e[0]]),
+            r"index_add: .*a scatter into values that depend on the input or on parameters")
+
+
+def test_a_scatter_whose_index_is_narrower_than_its_source_is_refused():
+    def body(self, h, e):
+        m = h[:, e[0]]
+        index = e[1].view(1, -1, 1).expand(h.shape[0], -1, 3)
+        return torch.zeros_like(h).scatter_add(-2, index, m)
+
+    refused(body, r"scatter_add: .*an index of shape \[3, 7, 3\] for a source of shape \[3, 7, 5\]")
+
+
+def test_values_whose_features_sit_at_different_positions_are_refused():
+    """``[b, N, T, C]``: positions on axes 1 and 2; a gather along axis 1 carries features at several positions."""
+    refused(lambda self, h, e: h.index_select(1, e[0]).mean(2),
+            r"index_select: .*values whose features \(the axes after axis 1\) sit at different positions",
+            inputs=torch.randn(2, 5, 4, 3, dtype=DTYPE))
+
+
+def test_a_gather_of_one_neuron_twice_is_refused():
+    refused(lambda self, h, e: torch.cat([h, h], -1).index_select(-2, e[0])[..., :5],
+            r"index_select: .*its gather does not hold the same neurons at every position, one per feature")
+
+
+def test_an_empty_scatter_is_a_constant_and_the_rest_exact():
+    """A scatter of no message (a source with no edge) leaves its zeros: the model stays exact."""
+    torch.manual_seed(1)
+    model = Body(lambda self, h, e: h + torch.zeros_like(h).index_add_(-2, e[1, :0], h[:, e[0, :0]]))
+    assert_exact_against_loop(model, *signals(seed=1))
+
+
+# ----------------------------------------------------------------------------- graphs joined into rows [n, F]
+#: three graphs of 3, 4 and 2 nodes joined into 9 rows (PyG's batch vector) and their edges
+BATCH = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
+JOINED_EDGES = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 6, 7, 8], [1, 2, 0, 4, 5, 6, 3, 4, 8, 7]])
+
+
+class Joined(nn.Module):
+    """``inp``, ``body(self, h, edge_index, batch)`` over rows ``[n, 5]``, a ReLU, a Linear head of 4 classes
+    on its ``[b, 5]`` rows (one per graph)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.inp, self.head, self.body = nn.Linear(3, 5), nn.Linear(5, 4), body
+
+    def forward(self, x, edge_index, batch):
+        return self.head(torch.relu(self.body(self, self.inp(x), edge_index, batch)))
+
+
+def convert_joined(model, x, targets, edge_index=JOINED_EDGES, batch=BATCH):
+    return gradgraph.to_graph(model, x, targets, cross_entropy, datapoints=batch,
+                              forward_kwargs={"edge_index": edge_index, "batch": batch})
+
+
+def assert_joined_exact(model, seed=0, edge_index=JOINED_EDGES, batch=BATCH):
+    """Each graph's gradient against one backward pass per graph run alone (its rows, its edges renumbered)."""
+    torch.manual_seed(seed)
+    model = model.to(DTYPE)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(batch), 3, generator=generator, dtype=DTYPE)
+    b = int(batch.max()) + 1
+    targets = torch.randint(0, 4, (b,), generator=generator)
+    graph = convert_joined(model, x, targets, edge_index, batch)
+    ours, params = graph.per_sample_grads(), dict(model.named_parameters())
+    for i in range(b):
+        rows = (batch == i).nonzero()[:, 0]
+        first = int(rows[0])
+        own = edge_index[:, (batch[edge_index[0]] == i)] - first
+        loss = cross_entropy(model(x[rows], own, torch.zeros(len(rows), dtype=torch.long)), targets[i:i + 1]).sum()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, param), grad in zip(params.items(), grads):
+            truth = torch.zeros_like(param) if grad is None else grad
+            torch.testing.assert_close(ours[name][i], truth, atol=1e-10, rtol=0, msg=f"{name}, graph {i}")
+    return graph
+
+
+def test_a_joined_pooling_into_more_rows_than_graphs_is_refused():
+    """A sum pool into 4 rows for 3 graphs: row 3 receives no message, so it belongs to no datapoint."""
+    model = Joined(lambda self, h, e, batch: torch.zeros(4, 5, dtype=h.dtype).index_add_(0, batch, h)[:3]).to(DTYPE)
+    x = torch.randn(9, 3, dtype=DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=r"index_add_: .*row 3 of the result receives no message, and "
+                                                     r"its 4 rows are not the input's 9 rows \(its nodes\)"):
+        convert_joined(model, x, torch.tensor([0, 1, 2]))
+
+
+def test_a_joined_sum_pool_and_message_passing_are_exact():
+    def body(self, h, e, batch):
+        h = h + torch.zeros_like(h).index_add_(0, e[1], h.index_select(0, e[0]))
+        return torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h)
+
+    assert_joined_exact(Joined(body))
+
+
+# ----------------------------------------------------------------------------- x[key]: a gather or a shape op
+def test_indexing_that_repeats_no_position_copies_no_neuron():
+    """``h[()]``, a permutation of the nodes ``h[:, perm]``, a boolean mask of them and a repeat of features
+    ``h[:, :, idx]`` are shape ops (``gathers_positions`` is False): exact, and the graph has the plain
+    model's neurons (a gather would add a tied copy of the 5 channels)."""
+    inputs, targets = signals(seed=2)
+    torch.manual_seed(2)
+    plain = assert_exact_against_loop(Body(lambda self, h, e: h), inputs, targets)
+    for body in (lambda self, h, e: h[()],
+                 lambda self, h, e: h[:, torch.tensor([4, 2, 0, 1, 3])],
+                 lambda self, h, e: h[:, torch.tensor([True, False, True, True, False])],
+                 lambda self, h, e: h[:, :, torch.tensor([0, 0, 1, 2, 3])]):
+        torch.manual_seed(2)
+        graph = assert_exact_against_loop(Body(body), inputs, targets)
+        assert graph.num_nodes == plain.num_nodes
+
+
+def test_rows_gathered_by_a_plain_index_are_exact():
+    """``h[src]`` on rows ``[n, F]`` (graphs joined by their batch vector): a gather along axis 0, the graph
+    of ``h.index_select(0, src)``."""
+    def body(gather):
+        def run(self, h, e, batch):
+            h = torch.tanh(h + torch.zeros_like(h).index_add_(0, e[1], gather(h, e[0])))
+            return torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h)
+        return run
+
+    graph = assert_joined_exact(Joined(body(lambda h, src: h[src])), seed=3)
+    with_select = assert_joined_exact(Joined(body(lambda h, src: h.index_select(0, src))), seed=3)
+    assert graph.num_nodes == with_select.num_nodes
+
+
+def test_indexing_that_is_no_gather_of_positions_stays_exact():
+    """Repeated rows of a parameter (``table[idx]``: no neuron values), channels repeated on a transposed
+    ``[b, C, N]`` (the indexed axis holds features, not positions) and nodes gathered after a slice of a
+    time axis (``h[:, 1:, src]`` on ``[b, T, N, C]``: not full slices before the index) are not read as a
+    gather of positions; each converts exactly."""
+    inputs, targets = signals(seed=4)
+    repeats = torch.tensor([0, 0, 1, 2, 3])
+    for body, table in ((lambda self, h, e: h + self.table[repeats], True),
+                        (lambda self, h, e: h.transpose(1, 2)[:, repeats].transpose(1, 2), False)):
+        torch.manual_seed(4)
+        assert_exact_against_loop(Body(body, table=table), inputs, targets)
+    torch.manual_seed(4)
+    videos = torch.randn(2, 3, 5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
+    assert_exact_against_loop(Body(lambda self, h, e: h[:, 1:, e[0]].mean(1)), videos, torch.tensor([0, 3]))
+
+
+# ----------------------------------------------------------------------------- what a user reads
+def test_refusals_of_gathers_along_the_wrong_axis_say_what_to_do():
+    """The feature axis, the datapoint axis of signals without ``datapoints`` and of rows joined with them:
+    each message in full, under the op's name."""
+    refused(lambda self, h, e: h.index_select(-1, torch.tensor([0, 0, 1, 2, 3])), re.escape(
+        "Tensor.index_select: a gather along the feature axis (the neurons); gradgraph reads message passing as "
+        "gathers and scatters along the data graph's node axis, features last"))
+    refused(lambda self, h, e: h.index_select(0, torch.tensor([0, 0, 1, 1])), re.escape(
+        "Tensor.index_select: a gather along the datapoint axis 0 of a tensor of shape [4, 5]: it mixes datapoints. "
+        "A data graph's nodes are positions of one datapoint: pass a PyG batch with to_graph(..., "
+        "datapoints=batch.batch), a batch of graph signals as [b, num_nodes, features] with one edge_index for "
+        "all, or one graph with datapoints=torch.zeros(num_nodes)"), inputs=torch.randn(4, 3, dtype=DTYPE))
+    model = Joined(lambda self, h, e, batch: torch.zeros(3, 5, dtype=h.dtype).index_add_(
+        0, batch, h.unsqueeze(0).index_select(1, e[0])[0, :9])).to(DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "Tensor.index_select: a gather along the datapoint axis 1 of a tensor of shape [1, 9, 5]: it mixes "
+            "datapoints. gradgraph reads a joined batch's values with its rows on axis 0 and features after them")):
+        convert_joined(model, torch.randn(9, 3, dtype=DTYPE), torch.tensor([0, 1, 2]))
+
+
+def test_positions_share_keys_across_grids():
+    """Node ``p`` and edge ``p`` share key ``p``: over 5 nodes a model has 5 position keys, with a gather of
+    7 edges 7, whichever grid was made last; one more key holds the pooled rows (the mean over the nodes),
+    so ``B = b * (7 + 1)`` (``b * (5 + 1)`` without the gather)."""
+    inputs, targets = signals(seed=5)
+    torch.manual_seed(5)
+    plain = assert_exact_against_loop(Body(lambda self, h, e: h), inputs, targets)
+    assert plain.act.shape[1] == 3 * (5 + 1)
+    torch.manual_seed(5)
+    graph = assert_exact_against_loop(Body(lambda self, h, e: torch.zeros_like(h).index_add_(-2, e[1], h[:, e[0]])),
+                                      inputs, targets)
+    assert graph.act.shape[1] == 3 * (EDGES.shape[1] + 1)
