@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradgraph
+from gradgraph.convert import clear_structure_cache
 from gradgraph.convert.trace.rules_graph import rank_among_rows, rank_within
 from gradgraph.errors import UnsupportedModuleError
 
@@ -32,6 +33,18 @@ def test_rank_within_and_rank_among_rows_written_out():
     assert rank_among_rows(groups).tolist() == [0, 1, 0, 2, 1, 0, 1, 2, 3]
     assert rank_among_rows(torch.tensor([3, 1, 0, 2])).tolist() == [0, 0, 0, 0]
     assert rank_among_rows(torch.tensor([-1, 0, 1])).tolist() == [0, 0, 0]
+
+
+def test_rank_within_many_rows_counts_in_order():
+    """1000 rows of 4 groups (torch's unstable CPU sort reorders equal keys at this size): the ranks of a
+    counter per group, in the rows' order. Kills rank_within 5, 6 (an argsort not stable)."""
+    groups = torch.randint(0, 4, (1000,), generator=torch.Generator().manual_seed(0))
+    seen = [0, 0, 0, 0]
+    expected = []
+    for group in groups.tolist():
+        expected.append(seen[group])
+        seen[group] += 1
+    assert rank_within(groups).tolist() == expected
 
 
 # ----------------------------------------------------------------------------- models over a data graph
@@ -105,9 +118,22 @@ def test_a_gather_or_scatter_along_the_feature_axis_is_refused():
             r"index_add_: .*a scatter along the feature axis \(the neurons\)")
 
 
-def test_a_scatter_into_neuron_values_out_of_place_is_refused():
-    refused(lambda self, h, e: h.index_add(-2, e[1], h[:, e[0]]),
-            r"index_add: .*a scatter into values that depend on the input or on parameters")
+def test_scatters_gradgraph_does_not_read_are_refused_with_what_it_reads():
+    """Into neuron values (out of place), into a tensor the caller made, of a source of another rank, of a
+    parameter: each message in full, under the op's name."""
+    refused(lambda self, h, e: h.index_add(-2, e[1], h[:, e[0]]), re.escape(
+        "Tensor.index_add: a scatter into values that depend on the input or on parameters; gradgraph reads a "
+        "scatter into zeros (src.new_zeros(...).scatter_add_(...)), then a sum"))
+    base = torch.zeros(3, 5, 5, dtype=DTYPE)
+    refused(lambda self, h, e: base.index_add(1, e[1], h[:, e[0]]), re.escape(
+        "Tensor.index_add: a scatter into a tensor made by the caller; gradgraph reads a scatter into zeros made "
+        "inside forward (src.new_zeros(size), torch.zeros, zeros_like), then adds what else is needed"))
+    refused(lambda self, h, e: h + torch.zeros(5, dtype=h.dtype).scatter_add(0, torch.tensor(1), h[0, 1, 2]),
+            re.escape("Tensor.scatter_add: a source of another rank than the result"))
+    refused(lambda self, h, e: h + torch.zeros(5, 5, dtype=h.dtype).index_add_(0, torch.tensor([0, 0, 1, 2, 3]),
+                                                                               self.table),
+            re.escape("Tensor.index_add_: the parameter 'table' as its source; gradgraph gathers and scatters "
+                      "neuron values along a data graph's nodes"), table=True)
 
 
 def test_a_scatter_whose_index_is_narrower_than_its_source_is_refused():
@@ -116,7 +142,19 @@ def test_a_scatter_whose_index_is_narrower_than_its_source_is_refused():
         index = e[1].view(1, -1, 1).expand(h.shape[0], -1, 3)
         return torch.zeros_like(h).scatter_add(-2, index, m)
 
-    refused(body, r"scatter_add: .*an index of shape \[3, 7, 3\] for a source of shape \[3, 7, 5\]")
+    refused(body, re.escape(
+        "Tensor.scatter_add: an index of shape [3, 7, 3] for a source of shape [3, 7, 5]; gradgraph reads an index "
+        "broadcast from one index per position (index.view(...).expand_as(src))"))
+
+
+def test_a_scatter_whose_index_differs_between_features_is_refused():
+    def body(self, h, e):
+        index = torch.stack([e[1], e[1].roll(1), e[1], e[1], e[1]], -1).unsqueeze(0).expand(h.shape[0], -1, -1)
+        return torch.zeros_like(h).scatter_add(-2, index, h[:, e[0]])
+
+    refused(body, re.escape(
+        "Tensor.scatter_add: an index that differs between features or datapoints; gradgraph scatters whole "
+        "positions (one index per position along the node axis)"))
 
 
 def test_values_whose_features_sit_at_different_positions_are_refused():
@@ -279,3 +317,109 @@ def test_positions_share_keys_across_grids():
     graph = assert_exact_against_loop(Body(lambda self, h, e: torch.zeros_like(h).index_add_(-2, e[1], h[:, e[0]])),
                                       inputs, targets)
     assert graph.act.shape[1] == 3 * (EDGES.shape[1] + 1)
+
+
+def test_joined_rows_refusals_name_the_message_and_the_axes():
+    """An edge from graph 1 into graph 0 names the message and both datapoints; rows ``[n, T, F]`` whose
+    ``T`` positions carry the features are refused under the scatter's name."""
+    def body(self, h, e, batch):
+        h = torch.tanh(h + torch.zeros_like(h).index_add_(0, e[1], h.index_select(0, e[0])))
+        return torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h)
+
+    crossing = JOINED_EDGES.clone()
+    crossing[1, 3] = 1
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "Tensor.index_add_: message 3 goes from datapoint 1 to a row of datapoint 0: an edge between two graphs "
+            "of the batch mixes datapoints (check edge_index against the batch vector)")):
+        convert_joined(Joined(body).to(DTYPE), torch.randn(9, 3, dtype=DTYPE), torch.tensor([0, 1, 2]), crossing)
+    pooled = Joined(lambda self, h, e, batch: torch.zeros(int(batch.max()) + 1, 4, 5, dtype=h.dtype).index_add_(
+        0, batch, h).mean(1)).to(DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "Tensor.index_add_: values whose features (the axes after axis 0) sit at different positions; gradgraph "
+            "gathers and scatters positions whose features are neurons")):
+        convert_joined(pooled, torch.randn(9, 4, 3, dtype=DTYPE), torch.tensor([0, 1, 2]))
+
+
+def test_joined_rows_take_one_key_per_row_of_the_largest_grid():
+    """Graphs of 3, 4 and 2 nodes sending 3, 5 and 2 messages: a row's key is its rank among its graph's
+    rows, so the edges of graph 1 need 5 keys and ``B = 3 * 5`` (the pooled rows take key 0)."""
+    def body(self, h, e, batch):
+        h = torch.tanh(h + torch.zeros_like(h).index_add_(0, e[1], h.index_select(0, e[0])))
+        return torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h)
+
+    assert assert_joined_exact(Joined(body), seed=6).act.shape[1] == 3 * 5
+
+
+def test_joined_scatter_refusals_and_a_replay_with_an_edge_between_graphs():
+    """A max into rows that are not each graph's own (graph i's max into row i + 1), a scatter of one neuron
+    twice, and a replay of the cached plan on edges that now cross from graph 1 into graph 0 (the index is a
+    value guard: it is traced again and refused, not replayed)."""
+    from torch_geometric.utils import scatter
+
+    x, targets = torch.randn(9, 3, dtype=DTYPE), torch.tensor([0, 1, 2])
+    shifted = Joined(lambda self, h, e, batch: scatter(h, (batch + 1) % 3, dim=0, reduce="max")).to(DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "Tensor.scatter_reduce_: reduce='amax' other than over all the rows of each datapoint (a global max / "
+            "min pool by the batch vector): max / min / product aggregation over neighbours is not linear")):
+        convert_joined(shifted, x, targets)
+    twice = Joined(lambda self, h, e, batch: torch.zeros(int(batch.max()) + 1, 10, dtype=h.dtype).index_add_(
+        0, batch, torch.cat([h, h], -1))[:, :5]).to(DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "Tensor.index_add_: its scatter does not hold the same neurons at every position, one per feature")):
+        convert_joined(twice, x, targets)
+
+    def body(self, h, e, batch):
+        h = torch.tanh(h + torch.zeros_like(h).index_add_(0, e[1], h.index_select(0, e[0])))
+        return torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h)
+
+    clear_structure_cache()
+    model = Joined(body).to(DTYPE)
+    convert_joined(model, x, targets)
+    crossing = JOINED_EDGES.clone()
+    crossing[1, 3] = 1  # only the scatter's index changes: the gather's guard passes
+    with pytest.raises(UnsupportedModuleError, match=r"Tensor.index_add_: message 3 goes from datapoint 1"):
+        convert_joined(model, x, targets, crossing)
+
+
+def test_zeros_made_by_the_first_op_of_the_trace_are_a_scatter_base():
+    """The scatter's base made by op 0 of the trace (``torch.zeros_like(x)`` before any layer) is zeros too.
+    Kills scatter_positions 81, 82 (op 0 read as no op)."""
+    class First(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.head = nn.Linear(3, 3), nn.Linear(3, 4)
+
+        def forward(self, x, edge_index):
+            zeros = torch.zeros_like(x)
+            h = self.inp(x)
+            return self.head(torch.relu(zeros.index_add_(1, edge_index[1], h[:, edge_index[0]])).mean(1))
+
+    torch.manual_seed(7)
+    assert_exact_against_loop(First(), *signals(seed=7))
+
+
+def test_a_joined_batch_converted_again_replays_its_plan(monkeypatch):
+    """The same batch again: the scatters' index guards hold (they compare the indices' values), so the
+    cached plan is replayed, not traced afresh; another graph's edges are traced again (refused above).
+    Kills scatter_positions 139, 142 (a guard without values never holds: every call traced again)."""
+    import gradgraph.convert.traced as traced
+
+    traces = []
+    trace_model = traced.trace_model
+    monkeypatch.setattr(traced, "trace_model", lambda *args, **kwargs: traces.append(1) or trace_model(*args, **kwargs))
+
+    def body(self, h, e, batch):
+        h = torch.tanh(h + torch.zeros_like(h).index_add_(0, e[1], h.index_select(0, e[0])))
+        return torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h)
+
+    clear_structure_cache()
+    model = Joined(body).to(DTYPE)
+    x, targets = torch.randn(9, 3, dtype=DTYPE), torch.tensor([0, 1, 2])
+    first = convert_joined(model, x, targets)
+    second = convert_joined(model, x + 1, targets)
+    assert len(traces) == 1
+    assert first.act.shape == second.act.shape
+    other = JOINED_EDGES.clone()
+    other[1, 3] = 5  # still inside graph 1: traced again, exact
+    convert_joined(model, x, targets, other)
+    assert len(traces) == 2
