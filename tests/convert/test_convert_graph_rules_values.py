@@ -423,3 +423,54 @@ def test_a_joined_batch_converted_again_replays_its_plan(monkeypatch):
     other[1, 3] = 5  # still inside graph 1: traced again, exact
     convert_joined(model, x, targets, other)
     assert len(traces) == 2
+
+
+def test_a_gathered_copy_and_a_function_of_it_are_two_versions():
+    """``m = h[:, src]`` read by one Linear and ``relu(m)`` by another: the copy is version 0 of its set, the
+    ReLU's output version 1, so each Linear reads its own act and the graph stays exact. Kills _copy_to 67
+    (the copy made version 1: the ReLU's output then passes for it; refused by the summed-gradient check)."""
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.a, self.b, self.head = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 4)
+
+        def forward(self, x, edge_index):
+            m = self.inp(x)[:, edge_index[0]]
+            return self.head(torch.tanh(self.a(m) + self.b(torch.relu(m))).mean(1))
+
+    torch.manual_seed(8)
+    assert_exact_against_loop(Both(), *signals(seed=8))
+
+
+def test_a_data_graph_with_one_edge_is_exact():
+    """One message (a position axis of size 1 after the gather). Kills scatter_positions 214 (the
+    datapoints read at position 1)."""
+    torch.manual_seed(9)
+    assert_exact_against_loop(Body(lambda self, h, e: h + torch.zeros_like(h).index_add_(1, e[1, :1], h[:, e[0, :1]])),
+                              *signals(seed=9))
+
+
+def test_refusals_of_scatters_over_signals_name_the_op():
+    """A max over neighbours of signals ``[b, N, F]``, values holding other neurons at each position
+    (two layers' outputs joined along the nodes), one neuron twice in a scatter: in full, by the op's name."""
+    refused(lambda self, h, e: torch.zeros_like(h).scatter_reduce(
+        1, e[1].view(1, -1, 1).expand(h.shape[0], -1, 5), h[:, e[0]], "amax"), re.escape(
+        "Tensor.scatter_reduce: reduce='amax' on signals over one shared graph ([b, N, F]): max / min / product "
+        "aggregation over neighbours is not linear in the messages"))
+    refused(lambda self, h, e: torch.zeros(h.shape[0], 5, 10, dtype=h.dtype).index_add_(
+        1, torch.tensor([1, 2, 3, 4, 0]), torch.cat([h, h], -1))[..., :5], re.escape(
+        "Tensor.index_add_: its scatter does not hold the same neurons at every position, one per feature (a "
+        "statistic, or one neuron twice)"))
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(3, 5), nn.Linear(3, 5), nn.Linear(5, 4)
+
+        def forward(self, x, edge_index):
+            h = torch.cat([self.a(x[:, :2]), self.b(x[:, 2:])], 1)
+            return self.head(torch.relu(h.index_select(1, edge_index[0])).mean(1))
+
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "Tensor.index_select: its gather does not hold the same neurons at every position")):
+        convert(Two().to(DTYPE), *signals())
