@@ -102,12 +102,13 @@ def refused(body, match, inputs=None, table=False):
 
 def test_a_scatter_with_a_tensor_alpha_is_refused():
     refused(lambda self, h, e: torch.zeros_like(h).index_add_(-2, e[1], h[:, e[0]], alpha=torch.tensor(2.0)),
-            r"Tensor.index_add_: .*an alpha that is a tensor; gradgraph reads a constant number")
+            re.escape("Tensor.index_add_: an alpha that is a tensor; gradgraph reads a constant number"))
 
 
 def test_a_gather_of_a_parameter_is_refused_by_its_name():
     refused(lambda self, h, e: h + self.table.index_select(0, e[0, :5]),
-            r"index_select: .*the parameter 'table' as its input; gradgraph gathers and scatters neuron values",
+            re.escape("Tensor.index_select: the parameter 'table' as its input; gradgraph gathers and scatters neuron "
+                      "values along a data graph's nodes"),
             table=True)
 
 
@@ -457,6 +458,9 @@ def test_refusals_of_scatters_over_signals_name_the_op():
         1, e[1].view(1, -1, 1).expand(h.shape[0], -1, 5), h[:, e[0]], "amax"), re.escape(
         "Tensor.scatter_reduce: reduce='amax' on signals over one shared graph ([b, N, F]): max / min / product "
         "aggregation over neighbours is not linear in the messages"))
+    refused(lambda self, h, e: torch.zeros_like(h).scatter_reduce(
+        1, e[1].view(1, -1, 1).expand(h.shape[0], -1, 5), h[:, e[0]], "prod"), re.escape(
+        "Tensor.scatter_reduce: reduce='prod': max / min / product aggregation over neighbours is not linear"))
     refused(lambda self, h, e: torch.zeros(h.shape[0], 5, 10, dtype=h.dtype).index_add_(
         1, torch.tensor([1, 2, 3, 4, 0]), torch.cat([h, h], -1))[..., :5], re.escape(
         "Tensor.index_add_: its scatter does not hold the same neurons at every position, one per feature (a "
@@ -474,3 +478,10 @@ def test_refusals_of_scatters_over_signals_name_the_op():
     with pytest.raises(UnsupportedModuleError, match=re.escape(
             "Tensor.index_select: its gather does not hold the same neurons at every position")):
         convert(Two().to(DTYPE), *signals())
+
+
+def test_a_gather_of_attention_scores_is_refused_by_the_gathers_name():
+    """Scores ``h @ h.T`` gathered along the nodes are no neuron values. Kills _graph_operand 11 (the name
+    not passed on)."""
+    refused(lambda self, h, e: (h @ h.transpose(-1, -2)).index_select(1, e[0]),
+            re.escape("Tensor.index_select: attention scores used as neuron values"))
