@@ -485,3 +485,33 @@ def test_a_gather_of_attention_scores_is_refused_by_the_gathers_name():
     not passed on)."""
     refused(lambda self, h, e: (h @ h.transpose(-1, -2)).index_select(1, e[0]),
             re.escape("Tensor.index_select: attention scores used as neuron values"))
+
+
+def test_an_index_computed_from_the_inputs_data_is_a_constant_of_the_datapoints():
+    """Integer node types ``z`` read by an embedding, and a gather whose index is computed from ``z``
+    (``src + 0 * z[src]``: data, not neuron values): exact per graph. Kills _constant_index 12, 14, 15 (a
+    data index refused, or read without its value or meta)."""
+    class Types(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(7, 5), nn.Linear(5, 4)
+
+        def forward(self, z, edge_index, batch):
+            h = self.embed(z)
+            src = edge_index[0] + 0 * z[edge_index[0]]
+            h = torch.tanh(h + torch.zeros_like(h).index_add_(0, edge_index[1], h.index_select(0, src)))
+            return self.head(torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h))
+
+    torch.manual_seed(10)
+    model = Types().to(DTYPE)
+    z = torch.randint(0, 7, (9,), generator=torch.Generator().manual_seed(10))
+    targets = torch.tensor([0, 1, 2])
+    graph = gradgraph.to_graph(model, z, targets, cross_entropy, datapoints=BATCH,
+                               forward_kwargs={"edge_index": JOINED_EDGES, "batch": BATCH})
+    ours, params = graph.per_sample_grads(), dict(model.named_parameters())
+    for i in range(3):
+        rows = (BATCH == i).nonzero()[:, 0]
+        own = JOINED_EDGES[:, BATCH[JOINED_EDGES[0]] == i] - int(rows[0])
+        loss = cross_entropy(model(z[rows], own, torch.zeros(len(rows), dtype=torch.long)), targets[i:i + 1]).sum()
+        for (name, param), grad in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+            torch.testing.assert_close(ours[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, graph {i}")
