@@ -339,6 +339,16 @@ def test_joined_rows_refusals_name_the_message_and_the_axes():
             "Tensor.index_add_: values whose features (the axes after axis 0) sit at different positions; gradgraph "
             "gathers and scatters positions whose features are neurons")):
         convert_joined(pooled, torch.randn(9, 4, 3, dtype=DTYPE), torch.tensor([0, 1, 2]))
+    gathered = Joined(lambda self, h, e, batch: torch.zeros(int(batch.max()) + 1, 4, 5, dtype=h.dtype).index_add_(
+        0, batch, h.index_select(0, torch.arange(9))).mean(1)).to(DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "Tensor.index_select: values whose features (the axes after axis 0) sit at different positions")):
+        convert_joined(gathered, torch.randn(9, 4, 3, dtype=DTYPE), torch.tensor([0, 1, 2]))
+    twice = Joined(lambda self, h, e, batch: torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(
+        0, batch, torch.cat([h, h], -1).index_select(0, torch.arange(9))[:, :5])).to(DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "Tensor.index_select: its gather does not hold the same neurons at every position, one per feature")):
+        convert_joined(twice, torch.randn(9, 3, dtype=DTYPE), torch.tensor([0, 1, 2]))
 
 
 def test_joined_rows_take_one_key_per_row_of_the_largest_grid():
@@ -515,3 +525,12 @@ def test_an_index_computed_from_the_inputs_data_is_a_constant_of_the_datapoints(
         loss = cross_entropy(model(z[rows], own, torch.zeros(len(rows), dtype=torch.long)), targets[i:i + 1]).sum()
         for (name, param), grad in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
             torch.testing.assert_close(ours[name][i], grad, atol=1e-10, rtol=0, msg=f"{name}, graph {i}")
+
+
+def test_a_graph_of_one_node_is_exact():
+    """One node with two self loops (a node axis of size 1 before the gather). Kills gather_positions 87 (the
+    datapoints read at position 1)."""
+    torch.manual_seed(11)
+    inputs, targets = signals(nodes=1, seed=11)
+    assert_exact_against_loop(Body(lambda self, h, e: h + torch.zeros_like(h).index_add_(1, e[1], h[:, e[0]])),
+                              inputs, targets, edge_index=torch.zeros(2, 2, dtype=torch.long))
