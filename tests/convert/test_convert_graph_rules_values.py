@@ -101,11 +101,13 @@ def refused(body, match, inputs=None, table=False):
 
 
 def test_a_scatter_with_a_tensor_alpha_is_refused():
+    """Kills graph_op 104-109."""
     refused(lambda self, h, e: torch.zeros_like(h).index_add_(-2, e[1], h[:, e[0]], alpha=torch.tensor(2.0)),
             re.escape("Tensor.index_add_: an alpha that is a tensor; gradgraph reads a constant number"))
 
 
 def test_a_gather_of_a_parameter_is_refused_by_its_name():
+    """Kills _graph_operand 1-8; gather_positions 6, 8, 12, 13; graph_op 17."""
     refused(lambda self, h, e: h + self.table.index_select(0, e[0, :5]),
             re.escape("Tensor.index_select: the parameter 'table' as its input; gradgraph gathers and scatters neuron "
                       "values along a data graph's nodes"),
@@ -113,6 +115,7 @@ def test_a_gather_of_a_parameter_is_refused_by_its_name():
 
 
 def test_a_gather_or_scatter_along_the_feature_axis_is_refused():
+    """Kills _position_axis 2, 4-7; gather_positions 67; scatter_positions 55, 56, 60, 66, 67."""
     refused(lambda self, h, e: h.index_select(-1, torch.tensor([0, 0, 1, 2, 3])),
             r"index_select: .*a gather along the feature axis \(the neurons\)")
     refused(lambda self, h, e: torch.zeros_like(h).index_add_(-1, torch.tensor([0, 0, 1, 2, 3]), h),
@@ -121,7 +124,8 @@ def test_a_gather_or_scatter_along_the_feature_axis_is_refused():
 
 def test_scatters_gradgraph_does_not_read_are_refused_with_what_it_reads():
     """Into neuron values (out of place), into a tensor the caller made, of a source of another rank, of a
-    parameter: each message in full, under the op's name."""
+    parameter: each message in full, under the op's name.
+    Kills scatter_positions 7, 9-17, 20-25, 29, 31, 35, 36, 75, 78, 84, 89-94."""
     refused(lambda self, h, e: h.index_add(-2, e[1], h[:, e[0]]), re.escape(
         "Tensor.index_add: a scatter into values that depend on the input or on parameters; gradgraph reads a "
         "scatter into zeros (src.new_zeros(...).scatter_add_(...)), then a sum"))
@@ -138,6 +142,7 @@ def test_scatters_gradgraph_does_not_read_are_refused_with_what_it_reads():
 
 
 def test_a_scatter_whose_index_is_narrower_than_its_source_is_refused():
+    """Kills scatter_positions 99-106."""
     def body(self, h, e):
         m = h[:, e[0]]
         index = e[1].view(1, -1, 1).expand(h.shape[0], -1, 3)
@@ -149,6 +154,7 @@ def test_a_scatter_whose_index_is_narrower_than_its_source_is_refused():
 
 
 def test_a_scatter_whose_index_differs_between_features_is_refused():
+    """Kills scatter_positions 118, 122, 124, 125."""
     def body(self, h, e):
         index = torch.stack([e[1], e[1].roll(1), e[1], e[1], e[1]], -1).unsqueeze(0).expand(h.shape[0], -1, -1)
         return torch.zeros_like(h).scatter_add(-2, index, h[:, e[0]])
@@ -159,13 +165,15 @@ def test_a_scatter_whose_index_differs_between_features_is_refused():
 
 
 def test_values_whose_features_sit_at_different_positions_are_refused():
-    """``[b, N, T, C]``: positions on axes 1 and 2; a gather along axis 1 carries features at several positions."""
+    """``[b, N, T, C]``: positions on axes 1 and 2; a gather along axis 1 carries features at several positions.
+    Kills _check_trailing 11-17; _position_axis 10."""
     refused(lambda self, h, e: h.index_select(1, e[0]).mean(2),
             r"index_select: .*values whose features \(the axes after axis 1\) sit at different positions",
             inputs=torch.randn(2, 5, 4, 3, dtype=DTYPE))
 
 
 def test_a_gather_of_one_neuron_twice_is_refused():
+    """Kills _copy_to 26, 36-39; gather_positions 102, 107, 116, 117."""
     refused(lambda self, h, e: torch.cat([h, h], -1).index_select(-2, e[0])[..., :5],
             r"index_select: .*its gather does not hold the same neurons at every position, one per feature")
 
@@ -223,7 +231,8 @@ def assert_joined_exact(model, seed=0, edge_index=JOINED_EDGES, batch=BATCH):
 
 
 def test_a_joined_pooling_into_more_rows_than_graphs_is_refused():
-    """A sum pool into 4 rows for 3 graphs: row 3 receives no message, so it belongs to no datapoint."""
+    """A sum pool into 4 rows for 3 graphs: row 3 receives no message, so it belongs to no datapoint.
+    Kills _scatter_rows 10, 13, 16-25; scatter_positions 172."""
     model = Joined(lambda self, h, e, batch: torch.zeros(4, 5, dtype=h.dtype).index_add_(0, batch, h)[:3]).to(DTYPE)
     x = torch.randn(9, 3, dtype=DTYPE)
     with pytest.raises(UnsupportedModuleError, match=r"index_add_: .*row 3 of the result receives no message, and "
@@ -243,7 +252,7 @@ def test_a_joined_sum_pool_and_message_passing_are_exact():
 def test_indexing_that_repeats_no_position_copies_no_neuron():
     """``h[()]``, a permutation of the nodes ``h[:, perm]``, a boolean mask of them and a repeat of features
     ``h[:, :, idx]`` are shape ops (``gathers_positions`` is False): exact, and the graph has the plain
-    model's neurons (a gather would add a tied copy of the 5 channels)."""
+    model's neurons (a gather would add a tied copy of the 5 channels). Kills gathers_positions 12, 15, 16, 24."""
     inputs, targets = signals(seed=2)
     torch.manual_seed(2)
     plain = assert_exact_against_loop(Body(lambda self, h, e: h), inputs, targets)
@@ -258,7 +267,7 @@ def test_indexing_that_repeats_no_position_copies_no_neuron():
 
 def test_rows_gathered_by_a_plain_index_are_exact():
     """``h[src]`` on rows ``[n, F]`` (graphs joined by their batch vector): a gather along axis 0, the graph
-    of ``h.index_select(0, src)``."""
+    of ``h.index_select(0, src)``. Kills gather_axis 3; gathers_positions 30."""
     def body(gather):
         def run(self, h, e, batch):
             h = torch.tanh(h + torch.zeros_like(h).index_add_(0, e[1], gather(h, e[0])))
@@ -274,7 +283,7 @@ def test_indexing_that_is_no_gather_of_positions_stays_exact():
     """Repeated rows of a parameter (``table[idx]``: no neuron values), channels repeated on a transposed
     ``[b, C, N]`` (the indexed axis holds features, not positions) and nodes gathered after a slice of a
     time axis (``h[:, 1:, src]`` on ``[b, T, N, C]``: not full slices before the index) are not read as a
-    gather of positions; each converts exactly."""
+    gather of positions; each converts exactly. Kills gathers_positions 28, 31, 32, 35, 36, 45."""
     inputs, targets = signals(seed=4)
     repeats = torch.tensor([0, 0, 1, 2, 3])
     for body, table in ((lambda self, h, e: h + self.table[repeats], True),
@@ -289,7 +298,7 @@ def test_indexing_that_is_no_gather_of_positions_stays_exact():
 # ----------------------------------------------------------------------------- what a user reads
 def test_refusals_of_gathers_along_the_wrong_axis_say_what_to_do():
     """The feature axis, the datapoint axis of signals without ``datapoints`` and of rows joined with them:
-    each message in full, under the op's name."""
+    each message in full, under the op's name. Kills _joined_rows 1; _position_axis 8, 9, 29, 31, 32, 34-37, 39-41."""
     refused(lambda self, h, e: h.index_select(-1, torch.tensor([0, 0, 1, 2, 3])), re.escape(
         "Tensor.index_select: a gather along the feature axis (the neurons); gradgraph reads message passing as "
         "gathers and scatters along the data graph's node axis, features last"))
@@ -309,7 +318,7 @@ def test_refusals_of_gathers_along_the_wrong_axis_say_what_to_do():
 def test_positions_share_keys_across_grids():
     """Node ``p`` and edge ``p`` share key ``p``: over 5 nodes a model has 5 position keys, with a gather of
     7 edges 7, whichever grid was made last; one more key holds the pooled rows (the mean over the nodes),
-    so ``B = b * (7 + 1)`` (``b * (5 + 1)`` without the gather)."""
+    so ``B = b * (7 + 1)`` (``b * (5 + 1)`` without the gather). Kills _position_comps 12."""
     inputs, targets = signals(seed=5)
     torch.manual_seed(5)
     plain = assert_exact_against_loop(Body(lambda self, h, e: h), inputs, targets)
@@ -322,7 +331,8 @@ def test_positions_share_keys_across_grids():
 
 def test_joined_rows_refusals_name_the_message_and_the_axes():
     """An edge from graph 1 into graph 0 names the message and both datapoints; rows ``[n, T, F]`` whose
-    ``T`` positions carry the features are refused under the scatter's name."""
+    ``T`` positions carry the features are refused under the scatter's name.
+    Kills _joined_rows 9; _scatter_rows 30, 32; gather_positions 21, 50, 55, 64, 65; scatter_positions 45."""
     def body(self, h, e, batch):
         h = torch.tanh(h + torch.zeros_like(h).index_add_(0, e[1], h.index_select(0, e[0])))
         return torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h)
@@ -353,7 +363,7 @@ def test_joined_rows_refusals_name_the_message_and_the_axes():
 
 def test_joined_rows_take_one_key_per_row_of_the_largest_grid():
     """Graphs of 3, 4 and 2 nodes sending 3, 5 and 2 messages: a row's key is its rank among its graph's
-    rows, so the edges of graph 1 need 5 keys and ``B = 3 * 5`` (the pooled rows take key 0)."""
+    rows, so the edges of graph 1 need 5 keys and ``B = 3 * 5`` (the pooled rows take key 0). Kills _row_comps 8, 10."""
     def body(self, h, e, batch):
         h = torch.tanh(h + torch.zeros_like(h).index_add_(0, e[1], h.index_select(0, e[0])))
         return torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(0, batch, h)
@@ -364,7 +374,7 @@ def test_joined_rows_take_one_key_per_row_of_the_largest_grid():
 def test_joined_scatter_refusals_and_a_replay_with_an_edge_between_graphs():
     """A max into rows that are not each graph's own (graph i's max into row i + 1), a scatter of one neuron
     twice, and a replay of the cached plan on edges that now cross from graph 1 into graph 0 (the index is a
-    value guard: it is traced again and refused, not replayed)."""
+    value guard: it is traced again and refused, not replayed). Kills scatter_positions 156, 167, 181, 186, 199, 200."""
     from torch_geometric.utils import scatter
 
     x, targets = torch.randn(9, 3, dtype=DTYPE), torch.tensor([0, 1, 2])
@@ -412,7 +422,8 @@ def test_zeros_made_by_the_first_op_of_the_trace_are_a_scatter_base():
 def test_a_joined_batch_converted_again_replays_its_plan(monkeypatch):
     """The same batch again: the scatters' index guards hold (they compare the indices' values), so the
     cached plan is replayed, not traced afresh; another graph's edges are traced again (refused above).
-    Kills scatter_positions 139, 142 (a guard without values never holds: every call traced again)."""
+    Kills scatter_positions 139, 142 (a guard without values never holds: every call traced again), and the
+    same in the gather, gather_positions 41, 44."""
     import gradgraph.convert.traced as traced
 
     traces = []
@@ -463,7 +474,8 @@ def test_a_data_graph_with_one_edge_is_exact():
 
 def test_refusals_of_scatters_over_signals_name_the_op():
     """A max over neighbours of signals ``[b, N, F]``, values holding other neurons at each position
-    (two layers' outputs joined along the nodes), one neuron twice in a scatter: in full, by the op's name."""
+    (two layers' outputs joined along the nodes), one neuron twice in a scatter: in full, by the op's name.
+    Kills _copy_to 27; graph_op 35, 45-49, 100; scatter_positions 202, 229, 234, 243, 244."""
     refused(lambda self, h, e: torch.zeros_like(h).scatter_reduce(
         1, e[1].view(1, -1, 1).expand(h.shape[0], -1, 5), h[:, e[0]], "amax"), re.escape(
         "Tensor.scatter_reduce: reduce='amax' on signals over one shared graph ([b, N, F]): max / min / product "
