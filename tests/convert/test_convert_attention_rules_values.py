@@ -19,6 +19,7 @@ each test's docstring names the mutants it was checked against (``MUTANT_UNDER_T
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -476,3 +477,38 @@ def test_a_softmax_of_scores_without_a_dim_takes_pytorchs_implicit_axis_and_is_r
         with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
             gradgraph.to_graph(model, inputs, targets, loss)
     assert "softmax: a softmax of scores over another axis than the keys, and its result reaches" in str(refusal.value)
+
+
+def test_scores_bounded_by_a_constant_in_either_place_convert_and_a_max_over_them_is_refused():
+    """``scores.max(floor)`` (the method's two-tensor form) and ``torch.min(ceiling, scores)`` (the constant
+    first) are elementwise bounds: exact with their heads. A max that reduces the scores (``torch.max(s)``,
+    ``s.max(-1, keepdim=True)``: the softmax's shift) is no elementwise op of them and is refused by name.
+    Kills scores_op 17 (every max allowed), 19 (``len(args) >= 1``: an ``IndexError`` out of the trace)."""
+    for fn in (lambda self, q, k, v: scores(q, k).max(torch.tensor(-1.0, dtype=q.dtype)).softmax(-1) @ v,
+               lambda self, q, k, v: torch.min(torch.tensor(2.0, dtype=q.dtype), scores(q, k)).softmax(-1) @ v):
+        _, graph = convert(fn)
+        assert_heads(graph)
+    inputs, targets = batch()
+    for fn, op in ((lambda self, q, k, v: (scores(q, k) - torch.max(scores(q, k))).softmax(-1) @ v, "torch.max"),
+                   (lambda self, q, k, v: (lambda s: (s - s.max(-1, keepdim=True).values).softmax(-1) @ v)(
+                       scores(q, k)), "Tensor.max")):
+        with pytest.raises(gradgraph.UnsupportedModuleError, match=re.escape(
+                f"{op}: combines attention scores with neuron values")):
+            gradgraph.to_graph(Attention(fn).to(DTYPE), inputs, targets, loss)
+
+
+def test_three_axis_scores_kept_through_contiguous_and_a_constant_divided_by_them():
+    """Scores ``[b * H, T, T]`` through ``.contiguous()`` (a shape op that keeps the batch shape) convert
+    exactly; a constant divided in place by the scores (``ones.div_(scores)``: not the scores, nor a function
+    of them the rules read) is refused by name. Kills scores_op 49 (the batch shape read as ``shape[:2]``:
+    three-axis scores then taken for reshaped), 24 (the in-place op renamed out of place where the scores
+    are not its first argument)."""
+    _, graph = convert(lambda self, q, k, v: torch.bmm(torch.bmm(merged(q), merged(k).transpose(1, 2)).contiguous()
+                                                       .softmax(-1), merged(v)).view(q.shape))
+    assert_heads(graph)
+    inputs, targets = batch()
+    model = Attention(lambda self, q, k, v: torch.ones(q.shape[0], q.shape[1], T, T, dtype=q.dtype).div_(
+        scores(q, k)).softmax(-1) @ v).to(DTYPE)
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=re.escape(
+            "Tensor.div_: combines attention scores with neuron values")):
+        gradgraph.to_graph(model, inputs, targets, loss)
