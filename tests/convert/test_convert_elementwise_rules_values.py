@@ -1,0 +1,158 @@
+"""The rules of ``trace/rules_elementwise.py`` that run convert 17 mutated (``binary`` and its helpers,
+``with_parameter``, the reductions, ``separate_parts``, ``mask_op``, ``norm``), checked by value: what its
+survivors showed unchecked (docs/mutation.md).
+
+Every conversion is float64 against torch.func's per-sample gradients (or a per-datapoint autograd loop) at
+1e-10; the inferred group is written out neuron by neuron (``perm_group``: ``-1`` fixed, else the id of the
+set a neuron permutes with) and a sampled element of it must keep the function and map the graph to the
+permuted model's graph; a refusal is checked by the words a user reads. Each test names the mutants it kills
+(``mutmut show NAME`` in ``.mutation/convert-elementwise/``), each checked with ``MUTANT_UNDER_TEST=NAME``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+import gradgraph
+from gradgraph.convert import UnsupportedOperationError
+
+DTYPE = torch.float64
+
+
+def cross_entropy(output, target):
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def fixed(count):
+    return [-1] * count
+
+
+def convert_exactly(model, inputs, targets, seeds=range(2)):
+    """The graph (exact against torch.func) and the most nodes a sampled group element moved."""
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    moved = max(assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=seed)[0] for seed in seeds)
+    return graph, moved
+
+
+def batch(*shape, seed=0, classes=3):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, dtype=DTYPE, generator=generator),
+            torch.randint(0, classes, (shape[0],), generator=generator))
+
+
+# ------------------------------------------------------------------------------------------- mask_op
+MASKS = {
+    # one entry per feature (a mask over the 4 neurons of the tanh set), or one entry for all of them
+    "per feature": torch.tensor([True, False, True, False]),
+    "all": torch.ones(4, dtype=torch.bool),
+    "none": torch.zeros(4, dtype=torch.bool),
+}
+MASK_OPS = {
+    "masked_fill": lambda h, mask: h.masked_fill(mask, 0.5),
+    "torch.masked_fill": lambda h, mask: torch.masked_fill(h, mask, -0.25),
+    "where, neurons first": lambda h, mask: torch.where(mask, h, 0.5),
+    "where, neurons second": lambda h, mask: torch.where(mask, -0.25, h),
+    "where of a tensor": lambda h, mask: torch.where(mask, h, torch.full((4,), 0.5, dtype=DTYPE)),
+}
+
+
+class Masked(nn.Module):
+    """``Linear(3, 4) -> tanh -> op(h, mask) -> Linear(4, 3)``: the tanh set's 4 neurons masked."""
+
+    def __init__(self, op: str, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.op = MASK_OPS[op]
+        self.first, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return self.out(self.op(torch.tanh(self.first(x)), self.mask))
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("op", MASK_OPS)
+def test_a_mask_that_differs_between_features_fixes_the_set_and_one_that_does_not_keeps_it(op, mask):
+    """``masked_fill`` and ``torch.where`` with one constant operand are elementwise ops of the neurons
+    (exact); a mask that differs between the set's neurons breaks their permutation symmetry (the set
+    fixed), one alike for all of them keeps it. Kills ``mask_op`` (the WHERE test, the operands, the
+    condition's check, the mask passed to ``check_constant``)."""
+    model = Masked(op, MASKS[mask]).to(DTYPE)
+    graph, moved = convert_exactly(model, *batch(5, 3))
+    expected = fixed(3) + (fixed(4) if mask == "per feature" else [0] * 4) + fixed(3)
+    assert graph.perm_group.tolist() == expected
+    assert (moved == 0) == (mask == "per feature")
+
+
+class MaskedTokens(nn.Module):
+    """Tokens ``[b, T, 3] -> Linear(3, 4) -> tanh``, masked along the tokens only (a padding mask,
+    ``[T, 1]``) or along the tokens and the features (``[T, 4]``), pooled over the tokens."""
+
+    def __init__(self, op: str, per_feature: bool) -> None:
+        super().__init__()
+        self.op = MASK_OPS[op]
+        self.first, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+        mask = torch.tensor([[True, False, False, True], [False, False, True, True], [True, True, False, False]])
+        self.register_buffer("mask", mask if per_feature else mask[:, :1])
+
+    def forward(self, x):
+        return self.out(self.op(torch.tanh(self.first(x)), self.mask).sum(1))
+
+
+@pytest.mark.parametrize("per_feature", [False, True])
+@pytest.mark.parametrize("op", ["masked_fill", "where, neurons first", "where, neurons second"])
+def test_a_padding_mask_over_the_tokens_keeps_the_features_permutable(op, per_feature):
+    """A mask that varies along the tokens only is alike for every neuron of the set (permutable);
+    one that also varies along the features fixes it."""
+    graph, moved = convert_exactly(MaskedTokens(op, per_feature).to(DTYPE), *batch(4, 3, 3))
+    assert graph.perm_group.tolist()[3:7] == (fixed(4) if per_feature else [0] * 4)
+    assert (moved == 0) == per_feature
+
+
+class MaskedConstant(nn.Module):
+    """A constant (no neurons) masked, then added to the neurons: no rule output to make."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.first, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.register_buffer("mask", torch.tensor([True, False, True, False]))
+        self.register_buffer("table", torch.linspace(-1.0, 1.0, 4, dtype=DTYPE))
+
+    def forward(self, x):
+        constant = self.table.masked_fill(self.mask, 2.0) if self.op == "masked_fill" \
+            else torch.where(self.mask, self.table, 2.0)
+        return self.out(torch.tanh(self.first(x)) + constant)
+
+
+@pytest.mark.parametrize("op", ["masked_fill", "where"])
+def test_a_masked_constant_added_to_the_neurons_is_exact(op):
+    """``masked_fill`` / ``where`` of constants only: a constant, which differs between the features it is
+    added to (the set fixed)."""
+    graph, _ = convert_exactly(MaskedConstant(op).to(DTYPE), *batch(5, 3))
+    assert graph.perm_group.tolist() == fixed(10)
+
+
+def test_where_between_two_neuron_values_is_refused_by_name():
+    """``torch.where(mask, h, h * h)``: no rule says which neuron holds which value; the refusal names the op
+    and why when the result reaches the next layer."""
+
+    class TwoValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+            self.register_buffer("mask", torch.tensor([True, False, True, False]))
+
+        def forward(self, x):
+            h = torch.tanh(self.first(x))
+            return self.out(torch.where(self.mask, h, h * h))
+
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"torch\.where: where\(\) between several neuron values, "
+                                                        r"and its result reaches torch\.nn\.functional\.linear"):
+        gradgraph.to_graph(TwoValues().to(DTYPE), *batch(5, 3), cross_entropy)
+
