@@ -156,3 +156,32 @@ def test_where_between_two_neuron_values_is_refused_by_name():
                                                         r"and its result reaches torch\.nn\.functional\.linear"):
         gradgraph.to_graph(TwoValues().to(DTYPE), *batch(5, 3), cross_entropy)
 
+
+PARAMETER_MASK_OPS = {
+    "where, parameter second": lambda h, mask, p, q: torch.where(mask, h, p),
+    "where, parameter first": lambda h, mask, p, q: torch.where(mask, p, h),
+    "masked_fill with a parameter": lambda h, mask, p, q: h.masked_fill(mask, q),
+}
+
+
+@pytest.mark.parametrize("op", PARAMETER_MASK_OPS)
+def test_a_parameter_selected_by_where_or_filled_in_is_refused_by_name(op):
+    """A parameter as a value of ``torch.where`` or as ``masked_fill``'s fill value is no bias or scale of the
+    neurons: the rule read the op as elementwise in the neurons alone, so the parameter's gradient was lost, and
+    the conversion failed with a bare ``KeyError: 'p'`` from its own gradient check (or, with the parameter also
+    used elsewhere, a gradient mismatch). It is refused by name, as ``h - p`` is."""
+
+    class WithParameter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+            self.p, self.q = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(()))
+            self.register_buffer("mask", torch.tensor([True, False, True, False]))
+
+        def forward(self, x):
+            return self.out(PARAMETER_MASK_OPS[op](torch.tanh(self.first(x)), self.mask, self.p, self.q))
+
+    gradgraph.convert.clear_structure_cache()
+    name = "q" if "masked_fill" in op else "p"
+    with pytest.raises(UnsupportedOperationError, match=rf"the parameter '{name}' is a value the op selects"):
+        gradgraph.to_graph(WithParameter().to(DTYPE), *batch(5, 3), cross_entropy)

@@ -540,6 +540,15 @@ class ElementwiseRules:
         return self.mark_opaque(output, name, "a softmax across positions or part of the features", [meta])
 
     def mask_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        # a parameter selected (torch.where's value) or filled in (masked_fill's value) is no bias or scale of
+        # the neurons: read as elementwise in the neurons alone, its gradient would be lost
+        selected = (args[1], args[2]) if name in WHERE else (args[2] if len(args) > 2 else kwargs.get("value"),)
+        param = next((meta for meta in map(self.meta, selected) if isinstance(meta, Param)), None)
+        if param is not None:
+            raise self.unsupported(name, f"the parameter '{self.param_names[param.index]}' is a value the op selects "
+                                   "(torch.where's value or masked_fill's fill value), which gradgraph has no rank-1 "
+                                   "terms for; it reads a parameter added to neurons (a bias) or multiplied with them "
+                                   "(a scale): write h + b or h * s")
         if name in WHERE:
             condition, left, right = args[0], args[1], args[2]
             values = [value for value in (left, right) if isinstance(self.meta(value), Neurons)]
