@@ -185,3 +185,87 @@ def test_a_parameter_selected_by_where_or_filled_in_is_refused_by_name(op):
     name = "q" if "masked_fill" in op else "p"
     with pytest.raises(UnsupportedOperationError, match=rf"the parameter '{name}' is a value the op selects"):
         gradgraph.to_graph(WithParameter().to(DTYPE), *batch(5, 3), cross_entropy)
+
+
+# ------------------------------------------------------------------------------------- binary's refusals
+class TwoSets(nn.Module):
+    """Two neuron values ``h = tanh(a(x))``, ``g = sigmoid(b(x))`` (and a parameter ``v``) combined by ``op``."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+        self.v = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return self.out(self.op(self, torch.tanh(self.a(x)), torch.sigmoid(self.b(x))))
+
+
+REFUSALS = {
+    "copies": (lambda self, h, g: (h[:, None, :] + g[:, None, :].expand(-1, 2, -1)).sum(1),
+               "Tensor.add: copies values of one position over a new axis (a broadcast or expand of a [.., 1, ..] "
+               "axis), so one neuron would hold several values at one datapoint position; apply the op before adding "
+               "the axis, or add it with a Linear"),
+    "parameter subtracted": (lambda self, h, g: h - self.v,
+                             "Tensor.sub: the parameter 'v' is subtracted, divided by, an exponent, a bound or scaled "
+                             "by alpha; gradgraph reads a parameter added to neurons (a bias) or multiplied with them "
+                             "(a scale): write h + b or h * s"),
+    "partly not neurons": (lambda self, h, g: h + torch.cat([g[:, :2], g[:, :2].mean(-1, keepdim=True).expand(-1, 2)],
+                                                            -1),
+                           "Tensor.add: combines neurons with values that are partly not neurons"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_binary_refusals_name_the_op_and_say_why_in_full(case):
+    """The words a user reads, in full, after the op's name. Kills ``check_no_copies`` 6, 10, 12-15 and
+    ``parameter_operand_refused`` 1, 7, 8 (the op name ``None``, the words changed)."""
+    op, message = REFUSALS[case]
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(TwoSets(op).to(DTYPE), *batch(5, 3), cross_entropy)
+    assert str(error.value).endswith(f": {message}"), str(error.value)  # (under mutmut the frame is its trampoline)
+
+
+class TokensAndPositions(nn.Module):
+    """Tokens ``[b, T, 3] -> tanh(Linear(3, 4))`` and a position table ``pos(arange(T))`` (neurons that do not
+    depend on the input), combined by ``op`` and pooled over the tokens."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.pos, self.out = nn.Linear(3, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+        self.v = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return self.out(self.op(self, torch.tanh(self.a(x)), self.pos(torch.arange(x.shape[1]))).sum(1))
+
+
+REACHES = ", and its result reaches torch.nn.functional.linear with the parameter 'out.weight' at "
+INPUT_FREE_REFUSALS = {
+    "parameter times positions": (lambda self, h, p: h + p * self.v,
+                                  "Tensor.mul: arithmetic between a parameter and values that do not depend on the "
+                                  "input"),
+    "positions times positions": (lambda self, h, p: h + p * p,
+                                  "Tensor.mul: arithmetic on two values that do not depend on the input"),
+    "mean of positions": (lambda self, h, p: h + p.mean(0),
+                          "Tensor.mean: a reduction of values that do not depend on the input" + REACHES),
+    "sum over everything": (lambda self, h, p: h + h.sum(),
+                            "Tensor.sum: a reduction over datapoints" + REACHES),
+    "mean over everything": (lambda self, h, p: h * torch.mean(h),
+                             "torch.mean: a reduction over datapoints" + REACHES),
+}
+
+
+@pytest.mark.parametrize("case", INPUT_FREE_REFUSALS)
+def test_ops_on_values_of_no_datapoint_are_refused_with_the_ops_name_and_why(case):
+    """A parameter or a second value combined with neurons of no datapoint (a position table), a reduction of
+    them, and a reduction over every axis (the datapoints too, ``dim`` left out): refused at the op, by name, with
+    why. Kills ``with_parameter`` 5-10, ``reduction`` 8, 11-17 (the opaque result unmarked, its op name or reason
+    changed), ``_dims`` 16, 17 (no ``dim``: every axis)."""
+    op, message = INPUT_FREE_REFUSALS[case]
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(TokensAndPositions(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
+    text = str(error.value)
+    assert (f": {message}" in text) if REACHES in message else text.endswith(f": {message}"), text
