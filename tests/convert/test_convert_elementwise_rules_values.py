@@ -269,3 +269,54 @@ def test_ops_on_values_of_no_datapoint_are_refused_with_the_ops_name_and_why(cas
         gradgraph.to_graph(TokensAndPositions(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
     text = str(error.value)
     assert (f": {message}" in text) if REACHES in message else text.endswith(f": {message}"), text
+
+
+# ---------------------------------------------------------------------------------------------- reduction
+class Pooled(nn.Module):
+    """Tokens ``[b, T, 3] -> tanh(Linear(3, 4))`` pooled over the tokens by ``op``, then ``Linear(4, 3)``."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.op(torch.tanh(self.a(x))))
+
+
+POOLINGS = {
+    "max values": lambda h: h.max(1).values,
+    "min by keyword": lambda h: h.min(dim=1)[0],
+    "max with keepdim": lambda h: h.max(1, keepdim=True).values.squeeze(1),
+    "mean, keepdim by position": lambda h: h.mean(1, True).squeeze(1),
+    "torch.sum, keepdim by position": lambda h: torch.sum(h, 1, True)[:, 0],
+    "amax, keepdim by position": lambda h: h.amax(1, True).squeeze(1),
+    "sum, keepdim False by position": lambda h: h.sum(1, False),
+}
+
+
+@pytest.mark.parametrize("op", POOLINGS)
+def test_a_pool_over_the_tokens_with_its_indices_or_keepdim_by_position_is_a_tied_copy(op):
+    """A max / min over the tokens (its values; the indices left unused) and a pool with ``keepdim`` passed by
+    position: one pooled neuron per feature, tied to the pooled set (both permute together). Kills ``reduction``
+    25-27, 38, 42, 45, 46 (the values of a max with indices refused, unpacked from ``None`` or their indices
+    marked wrongly), 59, 61, 64, 66, 69, 71 (``keepdim`` by position read as ``False``)."""
+    graph, moved = convert_exactly(Pooled(POOLINGS[op]).to(DTYPE), *batch(5, 3, 3))
+    assert graph.perm_group.tolist() == fixed(3) + [0] * 8 + fixed(3)
+    assert moved > 0
+
+
+@pytest.mark.parametrize("use", ["added", "gathered by"])
+def test_the_indices_of_a_max_are_refused_where_they_reach_a_layer(use):
+    """The indices of a max depend on the values (a cached plan replayed on other inputs would read other
+    elements): refused by name where they reach a layer. Kills ``reduction`` 39-41, 43, 44, 47, 48."""
+
+    def op(h):
+        if use == "added":
+            return h.max(1).values + h.max(1).indices.to(h.dtype)
+        return torch.gather(h, 1, h.max(1, keepdim=True).indices).squeeze(1)
+
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(Pooled(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
+    assert ": Tensor.max: the indices of a max/min" + REACHES in str(error.value), str(error.value)
