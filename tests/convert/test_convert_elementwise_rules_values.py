@@ -320,3 +320,40 @@ def test_the_indices_of_a_max_are_refused_where_they_reach_a_layer(use):
     with pytest.raises(UnsupportedOperationError) as error:
         gradgraph.to_graph(Pooled(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
     assert ": Tensor.max: the indices of a max/min" + REACHES in str(error.value), str(error.value)
+
+
+def test_a_sum_over_one_token_at_the_output_leaves_the_output_neurons_act_the_output():
+    """One token (``[b, 1, 3]``) summed at the end: the same values, a new version of the output set, whose act
+    (read from its newest value, no layer reads it) is the model's output. Kills ``reduction`` 152 (that
+    value not observed)."""
+    model = Pooled(lambda h: h).to(DTYPE)
+    model.forward = lambda x: model.out(torch.tanh(model.a(x))).sum(1)
+    inputs, targets = batch(5, 1, 3)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    torch.testing.assert_close(graph.act[-3:].T, model(inputs).detach(), atol=1e-12, rtol=0)
+
+
+REDUCTION_REFUSALS = {
+    "over tokens and features": (lambda h: h.mean((1, 2))[:, None].expand(-1, 4),
+                                 "Tensor.mean: a reduction over features and positions together"),
+    "sum of each part": (lambda h: h.view(*h.shape[:2], 2, 2).sum(-1).repeat(1, 1, 2).sum(1),
+                         "Tensor.sum: a reduction over part of the features"),
+    "log-sum-exp over tokens": (lambda h: h.logsumexp(1), "Tensor.logsumexp: a reduction over positions other "
+                                "than sum/mean/max/min/norm"),
+    "variance over tokens": (lambda h: torch.var(h, 1), "torch.var: a reduction over positions other than "
+                             "sum/mean/max/min/norm"),
+}
+
+
+@pytest.mark.parametrize("case", REDUCTION_REFUSALS)
+def test_reductions_with_no_rule_are_refused_by_name_where_they_reach_a_layer(case):
+    """A reduction over the features and the tokens together, a sum of part of the features (no statistic a norm
+    takes), and a reduction over the tokens that is no pool: refused at the op, by name, with why. Kills
+    ``reduction`` 156, 203 (both axes read as one of them), 161, 164-173 (the part's sum made a statistic, its
+    refusal's words), 209-219."""
+    op, message = REDUCTION_REFUSALS[case]
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(Pooled(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
+    assert f": {message}" + REACHES in str(error.value), str(error.value)
