@@ -357,3 +357,56 @@ def test_reductions_with_no_rule_are_refused_by_name_where_they_reach_a_layer(ca
     with pytest.raises(UnsupportedOperationError) as error:
         gradgraph.to_graph(Pooled(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
     assert f": {message}" + REACHES in str(error.value), str(error.value)
+
+
+def test_pooled_rows_that_hold_other_neurons_are_refused():
+    """Tokens of two sets (``cat([h1, h2])`` along the tokens) pooled in halves: one half's row holds ``h1``'s
+    neurons, the other's ``h2``'s, so no pooled neuron holds one value per row; refused by name. Kills
+    ``reduction`` 244, 251-260."""
+
+    class TwoSetsOfTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            both = torch.cat([torch.tanh(self.a(x)), torch.sigmoid(self.c(x))], 1)
+            return self.out(both.view(x.shape[0], 2, x.shape[1], 4).mean(2).sum(1))
+
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(TwoSetsOfTokens().to(DTYPE), *batch(5, 3, 3), cross_entropy)
+    assert ": Tensor.mean: pooling that does not keep one neuron per feature" + REACHES in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------- norm
+class RMSNormed(nn.Module):
+    """``Linear(3, 4) -> tanh -> norm(h) -> Linear(4, 3)``, the norm written as ``op(h, weight)``."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.weight = nn.Parameter(1.0 + 0.3 * torch.randn(4))
+
+    def forward(self, x):
+        return self.out(self.op(torch.tanh(self.a(x)), self.weight))
+
+
+NORMS_BY_POSITION = {
+    # torch.rms_norm is a builtin: a __torch_function__ mode gets its arguments as the caller wrote them
+    "torch.rms_norm, weight and eps by position": lambda h, w: torch.rms_norm(h, (4,), w, 0.5),
+    "torch.rms_norm, weight by position": lambda h, w: torch.rms_norm(h, [4], w),
+    "torch.rms_norm, eps by keyword": lambda h, w: torch.rms_norm(h, [4], w, eps=0.5),
+    "F.rms_norm": lambda h, w: F.rms_norm(h, (4,), w, 0.5),
+}
+
+
+@pytest.mark.parametrize("op", NORMS_BY_POSITION)
+def test_norms_with_their_weight_and_eps_given_by_position_are_exact(op):
+    """``torch.rms_norm(h, shape, weight, eps)`` hands the rule its weight and ``eps`` by position (a large
+    ``eps``, 0.5, so one read wrongly shows in every gradient). Kills ``norm`` 14, 16, 18 (the weight by position
+    dropped or read at another place), 24 (``eps`` read as a bias), 34, 37, 39, 40, 42 (``eps`` by position
+    dropped or read at another place)."""
+    graph, moved = convert_exactly(RMSNormed(NORMS_BY_POSITION[op]).to(DTYPE), *batch(5, 3))
+    assert graph.num_nodes == 3 + 4 + 4 + 3
