@@ -379,6 +379,51 @@ def test_pooled_rows_that_hold_other_neurons_are_refused():
     assert ": Tensor.mean: pooling that does not keep one neuron per feature" + REACHES in str(error.value)
 
 
+class OneNeuronPerToken(nn.Module):
+    """One neuron per token, ``tanh(Linear(3, 1))`` squeezed to ``[b, T]``, pooled by ``op``."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.out = nn.Linear(3, 1), nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.op(self, torch.tanh(self.a(x)).squeeze(-1))
+
+
+ONE_NEURON_POOLS = {
+    # pooled to [b], then a Linear of its one feature
+    "mean to [b]": (lambda self, h: self.out(h.mean(1).unsqueeze(-1)), 3 + 1 + 1 + 3),
+    # the tokens pooled in pairs to [b, 2], each pair a row of its own (the Linear's outputs pooled too)
+    "max of pairs": (lambda self, h: self.out(h.view(h.shape[0], 2, 2).amax(2).unsqueeze(-1)).sum(1),
+                      3 + 1 + 1 + 3 + 3),
+    # pooled to [b] after a Linear and a sum of its features, the regression's output
+    "sum to [b]": (lambda self, h: torch.tanh(self.out(h.unsqueeze(-1))).sum(-1).mean(1), 3 + 1 + 3 + 1),
+}
+
+
+@pytest.mark.parametrize("batch_size", [5, 2])
+@pytest.mark.parametrize("case", ONE_NEURON_POOLS)
+def test_a_pool_of_one_neuron_per_token_is_one_pooled_neuron(case, batch_size):
+    """A value of one neuron on ``[b, T]`` pooled over the tokens: its last axis left holds datapoints (or
+    positions), not features. The rule read it as the feature row, so the pool made one neuron per datapoint
+    (per position): a graph whose nodes grew with the batch (12 nodes for 5 datapoints, 9 for 2, in "sum to
+    [b]"), and a Linear of the pooled value refused ("applied to an axis that holds positions or datapoints").
+    Now one pooled neuron, tied to the pooled one, the same graph for every batch size, exact."""
+    op, num_nodes = ONE_NEURON_POOLS[case]
+    inputs, targets = batch(batch_size, 4, 3)
+    if case == "sum to [b]":
+        targets = torch.randn(batch_size, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+        gradgraph.convert.clear_structure_cache()
+        graph = assert_exact_per_sample_grads(OneNeuronPerToken(op).to(DTYPE), inputs, targets,
+                                              lambda out, y: (out - y) ** 2)
+    else:
+        graph, _ = convert_exactly(OneNeuronPerToken(op).to(DTYPE), inputs, targets)
+    assert graph.num_nodes == num_nodes
+    # the pooled neuron is tied to the one it pools (a set of one), or the output's (fixed)
+    assert graph.perm_group[[3, 4]].tolist() == [0, 0] if case != "sum to [b]" else graph.perm_group[7] == -1
+
+
 # ------------------------------------------------------------------------------------------------- norm
 class RMSNormed(nn.Module):
     """``Linear(3, 4) -> tanh -> norm(h) -> Linear(4, 3)``, the norm written as ``op(h, weight)``."""

@@ -488,19 +488,25 @@ class ElementwiseRules:
                 # x.mean((2, 3), keepdim=True)): per channel, the positions left stay components
                 self.spatial_pool(name, (x,), {}, output)
                 return None
-            pooled_nodes = collapse(meta.nodes)
+            pooled_nodes, pooled_datapoints = collapse(meta.nodes), collapse(datapoint)
+            # one neuron whose last axis left holds positions or datapoints, not features ([b, T] pooled to
+            # [b]): read along a trailing axis of one feature, or the datapoints would pass for its features
+            one_neuron = pooled_nodes.dim() > 0 and not varies_along(pooled_nodes, pooled_nodes.dim() - 1) \
+                and varies_along(collapse(meta.comps), pooled_nodes.dim() - 1)
+            if one_neuron:
+                pooled_nodes, pooled_datapoints = pooled_nodes[..., None], pooled_datapoints[..., None]
             rows = rows_along_last(pooled_nodes)
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):
                 return self.mark_opaque(output, name, "pooling that does not keep one neuron per feature", [meta])
             self.observe(x, meta)
             # one pooled set per set the row holds (a pooled cat of group outputs: rules_conv.tied_copy)
             pooled_ids, created = self.tied_copy(rows[0].clone(), f"{self.path()} {name}", "pool")
-            pooled_datapoints = collapse(datapoint)  # the output's shape: at least one axis (checked above)
             # several pooled rows of one datapoint (tokens pooled in pairs, a video's frames each pooled over
             # its positions): a key per row of the datapoint, so no neuron holds two values at one component
             rank = rank_among_rows(rows_along_last(pooled_datapoints)[:, 0])
             keys = torch.tensor(self.new_key(int(rank.max()) + 1 if rank.numel() else 1))
             comps = pooled_datapoints * KEY_STRIDE + keys[rank].reshape(*pooled_datapoints.shape[:-1], 1)
+            comps = comps[..., 0] if one_neuron else comps
             nodes = broadcast_ids(pooled_ids, output.shape).clone()
             new = Neurons(nodes, broadcast_ids(comps, output.shape).clone(), {pooled.index: 0 for pooled in created})
             created[0].grad_records.append((output, nodes, new.comps))
