@@ -11,6 +11,8 @@ permuted model's graph; a refusal is checked by the words a user reads. Each tes
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -455,3 +457,73 @@ def test_norms_with_their_weight_and_eps_given_by_position_are_exact(op):
     dropped or read at another place)."""
     graph, moved = convert_exactly(RMSNormed(NORMS_BY_POSITION[op]).to(DTYPE), *batch(5, 3))
     assert graph.num_nodes == 3 + 4 + 4 + 3
+
+
+class HeadNormMLP(nn.Module):
+    """``Linear(3, n)`` viewed ``[b, *heads, d]``, an RMS norm of each head's ``d`` features (its weight per
+    feature of every head, ``w.view(heads, d)``, so each head permutes on its own), ReLU, ``Linear(n, 3)``."""
+
+    def __init__(self, heads: tuple[int, ...], d: int) -> None:
+        super().__init__()
+        self.shape = (*heads, d)
+        n = math.prod(self.shape)
+        self.a, self.out = nn.Linear(3, n), nn.Linear(n, 3)
+        self.weight = nn.Parameter(1.0 + 0.3 * torch.randn(n))
+
+    def forward(self, x):
+        h = F.rms_norm(self.a(x).view(x.shape[0], *self.shape), self.shape[-1:], eps=0.25)
+        return self.out(torch.relu(h * self.weight.view(self.shape)).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("batch_size", [6, 1])
+@pytest.mark.parametrize("heads, d", [((3,), 4), ((2, 3), 2)])
+def test_a_norm_of_each_head_keeps_each_heads_features_apart(heads, d, batch_size):
+    """The statistic of each head's features: a permutation may move features within a head only. Each head is a
+    block of its own in the affine output, the norm and the scale (tied: the same block ids), also with heads on
+    two axes (``[b, 2, 3, d]``). Kills ``norm`` 176-178 (the kept / reduced axes of ``separate_parts`` read off
+    other places of the neuron axes) and ``separate_parts`` 3, 13, 14, 34, 36, 37 (one part separated, or parts
+    read along the wrong axis; a batch of one datapoint: 13, 14, the parts read off datapoint 1)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(HeadNormMLP(heads, d).to(DTYPE), *batch(batch_size, 3))
+    parts = math.prod(heads)
+    blocks = [part for part in range(parts) for _ in range(d)]
+    assert graph.perm_group.tolist() == fixed(3) + blocks * 3 + fixed(3)
+    assert moved > 0
+
+
+class NormOf(nn.Module):
+    """Tokens ``[b, T, 3] -> tanh(Linear(3, 4))``, then ``op`` (a norm), summed over the tokens."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.out, self.pos = nn.Linear(3, 4), nn.Linear(4, 3), nn.Embedding(3, 4)
+        self.weight = nn.Parameter(torch.rand(4) + 0.5)
+        self.register_buffer("table", torch.linspace(-1.0, 2.0, 4, dtype=DTYPE))
+
+    def forward(self, x):
+        return self.out(self.op(self, torch.tanh(self.a(x))).sum(1))
+
+
+NORM_REFUSALS = {
+    "a constant with a weight": (lambda self, h: h + F.layer_norm(self.table, (4,), self.weight),
+                                 "torch.nn.functional.layer_norm: its input is not computed from the model input"),
+    "over two axes": (lambda self, h: F.layer_norm(h, (3, 4)),
+                      "torch.nn.functional.layer_norm: normalized_shape (3, 4); gradgraph supports norms over the last "
+                      "axis"),
+    "over the tokens": (lambda self, h: F.layer_norm(h.transpose(1, 2), (3,)).transpose(1, 2),
+                        "torch.nn.functional.layer_norm: a norm whose last axis is not the features of its input"),
+    "of a position table": (lambda self, h: h + F.rms_norm(self.pos(torch.arange(h.shape[1])), (4,)),
+                            "torch.nn.functional.rms_norm: a norm whose last axis is not the features of its input"),
+}
+
+
+@pytest.mark.parametrize("case", NORM_REFUSALS)
+def test_norms_with_no_rule_are_refused_by_name_and_why(case):
+    """A norm of a constant with a learned weight, over two axes, over the tokens, and of a position table: refused at
+    the norm, by name, with why. Kills ``norm`` 54, 55, 57-60, 63-69, 78, 89, 94-99."""
+    op, message = NORM_REFUSALS[case]
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(NormOf(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
+    assert f": {message}" in str(error.value), str(error.value)
