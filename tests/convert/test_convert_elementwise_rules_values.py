@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
@@ -193,11 +193,12 @@ def test_a_parameter_selected_by_where_or_filled_in_is_refused_by_name(op):
 class TwoSets(nn.Module):
     """Two neuron values ``h = tanh(a(x))``, ``g = sigmoid(b(x))`` (and a parameter ``v``) combined by ``op``."""
 
-    def __init__(self, op) -> None:
+    def __init__(self, op, parameter: bool = True) -> None:
         super().__init__()
         self.op = op
         self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
-        self.v = nn.Parameter(torch.rand(4) + 0.5)
+        if parameter:
+            self.v = nn.Parameter(torch.rand(4) + 0.5)
 
     def forward(self, x):
         return self.out(self.op(self, torch.tanh(self.a(x)), torch.sigmoid(self.b(x))))
@@ -527,3 +528,67 @@ def test_norms_with_no_rule_are_refused_by_name_and_why(case):
     with pytest.raises(UnsupportedOperationError) as error:
         gradgraph.to_graph(NormOf(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
     assert f": {message}" in str(error.value), str(error.value)
+
+
+NORM_WEIGHT_REFUSALS = {
+    "a buffer as the weight": (lambda self, h: F.rms_norm(h, (4,), self.table),
+                               "torch.nn.functional.rms_norm: its weight is not a parameter of the model"),
+    "a buffer as the bias": (lambda self, h: F.layer_norm(h, (4,), self.weight, self.table),
+                             "torch.nn.functional.layer_norm: its bias is not a parameter of the model"),
+}
+
+
+@pytest.mark.parametrize("case", NORM_WEIGHT_REFUSALS)
+def test_a_norms_weight_or_bias_that_is_no_parameter_is_refused_by_its_role(case):
+    """A buffer as a norm's weight or bias: refused with the op's name and which of the two it is. Kills ``norm``
+    226, 227, 231, 232, 241, 242, 246, 247."""
+    op, message = NORM_WEIGHT_REFUSALS[case]
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(NormOf(op).to(DTYPE), *batch(5, 3, 3), cross_entropy)
+    assert f": {message}" in str(error.value), str(error.value)
+
+
+# ----------------------------------------------------------------------------------------- binary's operands
+BY_KEYWORD = {
+    "torch.add(h, other=g)": lambda h, g: torch.add(h, other=g),
+    "torch.mul(h, other=g)": lambda h, g: torch.mul(h, other=g),
+    "torch.sub(h, other=g)": lambda h, g: torch.sub(h, other=g),
+}
+
+
+@pytest.mark.parametrize("op", BY_KEYWORD)
+def test_a_second_operand_given_by_keyword_is_read(op):
+    """``torch.add(h, other=g)``: a builtin hands a ``__torch_function__`` mode its arguments as the caller wrote
+    them, so ``other`` comes by keyword. Kills ``binary`` 4, 6, 8-10 (``args[1]`` read regardless, or ``other``
+    looked up under another key)."""
+    model = TwoSets(lambda self, h, g: BY_KEYWORD[op](h, g), parameter=False).to(DTYPE)
+    graph, moved = convert_exactly(model, *batch(5, 3))
+    assert graph.num_nodes == 3 + 4 + 4 + 4 + 3
+    assert moved > 0
+
+
+class ScaledPixels(nn.Module):
+    """Integer pixels cast to float and scaled by a learned gain, the gain written first (``gain * pixels``)."""
+
+    def __init__(self, gain_first: bool) -> None:
+        super().__init__()
+        self.gain_first = gain_first
+        self.gain = nn.Parameter(torch.rand(6) + 0.5)
+        self.net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, images):
+        pixels = images.flatten(1).to(DTYPE) / 255
+        return self.net(self.gain * pixels if self.gain_first else pixels * self.gain)
+
+
+@pytest.mark.parametrize("gain_first", [True, False])
+def test_integer_pixels_scaled_by_a_parameter_on_either_side_are_the_input_neurons(gain_first):
+    """Input features cast from integers and multiplied by a parameter: the cast value is the input's neurons
+    whichever side the parameter is on. Kills ``binary`` 37 (the right operand's partner not passed, so a cast
+    value on the right stayed data and the product was refused as arithmetic on a parameter)."""
+    gradgraph.convert.clear_structure_cache()
+    images = torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = ScaledPixels(gain_first).to(DTYPE)
+    graph = assert_matches_autograd_loop(model, images, torch.tensor([0, 2, 1, 2]), cross_entropy)
+    assert graph.num_nodes == 6 + 6 + 4 + 3
