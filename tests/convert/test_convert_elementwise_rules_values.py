@@ -592,3 +592,51 @@ def test_integer_pixels_scaled_by_a_parameter_on_either_side_are_the_input_neuro
     model = ScaledPixels(gain_first).to(DTYPE)
     graph = assert_matches_autograd_loop(model, images, torch.tensor([0, 2, 1, 2]), cross_entropy)
     assert graph.num_nodes == 6 + 6 + 4 + 3
+
+
+class ScaledBy(nn.Module):
+    """``Linear(3, 4) -> tanh -> h * scale(w) -> Linear(4, 3)``: a scale computed from the parameter ``w``."""
+
+    def __init__(self, scale) -> None:
+        super().__init__()
+        self.scale = scale
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.w = nn.Parameter(0.3 * torch.randn(4))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(x)) * self.scale(self.w))
+
+
+ONE_PLUS_WEIGHT = {
+    "w + 1": lambda w: w + 1,
+    "1 + w": lambda w: 1 + w,
+    "w.add(1.0)": lambda w: w.add(1.0),
+    "torch.add(w, 1)": lambda w: torch.add(w, 1),
+}
+
+
+@pytest.mark.parametrize("scale", ONE_PLUS_WEIGHT)
+def test_a_scale_written_one_plus_weight_stands_for_the_weight_in_each_spelling(scale):
+    """Gemma's ``(1 + w)`` scale, written each way torch hands it to the mode (``__add__``, the reflected
+    ``__radd__`` with the number on the left, ``Tensor.add``, ``torch.add``): the op stands for ``w``, exact.
+    Kills ``binary`` 48, 49 (the number looked for on the parameter's side) and 59-64 (the names)."""
+    graph, _ = convert_exactly(ScaledBy(ONE_PLUS_WEIGHT[scale]).to(DTYPE), *batch(5, 3))
+    assert graph.num_nodes == 3 + 4 + 4 + 3
+
+
+PARAMETER_ARITHMETIC = {
+    "w * 2": lambda w: w * 2,
+    "w + a tensor": lambda w: w + torch.ones(4, dtype=DTYPE),
+    "torch.add(w, 1, alpha=2)": lambda w: torch.add(w, 1, alpha=2),
+}
+
+
+@pytest.mark.parametrize("scale", PARAMETER_ARITHMETIC)
+def test_other_arithmetic_on_a_parameter_alone_is_refused_by_name(scale):
+    """Only a number added to a parameter (alpha 1) stands for it; a product, a tensor added, or ``alpha`` is
+    arithmetic on the parameter, refused with what gradgraph reads. Kills ``binary`` 53-55."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(ScaledBy(PARAMETER_ARITHMETIC[scale]).to(DTYPE), *batch(5, 3), cross_entropy)
+    assert str(error.value).endswith(": arithmetic on parameters inside the forward (other than as a weight, a bias, "
+                                     "a scale, a position embedding or a constant added to a scale)"), str(error.value)
