@@ -21,6 +21,7 @@ from traced_models import assert_exact_per_sample_grads, assert_group_keeps_func
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
+from gradgraph.graph import EdgeKind
 
 DTYPE = torch.float64
 
@@ -640,3 +641,31 @@ def test_other_arithmetic_on_a_parameter_alone_is_refused_by_name(scale):
         gradgraph.to_graph(ScaledBy(PARAMETER_ARITHMETIC[scale]).to(DTYPE), *batch(5, 3), cross_entropy)
     assert str(error.value).endswith(": arithmetic on parameters inside the forward (other than as a weight, a bias, "
                                      "a scale, a position embedding or a constant added to a scale)"), str(error.value)
+
+
+# ------------------------------------------------------------------------------------------- combined_set
+def test_a_product_with_itself_reordered_is_a_new_set_fed_by_both_operands():
+    """``o * o[:, [0, 0, 1]]`` at the output: the operands do not pair neuron for neuron, so the product is a new
+    pinned set, one neuron per neuron of ``o``, with one GATE edge from each operand neuron that meets it
+    (written out: ``o0 -> c0, c1``, ``o1 -> c1, c2``, ``o2 -> c2``), and its act is the model's output. Kills
+    ``combined_set`` 40 (the second operand's edges dropped) and 68 (the product not observed)."""
+
+    class Reordered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            o = self.b(torch.tanh(self.a(x)))
+            return o * o[:, [0, 0, 1]]
+
+    model = Reordered().to(DTYPE)
+    inputs, targets = batch(5, 3)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    assert graph.num_nodes == 3 + 4 + 3 + 3
+    into = graph.edge_index[1] >= 10
+    edges = sorted(zip(graph.edge_index[0][into].tolist(), graph.edge_index[1][into].tolist()))
+    assert edges == [(7, 10), (7, 11), (8, 11), (8, 12), (9, 12)]
+    assert set(graph.edge_kind[into].tolist()) == {int(EdgeKind.GATE)}
+    torch.testing.assert_close(graph.act[-3:].T, model(inputs).detach(), atol=1e-12, rtol=0)
