@@ -626,21 +626,22 @@ def test_a_scale_written_one_plus_weight_stands_for_the_weight_in_each_spelling(
 
 
 PARAMETER_ARITHMETIC = {
-    "w * 2": lambda w: w * 2,
-    "w + a tensor": lambda w: w + torch.ones(4, dtype=DTYPE),
-    "torch.add(w, 1, alpha=2)": lambda w: torch.add(w, 1, alpha=2),
+    "Tensor.mul": lambda w: w * 2,
+    "Tensor.add": lambda w: w + torch.ones(4, dtype=DTYPE),
+    "torch.add": lambda w: torch.add(w, 1, alpha=2),
 }
 
 
 @pytest.mark.parametrize("scale", PARAMETER_ARITHMETIC)
 def test_other_arithmetic_on_a_parameter_alone_is_refused_by_name(scale):
-    """Only a number added to a parameter (alpha 1) stands for it; a product, a tensor added, or ``alpha`` is
-    arithmetic on the parameter, refused with what gradgraph reads. Kills ``binary`` 53-55."""
+    """Only a number added to a parameter (alpha 1) stands for it; a product (``w * 2``), a tensor added, or
+    ``alpha`` is arithmetic on the parameter, refused with the op's name and what gradgraph reads. Kills
+    ``binary`` 53-55, 74, 75 (``alpha`` looked up under another key), 85-92 (the refusal's words)."""
     gradgraph.convert.clear_structure_cache()
     with pytest.raises(UnsupportedOperationError) as error:
         gradgraph.to_graph(ScaledBy(PARAMETER_ARITHMETIC[scale]).to(DTYPE), *batch(5, 3), cross_entropy)
-    assert str(error.value).endswith(": arithmetic on parameters inside the forward (other than as a weight, a bias, "
-                                     "a scale, a position embedding or a constant added to a scale)"), str(error.value)
+    assert str(error.value).endswith(f": {scale}: arithmetic on parameters inside the forward (other than as a weight, "
+                                     "a bias, a scale, a position embedding or a constant added to a scale)"), str(error.value)
 
 
 # ------------------------------------------------------------------------------------------- combined_set
@@ -669,3 +670,37 @@ def test_a_product_with_itself_reordered_is_a_new_set_fed_by_both_operands():
     assert edges == [(7, 10), (7, 11), (8, 11), (8, 12), (9, 12)]
     assert set(graph.edge_kind[into].tolist()) == {int(EdgeKind.GATE)}
     torch.testing.assert_close(graph.act[-3:].T, model(inputs).detach(), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("constant_first", [True, False])
+def test_a_constant_alike_for_every_feature_keeps_the_set_on_either_side(constant_first):
+    """``c * h`` and ``h * c`` with a constant alike for every feature: an elementwise op of the neurons, the
+    set free to permute; the constant, not the neurons, is checked for variation whichever side it is on.
+    Kills ``binary`` 130 (the neurons checked as the constant)."""
+    constant = torch.full((4,), 0.5, dtype=DTYPE)
+    op = (lambda self, h, g: constant * h) if constant_first else (lambda self, h, g: h * constant)
+
+    class OneSet(TwoSets):
+        def forward(self, x):
+            return self.out(self.op(self, torch.tanh(self.a(x)), None))
+
+    model = OneSet(op, parameter=False).to(DTYPE)
+    del model.b
+    graph, moved = convert_exactly(model, *batch(5, 3))
+    assert graph.perm_group.tolist() == fixed(3) + [0] * 4 + fixed(3)
+    assert moved > 0
+
+
+def test_a_position_table_on_the_left_of_a_sum_is_bound_to_the_tokens():
+    """``pos(arange(T)) + h``: the table's rows (no datapoint) bound to the tokens of the value on the right,
+    as ``h + pos`` is. Kills ``binary`` 167, 170, 171 (the left operand's components read though it has none, or
+    it is not bound)."""
+    model = TokensAndPositions(lambda self, h, p: p + h).to(DTYPE)
+    del model.v
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, *batch(5, 3, 3), cross_entropy)
+    right = TokensAndPositions(lambda self, h, p: h + p).to(DTYPE)
+    right.load_state_dict(model.state_dict(), strict=False)
+    del right.v
+    gradgraph.convert.clear_structure_cache()
+    assert graph.num_nodes == gradgraph.to_graph(right, *batch(5, 3, 3), cross_entropy).num_nodes
