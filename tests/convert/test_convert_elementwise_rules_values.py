@@ -214,6 +214,9 @@ REFUSALS = {
                              "Tensor.sub: the parameter 'v' is subtracted, divided by, an exponent, a bound or scaled "
                              "by alpha; gradgraph reads a parameter added to neurons (a bias) or multiplied with them "
                              "(a scale): write h + b or h * s"),
+    "another datapoint's value": (lambda self, h, g: h + g[torch.tensor([1, 2, 3, 4, 0])],
+                                  "Tensor.add: combines values of different datapoints (a value gathered from another "
+                                  "graph or row of the batch), so one datapoint's loss would depend on another's"),
     "partly not neurons": (lambda self, h, g: h + torch.cat([g[:, :2], g[:, :2].mean(-1, keepdim=True).expand(-1, 2)],
                                                             -1),
                            "Tensor.add: combines neurons with values that are partly not neurons"),
@@ -222,8 +225,9 @@ REFUSALS = {
 
 @pytest.mark.parametrize("case", REFUSALS)
 def test_binary_refusals_name_the_op_and_say_why_in_full(case):
-    """The words a user reads, in full, after the op's name. Kills ``check_no_copies`` 6, 10, 12-15 and
-    ``parameter_operand_refused`` 1, 7, 8 (the op name ``None``, the words changed)."""
+    """The words a user reads, in full, after the op's name. Kills ``check_no_copies`` 6, 10, 12-16,
+    ``parameter_operand_refused`` 1, 7, 8 (the op name ``None``, the words changed) and ``binary`` 106, 215,
+    223-225 (values of two datapoints combined: the check dropped, its words)."""
     op, message = REFUSALS[case]
     gradgraph.convert.clear_structure_cache()
     with pytest.raises(UnsupportedOperationError) as error:
@@ -704,3 +708,12 @@ def test_a_position_table_on_the_left_of_a_sum_is_bound_to_the_tokens():
     del right.v
     gradgraph.convert.clear_structure_cache()
     assert graph.num_nodes == gradgraph.to_graph(right, *batch(5, 3, 3), cross_entropy).num_nodes
+
+
+def test_two_values_each_copied_over_a_new_axis_and_summed_back_are_exact():
+    """``h`` and ``g`` each expanded over a new axis of 2 (the same shape, so no broadcast in the op) and summed
+    back over it: exact. Kills ``binary`` 199 (every op checked for copies as if broadcast: refused)."""
+    model = TwoSets(lambda self, h, g: (h[:, None, :].expand(-1, 2, -1) + g[:, None, :].expand(-1, 2, -1)).sum(1),
+                    parameter=False).to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_exact_per_sample_grads(model, *batch(5, 3), cross_entropy)
