@@ -717,3 +717,39 @@ def test_two_values_each_copied_over_a_new_axis_and_summed_back_are_exact():
                     parameter=False).to(DTYPE)
     gradgraph.convert.clear_structure_cache()
     assert_exact_per_sample_grads(model, *batch(5, 3), cross_entropy)
+
+
+class WithInput(nn.Module):
+    """``h = tanh(Linear(3, 4)(x))`` combined with the input ``x`` (or a statistic of ``h``) by ``op``."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.op(torch.tanh(self.a(x)), x))
+
+
+STATISTIC_OR_NODE_ZERO = {
+    # an RMS norm written with its statistic first: the product lives in h's neurons (no new set)
+    "statistic first": (lambda h, x: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * h, 3 + 4 + 3),
+    "statistic second": (lambda h, x: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), 3 + 4 + 3),
+    # the input's first feature (node 0) gating h: a gate, a new set tied to h (node 0 is a neuron, not a statistic)
+    "node 0 first": (lambda h, x: x[:, :1] * h, 3 + 4 + 4 + 3),
+    "node 0 second": (lambda h, x: h * x[:, :1], 3 + 4 + 4 + 3),
+}
+
+
+@pytest.mark.parametrize("case", STATISTIC_OR_NODE_ZERO)
+def test_a_statistic_on_either_side_and_a_gate_of_node_zero(case):
+    """A statistic (ids ``-1``) on either side of a product keeps the other operand's neurons; the input's first
+    neuron (id 0) is no statistic: it gates ``h`` into a new set. Kills ``binary`` 243, 251 (the statistic on the
+    left not recognised, or taken as the base), 244, 245, 247, 248 (node 0 read as a statistic)."""
+    op, num_nodes = STATISTIC_OR_NODE_ZERO[case]
+    graph, moved = convert_exactly(WithInput(op).to(DTYPE), *batch(5, 3))
+    assert graph.num_nodes == num_nodes
+    assert graph.perm_group.tolist() == fixed(3) + [0] * (num_nodes - 6) + fixed(3)
+    if num_nodes == 14:
+        gate = graph.edge_index[0] == 0
+        assert sorted(graph.edge_index[1][gate].tolist()) == [3, 4, 5, 6, 7, 8, 9, 10]  # h (Linear) and the product
