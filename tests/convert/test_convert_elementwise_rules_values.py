@@ -58,6 +58,7 @@ MASKS = {
 MASK_OPS = {
     "masked_fill": lambda h, mask: h.masked_fill(mask, 0.5),
     "torch.masked_fill": lambda h, mask: torch.masked_fill(h, mask, -0.25),
+    "masked_fill, value by keyword": lambda h, mask: h.masked_fill(mask, value=0.5),
     "where, neurons first": lambda h, mask: torch.where(mask, h, 0.5),
     "where, neurons second": lambda h, mask: torch.where(mask, -0.25, h),
     "where of a tensor": lambda h, mask: torch.where(mask, h, torch.full((4,), 0.5, dtype=DTYPE)),
@@ -164,6 +165,7 @@ PARAMETER_MASK_OPS = {
     "where, parameter second": lambda h, mask, p, q: torch.where(mask, h, p),
     "where, parameter first": lambda h, mask, p, q: torch.where(mask, p, h),
     "masked_fill with a parameter": lambda h, mask, p, q: h.masked_fill(mask, q),
+    "masked_fill with a parameter by keyword": lambda h, mask, p, q: h.masked_fill(mask, value=q),
 }
 
 
@@ -172,7 +174,8 @@ def test_a_parameter_selected_by_where_or_filled_in_is_refused_by_name(op):
     """A parameter as a value of ``torch.where`` or as ``masked_fill``'s fill value is no bias or scale of the
     neurons: the rule read the op as elementwise in the neurons alone, so the parameter's gradient was lost, and
     the conversion failed with a bare ``KeyError: 'p'`` from its own gradient check (or, with the parameter also
-    used elsewhere, a gradient mismatch). It is refused by name, as ``h - p`` is."""
+    used elsewhere, a gradient mismatch). It is refused by name, as ``h - p`` is (run elementwise 2 then: kills
+    ``mask_op`` 3, 8, 10, 12-14, the fill value by keyword, and 24, 28-33, the words)."""
 
     class WithParameter(nn.Module):
         def __init__(self) -> None:
@@ -185,9 +188,13 @@ def test_a_parameter_selected_by_where_or_filled_in_is_refused_by_name(op):
             return self.out(PARAMETER_MASK_OPS[op](torch.tanh(self.first(x)), self.mask, self.p, self.q))
 
     gradgraph.convert.clear_structure_cache()
-    name = "q" if "masked_fill" in op else "p"
-    with pytest.raises(UnsupportedOperationError, match=rf"the parameter '{name}' is a value the op selects"):
+    name, op_name = ("q", "Tensor.masked_fill") if "masked_fill" in op else ("p", "torch.where")
+    with pytest.raises(UnsupportedOperationError) as error:
         gradgraph.to_graph(WithParameter().to(DTYPE), *batch(5, 3), cross_entropy)
+    assert str(error.value).endswith(
+        f": {op_name}: the parameter '{name}' is a value the op selects (torch.where's value or masked_fill's fill "
+        "value), which gradgraph has no rank-1 terms for; it reads a parameter added to neurons (a bias) or "
+        "multiplied with them (a scale): write h + b or h * s"), str(error.value)
 
 
 # ------------------------------------------------------------------------------------- binary's refusals
