@@ -224,6 +224,12 @@ REFUSALS = {
     "another datapoint's value": (lambda self, h, g: h + g[torch.tensor([1, 2, 3, 4, 0])],
                                   "Tensor.add: combines values of different datapoints (a value gathered from another "
                                   "graph or row of the batch), so one datapoint's loss would depend on another's"),
+    "partly not neurons, on the left": (
+        lambda self, h, g: torch.cat([g[:, :2], g[:, :2].mean(-1, keepdim=True).expand(-1, 2)], -1) + h,
+        "Tensor.add: combines neurons with values that are partly not neurons"),
+    "outer product": (lambda self, h, g: (h[:, :, None] * g[:, None, :]).sum(-1),
+                      "Tensor.mul: combines values broadcast from both sides (an outer product of neuron values), so "
+                      "no neuron holds one value per datapoint position"),
     "partly not neurons": (lambda self, h, g: h + torch.cat([g[:, :2], g[:, :2].mean(-1, keepdim=True).expand(-1, 2)],
                                                             -1),
                            "Tensor.add: combines neurons with values that are partly not neurons"),
@@ -234,7 +240,8 @@ REFUSALS = {
 def test_binary_refusals_name_the_op_and_say_why_in_full(case):
     """The words a user reads, in full, after the op's name. Kills ``check_no_copies`` 6, 10, 12-16,
     ``parameter_operand_refused`` 1, 7, 8 (the op name ``None``, the words changed) and ``binary`` 106, 215,
-    223-225 (values of two datapoints combined: the check dropped, its words)."""
+    223-231 (values of two datapoints combined: the check dropped, its words), 285 (partly not neurons on the
+    left), 337-344 (the outer product's words)."""
     op, message = REFUSALS[case]
     gradgraph.convert.clear_structure_cache()
     with pytest.raises(UnsupportedOperationError) as error:
@@ -745,6 +752,8 @@ STATISTIC_OR_NODE_ZERO = {
     # the input's first feature (node 0) gating h: a gate, a new set tied to h (node 0 is a neuron, not a statistic)
     "node 0 first": (lambda h, x: x[:, :1] * h, 3 + 4 + 4 + 3),
     "node 0 second": (lambda h, x: h * x[:, :1], 3 + 4 + 4 + 3),
+    # node 0 times a statistic is node 0 (the statistic scales it), then a gate of h
+    "node 0 times a statistic": (lambda h, x: h * (x[:, :1] * h.pow(2).mean(-1, keepdim=True)), 3 + 4 + 4 + 3),
 }
 
 
@@ -752,7 +761,7 @@ STATISTIC_OR_NODE_ZERO = {
 def test_a_statistic_on_either_side_and_a_gate_of_node_zero(case):
     """A statistic (ids ``-1``) on either side of a product keeps the other operand's neurons; the input's first
     neuron (id 0) is no statistic: it gates ``h`` into a new set. Kills ``binary`` 243, 251 (the statistic on the
-    left not recognised, or taken as the base), 244, 245, 247, 248 (node 0 read as a statistic)."""
+    left not recognised, or taken as the base), 244, 245, 247, 248, 254, 255 (node 0 read as a statistic)."""
     op, num_nodes = STATISTIC_OR_NODE_ZERO[case]
     graph, moved = convert_exactly(WithInput(op).to(DTYPE), *batch(5, 3))
     assert graph.num_nodes == num_nodes
@@ -760,3 +769,28 @@ def test_a_statistic_on_either_side_and_a_gate_of_node_zero(case):
     if num_nodes == 14:
         gate = graph.edge_index[0] == 0
         assert sorted(graph.edge_index[1][gate].tolist()) == [3, 4, 5, 6, 7, 8, 9, 10]  # h (Linear) and the product
+
+
+def test_a_value_combined_with_itself_reordered_or_activated_at_the_output():
+    """``o + o[:, [1, 0, 2]]`` (each neuron meets another of its own set: pinned, no symmetry claimed) and
+    ``o * sigmoid(o)`` (the same neurons: a new version, its act the model's output). Kills ``binary`` 358, 359,
+    369, 370 (the overlap not seen, its sets not pinned) and 280 (the same-neuron product not observed)."""
+
+    class Reordered(nn.Module):
+        def __init__(self, op) -> None:
+            super().__init__()
+            self.op = op
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.op(self.b(torch.tanh(self.a(x))))
+
+    for op in (lambda o: o + o[:, [1, 0, 2]], lambda o: o * torch.sigmoid(o)):
+        model = Reordered(op).to(DTYPE)
+        inputs, targets = batch(5, 3)
+        gradgraph.convert.clear_structure_cache()
+        graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+        torch.testing.assert_close(graph.act[-3:].T, model(inputs).detach(), atol=1e-12, rtol=0)
+    hidden = WithInput(lambda h, x: h + h[:, [1, 0, 3, 2]])  # the overlap in a hidden set (h = tanh(a(x)))
+    graph, moved = convert_exactly(hidden.to(DTYPE), *batch(5, 3))
+    assert graph.perm_group.tolist() == fixed(graph.num_nodes) and moved == 0
