@@ -658,8 +658,9 @@ def test_other_arithmetic_on_a_parameter_alone_is_refused_by_name(scale):
     gradgraph.convert.clear_structure_cache()
     with pytest.raises(UnsupportedOperationError) as error:
         gradgraph.to_graph(ScaledBy(PARAMETER_ARITHMETIC[scale]).to(DTYPE), *batch(5, 3), cross_entropy)
-    assert str(error.value).endswith(f": {scale}: arithmetic on parameters inside the forward (other than as a weight, "
-                                     "a bias, a scale, a position embedding or a constant added to a scale)"), str(error.value)
+    message = (f": {scale}: arithmetic on parameters inside the forward (other than as a weight, a bias, a scale, a "
+               "position embedding or a constant added to a scale)")
+    assert str(error.value).endswith(message), str(error.value)
 
 
 # ------------------------------------------------------------------------------------------- combined_set
@@ -774,7 +775,8 @@ def test_a_statistic_on_either_side_and_a_gate_of_node_zero(case):
 def test_a_value_combined_with_itself_reordered_or_activated_at_the_output():
     """``o + o[:, [1, 0, 2]]`` (each neuron meets another of its own set: pinned, no symmetry claimed) and
     ``o * sigmoid(o)`` (the same neurons: a new version, its act the model's output). Kills ``binary`` 358, 359,
-    369, 370 (the overlap not seen, its sets not pinned) and 280 (the same-neuron product not observed)."""
+    369, 370 (the overlap not seen, its sets not pinned) and 280 (the same-neuron product not observed); the sum's
+    edges, one per operand neuron and sum neuron (448: the second operand's dropped)."""
 
     class Reordered(nn.Module):
         def __init__(self, op) -> None:
@@ -794,3 +796,9 @@ def test_a_value_combined_with_itself_reordered_or_activated_at_the_output():
     hidden = WithInput(lambda h, x: h + h[:, [1, 0, 3, 2]])  # the overlap in a hidden set (h = tanh(a(x)))
     graph, moved = convert_exactly(hidden.to(DTYPE), *batch(5, 3))
     assert graph.perm_group.tolist() == fixed(graph.num_nodes) and moved == 0
+    # the sum is a new set of 4 (nodes 7-10), each neuron fed by h_i and h_perm(i): 8 RESIDUAL edges
+    into = (graph.edge_index[1] >= 7) & (graph.edge_index[1] < 11)
+    edges = sorted(zip(graph.edge_index[0][into].tolist(), graph.edge_index[1][into].tolist()))
+    assert graph.num_nodes == 14 and len(edges) == 8
+    assert sorted(source for source, _ in edges) == [3, 3, 4, 4, 5, 5, 6, 6]
+    assert set(graph.edge_kind[into].tolist()) == {int(EdgeKind.RESIDUAL)}
