@@ -1,6 +1,7 @@
-"""The rules of ``trace/rules_elementwise.py`` that run convert 17 mutated (``binary`` and its helpers,
-``with_parameter``, the reductions, ``separate_parts``, ``mask_op``, ``norm``), checked by value: what its
-survivors showed unchecked (docs/mutation.md).
+"""The rules of ``trace/rules_elementwise.py`` that runs elementwise 1-3 mutated (``binary`` and its helpers,
+``with_parameter``, the reductions, ``separate_parts``, ``mask_op``, ``norm``), checked by value: what their
+survivors showed unchecked (docs/mutation.md). Mutant numbers are run elementwise 1's (the code before the two
+fixes below), ``binary`` 254-496 run elementwise 3's, ``mask_op`` run elementwise 2's (after its fix).
 
 Every conversion is float64 against torch.func's per-sample gradients (or a per-datapoint autograd loop) at
 1e-10; the inferred group is written out neuron by neuron (``perm_group``: ``-1`` fixed, else the id of the
