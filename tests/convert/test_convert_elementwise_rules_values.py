@@ -425,14 +425,15 @@ ONE_NEURON_POOLS = {
 }
 
 
-@pytest.mark.parametrize("batch_size", [5, 2])
+@pytest.mark.parametrize("batch_size", [5, 2, 1])
 @pytest.mark.parametrize("case", ONE_NEURON_POOLS)
 def test_a_pool_of_one_neuron_per_token_is_one_pooled_neuron(case, batch_size):
     """A value of one neuron on ``[b, T]`` pooled over the tokens: its last axis left holds datapoints (or
     positions), not features. The rule read it as the feature row, so the pool made one neuron per datapoint
     (per position): a graph whose nodes grew with the batch (12 nodes for 5 datapoints, 9 for 2, in "sum to
     [b]"), and a Linear of the pooled value refused ("applied to an axis that holds positions or datapoints").
-    Now one pooled neuron, tied to the pooled one, the same graph for every batch size, exact."""
+    Now one pooled neuron, tied to the pooled one, the same graph for every batch size (one datapoint too: run
+    elementwise 4's ``reduction`` 261, the positions read off the datapoint axis), exact."""
     op, num_nodes = ONE_NEURON_POOLS[case]
     inputs, targets = batch(batch_size, 4, 3)
     if case == "sum to [b]":
