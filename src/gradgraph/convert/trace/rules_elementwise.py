@@ -491,19 +491,25 @@ class ElementwiseRules:
             if bool((meta.nodes < 0).any()):  # its pooled set would have edges from no neuron (node -1)
                 return self.mark_opaque(output, name, "pooling a statistic (a sum or norm over the features) over "
                                         "positions", [meta])
-            pooled_nodes = collapse(meta.nodes)
+            pooled_nodes, pooled_datapoints = collapse(meta.nodes), collapse(datapoint)
+            # one neuron whose last axis left holds positions or datapoints, not features ([b, T] pooled to
+            # [b]): read along a trailing axis of one feature, or the datapoints would pass for its features
+            one_neuron = pooled_nodes.dim() > 0 and not varies_along(pooled_nodes, pooled_nodes.dim() - 1) \
+                and varies_along(collapse(meta.comps), pooled_nodes.dim() - 1)
+            if one_neuron:
+                pooled_nodes, pooled_datapoints = pooled_nodes[..., None], pooled_datapoints[..., None]
             rows = rows_along_last(pooled_nodes)
             if output.dim() == 0 or not bool((rows == rows[:1]).all()):
                 return self.mark_opaque(output, name, "pooling that does not keep one neuron per feature", [meta])
             self.observe(x, meta)
             # one pooled set per set the row holds (a pooled cat of group outputs: rules_conv.tied_copy)
             pooled_ids, created = self.tied_copy(rows[0].clone(), f"{self.path()} {name}", "pool")
-            pooled_datapoints = collapse(datapoint)  # the output's shape: at least one axis (checked above)
             # several pooled rows of one datapoint (tokens pooled in pairs, a video's frames each pooled over
             # its positions): a key per row of the datapoint, so no neuron holds two values at one component
             rank = rank_among_rows(rows_along_last(pooled_datapoints)[:, 0])
             keys = torch.tensor(self.new_key(int(rank.max()) + 1 if rank.numel() else 1))
             comps = pooled_datapoints * KEY_STRIDE + keys[rank].reshape(*pooled_datapoints.shape[:-1], 1)
+            comps = comps[..., 0] if one_neuron else comps
             nodes = broadcast_ids(pooled_ids, output.shape).clone()
             new = Neurons(nodes, broadcast_ids(comps, output.shape).clone(), {pooled.index: 0 for pooled in created})
             created[0].grad_records.append((output, nodes, new.comps))
@@ -543,6 +549,15 @@ class ElementwiseRules:
         return self.mark_opaque(output, name, "a softmax across positions or part of the features", [meta])
 
     def mask_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        # a parameter selected (torch.where's value) or filled in (masked_fill's value) is no bias or scale of
+        # the neurons: read as elementwise in the neurons alone, its gradient would be lost
+        selected = (args[1], args[2]) if name in WHERE else (args[2] if len(args) > 2 else kwargs.get("value"),)
+        param = next((meta for meta in map(self.meta, selected) if isinstance(meta, Param)), None)
+        if param is not None:
+            raise self.unsupported(name, f"the parameter '{self.param_names[param.index]}' is a value the op selects "
+                                   "(torch.where's value or masked_fill's fill value), which gradgraph has no rank-1 "
+                                   "terms for; it reads a parameter added to neurons (a bias) or multiplied with them "
+                                   "(a scale): write h + b or h * s")
         if name in WHERE:
             condition, left, right = args[0], args[1], args[2]
             values = [value for value in (left, right) if isinstance(self.meta(value), Neurons)]
