@@ -12,12 +12,13 @@ checked with ``MUTANT_UNDER_TEST=NAME``.
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import nn, Tensor
 from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop
 
 import gradgraph
@@ -114,3 +115,168 @@ def test_spread_positions_leaves_other_layouts_to_the_affine_rule_and_refuses_a_
             " (module 'mix' of type Linear): torch.nn.functional.linear: applied to an axis that holds positions or "
             "datapoints, not features (e.g. a Linear over tokens, as in MLP-Mixer); gradgraph needs affine maps over "
             "the last, feature axis")
+
+
+# ----------------------------------------------------------------------- pixel shuffles
+class Shuffled(nn.Module):
+    """``Conv2d(2, 12) -> F.pixel_shuffle(·, 2)`` (or ``Conv2d(2, 3) -> F.pixel_unshuffle(·, 2)``) ``-> tanh ->
+    Conv2d(·, 2, 1) ->`` mean over positions; the shuffle called by position, or with the factor by keyword
+    (``pixel_unshuffle``'s input too)."""
+
+    def __init__(self, unshuffle: bool, keywords: bool) -> None:
+        super().__init__()
+        self.unshuffle, self.keywords = unshuffle, keywords
+        self.c1, self.c3 = nn.Conv2d(2, 3 if unshuffle else 12, 3, padding=1), nn.Conv2d(12 if unshuffle else 3, 2, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        if self.unshuffle:
+            h = F.pixel_unshuffle(input=h, downscale_factor=2) if self.keywords else F.pixel_unshuffle(h, 2)
+        else:
+            h = F.pixel_shuffle(h, upscale_factor=2) if self.keywords else F.pixel_shuffle(h, 2)
+        return self.c3(torch.tanh(h)).mean((2, 3))
+
+
+def merge_sources(graph) -> dict[int, list[int]]:
+    """Each node's MERGE sources (the neurons whose values it holds)."""
+    sources: dict[int, list[int]] = {}
+    for (source, target), kind in zip(graph.edge_index.T.tolist(), graph.edge_kind.tolist()):
+        if kind == gradgraph.EdgeKind.MERGE:
+            sources.setdefault(target, []).append(source)
+    return sources
+
+
+def output_channel_nodes(graph, weight: str) -> dict[int, int]:
+    """The node of each output channel of a convolution (the target of its weight's edges)."""
+    index = graph.param_names.index(weight)
+    per_channel = math.prod(graph.param_shapes[index][1:])
+    where = graph.edge_param == index
+    return {int(target): int(position) // per_channel
+            for target, position in zip(graph.edge_index[1, where].tolist(), graph.edge_param_pos[where].tolist())}
+
+
+def held_channels(graph, before: str, after: str) -> list[list[int]]:
+    """For each input channel of the pointwise convolution ``after``, the output channels of ``before``
+    whose values it reads: its tap neuron's MERGE source (a shuffled channel) and that one's MERGE sources."""
+    sources, channel_of = merge_sources(graph), output_channel_nodes(graph, before)
+    index = graph.param_names.index(after)
+    shape = graph.param_shapes[index]
+    where = graph.edge_param == index
+    held: dict[int, list[int]] = {}
+    for tap, position in zip(graph.edge_index[0, where].tolist(), graph.edge_param_pos[where].tolist()):
+        (shuffled,) = sources[tap]
+        held.setdefault(int(position) % shape[1], sorted(channel_of[node] for node in sources[shuffled]))
+    return [held[channel] for channel in range(shape[1])]
+
+
+def assert_shuffled_act(graph, shuffled: Tensor, channels: int) -> None:
+    """The nodes joined (MERGE) to ``c1``'s channels ``4c..4c+3`` (one per shuffled channel ``c``) hold
+    ``shuffled[i, c]`` as their act at datapoint ``i``'s components, one per position (row-major)."""
+    b, positions = shuffled.shape[0], math.prod(shuffled.shape[2:])
+    sources, channel_of = merge_sources(graph), output_channel_nodes(graph, "c1.weight")
+    keys = graph.act.shape[1] // b
+    assert graph.component_sample.tolist() == [i for i in range(b) for _ in range(keys)]
+    found = []
+    for node, held in sources.items():
+        held_channels = sorted(channel_of.get(source, -1) for source in held)
+        if held_channels and held_channels[0] >= 0:
+            c = held_channels[0] // 4
+            assert held_channels == list(range(4 * c, 4 * c + 4))
+            act = graph.act[node].reshape(b, keys)
+            torch.testing.assert_close(act[:, :positions], shuffled[:, c].reshape(b, positions), atol=1e-12, rtol=0)
+            found.append(c)
+    assert sorted(found) == list(range(channels))
+
+
+@pytest.mark.parametrize("keywords", [False, True])
+@pytest.mark.parametrize("unshuffle", [False, True])
+def test_a_pixel_shuffle_joins_each_channel_to_the_channels_it_holds(unshuffle, keywords):
+    """``pixel_shuffle`` / ``replay_channels``: exact on a grid that is not square, called by position or by
+    keyword; each shuffled channel is joined (MERGE) to exactly the channels the definition puts in it:
+    ``pixel_shuffle(h, 2)[:, c]`` holds ``h[:, 4c:4c + 4]``, ``pixel_unshuffle(h, 2)[:, c]`` holds ``h[:, c // 4]``.
+    Kills pixel_shuffle 3, 5, 6, 47, 113 and replay_channels 3, 5, 7-15, 17, 20, 21."""
+    torch.manual_seed(21)
+    graph = exact(Shuffled(unshuffle, keywords).to(DTYPE), torch.randn(3, 2, 4, 6, dtype=DTYPE))
+    expected = [[c // 4] for c in range(12)] if unshuffle else [list(range(4 * c, 4 * c + 4)) for c in range(3)]
+    assert held_channels(graph, "c1.weight", "c3.weight") == expected
+
+
+class ShuffledOut(nn.Module):
+    """A super-resolution head: ``F.pixel_shuffle(Conv2d(2, 8, 1)(x), 2)`` is the model's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 1)
+
+    def forward(self, x):
+        return F.pixel_shuffle(self.c1(x), 2)
+
+
+def test_a_pixel_shuffle_that_is_the_output_has_the_shuffled_values_as_its_act():
+    """The shuffled channels that no later op reads take the shuffled map as their act: node ``c`` (the one
+    joined to ``c1``'s channels ``4c..4c+3``) holds ``out[i, c]`` at datapoint ``i``'s component of each
+    position (row-major), on a grid that is not square. Exact. Kills pixel_shuffle 128."""
+    torch.manual_seed(22)
+    model, inputs = ShuffledOut().to(DTYPE), torch.randn(3, 2, 2, 3, dtype=DTYPE)
+    graph = exact(model, inputs)
+    assert_shuffled_act(graph, model(inputs).detach(), 2)
+
+
+def test_a_pixel_shuffle_of_a_map_without_one_datapoint_axis_is_refused_by_name():
+    """``pixel_shuffle`` of ``[b, T, C, H, W]`` (several frames per datapoint): refused by the shuffle's
+    name, as a map that is not ``[b, channels, H, W]``. Kills pixel_shuffle 9."""
+
+    class Frames(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = nn.Linear(3, 16), nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = self.a(x).reshape(x.shape[0], 2, 8, 1, 1)
+            return self.out(F.pixel_shuffle(h, 2).reshape(x.shape[0], 2, 2, 4).mean(-1)).sum(1)
+
+    refused(Frames().to(DTYPE), torch.randn(3, 3, dtype=DTYPE),
+            " torch.pixel_shuffle: an input of shape [3, 2, 8, 1, 1]; gradgraph reads convolutions and pooling on "
+            "batched inputs [b, channels, 2 spatial axes]")
+
+
+# ----------------------------------------------------------------------- padding modes
+class ReflectNarrow(nn.Module):
+    """``Conv2d(padding=1, padding_mode=mode)`` over a map with an axis of 2 places (reflect pads it to
+    ``[1, 0, 1, 0]``)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_of_an_axis_of_two_places_are_exact(mode):
+    """``_source_index`` where an axis has 2 places (reflect's period is 2). Exact. Kills _source_index 19, 31."""
+    torch.manual_seed(23)
+    exact(ReflectNarrow(mode).to(DTYPE), torch.randn(3, 2, 2, 5, dtype=DTYPE))
+
+
+class ShuffledTwice(nn.Module):
+    """The shuffled map read by a convolution as it is and after a tanh: two versions of its neurons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(2, 8, 1), nn.Conv2d(2, 3, 2), nn.Conv2d(2, 3, 2)
+
+    def forward(self, x):
+        h = F.pixel_shuffle(self.c1(x), 2)
+        return (self.c2(h) + self.c3(torch.tanh(h))).mean((2, 3))
+
+
+def test_a_pixel_shuffle_read_in_two_versions_is_exact():
+    """The shuffled channels start at version 0 of their new set, so its tanh (version 1) is told apart
+    from them where both are read as taps: the shuffled nodes keep the shuffled values as their act. Exact.
+    Kills pixel_shuffle 122."""
+    torch.manual_seed(24)
+    model, inputs = ShuffledTwice().to(DTYPE), torch.randn(3, 2, 2, 3, dtype=DTYPE)
+    graph = exact(model, inputs)
+    assert_shuffled_act(graph, F.pixel_shuffle(model.c1(inputs), 2).detach(), 2)
