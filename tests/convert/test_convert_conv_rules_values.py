@@ -22,7 +22,7 @@ from torch import nn, Tensor
 from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop
 
 import gradgraph
-from gradgraph.convert import UnsupportedOperationError
+from gradgraph.convert import to_graph_traced, UnsupportedOperationError
 
 DTYPE = torch.float64
 
@@ -280,3 +280,185 @@ def test_a_pixel_shuffle_read_in_two_versions_is_exact():
     model, inputs = ShuffledTwice().to(DTYPE), torch.randn(3, 2, 2, 3, dtype=DTYPE)
     graph = exact(model, inputs)
     assert_shuffled_act(graph, F.pixel_shuffle(model.c1(inputs), 2).detach(), 2)
+
+
+# ----------------------------------------------------------------------- group and instance norms, by value
+class Normed(nn.Module):
+    """``Conv2d(2, 4) -> norm -> tanh -> Conv2d(4, 3, 2) ->`` mean over positions ``-> Linear``; ``norm`` is
+    ``GroupNorm(2, 4, eps=0.5)`` or ``InstanceNorm2d(4, affine=True, eps=0.5)`` (an eps far from torch's
+    default, so a norm read with another eps is told apart)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 2), nn.Linear(3, 2)
+        self.norm = nn.GroupNorm(2, 4, eps=0.5) if kind == "group" else nn.InstanceNorm2d(4, affine=True, eps=0.5)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.norm(self.a(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("batch", [3, 1])
+@pytest.mark.parametrize("kind", ["group", "instance"])
+def test_group_and_instance_norms_with_their_own_eps_are_exact(kind, batch):
+    """``channel_norm`` reads ``eps`` (handed by keyword) and the channels from the first datapoint (a batch
+    of one too). Exact."""
+    torch.manual_seed(25)
+    exact(Normed(kind).to(DTYPE), torch.randn(batch, 2, 4, 5, dtype=DTYPE))
+
+
+class NormedFeatures(nn.Module):
+    """``GroupNorm(2, 4)`` of ``[b, 4]`` features (no positions) between two Linear maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.out = nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.a(x))))
+
+
+def test_a_group_norm_of_features_without_positions_is_exact():
+    """``channel_norm`` over ``[b, C]``: one position, so the channels are read at position 0. Exact."""
+    torch.manual_seed(26)
+    exact(NormedFeatures().to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+class RunningInstanceNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.head = nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), \
+            nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.a(x)).mean((2, 3)))
+
+
+class NormOverTokens(nn.Module):
+    """``GroupNorm`` applied to ``[b, T, d]`` token features: axis 1 holds positions, not channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.out = nn.Linear(3, 4), nn.GroupNorm(1, 5), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.norm(self.a(x))).sum(1)
+
+
+class ConstantScale(nn.Module):
+    """``F.group_norm`` whose weight (or bias) is a buffer, not a parameter."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+        self.a, self.head = nn.Conv2d(2, 4, 3), nn.Linear(4, 2)
+        self.register_buffer("constant", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        roles = {self.role: self.constant}
+        return self.head(F.group_norm(self.a(x), 2, **roles).mean((2, 3)))
+
+
+def test_norms_refuse_running_statistics_other_layouts_and_constant_scales_by_name():
+    """``channel_norm``'s refusals, in full: an InstanceNorm with running statistics in eval, a GroupNorm whose
+    axis 1 holds token positions (``channel_neurons`` named by the norm), and a weight or bias that is a buffer
+    (``param_view`` named by the norm and the role)."""
+    torch.manual_seed(27)
+    refused(RunningInstanceNorm().to(DTYPE).eval(), torch.randn(3, 2, 5, 5, dtype=DTYPE),
+            " (module 'norm' of type InstanceNorm2d): torch.nn.functional.instance_norm: instance norm with running "
+            "statistics (track_running_stats in eval); gradgraph reads it with the input's statistics only")
+    refused(NormOverTokens().to(DTYPE), torch.randn(3, 5, 3, dtype=DTYPE),
+            " (module 'norm' of type GroupNorm): torch.nn.functional.group_norm: its input does not hold channels on "
+            "axis 1 (neurons) and positions on the spatial axes of each datapoint on axis 0; gradgraph reads "
+            "convolutions and pooling over [b, channels, *spatial] with channels as neurons")
+    for role in ("weight", "bias"):
+        refused(ConstantScale(role).to(DTYPE), torch.randn(3, 2, 5, 5, dtype=DTYPE),
+                f" torch.nn.functional.group_norm: its {role} is not a parameter of the model (or a view of one); "
+                "gradgraph converts affine maps whose weights are parameters")
+
+
+# ----------------------------------------------------------------------- the model input read as channels
+class TwoSlices(nn.Module):
+    """Two convolutions, each of its own slice of the input's channels (``x[:, :2]``, ``x[:, 2:]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(2, 3, 2), nn.Conv2d(2, 3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x[:, :2]) + self.b(x[:, 2:])).mean((2, 3)))
+
+
+class PermutedVideo(nn.Module):
+    """``[b, T, C, H, W] -> [b, C, T, H, W]`` read by a ``Conv3d`` (a video's), with ``C`` not ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv3d(4, 3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x.permute(0, 2, 1, 3, 4))).mean((2, 3, 4)))
+
+
+class PointFrames(nn.Module):
+    """Frames of one pixel and one channel, ``[b, T, 1, 1, 1] -> [b * T, 1, 1, 1]``, each read by a
+    ``Conv2d(1, 3, 1)``, then the frames' features joined per datapoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 3, 1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x.reshape(-1, 1, 1, 1))).reshape(x.shape[0], 6))
+
+
+@pytest.mark.parametrize("kind", ["two slices", "permuted video", "point frames"])
+def test_the_input_read_as_channels_in_other_layouts_is_exact(kind):
+    """``channel_input``: a slice of the input's channels reads the channels it holds (two slices, two sets
+    of input neurons), the permuted video is told by its datapoint axis (``C`` differs from ``b``), and a
+    merged video whose frames hold one element each. Exact."""
+    model = {"two slices": TwoSlices, "permuted video": PermutedVideo, "point frames": PointFrames}[kind]
+    shape = {"two slices": (3, 4, 3, 4), "permuted video": (2, 3, 4, 3, 3), "point frames": (3, 2, 1, 1, 1)}[kind]
+    torch.manual_seed(28)
+    exact(model().to(DTYPE), torch.randn(*shape, dtype=DTYPE))
+
+
+class Transposed(nn.Module):
+    """A ``Conv1d`` of the input with its first two axes swapped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(3, 2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x.transpose(0, 1)).mean(2)).sum(0, keepdim=True).expand(3, -1)
+
+
+class Unflattened(nn.Module):
+    """A ``Conv1d`` of ``[b, 12]`` inputs reshaped to ``[b, 3, 4]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(3, 2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x.reshape(x.shape[0], 3, 4)).mean(2))
+
+
+def test_a_convolution_of_the_input_without_its_datapoints_first_is_refused_by_name():
+    """``channel_input``'s refusal, in full: the input with its first two axes swapped, a sequence-first
+    input (``datapoint_dim=1``) and a flat input reshaped to more than one channel."""
+    torch.manual_seed(29)
+    message = " gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose input's first axis is not the datapoints"
+    refused(Transposed().to(DTYPE), torch.randn(3, 3, 4, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
+    refused(Unflattened().to(DTYPE), torch.randn(3, 12, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
+    sequence_first = Unflattened().to(DTYPE)
+    sequence_first.forward = lambda x: sequence_first.head(sequence_first.conv(x.transpose(0, 1)).mean(2))
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+" + re.escape(" (module 'conv' of type Conv1d):"
+                                                                                     + message) + "$"):
+        to_graph_traced(sequence_first, torch.randn(3, 4, 4, dtype=DTYPE), loss_fn=squared, datapoint_dim=1)
