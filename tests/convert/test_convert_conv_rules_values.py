@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph.convert import to_graph_traced, UnsupportedOperationError
@@ -462,3 +462,129 @@ def test_a_convolution_of_the_input_without_its_datapoints_first_is_refused_by_n
     with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+" + re.escape(" (module 'conv' of type Conv1d):"
                                                                                      + message) + "$"):
         to_graph_traced(sequence_first, torch.randn(3, 4, 4, dtype=DTYPE), loss_fn=squared, datapoint_dim=1)
+
+
+# ----------------------------------------------------------------------- the model input read as windows
+class Reader(nn.Module):
+    """``Conv2d(2, 3, kernel, stride, padding)`` of the model input ``-> tanh ->`` mean over positions ``-> Linear``."""
+
+    def __init__(self, kernel: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, kernel, stride, padding), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+def window_factors(model: Reader, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """The windows ``U [b, C * k, L]`` of the first convolution (``F.unfold``: channel-major, tap-minor) and
+    ``dL_i/dU`` of each datapoint's loss, by autograd through the convolution written as ``W U + bias``."""
+    conv = model.conv
+    windows = F.unfold(inputs, conv.kernel_size, stride=conv.stride, padding=conv.padding).requires_grad_()
+    size = [(inputs.shape[2 + axis] + 2 * conv.padding[axis] - conv.kernel_size[axis]) // conv.stride[axis] + 1
+            for axis in range(2)]
+    out = (conv.weight.reshape(conv.out_channels, -1) @ windows + conv.bias[:, None]).reshape(
+        inputs.shape[0], conv.out_channels, *size)
+    loss = squared(model.head(torch.tanh(out).mean((2, 3))), None)
+    (grad,) = torch.autograd.grad(loss.sum(), windows)
+    return windows.detach(), grad
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(2, 2, 0), (3, 2, 1)])
+def test_the_input_read_as_windows_has_their_values_as_act_and_their_gradients_as_grad(kernel, stride, padding):
+    """``patch_taps`` (windows that tile the input, here with a remainder row no window covers) and
+    ``read_input_taps`` (overlapping, padded windows): the input neurons are (channel, tap) pairs, one
+    component per window, their act the window's values and their grad ``dL_i/dU``. Exact."""
+    torch.manual_seed(30)
+    model, inputs = Reader(kernel, stride, padding).to(DTYPE), torch.randn(3, 2, 5, 4, dtype=DTYPE)
+    graph = exact(model, inputs)
+    windows, grad = window_factors(model, inputs)
+    nodes = torch.nonzero(graph.node_kind == int(gradgraph.NodeKind.INPUT)).flatten()
+    nodes = nodes[graph.position[nodes].argsort()]
+    assert nodes.numel() == windows.shape[1]
+    keys, count = graph.act.shape[1] // 3, windows.shape[2]
+    assert graph.component_sample.tolist() == [i for i in range(3) for _ in range(keys)]
+    act, ours = graph.act[nodes].reshape(-1, 3, keys), graph.grad[nodes].reshape(-1, 3, keys)
+    torch.testing.assert_close(act[:, :, :count], windows.permute(1, 0, 2), atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours[:, :, :count], grad.permute(1, 0, 2), atol=1e-12, rtol=0)
+    assert not act[:, :, count:].any() and not ours[:, :, count:].any()
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_a_convolution_of_inputs_of_one_element_each_is_exact(padding):
+    """``[b, 1, 1]`` inputs read by a ``Conv1d`` as windows that tile them (``patch_taps``) or as padded windows
+    (``read_input_taps``): each datapoint's first element is its only one. Exact."""
+
+    class Single(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv1d(1, 3, 1 + 2 * padding, padding=padding), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.conv(x)).mean(2))
+
+    torch.manual_seed(31)
+    exact(Single().to(DTYPE), torch.randn(3, 1, 1, dtype=DTYPE))
+
+
+def test_patches_of_an_input_read_otherwise_first_or_transposed_are_refused_by_name():
+    """``patch_taps``'s refusals, in full: patches of an input whose first reader read it with another width
+    (a pointwise convolution), named by the patch reader and how it reads; and patches of the input with its
+    first two axes swapped."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.point, self.patch, self.head = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, 2, stride=2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.point(x).mean((2, 3)) + self.patch(x).mean((2, 3)))
+
+    class Swapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv1d(3, 2, 2, stride=2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(x.transpose(0, 1)).mean(2)).sum(0, keepdim=True).expand(3, -1)
+
+    torch.manual_seed(32)
+    refused(Twice().to(DTYPE), torch.randn(3, 2, 4, 4, dtype=DTYPE),
+            " (module 'patch' of type Conv2d): gradgraph.convert.trace.rules_conv.gather_taps: the input is read as 8 "
+            "features per patch here but 2 elsewhere")
+    refused(Swapped().to(DTYPE), torch.randn(3, 3, 4, dtype=DTYPE),
+            " (module 'conv' of type Conv1d): gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose "
+            "input's first axis is not the datapoints")
+
+
+# ----------------------------------------------------------------------- group norms and the symmetry
+class GroupNormAfter(nn.Module):
+    """``GroupNorm(2, 4)`` of one convolution's channels ``a(x)``, with another convolution's set ``c(x)`` made
+    between theirs and the norm's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(2, 4, 3), nn.Conv2d(2, 3, 3)
+        self.norm, self.b, self.head = nn.GroupNorm(2, 4), nn.Conv2d(4, 3, 2), nn.Linear(6, 2)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        a, c = torch.tanh(self.a(x)), torch.tanh(self.c(x))
+        pooled = torch.tanh(self.b(torch.tanh(self.norm(a)))).mean((2, 3))
+        return self.head(torch.cat([pooled, c.mean((2, 3))], 1))
+
+
+def test_a_group_norm_cuts_its_channels_at_its_own_group_borders():
+    """``channel_norm``'s cuts, at the norm's (and its input's) group borders wherever their sets lie: the
+    first two channels never share a permutation group with the last two, and sampled group elements keep
+    the function and the graph. Exact."""
+    torch.manual_seed(33)
+    model, inputs = GroupNormAfter().to(DTYPE), torch.randn(3, 2, 5, 5, dtype=DTYPE)
+    graph = exact(model, inputs)
+    norm = graph.perm_group[graph.node_kind == int(gradgraph.NodeKind.NORM)].tolist()
+    assert len(set(norm[:2])) == 1 and len(set(norm[2:])) == 1 and norm[0] >= 0 and norm[0] != norm[2], norm
+    for seed in range(4):
+        moved, _, _ = assert_group_keeps_function(model, inputs, None, squared, seed=seed)
+        assert moved > 0
