@@ -588,3 +588,39 @@ def test_a_group_norm_cuts_its_channels_at_its_own_group_borders():
     for seed in range(4):
         moved, _, _ = assert_group_keeps_function(model, inputs, None, squared, seed=seed)
         assert moved > 0
+
+
+# ----------------------------------------------------------------------- F.pad's other modes, by hand
+class PaddedByHand(nn.Module):
+    """``F.pad(h, pad, mode)`` of a feature map, written in the forward (not a convolution's padding_mode)."""
+
+    def __init__(self, pad: tuple, mode: str) -> None:
+        super().__init__()
+        self.pad, self.mode = pad, mode
+        self.a, self.b, self.head = nn.Conv2d(2, 3, 1), nn.Conv2d(3, 3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = F.pad(torch.tanh(self.a(x)), self.pad, mode=self.mode)
+        return self.head(torch.tanh(self.b(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_an_asymmetric_pad_of_both_spatial_axes_is_exact(mode):
+    """``padding_parts`` with pads that differ per side and per axis, one side 0: ``(1, 0, 2, 1)`` (last axis
+    first). Exact."""
+    torch.manual_seed(34)
+    exact(PaddedByHand((1, 0, 2, 1), mode).to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("pad", [(1, 1, 1), (1, 1, 1, 1, 1, 1, 1, 1, 1, 1)])
+def test_a_pad_torch_refuses_is_refused_as_torch_refuses_it(pad):
+    """``padding_parts`` leaves a pad of odd length, or of more axes than the map has, to torch, whose
+    error reaches the user as the model's (the decomposition would drop the extra entries)."""
+    torch.manual_seed(35)
+    model, inputs = PaddedByHand(pad, "replicate").to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE)
+    with pytest.raises(RuntimeError) as expected:
+        model(inputs)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.GradGraphError) as error:
+        gradgraph.to_graph(model, inputs, None, squared)
+    assert str(error.value).endswith(f"RuntimeError: {expected.value}"), str(error.value)
