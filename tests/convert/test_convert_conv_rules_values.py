@@ -424,7 +424,12 @@ def test_the_input_read_as_channels_in_other_layouts_is_exact(kind):
     model = {"two slices": TwoSlices, "permuted video": PermutedVideo, "point frames": PointFrames}[kind]
     shape = {"two slices": (3, 4, 3, 4), "permuted video": (2, 3, 4, 3, 3), "point frames": (3, 2, 1, 1, 1)}[kind]
     torch.manual_seed(28)
-    exact(model().to(DTYPE), torch.randn(*shape, dtype=DTYPE))
+    inputs = torch.randn(*shape, dtype=DTYPE)
+    graph = exact(model().to(DTYPE), inputs)
+    if kind == "two slices":  # the 4 input neurons (in order) hold the 4 channels at their positions
+        nodes = torch.nonzero(graph.node_kind == int(gradgraph.NodeKind.INPUT)).flatten()
+        act = graph.act[nodes].reshape(nodes.numel(), 3, -1)[:, :, :12]
+        torch.testing.assert_close(act, inputs.reshape(3, 4, 12).permute(1, 0, 2), atol=0, rtol=0)
 
 
 class Transposed(nn.Module):
@@ -624,3 +629,31 @@ def test_a_pad_torch_refuses_is_refused_as_torch_refuses_it(pad):
     with pytest.raises(gradgraph.GradGraphError) as error:
         gradgraph.to_graph(model, inputs, None, squared)
     assert str(error.value).endswith(f"RuntimeError: {expected.value}"), str(error.value)
+
+
+class NormedTwice(nn.Module):
+    """A GroupNorm's output read by a convolution as it is and after a tanh: two versions of its neurons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm = nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4)
+        self.b, self.c = nn.Conv2d(4, 3, 2), nn.Conv2d(4, 3, 2)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        h = self.norm(self.a(x))
+        return (self.b(h) + self.c(torch.tanh(h))).mean((2, 3))
+
+
+def test_a_group_norm_read_in_two_versions_keeps_its_output_as_the_norm_neurons_act():
+    """The norm's neurons start at version 0 of their new set, so their tanh (version 1) is told apart
+    from them: the NORM nodes (in order, one per channel) hold the norm's output as their act. Exact."""
+    torch.manual_seed(36)
+    model, inputs = NormedTwice().to(DTYPE), torch.randn(3, 2, 3, 4, dtype=DTYPE)
+    graph = exact(model, inputs)
+    nodes = torch.nonzero(graph.node_kind == int(gradgraph.NodeKind.NORM)).flatten()
+    keys = graph.act.shape[1] // 3
+    output = model.norm(model.a(inputs)).detach().reshape(3, 4, 12).permute(1, 0, 2)
+    torch.testing.assert_close(graph.act[nodes].reshape(4, 3, keys)[:, :, :12], output, atol=1e-12, rtol=0)
