@@ -1,5 +1,5 @@
 """The rules of ``trace/rules_conv.py`` (taps, padding, channels, pixel shuffles, a flatten into a head,
-group and instance norms), checked by value: what run convert 17 (docs/mutation.md, group ``convert-conv``)
+group and instance norms), checked by value: what run conv 1 (docs/mutation.md, group ``convert-conv``)
 found unchecked, and the corners of the file the group's other test files do not reach.
 
 Every conversion is float64 against torch.func's per-sample gradients or a per-datapoint autograd loop
@@ -455,12 +455,18 @@ class Unflattened(nn.Module):
 
 
 def test_a_convolution_of_the_input_without_its_datapoints_first_is_refused_by_name():
-    """``channel_input``'s refusal, in full: the input with its first two axes swapped, a sequence-first
-    input (``datapoint_dim=1``) and a flat input reshaped to more than one channel."""
+    """``channel_input``'s refusal (and ``read_input_taps``'), in full: the input with its first two axes swapped
+    (whole, and a slice of it), a sequence-first input (``datapoint_dim=1``) and a flat input reshaped to more
+    than one channel."""
     torch.manual_seed(29)
     message = " gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose input's first axis is not the datapoints"
     refused(Transposed().to(DTYPE), torch.randn(3, 3, 4, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
     refused(Unflattened().to(DTYPE), torch.randn(3, 12, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
+    sliced = Transposed().to(DTYPE)
+    sliced.conv = nn.Conv1d(2, 2, 2).to(DTYPE)
+    sliced.forward = lambda x: sliced.head(sliced.conv(x.transpose(0, 1)[:, :2]).mean(2)).sum(0, keepdim=True).expand(
+        3, -1)
+    refused(sliced, torch.randn(3, 3, 4, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
     sequence_first = Unflattened().to(DTYPE)
     sequence_first.forward = lambda x: sequence_first.head(sequence_first.conv(x.transpose(0, 1)).mean(2))
     gradgraph.convert.clear_structure_cache()
