@@ -23,6 +23,7 @@ from traced_models import assert_exact_per_sample_grads, assert_group_keeps_func
 
 import gradgraph
 from gradgraph.convert import to_graph_traced, UnsupportedOperationError
+from gradgraph.convert.trace.ops import LOST_TRACK
 
 DTYPE = torch.float64
 
@@ -663,3 +664,23 @@ def test_a_group_norm_read_in_two_versions_keeps_its_output_as_the_norm_neurons_
     keys = graph.act.shape[1] // 3
     output = model.norm(model.a(inputs)).detach().reshape(3, 4, 12).permute(1, 0, 2)
     torch.testing.assert_close(graph.act[nodes].reshape(4, 3, keys)[:, :, :12], output, atol=1e-12, rtol=0)
+
+
+class PooledPositions(nn.Module):
+    """A position table over ``arange`` pooled (``F.avg_pool1d``) before it joins any token value: neurons
+    without components."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.out = nn.Embedding(7, 4), nn.Embedding(6, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        pooled = F.avg_pool1d(self.positions(torch.arange(ids.shape[1] + 1)).T[None], 2, 1)
+        return self.out(torch.tanh(self.tokens(ids) + pooled[0].T)).sum(1)
+
+
+def test_pooling_of_values_without_components_is_refused_by_name():
+    """``channel_neurons``' refusal of neurons that have no components yet, named by the pooling op."""
+    torch.manual_seed(37)
+    refused(PooledPositions().to(DTYPE), torch.randint(0, 7, (6, 5), generator=torch.Generator().manual_seed(8)),
+            " torch.avg_pool1d: " + LOST_TRACK)
