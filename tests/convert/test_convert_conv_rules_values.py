@@ -515,6 +515,7 @@ def test_the_input_read_as_windows_has_their_values_as_act_and_their_gradients_a
     nodes = nodes[graph.position[nodes].argsort()]
     assert nodes.numel() == windows.shape[1]
     keys, count = graph.act.shape[1] // 3, windows.shape[2]
+    assert keys == count + 1  # a component per window and one of the pooled features: the input grid has none
     assert graph.component_sample.tolist() == [i for i in range(3) for _ in range(keys)]
     act, ours = graph.act[nodes].reshape(-1, 3, keys), graph.grad[nodes].reshape(-1, 3, keys)
     torch.testing.assert_close(act[:, :, :count], windows.permute(1, 0, 2), atol=1e-12, rtol=0)
