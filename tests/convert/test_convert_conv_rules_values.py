@@ -685,3 +685,21 @@ def test_pooling_of_values_without_components_is_refused_by_name():
     torch.manual_seed(37)
     refused(PooledPositions().to(DTYPE), torch.randint(0, 7, (6, 5), generator=torch.Generator().manual_seed(8)),
             " torch.avg_pool1d: " + LOST_TRACK)
+
+
+class InputAndItsView(nn.Module):
+    """``conv(x) + x[:, :]``: the input map read by a convolution, then a view of it read elementwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x) + x[:, :]).mean((2, 3)))
+
+
+def test_a_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exact():
+    """``channel_input`` marks the input as read as channels, so a later elementwise read of a view of it
+    (a new tensor, no meta of its own) reads it as channels too, not as features on its last axis. Exact."""
+    torch.manual_seed(38)
+    exact(InputAndItsView().to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE))
