@@ -542,8 +542,9 @@ def test_a_convolution_of_inputs_of_one_element_each_is_exact(padding):
 
 def test_patches_of_an_input_read_otherwise_first_or_transposed_are_refused_by_name():
     """``patch_taps``'s refusals, in full: patches of an input whose first reader read it with another width
-    (a pointwise convolution), named by the patch reader and how it reads; and patches of the input with its
-    first two axes swapped."""
+    (a pointwise convolution), named by the patch reader and how it reads (and, the other way round, a
+    convolution reading it as channels after the patches, ``channel_input``); and patches of the input with
+    its first two axes swapped."""
 
     class Twice(nn.Module):
         def __init__(self) -> None:
@@ -565,6 +566,13 @@ def test_patches_of_an_input_read_otherwise_first_or_transposed_are_refused_by_n
     refused(Twice().to(DTYPE), torch.randn(3, 2, 4, 4, dtype=DTYPE),
             " (module 'patch' of type Conv2d): gradgraph.convert.trace.rules_conv.gather_taps: the input is read as 8 "
             "features per patch here but 2 elsewhere")
+    patched_first = Twice().to(DTYPE)
+    patched_first.point = nn.Conv2d(2, 3, 3, padding=1).to(DTYPE)
+    patched_first.forward = lambda x: patched_first.head(patched_first.patch(x).mean((2, 3))
+                                                         + patched_first.point(x[:, :]).mean((2, 3)))
+    refused(patched_first, torch.randn(3, 2, 4, 4, dtype=DTYPE),
+            " (module 'point' of type Conv2d): gradgraph.convert.trace.rules_conv.gather_taps: the input is read as 2 "
+            "channels here but 8 elsewhere")
     refused(Swapped().to(DTYPE), torch.randn(3, 3, 4, dtype=DTYPE),
             " (module 'conv' of type Conv1d): gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose "
             "input's first axis is not the datapoints")
