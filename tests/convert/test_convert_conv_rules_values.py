@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -711,3 +712,35 @@ def test_a_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exa
     (a new tensor, no meta of its own) reads it as channels too, not as features on its last axis. Exact."""
     torch.manual_seed(38)
     exact(InputAndItsView().to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE))
+
+
+# ----------------------------------------------------------------------- convolutions called as functions
+class Functional(nn.Module):
+    """``F.conv2d`` / ``F.conv1d`` called by hand: integer stride, padding and dilation by keyword, the
+    defaults, ``padding='same'`` with an even kernel (torch puts the odd pad after), ``'valid'`` and
+    ``groups=2`` with a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(4, 2, 3, 3)), nn.Parameter(torch.randn(4))
+        self.w2 = nn.Parameter(torch.randn(4, 4, 2, 2))
+        self.w3, self.b3 = nn.Parameter(torch.randn(4, 2, 2)), nn.Parameter(torch.randn(4))
+        self.w4 = nn.Parameter(torch.randn(3, 4, 2))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(F.conv2d(x, self.w1, self.b1, stride=2, padding=1, dilation=1))
+        h = torch.tanh(F.conv2d(h, self.w2, padding="same", dilation=1))  # kernel 2: one pad before, none after
+        h = torch.tanh(F.conv2d(h, self.w2, padding="valid"))
+        h = h.flatten(2)
+        h = torch.tanh(F.conv1d(h, self.w3, self.b3, groups=2))
+        return self.head(torch.tanh(F.conv1d(input=h, weight=self.w4)).mean(2))
+
+
+def test_convolutions_called_by_hand_with_integer_and_string_arguments_are_exact():
+    """``convolution_parts``, ``_per_axis`` and ``_padding`` for ``F.conv*d`` called with integers,
+    the defaults, ``'same'`` with an even kernel, ``'valid'`` and groups with a bias. Exact."""
+    torch.manual_seed(39)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's once-per-process note on 'same' with an even kernel
+        exact(Functional().to(DTYPE), torch.randn(3, 2, 7, 6, dtype=DTYPE))
