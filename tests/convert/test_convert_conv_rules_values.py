@@ -744,3 +744,25 @@ def test_convolutions_called_by_hand_with_integer_and_string_arguments_are_exact
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's once-per-process note on 'same' with an even kernel
         exact(Functional().to(DTYPE), torch.randn(3, 2, 7, 6, dtype=DTYPE))
+
+
+class InputTwice(nn.Module):
+    """``a(x) + b(tanh(x))``: the model input read as channels as it is and after a tanh (two versions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x) + self.b(torch.tanh(x))).mean((2, 3)))
+
+
+def test_the_input_read_as_channels_in_two_versions_keeps_its_values_as_act():
+    """``channel_input``'s neurons start at version 0 of the input set, so their tanh (version 1) is told apart:
+    the input nodes hold the input's channels as their act. Exact."""
+    torch.manual_seed(40)
+    inputs = torch.randn(3, 2, 3, 4, dtype=DTYPE)
+    graph = exact(InputTwice().to(DTYPE), inputs)
+    nodes = torch.nonzero(graph.node_kind == int(gradgraph.NodeKind.INPUT)).flatten()
+    act = graph.act[nodes].reshape(nodes.numel(), 3, -1)[:, :, :12]
+    torch.testing.assert_close(act, inputs.reshape(3, 2, 12).permute(1, 0, 2), atol=0, rtol=0)
