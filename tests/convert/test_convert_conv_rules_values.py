@@ -418,13 +418,28 @@ class PointFrames(nn.Module):
         return self.head(torch.tanh(self.conv(x.reshape(-1, 1, 1, 1))).reshape(x.shape[0], 6))
 
 
-@pytest.mark.parametrize("kind", ["two slices", "permuted video", "point frames"])
+class SmallFrames(nn.Module):
+    """Three frames of 2 x 2 pixels, ``[b, 3, 1, 2, 2] -> [b * 3, 1, 2, 2]``, each read by a ``Conv2d(1, 2, 1)``,
+    then the frames' features joined per datapoint: 12 keys for the frames' grids, more than any other grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 2, 1), nn.Linear(24, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x.reshape(-1, 1, 2, 2))).reshape(x.shape[0], 24))
+
+
+@pytest.mark.parametrize("kind", ["two slices", "permuted video", "point frames", "small frames"])
 def test_the_input_read_as_channels_in_other_layouts_is_exact(kind):
     """``channel_input``: a slice of the input's channels reads the channels it holds (two slices, two sets
     of input neurons), the permuted video is told by its datapoint axis (``C`` differs from ``b``), and a
-    merged video whose frames hold one element each. Exact."""
-    model = {"two slices": TwoSlices, "permuted video": PermutedVideo, "point frames": PointFrames}[kind]
-    shape = {"two slices": (3, 4, 3, 4), "permuted video": (2, 3, 4, 3, 3), "point frames": (3, 2, 1, 1, 1)}[kind]
+    merged video whose frames hold one element each, or whose frames' grids need more keys than any other
+    (``position_comps``: a key per position of each row of a datapoint). Exact."""
+    model = {"two slices": TwoSlices, "permuted video": PermutedVideo, "point frames": PointFrames,
+             "small frames": SmallFrames}[kind]
+    shape = {"two slices": (3, 4, 3, 4), "permuted video": (2, 3, 4, 3, 3), "point frames": (3, 2, 1, 1, 1),
+             "small frames": (3, 3, 1, 2, 2)}[kind]
     torch.manual_seed(28)
     inputs = torch.randn(*shape, dtype=DTYPE)
     graph = exact(model().to(DTYPE), inputs)
