@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
 
 import gradgraph
 from gradgraph.convert import to_graph_traced, UnsupportedOperationError
@@ -226,7 +226,8 @@ def test_a_pixel_shuffle_that_is_the_output_has_the_shuffled_values_as_its_act()
 
 def test_a_pixel_shuffle_of_a_map_without_one_datapoint_axis_is_refused_by_name():
     """``pixel_shuffle`` of ``[b, T, C, H, W]`` (several frames per datapoint): refused by the shuffle's
-    name, as a map that is not ``[b, channels, H, W]``. Kills pixel_shuffle 9."""
+    name, as a map that is not ``[b, channels, H, W]`` (``channel_neurons``' words). Kills pixel_shuffle 9,
+    channel_neurons 4-8."""
 
     class Frames(nn.Module):
         def __init__(self) -> None:
@@ -306,7 +307,7 @@ class Normed(nn.Module):
 @pytest.mark.parametrize("kind", ["group", "instance"])
 def test_group_and_instance_norms_with_their_own_eps_are_exact(kind, batch):
     """``channel_norm`` reads ``eps`` (handed by keyword) and the channels from the first datapoint (a batch
-    of one too). Exact."""
+    of one too). Exact. Kills channel_norm 48, 52, 53, 136."""
     torch.manual_seed(25)
     exact(Normed(kind).to(DTYPE), torch.randn(batch, 2, 4, 5, dtype=DTYPE))
 
@@ -325,7 +326,8 @@ class NormedFeatures(nn.Module):
 
 
 def test_a_group_norm_of_features_without_positions_is_exact():
-    """``channel_norm`` over ``[b, C]``: one position, so the channels are read at position 0. Exact."""
+    """``channel_norm`` over ``[b, C]``: one position, so the channels are read at position 0. Exact.
+    Kills channel_norm 137."""
     torch.manual_seed(26)
     exact(NormedFeatures().to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
 
@@ -368,7 +370,8 @@ class ConstantScale(nn.Module):
 def test_norms_refuse_running_statistics_other_layouts_and_constant_scales_by_name():
     """``channel_norm``'s refusals, in full: an InstanceNorm with running statistics in eval, a GroupNorm whose
     axis 1 holds token positions (``channel_neurons`` named by the norm), and a weight or bias that is a buffer
-    (``param_view`` named by the norm and the role)."""
+    (``param_view`` named by the norm and the role). Kills channel_norm 56, 58, 62, 63, 65-72, 83, 156, 157, 161,
+    162, 173, 174, 178, 179 and channel_neurons 91-96."""
     torch.manual_seed(27)
     refused(RunningInstanceNorm().to(DTYPE).eval(), torch.randn(3, 2, 5, 5, dtype=DTYPE),
             " (module 'norm' of type InstanceNorm2d): torch.nn.functional.instance_norm: instance norm with running "
@@ -435,7 +438,8 @@ def test_the_input_read_as_channels_in_other_layouts_is_exact(kind):
     """``channel_input``: a slice of the input's channels reads the channels it holds (two slices, two sets
     of input neurons), the permuted video is told by its datapoint axis (``C`` differs from ``b``), and a
     merged video whose frames hold one element each, or whose frames' grids need more keys than any other
-    (``position_comps``: a key per position of each row of a datapoint). Exact."""
+    (``position_comps``: a key per position of each row of a datapoint). Exact. Kills channel_input 31, 33, 40,
+    104 (position_comps 11 survives it: see docs/mutation.md)."""
     model = {"two slices": TwoSlices, "permuted video": PermutedVideo, "point frames": PointFrames,
              "small frames": SmallFrames}[kind]
     shape = {"two slices": (3, 4, 3, 4), "permuted video": (2, 3, 4, 3, 3), "point frames": (3, 2, 1, 1, 1),
@@ -474,9 +478,10 @@ class Unflattened(nn.Module):
 def test_a_convolution_of_the_input_without_its_datapoints_first_is_refused_by_name():
     """``channel_input``'s refusal (and ``read_input_taps``'), in full: the input with its first two axes swapped
     (whole, and a slice of it), a sequence-first input (``datapoint_dim=1``) and a flat input reshaped to more
-    than one channel."""
+    than one channel. Kills channel_input 6, 43, 44, 54, 62-67, read_input_taps 13-19, channel_neurons 15."""
     torch.manual_seed(29)
-    message = " gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose input's first axis is not the datapoints"
+    message = (" gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose input's first axis is not the "
+               "datapoints")
     refused(Transposed().to(DTYPE), torch.randn(3, 3, 4, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
     refused(Unflattened().to(DTYPE), torch.randn(3, 12, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
     sliced = Transposed().to(DTYPE)
@@ -487,8 +492,8 @@ def test_a_convolution_of_the_input_without_its_datapoints_first_is_refused_by_n
     sequence_first = Unflattened().to(DTYPE)
     sequence_first.forward = lambda x: sequence_first.head(sequence_first.conv(x.transpose(0, 1)).mean(2))
     gradgraph.convert.clear_structure_cache()
-    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+" + re.escape(" (module 'conv' of type Conv1d):"
-                                                                                     + message) + "$"):
+    pattern = r"^\S+:\d+ in \S+" + re.escape(" (module 'conv' of type Conv1d):" + message) + "$"
+    with pytest.raises(UnsupportedOperationError, match=pattern):
         to_graph_traced(sequence_first, torch.randn(3, 4, 4, dtype=DTYPE), loss_fn=squared, datapoint_dim=1)
 
 
@@ -522,7 +527,8 @@ def window_factors(model: Reader, inputs: Tensor) -> tuple[Tensor, Tensor]:
 def test_the_input_read_as_windows_has_their_values_as_act_and_their_gradients_as_grad(kernel, stride, padding):
     """``patch_taps`` (windows that tile the input, here with a remainder row no window covers) and
     ``read_input_taps`` (overlapping, padded windows): the input neurons are (channel, tap) pairs, one
-    component per window, their act the window's values and their grad ``dL_i/dU``. Exact."""
+    component per window, their act the window's values and their grad ``dL_i/dU``. Exact. Kills patch_taps
+    66-69, 71, 79, 105, 112."""
     torch.manual_seed(30)
     model, inputs = Reader(kernel, stride, padding).to(DTYPE), torch.randn(3, 2, 5, 4, dtype=DTYPE)
     graph = exact(model, inputs)
@@ -542,7 +548,8 @@ def test_the_input_read_as_windows_has_their_values_as_act_and_their_gradients_a
 @pytest.mark.parametrize("padding", [0, 1])
 def test_a_convolution_of_inputs_of_one_element_each_is_exact(padding):
     """``[b, 1, 1]`` inputs read by a ``Conv1d`` as windows that tile them (``patch_taps``) or as padded windows
-    (``read_input_taps``): each datapoint's first element is its only one. Exact."""
+    (``read_input_taps``): each datapoint's first element is its only one. Exact. Kills read_input_taps 47,
+    patch_taps 149."""
 
     class Single(nn.Module):
         def __init__(self) -> None:
@@ -560,7 +567,7 @@ def test_patches_of_an_input_read_otherwise_first_or_transposed_are_refused_by_n
     """``patch_taps``'s refusals, in full: patches of an input whose first reader read it with another width
     (a pointwise convolution), named by the patch reader and how it reads (and, the other way round, a
     convolution reading it as channels after the patches, ``channel_input``); and patches of the input with
-    its first two axes swapped."""
+    its first two axes swapped. Kills patch_taps 5, 10, 19-24, 92, 93 and channel_input 146, 147."""
 
     class Twice(nn.Module):
         def __init__(self) -> None:
@@ -616,7 +623,7 @@ class GroupNormAfter(nn.Module):
 def test_a_group_norm_cuts_its_channels_at_its_own_group_borders():
     """``channel_norm``'s cuts, at the norm's (and its input's) group borders wherever their sets lie: the
     first two channels never share a permutation group with the last two, and sampled group elements keep
-    the function and the graph. Exact."""
+    the function and the graph. Exact. Kills channel_norm 208."""
     torch.manual_seed(33)
     model, inputs = GroupNormAfter().to(DTYPE), torch.randn(3, 2, 5, 5, dtype=DTYPE)
     graph = exact(model, inputs)
@@ -644,7 +651,7 @@ class PaddedByHand(nn.Module):
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_an_asymmetric_pad_of_both_spatial_axes_is_exact(mode):
     """``padding_parts`` with pads that differ per side and per axis, one side 0: ``(1, 0, 2, 1)`` (last axis
-    first). Exact."""
+    first). Exact. Kills padding_parts 72, 73, 77."""
     torch.manual_seed(34)
     exact(PaddedByHand((1, 0, 2, 1), mode).to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE))
 
@@ -652,7 +659,8 @@ def test_an_asymmetric_pad_of_both_spatial_axes_is_exact(mode):
 @pytest.mark.parametrize("pad", [(1, 1, 1), (1, 1, 1, 1, 1, 1, 1, 1, 1, 1)])
 def test_a_pad_torch_refuses_is_refused_as_torch_refuses_it(pad):
     """``padding_parts`` leaves a pad of odd length, or of more axes than the map has, to torch, whose
-    error reaches the user as the model's (the decomposition would drop the extra entries)."""
+    error reaches the user as the model's (the decomposition would drop the extra entries). Kills
+    padding_parts 32, 33, 40."""
     torch.manual_seed(35)
     model, inputs = PaddedByHand(pad, "replicate").to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE)
     with pytest.raises(RuntimeError) as expected:
@@ -681,7 +689,8 @@ class NormedTwice(nn.Module):
 
 def test_a_group_norm_read_in_two_versions_keeps_its_output_as_the_norm_neurons_act():
     """The norm's neurons start at version 0 of their new set, so their tanh (version 1) is told apart
-    from them: the NORM nodes (in order, one per channel) hold the norm's output as their act. Exact."""
+    from them: the NORM nodes (in order, one per channel) hold the norm's output as their act. Exact.
+    Kills channel_norm 249."""
     torch.manual_seed(36)
     model, inputs = NormedTwice().to(DTYPE), torch.randn(3, 2, 3, 4, dtype=DTYPE)
     graph = exact(model, inputs)
@@ -705,7 +714,8 @@ class PooledPositions(nn.Module):
 
 
 def test_pooling_of_values_without_components_is_refused_by_name():
-    """``channel_neurons``' refusal of neurons that have no components yet, named by the pooling op."""
+    """``channel_neurons``' refusal of neurons that have no components yet, named by the pooling op.
+    Kills channel_neurons 24, 27-30."""
     torch.manual_seed(37)
     refused(PooledPositions().to(DTYPE), torch.randint(0, 7, (6, 5), generator=torch.Generator().manual_seed(8)),
             " torch.avg_pool1d: " + LOST_TRACK)
@@ -754,7 +764,8 @@ class Functional(nn.Module):
 
 def test_convolutions_called_by_hand_with_integer_and_string_arguments_are_exact():
     """``convolution_parts``, ``_per_axis`` and ``_padding`` for ``F.conv*d`` called with integers,
-    the defaults, ``'same'`` with an even kernel, ``'valid'`` and groups with a bias. Exact."""
+    the defaults, ``'same'`` with an even kernel, ``'valid'`` and groups with a bias. Exact. Kills _per_axis 2,
+    4 and _padding 26."""
     torch.manual_seed(39)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's once-per-process note on 'same' with an even kernel
@@ -774,7 +785,7 @@ class InputTwice(nn.Module):
 
 def test_the_input_read_as_channels_in_two_versions_keeps_its_values_as_act():
     """``channel_input``'s neurons start at version 0 of the input set, so their tanh (version 1) is told apart:
-    the input nodes hold the input's channels as their act. Exact."""
+    the input nodes hold the input's channels as their act. Exact. Kills channel_input 169."""
     torch.manual_seed(40)
     inputs = torch.randn(3, 2, 3, 4, dtype=DTYPE)
     graph = exact(InputTwice().to(DTYPE), inputs)
