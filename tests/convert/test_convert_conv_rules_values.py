@@ -792,3 +792,27 @@ def test_the_input_read_as_channels_in_two_versions_keeps_its_values_as_act():
     nodes = torch.nonzero(graph.node_kind == int(gradgraph.NodeKind.INPUT)).flatten()
     act = graph.act[nodes].reshape(nodes.numel(), 3, -1)[:, :, :12]
     torch.testing.assert_close(act, inputs.reshape(3, 2, 12).permute(1, 0, 2), atol=0, rtol=0)
+
+
+class PooledCat(nn.Module):
+    """Average pooling of ``cat([m, m], 1)`` (one neuron twice) or of ``cat([m, m.mean(1, keepdim=True)], 1)`` (a
+    statistic over the channels as a channel)."""
+
+    def __init__(self, statistic: bool) -> None:
+        super().__init__()
+        self.statistic = statistic
+        self.conv, self.head = nn.Conv2d(2, 3, 3), nn.Linear(4 if statistic else 6, 2)
+
+    def forward(self, x):
+        m = torch.tanh(self.conv(x))
+        joined = torch.cat([m, m.mean(1, keepdim=True)] if self.statistic else [m, m], 1)
+        return self.head(F.avg_pool2d(joined, 2).mean((2, 3)))
+
+
+@pytest.mark.parametrize("statistic", [False, True])
+def test_pooling_of_channels_that_are_not_distinct_neurons_is_refused_by_name(statistic):
+    """``channel_neurons``' refusal of a row of channels that holds a neuron twice or a statistic, in full.
+    Kills channel_neurons 101, 102, 107-112."""
+    torch.manual_seed(41)
+    refused(PooledCat(statistic).to(DTYPE), torch.randn(3, 2, 6, 6, dtype=DTYPE),
+            " torch.nn.functional.avg_pool2d: its channels are not distinct neurons (a statistic, or one neuron twice)")
