@@ -567,7 +567,8 @@ def test_patches_of_an_input_read_otherwise_first_or_transposed_are_refused_by_n
     """``patch_taps``'s refusals, in full: patches of an input whose first reader read it with another width
     (a pointwise convolution), named by the patch reader and how it reads (and, the other way round, a
     convolution reading it as channels after the patches, ``channel_input``); and patches of the input with
-    its first two axes swapped. Kills patch_taps 5, 10, 19-24, 92, 93 and channel_input 146, 147."""
+    its first two axes swapped, or with its datapoints moved to the last axis. Kills patch_taps 5, 10, 16,
+    19-24, 92, 93 and channel_input 146, 147."""
 
     class Twice(nn.Module):
         def __init__(self) -> None:
@@ -598,6 +599,11 @@ def test_patches_of_an_input_read_otherwise_first_or_transposed_are_refused_by_n
             "channels here but 8 elsewhere")
     refused(Swapped().to(DTYPE), torch.randn(3, 3, 4, dtype=DTYPE),
             " (module 'conv' of type Conv1d): gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose "
+            "input's first axis is not the datapoints")
+    last = Twice().to(DTYPE)  # the datapoints moved to the last axis of a [3, 2, 2, 3] input (shape kept)
+    last.forward = lambda x: last.head(last.point(x.transpose(0, 3)).mean((2, 3))).sum(0, keepdim=True).expand(3, -1)
+    refused(last, torch.randn(3, 2, 2, 3, dtype=DTYPE),
+            " (module 'point' of type Conv2d): gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose "
             "input's first axis is not the datapoints")
 
 
