@@ -823,3 +823,26 @@ def test_pooling_of_channels_that_are_not_distinct_neurons_is_refused_by_name(st
     torch.manual_seed(41)
     refused(PooledCat(statistic).to(DTYPE), torch.randn(3, 2, 6, 6, dtype=DTYPE),
             " torch.nn.functional.avg_pool2d: its channels are not distinct neurons (a statistic, or one neuron twice)")
+
+
+class ShiftedHalves(nn.Module):
+    """Average pooling of ``cat([a(x)[..., :2], c(x)[..., 2:]], 1)``: distinct channels, but ``a``'s at positions 0
+    and 1 and ``c``'s at 2 and 3, so the components vary along the channel axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.head = nn.Conv1d(2, 2, 1), nn.Conv1d(2, 2, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        joined = torch.cat([torch.tanh(self.a(x))[..., :2], torch.tanh(self.c(x))[..., 2:]], 1)
+        return self.head(F.avg_pool1d(joined, 2).mean(2))
+
+
+def test_pooling_of_channels_at_other_positions_per_channel_is_refused_by_name():
+    """``channel_neurons``' layout refusal, in full: a map whose channels are distinct neurons but sit at
+    positions that differ from channel to channel. Kills channel_neurons 55, 56."""
+    torch.manual_seed(42)
+    refused(ShiftedHalves().to(DTYPE), torch.randn(3, 2, 4, dtype=DTYPE),
+            " torch.avg_pool1d: its input does not hold channels on axis 1 (neurons) and positions on "
+            "the spatial axes of each datapoint on axis 0; gradgraph reads convolutions and pooling over "
+            "[b, channels, *spatial] with channels as neurons")
