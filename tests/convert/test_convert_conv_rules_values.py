@@ -846,3 +846,50 @@ def test_pooling_of_channels_at_other_positions_per_channel_is_refused_by_name()
             " torch.avg_pool1d: its input does not hold channels on axis 1 (neurons) and positions on "
             "the spatial axes of each datapoint on axis 0; gradgraph reads convolutions and pooling over "
             "[b, channels, *spatial] with channels as neurons")
+
+
+# ----------------------------------------------------------------------- a flatten into a head, by value
+class FlattenHead(nn.Module):
+    """``Linear`` over ``h.flatten(1)`` of a ``[b, C, H, W]`` map: ``h`` a convolution's output, or the input image
+    that a convolution read as channels first (its first channel is node 0)."""
+
+    def __init__(self, image: bool) -> None:
+        super().__init__()
+        self.image = image
+        self.conv, self.head = nn.Conv2d(2, 3, 2), nn.Linear(2 * 9 if image else 3 * 4, 2)
+        self.side = nn.Linear(3, 2) if image else None
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.head(x.flatten(1)) + self.side(h.mean((2, 3))) if self.image else self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("image", [False, True])
+@pytest.mark.parametrize("batch", [3, 1])
+def test_a_flattened_map_read_by_a_linear_head_is_exact(batch, image):
+    """``spread_positions`` on a convolution's map or on the input image (its first neuron is node 0), a batch of
+    one too (one row). Exact. Kills spread_positions 45-47, 49."""
+    torch.manual_seed(43)
+    exact(FlattenHead(image).to(DTYPE), torch.randn(batch, 2, 3, 3, dtype=DTYPE))
+
+
+class FlattenStatistic(nn.Module):
+    """``cat([m, m.mean(1, keepdim=True)], 1).flatten(1)`` read by a ``Linear``: a statistic among the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 2), nn.Linear(4 * 4, 2)
+
+    def forward(self, x):
+        m = torch.tanh(self.conv(x))
+        return self.head(torch.cat([m, m.mean(1, keepdim=True)], 1).flatten(1))
+
+
+def test_a_flattened_map_with_a_statistic_among_its_channels_is_left_to_the_affine_rule():
+    """``spread_positions`` leaves a row with a statistic (node ``-1``) to the affine rule, which refuses it.
+    Kills spread_positions 34, 44."""
+    torch.manual_seed(44)
+    refused(FlattenStatistic().to(DTYPE), torch.randn(3, 2, 3, 3, dtype=DTYPE),
+            " (module 'head' of type Linear): torch.nn.functional.linear: applied to an axis that holds positions or "
+            "datapoints, not features (e.g. a Linear over tokens, as in MLP-Mixer); gradgraph needs affine maps over "
+            "the last, feature axis")
