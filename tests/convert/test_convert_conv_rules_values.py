@@ -868,7 +868,7 @@ class FlattenHead(nn.Module):
 @pytest.mark.parametrize("batch", [3, 1])
 def test_a_flattened_map_read_by_a_linear_head_is_exact(batch, image):
     """``spread_positions`` on a convolution's map or on the input image (its first neuron is node 0), a batch of
-    one too (one row). Exact. Kills spread_positions 45-47, 49."""
+    one too (one row). Exact. Kills spread_positions 45-47, 49, 50, 78."""
     torch.manual_seed(43)
     exact(FlattenHead(image).to(DTYPE), torch.randn(batch, 2, 3, 3, dtype=DTYPE))
 
