@@ -893,3 +893,22 @@ def test_a_flattened_map_with_a_statistic_among_its_channels_is_left_to_the_affi
             " (module 'head' of type Linear): torch.nn.functional.linear: applied to an axis that holds positions or "
             "datapoints, not features (e.g. a Linear over tokens, as in MLP-Mixer); gradgraph needs affine maps over "
             "the last, feature axis")
+
+
+class TwoHeads(nn.Module):
+    """One flattened map read by two ``Linear`` heads, and by a tanh before a third."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.a, self.b, self.c = nn.Conv2d(2, 3, 2), nn.Linear(12, 2), nn.Linear(12, 2), nn.Linear(12, 2)
+
+    def forward(self, x):
+        flat = torch.tanh(self.conv(x)).flatten(1)
+        return self.a(flat) + self.b(flat) + self.c(torch.tanh(flat))
+
+
+def test_a_flattened_map_read_by_several_heads_is_exact():
+    """``spread_positions`` stores the spread meta on the flattened value, so a second head reads the same
+    copies, and a tanh of it a later version of them. Exact. Kills spread_positions 117, 121."""
+    torch.manual_seed(45)
+    exact(TwoHeads().to(DTYPE), torch.randn(3, 2, 3, 3, dtype=DTYPE))
