@@ -740,8 +740,9 @@ class InputAndItsView(nn.Module):
 
 
 def test_a_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exact():
-    """``channel_input`` marks the input as read as channels, so a later elementwise read of a view of it
-    (a new tensor, no meta of its own) reads it as channels too, not as features on its last axis. Exact."""
+    """The input read as channels by a convolution, then a view of it (a new tensor) read elementwise: the view
+    keeps the channel layout. Exact. (It kills no mutant: ``channel_input`` 144 and 151, ``read_as_channels`` not
+    set, survive it — the view's read does not reach ``neurons_from_raw``; see docs/mutation.md.)"""
     torch.manual_seed(38)
     exact(InputAndItsView().to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE))
 
