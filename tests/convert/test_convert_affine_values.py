@@ -18,28 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+from convert_values import exact, refused, squared
+from traced_models import assert_group_keeps_function
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 
 DTYPE = torch.float64
-
-
-def squared(output, _targets):
-    return output.pow(2).flatten(1).sum(1)
-
-
-def exact(model, inputs, **options):
-    gradgraph.convert.clear_structure_cache()
-    return assert_exact_per_sample_grads(model, inputs, None, squared, **options)
-
-
-def refused(model, inputs, message, **options):
-    """``to_graph`` refuses with exactly ``message`` after the location."""
-    gradgraph.convert.clear_structure_cache()
-    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+" + re.escape(message) + "$"):
-        gradgraph.to_graph(model, inputs, None, squared, **options)
 
 
 # ----------------------------------------------------------------------- the zero state

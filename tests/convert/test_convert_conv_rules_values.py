@@ -20,29 +20,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+from convert_values import exact, refused, squared
+from traced_models import assert_group_keeps_function
 
 import gradgraph
 from gradgraph.convert import to_graph_traced, UnsupportedOperationError
 from gradgraph.convert.trace.ops import LOST_TRACK
 
 DTYPE = torch.float64
-
-
-def squared(output, _targets):
-    return output.pow(2).flatten(1).sum(1)
-
-
-def exact(model, inputs, **options):
-    gradgraph.convert.clear_structure_cache()
-    return assert_exact_per_sample_grads(model, inputs, None, squared, **options)
-
-
-def refused(model, inputs, message, **options):
-    """``to_graph`` refuses with exactly ``message`` after the location."""
-    gradgraph.convert.clear_structure_cache()
-    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+" + re.escape(message) + "$"):
-        gradgraph.to_graph(model, inputs, None, squared, **options)
 
 
 # ----------------------------------------------------------------------- group and instance norms
