@@ -18,7 +18,7 @@ from torch import nn
 import gradgraph
 from gradgraph.convert.plan import PLAN_CACHE
 
-from traced_models import assert_exact_per_sample_grads
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
 
 DTYPE = torch.float64
 
@@ -69,4 +69,50 @@ def test_a_reduction_over_the_datapoints_by_axis_is_still_refused():
 
     with pytest.raises(gradgraph.convert.UnsupportedOperationError, match="datapoints"):
         gradgraph.to_graph(BatchMean().to(DTYPE), torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,)),
+                           _cross_entropy)
+
+
+class TextCNN(nn.Module):
+    """A 1-D convolution over a sequence, then a pool over time written as ``form``, then a head."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.conv, self.head = nn.Conv1d(3, 6, 3, padding=1), nn.Linear(6, 3)
+
+    def forward(self, x):  # [b, 3, T]
+        h = F.relu(self.conv(x))
+        if self.form == "torch.max(h, 2)[0]":
+            pooled = torch.max(h, 2)[0]
+        elif self.form == "torch.max(h, dim=2).values":
+            pooled = torch.max(h, dim=2).values
+        elif self.form == "torch.min(h, 2)[0]":
+            pooled = torch.min(h, 2)[0]
+        else:  # "h.max(other)": the elementwise maximum with a constant, then a mean over time
+            pooled = h.max(torch.full_like(h, 0.1)).mean(2)
+        return self.head(pooled)
+
+
+@pytest.mark.parametrize("form", ["torch.max(h, 2)[0]", "torch.max(h, dim=2).values", "torch.min(h, 2)[0]",
+                                  "h.max(other)"])
+def test_torch_max_and_min_pool_as_the_methods_do_and_max_of_two_tensors_is_the_maximum(form):
+    """``torch.max(h, 2)`` was refused ("torch.max: gradgraph has no rule for this op") while ``h.max(2)``
+    converted; ``h.max(g)`` of two tensors crashed inside the reduction rule ("Boolean value of Tensor with more
+    than one value is ambiguous", reported as the model failing). Both fail on the code before."""
+    torch.manual_seed(3)
+    model = TextCNN(form).to(DTYPE)
+    x, y = torch.randn(4, 3, 7, dtype=DTYPE), torch.randint(0, 3, (4,))
+    assert_exact_per_sample_grads(model, x, y, _cross_entropy)
+    moved, _, _ = assert_group_keeps_function(model, x, y, _cross_entropy)
+    assert moved >= 6, moved
+
+
+def test_torch_max_over_everything_is_a_reduction_over_datapoints():
+    class Scaled(TextCNN):
+        def forward(self, x):
+            h = F.relu(self.conv(x))
+            return self.head(h.mean(2) / torch.max(h))
+
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError, match="torch.max: a reduction over datapoints"):
+        gradgraph.to_graph(Scaled("").to(DTYPE), torch.randn(4, 3, 7, dtype=DTYPE), torch.randint(0, 3, (4,)),
                            _cross_entropy)

@@ -423,10 +423,11 @@ def _check_no_autocast(caller: str) -> None:
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             raise GradGraphError(
-                f"{caller} was called under torch.autocast('{device}', dtype={dtype}): the forward would compute in "
-                f"{dtype}, whose rounding (eps {torch.finfo(dtype).eps:.1e}) the factors would carry and gradgraph's check "
-                f"of the summed gradient cannot tell from a missing gradient path. Convert outside autocast: wrap the "
-                f"call in torch.autocast('{device}', enabled=False) (the graph is then the full-precision model's)")
+                f"{caller} was called under torch.autocast('{device}', dtype={dtype}): the forward would compute "
+                f"in {dtype}, whose rounding (eps {torch.finfo(dtype).eps:.1e}) the factors would carry and "
+                "gradgraph's check of the summed gradient cannot tell from a missing gradient path. Convert outside "
+                f"autocast: wrap the call in torch.autocast('{device}', enabled=False) (the graph is then the "
+                "full-precision model's)")
 
 
 def _check_not_scripted(model: nn.Module) -> None:
@@ -437,8 +438,9 @@ def _check_not_scripted(model: nn.Module) -> None:
         if isinstance(module, torch.jit.ScriptModule):
             raise UnsupportedModuleError(
                 path, type(module).__name__,
-                "it is a TorchScript module (torch.jit.script / torch.jit.trace), whose forward runs in the TorchScript "
-                "interpreter, where gradgraph cannot follow its ops. Convert the Python module it was made from "
+                "it is a TorchScript module (torch.jit.script / torch.jit.trace), whose forward runs in the "
+                "TorchScript interpreter, where gradgraph cannot follow its ops. Convert the Python module it was "
+                "made from "
                 "(the per-sample gradients are the same; keep a reference to it before scripting)")
 
 

@@ -153,8 +153,12 @@ def out_of_place_name(name: str) -> str | None:
 
 BINARY_OTHER = _method("__pow__", "__rpow__", "maximum", "minimum") | _names(torch.maximum, torch.minimum)
 REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsumexp", "max", "min") | _names(
-    torch.sum, torch.mean, torch.var, torch.std, torch.amax, torch.amin, torch.norm, torch.logsumexp
+    torch.sum, torch.mean, torch.var, torch.std, torch.amax, torch.amin, torch.norm, torch.logsumexp, torch.max,
+    torch.min,
 )
+#: ``max`` / ``min`` given a second tensor are the elementwise ``maximum`` / ``minimum``, not a reduction
+ELEMENTWISE_MAX_MIN = {"Tensor.max": "Tensor.maximum", "Tensor.min": "Tensor.minimum", "torch.max": "torch.maximum",
+                       "torch.min": "torch.minimum"}
 JOINS = _names(torch.cat, torch.stack) | {"torch.concatenate", "torch.concat"}
 CONCATENATIONS = _names(torch.cat) | {"torch.concatenate", "torch.concat"}
 #: what to do instead of joining the model's input with a constant inside ``forward``

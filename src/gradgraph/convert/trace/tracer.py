@@ -28,9 +28,9 @@ from gradgraph.convert.trace.meta import (
 )
 from gradgraph.convert.trace.ops import (
     ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER,
-    CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, EMBEDDING, IDENTITY_OPS, IN_PLACE_HINT,
-    IN_PLACE_OPERATORS, JOINED_INPUT_REMEDY, JOINS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL, numpy_keywords, op_name,
-    REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
+    CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MAX_MIN, EMBEDDING, IDENTITY_OPS,
+    IN_PLACE_HINT, IN_PLACE_OPERATORS, JOINED_INPUT_REMEDY, JOINS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL,
+    numpy_keywords, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
 )
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.rules_affine import AffineRules
@@ -487,6 +487,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             if operands:  # torch.pow(h, p), clamp(h, min=p): the parameter is no bias or scale
                 raise self.parameter_operand_refused(name, operands[0])
             return self.unary(x, output, name, ACTIVATION_OPS.get(name))
+        if name in ELEMENTWISE_MAX_MIN and isinstance(args[1] if len(args) > 1 else kwargs.get("other"), Tensor):
+            return self.binary(ELEMENTWISE_MAX_MIN[name], args, kwargs, output)  # h.max(g): torch.maximum(h, g)
         if name in BINARY_ADD or name in BINARY_MUL or name in BINARY_OTHER:
             return self.binary(name, args, kwargs, output)
         if name in SOFTMAX:
