@@ -42,7 +42,8 @@ class PaddedWeight(nn.Module):
         elif self.join == "stacked row":
             hidden = F.linear(x, torch.cat([self.weight, torch.stack([self.weight[0], torch.ones(4, dtype=_D)])]))
         else:  # a bias with a constant entry
-            hidden = F.linear(x, torch.cat([self.weight, self.weight[:2]]), torch.cat([self.bias, torch.zeros(3, dtype=_D)]))
+            hidden = F.linear(x, torch.cat([self.weight, self.weight[:2]]),
+                              torch.cat([self.bias, torch.zeros(3, dtype=_D)]))
         return self.head(torch.tanh(hidden))
 
 
