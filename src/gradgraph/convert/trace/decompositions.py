@@ -28,7 +28,7 @@ from torch import Tensor
 from gradgraph.convert.trace.recurrent import RECURRENT_CELL_OPS, RECURRENT_OPS, recurrent_decomposition
 from gradgraph.convert.trace.rules_conv import CONVOLUTIONS, convolution_parts, padding_parts
 
-__all__ = ["SOFTMAX_FUNCTIONS", "decomposition", "softmax_parts"]
+__all__ = ["SOFTMAX_FUNCTIONS", "decomposition", "is_softmax", "softmax_parts"]
 
 
 def _glu(input: Tensor, dim: int = -1) -> Tensor:
@@ -168,6 +168,14 @@ _SOFTMAXES = {F.softmax: False, torch.softmax: False, Tensor.softmax: False,
 
 #: softmax and log-softmax, each with whether it is the log form
 SOFTMAX_FUNCTIONS = _SOFTMAXES
+
+
+def is_softmax(func: Any) -> bool:
+    """Whether ``func`` is one of :data:`SOFTMAX_FUNCTIONS` (``False`` for an unhashable callable)."""
+    try:
+        return func in SOFTMAX_FUNCTIONS
+    except TypeError:
+        return False
 
 
 def softmax_parts(func: Any, args: tuple, kwargs: dict) -> Callable[[], Tensor] | None:

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from gradgraph.capture import check_materialised
-from gradgraph.convert.trace.decompositions import DECOMPOSABLE, decomposition, SOFTMAX_FUNCTIONS, softmax_parts
+from gradgraph.convert.trace.decompositions import DECOMPOSABLE, decomposition, is_softmax, softmax_parts
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.meta import (
     CheckedOpLog, PlanMismatch, TraceAbort, ValueGuard, flat_arguments,
@@ -31,13 +31,6 @@ from gradgraph.graph import ActivationKind
 
 
 # ----------------------------------------------------------------------- running it
-
-def _is_softmax(func: Any) -> bool:
-    try:
-        return func in SOFTMAX_FUNCTIONS
-    except TypeError:  # an unhashable callable
-        return False
-
 class _ModuleTracker:
     """Global module hooks: the module path stack for messages, and registered elementwise modules."""
 
@@ -335,7 +328,7 @@ class _Replayer(TorchFunctionMode):
             if parts is not None:
                 with self:  # as the trace ran it: the same ops, numbered the same
                     return parts()
-        elif _is_softmax(func):
+        elif is_softmax(func):
             # the trace ran a softmax over positions as its parts for neuron values only: so does the replay
             # where its log has them (the parts' first op, not the softmax, comes next)
             parts = softmax_parts(func, args, kwargs)

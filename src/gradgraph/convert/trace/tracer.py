@@ -20,7 +20,7 @@ from torch.nn.utils import rnn as rnn_utils
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from gradgraph.convert.trace.decompositions import decomposition, SOFTMAX_FUNCTIONS, softmax_parts
+from gradgraph.convert.trace.decompositions import decomposition, is_softmax, softmax_parts
 from gradgraph.convert.trace.meta import (
     broadcast_ids, feature_row, GRADGRAPH_DIR, ids_like, KEY_STRIDE, Neurons, NeuronSet, Opaque, OpLog, Param,
     Raw, Scores, TORCH_DIR, TraceAbort, UnsupportedOperationError, ValueGuard, varies_along, constant_varies,
@@ -56,14 +56,6 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
 _SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
 
 
-
-
-def _is_softmax(func: Any) -> bool:
-    try:
-        return func in SOFTMAX_FUNCTIONS
-    except TypeError:  # an unhashable callable
-        return False
-
 #: torch's packed-sequence functions: a refusal met inside one is about the packing
 _PACKING = {function.__code__: name for name, function in vars(rnn_utils).items()
             if name in ("pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "unpack_sequence",
@@ -85,6 +77,7 @@ def _in_packing(reason: str) -> str:
                     f"run's; {reason})")
         frame = frame.f_back
     return reason
+
 
 class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, FoldRules,
              TorchFunctionMode):
@@ -332,7 +325,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         parts = decomposition(func, args, kwargs)
-        if parts is None and _is_softmax(func) and self.softmax_over_positions(args, kwargs):
+        if parts is None and is_softmax(func) and self.softmax_over_positions(args, kwargs):
             parts = softmax_parts(func, args, kwargs)
         if parts is not None:
             with self:  # the parts run under the trace: its rules follow them
