@@ -116,3 +116,28 @@ def test_torch_max_over_everything_is_a_reduction_over_datapoints():
     with pytest.raises(gradgraph.convert.UnsupportedOperationError, match="torch.max: a reduction over datapoints"):
         gradgraph.to_graph(Scaled("").to(DTYPE), torch.randn(4, 3, 7, dtype=DTYPE), torch.randint(0, 3, (4,)),
                            _cross_entropy)
+
+
+def test_the_max_pools_are_named_as_the_user_calls_them():
+    """torch makes ``F.max_pool2d`` and the other max pools with a factory (``boolean_dispatch``), so they all
+    carried the name ``torch.nn.functional.boolean_dispatch.<locals>.fn`` in refusals and fingerprints (seen by
+    run conv 1's triage): now each its own name. Fails on the code before."""
+    from gradgraph.convert.trace.ops import op_name
+
+    pools = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+             F.fractional_max_pool2d)
+    assert [op_name(pool) for pool in pools] == [f"torch.nn.functional.{pool.__name__}" for pool in pools]
+
+    class OverFeatures(nn.Module):  # a max pool over the features of [b, T, d]: refused, naming the op
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.head = nn.Linear(3, 4), nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.head(F.max_pool1d(torch.tanh(self.first(x)), 2)).mean(1)
+
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError,
+                       match=r"OverFeatures\.forward: torch\.nn\.functional\.max_pool1d: its input does not hold "
+                             r"channels on axis 1"):
+        gradgraph.to_graph(OverFeatures().to(DTYPE), torch.randn(3, 5, 3, dtype=DTYPE), torch.randint(0, 3, (3,)),
+                           _cross_entropy)

@@ -36,6 +36,10 @@ def op_name(func: Any) -> str:
 
 def _name_of(func: Any) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    if "<locals>" in name and "<" not in getattr(func, "__name__", "<"):
+        # a function made by a factory under its own __name__ (F.max_pool2d is torch's
+        # boolean_dispatch.<locals>.fn, as are F.adaptive_max_pool2d and the other max pools)
+        name = func.__name__
     module = getattr(func, "__module__", None) or ""
     if name.startswith("_VariableFunctionsClass."):
         return "torch." + name.split(".", 1)[1]
