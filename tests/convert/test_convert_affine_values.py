@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from convert_values import exact, refused, squared
+from convert_values import exact, refused, squared, TokenMixing, TwiceFlattened, UnboundPositions
 from traced_models import assert_group_keeps_function
 
 import gradgraph
@@ -594,43 +594,6 @@ def test_a_copy_is_read_again_as_it_is_and_its_next_version_gets_a_copy_of_its_o
     # input 3 | z 4 | pre 2 | copy of t 4 | post 2 | again 2 | copy of tanh(t) 4 | post2 2
     assert group == fixed(3) + [0] * 4 + fixed(2) + [0] * 4 + fixed(4) + [0] * 4 + fixed(2)
     assert moved > 0
-
-
-class TokenMixing(nn.Module):
-    """A Linear over the token axis of ``[b, 4, 2]`` values: each row of the transposed ``[b, 2, 4]``
-    holds one neuron four times (the components do not differ along it: only the rows do)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.mix, self.out = nn.Linear(3, 2), nn.Linear(4, 4), nn.Linear(2, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.out(self.mix(h.transpose(1, 2)).transpose(1, 2)).sum(1)
-
-
-class UnboundPositions(nn.Module):
-    """A position table over ``arange`` read by an affine map before it joins any token value."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(7, 4), nn.Embedding(5, 4)
-        self.proj, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
-
-    def forward(self, ids):
-        return self.out(torch.tanh(self.tokens(ids) + self.proj(self.positions(torch.arange(ids.shape[1]))))).sum(1)
-
-
-class TwiceFlattened(nn.Module):
-    """``cat([m, m], 1).flatten(1)`` read by a Linear: each channel at each position twice."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(2 * 3 * 16, 2)
-
-    def forward(self, x):
-        m = torch.tanh(self.conv(x))
-        return self.head(torch.cat([m, m], 1).flatten(1))
 
 
 class Expanded(nn.Module):

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from convert_values import exact, refused, squared
+from convert_values import exact, refused, squared, TokenMixing, TwiceFlattened, UnboundPositions
 from traced_models import assert_group_keeps_function
 
 import gradgraph
@@ -51,42 +51,6 @@ def test_a_group_norm_without_its_affine_parameters_is_exact():
 
 
 # ----------------------------------------------------------------------- a flatten into a head
-class TwiceFlattened(nn.Module):
-    """``cat([m, m], 1).flatten(1)`` read by a Linear: each channel at each position twice."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(2 * 3 * 16, 2)
-
-    def forward(self, x):
-        m = torch.tanh(self.conv(x))
-        return self.head(torch.cat([m, m], 1).flatten(1))
-
-
-class UnboundPositions(nn.Module):
-    """A position table over ``arange`` read by an affine map before it joins any token value."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(7, 4), nn.Embedding(5, 4)
-        self.proj, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
-
-    def forward(self, ids):
-        return self.out(torch.tanh(self.tokens(ids) + self.proj(self.positions(torch.arange(ids.shape[1]))))).sum(1)
-
-
-class TokenMixing(nn.Module):
-    """A Linear over the token axis of ``[b, 4, 2]`` values."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.mix, self.out = nn.Linear(3, 2), nn.Linear(4, 4), nn.Linear(2, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.out(self.mix(h.transpose(1, 2)).transpose(1, 2)).sum(1)
-
-
 def test_spread_positions_leaves_other_layouts_to_the_affine_rule_and_refuses_a_position_twice():
     """``spread_positions``: values without components (a position table) and rows that differ (a Linear
     over tokens) are left to the affine rule, which refuses them in its words; a flattened map that holds
