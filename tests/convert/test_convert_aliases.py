@@ -141,3 +141,23 @@ def test_the_max_pools_are_named_as_the_user_calls_them():
                              r"channels on axis 1"):
         gradgraph.to_graph(OverFeatures().to(DTYPE), torch.randn(3, 5, 3, dtype=DTYPE), torch.randint(0, 3, (3,)),
                            _cross_entropy)
+
+
+@pytest.mark.parametrize("join", [torch.cat, torch.concat, torch.concatenate], ids=lambda join: join.__name__)
+def test_torch_concat_and_concatenate_join_as_cat(join):
+    """``torch.concat`` / ``torch.concatenate`` are named ``torch.cat`` (the rules' tables list ``torch.cat`` only):
+    two hidden sets joined by any of them give the same graph, exact, with a true group."""
+    class Joined(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.left, self.right, self.head = nn.Linear(3, 4), nn.Linear(3, 5), nn.Linear(9, 3)
+
+        def forward(self, x):
+            return self.head(join([torch.tanh(self.left(x)), torch.relu(self.right(x))], -1))
+
+    torch.manual_seed(4)
+    model = Joined().to(DTYPE)
+    x, y = torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,))
+    graph = assert_exact_per_sample_grads(model, x, y, _cross_entropy)
+    moved, _, _ = assert_group_keeps_function(model, x, y, _cross_entropy)
+    assert moved >= 4 and graph.num_nodes == 3 + 4 + 5 + 3, (moved, graph.num_nodes)

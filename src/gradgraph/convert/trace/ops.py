@@ -97,8 +97,8 @@ SHAPE_OPS = _method(
 ) | _names(
     torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
     torch.split, torch.chunk, torch.narrow, torch.movedim, torch.swapaxes, torch.unbind, torch.select, torch.t,
-    torch.clone, torch.tensor_split, torch.cat, torch.concat, torch.stack, torch.broadcast_to,
-) | {"torch.concatenate", "Tensor.broadcast_to"}
+    torch.clone, torch.tensor_split, torch.cat, torch.stack, torch.broadcast_to,
+) | {"Tensor.broadcast_to"}
 # Casts and eval-mode no-ops: identity on the values' neurons.
 #: ops whose result does not depend on their tensor arguments' values (only on shape, dtype,
 #: device): constants, as a factory call inside ``forward`` is (an RNN's zero initial state)
@@ -163,8 +163,9 @@ REDUCTIONS = _method("sum", "mean", "var", "std", "amax", "amin", "norm", "logsu
 #: ``max`` / ``min`` given a second tensor are the elementwise ``maximum`` / ``minimum``, not a reduction
 ELEMENTWISE_MAX_MIN = {"Tensor.max": "Tensor.maximum", "Tensor.min": "Tensor.minimum", "torch.max": "torch.maximum",
                        "torch.min": "torch.minimum"}
-JOINS = _names(torch.cat, torch.stack) | {"torch.concatenate", "torch.concat"}
-CONCATENATIONS = _names(torch.cat) | {"torch.concatenate", "torch.concat"}
+# (torch.concat and torch.concatenate are named torch.cat: _ALIASES)
+JOINS = _names(torch.cat, torch.stack)
+CONCATENATIONS = _names(torch.cat)
 #: what to do instead of joining the model's input with a constant inside ``forward``
 JOINED_INPUT_REMEDY = ("join them before calling the model (pass the input with the token prepended or the features "
                        "padded)")

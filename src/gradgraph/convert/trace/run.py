@@ -331,11 +331,12 @@ class _Replayer(TorchFunctionMode):
         elif is_softmax(func):
             # the trace ran a softmax over positions as its parts for neuron values only: so does the replay
             # where its log has them (the parts' first op, not the softmax, comes next)
-            parts = softmax_parts(func, args, kwargs)
             expected = self.log.expected
-            if parts is not None and self.log.count < len(expected) and expected[self.log.count][0] != op_name(func):
-                with self:
-                    return parts()
+            if self.log.count < len(expected) and expected[self.log.count][0] != op_name(func):
+                parts = softmax_parts(func, args, kwargs)
+                if parts is not None:
+                    with self:
+                        return parts()
         name = op_name(func)
         kwargs = numpy_keywords(name, kwargs)  # as the trace read them
         if self.stale.stale and self.stale.read(name, args, kwargs) is not None:
