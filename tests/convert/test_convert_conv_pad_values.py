@@ -22,15 +22,16 @@ def squared_error(output, target):
     return ((output - target) ** 2).sum(1)
 
 
-class PadFeatures(nn.Module):
-    """``Linear -> F.pad`` of the feature axis of ``[b, T, d]`` (one more feature, 0) ``-> Linear``."""
+class PadSlots(nn.Module):
+    """``Linear -> unsqueeze(-1) -> F.pad`` of that new axis (a constant slot beside each feature) ``-> Linear``:
+    neither the neurons nor the components vary along the padded axis, and axis 1 holds tokens, not channels."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = nn.Linear(3, 4), nn.Linear(5, 2)
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(8, 2)
 
     def forward(self, x):
-        return self.b(F.pad(self.a(x), (1, 0))).sum(1)
+        return self.b(F.pad(self.a(x).unsqueeze(-1), (1, 0)).flatten(2)).sum(1)
 
 
 class PadKernel(nn.Module):
@@ -55,13 +56,14 @@ def refusal(model, inputs) -> str:
     raise AssertionError("converted")
 
 
-def test_a_constant_pad_of_features_is_an_op_without_a_rule():
-    """``F.pad`` of the last axis of token features: refused as "no rule for this op", naming the
+def test_a_constant_pad_of_a_new_axis_of_token_features_is_an_op_without_a_rule():
+    """``F.pad`` of a new last axis of ``[b, T, d, 1]`` token features: refused as "no rule for this op", naming the
     layer its result reaches. Checked against ``xǁConvRulesǁpads_positions__mutmut_51`` (``Raw or
     floating``: every floating value taken for a channel map, refused instead as one that "does not hold
-    channels on axis 1") and ``62`` (the non-channel-map case answered ``True``: the same)."""
+    channels on axis 1") and ``62`` (the non-channel-map case answered ``True``: the same), each applied by
+    hand (session 18: the pad of the feature axis this test used before converts since ``trace/rules_pad.py``)."""
     torch.manual_seed(0)
-    message = refusal(PadFeatures(), torch.randn(3, 4, 3, dtype=DTYPE))
+    message = refusal(PadSlots(), torch.randn(3, 4, 3, dtype=DTYPE))
     assert "torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches " \
            "torch.nn.functional.linear with the parameter 'b.weight'" in message, message
 

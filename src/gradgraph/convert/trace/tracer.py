@@ -39,6 +39,7 @@ from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
 from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, rank_within, SCATTERS, SCATTERS_IN_PLACE
 from gradgraph.convert.trace.recurrent import previous_state
+from gradgraph.convert.trace.rules_pad import PadRules
 from gradgraph.convert.trace.rules_recurrent import FoldRules
 from gradgraph.convert.trace.rules_shape import ShapeRules
 from gradgraph.errors import UnsupportedModuleError
@@ -80,7 +81,7 @@ def _in_packing(reason: str) -> str:
 
 
 class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, FoldRules, ShapeRules,
-             TorchFunctionMode):
+             PadRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0,
@@ -418,6 +419,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return self.tap_gather(name, args, kwargs, output)
         if func is previous_state:  # a recurrent loop run folded (rules_recurrent.py)
             return self.previous_copy(name, args, kwargs, output)
+        if func is F.pad and self.pads_features(args, kwargs):  # channels of zeros (trace/rules_pad.py)
+            return self.feature_pad(name, args, kwargs, output)
         if func in SPATIAL_POOLS or (func is F.pad and self.pads_positions(args, kwargs)):
             return self.spatial_pool(name, args, kwargs, output)
         if func in PIXEL_SHUFFLES:
