@@ -493,7 +493,7 @@ def test_scores_bounded_by_a_constant_in_either_place_convert_and_a_max_over_the
                    (lambda self, q, k, v: (lambda s: (s - s.max(-1, keepdim=True).values).softmax(-1) @ v)(
                        scores(q, k)), "Tensor.max")):
         with pytest.raises(gradgraph.UnsupportedModuleError, match=re.escape(
-                f"{op}: combines attention scores with neuron values")):
+                f"{op}: reduces attention scores (a max over the keys for a hand-written stable softmax")):
             gradgraph.to_graph(Attention(fn).to(DTYPE), inputs, targets, loss)
 
 
@@ -510,5 +510,22 @@ def test_three_axis_scores_kept_through_contiguous_and_a_constant_divided_by_the
     model = Attention(lambda self, q, k, v: torch.ones(q.shape[0], q.shape[1], T, T, dtype=q.dtype).div_(
         scores(q, k)).softmax(-1) @ v).to(DTYPE)
     with pytest.raises(gradgraph.UnsupportedModuleError, match=re.escape(
-            "Tensor.div_: combines attention scores with neuron values")):
+            "Tensor.div_: uses attention scores in a way gradgraph has no rule for")):
         gradgraph.to_graph(model, inputs, targets, loss)
+
+
+def test_a_softmax_of_scores_written_by_hand_is_refused_with_what_to_write_instead():
+    """A stable softmax written by hand (``s - s.max(-1, keepdim=True).values``, then ``exp`` and a sum) reduces
+    the scores: refused with the remedy (``torch.softmax``), not as a learned bias of the scores (the message
+    until session 18, which sent a user looking for a parameter that is not there; a bias from neuron values is
+    still named as one, above)."""
+    inputs, targets = batch()
+    stable = lambda self, q, k, v: (lambda s: (lambda e: e / e.sum(-1, keepdim=True))(  # noqa: E731
+        (s - s.max(-1, keepdim=True).values).exp()) @ v)(scores(q, k))
+    unstable = lambda self, q, k, v: (lambda e: e / e.sum(-1, keepdim=True))(scores(q, k).exp()) @ v  # noqa: E731
+    for fn, op in ((stable, "Tensor.max"), (unstable, "Tensor.sum")):
+        with pytest.raises(gradgraph.UnsupportedModuleError, match=re.escape(
+                f"{op}: reduces attention scores (a max over the keys for a hand-written stable softmax, a sum of "
+                "their exponentials); gradgraph reads attention weights made by a softmax of the scores over the "
+                "keys: write it as torch.softmax / F.softmax, which is stable")):
+            gradgraph.to_graph(Attention(fn).to(DTYPE), inputs, targets, loss)

@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 from gradgraph.convert.trace.meta import KEY_STRIDE, broadcast_ids, Neurons, Param, Scores, varies_along
 from gradgraph.convert.trace.ops import (
-    BINARY_ADD, BINARY_MUL, IDENTITY_OPS, MASK_FILL, SHAPE_OPS, SOFTMAX, UNARY, WHERE, out_of_place_name,
+    BINARY_ADD, BINARY_MUL, IDENTITY_OPS, MASK_FILL, REDUCTIONS, SHAPE_OPS, SOFTMAX, UNARY, WHERE, out_of_place_name,
 )
 from gradgraph.convert.trace.rules_data import Data
 from gradgraph.graph import EdgeKind, NodeKind
@@ -89,8 +89,18 @@ class AttentionRules:
                     self.pin_heads_if_distinct(value, meta.query, meta.key, tuple(output.shape))
             self.set_meta(output, meta)
             return None
-        return self.mark_opaque(output, name, "combines attention scores with neuron values (a learned bias added "
-                                "to the scores, as T5's relative position bias, is not supported)", scores + others)
+        if others:
+            return self.mark_opaque(output, name, "combines attention scores with neuron values (a learned bias "
+                                    "added to the scores, as T5's relative position bias, is not supported)",
+                                    scores + others)
+        if name in REDUCTIONS:  # (the score-bound form of max / min returned above)
+            return self.mark_opaque(output, name, "reduces attention scores (a max over the keys for a hand-written "
+                                    "stable softmax, a sum of their exponentials); gradgraph reads attention weights "
+                                    "made by a softmax of the scores over the keys: write it as torch.softmax / "
+                                    "F.softmax, which is stable", scores)
+        return self.mark_opaque(output, name, "uses attention scores in a way gradgraph has no rule for (it follows "
+                                "them through elementwise ops with constants, masks and a softmax over the keys)",
+                                scores)
 
     def pin_heads_if_distinct(self, constant: Tensor, query: Neurons, key: Neurons, shape: tuple[int, ...]) -> None:
         """A mask or bias that differs between heads (ALiBi's slopes) keeps them in place."""
