@@ -186,3 +186,68 @@ def test_the_channels_and_the_positions_padded_in_two_calls_convert():
 
     torch.manual_seed(3)
     exact(TwoPads((0, 0), channels=6).double(), _map())
+
+
+class TokenShift(nn.Module):
+    """Half the features of each token replaced by the previous token's (a token shift, RWKV's
+    ``nn.ZeroPad2d((0, 0, 1, -1))`` / ``F.pad(x, (0, 0, 1, -1))`` as token-mixing MLPs write it), then a
+    residual MLP and mean pooling over the tokens."""
+
+    def __init__(self, shift) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.shift = shift
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        shifted = torch.cat([self.shift(h[..., :2]), h[..., 2:]], dim=-1)
+        h = h + F.gelu(self.mix(shifted))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("shift", [lambda h: F.pad(h, (0, 0, 1, -1)), nn.ZeroPad2d((0, 0, 1, -1)),
+                                   lambda h: F.pad(h, (0, 0, 2, 0), value=0.25)[:, :-2]],
+                         ids=["F.pad", "ZeroPad2d", "two-tokens-by-a-constant"])
+def test_a_token_shift_is_exact_and_its_group_keeps_the_function(shift):
+    torch.manual_seed(5)
+    model = TokenShift(shift).double()
+    inputs = torch.randn(3, 5, 3, dtype=torch.float64)
+    exact(model, inputs)
+    moved, _, _ = assert_group_keeps_function(model, inputs, None, squared, seed=1)
+    assert moved > 0
+
+
+class ChannelsLast(nn.Module):
+    """A channels-last map ``[b, H, W, C]`` (ConvNeXt's block layout between its permutes) padded on both
+    spatial axes, then a per-position Linear and a mean over the positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = F.pad(F.silu(self.a(x)), (0, 0, 1, 1, 0, 2), value=-1.0)
+        return self.b(h).mean((1, 2))
+
+
+def test_a_channels_last_map_padded_on_its_positions_is_exact():
+    torch.manual_seed(6)
+    model = ChannelsLast().double()
+    inputs = torch.randn(2, 3, 4, 2, dtype=torch.float64)
+    graph = exact(model, inputs)
+    assert graph.num_components >= 2 * 5 * 6  # the padded grid's positions are components
+    assert_group_keeps_function(model, inputs, None, squared, seed=2)
+
+
+def test_a_pad_of_the_datapoint_axis_is_refused():
+    class PadBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(F.pad(self.a(x), (0, 0, 0, 0, 1, 0)))[1:].sum(1)
+
+    refused(PadBatch().double(), torch.randn(3, 5, 3, dtype=torch.float64),
+            ": torch.nn.functional.pad: pads the datapoint axis 0 of a value of shape [3, 5, 4]: the new rows would "
+            "be datapoints of no input")

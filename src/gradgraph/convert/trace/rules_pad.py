@@ -14,7 +14,10 @@ that axis, ``lo`` constant neurons, a copy of the input's neurons and ``hi`` con
 The padded row's sets are cuts of the layout (``tracer.cuts``), carried along ties: the set a residual add
 makes of ``h + pad(x)`` is cut where the pad's sets change, so its pieces are permuted with their partners.
 
-The components are the input's: padding features adds no position. A pad of the features *and* of other
+The components are the input's: padding features adds no position. A pad of the *positions* of a value whose
+features are its last axes (a token shift ``F.pad(h, (0, 0, 1, -1))`` of ``[b, T, d]``, as RWKV and many
+token-mixing MLPs write it; a channels-last map ``[b, H, W, C]``) is read as a map's positions are: a tied copy
+of the features at a new grid of positions, whose new places hold the constant. A pad of the features *and* of other
 axes in one call and a pad that crops one side while widening the other are refused by name. Pads by
 copying (reflect / replicate / circular) and crops (no positive side) never reach this rule: they run as
 indexing (:func:`~gradgraph.convert.trace.rules_conv.padding_parts`), and copies of a channel are refused
@@ -24,12 +27,13 @@ rule (:meth:`~gradgraph.convert.trace.rules_conv.ConvRules.pads_positions`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradgraph.convert.trace.meta import broadcast_ids, Neurons, varies_along
+from gradgraph.convert.trace.meta import broadcast_ids, channel_row, KEY_STRIDE, Neurons, varies_along
 from gradgraph.graph import NodeKind
 
 __all__ = ["PadRules", "pad_amounts"]
@@ -46,22 +50,27 @@ def pad_amounts(pad: Any, dim: int) -> list[tuple[int, int]]:
 class PadRules:
     """The feature-pad rule of :class:`~gradgraph.convert.trace.tracer.Tracer` (a mixin)."""
 
-    def pads_features(self, args: tuple, kwargs: dict) -> bool:
-        """Whether ``F.pad`` pads an axis of neuron values along which the neurons vary (features,
-        a map's channels): then :meth:`feature_pad` has the rule (or the refusal)."""
+    def pads_neuron_values(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this rule reads ``F.pad(x, pad, "constant", value)`` of neuron values: a pad of an axis along
+        which the neurons vary (features, a map's channels: :meth:`feature_pad`), or of the positions of a value
+        whose features are its last axes (tokens ``[b, T, d]``, a channels-last map ``[b, H, W, C]``:
+        :meth:`position_pad`). The positions of a map ``[b, C, *S]`` are
+        :meth:`~gradgraph.convert.trace.rules_conv.ConvRules.pads_positions`'."""
         bound = dict(zip(("input", "pad", "mode", "value"), args))
         bound.update(kwargs)
         x, pad = bound.get("input"), bound.get("pad")
         meta = self.meta(x) if isinstance(x, Tensor) else None
         if not isinstance(meta, Neurons) or meta.comps is None or pad is None or len(pad) % 2 \
-                or len(pad) // 2 > x.dim():
+                or len(pad) // 2 > x.dim() or bound.get("mode", "constant") != "constant":
             return False
         nodes = broadcast_ids(meta.nodes, x.shape)
-        return any(pair != (0, 0) and varies_along(nodes, axis)
-                   for axis, pair in enumerate(pad_amounts(pad, x.dim())))
+        padded = [axis for axis, pair in enumerate(pad_amounts(pad, x.dim())) if pair != (0, 0)]
+        if any(varies_along(nodes, axis) for axis in padded):
+            return True
+        return channel_row(nodes, x.shape) is None and varies_along(nodes, x.dim() - 1)
 
-    def feature_pad(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        """``F.pad(x, pad, "constant", value)`` of the feature axis of neuron values (see the module docstring)."""
+    def neuron_pad(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        """The rule :meth:`pads_neuron_values` chose."""
         bound = dict(zip(("input", "pad", "mode", "value"), args))
         bound.update(kwargs)
         x = bound["input"]  # (reflect / replicate / circular pads and crops ran as indexing: decompositions.py)
@@ -69,6 +78,8 @@ class PadRules:
         nodes, comps = broadcast_ids(meta.nodes, x.shape), broadcast_ids(meta.comps, x.shape)
         padded = [(axis, pair) for axis, pair in enumerate(pad_amounts(bound["pad"], x.dim())) if pair != (0, 0)]
         feature_axes = [axis for axis, _ in padded if varies_along(nodes, axis)]
+        if not feature_axes:
+            return self.position_pad(name, x, [axis for axis, _ in padded], nodes, comps, output)
         if len(padded) > 1:
             raise self.unsupported(name, f"pads the feature axis {feature_axes[0]} and other axes "
                                    f"({[axis for axis, _ in padded if axis != feature_axes[0]]}) of a value of shape "
@@ -104,6 +115,34 @@ class PadRules:
         new_nodes = broadcast_ids(new_row.reshape(shape), output.shape).clone()
         # the components do not vary along the padded axis: each place's is its input neighbour's
         new_comps = broadcast_ids(comps.narrow(axis, 0, 1), output.shape).clone()
+        new = Neurons(new_nodes, new_comps, {neuron_set.index: 0 for neuron_set in created})
+        created[0].grad_records.append((output, new_nodes, new_comps))
+        self.set_meta(output, new)
+        self.observe(output, new)
+
+    def position_pad(self, name: str, x: Tensor, padded: list[int], nodes: Tensor, comps: Tensor,
+                     output: Tensor) -> None:
+        """``F.pad`` of the positions of a value whose features are its last axes (``[b, T, d]``: a token shift
+        ``F.pad(h, (0, 0, 1, -1))``; ``[b, H, W, C]``): as a pad of a map's positions, the padded value is a copy
+        of the features (tied to them, MERGE edges) at a new grid of positions, whose new places hold the
+        constant (their act, read from the padded tensor)."""
+        datapoint = comps // KEY_STRIDE
+        first = next(axis for axis in range(x.dim()) if varies_along(nodes, axis))
+        if self.datapoint_dim != 0 or first == 0 or any(varies_along(datapoint, axis) for axis in range(1, x.dim())):
+            raise self.unsupported(name, f"pads the positions of a value of shape {list(x.shape)} whose datapoints "
+                                   "are not its first axis alone, or whose features are not its last axes")
+        if 0 in padded:
+            raise self.unsupported(name, f"pads the datapoint axis 0 of a value of shape {list(x.shape)}: the new rows "
+                                   "would be datapoints of no input")
+        features = tuple(x.shape[first:])
+        row = nodes.reshape(-1, math.prod(features))
+        if bool((row[0] < 0).any()) or not bool((row == row[:1]).all()):
+            raise self.unsupported(name, f"pads the positions of a value of shape {list(x.shape)} whose positions "
+                                   "hold different neurons (or statistics); gradgraph pads one row of features")
+        copied, created = self.tied_copy(row[0], self.path() or name, "pad")
+        new_nodes = broadcast_ids(copied.reshape(1, *[1] * (first - 1), *features), output.shape).clone()
+        sizes = tuple(output.shape[1:first])
+        new_comps = self.position_comps(datapoint.reshape(x.shape[0], -1)[:, 0], sizes, output.shape, 1)
         new = Neurons(new_nodes, new_comps, {neuron_set.index: 0 for neuron_set in created})
         created[0].grad_records.append((output, new_nodes, new_comps))
         self.set_meta(output, new)

@@ -419,8 +419,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             return self.tap_gather(name, args, kwargs, output)
         if func is previous_state:  # a recurrent loop run folded (rules_recurrent.py)
             return self.previous_copy(name, args, kwargs, output)
-        if func is F.pad and self.pads_features(args, kwargs):  # channels of zeros (trace/rules_pad.py)
-            return self.feature_pad(name, args, kwargs, output)
+        if func is F.pad and self.pads_neuron_values(args, kwargs):  # features, tokens (trace/rules_pad.py)
+            return self.neuron_pad(name, args, kwargs, output)
         if func in SPATIAL_POOLS or (func is F.pad and self.pads_positions(args, kwargs)):
             return self.spatial_pool(name, args, kwargs, output)
         if func in PIXEL_SHUFFLES:
