@@ -251,3 +251,22 @@ def test_a_pad_of_the_datapoint_axis_is_refused():
     refused(PadBatch().double(), torch.randn(3, 5, 3, dtype=torch.float64),
             ": torch.nn.functional.pad: pads the datapoint axis 0 of a value of shape [3, 5, 4]: the new rows would "
             "be datapoints of no input")
+
+
+class OneFeatureShift(nn.Module):
+    """One feature of ``[b, T, 4]`` shifted two tokens down (``F.pad`` of a ``[b, T, 1]`` value), then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        return self.head(torch.cat([F.pad(h[..., :1], (0, 0, 2, -2)), h[..., 1:]], dim=-1)).mean(1)
+
+
+def test_a_token_shift_of_one_feature_is_exact():
+    """``[b, T, 1]``: one neuron along the tokens, which the map rule would read as ``T`` copies of a channel
+    (found by the sequence fuzzer's shift step: refused as "no rule" before)."""
+    torch.manual_seed(7)
+    exact(OneFeatureShift().double(), torch.randn(3, 4, 3, dtype=torch.float64))

@@ -257,11 +257,22 @@ class ConvRules:
         self.set_meta(x, neurons)
         return neurons
 
-    def position_comps(self, datapoint: Tensor, sizes: tuple[int, ...], shape: torch.Size, axis: int) -> Tensor:
+    def position_comps(self, datapoint: Tensor, sizes: tuple[int, ...], shape: torch.Size, axis: int,
+                       like: Tensor | None = None) -> Tensor:
         """Components ``datapoint * KEY_STRIDE + p`` for the flat position ``p`` of a grid of
         ``sizes`` whose axes start at ``axis`` of ``shape``. Grids share keys (key ``p`` is position ``p``
         of every grid): each weight joins neurons of one grid, so sharing keeps every gradient exact
-        and keeps the component count at ``b`` times the largest grid."""
+        and keeps the component count at ``b`` times the largest grid.
+
+        ``like``: the input grid's components ``[rows, *grid]``. Where the grid keeps its sizes and the input
+        holds one component per position of each row, the output keeps them by index, so it lines up with the
+        values it is joined to: tokens numbered otherwise than ``0 .. T - 1`` (a class token's key first), read
+        by a same-size convolution or pooling and concatenated with themselves along the features."""
+        if like is not None and tuple(like.shape[1:]) == tuple(sizes):
+            flat = like.reshape(like.shape[0], -1)
+            if flat.shape[1] < 2 or bool((flat.sort(1).values.diff(dim=1) != 0).all()):
+                grid = like.reshape(like.shape[0], *[1] * (axis - 1), *sizes, *[1] * (len(shape) - axis - len(sizes)))
+                return broadcast_ids(grid, shape).clone()
         count = math.prod(sizes)
         # rows of one datapoint on axis 0 (a video's frames as [b * T, C, H, W]): each row's grid gets keys of
         # its own, after those of the datapoint's rows before it
@@ -322,7 +333,8 @@ class ConvRules:
                                 for tap in range(taps)))
         feature_nodes = torch.stack(copies, dim=1).reshape(-1)  # channel-major, tap-minor
         nodes = broadcast_ids(feature_nodes, output.shape).clone()
-        comps = self.position_comps(datapoint, tuple(output.shape[1:-1]), output.shape, 1)
+        comps = self.position_comps(datapoint, tuple(output.shape[1:-1]), output.shape, 1,
+                                    like=broadcast_ids(meta.comps, x.shape)[:, 0])
         new = Neurons(nodes, comps, {copy.index: 0 for sets in created for copy in sets})
         created[0][0].grad_records.append((output, nodes, comps))  # one record writes every tap set's grad
         self.set_meta(output, new)
@@ -402,7 +414,8 @@ class ConvRules:
             self.separate_part_read(self.sets[index], row)
         pooled, created = self.tied_copy(row, self.path() or name, "pool")
         nodes = broadcast_ids(pooled.reshape(1, -1, *[1] * spatial), values.shape).clone()
-        comps = self.position_comps(datapoint, tuple(values.shape[2:]), values.shape, 2)
+        comps = self.position_comps(datapoint, tuple(values.shape[2:]), values.shape, 2,
+                                    like=broadcast_ids(meta.comps, x.shape)[:, 0])
         new = Neurons(nodes, comps, {copy.index: 0 for copy in created})
         created[0].grad_records.append((values, nodes, comps))
         self.set_meta(values, new)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradgraph.convert.trace.meta import broadcast_ids, channel_row, KEY_STRIDE, Neurons, varies_along
+from gradgraph.convert.trace.meta import broadcast_ids, KEY_STRIDE, Neurons, varies_along
 from gradgraph.graph import NodeKind
 
 __all__ = ["PadRules", "pad_amounts"]
@@ -47,12 +47,17 @@ def pad_amounts(pad: Any, dim: int) -> list[tuple[int, int]]:
     return pairs
 
 
+def _first_feature_axis(nodes: Tensor) -> int:
+    """The first axis along which the neurons vary; the last axis where none does (one feature ``[b, T, 1]``)."""
+    return next((axis for axis in range(nodes.dim()) if varies_along(nodes, axis)), nodes.dim() - 1)
+
+
 class PadRules:
-    """The feature-pad rule of :class:`~gradgraph.convert.trace.tracer.Tracer` (a mixin)."""
+    """The pad rules of :class:`~gradgraph.convert.trace.tracer.Tracer` for neuron values (a mixin)."""
 
     def pads_neuron_values(self, args: tuple, kwargs: dict) -> bool:
         """Whether this rule reads ``F.pad(x, pad, "constant", value)`` of neuron values: a pad of an axis along
-        which the neurons vary (features, a map's channels: :meth:`feature_pad`), or of the positions of a value
+        which the neurons vary (features, a map's channels), or of the positions of a value
         whose features are its last axes (tokens ``[b, T, d]``, a channels-last map ``[b, H, W, C]``:
         :meth:`position_pad`). The positions of a map ``[b, C, *S]`` are
         :meth:`~gradgraph.convert.trace.rules_conv.ConvRules.pads_positions`'."""
@@ -67,10 +72,12 @@ class PadRules:
         padded = [axis for axis, pair in enumerate(pad_amounts(pad, x.dim())) if pair != (0, 0)]
         if any(varies_along(nodes, axis) for axis in padded):
             return True
-        return channel_row(nodes, x.shape) is None and varies_along(nodes, x.dim() - 1)
+        # positions before the features: tokens [b, T, d] (a map [b, C, *S] has its positions after them)
+        return bool(padded) and all(axis < _first_feature_axis(nodes) for axis in padded)
 
     def neuron_pad(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        """The rule :meth:`pads_neuron_values` chose."""
+        """A constant ``F.pad`` of the feature axis (see the module docstring) or, where no feature axis is padded,
+        of the positions before the features (:meth:`position_pad`)."""
         bound = dict(zip(("input", "pad", "mode", "value"), args))
         bound.update(kwargs)
         x = bound["input"]  # (reflect / replicate / circular pads and crops ran as indexing: decompositions.py)
@@ -125,9 +132,10 @@ class PadRules:
         """``F.pad`` of the positions of a value whose features are its last axes (``[b, T, d]``: a token shift
         ``F.pad(h, (0, 0, 1, -1))``; ``[b, H, W, C]``): as a pad of a map's positions, the padded value is a copy
         of the features (tied to them, MERGE edges) at a new grid of positions, whose new places hold the
-        constant (their act, read from the padded tensor)."""
+        constant (their act, read from the padded tensor); the positions keep their components by index
+        (:meth:`padded_comps`)."""
         datapoint = comps // KEY_STRIDE
-        first = next(axis for axis in range(x.dim()) if varies_along(nodes, axis))
+        first = _first_feature_axis(nodes)
         if self.datapoint_dim != 0 or first == 0 or any(varies_along(datapoint, axis) for axis in range(1, x.dim())):
             raise self.unsupported(name, f"pads the positions of a value of shape {list(x.shape)} whose datapoints "
                                    "are not its first axis alone, or whose features are not its last axes")
@@ -141,9 +149,26 @@ class PadRules:
                                    "hold different neurons (or statistics); gradgraph pads one row of features")
         copied, created = self.tied_copy(row[0], self.path() or name, "pad")
         new_nodes = broadcast_ids(copied.reshape(1, *[1] * (first - 1), *features), output.shape).clone()
-        sizes = tuple(output.shape[1:first])
-        new_comps = self.position_comps(datapoint.reshape(x.shape[0], -1)[:, 0], sizes, output.shape, 1)
+        new_comps = broadcast_ids(self.padded_comps(comps, first, tuple(output.shape[:first])).reshape(
+            *output.shape[:first], *[1] * len(features)), output.shape).clone()
         new = Neurons(new_nodes, new_comps, {neuron_set.index: 0 for neuron_set in created})
         created[0].grad_records.append((output, new_nodes, new_comps))
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def padded_comps(self, comps: Tensor, first: int, shape: tuple[int, ...]) -> Tensor:
+        """The components ``[b, *grid]`` of a padded grid of ``shape`` (axes ``0 .. first - 1``), by index: an index
+        inside the input's grid keeps its component (so the padded value lines up with every other value of
+        those positions: ``cat([F.pad(h[..., :k], (0, 0, 1, -1)), h[..., k:]], -1)`` holds one component per
+        position), one outside it gets a new key, the same for every datapoint."""
+        grid = comps[(slice(None),) * first + (0,) * (comps.dim() - first)]
+        result = torch.empty(shape, dtype=torch.long)
+        result[tuple(slice(0, size) for size in grid.shape)] = grid
+        inside = torch.zeros(shape[1:], dtype=torch.bool)
+        inside[tuple(slice(0, size) for size in grid.shape[1:])] = True
+        outside = ~inside
+        if bool(outside.any()):
+            keys = torch.tensor(self.new_key(int(outside.sum())))
+            datapoint = grid.reshape(grid.shape[0], -1)[:, :1] // KEY_STRIDE
+            result[:, outside] = datapoint * KEY_STRIDE + keys
+        return result
