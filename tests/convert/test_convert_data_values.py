@@ -1,0 +1,130 @@
+"""Per-function checks of ``convert/trace/rules_data.py`` (issue 31, run decompositions 1): data computed from a
+model's integer input (position ids, token types, padding and attention masks, lengths) converts with exact
+per-sample gradients (float64, against torch.func); such data mixed across datapoints and then read by a
+parameterised op is refused with its reason in full. Each test's docstring names the mutants it kills."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from convert_values import exact, squared
+from torch import nn
+
+import gradgraph
+from gradgraph.convert import UnsupportedOperationError
+
+DTYPE = torch.float64
+PAD = 1
+
+
+def ids_with_padding(seed=0, shape=(4, 6)):
+    ids = torch.randint(2, 9, shape, generator=torch.Generator().manual_seed(seed))
+    ids[0, -2:] = PAD
+    ids[2, -1] = PAD
+    return ids
+
+
+class Roberta(nn.Module):
+    """RoBERTa's embeddings: position ids counted over the non-padding tokens, token types of zeros, the hidden
+    states multiplied by the padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(9, 4, padding_idx=PAD), nn.Embedding(9, 4)
+        self.types, self.out = nn.Embedding(2, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        mask = ids.ne(PAD).int()
+        positions = torch.cumsum(mask, dim=1).type_as(mask) * mask + PAD
+        h = self.tokens(ids) + self.positions(positions) + self.types(torch.zeros_like(ids))
+        h = torch.tanh(h) * mask.unsqueeze(-1).to(h.dtype)
+        return self.out(h).sum(1)
+
+
+def test_position_ids_token_types_and_a_padding_mask_convert_exactly():
+    torch.manual_seed(0)
+    exact(Roberta().to(DTYPE), ids_with_padding())
+
+
+class MaskedAttention(nn.Module):
+    """One attention head whose scores get the additive mask ``(1 - mask) * finfo.min`` of the padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.qkv, self.out = nn.Embedding(9, 4), nn.Linear(4, 12), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        mask = (ids != PAD).to(DTYPE)
+        additive = (1.0 - mask)[:, None, :] * torch.finfo(DTYPE).min
+        q, k, v = self.qkv(self.tokens(ids)).chunk(3, dim=-1)
+        weights = (q @ k.transpose(-2, -1) / 2.0 + additive).softmax(-1)
+        return self.out(weights @ v).sum(1)
+
+
+def test_an_additive_attention_mask_made_from_the_ids_converts_exactly():
+    torch.manual_seed(1)
+    exact(MaskedAttention().to(DTYPE), ids_with_padding(1))
+
+
+class Along(nn.Module):
+    """Position ids made by ``op`` from the ids, read by an embedding."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.tokens, self.positions, self.out = nn.Embedding(9, 4), nn.Embedding(64, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        positions = self.op(ids.ne(PAD).long()).clamp(0, 63)
+        return self.out(torch.tanh(self.tokens(ids) + self.positions(positions))).sum(1)
+
+
+ALONG_POSITIONS = {
+    "cumsum dim 1": lambda m: m.cumsum(1),
+    "cumsum dim -1": lambda m: m.cumsum(-1),
+    "torch.cumsum keyword": lambda m: torch.cumsum(m, dim=1),
+    "flip dims (1,)": lambda m: m.cumsum(1).flip((1,)),
+    "flip dims [-1]": lambda m: torch.flip(m.cumsum(1), dims=[-1]),
+    "sum keepdim": lambda m: m.sum(1, keepdim=True).expand(-1, m.shape[1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALONG_POSITIONS))
+def test_data_combined_along_positions_converts_exactly(name):
+    torch.manual_seed(2)
+    exact(Along(ALONG_POSITIONS[name]).to(DTYPE), ids_with_padding(2))
+
+
+MIXED = "combines data of different datapoints (an op along the batch axis), so a datapoint's values depend on " \
+        "the others"
+ALONG_DATAPOINTS = {  # name: (op, the op's name in the message)
+    "cumsum dim 0": (lambda m: m.cumsum(0), "Tensor.cumsum"),
+    "cumsum dim -2": (lambda m: m.cumsum(-2), "Tensor.cumsum"),
+    "torch.cumsum keyword": (lambda m: torch.cumsum(m, dim=0), "torch.cumsum"),
+    "flip dims (0,)": (lambda m: m.flip((0,)), "Tensor.flip"),
+    "flip dims [1, 0]": (lambda m: torch.flip(m, dims=[1, 0]), "torch.flip"),
+    "sum of everything": (lambda m: m.sum().expand(m.shape), "Tensor.sum"),
+    "sum dims (1, 0)": (lambda m: m.sum((1, 0)).expand(m.shape), "Tensor.sum"),
+    "amax dim 0": (lambda m: m.amax(0, keepdim=True).expand(m.shape), "Tensor.amax"),
+}
+
+
+def refused_mixed(model, ids, op):
+    """Refused at the op that mixed the datapoints, naming the embedding that reads its result."""
+    gradgraph.convert.clear_structure_cache()
+    message = (rf"^test_convert_data_values\.py:\d+ in <lambda>: {re.escape(op)}: {re.escape(MIXED)}, and its result "
+               r"reaches torch\.nn\.functional\.embedding with the parameter 'positions\.weight' at "
+               r"test_convert_data_values\.py:\d+ in Along\.forward \(module 'positions'\)\. Write it with supported "
+               r"ops, register it with gradgraph\.convert\.register_elementwise if it is elementwise, or register a "
+               r"converter for the whole module$")
+    with pytest.raises(UnsupportedOperationError, match=message):
+        gradgraph.to_graph(model, ids, None, squared)
+
+
+@pytest.mark.parametrize("name", sorted(ALONG_DATAPOINTS))
+def test_data_combined_along_the_datapoints_is_refused_where_an_embedding_reads_it(name):
+    torch.manual_seed(2)
+    op, op_name = ALONG_DATAPOINTS[name]
+    refused_mixed(Along(op).to(DTYPE), ids_with_padding(2), op_name)

@@ -1,0 +1,161 @@
+"""Per-function checks of ``convert/trace/ops.py`` (issue 31, run decompositions 1): the names ``op_name`` gives
+the functions users call (torch's aliases named as the op they alias, tensor attributes, ``torch.nn.functional``,
+``torch.special``, ``torch.fft``, a factory's function, a user's own), its bounded cache, ``numpy_keywords``,
+``out_of_place_name`` and ``register_elementwise`` (its refusals matched in full); and each alias converts to the
+graph of its canonical op, tensor for tensor. Each test's docstring names the mutants it kills."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from convert_values import exact, squared
+from strategies import assert_same_graph
+from torch import nn, Tensor
+
+import gradgraph
+from gradgraph import ActivationKind
+from gradgraph.convert.trace import ops
+from gradgraph.convert.trace.ops import numpy_keywords, op_name, out_of_place_name, register_elementwise
+
+DTYPE = torch.float64
+
+
+class Captured(torch.overrides.TorchFunctionMode):
+    """The functions torch hands ``__torch_function__`` (a tensor attribute's getter among them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.funcs: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def factory_made(name):
+    def fn(x):
+        return x
+
+    fn.__name__ = name
+    return fn
+
+
+def users_own(x):
+    return x
+
+
+@pytest.mark.parametrize("func,name", [
+    (torch.add, "torch.add"), (Tensor.add, "Tensor.add"), (Tensor.add_, "Tensor.add_"),
+    (Tensor.__matmul__, "Tensor.__matmul__"), (F.linear, "torch.nn.functional.linear"),
+    (F.softmax, "torch.nn.functional.softmax"), (F.gelu, "torch.nn.functional.gelu"),
+    (F.max_pool2d, "torch.nn.functional.max_pool2d"), (F.adaptive_max_pool1d, "torch.nn.functional.adaptive_max_pool1d"),
+    (torch.special.erf, "torch.special.erf"), (torch.special.expit, "torch.special.expit"),
+    (torch.fft.fft, "torch.fft.fft"), (torch.fft.rfft, "torch.fft.rfft"),
+    (torch.multiply, "torch.mul"), (Tensor.multiply, "Tensor.mul"), (Tensor.multiply_, "Tensor.mul_"),
+    (torch.subtract, "torch.sub"), (Tensor.subtract_, "Tensor.sub_"), (torch.divide, "torch.div"),
+    (torch.true_divide, "torch.div"), (Tensor.true_divide_, "Tensor.div_"), (torch.negative, "torch.neg"),
+    (Tensor.negative_, "Tensor.neg_"), (torch.absolute, "torch.abs"), (Tensor.absolute, "Tensor.abs"),
+    (torch.clip, "torch.clamp"), (Tensor.clip_, "Tensor.clamp_"), (torch.arctan, "torch.atan"),
+    (Tensor.arctan, "Tensor.atan"), (torch.arcsinh, "torch.asinh"), (Tensor.arcsinh_, "Tensor.asinh_"),
+    (torch.concat, "torch.cat"), (torch.concatenate, "torch.cat"),
+    (users_own, f"{__name__}.users_own"), (factory_made("snake"), f"{__name__}.snake"),
+])
+def test_op_name_names_torch_functions_as_the_rules_know_them(func, name):
+    """``op_name`` (twice: the second from its cache) and the table's aliases."""
+    assert op_name(func) == name
+    assert op_name(func) == name
+
+
+def test_a_tensor_attribute_is_named_by_its_descriptor():
+    """``W.T``, ``W.mT``: torch hands the attribute's getter; it is named ``Tensor.T (attribute)``."""
+    weight = torch.randn(3, 4, dtype=DTYPE)
+    with Captured() as captured:
+        weight.T, weight.mT, weight.H  # noqa: B018
+    assert [op_name(func) for func in captured.funcs] == ["Tensor.T (attribute)", "Tensor.mT (attribute)",
+                                                          "Tensor.H (attribute)"]
+
+
+def test_a_lambda_keeps_its_qualified_name_and_an_unhashable_callable_is_named_without_the_cache():
+    class Unhashable:
+        __hash__ = None
+        __qualname__ = "torch.multiply"
+
+        def __call__(self, x):
+            return x
+
+    function = lambda x: x  # noqa: E731
+    assert op_name(function) == f"{__name__}.test_a_lambda_keeps_its_qualified_name_and_an_unhashable_" \
+                                f"callable_is_named_without_the_cache.<locals>.<lambda>"
+    unhashable = Unhashable()
+    unhashable.__qualname__ = "_VariableFunctionsClass.multiply"
+    unhashable.__module__ = "torch"
+    assert op_name(unhashable) == "torch.mul"
+    unhashable.__qualname__ = "TensorBase.clip_"
+    assert op_name(unhashable) == "Tensor.clamp_"
+
+
+def test_the_cache_of_names_stops_at_4096_entries():
+    """Callables made afresh per call would only fill the cache: it keeps at most 4096, then names without it."""
+    saved = dict(ops._OP_NAMES)
+    try:
+        ops._OP_NAMES.clear()
+        functions = [factory_made(f"made{i}") for i in range(4100)]
+        assert [op_name(function) for function in functions] == [f"{__name__}.made{i}" for i in range(4100)]
+        assert len(ops._OP_NAMES) == 4096 and functions[4095] in ops._OP_NAMES and functions[4096] not in ops._OP_NAMES
+    finally:
+        ops._OP_NAMES.clear()
+        ops._OP_NAMES.update(saved)
+
+
+def test_numpy_keywords_are_torch_keywords_except_for_python_functions():
+    assert numpy_keywords("torch.mean", {"axis": -1, "keepdims": True, "dtype": DTYPE}) == \
+        {"dim": -1, "keepdim": True, "dtype": DTYPE}
+    assert numpy_keywords("Tensor.sum", {"axis": 1}) == {"dim": 1}
+    assert numpy_keywords("Tensor.amax", {"keepdims": False, "dim": 0}) == {"keepdim": False, "dim": 0}
+    kwargs = {"dim": 1, "keepdim": True}
+    assert numpy_keywords("torch.mean", kwargs) is kwargs
+    kwargs = {"axis": 1}
+    assert numpy_keywords("torch.nn.functional.softmax", kwargs) is kwargs
+    assert list(numpy_keywords("torch.sum", {"dtype": DTYPE, "axis": 0, "keepdims": True})) == ["dtype", "dim",
+                                                                                               "keepdim"]
+
+
+@pytest.mark.parametrize("name,out_of_place", [
+    ("Tensor.div_", "Tensor.div"), ("torch.relu_", "torch.relu"), ("Tensor.masked_fill_", "Tensor.masked_fill"),
+    ("Tensor.__itruediv__", "Tensor.__truediv__"), ("Tensor.__iadd__", "Tensor.__add__"),
+    ("Tensor.__imatmul__", "Tensor.__matmul__"), ("Tensor.__ipow__", "Tensor.__pow__"),
+    ("Tensor.div", None), ("Tensor.__add__", None), ("Tensor.__init__", None), ("Tensor.__index__", None),
+    ("Tensor.__setitem__", None), ("torch.nn.functional.relu", None), ("Tensor.__getitem__ (no-op)", None),
+])
+def test_out_of_place_name(name, out_of_place):
+    assert out_of_place_name(name) == out_of_place
+
+
+def test_register_elementwise_refuses_what_is_neither_a_module_type_nor_a_function():
+    with pytest.raises(TypeError, match=r"^register_elementwise: int is not an nn.Module subclass$"):
+        register_elementwise(int)
+    with pytest.raises(TypeError, match=r"^register_elementwise: expected a module type or a function, got 3$"):
+        register_elementwise(3)
+    with pytest.raises(TypeError, match=r"^register_elementwise: expected a module type or a function, got 'x'$"):
+        register_elementwise("x")
+
+
+def test_register_elementwise_labels_a_module_type_or_a_function_with_its_activation():
+    class Snake(nn.Module):
+        def forward(self, x):
+            return x + torch.sin(x).pow(2)
+
+    try:
+        register_elementwise(Snake)
+        register_elementwise(torch.special.erfinv, 5)
+        register_elementwise(torch.special.i0, ActivationKind.RELU)
+        assert ops.ELEMENTWISE_MODULES[Snake] is ActivationKind.IDENTITY
+        assert ops.ELEMENTWISE_FUNCTIONS["torch.special.erfinv"] is ActivationKind.TANH
+        assert ops.ELEMENTWISE_FUNCTIONS["torch.special.i0"] is ActivationKind.RELU
+    finally:
+        ops.ELEMENTWISE_MODULES.pop(Snake, None)
+        ops.ELEMENTWISE_FUNCTIONS.pop("torch.special.erfinv", None)
+        ops.ELEMENTWISE_FUNCTIONS.pop("torch.special.i0", None)
