@@ -112,9 +112,10 @@ ALONG_DATAPOINTS = {  # name: (op, the op's name in the message)
 
 
 def refused_mixed(model, ids, op):
-    """Refused at the op that mixed the datapoints, naming the embedding that reads its result."""
+    """Refused at the op that mixed the datapoints, naming the embedding that reads its result (the op's own
+    location matched loosely: under mutmut its innermost frame is the trampoline's)."""
     gradgraph.convert.clear_structure_cache()
-    message = (rf"^test_convert_data_values\.py:\d+ in <lambda>: {re.escape(op)}: {re.escape(MIXED)}, and its result "
+    message = (rf"^\S+:\d+ in \S+: {re.escape(op)}: {re.escape(MIXED)}, and its result "
                r"reaches torch\.nn\.functional\.embedding with the parameter 'positions\.weight' at "
                r"test_convert_data_values\.py:\d+ in Along\.forward \(module 'positions'\)\. Write it with supported "
                r"ops, register it with gradgraph\.convert\.register_elementwise if it is elementwise, or register a "

@@ -159,3 +159,52 @@ def test_register_elementwise_labels_a_module_type_or_a_function_with_its_activa
         ops.ELEMENTWISE_MODULES.pop(Snake, None)
         ops.ELEMENTWISE_FUNCTIONS.pop("torch.special.erfinv", None)
         ops.ELEMENTWISE_FUNCTIONS.pop("torch.special.i0", None)
+
+
+class Written(nn.Module):
+    """``Linear -> op(h, g) -> Linear`` for a binary or unary op written as ``op``, on ``[b, 3, 4]`` tokens."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.first, self.gate, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h, g = torch.tanh(self.first(x)), torch.sigmoid(self.gate(x)) + 0.5
+        return self.out(self.op(h, g)).sum(1)
+
+
+ALIASES = {  # alias: (written with the alias, written with the op it aliases)
+    "torch.multiply": (lambda h, g: torch.multiply(h, g), lambda h, g: torch.mul(h, g)),
+    "Tensor.multiply": (lambda h, g: h.multiply(g), lambda h, g: h.mul(g)),
+    "torch.subtract": (lambda h, g: torch.subtract(h, 0.5), lambda h, g: torch.sub(h, 0.5)),
+    "Tensor.subtract": (lambda h, g: h.subtract(h * g), lambda h, g: h.sub(h * g)),
+    "torch.divide": (lambda h, g: torch.divide(h, g), lambda h, g: torch.div(h, g)),
+    "Tensor.true_divide": (lambda h, g: h.true_divide(2.0), lambda h, g: h.div(2.0)),
+    "torch.negative": (lambda h, g: torch.negative(h) * g, lambda h, g: torch.neg(h) * g),
+    "Tensor.absolute": (lambda h, g: h.absolute() + g, lambda h, g: h.abs() + g),
+    "torch.clip": (lambda h, g: torch.clip(h * 3, -1.0, 1.0), lambda h, g: torch.clamp(h * 3, -1.0, 1.0)),
+    "Tensor.clip": (lambda h, g: (h * 3).clip(min=-1.0), lambda h, g: (h * 3).clamp(min=-1.0)),
+    "torch.arctan": (lambda h, g: torch.arctan(h + g), lambda h, g: torch.atan(h + g)),
+    "Tensor.arcsinh": (lambda h, g: (h + g).arcsinh(), lambda h, g: (h + g).asinh()),
+    "torch.concat": (lambda h, g: torch.concat([h[..., :3], g[..., 3:]], -1), lambda h, g: torch.cat([h[..., :3], g[..., 3:]], -1)),
+    "torch.concatenate": (lambda h, g: torch.concatenate((h[..., :2], g[..., 2:]), axis=-1),
+                          lambda h, g: torch.cat((h[..., :2], g[..., 2:]), dim=-1)),
+    "torch.mean axis keepdims": (lambda h, g: h - torch.mean(h, axis=-1, keepdims=True),
+                                 lambda h, g: h - torch.mean(h, dim=-1, keepdim=True)),
+    "Tensor.sum axis": (lambda h, g: h * h.sum(axis=-1, keepdim=True), lambda h, g: h * h.sum(dim=-1, keepdim=True)),
+}
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_an_alias_converts_to_the_graph_of_the_op_it_aliases(alias):
+    """torch's aliases and NumPy's keywords: exact per-sample gradients and the canonical op's graph, tensor for
+    tensor."""
+    with_alias, canonical = ALIASES[alias]
+    torch.manual_seed(5)
+    first = Written(with_alias).to(DTYPE)
+    second = Written(canonical).to(DTYPE)
+    second.load_state_dict(first.state_dict())
+    inputs = torch.randn(4, 3, 4, dtype=DTYPE)
+    graph = exact(first, inputs)
+    assert_same_graph(graph, exact(second, inputs), atol=0)
