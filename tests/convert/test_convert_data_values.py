@@ -129,3 +129,42 @@ def test_data_combined_along_the_datapoints_is_refused_where_an_embedding_reads_
     torch.manual_seed(2)
     op, op_name = ALONG_DATAPOINTS[name]
     refused_mixed(Along(op).to(DTYPE), ids_with_padding(2), op_name)
+
+
+# roll(input, shifts, dims) and diff(input, n, dim, ...) take their axis third: their second argument is no axis
+ROLLED_ALONG_DATAPOINTS = {
+    "Tensor.roll(1, 0)": (lambda m: m.roll(1, 0), "Tensor.roll"),
+    "torch.roll(m, 1): flattened": (lambda m: torch.roll(m, 1), "torch.roll"),
+    "torch.roll(m, (1,), (0,))": (lambda m: torch.roll(m, (1,), (0,)), "torch.roll"),
+    "torch.diff(m, 1, 0)": (lambda m: torch.diff(m, 1, 0, prepend=m[:1]), "torch.diff"),
+    "Tensor.diff(1, -2)": (lambda m: m.diff(1, -2, m[:1]), "Tensor.diff"),
+}
+ROLLED_ALONG_POSITIONS = {
+    "Tensor.roll(2, 1)": lambda m: m.roll(2, 1),
+    "torch.roll(m, 1, -1)": lambda m: torch.roll(m, 1, -1),
+    "Tensor.roll(1, dims=1)": lambda m: m.roll(1, dims=1),
+    "torch.diff(m, 1, 1)": lambda m: torch.diff(m, 1, 1, prepend=m[:, :1]),
+    "torch.diff(m): the last axis": lambda m: torch.diff(m, prepend=m[:, :1]),
+    "Tensor.diff(2)": lambda m: m.diff(2, prepend=m[:, :2]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROLLED_ALONG_DATAPOINTS))
+def test_a_roll_or_difference_along_the_datapoints_is_refused_whatever_its_second_argument(name):
+    """``roll(x, 1, 0)`` shifts the datapoints; ``roll(x, 1)`` the flattened tensor; ``diff(x, 1, 0)`` takes
+    differences of consecutive datapoints. The rule read their second argument (a shift, a count) as the axis,
+    saw the positions' axis 1 and let them through: each datapoint's position ids then came from another
+    datapoint, and the per-sample gradients were those of the batch's forward, not torch.func's (a silent wrong
+    answer; checked to fail before the fix). Kills rules_data ``_mixes_datapoints`` (the table of where an op
+    takes its axis)."""
+    torch.manual_seed(2)
+    op, op_name = ROLLED_ALONG_DATAPOINTS[name]
+    refused_mixed(Along(op).to(DTYPE), ids_with_padding(2), op_name)
+
+
+@pytest.mark.parametrize("name", sorted(ROLLED_ALONG_POSITIONS))
+def test_a_roll_or_difference_along_the_positions_converts_exactly(name):
+    """``roll(x, 2, 1)`` was refused as an op along the batch axis (its shift 2 read as the axis, ``2 % 2 = 0``);
+    ``diff(x)`` is along the last axis (its default)."""
+    torch.manual_seed(2)
+    exact(Along(ROLLED_ALONG_POSITIONS[name]).to(DTYPE), ids_with_padding(2))
