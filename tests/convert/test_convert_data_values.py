@@ -168,3 +168,58 @@ def test_a_roll_or_difference_along_the_positions_converts_exactly(name):
     ``diff(x)`` is along the last axis (its default)."""
     torch.manual_seed(2)
     exact(Along(ROLLED_ALONG_POSITIONS[name]).to(DTYPE), ids_with_padding(2))
+
+
+class Alone(nn.Module):
+    """Indices made by ``op`` from the ids read by an embedding whose rows go to an affine map before meeting any
+    token value: each index needs its datapoint's component, known where the ops kept the ids' elements one to
+    one (elementwise ops, casts, shape ops, an op along the positions)."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.positions, self.out = nn.Embedding(64, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.positions(self.op(ids)))).flatten(1).sum(1, keepdim=True)
+
+
+ONE_TO_ONE = {
+    "cumsum along the positions": lambda m: m.ne(PAD).long().cumsum(1),
+    "arithmetic": lambda m: m * 3 % 64,
+    "a slice": lambda m: m[:, 1:] + 1,
+    "flip along the positions": lambda m: m.flip(1),
+    "a size-1 axis added by broadcasting, then squeezed": lambda m: (m + torch.zeros(1, 1, 1, dtype=torch.long))[0],
+    "a float round trip": lambda m: (m.float() * 2).long(),
+    "flattened and back": lambda m: (m + 1).view(-1).view(m.shape),
+    "a 0-d datum along its axis": lambda m: m + m[0, 0].cumsum(0) * 0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_TO_ONE))
+def test_indices_that_keep_the_ids_elements_one_to_one_convert_exactly(name):
+    """Kills rules_data ``_elementwise`` (the element map kept, or broadcast over a size-1 axis) and
+    ``_mixes_datapoints`` on a 0-d datum (no axis to mix)."""
+    torch.manual_seed(3)
+    exact(Alone(ONE_TO_ONE[name]).to(DTYPE), ids_with_padding(3))
+
+
+COPIED = {
+    "expanded": lambda m: (m + 1).unsqueeze(-1).expand(-1, -1, 2),
+    "broadcast over a new axis": lambda m: m.unsqueeze(-1) + torch.zeros(1, 1, 2, dtype=torch.long),
+    "broadcast against a column of constants": lambda m: m.unsqueeze(-1) + torch.arange(2)[None, None, :],
+    "a sum over the positions": lambda m: m.sum(1, keepdim=True) % 64,
+    "a table indexed by the ids": lambda m: torch.arange(64)[m],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COPIED))
+def test_indices_that_copy_or_combine_the_ids_elements_are_constants_an_affine_map_cannot_read_alone(name):
+    """An element copied (a broadcast) or combined (a sum) has no one datapoint component of its own: the embedding
+    reads them as constants, and an affine map of those alone is refused. Kills rules_data ``_elementwise``
+    (a copy taken for one to one) and ``data_op``'s index by data."""
+    torch.manual_seed(3)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in Alone\.forward \(module 'out' of type Linear\): "
+                       r"torch\.nn\.functional\.linear: an affine map of values that do not depend on the input$"):
+        gradgraph.to_graph(Alone(COPIED[name]).to(DTYPE), ids_with_padding(3), None, squared)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from convert_values import exact, refused
+from convert_values import exact, squared
 from torch import nn, Tensor
 from torch.overrides import TorchFunctionMode
 
+import gradgraph
+from gradgraph.convert import UnsupportedOperationError
 from gradgraph.convert.trace.decompositions import decomposition, DECOMPOSABLE, is_softmax, SOFTMAX_FUNCTIONS, \
     softmax_parts
 from gradgraph.convert.trace.ops import op_name
@@ -379,3 +381,67 @@ def test_a_batched_convolution_and_a_recurrent_op_run_as_their_parts():
         value, _ = rnn(inputs)
     assert seen == [torch.rnn_tanh]
     torch.testing.assert_close(value, expected, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------- in a model
+class Written(nn.Module):
+    """``Linear -> op -> Linear`` over ``[b, 3, 4]`` tokens, the op one of the decomposed forms."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.first, self.out = nn.Linear(4, 8), nn.Linear(4 if form.startswith("glu") else 8, 2)
+        if form.startswith("einsum"):
+            self.weight = nn.Parameter(torch.randn(8, 8) / 3)
+        if "prelu" in form:
+            self.slope = nn.Parameter(torch.rand(1) * 0.4 + 0.1)
+
+    def forward(self, x):
+        h = self.first(x)
+        form = self.form
+        if form == "glu dim -1":
+            h = F.glu(h, -1)
+        elif form == "glu keyword":
+            h = F.glu(input=h, dim=2)
+        elif form == "normalize p 1":
+            h = F.normalize(torch.tanh(h), p=1.0, dim=-1)
+        elif form == "normalize eps":
+            h = F.normalize(torch.tanh(h) * 1e-3, 2.0, 2, 0.5)
+        elif form == "vector_norm rms":
+            h = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        elif form == "vector_norm ord 3":
+            h = h * torch.linalg.vector_norm(h, 3, -1, True)
+        elif form == "prelu keywords":
+            h = F.prelu(input=h, weight=self.slope)
+        elif form == "torch.prelu":
+            h = torch.prelu(h, self.slope)
+        elif form == "einsum list":
+            h = torch.tanh(torch.einsum("btd,ed->bte", [h, self.weight]))
+        elif form == "einsum transposed":
+            h = torch.tanh(torch.einsum("de,btd->bte", self.weight, h))
+        return self.out(h).sum(1)
+
+
+@pytest.mark.parametrize("form", ["glu dim -1", "glu keyword", "normalize p 1", "normalize eps", "vector_norm rms",
+                                  "vector_norm ord 3", "prelu keywords", "torch.prelu", "einsum list",
+                                  "einsum transposed"])
+def test_a_model_written_with_a_decomposed_op_converts_exactly(form):
+    torch.manual_seed(7)
+    exact(Written(form).to(DTYPE), torch.randn(4, 3, 4, dtype=DTYPE))
+
+
+def test_an_einsum_that_is_no_decomposition_is_refused_by_name():
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(4, 3), nn.Linear(9, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.first(x))
+            return self.out(torch.einsum("bi,bj->bij", h, h).flatten(1))
+
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+Outer.forward: torch\.einsum: gradgraph has no "
+                       r"rule for this op, and its result reaches torch\.nn\.functional\.linear with the parameter "
+                       r"'out\.weight' at "):
+        gradgraph.to_graph(Outer().to(DTYPE), torch.randn(4, 4, dtype=DTYPE), None, squared)
