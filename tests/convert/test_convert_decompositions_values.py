@@ -62,7 +62,7 @@ def same_value_and_gradient(func, *args, **kwargs):
 
 
 def randn(*shape, seed=0, dtype=DTYPE):
-    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------- F.glu
@@ -112,11 +112,14 @@ def test_vector_norm_is_tensor_norm(call):
 
 
 def test_vector_norm_with_a_dtype_or_out_is_the_op_itself():
-    """With ``dtype`` (or ``out``) the parts call ``linalg.vector_norm`` itself: the result has that dtype."""
+    """With ``dtype`` (or ``out``) the parts call ``linalg.vector_norm`` itself: the result has that dtype, and
+    ``keepdim`` is passed on. Kills decompositions ``_vector_norm`` 15."""
     x = randn(3, 4, dtype=torch.float32)
     value, names = parts_of(torch.linalg.vector_norm, x, 2, 1, dtype=torch.float64)
     assert value.dtype == torch.float64 and names == ["torch.linalg_vector_norm"]
     torch.testing.assert_close(value, torch.linalg.vector_norm(x, 2, 1, dtype=torch.float64), atol=0, rtol=0)
+    value, _ = parts_of(torch.linalg.vector_norm, x, 3, 1, True, dtype=torch.float64)  # keepdim kept
+    torch.testing.assert_close(value, torch.linalg.vector_norm(x, 3, 1, True, dtype=torch.float64), atol=0, rtol=0)
     out = torch.empty(4, dtype=DTYPE)
     value, _ = parts_of(torch.linalg.vector_norm, randn(3, 4), 1, 0, out=out)
     torch.testing.assert_close(out, randn(3, 4).abs().sum(0), atol=1e-15, rtol=0)
@@ -211,6 +214,7 @@ MATMUL_EQUATIONS = {
     "hbid,bhjd->bhij": ((3, 2, 4, 5), (2, 3, 6, 5)),
     "bhid,bhjd->hbji": ((2, 3, 4, 5), (2, 3, 6, 5)),
     "bij,bkj->bik": ((2, 3, 4), (2, 5, 4)),
+    " b h i d , b h j d -> b h i j ": ((2, 3, 4, 5), (2, 3, 6, 5)),
 }
 
 
@@ -222,7 +226,7 @@ def test_an_einsum_that_is_a_batched_matrix_product_is_matmul_of_permuted_operan
     shapes = MATMUL_EQUATIONS[equation]
     names = same_value_and_gradient(torch.einsum, equation, *(randn(*shape, seed=i) for i, shape in enumerate(shapes)))
     assert [name for name in names if name != "Tensor.permute"] == ["torch.matmul"]
-    inputs, output = equation.split("->")
+    inputs, output = equation.replace(" ", "").split("->")
     left, right = inputs.split(",")
     batch = [letter for letter in output if letter in left and letter in right]
     produced = "".join((*batch, *(letter for letter in left if letter not in right),
@@ -238,17 +242,24 @@ PRODUCT_SUM_EQUATIONS = {
     "bd,bd->b": ((3, 5), (3, 5)),
     "btd,btd->": ((2, 4, 5), (2, 4, 5)),
     "bt,tbd->db": ((2, 4), (4, 2, 5)),
+    "b t , b t d -> b d": ((2, 4), (2, 4, 5)),
+    ",d->d": ((), (5,)),
+    ",ij->ij": ((), (3, 4)),
+    "ij,->ji": ((3, 4), ()),
 }
 
 
 @pytest.mark.parametrize("equation", sorted(PRODUCT_SUM_EQUATIONS))
 def test_any_other_einsum_of_nested_letters_is_the_aligned_product_summed(equation):
     """One operand's letters all the other's: the product of the operands aligned on their letters, summed over
-    the letters the output drops (none: the product itself)."""
+    the letters the output drops (none: the product itself); spaces in the equation, a scalar operand. Kills
+    decompositions ``_einsum_as_product_sum`` 15, 16, ``_einsum_as_matmul`` 15, 16 (the spaced attention product
+    above) and ``_einsum_as_linear`` 33-36, 56 (a scalar operand: its empty term)."""
     shapes = PRODUCT_SUM_EQUATIONS[equation]
     names = same_value_and_gradient(torch.einsum, equation, *(randn(*shape, seed=i) for i, shape in enumerate(shapes)))
     assert "torch.einsum" not in names and "Tensor.mul" in names
-    assert ("Tensor.sum" in names) == (len(set(equation.split("->")[1])) < len(set(equation.split("->")[0]) - {","}))
+    inputs, output = equation.replace(" ", "").split("->")
+    assert ("Tensor.sum" in names) == (len(set(output)) < len(set(inputs) - {","}))
 
 
 @pytest.mark.parametrize("equation,shapes", [
@@ -262,9 +273,15 @@ def test_any_other_einsum_of_nested_letters_is_the_aligned_product_summed(equati
     ("bi,oi", ((2, 3), (4, 3))),  # implicit output
     ("bi,oi,bo->bo", ((2, 3), (4, 3))),  # three terms, two operands (torch refuses it)
     ("bi,oi,bo->bo", ((2, 3), (4,))),
+    ("bi,bi,bi->b", ((2, 3), (2, 3))),  # three terms, two operands
+    ("bdd,d->bd", ((2, 3, 3), (3,))),  # a diagonal times a vector
+    ("bij,bjjk->bik", ((2, 3, 4), (2, 4, 4, 5))),  # a diagonal, then a batched product
 ])
 def test_other_einsums_have_no_parts(equation, shapes):
-    """What no decomposition reads: the trace refuses the einsum by name."""
+    """What no decomposition reads: the trace refuses the einsum by name. A repeated letter (a diagonal) is none of
+    the forms: read as one, ``"bdd,d->bd"`` would be a sum over ``x[b, i, :] v`` and ``"bij,bjjk->bik"`` a permute
+    of the wrong rank. Kills decompositions ``_einsum_as_linear`` 32, ``_einsum_as_matmul`` 21, 22 and
+    ``_einsum_as_product_sum`` 25."""
     assert decomposition(torch.einsum, (equation, *(randn(*shape) for shape in shapes)), {}) is None
     assert decomposition(torch.einsum, (equation, [randn(*shape) for shape in shapes]), {}) is None
 
@@ -296,15 +313,17 @@ SOFTMAX_CALLS = {
 def test_softmax_parts_give_the_softmax_and_its_gradient(call):
     """``exp(x - c) / sum(exp(x - c))`` (the log form ``x - c - log(sum(exp(x - c)))``) over the softmax's axis,
     the dtype given positionally (``F.softmax(x, dim, _stacklevel, dtype)``, ``torch.softmax(x, dim, dtype)``)
-    or by keyword; scores spread over hundreds stay finite (``c`` the maximum along the axis)."""
+    or by keyword; scores spread over hundreds stay finite (``c`` the maximum along the axis); no cast without a
+    dtype. Kills decompositions ``softmax_parts`` 41."""
     x = randn(3, 4, 5) * 300
     func, args, kwargs = SOFTMAX_CALLS[call](x)
     assert is_softmax(func)
     parts = softmax_parts(func, args, kwargs)
     leaf = args[0].detach().requires_grad_(True)
     args = (leaf, *args[1:])
+    run = softmax_parts(func, args, kwargs)
     with Record() as record:
-        value = softmax_parts(func, args, kwargs)()
+        value = run()
     expected = func(*args, **kwargs)
     assert parts is not None and value.dtype == expected.dtype == DTYPE
     torch.testing.assert_close(value, expected, atol=1e-12, rtol=0)
@@ -312,7 +331,9 @@ def test_softmax_parts_give_the_softmax_and_its_gradient(call):
     torch.testing.assert_close(torch.autograd.grad((value * weights).sum(), leaf)[0],
                                torch.autograd.grad((expected * weights).sum(), leaf)[0], atol=1e-12, rtol=0)
     log = SOFTMAX_FUNCTIONS[func]
-    assert record.names[-2:] == (["torch.log", "Tensor.sub"] if log else ["torch.exp", "Tensor.div"])
+    cast = ["Tensor.to"] if "dtype" in call else []
+    assert record.names == cast + (["Tensor.sub", "torch.exp", "Tensor.sum", "torch.log", "Tensor.sub"] if log else
+                                   ["Tensor.sub", "torch.exp", "Tensor.sum", "torch.exp", "Tensor.div"])
     assert "Tensor.amax" not in record.names  # the shift is taken with the trace off: a constant
 
 
@@ -321,7 +342,7 @@ def test_softmax_parts_need_an_integer_dim_and_a_tensor_of_some_axis():
     assert softmax_parts(F.softmax, (randn(3, 4), None), {}) is None
     assert softmax_parts(F.softmax, (randn(3, 4), (0, 1)), {}) is None
     assert softmax_parts(torch.softmax, (2.0, 0), {}) is None
-    assert softmax_parts(torch.softmax, (randn(()), 0), {}) is None
+    assert softmax_parts(torch.softmax, (randn(), 0), {}) is None
     value = softmax_parts(torch.softmax, (), {"input": randn(4), "dim": 0})()  # one axis
     torch.testing.assert_close(value, torch.softmax(randn(4), 0), atol=1e-15, rtol=0)
 
@@ -445,3 +466,14 @@ def test_an_einsum_that_is_no_decomposition_is_refused_by_name():
                        r"rule for this op, and its result reaches torch\.nn\.functional\.linear with the parameter "
                        r"'out\.weight' at "):
         gradgraph.to_graph(Outer().to(DTYPE), torch.randn(4, 4, dtype=DTYPE), None, squared)
+
+
+def test_a_recurrent_cell_called_with_keywords_is_no_decomposition():
+    """``torch.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih=..., b_hh=...)``: the step-by-step parts read positional
+    arguments only; with keywords the trace follows (refuses) the op rather than drop its biases. Kills
+    decompositions ``decomposition`` 110."""
+    x, h = randn(2, 3), randn(2, 4, seed=1)
+    weights = (randn(4, 3, seed=2), randn(4, 4, seed=3))
+    biases = {"b_ih": randn(4, seed=4), "b_hh": randn(4, seed=5)}
+    assert decomposition(torch.rnn_tanh_cell, (x, h, *weights), biases) is None
+    same_value_and_gradient(torch.rnn_tanh_cell, x, h, *weights, *biases.values())
