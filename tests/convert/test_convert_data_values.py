@@ -223,3 +223,21 @@ def test_indices_that_copy_or_combine_the_ids_elements_are_constants_an_affine_m
     with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in Alone\.forward \(module 'out' of type Linear\): "
                        r"torch\.nn\.functional\.linear: an affine map of values that do not depend on the input$"):
         gradgraph.to_graph(Alone(COPIED[name]).to(DTYPE), ids_with_padding(3), None, squared)
+
+
+INPUT_BY_KEYWORD = {
+    "torch.cumsum(input=m, dim=0)": (lambda m: torch.cumsum(input=m, dim=0), "torch.cumsum"),
+    "torch.flip(input=m, dims=(0,))": (lambda m: torch.flip(input=m, dims=(0,)), "torch.flip"),
+    "torch.sum(input=m, dim=0)": (lambda m: torch.sum(input=m, dim=0, keepdim=True).expand(m.shape), "torch.sum"),
+    "torch.roll(input=m, shifts=1, dims=0)": (lambda m: torch.roll(input=m, shifts=1, dims=0), "torch.roll"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INPUT_BY_KEYWORD))
+def test_data_combined_along_the_datapoints_is_refused_with_its_input_passed_by_keyword(name):
+    """torch hands the mode no positional argument for ``torch.cumsum(input=ids, dim=0)``: the rule looked for the
+    input in ``args`` only, found none, and let the op through (the per-sample gradients those of the batch's
+    forward: a silent wrong answer; checked to fail before the fix). Kills rules_data ``data_op`` 86."""
+    torch.manual_seed(2)
+    op, op_name = INPUT_BY_KEYWORD[name]
+    refused_mixed(Along(op).to(DTYPE), ids_with_padding(2), op_name)
