@@ -78,7 +78,7 @@ class DataRules:
             for value in outputs:
                 self.set_meta(value, Data(None))
             return None
-        first = args[0] if args else None
+        first = args[0] if args else kwargs.get("input")  # torch.cumsum(input=ids, dim=0): no positional argument
         first_meta = self.meta(first) if isinstance(first, Tensor) else None
         if name in _ALONG_AXIS and first_meta is not None and \
                 self._mixes_datapoints(first, first_meta, args, kwargs, name):
