@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from convert_values import exact, squared
+from traced_models import assert_exact_per_sample_grads
 from torch import nn
 
 import gradgraph
@@ -241,3 +242,71 @@ def test_data_combined_along_the_datapoints_is_refused_with_its_input_passed_by_
     torch.manual_seed(2)
     op, op_name = INPUT_BY_KEYWORD[name]
     refused_mixed(Along(op).to(DTYPE), ids_with_padding(2), op_name)
+
+
+MORE_ONE_TO_ONE = {
+    "a count per datapoint plus the ids": lambda m: m.sum(1, keepdim=True) % 7 + m,
+    "the ids gathered by their own order": lambda m: torch.gather(m, 1, m.argsort(1)[:, :3]),
+    "the larger of two": lambda m: torch.max(m, m.flip(1)),
+    "the smaller of two": lambda m: m.min(m.flip(1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE_ONE_TO_ONE))
+def test_indices_from_two_operands_take_the_element_map_of_the_one_that_has_it(name):
+    """An op of two data operands takes the element map of the first that has the output's shape (the count per
+    datapoint has none; the gathered ids' map does not fit the gather's output, its index's does); ``max`` /
+    ``min`` of two tensors are elementwise, no op along an axis. Kills rules_data ``_elementwise`` 5, 11 and
+    ``_mixes_datapoints`` 29, 31."""
+    torch.manual_seed(3)
+    exact(Alone(MORE_ONE_TO_ONE[name]).to(DTYPE), ids_with_padding(3))
+
+
+class Lengths(nn.Module):
+    """A table read at each datapoint's count of tokens, broadcast over its positions (data without an element map
+    through a shape op), added to the token values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.lengths, self.out = nn.Embedding(9, 4), nn.Embedding(8, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        lengths = ids.ne(PAD).sum(1, keepdim=True).expand(-1, ids.shape[1])
+        return self.out(torch.tanh(self.tokens(ids) + self.lengths(lengths))).sum(1)
+
+
+def test_indices_without_an_element_map_are_read_again_by_a_replay():
+    """The counts are data (not constants of the architecture): a cached plan reads them again on another batch
+    with other padding (no new trace, exact). Kills rules_data ``data_op`` 80, 81 (the shape op's output left
+    untracked: the embedding's rows are then guarded as constants and the second batch traces again)."""
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    torch.manual_seed(4)
+    model = Lengths().to(DTYPE)
+    exact(model, ids_with_padding(4))
+    misses = PLAN_CACHE.misses
+    ids = ids_with_padding(5)
+    ids[1, -3:] = PAD
+    assert_exact_per_sample_grads(model, ids, None, squared)
+    assert PLAN_CACHE.misses == misses
+
+
+def test_the_input_joined_with_a_constant_by_keyword_is_refused_with_the_remedy():
+    """``torch.cat(tensors=(ids, constant), dim=1)``: the joined constant found in the keywords. Kills rules_data
+    ``data_op`` 26."""
+
+    class Joined(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.out = nn.Embedding(9, 4), nn.Linear(4, 2)
+
+        def forward(self, ids):
+            ids = torch.cat(tensors=(ids, torch.full((ids.shape[0], 1), 2)), dim=1)
+            return self.out(self.tokens(ids)).sum(1)
+
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+: torch\.cat: joins the model's input \(or "
+                       r"data made from it\) with a constant of shape \[4, 1\], whose entries belong to no datapoint "
+                       r"and no parameter; join them before calling the model \(pass the input with the token "
+                       r"prepended or the features padded\)$"):
+        gradgraph.to_graph(Joined().to(DTYPE), ids_with_padding(0), None, squared)
