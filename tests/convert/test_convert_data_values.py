@@ -211,6 +211,7 @@ COPIED = {
     "broadcast against a column of constants": lambda m: m.unsqueeze(-1) + torch.arange(2)[None, None, :],
     "a sum over the positions": lambda m: m.sum(1, keepdim=True) % 64,
     "a table indexed by the ids": lambda m: torch.arange(64)[m],
+    "a count per datapoint expanded as the ids": lambda m: (m.sum(1, keepdim=True) % 7).expand_as(m),
 }
 
 
@@ -218,7 +219,8 @@ COPIED = {
 def test_indices_that_copy_or_combine_the_ids_elements_are_constants_an_affine_map_cannot_read_alone(name):
     """An element copied (a broadcast) or combined (a sum) has no one datapoint component of its own: the embedding
     reads them as constants, and an affine map of those alone is refused. Kills rules_data ``_elementwise``
-    (a copy taken for one to one) and ``data_op``'s index by data."""
+    (a copy taken for one to one) and ``data_op``'s index by data, and ``data_op`` 74 (the count expanded as the
+    ids given the ids' element map: a shape op of data without one, of which only ``__getitem__`` kept ``None``)."""
     torch.manual_seed(3)
     gradgraph.convert.clear_structure_cache()
     with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in Alone\.forward \(module 'out' of type Linear\): "
