@@ -1,7 +1,8 @@
 """Per-function checks of ``convert/trace/rules_data.py`` (issue 31, run decompositions 1): data computed from a
 model's integer input (position ids, token types, padding and attention masks, lengths) converts with exact
 per-sample gradients (float64, against torch.func); such data mixed across datapoints and then read by a
-parameterised op is refused with its reason in full. Each test's docstring names the mutants it kills."""
+parameterised op is refused with its reason in full. The tests written for a run's survivors name the mutants they kill
+(``.mutation/convert-decompositions/``'s numbering); two are the bugs those runs found (roll / diff, keywords)."""
 
 from __future__ import annotations
 
@@ -240,7 +241,8 @@ INPUT_BY_KEYWORD = {
 def test_data_combined_along_the_datapoints_is_refused_with_its_input_passed_by_keyword(name):
     """torch hands the mode no positional argument for ``torch.cumsum(input=ids, dim=0)``: the rule looked for the
     input in ``args`` only, found none, and let the op through (the per-sample gradients those of the batch's
-    forward: a silent wrong answer; checked to fail before the fix). Kills rules_data ``data_op`` 86."""
+    forward: a silent wrong answer; checked to fail before the fix). Kills rules_data ``data_op`` 86 as run
+    decompositions 2 numbered the code before the fix."""
     torch.manual_seed(2)
     op, op_name = INPUT_BY_KEYWORD[name]
     refused_mixed(Along(op).to(DTYPE), ids_with_padding(2), op_name)

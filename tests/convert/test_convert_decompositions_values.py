@@ -2,7 +2,8 @@
 decomposition gives its op's value and input gradient exactly (float64, to 1e-12, against the op itself
 called by torch), runs the parts its docstring names (recorded with a ``TorchFunctionMode``), and a model
 written with the op converts with exact per-sample gradients (torch.func); where the trace follows the op
-itself (or nothing), ``decomposition`` says ``None``. Each test's docstring names the mutants it kills."""
+itself (or nothing), ``decomposition`` says ``None``. The tests written for a run's survivors name the mutants they
+kill (``.mutation/convert-decompositions/``'s numbering)."""
 
 from __future__ import annotations
 
@@ -462,8 +463,8 @@ def test_an_einsum_that_is_no_decomposition_is_refused_by_name():
             return self.out(torch.einsum("bi,bj->bij", h, h).flatten(1))
 
     gradgraph.convert.clear_structure_cache()
-    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+Outer.forward: torch\.einsum: gradgraph has no "
-                       r"rule for this op, and its result reaches torch\.nn\.functional\.linear with the parameter "
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+Outer.forward: torch\.einsum: gradgraph has "
+                       r"no rule for this op, and its result reaches torch\.nn\.functional\.linear with the parameter "
                        r"'out\.weight' at "):
         gradgraph.to_graph(Outer().to(DTYPE), torch.randn(4, 4, dtype=DTYPE), None, squared)
 

@@ -2,20 +2,18 @@
 the functions users call (torch's aliases named as the op they alias, tensor attributes, ``torch.nn.functional``,
 ``torch.special``, ``torch.fft``, a factory's function, a user's own), its bounded cache, ``numpy_keywords``,
 ``out_of_place_name`` and ``register_elementwise`` (its refusals matched in full); and each alias converts to the
-graph of its canonical op, tensor for tensor. Each test's docstring names the mutants it kills."""
+graph of its canonical op, tensor for tensor. The tests written for a run's survivors name the mutants they kill
+(``.mutation/convert-decompositions/``'s numbering)."""
 
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from convert_values import exact, squared
+from convert_values import exact
 from strategies import assert_same_graph
 from torch import nn, Tensor
 
-import gradgraph
 from gradgraph import ActivationKind
 from gradgraph.convert.trace import ops
 from gradgraph.convert.trace.ops import numpy_keywords, op_name, out_of_place_name, register_elementwise
@@ -74,7 +72,8 @@ def users_own(x):
     (torch.add, "torch.add"), (Tensor.add, "Tensor.add"), (Tensor.add_, "Tensor.add_"),
     (Tensor.__matmul__, "Tensor.__matmul__"), (F.linear, "torch.nn.functional.linear"),
     (F.softmax, "torch.nn.functional.softmax"), (F.gelu, "torch.nn.functional.gelu"),
-    (F.max_pool2d, "torch.nn.functional.max_pool2d"), (F.adaptive_max_pool1d, "torch.nn.functional.adaptive_max_pool1d"),
+    (F.max_pool2d, "torch.nn.functional.max_pool2d"),
+    (F.adaptive_max_pool1d, "torch.nn.functional.adaptive_max_pool1d"),
     (torch.special.erf, "torch.special.erf"), (torch.special.expit, "torch.special.expit"),
     (torch.fft.fft, "torch.fft.fft"), (torch.fft.rfft, "torch.fft.rfft"),
     (torch.multiply, "torch.mul"), (Tensor.multiply, "Tensor.mul"), (Tensor.multiply_, "Tensor.mul_"),
@@ -237,7 +236,8 @@ ALIASES = {  # alias: (written with the alias, written with the op it aliases)
     "Tensor.clip": (lambda h, g: (h * 3).clip(min=-1.0), lambda h, g: (h * 3).clamp(min=-1.0)),
     "torch.arctan": (lambda h, g: torch.arctan(h + g), lambda h, g: torch.atan(h + g)),
     "Tensor.arcsinh": (lambda h, g: (h + g).arcsinh(), lambda h, g: (h + g).asinh()),
-    "torch.concat": (lambda h, g: torch.concat([h[..., :3], g[..., 3:]], -1), lambda h, g: torch.cat([h[..., :3], g[..., 3:]], -1)),
+    "torch.concat": (lambda h, g: torch.concat([h[..., :3], g[..., 3:]], -1),
+                     lambda h, g: torch.cat([h[..., :3], g[..., 3:]], -1)),
     "torch.concatenate": (lambda h, g: torch.concatenate((h[..., :2], g[..., 2:]), axis=-1),
                           lambda h, g: torch.cat((h[..., :2], g[..., 2:]), dim=-1)),
     "torch.mean axis keepdims": (lambda h, g: h - torch.mean(h, axis=-1, keepdims=True),
