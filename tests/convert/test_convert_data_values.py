@@ -314,3 +314,28 @@ def test_the_input_joined_with_a_constant_by_keyword_is_refused_with_the_remedy(
                        r"and no parameter; join them before calling the model \(pass the input with the token "
                        r"prepended or the features padded\)$"):
         gradgraph.to_graph(Joined().to(DTYPE), ids_with_padding(0), None, squared)
+
+
+class MovedCopies(nn.Module):
+    """A table read at the ids taken back out of a broadcast copy (data without an element map, through a shape
+    op), its rows then moved along the positions before they join the token values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.copies, self.out = nn.Embedding(9, 4), nn.Embedding(9, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        copies = (ids.unsqueeze(-1) + torch.zeros(2, dtype=torch.long))[..., 0]
+        moved = self.copies(copies)[:, torch.tensor([2, 0, 1, 3, 5, 4])]
+        return self.out(torch.tanh(self.tokens(ids) + moved)).sum(1)
+
+
+def test_data_indices_whose_rows_move_before_they_join_the_tokens_are_refused():
+    """Indices computed from the input are data, read again on every call: rows that move before they join the
+    token values are refused (as constants they would only be guarded). Kills rules_data ``data_op`` 80, 81 (the
+    shape op's output of data without an element map left untracked)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in MovedCopies\.forward: embedding: its indices are "
+                       r"computed from the input and their positions move before they join the token values; pass "
+                       r"them in \(e\.g\. position_ids\) or compute them with elementwise ops on the ids$"):
+        gradgraph.to_graph(MovedCopies().to(DTYPE), ids_with_padding(0), None, squared)
