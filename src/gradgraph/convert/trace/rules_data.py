@@ -28,6 +28,11 @@ from gradgraph.convert.trace.ops import IDENTITY_OPS, JOINED_INPUT_REMEDY, SHAPE
 _ALONG_AXIS = {f"{prefix}.{name}" for prefix in ("Tensor", "torch") for name in (
     "sum", "mean", "prod", "amax", "amin", "max", "min", "any", "all", "cumsum", "cumprod", "cummax", "cummin",
     "logcumsumexp", "argmax", "argmin", "count_nonzero", "sort", "argsort", "flip", "roll", "diff")}
+#: those that take their axis third, after a count (``roll(input, shifts, dims)``, ``diff(input, n, dim)``): where it
+#: is among the arguments, and what it is when not given (``roll``: the flattened tensor, every axis; ``diff``: the
+#: last axis); every other op of ``_ALONG_AXIS`` takes it second, every axis when not given
+_AXIS_THIRD = {f"{prefix}.{name}": default for prefix in ("Tensor", "torch") for name, default in (
+    ("roll", None), ("diff", -1))}
 
 
 @dataclass
@@ -73,9 +78,10 @@ class DataRules:
             for value in outputs:
                 self.set_meta(value, Data(None))
             return None
-        first = args[0] if args else None
+        first = args[0] if args else kwargs.get("input")  # torch.cumsum(input=ids, dim=0): no positional argument
         first_meta = self.meta(first) if isinstance(first, Tensor) else None
-        if name in _ALONG_AXIS and first_meta is not None and self._mixes_datapoints(first, first_meta, args, kwargs):
+        if name in _ALONG_AXIS and first_meta is not None and \
+                self._mixes_datapoints(first, first_meta, args, kwargs, name):
             return self.mark_opaque(output, name, "combines data of different datapoints (an op along the batch "
                                     "axis), so a datapoint's values depend on the others", [])
         for value in outputs:
@@ -101,12 +107,13 @@ class DataRules:
                 return broadcast.clone()
         return None
 
-    def _mixes_datapoints(self, value: Tensor, meta: Any, args: tuple, kwargs: dict) -> bool:
+    def _mixes_datapoints(self, value: Tensor, meta: Any, args: tuple, kwargs: dict, name: str) -> bool:
         """An op along an axis over which the datapoint changes, or along every axis."""
         element = meta.element
         if element is None or value.dim() == 0:
             return False
-        dim = kwargs.get("dim", kwargs.get("dims", args[1] if len(args) > 1 else None))
+        at, default = (2, _AXIS_THIRD[name]) if name in _AXIS_THIRD else (1, None)
+        dim = kwargs.get("dim", kwargs.get("dims", args[at] if len(args) > at else default))
         if isinstance(dim, bool) or not isinstance(dim, int | tuple | list | None):
             return False
         datapoint = self.datapoint_of(element)[0]
