@@ -95,8 +95,8 @@ class Program(nn.Module):
     (every other feature), ``("interleave", i)`` (features reordered by reshape/transpose),
     ``("where", i)`` (a leaky ReLU by ``where``), ``("maximum", i, j)``, ``("part", i, start, stop, mixer)``
     (``mixer`` -- softmax, center or norm -- over features ``start:stop`` only, the rest passed through,
-    concatenated back in place), ``("heads", i, parts, mixer, shared_scale)`` (:class:`PerPart`); the head
-    reads the last value.
+    concatenated back in place), ``("heads", i, parts, mixer, shared_scale)`` (:class:`PerPart`),
+    ``("pad", i, before, after, value)`` (a constant ``F.pad`` of the features); the head reads the last value.
     """
 
     def __init__(self, in_width: int, steps: list[tuple]) -> None:
@@ -128,6 +128,8 @@ class Program(nn.Module):
                 widths.append(widths[source] + widths[step[2]])
             elif kind == "chunk":
                 widths.append(widths[source] // 2)
+            elif kind == "pad":
+                widths.append(widths[source] + step[2] + step[3])
         self.head = nn.Linear(widths[-1], 3)
 
     def forward(self, x):
@@ -168,6 +170,8 @@ class Program(nn.Module):
                 start, stop, mixer = step[2], step[3], step[4]
                 pool.append(torch.cat([value[:, :start], PART_MIXERS[mixer](value[:, start:stop]), value[:, stop:]],
                                       dim=-1))
+            elif kind == "pad":
+                pool.append(F.pad(value, (step[2], step[3]), value=step[4]))
         return self.head(pool[-1])
 
 
@@ -182,7 +186,8 @@ def programs(draw):
         source = draw(st.sampled_from([last, last, draw(st.integers(0, last))]))
         same = [i for i, width in enumerate(widths) if width == widths[source] and i != source]
         kind = draw(st.sampled_from(["linear", "act", "act", "add", "mul", "gate", "slice", "cat", "chunk", "norm",
-                                     "scale", "center", "softmax", "stride", "interleave", "where", "maximum"]))
+                                     "scale", "center", "softmax", "stride", "interleave", "where", "maximum",
+                                     "pad"]))
         if kind == "linear":
             step = ("linear", source, draw(st.integers(1, 5)))
         elif kind == "act":
@@ -214,6 +219,11 @@ def programs(draw):
             if widths[source] < 2:
                 continue
             step = ("norm", source)
+        elif kind == "pad":
+            before, after = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+            if before + after == 0:
+                continue
+            step = ("pad", source, before, after, draw(st.sampled_from([0.0, 1.0, -0.5])))
         else:
             step = ("scale", source, draw(st.sampled_from([0.5, -2.0, 3.0])))
         steps.append(step)
@@ -345,7 +355,9 @@ class SequenceProgram(nn.Module):
 
     Steps: ``("linear", width)``, ``("act", name)``, ``("residual_linear",)`` (``h + W h``),
     ``("norm",)``, ``("position",)`` (a learned ``[T, width]`` parameter added),
-    ``("swiglu", hidden)``, ``("attention", heads, fused, sdpa, causal)``; ``pool`` is
+    ``("swiglu", hidden)``, ``("attention", heads, fused, sdpa, causal)``, ``("shift", features, tokens)`` (the
+    first ``features`` features of each token replaced by those ``tokens`` before it, zeros at the start: a
+    token shift by ``F.pad``); ``pool`` is
     ``"mean"``, ``"first"`` or ``"tokens"`` (a loss per token, summed).
     """
 
@@ -393,6 +405,9 @@ class SequenceProgram(nn.Module):
                 h = h + second(F.silu(gate) * value)
             elif kind == "attention":
                 h = h + self.attention(h, next(layers), *step[1:])
+            elif kind == "shift":
+                features, tokens = step[1], step[2]
+                h = torch.cat([F.pad(h[..., :features], (0, 0, tokens, -tokens)), h[..., features:]], dim=-1)
         if self.pool == "mean":
             h = h.mean(1)
         elif self.pool == "first":
@@ -424,11 +439,13 @@ def sequence_programs(draw):
     steps = [("linear", width)]
     for _ in range(draw(st.integers(1, 5))):
         kind = draw(st.sampled_from(["act", "residual_linear", "norm", "position", "swiglu", "attention",
-                                     "attention"]))
+                                     "attention", "shift"]))
         if kind == "act":
             steps.append(("act", draw(st.sampled_from(sorted(ACTIVATIONS)))))
         elif kind == "swiglu":
             steps.append(("swiglu", draw(st.integers(2, 5))))
+        elif kind == "shift":
+            steps.append(("shift", draw(st.integers(1, width)), draw(st.integers(1, length - 1))))
         elif kind == "attention":
             steps.append(("attention", draw(st.sampled_from([1, 2])), draw(st.booleans()), draw(st.booleans()),
                           draw(st.booleans())))
