@@ -93,11 +93,11 @@ SHAPE_OPS = _method(
     "view", "reshape", "permute", "transpose", "t", "contiguous", "flatten", "unflatten", "squeeze", "unsqueeze",
     "expand", "expand_as", "__getitem__", "split", "chunk", "narrow", "movedim", "moveaxis", "swapaxes",
     "swapdims", "unbind", "select", "view_as", "reshape_as", "clone", "tensor_split", "split_with_sizes",
-    "repeat", "T (attribute)", "mT (attribute)", "mH (attribute)", "H (attribute)",
+    "repeat", "T (attribute)", "mT (attribute)", "mH (attribute)", "H (attribute)", "roll", "flip",
 ) | _names(
     torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
     torch.split, torch.chunk, torch.narrow, torch.movedim, torch.swapaxes, torch.unbind, torch.select, torch.t,
-    torch.clone, torch.tensor_split, torch.cat, torch.stack, torch.broadcast_to,
+    torch.clone, torch.tensor_split, torch.cat, torch.stack, torch.broadcast_to, torch.roll, torch.flip,
 ) | {"Tensor.broadcast_to"}
 # Casts and eval-mode no-ops: identity on the values' neurons.
 #: ops whose result does not depend on their tensor arguments' values (only on shape, dtype,

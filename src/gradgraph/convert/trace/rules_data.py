@@ -66,6 +66,13 @@ class DataRules:
         metas = [meta for _, meta in tracked]
         outputs = [value for value in tree_flatten(output)[0] if isinstance(value, Tensor)]
         indexed_by_data = name == "Tensor.__getitem__" and any(value is not args[0] for value, _ in tracked)
+        # (first: roll and flip are shape ops too, replayed on the elements unless they move the datapoints)
+        first = args[0] if args else kwargs.get("input")  # torch.cumsum(input=ids, dim=0): no positional argument
+        first_meta = self.meta(first) if isinstance(first, Tensor) else None
+        if name in _ALONG_AXIS and first_meta is not None and \
+                self._mixes_datapoints(first, first_meta, args, kwargs, name):
+            return self.mark_opaque(output, name, "combines data of different datapoints (an op along the batch "
+                                    "axis), so a datapoint's values depend on the others", [])
         if (name in SHAPE_OPS or name in IDENTITY_OPS or name == "Tensor.__getitem__") and not indexed_by_data:
             self.check_joined_constants(name, args, kwargs, "the model's input (or data made from it)",
                                         JOINED_INPUT_REMEDY)
@@ -78,12 +85,6 @@ class DataRules:
             for value in outputs:
                 self.set_meta(value, Data(None))
             return None
-        first = args[0] if args else kwargs.get("input")  # torch.cumsum(input=ids, dim=0): no positional argument
-        first_meta = self.meta(first) if isinstance(first, Tensor) else None
-        if name in _ALONG_AXIS and first_meta is not None and \
-                self._mixes_datapoints(first, first_meta, args, kwargs, name):
-            return self.mark_opaque(output, name, "combines data of different datapoints (an op along the batch "
-                                    "axis), so a datapoint's values depend on the others", [])
         for value in outputs:
             self.set_meta(value, Data(self._elementwise(value, metas)))
         return None
