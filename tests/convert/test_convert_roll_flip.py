@@ -1,8 +1,8 @@
 """``roll`` and ``flip`` of neuron values are shape ops: a permutation of places, followed by replaying the op on
 the ids. Along the positions (a token roll, Swin's cyclic shift of a ``[b, H, W, C]`` map, a sequence read
 backwards) and along the features they convert exactly with a group that keeps the function; along the datapoint
-axis they are refused (a datapoint's loss would read another's values: the residual rule or the coupling check). Before session 18 each was
-refused as "gradgraph has no rule for this op"."""
+axis they are refused (a datapoint's loss would read another's values: the residual rule or the coupling
+check). Before session 18 each was refused as "gradgraph has no rule for this op"."""
 
 from __future__ import annotations
 
