@@ -357,7 +357,7 @@ class SequenceProgram(nn.Module):
     ``("norm",)``, ``("position",)`` (a learned ``[T, width]`` parameter added),
     ``("swiglu", hidden)``, ``("attention", heads, fused, sdpa, causal)``, ``("shift", features, tokens)`` (the
     first ``features`` features of each token replaced by those ``tokens`` before it, zeros at the start: a
-    token shift by ``F.pad``); ``pool`` is
+    token shift by ``F.pad``), ``("roll", tokens)`` (``h.roll(tokens, 1)``); ``pool`` is
     ``"mean"``, ``"first"`` or ``"tokens"`` (a loss per token, summed).
     """
 
@@ -405,6 +405,8 @@ class SequenceProgram(nn.Module):
                 h = h + second(F.silu(gate) * value)
             elif kind == "attention":
                 h = h + self.attention(h, next(layers), *step[1:])
+            elif kind == "roll":
+                h = h.roll(step[1], 1)
             elif kind == "shift":
                 features, tokens = step[1], step[2]
                 h = torch.cat([F.pad(h[..., :features], (0, 0, tokens, -tokens)), h[..., features:]], dim=-1)
@@ -439,13 +441,15 @@ def sequence_programs(draw):
     steps = [("linear", width)]
     for _ in range(draw(st.integers(1, 5))):
         kind = draw(st.sampled_from(["act", "residual_linear", "norm", "position", "swiglu", "attention",
-                                     "attention", "shift"]))
+                                     "attention", "shift", "roll"]))
         if kind == "act":
             steps.append(("act", draw(st.sampled_from(sorted(ACTIVATIONS)))))
         elif kind == "swiglu":
             steps.append(("swiglu", draw(st.integers(2, 5))))
         elif kind == "shift":
             steps.append(("shift", draw(st.integers(1, width)), draw(st.integers(1, length - 1))))
+        elif kind == "roll":
+            steps.append(("roll", draw(st.integers(1, length - 1))))
         elif kind == "attention":
             steps.append(("attention", draw(st.sampled_from([1, 2])), draw(st.booleans()), draw(st.booleans()),
                           draw(st.booleans())))

@@ -68,7 +68,8 @@ class ConvProgram(nn.Module):
     global response norm without parameters: ``i`` times its channels' norms over positions over their
     mean), ``("crop", i)`` (``F.pad`` by -1 before each spatial axis), ``("pixel_shuffle", i)`` and
     ``("pixel_unshuffle", i)`` (2-D maps, factor 2), ``("chanpad", i, before, after, value)`` (a constant
-    ``F.pad`` of the channels: the CIFAR ResNets' option A shortcut).
+    ``F.pad`` of the channels: the CIFAR ResNets' option A shortcut), ``("roll", i, shift)`` (``torch.roll`` along
+    the last spatial axis).
     ``head``: ``"mean"`` (global average pooling), ``"max"`` (global max) or ``"flatten"``, then a
     linear map to 3 outputs.
     """
@@ -184,6 +185,8 @@ class ConvProgram(nn.Module):
                 h = F.pad(h, [-1, 0] * self.spatial)
             elif kind == "chanpad":
                 h = F.pad(h, [0, 0] * self.spatial + [step[2], step[3]], value=step[4])
+            elif kind == "roll":
+                h = torch.roll(h, step[2], dims=-1)
             elif kind == "pixel_shuffle":
                 h = F.pixel_shuffle(h, 2)
             elif kind == "pixel_unshuffle":
@@ -230,7 +233,7 @@ def conv_programs(draw):
         kind = draw(st.sampled_from(["conv", "conv", "conv", "act", "add", "mul", "gate", "excite", "cat", "slice",
                                      "shuffle", "pool", "adaptive", "norm", "softmax", "center", "upsample", "act_",
                                      "iadd", "scale", "grn", "crop", "pixel_shuffle", "pixel_unshuffle",
-                                     "chanpad", "chanpad"]))
+                                     "chanpad", "chanpad", "roll"]))
         same = [index for index, shape in enumerate(shapes)
                 if shape == (channels, length) and index not in (0, source)]
         positions = [index for index, shape in enumerate(shapes) if shape[1] == length and index not in (0, source)]
@@ -285,6 +288,8 @@ def conv_programs(draw):
             step = (kind, source)
         elif kind == "pixel_unshuffle" and spatial == 2 and length % 2 == 0:
             step = (kind, source)
+        elif kind == "roll" and length >= 2:
+            step = (kind, source, draw(st.integers(1, length - 1)))
         elif kind == "chanpad":
             before, after = draw(st.integers(0, 2)), draw(st.integers(0, 2))
             if before + after:
@@ -343,8 +348,8 @@ def test_the_conv_program_model_runs_each_step_kind():
              ("pool", 9, "max", 3, 2, 1, True), ("adaptive", 10, "avg", 2), ("norm", 11, "batch"),
              ("norm", 12, "group"), ("norm", 13, "instance-affine"), ("softmax", 14), ("center", 15),
              ("upsample", 16), ("conv", 17, 2, 2, 2, 0, 1, 2, "zeros"), ("act_", 18, "relu"), ("iadd", 19, 18),
-             ("scale", 20), ("grn", 21), ("crop", 22), ("chanpad", 23, 1, 2, 0.0)]
-    planar = steps + [("conv", 24, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 25), ("pixel_unshuffle", 26)]
+             ("scale", 20), ("grn", 21), ("crop", 22), ("chanpad", 23, 1, 2, 0.0), ("roll", 24, 1)]
+    planar = steps + [("conv", 25, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 26), ("pixel_unshuffle", 27)]
     for spatial, steps in ((1, steps), (2, planar), (3, steps)):
         model = ConvProgram(spatial, 2, 5, steps, "flatten").to(DTYPE)
         inputs = torch.randn(2, 2, *[5] * spatial, dtype=DTYPE)
