@@ -148,6 +148,8 @@ ROLLED_ALONG_POSITIONS = {
     "torch.diff(m, 1, 1)": lambda m: torch.diff(m, 1, 1, prepend=m[:, :1]),
     "torch.diff(m): the last axis": lambda m: torch.diff(m, prepend=m[:, :1]),
     "Tensor.diff(2)": lambda m: m.diff(2, prepend=m[:, :2]),
+    "Tensor.sort(): the last axis": lambda m: m.sort(descending=True).values,
+    "torch.argsort(m): the last axis": lambda m: torch.argsort(m, stable=True),
 }
 
 
@@ -167,7 +169,8 @@ def test_a_roll_or_difference_along_the_datapoints_is_refused_whatever_its_secon
 @pytest.mark.parametrize("name", sorted(ROLLED_ALONG_POSITIONS))
 def test_a_roll_or_difference_along_the_positions_converts_exactly(name):
     """``roll(x, 2, 1)`` was refused as an op along the batch axis (its shift 2 read as the axis, ``2 % 2 = 0``);
-    ``diff(x)`` is along the last axis (its default)."""
+    ``diff(x)`` is along the last axis (its default), and so are ``sort(x)`` and ``argsort(x)`` (read as along
+    every axis, so refused, until session 18)."""
     torch.manual_seed(2)
     exact(Along(ROLLED_ALONG_POSITIONS[name]).to(DTYPE), ids_with_padding(2))
 

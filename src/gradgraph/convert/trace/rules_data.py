@@ -30,9 +30,12 @@ _ALONG_AXIS = {f"{prefix}.{name}" for prefix in ("Tensor", "torch") for name in 
     "logcumsumexp", "argmax", "argmin", "count_nonzero", "sort", "argsort", "flip", "roll", "diff")}
 #: those that take their axis third, after a count (``roll(input, shifts, dims)``, ``diff(input, n, dim)``): where it
 #: is among the arguments, and what it is when not given (``roll``: the flattened tensor, every axis; ``diff``: the
-#: last axis); every other op of ``_ALONG_AXIS`` takes it second, every axis when not given
+#: last axis); every other op of ``_ALONG_AXIS`` takes it second, every axis when not given (``sort`` and
+#: ``argsort``: the last axis)
 _AXIS_THIRD = {f"{prefix}.{name}": default for prefix in ("Tensor", "torch") for name, default in (
     ("roll", None), ("diff", -1))}
+#: ops of ``_ALONG_AXIS`` that take their axis second but default to the last axis, not every axis
+_LAST_AXIS_DEFAULT = {f"{prefix}.{name}" for prefix in ("Tensor", "torch") for name in ("sort", "argsort")}
 
 
 @dataclass
@@ -113,7 +116,7 @@ class DataRules:
         element = meta.element
         if element is None or value.dim() == 0:
             return False
-        at, default = (2, _AXIS_THIRD[name]) if name in _AXIS_THIRD else (1, None)
+        at, default = (2, _AXIS_THIRD[name]) if name in _AXIS_THIRD else (1, -1 if name in _LAST_AXIS_DEFAULT else None)
         dim = kwargs.get("dim", kwargs.get("dims", args[at] if len(args) > at else default))
         if isinstance(dim, bool) or not isinstance(dim, int | tuple | list | None):
             return False
