@@ -247,10 +247,13 @@ def convert_on_edges(model, inputs=None, edge_index=EDGES):
 
 
 @pytest.mark.parametrize("aggr", ["max", "min", "mul"])
-def test_max_min_and_product_aggregation_are_refused(aggr):
+def test_max_min_and_product_aggregation_are_exact_with_a_true_group(aggr):
+    """Refused until session 18 as "not linear in the messages": per channel, as a max pooling over a map's
+    positions, the aggregated copy's act is read from the tensor and the messages' grad from autograd, so the
+    per-sample gradients are exact, and a channel permutation commutes with the aggregation."""
     torch.manual_seed(0)
-    with pytest.raises(UnsupportedModuleError, match=r"reduce='(amax|amin|prod)'.*max / min / product aggregation"):
-        convert_on_edges(_Sage(aggr))
+    inputs, targets = signals(b=2)
+    check(_Sage(aggr).to(DTYPE), inputs, targets)
 
 
 class _Sage(nn.Module):
@@ -511,20 +514,45 @@ def test_a_global_max_or_min_pool_reads_each_graphs_nodes_as_positions(kind, poo
     assert_exact_per_graph(model, graphs, batch, targets)
 
 
-def test_a_max_over_part_of_a_graphs_nodes_is_refused():
-    """A max into rows that are not one per graph (pooling pairs of nodes) keeps the neighbour message."""
+def test_a_max_over_part_of_a_graphs_nodes_is_exact():
+    """A max into rows that are not one per graph (pooling pairs of nodes, each pair inside one graph): refused
+    until session 18, exact since (each pooled row is its graph's)."""
     from torch_geometric.utils import scatter
 
     class PairMax(Pooled):
         def forward(self, x, edge_index, batch):
             h = torch.relu(self.conv1(x, edge_index))
             pairs = scatter(h, torch.arange(len(h)) // 2, dim=0, reduce="max")
-            return self.head(pyg.global_mean_pool(self.conv2(pairs, edge_index.clamp(max=len(pairs) - 1)),
-                                                  batch[::2]))
+            return self.head(pyg.global_mean_pool(self.conv2(pairs, edge_index // 2), batch[::2]))
 
     graphs, batch = pyg_batch(sizes=((4, 6), (6, 9), (2, 2)), seed=4)
-    with pytest.raises(UnsupportedModuleError, match=r"reduce='amax' other than over all the rows of each datapoint"):
-        convert_batch(PairMax("gcn").to(DTYPE), batch, torch.tensor([0, 1, 2]))
+    torch.manual_seed(4)
+    model = PairMax("gcn").to(DTYPE)
+    targets = torch.tensor([0, 1, 2])
+    graph = convert_batch(model, batch, targets)
+    ours = graph.per_sample_grads()
+    for i, data in enumerate(graphs):  # each graph alone, its pairs and its edges between pairs
+        model.zero_grad()
+        cross_entropy(model(data.x, data.edge_index, torch.zeros(len(data.x), dtype=torch.long)),
+                      targets[i:i + 1]).sum().backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(ours[name][i], param.grad, atol=1e-10, rtol=0, msg=f"{name} of graph {i}")
+
+
+def test_a_max_of_one_graphs_rows_into_anothers_row_is_refused():
+    """Graph ``i``'s max written into the row of graph ``i + 1``: the coupling check (the loss of one graph reads
+    another's values)."""
+    from torch_geometric.utils import scatter
+
+    class Shifted(Pooled):
+        def forward(self, x, edge_index, batch):
+            h = torch.relu(self.conv1(x, edge_index))
+            return self.head(scatter(h, (batch + 1) % 3, dim=0, reduce="max"))
+
+    graphs, batch = pyg_batch(seed=4)
+    torch.manual_seed(4)
+    with pytest.raises(GradGraphError, match="mix datapoints|different datapoints"):
+        convert_batch(Shifted("gcn").to(DTYPE), batch, torch.tensor([0, 1, 2]))
 
 
 def test_a_pyg_batch_is_exact_on_cached_and_changed_batches():
@@ -727,18 +755,23 @@ MORE_LAYERS = {
     "le": lambda i, o: pyg.LEConv(i, o),
     "res-gated": lambda i, o: pyg.ResGatedGraphConv(i, o),
     "edge-conv-add": lambda i, o: pyg.EdgeConv(_mlp(2 * i, o), aggr="add"),
+    "edge-conv-max": lambda i, o: pyg.EdgeConv(_mlp(2 * i, o)),  # (DGCNN's max: refused until session 18)
+    "sage-max": lambda i, o: pyg.SAGEConv(i, o, aggr="max"),
     "general": lambda i, o: pyg.GeneralConv(i, o),
     "cluster-gcn": lambda i, o: pyg.ClusterGCNConv(i, o),
     "film": lambda i, o: pyg.FiLMConv(i, o),
     "pna-mean-sum": lambda i, o: pyg.PNAConv(i, o, aggregators=["mean", "sum"], scalers=["identity"],
                                              deg=torch.tensor([0, 2, 3, 2])),
+    "pna-min-max": lambda i, o: pyg.PNAConv(i, o, aggregators=["min", "max"], scalers=["identity"],
+                                            deg=torch.tensor([0, 2, 3, 2])),
 }
 
 
 @pytest.mark.parametrize("kind", list(MORE_LAYERS))
 def test_more_pyg_layers_on_a_batch_are_exact_with_a_true_group(kind):
-    """Layers built from the same gathers and sums (polynomial filters, edge gates, FiLM, PNA with
-    linear aggregators) convert exactly on a PyG batch, with a channel group that keeps the function."""
+    """Layers built from the same gathers and sums (polynomial filters, edge gates, FiLM, PNA) and max
+    aggregation (EdgeConv, SAGEConv, PNA's min and max: since session 18) convert exactly on a PyG batch, with a
+    channel group that keeps the function."""
     LAYERS[kind] = MORE_LAYERS[kind]
     try:
         torch.manual_seed(0)
@@ -757,7 +790,6 @@ REFUSED_LAYERS = {
     "GATv2Conv-edge-dim": (lambda i, o: pyg.GATv2Conv(i, o, heads=2, edge_dim=2),
                            r"of type GATv2Conv: edge features \(edge_dim\) are a second input"),
     "TransformerConv": (lambda i, o: pyg.TransformerConv(i, o), r"of type TransformerConv: attention over"),
-    "EdgeConv-max": (lambda i, o: pyg.EdgeConv(_mlp(2 * i, o)), r"reduce='amax'"),
     "MFConv": (lambda i, o: pyg.MFConv(i, o), r"Tensor.index_copy_: in-place ops"),
     "GINEConv": (lambda i, o: pyg.GINEConv(_mlp(i, o), edge_dim=2),
                  r"a second input passed through forward_kwargs such as a data graph's edge features"),

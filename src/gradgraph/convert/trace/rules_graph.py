@@ -5,7 +5,7 @@ features between the *nodes of the input graph* with two ops whose index is data
 
     x_j = x.index_select(-2, src)                         # gather: [b, N, C] -> [b, E, C]
     out = zeros.scatter_add_(-2, dst.expand_as(m), m)     # scatter: [b, E, C] -> [b, N, C]
-    out = zeros.index_add_(-2, dst, m)                    #   (or index_add_, scatter_reduce sum/mean)
+    out = zeros.index_add_(-2, dst, m)                    #   (or scatter_reduce: sum, mean, max, min, prod)
 
 The data graph's nodes are positions, as a sequence's tokens are: channels are the neurons and
 one rank-1 component lives at each (datapoint, data-graph node) — and at each (datapoint,
@@ -20,8 +20,11 @@ datapoint's components and are exact. Permuting channels moves every copy with t
 
 What is refused, by name: a gather or scatter along the datapoint axis or the feature axis, an
 index computed from neuron values or differing between channels, a scatter into a base that is
-not all zeros, and max / min / product aggregation (``scatter_reduce`` with ``amax``, ``amin``,
-``prod``: not linear, and the neighbour a max picks has no rank-1 term of its own). Attention over
+not all zeros. Max / min / product aggregation (``scatter_reduce`` with ``amax``, ``amin``, ``prod``:
+``SAGEConv(aggr="max")``) is not linear in the messages, but like a max pooling over a map's positions it is
+per channel: the aggregated copy's act is read from the tensor and the messages' grad from autograd (zero
+where a max did not pick the message), so every weight's ``act * grad`` sum stays exact and a channel
+permutation commutes with it. Attention over
 neighbours (``GATConv``) multiplies messages by coefficients computed from parameters and is
 refused where those coefficients meet the messages. ``docs/gnn.md`` says what converts.
 """
@@ -46,15 +49,10 @@ SCATTERS = SCATTERS_IN_PLACE | {"Tensor.scatter_add", "torch.scatter_add", "Tens
                                 "Tensor.scatter_reduce", "torch.scatter_reduce"}
 #: ops whose result is all zeros whatever their arguments' values
 _ZERO_FACTORIES = {"Tensor.new_zeros", "torch.zeros", "torch.zeros_like"}
-#: the reductions of ``scatter_reduce`` that are linear in ``src``
-_LINEAR_REDUCTIONS = {"sum", "mean"}
-#: reductions of ``scatter_reduce`` read only as a global pooling (every row of a datapoint into its one row:
-#: PyG's ``global_max_pool``), a per-feature maximum over positions as a CNN's ``AdaptiveMaxPool``
-_GLOBAL_ORDER_POOLS = {"amax", "amin"}
-_NONLINEAR_HINT = (
-    "max / min / product aggregation over neighbours is not linear in the messages, and the neighbour a max "
-    "picks has no rank-1 gradient term of its own; use sum or mean aggregation (GraphSAGE aggr='mean', GIN's "
-    "sum) or register a converter for the layer")
+#: ... and all ones: the identity of a product, the base PyG's ``MulAggregation`` scatters into
+_ONE_FACTORIES = {"Tensor.new_ones", "torch.ones", "torch.ones_like"}
+#: the reductions of ``scatter_reduce``: each per channel, so a tied copy of the channels (every one torch has)
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "prod"}
 _ATTENTION_HINT = (
     "attention over a data graph's neighbours computed with ops gradgraph has no rule for (PyG's "
     "(x * att).sum(-1) scores, a softmax with a detached maximum) is refused; PyG's GATConv converts (run op "
@@ -99,8 +97,9 @@ class GraphRules:
         bound.update(kwargs)
         src = bound.get("src", bound.get("source"))
         reduce = bound.get("reduce", "sum")
-        if reduce not in _LINEAR_REDUCTIONS and reduce not in _GLOBAL_ORDER_POOLS:
-            raise self.unsupported(name, f"reduce='{reduce}': {_NONLINEAR_HINT}")
+        if reduce not in _REDUCTIONS:
+            raise self.unsupported(name, f"reduce='{reduce}', which gradgraph has no rule for (it reads "
+                                   f"{', '.join(sorted(_REDUCTIONS))})")
         if isinstance(bound.get("alpha", 1), Tensor):
             raise self.unsupported(name, "an alpha that is a tensor; gradgraph reads a constant number")
         return self.scatter_positions(name, bound["input"], int(bound["dim"]), bound["index"], src, output,
@@ -277,8 +276,8 @@ class GraphRules:
 
     def scatter_positions(self, name: str, base: Tensor, dim: int, index: Tensor, src: Tensor, output: Tensor, *,
                           one_dimensional: bool, reduce: str = "sum") -> None:
-        """``base.scatter_add_(dim, index, src)`` (and ``index_add_``, ``scatter_reduce`` with sum or
-        mean) along a position axis, into a constant all-zero ``base``: a tied copy of ``src``'s
+        """``base.scatter_add_(dim, index, src)`` (and ``index_add_``, ``scatter_reduce`` with any of its
+        reductions) along a position axis, into a constant all-zero ``base``: a tied copy of ``src``'s
         features living at the output's positions (the aggregated messages at each data-graph node)."""
         self._constant_index(name, index)
         if self.meta(base) is not None:
@@ -298,10 +297,10 @@ class GraphRules:
         producer = self.scatter_base if name in SCATTERS_IN_PLACE else self.log.source(base)
         made_by = self.log.fingerprints[producer[0]][0] if isinstance(producer, tuple) and isinstance(
             producer[0], int) and producer[0] >= 0 else None
-        if made_by not in _ZERO_FACTORIES:
+        if made_by not in _ZERO_FACTORIES and not (reduce == "prod" and made_by in _ONE_FACTORIES):
             raise self.unsupported(name, f"a scatter into a tensor made by {made_by or 'the caller'}; gradgraph reads "
                                    "a scatter into zeros made inside forward (src.new_zeros(size), torch.zeros, "
-                                   "zeros_like), then adds what else is needed")
+                                   "zeros_like; ones for reduce='prod'), then adds what else is needed")
         if not one_dimensional:
             if tuple(index.shape) != tuple(src.shape):
                 raise self.unsupported(name, f"an index of shape {list(index.shape)} for a source of shape "
@@ -315,16 +314,8 @@ class GraphRules:
             rows = index if one_dimensional else index.reshape(src.shape[0], -1)[:, 0]
             self.add_guard(self.op_index, index, values=index.detach().cpu().clone())
             sources = comps.reshape(src.shape[0], -1)[:, 0] // KEY_STRIDE
-            if reduce in _GLOBAL_ORDER_POOLS and not (  # index == each row's datapoint, one result row per datapoint
-                    torch.equal(rows.detach().cpu().long(), sources)
-                    and torch.equal(sources.unique(), torch.arange(output.shape[0]))):
-                raise self.unsupported(name, f"reduce='{reduce}' other than over all the rows of each datapoint (a "
-                                       f"global max / min pool by the batch vector): {_NONLINEAR_HINT}")
             datapoints = self._scatter_rows(name, sources, rows.detach().cpu().long(), output.shape[0])
             return self._copy_to(name, src, meta, output, self._row_comps(datapoints, output.shape), "scatter", axis)
-        if reduce in _GLOBAL_ORDER_POOLS:
-            raise self.unsupported(name, f"reduce='{reduce}' on signals over one shared graph ([b, N, F]): "
-                                   f"{_NONLINEAR_HINT}")
         datapoint = (comps // KEY_STRIDE).narrow(axis, 0, 1)
         out_comps = self._position_comps(broadcast_ids(datapoint, output.shape), output.shape, datapoint_axes, axis)
         self._copy_to(name, src, meta, output, out_comps, "scatter", axis)
