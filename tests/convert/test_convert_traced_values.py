@@ -16,7 +16,7 @@ from torch import nn
 
 import gradgraph
 from gradgraph import GradGraphError
-from gradgraph.convert.traced import to_graph_traced
+from gradgraph.convert.traced import convert_closure_traced, to_graph_traced
 
 DTYPE = torch.float64
 
@@ -108,3 +108,381 @@ def test_an_empty_or_scalar_batch_is_refused_on_its_axis():
              lambda: gradgraph.to_graph(model, torch.randn(0, 3, dtype=DTYPE), y[:0], cross_entropy))
     _refused("inputs must be a batch with b > 0 datapoints on axis 0, got shape []",
              lambda: gradgraph.to_graph(model, torch.tensor(1.0, dtype=DTYPE), y, cross_entropy))
+
+
+# ------------------------------------------------------------------ _check_sums, its bounds written out
+class _Factors:
+    """What ``_check_sums`` reads off a graph: ``mean_grad()`` of ``act`` and ``grad`` (one term per component
+    and entry here: ``mean_grad()[name] = mean over components of act * grad``), copied by ``copy.copy``."""
+
+    def __init__(self, **terms):
+        self.names = list(terms)
+        self.act = torch.cat([act for act, _ in terms.values()], 1)
+        self.grad = torch.cat([grad for _, grad in terms.values()], 1)
+
+    def mean_grad(self):
+        means, start = {}, 0
+        for name in self.names:
+            width = self._width(name)
+            means[name] = (self.act[:, start:start + width] * self.grad[:, start:start + width]).mean(0)
+            start += width
+        return means
+
+    def _width(self, name):
+        return self.widths[name]
+
+
+def _factors(**terms):
+    factors = _Factors(**terms)
+    factors.widths = {name: act.shape[1] for name, (act, _) in terms.items()}
+    return factors
+
+
+def _ones(values, components=2):
+    """Terms whose mean over ``components`` components is ``values``, with no cancellation."""
+    values = torch.as_tensor(values, dtype=DTYPE)
+    return torch.ones(components, len(values), dtype=DTYPE), values.expand(components, -1).clone()
+
+
+def _sums_refused(factors, truth, num_datapoints=1, coarsest=None):
+    from gradgraph.convert.trace import UnsupportedOperationError
+    from gradgraph.convert.traced import _check_sums
+
+    try:
+        _check_sums(factors, truth, num_datapoints, coarsest)
+    except UnsupportedOperationError as error:
+        return str(error)
+    return None
+
+
+EPS = torch.finfo(DTYPE).eps
+
+
+def test_check_sums_refuses_a_gradient_off_by_more_than_1e4_eps_of_its_scale_naming_the_parameter():
+    """The cheap bound: ``|ours * b - autograd| <= 1e4 eps max(|autograd|, |ours * b|, 1e-2 max over all)``
+    where the terms do not cancel (their magnitude bound is the same size); the refusal names the parameter,
+    its module and both sizes."""
+    factors = _factors(**{"block.0.weight": _ones([0.5, -2.0, 1.0]), "head": _ones([4.0, 0.25])})
+    exact = {name: value * 3 for name, value in factors.mean_grad().items()}
+    assert _sums_refused(factors, exact, 3) is None
+    assert _sums_refused(factors, {}, 3) is None
+    # 'head' carries the largest entry (12): block.0.weight's scale is its own max 6 (> 1e-2 * 12)
+    for delta, refused in [(0.9, False), (2.1, True)]:
+        truth = dict(exact, **{"block.0.weight": exact["block.0.weight"] + torch.tensor([0.0, delta * 1e4 * EPS * 6,
+                                                                                         0.0], dtype=DTYPE)})
+        assert (_sums_refused(factors, truth, 3) is not None) == refused, delta
+    truth = dict(exact, **{"block.0.weight": exact["block.0.weight"] + torch.tensor([0.0, 0.0, 1e-6], dtype=DTYPE)})
+    assert _sums_refused(factors, truth, 3) == (
+        "in the forward (module 'block.0'): parameter use: the graph's gradient of 'block.0.weight' (summed over "
+        "datapoints) differs from autograd's by 1.00e-06 (largest entry 6.00e+00): a value computed from this "
+        "parameter reaches the loss through an op whose gradgraph rule reads it as a constant, so the graph would "
+        "be silently wrong. Write that part with supported ops or register a converter for the module "
+        "(gradgraph.register_converter)")
+    truth = dict(exact, head=exact["head"] - 1e-3)
+    assert _sums_refused(factors, truth, 3) == (
+        "in the forward: parameter use: the graph's gradient of 'head' (summed over datapoints) differs from "
+        "autograd's by 1.00e-03 (largest entry 1.20e+01): a value computed from this parameter reaches the loss "
+        "through an op whose gradgraph rule reads it as a constant, so the graph would be silently wrong. Write "
+        "that part with supported ops or register a converter for the module (gradgraph.register_converter)")
+
+
+def test_check_sums_scales_a_small_gradient_by_a_hundredth_of_the_largest_one():
+    """A gradient that is zero in exact arithmetic is rounding noise at a hundredth of the largest gradient:
+    ``small`` (entries 1e-9) next to ``large`` (entries up to 4) is checked at ``1e4 eps 4e-2``, not at its own
+    size, nor at ``1e-2 / 4``; the larger of its own and ours counts too."""
+    factors = _factors(small=_ones([1e-9, -1e-9]), large=_ones([4.0, 1.0]))
+    exact = factors.mean_grad()
+    bound = 1e4 * EPS * 4e-2
+    for delta, refused in [(0.5 * bound, False), (0.9 * bound, False), (1.1 * bound, True)]:
+        truth = dict(exact, small=exact["small"] + torch.tensor([0.0, delta], dtype=DTYPE))
+        assert (_sums_refused(factors, truth) is not None) == refused, delta
+    # a sparse autograd gradient (an nn.Embedding(sparse=True) table) is compared dense
+    truth = dict(exact, large=exact["large"].to_sparse())
+    assert _sums_refused(factors, truth) is None
+    truth = dict(exact, large=(exact["large"] + torch.tensor([0.0, 1e-3], dtype=DTYPE)).to_sparse())
+    assert "'large'" in _sums_refused(factors, truth)
+
+
+def test_check_sums_accepts_the_rounding_of_large_terms_that_cancel_entry_by_entry():
+    """Past the cheap bound, each entry is checked at ``1e4 eps (b * mean |act| |grad| + |autograd|)``: an entry
+    whose terms are +-1000 (sum 0) may be off by rounding of 1000s, every other entry still by its own; all
+    entries must pass (one entry off is refused)."""
+    act = torch.ones(2, 3, dtype=DTYPE)
+    grad = torch.tensor([[1000.0, 1.0, 0.0], [-1000.0, 1.0, 0.0]], dtype=DTYPE)
+    factors = _factors(w=(act, grad))
+    b = 2
+    exact = {"w": factors.mean_grad()["w"] * b}  # [0, 2, 0]; magnitudes * b: [2000, 2, 0]
+    cancelling = 1e4 * EPS * 2000
+    for delta, refused in [(0.9 * cancelling, False), (0.3 * cancelling, False), (1.1 * cancelling, True)]:
+        truth = {"w": exact["w"] + torch.tensor([delta, 0.0, 0.0], dtype=DTYPE)}
+        assert (_sums_refused(factors, truth, b) is not None) == refused, delta
+    # the entry's own autograd value counts too: 1e4 eps (2000 + |autograd|)
+    big = 3000 * 1e4 * EPS
+    truth = {"w": exact["w"] + torch.tensor([1500 * 1e4 * EPS, 0.0, 0.0], dtype=DTYPE)}
+    assert _sums_refused(factors, truth, b) is None
+    assert _sums_refused(factors, {"w": exact["w"] + torch.tensor([big, 0.0, 0.0], dtype=DTYPE)}, b) is not None
+    # the entry that cancels is within its bound, the entry of no terms is not: refused
+    off = {"w": exact["w"] + torch.tensor([0.5 * cancelling, 0.0, 1e-9], dtype=DTYPE)}
+    assert "'w'" in _sums_refused(factors, off, b)
+
+
+def test_check_sums_allows_float32_rounding_where_the_forward_computed_coarser():
+    """``coarsest``: the least precise dtype the forward computed in; the bound is at its eps, but never looser
+    than float32's (a float16 op inside a float64 model is checked as float32)."""
+    factors = _factors(w=_ones([1.0, 1.0]))
+    exact = factors.mean_grad()
+    eps32 = torch.finfo(torch.float32).eps
+    # (entries 1 of one term each: past the cheap bound 1e4 eps, the entry's bound is 1e4 eps (1 + 1 + delta))
+    for coarsest, delta, refused in [(None, 1e-9, True), (torch.float64, 1e-9, True), (torch.float32, 1e-9, False),
+                                     (torch.float32, 1.9e4 * eps32, False), (torch.float32, 2.1e4 * eps32, True),
+                                     (torch.float16, 1.9e4 * eps32, False), (torch.float16, 2.1e4 * eps32, True),
+                                     (torch.bfloat16, 2.1e4 * eps32, True)]:
+        truth = {"w": exact["w"] + torch.tensor([delta, 0.0], dtype=DTYPE)}
+        assert (_sums_refused(factors, truth, 1, coarsest) is not None) == refused, (coarsest, delta)
+
+
+# ------------------------------------------------------------------ the plain-chain capture
+def _leaky_chain() -> nn.Sequential:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2), nn.Sequential(nn.Dropout(0.0), nn.Linear(4, 2))).to(
+        DTYPE).eval()
+
+
+def test_plain_chain_lists_the_leaves_of_nested_sequentials_and_nothing_else():
+    from gradgraph.convert.chain import plain_chain
+
+    model = _leaky_chain()
+    assert [(path, module) for path, module in plain_chain(model)] == [
+        ("0", model[0]), ("1", model[1]), ("2.0", model[2][0]), ("2.1", model[2][1])]
+    assert plain_chain(nn.Sequential()) is None and plain_chain(nn.Sequential(nn.Sequential())) is None
+    assert plain_chain(nn.Linear(2, 2)) is None  # a leaf alone is no chain
+    assert plain_chain(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(2, 2))) is None
+    assert plain_chain(nn.Sequential(nn.ReLU(inplace=False), nn.Linear(2, 2))) is not None
+    assert plain_chain(nn.Sequential(nn.Linear(2, 2), nn.Softplus())) is None
+    linear = nn.Linear(2, 2)
+    assert plain_chain(nn.Sequential(linear, nn.Sequential(linear))) is None
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert plain_chain(nn.Sequential(MyLinear(2, 2))) is None  # the exact types only
+    with_none = nn.Sequential(nn.Linear(2, 2))
+    with_none.add_module("gone", None)
+    assert plain_chain(with_none) is None
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "backward", "backward_pre"])
+@pytest.mark.parametrize("where", ["leaf", "container", "nested container"])
+def test_a_hook_of_any_kind_on_any_module_makes_no_plain_chain(hook, where):
+    """Kills chain ``_has_hooks`` 2, 3 (a backward hook or a backward pre-hook alone went unseen)."""
+    from gradgraph.convert.chain import plain_chain
+
+    model = _leaky_chain()
+    module = {"leaf": model[2][1], "container": model, "nested container": model[2]}[where]
+    register = {"forward": lambda: module.register_forward_hook(lambda m, args, out: None),
+                "forward_pre": lambda: module.register_forward_pre_hook(lambda m, args: None),
+                "backward": lambda: module.register_full_backward_hook(lambda m, gin, gout: None),
+                "backward_pre": lambda: module.register_full_backward_pre_hook(lambda m, gout: None)}[hook]
+    handle = register()
+    assert plain_chain(model) is None
+    handle.remove()
+    assert plain_chain(model) is not None
+    module.forward = module.forward  # a forward set on the instance
+    assert plain_chain(model) is None
+
+
+
+def _capture_of(model):
+    """The chain capture of ``model``'s plan, traced now."""
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    PLAN_CACHE.clear()
+    x, y = _batch()
+    gradgraph.to_graph(model, x, y, cross_entropy)
+    (plan,) = PLAN_CACHE._entries.values()
+    assert plan.chain is not None
+    return plan.chain
+
+
+def test_a_chain_capture_applies_only_to_the_chain_with_the_leaves_and_settings_it_was_traced_with():
+    """Kills chain ``_Settings.match`` 7 (a deleted setting matched) and ``_Settings.of`` 3, 6 (private attributes
+    taken for settings: a parameter replaced by a new one crashed the match, a backward hook added and removed
+    again refused the capture)."""
+    from gradgraph.convert.chain import plain_chain
+
+    model = _leaky_chain()
+    capture = _capture_of(model)
+    assert capture.paths == ("0", "1", "2.0", "2.1")
+    assert capture.applies(plain_chain(model))
+    assert not capture.applies(None)
+    assert not capture.applies(plain_chain(model)[:3])
+    assert not capture.applies([("0", model[0]), ("1", model[1]), ("2.0", model[2][0]), ("3", model[2][1])])
+    model[1].negative_slope = 0.3  # a setting changed
+    assert not capture.applies(plain_chain(model))
+    model[1].negative_slope = 0.2
+    model[0].weight = nn.Parameter(torch.randn(4, 3, dtype=DTYPE))  # new values, not a new setting
+    model[0].in_features = 3
+    assert capture.applies(plain_chain(model))
+    handle = model[2][1].register_full_backward_hook(lambda m, gin, gout: None)
+    handle.remove()
+    assert capture.applies(plain_chain(model))
+    for changed in [lambda: model[2][0].train(), lambda: setattr(model[2][0], "p", 0.5),
+                    lambda: setattr(model[0], "out_features", 5)]:
+        changed()
+        assert not capture.applies(plain_chain(model))
+        model[2][0].eval(), setattr(model[2][0], "p", 0.0), setattr(model[0], "out_features", 4)
+    assert capture.applies(plain_chain(model))
+    swapped = nn.Sequential(model[0], nn.ReLU(), model[2])
+    assert not capture.applies(plain_chain(swapped))  # another leaf type at a path
+    model[1].note = 1.0  # a public setting the trace saw, deleted after
+    capture = _capture_of(model)
+    del model[1].note
+    assert not capture.applies(plain_chain(model))
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "backward", "backward_pre"])
+def test_a_global_module_hook_of_any_kind_refuses_the_chain_capture(hook):
+    """A hook registered for every module runs inside each leaf: the capture would record what it returns.
+    Kills chain ``_global_hooks`` 1-4 and ``ChainCapture.applies`` 1."""
+    from torch.nn.modules import module as torch_module
+
+    from gradgraph.convert.chain import plain_chain
+
+    model = _leaky_chain()
+    capture = _capture_of(model)
+    register = {"forward": lambda: torch_module.register_module_forward_hook(lambda m, args, out: None),
+                "forward_pre": lambda: torch_module.register_module_forward_pre_hook(lambda m, args: None),
+                "backward": lambda: torch_module.register_module_full_backward_hook(lambda m, gin, gout: None),
+                "backward_pre": lambda: torch_module.register_module_full_backward_pre_hook(lambda m, gout: None)}[hook]
+    handle = register()
+    try:
+        assert not capture.applies(plain_chain(model))
+    finally:
+        handle.remove()
+    assert capture.applies(plain_chain(model))
+
+
+def test_a_global_hook_that_changes_the_leaves_outputs_converts_the_hooked_model():
+    """The capture refused, the replay sees the hook's op and traces again: the graph is the hooked model's."""
+    from torch.nn.modules import module as torch_module
+
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    model = _leaky_chain()
+    x, y = _batch()
+    gradgraph.to_graph(model, x, y, cross_entropy)
+
+    def doubled(module, args, output):
+        return output * 2 if isinstance(module, nn.Linear) else None
+
+    handle = torch_module.register_module_forward_hook(doubled)
+    try:
+        graph = gradgraph.to_graph(model, x, y, cross_entropy)
+        assert_per_sample(graph, autograd_per_sample(model, x, y, cross_entropy))
+        torch.testing.assert_close(graph.loss, cross_entropy(model(x), y), rtol=0, atol=1e-14)
+    finally:
+        handle.remove()
+    assert PLAN_CACHE.misses == 1  # the plan was found, its capture refused
+
+
+def test_a_chain_reads_its_first_linears_features_on_the_last_axis_of_any_batch():
+    """``[b, T, d]`` into a chain whose first ``Linear`` reads ``d``: converted, not refused by ``T``; and refused
+    naming ``d`` where the last axis is not ``d``. Kills ``_check_chain_inputs`` 4 (``shape[+1]``)."""
+    model = _mlp()
+    x = torch.randn(5, 2, 3, dtype=DTYPE)
+
+    def loss(output, _):
+        return output.pow(2).sum((1, 2))
+
+    graph = gradgraph.to_graph(model, x, None, loss)
+    assert_per_sample(graph, autograd_per_sample(model, x, None, loss))
+    _refused("inputs must have shape [b, 3] (or [b, ..., 3]) for '0' (Linear(in_features=3, out_features=4, "
+             "bias=True)), got [5, 3, 2]",
+             lambda: gradgraph.to_graph(model, torch.randn(5, 3, 2, dtype=DTYPE), None, loss))
+
+
+# ------------------------------------------------------------------ convert_closure
+def test_convert_closure_refuses_by_its_own_name():
+    """Kills ``convert_closure_traced`` 4, 7, 8 (the caller named in the meta refusal), 23 (the model's name in
+    the dtype refusal), 67, 68, 71-74 (a forward set on the instance)."""
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(3, 2))
+    _refused("convert_closure: Sequential has parameters on the 'meta' device (shapes without values); materialise "
+             "and load its weights first (model.to_empty(device=...) + load_state_dict)",
+             lambda: convert_closure_traced(meta, lambda: meta(torch.ones(2, 3))))
+    model, (x, y) = _mlp(), _batch()
+    _refused("inputs [5, 3] are torch.float32 but Sequential's parameters are ['torch.float64']: convert one to "
+             "the other's dtype", lambda: gradgraph.convert_closure(model, lambda: cross_entropy(model(x.float()), y)))
+    model.forward = model.forward
+    _refused("Sequential has a forward set on the instance; convert_closure needs the class's forward",
+             lambda: gradgraph.convert_closure(model, lambda: cross_entropy(model(x), y)))
+    assert "forward" in vars(model)  # left as it was
+
+
+class _RowMLP(nn.Module):
+    """A per-row MLP whose rows are grouped into datapoints by a batch vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Linear(3, 4, dtype=DTYPE), nn.Linear(4, 2, dtype=DTYPE)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_convert_closure_takes_the_rows_datapoints_and_the_sequence_first_axis():
+    """``datapoints`` and ``datapoint_dim`` reach the closure's pass: the per-datapoint gradients are autograd's
+    of each datapoint's loss. Kills ``convert_closure_traced`` 25, 31-34, 46, 54."""
+    model = _RowMLP()
+    x = torch.randn(6, 3, dtype=DTYPE)
+    rows = torch.tensor([0, 0, 1, 1, 1, 2])
+
+    def losses():
+        return torch.zeros(3, dtype=DTYPE).index_add(0, rows, model(x).pow(2).sum(1))
+
+    graph, loss = gradgraph.convert_closure(model, losses, datapoints=rows)
+    params = dict(model.named_parameters())
+    reference = {name: torch.stack([torch.autograd.grad(losses()[i], param)[0] for i in range(3)])
+                 for name, param in params.items()}
+    assert_per_sample(graph, reference)
+    torch.testing.assert_close(loss, losses().detach(), rtol=0, atol=0)
+    _refused("to_graph: datapoints must hold 0 .. b-1 with every datapoint owning a row; got values [0, 1, 3]",
+             lambda: gradgraph.convert_closure(model, losses, datapoints=torch.tensor([0, 0, 1, 1, 1, 3])))
+    # sequence-first: [T, b, d], the datapoints on axis 1
+    seq = torch.randn(2, 4, 3, dtype=DTYPE)
+    graph, _ = convert_closure_traced(model, lambda: model(seq).pow(2).sum((0, 2)), datapoint_dim=1)
+    reference = {name: torch.stack([torch.autograd.grad(model(seq[:, i:i + 1]).pow(2).sum(), param)[0]
+                                    for i in range(4)]) for name, param in params.items()}
+    assert_per_sample(graph, reference)
+
+
+# ------------------------------------------------------------------ small helpers, by their contracts
+def test_the_default_datapoint_axis_is_1_only_where_every_self_attention_is_sequence_first():
+    """Kills ``default_datapoint_dim`` 1, 2 (reached by no test of the list)."""
+    from gradgraph.convert.traced import default_datapoint_dim
+
+    first, batch_first = nn.MultiheadAttention(4, 2), nn.MultiheadAttention(4, 2, batch_first=True)
+    assert default_datapoint_dim(nn.Sequential(nn.Linear(4, 4), first)) == 1
+    assert default_datapoint_dim(first) == 1
+    assert default_datapoint_dim(nn.Sequential(first, batch_first)) == 0
+    assert default_datapoint_dim(batch_first) == 0
+    assert default_datapoint_dim(nn.Linear(4, 4)) == 0
+
+
+def test_the_coarsest_dtype_is_read_off_every_recorded_output_tensor_and_tuple():
+    """Kills ``_coarsest_dtype`` 3, 4 (the outputs of an op that returns several tensors went unread)."""
+    from gradgraph.convert.traced import _coarsest_dtype
+
+    def record(output):
+        return ((), {}, output)
+
+    half, single, double = (torch.zeros(2, dtype=dtype) for dtype in (torch.float16, torch.float32, torch.float64))
+    assert _coarsest_dtype({}) is None
+    assert _coarsest_dtype({0: record(double), 1: record(torch.zeros(2, dtype=torch.long))}) == torch.float64
+    assert _coarsest_dtype({0: record(double), 1: record(single), 2: record(double)}) == torch.float32
+    assert _coarsest_dtype({0: record(double), 1: record((double, half))}) == torch.float16
+    assert _coarsest_dtype({0: record([single, 3]), 1: record(double)}) == torch.float32
+    assert _coarsest_dtype({0: record(None), 1: record(7)}) is None
+    bf16 = torch.zeros(2, dtype=torch.bfloat16)
+    assert _coarsest_dtype({0: record(bf16), 1: record(half)}) == torch.bfloat16  # eps 7.8e-3 against 9.8e-4
