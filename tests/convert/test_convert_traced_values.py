@@ -486,3 +486,311 @@ def test_the_coarsest_dtype_is_read_off_every_recorded_output_tensor_and_tuple()
     assert _coarsest_dtype({0: record(None), 1: record(7)}) is None
     bf16 = torch.zeros(2, dtype=torch.bfloat16)
     assert _coarsest_dtype({0: record(bf16), 1: record(half)}) == torch.bfloat16  # eps 7.8e-3 against 9.8e-4
+
+
+def test_check_sums_passes_a_parameter_of_no_entries():
+    """A parameter with no entries has no error and no scale (its max is not taken). Kills ``_check_sums`` 19, 25."""
+    factors = _factors(empty=(torch.ones(2, 0, dtype=DTYPE), torch.ones(2, 0, dtype=DTYPE)), w=_ones([1.0, -2.0]))
+    exact = factors.mean_grad()
+    assert _sums_refused(factors, exact) is None
+    assert "'w'" in _sums_refused(factors, dict(exact, w=exact["w"] + 1e-6))
+
+
+def test_chain_capture_records_each_wanted_op_once_from_the_first_leaf_that_returned_it():
+    """``chain_capture`` on a trace's records, written out: ``ops`` per leaf is the op whose output (position 0)
+    the leaf returned if the plan reads it and no earlier leaf returned it, else -1; refused where the plan reads
+    anything but the input and whole leaf outputs, or the leaves were not called once each in order. Kills chain
+    ``chain_capture`` 11, 21, 22, 28, 30, 31, 37, 42, 43."""
+    from gradgraph.convert.chain import chain_capture, plain_chain
+
+    model = _leaky_chain()  # leaves 0, 1, 2.0 (dropout, eval: returns its input), 2.1
+    chain = plain_chain(model)
+    calls = [("0", (3, 0)), ("1", (4, 0)), ("2.0", (4, 0)), ("2", (6, 0)), ("2.1", (6, 0)), ("", (6, 0))]
+    reads = [("input",), ("out", 3, 0), ("out", 4, 0), ("out", 6, 0)]
+    capture = chain_capture(chain, calls, reads, {3, 4, 6})
+    assert capture.paths == ("0", "1", "2.0", "2.1") and capture.ops == (3, 4, -1, 6)
+    assert [settings.type for settings in capture.settings] == [nn.Linear, nn.LeakyReLU, nn.Dropout, nn.Linear]
+    assert chain_capture(chain, calls, reads[:2], {3}).ops == (3, -1, -1, -1)  # unread ops: -1
+    assert chain_capture(chain, calls, [("input",)], set()).ops == (-1, -1, -1, -1)
+    assert chain_capture(None, calls, reads, {3, 4, 6}) is None
+    # the plan reads a normalised input, an embedding's one-hot indices, a second output: refused
+    for other in [("derived", 4, ("layer_norm", 1e-5)), ("onehot", 4), ("out", 4, 1)]:
+        assert chain_capture(chain, calls, [*reads, other], {3, 4, 6}) is None, other
+    # a wanted op that no leaf returned whole (as output 0) is refused; output 1 of an op is not its output
+    for source in [(5, 1), None, "external", ("param", "0.weight")]:
+        moved = [("0", (3, 0)), ("1", source), ("2.0", source), ("2.1", (6, 0))]
+        assert chain_capture(chain, moved, reads, {3, 4, 6}) is None, source
+        assert chain_capture(chain, moved, reads, {3, 6}).ops == (3, -1, -1, 6), source
+    assert chain_capture(chain, [("0", (0, 0)), ("1", (7, 1)), ("2.0", (2, 0)), ("2.1", (2, 0))],
+                         [("out", 0, 0), ("out", 1, 0), ("out", 2, 0)], {0, 1, 2}) is None
+    # the leaves called out of order, twice or not at all: refused
+    for order in [[0, 2, 1, 3], [0, 1, 2, 3, 3], [0, 1, 3]]:
+        leaves = [("0", (3, 0)), ("1", (4, 0)), ("2.0", (4, 0)), ("2.1", (6, 0))]
+        assert chain_capture(chain, [leaves[i] for i in order], reads, {3, 4, 6}) is None, order
+
+
+# ------------------------------------------------------------------ reparametrised weights, refused in full
+def _nested():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Sequential(nn.Linear(4, 2))).to(DTYPE)
+
+
+def _refusal(model):
+    x, y = _batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as info:
+        gradgraph.to_graph(model, x, y, cross_entropy)
+    return info.value
+
+
+def _computed(path, module_type, names):
+    return (f"unsupported module at '{path}' of type {module_type}: its {names} is computed from other parameters, "
+            "so the gradient of the parameters you own (weight_norm's g and v, spectral_norm's unnormalised weight) "
+            "is not a rank-1 term of the graph. Convert a copy whose weights are the effective ones: m = "
+            "copy.deepcopy(model); torch.nn.utils.parametrize.remove_parametrizations(module_of_m, 'weight') (or "
+            "torch.nn.utils.remove_weight_norm / remove_spectral_norm for the hook-based versions)")
+
+
+def test_a_pruned_weight_is_refused_by_its_module_with_the_remedy_in_full():
+    """Kills ``_check_no_reparametrisation``'s pruning mutants (its message, path and type; reached by
+    ``test_convert_safety.py`` only, outside the group's list)."""
+    from torch.nn.utils import prune
+
+    model = _nested()
+    prune.l1_unstructured(model[2][0], "weight", amount=0.5)
+    refusal = _refusal(model)
+    assert (refusal.path, refusal.module_type) == ("2.0", "Linear")
+    assert str(refusal) == (
+        "unsupported module at '2.0' of type Linear: its weight is pruned (torch.nn.utils.prune: weight = "
+        "weight_orig * weight_mask, computed from the parameter you own), so the gradient of weight_orig is the "
+        "graph's edge gradient times the mask, not a rank-1 term of the graph. Convert the model with the pruning "
+        "made permanent (torch.nn.utils.prune.remove(module, 'weight'): weight becomes a plain parameter holding "
+        "the pruned values); the per-sample gradients of weight_orig are those of weight times the mask (keep "
+        "module.weight_mask before removing it)")
+    prune.random_unstructured(model[2][0], "bias", amount=0.5)  # two pruned tensors: both named, the first explained
+    assert str(_refusal(model)).startswith("unsupported module at '2.0' of type Linear: its weight, bias is pruned "
+                                           "(torch.nn.utils.prune: weight = weight_orig * weight_mask")
+    model = _nested()
+    prune.l1_unstructured(model[0], "bias", amount=0.5)
+    assert str(_refusal(model)).startswith("unsupported module at '0' of type Linear: its bias is pruned "
+                                           "(torch.nn.utils.prune: bias = bias_orig * bias_mask")
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "two", "chained", "hook_weight_norm",
+                                  "hook_spectral_norm"])
+def test_a_weight_computed_from_other_parameters_is_refused_by_its_module_naming_each(kind):
+    """Kills ``_check_no_reparametrisation``'s parametrization mutants (reached by ``test_convert_safety.py`` only;
+    31: the class name stripped of X's)."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    class XDoubled(nn.Module):  # (a name starting with X: the refusal names the class as it is)
+        def forward(self, value):
+            return 2 * value
+
+    model = _nested()
+    if kind == "weight_norm":
+        parametrizations.weight_norm(model[0])
+        where, names = ("0", "ParametrizedLinear"), "weight (WeightNorm)"
+    elif kind == "spectral_norm":
+        parametrizations.spectral_norm(model[2][0])
+        where, names = ("2.0", "ParametrizedLinear"), "weight (SpectralNorm)"
+    elif kind == "two":
+        parametrize.register_parametrization(model[2][0], "weight", XDoubled())
+        parametrize.register_parametrization(model[2][0], "bias", XDoubled())
+        where, names = ("2.0", "ParametrizedLinear"), "weight (XDoubled), bias (XDoubled)"
+    elif kind == "chained":
+        parametrizations.weight_norm(model[0])
+        parametrize.register_parametrization(model[0], "weight", XDoubled())
+        where, names = ("0", "ParametrizedLinear"), "weight (WeightNorm, XDoubled)"
+    elif kind == "hook_weight_norm":
+        torch.nn.utils.weight_norm(model[0])
+        where, names = ("0", "Linear"), "weight (WeightNorm, hook-based)"
+    else:
+        torch.nn.utils.spectral_norm(model[2][0], name="weight")
+        where, names = ("2.0", "Linear"), "weight (SpectralNorm, hook-based)"
+    refusal = _refusal(model)
+    assert (refusal.path, refusal.module_type) == where
+    assert str(refusal) == _computed(*where, names)
+
+
+def test_a_forward_pre_hook_with_a_name_attribute_is_no_reparametrisation():
+    """Only torch's ``WeightNorm`` / ``SpectralNorm`` hooks compute a weight; another pre-hook that carries a
+    ``name`` converts (the hook runs in the forward, exact). Kills ``_check_no_reparametrisation`` 32."""
+
+    class Named:
+        name = "weight"
+
+        def __call__(self, module, args):
+            return None
+
+    model = _nested()
+    model[0].register_forward_pre_hook(Named())
+    x, y = _batch()
+    assert_per_sample(gradgraph.to_graph(model, x, y, cross_entropy), autograd_per_sample(model, x, y, cross_entropy))
+
+
+# ------------------------------------------------------------------ the forward call, its arguments
+def test_a_bare_multihead_attention_converts_as_its_output_with_its_keyword_arguments():
+    """``to_graph(nn.MultiheadAttention, x)``: the module called as self-attention, its output (not the weights)
+    read by the loss, its keyword arguments passed. Kills ``to_graph_traced`` 31-34."""
+    torch.manual_seed(6)
+    model = nn.MultiheadAttention(4, 2, batch_first=True).to(DTYPE)
+    x = torch.randn(3, 5, 4, dtype=DTYPE)
+    mask = torch.randn(5, 5, dtype=DTYPE)
+
+    def loss(output, _):
+        return output.pow(2).sum((1, 2))
+
+    for kwargs in [{}, {"attn_mask": mask}]:
+        graph = gradgraph.to_graph(model, x, None, loss, forward_kwargs=kwargs)
+        reference = autograd_per_sample(model, x, None, loss, call=lambda xi: model(xi, xi, xi, **kwargs)[0])
+        assert_per_sample(graph, reference)
+        torch.testing.assert_close(graph.loss, loss(model(x, x, x, **kwargs)[0], None), rtol=0, atol=1e-13)
+
+
+class _NeedsMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2, dtype=DTYPE)
+
+    def forward(self, x, mask):
+        return self.lin(x) * mask
+
+
+class _TypeErrorInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2, dtype=DTYPE)
+
+    def forward(self, x):
+        raise TypeError("unsupported operand type")
+
+
+def test_a_forward_that_needs_more_arguments_is_refused_with_the_remedy_and_other_type_errors_pass_through():
+    """Kills ``to_graph_traced`` 38, 39, 41-45."""
+    x, y = _batch()
+    _refused("to_graph: calling _NeedsMask(inputs, **forward_kwargs) failed: _NeedsMask.forward() missing 1 required "
+             "positional argument: 'mask'. Pass the model's other arguments through forward_kwargs",
+             lambda: gradgraph.to_graph(_NeedsMask(), x, y, cross_entropy))
+    _refused("unsupported operand type", lambda: gradgraph.to_graph(_TypeErrorInside(), x, y, cross_entropy),
+             error=TypeError)
+    model = _NeedsMask()
+    graph = gradgraph.to_graph(model, x, y, cross_entropy, forward_kwargs={"mask": 3.0})
+    assert_per_sample(graph, autograd_per_sample(model, x, y, cross_entropy, call=lambda xi: model(xi, 3.0)))
+
+
+def test_a_forward_that_uses_no_parameter_is_refused_naming_the_model():
+    """Kills ``_forward_pass_tracked`` 121, 122."""
+
+    class Scales(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(3, 3, dtype=DTYPE)
+
+        def forward(self, x):
+            return x * 2
+
+    x, y = _batch()
+    _refused("Scales: the forward used no parameter of the model",
+             lambda: gradgraph.to_graph(Scales(), x, None, lambda out, _: out.sum(1)))
+
+
+def test_reentrant_checkpointing_is_refused_in_full():
+    """Kills ``_finish`` 61, 70, 71 (the message, matched in part by ``test_convert_checkpointing.py``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.head = nn.Linear(3, 4, dtype=DTYPE), nn.Linear(4, 2, dtype=DTYPE)
+
+        def forward(self, x):
+            return self.head(checkpoint(lambda h: torch.tanh(h), self.first(x), use_reentrant=True))
+
+    x, y = _batch()
+    _refused("to_graph: the forward uses torch.utils.checkpoint(..., use_reentrant=True), whose recomputed "
+             "activations torch.autograd.grad cannot reach; gradgraph differentiates the recorded values so. Use "
+             "use_reentrant=False (exact), or turn checkpointing off for the conversion "
+             "(model.gradient_checkpointing_disable() in transformers)",
+             lambda: gradgraph.to_graph(Checkpointed(), x, y, cross_entropy))
+
+
+# ------------------------------------------------------------------ the plan key, and plans never served wrongly
+def test_other_forward_kwargs_are_another_plan():
+    """The plan key holds the keyword arguments' signature: a call with another one is a cache miss (the replay
+    would only find out op by op), and each graph is exact. Kills ``to_graph_traced`` 50, ``_forward_pass`` 7,
+    ``_forward_pass_tracked`` 16 and ``convert_closure_traced`` 42."""
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    model, (x, y) = _NeedsMask(), _batch()
+    for scale in (2.0, 3.0, torch.tensor([1.0, 2.0], dtype=DTYPE)):
+        graph = gradgraph.to_graph(model, x, y, cross_entropy, forward_kwargs={"mask": scale})
+        assert_per_sample(graph, autograd_per_sample(model, x, y, cross_entropy, call=lambda xi: model(xi, scale)))
+    assert (PLAN_CACHE.misses, PLAN_CACHE.hits) == (3, 0)
+    gradgraph.to_graph(model, x, y, cross_entropy, forward_kwargs={"mask": 2.0})
+    assert (PLAN_CACHE.misses, PLAN_CACHE.hits) == (3, 1)
+    for scale in (2.0, 5.0):  # a closure's positional arguments are part of its key too
+        graph, _ = gradgraph.convert_closure(model, lambda: cross_entropy(model(x, scale), y))
+        assert_per_sample(graph, autograd_per_sample(model, x, y, cross_entropy, call=lambda xi: model(xi, scale)))
+    assert (PLAN_CACHE.misses, PLAN_CACHE.hits) == (5, 1)
+
+
+def test_rows_grouped_into_datapoints_convert_exactly_and_other_groupings_get_their_own_plan():
+    """``to_graph(..., datapoints=rows)``: ``b = rows.max() + 1`` datapoints, each the sum of its rows' losses;
+    a second grouping of the same rows is another plan (the key holds the grouping), never the first one's.
+    Kills ``to_graph_traced`` 54, 63 and ``_forward_pass_tracked`` 3, 5, 6, 7, 25, 112."""
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    model = _RowMLP()
+    x = torch.randn(6, 3, dtype=DTYPE)
+    params = dict(model.named_parameters())
+    for rows in ([0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 2, 2], [0, 0, 1, 1, 1, 2], [1, 0, 1, 0, 1, 0]):
+        rows = torch.tensor(rows)
+        b = int(rows.max()) + 1
+
+        def loss(output, _, rows=rows, b=b):
+            return torch.zeros(b, dtype=DTYPE).index_add(0, rows, output.pow(2).sum(1))
+
+        graph = gradgraph.to_graph(model, x, None, loss, datapoints=rows)
+        assert int(graph.num_datapoints) == b
+        reference = {name: torch.stack([torch.autograd.grad(loss(model(x), None)[i], param)[0] for i in range(b)])
+                     for name, param in params.items()}
+        assert_per_sample(graph, reference)
+    assert (PLAN_CACHE.misses, PLAN_CACHE.hits) == (3, 1)
+
+
+def _rnn_model():
+    torch.manual_seed(8)
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.RNN(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    return Recurrent().to(DTYPE)
+
+
+def test_a_recurrent_loop_is_folded_over_time_by_default_and_unrolled_on_request():
+    """``fold_time=True`` by default, for ``to_graph`` and for ``convert_closure``, traced and replayed; ``False``
+    unrolls (one set per step: more nodes). Kills ``to_graph_traced`` 1, 55, ``_forward_pass`` 2, 12,
+    ``_forward_pass_tracked`` 69, 113, 119."""
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    model = _rnn_model()
+    x, y = torch.randn(5, 3, 3, dtype=DTYPE), torch.randint(0, 2, (5,))
+    reference = autograd_per_sample(model, x, y, cross_entropy)
+    folded = [to_graph_traced(model, x, targets=y, loss_fn=cross_entropy) for _ in range(2)]
+    unrolled = [to_graph_traced(model, x, targets=y, loss_fn=cross_entropy, fold_time=False) for _ in range(2)]
+    closure = [convert_closure_traced(model, lambda: cross_entropy(model(x), y))[0] for _ in range(2)]
+    assert PLAN_CACHE.misses == 3 and PLAN_CACHE.hits == 3
+    PLAN_CACHE.clear()
+    explicit = to_graph_traced(model, x, targets=y, loss_fn=cross_entropy, fold_time=True)
+    for graph in folded + unrolled + closure:
+        assert_per_sample(graph, reference)
+    assert unrolled[0].num_nodes > folded[0].num_nodes
+    assert unrolled[1].num_nodes == unrolled[0].num_nodes
+    for graph in folded + closure:
+        assert graph.num_nodes == explicit.num_nodes and graph.num_components == explicit.num_components
+        assert torch.equal(graph.edge_index, explicit.edge_index)
