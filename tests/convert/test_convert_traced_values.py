@@ -794,3 +794,151 @@ def test_a_recurrent_loop_is_folded_over_time_by_default_and_unrolled_on_request
     for graph in folded + closure:
         assert graph.num_nodes == explicit.num_nodes and graph.num_components == explicit.num_components
         assert torch.equal(graph.edge_index, explicit.edge_index)
+
+
+# ------------------------------------------------------------------ the batch's axes and rows, checked
+def test_the_datapoint_axis_is_checked_against_the_inputs_dimensions_and_their_features():
+    """Kills ``_check_inputs`` 5, 10, 11 (the axis's range), 21, 23, 25-28 (the feature axis refused, in full)."""
+    model, (x, y) = _mlp(), _batch()
+    for axis in (2, -3, 5):
+        _refused(f"inputs must be a batch with b > 0 datapoints on axis {axis}, got shape [5, 3]",
+                 lambda: to_graph_traced(model, x, targets=y, loss_fn=cross_entropy, datapoint_dim=axis))
+    for axis in (1, -1):
+        _refused("inputs [5, 3]: the datapoint axis 1 is the feature axis; features must be the last axis",
+                 lambda: to_graph_traced(model, x, targets=y, loss_fn=cross_entropy, datapoint_dim=axis))
+    reference = autograd_per_sample(model, x, y, cross_entropy)
+    assert_per_sample(to_graph_traced(model, x, targets=y, loss_fn=cross_entropy, datapoint_dim=-2), reference)
+    x3 = torch.randn(2, 5, 3, dtype=DTYPE)  # [T, b, d]: the datapoints on axis 1 (or -2)
+
+    def loss(output, _):
+        return output.pow(2).sum((0, 2))
+
+    per_position = autograd_per_sample(model, x3.transpose(0, 1), None, lambda out, _: out.pow(2).sum((1, 2)))
+    for axis in (1, -2):
+        assert_per_sample(to_graph_traced(model, x3, loss_fn=loss, datapoint_dim=axis), per_position)
+
+
+def test_datapoints_hold_each_value_from_0_and_may_group_one_row_or_token_ids():
+    """Kills ``_check_datapoints`` 24, 26 (1-D token ids refused), 46 (negative values let through), 48 (one row
+    refused), 56 (the values shown: the first 20), 33, 35 (int32 rows kept int32: another plan key)."""
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    model, (x, y) = _mlp(), _batch()
+    _refused("to_graph: datapoints must hold 0 .. b-1 with every datapoint owning a row; got values [-1, 1]",
+             lambda: gradgraph.to_graph(model, x, y, cross_entropy, datapoints=torch.tensor([-1, 1, 1, 1, 1])))
+    rows = torch.cat([torch.arange(5), torch.arange(6, 23)])  # 22 values, 5 missing
+    _refused("to_graph: datapoints must hold 0 .. b-1 with every datapoint owning a row; got values "
+             f"{[*range(5), *range(6, 21)]}",
+             lambda: gradgraph.to_graph(model, torch.randn(22, 3, dtype=DTYPE), None, lambda out, _: out.sum(1),
+                                        datapoints=rows))
+    one = gradgraph.to_graph(model, x[:1], y[:1], cross_entropy, datapoints=torch.tensor([0]))
+    assert_per_sample(one, autograd_per_sample(model, x[:1], y[:1], cross_entropy))
+    # token ids [rows], two datapoints of three tokens
+    torch.manual_seed(9)
+    embedded = nn.Sequential(nn.Embedding(7, 3), nn.Tanh(), nn.Linear(3, 2)).to(DTYPE)
+    ids, grouping = torch.tensor([1, 4, 4, 0, 6, 2]), torch.tensor([0, 0, 1, 1, 1, 0])
+
+    def loss(output, _):
+        return torch.zeros(2, dtype=DTYPE).index_add(0, grouping, output.pow(2).sum(1))
+
+    PLAN_CACHE.clear()
+    params = dict(embedded.named_parameters())
+    reference = {name: torch.stack([torch.autograd.grad(loss(embedded(ids), None)[i], param)[0] for i in range(2)])
+                 for name, param in params.items()}
+    for rows in (grouping, grouping.int()):
+        assert_per_sample(gradgraph.to_graph(embedded, ids, None, loss, datapoints=rows), reference)
+    assert (PLAN_CACHE.misses, PLAN_CACHE.hits) == (1, 1)  # the rows are read as int64 either way
+
+
+# ------------------------------------------------------------------ the other refusals, in full
+def test_autocast_torchscript_and_a_non_tensor_output_are_refused_in_full():
+    """Kills ``_check_no_autocast`` 10-14, ``_check_not_scripted`` 11, 14-17, ``_objective`` 4, 5."""
+    model, (x, y) = _mlp(), _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _refused("to_graph was called under torch.autocast('cpu', dtype=torch.bfloat16): the forward would compute "
+                 "in torch.bfloat16, whose rounding (eps 7.8e-03) the factors would carry and gradgraph's check of "
+                 "the summed gradient cannot tell from a missing gradient path. Convert outside autocast: wrap the "
+                 "call in torch.autocast('cpu', enabled=False) (the graph is then the full-precision model's)",
+                 lambda: gradgraph.to_graph(model.float(), x.float(), y, cross_entropy))
+    model.double()
+    _refused("unsupported module at the root module of type RecursiveScriptModule: it is a TorchScript module "
+             "(torch.jit.script / torch.jit.trace), whose forward runs in the TorchScript interpreter, where "
+             "gradgraph cannot follow its ops. Convert the Python module it was made from (the per-sample gradients "
+             "are the same; keep a reference to it before scripting)",
+             lambda: gradgraph.to_graph(torch.jit.script(model), x, y, cross_entropy),
+             error=gradgraph.UnsupportedModuleError)
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2, dtype=DTYPE)
+
+        def forward(self, x):
+            return self.lin(x), self.lin(x)
+
+    _refused("output mode (loss_fn=None) needs a tensor output; the model returned tuple. Pass a loss_fn that "
+             "reads it", lambda: gradgraph.to_graph(Two(), x))
+
+
+class _Snake(nn.Module):
+    """``x + sin(α x)² / α``, registered as one elementwise op by the tests that use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=DTYPE))
+
+    def forward(self, x):
+        return x + torch.sin(self.alpha * x).pow(2) / self.alpha
+
+
+def test_a_registered_module_with_trainable_parameters_is_refused_in_full_also_as_the_root():
+    """Kills ``_check_registered_elementwise`` 7 (the root's parameters named '.alpha', so never found),
+    16, 19-22 (the message)."""
+    from gradgraph.convert import register_elementwise
+    from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES
+
+    register_elementwise(_Snake)
+    try:
+        x = torch.randn(5, 3, dtype=DTYPE)
+        for model, path, owned in [(_Snake(), "", "['alpha']"), (nn.Sequential(_Snake()), "0", "['0.alpha']")]:
+            refusal = _refusal_of(lambda: gradgraph.to_graph(model, x, None, lambda out, _: out.sum(1)))
+            where = f"'{path}'" if path else "the root module"
+            assert str(refusal) == (
+                f"unsupported module at {where} of type _Snake: it is registered with "
+                "gradgraph.convert.register_elementwise, so it runs as one elementwise op without parameters, but "
+                f"it has trainable parameters {owned}, whose gradients gradgraph would not write. Freeze them "
+                "(requires_grad_(False)) to convert with them fixed, write its forward with ops gradgraph follows "
+                "and do not register it (a learned per-neuron scale or bias converts), or register a converter for "
+                "the model (gradgraph.register_converter)")
+    finally:
+        ELEMENTWISE_MODULES.pop(_Snake, None)
+
+
+def _refusal_of(call):
+    with pytest.raises(gradgraph.UnsupportedModuleError) as info:
+        call()
+    return info.value
+
+
+def test_the_scan_lists_what_torch_lists_where_the_root_lists_its_members_itself():
+    """A root that overrides ``named_parameters``, ``modules`` or ``_named_members`` is read through torch, not
+    walked. Kills ``_walk`` 3, 4."""
+    from gradgraph.convert.traced import _Scan
+
+    class HidesBias(nn.Sequential):
+        def named_parameters(self, *args, **kwargs):
+            return ((name, p) for name, p in super().named_parameters(*args, **kwargs) if not name.endswith("bias"))
+
+    class HidesModules(nn.Sequential):
+        def modules(self):
+            return iter([self])
+
+    class HidesMembers(nn.Sequential):
+        def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
+            return iter([])
+
+    for cls in (HidesBias, HidesModules, HidesMembers):
+        model = cls(nn.Linear(2, 3), nn.Linear(3, 1))
+        scan = _Scan.of(model, "to_graph")
+        assert list(scan.parameters) == [name for name, _ in model.named_parameters()], cls
+        assert [id(module) for module in scan.modules] == [id(module) for module in model.modules()], cls
