@@ -40,7 +40,7 @@ def _refused(match: str, call, error=GradGraphError):
 def autograd_per_sample(model, inputs, targets, loss_fn, call=None):
     """One autograd pass per datapoint, the model run on that datapoint alone: the ground truth."""
     call = call or (lambda x: model(x))
-    params = dict(model.named_parameters())
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
     grads = {name: [] for name in params}
     for i in range(inputs.shape[0]):
         loss = loss_fn(call(inputs[i:i + 1]), None if targets is None else targets[i:i + 1]).sum()
@@ -942,3 +942,83 @@ def test_the_scan_lists_what_torch_lists_where_the_root_lists_its_members_itself
         scan = _Scan.of(model, "to_graph")
         assert list(scan.parameters) == [name for name, _ in model.named_parameters()], cls
         assert [id(module) for module in scan.modules] == [id(module) for module in model.modules()], cls
+
+
+def test_the_graph_is_in_the_inputs_dtype_not_the_first_parameters():
+    """A frozen float32 table listed first, a float64 layer used: the graph is float64 (the inputs'), exact, traced
+    and replayed. Kills ``_forward_pass_tracked`` 9."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.ones(2), requires_grad=False)
+            self.lin = nn.Linear(3, 2, dtype=DTYPE)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model, (x, y) = Mixed(), _batch()
+    for _ in range(2):
+        graph = gradgraph.to_graph(model, x, y, cross_entropy)
+        assert graph.act.dtype == graph.grad.dtype == DTYPE
+        assert_per_sample(graph, autograd_per_sample(model, x, y, cross_entropy), atol=1e-13)
+
+
+class _Scaled(nn.Module):
+    """A hidden layer times a constant buffer: a uniform scale keeps the hidden neurons exchangeable, distinct
+    values pin them (a value guard of the plan)."""
+
+    def __init__(self, scale) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.first, self.second = nn.Linear(3, 4, dtype=DTYPE), nn.Linear(4, 2, dtype=DTYPE)
+        self.register_buffer("scale", torch.tensor(scale, dtype=DTYPE))
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)) * self.scale)
+
+
+def test_a_replay_checks_the_plans_value_guards():
+    """The second model has the first one's key and ops but another constant: the replay must not keep the first
+    one's group (its hidden neurons are pinned). Kills ``_forward_pass_tracked`` 68."""
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    x, y = _batch()
+    uniform, distinct = _Scaled([2.0] * 4), _Scaled([1.0, 2.0, 3.0, 4.0])
+    fresh = []
+    for model in (uniform, distinct):
+        PLAN_CACHE.clear()
+        fresh.append(gradgraph.to_graph(model, x, y, cross_entropy))
+    hidden = fresh[0].layer == 1
+    assert bool((fresh[0].perm_group[hidden] >= 0).all()) and bool((fresh[1].perm_group[hidden] < 0).all())
+    PLAN_CACHE.clear()
+    for model, reference in zip((uniform, distinct), fresh):
+        graph = gradgraph.to_graph(model, x, y, cross_entropy)
+        assert torch.equal(graph.perm_group, reference.perm_group)
+        assert_per_sample(graph, autograd_per_sample(model, x, y, cross_entropy))
+
+
+def test_a_plain_chain_with_datapoints_converts_exactly_twice():
+    """Rows grouped by ``datapoints`` on a plain chain: traced, then from the cached plan (by the replay: the rows'
+    grouping is layout), exact both times."""
+    from gradgraph.convert import chain as chain_module
+
+    model = _mlp()
+    x = torch.randn(6, 3, dtype=DTYPE)
+    rows = torch.tensor([0, 0, 1, 1, 1, 2])
+
+    def loss(output, _):
+        return torch.zeros(3, dtype=DTYPE).index_add(0, rows, output.pow(2).sum(1))
+
+    params = dict(model.named_parameters())
+    reference = {name: torch.stack([torch.autograd.grad(loss(model(x), None)[i], param)[0] for i in range(3)])
+                 for name, param in params.items()}
+    calls = []
+    run = chain_module.ChainCapture.run
+    try:
+        chain_module.ChainCapture.run = lambda self, chain, x: calls.append(1) or run(self, chain, x)
+        for _ in range(2):
+            assert_per_sample(gradgraph.to_graph(model, x, None, loss, datapoints=rows), reference)
+    finally:
+        chain_module.ChainCapture.run = run
+    assert calls == []
