@@ -226,6 +226,18 @@ def test_check_sums_accepts_the_rounding_of_large_terms_that_cancel_entry_by_ent
     assert "'w'" in _sums_refused(factors, off, b)
 
 
+def test_check_sums_goes_on_to_the_next_parameter_after_one_within_its_cancelling_bound():
+    """A parameter accepted by the bound of its cancelling terms does not end the check: the next one, off, is
+    refused. Kills ``_check_sums`` 68 (``break`` for ``continue``)."""
+    act = torch.ones(2, 2, dtype=DTYPE)
+    factors = _factors(first=(act, torch.tensor([[1000.0, 1.0], [-1000.0, 1.0]], dtype=DTYPE)), second=_ones([1.0]))
+    exact = {name: value * 2 for name, value in factors.mean_grad().items()}
+    within = exact["first"] + torch.tensor([1e4 * EPS * 1000, 0.0], dtype=DTYPE)  # past 1e4 eps 2, within 1e4 eps 2000
+    assert _sums_refused(factors, dict(exact, first=within), 2) is None
+    refusal = _sums_refused(factors, {"first": within, "second": exact["second"] + 1e-6}, 2)
+    assert refusal is not None and "'second'" in refusal
+
+
 def test_check_sums_allows_float32_rounding_where_the_forward_computed_coarser():
     """``coarsest``: the least precise dtype the forward computed in; the bound is at its eps, but never looser
     than float32's (a float16 op inside a float64 model is checked as float32)."""
@@ -775,7 +787,7 @@ def _rnn_model():
 def test_a_recurrent_loop_is_folded_over_time_by_default_and_unrolled_on_request():
     """``fold_time=True`` by default, for ``to_graph`` and for ``convert_closure``, traced and replayed; ``False``
     unrolls (one set per step: more nodes). Kills ``to_graph_traced`` 1, 55, ``_forward_pass`` 2, 12,
-    ``_forward_pass_tracked`` 69, 113, 119."""
+    ``_forward_pass_tracked`` 113, 119."""
     from gradgraph.convert.plan import PLAN_CACHE
 
     model = _rnn_model()
@@ -1022,3 +1034,21 @@ def test_a_plain_chain_with_datapoints_converts_exactly_twice():
     finally:
         chain_module.ChainCapture.run = run
     assert calls == []
+
+
+def test_a_folded_plan_is_replayed_folded_not_traced_again(monkeypatch):
+    """The replay runs the loops as the trace did (folded): the second conversion replays, the third (unrolled)
+    traces its own plan. Kills ``_forward_pass_tracked`` 69 (the replay run unrolled: its ops differ, so every
+    conversion traced again, at a trace's cost)."""
+    import gradgraph.convert.traced as traced_module
+
+    traces = []
+    trace_model = traced_module.trace_model
+    monkeypatch.setattr(traced_module, "trace_model", lambda *args, **kwargs: traces.append(1) or trace_model(
+        *args, **kwargs))
+    model = _rnn_model()
+    x, y = torch.randn(5, 3, 3, dtype=DTYPE), torch.randint(0, 2, (5,))
+    reference = autograd_per_sample(model, x, y, cross_entropy)
+    for fold_time, expected in [(True, [1]), (True, [1]), (False, [1, 1]), (False, [1, 1])]:
+        assert_per_sample(to_graph_traced(model, x, targets=y, loss_fn=cross_entropy, fold_time=fold_time), reference)
+        assert traces == expected, fold_time
