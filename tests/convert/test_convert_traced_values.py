@@ -1052,3 +1052,70 @@ def test_a_folded_plan_is_replayed_folded_not_traced_again(monkeypatch):
     for fold_time, expected in [(True, [1]), (True, [1]), (False, [1, 1]), (False, [1, 1])]:
         assert_per_sample(to_graph_traced(model, x, targets=y, loss_fn=cross_entropy, fold_time=fold_time), reference)
         assert traces == expected, fold_time
+
+
+def test_a_plan_serves_another_dtype_or_batch_of_one_architecture_and_its_chain_capture_equals_the_replay():
+    """One architecture's plan is shared by float32 and float64 models and by batches of any size (the key holds
+    no dtype, and the batch's shape only as the key's input shape); each conversion is autograd's, and the chain
+    capture's graph is the per-op replay's tensor for tensor, in either dtype and for ``[b, T, d]`` inputs."""
+    from strategies import assert_same_graph
+
+    from gradgraph.convert import chain as chain_module
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    model = _leaky_chain()
+    for dtype, atol in [(DTYPE, 1e-12), (torch.float32, 1e-5)]:
+        model.to(dtype)
+        for shape in [(5, 3), (2, 3), (4, 2, 3)]:
+            x, y = torch.randn(*shape, dtype=dtype), torch.randn(*shape[:-1], 2, dtype=dtype)
+
+            def loss(output, target):
+                return (output - target).pow(2).flatten(1).sum(1)
+
+            captured = gradgraph.to_graph(model, x, y, loss)
+            original = chain_module.ChainCapture.applies
+            chain_module.ChainCapture.applies = lambda self, chain: False
+            try:
+                replayed = gradgraph.to_graph(model, x, y, loss)
+            finally:
+                chain_module.ChainCapture.applies = original
+            assert captured.act.dtype == replayed.act.dtype == dtype
+            assert_same_graph(captured, replayed, atol=0)
+            assert_per_sample(captured, autograd_per_sample(model, x, y, loss), atol=atol)
+    assert PLAN_CACHE.misses == 3  # one plan per input shape, both dtypes
+
+
+@pytest.mark.parametrize("change", ["negative_slope", "dropout_p", "approximate", "flatten", "width", "type"])
+def test_a_chain_changed_after_its_plan_was_cached_converts_as_a_fresh_one(change):
+    """Whatever changes in a cached chain (a leaf's setting, a layer's width, a leaf's type), its next conversion is
+    the fresh trace's graph of the changed chain, tensor for tensor, and autograd's per-sample gradients."""
+    from strategies import assert_same_graph
+
+    from gradgraph.convert.plan import PLAN_CACHE
+
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.LeakyReLU(0.1), nn.Dropout(0.0), nn.Linear(4, 3),
+                          nn.GELU(), nn.Linear(3, 2)).to(DTYPE).eval()
+    x, y = torch.randn(5, 2, 3, dtype=DTYPE), torch.randint(0, 2, (5,))
+    gradgraph.to_graph(model, x, y, cross_entropy)
+    if change == "negative_slope":
+        model[2].negative_slope = 0.3
+    elif change == "dropout_p":
+        model[3].p = 0.7  # still eval: the identity
+    elif change == "approximate":
+        model[5].approximate = "tanh"
+    elif change == "flatten":
+        model[0] = nn.Flatten(start_dim=2)  # [5, 2, 3] -> [5, 2, 3]: the Linear now reads 3 features
+        model[1] = nn.Linear(3, 4).to(DTYPE)
+    elif change == "width":
+        model[4], model[6] = nn.Linear(4, 5).to(DTYPE), nn.Linear(5, 2).to(DTYPE)
+    else:
+        model[2] = nn.Tanh()
+
+    def loss(output, target):
+        return cross_entropy(output.reshape(output.shape[0], -1, 2).sum(1), target)
+
+    graph = gradgraph.to_graph(model, x, y, loss)
+    PLAN_CACHE.clear()
+    assert_same_graph(graph, gradgraph.to_graph(model, x, y, loss), atol=0)
+    assert_per_sample(graph, autograd_per_sample(model, x, y, loss))
