@@ -1119,3 +1119,15 @@ def test_a_chain_changed_after_its_plan_was_cached_converts_as_a_fresh_one(chang
     PLAN_CACHE.clear()
     assert_same_graph(graph, gradgraph.to_graph(model, x, y, loss), atol=0)
     assert_per_sample(graph, autograd_per_sample(model, x, y, loss))
+
+
+def test_a_closure_calling_a_chain_with_more_arguments_fails_on_them_not_on_the_input_shape():
+    """``Sequential.forward`` takes the input alone: the call fails on the extra argument (torch's ``TypeError``),
+    not with the chain's input-shape refusal meant for ``model(inputs)``. Kills ``convert_closure_traced`` 62
+    (``plain_call`` when either the positional or the keyword arguments were empty)."""
+    model = _mlp()
+    x = torch.randn(5, 4, dtype=DTYPE)
+    _refused("Sequential.forward() takes 2 positional arguments but 3 were given",
+             lambda: gradgraph.convert_closure(model, lambda: model(x, 2.0).sum(1)), error=TypeError)
+    _refused("Sequential.forward() got an unexpected keyword argument 'scale'",
+             lambda: gradgraph.convert_closure(model, lambda: model(x, scale=2.0).sum(1)), error=TypeError)
