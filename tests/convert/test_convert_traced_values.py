@@ -1,7 +1,7 @@
 """``to_graph_traced`` and the plain-chain capture, checked against what they must give (issue 31, group
 ``convert-traced`` of ``./gg mutate``): every refusal in full (what is wrong and where), a chain capture
 tensor for tensor against the general replay and autograd, a cached plan never served for a model it does
-not fit. Written for the survivors of runs traced 1-2 (each test's docstring names the mutants it kills,
+not fit. Written for the survivors of runs traced 1-5 (each test's docstring names the mutants it kills,
 checked with ``MUTANT_UNDER_TEST`` in ``.mutation/convert-traced/mutants``)."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from strategies import cross_entropy
 from torch import nn
 
