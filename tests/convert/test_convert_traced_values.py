@@ -115,26 +115,19 @@ class _Factors:
     and entry here: ``mean_grad()[name] = mean over components of act * grad``), copied by ``copy.copy``."""
 
     def __init__(self, **terms):
-        self.names = list(terms)
+        self.widths = {name: act.shape[1] for name, (act, _) in terms.items()}
         self.act = torch.cat([act for act, _ in terms.values()], 1)
         self.grad = torch.cat([grad for _, grad in terms.values()], 1)
 
     def mean_grad(self):
         means, start = {}, 0
-        for name in self.names:
-            width = self._width(name)
+        for name, width in self.widths.items():
             means[name] = (self.act[:, start:start + width] * self.grad[:, start:start + width]).mean(0)
             start += width
         return means
 
-    def _width(self, name):
-        return self.widths[name]
 
-
-def _factors(**terms):
-    factors = _Factors(**terms)
-    factors.widths = {name: act.shape[1] for name, (act, _) in terms.items()}
-    return factors
+_factors = _Factors
 
 
 def _ones(values, components=2):
