@@ -842,6 +842,8 @@ def cnn_programs(draw):
             size //= 2
         elif kind == "norm":
             batch = draw(st.booleans())
+            if not batch and channels // 2 * size ** spatial < 2:
+                continue  # a group of one value: torch's group_norm raises (no valid program to convert)
             norm = (nn.BatchNorm1d, nn.BatchNorm2d)[spatial - 1] if batch else partial(nn.GroupNorm, 2)
             layers.append(norm(channels))
         elif kind == "residual":
