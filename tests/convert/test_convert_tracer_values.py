@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert_values import exact, refused
+import gradgraph
+from gradgraph.convert import UnsupportedOperationError
+from convert_values import exact, refused, squared
 
 DTYPE = torch.float64
 
@@ -200,3 +202,157 @@ class Joined(nn.Module):
 def test_joins_without_a_rule_are_refused(form, inputs, message):
     name = "torch.stack" if form == "stacked token" else "torch.cat"
     refused(Joined(form).to(DTYPE), inputs(), f": {name}: {message}")
+
+
+# ----------------------------------------------------------------------------- the dispatch's argument forms
+class Act(nn.Module):
+    """``lin``, then ``act(self, h)``, then ``out``: one op between two affine maps, in the form a test gives."""
+
+    def __init__(self, act, width: int = 2, **parameters) -> None:
+        super().__init__()
+        self.lin, self.out, self.act = nn.Linear(3, width), nn.Linear(width, 2), act
+        for name, shape in parameters.items():
+            setattr(self, name, nn.Parameter(torch.randn(*shape, dtype=DTYPE)))
+
+    def forward(self, x):
+        return self.out(self.act(self, torch.tanh(self.lin(x))))
+
+
+@pytest.mark.parametrize("act", [
+    lambda m, h: F.dropout(h, 0.5, False), lambda m, h: F.dropout(h, p=0.5, training=False),
+    lambda m, h: F.dropout(h, 0.0, True), lambda m, h: F.dropout(h, p=0.0), lambda m, h: F.alpha_dropout(h, 0.5),
+    lambda m, h: F.feature_alpha_dropout(h, p=0.5), lambda m, h: torch.dropout(h, 0.5, False),
+    lambda m, h: F.rrelu(h), lambda m, h: F.rrelu(h, 0.1, 0.3, False), lambda m, h: F.rrelu(h, training=False),
+    lambda m, h: torch.sigmoid(input=h),
+], ids=["dropout-positional-eval", "dropout-keywords-eval", "dropout-p0-positional", "dropout-p0-keyword",
+        "alpha-dropout-default", "feature-alpha-dropout-default", "torch-dropout-eval", "rrelu-default", "rrelu-eval",
+        "rrelu-keyword-eval", "sigmoid-input-keyword"])
+def test_inactive_dropouts_and_rrelu_and_keyword_inputs_convert_exactly(act):
+    """An inactive dropout (eval, ``p=0``, or an alpha dropout, whose default is eval) is the identity, an RReLU
+    out of training a leaky ReLU of slope ``(lower + upper) / 2``; checked against a per-datapoint autograd loop
+    (torch.func has no batching rule for RReLU)."""
+    from traced_models import assert_matches_autograd_loop
+
+    torch.manual_seed(2)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(Act(act).to(DTYPE), torch.randn(4, 3, dtype=DTYPE), None, squared)
+
+
+@pytest.mark.parametrize("act, op, message", [
+    (lambda m, h: F.dropout(h), "torch.nn.functional.dropout", "active dropout changes the function; call model.eval()"),
+    (lambda m, h: F.dropout(h, 0.1, True), "torch.nn.functional.dropout",
+     "active dropout changes the function; call model.eval()"),
+    (lambda m, h: F.dropout(h, training=True, p=0.1), "torch.nn.functional.dropout",
+     "active dropout changes the function; call model.eval()"),
+    (lambda m, h: F.alpha_dropout(h, 0.5, True), "torch.nn.functional.alpha_dropout",
+     "active dropout changes the function; call model.eval()"),
+    (lambda m, h: torch.dropout(h, 0.5, True), "torch.dropout", "active dropout changes the function; call model.eval()"),
+    (lambda m, h: F.rrelu(h, 0.1, 0.3, True), "torch.nn.functional.rrelu",
+     "an active RReLU draws a random slope per element (training mode); call model.eval(), where it is a leaky ReLU "
+     "of slope (lower + upper) / 2"),
+    (lambda m, h: F.rrelu(h, training=True), "torch.nn.functional.rrelu",
+     "an active RReLU draws a random slope per element (training mode); call model.eval(), where it is a leaky ReLU "
+     "of slope (lower + upper) / 2"),
+], ids=["dropout-default", "dropout-positional", "dropout-keywords", "alpha-dropout", "torch-dropout", "rrelu",
+        "rrelu-keyword"])
+def test_active_dropout_and_rrelu_are_refused(act, op, message):
+    refused(Act(act).to(DTYPE), torch.randn(4, 3, dtype=DTYPE), f": {op}: {message}")
+
+
+@pytest.mark.parametrize("act", [
+    lambda m, h: F.linear(h, m.w, bias=m.b), lambda m, h: F.linear(h, weight=m.w, bias=m.b),
+    lambda m, h: F.linear(h, weight=m.w) + m.b, lambda m, h: m.w.t().__rmatmul__(h) + m.b,
+    lambda m, h: torch.addmm(m.b, h, m.w.t(), beta=1, alpha=1),
+], ids=["bias-keyword", "weight-and-bias-keywords", "weight-keyword", "rmatmul", "addmm-ones"])
+def test_affine_maps_with_keyword_arguments_or_reflected_convert_exactly(act):
+    torch.manual_seed(3)
+    exact(Act(act, w=(2, 2), b=(2,)).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+class FunctionalEmbedding(nn.Module):
+    """``F.embedding`` called with its arguments as ``call`` passes them."""
+
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.weight, self.out, self.call = nn.Parameter(torch.randn(7, 4, dtype=DTYPE)), nn.Linear(4, 2), call
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.call(self, ids))).sum(1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, ids: F.embedding(input=ids, weight=m.weight), lambda m, ids: F.embedding(ids, m.weight, 2),
+    lambda m, ids: F.embedding(ids, m.weight, padding_idx=2), lambda m, ids: F.embedding(ids, m.weight, None, None),
+], ids=["keywords", "padding-positional", "padding-keyword", "no-max-norm-positional"])
+def test_functional_embeddings_convert_exactly(call):
+    """The padding row (id 2, read by the first datapoint) gets no gradient, wherever ``padding_idx`` is given."""
+    torch.manual_seed(4)
+    ids = torch.randint(0, 7, (3, 5))
+    ids[0, :2] = 2
+    exact(FunctionalEmbedding(call).to(DTYPE), ids)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, ids: F.embedding(ids, m.weight, None, 1.0), "max_norm renormalises the table in place during the "
+     "forward"),
+    (lambda m, ids: F.embedding(ids, m.weight, None, None, 2.0, True), "scale_grad_by_freq scales a row's gradient "
+     "by its count in the whole batch, so datapoints' gradients are not separate"),
+], ids=["max-norm-positional", "scale-grad-by-freq-positional"])
+def test_functional_embedding_options_given_positionally_are_refused(call, message):
+    refused(FunctionalEmbedding(call).to(DTYPE), torch.randint(0, 7, (3, 5)), f": torch.nn.functional.embedding: {message}")
+
+
+# ----------------------------------------------------------------------------- ops without a rule
+RANK_ONE = ("uses the parameter 'w', and gradgraph has no rule for it, so its gradient cannot be written as rank-1 "
+            "terms on the graph; register a converter for the module (gradgraph.register_converter) or write it with "
+            "linear maps")
+
+
+@pytest.mark.parametrize("act, message", [
+    (lambda m, h: F.conv_transpose1d(h.reshape(4, 1, 2), m.w).flatten(1)[:, :2],
+     f": torch.conv_transpose1d: a convolution {RANK_ONE}"),
+    (lambda m, h: torch.lerp(h, m.w[0, :2], 0.5), f": torch.lerp: this op {RANK_ONE}"),
+], ids=["conv-transpose", "lerp"])
+def test_a_parameter_in_an_op_without_a_rule_is_refused_naming_the_kind_of_op(act, message):
+    refused(Act(act, w=(1, 1, 2)).to(DTYPE), torch.randn(4, 3, dtype=DTYPE), message)
+
+
+OPAQUE_REACHES = (r"^\S+:\d+ in \S+{where}: torch\.cumsum: gradgraph has no rule for this op, and its result reaches "
+                  r"{what} at \S+:\d+ in \S+{at}\. Write it with supported ops, register it with "
+                  r"gradgraph\.convert\.register_elementwise if it is elementwise, or register a converter for the "
+                  r"whole module$")
+
+
+class Inner(nn.Module):
+    def forward(self, h):
+        return torch.cumsum(h, -1)
+
+
+class OpaqueThrough(nn.Module):
+    """A cumulative sum (no rule) in module ``inner``, a Tanh module after it, then a Linear or a scale."""
+
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        self.lin, self.inner, self.act, self.out = nn.Linear(3, 2), Inner(), nn.Tanh(), nn.Linear(2, 2)
+        self.scale, self.scaled = nn.Parameter(torch.randn(2, dtype=DTYPE)), scaled
+
+    def forward(self, x):
+        h = self.act(self.inner(self.lin(x)))
+        return h * self.scale if self.scaled else self.out(h)
+
+
+def test_a_value_without_a_rule_is_refused_where_it_reaches_a_parameter_naming_where_it_was_made():
+    """The refusal names the op and module that made the value (``inner``, not the Tanh it went through) and the
+    op and module where it meets a parameter."""
+    import re
+
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=OPAQUE_REACHES.format(
+            where=re.escape(" (module 'inner')"), what=re.escape("torch.nn.functional.linear with the parameter "
+                                                               "'out.weight'"), at=re.escape(" (module 'out')"))):
+        gradgraph.to_graph(OpaqueThrough(False).to(DTYPE), torch.randn(4, 3, dtype=DTYPE), None, squared)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=OPAQUE_REACHES.format(
+            where=re.escape(" (module 'inner')"), what=re.escape("Tensor.mul with the parameter 'scale'"), at="")):
+        gradgraph.to_graph(OpaqueThrough(True).to(DTYPE), torch.randn(4, 3, dtype=DTYPE), None, squared)
+
