@@ -18,6 +18,7 @@ from torch import nn
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from convert_values import exact, refused, squared
+from traced_models import assert_matches_autograd_loop, assert_per_sample_grads_match_loop
 
 DTYPE = torch.float64
 
@@ -231,8 +232,6 @@ def test_inactive_dropouts_and_rrelu_and_keyword_inputs_convert_exactly(act):
     """An inactive dropout (eval, ``p=0``, or an alpha dropout, whose default is eval) is the identity, an RReLU
     out of training a leaky ReLU of slope ``(lower + upper) / 2``; checked against a per-datapoint autograd loop
     (torch.func has no batching rule for RReLU)."""
-    from traced_models import assert_matches_autograd_loop
-
     torch.manual_seed(2)
     gradgraph.convert.clear_structure_cache()
     assert_matches_autograd_loop(Act(act).to(DTYPE), torch.randn(4, 3, dtype=DTYPE), None, squared)
@@ -356,3 +355,218 @@ def test_a_value_without_a_rule_is_refused_where_it_reaches_a_parameter_naming_w
             where=re.escape(" (module 'inner')"), what=re.escape("Tensor.mul with the parameter 'scale'"), at="")):
         gradgraph.to_graph(OpaqueThrough(True).to(DTYPE), torch.randn(4, 3, dtype=DTYPE), None, squared)
 
+
+
+# ----------------------------------------------------------------------------- in-place ops on the raw input
+class ChangesTheInput(nn.Module):
+    """``change(x)`` on a copy of the raw input (which no in-place rule follows), then a Linear."""
+
+    def __init__(self, change) -> None:
+        super().__init__()
+        self.lin, self.change = nn.Linear(3, 2), change
+
+    def forward(self, x):
+        x = x.clone()
+        x = self.change(x)
+        return self.lin(x)
+
+
+def _iadd(x):
+    x += 1
+    return x
+
+
+def _setitem(x):
+    x[:, 0] = 0
+    return x
+
+
+@pytest.mark.parametrize("change, op", [
+    (_iadd, "Tensor.add_"), (_setitem, "Tensor.__setitem__"),
+    (lambda x: F.relu(x, inplace=True), "torch.nn.functional.relu"),
+    (lambda x: F.leaky_relu(x, 0.1, True), "torch.nn.functional.leaky_relu"),
+    (lambda x: torch.relu_(x), "torch.relu_"),
+], ids=["iadd", "setitem", "relu-inplace-keyword", "leaky-relu-inplace-positional", "relu_"])
+def test_in_place_ops_on_the_raw_input_are_refused(change, op):
+    """Each way of writing in place: a name ending in ``_``, an in-place operator (``__setitem__``, whose name ends in
+    ``__`` as the out-of-place ``__add__`` does), ``inplace=True`` (torch passes it as a keyword, however the user
+    wrote it)."""
+    refused(ChangesTheInput(change).to(DTYPE), torch.randn(4, 3, dtype=DTYPE),
+            f": {op}: in-place ops on tensors gradgraph follows are unsupported; use the out-of-place form "
+            "(inplace=False)")
+
+
+@pytest.mark.parametrize("change", [lambda x: x + 1, lambda x: x.__radd__(1), lambda x: F.relu(x, inplace=False)],
+                         ids=["add", "radd", "relu-inplace-false"])
+def test_out_of_place_ops_on_the_raw_input_convert_exactly(change):
+    torch.manual_seed(5)
+    exact(ChangesTheInput(change).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+# ----------------------------------------------------------------------------- __torch_function__
+class StaleRead(nn.Module):
+    """``h.relu_()`` with its result dropped, then ``h`` read by a Linear (positionally): ``h`` is stale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.relu_()
+        return self.b(h)
+
+
+def test_a_stale_value_read_positionally_is_refused_before_the_op_runs():
+    """Kills __torch_function__ 35 (the positional arguments not searched for stale values)."""
+    refused(StaleRead().to(DTYPE), torch.randn(4, 3, dtype=DTYPE),
+            " (module 'b' of type Linear): torch.nn.functional.linear: reads a value that the in-place Tensor.relu_ "
+            "before it changed (or a view of it); gradgraph runs in-place ops on intermediate values out of place "
+            "(their inputs are factors of the graph), which is the same only if the old value is not read again. Use "
+            "the value the op returns, or its out-of-place form")
+
+
+class ScoreBias(nn.Module):
+    """One attention head whose scores get a ``[T, T]`` bias in place: a parameter (``+=``, or ``add_`` with its result
+    dropped and ``scores`` read again) or a constant."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+        self.how = how
+        if how.startswith("parameter"):
+            self.bias = nn.Parameter(torch.randn(4, 4, dtype=DTYPE))
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        if self.how == "parameter +=":
+            scores += self.bias
+        elif self.how == "parameter add_":
+            scores.add_(self.bias)
+        else:
+            scores += torch.arange(16, dtype=DTYPE).reshape(4, 4) / 16
+        return self.out(torch.softmax(scores, -1) @ self.v(x)).sum(1)
+
+
+def test_scores_changed_in_place_by_a_parameter_run_out_of_place_and_are_refused_as_a_learned_bias():
+    """A parameter added to the scores in place runs out of place (so the sum's rule names the learned bias, and
+    ``scores`` read again after ``add_`` is stale); a constant added in place keeps the scores' own rule: exact.
+    Kills __torch_function__ 69 (the parameter looked for from the third argument on: ``add_`` then ran in place)."""
+    import re
+
+    inputs = torch.randn(2, 4, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+: Tensor\.add: " + re.escape(
+            "combines attention scores with neuron values (a learned bias added to the scores, as T5's relative "
+            "position bias, is not supported), and its result reaches torch.nn.functional.linear with the parameter "
+            "'out.weight' at ") + r"\S+:\d+ in \S+ \(module 'out'\)\. Write it with supported ops, register it with "
+            r"gradgraph\.convert\.register_elementwise if it is elementwise, or register a converter for the whole "
+            r"module$"):
+        gradgraph.to_graph(ScoreBias("parameter +=").to(DTYPE), inputs, None, squared)
+    refused(ScoreBias("parameter add_").to(DTYPE), inputs,
+            ": torch.softmax: reads a value that the in-place Tensor.add_ before it changed (or a view of it); "
+            "gradgraph runs in-place ops on intermediate values out of place (their inputs are factors of the graph), "
+            "which is the same only if the old value is not read again. Use the value the op returns, or its "
+            "out-of-place form")
+    torch.manual_seed(6)
+    exact(ScoreBias("constant").to(DTYPE), inputs)
+
+
+class ScatterInto(nn.Module):
+    """``index_add_`` of tanh values over positions of ``[b, 4, 3]`` (positions 0, 1 into 0; 2, 3 into 1): into
+    neuron values (refused before it runs) or into zeros made in ``forward`` (a new value: the graph rule's)."""
+
+    def __init__(self, into_neurons: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.out, self.into_neurons = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2), into_neurons
+
+    def forward(self, x):
+        g = torch.tanh(self.b(x))
+        index = torch.tensor([0, 0, 1, 1])
+        base = torch.tanh(self.a(x))[:, :2].clone() if self.into_neurons else torch.zeros(x.shape[0], 2, 3, dtype=DTYPE)
+        return self.out(base.index_add_(1, index, g)).sum(1)
+
+
+def test_an_in_place_scatter_into_neuron_values_is_refused_and_into_zeros_converts_exactly():
+    """Checked against a per-datapoint autograd loop. Kills __torch_function__ 77, 78 (the base's meta not read: the scatter into neurons taken for one into a
+    constant, refused by the graph rule with another message); not __torch_function__ 48 (every op offered to
+    ``out_of_place_call``, which returns None for any op outside ``IN_PLACE_CANDIDATES``: equivalent), which the
+    same check leaves alive."""
+    inputs = torch.randn(2, 4, 3, dtype=DTYPE)
+    refused(ScatterInto(True).to(DTYPE), inputs, ": Tensor.index_add_: in-place ops on tensors gradgraph follows are "
+            "unsupported; use the out-of-place form (inplace=False)")
+    torch.manual_seed(7)
+    model = ScatterInto(False).to(DTYPE)
+    del model.a
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, inputs, None, squared)  # (torch.func: no vmap of an index_add_ into zeros)
+
+
+# ----------------------------------------------------------------------------- dispatch
+@pytest.mark.parametrize("act", [
+    lambda m, h: h.view_as(torch.zeros(h.shape, dtype=DTYPE)), lambda m, h: h[:, :1].expand_as(h) + h, lambda m, h: h.reshape_as(h.t().t()),
+    lambda m, h: h.type_as(h),
+], ids=["view_as", "expand_as", "reshape_as", "type_as"])
+def test_neuron_values_shaped_like_another_tensor_keep_their_neurons(act):
+    """Kills dispatch 4 (every ``*_as`` op taken for a constant shaped like another tensor)."""
+    torch.manual_seed(8)
+    exact(Act(act).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+class Erfcx(nn.Module):
+    """``torch.special.erfcx`` (no rule of its own) of a Linear's output, or of a parameter added to it."""
+
+    def __init__(self, of_a_parameter: bool = False) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 2), nn.Linear(2, 1)
+        if of_a_parameter:
+            self.shift = nn.Parameter(torch.randn(2, dtype=DTYPE))
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.out(h + torch.special.erfcx(self.shift) if hasattr(self, "shift") else torch.special.erfcx(h))
+
+
+def test_a_function_registered_elementwise_is_one_elementwise_op_with_its_label():
+    """``torch.special.erfcx`` registered with ``register_elementwise`` (labelled TANH here, to see the label): exact
+    against a per-datapoint autograd loop, its neurons labelled; a parameter given to it refused by the op's name; and
+    refused as an op without a rule once the registration is taken back. Kills dispatch 28, 29 (the op's input or
+    output not handed to the rule), 30 (its name), 31 (its label)."""
+    from gradgraph.convert.trace.ops import ELEMENTWISE_FUNCTIONS, op_name
+
+    torch.manual_seed(9)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    gradgraph.convert.register_elementwise(torch.special.erfcx, gradgraph.ActivationKind.TANH)
+    try:
+        gradgraph.convert.clear_structure_cache()
+        graph = assert_per_sample_grads_match_loop(Erfcx().to(DTYPE), inputs)
+        tanh = int(gradgraph.ActivationKind.TANH)
+        assert graph.activation.tolist() == [0, 0, 0, tanh, tanh, 0]  # the input, lin (erfcx labelled), out
+        refused(Erfcx(of_a_parameter=True).to(DTYPE), inputs, ": torch.special.erfcx: the parameter 'shift' used where "
+                "gradgraph expects neuron values (arithmetic on a parameter before it meets the input: a learned slope, "
+                "scale or mask)")
+    finally:
+        del ELEMENTWISE_FUNCTIONS[op_name(torch.special.erfcx)]
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match="torch.special.erfcx: gradgraph has no rule for this op"):
+        gradgraph.to_graph(Erfcx().to(DTYPE), inputs, None, None)
+
+
+class PooledByKeyword(nn.Module):
+    """A 1x1 convolution, then ``F.avg_pool1d`` or ``F.max_pool1d`` given its input by keyword (no positional
+    argument), then a Linear of the flattened map."""
+
+    def __init__(self, pool) -> None:
+        super().__init__()
+        self.conv, self.out, self.pool = nn.Conv1d(2, 3, 1), nn.Linear(6, 1), pool
+
+    def forward(self, x):
+        return self.out(self.pool(torch.tanh(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("pool", [lambda h: F.avg_pool1d(input=h, kernel_size=2),
+                                  lambda h: F.max_pool1d(input=h, kernel_size=2)], ids=["avg", "max"])
+def test_pooling_given_its_input_by_keyword_converts_exactly(pool):
+    """Kills dispatch 88 (no keywords handed to the pooling rule, which reads ``input`` from them)."""
+    torch.manual_seed(10)
+    exact(PooledByKeyword(pool).to(DTYPE), torch.randn(3, 2, 4, dtype=DTYPE))
