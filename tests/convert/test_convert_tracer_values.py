@@ -18,7 +18,7 @@ from torch import nn
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from convert_values import exact, refused, squared
-from traced_models import assert_matches_autograd_loop, assert_per_sample_grads_match_loop
+from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop, assert_per_sample_grads_match_loop
 
 DTYPE = torch.float64
 
@@ -570,3 +570,299 @@ def test_pooling_given_its_input_by_keyword_converts_exactly(pool):
     """Kills dispatch 88 (no keywords handed to the pooling rule, which reads ``input`` from them)."""
     torch.manual_seed(10)
     exact(PooledByKeyword(pool).to(DTYPE), torch.randn(3, 2, 4, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("act, op", [
+    (lambda m, h: torch.addmm(m.b, h, h.t()[:, :2]), "torch.addmm"),
+    (lambda m, h: F.linear(h, h[:2], m.b), "torch.nn.functional.linear"),
+], ids=["addmm", "linear"])
+def test_an_affine_map_whose_weight_is_no_parameter_is_refused_by_its_name(act, op):
+    """Kills dispatch 209 (addmm's name not handed to the affine rule)."""
+    refused(Act(act, b=(2,)).to(DTYPE), torch.randn(4, 3, dtype=DTYPE),
+            f": {op}: its weight is not a parameter of the model (or a view of one); gradgraph converts affine maps "
+            "whose weights are parameters")
+
+
+# ----------------------------------------------------------------------------- need_neurons
+class ScoresRead(nn.Module):
+    """Attention scores ``q @ k^T`` of ``[b, 4, 3]`` read by a Linear as if they were neuron values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.q(x) @ self.k(x).transpose(1, 2))).sum(1)
+
+
+def test_scores_read_as_neuron_values_are_refused():
+    refused(ScoresRead().to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE),
+            " (module 'out' of type Linear): the affine map torch.nn.functional.linear: attention scores used as neuron "
+            "values")
+
+
+@pytest.mark.parametrize("act, op", [(lambda m, h: h + torch.sigmoid(m.w), "torch.sigmoid"),
+                                     (lambda m, h: h + m.w.exp(), "Tensor.exp")], ids=["sigmoid", "exp"])
+def test_an_activation_of_a_parameter_is_refused_naming_the_parameter(act, op):
+    refused(Act(act, w=(2,)).to(DTYPE), torch.randn(4, 3, dtype=DTYPE),
+            f": {op}: the parameter 'w' used where gradgraph expects neuron values (arithmetic on a parameter before it "
+            "meets the input: a learned slope, scale or mask)")
+
+
+# ----------------------------------------------------------------------------- mark_opaque
+class OpaqueBesideAReadout(nn.Module):
+    """Hidden neurons read by a Linear and by a cumulative sum over them (no rule; its first entry is the first
+    neuron's value): the cumulative sum's result only reaches the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 3), nn.Linear(3, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(h)[:, 0] + torch.cumsum(h, -1)[:, 0]
+
+
+def test_neurons_read_by_an_op_without_a_rule_are_pinned():
+    """A permutation of ``a``'s neurons would change what the cumulative sum reads: the sampled group element keeps
+    the function and the graph (it moves no node: every set is pinned or fixed). Kills mark_opaque 6, 7 (the sets
+    read by the op not pinned)."""
+    from traced_models import assert_group_keeps_function
+
+    torch.manual_seed(11)
+    gradgraph.convert.clear_structure_cache()
+    moved, _, _ = assert_group_keeps_function(OpaqueBesideAReadout().to(DTYPE), torch.randn(4, 3, dtype=DTYPE), None,
+                                              None)
+    assert moved == 0
+
+
+# ----------------------------------------------------------------------------- softmax_over_positions
+class SoftmaxOf(nn.Module):
+    def __init__(self, softmax, width: int = 2) -> None:
+        super().__init__()
+        self.out, self.softmax = nn.Linear(width, 1), softmax
+        if width != 3:  # (a softmax of the input itself has no first Linear)
+            self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(self.softmax(self, x)).sum(1)
+
+
+@pytest.mark.parametrize("softmax, width", [
+    (lambda m, x: torch.softmax(input=torch.tanh(m.a(x)), dim=1) * torch.tanh(m.a(x)), 2),
+    (lambda m, x: torch.softmax(x * 2, 1) * x, 3),
+    (lambda m, x: torch.softmax(x * 2, -2) * x, 3),
+], ids=["input-keyword", "of-the-input-neurons", "negative-dim"])
+def test_a_softmax_over_positions_converts_exactly_however_written(softmax, width):
+    """A softmax over the token axis: its input by keyword, or the input's own neurons (node 0 among them), or its
+    axis counted from the end. Kills softmax_over_positions 33, 34 (node 0 taken for a statistic's -1)."""
+    torch.manual_seed(12)
+    exact(SoftmaxOf(softmax, width).to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE))
+
+
+SOFTMAX_REACHES = (r"^\S+:\d+ in \S+: torch\.softmax: a softmax across positions or part of the features, and its "
+                   r"result reaches torch\.nn\.functional\.linear with the parameter 'out\.weight' at \S+:\d+ in \S+ "
+                   r"\(module 'out'\)\. Write it with supported ops, register it with "
+                   r"gradgraph\.convert\.register_elementwise if it is elementwise, or register a converter for the "
+                   r"whole module$")
+
+
+@pytest.mark.parametrize("softmax, width", [
+    (lambda m, x: torch.softmax(torch.tanh(m.a(x)).sum(-1), 1)[..., None] * torch.tanh(m.a(x)), 2),
+    (lambda m, x: torch.softmax(torch.tanh(m.a(x)).flatten(1), 1)[:, None], 8),
+], ids=["of-a-statistic", "tokens-and-features-flattened"])
+def test_a_softmax_over_a_statistic_or_over_tokens_and_features_keeps_its_rule_and_is_refused(softmax, width):
+    """Kills softmax_over_positions 22 (a statistic's positions taken for neuron positions), 38 (an axis over which
+    the neurons vary taken for positions)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=SOFTMAX_REACHES):
+        gradgraph.to_graph(SoftmaxOf(softmax, width).to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE), None, squared)
+
+
+# ----------------------------------------------------------------------------- join_versions
+class Rejoined(nn.Module):
+    """Parts of ``a``'s neurons at two versions (before and after a tanh) joined: ``form`` says how."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.a, self.b, self.form = nn.Linear(3, 2), nn.Linear(3, 1), form
+        self.out = nn.Linear(4 if form == "duplicate" else 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.form == "duplicate":  # a0 after the tanh, b, a1 before it, a0 before it: a0 twice
+            return self.out(torch.cat([torch.tanh(h)[..., :1], torch.tanh(self.b(x)), h[..., 1:2], h[..., :1]], -1))
+        if self.form == "view_as":  # not a join: the activated values viewed as the pre-activation
+            return self.out(torch.tanh(h).view_as(h))
+        return self.out(torch.cat([-torch.tanh(h)[..., 1:], h[..., :1]], -1))  # rotate_half-like: each neuron once
+
+
+def test_a_neuron_joined_at_two_versions_is_refused_and_each_neuron_once_converts_exactly():
+    """Kills join_versions 10 (``break`` at a part without the set: later parts unchecked), 17 (the op's name), 25
+    (``seen`` replaced by the last part: the first and the fourth parts' shared neuron missed), and 2-7 (the refusal
+    of two versions met by an op that is no join)."""
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    refused(Rejoined("duplicate").to(DTYPE), inputs, ": torch.cat: joins two versions of the same neurons along their "
+            "features, one neuron in two parts; gradgraph has one value per neuron")
+    refused(Rejoined("view_as").to(DTYPE), inputs, ": Tensor.view_as: joins two versions of the same neurons")
+    torch.manual_seed(13)
+    model = Rejoined("once").to(DTYPE)
+    del model.b
+    exact(model, inputs)
+
+
+# ----------------------------------------------------------------------------- join_parts
+class TokenJoined(nn.Module):
+    """``tokens`` class tokens (one parameter ``[1, tokens, 2]``) joined to a Linear's outputs, as ``form`` says."""
+
+    def __init__(self, form: str, tokens: int = 1) -> None:
+        super().__init__()
+        self.a, self.out, self.form = nn.Linear(3, 2), nn.Linear(2, 1), form
+        self.token = nn.Parameter(torch.randn(1, tokens, 2, dtype=DTYPE))
+        if form == "two sets":
+            self.b = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        tokens = self.token.expand(x.shape[0], -1, -1)
+        if self.form == "positions":
+            return self.out(torch.cat([tokens, h], 1)).sum(1)
+        if self.form == "positions by keyword":
+            return self.out(torch.cat([tokens, h], dim=1)).sum(1)
+        if self.form == "no dim":  # along the datapoints
+            return self.out(torch.cat([self.token.expand(1, h.shape[1], -1), h])).sum(1)
+        if self.form == "sequence first":  # [T, b, d]: the tokens along axis 0, the datapoints on axis 1
+            return self.out(torch.cat([tokens.transpose(0, 1), h.transpose(0, 1)], 0)).sum(0)
+        if self.form == "both sides":  # Dinov2's cat([h[:, :1], registers, h[:, 1:]])
+            return self.out(torch.tanh(torch.cat([h[:, :1], tokens, h[:, 1:]], 1))).sum(1)
+        if self.form == "two sets":  # a and b at different positions of one part
+            return self.out(torch.cat([tokens, torch.cat([h, self.b(x)], 1)], 1)).sum(1)
+        raise AssertionError(self.form)
+
+
+@pytest.mark.parametrize("form, tokens, batch", [
+    ("positions", 1, 3), ("positions", 2, 3), ("positions", 2, 1), ("positions by keyword", 2, 3),
+    ("sequence first", 1, 2), ("both sides", 2, 2),
+], ids=["one-token", "two-tokens", "two-tokens-batch-of-one", "dim-keyword", "sequence-first", "both-sides"])
+def test_class_tokens_joined_to_tokens_convert_exactly(form, tokens, batch):
+    """Two distinct tokens of one parameter are two sets; a batch of one (no datapoint axis to find: axis 0 assumed);
+    the tokens on axis 0 with the datapoints on axis 1; a set's positions on both sides of the tokens (one MERGE edge
+    per neuron: no two edges share their ends). Kills join_parts 22 (``dim`` 1 by default), 50, 53, 56, 57 (the
+    datapoint axis not found, or taken as 0: the sequence-first join refused), 54, 58, 130, 151 (a batch of one:
+    an index error, or axis 1 taken for the datapoints), 128 (one set for both tokens), 218 (two parallel edges)."""
+    torch.manual_seed(14)
+    graph = exact(TokenJoined(form, tokens).to(DTYPE), torch.randn(batch, 4, 3, dtype=DTYPE))
+    edges = graph.edge_index.t().tolist()
+    assert len(edges) == len(set(map(tuple, edges)))
+
+
+@pytest.mark.parametrize("form, message", [
+    ("no dim", "a parameter concatenated along the feature or datapoint axis"),
+    ("two sets", "concatenates tensors whose features are not one neuron set"),
+], ids=["along-the-datapoints", "two-sets-along-positions"])
+def test_class_tokens_joined_without_a_rule_are_refused(form, message):
+    """Kills join_parts 17, 19 (no default ``dim``: a TypeError), 204-209 (the refusal of a part whose positions hold
+    different sets)."""
+    refused(TokenJoined(form).to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE), f": torch.cat: {message}")
+
+
+# ----------------------------------------------------------------------------- shape_op
+class JoinedByKeyword(nn.Module):
+    """``torch.cat(tensors=..., dim=...)`` (no positional argument) of ``form``'s parts."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 1)
+        self.w = nn.Parameter(torch.randn(2, 3, dtype=DTYPE))
+        self.out = nn.Linear(3 if form in ("parameter", "neurons") else 4, 1)
+
+    def forward(self, x):
+        if self.form == "parameter":  # a weight padded with a constant row
+            return self.out(torch.tanh(F.linear(x, torch.cat(tensors=[self.w, torch.zeros(1, 3, dtype=DTYPE)]))))
+        if self.form == "input":  # the input padded with a constant feature
+            return self.out(torch.cat(tensors=[x, torch.zeros(x.shape[0], 1, dtype=DTYPE)], dim=1))
+        return self.out(torch.cat(tensors=[torch.tanh(self.a(x)), torch.tanh(self.b(x))], dim=-1))
+
+
+@pytest.mark.parametrize("form, message", [
+    ("parameter", "joins the parameter 'w' with a constant of shape [1, 3], whose entries belong to no datapoint and no "
+     "parameter; make it a parameter of the joined shape (the constant's entries then get gradients you can ignore), "
+     "or join the results of the ops instead"),
+    ("input", "joins the model's input with a constant of shape [4, 1], whose entries belong to no datapoint and no "
+     "parameter; join them before calling the model (pass the input with the token prepended or the features "
+     "padded)"),
+], ids=["parameter", "input"])
+def test_a_parameter_or_the_input_joined_with_a_constant_is_refused_by_keyword_too(form, message):
+    """The refusal of ``test_convert_joined_constants.py`` (which ``gg`` leaves out: it matches the user's frame),
+    matched in full, with the parts given by keyword. Kills shape_op 7-11, 18-21 (the parameter's refusal: its name,
+    arguments, words), 44 and check_joined_constants 4-11 (the keyword parts not read)."""
+    model = JoinedByKeyword(form).to(DTYPE)
+    if form == "input":
+        del model.a, model.b, model.w
+    else:
+        del model.a, model.b
+    refused(model, torch.randn(4, 3, dtype=DTYPE), f": torch.cat: {message}")
+
+
+def test_neuron_values_joined_by_keyword_convert_exactly():
+    """Kills shape_op 93-96, 121-123 (the keyword parts not read, or not replaced by the kept ones)."""
+    torch.manual_seed(15)
+    model = JoinedByKeyword("neurons").to(DTYPE)
+    del model.w
+    exact(model, torch.randn(4, 3, dtype=DTYPE))
+
+
+class CacheJoined(nn.Module):
+    """An empty constant (a key/value cache before its first entry) joined to a Linear's outputs along positions,
+    positionally or by keyword; or a one-element constant joined along the features (refused)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.out = nn.Linear(3, 1 if form == "one element" else 2), nn.Linear(2, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.form == "one element":
+            return self.out(torch.cat([h, torch.ones(1, 1, dtype=DTYPE)], -1))
+        empty = torch.zeros(x.shape[0], 0, 2, dtype=DTYPE)
+        joined = torch.cat([empty, h], 1) if self.form == "positional" else torch.cat(tensors=[empty, h], dim=1)
+        return self.out(joined).sum(1)
+
+
+@pytest.mark.parametrize("form", ["positional", "keyword"])
+def test_an_empty_constant_joined_to_neuron_values_joins_nothing(form):
+    """Kills shape_op 100, 101 (the empty constant kept, then refused), 116, 117 (the kept parts not handed on)."""
+    torch.manual_seed(16)
+    exact(CacheJoined(form).to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE))
+
+
+def test_a_one_element_constant_joined_to_neuron_values_is_refused():
+    """A batch of one: the constant has one element and is no empty cache. Kills shape_op 102 (``numel() > 1``)."""
+    refused(CacheJoined("one element").to(DTYPE), torch.randn(1, 3, dtype=DTYPE),
+            ": torch.cat: concatenating neuron values with constants (for transformers models, call them with "
+            "use_cache=False)")
+
+
+class PositionsShaped(nn.Module):
+    """Token embeddings plus a position table's rows over ``arange`` (not yet bound to a datapoint), reshaped before
+    the sum as ``shape`` says."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.out, self.shape = nn.Embedding(7, 2), nn.Embedding(5, 2), nn.Linear(2, 1), shape
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tokens(ids) + self.shape(self.positions(torch.arange(ids.shape[1])))))
+
+
+@pytest.mark.parametrize("shape", [lambda p: p.unsqueeze(0), lambda p: p.view(1, *p.shape), lambda p: p[None],
+                                   lambda p: p.reshape(1, -1, 2).contiguous()],
+                         ids=["unsqueeze", "view", "none-index", "reshape"])
+def test_position_rows_reshaped_before_they_meet_the_tokens_convert_exactly(shape):
+    """Kills shape_op 167, 168, 177, 189, 204, 208 (the rows' unbound index not carried through the shape op)."""
+    torch.manual_seed(17)
+    model = PositionsShaped(shape).to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_exact_per_sample_grads(model, torch.randint(0, 7, (3, 4)), None, lambda out, _: out.pow(2).sum((1, 2)))
