@@ -749,11 +749,14 @@ def test_class_tokens_joined_to_tokens_convert_exactly(form, tokens, batch):
     the tokens on axis 0 with the datapoints on axis 1; a set's positions on both sides of the tokens (one MERGE edge
     per neuron: no two edges share their ends). Kills join_parts 22 (``dim`` 1 by default), 50, 53, 56, 57 (the
     datapoint axis not found, or taken as 0: the sequence-first join refused), 54, 58, 130, 151 (a batch of one:
-    an index error, or axis 1 taken for the datapoints), 128 (one set for both tokens), 218 (two parallel edges)."""
+    an index error, or axis 1 taken for the datapoints), 128 (one set for both tokens), 218 (two parallel edges), 156,
+    222 (a MERGE edge's parameter -2, not -1)."""
     torch.manual_seed(14)
     graph = exact(TokenJoined(form, tokens).to(DTYPE), torch.randn(batch, 4, 3, dtype=DTYPE))
     edges = graph.edge_index.t().tolist()
     assert len(edges) == len(set(map(tuple, edges)))
+    merge = graph.edge_kind == int(gradgraph.EdgeKind.MERGE)
+    assert bool(merge.any()) and graph.edge_param[merge].tolist() == [-1] * int(merge.sum())  # no weight on a merge
 
 
 @pytest.mark.parametrize("form, message", [
@@ -775,9 +778,13 @@ class JoinedByKeyword(nn.Module):
         self.form = form
         self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 1)
         self.w = nn.Parameter(torch.randn(2, 3, dtype=DTYPE))
-        self.out = nn.Linear(3 if form in ("parameter", "neurons") else 4, 1)
+        self.out = nn.Linear(3 if form in ("parameter", "parameter positional", "neurons") else 4, 1)
 
     def forward(self, x):
+        if self.form == "parameter positional":
+            return self.out(torch.tanh(F.linear(x, torch.cat([self.w, torch.zeros(1, 3, dtype=DTYPE)]))))
+        if self.form == "input positional":
+            return self.out(torch.cat([x, torch.zeros(x.shape[0], 1, dtype=DTYPE)], 1))
         if self.form == "parameter":  # a weight padded with a constant row
             return self.out(torch.tanh(F.linear(x, torch.cat(tensors=[self.w, torch.zeros(1, 3, dtype=DTYPE)]))))
         if self.form == "input":  # the input padded with a constant feature
@@ -793,11 +800,12 @@ class JoinedByKeyword(nn.Module):
      "parameter; join them before calling the model (pass the input with the token prepended or the features "
      "padded)"),
 ], ids=["parameter", "input"])
-def test_a_parameter_or_the_input_joined_with_a_constant_is_refused_by_keyword_too(form, message):
+@pytest.mark.parametrize("how", ["", " positional"])
+def test_a_parameter_or_the_input_joined_with_a_constant_is_refused_by_keyword_too(form, message, how):
     """The refusal of ``test_convert_joined_constants.py`` (which ``gg`` leaves out: it matches the user's frame),
     matched in full, with the parts given by keyword. Kills shape_op 7-11, 18-21 (the parameter's refusal: its name,
-    arguments, words), 44 and check_joined_constants 4-11 (the keyword parts not read)."""
-    model = JoinedByKeyword(form).to(DTYPE)
+    arguments, words), 44 and check_joined_constants 4-11 (the keyword parts not read), 8 (the positional parts)."""
+    model = JoinedByKeyword(form + how).to(DTYPE)
     if form == "input":
         del model.a, model.b, model.w
     else:
@@ -866,3 +874,44 @@ def test_position_rows_reshaped_before_they_meet_the_tokens_convert_exactly(shap
     model = PositionsShaped(shape).to(DTYPE)
     gradgraph.convert.clear_structure_cache()
     assert_exact_per_sample_grads(model, torch.randint(0, 7, (3, 4)), None, lambda out, _: out.pow(2).sum((1, 2)))
+
+
+# ----------------------------------------------------------------------------- replay
+class ChunkedWeights(nn.Module):
+    """One weight ``[4, 3]`` and bias ``[4]`` cut into two Linear maps (``chunk``, ``split``: tuples of views)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(4, 3, dtype=DTYPE)), nn.Parameter(torch.randn(4, dtype=DTYPE))
+        self.out = nn.Linear(2, 1)
+
+    def forward(self, x):
+        (w_q, w_k), (b_q, b_k) = self.w.chunk(2), self.b.split(2)
+        return self.out(torch.tanh(F.linear(x, w_q, b_q)) * torch.tanh(F.linear(x, w_k, b_k)))
+
+
+def test_a_parameter_cut_into_a_tuple_of_views_keeps_its_positions():
+    """Kills replay 14, 17 (a tuple output taken as one value: the views left untracked, or one of them given the
+    tuple's ids)."""
+    torch.manual_seed(18)
+    exact(ChunkedWeights().to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+class TableIndexedByData(nn.Module):
+    """A parameter table indexed by ids computed from the integer input (``table[(ids + 1) % 7]``), then a tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.out = nn.Parameter(torch.randn(7, 2, dtype=DTYPE)), nn.Linear(2, 1)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.table[(ids + 1) % 7])).sum(1)
+
+
+def test_a_parameter_indexed_by_data_keeps_the_index_values_and_is_refused_at_the_tanh():
+    """The index keeps its values in the replay of the parameter's positions (its rows are a parameter still, read
+    by the tanh: refused by name). Kills replay 1 (``data=True`` by default: the index's element ids replayed, an
+    AttributeError)."""
+    refused(TableIndexedByData().to(DTYPE), torch.randint(0, 7, (3, 4)),
+            ": torch.tanh: the parameter 'table' used where gradgraph expects neuron values (arithmetic on a parameter "
+            "before it meets the input: a learned slope, scale or mask)")
