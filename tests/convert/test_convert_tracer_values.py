@@ -223,15 +223,18 @@ class Act(nn.Module):
     lambda m, h: F.dropout(h, 0.5, False), lambda m, h: F.dropout(h, p=0.5, training=False),
     lambda m, h: F.dropout(h, 0.0, True), lambda m, h: F.dropout(h, p=0.0), lambda m, h: F.alpha_dropout(h, 0.5),
     lambda m, h: F.feature_alpha_dropout(h, p=0.5), lambda m, h: torch.dropout(h, 0.5, False),
+    lambda m, h: torch.dropout(h, 0.0, True),
     lambda m, h: F.rrelu(h), lambda m, h: F.rrelu(h, 0.1, 0.3, False), lambda m, h: F.rrelu(h, training=False),
     lambda m, h: torch.sigmoid(input=h),
 ], ids=["dropout-positional-eval", "dropout-keywords-eval", "dropout-p0-positional", "dropout-p0-keyword",
-        "alpha-dropout-default", "feature-alpha-dropout-default", "torch-dropout-eval", "rrelu-default", "rrelu-eval",
+        "alpha-dropout-default", "feature-alpha-dropout-default", "torch-dropout-eval", "torch-dropout-p0",
+        "rrelu-default", "rrelu-eval",
         "rrelu-keyword-eval", "sigmoid-input-keyword"])
 def test_inactive_dropouts_and_rrelu_and_keyword_inputs_convert_exactly(act):
     """An inactive dropout (eval, ``p=0``, or an alpha dropout, whose default is eval) is the identity, an RReLU
     out of training a leaky ReLU of slope ``(lower + upper) / 2``; checked against a per-datapoint autograd loop
-    (torch.func has no batching rule for RReLU)."""
+    (torch.func has no batching rule for RReLU). ``torch.dropout`` takes its arguments positionally (``F.dropout``
+    hands them to the mode as keywords). Kills dispatch 400, 402 (``torch.dropout``'s ``p`` not read)."""
     torch.manual_seed(2)
     gradgraph.convert.clear_structure_cache()
     assert_matches_autograd_loop(Act(act).to(DTYPE), torch.randn(4, 3, dtype=DTYPE), None, squared)
@@ -915,3 +918,54 @@ def test_a_parameter_indexed_by_data_keeps_the_index_values_and_is_refused_at_th
     refused(TableIndexedByData().to(DTYPE), torch.randint(0, 7, (3, 4)),
             ": torch.tanh: the parameter 'table' used where gradgraph expects neuron values (arithmetic on a parameter "
             "before it meets the input: a learned slope, scale or mask)")
+
+
+# ----------------------------------------------------------------------------- more of the dispatch's names
+class TableOfNeurons(nn.Module):
+    """``F.embedding`` whose table is neuron values (``tanh(a(x)).t()``), not a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 2), nn.Linear(4, 1)
+
+    def forward(self, x):
+        ids = torch.tensor([[0, 1]]).expand(x.shape[0], 2)
+        return self.out(F.embedding(ids, torch.tanh(self.a(x)).t())).sum(1)
+
+
+class NormInTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.out = nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.out(self.bn(self.a(x)))
+
+
+@pytest.mark.parametrize("model, message", [
+    (TableOfNeurons, ": torch.nn.functional.embedding: its table is not a parameter of the model (or a view of one); "
+     "gradgraph converts affine maps whose weights are parameters"),
+    (NormInTraining, " (module 'bn' of type BatchNorm1d): torch.nn.functional.batch_norm: batch norm in training mode "
+     "mixes the datapoints of a batch, so their gradients are not separate rank-1 terms; call model.eval()"),
+], ids=["embedding", "batch-norm"])
+def test_the_embedding_and_batch_norm_refusals_name_the_op(model, message):
+    """Kills dispatch 310, 353 (the op's name not handed to the embedding or batch-norm rule)."""
+    refused(model().to(DTYPE).train(), torch.randn(4, 3, dtype=DTYPE), message)
+
+
+class LastToken(nn.Module):
+    """The last real token's values, ``h[arange(b), lengths - 1]`` with the lengths counted from the ids (data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.out = nn.Embedding(7, 2), nn.Linear(2, 1)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tokens(ids))[torch.arange(ids.shape[0]), (ids != 0).sum(1) - 1])
+
+
+def test_neuron_values_indexed_by_data_keep_the_index_values():
+    """Kills replay_ids 1 (``data=True`` by default: the index replaced by its element ids)."""
+    torch.manual_seed(19)
+    ids = torch.randint(1, 7, (3, 4)) * (torch.arange(4) < torch.tensor([[2], [4], [3]]))
+    exact(LastToken().to(DTYPE), ids)
