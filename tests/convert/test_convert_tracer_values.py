@@ -969,3 +969,33 @@ def test_neuron_values_indexed_by_data_keep_the_index_values():
     torch.manual_seed(19)
     ids = torch.randint(1, 7, (3, 4)) * (torch.arange(4) < torch.tensor([[2], [4], [3]]))
     exact(LastToken().to(DTYPE), ids)
+
+
+@pytest.mark.parametrize("act", [
+    lambda m, h: torch.pow(torch.sigmoid(h), torch.sigmoid(m.b(m.x))), lambda m, h: torch.clamp(h, min=torch.tanh(m.b(m.x))),
+    lambda m, h: h.max(torch.tanh(m.b(m.x))), lambda m, h: torch.max(h, other=torch.tanh(m.b(m.x))),
+    lambda m, h: torch.min(h, torch.tanh(m.b(m.x))),
+], ids=["pow", "clamp-min-keyword", "max-method", "max-other-keyword", "min"])
+def test_two_neuron_values_in_one_elementwise_op_convert_exactly(act):
+    """An activation of two neuron values (``torch.pow(h, g)``, ``clamp(h, min=g)``), and ``max`` / ``min`` of two
+    tensors (the elementwise ``maximum`` / ``minimum``), their second argument positional or by keyword. Kills
+    dispatch 460 (the second neuron values taken for a parameter operand), 480 (no keywords handed to the binary
+    rule)."""
+    class Two(Act):
+        def forward(self, x):
+            self.x = x
+            return super().forward(x)
+
+    torch.manual_seed(20)
+    model = Two(act).to(DTYPE)
+    model.b = nn.Linear(3, 2).to(DTYPE)
+    exact(model, torch.randn(4, 3, dtype=DTYPE))
+
+
+def test_the_max_of_neuron_values_and_a_parameter_is_refused_as_a_bound():
+    """``h.max(w)`` is ``torch.maximum(h, w)``: a parameter as a bound. Kills dispatch 478 (the binary rule handed no
+    name: the parameter then taken for a bias, and the graph wrong, which only the summed-gradient check caught)."""
+    refused(Act(lambda m, h: h.max(m.w), w=(2,)).to(DTYPE), torch.randn(4, 3, dtype=DTYPE),
+            ": Tensor.maximum: the parameter 'w' is subtracted, divided by, an exponent, a bound or scaled by alpha; "
+            "gradgraph reads a parameter added to neurons (a bias) or multiplied with them (a scale): write h + b or h "
+            "* s")
