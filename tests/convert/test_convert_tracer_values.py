@@ -999,3 +999,35 @@ def test_the_max_of_neuron_values_and_a_parameter_is_refused_as_a_bound():
             ": Tensor.maximum: the parameter 'w' is subtracted, divided by, an exponent, a bound or scaled by alpha; "
             "gradgraph reads a parameter added to neurons (a bias) or multiplied with them (a scale): write h + b or h "
             "* s")
+
+
+# ----------------------------------------------------------------------------- _in_packing
+class Packed(nn.Module):
+    """An LSTM run on ``pack_padded_sequence`` of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 1)
+
+    def forward(self, x):
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 5, 4, 3]), batch_first=True)
+        _, (hidden, _) = self.rnn(packed)
+        return self.head(hidden[-1])
+
+
+def test_a_refusal_inside_the_packing_names_it_and_the_remedy_in_full():
+    """``test_convert_packed_sequences.py`` matches the message in part; this one in full (the user's frames as any
+    ``file:line in function``). Kills _in_packing 8-12 (its words)."""
+    import re
+
+    gradgraph.convert.clear_structure_cache()
+    message = re.escape(
+        ": torch._pack_padded_sequence: inside torch.nn.utils.rnn.pack_padded_sequence: packed sequences are not "
+        "supported (a PackedSequence interleaves the datapoints' steps by length, and gradgraph follows a batch axis of "
+        "datapoints). Pass the padded batch to the RNN and read each sequence's last step as output[torch.arange(b), "
+        "lengths - 1] (for a unidirectional RNN the same values as the packed run's; gradgraph has no rule for this "
+        "op), and its result reaches torch.lstm with the parameter 'rnn.weight_ih_l0' at ")
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+" + message + r"\S+:\d+ in \S+ \(module "
+                       r"'rnn'\)\. Write it with supported ops, register it with gradgraph\.convert\.register_elementwise "
+                       r"if it is elementwise, or register a converter for the whole module$"):
+        gradgraph.to_graph(Packed().to(DTYPE), torch.randn(4, 5, 3, dtype=DTYPE), None, squared)
