@@ -1031,3 +1031,22 @@ def test_a_refusal_inside_the_packing_names_it_and_the_remedy_in_full():
                        r"'rnn'\)\. Write it with supported ops, register it with gradgraph\.convert\.register_elementwise "
                        r"if it is elementwise, or register a converter for the whole module$"):
         gradgraph.to_graph(Packed().to(DTYPE), torch.randn(4, 5, 3, dtype=DTYPE), None, squared)
+
+
+# ----------------------------------------------------------------------------- neurons_from_raw
+class InputPlusConv(nn.Module):
+    """``x + conv(x)`` of a ``[b, 2, 5]`` map (a 1-D convolution keeping channels and length): the input read as
+    channels by the convolution, then again elementwise by the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(2, 2, 3, padding=1), nn.Linear(10, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x + self.conv(x)).flatten(1))
+
+
+def test_a_three_axis_input_read_as_channels_and_again_elementwise_converts_exactly():
+    """Kills neurons_from_raw 17, 18 (a map of three axes not read again as channels)."""
+    torch.manual_seed(21)
+    exact(InputPlusConv().to(DTYPE), torch.randn(3, 2, 5, dtype=DTYPE))
