@@ -1047,6 +1047,7 @@ class InputPlusConv(nn.Module):
 
 
 def test_a_three_axis_input_read_as_channels_and_again_elementwise_converts_exactly():
-    """Kills neurons_from_raw 17, 18 (a map of three axes not read again as channels)."""
+    """Written for neurons_from_raw 17, 18 (a map of three axes not read again as channels), which it does not kill:
+    the sum reads the input elementwise the same way either way."""
     torch.manual_seed(21)
     exact(InputPlusConv().to(DTYPE), torch.randn(3, 2, 5, dtype=DTYPE))
