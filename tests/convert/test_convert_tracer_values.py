@@ -1051,3 +1051,22 @@ def test_a_three_axis_input_read_as_channels_and_again_elementwise_converts_exac
     the sum reads the input elementwise the same way either way."""
     torch.manual_seed(21)
     exact(InputPlusConv().to(DTYPE), torch.randn(3, 2, 5, dtype=DTYPE))
+
+
+# ----------------------------------------------------------------------------- assign_comps
+class ReadTwice(nn.Module):
+    """The input ``[b, 2, 2]`` read transposed (its rows gathered from strided places: element 2 at position 0) and
+    then as it is by a Linear (element 2 at position 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(2, 2), nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x.transpose(1, 2) * 2 + self.lin(x))).sum(1)
+
+
+def test_the_input_read_with_two_layouts_is_refused():
+    """Kills assign_comps 26 (the check dropped) and the words of its refusal."""
+    refused(ReadTwice().to(DTYPE), torch.randn(3, 2, 2, dtype=DTYPE),
+            " (module 'lin' of type Linear): input: the input is read with two different layouts")
