@@ -18,7 +18,9 @@ from torch import nn
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from convert_values import exact, refused, squared
-from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop, assert_per_sample_grads_match_loop
+from traced_models import (
+    assert_exact_per_sample_grads, assert_matches_autograd_loop, assert_per_sample_grads_match_loop,
+)
 
 DTYPE = torch.float64
 
@@ -241,14 +243,16 @@ def test_inactive_dropouts_and_rrelu_and_keyword_inputs_convert_exactly(act):
 
 
 @pytest.mark.parametrize("act, op, message", [
-    (lambda m, h: F.dropout(h), "torch.nn.functional.dropout", "active dropout changes the function; call model.eval()"),
+    (lambda m, h: F.dropout(h), "torch.nn.functional.dropout",
+     "active dropout changes the function; call model.eval()"),
     (lambda m, h: F.dropout(h, 0.1, True), "torch.nn.functional.dropout",
      "active dropout changes the function; call model.eval()"),
     (lambda m, h: F.dropout(h, training=True, p=0.1), "torch.nn.functional.dropout",
      "active dropout changes the function; call model.eval()"),
     (lambda m, h: F.alpha_dropout(h, 0.5, True), "torch.nn.functional.alpha_dropout",
      "active dropout changes the function; call model.eval()"),
-    (lambda m, h: torch.dropout(h, 0.5, True), "torch.dropout", "active dropout changes the function; call model.eval()"),
+    (lambda m, h: torch.dropout(h, 0.5, True), "torch.dropout",
+     "active dropout changes the function; call model.eval()"),
     (lambda m, h: F.rrelu(h, 0.1, 0.3, True), "torch.nn.functional.rrelu",
      "an active RReLU draws a random slope per element (training mode); call model.eval(), where it is a leaky ReLU "
      "of slope (lower + upper) / 2"),
@@ -301,7 +305,8 @@ def test_functional_embeddings_convert_exactly(call):
      "by its count in the whole batch, so datapoints' gradients are not separate"),
 ], ids=["max-norm-positional", "scale-grad-by-freq-positional"])
 def test_functional_embedding_options_given_positionally_are_refused(call, message):
-    refused(FunctionalEmbedding(call).to(DTYPE), torch.randint(0, 7, (3, 5)), f": torch.nn.functional.embedding: {message}")
+    refused(FunctionalEmbedding(call).to(DTYPE), torch.randint(0, 7, (3, 5)),
+            f": torch.nn.functional.embedding: {message}")
 
 
 # ----------------------------------------------------------------------------- ops without a rule
@@ -491,7 +496,8 @@ class ScatterInto(nn.Module):
 
 
 def test_an_in_place_scatter_into_neuron_values_is_refused_and_into_zeros_converts_exactly():
-    """Checked against a per-datapoint autograd loop. Kills __torch_function__ 77, 78 (the base's meta not read: the scatter into neurons taken for one into a
+    """Checked against a per-datapoint autograd loop. Kills __torch_function__ 77, 78 (the base's meta not
+    read: the scatter into neurons taken for one into a
     constant, refused by the graph rule with another message); not __torch_function__ 48 (every op offered to
     ``out_of_place_call``, which returns None for any op outside ``IN_PLACE_CANDIDATES``: equivalent), which the
     same check leaves alive."""
@@ -507,7 +513,8 @@ def test_an_in_place_scatter_into_neuron_values_is_refused_and_into_zeros_conver
 
 # ----------------------------------------------------------------------------- dispatch
 @pytest.mark.parametrize("act", [
-    lambda m, h: h.view_as(torch.zeros(h.shape, dtype=DTYPE)), lambda m, h: h[:, :1].expand_as(h) + h, lambda m, h: h.reshape_as(h.t().t()),
+    lambda m, h: h.view_as(torch.zeros(h.shape, dtype=DTYPE)), lambda m, h: h[:, :1].expand_as(h) + h,
+    lambda m, h: h.reshape_as(h.t().t()),
     lambda m, h: h.type_as(h),
 ], ids=["view_as", "expand_as", "reshape_as", "type_as"])
 def test_neuron_values_shaped_like_another_tensor_keep_their_neurons(act):
@@ -546,7 +553,8 @@ def test_a_function_registered_elementwise_is_one_elementwise_op_with_its_label(
         tanh = int(gradgraph.ActivationKind.TANH)
         assert graph.activation.tolist() == [0, 0, 0, tanh, tanh, 0]  # the input, lin (erfcx labelled), out
         refused(Erfcx(of_a_parameter=True).to(DTYPE), inputs, ": torch.special.erfcx: the parameter 'shift' used where "
-                "gradgraph expects neuron values (arithmetic on a parameter before it meets the input: a learned slope, "
+                "gradgraph expects neuron values (arithmetic on a parameter before it meets the input: a learned "
+                "slope, "
                 "scale or mask)")
     finally:
         del ELEMENTWISE_FUNCTIONS[op_name(torch.special.erfcx)]
@@ -600,7 +608,8 @@ class ScoresRead(nn.Module):
 
 def test_scores_read_as_neuron_values_are_refused():
     refused(ScoresRead().to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE),
-            " (module 'out' of type Linear): the affine map torch.nn.functional.linear: attention scores used as neuron "
+            " (module 'out' of type Linear): the affine map torch.nn.functional.linear: attention scores used as "
+            "neuron "
             "values")
 
 
@@ -608,7 +617,8 @@ def test_scores_read_as_neuron_values_are_refused():
                                      (lambda m, h: h + m.w.exp(), "Tensor.exp")], ids=["sigmoid", "exp"])
 def test_an_activation_of_a_parameter_is_refused_naming_the_parameter(act, op):
     refused(Act(act, w=(2,)).to(DTYPE), torch.randn(4, 3, dtype=DTYPE),
-            f": {op}: the parameter 'w' used where gradgraph expects neuron values (arithmetic on a parameter before it "
+            f": {op}: the parameter 'w' used where gradgraph expects neuron values (arithmetic on a parameter before "
+            f"it "
             "meets the input: a learned slope, scale or mask)")
 
 
@@ -796,7 +806,8 @@ class JoinedByKeyword(nn.Module):
 
 
 @pytest.mark.parametrize("form, message", [
-    ("parameter", "joins the parameter 'w' with a constant of shape [1, 3], whose entries belong to no datapoint and no "
+    ("parameter", "joins the parameter 'w' with a constant of shape [1, 3], whose entries belong to no datapoint and "
+     "no "
      "parameter; make it a parameter of the joined shape (the constant's entries then get gradients you can ignore), "
      "or join the results of the ops instead"),
     ("input", "joins the model's input with a constant of shape [4, 1], whose entries belong to no datapoint and no "
@@ -862,7 +873,8 @@ class PositionsShaped(nn.Module):
 
     def __init__(self, shape) -> None:
         super().__init__()
-        self.tokens, self.positions, self.out, self.shape = nn.Embedding(7, 2), nn.Embedding(5, 2), nn.Linear(2, 1), shape
+        self.tokens, self.positions, self.out = nn.Embedding(7, 2), nn.Embedding(5, 2), nn.Linear(2, 1)
+        self.shape = shape
 
     def forward(self, ids):
         return self.out(torch.tanh(self.tokens(ids) + self.shape(self.positions(torch.arange(ids.shape[1])))))
@@ -972,7 +984,8 @@ def test_neuron_values_indexed_by_data_keep_the_index_values():
 
 
 @pytest.mark.parametrize("act", [
-    lambda m, h: torch.pow(torch.sigmoid(h), torch.sigmoid(m.b(m.x))), lambda m, h: torch.clamp(h, min=torch.tanh(m.b(m.x))),
+    lambda m, h: torch.pow(torch.sigmoid(h), torch.sigmoid(m.b(m.x))),
+    lambda m, h: torch.clamp(h, min=torch.tanh(m.b(m.x))),
     lambda m, h: h.max(torch.tanh(m.b(m.x))), lambda m, h: torch.max(h, other=torch.tanh(m.b(m.x))),
     lambda m, h: torch.min(h, torch.tanh(m.b(m.x))),
 ], ids=["pow", "clamp-min-keyword", "max-method", "max-other-keyword", "min"])
@@ -1023,12 +1036,14 @@ def test_a_refusal_inside_the_packing_names_it_and_the_remedy_in_full():
     gradgraph.convert.clear_structure_cache()
     message = re.escape(
         ": torch._pack_padded_sequence: inside torch.nn.utils.rnn.pack_padded_sequence: packed sequences are not "
-        "supported (a PackedSequence interleaves the datapoints' steps by length, and gradgraph follows a batch axis of "
+        "supported (a PackedSequence interleaves the datapoints' steps by length, and gradgraph follows a batch axis "
+        "of "
         "datapoints). Pass the padded batch to the RNN and read each sequence's last step as output[torch.arange(b), "
         "lengths - 1] (for a unidirectional RNN the same values as the packed run's; gradgraph has no rule for this "
         "op), and its result reaches torch.lstm with the parameter 'rnn.weight_ih_l0' at ")
     with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+" + message + r"\S+:\d+ in \S+ \(module "
-                       r"'rnn'\)\. Write it with supported ops, register it with gradgraph\.convert\.register_elementwise "
+                       r"'rnn'\)\. Write it with supported ops, register it with "
+                       r"gradgraph\.convert\.register_elementwise "
                        r"if it is elementwise, or register a converter for the whole module$"):
         gradgraph.to_graph(Packed().to(DTYPE), torch.randn(4, 5, 3, dtype=DTYPE), None, squared)
 
