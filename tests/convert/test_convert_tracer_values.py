@@ -772,6 +772,27 @@ def test_class_tokens_joined_to_tokens_convert_exactly(form, tokens, batch):
     assert bool(merge.any()) and graph.edge_param[merge].tolist() == [-1] * int(merge.sum())  # no weight on a merge
 
 
+class TokenJoinedToAnActivation(nn.Module):
+    """A class token joined to ``act(lin(x))`` along the tokens, then a Linear and a sum over the tokens."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.lin, self.out, self.act = nn.Linear(3, 2), nn.Linear(2, 1), act
+        self.token = nn.Parameter(torch.randn(1, 2, 2, dtype=DTYPE))
+
+    def forward(self, x):
+        return self.out(torch.cat([self.token.expand(x.shape[0], -1, -1), self.act(self.lin(x))], 1)).sum(1)
+
+
+@pytest.mark.parametrize("act", [torch.tanh, F.gelu, torch.sigmoid], ids=["tanh", "gelu", "sigmoid"])
+def test_a_class_token_joined_to_an_activation_is_exact(act):
+    """The class tokens' act and grad records held every place of the joined value, so the output's gradient
+    (``dL/d act(h)``) was written over the joined set's own ``dL/dh``: refused by the summed-gradient check until
+    session 18 (found by mut23; fails on the code before). Two tokens of one parameter, a batch of three."""
+    torch.manual_seed(15)
+    exact(TokenJoinedToAnActivation(act).to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE))
+
+
 @pytest.mark.parametrize("form, message", [
     ("no dim", "a parameter concatenated along the feature or datapoint axis"),
     ("two sets", "concatenates tensors whose features are not one neuron set"),

@@ -168,7 +168,7 @@ class ShapeRules:
         width = output.shape[-1]
         merged = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
         merged_nodes = merged.first + torch.arange(width)
-        comps_parts, node_parts, tokens = [], [], []
+        comps_parts, node_parts, token_parts, tokens = [], [], [], []
         merged_rows: set[tuple[int, ...]] = set()
         for part, meta in zip(parts, neuron_parts):
             if meta is None:  # the parameter: a class-token set per distinct token, the parameter as bias
@@ -204,6 +204,7 @@ class ShapeRules:
                          + keys.reshape(shape))
                 comps = broadcast_ids(comps, part.shape).clone()
                 node_parts.append(token_ids)
+                token_parts.append(token_ids)
                 comps_parts.append(comps)
             else:
                 row = feature_row(meta.nodes)
@@ -216,10 +217,14 @@ class ShapeRules:
                     self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
                     self.ties.append((row, merged_nodes))
                 node_parts.append(meta.nodes)
+                token_parts.append(torch.full_like(broadcast_ids(meta.nodes, part.shape), -1))
                 comps_parts.append(meta.comps)
         comps = torch.cat(comps_parts, dim=axis)
-        token_nodes = torch.cat(node_parts, dim=axis)
-        for token in tokens:  # their factors live at the class-token positions of the output
+        # the tokens' factors live at their positions of the output, and only theirs: the other places hold
+        # the joined neurons' values, whose grad is not the output's where an activation came between (a
+        # tanh(h) joined: dL/dtanh(h) written over dL/dh; found by mut23, caught only by _check_sums)
+        token_nodes = torch.cat(token_parts, dim=axis)
+        for token in tokens:
             token.grad_records.append((output, token_nodes, comps))
             token.act_records.append((output, token_nodes, comps))
             token.act_version = 0
