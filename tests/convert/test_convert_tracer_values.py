@@ -1106,3 +1106,30 @@ def test_the_input_read_with_two_layouts_is_refused():
     """Kills assign_comps 26 (the check dropped) and the words of its refusal."""
     refused(ReadTwice().to(DTYPE), torch.randn(3, 2, 2, dtype=DTYPE),
             " (module 'lin' of type Linear): input: the input is read with two different layouts")
+
+
+SHAPED_LIKE = {
+    "view_as": lambda h: torch.tanh(h).view_as(h),
+    "reshape_as": lambda h: torch.tanh(h).reshape_as(h),
+    "expand_as": lambda h: torch.tanh(h[:, :1]).expand_as(h),
+    "type_as": lambda h: torch.tanh(h).type_as(h),
+    "view_as keyword": lambda h: torch.tanh(h).view_as(other=h),
+}
+
+
+class ShapedLike(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.lin, self.out, self.op = nn.Linear(3, 4), nn.Linear(4, 2), op
+
+    def forward(self, x):
+        return self.out(self.op(self.lin(x)))
+
+
+@pytest.mark.parametrize("form", sorted(SHAPED_LIKE))
+def test_an_activation_shaped_like_its_own_input_is_exact(form):
+    """``tanh(h).view_as(h)``: the ``*_as`` ops read only their second argument's shape, so ``h`` (another version of
+    the same neurons) is no part of the result. Refused as "joins two versions of the same neurons" until session 18
+    (found by mut23; fails on the code before)."""
+    torch.manual_seed(16)
+    exact(ShapedLike(SHAPED_LIKE[form]).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))

@@ -34,6 +34,11 @@ class ShapeRules:
     def shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         # data (h[range(b), lengths - 1], a mask's index) indexes: it is no value of the result
         tracked = [(value, meta) for value, meta in tracked if not isinstance(meta, Data)]
+        other = (args[1] if len(args) > 1 else kwargs.get("other")) if name.endswith("_as") and args else None
+        if isinstance(other, Tensor):  # view_as / reshape_as / expand_as / type_as read only the other's shape
+            tracked = [(value, meta) for value, meta in tracked if value is args[0]]
+            args = (args[0], torch.empty(other.shape, dtype=torch.long), *args[2:])
+            kwargs = {key: value for key, value in kwargs.items() if key != "other"}
         metas = [meta for _, meta in tracked]
         kinds = {type(meta) for meta in metas}
         if kinds == {Param}:
