@@ -99,6 +99,8 @@ SHAPE_OPS = _method(
     torch.split, torch.chunk, torch.narrow, torch.movedim, torch.swapaxes, torch.unbind, torch.select, torch.t,
     torch.clone, torch.tensor_split, torch.cat, torch.stack, torch.broadcast_to, torch.roll, torch.flip,
 ) | {"Tensor.broadcast_to"}
+#: shape ops whose second tensor gives only a shape (or a dtype): their values are their first argument's
+SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
 # Casts and eval-mode no-ops: identity on the values' neurons.
 #: ops whose result does not depend on their tensor arguments' values (only on shape, dtype,
 #: device): constants, as a factory call inside ``forward`` is (an RNN's zero initial state)

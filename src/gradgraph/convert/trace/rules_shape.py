@@ -21,7 +21,9 @@ from torch.utils._pytree import tree_map
 from gradgraph.convert.trace.meta import (
     broadcast_ids, feature_row, ids_like, KEY_STRIDE, Neurons, Param, Raw, varies_along,
 )
-from gradgraph.convert.trace.ops import CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, JOINED_INPUT_REMEDY, JOINS, op_name
+from gradgraph.convert.trace.ops import (
+    CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, JOINED_INPUT_REMEDY, JOINS, op_name, SHAPED_LIKE,
+)
 from gradgraph.convert.trace.rules_data import Data
 from gradgraph.graph import EdgeKind, NodeKind
 
@@ -34,7 +36,7 @@ class ShapeRules:
     def shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         # data (h[range(b), lengths - 1], a mask's index) indexes: it is no value of the result
         tracked = [(value, meta) for value, meta in tracked if not isinstance(meta, Data)]
-        other = (args[1] if len(args) > 1 else kwargs.get("other")) if name.endswith("_as") and args else None
+        other = (args[1] if len(args) > 1 else kwargs.get("other")) if name in SHAPED_LIKE and args else None
         if isinstance(other, Tensor):  # view_as / reshape_as / expand_as / type_as read only the other's shape
             tracked = [(value, meta) for value, meta in tracked if value is args[0]]
             args = (args[0], torch.empty(other.shape, dtype=torch.long), *args[2:])

@@ -29,7 +29,7 @@ from gradgraph.convert.trace.ops import (
     ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER,
     DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MAX_MIN, EMBEDDING, IDENTITY_OPS,
     IN_PLACE_HINT, IN_PLACE_OPERATORS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL,
-    numpy_keywords, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SOFTMAX, UNARY, WHERE,
+    numpy_keywords, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SHAPED_LIKE, SOFTMAX, UNARY, WHERE,
 )
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.rules_affine import AffineRules
@@ -53,8 +53,6 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
 
 
-#: ops whose values are their first argument's, shaped (or typed) like their second
-_SHAPED_LIKE = {"Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as", "Tensor.type_as"}
 
 
 #: torch's packed-sequence functions: a refusal met inside one is about the packing
@@ -399,7 +397,7 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
     def dispatch(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, tracked: list) -> None:
         if name in CONSTANT_FACTORIES:
             return  # zeros_like(x): a constant, whatever x is
-        if name in _SHAPED_LIKE and self.meta(args[0]) is None:
+        if name in SHAPED_LIKE and self.meta(args[0]) is None:
             return  # index.expand_as(src): a constant given another tensor's shape (PyG's broadcast of an index)
         metas = [meta for _, meta in tracked]
         if all(self.is_data(value, meta) for value, meta in tracked) and name not in EMBEDDING:
