@@ -146,15 +146,20 @@ def _source_index(size: int, before: int, after: int, mode: str) -> list[int]:
     return [place % size for place in places]  # circular
 
 
+def pad_arguments(args: tuple, kwargs: dict) -> tuple[Any, Any, str]:
+    """``F.pad``'s ``(input, pad, mode)`` however they were passed (``mode`` ``"constant"`` where not given)."""
+    bound = dict(zip(("input", "pad", "mode", "value"), args))
+    bound.update(kwargs)
+    return bound.get("input"), bound.get("pad"), bound.get("mode", "constant")
+
+
 def padding_parts(func: Any, args: tuple, kwargs: dict) -> Any:
     """``F.pad`` with mode ``reflect`` / ``replicate`` / ``circular`` (a convolution's
     ``padding_mode``) as indexing with constant indices, which the trace follows as a shape op:
     each padded place holds the neuron and component of the place it copies. ``None`` for other calls."""
     if func is not F.pad:
         return None
-    bound = dict(zip(("input", "pad", "mode", "value"), args))
-    bound.update(kwargs)
-    x, pad, mode = bound.get("input"), bound.get("pad"), bound.get("mode", "constant")
+    x, pad, mode = pad_arguments(args, kwargs)
     if not isinstance(x, Tensor) or not isinstance(pad, list | tuple) or len(pad) % 2 or len(pad) // 2 > x.dim():
         return None
     if mode == "constant" and all(isinstance(side, int) and side <= 0 for side in pad):
@@ -470,9 +475,7 @@ class ConvRules:
         neurons there (``transformers``' MobileNetV2 and EfficientNet pad the image so). Reflect /
         replicate / circular padding are indexing (:func:`padding_parts`); a constant pad of
         anything else (features, the datapoint axis) has no rule."""
-        bound = dict(zip(("input", "pad", "mode", "value"), args))
-        bound.update(kwargs)
-        x, pad, mode = bound.get("input"), bound.get("pad"), bound.get("mode", "constant")
+        x, pad, mode = pad_arguments(args, kwargs)
         if mode != "constant" or not isinstance(x, Tensor) or x.dim() < 3 or len(pad) % 2 \
                 or len(pad) // 2 > x.dim() - 2:
             return False

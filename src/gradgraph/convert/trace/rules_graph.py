@@ -277,8 +277,9 @@ class GraphRules:
     def scatter_positions(self, name: str, base: Tensor, dim: int, index: Tensor, src: Tensor, output: Tensor, *,
                           one_dimensional: bool, reduce: str = "sum") -> None:
         """``base.scatter_add_(dim, index, src)`` (and ``index_add_``, ``scatter_reduce`` with any of its
-        reductions) along a position axis, into a constant all-zero ``base``: a tied copy of ``src``'s
-        features living at the output's positions (the aggregated messages at each data-graph node)."""
+        reductions) along a position axis, into a constant all-zero ``base`` (all ones for a product): a tied
+        copy of ``src``'s features living at the output's positions (the aggregated messages at each data-graph
+        node)."""
         self._constant_index(name, index)
         if self.meta(base) is not None:
             raise self.unsupported(name, "a scatter into values that depend on the input or on parameters; gradgraph "

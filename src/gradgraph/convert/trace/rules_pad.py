@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import broadcast_ids, KEY_STRIDE, Neurons, varies_along
+from gradgraph.convert.trace.rules_conv import pad_arguments
 from gradgraph.graph import NodeKind
 
 __all__ = ["PadRules", "pad_amounts"]
@@ -60,13 +61,11 @@ class PadRules:
         which the neurons vary (features, a map's channels), or of the positions of a value
         whose features are its last axes (tokens ``[b, T, d]``, a channels-last map ``[b, H, W, C]``:
         :meth:`position_pad`). The positions of a map ``[b, C, *S]`` are
-        :meth:`~gradgraph.convert.trace.rules_conv.ConvRules.pads_positions`'."""
-        bound = dict(zip(("input", "pad", "mode", "value"), args))
-        bound.update(kwargs)
-        x, pad = bound.get("input"), bound.get("pad")
+        :meth:`~gradgraph.convert.trace.rules_conv.ConvRules.pads_positions`'s."""
+        x, pad, mode = pad_arguments(args, kwargs)
         meta = self.meta(x) if isinstance(x, Tensor) else None
         if not isinstance(meta, Neurons) or meta.comps is None or pad is None or len(pad) % 2 \
-                or len(pad) // 2 > x.dim() or bound.get("mode", "constant") != "constant":
+                or len(pad) // 2 > x.dim() or mode != "constant":
             return False
         nodes = broadcast_ids(meta.nodes, x.shape)
         padded = [axis for axis, pair in enumerate(pad_amounts(pad, x.dim())) if pair != (0, 0)]
@@ -78,12 +77,10 @@ class PadRules:
     def neuron_pad(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         """A constant ``F.pad`` of the feature axis (see the module docstring) or, where no feature axis is padded,
         of the positions before the features (:meth:`position_pad`)."""
-        bound = dict(zip(("input", "pad", "mode", "value"), args))
-        bound.update(kwargs)
-        x = bound["input"]  # (reflect / replicate / circular pads and crops ran as indexing: decompositions.py)
+        x, pad, _ = pad_arguments(args, kwargs)  # (reflect / replicate / circular pads and crops: indexing)
         meta = self.meta(x)
         nodes, comps = broadcast_ids(meta.nodes, x.shape), broadcast_ids(meta.comps, x.shape)
-        padded = [(axis, pair) for axis, pair in enumerate(pad_amounts(bound["pad"], x.dim())) if pair != (0, 0)]
+        padded = [(axis, pair) for axis, pair in enumerate(pad_amounts(pad, x.dim())) if pair != (0, 0)]
         feature_axes = [axis for axis, _ in padded if varies_along(nodes, axis)]
         if not feature_axes:
             return self.position_pad(name, x, [axis for axis, _ in padded], nodes, comps, output)
