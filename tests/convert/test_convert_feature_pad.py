@@ -59,12 +59,20 @@ def _resnet() -> CifarResNet:
     return randomise_batch_norms(CifarResNet()).double().eval()
 
 
+def _zero_channels(graph) -> torch.Tensor:
+    """``[N]`` bool: the pads' constant zero channels — no incoming edge, act 0 everywhere, not the input."""
+    has_source = torch.zeros(graph.num_nodes, dtype=torch.bool)
+    has_source[graph.edge_index[1]] = True
+    return ~has_source & (graph.act == 0).all(1) & (graph.node_kind != gradgraph.NodeKind.INPUT)
+
+
 def test_cifar_resnet_with_option_a_shortcuts_is_exact():
     model = _resnet()
     inputs, targets = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
     graph = assert_exact_per_sample_grads(model, inputs, targets, _cross_entropy)
     # the zero channels are nodes of their own: 2 + 2 at the second stage, 4 + 4 at the third
     assert int((graph.node_kind == gradgraph.NodeKind.RESIDUAL).sum()) > 0
+    assert int(_zero_channels(graph).sum()) == 12
     again = gradgraph.to_graph(model, inputs + 1, targets, _cross_entropy)  # the cached plan
     gradgraph.convert.clear_structure_cache()
     fresh = gradgraph.to_graph(model, inputs + 1, targets, _cross_entropy)
@@ -77,11 +85,9 @@ def test_the_inferred_group_of_an_option_a_resnet_keeps_its_function():
     inputs, targets = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([1, 0])
     moved, graph, perm = assert_group_keeps_function(model, inputs, targets, _cross_entropy, seed=3)
     assert moved > 0
-    # the zero channels (no incoming edge, act 0 everywhere, not the input) are 2 + 2 and 4 + 4 nodes, free to
-    # permute among themselves (they hold the same constant), and the group maps them onto zero channels only
-    has_source = torch.zeros(graph.num_nodes, dtype=torch.bool)
-    has_source[graph.edge_index[1]] = True
-    zero = ~has_source & (graph.act == 0).all(1) & (graph.node_kind != gradgraph.NodeKind.INPUT)
+    # the zero channels (2 + 2 and 4 + 4 nodes) are free to permute among themselves (they hold the same
+    # constant), and the group maps them onto zero channels only
+    zero = _zero_channels(graph)
     assert int(zero.sum()) == 12
     assert bool(zero[perm][zero].all())
     groups = graph.perm_group[zero]
