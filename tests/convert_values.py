@@ -59,7 +59,8 @@ class UnboundPositions(nn.Module):
 
 
 class TwiceFlattened(nn.Module):
-    """``cat([m, m], 1).flatten(1)`` read by a Linear: each channel at each position twice."""
+    """``m.repeat(1, 2, 1, 1).flatten(1)`` read by a Linear: each channel at each position twice. (``cat([m, m], 1)``
+    converts since session 19: its second part is a tied copy, tests/convert/test_convert_repeated_parts.py.)"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,4 +68,4 @@ class TwiceFlattened(nn.Module):
 
     def forward(self, x):
         m = torch.tanh(self.conv(x))
-        return self.head(torch.cat([m, m], 1).flatten(1))
+        return self.head(m.repeat(1, 2, 1, 1).flatten(1))

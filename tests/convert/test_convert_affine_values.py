@@ -266,7 +266,9 @@ def test_a_feature_map_read_before_and_after_its_activation_copies_its_channels(
 
 
 class SameTwice(nn.Module):
-    """``cat([h, h])`` read by one affine map: one neuron on two features."""
+    """``h.repeat(1, 2)`` read by one affine map: one neuron on two features. (``cat([h, h])`` no longer
+    reaches ``materialize`` so: its second part is a tied copy of ``h``,
+    tests/convert/test_convert_repeated_parts.py.)"""
 
     def __init__(self, activation: bool) -> None:
         super().__init__()
@@ -277,7 +279,7 @@ class SameTwice(nn.Module):
         h = self.a(x)
         if self.activation:
             h = torch.tanh(h)
-        return self.b(torch.cat([h, h], -1))
+        return self.b(h.repeat(1, 2))
 
 
 @pytest.mark.parametrize("activation", [False, True], ids=["pre-activation", "tanh"])
@@ -347,7 +349,7 @@ def test_the_zero_state_is_a_value_guard_of_the_cached_plan():
 
 def test_a_copy_is_named_after_the_op_that_made_it():
     """The copies' origin is what ``mlp_layers`` names when it refuses a model that is no chain: the
-    reader of the second version (``'post torch.nn.functional.linear'``) and the reader of ``cat([h, h])``
+    reader of the second version (``'post torch.nn.functional.linear'``) and the reader of ``h.repeat(1, 2)``
     (``'b input'``). Kills materialize 41, 55; fix_act 6; affine 114, 118, 122."""
     reason = ("not an MLP chain: a skip connection, gate, norm, concatenation or attention combines neurons (skip "
               "connections, concatenation and parameter access are unsupported)")

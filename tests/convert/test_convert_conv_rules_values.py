@@ -744,8 +744,9 @@ def test_the_input_read_as_channels_in_two_versions_keeps_its_values_as_act():
 
 
 class PooledCat(nn.Module):
-    """Average pooling of ``cat([m, m], 1)`` (one neuron twice) or of ``cat([m, m.mean(1, keepdim=True)], 1)`` (a
-    statistic over the channels as a channel)."""
+    """Average pooling of ``m.repeat(1, 2, 1, 1)`` (one neuron twice; ``cat([m, m], 1)`` converts since session 19,
+    its second part a tied copy) or of ``cat([m, m.mean(1, keepdim=True)], 1)`` (a statistic over the channels as a
+    channel)."""
 
     def __init__(self, statistic: bool) -> None:
         super().__init__()
@@ -754,7 +755,7 @@ class PooledCat(nn.Module):
 
     def forward(self, x):
         m = torch.tanh(self.conv(x))
-        joined = torch.cat([m, m.mean(1, keepdim=True)] if self.statistic else [m, m], 1)
+        joined = torch.cat([m, m.mean(1, keepdim=True)], 1) if self.statistic else m.repeat(1, 2, 1, 1)
         return self.head(F.avg_pool2d(joined, 2).mean((2, 3)))
 
 

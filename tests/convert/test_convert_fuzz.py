@@ -96,7 +96,9 @@ class Program(nn.Module):
     ``("where", i)`` (a leaky ReLU by ``where``), ``("maximum", i, j)``, ``("part", i, start, stop, mixer)``
     (``mixer`` -- softmax, center or norm -- over features ``start:stop`` only, the rest passed through,
     concatenated back in place), ``("heads", i, parts, mixer, shared_scale)`` (:class:`PerPart`),
-    ``("pad", i, before, after, value)`` (a constant ``F.pad`` of the features); the head reads the last value.
+    ``("pad", i, before, after, value)`` (a constant ``F.pad`` of the features), ``("mask", i, threshold)`` (zero
+    where a value is at most ``threshold``: a comparison of the same neurons), ``("crelu", i)`` (``cat([relu(v),
+    relu(-v)])``: the neurons twice in one cat); the head reads the last value.
     """
 
     def __init__(self, in_width: int, steps: list[tuple]) -> None:
@@ -116,7 +118,7 @@ class Program(nn.Module):
                 self.layers[str(index)] = PerPart(step[2], widths[source] // step[2], step[3], step[4])
                 widths.append(widths[source])
             elif kind in ("act", "add", "mul", "scale", "center", "softmax", "interleave", "where", "maximum",
-                          "part"):
+                          "part", "mask"):
                 widths.append(widths[source])
             elif kind == "stride":
                 widths.append((widths[source] + 1) // 2)
@@ -126,6 +128,8 @@ class Program(nn.Module):
                 widths.append(step[3] - step[2])
             elif kind == "cat":
                 widths.append(widths[source] + widths[step[2]])
+            elif kind == "crelu":
+                widths.append(2 * widths[source])
             elif kind == "chunk":
                 widths.append(widths[source] // 2)
             elif kind == "pad":
@@ -172,6 +176,10 @@ class Program(nn.Module):
                                       dim=-1))
             elif kind == "pad":
                 pool.append(F.pad(value, (step[2], step[3]), value=step[4]))
+            elif kind == "mask":
+                pool.append(value.masked_fill(value <= step[2], 0.0))
+            elif kind == "crelu":
+                pool.append(torch.cat([F.relu(value), F.relu(-value)], dim=-1))
         return self.head(pool[-1])
 
 
@@ -187,12 +195,12 @@ def programs(draw):
         same = [i for i, width in enumerate(widths) if width == widths[source] and i != source]
         kind = draw(st.sampled_from(["linear", "act", "act", "add", "mul", "gate", "slice", "cat", "chunk", "norm",
                                      "scale", "center", "softmax", "stride", "interleave", "where", "maximum",
-                                     "pad"]))
+                                     "pad", "mask", "crelu"]))
         if kind == "linear":
             step = ("linear", source, draw(st.integers(1, 5)))
         elif kind == "act":
             step = ("act", source, draw(st.sampled_from(sorted(ACTIVATIONS))))
-        elif kind in ("center", "softmax", "where"):
+        elif kind in ("center", "softmax", "where", "crelu"):
             step = (kind, source)
         elif kind in ("stride", "interleave"):
             if widths[source] < 2 or (kind == "interleave" and widths[source] % 2):
@@ -224,6 +232,8 @@ def programs(draw):
             if before + after == 0:
                 continue
             step = ("pad", source, before, after, draw(st.sampled_from([0.0, 1.0, -0.5])))
+        elif kind == "mask":
+            step = ("mask", source, draw(st.sampled_from([0.0, -0.3, 0.4])))
         else:
             step = ("scale", source, draw(st.sampled_from([0.5, -2.0, 3.0])))
         steps.append(step)

@@ -764,6 +764,13 @@ MORE_LAYERS = {
                                              deg=torch.tensor([0, 2, 3, 2])),
     "pna-min-max": lambda i, o: pyg.PNAConv(i, o, aggregators=["min", "max"], scalers=["identity"],
                                             deg=torch.tensor([0, 2, 3, 2])),
+    # PNA as its paper configures it (since session 19): the std aggregator (a comparison masking its own
+    # neurons) and the scalers (the aggregated neurons three times in one cat: tied copies)
+    "pna-default": lambda i, o: pyg.PNAConv(i, o, aggregators=["mean", "min", "max", "std"],
+                                            scalers=["identity", "amplification", "attenuation"],
+                                            deg=torch.tensor([0, 2, 3, 2])),
+    "pna-linear-scalers": lambda i, o: pyg.PNAConv(i, o, aggregators=["sum", "std"], scalers=["linear",
+                                                   "inverse_linear"], deg=torch.tensor([0, 2, 3, 2])),
 }
 
 

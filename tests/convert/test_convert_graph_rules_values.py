@@ -175,7 +175,7 @@ def test_values_whose_features_sit_at_different_positions_are_refused():
 
 def test_a_gather_of_one_neuron_twice_is_refused():
     """Kills _copy_to 26, 36-39; gather_positions 102, 107, 116, 117."""
-    refused(lambda self, h, e: torch.cat([h, h], -1).index_select(-2, e[0])[..., :5],
+    refused(lambda self, h, e: h.repeat(*[1] * (h.dim() - 1), 2).index_select(-2, e[0])[..., :5],
             r"index_select: .*its gather does not hold the same neurons at every position, one per feature")
 
 
@@ -356,7 +356,7 @@ def test_joined_rows_refusals_name_the_message_and_the_axes():
             "Tensor.index_select: values whose features (the axes after axis 0) sit at different positions")):
         convert_joined(gathered, torch.randn(9, 4, 3, dtype=DTYPE), torch.tensor([0, 1, 2]))
     twice = Joined(lambda self, h, e, batch: torch.zeros(int(batch.max()) + 1, 5, dtype=h.dtype).index_add_(
-        0, batch, torch.cat([h, h], -1).index_select(0, torch.arange(9))[:, :5])).to(DTYPE)
+        0, batch, h.repeat(*[1] * (h.dim() - 1), 2).index_select(0, torch.arange(9))[:, :5])).to(DTYPE)
     with pytest.raises(UnsupportedModuleError, match=re.escape(
             "Tensor.index_select: its gather does not hold the same neurons at every position, one per feature")):
         convert_joined(twice, torch.randn(9, 3, dtype=DTYPE), torch.tensor([0, 1, 2]))
@@ -383,7 +383,7 @@ def test_joined_scatter_refusals_and_a_replay_with_an_edge_between_graphs():
     with pytest.raises(gradgraph.DatapointCouplingError, match="the per-datapoint losses mix datapoints"):
         convert_joined(shifted, x, targets)  # (refused by its reduction until session 18; the coupling check now)
     twice = Joined(lambda self, h, e, batch: torch.zeros(int(batch.max()) + 1, 10, dtype=h.dtype).index_add_(
-        0, batch, torch.cat([h, h], -1))[:, :5]).to(DTYPE)
+        0, batch, h.repeat(*[1] * (h.dim() - 1), 2))[:, :5]).to(DTYPE)
     with pytest.raises(UnsupportedModuleError, match=re.escape(
             "Tensor.index_add_: its scatter does not hold the same neurons at every position, one per feature")):
         convert_joined(twice, x, targets)
@@ -476,7 +476,7 @@ def test_refusals_of_scatters_over_signals_name_the_op():
     (two layers' outputs joined along the nodes), one neuron twice in a scatter: in full, by the op's name.
     Kills _copy_to 27; graph_op 35, 45-49, 100; scatter_positions 202, 229, 234, 243, 244."""
     refused(lambda self, h, e: torch.zeros(h.shape[0], 5, 10, dtype=h.dtype).index_add_(
-        1, torch.tensor([1, 2, 3, 4, 0]), torch.cat([h, h], -1))[..., :5], re.escape(
+        1, torch.tensor([1, 2, 3, 4, 0]), h.repeat(*[1] * (h.dim() - 1), 2))[..., :5], re.escape(
         "Tensor.index_add_: its scatter does not hold the same neurons at every position, one per feature (a "
         "statistic, or one neuron twice)"))
 

@@ -98,6 +98,8 @@ class Opaque:
     path: str
     reason: str
     sets: set[int] = field(default_factory=set)
+    #: a comparison's neurons (``h <= c``): a mask of these same neurons may read it (rules_elementwise.py)
+    compared: Neurons | None = None
 
 
 @dataclass

@@ -174,6 +174,11 @@ JOINED_INPUT_REMEDY = ("join them before calling the model (pass the input with 
 POOLS = _method("sum", "mean") | _names(torch.sum, torch.mean)
 SOFTMAX = _names(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax) | _method("softmax", "log_softmax")
 MASK_FILL = _method("masked_fill") | _names(torch.masked_fill)
+#: comparisons of two values (``h <= c``): a boolean, no gradient (rules_elementwise.py, ``comparison``)
+COMPARISONS = _method("le", "lt", "ge", "gt", "eq", "ne", "__le__", "__lt__", "__ge__", "__gt__", "__eq__",
+                      "__ne__") | _names(torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne)
+#: casts a comparison may go through on its way to a mask of the same neurons (``(h > c).float()``)
+COMPARISON_CASTS = _method("float", "double", "half", "bfloat16", "to", "type_as", "type", "bool")
 WHERE = _names(torch.where)
 MATMUL = _method("__matmul__", "__rmatmul__", "matmul", "mm", "bmm") | _names(torch.matmul, torch.mm, torch.bmm)
 #: ``beta * bias + alpha * (q @ kᵀ)``: attention scores with a constant bias (Bloom's ALiBi)

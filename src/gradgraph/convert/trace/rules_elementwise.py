@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, channel_row, feature_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last,
+    broadcast_ids, channel_row, feature_row, KEY_STRIDE, Neurons, Opaque, Param, Raw, rows_along_last,
     UnsupportedOperationError, varies_along,
 )
 from gradgraph.convert.trace.ops import (
-    BINARY_ADD, BINARY_OTHER, LAYER_NORM, LOST_TRACK, PARAMETER_REFUSED, POOLS, WHERE,
+    BINARY_ADD, BINARY_MUL, BINARY_OTHER, COMPARISON_CASTS, LAYER_NORM, LOST_TRACK, MASK_FILL, PARAMETER_REFUSED,
+    POOLS, WHERE,
 )
 from gradgraph.convert.trace.rules_data import Data
 from gradgraph.convert.trace.rules_graph import rank_among_rows
@@ -571,6 +572,60 @@ class ElementwiseRules:
             return None
         self.check_constant(name, meta, args[1], output.shape)
         return self.unary(args[0], output, name, None)
+
+    def comparison(self, name: str, args: tuple, output: Tensor, tracked: list) -> None:
+        """``h <= c`` of neuron values and a constant (PyG's ``StdAggregation``:
+        ``out.masked_fill(out <= sqrt(eps), 0)``): a boolean of each neuron's own value, with no gradient.
+        The trace follows it only into a mask of the same neurons at the same components
+        (:meth:`masks_compared_neurons`), whose result is then a function of each neuron's own values; any
+        other use reads it as a value without a rule, and where it reaches the output it pins the
+        compared sets (it is an :class:`Opaque` holding them)."""
+        metas = [meta for _, meta in tracked]
+        if len(tracked) != 1 or metas[0].comps is None:  # h1 <= h2: a boolean of two neurons
+            return self.mark_opaque(output, name, "gradgraph has no rule for this op", metas)
+        value, meta = tracked[0]
+        shape = output.shape
+        for other in args:
+            if isinstance(other, Tensor) and other is not value:
+                self.check_constant(name, meta, other, shape)  # a threshold per neuron pins their set
+        compared = Neurons(broadcast_ids(meta.nodes, shape).clone(), broadcast_ids(meta.comps, shape).clone(),
+                           dict(meta.versions))
+        self.set_meta(output, Opaque(name, self.location(), self.path(), "a comparison of neuron values, read "
+                                     "otherwise than as a mask of the same neurons", set(meta.versions), compared))
+
+    def masks_compared_neurons(self, name: str, args: tuple, output: Tensor, tracked: list) -> bool:
+        """Whether ``name`` masks neurons by a :meth:`comparison` of the same neurons at the same components
+        (``h.masked_fill(h <= c, 0)``, ``torch.where(h > c, h, 0)``, ``h * (h > c).float()``): then it is an
+        elementwise function of each neuron's own values, a new version of them. A cast of the comparison
+        stays one. ``False`` for anything else (the caller reads it as a value without a rule)."""
+        opaque = [(value, meta) for value, meta in tracked if isinstance(meta, Opaque)]
+        if len(opaque) != 1 or opaque[0][1].compared is None:
+            return False
+        condition, compared = opaque[0][0], opaque[0][1].compared
+        if name in COMPARISON_CASTS and len(tracked) == 1 and args and args[0] is condition:
+            if output.shape != condition.shape:
+                return False
+            self.set_meta(output, opaque[0][1])
+            return True
+        neurons = [(value, meta) for value, meta in tracked if isinstance(meta, Neurons)]
+        if len(neurons) != 1 or len(tracked) != 2 or neurons[0][1].comps is None:
+            return False  # a parameter filled in, or two values masked: no rule
+        value, meta = neurons[0]
+        if name in MASK_FILL:
+            placed = len(args) > 1 and args[0] is value and args[1] is condition
+        elif name in WHERE:
+            placed = len(args) > 2 and args[0] is condition
+        else:
+            placed = name in BINARY_MUL
+        shape = output.shape
+        if not placed or not torch.equal(broadcast_ids(compared.nodes, shape), broadcast_ids(meta.nodes, shape)) \
+                or not torch.equal(broadcast_ids(compared.comps, shape), broadcast_ids(meta.comps, shape)):
+            return False
+        for other in args:  # torch.where(h > c, h, table): a fill value per neuron pins their set
+            if isinstance(other, Tensor) and other is not value and other is not condition:
+                self.check_constant(name, meta, other, shape)
+        self.unary(value, output, name, None)
+        return True
 
     # -------------------------------------------------------------- norms
     def norm(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:

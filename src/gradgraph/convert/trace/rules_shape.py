@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, feature_row, ids_like, KEY_STRIDE, Neurons, Param, Raw, varies_along,
+    broadcast_ids, channel_row, feature_row, ids_like, KEY_STRIDE, Neurons, Param, Raw, varies_along,
 )
 from gradgraph.convert.trace.ops import (
     CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, JOINED_INPUT_REMEDY, JOINS, op_name, SHAPED_LIKE,
@@ -67,18 +67,14 @@ class ShapeRules:
                                        "models, call them with use_cache=False)")
             args = (kept, *args[1:]) if args else args
             kwargs = kwargs if args else {**kwargs, "tensors": kept}
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            copies = self.copy_repeated_parts(name, kept, dim) if name in CONCATENATIONS else {}
+            if copies:
+                return self.join_copies(name, kept, dim, copies, output)
         nodes = self.replay_ids(func, args, kwargs, lambda meta: meta.nodes)
         bound = all(meta.comps is not None for meta in metas)
         comps = self.replay_ids(func, args, kwargs, lambda meta: meta.comps) if bound else None
-        versions: dict[int, int] = {}
-        mixed: set[int] = set()
-        for meta in metas:
-            for index, version in meta.versions.items():
-                if versions.get(index, version) != version:
-                    mixed.add(index)
-                versions[index] = version
-        if mixed:
-            versions.update(self.join_versions(name, metas, mixed))
+        versions = self.joined_versions(name, metas)
         index_meta = None
         if any(meta.unbound_index is not None for meta in metas):
             index_meta = self.replay_ids(func, args, kwargs, lambda meta: meta.unbound_index)
@@ -103,6 +99,69 @@ class ShapeRules:
         if constants:
             raise self.unsupported(name, f"joins {what} with a constant of shape {list(constants[0].shape)}, whose "
                                    f"entries belong to no datapoint and no parameter; {remedy}")
+
+    def joined_versions(self, name: str, metas: list) -> dict[int, int]:
+        """The versions of a value made of ``metas``' values: each set's, a new one where parts
+        hold a set at different versions (:meth:`join_versions`)."""
+        versions: dict[int, int] = {}
+        mixed: set[int] = set()
+        for meta in metas:
+            for index, version in meta.versions.items():
+                if versions.get(index, version) != version:
+                    mixed.add(index)
+                versions[index] = version
+        if mixed:
+            versions.update(self.join_versions(name, metas, mixed))
+        return versions
+
+    def copy_repeated_parts(self, name: str, parts: list, dim: int) -> dict[int, Neurons]:
+        """Tied copies for the parts of a ``cat`` along the neurons' axis (the features, or a map's
+        channels) that hold a neuron an earlier part holds: CReLU's ``cat([relu(h), relu(-h)])``,
+        ``cat([h, h ** 2])``, PNA's scalers ``cat([h, h * s, h / s])``, ``cat([h, h])``. Returns
+        ``{place of the part: its copy's meta}``: each copy is a set of its own (one per run of the
+        part's row that lies in one set), tied neuron for neuron to what it copies, so a permutation
+        of ``h`` moves every copy with it; :meth:`join_copies` gives the copies their part's grad, and
+        the op that reads the result their act. Parts whose neurons no other part holds are left as
+        they are (``rotate_half``'s two halves at two versions: :meth:`join_versions`)."""
+        metas = [self.meta(part) for part in parts]
+        if any(meta.unbound_index is not None for meta in metas):
+            return {}
+        seen: set[int] = set()
+        copies: dict[int, Neurons] = {}
+        for place, (part, meta) in enumerate(zip(parts, metas)):
+            if part.dim() < 2:
+                continue
+            axis = dim % part.dim()
+            channels = part.dim() >= 3 and axis == 1 and varies_along(broadcast_ids(meta.comps, part.shape),
+                                                                     part.dim() - 1)
+            row = channel_row(meta.nodes, part.shape) if channels else feature_row(meta.nodes)
+            if row is None or (not channels and axis != part.dim() - 1):
+                continue
+            if seen.intersection(row.tolist()) and torch.unique(row).numel() == row.numel():
+                copied, created = self.tied_copy(row, f"{self.path() or name} part {place}", "merge")
+                for index in meta.versions:  # a copy of part of a set reads that part (materialize)
+                    self.separate_part_read(self.sets[index], row)
+                placed = copied.reshape(1, -1, *[1] * (part.dim() - 2)) if channels else copied
+                copies[place] = Neurons(broadcast_ids(placed, part.shape).clone(), meta.comps,
+                                        {copy.index: 0 for copy in created})
+            seen.update(row.tolist())
+        return copies
+
+    def join_copies(self, name: str, parts: list, dim: int, copies: dict[int, Neurons], output: Tensor) -> None:
+        """``cat`` of ``parts`` with the tied copies :meth:`copy_repeated_parts` made standing in
+        for theirs; each copy's grad is the output's gradient at its part's places."""
+        metas = [copies.get(place, self.meta(part)) for place, part in enumerate(parts)]
+        axis = dim % output.dim()
+        nodes = torch.cat([broadcast_ids(meta.nodes, part.shape) for meta, part in zip(metas, parts)], axis)
+        comps = torch.cat([broadcast_ids(meta.comps, part.shape) for meta, part in zip(metas, parts)], axis)
+        meta = Neurons(nodes, comps, self.joined_versions(name, metas))
+        for place, copy in copies.items():
+            at_copy = torch.cat([broadcast_ids(copy.nodes, part.shape) if other == place
+                                 else torch.full(tuple(part.shape), -1, dtype=torch.long)
+                                 for other, part in enumerate(parts)], axis)
+            self.sets[next(iter(copy.versions))].grad_records.append((output, at_copy, comps))
+        self.set_meta(output, meta)
+        self.observe(output, meta)
 
     def join_versions(self, name: str, metas: list, mixed: set[int]) -> dict[int, int]:
         """A new version of sets joined from parts at different versions (``rotate_half``:

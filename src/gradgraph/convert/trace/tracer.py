@@ -26,8 +26,8 @@ from gradgraph.convert.trace.meta import (
     flat_arguments, set_containing,
 )
 from gradgraph.convert.trace.ops import (
-    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL, BINARY_OTHER,
-    DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MAX_MIN, EMBEDDING, IDENTITY_OPS,
+    ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, COMPARISONS, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL,
+    BINARY_OTHER, DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MAX_MIN, EMBEDDING, IDENTITY_OPS,
     IN_PLACE_HINT, IN_PLACE_OPERATORS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL,
     numpy_keywords, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SHAPED_LIKE, SOFTMAX, UNARY, WHERE,
 )
@@ -405,6 +405,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
         if name in ELEMENTWISE_FUNCTIONS:
             return self.unary(args[0], output, name, ELEMENTWISE_FUNCTIONS[name])
         if any(isinstance(meta, Opaque) for meta in metas):
+            if self.masks_compared_neurons(name, args, output, tracked):  # h.masked_fill(h <= c, 0), h * (h > c)
+                return None
             if any(isinstance(meta, Param) for meta in metas):
                 value = next(value for value, meta in tracked if isinstance(meta, Opaque))
                 self.need_neurons(value, f"{name} with the parameter "
@@ -412,6 +414,8 @@ class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules
             opaque = next(meta for meta in metas if isinstance(meta, Opaque))
             return self.mark_opaque(output, opaque.op, opaque.reason, metas, location=opaque.location,
                                     path=opaque.path)
+        if name in COMPARISONS and all(isinstance(meta, Neurons) for meta in metas):
+            return self.comparison(name, args, output, tracked)
         # convolutions (run as gather_taps + F.linear, trace/rules_conv.py) and spatial pooling
         if func is gather_taps:
             return self.tap_gather(name, args, kwargs, output)

@@ -1,0 +1,130 @@
+"""A mask of neurons by a comparison of the same neurons (``rules_elementwise.py``, ``comparison`` and
+``masks_compared_neurons``): ``h.masked_fill(h <= c, 0)`` (PyG's ``StdAggregation``), ``torch.where(h > c, h, 0)``
+and ``h * (h > c).float()`` are functions of each neuron's own values, so they convert exactly with ``h``'s
+symmetry kept. Any other use of a comparison of neuron values (a mask of other neurons, a comparison read by a
+Linear, one that reaches the output) is refused or pins the compared neurons.
+
+Before the rule every comparison of neuron values was "no rule for this op" and the models below were refused
+(checked on main at 31513c7), so the exactness tests fail there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradgraph
+from convert_values import exact, squared
+from gradgraph.convert.plan import PLAN_CACHE
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+DTYPE = torch.float64
+
+MASKS = {
+    "masked_fill": lambda h: h.masked_fill(h <= 0.1, 0.0),
+    "where": lambda h: torch.where(h > -0.2, h, 0.0),
+    "where-constant-first": lambda h: torch.where(torch.gt(h, 0.3), 0.5, h),
+    "multiply": lambda h: h * (h > 0).float(),
+    "multiply-cast-to": lambda h: (0.0 < h).to(h.dtype) * h,
+    "std-aggregation": lambda h: (lambda out: out.masked_fill(out <= 0.6, 0.0))(h.clamp(min=1e-5).sqrt()),
+}
+
+
+class Masked(nn.Module):
+    """``out(tanh(b(mask(a(x)))))``, the mask a comparison of the neurons it masks."""
+
+    def __init__(self, mask: str) -> None:
+        super().__init__()
+        self.mask = MASKS[mask]
+        self.a, self.b, self.out = nn.Linear(3, 5), nn.Linear(5, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.mask(self.a(x))
+        return self.out(torch.tanh(self.b(h)))
+
+
+def _inputs():
+    return torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+
+
+@pytest.mark.parametrize("mask", sorted(MASKS))
+def test_a_mask_of_neurons_by_their_own_comparison_is_exact_and_keeps_their_symmetry(mask):
+    torch.manual_seed(0)
+    model = Masked(mask).to(DTYPE)
+    exact(model, _inputs())
+    misses = PLAN_CACHE.misses
+    assert_exact_per_sample_grads(model, 3 * _inputs().flip(0), None, squared)  # the cached plan, other masks
+    assert PLAN_CACHE.misses == misses
+    moved, _, perm = assert_group_keeps_function(model, _inputs(), None, squared, seed=4)
+    assert bool((perm[3:8] != torch.arange(3, 8)).any()), "a's neurons lost their symmetry"
+
+
+class OtherMask(nn.Module):
+    """Neurons masked by a comparison of other neurons (``g`` zeroed where ``h`` is small): a gate
+    between two sets, which the graph has no edge for."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, g = self.a(x), self.c(x)
+        if self.use == "other":
+            return self.out(g.masked_fill(h <= 0, 0.0))
+        if self.use == "linear":
+            return self.out((h > 0).to(h.dtype))
+        return self.out(h) + (h > 0)[:, :2].to(h.dtype)  # "output": the comparison reaches the output
+
+
+def _refused(model, message):
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError, match=message):
+        gradgraph.to_graph(model, _inputs(), None, squared)
+
+
+def test_a_mask_by_a_comparison_of_other_neurons_is_refused():
+    torch.manual_seed(0)
+    _refused(OtherMask("other").to(DTYPE), r"Tensor\.le: a comparison of neuron values, read otherwise than as a "
+                                           r"mask of the same neurons.*module 'out'")
+
+
+def test_a_comparison_read_by_a_linear_is_refused():
+    torch.manual_seed(0)
+    _refused(OtherMask("linear").to(DTYPE), r"Tensor\.gt: a comparison of neuron values")
+
+
+def test_a_comparison_that_reaches_the_output_pins_the_compared_neurons():
+    """``(h > 0)[:, :2]`` added to the output reads two of ``h``'s neurons by place: a permutation of ``h``
+    would change the function, so the group leaves ``h`` alone (and keeps the function)."""
+    torch.manual_seed(0)
+    model = OtherMask("output").to(DTYPE)
+    exact(model, _inputs())
+    moved, _, perm = assert_group_keeps_function(model, _inputs(), None, squared, seed=4)
+    assert torch.equal(perm[3:7], torch.arange(3, 7)), "h's neurons were permuted"
+
+
+class Thresholds(nn.Module):
+    """A mask by a comparison with one threshold per neuron, or a fill value per neuron: the neurons are no
+    longer alike."""
+
+    def __init__(self, fill: bool) -> None:
+        super().__init__()
+        self.fill = fill
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.register_buffer("threshold", torch.tensor([0.0, 0.5, -0.5, 1.0]))
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.fill:  # one threshold for all, one fill value per neuron
+            return self.out(torch.where(h > 0.1, h, self.threshold))
+        return self.out(h.masked_fill(h <= self.threshold, 0.0))
+
+
+@pytest.mark.parametrize("fill", [False, True], ids=["threshold", "fill value"])
+def test_a_threshold_or_fill_value_per_neuron_pins_their_set(fill):
+    torch.manual_seed(0)
+    model = Thresholds(fill).to(DTYPE)
+    exact(model, _inputs())
+    moved, _, perm = assert_group_keeps_function(model, _inputs(), None, squared, seed=4)
+    assert torch.equal(perm[3:7], torch.arange(3, 7))
