@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,6 +217,22 @@ class ValueGuard:
 
 def rows_along_last(ids: Tensor) -> Tensor:
     return ids.reshape(-1, ids.shape[-1]) if ids.dim() else ids.reshape(1, 1)
+
+
+def neuron_axes_last(nodes: Tensor) -> tuple[list[int], int] | None:
+    """``(order, n)`` where the neurons of ``nodes`` lie on ``k >= 2`` axes, the last among them: ``order``
+    permutes those axes to the end (``n`` neurons per position: each head's features of
+    ``q.view(b, T, heads, d)`` or of its ``transpose(1, 2)``); ``None`` for the usual row of features on
+    the last axis alone, or neurons that do not reach the last axis."""
+    axes = [axis for axis in range(nodes.dim()) if varies_along(nodes, axis)]
+    if len(axes) < 2 or axes[-1] != nodes.dim() - 1:
+        return None
+    return [axis for axis in range(nodes.dim()) if axis not in axes] + axes, math.prod(nodes.shape[a] for a in axes)
+
+
+def neuron_rows(ids: Tensor, layout: tuple[list[int], int] | None) -> Tensor:
+    """``ids`` as rows of the neuron axes (:func:`neuron_axes_last`), or along the last axis."""
+    return rows_along_last(ids) if layout is None else ids.permute(*layout[0]).reshape(-1, layout[1])
 
 
 def feature_row(nodes: Tensor) -> Tensor | None:

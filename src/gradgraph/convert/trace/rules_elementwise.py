@@ -1,27 +1,23 @@
-"""Trace rules for elementwise ops (activations, residual adds, gates, constants), reductions,
-softmax and masks, and norms."""
+"""Trace rules for elementwise ops: activations, residual adds, gates, arithmetic with parameters and
+constants, masks and comparisons. Reductions and softmax are in ``rules_reduction.py``, norms in
+``rules_norm.py``."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, channel_row, feature_row, KEY_STRIDE, Neurons, Opaque, Param, Raw, rows_along_last,
-    UnsupportedOperationError, varies_along,
+    broadcast_ids, channel_row, feature_row, KEY_STRIDE, neuron_axes_last, neuron_rows, Neurons, Opaque, Param, Raw,
+    rows_along_last, UnsupportedOperationError, varies_along,
 )
 from gradgraph.convert.trace.ops import (
-    BINARY_ADD, BINARY_MUL, BINARY_OTHER, COMPARISON_CASTS, LAYER_NORM, LOST_TRACK, MASK_FILL, PARAMETER_REFUSED,
-    POOLS, WHERE,
+    BINARY_ADD, BINARY_MUL, BINARY_OTHER, COMPARISON_CASTS, MASK_FILL, PARAMETER_REFUSED, WHERE,
 )
 from gradgraph.convert.trace.rules_data import Data
-from gradgraph.convert.trace.rules_graph import rank_among_rows
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
-
 
 def _one_value_per_neuron(nodes: tuple[Tensor, ...], comps: Tensor) -> bool:
     """No element that holds a neuron repeats another's ids: its neurons (one per operand in
@@ -30,34 +26,6 @@ def _one_value_per_neuron(nodes: tuple[Tensor, ...], comps: Tensor) -> bool:
     ids = torch.stack([*(part.reshape(-1) for part in nodes), comps.reshape(-1)])
     ids = ids[:, (ids[:-1] >= 0).any(0)]
     return torch.unique(ids, dim=1).shape[1] == ids.shape[1]
-
-
-#: per-neuron maxima / minima over positions (a text CNN's max over time): pooling, as sum and mean
-_ORDER_POOLS = {"Tensor.max", "Tensor.min", "Tensor.amax", "Tensor.amin", "torch.amax", "torch.amin", "torch.max",
-                "torch.min"}
-#: a vector norm over positions (ConvNeXt V2's global response norm, ``linalg.vector_norm`` read as
-#: ``Tensor.norm``): per channel and, like a mean or a max, positively homogeneous
-_NORM_POOLS = {"Tensor.norm", "torch.norm"}
-#: reductions a norm computes its statistic with; over part of the features (each head's
-#: features), one statistic per part (:meth:`ElementwiseRules.separate_parts`)
-_PART_STATISTICS = {"Tensor.mean", "torch.mean", "Tensor.var", "torch.var", "Tensor.std", "torch.std",
-                    "Tensor.norm", "torch.norm"}
-
-
-def _neuron_axes_last(nodes: Tensor) -> tuple[list[int], int] | None:
-    """``(order, n)`` where the neurons of ``nodes`` lie on ``k >= 2`` axes, the last among them: ``order``
-    permutes those axes to the end (``n`` neurons per position: each head's features of
-    ``q.view(b, T, heads, d)`` or of its ``transpose(1, 2)``); ``None`` for the usual row of features on
-    the last axis alone, or neurons that do not reach the last axis."""
-    axes = [axis for axis in range(nodes.dim()) if varies_along(nodes, axis)]
-    if len(axes) < 2 or axes[-1] != nodes.dim() - 1:
-        return None
-    return [axis for axis in range(nodes.dim()) if axis not in axes] + axes, math.prod(nodes.shape[a] for a in axes)
-
-
-def _rows(ids: Tensor, layout: tuple[list[int], int] | None) -> Tensor:
-    """``ids`` as rows of the neuron axes (:func:`_neuron_axes_last`), or along the last axis."""
-    return rows_along_last(ids) if layout is None else ids.permute(*layout[0]).reshape(-1, layout[1])
 
 
 def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
@@ -73,7 +41,7 @@ def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
 
 
 class ElementwiseRules:
-    """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, reductions, norms."""
+    """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, masks, comparisons."""
 
     # -------------------------------------------------------------- elementwise
     def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None) -> None:
@@ -372,9 +340,9 @@ class ElementwiseRules:
                 raise self.unsupported(name, "a parameter combined with a feature map that differs between positions")
             pos_rows = pos_row[None]
         else:
-            layout = _neuron_axes_last(nodes)
-            sources = feature_row(_rows(nodes, layout))
-            pos_rows = _rows(pos, layout)
+            layout = neuron_axes_last(nodes)
+            sources = feature_row(neuron_rows(nodes, layout))
+            pos_rows = neuron_rows(pos, layout)
             per_feature = bool((pos_rows == pos_rows[:1]).all())
         if sources is None:
             raise self.unsupported(name, "a parameter combined with values that are not one neuron per feature")
@@ -399,7 +367,7 @@ class ElementwiseRules:
             kind, weight_param, weight_pos = EdgeKind.NORM_SCALE, param_meta.index, positions
         meta = self.fix_act(value, meta, name)
         nodes = broadcast_ids(meta.nodes, shape)
-        sources = channel_row(nodes, shape) if channels else _rows(nodes, _neuron_axes_last(nodes))[0].clone()
+        sources = channel_row(nodes, shape) if channels else neuron_rows(nodes, neuron_axes_last(nodes))[0].clone()
         # one set per source set the features lie in (a scale of cat([h1, h2])): per feature, so each
         # part still permutes on its own, with its source
         targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, f"{self.path()} {name}", "scale")
@@ -420,134 +388,6 @@ class ElementwiseRules:
         placeholder = torch.empty(0)
         self.set_meta(placeholder, embedded)
         self.binary(name, (value, placeholder), {}, output)
-
-    # -------------------------------------------------------------- reductions
-    def _dims(self, args: tuple, kwargs: dict, ndim: int) -> list[int]:
-        dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], bool) else None)
-        if dim is None:
-            return list(range(ndim))
-        dims = [dim] if isinstance(dim, int) else list(dim)
-        return sorted(d % ndim for d in dims)
-
-    def reduction(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
-        x = args[0]
-        meta = self.need_neurons(x, name)
-        if meta is None or meta.comps is None:
-            return self.mark_opaque(output, name, "a reduction of values that do not depend on the input",
-                                    [meta] if meta else [])
-        indices = None
-        if isinstance(output, tuple):  # max / min with dim return (values, indices)
-            if name not in _ORDER_POOLS or len(output) != 2:
-                return self.mark_opaque(output, name, "max/min with indices", [meta])
-            output, indices = output  # the values may pool over positions (max over time); indices are opaque
-            self.mark_opaque(indices, name, "the indices of a max/min", [])
-        dims = self._dims(args, kwargs, x.dim())
-        keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
-        if name.endswith("norm") and len(args) > 2:
-            keepdim = bool(kwargs.get("keepdim", False))
-        neuron_axes = [axis for axis in range(x.dim()) if varies_along(meta.nodes, axis)]
-        comp_axes = [axis for axis in range(x.dim()) if varies_along(meta.comps, axis)]
-        datapoint = meta.comps // KEY_STRIDE
-        datapoint_axes = [axis for axis in range(x.dim()) if varies_along(datapoint, axis)]
-        reduced_neurons = [axis for axis in dims if axis in neuron_axes]
-        reduced_comps = [axis for axis in dims if axis in comp_axes]
-
-        def collapse(ids: Tensor) -> Tensor:
-            for axis in reversed(dims):
-                ids = ids.narrow(axis, 0, 1)
-                if not keepdim:
-                    ids = ids.squeeze(axis)
-            return ids.clone()
-
-        if any(axis in datapoint_axes for axis in dims):
-            return self.mark_opaque(output, name, "a reduction over datapoints", [meta])
-        if not reduced_neurons and not reduced_comps:  # over axes of size 1 (one position left): same values
-            new = Neurons(collapse(meta.nodes), collapse(meta.comps), self.next_version(meta.versions))
-            self.set_meta(output, new)
-            self.observe(output, new)
-            return None
-        if reduced_neurons and not reduced_comps:
-            if set(reduced_neurons) != set(neuron_axes):
-                if indices is not None or name not in _PART_STATISTICS:
-                    return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
-                # a statistic of each part (Qwen3's RMSNorm of each head's query): it is combined with
-                # the part's own neurons again, so each part must keep its neurons under the group
-                self.separate_parts(meta, [axis for axis in neuron_axes if axis not in reduced_neurons],
-                                    reduced_neurons)
-            else:
-                self.separate_mixed_part(meta)
-            stat = Neurons(torch.full(tuple(output.shape), -1, dtype=torch.long), collapse(meta.comps), {})
-            self.set_meta(output, stat)
-            return None
-        if reduced_comps and not reduced_neurons:
-            if name not in POOLS and name not in _ORDER_POOLS and name not in _NORM_POOLS:
-                return self.mark_opaque(output, name, "a reduction over positions other than sum/mean/max/min/norm",
-                                        [meta])
-            if output.dim() >= 3 and all(axis >= 2 for axis in dims) \
-                    and channel_row(meta.nodes, x.shape) is not None:
-                # a map [b, C, *S] pooled over some of its positions, or with keepdim (an SE block's
-                # x.mean((2, 3), keepdim=True)): per channel, the positions left stay components
-                self.spatial_pool(name, (x,), {}, output)
-                return None
-            if bool((meta.nodes < 0).any()):  # its pooled set would have edges from no neuron (node -1)
-                return self.mark_opaque(output, name, "pooling a statistic (a sum or norm over the features) over "
-                                        "positions", [meta])
-            pooled_nodes, pooled_datapoints = collapse(meta.nodes), collapse(datapoint)
-            # one neuron whose last axis left holds positions or datapoints, not features ([b, T] pooled to
-            # [b]): read along a trailing axis of one feature, or the datapoints would pass for its features
-            one_neuron = pooled_nodes.dim() > 0 and not varies_along(pooled_nodes, pooled_nodes.dim() - 1) \
-                and varies_along(collapse(meta.comps), pooled_nodes.dim() - 1)
-            if one_neuron:
-                pooled_nodes, pooled_datapoints = pooled_nodes[..., None], pooled_datapoints[..., None]
-            rows = rows_along_last(pooled_nodes)
-            if output.dim() == 0 or not bool((rows == rows[:1]).all()):
-                return self.mark_opaque(output, name, "pooling that does not keep one neuron per feature", [meta])
-            self.observe(x, meta)
-            # one pooled set per set the row holds (a pooled cat of group outputs: rules_conv.tied_copy)
-            pooled_ids, created = self.tied_copy(rows[0].clone(), f"{self.path()} {name}", "pool")
-            # several pooled rows of one datapoint (tokens pooled in pairs, a video's frames each pooled over
-            # its positions): a key per row of the datapoint, so no neuron holds two values at one component
-            rank = rank_among_rows(rows_along_last(pooled_datapoints)[:, 0])
-            keys = torch.tensor(self.new_key(int(rank.max()) + 1 if rank.numel() else 1))
-            comps = pooled_datapoints * KEY_STRIDE + keys[rank].reshape(*pooled_datapoints.shape[:-1], 1)
-            comps = comps[..., 0] if one_neuron else comps
-            nodes = broadcast_ids(pooled_ids, output.shape).clone()
-            new = Neurons(nodes, broadcast_ids(comps, output.shape).clone(), {pooled.index: 0 for pooled in created})
-            created[0].grad_records.append((output, nodes, new.comps))
-            self.set_meta(output, new)
-            self.observe(output, new)
-            return None
-        return self.mark_opaque(output, name, "a reduction over features and positions together", [meta])
-
-    def separate_parts(self, meta: Neurons, kept: list[int], reduced: list[int]) -> None:
-        """A statistic over the ``reduced`` neuron axes of a value, one per index of its ``kept``
-        neuron axes: each part (the neurons at one index of ``kept``) is separated from the rest of
-        its set (:meth:`separate_part_read`), so no permutation moves a neuron into another part."""
-        nodes = meta.nodes
-        for axis in range(nodes.dim()):
-            if axis not in kept and axis not in reduced:
-                nodes = nodes.narrow(axis, 0, 1)
-        order = [axis for axis in range(nodes.dim()) if axis not in kept and axis not in reduced] + kept + reduced
-        parts = nodes.permute(*order).reshape(-1, math.prod(nodes.shape[axis] for axis in reduced))
-        for part in torch.unique(parts, dim=0):
-            part = part[part >= 0]
-            for index in meta.versions:
-                self.separate_part_read(self.sets[index], part)
-
-    def softmax(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        meta = self.need_neurons(args[0], name)
-        if meta is None:
-            return None
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
-        if dim is None:  # F.softmax(h), nn.Softmax(): PyTorch's implicit (deprecated) choice, as it computes
-            dim = 0 if args[0].dim() in (0, 1, 3) else 1
-        axis = dim % args[0].dim()
-        if varies_along(meta.nodes, axis) and meta.comps is not None and not varies_along(meta.comps, axis):
-            neuron_axes = [a for a in range(args[0].dim()) if varies_along(meta.nodes, a)]
-            if neuron_axes == [axis]:
-                self.separate_mixed_part(meta)
-                return self.unary(args[0], output, name, None)  # softmax over all features of a set
-        return self.mark_opaque(output, name, "a softmax across positions or part of the features", [meta])
 
     def mask_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         # a parameter selected (torch.where's value) or filled in (masked_fill's value) is no bias or scale of
@@ -626,137 +466,3 @@ class ElementwiseRules:
                 self.check_constant(name, meta, other, shape)
         self.unary(value, output, name, None)
         return True
-
-    # -------------------------------------------------------------- norms
-    def norm(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        x = args[0]
-        layer_norm = name in LAYER_NORM
-        normalized_shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
-        weight = args[2] if len(args) > 2 else kwargs.get("weight")
-        bias = (args[3] if len(args) > 3 else kwargs.get("bias")) if layer_norm else None
-        eps = args[4 if layer_norm else 3] if len(args) > (4 if layer_norm else 3) else kwargs.get("eps")
-        meta = self.need_neurons(x, name)
-        if meta is None:
-            if weight is None and bias is None:
-                return None
-            raise self.unsupported(name, LOST_TRACK)
-        if len(tuple(normalized_shape)) != 1:
-            raise self.unsupported(name, f"normalized_shape {tuple(normalized_shape)}; gradgraph supports norms over "
-                                   "the last axis")
-        neuron_axes = [axis for axis in range(x.dim()) if varies_along(meta.nodes, axis)]
-        # a norm of each head's features (Phi's LayerNorm of q.view(b, T, heads, d).transpose(1, 2)): one
-        # statistic per head, the weight [d] shared by the heads
-        layout = _neuron_axes_last(broadcast_ids(meta.nodes, x.shape)) if meta.comps is not None else None
-        per_part = layout is not None
-        if not per_part and (neuron_axes not in ([x.dim() - 1], []) or meta.comps is None):
-            raise self.unsupported(name, "a norm whose last axis is not the features of its input")
-        with torch.no_grad():
-            if layer_norm:
-                normalised = F.layer_norm(x.detach(), tuple(normalized_shape), None, None,
-                                          1e-5 if eps is None else eps)
-            else:
-                squares = x.detach().pow(2).mean(-1, keepdim=True)
-                epsilon = torch.finfo(x.dtype).eps if eps is None else eps
-                normalised = x.detach() * torch.rsqrt(squares + epsilon)
-        # the input's act is its normalised value: then NORM_SCALE edges carry gamma's gradient
-        recipe = ("layer_norm", tuple(normalized_shape), 1e-5 if eps is None else eps) if layer_norm else (
-            "rms_norm", None if eps is None else eps)
-        self.derived[id(normalised)] = (normalised, self.op_index, recipe)
-        versions = self.next_version(meta.versions)
-        normalised_meta = Neurons(meta.nodes, meta.comps, versions)
-        self.set_meta(normalised, normalised_meta)
-        normalised_meta = self.fix_act(normalised, normalised_meta, name)
-        if per_part:
-            self.separate_parts(meta, neuron_axes[:-1], neuron_axes[-1:])
-            sources = feature_row(_rows(broadcast_ids(normalised_meta.nodes, x.shape), layout))
-            if sources is None:
-                raise self.unsupported(name, "a norm of each head's features whose heads hold other neurons at "
-                                       "other positions")
-        else:
-            sources = rows_along_last(normalised_meta.nodes)[0].clone()
-
-        def position_row(pos: Tensor) -> Tensor:  # the weight's entry of every source ([d] over the heads)
-            return _rows(broadcast_ids(pos, x.shape), layout)[0].clone()
-        # one norm set per source set the features lie in (a norm of cat([h1, h2])): the statistic is
-        # symmetric in all its features, so each part still permutes on its own, with its source
-        targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, self.path() or name, "norm")
-        if weight is not None:
-            weight_view = self.param_view(weight, name, "weight")
-            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index,
-                               position_row(weight_view.pos), None))
-        else:
-            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, -1, None, None))
-        if bias is not None:
-            bias_view = self.param_view(bias, name, "bias")
-            bias_positions = position_row(bias_view.pos)
-            for (low, high), created in zip(runs, created_sets):
-                created.bias_param, created.bias_pos = bias_view.index, bias_positions[low:high].clone()
-        for low, high in runs:
-            self.ties.append((sources[low:high], targets[low:high]))
-        if per_part:
-            lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
-            lookup[sources] = targets
-            nodes = lookup[broadcast_ids(normalised_meta.nodes, output.shape)]
-        else:
-            nodes = broadcast_ids(targets, output.shape).clone()
-        new = Neurons(nodes, meta.comps.clone(), {created.index: 0 for created in created_sets})
-        created_sets[0].grad_records.append((output, nodes, new.comps))  # one record writes every set's grad
-        self.set_meta(output, new)
-        self.observe(output, new)
-
-    def batch_norm(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        training = kwargs.get("training", args[5] if len(args) > 5 else False)
-        if isinstance(self.meta(args[0]), Param):  # BiT's WeightStandardizedConv2d: F.batch_norm of its weight
-            raise self.unsupported(name, "a batch norm of a parameter (weight standardization) is arithmetic on the "
-                                   "parameter before it meets the input, whose gradient is not a rank-1 term of the "
-                                   "graph; convert a copy with the standardized weights as plain parameters")
-        if training:
-            raise self.unsupported(name, "batch norm in training mode mixes the datapoints of a batch, so their "
-                                   "gradients are not separate rank-1 terms; call model.eval()")
-        x, running_mean, running_var = args[0], args[1], args[2]
-        weight = args[3] if len(args) > 3 else kwargs.get("weight")
-        bias = args[4] if len(args) > 4 else kwargs.get("bias")
-        eps = args[7] if len(args) > 7 else kwargs.get("eps", 1e-5)
-        # BatchNorm1d/2d/3d over [b, channels, *positions]: channels are the neurons (trace/rules_conv.py)
-        meta = self.need_neurons(x, name) if x.dim() == 2 else self.channel_neurons(x, name, x.dim() - 2)[0]
-        if meta is None:
-            raise self.unsupported(name, LOST_TRACK)
-        stats = [-1] + [1] * (x.dim() - 2)  # the running statistics per channel, broadcast over positions
-        with torch.no_grad():
-            normalised = (x.detach() - running_mean.reshape(stats)) / torch.sqrt(running_var.reshape(stats) + eps)
-        self.derived[id(normalised)] = (normalised, self.op_index, ("batch_norm", eps))
-        # the running statistics are buffers: symmetry.permute_model moves them with the channels of
-        # the module whose bias they share (a BatchNorm with affine=True); other statistics pin them
-        movable = bias is not None and any(
-            getattr(module, "bias", None) is bias and getattr(module, "running_mean", None) is running_mean
-            and getattr(module, "running_var", None) is running_var for module in self.model.modules())
-        if not movable:
-            for index in meta.versions:
-                self.sets[index].pinned = True
-        normalised_meta = Neurons(meta.nodes, meta.comps, self.next_version(meta.versions))
-        self.set_meta(normalised, normalised_meta)
-        normalised_meta = self.fix_act(normalised, normalised_meta, name)
-        sources = normalised_meta.nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
-        # per channel, nothing mixed: one norm set per source set the channels lie in (a DenseNet's
-        # BatchNorm over cat([h, z]) is a norm of h and a norm of z, each permuted with its source)
-        targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, self.path() or name, "norm")
-        for (low, high), created in zip(runs, created_sets):
-            created.pinned = not movable
-            if movable:
-                self.ties.append((sources[low:high], targets[low:high]))
-        if weight is not None:
-            weight_view = self.param_view(weight, name, "weight")
-            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, weight_view.index, weight_view.pos.clone(),
-                               None))
-        else:
-            self.edges.append((sources, targets, EdgeKind.NORM_SCALE, -1, None, None))
-        if bias is not None:
-            bias_view = self.param_view(bias, name, "bias")
-            for (low, high), created in zip(runs, created_sets):
-                created.bias_param, created.bias_pos = bias_view.index, bias_view.pos[low:high].clone()
-        nodes = broadcast_ids(targets.reshape(-1, *[1] * (x.dim() - 2)), output.shape).clone()
-        new = Neurons(nodes, broadcast_ids(meta.comps, output.shape).clone(),
-                      {created.index: 0 for created in created_sets})
-        created_sets[0].grad_records.append((output, nodes, new.comps))  # one record writes every set's grad
-        self.set_meta(output, new)
-        self.observe(output, new)

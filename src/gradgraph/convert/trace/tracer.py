@@ -39,8 +39,10 @@ from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
 from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, rank_within, SCATTERS, SCATTERS_IN_PLACE
 from gradgraph.convert.trace.recurrent import previous_state
+from gradgraph.convert.trace.rules_norm import NormRules
 from gradgraph.convert.trace.rules_pad import PadRules
 from gradgraph.convert.trace.rules_recurrent import FoldRules
+from gradgraph.convert.trace.rules_reduction import ReductionRules
 from gradgraph.convert.trace.rules_shape import ShapeRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
@@ -78,8 +80,8 @@ def _in_packing(reason: str) -> str:
     return reason
 
 
-class Tracer(AffineRules, ElementwiseRules, AttentionRules, DataRules, ConvRules, GraphRules, FoldRules, ShapeRules,
-             PadRules, TorchFunctionMode):
+class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, AttentionRules, DataRules, ConvRules,
+             GraphRules, FoldRules, ShapeRules, PadRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_datapoints: int, datapoint_dim: int = 0,
