@@ -791,6 +791,33 @@ def test_more_pyg_layers_on_a_batch_are_exact_with_a_true_group(kind):
     assert_batch_group_keeps_function(model, graph, batch, targets, seed=2)
 
 
+class JumpingKnowledge(nn.Module):
+    """A PyG ``BasicGNN`` model (two layers, width 5) with JumpingKnowledge, mean pooling, a linear head."""
+
+    def __init__(self, kind: str, jk: str) -> None:
+        super().__init__()
+        from torch_geometric.nn import models
+
+        self.net = {"gin": models.GIN, "gcn": models.GCN, "sage": models.GraphSAGE}[kind](3, 5, 2, jk=jk)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x, edge_index, batch):
+        return self.head(pyg.global_mean_pool(self.net(x, edge_index), batch))
+
+
+@pytest.mark.parametrize("kind,jk", [("gin", "max"), ("gcn", "max"), ("sage", "cat")])
+def test_pyg_models_with_jumping_knowledge_are_exact_with_a_true_group(kind, jk):
+    """PyG's ``GIN`` / ``GCN`` with ``jk="max"`` (``torch.stack(xs, -1).max(-1)`` over the layer outputs: a merged
+    set tied to each layer's, since session 19; refused before as "a reduction over part of the features") and
+    ``GraphSAGE`` with ``jk="cat"``."""
+    torch.manual_seed(0)
+    model = JumpingKnowledge(kind, jk).to(DTYPE)
+    graphs, batch = pyg_batch(seed=8)
+    targets = torch.tensor([2, 0, 3])
+    graph = assert_exact_per_graph(model, graphs, batch, targets)
+    assert assert_batch_group_keeps_function(model, graph, batch, targets, seed=2) > 0
+
+
 REFUSED_LAYERS = {
     "GATConv-edge-dim": (lambda i, o: pyg.GATConv(i, o, heads=2, edge_dim=2),
                          r"of type GATConv: edge features \(edge_dim\) are a second input"),

@@ -192,6 +192,54 @@ class ElementwiseRules:
         self.set_meta(output, new)
         self.observe(output, new)
 
+    def merge_stacked(self, name: str, x: Tensor, meta: Neurons, axis: int, output: Tensor, keepdim: bool) -> bool:
+        """A sum, mean, maximum or minimum over ``axis`` of ``x`` where whole values were stacked along it
+        (JumpingKnowledge's ``torch.stack(xs, -1).max(-1)`` over a GNN's layer outputs, a mean of several
+        layers' features): elementwise in the stacked values, as ``h1 + h2`` or ``torch.maximum(h1, h2)`` is.
+        The result is a new set of one neuron per neuron of a slice, tied neuron for neuron to every slice's
+        (RESIDUAL edges for a sum or mean, GATE edges for a maximum or minimum), so a permutation moves all
+        of them alike. Returns whether it applied: every slice holds neurons, one per feature at each
+        component, the slices' neurons pair one to one and no two slices hold neurons of one set (slices of one
+        set are a statistic of each part, as a per-head norm's, or maxout's ``h.view(b, F, k).max(-1)``: the
+        caller's rules for those)."""
+        nodes = broadcast_ids(meta.nodes, x.shape).movedim(axis, 0)
+        comps = broadcast_ids(meta.comps, x.shape).movedim(axis, 0)
+        if nodes.shape[0] < 2 or bool((nodes < 0).any()) or not torch.equal(comps, comps[:1].expand_as(comps)):
+            return False
+        first = nodes[0]
+        if not _one_value_per_neuron((first,), comps[0]):
+            return False
+        slices = []
+        for other in nodes:
+            pairs = _unique_pairs(first, other)  # sorted by the first slice's neuron
+            if torch.unique(pairs[1]).numel() != pairs.shape[1] or torch.unique(pairs[0]).numel() != pairs.shape[1]:
+                return False
+            slices.append(pairs[1])
+        if torch.unique(torch.cat(slices)).numel() != sum(len(part) for part in slices):
+            return False  # a neuron in two slices
+        owners = [{self.set_of(int(node)).index for node in part.tolist()} for part in slices]
+        if any(a & b for i, a in enumerate(owners) for b in owners[i + 1:]):
+            return False  # slices of one set: a statistic of each part (a per-head norm), or maxout
+        additive = not name.endswith(("max", "min"))
+        merged = self.new_set(len(slices[0]), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
+        merged_nodes = merged.first + torch.arange(len(slices[0]))
+        for part in slices:
+            self.edges.append((part.clone(), merged_nodes, EdgeKind.RESIDUAL if additive else EdgeKind.GATE, -1,
+                               None, None))
+            self.ties.append((part.clone(), merged_nodes))
+        if not additive:
+            merged.gated = True  # type: ignore[attr-defined]
+        lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
+        lookup[slices[0]] = merged_nodes
+        new_nodes, new_comps = lookup[first], comps[0]
+        if keepdim:
+            new_nodes, new_comps = new_nodes.unsqueeze(axis), new_comps.unsqueeze(axis)
+        new = Neurons(new_nodes.clone(), new_comps.clone(), {merged.index: 0})
+        merged.grad_records.append((output, new.nodes, new.comps))
+        self.set_meta(output, new)
+        self.observe(output, new)
+        return True
+
     def block_gate(self, name: str, a: tuple[Tensor, Neurons], b: tuple[Tensor, Neurons], comps: Tensor,
                    output: Tensor) -> bool:
         """A product whose one operand is a *gate* broadcast over blocks of the other's neurons (an

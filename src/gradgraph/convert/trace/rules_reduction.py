@@ -26,6 +26,10 @@ _NORM_POOLS = {"Tensor.norm", "torch.norm"}
 _PART_STATISTICS = {"Tensor.mean", "torch.mean", "Tensor.var", "torch.var", "Tensor.std", "torch.std",
                     "Tensor.norm", "torch.norm"}
 
+#: reductions that, over an axis of stacked values, are elementwise in them (sum, mean, maximum, minimum)
+_STACKED_REDUCTIONS = {f"{prefix}.{op}" for prefix in ("Tensor", "torch")
+                       for op in ("sum", "mean", "max", "min", "amax", "amin")}
+
 
 class ReductionRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: reductions and softmax."""
@@ -76,6 +80,9 @@ class ReductionRules:
             return None
         if reduced_neurons and not reduced_comps:
             if set(reduced_neurons) != set(neuron_axes):
+                if len(dims) == 1 and name in _STACKED_REDUCTIONS \
+                        and self.merge_stacked(name, x, meta, dims[0], output, keepdim):
+                    return None  # JumpingKnowledge's torch.stack(xs, -1).max(-1): elementwise over the xs
                 if indices is not None or name not in _PART_STATISTICS:
                     return self.mark_opaque(output, name, "a reduction over part of the features", [meta])
                 # a statistic of each part (Qwen3's RMSNorm of each head's query): it is combined with
