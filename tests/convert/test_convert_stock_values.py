@@ -47,12 +47,14 @@ def _grads(output: torch.Tensor, module: nn.Module, seed: int = 1) -> dict[str, 
 
 GATS = {
     "one-head": lambda: pyg.GATConv(3, 4),
+    "one-head-mean": lambda: pyg.GATConv(3, 4, concat=False),
     "three-heads-concat": lambda: pyg.GATConv(3, 2, heads=3),
     "three-heads-mean": lambda: pyg.GATConv(3, 2, heads=3, concat=False),
     "two-heads-mean-no-bias": lambda: pyg.GATConv(3, 2, heads=2, concat=False, bias=False),
     "residual-no-self-loops": lambda: pyg.GATConv(3, 2, heads=2, residual=True, add_self_loops=False),
     "source-and-target-maps": lambda: pyg.GATConv((3, 3), 2, heads=2, negative_slope=0.3),
     "v2-one-head": lambda: pyg.GATv2Conv(3, 4),
+    "v2-one-head-mean": lambda: pyg.GATv2Conv(3, 4, concat=False),
     "v2-three-heads-mean": lambda: pyg.GATv2Conv(3, 2, heads=3, concat=False, negative_slope=0.35),
     "v2-shared-residual": lambda: pyg.GATv2Conv(3, 2, heads=2, share_weights=True, residual=True),
     "v2-no-self-loops-no-bias": lambda: pyg.GATv2Conv(3, 2, heads=2, add_self_loops=False, bias=False),
@@ -62,7 +64,8 @@ GATS = {
 @pytest.mark.parametrize("kind", list(GATS))
 def test_the_op_by_op_form_of_a_gat_is_its_own_output_with_its_own_gradients(kind):
     """``gat_attention`` against the module's forward: the same output and the same gradients of every
-    parameter (the trace differentiates the op-by-op form; PyG's forward is the ground truth)."""
+    parameter (the trace differentiates the op-by-op form; PyG's forward is the ground truth). Kills
+    ``gat_attention`` 216 (one head averaged: ``out[:, 1]`` of one head)."""
     torch.manual_seed(3)
     module, out = _gat(GATS[kind]())
     x, edge_index = _graph()
@@ -302,3 +305,77 @@ def test_what_self_attention_does_not_compute_is_refused_by_name(make, reason):
     module = module if module.training and module.dropout else module.eval()
     with _refused(f"unsupported module at 'layers.0.attn' of type MultiheadAttention: {reason}"):
         stock_attention.check_attention("layers.0.attn", module)
+
+
+# ----------------------------------------------------------------------------- the survivors of run stock 1
+@pytest.mark.parametrize("make", [lambda: pyg.GATConv(3, 2, heads=2), lambda: pyg.GATv2Conv(3, 2, heads=2)],
+                         ids=["GATConv", "GATv2Conv"])
+def test_a_last_node_on_no_edge_gets_its_self_loop(make):
+    """Node 5 is on no edge of the given ``edge_index``: its self-loop is added all the same (``num_nodes`` given,
+    not inferred from the edges). Kills ``gat_attention`` 52, 54."""
+    torch.manual_seed(13)
+    x, edge_index = _graph(nodes=6)
+    module, out = _gat(make(), x, edge_index)
+    torch.testing.assert_close(out, module(x, edge_index), atol=1e-12, rtol=0)
+
+
+def test_the_check_against_the_forward_is_relative_and_absolute():
+    """float64: ``|ours - theirs| <= 1e-6 + 1e-6 |theirs|``. A relative change of ``5e-6`` is refused (an ``rtol`` of
+    torch's default ``1e-5`` would pass it), a shift of ``5e-7`` passes (an ``atol`` of the default ``1e-8`` would
+    refuse it at the outputs near zero). Kills ``gat_attention`` 245, 246."""
+    torch.manual_seed(5)
+    x, edge_index = _graph()
+    module = pyg.GATConv(3, 2, heads=2).to(DTYPE).eval()
+    expected = module(x, edge_index)
+    assert float(expected.abs().max()) > 0.5 and float(expected.abs().min()) < 0.4  # both ends reached
+    stock_graph.gat_attention(module, "conv", lambda *a: module.forward(*a) + 5e-7, x, edge_index)
+    with _refused("unsupported module at 'conv' of type GATConv: gradgraph's op-by-op form of GATConv differs from "
+                  "this module's forward (a PyG version or option it does not know); register a converter for the "
+                  "module"):
+        stock_graph.gat_attention(module, "conv", lambda *a: module.forward(*a) * (1 + 5e-6), x, edge_index)
+
+
+def test_a_gat_without_the_optional_attributes_is_read_as_without_them():
+    """A PyG version whose GATConv has no ``res`` (residual), ``lin_edge``, ``edge_dim`` or ``dropout`` attribute:
+    none of them is used, none refused; and ``edge_dim`` alone set is refused. Kills ``gat_refusal`` 6, 10, 14-16,
+    26, 29 and ``gat_attention`` 44."""
+    import copy
+
+    torch.manual_seed(14)
+    x, edge_index = _graph()
+    module = pyg.GATConv(3, 2, heads=2).to(DTYPE)
+    reference = copy.deepcopy(module).eval()
+    for attribute in ("res", "lin_edge", "edge_dim", "dropout"):
+        delattr(module, attribute)
+    assert stock_graph.gat_refusal(module.train()) is None
+    out = stock_graph.gat_attention(module.eval(), "conv", reference.forward, x, edge_index)
+    torch.testing.assert_close(out, reference(x, edge_index), atol=1e-12, rtol=0)
+    module = pyg.GATConv(3, 2).eval()
+    module.edge_dim = 2  # lin_edge None
+    assert stock_graph.gat_refusal(module) == "edge features (edge_dim) are a second input; gradgraph reads one input " \
+        "tensor"
+
+
+def test_masks_are_added_in_the_scores_dtype():
+    """bfloat16 scores with a boolean ``attn_mask`` and ``key_padding_mask`` and a float32 additive mask: each mask is
+    made in the scores' dtype (else the sum is promoted to float32 and ``weights @ v`` mixes dtypes). Against the
+    module's own bfloat16 output. Kills ``_additive_mask`` 7, 10, 15, ``_score_mask`` 6, 30, ``self_attention`` 72."""
+    attention = _attention().to(torch.bfloat16)
+    torch.manual_seed(15)
+    tokens = torch.randn(2, 3, 4).to(torch.bfloat16)
+    causal = torch.ones(3, 3, dtype=torch.bool).triu(1)
+    for masks in ({"attn_mask": causal}, {"key_padding_mask": torch.tensor([[False, False, True], [False] * 3])},
+                  {"attn_mask": torch.randn(3, 3)}, {"key_padding_mask": torch.randn(2, 3)}):
+        out = stock_attention.self_attention(attention, tokens, **masks)
+        expected, _ = attention(tokens, tokens, tokens, **{name: value.to(torch.bfloat16) if value.is_floating_point()
+                                                            else value for name, value in masks.items()})
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, expected, atol=2e-2, rtol=0)
+
+
+def test_a_bad_mask_without_a_path_is_named_at_the_empty_path():
+    """Kills ``self_attention`` 1 (the default ``path``)."""
+    with pytest.raises(GradGraphError, match="^" + re.escape("'': attn_mask must have shape [3, 3] or [4, 3, 3], got "
+                                                              "[3]") + "$"):
+        stock_attention.self_attention(_attention(), torch.randn(2, 3, 4, dtype=DTYPE),
+                                       attn_mask=torch.zeros(3, dtype=DTYPE))
