@@ -247,3 +247,58 @@ def test_check_separate_probes_the_frontier_and_compares_with_the_plain_gradient
     else:
         finish([g])
         torch.testing.assert_close(g, 2 * u.detach(), atol=1e-15, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the survivors of run separation 1
+def test_the_losses_themselves_recorded_are_the_frontier():
+    """The objective is a recorded tensor (output 0 of its node): the walk stops there at once, before the
+    parameter behind it. Kills ``frontier`` 22 (the walk started at output 1)."""
+    x, w = _leaf(3, 2), _leaf(2, seed=1)
+    objective = x @ w
+    assert separation.frontier(objective, [objective], {"w": w}) == [0]
+
+
+def test_the_walk_goes_on_past_a_leaf_and_a_node_met_twice():
+    """The pending nodes are a stack: a leaf that is neither recorded nor a parameter, or a node met a second time,
+    may come before a recorded tensor still pending. Kills ``frontier`` 57, 60 (``break`` for ``continue``)."""
+    x = _leaf(3, 2)
+    recorded = torch.tanh(x)
+    assert separation.frontier((recorded * x).sum(1), [recorded], {}) == [0]  # x's leaf popped first
+    twice = x * 2
+    assert separation.frontier(recorded.sum(1) + (twice + twice).sum(1), [recorded], {}) == [0]
+
+
+def test_the_walk_visits_each_node_once():
+    """Forty diamonds (``h = h + h``) after the last recorded tensor: a walk that visits a node again on every path
+    to it takes ``2^40`` steps. Kills ``frontier`` 58, 61, 62 (the seen set never read or never written: a timeout)."""
+    x = _leaf(3, 2)
+    recorded = torch.tanh(x)
+    h = recorded
+    for _ in range(40):
+        h = h * 1.0 + h
+    assert separation.frontier(h.sum(1), [recorded], {}) == [0]
+
+
+@pytest.mark.parametrize("num_datapoints", [2, 3])
+def test_a_coupled_loss_of_two_datapoints_is_refused(num_datapoints):
+    """Two datapoints are enough to mix (``loss - loss.mean()``). Kills ``check_separate`` 10, 11 (the check skipped
+    for fewer than three)."""
+    x = _leaf(num_datapoints, 2)
+    u = torch.tanh(x)
+    losses = (u ** 2).sum(1)
+    plan = _plan(Record(SOURCE, (num_datapoints, 2), None, None, (0, 2)))
+    finish = separation.check_separate(plan, losses - losses.mean(), [SOURCE], [u], {}, num_datapoints)
+    (g,) = torch.autograd.grad((losses - losses.mean()).sum(), [u])
+    with pytest.raises(DatapointCouplingError):
+        finish([g])
+
+
+def test_the_origin_is_read_off_the_records_first_element():
+    """A record whose first element is neuron 1 of set ``a`` (neurons 0, 1) and whose second is neuron 2 of ``b``;
+    and a record of one element. Kills ``_origin`` 8 (the second element read)."""
+    g, p = torch.ones(2, dtype=DTYPE), torch.ones(2, dtype=DTYPE)
+    names = ((0, 2, "a"), (2, 3, "b"))
+    with _coupled(1, (2,), "the neurons of 'a'"):
+        _compare(_plan(_scattered([1 * 2 + 1, 2 * 2 + 1]), names=names), [g], [p])
+    with _coupled(1, (1,), "the neurons of 'b'"):
+        _compare(_plan(_scattered([3 * 2 + 1]), names=names), [g[:1]], [p[:1]])
