@@ -51,7 +51,8 @@ def test_a_pad_of_an_axis_along_which_the_components_vary_too_is_refused():
 
     refused(Flat().double(), _tokens(),
             ": torch.nn.functional.pad: pads axis 1 of a value of shape [2, 20], along which both the neurons and the "
-            "components vary; gradgraph pads a feature axis that holds the same neurons at every datapoint and position")
+            "components vary; gradgraph pads a feature axis that holds the same neurons at every datapoint and "
+            "position")
 
 
 def test_a_pad_of_features_whose_neurons_differ_between_places_is_refused():
@@ -66,8 +67,8 @@ def test_a_pad_of_the_positions_of_a_statistic_is_refused():
     """``[b, T, 1]`` holding a sum over each token's features (a statistic, no neuron): its positions padded."""
     model = Padded(lambda h: F.pad(h, (0, 0, 1, 0)), lambda self, h: h.sum(-1, keepdim=True), width=1).double()
     refused(model, _tokens(),
-            ": torch.nn.functional.pad: pads the positions of a value of shape [2, 5, 1] whose positions hold different "
-            "neurons (or statistics); gradgraph pads one row of features")
+            ": torch.nn.functional.pad: pads the positions of a value of shape [2, 5, 1] whose positions hold "
+            "different neurons (or statistics); gradgraph pads one row of features")
 
 
 def test_a_pad_of_the_positions_of_a_sequence_first_value_is_refused():
@@ -195,7 +196,8 @@ def test_a_pad_of_an_unbound_position_table_has_no_rule():
             return self.head(torch.tanh(self.a(x)) + table).sum(1)
 
     gradgraph.convert.clear_structure_cache()
-    with pytest.raises(UnsupportedOperationError, match=r"torch\.nn\.functional\.pad: gradgraph has no rule for this op"):
+    with pytest.raises(UnsupportedOperationError,
+                       match=r"torch\.nn\.functional\.pad: gradgraph has no rule for this op"):
         gradgraph.to_graph(Positions().double(), _tokens(), None, squared)
 
 

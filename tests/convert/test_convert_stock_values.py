@@ -85,9 +85,12 @@ def test_a_gat_without_self_loops_leaves_a_node_with_no_in_edge_at_its_bias():
     torch.testing.assert_close(out[4], module.bias.detach(), atol=0, rtol=0)
 
 
+BIPARTITE = "bipartite (x_src, x_dst) inputs or x of another rank than [num_nodes, features]"
+
+
 @pytest.mark.parametrize("call, message", [
-    (lambda m, x, e: (m, x[None], e), "bipartite (x_src, x_dst) inputs or x of another rank than [num_nodes, features]"),
-    (lambda m, x, e: (m, (x, x), e), "bipartite (x_src, x_dst) inputs or x of another rank than [num_nodes, features]"),
+    (lambda m, x, e: (m, x[None], e), BIPARTITE),
+    (lambda m, x, e: (m, (x, x), e), BIPARTITE),
     (lambda m, x, e: (m, x, e.to_sparse()), "an adjacency that is not an edge_index [2, E] tensor (a sparse matrix)"),
     (lambda m, x, e: (m, x, e[0]), "an adjacency that is not an edge_index [2, E] tensor (a sparse matrix)"),
     (lambda m, x, e: (m, x, e.tolist()), "an adjacency that is not an edge_index [2, E] tensor (a sparse matrix)"),
@@ -352,8 +355,8 @@ def test_a_gat_without_the_optional_attributes_is_read_as_without_them():
     torch.testing.assert_close(out, reference(x, edge_index), atol=1e-12, rtol=0)
     module = pyg.GATConv(3, 2).eval()
     module.edge_dim = 2  # lin_edge None
-    assert stock_graph.gat_refusal(module) == "edge features (edge_dim) are a second input; gradgraph reads one input " \
-        "tensor"
+    assert stock_graph.gat_refusal(module) == (
+        "edge features (edge_dim) are a second input; gradgraph reads one input tensor")
 
 
 def test_masks_are_added_in_the_scores_dtype():
