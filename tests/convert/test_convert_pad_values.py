@@ -1,4 +1,4 @@
-"""Per-function checks of ``trace/rules_pad.py`` (issue 31, runs pad 1-...): the refusals no other test reaches, each
+"""Per-function checks of ``trace/rules_pad.py`` (issue 31, runs pad 1-2): the refusals no other test reaches, each
 matched in full, and the values of what survived mutation, each against per-sample gradients by torch.func in
 float64 (``exact``) or against the padded value itself."""
 

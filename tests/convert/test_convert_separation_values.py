@@ -1,4 +1,4 @@
-"""Per-function checks of ``convert/separation.py`` (issue 31, runs separation 1-...): the probe weights as the
+"""Per-function checks of ``convert/separation.py`` (issue 31, runs separation 1-2): the probe weights as the
 module docstring writes them, the frontier walk on small autograd graphs, the datapoint of each recorded element,
 and the comparison ``p_n = v_{d(n)} g_n`` with its tolerance, against hand-made records whose errors are known
 exactly (the conversion tests reach these only through whole models, where no error sits near the tolerance)."""

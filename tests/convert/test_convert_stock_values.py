@@ -1,4 +1,4 @@
-"""Per-function checks of ``trace/stock_graph.py`` and ``trace/stock_attention.py`` (issue 31, runs stock 1-...):
+"""Per-function checks of ``trace/stock_graph.py`` and ``trace/stock_attention.py`` (issue 31, runs stock 1-2):
 their refusals matched in full, and their functional forms against the stock module's own output (PyG's
 ``GATConv`` / ``GATv2Conv``, ``nn.MultiheadAttention``) in float64, where the trace's own check or the
 conversion tests would not see a difference."""
