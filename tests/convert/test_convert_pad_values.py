@@ -85,6 +85,26 @@ def test_a_pad_of_the_positions_of_a_sequence_first_value_is_refused():
         raise AssertionError("not refused")
 
 
+def test_a_sequence_first_model_that_shifts_its_tokens_batch_first_is_exact():
+    """``[T, b, 3]`` in (``datapoint_dim=1``), transposed to ``[b, T, 4]`` inside the model, then a token shift: the
+    padded value's datapoints are its axis 0, so it converts (refused before session 19 for any model whose
+    datapoints are not its input's axis 0, with a message saying the value's datapoints were not its first axis),
+    exact against a loop over the datapoints."""
+    gradgraph.convert.clear_structure_cache()
+    torch.manual_seed(3)
+    model = Padded(lambda h: F.pad(h, (0, 0, 1, -1)), lambda self, h: h.transpose(0, 1)).double()
+    inputs = _tokens(3).transpose(0, 1).contiguous()  # [T, b, 3]
+    graph = to_graph_traced(model, inputs, loss_fn=squared, datapoint_dim=1)
+    ours = graph.per_sample_grads()
+    for i in range(inputs.shape[1]):
+        model.zero_grad()
+        squared(model(inputs[:, i:i + 1]), None).sum().backward()
+        for name, param in model.named_parameters():
+            if param.grad is not None:  # b is unused here
+                torch.testing.assert_close(ours[name][i], param.grad, atol=1e-10, rtol=0, msg=f"{name} of datapoint {i}")
+    assert set(ours) == {"a.weight", "a.bias", "head.weight", "head.bias"}
+
+
 def test_a_pad_of_features_that_hold_a_statistic_is_refused():
     """``cat([h, h.sum(-1)])``: every row the same, but its last place a statistic (no neuron). Kills
     ``neuron_pad`` 95 (the statistics' check dropped)."""

@@ -133,7 +133,10 @@ class PadRules:
         (:meth:`padded_comps`)."""
         datapoint = comps // KEY_STRIDE
         first = _first_feature_axis(nodes)
-        if self.datapoint_dim != 0 or first == 0 or any(varies_along(datapoint, axis) for axis in range(1, x.dim())):
+        varying = [axis for axis in range(x.dim()) if varies_along(datapoint, axis)]
+        # the datapoints on axis 0 (a sequence-first model's [T, b, d] transposed to [b, T, d] too); with one
+        # datapoint nothing varies, and only the model's own datapoint axis says which axis it is
+        if first == 0 or varying not in ([0], []) or (not varying and self.datapoint_dim != 0):
             raise self.unsupported(name, f"pads the positions of a value of shape {list(x.shape)} whose datapoints "
                                    "are not its first axis alone, or whose features are not its last axes")
         if 0 in padded:
