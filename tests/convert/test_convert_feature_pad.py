@@ -276,3 +276,87 @@ def test_a_token_shift_of_one_feature_is_exact():
     (found by the sequence fuzzer's shift step: refused as "no rule" before)."""
     torch.manual_seed(7)
     exact(OneFeatureShift().double(), torch.randn(3, 4, 3, dtype=torch.float64))
+
+
+JOINED = {
+    "zeros after": (lambda h: torch.cat([h, h.new_zeros(h.shape[0], 2)], -1), lambda h: F.pad(h, (0, 2))),
+    "halves around": (lambda h: torch.cat([torch.full((h.shape[0], 1), 0.5, dtype=h.dtype), h,
+                                           torch.full((h.shape[0], 2), 0.5, dtype=h.dtype)], 1),
+                      lambda h: F.pad(h, (1, 2), value=0.5)),
+}
+
+
+class JoinedMLP(nn.Module):
+    """``out(tanh(b(join(tanh(a(x))))))``, ``join`` a cat with constants or the ``F.pad`` it equals."""
+
+    def __init__(self, join) -> None:
+        super().__init__()
+        self.join = join
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(4 + join(torch.zeros(1, 4)).shape[1] - 4, 5), \
+            nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(self.join(torch.tanh(self.a(x))))))
+
+
+@pytest.mark.parametrize("kind", sorted(JOINED))
+def test_a_cat_of_features_with_a_constant_is_the_pad_it_equals(kind):
+    """``cat([h, zeros])`` (GatedGraphConv's input padded to its width) converts as ``F.pad`` does, graph for graph;
+    refused before session 19 ("concatenating neuron values with constants")."""
+    join, pad = JOINED[kind]
+    torch.manual_seed(0)
+    model = JoinedMLP(join).double()
+    inputs, targets = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    graph = assert_exact_per_sample_grads(model, inputs, targets, _cross_entropy)
+    assert_group_keeps_function(model, inputs, targets, _cross_entropy, seed=1)
+    padded = JoinedMLP(pad).double()
+    padded.load_state_dict(model.state_dict())
+    reference = gradgraph.to_graph(padded, inputs, targets, _cross_entropy)
+    for key in ("act", "grad", "x", "edge_attr", "edge_index", "node_kind", "edge_kind"):
+        torch.testing.assert_close(getattr(graph, key), getattr(reference, key), atol=0, rtol=0, msg=key)
+
+
+class JoinedMap(nn.Module):
+    """A map's channels joined with zero channels (``cat([m, zeros], 1)``), then a convolution and a pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(5, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        m = torch.relu(self.conv1(x))
+        m = torch.cat([m, m.new_zeros(m.shape[0], 2, *m.shape[2:])], 1)
+        return self.head(torch.relu(self.conv2(m)).mean((2, 3)))
+
+
+def test_a_cat_of_channels_with_zero_channels_is_exact_with_a_true_group():
+    torch.manual_seed(0)
+    model = JoinedMap().double()
+    inputs, targets = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 2, 1])
+    assert_exact_per_sample_grads(model, inputs, targets, _cross_entropy)
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, _cross_entropy, seed=2)
+    assert moved > 0
+
+
+class OtherConstants(nn.Module):
+    """Constants that are no pad: an ``arange`` joined to the features, zeros joined along the tokens."""
+
+    def __init__(self, along: str) -> None:
+        super().__init__()
+        self.along = along
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4 if along == "tokens" else 6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.along == "tokens":
+            h = torch.cat([h.new_zeros(h.shape[0], 1, 4), h], 1)
+        else:
+            h = torch.cat([h, torch.arange(2, dtype=h.dtype).expand(*h.shape[:-1], 2)], -1)
+        return self.out(h).sum(1)
+
+
+@pytest.mark.parametrize("along", ["tokens", "features"])
+def test_a_cat_with_constants_that_are_no_feature_pad_is_refused(along):
+    refused(OtherConstants(along).double(), torch.randn(2, 5, 3, dtype=torch.float64),
+            " torch.cat: concatenating neuron values with constants (for transformers models, call them with "
+            "use_cache=False)")

@@ -818,6 +818,30 @@ def test_pyg_models_with_jumping_knowledge_are_exact_with_a_true_group(kind, jk)
     assert assert_batch_group_keeps_function(model, graph, batch, targets, seed=2) > 0
 
 
+class GatedGraph(nn.Module):
+    """A Linear to ``width`` features, PyG's ``GatedGraphConv`` (GGNN: two steps of messages and a ``GRUCell``) of
+    5 channels, mean pooling, a head; a narrower input is padded to 5 channels by ``cat([x, zeros])``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin, self.conv, self.head = nn.Linear(3, width), pyg.GatedGraphConv(5, 2), nn.Linear(5, 4)
+
+    def forward(self, x, edge_index, batch):
+        return self.head(pyg.global_mean_pool(self.conv(torch.tanh(self.lin(x)), edge_index), batch))
+
+
+@pytest.mark.parametrize("width", [5, 4], ids=["same width", "padded"])
+def test_gated_graph_conv_is_exact_with_a_true_group(width):
+    """GGNN converts; its input padded with zero channels too (a constant pad of the features, since session 19:
+    refused before as "concatenating neuron values with constants")."""
+    torch.manual_seed(0)
+    model = GatedGraph(width).to(DTYPE)
+    graphs, batch = pyg_batch(seed=8)
+    targets = torch.tensor([2, 0, 3])
+    graph = assert_exact_per_graph(model, graphs, batch, targets)
+    assert assert_batch_group_keeps_function(model, graph, batch, targets, seed=2) > 0
+
+
 REFUSED_LAYERS = {
     "GATConv-edge-dim": (lambda i, o: pyg.GATConv(i, o, heads=2, edge_dim=2),
                          r"of type GATConv: edge features \(edge_dim\) are a second input"),

@@ -74,6 +74,31 @@ class PadRules:
         # positions before the features: tokens [b, T, d] (a map [b, C, *S] has its positions after them)
         return bool(padded) and all(axis < _first_feature_axis(nodes) for axis in padded)
 
+    def join_as_pad(self, name: str, parts: list, dim: int, output: Tensor) -> bool:
+        """``cat([h, zeros])``, ``cat([c, h, c])`` along the features or a map's channels, every constant part
+        filled with one value: the constant ``F.pad`` of that axis it equals (GatedGraphConv pads its input to its
+        width so; :meth:`neuron_pad`). Returns whether it applied; a join with constants along positions (a
+        key/value cache) or with constants that are not one value stays the caller's refusal."""
+        places = [place for place, part in enumerate(parts) if self.meta(part) is not None]
+        if len(places) != 1 or not isinstance(self.meta(parts[places[0]]), Neurons):
+            return False
+        place = places[0]
+        x, constants = parts[place], parts[:place] + parts[place + 1:]
+        fills = [part.detach().reshape(-1)[0] for part in constants if part.numel()]
+        if not fills or any(not bool((part.detach() == fill).all()) for part, fill in zip(constants, fills)) \
+                or any(not bool(fill == fills[0]) for fill in fills):
+            return False
+        axis = dim % x.dim()
+        if not varies_along(broadcast_ids(self.meta(x).nodes, x.shape), axis):
+            return False  # not the neurons' axis: positions (a cache) or one feature
+        before = sum(part.shape[axis] for part in parts[:place])
+        after = sum(part.shape[axis] for part in parts[place + 1:])
+        args = (x, (0, 0) * (x.dim() - 1 - axis) + (before, after), "constant", float(fills[0]))
+        if not self.pads_neuron_values(args, {}):
+            return False
+        self.neuron_pad(name, args, {}, output)
+        return True
+
     def neuron_pad(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         """A constant ``F.pad`` of the feature axis (see the module docstring) or, where no feature axis is padded,
         of the positions before the features (:meth:`position_pad`)."""
