@@ -69,7 +69,8 @@ class ConvProgram(nn.Module):
     mean), ``("crop", i)`` (``F.pad`` by -1 before each spatial axis), ``("pixel_shuffle", i)`` and
     ``("pixel_unshuffle", i)`` (2-D maps, factor 2), ``("chanpad", i, before, after, value)`` (a constant
     ``F.pad`` of the channels: the CIFAR ResNets' option A shortcut), ``("roll", i, shift)`` (``torch.roll`` along
-    the last spatial axis).
+    the last spatial axis), ``("crelu", i)`` (``cat([relu(i), relu(-i)], 1)``: the channels twice in one cat) and
+    ``("zerocat", i, k)`` (``cat([i, zeros], 1)``: ``k`` zero channels joined, the pad it equals).
     ``head``: ``"mean"`` (global average pooling), ``"max"`` (global max) or ``"flatten"``, then a
     linear map to 3 outputs.
     """
@@ -122,6 +123,10 @@ class ConvProgram(nn.Module):
                 length -= 1
             elif kind == "chanpad":
                 channels += step[2] + step[3]
+            elif kind == "crelu":
+                channels *= 2
+            elif kind == "zerocat":
+                channels += step[2]
             elif kind == "pixel_shuffle":
                 channels, length = channels // 4, length * 2
             elif kind == "pixel_unshuffle":
@@ -187,6 +192,10 @@ class ConvProgram(nn.Module):
                 h = F.pad(h, [0, 0] * self.spatial + [step[2], step[3]], value=step[4])
             elif kind == "roll":
                 h = torch.roll(h, step[2], dims=-1)
+            elif kind == "crelu":
+                h = torch.cat([F.relu(h), F.relu(-h)], 1)
+            elif kind == "zerocat":
+                h = torch.cat([h, h.new_zeros(h.shape[0], step[2], *h.shape[2:])], 1)
             elif kind == "pixel_shuffle":
                 h = F.pixel_shuffle(h, 2)
             elif kind == "pixel_unshuffle":
@@ -233,7 +242,7 @@ def conv_programs(draw):
         kind = draw(st.sampled_from(["conv", "conv", "conv", "act", "add", "mul", "gate", "excite", "cat", "slice",
                                      "shuffle", "pool", "adaptive", "norm", "softmax", "center", "upsample", "act_",
                                      "iadd", "scale", "grn", "crop", "pixel_shuffle", "pixel_unshuffle",
-                                     "chanpad", "chanpad", "roll"]))
+                                     "chanpad", "chanpad", "roll", "crelu", "zerocat"]))
         same = [index for index, shape in enumerate(shapes)
                 if shape == (channels, length) and index not in (0, source)]
         positions = [index for index, shape in enumerate(shapes) if shape[1] == length and index not in (0, source)]
@@ -290,6 +299,10 @@ def conv_programs(draw):
             step = (kind, source)
         elif kind == "roll" and length >= 2:
             step = (kind, source, draw(st.integers(1, length - 1)))
+        elif kind == "crelu":
+            step = (kind, source)
+        elif kind == "zerocat":
+            step = (kind, source, draw(st.integers(1, 2)))
         elif kind == "chanpad":
             before, after = draw(st.integers(0, 2)), draw(st.integers(0, 2))
             if before + after:
@@ -348,8 +361,9 @@ def test_the_conv_program_model_runs_each_step_kind():
              ("pool", 9, "max", 3, 2, 1, True), ("adaptive", 10, "avg", 2), ("norm", 11, "batch"),
              ("norm", 12, "group"), ("norm", 13, "instance-affine"), ("softmax", 14), ("center", 15),
              ("upsample", 16), ("conv", 17, 2, 2, 2, 0, 1, 2, "zeros"), ("act_", 18, "relu"), ("iadd", 19, 18),
-             ("scale", 20), ("grn", 21), ("crop", 22), ("chanpad", 23, 1, 2, 0.0), ("roll", 24, 1)]
-    planar = steps + [("conv", 25, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 26), ("pixel_unshuffle", 27)]
+             ("scale", 20), ("grn", 21), ("crop", 22), ("chanpad", 23, 1, 2, 0.0), ("roll", 24, 1), ("crelu", 25),
+             ("zerocat", 26, 2)]
+    planar = steps + [("conv", 27, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 28), ("pixel_unshuffle", 29)]
     for spatial, steps in ((1, steps), (2, planar), (3, steps)):
         model = ConvProgram(spatial, 2, 5, steps, "flatten").to(DTYPE)
         inputs = torch.randn(2, 2, *[5] * spatial, dtype=DTYPE)

@@ -476,6 +476,15 @@ def assert_batch_group_keeps_function(model, graph, batch, targets, seed):
     return int((perm != torch.arange(graph.num_nodes)).sum())
 
 
+def assert_exact_with_a_true_group(model) -> int:
+    """``model`` on the batch of 3 graphs of ``pyg_batch(seed=8)``: exact per graph, and a sampled element of its
+    group keeps the function; returns how many nodes the element moved."""
+    graphs, batch = pyg_batch(seed=8)
+    targets = torch.tensor([2, 0, 3])
+    graph = assert_exact_per_graph(model, graphs, batch, targets)
+    return assert_batch_group_keeps_function(model, graph, batch, targets, seed=2)
+
+
 @pytest.mark.parametrize("kind", ["gcn", "gin", "sage-mean", "sage-sum", "graph-conv"])
 @pytest.mark.parametrize("pool", ["mean", "add"])
 def test_a_pyg_batch_of_graphs_gives_each_graph_its_gradient(kind, pool):
@@ -785,10 +794,7 @@ def test_more_pyg_layers_on_a_batch_are_exact_with_a_true_group(kind):
         model = Pooled(kind).to(DTYPE)
     finally:
         del LAYERS[kind]
-    graphs, batch = pyg_batch(seed=8)
-    targets = torch.tensor([2, 0, 3])
-    graph = assert_exact_per_graph(model, graphs, batch, targets)
-    assert_batch_group_keeps_function(model, graph, batch, targets, seed=2)
+    assert_exact_with_a_true_group(model)
 
 
 class JumpingKnowledge(nn.Module):
@@ -812,10 +818,7 @@ def test_pyg_models_with_jumping_knowledge_are_exact_with_a_true_group(kind, jk)
     ``GraphSAGE`` with ``jk="cat"``."""
     torch.manual_seed(0)
     model = JumpingKnowledge(kind, jk).to(DTYPE)
-    graphs, batch = pyg_batch(seed=8)
-    targets = torch.tensor([2, 0, 3])
-    graph = assert_exact_per_graph(model, graphs, batch, targets)
-    assert assert_batch_group_keeps_function(model, graph, batch, targets, seed=2) > 0
+    assert assert_exact_with_a_true_group(model) > 0
 
 
 class GatedGraph(nn.Module):
@@ -836,10 +839,7 @@ def test_gated_graph_conv_is_exact_with_a_true_group(width):
     refused before as "concatenating neuron values with constants")."""
     torch.manual_seed(0)
     model = GatedGraph(width).to(DTYPE)
-    graphs, batch = pyg_batch(seed=8)
-    targets = torch.tensor([2, 0, 3])
-    graph = assert_exact_per_graph(model, graphs, batch, targets)
-    assert assert_batch_group_keeps_function(model, graph, batch, targets, seed=2) > 0
+    assert assert_exact_with_a_true_group(model) > 0
 
 
 REFUSED_LAYERS = {

@@ -132,7 +132,7 @@ class ShapeRules:
         seen: set[int] = set()
         copies: dict[int, Neurons] = {}
         for place, (part, meta) in enumerate(zip(parts, metas)):
-            if part.dim() < 2:
+            if part.dim() < 2 or part.numel() == 0:  # nn.Linear(4, 0)'s output holds no neuron
                 continue
             axis = dim % part.dim()
             channels = part.dim() >= 3 and axis == 1 and varies_along(broadcast_ids(meta.comps, part.shape),
