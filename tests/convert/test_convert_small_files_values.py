@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import gradgraph
 from gradgraph import GradGraphError, UnsupportedModuleError
@@ -40,18 +39,15 @@ def _squared_loss(output, target):
 
 
 def _assert_per_sample_grads(graph, model, inputs, loss_fn, targets=None):
-    """The graph's per-sample gradients equal torch.func's (each datapoint's loss alone), in float64 at 1e-10."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def one(params, x, y):
-        return loss_fn(functional_call(model, params, (x.unsqueeze(0),)), y).sum()
-
-    in_dims = (None, 0, None if targets is None else 0)
-    expected = vmap(grad(one), in_dims=in_dims)(params, inputs, targets)
+    """The graph's per-sample gradients equal autograd's on each datapoint alone (a loop), float64 at 1e-10."""
     ours = graph.per_sample_grads()
-    assert set(ours) == set(expected)
-    for name, value in expected.items():
-        torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-10, msg=name)
+    params = dict(model.named_parameters())
+    assert set(ours) == set(params)
+    for i in range(inputs.shape[0]):
+        target = None if targets is None else targets[i:i + 1]
+        expected = torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), target).sum(), list(params.values()))
+        for (name, _), value in zip(params.items(), expected):
+            torch.testing.assert_close(ours[name][i], value, rtol=0, atol=1e-10, msg=name)
 
 
 def test_a_predicate_matcher_routes_its_models_to_its_converter_and_the_newest_is_asked_first(clean_registry):
@@ -78,3 +74,65 @@ def test_a_predicate_matcher_routes_its_models_to_its_converter_and_the_newest_i
     graph = gradgraph.to_graph(model, inputs, "the targets", _squared_loss)
     assert seen == [("the targets", _squared_loss, {})]
     _assert_per_sample_grads(graph, model, inputs, _squared_loss)
+
+
+
+# ----------------------------------------------------------------------------------------------------- mlp.py
+from gradgraph.convert import mlp_layers  # noqa: E402
+from gradgraph.graph import ActivationKind  # noqa: E402,F401
+from gradgraph.symmetry.permutation import permute_hidden, random_hidden_perms  # noqa: E402
+
+
+class _Three(nn.Module):
+    def __init__(self, middle_bias=True, middle_out=4):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, middle_out, bias=middle_bias), nn.Linear(middle_out, 2)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.relu(self.a(x)))))
+
+
+def _mlp_refused(model, path, module_type, reason):
+    where = f"'{path}'" if path else "the root module"
+    with pytest.raises(UnsupportedModuleError, match=f"^{re.escape(f'unsupported module at {where} of type ')}"
+                                                     f"{re.escape(f'{module_type}: {reason}')}$") as refusal:
+        mlp_layers(model)
+    assert refusal.value.path == path and refusal.value.module_type == module_type
+
+
+def test_mlp_layers_refuses_a_linears_weight_read_in_another_order():
+    """A forward that reads an ``nn.Linear``'s weight transposed, flipped or in part (``F.linear(h, W.flip(0))``) is
+    no chain of that ``Linear``: its edges are not the weight's row-major entries, and a hidden permutation of the
+    layers read from it changes the function (the symmetry actions' silent wrong answer). Failed before the fix
+    (``mlp_layers`` read each as layer ``b``)."""
+
+    class Transposed(_Three):
+        def forward(self, x):
+            return self.c(torch.tanh(F.linear(torch.relu(self.a(x)), self.b.weight.t(), self.b.bias)))
+
+    class Flipped(_Three):
+        def forward(self, x):
+            return self.c(torch.tanh(F.linear(torch.relu(self.a(x)), self.b.weight.flip(0), self.b.bias)))
+
+    class Part(_Three):
+        def __init__(self):
+            super().__init__(middle_bias=False, middle_out=5)
+
+        def forward(self, x):
+            return self.c(torch.tanh(F.linear(torch.relu(self.a(x))[:, :3], self.b.weight[:, :3])))
+
+    for build in (Transposed, Flipped):
+        torch.manual_seed(6)
+        model = build().to(DTYPE)
+        inputs = torch.randn(6, 3, dtype=DTYPE)
+        permuted = _Three().to(DTYPE)
+        permuted.load_state_dict(model.state_dict())
+        permuted = permute_hidden(permuted, random_hidden_perms(permuted, torch.Generator().manual_seed(2)))
+        moved = build().to(DTYPE)
+        moved.load_state_dict(permuted.state_dict())
+        assert (moved(inputs) - model(inputs)).abs().max() > 1e-3  # what the action would do to this model
+        _mlp_refused(model, "b", "Linear", "its weight is not read as nn.Linear reads it (row-major, each entry once, "
+                                          "in_features inputs to out_features outputs): transposed, reordered or in "
+                                          "part")
+    with pytest.raises(UnsupportedModuleError):
+        mlp_layers(Part().to(DTYPE))

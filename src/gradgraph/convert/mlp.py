@@ -99,7 +99,7 @@ def _chain_layers(trace: TraceResult, model: nn.Module) -> list[DenseLayer]:
         raise UnsupportedModuleError("", name, "not an MLP chain: its forward does not apply nn.Linear layers to "
                                      "its input one after the other")
     layers: list[DenseLayer] = []
-    for index, (src, dst, kind, param, _, _) in enumerate(trace.edges):
+    for index, (src, dst, kind, param, positions, _) in enumerate(trace.edges):
         before, after = sets[index], sets[index + 1]
         weight = trace.param_names[param] if param >= 0 else ""
         path = weight.rpartition(".")[0]
@@ -110,6 +110,14 @@ def _chain_layers(trace: TraceResult, model: nn.Module) -> list[DenseLayer]:
                                          "applied to the previous layer's output")
         if any(layer.name == path for layer in layers):
             raise UnsupportedModuleError(path, "Linear", "called more than once (shared weights)")
+        # the symmetry actions permute the weight's rows and columns as nn.Linear reads them: W[k, j] is the edge
+        # from input j to output k, every entry once (a forward that reads W.t(), W.flip(0) or W[:, :3] is refused)
+        if (positions is None or before.size != module.in_features or after.size != module.out_features
+                or positions.numel() != module.weight.numel()
+                or not torch.equal(positions, (dst - after.first) * module.in_features + (src - before.first))):
+            raise UnsupportedModuleError(path, "Linear", "its weight is not read as nn.Linear reads it (row-major, "
+                                         "each entry once, in_features inputs to out_features outputs): transposed, "
+                                         "reordered or in part")
         bias = trace.param_names[after.bias_param] if after.bias_param >= 0 else None
         if bias != (None if module.bias is None else _join(path, "bias")):
             raise UnsupportedModuleError(path, "Linear", "its output gets a bias other than its own")
