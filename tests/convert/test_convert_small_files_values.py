@@ -76,10 +76,481 @@ def test_a_predicate_matcher_routes_its_models_to_its_converter_and_the_newest_i
     _assert_per_sample_grads(graph, model, inputs, _squared_loss)
 
 
+def _tanh_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE), torch.randn(5, 3, dtype=DTYPE)
+
+
+def _same_graph(graph, expected):
+    for key in ("edge_index", "act", "grad", "edge_attr", "x", "perm_group", "node_kind"):
+        assert torch.equal(graph[key], expected[key]), key
+
+
+class _Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _SubCustom(_Custom):
+    pass
+
+
+def _traced(model, inputs, *, targets, loss_fn, forward_kwargs):
+    return registry._FALLBACK[0](model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=forward_kwargs)
+
+
+def test_register_converter_as_a_decorator_returns_the_function_and_names_it(clean_registry):
+    """The decorator form keeps the function (``add`` returns it) and names it by ``__name__``; a type matches its
+    subclasses (``isinstance``) and nothing else; a callable without ``__name__`` is named by its ``repr``."""
+
+    @gradgraph.register_converter(_Custom)
+    def convert_custom(model, inputs, *, targets, loss_fn, forward_kwargs):
+        return _traced(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=forward_kwargs)
+
+    assert convert_custom.__name__ == "convert_custom" and callable(convert_custom)
+    assert gradgraph.registered_converters()[0] == "convert_custom"
+    entry = registry._REGISTRY[-1]
+    assert entry.converter is convert_custom and entry.name == "convert_custom"
+    assert entry.matches(_SubCustom()) is True and entry.matches(nn.Linear(3, 2)) is False
+
+    class Unnamed:
+        def __call__(self, model, inputs, *, targets, loss_fn, forward_kwargs):
+            return _traced(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs=forward_kwargs)
+
+        def __repr__(self):
+            return "<the unnamed converter>"
+
+    unnamed = Unnamed()
+    assert gradgraph.register_converter(nn.Sequential, unnamed) is unnamed
+    assert gradgraph.registered_converters()[:2] == ["<the unnamed converter>", "convert_custom"]
+
+
+def test_register_converter_refuses_a_type_that_is_no_module_and_a_match_that_is_neither(clean_registry):
+    """The two refusals of ``register_converter``, in full; nothing is registered by either."""
+    before = list(registry._REGISTRY)
+    with pytest.raises(TypeError, match=r"^register_converter: int is not an nn\.Module subclass$"):
+        gradgraph.register_converter(int, _traced)
+    with pytest.raises(TypeError, match=r"^register_converter: match must be a module type or a predicate, got 3$"):
+        gradgraph.register_converter(3, _traced)
+    assert registry._REGISTRY == before
+
+
+def test_registered_converters_lists_the_newest_first_and_the_traced_converter_last(clean_registry):
+    """``registered_converters`` is the order ``to_graph`` asks: newest registration first, the fallback last."""
+    registry._REGISTRY[:] = []
+    assert gradgraph.registered_converters() == [registry._FALLBACK[0].__name__]
+    gradgraph.register_converter(_Custom, _traced, name="first")
+    gradgraph.register_converter(nn.Sequential, _traced, name="second")
+    assert gradgraph.registered_converters() == ["second", "first", registry._FALLBACK[0].__name__]
+
+
+def test_a_registered_converter_gets_the_models_call_and_its_graph_is_exact(clean_registry):
+    """A converter registered for a type gets the model, the batch, the targets, the loss and the forward's
+    keywords as given (a mapping input read as ``model(**inputs)``); the graph it returns is ``to_graph``'s answer
+    (per-sample gradients against torch.func, float64, 1e-10)."""
+    calls = []
+
+    def convert_custom(model, inputs, *, targets, loss_fn, forward_kwargs):
+        calls.append((model, inputs, targets, loss_fn, dict(forward_kwargs)))
+        return _traced(model, inputs, targets=targets, loss_fn=loss_fn, forward_kwargs={})
+
+    gradgraph.register_converter(_Custom, convert_custom)
+    torch.manual_seed(3)
+    model = _SubCustom().to(DTYPE)
+    inputs, targets = torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 2, (4,))
+
+    def cross_entropy(output, target):
+        return F.cross_entropy(output, target, reduction="none")
+
+    graph = gradgraph.to_graph(model, inputs, targets, cross_entropy, forward_kwargs={"scale": 2})
+    assert len(calls) == 1
+    assert calls[0][0] is model and calls[0][1] is inputs and calls[0][2] is targets and calls[0][3] is cross_entropy
+    assert calls[0][4] == {"scale": 2}
+    _assert_per_sample_grads(graph, model, inputs, cross_entropy, targets)
+    gradgraph.to_graph(model, {"x": inputs}, targets, cross_entropy)
+    assert calls[1][1] is inputs and calls[1][4] == {}
+
+
+def test_a_registered_converter_refuses_datapoints_and_a_meta_model(clean_registry):
+    """A registered converter takes no ``datapoints`` (only the traced converter reads rows of several datapoints)
+    and never sees a model on the meta device: both refused, in full, before it is called."""
+    gradgraph.register_converter(_Custom, lambda *args, **kwargs: pytest.fail("must not be called"), name="mine")
+    inputs = torch.randn(4, 3)
+    with pytest.raises(GradGraphError, match=re.escape(
+            "to_graph: the registered converter 'mine' matches _Custom and takes no datapoints; only the traced "
+            "converter reads rows of several datapoints")):
+        gradgraph.to_graph(_Custom(), inputs, datapoints=torch.zeros(4, dtype=torch.long))
+    with torch.device("meta"):
+        meta = _Custom()
+    with pytest.raises(GradGraphError, match=r"^to_graph: _Custom has parameters on the 'meta' device"):
+        gradgraph.to_graph(meta, inputs)
+
+
+def test_to_graph_refuses_what_is_no_module_and_inputs_that_are_no_tensor():
+    """``to_graph``'s type checks, in full."""
+    with pytest.raises(TypeError, match=r"^to_graph: model must be an nn\.Module, got function$"):
+        gradgraph.to_graph(lambda x: x, torch.randn(2, 3))
+    with pytest.raises(TypeError, match=r"^to_graph: inputs must be a Tensor, got list$"):
+        gradgraph.to_graph(nn.Linear(3, 2), [torch.randn(2, 3)])
+
+
+def test_to_graph_refuses_key_or_value_given_to_a_multihead_attention():
+    """Cross-attention through ``forward_kwargs`` is refused, the keys named sorted; other keywords pass."""
+    attention = nn.MultiheadAttention(4, 2, batch_first=True).to(DTYPE).eval()
+    inputs = torch.randn(2, 3, 4, dtype=DTYPE)
+    for kwargs, named in (({"key": inputs}, "['key']"), ({"value": inputs, "key": inputs}, "['key', 'value']")):
+        with pytest.raises(GradGraphError, match=re.escape(
+                f"to_graph: {named} passed through forward_kwargs to an nn.MultiheadAttention; gradgraph converts "
+                "self-attention, where `inputs` is the query, key and value at once (cross-attention is not "
+                "supported)")):
+            gradgraph.to_graph(attention, inputs, forward_kwargs=kwargs)
+
+
+def test_to_graph_without_a_fallback_refuses_the_model(monkeypatch, clean_registry):
+    """No registered converter matches and no traced converter is set: refused naming the model's type."""
+    monkeypatch.setattr(registry, "_FALLBACK", [])
+    with pytest.raises(UnsupportedModuleError, match="no registered converter matches it") as refusal:
+        gradgraph.to_graph(_Custom(), torch.randn(2, 3))
+    assert refusal.value.path == "" and "_Custom" in str(refusal.value)
+
+
+def test_the_fallback_gets_datapoints_and_fold_time_only_when_set(monkeypatch):
+    """Options past the common four reach the fallback only when set (a fallback made before them keeps working):
+    ``datapoints`` when given, ``fold_time`` only when ``False``."""
+    calls = []
+
+    def old_fallback(model, inputs, *, targets, loss_fn, forward_kwargs, **options):
+        calls.append(options)
+        return "graph"
+
+    monkeypatch.setattr(registry, "_FALLBACK", [old_fallback])
+    model, inputs = _Custom(), torch.randn(4, 3)
+    rows = torch.tensor([0, 0, 1, 1])
+    assert gradgraph.to_graph(model, inputs) == "graph"
+    gradgraph.to_graph(model, inputs, fold_time=True)
+    gradgraph.to_graph(model, inputs, datapoints=rows)
+    gradgraph.to_graph(model, inputs, fold_time=False)
+    assert calls[:2] == [{}, {}]
+    assert set(calls[2]) == {"datapoints"} and calls[2]["datapoints"] is rows
+    assert calls[3] == {"fold_time": False}
+
+
+def test_fold_time_false_unrolls_a_recurrent_loop_and_both_layouts_are_exact():
+    """``to_graph(..., fold_time=False)`` reaches the traced converter: an ``nn.RNN`` unrolled has one component
+    per datapoint, folded one per (datapoint, step); both give torch.func's per-sample gradients."""
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.RNN(2, 3, batch_first=True), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(4)
+    model, inputs = Recurrent().to(DTYPE), torch.randn(3, 4, 2, dtype=DTYPE)
+    folded = gradgraph.to_graph(model, inputs, None, _squared_loss)
+    unrolled = gradgraph.to_graph(model, inputs, None, _squared_loss, fold_time=False)
+    assert unrolled.num_nodes > folded.num_nodes
+    _assert_per_sample_grads(folded, model, inputs, _squared_loss)
+    _assert_per_sample_grads(unrolled, model, inputs, _squared_loss)
+
+
+def _cross_entropy(output, target):
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def test_convert_closure_refuses_what_is_no_module_no_callable_or_a_meta_model():
+    """``convert_closure``'s checks, in full."""
+    with pytest.raises(TypeError, match=r"^convert_closure: model must be an nn\.Module, got int$"):
+        gradgraph.convert_closure(3, lambda: None)
+    with pytest.raises(TypeError, match=r"^convert_closure: closure must be callable, got int$"):
+        gradgraph.convert_closure(nn.Linear(3, 2), 3)
+    with torch.device("meta"):
+        meta = _Custom()
+    with pytest.raises(GradGraphError, match=r"^convert_closure: _Custom has parameters on the 'meta' device"):
+        gradgraph.convert_closure(meta, lambda: pytest.fail("the closure must not run"))
+
+
+def test_convert_closure_refuses_a_model_a_registered_converter_matches(clean_registry):
+    """A registered converter takes a batch and a loss, not a closure: refused naming it and what to call."""
+    gradgraph.register_converter(_Custom, _traced, name="mine")
+    model = _SubCustom()
+    with pytest.raises(UnsupportedModuleError, match=re.escape(
+            "the registered converter 'mine' takes a batch and a loss function, not a closure: call "
+            "to_graph(model, inputs, targets, loss_fn)")) as refusal:
+        gradgraph.convert_closure(model, lambda: pytest.fail("the closure must not run"))
+    assert refusal.value.path == "" and "_SubCustom" in str(refusal.value)
+
+
+def test_convert_closure_passes_datapoints_and_its_graph_is_exact():
+    """A closure's graph and losses are autograd's per datapoint; ``datapoints`` reaches the traced converter (rows
+    of two datapoints, summed per datapoint)."""
+    model, inputs = _tanh_chain()
+    graph, losses = gradgraph.convert_closure(model, lambda: _squared_loss(model(inputs), None))
+    _assert_per_sample_grads(graph, model, inputs, _squared_loss)
+    torch.testing.assert_close(losses, _squared_loss(model(inputs), None).detach(), rtol=0, atol=0)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+
+    def per_datapoint(output):
+        return torch.zeros(2, dtype=DTYPE).index_add(0, rows, output.pow(2).sum(1))
+
+    graph, losses = gradgraph.convert_closure(model, lambda: per_datapoint(model(inputs)), datapoints=rows)
+    assert losses.shape == (2,)
+    params = dict(model.named_parameters())
+    for point in range(2):
+        expected = torch.autograd.grad(per_datapoint(model(inputs))[point], list(params.values()))
+        for (name, _), value in zip(params.items(), expected):
+            torch.testing.assert_close(graph.per_sample_grads()[name][point], value, rtol=0, atol=1e-10, msg=name)
+
+
+def test_convert_closure_in_inference_mode_passes_its_datapoints_and_reraises_other_errors():
+    """Inside inference mode ``convert_closure`` runs again outside it with the same ``datapoints``; an error that is
+    not torch's inference-tensor one comes out as it is (not reworded as one)."""
+    model, inputs = _tanh_chain()
+    rows = torch.tensor([0, 0, 1, 1, 1])
+
+    def per_datapoint(output):
+        return torch.zeros(2, dtype=DTYPE).index_add(0, rows, output.pow(2).sum(1))
+
+    outside, _ = gradgraph.convert_closure(model, lambda: per_datapoint(model(inputs)), datapoints=rows)
+    with torch.inference_mode():
+        inside, losses = gradgraph.convert_closure(model, lambda: per_datapoint(model(inputs)), datapoints=rows)
+    assert losses.shape == (2,)
+    for name, value in outside.per_sample_grads().items():
+        torch.testing.assert_close(inside.per_sample_grads()[name], value, rtol=0, atol=0, msg=name)
+
+    def failing():
+        model(inputs)
+        raise RuntimeError("the closure's own error")
+
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="^the closure's own error$"):
+        gradgraph.convert_closure(model, failing)
+
+
+def test_to_graph_in_inference_mode_keeps_fold_time_datapoints_and_tensors_made_outside(monkeypatch):
+    """The call inside inference mode is made again outside it with every argument: ``fold_time`` and
+    ``datapoints`` reach the fallback, and a tensor made outside inference mode is passed as it is (only
+    inference tensors are copied)."""
+    calls = []
+
+    def fallback(model, inputs, *, targets, loss_fn, forward_kwargs, **options):
+        calls.append((inputs, targets, loss_fn, dict(forward_kwargs), options, torch.is_inference_mode_enabled()))
+        return "graph"
+
+    monkeypatch.setattr(registry, "_FALLBACK", [fallback])
+    model = _Custom()
+    inputs, targets, scale, rows = torch.randn(4, 3), torch.randn(4), torch.randn(4), torch.tensor([0, 0, 1, 1])
+    with torch.inference_mode():
+        made_inside = torch.randn(4, 3)
+        assert gradgraph.to_graph(model, inputs, targets, _squared_loss, forward_kwargs={"scale": scale},
+                                  datapoints=rows, fold_time=False) == "graph"
+        gradgraph.to_graph(model, made_inside, [made_inside], _squared_loss)
+    seen_inputs, seen_targets, loss_fn, kwargs, options, inference = calls[0]
+    assert seen_inputs is inputs and seen_targets is targets and loss_fn is _squared_loss
+    assert kwargs["scale"] is scale and options["datapoints"] is rows and options["fold_time"] is False
+    assert inference is False
+    copied_inputs, copied_targets = calls[1][0], calls[1][1]
+    assert not copied_inputs.is_inference() and not copied_targets[0].is_inference()
+    assert torch.equal(copied_inputs, made_inside) and torch.equal(copied_targets[0], made_inside)
+
+
+def test_a_compiled_model_converts_as_its_original_and_keeps_its_compiled_forward():
+    """``torch.compile(model)``: ``to_graph`` and ``convert_closure`` convert the wrapped module (exact per-sample
+    gradients), the closure's call of the wrapper reaches the original's forward, and the wrapper's compiled forward
+    is back after the closure, also when the closure raises."""
+    model, inputs = _tanh_chain()
+    compiled = torch.compile(model)
+    compiled_forward = vars(compiled)["forward"]
+    graph = gradgraph.to_graph(compiled, inputs, None, _squared_loss)
+    _assert_per_sample_grads(graph, model, inputs, _squared_loss)
+    closure_graph, losses = gradgraph.convert_closure(compiled, lambda: _squared_loss(compiled(inputs), None))
+    _assert_per_sample_grads(closure_graph, model, inputs, _squared_loss)
+    assert vars(compiled)["forward"] is compiled_forward
+
+    def failing():
+        compiled(inputs)
+        raise ValueError("stop")
+
+    with pytest.raises(ValueError, match="^stop$"):
+        gradgraph.convert_closure(compiled, failing)
+    assert vars(compiled)["forward"] is compiled_forward
+
+
+def test_a_module_named_like_a_compiled_wrapper_is_read_only_when_it_wraps_a_module_with_a_forward_of_its_own():
+    """``_uncompiled`` unwraps only dynamo's wrapper: a class named ``OptimizedModule`` whose ``_orig_mod`` is no
+    module, or that has no forward of its own in its ``__dict__``, is converted as it is."""
+
+    class OptimizedModule(nn.Module):
+        def __init__(self, inner, orig):
+            super().__init__()
+            self.inner = inner
+            object.__setattr__(self, "_orig_mod", orig)
+
+        def forward(self, x):
+            return self.inner(x)
+
+    class Wrapper(OptimizedModule):
+        pass
+
+    model, inputs = _tanh_chain()
+    other = nn.Linear(3, 2).to(DTYPE)
+    not_a_module, no_forward, other_name, unwrapped = (OptimizedModule(model, "not a module"),
+                                                       OptimizedModule(model, other), Wrapper(model, other),
+                                                       OptimizedModule(model, other))
+    for wrapper in (not_a_module, other_name, unwrapped):
+        wrapper.forward = wrapper.inner.__call__
+    assert registry._uncompiled(not_a_module) is not_a_module and registry._uncompiled(no_forward) is no_forward
+    assert registry._uncompiled(other_name) is other_name and registry._uncompiled(unwrapped) is other
+    graph = gradgraph.to_graph(no_forward, inputs, None, _squared_loss)
+    assert set(graph.per_sample_grads()) == {f"inner.{name}" for name, _ in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------------------- attention.py
+from gradgraph.convert.attention import EncoderLayerParts, transformer_structure  # noqa: E402
+from gradgraph.graph import ActivationKind  # noqa: E402
+
+
+def _refused(model, path, module_type, reason):
+    """``transformer_structure(model)`` refuses with exactly this path, type and reason."""
+    where = f"'{path}'" if path else "the root module"
+    with pytest.raises(UnsupportedModuleError, match=f"^{re.escape(f'unsupported module at {where} of type ')}"
+                                                     f"{re.escape(f'{module_type}: {reason}')}$") as refusal:
+        transformer_structure(model)
+    assert refusal.value.path == path and refusal.value.module_type == module_type
+
+
+def _layer(**kwargs):
+    return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, **kwargs).eval()
+
+
+class _Chain(nn.Module):
+    """``[nn.Linear] -> core -> [nn.Linear]`` under the given names (the forward is not read)."""
+
+    def __init__(self, **parts):
+        super().__init__()
+        for name, part in parts.items():
+            setattr(self, name, part)
+
+
+def test_transformer_structure_of_a_bare_attention_module_and_a_bare_layer():
+    """A bare ``nn.MultiheadAttention``: the core is the model at path ``""``, its one attention, no layers, no norm,
+    no linears; a bare encoder layer (which holds an attention itself) is the one outermost core, its parts' paths
+    relative to the root (``sub('norm1') == 'norm1'``), its default activation ``F.relu`` read as RELU."""
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    structure = transformer_structure(attention)
+    assert (structure.core_path, structure.core, structure.attentions) == ("", attention, [("", attention)])
+    assert structure.layers == [] and structure.final_norm is None and structure.linears == []
+    assert structure.batch_first is True and structure.embed_dim == 8
+    layer = _layer()
+    structure = transformer_structure(layer)
+    assert structure.core_path == "" and structure.core is layer
+    assert structure.layers == [EncoderLayerParts("", layer, ActivationKind.RELU)]
+    assert structure.layers[0].sub("norm1") == "norm1"
+    assert structure.attentions == [("self_attn", layer.self_attn)]
+    assert structure.batch_first is False and structure.embed_dim == 8 and structure.linears == []
+
+
+def test_transformer_structure_of_an_encoder_in_a_chain_of_linears():
+    """An encoder of two layers with a final norm between two ``nn.Linear`` s: paths, activations (a module and a
+    function), the final norm, the linears in order (a sibling whose name starts with the core's is outside it);
+    parameterless modules of the wrapper are allowed."""
+    first, second = _layer(activation=nn.GELU(), batch_first=True), _layer(activation=F.gelu, batch_first=True)
+    encoder = nn.TransformerEncoder(first, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+    encoder.layers[1] = second
+    model = _Chain(proj=nn.Linear(3, 8), enc=encoder, act=nn.ReLU(), encx=nn.Linear(8, 2))
+    structure = transformer_structure(model)
+    assert structure.core_path == "enc" and structure.core is encoder
+    assert structure.layers == [EncoderLayerParts("enc.layers.0", encoder.layers[0], ActivationKind.GELU),
+                                EncoderLayerParts("enc.layers.1", second, ActivationKind.GELU)]
+    assert structure.layers[1].sub("norm2") == "enc.layers.1.norm2"
+    assert structure.attentions == [("enc.layers.0.self_attn", encoder.layers[0].self_attn),
+                                    ("enc.layers.1.self_attn", second.self_attn)]
+    assert structure.final_norm == ("enc.norm", encoder.norm)
+    assert structure.linears == [("proj", model.proj), ("encx", model.encx)]
+    assert structure.batch_first is True and structure.embed_dim == 8
+
+
+def test_transformer_structure_reads_each_activation_kind_by_exact_module_type_or_function():
+    """Each activation module or function of the table gives its kind; a subclass of one, an unknown module or an
+    unknown function is refused at ``<layer>.activation``, named by type or ``__name__``."""
+    for activation, kind in ((nn.ReLU(), ActivationKind.RELU), (nn.Tanh(), ActivationKind.TANH),
+                             (torch.tanh, ActivationKind.TANH), (F.silu, ActivationKind.SILU)):
+        layer = _layer()
+        layer.activation = activation
+        assert transformer_structure(layer).layers[0].activation == kind
+
+    class MyReLU(nn.ReLU):
+        pass
+
+    reason = ("no elementwise activation rule for it (use relu, gelu or a module of "
+              "gradgraph.convert.activations.ACTIVATION_MODULES)")
+    for activation, what in ((MyReLU(), "MyReLU"), (nn.Softplus(), "Softplus"), (torch.exp, "exp")):
+        layer = _layer()
+        layer.activation = activation
+        _refused(_Chain(block=layer), "block.activation", what, reason)
+
+
+def test_transformer_structure_refuses_a_layer_with_another_norm_or_linear():
+    """A layer's ``norm1`` / ``norm2`` must be a ``LayerNorm`` over ``embed_dim``, ``linear1`` / ``linear2`` an
+    ``nn.Linear``: refused at the part's path."""
+    for name, part, what in (("norm1", nn.Identity(), "Identity"), ("norm2", nn.LayerNorm(4), "LayerNorm")):
+        layer = _layer()
+        setattr(layer, name, part)
+        _refused(_Chain(block=layer), f"block.{name}", what, "expected a LayerNorm over embed_dim")
+    for name in ("linear1", "linear2"):
+        layer = _layer()
+        setattr(layer, name, nn.Identity())
+        _refused(_Chain(block=layer), f"block.{name}", "Identity", "expected nn.Linear")
+
+
+def test_transformer_structure_refuses_no_core_two_cores_and_an_encoder_of_other_layers():
+    """No attention module; a second one beside the first (named with the first); an encoder whose layer is no
+    ``TransformerEncoderLayer``; an encoder's final norm that is not over the layers' width; layers that disagree
+    on ``batch_first`` or ``embed_dim``."""
+    _refused(nn.Sequential(nn.Linear(3, 3)), "", "Sequential", "contains no nn.MultiheadAttention / Transformer module")
+    _refused(_Chain(first=_layer(), second=nn.MultiheadAttention(8, 2)), "second", "MultiheadAttention",
+             "a second attention module besides 'first'; one attention module, encoder layer or encoder stack per "
+             "model is supported")
+    encoder = nn.TransformerEncoder(_layer(), 2, enable_nested_tensor=False)
+    encoder.layers[1] = nn.Identity()
+    _refused(_Chain(enc=encoder), "enc.layers.1", "Identity", "expected nn.TransformerEncoderLayer")
+    for norm, what in ((nn.LayerNorm(4), "LayerNorm"), (nn.Identity(), "Identity")):
+        encoder = nn.TransformerEncoder(_layer(), 2, norm=norm, enable_nested_tensor=False)
+        _refused(_Chain(enc=encoder), "enc.norm", what, "expected a LayerNorm over embed_dim")
+    for other in (_layer(batch_first=True), nn.TransformerEncoderLayer(4, 2, 16, dropout=0.0).eval()):
+        encoder = nn.TransformerEncoder(_layer(), 2, enable_nested_tensor=False)
+        encoder.layers[1] = other
+        _refused(_Chain(enc=encoder), "enc.layers.1.self_attn", "MultiheadAttention",
+                 "layers disagree on batch_first or embed_dim")
+
+
+def test_transformer_structure_refuses_a_wrapper_with_parameters_and_more_than_two_linears():
+    """The wrapper may hold the core and at most two ``nn.Linear`` s: its own parameter or buffer, a module with
+    parameters that is no ``Linear``, or a third ``Linear`` is refused (the bare core's own parameters are fine)."""
+    chain = "the attention converter supports [nn.Linear] -> attention module -> [nn.Linear] chains"
+    with_parameter = _Chain(core=_layer())
+    with_parameter.scale = nn.Parameter(torch.ones(1))
+    _refused(with_parameter, "", "_Chain", f"the wrapper holds parameters or buffers of its own; {chain}")
+    with_buffer = _Chain(core=_layer())
+    with_buffer.register_buffer("offset", torch.zeros(1))
+    _refused(with_buffer, "", "_Chain", f"the wrapper holds parameters or buffers of its own; {chain}")
+    _refused(_Chain(core=_layer(), norm=nn.LayerNorm(8)), "norm", "LayerNorm",
+             f"a wrapper module with parameters; {chain}")
+    buffers = nn.Module()
+    buffers.register_buffer("table", torch.zeros(2))
+    _refused(_Chain(core=_layer(), table=buffers), "table", "Module", f"a wrapper module with parameters; {chain}")
+    _refused(_Chain(a=nn.Linear(8, 8), core=_layer(), b=nn.Linear(8, 8), c=nn.Linear(8, 8)), "c", "Linear",
+             f"a third nn.Linear around 'core'; {chain}")
+    assert len(transformer_structure(_Chain(a=nn.Linear(8, 8), core=_layer(), b=nn.Linear(8, 8))).linears) == 2
+
 
 # ----------------------------------------------------------------------------------------------------- mlp.py
 from gradgraph.convert import mlp_layers  # noqa: E402
-from gradgraph.graph import ActivationKind  # noqa: E402,F401
 from gradgraph.symmetry.permutation import permute_hidden, random_hidden_perms  # noqa: E402
 
 
@@ -92,6 +563,10 @@ class _Three(nn.Module):
         return self.c(torch.tanh(self.b(torch.relu(self.a(x)))))
 
 
+_NOT_ROW_MAJOR = ("it does not read the previous layer as nn.Linear does (W[k, j] from neuron j to neuron k, every "
+                  "entry once): its weight transposed, reordered or in part, or the neurons reordered between layers")
+
+
 def _mlp_refused(model, path, module_type, reason):
     where = f"'{path}'" if path else "the root module"
     with pytest.raises(UnsupportedModuleError, match=f"^{re.escape(f'unsupported module at {where} of type ')}"
@@ -100,11 +575,35 @@ def _mlp_refused(model, path, module_type, reason):
     assert refusal.value.path == path and refusal.value.module_type == module_type
 
 
+def test_mlp_layers_reads_a_float64_chain_as_the_models_own_layers_and_its_permutation_keeps_the_function():
+    """The layers are the model's own ``nn.Linear`` s in forward order (not module order) with the activation that
+    follows each; the probe runs in the weights' dtype (float64 here); a hidden permutation of what it read keeps the
+    model's function (the ground truth of the structure the symmetry actions use)."""
+
+    class Reordered(_Three):
+        def __init__(self):
+            super().__init__()
+            self.b, self.c = nn.Linear(4, 2), nn.Linear(4, 4)  # registered a, b, c; applied a, c, b
+
+        def forward(self, x):
+            return self.b(torch.sigmoid(self.c(torch.relu(self.a(x)))))
+
+    torch.manual_seed(5)
+    model = Reordered().to(DTYPE)
+    layers = mlp_layers(model)
+    assert [(layer.name, layer.linear, layer.activation) for layer in layers] == [
+        ("a", model.a, ActivationKind.RELU), ("c", model.c, ActivationKind.SIGMOID), ("b", model.b,
+                                                                                       ActivationKind.IDENTITY)]
+    inputs = torch.randn(6, 3, dtype=DTYPE)
+    permuted = permute_hidden(model, random_hidden_perms(model, torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(permuted(inputs), model(inputs), rtol=0, atol=1e-12)
+
+
 def test_mlp_layers_refuses_a_linears_weight_read_in_another_order():
-    """A forward that reads an ``nn.Linear``'s weight transposed, flipped or in part (``F.linear(h, W.flip(0))``) is
-    no chain of that ``Linear``: its edges are not the weight's row-major entries, and a hidden permutation of the
-    layers read from it changes the function (the symmetry actions' silent wrong answer). Failed before the fix
-    (``mlp_layers`` read each as layer ``b``)."""
+    """A forward that reads an ``nn.Linear``'s weight transposed, flipped or in part (``F.linear(h, W.flip(0))``), or
+    the previous layer's neurons reordered (``b(h.flip(1))``), is no chain of that ``Linear``: its edges are not the
+    weight's row-major entries, and a hidden permutation of the layers read from it changes the function (the
+    symmetry actions' silent wrong answer). Failed before the fix (``mlp_layers`` read each as layer ``b``)."""
 
     class Transposed(_Three):
         def forward(self, x):
@@ -121,7 +620,11 @@ def test_mlp_layers_refuses_a_linears_weight_read_in_another_order():
         def forward(self, x):
             return self.c(torch.tanh(F.linear(torch.relu(self.a(x))[:, :3], self.b.weight[:, :3])))
 
-    for build in (Transposed, Flipped):
+    class Reordered(_Three):
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.relu(self.a(x)).flip(1))))
+
+    for build in (Transposed, Flipped, Reordered):
         torch.manual_seed(6)
         model = build().to(DTYPE)
         inputs = torch.randn(6, 3, dtype=DTYPE)
@@ -131,8 +634,5 @@ def test_mlp_layers_refuses_a_linears_weight_read_in_another_order():
         moved = build().to(DTYPE)
         moved.load_state_dict(permuted.state_dict())
         assert (moved(inputs) - model(inputs)).abs().max() > 1e-3  # what the action would do to this model
-        _mlp_refused(model, "b", "Linear", "its weight is not read as nn.Linear reads it (row-major, each entry once, "
-                                          "in_features inputs to out_features outputs): transposed, reordered or in "
-                                          "part")
-    with pytest.raises(UnsupportedModuleError):
-        mlp_layers(Part().to(DTYPE))
+        _mlp_refused(model, "b", "Linear", _NOT_ROW_MAJOR)
+    _mlp_refused(Part().to(DTYPE), "b", "Linear", _NOT_ROW_MAJOR)

@@ -111,13 +111,14 @@ def _chain_layers(trace: TraceResult, model: nn.Module) -> list[DenseLayer]:
         if any(layer.name == path for layer in layers):
             raise UnsupportedModuleError(path, "Linear", "called more than once (shared weights)")
         # the symmetry actions permute the weight's rows and columns as nn.Linear reads them: W[k, j] is the edge
-        # from input j to output k, every entry once (a forward that reads W.t(), W.flip(0) or W[:, :3] is refused)
+        # from neuron j of the previous layer to neuron k, every entry once (W.t(), W.flip(0), W[:, :3] or
+        # h.flip(1) between the layers is refused)
         if (positions is None or before.size != module.in_features or after.size != module.out_features
                 or positions.numel() != module.weight.numel()
                 or not torch.equal(positions, (dst - after.first) * module.in_features + (src - before.first))):
-            raise UnsupportedModuleError(path, "Linear", "its weight is not read as nn.Linear reads it (row-major, "
-                                         "each entry once, in_features inputs to out_features outputs): transposed, "
-                                         "reordered or in part")
+            raise UnsupportedModuleError(path, "Linear", "it does not read the previous layer as nn.Linear does "
+                                         "(W[k, j] from neuron j to neuron k, every entry once): its weight "
+                                         "transposed, reordered or in part, or the neurons reordered between layers")
         bias = trace.param_names[after.bias_param] if after.bias_param >= 0 else None
         if bias != (None if module.bias is None else _join(path, "bias")):
             raise UnsupportedModuleError(path, "Linear", "its output gets a bias other than its own")
