@@ -636,3 +636,205 @@ def test_mlp_layers_refuses_a_linears_weight_read_in_another_order():
         assert (moved(inputs) - model(inputs)).abs().max() > 1e-3  # what the action would do to this model
         _mlp_refused(model, "b", "Linear", _NOT_ROW_MAJOR)
     _mlp_refused(Part().to(DTYPE), "b", "Linear", _NOT_ROW_MAJOR)
+
+
+class _Four(nn.Module):
+    def __init__(self, a_bias=True):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4, bias=a_bias), nn.Linear(4, 4), nn.Linear(3, 4)
+
+
+class _Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+
+
+def test_mlp_layers_refuses_each_way_a_forward_is_no_chain_by_path_in_full():
+    """Each refusal of ``_chain_layers`` with its path and words: a second ``Linear`` reading the input (no chain),
+    a forward that applies no ``Linear`` to its input, a bias of another layer (or one given to a layer without
+    bias), a weight that belongs to no ``nn.Linear``, and a chain whose output is not returned."""
+    cases = (
+        (lambda s, x: (s.a(x), s.c(x))[1], "c", "_Four",
+         "not an MLP chain: this op is not an nn.Linear applied to the previous layer's output"),
+        (lambda s, x: x, "", "_Four",
+         "not an MLP chain: its forward does not apply nn.Linear layers to its input one after the other"),
+        (lambda s, x: F.linear(x, s.a.weight, s.b.bias), "a", "Linear", "its output gets a bias other than its own"),
+        (lambda s, x: s.b(torch.relu(F.linear(x, s.a.weight)))[:, :2], "a", "Linear",
+         "its output gets a bias other than its own"),
+        (lambda s, x: (s.b(torch.relu(s.a(x))), s.a(x))[1], "a", "_Four",
+         "not an MLP chain: this op is not an nn.Linear applied to the previous layer's output"),
+        (lambda s, x: s.a(x) + 1, "a", "Linear",
+         "its output goes through an elementwise op other than one named activation (a second activation, a scale, "
+         "a custom function)"),
+    )
+    for forward, path, module_type, reason in cases:
+        model = type("Case", (_Four,), {"forward": forward})().to(DTYPE)
+        _mlp_refused(model, path, module_type.replace("_Four", "Case"), reason)
+
+    class NoBias(_Four):
+        def __init__(self):
+            super().__init__(a_bias=False)
+
+        def forward(self, x):
+            return F.linear(x, self.a.weight, self.b.bias)
+
+    _mlp_refused(NoBias().to(DTYPE), "a", "Linear", "its output gets a bias other than its own")
+
+    class Foreign(_Four):
+        def __init__(self):
+            super().__init__()
+            self.held = _Holder()
+
+        def forward(self, x):
+            return self.b(F.linear(x, self.held.weight, self.held.bias))
+
+    _mlp_refused(Foreign().to(DTYPE), "torch.nn.functional.linear", "Foreign",
+                 "not an MLP chain: this op is not an nn.Linear applied to the previous layer's output")
+
+    class Unreturned(_Four):
+        def forward(self, x):
+            hidden = torch.relu(self.a(x))
+            self.b(hidden)
+            return hidden
+
+    _mlp_refused(Unreturned().to(DTYPE), "", "Unreturned", "forward does not return the chain's output")
+
+
+def test_mlp_layers_refuses_a_forward_that_fails_on_the_probe_and_passes_the_traces_own_refusals():
+    """The probe is one all-zero datapoint of the first ``nn.Linear``'s width in its dtype: a forward that cannot
+    run on it is refused naming the root and the trace's error (its cause); a refusal of the trace itself (an input
+    not computed from the model input) comes out as the trace gave it."""
+
+    class Reshaped(_Four):
+        def forward(self, x):
+            return self.b(self.a(x.reshape(2, -1)))
+
+    with pytest.raises(UnsupportedModuleError, match=(
+            r"^unsupported module at the root module of type Reshaped: its forward cannot be read as an MLP chain "
+            r"\(.*Reshaped failed on inputs of shape \[1, 3\] \(torch\.float64\): RuntimeError: shape '\[2, -1\]' is "
+            r"invalid for input of size 3\)$")) as refusal:
+        mlp_layers(Reshaped().to(DTYPE))
+    assert refusal.value.path == "" and isinstance(refusal.value.__cause__, GradGraphError)
+
+    class Constant(_Four):
+        def forward(self, x):
+            return self.a(torch.ones_like(x))
+
+    with pytest.raises(gradgraph.convert.UnsupportedOperationError, match="its input is not computed from the model "
+                                                                          "input") as refusal:
+        mlp_layers(Constant().to(DTYPE))
+    assert refusal.value.__cause__ is None and "cannot be read as an MLP chain" not in str(refusal.value)
+
+
+# --------------------------------------------------------------------------------------------- trace/result.py
+from gradgraph.convert.trace import trace_model  # noqa: E402
+
+
+def test_a_trace_result_finds_where_each_recorded_tensor_comes_from_and_the_set_of_each_node():
+    """``source_of``: the input, an op's output (op and position), a value a rule derived (only for the very tensor
+    it was recorded for: an id can be reused), and a parameter refused as no op's output; ``set_of``: every node's
+    set, first and last nodes included."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    inputs = torch.randn(2, 3, dtype=DTYPE)
+    trace = trace_model(model, inputs, model)
+    assert trace.source_of(trace.inputs) == ("input",)
+    outputs = [(op, captured[2]) for op, captured in trace.captured.items() if isinstance(captured[2], torch.Tensor)]
+    assert len(outputs) >= 3
+    for op, output in outputs:
+        assert trace.source_of(output) == ("out", op, 0)
+    split = [(op, captured[2]) for op, captured in trace.captured.items() if isinstance(captured[2], tuple)]
+    for op, output in split:
+        for position, value in enumerate(output):
+            assert trace.source_of(value) == ("out", op, position)
+    assert trace.derived, "the LayerNorm records its normalised input"
+    for tensor, op, recipe in list(trace.derived.values()):
+        assert trace.source_of(tensor) == ("derived", op, recipe)
+    stranger, (op, output) = torch.zeros(1), outputs[0]
+    trace.derived[id(output)] = (stranger, 99, ("a recipe",))  # the id of a tensor gone, reused by `output`
+    assert trace.source_of(output) == ("out", op, 0)
+    with pytest.raises(GradGraphError, match=r"^internal: a recorded tensor was produced by no op of the trace$"):
+        trace.source_of(model[0].weight)
+    with pytest.raises(GradGraphError, match=r"^internal: a recorded tensor was produced by no op of the trace$"):
+        trace.source_of(torch.zeros(2))
+    for neuron_set in trace.sets:
+        for node in (neuron_set.first, neuron_set.first + neuron_set.size - 1):
+            assert trace.set_of(node) is neuron_set
+
+
+# ------------------------------------------------------------------------------------------------ deprecated.py
+from gradgraph.convert import deprecated  # noqa: E402
+
+
+def test_each_deprecated_alias_warns_once_naming_old_and_new_and_gives_the_new_graph_tensor_for_tensor():
+    """``convert_mlp`` / ``convert_attention`` / ``convert_traced``: one ``DeprecationWarning`` in full, and the graph
+    ``to_graph`` gives, tensor for tensor, with the targets, the loss and the forward's keywords passed on."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x, scale):
+            return self.second(torch.tanh(self.first(x)) * scale)
+
+    torch.manual_seed(8)
+    model = Scaled().to(DTYPE)
+    inputs, targets = torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 2, (5,))
+    kwargs = {"scale": torch.rand(5, 4, dtype=DTYPE) + 0.5}
+    expected = gradgraph.to_graph(model, inputs, targets, _cross_entropy, forward_kwargs=kwargs)
+    for alias in ("convert_mlp", "convert_attention", "convert_traced"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = getattr(deprecated, alias)(model, inputs, targets=targets, loss_fn=_cross_entropy,
+                                               forward_kwargs=kwargs)
+        assert [(w.category, str(w.message)) for w in caught] == [
+            (DeprecationWarning, f"gradgraph.convert.{alias} is deprecated; use gradgraph.to_graph")]
+        _same_graph(graph, expected)
+        torch.testing.assert_close(graph.loss, expected.loss, rtol=0, atol=0)
+
+
+def test_convert_traced_and_its_closure_pass_datapoint_dim_to_the_traced_converter():
+    """``datapoint_dim`` reaches the traced converter: a ``[T, b, d]`` input read along axis 1 gives ``b``
+    components' datapoints (the graph of ``to_graph_traced`` with that axis, tensor for tensor); without it the
+    alias is ``to_graph`` / ``convert_closure``. ``convert_traced_closure`` warns naming ``convert_closure``."""
+    from gradgraph.convert.traced import convert_closure_traced, to_graph_traced
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    inputs = torch.randn(4, 2, 3, dtype=DTYPE)  # [T, b, d]
+
+    def per_datapoint(output):
+        return output.pow(2).sum((0, 2))
+
+    with pytest.warns(DeprecationWarning, match=r"^gradgraph\.convert\.convert_traced is deprecated; use "
+                                                r"gradgraph\.to_graph$"):
+        graph = deprecated.convert_traced(model, inputs, loss_fn=lambda out, y: per_datapoint(out), datapoint_dim=1)
+    expected = to_graph_traced(model, inputs, loss_fn=lambda out, y: per_datapoint(out), datapoint_dim=1)
+    _same_graph(graph, expected)
+    assert graph.per_sample_grads()["0.weight"].shape[0] == 2
+    with pytest.warns(DeprecationWarning, match=r"^gradgraph\.convert\.convert_traced_closure is deprecated; use "
+                                                r"gradgraph\.convert_closure$"):
+        graph, losses = deprecated.convert_traced_closure(model, lambda: per_datapoint(model(inputs)),
+                                                          datapoint_dim=1)
+    expected, expected_losses = convert_closure_traced(model, lambda: per_datapoint(model(inputs)), datapoint_dim=1)
+    _same_graph(graph, expected)
+    torch.testing.assert_close(losses, expected_losses, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="convert_traced_closure"):
+        graph, losses = deprecated.convert_traced_closure(model, lambda: _squared_loss(model(inputs[0]), None))
+    expected, _ = gradgraph.convert_closure(model, lambda: _squared_loss(model(inputs[0]), None))
+    _same_graph(graph, expected)
+
+
+def test_a_deprecation_warning_points_at_the_callers_line():
+    """``stacklevel=3``: the warning names the line that called the alias, not the alias (deselected under
+    mutmut, whose trampolines add frames; checked by hand on a patched copy of ``src``)."""
+    model, inputs = _tanh_chain()
+    for alias, arguments in (("convert_mlp", (model, inputs)), ("convert_attention", (model, inputs)),
+                             ("convert_traced", (model, inputs)),
+                             ("convert_traced_closure", (model, lambda: _squared_loss(model(inputs), None)))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            getattr(deprecated, alias)(*arguments, **({} if alias.endswith("closure") else {"loss_fn": _squared_loss}))
+        assert len(caught) == 1 and caught[0].filename == __file__, (alias, caught[0].filename)
