@@ -354,6 +354,7 @@ def test_to_graph_in_inference_mode_keeps_fold_time_datapoints_and_tensors_made_
     assert seen_inputs is inputs and seen_targets is targets and loss_fn is _squared_loss
     assert kwargs["scale"] is scale and options["datapoints"] is rows and options["fold_time"] is False
     assert inference is False
+    assert calls[1][4] == {}  # fold_time left at its default inside inference mode too
     copied_inputs, copied_targets = calls[1][0], calls[1][1]
     assert not copied_inputs.is_inference() and not copied_targets[0].is_inference()
     assert torch.equal(copied_inputs, made_inside) and torch.equal(copied_targets[0], made_inside)
@@ -801,19 +802,32 @@ def test_convert_traced_and_its_closure_pass_datapoint_dim_to_the_traced_convert
     alias is ``to_graph`` / ``convert_closure``. ``convert_traced_closure`` warns naming ``convert_closure``."""
     from gradgraph.convert.traced import convert_closure_traced, to_graph_traced
 
-    torch.manual_seed(9)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
-    inputs = torch.randn(4, 2, 3, dtype=DTYPE)  # [T, b, d]
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 2)
 
-    def per_datapoint(output):
-        return output.pow(2).sum((0, 2))
+        def forward(self, x, scale=None):
+            hidden = torch.tanh(self.first(x))
+            return self.second(hidden if scale is None else hidden * scale)
+
+    torch.manual_seed(9)
+    model = Scaled().to(DTYPE)
+    inputs = torch.randn(4, 2, 3, dtype=DTYPE)  # [T, b, d]
+    targets, kwargs = torch.randn(4, 2, 2, dtype=DTYPE), {"scale": torch.rand(4, 2, 4, dtype=DTYPE) + 0.5}
+
+    def per_datapoint(output, target=None):
+        return (output if target is None else output - target).pow(2).sum((0, 2))
 
     with pytest.warns(DeprecationWarning, match=r"^gradgraph\.convert\.convert_traced is deprecated; use "
                                                 r"gradgraph\.to_graph$"):
-        graph = deprecated.convert_traced(model, inputs, loss_fn=lambda out, y: per_datapoint(out), datapoint_dim=1)
-    expected = to_graph_traced(model, inputs, loss_fn=lambda out, y: per_datapoint(out), datapoint_dim=1)
+        graph = deprecated.convert_traced(model, inputs, targets=targets, loss_fn=per_datapoint,
+                                          forward_kwargs=kwargs, datapoint_dim=1)
+    expected = to_graph_traced(model, inputs, targets=targets, loss_fn=per_datapoint, forward_kwargs=kwargs,
+                               datapoint_dim=1)
     _same_graph(graph, expected)
-    assert graph.per_sample_grads()["0.weight"].shape[0] == 2
+    torch.testing.assert_close(graph.loss, per_datapoint(model(inputs, **kwargs), targets).detach(), rtol=0, atol=0)
+    assert graph.per_sample_grads()["first.weight"].shape[0] == 2
     with pytest.warns(DeprecationWarning, match=r"^gradgraph\.convert\.convert_traced_closure is deprecated; use "
                                                 r"gradgraph\.convert_closure$"):
         graph, losses = deprecated.convert_traced_closure(model, lambda: per_datapoint(model(inputs)),
@@ -838,3 +852,216 @@ def test_a_deprecation_warning_points_at_the_callers_line():
             warnings.simplefilter("always")
             getattr(deprecated, alias)(*arguments, **({} if alias.endswith("closure") else {"loss_fn": _squared_loss}))
         assert len(caught) == 1 and caught[0].filename == __file__, (alias, caught[0].filename)
+
+
+def test_set_fallback_makes_a_converter_the_one_asked_when_none_matches_and_it_is_named_last(monkeypatch):
+    """``set_fallback`` sets both forms: ``to_graph`` and ``convert_closure`` go to the new pair, and
+    ``registered_converters`` names the fallback last (by ``repr`` when it has no ``__name__``)."""
+    monkeypatch.setattr(registry, "_FALLBACK", list(registry._FALLBACK))
+    monkeypatch.setattr(registry, "_FALLBACK_CLOSURE", list(registry._FALLBACK_CLOSURE))
+
+    class Fallback:
+        def __call__(self, model, inputs, **kwargs):
+            return ("graph", model)
+
+        def __repr__(self):
+            return "<a fallback without a name>"
+
+    fallback = Fallback()
+
+    def closure_fallback(model, closure, **kwargs):
+        return ("closure graph", model)
+
+    registry.set_fallback(fallback, closure_fallback)
+    assert registry._FALLBACK == [fallback] and registry._FALLBACK_CLOSURE == [closure_fallback]
+    model = _Custom()
+    assert gradgraph.to_graph(model, torch.randn(2, 3)) == ("graph", model)
+    assert gradgraph.convert_closure(model, lambda: None) == ("closure graph", model)
+    assert gradgraph.registered_converters()[-1] == "<a fallback without a name>"
+
+
+def test_mlp_layers_probes_with_one_datapoint_and_refuses_a_model_without_linear_in_full():
+    """The probe is one datapoint (the docstring's contract): a forward written for one datapoint at a time reads as
+    its chain; a model without ``nn.Linear`` is refused naming the root and its type."""
+
+    class OneAtATime(_Four):
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x.reshape(1, -1))))
+
+    torch.manual_seed(10)
+    model = OneAtATime().to(DTYPE)
+    assert [(layer.name, layer.linear, layer.activation) for layer in mlp_layers(model)] == [
+        ("a", model.a, ActivationKind.RELU), ("b", model.b, ActivationKind.IDENTITY)]
+    _mlp_refused(nn.Sequential(nn.ReLU(), nn.Tanh()), "", "Sequential", "contains no nn.Linear")
+
+
+def test_mlp_layers_refuses_combined_neurons_and_a_shared_layer_in_full():
+    """The two refusals the structure tests match in part, in full: neurons combined by a sum of the input and a
+    layer (at the op), by a sum of two layers (a tie between affine sets: no set to name, so the root), and a
+    ``Linear`` called twice. Kills ``_chain_layers`` 7, 17, 24, 27, 30, 32-37, 111-119."""
+
+    class InputResidual(_Four):
+        def forward(self, x):
+            return self.b(x.repeat(1, 2)[:, :4] + torch.relu(self.a(x)))
+
+    class LayerSum(_Four):
+        def forward(self, x):
+            return self.b(self.a(x) + self.c(x))
+
+    class Shared(_Four):
+        def forward(self, x):
+            return self.b(torch.relu(self.b(self.a(x))))
+
+    combines = ("not an MLP chain: a skip connection, gate, norm, concatenation or attention combines neurons (skip "
+                "connections, concatenation and parameter access are unsupported)")
+    _mlp_refused(LayerSum().to(DTYPE), "", "LayerSum", combines)
+    _mlp_refused(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(DTYPE), "1", "Sequential",
+                 combines)
+    _mlp_refused(Shared().to(DTYPE), "b", "Linear", "called more than once (shared weights)")
+
+
+def test_mlp_layers_refuses_a_layer_that_reads_part_of_the_previous_layers_neurons():
+    """``b(h[:, :3])`` with ``h`` of 4 neurons: ``b``'s weight is read whole and in order, but the layer before has
+    a neuron it does not read, so a hidden permutation of ``a``'s outputs would move read and unread neurons
+    (``before.size != in_features``). Kills ``_chain_layers`` 123."""
+
+    class Narrow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))[:, :3])
+
+    _mlp_refused(Narrow().to(DTYPE), "b", "Linear", _NOT_ROW_MAJOR)
+
+
+def test_mlp_layers_of_a_bare_linear_is_the_model_at_the_root():
+    """A bare ``nn.Linear`` is a chain of one layer at path ``""`` (its parameters ``weight`` and ``bias``, joined
+    to the empty path without a dot). Kills ``mlp._join`` 2."""
+    model = nn.Linear(3, 2).to(DTYPE)
+    assert mlp_layers(model) == [gradgraph.convert.DenseLayer("", model, ActivationKind.IDENTITY)]
+
+
+def test_to_graph_refuses_a_mapping_without_the_input_and_a_value_given_to_a_multihead_attention():
+    """A mapping of inputs without the entry named as ``forward``'s first parameter is refused naming ``to_graph``;
+    a ``value`` alone given to an ``nn.MultiheadAttention`` is refused as cross-attention (not only ``key``); with no
+    fallback the refusal is in full. Kills ``to_graph`` 32, 37, 38, 46, 47, 94."""
+    model = _Custom()
+    with pytest.raises(GradGraphError, match=re.escape(
+            "to_graph: inputs is a mapping with keys ['y'], and _Custom.forward's first parameter is 'x'; pass the "
+            "input tensor as inputs and the rest as forward_kwargs, e.g. to_graph(model, batch['input_ids'], ..., "
+            "forward_kwargs={'attention_mask': batch['attention_mask']})")):
+        gradgraph.to_graph(model, {"y": torch.randn(2, 3)})
+    attention = nn.MultiheadAttention(4, 2, batch_first=True).to(DTYPE).eval()
+    inputs = torch.randn(2, 3, 4, dtype=DTYPE)
+    with pytest.raises(GradGraphError, match=re.escape("to_graph: ['value'] passed through forward_kwargs")):
+        gradgraph.to_graph(attention, inputs, forward_kwargs={"value": inputs})
+
+
+def test_to_graph_without_a_fallback_refuses_in_full(monkeypatch):
+    """No traced converter set and none registered: the refusal's words in full. Kills ``to_graph`` 94."""
+    monkeypatch.setattr(registry, "_FALLBACK", [])
+    with pytest.raises(UnsupportedModuleError, match=r"^unsupported module at the root module of type _Custom: no "
+                                                     r"registered converter matches it$"):
+        gradgraph.to_graph(_Custom(), torch.randn(2, 3))
+
+
+def test_convert_closure_in_inference_mode_says_what_to_do_in_full():
+    """The inference-tensor refusal of ``convert_closure``, its words in full around torch's error. Kills
+    ``convert_closure`` 28, 30."""
+    model, inputs = _tanh_chain()
+    with torch.inference_mode():
+        captured = torch.ones(5, 2, dtype=DTYPE)
+        with pytest.raises(GradGraphError, match=(
+                r"^convert_closure was called in torch\.inference_mode\(\) and the closure uses a tensor made there "
+                r"\(.*Inference tensors cannot be saved.*\); make the closure's tensors outside inference mode, or call "
+                r"convert_closure outside it \(torch\.no_grad\(\) is fine\)$")):
+            gradgraph.convert_closure(model, lambda: (model(inputs) * captured).pow(2).sum(1))
+
+
+def test_convert_closure_passes_datapoints_only_when_given_also_for_a_compiled_model(monkeypatch):
+    """The closure form as the array form: ``datapoints`` reaches the fallback only when given (a fallback made
+    before it existed keeps working), for a plain and for a compiled model (``OptimizedModule``, whose forward is
+    swapped for the call). Kills ``convert_closure`` 47, 68."""
+    calls = []
+
+    def old_fallback(model, closure):
+        calls.append((model, None))
+        return "graph", "losses"
+
+    def new_fallback(model, closure, **options):
+        calls.append((model, options))
+        return "graph", "losses"
+
+    class OptimizedModule(nn.Module):
+        def __init__(self, orig):
+            super().__init__()
+            self._orig_mod = orig
+            self.forward = orig.__call__
+
+    model = _Custom()
+    monkeypatch.setattr(registry, "_FALLBACK_CLOSURE", [old_fallback])
+    assert gradgraph.convert_closure(model, lambda: None) == ("graph", "losses")
+    assert gradgraph.convert_closure(OptimizedModule(model), lambda: None) == ("graph", "losses")
+    assert calls == [(model, None), (model, None)]
+    monkeypatch.setattr(registry, "_FALLBACK_CLOSURE", [new_fallback])
+    rows = torch.tensor([0, 1])
+    gradgraph.convert_closure(OptimizedModule(model), lambda: None, datapoints=rows)
+    assert calls[2][0] is model and set(calls[2][1]) == {"datapoints"} and calls[2][1]["datapoints"] is rows
+
+
+def test_transformer_structure_refuses_a_layers_parts_at_their_paths():
+    """The checks of a layer's parts name each part's path inside the model: a subclass overriding ``_ff_block``, a
+    ``self_attn`` with ``add_bias_kv``, active dropout (training mode, ``p > 0``, named with its ``p``), an activation
+    without ``__name__`` (named by its ``repr``); a bare attention core with ``add_bias_kv`` and an encoder subclass
+    overriding ``forward`` at theirs. Kills ``_check_layer`` 1, 15, 19, 20, 23, 24, 36, 38, 42, 43, 122, 125, 128,
+    ``transformer_structure`` 43, 54."""
+    import functools
+
+    class OwnFeedForward(nn.TransformerEncoderLayer):
+        def _ff_block(self, x):
+            return x
+
+    layer = OwnFeedForward(8, 2, 16, dropout=0.0).eval()
+    _refused(_Chain(block=layer), "block", "OwnFeedForward", "overrides TransformerEncoderLayer._ff_block; only the "
+                                                             "stock computation is modelled")
+    layer = _layer()
+    layer.self_attn = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    _refused(_Chain(block=layer), "block.self_attn", "MultiheadAttention",
+             "add_bias_kv=True (learned extra key/value tokens) is not supported")
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.25).train()
+    layer.self_attn.dropout = 0.0  # the attention's own dropout is checked first (check_attention)
+    _refused(_Chain(block=layer), "block.dropout", "Dropout",
+             "active dropout (p=0.25) makes the function random; call model.eval() or build it with dropout=0")
+    assert transformer_structure(_Chain(block=nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).train())).layers
+    layer = _layer()
+    layer.activation = functools.partial(F.gelu, approximate="tanh")
+    _refused(_Chain(block=layer), "block.activation", repr(layer.activation),
+             "no elementwise activation rule for it (use relu, gelu or a module of "
+             "gradgraph.convert.activations.ACTIVATION_MODULES)")
+    _refused(_Chain(attn=nn.MultiheadAttention(8, 2, add_bias_kv=True)), "attn", "MultiheadAttention",
+             "add_bias_kv=True (learned extra key/value tokens) is not supported")
+
+    class OwnEncoder(nn.TransformerEncoder):
+        def forward(self, src, *args, **kwargs):
+            return src
+
+    _refused(_Chain(enc=OwnEncoder(_layer(), 1, enable_nested_tensor=False)), "enc", "OwnEncoder",
+             "overrides TransformerEncoder.forward; only the stock computation is modelled")
+
+
+def test_transformer_structure_of_a_one_layer_encoder_and_linears_inside_containers():
+    """An encoder of one layer reads its final norm against that layer's width; a ``Linear`` inside a container
+    beside the core is collected at its own path (the container holds no parameter itself), and a buffer inside a
+    container is refused at the module that holds it. Kills ``transformer_structure`` 96, 166, 169."""
+    encoder = nn.TransformerEncoder(_layer(), 1, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+    model = _Chain(enc=encoder, head=nn.Sequential(nn.Linear(8, 2)))
+    structure = transformer_structure(model)
+    assert structure.final_norm == ("enc.norm", encoder.norm)
+    assert structure.linears == [("head.0", model.head[0])]
+    table = nn.Module()
+    table.register_buffer("values", torch.zeros(2))
+    _refused(_Chain(enc=_layer(), head=nn.Sequential(table)), "head.0", "Module",
+             "a wrapper module with parameters; the attention converter supports [nn.Linear] -> attention module -> "
+             "[nn.Linear] chains")
