@@ -21,7 +21,11 @@ from torch import nn
 
 import gradgraph
 from gradgraph import GradGraphError, UnsupportedModuleError
-from gradgraph.convert import registry
+from gradgraph.convert import deprecated, mlp_layers, registry
+from gradgraph.convert.attention import EncoderLayerParts, transformer_structure
+from gradgraph.convert.trace import trace_model
+from gradgraph.graph import ActivationKind
+from gradgraph.symmetry.permutation import permute_hidden, random_hidden_perms
 
 DTYPE = torch.float64
 
@@ -412,8 +416,6 @@ def test_a_module_named_like_a_compiled_wrapper_is_read_only_when_it_wraps_a_mod
 
 
 # ----------------------------------------------------------------------------------------------- attention.py
-from gradgraph.convert.attention import EncoderLayerParts, transformer_structure  # noqa: E402
-from gradgraph.graph import ActivationKind  # noqa: E402
 
 
 def _refused(model, path, module_type, reason):
@@ -551,8 +553,6 @@ def test_transformer_structure_refuses_a_wrapper_with_parameters_and_more_than_t
 
 
 # ----------------------------------------------------------------------------------------------------- mlp.py
-from gradgraph.convert import mlp_layers  # noqa: E402
-from gradgraph.symmetry.permutation import permute_hidden, random_hidden_perms  # noqa: E402
 
 
 class _Three(nn.Module):
@@ -729,7 +729,6 @@ def test_mlp_layers_refuses_a_forward_that_fails_on_the_probe_and_passes_the_tra
 
 
 # --------------------------------------------------------------------------------------------- trace/result.py
-from gradgraph.convert.trace import trace_model  # noqa: E402
 
 
 def test_a_trace_result_finds_where_each_recorded_tensor_comes_from_and_the_set_of_each_node():
@@ -765,7 +764,6 @@ def test_a_trace_result_finds_where_each_recorded_tensor_comes_from_and_the_set_
 
 
 # ------------------------------------------------------------------------------------------------ deprecated.py
-from gradgraph.convert import deprecated  # noqa: E402
 
 
 def test_each_deprecated_alias_warns_once_naming_old_and_new_and_gives_the_new_graph_tensor_for_tensor():
@@ -799,7 +797,8 @@ def test_each_deprecated_alias_warns_once_naming_old_and_new_and_gives_the_new_g
 def test_convert_traced_and_its_closure_pass_datapoint_dim_to_the_traced_converter():
     """``datapoint_dim`` reaches the traced converter: a ``[T, b, d]`` input read along axis 1 gives ``b``
     components' datapoints (the graph of ``to_graph_traced`` with that axis, tensor for tensor); without it the
-    alias is ``to_graph`` / ``convert_closure``. ``convert_traced_closure`` warns naming ``convert_closure``."""
+    alias is ``to_graph`` / ``convert_closure``. ``convert_traced_closure`` warns naming ``convert_closure``. Kills
+    ``convert_traced`` 22, 24, 28, 30 (run small 2: targets and keywords dropped with ``datapoint_dim``)."""
     from gradgraph.convert.traced import convert_closure_traced, to_graph_traced
 
     class Scaled(nn.Module):
@@ -843,7 +842,8 @@ def test_convert_traced_and_its_closure_pass_datapoint_dim_to_the_traced_convert
 
 def test_a_deprecation_warning_points_at_the_callers_line():
     """``stacklevel=3``: the warning names the line that called the alias, not the alias (deselected under
-    mutmut, whose trampolines add frames; checked by hand on a patched copy of ``src``)."""
+    mutmut, whose trampolines add frames; checked by hand on a patched copy of ``src``: fails with ``stacklevel``
+    dropped, 2, 4 or ``None``, ``_warn`` 6, 7 among them)."""
     model, inputs = _tanh_chain()
     for alias, arguments in (("convert_mlp", (model, inputs)), ("convert_attention", (model, inputs)),
                              ("convert_traced", (model, inputs)),
@@ -854,9 +854,11 @@ def test_a_deprecation_warning_points_at_the_callers_line():
         assert len(caught) == 1 and caught[0].filename == __file__, (alias, caught[0].filename)
 
 
+# --------------------------------------------------------------------- run small 2's survivors, every file of the group
 def test_set_fallback_makes_a_converter_the_one_asked_when_none_matches_and_it_is_named_last(monkeypatch):
     """``set_fallback`` sets both forms: ``to_graph`` and ``convert_closure`` go to the new pair, and
-    ``registered_converters`` names the fallback last (by ``repr`` when it has no ``__name__``)."""
+    ``registered_converters`` names the fallback last (by ``repr`` when it has no ``__name__``). Kills
+    ``set_fallback`` 1, 2 and ``registered_converters`` 5, 8, 11 (run small 2)."""
     monkeypatch.setattr(registry, "_FALLBACK", list(registry._FALLBACK))
     monkeypatch.setattr(registry, "_FALLBACK_CLOSURE", list(registry._FALLBACK_CLOSURE))
 
@@ -882,7 +884,8 @@ def test_set_fallback_makes_a_converter_the_one_asked_when_none_matches_and_it_i
 
 def test_mlp_layers_probes_with_one_datapoint_and_refuses_a_model_without_linear_in_full():
     """The probe is one datapoint (the docstring's contract): a forward written for one datapoint at a time reads as
-    its chain; a model without ``nn.Linear`` is refused naming the root and its type."""
+    its chain; a model without ``nn.Linear`` is refused naming the root and its type. Kills ``mlp_layers`` 6, 9, 12
+    (run small 2)."""
 
     class OneAtATime(_Four):
         def forward(self, x):
@@ -974,9 +977,9 @@ def test_convert_closure_in_inference_mode_says_what_to_do_in_full():
     with torch.inference_mode():
         captured = torch.ones(5, 2, dtype=DTYPE)
         with pytest.raises(GradGraphError, match=(
-                r"^convert_closure was called in torch\.inference_mode\(\) and the closure uses a tensor made there "
-                r"\(.*Inference tensors cannot be saved.*\); make the closure's tensors outside inference mode, or call "
-                r"convert_closure outside it \(torch\.no_grad\(\) is fine\)$")):
+                r"^convert_closure was called in torch\.inference_mode\(\) and the closure uses a tensor made "
+                r"there \(.*Inference tensors cannot be saved.*\); make the closure's tensors outside inference mode, "
+                r"or call convert_closure outside it \(torch\.no_grad\(\) is fine\)$")):
             gradgraph.convert_closure(model, lambda: (model(inputs) * captured).pow(2).sum(1))
 
 
