@@ -59,8 +59,10 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
     conversion) on one all-zero datapoint with the first ``nn.Linear``'s ``in_features``, and
     the :class:`~gradgraph.convert.trace.TraceResult` must be a chain: the input, then one
     neuron set per ``nn.Linear``, each reading the one before and nothing else (no residual
-    sum, gate, norm, concatenation or attention), each ``Linear`` called once, at most one
-    named activation after each (its label), no other elementwise op on hidden neurons.
+    sum, gate, norm, concatenation or attention) as ``nn.Linear`` reads it (``W[k, j]`` from
+    neuron ``j`` to neuron ``k``, every entry once: no weight transposed, reordered or in part,
+    no neurons reordered or left out between two layers), each ``Linear`` called once, at most
+    one named activation after each (its label), no other elementwise op on hidden neurons.
 
     Returns:
         One :class:`DenseLayer` per ``nn.Linear``, in the order the forward applies them.
