@@ -59,8 +59,10 @@ def mlp_layers(model: nn.Module) -> list[DenseLayer]:
     conversion) on one all-zero datapoint with the first ``nn.Linear``'s ``in_features``, and
     the :class:`~gradgraph.convert.trace.TraceResult` must be a chain: the input, then one
     neuron set per ``nn.Linear``, each reading the one before and nothing else (no residual
-    sum, gate, norm, concatenation or attention), each ``Linear`` called once, at most one
-    named activation after each (its label), no other elementwise op on hidden neurons.
+    sum, gate, norm, concatenation or attention) as ``nn.Linear`` reads it (``W[k, j]`` from
+    neuron ``j`` to neuron ``k``, every entry once: no weight transposed, reordered or in part,
+    no neurons reordered or left out between two layers), each ``Linear`` called once, at most
+    one named activation after each (its label), no other elementwise op on hidden neurons.
 
     Returns:
         One :class:`DenseLayer` per ``nn.Linear``, in the order the forward applies them.
@@ -99,7 +101,7 @@ def _chain_layers(trace: TraceResult, model: nn.Module) -> list[DenseLayer]:
         raise UnsupportedModuleError("", name, "not an MLP chain: its forward does not apply nn.Linear layers to "
                                      "its input one after the other")
     layers: list[DenseLayer] = []
-    for index, (src, dst, kind, param, _, _) in enumerate(trace.edges):
+    for index, (src, dst, kind, param, positions, _) in enumerate(trace.edges):
         before, after = sets[index], sets[index + 1]
         weight = trace.param_names[param] if param >= 0 else ""
         path = weight.rpartition(".")[0]
@@ -110,6 +112,15 @@ def _chain_layers(trace: TraceResult, model: nn.Module) -> list[DenseLayer]:
                                          "applied to the previous layer's output")
         if any(layer.name == path for layer in layers):
             raise UnsupportedModuleError(path, "Linear", "called more than once (shared weights)")
+        # the symmetry actions permute the weight's rows and columns as nn.Linear reads them: W[k, j] is the edge
+        # from neuron j of the previous layer to neuron k, every entry once (W.t(), W.flip(0), W[:, :3] or
+        # h.flip(1) between the layers is refused)
+        if (positions is None or before.size != module.in_features or after.size != module.out_features
+                or positions.numel() != module.weight.numel()
+                or not torch.equal(positions, (dst - after.first) * module.in_features + (src - before.first))):
+            raise UnsupportedModuleError(path, "Linear", "it does not read the previous layer as nn.Linear does "
+                                         "(W[k, j] from neuron j to neuron k, every entry once): its weight "
+                                         "transposed, reordered or in part, or the neurons reordered between layers")
         bias = trace.param_names[after.bias_param] if after.bias_param >= 0 else None
         if bias != (None if module.bias is None else _join(path, "bias")):
             raise UnsupportedModuleError(path, "Linear", "its output gets a bias other than its own")
