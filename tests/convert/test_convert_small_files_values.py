@@ -1070,17 +1070,15 @@ def test_transformer_structure_of_a_one_layer_encoder_and_linears_inside_contain
              "[nn.Linear] chains")
 
 
-# -------------------------------------------------------------------------- found, not fixed here (outside the group)
-@pytest.mark.xfail(strict=True, reason="the trace labels h * tanh(h) TANH and counts no elementwise op for a "
-                                       "product of the same neurons (rules_elementwise.binary); reported, issue 31")
+# -------------------------------------------------------------------------- found by run small 3, fixed in the trace
 @pytest.mark.parametrize("combine", ["h * tanh(h)", "relu(h) * h", "h * sin(h)"])
 def test_a_layer_whose_activation_is_combined_with_its_own_input_is_no_chain_of_that_activation(combine):
     """``h * tanh(h)`` is even, not odd; ``relu(h) * h`` is homogeneous of degree 2, not 1: the label of the named
     activation inside is not the function's, and the symmetry actions that trust it change the model (``flip_hidden``
     by 0.64 on the first, ``rescale_hidden`` by 0.1 on the second). ``mlp_layers`` should refuse them as "an
     elementwise op other than one named activation" (its docstring), but the trace's same-neuron path of
-    ``binary`` counts no op and keeps the label (the graph of ``to_graph`` is labelled TANH / RELU / SINE too). Strict
-    xfail: it passes, and so fails here, once the trace counts the product."""
+    ``binary`` counted no op and kept the label (the graph of ``to_graph`` was labelled TANH / RELU / SINE too); it
+    counts the product since session 19, and the graph labels the set OTHER."""
     functions = {"h * tanh(h)": lambda h: h * torch.tanh(h), "relu(h) * h": lambda h: torch.relu(h) * h,
                  "h * sin(h)": lambda h: h * torch.sin(h)}
 
@@ -1090,3 +1088,7 @@ def test_a_layer_whose_activation_is_combined_with_its_own_input_is_no_chain_of_
 
     with pytest.raises(UnsupportedModuleError, match="elementwise op other than one named activation"):
         mlp_layers(Combined().to(DTYPE))
+    graph = gradgraph.to_graph(Combined().to(DTYPE), torch.randn(3, 3, dtype=DTYPE), None,
+                               lambda output, _: output.pow(2).sum(1))
+    hidden = graph.node_kind == int(gradgraph.NodeKind.HIDDEN)
+    assert bool((graph.activation[hidden] == int(gradgraph.ActivationKind.OTHER)).any())

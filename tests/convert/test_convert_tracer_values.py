@@ -173,8 +173,8 @@ class Joined(nn.Module):
             joined = torch.cat([self.positions(torch.arange(2)), self.positions(torch.arange(3))], 0)
             return self.out(torch.tanh(self.tokens(x)) + joined).sum(1)
         h = torch.tanh(self.lin(x))
-        if self.form == "constant":
-            return self.out(torch.cat([h, torch.ones(*h.shape[:-1], 1, dtype=DTYPE)], -1)[..., :2])
+        if self.form == "constant":  # (a constant of one value is the pad it equals, since session 19)
+            return self.out(torch.cat([h, torch.arange(2, dtype=DTYPE).expand(*h.shape[:-1], 2)], -1)[..., :2])
         if self.form == "stacked token":
             return self.out(torch.stack([h, self.row.expand(h.shape[0], 2)], 1)).sum(1)
         if self.form == "token as a feature":
@@ -699,12 +699,15 @@ class Rejoined(nn.Module):
     def __init__(self, form: str) -> None:
         super().__init__()
         self.a, self.b, self.form = nn.Linear(3, 2), nn.Linear(3, 1), form
-        self.out = nn.Linear(4 if form == "duplicate" else 2, 1)
+        self.out = nn.Linear(4 if form.startswith("duplicate") else 2, 1)
 
     def forward(self, x):
         h = self.a(x)
-        if self.form == "duplicate":  # a0 after the tanh, b, a1 before it, a0 before it: a0 twice
-            return self.out(torch.cat([torch.tanh(h)[..., :1], torch.tanh(self.b(x)), h[..., 1:2], h[..., :1]], -1))
+        if self.form in ("duplicate", "duplicate cat"):  # a0 after the tanh, b, a1 before it, a0 before it: a0 twice
+            parts = [torch.tanh(h)[..., 0], torch.tanh(self.b(x))[..., 0], h[..., 1], h[..., 0]]
+            if self.form == "duplicate cat":  # a cat makes the second a0 a tied copy (since session 19)
+                return self.out(torch.cat([part[..., None] for part in parts], -1))
+            return self.out(torch.stack(parts, -1))
         if self.form == "view_as":  # not a join: the activated values viewed as the pre-activation
             return self.out(torch.tanh(h).view_as(h))
         return self.out(torch.cat([-torch.tanh(h)[..., 1:], h[..., :1]], -1))  # rotate_half-like: each neuron once
@@ -712,13 +715,15 @@ class Rejoined(nn.Module):
 
 def test_a_neuron_joined_at_two_versions_is_refused_and_each_neuron_once_converts_exactly():
     """Kills join_versions 10 (``break`` at a part without the set: later parts unchecked), 17 (the op's name), 25
-    (``seen`` replaced by the last part: the first and the fourth parts' shared neuron missed). ``tanh(h).view_as(h)``
+    (``seen`` replaced by the last part: the first and the fourth parts' shared neuron missed); a ``stack`` since
+    session 19 (a ``cat`` makes the repeated neuron a tied copy and converts). ``tanh(h).view_as(h)``
     killed 2-7 (the refusal of two versions met by an op that is no join) until session 18, when the ``*_as`` ops
     stopped reading their second argument's neurons: it converts since, and no shape op that is no join meets two
     versions any more (2-7 to be triaged again)."""
     inputs = torch.randn(4, 3, dtype=DTYPE)
-    refused(Rejoined("duplicate").to(DTYPE), inputs, ": torch.cat: joins two versions of the same neurons along their "
-            "features, one neuron in two parts; gradgraph has one value per neuron")
+    refused(Rejoined("duplicate").to(DTYPE), inputs, ": torch.stack: joins two versions of the same neurons along "
+            "their features, one neuron in two parts; gradgraph has one value per neuron")
+    exact(Rejoined("duplicate cat").to(DTYPE), inputs)
     torch.manual_seed(12)
     viewed = Rejoined("view_as").to(DTYPE)
     del viewed.b  # (a parameter the form does not use)

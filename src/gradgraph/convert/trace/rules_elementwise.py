@@ -122,6 +122,12 @@ class ElementwiseRules:
             base = a if not bool((a_nodes < 0).all()) else b
             versions = self.next_version({**a.versions, **b.versions}) if torch.equal(a_nodes, b_nodes) \
                 else self.next_version(base.versions)
+            if torch.equal(a_nodes, b_nodes):
+                # h * tanh(h) is even, relu(h) * h homogeneous of degree 2: no longer the named activation inside,
+                # so the set is labelled OTHER (found by mut29: sign flips and rescalings trusted the label)
+                for index in {**a.versions, **b.versions}:
+                    neuron_set = self.sets[index]
+                    neuron_set.elementwise_ops = getattr(neuron_set, "elementwise_ops", 0) + 1  # type: ignore[attr-defined]
             new = Neurons(broadcast_ids(base.nodes, shape).clone(), comps.clone(), versions)
             self.set_meta(output, new)
             self.observe(output, new)
