@@ -10,11 +10,15 @@ The tests written for a run's survivors name the mutants they kill (``.mutation/
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn, Tensor
+from torch.overrides import TorchFunctionMode
 
+import gradgraph
 from gradgraph.convert.trace.recurrent import folding_time, RECURRENT_CELL_OPS, RECURRENT_OPS, recurrent_decomposition
 
 DTYPE = torch.float64
@@ -130,3 +134,235 @@ def test_the_cell_ops_decomposition_gives_the_ops_outputs_and_gradients(kind, bi
     with folding_time(fold):
         ours = parts()
     assert_same_outputs_and_gradients(ours, op(*args), leaves(args))
+
+
+# ------------------------------------------------------------------ models converted (the graph's layout)
+def squared_output(output, _targets):
+    return output.pow(2).sum(1)
+
+
+def loop_per_sample_grads(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
+    """``{name: [b, *shape]}``: each datapoint's gradient by its own forward and backward (float64)."""
+    grads: dict[str, list[Tensor]] = {name: [] for name, _ in model.named_parameters()}
+    for index in range(inputs.shape[0]):
+        model.zero_grad()
+        squared_output(model(inputs[index:index + 1]), None).sum().backward()
+        for name, param in model.named_parameters():
+            grads[name].append(torch.zeros_like(param) if param.grad is None else param.grad.clone())
+    model.zero_grad()
+    return {name: torch.stack(values) for name, values in grads.items()}
+
+
+def exact_graph(model: nn.Module, inputs: Tensor, **options) -> gradgraph.GradGraph:
+    """The graph, with per-sample gradients equal to the per-datapoint loop's (a parameter the graph leaves out has
+    no gradient), converted without a warning (a loop that does not fold warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph = gradgraph.to_graph(model, inputs, None, squared_output, **options)
+    ours, reference = graph.per_sample_grads(), loop_per_sample_grads(model, inputs)
+    for name, value in reference.items():
+        if name not in ours:
+            assert not bool(value.any()), name
+            continue
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+    return graph
+
+
+def edges_of(graph: gradgraph.GradGraph, name: str) -> int:
+    return int((graph.edge_param == graph.param_names.index(name)).sum())
+
+
+def sequence(batch: int = 3, steps: int = 3, features: int = 3, seed: int = 0) -> Tensor:
+    return torch.randn(batch, steps, features, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+
+
+class Stock(nn.Module):
+    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (one layer, 3 features, ``H = 4``, ``hx=None``) read at its last step."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        self.rnn, self.head = getattr(nn, cell)(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class CellLoop(nn.Module):
+    """The same with ``nn.RNNCell`` / ``nn.GRUCell`` / ``nn.LSTMCell`` stepped in a Python loop (``hx=None``)."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        self.kind, self.rnn, self.head = cell, getattr(nn, cell + "Cell")(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.rnn(x[:, t], state)
+        return self.head(state[0] if self.kind == "LSTM" else state)
+
+
+def test_a_one_layer_gru_has_the_documented_size_folded_and_unrolled():
+    """docs/recurrent.md: a 1-layer GRU with ``H = 4`` on 3 features has 45 nodes and 136 edges folded (any ``T``),
+    105 / 316 unrolled at ``T = 3``: the zero initial state (``hx=None``) adds no neuron unrolled (``U · 0 + c`` is
+    the bias ``c``, and ``z ⊙ 0`` no term). Kills r ``_run`` 39."""
+    torch.manual_seed(0)
+    model = Stock("GRU").to(DTYPE).eval()
+    for steps in (3, 5):
+        folded = exact_graph(model, sequence(steps=steps))
+        assert (folded.num_nodes, folded.num_edges, folded.num_components) == (45, 136, 3 * steps)
+    unrolled = exact_graph(model, sequence(steps=3), fold_time=False)
+    assert (unrolled.num_nodes, unrolled.num_edges) == (105, 316)
+
+
+@pytest.mark.parametrize("cell", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_cell_loop_from_hx_none_has_the_stock_modules_graph_size(cell, fold):
+    """A cell stepped from ``hx=None`` computes what the one-layer stock module computes: exact, and its graph has the
+    module's nodes, edges and components, folded and unrolled (unrolled: the cell's zero state, as the module's, adds
+    no neuron: no ``f ⊙ 0`` or ``z ⊙ 0`` term, no ``W_hh`` block at the first step). Kills r ``_cell`` 10, 46, 50,
+    52."""
+    torch.manual_seed(1)
+    stock = Stock(cell).to(DTYPE).eval()
+    loop = CellLoop(cell).to(DTYPE).eval()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(loop.rnn, name).copy_(getattr(stock.rnn, name + "_l0"))
+        loop.head.load_state_dict(stock.head.state_dict())
+    x = sequence(steps=4)
+    ours, theirs = exact_graph(loop, x, fold_time=fold), exact_graph(stock, x, fold_time=fold)
+    assert (ours.num_nodes, ours.num_edges, ours.num_components) == \
+        (theirs.num_nodes, theirs.num_edges, theirs.num_components)
+    if not fold:
+        assert edges_of(ours, "rnn.weight_hh") == 3 * stock.rnn.weight_hh_l0.numel()
+
+
+class Dropouts(TorchFunctionMode):
+    """The ``(p, training)`` of every ``F.dropout`` run at the top level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            self.calls.append((kwargs.get("p", args[1] if len(args) > 1 else 0.5),
+                               kwargs.get("training", args[2] if len(args) > 2 else True)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("layers, dropout, train", [(1, 0.5, True), (2, 0.0, True), (3, 0.25, True), (3, 0.25, False)])
+def test_dropout_runs_between_layers_only_with_the_modules_p_and_mode(layers, dropout, train):
+    """torch's fused op applies ``dropout`` to each layer's output but the last's, in training mode only: the
+    decomposition runs ``F.dropout(output, p, train)`` once between each two layers and nowhere else (none for one
+    layer or ``p = 0``), so the trace sees the module's mode (and refuses active dropout). In eval mode its value is
+    the op's. Kills r ``_run`` 48, 49, 51, 58, 59."""
+    args = list(fused_arguments("gru", layers, False, True, True, 0, True))
+    args[5], args[6] = dropout, train
+    parts = recurrent_decomposition(torch.gru, tuple(args), {})
+    with Dropouts() as record:
+        ours = parts()
+    assert record.calls == ([(dropout, train)] * (layers - 1) if dropout > 0 else [])
+    if not train:
+        assert_same_outputs_and_gradients(ours, torch.gru(*args), leaves(args))
+
+
+# ------------------------------------------------------------------ hand-written loops: which calls are one loop
+class TwoInstances(nn.Module):
+    """Two objects of one step class stepped together (the second reads the first's state): two loops, one code."""
+
+    class Step(nn.Module):
+        def __init__(self, features: int) -> None:
+            super().__init__()
+            self.input_map, self.recurrent_map = nn.Linear(features, 4), nn.Linear(4, 4)
+
+        def step(self, h, x_t):
+            return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = self.Step(3), self.Step(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = b = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            a = gradgraph.recurrent_step(self.first.step, a, x[:, t])
+            b = gradgraph.recurrent_step(self.second.step, b, a)
+        return self.head(b)
+
+
+class TwoMethods(nn.Module):
+    """Two methods of one object stepped together: two loops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a_in, self.a_rec, self.b_in, self.b_rec = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def step_a(self, h, x_t):
+        return torch.tanh(self.a_in(x_t) + self.a_rec(h))
+
+    def step_b(self, h, x_t):
+        return torch.sigmoid(self.b_in(x_t) + self.b_rec(h))
+
+    def forward(self, x):
+        a = b = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            a = gradgraph.recurrent_step(self.step_a, a, x[:, t])
+            b = gradgraph.recurrent_step(self.step_b, b, a)
+        return self.head(b)
+
+
+class TwoLambdas(TwoMethods):
+    """Two lambdas written in the loop's body, stepped together: two loops (one code object each); the function
+    objects are kept alive, so each call's is another object (another ``id``)."""
+
+    def forward(self, x):
+        a = b = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        kept = []
+        for t in range(x.shape[1]):
+            first, second = lambda h, x_t: self.step_a(h, x_t), lambda h, x_t: self.step_b(h, x_t)
+            kept += [first, second]
+            a = gradgraph.recurrent_step(first, a, x[:, t])
+            b = gradgraph.recurrent_step(second, b, a)
+        return self.head(b)
+
+
+class ModuleSteps(nn.Module):
+    """Two ``nn.Module`` objects as the step functions (callables without a ``__code__``), stepped together."""
+
+    class Cell(nn.Module):
+        def __init__(self, features: int) -> None:
+            super().__init__()
+            self.input_map, self.recurrent_map = nn.Linear(features, 4), nn.Linear(4, 4)
+
+        def forward(self, h, x_t):
+            return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = self.Cell(3), self.Cell(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = b = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            a = gradgraph.recurrent_step(self.first, a, x[:, t])
+            b = gradgraph.recurrent_step(self.second, b, a)
+        return self.head(b)
+
+
+@pytest.mark.parametrize("make", [TwoInstances, TwoMethods, TwoLambdas, ModuleSteps])
+def test_two_step_functions_stepped_together_are_two_folded_loops(make):
+    """``recurrent_step``'s loop is the calls of one function: one method of one object (two objects of one class are
+    two loops, and two methods of one object), one code object (a lambda made anew at each step), or one callable
+    object. Two stepped together fold both (each weight one edge set), exactly, without a warning; were they taken for
+    one loop, each call would end the other's and nothing would fold. Kills r ``recurrent_step`` 4, 5, 10, 11, 12,
+    15, 21, 24, 26, 27, 33, 35, 36, 38."""
+    torch.manual_seed(5)
+    model = make().to(DTYPE).eval()
+    x = sequence(steps=4)
+    graph = exact_graph(model, x)
+    assert graph.num_components == 3 * 4
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and not name.startswith("head."):
+            assert edges_of(graph, name) == param.numel(), name
