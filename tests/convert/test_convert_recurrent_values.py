@@ -366,3 +366,86 @@ def test_two_step_functions_stepped_together_are_two_folded_loops(make):
     for name, param in model.named_parameters():
         if param.dim() == 2 and not name.startswith("head."):
             assert edges_of(graph, name) == param.numel(), name
+
+
+# ------------------------------------------------------------------ loops that do not fold: unrolled, and why
+class Varying(nn.Module):
+    """An Elman loop through ``recurrent_step`` whose step computes something else at some step (``self.t``)."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+        self.input_map, self.recurrent_map, self.extra = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 5)
+        self.plain, self.other = nn.Linear(5, 5, bias=False), nn.Linear(5, 5, bias=False)
+        self.wide, self.head = nn.Linear(3, 6), nn.Linear(5, 2)
+        self.bias, self.biases = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(10))
+
+    def step(self, h, x_t):
+        t, variant = self.t, self.variant
+        if variant == "more":  # later steps add a map
+            new = torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+            return torch.tanh(self.extra(new)) if t > 0 else new
+        if variant == "fewer":  # the first step adds a map
+            new = torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+            return torch.tanh(self.extra(new)) if t == 0 else new
+        if variant == "another":  # later steps' first set is wider
+            entry = self.input_map(x_t) if t == 0 else self.wide(x_t)[:, :5]
+            return torch.tanh(entry + self.recurrent_map(h))
+        if variant == "bias":  # one step's input map has another bias
+            return torch.tanh(F.linear(x_t, self.input_map.weight, self.bias if t == 2 else self.input_map.bias)
+                              + self.recurrent_map(h))
+        if variant == "bias-rows":  # one step's input map reads other entries of its bias
+            return torch.tanh(F.linear(x_t, self.input_map.weight, self.biases[5:] if t == 2 else self.biases[:5])
+                              + self.recurrent_map(h))
+        if variant == "weights":  # one step's recurrent map is another weight (no bias: the same labels)
+            return torch.tanh(self.input_map(x_t) + (self.other(h) if t == 2 else self.plain(h)))
+        if variant == "nested":  # a step that is itself a recurrent_step
+            return gradgraph.recurrent_step(lambda g, y: torch.tanh(self.input_map(y) + self.recurrent_map(g)), h, x_t)
+        if variant == "ahead":  # each step reads the next step's input (the last its own)
+            ahead = self.x[:, min(t + 1, self.x.shape[1] - 1)]
+            return torch.tanh(self.input_map(ahead) + self.recurrent_map(h))
+        return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))  # "repeated": the same input at every step
+
+    def forward(self, x):
+        h, self.x = torch.zeros(x.shape[0], 5, dtype=x.dtype), x
+        for t in range(x.shape[1]):
+            self.t = t
+            h = gradgraph.recurrent_step(self.step, h, x[:, 0] if self.variant == "repeated" else x[:, t])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("more", "step creates more neuron sets than the first step (extra)"),
+    ("fewer", "a step creates fewer neuron sets than the first step"),
+    ("another", "step creates another set than the first step (wide)"),
+    ("bias", "a step labels its neuron sets otherwise than the first step"),
+    ("bias-rows", "a step labels its neuron sets otherwise than the first step"),
+    ("weights", "a step uses other weights than the first step"),
+    ("nested", "a folded step inside another"),
+    ("repeated", "two steps read inputs at the same components"),
+    ("ahead", "a step writes 'input_map' at another step's components"),
+])
+def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(variant, reason):
+    """docs/recurrent.md, "What folding checks": a step that creates more, fewer or other sets than the first, labels
+    them otherwise (another bias, other entries of it), uses another weight, runs inside another step, or reads the
+    same components as another step does not fold: the loop is converted unrolled (the recurrent map one edge block
+    per step after the first), exactly, and the warning names the model and the reason in full. Kills rules
+    ``fold_set`` 11, 12, 18, ``_labels`` 2, ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31, 32."""
+    torch.manual_seed(9)
+    model = Varying(variant).to(DTYPE).eval()
+    x = sequence(steps=2 if variant == "ahead" else 4)
+    message = (f"to_graph: a recurrent loop of Varying does not fold over time ({reason}); every loop is converted "
+               "unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the unrolled layout")
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, x, None, squared_output)
+    assert [str(warning.message) for warning in caught] == [message]
+    reference = loop_per_sample_grads(model, x)
+    ours = graph.per_sample_grads()
+    for name, value in reference.items():
+        if name in ours:
+            torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+        else:
+            assert not bool(value.any()), name
+    recurrent = "plain.weight" if variant == "weights" else "recurrent_map.weight"
+    blocks = {"weights": 2, "ahead": 1}.get(variant, 3)  # a zero state at the first step: no block there
+    assert edges_of(graph, recurrent) == blocks * 25
