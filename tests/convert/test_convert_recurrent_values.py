@@ -449,3 +449,28 @@ def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(
     recurrent = "plain.weight" if variant == "weights" else "recurrent_map.weight"
     blocks = {"weights": 2, "ahead": 1}.get(variant, 3)  # a zero state at the first step: no block there
     assert edges_of(graph, recurrent) == blocks * 25
+
+
+def weight_map_errors(graph: gradgraph.GradGraph) -> tuple[int, float]:
+    """``(count, max |act - (Σ w act_src + bias)|)`` over the neurons a weight map computes (every in-edge carries a
+    weight, identity activation, not an output): graph.py's ``act`` is the value a neuron emits, at every component."""
+    src, dst = graph.edge_index
+    weighted = torch.zeros(graph.num_nodes, dtype=torch.long).index_add_(0, dst, (graph.edge_param >= 0).long())
+    total = torch.zeros(graph.num_nodes, dtype=torch.long).index_add_(0, dst, torch.ones_like(dst))
+    nodes = ((total > 0) & (weighted == total) & (graph.activation == 0) & (graph.node_kind != 2)).nonzero().flatten()
+    expected = torch.zeros_like(graph.act).index_add_(0, dst, graph.edge_attr[:, :1] * graph.act[src]) + graph.x[:, :1]
+    return nodes.numel(), float((graph.act[nodes] - expected[nodes]).abs().max())
+
+
+@pytest.mark.parametrize("make", [lambda: CellLoop("LSTM"), lambda: CellLoop("GRU"), TwoInstances, ModuleSteps])
+def test_a_folded_loops_neurons_hold_their_values_at_every_step(make):
+    """Folded, a later step hands the rules the first step's sets again, reset to how they were made; what they
+    accumulate (the act records) is kept. So every neuron a weight map computes inside the loop (``W_ih x_t + b``,
+    ``W_hh h_{t-1} + b``: all its in-edges weights) holds its value at every step's component: its ``act`` is the map
+    of its sources' acts plus its bias (a neuron's act is the value it emits, graph.py). Kills rules ``fold_set`` 24,
+    26 (the act of the input terms lost: zero at every component, the per-sample gradients unchanged)."""
+    torch.manual_seed(6)
+    model = make().to(DTYPE).eval()
+    count, error = weight_map_errors(exact_graph(model, sequence(steps=4)))
+    assert count >= 8
+    assert error < 1e-12
