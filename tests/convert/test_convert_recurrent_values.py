@@ -19,7 +19,8 @@ from torch import nn, Tensor
 from torch.overrides import TorchFunctionMode
 
 import gradgraph
-from gradgraph.convert.trace.recurrent import folding_time, RECURRENT_CELL_OPS, RECURRENT_OPS, recurrent_decomposition
+from gradgraph.convert.trace.recurrent import folding_time, previous_state, RECURRENT_CELL_OPS, RECURRENT_OPS, \
+    recurrent_decomposition
 
 DTYPE = torch.float64
 MODULES = {"tanh": nn.RNN, "relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -377,7 +378,7 @@ class Varying(nn.Module):
         self.variant = variant
         self.input_map, self.recurrent_map, self.extra = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 5)
         self.plain, self.other = nn.Linear(5, 5, bias=False), nn.Linear(5, 5, bias=False)
-        self.wide, self.head = nn.Linear(3, 6), nn.Linear(5, 2)
+        self.wide, self.head, self.scale = nn.Linear(3, 6), nn.Linear(5, 2), nn.Linear(1, 5)
         self.bias, self.biases = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(10))
 
     def step(self, h, x_t):
@@ -401,6 +402,12 @@ class Varying(nn.Module):
             return torch.tanh(self.input_map(x_t) + (self.other(h) if t == 2 else self.plain(h)))
         if variant == "nested":  # a step that is itself a recurrent_step
             return gradgraph.recurrent_step(lambda g, y: torch.tanh(self.input_map(y) + self.recurrent_map(g)), h, x_t)
+        if variant == "constant-input":  # the step ignores its input, a constant
+            return torch.tanh(self.recurrent_map(h))
+        if variant == "scalar-input":  # the step's input is one number per datapoint, [b]
+            return torch.tanh(self.recurrent_map(h) + self.scale(x_t[:, None]))
+        if variant == "read-elsewhere":  # the step reads its state once more, at the first step's components
+            return torch.tanh(self.input_map(x_t) + self.recurrent_map(previous_state(h, self.x[:, 0])))
         if variant == "ahead":  # each step reads the next step's input (the last its own)
             ahead = self.x[:, min(t + 1, self.x.shape[1] - 1)]
             return torch.tanh(self.input_map(ahead) + self.recurrent_map(h))
@@ -408,6 +415,12 @@ class Varying(nn.Module):
 
     def forward(self, x):
         h, self.x = torch.zeros(x.shape[0], 5, dtype=x.dtype), x
+        if self.variant == "constant-input":  # the steps read a constant; the state starts from the input
+            h, x = torch.tanh(self.wide(x[:, 0])[:, :5]), torch.zeros_like(x)
+        if self.variant == "scalar-input":
+            x = x[..., 0]
+        if self.variant == "outside":  # a previous-state read of no step
+            h = previous_state(torch.tanh(self.wide(x[:, 0])[:, :5]), x[:, 0])
         for t in range(x.shape[1]):
             self.t = t
             h = gradgraph.recurrent_step(self.step, h, x[:, 0] if self.variant == "repeated" else x[:, t])
@@ -424,13 +437,18 @@ class Varying(nn.Module):
     ("nested", "a folded step inside another"),
     ("repeated", "two steps read inputs at the same components"),
     ("ahead", "a step writes 'input_map' at another step's components"),
+    ("outside", "a previous-state read outside a folded step"),
+    ("read-elsewhere", "the states of one step are read at different components"),
+    ("constant-input", "the step's input does not depend on the model input"),
+    ("scalar-input", "the step's input does not depend on the model input"),
 ])
 def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(variant, reason):
     """docs/recurrent.md, "What folding checks": a step that creates more, fewer or other sets than the first, labels
-    them otherwise (another bias, other entries of it), uses another weight, runs inside another step, or reads the
-    same components as another step does not fold: the loop is converted unrolled (the recurrent map one edge block
+    them otherwise (another bias, other entries of it), uses another weight, runs inside another step, reads the
+    same components as another step or writes at another step's; a previous-state read outside a step: the loop does
+    not fold: the loop is converted unrolled (the recurrent map one edge block
     per step after the first), exactly, and the warning names the model and the reason in full. Kills rules
-    ``fold_set`` 11, 12, 18, ``_labels`` 2, ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31, 32."""
+    ``fold_set`` 11, 12, 18, ``_labels`` 2, ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31-33, 78, 79, 90, ``previous_copy`` 28, 31-33, 39, 40, 44-46, 65, 70-72, 81-83 (a step whose input is a constant, or one number per datapoint)."""
     torch.manual_seed(9)
     model = Varying(variant).to(DTYPE).eval()
     x = sequence(steps=2 if variant == "ahead" else 4)
@@ -447,7 +465,7 @@ def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(
         else:
             assert not bool(value.any()), name
     recurrent = "plain.weight" if variant == "weights" else "recurrent_map.weight"
-    blocks = {"weights": 2, "ahead": 1}.get(variant, 3)  # a zero state at the first step: no block there
+    blocks = {"weights": 2, "ahead": 1, "outside": 4, "constant-input": 4}.get(variant, 3)  # a zero initial state: no block
     assert edges_of(graph, recurrent) == blocks * 25
 
 
@@ -474,3 +492,32 @@ def test_a_folded_loops_neurons_hold_their_values_at_every_step(make):
     count, error = weight_map_errors(exact_graph(model, sequence(steps=4)))
     assert count >= 8
     assert error < 1e-12
+
+
+class OneFeature(nn.Module):
+    """An Elman loop through ``recurrent_step`` over a sequence of one feature, ``[b, T, 1]``, and a GRU over it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map, self.recurrent_map, self.head = nn.Linear(1, 4), nn.Linear(4, 4), nn.Linear(8, 2)
+        self.rnn = nn.GRU(1, 4, batch_first=True)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(torch.cat([h, self.rnn(x)[0][:, -1]], -1))
+
+
+def test_a_sequence_of_one_feature_folds_exactly():
+    """The previous-state copy lives at the components of the step input's first feature (any feature of a step has
+    the step's components); a step input of one feature folds too. Kills rules ``previous_copy`` 60."""
+    torch.manual_seed(8)
+    model = OneFeature().to(DTYPE).eval()
+    graph = exact_graph(model, sequence(steps=4, features=1))
+    assert graph.num_components == 3 * 4
+    for name in ("recurrent_map.weight", "rnn.weight_hh_l0", "rnn.weight_ih_l0"):
+        assert edges_of(graph, name) == dict(model.named_parameters())[name].numel(), name
