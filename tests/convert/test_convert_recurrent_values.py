@@ -19,6 +19,7 @@ from torch import nn, Tensor
 from torch.overrides import TorchFunctionMode
 
 import gradgraph
+from gradgraph.convert import UnsupportedOperationError
 from gradgraph.convert.trace.recurrent import folding_time, previous_state, RECURRENT_CELL_OPS, RECURRENT_OPS, \
     recurrent_decomposition
 
@@ -419,6 +420,8 @@ class Varying(nn.Module):
             h, x = torch.tanh(self.wide(x[:, 0])[:, :5]), torch.zeros_like(x)
         if self.variant == "scalar-input":
             x = x[..., 0]
+        if self.variant == "zeros-requiring-grad":  # a state no autograd path computes, that asks for its gradient
+            h = torch.zeros(x.shape[0], 5, dtype=x.dtype, requires_grad=True)
         if self.variant == "outside":  # a previous-state read of no step
             h = previous_state(torch.tanh(self.wide(x[:, 0])[:, :5]), x[:, 0])
         for t in range(x.shape[1]):
@@ -521,3 +524,34 @@ def test_a_sequence_of_one_feature_folds_exactly():
     assert graph.num_components == 3 * 4
     for name in ("recurrent_map.weight", "rnn.weight_hh_l0", "rnn.weight_ih_l0"):
         assert edges_of(graph, name) == dict(model.named_parameters())[name].numel(), name
+
+
+@pytest.mark.xfail(strict=True, reason="found in run recurrent 1's triage, not fixed: folded, the input terms of a stock "
+                   "module's gates (one F.linear over the sequence, read per step) have act 0 at every step but the last")
+@pytest.mark.parametrize("cell", ["RNN", "GRU", "LSTM"])
+def test_a_folded_stock_modules_input_terms_hold_their_values_at_every_step(cell):
+    """The same check as for the cell loops (the same computation, stepped by ``nn.*Cell``): every neuron a weight map
+    computes holds its value at every component. Folded, a stock module's ``W_i· x_t + b_i·`` neurons (computed for
+    the whole sequence before the first step, read per step by ``select``) hold it at the last step only, zero at the
+    others; the per-sample gradients are exact (these neurons are no source of a weight edge), but ``act``, which
+    GradMetaNet reads, is not the value the neuron emits. The cell loop's graph (the test above) holds every step's."""
+    torch.manual_seed(6)
+    count, error = weight_map_errors(exact_graph(Stock(cell).to(DTYPE).eval(), sequence(steps=4)))
+    assert count >= 4
+    assert error < 1e-12
+
+
+def test_an_initial_state_asking_for_its_gradient_that_no_op_computes_is_refused_by_module():
+    """``torch.zeros(..., requires_grad=True)`` made in ``forward`` as the initial state: no neuron value and no
+    constant (it asks for a gradient); folded it is no previous-state act, unrolled the recurrent map's input is not
+    computed from the model input: refused, naming the module and why (it is not read as a constant), after the
+    warning that names why the loop did not fold. Kills rules ``previous_copy`` 95-98."""
+    torch.manual_seed(9)
+    model = Varying("zeros-requiring-grad").to(DTYPE).eval()
+    with pytest.warns(UserWarning) as caught, \
+            pytest.raises(UnsupportedOperationError, match=r"module 'recurrent_map' of type Linear\): torch\.nn\."
+                                                           r"functional\.linear: its input is not computed from the model"):
+        gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of Varying does not fold over time (an initial state that is no neuron value); every "
+        "loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the unrolled layout"]
