@@ -83,8 +83,9 @@ def assert_same_outputs_and_gradients(ours, theirs, inputs: list[Tensor]) -> Non
 FUSED_CASES = [
     (kind, layers, bidirectional, bias, batch_first, proj, given)
     for kind in ("tanh", "relu", "gru", "lstm")
-    for layers, bidirectional, bias, batch_first, given in [(1, False, True, True, False), (2, True, False, False, True),
-                                                             (2, False, True, False, True), (1, True, True, True, True)]
+    for layers, bidirectional, bias, batch_first, given in [
+        (1, False, True, True, False), (2, True, False, False, True), (2, False, True, False, True),
+        (1, True, True, True, True)]
     for proj in ((0, 2) if kind == "lstm" else (0,))
 ]
 
@@ -298,7 +299,8 @@ class TwoMethods(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a_in, self.a_rec, self.b_in, self.b_rec = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.a_in, self.a_rec = nn.Linear(3, 4), nn.Linear(4, 4)
+        self.b_in, self.b_rec = nn.Linear(4, 4), nn.Linear(4, 4)
         self.head = nn.Linear(4, 2)
 
     def step_a(self, h, x_t):
@@ -448,10 +450,12 @@ class Varying(nn.Module):
 def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(variant, reason):
     """docs/recurrent.md, "What folding checks": a step that creates more, fewer or other sets than the first, labels
     them otherwise (another bias, other entries of it), uses another weight, runs inside another step, reads the
-    same components as another step or writes at another step's; a previous-state read outside a step: the loop does
-    not fold: the loop is converted unrolled (the recurrent map one edge block
-    per step after the first), exactly, and the warning names the model and the reason in full. Kills rules
-    ``fold_set`` 11, 12, 18, ``_labels`` 2, ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31-33, 78, 79, 90, ``previous_copy`` 28, 31-33, 39, 40, 44-46, 65, 70-72, 81-83 (a step whose input is a constant, or one number per datapoint)."""
+    same components as another step or writes at another step's, reads its state at two components, or a step input
+    that is a constant or one number per datapoint, or a previous-state read outside a step: the loop does not fold;
+    it is converted unrolled (the recurrent map one edge block per step after the first), exactly, and the warning
+    names the model and the reason in full. Kills rules ``fold_set`` 11, 12, 18, ``_labels`` 2,
+    ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31-33, 78, 79, 90, ``previous_copy`` 28, 31-33, 39,
+    40, 44-46, 65, 70-72, 81-83."""
     torch.manual_seed(9)
     model = Varying(variant).to(DTYPE).eval()
     x = sequence(steps=2 if variant == "ahead" else 4)
@@ -468,7 +472,8 @@ def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(
         else:
             assert not bool(value.any()), name
     recurrent = "plain.weight" if variant == "weights" else "recurrent_map.weight"
-    blocks = {"weights": 2, "ahead": 1, "outside": 4, "constant-input": 4}.get(variant, 3)  # a zero initial state: no block
+    # a zero initial state: no block at the first step
+    blocks = {"weights": 2, "ahead": 1, "outside": 4, "constant-input": 4}.get(variant, 3)
     assert edges_of(graph, recurrent) == blocks * 25
 
 
@@ -526,8 +531,9 @@ def test_a_sequence_of_one_feature_folds_exactly():
         assert edges_of(graph, name) == dict(model.named_parameters())[name].numel(), name
 
 
-@pytest.mark.xfail(strict=True, reason="found in run recurrent 1's triage, not fixed: folded, the input terms of a stock "
-                   "module's gates (one F.linear over the sequence, read per step) have act 0 at every step but the last")
+@pytest.mark.xfail(strict=True, reason="found in run recurrent 1's triage, not fixed: folded, the input terms of a "
+                   "stock module's gates (one F.linear over the sequence, read per step) have act 0 at every step but "
+                   "the last")
 @pytest.mark.parametrize("cell", ["RNN", "GRU", "LSTM"])
 def test_a_folded_stock_modules_input_terms_hold_their_values_at_every_step(cell):
     """The same check as for the cell loops (the same computation, stepped by ``nn.*Cell``): every neuron a weight map
@@ -549,9 +555,10 @@ def test_an_initial_state_asking_for_its_gradient_that_no_op_computes_is_refused
     torch.manual_seed(9)
     model = Varying("zeros-requiring-grad").to(DTYPE).eval()
     with pytest.warns(UserWarning) as caught, \
-            pytest.raises(UnsupportedOperationError, match=r"module 'recurrent_map' of type Linear\): torch\.nn\."
-                                                           r"functional\.linear: its input is not computed from the model"):
+            pytest.raises(UnsupportedOperationError, match=r"module 'recurrent_map' of type Linear\): "
+                                                           r"torch\.nn\.functional\.linear: its input is not computed"):
         gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
     assert [str(warning.message) for warning in caught] == [
-        "to_graph: a recurrent loop of Varying does not fold over time (an initial state that is no neuron value); every "
-        "loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the unrolled layout"]
+        "to_graph: a recurrent loop of Varying does not fold over time (an initial state that is no neuron value); "
+        "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the unrolled "
+        "layout"]
