@@ -424,6 +424,8 @@ class Varying(nn.Module):
             x = x[..., 0]
         if self.variant == "zeros-requiring-grad":  # a state no autograd path computes, that asks for its gradient
             h = torch.zeros(x.shape[0], 5, dtype=x.dtype, requires_grad=True)
+        if self.variant == "repeated-neuron":  # the initial state holds one neuron twice
+            h = torch.tanh(self.wide(x[:, 0]))[:, [0, 0, 1, 2, 3]]
         if self.variant == "outside":  # a previous-state read of no step
             h = previous_state(torch.tanh(self.wide(x[:, 0])[:, :5]), x[:, 0])
         for t in range(x.shape[1]):
@@ -446,16 +448,18 @@ class Varying(nn.Module):
     ("read-elsewhere", "the states of one step are read at different components"),
     ("constant-input", "the step's input does not depend on the model input"),
     ("scalar-input", "the step's input does not depend on the model input"),
+    ("repeated-neuron", "a state that is not one neuron per feature"),
 ])
 def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(variant, reason):
     """docs/recurrent.md, "What folding checks": a step that creates more, fewer or other sets than the first, labels
     them otherwise (another bias, other entries of it), uses another weight, runs inside another step, reads the
     same components as another step or writes at another step's, reads its state at two components, or a step input
-    that is a constant or one number per datapoint, or a previous-state read outside a step: the loop does not fold;
+    that is a constant or one number per datapoint, an initial state holding one neuron twice, or a previous-state
+    read outside a step: the loop does not fold;
     it is converted unrolled (the recurrent map one edge block per step after the first), exactly, and the warning
     names the model and the reason in full. Kills rules ``fold_set`` 11, 12, 18, ``_labels`` 2,
     ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31-33, 78, 79, 90, ``previous_copy`` 28, 31-33, 39,
-    40, 44-46, 65, 70-72, 81-83."""
+    40, 44-46, 65, 70-72, 81-83, 136, 137, 145-147."""
     torch.manual_seed(9)
     model = Varying(variant).to(DTYPE).eval()
     x = sequence(steps=2 if variant == "ahead" else 4)
@@ -473,7 +477,7 @@ def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(
             assert not bool(value.any()), name
     recurrent = "plain.weight" if variant == "weights" else "recurrent_map.weight"
     # a zero initial state: no block at the first step
-    blocks = {"weights": 2, "ahead": 1, "outside": 4, "constant-input": 4}.get(variant, 3)
+    blocks = {"weights": 2, "ahead": 1, "outside": 4, "constant-input": 4, "repeated-neuron": 4}.get(variant, 3)
     assert edges_of(graph, recurrent) == blocks * 25
 
 
