@@ -459,7 +459,7 @@ def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(
     it is converted unrolled (the recurrent map one edge block per step after the first), exactly, and the warning
     names the model and the reason in full. Kills rules ``fold_set`` 11, 12, 18, ``_labels`` 2,
     ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31-33, 78, 79, 90, ``previous_copy`` 28, 31-33, 39,
-    40, 44-46, 65, 70-72, 81-83, 136, 137, 145-147."""
+    40, 44-46, 65, 70-72, 81-83, 136, 145-147."""
     torch.manual_seed(9)
     model = Varying(variant).to(DTYPE).eval()
     x = sequence(steps=2 if variant == "ahead" else 4)
