@@ -566,3 +566,33 @@ def test_an_initial_state_asking_for_its_gradient_that_no_op_computes_is_refused
         "to_graph: a recurrent loop of Varying does not fold over time (an initial state that is no neuron value); "
         "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the unrolled "
         "layout"]
+
+
+class LearnedInitialState(nn.Module):
+    """An Elman loop through ``recurrent_step`` whose initial state is a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map, self.recurrent_map, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.h0 = nn.Parameter(torch.randn(4))
+
+    def step(self, h, x_t):
+        return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+
+    def forward(self, x):
+        h = self.h0.expand(x.shape[0], -1)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_learned_initial_state_is_refused_naming_the_previous_state_read_and_the_parameter(fold):
+    """A parameter as the initial state is read by ``previous_state`` where neuron values are expected (its gradient
+    would need it as a neuron): refused, folded and unrolled, naming the op and the parameter. Kills rules
+    ``previous_copy`` 6 (unrolled), 89 (folded)."""
+    torch.manual_seed(10)
+    model = LearnedInitialState().to(DTYPE).eval()
+    with pytest.raises(UnsupportedOperationError, match=r"gradgraph\.convert\.trace\.recurrent\.previous_state: the "
+                                                        r"parameter 'h0' used where gradgraph expects neuron values"):
+        gradgraph.to_graph(model, sequence(steps=3), None, squared_output, fold_time=fold)
