@@ -139,6 +139,17 @@ def test_the_cell_ops_decomposition_gives_the_ops_outputs_and_gradients(kind, bi
     assert_same_outputs_and_gradients(ours, op(*args), leaves(args))
 
 
+@pytest.mark.parametrize("kind", ["tanh", "gru"])
+def test_a_fused_op_handed_a_weight_list_of_another_length_is_no_decomposition(kind):
+    """Five weights per layer is an LSTM's with ``proj_size`` only: for another op the list is not one torch makes,
+    and ``recurrent_decomposition`` says ``None`` (the trace then refuses the op by name). Kills r ``_projected`` 9."""
+    args = list(fused_arguments(kind, 1, False, True, True, 0, True))
+    args[2] = [*args[2], torch.zeros(4, 4, dtype=DTYPE)]
+    assert recurrent_decomposition(FUSED[kind], tuple(args), {}) is None
+    args[2] = args[2][:4]
+    assert recurrent_decomposition(FUSED[kind], tuple(args), {}) is not None
+
+
 # ------------------------------------------------------------------ models converted (the graph's layout)
 def squared_output(output, _targets):
     return output.pow(2).sum(1)
@@ -459,7 +470,7 @@ def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(
     it is converted unrolled (the recurrent map one edge block per step after the first), exactly, and the warning
     names the model and the reason in full. Kills rules ``fold_set`` 11, 12, 18, ``_labels`` 2,
     ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31-33, 78, 79, 90, ``previous_copy`` 28, 31-33, 39,
-    40, 44-46, 65, 70-72, 81-83, 136, 145-147."""
+    40, 44-46, 65, 70-72, 81-83, 136, 145-147, ``fold_event`` 15-17."""
     torch.manual_seed(9)
     model = Varying(variant).to(DTYPE).eval()
     x = sequence(steps=2 if variant == "ahead" else 4)
@@ -596,3 +607,32 @@ def test_a_learned_initial_state_is_refused_naming_the_previous_state_read_and_t
     with pytest.raises(UnsupportedOperationError, match=r"gradgraph\.convert\.trace\.recurrent\.previous_state: the "
                                                         r"parameter 'h0' used where gradgraph expects neuron values"):
         gradgraph.to_graph(model, sequence(steps=3), None, squared_output, fold_time=fold)
+
+
+class TwoPasses(nn.Module):
+    """One ``nn.GRUCell`` run over the sequence forwards from ``hx=None``, then again backwards from a state computed
+    from the input: the second pass's first call does not read the state the call before returned (a new loop under
+    the same key)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.init, self.head = nn.GRUCell(3, 4), nn.Linear(3, 4), nn.Linear(8, 2)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        first, state = state, torch.tanh(self.init(x[:, 0]))
+        for t in reversed(range(x.shape[1])):
+            state = self.cell(x[:, t], state)
+        return self.head(torch.cat([first, state], -1))
+
+
+def test_one_cell_run_over_the_sequence_twice_is_two_folded_loops():
+    """A call whose state is not the previous call's result ends the loop of that key and begins another: both fold
+    (the cell's recurrent weight one edge set per pass), exactly, without a warning. Kills rules
+    ``fold_event`` 23, 31, 32, 33."""
+    torch.manual_seed(11)
+    model = TwoPasses().to(DTYPE).eval()
+    graph = exact_graph(model, sequence(steps=4))
+    assert edges_of(graph, "cell.weight_hh") == 2 * model.cell.weight_hh.numel()
