@@ -150,6 +150,23 @@ def test_a_fused_op_handed_a_weight_list_of_another_length_is_no_decomposition(k
     assert recurrent_decomposition(FUSED[kind], tuple(args), {}) is not None
 
 
+def test_what_is_not_a_fused_op_on_a_padded_batch_is_no_decomposition():
+    """``None`` for another op with nine positional arguments, for the fused op's packed signature (``(data,
+    batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)``: the trace refuses it by name)
+    and for a call with keywords. Kills r ``recurrent_decomposition`` 14, 20."""
+    args = fused_arguments("lstm", 1, False, True, True, 0, False)
+    assert recurrent_decomposition(torch.addcmul, args, {}) is None
+    hx, params = args[1], args[2]
+    packed = (torch.randn(5, 3, dtype=DTYPE), torch.tensor([2, 2, 1]), [state[:, :2] for state in hx], params, True, 1,
+              0.0, False, False)
+    assert recurrent_decomposition(torch.lstm, packed, {}) is None
+    gru = fused_arguments("gru", 2, True, True, True, 0, False, batch=3)  # its packed state [4, 3, 4] reads as 4 weights
+    packed = (torch.randn(5, 3, dtype=DTYPE), torch.tensor([3, 1, 1]), gru[1], gru[2], True, 2, 0.0, False, True)
+    assert recurrent_decomposition(torch.gru, packed, {}) is None
+    assert recurrent_decomposition(torch.lstm, args[:8], {"batch_first": True}) is None
+    assert recurrent_decomposition(torch.lstm, args, {}) is not None
+
+
 # ------------------------------------------------------------------ models converted (the graph's layout)
 def squared_output(output, _targets):
     return output.pow(2).sum(1)
