@@ -653,3 +653,19 @@ def test_one_cell_run_over_the_sequence_twice_is_two_folded_loops():
     model = TwoPasses().to(DTYPE).eval()
     graph = exact_graph(model, sequence(steps=4))
     assert edges_of(graph, "cell.weight_hh") == 2 * model.cell.weight_hh.numel()
+
+
+def test_a_loop_whose_first_step_reads_other_sources_says_which_set_feeds_one_step():
+    """``FirstStepDiffers`` (test_convert_recurrent_folded.py): the input map reads ``u`` at the first step only, and
+    ``u`` has values at every step (it is also read whole); the loop is unrolled and the warning names that set.
+    Kills rules ``check_fold_sources`` 16-18."""
+    from test_convert_recurrent_folded import FirstStepDiffers
+
+    torch.manual_seed(12)
+    model = FirstStepDiffers().to(DTYPE).eval()
+    with pytest.warns(UserWarning) as caught:
+        gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of FirstStepDiffers does not fold over time ('first_proj' feeds one step of a loop "
+        "and has values at other steps); every loop is converted unrolled, exactly (docs/recurrent.md). Pass "
+        "fold_time=False to ask for the unrolled layout"]
