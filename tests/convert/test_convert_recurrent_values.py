@@ -142,7 +142,8 @@ def test_the_cell_ops_decomposition_gives_the_ops_outputs_and_gradients(kind, bi
 @pytest.mark.parametrize("kind", ["tanh", "gru"])
 def test_a_fused_op_handed_a_weight_list_of_another_length_is_no_decomposition(kind):
     """Five weights per layer is an LSTM's with ``proj_size`` only: for another op the list is not one torch makes,
-    and ``recurrent_decomposition`` says ``None`` (the trace then refuses the op by name). Kills r ``_projected`` 9."""
+    and ``recurrent_decomposition`` says ``None`` (the trace then refuses the op by name). Kills r ``_projected`` 9,
+    ``recurrent_decomposition`` 42."""
     args = list(fused_arguments(kind, 1, False, True, True, 0, True))
     args[2] = [*args[2], torch.zeros(4, 4, dtype=DTYPE)]
     assert recurrent_decomposition(FUSED[kind], tuple(args), {}) is None
@@ -160,7 +161,8 @@ def test_what_is_not_a_fused_op_on_a_padded_batch_is_no_decomposition():
     packed = (torch.randn(5, 3, dtype=DTYPE), torch.tensor([2, 2, 1]), [state[:, :2] for state in hx], params, True, 1,
               0.0, False, False)
     assert recurrent_decomposition(torch.lstm, packed, {}) is None
-    gru = fused_arguments("gru", 2, True, True, True, 0, False, batch=3)  # its packed state [4, 3, 4] reads as 4 weights
+    # a packed 2-layer bidirectional GRU: its state [4, 3, 4] would read as four weights of three gate blocks
+    gru = fused_arguments("gru", 2, True, True, True, 0, False, batch=3)
     packed = (torch.randn(5, 3, dtype=DTYPE), torch.tensor([3, 1, 1]), gru[1], gru[2], True, 2, 0.0, False, True)
     assert recurrent_decomposition(torch.gru, packed, {}) is None
     assert recurrent_decomposition(torch.lstm, args[:8], {"batch_first": True}) is None
@@ -486,8 +488,9 @@ def test_a_loop_whose_steps_differ_is_unrolled_exactly_and_the_warning_says_why(
     read outside a step: the loop does not fold;
     it is converted unrolled (the recurrent map one edge block per step after the first), exactly, and the warning
     names the model and the reason in full. Kills rules ``fold_set`` 11, 12, 18, ``_labels`` 2,
-    ``_same_but_sources`` 1, ``end_fold_step`` 13-15, 18-21, 31-33, 78, 79, 90, ``previous_copy`` 28, 31-33, 39,
-    40, 44-46, 65, 70-72, 81-83, 136, 145-147, ``fold_event`` 15-17."""
+    ``_same_but_sources`` 1, ``_same_group`` 19 (another weight's edges taken for a copy of the first's),
+    ``end_fold_step`` 13-15, 18-21, 31-33, 78, 79, 90, ``previous_copy`` 28, 31-33, 39, 40, 44-46, 65, 70-72, 81-83,
+    136, 145-147, ``fold_event`` 15-17."""
     torch.manual_seed(9)
     model = Varying(variant).to(DTYPE).eval()
     x = sequence(steps=2 if variant == "ahead" else 4)
