@@ -93,12 +93,16 @@ class _ModuleTracker:
         tracer = self.tracer
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            # the module's forward, its step of the log and the trace's rule all outside the tracer's mode, as
+            # the mode runs its own rules: under it, the log's read of the output's shape was logged as an op
+            # of the forward before the module's own (and a replay's checked log reads it after), so no replay
+            # of a model with a registered module matched its plan, and every conversion traced afresh
             with torch._C.DisableTorchFunction():
                 output = original(x, *args, **kwargs)
-            tracer.op_index = tracer.log.step(f"module {type(module).__name__}", (x, *args), kwargs, output)
-            tracer.captured[tracer.op_index] = ((x, *args), kwargs, output)
-            if not self.replay:
-                tracer.unary(x, output, type(module).__name__, activation)
+                tracer.op_index = tracer.log.step(f"module {type(module).__name__}", (x, *args), kwargs, output)
+                tracer.captured[tracer.op_index] = ((x, *args), kwargs, output)
+                if not self.replay:
+                    tracer.unary(x, output, type(module).__name__, activation)
             return output
 
         module.forward = forward  # type: ignore[method-assign]
