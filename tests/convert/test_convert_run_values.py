@@ -55,9 +55,9 @@ class GatModel(nn.Module):
         self.conv1, self.conv2 = pyg.GATConv(3, 4, heads=2), pyg.GATv2Conv(8, 3)
         self.head = nn.Linear(3, 2)
 
-    def forward(self, x, edge_index, batch):
-        h = torch.tanh(self.conv2(torch.relu(self.conv1(x, edge_index)), edge_index))
-        return self.head(self.pool(h, batch))
+    def forward(self, x, edge_index, batch, edge_attr=None):
+        h = torch.relu(self.conv1(x, edge_index) if edge_attr is None else self.conv1(x, edge_index, edge_attr))
+        return self.head(self.pool(torch.tanh(self.conv2(h, edge_index=edge_index)), batch))  # by keyword
 
 
 def _graph_batch(seed: int):
@@ -90,6 +90,22 @@ def test_pygs_gat_layers_convert_exactly_per_graph_traced_and_replayed():
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.1 * torch.randn_like(param))
+
+
+def test_a_gat_given_edge_attributes_is_refused_naming_its_module_path():
+    """``edge_attr`` passed to a GATConv: gradgraph's form refuses it, naming the module by its path (the patched
+    forward hands the path on). Kills ``_patch_gat`` 2, 3, 5, 7, 10."""
+    pytest.importorskip("torch_geometric")
+    torch.manual_seed(0)
+    model = GatModel().to(DTYPE)
+    _, batch = _graph_batch(seed=0)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as error:
+        gradgraph.to_graph(model, batch.x, None, squared, datapoints=batch.batch,
+                           forward_kwargs={"edge_index": batch.edge_index, "batch": batch.batch,
+                                           "edge_attr": torch.ones(batch.edge_index.shape[1], 1, dtype=DTYPE)})
+    assert str(error.value).endswith("unsupported module at 'conv1' of type GATConv: edge_attr, size or "
+                                     "return_attention_weights passed to forward"), error.value
 
 
 # ----------------------------------------------------------------------- nn.MultiheadAttention (_patch_attention)
@@ -243,3 +259,276 @@ def test_cross_attention_of_a_stock_multihead_attention_is_refused_naming_the_mo
                     "(for a bare module pass nothing for key/value in forward_kwargs)"), str(error.value)), error.value
     assert (error.value.path, error.value.op) == ("attention", "nn.MultiheadAttention")
 
+
+
+class Attention(nn.Module):
+    """``nn.MultiheadAttention`` under ``attention``, called as ``how`` says; its output (and its weights, read)."""
+
+    def __init__(self, how: str, **options) -> None:
+        super().__init__()
+        self.attention, self.how = nn.MultiheadAttention(4, 2, batch_first=True, **options), how
+        self.register_buffer("padding", torch.tensor([False, False, True, False, True]))
+
+    def forward(self, x):
+        if self.how == "key only":  # the value defaults to the key, which is not the query
+            return self.attention(x, x.flip(1))[0]
+        if self.how == "weights":  # the averaged weights [b, T, S], read (no parameter after them)
+            y, weights = self.attention(x, x, x)
+            return y + weights.sum(-1, keepdim=True) * weights[..., :1]
+        if self.how == "padding":
+            return self.attention(x, x, x, key_padding_mask=self.padding.expand(x.shape[0], -1), need_weights=False)[0]
+        if self.how == "mask":
+            return self.attention(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.bool))[0]
+        return self.attention(x, x, x)[0]
+
+
+def test_a_multihead_attention_given_a_key_other_than_the_query_and_no_value_is_refused():
+    """No value: it defaults to the key, here not the query: cross-attention, refused (not the query's
+    self-attention). Kills ``_patch_attention`` 19."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"cross-attention \(query, key and value differ\)"):
+        gradgraph.to_graph(Attention("key only").to(DTYPE), torch.randn(3, 5, 4, dtype=DTYPE), None, squared)
+
+
+@pytest.mark.parametrize("how", ["weights", "padding"])
+def test_a_multihead_attentions_averaged_weights_and_its_key_padding_mask_are_the_stock_modules(how):
+    """The weights it returns are averaged over the heads by default (``[b, T, S]``), and a key padding mask masks
+    the keys: per-sample gradients equal a per-datapoint loop of the stock module. Kills ``_patch_attention`` 11
+    (the weights per head), 72, 78 (the padding mask dropped)."""
+    torch.manual_seed(5)
+    gradgraph.convert.clear_structure_cache()
+    _matches_loop(Attention(how).to(DTYPE), torch.randn(3, 5, 4, dtype=DTYPE))
+
+
+def test_a_multihead_attention_refusal_names_its_module_path():
+    """A mask of the wrong shape and ``add_zero_attn``: each refusal names the module by its path. Kills
+    ``_patch_attention`` 13, 73, 79."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.GradGraphError) as error:
+        gradgraph.to_graph(Attention("mask").to(DTYPE), torch.randn(3, 5, 4, dtype=DTYPE), None, squared)
+    assert str(error.value).endswith("'attention': attn_mask must have shape [5, 5] or [6, 5, 5], got [3, 3]"), error
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as error:
+        gradgraph.to_graph(Attention("plain", add_zero_attn=True).to(DTYPE), torch.randn(3, 5, 4, dtype=DTYPE), None,
+                           squared)
+    assert str(error.value).endswith(
+        "unsupported module at 'attention' of type MultiheadAttention: add_zero_attn=True is not supported"), error
+
+
+# ----------------------------------------------------------------------- registered elementwise modules (_patch)
+class Shifted(nn.Module):
+    """An elementwise module with more arguments than its input: ``erf(u) * scale + shift`` (``torch.special``)."""
+
+    def forward(self, u, scale, *, shift=0.0):
+        return torch.special.erf(u) * scale + shift
+
+
+class Squashed(nn.Module):
+    """``u / (1 + |u|)``, registered with the label TANH."""
+
+    def forward(self, u):
+        return u / (1 + u.abs())
+
+
+@pytest.fixture
+def registered():
+    """``register_elementwise`` of this file's module types, undone afterwards."""
+    from gradgraph.convert import register_elementwise
+    from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES
+    from gradgraph.graph import ActivationKind
+
+    register_elementwise(Shifted)
+    register_elementwise(Squashed, ActivationKind.TANH)
+    yield
+    ELEMENTWISE_MODULES.pop(Shifted, None)
+    ELEMENTWISE_MODULES.pop(Squashed, None)
+
+
+class RegisteredActivations(nn.Module):
+    """Linear maps between registered elementwise modules; ``flip`` swaps which of two acts where."""
+
+    def __init__(self) -> None:
+        from gradgraph.modules import Sine
+
+        super().__init__()
+        self.first, self.second, self.third = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.sine, self.squashed, self.shifted = Sine(), Squashed(), Shifted()
+        self.flip, self.on_weight = False, False
+
+    def forward(self, x):
+        a, b = (self.squashed, self.sine) if self.flip else (self.sine, self.squashed)
+        h = self.shifted(self.first(x), 1.5, shift=0.25)
+        h = b(self.second(a(h)))
+        if self.on_weight:
+            h = h * self.sine(self.third.weight).sum()
+        return self.third(h)
+
+
+def _labels(graph) -> list[int]:
+    """The activation label of each hidden neuron, in node order."""
+    from gradgraph.graph import NodeKind
+
+    return [int(kind) for kind in graph.activation[graph.node_kind == int(NodeKind.HIDDEN)]]
+
+
+def test_registered_modules_run_with_all_their_arguments_and_label_their_neurons(registered):
+    """A registered module called with an extra positional argument and a keyword (both reach its forward: exact
+    against torch.func), and each one's label on the neurons it acts on (Sine: SINE, Squashed: TANH; the
+    unlabelled Shifted leaves IDENTITY). Kills ``_patch`` 6, 7 (arguments dropped), 23 (no label)."""
+    from gradgraph.graph import ActivationKind
+
+    torch.manual_seed(6)
+    graph = exact(RegisteredActivations().to(DTYPE), torch.randn(3, 3, dtype=DTYPE))
+    assert _labels(graph) == [int(ActivationKind.SINE)] * 4 + [int(ActivationKind.TANH)] * 4
+
+
+def test_registered_modules_swapped_between_calls_are_traced_again_not_replayed(registered):
+    """The same modules called in the other order: the ops differ (each module call is one op of the log, named by
+    its type), so the second conversion traces afresh and labels the neurons as they now are, exactly. Kills
+    ``_patch`` 9, 17 (every module call logged under one name: the replay reused the first plan's labels)."""
+    from gradgraph.graph import ActivationKind
+
+    torch.manual_seed(7)
+    model = RegisteredActivations().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    model.flip = True
+    graph = gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert _labels(graph) == [int(ActivationKind.TANH)] * 4 + [int(ActivationKind.SINE)] * 4
+
+
+def test_a_registered_module_applied_to_a_parameter_is_refused_naming_the_module(registered):
+    """Sine of a weight (no neuron values): refused, naming the module type as the op. Kills ``_patch`` 22, 28."""
+    model = RegisteredActivations().to(DTYPE)
+    model.on_weight = True
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert re.fullmatch(r"test_convert_run_values\.py:\d+ in RegisteredActivations\.forward \(module 'sine' of type Sine\): "
+                        + re.escape("Sine: the parameter 'third.weight' used where gradgraph expects neuron values "
+                                    "(arithmetic on a parameter before it meets the input: a learned slope, scale or "
+                                    "mask)"), str(error.value)), error.value
+
+
+def test_a_model_with_registered_modules_is_replayed_at_its_second_conversion(registered, monkeypatch):
+    """The second conversion of a model with registered elementwise modules (a ``Sine`` among them) replays the
+    cached plan (one trace in all), and is exact. Failed before the fix of ``_ModuleTracker._patch`` (the trace's
+    bookkeeping of the module's output, ``tracer.unary``, ran under the tracer's own mode, so its reads of
+    ``Tensor.shape`` were logged as ops of the forward: no replay ever matched, and every conversion traced
+    afresh)."""
+    from gradgraph.convert import traced
+
+    traces = []
+    trace_model = traced.trace_model
+    monkeypatch.setattr(traced, "trace_model", lambda *args, **kwargs: traces.append(1) or trace_model(*args, **kwargs))
+    torch.manual_seed(8)
+    model = RegisteredActivations().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)
+    graph = gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1)),
+                               None, squared)
+    assert len(traces) == 1
+    reference = exact(model, torch.randn(3, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1)))
+    for name, value in reference.per_sample_grads().items():
+        torch.testing.assert_close(graph.per_sample_grads()[name], value, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------- where an error is (_run_forward, _user_frame,
+# _locate_in_module)
+class Failing(nn.Module):
+    """A forward that fails: torch's shape error, an IndexError, a ValueError, or gradgraph's own error."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin, self.how = nn.Linear(4, 3), how
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.how == "shapes":
+            return h + x  # FAILS
+        if self.how == "index":
+            return h[:, [7]]  # FAILS
+        if self.how == "value":
+            raise ValueError("no value here")  # FAILS
+        raise gradgraph.GradGraphError("gradgraph's own")
+
+
+def _line(marker: str) -> int:
+    """The line of this file that ends with ``# marker``."""
+    with open(__file__) as source:
+        return next(number for number, text in enumerate(source, 1) if text.rstrip().endswith(f"# {marker}"))
+
+
+@pytest.mark.parametrize("how, error", [("shapes", RuntimeError), ("index", IndexError), ("value", ValueError)])
+def test_torchs_error_in_a_forward_names_the_users_line_the_model_and_the_input(how, error):
+    """torch's (or the model's own) RuntimeError, IndexError or ValueError becomes a GradGraphError naming the
+    innermost line of the user's code (file, line, qualified function), the model's type, the input's shape and
+    dtype, and the error, which it keeps as its cause."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.GradGraphError) as caught:
+        gradgraph.to_graph(Failing(how).to(DTYPE), torch.randn(3, 4, dtype=DTYPE), None, squared)
+    cause = caught.value.__cause__
+    assert type(cause) is error and (how != "value" or str(cause) == "no value here")
+    line = _line("FAILS") + ["shapes", "index", "value"].index(how) * 2
+    assert str(caught.value) == (f"test_convert_run_values.py:{line} in Failing.forward: Failing failed on inputs of "
+                                 f"shape [3, 4] (torch.float64): {error.__name__}: {cause}")
+
+
+def test_gradgraphs_own_error_in_a_forward_is_raised_as_it_is():
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.GradGraphError) as caught:
+        gradgraph.to_graph(Failing("own").to(DTYPE), torch.randn(3, 4, dtype=DTYPE), None, squared)
+    assert str(caught.value) == "gradgraph's own" and caught.value.__cause__ is None
+
+
+def test_an_error_with_no_user_code_on_its_way_has_an_unknown_location():
+    """A stock module given an input of the wrong width: no frame of the user's code between the conversion and
+    torch's error, so the location is ``<unknown location>``."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.GradGraphError) as caught:
+        gradgraph.to_graph(nn.Linear(4, 2).to(DTYPE), torch.randn(3, 5, dtype=DTYPE), None, squared)
+    assert str(caught.value) == ("<unknown location>: Linear failed on inputs of shape [3, 5] (torch.float64): "
+                                 f"RuntimeError: {caught.value.__cause__}")
+
+
+class Block(nn.Module):
+    """User code inside the model that calls an ``nn.Sequential`` holding the refused convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = _refused_convolution()
+
+    def forward(self, x):
+        return self.seq(x)  # BLOCK CALLS
+
+
+def _refused_convolution() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 1, 1))
+
+
+def test_a_refused_op_of_a_stock_module_in_a_sequential_is_located_in_that_modules_forward():
+    """No user code runs between the conversion and the refused op: the location (the message's start, and the
+    error's ``location``) is the stock module's own ``forward``, its file and line, not the caller of to_graph."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(nn.Conv1d.forward)
+    line = first + next(i for i, text in enumerate(lines) if "return" in text)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(_refused_convolution().to(DTYPE), torch.randn(3, 4, dtype=DTYPE))
+    assert caught.value.location == f"conv.py:{line} in Conv1d.forward"
+    assert str(caught.value).startswith(f"conv.py:{line} in Conv1d.forward (module '2' of type Conv1d): ")
+    assert caught.value.args == (str(caught.value),) and caught.value.path == "2"
+
+
+def test_a_refused_op_under_user_code_inside_the_model_keeps_the_users_line():
+    """User code inside the model (a block's forward calling the ``nn.Sequential``): its line is the location."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(Block().to(DTYPE), torch.randn(3, 4, dtype=DTYPE))
+    location = f"test_convert_run_values.py:{_line('BLOCK CALLS')} in Block.forward"
+    assert caught.value.location == location
+    assert str(caught.value).startswith(location + " (module 'seq.2' of type Conv1d): ")
