@@ -532,3 +532,105 @@ def test_a_refused_op_under_user_code_inside_the_model_keeps_the_users_line():
     location = f"test_convert_run_values.py:{_line('BLOCK CALLS')} in Block.forward"
     assert caught.value.location == location
     assert str(caught.value).startswith(location + " (module 'seq.2' of type Conv1d): ")
+
+
+# ----------------------------------------------------------------------- meta.py's helpers, against their docstrings
+def test_a_trace_abort_reads_as_the_error_it_carries():
+    """Kills ``TraceAbort.__init__`` 1, 2."""
+    from gradgraph.convert.trace.meta import TraceAbort
+
+    error = UnsupportedOperationError("lin", "torch.fft.rfft", "f.py:3 in M.forward", "no rule")
+    abort = TraceAbort(error)
+    assert abort.error is error and str(abort) == str(error) == "f.py:3 in M.forward (module 'lin'): torch.fft.rfft: no rule"
+
+
+def test_an_unsupported_operation_error_names_where_the_module_and_the_op():
+    """The message: location, the module by path and type (or by path, or neither), the op, the reason; the
+    attributes a caller reads. Kills ``UnsupportedOperationError.__init__`` 9, 11."""
+    error = UnsupportedOperationError("block.attn", "Tensor.matmul", "m.py:7 in B.forward", "why", "Attention")
+    assert (error.path, error.module_type, error.op, error.location) == (
+        "block.attn", "Attention", "Tensor.matmul", "m.py:7 in B.forward")
+    assert str(error) == "m.py:7 in B.forward (module 'block.attn' of type Attention): Tensor.matmul: why"
+    bare = UnsupportedOperationError("block", "torch.cumsum", "m.py:8 in B.forward", "no rule")
+    assert bare.module_type == "torch.cumsum" and str(bare) == "m.py:8 in B.forward (module 'block'): torch.cumsum: no rule"
+    root = UnsupportedOperationError("", "torch.cumsum", "m.py:9 in M.forward", "no rule", "M")
+    assert str(root) == "m.py:9 in M.forward: torch.cumsum: no rule" and isinstance(root, gradgraph.UnsupportedModuleError)
+
+
+def test_a_neuron_set_holds_its_own_nodes_and_set_containing_finds_each_nodes_set():
+    """``holds``: nodes ``first .. first + size - 1``; ``set_containing``: the set of each node, for sets of several
+    sizes (a binary search over the sets' first nodes). Kills ``NeuronSet.holds`` 1, ``set_containing`` 4, 10, 16."""
+    from gradgraph.convert.trace.meta import NeuronSet, set_containing
+    from gradgraph.graph import NodeKind
+
+    sizes = [3, 1, 4, 2, 5, 1]
+    sets, first = [], 0
+    for index, size in enumerate(sizes):
+        sets.append(NeuronSet(index, first, size, NodeKind.HIDDEN, f"s{index}"))
+        first += size
+    nodes = torch.arange(-1, first + 1)
+    for neuron_set in sets:
+        expected = (nodes >= neuron_set.first) & (nodes <= neuron_set.first + neuron_set.size - 1)
+        assert torch.equal(neuron_set.holds(nodes), expected)
+    owner = [index for index, size in enumerate(sizes) for _ in range(size)]
+    for count in range(1, len(sets) + 1):  # an odd and an even number of sets, down to one
+        for node in range(sum(sizes[:count])):
+            assert set_containing(sets[:count], node).index == owner[node], (count, node)
+
+
+def test_constant_varies_and_a_value_guard_as_their_docstrings_say():
+    """A constant that does not broadcast counts as differing; a guard holds only where its argument is a tensor at
+    its position, and (with values) equal to them. Kills ``constant_varies`` 6, ``ValueGuard.holds`` 1, 2, 4, 8."""
+    from gradgraph.convert.trace.meta import ValueGuard, constant_varies
+
+    assert constant_varies(torch.ones(3), (2,), (0,))
+    assert not constant_varies(torch.ones(1), (2,), (0,))
+    assert constant_varies(torch.tensor([1.0, 2.0]), (3, 2), (1,)) and not constant_varies(torch.tensor([1.0, 2.0]),
+                                                                                            (3, 2), (0,))
+    guard = ValueGuard(1, (3, 2), (1,), varies=True)
+    assert guard.holds((torch.zeros(1), torch.tensor([1.0, 2.0])))
+    assert not guard.holds((torch.zeros(1), torch.tensor([1.0, 1.0])))
+    assert not guard.holds((torch.zeros(1),)) and not guard.holds((torch.zeros(1), 2.0))
+    assert not ValueGuard(2).holds((torch.zeros(1), torch.zeros(1)))
+    values = ValueGuard(0, values=torch.tensor([1.0, 2.0]))
+    assert values.holds((torch.tensor([1.0, 2.0]),))
+    assert not values.holds((torch.tensor([1.0, 3.0]),)) and not values.holds((torch.tensor([[1.0, 2.0]]),))
+
+
+def test_rows_feature_row_and_channel_row_as_their_docstrings_say():
+    """``rows_along_last`` of a scalar is one row of one; ``feature_row``: the neurons on the last axis where every
+    position holds the same ones, all neurons (node 0 is one); ``channel_row``: axis 1 of a ``[b, C, *S]`` value
+    held alike at every datapoint and position (one datapoint, one position included). Kills ``rows_along_last``
+    2, 11-16, ``feature_row`` 8, 10, 11, ``channel_row`` 19-22."""
+    from gradgraph.convert.trace.meta import channel_row, feature_row, rows_along_last
+
+    assert torch.equal(rows_along_last(torch.tensor(5)), torch.tensor([[5]]))
+    assert torch.equal(rows_along_last(torch.arange(6).reshape(1, 2, 3)), torch.arange(6).reshape(2, 3))
+    assert torch.equal(feature_row(torch.tensor([[0, 4], [0, 4]])), torch.tensor([0, 4]))
+    assert feature_row(torch.tensor([[0, 4], [0, 5]])) is None and feature_row(torch.tensor([[-1, 4], [-1, 4]])) is None
+    for b, positions in ((1, (1,)), (2, (3,)), (2, (2, 2))):
+        row = torch.tensor([0, 7, 3])
+        ids = row.reshape(1, 3, *[1] * len(positions)).expand(b, 3, *positions)
+        assert torch.equal(channel_row(ids, ids.shape), row)
+        assert channel_row(torch.where(ids == 7, -1, ids), ids.shape) is None
+        if positions != (1,):
+            changed = ids.clone()
+            changed.view(b, 3, -1)[0, 1, -1] = 8
+            assert channel_row(changed, ids.shape) is None
+        if b > 1:
+            changed = ids.clone()
+            changed[-1] = changed[-1] + 10
+            assert channel_row(changed, ids.shape) is None
+    assert channel_row(torch.tensor([[0, 1]]), (1, 2)) is None  # no positions: not a channel map
+
+
+def test_describe_gives_each_non_tensor_argument_a_hashable_description():
+    """Kills ``_describe`` 2-9."""
+    from gradgraph.convert.trace.meta import _describe
+
+    assert [_describe(value) for value in (None, True, 3, 2.5, "mean", torch.float32, torch.device("cpu"))] == [
+        None, True, 3, 2.5, "mean", torch.float32, torch.device("cpu")]
+    assert _describe(slice(1, None, 2)) == ("slice", 1, None, 2) and _describe(...) == "..."
+    assert _describe([1, (slice(None, 3), ...)]) == (1, (("slice", None, 3, None), "..."))
+    assert _describe(torch.Size([2, 3])) == (2, 3) and _describe(torch.Generator()) == "Generator"
+    assert hash(_describe([slice(0, 1), torch.Size([2])])) is not None
