@@ -384,9 +384,15 @@ def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], A
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     named = parameters.items() if parameters is not None else model.named_parameters()
     replayer.log = CheckedOpLog(x, {id(p): name for name, p in named}, fingerprints)
-    with torch.enable_grad(), _ModuleTracker(replayer, replay=True, modules=modules), replayer, \
-            folding_time(fold_time):
-        output = _run_forward(model, forward, x)
+    try:
+        with torch.enable_grad(), _ModuleTracker(replayer, replay=True, modules=modules), replayer, \
+                folding_time(fold_time):
+            output = _run_forward(model, forward, x)
+    except UnsupportedModuleError:
+        # a module run in gradgraph's own form refused a call the trace did not see (cross-attention where it
+        # saw self-attention): the replay knows no source line (its location is "<replay>"), so trace afresh,
+        # which refuses the same call naming the user's line
+        raise PlanMismatch(replayer.log.count) from None
     if replayer.stale.in_output(output) is not None:
         raise PlanMismatch(replayer.log.count)  # the trace refuses it, by name
     if replayer.log.mismatch is not None or replayer.log.count != len(fingerprints):
