@@ -634,3 +634,139 @@ def test_describe_gives_each_non_tensor_argument_a_hashable_description():
     assert _describe([1, (slice(None, 3), ...)]) == (1, (("slice", None, 3, None), "..."))
     assert _describe(torch.Size([2, 3])) == (2, 3) and _describe(torch.Generator()) == "Generator"
     assert hash(_describe([slice(0, 1), torch.Size([2])])) is not None
+
+
+# ----------------------------------------------------------------------- the replay (_Replayer, replay_model)
+def _counting_traces(monkeypatch) -> list:
+    from gradgraph.convert import traced
+
+    traces: list = []
+    trace_model = traced.trace_model
+    monkeypatch.setattr(traced, "trace_model", lambda *args, **kwargs: traces.append(1) or trace_model(*args, **kwargs))
+    return traces
+
+
+class InPlaceBlock(nn.Module):
+    """A torchvision-style residual block: ``h2 += h`` and ``F.relu(..., inplace=True)`` (the trace and the replay
+    run them out of place), and ``Tensor.add_`` with its other operand positional."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h2 = self.b(torch.tanh(h))
+        h2 += h
+        h2 = F.relu(h2, inplace=True)
+        h3 = self.b(h2)
+        h3 = h3.add_(h2)  # the value the op returns
+        return self.c(torch.tanh(h3))
+
+
+class SwappedLayers(nn.Module):
+    """Two Linear maps of one shape, applied in the order ``swap`` says: the same ops on other parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+        self.swap = False
+
+    def forward(self, x):
+        first, second = (self.b, self.a) if self.swap else (self.a, self.b)
+        return self.head(torch.tanh(second(torch.tanh(first(x)))))
+
+
+def _replayed_exactly(model, make_inputs, monkeypatch, traces_expected=1, change=None):
+    """Convert twice (parameters moved between), the second conversion exact against torch.func; the trace count."""
+    traces = _counting_traces(monkeypatch)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, make_inputs(0), None, squared)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    if change is not None:
+        change(model)
+    graph = gradgraph.to_graph(model, make_inputs(1), None, squared)
+    reference = assert_exact(model, make_inputs(1))
+    for name, value in reference.items():
+        torch.testing.assert_close(graph.per_sample_grads()[name], value, atol=1e-10, rtol=0, msg=name)
+    assert len(traces) == traces_expected
+    return graph
+
+
+def assert_exact(model, inputs):
+    """torch.func per-sample gradients of ``squared``: the reference."""
+    from traced_models import reference_per_sample_grads
+
+    return reference_per_sample_grads(model, inputs, None, squared)
+
+
+def test_in_place_ops_replay_out_of_place_as_the_trace_ran_them(monkeypatch):
+    """The second conversion replays the plan (one trace), running ``+=``, ``inplace=True`` and ``add_`` out of
+    place as the trace did and marking their targets stale; exact against torch.func. Kills ``_Replayer.
+    __torch_function__`` 38-40 and 46-79 where they make the replay differ from the trace (a retrace) or fail."""
+    torch.manual_seed(9)
+    _replayed_exactly(InPlaceBlock().to(DTYPE), lambda seed: torch.randn(
+        4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
+
+
+@pytest.mark.parametrize("form", ["Tensor.softmax", "F.log_softmax"])
+def test_a_softmax_over_positions_replays_as_its_parts(form, monkeypatch):
+    """Attention pooling (a softmax over the tokens, run as its parts by the trace): the replay runs the parts too,
+    so the second conversion is one trace in all, exact. Kills ``_Replayer.__torch_function__`` 15, 22, 29."""
+    from test_convert_softmax_over_positions import AttentionPooling
+
+    torch.manual_seed(10)
+    _replayed_exactly(AttentionPooling(form).to(DTYPE), lambda seed: torch.randn(
+        5, 4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
+
+
+def test_the_same_ops_on_other_parameters_are_traced_again(monkeypatch):
+    """The layers applied in the other order: the ops' names and shapes are the same, only the parameters they read
+    differ (a fingerprint names a parameter by its name), so the second conversion traces again and is exact.
+    Kills ``OpLog.source`` 9-12, 16."""
+    torch.manual_seed(11)
+    _replayed_exactly(SwappedLayers().to(DTYPE), lambda seed: torch.randn(
+        4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch, traces_expected=2,
+        change=lambda model: setattr(model, "swap", True))
+
+
+def test_trace_model_folds_the_loops_by_default():
+    """``trace_model``'s ``fold_time`` defaults to folding (its docstring). Kills ``trace_model`` 2."""
+    from gradgraph.convert.trace import trace_model
+
+    model = RefusedEitherWay().to(DTYPE)
+    model.head = nn.Identity()
+    model.forward = lambda x: model.rnn(x)[0][:, -1]
+    assert trace_model(model, _sequences(), model.forward).fold_time is True
+
+
+class CrossOnSecondCall(nn.Module):
+    """Self-attention at the first call, cross-attention at the second, with the same ops before the module (its
+    key is computed at both calls, and passed only at the second)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.cross = nn.MultiheadAttention(4, 2, batch_first=True), False
+
+    def forward(self, x):
+        other = x.flip(1)
+        key = other if self.cross else x
+        return self.attention(x, key, key)[0]  # CALLS ATTENTION
+
+
+def test_a_refusal_met_during_a_replay_names_the_users_line():
+    """A module that gradgraph runs in its own form refuses a call only the replay of a cached plan sees: the error
+    names the user's line, as a fresh trace's does, not ``<replay>``. Failed before the fix of ``replay_model``
+    (the replay's own refusal reached the user with the location ``<replay>``)."""
+    model = CrossOnSecondCall().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, torch.randn(3, 5, 4, dtype=DTYPE), None, squared)
+    model.cross = True
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(model, torch.randn(3, 5, 4, dtype=DTYPE), None, squared)
+    assert str(caught.value) == (
+        f"test_convert_run_values.py:{_line('CALLS ATTENTION')} in CrossOnSecondCall.forward (module 'attention' of "
+        "type MultiheadAttention): nn.MultiheadAttention: cross-attention (query, key and value differ) is not "
+        "supported; self-attention takes one tensor (for a bare module pass nothing for key/value in forward_kwargs)")
