@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -220,9 +221,14 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
 
 def _unfolded(model: nn.Module, reason: str) -> None:
     """Say that a model's recurrent loops were asked to fold and are converted unrolled (exactly)."""
+    # the user's call of to_graph / convert_closure: the first frame outside gradgraph and torch (a fixed
+    # stacklevel pointed into gradgraph's traced.py)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((TORCH_DIR, GRADGRAPH_DIR)):
+        frame, level = frame.f_back, level + 1
     warnings.warn(f"to_graph: a recurrent loop of {type(model).__name__} does not fold over time ({reason}); "
                   "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for "
-                  "the unrolled layout", UserWarning, stacklevel=5)
+                  "the unrolled layout", UserWarning, stacklevel=level)
 
 
 def _user_frame(traceback: Any) -> str:
