@@ -770,3 +770,39 @@ def test_a_refusal_met_during_a_replay_names_the_users_line():
         f"test_convert_run_values.py:{_line('CALLS ATTENTION')} in CrossOnSecondCall.forward (module 'attention' of "
         "type MultiheadAttention): nn.MultiheadAttention: cross-attention (query, key and value differ) is not "
         "supported; self-attention takes one tensor (for a bare module pass nothing for key/value in forward_kwargs)")
+
+
+class Spectral(nn.Module):
+    def forward(self, h):
+        return torch.fft.rfft(h).real  # NO RULE
+
+
+class UnregisteredModule(nn.Module):
+    """A module made in the forward (not registered in the model): it has no path, so it is named by its type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(Spectral()(self.a(x)))
+
+
+def test_a_module_made_in_the_forward_is_named_by_its_type():
+    """Refused in a module the model does not register: the message names it by its type, at its line. Kills
+    ``_ModuleTracker.__enter__`` 6, 8, 10 and ``_locate_in_module`` 11 (a module not found by its path)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(UnregisteredModule().to(DTYPE), torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert str(caught.value).startswith(
+        f"test_convert_run_values.py:{_line('NO RULE')} in Spectral.forward (module 'Spectral'): torch.fft.rfft: "
+        "gradgraph has no rule for this op"), caught.value
+    assert caught.value.path == "Spectral"
+
+
+def test_trace_model_counts_the_datapoints_on_axis_0_by_default():
+    """Kills ``trace_model`` 1 (``datapoint_dim`` 1 by default)."""
+    from gradgraph.convert.trace import trace_model
+
+    model = nn.Linear(3, 2).to(DTYPE)
+    assert trace_model(model, torch.randn(5, 3, dtype=DTYPE), model).num_datapoints == 5
