@@ -806,3 +806,55 @@ def test_trace_model_counts_the_datapoints_on_axis_0_by_default():
 
     model = nn.Linear(3, 2).to(DTYPE)
     assert trace_model(model, torch.randn(5, 3, dtype=DTYPE), model).num_datapoints == 5
+
+
+class ChangesBetweenCalls(nn.Module):
+    """The same ops up to where ``mode`` says: fail, stop one op early, or return the value an in-place op left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.mode = nn.Linear(3, 3), "plain"
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.mode == "fails":
+            raise ValueError("second call")  # FAILS AT REPLAY
+        old = h
+        h += 1.0
+        if self.mode == "stale":
+            return old
+        return torch.tanh(h) if self.mode == "plain" else h
+
+
+def _second_call(mode: str):
+    torch.manual_seed(12)
+    model = ChangesBetweenCalls().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    model.mode = mode
+    return model
+
+
+def test_a_forward_that_fails_at_a_replay_is_named_as_at_a_trace():
+    """Kills ``replay_model`` 34 (the model's name dropped from the message)."""
+    model = _second_call("fails")
+    with pytest.raises(gradgraph.GradGraphError) as caught:
+        gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert str(caught.value) == (f"test_convert_run_values.py:{_line('FAILS AT REPLAY')} in ChangesBetweenCalls.forward: "
+                                 "ChangesBetweenCalls failed on inputs of shape [3, 3] (torch.float64): ValueError: "
+                                 "second call")
+
+
+def test_a_replay_that_stops_an_op_early_is_traced_again_exactly():
+    """One op fewer than the plan's: not a replay of it; traced afresh, exact. Kills ``replay_model`` 44."""
+    model = _second_call("shorter")
+    exact(model, torch.randn(3, 3, dtype=DTYPE))
+    _matches_loop(model, torch.randn(3, 3, dtype=DTYPE))
+
+
+def test_a_replay_whose_output_is_a_value_an_in_place_op_changed_is_refused_as_a_trace_refuses_it():
+    """The output is the value ``h += 1`` changed (run out of place, it would hold the old values): the replay
+    traces afresh and that refuses it, naming the output. Kills ``replay_model`` 41."""
+    model = _second_call("stale")
+    with pytest.raises(UnsupportedOperationError, match="the model's output"):
+        gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
