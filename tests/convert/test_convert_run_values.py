@@ -559,7 +559,7 @@ def test_an_unsupported_operation_error_names_where_the_module_and_the_op():
 
 def test_a_neuron_set_holds_its_own_nodes_and_set_containing_finds_each_nodes_set():
     """``holds``: nodes ``first .. first + size - 1``; ``set_containing``: the set of each node, for sets of several
-    sizes (a binary search over the sets' first nodes). Kills ``NeuronSet.holds`` 1, ``set_containing`` 4, 10, 16."""
+    sizes (a binary search over the sets' first nodes). Kills ``NeuronSet.holds`` 1, ``set_containing`` 4, 16."""
     from gradgraph.convert.trace.meta import NeuronSet, set_containing
     from gradgraph.graph import NodeKind
 
@@ -704,8 +704,8 @@ def assert_exact(model, inputs):
 
 def test_in_place_ops_replay_out_of_place_as_the_trace_ran_them(monkeypatch):
     """The second conversion replays the plan (one trace), running ``+=``, ``inplace=True`` and ``add_`` out of
-    place as the trace did and marking their targets stale; exact against torch.func. Kills ``_Replayer.
-    __torch_function__`` 38-40 and 46-79 where they make the replay differ from the trace (a retrace) or fail."""
+    place as the trace did and marking their targets stale; exact against torch.func. With the next test it
+    kills (run run 3) ``_Replayer.__torch_function__`` 37, 44, 46, 47, 49, 50, 57, 62-64, 68."""
     torch.manual_seed(9)
     _replayed_exactly(InPlaceBlock().to(DTYPE), lambda seed: torch.randn(
         4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
@@ -714,7 +714,8 @@ def test_in_place_ops_replay_out_of_place_as_the_trace_ran_them(monkeypatch):
 @pytest.mark.parametrize("form", ["Tensor.softmax", "F.log_softmax"])
 def test_a_softmax_over_positions_replays_as_its_parts(form, monkeypatch):
     """Attention pooling (a softmax over the tokens, run as its parts by the trace): the replay runs the parts too,
-    so the second conversion is one trace in all, exact. Kills ``_Replayer.__torch_function__`` 15, 22, 29."""
+    so the second conversion is one trace in all, exact. Kills ``_Replayer.__torch_function__`` 15, 22, 29
+    (run run 3)."""
     from test_convert_softmax_over_positions import AttentionPooling
 
     torch.manual_seed(10)
@@ -790,7 +791,7 @@ class UnregisteredModule(nn.Module):
 
 def test_a_module_made_in_the_forward_is_named_by_its_type():
     """Refused in a module the model does not register: the message names it by its type, at its line. Kills
-    ``_ModuleTracker.__enter__`` 6, 8, 10 and ``_locate_in_module`` 11 (a module not found by its path)."""
+    ``_ModuleTracker.__enter__`` 6, 8, 10."""
     gradgraph.convert.clear_structure_cache()
     with pytest.raises(UnsupportedOperationError) as caught:
         gradgraph.to_graph(UnregisteredModule().to(DTYPE), torch.randn(3, 3, dtype=DTYPE), None, squared)
@@ -836,7 +837,7 @@ def _second_call(mode: str):
 
 
 def test_a_forward_that_fails_at_a_replay_is_named_as_at_a_trace():
-    """Kills ``replay_model`` 34 (the model's name dropped from the message)."""
+    """The message names the model, its input and the user's line, as at a trace."""
     model = _second_call("fails")
     with pytest.raises(gradgraph.GradGraphError) as caught:
         gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
@@ -846,7 +847,7 @@ def test_a_forward_that_fails_at_a_replay_is_named_as_at_a_trace():
 
 
 def test_a_replay_that_stops_an_op_early_is_traced_again_exactly():
-    """One op fewer than the plan's: not a replay of it; traced afresh, exact. Kills ``replay_model`` 44."""
+    """One op fewer than the plan's: not a replay of it; traced afresh, exact."""
     model = _second_call("shorter")
     exact(model, torch.randn(3, 3, dtype=DTYPE))
     _matches_loop(model, torch.randn(3, 3, dtype=DTYPE))
@@ -854,7 +855,7 @@ def test_a_replay_that_stops_an_op_early_is_traced_again_exactly():
 
 def test_a_replay_whose_output_is_a_value_an_in_place_op_changed_is_refused_as_a_trace_refuses_it():
     """The output is the value ``h += 1`` changed (run out of place, it would hold the old values): the replay
-    traces afresh and that refuses it, naming the output. Kills ``replay_model`` 41."""
+    traces afresh and that refuses it, naming the output."""
     model = _second_call("stale")
     with pytest.raises(UnsupportedOperationError, match="the model's output"):
         gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
