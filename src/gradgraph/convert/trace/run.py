@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -93,12 +94,16 @@ class _ModuleTracker:
         tracer = self.tracer
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            # the module's forward, its step of the log and the trace's rule all outside the tracer's mode, as
+            # the mode runs its own rules: under it, the log's read of the output's shape was logged as an op
+            # of the forward before the module's own (and a replay's checked log reads it after), so no replay
+            # of a model with a registered module matched its plan, and every conversion traced afresh
             with torch._C.DisableTorchFunction():
                 output = original(x, *args, **kwargs)
-            tracer.op_index = tracer.log.step(f"module {type(module).__name__}", (x, *args), kwargs, output)
-            tracer.captured[tracer.op_index] = ((x, *args), kwargs, output)
-            if not self.replay:
-                tracer.unary(x, output, type(module).__name__, activation)
+                tracer.op_index = tracer.log.step(f"module {type(module).__name__}", (x, *args), kwargs, output)
+                tracer.captured[tracer.op_index] = ((x, *args), kwargs, output)
+                if not self.replay:
+                    tracer.unary(x, output, type(module).__name__, activation)
             return output
 
         module.forward = forward  # type: ignore[method-assign]
@@ -216,9 +221,14 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
 
 def _unfolded(model: nn.Module, reason: str) -> None:
     """Say that a model's recurrent loops were asked to fold and are converted unrolled (exactly)."""
+    # the user's call of to_graph / convert_closure: the first frame outside gradgraph and torch (a fixed
+    # stacklevel pointed into gradgraph's traced.py)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((TORCH_DIR, GRADGRAPH_DIR)):
+        frame, level = frame.f_back, level + 1
     warnings.warn(f"to_graph: a recurrent loop of {type(model).__name__} does not fold over time ({reason}); "
                   "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for "
-                  "the unrolled layout", UserWarning, stacklevel=5)
+                  "the unrolled layout", UserWarning, stacklevel=level)
 
 
 def _user_frame(traceback: Any) -> str:
@@ -380,9 +390,15 @@ def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], A
     x = inputs.detach().clone().requires_grad_(inputs.is_floating_point())
     named = parameters.items() if parameters is not None else model.named_parameters()
     replayer.log = CheckedOpLog(x, {id(p): name for name, p in named}, fingerprints)
-    with torch.enable_grad(), _ModuleTracker(replayer, replay=True, modules=modules), replayer, \
-            folding_time(fold_time):
-        output = _run_forward(model, forward, x)
+    try:
+        with torch.enable_grad(), _ModuleTracker(replayer, replay=True, modules=modules), replayer, \
+                folding_time(fold_time):
+            output = _run_forward(model, forward, x)
+    except UnsupportedModuleError:
+        # a module run in gradgraph's own form refused a call the trace did not see (cross-attention where it
+        # saw self-attention): the replay knows no source line (its location is "<replay>"), so trace afresh,
+        # which refuses the same call naming the user's line
+        raise PlanMismatch(replayer.log.count) from None
     if replayer.stale.in_output(output) is not None:
         raise PlanMismatch(replayer.log.count)  # the trace refuses it, by name
     if replayer.log.mismatch is not None or replayer.log.count != len(fingerprints):
