@@ -132,14 +132,16 @@ def test_an_output_holding_several_sets_writes_each_sets_own_neurons_only():
 
 
 class PartOfTheOutput(nn.Module):
-    """``l2(tanh(l1(x)))[:, :2]``: the model's output is part of ``l2``'s neurons."""
+    """``tanh(l2(tanh(l1(x)))[:, :2])``: the model's output is part of ``l2``'s neurons, at a version only that part
+    holds (``l2``'s whole output is an older version: since session 19 a set's act is its newest version's fullest
+    value, so without the tanh all four would take ``l2``'s output)."""
 
     def __init__(self):
         super().__init__()
         self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 4)
 
     def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))[:, :2]
+        return torch.tanh(self.l2(torch.tanh(self.l1(x)))[:, :2])
 
 
 def test_a_set_whose_part_is_the_output_takes_that_part_as_its_act():
@@ -301,8 +303,8 @@ def test_a_block_run_under_no_grad_inside_the_forward_is_a_cut_as_autograd_sees_
 
 
 class DeadBranchLast(nn.Module):
-    """``l2(tanh(l1(x)))``, and last a layer whose output is only cut and dropped:
-    ``l3(h)[:, :1]``. ``l3``'s neurons lead nowhere and hold only part of a value: no act."""
+    """``l2(tanh(l1(x)))``, and last a layer whose output is only cut, activated and dropped:
+    ``tanh(l3(h)[:, :1])``. ``l3``'s neurons lead nowhere and their newest version holds only part of them: no act."""
 
     def __init__(self):
         super().__init__()
@@ -311,7 +313,7 @@ class DeadBranchLast(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.l1(x))
         out = self.l2(h)
-        self.l3(h)[:, :1]
+        torch.tanh(self.l3(h)[:, :1])
         return out
 
 

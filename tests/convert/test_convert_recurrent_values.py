@@ -566,16 +566,16 @@ def test_a_sequence_of_one_feature_folds_exactly():
         assert edges_of(graph, name) == dict(model.named_parameters())[name].numel(), name
 
 
-@pytest.mark.xfail(strict=True, reason="found in run recurrent 1's triage, not fixed: folded, the input terms of a "
-                   "stock module's gates (one F.linear over the sequence, read per step) have act 0 at every step but "
-                   "the last")
 @pytest.mark.parametrize("cell", ["RNN", "GRU", "LSTM"])
 def test_a_folded_stock_modules_input_terms_hold_their_values_at_every_step(cell):
     """The same check as for the cell loops (the same computation, stepped by ``nn.*Cell``): every neuron a weight map
     computes holds its value at every component. Folded, a stock module's ``W_i· x_t + b_i·`` neurons (computed for
     the whole sequence before the first step, read per step by ``select``) hold it at the last step only, zero at the
     others; the per-sample gradients are exact (these neurons are no source of a weight edge), but ``act``, which
-    GradMetaNet reads, is not the value the neuron emits. The cell loop's graph (the test above) holds every step's."""
+    GradMetaNet reads, is not the value the neuron emits. The cell loop's graph (the test above) holds every step's.
+    Found in run recurrent 1's triage (a strict xfail); fixed in session 19: ``Tracer.observe`` kept the step's view
+    ``xw[:, t]`` as the set's newest value over the whole ``xw`` of the same version, so only the last step's
+    components were written; the fuller value of a version now stays."""
     torch.manual_seed(6)
     count, error = weight_map_errors(exact_graph(Stock(cell).to(DTYPE).eval(), sequence(steps=4)))
     assert count >= 4

@@ -282,10 +282,11 @@ def _own_nodes(neuron_set: NeuronSet, nodes: Tensor) -> Tensor:
 def plan_records(trace: TraceResult) -> tuple[list[Record], list[Record], list[OnehotRecord], int]:
     """Where every set's act, grad and one-hot rows come from: ``(act, grad, onehot, K)``.
 
-    A set no affine map reads takes its newest value as its act (an output's values) — if that
-    value holds all of the set's neurons or reaches the output: a part of a set that leads
-    nowhere (``h.chunk(2)[0]`` never read) would give its neurons acts that a permutation of the
-    set does not move with them, so such a set keeps zero acts.
+    A set no affine map reads takes its newest value as its act (an output's values; of the newest
+    version, the fullest value seen: a stock RNN's input terms ``xw`` over the sequence, not the last
+    step's ``xw[:, t]``, ``Tracer.observe``) — if that value holds all of the set's neurons or reaches
+    the output: a part of a set that leads nowhere (``tanh(h[:, :2])`` never read) would give its
+    neurons acts that a permutation of the set does not move with them, so such a set keeps zero acts.
     """
     num_keys = max(trace.num_keys, 1)
     num_components = trace.num_datapoints * num_keys

@@ -250,7 +250,10 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
             return
         for index, version in meta.versions.items():
             neuron_set = self.sets[index]
-            if version >= neuron_set.last_version:
+            if version > neuron_set.last_version or (version == neuron_set.last_version and (
+                    neuron_set.last is None or tensor.numel() >= neuron_set.last[0].numel())):
+                # the same version seen through a smaller view (a stock RNN's input terms xw, computed for the whole
+                # sequence, read step by step as xw[:, t]) keeps the fuller value: every step's components
                 neuron_set.last_version = version
                 neuron_set.last = (tensor, meta.nodes, meta.comps)
 
