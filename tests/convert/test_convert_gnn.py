@@ -842,6 +842,68 @@ def test_gated_graph_conv_is_exact_with_a_true_group(width):
     assert assert_exact_with_a_true_group(model) > 0
 
 
+class SoftmaxAggregated(nn.Module):
+    """Two layers aggregating by PyG's softmax over neighbours, then a readout, a head; ``kind`` says which."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        aggr = pyg.aggr
+        if kind == "sage-softmax":  # a learned inverse temperature t
+            self.conv1 = pyg.SAGEConv(3, 5, aggr=aggr.SoftmaxAggregation(learn=True))
+            self.conv2 = pyg.SAGEConv(5, 5, aggr=aggr.SoftmaxAggregation(t=0.5, learn=False))
+        elif kind == "graph-conv-attentional":
+            self.conv1 = pyg.GraphConv(3, 5, aggr=aggr.AttentionalAggregation(nn.Linear(3, 1)))
+            self.conv2 = pyg.GraphConv(5, 5, aggr=aggr.AttentionalAggregation(nn.Linear(5, 5)))
+        else:  # GENConv (DeeperGCN): softmax aggregation by default, its MLP with a BatchNorm (eval)
+            self.conv1, self.conv2 = pyg.GENConv(3, 5, learn_t=True), pyg.GENConv(5, 5)
+        # a global attention readout (the gated sum of GGNN's paper) for one of them, mean pooling otherwise
+        self.readout = aggr.AttentionalAggregation(nn.Linear(5, 1), nn.Linear(5, 5)) if kind == "genconv" else None
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x, edge_index, batch):
+        h = torch.tanh(self.conv2(torch.relu(self.conv1(x, edge_index)), edge_index))
+        pooled = self.readout(h, batch) if self.readout is not None else pyg.global_mean_pool(h, batch)
+        return self.head(pooled)
+
+
+@pytest.mark.parametrize("kind", ["sage-softmax", "graph-conv-attentional", "genconv"])
+def test_softmax_aggregation_over_neighbours_is_exact_with_a_true_group(kind):
+    """PyG's softmax over each node's neighbours (``SoftmaxAggregation``, learned temperature too; GENConv's default;
+    ``AttentionalAggregation`` over neighbours or as a graph readout) subtracts each group's *detached* maximum, for
+    which the trace has no rule: refused as "Tensor.detach: no rule" until session 19. The trace and its replays now run
+    it without the shift (``stock_graph.softmax_over_neighbours_unshifted``: the same value and gradient), so it
+    converts exactly, per channel a function of the channel's own messages."""
+    torch.manual_seed(0)
+    model = SoftmaxAggregated(kind).to(DTYPE).eval()
+    assert assert_exact_with_a_true_group(model) > 0
+    graphs, batch = pyg_batch(seed=3)  # other graphs of the same sizes: the cached plan, its guards
+    assert_exact_per_graph(model, graphs, batch, torch.tensor([1, 0, 3]))
+
+
+def test_the_unshifted_softmax_is_pygs_and_is_restored():
+    """Inside the context PyG's aggregation modules call a softmax equal to PyG's own to 1e-15 (values and
+    gradients); outside it, PyG's own again."""
+    import torch_geometric.nn.aggr.basic as basic
+    from torch_geometric.utils import softmax
+
+    from gradgraph.convert.trace.stock_graph import softmax_over_neighbours_unshifted
+
+    generator = torch.Generator().manual_seed(0)
+    src = (10 * torch.randn(9, 4, generator=generator, dtype=DTYPE)).requires_grad_(True)
+    index = torch.tensor([0, 0, 1, 2, 2, 2, 3, 3, 0])
+    weights = torch.randn(9, 4, generator=generator, dtype=DTYPE)
+    expected = softmax(src, index)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), src)
+    with softmax_over_neighbours_unshifted():
+        assert basic.softmax is not softmax
+        ours = basic.softmax(src, index)
+        (grad,) = torch.autograd.grad((ours * weights).sum(), src)
+    assert basic.softmax is softmax
+    torch.testing.assert_close(ours, expected, atol=1e-15, rtol=1e-13)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-15, rtol=1e-13)
+
+
 REFUSED_LAYERS = {
     "GATConv-edge-dim": (lambda i, o: pyg.GATConv(i, o, heads=2, edge_dim=2),
                          r"of type GATConv: edge features \(edge_dim\) are a second input"),

@@ -24,7 +24,9 @@ from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, numpy_keywords, op_
 from gradgraph.convert.trace.result import TraceResult
 from gradgraph.convert.trace.recurrent import FoldMismatch, fold_listener, folding_time
 from gradgraph.convert.trace.rules_conv import InputReadAgain
-from gradgraph.convert.trace.stock_graph import gat_attention, gat_refusal, is_gat, refuse_graph_attention
+from gradgraph.convert.trace.stock_graph import (
+    gat_attention, gat_refusal, is_gat, refuse_graph_attention, softmax_over_neighbours_unshifted,
+)
 from gradgraph.convert.trace.stock_attention import check_attention, self_attention
 from gradgraph.convert.trace.tracer import Tracer
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
@@ -187,7 +189,8 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
         tracker = _ModuleTracker(tracer)
         try:
             tracer.fold_time = fold
-            with torch.enable_grad(), tracker, tracer, folding_time(fold), fold_listener(tracer):
+            with torch.enable_grad(), tracker, tracer, folding_time(fold), fold_listener(tracer), \
+                    softmax_over_neighbours_unshifted():
                 output = _run_forward(model, forward, x, tracer)
             stale = tracer.stale.in_output(output)
             if stale is not None:
@@ -392,7 +395,7 @@ def replay_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], A
     replayer.log = CheckedOpLog(x, {id(p): name for name, p in named}, fingerprints)
     try:
         with torch.enable_grad(), _ModuleTracker(replayer, replay=True, modules=modules), replayer, \
-                folding_time(fold_time):
+                folding_time(fold_time), softmax_over_neighbours_unshifted():
             output = _run_forward(model, forward, x)
     except UnsupportedModuleError:
         # a module run in gradgraph's own form refused a call the trace did not see (cross-attention where it

@@ -30,6 +30,9 @@ by :func:`gat_refusal`: edge features (``edge_dim``), bipartite ``(x_src, x_dst)
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 from gradgraph.errors import UnsupportedModuleError
 
 __all__ = ["GRAPH_ATTENTION_LAYERS", "OP_BY_OP_LAYERS", "gat_attention", "gat_refusal", "is_gat",
-           "refuse_graph_attention"]
+           "refuse_graph_attention", "softmax_over_neighbours_unshifted"]
 
 #: PyG layers whose messages are weighted by attention over neighbours (a softmax of scores computed
 #: from parameters over each node's in-edges); all but a supported GATConv / GATv2Conv are refused by name
@@ -161,4 +164,47 @@ def gat_attention(module: nn.Module, path: str, original: Any, x: Any, edge_inde
         raise refuse(f"gradgraph's op-by-op form of {name} differs from this module's forward (a PyG version or "
                      "option it does not know); register a converter for the module")
     return out
+
+
+#: the modules that call ``torch_geometric.utils.softmax`` by the name they imported it under: the softmax and
+#: attentional aggregations (``SoftmaxAggregation``, GENConv's default, ``AttentionalAggregation``)
+_SOFTMAX_CALLERS = ("torch_geometric.nn.aggr.basic", "torch_geometric.nn.aggr.attention")
+
+
+def _unshifted_softmax(original: Any) -> Any:
+    """PyG's ``softmax(src, index, ptr, num_nodes, dim)`` over each group of ``index`` as ``exp(src)``, a scatter of
+    the sums and a division by them gathered back: the same value and gradient as PyG's, which subtracts each
+    group's *detached* maximum first (a shift that cancels; ``exp`` of values large enough to overflow makes the
+    factors non-finite, which the conversion refuses). A ``ptr`` without an ``index`` keeps PyG's form."""
+    def softmax(src: Tensor, index: Tensor | None = None, ptr: Tensor | None = None, num_nodes: int | None = None,
+                dim: int = 0) -> Tensor:
+        if index is None:
+            return original(src, index, ptr, num_nodes, dim)
+        from torch_geometric.utils import scatter
+        from torch_geometric.utils.num_nodes import maybe_num_nodes
+
+        out = src.exp()
+        total = scatter(out, index, dim, dim_size=maybe_num_nodes(index, num_nodes), reduce="sum")
+        return out / total.index_select(dim, index)
+
+    return softmax
+
+
+@contextlib.contextmanager
+def softmax_over_neighbours_unshifted() -> Iterator[None]:
+    """While the trace or a replay runs: PyG's softmax aggregations call :func:`_unshifted_softmax`, whose ops the
+    trace has rules for (a detached value has none). Only modules already imported are patched, and each is
+    restored on exit."""
+    patched = []
+    for name in _SOFTMAX_CALLERS:
+        module = sys.modules.get(name)
+        original = getattr(module, "softmax", None) if module is not None else None
+        if original is not None:
+            patched.append((module, original))
+            module.softmax = _unshifted_softmax(original)
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.softmax = original
 
