@@ -44,6 +44,9 @@ _REWRITES: dict[str, tuple[str, Any]] = {
        for operator in ("add", "sub", "mul", "truediv")},
     **{f"torch.{function}_": (f"torch.{function}", getattr(torch, function))
        for function in ("relu", "sigmoid", "tanh")},
+    # the in-place functionals (AttentiveFP's F.leaky_relu_): their arguments are the out-of-place ones' first
+    **{op_name(getattr(F, f"{function}_")): (op_name(getattr(F, function)), getattr(F, function))
+       for function in ("leaky_relu", "elu", "celu", "hardtanh", "threshold")},
 }
 
 #: the names of every op :func:`out_of_place_call` may rewrite (one set lookup per op for the others)

@@ -167,8 +167,9 @@ def gat_attention(module: nn.Module, path: str, original: Any, x: Any, edge_inde
 
 
 #: the modules that call ``torch_geometric.utils.softmax`` by the name they imported it under: the softmax and
-#: attentional aggregations (``SoftmaxAggregation``, GENConv's default, ``AttentionalAggregation``)
-_SOFTMAX_CALLERS = ("torch_geometric.nn.aggr.basic", "torch_geometric.nn.aggr.attention")
+#: attentional aggregations (``SoftmaxAggregation``, GENConv's default, ``AttentionalAggregation``) and AttentiveFP
+_SOFTMAX_CALLERS = ("torch_geometric.nn.aggr.basic", "torch_geometric.nn.aggr.attention",
+                    "torch_geometric.nn.models.attentive_fp")
 
 
 def _unshifted_softmax(original: Any) -> Any:
