@@ -881,6 +881,28 @@ def test_softmax_aggregation_over_neighbours_is_exact_with_a_true_group(kind):
     assert_exact_per_graph(model, graphs, batch, torch.tensor([1, 0, 3]))
 
 
+def test_a_softmax_over_neighbours_that_overflows_without_its_shift_is_refused():
+    """``SoftmaxAggregation(t=1000)``: PyG's forward is finite (it shifts by the maximum), the trace's ``exp`` without
+    the shift overflows; the non-finite factors are refused, never written into a graph."""
+    from gradgraph.errors import NonFiniteFactorError
+
+    class Hot(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
+            self.conv = pyg.SAGEConv(5, 5, aggr=pyg.aggr.SoftmaxAggregation(t=1000.0))
+
+        def forward(self, x, edge_index, batch):
+            return self.head(pyg.global_mean_pool(self.conv(self.lin(x), edge_index), batch))
+
+    torch.manual_seed(0)
+    model = Hot().to(DTYPE)
+    _, batch = pyg_batch(seed=8)
+    assert bool(torch.isfinite(model(batch.x, batch.edge_index, batch.batch)).all())
+    with pytest.raises(NonFiniteFactorError):
+        convert_batch(model, batch, torch.tensor([2, 0, 3]))
+
+
 def test_the_unshifted_softmax_is_pygs_and_is_restored():
     """Inside the context PyG's aggregation modules call a softmax equal to PyG's own to 1e-15 (values and
     gradients); outside it, PyG's own again."""
