@@ -101,7 +101,7 @@ def test_a_sequence_first_model_that_shifts_its_tokens_batch_first_is_exact():
         squared(model(inputs[:, i:i + 1]), None).sum().backward()
         for name, param in model.named_parameters():
             if param.grad is not None:  # b is unused here
-                torch.testing.assert_close(ours[name][i], param.grad, atol=1e-10, rtol=0, msg=f"{name} of datapoint {i}")
+                torch.testing.assert_close(ours[name][i], param.grad, atol=1e-10, rtol=0, msg=f"{name}, datapoint {i}")
     assert set(ours) == {"a.weight", "a.bias", "head.weight", "head.bias"}
 
 

@@ -21,6 +21,7 @@ from torch import nn
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from convert_values import exact, squared
+from test_convert_recurrent_folded import FirstStepDiffers  # the same model the folding tests refuse folded
 
 DTYPE = torch.float64
 
@@ -161,28 +162,6 @@ class RepeatedInput(nn.Module):
         return self.head(self.rnn(x[:, :1].expand(-1, x.shape[1], -1))[0][:, -1])
 
 
-class FirstStepDiffers(nn.Module):
-    """A ``recurrent_step`` loop whose first step reads another sequence: refused folded, exact unrolled."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first_proj, self.proj = nn.Linear(3, 5), nn.Linear(3, 5)
-        self.input_map = nn.Linear(5, 5)
-        self.recurrent_map, self.head, self.aux = nn.Linear(5, 5), nn.Linear(5, 2), nn.Linear(5, 2)
-
-    def step(self, h, x_t):
-        entry = self.input_map(self.u[:, self.t] if self.t == 0 else self.v[:, self.t])
-        return torch.tanh(entry + self.recurrent_map(h))
-
-    def forward(self, x):
-        self.u, self.v = torch.tanh(self.first_proj(x)), torch.tanh(self.proj(x))
-        h = torch.zeros(x.shape[0], 5, dtype=x.dtype)
-        for t in range(x.shape[1]):
-            self.t = t
-            h = gradgraph.recurrent_step(self.step, h, x[:, t])
-        return self.head(h) + self.aux(self.u).sum(1)
-
-
 class RefusedEitherWay(nn.Module):
     """A GRU, then an op no rule follows between two linear maps: refused folded and unrolled alike."""
 
@@ -254,7 +233,8 @@ def test_cross_attention_of_a_stock_multihead_attention_is_refused_naming_the_mo
     with pytest.raises(UnsupportedOperationError) as error:
         gradgraph.to_graph(CrossAttention(call).to(DTYPE), torch.randn(3, 5, 4, dtype=DTYPE), None, squared)
     assert re.fullmatch(
-        r"\S+:\d+ in CrossAttention\.forward \(module 'attention' of type MultiheadAttention\): nn\.MultiheadAttention: "
+        r"\S+:\d+ in CrossAttention\.forward \(module 'attention' of type MultiheadAttention\): "
+        r"nn\.MultiheadAttention: "
         + re.escape("cross-attention (query, key and value differ) is not supported; self-attention takes one tensor "
                     "(for a bare module pass nothing for key/value in forward_kwargs)"), str(error.value)), error.value
     assert (error.value.path, error.value.op) == ("attention", "nn.MultiheadAttention")
@@ -404,7 +384,8 @@ def test_a_registered_module_applied_to_a_parameter_is_refused_naming_the_module
     gradgraph.convert.clear_structure_cache()
     with pytest.raises(UnsupportedOperationError) as error:
         gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
-    assert re.fullmatch(r"test_convert_run_values\.py:\d+ in RegisteredActivations\.forward \(module 'sine' of type Sine\): "
+    assert re.fullmatch(r"test_convert_run_values\.py:\d+ in RegisteredActivations\.forward "
+                        r"\(module 'sine' of type Sine\): "
                         + re.escape("Sine: the parameter 'third.weight' used where gradgraph expects neuron values "
                                     "(arithmetic on a parameter before it meets the input: a learned slope, scale or "
                                     "mask)"), str(error.value)), error.value
@@ -541,7 +522,8 @@ def test_a_trace_abort_reads_as_the_error_it_carries():
 
     error = UnsupportedOperationError("lin", "torch.fft.rfft", "f.py:3 in M.forward", "no rule")
     abort = TraceAbort(error)
-    assert abort.error is error and str(abort) == str(error) == "f.py:3 in M.forward (module 'lin'): torch.fft.rfft: no rule"
+    assert abort.error is error
+    assert str(abort) == str(error) == "f.py:3 in M.forward (module 'lin'): torch.fft.rfft: no rule"
 
 
 def test_an_unsupported_operation_error_names_where_the_module_and_the_op():
@@ -552,9 +534,11 @@ def test_an_unsupported_operation_error_names_where_the_module_and_the_op():
         "block.attn", "Attention", "Tensor.matmul", "m.py:7 in B.forward")
     assert str(error) == "m.py:7 in B.forward (module 'block.attn' of type Attention): Tensor.matmul: why"
     bare = UnsupportedOperationError("block", "torch.cumsum", "m.py:8 in B.forward", "no rule")
-    assert bare.module_type == "torch.cumsum" and str(bare) == "m.py:8 in B.forward (module 'block'): torch.cumsum: no rule"
+    assert bare.module_type == "torch.cumsum"
+    assert str(bare) == "m.py:8 in B.forward (module 'block'): torch.cumsum: no rule"
     root = UnsupportedOperationError("", "torch.cumsum", "m.py:9 in M.forward", "no rule", "M")
-    assert str(root) == "m.py:9 in M.forward: torch.cumsum: no rule" and isinstance(root, gradgraph.UnsupportedModuleError)
+    assert str(root) == "m.py:9 in M.forward: torch.cumsum: no rule"
+    assert isinstance(root, gradgraph.UnsupportedModuleError)
 
 
 def test_a_neuron_set_holds_its_own_nodes_and_set_containing_finds_each_nodes_set():
@@ -842,7 +826,8 @@ def test_a_forward_that_fails_at_a_replay_is_named_as_at_a_trace():
     model = _second_call("fails")
     with pytest.raises(gradgraph.GradGraphError) as caught:
         gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
-    assert str(caught.value) == (f"test_convert_run_values.py:{_line('FAILS AT REPLAY')} in ChangesBetweenCalls.forward: "
+    where = f"test_convert_run_values.py:{_line('FAILS AT REPLAY')}"
+    assert str(caught.value) == (f"{where} in ChangesBetweenCalls.forward: "
                                  "ChangesBetweenCalls failed on inputs of shape [3, 3] (torch.float64): ValueError: "
                                  "second call")
 

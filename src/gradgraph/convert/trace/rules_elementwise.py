@@ -126,8 +126,8 @@ class ElementwiseRules:
                 # h * tanh(h) is even, relu(h) * h homogeneous of degree 2: no longer the named activation inside,
                 # so the set is labelled OTHER (found by mut29: sign flips and rescalings trusted the label)
                 for index in {**a.versions, **b.versions}:
-                    neuron_set = self.sets[index]
-                    neuron_set.elementwise_ops = getattr(neuron_set, "elementwise_ops", 0) + 1  # type: ignore[attr-defined]
+                    counted = getattr(self.sets[index], "elementwise_ops", 0)
+                    self.sets[index].elementwise_ops = counted + 1  # type: ignore[attr-defined]
             new = Neurons(broadcast_ids(base.nodes, shape).clone(), comps.clone(), versions)
             self.set_meta(output, new)
             self.observe(output, new)
