@@ -128,3 +128,29 @@ def test_a_threshold_or_fill_value_per_neuron_pins_their_set(fill):
     exact(model, _inputs())
     moved, _, perm = assert_group_keeps_function(model, _inputs(), None, squared, seed=4)
     assert torch.equal(perm[3:7], torch.arange(3, 7))
+
+
+class WhereTable(nn.Module):
+    """``torch.where(mask, h, table)`` with a constant mask over the tokens (alike for every neuron) and a table
+    with one fill value per neuron: the fill tells the neurons apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.register_buffer("mask", torch.tensor([[True], [False], [True], [False], [True]]))
+        self.register_buffer("table", torch.tensor([0.0, 5.0, -3.0, 1.0]))
+
+    def forward(self, x):
+        return self.out(torch.where(self.mask, torch.tanh(self.a(x)), self.table)).sum(1)
+
+
+def test_a_constant_fill_value_per_neuron_in_where_pins_their_set():
+    """Before session 19's review ``mask_op`` checked ``torch.where``'s condition only: the group permuted ``a``'s
+    neurons and changed the function (every output moved, by up to 3.5). Now the fill value is checked as the
+    comparison masks' are (``check_constant_operands``)."""
+    torch.manual_seed(0)
+    model = WhereTable().to(DTYPE)
+    inputs = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    exact(model, inputs)
+    moved, _, perm = assert_group_keeps_function(model, inputs, None, squared, seed=4)
+    assert torch.equal(perm[3:7], torch.arange(3, 7))

@@ -373,6 +373,14 @@ class ElementwiseRules:
             for index in meta.versions:
                 self.sets[index].pinned = True
 
+    def check_constant_operands(self, name: str, meta: Neurons, operands: tuple, value: Tensor,
+                                shape: torch.Size) -> None:
+        """:meth:`check_constant` for every constant operand of an op that is elementwise in ``value``'s neurons
+        (a mask, a fill value, a threshold); the neuron value itself and a comparison of it are no constants."""
+        for other in operands:
+            if isinstance(other, Tensor) and other is not value and not isinstance(self.meta(other), Neurons | Opaque):
+                self.check_constant(name, meta, other, shape)
+
     def with_parameter(self, name: str, neurons: tuple[Tensor, Neurons], param: tuple[Tensor, Param],
                        output: Tensor, additive: bool) -> None:
         value, meta = neurons
@@ -457,8 +465,8 @@ class ElementwiseRules:
             condition, left, right = args[0], args[1], args[2]
             values = [value for value in (left, right) if isinstance(self.meta(value), Neurons)]
             if len(values) == 1 and not isinstance(self.meta(condition), Neurons):
-                meta = self.meta(values[0])
-                self.check_constant(name, meta, condition, output.shape)
+                # the condition and the other value: torch.where(mask, h, table) with a table per neuron pins them
+                self.check_constant_operands(name, self.meta(values[0]), args[:3], values[0], output.shape)
                 return self.unary(values[0], output, name, None)
             return self.mark_opaque(output, name, "where() between several neuron values", [])
         meta = self.need_neurons(args[0], name)
@@ -479,9 +487,7 @@ class ElementwiseRules:
             return self.mark_opaque(output, name, "gradgraph has no rule for this op", metas)
         value, meta = tracked[0]
         shape = output.shape
-        for other in args:
-            if isinstance(other, Tensor) and other is not value:
-                self.check_constant(name, meta, other, shape)  # a threshold per neuron pins their set
+        self.check_constant_operands(name, meta, args, value, shape)  # a threshold per neuron pins their set
         compared = Neurons(broadcast_ids(meta.nodes, shape).clone(), broadcast_ids(meta.comps, shape).clone(),
                            dict(meta.versions))
         self.set_meta(output, Opaque(name, self.location(), self.path(), "a comparison of neuron values, read "
@@ -515,8 +521,6 @@ class ElementwiseRules:
         if not placed or not torch.equal(broadcast_ids(compared.nodes, shape), broadcast_ids(meta.nodes, shape)) \
                 or not torch.equal(broadcast_ids(compared.comps, shape), broadcast_ids(meta.comps, shape)):
             return False
-        for other in args:  # torch.where(h > c, h, table): a fill value per neuron pins their set
-            if isinstance(other, Tensor) and other is not value and other is not condition:
-                self.check_constant(name, meta, other, shape)
+        self.check_constant_operands(name, meta, args, value, shape)  # torch.where(h > c, h, table)
         self.unary(value, output, name, None)
         return True
