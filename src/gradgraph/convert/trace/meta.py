@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -21,6 +22,15 @@ KEY_STRIDE = 1 << 24
 TORCH_DIR = os.path.dirname(torch.__file__)
 #: gradgraph's own source directory: frames in it are never "the user's line"
 GRADGRAPH_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def user_frame(frame: FrameType | None) -> tuple[FrameType | None, int]:
+    """The first frame from ``frame`` outward that is the user's (its file outside torch and gradgraph), or
+    ``None``, and how many frames out from ``frame`` it is (a warning's ``stacklevel`` counts them)."""
+    steps = 0
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((TORCH_DIR, GRADGRAPH_DIR)):
+        frame, steps = frame.f_back, steps + 1
+    return frame, steps
 
 
 class TraceAbort(Exception):

@@ -83,17 +83,16 @@ class PadRules:
         if len(places) != 1 or not isinstance(self.meta(parts[places[0]]), Neurons):
             return False
         place = places[0]
-        x, constants = parts[place], parts[:place] + parts[place + 1:]
-        fills = [part.detach().reshape(-1)[0] for part in constants if part.numel()]
-        if not fills or any(not bool((part.detach() == fill).all()) for part, fill in zip(constants, fills)) \
-                or any(not bool(fill == fills[0]) for fill in fills):
-            return False
+        x, constants = parts[place], parts[:place] + parts[place + 1:]  # (the caller left out empty constants)
+        fill = constants[0].detach().reshape(-1)[0] if constants else None
+        if fill is None or any(not bool((part.detach() == fill).all()) for part in constants):
+            return False  # not one value: no pad
         axis = dim % x.dim()
         if not varies_along(broadcast_ids(self.meta(x).nodes, x.shape), axis):
             return False  # not the neurons' axis: positions (a cache) or one feature
         before = sum(part.shape[axis] for part in parts[:place])
         after = sum(part.shape[axis] for part in parts[place + 1:])
-        args = (x, (0, 0) * (x.dim() - 1 - axis) + (before, after), "constant", float(fills[0]))
+        args = (x, (0, 0) * (x.dim() - 1 - axis) + (before, after), "constant", float(fill))
         if not self.pads_neuron_values(args, {}):
             return False
         self.neuron_pad(name, args, {}, output)

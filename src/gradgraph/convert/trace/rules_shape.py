@@ -62,16 +62,17 @@ class ShapeRules:
             parts = args[0] if args else kwargs["tensors"]
             # an empty constant (a key/value cache before its first entry) joins nothing
             kept = [part for part in parts if self.meta(part) is not None or part.numel() > 0]
-            if name in CONCATENATIONS and any(self.meta(part) is None for part in kept) and self.join_as_pad(
-                    name, kept, args[1] if len(args) > 1 else kwargs.get("dim", 0), output):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            concatenation = name in CONCATENATIONS
+            if concatenation and any(self.meta(part) is None for part in kept) and self.join_as_pad(
+                    name, kept, dim, output):
                 return None  # cat([h, zeros]) along the features: a constant pad (rules_pad.py)
             if any(self.meta(part) is None for part in kept):
                 raise self.unsupported(name, "concatenating neuron values with constants (for transformers "
                                        "models, call them with use_cache=False)")
             args = (kept, *args[1:]) if args else args
             kwargs = kwargs if args else {**kwargs, "tensors": kept}
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            copies = self.copy_repeated_parts(name, kept, dim) if name in CONCATENATIONS else {}
+            copies = self.copy_repeated_parts(name, kept, dim) if concatenation else {}
             if copies:
                 return self.join_copies(name, kept, dim, copies, output)
         nodes = self.replay_ids(func, args, kwargs, lambda meta: meta.nodes)

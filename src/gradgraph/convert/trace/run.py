@@ -18,7 +18,7 @@ from gradgraph.convert.trace.decompositions import DECOMPOSABLE, decomposition, 
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.meta import (
     CheckedOpLog, PlanMismatch, TraceAbort, ValueGuard, flat_arguments,
-    GRADGRAPH_DIR, Neurons, Opaque, OpLog, TORCH_DIR, UnsupportedOperationError,
+    GRADGRAPH_DIR, Neurons, Opaque, OpLog, TORCH_DIR, UnsupportedOperationError, user_frame,
 )
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, numpy_keywords, op_name
 from gradgraph.convert.trace.result import TraceResult
@@ -226,12 +226,10 @@ def _unfolded(model: nn.Module, reason: str) -> None:
     """Say that a model's recurrent loops were asked to fold and are converted unrolled (exactly)."""
     # the user's call of to_graph / convert_closure: the first frame outside gradgraph and torch (a fixed
     # stacklevel pointed into gradgraph's traced.py)
-    frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((TORCH_DIR, GRADGRAPH_DIR)):
-        frame, level = frame.f_back, level + 1
+    _, steps = user_frame(sys._getframe(1))
     warnings.warn(f"to_graph: a recurrent loop of {type(model).__name__} does not fold over time ({reason}); "
                   "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for "
-                  "the unrolled layout", UserWarning, stacklevel=level)
+                  "the unrolled layout", UserWarning, stacklevel=2 + steps)
 
 
 def _user_frame(traceback: Any) -> str:
@@ -276,19 +274,19 @@ def _locate_in_module(error: UnsupportedOperationError, traceback: Any, tracer: 
     module = dict(tracer.model.named_modules()).get(error.path)
     code = getattr(type(module).forward, "__code__", None) if module is not None else None
     model_code = getattr(type(tracer.model).forward, "__code__", None)
-    module_frame, user_frame, inside_model = None, None, False
+    module_frame, user_traceback, inside_model = None, None, False
     while traceback is not None:
         frame_code = traceback.tb_frame.f_code
         inside_model = inside_model or frame_code is model_code
         if frame_code is code:
             module_frame = traceback
             if not inside_model:  # the model's forward was not seen: count only frames below the module
-                user_frame = None
+                user_traceback = None
         elif not os.path.abspath(frame_code.co_filename).startswith((TORCH_DIR, GRADGRAPH_DIR)) and (
                 inside_model or module_frame is not None):
-            user_frame = traceback
+            user_traceback = traceback
         traceback = traceback.tb_next
-    if module_frame is None or user_frame is not None:
+    if module_frame is None or user_traceback is not None:
         return  # the op ran under the user's code inside the model: its line is the location already
     name = getattr(code, "co_qualname", code.co_name)
     location = f"{os.path.basename(code.co_filename)}:{module_frame.tb_lineno} in {name}"

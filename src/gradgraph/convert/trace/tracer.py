@@ -21,8 +21,8 @@ from torch.utils._pytree import tree_flatten
 
 from gradgraph.convert.trace.decompositions import decomposition, is_softmax, softmax_parts
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, GRADGRAPH_DIR, ids_like, KEY_STRIDE, Neurons, NeuronSet, Opaque, OpLog, Param,
-    Raw, Scores, TORCH_DIR, TraceAbort, UnsupportedOperationError, ValueGuard, varies_along, constant_varies,
+    broadcast_ids, ids_like, KEY_STRIDE, Neurons, NeuronSet, Opaque, OpLog, Param,
+    Raw, Scores, TraceAbort, UnsupportedOperationError, user_frame, ValueGuard, varies_along, constant_varies,
     flat_arguments, set_containing,
 )
 from gradgraph.convert.trace.ops import (
@@ -53,8 +53,6 @@ def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
         return True
     return (name.startswith("torch.nn.functional.") and len(args) > 1 and args[-1] is True
             and name.split(".")[-1] in {"relu", "leaky_relu", "elu", "hardtanh", "relu6", "selu", "celu"})
-
-
 
 
 #: torch's packed-sequence functions: a refusal met inside one is about the packing
@@ -181,14 +179,11 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
         return self.module_stack[-1] if self.module_stack else ""
 
     def location(self) -> str:
-        frame = sys._getframe(1)
-        while frame is not None:
-            filename = os.path.abspath(frame.f_code.co_filename)
-            if not filename.startswith(TORCH_DIR) and not filename.startswith(GRADGRAPH_DIR):
-                name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
-                return f"{os.path.basename(filename)}:{frame.f_lineno} in {name}"
-            frame = frame.f_back
-        return "<unknown location>"
+        frame, _ = user_frame(sys._getframe(1))
+        if frame is None:
+            return "<unknown location>"
+        name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+        return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} in {name}"
 
     def unsupported(self, op: str, reason: str) -> UnsupportedOperationError:
         return UnsupportedOperationError(self.path(), op, self.location(), _in_packing(reason),
