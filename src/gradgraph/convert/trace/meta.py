@@ -265,6 +265,19 @@ def channel_row(nodes: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor | 
     return row.clone()
 
 
+def neuron_row(meta: Any, shape: torch.Size | tuple[int, ...]) -> tuple[Tensor | None, bool]:
+    """``(row, channels)``: the neurons of a value of ``shape`` — on axis 1 of a ``[b, C, *S]`` map whose last axis
+    holds positions (``channels``: :func:`channel_row`; a map of one channel too, whose last axis would otherwise
+    pass for a row of one neuron repeated), else on its last axis (:func:`feature_row`); ``row`` is ``None`` where
+    neither holds one neuron per place."""
+    positions_last = len(shape) >= 3 and meta.comps is not None and varies_along(
+        broadcast_ids(meta.comps, shape), len(shape) - 1)
+    row = channel_row(meta.nodes, shape) if positions_last else None
+    if row is not None:
+        return row, True
+    return feature_row(meta.nodes), False
+
+
 def _describe(value: Any) -> Any:
     """A hashable description of a non-tensor argument (ints, slices, dtypes ...)."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype | torch.device):

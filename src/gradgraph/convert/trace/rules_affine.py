@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, channel_row, feature_row, ids_like, Neurons, NeuronSet, Opaque, Param, Raw, rows_along_last, Scores,
-    varies_along,
+    broadcast_ids, ids_like, neuron_row, Neurons, NeuronSet, Opaque, Param, Raw, rows_along_last, Scores,
 )
 from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.convert.trace.rules_data import Data
@@ -86,15 +85,7 @@ class AffineRules:
         its own and no symmetry is claimed for them (a permutation of ``h`` would have to move
         both copies together, which the layout's ties do not express).
         """
-        # a convolution's map [b, C, *S] read by two ops that want different versions as act: its
-        # neurons are on axis 1 and its last axis holds positions (components), not features --
-        # also where C = 1, whose last axis would otherwise pass for a row of one neuron repeated
-        positions_last = value.dim() >= 3 and meta.comps is not None and varies_along(
-            broadcast_ids(meta.comps, value.shape), value.dim() - 1)
-        row = channel_row(meta.nodes, value.shape) if positions_last else None
-        channels = row is not None
-        if row is None:
-            row = feature_row(meta.nodes)
+        row, channels = neuron_row(meta, value.shape)  # a map's channels, or the features
         if row is None:
             raise self.unsupported(origin, "these values do not hold one neuron per feature")
         width = len(row)

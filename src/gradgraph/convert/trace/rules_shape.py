@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, channel_row, feature_row, ids_like, KEY_STRIDE, Neurons, Param, Raw, varies_along,
+    broadcast_ids, feature_row, ids_like, KEY_STRIDE, neuron_row, Neurons, Param, Raw, varies_along,
 )
 from gradgraph.convert.trace.ops import (
     CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, JOINED_INPUT_REMEDY, JOINS, op_name, SHAPED_LIKE,
@@ -135,12 +135,9 @@ class ShapeRules:
         for place, (part, meta) in enumerate(zip(parts, metas)):
             if part.dim() < 2 or part.numel() == 0:  # nn.Linear(4, 0)'s output holds no neuron
                 continue
-            axis = dim % part.dim()
-            channels = part.dim() >= 3 and axis == 1 and varies_along(broadcast_ids(meta.comps, part.shape),
-                                                                     part.dim() - 1)
-            row = channel_row(meta.nodes, part.shape) if channels else feature_row(meta.nodes)
-            if row is None or (not channels and axis != part.dim() - 1):
-                continue
+            row, channels = neuron_row(meta, part.shape)
+            if row is None or dim % part.dim() != (1 if channels else part.dim() - 1):
+                continue  # not joined along its neurons' axis
             if seen.intersection(row.tolist()) and torch.unique(row).numel() == row.numel():
                 copied, created = self.tied_copy(row, f"{self.path() or name} part {place}", "merge")
                 for index in meta.versions:  # a copy of part of a set reads that part (materialize)
