@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, channel_row, feature_row, KEY_STRIDE, neuron_axes_last, neuron_rows, Neurons, Opaque, Param, Raw,
-    rows_along_last, UnsupportedOperationError, varies_along,
+    broadcast_ids, channel_row, feature_row, KEY_STRIDE, neuron_axes_last, neuron_rows, Neurons, NeuronSet, Opaque,
+    Param, Raw, rows_along_last, UnsupportedOperationError, varies_along,
 )
 from gradgraph.convert.trace.ops import (
     BINARY_ADD, BINARY_MUL, BINARY_OTHER, COMPARISON_CASTS, MASK_FILL, PARAMETER_REFUSED, WHERE,
@@ -172,31 +172,42 @@ class ElementwiseRules:
                     self.sets[index].gated = True  # type: ignore[attr-defined]
             new = Neurons(into_nodes.clone(), comps.clone(), self.next_version(into.versions))
         else:
-            merged = self.new_set(int(pairs.shape[1]), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
             order = torch.argsort(pairs[0])
             a_sorted, b_sorted = pairs[0][order], pairs[1][order]
-            merged_nodes = merged.first + torch.arange(pairs.shape[1])
+            # (all pinned where they overlap: the ties only group labels)
+            merged, new = self.merged_set(name, (a_sorted, b_sorted), kind, a_nodes, comps.clone(), output,
+                                          edges=not overlap)
             if overlap:
                 merged.pinned = True
+                merged_nodes = merged.first + torch.arange(merged.size)
                 # a neuron paired with itself would feed its merged neuron twice: one edge per pair
                 edges = torch.unique(torch.cat([torch.stack((a_sorted, merged_nodes)),
                                                 torch.stack((b_sorted, merged_nodes))], dim=1), dim=1)
                 self.edges.append((edges[0].clone(), edges[1].clone(), kind, -1, None, None))
-            else:
-                for source in (a_sorted, b_sorted):
-                    self.edges.append((source.clone(), merged_nodes, kind, -1, None, None))
-            for source in (a_sorted, b_sorted):  # all pinned where they overlap: the ties only group labels
-                self.ties.append((source.clone(), merged_nodes))
-            lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
-            lookup[a_sorted] = merged_nodes
-            new_nodes = lookup[a_nodes]
-            new = Neurons(new_nodes, comps.clone(), {merged.index: 0})
-            merged.grad_records.append((output, new_nodes, new.comps))
             if not additive:
                 merged.gated = True  # type: ignore[attr-defined]
                 self.split_fused_gate((a_value, a, a_sorted), (b_value, b, b_sorted))
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def merged_set(self, name: str, sources: tuple[Tensor, ...] | list[Tensor], kind: EdgeKind, nodes: Tensor,
+                   comps: Tensor, output: Tensor, *, edges: bool = True) -> tuple[NeuronSet, Neurons]:
+        """A new MERGE set of one neuron per neuron of ``sources[0]``, tied neuron for neuron to each source
+        (aligned node ids), with an edge of ``kind`` from each (``edges=False``: the caller adds its own); the
+        result's meta where ``nodes`` (ids of ``sources[0]``'s neurons) are relabelled to it, its grad the
+        output's. The merge of ``h1 + h2`` / ``h1 * h2`` (:meth:`binary`) and of stacked values
+        (:meth:`merge_stacked`)."""
+        merged = self.new_set(len(sources[0]), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
+        merged_nodes = merged.first + torch.arange(len(sources[0]))
+        for source in sources:
+            if edges:
+                self.edges.append((source.clone(), merged_nodes, kind, -1, None, None))
+            self.ties.append((source.clone(), merged_nodes))
+        lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
+        lookup[sources[0]] = merged_nodes
+        new = Neurons(lookup[nodes], comps, {merged.index: 0})
+        merged.grad_records.append((output, new.nodes, new.comps))
+        return merged, new
 
     def merge_stacked(self, name: str, x: Tensor, meta: Neurons, axis: int, output: Tensor, keepdim: bool) -> bool:
         """A sum, mean, maximum or minimum over ``axis`` of ``x`` where whole values were stacked along it
@@ -227,21 +238,11 @@ class ElementwiseRules:
         if any(a & b for i, a in enumerate(owners) for b in owners[i + 1:]):
             return False  # slices of one set: a statistic of each part (a per-head norm), or maxout
         additive = not name.endswith(("max", "min"))
-        merged = self.new_set(len(slices[0]), NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
-        merged_nodes = merged.first + torch.arange(len(slices[0]))
-        for part in slices:
-            self.edges.append((part.clone(), merged_nodes, EdgeKind.RESIDUAL if additive else EdgeKind.GATE, -1,
-                               None, None))
-            self.ties.append((part.clone(), merged_nodes))
+        nodes, new_comps = (first.unsqueeze(axis), comps[0].unsqueeze(axis)) if keepdim else (first, comps[0])
+        merged, new = self.merged_set(name, slices, EdgeKind.RESIDUAL if additive else EdgeKind.GATE, nodes,
+                                      new_comps.clone(), output)
         if not additive:
             merged.gated = True  # type: ignore[attr-defined]
-        lookup = torch.full((self.num_nodes,), -1, dtype=torch.long)
-        lookup[slices[0]] = merged_nodes
-        new_nodes, new_comps = lookup[first], comps[0]
-        if keepdim:
-            new_nodes, new_comps = new_nodes.unsqueeze(axis), new_comps.unsqueeze(axis)
-        new = Neurons(new_nodes.clone(), new_comps.clone(), {merged.index: 0})
-        merged.grad_records.append((output, new.nodes, new.comps))
         self.set_meta(output, new)
         self.observe(output, new)
         return True
