@@ -18,6 +18,7 @@ from torch import nn
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from convert_values import exact, refused, squared
+from test_convert_tracer_locations import OpaqueThrough  # its lines are the locations tests'
 from traced_models import (
     assert_exact_per_sample_grads, assert_matches_autograd_loop, assert_per_sample_grads_match_loop,
 )
@@ -328,24 +329,6 @@ OPAQUE_REACHES = (r"^\S+:\d+ in \S+{where}: torch\.cumsum: gradgraph has no rule
                   r"{what} at \S+:\d+ in \S+{at}\. Write it with supported ops, register it with "
                   r"gradgraph\.convert\.register_elementwise if it is elementwise, or register a converter for the "
                   r"whole module$")
-
-
-class Inner(nn.Module):
-    def forward(self, h):
-        return torch.cumsum(h, -1)
-
-
-class OpaqueThrough(nn.Module):
-    """A cumulative sum (no rule) in module ``inner``, a Tanh module after it, then a Linear or a scale."""
-
-    def __init__(self, scaled: bool) -> None:
-        super().__init__()
-        self.lin, self.inner, self.act, self.out = nn.Linear(3, 2), Inner(), nn.Tanh(), nn.Linear(2, 2)
-        self.scale, self.scaled = nn.Parameter(torch.randn(2, dtype=DTYPE)), scaled
-
-    def forward(self, x):
-        h = self.act(self.inner(self.lin(x)))
-        return h * self.scale if self.scaled else self.out(h)
 
 
 def test_a_value_without_a_rule_is_refused_where_it_reaches_a_parameter_naming_where_it_was_made():
