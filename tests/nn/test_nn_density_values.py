@@ -64,6 +64,17 @@ def test_density_shape_errors_in_full():
     assert ComponentDensity(-1)(torch.randn(2, 3, 5)).shape == (2, 3, 16)
 
 
+@pytest.mark.parametrize("in_channels", [0, -2])
+def test_density_refuses_a_width_that_is_neither_positive_nor_inferred(in_channels):
+    """``in_channels=0`` read zero features (a density of nothing) and failed later inside its
+    ``Linear``; it is refused where it is given, as is any negative width but ``-1``. With it,
+    ``ComponentDensity.forward`` 5 and 13 (``in_channels >= 0``, which differed only for a width
+    of 0) are equivalent."""
+    message = f"ComponentDensity: in_channels must be >= 1 (or -1: inferred), got {in_channels}"
+    with pytest.raises(GradGraphError, match=full(message)):
+        ComponentDensity(in_channels)
+
+
 def readout_inputs(nodes=3, graphs=2, components=4, channels=3, seed=0):
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(graphs * nodes, components, channels, generator=generator, dtype=torch.float64)

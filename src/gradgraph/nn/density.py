@@ -61,6 +61,8 @@ class ComponentDensity(nn.Module):
         self, in_channels: int, heads: int = 4, head_channels: int = 2, bandwidth: float | None = None
     ) -> None:
         super().__init__()
+        if in_channels == 0 or in_channels < -1:
+            raise GradGraphError(f"ComponentDensity: in_channels must be >= 1 (or -1: inferred), got {in_channels}")
         if heads < 1 or head_channels < 1 or (bandwidth is not None and not bandwidth > 0):
             raise GradGraphError(
                 f"ComponentDensity: heads and head_channels must be >= 1 and bandwidth > 0, "
