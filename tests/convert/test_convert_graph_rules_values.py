@@ -17,6 +17,8 @@ from torch import nn
 
 import gradgraph
 from gradgraph.convert import clear_structure_cache
+from gradgraph.convert.layout import make_plan
+from gradgraph.convert.trace import trace_model
 from gradgraph.convert.trace.rules_graph import rank_among_rows, rank_within
 from gradgraph.errors import UnsupportedModuleError
 
@@ -461,6 +463,50 @@ def test_a_gathered_copy_and_a_function_of_it_are_two_versions():
 
     torch.manual_seed(8)
     assert_exact_against_loop(Both(), *signals(seed=8))
+
+
+class SideAndMessage(nn.Module):
+    """``side(relu(h))`` (which makes ``relu(h)`` the act of ``h``'s neurons) plus the sum of the messages
+    ``h_j``: the gather reads the other version, ``h``, so it first takes a set of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(5, 5)
+
+    def forward(self, h, edge_index):
+        side = self.side(torch.relu(h))  # first: relu(h) is the act of h's neurons when the gather reads h
+        return side + torch.zeros_like(h).index_add_(-2, edge_index[1], h.index_select(-2, edge_index[0]))
+
+
+class MessageModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.conv, self.head = nn.Linear(3, 5), SideAndMessage(), nn.Linear(5, 4)
+
+    def forward(self, x, edge_index):
+        return self.head(torch.relu(self.conv(self.inp(x), edge_index)).mean(-2))
+
+
+def set_origins(model, inputs):
+    """The plan's ``set_names``: each neuron set's origin, as the refusals of non-finite factors name it."""
+    plan = make_plan(trace_model(model, inputs, lambda x: model(x, EDGES)))
+    return [origin for _, _, origin in plan.set_names]
+
+
+def test_gathered_copies_are_named_by_their_module_and_the_op():
+    """Exact; the copy of the gathered neurons is named ``'conv gather'`` (its module's path), the set the gather
+    gives ``h``'s version is named ``'conv Tensor.index_select'``; at the model's root, where there is no path,
+    the copy is named by its op. Kills _copy_to 4 (the version's set named ``'conv None'``), 46 (the copy named
+    ``None``), 51 (named by the op inside a module: ``'Tensor.index_select gather'``; at the root ``' gather'``)."""
+    torch.manual_seed(9)
+    model = MessageModel().to(DTYPE)
+    inputs, targets = signals(seed=9)
+    assert_exact_against_loop(model, inputs, targets)
+    origins = set_origins(model, inputs)
+    assert {"conv.side", "conv Tensor.index_select", "conv gather", "conv scatter"} <= set(origins), origins
+    root = Body(lambda self, h, e: torch.zeros_like(h).index_add_(-2, e[1], h.index_select(-2, e[0]))).to(DTYPE)
+    origins = set_origins(root, inputs)
+    assert {"Tensor.index_select gather", "Tensor.index_add_ scatter"} <= set(origins), origins
 
 
 def test_a_data_graph_with_one_edge_is_exact():
