@@ -685,3 +685,30 @@ def test_the_sites_after_one_that_shares_no_entry_are_read():
     assert_layout(graph,
                   node_kind=runs((K.INPUT, 2), (K.FFN_HIDDEN, 6), (K.HIDDEN, 2), (K.FFN_HIDDEN, 4), (K.OUTPUT, 2)),
                   perm_group=runs((-1, 2), (0, 6), (1, 2), (2, 4), (-1, 2)))
+
+
+class SharedView(nn.Module):
+    """One 1-D parameter ``p`` [4] used as a 2 x 2 weight, ``p.view(2, 2)``, by two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.p, self.head = nn.Linear(3, 2), nn.Parameter(torch.randn(4)), nn.Linear(2, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(F.linear(h, self.p.view(2, 2)))
+        return self.head(torch.tanh(F.linear(h, self.p.view(2, 2))))
+
+
+def test_a_shared_one_dimensional_parameter_viewed_as_a_matrix_pins_its_neurons():
+    """The layout reads a 1-D parameter's entries as rows of one column, so at each site of ``p.view(2, 2)``
+    neither end of an edge is a function of the row: every set it meets is pinned (exact, and the group claimed
+    keeps the function). The view's own group (one permutation of all three hidden sets, ``p`` moved as
+    ``P W Pᵀ``) is a symmetry too, but the layout does not see the view's shape, so it does not claim it; a layout
+    that does must change this test. Kills _shared_parameter_ties 28, 33 (the column count of a 1-D parameter
+    read as its length, or as 2: the ties of that view claimed)."""
+    torch.manual_seed(0)
+    model = SharedView().to(torch.float64)
+    inputs = torch.randn(5, 3, dtype=torch.float64)
+    graph = exact_by_loop(model, inputs)
+    assert graph.perm_group.tolist() == [-1] * graph.num_nodes
