@@ -367,3 +367,27 @@ def test_the_input_pooled_over_tokens_is_exact_and_a_pooled_statistic_refused():
     text = _refusal(PooledTokens("statistic").to(DTYPE), inputs)
     assert re.match(r"\S+:\d+ in \S+: Tensor\.mean: pooling a statistic \(a sum or norm over the features\) over "
                     r"positions" + re.escape(REACHES_OUT), text), text
+
+
+# ------------------------------------------------------------------------- binary: a same-neuron op counted
+class SquaredAfterTwo(nn.Module):
+    """``v * v`` where ``v = tanh(sin(a(x)))``: the set is SINE with one more elementwise op (the tanh) before
+    the product, which counts a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        v = torch.tanh(torch.sin(self.a(x)))
+        return self.out(v * v)
+
+
+def test_a_product_of_a_value_with_itself_adds_to_the_count_of_elementwise_ops():
+    """The set's label stays OTHER after the product (its count of elementwise ops grows, from 1 to 2). Kills
+    ``binary`` 280 (the count decreased: 1 - 1 = 0, the set labelled SINE again, the symmetry of a sine trusted)."""
+    torch.manual_seed(0)
+    graph = exact(SquaredAfterTwo().to(DTYPE), _inputs())
+    hidden = graph.node_kind == int(gradgraph.NodeKind.HIDDEN)
+    assert int(hidden.sum()) == 4
+    assert bool((graph.activation[hidden] == int(gradgraph.ActivationKind.OTHER)).all())
