@@ -176,7 +176,7 @@ class Misused(nn.Module):
 def test_a_comparison_used_otherwise_than_as_the_mask_of_its_neurons_is_refused(use):
     """Only ``h.masked_fill(h <= c, v)``, ``torch.where(h > c, h, v)`` (by position) and ``h * cast(h > c)`` are
     masks of the compared neurons; anything else is refused by the comparison's name (not a crash). Kills
-    ``masks_compared_neurons`` 16 (``h.to(comparison)`` read as a cast), 46, 48 (the mask by keyword: an
+    ``masks_compared_neurons`` 16 (``h.to(comparison)`` read as a cast), 46-48 (the mask by keyword: an
     IndexError), 56 (the comparison as where's value), 57 (where's value by keyword)."""
     torch.manual_seed(0)
     text = _refusal(Misused(MISUSED[use]).to(DTYPE), _inputs())
@@ -260,7 +260,7 @@ class NotMerged(nn.Module):
 def test_stacked_values_that_are_no_distinct_sets_of_neurons_are_not_merged(case):
     """The merge applies only where every slice holds neurons, one per feature at a component, the slices pair
     one to one and share no set; else the reduction is over part of the features, refused by name. Kills
-    ``merge_stacked`` 21, 22, 26 (a statistic), 45 (a neuron twice), 61 and, where the later checks do not
+    ``merge_stacked`` 21, 22, 26, 36 (a statistic), 45 (a neuron twice), 61 and, where the later checks do not
     catch it, 52, 58 (a neuron paired with two), 68 (shared neurons)."""
     torch.manual_seed(0)
     inputs = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(3), dtype=DTYPE) if "two sets" in case \
