@@ -391,3 +391,30 @@ def test_a_product_of_a_value_with_itself_adds_to_the_count_of_elementwise_ops()
     hidden = graph.node_kind == int(gradgraph.NodeKind.HIDDEN)
     assert int(hidden.sum()) == 4
     assert bool((graph.activation[hidden] == int(gradgraph.ActivationKind.OTHER)).all())
+
+
+# ------------------------------------------------------------------- the input read by a reduction or a mask
+READS_OF_THE_INPUT = {
+    "Tensor.sum": lambda x: x.transpose(0, 2).sum(-1),
+    "Tensor.masked_fill": lambda x: x.transpose(0, 2).masked_fill(torch.tensor([True, False, True, False, True]), 0.0),
+}
+
+
+class ReadsTheInput(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = READS_OF_THE_INPUT[op]
+        self.out = nn.Linear(1, 2)
+
+    def forward(self, x):
+        return self.out(self.op(x)[..., :1].sum(0).sum(0, keepdim=True).expand(x.shape[0], 1))
+
+
+@pytest.mark.parametrize("op", sorted(READS_OF_THE_INPUT))
+def test_the_input_read_with_its_datapoints_last_is_refused_naming_the_op(op):
+    """``x.transpose(0, 2)`` puts the datapoints on the last axis, where the rule that reads the raw input first
+    expects its features: refused, naming the op that read it. Kills ``reduction`` 5 and ``mask_op`` 91
+    (``need_neurons``' op name ``None``)."""
+    text = _refusal(ReadsTheInput(op).to(DTYPE), torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1),
+                                                            dtype=DTYPE))
+    assert text.endswith(f": {op}: the input's features are not its last axis"), text
