@@ -453,9 +453,12 @@ class ElementwiseRules:
         self.binary(name, (value, placeholder), {}, output)
 
     def mask_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
+        # the operands by position or keyword: torch.where(mask, h, other=0.0), h.masked_fill(mask=m, value=0.0)
+        keys = ("condition", "input", "other") if name in WHERE else ("input", "mask", "value")
+        args = tuple(args) + tuple(kwargs.get(key) for key in keys[len(args):])
         # a parameter selected (torch.where's value) or filled in (masked_fill's value) is no bias or scale of
         # the neurons: read as elementwise in the neurons alone, its gradient would be lost
-        selected = (args[1], args[2]) if name in WHERE else (args[2] if len(args) > 2 else kwargs.get("value"),)
+        selected = (args[1], args[2]) if name in WHERE else (args[2],)
         param = next((meta for meta in map(self.meta, selected) if isinstance(meta, Param)), None)
         if param is not None:
             raise self.unsupported(name, f"the parameter '{self.param_names[param.index]}' is a value the op selects "
@@ -467,7 +470,7 @@ class ElementwiseRules:
             values = [value for value in (left, right) if isinstance(self.meta(value), Neurons)]
             if len(values) == 1 and not isinstance(self.meta(condition), Neurons):
                 # the condition and the other value: torch.where(mask, h, table) with a table per neuron pins them
-                self.check_constant_operands(name, self.meta(values[0]), args[:3], values[0], output.shape)
+                self.check_constant_operands(name, self.meta(values[0]), args, values[0], output.shape)
                 return self.unary(values[0], output, name, None)
             return self.mark_opaque(output, name, "where() between several neuron values", [])
         meta = self.need_neurons(args[0], name)
