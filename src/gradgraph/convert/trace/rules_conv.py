@@ -17,6 +17,7 @@ and are exact. Channels are the neurons; permuting channels moves every tap set 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -414,7 +415,9 @@ class ConvRules:
         x = args[0] if args else kwargs["input"]
         values = output[0] if isinstance(output, tuple) else output
         spatial = values.dim() - 2  # (a reduction without keepdim has fewer spatial axes than x)
-        meta, row, datapoint = self.channel_neurons(x, name, x.dim() - 2)
+        # max_pool2d & co. also take an unbatched [C, *S] input: its first axis holds no datapoints
+        pool_axes = re.search(r"pool([123])d", name)
+        meta, row, datapoint = self.channel_neurons(x, name, int(pool_axes[1]) if pool_axes else x.dim() - 2)
         for index in meta.versions:
             self.separate_part_read(self.sets[index], row)
         pooled, created = self.tied_copy(row, self.path() or name, "pool")
