@@ -846,3 +846,77 @@ def test_a_replay_whose_output_is_a_value_an_in_place_op_changed_is_refused_as_a
     model = _second_call("stale")
     with pytest.raises(UnsupportedOperationError, match="the model's output"):
         gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+
+
+# ----------------------------------------------------- a replay that runs fewer ops, a replay's own error (issue 31, mut33)
+class SumsItsOutputFirst(nn.Module):
+    """Two layers; at the first call the output is summed over its features (one neuron), at the second the forward
+    stops one op early and returns the last layer itself (three output neurons). Every op the second call runs is
+    the plan's, in its order, with the same arguments and shapes: only the count tells the two calls apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.summed = nn.Linear(3, 3), nn.Linear(3, 3), True
+
+    def forward(self, x):
+        h = self.b(torch.tanh(self.a(x)))
+        return h.sum(1, keepdim=True) if self.summed else h
+
+
+def test_a_replay_that_stops_before_the_plans_last_op_converts_as_a_fresh_trace(monkeypatch):
+    """The plan's last op (the sum over the output's features) not run at the second call: the replay stops one op
+    early, so it is no replay of that plan; the model is traced again (two traces in all) and its graph equals a
+    fresh trace's: the last layer's neurons are the output (``node_kind`` 2), in no permutation group, and the
+    per-sample gradients are exact against a per-datapoint loop. Kills ``replay_model`` 44 (``and`` for ``or``:
+    the shorter replay accepted; every op it ran matches the plan's, so its values are the model's and the
+    per-sample gradients right, but the graph is the plan's, whose last layer was hidden: ``node_kind`` 1 and a
+    permutation group of its own, a symmetry the model does not have, silently)."""
+    from strategies import assert_same_graph
+
+    traces = _counting_traces(monkeypatch)
+    torch.manual_seed(13)
+    model = SumsItsOutputFirst().to(DTYPE)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, inputs, None, squared)
+    model.summed = False
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    assert graph.node_kind.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert graph.perm_group[6:].tolist() == [-1, -1, -1]
+    assert len(traces) == 2
+    gradgraph.convert.clear_structure_cache()
+    assert_same_graph(graph, _matches_loop(model, inputs))
+
+
+class ReadsItsInputAfterTheLayer(nn.Module):
+    """At the first call the forward reads its input's shape and dtype after the layer; at the second it fails
+    there (a ValueError of its own). Building the error message reads the same two attributes of the input, the
+    plan's next two ops, so the replay does not mismatch: the error is raised by the replay itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fails = nn.Linear(3, 3), False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.fails:
+            raise ValueError("fails at the replay")  # RAISED AT REPLAY
+        assert x.shape[1] == 3 and x.dtype == h.dtype
+        return h
+
+
+def test_a_forward_that_fails_during_a_replay_names_the_model_and_the_users_line(monkeypatch):
+    """The error raised by the replay itself (not a mismatch that traces again: one trace in all) names the user's
+    line, the model's class, the input's shape and dtype, and the error, as a trace's does. Kills ``replay_model``
+    34 (the replay ran the forward with no model: "NoneType failed")."""
+    traces = _counting_traces(monkeypatch)
+    model = ReadsItsInputAfterTheLayer().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    model.fails = True
+    with pytest.raises(gradgraph.GradGraphError) as caught:
+        gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert len(traces) == 1
+    assert str(caught.value) == (
+        f"test_convert_run_values.py:{_line('RAISED AT REPLAY')} in ReadsItsInputAfterTheLayer.forward: "
+        "ReadsItsInputAfterTheLayer failed on inputs of shape [3, 3] (torch.float64): ValueError: fails at the replay")
