@@ -848,7 +848,7 @@ def test_a_replay_whose_output_is_a_value_an_in_place_op_changed_is_refused_as_a
         gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
 
 
-# ----------------------------------------------------- a replay that runs fewer ops, a replay's own error (issue 31, mut33)
+# ------------------------------------------------- a replay that runs fewer ops, a replay's own error (issue 31, mut33)
 class SumsItsOutputFirst(nn.Module):
     """Two layers; at the first call the output is summed over its features (one neuron), at the second the forward
     stops one op early and returns the last layer itself (three output neurons). Every op the second call runs is
@@ -920,3 +920,175 @@ def test_a_forward_that_fails_during_a_replay_names_the_model_and_the_users_line
     assert str(caught.value) == (
         f"test_convert_run_values.py:{_line('RAISED AT REPLAY')} in ReadsItsInputAfterTheLayer.forward: "
         "ReadsItsInputAfterTheLayer failed on inputs of shape [3, 3] (torch.float64): ValueError: fails at the replay")
+
+
+class CatchesIndexError(nn.Module):
+    """At the first call the forward ends at its layer; at the second it runs one op more (a softmax or an ``add_``)
+    inside ``try: ... except IndexError``, the error torch raises for an axis out of range, falling back to the
+    layer's own value."""
+
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        self.a, self.extra, self.more = nn.Linear(3, 3), extra, False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.more:
+            try:
+                h = torch.softmax(h, -1) if self.extra == "softmax" else h.add_(1.0)
+            except IndexError:
+                pass
+        return h
+
+
+@pytest.mark.parametrize("extra", ["softmax", "add_"])
+def test_an_op_after_the_plans_last_op_in_a_forward_that_catches_index_error_is_traced_again(extra, monkeypatch):
+    """One op more than the plan, after its last op: the replay raises its own mismatch (no ``IndexError`` the
+    forward could catch), so the model is traced again (two traces in all) and the per-sample gradients are those
+    of the op's output, exact against a per-datapoint loop. Kills ``_Replayer.__torch_function__`` 18 (softmax) and
+    61 (``add_``): ``<=`` for ``<`` read the plan's entry one past its end, an ``IndexError`` the forward caught, so
+    the replay ended with the plan's count of ops and was accepted: the gradients of ``a(x)`` for a model whose
+    output is its softmax (or that plus 1), silently."""
+    traces = _counting_traces(monkeypatch)
+    torch.manual_seed(14)
+    model = CatchesIndexError(extra).to(DTYPE)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, inputs, None, squared)
+    model.more = True
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    for i in range(4):
+        model.zero_grad()
+        squared(model(inputs[i:i + 1]), None).sum().backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(graph.per_sample_grads()[name][i], param.grad, atol=1e-10, rtol=0,
+                                       msg=f"{name}, datapoint {i}")
+    assert len(traces) == 2
+
+
+class NumpyKeywords(nn.Module):
+    """NumPy's keyword names for a reduction (I-BERT's ``x.mean(axis=2)``, ImageGPT's ``torch.mean(..., axis=-1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(axis=-1, keepdims=True))
+
+
+def test_a_forward_with_numpys_keyword_names_is_replayed_at_its_second_conversion(monkeypatch):
+    """``axis=`` / ``keepdims=``: the replay renames them as the trace did, so the second conversion replays the plan
+    (one trace in all), exact against torch.func. Kills ``_Replayer.__torch_function__`` 33 (the op's name not
+    handed to ``numpy_keywords``: an ``AttributeError`` at the replay, which reached the user)."""
+    torch.manual_seed(15)
+    _replayed_exactly(NumpyKeywords().to(DTYPE), lambda seed: torch.randn(
+        4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
+
+
+class ScoresScaledInPlace(nn.Module):
+    """Attention written out, its scores scaled and masked in place (``div_``, ``masked_fill_``): the trace keeps
+    both in place (rules_attention.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        scores.div_(2.0)
+        scores.masked_fill_(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1), float("-inf"))
+        return self.out(torch.softmax(scores, -1) @ self.v(x))
+
+
+def test_an_in_place_op_the_trace_kept_in_place_is_replayed_in_place(monkeypatch):
+    """The second conversion replays the plan (one trace in all), running the op in place where the plan's log has
+    it in place; exact against torch.func. Kills ``_Replayer.__torch_function__`` 60 (``or``: the op run out of
+    place, which mismatches the log: traced again) and 73 (``in_place = ""``: the replay marks a target it never
+    read as stale, an ``UnboundLocalError`` that reached the user); both also by the ``add_`` case above."""
+    torch.manual_seed(16)
+    _replayed_exactly(ScoresScaledInPlace().to(DTYPE), lambda seed: torch.randn(
+        3, 5, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
+
+
+class MaskByKeyword(nn.Module):
+    """A fixed mask that differs between neurons (it pins them: a value guard), passed by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0]))
+
+    def forward(self, x):
+        return self.b(torch.mul(torch.tanh(self.a(x)), other=self.mask))
+
+
+def test_a_guarded_constant_passed_by_keyword_is_replayed_at_its_second_conversion(monkeypatch):
+    """The value guard of ``other=mask`` finds the mask among the keyword arguments, so the second conversion
+    replays the plan (one trace in all), exact against torch.func. Kills ``_Replayer.__torch_function__`` 101 (the
+    keyword arguments left out of the guard's positions: the guard fails, and every conversion traces afresh)."""
+    torch.manual_seed(17)
+    _replayed_exactly(MaskByKeyword().to(DTYPE), lambda seed: torch.randn(
+        4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
+
+
+class TapsThenRepeatedInput(nn.Module):
+    """The input read as a convolution's windows (``conv``), then a GRU fed one vector at every step (refused folded:
+    ``RepeatedInput``), then the input read again (``again``): the first trace is refused folded, the one after it
+    (unrolled, the input as windows) meets the second read, and the input is read as channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.again = nn.Conv1d(3, 3, 2), nn.Conv1d(3, 2, 1)
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x).transpose(1, 2)
+        out = self.head(self.rnn(h[:, :1].expand(-1, h.shape[1], -1))[0][:, -1])
+        return out + self.again(x).sum(2)
+
+
+class TapsThenWeightsPerStep(nn.Module):
+    """The same with a hand-written loop whose steps use a weight each (``FoldMismatch`` at the second step, before
+    the input is read again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.again = nn.Conv1d(3, 3, 2), nn.Conv1d(3, 2, 1)
+        self.maps = nn.ModuleList(nn.Linear(3, 4) for _ in range(4))
+        self.recurrent_map, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.maps[self.t](x_t) + self.recurrent_map(h))
+
+    def forward(self, x):
+        c = self.conv(x).transpose(1, 2)
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(c.shape[1]):
+            self.t = t
+            h = gradgraph.recurrent_step(self.step, h, c[:, t])
+        return self.head(h) + self.again(x).sum(2)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (TapsThenRepeatedInput, r"folded, the forward was refused: \S+:\d+ in TapsThenRepeatedInput\.forward \(module "
+                            r"'rnn' of type GRU\): torch\.nn\.functional\.linear: copies values of one position .*"),
+    (TapsThenWeightsPerStep, re.escape("a step labels its neuron sets otherwise than the first step")),
+])
+def test_a_loop_that_does_not_fold_before_the_input_is_read_again_is_unrolled_once(make, reason):
+    """A loop that does not fold, met while the input is read as windows, and the input read again after it: every
+    trace after the first runs unrolled, so the model converts exactly (a per-datapoint loop) with one warning.
+    Kills ``trace_model`` 75 (the attempts left after a folded refusal run folded: the input-as-channels trace is
+    refused folded again, and the folded refusal is raised: a model that converts, refused) and 66 (the same after
+    a ``FoldMismatch``: a second warning)."""
+    torch.manual_seed(18)
+    model = make().to(DTYPE).eval()
+    gradgraph.convert.clear_structure_cache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _matches_loop(model, torch.randn(3, 3, 5, dtype=DTYPE))
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "fold" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert re.fullmatch(rf"to_graph: a recurrent loop of {make.__name__} does not fold over time \({reason}\); "
+                        + re.escape(_UNFOLDED), messages[0], flags=re.S), messages[0]
