@@ -10,6 +10,7 @@ recurrent loops that do not fold, a causal ``nn.MultiheadAttention`` without a m
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -1092,3 +1093,131 @@ def test_a_loop_that_does_not_fold_before_the_input_is_read_again_is_unrolled_on
     assert len(messages) == 1, messages
     assert re.fullmatch(rf"to_graph: a recurrent loop of {make.__name__} does not fold over time \({reason}\); "
                         + re.escape(_UNFOLDED), messages[0], flags=re.S), messages[0]
+
+
+# ----------------------------------------------------------- where a refusal is located (_locate_in_module, _user_frame)
+class ScaledByAHook(nn.Module):
+    """A forward hook of the model itself runs after the module tracker left the model: no module is on the stack
+    when it refuses ``exp`` of a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.scale = nn.Linear(3, 3), nn.Parameter(torch.ones(3))
+        self.register_forward_hook(lambda module, args, output: output * torch.exp(module.scale))  # THE HOOK
+
+    def forward(self, x):
+        return self.a(x)
+
+
+class ExpOf(nn.Module):
+    def forward(self, h, w):
+        return h * torch.exp(w)  # EXP IN A MODULE MADE IN THE FORWARD
+
+
+class ScaledByAModuleMadeInTheForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.scale = nn.Linear(3, 3), nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return ExpOf()(self.a(x), self.scale)
+
+
+_EXP_OF = ("torch.exp: the parameter '{}' used where gradgraph expects neuron values (arithmetic on a parameter "
+           "before it meets the input: a learned slope, scale or mask)")
+
+
+def test_a_refusal_with_no_module_on_the_stack_names_the_users_line():
+    """A refusal in the model's own forward hook (no module on the tracker's stack): the user's line, no module.
+    Kills ``_locate_in_module`` 1 (``and`` for ``or``: the stack's last entry read from an empty stack, an
+    ``IndexError`` that reached the user)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(ScaledByAHook().to(DTYPE), torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert str(caught.value) == (f"test_convert_run_values.py:{_line('THE HOOK')} in "
+                                 f"ScaledByAHook.__init__.<locals>.<lambda>: {_EXP_OF.format('scale')}")
+
+
+def test_a_refusal_in_a_module_made_in_the_forward_names_its_line_and_type():
+    """A module the model does not register (made in the forward) refuses an op at once: its own line, the module by
+    its type. Kills ``_locate_in_module`` 11 (its forward's code read from ``type(None)``: an ``AttributeError``
+    that reached the user)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(ScaledByAModuleMadeInTheForward().to(DTYPE), torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert str(caught.value) == (f"test_convert_run_values.py:{_line('EXP IN A MODULE MADE IN THE FORWARD')} in "
+                                 f"ExpOf.forward (module 'ExpOf' of type ExpOf): {_EXP_OF.format('scale')}")
+
+
+def _exp_of(h, w):
+    return h * torch.exp(w)  # EXP IN A HELPER
+
+
+class ExpBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.scale = nn.Linear(4, 4), nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return _exp_of(self.a(x), self.scale)
+
+
+class ForwardSetOnTheInstance(nn.Module):
+    """The model's class forward is never run: the instance's ``forward`` (a lambda of the user's) calls a submodule,
+    so no frame of the model's own forward is on the way to a refusal."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__()
+        self.seq, self.block = _refused_convolution(), ExpBlock()
+        self.forward = (lambda x: self.seq(x)) if which == "seq" else (lambda x: self.block(x))  # THE LAMBDA
+
+
+def test_a_refusal_in_a_stock_module_called_off_the_models_forward_is_located_in_that_modules_forward():
+    """The lambda calls an ``nn.Sequential`` whose ``Conv1d`` refuses: the frames above the module (the lambda's)
+    are not the model's, so the location is ``Conv1d.forward``'s line, as for the Sequential converted alone.
+    Kills ``_locate_in_module`` 31, 36 (the model's forward counted as seen from the first frame on) and 40
+    (``user_traceback = ""`` at the module's frame): each kept the lambda's line."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(nn.Conv1d.forward)
+    line = first + next(i for i, text in enumerate(lines) if "return" in text)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(ForwardSetOnTheInstance("seq").to(DTYPE), torch.randn(3, 4, dtype=DTYPE), None, squared)
+    assert caught.value.location == f"conv.py:{line} in Conv1d.forward"
+    assert str(caught.value).startswith(f"conv.py:{line} in Conv1d.forward (module 'seq.2' of type Conv1d): ")
+
+
+def test_a_refusal_in_user_code_below_a_module_called_off_the_models_forward_keeps_the_users_line():
+    """The lambda calls a block whose forward calls a helper of the user's that refuses: the helper's line (user
+    code below the module's frame is the better location). Kills ``_locate_in_module`` 46 (``is None`` for ``is not
+    None``: the helper's frame not counted, the location moved up to ``ExpBlock.forward``)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(ForwardSetOnTheInstance("block").to(DTYPE), torch.randn(3, 4, dtype=DTYPE), None, squared)
+    assert str(caught.value) == (f"test_convert_run_values.py:{_line('EXP IN A HELPER')} in _exp_of (module 'block' "
+                                 f"of type ExpBlock): {_EXP_OF.format('block.scale')}")
+
+
+def test_without_co_qualname_a_location_names_the_function_by_its_co_name():
+    """Python 3.10's code objects have no ``co_qualname`` (3.11 added it; gradgraph supports 3.10): a location then
+    names the function by ``co_name``. Stand-ins for a traceback and a code object of 3.10 (this interpreter's have
+    ``co_qualname``), for the two places that read it. Kills ``_user_frame`` 16, 19 and ``_locate_in_module`` 55, 58
+    (the default ``None``, or none: "in None", or an ``AttributeError``)."""
+    from types import SimpleNamespace
+
+    from gradgraph.convert.trace import run
+
+    code = SimpleNamespace(co_filename=os.path.join(os.sep, "work", "blocks.py"), co_name="forward")
+    traceback = SimpleNamespace(tb_frame=SimpleNamespace(f_code=code), tb_lineno=7, tb_next=None)
+    assert run._user_frame(traceback) == "blocks.py:7 in forward"
+
+    class Stock(nn.Module):
+        pass
+
+    Stock.forward = SimpleNamespace(__code__=code)  # what _locate_in_module reads of the module's forward
+    error = UnsupportedOperationError("0", "torch.exp", "model.py:3 in run", "no rule")
+    tracer = SimpleNamespace(module_stack=["", "0"], model=nn.Sequential(Stock()))
+    run._locate_in_module(error, traceback, tracer)
+    assert error.location == "blocks.py:7 in forward"
+    assert str(error) == "blocks.py:7 in forward (module '0'): torch.exp: no rule"
