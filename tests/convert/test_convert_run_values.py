@@ -1095,7 +1095,7 @@ def test_a_loop_that_does_not_fold_before_the_input_is_read_again_is_unrolled_on
                         + re.escape(_UNFOLDED), messages[0], flags=re.S), messages[0]
 
 
-# ----------------------------------------------------------- where a refusal is located (_locate_in_module, _user_frame)
+# ---------------------------------------------------------- where a refusal is located (_locate_in_module, _user_frame)
 class ScaledByAHook(nn.Module):
     """A forward hook of the model itself runs after the module tracker left the model: no module is on the stack
     when it refuses ``exp`` of a parameter."""
