@@ -672,3 +672,49 @@ def test_a_loop_whose_first_step_reads_other_sources_says_which_set_feeds_one_st
         "to_graph: a recurrent loop of FirstStepDiffers does not fold over time ('first_proj' feeds one step of a loop "
         "and has values at other steps); every loop is converted unrolled, exactly (docs/recurrent.md). Pass "
         "fold_time=False to ask for the unrolled layout"]
+
+
+# ------------------------------------------------------------ what runs recurrent 1-2 left not killed (issue 31, mut33)
+class LoopInASubmodule(nn.Module):
+    """A hand-written loop (``recurrent_step``) in a submodule, its state read through ``tanh`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec = nn.Linear(3, 4), nn.Linear(4, 4)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(torch.tanh(h)))
+
+    def forward(self, x, h):
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return h
+
+
+class SaturatedStart(nn.Module):
+    """The loop's initial state is ``inf`` (a constant made in the forward), read only through ``tanh`` (1, its slope
+    0): every value and gradient the loss depends on is finite, and only the first step's previous-state copy holds
+    ``inf``, the neurons the non-finite check names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop, self.head = LoopInASubmodule(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.loop(x, torch.full((x.shape[0], 4), float("inf"), dtype=x.dtype)))
+
+
+def test_a_non_finite_initial_state_is_named_as_the_loops_previous_state():
+    """Folded, the conversion refuses the ``inf`` it finds in the factors and names the neurons that hold it: the
+    previous-state copy of the loop in ``loop`` (``'loop previous state'``), its act over the 4 state neurons at the
+    3 datapoints' first steps (12 values; ``[4, 12]``: 4 neurons, 12 components). Kills rules ``previous_copy`` 92
+    (the copy's origin ``None``), 93 (``path and name``: the op's name instead of the module's path) and 102 (a
+    constant initial state's copy made with no origin): "'None' output neurons", or the op's name."""
+    from gradgraph import NonFiniteFactorError
+
+    torch.manual_seed(19)
+    model = SaturatedStart().to(DTYPE).eval()
+    with pytest.raises(NonFiniteFactorError) as caught:
+        gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
+    assert str(caught.value) == ("activation of the 'loop previous state' output neurons has 12 non-finite value(s) "
+                                 "(shape [4, 12]); check the inputs, the loss and the model's weights")
