@@ -718,3 +718,33 @@ def test_a_non_finite_initial_state_is_named_as_the_loops_previous_state():
         gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
     assert str(caught.value) == ("activation of the 'loop previous state' output neurons has 12 non-finite value(s) "
                                  "(shape [4, 12]); check the inputs, the loss and the model's weights")
+
+
+class StateFromTheInput(nn.Module):
+    """A hand-written loop whose initial state is computed from the input (``tanh(init(x_0))``: neuron values, not a
+    constant); ``view``: the step reads its state through a reshape and back (a view of the previous-state copy)."""
+
+    def __init__(self, view: bool) -> None:
+        super().__init__()
+        self.inp, self.rec, self.init, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+        self.view = view
+
+    def step(self, h, x_t):
+        if self.view:
+            h = h.reshape(h.shape[0], 2, 2).flatten(1)
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        h = torch.tanh(self.init(x[:, 0]))
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("view, fold", [(False, False), (True, True)])
+def test_a_loop_whose_state_comes_from_the_input_converts_exactly_folded_and_unrolled(view, fold):
+    """Per-sample gradients equal to a per-datapoint loop, no warning. Kills rules ``previous_copy`` 24 (unrolled: the
+    previous state's value observed as ``None``, read as the newest value of its set by the next op's observation: an
+    ``AttributeError``) and 203 (folded: the same for the copy, met by the reshape of the state)."""
+    torch.manual_seed(20)
+    exact_graph(StateFromTheInput(view).to(DTYPE).eval(), sequence(steps=4), fold_time=fold)
