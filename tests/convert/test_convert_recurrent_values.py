@@ -10,6 +10,7 @@ The tests written for a run's survivors name the mutants they kill (``.mutation/
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -748,3 +749,36 @@ def test_a_loop_whose_state_comes_from_the_input_converts_exactly_folded_and_unr
     ``AttributeError``) and 203 (folded: the same for the copy, met by the reshape of the state)."""
     torch.manual_seed(20)
     exact_graph(StateFromTheInput(view).to(DTYPE).eval(), sequence(steps=4), fold_time=fold)
+
+
+class InputReadTwoWays(nn.Module):
+    """The input read whole as 12 features (``aux``), then step by step as 3 (the loop's step inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head, self.aux = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(12, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        side = self.aux(x.flatten(1))
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h) + side
+
+
+def test_a_step_input_that_reads_the_input_another_way_is_refused_naming_the_previous_state_read():
+    """Folded, the previous-state read is the first op to read the step input ``x[:, t]`` as neurons: refused there,
+    naming that op and both widths (unrolled, the step's ``Linear`` is refused too, so the folded trace's refusal is
+    the one raised). The location is matched loosely: under mutmut the innermost frame outside torch and gradgraph
+    is its trampoline. Kills rules ``previous_copy`` 36 (the op's name not handed to ``need_neurons``: "None: the
+    input is read ...")."""
+    torch.manual_seed(21)
+    model = InputReadTwoWays().to(DTYPE).eval()
+    op = "gradgraph.convert.trace.recurrent.previous_state"
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+: " + re.escape(
+            f"{op}: the input is read with 3 features here but 12 elsewhere") + "$") as caught:
+        gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
+    assert caught.value.op == op and caught.value.path == ""
