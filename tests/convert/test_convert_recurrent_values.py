@@ -782,3 +782,41 @@ def test_a_step_input_that_reads_the_input_another_way_is_refused_naming_the_pre
             f"{op}: the input is read with 3 features here but 12 elsewhere") + "$") as caught:
         gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
     assert caught.value.op == op and caught.value.path == ""
+
+
+class StateFromTwoSteps(nn.Module):
+    """The initial state joins features of two positions (``cat([a[:, 0, :2], a[:, 1, 2:]])``): one neuron per feature,
+    but a row's neurons live at two components."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head, self.init = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(3, 4)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        a = torch.tanh(self.init(x))
+        h = torch.cat([a[:, 0, :2], a[:, 1, 2:]], -1)
+        for t in range(2, x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_state_whose_row_lives_at_two_components_is_unrolled_with_the_reason():
+    """The previous-state copy reads one component per row: this state's rows have two, so the loop is unrolled,
+    exactly (a per-datapoint loop), with the warning that says why. Kills rules ``previous_copy`` 137 (``and`` for the
+    first ``or``: the components no longer checked, the loop folded without a warning; its per-sample gradients
+    were still exact, the premise of the fold not)."""
+    torch.manual_seed(22)
+    model = StateFromTwoSteps().to(DTYPE).eval()
+    inputs = sequence(steps=5)
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of StateFromTwoSteps does not fold over time (a state that is not one neuron per "
+        "feature); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the "
+        "unrolled layout"]
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
