@@ -820,3 +820,41 @@ def test_a_state_whose_row_lives_at_two_components_is_unrolled_with_the_reason()
     ours = graph.per_sample_grads()
     for name, value in loop_per_sample_grads(model, inputs).items():
         torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+
+
+class StateFromTheFirstPosition(nn.Module):
+    """A hand-written Elman step (``tanh(inp(x_t) + rec(h))``) from ``h_0 = tanh(init(x_0))`` over positions 1-3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head, self.init = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(3, 4)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        h = torch.tanh(self.init(x[:, 0]))
+        for t in range(1, x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_folded_elman_steps_state_neurons_hold_each_steps_state():
+    """Folded, the step's output neurons (the ones the head reads) hold ``h_t`` at step ``t``'s component of each
+    datapoint (components datapoint by datapoint, ``i * 4 + t``), as the loop computes it by hand; exact per-sample
+    gradients. Kills rules ``previous_copy`` 149 (``not in`` for ``in``: the state's act not fixed when the next step
+    reads it, so only the last step's value was kept: zeros at steps 1 and 2)."""
+    torch.manual_seed(23)
+    model = StateFromTheFirstPosition().to(DTYPE).eval()
+    inputs = sequence(steps=4)
+    graph = exact_graph(model, inputs)
+    head = graph.param_names.index("head.weight")
+    state_nodes = torch.unique(graph.edge_index[0, graph.edge_param == head])
+    assert state_nodes.numel() == 4
+    with torch.no_grad():
+        h = torch.tanh(model.init(inputs[:, 0]))
+        for t in range(1, 4):
+            h = model.step(h, inputs[:, t])
+            for i in range(inputs.shape[0]):
+                torch.testing.assert_close(graph.act[state_nodes, i * 4 + t], h[i], atol=1e-12, rtol=0,
+                                           msg=f"step {t}, datapoint {i}")
