@@ -858,3 +858,41 @@ def test_a_folded_elman_steps_state_neurons_hold_each_steps_state():
             for i in range(inputs.shape[0]):
                 torch.testing.assert_close(graph.act[state_nodes, i * 4 + t], h[i], atol=1e-12, rtol=0,
                                            msg=f"step {t}, datapoint {i}")
+
+
+class LSTMCellLoop(nn.Module):
+    """``nn.LSTMCell`` stepped by hand; the head reads the last ``h``, nothing reads the last cell state ``c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = c = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)
+
+
+def test_a_folded_lstm_cells_state_neurons_hold_every_steps_cell_state():
+    """Folded, each feature ``j`` of the cell state is a neuron whose act at step ``t``'s component of datapoint
+    ``i`` (``i * 4 + t``) is ``c_t[i, j]``, the cell's own value (the loop run by hand), at every step, the last one
+    too, which no op reads (the loop's end records it); likewise ``h``. Kills rules ``close_fold`` 13, 14
+    (``meta = None``: the last step's states get no act), 17 (``comps is None``) and 19 (``!=``): the last step's
+    ``c`` was zero."""
+    torch.manual_seed(24)
+    model = LSTMCellLoop().to(DTYPE).eval()
+    inputs = sequence(steps=4)
+    graph = exact_graph(model, inputs)
+    with torch.no_grad():
+        h = c = torch.zeros(inputs.shape[0], 4, dtype=DTYPE)
+        steps = []
+        for t in range(4):
+            h, c = model.cell(inputs[:, t], (h, c))
+            steps.append((h, c))
+    for which, values in (("h", torch.stack([h for h, _ in steps], 1)), ("c", torch.stack([c for _, c in steps], 1))):
+        for j in range(4):
+            wanted = values[:, :, j].reshape(-1)  # [b * 4]: datapoint i's step t at i * 4 + t
+            holders = [node for node in range(graph.num_nodes)
+                       if torch.allclose(graph.act[node], wanted, atol=1e-12, rtol=0)]
+            assert holders, f"no neuron holds {which}[:, :, {j}] at every step"
