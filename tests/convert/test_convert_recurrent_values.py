@@ -922,3 +922,41 @@ def test_a_loop_whose_last_step_returns_a_constant_state_converts_exactly():
     constant's versions read, an ``AttributeError`` that reached the user)."""
     torch.manual_seed(25)
     exact_graph(ConstantSecondState().to(DTYPE).eval(), sequence(steps=4))
+
+
+class FirstParameterFlippedLater(nn.Module):
+    """The model's first parameter (trace index 0) is the step's input weight, read as it is at the first step and
+    with its rows flipped at the others: as many weights at every step, the same parameter, other edges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3) * 0.5)
+        self.rec, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(F.linear(x_t, self.w if self.t == 0 else self.w.flip(0)) + self.rec(h))
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            self.t = t
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_loop_whose_first_parameter_is_read_otherwise_at_later_steps_says_so():
+    """The steps' weights differ (parameter 0's edges): the loop is unrolled, exactly (a per-datapoint loop), and the
+    warning names that reason. Kills rules ``end_fold_step`` 5, 6 (``> 0`` / ``>= 1``: parameter 0 left out of the
+    weights compared between steps; the loop's end then found "two edges between one pair of neurons")."""
+    torch.manual_seed(26)
+    model = FirstParameterFlippedLater().to(DTYPE).eval()
+    inputs = sequence(steps=4)
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of FirstParameterFlippedLater does not fold over time (a step uses other weights "
+        "than the first step); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to "
+        "ask for the unrolled layout"]
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
