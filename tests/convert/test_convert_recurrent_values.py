@@ -919,7 +919,8 @@ class ConstantSecondState(nn.Module):
 def test_a_loop_whose_last_step_returns_a_constant_state_converts_exactly():
     """The loop's end looks at the last step's states for their acts: a constant one has none, and is skipped. Exact
     per-sample gradients, folded, no warning. Kills rules ``close_fold`` 15 (``or`` for the first ``and``: the
-    constant's versions read, an ``AttributeError`` that reached the user)."""
+    constant's versions read) and 16 (``or`` for the second: its ``comps`` read), each an ``AttributeError`` that
+    reached the user."""
     torch.manual_seed(25)
     exact_graph(ConstantSecondState().to(DTYPE).eval(), sequence(steps=4))
 
