@@ -961,3 +961,40 @@ def test_a_loop_whose_first_parameter_is_read_otherwise_at_later_steps_says_so()
     ours = graph.per_sample_grads()
     for name, value in loop_per_sample_grads(model, inputs).items():
         torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+
+
+class LearnedStateFromATable(nn.Module):
+    """The initial state is a learned row of a table (``nn.Embedding`` read at index 0 for every datapoint: neuron values
+    of parameters alone, no component), added to the step's input term: ``h_t = tanh(inp(x_t) + h_{t-1})``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.inp, self.head = nn.Embedding(2, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + h)
+
+    def forward(self, x):
+        h = self.table(torch.zeros(x.shape[0], dtype=torch.long))
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_loop_whose_initial_state_is_a_learned_table_row_is_unrolled_with_the_reason():
+    """The previous-state copy needs a state that lives at components: a table row has none, so the loop is unrolled,
+    exactly (a per-datapoint loop, the table's gradient too), with the warning that says why. Kills rules
+    ``previous_copy`` 122-124 (the reason ``None``, or spelled otherwise) and 14, 18 (unrolled, the state's copy
+    without the table row's ``unbound_index``: the summed-gradient check refused the table's gradient, off by 0.3)."""
+    torch.manual_seed(27)
+    model = LearnedStateFromATable().to(DTYPE).eval()
+    inputs = sequence(steps=4)
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of LearnedStateFromATable does not fold over time (a state that does not depend on "
+        "the model input); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask "
+        "for the unrolled layout"]
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
