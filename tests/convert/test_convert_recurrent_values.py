@@ -10,6 +10,7 @@ The tests written for a run's survivors name the mutants they kill (``.mutation/
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -672,3 +673,328 @@ def test_a_loop_whose_first_step_reads_other_sources_says_which_set_feeds_one_st
         "to_graph: a recurrent loop of FirstStepDiffers does not fold over time ('first_proj' feeds one step of a loop "
         "and has values at other steps); every loop is converted unrolled, exactly (docs/recurrent.md). Pass "
         "fold_time=False to ask for the unrolled layout"]
+
+
+# ------------------------------------------------------------ what runs recurrent 1-2 left not killed (issue 31, mut33)
+class LoopInASubmodule(nn.Module):
+    """A hand-written loop (``recurrent_step``) in a submodule, its state read through ``tanh`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec = nn.Linear(3, 4), nn.Linear(4, 4)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(torch.tanh(h)))
+
+    def forward(self, x, h):
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return h
+
+
+class SaturatedStart(nn.Module):
+    """The loop's initial state is ``inf`` (a constant made in the forward), read only through ``tanh`` (1, its slope
+    0): every value and gradient the loss depends on is finite, and only the first step's previous-state copy holds
+    ``inf``, the neurons the non-finite check names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop, self.head = LoopInASubmodule(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.loop(x, torch.full((x.shape[0], 4), float("inf"), dtype=x.dtype)))
+
+
+def test_a_non_finite_initial_state_is_named_as_the_loops_previous_state():
+    """Folded, the conversion refuses the ``inf`` it finds in the factors and names the neurons that hold it: the
+    previous-state copy of the loop in ``loop`` (``'loop previous state'``), its act over the 4 state neurons at the
+    3 datapoints' first steps (12 values; ``[4, 12]``: 4 neurons, 12 components). Kills rules ``previous_copy`` 92
+    (the copy's origin ``None``), 93 (``path and name``: the op's name instead of the module's path) and 102 (a
+    constant initial state's copy made with no origin): "'None' output neurons", or the op's name."""
+    from gradgraph import NonFiniteFactorError
+
+    torch.manual_seed(19)
+    model = SaturatedStart().to(DTYPE).eval()
+    with pytest.raises(NonFiniteFactorError) as caught:
+        gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
+    assert str(caught.value) == ("activation of the 'loop previous state' output neurons has 12 non-finite value(s) "
+                                 "(shape [4, 12]); check the inputs, the loss and the model's weights")
+
+
+class StateFromTheInput(nn.Module):
+    """A hand-written loop whose initial state is computed from the input (``tanh(init(x_0))``: neuron values, not a
+    constant); ``view``: the step reads its state through a reshape and back (a view of the previous-state copy)."""
+
+    def __init__(self, view: bool) -> None:
+        super().__init__()
+        self.inp, self.rec, self.init, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+        self.view = view
+
+    def step(self, h, x_t):
+        if self.view:
+            h = h.reshape(h.shape[0], 2, 2).flatten(1)
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        h = torch.tanh(self.init(x[:, 0]))
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("view, fold", [(False, False), (True, True)])
+def test_a_loop_whose_state_comes_from_the_input_converts_exactly_folded_and_unrolled(view, fold):
+    """Per-sample gradients equal to a per-datapoint loop, no warning. Kills rules ``previous_copy`` 24 (unrolled: the
+    previous state's value observed as ``None``, read as the newest value of its set by the next op's observation: an
+    ``AttributeError``) and 203 (folded: the same for the copy, met by the reshape of the state)."""
+    torch.manual_seed(20)
+    exact_graph(StateFromTheInput(view).to(DTYPE).eval(), sequence(steps=4), fold_time=fold)
+
+
+class InputReadTwoWays(nn.Module):
+    """The input read whole as 12 features (``aux``), then step by step as 3 (the loop's step inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head, self.aux = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(12, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        side = self.aux(x.flatten(1))
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h) + side
+
+
+def test_a_step_input_that_reads_the_input_another_way_is_refused_naming_the_previous_state_read():
+    """Folded, the previous-state read is the first op to read the step input ``x[:, t]`` as neurons: refused there,
+    naming that op and both widths (unrolled, the step's ``Linear`` is refused too, so the folded trace's refusal is
+    the one raised). The location is matched loosely: under mutmut the innermost frame outside torch and gradgraph
+    is its trampoline. Kills rules ``previous_copy`` 36 (the op's name not handed to ``need_neurons``: "None: the
+    input is read ...")."""
+    torch.manual_seed(21)
+    model = InputReadTwoWays().to(DTYPE).eval()
+    op = "gradgraph.convert.trace.recurrent.previous_state"
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+: " + re.escape(
+            f"{op}: the input is read with 3 features here but 12 elsewhere") + "$") as caught:
+        gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
+    assert caught.value.op == op and caught.value.path == ""
+
+
+class StateFromTwoSteps(nn.Module):
+    """The initial state joins features of two positions (``cat([a[:, 0, :2], a[:, 1, 2:]])``): one neuron per feature,
+    but a row's neurons live at two components."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head, self.init = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(3, 4)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        a = torch.tanh(self.init(x))
+        h = torch.cat([a[:, 0, :2], a[:, 1, 2:]], -1)
+        for t in range(2, x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_state_whose_row_lives_at_two_components_is_unrolled_with_the_reason():
+    """The previous-state copy reads one component per row: this state's rows have two, so the loop is unrolled,
+    exactly (a per-datapoint loop), with the warning that says why. Kills rules ``previous_copy`` 137 (``and`` for the
+    first ``or``: the components no longer checked, the loop folded without a warning; its per-sample gradients
+    were still exact, the premise of the fold not)."""
+    torch.manual_seed(22)
+    model = StateFromTwoSteps().to(DTYPE).eval()
+    inputs = sequence(steps=5)
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of StateFromTwoSteps does not fold over time (a state that is not one neuron per "
+        "feature); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the "
+        "unrolled layout"]
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+
+
+class StateFromTheFirstPosition(nn.Module):
+    """A hand-written Elman step (``tanh(inp(x_t) + rec(h))``) from ``h_0 = tanh(init(x_0))`` over positions 1-3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head, self.init = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(3, 4)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        h = torch.tanh(self.init(x[:, 0]))
+        for t in range(1, x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_folded_elman_steps_state_neurons_hold_each_steps_state():
+    """Folded, the step's output neurons (the ones the head reads) hold ``h_t`` at step ``t``'s component of each
+    datapoint (components datapoint by datapoint, ``i * 4 + t``), as the loop computes it by hand; exact per-sample
+    gradients. Kills rules ``previous_copy`` 149 (``not in`` for ``in``: the state's act not fixed when the next step
+    reads it, so only the last step's value was kept: zeros at steps 1 and 2)."""
+    torch.manual_seed(23)
+    model = StateFromTheFirstPosition().to(DTYPE).eval()
+    inputs = sequence(steps=4)
+    graph = exact_graph(model, inputs)
+    head = graph.param_names.index("head.weight")
+    state_nodes = torch.unique(graph.edge_index[0, graph.edge_param == head])
+    assert state_nodes.numel() == 4
+    with torch.no_grad():
+        h = torch.tanh(model.init(inputs[:, 0]))
+        for t in range(1, 4):
+            h = model.step(h, inputs[:, t])
+            for i in range(inputs.shape[0]):
+                torch.testing.assert_close(graph.act[state_nodes, i * 4 + t], h[i], atol=1e-12, rtol=0,
+                                           msg=f"step {t}, datapoint {i}")
+
+
+class LSTMCellLoop(nn.Module):
+    """``nn.LSTMCell`` stepped by hand; the head reads the last ``h``, nothing reads the last cell state ``c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = c = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)
+
+
+def test_a_folded_lstm_cells_state_neurons_hold_every_steps_cell_state():
+    """Folded, each feature ``j`` of the cell state is a neuron whose act at step ``t``'s component of datapoint
+    ``i`` (``i * 4 + t``) is ``c_t[i, j]``, the cell's own value (the loop run by hand), at every step, the last one
+    too, which no op reads (the loop's end records it); likewise ``h``. Kills rules ``close_fold`` 13, 14
+    (``meta = None``: the last step's states get no act), 17 (``comps is None``) and 19 (``!=``): the last step's
+    ``c`` was zero."""
+    torch.manual_seed(24)
+    model = LSTMCellLoop().to(DTYPE).eval()
+    inputs = sequence(steps=4)
+    graph = exact_graph(model, inputs)
+    with torch.no_grad():
+        h = c = torch.zeros(inputs.shape[0], 4, dtype=DTYPE)
+        steps = []
+        for t in range(4):
+            h, c = model.cell(inputs[:, t], (h, c))
+            steps.append((h, c))
+    for which, values in (("h", torch.stack([h for h, _ in steps], 1)), ("c", torch.stack([c for _, c in steps], 1))):
+        for j in range(4):
+            wanted = values[:, :, j].reshape(-1)  # [b * 4]: datapoint i's step t at i * 4 + t
+            holders = [node for node in range(graph.num_nodes)
+                       if torch.allclose(graph.act[node], wanted, atol=1e-12, rtol=0)]
+            assert holders, f"no neuron holds {which}[:, :, {j}] at every step"
+
+
+class ConstantSecondState(nn.Module):
+    """A step of two states whose second one it returns as a new constant (zeros) at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def step(self, state, x_t):
+        h, k = state
+        return torch.tanh(self.inp(x_t) + self.rec(h) + k), torch.zeros(x_t.shape[0], 4, dtype=x_t.dtype)
+
+    def forward(self, x):
+        h = k = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h, k = gradgraph.recurrent_step(self.step, (h, k), x[:, t])
+        return self.head(h)
+
+
+def test_a_loop_whose_last_step_returns_a_constant_state_converts_exactly():
+    """The loop's end looks at the last step's states for their acts: a constant one has none, and is skipped. Exact
+    per-sample gradients, folded, no warning. Kills rules ``close_fold`` 15 (``or`` for the first ``and``: the
+    constant's versions read) and 16 (``or`` for the second: its ``comps`` read), each an ``AttributeError`` that
+    reached the user."""
+    torch.manual_seed(25)
+    exact_graph(ConstantSecondState().to(DTYPE).eval(), sequence(steps=4))
+
+
+class FirstParameterFlippedLater(nn.Module):
+    """The model's first parameter (trace index 0) is the step's input weight, read as it is at the first step and
+    with its rows flipped at the others: as many weights at every step, the same parameter, other edges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3) * 0.5)
+        self.rec, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(F.linear(x_t, self.w if self.t == 0 else self.w.flip(0)) + self.rec(h))
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            self.t = t
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_loop_whose_first_parameter_is_read_otherwise_at_later_steps_says_so():
+    """The steps' weights differ (parameter 0's edges): the loop is unrolled, exactly (a per-datapoint loop), and the
+    warning names that reason. Kills rules ``end_fold_step`` 5, 6 (``> 0`` / ``>= 1``: parameter 0 left out of the
+    weights compared between steps; the loop's end then found "two edges between one pair of neurons")."""
+    torch.manual_seed(26)
+    model = FirstParameterFlippedLater().to(DTYPE).eval()
+    inputs = sequence(steps=4)
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of FirstParameterFlippedLater does not fold over time (a step uses other weights "
+        "than the first step); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to "
+        "ask for the unrolled layout"]
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+
+
+class LearnedStateFromATable(nn.Module):
+    """The initial state is a learned row of a table (``nn.Embedding`` read at index 0 for every datapoint: neuron values
+    of parameters alone, no component), added to the step's input term: ``h_t = tanh(inp(x_t) + h_{t-1})``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.inp, self.head = nn.Embedding(2, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + h)
+
+    def forward(self, x):
+        h = self.table(torch.zeros(x.shape[0], dtype=torch.long))
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_loop_whose_initial_state_is_a_learned_table_row_is_unrolled_with_the_reason():
+    """The previous-state copy needs a state that lives at components: a table row has none, so the loop is unrolled,
+    exactly (a per-datapoint loop, the table's gradient too), with the warning that says why. Kills rules
+    ``previous_copy`` 122-124 (the reason ``None``, or spelled otherwise) and 14, 18 (unrolled, the state's copy
+    without the table row's ``unbound_index``: the summed-gradient check refused the table's gradient, off by 0.3)."""
+    torch.manual_seed(27)
+    model = LearnedStateFromATable().to(DTYPE).eval()
+    inputs = sequence(steps=4)
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of LearnedStateFromATable does not fold over time (a state that does not depend on "
+        "the model input); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask "
+        "for the unrolled layout"]
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)

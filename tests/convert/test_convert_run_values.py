@@ -10,6 +10,7 @@ recurrent loops that do not fold, a causal ``nn.MultiheadAttention`` without a m
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -846,3 +847,377 @@ def test_a_replay_whose_output_is_a_value_an_in_place_op_changed_is_refused_as_a
     model = _second_call("stale")
     with pytest.raises(UnsupportedOperationError, match="the model's output"):
         gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+
+
+# ------------------------------------------------- a replay that runs fewer ops, a replay's own error (issue 31, mut33)
+class SumsItsOutputFirst(nn.Module):
+    """Two layers; at the first call the output is summed over its features (one neuron), at the second the forward
+    stops one op early and returns the last layer itself (three output neurons). Every op the second call runs is
+    the plan's, in its order, with the same arguments and shapes: only the count tells the two calls apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.summed = nn.Linear(3, 3), nn.Linear(3, 3), True
+
+    def forward(self, x):
+        h = self.b(torch.tanh(self.a(x)))
+        return h.sum(1, keepdim=True) if self.summed else h
+
+
+def test_a_replay_that_stops_before_the_plans_last_op_converts_as_a_fresh_trace(monkeypatch):
+    """The plan's last op (the sum over the output's features) not run at the second call: the replay stops one op
+    early, so it is no replay of that plan; the model is traced again (two traces in all) and its graph equals a
+    fresh trace's: the last layer's neurons are the output (``node_kind`` 2), in no permutation group, and the
+    per-sample gradients are exact against a per-datapoint loop. Kills ``replay_model`` 44 (``and`` for ``or``:
+    the shorter replay accepted; every op it ran matches the plan's, so its values are the model's and the
+    per-sample gradients right, but the graph is the plan's, whose last layer was hidden: ``node_kind`` 1 and a
+    permutation group of its own, a symmetry the model does not have, silently)."""
+    from strategies import assert_same_graph
+
+    traces = _counting_traces(monkeypatch)
+    torch.manual_seed(13)
+    model = SumsItsOutputFirst().to(DTYPE)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, inputs, None, squared)
+    model.summed = False
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    assert graph.node_kind.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert graph.perm_group[6:].tolist() == [-1, -1, -1]
+    assert len(traces) == 2
+    gradgraph.convert.clear_structure_cache()
+    assert_same_graph(graph, _matches_loop(model, inputs))
+
+
+class ReadsItsInputAfterTheLayer(nn.Module):
+    """At the first call the forward reads its input's shape and dtype after the layer; at the second it fails
+    there (a ValueError of its own). Building the error message reads the same two attributes of the input, the
+    plan's next two ops, so the replay does not mismatch: the error is raised by the replay itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fails = nn.Linear(3, 3), False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.fails:
+            raise ValueError("fails at the replay")  # RAISED AT REPLAY
+        assert x.shape[1] == 3 and x.dtype == h.dtype
+        return h
+
+
+def test_a_forward_that_fails_during_a_replay_names_the_model_and_the_users_line(monkeypatch):
+    """The error raised by the replay itself (not a mismatch that traces again: one trace in all) names the user's
+    line, the model's class, the input's shape and dtype, and the error, as a trace's does. Kills ``replay_model``
+    34 (the replay ran the forward with no model: "NoneType failed")."""
+    traces = _counting_traces(monkeypatch)
+    model = ReadsItsInputAfterTheLayer().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    model.fails = True
+    with pytest.raises(gradgraph.GradGraphError) as caught:
+        gradgraph.to_graph(model, torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert len(traces) == 1
+    assert str(caught.value) == (
+        f"test_convert_run_values.py:{_line('RAISED AT REPLAY')} in ReadsItsInputAfterTheLayer.forward: "
+        "ReadsItsInputAfterTheLayer failed on inputs of shape [3, 3] (torch.float64): ValueError: fails at the replay")
+
+
+class CatchesIndexError(nn.Module):
+    """At the first call the forward ends at its layer; at the second it runs one op more (a softmax or an ``add_``)
+    inside ``try: ... except IndexError``, the error torch raises for an axis out of range, falling back to the
+    layer's own value."""
+
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        self.a, self.extra, self.more = nn.Linear(3, 3), extra, False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.more:
+            try:
+                h = torch.softmax(h, -1) if self.extra == "softmax" else h.add_(1.0)
+            except IndexError:
+                pass
+        return h
+
+
+@pytest.mark.parametrize("extra", ["softmax", "add_"])
+def test_an_op_after_the_plans_last_op_in_a_forward_that_catches_index_error_is_traced_again(extra, monkeypatch):
+    """One op more than the plan, after its last op: the replay raises its own mismatch (no ``IndexError`` the
+    forward could catch), so the model is traced again (two traces in all) and the per-sample gradients are those
+    of the op's output, exact against a per-datapoint loop. Kills ``_Replayer.__torch_function__`` 18 (softmax) and
+    61 (``add_``): ``<=`` for ``<`` read the plan's entry one past its end, an ``IndexError`` the forward caught, so
+    the replay ended with the plan's count of ops and was accepted: the gradients of ``a(x)`` for a model whose
+    output is its softmax (or that plus 1), silently."""
+    traces = _counting_traces(monkeypatch)
+    torch.manual_seed(14)
+    model = CatchesIndexError(extra).to(DTYPE)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, inputs, None, squared)
+    model.more = True
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    for i in range(4):
+        model.zero_grad()
+        squared(model(inputs[i:i + 1]), None).sum().backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(graph.per_sample_grads()[name][i], param.grad, atol=1e-10, rtol=0,
+                                       msg=f"{name}, datapoint {i}")
+    assert len(traces) == 2
+
+
+class NumpyKeywords(nn.Module):
+    """NumPy's keyword names for a reduction (I-BERT's ``x.mean(axis=2)``, ImageGPT's ``torch.mean(..., axis=-1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(axis=-1, keepdims=True))
+
+
+def test_a_forward_with_numpys_keyword_names_is_replayed_at_its_second_conversion(monkeypatch):
+    """``axis=`` / ``keepdims=``: the replay renames them as the trace did, so the second conversion replays the plan
+    (one trace in all), exact against torch.func. Kills ``_Replayer.__torch_function__`` 33 (the op's name not
+    handed to ``numpy_keywords``: an ``AttributeError`` at the replay, which reached the user)."""
+    torch.manual_seed(15)
+    _replayed_exactly(NumpyKeywords().to(DTYPE), lambda seed: torch.randn(
+        4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
+
+
+class ScoresScaledInPlace(nn.Module):
+    """Attention written out, its scores scaled and masked in place (``div_``, ``masked_fill_``): the trace keeps
+    both in place (rules_attention.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        scores.div_(2.0)
+        scores.masked_fill_(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1), float("-inf"))
+        return self.out(torch.softmax(scores, -1) @ self.v(x))
+
+
+def test_an_in_place_op_the_trace_kept_in_place_is_replayed_in_place(monkeypatch):
+    """The second conversion replays the plan (one trace in all), running the op in place where the plan's log has
+    it in place; exact against torch.func. Kills ``_Replayer.__torch_function__`` 60 (``or``: the op run out of
+    place, which mismatches the log: traced again) and 73 (``in_place = ""``: the replay marks a target it never
+    read as stale, an ``UnboundLocalError`` that reached the user); both also by the ``add_`` case above."""
+    torch.manual_seed(16)
+    _replayed_exactly(ScoresScaledInPlace().to(DTYPE), lambda seed: torch.randn(
+        3, 5, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
+
+
+class MaskByKeyword(nn.Module):
+    """A fixed mask that differs between neurons (it pins them: a value guard), passed by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0]))
+
+    def forward(self, x):
+        return self.b(torch.mul(torch.tanh(self.a(x)), other=self.mask))
+
+
+def test_a_guarded_constant_passed_by_keyword_is_replayed_at_its_second_conversion(monkeypatch):
+    """The value guard of ``other=mask`` finds the mask among the keyword arguments, so the second conversion
+    replays the plan (one trace in all), exact against torch.func. Kills ``_Replayer.__torch_function__`` 101 (the
+    keyword arguments left out of the guard's positions: the guard fails, and every conversion traces afresh)."""
+    torch.manual_seed(17)
+    _replayed_exactly(MaskByKeyword().to(DTYPE), lambda seed: torch.randn(
+        4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)), monkeypatch)
+
+
+class TapsThenRepeatedInput(nn.Module):
+    """The input read as a convolution's windows (``conv``), then a GRU fed one vector at every step (refused folded:
+    ``RepeatedInput``), then the input read again (``again``): the first trace is refused folded, the one after it
+    (unrolled, the input as windows) meets the second read, and the input is read as channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.again = nn.Conv1d(3, 3, 2), nn.Conv1d(3, 2, 1)
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x).transpose(1, 2)
+        out = self.head(self.rnn(h[:, :1].expand(-1, h.shape[1], -1))[0][:, -1])
+        return out + self.again(x).sum(2)
+
+
+class TapsThenWeightsPerStep(nn.Module):
+    """The same with a hand-written loop whose steps use a weight each (``FoldMismatch`` at the second step, before
+    the input is read again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.again = nn.Conv1d(3, 3, 2), nn.Conv1d(3, 2, 1)
+        self.maps = nn.ModuleList(nn.Linear(3, 4) for _ in range(4))
+        self.recurrent_map, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.maps[self.t](x_t) + self.recurrent_map(h))
+
+    def forward(self, x):
+        c = self.conv(x).transpose(1, 2)
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(c.shape[1]):
+            self.t = t
+            h = gradgraph.recurrent_step(self.step, h, c[:, t])
+        return self.head(h) + self.again(x).sum(2)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (TapsThenRepeatedInput, r"folded, the forward was refused: \S+:\d+ in TapsThenRepeatedInput\.forward \(module "
+                            r"'rnn' of type GRU\): torch\.nn\.functional\.linear: copies values of one position .*"),
+    (TapsThenWeightsPerStep, re.escape("a step labels its neuron sets otherwise than the first step")),
+])
+def test_a_loop_that_does_not_fold_before_the_input_is_read_again_is_unrolled_once(make, reason):
+    """A loop that does not fold, met while the input is read as windows, and the input read again after it: every
+    trace after the first runs unrolled, so the model converts exactly (a per-datapoint loop) with one warning.
+    Kills ``trace_model`` 75 (the attempts left after a folded refusal run folded: the input-as-channels trace is
+    refused folded again, and the folded refusal is raised: a model that converts, refused) and 66 (the same after
+    a ``FoldMismatch``: a second warning)."""
+    torch.manual_seed(18)
+    model = make().to(DTYPE).eval()
+    gradgraph.convert.clear_structure_cache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _matches_loop(model, torch.randn(3, 3, 5, dtype=DTYPE))
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "fold" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert re.fullmatch(rf"to_graph: a recurrent loop of {make.__name__} does not fold over time \({reason}\); "
+                        + re.escape(_UNFOLDED), messages[0], flags=re.S), messages[0]
+
+
+# ---------------------------------------------------------- where a refusal is located (_locate_in_module, _user_frame)
+class ScaledByAHook(nn.Module):
+    """A forward hook of the model itself runs after the module tracker left the model: no module is on the stack
+    when it refuses ``exp`` of a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.scale = nn.Linear(3, 3), nn.Parameter(torch.ones(3))
+        self.register_forward_hook(lambda module, args, output: output * torch.exp(module.scale))  # THE HOOK
+
+    def forward(self, x):
+        return self.a(x)
+
+
+class ExpOf(nn.Module):
+    def forward(self, h, w):
+        return h * torch.exp(w)  # EXP IN A MODULE MADE IN THE FORWARD
+
+
+class ScaledByAModuleMadeInTheForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.scale = nn.Linear(3, 3), nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return ExpOf()(self.a(x), self.scale)
+
+
+_EXP_OF = ("torch.exp: the parameter '{}' used where gradgraph expects neuron values (arithmetic on a parameter "
+           "before it meets the input: a learned slope, scale or mask)")
+
+
+def test_a_refusal_with_no_module_on_the_stack_names_the_users_line():
+    """A refusal in the model's own forward hook (no module on the tracker's stack): the user's line, no module.
+    Kills ``_locate_in_module`` 1 (``and`` for ``or``: the stack's last entry read from an empty stack, an
+    ``IndexError`` that reached the user)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(ScaledByAHook().to(DTYPE), torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert str(caught.value) == (f"test_convert_run_values.py:{_line('THE HOOK')} in "
+                                 f"ScaledByAHook.__init__.<locals>.<lambda>: {_EXP_OF.format('scale')}")
+
+
+def test_a_refusal_in_a_module_made_in_the_forward_names_its_line_and_type():
+    """A module the model does not register (made in the forward) refuses an op at once: its own line, the module by
+    its type. Kills ``_locate_in_module`` 11 (its forward's code read from ``type(None)``: an ``AttributeError``
+    that reached the user)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(ScaledByAModuleMadeInTheForward().to(DTYPE), torch.randn(3, 3, dtype=DTYPE), None, squared)
+    assert str(caught.value) == (f"test_convert_run_values.py:{_line('EXP IN A MODULE MADE IN THE FORWARD')} in "
+                                 f"ExpOf.forward (module 'ExpOf' of type ExpOf): {_EXP_OF.format('scale')}")
+
+
+def _exp_of(h, w):
+    return h * torch.exp(w)  # EXP IN A HELPER
+
+
+class ExpBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.scale = nn.Linear(4, 4), nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return _exp_of(self.a(x), self.scale)
+
+
+class ForwardSetOnTheInstance(nn.Module):
+    """The model's class forward is never run: the instance's ``forward`` (a lambda of the user's) calls a submodule,
+    so no frame of the model's own forward is on the way to a refusal."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__()
+        self.seq, self.block = _refused_convolution(), ExpBlock()
+        self.forward = (lambda x: self.seq(x)) if which == "seq" else (lambda x: self.block(x))  # THE LAMBDA
+
+
+def test_a_refusal_in_a_stock_module_called_off_the_models_forward_is_located_in_that_modules_forward():
+    """The lambda calls an ``nn.Sequential`` whose ``Conv1d`` refuses: the frames above the module (the lambda's)
+    are not the model's, so the location is ``Conv1d.forward``'s line, as for the Sequential converted alone.
+    Kills ``_locate_in_module`` 31, 36 (the model's forward counted as seen from the first frame on) and 40
+    (``user_traceback = ""`` at the module's frame): each kept the lambda's line."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(nn.Conv1d.forward)
+    line = first + next(i for i, text in enumerate(lines) if "return" in text)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(ForwardSetOnTheInstance("seq").to(DTYPE), torch.randn(3, 4, dtype=DTYPE), None, squared)
+    assert caught.value.location == f"conv.py:{line} in Conv1d.forward"
+    assert str(caught.value).startswith(f"conv.py:{line} in Conv1d.forward (module 'seq.2' of type Conv1d): ")
+
+
+def test_a_refusal_in_user_code_below_a_module_called_off_the_models_forward_keeps_the_users_line():
+    """The lambda calls a block whose forward calls a helper of the user's that refuses: the helper's line (user
+    code below the module's frame is the better location). Kills ``_locate_in_module`` 46 (``is None`` for ``is not
+    None``: the helper's frame not counted, the location moved up to ``ExpBlock.forward``)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as caught:
+        gradgraph.to_graph(ForwardSetOnTheInstance("block").to(DTYPE), torch.randn(3, 4, dtype=DTYPE), None, squared)
+    assert str(caught.value) == (f"test_convert_run_values.py:{_line('EXP IN A HELPER')} in _exp_of (module 'block' "
+                                 f"of type ExpBlock): {_EXP_OF.format('block.scale')}")
+
+
+def test_without_co_qualname_a_location_names_the_function_by_its_co_name():
+    """Python 3.10's code objects have no ``co_qualname`` (3.11 added it; gradgraph supports 3.10): a location then
+    names the function by ``co_name``. Stand-ins for a traceback and a code object of 3.10 (this interpreter's have
+    ``co_qualname``), for the two places that read it. Kills ``_user_frame`` 16, 19 and ``_locate_in_module`` 55, 58
+    (the default ``None``, or none: "in None", or an ``AttributeError``)."""
+    from types import SimpleNamespace
+
+    from gradgraph.convert.trace import run
+
+    code = SimpleNamespace(co_filename=os.path.join(os.sep, "work", "blocks.py"), co_name="forward")
+    traceback = SimpleNamespace(tb_frame=SimpleNamespace(f_code=code), tb_lineno=7, tb_next=None)
+    assert run._user_frame(traceback) == "blocks.py:7 in forward"
+
+    class Stock(nn.Module):
+        pass
+
+    Stock.forward = SimpleNamespace(__code__=code)  # what _locate_in_module reads of the module's forward
+    error = UnsupportedOperationError("0", "torch.exp", "model.py:3 in run", "no rule")
+    tracer = SimpleNamespace(module_stack=["", "0"], model=nn.Sequential(Stock()))
+    run._locate_in_module(error, traceback, tracer)
+    assert error.location == "blocks.py:7 in forward"
+    assert str(error) == "blocks.py:7 in forward (module '0'): torch.exp: no rule"
