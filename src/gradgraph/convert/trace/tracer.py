@@ -204,6 +204,7 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
         return self.input_set
 
     def new_set(self, size: int, kind: NodeKind, origin: str, created_by: str) -> NeuronSet:
+        origin = origin.strip()  # the rules name a set f"{path} {op}", and at the model's root the path is ''
         if self.fold is not None:  # a later step of a loop run folded gets the first step's sets
             reused = self.fold_set(size, kind, origin, created_by)
             if reused is not None:
