@@ -100,7 +100,7 @@ class EmptyPartFirst(nn.Module):
 def test_parts_after_an_empty_part_are_still_copied():
     """``-t`` is a tied copy of ``t``'s neurons (five MERGE edges) and the group still permutes them, with an
     empty part first. Kills copy_repeated_parts 17 (``break`` for ``continue`` at the empty part: no copy, and
-    ``a``'s neurons are pinned)."""
+    ``a``'s neurons are pinned) and 12 (``and`` for ``or``: the empty part's row read, a reshape error)."""
     torch.manual_seed(3)
     model = EmptyPartFirst().to(DTYPE)
     graph = exact(model, torch.randn(4, 3, dtype=DTYPE))
