@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradgraph
-from convert_values import exact, refused
+from convert_values import exact, refused, squared
+from traced_models import assert_group_keeps_function
 
 DTYPE = torch.float64
 
@@ -232,3 +233,55 @@ class CopiesReadTwice(nn.Module):
 def test_copies_read_at_two_versions_are_exact():
     torch.manual_seed(8)
     exact(CopiesReadTwice().to(DTYPE), torch.randn(3, 3, dtype=DTYPE))
+
+
+class MapCReLU(nn.Module):
+    """CReLU over a map's channels (``cat([relu(m), relu(-m)], 1)`` of ``[b, C, H, W]``), then a 1x1 convolution
+    and a mean over the positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.conv2, self.head = nn.Conv2d(2, 3, 1), nn.Conv2d(6, 2, 1), nn.Linear(2, 2)
+
+    def forward(self, x):
+        m = self.conv(x)
+        return self.head(torch.tanh(self.conv2(torch.cat([F.relu(m), F.relu(-m)], 1))).mean((2, 3)))
+
+
+def test_crelu_over_a_maps_channels_is_a_tied_copy_of_its_channels():
+    """The copy's neurons sit on axis 1 of the map, one per channel, each at every position: exact, and the group still
+    permutes ``conv``'s channels. Kills copy_repeated_parts 27, 29 (the channels' axis taken as the last one, or as
+    axis 2: no copy, the join refused), 52, 54, 55, 57-65 (the copy's row shaped wrong for the map: an error or
+    another layout) — as ``test_convert_repeated_parts.py``'s CReLU network does, in the group's list."""
+    torch.manual_seed(9)
+    model = MapCReLU().to(DTYPE)
+    inputs = torch.randn(3, 2, 2, 3, dtype=DTYPE)
+    exact(model, inputs)
+    moved, graph, _ = assert_group_keeps_function(model, inputs, None, squared, seed=1)
+    assert moved > 0
+    assert bool((graph.perm_group[2:5] >= 0).all())
+
+
+def test_a_copy_holds_its_part_as_act_and_grad():
+    """CReLU's copy holds ``relu(-h)`` as act and ``dL/d relu(-h)`` as grad per datapoint (autograd), and ``h``'s
+    neurons ``relu(h)`` and ``dL/dh``. Kills join_copies 47, 52, 58 (the copy's grad record dropped or written at
+    the other parts' places; 53 and 66, which write it at every place or fill the others with neuron 1, are killed
+    by ``test_convert_repeated_parts.py``, outside the list)."""
+    torch.manual_seed(10)
+    model = CReLUByKeyword().to(DTYPE)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    h = model.a(inputs).detach().requires_grad_(True)
+    joined = torch.cat([F.relu(h), F.relu(-h)], -1)
+    joined.retain_grad()
+    squared(model.c(torch.tanh(model.b(joined))), None).sum().backward()
+    merge = graph.edge_kind == gradgraph.EdgeKind.MERGE
+    sources, copies = graph.edge_index[:, merge]
+    order = torch.argsort(sources)
+    sources, copies = sources[order], copies[order]
+    assert sources.tolist() == list(range(3, 7))
+    torch.testing.assert_close(graph.act[sources], F.relu(h).detach().T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.grad[sources], h.grad.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.act[copies], F.relu(-h).detach().T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.grad[copies], joined.grad[:, 4:].T, atol=1e-12, rtol=0)
