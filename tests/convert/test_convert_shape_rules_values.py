@@ -264,15 +264,17 @@ def test_crelu_over_a_maps_channels_is_a_tied_copy_of_its_channels():
 
 def test_a_copy_holds_its_part_as_act_and_grad():
     """CReLU's copy holds ``relu(-h)`` as act and ``dL/d relu(-h)`` as grad per datapoint (autograd), and ``h``'s
-    neurons ``relu(h)`` and ``dL/dh``. Kills join_copies 47, 52, 58 (the copy's grad record dropped or written at
-    the other parts' places; 53 and 66, which write it at every place or fill the others with neuron 1, are killed
-    by ``test_convert_repeated_parts.py``, outside the list)."""
+    neurons ``relu(h)`` and ``dL/dh``; the input's neurons ``dL/dx``. Kills join_copies 47, 52, 58 (the copy's grad
+    record dropped or written at the other parts' places) and 66 (the other parts' places filled with node 1, an
+    input neuron, whose grad the output's gradient then overwrites)."""
     torch.manual_seed(10)
     model = CReLUByKeyword().to(DTYPE)
     inputs = torch.randn(4, 3, dtype=DTYPE)
     gradgraph.convert.clear_structure_cache()
     graph = gradgraph.to_graph(model, inputs, None, squared)
-    h = model.a(inputs).detach().requires_grad_(True)
+    x = inputs.clone().requires_grad_(True)
+    h = model.a(x)
+    h.retain_grad()
     joined = torch.cat([F.relu(h), F.relu(-h)], -1)
     joined.retain_grad()
     squared(model.c(torch.tanh(model.b(joined))), None).sum().backward()
@@ -285,3 +287,23 @@ def test_a_copy_holds_its_part_as_act_and_grad():
     torch.testing.assert_close(graph.grad[sources], h.grad.T, atol=1e-12, rtol=0)
     torch.testing.assert_close(graph.act[copies], F.relu(-h).detach().T, atol=1e-12, rtol=0)
     torch.testing.assert_close(graph.grad[copies], joined.grad[:, 4:].T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.grad[:3], x.grad.T, atol=1e-12, rtol=0)  # the input's neurons: dL/dx
+
+
+class PartRepeated(nn.Module):
+    """``cat([t, t[:, 1:4]])``: the second part repeats three of the first's five neurons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 5), nn.Linear(8, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        t = torch.tanh(self.a(x))
+        return self.c(torch.tanh(self.b(torch.cat([t, t[:, 1:4]], -1))))
+
+
+def test_a_copy_of_part_of_a_set_is_exact():
+    """The copy of ``t[:, 1:4]``, a part narrower than the first, converts exactly. Kills join_copies 53 (the
+    copy's grad record at every part's places: a part of another width, a shape error)."""
+    torch.manual_seed(11)
+    exact(PartRepeated().to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
