@@ -150,9 +150,6 @@ MISUSED = {
     "h.to(comparison)": lambda h, p: h * h.to((h > 0).float()),
     # the comparison as where's value, not its condition
     "where's value": lambda h, p: torch.where(torch.ones(4, dtype=torch.bool), h, (h > 0).to(h.dtype)),
-    # masked_fill and where with the mask by keyword: the tracer hands the rule the positional operands only
-    "masked_fill, mask by keyword": lambda h, p: h.masked_fill(mask=h <= 0, value=0.0),
-    "where, other by keyword": lambda h, p: torch.where(h > 0, h, other=0.0),
 }
 PARAMETER = {
     # a parameter selected by where's mask of h, or masked by it: refused as a parameter reached by the comparison
@@ -176,8 +173,7 @@ class Misused(nn.Module):
 def test_a_comparison_used_otherwise_than_as_the_mask_of_its_neurons_is_refused(use):
     """Only ``h.masked_fill(h <= c, v)``, ``torch.where(h > c, h, v)`` (by position) and ``h * cast(h > c)`` are
     masks of the compared neurons; anything else is refused by the comparison's name (not a crash). Kills
-    ``masks_compared_neurons`` 16 (``h.to(comparison)`` read as a cast), 46-48 (the mask by keyword: an
-    IndexError), 56 (the comparison as where's value), 57 (where's value by keyword)."""
+    ``masks_compared_neurons`` 16 (``h.to(comparison)`` read as a cast), 56 (the comparison as where's value)."""
     torch.manual_seed(0)
     text = _refusal(Misused(MISUSED[use]).to(DTYPE), _inputs())
     assert f": {COMPARED}{REACHES_OUT}" in text, text
@@ -193,11 +189,22 @@ def test_a_parameter_selected_or_masked_by_a_comparison_is_refused_naming_the_pa
     assert f": {COMPARED}, and its result reaches {op} with the parameter 'p' at " in text, text
 
 
-def test_a_mask_by_its_own_comparison_with_the_fill_value_by_keyword_is_exact():
-    """``h.masked_fill(h <= c, value=v)``: the mask by position, the fill by keyword. Kills
-    ``masks_compared_neurons`` 49."""
+BY_KEYWORD = {
+    "masked_fill, the fill by keyword": lambda h, p: h.masked_fill(h <= 0.1, value=0.5),
+    "masked_fill, mask and fill by keyword": lambda h, p: h.masked_fill(mask=h <= 0.1, value=0.5),
+    "where, other by keyword": lambda h, p: torch.where(h > 0.1, h, other=0.5),
+    "where, every operand by keyword": lambda h, p: torch.where(condition=h > 0.1, input=h, other=0.5),
+}
+
+
+@pytest.mark.parametrize("use", sorted(BY_KEYWORD))
+def test_a_mask_by_its_own_comparison_with_operands_by_keyword_is_exact(use):
+    """``h.masked_fill(h <= c, value=v)``, ``h.masked_fill(mask=h <= c, value=v)``, ``torch.where(h > c, h,
+    other=v)``: exact, with a group that moves the masked neurons. The last three were refused until session 20
+    (the tracer handed the rule the positional operands only). Kills ``masks_compared_neurons`` 49 (and, before
+    the keywords were read, 46-48, 57: an IndexError)."""
     torch.manual_seed(0)
-    model = Misused(lambda h, p: h.masked_fill(h <= 0.1, value=0.5), parameter=False).to(DTYPE)
+    model = Misused(BY_KEYWORD[use], parameter=False).to(DTYPE)
     exact(model, _inputs())
     _, _, perm = assert_group_keeps_function(model, _inputs(), None, squared, seed=5)
     assert bool((perm[3:7] != torch.arange(3, 7)).any())

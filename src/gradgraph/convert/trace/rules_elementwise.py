@@ -40,6 +40,14 @@ def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
     return torch.stack((codes // scale, codes % scale))
 
 
+
+def mask_operands(name: str, args: tuple, kwargs: dict) -> tuple:
+    """``torch.where``'s ``(condition, input, other)`` or ``masked_fill``'s ``(input, mask, value)``, each given by
+    position or keyword (``torch.where(mask, h, other=0.0)``, ``h.masked_fill(mask=m, value=0.0)``); ``None``
+    where one is not given."""
+    keys = ("condition", "input", "other") if name in WHERE else ("input", "mask", "value")
+    return tuple(args) + tuple(kwargs.get(key) for key in keys[len(args):])
+
 class ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, masks, comparisons."""
 
@@ -453,9 +461,7 @@ class ElementwiseRules:
         self.binary(name, (value, placeholder), {}, output)
 
     def mask_op(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        # the operands by position or keyword: torch.where(mask, h, other=0.0), h.masked_fill(mask=m, value=0.0)
-        keys = ("condition", "input", "other") if name in WHERE else ("input", "mask", "value")
-        args = tuple(args) + tuple(kwargs.get(key) for key in keys[len(args):])
+        args = mask_operands(name, args, kwargs)
         # a parameter selected (torch.where's value) or filled in (masked_fill's value) is no bias or scale of
         # the neurons: read as elementwise in the neurons alone, its gradient would be lost
         selected = (args[1], args[2]) if name in WHERE else (args[2],)
@@ -497,7 +503,7 @@ class ElementwiseRules:
         self.set_meta(output, Opaque(name, self.location(), self.path(), "a comparison of neuron values, read "
                                      "otherwise than as a mask of the same neurons", set(meta.versions), compared))
 
-    def masks_compared_neurons(self, name: str, args: tuple, output: Tensor, tracked: list) -> bool:
+    def masks_compared_neurons(self, name: str, args: tuple, kwargs: dict, output: Tensor, tracked: list) -> bool:
         """Whether ``name`` masks neurons by a :meth:`comparison` of the same neurons at the same components
         (``h.masked_fill(h <= c, 0)``, ``torch.where(h > c, h, 0)``, ``h * (h > c).float()``): then it is an
         elementwise function of each neuron's own values, a new version of them. A cast of the comparison
@@ -515,6 +521,8 @@ class ElementwiseRules:
         if len(neurons) != 1 or len(tracked) != 2 or neurons[0][1].comps is None:
             return False  # a parameter filled in, or two values masked: no rule
         value, meta = neurons[0]
+        if name in MASK_FILL or name in WHERE:
+            args = mask_operands(name, args, kwargs)
         if name in MASK_FILL:
             placed = len(args) > 1 and args[0] is value and args[1] is condition
         elif name in WHERE:

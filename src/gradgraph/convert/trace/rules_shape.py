@@ -235,7 +235,7 @@ class ShapeRules:
         width = output.shape[-1]
         merged = self.new_set(width, NodeKind.RESIDUAL, f"{self.path()} {name}", "merge")
         merged_nodes = merged.first + torch.arange(width)
-        comps_parts, node_parts, token_parts, tokens = [], [], [], []
+        comps_parts, token_parts, tokens = [], [], []
         merged_rows: set[tuple[int, ...]] = set()
         for part, meta in zip(parts, neuron_parts):
             if meta is None:  # the parameter: a class-token set per distinct token, the parameter as bias
@@ -270,7 +270,6 @@ class ShapeRules:
                 comps = (torch.arange(part.shape[datapoint_axis]).reshape(datapoint_shape) * KEY_STRIDE
                          + keys.reshape(shape))
                 comps = broadcast_ids(comps, part.shape).clone()
-                node_parts.append(token_ids)
                 token_parts.append(token_ids)
                 comps_parts.append(comps)
             else:
@@ -283,7 +282,6 @@ class ShapeRules:
                     merged_rows.add(tuple(row.tolist()))
                     self.edges.append((row, merged_nodes, EdgeKind.MERGE, -1, None, None))
                     self.ties.append((row, merged_nodes))
-                node_parts.append(meta.nodes)
                 token_parts.append(torch.full_like(broadcast_ids(meta.nodes, part.shape), -1))
                 comps_parts.append(meta.comps)
         comps = torch.cat(comps_parts, dim=axis)
