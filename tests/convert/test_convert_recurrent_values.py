@@ -964,8 +964,9 @@ def test_a_loop_whose_first_parameter_is_read_otherwise_at_later_steps_says_so()
 
 
 class LearnedStateFromATable(nn.Module):
-    """The initial state is a learned row of a table (``nn.Embedding`` read at index 0 for every datapoint: neuron values
-    of parameters alone, no component), added to the step's input term: ``h_t = tanh(inp(x_t) + h_{t-1})``."""
+    """The initial state is a learned row of a table (``nn.Embedding`` read at index 0 for every datapoint:
+    neuron values of parameters alone, no component), added to the step's input term:
+    ``h_t = tanh(inp(x_t) + h_{t-1})``."""
 
     def __init__(self) -> None:
         super().__init__()

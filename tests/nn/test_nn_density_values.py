@@ -144,7 +144,8 @@ def test_component_readout_builds_the_density_it_is_asked_for(heads, head_channe
     Checked to kill ``ComponentReadout.__init__`` 12, 13 (an argument of the density dropped)
     and 17 (``density_heads > 1``)."""
     readout = ComponentReadout(3, 2, density_heads=heads, density_head_channels=head_channels)
-    assert (readout.density.in_channels, readout.density.heads, readout.density.head_channels) == (9, heads, head_channels)
+    density = readout.density
+    assert (density.in_channels, density.heads, density.head_channels) == (9, heads, head_channels)
     assert readout.mlp.channel_list[0] == 9 + heads * (head_channels + 2)
 
 

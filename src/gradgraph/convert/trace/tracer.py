@@ -406,7 +406,8 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
         if name in ELEMENTWISE_FUNCTIONS:
             return self.unary(args[0], output, name, ELEMENTWISE_FUNCTIONS[name])
         if any(isinstance(meta, Opaque) for meta in metas):
-            if self.masks_compared_neurons(name, args, kwargs, output, tracked):  # h.masked_fill(h <= c, 0), h * (h > c)
+            # h.masked_fill(h <= c, 0), torch.where(h > c, h, 0), h * (h > c)
+            if self.masks_compared_neurons(name, args, kwargs, output, tracked):
                 return None
             if any(isinstance(meta, Param) for meta in metas):
                 value = next(value for value, meta in tracked if isinstance(meta, Opaque))
