@@ -192,3 +192,30 @@ def test_poolings_gradgraph_does_not_read_are_refused_by_the_ops_name():
     with pytest.raises(UnsupportedModuleError, match=re.escape(
             "torch.nn.functional.max_pool2d: the parameter 'p' used where gradgraph expects neuron values")):
         gradgraph.to_graph(PooledParameter().to(DTYPE), torch.randn(4, 2, 4, 4, dtype=DTYPE))
+
+
+class SameGridPools(nn.Module):
+    """A pooling called with its input by keyword, and one that keeps the grid added to its input (an
+    inception branch, a max filter): ``h + max_pool2d(h, 3, stride=1, padding=1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mix, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 1), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = h + F.max_pool2d(input=h, kernel_size=3, stride=1, padding=1)
+        return self.head(F.avg_pool2d(input=self.mix(h), kernel_size=2).flatten(1))
+
+
+def test_a_pooling_by_keyword_and_one_that_keeps_the_grid_are_exact():
+    """Exact; the same-grid pooling's values sit at its input's components, so the sum with its input is one
+    value per position, and the graph has 17 components per datapoint: the 16 positions of the 4 x 4 grid (the
+    2 x 2 grid of the average pooling shares their keys) and the head's one. Kills ``spatial_pool`` 3, 5, 6 (the
+    input read by position only, or under a misspelt keyword)."""
+    torch.manual_seed(3)
+    model = SameGridPools().to(DTYPE)
+    inputs = torch.randn(3, 2, 4, 4, dtype=DTYPE)
+    assert_exact_by_loop(model, inputs)
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    assert graph.act.shape[1] == 3 * 17
