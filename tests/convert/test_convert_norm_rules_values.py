@@ -220,3 +220,22 @@ def test_a_batch_norm_of_an_input_image_normalises_each_channel():
     torch.manual_seed(0)
     graph, moved = convert_exactly(BatchNormedImage().to(DTYPE).eval(), *batch(4, 2, 3, 3))
     assert moved > 0
+
+
+class OneFeatureNorm(nn.Module):
+    """``Linear(3, 1)``, an RMS norm of its one feature (``eps`` 0.5: a smooth ``h / sqrt(h² + eps)``), a weight
+    on it, ``Linear(1, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.out = nn.Linear(3, 1), nn.RMSNorm(1, eps=0.5), nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.out(self.norm(self.a(x)))
+
+
+def test_a_norm_of_one_feature_is_exact():
+    """The neurons of ``[b, 1]`` vary along no axis: no per-head layout. Kills ``meta.neuron_axes_last`` 7 (group
+    ``convert-run``, run run 5: ``and`` for ``or``, so the last of no axes was read: ``IndexError``)."""
+    torch.manual_seed(0)
+    convert_exactly(OneFeatureNorm().to(DTYPE), *batch(5, 3))
