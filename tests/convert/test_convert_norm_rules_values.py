@@ -239,3 +239,27 @@ def test_a_norm_of_one_feature_is_exact():
     ``convert-run``, run run 5: ``and`` for ``or``, so the last of no axes was read: ``IndexError``)."""
     torch.manual_seed(0)
     convert_exactly(OneFeatureNorm().to(DTYPE), *batch(5, 3))
+
+
+class HeadNormAfterARead(nn.Module):
+    """``h = Linear(3, 6)(x)`` read by a second ``Linear`` (its act), then an RMS norm of each of its two heads of
+    three features (``h.view(b, 2, 3)``), tanh, ``Linear(6, 2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.side, self.out = nn.Linear(3, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        side = self.side(h)
+        return self.out(torch.tanh(F.rms_norm(h.view(-1, 2, 3), (3,), eps=0.25)).flatten(1)) + side
+
+
+def test_a_norm_of_each_head_of_a_value_another_layer_reads_is_refused_by_name():
+    """The normalised heads are a later version of neurons whose act another layer read, so ``fix_act`` would copy
+    them into a set of their own, one neuron per feature, and a ``[b, 2, 3]`` value holds other neurons in each head:
+    refused (a limitation, not a wrong graph), naming the norm. Kills ``rules_affine.materialize`` 7-12 (group
+    ``convert-affine``, run convert 21: its refusal's op or words ``None`` or misspelt) and ``norm`` 166
+    (``fix_act``'s op ``None``)."""
+    words = refusal(HeadNormAfterARead().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+    assert words.endswith(" torch.nn.functional.rms_norm: these values do not hold one neuron per feature"), words
