@@ -186,7 +186,8 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
         return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} in {name}"
 
     def unsupported(self, op: str, reason: str) -> UnsupportedOperationError:
-        return UnsupportedOperationError(self.path(), op, self.location(), _in_packing(reason),
+        # a name made as f"{path} {op}" starts with a space at the model's root, where the path is ''
+        return UnsupportedOperationError(self.path(), op.strip(), self.location(), _in_packing(reason),
                                          self.module_types[-1] if self.module_types else None)
 
     def input_neurons(self, width: int, op: str, reading: str) -> NeuronSet:

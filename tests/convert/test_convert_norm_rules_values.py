@@ -1,0 +1,266 @@
+"""The rules of ``trace/rules_norm.py`` (``NormRules.norm``, ``NormRules.batch_norm``; moved unchanged from
+``rules_elementwise.py`` in session 19), checked by value where run norm 1 (group ``convert-elementwise``, issue 31)
+showed them unchecked by the group's list. Mutant numbers are run norm 1's (``mutmut show NAME`` in
+``.mutation/convert-elementwise/``); each test names the mutants it kills, each checked with
+``MUTANT_UNDER_TEST=NAME``.
+
+Every conversion is float64 against torch.func's per-sample gradients at 1e-10 (``traced_models``), and where a
+symmetry is claimed a sampled element of the inferred group must keep the function.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+
+import gradgraph
+from gradgraph.convert import UnsupportedOperationError
+
+DTYPE = torch.float64
+
+
+def cross_entropy(output, target):
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def convert_exactly(model, inputs, targets, seeds=range(2)):
+    """The graph (exact against torch.func) and the most nodes a sampled group element moved."""
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    moved = max(assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=seed)[0] for seed in seeds)
+    return graph, moved
+
+
+def batch(*shape, seed=0, classes=3):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, dtype=DTYPE, generator=generator),
+            torch.randint(0, classes, (shape[0],), generator=generator))
+
+
+class NormAfterARead(nn.Module):
+    """``h = Linear(3, 4)(x)`` read by a second ``Linear`` (its act: version 0 of h's set), then ``norm(h)``:
+    the normalised value is a later version of the same neurons, so the rule's ``fix_act`` must split it off
+    into a set of its own (``materialize`` of the normalised value)."""
+
+    def __init__(self, norm) -> None:
+        super().__init__()
+        self.norm = norm
+        self.a, self.side, self.out = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        side = self.side(h)
+        return self.out(torch.tanh(self.norm(h))) + side
+
+
+NORMS = {
+    "F.rms_norm": lambda: (lambda h: F.rms_norm(h, (4,), eps=0.25)),
+    "nn.RMSNorm": lambda: nn.RMSNorm(4, eps=0.25),
+    "nn.LayerNorm": lambda: nn.LayerNorm(4),
+    "nn.BatchNorm1d": lambda: nn.BatchNorm1d(4),
+}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_norm_of_a_value_another_layer_reads_is_exact(norm):
+    """Kills ``norm`` 129 (the RMS norm's normalised value ``None``: the materialized set has no value),
+    ``batch_norm`` 96 (the running statistics broadcast over four axes too many)."""
+    torch.manual_seed(0)
+    module = NORMS[norm]()
+    if isinstance(module, nn.BatchNorm1d):
+        module.running_mean.uniform_(-0.5, 0.5)
+        module.running_var.uniform_(0.5, 2.0)
+    model = NormAfterARead(module).to(DTYPE).eval()
+    convert_exactly(model, *batch(5, 3))
+
+
+class BatchNormedSequence(nn.Module):
+    """``BatchNorm1d(2)`` of the ``[b, 2, 5]`` model input (two input channels at five positions), or of
+    ``Conv1d(2, 3)``'s ``[b, 3, 3]`` map, then ReLU, a sum over the positions and ``Linear``."""
+
+    def __init__(self, of_input: bool) -> None:
+        super().__init__()
+        self.of_input = of_input
+        self.conv, self.bn = nn.Conv1d(2, 3, 3), nn.BatchNorm1d(2 if of_input else 3)
+        self.out = nn.Linear(3, 3)
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = self.conv(self.bn(x)) if self.of_input else self.bn(self.conv(x))
+        return self.out(torch.relu(h).sum(-1))
+
+
+@pytest.mark.parametrize("of_input", [True, False], ids=["of the input", "of a conv map"])
+def test_a_batch_norm_of_a_sequence_map_normalises_each_channel(of_input):
+    """``BatchNorm1d`` over ``[b, C, L]``: ``C`` channel neurons at ``L`` positions, the model input's too. The input's
+    case kills ``batch_norm`` 75 (a ``[b, C, L]`` value read as ``[b, features]`` values: the input's ``L``
+    features, which the convolution then refuses); a conv map gives the same graph either way (as 68, 69, 74)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(BatchNormedSequence(of_input).to(DTYPE).eval(), *batch(4, 2, 5))
+    assert moved > 0
+
+
+def refusal(model, inputs):
+    """The words of ``to_graph``'s refusal of ``model``."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(model, inputs, None, lambda output, _: output.pow(2).flatten(1).sum(1))
+    return str(error.value)
+
+
+class Normed(nn.Module):
+    """``Linear(3, 4)`` of ``[b, T, 3]`` tokens (``[b, 3]`` rows where ``rows``), ``op`` and a sum over the tokens."""
+
+    def __init__(self, op, rows: bool = False) -> None:
+        super().__init__()
+        self.op, self.rows = op, rows
+        self.a, self.pos, self.side = nn.Linear(3, 4), nn.Embedding(3, 4), nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.register_buffer("table", torch.linspace(0.5, 2.0, 4))
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        out = self.op(self, self.a(x))
+        return out if self.rows else out.sum(1)
+
+
+REFUSALS = {
+    # norm 50: need_neurons names the op where it refuses what the norm reads
+    "a layer norm of a parameter": (
+        lambda self, h: h + F.layer_norm(self.scale, (4,)), False,
+        ": torch.nn.functional.layer_norm: the parameter 'scale' used where gradgraph expects neuron values"),
+    # norm 78: a position table with its features on two axes (per head) has no datapoint: not a per-head norm
+    "a norm of each head of a position table": (
+        lambda self, h: h + F.rms_norm(self.pos(torch.arange(h.shape[1])).view(-1, 2, 2), (2,)).flatten(1), False,
+        ": torch.nn.functional.rms_norm: a norm whose last axis is not the features of its input"),
+    # batch_norm 77: channel_neurons names the op where a [b, T, d] value holds no channels on axis 1
+    "a batch norm over the tokens' axis": (
+        lambda self, h: F.batch_norm(h, torch.zeros(h.shape[1]), torch.ones(h.shape[1])), False,
+        ": torch.nn.functional.batch_norm: its input does not hold channels on axis 1 (neurons)"),
+    # batch_norm 196, 197, 201, 202; 210, 211, 215, 216: param_view names the op and the role
+    "a buffer as a batch norm's weight": (
+        lambda self, h: F.batch_norm(h, self.bn.running_mean, self.bn.running_var, self.table, self.bn.bias), True,
+        ": torch.nn.functional.batch_norm: its weight is not a parameter of the model (or a view of one); "
+        "gradgraph converts affine maps whose weights are parameters"),
+    "a buffer as a batch norm's bias": (
+        lambda self, h: F.batch_norm(h, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.table), True,
+        ": torch.nn.functional.batch_norm: its bias is not a parameter of the model (or a view of one); "
+        "gradgraph converts affine maps whose weights are parameters"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_norms_refused_name_the_op_and_say_why(case):
+    """Each refusal names the norm's op (and a weight's role). Kills ``norm`` 50 (``need_neurons``' op ``None``),
+    78 (a per-head layout worked out for a position table: it went on past the refusal); ``batch_norm`` 77
+    (``channel_neurons``' op ``None``), 196, 197, 201, 202, 210, 211, 215, 216 (``param_view``'s
+    op or role ``None`` or misspelt)."""
+    op, rows, message = REFUSALS[case]
+    inputs = torch.randn(5, 3) if rows else torch.randn(5, 3, 3)
+    model = Normed(op, rows).eval()
+    words = refusal(model, inputs)
+    assert message in words, words
+
+
+class SplitStatistics(nn.Module):
+    """``Linear(3, 4)``, ``F.batch_norm`` with the module's own weight, bias and running mean but the running variance
+    of a child module (``holds_mean``; else the mean is the child's as well), ReLU, ``Linear(4, 3)``: no one module
+    holds the bias with both statistics, so ``symmetry.permute_model`` would not move the statistics with the
+    channels, and the norm's neurons are pinned."""
+
+    def __init__(self, holds_mean: bool) -> None:
+        super().__init__()
+        self.holds_mean = holds_mean
+        self.a, self.out, self.child = nn.Linear(3, 4), nn.Linear(4, 3), nn.Module()
+        self.weight, self.bias = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4))
+        mean, var = torch.linspace(-0.5, 0.5, 4), torch.linspace(0.5, 2.0, 4)
+        if holds_mean:
+            self.register_buffer("running_mean", mean)
+        else:
+            self.child.register_buffer("running_mean", mean)
+        self.child.register_buffer("running_var", var)
+
+    def forward(self, x):
+        mean = self.running_mean if self.holds_mean else self.child.running_mean
+        h = F.batch_norm(self.a(x), mean, self.child.running_var, self.weight, self.bias)
+        return self.out(torch.relu(h))
+
+
+@pytest.mark.parametrize("holds_mean", [True, False], ids=["the mean its own", "both statistics a child's"])
+def test_a_batch_norm_whose_statistics_lie_in_other_modules_pins_its_channels(holds_mean):
+    """Kills ``batch_norm`` 113 (a module holding the running variance alone counted as the statistics' owner: the
+    channels claimed to permute with statistics nothing moves), 127, 135 (``getattr`` of a statistic without its
+    default: a module holding the bias but not a statistic raised ``AttributeError``)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(SplitStatistics(holds_mean).to(DTYPE).eval(), *batch(5, 3))
+    assert graph.perm_group.tolist() == [-1] * 3 + [-1] * 4 + [-1] * 4 + [-1] * 3
+
+
+class BatchNormedImage(nn.Module):
+    """``BatchNorm2d(2)`` of the ``[b, 2, 3, 3]`` model input, ``Conv2d(2, 3, 2)``, ReLU, a sum over the positions,
+    ``Linear(3, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.conv, self.out = nn.BatchNorm2d(2), nn.Conv2d(2, 3, 2), nn.Linear(3, 3)
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.conv(self.bn(x))).sum((-2, -1)))
+
+
+def test_a_batch_norm_of_an_input_image_normalises_each_channel():
+    """Kills ``batch_norm`` 69, 74 (a ``[b, C, H, W]`` input read as ``[b, features]`` values: its last axis as
+    the features, which the convolution then refuses)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(BatchNormedImage().to(DTYPE).eval(), *batch(4, 2, 3, 3))
+    assert moved > 0
+
+
+class OneFeatureNorm(nn.Module):
+    """``Linear(3, 1)``, an RMS norm of its one feature (``eps`` 0.5: a smooth ``h / sqrt(h² + eps)``), a weight
+    on it, ``Linear(1, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.out = nn.Linear(3, 1), nn.RMSNorm(1, eps=0.5), nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.out(self.norm(self.a(x)))
+
+
+def test_a_norm_of_one_feature_is_exact():
+    """The neurons of ``[b, 1]`` vary along no axis: no per-head layout. Kills ``meta.neuron_axes_last`` 7 (group
+    ``convert-run``, run run 5: ``and`` for ``or``, so the last of no axes was read: ``IndexError``)."""
+    torch.manual_seed(0)
+    convert_exactly(OneFeatureNorm().to(DTYPE), *batch(5, 3))
+
+
+class HeadNormAfterARead(nn.Module):
+    """``h = Linear(3, 6)(x)`` read by a second ``Linear`` (its act), then an RMS norm of each of its two heads of
+    three features (``h.view(b, 2, 3)``), tanh, ``Linear(6, 2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.side, self.out = nn.Linear(3, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        side = self.side(h)
+        return self.out(torch.tanh(F.rms_norm(h.view(-1, 2, 3), (3,), eps=0.25)).flatten(1)) + side
+
+
+def test_a_norm_of_each_head_of_a_value_another_layer_reads_is_refused_by_name():
+    """The normalised heads are a later version of neurons whose act another layer read, so ``fix_act`` would copy
+    them into a set of their own, one neuron per feature, and a ``[b, 2, 3]`` value holds other neurons in each head:
+    refused (a limitation, not a wrong graph), naming the norm. Kills ``rules_affine.materialize`` 7-12 (group
+    ``convert-affine``, run convert 21: its refusal's op or words ``None`` or misspelt) and ``norm`` 166
+    (``fix_act``'s op ``None``)."""
+    words = refusal(HeadNormAfterARead().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+    assert words.endswith(" torch.nn.functional.rms_norm: these values do not hold one neuron per feature"), words
+    assert ":  " not in words, words  # the op named at the root without the empty path's space (session 20)
