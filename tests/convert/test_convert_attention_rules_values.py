@@ -529,3 +529,75 @@ def test_a_softmax_of_scores_written_by_hand_is_refused_with_what_to_write_inste
                 "their exponentials); gradgraph reads attention weights made by a softmax of the scores over the "
                 "keys: write it as torch.softmax / F.softmax, which is stable")):
             gradgraph.to_graph(Attention(fn).to(DTYPE), inputs, targets, loss)
+
+
+WHERE = r"\S+\.py:\d+ in \S+: "  # where: the line and function (under mutmut, its trampoline's)
+
+
+def refusal_of(fn, setup=None, b: int = 3, **kwargs) -> str:
+    model = Attention(fn, **kwargs).to(DTYPE)
+    if setup is not None:
+        setup(model)
+    inputs, targets = batch(b=b)
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    return str(refusal.value)
+
+
+def test_two_axis_scores_softmaxed_without_a_dim_are_read_over_the_keys_and_refused_at_the_values():
+    """Two-axis scores ``[b * T, b * T]`` (every position of every datapoint one row) softmaxed without
+    ``dim``: PyTorch's implicit axis of a two-axis value is 1, the keys, so the softmax is read and the
+    refusal comes at ``@ v``, which has no head or batch axis. Kills
+    ``xǁAttentionRulesǁscores_op__mutmut_89``, ``93`` (the implicit axis 0 for two-axis scores too: refused at
+    the softmax as one over the queries, in other words)."""
+    message = refusal_of(lambda self, q, k, v: (F.softmax(rows(q) @ rows(k).T) @ rows(v)).reshape(
+        q.shape[0], T, HEADS, -1).transpose(1, 2))
+    assert re.fullmatch(WHERE + "Tensor.matmul: attention without a head or batch axis", message), message
+
+
+def test_scores_of_one_datapoint_and_one_head_viewed_as_two_axes_are_followed_to_the_values():
+    """Scores ``[1, 1, T, T]`` (one datapoint, one head) viewed ``[T, T]``: the view keeps the queries and
+    keys (``reshape_score_batch`` with an empty batch), so the refusal comes at ``@ v``, which has no head
+    or batch axis, not at the view. Kills ``xǁAttentionRulesǁreshape_score_batch__mutmut_6``, ``7`` (two-axis
+    output not read as scores: refused as a view that reshapes attention scores)."""
+    message = refusal_of(lambda self, q, k, v: (scores(q, k).view(T, T).softmax(-1) @ v.view(T, -1)).view(q.shape),
+                         b=1, heads=1)
+    assert re.fullmatch(WHERE + "Tensor.matmul: attention without a head or batch axis", message), message
+
+
+MASK_REFUSAL = ("torch.nn.functional.scaled_dot_product_attention: an attn_mask computed from {} (a learned bias of "
+                "the attention scores, as T5's relative position bias): its gradient is not a rank-1 term of the "
+                "graph, and gradgraph reads attn_mask as a constant. Pass a mask that does not depend on parameters; "
+                "a learned score bias is not supported")
+
+
+def sdpa_with_stored_mask(self, q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+def test_a_mask_that_requires_grad_without_autograd_history_and_is_no_parameter_is_refused():
+    """An ``attn_mask`` kept as a plain attribute that requires grad (a leaf, not registered as a parameter):
+    refused as a mask gradgraph cannot read as a constant, with no parameter behind it. Kills
+    ``x__parameters_behind__mutmut_6`` (the walk started at a missing ``grad_fn``: an ``AttributeError``) and
+    ``8`` (``or`` for ``and``: a tensor with no history looked up among the parameters, a ``KeyError``)."""
+
+    def setup(model):
+        model.mask = torch.zeros(1, HEADS, T, T, dtype=DTYPE, requires_grad=True)
+
+    message = refusal_of(sdpa_with_stored_mask, setup)
+    assert re.fullmatch(WHERE + re.escape(MASK_REFUSAL.format("neuron values or the input")), message), message
+
+
+def test_a_mask_computed_from_two_parameters_through_a_shared_node_names_both():
+    """A mask ``p2 * (p1 + p1)`` computed from parameters outside the forward (its autograd graph kept): the
+    walk of that graph meets ``p1``'s node twice and must go on to ``p2``. Kills
+    ``x__parameters_behind__mutmut_18`` (``break`` for ``continue``: the walk stops at the node seen twice,
+    and the message names ``['p1']`` only)."""
+
+    def setup(model):
+        model.p1 = nn.Parameter(torch.randn(1, HEADS, T, T, dtype=DTYPE))
+        model.p2 = nn.Parameter(torch.randn(1, HEADS, T, T, dtype=DTYPE))
+        model.mask = model.p2 * (model.p1 + model.p1)
+
+    message = refusal_of(sdpa_with_stored_mask, setup)
+    assert re.fullmatch(WHERE + re.escape(MASK_REFUSAL.format("the parameter(s) ['p1', 'p2']")), message), message
