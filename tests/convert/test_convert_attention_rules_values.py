@@ -601,3 +601,31 @@ def test_a_mask_computed_from_two_parameters_through_a_shared_node_names_both():
 
     message = refusal_of(sdpa_with_stored_mask, setup)
     assert re.fullmatch(WHERE + re.escape(MASK_REFUSAL.format("the parameter(s) ['p1', 'p2']")), message), message
+
+
+class QueriesInAResidual(Attention):
+    """The queries' ``Linear`` output also summed after the attention: ``tanh(out(y) + q(h)) + out(y)``."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        queries = self.q(h)
+        q = queries.view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(h).view(b, t, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
+        o = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+        return self.head(torch.tanh(o + queries) + o)
+
+
+def test_queries_read_by_attention_and_summed_later_convert_exactly():
+    """A sum that meets the queries' ``Linear`` output after the attention read it: the query set is no
+    longer fresh, so the sum is not absorbed into the neurons the attention reads. Checked against
+    torch.func's per-sample gradients at 1e-10 in float64, with the heads written out. Kills
+    ``xǁAttentionRulesǁobserve_attention_input__mutmut_2`` (``fresh = True``: the sum absorbed into the
+    query set, a ``GradGraphError``, "the traced neuron sets form a cycle")."""
+    model = QueriesInAResidual().to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    assert_heads(graph)
