@@ -629,3 +629,24 @@ def test_queries_read_by_attention_and_summed_later_convert_exactly():
     inputs, targets = batch()
     graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
     assert_heads(graph)
+
+
+def test_keys_read_as_values_leave_the_unread_half_of_their_linear_free():
+    """SDPA of ``(q, k, k)``: each head's values are its keys, which is no sharing between heads, so the
+    rule pins nothing for grouped heads; the half of ``kv``'s outputs that nothing reads (its value half)
+    stays one free group of neurons, a true symmetry (permuting those rows of ``kv`` leaves the model's
+    output unchanged, checked here). Kills ``xǁAttentionRulesǁattention_output__mutmut_199`` (the values
+    counted with the keys in the shared-neuron test: heads whose values are their keys read as grouped, and
+    the whole ``kv`` set pinned)."""
+    model = Attention(lambda self, q, k, v: F.scaled_dot_product_attention(q, k, k)).to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    unread = graph.perm_group[graph.node_kind == NodeKind.FFN_HIDDEN]
+    assert unread.numel() == D and bool((unread >= 0).all()) and unread.unique().numel() == 1, unread
+    with torch.no_grad():
+        before = model(inputs)
+        perm = D + torch.randperm(D, generator=torch.Generator().manual_seed(1))
+        rows = torch.cat([torch.arange(D), perm])
+        model.kv.weight.copy_(model.kv.weight[rows])
+        model.kv.bias.copy_(model.kv.bias[rows])
+        torch.testing.assert_close(model(inputs), before, rtol=0, atol=1e-12)
