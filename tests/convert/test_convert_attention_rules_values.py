@@ -650,3 +650,19 @@ def test_keys_read_as_values_leave_the_unread_half_of_their_linear_free():
         model.kv.weight.copy_(model.kv.weight[rows])
         model.kv.bias.copy_(model.kv.bias[rows])
         torch.testing.assert_close(model(inputs), before, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["torch.nn.functional.scaled_dot_product_attention", "Tensor.matmul"])
+def test_queries_transposed_to_positions_last_are_refused_by_name(op):
+    """Three heads of ``d / H = T = 4`` dims, the queries transposed ``[b, H, d / H, T]`` (their positions
+    last, which the shapes allow as ``d / H == T``): refused, naming the op, as queries whose last axis is
+    not their features. Kills ``xǁAttentionRulesǁattention_output__mutmut_38`` to ``43`` (that refusal's op
+    name and words)."""
+
+    def attend(self, q, k, v):
+        if op == "Tensor.matmul":
+            return (q.transpose(-1, -2) @ k.transpose(-1, -2)).softmax(-1) @ v
+        return F.scaled_dot_product_attention(q.transpose(-1, -2), k, v)
+
+    message = refusal_of(attend, heads=3)
+    assert re.fullmatch(WHERE + re.escape(f"{op}: queries whose last axis is not their features"), message), message
