@@ -666,3 +666,23 @@ def test_queries_transposed_to_positions_last_are_refused_by_name(op):
 
     message = refusal_of(attend, heads=3)
     assert re.fullmatch(WHERE + re.escape(f"{op}: queries whose last axis is not their features"), message), message
+
+
+@pytest.mark.parametrize("move", ["flip", "roll", "transpose of equal axes", "index"])
+def test_scores_moved_between_datapoints_with_their_batch_shape_kept_are_refused(move):
+    """Scores ``[b, H, T, T]`` moved along their batch axes by a shape op that keeps the batch shape (``flip(0)``,
+    ``roll(1, 0)``, ``transpose(0, 1)`` with ``b == H``, an index ``[[1, 0]]`` of the datapoints): one datapoint's
+    attention then reads another's scores. The rule kept the scores' queries and keys as they were, so the
+    model *converted* with per-sample gradients off by 0.46 (``flip(0)`` of three datapoints) from each datapoint's loss gradient
+    on the whole batch: a silent wrong answer (found triaging run convert 16's survivors, session 21). Now
+    refused, naming the op, as scores moved between datapoints."""
+    fn = {
+        "flip": lambda self, q, k, v: scores(q, k).flip(0).softmax(-1) @ v,
+        "roll": lambda self, q, k, v: scores(q, k).roll(1, 0).softmax(-1) @ v,
+        "transpose of equal axes": lambda self, q, k, v: scores(q, k).transpose(0, 1).softmax(-1) @ v,
+        "index": lambda self, q, k, v: scores(q, k)[[1, 0]].softmax(-1) @ v,
+    }[move]
+    message = refusal_of(fn, b=HEADS)
+    op = {"index": "__getitem__", "transpose of equal axes": "transpose"}.get(move, move)
+    assert re.search(rf"Tensor\.{op}: moves attention scores between datapoints \(one datapoint's attention would "
+                     r"read another's scores\), and its result reaches", message), message
