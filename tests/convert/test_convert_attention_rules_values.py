@@ -674,8 +674,8 @@ def test_scores_moved_between_datapoints_with_their_batch_shape_kept_are_refused
     ``roll(1, 0)``, ``transpose(0, 1)`` with ``b == H``, an index ``[[1, 0]]`` of the datapoints): one datapoint's
     attention then reads another's scores. The rule kept the scores' queries and keys as they were, so the
     model *converted* with per-sample gradients off by 0.46 (``flip(0)`` of three datapoints) from each
-    datapoint's loss gradient on the whole batch: a silent wrong answer (found triaging run convert 16's survivors, session 21). Now
-    refused, naming the op, as scores moved between datapoints."""
+    datapoint's loss gradient on the whole batch: a silent wrong answer (found triaging run convert 16's
+    survivors, session 21). Now refused, naming the op, as scores moved between datapoints."""
     fn = {
         "flip": lambda self, q, k, v: scores(q, k).flip(0).softmax(-1) @ v,
         "roll": lambda self, q, k, v: scores(q, k).roll(1, 0).softmax(-1) @ v,
