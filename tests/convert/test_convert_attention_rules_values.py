@@ -686,3 +686,31 @@ def test_scores_moved_between_datapoints_with_their_batch_shape_kept_are_refused
     op = {"index": "__getitem__", "transpose of equal axes": "transpose"}.get(move, move)
     assert re.search(rf"Tensor\.{op}: moves attention scores between datapoints \(one datapoint's attention would "
                      r"read another's scores\), and its result reaches", message), message
+
+
+WITHIN_A_DATAPOINT = {
+    "heads swapped": lambda self, q, k, v: scores(q, k)[:, [1, 0]].softmax(-1) @ v,
+    "heads flipped": lambda self, q, k, v: scores(q, k).flip(1).softmax(-1) @ v,
+    "keys rolled": lambda self, q, k, v: scores(q, k).roll(1, -1).softmax(-1) @ v,
+    "queries flipped": lambda self, q, k, v: torch.flip(scores(q, k), (-2,)).softmax(-1) @ v,
+    "transposed by the attribute mT": lambda self, q, k, v: scores(q, k).mT.softmax(-1) @ v,
+}
+
+
+@pytest.mark.parametrize("move", list(WITHIN_A_DATAPOINT))
+def test_scores_moved_within_each_datapoint_convert_exactly(move):
+    """Shape ops that move scores only within each datapoint (between its heads, queries or keys; by an index,
+    ``flip``, ``roll``, ``torch.flip`` or the attribute ``mT``) are followed, not refused: each converts with
+    per-sample gradients equal to torch.func's at 1e-10. Kills the mutants of ``x__moves_datapoints`` and
+    ``x__datapoints_of_scores`` that refuse them (session 21; checked with ``MUTANT_UNDER_TEST``)."""
+    convert(WITHIN_A_DATAPOINT[move])
+
+
+def test_an_op_of_scores_alone_without_a_rule_is_refused_saying_what_is_followed():
+    """``scores.cumsum(-1)`` (scores alone, not a reduction, not elementwise): refused, naming the op, with what
+    the rule follows. Kills ``xǁAttentionRulesǁscores_op__mutmut_204``, ``205`` (that message's words; numbers
+    of session 21's file after its fix)."""
+    message = refusal_of(lambda self, q, k, v: scores(q, k).cumsum(-1).softmax(-1) @ v)
+    assert re.match(WHERE + re.escape(
+        "Tensor.cumsum: uses attention scores in a way gradgraph has no rule for (it follows them through "
+        "elementwise ops with constants, masks and a softmax over the keys), and its result reaches"), message), message
