@@ -690,7 +690,7 @@ def test_scores_moved_between_datapoints_with_their_batch_shape_kept_are_refused
 
 WITHIN_A_DATAPOINT = {
     "heads swapped": lambda self, q, k, v: scores(q, k)[:, [1, 0]].softmax(-1) @ v,
-    "heads flipped": lambda self, q, k, v: scores(q, k).flip(1).softmax(-1) @ v,
+    "heads flipped, dims by keyword": lambda self, q, k, v: scores(q, k).flip(dims=(1,)).softmax(-1) @ v,
     "keys rolled": lambda self, q, k, v: scores(q, k).roll(1, -1).softmax(-1) @ v,
     "queries flipped": lambda self, q, k, v: torch.flip(scores(q, k), (-2,)).softmax(-1) @ v,
     "transposed by the attribute mT": lambda self, q, k, v: scores(q, k).mT.softmax(-1) @ v,
@@ -701,7 +701,8 @@ WITHIN_A_DATAPOINT = {
 def test_scores_moved_within_each_datapoint_convert_exactly(move):
     """Shape ops that move scores only within each datapoint (between its heads, queries or keys; by an index,
     ``flip``, ``roll``, ``torch.flip`` or the attribute ``mT``) are followed, not refused: each converts with
-    per-sample gradients equal to torch.func's at 1e-10. Kills the mutants of ``x__moves_datapoints`` and
+    per-sample gradients equal to torch.func's at 1e-10. Kills the mutants of ``x__moves_datapoints`` (48: the
+    keyword arguments dropped from the replay) and
     ``x__datapoints_of_scores`` that refuse them (session 21; checked with ``MUTANT_UNDER_TEST``)."""
     convert(WITHIN_A_DATAPOINT[move])
 
