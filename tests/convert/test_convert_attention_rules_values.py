@@ -529,3 +529,189 @@ def test_a_softmax_of_scores_written_by_hand_is_refused_with_what_to_write_inste
                 "their exponentials); gradgraph reads attention weights made by a softmax of the scores over the "
                 "keys: write it as torch.softmax / F.softmax, which is stable")):
             gradgraph.to_graph(Attention(fn).to(DTYPE), inputs, targets, loss)
+
+
+WHERE = r"\S+\.py:\d+ in \S+: "  # where: the line and function (under mutmut, its trampoline's)
+
+
+def refusal_of(fn, setup=None, b: int = 3, **kwargs) -> str:
+    model = Attention(fn, **kwargs).to(DTYPE)
+    if setup is not None:
+        setup(model)
+    inputs, targets = batch(b=b)
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    return str(refusal.value)
+
+
+def test_two_axis_scores_softmaxed_without_a_dim_are_read_over_the_keys_and_refused_at_the_values():
+    """Two-axis scores ``[b * T, b * T]`` (every position of every datapoint one row) softmaxed without
+    ``dim``: PyTorch's implicit axis of a two-axis value is 1, the keys, so the softmax is read and the
+    refusal comes at ``@ v``, which has no head or batch axis. Kills
+    ``xǁAttentionRulesǁscores_op__mutmut_89``, ``93`` (the implicit axis 0 for two-axis scores too: refused at
+    the softmax as one over the queries, in other words)."""
+    message = refusal_of(lambda self, q, k, v: (F.softmax(rows(q) @ rows(k).T) @ rows(v)).reshape(
+        q.shape[0], T, HEADS, -1).transpose(1, 2))
+    assert re.fullmatch(WHERE + "Tensor.matmul: attention without a head or batch axis", message), message
+
+
+def test_scores_of_one_datapoint_and_one_head_viewed_as_two_axes_are_followed_to_the_values():
+    """Scores ``[1, 1, T, T]`` (one datapoint, one head) viewed ``[T, T]``: the view keeps the queries and
+    keys (``reshape_score_batch`` with an empty batch), so the refusal comes at ``@ v``, which has no head
+    or batch axis, not at the view. Kills ``xǁAttentionRulesǁreshape_score_batch__mutmut_6``, ``7`` (two-axis
+    output not read as scores: refused as a view that reshapes attention scores)."""
+    message = refusal_of(lambda self, q, k, v: (scores(q, k).view(T, T).softmax(-1) @ v.view(T, -1)).view(q.shape),
+                         b=1, heads=1)
+    assert re.fullmatch(WHERE + "Tensor.matmul: attention without a head or batch axis", message), message
+
+
+MASK_REFUSAL = ("torch.nn.functional.scaled_dot_product_attention: an attn_mask computed from {} (a learned bias of "
+                "the attention scores, as T5's relative position bias): its gradient is not a rank-1 term of the "
+                "graph, and gradgraph reads attn_mask as a constant. Pass a mask that does not depend on parameters; "
+                "a learned score bias is not supported")
+
+
+def sdpa_with_stored_mask(self, q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+def test_a_mask_that_requires_grad_without_autograd_history_and_is_no_parameter_is_refused():
+    """An ``attn_mask`` kept as a plain attribute that requires grad (a leaf, not registered as a parameter):
+    refused as a mask gradgraph cannot read as a constant, with no parameter behind it. Kills
+    ``x__parameters_behind__mutmut_6`` (the walk started at a missing ``grad_fn``: an ``AttributeError``) and
+    ``8`` (``or`` for ``and``: a tensor with no history looked up among the parameters, a ``KeyError``)."""
+
+    def setup(model):
+        model.mask = torch.zeros(1, HEADS, T, T, dtype=DTYPE, requires_grad=True)
+
+    message = refusal_of(sdpa_with_stored_mask, setup)
+    assert re.fullmatch(WHERE + re.escape(MASK_REFUSAL.format("neuron values or the input")), message), message
+
+
+def test_a_mask_computed_from_two_parameters_through_a_shared_node_names_both():
+    """A mask ``p2 * (p1 + p1)`` computed from parameters outside the forward (its autograd graph kept): the
+    walk of that graph meets ``p1``'s node twice and must go on to ``p2``. Kills
+    ``x__parameters_behind__mutmut_18`` (``break`` for ``continue``: the walk stops at the node seen twice,
+    and the message names ``['p1']`` only)."""
+
+    def setup(model):
+        model.p1 = nn.Parameter(torch.randn(1, HEADS, T, T, dtype=DTYPE))
+        model.p2 = nn.Parameter(torch.randn(1, HEADS, T, T, dtype=DTYPE))
+        model.mask = model.p2 * (model.p1 + model.p1)
+
+    message = refusal_of(sdpa_with_stored_mask, setup)
+    assert re.fullmatch(WHERE + re.escape(MASK_REFUSAL.format("the parameter(s) ['p1', 'p2']")), message), message
+
+
+class QueriesInAResidual(Attention):
+    """The queries' ``Linear`` output also summed after the attention: ``tanh(out(y) + q(h)) + out(y)``."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        queries = self.q(h)
+        q = queries.view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(h).view(b, t, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
+        o = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+        return self.head(torch.tanh(o + queries) + o)
+
+
+def test_queries_read_by_attention_and_summed_later_convert_exactly():
+    """A sum that meets the queries' ``Linear`` output after the attention read it: the query set is no
+    longer fresh, so the sum is not absorbed into the neurons the attention reads. Checked against
+    torch.func's per-sample gradients at 1e-10 in float64, with the heads written out. Kills
+    ``xǁAttentionRulesǁobserve_attention_input__mutmut_2`` (``fresh = True``: the sum absorbed into the
+    query set, a ``GradGraphError``, "the traced neuron sets form a cycle")."""
+    model = QueriesInAResidual().to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    assert_heads(graph)
+
+
+def test_keys_read_as_values_leave_the_unread_half_of_their_linear_free():
+    """SDPA of ``(q, k, k)``: each head's values are its keys, which is no sharing between heads, so the
+    rule pins nothing for grouped heads; the half of ``kv``'s outputs that nothing reads (its value half)
+    stays one free group of neurons, a true symmetry (permuting those rows of ``kv`` leaves the model's
+    output unchanged, checked here). Kills ``xǁAttentionRulesǁattention_output__mutmut_199`` (the values
+    counted with the keys in the shared-neuron test: heads whose values are their keys read as grouped, and
+    the whole ``kv`` set pinned)."""
+    model = Attention(lambda self, q, k, v: F.scaled_dot_product_attention(q, k, k)).to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    unread = graph.perm_group[graph.node_kind == NodeKind.FFN_HIDDEN]
+    assert unread.numel() == D and bool((unread >= 0).all()) and unread.unique().numel() == 1, unread
+    with torch.no_grad():
+        before = model(inputs)
+        perm = D + torch.randperm(D, generator=torch.Generator().manual_seed(1))
+        rows = torch.cat([torch.arange(D), perm])
+        model.kv.weight.copy_(model.kv.weight[rows])
+        model.kv.bias.copy_(model.kv.bias[rows])
+        torch.testing.assert_close(model(inputs), before, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["torch.nn.functional.scaled_dot_product_attention", "Tensor.matmul"])
+def test_queries_transposed_to_positions_last_are_refused_by_name(op):
+    """Three heads of ``d / H = T = 4`` dims, the queries transposed ``[b, H, d / H, T]`` (their positions
+    last, which the shapes allow as ``d / H == T``): refused, naming the op, as queries whose last axis is
+    not their features. Kills ``xǁAttentionRulesǁattention_output__mutmut_38`` to ``43`` (that refusal's op
+    name and words)."""
+
+    def attend(self, q, k, v):
+        if op == "Tensor.matmul":
+            return (q.transpose(-1, -2) @ k.transpose(-1, -2)).softmax(-1) @ v
+        return F.scaled_dot_product_attention(q.transpose(-1, -2), k, v)
+
+    message = refusal_of(attend, heads=3)
+    assert re.fullmatch(WHERE + re.escape(f"{op}: queries whose last axis is not their features"), message), message
+
+
+@pytest.mark.parametrize("move", ["flip", "roll", "transpose of equal axes", "index"])
+def test_scores_moved_between_datapoints_with_their_batch_shape_kept_are_refused(move):
+    """Scores ``[b, H, T, T]`` moved along their batch axes by a shape op that keeps the batch shape (``flip(0)``,
+    ``roll(1, 0)``, ``transpose(0, 1)`` with ``b == H``, an index ``[[1, 0]]`` of the datapoints): one datapoint's
+    attention then reads another's scores. The rule kept the scores' queries and keys as they were, so the
+    model *converted* with per-sample gradients off by 0.46 (``flip(0)`` of three datapoints) from each
+    datapoint's loss gradient on the whole batch: a silent wrong answer (found triaging run convert 16's
+    survivors, session 21). Now refused, naming the op, as scores moved between datapoints."""
+    fn = {
+        "flip": lambda self, q, k, v: scores(q, k).flip(0).softmax(-1) @ v,
+        "roll": lambda self, q, k, v: scores(q, k).roll(1, 0).softmax(-1) @ v,
+        "transpose of equal axes": lambda self, q, k, v: scores(q, k).transpose(0, 1).softmax(-1) @ v,
+        "index": lambda self, q, k, v: scores(q, k)[[1, 0]].softmax(-1) @ v,
+    }[move]
+    message = refusal_of(fn, b=HEADS)
+    op = {"index": "__getitem__", "transpose of equal axes": "transpose"}.get(move, move)
+    assert re.search(rf"Tensor\.{op}: moves attention scores between datapoints \(one datapoint's attention would "
+                     r"read another's scores\), and its result reaches", message), message
+
+
+WITHIN_A_DATAPOINT = {
+    "heads swapped": lambda self, q, k, v: scores(q, k)[:, [1, 0]].softmax(-1) @ v,
+    "heads flipped, dims by keyword": lambda self, q, k, v: scores(q, k).flip(dims=(1,)).softmax(-1) @ v,
+    "keys rolled": lambda self, q, k, v: scores(q, k).roll(1, -1).softmax(-1) @ v,
+    "queries flipped": lambda self, q, k, v: torch.flip(scores(q, k), (-2,)).softmax(-1) @ v,
+    "transposed by the attribute mT": lambda self, q, k, v: scores(q, k).mT.softmax(-1) @ v,
+}
+
+
+@pytest.mark.parametrize("move", list(WITHIN_A_DATAPOINT))
+def test_scores_moved_within_each_datapoint_convert_exactly(move):
+    """Shape ops that move scores only within each datapoint (between its heads, queries or keys; by an index,
+    ``flip``, ``roll``, ``torch.flip`` or the attribute ``mT``) are followed, not refused: each converts with
+    per-sample gradients equal to torch.func's at 1e-10. Kills the mutants of ``x__moves_datapoints`` (48: the
+    keyword arguments dropped from the replay) and
+    ``x__datapoints_of_scores`` that refuse them (session 21; checked with ``MUTANT_UNDER_TEST``)."""
+    convert(WITHIN_A_DATAPOINT[move])
+
+
+def test_an_op_of_scores_alone_without_a_rule_is_refused_saying_what_is_followed():
+    """``scores.cumsum(-1)`` (scores alone, not a reduction, not elementwise): refused, naming the op, with what
+    the rule follows. Kills ``xǁAttentionRulesǁscores_op__mutmut_204``, ``205`` (that message's words; numbers
+    of session 21's file after its fix)."""
+    message = refusal_of(lambda self, q, k, v: scores(q, k).cumsum(-1).softmax(-1) @ v)
+    assert re.match(WHERE + re.escape(
+        "Tensor.cumsum: uses attention scores in a way gradgraph has no rule for (it follows them through "
+        "elementwise ops with constants, masks and a softmax over the keys), and its result reaches"), message), message

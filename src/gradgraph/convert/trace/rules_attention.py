@@ -49,6 +49,33 @@ def _parameters_behind(tensor: Tensor, names: dict[int, str], limit: int = 10_00
     return found
 
 
+def _datapoints_of_scores(meta: Scores, shape: tuple[int, ...]) -> Tensor:
+    """The datapoint of each score's query (``[*batch, Tq, Tk]``, read off the queries' components)."""
+    comps = broadcast_ids(meta.query.comps, (*shape[:-2], *meta.query.comps.shape[-2:]))
+    return (comps[..., :, :1] // KEY_STRIDE).expand(*shape).contiguous()
+
+
+def _moves_datapoints(name: str, args: tuple, kwargs: dict, output: Tensor, meta: Scores) -> bool:
+    """Whether a shape op on scores that keeps their batch shape moves scores between datapoints (``flip``,
+    ``roll``, an index, a transpose of equal axes): the op replayed on each score's datapoint. An op that
+    cannot be replayed so counts as moving them."""
+    if meta.query.comps is None or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return True
+    owner, _, attribute = name.partition(".")
+    attribute = attribute.removesuffix(" (attribute)")
+    try:
+        ids = _datapoints_of_scores(meta, tuple(args[0].shape))
+        if name.endswith(" (attribute)"):
+            moved = getattr(ids, attribute)
+        else:
+            func = getattr(Tensor if owner == "Tensor" else torch, attribute)
+            moved = func(ids, *args[1:], **kwargs)
+        expected = _datapoints_of_scores(meta, tuple(output.shape))
+    except (AttributeError, RuntimeError, TypeError, IndexError, ValueError):
+        return True
+    return not isinstance(moved, Tensor) or moved.shape != expected.shape or not torch.equal(moved, expected)
+
+
 #: elementwise bounds of scores by a constant (``torch.maximum(scores, floor)``)
 _SCORE_BOUNDS = {"torch.maximum", "torch.minimum", "Tensor.maximum", "Tensor.minimum"}
 #: reductions whose two-tensor call is elementwise (``torch.max(scores, floor)``)
@@ -77,6 +104,11 @@ class AttentionRules:
                 meta = self.reshape_score_batch(meta, output) if name in _RESHAPES else None
                 if meta is None:
                     return self.mark_opaque(output, name, "reshapes attention scores", scores)
+            elif name in SHAPE_OPS and name not in IDENTITY_OPS and _moves_datapoints(name, args, kwargs, output, meta):
+                # flip / roll / an index / a transpose of equal axes over the batch: the batch shape is kept,
+                # but a datapoint's attention would read another's scores (converted wrongly before)
+                return self.mark_opaque(output, name, "moves attention scores between datapoints (one datapoint's "
+                                        "attention would read another's scores)", scores)
             if name in SOFTMAX:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
                 if dim is None:  # F.softmax(scores), nn.Softmax(): PyTorch's implicit (deprecated) choice
