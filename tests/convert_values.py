@@ -8,11 +8,12 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
-from traced_models import assert_exact_per_sample_grads
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
 
 
 def squared(output: torch.Tensor, _targets) -> torch.Tensor:
@@ -69,3 +70,39 @@ class TwiceFlattened(nn.Module):
     def forward(self, x):
         m = torch.tanh(self.conv(x))
         return self.head(m.repeat(1, 2, 1, 1).flatten(1))
+
+
+def assert_crelu_copy_factors(graph, h: torch.Tensor, joined: torch.Tensor, first: int) -> None:
+    """CReLU's ``joined = cat([relu(h), relu(-h)], -1)`` after a backward pass (``h.grad`` and ``joined.grad``
+    kept): ``h``'s neurons (nodes ``first ...``, each the source of one MERGE edge) hold ``relu(h)`` as act and
+    ``dL/dh`` as grad; the copies ``relu(-h)`` and ``dL/d relu(-h)``, per datapoint."""
+    width = h.shape[-1]
+    merge = graph.edge_kind == gradgraph.EdgeKind.MERGE
+    sources, copies = graph.edge_index[:, merge]
+    order = torch.argsort(sources)
+    sources, copies = sources[order], copies[order]
+    assert sources.tolist() == list(range(first, first + width))
+    torch.testing.assert_close(graph.act[sources], torch.relu(h).detach().T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.grad[sources], h.grad.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.act[copies], torch.relu(-h).detach().T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.grad[copies], joined.grad[:, width:].T, atol=1e-12, rtol=0)
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[b]``: each datapoint's cross-entropy."""
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def convert_exactly(model, inputs, targets, seeds=range(2)):
+    """The graph (exact against torch.func, converted afresh) and the most nodes a sampled group element moved."""
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    moved = max(assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=seed)[0] for seed in seeds)
+    return graph, moved
+
+
+def batch(*shape, seed=0, classes=3):
+    """Float64 inputs of ``shape`` and ``shape[0]`` class targets below ``classes``."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, dtype=torch.float64, generator=generator),
+            torch.randint(0, classes, (shape[0],), generator=generator))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
+from convert_values import batch, convert_exactly
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
@@ -22,22 +22,6 @@ from gradgraph.convert import UnsupportedOperationError
 DTYPE = torch.float64
 
 
-def cross_entropy(output, target):
-    return F.cross_entropy(output, target, reduction="none")
-
-
-def convert_exactly(model, inputs, targets, seeds=range(2)):
-    """The graph (exact against torch.func) and the most nodes a sampled group element moved."""
-    gradgraph.convert.clear_structure_cache()
-    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
-    moved = max(assert_group_keeps_function(model, inputs, targets, cross_entropy, seed=seed)[0] for seed in seeds)
-    return graph, moved
-
-
-def batch(*shape, seed=0, classes=3):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, dtype=DTYPE, generator=generator),
-            torch.randint(0, classes, (shape[0],), generator=generator))
 
 
 class NormAfterARead(nn.Module):

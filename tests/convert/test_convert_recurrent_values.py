@@ -187,6 +187,24 @@ def loop_per_sample_grads(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]
     return {name: torch.stack(values) for name, values in grads.items()}
 
 
+def not_folding(name: str, reason: str) -> str:
+    """The warning of a loop that does not fold over time, for the model class ``name``."""
+    return (f"to_graph: a recurrent loop of {name} does not fold over time ({reason}); every loop is converted "
+            "unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the unrolled layout")
+
+
+def assert_unrolled_exactly(model, inputs, reason: str):
+    """Converted with exactly one warning, that the loop does not fold for ``reason``, and per-sample gradients
+    equal to a per-datapoint loop's (1e-10); the graph."""
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert [str(warning.message) for warning in caught] == [not_folding(type(model).__name__, reason)]
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+    return graph
+
+
 def exact_graph(model: nn.Module, inputs: Tensor, **options) -> gradgraph.GradGraph:
     """The graph, with per-sample gradients equal to the per-datapoint loop's (a parameter the graph leaves out has
     no gradient), converted without a warning (a loop that does not fold warns)."""
@@ -811,15 +829,7 @@ def test_a_state_whose_row_lives_at_two_components_is_unrolled_with_the_reason()
     torch.manual_seed(22)
     model = StateFromTwoSteps().to(DTYPE).eval()
     inputs = sequence(steps=5)
-    with pytest.warns(UserWarning) as caught:
-        graph = gradgraph.to_graph(model, inputs, None, squared_output)
-    assert [str(warning.message) for warning in caught] == [
-        "to_graph: a recurrent loop of StateFromTwoSteps does not fold over time (a state that is not one neuron per "
-        "feature); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the "
-        "unrolled layout"]
-    ours = graph.per_sample_grads()
-    for name, value in loop_per_sample_grads(model, inputs).items():
-        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+    assert_unrolled_exactly(model, inputs, "a state that is not one neuron per feature")
 
 
 class StateFromTheFirstPosition(nn.Module):
@@ -952,15 +962,7 @@ def test_a_loop_whose_first_parameter_is_read_otherwise_at_later_steps_says_so()
     torch.manual_seed(26)
     model = FirstParameterFlippedLater().to(DTYPE).eval()
     inputs = sequence(steps=4)
-    with pytest.warns(UserWarning) as caught:
-        graph = gradgraph.to_graph(model, inputs, None, squared_output)
-    assert [str(warning.message) for warning in caught] == [
-        "to_graph: a recurrent loop of FirstParameterFlippedLater does not fold over time (a step uses other weights "
-        "than the first step); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to "
-        "ask for the unrolled layout"]
-    ours = graph.per_sample_grads()
-    for name, value in loop_per_sample_grads(model, inputs).items():
-        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+    assert_unrolled_exactly(model, inputs, "a step uses other weights than the first step")
 
 
 class LearnedStateFromATable(nn.Module):
@@ -990,12 +992,4 @@ def test_a_loop_whose_initial_state_is_a_learned_table_row_is_unrolled_with_the_
     torch.manual_seed(27)
     model = LearnedStateFromATable().to(DTYPE).eval()
     inputs = sequence(steps=4)
-    with pytest.warns(UserWarning) as caught:
-        graph = gradgraph.to_graph(model, inputs, None, squared_output)
-    assert [str(warning.message) for warning in caught] == [
-        "to_graph: a recurrent loop of LearnedStateFromATable does not fold over time (a state that does not depend on "
-        "the model input); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask "
-        "for the unrolled layout"]
-    ours = graph.per_sample_grads()
-    for name, value in loop_per_sample_grads(model, inputs).items():
-        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+    assert_unrolled_exactly(model, inputs, "a state that does not depend on the model input")

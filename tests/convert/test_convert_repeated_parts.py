@@ -16,6 +16,7 @@ from torch import nn
 import gradgraph
 from gradgraph.nn import GradMetaNet
 from gradgraph.testing import assert_equivariant
+from convert_values import assert_crelu_copy_factors
 from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, randomise_batch_norms
 
 
@@ -81,15 +82,7 @@ def test_crelu_copy_holds_its_part_as_act_and_grad():
     joined = torch.cat([F.relu(h), F.relu(-h)], -1)
     joined.retain_grad()
     _cross_entropy(model.l3(torch.tanh(model.l2(joined))), targets).sum().backward()
-    merge = graph.edge_kind == gradgraph.EdgeKind.MERGE
-    sources, copies = graph.edge_index[:, merge]
-    order = torch.argsort(sources)
-    sources, copies = sources[order], copies[order]
-    assert sources.tolist() == list(range(4, 9))
-    torch.testing.assert_close(graph.act[sources], F.relu(h).detach().T, atol=1e-12, rtol=0)
-    torch.testing.assert_close(graph.grad[sources], h.grad.T, atol=1e-12, rtol=0)
-    torch.testing.assert_close(graph.act[copies], F.relu(-h).detach().T, atol=1e-12, rtol=0)
-    torch.testing.assert_close(graph.grad[copies], joined.grad[:, 5:].T, atol=1e-12, rtol=0)
+    assert_crelu_copy_factors(graph, h, joined, first=4)
 
 
 class CReLUNet(nn.Module):

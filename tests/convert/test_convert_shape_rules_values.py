@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradgraph
-from convert_values import exact, refused, squared
+from convert_values import assert_crelu_copy_factors, exact, refused, squared
 from traced_models import assert_group_keeps_function
 
 DTYPE = torch.float64
@@ -278,15 +278,7 @@ def test_a_copy_holds_its_part_as_act_and_grad():
     joined = torch.cat([F.relu(h), F.relu(-h)], -1)
     joined.retain_grad()
     squared(model.c(torch.tanh(model.b(joined))), None).sum().backward()
-    merge = graph.edge_kind == gradgraph.EdgeKind.MERGE
-    sources, copies = graph.edge_index[:, merge]
-    order = torch.argsort(sources)
-    sources, copies = sources[order], copies[order]
-    assert sources.tolist() == list(range(3, 7))
-    torch.testing.assert_close(graph.act[sources], F.relu(h).detach().T, atol=1e-12, rtol=0)
-    torch.testing.assert_close(graph.grad[sources], h.grad.T, atol=1e-12, rtol=0)
-    torch.testing.assert_close(graph.act[copies], F.relu(-h).detach().T, atol=1e-12, rtol=0)
-    torch.testing.assert_close(graph.grad[copies], joined.grad[:, 4:].T, atol=1e-12, rtol=0)
+    assert_crelu_copy_factors(graph, h, joined, first=3)
     torch.testing.assert_close(graph.grad[:3], x.grad.T, atol=1e-12, rtol=0)  # the input's neurons: dL/dx
 
 
