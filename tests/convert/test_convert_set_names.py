@@ -1,15 +1,17 @@
-"""The names of the sets an elementwise product with a parameter makes (LayerScale, ``h * gamma``).
+"""The names of the sets a product with a parameter (LayerScale, ``h * gamma``) and a position table make.
 
 A set's origin is what a refusal names to the user ("the activation of the 'block Tensor.mul' output neurons
 is not finite"); the plan keeps them as ``set_names``. Written for the survivors of the mutation runs of
-``convert/trace/rules_elementwise.py``'s ``with_parameter`` that changed only those names (docs/mutation.md);
-the mutants named are numbered as a fresh ``.mutation/convert-elementwise/`` numbers them, each checked with
+``convert/trace/rules_elementwise.py``'s ``with_parameter`` and ``rules_affine.py``'s ``position_parameter``
+that changed only those names (docs/mutation.md); the mutants named are numbered as a fresh
+``.mutation/convert-elementwise/`` or ``.mutation/convert-affine/`` numbers them, each checked with
 ``MUTANT_UNDER_TEST``.
 """
 
 from __future__ import annotations
 
 import torch
+from convert_values import exact
 from test_convert_conv_set_names import DTYPE, assert_exact_by_loop, origins
 from torch import nn
 
@@ -50,3 +52,38 @@ def test_a_product_with_a_parameter_names_its_sets_by_module_and_op():
     assert_exact_by_loop(model, inputs)
     assert origins(model, inputs) == ["input", "block.lin", "block.side", "block Tensor.mul", "block Tensor.mul",
                                       "Tensor.mul", "head"]
+
+
+class Embed(nn.Module):
+    """Token embedding plus a learned position table, ``tok(ids) + pos``."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(7, 4), nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, ids):
+        return self.tok(ids) + self.pos
+
+
+class TwoPositionTables(nn.Module):
+    """The embedding block, then a second position table added at the model's root."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head, self.pos2 = Embed(), nn.Linear(4, 1), nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, ids):
+        h = torch.tanh(self.embed(ids))
+        return self.head(torch.tanh(h + self.pos2)).mean(1)
+
+
+def test_position_tables_are_named_by_their_module_or_op():
+    """Exact; the position table's set is ``'embed positions'`` in its module and ``'Tensor.add positions'`` at
+    the root. Kills ``position_parameter`` 48 (named ``None``) and 54 (named by the op inside a module, by
+    nothing at the root)."""
+    torch.manual_seed(0)
+    model = TwoPositionTables().to(DTYPE)
+    ids = torch.randint(0, 7, (3, 5))
+    exact(model, ids)
+    assert origins(model, ids) == ["embed.tok table rows", "embed.tok", "embed positions", "embed", "embed Tensor.add",
+                                   "Tensor.add positions", "Tensor.add", "Tensor.add", "head", "Tensor.mean"]
