@@ -87,3 +87,31 @@ def test_position_tables_are_named_by_their_module_or_op():
     exact(model, ids)
     assert origins(model, ids) == ["embed.tok table rows", "embed.tok", "embed positions", "embed", "embed Tensor.add",
                                    "Tensor.add positions", "Tensor.add", "Tensor.add", "head", "Tensor.mean"]
+
+
+class CReLU(nn.Module):
+    def forward(self, h):
+        return torch.cat([torch.relu(h), torch.relu(-h)], -1)
+
+
+class RepeatedParts(nn.Module):
+    """CReLU in a module, then ``cat([h, h ** 2])`` at the model's root: each repeated part a tied copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.crelu, self.b, self.c = nn.Linear(3, 4), CReLU(), nn.Linear(8, 3), nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(self.crelu(self.a(x))))
+        return self.c(torch.cat([h, h ** 2], -1))
+
+
+def test_the_copies_of_repeated_parts_are_named_by_their_module_or_op():
+    """Exact; the copy of CReLU's second part is ``'crelu part 1'``, the copy at the root ``'torch.cat part 1'``.
+    Kills ``rules_shape.copy_repeated_parts`` 39 (named ``None``), 44 (named by the op in a module, ``'part 1'`` at
+    the root) and ``shape_op`` 182 (no name handed on: ``'None part 1'`` at the root)."""
+    torch.manual_seed(0)
+    model = RepeatedParts().to(DTYPE)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    assert_exact_by_loop(model, inputs)
+    assert origins(model, inputs) == ["input", "a", "crelu part 1", "b", "torch.cat part 1", "c"]
