@@ -17,6 +17,8 @@ from torch import nn
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
+from gradgraph.convert.layout import make_plan
+from gradgraph.convert.trace import trace_model
 from convert_values import exact, refused, squared
 from test_convert_tracer_locations import OpaqueThrough  # its lines are the locations tests'
 from traced_models import (
@@ -794,6 +796,36 @@ def test_class_tokens_joined_without_a_rule_are_refused(form, message):
     """Kills join_parts 17, 19 (no default ``dim``: a TypeError), 204-209 (the refusal of a part whose positions hold
     different sets)."""
     refused(TokenJoined(form).to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE), f": torch.cat: {message}")
+
+
+class Wrapped(nn.Module):
+    """``inner`` as the module ``vit``: its ops' sets are named after the path ``vit``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.vit = inner
+
+    def forward(self, x):
+        return self.vit(x)
+
+
+@pytest.mark.parametrize("tokens, wrapped, names", [
+    (1, False, ["input", "a", "torch.cat", "class token", "out", "Tensor.sum"]),
+    (2, False, ["input", "a", "torch.cat", "class token", "class token 1", "out", "Tensor.sum"]),
+    (3, True, ["input", "vit.a", "vit torch.cat", "vit class token", "vit class token 1", "vit class token 2",
+               "vit.out", "vit Tensor.sum"]),
+], ids=["one-token", "two-tokens", "three-tokens-in-a-module"])
+def test_class_tokens_sets_are_named_in_order(tokens, wrapped, names):
+    """The sets of a class-token join, in node order, as the plan keeps them (``set_names``: what a refusal names to
+    the user): the merged set is named after the op, the first distinct token "class token", the next ones
+    "class token 1", "class token 2"; at the model's root without a leading space (``Tracer.new_set`` strips the
+    origin). Kills join_parts 132-138 (a token's label mutated; run tracer 11), which only messages read."""
+    torch.manual_seed(14)
+    model = TokenJoined("positions", tokens).to(DTYPE)
+    model = Wrapped(model) if wrapped else model
+    inputs = torch.randn(3, 4, 3, dtype=DTYPE)
+    assert [origin for _, _, origin in make_plan(trace_model(model, inputs, model)).set_names] == names
+    exact(model, inputs)
 
 
 # ----------------------------------------------------------------------------- shape_op
