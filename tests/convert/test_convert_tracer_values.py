@@ -17,6 +17,8 @@ from torch import nn
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
+from gradgraph.convert.layout import make_plan
+from gradgraph.convert.trace import trace_model
 from convert_values import exact, refused, squared
 from test_convert_tracer_locations import OpaqueThrough  # its lines are the locations tests'
 from traced_models import (
@@ -796,6 +798,36 @@ def test_class_tokens_joined_without_a_rule_are_refused(form, message):
     refused(TokenJoined(form).to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE), f": torch.cat: {message}")
 
 
+class Wrapped(nn.Module):
+    """``inner`` as the module ``vit``: its ops' sets are named after the path ``vit``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.vit = inner
+
+    def forward(self, x):
+        return self.vit(x)
+
+
+@pytest.mark.parametrize("tokens, wrapped, names", [
+    (1, False, ["input", "a", "torch.cat", "class token", "out", "Tensor.sum"]),
+    (2, False, ["input", "a", "torch.cat", "class token", "class token 1", "out", "Tensor.sum"]),
+    (3, True, ["input", "vit.a", "vit torch.cat", "vit class token", "vit class token 1", "vit class token 2",
+               "vit.out", "vit Tensor.sum"]),
+], ids=["one-token", "two-tokens", "three-tokens-in-a-module"])
+def test_class_tokens_sets_are_named_in_order(tokens, wrapped, names):
+    """The sets of a class-token join, in node order, as the plan keeps them (``set_names``: what a refusal names to
+    the user): the merged set is named after the op, the first distinct token "class token", the next ones
+    "class token 1", "class token 2"; at the model's root without a leading space (``Tracer.new_set`` strips the
+    origin). Kills join_parts 132-138 (a token's label mutated; run tracer 11), which only messages read."""
+    torch.manual_seed(14)
+    model = TokenJoined("positions", tokens).to(DTYPE)
+    model = Wrapped(model) if wrapped else model
+    inputs = torch.randn(3, 4, 3, dtype=DTYPE)
+    assert [origin for _, _, origin in make_plan(trace_model(model, inputs, model)).set_names] == names
+    exact(model, inputs)
+
+
 # ----------------------------------------------------------------------------- shape_op
 class JoinedByKeyword(nn.Module):
     """``torch.cat(tensors=..., dim=...)`` (no positional argument) of ``form``'s parts."""
@@ -1126,3 +1158,36 @@ def test_an_activation_shaped_like_its_own_input_is_exact(form):
     (found by mut23; fails on the code before)."""
     torch.manual_seed(16)
     exact(ShapedLike(SHAPED_LIKE[form]).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+class GrowingLoop(nn.Module):
+    """An Elman loop through ``recurrent_step`` whose later steps add a map (``extra``): no fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map, self.recurrent_map, self.extra, self.head = (nn.Linear(3, 4), nn.Linear(4, 4),
+                                                                     nn.Linear(4, 4), nn.Linear(4, 2))
+
+    def step(self, h, x_t):
+        new = torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+        return torch.tanh(self.extra(new)) if self.t > 0 else new
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            self.t = t
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_loop_whose_later_steps_make_another_set_names_that_set_in_the_warning():
+    """A folded step that creates a set the first step did not: the loop is converted unrolled, exactly, and the
+    warning names the set by its origin (``extra``) in full. Kills new_set 6 (the origin not handed to
+    ``fold_set``: "(None)"), which only ``test_convert_recurrent_values.py``, outside the group's list, killed."""
+    torch.manual_seed(21)
+    message = ("to_graph: a recurrent loop of GrowingLoop does not fold over time (step creates more neuron sets "
+               "than the first step (extra)); every loop is converted unrolled, exactly (docs/recurrent.md). Pass "
+               "fold_time=False to ask for the unrolled layout")
+    with pytest.warns(UserWarning) as caught:
+        exact(GrowingLoop().to(DTYPE), torch.randn(3, 3, 3, dtype=DTYPE))
+    assert [str(warning.message) for warning in caught] == [message]
