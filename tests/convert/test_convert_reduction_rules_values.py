@@ -309,6 +309,41 @@ def test_a_fill_value_by_keyword_is_checked_as_one_by_position():
                          "added to neurons (a bias) or multiplied with them (a scale): write h + b or h * s"), text
 
 
+class FrozenMask(nn.Module):
+    """``h.masked_fill(mask=m, value=0.5)`` with the mask held as a frozen boolean ``nn.Parameter`` (as a model
+    loaded whole may hold one), alike for all features or per feature."""
+
+    def __init__(self, per_feature: bool) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        mask = torch.tensor([True, False, True, False]) if per_feature else torch.ones(4, dtype=torch.bool)
+        self.m = nn.Parameter(mask, requires_grad=False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(x)).masked_fill(mask=self.m, value=0.5))
+
+
+@pytest.mark.parametrize("per_feature", [False, True], ids=["alike", "per feature"])
+def test_a_mask_held_as_a_frozen_boolean_parameter_is_no_selected_value(per_feature):
+    """``masked_fill``'s mask is no value the op selects: a frozen boolean parameter as the mask converts exactly
+    (the set moved only where the mask is alike for all features), where a parameter as the fill is refused. Kills
+    ``mask_op`` 10 (the mask read as a selected value: refused as "the parameter 'm' is a value the op
+    selects")."""
+    torch.manual_seed(0)
+    model, inputs = FrozenMask(per_feature).to(DTYPE), _inputs()
+    gradgraph.convert.clear_structure_cache()
+    per_sample = gradgraph.to_graph(model, inputs, None, squared).per_sample_grads()
+    trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    assert set(trained) <= set(per_sample) and set(trained) == {"a.weight", "a.bias", "out.weight", "out.bias"}
+    for index in range(inputs.shape[0]):  # torch.func cannot take the boolean parameter: a per-datapoint loop
+        model.zero_grad()
+        squared(model(inputs[index:index + 1]), None).sum().backward()
+        for name, param in trained.items():
+            torch.testing.assert_close(per_sample[name][index], param.grad, atol=1e-10, rtol=0, msg=name)
+    _, _, perm = assert_group_keeps_function(model, _inputs(), None, squared, seed=5)
+    assert bool((perm[3:7] != torch.arange(3, 7)).any()) != per_feature
+
+
 # ------------------------------------------------------------------------------------------ softmax
 SOFTMAXES = {
     # [b, F, 2]: the features on axis 1, a copy along axis 2. The axis by position: over the features, or none
