@@ -40,13 +40,13 @@ def _unique_pairs(first: Tensor, second: Tensor) -> Tensor:
     return torch.stack((codes // scale, codes % scale))
 
 
-
 def mask_operands(name: str, args: tuple, kwargs: dict) -> tuple:
     """``torch.where``'s ``(condition, input, other)`` or ``masked_fill``'s ``(input, mask, value)``, each given by
     position or keyword (``torch.where(mask, h, other=0.0)``, ``h.masked_fill(mask=m, value=0.0)``); ``None``
     where one is not given."""
     keys = ("condition", "input", "other") if name in WHERE else ("input", "mask", "value")
     return tuple(args) + tuple(kwargs.get(key) for key in keys[len(args):])
+
 
 class ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, masks, comparisons."""
