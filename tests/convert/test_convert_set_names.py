@@ -11,6 +11,7 @@ that changed only those names (docs/mutation.md); the mutants named are numbered
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from convert_values import exact
 from test_convert_conv_set_names import DTYPE, assert_exact_by_loop, origins
 from torch import nn
@@ -115,3 +116,46 @@ def test_the_copies_of_repeated_parts_are_named_by_their_module_or_op():
     inputs = torch.randn(4, 3, dtype=DTYPE)
     assert_exact_by_loop(model, inputs)
     assert origins(model, inputs) == ["input", "a", "crelu part 1", "b", "torch.cat part 1", "c"]
+
+
+class NormBlock(nn.Module):
+    """``side(h)`` (which makes ``h`` the act of ``lin``'s neurons), then a batch norm of ``relu(h)``, and the
+    product of the normalised values with another layer's (a set that combines two)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.side, self.bn, self.other = nn.Linear(3, 4), nn.Linear(4, 1), nn.BatchNorm1d(4), nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        side = self.side(h)  # first: h is the act of lin's neurons when the norm reads relu(h)
+        return side, torch.tanh(self.bn(torch.relu(h))) * torch.tanh(self.other(x))
+
+
+class Norms(nn.Module):
+    """The block, then ``F.batch_norm`` with running statistics at the model's root."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = NormBlock(), nn.Linear(4, 1)
+        self.weight, self.bias = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4))
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        side, product = self.block(x)
+        return side + self.head(torch.tanh(F.batch_norm(product, self.mean, self.var, self.weight, self.bias)))
+
+
+def test_batch_norms_and_a_product_of_two_sets_are_named_by_module_or_op():
+    """Exact (eval mode); the norm's sets are ``'block.bn'`` in its module and ``'torch.nn.functional.batch_norm'``
+    at the root, the set ``relu(h)`` takes before the norm ``'block.bn torch.nn.functional.batch_norm'``, the
+    product's ``'block Tensor.mul'``. Kills ``rules_norm.batch_norm`` 157 (the copy named ``'block.bn None'``),
+    177 (the norm's sets named ``None``) and 183 (by the op inside a module)."""
+    torch.manual_seed(0)
+    model = Norms().to(DTYPE).eval()
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    assert_exact_by_loop(model, inputs)
+    assert origins(model, inputs) == ["input", "block.lin", "block.side", "block.bn torch.nn.functional.batch_norm",
+                                      "block.bn", "block.other", "block Tensor.mul", "torch.nn.functional.batch_norm",
+                                      "head"]
