@@ -159,3 +159,47 @@ def test_batch_norms_and_a_product_of_two_sets_are_named_by_module_or_op():
     assert origins(model, inputs) == ["input", "block.lin", "block.side", "block.bn torch.nn.functional.batch_norm",
                                       "block.bn", "block.other", "block Tensor.mul", "torch.nn.functional.batch_norm",
                                       "head"]
+
+
+class JumpingMax(nn.Module):
+    """JumpingKnowledge's max of two layers' values stacked along a new axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        first = torch.tanh(self.a(x))
+        return torch.stack([first, torch.tanh(self.b(first))], -1).amax(-1)
+
+
+class JumpingHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.jump, self.head = JumpingMax(), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.jump(x))
+
+
+class MeanPooled(nn.Module):
+    """A 1-D convolution, then the mean over its positions at the model's root (global average pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(2, 3, 3, padding=1), nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2,)))
+
+
+def test_a_stacked_max_and_a_global_mean_pooling_are_named_by_module_or_op():
+    """Exact; the merged set of the stacked max is ``'jump Tensor.amax'``, the pooled channels at the root
+    ``'Tensor.mean'``. Kills ``rules_elementwise.merge_stacked`` 93 (the merged set named ``'jump None'``)."""
+    torch.manual_seed(0)
+    stacked, inputs = JumpingHead().to(DTYPE), torch.randn(4, 3, dtype=DTYPE)
+    assert_exact_by_loop(stacked, inputs)
+    assert origins(stacked, inputs) == ["input", "jump.a", "jump.b", "jump Tensor.amax", "head"]
+    pooled, signals = MeanPooled().to(DTYPE), torch.randn(4, 2, 6, dtype=DTYPE)
+    assert_exact_by_loop(pooled, signals)
+    assert origins(pooled, signals) == ["input", "conv", "Tensor.mean", "head"]
