@@ -614,8 +614,8 @@ def test_an_initial_state_asking_for_its_gradient_that_no_op_computes_is_refused
         gradgraph.to_graph(model, sequence(steps=4), None, squared_output)
     assert [str(warning.message) for warning in caught] == [
         "to_graph: a recurrent loop of Varying does not fold over time (an initial state that is no neuron value); "
-        "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the unrolled "
-        "layout"]
+        "traced unrolled, the forward is refused (the error below). Pass fold_time=False to ask for the unrolled "
+        "layout"]  # it claimed "every loop is converted unrolled, exactly" before session 20
 
 
 class LearnedInitialState(nn.Module):
@@ -993,3 +993,28 @@ def test_a_loop_whose_initial_state_is_a_learned_table_row_is_unrolled_with_the_
     model = LearnedStateFromATable().to(DTYPE).eval()
     inputs = sequence(steps=4)
     assert_unrolled_exactly(model, inputs, "a state that does not depend on the model input")
+
+
+class LearnedStateThroughAMap(LearnedStateFromATable):
+    """The table row read by the step's recurrent map: ``h_t = tanh(inp(x_t) + rec(h_{t-1}))``, ``h_0`` the row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rec = nn.Linear(4, 4)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+
+def test_a_loop_that_does_not_fold_and_is_refused_unrolled_says_so():
+    """The loop does not fold (a state that does not depend on the model input) and, unrolled, ``rec`` reads values
+    that do not depend on the input: refused, after a warning that names why the loop did not fold and that the
+    unrolled trace is refused. Before session 20 the warning said "every loop is converted unrolled, exactly" for a
+    model that was then not converted (found by mut33)."""
+    torch.manual_seed(28)
+    with pytest.warns(UserWarning) as caught, pytest.raises(UnsupportedOperationError, match="module 'rec' of type"):
+        gradgraph.to_graph(LearnedStateThroughAMap().to(DTYPE).eval(), sequence(steps=4), None, squared_output)
+    assert [str(warning.message) for warning in caught] == [
+        "to_graph: a recurrent loop of LearnedStateThroughAMap does not fold over time (a state that does not depend "
+        "on the model input); traced unrolled, the forward is refused (the error below). Pass fold_time=False to ask "
+        "for the unrolled layout"]

@@ -178,6 +178,7 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     refuse_graph_attention(model)  # GATConv & co.: attention over a data graph's neighbours, by name
     attempts = [(True, fold_time), (False, fold_time)]
     folded_error: UnsupportedModuleError | None = None
+    unfold_reason: str | None = None
     while attempts:
         # an input read as convolution windows and again: read it as channels; a loop whose
         # steps do not fold: unroll it
@@ -199,10 +200,12 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
         except InputReadAgain:
             continue
         except FoldMismatch as mismatch:
-            _unfolded(model, str(mismatch))
+            unfold_reason = str(mismatch)  # said once the unrolled trace ends: converted, or refused
             attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
             continue
         except UnsupportedModuleError as error:
+            if unfold_reason is not None:  # the unrolled trace refused: no "converted unrolled" claim
+                _unfolded(model, unfold_reason, "traced unrolled, the forward is refused (the error below)")
             if folded_error is not None:
                 raise folded_error from None
             if not (fold and tracer.fold_seen):
@@ -211,6 +214,8 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
             attempts = [(input_taps, False)] + [(taps, False) for taps, _ in attempts]
             continue
         break
+    if unfold_reason is not None:
+        _unfolded(model, unfold_reason)
     if folded_error is not None:
         _unfolded(model, f"folded, the forward was refused: {folded_error}")
     return TraceResult(fold_time=fold,
@@ -222,14 +227,15 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
         log=tracer.log, derived=tracer.derived)
 
 
-def _unfolded(model: nn.Module, reason: str) -> None:
-    """Say that a model's recurrent loops were asked to fold and are converted unrolled (exactly)."""
+def _unfolded(model: nn.Module, reason: str,
+              outcome: str = "every loop is converted unrolled, exactly (docs/recurrent.md)") -> None:
+    """Say that a model's recurrent loops were asked to fold and do not, and what came of it (by default:
+    converted unrolled, exactly)."""
     # the user's call of to_graph / convert_closure: the first frame outside gradgraph and torch (a fixed
     # stacklevel pointed into gradgraph's traced.py)
     _, steps = user_frame(sys._getframe(1))
     warnings.warn(f"to_graph: a recurrent loop of {type(model).__name__} does not fold over time ({reason}); "
-                  "every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for "
-                  "the unrolled layout", UserWarning, stacklevel=2 + steps)
+                  f"{outcome}. Pass fold_time=False to ask for the unrolled layout", UserWarning, stacklevel=2 + steps)
 
 
 def _user_frame(traceback: Any) -> str:
