@@ -18,7 +18,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_values import squared
 from torch import nn
+from traced_models import assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph.errors import UnsupportedModuleError
@@ -28,24 +30,15 @@ from gradgraph.convert.trace import trace_model
 DTYPE = torch.float64
 
 
-def squared(output, targets):
-    return output.square().sum(-1)
-
-
 def origins(model, inputs) -> list[str]:
     """Every neuron set's origin, in the graph's node order."""
     return [origin for _, _, origin in make_plan(trace_model(model, inputs, model)).set_names]
 
 
 def assert_exact_by_loop(model, inputs):
-    """Per-sample gradients equal to one backward pass per datapoint (1e-10)."""
+    """Converted afresh, per-sample gradients equal to one backward pass per datapoint (1e-10)."""
     gradgraph.convert.clear_structure_cache()
-    per_sample = gradgraph.to_graph(model, inputs, None, squared).per_sample_grads()
-    for index in range(inputs.shape[0]):
-        model.zero_grad()
-        squared(model(inputs[index:index + 1]), None).sum().backward()
-        for name, param in model.named_parameters():
-            torch.testing.assert_close(per_sample[name][index], param.grad, atol=1e-10, rtol=0, msg=name)
+    assert_matches_autograd_loop(model, inputs, None, squared)
 
 
 class Block(nn.Module):
