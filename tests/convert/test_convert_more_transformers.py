@@ -1,0 +1,160 @@
+"""More ``transformers`` families, tried as a new user would: each converts exactly or is refused by name.
+
+Tiny configs built in code (no download), float64. ``test_convert_models.py`` covers the families the
+converter was written against; these come from a trial of more families (OLMo, OLMo2, Gemma2, Cohere,
+Granite, Mistral, Phi3, Qwen2, Persimmon, BioGPT, XGLM, ELECTRA, MobileBERT, Funnel, DeBERTa and DeBERTa-v2,
+SqueezeBERT, ConvBERT, RoFormer, ESM, Mamba, Data2VecText, CamemBERT, ERNIE, MegatronBERT,
+RemBERT, BART's decoder, Mixtral and Qwen2-MoE) through ``to_graph`` and a per-datapoint autograd loop, under
+eager and SDPA attention: none gave a wrong per-sample gradient (the norm weights of stock Gemma2 and Cohere
+differed at float32 precision, the precision their norms compute in whatever the model's dtype). Each
+converting family with a construction the older tests lack is checked here for exact per-sample gradients and
+a sampled element of its inferred group that keeps the function and maps the graph; each refused one for the
+error naming the construction.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from traced_models import assert_group_keeps_function, assert_matches_autograd_loop
+
+import gradgraph
+from gradgraph import UnsupportedModuleError
+
+DTYPE = torch.float64
+PAD = 1
+SMALL = dict(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
+             max_position_embeddings=16)
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+def padded_ids(seed: int = 0, batch: int = 3, length: int = 6, vocab: int = 20) -> torch.Tensor:
+    """``[batch, length]`` token ids with padding at the end of the first and last sequences."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(PAD + 1, vocab, (batch, length), generator=generator)
+    ids[0, length - 2:] = PAD
+    ids[-1, length - 1:] = PAD
+    return ids
+
+
+class Called(nn.Module):
+    """A ``transformers`` model called as its users call it, token ids the only input."""
+
+    def __init__(self, model: nn.Module, output: str, causal: bool) -> None:
+        super().__init__()
+        self.model, self.output, self.causal = model, output, causal
+
+    def forward(self, ids):
+        extra = {"use_cache": False} if self.causal else {}
+        return getattr(self.model(input_ids=ids, attention_mask=(ids != PAD).long(), **extra), self.output)
+
+
+def squared_norm(output, _targets):
+    """``[b]``: every output of a datapoint squared and summed (a loss that reads every token)."""
+    return output.pow(2).reshape(output.shape[0], -1).sum(1)
+
+
+def next_token_loss(logits, targets):
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1)
+
+
+def _rms_norm(self, hidden):
+    return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _centred_norm(self, hidden):
+    centred = hidden - hidden.mean(-1, keepdim=True)
+    return self.weight * (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+#: Families whose norms compute in float32 whatever the model's dtype (``hidden_states.to(torch.float32)``,
+#: as Llama's): their norm's math runs without that cast here, so the checks can be exact in float64 (a
+#: stock float32 norm in a float64 model is ``test_convert_models.py``'s Gemma test). name -> (module, class,
+#: forward without the cast)
+FLOAT32_NORMS = {
+    "cohere": ("cohere", "CohereLayerNorm", _centred_norm),
+    "granite": ("granite", "GraniteRMSNorm", _rms_norm),
+    "olmo2": ("olmo2", "Olmo2RMSNorm", _rms_norm),
+    "phi3": ("phi3", "Phi3RMSNorm", _rms_norm),
+}
+
+#: name -> (config class, model class, config options, attention implementation, nodes a group element moves at least)
+CONVERTING = {
+    # q/k norms over all heads at once (not per head)
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2, **SMALL), "sdpa", 20),
+    # parallel attention and MLP off one LayerNorm without bias, logits scaled
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(num_key_value_heads=2, **SMALL), "eager", 20),
+    # scalar multipliers on embeddings, residuals, attention and logits
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(num_key_value_heads=2, **SMALL), "sdpa", 20),
+    # fused q/k/v and fused gate/up projections
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0, **SMALL), "eager", 20),
+    # embeddings scaled by sqrt(d), learned positions offset by 2
+    "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(SMALL), "sdpa", 20),
+    # disentangled attention: content-to-position and position-to-content scores from relative embeddings
+    "deberta_v2": ("DebertaV2Config", "DebertaV2Model", dict(pad_token_id=PAD, **SMALL), "eager", 20),
+    # pre-norm BERT
+    "megatron_bert": ("MegatronBertConfig", "MegatronBertModel", dict(pad_token_id=PAD, **SMALL), "eager", 20),
+    # input and output embeddings of their own widths
+    "rembert": ("RemBertConfig", "RemBertModel", dict(input_embedding_size=8, output_embedding_size=8,
+                                                      pad_token_id=PAD, **SMALL), "eager", 20),
+}
+
+
+def _build(transformers, name):
+    config_class, model_class, options, attention, min_moved = CONVERTING[name]
+    config = getattr(transformers, config_class)(**options)
+    config._attn_implementation = attention
+    causal = model_class.endswith("CausalLM")
+    model = Called(getattr(transformers, model_class)(config), "logits" if causal else "last_hidden_state", causal)
+    return model.to(DTYPE).eval(), causal, min_moved
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTING))
+def test_more_transformers_families_convert_exactly_with_a_true_group(transformers, name, monkeypatch):
+    if name in FLOAT32_NORMS:
+        module, norm, forward = FLOAT32_NORMS[name]
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        monkeypatch.setattr(getattr(modeling, norm), "forward", forward)
+    torch.manual_seed(21)
+    model, causal, min_moved = _build(transformers, name)
+    ids = padded_ids()
+    targets, loss_fn = (padded_ids(2), next_token_loss) if causal else (None, squared_norm)
+    assert_matches_autograd_loop(model, ids, targets, loss_fn)
+    moved, _, _ = assert_group_keeps_function(model, ids, targets, loss_fn)
+    assert moved >= min_moved, moved
+
+
+#: name -> (config class, model class, config options, words of the refusal)
+REFUSED = {
+    # top-k routing of tokens to experts
+    "mixtral_experts": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=3,
+                                                                    num_experts_per_tok=2, **SMALL),
+                        r"torch\.topk: gradgraph has no rule for this op"),
+    # a LayerNorm over each head's features, its parameters shared by the heads
+    "persimmon_head_norms": ("PersimmonConfig", "PersimmonForCausalLM", dict(SMALL),
+                             r"layer_norm: these values do not hold one neuron per feature"),
+    # the state-space scan's A = -exp(A_log)
+    "mamba_selective_scan": ("MambaConfig", "MambaForCausalLM", dict(vocab_size=20, hidden_size=8, state_size=4,
+                                                                     num_hidden_layers=1, expand=2, conv_kernel=3),
+                             r"the parameter '.*A_log' used where gradgraph expects neuron values"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_more_transformers_families_are_refused_by_name(transformers, name):
+    config_class, model_class, options, words = REFUSED[name]
+    torch.manual_seed(21)
+    config = getattr(transformers, config_class)(**options)
+    config._attn_implementation = "eager"
+    # float32: the experts' grouped matmul runs in no other floating dtype
+    model = Called(getattr(transformers, model_class)(config), "logits", causal=True).eval()
+    with pytest.raises(UnsupportedModuleError, match=words):
+        gradgraph.to_graph(model, padded_ids(), padded_ids(2), next_token_loss)
