@@ -56,6 +56,10 @@ class ElementwiseRules:
         meta = self.need_neurons(x, name)
         if meta is None:
             return None
+        # an op on part of a set (relu of h[:, :2], tanh of the rest) treats its neurons unlike the others:
+        # that part is a piece of its own, or the set is pinned (a permutation of the whole set would move
+        # the part's neurons onto the others)
+        self.separate_mixed_part(meta)
         versions = self.next_version(meta.versions)
         for index in meta.versions:
             neuron_set = self.sets[index]
