@@ -488,13 +488,16 @@ class GroupedConv(nn.Module):
 def test_a_grouped_convolution_shares_no_entry_between_its_groups():
     """Nodes: input 0, ``a``'s channels 1-4, their copies read by ``c`` 5-8, ``c``'s channels 9-12, their
     means 13-16, ``o`` 17-18. ``c``'s weight is read at one site per group, slices that share no entry: they
-    tie nothing, and each group's channels permute within it (``a``'s with their copies, ``c``'s with their
-    means). Kills _shared_parameter_ties 58 (sites that share no entry read as shared: pinned)."""
+    tie nothing (kills _shared_parameter_ties 58: sites that share no entry read as shared, pinned); each
+    group's channels permute within it (``a``'s with their copies, tie 0; ``c``'s with their means, tie 1),
+    and the two groups are the blocks of one permutation group: whole groups move together."""
     torch.manual_seed(13)
     graph, moved = converted(GroupedConv().to(DTYPE), torch.randn(4, 1, 5, dtype=DTYPE))
     assert moved > 0
     assert_layout(graph, layer=runs((0, 1), (1, 4), (2, 4), (3, 4), (4, 4), (5, 2)),
-                  perm_group=[-1] + [0, 0, 1, 1] * 2 + [2, 2, 3, 3] * 2 + [-1, -1])
+                  perm_group=[-1] + [0] * 16 + [-1, -1],
+                  perm_block=[-1] + [0, 0, 1, 1] * 4 + [-1, -1],
+                  perm_tie=[-1] + [0] * 8 + [1] * 8 + [-1, -1])
 
 
 class SharedConv(nn.Module):

@@ -33,28 +33,13 @@ import math
 import torch
 from torch import Tensor
 
+from gradgraph.convert.blocks import UnionFind, parallel_blocks
 from gradgraph.convert.plan import TracePlan, plan_records, slot_copy
 from gradgraph.convert.trace import NeuronSet, TraceResult
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import ActivationKind, EdgeKind, NodeKind
 
 # --------------------------------------------------------------------- layout
-class _UnionFind:
-    def __init__(self, size: int) -> None:
-        self.parent = list(range(size))
-
-    def find(self, item: int) -> int:
-        while self.parent[item] != item:
-            self.parent[item] = self.parent[self.parent[item]]
-            item = self.parent[item]
-        return item
-
-    def union(self, a: int, b: int) -> None:
-        root_a, root_b = self.find(a), self.find(b)
-        if root_a != root_b:
-            self.parent[max(root_a, root_b)] = min(root_a, root_b)
-
-
 def _roles(trace: TraceResult) -> Tensor:
     """Per node: the NodeKind an attention op gave it, or -1."""
     roles = torch.full((trace.num_nodes,), -1, dtype=torch.long)
@@ -171,8 +156,8 @@ def make_plan(trace: TraceResult) -> TracePlan:
         activation[rows] = int(label)
 
     # ---- symmetry classes over final sets
-    union = _UnionFind(len(pieces))
-    node_union = _UnionFind(num_nodes)
+    union = UnionFind(len(pieces))
+    node_union = UnionFind(num_nodes)
     for a, b in trace.ties:
         for x, y in zip(a.tolist(), b.tolist()):
             union.union(int(set_of_node[x]), int(set_of_node[y]))
@@ -233,23 +218,64 @@ def make_plan(trace: TraceResult) -> TracePlan:
     for index, (_, low, high, _) in enumerate(pieces):
         position[low:high] = torch.arange(high - low)
     attention_nodes = roles >= 0
-    group = 0
-    for root in sorted(classes):
-        members = classes[root]
-        member_sets = [pieces[m][0] for m in members]
-        nodes = torch.cat([torch.arange(pieces[m][1], pieces[m][2]) for m in members])
+
+    def class_nodes(root: int) -> Tensor:
+        return torch.cat([torch.arange(pieces[m][1], pieces[m][2]) for m in classes[root]])
+
+    ranks_of_class: dict[int, Tensor | None] = {}
+
+    def free_ranks(root: int) -> Tensor | None:
+        """The flat ranks of a class no rule fixes and no attention op splits into heads, else ``None``."""
+        if root not in ranks_of_class:
+            ranks_of_class[root] = _free_ranks(root)
+        return ranks_of_class[root]
+
+    def fixed(root: int) -> bool:
         # the one place that fixes token-table and position rows (a token id names its row): the
         # embedding rules leave their sets unpinned and are recognised here by created_by
-        if any(s.pinned or s.index in shared_pinned or s.index in reaching_output or s.created_by in ("input", "token")
-               for s in member_sets):
+        return any(s.pinned or s.index in shared_pinned or s.index in reaching_output
+                   or s.created_by in ("input", "token") for s in (pieces[m][0] for m in classes[root]))
+
+    def _free_ranks(root: int) -> Tensor | None:
+        nodes = class_nodes(root)
+        if fixed(root) or bool(attention_nodes[nodes].any()):
+            return None
+        slots = torch.tensor([node_union.find(n) for n in nodes.tolist()])
+        return _flat_ranks(nodes, slots, set_of_node)
+
+    layer = _depths(trace.edges, set_of_node, len(pieces), _back_pieces(trace, pieces))
+    edge_param_pos = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
+    root_of_piece = {index: root for root, members in classes.items() for index in members}
+    labels = (layer, node_kind, activation)
+
+    def class_sets(root: int) -> list[int]:
+        return [pieces[m][0].index for m in classes[root]]
+
+    blocked = parallel_blocks(trace, set_of_node, root_of_piece, free_ranks, class_nodes, class_sets, labels,
+                              (edge_index, edge_kind, edge_param, edge_param_pos), (node_param, node_param_pos))
+    in_blocks = {root: first for first, blocks in blocked.items() for block in blocks for root in block}
+    group = 0
+    for root in sorted(classes):
+        if root in in_blocks:
+            if in_blocks[root] != root:
+                continue
+            # whole groups of a grouped op move together: each group a block, each class of it a tie
+            for block_index, block in enumerate(blocked[root]):
+                for tie_index, member in enumerate(block):
+                    nodes = class_nodes(member)
+                    position[nodes] = free_ranks(member)
+                    perm_block[nodes] = block_index
+                    perm_tie[nodes] = tie_index
+                    perm_group[nodes] = group
+            group += 1
             continue
+        nodes = class_nodes(root)
         if bool(attention_nodes[nodes].any()):
-            if not bool(attention_nodes[nodes].all()) or not _assign_heads(trace, nodes, set_of_node, perm_block,
-                                                                          perm_tie, position, pieces):
+            if fixed(root) or not bool(attention_nodes[nodes].all()) or not _assign_heads(
+                    trace, nodes, set_of_node, perm_block, perm_tie, position, pieces):
                 continue
         else:
-            slots = torch.tensor([node_union.find(n) for n in nodes.tolist()])
-            ranks = _flat_ranks(nodes, slots, set_of_node)
+            ranks = free_ranks(root)
             if ranks is None:
                 continue
             position[nodes] = ranks
@@ -260,7 +286,7 @@ def make_plan(trace: TraceResult) -> TracePlan:
 
     structure = {
         "edge_index": edge_index,
-        "layer": _depths(trace.edges, set_of_node, len(pieces), _back_pieces(trace, pieces)),
+        "layer": layer,
         "node_kind": node_kind,
         "edge_kind": edge_kind,
         "activation": activation,
@@ -271,7 +297,7 @@ def make_plan(trace: TraceResult) -> TracePlan:
         "node_param": node_param,
         "node_param_pos": node_param_pos,
         "edge_param": edge_param,
-        "edge_param_pos": torch.cat(positions) if positions else torch.empty(0, dtype=torch.long),
+        "edge_param_pos": edge_param_pos,
     }
     return TracePlan(
         fingerprints=list(trace.fingerprints),
@@ -368,6 +394,7 @@ def _shared_parameter_ties(trace: TraceResult) -> tuple[list[tuple[Tensor, Tenso
                     pairs = torch.unique(torch.stack((table[pos[~seen]][again], nodes[~seen][again])), dim=1)
                     ties.append((pairs[0], pairs[1]))
     return ties, pinned
+
 
 
 def _is_function(nodes: Tensor, index: Tensor) -> bool:

@@ -146,6 +146,9 @@ class NeuronSet:
     pinned: bool = False
     #: affine | input | token | norm | merge | attention | scale | pool | embedding | previous
     created_by: str = "affine"
+    #: the index of the op of the forward whose rule made it (sets one op made for every group of a
+    #: grouped op are alike: the layout's whole-group blocks)
+    created_at: int = -1
 
     def holds(self, nodes: Tensor) -> Tensor:
         """Boolean mask of the same shape: which of the node ids ``nodes`` are this set's neurons."""

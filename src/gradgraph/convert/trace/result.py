@@ -56,6 +56,10 @@ class TraceResult:
         output: what the forward returned.
         inputs: the input as the model saw it (a leaf that requires grad for float inputs).
         num_datapoints: ``b``.
+        grouped: per grouped op (a grouped or depthwise convolution, run as one ``F.linear`` per
+            group), the set index of every group's output, in group order: the groups of one op are
+            alike by construction, so :func:`~gradgraph.convert.layout.make_plan` may let whole
+            groups move (their output sets hold nothing else).
     """
 
     sets: list[NeuronSet]
@@ -81,6 +85,7 @@ class TraceResult:
     #: the op log (producer of every tensor) and the values the rules computed themselves
     log: OpLog = field(repr=False, default=None)
     derived: dict[int, tuple[Tensor, int, tuple]] = field(repr=False, default_factory=dict)
+    grouped: list[list[int]] = field(default_factory=list)
 
     def source_of(self, tensor: Tensor) -> tuple:
         """Where a recorded tensor comes from, so a later call finds it again: ``("input",)``,

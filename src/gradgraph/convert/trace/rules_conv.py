@@ -130,6 +130,8 @@ def convolution_parts(func: Any, args: tuple, kwargs: dict) -> Any:
             group_weight = weight if groups == 1 else weight[rows]
             group_bias = bias if bias is None or groups == 1 else bias[rows]
             outputs.append(F.linear(part, group_weight.reshape(out_channels, channels * taps), group_bias))
+        if groups > 1:  # alike by construction: the tracer records them (Tracer.record_groups)
+            run.group_outputs = outputs
         out = outputs[0] if groups == 1 else torch.cat(outputs, dim=-1)
         return out.movedim(-1, 1)
 

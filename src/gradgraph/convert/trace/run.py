@@ -224,7 +224,7 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
         param_shapes=tracer.param_shapes, params=tracer.params, fingerprints=tracer.log.fingerprints,
         value_guards=tracer.value_guards, output_sets=_output_sets(tracer, output), captured=tracer.captured,
         module_outputs=tracker.module_outputs, output=output, inputs=x, num_datapoints=tracer.num_datapoints,
-        log=tracer.log, derived=tracer.derived)
+        log=tracer.log, derived=tracer.derived, grouped=tracer.grouped)
 
 
 def _unfolded(model: nn.Module, reason: str,

@@ -105,6 +105,10 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
         #: nodes where the layout cuts a set into pieces (the two halves of a fused gated unit)
         self.cuts: set[int] = set()
         self.attention: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
+        #: per grouped op, the set of every group's output (TraceResult.grouped), and the node span of those
+        #: still claimed alike with the group of each of its nodes (note_group_parts)
+        self.grouped: list[list[int]] = []
+        self.grouped_spans: dict[int, tuple[int, int, Tensor]] = {}
         self.num_nodes = 0
         self.keys: list[int] = []
         self.param_names: list[str] = []
@@ -151,6 +155,18 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
 
     def set_meta(self, tensor: Tensor, meta: Any) -> None:
         self.metas[id(tensor)] = (tensor, meta)
+        if self.grouped_spans and isinstance(meta, Neurons):
+            self.note_group_parts(meta.nodes)
+
+    def note_group_parts(self, nodes: Tensor) -> None:
+        """A value holding the outputs of some groups of a grouped op but not all (``y[:, :2] * 2`` after a
+        grouped convolution) may treat them unlike the others, which the graph would not show: that op's
+        groups are no longer claimed alike (``TraceResult.grouped`` loses the record)."""
+        for number, (low, high, group_of_node) in list(self.grouped_spans.items()):
+            inside = nodes[(nodes >= low) & (nodes < high)]
+            if inside.numel() and torch.unique(group_of_node[inside - low]).numel() != int(group_of_node[-1]) + 1:
+                self.grouped[number] = []
+                del self.grouped_spans[number]
 
     def param_index(self, param: Tensor) -> int:
         index = self._param_index.get(id(param))
@@ -210,7 +226,8 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
             reused = self.fold_set(size, kind, origin, created_by)
             if reused is not None:
                 return reused
-        neuron_set = NeuronSet(len(self.sets), self.num_nodes, size, kind, origin, created_by=created_by)
+        neuron_set = NeuronSet(len(self.sets), self.num_nodes, size, kind, origin, created_by=created_by,
+                               created_at=self.op_index)
         self.sets.append(neuron_set)
         self.num_nodes += size
         if self.fold is not None:
@@ -219,6 +236,28 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
 
     def set_of(self, node: int) -> NeuronSet:
         return set_containing(self.sets, node)
+
+    def record_groups(self, outputs: list[Tensor] | None) -> None:
+        """Keep the output set of every group of a grouped op (``TraceResult.grouped``), when each
+        group's output is the whole of one set of its own (as the ``F.linear`` of a group makes it)."""
+        if not outputs:
+            return
+        sets = []
+        for output in outputs:
+            meta = self.meta(output)
+            if not isinstance(meta, Neurons):
+                return
+            found = self.sets_in(meta.nodes)
+            if len(found) != 1 or found[0].size != output.shape[-1] or found[0].created_by != "affine":
+                return
+            sets.append(found[0].index)
+        first, last = self.sets[sets[0]], self.sets[sets[-1]]
+        if sets != list(range(sets[0], sets[0] + len(sets))):
+            return  # made one after the other by the op: consecutive sets, consecutive nodes
+        sizes = torch.tensor([self.sets[index].size for index in sets])
+        self.grouped_spans[len(self.grouped)] = (first.first, last.first + last.size,
+                                                 torch.repeat_interleave(torch.arange(len(sets)), sizes))
+        self.grouped.append(sets)
 
     def sets_in(self, nodes: Tensor) -> list[NeuronSet]:
         values = torch.unique(nodes[nodes >= 0]).tolist()
@@ -330,7 +369,9 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
             parts = softmax_parts(func, args, kwargs)
         if parts is not None:
             with self:  # the parts run under the trace: its rules follow them
-                return parts()
+                result = parts()
+            self.record_groups(getattr(parts, "group_outputs", None))
+            return result
         name = op_name(func)
         kwargs = numpy_keywords(name, kwargs)
         try:
