@@ -158,3 +158,53 @@ def test_more_transformers_families_are_refused_by_name(transformers, name):
     model = Called(getattr(transformers, model_class)(config), "logits", causal=True).eval()
     with pytest.raises(UnsupportedModuleError, match=words):
         gradgraph.to_graph(model, padded_ids(), padded_ids(2), next_token_loss)
+
+
+# ------------------------------------------------------------------ vision
+VISION = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12, image_size=16,
+              patch_size=8, num_channels=3)
+
+#: name -> (config class, model class, config options, output read, nodes a group element moves at least)
+VISION_CONVERTING = {
+    # quick-GELU, pre-norm, a class token, the pooled output through a final LayerNorm
+    "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", dict(VISION), "pooler_output", 10),
+    # layer scale: each block's output multiplied by a learned vector (lambda_1, lambda_2)
+    "data2vec_vision_layer_scale": ("Data2VecVisionConfig", "Data2VecVisionModel",
+                                    dict(layer_scale_init_value=0.5, **VISION), "last_hidden_state", 10),
+}
+
+
+class Looked(nn.Module):
+    """A vision model called on ``pixel_values``, one of its outputs read."""
+
+    def __init__(self, model: nn.Module, output: str) -> None:
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, pixels):
+        return getattr(self.model(pixel_values=pixels), self.output)
+
+
+def images(seed: int = 0) -> torch.Tensor:
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+@pytest.mark.parametrize("name", sorted(VISION_CONVERTING))
+def test_more_vision_models_convert_exactly_with_a_true_group(transformers, name):
+    config_class, model_class, options, output, min_moved = VISION_CONVERTING[name]
+    torch.manual_seed(21)
+    model = Looked(getattr(transformers, model_class)(getattr(transformers, config_class)(**options)), output)
+    model = model.to(DTYPE).eval()
+    assert_matches_autograd_loop(model, images(), None, squared_norm)
+    moved, _, _ = assert_group_keeps_function(model, images(), None, squared_norm)
+    assert moved >= min_moved, moved
+
+
+def test_beit_relative_position_bias_is_refused_as_a_parameter_read_where_neurons_go(transformers):
+    """BEiT's learned relative bias of the attention scores (a table, interpolated to the window): the
+    class of T5's and Swin's, refused naming the table and its module."""
+    config = transformers.BeitConfig(use_relative_position_bias=True, **VISION)
+    model = Looked(transformers.BeitModel(config), "last_hidden_state").to(DTYPE).eval()
+    with pytest.raises(UnsupportedModuleError, match=r"modeling_beit\.py:\d+ in BeitRelativePositionBias\.forward.*"
+                       r"the parameter '.*relative_position_bias_table' used where gradgraph expects neuron values"):
+        gradgraph.to_graph(model, images(), None, squared_norm)
