@@ -715,3 +715,24 @@ def test_an_op_of_scores_alone_without_a_rule_is_refused_saying_what_is_followed
     assert re.match(WHERE + re.escape(
         "Tensor.cumsum: uses attention scores in a way gradgraph has no rule for (it follows them through "
         "elementwise ops with constants, masks and a softmax over the keys), and its result reaches"), message), message
+
+
+SPLITS = {
+    "unbind over the datapoints": lambda self, q, k, v: torch.stack(scores(q, k).unbind(0)).softmax(-1) @ v,
+    "split over the datapoints": lambda self, q, k, v: torch.cat(scores(q, k).split(1, 0)).softmax(-1) @ v,
+    "chunk over the keys": lambda self, q, k, v: torch.cat(scores(q, k).chunk(2, -1), -1).softmax(-1) @ v,
+    "tensor_split over the heads": lambda self, q, k, v: torch.cat(torch.tensor_split(scores(q, k), 2, 1), 1).softmax(
+        -1) @ v,
+}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_scores_split_into_parts_are_refused_by_name(split):
+    """Scores split into parts (``unbind``, ``split``, ``chunk``, ``tensor_split``: a shape op whose result is a
+    tuple): refused, naming the op, as scores split into parts. A bug found triaging ``x__moves_datapoints``' last
+    survivors (issue 31, branch mut38): ``scores_op`` read the tuple's ``shape``, and a bare ``AttributeError``
+    ("'tuple' object has no attribute 'shape'") came out of ``to_graph``: no conversion, no refusal by name."""
+    message = refusal_of(SPLITS[split])
+    op = {"tensor_split over the heads": "torch.tensor_split"}.get(split, f"Tensor.{split.split()[0]}")
+    assert re.match(WHERE + re.escape(f"{op}: splits attention scores into parts, which gradgraph does not follow, "
+                                      "and its result reaches"), message), message
