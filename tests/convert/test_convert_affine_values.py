@@ -716,3 +716,57 @@ def test_position_ids_computed_from_the_ids_convert_in_place_and_are_refused_onc
     refused(SharedPositionIds(moved=True).to(DTYPE), token_ids(),
             ": embedding: its indices are computed from the input and their positions move before they join the "
             "token values; pass them in (e.g. position_ids) or compute them with elementwise ops on the ids")
+
+
+# ------------------------------------------------------------------ issue 31, branch mut38: the last survivors
+class OnePerRow(nn.Module):
+    """A value whose features sit on another axis than the last, the last of width 1: the features of the
+    first position, transposed (``a(x).transpose(1, 2)[..., :1]``, ``[b, 4, 1]``), or the tokens of a one-feature
+    value mixed by a Linear and transposed back (``[b, T, 1]``, a neuron per token); then a ``Linear(1, 2)``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "first position transposed":
+            self.a = nn.Linear(3, 4)
+        else:
+            self.a, self.mix = nn.Linear(3, 1), nn.Linear(4, 4)
+        self.head = nn.Linear(1, 2)
+
+    def forward(self, x):
+        if self.kind == "first position transposed":
+            return self.head(self.a(x).transpose(1, 2)[..., :1])
+        return self.head(torch.tanh(self.mix(self.a(x).transpose(1, 2)).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("kind", ["first position transposed", "one-feature tokens mixed"])
+def test_an_affine_map_over_a_last_axis_of_width_one_whose_rows_hold_other_neurons_is_refused(kind):
+    """A Linear over a last axis of width 1 whose rows (along another axis) hold different neurons: the
+    components cannot differ along an axis of width 1, only the rows do, and that alone is refused as an affine
+    map over positions. Kills affine 69 (``and`` for ``or``: both had to differ; the map converted, and the
+    conversion's own gradient check refused it, "the graph's gradient of 'head.weight' ... differs from
+    autograd's")."""
+    torch.manual_seed(0)
+    refused(OnePerRow(kind).to(DTYPE), torch.randn(5, 4, 3, dtype=DTYPE),
+            " (module 'head' of type Linear): torch.nn.functional.linear: applied to an axis that holds positions or "
+            "datapoints, not features (e.g. a Linear over tokens, as in MLP-Mixer); gradgraph needs affine maps over "
+            "the last, feature axis")
+
+
+class OneIdEmbedded(nn.Module):
+    """The token ids embedded, plus the embedding of one id (``ids[0, 0]``, a 0-d index)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, 3), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids) + self.emb(ids[0, 0]))
+
+
+def test_an_embedding_of_one_element_of_the_ids_is_refused_naming_the_embedding():
+    """``emb(ids[0, 0])``: a 0-d index read off the input has no datapoint axis; refused, naming the embedding.
+    Kills embedding 25 (the op name ``None`` handed to ``neurons_from_raw``: an ``AttributeError``)."""
+    torch.manual_seed(0)
+    refused(OneIdEmbedded().to(DTYPE), torch.randint(0, 10, (5, 4)),
+            " (module 'emb' of type Embedding): torch.nn.functional.embedding: the input must have a datapoint axis")

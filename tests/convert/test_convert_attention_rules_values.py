@@ -715,3 +715,265 @@ def test_an_op_of_scores_alone_without_a_rule_is_refused_saying_what_is_followed
     assert re.match(WHERE + re.escape(
         "Tensor.cumsum: uses attention scores in a way gradgraph has no rule for (it follows them through "
         "elementwise ops with constants, masks and a softmax over the keys), and its result reaches"), message), message
+
+
+SPLITS = {
+    "unbind over the datapoints": lambda self, q, k, v: torch.stack(scores(q, k).unbind(0)).softmax(-1) @ v,
+    "split over the datapoints": lambda self, q, k, v: torch.cat(scores(q, k).split(1, 0)).softmax(-1) @ v,
+    "chunk over the keys": lambda self, q, k, v: torch.cat(scores(q, k).chunk(2, -1), -1).softmax(-1) @ v,
+    "tensor_split over the heads": lambda self, q, k, v: torch.cat(torch.tensor_split(scores(q, k), 2, 1), 1).softmax(
+        -1) @ v,
+}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_scores_split_into_parts_are_refused_by_name(split):
+    """Scores split into parts (``unbind``, ``split``, ``chunk``, ``tensor_split``: a shape op whose result is a
+    tuple): refused, naming the op, as scores split into parts. A bug found triaging ``x__moves_datapoints``' last
+    survivors (issue 31, branch mut38): ``scores_op`` read the tuple's ``shape``, and a bare ``AttributeError``
+    ("'tuple' object has no attribute 'shape'") came out of ``to_graph``: no conversion, no refusal by name."""
+    message = refusal_of(SPLITS[split])
+    op = {"tensor_split over the heads": "torch.tensor_split"}.get(split, f"Tensor.{split.split()[0]}")
+    assert re.match(WHERE + re.escape(f"{op}: splits attention scores into parts, which gradgraph does not follow, "
+                                      "and its result reaches"), message), message
+
+
+# ---- issue 31, branch mut38: the last survivors of runs convert 15-16, 18, 22-26 (numbers of a fresh
+# .mutation/convert-attention-rules/ made from the file before 93dac38, the split refusal; the same as session 20's)
+
+
+def test_scores_moved_between_datapoints_with_the_input_given_by_keyword_are_refused():
+    """``torch.flip(input=scores, dims=(0,))``: the scores given by keyword, so the op has no positional argument
+    to replay; it counts as moving them, and is refused by name. Kills ``x__moves_datapoints__mutmut_8`` (that
+    guard's ``return False``: the flip *converted*, per-sample gradients off by 0.6 from a per-datapoint loop),
+    ``2`` and ``3`` (``and`` for an ``or``: an ``IndexError`` out of the trace). The same guard refuses
+    ``torch.flip(input=scores, dims=(-1,))``, a move within each datapoint that converts exactly under ``8``: a
+    refusal stricter than needed (mut38's report)."""
+    message = refusal_of(lambda self, q, k, v: torch.flip(input=scores(q, k), dims=(0,)).softmax(-1) @ v)
+    assert re.match(WHERE + re.escape("torch.flip: moves attention scores between datapoints (one datapoint's "
+                                      "attention would read another's scores), and its result reaches"),
+                    message), message
+
+
+def merged_scores_moved(move):
+    def attend(self, q, k, v):
+        weights = move(merged(q) @ merged(k).transpose(-1, -2)).softmax(-1)
+        return (weights @ merged(v)).reshape(q.shape)
+    return attend
+
+
+@pytest.mark.parametrize("move", ["keys flipped", "queries rolled", "transposed by mT"])
+def test_three_axis_scores_moved_within_each_datapoint_convert_exactly(move):
+    """Scores ``[b * H, T, T]`` (the heads on the batch axis) moved within each datapoint (its keys flipped, its
+    queries rolled, transposed by ``mT``): followed, each exact against torch.func's per-sample gradients at
+    1e-10. Kills ``x__datapoints_of_scores__mutmut_6`` (``shape[:+2]``) and ``8`` (``comps.shape[+2:]``): the
+    same slices for four-axis scores, but for three-axis ones the datapoints cannot be broadcast, the replay fails
+    and the move is refused as one between datapoints."""
+    convert(merged_scores_moved({"keys flipped": lambda s: s.flip(-1), "queries rolled": lambda s: s.roll(1, -2),
+                                 "transposed by mT": lambda s: s.mT}[move]))
+
+
+def test_scores_of_some_queries_only_are_refused_naming_the_op():
+    """``scores[..., :2, :]`` (the scores of the first two queries): the datapoint of each score cannot be read off
+    the queries' components for the sliced shape, so the op counts as moving scores and is refused, naming the op.
+    Kills ``x__moves_datapoints__mutmut_56`` (a replay that raises taken as no move: a ``RuntimeError`` out of
+    the trace). Only the op is matched: the refusal says "moves attention scores between datapoints", which a
+    slice of queries does not do (mut38's report: under ``56`` the same slice repeated back to ``T`` queries
+    converts exactly, a refusal stricter than needed, in misleading words)."""
+    message = refusal_of(lambda self, q, k, v: (scores(q, k)[..., :2, :].softmax(-1) @ v).repeat(1, 1, 2, 1))
+    assert re.match(WHERE + re.escape("Tensor.__getitem__: "), message), message
+
+
+def with_positions(model):
+    model.pos = nn.Embedding(T, D).to(DTYPE)
+
+
+def position_heads(self, q, heads: int = HEADS):
+    """A position embedding ``pos(arange(T))`` viewed as ``heads`` heads of every datapoint: neurons that do not
+    depend on the input (no components until they join token values)."""
+    p = self.pos(torch.arange(T))
+    return p.view(T, heads, -1).transpose(0, 1).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
+
+
+POSITIONS_ALONE = {
+    "sdpa over position values": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, position_heads(self, q)), {},
+        "torch.nn.functional.scaled_dot_product_attention"),
+    "matmul of weights and position values": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ position_heads(self, q), {}, "Tensor.matmul"),
+    "sdpa of position queries": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(position_heads(self, q), k, v), {},
+        "torch.nn.functional.scaled_dot_product_attention"),
+    "grouped-query sdpa over position values": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(q, k, position_heads(self, q, 1), enable_gqa=True),
+        {"kv_heads": 1}, "torch.nn.functional.scaled_dot_product_attention"),
+}
+
+
+@pytest.mark.parametrize("case", list(POSITIONS_ALONE))
+def test_attention_over_a_position_embedding_alone_is_refused_by_name(case):
+    """Values or queries that are a position embedding alone (``pos(arange(T))``, the same for every datapoint, not
+    added to token values): refused, naming the op, as attention over values that do not depend on the input.
+    Kills ``xǁAttentionRulesǁattention_output__mutmut_1`` (``and`` for ``or``: an ``AttributeError`` on the
+    missing components), ``4`` to ``9`` (the refusal's op name and words) and
+    ``xǁAttentionRulesǁrepeat_key_value_heads__mutmut_27`` (grouped-query values' missing components repeated:
+    an ``AttributeError``)."""
+    fn, kwargs, op = POSITIONS_ALONE[case]
+    message = refusal_of(fn, with_positions, **kwargs)
+    assert re.fullmatch(WHERE + re.escape(f"{op}: attention over values that do not depend on the input"),
+                        message), message
+
+
+STATISTICS = {
+    "values a mean over their features": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ v.mean(-1, keepdim=True).expand_as(v), "Tensor.matmul"),
+    "values ending in their mean": (
+        lambda self, q, k, v: scores(q, k).softmax(-1) @ torch.cat([v[..., :-1], v.mean(-1, keepdim=True)], -1),
+        "Tensor.matmul"),
+    "queries ending in their mean": (
+        lambda self, q, k, v: F.scaled_dot_product_attention(torch.cat([q[..., :-1], q.mean(-1, keepdim=True)], -1),
+                                                             k, v),
+        "torch.nn.functional.scaled_dot_product_attention"),
+}
+
+
+@pytest.mark.parametrize("case", list(STATISTICS))
+def test_attention_over_a_statistic_of_the_features_is_refused_by_name(case):
+    """Values or queries holding a mean over their features (a statistic, no neuron: id ``-1``): refused, naming the
+    op, as queries, keys or values that are not neurons. Kills ``xǁAttentionRulesǁattention_output__mutmut_183``
+    (the test dropped: refused later as heads that share neurons), ``186`` to ``191`` (the op name and words)."""
+    fn, op = STATISTICS[case]
+    message = refusal_of(fn)
+    assert re.fullmatch(WHERE + re.escape(f"{op}: queries, keys or values that are not neurons"), message), message
+
+
+class InputAsValues(nn.Module):
+    """One head: queries and keys by ``Linear`` layers, the values the input itself (``[b, 1, T, d]``), or the
+    input as queries, keys and values; then a ``Linear``."""
+
+    def __init__(self, all_three: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.all_three = all_three
+        if not all_three:
+            self.q, self.k = nn.Linear(D, D), nn.Linear(D, D)
+        self.out = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = x.unsqueeze(1)
+        if self.all_three:
+            y = F.scaled_dot_product_attention(h, h, h)
+        else:
+            y = F.scaled_dot_product_attention(self.q(x).unsqueeze(1), self.k(x).unsqueeze(1), h)
+        return self.out(y.squeeze(1))
+
+
+@pytest.mark.parametrize("all_three", [False, True], ids=["input as values", "input as queries, keys and values"])
+def test_attention_that_reads_the_input_itself_converts_exactly(all_three):
+    """SDPA whose values (or queries, keys and values) are the input itself, ``[b, T, d]`` given one head axis: the
+    input's first feature is node 0, a neuron like any other. Exact against torch.func's per-sample gradients at
+    1e-10, with one ``VALUE_ATTENTION`` edge from each input feature. Kills
+    ``xǁAttentionRulesǁattention_output__mutmut_184``, ``185`` (``heads <= 0`` / ``< 1``: node 0 taken for no
+    neuron, refused) and ``231`` (the output set's origin ``None``: an ``AttributeError``)."""
+    model = InputAsValues(all_three).to(DTYPE)
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = (torch.randn(3, T, D, generator=generator, dtype=DTYPE),
+                       torch.randn(3, T, 2, generator=generator, dtype=DTYPE))
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    attention = torch.nonzero(graph.node_kind == NodeKind.ATTENTION).reshape(-1).tolist()
+    assert edges(graph, EdgeKind.VALUE_ATTENTION) == set(zip(range(D), attention))
+
+
+class Wrapped(nn.Module):
+    """The attention model as the submodule ``block``."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.block = Attention(fn)
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def set_origins(model) -> list[str]:
+    from gradgraph.convert.layout import make_plan
+    from gradgraph.convert.trace import trace_model
+
+    inputs, _ = batch()
+    return [origin for _, _, origin in make_plan(trace_model(model, inputs, model)).set_names]
+
+
+def test_the_attention_output_set_is_named_by_its_module_or_its_op():
+    """The attention output's neuron set is named by the module that computes it (``block``) and, at the model's
+    root, by the op (read off the plan's ``set_names``, what a refusal names to the user). Kills
+    ``xǁAttentionRulesǁattention_output__mutmut_238`` (``self.path() and name``: ``''`` at the root, the op's name
+    inside ``block``) and ``231`` (``None``)."""
+    def sdpa(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    root = set_origins(Attention(sdpa).to(DTYPE))
+    assert root == ["input", "inp", "q", "kv", "torch.nn.functional.scaled_dot_product_attention", "out", "head"]
+    assert set_origins(Wrapped(sdpa).to(DTYPE)) == ["input", "block.inp", "block.q", "block.kv", "block", "block.out",
+                                                    "block.head"]
+
+
+def test_heads_read_in_another_order_than_their_neurons_take_attention_nodes_in_the_order_they_are_read():
+    """Twelve one-dimension heads, their queries, keys and values read in a shuffled order (``q[:, perm]``): the
+    attention output's node of head position ``p`` is ``ATTENTION[p]`` (heads in the order they first appear,
+    as the rule says), fed by the value node of head ``perm[p]``; exact against torch.func at 1e-10. Kills
+    ``xǁAttentionRulesǁattention_output__mutmut_159`` (the ``first_seen`` fill ``3 d / H = 3`` for the row count:
+    every head first seen after row 3 ties, and the ties come in the order of their neurons)."""
+    perm = [5, 2, 9, 0, 11, 7, 1, 3, 10, 4, 8, 6]
+    _, graph = convert(lambda self, q, k, v: F.scaled_dot_product_attention(q[:, perm], k[:, perm], v[:, perm]),
+                       heads=12)
+    kind = {k: torch.nonzero(graph.node_kind == k).reshape(-1).tolist()
+            for k in (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTENTION)}
+    assert edges(graph, EdgeKind.VALUE_ATTENTION) == {(kind[NodeKind.VALUE][perm[p]], kind[NodeKind.ATTENTION][p])
+                                                      for p in range(12)}
+    assert edges(graph, EdgeKind.QUERY_KEY) == set(zip(kind[NodeKind.QUERY], kind[NodeKind.KEY]))
+    assert edges(graph, EdgeKind.QUERY_ATTENTION) == {(kind[NodeKind.QUERY][perm[p]], kind[NodeKind.ATTENTION][p])
+                                                      for p in range(12)}
+
+
+def test_attention_weights_applied_to_attention_weights_are_refused_by_name():
+    """``(p @ p) @ v`` with ``p`` the attention weights: the second operand of the first ``@`` is attention
+    weights, not values; refused, naming the op. Kills ``xǁAttentionRulesǁattend__mutmut_3`` (``need_neurons``'
+    op name ``None``: an ``AttributeError`` out of the trace)."""
+    def attend(self, q, k, v):
+        weights = scores(q, k).softmax(-1)
+        return (weights @ weights) @ v
+
+    message = refusal_of(attend)
+    assert re.fullmatch(WHERE + "Tensor.matmul: attention scores used as neuron values", message), message
+
+
+class ReadTwice(nn.Module):
+    """The attention output read by ``out`` as it is and by ``out2`` through a tanh (or in the other order)."""
+
+    def __init__(self, tanh_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tanh_first = tanh_first
+        self.inp, self.q, self.kv = nn.Linear(5, D), nn.Linear(D, D), nn.Linear(D, 2 * D)
+        self.out, self.out2, self.head = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q = self.q(h).view(b, t, HEADS, -1).transpose(1, 2)
+        k, v = self.kv(h).view(b, t, 2, HEADS, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        z = self.out2(torch.tanh(y)) + self.out(y) if self.tanh_first else self.out(y) + self.out2(torch.tanh(y))
+        return self.head(h + z)
+
+
+@pytest.mark.parametrize("tanh_first", [False, True])
+def test_the_attention_output_read_as_it_is_and_through_a_tanh_converts_exactly(tanh_first):
+    """Two versions of the attention output read by two ``Linear`` layers (``out(y)`` and ``out2(tanh(y))``): the
+    output is version 0 of its set, the tanh version 1, so the second read takes a set of its own. Exact against
+    torch.func at 1e-10. Kills ``xǁAttentionRulesǁattention_output__mutmut_315`` (the output given version 1: both
+    reads hold version 1, one act for two values, and the conversion's own check refuses it, "the graph's gradient
+    of 'out.weight' ... differs from autograd's")."""
+    model = ReadTwice(tanh_first).to(DTYPE)
+    inputs, targets = batch()
+    assert_exact_per_sample_grads(model, inputs, targets, loss)

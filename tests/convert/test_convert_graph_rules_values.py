@@ -597,3 +597,28 @@ def test_a_scatter_reduce_over_signals_is_exact_whatever_its_reduction(reduce):
             1, e[1].view(1, -1, 1).expand(h.shape[0], -1, 5), torch.tanh(h[:, e[0]]), reduce,
             include_self=include_self))
         assert_exact_against_loop(body, *signals(seed=11))
+
+
+def with_its_mean(h):
+    """``h``'s first four features and the mean of its features (a statistic: no neuron) as the fifth."""
+    return torch.cat([h[..., :4], h.mean(-1, keepdim=True)], -1)
+
+
+@pytest.mark.parametrize("op", ["gather", "scatter"])
+def test_a_gather_or_scatter_of_features_that_hold_a_statistic_is_refused_by_name(op):
+    """``index_select`` (or ``index_add_``) of values whose last feature is the mean of the features, a statistic
+    that holds no neuron (id ``-1``): refused, naming the op, as a gather (scatter) that does not hold one neuron
+    per feature. Kills ``_copy_to`` 31 (the test for ``-1`` dropped: the copy's edges come from no neuron, and
+    gradgraph's own check fails, a ``GradGraphError``, "gradgraph made an edge of kind MERGE into node 12 from a
+    value that holds no neuron")."""
+    hint = ("If it is an attention score: attention over a data graph's neighbours computed with ops gradgraph has "
+            "no rule for (PyG's (x * att).sum(-1) scores, a softmax with a detached maximum) is refused; PyG's "
+            "GATConv converts (run op by op), GATv2Conv and TransformerConv do not (docs/gnn.md)")
+    if op == "gather":
+        body = lambda self, h, e: h + with_its_mean(h).index_select(1, e[0, :5])  # noqa: E731
+        words = "Tensor.index_select: its gather"
+    else:
+        body = lambda self, h, e: h + torch.zeros_like(h).index_add_(-2, e[1], with_its_mean(h)[:, e[0]])  # noqa: E731
+        words = "Tensor.index_add_: its scatter"
+    refused(body, re.escape(f"{words} does not hold the same neurons at every position, one per feature (a "
+                            f"statistic, or one neuron twice). {hint}") + "$")

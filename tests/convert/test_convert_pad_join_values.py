@@ -96,3 +96,29 @@ def test_zeros_of_one_element_joined_to_one_datapoints_features_are_a_pad():
     23 (the fill read as the constant's second entry: ``IndexError``)."""
     gradgraph.convert.clear_structure_cache()
     assert_exact_per_sample_grads(PaddedByOneZero().to(DTYPE), torch.randn(1, 3, dtype=DTYPE), None, squared)
+
+
+class ZeroTimesJoined(nn.Module):
+    """``cat([h, zeros, 0 * h])`` along the features of ``h = tanh(a(x))``, then ``Linear(12, 2)``: two neuron parts
+    (the second all zero in value) and a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(torch.cat([h, torch.zeros(x.shape[0], 4, dtype=x.dtype), 0 * h], -1))
+
+
+def test_a_join_of_two_neuron_values_and_zeros_is_refused_even_where_one_of_them_is_zero_in_value():
+    """``cat([h, zeros, 0 * h])``: two tracked parts, so no pad of one value, whatever their values; refused as a
+    join of neuron values with constants. Kills ``join_as_pad`` 5 (``and`` for ``or``: with two tracked parts the
+    first is read as the padded value, and ``0 * h``, equal to the zeros' fill, as constant padding: the output's
+    last four features are then a pad, ``a``'s gradient through them dropped from the graph)."""
+    gradgraph.convert.clear_structure_cache()
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(ZeroTimesJoined().to(DTYPE), torch.randn(5, 3, dtype=DTYPE), None, squared)
+    assert str(error.value).endswith(": torch.cat: concatenating neuron values with constants (for transformers "
+                                     "models, call them with use_cache=False)"), str(error.value)

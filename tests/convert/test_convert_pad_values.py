@@ -264,3 +264,28 @@ def test_the_new_sets_of_a_pad_are_named_after_the_module_and_the_side():
         Tail(lambda self, h: self.pad(h), {"pad": nn.ConstantPad1d((0, 2), float("nan"))}).double())
     assert "activation of the 'torch.nn.functional.pad pad after' output neurons" in _nan(
         Tail(lambda self, h: F.pad(h, (0, 2), value=float("nan"))).double())
+
+
+class OneChannelMap(nn.Module):
+    """``Conv1d(3, 1)``: a map of one channel ``[b, 1, L]``, padded along its positions (``F.pad(h, (1, 2),
+    value=value)``), then ``Conv1d(1, 2)``, the mean over the positions and a head."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+        self.c1, self.c2, self.head = nn.Conv1d(3, 1, 3), nn.Conv1d(1, 2, 3), nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = F.pad(torch.tanh(self.c1(x)), (1, 2), value=self.value)
+        return self.head(self.c2(h).mean(-1))
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_a_one_channel_map_padded_along_its_positions_is_exact(value):
+    """A map of one channel ``[b, 1, L]`` padded along its positions: its neurons vary along no axis (one channel),
+    so the last axis is no feature axis of tokens but the map's positions, the convolution rule's pad. Exact
+    against torch.func's per-sample gradients at 1e-10. Kills ``pads_neuron_values`` 50 (``<=`` for ``<``: a pad
+    of the last axis of a value whose neurons vary along none read as a pad of token positions before the
+    features, which fails on the map's shape: a ``RuntimeError`` out of the trace)."""
+    torch.manual_seed(0)
+    exact(OneChannelMap(value).to(DTYPE), torch.randn(4, 3, 8, dtype=DTYPE))

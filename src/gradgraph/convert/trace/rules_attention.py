@@ -100,6 +100,9 @@ class AttentionRules:
             name = out_of_place_name(name) or name
         if len(scores) == 1 and not others and (name in allowed or name in SHAPE_OPS):
             meta = scores[0]
+            if not isinstance(output, Tensor):  # split, chunk, unbind: a bare AttributeError (the tuple's shape) before
+                return self.mark_opaque(output, name, "splits attention scores into parts, which gradgraph does not "
+                                        "follow", scores)
             if name in SHAPE_OPS and name not in IDENTITY_OPS and tuple(output.shape[:-2]) != meta.batch_shape:
                 meta = self.reshape_score_batch(meta, output) if name in _RESHAPES else None
                 if meta is None:
