@@ -683,7 +683,8 @@ class InputAndItsView(nn.Module):
 def test_a_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exact():
     """The input read as channels by a convolution, then a view of it (a new tensor) read elementwise: the view
     keeps the channel layout. Exact. (It kills no mutant: ``channel_input`` 144 and 151, ``read_as_channels`` not
-    set, survive it — the view's read does not reach ``neurons_from_raw``; see docs/mutation.md.)"""
+    set, survive it — the view's read does not reach ``neurons_from_raw``; a view taken before the convolution does:
+    ``test_a_raw_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exact``.)"""
     torch.manual_seed(38)
     exact(InputAndItsView().to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE))
 
@@ -961,3 +962,30 @@ def test_a_constant_pad_of_a_map_without_a_channel_row_is_refused_as_an_op_witho
             "it is elementwise, or register a converter for the whole module")
     with pytest.raises(UnsupportedOperationError, match=f"^{where}{re.escape(message)}{where}{re.escape(rest)}$"):
         gradgraph.to_graph(PaddedStatistic().to(DTYPE), torch.randn(3, 2, 6, dtype=DTYPE), None, squared)
+
+
+# ----------------------------------------------------------------------- the input read as channels (mut40)
+class ViewBeforeTheConvolution(nn.Module):
+    """``conv(x) + v`` with ``v`` a view of the input taken *before* the convolution read ``x`` (``x[:, :]``,
+    ``x.view(x.shape)``): ``v`` is still a raw view of the input when the sum reads it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 2)
+
+    def forward(self, x):
+        v = x[:, :] if self.how == "slice" else x.view(x.shape)
+        return self.head(torch.tanh(self.conv(x) + v).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["slice", "view"])
+def test_a_raw_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exact(how):
+    """``channel_input`` marks the input set ``read_as_channels``, so that a raw view of the input read afterwards
+    (``neurons_from_raw``) is read as channels too. Exact against a loop over the datapoints. Kills channel_input
+    144, 151 (the mark not set: the view read as 5 features of its last axis, refused as "the input is read with 5
+    features here but 2 elsewhere")."""
+    torch.manual_seed(64)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(ViewBeforeTheConvolution(how).to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE), None,
+                                 squared)
