@@ -989,3 +989,26 @@ def test_a_raw_view_of_the_input_read_after_a_convolution_read_it_as_channels_is
     gradgraph.convert.clear_structure_cache()
     assert_matches_autograd_loop(ViewBeforeTheConvolution(how).to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE), None,
                                  squared)
+
+
+# ----------------------------------------------------------------------- a flatten into a head, one datapoint (mut40)
+class FlattenedWhole(nn.Module):
+    """``head(tanh(conv(x)).flatten())[None]``: a forward written for one datapoint, the whole map flattened into one
+    axis (no datapoint axis left) and read by a ``Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Conv2d(2, 3, 2), nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)).flatten())[None]
+
+
+def test_a_map_of_one_datapoint_flattened_into_one_axis_and_read_by_a_linear_is_exact():
+    """A batch of one: ``h.flatten()`` is a one-axis value of (channel, position) pairs of that datapoint, which
+    ``spread_positions`` spreads as it does ``h.flatten(1)``. Exact against autograd on the one datapoint. Kills
+    spread_positions 4 (``x.dim() == 1`` for ``== 0``: the one-axis value left to the affine rule, refused as
+    "applied to an axis that holds positions or datapoints")."""
+    torch.manual_seed(65)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(FlattenedWhole().to(DTYPE), torch.randn(1, 2, 3, 3, dtype=DTYPE), None, squared)
