@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from convert_values import exact, refused, squared, TokenMixing, TwiceFlattened, UnboundPositions
-from traced_models import assert_group_keeps_function
+from traced_models import assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph.convert import to_graph_traced, UnsupportedOperationError
@@ -683,7 +683,8 @@ class InputAndItsView(nn.Module):
 def test_a_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exact():
     """The input read as channels by a convolution, then a view of it (a new tensor) read elementwise: the view
     keeps the channel layout. Exact. (It kills no mutant: ``channel_input`` 144 and 151, ``read_as_channels`` not
-    set, survive it — the view's read does not reach ``neurons_from_raw``; see docs/mutation.md.)"""
+    set, survive it — the view's read does not reach ``neurons_from_raw``; a view taken before the convolution does:
+    ``test_a_raw_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exact``.)"""
     torch.manual_seed(38)
     exact(InputAndItsView().to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE))
 
@@ -876,3 +877,162 @@ def test_the_input_read_as_channels_after_its_patches_is_refused_by_name():
     refused(PatchesThenChannels().to(DTYPE), torch.randn(3, 2, 4, 4, dtype=DTYPE),
             " (module 'point' of type Conv2d): gradgraph.convert.trace.rules_conv.gather_taps: the input is read as 2 "
             "channels here but 8 elsewhere")
+
+
+# ----------------------------------------------------------------------- pooling, the input grid's keys (mut40)
+class ClassTokenPooled(nn.Module):
+    """Token ids, a class token prepended (its component the newest key, first), a max pool of stride 1 over the
+    tokens (a same-size grid), the pooled and the original tokens concatenated along the features, a Linear, learned
+    positions, a mean over the tokens."""
+
+    def __init__(self, width: int = 3, tokens: int = 4) -> None:
+        super().__init__()
+        self.embed, self.cls = nn.Embedding(7, width), nn.Parameter(torch.randn(1, 1, width))
+        self.mix, self.positions = nn.Linear(2 * width, width), nn.Parameter(torch.randn(tokens + 1, width) / 3)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, ids):
+        h = torch.cat([self.cls.expand(ids.shape[0], -1, -1), self.embed(ids)], dim=1)
+        pooled = F.max_pool1d(h.transpose(1, 2), 3, 1, 1).transpose(1, 2)
+        return self.head(torch.tanh(self.mix(torch.cat([pooled, h], dim=-1)) + self.positions)).mean(1)
+
+
+def test_a_same_size_pooling_of_tokens_after_a_class_token_keeps_their_components():
+    """``spatial_pool`` hands ``position_comps`` the input grid's components (``like``): a same-size pooling keeps
+    them by index, so the pooled tokens line up with the tokens they are joined to. The class token's component is
+    first and not key 0, so grids numbered afresh would put two components at one position. Exact against a loop
+    over the datapoints, one component per (datapoint, token) and one for the mean. Kills spatial_pool 68, 73
+    (``like`` dropped)."""
+    torch.manual_seed(61)
+    model = ClassTokenPooled().to(DTYPE)
+    ids = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(9))
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_matches_autograd_loop(model, ids, None, squared)
+    assert graph.num_components == 3 * (5 + 1)
+
+
+class OneChannelPooled(nn.Module):
+    """``Conv1d(2, 1)`` (one channel) ``-> tanh -> max_pool1d(·, 2) -> Conv1d(1, 2) ->`` mean over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv1d(2, 1, 3, padding=1), nn.Conv1d(1, 2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(F.max_pool1d(torch.tanh(self.a(x)), 2))).mean(2))
+
+
+def test_a_pooling_of_a_one_channel_map_is_exact():
+    """``spatial_pool`` reads the input grid's components at channel 0 (every channel holds the same ones, which
+    ``channel_neurons`` checks): a map of one channel has no other. Exact against a loop over the datapoints.
+    Kills spatial_pool 81 (channel 1 read: an ``IndexError`` inside the rule)."""
+    torch.manual_seed(62)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(OneChannelPooled().to(DTYPE), torch.randn(3, 2, 6, dtype=DTYPE), None, squared)
+
+
+# ----------------------------------------------------------------------- a constant pad of a map's positions (mut40)
+class PaddedStatistic(nn.Module):
+    """A constant ``F.pad`` of the positions of ``cat([m, m.mean(1, keepdim=True)], 1)`` (a statistic over the
+    channels as a channel: no channel row of neurons), read by a ``Conv1d``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.b, self.head = nn.Conv1d(2, 3, 3), nn.Conv1d(4, 2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        m = torch.tanh(self.conv(x))
+        joined = torch.cat([m, m.mean(1, keepdim=True)], 1)
+        return self.head(torch.tanh(self.b(F.pad(joined, (1, 0)))).mean(2))
+
+
+def test_a_constant_pad_of_a_map_without_a_channel_row_is_refused_as_an_op_without_a_rule():
+    """``pads_positions`` takes a constant pad of a map's positions only where its channels are one row of neurons
+    (``channel_row``); a map with a statistic among its channels is no such map, and the pad is refused as an op
+    without a rule, in full. Kills pads_positions 28 (``and`` for the second ``or``: the pad taken on because its
+    components vary along the positions, then refused by the pooling rule's words, "its channels are not distinct
+    neurons")."""
+    torch.manual_seed(63)
+    gradgraph.convert.clear_structure_cache()
+    # the two locations by their form (under mutmut the user's frame is the trampoline's)
+    where = r"\S+:\d+ in \S+"
+    message = (": torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches "
+               "torch.nn.functional.linear with the parameter 'b.weight' at ")
+    rest = (" (module 'b'). Write it with supported ops, register it with gradgraph.convert.register_elementwise if "
+            "it is elementwise, or register a converter for the whole module")
+    with pytest.raises(UnsupportedOperationError, match=f"^{where}{re.escape(message)}{where}{re.escape(rest)}$"):
+        gradgraph.to_graph(PaddedStatistic().to(DTYPE), torch.randn(3, 2, 6, dtype=DTYPE), None, squared)
+
+
+# ----------------------------------------------------------------------- the input read as channels (mut40)
+class ViewBeforeTheConvolution(nn.Module):
+    """``conv(x) + v`` with ``v`` a view of the input taken *before* the convolution read ``x`` (``x[:, :]``,
+    ``x.view(x.shape)``): ``v`` is still a raw view of the input when the sum reads it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 2)
+
+    def forward(self, x):
+        v = x[:, :] if self.how == "slice" else x.view(x.shape)
+        return self.head(torch.tanh(self.conv(x) + v).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["slice", "view"])
+def test_a_raw_view_of_the_input_read_after_a_convolution_read_it_as_channels_is_exact(how):
+    """``channel_input`` marks the input set ``read_as_channels``, so that a raw view of the input read afterwards
+    (``neurons_from_raw``) is read as channels too. Exact against a loop over the datapoints. Kills channel_input
+    144, 151 (the mark not set: the view read as 5 features of its last axis, refused as "the input is read with 5
+    features here but 2 elsewhere")."""
+    torch.manual_seed(64)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(ViewBeforeTheConvolution(how).to(DTYPE), torch.randn(3, 2, 4, 5, dtype=DTYPE), None,
+                                 squared)
+
+
+# ----------------------------------------------------------------------- a flatten into a head, one datapoint (mut40)
+class FlattenedWhole(nn.Module):
+    """``head(tanh(conv(x)).flatten())[None]``: a forward written for one datapoint, the whole map flattened into one
+    axis (no datapoint axis left) and read by a ``Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Conv2d(2, 3, 2), nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)).flatten())[None]
+
+
+def test_a_map_of_one_datapoint_flattened_into_one_axis_and_read_by_a_linear_is_exact():
+    """A batch of one: ``h.flatten()`` is a one-axis value of (channel, position) pairs of that datapoint, which
+    ``spread_positions`` spreads as it does ``h.flatten(1)``. Exact against autograd on the one datapoint. Kills
+    spread_positions 4 (``x.dim() == 1`` for ``== 0``: the one-axis value left to the affine rule, refused as
+    "applied to an axis that holds positions or datapoints")."""
+    torch.manual_seed(65)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(FlattenedWhole().to(DTYPE), torch.randn(1, 2, 3, 3, dtype=DTYPE), None, squared)
+
+
+# ----------------------------------------------------------------------- a crop spelled for every axis (mut40)
+class CroppedEveryAxis(nn.Module):
+    """``F.pad(m, pad)`` with a pair for every axis of ``m [b, C, L]``, zero but for a crop of the positions
+    (``(0, -1, 0, 0, 0, 0)`` or ``(-1, 0, 0, 0, 0, 0)``), read by a ``Conv1d``."""
+
+    def __init__(self, pad: tuple) -> None:
+        super().__init__()
+        self.pad = pad
+        self.a, self.b, self.head = nn.Conv1d(2, 3, 2), nn.Conv1d(3, 2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(F.pad(torch.tanh(self.a(x)), self.pad))).mean(2))
+
+
+@pytest.mark.parametrize("pad", [(0, -1, 0, 0, 0, 0), (-1, 0, 0, 0, 0, 0)])
+def test_a_crop_with_a_pair_for_every_axis_is_a_slice_and_exact(pad):
+    """``padding_parts`` takes a pad with a pair for every axis (``len(pad) // 2 == x.dim()``) and runs a crop as a
+    slice. Exact against a loop over the datapoints. Kills padding_parts 16 (``>=`` for ``>``: the pad left to the
+    rules, refused as an op without a rule)."""
+    torch.manual_seed(66)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(CroppedEveryAxis(pad).to(DTYPE), torch.randn(3, 2, 6, dtype=DTYPE), None, squared)

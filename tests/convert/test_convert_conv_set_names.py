@@ -212,3 +212,28 @@ def test_a_pooling_by_keyword_and_one_that_keeps_the_grid_are_exact():
     assert_exact_by_loop(model, inputs)
     graph = gradgraph.to_graph(model, inputs, None, squared)
     assert graph.act.shape[1] == 3 * 17
+
+
+class ReadThenNormed(nn.Module):
+    """``c(h) + d(relu(norm(h)))`` with ``h = a(x)``: ``c`` reads ``h`` first (``h`` becomes the act of ``a``'s
+    channels), then the group norm reads ``h`` (its normalised value is another version of the same neurons)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.norm = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1), nn.GroupNorm(2, 4)
+        self.d = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(h) + self.d(torch.relu(self.norm(h)))
+
+
+def test_a_group_norm_of_channels_whose_act_is_taken_copies_them_under_the_ops_name():
+    """The normalised value cannot be the act of ``a``'s channels (``c`` took ``h``), so ``channel_norm``'s
+    ``fix_act`` copies it into a set of its own, named by the module and the op (mut40). Exact against a loop over
+    the datapoints. Kills ``channel_norm`` 118 (``fix_act``'s name ``None``: ``'norm None'``)."""
+    torch.manual_seed(4)
+    model, inputs = ReadThenNormed().to(DTYPE), torch.randn(3, 2, 4, 4, dtype=DTYPE)
+    assert_exact_by_loop(model, inputs)
+    assert origins(model, inputs) == ["input", "a", *[f"c tap {tap}" for tap in range(9)], "c",
+                                      "norm torch.nn.functional.group_norm", "norm", "d tap 0", "d", "Tensor.add"]

@@ -1018,3 +1018,31 @@ def test_a_loop_that_does_not_fold_and_is_refused_unrolled_says_so():
         "to_graph: a recurrent loop of LearnedStateThroughAMap does not fold over time (a state that does not depend "
         "on the model input); traced unrolled, the forward is refused (the error below). Pass fold_time=False to ask "
         "for the unrolled layout"]
+
+
+class RolledState(nn.Module):
+    """``h_t = tanh(inp(x_t) + rec(roll(h_{t-1}, t)))``: the recurrent map reads the state rolled by the step's
+    index, so each step's edges from the previous-state copy to ``rec``'s neurons carry other weight entries, and
+    two steps put two edges between one pair of neurons (mut40)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(torch.roll(h, self.t, 1)))
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            self.t = t
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_loop_whose_steps_put_two_edges_between_one_pair_of_neurons_is_unrolled_with_the_reason():
+    """``close_fold`` finds two edges between one pair of neurons among the folded steps' edges (the state rolled
+    by the step's index): the loop is unrolled, exactly (a per-datapoint loop), with the warning that says why.
+    Kills ``close_fold`` 10-12 (the reason ``None`` or spelled otherwise)."""
+    torch.manual_seed(29)
+    assert_unrolled_exactly(RolledState().to(DTYPE).eval(), sequence(steps=4), "two edges between one pair of neurons")

@@ -1082,7 +1082,9 @@ def test_a_loop_that_does_not_fold_before_the_input_is_read_again_is_unrolled_on
     trace after the first runs unrolled, so the model converts exactly (a per-datapoint loop) with one warning.
     Kills ``trace_model`` 75 (the attempts left after a folded refusal run folded: the input-as-channels trace is
     refused folded again, and the folded refusal is raised: a model that converts, refused) and 66 (the same after
-    a ``FoldMismatch``: a second warning)."""
+    a ``FoldMismatch``: a second warning). Since session 20 the warning is given once, after the last trace, so the
+    latter (64 in run run 7) is one more folded trace that meets the same mismatch: equivalent in value
+    (docs/mutation.md)."""
     torch.manual_seed(18)
     model = make().to(DTYPE).eval()
     gradgraph.convert.clear_structure_cache()
@@ -1221,3 +1223,41 @@ def test_without_co_qualname_a_location_names_the_function_by_its_co_name():
     run._locate_in_module(error, traceback, tracer)
     assert error.location == "blocks.py:7 in forward"
     assert str(error) == "blocks.py:7 in forward (module '0'): torch.exp: no rule"
+
+
+# ---------------------------------------------------------- a loop that does not fold, refused unrolled (mut40)
+class TableStateThroughAMap(nn.Module):
+    """``h_t = tanh(inp(x_t) + rec(h_{t-1}))`` with ``h_0`` a learned row of a table (``nn.Embedding`` at index 0):
+    the loop does not fold (a state that does not depend on the model input) and, unrolled, ``rec`` reads the row,
+    values that do not depend on the input: refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.inp, self.rec, self.head = nn.Embedding(2, 4), nn.Linear(3, 4), nn.Linear(4, 4), \
+            nn.Linear(4, 2)
+
+    def step(self, h, x_t):
+        return torch.tanh(self.inp(x_t) + self.rec(h))
+
+    def forward(self, x):
+        h = self.table(torch.zeros(x.shape[0], dtype=torch.long))
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+def test_a_loop_that_does_not_fold_and_is_refused_unrolled_warns_so_once_in_full():
+    """``trace_model`` says, once the unrolled trace is refused, why the loop did not fold and that the forward is
+    refused (not "converted unrolled, exactly"), the warning in full, and raises the unrolled refusal. Kills
+    ``trace_model`` 67-74 (the model, the reason or the outcome of that warning dropped, ``None`` or misspelt)."""
+    torch.manual_seed(28)
+    gradgraph.convert.clear_structure_cache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UnsupportedOperationError, match="module 'rec' of type Linear"):
+            gradgraph.to_graph(TableStateThroughAMap().to(DTYPE).eval(), torch.randn(3, 4, 3, dtype=DTYPE), None,
+                               squared)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "fold" in str(w.message)] == [
+        "to_graph: a recurrent loop of TableStateThroughAMap does not fold over time (a state that does not depend "
+        "on the model input); traced unrolled, the forward is refused (the error below). Pass fold_time=False to ask "
+        "for the unrolled layout"]
