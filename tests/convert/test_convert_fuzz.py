@@ -41,11 +41,16 @@ pytestmark = pytest.mark.slow
 
 DTYPE = torch.float64
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}
-# ops that mix the features they are given: applied to part of a neuron set, they cut it there
+# ops on part of a neuron set, the rest passed by: each cuts the set there (those that mix the features they
+# are given, and elementwise ops, which the graph does not show: a part scaled by 3 or through tanh was
+# claimed to move with the rest, a false symmetry found in session 21)
 PART_MIXERS = {
     "softmax": lambda part: part.softmax(-1),
     "center": lambda part: part - part.mean(-1, keepdim=True),
     "norm": lambda part: F.layer_norm(part, part.shape[-1:]),
+    "scale": lambda part: part * 3.0,
+    "tanh": torch.tanh,
+    "leaky": lambda part: torch.where(part > 0, part, 0.1 * part),
 }
 
 
