@@ -66,7 +66,8 @@ class ConvProgram(nn.Module):
     later step that reads it reads the changed value (gradgraph refuses that read by name),
     ``("scale", i)`` (a per-channel parameter times ``i``, a layer scale), ``("grn", i)`` (ConvNeXt V2's
     global response norm without parameters: ``i`` times its channels' norms over positions over their
-    mean), ``("crop", i)`` (``F.pad`` by -1 before each spatial axis), ``("pixel_shuffle", i)`` and
+    mean), ``("crop", i)`` (``F.pad`` by -1 before each spatial axis), ``("part", i, start, stop, op)`` (channels
+    ``start:stop`` scaled by 3 or through tanh, the rest passed by: per-group code), ``("pixel_shuffle", i)`` and
     ``("pixel_unshuffle", i)`` (2-D maps, factor 2), ``("chanpad", i, before, after, value)`` (a constant
     ``F.pad`` of the channels: the CIFAR ResNets' option A shortcut), ``("roll", i, shift)`` (``torch.roll`` along
     the last spatial axis), ``("crelu", i)`` (``cat([relu(i), relu(-i)], 1)``: the channels twice in one cat) and
@@ -198,6 +199,10 @@ class ConvProgram(nn.Module):
                 h = torch.cat([h, h.new_zeros(h.shape[0], step[2], *h.shape[2:])], 1)
             elif kind == "pixel_shuffle":
                 h = F.pixel_shuffle(h, 2)
+            elif kind == "part":  # channels start..stop through another op than the rest (per-group code)
+                start, stop, op = step[2], step[3], step[4]
+                part = h[:, start:stop] * 3.0 if op == "scale" else torch.tanh(h[:, start:stop])
+                h = torch.cat([h[:, :start], part, h[:, stop:]], 1)
             elif kind == "pixel_unshuffle":
                 h = F.pixel_unshuffle(h, 2)
             values.append(h)
@@ -242,7 +247,7 @@ def conv_programs(draw):
         kind = draw(st.sampled_from(["conv", "conv", "conv", "act", "add", "mul", "gate", "excite", "cat", "slice",
                                      "shuffle", "pool", "adaptive", "norm", "softmax", "center", "upsample", "act_",
                                      "iadd", "scale", "grn", "crop", "pixel_shuffle", "pixel_unshuffle",
-                                     "chanpad", "chanpad", "roll", "crelu", "zerocat"]))
+                                     "chanpad", "chanpad", "roll", "crelu", "zerocat", "part"]))
         same = [index for index, shape in enumerate(shapes)
                 if shape == (channels, length) and index not in (0, source)]
         positions = [index for index, shape in enumerate(shapes) if shape[1] == length and index not in (0, source)]
@@ -273,6 +278,10 @@ def conv_programs(draw):
         elif kind == "slice" and channels >= 2:
             start = draw(st.integers(0, channels - 1))
             step = ("slice", source, start, draw(st.integers(start + 1, channels)))
+        elif kind == "part" and channels >= 2:
+            start = draw(st.integers(0, channels - 1))
+            step = ("part", source, start, draw(st.integers(start + 1, channels)),
+                    draw(st.sampled_from(["scale", "tanh"])))
         elif kind == "shuffle" and channels % 2 == 0 and channels >= 4:
             step = ("shuffle", source, 2)
         elif kind == "pool" and length >= 2:
@@ -362,8 +371,8 @@ def test_the_conv_program_model_runs_each_step_kind():
              ("norm", 12, "group"), ("norm", 13, "instance-affine"), ("softmax", 14), ("center", 15),
              ("upsample", 16), ("conv", 17, 2, 2, 2, 0, 1, 2, "zeros"), ("act_", 18, "relu"), ("iadd", 19, 18),
              ("scale", 20), ("grn", 21), ("crop", 22), ("chanpad", 23, 1, 2, 0.0), ("roll", 24, 1), ("crelu", 25),
-             ("zerocat", 26, 2)]
-    planar = steps + [("conv", 27, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 28), ("pixel_unshuffle", 29)]
+             ("zerocat", 26, 2), ("part", 27, 1, 3, "tanh")]
+    planar = steps + [("conv", 28, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 29), ("pixel_unshuffle", 30)]
     for spatial, steps in ((1, steps), (2, planar), (3, steps)):
         model = ConvProgram(spatial, 2, 5, steps, "flatten").to(DTYPE)
         inputs = torch.randn(2, 2, *[5] * spatial, dtype=DTYPE)
