@@ -22,7 +22,8 @@ from gradgraph.convert.trace import trace_model
 from convert_values import exact, refused, squared
 from test_convert_tracer_locations import OpaqueThrough  # its lines are the locations tests'
 from traced_models import (
-    assert_exact_per_sample_grads, assert_matches_autograd_loop, assert_per_sample_grads_match_loop,
+    assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop,
+    assert_per_sample_grads_match_loop,
 )
 
 DTYPE = torch.float64
@@ -1191,3 +1192,130 @@ def test_a_loop_whose_later_steps_make_another_set_names_that_set_in_the_warning
     with pytest.warns(UserWarning) as caught:
         exact(GrowingLoop().to(DTYPE), torch.randn(3, 3, 3, dtype=DTYPE))
     assert [str(warning.message) for warning in caught] == [message]
+
+
+# ----------------------------------------------------------------------------- runs tracer 14-15 (issue 31)
+class RawJoinedToAToken(nn.Module):
+    """A class token joined to the raw input ``[b, 4, 3]`` along the tokens, after ``flat`` read the input with 12
+    features (``first="flat"``), or joined to the input's rows with their features shuffled (``first="shuffled"``)."""
+
+    def __init__(self, first: str) -> None:
+        super().__init__()
+        self.first = first
+        self.token = nn.Parameter(torch.randn(1, 1, 3, dtype=DTYPE))
+        self.out = nn.Linear(3, 1)
+        if first == "flat":
+            self.flat = nn.Linear(12, 1)
+
+    def forward(self, x):
+        token = self.token.expand(x.shape[0], -1, -1)
+        if self.first == "flat":
+            flat = self.flat(x.reshape(x.shape[0], -1))
+            return self.out(torch.cat([token, x], 1)).sum(1) + flat
+        return self.out(torch.cat([token, x.transpose(1, 2).reshape(x.shape[0], 4, 3)], 1)).sum(1)
+
+
+@pytest.mark.parametrize("first, message", [
+    ("flat", "the input is read with 3 features here but 12 elsewhere"),
+    ("shuffled", "the input's features are not its last axis"),
+], ids=["read-with-another-width", "features-not-last"])
+def test_the_raw_input_joined_to_a_class_token_is_refused_naming_the_join(first, message):
+    """``join_parts`` reads a raw part through ``need_neurons(part, name)``, whose refusals name the join. Kills
+    join_parts 27 (``None`` for the name: an AttributeError, since ``unsupported`` strips the op's name)."""
+    torch.manual_seed(22)
+    refused(RawJoinedToAToken(first).to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE), f": torch.cat: {message}")
+
+
+def test_a_class_token_and_the_tokens_it_joins_are_permuted_together():
+    """The token's neurons are tied to the merged set's, neuron for neuron: the group permutes ``a``'s outputs, the
+    merged set and the token together (nodes 3-8: ``a`` 2, the join 2, the token 2), and a sampled element keeps the
+    function and maps the graph to the permuted model's. Kills join_parts 158 (the token's neurons tied in reverse
+    order to the merged set's: no slot holds one neuron of each set, so nothing is permuted)."""
+    torch.manual_seed(14)
+    model, inputs = TokenJoined("positions").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE)
+    graph = exact(model, inputs)
+    assert graph.perm_group.tolist() == [-1] * 3 + [0] * 6 + [-1] * 2
+    assert max(assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(3)) > 0
+
+
+class TokenJoinReadTwice(nn.Module):
+    """``y = cat([tokens, a(x)], 1)`` read by a Linear and, through a tanh (the merged set's next version), by
+    another (``form="twice"``); or ``tanh(h)`` joined after ``pre`` read ``h`` (``form="act"``: the join's part is
+    another version of a set whose act is fixed, so it becomes a copy of its own, named by the join)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 1)
+        self.c = nn.Linear(2, 1) if form == "twice" else None
+        self.pre = nn.Linear(2, 1) if form == "act" else None
+        self.token = nn.Parameter(torch.randn(1, 2, 2, dtype=DTYPE))
+
+    def forward(self, x):
+        h = self.a(x)
+        tokens = self.token.expand(x.shape[0], -1, -1)
+        if self.form == "twice":
+            y = torch.cat([tokens, h], 1)
+            return (self.b(y) * self.c(torch.tanh(y))).sum(1)
+        read = self.pre(h).sum(1)
+        return self.b(torch.cat([tokens, torch.tanh(h)], 1)).sum(1) + read
+
+
+def test_a_class_token_join_read_at_two_versions_is_exact():
+    """The join's merged set starts at version 0, so ``tanh(y)`` is its version 1, another value than ``y``: ``c``
+    reads a copy of its own. Kills join_parts 261 (the merged set's first version numbered 1, as the tanh's: ``c``'s
+    edges then read ``y``'s act, refused by the summed-gradient check)."""
+    torch.manual_seed(23)
+    exact(TokenJoinReadTwice("twice").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE))
+
+
+def test_a_joined_activation_whose_set_has_another_act_is_a_copy_named_by_the_join():
+    """``tanh(h)`` joined after ``pre`` fixed ``h`` as its set's act: ``fix_act`` makes the joined part a copy of its
+    own, named after the join (the plan's ``set_names``, what a refusal names). Kills join_parts 212 (``fix_act``
+    handed no name: the copy named "None")."""
+    torch.manual_seed(23)
+    model, inputs = TokenJoinReadTwice("act").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE)
+    assert [origin for _, _, origin in make_plan(trace_model(model, inputs, model)).set_names] == [
+        "input", "a", "pre", "Tensor.sum", "torch.cat", "class token", "class token 1", "torch.cat", "b", "Tensor.sum",
+        "Tensor.add"]
+    exact(model, inputs)
+
+
+class GatheredAtTheRoot(nn.Module):
+    """``h[:, src]`` (positions gathered with a repeat) or ``h[src]`` (the datapoints) at the model's root."""
+
+    def __init__(self, along: str) -> None:
+        super().__init__()
+        self.along = along
+        self.a, self.out = nn.Linear(3, 2), nn.Linear(2, 1)
+        self.register_buffer("src", torch.tensor([0, 2, 2, 1]))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(h[:, self.src] if self.along == "positions" else h[self.src]).sum(1)
+
+
+def test_positions_gathered_at_the_root_are_a_copy_named_by_the_op():
+    """The gather's tied copy is named after the op where no module holds it. Kills dispatch 168
+    (``gather_positions`` handed no name: the copy named "None gather")."""
+    torch.manual_seed(24)
+    model, inputs = GatheredAtTheRoot("positions").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE)
+    assert [origin for _, _, origin in make_plan(trace_model(model, inputs, model)).set_names] == [
+        "input", "a", "Tensor.__getitem__ gather", "out", "Tensor.sum"]
+    exact(model, inputs)
+
+
+def test_datapoints_gathered_at_the_root_are_refused_naming_the_op():
+    """Kills dispatch 168 as well (the refusal named ``None``: an AttributeError, since ``unsupported`` strips it)."""
+    refused(GatheredAtTheRoot("datapoints").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE),
+            ": Tensor.__getitem__: values whose features (the axes after axis 0) sit at different positions; "
+            "gradgraph gathers and scatters positions whose features are neurons")
+
+
+def test_position_rows_chunked_and_repeated_before_they_meet_the_tokens_convert_exactly():
+    """``chunk`` of a position table not yet bound to a datapoint: a tuple output, each view with its rows' unbound
+    index. Kills shape_op 252 (the tuple of indices handed whole to every view: a TypeError at the ``repeat``)."""
+    torch.manual_seed(17)
+    model = PositionsShaped(lambda p: p[None].chunk(2, 1)[0].repeat(1, 2, 1)).to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_exact_per_sample_grads(model, torch.randint(0, 7, (3, 4)), None, lambda out, _: out.pow(2).sum((1, 2)))
