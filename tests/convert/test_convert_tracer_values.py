@@ -1319,3 +1319,52 @@ def test_position_rows_chunked_and_repeated_before_they_meet_the_tokens_convert_
     model = PositionsShaped(lambda p: p[None].chunk(2, 1)[0].repeat(1, 2, 1)).to(DTYPE)
     gradgraph.convert.clear_structure_cache()
     assert_exact_per_sample_grads(model, torch.randint(0, 7, (3, 4)), None, lambda out, _: out.pow(2).sum((1, 2)))
+
+
+class BroadcastByAConstant(nn.Module):
+    """``tanh(a(x))`` of an input with one position, ``[b, 1, 3]``, broadcast to three positions by a constant
+    ``c [1, 3, 2]`` (``+``, ``*``, or ``torch.clamp(h, min=c)``), then read as ``form`` says."""
+
+    def __init__(self, op: str, form: str) -> None:
+        super().__init__()
+        self.op, self.form = op, form
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(2, 2) if form == "linear" else None
+        self.register_buffer("c", torch.randn(1, 3, 2, dtype=DTYPE))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        value = {"add": lambda: h + self.c, "mul": lambda: h * self.c, "clamp": lambda: torch.clamp(h, min=self.c)}
+        value = value[self.op]()
+        if self.form == "whole":
+            return value
+        if self.form == "first position":
+            return value[:, :1]
+        if self.form == "tanh of the last two":
+            return torch.tanh(value[:, 1:])
+        if self.form == "summed":
+            return value.sum(1)
+        return self.b(value).sum(1)
+
+
+@pytest.mark.parametrize("op", ["add", "mul", "clamp"])
+@pytest.mark.parametrize("form", ["whole", "first position", "tanh of the last two", "summed"])
+def test_a_value_broadcast_over_new_positions_by_a_constant_converts_exactly(op, form):
+    """The result of an elementwise op that a constant broadcasts over more positions holds the value's neurons at the
+    result's shape, as ``h.expand(...)`` then the op would. Its ids were kept at the value's own shape, and the
+    assembly failed to expand the records to the result's (a RuntimeError, "The expanded size of the tensor (1) must
+    match the existing size (3)", for every form but "summed"; found through run tracer 14's ``observe`` 10, which a
+    smaller view of such a value told apart; fails before, 12 of the 15)."""
+    torch.manual_seed(25)
+    exact(BroadcastByAConstant(op, form).to(DTYPE), torch.randn(4, 1, 3, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("op", ["add", "mul", "clamp"])
+def test_a_value_broadcast_over_new_positions_by_a_constant_then_a_linear_is_refused_as_an_expand_is(op):
+    """A Linear then reads one neuron's values at three places of one datapoint position: refused as it is after
+    ``h.expand(-1, 3, -1)`` (a RuntimeError in the assembly before)."""
+    refused(BroadcastByAConstant(op, "linear").to(DTYPE), torch.randn(4, 1, 3, dtype=DTYPE),
+            " (module 'b' of type Linear): torch.nn.functional.linear: copies values of one position over a new axis "
+            "(a broadcast or expand of a [.., 1, ..] axis), so one neuron would hold several values at one datapoint "
+            "position; apply the op before adding the axis, or add it with a Linear")
+
