@@ -1368,3 +1368,55 @@ def test_a_value_broadcast_over_new_positions_by_a_constant_then_a_linear_is_ref
             "(a broadcast or expand of a [.., 1, ..] axis), so one neuron would hold several values at one datapoint "
             "position; apply the op before adding the axis, or add it with a Linear")
 
+
+class MaskedByKeyword(nn.Module):
+    """``h`` masked by a comparison of its own values, the operands given by keyword as ``form`` says."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.form == "masked_fill":
+            return self.out(h.masked_fill(mask=h <= 0.1, value=0.5))
+        return self.out(torch.where(h > 0.1, h, other=-0.25))
+
+
+@pytest.mark.parametrize("form", ["masked_fill", "where"])
+def test_neurons_masked_by_their_own_comparison_given_by_keyword_convert_exactly(form):
+    """The dispatch hands ``masks_compared_neurons`` the op's keywords (session 20), where ``mask=`` / ``value=`` and
+    ``other=`` are. Kills dispatch 40 (``kwargs=None``: an AttributeError where an operand is a keyword)."""
+    torch.manual_seed(26)
+    exact(MaskedByKeyword(form).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+class LearnedInitialState(nn.Module):
+    """An Elman loop through ``recurrent_step`` at the model's root whose initial state is a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map, self.recurrent_map, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.h0 = nn.Parameter(torch.randn(4, dtype=DTYPE))
+
+    def step(self, h, x_t):
+        return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+
+    def forward(self, x):
+        h = self.h0.expand(x.shape[0], -1)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unrolled"])
+def test_a_learned_initial_state_is_refused_naming_the_previous_state_op(fold):
+    """The parameter read by ``previous_state`` where neuron values are expected: refused, folded and unrolled, naming
+    the op (as ``test_convert_recurrent_values.py``'s test of the same model, outside the group's list). Kills
+    dispatch 91 (``previous_copy`` handed no name: an AttributeError, since ``unsupported`` strips it)."""
+    torch.manual_seed(10)
+    refused(LearnedInitialState().to(DTYPE), torch.randn(3, 3, 3, dtype=DTYPE),
+            ": gradgraph.convert.trace.recurrent.previous_state: the parameter 'h0' used where gradgraph expects "
+            "neuron values (arithmetic on a parameter before it meets the input: a learned slope, scale or mask)",
+            fold_time=fold)
