@@ -1420,3 +1420,28 @@ def test_a_learned_initial_state_is_refused_naming_the_previous_state_op(fold):
             ": gradgraph.convert.trace.recurrent.previous_state: the parameter 'h0' used where gradgraph expects "
             "neuron values (arithmetic on a parameter before it meets the input: a learned slope, scale or mask)",
             fold_time=fold)
+
+
+class Pixels(nn.Module):
+    """Integer pixels ``[b, 2, 3]`` cast and scaled (data made from the input), then reshaped (``form``) into a Linear's
+    six features: the integer input read as features."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form, self.lin = form, nn.Linear(6, 2)
+
+    def forward(self, x):
+        if self.form == "cast, then reshaped":
+            return self.lin(x.double().reshape(x.shape[0], 6) / 255)
+        if self.form == "scaled, then reshaped":
+            return self.lin((x.double() / 255).reshape(x.shape[0], 6))
+        return self.lin((x.double() / 255).transpose(1, 2).reshape(x.shape[0], 6))
+
+
+@pytest.mark.parametrize("form", ["cast, then reshaped", "scaled, then reshaped", "scaled, then transposed"])
+def test_integer_pixels_cast_and_reshaped_into_a_linear_convert_exactly(form):
+    """A shape op on data made from the integer input is replayed on the input's element ids (``data=True``), so the
+    Linear reads the elements' places. Kills replay 7, 12 (``data`` dropped: the data's values replayed as if they were
+    element ids, refused as "the input's features are not its last axis")."""
+    torch.manual_seed(3)
+    exact(Pixels(form).to(DTYPE), torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8))
