@@ -1445,3 +1445,46 @@ def test_integer_pixels_cast_and_reshaped_into_a_linear_convert_exactly(form):
     element ids, refused as "the input's features are not its last axis")."""
     torch.manual_seed(3)
     exact(Pixels(form).to(DTYPE), torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8))
+
+
+class PixelsReadTwice(nn.Module):
+    """``p = x.double() / 255`` of integer pixels ``[b, 2, 3]`` (data made from the input) read by two Linear maps of
+    its three features (``form="twice"``), by one of three and one of its six flattened (``"widths"``), or only a
+    statistic of it, its mean over the features, read by a Linear (``"mean"``)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(1 if form == "mean" else 3, 2), nn.Linear(3 if form == "twice" else 6, 2)
+
+    def forward(self, x):
+        p = x.double() / 255
+        if self.form == "twice":
+            return (self.a(p) + self.b(p)).sum(1)
+        if self.form == "mean":
+            return self.a(p.mean(-1, keepdim=True)).sum(1) + self.b(p.reshape(p.shape[0], 6))
+        flat = self.b(p.reshape(p.shape[0], 6))
+        return self.a(p).sum(1) + flat
+
+
+def test_data_made_from_integer_pixels_read_by_two_linear_maps_converts_exactly():
+    """The first read makes ``p`` the input's neurons and remembers them on ``p``; the second reads the same neurons.
+    Kills need_neurons 17 (``None`` remembered: the second Linear reads ``p`` as a constant, refused)."""
+    torch.manual_seed(3)
+    exact(PixelsReadTwice("twice").to(DTYPE), torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("form, message", [
+    ("widths", " (module 'a' of type Linear): the affine map torch.nn.functional.linear: the input is read with 3 "
+               "features here but 6 elsewhere"),
+    ("mean", " (module 'a' of type Linear): torch.nn.functional.linear: its input is not computed from the model input "
+             "by ops gradgraph follows (a custom autograd.Function, a tensor made inside forward, .detach(), or a "
+             "second input passed through forward_kwargs such as a data graph's edge features: gradgraph reads one "
+             "input tensor); register the module that computes it with gradgraph.convert.register_elementwise if it "
+             "is elementwise, or register a converter for it"),
+], ids=["read-with-another-width", "a-statistic-of-the-pixels"])
+def test_data_made_from_integer_pixels_is_refused_naming_the_linear(form, message):
+    """Kills need_neurons 11 (the reader's name not handed on: an AttributeError, since ``unsupported`` strips it) and
+    5 (``and`` for ``or``: a float statistic of the data, which has no element map, read as the input: a TypeError)."""
+    torch.manual_seed(3)
+    refused(PixelsReadTwice(form).to(DTYPE), torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8), message)
