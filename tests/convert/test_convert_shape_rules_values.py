@@ -299,3 +299,30 @@ def test_a_copy_of_part_of_a_set_is_exact():
     copy's grad record at every part's places: a part of another width, a shape error)."""
     torch.manual_seed(11)
     exact(PartRepeated().to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+class CopyReadElementwiseOnly(nn.Module):
+    """``y = cat([t, -t])`` whose copy ``-t`` is read only through ``tanh(y[:, 4:])``, summed into the output: no affine
+    map reads the copy, so its act is its newest value (``plan_records``), ``tanh(-t)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        t = torch.tanh(self.a(x))
+        y = torch.cat([t, -t], -1)
+        return self.b(t) + torch.tanh(y[:, 4:]).sum(-1, keepdim=True)
+
+
+def test_a_copy_read_elementwise_only_takes_its_newest_value_as_act():
+    """The copy (nodes 7-10: input 3, ``a`` 4, then the copy) starts at version 0, so ``tanh(y[:, 4:])`` is its version
+    1, newer than ``y``: its act per datapoint is ``tanh(-t)``, computed here from the model's own modules. Kills
+    copy_repeated_parts 77 (the copy's first version numbered 1, as the tanh's: the narrower view of the same version
+    does not replace the fuller ``y``, and the copy's act is ``-t``)."""
+    torch.manual_seed(12)
+    model, inputs = CopyReadElementwiseOnly().to(DTYPE), torch.randn(3, 3, dtype=DTYPE)
+    graph = exact(model, inputs)
+    with torch.no_grad():
+        newest = torch.tanh(-torch.tanh(model.a(inputs)))
+    torch.testing.assert_close(graph.act[7:11], newest.T, atol=1e-12, rtol=0)

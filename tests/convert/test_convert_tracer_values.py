@@ -22,7 +22,8 @@ from gradgraph.convert.trace import trace_model
 from convert_values import exact, refused, squared
 from test_convert_tracer_locations import OpaqueThrough  # its lines are the locations tests'
 from traced_models import (
-    assert_exact_per_sample_grads, assert_matches_autograd_loop, assert_per_sample_grads_match_loop,
+    assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop,
+    assert_per_sample_grads_match_loop,
 )
 
 DTYPE = torch.float64
@@ -1191,3 +1192,299 @@ def test_a_loop_whose_later_steps_make_another_set_names_that_set_in_the_warning
     with pytest.warns(UserWarning) as caught:
         exact(GrowingLoop().to(DTYPE), torch.randn(3, 3, 3, dtype=DTYPE))
     assert [str(warning.message) for warning in caught] == [message]
+
+
+# ----------------------------------------------------------------------------- runs tracer 14-15 (issue 31)
+class RawJoinedToAToken(nn.Module):
+    """A class token joined to the raw input ``[b, 4, 3]`` along the tokens, after ``flat`` read the input with 12
+    features (``first="flat"``), or joined to the input's rows with their features shuffled (``first="shuffled"``)."""
+
+    def __init__(self, first: str) -> None:
+        super().__init__()
+        self.first = first
+        self.token = nn.Parameter(torch.randn(1, 1, 3, dtype=DTYPE))
+        self.out = nn.Linear(3, 1)
+        if first == "flat":
+            self.flat = nn.Linear(12, 1)
+
+    def forward(self, x):
+        token = self.token.expand(x.shape[0], -1, -1)
+        if self.first == "flat":
+            flat = self.flat(x.reshape(x.shape[0], -1))
+            return self.out(torch.cat([token, x], 1)).sum(1) + flat
+        return self.out(torch.cat([token, x.transpose(1, 2).reshape(x.shape[0], 4, 3)], 1)).sum(1)
+
+
+@pytest.mark.parametrize("first, message", [
+    ("flat", "the input is read with 3 features here but 12 elsewhere"),
+    ("shuffled", "the input's features are not its last axis"),
+], ids=["read-with-another-width", "features-not-last"])
+def test_the_raw_input_joined_to_a_class_token_is_refused_naming_the_join(first, message):
+    """``join_parts`` reads a raw part through ``need_neurons(part, name)``, whose refusals name the join. Kills
+    join_parts 27 (``None`` for the name: an AttributeError, since ``unsupported`` strips the op's name)."""
+    torch.manual_seed(22)
+    refused(RawJoinedToAToken(first).to(DTYPE), torch.randn(2, 4, 3, dtype=DTYPE), f": torch.cat: {message}")
+
+
+def test_a_class_token_and_the_tokens_it_joins_are_permuted_together():
+    """The token's neurons are tied to the merged set's, neuron for neuron: the group permutes ``a``'s outputs, the
+    merged set and the token together (nodes 3-8: ``a`` 2, the join 2, the token 2), and a sampled element keeps the
+    function and maps the graph to the permuted model's. Kills join_parts 158 (the token's neurons tied in reverse
+    order to the merged set's: no slot holds one neuron of each set, so nothing is permuted)."""
+    torch.manual_seed(14)
+    model, inputs = TokenJoined("positions").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE)
+    graph = exact(model, inputs)
+    assert graph.perm_group.tolist() == [-1] * 3 + [0] * 6 + [-1] * 2
+    assert max(assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(3)) > 0
+
+
+class TokenJoinReadTwice(nn.Module):
+    """``y = cat([tokens, a(x)], 1)`` read by a Linear and, through a tanh (the merged set's next version), by
+    another (``form="twice"``); or ``tanh(h)`` joined after ``pre`` read ``h`` (``form="act"``: the join's part is
+    another version of a set whose act is fixed, so it becomes a copy of its own, named by the join)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 1)
+        self.c = nn.Linear(2, 1) if form == "twice" else None
+        self.pre = nn.Linear(2, 1) if form == "act" else None
+        self.token = nn.Parameter(torch.randn(1, 2, 2, dtype=DTYPE))
+
+    def forward(self, x):
+        h = self.a(x)
+        tokens = self.token.expand(x.shape[0], -1, -1)
+        if self.form == "twice":
+            y = torch.cat([tokens, h], 1)
+            return (self.b(y) * self.c(torch.tanh(y))).sum(1)
+        read = self.pre(h).sum(1)
+        return self.b(torch.cat([tokens, torch.tanh(h)], 1)).sum(1) + read
+
+
+def test_a_class_token_join_read_at_two_versions_is_exact():
+    """The join's merged set starts at version 0, so ``tanh(y)`` is its version 1, another value than ``y``: ``c``
+    reads a copy of its own. Kills join_parts 261 (the merged set's first version numbered 1, as the tanh's: ``c``'s
+    edges then read ``y``'s act, refused by the summed-gradient check)."""
+    torch.manual_seed(23)
+    exact(TokenJoinReadTwice("twice").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE))
+
+
+def test_a_joined_activation_whose_set_has_another_act_is_a_copy_named_by_the_join():
+    """``tanh(h)`` joined after ``pre`` fixed ``h`` as its set's act: ``fix_act`` makes the joined part a copy of its
+    own, named after the join (the plan's ``set_names``, what a refusal names). Kills join_parts 212 (``fix_act``
+    handed no name: the copy named "None")."""
+    torch.manual_seed(23)
+    model, inputs = TokenJoinReadTwice("act").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE)
+    assert [origin for _, _, origin in make_plan(trace_model(model, inputs, model)).set_names] == [
+        "input", "a", "pre", "Tensor.sum", "torch.cat", "class token", "class token 1", "torch.cat", "b", "Tensor.sum",
+        "Tensor.add"]
+    exact(model, inputs)
+
+
+class GatheredAtTheRoot(nn.Module):
+    """``h[:, src]`` (positions gathered with a repeat) or ``h[src]`` (the datapoints) at the model's root."""
+
+    def __init__(self, along: str) -> None:
+        super().__init__()
+        self.along = along
+        self.a, self.out = nn.Linear(3, 2), nn.Linear(2, 1)
+        self.register_buffer("src", torch.tensor([0, 2, 2, 1]))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(h[:, self.src] if self.along == "positions" else h[self.src]).sum(1)
+
+
+def test_positions_gathered_at_the_root_are_a_copy_named_by_the_op():
+    """The gather's tied copy is named after the op where no module holds it. Kills dispatch 168
+    (``gather_positions`` handed no name: the copy named "None gather")."""
+    torch.manual_seed(24)
+    model, inputs = GatheredAtTheRoot("positions").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE)
+    assert [origin for _, _, origin in make_plan(trace_model(model, inputs, model)).set_names] == [
+        "input", "a", "Tensor.__getitem__ gather", "out", "Tensor.sum"]
+    exact(model, inputs)
+
+
+def test_datapoints_gathered_at_the_root_are_refused_naming_the_op():
+    """Kills dispatch 168 as well (the refusal named ``None``: an AttributeError, since ``unsupported`` strips it)."""
+    refused(GatheredAtTheRoot("datapoints").to(DTYPE), torch.randn(3, 4, 3, dtype=DTYPE),
+            ": Tensor.__getitem__: values whose features (the axes after axis 0) sit at different positions; "
+            "gradgraph gathers and scatters positions whose features are neurons")
+
+
+def test_position_rows_chunked_and_repeated_before_they_meet_the_tokens_convert_exactly():
+    """``chunk`` of a position table not yet bound to a datapoint: a tuple output, each view with its rows' unbound
+    index. Kills shape_op 252 (the tuple of indices handed whole to every view: a TypeError at the ``repeat``)."""
+    torch.manual_seed(17)
+    model = PositionsShaped(lambda p: p[None].chunk(2, 1)[0].repeat(1, 2, 1)).to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_exact_per_sample_grads(model, torch.randint(0, 7, (3, 4)), None, lambda out, _: out.pow(2).sum((1, 2)))
+
+
+class BroadcastByAConstant(nn.Module):
+    """``tanh(a(x))`` of an input with one position, ``[b, 1, 3]``, broadcast to three positions by a constant
+    ``c [1, 3, 2]`` (``+``, ``*``, or ``torch.clamp(h, min=c)``), then read as ``form`` says."""
+
+    def __init__(self, op: str, form: str) -> None:
+        super().__init__()
+        self.op, self.form = op, form
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(2, 2) if form == "linear" else None
+        self.register_buffer("c", torch.randn(1, 3, 2, dtype=DTYPE))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        value = {"add": lambda: h + self.c, "mul": lambda: h * self.c, "clamp": lambda: torch.clamp(h, min=self.c)}
+        value = value[self.op]()
+        if self.form == "whole":
+            return value
+        if self.form == "first position":
+            return value[:, :1]
+        if self.form == "tanh of the last two":
+            return torch.tanh(value[:, 1:])
+        if self.form == "summed":
+            return value.sum(1)
+        return self.b(value).sum(1)
+
+
+@pytest.mark.parametrize("op", ["add", "mul", "clamp"])
+@pytest.mark.parametrize("form", ["whole", "first position", "tanh of the last two", "summed"])
+def test_a_value_broadcast_over_new_positions_by_a_constant_converts_exactly(op, form):
+    """The result of an elementwise op that a constant broadcasts over more positions holds the value's neurons at the
+    result's shape, as ``h.expand(...)`` then the op would. Its ids were kept at the value's own shape, and the
+    assembly failed to expand the records to the result's (a RuntimeError, "The expanded size of the tensor (1) must
+    match the existing size (3)", for every form but "summed"; found through run tracer 14's ``observe`` 10, which a
+    smaller view of such a value told apart; fails before, 12 of the 15)."""
+    torch.manual_seed(25)
+    exact(BroadcastByAConstant(op, form).to(DTYPE), torch.randn(4, 1, 3, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("op", ["add", "mul", "clamp"])
+def test_a_value_broadcast_over_new_positions_by_a_constant_then_a_linear_is_refused_as_an_expand_is(op):
+    """A Linear then reads one neuron's values at three places of one datapoint position: refused as it is after
+    ``h.expand(-1, 3, -1)`` (a RuntimeError in the assembly before)."""
+    refused(BroadcastByAConstant(op, "linear").to(DTYPE), torch.randn(4, 1, 3, dtype=DTYPE),
+            " (module 'b' of type Linear): torch.nn.functional.linear: copies values of one position over a new axis "
+            "(a broadcast or expand of a [.., 1, ..] axis), so one neuron would hold several values at one datapoint "
+            "position; apply the op before adding the axis, or add it with a Linear")
+
+
+class MaskedByKeyword(nn.Module):
+    """``h`` masked by a comparison of its own values, the operands given by keyword as ``form`` says."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.form == "masked_fill":
+            return self.out(h.masked_fill(mask=h <= 0.1, value=0.5))
+        return self.out(torch.where(h > 0.1, h, other=-0.25))
+
+
+@pytest.mark.parametrize("form", ["masked_fill", "where"])
+def test_neurons_masked_by_their_own_comparison_given_by_keyword_convert_exactly(form):
+    """The dispatch hands ``masks_compared_neurons`` the op's keywords (session 20), where ``mask=`` / ``value=`` and
+    ``other=`` are. Kills dispatch 40 (``kwargs=None``: an AttributeError where an operand is a keyword)."""
+    torch.manual_seed(26)
+    exact(MaskedByKeyword(form).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+class LearnedInitialState(nn.Module):
+    """An Elman loop through ``recurrent_step`` at the model's root whose initial state is a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map, self.recurrent_map, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.h0 = nn.Parameter(torch.randn(4, dtype=DTYPE))
+
+    def step(self, h, x_t):
+        return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+
+    def forward(self, x):
+        h = self.h0.expand(x.shape[0], -1)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unrolled"])
+def test_a_learned_initial_state_is_refused_naming_the_previous_state_op(fold):
+    """The parameter read by ``previous_state`` where neuron values are expected: refused, folded and unrolled, naming
+    the op (as ``test_convert_recurrent_values.py``'s test of the same model, outside the group's list). Kills
+    dispatch 91 (``previous_copy`` handed no name: an AttributeError, since ``unsupported`` strips it)."""
+    torch.manual_seed(10)
+    refused(LearnedInitialState().to(DTYPE), torch.randn(3, 3, 3, dtype=DTYPE),
+            ": gradgraph.convert.trace.recurrent.previous_state: the parameter 'h0' used where gradgraph expects "
+            "neuron values (arithmetic on a parameter before it meets the input: a learned slope, scale or mask)",
+            fold_time=fold)
+
+
+class Pixels(nn.Module):
+    """Integer pixels ``[b, 2, 3]`` cast and scaled (data made from the input), then reshaped (``form``) into a Linear's
+    six features: the integer input read as features."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form, self.lin = form, nn.Linear(6, 2)
+
+    def forward(self, x):
+        if self.form == "cast, then reshaped":
+            return self.lin(x.double().reshape(x.shape[0], 6) / 255)
+        if self.form == "scaled, then reshaped":
+            return self.lin((x.double() / 255).reshape(x.shape[0], 6))
+        return self.lin((x.double() / 255).transpose(1, 2).reshape(x.shape[0], 6))
+
+
+@pytest.mark.parametrize("form", ["cast, then reshaped", "scaled, then reshaped", "scaled, then transposed"])
+def test_integer_pixels_cast_and_reshaped_into_a_linear_convert_exactly(form):
+    """A shape op on data made from the integer input is replayed on the input's element ids (``data=True``), so the
+    Linear reads the elements' places. Kills replay 7, 12 (``data`` dropped: the data's values replayed as if they were
+    element ids, refused as "the input's features are not its last axis")."""
+    torch.manual_seed(3)
+    exact(Pixels(form).to(DTYPE), torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8))
+
+
+class PixelsReadTwice(nn.Module):
+    """``p = x.double() / 255`` of integer pixels ``[b, 2, 3]`` (data made from the input) read by two Linear maps of
+    its three features (``form="twice"``), by one of three and one of its six flattened (``"widths"``), or only a
+    statistic of it, its mean over the features, read by a Linear (``"mean"``)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(1 if form == "mean" else 3, 2), nn.Linear(3 if form == "twice" else 6, 2)
+
+    def forward(self, x):
+        p = x.double() / 255
+        if self.form == "twice":
+            return (self.a(p) + self.b(p)).sum(1)
+        if self.form == "mean":
+            return self.a(p.mean(-1, keepdim=True)).sum(1) + self.b(p.reshape(p.shape[0], 6))
+        flat = self.b(p.reshape(p.shape[0], 6))
+        return self.a(p).sum(1) + flat
+
+
+def test_data_made_from_integer_pixels_read_by_two_linear_maps_converts_exactly():
+    """The first read makes ``p`` the input's neurons and remembers them on ``p``; the second reads the same neurons.
+    Kills need_neurons 17 (``None`` remembered: the second Linear reads ``p`` as a constant, refused)."""
+    torch.manual_seed(3)
+    exact(PixelsReadTwice("twice").to(DTYPE), torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("form, message", [
+    ("widths", " (module 'a' of type Linear): the affine map torch.nn.functional.linear: the input is read with 3 "
+               "features here but 6 elsewhere"),
+    ("mean", " (module 'a' of type Linear): torch.nn.functional.linear: its input is not computed from the model input "
+             "by ops gradgraph follows (a custom autograd.Function, a tensor made inside forward, .detach(), or a "
+             "second input passed through forward_kwargs such as a data graph's edge features: gradgraph reads one "
+             "input tensor); register the module that computes it with gradgraph.convert.register_elementwise if it "
+             "is elementwise, or register a converter for it"),
+], ids=["read-with-another-width", "a-statistic-of-the-pixels"])
+def test_data_made_from_integer_pixels_is_refused_naming_the_linear(form, message):
+    """Kills need_neurons 11 (the reader's name not handed on: an AttributeError, since ``unsupported`` strips it) and
+    5 (``and`` for ``or``: a float statistic of the data, which has no element map, read as the input: a TypeError)."""
+    torch.manual_seed(3)
+    refused(PixelsReadTwice(form).to(DTYPE), torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8), message)

@@ -67,7 +67,15 @@ class ElementwiseRules:
                 neuron_set.activation = activation
             elif activation is None or neuron_set.activation is not ActivationKind.IDENTITY:
                 neuron_set.elementwise_ops = getattr(neuron_set, "elementwise_ops", 0) + 1  # type: ignore[attr-defined]
-        new = Neurons(meta.nodes, meta.comps, versions, meta.unbound_index)
+        nodes, comps, unbound = meta.nodes, meta.comps, meta.unbound_index
+        if tuple(nodes.shape) != tuple(output.shape):
+            # h + c with a constant c of more positions ([b, 1, d] + [1, T, d]): the result holds h's values copied
+            # over the new places, as h.expand(...) would (the ids at the output's shape; kept at h's, the records
+            # of this value failed to expand in the assembly)
+            nodes = broadcast_ids(nodes, output.shape).clone()
+            comps = None if comps is None else broadcast_ids(comps, output.shape).clone()
+            unbound = None if unbound is None else broadcast_ids(unbound, output.shape).clone()
+        new = Neurons(nodes, comps, versions, unbound)
         self.set_meta(output, new)
         self.observe(output, new)
 
