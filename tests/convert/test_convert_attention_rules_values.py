@@ -694,6 +694,8 @@ WITHIN_A_DATAPOINT = {
     "keys rolled": lambda self, q, k, v: scores(q, k).roll(1, -1).softmax(-1) @ v,
     "queries flipped": lambda self, q, k, v: torch.flip(scores(q, k), (-2,)).softmax(-1) @ v,
     "transposed by the attribute mT": lambda self, q, k, v: scores(q, k).mT.softmax(-1) @ v,
+    "keys flipped, the scores by keyword": lambda self, q, k, v: torch.flip(input=scores(q, k), dims=(-1,)).softmax(
+        -1) @ v,
 }
 
 
@@ -746,9 +748,10 @@ def test_scores_moved_between_datapoints_with_the_input_given_by_keyword_are_ref
     """``torch.flip(input=scores, dims=(0,))``: the scores given by keyword, so the op has no positional argument
     to replay; it counts as moving them, and is refused by name. Kills ``x__moves_datapoints__mutmut_8`` (that
     guard's ``return False``: the flip *converted*, per-sample gradients off by 0.6 from a per-datapoint loop),
-    ``2`` and ``3`` (``and`` for an ``or``: an ``IndexError`` out of the trace). The same guard refuses
-    ``torch.flip(input=scores, dims=(-1,))``, a move within each datapoint that converts exactly under ``8``: a
-    refusal stricter than needed (mut38's report)."""
+    ``2`` and ``3`` (``and`` for an ``or``: an ``IndexError`` out of the trace). The same guard refused
+    ``torch.flip(input=scores, dims=(-1,))``, a move within each datapoint, as stricter than needed (mut38's
+    report): the scores by keyword are replayed since (``WITHIN_A_DATAPOINT``), and this flip over the datapoints
+    is refused because the replay shows it moves them."""
     message = refusal_of(lambda self, q, k, v: torch.flip(input=scores(q, k), dims=(0,)).softmax(-1) @ v)
     assert re.match(WHERE + re.escape("torch.flip: moves attention scores between datapoints (one datapoint's "
                                       "attention would read another's scores), and its result reaches"),

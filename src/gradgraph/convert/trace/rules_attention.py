@@ -59,6 +59,8 @@ def _moves_datapoints(name: str, args: tuple, kwargs: dict, output: Tensor, meta
     """Whether a shape op on scores that keeps their batch shape moves scores between datapoints (``flip``,
     ``roll``, an index, a transpose of equal axes): the op replayed on each score's datapoint. An op that
     cannot be replayed so counts as moving them."""
+    if not args and "input" in kwargs:  # torch.flip(input=scores, dims=...): the scores by keyword
+        args, kwargs = (kwargs["input"],), {key: value for key, value in kwargs.items() if key != "input"}
     if meta.query.comps is None or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
         return True
     owner, _, attribute = name.partition(".")
