@@ -49,8 +49,8 @@ def parallel_blocks(trace: TraceResult, set_of_node: Tensor, root_of_piece: dict
 
     A grouped op's parameter, whose call sites use disjoint entries, site ``g`` reading the neurons of
     one free class and writing those of another, all of them different, relates class ``in_g`` to
-    ``out_g`` as block ``g`` of one group: exchanging whole blocks (group ``g``'s input channels, its kernels and its
-    output channels with group ``g'``'s) keeps the function when the blocks are alike. Sites of several
+    ``out_g`` as block ``g`` of one group: exchanging whole blocks (group ``g``'s input channels, its
+    kernels and its output channels with group ``g'``'s) keeps the function when the blocks are alike. Sites of several
     such parameters that share a class chain their blocks (two depthwise convolutions in a row). Every
     block gets one tie per class, matched across blocks by the role that put the class there.
 
@@ -100,7 +100,7 @@ def parallel_blocks(trace: TraceResult, set_of_node: Tensor, root_of_piece: dict
     same_block, same_group = UnionFind(len(roots)), UnionFind(len(roots))
     role: dict[int, tuple[int, int]] = {}
     for number, pairs in enumerate(links):
-        for site, (into, out) in enumerate(pairs):
+        for into, out in pairs:
             same_block.union(index[into], index[out])
             same_group.union(index[pairs[0][0]], index[into])
             same_group.union(index[pairs[0][0]], index[out])
@@ -126,9 +126,9 @@ def parallel_blocks(trace: TraceResult, set_of_node: Tensor, root_of_piece: dict
         # them, or the taps of the next convolution, one set per group): a set of some blocks only is
         # per-group code, which the graph does not tell apart from another group's (a constant it was
         # multiplied by)
-        own = {index for number in touched for index in link_outputs[number]}
-        counts = [Counter(trace.sets[index].created_at for root in block for index in class_sets(root)
-                          if index not in own) for block in blocks]
+        own = {set_index for number in touched for set_index in link_outputs[number]}
+        counts = [Counter(trace.sets[set_index].created_at for root in block for set_index in class_sets(root)
+                          if set_index not in own) for block in blocks]
         if any(count != counts[0] for count in counts):
             continue
         orders = [[_class_order(class_nodes(root), free_ranks(root), labels) for root in block] for block in blocks]
