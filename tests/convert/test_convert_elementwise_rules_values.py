@@ -13,12 +13,13 @@ permuted model's graph; a refusal is checked by the words a user reads. Each tes
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from convert_values import batch, convert_exactly, cross_entropy
+from convert_values import batch, convert_exactly, cross_entropy, squared
 from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop
 
 import gradgraph
@@ -789,3 +790,99 @@ def test_a_value_combined_with_itself_reordered_or_activated_at_the_output():
     assert graph.num_nodes == 14 and len(edges) == 8
     assert sorted(source for source, _ in edges) == [3, 3, 4, 4, 5, 5, 6, 6]
     assert set(graph.edge_kind[into].tolist()) == {int(EdgeKind.RESIDUAL)}
+
+
+# Brief mut39 (issue 31, runs elementwise 14-15: the not-killed survivors of runs convert 1 and 9, elementwise 1, 3 and
+# 5, made afresh; numbers of run elementwise 15, which keeps those of the old runs but ``binary``'s, renumbered after
+# session 19's change of it: 313 -> 330, 345 -> 362, 358/359 -> 375/376, 369/370 -> 386/387, 400-406 -> 417-423,
+# 430 -> 434, 438/439 -> 454/455, 480 -> ``merged_set`` 38)
+
+
+def _words(model, inputs):
+    """The words of ``to_graph``'s refusal (an UnsupportedOperationError, nothing else)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(model, inputs, None, squared)
+    return str(error.value)
+
+
+class ArithmeticOnTheInput(nn.Module):
+    """The ``[b, 2, 3]`` input with its datapoints put last (``transpose(0, 2)``, ``[3, 2, b]``) times a constant
+    (``float``) or, cast to float from integers, times a parameter of ``b`` entries (``integer``); a sum and
+    ``Linear(1, 2)``."""
+
+    def __init__(self, integer: bool, batch: int) -> None:
+        super().__init__()
+        self.integer = integer
+        self.scale, self.out = nn.Parameter(torch.rand(batch, dtype=DTYPE) + 0.5), nn.Linear(1, 2)
+
+    def forward(self, x):
+        moved = x.transpose(0, 2)
+        value = moved.to(DTYPE) * self.scale if self.integer else moved * 0.5
+        return self.out(value.sum((0, 1))[:, None])
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["float input times 0.5", "integer input cast, times a parameter"])
+def test_the_input_read_by_arithmetic_with_its_datapoints_last_is_refused_naming_the_op(integer):
+    """The rule that reads the raw input first (``binary``'s ``_operand``: a float input, or the integer input cast
+    to float where a parameter scales it) expects its features on the last axis: refused, naming the op. Kills
+    ``binary`` 30 and ``_operand`` 10 (``need_neurons``' op name ``None``: an ``AttributeError``)."""
+    inputs = torch.randint(0, 5, (5, 2, 3), generator=torch.Generator().manual_seed(1)) if integer else \
+        torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    text = _words(ArithmeticOnTheInput(integer, 5).to(DTYPE), inputs)
+    assert text.endswith(": Tensor.mul: the input's features are not its last axis"), text
+
+
+class ScaledPositionTable(nn.Module):
+    """Token embeddings plus a position table scaled by a parameter (``pos(arange(T)) * scale``): the parameter meets
+    values of no datapoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(7, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tok(ids) + self.pos(torch.arange(ids.shape[1])) * self.scale)).sum(1)
+
+
+def test_a_parameter_times_a_position_table_is_refused_in_full():
+    """A parameter combined with values that do not depend on the input (a position table before it joins the
+    tokens): refused, the op and the words in full. Kills ``with_parameter`` 5-10 (that refusal's op or words
+    ``None``, dropped or misspelt)."""
+    ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    text = _words(ScaledPositionTable().to(DTYPE), ids)
+    assert re.fullmatch(r"\S+:\d+ in \S+: Tensor\.mul: arithmetic between a parameter and values that do not depend "
+                        r"on the input", text), text
+
+
+class NewSetReadTwice(nn.Module):
+    """A new set made by an op of two layers' values, read by ``Linear(4, 3)`` and, through tanh, by another
+    ``Linear(4, 3)`` (``reads_tanh_first``: the tanh's reader called first): ``merged``, ``tanh(a(x)) + tanh(b(x))``
+    (one neuron of each per neuron: ``merged_set``); ``combined``, ``tanh(a(x)) + g[:, [0, 0, 1, 1]]`` with
+    ``g = tanh(b(x))`` of two neurons (not one of each per neuron: ``combined_set``)."""
+
+    def __init__(self, combined: bool, reads_tanh_first: bool) -> None:
+        super().__init__()
+        self.combined, self.reads_tanh_first = combined, reads_tanh_first
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 2 if combined else 4)
+        self.p, self.q = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        other = torch.tanh(self.b(x))
+        other = other[:, [0, 0, 1, 1]] if self.combined else other
+        new = torch.tanh(self.a(x)) + other
+        if self.reads_tanh_first:
+            return self.q(torch.tanh(new)) + self.p(new)
+        return self.p(new) + self.q(torch.tanh(new))
+
+
+@pytest.mark.parametrize("reads_tanh_first", [False, True], ids=["value first", "tanh first"])
+@pytest.mark.parametrize("combined", [False, True], ids=["merged", "combined"])
+def test_a_new_set_read_as_it_is_and_through_tanh_is_exact(combined, reads_tanh_first):
+    """The op's value is version 0 of its new set, its tanh version 1 (``next_version``), so the second reader's
+    ``fix_act`` finds the other version as the act and splits a copy off. Kills ``merged_set`` 38 and
+    ``combined_set`` 62 (the new value made version 1, which the tanh's ``next_version`` gives again: the two
+    values passed for one act, and the conversion's gradient check refused the wrong graph)."""
+    torch.manual_seed(0)
+    convert_exactly(NewSetReadTwice(combined, reads_tanh_first).to(DTYPE), *batch(5, 3))
