@@ -886,3 +886,44 @@ def test_a_new_set_read_as_it_is_and_through_tanh_is_exact(combined, reads_tanh_
     values passed for one act, and the conversion's gradient check refused the wrong graph)."""
     torch.manual_seed(0)
     convert_exactly(NewSetReadTwice(combined, reads_tanh_first).to(DTYPE), *batch(5, 3))
+
+
+class GateOverBlocks(nn.Module):
+    """``h = tanh(a(x))`` of four neurons with ``g = sigmoid(c(x))[:, [0, 0, 1, 1]]``, two gate neurons each over a
+    block of two: a product (``block_gate``'s new set) or a sum (no neuron of ``g`` per neuron of ``h``:
+    ``combined_set``'s new set), then ``Linear(4, 2)``."""
+
+    def __init__(self, additive: bool) -> None:
+        super().__init__()
+        self.additive = additive
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, g = torch.tanh(self.a(x)), torch.sigmoid(self.c(x))[:, [0, 0, 1, 1]]
+        return self.out(h + g if self.additive else h * g)
+
+
+class InABlock(nn.Module):
+    def __init__(self, additive: bool) -> None:
+        super().__init__()
+        self.block, self.out = GateOverBlocks(additive), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.out(self.block(x))
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["product: block_gate", "sum: combined_set"])
+def test_a_gate_over_blocks_names_its_new_set_by_module_and_op(additive):
+    """Exact (a per-datapoint loop); the new set is named by the op, at the root and in a module (the plan's
+    ``set_names``). Kills ``binary`` 330 (``block_gate``'s op ``None``: the product set named ``'None'``) and 362
+    (``combined_set``'s op ``None``)."""
+    from test_convert_conv_set_names import assert_exact_by_loop, origins
+
+    op = "Tensor.add" if additive else "Tensor.mul"
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    root, nested = GateOverBlocks(additive).to(DTYPE), InABlock(additive).to(DTYPE)
+    assert_exact_by_loop(root, inputs)
+    assert_exact_by_loop(nested, inputs)
+    assert origins(root, inputs) == ["input", "a", "c", op, "out"]
+    assert origins(nested, inputs) == ["input", "block.a", "block.c", f"block {op}", "block.out", "out"]
