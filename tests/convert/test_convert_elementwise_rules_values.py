@@ -927,3 +927,26 @@ def test_a_gate_over_blocks_names_its_new_set_by_module_and_op(additive):
     assert_exact_by_loop(nested, inputs)
     assert origins(root, inputs) == ["input", "a", "c", op, "out"]
     assert origins(nested, inputs) == ["input", "block.a", "block.c", f"block {op}", "block.out", "out"]
+
+
+class TokensPlusTheirIds(nn.Module):
+    """``tanh(emb(ids)).sum(1)`` of ``[b, 4]`` token ids plus the ids themselves cast to float (``ids / 7``, a
+    constant of the datapoints on the four features), tanh, ``Linear(4, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(torch.tanh(self.emb(ids)).sum(1) + ids.to(DTYPE) / 7))
+
+
+def test_ids_cast_to_float_and_added_to_neurons_are_a_constant():
+    """The cast ids meet neurons, not a parameter: a constant that differs between the features (so the set is
+    pinned), not the input's neurons. Kills ``_operand`` 8 (``or`` for ``and``: the cast ids read as input neurons
+    wherever they meet anything, and the ids, read as tokens by the embedding, refused as "the input is read with
+    two different layouts")."""
+    ids = torch.randint(0, 7, (5, 4), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    graph, moved = convert_exactly(TokensPlusTheirIds().to(DTYPE), ids, targets)
+    assert moved == 0
