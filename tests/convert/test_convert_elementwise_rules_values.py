@@ -978,3 +978,33 @@ def test_a_position_table_through_an_elementwise_op_keeps_its_rows(op):
     targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
     graph, moved = convert_exactly(TableThroughAnOp(op).to(DTYPE), ids, targets)
     assert moved > 0
+
+
+class TanhOfAResidualSum(nn.Module):
+    """``out(tanh(a(x) + tanh(c(x))))``: the sum is absorbed into ``a``'s fresh affine neurons, then tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(x) + torch.tanh(self.c(x))))
+
+
+def test_a_set_that_absorbed_a_residual_sum_is_not_labelled_by_the_activation_after_it():
+    """A sign flip of ``a``'s rows (weight and bias) and of ``out``'s columns changes the model, since the residual
+    ``tanh(c(x))`` is not flipped: the set is no odd tanh layer, and its label must not be TANH (the label is what
+    the scaling actions trust). ``binary`` marks the absorbing set ``absorbed``, so ``unary`` does not label it.
+    Kills ``binary`` 417, 418 (``absorbed`` not set: ``a``'s neurons labelled TANH)."""
+    torch.manual_seed(0)
+    model = TanhOfAResidualSum().to(DTYPE)
+    inputs, targets = batch(5, 3)
+    graph, _ = convert_exactly(model, inputs, targets)
+    flipped = TanhOfAResidualSum().to(DTYPE)
+    flipped.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        flipped.a.weight.neg_(), flipped.a.bias.neg_(), flipped.out.weight.neg_()
+    assert not torch.allclose(flipped(inputs), model(inputs), atol=1e-3)
+    hidden_a = slice(3, 7)  # input 3, then a's four neurons
+    assert graph.activation[hidden_a].tolist() == [int(gradgraph.ActivationKind.IDENTITY)] * 4
+    assert graph.activation[7:11].tolist() == [int(gradgraph.ActivationKind.TANH)] * 4  # c's, its own tanh
