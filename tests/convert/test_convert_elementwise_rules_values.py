@@ -1008,3 +1008,43 @@ def test_a_set_that_absorbed_a_residual_sum_is_not_labelled_by_the_activation_af
     hidden_a = slice(3, 7)  # input 3, then a's four neurons
     assert graph.activation[hidden_a].tolist() == [int(gradgraph.ActivationKind.IDENTITY)] * 4
     assert graph.activation[7:11].tolist() == [int(gradgraph.ActivationKind.TANH)] * 4  # c's, its own tanh
+
+
+class GatedOrResidual(nn.Module):
+    """``out(tanh(a(x) OP g))`` where the fresh affine output ``a(x)`` absorbs the other operand: ``sum``, ``g =
+    tanh(c(x))`` (a residual sum); ``product``, ``g = sigmoid(c(x))`` (a gated unit, GLU-like); ``product of a sum``,
+    ``g = sigmoid(c(x) + tanh(d(x)))``, whose gate set itself absorbed a residual sum first."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+        if kind == "product of a sum":
+            self.d = nn.Linear(3, 4)
+
+    def forward(self, x):
+        if self.kind == "sum":
+            return self.out(torch.tanh(self.a(x) + torch.tanh(self.c(x))))
+        if self.kind == "product":
+            return self.out(torch.tanh(self.a(x) * torch.sigmoid(self.c(x))))
+        return self.out(torch.tanh(self.a(x) * torch.sigmoid(self.c(x) + torch.tanh(self.d(x)))))
+
+
+GATED_OR_RESIDUAL = {"sum": gradgraph.NodeKind.RESIDUAL, "product": gradgraph.NodeKind.FFN_HIDDEN,
+                     "product of a sum": gradgraph.NodeKind.FFN_HIDDEN}
+
+
+@pytest.mark.parametrize("kind", list(GATED_OR_RESIDUAL))
+def test_a_gated_product_is_hidden_and_a_residual_sum_is_residual(kind):
+    """The node kinds (what GradMetaNet reads of each neuron): the sets a residual sum lives in are residual-stream
+    neurons; a product that gates a fresh affine output is a feed-forward unit, so both operands' sets (and, where the
+    gate's set absorbed a sum before, that set and the sum's) are hidden neurons of it, marked ``gated``. Kills
+    ``binary`` 419 (``gated`` set on sums instead of products: the kinds swapped), 420, 421 (the absorbing set not
+    marked ``gated``: RESIDUAL), 422, 423 (the gate's sets not marked: an absorbed gate set RESIDUAL, and the union
+    with it too)."""
+    torch.manual_seed(0)
+    graph, _ = convert_exactly(GatedOrResidual(kind).to(DTYPE), *batch(5, 3))
+    widths = 12 if kind == "product of a sum" else 8  # a's, c's (and d's) four neurons after the three inputs
+    assert graph.node_kind[3:3 + widths].tolist() == [int(GATED_OR_RESIDUAL[kind])] * widths
+    assert graph.node_kind[:3].tolist() == [int(gradgraph.NodeKind.INPUT)] * 3
+    assert graph.node_kind[3 + widths:].tolist() == [int(gradgraph.NodeKind.OUTPUT)] * 3
