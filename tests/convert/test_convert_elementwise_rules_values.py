@@ -1096,3 +1096,38 @@ def test_a_residual_added_to_part_of_an_affine_output_keeps_the_group():
     torch.manual_seed(0)
     graph, moved = convert_exactly(ResidualIntoAPart().to(DTYPE), *batch(5, 3))
     assert moved > 0
+
+
+class ResidualIntoTwoParts(nn.Module):
+    """``z = cat([a(x)[:, :2], b(x)[:, 2:]]) + tanh(c(x))`` (a value of two fresh affine sets, as wide as each), then
+    ``out(tanh(z))`` plus ``side(b(x))``, which reads ``b``'s whole output as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 4)
+        self.out, self.side = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        b = self.b(x)
+        z = torch.cat([self.a(x)[:, :2], b[:, 2:]], -1) + torch.tanh(self.c(x))
+        return self.out(torch.tanh(z)) + self.side(b)
+
+
+def test_a_residual_added_to_parts_of_two_affine_outputs_leaves_their_labels():
+    """A value of two sets is no fresh affine output of one: the sum gets a merged set of its own, which the tanh
+    labels, and ``b``'s set stays IDENTITY — a sign flip of ``b``'s rows (and of ``side``'s columns) changes the
+    model, since the residual is not flipped, so no odd activation may be claimed for it. Kills ``absorbable`` 1
+    (``and`` for ``or``: the value of two sets absorbed the sum into ``a``'s, and ``b``'s neurons, holding ``b + r``
+    under the tanh, were labelled TANH)."""
+    torch.manual_seed(0)
+    model = ResidualIntoTwoParts().to(DTYPE)
+    inputs, targets = batch(5, 3)
+    graph, _ = convert_exactly(model, inputs, targets)
+    flipped = ResidualIntoTwoParts().to(DTYPE)
+    flipped.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        flipped.b.weight.neg_(), flipped.b.bias.neg_(), flipped.side.weight.neg_()
+    assert not torch.allclose(flipped(inputs), model(inputs), atol=1e-3)
+    identity, tanh = int(gradgraph.ActivationKind.IDENTITY), int(gradgraph.ActivationKind.TANH)
+    # the input's 3, a's 4, b's 4, c's 4 (tanh), the merged 4 (tanh), out's 3, side's 3
+    assert graph.activation.tolist() == [identity] * 11 + [tanh] * 8 + [identity] * 6
