@@ -822,7 +822,7 @@ class ArithmeticOnTheInput(nn.Module):
         return self.out(value.sum((0, 1))[:, None])
 
 
-@pytest.mark.parametrize("integer", [False, True], ids=["float input times 0.5", "integer input cast, times a parameter"])
+@pytest.mark.parametrize("integer", [False, True], ids=["float times 0.5", "integer cast, times a parameter"])
 def test_the_input_read_by_arithmetic_with_its_datapoints_last_is_refused_naming_the_op(integer):
     """The rule that reads the raw input first (``binary``'s ``_operand``: a float input, or the integer input cast
     to float where a parameter scales it) expects its features on the last axis: refused, naming the op. Kills
