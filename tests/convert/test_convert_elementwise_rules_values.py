@@ -13,12 +13,13 @@ permuted model's graph; a refusal is checked by the words a user reads. Each tes
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from convert_values import batch, convert_exactly, cross_entropy
+from convert_values import batch, convert_exactly, cross_entropy, squared
 from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop
 
 import gradgraph
@@ -789,3 +790,344 @@ def test_a_value_combined_with_itself_reordered_or_activated_at_the_output():
     assert graph.num_nodes == 14 and len(edges) == 8
     assert sorted(source for source, _ in edges) == [3, 3, 4, 4, 5, 5, 6, 6]
     assert set(graph.edge_kind[into].tolist()) == {int(EdgeKind.RESIDUAL)}
+
+
+# Brief mut39 (issue 31, runs elementwise 14-15: the not-killed survivors of runs convert 1 and 9, elementwise 1, 3 and
+# 5, made afresh; numbers of run elementwise 15, which keeps those of the old runs but ``binary``'s, renumbered after
+# session 19's change of it: 313 -> 330, 345 -> 362, 358/359 -> 375/376, 369/370 -> 386/387, 400-406 -> 417-423,
+# 430 -> 434, 438/439 -> 454/455, 480 -> ``merged_set`` 38)
+
+
+def _words(model, inputs):
+    """The words of ``to_graph``'s refusal (an UnsupportedOperationError, nothing else)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(model, inputs, None, squared)
+    return str(error.value)
+
+
+class ArithmeticOnTheInput(nn.Module):
+    """The ``[b, 2, 3]`` input with its datapoints put last (``transpose(0, 2)``, ``[3, 2, b]``) times a constant
+    (``float``) or, cast to float from integers, times a parameter of ``b`` entries (``integer``); a sum and
+    ``Linear(1, 2)``."""
+
+    def __init__(self, integer: bool, batch: int) -> None:
+        super().__init__()
+        self.integer = integer
+        self.scale, self.out = nn.Parameter(torch.rand(batch, dtype=DTYPE) + 0.5), nn.Linear(1, 2)
+
+    def forward(self, x):
+        moved = x.transpose(0, 2)
+        value = moved.to(DTYPE) * self.scale if self.integer else moved * 0.5
+        return self.out(value.sum((0, 1))[:, None])
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["float times 0.5", "integer cast, times a parameter"])
+def test_the_input_read_by_arithmetic_with_its_datapoints_last_is_refused_naming_the_op(integer):
+    """The rule that reads the raw input first (``binary``'s ``_operand``: a float input, or the integer input cast
+    to float where a parameter scales it) expects its features on the last axis: refused, naming the op. Kills
+    ``binary`` 30 and ``_operand`` 10 (``need_neurons``' op name ``None``: an ``AttributeError``)."""
+    inputs = torch.randint(0, 5, (5, 2, 3), generator=torch.Generator().manual_seed(1)) if integer else \
+        torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    text = _words(ArithmeticOnTheInput(integer, 5).to(DTYPE), inputs)
+    assert text.endswith(": Tensor.mul: the input's features are not its last axis"), text
+
+
+class ScaledPositionTable(nn.Module):
+    """Token embeddings plus a position table scaled by a parameter (``pos(arange(T)) * scale``): the parameter meets
+    values of no datapoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(7, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tok(ids) + self.pos(torch.arange(ids.shape[1])) * self.scale)).sum(1)
+
+
+def test_a_parameter_times_a_position_table_is_refused_in_full():
+    """A parameter combined with values that do not depend on the input (a position table before it joins the
+    tokens): refused, the op and the words in full. Kills ``with_parameter`` 5-10 (that refusal's op or words
+    ``None``, dropped or misspelt)."""
+    ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    text = _words(ScaledPositionTable().to(DTYPE), ids)
+    assert re.fullmatch(r"\S+:\d+ in \S+: Tensor\.mul: arithmetic between a parameter and values that do not depend "
+                        r"on the input", text), text
+
+
+class NewSetReadTwice(nn.Module):
+    """A new set made by an op of two layers' values, read by ``Linear(4, 3)`` and, through tanh, by another
+    ``Linear(4, 3)`` (``reads_tanh_first``: the tanh's reader called first): ``merged``, ``tanh(a(x)) + tanh(b(x))``
+    (one neuron of each per neuron: ``merged_set``); ``combined``, ``tanh(a(x)) + g[:, [0, 0, 1, 1]]`` with
+    ``g = tanh(b(x))`` of two neurons (not one of each per neuron: ``combined_set``)."""
+
+    def __init__(self, combined: bool, reads_tanh_first: bool) -> None:
+        super().__init__()
+        self.combined, self.reads_tanh_first = combined, reads_tanh_first
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 2 if combined else 4)
+        self.p, self.q = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        other = torch.tanh(self.b(x))
+        other = other[:, [0, 0, 1, 1]] if self.combined else other
+        new = torch.tanh(self.a(x)) + other
+        if self.reads_tanh_first:
+            return self.q(torch.tanh(new)) + self.p(new)
+        return self.p(new) + self.q(torch.tanh(new))
+
+
+@pytest.mark.parametrize("reads_tanh_first", [False, True], ids=["value first", "tanh first"])
+@pytest.mark.parametrize("combined", [False, True], ids=["merged", "combined"])
+def test_a_new_set_read_as_it_is_and_through_tanh_is_exact(combined, reads_tanh_first):
+    """The op's value is version 0 of its new set, its tanh version 1 (``next_version``), so the second reader's
+    ``fix_act`` finds the other version as the act and splits a copy off. Kills ``merged_set`` 38 and
+    ``combined_set`` 62 (the new value made version 1, which the tanh's ``next_version`` gives again: the two
+    values passed for one act, and the conversion's gradient check refused the wrong graph)."""
+    torch.manual_seed(0)
+    convert_exactly(NewSetReadTwice(combined, reads_tanh_first).to(DTYPE), *batch(5, 3))
+
+
+class GateOverBlocks(nn.Module):
+    """``h = tanh(a(x))`` of four neurons with ``g = sigmoid(c(x))[:, [0, 0, 1, 1]]``, two gate neurons each over a
+    block of two: a product (``block_gate``'s new set) or a sum (no neuron of ``g`` per neuron of ``h``:
+    ``combined_set``'s new set), then ``Linear(4, 2)``."""
+
+    def __init__(self, additive: bool) -> None:
+        super().__init__()
+        self.additive = additive
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, g = torch.tanh(self.a(x)), torch.sigmoid(self.c(x))[:, [0, 0, 1, 1]]
+        return self.out(h + g if self.additive else h * g)
+
+
+class InABlock(nn.Module):
+    def __init__(self, additive: bool) -> None:
+        super().__init__()
+        self.block, self.out = GateOverBlocks(additive), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.out(self.block(x))
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["product: block_gate", "sum: combined_set"])
+def test_a_gate_over_blocks_names_its_new_set_by_module_and_op(additive):
+    """Exact (a per-datapoint loop); the new set is named by the op, at the root and in a module (the plan's
+    ``set_names``). Kills ``binary`` 330 (``block_gate``'s op ``None``: the product set named ``'None'``) and 362
+    (``combined_set``'s op ``None``)."""
+    from test_convert_conv_set_names import assert_exact_by_loop, origins
+
+    op = "Tensor.add" if additive else "Tensor.mul"
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 3, dtype=DTYPE)
+    root, nested = GateOverBlocks(additive).to(DTYPE), InABlock(additive).to(DTYPE)
+    assert_exact_by_loop(root, inputs)
+    assert_exact_by_loop(nested, inputs)
+    assert origins(root, inputs) == ["input", "a", "c", op, "out"]
+    assert origins(nested, inputs) == ["input", "block.a", "block.c", f"block {op}", "block.out", "out"]
+
+
+class TokensPlusTheirIds(nn.Module):
+    """``tanh(emb(ids)).sum(1)`` of ``[b, 4]`` token ids plus the ids themselves cast to float (``ids / 7``, a
+    constant of the datapoints on the four features), tanh, ``Linear(4, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(torch.tanh(self.emb(ids)).sum(1) + ids.to(DTYPE) / 7))
+
+
+def test_ids_cast_to_float_and_added_to_neurons_are_a_constant():
+    """The cast ids meet neurons, not a parameter: a constant that differs between the features (so the set is
+    pinned), not the input's neurons. Kills ``_operand`` 8 (``or`` for ``and``: the cast ids read as input neurons
+    wherever they meet anything, and the ids, read as tokens by the embedding, refused as "the input is read with
+    two different layouts")."""
+    ids = torch.randint(0, 7, (5, 4), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    graph, moved = convert_exactly(TokensPlusTheirIds().to(DTYPE), ids, targets)
+    assert moved == 0
+
+
+POSITION_TABLE_OPS = {"1.0 * table": lambda table: 1.0 * table, "table + 0.0": lambda table: table + 0.0}
+
+
+class TableThroughAnOp(nn.Module):
+    """Token embeddings plus a position table passed through an elementwise op that keeps its values
+    (``1.0 * table``, ``table + 0.0``) before it joins the tokens, tanh, ``Linear(4, 3)``, a sum over the tokens."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = POSITION_TABLE_OPS[op]
+        self.tok, self.pos, self.out = nn.Embedding(7, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tok(ids) + self.op(self.pos(torch.arange(ids.shape[1]))))).sum(1)
+
+
+@pytest.mark.parametrize("op", sorted(POSITION_TABLE_OPS))
+def test_a_position_table_through_an_elementwise_op_keeps_its_rows(op):
+    """The op's result keeps the table rows each position reads (``unbound_index``), so the rows are bound where
+    the table joins the tokens. Kills ``unary`` 35, 39 (the rows dropped: the table's gradient lost, and the
+    conversion's gradient check refused). (A table scaled by another constant, ``2.0 * table``, is refused by that
+    check either way: the scale is on no edge.)"""
+    ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    graph, moved = convert_exactly(TableThroughAnOp(op).to(DTYPE), ids, targets)
+    assert moved > 0
+
+
+class TanhOfAResidualSum(nn.Module):
+    """``out(tanh(a(x) + tanh(c(x))))``: the sum is absorbed into ``a``'s fresh affine neurons, then tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(x) + torch.tanh(self.c(x))))
+
+
+def test_a_set_that_absorbed_a_residual_sum_is_not_labelled_by_the_activation_after_it():
+    """A sign flip of ``a``'s rows (weight and bias) and of ``out``'s columns changes the model, since the residual
+    ``tanh(c(x))`` is not flipped: the set is no odd tanh layer, and its label must not be TANH (the label is what
+    the scaling actions trust). ``binary`` marks the absorbing set ``absorbed``, so ``unary`` does not label it.
+    Kills ``binary`` 417, 418 (``absorbed`` not set: ``a``'s neurons labelled TANH)."""
+    torch.manual_seed(0)
+    model = TanhOfAResidualSum().to(DTYPE)
+    inputs, targets = batch(5, 3)
+    graph, _ = convert_exactly(model, inputs, targets)
+    flipped = TanhOfAResidualSum().to(DTYPE)
+    flipped.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        flipped.a.weight.neg_(), flipped.a.bias.neg_(), flipped.out.weight.neg_()
+    assert not torch.allclose(flipped(inputs), model(inputs), atol=1e-3)
+    hidden_a = slice(3, 7)  # input 3, then a's four neurons
+    assert graph.activation[hidden_a].tolist() == [int(gradgraph.ActivationKind.IDENTITY)] * 4
+    assert graph.activation[7:11].tolist() == [int(gradgraph.ActivationKind.TANH)] * 4  # c's, its own tanh
+
+
+class GatedOrResidual(nn.Module):
+    """``out(tanh(a(x) OP g))`` where the fresh affine output ``a(x)`` absorbs the other operand: ``sum``, ``g =
+    tanh(c(x))`` (a residual sum); ``product``, ``g = sigmoid(c(x))`` (a gated unit, GLU-like); ``product of a sum``,
+    ``g = sigmoid(c(x) + tanh(d(x)))``, whose gate set itself absorbed a residual sum first."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+        if kind == "product of a sum":
+            self.d = nn.Linear(3, 4)
+
+    def forward(self, x):
+        if self.kind == "sum":
+            return self.out(torch.tanh(self.a(x) + torch.tanh(self.c(x))))
+        if self.kind == "product":
+            return self.out(torch.tanh(self.a(x) * torch.sigmoid(self.c(x))))
+        return self.out(torch.tanh(self.a(x) * torch.sigmoid(self.c(x) + torch.tanh(self.d(x)))))
+
+
+GATED_OR_RESIDUAL = {"sum": gradgraph.NodeKind.RESIDUAL, "product": gradgraph.NodeKind.FFN_HIDDEN,
+                     "product of a sum": gradgraph.NodeKind.FFN_HIDDEN}
+
+
+@pytest.mark.parametrize("kind", list(GATED_OR_RESIDUAL))
+def test_a_gated_product_is_hidden_and_a_residual_sum_is_residual(kind):
+    """The node kinds (what GradMetaNet reads of each neuron): the sets a residual sum lives in are residual-stream
+    neurons; a product that gates a fresh affine output is a feed-forward unit, so both operands' sets (and, where the
+    gate's set absorbed a sum before, that set and the sum's) are hidden neurons of it, marked ``gated``. Kills
+    ``binary`` 419 (``gated`` set on sums instead of products: the kinds swapped), 420, 421 (the absorbing set not
+    marked ``gated``: RESIDUAL), 422, 423 (the gate's sets not marked: an absorbed gate set RESIDUAL, and the union
+    with it too)."""
+    torch.manual_seed(0)
+    graph, _ = convert_exactly(GatedOrResidual(kind).to(DTYPE), *batch(5, 3))
+    widths = 12 if kind == "product of a sum" else 8  # a's, c's (and d's) four neurons after the three inputs
+    assert graph.node_kind[3:3 + widths].tolist() == [int(GATED_OR_RESIDUAL[kind])] * widths
+    assert graph.node_kind[:3].tolist() == [int(gradgraph.NodeKind.INPUT)] * 3
+    assert graph.node_kind[3 + widths:].tolist() == [int(gradgraph.NodeKind.OUTPUT)] * 3
+
+
+class PlusItselfReordered(nn.Module):
+    """``h + h[:, [0, 2, 1, 3]]`` (or ``*``) of ``h = tanh(a(x))``: the reordering keeps neurons 0 and 3 in place, so
+    each of them meets itself; tanh, ``Linear(4, 3)``, plus ``side(h)``."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.out, self.side = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        reordered = h[:, [0, 2, 1, 3]]
+        return self.out(torch.tanh(h + reordered if self.op == "+" else h * reordered)) + self.side(h)
+
+
+@pytest.mark.parametrize("op", ["+", "*"])
+def test_a_value_combined_with_itself_with_fixed_points_is_exact_and_pinned(op):
+    """The operands share neurons (an overlap): one edge per pair into the merged set, so a neuron that meets itself
+    feeds its merged neuron once, and no symmetry is claimed. Kills ``binary`` 375, 376 (the overlap not seen: two
+    parallel edges from neurons 0 and 3, and ``edge_permutation`` refused the graph)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(PlusItselfReordered(op).to(DTYPE), *batch(5, 3))
+    assert moved == 0
+
+
+class ResidualIntoAPart(nn.Module):
+    """``z = h[:, :2] + tanh(c(x))`` for the fresh affine output ``h = a(x)`` of four neurons, then
+    ``out(tanh(cat([z, h[:, 2:]])))`` plus ``side(h)``: the residual meets only part of ``h``'s set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.out, self.side = nn.Linear(3, 4), nn.Linear(3, 2), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        z = h[:, :2] + torch.tanh(self.c(x))
+        return self.out(torch.tanh(torch.cat([z, h[:, 2:]], -1))) + self.side(h)
+
+
+def test_a_residual_added_to_part_of_an_affine_output_keeps_the_group():
+    """A part of a fresh affine output is no whole one: the sum gets a merged set of its own, and the layout keeps a
+    symmetry (a sampled element moves 12 nodes and keeps the function). Kills ``absorbable`` 22 (``or`` for
+    ``and``: the part, whose rows agree, absorbed the sum into ``h``'s set, and nothing was left to permute)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(ResidualIntoAPart().to(DTYPE), *batch(5, 3))
+    assert moved > 0
+
+
+class ResidualIntoTwoParts(nn.Module):
+    """``z = cat([a(x)[:, :2], b(x)[:, 2:]]) + tanh(c(x))`` (a value of two fresh affine sets, as wide as each), then
+    ``out(tanh(z))`` plus ``side(b(x))``, which reads ``b``'s whole output as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 4)
+        self.out, self.side = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        b = self.b(x)
+        z = torch.cat([self.a(x)[:, :2], b[:, 2:]], -1) + torch.tanh(self.c(x))
+        return self.out(torch.tanh(z)) + self.side(b)
+
+
+def test_a_residual_added_to_parts_of_two_affine_outputs_leaves_their_labels():
+    """A value of two sets is no fresh affine output of one: the sum gets a merged set of its own, which the tanh
+    labels, and ``b``'s set stays IDENTITY — a sign flip of ``b``'s rows (and of ``side``'s columns) changes the
+    model, since the residual is not flipped, so no odd activation may be claimed for it. Kills ``absorbable`` 1
+    (``and`` for ``or``: the value of two sets absorbed the sum into ``a``'s, and ``b``'s neurons, holding ``b + r``
+    under the tanh, were labelled TANH)."""
+    torch.manual_seed(0)
+    model = ResidualIntoTwoParts().to(DTYPE)
+    inputs, targets = batch(5, 3)
+    graph, _ = convert_exactly(model, inputs, targets)
+    flipped = ResidualIntoTwoParts().to(DTYPE)
+    flipped.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        flipped.b.weight.neg_(), flipped.b.bias.neg_(), flipped.side.weight.neg_()
+    assert not torch.allclose(flipped(inputs), model(inputs), atol=1e-3)
+    identity, tanh = int(gradgraph.ActivationKind.IDENTITY), int(gradgraph.ActivationKind.TANH)
+    # the input's 3, a's 4, b's 4, c's 4 (tanh), the merged 4 (tanh), out's 3, side's 3
+    assert graph.activation.tolist() == [identity] * 11 + [tanh] * 8 + [identity] * 6

@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from convert_values import batch, convert_exactly
+from convert_values import batch, convert_exactly, refused
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
+from gradgraph.convert.trace.ops import LOST_TRACK
 
 DTYPE = torch.float64
 
@@ -248,3 +249,84 @@ def test_a_norm_of_each_head_of_a_value_another_layer_reads_is_refused_by_name()
     words = refusal(HeadNormAfterARead().to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
     assert words.endswith(" torch.nn.functional.rms_norm: these values do not hold one neuron per feature"), words
     assert ":  " not in words, words  # the op named at the root without the empty path's space (session 20)
+
+
+# Brief mut39 (issue 31, run elementwise 14: the not-killed survivors of run norm 1, same numbers; the file is
+# unchanged since)
+
+
+class HeadsWithAStatistic(nn.Module):
+    """``h = tanh(Linear(3, 4)(x))`` and its squared norm ``s = (h ** 2).sum(-1, keepdim=True)`` joined as
+    ``cat([h, s, s])`` and read as two heads of three features (``view(b, 2, 3)``), an RMS or layer norm of each
+    head, ``Linear(6, 3)``: the second head holds a statistic, which is no neuron of its own."""
+
+    def __init__(self, layer: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        s = h.pow(2).sum(-1, keepdim=True)
+        heads = torch.cat([h, s, s], -1).view(-1, 2, 3)
+        normed = F.layer_norm(heads, (3,)) if self.layer else F.rms_norm(heads, (3,), eps=0.25)
+        return self.out(normed.flatten(1))
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["rms_norm", "layer_norm"])
+def test_a_norm_of_each_head_whose_head_holds_a_statistic_is_refused_in_full(layer):
+    """The per-head rule finds no row of neurons shared by every head (one holds node -1, a statistic): refused,
+    the op named and the words in full. (The words speak of other neurons at other positions; a statistic is the
+    one way found to reach them: every head of neuron values tried passes.) Kills ``norm`` 191-198 (the refusal's
+    op or words ``None``, dropped or misspelt)."""
+    op = "layer_norm" if layer else "rms_norm"
+    refused(HeadsWithAStatistic(layer).to(DTYPE), torch.randn(5, 3, dtype=DTYPE),
+            f": torch.nn.functional.{op}: a norm of each head's features whose heads hold other neurons at other "
+            "positions")
+
+
+class BatchNormOfTheTransposedInput(nn.Module):
+    """``F.batch_norm`` (eval statistics) of the ``[b, 4]`` input transposed, ``[4, b]``: its axis 1 holds the
+    datapoints, so the input's features are not its last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(F.batch_norm(x.T, x.new_zeros(x.shape[0]), x.new_ones(x.shape[0])).T)
+
+
+def test_a_batch_norm_of_the_transposed_input_is_refused_naming_the_op():
+    """A ``[b, C]`` value is read as neurons by ``need_neurons``, which names the norm where the input's features
+    are not its last axis. Kills ``batch_norm`` 71 (``need_neurons``' op ``None``: an ``AttributeError``) and 68 (a
+    ``[b, C]`` value read through ``channel_neurons`` as a map of no positions: refused in a convolution's words, "a
+    convolution whose input's first axis is not the datapoints")."""
+    refused(BatchNormOfTheTransposedInput().to(DTYPE), torch.randn(5, 4, dtype=DTYPE),
+            ": torch.nn.functional.batch_norm: the input's features are not its last axis")
+
+
+class NormOfTokenData(nn.Module):
+    """A sum of the token embeddings with a norm (``BatchNorm1d(3)`` in eval, or ``LayerNorm(3)``) of a constant of
+    the datapoints: how many tokens of each datapoint exceed 2, ``[b, 3]`` (data made from the ids, no neurons)."""
+
+    def __init__(self, batch_norm: bool) -> None:
+        super().__init__()
+        self.emb, self.out, self.side = nn.Embedding(7, 4), nn.Linear(4, 3), nn.Linear(3, 3)
+        self.norm = nn.BatchNorm1d(3) if batch_norm else nn.LayerNorm(3)
+
+    def forward(self, ids):
+        counts = (ids > 2).to(torch.float64).sum(-1, keepdim=True) * torch.ones(3, dtype=torch.float64)
+        return self.out(torch.tanh(self.emb(ids)).sum(1)) + self.side(self.norm(counts))
+
+
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["BatchNorm1d", "LayerNorm"])
+def test_a_norm_with_a_weight_of_data_made_from_the_ids_is_refused_as_lost_track(batch_norm):
+    """``need_neurons`` reads a constant of the datapoints as no neurons (``None``); a norm with a weight of it is
+    refused with the lost-track words, naming the op. Kills ``batch_norm`` 86-89 (that refusal's op or words
+    ``None`` or dropped); ``norm``'s own (line 32) was killed before."""
+    op = "batch_norm" if batch_norm else "layer_norm"
+    ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    module = "BatchNorm1d" if batch_norm else "LayerNorm"
+    refused(NormOfTokenData(batch_norm).to(DTYPE).eval(), ids,
+            f" (module 'norm' of type {module}): torch.nn.functional.{op}: {LOST_TRACK}")

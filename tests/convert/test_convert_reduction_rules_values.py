@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradgraph
-from convert_values import exact, squared
+from convert_values import convert_exactly, exact, squared
 from gradgraph.convert import UnsupportedOperationError
 from traced_models import assert_group_keeps_function
 
@@ -460,3 +460,114 @@ def test_the_input_read_with_its_datapoints_last_is_refused_naming_the_op(op):
     text = _refusal(ReadsTheInput(op).to(DTYPE), torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1),
                                                             dtype=DTYPE))
     assert text.endswith(f": {op}: the input's features are not its last axis"), text
+
+
+# Brief mut39 (issue 31, run elementwise 14: the not-killed survivors of run elementwise 6, same numbers; the file is
+# unchanged since)
+
+
+class TableOrderScale(nn.Module):
+    """Token and position embeddings summed, tanh, ``Linear(4, 3)``, summed over the tokens, times ``1 + k`` where
+    ``k`` is the index of the position table's largest column sum (``table.sum(0).argmax()``, as a Python float or
+    as a tensor): the output depends on the order of the table's features, so its set may not be permuted."""
+
+    def __init__(self, as_float: bool) -> None:
+        super().__init__()
+        self.as_float = as_float
+        self.tok, self.pos, self.out = nn.Embedding(7, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        table = self.pos(torch.arange(ids.shape[1]))
+        k = table.sum(0).argmax()
+        scale = 1.0 + (float(k) if self.as_float else k)
+        return self.out(torch.tanh(self.tok(ids) + table)).sum(1) * scale
+
+
+@pytest.mark.parametrize("as_float", [True, False], ids=["float", "tensor"])
+def test_a_reduction_of_a_position_table_pins_the_tables_set(as_float):
+    """A reduction of values of no datapoint (a position table's column sums) is opaque and pins their sets: here the
+    argmax of those sums scales the output, so a permutation of the table's features changes the function. Kills
+    ``reduction`` 21 (the opaque value made without the table's meta: nothing pinned, and the sampled permutation
+    of the embeddings' set changed the outputs)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    graph, moved = convert_exactly(TableOrderScale(as_float).to(DTYPE), ids, targets)
+    assert moved == 0
+
+
+class FlattenedPool(nn.Module):
+    """``h = tanh(Linear(3, 2)(x))`` of ``[b, S, T, 3]`` inputs, flattened to ``[b, S, T * 2]`` (the last axis holds
+    the two neurons at each of the ``T`` positions), a mean (or sum) over ``S``, ``Linear(T * 2, 3)``."""
+
+    def __init__(self, mean: bool) -> None:
+        super().__init__()
+        self.mean = mean
+        self.a, self.out = nn.Linear(3, 2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        flat = torch.tanh(self.a(x)).flatten(2)
+        return self.out(flat.mean(1) if self.mean else flat.sum(1))
+
+
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+def test_a_pool_of_values_whose_last_axis_holds_neurons_and_positions_is_exact(mean):
+    """The pooled ``[b, T * 2]`` value's neurons vary along its last axis, so it is no value of one neuron per
+    position (the trailing axis of one feature is not added) and pools as a row of ``T * 2`` places. Kills
+    ``reduction`` 277 (``or`` for the last ``and``), 287 (the neurons' variation read on the second-last axis):
+    each read it as one neuron per place, and the pool was refused ("pooling that does not keep one neuron per
+    feature") where it converts exactly."""
+    torch.manual_seed(0)
+    inputs = torch.randn(5, 2, 2, 3, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    convert_exactly(FlattenedPool(mean).to(DTYPE), inputs, targets)
+
+
+class ScaledByItsTotal(nn.Module):
+    """``h = tanh(Linear(3, 1)(x))`` of a batch of one ``[1, T, 3]``, times its sum over every place (a 0-d value:
+    the one datapoint's one neuron pooled over all its positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return h * h.reshape(-1).sum()
+
+
+def test_a_pool_to_a_zero_dimensional_value_is_exact():
+    """A pool to a 0-d value has no last axis to read: ``one_neuron`` is false, and the pooled value is opaque, not
+    read by any rule with a parameter. Kills ``reduction`` 277, 279 (``varies_along`` of axis -1 of a 0-d value:
+    an ``IndexError``)."""
+    torch.manual_seed(0)
+    exact(ScaledByItsTotal().to(DTYPE), torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(0), dtype=DTYPE))
+
+
+class PooledReadTwice(nn.Module):
+    """``p = tanh(Linear(3, 4)(x)).mean(1)`` read by ``Linear(4, 3)`` and, through tanh, by another ``Linear(4, 3)``
+    (``reads_tanh_first``: the tanh's reader called first): two versions of the pooled neurons, each an act."""
+
+    def __init__(self, reads_tanh_first: bool) -> None:
+        super().__init__()
+        self.reads_tanh_first = reads_tanh_first
+        self.a, self.p, self.q = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        pooled = torch.tanh(self.a(x)).mean(1)
+        if self.reads_tanh_first:
+            return self.q(torch.tanh(pooled)) + self.p(pooled)
+        return self.p(pooled) + self.q(torch.tanh(pooled))
+
+
+@pytest.mark.parametrize("reads_tanh_first", [False, True], ids=["pooled first", "tanh first"])
+def test_a_pooled_value_and_its_tanh_both_read_are_exact(reads_tanh_first):
+    """The pooled value is version 0 of its new set, its tanh version 1, so the second reader's ``fix_act`` finds
+    the other version as the act and splits a copy off. Kills ``reduction`` 371 (the pooled value made version 1,
+    which the tanh's ``next_version`` gives again: the two values passed for one act, and the conversion's
+    gradient check refused the wrong graph)."""
+    torch.manual_seed(0)
+    inputs = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    graph, moved = convert_exactly(PooledReadTwice(reads_tanh_first).to(DTYPE), inputs, targets)
+    assert moved > 0
