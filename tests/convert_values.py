@@ -106,3 +106,34 @@ def batch(*shape, seed=0, classes=3):
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, dtype=torch.float64, generator=generator),
             torch.randint(0, classes, (shape[0],), generator=generator))
+
+
+class IndexedLoop(nn.Module):
+    """A loop of ``gradgraph.recurrent_step`` over ``x [b, T, 3]`` from a zero state ``[b, 4]`` with the step's
+    index in ``self.t``, so a step may differ from the others (subclasses define ``step`` and ``head``, which
+    reads the last state)."""
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            self.t = t
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)
+
+
+class LearnedInitialState(nn.Module):
+    """An Elman loop through ``recurrent_step`` at the model's root whose initial state is a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map, self.recurrent_map, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.h0 = nn.Parameter(torch.randn(4))
+
+    def step(self, h, x_t):
+        return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
+
+    def forward(self, x):
+        h = self.h0.expand(x.shape[0], -1)
+        for t in range(x.shape[1]):
+            h = gradgraph.recurrent_step(self.step, h, x[:, t])
+        return self.head(h)

@@ -12,6 +12,7 @@ permuted model's graph; a refusal is checked by the words a user reads. Each tes
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -980,6 +981,16 @@ def test_a_position_table_through_an_elementwise_op_keeps_its_rows(op):
     assert moved > 0
 
 
+def sign_flipped(model: nn.Module, rows: str, columns: str) -> nn.Module:
+    """A copy of ``model`` with the rows (weight and bias) of its ``Linear`` ``rows`` and the columns of ``columns``
+    negated: the model itself exactly when the neurons between them are an odd activation's alone."""
+    flipped = copy.deepcopy(model)
+    with torch.no_grad():
+        getattr(flipped, rows).weight.neg_(), getattr(flipped, rows).bias.neg_()
+        getattr(flipped, columns).weight.neg_()
+    return flipped
+
+
 class TanhOfAResidualSum(nn.Module):
     """``out(tanh(a(x) + tanh(c(x))))``: the sum is absorbed into ``a``'s fresh affine neurons, then tanh."""
 
@@ -1000,11 +1011,7 @@ def test_a_set_that_absorbed_a_residual_sum_is_not_labelled_by_the_activation_af
     model = TanhOfAResidualSum().to(DTYPE)
     inputs, targets = batch(5, 3)
     graph, _ = convert_exactly(model, inputs, targets)
-    flipped = TanhOfAResidualSum().to(DTYPE)
-    flipped.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        flipped.a.weight.neg_(), flipped.a.bias.neg_(), flipped.out.weight.neg_()
-    assert not torch.allclose(flipped(inputs), model(inputs), atol=1e-3)
+    assert not torch.allclose(sign_flipped(model, "a", "out")(inputs), model(inputs), atol=1e-3)
     hidden_a = slice(3, 7)  # input 3, then a's four neurons
     assert graph.activation[hidden_a].tolist() == [int(gradgraph.ActivationKind.IDENTITY)] * 4
     assert graph.activation[7:11].tolist() == [int(gradgraph.ActivationKind.TANH)] * 4  # c's, its own tanh
@@ -1123,11 +1130,7 @@ def test_a_residual_added_to_parts_of_two_affine_outputs_leaves_their_labels():
     model = ResidualIntoTwoParts().to(DTYPE)
     inputs, targets = batch(5, 3)
     graph, _ = convert_exactly(model, inputs, targets)
-    flipped = ResidualIntoTwoParts().to(DTYPE)
-    flipped.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        flipped.b.weight.neg_(), flipped.b.bias.neg_(), flipped.side.weight.neg_()
-    assert not torch.allclose(flipped(inputs), model(inputs), atol=1e-3)
+    assert not torch.allclose(sign_flipped(model, "b", "side")(inputs), model(inputs), atol=1e-3)
     identity, tanh = int(gradgraph.ActivationKind.IDENTITY), int(gradgraph.ActivationKind.TANH)
     # the input's 3, a's 4, b's 4, c's 4 (tanh), the merged 4 (tanh), out's 3, side's 3
     assert graph.activation.tolist() == [identity] * 11 + [tanh] * 8 + [identity] * 6

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.overrides import TorchFunctionMode
 
+from convert_values import IndexedLoop, LearnedInitialState
+
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from gradgraph.convert.trace.recurrent import folding_time, previous_state, RECURRENT_CELL_OPS, RECURRENT_OPS, \
@@ -618,24 +620,6 @@ def test_an_initial_state_asking_for_its_gradient_that_no_op_computes_is_refused
         "layout"]  # it claimed "every loop is converted unrolled, exactly" before session 20
 
 
-class LearnedInitialState(nn.Module):
-    """An Elman loop through ``recurrent_step`` whose initial state is a parameter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.input_map, self.recurrent_map, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-        self.h0 = nn.Parameter(torch.randn(4))
-
-    def step(self, h, x_t):
-        return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
-
-    def forward(self, x):
-        h = self.h0.expand(x.shape[0], -1)
-        for t in range(x.shape[1]):
-            h = gradgraph.recurrent_step(self.step, h, x[:, t])
-        return self.head(h)
-
-
 @pytest.mark.parametrize("fold", [True, False])
 def test_a_learned_initial_state_is_refused_naming_the_previous_state_read_and_the_parameter(fold):
     """A parameter as the initial state is read by ``previous_state`` where neuron values are expected (its gradient
@@ -935,7 +919,7 @@ def test_a_loop_whose_last_step_returns_a_constant_state_converts_exactly():
     exact_graph(ConstantSecondState().to(DTYPE).eval(), sequence(steps=4))
 
 
-class FirstParameterFlippedLater(nn.Module):
+class FirstParameterFlippedLater(IndexedLoop):
     """The model's first parameter (trace index 0) is the step's input weight, read as it is at the first step and
     with its rows flipped at the others: as many weights at every step, the same parameter, other edges."""
 
@@ -947,12 +931,6 @@ class FirstParameterFlippedLater(nn.Module):
     def step(self, h, x_t):
         return torch.tanh(F.linear(x_t, self.w if self.t == 0 else self.w.flip(0)) + self.rec(h))
 
-    def forward(self, x):
-        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
-        for t in range(x.shape[1]):
-            self.t = t
-            h = gradgraph.recurrent_step(self.step, h, x[:, t])
-        return self.head(h)
 
 
 def test_a_loop_whose_first_parameter_is_read_otherwise_at_later_steps_says_so():
@@ -1020,7 +998,7 @@ def test_a_loop_that_does_not_fold_and_is_refused_unrolled_says_so():
         "for the unrolled layout"]
 
 
-class RolledState(nn.Module):
+class RolledState(IndexedLoop):
     """``h_t = tanh(inp(x_t) + rec(roll(h_{t-1}, t)))``: the recurrent map reads the state rolled by the step's
     index, so each step's edges from the previous-state copy to ``rec``'s neurons carry other weight entries, and
     two steps put two edges between one pair of neurons (mut40)."""
@@ -1032,12 +1010,6 @@ class RolledState(nn.Module):
     def step(self, h, x_t):
         return torch.tanh(self.inp(x_t) + self.rec(torch.roll(h, self.t, 1)))
 
-    def forward(self, x):
-        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
-        for t in range(x.shape[1]):
-            self.t = t
-            h = gradgraph.recurrent_step(self.step, h, x[:, t])
-        return self.head(h)
 
 
 def test_a_loop_whose_steps_put_two_edges_between_one_pair_of_neurons_is_unrolled_with_the_reason():

@@ -19,7 +19,7 @@ import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from gradgraph.convert.layout import make_plan
 from gradgraph.convert.trace import trace_model
-from convert_values import exact, refused, squared
+from convert_values import IndexedLoop, LearnedInitialState, exact, refused, squared
 from test_convert_tracer_locations import OpaqueThrough  # its lines are the locations tests'
 from traced_models import (
     assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop,
@@ -1161,7 +1161,7 @@ def test_an_activation_shaped_like_its_own_input_is_exact(form):
     exact(ShapedLike(SHAPED_LIKE[form]).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
 
 
-class GrowingLoop(nn.Module):
+class GrowingLoop(IndexedLoop):
     """An Elman loop through ``recurrent_step`` whose later steps add a map (``extra``): no fold."""
 
     def __init__(self) -> None:
@@ -1173,12 +1173,6 @@ class GrowingLoop(nn.Module):
         new = torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
         return torch.tanh(self.extra(new)) if self.t > 0 else new
 
-    def forward(self, x):
-        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
-        for t in range(x.shape[1]):
-            self.t = t
-            h = gradgraph.recurrent_step(self.step, h, x[:, t])
-        return self.head(h)
 
 
 def test_a_loop_whose_later_steps_make_another_set_names_that_set_in_the_warning():
@@ -1390,24 +1384,6 @@ def test_neurons_masked_by_their_own_comparison_given_by_keyword_convert_exactly
     ``other=`` are. Kills dispatch 40 (``kwargs=None``: an AttributeError where an operand is a keyword)."""
     torch.manual_seed(26)
     exact(MaskedByKeyword(form).to(DTYPE), torch.randn(4, 3, dtype=DTYPE))
-
-
-class LearnedInitialState(nn.Module):
-    """An Elman loop through ``recurrent_step`` at the model's root whose initial state is a parameter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.input_map, self.recurrent_map, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-        self.h0 = nn.Parameter(torch.randn(4, dtype=DTYPE))
-
-    def step(self, h, x_t):
-        return torch.tanh(self.input_map(x_t) + self.recurrent_map(h))
-
-    def forward(self, x):
-        h = self.h0.expand(x.shape[0], -1)
-        for t in range(x.shape[1]):
-            h = gradgraph.recurrent_step(self.step, h, x[:, t])
-        return self.head(h)
 
 
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "unrolled"])
