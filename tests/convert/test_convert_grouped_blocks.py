@@ -189,3 +189,32 @@ def test_a_grouped_convolution_whose_groups_read_different_constants_is_not_clai
     graph = gradgraph.to_graph(model, torch.randn(3, 3, 6, 6, dtype=DTYPE), None, squared)
     assert int(graph.perm_block.max()) <= 0
     assert_group_keeps_function(model, torch.randn(3, 3, 6, 6, dtype=DTYPE), None, squared)
+
+
+class AfterOtherSharedParameters(nn.Module):
+    """A side branch first: one ``Linear`` applied twice (a parameter at two sites that share its entries) and a
+    map written as two halves of one weight (two sites, disjoint entries, no grouped op). Neither makes
+    blocks; the depthwise convolution after them still does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.side, self.halves = nn.Linear(3, 3), nn.Parameter(torch.randn(4, 3))
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.depthwise = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+        self.project, self.side_head = nn.Conv2d(4, 2, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        side = torch.tanh(self.side(torch.tanh(self.side(pooled))))
+        side = torch.cat([F.linear(side, self.halves[:2]), F.linear(side, self.halves[2:])], 1)
+        h = torch.relu(self.stem(x))
+        return self.project(torch.relu(self.depthwise(h))).mean((2, 3)) + self.side_head(torch.tanh(side))
+
+
+def test_blocks_are_found_after_parameters_that_make_none():
+    """Kills ``x_parallel_blocks`` 27 and 34 (the scan of the parameters stopped at the first one that makes no
+    blocks: its entries shared, or its sites no grouped op's), checked with ``MUTANT_UNDER_TEST``."""
+    torch.manual_seed(7)
+    blocks, moved = _claims_blocks(AfterOtherSharedParameters().to(DTYPE), torch.randn(3, 3, 6, 6, dtype=DTYPE))
+    assert blocks == 4
+    assert moved > 0
