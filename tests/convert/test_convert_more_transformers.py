@@ -98,7 +98,7 @@ CONVERTING = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0, **SMALL), "eager", 20),
     # embeddings scaled by sqrt(d), learned positions offset by 2
     "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(SMALL), "sdpa", 20),
-    # disentangled attention: content-to-position and position-to-content scores from relative embeddings
+    # its default config: absolute positions, no relative attention (refused by name: below)
     "deberta_v2": ("DebertaV2Config", "DebertaV2Model", dict(pad_token_id=PAD, **SMALL), "eager", 20),
     # pre-norm BERT
     "megatron_bert": ("MegatronBertConfig", "MegatronBertModel", dict(pad_token_id=PAD, **SMALL), "eager", 20),
@@ -141,6 +141,10 @@ REFUSED = {
     # a LayerNorm over each head's features, its parameters shared by the heads
     "persimmon_head_norms": ("PersimmonConfig", "PersimmonForCausalLM", dict(SMALL),
                              r"layer_norm: these values do not hold one neuron per feature"),
+    # disentangled attention: position-to-content and content-to-position scores from the relative embeddings
+    "deberta_v2_relative_attention": ("DebertaV2Config", "DebertaV2Model", dict(
+        relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=4, max_relative_positions=8,
+        pad_token_id=PAD, **SMALL), r"the parameter '.*rel_embeddings.weight' used where gradgraph expects neuron"),
     # the state-space scan's A = -exp(A_log)
     "mamba_selective_scan": ("MambaConfig", "MambaForCausalLM", dict(vocab_size=20, hidden_size=8, state_size=4,
                                                                      num_hidden_layers=1, expand=2, conv_kernel=3),
@@ -155,9 +159,11 @@ def test_more_transformers_families_are_refused_by_name(transformers, name):
     config = getattr(transformers, config_class)(**options)
     config._attn_implementation = "eager"
     # float32: the experts' grouped matmul runs in no other floating dtype
-    model = Called(getattr(transformers, model_class)(config), "logits", causal=True).eval()
+    causal = model_class.endswith("CausalLM")
+    model = Called(getattr(transformers, model_class)(config), "logits" if causal else "last_hidden_state", causal)
+    targets, loss_fn = (padded_ids(2), next_token_loss) if causal else (None, squared_norm)
     with pytest.raises(UnsupportedModuleError, match=words):
-        gradgraph.to_graph(model, padded_ids(), padded_ids(2), next_token_loss)
+        gradgraph.to_graph(model.eval(), padded_ids(), targets, loss_fn)
 
 
 # ------------------------------------------------------------------ vision

@@ -330,3 +330,29 @@ def test_a_norm_with_a_weight_of_data_made_from_the_ids_is_refused_as_lost_track
     module = "BatchNorm1d" if batch_norm else "LayerNorm"
     refused(NormOfTokenData(batch_norm).to(DTYPE).eval(), ids,
             f" (module 'norm' of type {module}): torch.nn.functional.{op}: {LOST_TRACK}")
+
+
+class RepeatedThenNormalised(nn.Module):
+    """``norm(tanh(a(x)).repeat(1, 2))``: every neuron of ``a`` held in two channels of the norm."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.a, self.norm, self.out = nn.Linear(3, 4), norm, nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(torch.tanh(self.a(x)).repeat(1, 2))))
+
+
+def test_a_batch_norm_of_a_neuron_held_twice_is_refused_by_name():
+    """Each of the two channels holding one neuron has a scale and shift of its own, which one neuron cannot carry:
+    refused, naming the op and why (before session 21 the graph was built wrong and only the summed-gradient check
+    refused it, with words that blamed a parameter use; mut39's report). A LayerNorm of the same value, whose
+    statistic mixes every feature, converts exactly."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(8)
+    with torch.no_grad():
+        norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 1.5)
+    message = refusal(RepeatedThenNormalised(norm).to(DTYPE).eval(), torch.randn(5, 3, dtype=DTYPE))
+    assert "torch.nn.functional.batch_norm: a batch norm of a value that holds one neuron in two channels" in message
+    torch.manual_seed(1)
+    convert_exactly(RepeatedThenNormalised(nn.LayerNorm(8)).to(DTYPE), *batch(5, 3, classes=2))

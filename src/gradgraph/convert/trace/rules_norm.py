@@ -127,6 +127,11 @@ class NormRules:
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
         sources = normalised_meta.nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
+        held = sources[sources >= 0]
+        if torch.unique(held).numel() != held.numel():  # (the gradient check refused it, blaming a constant)
+            raise self.unsupported(name, "a batch norm of a value that holds one neuron in two channels "
+                                   "(h.repeat(1, 2), cat([h, h])): each channel has a scale and shift of its own, "
+                                   "which one neuron cannot carry; normalise before repeating the neurons")
         # per channel, nothing mixed: one norm set per source set the channels lie in (a DenseNet's
         # BatchNorm over cat([h, z]) is a norm of h and a norm of z, each permuted with its source)
         targets, created_sets, runs = self.sets_per_run(sources, NodeKind.NORM, self.path() or name, "norm")
