@@ -356,3 +356,25 @@ def test_a_batch_norm_of_a_neuron_held_twice_is_refused_by_name():
     assert "torch.nn.functional.batch_norm: a batch norm of a value that holds one neuron in two channels" in message
     torch.manual_seed(1)
     convert_exactly(RepeatedThenNormalised(nn.LayerNorm(8)).to(DTYPE), *batch(5, 3, classes=2))
+
+
+class StatisticJoinedThenNormalised(nn.Module):
+    """``norm(cat([h, (h ** 2).sum(-1, keepdim=True)]))``: a statistic of ``h`` among the normalised features."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.a, self.norm, self.out = nn.Linear(3, 4), norm, nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(torch.tanh(self.norm(torch.cat([h, (h ** 2).sum(-1, keepdim=True)], -1))))
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms", "batch"])
+def test_a_norm_of_features_that_hold_a_statistic_is_refused_by_name(norm):
+    """The statistic's scale would be an edge from no neuron: refused by the norm rule, naming the op (before
+    session 21 ``make_plan`` refused the edge with its internal "Please report it" error; mut39's report)."""
+    torch.manual_seed(0)
+    module = {"layer": nn.LayerNorm(5), "rms": nn.RMSNorm(5), "batch": nn.BatchNorm1d(5)}[norm]
+    message = refusal(StatisticJoinedThenNormalised(module).to(DTYPE).eval(), torch.randn(5, 3, dtype=DTYPE))
+    assert "norm: a norm of a value whose features hold a statistic of neurons" in message, message

@@ -64,6 +64,7 @@ class NormRules:
                                        "other positions")
         else:
             sources = rows_along_last(normalised_meta.nodes)[0].clone()
+        self.check_sources_are_neurons(name, sources)
 
         def position_row(pos: Tensor) -> Tensor:  # the weight's entry of every source ([d] over the heads)
             return neuron_rows(broadcast_ids(pos, x.shape), layout)[0].clone()
@@ -93,6 +94,14 @@ class NormRules:
         created_sets[0].grad_records.append((output, nodes, new.comps))  # one record writes every set's grad
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def check_sources_are_neurons(self, name: str, sources: Tensor) -> None:
+        """Refuse a norm whose features hold a statistic of neurons (``cat([h, (h ** 2).sum(-1, keepdim=True)])``):
+        its scale of that feature would be an edge from no neuron (``make_plan`` refused it with an internal error)."""
+        if bool((sources < 0).any()):
+            raise self.unsupported(name, "a norm of a value whose features hold a statistic of neurons (a sum or mean "
+                                   "over features joined to them): the statistic is no neuron, so its scale has no "
+                                   "rank-1 terms; normalise the neurons before joining the statistic")
 
     def batch_norm(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         training = kwargs.get("training", args[5] if len(args) > 5 else False)
@@ -127,6 +136,7 @@ class NormRules:
         self.set_meta(normalised, normalised_meta)
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
         sources = normalised_meta.nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
+        self.check_sources_are_neurons(name, sources)
         held = sources[sources >= 0]
         if torch.unique(held).numel() != held.numel():  # (the gradient check refused it, blaming a constant)
             raise self.unsupported(name, "a batch norm of a value that holds one neuron in two channels "
