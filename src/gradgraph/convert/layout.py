@@ -396,7 +396,6 @@ def _shared_parameter_ties(trace: TraceResult) -> tuple[list[tuple[Tensor, Tenso
     return ties, pinned
 
 
-
 def _is_function(nodes: Tensor, index: Tensor) -> bool:
     """Whether every node meets one value of ``index`` (its row or column of the weight)."""
     pairs = torch.unique(torch.stack((nodes, index)), dim=1)
