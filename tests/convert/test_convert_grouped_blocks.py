@@ -156,6 +156,35 @@ def test_groups_treated_differently_after_the_op_are_not_claimed_alike(mode):
     assert blocks == 1
 
 
+class PerGroupCodeBefore(nn.Module):
+    """The channels a depthwise convolution reads treated differently before it (``mode`` on halves)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.grouped = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+        self.mode = mode
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.mode == "scale":
+            h = torch.cat([h[:, :2] * 2.0, h[:, 2:] * 3.0], 1)
+        else:
+            h = torch.cat([torch.relu(h[:, :2]), torch.tanh(h[:, 2:])], 1)
+        return self.c(torch.relu(self.grouped(h))).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["scale", "activation"])
+def test_groups_whose_input_channels_were_treated_differently_are_not_claimed_alike(mode):
+    """``cat([h[:, :2] * 2, h[:, 2:] * 3])`` feeding a depthwise convolution: exchanging its groups 0 and 2 changes
+    the function (a second version claimed it; 4 of 6 samples changed the output), and the graph shows neither
+    constant. A set read or changed in part by an op outside a grouped op (``NeuronSet.read_in_part``) makes no
+    blocks."""
+    torch.manual_seed(8)
+    blocks, _ = _claims_blocks(PerGroupCodeBefore(mode).to(DTYPE), torch.randn(3, 3, 6, 6, dtype=DTYPE), seeds=6)
+    assert blocks == 1
+
+
 def test_a_channel_shuffle_after_a_depthwise_convolution_keeps_the_whole_group_moves():
     """ShuffleNet's shuffle reorders all channels at once (a value holding every group), and the 1x1
     convolution after it reads every channel: exchanging whole groups still keeps the function."""

@@ -131,6 +131,10 @@ def parallel_blocks(trace: TraceResult, set_of_node: Tensor, root_of_piece: dict
                           if set_index not in own) for block in blocks]
         if any(count != counts[0] for count in counts):
             continue
+        # ... and no op outside the grouped ops read or changed part of a set of the blocks before or after
+        # them (cat([h[:, :2] * 2, h[:, 2:] * 3]) feeding a depthwise convolution: its groups 0 and 2 differ)
+        if any(trace.sets[set_index].read_in_part for root in members for set_index in class_sets(root)):
+            continue
         orders = [[_class_order(class_nodes(root), free_ranks(root), labels) for root in block] for block in blocks]
         if any(len(order) != len(first) for block in orders for order, first in zip(block, orders[0])):
             continue

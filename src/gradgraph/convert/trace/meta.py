@@ -149,6 +149,9 @@ class NeuronSet:
     #: the index of the op of the forward whose rule made it (sets one op made for every group of a
     #: grouped op are alike: the layout's whole-group blocks)
     created_at: int = -1
+    #: an op outside a grouped op read or changed part of it only (``h[:, :2] * 2``): its parts may differ in
+    #: ways the graph does not show, so no whole-group blocks are claimed across it
+    read_in_part: bool = False
 
     def holds(self, nodes: Tensor) -> Tensor:
         """Boolean mask of the same shape: which of the node ids ``nodes`` are this set's neurons."""

@@ -67,6 +67,8 @@ class AffineRules:
         inside = torch.unique(sources[neuron_set.holds(sources)])
         if inside.numel() == 0 or inside.numel() == neuron_set.size:
             return
+        if not self.grouped_op_running:  # (a grouped op reads each group's part: blocks are made of those)
+            neuron_set.read_in_part = True
         low, high = int(inside[0]), int(inside[-1]) + 1
         if inside.numel() == high - low:
             self.cuts.update((low, high))

@@ -135,6 +135,7 @@ def convolution_parts(func: Any, args: tuple, kwargs: dict) -> Any:
         out = outputs[0] if groups == 1 else torch.cat(outputs, dim=-1)
         return out.movedim(-1, 1)
 
+    run.groups = groups
     return run
 
 

@@ -109,6 +109,7 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
         #: still claimed alike with the group of each of its nodes (note_group_parts)
         self.grouped: list[list[int]] = []
         self.grouped_spans: dict[int, tuple[int, int, Tensor]] = {}
+        self.grouped_op_running = 0  # inside a grouped op's decomposition (its reads of each group's part)
         self.num_nodes = 0
         self.keys: list[int] = []
         self.param_names: list[str] = []
@@ -368,8 +369,13 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
         if parts is None and is_softmax(func) and self.softmax_over_positions(args, kwargs):
             parts = softmax_parts(func, args, kwargs)
         if parts is not None:
-            with self:  # the parts run under the trace: its rules follow them
-                result = parts()
+            grouped = getattr(parts, "groups", 1) > 1
+            self.grouped_op_running += grouped
+            try:
+                with self:  # the parts run under the trace: its rules follow them
+                    result = parts()
+            finally:
+                self.grouped_op_running -= grouped
             self.record_groups(getattr(parts, "group_outputs", None))
             return result
         name = op_name(func)
