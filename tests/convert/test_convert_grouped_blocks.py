@@ -247,3 +247,32 @@ def test_blocks_are_found_after_parameters_that_make_none():
     blocks, moved = _claims_blocks(AfterOtherSharedParameters().to(DTYPE), torch.randn(3, 3, 6, 6, dtype=DTYPE))
     assert blocks == 4
     assert moved > 0
+
+
+class TwoStages(nn.Module):
+    """Two depthwise stages: the first reads a stem written as two halves of one weight (two ops, so its groups'
+    input sets come from different ops and make no blocks), the second a pointwise convolution's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Parameter(torch.randn(4, 3, 1, 1))
+        self.first, self.second = (nn.Conv2d(4, 4, 3, groups=4, padding=1) for _ in range(2))
+        self.pointwise, self.project = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(torch.cat([F.conv2d(x, self.stem[:2]), F.conv2d(x, self.stem[2:])], 1))
+        h = torch.relu(self.pointwise(torch.relu(self.first(h))))
+        return self.project(torch.relu(self.second(h))).mean((2, 3))
+
+
+def test_a_grouped_op_that_makes_no_blocks_does_not_stop_the_next_one():
+    """The first depthwise convolution's groups are not claimed (their input sets come from two ops), the
+    second's are: a group turned down by the check of its sets' ops does not end the search (``continue``, not
+    ``break``; checked by hand on the code, not yet through mutmut)."""
+    torch.manual_seed(9)
+    model = TwoStages().to(DTYPE)
+    inputs = torch.randn(3, 3, 6, 6, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    blocked = torch.unique(graph.perm_group[graph.perm_block > 0])
+    assert len(blocked) == 1  # one group with blocks: the second stage's
+    assert_group_keeps_function(model, inputs, None, squared)
