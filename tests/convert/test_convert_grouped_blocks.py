@@ -276,3 +276,28 @@ def test_a_grouped_op_that_makes_no_blocks_does_not_stop_the_next_one():
     blocked = torch.unique(graph.perm_group[graph.perm_block > 0])
     assert len(blocked) == 1  # one group with blocks: the second stage's
     assert_group_keeps_function(model, inputs, None, squared)
+
+
+class GroupedThenDepthwise(nn.Module):
+    """A grouped convolution (2 groups, 2 -> 4 channels each), then a depthwise one over its 8 channels: the
+    depthwise groups are alike in the op, but the grouped convolution before ties them in fours, so not every
+    exchange of them keeps the function (channel 3 to channel 4 crosses its groups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.grouped = nn.Conv2d(4, 8, 3, groups=2, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, groups=8, padding=1)
+        self.project = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.grouped(torch.relu(self.a(x))))
+        return self.project(torch.relu(self.depthwise(h))).mean((2, 3))
+
+
+def test_a_depthwise_convolution_after_a_grouped_one_claims_only_what_keeps_the_function():
+    """The depthwise groups are alike in their op, but the grouped convolution before ties them in fours: no
+    exchange of whole groups is claimed, and what is claimed keeps the function (six samples)."""
+    torch.manual_seed(10)
+    blocks, _ = _claims_blocks(GroupedThenDepthwise().to(DTYPE), torch.randn(3, 3, 6, 6, dtype=DTYPE), seeds=6)
+    assert blocks == 1
