@@ -137,8 +137,7 @@ class NormRules:
         normalised_meta = self.fix_act(normalised, normalised_meta, name)
         sources = normalised_meta.nodes.reshape(x.shape[0], x.shape[1], -1)[0, :, 0].clone()
         self.check_sources_are_neurons(name, sources)
-        held = sources[sources >= 0]
-        if torch.unique(held).numel() != held.numel():  # (the gradient check refused it, blaming a constant)
+        if torch.unique(sources).numel() != sources.numel():  # (the gradient check refused it, blaming a constant)
             raise self.unsupported(name, "a batch norm of a value that holds one neuron in two channels "
                                    "(h.repeat(1, 2), cat([h, h])): each channel has a scale and shift of its own, "
                                    "which one neuron cannot carry; normalise before repeating the neurons")

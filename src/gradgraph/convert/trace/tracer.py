@@ -252,9 +252,9 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
             if len(found) != 1 or found[0].size != output.shape[-1] or found[0].created_by != "affine":
                 return
             sets.append(found[0].index)
-        first, last = self.sets[sets[0]], self.sets[sets[-1]]
         if sets != list(range(sets[0], sets[0] + len(sets))):
             return  # made one after the other by the op: consecutive sets, consecutive nodes
+        first, last = self.sets[sets[0]], self.sets[sets[-1]]
         sizes = torch.tensor([self.sets[index].size for index in sets])
         self.grouped_spans[len(self.grouped)] = (first.first, last.first + last.size,
                                                  torch.repeat_interleave(torch.arange(len(sets)), sizes))
