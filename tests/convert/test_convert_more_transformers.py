@@ -18,15 +18,15 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_group_keeps_function, assert_matches_autograd_loop
+from convert_values import squared
+from test_convert_models import PAD, padded_ids
+from traced_models import assert_group_keeps_function, assert_matches_autograd_loop, token_loss
 
 import gradgraph
 from gradgraph import UnsupportedModuleError
 
 DTYPE = torch.float64
-PAD = 1
 SMALL = dict(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
              max_position_embeddings=16)
 
@@ -34,15 +34,6 @@ SMALL = dict(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_he
 @pytest.fixture(scope="module")
 def transformers():
     return pytest.importorskip("transformers")
-
-
-def padded_ids(seed: int = 0, batch: int = 3, length: int = 6, vocab: int = 20) -> torch.Tensor:
-    """``[batch, length]`` token ids with padding at the end of the first and last sequences."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(PAD + 1, vocab, (batch, length), generator=generator)
-    ids[0, length - 2:] = PAD
-    ids[-1, length - 1:] = PAD
-    return ids
 
 
 class Called(nn.Module):
@@ -55,15 +46,6 @@ class Called(nn.Module):
     def forward(self, ids):
         extra = {"use_cache": False} if self.causal else {}
         return getattr(self.model(input_ids=ids, attention_mask=(ids != PAD).long(), **extra), self.output)
-
-
-def squared_norm(output, _targets):
-    """``[b]``: every output of a datapoint squared and summed (a loss that reads every token)."""
-    return output.pow(2).reshape(output.shape[0], -1).sum(1)
-
-
-def next_token_loss(logits, targets):
-    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1)
 
 
 def _rms_norm(self, hidden):
@@ -126,7 +108,7 @@ def test_more_transformers_families_convert_exactly_with_a_true_group(transforme
     torch.manual_seed(21)
     model, causal, min_moved = _build(transformers, name)
     ids = padded_ids()
-    targets, loss_fn = (padded_ids(2), next_token_loss) if causal else (None, squared_norm)
+    targets, loss_fn = (padded_ids(2), token_loss) if causal else (None, squared)
     assert_matches_autograd_loop(model, ids, targets, loss_fn)
     moved, _, _ = assert_group_keeps_function(model, ids, targets, loss_fn)
     assert moved >= min_moved, moved
@@ -161,7 +143,7 @@ def test_more_transformers_families_are_refused_by_name(transformers, name):
     # float32: the experts' grouped matmul runs in no other floating dtype
     causal = model_class.endswith("CausalLM")
     model = Called(getattr(transformers, model_class)(config), "logits" if causal else "last_hidden_state", causal)
-    targets, loss_fn = (padded_ids(2), next_token_loss) if causal else (None, squared_norm)
+    targets, loss_fn = (padded_ids(2), token_loss) if causal else (None, squared)
     with pytest.raises(UnsupportedModuleError, match=words):
         gradgraph.to_graph(model.eval(), padded_ids(), targets, loss_fn)
 
@@ -201,8 +183,8 @@ def test_more_vision_models_convert_exactly_with_a_true_group(transformers, name
     torch.manual_seed(21)
     model = Looked(getattr(transformers, model_class)(getattr(transformers, config_class)(**options)), output)
     model = model.to(DTYPE).eval()
-    assert_matches_autograd_loop(model, images(), None, squared_norm)
-    moved, _, _ = assert_group_keeps_function(model, images(), None, squared_norm)
+    assert_matches_autograd_loop(model, images(), None, squared)
+    moved, _, _ = assert_group_keeps_function(model, images(), None, squared)
     assert moved >= min_moved, moved
 
 
@@ -213,4 +195,4 @@ def test_beit_relative_position_bias_is_refused_as_a_parameter_read_where_neuron
     model = Looked(transformers.BeitModel(config), "last_hidden_state").to(DTYPE).eval()
     with pytest.raises(UnsupportedModuleError, match=r"modeling_beit\.py:\d+ in BeitRelativePositionBias\.forward.*"
                        r"the parameter '.*relative_position_bias_table' used where gradgraph expects neuron values"):
-        gradgraph.to_graph(model, images(), None, squared_norm)
+        gradgraph.to_graph(model, images(), None, squared)
