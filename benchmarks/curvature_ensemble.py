@@ -47,7 +47,8 @@ def main() -> None:
     if args.quick:
         from gradgraph_lab.cli import main as gradgraph
 
-        scratch = Path(tempfile.mkdtemp(prefix="gg-ensemble-"))
+        scratch_dir = tempfile.TemporaryDirectory(prefix="gg-ensemble-")  # removed when main returns or fails
+        scratch = Path(scratch_dir.name)
         for seed in (0, 1):
             gradgraph(["curvature", "--preset", "tiny", "--seed", str(seed), "--epochs", "2", "--quiet",
                        "--models", "standard", "gradmetanet", "--output-dir", str(scratch / f"seed{seed}")])
