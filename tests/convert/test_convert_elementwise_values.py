@@ -498,3 +498,28 @@ def test_the_indices_of_a_max_pooling_are_refused_by_name_where_they_reach_a_par
                            torch.randint(0, 3, (4,)), cross_entropy)
     assert ": torch.nn.functional.max_pool2d_with_indices: the indices of a max pooling, and its result reaches " \
            "torch.nn.functional.linear with the parameter 'head.weight'" in str(caught.value), str(caught.value)
+
+
+class ConstantOverNeurons(nn.Module):
+    """``Linear(3, 4)``, then ``c / f(h)`` (a Python number divided by neuron values), ``Linear(4, 3)``."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.op, self.first, self.out = op, nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.op(self.first(x)))
+
+
+@pytest.mark.parametrize("op", [lambda h: 1.0 / (h.abs() + 1.0), lambda h: 2 / (1.0 + h.exp())],
+                         ids=["1 / (|h| + 1)", "2 / (1 + exp(h))"])
+def test_a_number_divided_by_neuron_values_converts_exactly(op):
+    """``c / h`` runs ``Tensor.__rtruediv__``, which is ``Tensor.__rdiv__`` (the op's name the trace sees); the
+    tables named ``__rtruediv__``, so ``1.0 / h`` had no rule and every model with it was refused ("gradgraph has
+    no rule for this op", found in session 22). It is an elementwise op of the neurons: exact against torch.func,
+    and a sampled element of the inferred group (which moves the hidden neurons) keeps the function."""
+    inputs = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    targets = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
+    _, moved = convert_exactly(ConstantOverNeurons(op).to(DTYPE), inputs, targets)
+    assert moved > 0

@@ -134,11 +134,11 @@ UNARY = set(ACTIVATION_OPS) | _names(
     "clamp_min", "clamp_max", "float_power", "sign", "log1p", "expm1", "hardshrink", "atan", "sinh", "asinh",
 )
 BINARY_ADD = _method("__add__", "__radd__", "__sub__", "__rsub__", "add", "sub") | _names(torch.add, torch.sub)
-BINARY_MUL = _method("__mul__", "__rmul__", "__truediv__", "__rtruediv__", "mul", "div") | _names(
+BINARY_MUL = _method("__mul__", "__rmul__", "__truediv__", "__rdiv__", "mul", "div") | _names(
     torch.mul, torch.div
 )
 #: ops whose parameter operand is not a bias or a scale of the neurons (``h - v``, ``h / v``)
-PARAMETER_REFUSED = _method("__sub__", "__rsub__", "sub", "__truediv__", "__rtruediv__", "div") | _names(
+PARAMETER_REFUSED = _method("__sub__", "__rsub__", "sub", "__truediv__", "__rdiv__", "div") | _names(
     torch.sub, torch.div)
 #: in-place operators: they change a value the trace already recorded
 IN_PLACE_OPERATORS = _method("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",

@@ -48,14 +48,38 @@ def mask_operands(name: str, args: tuple, kwargs: dict) -> tuple:
     return tuple(args) + tuple(kwargs.get(key) for key in keys[len(args):])
 
 
+_SUBTRACTIONS = {"Tensor.__sub__", "Tensor.__rsub__", "Tensor.sub", "torch.sub"}
+_PRODUCTS = {"Tensor.__mul__", "Tensor.__rmul__", "Tensor.mul", "torch.mul"}
+_QUOTIENTS = {"Tensor.__truediv__", "Tensor.__rdiv__", "Tensor.div", "torch.div"}
+
+
+def _slope_one(name: str, kwargs: dict, right: bool, other: Any) -> bool:
+    """Whether the binary op ``name`` passes its operand on the ``right`` side (else the left) with slope one
+    everywhere: an addition with ``alpha`` 1, a subtraction of the other side, a product with or a division by
+    the number 1 (``__rsub__``'s and ``__rdiv__``'s sides come swapped)."""
+    if name in BINARY_ADD:
+        return kwargs.get("alpha", 1) == 1 and not (right and name in _SUBTRACTIONS)
+    unit = isinstance(other, int | float) and not isinstance(other, bool) and other == 1
+    return unit and (name in _PRODUCTS or (name in _QUOTIENTS and not right and kwargs.get("rounding_mode") is None))
+
+
 class ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, masks, comparisons."""
 
     # -------------------------------------------------------------- elementwise
-    def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None) -> None:
+    def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None, *,
+              slope_one: bool = False) -> None:
+        """An elementwise op of one neuron value (with constants): the same neurons, a new version.
+        ``slope_one``: the op's derivative is 1 everywhere (``h + c``), which position values may take."""
         meta = self.need_neurons(x, name)
         if meta is None:
             return None
+        changed = None
+        if meta.comps is None:
+            # position values get their gradient where they join the tokens (bind): an op between of slope other
+            # than one would be left out of it, so such a join is refused naming the op (before, only the
+            # summed-gradient check refused 2.0 * pos(arange(T)), in words naming no op)
+            changed = self.changed_position_op(meta) or (None if slope_one else f"{name.strip()} at {self.location()}")
         # an op on part of a set (relu of h[:, :2], tanh of the rest) treats its neurons unlike the others:
         # that part is a piece of its own, or the set is pinned (a permutation of the whole set would move
         # the part's neurons onto the others)
@@ -75,9 +99,16 @@ class ElementwiseRules:
             nodes = broadcast_ids(nodes, output.shape).clone()
             comps = None if comps is None else broadcast_ids(comps, output.shape).clone()
             unbound = None if unbound is None else broadcast_ids(unbound, output.shape).clone()
+        if changed is not None:
+            self.changed_positions.update({item: changed for item in versions.items()})
         new = Neurons(nodes, comps, versions, unbound)
         self.set_meta(output, new)
         self.observe(output, new)
+
+    def changed_position_op(self, meta: Neurons) -> str | None:
+        """The op (and where it ran) that changed these position values with a slope other than one, if any."""
+        return next((self.changed_positions[item] for item in meta.versions.items() if item in self.changed_positions),
+                    None)
 
     def _operand(self, value: Any, name: str, other: Any = None) -> Any:
         if isinstance(value, Tensor):
@@ -91,7 +122,9 @@ class ElementwiseRules:
 
     def binary(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
         left, right = args[0], args[1] if len(args) > 1 else kwargs.get("other")
-        if name in ("Tensor.__rsub__", "Tensor.__radd__", "Tensor.__rmul__", "Tensor.__rtruediv__",
+        # c / h calls Tensor.__rtruediv__, which is Tensor.__rdiv__ (its name: the op's name here; the tables named
+        # __rtruediv__, so 1.0 / h had no rule)
+        if name in ("Tensor.__rsub__", "Tensor.__radd__", "Tensor.__rmul__", "Tensor.__rdiv__",
                     "Tensor.__rpow__"):
             left, right = right, left
         operands = [(left, self._operand(left, name, right)), (right, self._operand(right, name, left))]
@@ -117,11 +150,24 @@ class ElementwiseRules:
             other = right if value is left else left
             if isinstance(other, Tensor) and other.dim() and meta.comps is not None:
                 self.check_constant(name, meta, other, output.shape)
-            return self.unary(value, output, name, None)
+            return self.unary(value, output, name, None, slope_one=_slope_one(name, kwargs, value is right, other))
         (a_value, a), (b_value, b) = neurons
         shape = output.shape
         if a.comps is None and b.comps is None:
             raise self.unsupported(name, "arithmetic on two values that do not depend on the input")
+        for value, meta in ((a_value, a), (b_value, b)):
+            changed = None if meta.comps is not None else self.changed_position_op(meta)
+            if changed is not None:
+                raise self.unsupported(name, f"joins position values (a position embedding, a parameter added per "
+                                       f"position) that {changed} changed before they join the token values "
+                                       "(2.0 * pos, relu(pos)): their gradient is read where they join the tokens, "
+                                       "which that op would leave out. Apply the op after adding them (f(h + pos)), "
+                                       "or fold a constant scale into the embedding's table")
+            if meta.comps is None and not _slope_one(name, kwargs, value is right, None):
+                raise self.unsupported(name, "joins position values (a position embedding, a parameter added per "
+                                       "position) to the token values by another op than an addition (h * pos, "
+                                       "h - pos), whose gradient gradgraph does not read; add them (h + pos), "
+                                       "then apply the op")
         comps = broadcast_ids(a.comps if a.comps is not None else b.comps, shape)
         if a.comps is None:
             a = self.bind(a_value, a, shape, comps.clone(), output)

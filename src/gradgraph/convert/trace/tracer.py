@@ -110,6 +110,8 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
         self.grouped: list[list[int]] = []
         self.grouped_spans: dict[int, tuple[int, int, Tensor]] = {}
         self.grouped_op_running = 0  # inside a grouped op's decomposition (its reads of each group's part)
+        # (set, version) of position values an op of slope other than one changed -> that op and where it ran
+        self.changed_positions: dict[tuple[int, int], str] = {}
         self.num_nodes = 0
         self.keys: list[int] = []
         self.param_names: list[str] = []

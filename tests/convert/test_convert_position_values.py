@@ -1,0 +1,132 @@
+"""Position values (a position embedding of constant ids, a parameter added per position) get their
+gradient where they join the token values: ops between their making and that join are refused by name,
+joins other than an addition too; additions of slope one convert exactly.
+
+Before session 22, ``2.0 * pos(arange(T))``, ``relu(pos)``, ``h - pos`` or ``h * pos`` were refused only by
+the summed-gradient check ("a value computed from this parameter reaches the loss through an op whose
+gradgraph rule reads it as a constant"), naming no op; each test below that expects a refusal fails on that
+code (checked), each that expects a conversion passes on both.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+from traced_models import assert_group_keeps_function, assert_matches_autograd_loop
+
+import gradgraph
+
+T, D = 5, 4
+DTYPE = torch.float64
+WHERE = r"\S+\.py:\d+ in \S+: "
+
+
+class Positions(nn.Module):
+    """``Linear(3, D)`` of the tokens joined by ``join(h, p)`` to a position embedding ``p = pos(arange(T))``
+    (or a ``[T, D]`` parameter), then ``tanh`` and a head."""
+
+    def __init__(self, join, table: str = "embedding") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.join, self.table = join, table
+        self.tokens, self.head = nn.Linear(3, D), nn.Linear(D, 2)
+        if table == "embedding":
+            self.pos = nn.Embedding(T, D)
+        else:
+            self.pos = nn.Parameter(torch.randn(T, D))
+
+    def forward(self, x):
+        p = self.pos(torch.arange(x.shape[1])) if self.table == "embedding" else self.pos
+        return self.head(torch.tanh(self.join(self.tokens(x), p)))
+
+
+def loss(output, target):
+    return (output - target).pow(2).sum((1, 2))
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(3, T, 3, generator=generator, dtype=DTYPE),
+            torch.randn(3, T, 2, generator=generator, dtype=DTYPE))
+
+
+CHANGED = {
+    "scaled": (lambda h, p: h + 2.0 * p, "Tensor.mul"),
+    "relu": (lambda h, p: h + torch.relu(p), "torch.relu"),
+    "negated": (lambda h, p: h + (-p), "Tensor.neg"),
+    "added with alpha": (lambda h, p: torch.add(1.0, p, alpha=2.0) + h, "torch.add"),
+    "subtracted from a constant": (lambda h, p: h + (1.0 - p), "Tensor.__rsub__"),
+    "exp": (lambda h, p: h + torch.exp(p), "torch.exp"),
+    "scaled, then shifted and reshaped": (lambda h, p: h + (2.0 * p + 1.0).unsqueeze(0), "Tensor.mul"),
+}
+JOINED = {
+    "times the tokens": (lambda h, p: h * p, "Tensor.mul"),
+    "subtracted from the tokens": (lambda h, p: h - p, "Tensor.sub"),
+    "added with alpha": (lambda h, p: torch.add(h, p, alpha=0.5), "torch.add"),
+    "a gate of the tokens": (lambda h, p: h * (p + 1.0), "Tensor.mul"),
+}
+EXACT = {
+    "added": lambda h, p: h + p,
+    "added on the left": lambda h, p: p + h,
+    "plus a constant first": lambda h, p: h + (p + 0.5),
+    "tokens subtracted from it": lambda h, p: p - h,
+    "torch.add": lambda h, p: torch.add(h, p),
+    "reshaped first": lambda h, p: h + p.unsqueeze(0).reshape(1, T, D),
+    "times one": lambda h, p: h + 1 * p,
+    "divided by one, plus a constant": lambda h, p: h + (p / 1.0 + 2.0),
+}
+
+
+def refusal(join, table="embedding") -> str:
+    model = Positions(join, table).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refused:
+        gradgraph.to_graph(model, inputs, targets, loss)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("change", list(CHANGED))
+def test_position_values_changed_before_they_join_the_tokens_are_refused_at_the_join_naming_the_op(change):
+    """``h + 2.0 * pos``, ``h + relu(pos)``, ``h + (-pos)``, ``torch.add(1, pos, alpha=2)``, ``h + (1 - pos)``,
+    ``exp(pos)``, a scale then a shift and a reshape: an op of slope other than one changed the positions,
+    so the gradient read where they join the tokens is not theirs. Refused at the join, naming the op that changed
+    them and its line."""
+    join, op = CHANGED[change]
+    message = refusal(join)
+    assert re.match(WHERE + r"Tensor\.add: joins position values \(a position embedding, a parameter added per "
+                    rf"position\) that {re.escape(op)} at \S+\.py:\d+ in <lambda> changed before they join the "
+                    r"token values", message), message
+    assert "Apply the op after adding them (f(h + pos))" in message
+
+
+@pytest.mark.parametrize("join", list(JOINED))
+def test_position_values_joined_to_the_tokens_by_another_op_than_an_addition_are_refused_by_name(join):
+    """``h * pos``, ``h - pos``, ``torch.add(h, pos, alpha=0.5)``, ``h * (pos + 1)``: the positions join the
+    tokens with a slope other than one. Refused at the join, naming it. (A ``[T, D]`` parameter joined so is
+    refused by the affine rules, in their own words, before it is a position value.)"""
+    make, op = JOINED[join]
+    message = refusal(make)
+    assert re.match(WHERE + re.escape(f"{op}: joins position values (a position embedding, a parameter added "
+                                      "per position) to the token values by another op than an addition"),
+                    message), message
+
+
+@pytest.mark.parametrize("join", ["times the tokens", "subtracted from the tokens"])
+def test_a_parameter_per_position_joined_by_another_op_than_an_addition_is_refused_naming_the_op(join):
+    """The same joins with a ``[T, D]`` parameter: refused by the affine rules, naming the op."""
+    make, op = JOINED[join]
+    assert re.match(WHERE + re.escape(f"{op}: "), refusal(make, table="parameter"))
+
+
+@pytest.mark.parametrize("join", list(EXACT))
+def test_position_values_added_with_slope_one_convert_exactly(join):
+    """``h + pos``, ``pos + h``, ``h + (pos + 0.5)``, ``pos - h``, ``torch.add(h, pos)``, a reshape first,
+    ``1 * pos``, ``pos / 1 + 2``: the gradient where they join is theirs. Per-sample gradients equal a per-datapoint autograd loop at 1e-10, and
+    a sampled element of the inferred group keeps the function (float64)."""
+    model = Positions(EXACT[join]).to(DTYPE)
+    inputs, targets = batch()
+    assert_matches_autograd_loop(model, inputs, targets, loss)
+    assert_group_keeps_function(model, inputs, targets, loss)
