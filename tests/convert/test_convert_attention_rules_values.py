@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from traced_models import assert_exact_per_sample_grads
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph import EdgeKind, NodeKind
@@ -696,6 +696,8 @@ WITHIN_A_DATAPOINT = {
     "transposed by the attribute mT": lambda self, q, k, v: scores(q, k).mT.softmax(-1) @ v,
     "keys flipped, the scores by keyword": lambda self, q, k, v: torch.flip(input=scores(q, k), dims=(-1,)).softmax(
         -1) @ v,
+    "queries repeated by an index": lambda self, q, k, v: scores(q, k)[..., [0, 1, 0, 1], :].softmax(-1) @ v,
+    "keys repeated by an index": lambda self, q, k, v: scores(q, k)[..., [0, 1, 0, 1]].softmax(-1) @ v,
 }
 
 
@@ -776,15 +778,64 @@ def test_three_axis_scores_moved_within_each_datapoint_convert_exactly(move):
                                  "transposed by mT": lambda s: s.mT}[move]))
 
 
-def test_scores_of_some_queries_only_are_refused_naming_the_op():
-    """``scores[..., :2, :]`` (the scores of the first two queries): the datapoint of each score cannot be read off
-    the queries' components for the sliced shape, so the op counts as moving scores and is refused, naming the op.
-    Kills ``x__moves_datapoints__mutmut_56`` (a replay that raises taken as no move: a ``RuntimeError`` out of
-    the trace). Only the op is matched: the refusal says "moves attention scores between datapoints", which a
-    slice of queries does not do (mut38's report: under ``56`` the same slice repeated back to ``T`` queries
-    converts exactly, a refusal stricter than needed, in misleading words)."""
-    message = refusal_of(lambda self, q, k, v: (scores(q, k)[..., :2, :].softmax(-1) @ v).repeat(1, 1, 2, 1))
-    assert re.match(WHERE + re.escape("Tensor.__getitem__: "), message), message
+SOME_POSITIONS = {
+    "some queries": lambda self, q, k, v: scores(q, k)[..., :2, :].softmax(-1) @ v,
+    "some keys": lambda self, q, k, v: scores(q, k)[..., :, :2].softmax(-1) @ v[..., :2, :],
+    "queries repeated": lambda self, q, k, v: scores(q, k)[..., [0, 1, 0, 1, 0], :].softmax(-1) @ v,
+}
+REWRITTEN_POSITIONS = {
+    "some queries": lambda self, q, k, v: (scores(q, k).softmax(-1) @ v)[..., :2, :],
+    "some keys": lambda self, q, k, v: scores(q, k).masked_fill(torch.arange(T) >= 2, float("-inf")).softmax(-1) @ v,
+}
+
+
+class FirstQueries(Attention):
+    """:class:`Attention` whose head reads the attention's first two query positions only (``fn`` gives
+    ``[b, H, 2, d / H]``), or all ``T`` where ``fn`` keeps them."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.inp(x)
+        q = self.q(h).view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(h).view(b, t, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
+        y = self.fn(self, q, k, v)
+        return self.head(self.out(y.transpose(1, 2).reshape(b, y.shape[-2], -1))[:, :2])
+
+
+@pytest.mark.parametrize("positions", list(SOME_POSITIONS))
+def test_scores_of_some_positions_are_refused_in_words_that_say_so_with_the_remedy(positions):
+    """``scores[..., :2, :]`` (the scores of the first two queries), ``scores[..., :, :2]`` (of two keys), queries
+    repeated by an index to five: the scores no longer match the positions of their queries or keys (an index
+    that keeps their number, ``scores[..., [0, 1, 0, 1], :]``, converts exactly: the factors are read off the
+    tensors, and no edge depends on which query a row of scores came from). The query slice was
+    refused as one that "moves attention scores between datapoints" (the datapoints cannot be read off the queries'
+    components for the new shape), which a slice within each datapoint does not do (mut38's report, session 21),
+    the key slice at the product with ``v`` as "attention between positions of different datapoints"; now each at
+    the op, in words that say what it does, with the rewrites that convert (the next test). The query slice killed
+    ``x__moves_datapoints__mutmut_56`` (a replay that raises taken as no move) before; it no longer reaches that
+    replay."""
+    model = FirstQueries(SOME_POSITIONS[positions]).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets[:, :2], loss)
+    assert re.match(WHERE + re.escape(
+        "Tensor.__getitem__: changes the query or key positions attention scores hold (a slice, an index or a "
+        "repeat of them), which gradgraph does not follow: select queries on the attention's output instead "
+        "((scores.softmax(-1) @ v)[..., :2, :] is scores[..., :2, :].softmax(-1) @ v) and leave keys out with a "
+        "mask (scores.masked_fill(mask, float('-inf'))), and its result reaches"), str(refusal.value)), refusal.value
+
+
+@pytest.mark.parametrize("positions", list(REWRITTEN_POSITIONS))
+def test_the_rewrites_the_refusal_of_some_score_positions_names_convert_exactly(positions):
+    """The two rewrites the refusal above names compute the same function as the refused slices and convert:
+    per-sample gradients equal to a per-datapoint autograd loop at 1e-10, and a sampled element of the inferred
+    group keeps the model's function (float64). Checks that the remedy the message gives is true."""
+    model = FirstQueries(REWRITTEN_POSITIONS[positions]).to(DTYPE)
+    sliced = FirstQueries(SOME_POSITIONS[positions]).to(DTYPE)  # the same seed: the same weights
+    inputs, targets = batch()
+    torch.testing.assert_close(model(inputs), sliced(inputs), rtol=0, atol=1e-12)
+    assert_matches_autograd_loop(model, inputs, targets[:, :2], loss)
+    assert_group_keeps_function(model, inputs, targets[:, :2], loss)
 
 
 def with_positions(model):

@@ -78,6 +78,13 @@ def _moves_datapoints(name: str, args: tuple, kwargs: dict, output: Tensor, meta
     return not isinstance(moved, Tensor) or moved.shape != expected.shape or not torch.equal(moved, expected)
 
 
+def _changes_positions(scores: Tensor, output: Tensor) -> bool:
+    """Whether a shape op that keeps the scores' batch shape changes how many queries or keys they hold
+    (a slice, an index or a repeat of positions; a transpose of the two, ``scores.mT``, does not)."""
+    before, after = tuple(scores.shape[-2:]), tuple(output.shape[-2:])
+    return after != before and after != before[::-1]
+
+
 #: elementwise bounds of scores by a constant (``torch.maximum(scores, floor)``)
 _SCORE_BOUNDS = {"torch.maximum", "torch.minimum", "Tensor.maximum", "Tensor.minimum"}
 #: reductions whose two-tensor call is elementwise (``torch.max(scores, floor)``)
@@ -109,6 +116,15 @@ class AttentionRules:
                 meta = self.reshape_score_batch(meta, output) if name in _RESHAPES else None
                 if meta is None:
                     return self.mark_opaque(output, name, "reshapes attention scores", scores)
+            elif name in SHAPE_OPS and name not in IDENTITY_OPS and _changes_positions(
+                    next(value for value, known in tracked if known is meta), output):
+                # scores[..., :2, :] or [..., :2]: no move between datapoints, but the scores no longer match their
+                # queries' or keys' positions (refused as a move between datapoints, or at the product with v)
+                return self.mark_opaque(
+                    output, name, "changes the query or key positions attention scores hold (a slice, an index "
+                    "or a repeat of them), which gradgraph does not follow: select queries on the attention's "
+                    "output instead ((scores.softmax(-1) @ v)[..., :2, :] is scores[..., :2, :].softmax(-1) @ v) "
+                    "and leave keys out with a mask (scores.masked_fill(mask, float('-inf')))", scores)
             elif name in SHAPE_OPS and name not in IDENTITY_OPS and _moves_datapoints(name, args, kwargs, output, meta):
                 # flip / roll / an index / a transpose of equal axes over the batch: the batch shape is kept,
                 # but a datapoint's attention would read another's scores (converted wrongly before)
