@@ -10,6 +10,8 @@ affine map reads), that ``act`` against the model's own values.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,3 +366,32 @@ def test_a_zero_width_layer_converts_with_empty_gradients():
                                           lambda out, y: F.cross_entropy(out, y, reduction="none"))
     assert graph.mean_grad()["l0.weight"].shape == (0, 4)
     assert graph.per_sample_grads()["l0.bias"].shape == (3, 0)
+
+
+class ReadsZeroWidth(nn.Module):
+    """``nn.Linear(4, 0)`` read by ``nn.Linear(0, 2)`` (the second layer's output is its bias alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1 = nn.Linear(4, 0), nn.Linear(0, 2)
+
+    def forward(self, x):
+        return self.l1(self.l0(x))
+
+
+def test_an_affine_map_of_a_value_with_no_features_is_refused_by_name():
+    """A zero-width layer whose output a ``Linear`` reads: the trace failed inside (``rows_along_last``: "cannot
+    reshape tensor of 0 elements into shape [-1, 0]"), reported as the user's model failing (found in session
+    22). Refused at the map, naming the module and the shape; a zero-width part of a concatenation still
+    converts (the test above)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on initialising a zero-element tensor
+        model = ReadsZeroWidth().to(torch.float64)
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, torch.randn(3, 4, dtype=torch.float64), None, lambda out, _: out.pow(2).sum(1))
+    assert re.fullmatch(r"\S+\.py:\d+ in ReadsZeroWidth\.forward \(module 'l1' of type Linear\): "
+                        + re.escape("torch.nn.functional.linear: an affine map of a value with no features (shape "
+                                    "[3, 0], a layer of width 0 before it): it has no neurons to read. Remove the "
+                                    "layer of width 0, or give it a width of at least 1"), str(refusal.value))

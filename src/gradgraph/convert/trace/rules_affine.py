@@ -123,6 +123,10 @@ class AffineRules:
         if weight_view.pos.dim() != 2:
             raise self.unsupported(name, f"a weight of shape {list(weight.shape)}; expected a matrix")
         positions = weight_view.pos.T if transposed else weight_view.pos  # [out, in]
+        if positions.shape[1] == 0:  # nn.Linear(0, k) after nn.Linear(d, 0): failed inside rows_along_last before
+            raise self.unsupported(name, f"an affine map of a value with no features (shape {list(x.shape)}, a "
+                                   "layer of width 0 before it): it has no neurons to read. Remove the layer of "
+                                   "width 0, or give it a width of at least 1")
         rows = rows_along_last(meta.nodes)
         if meta.comps is None:
             raise self.unsupported(name, "an affine map of values that do not depend on the input")
