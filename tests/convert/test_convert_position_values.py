@@ -124,8 +124,9 @@ def test_a_parameter_per_position_joined_by_another_op_than_an_addition_is_refus
 @pytest.mark.parametrize("join", list(EXACT))
 def test_position_values_added_with_slope_one_convert_exactly(join):
     """``h + pos``, ``pos + h``, ``h + (pos + 0.5)``, ``pos - h``, ``torch.add(h, pos)``, a reshape first,
-    ``1 * pos``, ``pos / 1 + 2``: the gradient where they join is theirs. Per-sample gradients equal a per-datapoint autograd loop at 1e-10, and
-    a sampled element of the inferred group keeps the function (float64)."""
+    ``1 * pos``, ``pos / 1 + 2``: the gradient where they join is theirs. Per-sample gradients equal a
+    per-datapoint autograd loop at 1e-10, and a sampled element of the inferred group keeps the function
+    (float64)."""
     model = Positions(EXACT[join]).to(DTYPE)
     inputs, targets = batch()
     assert_matches_autograd_loop(model, inputs, targets, loss)
