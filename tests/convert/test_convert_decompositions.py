@@ -1,5 +1,5 @@
 """Composite ops people write (``F.glu``, ``F.normalize``, ``nn.PReLU``, ``torch.einsum`` as a
-linear map) convert through their parts: exact per-sample gradients (float64, against
+linear map, ``torch.var_mean`` / ``std_mean``, ``lerp``, ``addcmul`` / ``addcdiv``) convert through their parts: exact per-sample gradients (float64, against
 torch.func), a true group, the same graph on a replay; an einsum that is no linear map is
 still refused by name and line."""
 
@@ -57,9 +57,33 @@ class Composite(nn.Module):
             h = F.glu(h, dim=-1)
         elif self.op == "normalize":
             h = F.normalize(torch.relu(h), dim=-1)
+        elif self.op in FORMS:
+            h = FORMS[self.op](h)
         else:
             h = self.prelu(h)
         return self.out(h)
+
+
+def _standardised(statistic_and_mean):
+    def run(h):
+        statistic, mean = statistic_and_mean(h)
+        return (h - mean) / (statistic + 1.0).sqrt()
+    return run
+
+
+#: composite ops with no rule of their own before session 22 (each refused: "gradgraph has no rule for this op")
+FORMS = {
+    "var_mean": _standardised(lambda h: torch.var_mean(h, -1, keepdim=True)),
+    "var_mean with correction by keyword": _standardised(lambda h: torch.var_mean(h, dim=-1, correction=0,
+                                                                                  keepdim=True)),
+    "std_mean, unbiased positionally": _standardised(lambda h: torch.std_mean(h, -1, True, True)),
+    "lerp by a number": lambda h: torch.lerp(h, torch.tanh(h), 0.3),
+    "lerp by a number, the method, weight above a half": lambda h: h.lerp(torch.tanh(h), 0.7),
+    "lerp by a tensor": lambda h: torch.lerp(h, torch.tanh(h), torch.full((8,), 0.25, dtype=h.dtype)),
+    "addcmul": lambda h: torch.addcmul(h, h, torch.tanh(h), value=0.5),
+    "addcmul, the method": lambda h: h.addcmul(torch.tanh(h), torch.sigmoid(h)),
+    "addcdiv": lambda h: torch.addcdiv(h, torch.tanh(h), h.abs() + 1, value=2),
+}
 
 
 CASES = {
@@ -72,6 +96,7 @@ CASES = {
     "normalize": lambda: (Composite("normalize"), (4, 5)),
     "prelu one slope": lambda: (Composite("prelu"), (4, 5)),
     "prelu per feature": lambda: (Composite("prelu per feature"), (4, 5)),
+    **{form: (lambda form=form: (Composite(form), (4, 5))) for form in FORMS},
 }
 
 

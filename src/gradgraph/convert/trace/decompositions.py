@@ -1,7 +1,8 @@
 """Composite ops the trace reads as the ops they are made of.
 
 ``F.glu(x)`` is ``a * sigmoid(b)`` of the two halves of ``x``; ``F.normalize`` divides by a
-norm over the features; ``linalg.vector_norm`` is ``Tensor.norm``; ``F.prelu`` is
+norm over the features; ``torch.var_mean`` / ``std_mean`` are the two reductions; ``lerp``, ``addcmul`` and
+``addcdiv`` are the sums and products they stand for; ``linalg.vector_norm`` is ``Tensor.norm``; ``F.prelu`` is
 ``relu(x) - w * relu(-x)``; an ``einsum`` that is a linear map (``"bi,oi->bo"``) is
 ``F.linear`` (and so is ``x @ v`` by a vector: one output, its axis dropped), one that is a batched matrix
 product of two values (``"bhid,bhjd->bhij"``:
@@ -206,8 +207,39 @@ def softmax_parts(func: Any, args: tuple, kwargs: dict) -> Callable[[], Tensor] 
     return run
 
 
-_DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {F.glu: _glu, F.normalize: _normalize,
-                                                      torch.linalg.vector_norm: _vector_norm}
+def _statistic_and_mean(statistic: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``torch.var_mean`` / ``torch.std_mean`` as ``(statistic(...), mean(...))``: two reductions over the same
+    axes, which the rules read one by one (the tuple op had no rule)."""
+
+    def run(input: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        # var_mean(input, dim, unbiased, keepdim) / (input, unbiased) / (input, dim, *, correction, keepdim)
+        dim = None if args and isinstance(args[0], bool) else args[0] if args else kwargs.get("dim")
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        return statistic(input, *args, **kwargs), torch.mean(input, dim=dim, keepdim=keepdim)
+
+    return run
+
+
+def _lerp(input: Tensor, end: Tensor, weight: Any, *, out: Tensor | None = None) -> Tensor:
+    # input + weight * (end - input); torch's kernel takes end - (end - input) * (1 - weight) for weight >= 0.5
+    # (the same values up to rounding, the same gradients)
+    return torch.add(input, weight * (end - input), out=out)
+
+
+def _addcmul(input: Tensor, tensor1: Tensor, tensor2: Tensor, *, value: Any = 1, out: Tensor | None = None) -> Tensor:
+    return torch.add(input, value * (tensor1 * tensor2), out=out)
+
+
+def _addcdiv(input: Tensor, tensor1: Tensor, tensor2: Tensor, *, value: Any = 1, out: Tensor | None = None) -> Tensor:
+    return torch.add(input, value * (tensor1 / tensor2), out=out)
+
+
+_DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
+    F.glu: _glu, F.normalize: _normalize, torch.linalg.vector_norm: _vector_norm,
+    torch.var_mean: _statistic_and_mean(torch.var), torch.std_mean: _statistic_and_mean(torch.std),
+    torch.lerp: _lerp, Tensor.lerp: _lerp, torch.addcmul: _addcmul, Tensor.addcmul: _addcmul,
+    torch.addcdiv: _addcdiv, Tensor.addcdiv: _addcdiv,
+}
 
 #: every function :func:`decomposition` may run as parts; any other returns ``None`` at once (a
 #: replay asks for each of a forward's ops, so the common case is one set lookup)
