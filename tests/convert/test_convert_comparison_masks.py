@@ -27,6 +27,12 @@ MASKS = {
     "multiply": lambda h: h * (h > 0).float(),
     "multiply-cast-to": lambda h: (0.0 < h).to(h.dtype) * h,
     "std-aggregation": lambda h: (lambda out: out.masked_fill(out <= 0.6, 0.0))(h.clamp(min=1e-5).sqrt()),
+    # both values of torch.where hold the compared neurons (session 22; refused before as "a comparison of neuron
+    # values, read otherwise than as a mask of the same neurons")
+    "where-leaky-relu-by-hand": lambda h: torch.where(h > 0, h, 0.1 * h),
+    "where-elu-by-hand": lambda h: torch.where(h > 0, h, torch.expm1(h)),
+    "where-two-functions-by-keyword": lambda h: torch.where(condition=h < 0.2, input=torch.tanh(h),
+                                                            other=torch.sigmoid(h)),
 }
 
 
@@ -87,6 +93,31 @@ def test_a_mask_by_a_comparison_of_other_neurons_is_refused():
     torch.manual_seed(0)
     _refused(OtherMask("other").to(DTYPE), r"Tensor\.le: a comparison of neuron values, read otherwise than as a "
                                            r"mask of the same neurons.*module 'out'")
+
+
+WHERE_OF_OTHER_VALUES = {
+    "another set": lambda h, g: torch.where(h > 0, h, g),
+    "the same neurons moved": lambda h, g: torch.where(h > 0, h, h.flip(-1)),
+    "another set compared": lambda h, g: torch.where(g > 0, h, 0.1 * h),
+}
+
+
+@pytest.mark.parametrize("values", sorted(WHERE_OF_OTHER_VALUES))
+def test_a_where_whose_values_or_comparison_hold_other_neurons_is_refused(values):
+    """``torch.where(h > 0, h, g)``, ``torch.where(h > 0, h, h.flip(-1))``, ``torch.where(g > 0, h, 0.1 * h)``: not
+    a function of each neuron's own value (the leaky ReLU by hand above is), so refused, naming the comparison."""
+
+    class Where(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(WHERE_OF_OTHER_VALUES[values](self.a(x), self.c(x)))
+
+    torch.manual_seed(0)
+    _refused(Where().to(DTYPE), r"Tensor\.gt: a comparison of neuron values, read otherwise than as a mask of the "
+                                r"same neurons")
 
 
 def test_a_comparison_read_by_a_linear_is_refused():

@@ -224,6 +224,10 @@ class ElementwiseRules:
             for index in list(a.versions) + list(b.versions):
                 self.sets[index].pinned = True
         fresh = [(meta, other) for meta, other in ((b, a), (a, b)) if self.absorbable(meta)]
+        # a set read by this sum's edges may not hold a later sum: one whose other operand came from this sum's
+        # result (y + norm(y - mean + x)) would close a cycle of sets, which the layout refused as "internal"
+        for read in {index for meta in ((a, b) if not fresh else (fresh[0][1],)) for index in meta.versions}:
+            self.sets[read].fresh = False
         if fresh:
             into, other = fresh[0]
             into_nodes, other_nodes = broadcast_ids(into.nodes, shape), broadcast_ids(other.nodes, shape)
@@ -576,6 +580,8 @@ class ElementwiseRules:
             self.set_meta(output, opaque[0][1])
             return True
         neurons = [(value, meta) for value, meta in tracked if isinstance(meta, Neurons)]
+        if name in WHERE and len(neurons) == 2 and len(tracked) == 3:
+            return self.where_of_compared_neurons(name, args, kwargs, output, condition, compared, neurons)
         if len(neurons) != 1 or len(tracked) != 2 or neurons[0][1].comps is None:
             return False  # a parameter filled in, or two values masked: no rule
         value, meta = neurons[0]
@@ -593,4 +599,28 @@ class ElementwiseRules:
             return False
         self.check_constant_operands(name, meta, args, value, shape)  # torch.where(h > c, h, table)
         self.unary(value, output, name, None)
+        return True
+
+    def where_of_compared_neurons(self, name: str, args: tuple, kwargs: dict, output: Tensor, condition: Tensor,
+                                  compared: Neurons, neurons: list) -> bool:
+        """``torch.where(h > 0, h, 0.1 * h)`` (a leaky ReLU or an ELU written by hand): both values and the
+        comparison hold the same neurons at the same components, so the result is a piecewise function of each
+        neuron's own value, a new version of them (labelled ``OTHER``, as ``h * tanh(h)`` is). It was refused
+        as "a comparison of neuron values, read otherwise than as a mask of the same neurons"."""
+        args = mask_operands(name, args, kwargs)
+        shape = output.shape
+        if len(args) < 3 or args[0] is not condition or {id(args[1]), id(args[2])} != {id(v) for v, _ in neurons}:
+            return False
+        nodes, comps = broadcast_ids(compared.nodes, shape), broadcast_ids(compared.comps, shape)
+        for _, meta in neurons:
+            if meta.comps is None or not torch.equal(broadcast_ids(meta.nodes, shape), nodes) \
+                    or not torch.equal(broadcast_ids(meta.comps, shape), comps):
+                return False
+        merged = {**neurons[0][1].versions, **neurons[1][1].versions}
+        for index in merged:
+            counted = getattr(self.sets[index], "elementwise_ops", 0)
+            self.sets[index].elementwise_ops = counted + 1  # type: ignore[attr-defined]
+        new = Neurons(nodes.clone(), comps.clone(), self.next_version(merged))
+        self.set_meta(output, new)
+        self.observe(output, new)
         return True
