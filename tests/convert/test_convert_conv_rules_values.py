@@ -1071,7 +1071,9 @@ def test_a_constant_pad_with_zero_pairs_for_the_channel_and_datapoint_axes_is_th
     takes it as that pad: exact against a loop over the datapoints, the same graph as the spatial pad's (every
     tensor), and three sampled elements of the inferred group keep the function and map the graph to the permuted
     model's. It was refused as an op without a rule, a refusal stricter than needed (runs conv 7-10's
-    ``pads_positions`` 6, 19, 21, 23: the length check weakened converted it exactly; lifted by mut44, issue 31)."""
+    ``pads_positions`` 6, 19, 21, 23: the length check weakened converted it exactly; lifted by mut44, issue 31).
+    Kills, as run conv 11 numbers the lifted function, pads_positions 21 (``>=``: a pair for every axis refused),
+    22, 23 (``any(None)``, ``2 / …``: a ``TypeError``) and 26 (the spatial pair read as well: every pad refused)."""
     from strategies import assert_same_graph
 
     torch.manual_seed(70)
@@ -1090,7 +1092,10 @@ def test_a_constant_pad_adding_channels_to_the_model_input_stays_refused_as_an_o
     """``F.pad(x, (0, 0, 1, 0))`` of the model input: a pair for the channel axis that is not zero adds a constant
     channel, which no input neuron holds; ``pads_positions`` still turns it away (and no other rule takes it), so
     it stays refused as an op without a rule, in full. (A map's channels padded so are a pad of neuron values,
-    ``rules_pad.py``'s.)"""
+    ``rules_pad.py``'s.) Kills, as run conv 11 numbers the lifted function, pads_positions 6 (``and`` for the
+    last ``or``), 24, 25 (the pairs read from ``3 * …`` or ``x.dim() + 2``) and 27 (``True`` for any pad the guard
+    turns away): the pad taken on, and the rule fails on the input's two channels against the padded three, an
+    error reported as the model's, not a refusal."""
     torch.manual_seed(71)
     gradgraph.convert.clear_structure_cache()
     where = r"\S+:\d+ in \S+"
