@@ -1031,3 +1031,28 @@ def test_the_attention_output_read_as_it_is_and_through_a_tanh_converts_exactly(
     model = ReadTwice(tanh_first).to(DTYPE)
     inputs, targets = batch()
     assert_exact_per_sample_grads(model, inputs, targets, loss)
+
+
+# ---- issue 31, branch mut44: ``_moves_datapoints`` after session 21's keyword fix (3f342a7). Run convert 30 numbers
+# its mutants afresh: the keyword line adds 11 at the top, so run convert 29's 2, 3, 8 (killed by
+# ``test_scores_moved_between_datapoints_with_the_input_given_by_keyword_are_refused``) are 13, 14, 19 now, and the
+# flip by keyword no longer reaches their guard (its scores are replayed).
+
+
+def test_scores_joined_with_a_constant_key_given_by_keyword_are_refused_naming_the_op():
+    """``torch.cat(tensors=[scores, zeros], dim=-1)`` (a constant extra key, an attention sink, whose value is the
+    first token's; the scores in a list given by keyword): the batch shape is kept, but the op cannot be replayed
+    on the scores' datapoints (no positional argument, no ``input``), so it counts as moving scores and is refused,
+    naming the op. Kills ``x__moves_datapoints__mutmut_13``, ``14`` (``and`` for an ``or`` of that guard: an
+    ``IndexError`` out of the trace) and ``19`` (the guard's ``return False``: the joined scores keep the scores'
+    meta, ``T`` keys for ``T + 1`` columns, and the model is refused later, at ``@``, as attention between
+    datapoints); checked with ``MUTANT_UNDER_TEST``. The sink key is no key neuron, so the refusal is needed; only
+    the op is matched, as the words ("moves attention scores between datapoints") do not fit a join. (Under ``19``
+    the same join sliced back to the ``T`` keys before ``@ v`` converts exactly: the guard refuses that too.)"""
+
+    def sink(self, q, k, v):
+        joined = torch.cat(tensors=[scores(q, k), torch.zeros(*q.shape[:3], 1, dtype=q.dtype)], dim=-1)
+        return joined.softmax(-1) @ torch.cat([v, v[:, :, :1]], -2)
+
+    message = refusal_of(sink)
+    assert re.match(WHERE + re.escape("torch.cat: "), message), message

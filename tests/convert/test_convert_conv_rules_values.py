@@ -1036,3 +1036,73 @@ def test_a_crop_with_a_pair_for_every_axis_is_a_slice_and_exact(pad):
     torch.manual_seed(66)
     gradgraph.convert.clear_structure_cache()
     assert_matches_autograd_loop(CroppedEveryAxis(pad).to(DTYPE), torch.randn(3, 2, 6, dtype=DTYPE), None, squared)
+
+
+# ----------------------------------------------------------------------- a pad naming the channel axis (mut44)
+class PaddedNamingChannels(nn.Module):
+    """A convolution's map ``[b, 3, *S]`` padded with a constant (0.5) by ``pad``, which may give pairs for the
+    channel and datapoint axes too, then a second convolution and a head; ``on_input`` pads the model input
+    instead (TF-style "same" padding of the image), ``added`` the channels the pad adds."""
+
+    def __init__(self, pad: tuple, spatial: int = 1, on_input: bool = False, added: int = 0) -> None:
+        super().__init__()
+        conv = nn.Conv1d if spatial == 1 else nn.Conv2d
+        self.pad, self.on_input = pad, on_input
+        self.a = conv(2 + (added if on_input else 0), 3, 2)
+        self.b, self.head = conv(3 + (0 if on_input else added), 2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = F.pad(x, self.pad, value=0.5) if self.on_input else x
+        h = torch.tanh(self.a(h))
+        if not self.on_input:
+            h = F.pad(h, self.pad, value=0.5)
+        return self.head(torch.tanh(self.b(h)).flatten(2).mean(2))
+
+
+ZERO_PAIRS = [((1, 0, 0, 0), 1, False), ((0, 2, 0, 0, 0, 0), 1, False), ((1, 0, 0, 1, 0, 0, 0, 0), 2, False),
+              ((1, 1, 0, 0), 1, True), ((0, 1, 1, 0, 0, 0), 2, True)]
+
+
+@pytest.mark.parametrize(("pad", "spatial", "on_input"), ZERO_PAIRS)
+def test_a_constant_pad_with_zero_pairs_for_the_channel_and_datapoint_axes_is_the_pad_of_the_positions(
+        pad, spatial, on_input):
+    """``F.pad(m, (1, 0, 0, 0))``: the pair for the channel axis (and the datapoint axis) given, and zero, of a map
+    or of the model input. The op is the pad of the spatial axes alone, element for element, so ``pads_positions``
+    takes it as that pad: exact against a loop over the datapoints, the same graph as the spatial pad's (every
+    tensor), and three sampled elements of the inferred group keep the function and map the graph to the permuted
+    model's. It was refused as an op without a rule, a refusal stricter than needed (runs conv 7-10's
+    ``pads_positions`` 6, 19, 21, 23: the length check weakened converted it exactly; lifted by mut44, issue 31).
+    Kills, as run conv 11 numbers the lifted function, pads_positions 21 (``>=``: a pair for every axis refused),
+    22, 23 (``any(None)``, ``2 / …``: a ``TypeError``) and 26 (the spatial pair read as well: every pad refused)."""
+    from strategies import assert_same_graph
+
+    torch.manual_seed(70)
+    model = PaddedNamingChannels(pad, spatial, on_input).to(DTYPE)
+    inputs = torch.randn(3, 2, *[6] * spatial, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_matches_autograd_loop(model, inputs, None, squared)
+    plain = PaddedNamingChannels(pad[:2 * spatial], spatial, on_input).to(DTYPE)
+    plain.load_state_dict(model.state_dict())
+    assert_same_graph(graph, gradgraph.to_graph(plain, inputs, None, squared), atol=0)
+    for seed in range(3):
+        assert_group_keeps_function(model, inputs, None, squared, seed=seed)
+
+
+def test_a_constant_pad_adding_channels_to_the_model_input_stays_refused_as_an_op_without_a_rule():
+    """``F.pad(x, (0, 0, 1, 0))`` of the model input: a pair for the channel axis that is not zero adds a constant
+    channel, which no input neuron holds; ``pads_positions`` still turns it away (and no other rule takes it), so
+    it stays refused as an op without a rule, in full. (A map's channels padded so are a pad of neuron values,
+    ``rules_pad.py``'s.) Kills, as run conv 11 numbers the lifted function, pads_positions 6 (``and`` for the
+    last ``or``), 24, 25 (the pairs read from ``3 * …`` or ``x.dim() + 2``) and 27 (``True`` for any pad the guard
+    turns away): the pad taken on, and the rule fails on the input's two channels against the padded three, an
+    error reported as the model's, not a refusal."""
+    torch.manual_seed(71)
+    gradgraph.convert.clear_structure_cache()
+    where = r"\S+:\d+ in \S+"
+    message = (": torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches "
+               "torch.nn.functional.linear with the parameter 'a.weight' at ")
+    rest = (" (module 'a'). Write it with supported ops, register it with gradgraph.convert.register_elementwise if "
+            "it is elementwise, or register a converter for the whole module")
+    model = PaddedNamingChannels((0, 0, 1, 0), on_input=True, added=1).to(DTYPE)
+    with pytest.raises(UnsupportedOperationError, match=f"^{where}{re.escape(message)}{where}{re.escape(rest)}$"):
+        gradgraph.to_graph(model, torch.randn(3, 2, 6, dtype=DTYPE), None, squared)

@@ -478,12 +478,14 @@ class ConvRules:
         as pooling, each channel of one datapoint is read alone, and the padded map is a copy of
         the channels at a larger grid whose new places hold the constant (their act, read from
         the tensor); so is one of the model input's spatial axes, whose channels become input
-        neurons there (``transformers``' MobileNetV2 and EfficientNet pad the image so). Reflect /
+        neurons there (``transformers``' MobileNetV2 and EfficientNet pad the image so). Pairs for
+        the channel and datapoint axes may be given if they are zero (``F.pad(m, (1, 0, 0, 0))``):
+        the op is then the pad of the spatial axes alone, element for element. Reflect /
         replicate / circular padding are indexing (:func:`padding_parts`); a constant pad of
         anything else (features, the datapoint axis) has no rule."""
         x, pad, mode = pad_arguments(args, kwargs)
         if mode != "constant" or not isinstance(x, Tensor) or x.dim() < 3 or len(pad) % 2 \
-                or len(pad) // 2 > x.dim() - 2:
+                or len(pad) // 2 > x.dim() or any(pad[2 * (x.dim() - 2):]):
             return False
         meta = self.meta(x)
         if isinstance(meta, Raw) and x.is_floating_point():
