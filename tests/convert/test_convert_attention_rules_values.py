@@ -838,6 +838,45 @@ def test_the_rewrites_the_refusal_of_some_score_positions_names_convert_exactly(
     assert_group_keeps_function(model, inputs, targets[:, :2], loss)
 
 
+CROSS = {
+    "keys by queries, transposed": lambda self, q, k, v: (k[..., 1:, :] @ q[..., :1, :].transpose(-1, -2)).mT.softmax(
+        -1) @ v[..., 1:, :],
+    "queries by keys": lambda self, q, k, v: scores(q[..., :1, :], k[..., 1:, :]).softmax(-1) @ v[..., 1:, :],
+    "as many keys as queries, transposed": lambda self, q, k, v: (k[..., 2:, :] @ q[..., :2, :].transpose(
+        -1, -2)).mT.softmax(-1) @ v[..., 2:, :],
+}
+
+
+def test_scores_of_a_cross_attention_with_their_axes_swapped_are_refused_naming_the_rewrite():
+    """``(k @ qᵀ).mT`` where one query attends over three other keys: the rows become the queries, which the scores
+    do not follow. It was refused as a move "between datapoints" (the replay fails on the new shape, session 22's
+    sweep); now in words that say what the op does and how to write it."""
+    model = FirstQueries(CROSS["keys by queries, transposed"]).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets[:, :1], loss)
+    assert re.match(WHERE + re.escape(
+        "Tensor.mT (attribute): swaps the query and key axes of attention scores whose queries and keys differ in "
+        "number ((k @ qᵀ).mT), which gradgraph does not follow: write the scores as q @ kᵀ, and its result "
+        "reaches"), str(refusal.value)), refusal.value
+
+
+@pytest.mark.parametrize("form", ["queries by keys", "as many keys as queries, transposed"])
+def test_a_cross_attention_as_the_refusal_writes_it_or_with_square_scores_converts_exactly(form):
+    """The same attention as ``q @ kᵀ`` (the rewrite the refusal names: the same function), and a transposed cross
+    attention of two queries over two other keys (square scores, whose swapped axes the rule follows as for
+    self-attention): per-sample gradients equal to a per-datapoint loop at 1e-10, and a sampled element of the
+    inferred group keeps the function (float64)."""
+    model = FirstQueries(CROSS[form]).to(DTYPE)
+    inputs, targets = batch()
+    width = 1 if form == "queries by keys" else 2
+    if form == "queries by keys":
+        swapped = FirstQueries(CROSS["keys by queries, transposed"]).to(DTYPE)
+        torch.testing.assert_close(model(inputs), swapped(inputs), rtol=0, atol=1e-12)
+    assert_matches_autograd_loop(model, inputs, targets[:, :width], loss)
+    assert_group_keeps_function(model, inputs, targets[:, :width], loss)
+
+
 def with_positions(model):
     model.pos = nn.Embedding(T, D).to(DTYPE)
 

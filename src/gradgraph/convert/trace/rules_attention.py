@@ -85,6 +85,13 @@ def _changes_positions(scores: Tensor, output: Tensor) -> bool:
     return after != before and after != before[::-1]
 
 
+def _swaps_unequal_axes(scores: Tensor, output: Tensor) -> bool:
+    """Whether a shape op that keeps the scores' batch shape swaps their query and key axes where their numbers
+    differ (``scores.mT`` of ``[.., Tq, Tk]``, ``Tq != Tk``)."""
+    before = tuple(scores.shape[-2:])
+    return before[0] != before[1] and tuple(output.shape[-2:]) == before[::-1]
+
+
 #: elementwise bounds of scores by a constant (``torch.maximum(scores, floor)``)
 _SCORE_BOUNDS = {"torch.maximum", "torch.minimum", "Tensor.maximum", "Tensor.minimum"}
 #: reductions whose two-tensor call is elementwise (``torch.max(scores, floor)``)
@@ -116,6 +123,13 @@ class AttentionRules:
                 meta = self.reshape_score_batch(meta, output) if name in _RESHAPES else None
                 if meta is None:
                     return self.mark_opaque(output, name, "reshapes attention scores", scores)
+            elif name in SHAPE_OPS and name not in IDENTITY_OPS and _swaps_unequal_axes(
+                    next(value for value, known in tracked if known is meta), output):
+                # (k @ qᵀ).mT of a cross attention: the rows become the queries, which the scores' meta does not
+                # follow (refused as a move between datapoints before, the replay failing on the new shape)
+                return self.mark_opaque(output, name, "swaps the query and key axes of attention scores whose "
+                                        "queries and keys differ in number ((k @ qᵀ).mT), which gradgraph does not "
+                                        "follow: write the scores as q @ kᵀ", scores)
             elif name in SHAPE_OPS and name not in IDENTITY_OPS and _changes_positions(
                     next(value for value, known in tracked if known is meta), output):
                 # scores[..., :2, :] or [..., :2]: no move between datapoints, but the scores no longer match their
