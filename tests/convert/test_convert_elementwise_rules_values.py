@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from convert_values import batch, convert_exactly, cross_entropy, squared
-from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
@@ -1134,3 +1134,97 @@ def test_a_residual_added_to_parts_of_two_affine_outputs_leaves_their_labels():
     identity, tanh = int(gradgraph.ActivationKind.IDENTITY), int(gradgraph.ActivationKind.TANH)
     # the input's 3, a's 4, b's 4, c's 4 (tanh), the merged 4 (tanh), out's 3, side's 3
     assert graph.activation.tolist() == [identity] * 11 + [tanh] * 8 + [identity] * 6
+
+
+# ------------------------------------------------------------------------ mut42 (issue 31): the survivors left
+class StatisticsTimesACopy(nn.Module):
+    """``stats(v) * v[:, None, :k]`` with ``stats(v) = stack([(v ** 2).sum(-1, keepdim=True), v.sum(-1,
+    keepdim=True)], 1)``, ``[b, 2, 1]`` statistics first, then ``tanh(mid(.))`` summed over the new axis: the product
+    copies each neuron of ``v[:, :k]`` over the new axis of two. ``v`` is the input itself (``k = 1``: only the
+    input's neuron 0 is copied) or ``tanh(a(x))`` (``k = 4``)."""
+
+    def __init__(self, of_input: bool) -> None:
+        super().__init__()
+        self.of_input = of_input
+        self.width = 1 if of_input else 4
+        if not of_input:
+            self.a = nn.Linear(3, 4)
+        self.mid, self.out = nn.Linear(self.width, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        v = x if self.of_input else torch.tanh(self.a(x))
+        stats = torch.stack([(v ** 2).sum(-1, keepdim=True), v.sum(-1, keepdim=True)], 1)
+        return self.out(torch.tanh(self.mid(stats * v[:, None, :self.width])).sum(1))
+
+
+@pytest.mark.parametrize("of_input", [True, False], ids=["input neuron 0", "a set's neurons"])
+def test_a_copy_over_a_new_axis_beside_a_statistic_is_refused_at_the_op_that_makes_it(of_input):
+    """One neuron at two places of one datapoint position is refused by name at the product that makes the copy,
+    where the other operand (first) is a statistic, no neuron. Kills ``_one_value_per_neuron`` 13, 14 (``> 0``,
+    ``>= 1``: the columns of node 0, the input's first feature, were dropped from the check; the copy passed and
+    the gradient check refused ``mid.weight`` instead) and 11 (``ids[:+1]``: only the first operand's columns were
+    checked, the statistic's, none; the copy passed the product and was refused only at ``mid``, in a Linear's
+    words)."""
+    torch.manual_seed(0)
+    model = StatisticsTimesACopy(of_input).to(DTYPE)
+    inputs, _ = batch(5, 3)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError,
+                       match=r"^\S+:\d+ in \S+: Tensor\.mul: copies values of one position over a new axis "):
+        gradgraph.to_graph(model, inputs, None, squared)
+
+
+class ChunkProductSecondFirst(nn.Module):
+    """``out(b * a)`` with ``a, b = w(x).chunk(2, -1)``: a product of the two halves of one affine output, no
+    activation, the *second* half on the left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.out = nn.Linear(3, 4), nn.Linear(2, 2)
+
+    def forward(self, x):
+        a, b = self.w(x).chunk(2, -1)
+        return self.out(b * a)
+
+
+def test_a_product_of_two_halves_second_half_first_keeps_its_group():
+    """The halves are cut from each other (each permuted by the product's permutation): a sampled element moves
+    nodes and keeps the function. Kills ``split_fused_gate`` 26 (``low_a <= high_b``: halves that touch, the second
+    on the left, read as overlapping, so no cut, and nothing was left to permute; with an activation on a half,
+    ``unary``'s own cut hides it, as in ``test_convert_rules_values.py``'s swapped SwiGLU)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(ChunkProductSecondFirst().to(DTYPE), *batch(5, 3, classes=2))
+    assert moved > 0
+
+
+class GateOfOneNeuronPerToken(nn.Module):
+    """``sigmoid(g(x)) * d`` over ``[b, 2, 3]`` tokens: the gate ``g(x)`` holds one neuron at both tokens, ``d =
+    stack([h[:, 0, 0], h[:, 1, 1]], 1)[..., None]`` (``h = tanh(a(x))``) a different neuron of ``h`` at each; the
+    product is the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g, self.a = nn.Linear(3, 1), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        d = torch.stack([h[:, 0, 0], h[:, 1, 1]], 1)[..., None]
+        return (torch.sigmoid(self.g(x)) * d).flatten(1)
+
+
+def test_a_gate_that_meets_two_neurons_gates_each_of_them_with_a_product_neuron_of_its_own():
+    """The gate, first, meets two of ``d``'s neurons, so it gates ``d`` (the order tried second): one product
+    neuron per neuron of ``d``, each fed by GATE edges from its neuron and the gate, and nothing moved. Kills
+    ``block_gate`` 24 (``break``: the second order was not tried, and one pinned product neuron, fed by all three,
+    held both tokens' values)."""
+    torch.manual_seed(0)
+    model = GateOfOneNeuronPerToken().to(DTYPE)
+    inputs, _ = batch(5, 2, 3)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, None, squared)
+    # the input's 3, a's 3 (nodes 3-5), g's 1 (node 6), the two product neurons (7, 8: the output)
+    assert graph.num_nodes == 9
+    gate = graph.edge_kind == int(EdgeKind.GATE)
+    pairs = sorted(zip(graph.edge_index[1, gate].tolist(), graph.edge_index[0, gate].tolist()))
+    assert pairs == [(7, 3), (7, 6), (8, 4), (8, 6)]
+    assert assert_group_keeps_function(model, inputs, None, squared)[0] == 0
