@@ -1228,3 +1228,35 @@ def test_a_gate_that_meets_two_neurons_gates_each_of_them_with_a_product_neuron_
     pairs = sorted(zip(graph.edge_index[1, gate].tolist(), graph.edge_index[0, gate].tolist()))
     assert pairs == [(7, 3), (7, 6), (8, 4), (8, 6)]
     assert assert_group_keeps_function(model, inputs, None, squared)[0] == 0
+
+
+BROADCAST_TABLE_OPS = {
+    # a constant that keeps the table's values and gives it a new leading axis, [T, 4] -> [1, T, 4]
+    "times ones [1, T, 4]": lambda table: table * torch.ones(1, *table.shape, dtype=table.dtype),
+    "plus zeros [1, T, 4]": lambda table: torch.zeros(1, *table.shape, dtype=table.dtype) + table,
+}
+
+
+class BroadcastTable(nn.Module):
+    """Token embeddings plus a position table that a constant broadcasts to ``[1, T, 4]`` before it joins the
+    tokens, tanh, ``Linear(4, 3)``, a sum over the tokens."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = BROADCAST_TABLE_OPS[op]
+        self.tok, self.pos, self.out = nn.Embedding(7, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tok(ids) + self.op(self.pos(torch.arange(ids.shape[1]))))).sum(1)
+
+
+@pytest.mark.parametrize("op", sorted(BROADCAST_TABLE_OPS))
+def test_a_position_table_broadcast_by_a_constant_keeps_its_rows_at_the_new_shape(op):
+    """A value of no datapoint (no components) whose rows are not bound yet, broadcast to a new shape by a
+    constant: it keeps no components and its rows at the result's shape, so they are bound where the table joins
+    the tokens. Kills ``unary`` 42 (the missing components broadcast: an ``AttributeError``), 49, 51 (the rows
+    dropped: the gradient check refused the table) and 53-56 (the rows broadcast from ``None`` or to no shape)."""
+    ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    graph, moved = convert_exactly(BroadcastTable(op).to(DTYPE), ids, targets)
+    assert moved > 0
