@@ -1260,3 +1260,60 @@ def test_a_position_table_broadcast_by_a_constant_keeps_its_rows_at_the_new_shap
     targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
     graph, moved = convert_exactly(BroadcastTable(op).to(DTYPE), ids, targets)
     assert moved > 0
+
+
+class ScaledThenPlusItsPartSwapped(nn.Module):
+    """``h = tanh(w(x)) * [1, 2, 3, 4]`` (a scale per feature: ``h``'s set is pinned), then ``out(h[:, :2] + h[:, [1,
+    0]])`` (the operands share neurons) plus ``side(h[:, 2:])``, which cuts ``h``'s set at 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.out, self.side = nn.Linear(3, 4), nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.w(x)) * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=x.dtype)
+        return self.out(h[:, :2] + h[:, [1, 0]]) + self.side(h[:, 2:])
+
+
+def test_an_overlap_keeps_a_set_pinned_before_pinned_in_its_other_piece():
+    """The overlap pins the operands' sets (``pinned = True``, never back to false): ``h``'s part the sum does not
+    read, ``h[:, 2:]``, scaled by 3 and 4, stays fixed, and the group (nothing moved) keeps the function. Kills
+    ``binary`` 386, 387 (``pinned = None`` / ``False``: the overlap unpinned ``h``'s set, so its piece ``h[:, 2:]``,
+    tied to nothing, was permuted: a false symmetry, the scales 3 and 4 swapped)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(ScaledThenPlusItsPartSwapped().to(DTYPE), *batch(5, 3, classes=2), seeds=range(4))
+    assert moved == 0
+
+
+class PlusAnotherReordered(nn.Module):
+    """``out(z)`` with ``z = h + g[:, [2, 0, 3, 1]]``, ``h = tanh(a(x))``, ``g = tanh(c(x))`` (four neurons each):
+    a sum of two sets paired in another order (no neuron in both operands)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def merged(self, x):
+        return torch.tanh(self.a(x)) + torch.tanh(self.c(x))[:, [2, 0, 3, 1]]
+
+    def forward(self, x):
+        return self.out(self.merged(x))
+
+
+def test_a_merged_set_numbers_its_neurons_in_the_left_operands_order():
+    """The merged set holds one neuron per neuron of the left operand, in its order (``merged_set``: aligned with
+    ``sources[0]``): node ``11 + i`` holds ``z[:, i]`` as act and ``dL/dz[:, i]`` as grad, per datapoint, written
+    out against autograd. Kills ``binary`` 434 (``argsort(pairs[1])``: the merged neurons numbered in ``g``'s order,
+    so node 11 held ``z[:, 1]``; the same graph up to the order of that set's nodes, and the group alike)."""
+    torch.manual_seed(0)
+    model = PlusAnotherReordered().to(DTYPE)
+    inputs, _ = batch(5, 3)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, None, squared)
+    z = model.merged(inputs)
+    z.retain_grad()
+    squared(model.out(z), None).sum().backward()
+    # the input's 3, h's 4 (nodes 3-6), g's 4 (7-10), the merged 4 (11-14), the output's 2
+    assert graph.num_nodes == 17
+    torch.testing.assert_close(graph.act[11:15], z.detach().T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.grad[11:15], z.grad.T, atol=1e-12, rtol=0)
