@@ -1193,7 +1193,7 @@ def test_a_product_of_two_halves_second_half_first_keeps_its_group():
     on the left, read as overlapping, so no cut, and nothing was left to permute; with an activation on a half,
     ``unary``'s own cut hides it, as in ``test_convert_rules_values.py``'s swapped SwiGLU)."""
     torch.manual_seed(0)
-    graph, moved = convert_exactly(ChunkProductSecondFirst().to(DTYPE), *batch(5, 3, classes=2))
+    _, moved = convert_exactly(ChunkProductSecondFirst().to(DTYPE), *batch(5, 3, classes=2))
     assert moved > 0
 
 
@@ -1258,7 +1258,7 @@ def test_a_position_table_broadcast_by_a_constant_keeps_its_rows_at_the_new_shap
     dropped: the gradient check refused the table) and 53-56 (the rows broadcast from ``None`` or to no shape)."""
     ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
     targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    graph, moved = convert_exactly(BroadcastTable(op).to(DTYPE), ids, targets)
+    _, moved = convert_exactly(BroadcastTable(op).to(DTYPE), ids, targets)
     assert moved > 0
 
 
@@ -1281,7 +1281,7 @@ def test_an_overlap_keeps_a_set_pinned_before_pinned_in_its_other_piece():
     ``binary`` 386, 387 (``pinned = None`` / ``False``: the overlap unpinned ``h``'s set, so its piece ``h[:, 2:]``,
     tied to nothing, was permuted: a false symmetry, the scales 3 and 4 swapped)."""
     torch.manual_seed(0)
-    graph, moved = convert_exactly(ScaledThenPlusItsPartSwapped().to(DTYPE), *batch(5, 3, classes=2), seeds=range(4))
+    _, moved = convert_exactly(ScaledThenPlusItsPartSwapped().to(DTYPE), *batch(5, 3, classes=2), seeds=range(4))
     assert moved == 0
 
 
