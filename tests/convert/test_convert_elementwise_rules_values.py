@@ -1317,3 +1317,46 @@ def test_a_merged_set_numbers_its_neurons_in_the_left_operands_order():
     assert graph.num_nodes == 17
     torch.testing.assert_close(graph.act[11:15], z.detach().T, atol=1e-12, rtol=0)
     torch.testing.assert_close(graph.grad[11:15], z.grad.T, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------- a bound or exponent per neuron (mut42: a false symmetry, fixed)
+PER_FEATURE = torch.tensor([0.3, -0.5, 0.1, -0.2], dtype=DTYPE)
+POWERS = torch.tensor([1.0, 2.0, 3.0, 1.0], dtype=DTYPE)
+UNARY_WITH_A_TENSOR = {
+    "torch.clamp(h, min=c)": lambda h, c, p: torch.clamp(h, min=c),
+    "torch.clamp(h, max=c)": lambda h, c, p: torch.clamp(h, max=c),
+    "torch.clamp(h, c, c + 1)": lambda h, c, p: torch.clamp(h, c, c + 1),
+    "h.clamp(min=c)": lambda h, c, p: h.clamp(min=c),
+    "h.clamp_max(c)": lambda h, c, p: h.clamp_max(c),
+    "torch.pow(h, p)": lambda h, c, p: torch.pow(h, p),
+    "h.pow(p)": lambda h, c, p: h.pow(p),
+    "h.float_power(p)": lambda h, c, p: h.float_power(p),
+}
+
+
+class UnaryWithATensor(nn.Module):
+    """``out(tanh(op(a(x), c, p)))``: an op of the UNARY table given a tensor bound ``c`` or exponent ``p`` over the
+    four features, one entry per feature (``per_feature``) or one value for all."""
+
+    def __init__(self, op: str, per_feature: bool) -> None:
+        super().__init__()
+        self.op = UNARY_WITH_A_TENSOR[op]
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.c = PER_FEATURE.clone() if per_feature else torch.full((4,), 0.1, dtype=DTYPE)
+        self.p = POWERS.clone() if per_feature else torch.full((4,), 2.0, dtype=DTYPE)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.op(self.a(x), self.c, self.p)))
+
+
+@pytest.mark.parametrize("per_feature", [True, False], ids=["per feature", "alike"])
+@pytest.mark.parametrize("op", sorted(UNARY_WITH_A_TENSOR))
+def test_a_bound_or_exponent_that_differs_between_neurons_pins_their_set(op, per_feature):
+    """A clamp's tensor bound or a power's tensor exponent that differs between the features treats each neuron its own
+    way, as a constant added or multiplied does (``check_constant``): the set is pinned, and the group (nothing moved)
+    keeps the function; one alike for every feature keeps the set's symmetry. Before the fix (mut42) the UNARY rule
+    never looked at the tensor: the set was claimed one flat permutation group, and its sampled elements changed the
+    model's output (a false symmetry; per-sample gradients were exact)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(UnaryWithATensor(op, per_feature).to(DTYPE), *batch(6, 3, classes=2), seeds=range(4))
+    assert (moved == 0) if per_feature else (moved > 0)

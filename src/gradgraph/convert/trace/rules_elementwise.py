@@ -52,10 +52,16 @@ class ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, masks, comparisons."""
 
     # -------------------------------------------------------------- elementwise
-    def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None) -> None:
+    def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None,
+              constants: tuple = ()) -> None:
         meta = self.need_neurons(x, name)
         if meta is None:
             return None
+        # a tensor bound or exponent (clamp(h, min=c), pow(h, p)) that differs between neurons treats each its own
+        # way, as a constant added or multiplied does: their sets are pinned (a false symmetry before)
+        for constant in constants:
+            if isinstance(constant, Tensor) and constant.dim() and meta.comps is not None:
+                self.check_constant(name, meta, constant, output.shape)
         # an op on part of a set (relu of h[:, :2], tanh of the rest) treats its neurons unlike the others:
         # that part is a piece of its own, or the set is pinned (a permutation of the whole set would move
         # the part's neurons onto the others)
