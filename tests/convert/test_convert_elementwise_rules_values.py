@@ -1360,3 +1360,27 @@ def test_a_bound_or_exponent_that_differs_between_neurons_pins_their_set(op, per
     torch.manual_seed(0)
     graph, moved = convert_exactly(UnaryWithATensor(op, per_feature).to(DTYPE), *batch(6, 3, classes=2), seeds=range(4))
     assert (moved == 0) if per_feature else (moved > 0)
+
+
+class ClampedByNeurons(nn.Module):
+    """``out(tanh(op(a(x), g)))`` with ``g = tanh(b(x))``: a bound that holds neurons of another set, ``op``
+    ``h.clamp(min=g)`` or ``torch.clamp(h, max=g)``."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, g = self.a(x), torch.tanh(self.b(x))
+        return self.out(torch.tanh(h.clamp(min=g) if self.op == "min" else torch.clamp(h, max=g)))
+
+
+@pytest.mark.parametrize("op", ["min", "max"])
+def test_a_bound_that_holds_neurons_pins_both_sets(op):
+    """``clamp(h, min=g)`` pairs each neuron of ``h`` with one of ``g``, which no tie says: neither set is claimed
+    permutable (nothing moved) and the group keeps the function. Before the fix (mut42) the UNARY rule read ``h``
+    alone and both sets were claimed free groups: a sampled element changed the output (a false symmetry)."""
+    torch.manual_seed(0)
+    _, moved = convert_exactly(ClampedByNeurons(op).to(DTYPE), *batch(6, 3, classes=2), seeds=range(4))
+    assert moved == 0

@@ -58,9 +58,14 @@ class ElementwiseRules:
         if meta is None:
             return None
         # a tensor bound or exponent (clamp(h, min=c), pow(h, p)) that differs between neurons treats each its own
-        # way, as a constant added or multiplied does: their sets are pinned (a false symmetry before)
+        # way, as a constant added or multiplied does: their sets are pinned (a false symmetry before); one that holds
+        # neurons (clamp(h, min=g)) pairs them with h's, which no tie says: no symmetry claimed for either
         for constant in constants:
-            if isinstance(constant, Tensor) and constant.dim() and meta.comps is not None:
+            other = self.meta(constant)
+            if isinstance(other, Neurons):
+                for index in (*meta.versions, *other.versions):
+                    self.sets[index].pinned = True
+            elif isinstance(constant, Tensor) and constant.dim() and meta.comps is not None:
                 self.check_constant(name, meta, constant, output.shape)
         # an op on part of a set (relu of h[:, :2], tanh of the rest) treats its neurons unlike the others:
         # that part is a piece of its own, or the set is pinned (a permutation of the whole set would move
