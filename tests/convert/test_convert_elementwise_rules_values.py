@@ -1384,3 +1384,20 @@ def test_a_bound_that_holds_neurons_pins_both_sets(op):
     torch.manual_seed(0)
     _, moved = convert_exactly(ClampedByNeurons(op).to(DTYPE), *batch(6, 3, classes=2), seeds=range(4))
     assert moved == 0
+
+
+BOTH_BY_KEYWORD = {
+    "torch.add(input=h, other=g)": lambda self, h, g: torch.add(input=h, other=g),
+    "torch.mul(input=h, other=g)": lambda self, h, g: torch.mul(input=h, other=g),
+    "torch.sub(input=h, other=g)": lambda self, h, g: torch.sub(input=h, other=g),
+}
+
+
+@pytest.mark.parametrize("op", BOTH_BY_KEYWORD)
+def test_both_operands_given_by_keyword_are_read(op):
+    """``torch.mul(input=h, other=g)``: the first operand by keyword too converts as ``torch.mul(h, g)`` does, exact
+    with a group that keeps the function (``binary`` read ``args[0]``: an ``IndexError`` inside the trace, reported
+    as the model's failure, before mut42)."""
+    model = TwoSets(BOTH_BY_KEYWORD[op], parameter=False).to(DTYPE)
+    _, moved = convert_exactly(model, *batch(5, 3))
+    assert moved > 0

@@ -101,7 +101,10 @@ class ElementwiseRules:
         return None
 
     def binary(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        left, right = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        # both operands may come by keyword (torch.mul(input=h, other=g)): a builtin hands the mode the arguments as
+        # the caller wrote them
+        left = args[0] if args else kwargs.get("input")
+        right = args[1] if len(args) > 1 else kwargs.get("other")
         if name in ("Tensor.__rsub__", "Tensor.__radd__", "Tensor.__rmul__", "Tensor.__rtruediv__",
                     "Tensor.__rpow__"):
             left, right = right, left
