@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from convert_values import batch, convert_exactly, cross_entropy, squared
-from traced_models import assert_exact_per_sample_grads, assert_matches_autograd_loop
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
@@ -1134,3 +1134,270 @@ def test_a_residual_added_to_parts_of_two_affine_outputs_leaves_their_labels():
     identity, tanh = int(gradgraph.ActivationKind.IDENTITY), int(gradgraph.ActivationKind.TANH)
     # the input's 3, a's 4, b's 4, c's 4 (tanh), the merged 4 (tanh), out's 3, side's 3
     assert graph.activation.tolist() == [identity] * 11 + [tanh] * 8 + [identity] * 6
+
+
+# ------------------------------------------------------------------------ mut42 (issue 31): the survivors left
+class StatisticsTimesACopy(nn.Module):
+    """``stats(v) * v[:, None, :k]`` with ``stats(v) = stack([(v ** 2).sum(-1, keepdim=True), v.sum(-1,
+    keepdim=True)], 1)``, ``[b, 2, 1]`` statistics first, then ``tanh(mid(.))`` summed over the new axis: the product
+    copies each neuron of ``v[:, :k]`` over the new axis of two. ``v`` is the input itself (``k = 1``: only the
+    input's neuron 0 is copied) or ``tanh(a(x))`` (``k = 4``)."""
+
+    def __init__(self, of_input: bool) -> None:
+        super().__init__()
+        self.of_input = of_input
+        self.width = 1 if of_input else 4
+        if not of_input:
+            self.a = nn.Linear(3, 4)
+        self.mid, self.out = nn.Linear(self.width, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        v = x if self.of_input else torch.tanh(self.a(x))
+        stats = torch.stack([(v ** 2).sum(-1, keepdim=True), v.sum(-1, keepdim=True)], 1)
+        return self.out(torch.tanh(self.mid(stats * v[:, None, :self.width])).sum(1))
+
+
+@pytest.mark.parametrize("of_input", [True, False], ids=["input neuron 0", "a set's neurons"])
+def test_a_copy_over_a_new_axis_beside_a_statistic_is_refused_at_the_op_that_makes_it(of_input):
+    """One neuron at two places of one datapoint position is refused by name at the product that makes the copy,
+    where the other operand (first) is a statistic, no neuron. Kills ``_one_value_per_neuron`` 13, 14 (``> 0``,
+    ``>= 1``: the columns of node 0, the input's first feature, were dropped from the check; the copy passed and
+    the gradient check refused ``mid.weight`` instead) and 11 (``ids[:+1]``: only the first operand's columns were
+    checked, the statistic's, none; the copy passed the product and was refused only at ``mid``, in a Linear's
+    words)."""
+    torch.manual_seed(0)
+    model = StatisticsTimesACopy(of_input).to(DTYPE)
+    inputs, _ = batch(5, 3)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError,
+                       match=r"^\S+:\d+ in \S+: Tensor\.mul: copies values of one position over a new axis "):
+        gradgraph.to_graph(model, inputs, None, squared)
+
+
+class ChunkProductSecondFirst(nn.Module):
+    """``out(b * a)`` with ``a, b = w(x).chunk(2, -1)``: a product of the two halves of one affine output, no
+    activation, the *second* half on the left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.out = nn.Linear(3, 4), nn.Linear(2, 2)
+
+    def forward(self, x):
+        a, b = self.w(x).chunk(2, -1)
+        return self.out(b * a)
+
+
+def test_a_product_of_two_halves_second_half_first_keeps_its_group():
+    """The halves are cut from each other (each permuted by the product's permutation): a sampled element moves
+    nodes and keeps the function. Kills ``split_fused_gate`` 26 (``low_a <= high_b``: halves that touch, the second
+    on the left, read as overlapping, so no cut, and nothing was left to permute; with an activation on a half,
+    ``unary``'s own cut hides it, as in ``test_convert_rules_values.py``'s swapped SwiGLU)."""
+    torch.manual_seed(0)
+    _, moved = convert_exactly(ChunkProductSecondFirst().to(DTYPE), *batch(5, 3, classes=2))
+    assert moved > 0
+
+
+class GateOfOneNeuronPerToken(nn.Module):
+    """``sigmoid(g(x)) * d`` over ``[b, 2, 3]`` tokens: the gate ``g(x)`` holds one neuron at both tokens, ``d =
+    stack([h[:, 0, 0], h[:, 1, 1]], 1)[..., None]`` (``h = tanh(a(x))``) a different neuron of ``h`` at each; the
+    product is the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g, self.a = nn.Linear(3, 1), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        d = torch.stack([h[:, 0, 0], h[:, 1, 1]], 1)[..., None]
+        return (torch.sigmoid(self.g(x)) * d).flatten(1)
+
+
+def test_a_gate_that_meets_two_neurons_gates_each_of_them_with_a_product_neuron_of_its_own():
+    """The gate, first, meets two of ``d``'s neurons, so it gates ``d`` (the order tried second): one product
+    neuron per neuron of ``d``, each fed by GATE edges from its neuron and the gate, and nothing moved. Kills
+    ``block_gate`` 24 (``break``: the second order was not tried, and one pinned product neuron, fed by all three,
+    held both tokens' values)."""
+    torch.manual_seed(0)
+    model = GateOfOneNeuronPerToken().to(DTYPE)
+    inputs, _ = batch(5, 2, 3)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, None, squared)
+    # the input's 3, a's 3 (nodes 3-5), g's 1 (node 6), the two product neurons (7, 8: the output)
+    assert graph.num_nodes == 9
+    gate = graph.edge_kind == int(EdgeKind.GATE)
+    pairs = sorted(zip(graph.edge_index[1, gate].tolist(), graph.edge_index[0, gate].tolist()))
+    assert pairs == [(7, 3), (7, 6), (8, 4), (8, 6)]
+    assert assert_group_keeps_function(model, inputs, None, squared)[0] == 0
+
+
+BROADCAST_TABLE_OPS = {
+    # a constant that keeps the table's values and gives it a new leading axis, [T, 4] -> [1, T, 4]
+    "times ones [1, T, 4]": lambda table: table * torch.ones(1, *table.shape, dtype=table.dtype),
+    "plus zeros [1, T, 4]": lambda table: torch.zeros(1, *table.shape, dtype=table.dtype) + table,
+}
+
+
+class BroadcastTable(nn.Module):
+    """Token embeddings plus a position table that a constant broadcasts to ``[1, T, 4]`` before it joins the
+    tokens, tanh, ``Linear(4, 3)``, a sum over the tokens."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = BROADCAST_TABLE_OPS[op]
+        self.tok, self.pos, self.out = nn.Embedding(7, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tok(ids) + self.op(self.pos(torch.arange(ids.shape[1]))))).sum(1)
+
+
+@pytest.mark.parametrize("op", sorted(BROADCAST_TABLE_OPS))
+def test_a_position_table_broadcast_by_a_constant_keeps_its_rows_at_the_new_shape(op):
+    """A value of no datapoint (no components) whose rows are not bound yet, broadcast to a new shape by a
+    constant: it keeps no components and its rows at the result's shape, so they are bound where the table joins
+    the tokens. Kills ``unary`` 42 (the missing components broadcast: an ``AttributeError``), 49, 51 (the rows
+    dropped: the gradient check refused the table) and 53-56 (the rows broadcast from ``None`` or to no shape)."""
+    ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    _, moved = convert_exactly(BroadcastTable(op).to(DTYPE), ids, targets)
+    assert moved > 0
+
+
+class ScaledThenPlusItsPartSwapped(nn.Module):
+    """``h = tanh(w(x)) * [1, 2, 3, 4]`` (a scale per feature: ``h``'s set is pinned), then ``out(h[:, :2] + h[:, [1,
+    0]])`` (the operands share neurons) plus ``side(h[:, 2:])``, which cuts ``h``'s set at 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.out, self.side = nn.Linear(3, 4), nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.w(x)) * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=x.dtype)
+        return self.out(h[:, :2] + h[:, [1, 0]]) + self.side(h[:, 2:])
+
+
+def test_an_overlap_keeps_a_set_pinned_before_pinned_in_its_other_piece():
+    """The overlap pins the operands' sets (``pinned = True``, never back to false): ``h``'s part the sum does not
+    read, ``h[:, 2:]``, scaled by 3 and 4, stays fixed, and the group (nothing moved) keeps the function. Kills
+    ``binary`` 386, 387 (``pinned = None`` / ``False``: the overlap unpinned ``h``'s set, so its piece ``h[:, 2:]``,
+    tied to nothing, was permuted: a false symmetry, the scales 3 and 4 swapped)."""
+    torch.manual_seed(0)
+    _, moved = convert_exactly(ScaledThenPlusItsPartSwapped().to(DTYPE), *batch(5, 3, classes=2), seeds=range(4))
+    assert moved == 0
+
+
+class PlusAnotherReordered(nn.Module):
+    """``out(z)`` with ``z = h + g[:, [2, 0, 3, 1]]``, ``h = tanh(a(x))``, ``g = tanh(c(x))`` (four neurons each):
+    a sum of two sets paired in another order (no neuron in both operands)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def merged(self, x):
+        return torch.tanh(self.a(x)) + torch.tanh(self.c(x))[:, [2, 0, 3, 1]]
+
+    def forward(self, x):
+        return self.out(self.merged(x))
+
+
+def test_a_merged_set_numbers_its_neurons_in_the_left_operands_order():
+    """The merged set holds one neuron per neuron of the left operand, in its order (``merged_set``: aligned with
+    ``sources[0]``): node ``11 + i`` holds ``z[:, i]`` as act and ``dL/dz[:, i]`` as grad, per datapoint, written
+    out against autograd. Kills ``binary`` 434 (``argsort(pairs[1])``: the merged neurons numbered in ``g``'s order,
+    so node 11 held ``z[:, 1]``; the same graph up to the order of that set's nodes, and the group alike)."""
+    torch.manual_seed(0)
+    model = PlusAnotherReordered().to(DTYPE)
+    inputs, _ = batch(5, 3)
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, None, squared)
+    z = model.merged(inputs)
+    z.retain_grad()
+    squared(model.out(z), None).sum().backward()
+    # the input's 3, h's 4 (nodes 3-6), g's 4 (7-10), the merged 4 (11-14), the output's 2
+    assert graph.num_nodes == 17
+    torch.testing.assert_close(graph.act[11:15], z.detach().T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(graph.grad[11:15], z.grad.T, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------- a bound or exponent per neuron (mut42: a false symmetry, fixed)
+PER_FEATURE = torch.tensor([0.3, -0.5, 0.1, -0.2], dtype=DTYPE)
+POWERS = torch.tensor([1.0, 2.0, 3.0, 1.0], dtype=DTYPE)
+UNARY_WITH_A_TENSOR = {
+    "torch.clamp(h, min=c)": lambda h, c, p: torch.clamp(h, min=c),
+    "torch.clamp(h, max=c)": lambda h, c, p: torch.clamp(h, max=c),
+    "torch.clamp(h, c, c + 1)": lambda h, c, p: torch.clamp(h, c, c + 1),
+    "h.clamp(min=c)": lambda h, c, p: h.clamp(min=c),
+    "h.clamp_max(c)": lambda h, c, p: h.clamp_max(c),
+    "torch.pow(h, p)": lambda h, c, p: torch.pow(h, p),
+    "h.pow(p)": lambda h, c, p: h.pow(p),
+    "h.float_power(p)": lambda h, c, p: h.float_power(p),
+}
+
+
+class UnaryWithATensor(nn.Module):
+    """``out(tanh(op(a(x), c, p)))``: an op of the UNARY table given a tensor bound ``c`` or exponent ``p`` over the
+    four features, one entry per feature (``per_feature``) or one value for all."""
+
+    def __init__(self, op: str, per_feature: bool) -> None:
+        super().__init__()
+        self.op = UNARY_WITH_A_TENSOR[op]
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.c = PER_FEATURE.clone() if per_feature else torch.full((4,), 0.1, dtype=DTYPE)
+        self.p = POWERS.clone() if per_feature else torch.full((4,), 2.0, dtype=DTYPE)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.op(self.a(x), self.c, self.p)))
+
+
+@pytest.mark.parametrize("per_feature", [True, False], ids=["per feature", "alike"])
+@pytest.mark.parametrize("op", sorted(UNARY_WITH_A_TENSOR))
+def test_a_bound_or_exponent_that_differs_between_neurons_pins_their_set(op, per_feature):
+    """A clamp's tensor bound or a power's tensor exponent that differs between the features treats each neuron its own
+    way, as a constant added or multiplied does (``check_constant``): the set is pinned, and the group (nothing moved)
+    keeps the function; one alike for every feature keeps the set's symmetry. Before the fix (mut42) the UNARY rule
+    never looked at the tensor: the set was claimed one flat permutation group, and its sampled elements changed the
+    model's output (a false symmetry; per-sample gradients were exact)."""
+    torch.manual_seed(0)
+    graph, moved = convert_exactly(UnaryWithATensor(op, per_feature).to(DTYPE), *batch(6, 3, classes=2), seeds=range(4))
+    assert (moved == 0) if per_feature else (moved > 0)
+
+
+class ClampedByNeurons(nn.Module):
+    """``out(tanh(op(a(x), g)))`` with ``g = tanh(b(x))``: a bound that holds neurons of another set, ``op``
+    ``h.clamp(min=g)`` or ``torch.clamp(h, max=g)``."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, g = self.a(x), torch.tanh(self.b(x))
+        return self.out(torch.tanh(h.clamp(min=g) if self.op == "min" else torch.clamp(h, max=g)))
+
+
+@pytest.mark.parametrize("op", ["min", "max"])
+def test_a_bound_that_holds_neurons_pins_both_sets(op):
+    """``clamp(h, min=g)`` pairs each neuron of ``h`` with one of ``g``, which no tie says: neither set is claimed
+    permutable (nothing moved) and the group keeps the function. Before the fix (mut42) the UNARY rule read ``h``
+    alone and both sets were claimed free groups: a sampled element changed the output (a false symmetry)."""
+    torch.manual_seed(0)
+    _, moved = convert_exactly(ClampedByNeurons(op).to(DTYPE), *batch(6, 3, classes=2), seeds=range(4))
+    assert moved == 0
+
+
+BOTH_BY_KEYWORD = {
+    "torch.add(input=h, other=g)": lambda self, h, g: torch.add(input=h, other=g),
+    "torch.mul(input=h, other=g)": lambda self, h, g: torch.mul(input=h, other=g),
+    "torch.sub(input=h, other=g)": lambda self, h, g: torch.sub(input=h, other=g),
+}
+
+
+@pytest.mark.parametrize("op", BOTH_BY_KEYWORD)
+def test_both_operands_given_by_keyword_are_read(op):
+    """``torch.mul(input=h, other=g)``: the first operand by keyword too converts as ``torch.mul(h, g)`` does, exact
+    with a group that keeps the function (``binary`` read ``args[0]``: an ``IndexError`` inside the trace, reported
+    as the model's failure, before mut42)."""
+    model = TwoSets(BOTH_BY_KEYWORD[op], parameter=False).to(DTYPE)
+    _, moved = convert_exactly(model, *batch(5, 3))
+    assert moved > 0

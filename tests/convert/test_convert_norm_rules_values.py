@@ -378,3 +378,32 @@ def test_a_norm_of_features_that_hold_a_statistic_is_refused_by_name(norm):
     module = {"layer": nn.LayerNorm(5), "rms": nn.RMSNorm(5), "batch": nn.BatchNorm1d(5)}[norm]
     message = refusal(StatisticJoinedThenNormalised(module).to(DTYPE).eval(), torch.randn(5, 3, dtype=DTYPE))
     assert "norm: a norm of a value whose features hold a statistic of neurons" in message, message
+
+
+# ------------------------------------------------------------------------ mut42 (issue 31): the refusals in full
+HELD_TWICE = ("a batch norm of a value that holds one neuron in two channels (h.repeat(1, 2), cat([h, h])): each "
+              "channel has a scale and shift of its own, which one neuron cannot carry; normalise before repeating "
+              "the neurons")
+HOLDS_A_STATISTIC = ("a norm of a value whose features hold a statistic of neurons (a sum or mean over features "
+                     "joined to them): the statistic is no neuron, so its scale has no rank-1 terms; normalise the "
+                     "neurons before joining the statistic")
+
+
+@pytest.mark.parametrize("case", ["held twice", "layer", "rms", "batch"])
+def test_the_refusals_of_a_neuron_held_twice_and_of_a_statistic_say_why_in_full(case):
+    """The words a user reads, matched in full after the location (the tests above match their first clause).
+    Kills ``batch_norm`` 186-189 and ``check_sources_are_neurons`` 10-13 (the later pieces of each message
+    misspelt or upper-cased)."""
+    torch.manual_seed(0)
+    if case == "held twice":
+        norm = nn.BatchNorm1d(8)
+        with torch.no_grad():
+            norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 1.5)
+        refused(RepeatedThenNormalised(norm).to(DTYPE).eval(), torch.randn(5, 3, dtype=DTYPE),
+                f" (module 'norm' of type BatchNorm1d): torch.nn.functional.batch_norm: {HELD_TWICE}")
+        return
+    module, kind = {"layer": (nn.LayerNorm(5), "LayerNorm"), "rms": (nn.RMSNorm(5), "RMSNorm"),
+                    "batch": (nn.BatchNorm1d(5), "BatchNorm1d")}[case]
+    op = {"layer": "layer_norm", "rms": "rms_norm", "batch": "batch_norm"}[case]
+    refused(StatisticJoinedThenNormalised(module).to(DTYPE).eval(), torch.randn(5, 3, dtype=DTYPE),
+            f" (module 'norm' of type {kind}): torch.nn.functional.{op}: {HOLDS_A_STATISTIC}")

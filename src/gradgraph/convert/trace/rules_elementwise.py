@@ -67,13 +67,24 @@ class ElementwiseRules:
     """Mixin of :class:`~gradgraph.convert.trace.tracer.Tracer`: elementwise ops, masks, comparisons."""
 
     # -------------------------------------------------------------- elementwise
-    def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None, *,
-              slope_one: bool = False) -> None:
+    def unary(self, x: Any, output: Tensor, name: str, activation: ActivationKind | None,
+              constants: tuple = (), *, slope_one: bool = False) -> None:
         """An elementwise op of one neuron value (with constants): the same neurons, a new version.
-        ``slope_one``: the op's derivative is 1 everywhere (``h + c``), which position values may take."""
+        ``constants``: the op's other tensor arguments (a clamp's bounds, a power's exponent); ``slope_one``: the
+        op's derivative is 1 everywhere (``h + c``), which position values may take."""
         meta = self.need_neurons(x, name)
         if meta is None:
             return None
+        # a tensor bound or exponent (clamp(h, min=c), pow(h, p)) that differs between neurons treats each its own
+        # way, as a constant added or multiplied does: their sets are pinned (a false symmetry before); one that holds
+        # neurons (clamp(h, min=g)) pairs them with h's, which no tie says: no symmetry claimed for either
+        for constant in constants:
+            other = self.meta(constant)
+            if isinstance(other, Neurons):
+                for index in (*meta.versions, *other.versions):
+                    self.sets[index].pinned = True
+            elif isinstance(constant, Tensor) and constant.dim() and meta.comps is not None:
+                self.check_constant(name, meta, constant, output.shape)
         changed = None
         if meta.comps is None:
             # position values get their gradient where they join the tokens (bind): an op between of slope other
@@ -121,7 +132,10 @@ class ElementwiseRules:
         return None
 
     def binary(self, name: str, args: tuple, kwargs: dict, output: Tensor) -> None:
-        left, right = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        # both operands may come by keyword (torch.mul(input=h, other=g)): a builtin hands the mode the arguments as
+        # the caller wrote them
+        left = args[0] if args else kwargs.get("input")
+        right = args[1] if len(args) > 1 else kwargs.get("other")
         # c / h calls Tensor.__rtruediv__, which is Tensor.__rdiv__ (its name: the op's name here; the tables named
         # __rtruediv__, so 1.0 / h had no rule)
         if name in ("Tensor.__rsub__", "Tensor.__radd__", "Tensor.__rmul__", "Tensor.__rdiv__",

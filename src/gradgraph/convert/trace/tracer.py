@@ -536,7 +536,9 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
             operands = [meta for value, meta in tracked if isinstance(meta, Param) and value is not x]
             if operands:  # torch.pow(h, p), clamp(h, min=p): the parameter is no bias or scale
                 raise self.parameter_operand_refused(name, operands[0])
-            return self.unary(x, output, name, ACTIVATION_OPS.get(name))
+            constants = tuple(value for value in (*args, *kwargs.values())
+                              if isinstance(value, Tensor) and value is not x)  # clamp's bounds, pow's exponent
+            return self.unary(x, output, name, ACTIVATION_OPS.get(name), constants)
         if name in ELEMENTWISE_MAX_MIN and isinstance(args[1] if len(args) > 1 else kwargs.get("other"), Tensor):
             return self.binary(ELEMENTWISE_MAX_MIN[name], args, kwargs, output)  # h.max(g): torch.maximum(h, g)
         if name in BINARY_ADD or name in BINARY_MUL or name in BINARY_OTHER:
