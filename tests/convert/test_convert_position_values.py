@@ -61,6 +61,9 @@ CHANGED = {
     "subtracted from a constant": (lambda h, p: h + (1.0 - p), "Tensor.__rsub__"),
     "exp": (lambda h, p: h + torch.exp(p), "torch.exp"),
     "scaled, then shifted and reshaped": (lambda h, p: h + (2.0 * p + 1.0).unsqueeze(0), "Tensor.mul"),
+    # a product with a constant tensor counts whatever its values (a tensor of ones too): a value read from a tensor
+    # would hold only for the traced call
+    "times a tensor of ones": (lambda h, p: h + p * torch.ones(1, T, D, dtype=p.dtype), "Tensor.mul"),
 }
 JOINED = {
     "times the tokens": (lambda h, p: h * p, "Tensor.mul"),
