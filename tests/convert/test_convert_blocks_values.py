@@ -7,6 +7,7 @@ the function exactly (float64, ``assert_group_keeps_function``). Written for the
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from convert_values import squared
@@ -38,3 +39,127 @@ def test_a_grouped_op_whose_classes_are_not_distinct_makes_no_blocks():
     graph = gradgraph.to_graph(model, inputs, None, squared)
     assert int(graph.perm_block.max()) <= 0
     assert_group_keeps_function(model, inputs, None, squared)
+
+
+class SecondGroupedOpTreatedApart(nn.Module):
+    """``a`` (1x1), ``first`` (``groups`` groups), ``second`` (the same groups, so its group ``g`` reads exactly the
+    first's group ``g``), then the second's outputs treated per group (``mode``: ``"scale"`` multiplies its first
+    group by 2 and the rest by 3, ``"activation"`` puts a ReLU on the first group and a tanh on the rest; ``"none"``:
+    nothing). A value holding some of the second op's groups drops its record (``Tracer.note_group_parts``), so the
+    second op makes no blocks; its edges, one group each, still read the first op's groups. ``rolled``: the first
+    op's channels rolled by one group before the second op (its group ``g`` reads the first's group ``g - 1``)."""
+
+    def __init__(self, groups: int, mode: str, rolled: bool = False) -> None:
+        super().__init__()
+        channels = 2 * groups
+        self.a = nn.Conv1d(2, channels, 1)
+        self.first = nn.Conv1d(channels, channels, 3, groups=groups, padding=1)
+        self.second = nn.Conv1d(channels, channels, 1, groups=groups)
+        self.o = nn.Linear(channels, 2)
+        self.mode, self.rolled = mode, rolled
+
+    def forward(self, x):
+        c = torch.tanh(self.first(torch.tanh(self.a(x))))
+        d = self.second(c.roll(2, 1) if self.rolled else c)
+        if self.mode == "scale":
+            d = torch.cat([d[:, :2] * 2.0, d[:, 2:] * 3.0], 1)
+        elif self.mode == "activation":
+            d = torch.cat([torch.relu(d[:, :2]), torch.tanh(d[:, 2:])], 1)
+        return self.o(torch.tanh(d).mean(-1))
+
+
+def _first_groups_exchanged(model: SecondGroupedOpTreatedApart, groups: int) -> nn.Module:
+    """A copy of ``model`` with the first op's groups 0 and 1 exchanged whole (``a``'s output channels, the first
+    op's kernels and biases): the exchange the blocks would claim, the second op left as it is."""
+    import copy
+
+    swapped = copy.deepcopy(model)
+    order = torch.arange(2 * groups)
+    order[:2], order[2:4] = torch.tensor([2, 3]), torch.tensor([0, 1])
+    with torch.no_grad():
+        swapped.a.weight.copy_(model.a.weight[order])
+        swapped.a.bias.copy_(model.a.bias[order])
+        swapped.first.weight.copy_(model.first.weight[order])
+        swapped.first.bias.copy_(model.first.bias[order])
+    return swapped
+
+
+@pytest.mark.parametrize("rolled", [False, True])
+@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("mode", ["scale", "activation"])
+def test_a_second_grouped_op_read_apart_is_refused_by_the_automorphism_check_alone(groups, mode, rolled):
+    """The first op's groups pass every check before the automorphism check (their link is the only one: the
+    second op's record was dropped; every set of the blocks is the first op's own or one set cut into all of
+    them; nothing read them in part); only the graph shows that exchanging them would need the second op's
+    groups exchanged too, which are not alike (an edge of the second op's group 0 maps onto no edge). Exchanged
+    by hand, the first op's groups change the function, so the refusal is needed; the group inferred keeps it.
+    Kills ``x__is_automorphism`` 2, 14, 15, 52 (the check weakened or skipped: the first op's groups claimed as
+    blocks), checked with ``MUTANT_UNDER_TEST``."""
+    torch.manual_seed(11)
+    model = SecondGroupedOpTreatedApart(groups, mode, rolled).to(DTYPE)
+    inputs = torch.randn(4, 2, 5, dtype=DTYPE)
+    with torch.no_grad():
+        before, after = model(inputs), _first_groups_exchanged(model, groups)(inputs)
+    assert float((before - after).abs().max()) > 1e-3  # the exchange is no symmetry of this model
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    assert int(graph.perm_block.max()) <= 0
+    for seed in range(4):
+        assert_group_keeps_function(model, inputs, None, squared, seed=seed)
+
+
+@pytest.mark.parametrize("rolled", [False, True])
+@pytest.mark.parametrize("groups", [2, 3])
+def test_two_grouped_ops_in_a_row_move_as_one_group_of_blocks(groups, rolled):
+    """The same two grouped ops with nothing per group after them: one group of ``groups`` blocks (each the
+    first op's input and output channels and the second's output channels), and the exchange keeps the function
+    (the control of the test above: the blocks are refused there for the per-group code alone)."""
+    torch.manual_seed(11)
+    model = SecondGroupedOpTreatedApart(groups, "none", rolled).to(DTYPE)
+    inputs = torch.randn(4, 2, 5, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    assert int(graph.perm_block.max()) + 1 == groups
+    assert torch.unique(graph.perm_group[graph.perm_block > 0]).numel() == 1
+    assert int(graph.perm_tie[graph.perm_block == 1].max()) == 2  # three classes a block
+    moved = [assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(4)]
+    assert max(moved) > 0
+
+
+class TurnedDownFirst(nn.Module):
+    """A first grouped op whose groups are turned down (``mode``), then a pointwise convolution and a depthwise one
+    whose groups are claimed. ``"input"``: the first op (2 groups) reads the model's input channels, which no
+    permutation moves (``free_ranks`` is ``None``); ``"read_in_part"``: the first op (depthwise) reads
+    ``cat([h[:, :2] * 2, h[:, 2:] * 3])``, a set read in part by an op outside it."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.stem = nn.Conv2d(4, 4, 1)
+        self.first = nn.Conv2d(4, 4, 3, groups=2 if mode == "input" else 4, padding=1)
+        self.pointwise, self.project = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)
+        self.second = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+
+    def forward(self, x):
+        if self.mode == "input":
+            h = torch.relu(self.first(x))
+        else:
+            h = torch.relu(self.stem(x))
+            h = torch.relu(self.first(torch.cat([h[:, :2] * 2.0, h[:, 2:] * 3.0], 1)))
+        h = torch.relu(self.pointwise(h))
+        return self.project(torch.relu(self.second(h))).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["input", "read_in_part"])
+def test_a_group_turned_down_does_not_stop_the_search_for_the_next(mode):
+    """The first op's groups are turned down (by the first checks' ``free_ranks``, or by the check of sets read in
+    part), the second's are claimed: one group of 4 blocks, on the second op's channels only, that keeps the
+    function. Kills ``x_parallel_blocks`` 141 (``break`` for the first checks' ``continue``) and 153 (``break``
+    for the read-in-part check's), checked with ``MUTANT_UNDER_TEST``."""
+    torch.manual_seed(12)
+    model = TurnedDownFirst(mode).to(DTYPE)
+    inputs = torch.randn(3, 4, 5, 5, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    blocked = graph.perm_block > 0
+    assert int(graph.perm_block.max()) == 3
+    assert torch.unique(graph.perm_group[blocked]).numel() == 1
+    moved = [assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(3)]
+    assert max(moved) > 0
