@@ -7,6 +7,8 @@ the function exactly (float64, ``assert_group_keeps_function``). Written for the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -163,3 +165,59 @@ def test_a_group_turned_down_does_not_stop_the_search_for_the_next(mode):
     assert torch.unique(graph.perm_group[blocked]).numel() == 1
     moved = [assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(3)]
     assert max(moved) > 0
+
+
+class EmptyLayerTwice(nn.Module):
+    """MobileNet's block beside a zero-width ``Linear(2, 0)`` applied twice to its output (an empty edge group of a
+    parameter at two sites)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.project = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.depthwise = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+        self.empty = nn.Linear(2, 0)
+
+    def forward(self, x):
+        y = self.project(torch.relu(self.depthwise(torch.relu(self.stem(x))))).mean((2, 3))
+        return torch.cat([y, self.empty(torch.tanh(y)), self.empty(y)], 1)
+
+
+def test_an_empty_layer_used_twice_does_not_stop_the_blocks():
+    """A parameter's edge groups without sources make no call site (``len(src)``): the zero-width layer's two
+    empty groups are skipped, and the depthwise convolution's 4 groups are claimed, keeping the function. Kills
+    ``x_parallel_blocks`` 6 (``or`` for the first ``and``: the empty groups taken as sites, whose first target
+    does not exist), checked with ``MUTANT_UNDER_TEST``."""
+    torch.manual_seed(13)
+    model = EmptyLayerTwice().to(DTYPE)
+    inputs = torch.randn(3, 3, 6, 6, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    assert int(graph.perm_block.max()) == 3
+    moved = [assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(2)]
+    assert max(moved) > 0
+
+
+def test_an_edge_from_no_neuron_is_refused_by_the_layout_with_its_kind_and_target():
+    """``make_plan``'s last guard (layout.py, session 21): an edge group whose sources hold node ``-1`` (a rule that
+    took a value holding no neuron, a statistic, for neurons; a message-passing layer would read it as the last
+    node) is refused by name, with the edge's kind and target. No model reaches it (the rules refuse such values
+    first), so the trace of a small MLP is given one such edge by hand. Kills ``x_make_plan`` 75, 78-94 (the test
+    skipped, the bad edge's index, kind or target read wrong, the message changed), checked with
+    ``MUTANT_UNDER_TEST``."""
+    from gradgraph.convert.layout import make_plan
+    from gradgraph.convert.trace.run import trace_model
+    from gradgraph.errors import GradGraphError
+    from gradgraph.graph import EdgeKind
+
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    trace = trace_model(model, torch.randn(2, 3, dtype=DTYPE), model)
+    assert make_plan(trace).structure["edge_index"].min() >= 0
+    src, dst, _, param, pos, extra = trace.edges[-1]
+    bad_src = src.clone()
+    bad_src[1] = -1
+    trace.edges.append((bad_src, dst.clone(), EdgeKind.GATE, -1, None, extra))
+    message = (f"gradgraph made an edge of kind GATE into node {int(dst[1])} from a value that holds no neuron (a "
+               "statistic such as a sum over the features, used as if it held neurons); this model is not supported. "
+               "Please report it with the model")
+    with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
+        make_plan(trace)
