@@ -221,3 +221,35 @@ def test_an_edge_from_no_neuron_is_refused_by_the_layout_with_its_kind_and_targe
                "Please report it with the model")
     with pytest.raises(GradGraphError, match=f"^{re.escape(message)}$"):
         make_plan(trace)
+
+
+class BetweenFlatGroups(nn.Module):
+    """A stem, MobileNet's expansion and depthwise convolution, then a hidden 1x1 map and the projection: a flat
+    group before the blocks and one after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.expand = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 4, 1)
+        self.depthwise = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+        self.hidden, self.project = nn.Conv2d(4, 3, 1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.expand(torch.relu(self.stem(x))))
+        return self.project(torch.relu(self.hidden(torch.relu(self.depthwise(h))))).mean((2, 3))
+
+
+def test_the_groups_after_a_group_of_blocks_are_numbered_on():
+    """The layout numbers the groups in node order, a group of blocks counting one: the stem's 6 nodes (its map and
+    its ReLU) are group 0, the 48 nodes of the 4 blocks group 1, the hidden map's 6 nodes group 2, each flat one a
+    block of its own; the input and the output stay. Kills ``x_make_plan`` 450 (``break`` at a class of the blocks
+    past the first), 460-463 (the count after a group of blocks set to 1, lowered, raised by 2, or the loop ended:
+    the hidden map's nodes in another group or in none), checked with ``MUTANT_UNDER_TEST``."""
+    torch.manual_seed(15)
+    model = BetweenFlatGroups().to(DTYPE)
+    inputs = torch.randn(3, 3, 6, 6, dtype=DTYPE)
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    assert graph.perm_group.tolist() == [-1] * 3 + [0] * 6 + [1] * 48 + [2] * 6 + [-1] * 4
+    assert int(graph.perm_block[graph.perm_group == 1].max()) == 3
+    assert graph.perm_block[graph.perm_group == 2].tolist() == [0] * 6
+    moved = [assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(2)]
+    assert max(moved) > 0
