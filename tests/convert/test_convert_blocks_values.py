@@ -11,8 +11,8 @@ import re
 
 import pytest
 import torch
-from torch import nn
 from convert_values import squared
+from torch import nn
 from traced_models import assert_group_keeps_function
 
 import gradgraph
@@ -212,7 +212,7 @@ def test_an_edge_from_no_neuron_is_refused_by_the_layout_with_its_kind_and_targe
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
     trace = trace_model(model, torch.randn(2, 3, dtype=DTYPE), model)
     assert make_plan(trace).structure["edge_index"].min() >= 0
-    src, dst, _, param, pos, extra = trace.edges[-1]
+    src, dst, _, _, _, extra = trace.edges[-1]
     bad_src = src.clone()
     bad_src[1] = -1
     trace.edges.append((bad_src, dst.clone(), EdgeKind.GATE, -1, None, extra))
