@@ -1464,3 +1464,137 @@ def test_data_made_from_integer_pixels_is_refused_naming_the_linear(form, messag
     5 (``and`` for ``or``: a float statistic of the data, which has no element map, read as the input: a TypeError)."""
     torch.manual_seed(3)
     refused(PixelsReadTwice(form).to(DTYPE), torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8), message)
+
+
+# ----------------------------------------------------------------------------- values handed to Python
+class ReadToPython(nn.Module):
+    """Hidden neurons whose values the forward hands to Python (``form``) and uses as a number that scales the
+    output: a permutation of ``a``'s neurons changes the number (the first neuron's value), which the graph does
+    not show. ``"constant"`` reads their shape only (the control: its group moves ``a``'s neurons)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.form = form
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.form == "float":
+            scale = float(h[0, 0])
+        elif self.form == "item":
+            scale = h[1, 0].item()
+        elif self.form == "tolist":
+            scale = h.tolist()[0][0]
+        elif self.form == "branch":  # a comparison of the neurons (no pin of its own) read as a truth value
+            scale = 2.0 if bool(h[0, 0] > 0) else -1.0
+        elif self.form == "item of a cumulative sum":  # an op without a rule, then read as a number
+            scale = torch.cumsum(h, -1)[:, 0].sum().item()
+        else:  # reads the shape only
+            scale = 2.0 if h.size(-1) == 4 and h.dim() == 2 and len(h) == h.shape[0] else 1.0
+        return self.out(h) * scale
+
+
+@pytest.mark.parametrize("form", ["float", "item", "tolist", "branch", "item of a cumulative sum"])
+def test_neurons_whose_values_are_handed_to_python_are_pinned(form):
+    """The number is a constant to autograd and to the graph, but not to a permutation of the neurons it was read
+    from: their set is pinned (``VALUE_READS``), so the group moves no node (``out``'s neurons are the output's). On
+    the code before, ``float`` / ``item`` / ``tolist`` / ``branch`` claimed ``a``'s neurons free: a sampled element
+    that moves neuron 0 changed the output (seed 1 of ``float``: by 0.14), a false symmetry. Kills mark_opaque 6, 7
+    (the sets not pinned: with ``"item of a cumulative sum"`` on the code before as well, where only the cumulative
+    sum's ``mark_opaque`` pinned them)."""
+    torch.manual_seed(11)
+    model, inputs = ReadToPython(form).to(DTYPE), torch.randn(5, 3, dtype=DTYPE)
+    for seed in range(4):
+        gradgraph.convert.clear_structure_cache()
+        moved, _, _ = assert_group_keeps_function(model, inputs, None, squared, seed=seed)
+        assert moved == 0, (seed, moved)
+
+
+def test_neurons_whose_shape_is_read_stay_free():
+    """The control: ``h.size()``, ``h.dim()``, ``len(h)`` and ``h.shape`` read no values, and the constant scale they
+    decide pins nothing: the group moves ``a``'s neurons (every sample keeps the function)."""
+    torch.manual_seed(11)
+    model, inputs = ReadToPython("constant").to(DTYPE), torch.randn(5, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    moved = [assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(4)]
+    assert max(moved) > 0, moved
+
+
+class GateOverOneGraphsNodes(nn.Module):
+    """One graph's nodes ``[N, 3]`` (``datapoints=torch.zeros(N)``): features, one gate per node squeezed to ``[N]``,
+    a softmax over the nodes (axis 0 holds the positions of the one datapoint), the weighted sum, a head ``[1, 2]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f, self.gate, self.head = nn.Linear(3, 4), nn.Linear(4, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.f(x))
+        weights = torch.softmax(self.gate(h).squeeze(-1), 0)
+        return self.head((weights[:, None] * h).sum(0, keepdim=True))
+
+
+def test_a_softmax_over_one_graphs_nodes_of_a_one_axis_gate_converts_exactly_with_a_true_group():
+    """A one-axis value's softmax is over positions where the rows are one datapoint's nodes: run as its parts, it
+    converts; the per-sample gradient of the one datapoint is autograd's gradient, and a sampled group element (which
+    moves ``f``'s neurons) keeps the function and maps the graph to the permuted model's. Kills
+    softmax_over_positions 30 (``dim() == 1`` for ``== 0``: a one-axis softmax keeps the softmax rule, which refuses it
+    as "a softmax across positions")."""
+    from strategies import assert_same_graph
+    from gradgraph.symmetry import permute_model, permute_nodes, random_node_permutation
+
+    torch.manual_seed(0)
+    model = GateOverOneGraphsNodes().to(DTYPE)
+    x, y, batch = torch.randn(6, 3, dtype=DTYPE), torch.randn(1, 2, dtype=DTYPE), torch.zeros(6, dtype=torch.long)
+
+    def loss(output, target):
+        return ((output - target) ** 2).sum(-1)
+
+    gradgraph.convert.clear_structure_cache()
+    graph = gradgraph.to_graph(model, x, y, loss, datapoints=batch)
+    ours = graph.per_sample_grads()
+    params = dict(model.named_parameters())
+    assert set(ours) == set(params)
+    for (name, param), grad in zip(params.items(), torch.autograd.grad(loss(model(x), y).sum(), list(params.values()))):
+        torch.testing.assert_close(ours[name][0], grad, atol=1e-10, rtol=0, msg=name)
+    moved = 0
+    for seed in range(3):
+        perm = random_node_permutation(graph, torch.Generator().manual_seed(seed))
+        permuted = permute_model(model, graph, perm)
+        with torch.no_grad():
+            torch.testing.assert_close(permuted(x), model(x), atol=1e-10, rtol=0)
+        assert_same_graph(gradgraph.to_graph(permuted, x, y, loss, datapoints=batch), permute_nodes(graph, perm),
+                          atol=1e-10)
+        moved = max(moved, int((perm != torch.arange(graph.num_nodes)).sum()))
+    assert moved > 0
+
+
+# ----------------------------------------------------------------------------- __torch_function__: grouped ops
+class PerGroupCodeAfterAGroupedOp(nn.Module):
+    """A grouped convolution, then ``cat([h[:, :2] * 2, h[:, 2:] * 3])`` on a later set feeding a depthwise
+    convolution: exchanging the depthwise groups 0 and 2 changes the function, and the graph shows neither constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.pre = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, groups=2, padding=1)
+        self.b, self.c = nn.Linear(4, 4), nn.Conv2d(4, 2, 1)
+        self.depthwise = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+
+    def forward(self, x):
+        # (b over the channels as a Linear: no op the trace runs as parts between the two grouped ones)
+        h = torch.relu(self.b(torch.relu(self.pre(torch.relu(self.a(x)))).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        h = torch.cat([h[:, :2] * 2.0, h[:, 2:] * 3.0], 1)
+        return self.c(torch.relu(self.depthwise(h))).mean((2, 3))
+
+
+def test_per_group_code_after_an_earlier_grouped_op_still_stops_the_blocks():
+    """The count of grouped ops running is back to 0 once the first grouped convolution has run, so the part of ``h``
+    the later code reads marks its set (``NeuronSet.read_in_part``) and the depthwise convolution's groups are not
+    claimed alike: every sampled group element keeps the function. Kills __torch_function__ 39 and 41 (the count
+    made -1 or left at 1 by the first grouped op: no later read in part is marked, and a sample that exchanges the
+    depthwise groups changes the output)."""
+    torch.manual_seed(8)
+    model, inputs = PerGroupCodeAfterAGroupedOp().to(DTYPE), torch.randn(3, 3, 6, 6, dtype=DTYPE)
+    for seed in range(6):
+        gradgraph.convert.clear_structure_cache()
+        assert_group_keeps_function(model, inputs, None, squared, seed=seed)

@@ -47,6 +47,16 @@ from gradgraph.convert.trace.rules_shape import ShapeRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
 
+#: ops that hand a tensor's values to Python (``float(h[0, 0])``, ``bool(h.max() > 0)``, ``h.tolist()``): what the
+#: forward then does with them (a scale, a branch) is no op the trace sees, so the sets read are pinned
+#: (``Tracer.__torch_function__``); shape and dtype queries (``h.size()``, ``h.dim()``) read no values
+VALUE_READS = frozenset({
+    "Tensor.item", "Tensor.tolist", "Tensor.numpy", "Tensor.__float__", "Tensor.__int__", "Tensor.__index__",
+    "Tensor.__bool__", "Tensor.__complex__", "Tensor.__contains__", "Tensor.__array__", "Tensor.equal", "torch.equal",
+    "Tensor.allclose", "torch.allclose", "Tensor.is_nonzero", "torch.is_nonzero",
+})
+
+
 def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
     """Whether the op writes into one of its arguments (``add_``, ``+=``, ``x[i] = v``, ``relu(x, True)``)."""
     if name.endswith("_") and not name.endswith("__") or name in IN_PLACE_OPERATORS or kwargs.get("inplace") is True:
@@ -425,6 +435,8 @@ class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, Attention
             self.captured[self.op_index] = (args, kwargs, output)
             out_flat, _ = tree_flatten(output)
             if not any(isinstance(value, Tensor) for value in out_flat):
+                if name in VALUE_READS:  # the values leave the trace: a permutation of their neurons must not move them
+                    self.mark_opaque(output, name, "hands the values to Python", [meta for _, meta in tracked])
                 return output
             self.dispatch(name, func, args, kwargs, output, tracked)
             return output
