@@ -802,6 +802,15 @@ class FirstQueries(Attention):
         return self.head(self.out(y.transpose(1, 2).reshape(b, y.shape[-2], -1))[:, :2])
 
 
+def refusal_of_first_queries(fn, width: int) -> str:
+    """The refusal of :class:`FirstQueries` with ``fn`` (a head of ``width`` positions: the loss reads them)."""
+    model = FirstQueries(fn).to(DTYPE)
+    inputs, targets = batch()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
+        gradgraph.to_graph(model, inputs, targets[:, :width], loss)
+    return str(refusal.value)
+
+
 @pytest.mark.parametrize("positions", list(SOME_POSITIONS))
 def test_scores_of_some_positions_are_refused_in_words_that_say_so_with_the_remedy(positions):
     """``scores[..., :2, :]`` (the scores of the first two queries), ``scores[..., :, :2]`` (of two keys), queries
@@ -814,15 +823,12 @@ def test_scores_of_some_positions_are_refused_in_words_that_say_so_with_the_reme
     the op, in words that say what it does, with the rewrites that convert (the next test). The query slice killed
     ``x__moves_datapoints__mutmut_56`` (a replay that raises taken as no move) before; it no longer reaches that
     replay."""
-    model = FirstQueries(SOME_POSITIONS[positions]).to(DTYPE)
-    inputs, targets = batch()
-    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
-        gradgraph.to_graph(model, inputs, targets[:, :2], loss)
+    message = refusal_of_first_queries(SOME_POSITIONS[positions], width=2)
     assert re.match(WHERE + re.escape(
         "Tensor.__getitem__: changes the query or key positions attention scores hold (a slice, an index or a "
         "repeat of them), which gradgraph does not follow: select queries on the attention's output instead "
         "((scores.softmax(-1) @ v)[..., :2, :] is scores[..., :2, :].softmax(-1) @ v) and leave keys out with a "
-        "mask (scores.masked_fill(mask, float('-inf'))), and its result reaches"), str(refusal.value)), refusal.value
+        "mask (scores.masked_fill(mask, float('-inf'))), and its result reaches"), message), message
 
 
 @pytest.mark.parametrize("positions", list(REWRITTEN_POSITIONS))
@@ -851,14 +857,11 @@ def test_scores_of_a_cross_attention_with_their_axes_swapped_are_refused_naming_
     """``(k @ qᵀ).mT`` where one query attends over three other keys: the rows become the queries, which the scores
     do not follow. It was refused as a move "between datapoints" (the replay fails on the new shape, session 22's
     sweep); now in words that say what the op does and how to write it."""
-    model = FirstQueries(CROSS["keys by queries, transposed"]).to(DTYPE)
-    inputs, targets = batch()
-    with pytest.raises(gradgraph.UnsupportedModuleError) as refusal:
-        gradgraph.to_graph(model, inputs, targets[:, :1], loss)
+    message = refusal_of_first_queries(CROSS["keys by queries, transposed"], width=1)
     assert re.match(WHERE + re.escape(
         "Tensor.mT (attribute): swaps the query and key axes of attention scores whose queries and keys differ in "
         "number ((k @ qᵀ).mT), which gradgraph does not follow: write the scores as q @ kᵀ, and its result "
-        "reaches"), str(refusal.value)), refusal.value
+        "reaches"), message), message
 
 
 @pytest.mark.parametrize("form", ["queries by keys", "as many keys as queries, transposed"])

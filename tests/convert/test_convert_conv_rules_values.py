@@ -931,6 +931,17 @@ def test_a_pooling_of_a_one_channel_map_is_exact():
     assert_matches_autograd_loop(OneChannelPooled().to(DTYPE), torch.randn(3, 2, 6, dtype=DTYPE), None, squared)
 
 
+def _pad_without_a_rule(module: str) -> str:
+    """The refusal of a constant ``F.pad`` no rule takes, read by ``module``'s ``Linear``, as a full match (the two
+    locations by their form: under mutmut the user's frame is the trampoline's)."""
+    where = r"\S+:\d+ in \S+"
+    message = (": torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches "
+               f"torch.nn.functional.linear with the parameter '{module}.weight' at ")
+    rest = (f" (module '{module}'). Write it with supported ops, register it with "
+            "gradgraph.convert.register_elementwise if it is elementwise, or register a converter for the whole module")
+    return f"^{where}{re.escape(message)}{where}{re.escape(rest)}$"
+
+
 # ----------------------------------------------------------------------- a constant pad of a map's positions (mut40)
 class PaddedStatistic(nn.Module):
     """A constant ``F.pad`` of the positions of ``cat([m, m.mean(1, keepdim=True)], 1)`` (a statistic over the
@@ -954,13 +965,7 @@ def test_a_constant_pad_of_a_map_without_a_channel_row_is_refused_as_an_op_witho
     neurons")."""
     torch.manual_seed(63)
     gradgraph.convert.clear_structure_cache()
-    # the two locations by their form (under mutmut the user's frame is the trampoline's)
-    where = r"\S+:\d+ in \S+"
-    message = (": torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches "
-               "torch.nn.functional.linear with the parameter 'b.weight' at ")
-    rest = (" (module 'b'). Write it with supported ops, register it with gradgraph.convert.register_elementwise if "
-            "it is elementwise, or register a converter for the whole module")
-    with pytest.raises(UnsupportedOperationError, match=f"^{where}{re.escape(message)}{where}{re.escape(rest)}$"):
+    with pytest.raises(UnsupportedOperationError, match=_pad_without_a_rule("b")):
         gradgraph.to_graph(PaddedStatistic().to(DTYPE), torch.randn(3, 2, 6, dtype=DTYPE), None, squared)
 
 
@@ -1098,11 +1103,6 @@ def test_a_constant_pad_adding_channels_to_the_model_input_stays_refused_as_an_o
     error reported as the model's, not a refusal."""
     torch.manual_seed(71)
     gradgraph.convert.clear_structure_cache()
-    where = r"\S+:\d+ in \S+"
-    message = (": torch.nn.functional.pad: gradgraph has no rule for this op, and its result reaches "
-               "torch.nn.functional.linear with the parameter 'a.weight' at ")
-    rest = (" (module 'a'). Write it with supported ops, register it with gradgraph.convert.register_elementwise if "
-            "it is elementwise, or register a converter for the whole module")
     model = PaddedNamingChannels((0, 0, 1, 0), on_input=True, added=1).to(DTYPE)
-    with pytest.raises(UnsupportedOperationError, match=f"^{where}{re.escape(message)}{where}{re.escape(rest)}$"):
+    with pytest.raises(UnsupportedOperationError, match=_pad_without_a_rule("a")):
         gradgraph.to_graph(model, torch.randn(3, 2, 6, dtype=DTYPE), None, squared)
