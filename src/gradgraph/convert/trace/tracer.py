@@ -29,7 +29,8 @@ from gradgraph.convert.trace.ops import (
     ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, COMPARISONS, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL,
     BINARY_OTHER, DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MAX_MIN, EMBEDDING, IDENTITY_OPS,
     IN_PLACE_HINT, IN_PLACE_OPERATORS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL,
-    numpy_keywords, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SHAPED_LIKE, SOFTMAX, UNARY, WHERE,
+    numpy_keywords, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SHAPED_LIKE, SOFTMAX, UNARY, VALUE_READS,
+    WHERE,
 )
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.rules_affine import AffineRules
@@ -46,15 +47,6 @@ from gradgraph.convert.trace.rules_reduction import ReductionRules
 from gradgraph.convert.trace.rules_shape import ShapeRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
-
-#: ops that hand a tensor's values to Python (``float(h[0, 0])``, ``bool(h.max() > 0)``, ``h.tolist()``): what the
-#: forward then does with them (a scale, a branch) is no op the trace sees, so the sets read are pinned
-#: (``Tracer.__torch_function__``); shape and dtype queries (``h.size()``, ``h.dim()``) read no values
-VALUE_READS = frozenset({
-    "Tensor.item", "Tensor.tolist", "Tensor.numpy", "Tensor.__float__", "Tensor.__int__", "Tensor.__index__",
-    "Tensor.__bool__", "Tensor.__complex__", "Tensor.__contains__", "Tensor.__array__", "Tensor.equal", "torch.equal",
-    "Tensor.allclose", "torch.allclose", "Tensor.is_nonzero", "torch.is_nonzero",
-})
 
 
 def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
