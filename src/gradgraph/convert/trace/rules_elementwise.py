@@ -200,6 +200,9 @@ class ElementwiseRules:
         if torch.equal(a_nodes, b_nodes) or bool((a_nodes < 0).all()) or bool((b_nodes < 0).all()):
             # the same neurons (x * sigmoid(x)), or neurons and a statistic of them (x - mean)
             base = a if not bool((a_nodes < 0).all()) else b
+            # on part of a set (h[:, :2] * h[:, :2]) the part is treated unlike the rest, as for a unary op: cut or
+            # pinned (a false symmetry before: only ops that went through unary cut it)
+            self.separate_mixed_part(base)
             versions = self.next_version({**a.versions, **b.versions}) if torch.equal(a_nodes, b_nodes) \
                 else self.next_version(base.versions)
             if torch.equal(a_nodes, b_nodes):
@@ -630,6 +633,7 @@ class ElementwiseRules:
             if meta.comps is None or not torch.equal(broadcast_ids(meta.nodes, shape), nodes) \
                     or not torch.equal(broadcast_ids(meta.comps, shape), comps):
                 return False
+        self.separate_mixed_part(neurons[0][1])  # where(h[:, :2] > 0, h[:, :2], ...): the part apart from the rest
         merged = {**neurons[0][1].versions, **neurons[1][1].versions}
         for index in merged:
             counted = getattr(self.sets[index], "elementwise_ops", 0)
