@@ -51,6 +51,9 @@ PART_MIXERS = {
     "scale": lambda part: part * 3.0,
     "tanh": torch.tanh,
     "leaky": lambda part: torch.where(part > 0, part, 0.1 * part),
+    # a part combined with itself never went through the unary rule, so it was not cut (session 22)
+    "square": lambda part: part * part,
+    "double": lambda part: part + part,
 }
 
 
