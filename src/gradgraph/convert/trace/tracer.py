@@ -38,6 +38,7 @@ from gradgraph.convert.trace.rules_attention import AttentionRules
 from gradgraph.convert.trace.rules_conv import ConvRules, gather_taps, InputReadAgain, PIXEL_SHUFFLES, SPATIAL_POOLS
 from gradgraph.convert.trace.rules_data import Data, DataRules
 from gradgraph.convert.trace.rules_elementwise import ElementwiseRules
+from gradgraph.convert.trace.rules_masks import MaskRules
 from gradgraph.convert.trace.rules_graph import GATHERS, GraphRules, rank_within, SCATTERS, SCATTERS_IN_PLACE
 from gradgraph.convert.trace.recurrent import previous_state
 from gradgraph.convert.trace.rules_norm import NormRules
@@ -80,7 +81,7 @@ def _in_packing(reason: str) -> str:
     return reason
 
 
-class Tracer(AffineRules, ElementwiseRules, ReductionRules, NormRules, AttentionRules, DataRules, ConvRules,
+class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules, AttentionRules, DataRules, ConvRules,
              GraphRules, FoldRules, ShapeRules, PadRules, TorchFunctionMode):
     """Runs ops and follows neurons and components through them (see the module docstring)."""
 
