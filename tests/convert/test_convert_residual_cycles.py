@@ -2,8 +2,10 @@
 set was already read by another sum: ``y = l(x)``, ``m = (y - mean(y)) + x`` (a merged set read from ``y``),
 ``z = norm(m) + y`` put ``z`` in ``y``'s neurons with an edge from the norm's set, closing the cycle
 ``y -> m -> norm -> y``, and the layout refused the model as "internal: the traced neuron sets form a cycle"
-(found by the program fuzzer in session 22, program ``[linear, center, add input, norm, add]``). The first two
-tests fail on the code before; the gated forms pass on both."""
+(found by the program fuzzer in session 22, program ``[linear, center, add input, norm, add]``), and so did ``y``
+read by the copies of a CReLU of part of it, then added back (``[linear, chunk, center, crelu, add]``, the fuzzer
+again): a set a sum or a cat's copy read absorbs no later sum now. The first two tests and the CReLU one fail on the code
+before; the gated forms pass on both."""
 
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ SUMS = {
     "added back first": lambda m, x, y: y + m.norm((y - y.mean(-1, keepdim=True)) + x),
     "a gated merge, added back": lambda m, x, y: torch.tanh((y * 0.5 + x) * m.gate(x)) + y,
     "two sums read from y, the second added back": lambda m, x, y: torch.tanh(m.norm(y + x) + m.gate(x)) + y,
+    # y read by the copies of a cat (CReLU of a centred half), then added back: the fuzzer's
+    # [linear, chunk, center, crelu, add]
+    "a CReLU of part of y, added back": lambda m, x, y: (lambda c: torch.cat([F.relu(c), F.relu(-c)], -1))(
+        y[:, 1:] - y[:, 1:].mean(-1, keepdim=True))[:, :3] + y,
 }
 
 

@@ -142,6 +142,9 @@ class ShapeRules:
                 copied, created = self.tied_copy(row, f"{self.path() or name} part {place}", "merge")
                 for index in meta.versions:  # a copy of part of a set reads that part (materialize)
                     self.separate_part_read(self.sets[index], row)
+                    # read by the copy's edges: a later sum absorbed into it would close a cycle of sets
+                    # (cat([relu(c), relu(-c)])[:, :3] + y with c part of y; refused as "internal" before)
+                    self.sets[index].fresh = False
                 placed = copied.reshape(1, -1, *[1] * (part.dim() - 2)) if channels else copied
                 copies[place] = Neurons(broadcast_ids(placed, part.shape).clone(), meta.comps,
                                         {copy.index: 0 for copy in created})
