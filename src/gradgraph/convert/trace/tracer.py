@@ -538,12 +538,18 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
                 raise self.unsupported(name, "an active RReLU draws a random slope per element (training mode); "
                                        "call model.eval(), where it is a leaky ReLU of slope (lower + upper) / 2")
             x = args[0] if args else kwargs.get("input")  # torch.sigmoid(input=h): no positional argument
+            activation = ACTIVATION_OPS.get(name)
+            held = [value for value, meta in tracked if isinstance(meta, Neurons)]
+            if len(held) == 1 and held[0] is not x and not isinstance(self.meta(x), Raw):
+                # torch.pow(2.0, h), torch.clamp(c, min=h): elementwise in the one neuron value, the first operand a
+                # constant (they failed at the next layer, "not computed from the model input", naming no op)
+                x, activation = held[0], None
             operands = [meta for value, meta in tracked if isinstance(meta, Param) and value is not x]
             if operands:  # torch.pow(h, p), clamp(h, min=p): the parameter is no bias or scale
                 raise self.parameter_operand_refused(name, operands[0])
             constants = tuple(value for value in (*args, *kwargs.values())
                               if isinstance(value, Tensor) and value is not x)  # clamp's bounds, pow's exponent
-            return self.unary(x, output, name, ACTIVATION_OPS.get(name), constants)
+            return self.unary(x, output, name, activation, constants)
         if name in ELEMENTWISE_MAX_MIN and isinstance(args[1] if len(args) > 1 else kwargs.get("other"), Tensor):
             return self.binary(ELEMENTWISE_MAX_MIN[name], args, kwargs, output)  # h.max(g): torch.maximum(h, g)
         if name in BINARY_ADD or name in BINARY_MUL or name in BINARY_OTHER:
