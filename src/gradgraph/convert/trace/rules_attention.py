@@ -116,6 +116,7 @@ class AttentionRules:
             name = out_of_place_name(name) or name
         if len(scores) == 1 and not others and (name in allowed or name in SHAPE_OPS):
             meta = scores[0]
+            scores_value = next(value for value, known in tracked if known is meta)
             if not isinstance(output, Tensor):  # split, chunk, unbind: a bare AttributeError (the tuple's shape) before
                 return self.mark_opaque(output, name, "splits attention scores into parts, which gradgraph does not "
                                         "follow", scores)
@@ -123,15 +124,13 @@ class AttentionRules:
                 meta = self.reshape_score_batch(meta, output) if name in _RESHAPES else None
                 if meta is None:
                     return self.mark_opaque(output, name, "reshapes attention scores", scores)
-            elif name in SHAPE_OPS and name not in IDENTITY_OPS and _swaps_unequal_axes(
-                    next(value for value, known in tracked if known is meta), output):
+            elif name in SHAPE_OPS and name not in IDENTITY_OPS and _swaps_unequal_axes(scores_value, output):
                 # (k @ qᵀ).mT of a cross attention: the rows become the queries, which the scores' meta does not
                 # follow (refused as a move between datapoints before, the replay failing on the new shape)
                 return self.mark_opaque(output, name, "swaps the query and key axes of attention scores whose "
                                         "queries and keys differ in number ((k @ qᵀ).mT), which gradgraph does not "
                                         "follow: write the scores as q @ kᵀ", scores)
-            elif name in SHAPE_OPS and name not in IDENTITY_OPS and _changes_positions(
-                    next(value for value, known in tracked if known is meta), output):
+            elif name in SHAPE_OPS and name not in IDENTITY_OPS and _changes_positions(scores_value, output):
                 # scores[..., :2, :] or [..., :2]: no move between datapoints, but the scores no longer match their
                 # queries' or keys' positions (refused as a move between datapoints, or at the product with v)
                 return self.mark_opaque(

@@ -108,6 +108,22 @@ class ElementwiseRules:
         self.set_meta(output, new)
         self.observe(output, new)
 
+    def op_of_the_same_neurons(self, metas: tuple[Neurons, ...], nodes: Tensor, comps: Tensor, output: Tensor) -> None:
+        """An op whose operands hold the same neurons at the same components (``h * tanh(h)``, ``torch.where(h > 0,
+        h, 0.1 * h)``): a new version of them. ``h * tanh(h)`` is even, ``relu(h) * h`` homogeneous of degree 2: no
+        longer the named activation inside, so the set is labelled ``OTHER`` (found by mut29: sign flips and
+        rescalings trusted the label). On part of a set (``h[:, :2] * h[:, :2]``) the part is treated unlike the rest,
+        as for a unary op: cut or pinned (a false symmetry before, session 22: only ops through ``unary`` cut it).
+        ``nodes`` / ``comps``: the ids at the result's shape."""
+        self.separate_mixed_part(metas[0])
+        merged = {index: version for meta in metas for index, version in meta.versions.items()}
+        for index in merged:
+            neuron_set = self.sets[index]
+            neuron_set.elementwise_ops = getattr(neuron_set, "elementwise_ops", 0) + 1  # type: ignore[attr-defined]
+        new = Neurons(nodes, comps, self.next_version(merged))
+        self.set_meta(output, new)
+        self.observe(output, new)
+
     def changed_position_op(self, meta: Neurons) -> str | None:
         """The op (and where it ran) that changed these position values with a slope other than one, if any."""
         return next((self.changed_positions[item] for item in meta.versions.items() if item in self.changed_positions),
@@ -153,23 +169,24 @@ class ElementwiseRules:
             return self.with_parameter(name, neurons[0], params[0], output, additive)
         if len(neurons) == 1:
             value, meta = neurons[0]
-            other = right if value is left else left
-            if isinstance(other, Tensor) and other.dim() and meta.comps is not None:
-                self.check_constant(name, meta, other, output.shape)
-            return self.unary(value, output, name, None, slope_one=_slope_one(name, kwargs, value is right, other))
+            other = right if value is left else left  # a constant: unary checks it as one of the op's constants
+            return self.unary(value, output, name, None, (other,) if isinstance(other, Tensor) else (),
+                              slope_one=_slope_one(name, kwargs, value is right, other))
         (a_value, a), (b_value, b) = neurons
         shape = output.shape
         if a.comps is None and b.comps is None:
             raise self.unsupported(name, "arithmetic on two values that do not depend on the input")
         for value, meta in ((a_value, a), (b_value, b)):
-            changed = None if meta.comps is not None else self.changed_position_op(meta)
+            if meta.comps is not None:
+                continue
+            changed = self.changed_position_op(meta)
             if changed is not None:
                 raise self.unsupported(name, f"joins position values (a position embedding, a parameter added per "
                                        f"position) that {changed} changed before they join the token values "
                                        "(2.0 * pos, relu(pos)): their gradient is read where they join the tokens, "
                                        "which that op would leave out. Apply the op after adding them (f(h + pos)), "
                                        "or fold a constant scale into the embedding's table")
-            if meta.comps is None and not _slope_one(name, kwargs, value is right, None):
+            if not _slope_one(name, kwargs, value is right, None):
                 raise self.unsupported(name, "joins position values (a position embedding, a parameter added per "
                                        "position) to the token values by another op than an addition (h * pos, "
                                        "h - pos), whose gradient gradgraph does not read; add them (h + pos), "
@@ -192,18 +209,11 @@ class ElementwiseRules:
         if torch.equal(a_nodes, b_nodes) or bool((a_nodes < 0).all()) or bool((b_nodes < 0).all()):
             # the same neurons (x * sigmoid(x)), or neurons and a statistic of them (x - mean)
             base = a if not bool((a_nodes < 0).all()) else b
-            # on part of a set (h[:, :2] * h[:, :2]) the part is treated unlike the rest, as for a unary op: cut or
-            # pinned (a false symmetry before: only ops that went through unary cut it)
-            self.separate_mixed_part(base)
-            versions = self.next_version({**a.versions, **b.versions}) if torch.equal(a_nodes, b_nodes) \
-                else self.next_version(base.versions)
+            nodes = broadcast_ids(base.nodes, shape).clone()
             if torch.equal(a_nodes, b_nodes):
-                # h * tanh(h) is even, relu(h) * h homogeneous of degree 2: no longer the named activation inside,
-                # so the set is labelled OTHER (found by mut29: sign flips and rescalings trusted the label)
-                for index in {**a.versions, **b.versions}:
-                    counted = getattr(self.sets[index], "elementwise_ops", 0)
-                    self.sets[index].elementwise_ops = counted + 1  # type: ignore[attr-defined]
-            new = Neurons(broadcast_ids(base.nodes, shape).clone(), comps.clone(), versions)
+                return self.op_of_the_same_neurons((a, b), nodes, comps.clone(), output)
+            self.separate_mixed_part(base)
+            new = Neurons(nodes, comps.clone(), self.next_version(base.versions))
             self.set_meta(output, new)
             self.observe(output, new)
             return None

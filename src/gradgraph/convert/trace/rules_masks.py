@@ -117,12 +117,5 @@ class MaskRules:
             if meta.comps is None or not torch.equal(broadcast_ids(meta.nodes, shape), nodes) \
                     or not torch.equal(broadcast_ids(meta.comps, shape), comps):
                 return False
-        self.separate_mixed_part(neurons[0][1])  # where(h[:, :2] > 0, h[:, :2], ...): the part apart from the rest
-        merged = {**neurons[0][1].versions, **neurons[1][1].versions}
-        for index in merged:
-            counted = getattr(self.sets[index], "elementwise_ops", 0)
-            self.sets[index].elementwise_ops = counted + 1  # type: ignore[attr-defined]
-        new = Neurons(nodes.clone(), comps.clone(), self.next_version(merged))
-        self.set_meta(output, new)
-        self.observe(output, new)
+        self.op_of_the_same_neurons(tuple(meta for _, meta in neurons), nodes.clone(), comps.clone(), output)
         return True
