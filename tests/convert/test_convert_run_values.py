@@ -476,6 +476,44 @@ def test_an_error_with_no_user_code_on_its_way_has_an_unknown_location():
                                  f"RuntimeError: {caught.value.__cause__}")
 
 
+def test_an_error_inside_the_traces_own_rules_is_called_internal_not_the_models(monkeypatch):
+    """An exception raised in a rule of ``convert/trace/`` (here: ``neurons_from_raw`` handed a value with no
+    features, the crash an input axis of length 0 caused) is gradgraph's bug: before, it was reported as
+    "Sequential failed on inputs ...", blaming the model."""
+    from gradgraph.convert.trace.tracer import Tracer
+
+    original = Tracer.neurons_from_raw
+    monkeypatch.setattr(Tracer, "neurons_from_raw", lambda self, value, meta, what: original(
+        self, value[..., :0], meta, what))
+    gradgraph.convert.clear_structure_cache()
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).to(DTYPE)
+    with pytest.raises(gradgraph.GradGraphError) as caught:
+        gradgraph.to_graph(model, torch.randn(3, 4, dtype=DTYPE), None, squared)
+    message = str(caught.value)
+    assert message.startswith("internal error in gradgraph's trace (convert/trace/tracer.py:"), message
+    assert " in neurons_from_raw) while Sequential ran on inputs of shape [3, 4] (torch.float64)" in message, message
+    assert message.endswith(f"RuntimeError: {caught.value.__cause__}. This is a bug in gradgraph, not in the model: "
+                            "please report it with the model"), message
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_a_type_error_inside_a_rule_is_called_internal_too(monkeypatch):
+    """A ``TypeError`` from a rule (not an ``UnsupportedModuleError``) was reported as the model's call refusing its
+    arguments ("calling Sequential(inputs, **forward_kwargs) failed: ... Pass the model's other arguments through
+    forward_kwargs")."""
+    from gradgraph.convert.trace import rules_elementwise
+
+    def broken(*args, **kwargs):
+        return rules_elementwise.broadcast_ids(torch.zeros(2), ("2",))  # expand() raises TypeError in meta.py
+
+    monkeypatch.setattr(rules_elementwise.ElementwiseRules, "unary", broken)
+    gradgraph.convert.clear_structure_cache()
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).to(DTYPE)
+    with pytest.raises(gradgraph.GradGraphError, match=r"^internal error in gradgraph's trace \(convert/trace/"
+                       r"meta\.py:\d+ in broadcast_ids\) while Sequential ran .* TypeError: "):
+        gradgraph.to_graph(model, torch.randn(3, 4, dtype=DTYPE), None, squared)
+
+
 class Block(nn.Module):
     """User code inside the model that calls an ``nn.Sequential`` holding the refused convolution."""
 

@@ -109,6 +109,19 @@ def test_an_empty_or_scalar_batch_is_refused_on_its_axis():
              lambda: gradgraph.to_graph(model, torch.tensor(1.0, dtype=DTYPE), y, cross_entropy))
 
 
+def test_an_input_with_an_axis_of_length_zero_is_refused_naming_the_axis():
+    """No token, position or feature: the trace failed inside its own bookkeeping on such inputs (an IndexError in
+    ``neurons_from_raw``) and the error said the model had failed."""
+    model, (_, y) = _mlp(), _batch()
+    _refused("inputs [5, 0, 3]: axis 1 has length 0 (no tokens, positions or features): every datapoint needs at "
+             "least one value there", lambda: gradgraph.to_graph(model, torch.randn(5, 0, 3, dtype=DTYPE), y,
+                                                                 cross_entropy))
+    tokens = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).to(DTYPE)
+    _refused("inputs [5, 0]: axis 1 has length 0 (no tokens, positions or features): every datapoint needs at "
+             "least one value there", lambda: gradgraph.to_graph(tokens, torch.zeros(5, 0, dtype=torch.long), y,
+                                                                 lambda out, _: out.sum((1, 2))))
+
+
 # ------------------------------------------------------------------ _check_sums, its bounds written out
 class _Factors:
     """What ``_check_sums`` reads off a graph: ``mean_grad()`` of ``act`` and ``grad`` (one term per component

@@ -9,6 +9,7 @@ pass and the graph (:mod:`gradgraph.convert.plan`).
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ def to_graph_traced(
                 return model(x, **kwargs)[0]
             return model(x, **kwargs)
         except TypeError as error:
-            if "argument" not in str(error):
+            # only a call the model's signature refuses: a TypeError raised inside the forward (the
+            # model's own, or a bug of the trace's rules) is not about forward_kwargs
+            if "argument" not in str(error) or _binds(model, x, kwargs):
                 raise
             raise GradGraphError(
                 f"to_graph: calling {type(model).__name__}(inputs, **forward_kwargs) failed: {error}. Pass the "
@@ -90,6 +93,19 @@ def to_graph_traced(
                             datapoints=datapoints, fold_time=fold_time)
         objective = _objective(run.output, targets, loss_fn, run.num_datapoints)
     return _finish(run, objective, scan)
+
+
+def _binds(model: nn.Module, x: Tensor, kwargs: dict) -> bool:
+    """Whether ``model.forward`` accepts ``(x, **kwargs)`` (``True`` where its signature cannot be read)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(x, **kwargs)
+    except TypeError:
+        return False
+    return True
 
 
 def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
@@ -258,6 +274,12 @@ def _check_inputs(model: nn.Module, inputs: Tensor, datapoint_dim: int | None, s
         raise GradGraphError(f"inputs must be a batch with b > 0 datapoints on axis {datapoint_dim}, got shape "
                              f"{list(inputs.shape)}")
     datapoint_dim %= inputs.dim()
+    empty = [axis for axis, size in enumerate(inputs.shape) if size == 0]
+    if empty:
+        # no datapoint holds a value there, so no component could carry a factor (the trace failed
+        # inside its own bookkeeping on such an input, and the error blamed the model)
+        raise GradGraphError(f"inputs {list(inputs.shape)}: axis {empty[0]} has length 0 (no tokens, positions or "
+                             "features): every datapoint needs at least one value there")
     if inputs.is_floating_point() and inputs.dim() > 1 and datapoint_dim == inputs.dim() - 1:
         raise GradGraphError(f"inputs {list(inputs.shape)}: the datapoint axis {datapoint_dim} is the feature axis; "
                              "features must be the last axis")

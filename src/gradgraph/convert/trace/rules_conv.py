@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, channel_row, KEY_STRIDE, Neurons, Raw, rows_along_last, varies_along,
+    broadcast_ids, channel_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last, varies_along,
 )
 from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.convert.trace.rules_graph import rank_among_rows, rank_within
@@ -416,6 +416,20 @@ class ConvRules:
         ``F.pad`` of the spatial axes: per channel over positions, so a new set of ``C`` neurons
         tied to the channels (MERGE edges) at the output grid's positions."""
         x = args[0] if args else kwargs["input"]
+        param = self.meta(x)
+        if isinstance(param, Param) and name.endswith("interpolate"):
+            # a ViT / DINOv2 / PVT / YOLOS / DPT position table resampled to the input's grid, BEiT's bias
+            # table: each entry of the result is a weighted sum of the table's rows, while the graph reads a
+            # position embedding as one row per position (the general "a parameter where neurons are
+            # expected" said "a learned slope, scale or mask", which is not what the user wrote)
+            raise self.unsupported(name, f"resamples the parameter '{self.param_names[param.index]}' (a table "
+                                   "resized to the input: a position embedding interpolated to the patch grid, as a "
+                                   "ViT or DINOv2 run at another resolution than its config's, or a relative "
+                                   "position bias table); each entry of the result is a weighted sum of the table's "
+                                   "entries, which gradgraph does not represent. For a position embedding: run the "
+                                   "model at the size its table was made for, or resample the table once outside "
+                                   "forward (a new parameter of the new size, the config's image size changed with "
+                                   "it)")
         values = output[0] if isinstance(output, tuple) else output
         spatial = values.dim() - 2  # (a reduction without keepdim has fewer spatial axes than x)
         # max_pool2d & co. also take an unbatched [C, *S] input: its first axis holds no datapoints

@@ -251,6 +251,32 @@ def _user_frame(traceback: Any) -> str:
     return found
 
 
+#: gradgraph's files whose frames run torch ops on the model's behalf (an op split into parts, a
+#: stock module run op by op): an error raised there is the model's, as if torch had raised it
+_RUNS_MODEL_OPS = ("decompositions.py", "recurrent.py", "stock_attention.py", "stock_graph.py", "run.py")
+_TRACE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _internal_frame(error: BaseException) -> str | None:
+    """``file:line in function`` where an exception was raised, if that is the trace's own bookkeeping
+    (a rule in ``convert/trace/``), not an op of the model: the tracer's ``__torch_function__`` runs every op
+    of the model, so an error raised by the op itself has that frame (or torch's) innermost."""
+    if isinstance(error, UnsupportedModuleError) or type(error).__module__.startswith("gradgraph"):
+        return None  # a refusal, or one of the trace's own signals (a loop that does not fold, ...)
+    traceback = error.__traceback__
+    innermost = None
+    while traceback is not None:
+        innermost, traceback = traceback, traceback.tb_next
+    if innermost is None:
+        return None
+    code = innermost.tb_frame.f_code
+    filename = os.path.abspath(code.co_filename)
+    if (not filename.startswith(_TRACE_DIR) or code.co_name == "__torch_function__"
+            or os.path.basename(filename) in _RUNS_MODEL_OPS):
+        return None
+    return f"{os.path.relpath(filename, GRADGRAPH_DIR)}:{innermost.tb_lineno} in {code.co_name}"
+
+
 def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor, tracer: Tracer | None = None) -> Any:
     """``forward(x)``; torch's own errors from the model's code become a GradGraphError that
     names the input and the line of the forward that failed."""
@@ -260,8 +286,14 @@ def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor, 
         if tracer is not None and isinstance(abort.error, UnsupportedOperationError):
             _locate_in_module(abort.error, abort.__traceback__, tracer)
         raise abort.error from None
-    except (RuntimeError, IndexError, ValueError) as error:
-        if isinstance(error, GradGraphError):
+    except Exception as error:
+        internal = None if isinstance(error, GradGraphError) else _internal_frame(error)
+        if internal is not None:
+            raise GradGraphError(
+                f"internal error in gradgraph's trace ({internal}) while {type(model).__name__} ran on inputs of "
+                f"shape {list(x.shape)} ({x.dtype}), at {_user_frame(error.__traceback__)}: {type(error).__name__}: "
+                f"{error}. This is a bug in gradgraph, not in the model: please report it with the model") from error
+        if isinstance(error, GradGraphError) or not isinstance(error, RuntimeError | IndexError | ValueError):
             raise
         raise GradGraphError(
             f"{_user_frame(error.__traceback__)}: {type(model).__name__} failed on inputs of shape "
