@@ -257,3 +257,26 @@ def test_a_hand_written_position_table_interpolated_is_refused_naming_it():
     with pytest.raises(UnsupportedModuleError, match=r"in ResampledPositions\.forward: .*interpolate: resamples the "
                        r"parameter 'positions' \(a table resized to the input"):
         gradgraph.to_graph(model, torch.randn(3, 3, 12, 12, dtype=DTYPE), None, squared)
+
+
+def test_siglip_attention_pooling_head_is_refused_as_a_learned_query_and_converts_without_it(transformers):
+    """SigLIP's vision tower pools its tokens with ``nn.MultiheadAttention(probe, h, h)``, a learned query: refused
+    in those words since session 23 (before: "cross-attention ...; for a bare module pass nothing for key/value in
+    forward_kwargs", advice for another model). With ``vision_use_head=False`` (the remedy named) it converts
+    exactly with a true group."""
+    torch.manual_seed(23)
+    for use_head in (True, False):
+        config = transformers.SiglipVisionConfig(vision_use_head=use_head, **VISION)
+        config._attn_implementation = "eager"
+        model = Looked(transformers.SiglipVisionModel(config), "pooler_output" if use_head else "last_hidden_state")
+        model = model.to(DTYPE).eval()
+        if use_head:
+            with pytest.raises(UnsupportedModuleError, match=r"module 'model\.head\.attention' of type "
+                               r"MultiheadAttention\): nn\.MultiheadAttention: attention pooling with a learned query "
+                               r"\(the parameter 'model\.head\.probe' attends over the tokens\).*"
+                               r"SigLIP: vision_use_head=False"):
+                gradgraph.to_graph(model, images(), None, squared)
+        else:
+            assert_matches_autograd_loop(model, images(), None, squared)
+            moved, _, _ = assert_group_keeps_function(model, images(), None, squared)
+            assert moved >= 10, moved

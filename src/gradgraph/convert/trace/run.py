@@ -18,7 +18,7 @@ from gradgraph.convert.trace.decompositions import DECOMPOSABLE, decomposition, 
 from gradgraph.convert.trace.in_place import IN_PLACE_CANDIDATES, out_of_place_call, StaleValues
 from gradgraph.convert.trace.meta import (
     CheckedOpLog, PlanMismatch, TraceAbort, ValueGuard, flat_arguments,
-    GRADGRAPH_DIR, Neurons, Opaque, OpLog, TORCH_DIR, UnsupportedOperationError, user_frame,
+    GRADGRAPH_DIR, Neurons, Opaque, OpLog, Param, TORCH_DIR, UnsupportedOperationError, user_frame,
 )
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES, numpy_keywords, op_name
 from gradgraph.convert.trace.result import TraceResult
@@ -126,11 +126,17 @@ class _ModuleTracker:
             key = query if key is None else key
             value = key if value is None else value
             if not (query is key and key is value):
-                raise UnsupportedOperationError(
-                    path, "nn.MultiheadAttention", tracer.location(),
-                    "cross-attention (query, key and value differ) is not supported; self-attention takes "
-                    "one tensor (for a bare module pass nothing for key/value in forward_kwargs)",
-                    "MultiheadAttention")
+                query_meta = tracer.meta(query) if isinstance(tracer, Tracer) else None  # (a replay has no metas)
+                if isinstance(query_meta, Param):  # SigLIP's pooling head, a Perceiver's latents
+                    reason = ("attention pooling with a learned query (the parameter "
+                              f"'{tracer.param_names[query_meta.index]}' attends over the tokens) is not "
+                              "supported: the query is a parameter, not values of the input. Pool the tokens "
+                              "otherwise (their mean, a class token; SigLIP: vision_use_head=False)")
+                else:
+                    reason = ("cross-attention (query, key and value differ) is not supported; self-attention "
+                              "takes one tensor (for a bare module pass nothing for key/value in forward_kwargs)")
+                raise UnsupportedOperationError(path, "nn.MultiheadAttention", tracer.location(), reason,
+                                                "MultiheadAttention")
             if is_causal and attn_mask is None:
                 length = query.shape[1] if module.batch_first else query.shape[0]
                 attn_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
