@@ -188,75 +188,15 @@ def test_more_vision_models_convert_exactly_with_a_true_group(transformers, name
     assert moved >= min_moved, moved
 
 
-def test_beit_relative_position_bias_is_refused_as_a_parameter_read_where_neurons_go(transformers):
-    """BEiT's learned relative bias of the attention scores (a table, interpolated to the window): the
-    class of T5's and Swin's, refused naming the table and its module (at the interpolation, since session 23)."""
+def test_beit_relative_position_bias_is_refused_as_a_learned_score_bias(transformers):
+    """BEiT's learned relative bias of the attention scores (a table, interpolated to the window): the class of
+    T5's and Swin's, refused naming the table (at SDPA's mask since session 23, where the resampled table is
+    followed; before at the interpolation)."""
     config = transformers.BeitConfig(use_relative_position_bias=True, **VISION)
     model = Looked(transformers.BeitModel(config), "last_hidden_state").to(DTYPE).eval()
-    with pytest.raises(UnsupportedModuleError, match=r"modeling_beit\.py:\d+ in BeitRelativePositionBias\.forward.*"
-                       r"interpolate: resamples the parameter '.*relative_position_bias_table' \(a table resized"):
+    with pytest.raises(UnsupportedModuleError, match=r"scaled_dot_product_attention: an attn_mask computed from the "
+                       r"parameter\(s\) \['.*relative_position_bias_table'\] \(a learned bias of the attention scores"):
         gradgraph.to_graph(model, images(), None, squared)
-
-
-def _dinov2(transformers, image_size: int) -> nn.Module:
-    config = transformers.Dinov2Config(image_size=image_size, patch_size=8, num_channels=3, hidden_size=8,
-                                       num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)
-    model = Looked(transformers.Dinov2Model(config), "pooler_output").to(DTYPE).eval()
-    model.model.embeddings.mask_token = None  # read only for masked pretraining
-    return model
-
-
-def test_a_position_table_interpolated_to_another_resolution_is_refused_with_the_remedy_that_converts(transformers):
-    """DINOv2 made for 16 x 16 images run on 24 x 24 ones resamples its position table with ``F.interpolate``
-    (in every forward): refused naming the table and the remedy. Before session 23 the words were those of any
-    parameter read where neurons go ("a learned slope, scale or mask"). The remedy — the table resampled once,
-    outside the forward, into a model made for 24 x 24 — converts exactly with a true group."""
-    torch.manual_seed(23)
-    small = _dinov2(transformers, 16)
-    with torch.no_grad():  # (they may start at zero)
-        small.model.embeddings.cls_token.normal_()
-        small.model.embeddings.position_embeddings.normal_()
-    pixels = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
-    with pytest.raises(UnsupportedModuleError, match=r"modeling_dinov2\.py:\d+ in Dinov2Embeddings\."
-                       r"interpolate_pos_encoding .*interpolate: resamples the parameter "
-                       r"'model\.embeddings\.position_embeddings' \(a table resized to the input: a position "
-                       r"embedding .* resample the table once outside forward"):
-        gradgraph.to_graph(small, pixels, None, squared)
-    large = _dinov2(transformers, 24)
-    state = small.state_dict()
-    with torch.no_grad():
-        table = state["model.embeddings.position_embeddings"]  # [1, 1 + 2 * 2, 8]: the class row, a 2 x 2 grid
-        grid = table[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
-        resampled = torch.nn.functional.interpolate(grid, size=(3, 3), mode="bicubic", align_corners=False)
-        state["model.embeddings.position_embeddings"] = torch.cat(
-            [table[:, :1], resampled.permute(0, 2, 3, 1).reshape(1, 9, -1)], dim=1)
-    large.load_state_dict(state)
-    assert_matches_autograd_loop(large, pixels, None, squared)
-    moved, _, _ = assert_group_keeps_function(large, pixels, None, squared)
-    assert moved >= 10, moved
-
-
-class ResampledPositions(nn.Module):
-    """A hand-written ViT: patches, a learned 2 x 2 position table bilinearly resampled to the patch grid."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.patches = nn.Conv2d(3, 6, 4, stride=4)
-        self.positions = nn.Parameter(torch.randn(1, 6, 2, 2))
-        self.head = nn.Linear(6, 2)
-
-    def forward(self, images):
-        maps = self.patches(images)
-        positions = torch.nn.functional.interpolate(self.positions, size=maps.shape[-2:], mode="bilinear")
-        return self.head((maps + positions).flatten(2).transpose(1, 2)).mean(1)
-
-
-def test_a_hand_written_position_table_interpolated_is_refused_naming_it():
-    torch.manual_seed(23)
-    model = ResampledPositions().to(DTYPE)
-    with pytest.raises(UnsupportedModuleError, match=r"in ResampledPositions\.forward: .*interpolate: resamples the "
-                       r"parameter 'positions' \(a table resized to the input"):
-        gradgraph.to_graph(model, torch.randn(3, 3, 12, 12, dtype=DTYPE), None, squared)
 
 
 def test_siglip_attention_pooling_head_is_refused_as_a_learned_query_and_converts_without_it(transformers):

@@ -314,7 +314,8 @@ def fill_factors(plan: TracePlan, x: Tensor, captured: dict, objective: Tensor, 
             if record.op is not None and record.padding is not None:
                 columns = columns[(rows != record.padding).to(device)]
                 rows = rows[rows != record.padding]
-            act[(record.first + rows).to(device), columns] = 1
+            act[(record.first + rows).to(device), columns] = 1 if record.weights is None else record.weights.to(
+                device, act.dtype)
         # one sum over all factors: a NaN or Inf anywhere makes it non-finite; only then look set by
         # set (math.isfinite of the scalar: torch.isfinite of a 0-d tensor is several ops, ~10 µs)
         if not math.isfinite((act.sum() + grad.sum()).item()):

@@ -158,7 +158,10 @@ class Record:
 
 @dataclass
 class OnehotRecord:
-    """One-hot activations of table rows: rows from an embedding's indices (``op``) or constant."""
+    """One-hot activations of table rows: rows from an embedding's indices (``op``) or constant.
+
+    With ``weights`` (a position table resampled by ``F.interpolate``) row ``rows[i]`` takes
+    ``weights[i]`` at column ``columns[i]`` instead of 1 (constant rows, each pair once)."""
 
     op: int | None
     rows: Tensor | None
@@ -167,6 +170,7 @@ class OnehotRecord:
     columns: Tensor
     first: int
     padding: int | None = None  # a padding_idx row gets no gradient: its one-hot stays 0
+    weights: Tensor | None = None
 
 
 @dataclass
@@ -310,10 +314,28 @@ def plan_records(trace: TraceResult) -> tuple[list[Record], list[Record], list[O
                 op, None if op is not None else index[keep], tuple(nodes.shape),
                 None if bool(keep.all()) else keep.reshape(-1), _component_index(comps[keep], num_keys),
                 neuron_set.first, padding))
+        for rows, weights, nodes, comps in neuron_set.weighted_records:
+            onehots.append(_weighted_record(rows, weights, nodes, comps, num_keys, num_components, neuron_set.first))
         for tensor, nodes, comps in neuron_set.grad_records:
             if nodes is not None and tensor.requires_grad:
                 grads.append(_record(trace, tensor, nodes, comps, num_keys, num_components))
     return acts, grads, onehots, num_keys
+
+
+def _weighted_record(rows: Tensor, weights: Tensor, nodes: Tensor, comps: Tensor, num_keys: int, num_components: int,
+                     first: int) -> OnehotRecord:
+    """The activations a resampled position table's rows take: ``rows`` / ``weights`` ``[*shape, J]`` per
+    element of the value that joined the tokens (every feature of a position repeats its position's rows)."""
+    keep = ((nodes >= 0) & (comps >= 0)).unsqueeze(-1).expand(rows.shape) & (rows >= 0) & (weights != 0)
+    columns = _component_index(comps.unsqueeze(-1).expand(rows.shape)[keep], num_keys)
+    kept_rows, kept_weights = rows[keep], weights[keep]
+    pairs, inverse = torch.unique(kept_rows * num_components + columns, return_inverse=True)
+    first_of = torch.full((pairs.numel(),), -1, dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(inverse.numel()), "amin", include_self=False)
+    chosen = kept_weights[first_of]
+    if not torch.equal(chosen[inverse], kept_weights):  # (one weight per row and column, by construction)
+        raise GradGraphError("internal: a resampled table's row takes two weights at one component")
+    return OnehotRecord(None, kept_rows[first_of], tuple(rows.shape), None, columns[first_of], first, None, chosen)
 
 
 @dataclass

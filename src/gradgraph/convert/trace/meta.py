@@ -92,6 +92,20 @@ class Param:
 
 
 @dataclass
+class Resampled:
+    """A parameter's table resampled by ``F.interpolate`` (a position table resized to the input's grid).
+
+    Element ``e`` of the value is ``sum_j weights[pos[e], j] * flat_param[taps[pos[e], j]]``: every row
+    of ``taps`` / ``weights`` one element of the interpolation's output (later shape ops move ``pos``).
+    """
+
+    index: int  # into Tracer.param_names
+    pos: Tensor  # row of ``taps`` / ``weights`` per element
+    taps: Tensor  # [R, J] flat positions in the parameter that the element reads
+    weights: Tensor  # [R, J] float64 interpolation weights (0 where an element reads fewer than J entries)
+
+
+@dataclass
 class Scores:
     """Attention scores (or weights) of ``q @ kᵀ``: rows are queries, columns keys."""
 
@@ -135,6 +149,8 @@ class NeuronSet:
     act_records: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     grad_records: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     onehot_records: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    #: rows of a resampled position table: (table rows [*, J], their weights [*, J], nodes, comps) per binding
+    weighted_records: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
     last: tuple[Tensor, Tensor, Tensor] | None = None
     #: the newest values of earlier steps of a loop run folded (``rules_recurrent.py``): with
     #: ``last``, one per step, the act of a set no affine map reads

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, ids_like, neuron_row, Neurons, NeuronSet, Opaque, Param, Raw, rows_along_last, Scores,
+    broadcast_ids, ids_like, neuron_row, Neurons, NeuronSet, Opaque, Param, Raw, Resampled, rows_along_last, Scores,
 )
 from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.convert.trace.rules_data import Data
@@ -244,7 +244,11 @@ class AffineRules:
             neuron_set = self.sets[index]
             neuron_set.grad_records.append((result, nodes, comps))
             token_set = getattr(neuron_set, "token_set", None)
-            if token_set is not None and meta.unbound_index is not None:
+            weighted = getattr(token_set, "weighted", None)
+            if weighted is not None and meta.unbound_index is not None:  # a resampled table's rows
+                where = broadcast_ids(meta.unbound_index, shape)
+                token_set.weighted_records.append((weighted[0][where], weighted[1][where], nodes, comps))
+            elif token_set is not None and meta.unbound_index is not None:
                 rows = broadcast_ids(meta.unbound_index, shape).clone()
                 token_set.onehot_records.append((rows, nodes, comps, self.index_op(token_set, rows),
                                                  getattr(token_set, "padding_idx", None)))
@@ -271,6 +275,47 @@ class AffineRules:
         # the layout keeps these rows: a later call (another instance's buffer) must read the same indices
         self.add_guard(op, indices, values=indices.detach().cpu().clone())
         return None
+
+    def resampled_positions(self, name: str, meta: Resampled, shape: torch.Size, channels: bool) -> Neurons:
+        """A resampled position table added to token values (``rules_conv.resample_parameter``).
+
+        As :meth:`position_parameter`, the table's rows are ``TOKEN`` input neurons joined to a new set by
+        ``EMBEDDING`` edges that carry the parameter; the rows a position reads are those its interpolation
+        reads, each with its weight as the activation instead of 1. So the gradient of a table entry, the sum
+        over positions of weight x the position's backpropagated signal, is a sum of rank-1 terms, exactly.
+        """
+        table = self.param_names[meta.index]
+        axis = 1 if channels else len(shape) - 1  # a map's channels [b, C, *S], or the features of tokens
+        width = shape[axis]
+        pos = meta.pos.reshape(*[1] * (len(shape) - meta.pos.dim()), *meta.pos.shape)
+        if pos.dim() != len(shape) or pos.shape[axis] != width:
+            raise self.unsupported(name, f"adds the resampled parameter '{table}' without a value per feature")
+        flat = pos.movedim(axis, -1).reshape(-1, width)  # [P, C]: the value's element rows, one per position
+        taps, weights = meta.taps[flat], meta.weights[flat]  # [P, C, J]
+        if not torch.equal(weights, weights[:, :1].expand_as(weights)):
+            raise self.unsupported(name, f"adds the resampled parameter '{table}' with weights that differ "
+                                   "between features; gradgraph reads a table resampled alike for every feature")
+        live = weights[:, 0] != 0  # [P, J]
+        keys = taps.transpose(1, 2)[live]  # [L, C]: the entries of every row read, one per feature
+        rows, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        if rows.unique().numel() != rows.numel():  # an entry in two rows: not one table row per position
+            raise self.unsupported(name, f"adds the resampled parameter '{table}' whose positions read its entries "
+                                   "in different groupings of the features")
+        tokens = self.new_set(rows.shape[0], NodeKind.TOKEN, f"{self.path() or name} positions", "token")
+        created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
+        targets = created.first + torch.arange(width)
+        self.edges.append((tokens.first + torch.arange(rows.shape[0]).repeat_interleave(width),
+                           targets.repeat(rows.shape[0]), EdgeKind.EMBEDDING, meta.index, rows.reshape(-1).clone(),
+                           None))
+        read = torch.full(live.shape, -1, dtype=torch.long)
+        read[live] = inverse
+        tokens.weighted = (read, torch.where(live, weights[:, 0], 0.0))  # type: ignore[attr-defined]
+        position_of_row = torch.full((int(meta.pos.max()) + 1,), -1, dtype=torch.long)
+        position_of_row[flat.reshape(-1)] = torch.arange(flat.shape[0]).repeat_interleave(width)
+        created.token_set = tokens  # type: ignore[attr-defined]
+        nodes = targets.reshape(-1, *[1] * (len(shape) - 2)) if channels else targets
+        return Neurons(broadcast_ids(nodes, shape).clone(), None, {created.index: 0},
+                       unbound_index=position_of_row[broadcast_ids(pos, shape)])
 
     def position_parameter(self, name: str, param: Param, shape: torch.Size, result: Tensor) -> Neurons:
         """A parameter added to token values that varies over positions: a position embedding."""

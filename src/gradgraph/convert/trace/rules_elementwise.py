@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, channel_row, feature_row, KEY_STRIDE, neuron_axes_last, neuron_rows, Neurons, NeuronSet, Opaque,
-    Param, Raw, rows_along_last, UnsupportedOperationError, varies_along,
+    broadcast_ids, channel_row, feature_row, KEY_STRIDE, neuron_axes_last, neuron_row, neuron_rows, Neurons,
+    NeuronSet, Opaque, Param, Raw, Resampled, rows_along_last, UnsupportedOperationError, varies_along,
 )
 from gradgraph.convert.trace.ops import (
     BINARY_ADD, BINARY_OTHER, PARAMETER_REFUSED,
@@ -153,6 +153,14 @@ class ElementwiseRules:
         neurons = [(value, meta) for value, meta in operands if isinstance(meta, Neurons)]
         params = [(value, meta) for value, meta in operands if isinstance(meta, Param)]
         additive = name in BINARY_ADD
+        resampled = [meta for _, meta in operands if isinstance(meta, Resampled)]
+        if resampled:  # a position table resized by F.interpolate (rules_conv.resample_parameter)
+            if not (additive and len(neurons) == 1 and neurons[0][1].comps is not None) or kwargs.get("alpha", 1) != 1:
+                raise self.unsupported(name, f"uses the resampled parameter '{self.param_names[resampled[0].index]}' "
+                                       "(F.interpolate of a table) otherwise than added to the token values")
+            channels = neuron_row(neurons[0][1], output.shape)[1]
+            embedded = self.resampled_positions(name, resampled[0], output.shape, channels)
+            return self.binary_with(name, neurons[0][0], neurons[0][1], embedded, output)
         if not neurons:
             other = right if params and params[0][0] is left else left
             if len(params) == 1 and name in ("Tensor.__add__", "Tensor.__radd__", "Tensor.add", "torch.add") \

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, feature_row, ids_like, KEY_STRIDE, neuron_row, Neurons, Param, Raw, varies_along,
+    broadcast_ids, feature_row, ids_like, KEY_STRIDE, neuron_row, Neurons, Param, Raw, Resampled, varies_along,
 )
 from gradgraph.convert.trace.ops import (
     CONCATENATIONS, DROPOUT_TRAINING_DEFAULT, JOINED_INPUT_REMEDY, JOINS, op_name, SHAPED_LIKE,
@@ -43,6 +43,8 @@ class ShapeRules:
             kwargs = {key: value for key, value in kwargs.items() if key != "other"}
         metas = [meta for _, meta in tracked]
         kinds = {type(meta) for meta in metas}
+        if Resampled in kinds:
+            return self.resampled_shape_op(name, func, args, kwargs, output, metas)
         if kinds == {Param}:
             self.check_joined_constants(name, args, kwargs, f"the parameter '{self.param_names[metas[0].index]}'",
                                         "make it a parameter of the joined shape (the constant's entries then "
@@ -218,6 +220,46 @@ class ShapeRules:
         for value, ids in zip(outputs, results):
             if isinstance(value, Tensor):
                 self.set_meta(value, make(ids))
+
+    def resampled_shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, metas: list) -> None:
+        """A shape op of a resampled table (``rules_conv.resample_parameter``): its element rows move. A join
+        with other parts of the same parameter (DINOv2's ``cat([class_position, resampled_grid])``) gives one
+        table: a part that is the parameter itself reads one entry with weight 1."""
+        index = metas[0].index
+        if any(not isinstance(meta, Param | Resampled) or meta.index != index for meta in metas):
+            raise self.unsupported(name, f"joins the resampled parameter '{self.param_names[index]}' with other "
+                                   "values; gradgraph follows a resampled table joined only with parts of itself")
+        tables = list({id(meta.taps): meta for meta in metas if isinstance(meta, Resampled)}.values())
+        if len(tables) == 1 and all(isinstance(meta, Resampled) for meta in metas):
+            table = tables[0]
+            return self.replay(func, args, kwargs, output, lambda pos: Resampled(index, pos, table.taps, table.weights),
+                               lambda meta: meta.pos)
+        width = max(table.taps.shape[1] for table in tables)
+        taps, weights, rows_of = [], [], {}
+        offset = 0
+        for meta in {id(meta): meta for meta in metas}.values():
+            if isinstance(meta, Resampled):
+                key = id(meta.taps)
+                if key not in rows_of:
+                    rows_of[key] = offset
+                    taps.append(torch.nn.functional.pad(meta.taps, (0, width - meta.taps.shape[1])))
+                    weights.append(torch.nn.functional.pad(meta.weights, (0, width - meta.weights.shape[1])))
+                    offset += meta.taps.shape[0]
+            else:  # the parameter itself: each element reads its own entry, weight 1
+                flat = meta.pos.reshape(-1, 1)
+                rows_of[id(meta)] = offset
+                taps.append(torch.nn.functional.pad(flat, (0, width - 1)))
+                weights.append(torch.nn.functional.pad(torch.ones(flat.shape, dtype=torch.float64), (0, width - 1)))
+                offset += flat.shape[0]
+        joined_taps, joined_weights = torch.cat(taps), torch.cat(weights)
+
+        def rows(meta: Any) -> Tensor:
+            if isinstance(meta, Resampled):
+                return meta.pos + rows_of[id(meta.taps)]
+            return torch.arange(meta.pos.numel()).reshape(meta.pos.shape) + rows_of[id(meta)]
+
+        return self.replay(func, args, kwargs, output, lambda pos: Resampled(index, pos, joined_taps, joined_weights),
+                           rows)
 
     def join_parts(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """``cat`` of a class token (a parameter) with token neurons along positions."""

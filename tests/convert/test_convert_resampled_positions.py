@@ -1,0 +1,205 @@
+"""A position table resized by ``F.interpolate`` inside ``forward`` converts exactly (since session 23).
+
+A ViT / DINOv2 run at another resolution than its config's resamples its learned position table to the patch
+grid in every forward (PVT, YOLOS and DPT always do). Interpolation is linear, the same for every feature: the
+embedding at position ``t`` is ``sum_s A[t, s] P[s]`` with ``A`` a constant of the sizes. The graph keeps the
+table's rows as ``TOKEN`` input neurons joined by ``EMBEDDING`` edges that carry ``P``; a row's activation at a
+position is its weight ``A[t, s]`` instead of the one-hot 1 of a plain position embedding, so every per-sample
+gradient of ``P`` is a sum of rank-1 terms (``rules_conv.resample_parameter``, ``rules_affine.resampled_positions``).
+Before, the interpolation was refused as "a parameter used where gradgraph expects neuron values"; every test
+here that converts failed so on the code before. Float64, against a per-datapoint autograd loop; the inferred
+group keeps the function.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from convert_values import squared
+from torch import nn
+from traced_models import assert_group_keeps_function, assert_matches_autograd_loop
+
+import gradgraph
+from gradgraph import UnsupportedModuleError
+
+DTYPE = torch.float64
+
+
+class ResampledMap(nn.Module):
+    """Patches of a convolution plus a learned ``[1, C, *grid]`` table interpolated to the patch grid."""
+
+    def __init__(self, options: dict, grid: tuple[int, int] = (2, 3), use: str = "add") -> None:
+        super().__init__()
+        self.options, self.use = options, use
+        self.patches = nn.Conv2d(3, 6, 4, stride=4)
+        self.positions = nn.Parameter(torch.randn(1, 6, *grid))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, images):
+        maps = self.patches(images)
+        positions = F.interpolate(self.positions, size=maps.shape[-2:], **self.options)
+        if self.use == "add":
+            joined = maps + positions
+        elif self.use == "part":  # the table added to half of the channels
+            joined = torch.cat([maps[:, :3] + positions[:, :3], maps[:, 3:]], 1)
+        elif self.use == "flipped":  # shape ops between the interpolation and the sum
+            joined = maps + positions.flip(-1)[:, [1, 0, 2, 3, 4, 5]]
+        elif self.use == "scaled":
+            joined = maps + 2.0 * positions
+        elif self.use == "product":
+            joined = maps * positions
+        else:
+            joined = maps + positions.relu()
+        return self.head(torch.relu(joined).flatten(2).transpose(1, 2)).mean(1)
+
+
+class ResampledTokens(nn.Module):
+    """A tiny ViT: a class token, a ``[1, 1 + g * g, C]`` table whose grid part is resampled (DINOv2's code)."""
+
+    def __init__(self, options: dict, grid: int = 2) -> None:
+        super().__init__()
+        self.options, self.grid = options, grid
+        self.patches = nn.Conv2d(3, 6, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.positions = nn.Parameter(torch.randn(1, 1 + grid * grid, 6))
+        self.mix, self.head = nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, images):
+        tokens = self.patches(images).flatten(2).transpose(1, 2)
+        side = int(tokens.shape[1] ** 0.5)
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], 1)
+        grid = self.positions[:, 1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(side, side), **self.options).permute(0, 2, 3, 1).reshape(1, side * side, -1)
+        hidden = tokens + torch.cat([self.positions[:, :1], grid], 1)
+        return self.head(torch.tanh(self.mix(hidden))[:, 0])
+
+
+def _images(seed: int = 0, side: int = 12) -> torch.Tensor:
+    return torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+OPTIONS = {
+    "bilinear": dict(mode="bilinear"),
+    "bilinear_corners": dict(mode="bilinear", align_corners=True),
+    "bicubic": dict(mode="bicubic", align_corners=False),
+    "nearest": dict(mode="nearest"),
+    "nearest_exact": dict(mode="nearest-exact"),
+    "area": dict(mode="area"),
+    "antialias": dict(mode="bilinear", antialias=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_a_table_interpolated_to_a_feature_map_converts_exactly_with_a_true_group(name):
+    torch.manual_seed(23)
+    model = ResampledMap(OPTIONS[name]).to(DTYPE)
+    assert_matches_autograd_loop(model, _images(), None, squared)
+    moved, _, _ = assert_group_keeps_function(model, _images(), None, squared)
+    assert moved >= 12, moved
+
+
+def test_a_table_downsampled_with_antialiasing_converts_exactly():
+    """A 5 x 7 table to a 3 x 3 grid: each position reads many entries (antialiased bilinear)."""
+    torch.manual_seed(23)
+    model = ResampledMap(dict(mode="bilinear", antialias=True), grid=(5, 7)).to(DTYPE)
+    assert_matches_autograd_loop(model, _images(), None, squared)
+
+
+@pytest.mark.parametrize("use", ["part", "flipped"])
+def test_shape_ops_and_a_part_of_the_channels_between_interpolation_and_sum_convert_exactly(use):
+    torch.manual_seed(23)
+    model = ResampledMap(OPTIONS["bicubic"], use=use).to(DTYPE)
+    assert_matches_autograd_loop(model, _images(), None, squared)
+    moved, _, _ = assert_group_keeps_function(model, _images(), None, squared)
+    assert moved >= 8, moved
+
+
+@pytest.mark.parametrize("name", ["bicubic", "nearest_exact"])
+def test_a_vit_whose_grid_positions_are_resampled_converts_exactly_and_its_replay_too(name):
+    """DINOv2's layout: the class row kept, the grid rows resampled, the two joined by ``cat`` before the sum; a
+    second call (the cached plan's replay, other inputs) is exact too."""
+    torch.manual_seed(23)
+    model = ResampledTokens(OPTIONS[name]).to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, _images(), None, squared)
+    assert_matches_autograd_loop(model, _images(1), None, squared)
+    moved, _, _ = assert_group_keeps_function(model, _images(), None, squared)
+    assert moved >= 12, moved
+
+
+@pytest.mark.parametrize("use, words", [
+    ("product", ("uses the resampled parameter 'positions' (F.interpolate of a table) otherwise than added to the "
+                 "token values")),
+    ("scaled", "uses the resampled parameter 'positions' (F.interpolate of a table) otherwise than added"),
+    ("relu", "Tensor.relu: the parameter used where gradgraph expects neuron values"),
+])
+def test_a_resampled_table_used_otherwise_than_added_is_refused(use, words):
+    torch.manual_seed(23)
+    model = ResampledMap(OPTIONS["bilinear"], use=use).to(DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        gradgraph.to_graph(model, _images(), None, squared)
+
+
+def test_dinov2_at_another_resolution_than_its_config_converts():
+    """Stock DINOv2 made for 16 x 16 images, run on 24 x 24 ones (its table resampled with bicubic interpolation,
+    which it computes in float32 whatever the model's dtype: the table's per-sample gradients agree to float32
+    precision, everything else exactly); the inferred group keeps the function."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(image_size=16, patch_size=8, num_channels=3, hidden_size=8,
+                                       num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)
+    torch.manual_seed(23)
+
+    class Hidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = transformers.Dinov2Model(config)
+
+        def forward(self, pixels):
+            return self.model(pixel_values=pixels).last_hidden_state
+
+    model = Hidden().to(DTYPE).eval()
+    model.model.embeddings.mask_token = None  # read only for masked pretraining
+    with torch.no_grad():
+        model.model.embeddings.position_embeddings.normal_()
+    pixels = _images(side=24)
+    graph = gradgraph.to_graph(model, pixels, None, squared)
+    per_sample = graph.per_sample_grads()
+    assert set(per_sample) == {name for name, _ in model.named_parameters()}
+    for i in range(pixels.shape[0]):
+        model.zero_grad()
+        squared(model(pixels[i:i + 1]), None).sum().backward()
+        for name, param in model.named_parameters():
+            table = name == "model.embeddings.position_embeddings"
+            torch.testing.assert_close(per_sample[name][i], param.grad, rtol=1e-6 if table else 0,
+                                       atol=1e-12 if table else 1e-10, msg=name)
+    moved, _, _ = assert_group_keeps_function(model, pixels, None, squared, atol=1e-6)
+    assert moved >= 10, moved
+
+
+def test_yolos_whose_table_is_resampled_in_every_forward_converts_exactly():
+    """YOLOS resamples the grid part of its table in every forward and joins it between the class row and the
+    detection tokens' rows (three parts of one table). Weights drawn at 0.5: at the models' own initialisation
+    (std 0.02) the hidden states barely vary over features, and any two summation orders differ by ~1e-8
+    relative after the LayerNorms (autograd's and the graph's; ViT, converting for long, shows the same)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.YolosConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
+                                      image_size=[16, 16], patch_size=8, num_detection_tokens=2)
+    torch.manual_seed(23)
+
+    class Hidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = transformers.YolosModel(config, add_pooling_layer=False)
+
+        def forward(self, pixels):
+            return self.model(pixel_values=pixels).last_hidden_state
+
+    model = Hidden().to(DTYPE).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    pixels = _images(side=24)
+    assert_matches_autograd_loop(model, pixels, None, squared)
+    moved, _, _ = assert_group_keeps_function(model, pixels, None, squared)
+    assert moved >= 10, moved
