@@ -8,7 +8,8 @@ convolution next to a pooled branch, a concatenation of channels from two depths
 channel gating another map, squeeze-and-excitation, channel shuffles, channel slices, softmax over
 channels, a value centred or normalised over its positions (which couples the components of
 one datapoint), nearest upsampling, pooling with padding and ``ceil_mode``, adaptive pooling to a
-size above one. Each program either raises gradgraph's refusal (``UnsupportedModuleError`` /
+size above one, a learned table resampled by ``F.interpolate`` to a map's positions and added to it (to part of
+its channels, flipped, or multiplied: refused). Each program either raises gradgraph's refusal (``UnsupportedModuleError`` /
 ``GradGraphError``) naming the program's line, an input or a parameter, or converts with
 per-sample gradients equal to torch.func's (float64, 1e-10) and an inferred group whose sampled
 element keeps the function and maps the graph to the permuted model's graph.
@@ -92,6 +93,9 @@ class ConvProgram(nn.Module):
                 channels, length = out, conv_length(length, kernel, stride, padding, dilation)
             elif kind == "scale":
                 self.layers[str(index)] = nn.ParameterList([nn.Parameter(torch.rand(channels) + 0.5)])
+            elif kind == "positions":  # a learned table [1, C, *grid] resampled to the map's positions
+                grid = step[2]
+                self.layers[str(index)] = nn.ParameterList([nn.Parameter(torch.randn(1, channels, *[grid] * spatial))])
             elif kind == "excite":
                 self.layers[str(index)] = nn.Sequential(nn.Linear(channels, step[2]), nn.ReLU(),
                                                         nn.Linear(step[2], channels), nn.Sigmoid())
@@ -205,6 +209,21 @@ class ConvProgram(nn.Module):
                 h = torch.cat([h[:, :start], part, h[:, stop:]], 1)
             elif kind == "pixel_unshuffle":
                 h = F.pixel_unshuffle(h, 2)
+            elif kind == "positions":
+                _, _, _, mode, use = step
+                table = self.layers[str(index)][0]
+                options = {"align_corners": False} if mode in ("linear", "bicubic") else {}
+                mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[self.spatial] if mode == "linear" else mode
+                resampled = F.interpolate(table, size=tuple(h.shape[2:]), mode=mode, **options)
+                if use == "flipped":  # shape ops between the interpolation and the sum
+                    resampled = resampled.flip(-1)
+                elif use == "part":
+                    resampled = resampled[:, : max(1, h.shape[1] // 2)]
+                    h = torch.cat([h[:, : resampled.shape[1]] + resampled, h[:, resampled.shape[1]:]], 1)
+                if use == "product":  # refused: not added
+                    h = h * resampled
+                elif use != "part":
+                    h = h + resampled
             values.append(h)
         h = values[-1]
         if self.head_kind == "mean":
@@ -247,7 +266,7 @@ def conv_programs(draw):
         kind = draw(st.sampled_from(["conv", "conv", "conv", "act", "add", "mul", "gate", "excite", "cat", "slice",
                                      "shuffle", "pool", "adaptive", "norm", "softmax", "center", "upsample", "act_",
                                      "iadd", "scale", "grn", "crop", "pixel_shuffle", "pixel_unshuffle",
-                                     "chanpad", "chanpad", "roll", "crelu", "zerocat", "part"]))
+                                     "chanpad", "chanpad", "roll", "crelu", "zerocat", "part", "positions"]))
         same = [index for index, shape in enumerate(shapes)
                 if shape == (channels, length) and index not in (0, source)]
         positions = [index for index, shape in enumerate(shapes) if shape[1] == length and index not in (0, source)]
@@ -312,6 +331,10 @@ def conv_programs(draw):
             step = (kind, source)
         elif kind == "zerocat":
             step = (kind, source, draw(st.integers(1, 2)))
+        elif kind == "positions":
+            modes = ["nearest", "nearest-exact", "linear", "area"] + (["bicubic"] if spatial == 2 else [])
+            step = (kind, source, draw(st.integers(1, 3)), draw(st.sampled_from(modes)),
+                    draw(st.sampled_from(["add", "add", "flipped", "part", "product"])))
         elif kind == "chanpad":
             before, after = draw(st.integers(0, 2)), draw(st.integers(0, 2))
             if before + after:
@@ -371,8 +394,9 @@ def test_the_conv_program_model_runs_each_step_kind():
              ("norm", 12, "group"), ("norm", 13, "instance-affine"), ("softmax", 14), ("center", 15),
              ("upsample", 16), ("conv", 17, 2, 2, 2, 0, 1, 2, "zeros"), ("act_", 18, "relu"), ("iadd", 19, 18),
              ("scale", 20), ("grn", 21), ("crop", 22), ("chanpad", 23, 1, 2, 0.0), ("roll", 24, 1), ("crelu", 25),
-             ("zerocat", 26, 2), ("part", 27, 1, 3, "tanh")]
-    planar = steps + [("conv", 28, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 29), ("pixel_unshuffle", 30)]
+             ("zerocat", 26, 2), ("part", 27, 1, 3, "tanh"), ("positions", 28, 2, "linear", "add"),
+             ("positions", 29, 3, "nearest", "part")]
+    planar = steps + [("conv", 30, 8, 1, 1, 0, 1, 1, "zeros"), ("pixel_shuffle", 31), ("pixel_unshuffle", 32)]
     for spatial, steps in ((1, steps), (2, planar), (3, steps)):
         model = ConvProgram(spatial, 2, 5, steps, "flatten").to(DTYPE)
         inputs = torch.randn(2, 2, *[5] * spatial, dtype=DTYPE)
