@@ -226,6 +226,8 @@ class ShapeRules:
         with other parts of the same parameter (DINOv2's ``cat([class_position, resampled_grid])``) gives one
         table: a part that is the parameter itself reads one entry with weight 1."""
         index = metas[0].index
+        self.check_joined_constants(name, args, kwargs, f"the resampled parameter '{self.param_names[index]}'",
+                                    "join the results of the ops instead (the table added first)")
         if any(not isinstance(meta, Param | Resampled) or meta.index != index for meta in metas):
             raise self.unsupported(name, f"joins the resampled parameter '{self.param_names[index]}' with other "
                                    "values; gradgraph follows a resampled table joined only with parts of itself")
