@@ -134,3 +134,18 @@ def test_position_values_added_with_slope_one_convert_exactly(join):
     inputs, targets = batch()
     assert_matches_autograd_loop(model, inputs, targets, loss)
     assert_group_keeps_function(model, inputs, targets, loss)
+
+
+@pytest.mark.parametrize("change", list(CHANGED))
+def test_position_values_changed_before_they_join_are_refused_naming_the_op_wherever_it_ran(change):
+    """The refusal of ``test_position_values_changed_before_they_join_the_tokens_are_refused_at_the_join_naming_the_op``
+    with the op's frame matched as any frame: under mutmut the innermost frame of a rule is mutmut's trampoline, so
+    that test (which asserts ``in <lambda>``) fails on every mutant and ``gg``'s ``convert-elementwise`` list deselects
+    it; this one keeps the op's name, the join and the advice, matched in full, in the list."""
+    join, op = CHANGED[change]
+    message = refusal(join)
+    assert re.fullmatch(WHERE + r"Tensor\.add: joins position values \(a position embedding, a parameter added per "
+                        rf"position\) that {re.escape(op)} at \S+\.py:\d+ in \S+ changed before they join the token "
+                        r"values \(2\.0 \* pos, relu\(pos\)\): their gradient is read where they join the tokens, "
+                        r"which that op would leave out\. Apply the op after adding them \(f\(h \+ pos\)\), or fold a "
+                        r"constant scale into the embedding's table", message), message
