@@ -1403,3 +1403,20 @@ def test_both_operands_given_by_keyword_are_read(op):
     model = TwoSets(BOTH_BY_KEYWORD[op], parameter=False).to(DTYPE)
     _, moved = convert_exactly(model, *batch(5, 3))
     assert moved > 0
+
+
+ONE_PLUS_WEIGHT_NUMBER_FIRST = {
+    "torch.add(1.0, w)": lambda w: torch.add(1.0, w),
+    "torch.add(input=1, other=w)": lambda w: torch.add(input=1, other=w),
+}
+
+
+@pytest.mark.parametrize("scale", ONE_PLUS_WEIGHT_NUMBER_FIRST)
+def test_a_scale_written_torch_add_of_one_and_the_weight_stands_for_the_weight(scale):
+    """``torch.add(1.0, w)``: torch 2.13 takes a number as ``torch.add``'s first operand and hands it to the mode
+    first, the parameter second (no reflected op: ``1 + w`` arrives as ``Tensor.add(w, 1)``). The number is then on
+    the left, and the op stands for ``w`` (exact, the parameter's gradient). Kills ``binary`` 54, 55 (session 22's
+    numbering: the number looked for on the right whatever side the parameter is on; the mutants refuse it as
+    arithmetic on parameters)."""
+    graph, _ = convert_exactly(ScaledBy(ONE_PLUS_WEIGHT_NUMBER_FIRST[scale]).to(DTYPE), *batch(5, 3))
+    assert graph.num_nodes == 3 + 4 + 4 + 3

@@ -149,3 +149,25 @@ def test_position_values_changed_before_they_join_are_refused_naming_the_op_wher
                         r"values \(2\.0 \* pos, relu\(pos\)\): their gradient is read where they join the tokens, "
                         r"which that op would leave out\. Apply the op after adding them \(f\(h \+ pos\)\), or fold a "
                         r"constant scale into the embedding's table", message), message
+
+
+DIVIDED = {
+    "one divided by them": (lambda h, p: h + 1.0 / p, "Tensor.__rdiv__"),
+    "one divided by them, plus a constant": (lambda h, p: h + (1 / p + 2.0), "Tensor.__rdiv__"),
+    "divided by one, floored": (lambda h, p: h + torch.div(p, 1, rounding_mode="floor"), "torch.div"),
+    "divided by one, truncated": (lambda h, p: h + torch.div(p, 1.0, rounding_mode="trunc"), "torch.div"),
+}
+
+
+@pytest.mark.parametrize("change", list(DIVIDED))
+def test_position_values_divided_into_one_or_rounded_before_they_join_are_refused_naming_the_op(change):
+    """``1 / pos`` (slope ``-1 / pos**2``; torch calls it ``Tensor.__rdiv__`` with ``pos`` first, which the r-op swap
+    puts on the right) and ``torch.div(pos, 1, rounding_mode="floor" | "trunc")`` (slope 0): a division by the
+    number 1 passes its left operand with slope one only without a rounding mode. Refused at the join, naming the
+    op. Kills ``_slope_one`` 24, 25 (the side or the rounding mode read with ``or``), 28-30 (the rounding mode's key
+    misspelt) and ``binary`` 27-29 (``__rdiv__`` misspelt in the swap: ``pos`` read as the left operand)."""
+    join, op = DIVIDED[change]
+    message = refusal(join)
+    assert re.match(WHERE + r"Tensor\.add: joins position values \(a position embedding, a parameter added per "
+                    rf"position\) that {re.escape(op)} at \S+\.py:\d+ in \S+ changed before they join the token "
+                    r"values", message), message
