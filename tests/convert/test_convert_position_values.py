@@ -171,3 +171,35 @@ def test_position_values_divided_into_one_or_rounded_before_they_join_are_refuse
     assert re.match(WHERE + r"Tensor\.add: joins position values \(a position embedding, a parameter added per "
                     rf"position\) that {re.escape(op)} at \S+\.py:\d+ in \S+ changed before they join the token "
                     r"values", message), message
+
+
+_PER_FEATURE = torch.tensor([0.1, -0.5, 0.3, 0.9], dtype=DTYPE)
+_PER_POSITION = torch.linspace(-1.0, 1.0, T, dtype=DTYPE)[:, None]
+SHIFTED = {
+    "a constant per feature added": (lambda h, p: h + (p + _PER_FEATURE), False),
+    "added on the left": (lambda h, p: h + (_PER_FEATURE + p), False),
+    "subtracted": (lambda h, p: h + (p - _PER_FEATURE), False),
+    "added, then joined on the left": (lambda h, p: (p + _PER_FEATURE) + h, False),
+    "after a product with one": (lambda h, p: h + (1 * p + _PER_FEATURE), False),
+    "a constant per position, alike for every feature": (lambda h, p: h + (p + _PER_POSITION), True),
+    "a number": (lambda h, p: h + (p + 0.25), True),
+}
+
+
+@pytest.mark.parametrize("shift", list(SHIFTED))
+def test_a_constant_per_feature_added_to_position_values_fixes_the_joined_set(shift):
+    """``h + (pos + c)`` with ``c`` one number per feature: ``tanh(h + pos + c)`` treats each hidden feature its own
+    way, so no permutation of the token features (with the table's columns) keeps the function. Before the fix
+    (branch mut45, issue 31; present since position values joined the tokens) ``unary`` checked an op's constants only
+    for values of a datapoint (``meta.comps is not None``): the constant added to position values was never looked at,
+    and the group moved the 4 hidden features; its sampled element changed every output (by up to 0.26). A silent
+    false symmetry. Now the constant pins the table's set, and the join fixes the tokens' set with it. A constant per
+    position alike for every feature, or a number, still keeps the symmetry (4 features moved). Exact per-sample
+    gradients against a per-datapoint autograd loop at 1e-10 either way (float64)."""
+    join, symmetric = SHIFTED[shift]
+    model = Positions(join).to(DTYPE)
+    inputs, targets = batch()
+    assert_matches_autograd_loop(model, inputs, targets, loss)
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, loss)
+    assert (moved > 0) == symmetric, moved
+
