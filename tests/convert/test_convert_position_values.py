@@ -203,3 +203,15 @@ def test_a_constant_per_feature_added_to_position_values_fixes_the_joined_set(sh
     moved, _, _ = assert_group_keeps_function(model, inputs, targets, loss)
     assert (moved > 0) == symmetric, moved
 
+
+@pytest.mark.parametrize("join", list(JOINED))
+def test_position_values_joined_by_another_op_than_an_addition_are_refused_with_the_whole_advice(join):
+    """The refusal of ``h * pos``, ``h - pos``, ``torch.add(h, pos, alpha=0.5)``, ``h * (pos + 1)`` matched in full:
+    what was joined, how, and what to write instead. Kills ``binary`` 204-207 of run elementwise 26 (its last two
+    lines misspelt)."""
+    make, op = JOINED[join]
+    message = refusal(make)
+    assert re.fullmatch(WHERE + re.escape(f"{op}: joins position values (a position embedding, a parameter added per "
+                                          "position) to the token values by another op than an addition (h * pos, "
+                                          "h - pos), whose gradient gradgraph does not read; add them (h + pos), then "
+                                          "apply the op"), message), message
