@@ -1420,3 +1420,24 @@ def test_a_scale_written_torch_add_of_one_and_the_weight_stands_for_the_weight(s
     arithmetic on parameters)."""
     graph, _ = convert_exactly(ScaledBy(ONE_PLUS_WEIGHT_NUMBER_FIRST[scale]).to(DTYPE), *batch(5, 3))
     assert graph.num_nodes == 3 + 4 + 4 + 3
+
+
+def test_the_edges_of_a_sum_absorbed_into_an_affine_output_carry_no_weight():
+    """``out(tanh(a(x) + c(tanh(b(x)))))``: the sum lives in ``a``'s fresh output, fed by one RESIDUAL edge from each
+    neuron of ``c``'s output, and such an edge carries no weight: ``edge_param`` is ``-1`` on it (``graph.py``: "-1 if
+    the edge has no weight"), a value a user reads. Kills ``binary`` 453 of run elementwise 26 (the absorbed sum's
+    edges written with parameter ``-2``)."""
+
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.a(x) + self.c(torch.tanh(self.b(x)))))
+
+    graph, moved = convert_exactly(Summed().to(DTYPE), *batch(5, 3))
+    residual = graph.edge_kind == int(EdgeKind.RESIDUAL)
+    assert int(residual.sum()) == 4 and moved > 0
+    assert graph.edge_param[residual].tolist() == [-1] * 4
+    assert graph.edge_param_pos[residual].tolist() == [-1] * 4
