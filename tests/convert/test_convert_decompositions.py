@@ -189,3 +189,46 @@ def test_an_einsum_of_two_values_that_is_no_plain_matrix_product_is_refused(equa
     with pytest.raises(UnsupportedModuleError, match="torch.einsum"):
         gradgraph.to_graph(Other().to(DTYPE), torch.randn(4, 3, 4, dtype=DTYPE), torch.randint(0, 3, (4,)),
                            cross_entropy)
+
+
+#: ``torch.var`` / ``torch.std`` (and the methods, and ``var_mean`` / ``std_mean``, which run them) with ``unbiased``
+#: and ``keepdim`` by position: ``var(input, dim, unbiased, keepdim)``
+UNBIASED_BY_POSITION = {
+    "std, unbiased False and keepdim by position": lambda h: h / torch.std(h, -1, False, True),
+    "var, unbiased by position, no keepdim": lambda h: h * torch.var(h, -1, True)[:, None],
+    "var, unbiased True and keepdim False by position": lambda h: h * torch.var(h, 1, True, False).unsqueeze(-1),
+    "the var method, unbiased False and keepdim by position": lambda h: (h - h.mean(-1, keepdim=True))
+    / (h.var(-1, False, True) + 1.0).sqrt(),
+    "std_mean, unbiased False by position": _standardised(lambda h: torch.std_mean(h, -1, False, True)),
+    "var_mean, unbiased by position, no keepdim": lambda h: torch.tanh(h - torch.var_mean(h, 1, True)[1][:, None]
+                                                                       * torch.var_mean(h, 1, True)[0][:, None]),
+}
+
+
+@pytest.mark.parametrize("form", sorted(UNBIASED_BY_POSITION))
+def test_var_and_std_with_unbiased_by_position_convert_exactly(form):
+    """``var(input, dim, unbiased, keepdim)``: the third argument is ``unbiased``, not ``keepdim``. Before the fix
+    (branch mut45, issue 31) the reduction rule read it as ``keepdim`` (as for ``sum(input, dim, keepdim)``): the
+    statistic's ids got one axis too many or too few, and every form here failed inside the trace as if the model
+    had ("M failed on inputs ...: RuntimeError: expand(...)" or "The expanded size of the tensor ..."), or, where
+    the batch size equals the width, was refused as combining values of different datapoints; ``std_mean(h, -1, True,
+    True)`` converted only because ``unbiased`` and ``keepdim`` were both true. Now exact per-sample gradients
+    (float64, against torch.func), the same graph on a replay, and the hidden neurons' group keeps the function."""
+
+    class Statistic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(UNBIASED_BY_POSITION[form](self.first(x)))
+
+    torch.manual_seed(11)
+    model = Statistic().to(DTYPE)
+    inputs, targets = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+    PLAN_CACHE.clear()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    assert_same_graph(gradgraph.to_graph(model, inputs, targets, cross_entropy), graph)  # a replay
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy)
+    assert moved > 0 and int((graph.perm_group >= 0).sum()) >= 8
+
