@@ -1441,3 +1441,15 @@ def test_the_edges_of_a_sum_absorbed_into_an_affine_output_carry_no_weight():
     assert int(residual.sum()) == 4 and moved > 0
     assert graph.edge_param[residual].tolist() == [-1] * 4
     assert graph.edge_param_pos[residual].tolist() == [-1] * 4
+
+
+def test_the_edges_of_a_sum_of_a_set_with_itself_reordered_carry_no_weight():
+    """``h + h[:, [1, 0, 3, 2]]`` (the operands share neurons in other places): the sum is a new pinned set fed by
+    one RESIDUAL edge per pair, and such an edge carries no weight, ``edge_param`` ``-1`` (``graph.py``), as every
+    edge of the sum and of the head reads. Kills ``binary`` 519 of run elementwise 26 (the overlap's edges written
+    with parameter ``-2``)."""
+    graph, moved = convert_exactly(WithInput(lambda h, x: h + h[:, [1, 0, 3, 2]]).to(DTYPE), *batch(5, 3))
+    residual = graph.edge_kind == int(EdgeKind.RESIDUAL)
+    assert int(residual.sum()) == 8 and moved == 0
+    assert graph.edge_param[residual].tolist() == [-1] * 8
+    assert graph.edge_param_pos[residual].tolist() == [-1] * 8
