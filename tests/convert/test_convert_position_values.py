@@ -215,3 +215,26 @@ def test_position_values_joined_by_another_op_than_an_addition_are_refused_with_
                                           "position) to the token values by another op than an addition (h * pos, "
                                           "h - pos), whose gradient gradgraph does not read; add them (h + pos), then "
                                           "apply the op"), message), message
+
+
+_KEEP = torch.tensor([[True], [False], [True], [True], [False]])
+MASKED = {
+    "torch.where, the positions selected": (lambda h, p: h + torch.where(_KEEP, p, 0.0), "torch.where"),
+    "torch.where, the positions second": (lambda h, p: h + torch.where(_KEEP, 0.5, p), "torch.where"),
+    "masked_fill": (lambda h, p: h + p.masked_fill(_KEEP, 0.0), "Tensor.masked_fill"),
+}
+
+
+@pytest.mark.parametrize("mask", list(MASKED))
+def test_position_values_masked_before_they_join_are_refused_naming_the_mask(mask):
+    """``h + torch.where(keep, pos, 0)``, ``h + pos.masked_fill(keep, 0)`` with a constant mask over the positions:
+    a mask zeroes the positions' gradient where it drops them, which the join would not read. Refused at the join,
+    naming the mask op (the name ``mask_op`` hands ``unary``). Kills ``mask_op`` 59 and 93 of run elementwise 27
+    (``unary`` handed the name ``None``: since session 22 ``unary`` writes the op's name into the position values'
+    change, so the mutants fail with an AttributeError; runs elementwise 5-12 listed them equivalent, the name being
+    read then only by ``need_neurons``)."""
+    join, op = MASKED[mask]
+    message = refusal(join)
+    assert re.match(WHERE + r"Tensor\.add: joins position values \(a position embedding, a parameter added per "
+                    rf"position\) that {re.escape(op)} at \S+\.py:\d+ in \S+ changed before they join the token "
+                    r"values", message), message
