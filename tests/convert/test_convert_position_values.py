@@ -14,10 +14,12 @@ import re
 
 import pytest
 import torch
+from strategies import assert_same_graph
 from torch import nn
 from traced_models import assert_group_keeps_function, assert_matches_autograd_loop
 
 import gradgraph
+from gradgraph.convert.plan import PLAN_CACHE
 
 T, D = 5, 4
 DTYPE = torch.float64
@@ -238,3 +240,19 @@ def test_position_values_masked_before_they_join_are_refused_naming_the_mask(mas
     assert re.match(WHERE + r"Tensor\.add: joins position values \(a position embedding, a parameter added per "
                     rf"position\) that {re.escape(op)} at \S+\.py:\d+ in \S+ changed before they join the token "
                     r"values", message), message
+
+
+def test_a_constant_added_to_position_values_is_read_again_on_a_replay():
+    """``h + (pos + c)``: the check of ``c`` is a guard of the plan. Converted twice, the second a replay, the graphs
+    are the same (the joined set fixed); with ``c`` made alike for every feature in place, the guard fails, the model is
+    traced again and the set is free (tokens' and table's 4 neurons each in a group). Fails before the fix of
+    ``unary`` (branch mut45): the first graph's set was free."""
+    shift = torch.tensor([0.1, -0.5, 0.3, 0.9], dtype=DTYPE)
+    model = Positions(lambda h, p: h + (p + shift)).to(DTYPE)
+    inputs, targets = batch()
+    PLAN_CACHE.clear()
+    first = gradgraph.to_graph(model, inputs, targets, loss)
+    assert_same_graph(gradgraph.to_graph(model, inputs, targets, loss), first)
+    assert int((first.perm_group >= 0).sum()) == 0
+    shift.fill_(0.2)
+    assert int((gradgraph.to_graph(model, inputs, targets, loss).perm_group >= 0).sum()) == 8
