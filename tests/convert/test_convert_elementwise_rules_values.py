@@ -1453,3 +1453,64 @@ def test_the_edges_of_a_sum_of_a_set_with_itself_reordered_carry_no_weight():
     assert int(residual.sum()) == 8 and moved == 0
     assert graph.edge_param[residual].tolist() == [-1] * 8
     assert graph.edge_param_pos[residual].tolist() == [-1] * 8
+
+
+class WeightlessEdges(nn.Module):
+    """A model whose graph has structural edges of the kind ``form`` names, then ``Linear(4, 3)``."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+        if "activations" in form:
+            self.b = nn.Linear(3, 4)
+        if "blocks" in form:
+            self.c = nn.Linear(3, 2)
+        if "bias" in form:
+            self.bias = nn.Parameter(0.3 * torch.randn(4))
+        self.layer_norm = nn.LayerNorm(4, elementwise_affine=False)
+        self.batch_norm = nn.BatchNorm1d(4, affine=False).eval()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.form == "a sum of two activations (merged_set)":
+            y = h + torch.tanh(self.b(x))
+        elif self.form == "a gate over blocks (block_gate)":
+            y = h * torch.sigmoid(self.c(x))[:, [0, 0, 1, 1]]
+        elif self.form == "a sum over blocks (combined_set)":
+            y = h + torch.sigmoid(self.c(x))[:, [0, 0, 1, 1]]
+        elif self.form == "a bias after an activation (with_parameter)":
+            y = h + self.bias
+        elif self.form == "a layer norm without weight (norm)":
+            y = self.layer_norm(self.a(x))
+        else:  # "a batch norm without weight (batch_norm)"
+            y = self.batch_norm(self.a(x))
+        return self.out(torch.tanh(y))
+
+
+WEIGHTLESS = {
+    "a sum of two activations (merged_set)": EdgeKind.RESIDUAL,
+    "a gate over blocks (block_gate)": EdgeKind.GATE,
+    "a sum over blocks (combined_set)": EdgeKind.GATE,
+    "a bias after an activation (with_parameter)": EdgeKind.RESIDUAL,
+    "a layer norm without weight (norm)": EdgeKind.NORM_SCALE,
+    "a batch norm without weight (batch_norm)": EdgeKind.NORM_SCALE,
+}
+
+
+@pytest.mark.parametrize("form", WEIGHTLESS)
+def test_every_structural_edge_carries_edge_param_minus_one(form):
+    """``graph.py``: ``edge_param`` is "index into ``param_names`` of the edge's weight, -1 if the edge is structural
+    (e.g. a residual connection)", a field a user reads. For a sum of two activations, a gate or a sum over blocks, a
+    bias after an activation, a layer or batch norm without weight, every edge of the named kind carries no weight,
+    ``-1``, and every other edge a valid parameter index. Kills ``merged_set`` 18, ``block_gate`` 71, 74, ``combined_set``
+    54, ``with_parameter`` 188 (``rules_elementwise.py``), ``norm`` 241 and ``batch_norm`` 222 (``rules_norm.py``),
+    runs elementwise 28-29's numbers: the edges written with parameter ``-2``, listed equivalent by runs elementwise 1
+    and norm 1 ("every reader asks ``>= 0``")."""
+    model = WeightlessEdges(form).to(DTYPE)
+    graph, _ = convert_exactly(model, *batch(5, 3))
+    structural = graph.edge_kind == int(WEIGHTLESS[form])
+    assert int(structural.sum()) > 0
+    assert set(graph.edge_param[structural].tolist()) == {-1}
+    assert bool(((graph.edge_param == -1) | ((graph.edge_param >= 0) & (graph.edge_param < len(graph.param_names))))
+                .all())
