@@ -1503,10 +1503,10 @@ def test_every_structural_edge_carries_edge_param_minus_one(form):
     """``graph.py``: ``edge_param`` is "index into ``param_names`` of the edge's weight, -1 if the edge is structural
     (e.g. a residual connection)", a field a user reads. For a sum of two activations, a gate or a sum over blocks, a
     bias after an activation, a layer or batch norm without weight, every edge of the named kind carries no weight,
-    ``-1``, and every other edge a valid parameter index. Kills ``merged_set`` 18, ``block_gate`` 71, 74, ``combined_set``
-    54, ``with_parameter`` 188 (``rules_elementwise.py``), ``norm`` 241 and ``batch_norm`` 222 (``rules_norm.py``),
-    runs elementwise 28-29's numbers: the edges written with parameter ``-2``, listed equivalent by runs elementwise 1
-    and norm 1 ("every reader asks ``>= 0``")."""
+    ``-1``, and every other edge a valid parameter index. Kills ``merged_set`` 18, ``block_gate`` 71, 74,
+    ``combined_set`` 54, ``with_parameter`` 188 (``rules_elementwise.py``), ``norm`` 241 and ``batch_norm`` 222
+    (``rules_norm.py``), runs elementwise 28-29's numbers: the edges written with parameter ``-2``, listed equivalent
+    by runs elementwise 1 and norm 1 ("every reader asks ``>= 0``")."""
     model = WeightlessEdges(form).to(DTYPE)
     graph, _ = convert_exactly(model, *batch(5, 3))
     structural = graph.edge_kind == int(WEIGHTLESS[form])
