@@ -185,3 +185,32 @@ def test_a_constant_fill_value_per_neuron_in_where_pins_their_set():
     exact(model, inputs)
     moved, _, perm = assert_group_keeps_function(model, inputs, None, squared, seed=4)
     assert torch.equal(perm[3:7], torch.arange(3, 7))
+
+
+WHERE_OF_THE_COMPARISON_ITSELF = {
+    "the neurons as the condition, the comparison a value": lambda h: torch.where(h.to(torch.bool), h,
+                                                                                   (h > 0).to(h.dtype)),
+    "the comparison as a value": lambda h: torch.where(h > 0, h, (h > 0).to(h.dtype)),
+    "the comparison as the first value": lambda h: torch.where(h > 0, (h > 0).to(h.dtype), h),
+}
+
+
+@pytest.mark.parametrize("values", sorted(WHERE_OF_THE_COMPARISON_ITSELF))
+def test_a_where_that_selects_the_comparison_itself_is_refused_naming_it(values):
+    """``torch.where(h.to(bool), h, (h > 0).double())`` (the compared neurons as the condition, the comparison a
+    value), ``torch.where(h > 0, h, (h > 0).double())``: the comparison is read as a value, not as a mask of the
+    neurons, so the model is refused naming it and where it reaches. Kills ``where_of_compared_neurons`` 21 of run
+    elementwise 27 (its first refusal returned ``True``: the output left without a meta)."""
+
+    class Selected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(WHERE_OF_THE_COMPARISON_ITSELF[values](self.a(x))))
+
+    torch.manual_seed(0)
+    _refused(Selected().to(DTYPE), r"Tensor\.gt: a comparison of neuron values, read otherwise than as a mask of the "
+                                   r"same neurons, and its result reaches torch\.nn\.functional\.linear with the "
+                                   r"parameter 'out\.weight'")

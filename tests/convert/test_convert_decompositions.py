@@ -189,3 +189,122 @@ def test_an_einsum_of_two_values_that_is_no_plain_matrix_product_is_refused(equa
     with pytest.raises(UnsupportedModuleError, match="torch.einsum"):
         gradgraph.to_graph(Other().to(DTYPE), torch.randn(4, 3, 4, dtype=DTYPE), torch.randint(0, 3, (4,)),
                            cross_entropy)
+
+
+#: ``torch.var`` / ``torch.std`` (and the methods, and ``var_mean`` / ``std_mean``, which run them) with ``unbiased``
+#: and ``keepdim`` by position: ``var(input, dim, unbiased, keepdim)``
+UNBIASED_BY_POSITION = {
+    "std, unbiased False and keepdim by position": lambda h: h / torch.std(h, -1, False, True),
+    "var, unbiased by position, no keepdim": lambda h: h * torch.var(h, -1, True)[:, None],
+    "var, unbiased True and keepdim False by position": lambda h: h * torch.var(h, 1, True, False).unsqueeze(-1),
+    "the var method, unbiased False and keepdim by position": lambda h: (h - h.mean(-1, keepdim=True))
+    / (h.var(-1, False, True) + 1.0).sqrt(),
+    "std_mean, unbiased False by position": _standardised(lambda h: torch.std_mean(h, -1, False, True)),
+    "var_mean, unbiased by position, no keepdim": lambda h: torch.tanh(h - torch.var_mean(h, 1, True)[1][:, None]
+                                                                       * torch.var_mean(h, 1, True)[0][:, None]),
+}
+
+
+@pytest.mark.parametrize("form", sorted(UNBIASED_BY_POSITION))
+def test_var_and_std_with_unbiased_by_position_convert_exactly(form):
+    """``var(input, dim, unbiased, keepdim)``: the third argument is ``unbiased``, not ``keepdim``. Before the fix
+    (branch mut45, issue 31) the reduction rule read it as ``keepdim`` (as for ``sum(input, dim, keepdim)``): the
+    statistic's ids got one axis too many or too few, and every form here failed inside the trace as if the model
+    had ("M failed on inputs ...: RuntimeError: expand(...)" or "The expanded size of the tensor ..."), or, where
+    the batch size equals the width, was refused as combining values of different datapoints; ``std_mean(h, -1, True,
+    True)`` converted only because ``unbiased`` and ``keepdim`` were both true. Now exact per-sample gradients
+    (float64, against torch.func), the same graph on a replay, and the hidden neurons' group keeps the function."""
+
+    class Statistic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(UNBIASED_BY_POSITION[form](self.first(x)))
+
+    torch.manual_seed(11)
+    model = Statistic().to(DTYPE)
+    inputs, targets = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+    PLAN_CACHE.clear()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    assert_same_graph(gradgraph.to_graph(model, inputs, targets, cross_entropy), graph)  # a replay
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy)
+    assert moved > 0 and int((graph.perm_group >= 0).sum()) >= 8
+
+
+def test_addcdiv_with_its_default_value_converts_exactly():
+    """``torch.addcdiv(h, t1, t2)`` and the method with no ``value``: the default is 1. Exact per-sample gradients
+    (float64, against torch.func) and the hidden neurons' group keeps the function. Kills ``_addcdiv`` 1 of run
+    decompositions 7 (the default 2)."""
+
+    class AddCDiv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.first(x)
+            return self.out(torch.addcdiv(h, torch.tanh(h), h.abs() + 1) + h.addcdiv(torch.sigmoid(h), h * h + 2))
+
+    torch.manual_seed(11)
+    model = AddCDiv().to(DTYPE)
+    inputs, targets = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+    assert_exact_per_sample_grads(model, inputs, targets, cross_entropy)
+    moved, _, _ = assert_group_keeps_function(model, inputs, targets, cross_entropy)
+    assert moved > 0
+
+
+OUT_FORMS = {
+    "lerp": lambda x, buffer: torch.lerp(x, torch.tanh(x), 0.3, out=buffer),
+    "addcmul": lambda x, buffer: torch.addcmul(x, x, torch.tanh(x), value=0.5, out=buffer),
+    "addcdiv": lambda x, buffer: torch.addcdiv(x, torch.tanh(x), x.abs() + 1, out=buffer),
+}
+
+
+@pytest.mark.parametrize("form", sorted(OUT_FORMS))
+def test_a_composite_op_written_into_out_fails_as_torch_does_and_is_not_read_as_a_fresh_value(form):
+    """``torch.lerp(x, e, w, out=buffer)`` (``addcmul``, ``addcdiv``) on the input, then ``Linear(buffer)``: the
+    parts write their sum into ``buffer`` as torch would, and under the trace (where the input requires grad) torch
+    refuses an ``out=`` with gradients, so the conversion fails naming that. Parts that dropped ``out`` left
+    ``buffer`` zeros: the trace went on with a first layer that read nothing of the input, and was refused for a
+    cause the model does not have ("the parameter 'first.bias' used where gradgraph expects neuron values").
+    Kills ``_lerp`` 3, 6, ``_addcmul`` 4, 7 and ``_addcdiv`` 4, 7 of run decompositions 7 (``out`` dropped or
+    ``None``)."""
+
+    class IntoBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            buffer = torch.zeros_like(x)
+            OUT_FORMS[form](x, buffer)
+            return self.out(torch.tanh(self.first(buffer)))
+
+    torch.manual_seed(11)
+    with pytest.raises(gradgraph.GradGraphError, match=r"add\(\): functions with out=\.\.\. arguments don't support "
+                                                       r"automatic differentiation"):
+        gradgraph.to_graph(IntoBuffer().to(DTYPE), torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,)),
+                           cross_entropy)
+
+
+def test_var_mean_with_unbiased_alone_by_position_is_a_statistic_of_the_whole_batch():
+    """``torch.var_mean(h, True)``: the overload ``var_mean(input, unbiased)``, whose boolean is no axis: both are
+    over every axis, the datapoints too, so the mean that reaches the head is refused by name. Kills
+    ``_statistic_and_mean`` 2 of run decompositions 7 (checked by hand: it runs at import): it read the boolean as
+    the axis, ``torch.mean(h, dim=True)``, which torch rejects: the model failed in the trace."""
+
+    class WholeBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.first(x)
+            return self.out(h - torch.var_mean(h, True)[1])
+
+    torch.manual_seed(11)
+    with pytest.raises(UnsupportedModuleError, match=r"torch\.mean: a reduction over datapoints"):
+        gradgraph.to_graph(WholeBatch().to(DTYPE), torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,)),
+                           cross_entropy)

@@ -1403,3 +1403,114 @@ def test_both_operands_given_by_keyword_are_read(op):
     model = TwoSets(BOTH_BY_KEYWORD[op], parameter=False).to(DTYPE)
     _, moved = convert_exactly(model, *batch(5, 3))
     assert moved > 0
+
+
+ONE_PLUS_WEIGHT_NUMBER_FIRST = {
+    "torch.add(1.0, w)": lambda w: torch.add(1.0, w),
+    "torch.add(input=1, other=w)": lambda w: torch.add(input=1, other=w),
+}
+
+
+@pytest.mark.parametrize("scale", ONE_PLUS_WEIGHT_NUMBER_FIRST)
+def test_a_scale_written_torch_add_of_one_and_the_weight_stands_for_the_weight(scale):
+    """``torch.add(1.0, w)``: torch 2.13 takes a number as ``torch.add``'s first operand and hands it to the mode
+    first, the parameter second (no reflected op: ``1 + w`` arrives as ``Tensor.add(w, 1)``). The number is then on
+    the left, and the op stands for ``w`` (exact, the parameter's gradient). Kills ``binary`` 54, 55 (session 22's
+    numbering: the number looked for on the right whatever side the parameter is on; the mutants refuse it as
+    arithmetic on parameters)."""
+    graph, _ = convert_exactly(ScaledBy(ONE_PLUS_WEIGHT_NUMBER_FIRST[scale]).to(DTYPE), *batch(5, 3))
+    assert graph.num_nodes == 3 + 4 + 4 + 3
+
+
+def test_the_edges_of_a_sum_absorbed_into_an_affine_output_carry_no_weight():
+    """``out(tanh(a(x) + c(tanh(b(x)))))``: the sum lives in ``a``'s fresh output, fed by one RESIDUAL edge from each
+    neuron of ``c``'s output, and such an edge carries no weight: ``edge_param`` is ``-1`` on it (``graph.py``: "-1 if
+    the edge has no weight"), a value a user reads. Kills ``binary`` 453 of run elementwise 26 (the absorbed sum's
+    edges written with parameter ``-2``)."""
+
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.a(x) + self.c(torch.tanh(self.b(x)))))
+
+    graph, moved = convert_exactly(Summed().to(DTYPE), *batch(5, 3))
+    residual = graph.edge_kind == int(EdgeKind.RESIDUAL)
+    assert int(residual.sum()) == 4 and moved > 0
+    assert graph.edge_param[residual].tolist() == [-1] * 4
+    assert graph.edge_param_pos[residual].tolist() == [-1] * 4
+
+
+def test_the_edges_of_a_sum_of_a_set_with_itself_reordered_carry_no_weight():
+    """``h + h[:, [1, 0, 3, 2]]`` (the operands share neurons in other places): the sum is a new pinned set fed by
+    one RESIDUAL edge per pair, and such an edge carries no weight, ``edge_param`` ``-1`` (``graph.py``), as every
+    edge of the sum and of the head reads. Kills ``binary`` 519 of run elementwise 26 (the overlap's edges written
+    with parameter ``-2``)."""
+    graph, moved = convert_exactly(WithInput(lambda h, x: h + h[:, [1, 0, 3, 2]]).to(DTYPE), *batch(5, 3))
+    residual = graph.edge_kind == int(EdgeKind.RESIDUAL)
+    assert int(residual.sum()) == 8 and moved == 0
+    assert graph.edge_param[residual].tolist() == [-1] * 8
+    assert graph.edge_param_pos[residual].tolist() == [-1] * 8
+
+
+class WeightlessEdges(nn.Module):
+    """A model whose graph has structural edges of the kind ``form`` names, then ``Linear(4, 3)``."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+        if "activations" in form:
+            self.b = nn.Linear(3, 4)
+        if "blocks" in form:
+            self.c = nn.Linear(3, 2)
+        if "bias" in form:
+            self.bias = nn.Parameter(0.3 * torch.randn(4))
+        self.layer_norm = nn.LayerNorm(4, elementwise_affine=False)
+        self.batch_norm = nn.BatchNorm1d(4, affine=False).eval()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.form == "a sum of two activations (merged_set)":
+            y = h + torch.tanh(self.b(x))
+        elif self.form == "a gate over blocks (block_gate)":
+            y = h * torch.sigmoid(self.c(x))[:, [0, 0, 1, 1]]
+        elif self.form == "a sum over blocks (combined_set)":
+            y = h + torch.sigmoid(self.c(x))[:, [0, 0, 1, 1]]
+        elif self.form == "a bias after an activation (with_parameter)":
+            y = h + self.bias
+        elif self.form == "a layer norm without weight (norm)":
+            y = self.layer_norm(self.a(x))
+        else:  # "a batch norm without weight (batch_norm)"
+            y = self.batch_norm(self.a(x))
+        return self.out(torch.tanh(y))
+
+
+WEIGHTLESS = {
+    "a sum of two activations (merged_set)": EdgeKind.RESIDUAL,
+    "a gate over blocks (block_gate)": EdgeKind.GATE,
+    "a sum over blocks (combined_set)": EdgeKind.GATE,
+    "a bias after an activation (with_parameter)": EdgeKind.RESIDUAL,
+    "a layer norm without weight (norm)": EdgeKind.NORM_SCALE,
+    "a batch norm without weight (batch_norm)": EdgeKind.NORM_SCALE,
+}
+
+
+@pytest.mark.parametrize("form", WEIGHTLESS)
+def test_every_structural_edge_carries_edge_param_minus_one(form):
+    """``graph.py``: ``edge_param`` is "index into ``param_names`` of the edge's weight, -1 if the edge is structural
+    (e.g. a residual connection)", a field a user reads. For a sum of two activations, a gate or a sum over blocks, a
+    bias after an activation, a layer or batch norm without weight, every edge of the named kind carries no weight,
+    ``-1``, and every other edge a valid parameter index. Kills ``merged_set`` 18, ``block_gate`` 71, 74,
+    ``combined_set`` 54, ``with_parameter`` 188 (``rules_elementwise.py``), ``norm`` 241 and ``batch_norm`` 222
+    (``rules_norm.py``), runs elementwise 28-29's numbers: the edges written with parameter ``-2``, listed equivalent
+    by runs elementwise 1 and norm 1 ("every reader asks ``>= 0``")."""
+    model = WeightlessEdges(form).to(DTYPE)
+    graph, _ = convert_exactly(model, *batch(5, 3))
+    structural = graph.edge_kind == int(WEIGHTLESS[form])
+    assert int(structural.sum()) > 0
+    assert set(graph.edge_param[structural].tolist()) == {-1}
+    assert bool(((graph.edge_param == -1) | ((graph.edge_param >= 0) & (graph.edge_param < len(graph.param_names))))
+                .all())

@@ -69,13 +69,15 @@ class ElementwiseRules:
             return None
         # a tensor bound or exponent (clamp(h, min=c), pow(h, p)) that differs between neurons treats each its own
         # way, as a constant added or multiplied does: their sets are pinned (a false symmetry before); one that holds
-        # neurons (clamp(h, min=g)) pairs them with h's, which no tie says: no symmetry claimed for either
+        # neurons (clamp(h, min=g)) pairs them with h's, which no tie says: no symmetry claimed for either. Position
+        # values too (pos + c, c one number per feature: their set was left free, and the join h + (pos + c) with it,
+        # a false symmetry before; branch mut45, issue 31)
         for constant in constants:
             other = self.meta(constant)
             if isinstance(other, Neurons):
                 for index in (*meta.versions, *other.versions):
                     self.sets[index].pinned = True
-            elif isinstance(constant, Tensor) and constant.dim() and meta.comps is not None:
+            elif isinstance(constant, Tensor) and constant.dim():
                 self.check_constant(name, meta, constant, output.shape)
         changed = None
         if meta.comps is None:

@@ -26,6 +26,10 @@ _NORM_POOLS = {"Tensor.norm", "torch.norm"}
 _PART_STATISTICS = {"Tensor.mean", "torch.mean", "Tensor.var", "torch.var", "Tensor.std", "torch.std",
                     "Tensor.norm", "torch.norm"}
 
+#: reductions whose third positional argument is ``unbiased``, their fourth ``keepdim`` (``var(input, dim, unbiased,
+#: keepdim)``; ``keepdim`` is otherwise keyword-only)
+_UNBIASED_THIRD = {"Tensor.var", "torch.var", "Tensor.std", "torch.std"}
+
 #: reductions that, over an axis of stacked values, are elementwise in them (sum, mean, maximum, minimum)
 _STACKED_REDUCTIONS = {f"{prefix}.{op}" for prefix in ("Tensor", "torch")
                        for op in ("sum", "mean", "max", "min", "amax", "amin")}
@@ -57,6 +61,10 @@ class ReductionRules:
         keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
         if name.endswith("norm") and len(args) > 2:
             keepdim = bool(kwargs.get("keepdim", False))
+        if name in _UNBIASED_THIRD:
+            # var(input, dim, unbiased, keepdim): the third is unbiased (read as keepdim before, the statistic's ids
+            # got an axis too many or too few and the trace failed as if the model had; branch mut45, issue 31)
+            keepdim = bool(kwargs.get("keepdim", args[3] if len(args) > 3 else False))
         neuron_axes = [axis for axis in range(x.dim()) if varies_along(meta.nodes, axis)]
         comp_axes = [axis for axis in range(x.dim()) if varies_along(meta.comps, axis)]
         datapoint = meta.comps // KEY_STRIDE
