@@ -583,11 +583,12 @@ class ConvRules:
         if 1 < groups and per_group > 1:
             source_sets = self.sets_in(sources)
             whole = len(source_sets) == 1 and torch.equal(sources, source_sets[0].first + torch.arange(channels))
+            # sources that are not one set in order (a concatenation, a reordered read) are not cut, and need no
+            # pin: each is tied to its NORM neuron, and the layout frees a class only where every slot holds one
+            # node of each of its pieces (layout._flat_ranks), so a source moves only with its NORM neuron, inside
+            # that neuron's group piece: every group keeps its sources
             for nodes in (targets, sources) if whole else (targets,):
                 self.cuts.update(int(nodes[0]) + border for border in range(0, channels + 1, per_group))
-            if not whole:
-                for neuron_set in source_sets:
-                    neuron_set.pinned = True
         spatial = x.dim() - 2
         nodes = broadcast_ids(targets.reshape(-1, *[1] * spatial), output.shape).clone()
         new = Neurons(nodes, broadcast_ids(meta.comps, output.shape).clone(), {created.index: 0})
