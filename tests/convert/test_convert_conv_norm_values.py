@@ -108,8 +108,8 @@ def test_a_norm_over_all_channels_of_a_reordered_map_leaves_them_free(form):
 
 
 class NormOfSourcesNotInOrder(nn.Module):
-    """``GroupNorm(2, 4)`` of four channels read out of ``a`` (four channels) and ``c`` (two) otherwise than as one set in
-    order (``form``); every channel of ``a`` and ``c`` is also read whole by a 1x1 convolution of its own."""
+    """``GroupNorm(2, 4)`` of four channels read out of ``a`` (four channels) and ``c`` (two) otherwise than as one set
+    in order (``form``); every channel of ``a`` and ``c`` is also read whole by a 1x1 convolution of its own."""
 
     READS = {
         "halves swapped": lambda a, c: torch.cat([a[:, 2:], a[:, :2]], 1),
