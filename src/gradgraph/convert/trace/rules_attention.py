@@ -303,12 +303,12 @@ class AttentionRules:
         if len(set(all_q.tolist())) != all_q.numel() or (shared and not _grouped(heads, head_dim)):
             raise self.unsupported(name, "heads that share some of their query, key or value neurons but not whole "
                                    "heads (grouped-query attention repeats whole key/value heads)")
+        # grouped-query attention (``shared``): the heads of a group read one key/value head, and a head
+        # permutation would have to keep groups together, which the layout does not express; it fixes the
+        # block itself (its q, k, v and output pieces are one class, which ``layout._assign_heads`` turns down
+        # where heads repeat key/value nodes), so nothing is pinned here: the parts of these sets that no head
+        # reads stay as free as those of any other attention's sets
         created = self.new_set(len(heads) * value_dim, NodeKind.ATTENTION, self.path() or name, "attention")
-        if shared:
-            # grouped-query attention: the heads of a group read one key/value head; a head
-            # permutation would have to keep groups together, which the layout does not express
-            for index in [created.index, *query.versions, *key_t.versions, *value_meta.versions]:
-                self.sets[index].pinned = True
         o_rows = created.first + torch.arange(len(heads) * value_dim).reshape(len(heads), value_dim)
         block = []
         for head in range(len(heads)):

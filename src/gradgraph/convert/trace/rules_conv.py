@@ -512,7 +512,9 @@ class ConvRules:
         the tensor); so is one of the model input's spatial axes, whose channels become input
         neurons there (``transformers``' MobileNetV2 and EfficientNet pad the image so). Pairs for
         the channel and datapoint axes may be given if they are zero (``F.pad(m, (1, 0, 0, 0))``):
-        the op is then the pad of the spatial axes alone, element for element. Reflect /
+        the op is then the pad of the spatial axes alone, element for element. The map's components need not
+        vary along its spatial axes (a ``[b, C]`` value broadcast over positions, ``h[:, :, None].expand(...)``):
+        the copy gets components of its own for every place. Reflect /
         replicate / circular padding are indexing (:func:`padding_parts`); a constant pad of
         anything else (features, the datapoint axis) has no rule."""
         x, pad, mode = pad_arguments(args, kwargs)
@@ -522,11 +524,10 @@ class ConvRules:
         meta = self.meta(x)
         if isinstance(meta, Raw) and x.is_floating_point():
             return True  # the model input [b, C, *S] (TF-style "same" padding): channel_neurons reads it
-        if not isinstance(meta, Neurons) or meta.comps is None or channel_row(meta.nodes, x.shape) is None:
-            return False
-        comps = broadcast_ids(meta.comps, x.shape)
-        # positions on the spatial axes (a map of one position has none to show)
-        return any(varies_along(comps, axis) for axis in range(2, x.dim())) or math.prod(x.shape[2:]) == 1
+        # any map whose channels are one neuron each: spatial_pool reads the pad as a copy of each channel at
+        # fresh components for every place of the padded grid, whatever the map's components along its spatial
+        # axes (positions of a feature map; one per datapoint where a [b, C] value is broadcast over positions)
+        return isinstance(meta, Neurons) and meta.comps is not None and channel_row(meta.nodes, x.shape) is not None
 
     # -------------------------------------------------------------- flatten into a head
     def spread_positions(self, name: str, x: Tensor, meta: Neurons) -> Neurons:
@@ -614,11 +615,12 @@ class ConvRules:
         if 1 < groups and per_group > 1:
             source_sets = self.sets_in(sources)
             whole = len(source_sets) == 1 and torch.equal(sources, source_sets[0].first + torch.arange(channels))
+            # sources that are not one set in order (a concatenation, a reordered read) are not cut, and need no
+            # pin: each is tied to its NORM neuron, and the layout frees a class only where every slot holds one
+            # node of each of its pieces (layout._flat_ranks), so a source moves only with its NORM neuron, inside
+            # that neuron's group piece: every group keeps its sources
             for nodes in (targets, sources) if whole else (targets,):
                 self.cuts.update(int(nodes[0]) + border for border in range(0, channels + 1, per_group))
-            if not whole:
-                for neuron_set in source_sets:
-                    neuron_set.pinned = True
         spatial = x.dim() - 2
         nodes = broadcast_ids(targets.reshape(-1, *[1] * spatial), output.shape).clone()
         new = Neurons(nodes, broadcast_ids(meta.comps, output.shape).clone(), {created.index: 0})

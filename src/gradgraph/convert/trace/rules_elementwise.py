@@ -392,9 +392,11 @@ class ElementwiseRules:
         Both halves are slices of one affine output, each tied neuron for neuron to the gate's
         product, so the group permutes the two halves' rows of the fused weight by one permutation
         (the same one as the product). That holds only when the halves are two contiguous runs that
-        make up the whole set (a chunk or split in two): then the layout cuts the set there
-        (``tracer.cuts``) and each piece holds one neuron of every orbit. Interleaved halves
-        (``h[..., ::2]``) are left as they are: no symmetry is claimed for them.
+        are two disjoint contiguous runs of the set (a chunk or split in two, or two of the parts
+        of ``chunk(3)``): then the layout cuts the set there (``tracer.cuts``; the rest of the set is
+        a piece of its own, as for any contiguous partial read) and each piece holds one neuron of
+        every orbit. Interleaved or overlapping halves (``h[..., ::2]``) are left as they are: no
+        symmetry is claimed for them.
         """
         (_, a_meta, _), (_, b_meta, _) = halves
         if len(a_meta.versions) != 1 or a_meta.versions.keys() != b_meta.versions.keys():
@@ -408,9 +410,10 @@ class ElementwiseRules:
                 return
             runs.append((low, high))
         (low_a, high_a), (low_b, high_b) = runs
-        neuron_set = self.sets[next(iter(a_meta.versions))]
-        if low_a < high_b and low_b < high_a or (high_a - low_a) + (high_b - low_b) != neuron_set.size:
-            return  # overlapping halves, or a third part used elsewhere: no claim
+        if low_a < high_b and low_b < high_a:
+            return  # overlapping halves: no claim
+        # a third part beside the halves (w(x).chunk(3)) is cut off as a piece of its own, as any contiguous
+        # partial read is (separate_part_read): the ties still move each a_i only with its b_i and product
         for low, high in runs:
             self.cuts.update((low, high))
         for value, meta, _ in halves:  # each half's own value is its act (a's after its activation)
