@@ -1098,3 +1098,29 @@ def test_scores_joined_with_a_constant_key_given_by_keyword_are_refused_naming_t
 
     message = refusal_of(sink)
     assert re.match(WHERE + re.escape("torch.cat: "), message), message
+
+
+# ---- issue 31, branch mut46: session 22's scores_op, _changes_positions and _swaps_unequal_axes (runs convert 33-)
+
+
+def flat_heads(x):
+    """``[b, H, n, d / H] -> [b * H, n, d / H]`` for any number ``n`` of positions (``merged`` takes ``T``)."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def swapped_on_merged_heads(self, q, k, v):
+    """``(k @ qᵀ).mT`` of one query over three other keys on ``[b * H, n, d / H]`` (three-axis scores)."""
+    weights = (flat_heads(k[..., 1:, :]) @ flat_heads(q[..., :1, :]).transpose(-1, -2)).mT.softmax(-1)
+    return (weights @ flat_heads(v[..., 1:, :])).view(q.shape[0], q.shape[1], 1, -1)
+
+
+def test_three_axis_scores_of_a_cross_attention_with_their_axes_swapped_are_refused_naming_the_rewrite():
+    """The swapped cross attention above on three-axis scores ``[b * H, Tk, Tq]`` (the heads on the batch axis):
+    refused in the same words, naming the rewrite. Kills ``x__swaps_unequal_axes__mutmut_10`` (the output's
+    ``shape[+2:]``: the same two axes for four-axis scores, one axis for three: the swap went unseen and was refused
+    as a move "between datapoints", the words before session 22)."""
+    message = refusal_of_first_queries(swapped_on_merged_heads, width=1)
+    assert re.match(WHERE + re.escape(
+        "Tensor.mT (attribute): swaps the query and key axes of attention scores whose queries and keys differ in "
+        "number ((k @ qᵀ).mT), which gradgraph does not follow: write the scores as q @ kᵀ, and its result "
+        "reaches"), message), message
