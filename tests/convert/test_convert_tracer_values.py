@@ -1658,3 +1658,33 @@ def test_a_parameter_as_the_first_operand_of_an_elementwise_op_of_neuron_values_
             ": torch.pow: the parameter 'p' is subtracted, divided by, an exponent, a bound or scaled by alpha; "
             "gradgraph reads a parameter added to neurons (a bias) or multiplied with them (a scale): write h + b "
             "or h * s")
+
+
+class OneActivation(nn.Module):
+    """``Linear(3, 3)``, then ``act(h)`` (an activation given its input positionally or by keyword), ``Linear(3, 2)``."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.act, self.first, self.out = act, nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(self.act(self.first(x)))
+
+
+@pytest.mark.parametrize("function, kind", [(torch.sigmoid, "SIGMOID"), (torch.tanh, "TANH"), (torch.relu, "RELU")])
+def test_an_activation_given_its_input_by_keyword_is_labelled_as_given_positionally(function, kind):
+    """``torch.sigmoid(input=h)``: the same graph as ``torch.sigmoid(h)``, its hidden neurons labelled with the
+    activation. Since session 22 the unary branch hands an op whose first operand holds no neurons the one neuron
+    value it reads, without a label (``torch.pow(2.0, h)``), so a keyword input misread (``kwargs.get`` of another
+    key) still converted, exactly, but unlabelled. Kills ``dispatch`` 491-493 (run tracer 23)."""
+    x = torch.randn(5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    graphs = []
+    for act in (function, lambda h: function(input=h)):
+        gradgraph.convert.clear_structure_cache()
+        graphs.append(assert_exact_per_sample_grads(OneActivation(act).to(DTYPE), x, None, squared))
+    hidden = graphs[1].activation[graphs[1].node_kind == NodeKind.HIDDEN]
+    assert hidden.tolist() == [int(getattr(gradgraph.graph.ActivationKind, kind))] * 3, hidden
+    from strategies import assert_same_graph
+
+    assert_same_graph(graphs[1], graphs[0])
