@@ -770,3 +770,55 @@ def test_an_embedding_of_one_element_of_the_ids_is_refused_naming_the_embedding(
     torch.manual_seed(0)
     refused(OneIdEmbedded().to(DTYPE), torch.randint(0, 10, (5, 4)),
             " (module 'emb' of type Embedding): torch.nn.functional.embedding: the input must have a datapoint axis")
+
+
+# ---- issue 31, branch mut46: `affine`'s refusal of a value with no features (session 22, e7a06e8), whose only test
+# (test_convert_plan_records_values.py) is outside the group's list
+
+
+class ZeroWidthRead(nn.Module):
+    """``nn.Linear(4, 0)`` read by ``nn.Linear(0, 2)`` (the second layer's output is its bias alone), or (``mixed``)
+    the zero-width layer concatenated with a layer of width 3, which a ``Linear`` then reads (no refusal)."""
+
+    def __init__(self, mixed: bool = False) -> None:
+        super().__init__()
+        self.mixed = mixed
+        self.empty, self.wide = nn.Linear(4, 0), nn.Linear(4, 3)
+        self.head = nn.Linear(3 if mixed else 0, 2)
+
+    def forward(self, x):
+        if self.mixed:
+            return self.head(torch.tanh(torch.cat([self.empty(x), self.wide(x)], -1)))
+        return self.head(self.empty(x))
+
+
+def zero_width(mixed: bool) -> ZeroWidthRead:
+    import warnings
+
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on initialising a zero-element tensor
+        return ZeroWidthRead(mixed).to(DTYPE)
+
+
+def test_an_affine_map_of_a_value_with_no_features_is_refused_with_the_shape_and_the_remedy():
+    """``nn.Linear(0, 2)`` reading the output of ``nn.Linear(4, 0)``: refused at the map, naming the module, the
+    value's shape and what to do, matched in full after the location (it failed inside ``rows_along_last`` before
+    session 22, reported as the user's model failing). Kills affine's mutants of that refusal: the width read off
+    another axis or compared with another number, and the message's words and shape."""
+    refused(zero_width(False), torch.randn(3, 4, dtype=DTYPE),
+            " (module 'head' of type Linear): torch.nn.functional.linear: an affine map of a value with no features "
+            "(shape [3, 0], a layer of width 0 before it): it has no neurons to read. Remove the layer of width 0, or "
+            "give it a width of at least 1")
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_affine_maps_of_one_or_two_features_and_a_layer_of_no_outputs_convert_exactly(width):
+    """What the refusal above must let through: a ``Linear`` of one (or two) input features, and a layer of no
+    outputs (``nn.Linear(4, 0)``: a weight ``[0, 4]``, whose ``out`` axis is empty, not its ``in`` axis)
+    concatenated into a set a ``Linear`` reads. Both convert, per-sample gradients equal to torch.func's at 1e-10.
+    Kills affine's mutants that refuse a width of one or read the empty axis from the output side."""
+    torch.manual_seed(1)
+    narrow = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).to(DTYPE)
+    exact(narrow, torch.randn(5, 3, dtype=DTYPE))
+    exact(zero_width(True), torch.randn(5, 4, dtype=DTYPE))

@@ -1098,3 +1098,104 @@ def test_scores_joined_with_a_constant_key_given_by_keyword_are_refused_naming_t
 
     message = refusal_of(sink)
     assert re.match(WHERE + re.escape("torch.cat: "), message), message
+
+
+# ---- issue 31, branch mut46: session 22's scores_op, _changes_positions and _swaps_unequal_axes (runs convert 33-)
+
+
+def flat_heads(x):
+    """``[b, H, n, d / H] -> [b * H, n, d / H]`` for any number ``n`` of positions (``merged`` takes ``T``)."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def swapped_on_merged_heads(self, q, k, v):
+    """``(k @ qᵀ).mT`` of one query over three other keys on ``[b * H, n, d / H]`` (three-axis scores)."""
+    weights = (flat_heads(k[..., 1:, :]) @ flat_heads(q[..., :1, :]).transpose(-1, -2)).mT.softmax(-1)
+    return (weights @ flat_heads(v[..., 1:, :])).view(q.shape[0], q.shape[1], 1, -1)
+
+
+def test_three_axis_scores_of_a_cross_attention_with_their_axes_swapped_are_refused_naming_the_rewrite():
+    """The swapped cross attention above on three-axis scores ``[b * H, Tk, Tq]`` (the heads on the batch axis):
+    refused in the same words, naming the rewrite. Kills ``x__swaps_unequal_axes__mutmut_10`` (the output's
+    ``shape[+2:]``: the same two axes for four-axis scores, one axis for three: the swap went unseen and was refused
+    as a move "between datapoints", the words before session 22)."""
+    message = refusal_of_first_queries(swapped_on_merged_heads, width=1)
+    assert re.match(WHERE + re.escape(
+        "Tensor.mT (attribute): swaps the query and key axes of attention scores whose queries and keys differ in "
+        "number ((k @ qᵀ).mT), which gradgraph does not follow: write the scores as q @ kᵀ, and its result "
+        "reaches"), message), message
+
+
+def heads_rolled_on_merged_heads(self, q, k, v):
+    """Scores ``[b * H, T, T]`` (the heads on the batch axis) indexed so that each datapoint's heads roll by one."""
+    entries = torch.arange(q.shape[0] * q.shape[1]).view(q.shape[0], q.shape[1]).roll(1, 1).reshape(-1)
+    weights = (merged(q) @ merged(k).transpose(-1, -2))[entries].softmax(-1)
+    return (weights @ merged(v)).view(q.shape)
+
+
+BETWEEN_HEADS = {
+    "heads rolled": lambda self, q, k, v: scores(q, k).roll(1, 1).softmax(-1) @ v,
+    "heads and queries transposed, as many of each": lambda self, q, k, v: scores(q, k).transpose(1, 2).softmax(
+        -1) @ v,
+    "heads and keys swapped by swapaxes, as many of each": lambda self, q, k, v: scores(q, k).swapaxes(1, -1).softmax(
+        -1) @ v,
+    "heads rolled by an index on merged heads": heads_rolled_on_merged_heads,
+}
+
+
+@pytest.mark.parametrize("move", list(BETWEEN_HEADS))
+def test_scores_moved_between_heads_convert_exactly_with_the_heads_in_place(move):
+    """Four heads of a datapoint whose scores move between them (rolled; the heads transposed with the queries or the
+    keys, of which there are as many, ``T == H``; rolled by a tensor index on ``[b * H, T, T]``): a head attends
+    with another head's scores. The first three converted exactly, and the full permutation group of the heads was
+    claimed, which the move does not commute with: a sampled group element changed the model's function (by up to
+    0.03), a false symmetry (found in issue 31, branch mut46, probing session 22's score moves; two heads, as
+    ``WITHIN_A_DATAPOINT``'s swap, hide it: every permutation of two commutes with their swap; a tensor index, the
+    last, pinned the heads already, as a constant that differs between them). Now the heads stay in place (the
+    queries and keys pinned, as for a constant per head): per-sample gradients equal to torch.func's at 1e-10, and
+    sampled elements of the inferred group keep the function and map the graph (float64)."""
+    model = Attention(BETWEEN_HEADS[move], heads=4).to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    for seed in range(4):
+        assert_group_keeps_function(model, inputs, targets, loss, seed=seed)
+    assert heads_pinned(graph)
+
+
+@pytest.mark.parametrize("move", ["keys rolled", "queries flipped", "transposed by the attribute mT",
+                                  "queries repeated by an index"])
+def test_scores_moved_within_each_head_leave_the_heads_free(move):
+    """Moves of scores among the queries or keys of each head (``WITHIN_A_DATAPOINT``'s) keep every score in its head:
+    the heads are not pinned (their permutations keep the function: the checks of the test above on four heads)."""
+    model = Attention(WITHIN_A_DATAPOINT[move], heads=4).to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    assert not heads_pinned(graph)
+    assert max(assert_group_keeps_function(model, inputs, targets, loss, seed=seed)[0] for seed in range(4)) > 0
+
+
+@pytest.mark.parametrize("move", ["keys flipped", "queries rolled", "transposed by mT"])
+def test_three_axis_scores_moved_within_each_head_leave_the_heads_free(move):
+    """The same on scores ``[b * H, T, T]`` (four heads on the batch axis; ``merged_scores_moved``): each score's
+    batch entry is read off the scores' own shape (``_entries_of_scores``: the axes before the last two), so the
+    heads stay free. Kills ``x__entries_of_scores`` 5, 7 (``shape[:+2]`` for ``shape[:-2]``: the same axes for four,
+    not for three axes, and the replay fails)."""
+    fn = merged_scores_moved({"keys flipped": lambda s: s.flip(-1), "queries rolled": lambda s: s.roll(1, -2),
+                              "transposed by mT": lambda s: s.mT}[move])
+    model = Attention(fn, heads=4).to(DTYPE)
+    inputs, targets = batch()
+    graph = assert_exact_per_sample_grads(model, inputs, targets, loss)
+    assert not heads_pinned(graph)
+    assert max(assert_group_keeps_function(model, inputs, targets, loss, seed=seed)[0] for seed in range(4)) > 0
+
+
+def test_scores_joined_alone_with_the_parts_by_keyword_are_refused_as_moved():
+    """``torch.cat(tensors=[scores], dim=0)``: a shape op with no positional argument and no ``input``, which the
+    replay cannot read; counted as moving the scores between datapoints, refused by name (stricter than needed:
+    the join of one tensor is the tensor). Kills ``x__scores_first`` 1, 5 (``kwargs["input"]`` read where there is
+    none: a ``KeyError`` out of the trace) and ``x__moves_datapoints``' mutants of its guard that skip it
+    (``and`` for an ``or``, ``return False``: an ``IndexError`` out of the trace)."""
+    message = refusal_of(lambda self, q, k, v: torch.cat(tensors=[scores(q, k)], dim=0).softmax(-1) @ v)
+    assert re.match(WHERE + re.escape("torch.cat: moves attention scores between datapoints (one datapoint's "
+                                      "attention would read another's scores), and its result reaches"),
+                    message), message

@@ -17,6 +17,7 @@ from torch import nn
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
+from gradgraph.graph import NodeKind
 from gradgraph.convert.layout import make_plan
 from gradgraph.convert.trace import trace_model
 from convert_values import IndexedLoop, LearnedInitialState, exact, refused, squared
@@ -1598,3 +1599,92 @@ def test_per_group_code_after_an_earlier_grouped_op_still_stops_the_blocks():
     for seed in range(6):
         gradgraph.convert.clear_structure_cache()
         assert_group_keeps_function(model, inputs, None, squared, seed=seed)
+
+
+# ----------------------------------------------------------------------------- dispatch: a constant first operand
+# (issue 31, branch mut46: session 22's unary branch, cd4b455, whose tests are in test_convert_elementwise_values.py,
+# outside this group's list)
+CONSTANT_FIRST = {
+    "torch.pow(2.0, h)": (lambda self, x, h: torch.pow(2.0, h), True),
+    "torch.pow(2.0, exponent=h)": (lambda self, x, h: torch.pow(2.0, exponent=h), True),
+    "c.pow(h), c one number": (lambda self, x, h: torch.full((3,), 1.5, dtype=h.dtype).pow(h), True),
+    "torch.clamp(zeros, min=h)": (lambda self, x, h: torch.clamp(torch.zeros(3, dtype=h.dtype), min=h), True),
+    "torch.clamp(c, max=h), c per neuron": (
+        lambda self, x, h: torch.clamp(torch.tensor([0.1, -0.2, 0.3], dtype=h.dtype), max=h), False),
+    "torch.pow(a base per neuron, h)": (lambda self, x, h: torch.pow(torch.tensor([1.5, 2.0, 2.5], dtype=h.dtype), h),
+                                        False),
+    # the raw input as the first operand is a neuron value of its own (the input's), not a constant
+    "torch.pow(the input, h)": (lambda self, x, h: torch.pow(x, h), False),
+}
+
+
+class ConstantFirst(nn.Module):
+    """``Linear(3, 3)``, ``tanh``, then ``op(self, x, h)`` (an elementwise op whose first operand is no neuron value
+    of ``h``), ``Linear(3, 2)``; ``p`` a parameter for the refusal below (``with_parameter``)."""
+
+    def __init__(self, op, with_parameter: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.op, self.first, self.out = op, nn.Linear(3, 3), nn.Linear(3, 2)
+        if with_parameter:
+            self.p = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.out(self.op(self, x, torch.tanh(self.first(x))))
+
+
+@pytest.mark.parametrize("op", list(CONSTANT_FIRST))
+def test_an_elementwise_op_of_a_constant_first_and_neuron_values_converts_exactly_with_its_group(op):
+    """``torch.pow(2.0, h)``, ``c.pow(h)``, ``torch.clamp(c, min=h)``: elementwise in ``h`` with a constant first
+    (the dispatch hands ``unary`` the one neuron value, session 22). Per-sample gradients equal to torch.func's at
+    1e-10, and sampled elements of the inferred group keep the function and map the graph; the hidden neurons move
+    where the constant is one number, and are fixed where it differs between them, or where the first operand is
+    the model's input (a neuron value of its own: ``torch.pow(x, h)`` pairs each input with a hidden neuron).
+    Kills ``dispatch``'s mutants of that branch (which failed at the next layer, or gave the op the constant)."""
+    make, free = CONSTANT_FIRST[op]
+    model = ConstantFirst(make).to(DTYPE)
+    inputs = torch.rand(6, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1)) + 0.5
+    gradgraph.convert.clear_structure_cache()
+    graph = assert_exact_per_sample_grads(model, inputs, None, squared)
+    moved = max(assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(4))
+    hidden = graph.perm_group[graph.node_kind == NodeKind.HIDDEN]
+    assert (moved > 0) == free and bool((hidden[:3] >= 0).all()) == free, (moved, hidden)
+
+
+def test_a_parameter_as_the_first_operand_of_an_elementwise_op_of_neuron_values_is_refused_naming_it():
+    """``torch.pow(p, h)`` with a parameter base: the parameter is no bias or scale of ``h``; refused, naming it,
+    matched in full after the location."""
+    refused(ConstantFirst(lambda self, x, h: torch.pow(self.p, h), True).to(DTYPE), torch.randn(4, 3, dtype=DTYPE),
+            ": torch.pow: the parameter 'p' is subtracted, divided by, an exponent, a bound or scaled by alpha; "
+            "gradgraph reads a parameter added to neurons (a bias) or multiplied with them (a scale): write h + b "
+            "or h * s")
+
+
+class OneActivation(nn.Module):
+    """``Linear(3, 3)``, then ``act(h)`` (an activation given its input positionally or by keyword), ``Linear(3, 2)``."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.act, self.first, self.out = act, nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(self.act(self.first(x)))
+
+
+@pytest.mark.parametrize("function, kind", [(torch.sigmoid, "SIGMOID"), (torch.tanh, "TANH"), (torch.relu, "RELU")])
+def test_an_activation_given_its_input_by_keyword_is_labelled_as_given_positionally(function, kind):
+    """``torch.sigmoid(input=h)``: the same graph as ``torch.sigmoid(h)``, its hidden neurons labelled with the
+    activation. Since session 22 the unary branch hands an op whose first operand holds no neurons the one neuron
+    value it reads, without a label (``torch.pow(2.0, h)``), so a keyword input misread (``kwargs.get`` of another
+    key) still converted, exactly, but unlabelled. Kills ``dispatch`` 491-493 (run tracer 23)."""
+    x = torch.randn(5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    graphs = []
+    for act in (function, lambda h: function(input=h)):
+        gradgraph.convert.clear_structure_cache()
+        graphs.append(assert_exact_per_sample_grads(OneActivation(act).to(DTYPE), x, None, squared))
+    hidden = graphs[1].activation[graphs[1].node_kind == NodeKind.HIDDEN]
+    assert hidden.tolist() == [int(getattr(gradgraph.graph.ActivationKind, kind))] * 3, hidden
+    from strategies import assert_same_graph
+
+    assert_same_graph(graphs[1], graphs[0])

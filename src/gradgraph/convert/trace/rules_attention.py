@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -55,27 +56,52 @@ def _datapoints_of_scores(meta: Scores, shape: tuple[int, ...]) -> Tensor:
     return (comps[..., :, :1] // KEY_STRIDE).expand(*shape).contiguous()
 
 
+def _scores_first(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A shape op's arguments with the scores first: ``torch.flip(input=scores, dims=...)`` gives them by keyword."""
+    if not args and "input" in kwargs:
+        return (kwargs["input"],), {key: value for key, value in kwargs.items() if key != "input"}
+    return args, kwargs
+
+
+def _replayed(name: str, args: tuple, kwargs: dict, ids: Tensor) -> Any:
+    """The shape op ``name`` (a function, a method or an attribute read) run on ``ids`` in place of the scores, with
+    its other arguments; it raises where the op cannot be replayed so."""
+    owner, _, attribute = name.partition(".")
+    attribute = attribute.removesuffix(" (attribute)")
+    if name.endswith(" (attribute)"):
+        return getattr(ids, attribute)
+    return getattr(Tensor if owner == "Tensor" else torch, attribute)(ids, *args[1:], **kwargs)
+
+
 def _moves_datapoints(name: str, args: tuple, kwargs: dict, output: Tensor, meta: Scores) -> bool:
     """Whether a shape op on scores that keeps their batch shape moves scores between datapoints (``flip``,
     ``roll``, an index, a transpose of equal axes): the op replayed on each score's datapoint. An op that
     cannot be replayed so counts as moving them."""
-    if not args and "input" in kwargs:  # torch.flip(input=scores, dims=...): the scores by keyword
-        args, kwargs = (kwargs["input"],), {key: value for key, value in kwargs.items() if key != "input"}
+    args, kwargs = _scores_first(args, kwargs)
     if meta.query.comps is None or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
         return True
-    owner, _, attribute = name.partition(".")
-    attribute = attribute.removesuffix(" (attribute)")
     try:
-        ids = _datapoints_of_scores(meta, tuple(args[0].shape))
-        if name.endswith(" (attribute)"):
-            moved = getattr(ids, attribute)
-        else:
-            func = getattr(Tensor if owner == "Tensor" else torch, attribute)
-            moved = func(ids, *args[1:], **kwargs)
+        moved = _replayed(name, args, kwargs, _datapoints_of_scores(meta, tuple(args[0].shape)))
         expected = _datapoints_of_scores(meta, tuple(output.shape))
     except (AttributeError, RuntimeError, TypeError, IndexError, ValueError):
         return True
     return not isinstance(moved, Tensor) or moved.shape != expected.shape or not torch.equal(moved, expected)
+
+
+def _entries_of_scores(shape: tuple[int, ...]) -> Tensor:
+    """The entry of their batch (``[*batch, Tq, Tk]``: a datapoint's head) each score of this shape belongs to."""
+    entries = torch.arange(math.prod(shape[:-2])).reshape(shape[:-2])
+    return entries[..., None, None].expand(shape).contiguous()
+
+
+def _moves_between_heads(name: str, args: tuple, kwargs: dict, output: Tensor) -> bool:
+    """Whether a shape op on scores that keeps their batch shape and their datapoints moves scores between the batch's
+    entries, the heads of a datapoint (``scores[:, [1, 0]]``, ``roll(1, 1)``; a transpose of the heads and queries
+    where there are as many): the op replayed on each score's entry. Asked after :func:`_moves_datapoints`, which
+    refuses what it cannot replay (the same op on a tensor of the same shape)."""
+    args, kwargs = _scores_first(args, kwargs)
+    moved = _replayed(name, args, kwargs, _entries_of_scores(tuple(args[0].shape)))
+    return not torch.equal(moved, _entries_of_scores(tuple(output.shape)))
 
 
 def _changes_positions(scores: Tensor, output: Tensor) -> bool:
@@ -143,6 +169,12 @@ class AttentionRules:
                 # but a datapoint's attention would read another's scores (converted wrongly before)
                 return self.mark_opaque(output, name, "moves attention scores between datapoints (one datapoint's "
                                         "attention would read another's scores)", scores)
+            elif name in SHAPE_OPS and name not in IDENTITY_OPS and _moves_between_heads(name, args, kwargs, output):
+                # scores[:, [1, 0]], roll(1, 1), transpose(1, 2) with as many heads as queries: a head attends with
+                # another head's scores, which a permutation of the heads does not commute with (the full group of
+                # the heads was claimed: a false symmetry); the heads stay in place, as for a constant per head
+                for index in list(meta.query.versions) + list(meta.key.versions):
+                    self.sets[index].pinned = True
             if name in SOFTMAX:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
                 if dim is None:  # F.softmax(scores), nn.Softmax(): PyTorch's implicit (deprecated) choice
