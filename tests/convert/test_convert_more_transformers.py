@@ -220,3 +220,38 @@ def test_siglip_attention_pooling_head_is_refused_as_a_learned_query_and_convert
             assert_matches_autograd_loop(model, images(), None, squared)
             moved, _, _ = assert_group_keeps_function(model, images(), None, squared)
             assert moved >= 10, moved
+
+
+#: name -> (config class, model class, options of the model's constructor)
+INTERPOLATED = {
+    "vit": ("ViTConfig", "ViTModel", {"add_pooling_layer": False}),
+    "deit": ("DeiTConfig", "DeiTModel", {"add_pooling_layer": False}),  # a distillation token beside the class token
+    "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTERPOLATED))
+def test_vision_transformers_asked_to_interpolate_their_positions_convert_exactly(transformers, name):
+    """``model(pixel_values=..., interpolate_pos_encoding=True)`` on 24 x 24 images of a model made for 16 x 16: its
+    position table is resampled in the forward (bicubic, in the model's dtype), which converts since session 23
+    (refused before: "a parameter used where gradgraph expects neuron values"). Weights drawn at 0.5: at their own
+    initialisation (std 0.02) the LayerNorms amplify any two summation orders' rounding to ~1e-8."""
+    config_class, model_class, options = INTERPOLATED[name]
+    torch.manual_seed(23)
+
+    class Interpolating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = getattr(transformers, model_class)(getattr(transformers, config_class)(**VISION), **options)
+
+        def forward(self, pixels):
+            return self.model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+
+    model = Interpolating().to(DTYPE).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    pixels = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    assert_matches_autograd_loop(model, pixels, None, squared)
+    moved, _, _ = assert_group_keeps_function(model, pixels, None, squared)
+    assert moved >= 10, moved
