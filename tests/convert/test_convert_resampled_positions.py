@@ -212,7 +212,7 @@ def test_yolos_whose_table_is_resampled_in_every_forward_converts_exactly():
 
 
 # Written for the survivors of the mutation runs of session 23's functions (issue 31, branch mut48; docs/mutation.md,
-# runs convert 38, conv 15, tracer 25, plan 1): the mutants named are numbered as fresh ``.mutation/<group>/``
+# runs convert 38-39, conv 15, tracer 25): the mutants named are numbered as fresh ``.mutation/<group>/``
 # directories number them, each checked to fail with ``MUTANT_UNDER_TEST``.
 
 
@@ -356,3 +356,25 @@ def test_a_large_table_downsampled_for_one_datapoint_converts_exactly():
     model.options = dict(mode="bilinear", antialias=True)
     gradgraph.convert.clear_structure_cache()
     assert_matches_autograd_loop(model, _images(side=8)[:1], None, squared)
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Variant("two tables")
+
+    def forward(self, images):
+        return self.block(images)
+
+
+def test_a_resampled_tables_sets_are_named_by_their_module_or_op():
+    """The table's rows are ``'block positions'`` and its set ``'block'`` in a module, ``'Tensor.add positions'``
+    and ``'Tensor.add'`` at the root (kills ``resampled_positions`` 86 (``' positions'`` at the root) and 98
+    (``''``, stripped, at the root))."""
+    from test_convert_conv_set_names import origins
+
+    torch.manual_seed(0)
+    assert origins(Variant("two tables").to(DTYPE), _images()) == [
+        "input", "patches", "Tensor.add positions", "Tensor.add", "Tensor.add", "head", "Tensor.mean"]
+    assert origins(_Outer().to(DTYPE), _images()) == [
+        "input", "block.patches", "block positions", "block", "block Tensor.add", "block.head", "block Tensor.mean"]
