@@ -209,3 +209,172 @@ def test_yolos_whose_table_is_resampled_in_every_forward_converts_exactly():
     assert_matches_autograd_loop(model, pixels, None, squared)
     moved, _, _ = assert_group_keeps_function(model, pixels, None, squared)
     assert moved >= 10, moved
+
+
+# Written for the survivors of the mutation runs of session 23's functions (issue 31, branch mut48; docs/mutation.md,
+# runs convert 38-39, conv 15, tracer 25): the mutants named are numbered as fresh ``.mutation/<group>/``
+# directories number them, each checked to fail with ``MUTANT_UNDER_TEST``.
+
+
+class Variant(nn.Module):
+    """``ResampledMap``'s patches and head, with the table resampled or joined in one of several ways."""
+
+    def __init__(self, use: str, channels: int = 6, table: tuple[int, ...] = (1, 6, 2, 3)) -> None:
+        super().__init__()
+        self.use = use
+        conv = nn.Conv1d if len(table) == 3 else nn.Conv2d
+        self.patches = conv(3, channels, 4, stride=4)
+        self.positions = nn.Parameter(torch.randn(*table))
+        if use == "other parameter":
+            self.other = nn.Parameter(torch.randn(1, 3, 3, 3))
+        self.head = nn.Linear(channels, 2)
+
+    def forward(self, images):
+        maps, table = self.patches(images), self.positions
+        size = maps.shape[2:]
+        if self.use == "squeezed":  # a [C, H, W] table broadcast over the datapoints
+            joined = maps + F.interpolate(table, size=size, mode="bilinear")[0]
+        elif self.use == "by keyword":
+            joined = maps + F.interpolate(input=table, size=size, mode="bicubic")
+        elif self.use == "size by position":
+            joined = maps + F.interpolate(table, size, None, "bilinear")
+        elif self.use == "two tables":  # two halves of the channels resampled each on its own
+            joined = maps + torch.cat([F.interpolate(table[:, :3], size=size, mode="bilinear"),
+                                       F.interpolate(table[:, 3:], size=size, mode="bilinear")], 1)
+        elif self.use == "two tables swapped":
+            joined = maps + torch.cat([F.interpolate(table[:, 3:], size=size, mode="bicubic"),
+                                       F.interpolate(table[:, :3], size=size, mode="bicubic")], 1)
+        elif self.use == "two modes":  # bilinear for half of the channels, nearest for the others
+            joined = maps + torch.cat([F.interpolate(table[:, :3], size=size, mode="bilinear"),
+                                       F.interpolate(table[:, 3:], size=size, mode="nearest")], 1)
+        elif self.use == "columns repeated":  # half of the channels read the table's columns 0, 0, 1
+            resampled = F.interpolate(table, size=size, mode="bilinear")
+            joined = maps + torch.cat([resampled[:, :3], resampled[:, 3:][..., [0, 0, 1]]], 1)
+        elif self.use == "other parameter":
+            joined = maps + torch.cat([F.interpolate(table, size=size, mode="bilinear")[:, :3], self.other], 1)
+        elif self.use == "constant by keyword":
+            resampled = F.interpolate(table, size=size, mode="bilinear")
+            joined = maps + torch.cat(tensors=[resampled[:, :3], torch.zeros_like(resampled[:, 3:])], dim=1)
+        elif self.use == "large":
+            joined = maps + F.interpolate(table, size=size, **self.options)
+        else:  # a table of one channel, linear (1d) or bilinear
+            joined = maps + F.interpolate(table, size=size, mode="linear" if maps.dim() == 3 else "bilinear")
+        return self.head(torch.relu(joined).flatten(2).transpose(1, 2)).mean(1)
+
+
+@pytest.mark.parametrize("use", ["squeezed", "by keyword", "size by position", "two tables", "two tables swapped"])
+def test_a_table_resampled_called_or_joined_otherwise_converts_exactly_with_a_true_group(use):
+    """A ``[C, H, W]`` table (kills ``rules_affine.resampled_positions`` 10, 13: its positions' ids not given the
+    leading axes), ``F.interpolate(input=...)`` and the size passed by position (F.interpolate hands its torch
+    function ``(input,)`` and the rest by keyword, so ``rules_conv.resample_parameter`` 36, 37, 41, 43 are equivalent:
+    these pin the calls), two parts of the table each resampled on its own, then joined
+    (``rules_shape.resampled_shape_op`` 27, 29, 30: one part's taps read for both)."""
+    torch.manual_seed(23)
+    model = Variant(use).to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, _images(), None, squared)
+    moved, _, _ = assert_group_keeps_function(model, _images(), None, squared)
+    assert moved >= 12, moved
+
+
+@pytest.mark.parametrize("table", [(1, 1, 2, 3), (1, 1, 2)])
+def test_a_table_of_one_channel_and_a_table_of_one_axis_convert_exactly(table):
+    """One feature (kills ``resampled_positions`` 50, 131: the second feature's weights read) and a ``[1, C, L]``
+    table resampled linearly to a 1d convolution's length (``resample_parameter`` 8, 9: refused as not
+    ``[N, C, *spatial]``)."""
+    torch.manual_seed(23)
+    model = Variant("one channel" if table[1] == 1 else "one axis", channels=table[1] if len(table) == 4 else 6,
+                    table=table if len(table) == 4 else (1, 6, 2)).to(DTYPE)
+    inputs = _images() if len(table) == 4 else torch.randn(3, 3, 12, generator=torch.Generator().manual_seed(0),
+                                                           dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, inputs, None, squared)
+    assert_group_keeps_function(model, inputs, None, squared)
+
+
+class ThreeParts(ResampledTokens):
+    """A class row, two register rows, then the resampled grid rows (DINOv2 with registers, their positions in the
+    table): three parts of one table joined by ``cat``, two of them the parameter itself."""
+
+    def __init__(self, options: dict, grid: int = 2) -> None:
+        super().__init__(options, grid)
+        self.registers = nn.Parameter(torch.randn(1, 2, 6))
+        self.positions = nn.Parameter(torch.randn(1, 3 + grid * grid, 6))
+
+    def forward(self, images):
+        tokens = self.patches(images).flatten(2).transpose(1, 2)
+        side, batch, grid = int(tokens.shape[1] ** 0.5), tokens.shape[0], self.grid
+        tokens = torch.cat([self.cls.expand(batch, -1, -1), self.registers.expand(batch, -1, -1), tokens], 1)
+        table = self.positions[:, 3:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(side, side), **self.options).permute(0, 2, 3, 1).reshape(1, side * side, -1)
+        hidden = torch.tanh(self.mix(tokens + torch.cat([self.positions[:, :1], self.positions[:, 1:3], table], 1)))
+        return self.head(hidden[:, 0] + hidden[:, 1] + hidden[:, -1])
+
+
+def test_a_table_joined_from_three_parts_converts_exactly():
+    """The grid's rows come after the class row's and the registers' in the joined table (kills
+    ``resampled_shape_op`` 116: the grid's rows offset by the registers' count only, so read as theirs)."""
+    torch.manual_seed(23)
+    model = ThreeParts(OPTIONS["bicubic"]).to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, _images(), None, squared)
+    moved, _, _ = assert_group_keeps_function(model, _images(), None, squared)
+    assert moved >= 12, moved
+
+
+@pytest.mark.parametrize("use, words", [
+    # kills resampled_positions 1 (the table named None), 15, 18-21
+    ("one channel broadcast", "Tensor.add: adds the resampled parameter 'positions' without a value per feature"),
+    # 43-48 and resampled_shape_op 27 (one part's taps read for both)
+    ("two modes", "Tensor.add: adds the resampled parameter 'positions' with weights that differ between features; "
+                  "gradgraph reads a table resampled alike for every feature"),
+    # 70-75
+    ("columns repeated", "Tensor.add: adds the resampled parameter 'positions' whose positions read its entries in "
+                         "different groupings of the features"),
+    # resampled_shape_op 16, 19-24
+    ("other parameter", "torch.cat: joins the resampled parameter 'positions' with other values; gradgraph follows a "
+                        "resampled table joined only with parts of itself"),
+    # resampled_shape_op 5 (the keyword's list not read), 7, 13, 14 (the remedy)
+    ("constant by keyword", "torch.cat: joins the resampled parameter 'positions' with a constant of shape [1, 3, 3, "
+                            "3], whose entries belong to no datapoint and no parameter; join the results of the ops "
+                            "instead (the table added first)"),
+])
+def test_a_resampled_table_gradgraph_does_not_follow_is_refused_in_its_words(use, words):
+    torch.manual_seed(23)
+    model = Variant(use, table=(1, 1, 2, 3) if use == "one channel broadcast" else (1, 6, 2, 3)).to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedModuleError, match=re.escape(words)):
+        gradgraph.to_graph(model, _images(), None, squared)
+
+
+def test_a_large_table_downsampled_for_one_datapoint_converts_exactly():
+    """An 8 x 8 table antialiased to a 2 x 2 grid, one image: 64 table rows, 4 components (datapoint x position), so
+    a row and the row 4 after it are read at neighbouring components (kills ``plan._weighted_record`` 33: the pairs
+    keyed by ``row / components + component`` collide, an internal error)."""
+    torch.manual_seed(1)
+    model = Variant("large", channels=4, table=(1, 4, 8, 8)).to(DTYPE)
+    model.options = dict(mode="bilinear", antialias=True)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, _images(side=8)[:1], None, squared)
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Variant("two tables")
+
+    def forward(self, images):
+        return self.block(images)
+
+
+def test_a_resampled_tables_sets_are_named_by_their_module_or_op():
+    """The table's rows are ``'block positions'`` and its set ``'block'`` in a module, ``'Tensor.add positions'``
+    and ``'Tensor.add'`` at the root (kills ``resampled_positions`` 86 (``' positions'`` at the root) and 98
+    (``''``, stripped, at the root))."""
+    from test_convert_conv_set_names import origins
+
+    torch.manual_seed(0)
+    assert origins(Variant("two tables").to(DTYPE), _images()) == [
+        "input", "patches", "Tensor.add positions", "Tensor.add", "Tensor.add", "head", "Tensor.mean"]
+    assert origins(_Outer().to(DTYPE), _images()) == [
+        "input", "block.patches", "block positions", "block", "block Tensor.add", "block.head", "block Tensor.mean"]

@@ -1136,3 +1136,32 @@ def test_a_closure_calling_a_chain_with_more_arguments_fails_on_them_not_on_the_
              lambda: gradgraph.convert_closure(model, lambda: model(x, 2.0).sum(1)), error=TypeError)
     _refused("Sequential.forward() got an unexpected keyword argument 'scale'",
              lambda: gradgraph.convert_closure(model, lambda: model(x, scale=2.0).sum(1)), error=TypeError)
+
+
+class _ArgumentErrorInside(nn.Module):
+    """A forward that takes ``(x, mask)`` and raises, inside, a ``TypeError`` whose message names an argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2, dtype=DTYPE)
+
+    def forward(self, x, mask):
+        return self.lin(x) * mask + torch.zeros(2, dtype=DTYPE).expand("2")
+
+
+class _BuiltinForward(nn.Module):
+    """A forward whose signature ``inspect`` cannot read (a builtin)."""
+
+    forward = torch.relu
+
+
+def test_a_type_error_naming_an_argument_is_the_models_where_the_call_binds_or_its_signature_is_unread():
+    """The model's own ``TypeError`` passes through where ``forward`` accepts ``(x, **forward_kwargs)``, also when
+    the message names an argument (``_binds`` (session 23), which reworded it before as the call refusing its
+    arguments: kills ``_binds`` 5 (``x`` not bound), 6 (the keywords not bound) and 8 (every call refused)), and
+    where the signature cannot be read (3: such a call refused)."""
+    x, y = _batch()
+    with pytest.raises(TypeError, match=re.escape("expand(): argument 'size' (position 1) must be tuple of ints")):
+        gradgraph.to_graph(_ArgumentErrorInside(), x, y, cross_entropy, forward_kwargs={"mask": 2.0})
+    with pytest.raises(TypeError, match="^relu\\(\\) got an unexpected keyword argument 'bogus'$"):
+        gradgraph.to_graph(_BuiltinForward(), x, y, cross_entropy, forward_kwargs={"bogus": 1})
