@@ -327,7 +327,8 @@ def test_a_table_joined_from_three_parts_converts_exactly():
     ("one channel broadcast", "Tensor.add: adds the resampled parameter 'positions' without a value per feature"),
     # 43-48 and resampled_shape_op 27 (one part's taps read for both)
     ("two modes", "Tensor.add: adds the resampled parameter 'positions' with weights that differ between features; "
-                  "gradgraph reads a table resampled alike for every feature"),
+                  "gradgraph reads a table resampled alike for every feature (of a map, its channels: the raw "
+                  "input's last axis is read as its features)"),
     # 70-75
     ("columns repeated", "Tensor.add: adds the resampled parameter 'positions' whose positions read its entries in "
                          "different groupings of the features"),

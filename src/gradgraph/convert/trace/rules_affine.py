@@ -294,7 +294,8 @@ class AffineRules:
         taps, weights = meta.taps[flat], meta.weights[flat]  # [P, C, J]
         if not torch.equal(weights, weights[:, :1].expand_as(weights)):
             raise self.unsupported(name, f"adds the resampled parameter '{table}' with weights that differ "
-                                   "between features; gradgraph reads a table resampled alike for every feature")
+                                   "between features; gradgraph reads a table resampled alike for every feature (of "
+                                   "a map, its channels: the raw input's last axis is read as its features)")
         live = weights[:, 0] != 0  # [P, J]
         keys = taps.transpose(1, 2)[live]  # [L, C]: the entries of every row read, one per feature
         rows, inverse = torch.unique(keys, dim=0, return_inverse=True)
