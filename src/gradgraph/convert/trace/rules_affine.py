@@ -215,12 +215,7 @@ class AffineRules:
             index_meta = None if comps is None else Neurons(ids_like(indices), comps, {})
         elif isinstance(index_meta, Neurons | Opaque | Scores):
             raise self.unsupported(name, "embedding indices computed from neuron values")
-        rows, width = table.pos.shape
-        tokens = self.new_set(rows, NodeKind.TOKEN, f"{self.path() or name} table rows", "token")
-        created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
-        targets = created.first + torch.arange(width)
-        self.edges.append((tokens.first + torch.arange(rows).repeat_interleave(width), targets.repeat(rows),
-                           EdgeKind.EMBEDDING, table.index, table.pos.reshape(-1).clone(), None))
+        tokens, created, targets = self.table_sets(name, "table rows", table.index, table.pos)
         out_nodes = broadcast_ids(targets, output.shape).clone()
         row_index = broadcast_ids(indices.detach().cpu().unsqueeze(-1), output.shape).clone()
         if index_meta is None:  # constant indices (positions): bound when added to token values
@@ -276,6 +271,19 @@ class AffineRules:
         self.add_guard(op, indices, values=indices.detach().cpu().clone())
         return None
 
+    def table_sets(self, name: str, label: str, param: int, entries: Tensor) -> tuple[NeuronSet, NeuronSet, Tensor]:
+        """The neurons of a table read by rows (an embedding, a position table): a ``TOKEN`` set of its ``R``
+        rows, a ``RESIDUAL`` set of its ``C`` features, and an ``EMBEDDING`` edge from every row to every feature
+        carrying the parameter's entry ``entries [R, C]`` (flat positions in parameter ``param``). Returns the two
+        sets and the feature set's node ids ``[C]``."""
+        rows, width = entries.shape
+        tokens = self.new_set(rows, NodeKind.TOKEN, f"{self.path() or name} {label}", "token")
+        created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
+        targets = created.first + torch.arange(width)
+        self.edges.append((tokens.first + torch.arange(rows).repeat_interleave(width), targets.repeat(rows),
+                           EdgeKind.EMBEDDING, param, entries.reshape(-1).clone(), None))
+        return tokens, created, targets
+
     def resampled_positions(self, name: str, meta: Resampled, shape: torch.Size, channels: bool) -> Neurons:
         """A resampled position table added to token values (``rules_conv.resample_parameter``).
 
@@ -302,12 +310,7 @@ class AffineRules:
         if rows.unique().numel() != rows.numel():  # an entry in two rows: not one table row per position
             raise self.unsupported(name, f"adds the resampled parameter '{table}' whose positions read its entries "
                                    "in different groupings of the features")
-        tokens = self.new_set(rows.shape[0], NodeKind.TOKEN, f"{self.path() or name} positions", "token")
-        created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
-        targets = created.first + torch.arange(width)
-        self.edges.append((tokens.first + torch.arange(rows.shape[0]).repeat_interleave(width),
-                           targets.repeat(rows.shape[0]), EdgeKind.EMBEDDING, meta.index, rows.reshape(-1).clone(),
-                           None))
+        tokens, created, targets = self.table_sets(name, "positions", meta.index, rows)
         read = torch.full(live.shape, -1, dtype=torch.long)
         read[live] = inverse
         tokens.weighted = (read, torch.where(live, weights[:, 0], 0.0))  # type: ignore[attr-defined]
@@ -326,11 +329,7 @@ class AffineRules:
         if flat is None:
             raise self.unsupported(name, "a parameter added to neurons that does not vary per feature")
         rows = flat.shape[0]
-        tokens = self.new_set(rows, NodeKind.TOKEN, f"{self.path() or name} positions", "token")
-        created = self.new_set(width, NodeKind.RESIDUAL, self.path() or name, "embedding")
-        targets = created.first + torch.arange(width)
-        self.edges.append((tokens.first + torch.arange(rows).repeat_interleave(width), targets.repeat(rows),
-                           EdgeKind.EMBEDDING, param.index, flat.reshape(-1).clone(), None))
+        tokens, created, targets = self.table_sets(name, "positions", param.index, flat)
         row_of_pos = torch.full((int(param.pos.max()) + 1,), -1, dtype=torch.long)
         row_of_pos[flat.reshape(-1)] = torch.arange(rows).repeat_interleave(width)
         meta = Neurons(broadcast_ids(targets, shape).clone(), None, {created.index: 0},
