@@ -330,12 +330,11 @@ def _weighted_record(rows: Tensor, weights: Tensor, nodes: Tensor, comps: Tensor
     columns = _component_index(comps.unsqueeze(-1).expand(rows.shape)[keep], num_keys)
     kept_rows, kept_weights = rows[keep], weights[keep]
     pairs, inverse = torch.unique(kept_rows * num_components + columns, return_inverse=True)
-    first_of = torch.full((pairs.numel(),), -1, dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(inverse.numel()), "amin", include_self=False)
-    chosen = kept_weights[first_of]
+    chosen = kept_weights.new_zeros(pairs.numel()).scatter_(0, inverse, kept_weights)
     if not torch.equal(chosen[inverse], kept_weights):  # (one weight per row and column, by construction)
         raise GradGraphError("internal: a resampled table's row takes two weights at one component")
-    return OnehotRecord(None, kept_rows[first_of], tuple(rows.shape), None, columns[first_of], first, None, chosen)
+    return OnehotRecord(None, pairs // num_components, tuple(rows.shape), None, pairs % num_components, first, None,
+                        chosen)
 
 
 @dataclass

@@ -293,7 +293,7 @@ def _run_forward(model: nn.Module, forward: Callable[[Tensor], Any], x: Tensor, 
             _locate_in_module(abort.error, abort.__traceback__, tracer)
         raise abort.error from None
     except Exception as error:
-        internal = None if isinstance(error, GradGraphError) else _internal_frame(error)
+        internal = _internal_frame(error)  # (never one of gradgraph's own errors)
         if internal is not None:
             raise GradGraphError(
                 f"internal error in gradgraph's trace ({internal}) while {type(model).__name__} ran on inputs of "
