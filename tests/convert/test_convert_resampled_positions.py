@@ -5,7 +5,7 @@ grid in every forward (PVT, YOLOS and DPT always do). Interpolation is linear, t
 embedding at position ``t`` is ``sum_s A[t, s] P[s]`` with ``A`` a constant of the sizes. The graph keeps the
 table's rows as ``TOKEN`` input neurons joined by ``EMBEDDING`` edges that carry ``P``; a row's activation at a
 position is its weight ``A[t, s]`` instead of the one-hot 1 of a plain position embedding, so every per-sample
-gradient of ``P`` is a sum of rank-1 terms (``rules_conv.resample_parameter``, ``rules_affine.resampled_positions``).
+gradient of ``P`` is a sum of rank-1 terms (``rules_affine.resample_parameter``, ``rules_affine.resampled_positions``).
 Before, the interpolation was refused as "a parameter used where gradgraph expects neuron values"; every test
 here that converts failed so on the code before. Float64, against a per-datapoint autograd loop; the inferred
 group keeps the function.
@@ -266,8 +266,8 @@ class Variant(nn.Module):
 def test_a_table_resampled_called_or_joined_otherwise_converts_exactly_with_a_true_group(use):
     """A ``[C, H, W]`` table (kills ``rules_affine.resampled_positions`` 10, 13: its positions' ids not given the
     leading axes), ``F.interpolate(input=...)`` and the size passed by position (F.interpolate hands its torch
-    function ``(input,)`` and the rest by keyword, so ``rules_conv.resample_parameter`` 36, 37, 41, 43 are equivalent:
-    these pin the calls), two parts of the table each resampled on its own, then joined
+    function ``(input,)`` and the rest by keyword, so ``resample_parameter`` 36, 37, 41, 43 of run conv 15, when it
+    was in ``rules_conv``, are equivalent: these pin the calls), two parts of the table each resampled on its own, then joined
     (``rules_shape.resampled_shape_op`` 27, 29, 30: one part's taps read for both)."""
     torch.manual_seed(23)
     model = Variant(use).to(DTYPE)

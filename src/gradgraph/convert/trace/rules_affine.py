@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gradgraph.convert.trace.meta import (
@@ -271,6 +273,35 @@ class AffineRules:
         self.add_guard(op, indices, values=indices.detach().cpu().clone())
         return None
 
+    def resample_parameter(self, name: str, x: Tensor, param: Param, args: tuple, kwargs: dict, output: Tensor) -> None:
+        """``F.interpolate`` of a parameter ``[N, C, *S]`` (a position table resized to the input's grid).
+
+        Interpolation is linear and acts on each ``(n, c)`` map alike: output position ``t`` is
+        ``sum_s A[t, s] x[n, c, s]``, ``A`` a constant of the sizes and options, read off the same call on
+        the one-hot maps (float64). The result is a :class:`Resampled` value: each element names the
+        parameter entries it reads and their weights; added to the token values it becomes a table of rows
+        whose activation at a position is its interpolation weight (``rules_affine.resampled_positions``).
+        """
+        sizes, out_sizes = tuple(x.shape[2:]), tuple(output.shape[2:])
+        if x.dim() < 3 or output.dim() != x.dim() or tuple(output.shape[:2]) != tuple(x.shape[:2]):
+            raise self.unsupported(name, f"resamples the parameter '{self.param_names[param.index]}' of shape "
+                                   f"{list(x.shape)}: gradgraph reads an interpolated table of shape [N, C, *spatial]")
+        count = math.prod(sizes)
+        basis = torch.eye(count, dtype=torch.float64).reshape(count, 1, *sizes)
+        options = {key: value for key, value in kwargs.items() if key != "input"}
+        maps = F.interpolate(basis, *args[1:], **options)  # [count, 1, *out_sizes]: column s of A
+        if tuple(maps.shape[2:]) != out_sizes:  # (the same options on the same sizes: never, checked)
+            raise self.unsupported(name, "resampling the one-hot maps gave another grid than the call")
+        matrix = maps.reshape(count, -1).t()  # [T', S]
+        taps = max(int((matrix != 0).sum(1).max()), 1)
+        order = matrix.abs().argsort(dim=1, descending=True, stable=True)[:, :taps]  # [T', J] the entries read
+        weights = matrix.gather(1, order)
+        pos = broadcast_ids(param.pos, x.shape).reshape(x.shape[0], x.shape[1], count)
+        read = pos[:, :, order]  # [N, C, T', J] the parameter entries each output element reads
+        rows = read.shape[0] * read.shape[1] * read.shape[2]
+        self.set_meta(output, Resampled(param.index, torch.arange(rows).reshape(output.shape), read.reshape(rows, taps),
+                                        weights.expand(*read.shape).reshape(rows, taps).clone()))
+
     def table_sets(self, name: str, label: str, param: int, entries: Tensor) -> tuple[NeuronSet, NeuronSet, Tensor]:
         """The neurons of a table read by rows (an embedding, a position table): a ``TOKEN`` set of its ``R``
         rows, a ``RESIDUAL`` set of its ``C`` features, and an ``EMBEDDING`` edge from every row to every feature
@@ -285,7 +316,7 @@ class AffineRules:
         return tokens, created, targets
 
     def resampled_positions(self, name: str, meta: Resampled, shape: torch.Size, channels: bool) -> Neurons:
-        """A resampled position table added to token values (``rules_conv.resample_parameter``).
+        """A resampled position table added to token values (``rules_affine.resample_parameter``).
 
         As :meth:`position_parameter`, the table's rows are ``TOKEN`` input neurons joined to a new set by
         ``EMBEDDING`` edges that carry the parameter; the rows a position reads are those its interpolation

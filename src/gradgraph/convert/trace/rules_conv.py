@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from gradgraph.convert.trace.meta import (
-    broadcast_ids, channel_row, KEY_STRIDE, Neurons, Param, Raw, Resampled, rows_along_last, varies_along,
+    broadcast_ids, channel_row, KEY_STRIDE, Neurons, Param, Raw, rows_along_last, varies_along,
 )
 from gradgraph.convert.trace.ops import LOST_TRACK
 from gradgraph.convert.trace.rules_graph import rank_among_rows, rank_within
@@ -411,35 +411,6 @@ class ConvRules:
         self.set_meta(output, new)
 
     # -------------------------------------------------------------- pooling
-    def resample_parameter(self, name: str, x: Tensor, param: Param, args: tuple, kwargs: dict, output: Tensor) -> None:
-        """``F.interpolate`` of a parameter ``[N, C, *S]`` (a position table resized to the input's grid).
-
-        Interpolation is linear and acts on each ``(n, c)`` map alike: output position ``t`` is
-        ``sum_s A[t, s] x[n, c, s]``, ``A`` a constant of the sizes and options, read off the same call on
-        the one-hot maps (float64). The result is a :class:`Resampled` value: each element names the
-        parameter entries it reads and their weights; added to the token values it becomes a table of rows
-        whose activation at a position is its interpolation weight (``rules_affine.resampled_positions``).
-        """
-        sizes, out_sizes = tuple(x.shape[2:]), tuple(output.shape[2:])
-        if x.dim() < 3 or output.dim() != x.dim() or tuple(output.shape[:2]) != tuple(x.shape[:2]):
-            raise self.unsupported(name, f"resamples the parameter '{self.param_names[param.index]}' of shape "
-                                   f"{list(x.shape)}: gradgraph reads an interpolated table of shape [N, C, *spatial]")
-        count = math.prod(sizes)
-        basis = torch.eye(count, dtype=torch.float64).reshape(count, 1, *sizes)
-        options = {key: value for key, value in kwargs.items() if key != "input"}
-        maps = F.interpolate(basis, *args[1:], **options)  # [count, 1, *out_sizes]: column s of A
-        if tuple(maps.shape[2:]) != out_sizes:  # (the same options on the same sizes: never, checked)
-            raise self.unsupported(name, "resampling the one-hot maps gave another grid than the call")
-        matrix = maps.reshape(count, -1).t()  # [T', S]
-        taps = max(int((matrix != 0).sum(1).max()), 1)
-        order = matrix.abs().argsort(dim=1, descending=True, stable=True)[:, :taps]  # [T', J] the entries read
-        weights = matrix.gather(1, order)
-        pos = broadcast_ids(param.pos, x.shape).reshape(x.shape[0], x.shape[1], count)
-        read = pos[:, :, order]  # [N, C, T', J] the parameter entries each output element reads
-        rows = read.shape[0] * read.shape[1] * read.shape[2]
-        self.set_meta(output, Resampled(param.index, torch.arange(rows).reshape(output.shape), read.reshape(rows, taps),
-                                        weights.expand(*read.shape).reshape(rows, taps).clone()))
-
     def spatial_pool(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
         """Max / average / adaptive / power-average pooling, ``F.interpolate`` and a constant
         ``F.pad`` of the spatial axes: per channel over positions, so a new set of ``C`` neurons

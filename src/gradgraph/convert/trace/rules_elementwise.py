@@ -156,7 +156,7 @@ class ElementwiseRules:
         params = [(value, meta) for value, meta in operands if isinstance(meta, Param)]
         additive = name in BINARY_ADD
         resampled = [meta for _, meta in operands if isinstance(meta, Resampled)]
-        if resampled:  # a position table resized by F.interpolate (rules_conv.resample_parameter)
+        if resampled:  # a position table resized by F.interpolate (rules_affine.resample_parameter)
             if not (additive and len(neurons) == 1 and neurons[0][1].comps is not None) or kwargs.get("alpha", 1) != 1:
                 raise self.unsupported(name, f"uses the resampled parameter '{self.param_names[resampled[0].index]}' "
                                        "(F.interpolate of a table) otherwise than added to the token values")

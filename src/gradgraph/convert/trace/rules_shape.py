@@ -222,7 +222,7 @@ class ShapeRules:
                 self.set_meta(value, make(ids))
 
     def resampled_shape_op(self, name: str, func: Any, args: tuple, kwargs: dict, output: Any, metas: list) -> None:
-        """A shape op of a resampled table (``rules_conv.resample_parameter``): its element rows move. A join
+        """A shape op of a resampled table (``rules_affine.resample_parameter``): its element rows move. A join
         with other parts of the same parameter (DINOv2's ``cat([class_position, resampled_grid])``) gives one
         table: a part that is the parameter itself reads one entry with weight 1."""
         index = metas[0].index
