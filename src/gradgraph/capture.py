@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from gradgraph.errors import GradGraphError, NonFiniteFactorError
+from gradgraph.value_reads import refuse_value_reads
 
 __all__ = ["Capture", "Recorder", "capture", "per_datapoint_objective"]
 
@@ -133,7 +134,8 @@ def per_datapoint_objective(output: Tensor, targets: Any, loss_fn: LossFn | None
                 "Pass a per-datapoint loss_fn instead."
             )
         return output
-    losses = loss_fn(output, targets)
+    with refuse_value_reads(output, "loss_fn", num_datapoints):
+        losses = loss_fn(output, targets)
     if not isinstance(losses, Tensor) or losses.shape != (num_datapoints,):
         shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise GradGraphError(

@@ -119,3 +119,20 @@ def test_capture_refuses_a_loss_that_is_not_per_datapoint():
     inputs, targets = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
     with pytest.raises(GradGraphError, match=r"shape \[4\]; got \[\]"):
         gradgraph.capture(model, inputs, targets=targets, loss_fn=lambda out, t: (out - t).pow(2).mean())
+
+
+def test_capture_refuses_a_loss_that_reads_the_batch_into_python():
+    """A loss scaled by a number read from the batch's outputs (``.item()``) is one loss of all datapoints where
+    autograd sees a constant: refused (on the code before, captured with every ``g_i`` scaled by the batch's
+    number instead of the datapoint's own). Reading the targets couples nothing and is captured as before."""
+    model = mlp()
+    inputs, targets = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+    with pytest.raises(gradgraph.DatapointCouplingError, match=r"loss_fn hands values computed from the model's "
+                       r"output to Python \(item: a number or a branch\), one for all 4 datapoints"):
+        gradgraph.capture(model, inputs, targets=targets,
+                          loss_fn=lambda out, t: (out - t).pow(2).sum(-1) / out.detach().abs().max().item())
+    scale = float(targets.abs().max())
+    checked = gradgraph.capture(model, inputs, targets=targets,
+                                loss_fn=lambda out, t: (out - t).pow(2).sum(-1) / t.abs().max().item())
+    plain = gradgraph.capture(model, inputs, targets=targets, loss_fn=lambda out, t: (out - t).pow(2).sum(-1) / scale)
+    torch.testing.assert_close(checked.objective, plain.objective, atol=0, rtol=0)

@@ -312,8 +312,12 @@ def conv_programs(draw):
         elif kind == "adaptive":
             step = ("adaptive", source, draw(st.sampled_from(["avg", "max"])), draw(st.integers(1, min(3, length))))
         elif kind == "norm":
-            # (an instance norm's statistic needs more than one position)
-            norms = ["batch", "group"] + (["instance", "instance-affine"] if length > 1 else [])
+            # (an instance norm's statistic needs more than one position, a group norm's more than one value per
+            # group of one datapoint: torch refuses a [1, 1, 1] group in training mode, as the reference's
+            # per-datapoint pass meets it)
+            per_group = channels // (2 if channels % 2 == 0 else 1) * length ** spatial
+            norms = ["batch"] + (["group"] if per_group > 1 else []) + (
+                ["instance", "instance-affine"] if length > 1 else [])
             step = ("norm", source, draw(st.sampled_from(norms)))
         elif kind in ("softmax", "center", "scale"):
             step = (kind, source)

@@ -96,6 +96,82 @@ def test_a_loss_that_couples_datapoints_is_refused(loss_fn):
         graph_from_closure(model, lambda: loss_fn(model(inputs), targets))
 
 
+def scaled_by_the_batchs_largest(output, targets):
+    """Each loss over the batch's largest, read into Python: a constant to autograd, one number for the batch."""
+    losses = cross_entropy(output, targets)
+    return losses / losses.detach().max().item()
+
+
+def weighted_by_a_branch(output, targets):
+    """A branch on the batch's mean loss (1.67 on the tests' batch, whose datapoints alone have 1.30 - 1.99)."""
+    losses = cross_entropy(output, targets)
+    return losses * 2.0 if bool(losses.mean() > 1.7) else losses
+
+
+def scaled_by_the_first_output(output, targets):
+    """Every loss scaled by datapoint 0's first logit, read with ``float``."""
+    return cross_entropy(output, targets) * float(output[0, 0])
+
+
+PYTHON_READS = {"largest-loss": scaled_by_the_batchs_largest, "branch": weighted_by_a_branch,
+                "first-output": scaled_by_the_first_output}
+
+
+@pytest.mark.parametrize("name", list(PYTHON_READS))
+def test_a_loss_that_reads_the_batch_into_python_is_refused(name):
+    """A number or branch read from the losses or outputs of the batch couples the datapoints where autograd sees a
+    constant, so the separation probe (derivatives) cannot see it: on the code before each of these converted, and
+    every per-sample gradient differed from the datapoint's own (its loss computed on it alone). Refused by
+    ``to_graph``, ``convert_closure`` and the learned optimizer's step, naming the read."""
+    torch.manual_seed(0)
+    model, loss_fn = TwoLayer().to(DTYPE), PYTHON_READS[name]
+    inputs, targets = batch()
+    params = list(model.parameters())
+    alone = [torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), params) for i in range(6)]
+    batched = loop_per_sample_grads(model, inputs, targets, loss_fn)
+    assert max(float((batched[n][i] - alone[i][k]).abs().max()) for i in range(6)
+               for k, (n, _) in enumerate(model.named_parameters())) > 1e-3  # the coupling is real
+    with pytest.raises(DatapointCouplingError, match=r"loss_fn hands values computed from the model's output to "
+                       r"Python \((item|__bool__|__float__): a number or a branch\), one for all 6 datapoints"):
+        gradgraph.to_graph(model, inputs, targets, loss_fn)
+    with pytest.raises(DatapointCouplingError, match="the closure hands values computed from the model's output"):
+        gradgraph.convert_closure(model, lambda: loss_fn(model(inputs), targets))
+    with pytest.raises(GradGraphError, match="the closure hands values computed from the model's output"):
+        graph_from_closure(model, lambda: loss_fn(model(inputs), targets))
+
+
+@pytest.mark.parametrize("name", list(PYTHON_READS))
+def test_a_loss_that_reads_one_datapoint_into_python_converts_exactly(name):
+    """The control: with one datapoint the read couples nothing; ``to_graph`` and ``convert_closure`` give its own
+    gradient (torch.func does not run reads into Python: autograd on the one datapoint)."""
+    torch.manual_seed(0)
+    model, loss_fn = TwoLayer().to(DTYPE), PYTHON_READS[name]
+    inputs, targets = batch(1)
+    names, params = zip(*model.named_parameters())
+    expected = torch.autograd.grad(loss_fn(model(inputs), targets).sum(), params)
+    for graph in (gradgraph.to_graph(model, inputs, targets, loss_fn),
+                  gradgraph.convert_closure(model, lambda: loss_fn(model(inputs), targets))[0]):
+        for name_, value in zip(names, expected):
+            torch.testing.assert_close(graph.per_sample_grads()[name_][0], value, atol=1e-12, rtol=0, msg=name_)
+
+
+def test_a_loss_that_reads_its_targets_into_python_converts_exactly():
+    """Reading the targets (not computed from the output) into Python couples nothing: a check on them and a class
+    count read with ``int`` leave the conversion exact at any batch size."""
+    torch.manual_seed(0)
+    model = TwoLayer().to(DTYPE)
+    inputs, targets = batch()
+
+    def checked(output, t):
+        assert bool((t >= 0).all()) and int(t.max()) < output.shape[-1]
+        return cross_entropy(output, t)
+
+    graph = gradgraph.to_graph(model, inputs, targets, checked)
+    reference = reference_per_sample_grads(model, inputs, targets, cross_entropy)
+    for name, value in graph.per_sample_grads().items():
+        torch.testing.assert_close(value, reference[name], atol=1e-12, rtol=0, msg=name)
+
+
 def test_a_coupled_loss_is_refused_also_when_the_plan_is_cached():
     """The loss is not part of the plan's key: a replay of a cached plan checks it too."""
     torch.manual_seed(0)

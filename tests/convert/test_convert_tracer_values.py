@@ -10,6 +10,8 @@ The first tests reach the dispatch's refusals that no cheap test of the group's 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1483,7 +1485,7 @@ class ReadToPython(nn.Module):
         if self.form == "float":
             scale = float(h[0, 0])
         elif self.form == "item":
-            scale = h[1, 0].item()
+            scale = h[0, 1].item()
         elif self.form == "tolist":
             scale = h.tolist()[0][0]
         elif self.form == "branch":  # a comparison of the neurons (no pin of its own) read as a truth value
@@ -1495,20 +1497,73 @@ class ReadToPython(nn.Module):
         return self.out(h) * scale
 
 
-@pytest.mark.parametrize("form", ["float", "item", "tolist", "branch", "item of a cumulative sum"])
+VALUE_READ_FORMS = ["float", "item", "tolist", "branch", "item of a cumulative sum"]
+
+
+@pytest.mark.parametrize("form", VALUE_READ_FORMS)
 def test_neurons_whose_values_are_handed_to_python_are_pinned(form):
     """The number is a constant to autograd and to the graph, but not to a permutation of the neurons it was read
     from: their set is pinned (``VALUE_READS``), so the group moves no node (``out``'s neurons are the output's). On
     the code before, ``float`` / ``item`` / ``tolist`` / ``branch`` claimed ``a``'s neurons free: a sampled element
     that moves neuron 0 changed the output (seed 1 of ``float``: by 0.14), a false symmetry. Kills mark_opaque 6, 7
     (the sets not pinned: with ``"item of a cumulative sum"`` on the code before as well, where only the cumulative
-    sum's ``mark_opaque`` pinned them)."""
+    sum's ``mark_opaque`` pinned them). One datapoint: with several the read is refused (next test)."""
     torch.manual_seed(11)
-    model, inputs = ReadToPython(form).to(DTYPE), torch.randn(5, 3, dtype=DTYPE)
+    model, inputs = ReadToPython(form).to(DTYPE), torch.randn(1, 3, dtype=DTYPE)
     for seed in range(4):
         gradgraph.convert.clear_structure_cache()
         moved, _, _ = assert_group_keeps_function(model, inputs, None, squared, seed=seed)
         assert moved == 0, (seed, moved)
+
+
+@pytest.mark.parametrize("form", VALUE_READ_FORMS)
+def test_values_of_several_datapoints_handed_to_python_are_refused_naming_the_read(form):
+    """With several datapoints the number is one for the batch (the first datapoint's neuron, a sum over all), so a
+    datapoint's output depends on the others' values where autograd sees a constant: on the code before each form
+    converted, and its per-sample gradients differed from each datapoint's own (the gradient of its loss computed on
+    it alone) by 3 to 32 times the size of the latter, though their sum was autograd's. Refused at the read, naming the op and the line of the forward."""
+    torch.manual_seed(11)
+    model, inputs = ReadToPython(form).to(DTYPE), torch.randn(5, 3, dtype=DTYPE)
+    reads = {"float": "Tensor.__float__", "item": "Tensor.item", "tolist": "Tensor.tolist", "branch": "Tensor.__bool__",
+             "item of a cumulative sum": "Tensor.item"}
+    with pytest.raises(UnsupportedOperationError, match=rf"{re.escape(reads[form])}: hands values of the datapoints to "
+                       r"Python \(a number or a branch\), one for all 5 datapoints.*convert one datapoint at a time"):
+        gradgraph.to_graph(model, inputs)
+    own = torch.cat([model(inputs[i:i + 1]) for i in range(5)])
+    assert (own - model(inputs)).abs().max() > 1e-3  # the coupling is real: a datapoint alone computes otherwise
+
+
+class ReadsOtherValuesToPython(nn.Module):
+    """Reads into Python what does not vary with the datapoints (a parameter's value) or the data's own mask and
+    ids (``mask.any()``, ``int(ids.max())``): no coupling, converts at any batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(7, 4), nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, ids, mask):
+        assert int(ids.max()) < self.embed.num_embeddings and bool(mask.any())
+        h = torch.tanh(self.embed(ids)) * float(self.scale)
+        return self.out(h * mask[..., None]).sum(1)
+
+
+def test_reads_of_parameters_and_of_the_datas_masks_and_ids_into_python_convert_exactly():
+    """The control of the refusal above: reading a parameter's value and the data's mask and ids into Python couples
+    no datapoints; the per-sample gradients are each datapoint's own (autograd on each datapoint alone)."""
+    torch.manual_seed(2)
+    model = ReadsOtherValuesToPython().to(DTYPE)
+    ids, mask = torch.randint(0, 7, (4, 5)), (torch.rand(4, 5) > 0.3).to(DTYPE)
+    graph = gradgraph.to_graph(model, ids, forward_kwargs={"mask": mask}, loss_fn=lambda o, t: o.pow(2).sum(-1))
+    names, params = zip(*model.named_parameters())
+    # one datapoint at a time (vmap cannot run a read into Python)
+    rows = [torch.autograd.grad(model(ids[i:i + 1], mask[i:i + 1]).pow(2).sum(), params, allow_unused=True)
+            for i in range(4)]
+    grads = graph.per_sample_grads()
+    for k, name in enumerate(names):
+        expected = torch.stack([torch.zeros_like(params[k]) if row[k] is None else row[k] for row in rows])
+        torch.testing.assert_close(grads.get(name, torch.zeros_like(expected)), expected, atol=1e-12, rtol=0,
+                                   msg=name)
 
 
 def test_neurons_whose_shape_is_read_stay_free():

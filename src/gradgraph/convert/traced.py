@@ -28,6 +28,7 @@ from gradgraph.convert.trace import PlanMismatch, TraceResult, UnsupportedOperat
 from gradgraph.convert.trace.ops import ELEMENTWISE_MODULES
 from gradgraph.errors import GradGraphError, UnsupportedModuleError
 from gradgraph.graph import GradGraph
+from gradgraph.value_reads import DerivedValueReads
 
 __all__ = ["PLAN_CACHE", "PlanCache", "TracePlan", "convert_closure_traced", "default_datapoint_dim", "to_graph_traced"]
 
@@ -151,14 +152,16 @@ def convert_closure_traced(model: nn.Module, closure: Callable[[], Tensor], *,
         finally:
             model.forward = forward  # type: ignore[method-assign]
         runs.append(run)
+        guard.follow(run.output, run.num_datapoints)
         return run.output
 
     if "forward" in vars(model):
         raise GradGraphError(f"{type(model).__name__} has a forward set on the instance; convert_closure needs the "
                              "class's forward")
     model.forward = forward  # type: ignore[method-assign]
+    guard = DerivedValueReads("the closure")  # the loss after the model's call must not read the batch into Python
     try:
-        with torch.enable_grad():  # the losses are differentiated, also when the caller is in no_grad
+        with torch.enable_grad(), guard:  # the losses are differentiated, also when the caller is in no_grad
             losses = closure()
     finally:
         del model.forward

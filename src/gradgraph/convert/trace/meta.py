@@ -125,6 +125,23 @@ class Opaque:
     sets: set[int] = field(default_factory=set)
     #: a comparison's neurons (``h <= c``): a mask of these same neurons may read it (rules_elementwise.py)
     compared: Neurons | None = None
+    #: made from the values of datapoints (neurons, the input, scores), not of parameters and constants alone
+    of_datapoints: bool = True
+
+
+def of_datapoints(meta: Any) -> bool:
+    """Whether a value the trace follows varies with the datapoints: neuron values bound to datapoints, the model's
+    input (the tracer's ``is_data`` tells integer ids from float features), attention scores, and values it cannot
+    follow made from any of them; not parameters, their resampled tables, rows of a table read at constant indices
+    (a position table, its neurons not bound to datapoints), or the data's masks and ids
+    (:class:`~gradgraph.convert.trace.rules_data.Data`)."""
+    if isinstance(meta, Opaque):
+        return meta.of_datapoints
+    if isinstance(meta, Neurons):
+        return meta.comps is not None
+    if isinstance(meta, Scores):
+        return meta.query.comps is not None or meta.key.comps is not None
+    return isinstance(meta, Raw)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from gradgraph.convert.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ONE_OP_MODULES
 from gradgraph.graph import ActivationKind
+from gradgraph.value_reads import VALUE_READ_FUNCTIONS
 
 
 # ----------------------------------------------------------------------- op tables
@@ -143,11 +144,7 @@ PARAMETER_REFUSED = _method("__sub__", "__rsub__", "sub", "__truediv__", "__rdiv
 #: ops that hand a tensor's values to Python (``float(h[0, 0])``, ``bool(h.max() > 0)``, ``h.tolist()``): what the
 #: forward then does with them (a scale, a branch) is no op the trace sees, so the sets read are pinned
 #: (``Tracer.__torch_function__``); shape and dtype queries (``h.size()``, ``h.dim()``) read no values
-VALUE_READS = frozenset({
-    "Tensor.item", "Tensor.tolist", "Tensor.numpy", "Tensor.__float__", "Tensor.__int__", "Tensor.__index__",
-    "Tensor.__bool__", "Tensor.__complex__", "Tensor.__contains__", "Tensor.__array__", "Tensor.equal", "torch.equal",
-    "Tensor.allclose", "torch.allclose", "Tensor.is_nonzero", "torch.is_nonzero",
-})
+VALUE_READS = frozenset(op_name(function) for function in VALUE_READ_FUNCTIONS)
 #: in-place operators: they change a value the trace already recorded
 IN_PLACE_OPERATORS = _method("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
                               "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",

@@ -23,7 +23,7 @@ from gradgraph.convert.trace.decompositions import decomposition, is_softmax, so
 from gradgraph.convert.trace.meta import (
     broadcast_ids, ids_like, KEY_STRIDE, Neurons, NeuronSet, Opaque, OpLog, Param,
     Raw, Scores, TraceAbort, UnsupportedOperationError, user_frame, ValueGuard, varies_along, constant_varies,
-    flat_arguments, set_containing,
+    flat_arguments, of_datapoints, set_containing,
 )
 from gradgraph.convert.trace.ops import (
     ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, COMPARISONS, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL,
@@ -429,6 +429,7 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
             out_flat, _ = tree_flatten(output)
             if not any(isinstance(value, Tensor) for value in out_flat):
                 if name in VALUE_READS:  # the values leave the trace: a permutation of their neurons must not move them
+                    self.check_value_read(name, tracked)
                     self.mark_opaque(output, name, "hands the values to Python", [meta for _, meta in tracked])
                 return output
             self.dispatch(name, func, args, kwargs, output, tracked)
@@ -584,10 +585,25 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
         for index in sets:
             self.sets[index].pinned = True
         opaque = Opaque(op, location or self.location(), self.path() if path is None else path, _in_packing(reason),
-                        sets)
+                        sets, of_datapoints=any(of_datapoints(meta) for meta in metas))
         for value in tree_flatten(output)[0]:
             if isinstance(value, Tensor):
                 self.set_meta(value, opaque)
+
+    def check_value_read(self, op: str, tracked: list[tuple[Tensor, Any]]) -> None:
+        """Refuse a read of the datapoints' values into Python (``h.max().item()``, ``float(h[0, 0])``, ``if
+        h.mean() > 0``) when there are several datapoints: the number (or branch) is one for the whole batch, so
+        what the forward computes from it for one datapoint depends on the others' values, though autograd sees a
+        constant — every per-sample gradient would differ from the datapoint's own, silently. One datapoint, a
+        parameter's value, or the data's masks and ids (``mask.any()``, ``ids.max()``) are read freely."""
+        if self.num_datapoints > 1 and any(of_datapoints(meta) and not self.is_data(value, meta)
+                                           for value, meta in tracked):
+            raise self.unsupported(op, (
+                f"hands values of the datapoints to Python (a number or a branch), one for all "
+                f"{self.num_datapoints} datapoints: what the forward computes from it for one datapoint depends on "
+                "the others, which autograd cannot see, so every per-sample gradient would be wrong. Compute it with "
+                "tensor ops within each datapoint (h.amax(-1, keepdim=True) for h.max().item()), move a check of "
+                "the values out of forward, or convert one datapoint at a time"))
 
     def need_neurons(self, value: Any, what: str) -> Neurons | None:
         """The neuron ids of ``value`` (fixing the input's layout); ``None`` for constants."""
