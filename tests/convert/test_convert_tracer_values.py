@@ -1533,6 +1533,17 @@ def test_values_of_several_datapoints_handed_to_python_are_refused_naming_the_re
     assert (own - model(inputs)).abs().max() > 1e-3  # the coupling is real: a datapoint alone computes otherwise
 
 
+def test_a_read_converted_with_one_datapoint_is_refused_when_the_batch_grows():
+    """A read converted with one datapoint (no coupling) leaves a cached plan; the next call with four datapoints must
+    not replay it silently: it is traced again and refused at the read."""
+    torch.manual_seed(11)
+    model, inputs = ReadToPython("float").to(DTYPE), torch.randn(4, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    gradgraph.to_graph(model, inputs[:1], loss_fn=squared)
+    with pytest.raises(UnsupportedOperationError, match="one for all 4 datapoints"):
+        gradgraph.to_graph(model, inputs, loss_fn=squared)
+
+
 class ReadsOtherValuesToPython(nn.Module):
     """Reads into Python what does not vary with the datapoints (a parameter's value) or the data's own mask and
     ids (``mask.any()``, ``int(ids.max())``): no coupling, converts at any batch size."""
