@@ -7,6 +7,12 @@ neither autograd nor gradgraph's separation probe (:mod:`gradgraph.convert.separ
 checks derivatives) can see it: each per-sample gradient is then that of a loss that depends on
 the rest of the batch, silently. The trace refuses such reads inside ``forward``
 (``Tracer.check_value_read``); :func:`refuse_value_reads` refuses them in a ``loss_fn``.
+
+A statistic of the batch kept as a tensor but made without gradient (``losses /
+losses.detach().max()``) hides the same coupling from autograd: :class:`DerivedValueReads` also
+refuses a ``detach`` of values computed from the output, and the trace a model output made from
+detached values of the datapoints (``Tracer.cut_in_output``). The same statistic computed under
+``torch.no_grad()`` is not refused yet (see ``DETACH_FUNCTIONS``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ from torch.utils._pytree import tree_flatten
 
 from gradgraph.errors import DatapointCouplingError
 
-__all__ = ["VALUE_READ_FUNCTIONS", "DerivedValueReads", "refuse_value_reads"]
+__all__ = ["DETACH_FUNCTIONS", "VALUE_READ_FUNCTIONS", "DerivedValueReads", "refuse_value_reads", "tensors_in"]
+
+#: the functions that cut a tensor's gradient explicitly; an op under ``torch.no_grad()`` cuts it too, but so does
+#: every op inside a custom ``autograd.Function``'s forward, which a mode cannot tell apart, so those are not refused
+DETACH_FUNCTIONS = frozenset({Tensor.detach, torch.detach})
 
 #: the functions that hand a tensor's values to Python (``float(t)``, ``bool(t)``, ``t.tolist()``,
 #: ``torch.equal``); shape and dtype queries (``t.size()``, ``t.dim()``) read no values
@@ -33,10 +43,10 @@ VALUE_READ_FUNCTIONS = frozenset({
 })
 
 
-def _tensors(value: Any) -> list[Tensor]:
+def tensors_in(value: Any) -> list[Tensor]:
     """The tensors inside ``value`` (a tensor, a tuple, a dict, a ``transformers`` ``ModelOutput``)."""
     if isinstance(value, Mapping):
-        return [tensor for item in value.values() for tensor in _tensors(item)]
+        return [tensor for item in value.values() for tensor in tensors_in(item)]
     return [item for item in tree_flatten(value)[0] if isinstance(item, Tensor)]
 
 
@@ -57,7 +67,7 @@ class DerivedValueReads(TorchFunctionMode):
         ``num_datapoints``; with one datapoint no read couples datapoints, so nothing is followed."""
         if num_datapoints > 1:
             self.num_datapoints = max(self.num_datapoints, num_datapoints)
-            self.derived.update((id(tensor), tensor) for tensor in _tensors(sources))
+            self.derived.update((id(tensor), tensor) for tensor in tensors_in(sources))
 
     def reads_derived(self, values: list) -> bool:
         return any(isinstance(value, Tensor) and self.derived.get(id(value)) is value for value in values)
@@ -75,9 +85,16 @@ class DerivedValueReads(TorchFunctionMode):
                 "datapoints where autograd sees a constant, so every per-sample gradient would be silently wrong "
                 "(only their sum right). Compute each datapoint's loss from its own output with tensor ops "
                 "(no .item(), float() or if on the losses), or convert one datapoint at a time")
+        if derived and func in DETACH_FUNCTIONS:
+            raise DatapointCouplingError(
+                f"{self.what} cuts the gradient of values computed from the model's output (detach): a statistic of "
+                "the batch made from them (losses / losses.detach().max()) couples the datapoints where autograd sees "
+                "a constant, so every per-sample gradient would be silently wrong, and gradgraph cannot tell such a "
+                "statistic from one of a datapoint alone. Compute each datapoint's loss from its own output without "
+                "detach, or convert one datapoint at a time")
         output = func(*args, **kwargs)
         if derived:
-            for tensor in _tensors(output):
+            for tensor in tensors_in(output):
                 self.derived[id(tensor)] = tensor
         return output
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from gradgraph.convert.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ONE_OP_MODULES
 from gradgraph.graph import ActivationKind
-from gradgraph.value_reads import VALUE_READ_FUNCTIONS
+from gradgraph.value_reads import DETACH_FUNCTIONS, VALUE_READ_FUNCTIONS
 
 
 # ----------------------------------------------------------------------- op tables
@@ -145,6 +145,8 @@ PARAMETER_REFUSED = _method("__sub__", "__rsub__", "sub", "__truediv__", "__rdiv
 #: forward then does with them (a scale, a branch) is no op the trace sees, so the sets read are pinned
 #: (``Tracer.__torch_function__``); shape and dtype queries (``h.size()``, ``h.dim()``) read no values
 VALUE_READS = frozenset(op_name(function) for function in VALUE_READ_FUNCTIONS)
+#: ops that cut a value's gradient explicitly (``h.detach()``): a model output made from them is refused
+DETACHES = frozenset(op_name(function) for function in DETACH_FUNCTIONS)
 #: in-place operators: they change a value the trace already recorded
 IN_PLACE_OPERATORS = _method("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
                               "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",

@@ -28,7 +28,7 @@ from gradgraph.convert.trace.meta import (
 from gradgraph.convert.trace.ops import (
     ACTIVATION_OPS, ADDMM, BADDBMM, BATCH_NORM, COMPARISONS, CONSTANT_FACTORIES, CONVOLUTION, BINARY_ADD, BINARY_MUL,
     BINARY_OTHER, DROPOUT_TRAINING_DEFAULT, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MAX_MIN, EMBEDDING, IDENTITY_OPS,
-    IN_PLACE_HINT, IN_PLACE_OPERATORS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL,
+    IN_PLACE_HINT, IN_PLACE_OPERATORS, LAYER_NORM, LINEAR, MASK_FILL, MATMUL, DETACHES,
     numpy_keywords, op_name, REDUCTIONS, RMS_NORM, RRELU, SDPA, SHAPE_OPS, SHAPED_LIKE, SOFTMAX, UNARY, VALUE_READS,
     WHERE,
 )
@@ -48,6 +48,7 @@ from gradgraph.convert.trace.rules_reduction import ReductionRules
 from gradgraph.convert.trace.rules_shape import ShapeRules
 from gradgraph.errors import UnsupportedModuleError
 from gradgraph.graph import EdgeKind, NodeKind
+from gradgraph.value_reads import tensors_in
 
 
 def _is_in_place(name: str, args: tuple, kwargs: dict) -> bool:
@@ -433,6 +434,11 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
                     self.mark_opaque(output, name, "hands the values to Python", [meta for _, meta in tracked])
                 return output
             self.dispatch(name, func, args, kwargs, output, tracked)
+            if name in DETACHES and any(of_datapoints(meta) and not self.is_data(value, meta)
+                                        for value, meta in tracked):
+                for value in tensors_in(output):  # (detach has no rule: its value is opaque) the output must
+                    if isinstance(self.meta(value), Opaque):  # not be made from it (cut_in_output)
+                        self.meta(value).cut = f"{name} at {self.location()}"
             return output
         except UnsupportedModuleError as error:
             raise TraceAbort(error) from None
@@ -585,7 +591,8 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
         for index in sets:
             self.sets[index].pinned = True
         opaque = Opaque(op, location or self.location(), self.path() if path is None else path, _in_packing(reason),
-                        sets, of_datapoints=any(of_datapoints(meta) for meta in metas))
+                        sets, of_datapoints=any(of_datapoints(meta) for meta in metas),
+                        cut=next((meta.cut for meta in metas if isinstance(meta, Opaque) and meta.cut), None))
         for value in tree_flatten(output)[0]:
             if isinstance(value, Tensor):
                 self.set_meta(value, opaque)
@@ -604,6 +611,12 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
                 "the others, which autograd cannot see, so every per-sample gradient would be wrong. Compute it with "
                 "tensor ops within each datapoint (h.amax(-1, keepdim=True) for h.max().item()), move a check of "
                 "the values out of forward, or convert one datapoint at a time"))
+
+    def cut_in_output(self, output: Any) -> str | None:
+        """Where the gradient of datapoints' values the model's output is made from was cut, with several
+        datapoints (the output checked by ``trace_model``); ``None`` if it was not."""
+        cuts = [meta.cut for meta in map(self.meta, tensors_in(output)) if isinstance(meta, Opaque) and meta.cut]
+        return cuts[0] if cuts and self.num_datapoints > 1 else None
 
     def need_neurons(self, value: Any, what: str) -> Neurons | None:
         """The neuron ids of ``value`` (fixing the input's layout); ``None`` for constants."""
