@@ -293,6 +293,22 @@ def test_one_neuron_on_two_features_gets_a_merge_copy_each_and_pins_its_set(acti
     assert group == fixed(3 + 4 + 8 + 2) and moved == 0
 
 
+def test_the_merge_edges_of_one_neuron_on_two_features_carry_no_weight():
+    """``materialize``'s copy of a row that holds a neuron twice (``h.repeat(1, 2)``): its 8 MERGE edges, one from
+    each neuron it copies, carry no weight, ``edge_param`` ``-1`` (``graph.py``: "-1 if the edge is structural", a
+    field a user reads), and every other edge a valid parameter index. Kills ``materialize`` 45 of run convert 21
+    (68 of run convert 11; the MERGE edges written with parameter ``-2``, listed equivalent there: "every reader asks
+    ``>= 0``", which a user's code need not)."""
+    torch.manual_seed(5)
+    graph = exact(SameTwice(True).to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+    merge = graph.edge_kind == int(gradgraph.EdgeKind.MERGE)
+    assert int(merge.sum()) == 8
+    assert graph.edge_param[merge].tolist() == [-1] * 8
+    assert graph.edge_param_pos[merge].tolist() == [-1] * 8
+    assert bool(((graph.edge_param == -1) | ((graph.edge_param >= 0) & (graph.edge_param < len(graph.param_names))))
+                .all())
+
+
 class StateBuffer(nn.Module):
     """An Elman loop whose initial state is a buffer (zero at first); ``leaf`` instead makes the
     state in ``forward`` as a zero tensor that requires grad (a value gradgraph did not follow)."""
