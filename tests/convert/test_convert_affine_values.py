@@ -439,6 +439,31 @@ def test_embeddings_and_position_parameters_convert_exactly(kind):
     exact(Tokens(kind).to(DTYPE), token_ids())
 
 
+class ScaledPositionsUnused(nn.Module):
+    """Token and position tables; ``2.0 * positions`` computed first (a branch of the forward that does not reach
+    the output), then the positions themselves added to the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.out = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        positions = self.positions(torch.arange(ids.shape[1]))
+        self.scaled = 2.0 * positions  # (kept for inspection; not part of the output)
+        return self.out(torch.tanh(self.tokens(ids) + positions)).sum(1)
+
+
+def test_positions_added_unchanged_convert_exactly_after_a_scaled_copy_of_them_was_made():
+    """The scale makes a new version of the position values (version 1, recorded as changed by ``2.0 *``); the
+    positions added to the tokens are the table's output itself, version 0, so the sum is no join of changed
+    positions: it converts, exact against torch.func. Kills ``embedding`` 84 (the constant-index output made at
+    version 1, which run convert 11 listed equivalent as its 109, before ``unary`` recorded changed position
+    versions: under it the unchanged positions share the scaled copy's version and the sum is refused as a join of
+    positions "that Tensor.__rmul__ ... changed")."""
+    torch.manual_seed(16)
+    exact(ScaledPositionsUnused().to(DTYPE), token_ids())
+
+
 class PerPosition(nn.Module):
     def __init__(self) -> None:
         super().__init__()
