@@ -293,6 +293,22 @@ def test_one_neuron_on_two_features_gets_a_merge_copy_each_and_pins_its_set(acti
     assert group == fixed(3 + 4 + 8 + 2) and moved == 0
 
 
+def test_the_merge_edges_of_one_neuron_on_two_features_carry_no_weight():
+    """``materialize``'s copy of a row that holds a neuron twice (``h.repeat(1, 2)``): its 8 MERGE edges, one from
+    each neuron it copies, carry no weight, ``edge_param`` ``-1`` (``graph.py``: "-1 if the edge is structural", a
+    field a user reads), and every other edge a valid parameter index. Kills ``materialize`` 45 of run convert 21
+    (68 of run convert 11; the MERGE edges written with parameter ``-2``, listed equivalent there: "every reader asks
+    ``>= 0``", which a user's code need not)."""
+    torch.manual_seed(5)
+    graph = exact(SameTwice(True).to(DTYPE), torch.randn(5, 3, dtype=DTYPE))
+    merge = graph.edge_kind == int(gradgraph.EdgeKind.MERGE)
+    assert int(merge.sum()) == 8
+    assert graph.edge_param[merge].tolist() == [-1] * 8
+    assert graph.edge_param_pos[merge].tolist() == [-1] * 8
+    assert bool(((graph.edge_param == -1) | ((graph.edge_param >= 0) & (graph.edge_param < len(graph.param_names))))
+                .all())
+
+
 class StateBuffer(nn.Module):
     """An Elman loop whose initial state is a buffer (zero at first); ``leaf`` instead makes the
     state in ``forward`` as a zero tensor that requires grad (a value gradgraph did not follow)."""
@@ -421,6 +437,31 @@ def test_embeddings_and_position_parameters_convert_exactly(kind):
     gradient exact, the padding rows' zero. Kills embedding 14-16, 29, 34, 36, 111, 128; bind 29, 34, 35."""
     torch.manual_seed(9)
     exact(Tokens(kind).to(DTYPE), token_ids())
+
+
+class ScaledPositionsUnused(nn.Module):
+    """Token and position tables; ``2.0 * positions`` computed first (a branch of the forward that does not reach
+    the output), then the positions themselves added to the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.out = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        positions = self.positions(torch.arange(ids.shape[1]))
+        self.scaled = 2.0 * positions  # (kept for inspection; not part of the output)
+        return self.out(torch.tanh(self.tokens(ids) + positions)).sum(1)
+
+
+def test_positions_added_unchanged_convert_exactly_after_a_scaled_copy_of_them_was_made():
+    """The scale makes a new version of the position values (version 1, recorded as changed by ``2.0 *``); the
+    positions added to the tokens are the table's output itself, version 0, so the sum is no join of changed
+    positions: it converts, exact against torch.func. Kills ``embedding`` 84 (the constant-index output made at
+    version 1, which run convert 11 listed equivalent as its 109, before ``unary`` recorded changed position
+    versions: under it the unchanged positions share the scaled copy's version and the sum is refused as a join of
+    positions "that Tensor.__rmul__ ... changed")."""
+    torch.manual_seed(16)
+    exact(ScaledPositionsUnused().to(DTYPE), token_ids())
 
 
 class PerPosition(nn.Module):

@@ -253,3 +253,108 @@ def test_the_groups_after_a_group_of_blocks_are_numbered_on():
     assert graph.perm_block[graph.perm_group == 2].tolist() == [0] * 6
     moved = [assert_group_keeps_function(model, inputs, None, squared, seed=seed)[0] for seed in range(2)]
     assert max(moved) > 0
+
+
+# ------------------------------------------------ the automorphism check and its entry numbering, by their contract
+# In every model found, the checks before them decide first (docs/mutation.md, run layout 5's 20 not killed): these
+# give the two functions small graphs by hand and compare their answers with the ones their docstrings define,
+# worked out by hand. Edges ``(src, dst, kind, param, entry)``; every node has label 0 unless said otherwise.
+def _automorphism(perm, edges, num_nodes, labels=None, node_params=None):
+    """``_is_automorphism`` of ``perm`` over ``edges`` (``uses`` counted from the edges and node entries)."""
+    from gradgraph.convert.blocks import _is_automorphism
+
+    src, dst, kind, param, entry = (torch.tensor(column, dtype=torch.long) for column in (zip(*edges) if edges
+                                                                                         else [[]] * 5))
+    node_param, node_entry = (torch.tensor(column, dtype=torch.long) for column in
+                              (node_params or ([-1] * num_nodes, [-1] * num_nodes)))
+    used = torch.cat((entry[entry >= 0], node_entry[node_entry >= 0]))
+    uses = torch.bincount(used, minlength=int(used.max()) + 1 if len(used) else 0)
+    labels = labels or (torch.zeros(num_nodes, dtype=torch.long),)
+    return _is_automorphism(torch.tensor(perm), labels, (torch.stack((src, dst)), kind, param, entry),
+                            (node_param, node_entry), uses)
+
+
+# inputs 0, 1; outputs 2, 3: each input feeds each output through an entry of its own of parameter 0
+DENSE = [(0, 2, 0, 0, 0), (1, 2, 0, 0, 1), (0, 3, 0, 0, 2), (1, 3, 0, 0, 3)]
+
+
+def test_the_automorphism_check_accepts_an_exchange_of_two_outputs_with_their_weights():
+    """Exchanging outputs 2 and 3 maps every edge onto an edge of its kind and parameter and the entries 0, 1 onto
+    2, 3 one to one, used by nothing that stays: an automorphism (the answer the mutants below must not change
+    where it is right)."""
+    assert _automorphism([0, 1, 3, 2], DENSE, 4)
+
+
+def test_the_automorphism_check_refuses_nodes_of_different_labels_exchanged():
+    """Nodes 0 and 1 of layers 0 and 1 exchanged, node 2 staying, no edges: not an automorphism (it does not keep
+    every label). Kills ``_is_automorphism`` 10 (the label check's ``return False`` made ``True``) and 2
+    (``moved`` read as the nodes that stay: node 2's label is its own)."""
+    labels = (torch.tensor([0, 1, 1]),)
+    assert not _automorphism([1, 0, 2], [], 3, labels)
+    assert _automorphism([0, 2, 1], [], 3, labels)
+
+
+def test_the_automorphism_check_refuses_an_edge_mapped_onto_an_edge_of_another_parameter():
+    """Inputs 0 and 1 exchanged, each feeding output 2 through a parameter of its own (0 and 1): each edge maps onto
+    an edge of its kind, not of its parameter: no automorphism. Kills ``_is_automorphism`` 55 (the parameter check
+    failing only where a node's bias parameter differs too) and 66 (its ``return False`` made ``True``); the entries
+    alone would pass (one to one, each used once)."""
+    assert not _automorphism([1, 0, 2], [(0, 2, 0, 0, 0), (1, 2, 0, 1, 4)], 3)
+
+
+def test_the_automorphism_check_refuses_an_edge_whose_image_sorts_after_every_edge():
+    """Inputs 0 and 1 exchanged where only input 0 feeds output 2: the image ``1 -> 2`` is no edge, and its key
+    sorts after every touched edge's. Kills ``_is_automorphism`` 43 (the search clamped to ``len(keys) + 1``: an
+    ``IndexError`` instead of ``False``)."""
+    assert not _automorphism([1, 0, 2], [(0, 2, 0, 0, 0)], 3)
+
+
+def test_the_automorphism_check_refuses_entries_not_moved_one_to_one():
+    """Outputs 2 and 3 exchanged where the edges into output 2 share entry 0 and those into output 3 have entries 1
+    and 2 of their own: each edge maps onto an edge of its kind and parameter, but entry 0 would go to both 1 and 2
+    (not one entry to one entry). Kills ``_is_automorphism`` 104 (that check's ``return False`` made ``True``) and
+    77 (``if len(before)``: the entry checks skipped wherever there are entries)."""
+    shared = [(0, 2, 0, 0, 0), (1, 2, 0, 0, 0), (0, 3, 0, 0, 1), (1, 3, 0, 0, 2)]
+    assert not _automorphism([0, 1, 3, 2], shared, 4)
+
+
+def test_the_automorphism_check_refuses_two_parallel_edges_mapped_onto_one():
+    """Output 2 fed by input 0 through two parallel edges (entries 0 and 1), output 3 by one (entry 2); exchanging
+    the outputs maps both parallel edges onto the one edge and that one onto the first of them: entries 0 and 1 go
+    to 2 (forward one to one in ``forward``'s sense, one write per entry), but entry 2 comes back from two entries
+    (``backward`` fails). Not an automorphism: the edge counts of nodes 2 and 3 differ. Kills ``_is_automorphism``
+    93 (``and`` for ``or``: both directions must fail). (The trace writes no parallel edges of one kind today, which
+    is why no model reaches this.)"""
+    parallel = [(0, 2, 0, 0, 0), (0, 2, 0, 0, 1), (0, 3, 0, 0, 2)]
+    assert not _automorphism([0, 1, 3, 2], parallel, 4)
+
+
+def test_the_automorphism_check_refuses_an_entry_that_moves_while_an_edge_that_stays_uses_it():
+    """Outputs 2 and 3 exchanged (entries 0 and 1 one to one), but entry 0 is also used by the edge ``4 -> 5``
+    between two nodes that stay (a shared parameter): that edge is its own image, so its entry must stay. Not an
+    automorphism. Kills ``_is_automorphism`` 106 (the use count compared for the entries that stay instead of
+    those that move)."""
+    shared_with_staying = [(0, 2, 0, 0, 0), (0, 3, 0, 0, 1), (4, 5, 0, 0, 0)]
+    assert not _automorphism([0, 1, 3, 2, 4, 5], shared_with_staying, 6)
+    assert _automorphism([0, 1, 3, 2, 4, 5], shared_with_staying[:2] + [(4, 5, 0, 0, 2)], 6)
+
+
+def test_the_entry_numbering_numbers_every_entry_once_across_parameters_and_counts_its_uses():
+    """``_entry_numbering`` for parameters of shapes ``[2, 2]`` and ``[3]`` (entries 0-3, then 4-6): edges of
+    parameter 0 at positions 0 and 3, of parameter 1 at 1, one without (``-1``); node biases of parameter 0 at 2 and
+    0, of parameter 1 at 0, one without. Kills ``_entry_numbering`` 27, 28 (parameter 0's edges numbered ``-1``),
+    41, 42 (parameter 0's node entries ``-1``), 45 (parameter 0's node entries offset as parameter 1's) and 52, 53
+    (entry 0 of a node left out of the use counts)."""
+    from types import SimpleNamespace
+
+    from gradgraph.convert.blocks import _entry_numbering
+
+    trace = SimpleNamespace(param_shapes=[(2, 2), (3,)])
+    edge_index = torch.tensor([[0, 1, 2, 3], [4, 4, 5, 5]])
+    edges = (edge_index, torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, -1]), torch.tensor([0, 3, 1, 0]))
+    nodes = (torch.tensor([-1, 0, 1, 0, -1, -1]), torch.tensor([0, 2, 0, 0, 0, 0]))
+    (_, _, edge_param, edge_entry), (node_param, node_entry), uses = _entry_numbering(trace, edges, nodes)
+    assert edge_entry.tolist() == [0, 3, 5, -1]
+    assert node_entry.tolist() == [-1, 2, 4, 0, -1, -1]
+    assert uses.tolist() == [2, 0, 1, 1, 1, 1, 0]
+    assert edge_param.tolist() == [0, 0, 1, -1] and node_param.tolist() == [-1, 0, 1, 0, -1, -1]

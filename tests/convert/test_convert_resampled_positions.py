@@ -110,6 +110,18 @@ def test_a_table_downsampled_with_antialiasing_converts_exactly():
     assert_matches_autograd_loop(model, _images(), None, squared)
 
 
+def test_a_table_resampled_in_a_float32_model_converts_to_float32_factors():
+    """The interpolation weights are read off one-hot maps in float64 (``resample_parameter``); a float32 model's
+    factors are float32, so the weights are cast to them when they are written (``fill_factors``). Against the
+    per-datapoint autograd loop at float32's precision; every factor float32. Kills ``assembly.fill_factors`` 171,
+    173 of run assembly 5 (the weights written without the cast: "Index put requires the source and destination
+    dtypes match")."""
+    torch.manual_seed(23)
+    model = ResampledMap(OPTIONS["bilinear"])
+    graph = assert_matches_autograd_loop(model, _images().float(), None, squared, atol=1e-5)
+    assert graph.act.dtype == graph.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("use", ["part", "flipped"])
 def test_shape_ops_and_a_part_of_the_channels_between_interpolation_and_sum_convert_exactly(use):
     torch.manual_seed(23)
