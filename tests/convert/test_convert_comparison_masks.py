@@ -214,3 +214,33 @@ def test_a_where_that_selects_the_comparison_itself_is_refused_naming_it(values)
     _refused(Selected().to(DTYPE), r"Tensor\.gt: a comparison of neuron values, read otherwise than as a mask of the "
                                    r"same neurons, and its result reaches torch\.nn\.functional\.linear with the "
                                    r"parameter 'out\.weight'")
+
+
+THREE_OPERANDS = {
+    "baddbmm": lambda h: torch.baddbmm((h > 0).to(h.dtype), h, torch.tanh(h)),
+    "baddbmm-same-value": lambda h: (lambda t: torch.baddbmm((t > 0).to(t.dtype), t, t))(torch.tanh(h)),
+}
+
+
+@pytest.mark.parametrize("form", sorted(THREE_OPERANDS))
+def test_a_three_operand_op_other_than_where_of_a_comparison_and_its_neurons_is_refused(form):
+    """``torch.baddbmm(h > 0, h, tanh(h))`` on ``[b, 2, 2]`` values of one affine output: the comparison first, then
+    two values of the compared neurons, but a batched matrix product mixes the neurons, no elementwise op of each.
+    Refused naming the comparison. Kills ``masks_compared_neurons`` 32 of run elementwise 27 (``name in WHERE and
+    len(neurons) == 2 or len(tracked) == 3``: every such op read as ``torch.where`` of the compared neurons), listed
+    before as a refusal stricter than needed: under it this model converts with exact per-sample gradients but a
+    false symmetry, the sampled group element changes the function (by up to 0.33; branch mut50, issue 31)."""
+
+    class Product(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x).view(-1, 2, 2)
+            return self.out(torch.tanh(THREE_OPERANDS[form](h).reshape(-1, 4)))
+
+    torch.manual_seed(0)
+    _refused(Product().to(DTYPE), r"Tensor\.gt: a comparison of neuron values, read otherwise than as a mask of the "
+                                  r"same neurons, and its result reaches torch\.nn\.functional\.linear with the "
+                                  r"parameter 'out\.weight'")

@@ -242,6 +242,36 @@ def test_cross_attention_of_a_stock_multihead_attention_is_refused_naming_the_mo
 
 
 
+class LearnedQuery(nn.Module):
+    """Attention pooling with a learned query (SigLIP's head, a Perceiver's latents): ``nn.MultiheadAttention(probe,
+    x, x)``, the query a parameter repeated over the datapoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, 4))
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(self.probe.repeat(x.shape[0], 1, 1), x, x)[0]
+
+
+def test_attention_pooling_with_a_learned_query_is_refused_in_its_own_words_in_full():
+    """A parameter as the query is refused as attention pooling with a learned query, naming the parameter and the
+    remedy, not as cross-attention (whose advice is for another model). Kills ``_patch_attention`` 29, 30, 32 (the
+    query's meta not read: the cross-attention words) and 33-41 (the words changed) of run run 11 (the tests of the
+    SigLIP head, in ``test_convert_more_transformers.py``, are outside group ``convert-run``'s list)."""
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(gradgraph.UnsupportedModuleError) as error:
+        gradgraph.to_graph(LearnedQuery().to(DTYPE), torch.randn(3, 5, 4, dtype=DTYPE), None, squared)
+    assert re.fullmatch(
+        r"\S+:\d+ in LearnedQuery\.forward \(module 'attention' of type MultiheadAttention\): "
+        r"nn\.MultiheadAttention: "
+        + re.escape("attention pooling with a learned query (the parameter 'probe' attends over the tokens) is not "
+                    "supported: the query is a parameter, not values of the input. Pool the tokens otherwise (their "
+                    "mean, a class token; SigLIP: vision_use_head=False)"), str(error.value)), error.value
+    assert (error.value.path, error.value.op) == ("attention", "nn.MultiheadAttention")
+
+
 class Attention(nn.Module):
     """``nn.MultiheadAttention`` under ``attention``, called as ``how`` says; its output (and its weights, read)."""
 
@@ -495,6 +525,24 @@ def test_an_error_inside_the_traces_own_rules_is_called_internal_not_the_models(
     assert message.endswith(f"RuntimeError: {caught.value.__cause__}. This is a bug in gradgraph, not in the model: "
                             "please report it with the model"), message
     assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_an_internal_error_names_the_users_line_it_was_met_at(monkeypatch):
+    """The internal error's message says where in the model's code the trace was ("at file:line in function", here
+    the patched rule's lambda in this file; under mutmut a trampoline's frame), as an error of the model's does: kills
+    ``_run_forward`` 16 of run run 11 (``_user_frame(None)``: "at <unknown location>")."""
+    from gradgraph.convert.trace.tracer import Tracer
+
+    original = Tracer.neurons_from_raw
+    monkeypatch.setattr(Tracer, "neurons_from_raw", lambda self, value, meta, what: original(
+        self, value[..., :0], meta, what))
+    gradgraph.convert.clear_structure_cache()
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).to(DTYPE)
+    with pytest.raises(gradgraph.GradGraphError) as caught:
+        gradgraph.to_graph(model, torch.randn(3, 4, dtype=DTYPE), None, squared)
+    assert re.search(r"\(torch\.float64\), at [\w.]+\.py:\d+ in [\w.<>]+: RuntimeError: ", str(caught.value)), caught.value
+    if not os.environ.get("MUTANT_UNDER_TEST"):
+        assert ", at test_convert_run_values.py:" in str(caught.value), caught.value
 
 
 def test_a_type_error_inside_a_rule_is_called_internal_too(monkeypatch):
