@@ -349,8 +349,8 @@ def test_data_indices_whose_rows_move_before_they_join_the_tokens_are_refused():
 
 class ShapedLikeMask(nn.Module):
     """The padding mask given the shape of the values it masks by ``expand_as`` / ``view_as`` (the second tensor
-    gives only a shape): four-head attention scores masked or biased, or hidden states mean-pooled over the tokens
-    that are not padding (sentence-transformers' pooling written with ``expand_as``)."""
+    gives only a shape, or a dtype): four-head attention scores masked or biased, or hidden states mean-pooled over
+    the tokens that are not padding (sentence-transformers' pooling written with ``expand_as`` or ``type_as``)."""
 
     def __init__(self, form: str, heads: int = 4) -> None:
         super().__init__()
@@ -365,8 +365,11 @@ class ShapedLikeMask(nn.Module):
         if self.form.startswith("pool"):
             h = torch.tanh(self.qkv(h)[..., :8])
             weights = keep.to(DTYPE).unsqueeze(-1)
-            weights = weights.expand_as(h) if self.form == "pool expand_as" else \
-                weights.expand(b, t, 8).reshape(-1).view_as(h)
+            if self.form == "pool type_as":
+                weights = keep.unsqueeze(-1).type_as(h)
+            else:
+                weights = weights.expand_as(h) if self.form == "pool expand_as" else \
+                    weights.expand(b, t, 8).reshape(-1).view_as(h)
             return self.out((h * weights).sum(1) / weights.sum(1))
         q, k, v = (part.view(b, t, self.heads, -1).transpose(1, 2) for part in self.qkv(h).chunk(3, dim=-1))
         scores = q @ k.transpose(-2, -1) / 2.0
@@ -378,10 +381,11 @@ class ShapedLikeMask(nn.Module):
         return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)).sum(1)
 
 
-@pytest.mark.parametrize("form", ["scores masked_fill", "scores added", "pool expand_as", "pool view_as"])
+@pytest.mark.parametrize("form", ["scores masked_fill", "scores added", "pool expand_as", "pool view_as",
+                                  "pool type_as"])
 def test_a_padding_mask_given_the_shape_of_the_values_it_masks_converts_exactly_with_its_symmetries(form):
-    """``mask.expand_as(scores)`` / ``mask.expand_as(h)``: data made from the ids, given the shape of neuron values or
-    attention scores whose values it does not read. The trace took the second tensor for an operand: the attention
+    """``mask.expand_as(scores)`` / ``mask.expand_as(h)`` / ``mask.type_as(h)``: data made from the ids, given the shape
+    (or dtype) of neuron values or attention scores whose values it does not read. The trace took the second tensor for an operand: the attention
     forms were refused as "moves attention scores between datapoints" (the scores' rule replayed the op on the
     mask), the pooling forms as "combines values of different datapoints", both blamed on a model that converts
     (fails before the fix in ``Tracer.dispatch``, branch mut51). Exact against torch.func, and sampled group elements
