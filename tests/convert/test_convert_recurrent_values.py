@@ -1020,7 +1020,7 @@ def test_a_loop_whose_steps_put_two_edges_between_one_pair_of_neurons_is_unrolle
     assert_unrolled_exactly(RolledState().to(DTYPE).eval(), sequence(steps=4), "two edges between one pair of neurons")
 
 
-# ---- issue 31, branch mut51: a refusal between a stock module's begin_loop and its first step (run recurrent 7)
+# ---- issue 31, branch mut51: a refusal between a stock module's begin_loop and its first step (beside run recurrent 7)
 
 
 class StackedParts(nn.Module):
@@ -1043,9 +1043,11 @@ class StackedParts(nn.Module):
 def test_a_stock_loop_refused_folded_before_its_first_step_is_converted_unrolled_with_the_reason(cell):
     """A folded trace refused between ``begin_loop`` and the first ``begin_step`` (the input terms' ``F.linear``
     over time steps that hold other neurons) is a folded loop's refusal: the model is traced again unrolled and
-    converts, exactly (a per-datapoint loop), with the warning that quotes the folded refusal. Kills
-    ``rules_recurrent`` ``fold_event`` 12, 13 (``fold_seen`` ``None`` / ``False`` at ``begin_loop``: the folded
-    refusal raised as the model's, the model refused), listed not killed by runs recurrent 5-6."""
+    converts, exactly (a per-datapoint loop), with the warning that quotes the folded refusal. The only test of a
+    refusal between a stock module's ``begin_loop`` and its first step; checked against ``rules_recurrent``
+    ``fold_event`` 6, 7 (``fold_seen`` ``None`` / ``False`` at ``begin_loop``: the folded refusal raised as the
+    model's, the model refused; killed before by other tests). ``fold_event`` 12, 13 (the same at ``begin_step``)
+    survive it: this loop sets ``fold_seen`` at ``begin_loop`` first."""
     torch.manual_seed(31)
     model = StackedParts(cell).to(DTYPE)
     inputs = torch.randn(3, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(31))
