@@ -367,6 +367,8 @@ class ShapedLikeMask(nn.Module):
             weights = keep.to(DTYPE).unsqueeze(-1)
             if self.form == "pool type_as":
                 weights = keep.unsqueeze(-1).type_as(h)
+            elif self.form == "pool expand_as other=":
+                weights = weights.expand_as(other=h)
             else:
                 weights = weights.expand_as(h) if self.form == "pool expand_as" else \
                     weights.expand(b, t, 8).reshape(-1).view_as(h)
@@ -382,7 +384,7 @@ class ShapedLikeMask(nn.Module):
 
 
 @pytest.mark.parametrize("form", ["scores masked_fill", "scores added", "pool expand_as", "pool view_as",
-                                  "pool type_as"])
+                                  "pool type_as", "pool expand_as other="])
 def test_a_padding_mask_given_the_shape_of_the_values_it_masks_converts_exactly_with_its_symmetries(form):
     """``mask.expand_as(scores)`` / ``mask.expand_as(h)`` / ``mask.type_as(h)``: data made from the ids, given the shape
     (or dtype) of neuron values or attention scores whose values it does not read. The trace took the second tensor for an operand: the attention
