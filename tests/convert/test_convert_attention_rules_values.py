@@ -1199,3 +1199,22 @@ def test_scores_joined_alone_with_the_parts_by_keyword_are_refused_as_moved():
     assert re.match(WHERE + re.escape("torch.cat: moves attention scores between datapoints (one datapoint's "
                                       "attention would read another's scores), and its result reaches"),
                     message), message
+
+
+# ---- issue 31, branch mut51: the attention edges' parameter (run convert 60)
+
+
+def test_the_edges_of_attention_heads_carry_edge_param_minus_one():
+    """``graph.py``: ``edge_param`` is "-1 if the edge is structural", a field a user reads. The QUERY_KEY,
+    VALUE_ATTENTION and QUERY_ATTENTION edges of a four-head attention carry ``-1``, every other edge a valid
+    parameter index. Kills ``xǁAttentionRulesǁattention_output__mutmut_259``, ``262``, ``267`` (each kind written
+    with parameter ``-2``, listed equivalent as 261, 264, 269 before 320f2cf renumbered the function: "every reader
+    asks ``>= 0``"; run elementwise 29 killed their kind elsewhere; run convert 61 confirms); exact against
+    torch.func."""
+    _, graph = convert(lambda self, q, k, v: (scores(q, k) / 2.0).softmax(-1) @ v, heads=4)
+    for kind in (EdgeKind.QUERY_KEY, EdgeKind.VALUE_ATTENTION, EdgeKind.QUERY_ATTENTION):
+        structural = graph.edge_kind == int(kind)
+        assert int(structural.sum()) > 0, kind
+        assert set(graph.edge_param[structural].tolist()) == {-1}, kind
+    valid = (graph.edge_param == -1) | ((graph.edge_param >= 0) & (graph.edge_param < len(graph.param_names)))
+    assert bool(valid.all())

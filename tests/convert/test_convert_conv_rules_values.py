@@ -1106,3 +1106,37 @@ def test_a_constant_pad_adding_channels_to_the_model_input_stays_refused_as_an_o
     model = PaddedNamingChannels((0, 0, 1, 0), on_input=True, added=1).to(DTYPE)
     with pytest.raises(UnsupportedOperationError, match=_pad_without_a_rule("a")):
         gradgraph.to_graph(model, torch.randn(3, 2, 6, dtype=DTYPE), None, squared)
+
+
+# ---- issue 31, branch mut51: the structural edges' parameter (run conv 18)
+
+
+class WeightlessConvEdges(nn.Module):
+    """``Conv2d -> GroupNorm(affine=False) -> max_pool2d -> pixel_shuffle -> Conv2d -> mean -> Linear``: the
+    pooling's copy and the shuffle are joined by MERGE edges, the norm by NORM_SCALE edges without a weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4, affine=False), nn.Conv2d(1, 3, 2)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.tanh(self.norm(self.a(x))), 2)
+        return self.head(torch.tanh(self.b(F.pixel_shuffle(h, 2))).mean((2, 3)))
+
+
+def test_the_merge_and_weightless_norm_edges_of_a_map_carry_edge_param_minus_one():
+    """``graph.py``: ``edge_param`` is "-1 if the edge is structural", a field a user reads. The MERGE edges of a
+    pooling's copy (``tied_copy``) and of a pixel shuffle, and the NORM_SCALE edges of a group norm without its
+    affine parameters, carry ``-1``; every other edge a valid parameter index. Kills ``tied_copy`` 20,
+    ``channel_norm`` 169 and ``pixel_shuffle`` 82 (the edges written with parameter ``-2``, listed equivalent by
+    runs convert 10 and conv 1-3 as "every reader asks ``>= 0``"; run elementwise 29 killed their kind elsewhere);
+    exact against torch.func."""
+    torch.manual_seed(5)
+    graph = exact(WeightlessConvEdges().to(DTYPE), torch.randn(3, 2, 6, 6, dtype=DTYPE))
+    for kind in (gradgraph.EdgeKind.MERGE, gradgraph.EdgeKind.NORM_SCALE):
+        structural = graph.edge_kind == int(kind)
+        assert int(structural.sum()) > 0, kind
+        assert set(graph.edge_param[structural].tolist()) == {-1}, kind
+    valid = (graph.edge_param == -1) | ((graph.edge_param >= 0) & (graph.edge_param < len(graph.param_names)))
+    assert bool(valid.all())

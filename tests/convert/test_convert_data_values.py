@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 from convert_values import exact, squared
-from traced_models import assert_exact_per_sample_grads
+from traced_models import assert_exact_per_sample_grads, assert_group_keeps_function
 from torch import nn
 
 import gradgraph
@@ -342,3 +342,58 @@ def test_data_indices_whose_rows_move_before_they_join_the_tokens_are_refused():
                        r"computed from the input and their positions move before they join the token values; pass "
                        r"them in \(e\.g\. position_ids\) or compute them with elementwise ops on the ids$"):
         gradgraph.to_graph(MovedCopies().to(DTYPE), ids_with_padding(0), None, squared)
+
+
+# ---- issue 31, branch mut51: data given another tensor's shape by expand_as / view_as (a bug found beside run convert 60)
+
+
+class ShapedLikeMask(nn.Module):
+    """The padding mask given the shape of the values it masks by ``expand_as`` / ``view_as`` (the second tensor
+    gives only a shape, or a dtype): four-head attention scores masked or biased, or hidden states mean-pooled over
+    the tokens that are not padding (sentence-transformers' pooling written with ``expand_as`` or ``type_as``)."""
+
+    def __init__(self, form: str, heads: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.form, self.heads = form, heads
+        self.tokens, self.qkv, self.out = nn.Embedding(9, 8), nn.Linear(8, 24), nn.Linear(8, 2)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        h = self.tokens(ids)
+        keep = ids != PAD
+        if self.form.startswith("pool"):
+            h = torch.tanh(self.qkv(h)[..., :8])
+            weights = keep.to(DTYPE).unsqueeze(-1)
+            if self.form == "pool type_as":
+                weights = keep.unsqueeze(-1).type_as(h)
+            elif self.form == "pool expand_as other=":
+                weights = weights.expand_as(other=h)
+            else:
+                weights = weights.expand_as(h) if self.form == "pool expand_as" else \
+                    weights.expand(b, t, 8).reshape(-1).view_as(h)
+            return self.out((h * weights).sum(1) / weights.sum(1))
+        q, k, v = (part.view(b, t, self.heads, -1).transpose(1, 2) for part in self.qkv(h).chunk(3, dim=-1))
+        scores = q @ k.transpose(-2, -1) / 2.0
+        mask = keep[:, None, None, :]
+        if self.form == "scores masked_fill":
+            scores = scores.masked_fill(~mask.expand_as(scores), float("-inf"))
+        else:
+            scores = scores + (1.0 - mask.to(DTYPE)).expand_as(scores) * torch.finfo(DTYPE).min
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)).sum(1)
+
+
+@pytest.mark.parametrize("form", ["scores masked_fill", "scores added", "pool expand_as", "pool view_as",
+                                  "pool type_as", "pool expand_as other="])
+def test_a_padding_mask_given_the_shape_of_the_values_it_masks_converts_exactly_with_its_symmetries(form):
+    """``mask.expand_as(scores)`` / ``mask.expand_as(h)`` / ``mask.type_as(h)``: data made from the ids, given the shape
+    (or dtype) of neuron values or attention scores whose values it does not read. The trace took the second tensor for an operand: the attention
+    forms were refused as "moves attention scores between datapoints" (the scores' rule replayed the op on the
+    mask), the pooling forms as "combines values of different datapoints", both blamed on a model that converts
+    (fails before the fix in ``Tracer.dispatch``, branch mut51). Exact against torch.func, and sampled group elements
+    keep the function and map the graph to the permuted model's (the mask tells no head or feature apart)."""
+    model = ShapedLikeMask(form).to(DTYPE)
+    ids = ids_with_padding(4)
+    exact(model, ids)
+    moved = [assert_group_keeps_function(model, ids, None, squared, seed=seed)[0] for seed in range(3)]
+    assert max(moved) > 0

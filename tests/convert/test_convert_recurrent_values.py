@@ -1018,3 +1018,49 @@ def test_a_loop_whose_steps_put_two_edges_between_one_pair_of_neurons_is_unrolle
     Kills ``close_fold`` 10-12 (the reason ``None`` or spelled otherwise)."""
     torch.manual_seed(29)
     assert_unrolled_exactly(RolledState().to(DTYPE).eval(), sequence(steps=4), "two edges between one pair of neurons")
+
+
+# ---- issue 31, branch mut51: a refusal between a stock module's begin_loop and its first step (beside run recurrent 7)
+
+
+class StackedParts(nn.Module):
+    """Three ``Linear`` encoders of one ``x [b, 3]`` stacked as the time steps of a stock module: each step's input
+    holds other neurons, so the folded loop's ``F.linear`` of ``W_ih`` over the whole sequence (run between
+    ``begin_loop`` and the first ``begin_step``) is refused, while each step's own ``F.linear`` of the unrolled loop
+    is not."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(nn.Linear(3, 4) for _ in range(3))
+        self.rnn, self.head = getattr(nn, cell)(4, 5, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x):
+        steps = torch.stack([torch.tanh(part(x)) for part in self.parts], dim=1)
+        return self.head(self.rnn(steps)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", ["RNN", "GRU", "LSTM"])
+def test_a_stock_loop_refused_folded_before_its_first_step_is_converted_unrolled_with_the_reason(cell):
+    """A folded trace refused between ``begin_loop`` and the first ``begin_step`` (the input terms' ``F.linear``
+    over time steps that hold other neurons) is a folded loop's refusal: the model is traced again unrolled and
+    converts, exactly (a per-datapoint loop), with the warning that quotes the folded refusal. The only test of a
+    refusal between a stock module's ``begin_loop`` and its first step; checked against ``rules_recurrent``
+    ``fold_event`` 6, 7 (``fold_seen`` ``None`` / ``False`` at ``begin_loop``: the folded refusal raised as the
+    model's, the model refused; killed before by other tests). ``fold_event`` 12, 13 (the same at ``begin_step``)
+    survive it: this loop sets ``fold_seen`` at ``begin_loop`` first."""
+    torch.manual_seed(31)
+    model = StackedParts(cell).to(DTYPE)
+    inputs = torch.randn(3, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(31))
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert len(caught) == 1
+    assert re.fullmatch(
+        re.escape("to_graph: a recurrent loop of StackedParts does not fold over time (folded, the forward was "
+                  "refused: ") + r"\S+:\d+ in \S+" + re.escape(
+            f" (module 'rnn' of type {cell}): torch.nn.functional.linear: applied to an axis that holds positions or "
+            "datapoints, not features (e.g. a Linear over tokens, as in MLP-Mixer); gradgraph needs affine maps over "
+            "the last, feature axis); every loop is converted unrolled, exactly (docs/recurrent.md). Pass "
+            "fold_time=False to ask for the unrolled layout"), str(caught[0].message)), str(caught[0].message)
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)

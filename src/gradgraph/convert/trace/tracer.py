@@ -462,6 +462,12 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
             return  # zeros_like(x): a constant, whatever x is
         if name in SHAPED_LIKE and self.meta(args[0]) is None:
             return  # index.expand_as(src): a constant given another tensor's shape (PyG's broadcast of an index)
+        if name in SHAPED_LIKE and len(tracked) > 1 and self.is_data(args[0], self.meta(args[0])):
+            # mask.expand_as(h), mask[:, None, None].expand_as(scores): data given the shape (or dtype) of another
+            # tensor, whose values it does not read; refused before as mixing datapoints, or as moving scores
+            like = args[1] if len(args) > 1 else kwargs["other"]
+            shape_only = torch.empty((), dtype=like.dtype).expand(like.shape)
+            return self.data_op(name, func, (args[0], shape_only), {}, output, [(args[0], self.meta(args[0]))])
         metas = [meta for _, meta in tracked]
         if all(self.is_data(value, meta) for value, meta in tracked) and name not in EMBEDDING:
             return self.data_op(name, func, args, kwargs, output, tracked)
