@@ -136,3 +136,40 @@ def test_capture_refuses_a_loss_that_reads_the_batch_into_python():
                                 loss_fn=lambda out, t: (out - t).pow(2).sum(-1) / t.abs().max().item())
     plain = gradgraph.capture(model, inputs, targets=targets, loss_fn=lambda out, t: (out - t).pow(2).sum(-1) / scale)
     torch.testing.assert_close(checked.objective, plain.objective, atol=0, rtol=0)
+
+
+class DictOutput(nn.Module):
+    """An MLP returning its logits in a mapping, as a ``transformers`` ``ModelOutput`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x):
+        return {"logits": self.body(x)}
+
+
+def test_the_refusal_follows_an_output_mapping_and_two_datapoints_and_says_why_in_full():
+    """The tensors of a mapping output are followed (kills ``tensors_in`` 1: the mapping's values not read), two
+    datapoints are already several (kills ``follow`` 2: ``> 2``), and both refusals say the cause and the remedy in
+    full (kills the message mutants of ``__torch_function__``). ``capture`` takes a tensor output: the conversion
+    runs the same ``per_datapoint_objective``."""
+    model, inputs, targets = DictOutput(), torch.randn(2, 3, dtype=DTYPE), torch.randn(2, 2, dtype=DTYPE)
+    read = ("loss_fn hands values computed from the model's output to Python (__float__: a number or a branch), one "
+            "for all 2 datapoints; a loss made with it depends on the other datapoints where autograd sees a constant, "
+            "so every per-sample gradient would be silently wrong (only their sum right). Compute each datapoint's "
+            "loss from its own output with tensor ops (no .item(), float() or if on the losses), or convert one "
+            "datapoint at a time")
+    with pytest.raises(gradgraph.DatapointCouplingError) as refusal:
+        gradgraph.to_graph(model, inputs, targets,
+                           lambda out, t: (out["logits"] - t).pow(2).sum(-1) * float(out["logits"][0, 0]))
+    assert str(refusal.value) == read
+    detached = ("loss_fn cuts the gradient of values computed from the model's output (detach): a statistic of the "
+                "batch made from them (losses / losses.detach().max()) couples the datapoints where autograd sees a "
+                "constant, so every per-sample gradient would be silently wrong, and gradgraph cannot tell such a "
+                "statistic from one of a datapoint alone. Compute each datapoint's loss from its own output without "
+                "detach, or convert one datapoint at a time")
+    with pytest.raises(gradgraph.DatapointCouplingError) as refusal:
+        gradgraph.to_graph(model, inputs, targets,
+                           lambda out, t: (out["logits"] - t).pow(2).sum(-1) / out["logits"].detach().max())
+    assert str(refusal.value) == detached
