@@ -10,7 +10,6 @@ the converter without its check (``gradgraph.convert.separation.check_separate``
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +96,18 @@ def test_a_loss_that_couples_datapoints_is_refused(loss_fn):
         graph_from_closure(model, lambda: loss_fn(model(inputs), targets))
 
 
+def gradients_alone_differ_from_the_batchs(model, inputs, targets, loss_fn):
+    """Each datapoint's own gradient (its loss computed on it alone) ``[b][param]``, after checking that it differs
+    from that datapoint's gradient in the batch: the coupling a test refuses is real."""
+    params = list(model.parameters())
+    alone = [torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), params)
+             for i in range(len(inputs))]
+    batched = loop_per_sample_grads(model, inputs, targets, loss_fn)
+    assert max(float((batched[n][i] - alone[i][k]).abs().max()) for i in range(len(inputs))
+               for k, (n, _) in enumerate(model.named_parameters())) > 1e-3
+    return alone
+
+
 def scaled_by_the_batchs_largest(output, targets):
     """Each loss over the batch's largest, read into Python: a constant to autograd, one number for the batch."""
     losses = cross_entropy(output, targets)
@@ -127,11 +138,7 @@ def test_a_loss_that_reads_the_batch_into_python_is_refused(name):
     torch.manual_seed(0)
     model, loss_fn = TwoLayer().to(DTYPE), PYTHON_READS[name]
     inputs, targets = batch()
-    params = list(model.parameters())
-    alone = [torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), params) for i in range(6)]
-    batched = loop_per_sample_grads(model, inputs, targets, loss_fn)
-    assert max(float((batched[n][i] - alone[i][k]).abs().max()) for i in range(6)
-               for k, (n, _) in enumerate(model.named_parameters())) > 1e-3  # the coupling is real
+    gradients_alone_differ_from_the_batchs(model, inputs, targets, loss_fn)
     with pytest.raises(DatapointCouplingError, match=r"loss_fn hands values computed from the model's output to "
                        r"Python \((item|__bool__|__float__): a number or a branch\), one for all 6 datapoints"):
         gradgraph.to_graph(model, inputs, targets, loss_fn)
@@ -170,11 +177,7 @@ def test_a_loss_that_cuts_the_gradient_of_the_batchs_values_is_refused(loss_fn):
     torch.manual_seed(0)
     model = TwoLayer().to(DTYPE)
     inputs, targets = batch()
-    params = list(model.parameters())
-    alone = [torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), params) for i in range(6)]
-    batched = loop_per_sample_grads(model, inputs, targets, loss_fn)
-    assert max(float((batched[n][i] - alone[i][k]).abs().max()) for i in range(6)
-               for k, (n, _) in enumerate(model.named_parameters())) > 1e-3  # the coupling is real
+    alone = gradients_alone_differ_from_the_batchs(model, inputs, targets, loss_fn)
     with pytest.raises(DatapointCouplingError, match=r"loss_fn cuts the gradient of values computed from the "
                        r"model's output \(detach\)"):
         gradgraph.to_graph(model, inputs, targets, loss_fn)
@@ -260,12 +263,7 @@ def test_a_forward_whose_output_is_made_from_a_cut_gradient_is_refused(tail):
     torch.manual_seed(0)
     model = TwoLayer(tail).to(DTYPE)
     inputs, targets = batch()
-    params = list(model.parameters())
-    alone = [torch.autograd.grad(cross_entropy(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), params)
-             for i in range(6)]
-    batched = loop_per_sample_grads(model, inputs, targets, cross_entropy)
-    assert max(float((batched[n][i] - alone[i][k]).abs().max()) for i in range(6)
-               for k, (n, _) in enumerate(model.named_parameters())) > 1e-3  # the coupling is real
+    alone = gradients_alone_differ_from_the_batchs(model, inputs, targets, cross_entropy)
     with pytest.raises(gradgraph.UnsupportedModuleError, match=r"the model's output: is made from values of the "
                        r"datapoints whose gradient was cut \(Tensor.detach at test_convert_safety.py:\d+ in "):
         gradgraph.to_graph(model, inputs, targets, cross_entropy)
