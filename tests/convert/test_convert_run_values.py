@@ -506,10 +506,9 @@ def test_an_error_with_no_user_code_on_its_way_has_an_unknown_location():
                                  f"RuntimeError: {caught.value.__cause__}")
 
 
-def test_an_error_inside_the_traces_own_rules_is_called_internal_not_the_models(monkeypatch):
-    """An exception raised in a rule of ``convert/trace/`` (here: ``neurons_from_raw`` handed a value with no
-    features, the crash an input axis of length 0 caused) is gradgraph's bug: before, it was reported as
-    "Sequential failed on inputs ...", blaming the model."""
+def internal_error(monkeypatch):
+    """The error ``to_graph`` raises on a small MLP when a rule of the trace crashes (``neurons_from_raw`` handed a
+    value with no features, the crash an input axis of length 0 caused)."""
     from gradgraph.convert.trace.tracer import Tracer
 
     original = Tracer.neurons_from_raw
@@ -519,6 +518,14 @@ def test_an_error_inside_the_traces_own_rules_is_called_internal_not_the_models(
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).to(DTYPE)
     with pytest.raises(gradgraph.GradGraphError) as caught:
         gradgraph.to_graph(model, torch.randn(3, 4, dtype=DTYPE), None, squared)
+    return caught
+
+
+def test_an_error_inside_the_traces_own_rules_is_called_internal_not_the_models(monkeypatch):
+    """An exception raised in a rule of ``convert/trace/`` (here: ``neurons_from_raw`` handed a value with no
+    features, the crash an input axis of length 0 caused) is gradgraph's bug: before, it was reported as
+    "Sequential failed on inputs ...", blaming the model."""
+    caught = internal_error(monkeypatch)
     message = str(caught.value)
     assert message.startswith("internal error in gradgraph's trace (convert/trace/tracer.py:"), message
     assert " in neurons_from_raw) while Sequential ran on inputs of shape [3, 4] (torch.float64)" in message, message
@@ -531,15 +538,7 @@ def test_an_internal_error_names_the_users_line_it_was_met_at(monkeypatch):
     """The internal error's message says where in the model's code the trace was ("at file:line in function", here
     the patched rule's lambda in this file; under mutmut a trampoline's frame), as an error of the model's does: kills
     ``_run_forward`` 16 of run run 11 (``_user_frame(None)``: "at <unknown location>")."""
-    from gradgraph.convert.trace.tracer import Tracer
-
-    original = Tracer.neurons_from_raw
-    monkeypatch.setattr(Tracer, "neurons_from_raw", lambda self, value, meta, what: original(
-        self, value[..., :0], meta, what))
-    gradgraph.convert.clear_structure_cache()
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).to(DTYPE)
-    with pytest.raises(gradgraph.GradGraphError) as caught:
-        gradgraph.to_graph(model, torch.randn(3, 4, dtype=DTYPE), None, squared)
+    caught = internal_error(monkeypatch)
     assert re.search(r"\(torch\.float64\), at [\w.]+\.py:\d+ in [\w.<>]+: RuntimeError: ", str(caught.value)), caught.value
     if not os.environ.get("MUTANT_UNDER_TEST"):
         assert ", at test_convert_run_values.py:" in str(caught.value), caught.value
