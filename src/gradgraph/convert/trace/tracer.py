@@ -7,6 +7,7 @@ bookkeeping, the input and the dispatch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -437,8 +438,9 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
             if name in DETACHES and any(of_datapoints(meta) and not self.is_data(value, meta)
                                         for value, meta in tracked):
                 for value in tensors_in(output):  # (detach has no rule: its value is opaque) the output must
-                    if isinstance(self.meta(value), Opaque):  # not be made from it (cut_in_output)
-                        self.meta(value).cut = f"{name} at {self.location()}"
+                    if isinstance(self.meta(value), Opaque):  # not be made from it (cut_in_output); a copy, as
+                        # the opaque value may share its meta with the value it was made from
+                        self.set_meta(value, dataclasses.replace(self.meta(value), cut=f"{name} at {self.location()}"))
             return output
         except UnsupportedModuleError as error:
             raise TraceAbort(error) from None
