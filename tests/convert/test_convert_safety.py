@@ -285,8 +285,8 @@ def test_a_per_datapoint_statistic_without_gradient_reaching_a_parameter_is_refu
             return self.head(h / h.detach().norm(dim=-1, keepdim=True))
 
     inputs, targets = batch()
-    with pytest.raises(gradgraph.UnsupportedModuleError, match=r"Tensor.detach: .*reaches torch.nn.functional.linear with the "
-                       r"parameter 'head.weight'"):
+    with pytest.raises(gradgraph.UnsupportedModuleError,
+                       match=r"Tensor.detach: .*reaches torch.nn.functional.linear with the parameter 'head.weight'"):
         gradgraph.to_graph(Normalised().to(DTYPE), inputs, targets, cross_entropy)
 
 

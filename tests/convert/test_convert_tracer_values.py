@@ -1521,7 +1521,8 @@ def test_values_of_several_datapoints_handed_to_python_are_refused_naming_the_re
     """With several datapoints the number is one for the batch (the first datapoint's neuron, a sum over all), so a
     datapoint's output depends on the others' values where autograd sees a constant: on the code before each form
     converted, and its per-sample gradients differed from each datapoint's own (the gradient of its loss computed on
-    it alone) by 3 to 32 times the size of the latter, though their sum was autograd's. Refused at the read, naming the op and the line of the forward."""
+    it alone) by 3 to 32 times the size of the latter, though their sum was autograd's. Refused at the read, naming
+    the op and the line of the forward."""
     torch.manual_seed(11)
     model, inputs = ReadToPython(form).to(DTYPE), torch.randn(5, 3, dtype=DTYPE)
     reads = {"float": "Tensor.__float__", "item": "Tensor.item", "tolist": "Tensor.tolist", "branch": "Tensor.__bool__",

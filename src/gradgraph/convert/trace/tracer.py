@@ -435,8 +435,7 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
                     self.mark_opaque(output, name, "hands the values to Python", [meta for _, meta in tracked])
                 return output
             self.dispatch(name, func, args, kwargs, output, tracked)
-            if name in DETACHES and any(of_datapoints(meta) and not self.is_data(value, meta)
-                                        for value, meta in tracked):
+            if name in DETACHES and self.of_datapoints(tracked):
                 for value in tensors_in(output):  # (detach has no rule: its value is opaque) the output must
                     if isinstance(self.meta(value), Opaque):  # not be made from it (cut_in_output); a copy, as
                         # the opaque value may share its meta with the value it was made from
@@ -605,14 +604,18 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
             if isinstance(value, Tensor):
                 self.set_meta(value, opaque)
 
+    def of_datapoints(self, tracked: list[tuple[Tensor, Any]]) -> bool:
+        """Whether any of an op's ``(value, meta)`` varies with the datapoints (:func:`~.meta.of_datapoints`), the
+        integer input and the data made from it (masks, ids) left out."""
+        return any(of_datapoints(meta) and not self.is_data(value, meta) for value, meta in tracked)
+
     def check_value_read(self, op: str, tracked: list[tuple[Tensor, Any]]) -> None:
         """Refuse a read of the datapoints' values into Python (``h.max().item()``, ``float(h[0, 0])``, ``if
         h.mean() > 0``) when there are several datapoints: the number (or branch) is one for the whole batch, so
         what the forward computes from it for one datapoint depends on the others' values, though autograd sees a
         constant — every per-sample gradient would differ from the datapoint's own, silently. One datapoint, a
         parameter's value, or the data's masks and ids (``mask.any()``, ``ids.max()``) are read freely."""
-        if self.num_datapoints > 1 and any(of_datapoints(meta) and not self.is_data(value, meta)
-                                           for value, meta in tracked):
+        if self.num_datapoints > 1 and self.of_datapoints(tracked):
             raise self.unsupported(op, (
                 f"hands values of the datapoints to Python (a number or a branch), one for all "
                 f"{self.num_datapoints} datapoints: what the forward computes from it for one datapoint depends on "
