@@ -12,7 +12,8 @@ A statistic of the batch kept as a tensor but made without gradient (``losses /
 losses.detach().max()``) hides the same coupling from autograd: :class:`DerivedValueReads` also
 refuses a ``detach`` of values computed from the output, and the trace a model output made from
 detached values of the datapoints (``Tracer.cut_in_output``). The same statistic computed under
-``torch.no_grad()`` is not refused yet (see ``DETACH_FUNCTIONS``).
+``torch.no_grad()`` is refused where it enters a value with gradient (a custom ``autograd.Function``'s forward
+runs without gradient too, but what it returns is given a ``grad_fn``, so it is not refused).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from gradgraph.errors import DatapointCouplingError
 
 __all__ = ["DETACH_FUNCTIONS", "VALUE_READ_FUNCTIONS", "DerivedValueReads", "refuse_value_reads", "tensors_in"]
 
-#: the functions that cut a tensor's gradient explicitly; an op under ``torch.no_grad()`` cuts it too, but so does
-#: every op inside a custom ``autograd.Function``'s forward, which a mode cannot tell apart, so those are not refused
+#: the functions that cut a tensor's gradient explicitly; an op under ``torch.no_grad()`` cuts it too, refused where its
+#: value enters one with gradient (``DerivedValueReads.refuse_without_gradient``)
 DETACH_FUNCTIONS = frozenset({Tensor.detach, torch.detach})
 
 #: the functions that hand a tensor's values to Python (``float(t)``, ``bool(t)``, ``t.tolist()``,
@@ -60,6 +61,8 @@ class DerivedValueReads(TorchFunctionMode):
         super().__init__()
         # id -> tensor: the tensor is kept alive so that its id is not reused by another
         self.derived: dict[int, Tensor] = {}
+        # id -> tensor: the derived tensors made under torch.no_grad(), refused where they enter a value with gradient
+        self.without_gradient: dict[int, Tensor] = {}
         self.what, self.num_datapoints = what, 1
 
     def follow(self, sources: Any, num_datapoints: int) -> None:
@@ -94,9 +97,30 @@ class DerivedValueReads(TorchFunctionMode):
                 "detach, or convert one datapoint at a time")
         output = func(*args, **kwargs)
         if derived:
-            for tensor in tensors_in(output):
+            made = tensors_in(output)
+            if not torch.is_grad_enabled():
+                self.without_gradient.update((id(tensor), tensor) for tensor in made if tensor.grad_fn is None)
+            elif self.without_gradient and any(tensor.requires_grad for tensor in made):
+                self.refuse_without_gradient(func, tree_flatten((args, kwargs))[0])
+            for tensor in made:
                 self.derived[id(tensor)] = tensor
         return output
+
+    def refuse_without_gradient(self, func: Any, values: list) -> None:
+        """Refuse an op that makes a value with gradient from one computed from the output under
+        ``torch.no_grad()`` (``losses / largest``, ``largest`` the batch's largest loss made without gradient). A
+        custom ``autograd.Function`` runs its forward without gradient too, but gives what it returns a ``grad_fn``
+        (the same tensor), so its output is not refused."""
+        for value in values:
+            if isinstance(value, Tensor) and self.without_gradient.get(id(value)) is value and value.grad_fn is None:
+                name = getattr(func, "__name__", repr(func))
+                raise DatapointCouplingError(
+                    f"{self.what} cuts the gradient of values computed from the model's output (torch.no_grad(), "
+                    f"read by {name}): a statistic of the batch made from them (losses / largest, largest computed "
+                    "under no_grad) couples the datapoints where autograd sees a constant, so every per-sample "
+                    "gradient would be silently wrong, and gradgraph cannot tell such a statistic from one of a "
+                    "datapoint alone. Compute each datapoint's loss from its own output with gradient, or convert "
+                    "one datapoint at a time")
 
 
 @contextmanager

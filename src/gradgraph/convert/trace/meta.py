@@ -128,8 +128,8 @@ class Opaque:
     #: made from the values of datapoints (neurons, the input, scores), not of parameters and constants alone
     of_datapoints: bool = True
     #: where the gradient of datapoints' values it is made from was cut (``"Tensor.detach at model.py:12 in
-    #: M.forward"``; an op under ``torch.no_grad()`` is not marked, see ``value_reads.DETACH_FUNCTIONS``); ``None``
-    #: when it was not
+    #: M.forward"``, ``"Tensor.max under torch.no_grad() at ..."``: ``Tracer.cut_gradient``); ``None`` when it was
+    #: not
     cut: str | None = None
 
 

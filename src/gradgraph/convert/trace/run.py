@@ -208,8 +208,8 @@ def trace_model(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
                     f"is made from values of the datapoints whose gradient was cut ({cut}): a statistic of the "
                     f"batch made so (out / out.detach().abs().max()) couples the {tracer.num_datapoints} datapoints "
                     "where autograd sees a constant, and gradgraph cannot tell it from one of a datapoint alone, so "
-                    "every per-sample gradient could be silently wrong. Compute the output without detach, or "
-                    "convert one datapoint at a time"))
+                    "every per-sample gradient could be silently wrong. Compute the output with gradient (no detach "
+                    "or torch.no_grad()), or convert one datapoint at a time"))
             tracer.close_folds()  # outside the mode: its bookkeeping is no op of the forward
         except InputReadAgain:
             continue

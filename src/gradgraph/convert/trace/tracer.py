@@ -109,6 +109,10 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
         self.read_indices: dict[int, Tensor] = {}
         #: nodes where the layout cuts a set into pieces (the two halves of a fused gated unit)
         self.cuts: set[int] = set()
+        #: id -> value: the opaque values of datapoints an op made under ``torch.no_grad()``, marked cut
+        #: (cut_gradient); one a custom autograd.Function's forward returned is given a gradient after it
+        #: (``grad_fn`` set on the same tensor), which lifts the mark where it is next read (lift_reattached)
+        self.made_without_gradient: dict[int, Tensor] = {}
         self.attention: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
         #: per grouped op, the set of every group's output (TraceResult.grouped), and the node span of those
         #: still claimed alike with the group of each of its nodes (note_group_parts)
@@ -427,6 +431,8 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
             tracked = [(value, meta) for value, meta in tracked if meta is not None]
             if not tracked:
                 return output
+            if self.made_without_gradient:
+                tracked = self.lift_reattached(tracked)
             self.captured[self.op_index] = (args, kwargs, output)
             out_flat, _ = tree_flatten(output)
             if not any(isinstance(value, Tensor) for value in out_flat):
@@ -435,11 +441,8 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
                     self.mark_opaque(output, name, "hands the values to Python", [meta for _, meta in tracked])
                 return output
             self.dispatch(name, func, args, kwargs, output, tracked)
-            if name in DETACHES and self.of_datapoints(tracked):
-                for value in tensors_in(output):  # (detach has no rule: its value is opaque) the output must
-                    if isinstance(self.meta(value), Opaque):  # not be made from it (cut_in_output); a copy, as
-                        # the opaque value may share its meta with the value it was made from
-                        self.set_meta(value, dataclasses.replace(self.meta(value), cut=f"{name} at {self.location()}"))
+            if (name in DETACHES or not torch.is_grad_enabled()) and self.of_datapoints(tracked):
+                self.cut_gradient(name, output)
             return output
         except UnsupportedModuleError as error:
             raise TraceAbort(error) from None
@@ -623,10 +626,39 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
                 "tensor ops within each datapoint (h.amax(-1, keepdim=True) for h.max().item()), move a check of "
                 "the values out of forward, or convert one datapoint at a time"))
 
+    def cut_gradient(self, op: str, output: Any) -> None:
+        """Mark the opaque values an op made from datapoints' values without gradient (a ``detach``, which has no
+        rule, or an op without a rule, a statistic of the batch among them, under ``torch.no_grad()``) as cut: the
+        model's output must not be made from them (:meth:`cut_in_output`). Values with a rule (a ``tanh`` under
+        ``no_grad``, a custom ``autograd.Function``'s forward) stay the datapoint's own and are not marked."""
+        without_gradient = op not in DETACHES
+        how = f"{op} under torch.no_grad()" if without_gradient else op
+        for value in tensors_in(output):
+            meta = self.meta(value)
+            if isinstance(meta, Opaque) and value.grad_fn is None:
+                # a copy, as the opaque value may share its meta with the value it was made from
+                self.set_meta(value, dataclasses.replace(meta, cut=meta.cut or f"{how} at {self.location()}"))
+                if without_gradient:
+                    self.made_without_gradient[id(value)] = value
+
+    def lift_reattached(self, tracked: list[tuple[Tensor, Any]]) -> list[tuple[Tensor, Any]]:
+        """``tracked`` with the cut lifted from each value made under ``torch.no_grad()`` that has a gradient now:
+        a custom ``autograd.Function`` (or a reentrant checkpoint) runs its forward without gradient and then
+        gives the tensor it returned a ``grad_fn``, so its values are differentiated after all."""
+        lifted = []
+        for value, meta in tracked:
+            if self.made_without_gradient.get(id(value)) is value and value.grad_fn is not None:
+                del self.made_without_gradient[id(value)]
+                meta = dataclasses.replace(meta, cut=None)
+                self.set_meta(value, meta)
+            lifted.append((value, meta))
+        return lifted
+
     def cut_in_output(self, output: Any) -> str | None:
         """Where the gradient of datapoints' values the model's output is made from was cut, with several
         datapoints (the output checked by ``trace_model``); ``None`` if it was not."""
-        cuts = [meta.cut for meta in map(self.meta, tensors_in(output)) if isinstance(meta, Opaque) and meta.cut]
+        outputs = self.lift_reattached([(value, self.meta(value)) for value in tensors_in(output)])
+        cuts = [meta.cut for _, meta in outputs if isinstance(meta, Opaque) and meta.cut]
         return cuts[0] if cuts and self.num_datapoints > 1 else None
 
     def need_neurons(self, value: Any, what: str) -> Neurons | None:
