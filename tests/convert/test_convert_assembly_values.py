@@ -71,6 +71,36 @@ def test_a_conversion_called_under_no_grad_still_runs_its_backward_pass():
             torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
 
 
+def test_the_fill_recipe_is_made_once_per_plan_and_its_replays_are_exact(monkeypatch):
+    """``_fill_recipe`` derives what ``fill_factors`` needs from the plan alone, once per plan (its docstring): three
+    conversions of one model (a fresh trace, then two replays of its cached plan) make it once, and each graph is
+    exact. A second model of another width gets a plan, and a recipe, of its own.
+
+    Checked to fail on ``fill_factors`` 4, 5 (the key that marks the recipe made misspelt, ``"XXfillXX"`` or
+    ``"FILL"``: the recipe made again at every call)."""
+    from gradgraph.convert import assembly
+
+    made = []
+    fill_recipe = assembly._fill_recipe
+
+    def counted(plan, parameters):
+        made.append(plan)
+        fill_recipe(plan, parameters)
+
+    monkeypatch.setattr(assembly, "_fill_recipe", counted)
+    torch.manual_seed(0)
+    inputs, targets = _batch()
+    PLAN_CACHE.clear()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    for _ in range(3):
+        assert_exact_per_sample_grads(model, inputs, targets, squared_error)
+    assert len(made) == 1
+    wider = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DTYPE)
+    for _ in range(2):
+        assert_exact_per_sample_grads(wider, inputs, targets, squared_error)
+    assert len(made) == 2 and made[1] is not made[0]
+
+
 class WithUnused(nn.Module):
     """An MLP with a parameter that requires grad and that ``forward`` never reads."""
 

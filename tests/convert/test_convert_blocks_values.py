@@ -358,3 +358,164 @@ def test_the_entry_numbering_numbers_every_entry_once_across_parameters_and_coun
     assert node_entry.tolist() == [-1, 2, 4, 0, -1, -1]
     assert uses.tolist() == [2, 0, 1, 1, 1, 1, 0]
     assert edge_param.tolist() == [0, 0, 1, -1] and node_param.tolist() == [-1, 0, 1, 0, -1, -1]
+
+
+# ------------------------------------------------ parallel_blocks' first checks and its class-size check, by contract
+# Run layout 5's ``parallel_blocks`` 37, 129, 130, 170: in every model found an earlier check (or the automorphism
+# check) decides first. These give ``parallel_blocks`` small traces by hand and compare its answer with the one its
+# docstring defines. A trace here: ``sets[s]`` the nodes of set ``s`` (one piece each, numbered in order), ``classes``
+# the sets of each class (its root the smallest), ``params[p]`` the call sites of parameter ``p``, each
+# ``(sources, targets)`` joined densely (every source to every target, one entry of its own each); every parameter is
+# recorded as a grouped op (its sites' output sets); every node has the same labels and no bias; no set was read in
+# part; every set was made by op 0.
+def _parallel_blocks(sets, classes, params):
+    """``parallel_blocks`` over the hand-made trace above; the flat ranks of a class are each node's rank in its
+    set (the sets of a class tied slot by slot)."""
+    from types import SimpleNamespace
+
+    from gradgraph.convert.blocks import parallel_blocks
+    from gradgraph.graph import EdgeKind
+
+    num_nodes = sum(len(nodes) for nodes in sets)
+    set_of_node = torch.empty(num_nodes, dtype=torch.long)
+    rank = torch.empty(num_nodes, dtype=torch.long)
+    for index, nodes in enumerate(sets):
+        set_of_node[nodes] = index
+        rank[nodes] = torch.arange(len(nodes))
+    root_of_piece = {member: min(members) for members in classes for member in members}
+    neuron_sets = [SimpleNamespace(index=index, created_at=0, read_in_part=False) for index in range(len(sets))]
+    trace = SimpleNamespace(edges=[], grouped=[], param_shapes=[], sets=neuron_sets,
+                            set_of=lambda node: neuron_sets[int(set_of_node[node])])
+    for param, sites in enumerate(params):
+        entry = 0
+        for sources, targets in sites:
+            src, dst = dense(sources, targets)
+            pos = torch.arange(entry, entry + len(src))
+            entry += len(src)
+            trace.edges.append((torch.tensor(src), torch.tensor(dst), EdgeKind.LINEAR, param, pos, None))
+        trace.grouped.append([int(set_of_node[targets[0]]) for _, targets in sites])
+        trace.param_shapes.append((entry,))
+    columns = list(zip(*trace.edges))
+    edge_index = torch.stack((torch.cat(columns[0]), torch.cat(columns[1])))
+    edge_kind = torch.full((edge_index.shape[1],), int(EdgeKind.LINEAR), dtype=torch.long)
+    edge_param = torch.cat([torch.full((len(src),), param) for src, _, _, param, _, _ in trace.edges])
+    edge_pos = torch.cat(columns[4])
+
+    def class_nodes(root):
+        return torch.tensor([node for members in classes if min(members) == root for s in members for node in sets[s]])
+
+    labels = tuple(torch.zeros(num_nodes, dtype=torch.long) for _ in range(3))
+    no_bias = torch.full((num_nodes,), -1, dtype=torch.long)
+    return parallel_blocks(trace, set_of_node, root_of_piece, lambda root: rank[class_nodes(root)], class_nodes,
+                           lambda root: next(members for members in classes if min(members) == root), labels,
+                           (edge_index, edge_kind, edge_param, edge_pos), (no_bias, no_bias))
+
+
+def dense(sources, targets):
+    """The edges of one weight ``[len(targets), len(sources)]``, row-major: ``(sources, targets)``."""
+    return [s for _ in targets for s in sources], [t for t in targets for _ in sources]
+
+
+@pytest.mark.parametrize("side", ["reads", "writes"])
+def test_a_grouped_op_whose_site_reads_or_writes_two_classes_makes_no_blocks(side):
+    """Sets (and classes) A = 0-1, B = 2-3, X = 4, C = 5-6, D = 7-8; a grouped op of two groups, A -> C and B -> D,
+    each group also reading (``"reads"``) or writing (``"writes"``) X. A site must read the neurons of one class and
+    write those of another (the docstring), so there are no blocks — though here the exchange of (A, C) with (B, D),
+    X staying, is an automorphism of the graph (X -> C maps onto X -> D), so only that rule decides. Without X: one
+    group of two blocks, (A, C) and (B, D). Kills ``x_parallel_blocks`` 37 (``and`` for ``or``: a site refused only
+    where both its sources and its targets lie in several classes), checked with ``MUTANT_UNDER_TEST``."""
+    sets = [[0, 1], [2, 3], [4], [5, 6], [7, 8]]
+    classes = [[index] for index in range(5)]
+    reads, writes = ([4], []) if side == "reads" else ([], [4])
+    assert _parallel_blocks(sets, classes, [[([0, 1], [5, 6]), ([2, 3], [7, 8])]]) == {0: [[0, 3], [1, 4]]}
+    assert _parallel_blocks(sets, classes, [[([0, 1] + reads, [5, 6] + writes),
+                                             ([2, 3] + reads, [7, 8] + writes)]]) == {}
+
+
+def test_a_second_grouped_op_joining_two_groups_of_the_first_makes_no_blocks():
+    """Op 0 (parameter 0), four groups ``A_g -> S_g`` (sets 0-3 -> 4-7, one node each); op 1 (parameter 1), two groups
+    ``S_0 -> T_0``, ``S_2 -> T_1`` (sets 8, 9), ``T_0`` in one class with ``S_1`` and ``T_1`` with ``S_3`` (a sum). Op 1
+    chains op 0's groups 0 and 1 into one block, 2 and 3 into another: two blocks of alike roles, and exchanging them
+    is an automorphism of the graph, but op 0 has four groups, one site per block only where there are four blocks
+    (a grouped op's group ``g`` is block ``g``: the docstring). No blocks. Without op 1: op 0's four groups are four
+    blocks. Kills ``x_parallel_blocks`` 129 (the links' lengths refused only where the roles differ too) and 130 (the
+    lengths compared only where there are fewer than two blocks), checked with ``MUTANT_UNDER_TEST``."""
+    sets = [[node] for node in range(10)]
+    op_0 = [([group], [4 + group]) for group in range(4)]
+    apart = [[index] for index in range(10)]
+    assert _parallel_blocks(sets, apart, [op_0]) == {0: [[0, 4], [1, 5], [2, 6], [3, 7]]}
+    classes = [[0], [1], [2], [3], [4], [5, 8], [6], [7, 9]]
+    assert _parallel_blocks(sets, classes, [op_0, [([4], [8]), ([6], [9])]]) == {}
+
+
+def test_blocks_of_different_sizes_do_not_stop_the_search_for_the_next_group():
+    """Two grouped ops of two groups each, apart: ``A_0 -> C_0``, ``A_1 -> C_1`` (sets 0-3) and ``E_0 -> F_0``,
+    ``E_1 -> F_1`` (sets 4-7), every set of two nodes but ``C_1`` of three: the first op's blocks are not alike (their
+    classes' sizes differ), so it makes none; the second op's two blocks are claimed. With ``C_1`` of two nodes both
+    are. Kills ``x_parallel_blocks`` 170 (``break`` for the class-size check's ``continue``: the second op's blocks
+    lost), checked with ``MUTANT_UNDER_TEST``."""
+    classes = [[index] for index in range(8)]
+
+    def ops(sets):
+        return [[(sets[0], sets[2]), (sets[1], sets[3])], [(sets[4], sets[6]), (sets[5], sets[7])]]
+
+    even = [[2 * index, 2 * index + 1] for index in range(8)]
+    assert _parallel_blocks(even, classes, ops(even)) == {0: [[0, 2], [1, 3]], 4: [[4, 6], [5, 7]]}
+    uneven = [[0, 1], [2, 3], [4, 5], [6, 7, 8], [9, 10], [11, 12], [13, 14], [15, 16]]
+    assert _parallel_blocks(uneven, classes, ops(uneven)) == {4: [[4, 6], [5, 7]]}
+
+
+class AttentionThenHidden(nn.Module):
+    """``o(tanh(out(attention(q, k, v) + q + k + v)))``, ``q, k, v`` maps of ``x [b, t, 4]``, two heads of two dims:
+    the sums tie the query, key, value and merged-head neurons feature by feature, so their class (with the sums'
+    neurons: seven sets, which no rule fixes) has one slot per feature holding one neuron of each set, as flat ranks
+    need; ``out``'s neurons are a free hidden class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(4, 4) for _ in range(4))
+        self.o = nn.Linear(4, 2)
+
+    def forward(self, x):
+        b, t, d = x.shape
+
+        def split(z):
+            return z.view(b, t, 2, d // 2).transpose(1, 2)
+
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        y = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        return self.o(torch.tanh(self.out(y.transpose(1, 2).reshape(b, t, d) + q + k + v)))
+
+
+def test_the_layout_gives_parallel_blocks_no_flat_ranks_of_a_class_of_attention_nodes(monkeypatch):
+    """``make_plan``'s ``free_ranks`` (the flat ranks of a class no rule fixes and no attention op splits into heads,
+    else ``None``: its docstring), as ``parallel_blocks`` is handed it, asked of every class: ``None`` for the class
+    of attention nodes, though no rule fixes it and its ties give every slot one node of each of its seven sets (its
+    heads are laid out by ``_assign_heads``, not by flat ranks); flat ranks ``0 .. 3`` for ``out``'s class; ``None``
+    for the input and output (fixed). No model found makes ``parallel_blocks`` ask it of an attention class
+    (docs/mutation.md, ``make_plan`` 389), so the closure is caught on its way in and asked directly. Kills
+    ``x_make_plan`` 389 (the attention test dropped: ranks ``0 .. 3`` in every set of the attention class), checked
+    with ``MUTANT_UNDER_TEST``."""
+    from gradgraph.convert import layout
+    from gradgraph.convert.trace.run import trace_model
+    from gradgraph.graph import NodeKind
+
+    asked = {}
+    parallel_blocks = layout.parallel_blocks
+
+    def spy(trace, set_of_node, root_of_piece, free_ranks, class_nodes, *rest):
+        for root in sorted(set(root_of_piece.values())):
+            kinds = {NodeKind(int(kind)) for kind in rest[1][1][class_nodes(root)]}
+            asked[frozenset(kinds)] = free_ranks(root)
+        return parallel_blocks(trace, set_of_node, root_of_piece, free_ranks, class_nodes, *rest)
+
+    monkeypatch.setattr(layout, "parallel_blocks", spy)
+    torch.manual_seed(16)
+    model = AttentionThenHidden().to(DTYPE)
+    layout.make_plan(trace_model(model, torch.randn(3, 3, 4, dtype=DTYPE), model))
+    heads = frozenset({NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTENTION, NodeKind.RESIDUAL})
+    assert set(asked) == {frozenset({NodeKind.INPUT}), heads, frozenset({NodeKind.FFN_HIDDEN}),
+                          frozenset({NodeKind.OUTPUT})}
+    assert asked[heads] is None
+    assert asked[frozenset({NodeKind.FFN_HIDDEN})].tolist() == [0, 1, 2, 3]
+    assert asked[frozenset({NodeKind.INPUT})] is None and asked[frozenset({NodeKind.OUTPUT})] is None

@@ -51,8 +51,10 @@ def parallel_blocks(trace: TraceResult, set_of_node: Tensor, root_of_piece: dict
     one free class and writing those of another, all of them different, relates class ``in_g`` to
     ``out_g`` as block ``g`` of one group: exchanging whole blocks (group ``g``'s input channels, its
     kernels and its output channels with group ``g'``'s) keeps the function when the blocks are alike. Sites of several
-    such parameters that share a class chain their blocks (two depthwise convolutions in a row). Every
-    block gets one tie per class, matched across blocks by the role that put the class there.
+    such parameters that share a class chain their blocks (two depthwise convolutions in a row), each op
+    with one site in every block (an op whose group spans two groups of another joins them into a block
+    that is a group of neither: no blocks). Every block gets one tie per class, matched across blocks by
+    the role that put the class there; the blocks' classes must match tie by tie in role and size.
 
     Claimed only where it is proven on the graph: the exchange of blocks 0 and 1 and the cyclic shift of
     all blocks (which generate every exchange) must each map the layers, kinds and activations of the
