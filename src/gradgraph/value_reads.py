@@ -99,7 +99,7 @@ class DerivedValueReads(TorchFunctionMode):
         if derived:
             made = tensors_in(output)
             if not torch.is_grad_enabled():
-                self.without_gradient.update((id(tensor), tensor) for tensor in made if tensor.grad_fn is None)
+                self.without_gradient.update((id(tensor), tensor) for tensor in made)
             elif self.without_gradient and any(tensor.requires_grad for tensor in made):
                 self.refuse_without_gradient(func, tree_flatten((args, kwargs))[0])
             for tensor in made:

@@ -357,7 +357,10 @@ def test_a_per_datapoint_value_under_no_grad_with_a_rule_converts_exactly():
 def test_a_loss_with_weights_made_under_no_grad_is_refused_naming_the_op_that_reads_them():
     """In a loss gradgraph cannot tell a statistic of the batch made under ``no_grad`` from one of a datapoint alone
     (a focal loss's weights), so any value computed from the output under ``no_grad`` is refused where it enters the
-    loss's gradient, as a ``detach`` is; values made under ``no_grad`` and never used (a logged accuracy) are not."""
+    loss's gradient, as a ``detach`` is (the message matched in full); values made under ``no_grad`` and not used in
+    the loss (a logged accuracy, compared after the block) are not. Run capture 7 (session 25): kills
+    ``DerivedValueReads.__torch_function__`` 51 (``or`` for ``and``: the logged comparison refused) and
+    ``refuse_without_gradient`` 16-26 (the message's words)."""
     def focal(output, targets):
         losses = cross_entropy(output, targets)
         with torch.no_grad():
@@ -367,14 +370,20 @@ def test_a_loss_with_weights_made_under_no_grad_is_refused_naming_the_op_that_re
     def logged(output, targets):
         with torch.no_grad():
             logged.accuracy = (output.argmax(-1) == targets).double().mean()
+        logged.above_half = logged.accuracy > 0.5  # an op with gradient on, but no value with gradient made
         return cross_entropy(output, targets)
 
     torch.manual_seed(0)
     model = TwoLayer().to(DTYPE)
     inputs, targets = batch()
-    with pytest.raises(DatapointCouplingError, match=r"loss_fn cuts the gradient of values computed from the model's "
-                       r"output \(torch.no_grad\(\), read by mul\)"):
+    with pytest.raises(DatapointCouplingError) as refusal:
         gradgraph.to_graph(model, inputs, targets, focal)
+    assert str(refusal.value) == (
+        "loss_fn cuts the gradient of values computed from the model's output (torch.no_grad(), read by mul): a "
+        "statistic of the batch made from them (losses / largest, largest computed under no_grad) couples the "
+        "datapoints where autograd sees a constant, so every per-sample gradient would be silently wrong, and gradgraph "
+        "cannot tell such a statistic from one of a datapoint alone. Compute each datapoint's loss from its own output "
+        "with gradient, or convert one datapoint at a time")
     assert_each_datapoints_own_gradient(model, inputs, targets, logged)
 
 

@@ -635,7 +635,7 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
         how = f"{op} under torch.no_grad()" if without_gradient else op
         for value in tensors_in(output):
             meta = self.meta(value)
-            if isinstance(meta, Opaque) and value.grad_fn is None:
+            if isinstance(meta, Opaque):  # (made without gradient: no grad_fn yet)
                 # a copy, as the opaque value may share its meta with the value it was made from
                 self.set_meta(value, dataclasses.replace(meta, cut=meta.cut or f"{how} at {self.location()}"))
                 if without_gradient:
@@ -643,12 +643,11 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
 
     def lift_reattached(self, tracked: list[tuple[Tensor, Any]]) -> list[tuple[Tensor, Any]]:
         """``tracked`` with the cut lifted from each value made under ``torch.no_grad()`` that has a gradient now:
-        a custom ``autograd.Function`` (or a reentrant checkpoint) runs its forward without gradient and then
-        gives the tensor it returned a ``grad_fn``, so its values are differentiated after all."""
+        a custom ``autograd.Function`` runs its forward without gradient and then gives the tensor it returned a
+        ``grad_fn``, so its values are differentiated after all."""
         lifted = []
         for value, meta in tracked:
             if self.made_without_gradient.get(id(value)) is value and value.grad_fn is not None:
-                del self.made_without_gradient[id(value)]
                 meta = dataclasses.replace(meta, cut=None)
                 self.set_meta(value, meta)
             lifted.append((value, meta))
