@@ -485,10 +485,10 @@ def test_a_convolution_of_frames_of_the_input_is_refused_in_its_own_words(kind):
     (at rank 0 among its datapoint's rows), every frame puts its element ``(c, p)`` on input neuron ``c`` at
     position ``p`` of its datapoint. Kills ``channel_input`` 15 (``or`` for the first ``and`` of ``merged``: every
     value with fewer axes than the input read so): the two frames convert with exact per-sample gradients (each
-    convolution's tap copies hold its own frame's windows) but the input neurons' ``act`` holds frame 1 where
-    frame 0 is read too — frame 0's values are nowhere in the graph (checked by hand on a copy with the mutant, as
-    mut40 and mut47 found the one frame and the flattened input exact; one value read alone cannot collide, but the
-    code cannot tell a second read apart)."""
+    convolution's tap copies hold its own frame's windows) but the input neurons' ``act`` holds frame 1 only, though
+    ``a``'s tap copies, tied to them, are read from frame 0 (checked by hand on a copy with the mutant; also 14, for
+    a frame ``tuple(shape[2:]) == x.shape[1:]``). mut40 and mut47 found the one frame and the flattened input exact
+    under 15: one value read alone cannot collide, but the code cannot tell a second read apart."""
     torch.manual_seed(52)
     inputs = torch.randn(3, 2, 3, 5, dtype=DTYPE)
     assert not torch.equal(inputs[:, 0], inputs[:, 1])  # the two frames differ: one act cannot hold both
