@@ -425,15 +425,25 @@ class Unflattened(nn.Module):
         return self.head(self.conv(x.reshape(x.shape[0], 3, 4)).mean(2))
 
 
+#: channel_input's refusal of the input read with other axes than its own (mut52: before, in the words of the refusal
+#: above, "a convolution whose input's first axis is not the datapoints", untrue of these values)
+OTHER_AXES = (
+    " gradgraph.convert.trace.rules_conv.gather_taps: a convolution of the model input read with other axes than its "
+    "own (a frame x[:, t] of a [b, T, C, L] input, x.flatten(1, 2)): two such reads would put two input values on one "
+    "input neuron at one position. The input is read as channels as [b, C, *S] (whole or sliced), with a channel axis "
+    "of size 1 added, merged [b * T, C, *S], or with its axes after the datapoints permuted")
+
+
 def test_a_convolution_of_the_input_without_its_datapoints_first_is_refused_by_name():
     """``channel_input``'s refusal (and ``read_input_taps``'), in full: the input with its first two axes swapped
     (whole, and a slice of it), a sequence-first input (``datapoint_dim=1``) and a flat input reshaped to more
-    than one channel. Kills channel_input 6, 43, 44, 54, 62-67, read_input_taps 13-19, channel_neurons 15."""
+    than one channel (since mut52 in words of its own). Kills channel_input 6, 43, 44, 54, 62-67 (runs conv 1-3's
+    numbers), read_input_taps 13-19, channel_neurons 15."""
     torch.manual_seed(29)
     message = (" gradgraph.convert.trace.rules_conv.gather_taps: a convolution whose input's first axis is not the "
                "datapoints")
     refused(Transposed().to(DTYPE), torch.randn(3, 3, 4, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
-    refused(Unflattened().to(DTYPE), torch.randn(3, 12, dtype=DTYPE), " (module 'conv' of type Conv1d):" + message)
+    refused(Unflattened().to(DTYPE), torch.randn(3, 12, dtype=DTYPE), " (module 'conv' of type Conv1d):" + OTHER_AXES)
     sliced = Transposed().to(DTYPE)
     sliced.conv = nn.Conv1d(2, 2, 2).to(DTYPE)
     sliced.forward = lambda x: sliced.head(sliced.conv(x.transpose(0, 1)[:, :2]).mean(2)).sum(0, keepdim=True).expand(
@@ -445,6 +455,45 @@ def test_a_convolution_of_the_input_without_its_datapoints_first_is_refused_by_n
     pattern = r"^\S+:\d+ in \S+" + re.escape(" (module 'conv' of type Conv1d):" + message) + "$"
     with pytest.raises(UnsupportedOperationError, match=pattern):
         to_graph_traced(sequence_first, torch.randn(3, 4, 4, dtype=DTYPE), loss_fn=squared, datapoint_dim=1)
+
+
+class Frames(nn.Module):
+    """``Conv1d``s of the frames of a ``[b, T, 3, 5]`` input: ``"two frames"``, ``a(x[:, 0]) + b(x[:, 1])``;
+    ``"one frame"``, ``a(x[:, 1])``; ``"flattened"``, ``c(x.flatten(1, 2))``; each ``-> tanh ->`` mean over
+    positions ``-> Linear``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b, self.c = nn.Conv1d(3, 4, 3), nn.Conv1d(3, 4, 3), nn.Conv1d(6, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.kind == "two frames":
+            mixed = self.a(x[:, 0]) + self.b(x[:, 1])
+        else:
+            mixed = self.a(x[:, 1]) if self.kind == "one frame" else self.c(x.flatten(1, 2))
+        return self.head(torch.tanh(mixed).mean(2))
+
+
+@pytest.mark.parametrize("kind", ["two frames", "one frame", "flattened"])
+def test_a_convolution_of_frames_of_the_input_is_refused_in_its_own_words(kind):
+    """``channel_input`` reads as channels the input ``[b, C, *S]``, merged ``[b * T, C, *S]`` or permuted; a value
+    of the input with other axes — a frame ``x[:, t]`` of ``[b, T, C, L]``, ``x.flatten(1, 2)`` — is refused, in
+    full, naming what it reads instead of "a convolution whose input's first axis is not the datapoints" (their
+    first axis *is* the datapoints; the words before mut52). Why it is not lifted: read with its axis 1 as channels
+    (at rank 0 among its datapoint's rows), every frame puts its element ``(c, p)`` on input neuron ``c`` at
+    position ``p`` of its datapoint. Kills ``channel_input`` 15 (``or`` for the first ``and`` of ``merged``: every
+    value with fewer axes than the input read so): the two frames convert with exact per-sample gradients (each
+    convolution's tap copies hold its own frame's windows) but the input neurons' ``act`` holds frame 1 only, though
+    ``a``'s tap copies, tied to them, are read from frame 0 (checked by hand on a copy with the mutant; also 14, for
+    a frame ``tuple(shape[2:]) == x.shape[1:]``). mut40 and mut47 found the one frame and the flattened input exact
+    under 15: one value read alone cannot collide, but the code cannot tell a second read apart."""
+    torch.manual_seed(52)
+    inputs = torch.randn(3, 2, 3, 5, dtype=DTYPE)
+    assert not torch.equal(inputs[:, 0], inputs[:, 1])  # the two frames differ: one act cannot hold both
+    module = {"two frames": "a", "one frame": "a", "flattened": "c"}[kind]
+    refused(Frames(kind).to(DTYPE), inputs, f" (module '{module}' of type Conv1d):" + OTHER_AXES)
 
 
 # ----------------------------------------------------------------------- the model input read as windows

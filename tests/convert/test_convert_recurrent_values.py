@@ -23,8 +23,10 @@ from convert_values import IndexedLoop, LearnedInitialState
 
 import gradgraph
 from gradgraph.convert import UnsupportedOperationError
-from gradgraph.convert.trace.recurrent import folding_time, previous_state, RECURRENT_CELL_OPS, RECURRENT_OPS, \
-    recurrent_decomposition
+from gradgraph.convert.trace.recurrent import FoldMismatch, folding_time, previous_state, RECURRENT_CELL_OPS, \
+    RECURRENT_OPS, recurrent_decomposition
+from gradgraph.convert.trace.tracer import Tracer
+from gradgraph.graph import NodeKind
 
 DTYPE = torch.float64
 MODULES = {"tanh": nn.RNN, "relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -1061,6 +1063,124 @@ def test_a_stock_loop_refused_folded_before_its_first_step_is_converted_unrolled
             "datapoints, not features (e.g. a Linear over tokens, as in MLP-Mixer); gradgraph needs affine maps over "
             "the last, feature axis); every loop is converted unrolled, exactly (docs/recurrent.md). Pass "
             "fold_time=False to ask for the unrolled layout"), str(caught[0].message)), str(caught[0].message)
+    ours = graph.per_sample_grads()
+    for name, value in loop_per_sample_grads(model, inputs).items():
+        torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------- the fold checks on hand-made records
+# (mut52, issue 31: five helpers found no model that reaches these corners; the functions are written out here against
+# what their docstrings and comments say, on a tracer driven by the events a folded loop sends and records made by
+# hand, as tests/convert/test_convert_blocks_values.py does for blocks.py)
+def folding_tracer() -> Tracer:
+    """A tracer of a model with no parameter that folds loops (``trace_model`` sets ``fold_time`` so), outside its
+    mode: the events and rules are called directly."""
+    tracer = Tracer(nn.Identity(), 2)
+    tracer.fold_time = True
+    return tracer
+
+
+def records(nodes: list[int], comps: list[int] | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """An act or grad record ``(value, nodes, comps)`` of a ``[2, len(nodes)]`` value: row ``i`` at component
+    ``comps[i]`` (``None``: a value with no components, of parameters only)."""
+    node_ids = torch.tensor(nodes).expand(2, -1)
+    comp_ids = None if comps is None else torch.tensor(comps)[:, None].expand(2, len(nodes))
+    return torch.zeros(2, len(nodes), dtype=DTYPE), node_ids, comp_ids
+
+
+def one_folded_step(tracer: Tracer, act_records: list) -> None:
+    """The first step of a folded loop: it makes one set of 3 neurons (``'cell'``), reads its previous state at
+    components 0 and 1 (``previous_copy`` sets ``fold.comps``), holds ``act_records`` in that set, and ends."""
+    tracer.fold_event("begin_step", "loop", ())
+    made = tracer.new_set(3, NodeKind.HIDDEN, "cell", "affine")
+    assert tracer.fold.template == [made]
+    tracer.fold.comps = torch.tensor([0, 1])
+    made.act_records.extend(act_records)
+    tracer.fold_event("end_step", ())
+
+
+def test_the_first_folded_step_checks_every_act_record_of_the_sets_it_makes():
+    """``end_fold_step``: "every value the step wrote into the group's sets lies at the step's components" — in the
+    first step, every record of the sets the step made is the step's, from the first: a set whose first (here only)
+    act record lies at components 4, 5 (another step's) is a ``FoldMismatch``; at components 0, 1 the step ends.
+    Kills rules ``end_fold_step`` 77 (``[(1, 0)]`` for ``[(0, 0)]``: the first step's check starts at each set's
+    second act record, and the step ends)."""
+    tracer = folding_tracer()
+    one_folded_step(tracer, [records([0, 1, 2], [0, 1])])
+    assert tracer.fold_groups["loop"].steps == 1 and tracer.fold is None
+    tracer = folding_tracer()
+    with pytest.raises(FoldMismatch, match="^a step writes 'cell' at another step's components$"):
+        one_folded_step(tracer, [records([0, 1, 2], [4, 5])])
+
+
+def test_a_folded_step_checks_the_act_records_after_one_without_components():
+    """``end_fold_step``: a record without components (a value of parameters only) lies at no step's components
+    and is skipped; the records after it are checked still: one at components 4, 5 after it is a ``FoldMismatch``,
+    one at 0, 1 is not. Kills rules ``end_fold_step`` 80 (``break`` for ``continue``: the check stops at the record
+    without components)."""
+    tracer = folding_tracer()
+    one_folded_step(tracer, [records([0, 1, 2], None), records([0, 1, 2], [0, 1])])
+    assert tracer.fold_groups["loop"].steps == 1
+    tracer = folding_tracer()
+    with pytest.raises(FoldMismatch, match="^a step writes 'cell' at another step's components$"):
+        one_folded_step(tracer, [records([0, 1, 2], None), records([0, 1, 2], [4, 5])])
+
+
+def test_the_sources_of_a_weight_that_varies_between_steps_are_checked_after_a_record_without_components():
+    """``check_fold_sources``: a step's source neurons of a weight that reads other neurons at different steps "have
+    acts at that step's components only" — every act record of their set is checked, a record without components
+    skipped: a record at components 4, 5 after one without components is a ``FoldMismatch`` naming the set, at 0, 1
+    it is not. Kills rules ``check_fold_sources`` 3 (``break`` for ``continue``: the check stops at the record
+    without components)."""
+    for comps, refused in (([0, 1], False), ([4, 5], True)):
+        tracer = folding_tracer()
+        embedded = tracer.new_set(3, NodeKind.HIDDEN, "embed", "affine")
+        embedded.act_records.extend([records([0, 1, 2], None), records([0, 1, 2], comps)])
+        tracer.fold_sources.append((torch.tensor([0, 1, 2]), torch.tensor([0, 1])))
+        if refused:
+            with pytest.raises(FoldMismatch, match="^'embed' feeds one step of a loop and has values at other steps$"):
+                tracer.check_fold_sources()
+        else:
+            tracer.check_fold_sources()
+
+
+def test_a_loop_whose_only_events_are_its_steps_counts_as_run_folded():
+    """``fold_seen``, "whether a loop ran folded in this trace", is what ``trace_model`` reads to trace a refused
+    folded forward again unrolled. A cell stepped in Python or a ``recurrent_step`` loop sends no ``begin_loop``
+    (only a stock module's loop does): its ``begin_step`` is where it is seen. Kills rules ``fold_event`` 12, 13
+    (``fold_seen`` ``None`` / ``False`` at ``begin_step``)."""
+    tracer = folding_tracer()
+    assert tracer.fold_seen is False
+    tracer.fold_event("begin_step", "cell", ())
+    assert tracer.fold_seen is True
+    unfolded = Tracer(nn.Identity(), 2)  # fold_time False: the events are ignored
+    unfolded.fold_event("begin_step", "cell", ())
+    assert unfolded.fold_seen is False and unfolded.fold is None
+
+
+def test_a_cell_loop_refused_inside_a_folded_step_is_converted_unrolled_with_the_reason(monkeypatch):
+    """What ``fold_seen`` at ``begin_step`` is for: a cell loop (``nn.GRUCell`` stepped in Python, no ``begin_loop``)
+    whose folded trace is refused inside its first step — the previous-state read refused here by hand, as a rule
+    that only the folded trace runs could refuse — is traced again unrolled (``previous_state`` is then an identity
+    and no rule refuses) and converts exactly, with the warning that quotes the folded refusal. Kills rules
+    ``fold_event`` 12, 13 (``fold_seen`` ``None`` / ``False`` at ``begin_step``: the folded refusal raised as the
+    model's)."""
+
+    def refused(self, name, args, kwargs, output):
+        raise self.unsupported(name, "refused here by the test")
+
+    monkeypatch.setattr(Tracer, "previous_copy", refused)
+    torch.manual_seed(52)
+    model, inputs = CellLoop("GRU").to(DTYPE), sequence()
+    with pytest.warns(UserWarning) as caught:
+        graph = gradgraph.to_graph(model, inputs, None, squared_output)
+    assert len(caught) == 1
+    assert re.fullmatch(
+        re.escape("to_graph: a recurrent loop of CellLoop does not fold over time (folded, the forward was refused: ")
+        + r"\S+:\d+ in \S+" + re.escape(
+            " (module 'rnn' of type GRUCell): gradgraph.convert.trace.recurrent.previous_state: refused here by the "
+            "test); every loop is converted unrolled, exactly (docs/recurrent.md). Pass fold_time=False to ask for the "
+            "unrolled layout"), str(caught[0].message)), str(caught[0].message)
     ours = graph.per_sample_grads()
     for name, value in loop_per_sample_grads(model, inputs).items():
         torch.testing.assert_close(ours[name], value, atol=1e-10, rtol=0, msg=name)

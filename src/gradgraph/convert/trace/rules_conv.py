@@ -240,9 +240,17 @@ class ConvRules:
         # video's 3-D convolution): x's axis 1 holds the channels, as for a merged input
         permuted = len(shape) == x.dim() and tuple(x.shape) != tuple(shape) and x.numel() == math.prod(shape) \
             and x.shape[0] == shape[0]
-        if any(varies_along(datapoint, axis) for axis in range(1, x.dim())) or self.datapoint_dim != 0 \
-                or (len(shape) != x.dim() and not unsqueezed and not merged):
+        if any(varies_along(datapoint, axis) for axis in range(1, x.dim())) or self.datapoint_dim != 0:
             raise self.unsupported(name, "a convolution whose input's first axis is not the datapoints")
+        if len(shape) != x.dim() and not unsqueezed and not merged:
+            # any other number of axes: a frame x[:, t] of [b, T, C, L] read with its axis 1 as channels puts its
+            # element (c, p) on channel c at position p of its datapoint, as every other frame's (c, p): two frames
+            # read so are one neuron at one component with two values, and the input neurons' act holds only one
+            raise self.unsupported(name, (
+                "a convolution of the model input read with other axes than its own (a frame x[:, t] of a [b, T, C, L] "
+                "input, x.flatten(1, 2)): two such reads would put two input values on one input neuron at one "
+                "position. The input is read as channels as [b, C, *S] (whole or sliced), with a channel axis of "
+                "size 1 added, merged [b * T, C, *S], or with its axes after the datapoints permuted"))
         if unsqueezed:
             channels, channel, position = 1, torch.zeros_like(element), within
         elif merged or permuted:
