@@ -644,14 +644,12 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
     def lift_reattached(self, tracked: list[tuple[Tensor, Any]]) -> list[tuple[Tensor, Any]]:
         """``tracked`` with the cut lifted from each value made under ``torch.no_grad()`` that has a gradient now:
         a custom ``autograd.Function`` runs its forward without gradient and then gives the tensor it returned a
-        ``grad_fn``, so its values are differentiated after all."""
-        lifted = []
-        for value, meta in tracked:
-            if self.made_without_gradient.get(id(value)) is value and value.grad_fn is not None:
-                meta = dataclasses.replace(meta, cut=None)
-                self.set_meta(value, meta)
-            lifted.append((value, meta))
-        return lifted
+        ``grad_fn``, so its values are differentiated after all. Each read is lifted anew (the value stays in the
+        table and its stored meta keeps the mark): the rules read an opaque value's meta only through an op's
+        ``tracked`` list, and the output through :meth:`cut_in_output`, both lifted."""
+        return [(value, dataclasses.replace(meta, cut=None))
+                if self.made_without_gradient.get(id(value)) is value and value.grad_fn is not None else (value, meta)
+                for value, meta in tracked]
 
     def cut_in_output(self, output: Any) -> str | None:
         """Where the gradient of datapoints' values the model's output is made from was cut, with several
