@@ -1347,3 +1347,24 @@ def test_a_loop_that_does_not_fold_and_is_refused_unrolled_warns_so_once_in_full
         "to_graph: a recurrent loop of TableStateThroughAMap does not fold over time (a state that does not depend "
         "on the model input); traced unrolled, the forward is refused (the error below). Pass fold_time=False to ask "
         "for the unrolled layout"]
+
+
+def test_of_datapoints_tells_the_values_of_datapoints_from_those_of_parameters_tables_and_data():
+    """``meta.of_datapoints`` against its docstring, on hand-made metas: neurons bound to datapoints (``comps`` set),
+    the input (``Raw``), scores whose query or key holds such neurons, and opaque values made from any of them vary
+    with the datapoints; parameters (``Param``, ``Resampled``), a table's rows read at constant indices (``comps``
+    ``None``), scores between two such tables, the data's masks and ids (``Data``) and constants (``None``) do not.
+    Kills ``of_datapoints``' mutants: a test flipped, the scores' ``or`` made ``and``, the opaque value's own field
+    not returned (issue 31, run run 13)."""
+    from gradgraph.convert.trace.meta import Neurons, Opaque, Param, Raw, Resampled, Scores, of_datapoints
+    from gradgraph.convert.trace.rules_data import Data
+
+    nodes = torch.arange(3)
+    bound, table = Neurons(nodes, torch.zeros(3, dtype=torch.long), {}), Neurons(nodes, None, {})
+    varying = [bound, Raw(nodes), Scores(bound, bound, ()), Scores(table, bound, ()), Scores(bound, table, ()),
+               Opaque("torch.cumsum", "m.py:1 in M.forward", "", "has no rule")]
+    constant = [table, Scores(table, table, ()), Param(0, nodes), Resampled(0, nodes, nodes[:, None], torch.ones(3, 1)),
+                Data(nodes), Data(None), None,
+                Opaque("torch.cumsum", "m.py:1 in M.forward", "", "has no rule", of_datapoints=False)]
+    assert [of_datapoints(meta) for meta in varying] == [True] * len(varying)
+    assert [of_datapoints(meta) for meta in constant] == [False] * len(constant)

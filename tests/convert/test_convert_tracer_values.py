@@ -1578,6 +1578,97 @@ def test_reads_of_parameters_and_of_the_datas_masks_and_ids_into_python_convert_
                                    msg=name)
 
 
+VALUE_READ_REASON = (
+    "hands values of the datapoints to Python (a number or a branch), one for all 2 datapoints: what the forward "
+    "computes from it for one datapoint depends on the others, which autograd cannot see, so every per-sample "
+    "gradient would be wrong. Compute it with tensor ops within each datapoint (h.amax(-1, keepdim=True) for "
+    "h.max().item()), move a check of the values out of forward, or convert one datapoint at a time")
+
+
+@pytest.mark.parametrize("form", ["float", "item of a cumulative sum"])
+def test_values_of_two_datapoints_handed_to_python_are_refused_in_full(form):
+    """Two datapoints are several: datapoint 0's neuron (``float``) or a sum over both (an op without a rule, then
+    ``item``: the opaque value made from neurons, ``Opaque.of_datapoints``) scales both outputs, so each datapoint's
+    output differs from the one it computes alone. Refused at the read, the message in full (op, batch size, the
+    remedies). Kills ``check_value_read``'s ``num_datapoints > 2`` and its message's mutants, and ``mark_opaque``'s
+    ``of_datapoints`` not handed on from the cumulative sum's neurons (issue 31, run tracer 28)."""
+    torch.manual_seed(11)
+    model, inputs = ReadToPython(form).to(DTYPE), torch.randn(2, 3, dtype=DTYPE)
+    own = torch.cat([model(inputs[i:i + 1]) for i in range(2)])
+    assert (own - model(inputs)).abs().max() > 1e-3  # the coupling is real
+    op = "Tensor.__float__" if form == "float" else "Tensor.item"
+    refused(model, inputs, f": {op}: {VALUE_READ_REASON}")
+
+
+class ReadsAPositionTable(nn.Module):
+    """Token and position embeddings; the forward scales its output by a number read from the position table's rows
+    (``"read"``: a cumulative sum, an op without a rule, then ``float``; ``"detached read"``: a detach, then ``item``),
+    or by the detached rows themselves (``"detach"``). The rows are read at constant indices (``arange``): their
+    neurons are bound to no datapoint, one value for every datapoint, so nothing couples them."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.out = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+        self.form = form
+
+    def forward(self, ids):
+        rows = self.positions(torch.arange(ids.shape[1]))
+        h = self.out(torch.tanh(self.tokens(ids) + rows)).sum(1)
+        if self.form == "read":
+            return h * float(torch.cumsum(rows, 0)[-1, 0])
+        if self.form == "detached read":
+            return h * rows.detach().abs().max().item()
+        return h * rows.detach()[0, :2]
+
+
+@pytest.mark.parametrize("form", ["read", "detached read", "detach"])
+def test_values_of_a_position_table_read_into_python_or_detached_convert_exactly(form):
+    """The control of the two refusals: values that do not vary with the datapoints (a position table's rows, their
+    neurons bound to none), read into Python or detached, even into the output, couple nothing: the per-sample
+    gradients are each datapoint's own (autograd on each datapoint alone, 1e-12). Kills ``mark_opaque``'s
+    ``of_datapoints`` left out (every opaque value then counts as the datapoints': the read refused) and
+    ``__torch_function__``'s detach mark without its test of the datapoints' values (``or``, or the test dropped: the
+    output refused as cut) (issue 31, run tracer 28)."""
+    torch.manual_seed(3)
+    model, ids = ReadsAPositionTable(form).to(DTYPE), torch.randint(0, 7, (4, 5))
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, ids, None, squared, atol=1e-12)
+
+
+class DetachedTail(nn.Module):
+    """The output over its batch's largest detached value (``out / out.detach().abs().max()``, after the last
+    parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = self.out(torch.tanh(self.a(x)))
+        return out / out.detach().abs().max()
+
+
+def test_an_output_made_from_detached_values_of_two_datapoints_is_refused_naming_the_detach():
+    """Two datapoints are several: the detached largest value is the batch's, so each output differs from the one its
+    datapoint computes alone. Refused at the model's output naming the detach and where it ran (its location in the
+    forward), the message in full. Kills ``cut_in_output``'s ``num_datapoints > 2`` and the mark's words
+    (``f"{name} at {location}"``) in ``__torch_function__`` (issue 31, run tracer 28); and with the tracer's and
+    ``trace_model``'s messages, ``trace_model``'s (run run 13)."""
+    torch.manual_seed(5)
+    model, inputs = DetachedTail().to(DTYPE), torch.randn(2, 3, dtype=DTYPE)
+    own = torch.cat([model(inputs[i:i + 1]) for i in range(2)])
+    assert (own - model(inputs)).abs().max() > 1e-3  # the coupling is real
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(model, inputs, None, squared)
+    assert re.fullmatch(
+        r"\S+:\d+ in \S+: the model's output: is made from values of the datapoints whose gradient was cut "
+        r"\(Tensor\.detach at \S+:\d+ in \S+\): a statistic of the batch made so "
+        r"\(out / out\.detach\(\)\.abs\(\)\.max\(\)\) couples the 2 datapoints where autograd sees a constant, and gradgraph cannot tell it from one of a "
+        r"datapoint alone, so every per-sample gradient could be silently wrong\. Compute the output without "
+        r"detach, or convert one datapoint at a time", str(error.value)), str(error.value)
+
+
 def test_neurons_whose_shape_is_read_stay_free():
     """The control: ``h.size()``, ``h.dim()``, ``len(h)`` and ``h.shape`` read no values, and the constant scale they
     decide pins nothing: the group moves ``a``'s neurons (every sample keeps the function)."""
