@@ -23,6 +23,7 @@ import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from convert_values import exact, squared
 from test_convert_recurrent_folded import FirstStepDiffers  # the same model the folding tests refuse folded
+from test_convert_tracer_values import DetachedTail  # the model whose cut the tracer's tests check
 
 DTYPE = torch.float64
 
@@ -1368,3 +1369,23 @@ def test_of_datapoints_tells_the_values_of_datapoints_from_those_of_parameters_t
                 Opaque("torch.cumsum", "m.py:1 in M.forward", "", "has no rule", of_datapoints=False)]
     assert [of_datapoints(meta) for meta in varying] == [True] * len(varying)
     assert [of_datapoints(meta) for meta in constant] == [False] * len(constant)
+
+
+def test_an_output_made_from_detached_values_is_refused_by_trace_model_in_full():
+    """``trace_model`` refuses a model output made from values of the datapoints whose gradient was cut
+    (``out / out.detach().abs().max()``, two datapoints): the message in full, naming the detach and where it ran,
+    the batch size and the remedies (``test_convert_safety.py``'s tests of it match its start). Kills
+    ``trace_model`` 58-60 (the check dropped or flipped: the model converts) and 61-73 (the message: the op's
+    name, the reason, its words) (issue 31, run run 13)."""
+    torch.manual_seed(5)
+    model, inputs = DetachedTail().to(DTYPE), torch.randn(2, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(model, inputs, None, squared)
+    assert re.fullmatch(
+        r"\S+:\d+ in \S+: the model's output: is made from values of the datapoints whose gradient was cut "
+        r"\(Tensor\.detach at \S+:\d+ in \S+\): a statistic of the batch made so "
+        r"\(out / out\.detach\(\)\.abs\(\)\.max\(\)\) couples the 2 datapoints where autograd sees a constant, and "
+        r"gradgraph cannot tell it from one of a datapoint alone, so every per-sample gradient could be silently "
+        r"wrong\. Compute the output without detach, or convert one datapoint at a time", str(error.value)), \
+        str(error.value)
