@@ -1844,3 +1844,32 @@ def test_an_activation_given_its_input_by_keyword_is_labelled_as_given_positiona
     from strategies import assert_same_graph
 
     assert_same_graph(graphs[1], graphs[0])
+
+
+class IdsViewedAsAGrid(nn.Module):
+    """Token ids viewed in the shape of a grid of neuron values (``ids.view_as(grid)``, ``[b, 6]`` as ``[b, 2, 3]``),
+    then read by an embedding: data given another tracked tensor's shape (``SHAPED_LIKE``, dispatch's data branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.proj = nn.Embedding(7, 4), nn.Linear(4, 1)
+        self.cells, self.out = nn.Embedding(7, 3), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        grid = self.proj(self.tokens(ids)).view(-1, 2, 3)
+        cells = self.cells(ids.view_as(grid))
+        return self.out(torch.tanh(cells).sum((1, 2))) + torch.tanh(grid).sum((1, 2))[:, None]
+
+
+def test_ids_viewed_in_the_shape_of_neuron_values_are_read_by_an_embedding_exactly():
+    """``ids.view_as(grid)`` is a shape op of the ids: the embedding that reads the result gives each row its
+    datapoint's component through the ids' elements, replayed in the new shape. Exact against autograd on each
+    datapoint alone (1e-12), for the batch traced and for another batch the cached plan serves. Kills ``dispatch``
+    33 (the op handed to ``data_op`` as ``None``: read as elementwise data, whose element map a reshape does not
+    keep) and 37 (the output left untracked: the ids a constant of the trace, the embedding's rows a table's)
+    (issue 31, branch mut51's six left, run tracer 29)."""
+    torch.manual_seed(0)
+    model = IdsViewedAsAGrid().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    for _ in range(2):
+        assert_matches_autograd_loop(model, torch.randint(0, 7, (4, 6)), None, squared, atol=1e-12)
