@@ -1873,3 +1873,27 @@ def test_ids_viewed_in_the_shape_of_neuron_values_are_read_by_an_embedding_exact
     gradgraph.convert.clear_structure_cache()
     for _ in range(2):
         assert_matches_autograd_loop(model, torch.randint(0, 7, (4, 6)), None, squared, atol=1e-12)
+
+
+class ChecksItsIds(nn.Module):
+    """Reads the integer input itself into Python (``ids.tolist()``, ``int(ids[0, 0])``) for a check of the ids: the
+    data, a constant of its datapoints, not a value autograd follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(7, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        assert all(0 <= i < self.embed.num_embeddings for row in ids.tolist() for i in row) and int(ids[0, 0]) >= 0
+        return self.out(torch.tanh(self.embed(ids))).sum(1)
+
+
+def test_the_integer_input_read_into_python_converts_exactly_at_any_batch_size():
+    """The integer input itself (``Raw``, not data made from it) read into Python is read freely, as the data's masks
+    and ids are (``Tracer.of_datapoints`` leaves out what ``is_data`` says): exact against autograd on each datapoint
+    alone (1e-12) with four datapoints. Kills ``Tracer.of_datapoints`` 6 (``is_data(value, None)``: the input's
+    read refused as the datapoints' values) (issue 31, run tracer 29)."""
+    torch.manual_seed(4)
+    model = ChecksItsIds().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, torch.randint(0, 7, (4, 5)), None, squared, atol=1e-12)
