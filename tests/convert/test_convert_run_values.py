@@ -23,6 +23,7 @@ import gradgraph
 from gradgraph.convert import UnsupportedOperationError
 from convert_values import exact, squared
 from test_convert_recurrent_folded import FirstStepDiffers  # the same model the folding tests refuse folded
+from test_convert_tracer_values import DetachedTail  # the model whose cut the tracer's tests check
 
 DTYPE = torch.float64
 
@@ -1347,3 +1348,45 @@ def test_a_loop_that_does_not_fold_and_is_refused_unrolled_warns_so_once_in_full
         "to_graph: a recurrent loop of TableStateThroughAMap does not fold over time (a state that does not depend "
         "on the model input); traced unrolled, the forward is refused (the error below). Pass fold_time=False to ask "
         "for the unrolled layout"]
+
+
+def test_of_datapoints_tells_the_values_of_datapoints_from_those_of_parameters_tables_and_data():
+    """``meta.of_datapoints`` against its docstring, on hand-made metas: neurons bound to datapoints (``comps`` set),
+    the input (``Raw``), scores whose query or key holds such neurons, and opaque values made from any of them vary
+    with the datapoints; parameters (``Param``, ``Resampled``), a table's rows read at constant indices (``comps``
+    ``None``), scores between two such tables, the data's masks and ids (``Data``) and constants (``None``) do not.
+    Kills ``of_datapoints``' mutants: a test flipped, the scores' ``or`` made ``and``, the opaque value's own field
+    not returned (issue 31, run run 13)."""
+    from gradgraph.convert.trace.meta import Neurons, Opaque, Param, Raw, Resampled, Scores, of_datapoints
+    from gradgraph.convert.trace.rules_data import Data
+
+    nodes = torch.arange(3)
+    bound, table = Neurons(nodes, torch.zeros(3, dtype=torch.long), {}), Neurons(nodes, None, {})
+    varying = [bound, Raw(nodes), Scores(bound, bound, ()), Scores(table, bound, ()), Scores(bound, table, ()),
+               Opaque("torch.cumsum", "m.py:1 in M.forward", "", "has no rule")]
+    constant = [table, Scores(table, table, ()), Param(0, nodes), Resampled(0, nodes, nodes[:, None], torch.ones(3, 1)),
+                Data(nodes), Data(None), None,
+                Opaque("torch.cumsum", "m.py:1 in M.forward", "", "has no rule", of_datapoints=False)]
+    assert [of_datapoints(meta) for meta in varying] == [True] * len(varying)
+    assert [of_datapoints(meta) for meta in constant] == [False] * len(constant)
+
+
+def test_an_output_made_from_detached_values_is_refused_by_trace_model_in_full():
+    """``trace_model`` refuses a model output made from values of the datapoints whose gradient was cut
+    (``out / out.detach().abs().max()``, two datapoints): the message in full, naming the detach and where it ran,
+    the batch size and the remedies (``test_convert_safety.py``'s tests of it match its start). Kills
+    ``trace_model`` 58-60 (the check dropped or flipped: the model converts) and 61-73 (the message: the op's
+    name, the reason, its words) (issue 31, run run 13)."""
+    torch.manual_seed(5)
+    model, inputs = DetachedTail().to(DTYPE), torch.randn(2, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError) as error:
+        gradgraph.to_graph(model, inputs, None, squared)
+    assert re.fullmatch(
+        r"\S+:\d+ in \S+: the model's output: is made from values of the datapoints whose gradient was cut "
+        r"\(Tensor\.detach at \S+:\d+ in \S+\): a statistic of the batch made so "
+        r"\(out / out\.detach\(\)\.abs\(\)\.max\(\)\) couples the 2 datapoints where autograd sees a constant, and "
+        r"gradgraph cannot tell it from one of a datapoint alone, so every per-sample gradient could be silently "
+        r"wrong\. Compute the output with gradient \(no detach or torch\.no_grad\(\)\), or convert one datapoint at a "
+        r"time", str(error.value)), \
+        str(error.value)

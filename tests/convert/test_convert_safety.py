@@ -358,7 +358,7 @@ def test_a_loss_with_weights_made_under_no_grad_is_refused_naming_the_op_that_re
     """In a loss gradgraph cannot tell a statistic of the batch made under ``no_grad`` from one of a datapoint alone
     (a focal loss's weights), so any value computed from the output under ``no_grad`` is refused where it enters the
     loss's gradient, as a ``detach`` is (the message matched in full); values made under ``no_grad`` and not used in
-    the loss (a logged accuracy, compared after the block) are not. Run capture 7 (session 25): kills
+    the loss (a logged accuracy, compared after the block) are not. Run capture 8 (session 25): kills
     ``DerivedValueReads.__torch_function__`` 51 (``or`` for ``and``: the logged comparison refused) and
     ``refuse_without_gradient`` 16-26 (the message's words)."""
     def focal(output, targets):

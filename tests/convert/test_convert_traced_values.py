@@ -436,6 +436,44 @@ def test_convert_closure_refuses_by_its_own_name():
     assert "forward" in vars(model)  # left as it was
 
 
+def test_a_closure_that_reads_the_batchs_losses_into_python_or_detaches_them_is_refused_in_full():
+    """After the model's call the closure's loss runs under ``DerivedValueReads("the closure")``, which follows the
+    model's output (``guard.follow``): a read of the batch's losses into Python, or their detach, couples the
+    datapoints where autograd sees a constant (on the code before, both converted with every per-sample gradient
+    off), refused naming the closure and the batch size. With one datapoint the same closures convert exactly (the
+    guard follows nothing). Kills ``convert_closure_traced``'s mutants of the guard: the output not followed, the
+    code named ``None`` or otherwise (issue 31, run traced 11)."""
+    model, (x, y) = _mlp(), _batch()
+    tail = ("; a loss made with it depends on the other datapoints where autograd sees a constant, so every "
+            "per-sample gradient would be silently wrong (only their sum right). Compute each datapoint's loss from "
+            "its own output with tensor ops (no .item(), float() or if on the losses), or convert one datapoint at a "
+            "time")
+
+    def over_largest(inputs, targets):
+        losses = cross_entropy(model(inputs), targets)
+        return losses / losses.max().item()
+
+    def over_detached(inputs, targets):
+        losses = cross_entropy(model(inputs), targets)
+        return losses / losses.detach().max()
+
+    _refused("the closure hands values computed from the model's output to Python (item: a number or a branch), "
+             "one for all 5 datapoints" + tail, lambda: convert_closure_traced(model, lambda: over_largest(x, y)),
+             gradgraph.DatapointCouplingError)
+    _refused("the closure cuts the gradient of values computed from the model's output (detach): a statistic of the "
+             "batch made from them (losses / losses.detach().max()) couples the datapoints where autograd sees a "
+             "constant, so every per-sample gradient would be silently wrong, and gradgraph cannot tell such a "
+             "statistic from one of a datapoint alone. Compute each datapoint's loss from its own output without "
+             "detach, or convert one datapoint at a time",
+             lambda: convert_closure_traced(model, lambda: over_detached(x, y)), gradgraph.DatapointCouplingError)
+    for closure in (over_largest, over_detached):
+        graph, losses = convert_closure_traced(model, lambda closure=closure: closure(x[:1], y[:1]))
+        params = dict(model.named_parameters())
+        truth = torch.autograd.grad(closure(x[:1], y[:1]).sum(), list(params.values()))
+        assert_per_sample(graph, {name: grad[None] for name, grad in zip(params, truth)}, atol=1e-12)
+        torch.testing.assert_close(losses, closure(x[:1], y[:1]).detach(), atol=0, rtol=0)
+
+
 class _RowMLP(nn.Module):
     """A per-row MLP whose rows are grouped into datapoints by a batch vector."""
 

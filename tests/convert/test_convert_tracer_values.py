@@ -1578,6 +1578,95 @@ def test_reads_of_parameters_and_of_the_datas_masks_and_ids_into_python_convert_
                                    msg=name)
 
 
+VALUE_READ_REASON = (
+    "hands values of the datapoints to Python (a number or a branch), one for all 2 datapoints: what the forward "
+    "computes from it for one datapoint depends on the others, which autograd cannot see, so every per-sample "
+    "gradient would be wrong. Compute it with tensor ops within each datapoint (h.amax(-1, keepdim=True) for "
+    "h.max().item()), move a check of the values out of forward, or convert one datapoint at a time")
+
+
+@pytest.mark.parametrize("form", ["float", "item of a cumulative sum"])
+def test_values_of_two_datapoints_handed_to_python_are_refused_in_full(form):
+    """Two datapoints are several: datapoint 0's neuron (``float``) or a sum over both (an op without a rule, then
+    ``item``: the opaque value made from neurons, ``Opaque.of_datapoints``) scales both outputs, so each datapoint's
+    output differs from the one it computes alone. Refused at the read, the message in full (op, batch size, the
+    remedies). Kills ``check_value_read``'s ``num_datapoints > 2`` and its message's mutants, and ``mark_opaque``'s
+    ``of_datapoints`` not handed on from the cumulative sum's neurons (issue 31, run tracer 28)."""
+    torch.manual_seed(11)
+    model, inputs = ReadToPython(form).to(DTYPE), torch.randn(2, 3, dtype=DTYPE)
+    own = torch.cat([model(inputs[i:i + 1]) for i in range(2)])
+    assert (own - model(inputs)).abs().max() > 1e-3  # the coupling is real
+    op = "Tensor.__float__" if form == "float" else "Tensor.item"
+    refused(model, inputs, f": {op}: {VALUE_READ_REASON}")
+
+
+class ReadsAPositionTable(nn.Module):
+    """Token and position embeddings; the forward scales its output by a number read from the position table's rows
+    (``"read"``: a cumulative sum, an op without a rule, then ``float``; ``"detached read"``: a detach, then ``item``),
+    or by the detached rows themselves (``"detach"``). The rows are read at constant indices (``arange``): their
+    neurons are bound to no datapoint, one value for every datapoint, so nothing couples them."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.out = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+        self.form = form
+
+    def forward(self, ids):
+        rows = self.positions(torch.arange(ids.shape[1]))
+        h = self.out(torch.tanh(self.tokens(ids) + rows)).sum(1)
+        if self.form == "read":
+            return h * float(torch.cumsum(rows, 0)[-1, 0])
+        if self.form == "detached read":
+            return h * rows.detach().abs().max().item()
+        return h * rows.detach()[0, :2]
+
+
+@pytest.mark.parametrize("form", ["read", "detached read", "detach"])
+def test_values_of_a_position_table_read_into_python_or_detached_convert_exactly(form):
+    """The control of the two refusals: values that do not vary with the datapoints (a position table's rows, their
+    neurons bound to none), read into Python or detached, even into the output, couple nothing: the per-sample
+    gradients are each datapoint's own (autograd on each datapoint alone, 1e-12). Kills ``mark_opaque``'s
+    ``of_datapoints`` left out (every opaque value then counts as the datapoints': the read refused) and
+    ``__torch_function__``'s detach mark without its test of the datapoints' values (``or``, or the test dropped: the
+    output refused as cut) (issue 31, run tracer 28)."""
+    torch.manual_seed(3)
+    model, ids = ReadsAPositionTable(form).to(DTYPE), torch.randint(0, 7, (4, 5))
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, ids, None, squared, atol=1e-12)
+
+
+class DetachedTail(nn.Module):
+    """The output over its batch's largest detached value (``out / out.detach().abs().max()``, after the last
+    parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = self.out(torch.tanh(self.a(x)))
+        return out / out.detach().abs().max()
+
+
+def test_an_output_made_from_detached_values_of_two_datapoints_is_refused_naming_the_detach():
+    """Two datapoints are several: the detached largest value is the batch's, so each output differs from the one its
+    datapoint computes alone. Refused at the model's output naming the detach and where it ran (its location in the
+    forward), the message in full; with one datapoint the same model converts exactly. Kills ``cut_in_output``'s
+    ``num_datapoints > 2`` and ``>= 1`` and the mark's words (``f"{name} at {location}"``) in ``__torch_function__``
+    (issue 31, run tracer 28; ``test_convert_safety.py``'s tests of the cut match the user's file, which under mutmut
+    is the trampoline's, and are deselected from the group's list)."""
+    torch.manual_seed(5)
+    model, inputs = DetachedTail().to(DTYPE), torch.randn(2, 3, dtype=DTYPE)
+    own = torch.cat([model(inputs[i:i + 1]) for i in range(2)])
+    assert (own - model(inputs)).abs().max() > 1e-3  # the coupling is real
+    gradgraph.convert.clear_structure_cache()
+    with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+: the model's output: is made from values of "
+                       r"the datapoints whose gradient was cut \(Tensor\.detach at \S+:\d+ in \S+\): .* couples the 2 "
+                       r"datapoints "):  # the message in full: test_convert_run_values.py
+        gradgraph.to_graph(model, inputs, None, squared)
+    assert_matches_autograd_loop(model, inputs[:1], None, squared, atol=1e-12)  # one datapoint: its own gradient
+
+
 def test_neurons_whose_shape_is_read_stay_free():
     """The control: ``h.size()``, ``h.dim()``, ``len(h)`` and ``h.shape`` read no values, and the constant scale they
     decide pins nothing: the group moves ``a``'s neurons (every sample keeps the function)."""
@@ -1755,3 +1844,90 @@ def test_an_activation_given_its_input_by_keyword_is_labelled_as_given_positiona
     from strategies import assert_same_graph
 
     assert_same_graph(graphs[1], graphs[0])
+
+
+class IdsViewedAsAGrid(nn.Module):
+    """Token ids viewed in the shape of a grid of neuron values (``ids.view_as(grid)``, ``[b, 6]`` as ``[b, 2, 3]``),
+    then read by an embedding: data given another tracked tensor's shape (``SHAPED_LIKE``, dispatch's data branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.proj = nn.Embedding(7, 4), nn.Linear(4, 1)
+        self.cells, self.out = nn.Embedding(7, 3), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        grid = self.proj(self.tokens(ids)).view(-1, 2, 3)
+        cells = self.cells(ids.view_as(grid))
+        return self.out(torch.tanh(cells).sum((1, 2))) + torch.tanh(grid).sum((1, 2))[:, None]
+
+
+def test_ids_viewed_in_the_shape_of_neuron_values_are_read_by_an_embedding_exactly():
+    """``ids.view_as(grid)`` is a shape op of the ids: the embedding that reads the result gives each row its
+    datapoint's component through the ids' elements, replayed in the new shape. Exact against autograd on each
+    datapoint alone (1e-12), for the batch traced and for another batch the cached plan serves. Kills ``dispatch``
+    33 (the op handed to ``data_op`` as ``None``: read as elementwise data, whose element map a reshape does not
+    keep) and 37 (the output left untracked: the ids a constant of the trace, the embedding's rows a table's)
+    (issue 31, branch mut51's six left, run tracer 29)."""
+    torch.manual_seed(0)
+    model = IdsViewedAsAGrid().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    for _ in range(2):
+        assert_matches_autograd_loop(model, torch.randint(0, 7, (4, 6)), None, squared, atol=1e-12)
+
+
+class ChecksItsIds(nn.Module):
+    """Reads the integer input itself into Python (``ids.tolist()``, ``int(ids[0, 0])``) for a check of the ids: the
+    data, a constant of its datapoints, not a value autograd follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(7, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        assert all(0 <= i < self.embed.num_embeddings for row in ids.tolist() for i in row) and int(ids[0, 0]) >= 0
+        return self.out(torch.tanh(self.embed(ids))).sum(1)
+
+
+def test_the_integer_input_read_into_python_converts_exactly_at_any_batch_size():
+    """The integer input itself (``Raw``, not data made from it) read into Python is read freely, as the data's masks
+    and ids are (``Tracer.of_datapoints`` leaves out what ``is_data`` says): exact against autograd on each datapoint
+    alone (1e-12) with four datapoints. Kills ``Tracer.of_datapoints`` 6 (``is_data(value, None)``: the input's
+    read refused as the datapoints' values) (issue 31, run tracer 29)."""
+    torch.manual_seed(4)
+    model = ChecksItsIds().to(DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    assert_matches_autograd_loop(model, torch.randint(0, 7, (4, 5)), None, squared, atol=1e-12)
+
+
+class OpaqueAfterTheOutputLayer(nn.Module):
+    """The last Linear's output goes on through an op without a rule (a cumulative sum: opaque, after the last
+    parameter), whole (``"whole"``) or as a tanh of its first two neurons (``"tanh of a part"``: the set's newest
+    version holds only those two)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.form = form
+
+    def forward(self, x):
+        y = self.out(torch.tanh(self.a(x)))
+        return (y if self.form == "whole" else torch.tanh(y[:, :2])).cumsum(-1)
+
+
+@pytest.mark.parametrize("form", ["whole", "tanh of a part"])
+def test_output_neurons_read_by_an_op_without_a_rule_are_the_graphs_outputs_with_their_acts(form):
+    """An opaque value keeps the sets it was made from (``Opaque.sets``), which ``run._output_sets`` reads: the last
+    Linear's neurons reach the model's output through the cumulative sum, so they are the graph's ``OUTPUT`` nodes, and
+    their acts are their newest values (the tanh of the part: 0 for the third neuron, which that version does not
+    hold). Exact against the model's own values. Kills ``mark_opaque`` 20 (the ``Opaque`` made without its sets: the
+    neurons labelled ``HIDDEN`` and, for the part, their acts 0) — listed equivalent before (runs tracer 1-2's 18, the
+    same diff), which it is not (issue 31, run tracer 30)."""
+    torch.manual_seed(1)
+    model, inputs = OpaqueAfterTheOutputLayer(form).to(DTYPE), torch.randn(4, 3, dtype=DTYPE)
+    gradgraph.convert.clear_structure_cache()
+    graph = gradgraph.to_graph(model, inputs, None, squared)
+    kinds = [NodeKind.INPUT] * 3 + [NodeKind.HIDDEN] * 4 + [NodeKind.OUTPUT] * 3
+    assert graph.node_kind.tolist() == [int(kind) for kind in kinds]
+    y = model.out(torch.tanh(model.a(inputs))).detach()
+    expected = y.T if form == "whole" else torch.cat([torch.tanh(y[:, :2]).T, torch.zeros(1, 4, dtype=DTYPE)])
+    torch.testing.assert_close(graph.act[7:], expected, atol=1e-12, rtol=0)
