@@ -4,6 +4,7 @@ that more than one rule's tests read (the affine rule's and ``spread_positions``
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -32,6 +33,23 @@ def refused(model, inputs, message, **options):
     gradgraph.convert.clear_structure_cache()
     with pytest.raises(UnsupportedOperationError, match=r"^\S+:\d+ in \S+" + re.escape(message) + "$"):
         gradgraph.to_graph(model, inputs, None, squared, **options)
+
+
+class HalfErfinv(torch.autograd.Function):
+    """``erfinv(x / 2)`` with its derivative by hand: torch runs the forward without gradient (its ``erfinv`` has no
+    rule in the trace, so its value is opaque) and then gives the tensor it returns a ``grad_fn`` (the no_grad cut's
+    tests: ``test_convert_safety.py``, ``test_convert_no_grad_cuts.py``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.erfinv(x / 2)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * math.sqrt(math.pi) / 4 * torch.exp(y**2)
 
 
 class TokenMixing(nn.Module):

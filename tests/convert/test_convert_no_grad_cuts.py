@@ -9,12 +9,12 @@ converting model is compared with each datapoint's gradient computed on it alone
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_values import HalfErfinv
 from torch import nn
 
 import gradgraph
@@ -25,22 +25,6 @@ REFUSAL = ("the model's output: is made from values of the datapoints whose grad
            "sees a constant, and gradgraph cannot tell it from one of a datapoint alone, so every per-sample gradient "
            "could be silently wrong. Compute the output with gradient (no detach or torch.no_grad()), or convert one "
            "datapoint at a time")
-
-
-class HalfErfinv(torch.autograd.Function):
-    """``erfinv(x / 2)`` with its derivative by hand: its forward runs without gradient, and ``erfinv`` has no rule in
-    the trace (an opaque value); torch gives the tensor it returns a ``grad_fn`` afterwards."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.erfinv(x / 2)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * math.sqrt(math.pi) / 4 * torch.exp(y**2)
 
 
 class Tailed(nn.Module):

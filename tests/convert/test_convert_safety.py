@@ -10,11 +10,10 @@ the converter without its check (``gradgraph.convert.separation.check_separate``
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_values import HalfErfinv
 from torch import nn
 from traced_models import GPT, reference_per_sample_grads, token_loss
 
@@ -298,22 +297,6 @@ def test_a_per_datapoint_statistic_without_gradient_reaching_a_parameter_is_refu
     with pytest.raises(gradgraph.UnsupportedModuleError,
                        match=r"Tensor.detach: .*reaches torch.nn.functional.linear with the parameter 'head.weight'"):
         gradgraph.to_graph(Normalised().to(DTYPE), inputs, targets, cross_entropy)
-
-
-class HalfErfinv(torch.autograd.Function):
-    """``erfinv(x / 2)`` with its derivative written by hand: torch runs the forward without gradient (its ``erfinv``
-    has no rule in the trace, so its value is opaque) and then gives the tensor it returns a ``grad_fn``."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.erfinv(x / 2)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * math.sqrt(math.pi) / 4 * torch.exp(y**2)
 
 
 def assert_each_datapoints_own_gradient(model, inputs, targets, loss_fn):
