@@ -84,3 +84,20 @@ def test_a_step_is_the_same_whatever_the_order_of_the_tensors(variant):
         torch.testing.assert_close(first[name], second[name], atol=1e-12, rtol=0, msg=name)
         torch.testing.assert_close(first_state.momenta[name], second_state.momenta[name], atol=0, rtol=0)
     assert not torch.equal(first["a.weight"], params["a.weight"])  # the step moved the parameters
+
+
+def test_the_segment_matrix_is_one_hot_per_tensor_in_the_values_dtype_and_kept_for_the_last_layout():
+    """``LearnedUpdate._segments`` against its docstring: the ``[D, S]`` one-hot of the flat layout, in ``like``'s
+    dtype, made once and kept for the last layout (the same tensor again), made anew for another layout or dtype.
+    Session 25 (the lead): ``_segments`` changed after run optim 17 (ec303bc); checked with ``MUTANT_UNDER_TEST`` on its
+    mutants, each killed or equivalent (docs/mutation.md, optim)."""
+    rule = LearnedUpdate(MetaModelConfig())
+    like = torch.zeros(2, dtype=DTYPE)
+    first = rule._segments([2, 3], like)
+    assert first.dtype == DTYPE and torch.equal(first, _segments([2, 3]))
+    assert rule._segments([2, 3], like) is first
+    other = rule._segments([3, 1, 2], like)
+    assert torch.equal(other, _segments([3, 1, 2]))
+    single = rule._segments([3, 1, 2], like.float())
+    assert single.dtype == torch.float32 and torch.equal(single, other.float())
+    assert rule._segments([3, 1, 2], like.float()) is single
