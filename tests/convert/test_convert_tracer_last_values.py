@@ -117,19 +117,6 @@ def test_a_read_with_the_same_layout_is_kept_and_one_with_another_is_refused_in_
     assert_refused(caught, "input", "the input is read with two different layouts")
 
 
-def test_two_layouts_that_differ_past_a_floats_precision_are_refused():
-    """The components are exact integers: element 0 read at position 0 of datapoint ``2**29`` (component ``2**53``)
-    and then at position 1 (``2**53 + 1``, the same number in float64 and float32) is two layouts. Kills
-    ``xǁTracerǁassign_comps__mutmut_16``, ``19`` (the components kept as floats, of the default dtype)."""
-    tracer = bound(torch.randn(2, 2, dtype=DTYPE))
-    datapoint = torch.tensor([1 << 29])
-    tracer.assign_comps(torch.tensor([0]), datapoint, torch.tensor([0]))
-    assert tracer.input_comps.dtype == torch.long
-    with pytest.raises(UnsupportedOperationError) as caught:
-        tracer.assign_comps(torch.tensor([0]), datapoint, torch.tensor([1]))
-    assert_refused(caught, "input", "the input is read with two different layouts")
-
-
 def test_the_sets_of_nodes_include_the_set_of_node_0():
     """``sets_in`` lists the sets of the nodes ``>= 0`` (``-1`` is no node): node 0, the first set's first node,
     counts. Kills ``xǁTracerǁsets_in__mutmut_3``, ``4`` (node 0 left out)."""
