@@ -89,8 +89,9 @@ def test_a_step_is_the_same_whatever_the_order_of_the_tensors(variant):
 def test_the_segment_matrix_is_one_hot_per_tensor_in_the_values_dtype_and_kept_for_the_last_layout():
     """``LearnedUpdate._segments`` against its docstring: the ``[D, S]`` one-hot of the flat layout, in ``like``'s
     dtype, made once and kept for the last layout (the same tensor again), made anew for another layout or dtype.
-    Session 25 (the lead): ``_segments`` changed after run optim 17 (ec303bc); checked with ``MUTANT_UNDER_TEST`` on its
-    mutants, each killed or equivalent (docs/mutation.md, optim)."""
+    Session 25 (the lead): ``_segments`` changed after run optim 17 (ec303bc); its 20 mutants checked with
+    ``MUTANT_UNDER_TEST``: 16 killed here (19: ``one_hot`` without its class count, by the empty last tensor), 3, 11, 13
+    a device argument (equivalent in value on CPU); docs/mutation.md, optim."""
     rule = LearnedUpdate(MetaModelConfig())
     like = torch.zeros(2, dtype=DTYPE)
     first = rule._segments([2, 3], like)
@@ -101,3 +102,5 @@ def test_the_segment_matrix_is_one_hot_per_tensor_in_the_values_dtype_and_kept_f
     single = rule._segments([3, 1, 2], like.float())
     assert single.dtype == torch.float32 and torch.equal(single, other.float())
     assert rule._segments([3, 1, 2], like.float()) is single
+    # an empty tensor last still has its column (a zero-width layer's bias): S columns, not as many as appear
+    assert torch.equal(rule._segments([2, 0], like), _segments([2, 0])) and rule._segments([2, 0], like).shape == (2, 2)
