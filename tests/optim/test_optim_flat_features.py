@@ -90,7 +90,7 @@ def test_the_segment_matrix_is_one_hot_per_tensor_in_the_values_dtype_and_kept_f
     """``LearnedUpdate._segments`` against its docstring: the ``[D, S]`` one-hot of the flat layout, in ``like``'s
     dtype, made once and kept for the last layout (the same tensor again), made anew for another layout or dtype.
     Session 25 (the lead): ``_segments`` changed after run optim 17 (ec303bc); its 20 mutants checked with
-    ``MUTANT_UNDER_TEST``: 16 killed here (19: ``one_hot`` without its class count, by the empty last tensor), 3, 11, 13
+    ``MUTANT_UNDER_TEST``: 17 killed here (19: ``one_hot`` without its class count, by the empty last tensor), 3, 11, 13
     a device argument (equivalent in value on CPU); docs/mutation.md, optim."""
     rule = LearnedUpdate(MetaModelConfig())
     like = torch.zeros(2, dtype=DTYPE)
