@@ -79,7 +79,8 @@ class DerivedValueReads(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.derived:  # the model's forward inside a closure, before its output exists: pass it on
             return func(*args, **kwargs)
-        derived = self.reads_derived(tree_flatten((args, kwargs))[0])
+        values = tree_flatten((args, kwargs))[0]
+        derived = self.reads_derived(values)
         if derived and func in VALUE_READ_FUNCTIONS:
             name = getattr(func, "__name__", repr(func))
             raise DatapointCouplingError(
@@ -101,7 +102,7 @@ class DerivedValueReads(TorchFunctionMode):
             if not torch.is_grad_enabled():
                 self.without_gradient.update((id(tensor), tensor) for tensor in made)
             elif self.without_gradient and any(tensor.requires_grad for tensor in made):
-                self.refuse_without_gradient(func, tree_flatten((args, kwargs))[0])
+                self.refuse_without_gradient(func, values)
             for tensor in made:
                 self.derived[id(tensor)] = tensor
         return output

@@ -635,7 +635,7 @@ class Tracer(AffineRules, ElementwiseRules, MaskRules, ReductionRules, NormRules
         how = f"{op} under torch.no_grad()" if without_gradient else op
         for value in tensors_in(output):
             meta = self.meta(value)
-            if isinstance(meta, Opaque):  # (made without gradient: no grad_fn yet)
+            if isinstance(meta, Opaque):
                 # a copy, as the opaque value may share its meta with the value it was made from
                 self.set_meta(value, dataclasses.replace(meta, cut=meta.cut or f"{how} at {self.location()}"))
                 if without_gradient:
